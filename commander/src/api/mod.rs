@@ -1,0 +1,204 @@
+//! The HTTP API: health, task submission and lookup, metrics.
+//!
+//! `POST /v1/tasks` takes the same durable path as NATS submissions: it validates, then
+//! publishes to the intake stream and answers only after JetStream has stored the task.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap as HttpHeaders, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fleet_worker::message::{FieldProblem, Task, TaskError};
+use fleet_worker::producer::random_id;
+use fleet_worker::protocol::{self, Subjects, headers, is_subject_token};
+use fleet_worker::trace::{Baggage, TraceParent};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::metrics::{Metrics, TransportLabel};
+use crate::store::Store;
+
+/// What handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    /// Set once NATS is connected and the streams exist; cleared on shutdown.
+    pub ready: Arc<AtomicBool>,
+    pub max_body_bytes: usize,
+}
+
+/// The one error type of the API; the only place errors become HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadTask(#[from] TaskError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("task {0} not found")]
+    NotFound(String),
+    #[error("task intake is unavailable; retry later")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, problems): (StatusCode, &str, Vec<FieldProblem>) = match &self {
+            ApiError::BadTask(TaskError::Invalid(p)) => (StatusCode::BAD_REQUEST, "invalid_task", p.clone()),
+            ApiError::BadTask(TaskError::Parse(_)) => (StatusCode::BAD_REQUEST, "bad_json", Vec::new()),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Vec::new()),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", Vec::new()),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new()),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", Vec::new()),
+        };
+        match &self {
+            ApiError::Unavailable(detail) => tracing::warn!(detail, "intake unavailable"),
+            ApiError::Internal(detail) => tracing::error!(detail, "internal error in API"),
+            _ => {}
+        }
+        let mut body = json!({ "error": { "code": code, "message": self.to_string() } });
+        if !problems.is_empty() {
+            body["error"]["problems"] = json!(problems);
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/tasks", post(submit_task))
+        .route("/v1/tasks/{id}", get(get_task))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        axum::Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "not_ready" }))).into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &s.registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+        .into_response())
+}
+
+async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if !is_subject_token(&id) {
+        return Err(ApiError::BadRequest(format!("{id:?} is not a valid task id")));
+    }
+    match s.store.get(&id).map_err(|e| ApiError::Internal(e.to_string()))? {
+        Some(rec) => Ok(axum::Json(rec).into_response()),
+        None => Err(ApiError::NotFound(id)),
+    }
+}
+
+/// The answer to an accepted submission.
+#[derive(Debug, Serialize)]
+struct Accepted {
+    task_id: String,
+    /// The trace the task travels under; the dispatch span will be its child.
+    traceparent: String,
+    stream_sequence: u64,
+    duplicate: bool,
+    status_url: String,
+}
+
+fn http_header<'a>(h: &'a HttpHeaders, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn submit_task(State(s): State<AppState>, req_headers: HttpHeaders, body: Bytes) -> Result<Response, ApiError> {
+    let rejected = |s: &AppState| s.metrics.http_rejected.get_or_create(&TransportLabel { transport: "http".into() }).inc();
+    let mut task = match Task::from_json(&body) {
+        Ok(t) => t,
+        Err(e) => {
+            rejected(&s);
+            return Err(e.into());
+        }
+    };
+    let key = http_header(&req_headers, "idempotency-key").map(str::to_string);
+    if let Some(k) = &key
+        && !is_subject_token(k)
+    {
+        rejected(&s);
+        return Err(ApiError::BadRequest("Idempotency-Key must be 1-128 letters, digits, '-' or '_'".into()));
+    }
+    let id = task.id.clone().or_else(|| key.clone()).unwrap_or_else(random_id);
+    task.id = Some(id.clone());
+
+    // The caller's span is the parent; an absent or invalid one starts a new trace here,
+    // at the edge, and that is the trace the response names.
+    let raw_tp = http_header(&req_headers, headers::TRACEPARENT);
+    let traceparent = match raw_tp.map(TraceParent::parse) {
+        Some(Ok(tp)) => tp,
+        Some(Err(e)) => {
+            s.metrics.traceparent_invalid.inc();
+            tracing::info!(traceparent = raw_tp, reason = %e, task_id = %id, "invalid traceparent on HTTP submission; starting a new trace");
+            TraceParent::new_root()
+        }
+        None => TraceParent::new_root(),
+    };
+    let mut h = HeaderMap::new();
+    let set = |h: &mut HeaderMap, k: &str, v: &str| protocol::set_header(h, k, v).map_err(|e| ApiError::BadRequest(e.to_string()));
+    set(&mut h, headers::TRACEPARENT, &traceparent.to_header())?;
+    if raw_tp.is_some_and(|v| TraceParent::parse(v).is_ok())
+        && let Some(ts) = http_header(&req_headers, headers::TRACESTATE).and_then(fleet_worker::trace::parse_tracestate)
+    {
+        set(&mut h, headers::TRACESTATE, &ts)?;
+    }
+    if let Some(b) = http_header(&req_headers, headers::BAGGAGE) {
+        set(&mut h, headers::BAGGAGE, &Baggage::parse(b).to_header())?;
+    }
+    set(&mut h, headers::NATS_MSG_ID, key.as_deref().unwrap_or(&id))?;
+    set(&mut h, headers::TASK_ID, &id)?;
+    let payload = serde_json::to_vec(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ack = s
+        .js
+        .publish_with_headers(s.subjects.submit(), h, payload.into())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    s.metrics.http_submissions.inc();
+    let accepted = Accepted {
+        status_url: format!("/v1/tasks/{id}"),
+        task_id: id,
+        traceparent: traceparent.to_header(),
+        stream_sequence: ack.sequence,
+        duplicate: ack.duplicate,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
+}

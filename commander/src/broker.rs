@@ -1,0 +1,257 @@
+//! Reaching NATS: the configured server, one already on 127.0.0.1:4222, or a `nats-server`
+//! we start ourselves; then the version check and the streams.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use fleet_worker::protocol::Subjects;
+use tokio::process::{Child, Command};
+
+/// The oldest server the commander accepts (Debian bookworm ships 2.9.10).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 9);
+
+const LOCAL_DEFAULT: &str = "127.0.0.1:4222";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "no NATS server: none is configured, nothing listens on {LOCAL_DEFAULT}, and {reason}. \
+         Install one (`sudo apt-get install nats-server` on Debian/Ubuntu, or \
+         https://docs.nats.io/running-a-nats-service/introduction/installation), or point the \
+         commander at a server with --nats-url, FLEET_NATS_URL or [nats] url in the config"
+    )]
+    NoServer { reason: String },
+    #[error("could not connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("nats-server {version} is too old: the commander needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
+    TooOld { version: String },
+    #[error("nats-server at {url} has JetStream disabled; start it with -js (or `jetstream {{}}` in its config)")]
+    NoJetStream { url: String },
+    #[error("could not create stream or consumer {name}: {reason}")]
+    Setup { name: String, reason: String },
+}
+
+/// A nats-server the commander started; stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct ChildServer {
+    child: Child,
+}
+
+impl ChildServer {
+    /// Asks the server to stop and waits a little for it.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+                tracing::info!("stopped the nats-server we started");
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Where NATS is, and the server we started, if any.
+#[derive(Debug)]
+pub struct Connection {
+    pub client: async_nats::Client,
+    pub url: String,
+    pub child: Option<ChildServer>,
+}
+
+/// Connects per the rules in the config docs: explicit URL, else local default, else start
+/// `nats-server` when allowed and installed, else a clear error.
+pub async fn connect(
+    url: Option<&str>,
+    auto_start: bool,
+    data_dir: &Path,
+    timeout: Duration,
+) -> Result<Connection, BrokerError> {
+    if let Some(url) = url {
+        let client = connect_with_retry(url, timeout).await?;
+        return Ok(Connection { client, url: url.to_string(), child: None });
+    }
+    let local = format!("nats://{LOCAL_DEFAULT}");
+    if tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(LOCAL_DEFAULT))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        tracing::info!(url = %local, "no NATS URL configured; using the server on the default port");
+        let client = connect_with_retry(&local, timeout).await?;
+        return Ok(Connection { client, url: local, child: None });
+    }
+    if !auto_start {
+        return Err(BrokerError::NoServer { reason: "auto_start is off".into() });
+    }
+    let store = data_dir.join("nats");
+    if let Err(e) = std::fs::create_dir_all(&store) {
+        return Err(BrokerError::NoServer { reason: format!("cannot create {}: {e}", store.display()) });
+    }
+    let child = Command::new("nats-server")
+        .arg("-js")
+        .args(["-a", "127.0.0.1", "-p", "4222"])
+        .arg("-sd")
+        .arg(&store)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| BrokerError::NoServer {
+            reason: match e.kind() {
+                std::io::ErrorKind::NotFound => "nats-server is not on PATH".to_string(),
+                _ => format!("starting nats-server failed: {e}"),
+            },
+        })?;
+    tracing::info!(store = %store.display(), pid = child.id(), "started nats-server as a child process (it stops when the commander does)");
+    let client = connect_with_retry(&local, timeout).await?;
+    Ok(Connection { client, url: local, child: Some(ChildServer { child }) })
+}
+
+async fn connect_with_retry(url: &str, timeout: Duration) -> Result<async_nats::Client, BrokerError> {
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name("fleet-commander")
+            .connection_timeout(Duration::from_secs(2))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    other => tracing::debug!(event = %other, "nats connection event"),
+                }
+            });
+        // retry_on_initial_connect makes connect() return at once; wait for the handshake.
+        let result = async_nats::connect_with_options(url, attempt).await;
+        match result {
+            Ok(client) => {
+                loop {
+                    if client.connection_state() == async_nats::connection::State::Connected {
+                        return Ok(client);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(BrokerError::Connect { url: url.into(), reason: format!("not connected after {timeout:?}") });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "NATS not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(BrokerError::Connect { url: url.into(), reason: e.to_string() }),
+        }
+    }
+}
+
+/// Parses "2.9.10" (or "v2.10.0-beta") into (major, minor).
+pub fn parse_version(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim().trim_start_matches('v');
+    let mut it = v.split(['.', '-']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Logs the server version and refuses one that is too old or has no JetStream.
+pub fn check_server(client: &async_nats::Client, url: &str) -> Result<(), BrokerError> {
+    let info = client.server_info();
+    tracing::info!(version = %info.version, server_name = %info.server_name, jetstream = info.jetstream, url, "connected to nats-server");
+    match parse_version(&info.version) {
+        Some(v) if v >= MIN_SERVER_VERSION => {}
+        _ => return Err(BrokerError::TooOld { version: info.version }),
+    }
+    if !info.jetstream {
+        return Err(BrokerError::NoJetStream { url: url.to_string() });
+    }
+    Ok(())
+}
+
+/// The consumers the commander reads from.
+#[derive(Debug)]
+pub struct Streams {
+    pub intake: consumer::Consumer<consumer::pull::Config>,
+    pub results: consumer::Consumer<consumer::pull::Config>,
+    pub results_stream: jetstream::stream::Stream,
+}
+
+/// Name of the commander's durable intake consumer (shared by every replica).
+pub const INTAKE_CONSUMER: &str = "commander-intake";
+/// Name of the commander's durable results consumer.
+pub const RESULTS_CONSUMER: &str = "commander-results";
+
+/// Creates (idempotently) the streams, the commander's consumers and one pool consumer per
+/// configured pool.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    pools: impl Iterator<Item = &str>,
+    intake_ack_wait: Duration,
+    work_ack_wait: Duration,
+    batch: usize,
+) -> Result<Streams, BrokerError> {
+    let setup = |name: &str, e: &dyn std::fmt::Display| BrokerError::Setup { name: name.to_string(), reason: e.to_string() };
+    let intake_stream = js.get_or_create_stream(subjects.intake_stream_config()).await.map_err(|e| setup(&subjects.intake_stream(), &e))?;
+    let work_stream = js.get_or_create_stream(subjects.work_stream_config()).await.map_err(|e| setup(&subjects.work_stream(), &e))?;
+    let results_stream = js.get_or_create_stream(subjects.results_stream_config()).await.map_err(|e| setup(&subjects.results_stream(), &e))?;
+    let intake = intake_stream
+        .get_or_create_consumer(
+            INTAKE_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(INTAKE_CONSUMER.into()),
+                description: Some("fleet commander: task intake".into()),
+                filter_subject: subjects.submit(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: intake_ack_wait,
+                max_ack_pending: (batch * 8) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| setup(INTAKE_CONSUMER, &e))?;
+    let results = results_stream
+        .get_or_create_consumer(
+            RESULTS_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(RESULTS_CONSUMER.into()),
+                description: Some("fleet commander: task results".into()),
+                filter_subject: subjects.results_all(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: intake_ack_wait,
+                max_ack_pending: (batch * 8) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| setup(RESULTS_CONSUMER, &e))?;
+    for pool in pools {
+        let name = fleet_worker::protocol::pool_consumer_name(pool);
+        work_stream
+            .get_or_create_consumer(&name, subjects.pool_consumer_config(pool, work_ack_wait))
+            .await
+            .map_err(|e| setup(&name, &e))?;
+    }
+    Ok(Streams { intake, results, results_stream })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("2.9.10"), Some((2, 9)));
+        assert_eq!(parse_version("v2.10.0-beta.1"), Some((2, 10)));
+        assert!(parse_version("2.8.4").unwrap() < MIN_SERVER_VERSION);
+        assert!(parse_version("2.15.1").unwrap() >= MIN_SERVER_VERSION);
+        assert_eq!(parse_version("garbage"), None);
+    }
+}

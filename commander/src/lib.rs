@@ -1,0 +1,14 @@
+//! fleet commander: runs fleets of LLM agent workers over NATS.
+//!
+//! See ARCHITECTURE.md for the map. The binary (`main.rs`, `cli.rs`) is thin; `serve`
+//! wires the stages together.
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod route;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,79 @@
+//! The commander's own counters, exposed as OpenMetrics on `/metrics`.
+//!
+//! Names follow Prometheus conventions; prometheus-client appends `_total` to counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabels {
+    pub pool: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: String,
+}
+
+/// Every counter the task path keeps.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Intake messages read (NATS and HTTP both arrive through the intake stream).
+    pub tasks_received: Counter,
+    /// Tasks refused, by reason code (bad_json, invalid_task, unknown_pool …).
+    pub tasks_rejected: Family<ReasonLabel, Counter>,
+    /// Tasks published to a pool subject.
+    pub tasks_dispatched: Family<PoolLabel, Counter>,
+    /// Tasks that reached a terminal state through a result.
+    pub tasks_finished: Family<FinishLabels, Counter>,
+    /// Redelivered intake messages for tasks already dispatched.
+    pub intake_duplicates: Counter,
+    /// Dispatches whose publish failed (the intake message is retried).
+    pub dispatch_errors: Counter,
+    /// Producer traceparent headers refused (a new trace was started).
+    pub traceparent_invalid: Counter,
+    /// Results forwarded to a producer's reply subject.
+    pub results_forwarded: Counter,
+    /// Result messages that did not parse.
+    pub results_invalid: Counter,
+    /// Tasks accepted over HTTP.
+    pub http_submissions: Counter,
+    /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
+    pub http_rejected: Family<TransportLabel, Counter>,
+}
+
+impl Metrics {
+    /// Registers every counter with a fresh registry.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("fleet");
+        r.register("tasks_received", "Intake messages read", self.tasks_received.clone());
+        r.register("tasks_rejected", "Tasks refused, by reason", self.tasks_rejected.clone());
+        r.register("tasks_dispatched", "Tasks published to a pool subject", self.tasks_dispatched.clone());
+        r.register("tasks_finished", "Tasks finished, by pool and status", self.tasks_finished.clone());
+        r.register("intake_duplicates", "Redelivered intake messages already handled", self.intake_duplicates.clone());
+        r.register("dispatch_errors", "Dispatch publishes that failed and will be retried", self.dispatch_errors.clone());
+        r.register("traceparent_invalid", "Invalid producer traceparent headers", self.traceparent_invalid.clone());
+        r.register("results_forwarded", "Results forwarded to a reply subject", self.results_forwarded.clone());
+        r.register("results_invalid", "Result messages that did not parse", self.results_invalid.clone());
+        r.register("http_submissions", "Tasks accepted over HTTP", self.http_submissions.clone());
+        r.register("http_rejected", "HTTP submissions refused at the edge", self.http_rejected.clone());
+        r
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.tasks_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+}

@@ -1,0 +1,337 @@
+//! Intake: read submitted tasks, validate, route, dispatch to the pool subject under a
+//! dispatch span, record, ack.
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use fleet_worker::message::{ErrorInfo, Task, TaskResult};
+use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
+use fleet_worker::span::{SpanKind, SpanRecord};
+use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
+use tracing::Instrument;
+
+use super::{Ctx, fnv1a};
+use crate::metrics::PoolLabel;
+use crate::route::{self, RouteInput};
+use crate::store::{TaskRecord, TaskState, TraceInfo};
+
+/// The attempt number of a first dispatch. Re-dispatch after failure (a later issue)
+/// increments it; redelivery of the same dispatch does not.
+const FIRST_ATTEMPT: u32 = 1;
+
+/// One intake message, worked out.
+enum Plan {
+    /// Already handled (a redelivery after a crash): just ack.
+    Duplicate,
+    Dispatch(Box<Dispatch>),
+    Reject(Box<Reject>),
+}
+
+struct Dispatch {
+    id: String,
+    pool: String,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    span: SpanRecord,
+}
+
+struct Reject {
+    id: String,
+    seq: u64,
+    error: ErrorInfo,
+    reply_to: Option<String>,
+}
+
+/// Handles one batch: plan each message, publish, make the store durable, ack.
+pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
+    let span = tracing::info_span!("intake_batch", size = batch.len());
+    async {
+        let mut plans = Vec::with_capacity(batch.len());
+        for msg in &batch {
+            ctx.metrics.tasks_received.inc();
+            let plan = match plan(ctx, msg) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Store trouble: leave the message for redelivery rather than guess.
+                    tracing::error!(error = %e, "cannot record intake message; will retry");
+                    None
+                }
+            };
+            plans.push(plan);
+        }
+
+        // Publish everything first (pipelined), then wait for all the acks.
+        let mut pending = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            let fut = match plan {
+                Some(Plan::Dispatch(d)) => Some(
+                    ctx.js.publish_with_headers(d.subject.clone(), d.headers.clone(), d.payload.clone()).await,
+                ),
+                Some(Plan::Reject(r)) => Some(publish_rejection(ctx, r).await),
+                _ => None,
+            };
+            pending.push(fut);
+        }
+        let mut published = Vec::with_capacity(pending.len());
+        for fut in pending {
+            published.push(match fut {
+                Some(Ok(ack)) => Some(ack.await.map(|_| ()).map_err(|e| e.to_string())),
+                Some(Err(e)) => Some(Err(e.to_string())),
+                None => None,
+            });
+        }
+
+        let mut acks = Vec::with_capacity(batch.len());
+        for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
+            match (plan, outcome) {
+                (None, _) => {
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+                (Some(Plan::Duplicate), _) => acks.push(msg),
+                (Some(plan), Some(Err(e))) => {
+                    ctx.metrics.dispatch_errors.inc();
+                    tracing::warn!(error = %e, "publish failed; the task will be retried");
+                    if let Plan::Dispatch(d) = plan {
+                        tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
+                    }
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                }
+                (Some(Plan::Dispatch(mut d)), _) => {
+                    let recorded = ctx.store.update(&d.id, || TaskRecord::new(&d.id, 0), |r| r.advance(TaskState::Dispatched));
+                    if let Err(e) = recorded {
+                        tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
+                    }
+                    ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
+                    d.span.finish();
+                    ctx.spans.record(d.span);
+                    acks.push(msg);
+                }
+                (Some(Plan::Reject(r)), _) => {
+                    // Recorded only now that the rejection is durably the task's result, so
+                    // a redelivery before this point publishes it again instead of skipping.
+                    if let Err(e) = record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error) {
+                        tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
+                    }
+                    ctx.metrics.reject(&r.error.code);
+                    tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
+                    acks.push(msg);
+                }
+            }
+        }
+
+        // One flush for the batch, then the acks: what was acked is on disk.
+        if let Err(e) = ctx.store.flush().await {
+            tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
+            return;
+        }
+        for msg in acks {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "intake ack failed; the redelivery will be recognised");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Works out what to do with one message and records that it was received.
+fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::store::StoreError> {
+    let started = SystemTime::now();
+    let hdrs = msg.headers.as_ref();
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let reply_to = header(hdrs, headers::REPLY_TO).filter(|r| is_publish_subject(r)).map(str::to_string);
+
+    let parsed = Task::from_json(&msg.payload);
+    // The id: from the body, else the headers, else the stream sequence (which the
+    // producer learned from its publish ack).
+    let header_id = header(hdrs, headers::TASK_ID)
+        .or_else(|| header(hdrs, headers::NATS_MSG_ID))
+        .filter(|id| is_subject_token(id))
+        .map(str::to_string);
+    let body_id = parsed.as_ref().ok().and_then(|t| t.id.clone());
+    let id = body_id.or(header_id).unwrap_or_else(|| format!("seq-{seq}"));
+
+    if let Some(existing) = ctx.store.get(&id)?
+        && existing.state != TaskState::Received
+    {
+        ctx.metrics.intake_duplicates.inc();
+        if existing.intake_sequence != seq {
+            tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
+        }
+        return Ok(Some(Plan::Duplicate));
+    }
+
+    let mut task = match parsed {
+        Ok(t) => t,
+        Err(e) => {
+            let error = ErrorInfo { code: e.code().to_string(), message: e.to_string() };
+            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+        }
+    };
+    task.id = Some(id.clone());
+
+    // Continue the producer's trace, or start one and remember why.
+    let raw_tp = header(hdrs, headers::TRACEPARENT);
+    let (parent, invalid) = match raw_tp.map(TraceParent::parse) {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => {
+            ctx.metrics.traceparent_invalid.inc();
+            (None, raw_tp.map(|v| format!("{v:?}: {e}")))
+        }
+        None => (None, None),
+    };
+    // Ids are derived, not drawn, so a redelivered submission gets the same dispatch span
+    // as the (de-duplicated) first publication that the worker will see.
+    let trace_id = parent.map(|p| p.trace_id).unwrap_or_else(|| derived_trace_id(&id, seq));
+    let flags = parent.map(|p| p.flags).unwrap_or(FLAG_SAMPLED);
+    let dispatch = TraceParent { trace_id, span_id: derived_span_id(&trace_id, &id, FIRST_ATTEMPT), flags };
+    let tracestate = parent.and(header(hdrs, headers::TRACESTATE)).and_then(parse_tracestate);
+    let baggage = header(hdrs, headers::BAGGAGE).map(Baggage::parse).unwrap_or_default();
+
+    let decision = route::decide(RouteInput { task: &task, table: &ctx.table });
+    let decision = match decision {
+        Ok(d) => d,
+        Err(no_route) => {
+            let error = ErrorInfo { code: no_route.code().to_string(), message: no_route.to_string() };
+            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+        }
+    };
+    task.pool = Some(decision.pool.clone());
+    let subject = ctx.subjects.work(&decision.pool);
+
+    let trace_info = TraceInfo {
+        trace_id: trace_id.to_hex(),
+        dispatch_span_id: dispatch.span_id.to_hex(),
+        parent_span_id: parent.map(|p| p.span_id.to_hex()),
+        invalid_traceparent: invalid.clone(),
+        traceparent: dispatch.to_header(),
+    };
+    let (pool, reason, priority) = (decision.pool.clone(), decision.reason.clone(), task.priority);
+    ctx.store.update(
+        &id,
+        || TaskRecord::new(&id, seq),
+        |r| {
+            r.intake_sequence = seq;
+            r.pool = Some(pool.clone());
+            r.route_reason = Some(reason.clone());
+            r.priority = priority;
+            r.attempt = FIRST_ATTEMPT;
+            r.reply_to = reply_to.clone();
+            r.trace = Some(trace_info.clone());
+            r.advance(TaskState::Received);
+        },
+    )?;
+
+    let mut h = HeaderMap::new();
+    let mut set = |k: &str, v: &str| {
+        if let Err(e) = protocol::set_header(&mut h, k, v) {
+            tracing::warn!(error = %e, "header left out");
+        }
+    };
+    set(headers::TRACEPARENT, &dispatch.to_header());
+    if let Some(ts) = &tracestate {
+        set(headers::TRACESTATE, ts);
+    }
+    if !baggage.is_empty() {
+        set(headers::BAGGAGE, &baggage.to_header());
+    }
+    set(headers::NATS_MSG_ID, &format!("{id}:{FIRST_ATTEMPT}"));
+    set(headers::TASK_ID, &id);
+    set(headers::ATTEMPT, &FIRST_ATTEMPT.to_string());
+    if let Some(d) = &task.deadline {
+        set(headers::DEADLINE, d);
+    }
+    if let Some(r) = &reply_to {
+        set(headers::REPLY_TO, r);
+    }
+    let payload = match serde_json::to_vec(&task) {
+        Ok(p) => Bytes::from(p),
+        Err(e) => {
+            // A validated Task always serialises; refuse rather than panic if not.
+            let error = ErrorInfo { code: "internal".into(), message: format!("task did not serialise: {e}") };
+            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+        }
+    };
+
+    let mut span = SpanRecord::new(format!("send {subject}"), SpanKind::Producer, trace_id, dispatch.span_id);
+    span.start = started;
+    span.parent_span_id = parent.map(|p| p.span_id);
+    span.attr("messaging.system", "nats")
+        .attr("messaging.operation.type", "send")
+        .attr("messaging.operation.name", "send")
+        .attr("messaging.destination.name", subject.clone())
+        .attr("fleet.task.id", id.clone())
+        .attr("fleet.attempt", FIRST_ATTEMPT)
+        .attr("fleet.pool", decision.pool.clone())
+        .attr("fleet.route.rule", format!("{:?}", decision.rule).to_lowercase())
+        .attr("fleet.route.reason", decision.reason.clone())
+        .attr("fleet.intake.sequence", seq as i64);
+    if let Some(bad) = &invalid {
+        span.attr("fleet.traceparent.invalid", bad.clone());
+    }
+    for (k, v) in baggage.iter() {
+        span.attr(k, v);
+    }
+    tracing::debug!(task_id = %id, pool = %decision.pool, trace_id = %trace_id, "dispatching");
+    Ok(Some(Plan::Dispatch(Box::new(Dispatch { id, pool: decision.pool, subject, headers: h, payload, span }))))
+}
+
+fn record_rejection(
+    ctx: &Ctx,
+    id: &str,
+    seq: u64,
+    reply_to: Option<String>,
+    error: &ErrorInfo,
+) -> Result<(), crate::store::StoreError> {
+    ctx.store.update(
+        id,
+        || TaskRecord::new(id, seq),
+        |r| {
+            r.reply_to = reply_to.clone();
+            r.rejection = Some(error.clone());
+            r.advance(TaskState::Rejected);
+        },
+    )?;
+    Ok(())
+}
+
+/// Publishes the rejection as the task's result, durably, so the producer can read it on
+/// `<prefix>.results.<id>` (and on its reply subject, via the results loop).
+async fn publish_rejection(
+    ctx: &Ctx,
+    r: &Reject,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishError> {
+    let result = TaskResult::rejected(&r.id, &r.error.code, r.error.message.clone());
+    let payload = serde_json::to_vec(&result).unwrap_or_default();
+    let mut h = HeaderMap::new();
+    let _ = protocol::set_header(&mut h, headers::TASK_ID, &r.id);
+    let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
+    let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{}:0:result", r.id));
+    if let Some(rt) = &r.reply_to {
+        let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
+    }
+    ctx.js.publish_with_headers(ctx.subjects.result(&r.id), h, Bytes::from(payload)).await
+}
+
+fn derived_trace_id(id: &str, seq: u64) -> TraceId {
+    let a = fnv1a(&[b"trace", id.as_bytes(), &seq.to_le_bytes()]);
+    let b = fnv1a(&[b"trace2", id.as_bytes(), &seq.to_le_bytes()]);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&a.to_be_bytes());
+    bytes[8..].copy_from_slice(&b.to_be_bytes());
+    if bytes == [0; 16] {
+        bytes[15] = 1;
+    }
+    TraceId(bytes)
+}
+
+fn derived_span_id(trace: &TraceId, id: &str, attempt: u32) -> SpanId {
+    let mut h = fnv1a(&[b"dispatch", &trace.0, id.as_bytes(), &attempt.to_le_bytes()]);
+    if h == 0 {
+        h = 1;
+    }
+    SpanId(h.to_be_bytes())
+}

@@ -1,0 +1,117 @@
+//! The task path inside the commander: intake → route → dispatch, and results → producer.
+//!
+//! Both loops work in batches: read what is ready (up to `batch_size`), do the work, make
+//! the store durable once, then ack the whole batch. A crash anywhere before the ack means
+//! JetStream redelivers, and every step is idempotent (store updates never go backwards;
+//! the work and results streams drop repeated `Nats-Msg-Id`s).
+
+pub mod intake;
+pub mod results;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use fleet_worker::protocol::Subjects;
+use fleet_worker::span::SpanExporter;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::route::RoutingTable;
+use crate::store::Store;
+
+/// What both loops share.
+#[derive(Debug)]
+pub struct Ctx {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub store: Store,
+    pub table: Arc<RoutingTable>,
+    pub metrics: Arc<Metrics>,
+    pub spans: SpanExporter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Reads batches from a pull consumer and hands each to `work` until shutdown. Survives
+/// stream errors (server restarts, missed heartbeats) by re-subscribing with backoff.
+pub async fn consume_batches<F, Fut>(
+    name: &'static str,
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    batch_size: usize,
+    mut shutdown: watch::Receiver<bool>,
+    mut work: F,
+) where
+    F: FnMut(Vec<jetstream::Message>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(100);
+    'outer: loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .expires(Duration::from_secs(30))
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await;
+        let messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(loop_name = name, error = %e, "cannot read from consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut chunks = messages.ready_chunks(batch_size);
+        loop {
+            let chunk = tokio::select! {
+                c = chunks.next() => c,
+                _ = shutdown.changed() => return,
+            };
+            let Some(chunk) = chunk else {
+                tracing::warn!(loop_name = name, "consumer stream ended; re-subscribing");
+                continue 'outer;
+            };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => batch.push(m),
+                    Err(e) => tracing::warn!(loop_name = name, error = %e, "consumer stream error"),
+                }
+            }
+            if !batch.is_empty() {
+                backoff = Duration::from_millis(100);
+                work(batch).await;
+            }
+        }
+    }
+}
+
+/// FNV-1a, 64-bit: a stable hash for ids that must come out the same after a restart.
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

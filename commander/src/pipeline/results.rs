@@ -1,0 +1,104 @@
+//! Results: record how each task ended and forward the result to the producer's reply
+//! subject. Forwarding is at-least-once (a crash between forward and ack forwards again);
+//! the SDK's result inbox drops the copies by task id.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
+use fleet_worker::message::TaskResult;
+use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
+use tracing::Instrument;
+
+use super::Ctx;
+use crate::metrics::FinishLabels;
+use crate::store::TaskRecord;
+
+/// Handles one batch of result messages.
+pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
+    let span = tracing::info_span!("results_batch", size = batch.len());
+    async {
+        let mut acks = Vec::with_capacity(batch.len());
+        for msg in batch {
+            match handle_one(ctx, &msg).await {
+                Ok(()) => acks.push(msg),
+                Err(Retry) => {
+                    let _ = msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1)))).await;
+                }
+            }
+        }
+        if let Err(e) = ctx.store.flush().await {
+            tracing::error!(error = %e, "store flush failed; leaving the results for redelivery");
+            return;
+        }
+        for msg in acks {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "result ack failed; the redelivery will be recognised");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The message should be retried later.
+struct Retry;
+
+async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
+    let hdrs = msg.headers.as_ref();
+    let result: TaskResult = match serde_json::from_slice(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.metrics.results_invalid.inc();
+            tracing::warn!(subject = %msg.subject, error = %e, "result does not parse; dropping it");
+            return Ok(());
+        }
+    };
+    if !is_subject_token(&result.task_id) {
+        ctx.metrics.results_invalid.inc();
+        tracing::warn!(subject = %msg.subject, "result has an invalid task id; dropping it");
+        return Ok(());
+    }
+    let id = result.task_id.as_str();
+    let reply_header = header(hdrs, headers::REPLY_TO).filter(|r| is_publish_subject(r)).map(str::to_string);
+    let before = ctx.store.get(id).map_err(|e| {
+        tracing::error!(task_id = id, error = %e, "store read failed");
+        Retry
+    })?;
+    let was_terminal = before.as_ref().is_some_and(|r| r.state.is_terminal());
+    let rec = ctx
+        .store
+        .update(id, || TaskRecord::new(id, 0), |r| {
+            r.finish(&result);
+            if r.reply_to.is_none() {
+                r.reply_to = reply_header.clone();
+            }
+        })
+        .map_err(|e| {
+            tracing::error!(task_id = id, error = %e, "store update failed");
+            Retry
+        })?;
+    if !was_terminal && rec.state.is_terminal() {
+        let pool = rec.pool.clone().or_else(|| result.pool.clone()).unwrap_or_default();
+        let status = serde_json::to_value(result.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        ctx.metrics.tasks_finished.get_or_create(&FinishLabels { pool, status }).inc();
+        tracing::debug!(task_id = id, state = ?rec.state, "task finished");
+    }
+    if let Some(reply_to) = rec.reply_to.clone()
+        && !rec.forwarded
+    {
+        let mut h = HeaderMap::new();
+        for name in [headers::TRACEPARENT, headers::TRACESTATE, headers::BAGGAGE, headers::TASK_ID, headers::ATTEMPT] {
+            if let Some(v) = header(hdrs, name) {
+                let _ = protocol::set_header(&mut h, name, v);
+            }
+        }
+        if let Err(e) = ctx.client.publish_with_headers(reply_to, h, msg.payload.clone()).await {
+            tracing::warn!(task_id = id, error = %e, "forwarding the result failed; will retry");
+            return Err(Retry);
+        }
+        ctx.metrics.results_forwarded.inc();
+        ctx.store
+            .update(id, || TaskRecord::new(id, 0), |r| r.forwarded = true)
+            .map_err(|_| Retry)?;
+    }
+    Ok(())
+}

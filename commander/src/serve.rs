@@ -1,0 +1,149 @@
+//! `commander serve`: connect, set up streams, start the loops and the API, and shut down
+//! cleanly on SIGTERM / Ctrl-C (finish the batch in hand, flush the store, stop the child
+//! nats-server if we started one).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fleet_worker::span::{AttrValue, ExportConfig, SpanExporter};
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::broker::{self, BrokerError};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Ctx};
+use crate::route::RoutingTable;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: String, source: StoreError },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs until SIGTERM or Ctrl-C.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let data_dir = config.store.data_dir.clone();
+    let store = Store::open(&data_dir.join("sled"))
+        .map_err(|source| ServeError::Store { dir: data_dir.display().to_string(), source })?;
+    let conn = broker::connect(
+        config.nats.url.as_deref(),
+        config.nats.auto_start,
+        &data_dir,
+        Duration::from_millis(config.nats.connect_timeout_ms),
+    )
+    .await?;
+    let result = run(config, store, &conn.client, &conn.url).await;
+    if let Some(child) = conn.child {
+        child.stop().await;
+    }
+    result
+}
+
+async fn run(config: Config, store: Store, client: &async_nats::Client, url: &str) -> Result<(), ServeError> {
+    broker::check_server(client, url)?;
+    let subjects = config.subjects();
+    let js = jetstream::new(client.clone());
+    let streams = broker::ensure_streams(
+        &js,
+        &subjects,
+        config.pools.keys().map(String::as_str),
+        config.intake.ack_wait(),
+        config.intake.work_ack_wait(),
+        config.intake.batch_size,
+    )
+    .await?;
+    tracing::info!(prefix = subjects.prefix(), pools = config.pools.len(), "streams and consumers ready");
+
+    let instance = format!("commander-{}", std::process::id());
+    let (spans, spans_task) = SpanExporter::start(
+        client.clone(),
+        subjects.telemetry("_commander", &instance),
+        vec![
+            ("service.name".into(), AttrValue::from("fleet-commander")),
+            ("service.instance.id".into(), AttrValue::from(instance.clone())),
+            ("service.version".into(), AttrValue::from(env!("CARGO_PKG_VERSION"))),
+        ],
+        ExportConfig::default(),
+    );
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(metrics.registry());
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        js: js.clone(),
+        subjects: subjects.clone(),
+        store: store.clone(),
+        table: Arc::new(RoutingTable { pools: config.pools.clone(), routing: config.routing.clone() }),
+        metrics: metrics.clone(),
+        spans,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let batch = config.intake.batch_size;
+    let intake = {
+        let ctx = ctx.clone();
+        tokio::spawn(pipeline::consume_batches("intake", streams.intake, batch, stop_rx.clone(), move |b| {
+            let ctx = ctx.clone();
+            async move { pipeline::intake::handle_batch(&ctx, b).await }
+        }))
+    };
+    let results = {
+        let ctx = ctx.clone();
+        tokio::spawn(pipeline::consume_batches("results", streams.results, batch, stop_rx.clone(), move |b| {
+            let ctx = ctx.clone();
+            async move { pipeline::results::handle_batch(&ctx, b).await }
+        }))
+    };
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let state = AppState {
+        store: store.clone(),
+        js,
+        subjects,
+        metrics,
+        registry,
+        ready: ready.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+    };
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| ServeError::Listen { addr: config.http.listen.to_string(), source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.http.listen.to_string(), source })?;
+    tracing::info!(%addr, "http api listening");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "http server failed");
+    }
+
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = intake.await;
+    let _ = results.await;
+    if let Err(e) = store.flush().await {
+        tracing::error!(error = %e, "final store flush failed");
+    }
+    // The exporter flushes and stops once the last handle to it is gone.
+    drop(ctx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), spans_task).await;
+    let _ = client.flush().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! Durable local state in sled: one record per task, with its state history.
+//!
+//! JetStream is the source of truth for tasks in flight; this store is what the commander
+//! knows about each task (where it went, under which trace, how it ended). Updates are
+//! atomic read-modify-writes that never move a task backwards, because the intake and
+//! results loops race: a fast worker's result can be processed before the intake loop
+//! records the dispatch.
+
+use std::path::Path;
+
+use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3339};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record for {id} does not decode: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+/// Where a task is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Received,
+    Dispatched,
+    Completed,
+    Failed,
+    Rejected,
+}
+
+impl TaskState {
+    /// Terminal states are never left.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Rejected)
+    }
+    fn rank(self) -> u8 {
+        match self {
+            TaskState::Received => 0,
+            TaskState::Dispatched => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// One state change with its time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub state: TaskState,
+    pub at: String,
+}
+
+/// The trace a task travels under.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceInfo {
+    pub trace_id: String,
+    /// The commander's PRODUCER `send` span; parent of the worker's process span.
+    pub dispatch_span_id: String,
+    /// The producer's span (parent of the dispatch span), when its traceparent was valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_span_id: Option<String>,
+    /// The refused traceparent and why, when the producer's was invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_traceparent: Option<String>,
+    /// The `traceparent` sent to the worker.
+    pub traceparent: String,
+}
+
+/// How a task ended, as its result said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: ResultStatus,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// Everything the commander knows about one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Why this pool (or why none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_reason: Option<String>,
+    pub attempt: u32,
+    pub priority: u8,
+    /// Sequence of the submission in the intake stream.
+    pub intake_sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Whether the result was forwarded to `reply_to`.
+    #[serde(default)]
+    pub forwarded: bool,
+    pub history: Vec<StateChange>,
+}
+
+impl TaskRecord {
+    pub fn new(id: &str, intake_sequence: u64) -> Self {
+        Self {
+            id: id.to_string(),
+            state: TaskState::Received,
+            pool: None,
+            route_reason: None,
+            attempt: 0,
+            priority: 5,
+            intake_sequence,
+            reply_to: None,
+            trace: None,
+            rejection: None,
+            outcome: None,
+            forwarded: false,
+            history: Vec::new(),
+        }
+    }
+
+    /// Moves to `state` unless that would go backwards; the change is recorded either way
+    /// (a dispatch recorded after the result still has its time), but the state stays.
+    pub fn advance(&mut self, state: TaskState) {
+        self.history.push(StateChange { state, at: now_rfc3339() });
+        if state.rank() >= self.state.rank() && !self.state.is_terminal() {
+            self.state = state;
+        }
+    }
+
+    /// Applies a worker's result.
+    pub fn finish(&mut self, result: &TaskResult) {
+        let state = match result.status {
+            ResultStatus::Ok => TaskState::Completed,
+            ResultStatus::Rejected => TaskState::Rejected,
+            ResultStatus::Failed | ResultStatus::Cancelled => TaskState::Failed,
+        };
+        if self.state.is_terminal() {
+            return;
+        }
+        self.outcome = Some(Outcome {
+            status: result.status,
+            attempt: result.attempt,
+            worker_id: result.worker_id.clone(),
+            error: result.error.clone(),
+            usage: result.usage.clone(),
+            duration_ms: result.timings.duration_ms,
+        });
+        self.advance(state);
+    }
+}
+
+/// The sled database and its trees.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    tasks: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
+        let tasks = db.open_tree("tasks")?;
+        Ok(Self { db, tasks })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        match self.tasks.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode(id, &bytes).map(Some),
+        }
+    }
+
+    /// Atomically updates (or creates) a task record. `f` may run more than once under
+    /// contention, so it must be a pure function of the record it is given.
+    pub fn update(
+        &self,
+        id: &str,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+    ) -> Result<TaskRecord, StoreError> {
+        let mut last_err = None;
+        let out = self.tasks.update_and_fetch(id.as_bytes(), |old| {
+            let mut rec = match old.map(|b| serde_json::from_slice::<TaskRecord>(b)) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    last_err = Some(e.to_string());
+                    create()
+                }
+                None => create(),
+            };
+            f(&mut rec);
+            serde_json::to_vec(&rec).ok()
+        })?;
+        if let Some(reason) = last_err {
+            tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
+        }
+        match out {
+            Some(bytes) => decode(id, &bytes),
+            None => Err(StoreError::Corrupt { id: id.to_string(), reason: "record did not encode".into() }),
+        }
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_never_moves_backwards_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mk = || TaskRecord::new("t1", 7);
+            store.update("t1", mk, |r| r.advance(TaskState::Received)).unwrap();
+            let mut result = TaskResult::rejected("t1", "x", "y");
+            result.status = ResultStatus::Ok;
+            store.update("t1", mk, |r| r.finish(&result)).unwrap();
+            // The dispatch is recorded after the result: the state stays completed.
+            let rec = store.update("t1", mk, |r| r.advance(TaskState::Dispatched)).unwrap();
+            assert_eq!(rec.state, TaskState::Completed);
+            assert_eq!(rec.history.len(), 3);
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rec = store.get("t1").unwrap().unwrap();
+        assert_eq!(rec.state, TaskState::Completed);
+        assert_eq!(rec.intake_sequence, 7);
+        assert!(store.get("nope").unwrap().is_none());
+    }
+}

@@ -1,0 +1,313 @@
+//! Test support: real processes, never stand-ins.
+//!
+//! - [`NatsServer`]: a `nats-server` with JetStream, on a port the server picks (`-p -1`),
+//!   its store, log and pid in a temp dir; killed and cleaned up on drop.
+//! - [`Commander`]: the real `commander` binary as a child process, with a temp config,
+//!   waited on until it logs that it is listening; killed on drop.
+//!
+//! Readiness is waited for by polling with a deadline, never by fixed sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error(
+        "`{0}` was not found. Install NATS with `sudo apt-get install nats-server` (Debian/Ubuntu), \
+         or point NATS_SERVER_BIN at a nats-server binary"
+    )]
+    NatsMissing(String),
+    #[error("could not start {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} did not become ready within {timeout:?}; its log:\n{log}")]
+    NotReady { what: String, timeout: Duration, log: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The nats-server binary to use: `$NATS_SERVER_BIN`, else `nats-server` on PATH.
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
+}
+
+/// A running nats-server with JetStream.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    url: String,
+    version: String,
+}
+
+impl NatsServer {
+    /// Starts a server on a port of its own choosing and waits until it accepts clients.
+    pub fn start() -> Result<Self, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("fleet-nats-").tempdir()?;
+        Self::start_in(dir)
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Result<Self, TestkitError> {
+        let bin = nats_server_bin();
+        let log = dir.path().join("nats.log");
+        let child = Command::new(&bin)
+            .arg("-js")
+            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .arg("-sd")
+            .arg(dir.path().join("jetstream"))
+            .arg("-l")
+            .arg(&log)
+            .arg("-P")
+            .arg(dir.path().join("nats.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => TestkitError::NatsMissing(bin.clone()),
+                _ => TestkitError::Spawn { what: bin.clone(), source: e },
+            })?;
+        let mut server = Self { child: Some(child), dir, url: String::new(), version: String::new() };
+        let timeout = Duration::from_secs(15);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server is ready") {
+                if let Some(addr) = text
+                    .lines()
+                    .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                {
+                    server.url = format!("nats://{}", addr.trim());
+                }
+                if let Some(v) = text.lines().find_map(|l| l.split("Version:").nth(1)) {
+                    server.version = v.trim().to_string();
+                }
+                if !server.url.is_empty() {
+                    return Ok(server);
+                }
+            }
+            let exited = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            if exited || Instant::now() > deadline {
+                return Err(TestkitError::NotReady { what: "nats-server".into(), timeout, log: text });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Server version as it logged it, e.g. `2.9.10`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The commander binary built by cargo for this workspace.
+///
+/// `$FLEET_COMMANDER_BIN` wins; otherwise the binary next to the running test executable's
+/// `deps/` directory, which is where cargo puts workspace binaries.
+pub fn commander_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEET_COMMANDER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("commander")
+}
+
+/// A running commander process.
+#[derive(Debug)]
+pub struct Commander {
+    child: Option<Child>,
+    dir: PathBuf,
+    http: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// How to start a commander.
+#[derive(Debug, Clone)]
+pub struct CommanderOptions {
+    pub bin: PathBuf,
+    pub nats_url: Option<String>,
+    /// Extra TOML appended to the generated config (pools etc.).
+    pub config_toml: String,
+    /// Data dir; reuse one to restart a commander on the same store.
+    pub data_dir: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+    pub extra_args: Vec<String>,
+}
+
+impl Commander {
+    /// Starts `commander serve` with an HTTP port of 0 and waits for its "listening" log line.
+    pub fn start(opts: &CommanderOptions) -> Result<Self, TestkitError> {
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let config = opts.data_dir.join("commander.toml");
+        let mut toml = String::new();
+        toml.push_str("[http]\nlisten = \"127.0.0.1:0\"\n\n");
+        toml.push_str(&format!("[store]\ndata_dir = {:?}\n\n", opts.data_dir.join("store")));
+        toml.push_str(&opts.config_toml);
+        std::fs::write(&config, toml)?;
+        let mut cmd = Command::new(&opts.bin);
+        cmd.arg("serve").arg("--config").arg(&config).args(&opts.extra_args);
+        if let Some(url) = &opts.nats_url {
+            cmd.env("FLEET_NATS_URL", url);
+        } else {
+            cmd.env_remove("FLEET_NATS_URL");
+        }
+        cmd.env("RUST_LOG", std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env("NO_COLOR", "1");
+        for (k, v) in &opts.extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| TestkitError::Spawn { what: opts.bin.display().to_string(), source: e })?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // Drain both pipes for the life of the process so it never blocks on a full pipe.
+        for reader in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if std::env::var_os("FLEET_TEST_ECHO").is_some() {
+                        eprintln!("[commander] {line}");
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        let mut me = Self { child: Some(child), dir: opts.data_dir.clone(), http: String::new(), log };
+        let timeout = Duration::from_secs(30);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(addr) = me.find_log(|l| {
+                l.contains("http api listening")
+                    .then(|| l.split("addr=").nth(1).map(|a| a.split_whitespace().next().unwrap_or("").to_string()))
+                    .flatten()
+            }) {
+                me.http = format!("http://{addr}");
+                return Ok(me);
+            }
+            let exited = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            if exited || Instant::now() > deadline {
+                return Err(TestkitError::NotReady { what: "commander".into(), timeout, log: me.log_text() });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn http(&self) -> &str {
+        &self.http
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every line the process printed so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    fn find_log<T>(&self, f: impl Fn(&str) -> Option<T>) -> Option<T> {
+        self.log.lock().ok()?.iter().find_map(|l| f(l))
+    }
+
+    /// Whether any logged line contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.find_log(|l| l.contains(needle).then_some(())).is_some()
+    }
+
+    /// Waits until a logged line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logged(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the process to completion (for commands that exit); returns exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Commander {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,68 @@
+//! An example worker: joins a pool and "does" each task by describing it back, pretending
+//! to be an LLM call that takes a little while and uses some tokens.
+//!
+//! cargo run -p fleet-worker --example worker -- --pool code --id code-1
+
+use std::time::Duration;
+
+use clap::Parser;
+use fleet_worker::{TaskContext, TaskOutput, Usage, Worker, WorkerConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// NATS server.
+    #[arg(long, env = "FLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Pool to join.
+    #[arg(long, default_value = "general")]
+    pool: String,
+    /// Worker id (unique in the fleet).
+    #[arg(long)]
+    id: String,
+    /// Tasks at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Simulated work time per task, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    work_ms: u64,
+    /// Model this worker says it uses.
+    #[arg(long, default_value = "claude-sonnet-4-5")]
+    model: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    ).init();
+    let args = Args::parse();
+    let client = async_nats::connect(&args.nats_url).await?;
+    let mut config = WorkerConfig::new(&args.pool, &args.id);
+    config.max_in_flight = args.concurrency;
+    config.model = Some(args.model.clone());
+    let work = Duration::from_millis(args.work_ms);
+    let model = args.model.clone();
+    let handle = Worker::start(client, config, move |ctx: TaskContext| {
+        let model = model.clone();
+        async move {
+            tokio::time::sleep(work).await;
+            let team = ctx.baggage.get("team").unwrap_or("unknown").to_string();
+            tracing::info!(task_id = %ctx.task_id, trace_id = %ctx.span.trace_id, team, "done");
+            Ok(TaskOutput {
+                output: serde_json::json!({ "answer": format!("handled: {}", ctx.task.description) }),
+                usage: Some(Usage {
+                    model: Some(model),
+                    input_tokens: ctx.task.description.len() as u64 * 2,
+                    output_tokens: 120,
+                    cost_usd: None,
+                }),
+            })
+        }
+    })
+    .await?;
+    tracing::info!(pool = %args.pool, id = %args.id, "worker running; Ctrl-C drains and stops");
+    tokio::signal::ctrl_c().await?;
+    let stats = handle.shutdown().await;
+    tracing::info!(completed = stats.completed.load(std::sync::atomic::Ordering::Relaxed), "drained");
+    Ok(())
+}

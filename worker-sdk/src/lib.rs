@@ -1,0 +1,26 @@
+//! `fleet-worker`: the fleet commander's wire contract, and the Rust [`Worker`] and
+//! [`Producer`] that speak it.
+//!
+//! Any language can join the fleet from `docs/protocol.md` alone; this crate is the
+//! reference implementation of that document. The modules:
+//!
+//! - [`protocol`]: subjects, streams, consumers and header names;
+//! - [`message`]: the JSON messages (task, result, heartbeat);
+//! - [`trace`]: W3C `traceparent` / `tracestate` / `baggage`;
+//! - [`span`]: spans as OTLP, batched over NATS;
+//! - [`worker`] and [`producer`].
+
+pub mod message;
+pub mod producer;
+pub mod protocol;
+pub mod span;
+pub mod trace;
+pub mod worker;
+
+pub use message::{ErrorInfo, Heartbeat, ResultStatus, Task, TaskResult, Usage};
+pub use producer::{Producer, ProducerError, ResultInbox, SubmitOptions, SubmitReceipt};
+pub use protocol::Subjects;
+pub use trace::{Baggage, SpanId, TraceId, TraceParent};
+pub use worker::{
+    HandlerResult, TaskContext, TaskFailure, TaskOutput, Worker, WorkerConfig, WorkerHandle,
+};

@@ -1,0 +1,245 @@
+//! A producer: submits tasks with an idempotency key and gets a durable ack, then the result.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use rand::RngCore;
+
+use crate::message::{Task, TaskResult};
+use crate::protocol::{self, Subjects, headers, is_publish_subject, is_subject_token};
+use crate::trace::{Baggage, TraceParent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    #[error("task is invalid: {0}")]
+    InvalidTask(#[from] crate::message::TaskError),
+    #[error("idempotency key must be 1-128 letters, digits, '-' or '_'")]
+    BadIdempotencyKey,
+    #[error("reply subject {0:?} is not a publishable NATS subject")]
+    BadReplyTo(String),
+    #[error("task intake did not acknowledge the task: {0}")]
+    NotAccepted(String),
+    #[error("NATS error: {0}")]
+    Nats(String),
+    #[error("no result for task {0} within the timeout")]
+    Timeout(String),
+    #[error("result for task {task_id} does not parse: {reason}")]
+    BadResult { task_id: String, reason: String },
+}
+
+/// Options for one submission.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitOptions {
+    /// De-duplicates resubmissions (JetStream `Nats-Msg-Id`); also the task id when the
+    /// task has none.
+    pub idempotency_key: Option<String>,
+    /// The producer's current span; the commander's dispatch span becomes its child.
+    /// `None` starts a new trace.
+    pub parent: Option<TraceParent>,
+    pub tracestate: Option<String>,
+    pub baggage: Baggage,
+    /// A core NATS subject that also receives the result.
+    pub reply_to: Option<String>,
+}
+
+/// The durable ack for a submission.
+#[derive(Clone, Debug)]
+pub struct SubmitReceipt {
+    pub task_id: String,
+    /// Sequence in the intake stream.
+    pub stream_sequence: u64,
+    /// True when JetStream had already seen this idempotency key.
+    pub duplicate: bool,
+    /// The trace context the task travels under.
+    pub traceparent: TraceParent,
+}
+
+/// Submits tasks and awaits results.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Producer {
+    pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
+        let js = jetstream::new(client.clone());
+        Self { client, js, subjects }
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Validates and publishes a task to the intake stream; returns once JetStream has
+    /// stored it.
+    pub async fn submit(&self, task: &Task, opts: SubmitOptions) -> Result<SubmitReceipt, ProducerError> {
+        let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
+        let ack = self
+            .js
+            .publish_with_headers(subject, hdrs, payload)
+            .await
+            .map_err(|e| ProducerError::NotAccepted(e.to_string()))?
+            .await
+            .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+        Ok(SubmitReceipt { task_id, stream_sequence: ack.sequence, duplicate: ack.duplicate, traceparent })
+    }
+
+    /// Like [`Producer::submit`] but does not wait for the ack; await the returned future
+    /// for it. Lets a producer pipeline many submissions.
+    pub async fn submit_pipelined(
+        &self,
+        task: &Task,
+        opts: SubmitOptions,
+    ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError> {
+        let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
+        let pending = self
+            .js
+            .publish_with_headers(subject, hdrs, payload)
+            .await
+            .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+        Ok(async move {
+            let ack = pending.await.map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+            Ok(SubmitReceipt { task_id, stream_sequence: ack.sequence, duplicate: ack.duplicate, traceparent })
+        })
+    }
+
+    fn prepare(
+        &self,
+        task: &Task,
+        opts: &SubmitOptions,
+    ) -> Result<(String, HeaderMap, Bytes, String, TraceParent), ProducerError> {
+        task.validate()?;
+        if let Some(k) = &opts.idempotency_key
+            && !is_subject_token(k)
+        {
+            return Err(ProducerError::BadIdempotencyKey);
+        }
+        if let Some(r) = &opts.reply_to
+            && !is_publish_subject(r)
+        {
+            return Err(ProducerError::BadReplyTo(r.clone()));
+        }
+        let task_id = task
+            .id
+            .clone()
+            .or_else(|| opts.idempotency_key.clone())
+            .unwrap_or_else(random_id);
+        let mut task = task.clone();
+        task.id = Some(task_id.clone());
+        let traceparent = opts.parent.unwrap_or_else(TraceParent::new_root);
+        let mut h = HeaderMap::new();
+        let bad = |e: protocol::ProtocolError| ProducerError::Nats(e.to_string());
+        protocol::set_header(&mut h, headers::NATS_MSG_ID, opts.idempotency_key.as_deref().unwrap_or(&task_id)).map_err(bad)?;
+        protocol::set_header(&mut h, headers::TASK_ID, &task_id).map_err(bad)?;
+        protocol::set_header(&mut h, headers::TRACEPARENT, &traceparent.to_header()).map_err(bad)?;
+        if let Some(ts) = &opts.tracestate {
+            protocol::set_header(&mut h, headers::TRACESTATE, ts).map_err(bad)?;
+        }
+        if !opts.baggage.is_empty() {
+            protocol::set_header(&mut h, headers::BAGGAGE, &opts.baggage.to_header()).map_err(bad)?;
+        }
+        if let Some(r) = &opts.reply_to {
+            protocol::set_header(&mut h, headers::REPLY_TO, r).map_err(bad)?;
+        }
+        let payload = serde_json::to_vec(&task).map_err(|e| ProducerError::Nats(e.to_string()))?;
+        Ok((self.subjects.submit(), h, Bytes::from(payload), task_id, traceparent))
+    }
+
+    /// Waits for the result of one task: from the results stream if it is already there,
+    /// else as it arrives. Safe to call at any time after submitting.
+    pub async fn await_result(&self, task_id: &str, timeout: Duration) -> Result<TaskResult, ProducerError> {
+        let subject = self.subjects.result(task_id);
+        // Subscribe before looking, so a result published in between is not missed.
+        let mut sub = self.client.subscribe(subject.clone()).await.map_err(|e| ProducerError::Nats(e.to_string()))?;
+        let results = self.results_stream().await?;
+        if let Ok(stored) = results.direct_get_last_for_subject(subject).await {
+            return parse_result(task_id, &stored.payload);
+        }
+        match tokio::time::timeout(timeout, sub.next()).await {
+            Ok(Some(msg)) => parse_result(task_id, &msg.payload),
+            Ok(None) => Err(ProducerError::Nats("subscription closed".into())),
+            Err(_) => Err(ProducerError::Timeout(task_id.to_string())),
+        }
+    }
+
+    async fn results_stream(&self) -> Result<stream::Stream<()>, ProducerError> {
+        self.js
+            .get_stream_no_info(self.subjects.results_stream())
+            .await
+            .map_err(|e| ProducerError::Nats(e.to_string()))
+    }
+
+    /// A private reply subject: pass its [`ResultInbox::subject`] as `reply_to` and read
+    /// every result there, each task once (redeliveries are filtered out).
+    pub async fn result_inbox(&self) -> Result<ResultInbox, ProducerError> {
+        let subject = self.client.new_inbox();
+        let sub = self.client.subscribe(subject.clone()).await.map_err(|e| ProducerError::Nats(e.to_string()))?;
+        Ok(ResultInbox { subject, sub, seen: HashSet::new(), order: VecDeque::new(), duplicates: 0 })
+    }
+}
+
+/// Results delivered to a producer's reply subject, each task id once.
+#[derive(Debug)]
+pub struct ResultInbox {
+    subject: String,
+    sub: async_nats::Subscriber,
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    duplicates: u64,
+}
+
+/// Task ids remembered for de-duplication.
+const INBOX_MEMORY: usize = 1_000_000;
+
+impl ResultInbox {
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Copies of a result already delivered (at-least-once forwarding) that were dropped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// The next result not seen before; `None` when the subscription ends.
+    pub async fn next(&mut self) -> Option<Result<TaskResult, ProducerError>> {
+        loop {
+            let msg = self.sub.next().await?;
+            let result = match serde_json::from_slice::<TaskResult>(&msg.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Some(Err(ProducerError::BadResult { task_id: String::new(), reason: e.to_string() }));
+                }
+            };
+            if !self.seen.insert(result.task_id.clone()) {
+                self.duplicates += 1;
+                continue;
+            }
+            self.order.push_back(result.task_id.clone());
+            if self.order.len() > INBOX_MEMORY
+                && let Some(old) = self.order.pop_front()
+            {
+                self.seen.remove(&old);
+            }
+            return Some(Ok(result));
+        }
+    }
+}
+
+fn parse_result(task_id: &str, payload: &[u8]) -> Result<TaskResult, ProducerError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| ProducerError::BadResult { task_id: task_id.to_string(), reason: e.to_string() })
+}
+
+/// 128 random bits as 32 hex characters.
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

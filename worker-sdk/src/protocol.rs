@@ -1,0 +1,312 @@
+//! The wire contract: subjects, JetStream streams and consumers, header names.
+//!
+//! Everything a process needs to agree on to join the fleet lives here, so the commander,
+//! the Rust SDK and docs/protocol.md describe one thing. Stream and consumer settings are
+//! deliberately limited to what nats-server 2.9.10 (Debian's) understands: single-filter
+//! consumers, no per-message TTL, no consumer metadata.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::header::{HeaderName, HeaderValue};
+use async_nats::jetstream::{consumer, stream};
+
+/// Version of every JSON message defined in [`crate::message`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "fleet";
+
+/// Header names. NATS header lookup is case-sensitive, so readers use [`header`].
+pub mod headers {
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACESTATE: &str = "tracestate";
+    pub const BAGGAGE: &str = "baggage";
+    /// JetStream de-duplication key (within the stream's duplicate window).
+    pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+    pub const TASK_ID: &str = "Fleet-Task-Id";
+    /// Dispatch attempt, starting at 1. (task id, attempt) names one execution.
+    pub const ATTEMPT: &str = "Fleet-Attempt";
+    pub const MODEL: &str = "Fleet-Model";
+    /// RFC 3339 instant after which the task is no longer worth doing.
+    pub const DEADLINE: &str = "Fleet-Deadline";
+    /// Where the producer wants its result (a core NATS subject), besides
+    /// `<prefix>.results.<task_id>`. A header, so that a task whose body does not parse
+    /// can still be answered.
+    pub const REPLY_TO: &str = "Fleet-Reply-To";
+    /// On telemetry subjects: what the payload is (`heartbeat` or `otlp-traces`).
+    pub const KIND: &str = "Fleet-Kind";
+    pub const CONTENT_TYPE: &str = "Content-Type";
+}
+
+/// Values of the [`headers::KIND`] header.
+pub mod kinds {
+    pub const HEARTBEAT: &str = "heartbeat";
+    pub const OTLP_TRACES: &str = "otlp-traces";
+}
+
+/// Stream names (a function of the prefix, so two fleets can share one server).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self { prefix: DEFAULT_PREFIX.to_string() }
+    }
+}
+
+impl Subjects {
+    /// A prefix is one or more subject tokens; it must not contain wildcards.
+    pub fn new(prefix: &str) -> Result<Self, ProtocolError> {
+        if prefix.is_empty() || !prefix.split('.').all(is_subject_token) {
+            return Err(ProtocolError::BadPrefix(prefix.to_string()));
+        }
+        Ok(Self { prefix: prefix.to_string() })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Stream-name stem: `fleet` -> `FLEET`, `a.b` -> `A_B`.
+    fn stem(&self) -> String {
+        self.prefix.replace(['.', '-'], "_").to_uppercase()
+    }
+
+    pub fn submit(&self) -> String {
+        format!("{}.tasks.submit", self.prefix)
+    }
+    pub fn work(&self, pool: &str) -> String {
+        format!("{}.work.{pool}", self.prefix)
+    }
+    pub fn work_targeted(&self, pool: &str, worker: &str) -> String {
+        format!("{}.work.{pool}.{worker}", self.prefix)
+    }
+    pub fn work_all(&self) -> String {
+        format!("{}.work.>", self.prefix)
+    }
+    pub fn result(&self, task_id: &str) -> String {
+        format!("{}.results.{task_id}", self.prefix)
+    }
+    pub fn results_all(&self) -> String {
+        format!("{}.results.>", self.prefix)
+    }
+    pub fn telemetry(&self, pool: &str, worker: &str) -> String {
+        format!("{}.telemetry.{pool}.{worker}", self.prefix)
+    }
+    pub fn telemetry_all(&self) -> String {
+        format!("{}.telemetry.>", self.prefix)
+    }
+    pub fn control(&self, worker: &str) -> String {
+        format!("{}.control.{worker}", self.prefix)
+    }
+    pub fn decisions(&self, pool: &str) -> String {
+        format!("{}.decisions.{pool}", self.prefix)
+    }
+    pub fn alerts(&self, severity: &str) -> String {
+        format!("{}.alerts.{severity}", self.prefix)
+    }
+
+    pub fn intake_stream(&self) -> String {
+        format!("{}_INTAKE", self.stem())
+    }
+    pub fn work_stream(&self) -> String {
+        format!("{}_WORK", self.stem())
+    }
+    pub fn results_stream(&self) -> String {
+        format!("{}_RESULTS", self.stem())
+    }
+
+    /// Task intake: work-queue retention, so a task leaves the stream only when a commander
+    /// has dispatched (or durably rejected) it and acked.
+    pub fn intake_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.intake_stream(),
+            description: Some("fleet commander: submitted tasks awaiting dispatch".into()),
+            subjects: vec![self.submit()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: DEDUP_WINDOW,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Pool work: work-queue retention; one durable pull consumer per pool subject, plus one
+    /// per worker for targeted dispatch. Their filters never overlap, as work-queue streams
+    /// require.
+    pub fn work_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.work_stream(),
+            description: Some("fleet commander: dispatched tasks awaiting a worker".into()),
+            subjects: vec![self.work_all()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: DEDUP_WINDOW,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Results: limits retention with an age bound, so a producer can fetch its result
+    /// after the fact (direct get, last message for `<prefix>.results.<task_id>`).
+    pub fn results_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.results_stream(),
+            description: Some("fleet commander: task results".into()),
+            subjects: vec![self.results_all()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: RESULTS_MAX_AGE,
+            duplicate_window: DEDUP_WINDOW,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// The durable pull consumer a pool's workers share. The commander and the SDK both
+    /// create it with this exact config, idempotently.
+    pub fn pool_consumer_config(&self, pool: &str, ack_wait: Duration) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(pool_consumer_name(pool)),
+            description: Some(format!("workers of pool {pool}")),
+            filter_subject: self.work(pool),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: MAX_DELIVER,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        }
+    }
+
+    /// A worker's own consumer, for tasks dispatched to it by name. It is removed by the
+    /// server after the worker has been gone for a while.
+    pub fn targeted_consumer_config(
+        &self,
+        pool: &str,
+        worker: &str,
+        ack_wait: Duration,
+    ) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(format!("worker-{pool}-{worker}")),
+            description: Some(format!("tasks targeted at worker {worker} of pool {pool}")),
+            filter_subject: self.work_targeted(pool, worker),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: MAX_DELIVER,
+            inactive_threshold: Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
+}
+
+/// Window in which a repeated `Nats-Msg-Id` is dropped by JetStream.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(20 * 60);
+/// How long results stay fetchable.
+pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A poison task stops being redelivered after this many deliveries.
+pub const MAX_DELIVER: i64 = 10;
+/// Default time a worker has to ack (or send progress) before redelivery.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Name of the durable consumer shared by a pool's workers.
+pub fn pool_consumer_name(pool: &str) -> String {
+    format!("pool-{pool}")
+}
+
+/// Ids that become subject tokens (task ids, pool names, worker ids): letters, digits,
+/// `-` and `_`, 1 to 128 characters. No dots or wildcards, so they cannot change the
+/// meaning of a subject.
+pub fn is_subject_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// A publishable subject (for reply-to): dot-separated tokens of printable ASCII, no
+/// wildcards, no whitespace.
+pub fn is_publish_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.split('.').all(|t| {
+            !t.is_empty() && t.bytes().all(|c| c.is_ascii_graphic() && c != b'*' && c != b'>')
+        })
+}
+
+/// Case-insensitive header lookup (W3C names are case-insensitive; async-nats is not).
+pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    let headers = headers?;
+    if let Some(v) = headers.get(name) {
+        return Some(v.as_str());
+    }
+    headers
+        .iter()
+        .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| v.first())
+        .map(HeaderValue::as_str)
+}
+
+/// Inserts a header, refusing (instead of panicking, as async-nats' `From<&str>` does)
+/// names or values a NATS header cannot carry.
+pub fn set_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), ProtocolError> {
+    let name: HeaderName =
+        name.parse().map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
+    let value: HeaderValue =
+        value.parse().map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
+    headers.insert(name, value);
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("subject prefix {0:?} must be dot-separated tokens of letters, digits, '-' or '_'")]
+    BadPrefix(String),
+    #[error("header {0:?} has a name or value a NATS header cannot carry")]
+    BadHeader(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_contract() {
+        let s = Subjects::default();
+        assert_eq!(s.submit(), "fleet.tasks.submit");
+        assert_eq!(s.work("code"), "fleet.work.code");
+        assert_eq!(s.work_targeted("code", "w1"), "fleet.work.code.w1");
+        assert_eq!(s.result("t1"), "fleet.results.t1");
+        assert_eq!(s.telemetry("code", "w1"), "fleet.telemetry.code.w1");
+        assert_eq!(s.control("w1"), "fleet.control.w1");
+        assert_eq!(s.decisions("code"), "fleet.decisions.code");
+        assert_eq!(s.alerts("critical"), "fleet.alerts.critical");
+        assert_eq!(s.intake_stream(), "FLEET_INTAKE");
+        let t = Subjects::new("acme.prod-1").unwrap();
+        assert_eq!(t.work_stream(), "ACME_PROD_1_WORK");
+        assert!(Subjects::new("fleet.*").is_err());
+        assert!(Subjects::new("").is_err());
+    }
+
+    #[test]
+    fn header_lookup_ignores_case_and_set_header_refuses_newlines() {
+        let mut h = HeaderMap::new();
+        set_header(&mut h, "TraceParent", "x").unwrap();
+        assert_eq!(header(Some(&h), "traceparent"), Some("x"));
+        assert!(set_header(&mut h, "a", "line\nbreak").is_err());
+        assert!(set_header(&mut h, "bad:name", "v").is_err());
+    }
+
+    #[test]
+    fn tokens_and_subjects() {
+        assert!(is_subject_token("task-1_A"));
+        assert!(!is_subject_token("a.b"));
+        assert!(!is_subject_token("a*"));
+        assert!(!is_subject_token(&"x".repeat(129)));
+        assert!(is_publish_subject("_INBOX.abc.def"));
+        assert!(!is_publish_subject("a..b"));
+        assert!(!is_publish_subject("a.>"));
+        assert!(!is_publish_subject("a b"));
+    }
+}

@@ -1,0 +1,715 @@
+//! A worker: joins a pool, pulls tasks with bounded in-flight, runs the handler under the
+//! task's trace context, publishes the result durably, then acks.
+//!
+//! Delivery is at-least-once (JetStream); the worker makes execution effectively once per
+//! (task id, attempt): a redelivered message whose result already exists — in this
+//! worker's memory or in the results stream — is acked without running the handler again.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::message::{
+    ErrorInfo, Heartbeat, ResultStatus, Task, TaskResult, Timings, Usage, WorkerState, now_rfc3339,
+};
+use crate::protocol::{self, SCHEMA_VERSION, Subjects, header, headers, is_subject_token, kinds};
+use crate::span::{AttrValue, ExportConfig, SpanExporter, SpanKind, SpanRecord};
+use crate::trace::{Baggage, SpanId, TraceParent, parse_tracestate};
+
+/// How a worker joins the fleet.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Pool to pull from (a subject token).
+    pub pool: String,
+    /// This worker's id, unique in the fleet (a subject token).
+    pub worker_id: String,
+    pub subjects: Subjects,
+    /// Tasks run at once; the worker never pulls more than it can start.
+    pub max_in_flight: usize,
+    pub heartbeat_interval: Duration,
+    /// Redelivery timeout of the pool consumer; progress is signalled at a third of it.
+    pub ack_wait: Duration,
+    /// How long one pull request waits for tasks.
+    pub fetch_expires: Duration,
+    /// Also pull tasks dispatched to this worker by name (`<prefix>.work.<pool>.<worker>`).
+    pub targeted: bool,
+    pub capabilities: Vec<String>,
+    pub model: Option<String>,
+    pub export: ExportConfig,
+}
+
+impl WorkerConfig {
+    pub fn new(pool: impl Into<String>, worker_id: impl Into<String>) -> Self {
+        Self {
+            pool: pool.into(),
+            worker_id: worker_id.into(),
+            subjects: Subjects::default(),
+            max_in_flight: 8,
+            heartbeat_interval: Duration::from_secs(5),
+            ack_wait: protocol::DEFAULT_ACK_WAIT,
+            fetch_expires: Duration::from_secs(2),
+            targeted: true,
+            capabilities: Vec::new(),
+            model: None,
+            export: ExportConfig::default(),
+        }
+    }
+}
+
+/// What the handler gets: the task and the context it runs in.
+#[derive(Clone, Debug)]
+pub struct TaskContext {
+    pub task: Task,
+    pub task_id: String,
+    /// Dispatch attempt (from `Fleet-Attempt`).
+    pub attempt: u32,
+    /// JetStream delivery count of this message (1 on first delivery).
+    pub delivered: i64,
+    /// The worker's own process span: create child spans and outgoing calls under it.
+    pub span: TraceParent,
+    /// The span this one continues (the commander's dispatch span), when the header was valid.
+    pub parent_span_id: Option<SpanId>,
+    pub tracestate: Option<String>,
+    pub baggage: Baggage,
+    /// Model chosen by the commander (`Fleet-Model`), if any.
+    pub model: Option<String>,
+    pub deadline: Option<SystemTime>,
+}
+
+/// A successful handler outcome.
+#[derive(Clone, Debug, Default)]
+pub struct TaskOutput {
+    pub output: serde_json::Value,
+    pub usage: Option<Usage>,
+}
+
+/// A handler failure.
+#[derive(Clone, Debug)]
+pub struct TaskFailure {
+    pub status: ResultStatus,
+    pub error: ErrorInfo,
+    pub usage: Option<Usage>,
+}
+
+impl TaskFailure {
+    pub fn failed(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: ResultStatus::Failed,
+            error: ErrorInfo { code: code.into(), message: message.into() },
+            usage: None,
+        }
+    }
+}
+
+pub type HandlerResult = Result<TaskOutput, TaskFailure>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("pool and worker id must be 1-128 letters, digits, '-' or '_'")]
+    BadIdentity,
+    #[error("max_in_flight must be at least 1")]
+    BadConcurrency,
+    #[error("could not set up JetStream stream or consumer: {0}")]
+    Setup(String),
+}
+
+/// Counters a worker keeps.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Handler runs started.
+    pub started: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    /// Redeliveries acked without running because the result already existed.
+    pub skipped_duplicates: AtomicU64,
+    /// Messages naked back because the worker was draining.
+    pub returned_on_drain: AtomicU64,
+    /// Results whose publish failed (the message is naked for redelivery).
+    pub result_publish_errors: AtomicU64,
+}
+
+/// A running worker. [`WorkerHandle::shutdown`] drains it.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    stats: Arc<WorkerStats>,
+}
+
+impl WorkerHandle {
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    pub fn stats_arc(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    /// Graceful drain: pull nothing new, finish what is in flight, publish a last heartbeat.
+    pub async fn shutdown(self) -> Arc<WorkerStats> {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "worker task ended abnormally");
+        }
+        self.stats
+    }
+}
+
+/// Bounded memory of executions this worker finished, for redelivery dedup.
+struct Completed {
+    order: VecDeque<(String, u32)>,
+    set: HashSet<(String, u32)>,
+    capacity: usize,
+}
+
+impl Completed {
+    fn new(capacity: usize) -> Self {
+        Self { order: VecDeque::new(), set: HashSet::new(), capacity }
+    }
+    fn contains(&self, key: &(String, u32)) -> bool {
+        self.set.contains(key)
+    }
+    fn insert(&mut self, key: (String, u32)) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > self.capacity
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+struct Shared<H> {
+    config: WorkerConfig,
+    js: jetstream::Context,
+    results: stream::Stream,
+    handler: H,
+    exporter: SpanExporter,
+    stats: Arc<WorkerStats>,
+    completed: Mutex<Completed>,
+    running: Mutex<BTreeSet<String>>,
+    draining: AtomicBool,
+    started_at: String,
+}
+
+/// Entry point: `Worker::start(client, config, handler)`.
+#[derive(Debug)]
+pub struct Worker;
+
+impl Worker {
+    /// Creates the pool's streams and consumers if missing, then starts pulling.
+    pub async fn start<H, Fut>(
+        client: async_nats::Client,
+        config: WorkerConfig,
+        handler: H,
+    ) -> Result<WorkerHandle, WorkerError>
+    where
+        H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        if !is_subject_token(&config.pool) || !is_subject_token(&config.worker_id) {
+            return Err(WorkerError::BadIdentity);
+        }
+        if config.max_in_flight == 0 {
+            return Err(WorkerError::BadConcurrency);
+        }
+        let js = jetstream::new(client.clone());
+        let s = &config.subjects;
+        let setup = |e: &dyn std::fmt::Display| WorkerError::Setup(e.to_string());
+        let work = js.get_or_create_stream(s.work_stream_config()).await.map_err(|e| setup(&e))?;
+        let results =
+            js.get_or_create_stream(s.results_stream_config()).await.map_err(|e| setup(&e))?;
+        let pool = work
+            .get_or_create_consumer(
+                &protocol::pool_consumer_name(&config.pool),
+                s.pool_consumer_config(&config.pool, config.ack_wait),
+            )
+            .await
+            .map_err(|e| setup(&e))?;
+        let targeted = if config.targeted {
+            let cfg = s.targeted_consumer_config(&config.pool, &config.worker_id, config.ack_wait);
+            let name = cfg.durable_name.clone().unwrap_or_default();
+            Some(work.get_or_create_consumer(&name, cfg).await.map_err(|e| setup(&e))?)
+        } else {
+            None
+        };
+
+        let resource = vec![
+            ("service.name".to_string(), AttrValue::from("fleet-worker")),
+            ("service.instance.id".to_string(), AttrValue::from(config.worker_id.clone())),
+            ("fleet.pool".to_string(), AttrValue::from(config.pool.clone())),
+            ("fleet.worker.id".to_string(), AttrValue::from(config.worker_id.clone())),
+        ];
+        let (exporter, exporter_task) = SpanExporter::start(
+            client.clone(),
+            s.telemetry(&config.pool, &config.worker_id),
+            resource,
+            config.export.clone(),
+        );
+        let stats = Arc::new(WorkerStats::default());
+        let shared = Arc::new(Shared {
+            js,
+            results,
+            handler,
+            exporter,
+            stats: stats.clone(),
+            completed: Mutex::new(Completed::new(100_000)),
+            running: Mutex::new(BTreeSet::new()),
+            draining: AtomicBool::new(false),
+            started_at: now_rfc3339(),
+            config,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(client, shared, pool, targeted, stop_rx, exporter_task));
+        Ok(WorkerHandle { stop, task, stats })
+    }
+}
+
+async fn run<H, Fut>(
+    client: async_nats::Client,
+    shared: Arc<Shared<H>>,
+    pool: PullConsumer,
+    targeted: Option<PullConsumer>,
+    stop: watch::Receiver<bool>,
+    exporter_task: JoinHandle<()>,
+) where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let max = shared.config.max_in_flight;
+    let permits = Arc::new(Semaphore::new(max));
+    let heartbeat = tokio::spawn(heartbeats(client.clone(), shared.clone(), stop.clone()));
+    pull(shared.clone(), pool, targeted, permits.clone(), stop).await;
+    // Drained: every permit back means nothing is in flight.
+    let _ = permits.acquire_many(max as u32).await;
+    let _ = heartbeat.await;
+    publish_heartbeat(&client, &shared, WorkerState::Draining).await;
+    // The exporter stops when its last sender is gone; `shared` holds it.
+    drop(shared);
+    let _ = exporter_task.await;
+    let _ = client.flush().await;
+}
+
+type PullConsumer = consumer::Consumer<consumer::pull::Config>;
+
+/// One pull loop for both consumers, so they never compete for the same permits: take the
+/// free permits, give targeted tasks first call (a no-wait fetch), then long-poll the pool
+/// consumer for the rest. Never pulls more than can start now: bounded in-flight, fair
+/// sharing with the pool's other workers, and no task waiting out its ack timer in a buffer.
+async fn pull<H, Fut>(
+    shared: Arc<Shared<H>>,
+    pool: PullConsumer,
+    targeted: Option<PullConsumer>,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let first = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let mut held = vec![first];
+        let extra = permits.available_permits();
+        if extra > 0
+            && let Ok(more) = permits.clone().try_acquire_many_owned(extra as u32)
+        {
+            held.extend(split_permits(more));
+        }
+        if let Some(t) = &targeted {
+            match t.fetch().max_messages(held.len()).messages().await {
+                Ok(mut batch) => {
+                    while let Some(Ok(msg)) = batch.next().await {
+                        start_task(&shared, msg, &mut held, &stop).await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "targeted fetch failed"),
+            }
+            if held.is_empty() {
+                continue;
+            }
+        }
+        let batch =
+            pool.batch().max_messages(held.len()).expires(shared.config.fetch_expires).messages().await;
+        let mut batch = match batch {
+            Ok(b) => {
+                backoff = Duration::from_millis(100);
+                b
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pull request failed; retrying");
+                drop(held);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        while let Some(msg) = batch.next().await {
+            match msg {
+                Ok(msg) => start_task(&shared, msg, &mut held, &stop).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "pull batch ended");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Spawns the handling of one message with one of the held permits, or hands the message
+/// back when draining.
+async fn start_task<H, Fut>(
+    shared: &Arc<Shared<H>>,
+    msg: jetstream::Message,
+    held: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    stop: &watch::Receiver<bool>,
+) where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    if *stop.borrow() {
+        // Draining: hand it straight back so another worker takes it now.
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        shared.stats.returned_on_drain.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let Some(permit) = held.pop() else {
+        // The server sent more than asked for; never run unbounded.
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        handle(&shared, msg).await;
+        drop(permit);
+    });
+}
+
+/// Splits a multi-permit into single permits so each spawned task returns exactly one.
+fn split_permits(mut p: tokio::sync::OwnedSemaphorePermit) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+    let mut out = Vec::new();
+    while p.num_permits() > 1 {
+        if let Some(one) = p.split(1) {
+            out.push(one);
+        } else {
+            break;
+        }
+    }
+    out.push(p);
+    out
+}
+
+async fn handle<H, Fut>(shared: &Arc<Shared<H>>, msg: jetstream::Message)
+where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let cfg = &shared.config;
+    let hdrs = msg.headers.as_ref();
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let attempt = header(hdrs, headers::ATTEMPT).and_then(|a| a.parse::<u32>().ok()).unwrap_or(1);
+    let task = match serde_json::from_slice::<Task>(&msg.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            // Not something the commander sends; a redelivery would fail the same way.
+            tracing::error!(error = %e, subject = %msg.subject, "work message is not a task; terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let Some(task_id) = header(hdrs, headers::TASK_ID)
+        .map(str::to_string)
+        .or_else(|| task.id.clone())
+        .filter(|id| is_subject_token(id))
+    else {
+        tracing::error!(subject = %msg.subject, "work message has no valid task id; terminating it");
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let key = (task_id.clone(), attempt);
+    if already_done(shared, &key, delivered).await {
+        shared.stats.skipped_duplicates.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(task_id, attempt, delivered, "redelivered task already has a result; acking without running");
+        let _ = msg.ack().await;
+        return;
+    }
+
+    // Continue the trace from the dispatch span, or start one and say why.
+    let (span_ctx, parent_span_id, bad_traceparent) = match header(hdrs, headers::TRACEPARENT) {
+        Some(v) => match TraceParent::parse(v) {
+            Ok(parent) => (parent.child(), Some(parent.span_id), None),
+            Err(e) => (TraceParent::new_root(), None, Some(format!("{v:?}: {e}"))),
+        },
+        None => (TraceParent::new_root(), None, None),
+    };
+    let tracestate = parent_span_id
+        .and_then(|_| header(hdrs, headers::TRACESTATE))
+        .and_then(parse_tracestate);
+    let baggage = header(hdrs, headers::BAGGAGE).map(Baggage::parse).unwrap_or_default();
+    let model = header(hdrs, headers::MODEL).map(str::to_string);
+    let deadline = task.deadline_time();
+
+    let mut span = SpanRecord::new(
+        format!("process {}", cfg.subjects.work(&cfg.pool)),
+        SpanKind::Consumer,
+        span_ctx.trace_id,
+        span_ctx.span_id,
+    );
+    span.parent_span_id = parent_span_id;
+    span.attr("messaging.system", "nats")
+        .attr("messaging.operation.type", "process")
+        .attr("messaging.operation.name", "process")
+        .attr("messaging.destination.name", msg.subject.to_string())
+        .attr("messaging.consumer.group.name", protocol::pool_consumer_name(&cfg.pool))
+        .attr("fleet.task.id", task_id.clone())
+        .attr("fleet.attempt", attempt)
+        .attr("fleet.delivered", delivered)
+        .attr("fleet.pool", cfg.pool.clone())
+        .attr("fleet.worker.id", cfg.worker_id.clone());
+    if let Some(bad) = &bad_traceparent {
+        span.attr("fleet.traceparent.invalid", bad.clone());
+    }
+    for (k, v) in baggage.iter() {
+        span.attr(k, v);
+    }
+
+    let ctx = TaskContext {
+        task,
+        task_id: task_id.clone(),
+        attempt,
+        delivered,
+        span: span_ctx,
+        parent_span_id,
+        tracestate: tracestate.clone(),
+        baggage: baggage.clone(),
+        model,
+        deadline,
+    };
+
+    let received_at = now_rfc3339();
+    shared.stats.started.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut r) = shared.running.lock() {
+        r.insert(task_id.clone());
+    }
+    let started = Instant::now();
+    let outcome = if deadline.is_some_and(|d| d <= SystemTime::now()) {
+        Err(TaskFailure {
+            status: ResultStatus::Cancelled,
+            error: ErrorInfo { code: "deadline_exceeded".into(), message: "the deadline passed before the task started".into() },
+            usage: None,
+        })
+    } else {
+        run_handler(shared, &msg, ctx).await
+    };
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if let Ok(mut r) = shared.running.lock() {
+        r.remove(&task_id);
+    }
+
+    let mut result = TaskResult {
+        schema: SCHEMA_VERSION,
+        task_id: task_id.clone(),
+        attempt,
+        status: ResultStatus::Ok,
+        output: serde_json::Value::Null,
+        error: None,
+        usage: None,
+        timings: Timings {
+            received_at: Some(received_at.clone()),
+            started_at: Some(received_at),
+            finished_at: Some(now_rfc3339()),
+            duration_ms: Some(duration_ms),
+        },
+        worker_id: Some(cfg.worker_id.clone()),
+        pool: Some(cfg.pool.clone()),
+    };
+    match outcome {
+        Ok(out) => {
+            result.output = out.output;
+            result.usage = out.usage;
+        }
+        Err(f) => {
+            span.error = Some(format!("{}: {}", f.error.code, f.error.message));
+            span.attr("error.type", f.error.code.clone());
+            result.status = f.status;
+            result.error = Some(f.error);
+            result.usage = f.usage;
+        }
+    }
+    if let Some(u) = &result.usage {
+        if let Some(m) = &u.model {
+            span.attr("gen_ai.request.model", m.clone());
+        }
+        span.attr("gen_ai.usage.input_tokens", u.input_tokens as i64);
+        span.attr("gen_ai.usage.output_tokens", u.output_tokens as i64);
+    }
+
+    // Durable result first, ack second: a crash in between means a redelivery that the
+    // dedup check above answers from the results stream.
+    match publish_result(shared, &result, &span_ctx, tracestate.as_deref(), &baggage).await {
+        Ok(()) => {
+            if let Ok(mut c) = shared.completed.lock() {
+                c.insert(key);
+            }
+            if result.status == ResultStatus::Ok {
+                shared.stats.completed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, task_id, "ack failed; a redelivery will be deduplicated");
+            }
+        }
+        Err(e) => {
+            shared.stats.result_publish_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, task_id, "result not published; returning the task for redelivery");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            span.error = Some(format!("result not published: {e}"));
+        }
+    }
+    span.finish();
+    shared.exporter.record(span);
+}
+
+/// Runs the handler in its own task (a panic becomes a failed result, not a dead worker)
+/// while telling JetStream we are still working on it.
+async fn run_handler<H, Fut>(shared: &Arc<Shared<H>>, msg: &jetstream::Message, ctx: TaskContext) -> HandlerResult
+where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let fut = (shared.handler)(ctx);
+    let mut job = tokio::spawn(fut);
+    let every = (shared.config.ack_wait / 3).max(Duration::from_millis(100));
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut job => {
+                return match done {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => Err(TaskFailure::failed("handler_panicked", "the handler panicked")),
+                    Err(e) => Err(TaskFailure::failed("handler_aborted", e.to_string())),
+                };
+            }
+            _ = progress.tick() => {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64) -> bool {
+    if shared.completed.lock().map(|c| c.contains(key)).unwrap_or(false) {
+        return true;
+    }
+    if delivered <= 1 {
+        return false;
+    }
+    // Redelivered: another worker (or this one before a restart) may have finished it.
+    let subject = shared.config.subjects.result(&key.0);
+    match shared.results.direct_get_last_for_subject(subject).await {
+        Ok(prev) => {
+            let prev_attempt = header(Some(&prev.headers), headers::ATTEMPT)
+                .and_then(|a| a.parse::<u32>().ok());
+            prev_attempt == Some(key.1)
+        }
+        Err(_) => false,
+    }
+}
+
+async fn publish_result<H>(
+    shared: &Shared<H>,
+    result: &TaskResult,
+    span: &TraceParent,
+    tracestate: Option<&str>,
+    baggage: &Baggage,
+) -> Result<(), String> {
+    let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
+    let mut h = HeaderMap::new();
+    let set = |h: &mut HeaderMap, k: &str, v: &str| protocol::set_header(h, k, v).map_err(|e| e.to_string());
+    set(&mut h, headers::TRACEPARENT, &span.to_header())?;
+    if let Some(ts) = tracestate {
+        set(&mut h, headers::TRACESTATE, ts)?;
+    }
+    if !baggage.is_empty() {
+        set(&mut h, headers::BAGGAGE, &baggage.to_header())?;
+    }
+    set(&mut h, headers::TASK_ID, &result.task_id)?;
+    set(&mut h, headers::ATTEMPT, &result.attempt.to_string())?;
+    set(&mut h, headers::NATS_MSG_ID, &format!("{}:{}:result", result.task_id, result.attempt))?;
+    let subject = shared.config.subjects.result(&result.task_id);
+    let ack = shared
+        .js
+        .publish_with_headers(subject, h, Bytes::from(payload))
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+async fn heartbeats<H>(client: async_nats::Client, shared: Arc<Shared<H>>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let state = if shared.running.lock().map(|r| r.is_empty()).unwrap_or(true) {
+                    WorkerState::Idle
+                } else {
+                    WorkerState::Active
+                };
+                publish_heartbeat(&client, &shared, state).await;
+            }
+            _ = stop.changed() => {
+                shared.draining.store(true, Ordering::Relaxed);
+                publish_heartbeat(&client, &shared, WorkerState::Draining).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn publish_heartbeat<H>(client: &async_nats::Client, shared: &Shared<H>, state: WorkerState) {
+    let cfg = &shared.config;
+    let hb = Heartbeat {
+        schema: SCHEMA_VERSION,
+        worker_id: cfg.worker_id.clone(),
+        pool: cfg.pool.clone(),
+        state,
+        model: cfg.model.clone(),
+        current_tasks: shared.running.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
+        max_in_flight: cfg.max_in_flight as u32,
+        context_tokens: None,
+        capabilities: cfg.capabilities.clone(),
+        completed: shared.stats.completed.load(Ordering::Relaxed),
+        failed: shared.stats.failed.load(Ordering::Relaxed),
+        sdk_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        started_at: shared.started_at.clone(),
+        sent_at: now_rfc3339(),
+    };
+    let Ok(payload) = serde_json::to_vec(&hb) else { return };
+    let mut h = HeaderMap::new();
+    h.insert(headers::KIND, kinds::HEARTBEAT);
+    h.insert(headers::CONTENT_TYPE, "application/json");
+    if let Err(e) = client
+        .publish_with_headers(cfg.subjects.telemetry(&cfg.pool, &cfg.worker_id), h, payload.into())
+        .await
+    {
+        tracing::debug!(error = %e, "heartbeat not published");
+    }
+}
