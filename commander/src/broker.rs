@@ -11,17 +11,16 @@ use tokio::process::{Child, Command};
 /// The oldest server the commander accepts (Debian bookworm ships 2.9.10).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 9);
 
-const LOCAL_DEFAULT: &str = "127.0.0.1:4222";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(
-        "no NATS server: none is configured, nothing listens on {LOCAL_DEFAULT}, and {reason}. \
+        "no NATS server: none is configured, nothing listens on {local}, and {reason}. \
          Install one (`sudo apt-get install nats-server` on Debian/Ubuntu, or \
          https://docs.nats.io/running-a-nats-service/introduction/installation), or point the \
          commander at a server with --nats-url, FLEET_NATS_URL or [nats] url in the config"
     )]
-    NoServer { reason: String },
+    NoServer { local: String, reason: String },
     #[error("could not connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("nats-server {version} is too old: the commander needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
@@ -67,6 +66,7 @@ pub struct Connection {
 /// `nats-server` when allowed and installed, else a clear error.
 pub async fn connect(
     url: Option<&str>,
+    local_default: std::net::SocketAddr,
     auto_start: bool,
     data_dir: &Path,
     timeout: Duration,
@@ -75,8 +75,9 @@ pub async fn connect(
         let client = connect_with_retry(url, timeout).await?;
         return Ok(Connection { client, url: url.to_string(), child: None });
     }
-    let local = format!("nats://{LOCAL_DEFAULT}");
-    if tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(LOCAL_DEFAULT))
+    let local = format!("nats://{local_default}");
+    let no_server = |reason: String| BrokerError::NoServer { local: local_default.to_string(), reason };
+    if tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(local_default))
         .await
         .is_ok_and(|r| r.is_ok())
     {
@@ -85,15 +86,15 @@ pub async fn connect(
         return Ok(Connection { client, url: local, child: None });
     }
     if !auto_start {
-        return Err(BrokerError::NoServer { reason: "auto_start is off".into() });
+        return Err(no_server("auto_start is off".into()));
     }
     let store = data_dir.join("nats");
     if let Err(e) = std::fs::create_dir_all(&store) {
-        return Err(BrokerError::NoServer { reason: format!("cannot create {}: {e}", store.display()) });
+        return Err(no_server(format!("cannot create {}: {e}", store.display())));
     }
     let child = Command::new("nats-server")
         .arg("-js")
-        .args(["-a", "127.0.0.1", "-p", "4222"])
+        .args(["-a", &local_default.ip().to_string(), "-p", &local_default.port().to_string()])
         .arg("-sd")
         .arg(&store)
         .stdin(std::process::Stdio::null())
@@ -101,11 +102,11 @@ pub async fn connect(
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| BrokerError::NoServer {
-            reason: match e.kind() {
+        .map_err(|e| {
+            no_server(match e.kind() {
                 std::io::ErrorKind::NotFound => "nats-server is not on PATH".to_string(),
                 _ => format!("starting nats-server failed: {e}"),
-            },
+            })
         })?;
     tracing::info!(store = %store.display(), pid = child.id(), "started nats-server as a child process (it stops when the commander does)");
     let client = connect_with_retry(&local, timeout).await?;

@@ -52,6 +52,9 @@ pub struct NatsConfig {
     /// How long to wait for the server at start, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Address probed when no URL is set, and where an auto-started server listens.
+    #[serde(default = "default_local")]
+    pub local_default: SocketAddr,
 }
 
 impl Default for NatsConfig {
@@ -61,6 +64,7 @@ impl Default for NatsConfig {
             prefix: default_prefix(),
             auto_start: true,
             connect_timeout_ms: default_connect_timeout_ms(),
+            local_default: default_local(),
         }
     }
 }
@@ -159,6 +163,9 @@ fn yes() -> bool {
 }
 fn default_connect_timeout_ms() -> u64 {
     10_000
+}
+fn default_local() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4222))
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))

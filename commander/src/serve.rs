@@ -37,6 +37,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .map_err(|source| ServeError::Store { dir: data_dir.display().to_string(), source })?;
     let conn = broker::connect(
         config.nats.url.as_deref(),
+        config.nats.local_default,
         config.nats.auto_start,
         &data_dir,
         Duration::from_millis(config.nats.connect_timeout_ms),

@@ -1,1 +1,127 @@
-fn main() {}
+//! `fleet-sim`: simulated workers and load runs against the real stack.
+//!
+//! - `fleet-sim worker`: a worker process with scripted behaviour (delay, failures, hang),
+//!   for demos and fault tests (a hanging worker is `kill -9`ed mid-task in the e2e suite).
+//! - `fleet-sim bench dispatch`: tasks/s through the commander, and the raw JetStream pipe
+//!   measured in the same run, with the ratio.
+
+mod bench;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fleet_worker::{Subjects, TaskContext, TaskFailure, TaskOutput, Usage, Worker, WorkerConfig};
+
+#[derive(Parser)]
+#[command(name = "fleet-sim", about = "Simulated fleets and load runs against the real stack")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one simulated worker until Ctrl-C / SIGTERM (then drain).
+    Worker(WorkerArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[arg(long, env = "FLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    #[arg(long, default_value = "fleet")]
+    prefix: String,
+    #[arg(long)]
+    pool: String,
+    #[arg(long)]
+    id: String,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Time each task takes, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    delay_ms: u64,
+    /// Fail every Nth task (0 = never).
+    #[arg(long, default_value_t = 0)]
+    fail_every: u64,
+    /// Start tasks and never finish them (to be killed mid-task).
+    #[arg(long)]
+    hang: bool,
+    /// Model to report in usage.
+    #[arg(long, default_value = "gpt-4o-mini")]
+    model: String,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Worker(args) => run_worker(args).await,
+            Command::Bench { which } => bench::run(which).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_worker(args: WorkerArgs) -> Result<(), String> {
+    let client = async_nats::connect(&args.nats_url).await.map_err(|e| e.to_string())?;
+    let mut config = WorkerConfig::new(&args.pool, &args.id);
+    config.subjects = Subjects::new(&args.prefix).map_err(|e| e.to_string())?;
+    config.max_in_flight = args.concurrency;
+    config.model = Some(args.model.clone());
+    let delay = Duration::from_millis(args.delay_ms);
+    let (hang, fail_every, model) = (args.hang, args.fail_every, args.model.clone());
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let handle = Worker::start(client, config, move |ctx: TaskContext| {
+        let model = model.clone();
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        async move {
+            tracing::info!(task_id = %ctx.task_id, attempt = ctx.attempt, delivered = ctx.delivered, "task started");
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(delay).await;
+            let usage = Some(Usage { model: Some(model), input_tokens: 800, output_tokens: 200, cost_usd: None });
+            if fail_every > 0 && n % fail_every == 0 {
+                let mut f = TaskFailure::failed("simulated_failure", format!("task {n} fails by script"));
+                f.usage = usage;
+                return Err(f);
+            }
+            Ok(TaskOutput { output: serde_json::json!({ "done_by": ctx.task_id }), usage })
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(pool = %args.pool, id = %args.id, "worker ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.shutdown().await;
+    Ok(())
+}

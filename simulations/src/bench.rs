@@ -1,0 +1,243 @@
+//! `fleet-sim bench dispatch`: how many tasks/s go producer → commander → pool subject →
+//! workers acked, and, in the same run on the same server, the raw JetStream pipe without
+//! the commander (a relay that consumes one stream and republishes to another with the
+//! same headers). Same producer, same workers, same task count: only the middle differs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
+use clap::Subcommand;
+use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
+use fleet_worker::protocol::{self, headers};
+use fleet_worker::{Subjects, Task, TaskOutput, TraceParent, Worker, WorkerConfig, WorkerHandle};
+use futures::StreamExt;
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// Commander dispatch throughput vs the raw JetStream pipe.
+    Dispatch(DispatchArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DispatchArgs {
+    /// Tasks per measured run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u64,
+    /// Pools (workers are spread over them).
+    #[arg(long, default_value_t = 2)]
+    pools: usize,
+    /// Workers in total.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// In-flight tasks per worker.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Rounds of each pipe (the best of each is reported, and every round is printed).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Use this server instead of starting a private one.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// The commander binary (default: next to this one).
+    #[arg(long)]
+    commander_bin: Option<std::path::PathBuf>,
+}
+
+pub async fn run(which: Which) -> Result<(), String> {
+    match which {
+        Which::Dispatch(args) => dispatch(args).await,
+    }
+}
+
+async fn dispatch(args: DispatchArgs) -> Result<(), String> {
+    let own_server = match &args.nats_url {
+        Some(_) => None,
+        None => Some(NatsServer::start().map_err(|e| e.to_string())?),
+    };
+    let url = args.nats_url.clone().or_else(|| own_server.as_ref().map(|s| s.url().to_string())).unwrap_or_default();
+    let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+    let pools: Vec<String> = (0..args.pools).map(|i| format!("bench{i}")).collect();
+    let mut raw_rates = Vec::new();
+    let mut cmd_rates = Vec::new();
+
+    let dir = tempfile_dir()?;
+    let mut toml = String::from("[intake]\nbatch_size = 256\n");
+    for p in &pools {
+        toml.push_str(&format!("[pools.{p}]\n"));
+    }
+    let bin = args.commander_bin.clone().unwrap_or_else(sibling_commander);
+    let commander = Commander::start(&CommanderOptions {
+        bin,
+        nats_url: Some(url.clone()),
+        config_toml: toml,
+        data_dir: dir.clone(),
+        extra_env: vec![("RUST_LOG".into(), "warn,fleet_commander::serve=info".into())],
+        extra_args: vec![],
+    })
+    .map_err(|e| e.to_string())?;
+
+    for round in 0..args.rounds {
+        let prefix = format!("rawbench{round}");
+        let raw = run_pipe(&client, &args, &pools, Pipe::Raw { prefix }).await?;
+        println!("round {round}: raw JetStream relay  {raw:>9.0} tasks/s");
+        raw_rates.push(raw);
+        let cmd = run_pipe(&client, &args, &pools, Pipe::Commander).await?;
+        println!("round {round}: through commander   {cmd:>9.0} tasks/s");
+        cmd_rates.push(cmd);
+    }
+    drop(commander);
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let (raw, cmd) = (best(&raw_rates), best(&cmd_rates));
+    println!();
+    println!("bench dispatch: {} tasks/run, {} pools, {} workers x {} in flight, nats-server {}",
+        args.tasks, args.pools, args.workers, args.concurrency,
+        client.server_info().version);
+    println!("  raw JetStream pipe : {raw:>9.0} tasks/s (best of {})", raw_rates.len());
+    println!("  commander pipe     : {cmd:>9.0} tasks/s (best of {})", cmd_rates.len());
+    println!("  ratio              : {:.2} (goal >= 0.50)", if raw > 0.0 { cmd / raw } else { 0.0 });
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+enum Pipe {
+    Raw { prefix: String },
+    Commander,
+}
+
+/// One measured run: start workers, submit `tasks`, wait until the workers have handled
+/// all of them; tasks/s from the first submission to the last completion.
+async fn run_pipe(client: &async_nats::Client, args: &DispatchArgs, pools: &[String], pipe: Pipe) -> Result<f64, String> {
+    let subjects = match &pipe {
+        Pipe::Raw { prefix } => Subjects::new(prefix).map_err(|e| e.to_string())?,
+        Pipe::Commander => Subjects::default(),
+    };
+    let js = jetstream::new(client.clone());
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers: Vec<WorkerHandle> = Vec::new();
+    for w in 0..args.workers {
+        let pool = &pools[w % pools.len()];
+        let mut cfg = WorkerConfig::new(pool, format!("{pool}-w{w}"));
+        cfg.subjects = subjects.clone();
+        cfg.max_in_flight = args.concurrency;
+        cfg.targeted = false;
+        let done = done.clone();
+        let handle = Worker::start(client.clone(), cfg, move |_ctx| {
+            let done = done.clone();
+            async move {
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok(TaskOutput::default())
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        workers.push(handle);
+    }
+    let relay = match &pipe {
+        Pipe::Raw { .. } => Some(start_relay(&js, &subjects, pools).await?),
+        Pipe::Commander => None,
+    };
+
+    let run_id = fleet_worker::producer::random_id();
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(1024);
+    for i in 0..args.tasks {
+        let mut task = Task::new("benchmark task");
+        let id = format!("{}-{i}", &run_id[..12]);
+        task.id = Some(id.clone());
+        task.pool = Some(pools[(i as usize) % pools.len()].clone());
+        let mut h = async_nats::HeaderMap::new();
+        let tp = TraceParent::new_root().to_header();
+        protocol::set_header(&mut h, headers::TRACEPARENT, &tp).map_err(|e| e.to_string())?;
+        protocol::set_header(&mut h, headers::BAGGAGE, "team=bench,feature=dispatch").map_err(|e| e.to_string())?;
+        protocol::set_header(&mut h, headers::NATS_MSG_ID, &id).map_err(|e| e.to_string())?;
+        protocol::set_header(&mut h, headers::TASK_ID, &id).map_err(|e| e.to_string())?;
+        let payload = Bytes::from(serde_json::to_vec(&task).map_err(|e| e.to_string())?);
+        pending.push(js.publish_with_headers(subjects.submit(), h, payload).await.map_err(|e| e.to_string())?);
+        if pending.len() >= 1024 {
+            for p in pending.drain(..) {
+                p.await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    for p in pending.drain(..) {
+        p.await.map_err(|e| e.to_string())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done.load(Ordering::Relaxed) < args.tasks {
+        if Instant::now() > deadline {
+            return Err(format!("only {} of {} tasks done after 10 minutes", done.load(Ordering::Relaxed), args.tasks));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    for w in workers {
+        w.shutdown().await;
+    }
+    if let Some(r) = relay {
+        r.abort();
+    }
+    Ok(args.tasks as f64 / elapsed.as_secs_f64())
+}
+
+/// The raw pipe: consume the intake stream, republish each message with its headers to a
+/// pool subject of the work stream, ack in batches — the commander's job minus everything
+/// the commander adds (validation, routing, trace continuation, store, spans, results).
+async fn start_relay(js: &jetstream::Context, subjects: &Subjects, pools: &[String]) -> Result<tokio::task::JoinHandle<()>, String> {
+    let intake = js.get_or_create_stream(subjects.intake_stream_config()).await.map_err(|e| e.to_string())?;
+    js.get_or_create_stream(subjects.work_stream_config()).await.map_err(|e| e.to_string())?;
+    let consumer = intake
+        .get_or_create_consumer(
+            "relay",
+            consumer::pull::Config {
+                durable_name: Some("relay".into()),
+                filter_subject: subjects.submit(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                max_ack_pending: 2048,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = js.clone();
+    let subjects = subjects.clone();
+    let pools = pools.to_vec();
+    Ok(tokio::spawn(async move {
+        let Ok(messages) = consumer.stream().max_messages_per_batch(256).messages().await else { return };
+        let mut chunks = messages.ready_chunks(256);
+        let mut n = 0usize;
+        while let Some(chunk) = chunks.next().await {
+            let msgs: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
+            let mut acks = Vec::with_capacity(msgs.len());
+            for m in &msgs {
+                let pool = &pools[n % pools.len()];
+                n += 1;
+                let h = m.headers.clone().unwrap_or_default();
+                if let Ok(f) = js.publish_with_headers(subjects.work(pool), h, m.payload.clone()).await {
+                    acks.push(f);
+                }
+            }
+            for a in acks {
+                let _ = a.await;
+            }
+            for m in msgs {
+                let _ = m.ack().await;
+            }
+        }
+    }))
+}
+
+fn sibling_commander() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let candidate = dir.join("commander");
+    if candidate.exists() { candidate } else { commander_bin() }
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("fleet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}

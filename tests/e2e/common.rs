@@ -1,0 +1,203 @@
+//! Shared set-up for the end-to-end tests: a real nats-server, the real commander binary,
+//! real workers (the SDK, in this process, over NATS), and a span collector.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_testkit::{Commander, CommanderOptions, NatsServer};
+use fleet_worker::{Baggage, TaskContext, TaskOutput, Usage, Worker, WorkerConfig, WorkerHandle};
+use futures::StreamExt;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value;
+use prost::Message;
+
+pub const WAIT: Duration = Duration::from_secs(120);
+
+pub fn commander_options(nats: &NatsServer, data_dir: PathBuf, toml: &str) -> CommanderOptions {
+    CommanderOptions {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_commander")),
+        nats_url: Some(nats.url().to_string()),
+        config_toml: toml.to_string(),
+        data_dir,
+        extra_env: vec![],
+        extra_args: vec![],
+    }
+}
+
+/// Two pools, and a default.
+pub const TWO_POOLS: &str = r#"
+[routing]
+default_pool = "alpha"
+[pools.alpha]
+capabilities = ["summarise"]
+[pools.beta]
+capabilities = ["code", "review"]
+"#;
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub commander: Commander,
+    pub client: async_nats::Client,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(toml: &str) -> Stack {
+        let nats = NatsServer::start().expect("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let commander = Commander::start(&commander_options(&nats, dir.path().join("cmd"), toml)).expect("commander");
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        Stack { nats, commander, client, dir }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("{}{path}", self.commander.http())
+    }
+
+    /// Fetches /metrics and returns the value of one sample line (name with labels).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = reqwest::get(self.http("/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// What handlers saw, shared with the test.
+#[derive(Default)]
+pub struct Seen {
+    /// Handler runs per (task id, attempt).
+    pub runs: HashMap<(String, u32), u32>,
+    pub baggage: HashMap<String, Baggage>,
+    /// The worker's process span context and its parent, per task.
+    pub spans: HashMap<String, (String, Option<String>)>,
+}
+
+pub type SeenLog = Arc<Mutex<Seen>>;
+
+/// A worker that records what it sees and answers after `delay`.
+pub async fn recording_worker(
+    client: &async_nats::Client,
+    pool: &str,
+    id: &str,
+    concurrency: usize,
+    delay: Duration,
+    seen: SeenLog,
+) -> WorkerHandle {
+    let mut cfg = WorkerConfig::new(pool, id);
+    cfg.max_in_flight = concurrency;
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    Worker::start(client.clone(), cfg, move |ctx: TaskContext| {
+        let seen = seen.clone();
+        async move {
+            {
+                let mut s = seen.lock().unwrap();
+                *s.runs.entry((ctx.task_id.clone(), ctx.attempt)).or_default() += 1;
+                s.baggage.insert(ctx.task_id.clone(), ctx.baggage.clone());
+                s.spans.insert(
+                    ctx.task_id.clone(),
+                    (ctx.span.trace_id.to_hex(), ctx.parent_span_id.map(|p| p.to_hex())),
+                );
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(TaskOutput {
+                output: serde_json::json!({ "echo": ctx.task.description }),
+                usage: Some(Usage { model: Some("gpt-4o-mini".into()), input_tokens: 10, output_tokens: 5, cost_usd: None }),
+            })
+        }
+    })
+    .await
+    .expect("worker starts")
+}
+
+/// A span as the tests need it.
+#[derive(Clone, Debug)]
+pub struct SeenSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    pub kind: i32,
+    pub attrs: HashMap<String, String>,
+    pub service: String,
+}
+
+/// Collects every OTLP span published on the telemetry subjects.
+pub async fn collect_spans(client: &async_nats::Client) -> Arc<Mutex<Vec<SeenSpan>>> {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let mut sub = client.subscribe("fleet.telemetry.>").await.unwrap();
+    let out = spans.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let kind = msg.headers.as_ref().and_then(|h| h.get("Fleet-Kind")).map(|v| v.as_str().to_string());
+            if kind.as_deref() != Some("otlp-traces") {
+                continue;
+            }
+            let req = ExportTraceServiceRequest::decode(msg.payload.as_ref()).expect("valid OTLP");
+            let mut got = Vec::new();
+            for rs in req.resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|kv| kv.key == "service.name")
+                    .map(|kv| attr_string(kv.value.as_ref()))
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        got.push(SeenSpan {
+                            trace_id: hex(&s.trace_id),
+                            span_id: hex(&s.span_id),
+                            parent_span_id: hex(&s.parent_span_id),
+                            name: s.name.clone(),
+                            kind: s.kind,
+                            attrs: s.attributes.iter().map(|kv| (kv.key.clone(), attr_string(kv.value.as_ref()))).collect(),
+                            service: service.clone(),
+                        });
+                    }
+                }
+            }
+            out.lock().unwrap().extend(got);
+        }
+    });
+    spans
+}
+
+fn attr_string(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn eventually(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET /v1/tasks/{id} as JSON, or None on 404.
+pub async fn task_record(stack_http: &str, id: &str) -> Option<serde_json::Value> {
+    let resp = reqwest::get(format!("{stack_http}/v1/tasks/{id}")).await.unwrap();
+    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+        return None;
+    }
+    Some(resp.json().await.unwrap())
+}

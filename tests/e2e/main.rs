@@ -1,0 +1,5 @@
+//! End-to-end tests: a real nats-server per test, the real `commander` binary, real
+//! workers. One test binary so it links once.
+
+mod common;
+mod spine;

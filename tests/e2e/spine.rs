@@ -1,0 +1,130 @@
+//! The spine: 10,000 tasks through the real commander to 4 workers in 2 pools.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use fleet_worker::{Baggage, Producer, ResultStatus, SubmitOptions, Subjects, Task, TraceParent};
+
+use crate::common::*;
+
+const TASKS: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let spans = collect_spans(&stack.client).await;
+    let seen = SeenLog::default();
+    let mut workers = Vec::new();
+    for (pool, id) in [("alpha", "a1"), ("alpha", "a2"), ("beta", "b1"), ("beta", "b2")] {
+        workers.push(recording_worker(&stack.client, pool, id, 16, Duration::ZERO, seen.clone()).await);
+    }
+
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+    let mut sent: HashMap<String, (TraceParent, Baggage, &str)> = HashMap::new();
+    let mut acks = Vec::new();
+    for i in 0..TASKS {
+        let (caps, pool): (&[&str], &str) = if i % 2 == 0 { (&["summarise"], "alpha") } else { (&["code"], "beta") };
+        let mut task = Task::new(format!("task number {i}"));
+        task.capabilities = caps.iter().map(|c| c.to_string()).collect();
+        let id = format!("spine-{i}");
+        let parent = TraceParent::new_root();
+        let mut baggage = Baggage::new();
+        baggage.insert("team", ["payments", "search", "growth"][i % 3]);
+        baggage.insert("feature", &format!("feature {}", i % 7));
+        baggage.insert("user_tier", if i % 5 == 0 { "enterprise" } else { "free" });
+        baggage.insert("prompt_variant", &format!("v{}", i % 2));
+        sent.insert(id.clone(), (parent, baggage.clone(), pool));
+        let opts = SubmitOptions {
+            idempotency_key: Some(id),
+            parent: Some(parent),
+            baggage,
+            reply_to: Some(inbox.subject().to_string()),
+            ..Default::default()
+        };
+        acks.push(producer.submit_pipelined(&task, opts).await.unwrap());
+        if acks.len() == 500 {
+            for a in acks.drain(..) {
+                let receipt = a.await.unwrap();
+                assert!(!receipt.duplicate);
+            }
+        }
+    }
+    for a in acks.drain(..) {
+        assert!(!a.await.unwrap().duplicate);
+    }
+
+    // Every task's result reaches the producer, each exactly once.
+    let mut results = HashMap::new();
+    while results.len() < TASKS {
+        let r = tokio::time::timeout(WAIT, inbox.next()).await.expect("results keep coming").unwrap().unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
+        let expected_pool = sent[&r.task_id].2;
+        assert_eq!(r.pool.as_deref(), Some(expected_pool), "task {} ran in the wrong pool", r.task_id);
+        assert!(results.insert(r.task_id.clone(), r).is_none());
+    }
+    // Nothing more arrives: no result was forwarded twice.
+    assert!(tokio::time::timeout(Duration::from_millis(500), inbox.next()).await.is_err(), "an extra result arrived");
+    assert_eq!(inbox.duplicates(), 0, "results were forwarded more than once");
+
+    // Each handler ran once per task and attempt, and saw the producer's baggage intact.
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.runs.len(), TASKS);
+        assert!(seen.runs.iter().all(|((_, attempt), n)| *n == 1 && *attempt == 1), "a handler ran twice");
+        for (id, (_, baggage, _)) in &sent {
+            assert_eq!(&seen.baggage[id], baggage, "baggage of {id} changed in transit");
+        }
+    }
+
+    // Spans: worker process span -> commander dispatch span -> producer span, one trace.
+    eventually("all spans exported", WAIT, async || {
+        let s = spans.lock().unwrap();
+        s.iter().filter(|s| s.service == "fleet-worker").count() >= TASKS
+            && s.iter().filter(|s| s.service == "fleet-commander").count() >= TASKS
+    })
+    .await;
+    let spans = spans.lock().unwrap().clone();
+    let dispatch: HashMap<&str, &SeenSpan> = spans
+        .iter()
+        .filter(|s| s.service == "fleet-commander")
+        .map(|s| (s.attrs["fleet.task.id"].as_str(), s))
+        .collect();
+    let mut checked = HashSet::new();
+    for w in spans.iter().filter(|s| s.service == "fleet-worker") {
+        let id = w.attrs["fleet.task.id"].as_str();
+        let (producer_span, baggage, pool) = &sent[id];
+        let d = dispatch[id];
+        assert_eq!(w.trace_id, producer_span.trace_id.to_hex(), "worker span of {id} is not in the producer's trace");
+        assert_eq!(w.parent_span_id, d.span_id, "worker span of {id} is not a child of the dispatch span");
+        assert_eq!(w.kind, 5, "worker span is CONSUMER");
+        assert_eq!(d.trace_id, producer_span.trace_id.to_hex());
+        assert_eq!(d.parent_span_id, producer_span.span_id.to_hex(), "dispatch span is not a child of the producer span");
+        assert_eq!(d.kind, 4, "dispatch span is PRODUCER");
+        assert_eq!(d.name, format!("send fleet.work.{pool}"));
+        assert_eq!(w.attrs["messaging.system"], "nats");
+        for (k, v) in baggage.iter() {
+            assert_eq!(w.attrs.get(k).map(String::as_str), Some(v), "baggage {k} not on the worker span");
+            assert_eq!(d.attrs.get(k).map(String::as_str), Some(v), "baggage {k} not on the dispatch span");
+        }
+        checked.insert(id);
+    }
+    assert_eq!(checked.len(), TASKS);
+
+    // The commander's record agrees with what travelled.
+    for i in (0..TASKS).step_by(97) {
+        let id = format!("spine-{i}");
+        let rec = task_record(stack.commander.http(), &id).await.expect("record");
+        assert_eq!(rec["state"], "completed");
+        assert_eq!(rec["trace"]["trace_id"], sent[&id].0.trace_id.to_hex());
+        assert_eq!(rec["trace"]["dispatch_span_id"].as_str(), Some(dispatch[id.as_str()].span_id.as_str()));
+        let states: Vec<_> = rec["history"].as_array().unwrap().iter().map(|h| h["state"].as_str().unwrap().to_string()).collect();
+        assert!(states.contains(&"received".to_string()) && states.contains(&"dispatched".to_string()));
+    }
+    assert_eq!(stack.metric("fleet_tasks_received_total").await, TASKS as f64);
+    assert_eq!(stack.metric("fleet_results_forwarded_total").await, TASKS as f64);
+
+    for w in workers {
+        w.shutdown().await;
+    }
+}
