@@ -107,8 +107,10 @@ pub struct IntakeConfig {
     /// Most intake messages handled per batch (one store flush and one round of acks each).
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    /// Seconds the commander has to dispatch a task before JetStream redelivers it.
-    #[serde(default = "default_ack_wait_secs")]
+    /// Seconds the commander has to dispatch a batch before JetStream redelivers it (to
+    /// this or another replica). A batch takes milliseconds; this bounds the stall after
+    /// a crash.
+    #[serde(default = "default_intake_ack_wait_secs")]
     pub ack_wait_secs: u64,
     /// Seconds a worker has to ack (or signal progress) before redelivery.
     #[serde(default = "default_ack_wait_secs")]
@@ -119,7 +121,7 @@ impl Default for IntakeConfig {
     fn default() -> Self {
         Self {
             batch_size: default_batch(),
-            ack_wait_secs: default_ack_wait_secs(),
+            ack_wait_secs: default_intake_ack_wait_secs(),
             work_ack_wait_secs: default_ack_wait_secs(),
         }
     }
@@ -178,6 +180,9 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_batch() -> usize {
     256
+}
+fn default_intake_ack_wait_secs() -> u64 {
+    10
 }
 fn default_ack_wait_secs() -> u64 {
     30

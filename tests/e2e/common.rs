@@ -36,6 +36,7 @@ capabilities = ["summarise"]
 capabilities = ["code", "review"]
 "#;
 
+#[allow(dead_code, reason = "held so the server and temp dir live as long as the stack")]
 pub struct Stack {
     pub nats: NatsServer,
     pub commander: Commander,

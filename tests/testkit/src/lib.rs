@@ -136,6 +136,16 @@ pub fn commander_bin() -> PathBuf {
     dir.join("commander")
 }
 
+/// A workspace binary next to the running test executable (`target/<profile>/<name>`).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
 /// A running commander process.
 #[derive(Debug)]
 pub struct Commander {

@@ -1,0 +1,128 @@
+//! Crash tests: `kill -9` the commander with thousands of tasks in flight; `kill -9` a
+//! worker in the middle of a task.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet_testkit::Commander;
+use fleet_worker::{Producer, ResultStatus, SubmitOptions, Subjects, Task};
+
+use crate::common::*;
+
+const TASKS: usize = 5_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() {
+    let mut stack = Stack::start(TWO_POOLS).await;
+    let seen = SeenLog::default();
+    let mut workers = Vec::new();
+    for (pool, id) in [("alpha", "a1"), ("alpha", "a2"), ("beta", "b1"), ("beta", "b2")] {
+        workers.push(recording_worker(&stack.client, pool, id, 8, Duration::from_millis(15), seen.clone()).await);
+    }
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..TASKS {
+        let mut task = Task::new(format!("kill test {i}"));
+        task.pool = Some(if i % 2 == 0 { "alpha" } else { "beta" }.to_string());
+        let opts = SubmitOptions {
+            idempotency_key: Some(format!("kill-{i}")),
+            reply_to: Some(inbox.subject().to_string()),
+            ..Default::default()
+        };
+        acks.push(producer.submit_pipelined(&task, opts).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    // All 5,000 are accepted; let some finish, then crash the commander mid-stream.
+    let mut results: HashMap<String, ResultStatus> = HashMap::new();
+    while results.len() < 500 {
+        let r = tokio::time::timeout(WAIT, inbox.next()).await.unwrap().unwrap().unwrap();
+        results.insert(r.task_id.clone(), r.status);
+    }
+    stack.commander.kill9();
+    let done_at_kill = results.len();
+    assert!(done_at_kill < TASKS, "the commander was killed with tasks still in flight");
+
+    let opts = commander_options(&stack.nats, stack.commander.data_dir().to_path_buf(), TWO_POOLS);
+    stack.commander = Commander::start(&opts).expect("commander restarts on the same store");
+
+    while results.len() < TASKS {
+        let r = tokio::time::timeout(WAIT, inbox.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {TASKS} results after the restart", results.len()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok);
+        results.insert(r.task_id.clone(), r.status);
+    }
+    eprintln!(
+        "kill test: {done_at_kill} results before kill -9, {TASKS} after restart; {} duplicate forwards dropped by the inbox",
+        inbox.duplicates()
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.runs.len(), TASKS, "every task ran");
+        let twice: Vec<_> = seen.runs.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "handlers ran twice for the same task and attempt: {twice:?}");
+    }
+    // The restarted commander's store knows every task finished.
+    let http = stack.commander.http().to_string();
+    eventually("every task recorded as completed", WAIT, async || {
+        for i in (0..TASKS).step_by(50) {
+            match task_record(&http, &format!("kill-{i}")).await {
+                Some(rec) if rec["state"] == "completed" => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
+/// A worker process dies mid-task: JetStream redelivers after the ack wait, another worker
+/// finishes the task, the producer gets one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
+    let toml = "[intake]\nwork_ack_wait_secs = 2\n[pools.gamma]\n";
+    let stack = Stack::start(toml).await;
+    let sim = fleet_testkit::sibling_bin("fleet-sim");
+    let mut crashy = std::process::Command::new(&sim)
+        .args(["worker", "--pool", "gamma", "--id", "crashy", "--hang", "--nats-url", stack.nats.url()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}); build it with `cargo build -p fleet-sim`", sim.display()));
+    let stderr = crashy.stderr.take().unwrap();
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("task started") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("outlive a crash");
+    task.pool = Some("gamma".into());
+    let receipt = producer
+        .submit(&task, SubmitOptions { idempotency_key: Some("crash-1".into()), ..Default::default() })
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, started.recv()).await.expect("the hanging worker took the task");
+    crashy.kill().unwrap();
+    crashy.wait().unwrap();
+
+    let seen = SeenLog::default();
+    let rescuer = recording_worker(&stack.client, "gamma", "rescuer", 1, Duration::ZERO, seen.clone()).await;
+    let result = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
+    assert_eq!(result.status, ResultStatus::Ok);
+    assert_eq!(result.worker_id.as_deref(), Some("rescuer"));
+    let runs = seen.lock().unwrap().runs.clone();
+    assert_eq!(runs.get(&("crash-1".to_string(), 1)), Some(&1));
+    rescuer.shutdown().await;
+}

@@ -1,0 +1,113 @@
+//! Starting up: finding (or starting) a NATS server, and saying clearly when there is none.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_testkit::{Commander, CommanderOptions, nats_server_bin};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The directory holding nats-server, to put on PATH.
+fn nats_dir() -> PathBuf {
+    let bin = nats_server_bin();
+    let path = if bin.contains('/') {
+        PathBuf::from(bin)
+    } else {
+        let out = Command::new("sh").arg("-c").arg("command -v nats-server").output().unwrap();
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    };
+    path.parent().unwrap().to_path_buf()
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn with_no_server_and_no_nats_binary_it_exits_saying_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[nats]\nlocal_default = \"127.0.0.1:{}\"\n[store]\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n", free_port(), dir.path()),
+    )
+    .unwrap();
+    let empty_path = dir.path().join("empty-bin");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_commander"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("PATH", &empty_path)
+        .env_remove("FLEET_NATS_URL")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no NATS server"), "{stderr}");
+    assert!(stderr.contains("apt-get install nats-server"), "{stderr}");
+    assert!(stderr.contains("--nats-url"), "{stderr}");
+}
+
+#[test]
+fn with_no_server_it_starts_nats_server_as_a_child_and_stops_it_on_exit() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("{}:{}", nats_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let mut commander = Commander::start(&CommanderOptions {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_commander")),
+        nats_url: None,
+        config_toml: format!("[nats]\nlocal_default = \"127.0.0.1:{port}\"\n[routing]\ndefault_pool = \"p\"\n"),
+        data_dir: dir.path().join("cmd"),
+        extra_env: vec![("PATH".into(), path)],
+        extra_args: vec![],
+    })
+    .expect("commander starts its own nats-server");
+    assert!(commander.logged("started nats-server as a child process"));
+    assert!(commander.logged("connected to nats-server"));
+    assert!(port_open(port));
+    assert!(Path::new(&dir.path().join("cmd/store/nats")).exists(), "JetStream store under the data dir");
+    // It works: a task submitted over HTTP is durably accepted.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/tasks", commander.http()))
+            .body(r#"{"schema":1,"description":"hello"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 202);
+    assert_eq!(commander.terminate(Duration::from_secs(20)), Some(0), "clean exit on SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while port_open(port) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!port_open(port), "the child nats-server stopped with the commander");
+}
+
+#[test]
+fn config_check_reports_every_problem_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[pools.code]\ncapabilities = [\"code\"]\n").unwrap();
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(&syntax, "[nats]\nprefix = \"fleet\"\nurll = \"nats://x\"\n").unwrap();
+    let semantic = dir.path().join("semantic.toml");
+    std::fs::write(&semantic, "[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\n").unwrap();
+    let run = |f: &Path| Command::new(env!("CARGO_BIN_EXE_commander")).args(["config", "check"]).arg(f).env("NO_COLOR", "1").output().unwrap();
+    assert!(run(&good).status.success());
+    let out = run(&syntax);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("syntax.toml") && err.contains("line 3") && err.contains("urll"), "{err}");
+    let out = run(&semantic);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intake.batch_size") && err.contains("routing.default_pool"), "{err}");
+}
