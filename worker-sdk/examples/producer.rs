@@ -25,6 +25,7 @@ const KINDS: &[(&str, &[&str], &str)] = &[
     ("Summarise this incident report for the on-call channel", &["summarise"], "summarisation"),
     ("Extract invoice number, total and due date from the attached PDF", &["extract"], "extraction"),
     ("Write a Rust function that parses RFC 3339 timestamps", &["code"], "code_generation"),
+    ("Classify this support ticket by urgency: 'checkout is down'", &[], "classification"),
 ];
 
 #[tokio::main]

@@ -464,6 +464,7 @@ where
         .and_then(parse_tracestate);
     let baggage = header(hdrs, headers::BAGGAGE).map(Baggage::parse).unwrap_or_default();
     let model = header(hdrs, headers::MODEL).map(str::to_string);
+    let reply_to = header(hdrs, headers::REPLY_TO).filter(|r| protocol::is_publish_subject(r)).map(str::to_string);
     let deadline = task.deadline_time();
 
     let mut span = SpanRecord::new(
@@ -563,7 +564,8 @@ where
 
     // Durable result first, ack second: a crash in between means a redelivery that the
     // dedup check above answers from the results stream.
-    match publish_result(shared, &result, &span_ctx, tracestate.as_deref(), &baggage).await {
+    let carry = Carry { span: &span_ctx, tracestate: tracestate.as_deref(), baggage: &baggage, reply_to: reply_to.as_deref() };
+    match publish_result(shared, &result, carry).await {
         Ok(()) => {
             if let Ok(mut c) = shared.completed.lock() {
                 c.insert(key);
@@ -634,13 +636,16 @@ async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64
     }
 }
 
-async fn publish_result<H>(
-    shared: &Shared<H>,
-    result: &TaskResult,
-    span: &TraceParent,
-    tracestate: Option<&str>,
-    baggage: &Baggage,
-) -> Result<(), String> {
+/// What travels from the work message onto the result message.
+struct Carry<'a> {
+    span: &'a TraceParent,
+    tracestate: Option<&'a str>,
+    baggage: &'a Baggage,
+    reply_to: Option<&'a str>,
+}
+
+async fn publish_result<H>(shared: &Shared<H>, result: &TaskResult, carry: Carry<'_>) -> Result<(), String> {
+    let Carry { span, tracestate, baggage, reply_to } = carry;
     let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
     let set = |h: &mut HeaderMap, k: &str, v: &str| protocol::set_header(h, k, v).map_err(|e| e.to_string());
@@ -654,6 +659,9 @@ async fn publish_result<H>(
     set(&mut h, headers::TASK_ID, &result.task_id)?;
     set(&mut h, headers::ATTEMPT, &result.attempt.to_string())?;
     set(&mut h, headers::NATS_MSG_ID, &format!("{}:{}:result", result.task_id, result.attempt))?;
+    if let Some(r) = reply_to {
+        set(&mut h, headers::REPLY_TO, r)?;
+    }
     let subject = shared.config.subjects.result(&result.task_id);
     let ack = shared
         .js

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Command one: set up a fresh Debian machine and run an example fleet.
+#
+# Installs nats-server with apt when it is missing, builds the workspace in release mode,
+# starts the commander (which starts nats-server itself when none is running), two example
+# workers per pool and a producer that keeps submitting tasks. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "installing nats-server with apt"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is not installed: install Rust with https://rustup.rs (the toolchain is pinned in rust-toolchain.toml), then run this again" >&2
+  exit 1
+fi
+
+cargo build --release -p fleet-commander -p fleet-sim -p fleet-worker --examples --bins
+
+pids=()
+cleanup() {
+  echo; echo "stopping the example fleet"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+mkdir -p data/example
+target/release/commander serve --config simulations/fleets/example.toml 2> data/example/commander.log &
+pids+=($!)
+for _ in $(seq 1 100); do
+  curl -fs http://127.0.0.1:8080/readyz >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -fs http://127.0.0.1:8080/readyz >/dev/null || { echo "the commander did not start; see data/example/commander.log" >&2; exit 1; }
+
+for pool in code docs general; do
+  for n in 1 2; do
+    target/release/examples/worker --pool "$pool" --id "$pool-$n" --work-ms 400 2> "data/example/worker-$pool-$n.log" &
+    pids+=($!)
+  done
+done
+
+cat <<MSG
+
+  fleet commander is running with an example fleet (pools: code, docs, general; 2 workers each).
+  A producer now submits a task every half second and prints each result.
+
+    commander log   : data/example/commander.log
+    a task's record : curl -s http://127.0.0.1:8080/v1/tasks/<task_id>
+    metrics         : curl -s http://127.0.0.1:8080/metrics
+    submit over HTTP: curl -s -XPOST http://127.0.0.1:8080/v1/tasks -d '{"schema":1,"description":"hello","capabilities":["code"]}'
+
+  Ctrl-C stops everything.
+
+MSG
+target/release/examples/producer --count 0 --interval-ms 500
