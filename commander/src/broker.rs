@@ -11,7 +11,6 @@ use tokio::process::{Child, Command};
 /// The oldest server the commander accepts (Debian bookworm ships 2.9.10).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 9);
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(
@@ -25,7 +24,9 @@ pub enum BrokerError {
     Connect { url: String, reason: String },
     #[error("nats-server {version} is too old: the commander needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
     TooOld { version: String },
-    #[error("nats-server at {url} has JetStream disabled; start it with -js (or `jetstream {{}}` in its config)")]
+    #[error(
+        "nats-server at {url} has JetStream disabled; start it with -js (or `jetstream {{}}` in its config)"
+    )]
     NoJetStream { url: String },
     #[error("could not create stream or consumer {name}: {reason}")]
     Setup { name: String, reason: String },
@@ -45,7 +46,10 @@ impl ChildServer {
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_ok()
+            {
                 tracing::info!("stopped the nats-server we started");
                 return;
             }
@@ -73,17 +77,31 @@ pub async fn connect(
 ) -> Result<Connection, BrokerError> {
     if let Some(url) = url {
         let client = connect_with_retry(url, timeout).await?;
-        return Ok(Connection { client, url: url.to_string(), child: None });
+        return Ok(Connection {
+            client,
+            url: url.to_string(),
+            child: None,
+        });
     }
     let local = format!("nats://{local_default}");
-    let no_server = |reason: String| BrokerError::NoServer { local: local_default.to_string(), reason };
-    if tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(local_default))
-        .await
-        .is_ok_and(|r| r.is_ok())
+    let no_server = |reason: String| BrokerError::NoServer {
+        local: local_default.to_string(),
+        reason,
+    };
+    if tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(local_default),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
     {
         tracing::info!(url = %local, "no NATS URL configured; using the server on the default port");
         let client = connect_with_retry(&local, timeout).await?;
-        return Ok(Connection { client, url: local, child: None });
+        return Ok(Connection {
+            client,
+            url: local,
+            child: None,
+        });
     }
     if !auto_start {
         return Err(no_server("auto_start is off".into()));
@@ -94,7 +112,12 @@ pub async fn connect(
     }
     let child = Command::new("nats-server")
         .arg("-js")
-        .args(["-a", &local_default.ip().to_string(), "-p", &local_default.port().to_string()])
+        .args([
+            "-a",
+            &local_default.ip().to_string(),
+            "-p",
+            &local_default.port().to_string(),
+        ])
         .arg("-sd")
         .arg(&store)
         .stdin(std::process::Stdio::null())
@@ -110,10 +133,17 @@ pub async fn connect(
         })?;
     tracing::info!(store = %store.display(), pid = child.id(), "started nats-server as a child process (it stops when the commander does)");
     let client = connect_with_retry(&local, timeout).await?;
-    Ok(Connection { client, url: local, child: Some(ChildServer { child }) })
+    Ok(Connection {
+        client,
+        url: local,
+        child: Some(ChildServer { child }),
+    })
 }
 
-async fn connect_with_retry(url: &str, timeout: Duration) -> Result<async_nats::Client, BrokerError> {
+async fn connect_with_retry(
+    url: &str,
+    timeout: Duration,
+) -> Result<async_nats::Client, BrokerError> {
     let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(50);
     loop {
@@ -125,30 +155,38 @@ async fn connect_with_retry(url: &str, timeout: Duration) -> Result<async_nats::
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
                     other => tracing::debug!(event = %other, "nats connection event"),
                 }
             });
         // retry_on_initial_connect makes connect() return at once; wait for the handshake.
         let result = async_nats::connect_with_options(url, attempt).await;
         match result {
-            Ok(client) => {
-                loop {
-                    if client.connection_state() == async_nats::connection::State::Connected {
-                        return Ok(client);
-                    }
-                    if Instant::now() > deadline {
-                        return Err(BrokerError::Connect { url: url.into(), reason: format!("not connected after {timeout:?}") });
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(client) => loop {
+                if client.connection_state() == async_nats::connection::State::Connected {
+                    return Ok(client);
                 }
-            }
+                if Instant::now() > deadline {
+                    return Err(BrokerError::Connect {
+                        url: url.into(),
+                        reason: format!("not connected after {timeout:?}"),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            },
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "NATS not reachable yet");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(BrokerError::Connect { url: url.into(), reason: e.to_string() }),
+            Err(e) => {
+                return Err(BrokerError::Connect {
+                    url: url.into(),
+                    reason: e.to_string(),
+                });
+            }
         }
     }
 }
@@ -168,10 +206,16 @@ pub fn check_server(client: &async_nats::Client, url: &str) -> Result<(), Broker
     tracing::info!(version = %info.version, server_name = %info.server_name, jetstream = info.jetstream, url, "connected to nats-server");
     match parse_version(&info.version) {
         Some(v) if v >= MIN_SERVER_VERSION => {}
-        _ => return Err(BrokerError::TooOld { version: info.version }),
+        _ => {
+            return Err(BrokerError::TooOld {
+                version: info.version,
+            });
+        }
     }
     if !info.jetstream {
-        return Err(BrokerError::NoJetStream { url: url.to_string() });
+        return Err(BrokerError::NoJetStream {
+            url: url.to_string(),
+        });
     }
     Ok(())
 }
@@ -199,10 +243,22 @@ pub async fn ensure_streams(
     work_ack_wait: Duration,
     batch: usize,
 ) -> Result<Streams, BrokerError> {
-    let setup = |name: &str, e: &dyn std::fmt::Display| BrokerError::Setup { name: name.to_string(), reason: e.to_string() };
-    let intake_stream = js.get_or_create_stream(subjects.intake_stream_config()).await.map_err(|e| setup(&subjects.intake_stream(), &e))?;
-    let work_stream = js.get_or_create_stream(subjects.work_stream_config()).await.map_err(|e| setup(&subjects.work_stream(), &e))?;
-    let results_stream = js.get_or_create_stream(subjects.results_stream_config()).await.map_err(|e| setup(&subjects.results_stream(), &e))?;
+    let setup = |name: &str, e: &dyn std::fmt::Display| BrokerError::Setup {
+        name: name.to_string(),
+        reason: e.to_string(),
+    };
+    let intake_stream = js
+        .get_or_create_stream(subjects.intake_stream_config())
+        .await
+        .map_err(|e| setup(&subjects.intake_stream(), &e))?;
+    let work_stream = js
+        .get_or_create_stream(subjects.work_stream_config())
+        .await
+        .map_err(|e| setup(&subjects.work_stream(), &e))?;
+    let results_stream = js
+        .get_or_create_stream(subjects.results_stream_config())
+        .await
+        .map_err(|e| setup(&subjects.results_stream(), &e))?;
     let intake = intake_stream
         .get_or_create_consumer(
             INTAKE_CONSUMER,
@@ -240,7 +296,11 @@ pub async fn ensure_streams(
             .await
             .map_err(|e| setup(&name, &e))?;
     }
-    Ok(Streams { intake, results, results_stream })
+    Ok(Streams {
+        intake,
+        results,
+        results_stream,
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "commander", version, about = "Runs fleets of LLM agents over NATS")]
+#[command(
+    name = "commander",
+    version,
+    about = "Runs fleets of LLM agents over NATS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -77,10 +81,16 @@ impl ServeArgs {
         if let Some(dir) = &self.data_dir {
             config.store.data_dir = dir.clone();
         }
-        let origin = self.config.clone().unwrap_or_else(|| PathBuf::from("<flags>"));
+        let origin = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<flags>"));
         config
             .validate()
-            .map_err(|problems| crate::config::ConfigError::Invalid { path: origin, problems })?;
+            .map_err(|problems| crate::config::ConfigError::Invalid {
+                path: origin,
+                problems,
+            })?;
         Ok(config)
     }
 }
@@ -88,8 +98,11 @@ impl ServeArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     match format {
         LogFormat::Text => builder.with_ansi(ansi).init(),
         LogFormat::Json => builder.json().init(),
@@ -100,7 +113,9 @@ fn init_logging(format: LogFormat) {
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
-        Command::Config { command: ConfigCommand::Check { files } } => {
+        Command::Config {
+            command: ConfigCommand::Check { files },
+        } => {
             let mut failed = false;
             for f in &files {
                 match Config::load(f) {
@@ -111,7 +126,11 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Serve(args) => {
             let config = match args.resolve() {
@@ -121,7 +140,10 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the async runtime");

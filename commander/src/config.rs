@@ -82,7 +82,10 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_listen(), max_body_bytes: default_max_body() }
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+        }
     }
 }
 
@@ -97,7 +100,9 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { data_dir: default_data_dir() }
+        Self {
+            data_dir: default_data_dir(),
+        }
     }
 }
 
@@ -191,18 +196,26 @@ fn default_ack_wait_secs() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -212,7 +225,10 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
-        config.validate().map_err(|problems| ConfigError::Invalid { path: origin.to_path_buf(), problems })?;
+        config.validate().map_err(|problems| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            problems,
+        })?;
         Ok(config)
     }
 
@@ -220,7 +236,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
         if Subjects::new(&self.nats.prefix).is_err() {
-            p.push(format!("nats.prefix: {:?} must be dot-separated tokens of letters, digits, '-' or '_'", self.nats.prefix));
+            p.push(format!(
+                "nats.prefix: {:?} must be dot-separated tokens of letters, digits, '-' or '_'",
+                self.nats.prefix
+            ));
         }
         if let Some(url) = &self.nats.url
             && url.trim().is_empty()
@@ -228,7 +247,10 @@ impl Config {
             p.push("nats.url: must not be empty (leave it out to auto-detect)".into());
         }
         if self.intake.batch_size == 0 || self.intake.batch_size > 10_000 {
-            p.push(format!("intake.batch_size: {} is out of range 1-10000", self.intake.batch_size));
+            p.push(format!(
+                "intake.batch_size: {} is out of range 1-10000",
+                self.intake.batch_size
+            ));
         }
         if self.intake.ack_wait_secs == 0 {
             p.push("intake.ack_wait_secs: must be at least 1".into());
@@ -238,17 +260,25 @@ impl Config {
         }
         for (name, pool) in &self.pools {
             if !is_subject_token(name) {
-                p.push(format!("pools.{name}: a pool name must be 1-128 letters, digits, '-' or '_'"));
+                p.push(format!(
+                    "pools.{name}: a pool name must be 1-128 letters, digits, '-' or '_'"
+                ));
             }
             if pool.capabilities.iter().any(|c| c.is_empty()) {
-                p.push(format!("pools.{name}.capabilities: must not contain empty strings"));
+                p.push(format!(
+                    "pools.{name}.capabilities: must not contain empty strings"
+                ));
             }
         }
         if let Some(d) = &self.routing.default_pool {
             if !is_subject_token(d) {
-                p.push(format!("routing.default_pool: {d:?} is not a valid pool name"));
+                p.push(format!(
+                    "routing.default_pool: {d:?} is not a valid pool name"
+                ));
             } else if !self.pools.is_empty() && !self.pools.contains_key(d) {
-                p.push(format!("routing.default_pool: {d:?} is not one of the configured pools"));
+                p.push(format!(
+                    "routing.default_pool: {d:?} is not one of the configured pools"
+                ));
             }
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
@@ -273,16 +303,25 @@ mod tests {
 
     #[test]
     fn unknown_field_is_a_syntax_error_with_line() {
-        let err = Config::parse("[nats]\nprefix = \"fleet\"\nurll = \"x\"\n", Path::new("c.toml")).unwrap_err();
+        let err = Config::parse(
+            "[nats]\nprefix = \"fleet\"\nurll = \"x\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, ConfigError::Syntax { .. }));
-        assert!(msg.contains("c.toml") && msg.contains("line 3") && msg.contains("urll"), "{msg}");
+        assert!(
+            msg.contains("c.toml") && msg.contains("line 3") && msg.contains("urll"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn all_semantic_problems_are_reported_together() {
         let text = "[nats]\nprefix = \"a.*\"\n[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\ncapabilities = [\"\"]\n";
-        let ConfigError::Invalid { problems, .. } = Config::parse(text, Path::new("c.toml")).unwrap_err() else {
+        let ConfigError::Invalid { problems, .. } =
+            Config::parse(text, Path::new("c.toml")).unwrap_err()
+        else {
             panic!("should be invalid")
         };
         assert_eq!(problems.len(), 4, "{problems:?}");

@@ -59,21 +59,69 @@ impl Metrics {
     /// Registers every counter with a fresh registry.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("fleet");
-        r.register("tasks_received", "Intake messages read", self.tasks_received.clone());
-        r.register("tasks_rejected", "Tasks refused, by reason", self.tasks_rejected.clone());
-        r.register("tasks_dispatched", "Tasks published to a pool subject", self.tasks_dispatched.clone());
-        r.register("tasks_finished", "Tasks finished, by pool and status", self.tasks_finished.clone());
-        r.register("intake_duplicates", "Redelivered intake messages already handled", self.intake_duplicates.clone());
-        r.register("dispatch_errors", "Dispatch publishes that failed and will be retried", self.dispatch_errors.clone());
-        r.register("traceparent_invalid", "Invalid producer traceparent headers", self.traceparent_invalid.clone());
-        r.register("results_forwarded", "Results forwarded to a reply subject", self.results_forwarded.clone());
-        r.register("results_invalid", "Result messages that did not parse", self.results_invalid.clone());
-        r.register("http_submissions", "Tasks accepted over HTTP", self.http_submissions.clone());
-        r.register("http_rejected", "HTTP submissions refused at the edge", self.http_rejected.clone());
+        r.register(
+            "tasks_received",
+            "Intake messages read",
+            self.tasks_received.clone(),
+        );
+        r.register(
+            "tasks_rejected",
+            "Tasks refused, by reason",
+            self.tasks_rejected.clone(),
+        );
+        r.register(
+            "tasks_dispatched",
+            "Tasks published to a pool subject",
+            self.tasks_dispatched.clone(),
+        );
+        r.register(
+            "tasks_finished",
+            "Tasks finished, by pool and status",
+            self.tasks_finished.clone(),
+        );
+        r.register(
+            "intake_duplicates",
+            "Redelivered intake messages already handled",
+            self.intake_duplicates.clone(),
+        );
+        r.register(
+            "dispatch_errors",
+            "Dispatch publishes that failed and will be retried",
+            self.dispatch_errors.clone(),
+        );
+        r.register(
+            "traceparent_invalid",
+            "Invalid producer traceparent headers",
+            self.traceparent_invalid.clone(),
+        );
+        r.register(
+            "results_forwarded",
+            "Results forwarded to a reply subject",
+            self.results_forwarded.clone(),
+        );
+        r.register(
+            "results_invalid",
+            "Result messages that did not parse",
+            self.results_invalid.clone(),
+        );
+        r.register(
+            "http_submissions",
+            "Tasks accepted over HTTP",
+            self.http_submissions.clone(),
+        );
+        r.register(
+            "http_rejected",
+            "HTTP submissions refused at the edge",
+            self.http_rejected.clone(),
+        );
         r
     }
 
     pub fn reject(&self, reason: &str) {
-        self.tasks_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        self.tasks_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }

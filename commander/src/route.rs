@@ -92,13 +92,18 @@ pub fn decide(input: RouteInput<'_>) -> Result<Decision, NoRoute> {
     }
     if !task.capabilities.is_empty() {
         let capable = table.pools.iter().find(|(_, p)| {
-            task.capabilities.iter().all(|need| p.capabilities.iter().any(|have| have == need))
+            task.capabilities
+                .iter()
+                .all(|need| p.capabilities.iter().any(|have| have == need))
         });
         if let Some((name, _)) = capable {
             return Ok(Decision {
                 pool: name.clone(),
                 rule: RouteRule::CapabilityMatch,
-                reason: format!("pool {name} has capabilities [{}]", task.capabilities.join(", ")),
+                reason: format!(
+                    "pool {name} has capabilities [{}]",
+                    task.capabilities.join(", ")
+                ),
             });
         }
     }
@@ -109,11 +114,16 @@ pub fn decide(input: RouteInput<'_>) -> Result<Decision, NoRoute> {
             reason: if task.capabilities.is_empty() {
                 format!("no pool requested; default pool {pool}")
             } else {
-                format!("no pool has [{}]; default pool {pool}", task.capabilities.join(", "))
+                format!(
+                    "no pool has [{}]; default pool {pool}",
+                    task.capabilities.join(", ")
+                )
             },
         }),
         None if task.capabilities.is_empty() => Err(NoRoute::NoPool),
-        None => Err(NoRoute::NoCapablePool { needed: task.capabilities.join(", ") }),
+        None => Err(NoRoute::NoCapablePool {
+            needed: task.capabilities.join(", "),
+        }),
     }
 }
 
@@ -123,9 +133,26 @@ mod tests {
 
     fn table(default: Option<&str>) -> RoutingTable {
         let mut pools = BTreeMap::new();
-        pools.insert("code".to_string(), PoolConfig { capabilities: vec!["code".into(), "review".into()], description: None });
-        pools.insert("docs".to_string(), PoolConfig { capabilities: vec!["summarise".into()], description: None });
-        RoutingTable { pools, routing: RoutingConfig { default_pool: default.map(str::to_string) } }
+        pools.insert(
+            "code".to_string(),
+            PoolConfig {
+                capabilities: vec!["code".into(), "review".into()],
+                description: None,
+            },
+        );
+        pools.insert(
+            "docs".to_string(),
+            PoolConfig {
+                capabilities: vec!["summarise".into()],
+                description: None,
+            },
+        );
+        RoutingTable {
+            pools,
+            routing: RoutingConfig {
+                default_pool: default.map(str::to_string),
+            },
+        }
     }
 
     fn task(pool: Option<&str>, caps: &[&str]) -> Task {
@@ -139,18 +166,46 @@ mod tests {
     fn every_rule_and_its_reason() {
         let with_default = table(Some("docs"));
         let no_default = table(None);
-        let cases: Vec<(Task, &RoutingTable, Result<(&str, RouteRule), &str>)> = vec![
-            (task(Some("code"), &[]), &no_default, Ok(("code", RouteRule::Requested))),
+        type Want = Result<(&'static str, RouteRule), &'static str>;
+        let cases: Vec<(Task, &RoutingTable, Want)> = vec![
+            (
+                task(Some("code"), &[]),
+                &no_default,
+                Ok(("code", RouteRule::Requested)),
+            ),
             (task(Some("gpu"), &[]), &no_default, Err("unknown_pool")),
-            (task(None, &["review"]), &no_default, Ok(("code", RouteRule::CapabilityMatch))),
-            (task(None, &["code", "review"]), &no_default, Ok(("code", RouteRule::CapabilityMatch))),
-            (task(None, &["code", "summarise"]), &no_default, Err("no_capable_pool")),
-            (task(None, &["code", "summarise"]), &with_default, Ok(("docs", RouteRule::DefaultPool))),
-            (task(None, &[]), &with_default, Ok(("docs", RouteRule::DefaultPool))),
+            (
+                task(None, &["review"]),
+                &no_default,
+                Ok(("code", RouteRule::CapabilityMatch)),
+            ),
+            (
+                task(None, &["code", "review"]),
+                &no_default,
+                Ok(("code", RouteRule::CapabilityMatch)),
+            ),
+            (
+                task(None, &["code", "summarise"]),
+                &no_default,
+                Err("no_capable_pool"),
+            ),
+            (
+                task(None, &["code", "summarise"]),
+                &with_default,
+                Ok(("docs", RouteRule::DefaultPool)),
+            ),
+            (
+                task(None, &[]),
+                &with_default,
+                Ok(("docs", RouteRule::DefaultPool)),
+            ),
             (task(None, &[]), &no_default, Err("no_pool")),
         ];
         for (t, tbl, want) in cases {
-            let got = decide(RouteInput { task: &t, table: tbl });
+            let got = decide(RouteInput {
+                task: &t,
+                table: tbl,
+            });
             match (got, want) {
                 (Ok(d), Ok((pool, rule))) => {
                     assert_eq!((d.pool.as_str(), d.rule), (pool, rule));
@@ -165,7 +220,11 @@ mod tests {
     #[test]
     fn with_no_pools_configured_any_requested_pool_is_trusted() {
         let empty = RoutingTable::default();
-        let d = decide(RouteInput { task: &task(Some("anything"), &[]), table: &empty }).unwrap();
+        let d = decide(RouteInput {
+            task: &task(Some("anything"), &[]),
+            table: &empty,
+        })
+        .unwrap();
         assert_eq!(d.pool, "anything");
     }
 }

@@ -25,7 +25,10 @@ pub enum ServeError {
     #[error("cannot open the store in {dir}: {source}")]
     Store { dir: String, source: StoreError },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -33,8 +36,10 @@ pub enum ServeError {
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let data_dir = config.store.data_dir.clone();
-    let store = Store::open(&data_dir.join("sled"))
-        .map_err(|source| ServeError::Store { dir: data_dir.display().to_string(), source })?;
+    let store = Store::open(&data_dir.join("sled")).map_err(|source| ServeError::Store {
+        dir: data_dir.display().to_string(),
+        source,
+    })?;
     let conn = broker::connect(
         config.nats.url.as_deref(),
         config.nats.local_default,
@@ -50,7 +55,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     result
 }
 
-async fn run(config: Config, store: Store, client: &async_nats::Client, url: &str) -> Result<(), ServeError> {
+async fn run(
+    config: Config,
+    store: Store,
+    client: &async_nats::Client,
+    url: &str,
+) -> Result<(), ServeError> {
     broker::check_server(client, url)?;
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
@@ -63,7 +73,11 @@ async fn run(config: Config, store: Store, client: &async_nats::Client, url: &st
         config.intake.batch_size,
     )
     .await?;
-    tracing::info!(prefix = subjects.prefix(), pools = config.pools.len(), "streams and consumers ready");
+    tracing::info!(
+        prefix = subjects.prefix(),
+        pools = config.pools.len(),
+        "streams and consumers ready"
+    );
 
     let instance = format!("commander-{}", std::process::id());
     let (spans, spans_task) = SpanExporter::start(
@@ -71,8 +85,14 @@ async fn run(config: Config, store: Store, client: &async_nats::Client, url: &st
         subjects.telemetry("_commander", &instance),
         vec![
             ("service.name".into(), AttrValue::from("fleet-commander")),
-            ("service.instance.id".into(), AttrValue::from(instance.clone())),
-            ("service.version".into(), AttrValue::from(env!("CARGO_PKG_VERSION"))),
+            (
+                "service.instance.id".into(),
+                AttrValue::from(instance.clone()),
+            ),
+            (
+                "service.version".into(),
+                AttrValue::from(env!("CARGO_PKG_VERSION")),
+            ),
         ],
         ExportConfig::default(),
     );
@@ -83,7 +103,10 @@ async fn run(config: Config, store: Store, client: &async_nats::Client, url: &st
         js: js.clone(),
         subjects: subjects.clone(),
         store: store.clone(),
-        table: Arc::new(RoutingTable { pools: config.pools.clone(), routing: config.routing.clone() }),
+        table: Arc::new(RoutingTable {
+            pools: config.pools.clone(),
+            routing: config.routing.clone(),
+        }),
         metrics: metrics.clone(),
         spans,
     });
@@ -92,17 +115,29 @@ async fn run(config: Config, store: Store, client: &async_nats::Client, url: &st
     let batch = config.intake.batch_size;
     let intake = {
         let ctx = ctx.clone();
-        tokio::spawn(pipeline::consume_batches("intake", streams.intake, batch, stop_rx.clone(), move |b| {
-            let ctx = ctx.clone();
-            async move { pipeline::intake::handle_batch(&ctx, b).await }
-        }))
+        tokio::spawn(pipeline::consume_batches(
+            "intake",
+            streams.intake,
+            batch,
+            stop_rx.clone(),
+            move |b| {
+                let ctx = ctx.clone();
+                async move { pipeline::intake::handle_batch(&ctx, b).await }
+            },
+        ))
     };
     let results = {
         let ctx = ctx.clone();
-        tokio::spawn(pipeline::consume_batches("results", streams.results, batch, stop_rx.clone(), move |b| {
-            let ctx = ctx.clone();
-            async move { pipeline::results::handle_batch(&ctx, b).await }
-        }))
+        tokio::spawn(pipeline::consume_batches(
+            "results",
+            streams.results,
+            batch,
+            stop_rx.clone(),
+            move |b| {
+                let ctx = ctx.clone();
+                async move { pipeline::results::handle_batch(&ctx, b).await }
+            },
+        ))
     };
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -117,11 +152,18 @@ async fn run(config: Config, store: Store, client: &async_nats::Client, url: &st
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| ServeError::Listen { addr: config.http.listen.to_string(), source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.http.listen.to_string(), source })?;
+        .map_err(|source| ServeError::Listen {
+            addr: config.http.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: config.http.listen.to_string(),
+        source,
+    })?;
     tracing::info!(%addr, "http api listening");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signals)?;
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -33,7 +33,10 @@ pub enum TaskState {
 impl TaskState {
     /// Terminal states are never left.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Rejected)
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Rejected
+        )
     }
     fn rank(self) -> u8 {
         match self {
@@ -132,7 +135,10 @@ impl TaskRecord {
     /// Moves to `state` unless that would go backwards; the change is recorded either way
     /// (a dispatch recorded after the result still has its time), but the state stays.
     pub fn advance(&mut self, state: TaskState) {
-        self.history.push(StateChange { state, at: now_rfc3339() });
+        self.history.push(StateChange {
+            state,
+            at: now_rfc3339(),
+        });
         if state.rank() >= self.state.rank() && !self.state.is_terminal() {
             self.state = state;
         }
@@ -169,7 +175,10 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(1000))
+            .open()?;
         let tasks = db.open_tree("tasks")?;
         Ok(Self { db, tasks })
     }
@@ -191,7 +200,7 @@ impl Store {
     ) -> Result<TaskRecord, StoreError> {
         let mut last_err = None;
         let out = self.tasks.update_and_fetch(id.as_bytes(), |old| {
-            let mut rec = match old.map(|b| serde_json::from_slice::<TaskRecord>(b)) {
+            let mut rec = match old.map(serde_json::from_slice::<TaskRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
                     last_err = Some(e.to_string());
@@ -207,7 +216,10 @@ impl Store {
         }
         match out {
             Some(bytes) => decode(id, &bytes),
-            None => Err(StoreError::Corrupt { id: id.to_string(), reason: "record did not encode".into() }),
+            None => Err(StoreError::Corrupt {
+                id: id.to_string(),
+                reason: "record did not encode".into(),
+            }),
         }
     }
 
@@ -223,7 +235,10 @@ impl Store {
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { id: id.to_string(), reason: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -236,12 +251,16 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let mk = || TaskRecord::new("t1", 7);
-            store.update("t1", mk, |r| r.advance(TaskState::Received)).unwrap();
+            store
+                .update("t1", mk, |r| r.advance(TaskState::Received))
+                .unwrap();
             let mut result = TaskResult::rejected("t1", "x", "y");
             result.status = ResultStatus::Ok;
             store.update("t1", mk, |r| r.finish(&result)).unwrap();
             // The dispatch is recorded after the result: the state stays completed.
-            let rec = store.update("t1", mk, |r| r.advance(TaskState::Dispatched)).unwrap();
+            let rec = store
+                .update("t1", mk, |r| r.advance(TaskState::Dispatched))
+                .unwrap();
             assert_eq!(rec.state, TaskState::Completed);
             assert_eq!(rec.history.len(), 3);
             futures::executor::block_on(store.flush()).unwrap();

@@ -3,6 +3,11 @@
 //! the commander (a relay that consumes one stream and republishes to another with the
 //! same headers). Same producer, same workers, same task count: only the middle differs.
 
+#![expect(
+    clippy::print_stdout,
+    reason = "the figures on stdout are what the benchmark is for"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -57,7 +62,11 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         Some(_) => None,
         None => Some(NatsServer::start().map_err(|e| e.to_string())?),
     };
-    let url = args.nats_url.clone().or_else(|| own_server.as_ref().map(|s| s.url().to_string())).unwrap_or_default();
+    let url = args
+        .nats_url
+        .clone()
+        .or_else(|| own_server.as_ref().map(|s| s.url().to_string()))
+        .unwrap_or_default();
     let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
     let pools: Vec<String> = (0..args.pools).map(|i| format!("bench{i}")).collect();
     let mut raw_rates = Vec::new();
@@ -92,12 +101,26 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let (raw, cmd) = (best(&raw_rates), best(&cmd_rates));
     println!();
-    println!("bench dispatch: {} tasks/run, {} pools, {} workers x {} in flight, nats-server {}",
-        args.tasks, args.pools, args.workers, args.concurrency,
-        client.server_info().version);
-    println!("  raw JetStream pipe : {raw:>9.0} tasks/s (best of {})", raw_rates.len());
-    println!("  commander pipe     : {cmd:>9.0} tasks/s (best of {})", cmd_rates.len());
-    println!("  ratio              : {:.2} (goal >= 0.50)", if raw > 0.0 { cmd / raw } else { 0.0 });
+    println!(
+        "bench dispatch: {} tasks/run, {} pools, {} workers x {} in flight, nats-server {}",
+        args.tasks,
+        args.pools,
+        args.workers,
+        args.concurrency,
+        client.server_info().version
+    );
+    println!(
+        "  raw JetStream pipe : {raw:>9.0} tasks/s (best of {})",
+        raw_rates.len()
+    );
+    println!(
+        "  commander pipe     : {cmd:>9.0} tasks/s (best of {})",
+        cmd_rates.len()
+    );
+    println!(
+        "  ratio              : {:.2} (goal >= 0.50)",
+        if raw > 0.0 { cmd / raw } else { 0.0 }
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -109,7 +132,12 @@ enum Pipe {
 
 /// One measured run: start workers, submit `tasks`, wait until the workers have handled
 /// all of them; tasks/s from the first submission to the last completion.
-async fn run_pipe(client: &async_nats::Client, args: &DispatchArgs, pools: &[String], pipe: Pipe) -> Result<f64, String> {
+async fn run_pipe(
+    client: &async_nats::Client,
+    args: &DispatchArgs,
+    pools: &[String],
+    pipe: Pipe,
+) -> Result<f64, String> {
     let subjects = match &pipe {
         Pipe::Raw { prefix } => Subjects::new(prefix).map_err(|e| e.to_string())?,
         Pipe::Commander => Subjects::default(),
@@ -151,11 +179,16 @@ async fn run_pipe(client: &async_nats::Client, args: &DispatchArgs, pools: &[Str
         let mut h = async_nats::HeaderMap::new();
         let tp = TraceParent::new_root().to_header();
         protocol::set_header(&mut h, headers::TRACEPARENT, &tp).map_err(|e| e.to_string())?;
-        protocol::set_header(&mut h, headers::BAGGAGE, "team=bench,feature=dispatch").map_err(|e| e.to_string())?;
+        protocol::set_header(&mut h, headers::BAGGAGE, "team=bench,feature=dispatch")
+            .map_err(|e| e.to_string())?;
         protocol::set_header(&mut h, headers::NATS_MSG_ID, &id).map_err(|e| e.to_string())?;
         protocol::set_header(&mut h, headers::TASK_ID, &id).map_err(|e| e.to_string())?;
         let payload = Bytes::from(serde_json::to_vec(&task).map_err(|e| e.to_string())?);
-        pending.push(js.publish_with_headers(subjects.submit(), h, payload).await.map_err(|e| e.to_string())?);
+        pending.push(
+            js.publish_with_headers(subjects.submit(), h, payload)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         if pending.len() >= 1024 {
             for p in pending.drain(..) {
                 p.await.map_err(|e| e.to_string())?;
@@ -168,7 +201,11 @@ async fn run_pipe(client: &async_nats::Client, args: &DispatchArgs, pools: &[Str
     let deadline = Instant::now() + Duration::from_secs(600);
     while done.load(Ordering::Relaxed) < args.tasks {
         if Instant::now() > deadline {
-            return Err(format!("only {} of {} tasks done after 10 minutes", done.load(Ordering::Relaxed), args.tasks));
+            return Err(format!(
+                "only {} of {} tasks done after 10 minutes",
+                done.load(Ordering::Relaxed),
+                args.tasks
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -185,9 +222,18 @@ async fn run_pipe(client: &async_nats::Client, args: &DispatchArgs, pools: &[Str
 /// The raw pipe: consume the intake stream, republish each message with its headers to a
 /// pool subject of the work stream, ack in batches — the commander's job minus everything
 /// the commander adds (validation, routing, trace continuation, store, spans, results).
-async fn start_relay(js: &jetstream::Context, subjects: &Subjects, pools: &[String]) -> Result<tokio::task::JoinHandle<()>, String> {
-    let intake = js.get_or_create_stream(subjects.intake_stream_config()).await.map_err(|e| e.to_string())?;
-    js.get_or_create_stream(subjects.work_stream_config()).await.map_err(|e| e.to_string())?;
+async fn start_relay(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    pools: &[String],
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let intake = js
+        .get_or_create_stream(subjects.intake_stream_config())
+        .await
+        .map_err(|e| e.to_string())?;
+    js.get_or_create_stream(subjects.work_stream_config())
+        .await
+        .map_err(|e| e.to_string())?;
     let consumer = intake
         .get_or_create_consumer(
             "relay",
@@ -205,7 +251,14 @@ async fn start_relay(js: &jetstream::Context, subjects: &Subjects, pools: &[Stri
     let subjects = subjects.clone();
     let pools = pools.to_vec();
     Ok(tokio::spawn(async move {
-        let Ok(messages) = consumer.stream().max_messages_per_batch(256).messages().await else { return };
+        let Ok(messages) = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .messages()
+            .await
+        else {
+            return;
+        };
         let mut chunks = messages.ready_chunks(256);
         let mut n = 0usize;
         while let Some(chunk) = chunks.next().await {
@@ -215,7 +268,10 @@ async fn start_relay(js: &jetstream::Context, subjects: &Subjects, pools: &[Stri
                 let pool = &pools[n % pools.len()];
                 n += 1;
                 let h = m.headers.clone().unwrap_or_default();
-                if let Ok(f) = js.publish_with_headers(subjects.work(pool), h, m.payload.clone()).await {
+                if let Ok(f) = js
+                    .publish_with_headers(subjects.work(pool), h, m.payload.clone())
+                    .await
+                {
                     acks.push(f);
                 }
             }
@@ -231,9 +287,16 @@ async fn start_relay(js: &jetstream::Context, subjects: &Subjects, pools: &[Stri
 
 fn sibling_commander() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     let candidate = dir.join("commander");
-    if candidate.exists() { candidate } else { commander_bin() }
+    if candidate.exists() {
+        candidate
+    } else {
+        commander_bin()
+    }
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf, String> {

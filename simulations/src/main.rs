@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 use fleet_worker::{Subjects, TaskContext, TaskFailure, TaskOutput, Usage, Worker, WorkerConfig};
 
 #[derive(Parser)]
-#[command(name = "fleet-sim", about = "Simulated fleets and load runs against the real stack")]
+#[command(
+    name = "fleet-sim",
+    about = "Simulated fleets and load runs against the real stack"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,7 +68,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(false)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start runtime");
@@ -88,7 +94,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<(), String> {
-    let client = async_nats::connect(&args.nats_url).await.map_err(|e| e.to_string())?;
+    let client = async_nats::connect(&args.nats_url)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut config = WorkerConfig::new(&args.pool, &args.id);
     config.subjects = Subjects::new(&args.prefix).map_err(|e| e.to_string())?;
     config.max_in_flight = args.concurrency;
@@ -106,7 +114,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), String> {
             }
             tokio::time::sleep(delay).await;
             let usage = Some(Usage { model: Some(model), input_tokens: 800, output_tokens: 200, cost_usd: None });
-            if fail_every > 0 && n % fail_every == 0 {
+            if fail_every > 0 && n.is_multiple_of(fail_every) {
                 let mut f = TaskFailure::failed("simulated_failure", format!("task {n} fails by script"));
                 f.usage = usage;
                 return Err(f);
@@ -117,7 +125,8 @@ async fn run_worker(args: WorkerArgs) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     tracing::info!(pool = %args.pool, id = %args.id, "worker ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use fleet_worker::{Producer, ResultStatus, SubmitOptions, Subjects, Task, TaskResult};
+use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskResult};
 use futures::StreamExt;
 
 use crate::common::*;
@@ -14,26 +14,69 @@ async fn publish_raw(client: &async_nats::Client, headers: &[(&str, &str)], body
     for (k, v) in headers {
         h.insert(*k, *v);
     }
-    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into()).await.unwrap().await.unwrap().sequence
+    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
     let stack = Stack::start(TWO_POOLS).await;
     let seen = SeenLog::default();
-    let worker = recording_worker(&stack.client, "alpha", "a1", 4, Duration::ZERO, seen.clone()).await;
+    let worker = recording_worker(
+        &stack.client,
+        "alpha",
+        "a1",
+        4,
+        Duration::ZERO,
+        seen.clone(),
+    )
+    .await;
     let mut replies = stack.client.subscribe("replies.bad").await.unwrap();
 
     let cases: &[(&str, &str, &str, &str)] = &[
         ("bad-json", "{not json", "bad_json", "does not parse"),
-        ("no-description", r#"{"schema":1}"#, "bad_json", "description"),
-        ("typo-field", r#"{"schema":1,"description":"x","priorty":3}"#, "bad_json", "priorty"),
-        ("bad-fields", r#"{"schema":1,"description":"x","priority":12,"max_cost_usd":-1}"#, "invalid_task", "priority"),
-        ("unknown-pool", r#"{"schema":1,"description":"x","pool":"nowhere"}"#, "unknown_pool", "nowhere"),
-        ("wrong-schema", r#"{"schema":7,"description":"x"}"#, "invalid_task", "schema"),
+        (
+            "no-description",
+            r#"{"schema":1}"#,
+            "bad_json",
+            "description",
+        ),
+        (
+            "typo-field",
+            r#"{"schema":1,"description":"x","priorty":3}"#,
+            "bad_json",
+            "priorty",
+        ),
+        (
+            "bad-fields",
+            r#"{"schema":1,"description":"x","priority":12,"max_cost_usd":-1}"#,
+            "invalid_task",
+            "priority",
+        ),
+        (
+            "unknown-pool",
+            r#"{"schema":1,"description":"x","pool":"nowhere"}"#,
+            "unknown_pool",
+            "nowhere",
+        ),
+        (
+            "wrong-schema",
+            r#"{"schema":7,"description":"x"}"#,
+            "invalid_task",
+            "schema",
+        ),
     ];
     for (id, body, _, _) in cases {
-        publish_raw(&stack.client, &[("Fleet-Task-Id", id), ("Fleet-Reply-To", "replies.bad")], body).await;
+        publish_raw(
+            &stack.client,
+            &[("Fleet-Task-Id", id), ("Fleet-Reply-To", "replies.bad")],
+            body,
+        )
+        .await;
     }
     // No id anywhere: the task is known by its intake sequence.
     let seq = publish_raw(&stack.client, &[], "[]").await;
@@ -41,7 +84,10 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     for (id, _, code, needle) in cases {
         // On the reply subject the producer asked for …
-        let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+        let msg = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .unwrap()
+            .unwrap();
         let r: TaskResult = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(r.status, ResultStatus::Rejected);
         // … and durably on fleet.results.<id>.
@@ -49,30 +95,60 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
         assert_eq!(stored.status, ResultStatus::Rejected, "{id}");
         let err = stored.error.unwrap();
         assert_eq!(err.code, *code, "{id}: {}", err.message);
-        assert!(err.message.contains(needle), "{id}: {:?} should mention {needle:?}", err.message);
+        assert!(
+            err.message.contains(needle),
+            "{id}: {:?} should mention {needle:?}",
+            err.message
+        );
         let rec = task_record(stack.commander.http(), id).await.unwrap();
         assert_eq!(rec["state"], "rejected");
         assert_eq!(rec["rejection"]["code"], *code);
     }
-    eventually("the id-less task is recorded by sequence", WAIT, async || {
-        task_record(stack.commander.http(), &format!("seq-{seq}")).await.is_some_and(|r| r["state"] == "rejected")
-    })
+    eventually(
+        "the id-less task is recorded by sequence",
+        WAIT,
+        async || {
+            task_record(stack.commander.http(), &format!("seq-{seq}"))
+                .await
+                .is_some_and(|r| r["state"] == "rejected")
+        },
+    )
     .await;
 
     // Counted by reason; terminated, not redelivered: the intake stream is empty.
     eventually("rejections counted", WAIT, async || {
-        stack.metric("fleet_tasks_rejected_total{reason=\"bad_json\"}").await == 4.0
+        stack
+            .metric("fleet_tasks_rejected_total{reason=\"bad_json\"}")
+            .await
+            == 4.0
     })
     .await;
-    assert_eq!(stack.metric("fleet_tasks_rejected_total{reason=\"invalid_task\"}").await, 2.0);
-    assert_eq!(stack.metric("fleet_tasks_rejected_total{reason=\"unknown_pool\"}").await, 1.0);
+    assert_eq!(
+        stack
+            .metric("fleet_tasks_rejected_total{reason=\"invalid_task\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        stack
+            .metric("fleet_tasks_rejected_total{reason=\"unknown_pool\"}")
+            .await,
+        1.0
+    );
     let js = async_nats::jetstream::new(stack.client.clone());
     let mut intake = js.get_stream("FLEET_INTAKE").await.unwrap();
-    assert_eq!(intake.info().await.unwrap().state.messages, 0, "bad tasks are not left to be redelivered");
+    assert_eq!(
+        intake.info().await.unwrap().state.messages,
+        0,
+        "bad tasks are not left to be redelivered"
+    );
 
     // Nothing else changed: no handler ran, and a good task still flows.
     assert!(seen.lock().unwrap().runs.is_empty());
-    let receipt = producer.submit(&Task::new("a good one"), SubmitOptions::default()).await.unwrap();
+    let receipt = producer
+        .submit(&Task::new("a good one"), SubmitOptions::default())
+        .await
+        .unwrap();
     let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
     assert_eq!(r.status, ResultStatus::Ok);
     assert_eq!(stack.metric("fleet_dispatch_errors_total").await, 0.0);
@@ -84,18 +160,48 @@ async fn invalid_traceparent_starts_a_new_trace_records_why_and_the_task_still_f
     let stack = Stack::start(TWO_POOLS).await;
     let spans = collect_spans(&stack.client).await;
     let seen = SeenLog::default();
-    let worker = recording_worker(&stack.client, "alpha", "a1", 4, Duration::ZERO, seen.clone()).await;
+    let worker = recording_worker(
+        &stack.client,
+        "alpha",
+        "a1",
+        4,
+        Duration::ZERO,
+        seen.clone(),
+    )
+    .await;
     let bad = [
-        ("tp-version", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        ("tp-zero-trace", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-        ("tp-zero-span", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
-        ("tp-bad-hex", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        (
+            "tp-version",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        (
+            "tp-zero-trace",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ),
+        (
+            "tp-zero-span",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        ),
+        (
+            "tp-bad-hex",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ),
         ("tp-garbage", "not a traceparent"),
     ];
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     for (id, tp) in bad {
-        let body = serde_json::json!({"schema": 1, "id": id, "description": "trace me"}).to_string();
-        publish_raw(&stack.client, &[("traceparent", tp), ("tracestate", "vendor=1"), ("baggage", "team=obs")], &body).await;
+        let body =
+            serde_json::json!({"schema": 1, "id": id, "description": "trace me"}).to_string();
+        publish_raw(
+            &stack.client,
+            &[
+                ("traceparent", tp),
+                ("tracestate", "vendor=1"),
+                ("baggage", "team=obs"),
+            ],
+            &body,
+        )
+        .await;
     }
     for (id, tp) in bad {
         let r = producer.await_result(id, WAIT).await.unwrap();
@@ -103,36 +209,63 @@ async fn invalid_traceparent_starts_a_new_trace_records_why_and_the_task_still_f
         let rec = task_record(stack.commander.http(), id).await.unwrap();
         let trace = &rec["trace"];
         let invalid = trace["invalid_traceparent"].as_str().unwrap();
-        assert!(invalid.contains(tp), "{id}: the refused value is recorded: {invalid}");
+        assert!(
+            invalid.contains(tp),
+            "{id}: the refused value is recorded: {invalid}"
+        );
         let trace_id = trace["trace_id"].as_str().unwrap();
         assert_eq!(trace_id.len(), 32);
         assert_ne!(trace_id, "0".repeat(32));
-        assert_ne!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{id}: a new trace, not the refused one");
+        assert_ne!(
+            trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{id}: a new trace, not the refused one"
+        );
         assert!(trace["parent_span_id"].is_null());
         let (worker_trace, worker_parent) = seen.lock().unwrap().spans[id].clone();
-        assert_eq!(worker_trace, trace_id, "{id}: the worker continues the new trace");
+        assert_eq!(
+            worker_trace, trace_id,
+            "{id}: the worker continues the new trace"
+        );
         assert_eq!(worker_parent.as_deref(), trace["dispatch_span_id"].as_str());
     }
-    eventually("dispatch spans record the refused traceparent", WAIT, async || {
-        let s = spans.lock().unwrap();
-        bad.iter().all(|(id, tp)| {
-            s.iter().any(|sp| {
-                sp.service == "fleet-commander"
-                    && sp.attrs.get("fleet.task.id").map(String::as_str) == Some(*id)
-                    && sp.attrs.get("fleet.traceparent.invalid").is_some_and(|v| v.contains(tp))
-                    && sp.parent_span_id.is_empty()
+    eventually(
+        "dispatch spans record the refused traceparent",
+        WAIT,
+        async || {
+            let s = spans.lock().unwrap();
+            bad.iter().all(|(id, tp)| {
+                s.iter().any(|sp| {
+                    sp.service == "fleet-commander"
+                        && sp.attrs.get("fleet.task.id").map(String::as_str) == Some(*id)
+                        && sp
+                            .attrs
+                            .get("fleet.traceparent.invalid")
+                            .is_some_and(|v| v.contains(tp))
+                        && sp.parent_span_id.is_empty()
+                })
             })
-        })
-    })
+        },
+    )
     .await;
-    assert_eq!(stack.metric("fleet_traceparent_invalid_total").await, bad.len() as f64);
+    assert_eq!(
+        stack.metric("fleet_traceparent_invalid_total").await,
+        bad.len() as f64
+    );
     worker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_submission_validates_takes_the_durable_path_and_continues_the_trace() {
     let stack = Stack::start(TWO_POOLS).await;
-    let worker = recording_worker(&stack.client, "beta", "b1", 4, Duration::ZERO, SeenLog::default()).await;
+    let worker = recording_worker(
+        &stack.client,
+        "beta",
+        "b1",
+        4,
+        Duration::ZERO,
+        SeenLog::default(),
+    )
+    .await;
     let http = reqwest::Client::new();
     let url = stack.http("/v1/tasks");
 
@@ -141,11 +274,21 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_json");
 
-    let resp = http.post(&url).body(r#"{"schema":1,"description":"","priority":11}"#).send().await.unwrap();
+    let resp = http
+        .post(&url)
+        .body(r#"{"schema":1,"description":"","priority":11}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_task");
-    let fields: Vec<_> = body["error"]["problems"].as_array().unwrap().iter().map(|p| p["field"].as_str().unwrap()).collect();
+    let fields: Vec<_> = body["error"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["description", "priority"]);
 
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -165,23 +308,64 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     assert_eq!(accepted["traceparent"], tp);
     assert_eq!(accepted["duplicate"], false);
     let again: serde_json::Value = send().await.unwrap().json().await.unwrap();
-    assert_eq!(again["duplicate"], true, "the idempotency key de-duplicates");
+    assert_eq!(
+        again["duplicate"], true,
+        "the idempotency key de-duplicates"
+    );
 
     let status_url = stack.http(accepted["status_url"].as_str().unwrap());
     eventually("the HTTP task completes", WAIT, async || {
-        let rec: serde_json::Value = http.get(&status_url).send().await.unwrap().json().await.unwrap();
+        let rec: serde_json::Value = http
+            .get(&status_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         rec["state"] == "completed"
     })
     .await;
-    let rec: serde_json::Value = http.get(&status_url).send().await.unwrap().json().await.unwrap();
+    let rec: serde_json::Value = http
+        .get(&status_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(rec["pool"], "beta");
     assert_eq!(rec["trace"]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(rec["trace"]["parent_span_id"], "b7ad6b7169203331");
-    assert_eq!(http.get(stack.http("/v1/tasks/nope")).send().await.unwrap().status(), 404);
-    assert_eq!(http.get(stack.http("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(stack.http("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(stack.http("/v1/tasks/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        http.get(stack.http("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(stack.http("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let metrics = http.get(stack.http("/metrics")).send().await.unwrap();
-    assert_eq!(metrics.headers()["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert_eq!(
+        metrics.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
     assert!(metrics.text().await.unwrap().ends_with("# EOF\n"));
     assert_eq!(stack.metric("fleet_http_submissions_total").await, 2.0);
     worker.shutdown().await;

@@ -36,7 +36,10 @@ capabilities = ["summarise"]
 capabilities = ["code", "review"]
 "#;
 
-#[allow(dead_code, reason = "held so the server and temp dir live as long as the stack")]
+#[allow(
+    dead_code,
+    reason = "held so the server and temp dir live as long as the stack"
+)]
 pub struct Stack {
     pub nats: NatsServer,
     pub commander: Commander,
@@ -48,9 +51,15 @@ impl Stack {
     pub async fn start(toml: &str) -> Stack {
         let nats = NatsServer::start().expect("nats-server");
         let dir = tempfile::tempdir().unwrap();
-        let commander = Commander::start(&commander_options(&nats, dir.path().join("cmd"), toml)).expect("commander");
+        let commander = Commander::start(&commander_options(&nats, dir.path().join("cmd"), toml))
+            .expect("commander");
         let client = async_nats::connect(nats.url()).await.unwrap();
-        Stack { nats, commander, client, dir }
+        Stack {
+            nats,
+            commander,
+            client,
+            dir,
+        }
     }
 
     pub fn http(&self, path: &str) -> String {
@@ -59,9 +68,17 @@ impl Stack {
 
     /// Fetches /metrics and returns the value of one sample line (name with labels).
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(self.http("/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(self.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
             .unwrap_or(0.0)
     }
 }
@@ -95,11 +112,16 @@ pub async fn recording_worker(
         async move {
             {
                 let mut s = seen.lock().unwrap();
-                *s.runs.entry((ctx.task_id.clone(), ctx.attempt)).or_default() += 1;
+                *s.runs
+                    .entry((ctx.task_id.clone(), ctx.attempt))
+                    .or_default() += 1;
                 s.baggage.insert(ctx.task_id.clone(), ctx.baggage.clone());
                 s.spans.insert(
                     ctx.task_id.clone(),
-                    (ctx.span.trace_id.to_hex(), ctx.parent_span_id.map(|p| p.to_hex())),
+                    (
+                        ctx.span.trace_id.to_hex(),
+                        ctx.parent_span_id.map(|p| p.to_hex()),
+                    ),
                 );
             }
             if !delay.is_zero() {
@@ -107,7 +129,12 @@ pub async fn recording_worker(
             }
             Ok(TaskOutput {
                 output: serde_json::json!({ "echo": ctx.task.description }),
-                usage: Some(Usage { model: Some("gpt-4o-mini".into()), input_tokens: 10, output_tokens: 5, cost_usd: None }),
+                usage: Some(Usage {
+                    model: Some("gpt-4o-mini".into()),
+                    input_tokens: 10,
+                    output_tokens: 5,
+                    cost_usd: None,
+                }),
             })
         }
     })
@@ -134,7 +161,11 @@ pub async fn collect_spans(client: &async_nats::Client) -> Arc<Mutex<Vec<SeenSpa
     let out = spans.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            let kind = msg.headers.as_ref().and_then(|h| h.get("Fleet-Kind")).map(|v| v.as_str().to_string());
+            let kind = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Fleet-Kind"))
+                .map(|v| v.as_str().to_string());
             if kind.as_deref() != Some("otlp-traces") {
                 continue;
             }
@@ -156,7 +187,11 @@ pub async fn collect_spans(client: &async_nats::Client) -> Arc<Mutex<Vec<SeenSpa
                             parent_span_id: hex(&s.parent_span_id),
                             name: s.name.clone(),
                             kind: s.kind,
-                            attrs: s.attributes.iter().map(|kv| (kv.key.clone(), attr_string(kv.value.as_ref()))).collect(),
+                            attrs: s
+                                .attributes
+                                .iter()
+                                .map(|kv| (kv.key.clone(), attr_string(kv.value.as_ref())))
+                                .collect(),
                             service: service.clone(),
                         });
                     }
@@ -196,7 +231,9 @@ pub async fn eventually(what: &str, timeout: Duration, mut f: impl AsyncFnMut() 
 
 /// GET /v1/tasks/{id} as JSON, or None on 404.
 pub async fn task_record(stack_http: &str, id: &str) -> Option<serde_json::Value> {
-    let resp = reqwest::get(format!("{stack_http}/v1/tasks/{id}")).await.unwrap();
+    let resp = reqwest::get(format!("{stack_http}/v1/tasks/{id}"))
+        .await
+        .unwrap();
     if resp.status() == reqwest::StatusCode::NOT_FOUND {
         return None;
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleet_testkit::Commander;
-use fleet_worker::{Producer, ResultStatus, SubmitOptions, Subjects, Task};
+use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
 
 use crate::common::*;
 
@@ -16,8 +16,23 @@ async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() 
     let mut stack = Stack::start(TWO_POOLS).await;
     let seen = SeenLog::default();
     let mut workers = Vec::new();
-    for (pool, id) in [("alpha", "a1"), ("alpha", "a2"), ("beta", "b1"), ("beta", "b2")] {
-        workers.push(recording_worker(&stack.client, pool, id, 8, Duration::from_millis(15), seen.clone()).await);
+    for (pool, id) in [
+        ("alpha", "a1"),
+        ("alpha", "a2"),
+        ("beta", "b1"),
+        ("beta", "b2"),
+    ] {
+        workers.push(
+            recording_worker(
+                &stack.client,
+                pool,
+                id,
+                8,
+                Duration::from_millis(15),
+                seen.clone(),
+            )
+            .await,
+        );
     }
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let mut inbox = producer.result_inbox().await.unwrap();
@@ -38,20 +53,36 @@ async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() 
     // All 5,000 are accepted; let some finish, then crash the commander mid-stream.
     let mut results: HashMap<String, ResultStatus> = HashMap::new();
     while results.len() < 500 {
-        let r = tokio::time::timeout(WAIT, inbox.next()).await.unwrap().unwrap().unwrap();
+        let r = tokio::time::timeout(WAIT, inbox.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         results.insert(r.task_id.clone(), r.status);
     }
     stack.commander.kill9();
     let done_at_kill = results.len();
-    assert!(done_at_kill < TASKS, "the commander was killed with tasks still in flight");
+    assert!(
+        done_at_kill < TASKS,
+        "the commander was killed with tasks still in flight"
+    );
 
-    let opts = commander_options(&stack.nats, stack.commander.data_dir().to_path_buf(), TWO_POOLS);
+    let opts = commander_options(
+        &stack.nats,
+        stack.commander.data_dir().to_path_buf(),
+        TWO_POOLS,
+    );
     stack.commander = Commander::start(&opts).expect("commander restarts on the same store");
 
     while results.len() < TASKS {
         let r = tokio::time::timeout(WAIT, inbox.next())
             .await
-            .unwrap_or_else(|_| panic!("only {} of {TASKS} results after the restart", results.len()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {TASKS} results after the restart",
+                    results.len()
+                )
+            })
             .unwrap()
             .unwrap();
         assert_eq!(r.status, ResultStatus::Ok);
@@ -65,7 +96,10 @@ async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() 
         let seen = seen.lock().unwrap();
         assert_eq!(seen.runs.len(), TASKS, "every task ran");
         let twice: Vec<_> = seen.runs.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "handlers ran twice for the same task and attempt: {twice:?}");
+        assert!(
+            twice.is_empty(),
+            "handlers ran twice for the same task and attempt: {twice:?}"
+        );
     }
     // The restarted commander's store knows every task finished.
     let http = stack.commander.http().to_string();
@@ -92,15 +126,32 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     let stack = Stack::start(toml).await;
     let sim = fleet_testkit::sibling_bin("fleet-sim");
     let mut crashy = std::process::Command::new(&sim)
-        .args(["worker", "--pool", "gamma", "--id", "crashy", "--hang", "--nats-url", stack.nats.url()])
+        .args([
+            "worker",
+            "--pool",
+            "gamma",
+            "--id",
+            "crashy",
+            "--hang",
+            "--nats-url",
+            stack.nats.url(),
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}); build it with `cargo build -p fleet-sim`", sim.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); build it with `cargo build -p fleet-sim`",
+                sim.display()
+            )
+        });
     let stderr = crashy.stderr.take().unwrap();
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.contains("task started") {
                 let _ = tx.send(line);
             }
@@ -110,15 +161,31 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     let mut task = Task::new("outlive a crash");
     task.pool = Some("gamma".into());
     let receipt = producer
-        .submit(&task, SubmitOptions { idempotency_key: Some("crash-1".into()), ..Default::default() })
+        .submit(
+            &task,
+            SubmitOptions {
+                idempotency_key: Some("crash-1".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    tokio::time::timeout(WAIT, started.recv()).await.expect("the hanging worker took the task");
+    tokio::time::timeout(WAIT, started.recv())
+        .await
+        .expect("the hanging worker took the task");
     crashy.kill().unwrap();
     crashy.wait().unwrap();
 
     let seen = SeenLog::default();
-    let rescuer = recording_worker(&stack.client, "gamma", "rescuer", 1, Duration::ZERO, seen.clone()).await;
+    let rescuer = recording_worker(
+        &stack.client,
+        "gamma",
+        "rescuer",
+        1,
+        Duration::ZERO,
+        seen.clone(),
+    )
+    .await;
     let result = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
     assert_eq!(result.status, ResultStatus::Ok);
     assert_eq!(result.worker_id.as_deref(), Some("rescuer"));

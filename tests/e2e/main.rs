@@ -1,6 +1,14 @@
 //! End-to-end tests: a real nats-server per test, the real `commander` binary, real
 //! workers. One test binary so it links once.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    reason = "test code: a failed step is a failed test"
+)]
+
 mod bad_input;
 mod common;
 mod kill;

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use fleet_worker::{Baggage, Producer, ResultStatus, SubmitOptions, Subjects, Task, TraceParent};
+use fleet_worker::{Baggage, Producer, ResultStatus, Subjects, SubmitOptions, Task, TraceParent};
 
 use crate::common::*;
 
@@ -15,8 +15,15 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     let spans = collect_spans(&stack.client).await;
     let seen = SeenLog::default();
     let mut workers = Vec::new();
-    for (pool, id) in [("alpha", "a1"), ("alpha", "a2"), ("beta", "b1"), ("beta", "b2")] {
-        workers.push(recording_worker(&stack.client, pool, id, 16, Duration::ZERO, seen.clone()).await);
+    for (pool, id) in [
+        ("alpha", "a1"),
+        ("alpha", "a2"),
+        ("beta", "b1"),
+        ("beta", "b2"),
+    ] {
+        workers.push(
+            recording_worker(&stack.client, pool, id, 16, Duration::ZERO, seen.clone()).await,
+        );
     }
 
     let producer = Producer::new(stack.client.clone(), Subjects::default());
@@ -24,7 +31,11 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     let mut sent: HashMap<String, (TraceParent, Baggage, &str)> = HashMap::new();
     let mut acks = Vec::new();
     for i in 0..TASKS {
-        let (caps, pool): (&[&str], &str) = if i % 2 == 0 { (&["summarise"], "alpha") } else { (&["code"], "beta") };
+        let (caps, pool): (&[&str], &str) = if i % 2 == 0 {
+            (&["summarise"], "alpha")
+        } else {
+            (&["code"], "beta")
+        };
         let mut task = Task::new(format!("task number {i}"));
         task.capabilities = caps.iter().map(|c| c.to_string()).collect();
         let id = format!("spine-{i}");
@@ -57,23 +68,49 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     // Every task's result reaches the producer, each exactly once.
     let mut results = HashMap::new();
     while results.len() < TASKS {
-        let r = tokio::time::timeout(WAIT, inbox.next()).await.expect("results keep coming").unwrap().unwrap();
+        let r = tokio::time::timeout(WAIT, inbox.next())
+            .await
+            .expect("results keep coming")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
         let expected_pool = sent[&r.task_id].2;
-        assert_eq!(r.pool.as_deref(), Some(expected_pool), "task {} ran in the wrong pool", r.task_id);
+        assert_eq!(
+            r.pool.as_deref(),
+            Some(expected_pool),
+            "task {} ran in the wrong pool",
+            r.task_id
+        );
         assert!(results.insert(r.task_id.clone(), r).is_none());
     }
     // Nothing more arrives: no result was forwarded twice.
-    assert!(tokio::time::timeout(Duration::from_millis(500), inbox.next()).await.is_err(), "an extra result arrived");
-    assert_eq!(inbox.duplicates(), 0, "results were forwarded more than once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbox.next())
+            .await
+            .is_err(),
+        "an extra result arrived"
+    );
+    assert_eq!(
+        inbox.duplicates(),
+        0,
+        "results were forwarded more than once"
+    );
 
     // Each handler ran once per task and attempt, and saw the producer's baggage intact.
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.runs.len(), TASKS);
-        assert!(seen.runs.iter().all(|((_, attempt), n)| *n == 1 && *attempt == 1), "a handler ran twice");
+        assert!(
+            seen.runs
+                .iter()
+                .all(|((_, attempt), n)| *n == 1 && *attempt == 1),
+            "a handler ran twice"
+        );
         for (id, (_, baggage, _)) in &sent {
-            assert_eq!(&seen.baggage[id], baggage, "baggage of {id} changed in transit");
+            assert_eq!(
+                &seen.baggage[id], baggage,
+                "baggage of {id} changed in transit"
+            );
         }
     }
 
@@ -95,17 +132,36 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
         let id = w.attrs["fleet.task.id"].as_str();
         let (producer_span, baggage, pool) = &sent[id];
         let d = dispatch[id];
-        assert_eq!(w.trace_id, producer_span.trace_id.to_hex(), "worker span of {id} is not in the producer's trace");
-        assert_eq!(w.parent_span_id, d.span_id, "worker span of {id} is not a child of the dispatch span");
+        assert_eq!(
+            w.trace_id,
+            producer_span.trace_id.to_hex(),
+            "worker span of {id} is not in the producer's trace"
+        );
+        assert_eq!(
+            w.parent_span_id, d.span_id,
+            "worker span of {id} is not a child of the dispatch span"
+        );
         assert_eq!(w.kind, 5, "worker span is CONSUMER");
         assert_eq!(d.trace_id, producer_span.trace_id.to_hex());
-        assert_eq!(d.parent_span_id, producer_span.span_id.to_hex(), "dispatch span is not a child of the producer span");
+        assert_eq!(
+            d.parent_span_id,
+            producer_span.span_id.to_hex(),
+            "dispatch span is not a child of the producer span"
+        );
         assert_eq!(d.kind, 4, "dispatch span is PRODUCER");
         assert_eq!(d.name, format!("send fleet.work.{pool}"));
         assert_eq!(w.attrs["messaging.system"], "nats");
         for (k, v) in baggage.iter() {
-            assert_eq!(w.attrs.get(k).map(String::as_str), Some(v), "baggage {k} not on the worker span");
-            assert_eq!(d.attrs.get(k).map(String::as_str), Some(v), "baggage {k} not on the dispatch span");
+            assert_eq!(
+                w.attrs.get(k).map(String::as_str),
+                Some(v),
+                "baggage {k} not on the worker span"
+            );
+            assert_eq!(
+                d.attrs.get(k).map(String::as_str),
+                Some(v),
+                "baggage {k} not on the dispatch span"
+            );
         }
         checked.insert(id);
     }
@@ -114,15 +170,33 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     // The commander's record agrees with what travelled.
     for i in (0..TASKS).step_by(97) {
         let id = format!("spine-{i}");
-        let rec = task_record(stack.commander.http(), &id).await.expect("record");
+        let rec = task_record(stack.commander.http(), &id)
+            .await
+            .expect("record");
         assert_eq!(rec["state"], "completed");
         assert_eq!(rec["trace"]["trace_id"], sent[&id].0.trace_id.to_hex());
-        assert_eq!(rec["trace"]["dispatch_span_id"].as_str(), Some(dispatch[id.as_str()].span_id.as_str()));
-        let states: Vec<_> = rec["history"].as_array().unwrap().iter().map(|h| h["state"].as_str().unwrap().to_string()).collect();
-        assert!(states.contains(&"received".to_string()) && states.contains(&"dispatched".to_string()));
+        assert_eq!(
+            rec["trace"]["dispatch_span_id"].as_str(),
+            Some(dispatch[id.as_str()].span_id.as_str())
+        );
+        let states: Vec<_> = rec["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["state"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            states.contains(&"received".to_string()) && states.contains(&"dispatched".to_string())
+        );
     }
-    assert_eq!(stack.metric("fleet_tasks_received_total").await, TASKS as f64);
-    assert_eq!(stack.metric("fleet_results_forwarded_total").await, TASKS as f64);
+    assert_eq!(
+        stack.metric("fleet_tasks_received_total").await,
+        TASKS as f64
+    );
+    assert_eq!(
+        stack.metric("fleet_results_forwarded_total").await,
+        TASKS as f64
+    );
 
     for w in workers {
         w.shutdown().await;

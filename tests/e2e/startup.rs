@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 use fleet_testkit::{Commander, CommanderOptions, nats_server_bin};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The directory holding nats-server, to put on PATH.
@@ -16,7 +20,11 @@ fn nats_dir() -> PathBuf {
     let path = if bin.contains('/') {
         PathBuf::from(bin)
     } else {
-        let out = Command::new("sh").arg("-c").arg("command -v nats-server").output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("command -v nats-server")
+            .output()
+            .unwrap();
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     };
     path.parent().unwrap().to_path_buf()
@@ -57,11 +65,17 @@ fn with_no_server_and_no_nats_binary_it_exits_saying_how_to_fix_it() {
 fn with_no_server_it_starts_nats_server_as_a_child_and_stops_it_on_exit() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let path = format!("{}:{}", nats_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        nats_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut commander = Commander::start(&CommanderOptions {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_commander")),
         nats_url: None,
-        config_toml: format!("[nats]\nlocal_default = \"127.0.0.1:{port}\"\n[routing]\ndefault_pool = \"p\"\n"),
+        config_toml: format!(
+            "[nats]\nlocal_default = \"127.0.0.1:{port}\"\n[routing]\ndefault_pool = \"p\"\n"
+        ),
         data_dir: dir.path().join("cmd"),
         extra_env: vec![("PATH".into(), path)],
         extra_args: vec![],
@@ -70,7 +84,10 @@ fn with_no_server_it_starts_nats_server_as_a_child_and_stops_it_on_exit() {
     assert!(commander.logged("started nats-server as a child process"));
     assert!(commander.logged("connected to nats-server"));
     assert!(port_open(port));
-    assert!(Path::new(&dir.path().join("cmd/store/nats")).exists(), "JetStream store under the data dir");
+    assert!(
+        Path::new(&dir.path().join("cmd/store/nats")).exists(),
+        "JetStream store under the data dir"
+    );
     // It works: a task submitted over HTTP is durably accepted.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
@@ -83,12 +100,19 @@ fn with_no_server_it_starts_nats_server_as_a_child_and_stops_it_on_exit() {
             .status()
     });
     assert_eq!(status, 202);
-    assert_eq!(commander.terminate(Duration::from_secs(20)), Some(0), "clean exit on SIGTERM");
+    assert_eq!(
+        commander.terminate(Duration::from_secs(20)),
+        Some(0),
+        "clean exit on SIGTERM"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while port_open(port) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!port_open(port), "the child nats-server stopped with the commander");
+    assert!(
+        !port_open(port),
+        "the child nats-server stopped with the commander"
+    );
 }
 
 #[test]
@@ -99,15 +123,32 @@ fn config_check_reports_every_problem_with_file_and_line() {
     let syntax = dir.path().join("syntax.toml");
     std::fs::write(&syntax, "[nats]\nprefix = \"fleet\"\nurll = \"nats://x\"\n").unwrap();
     let semantic = dir.path().join("semantic.toml");
-    std::fs::write(&semantic, "[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\n").unwrap();
-    let run = |f: &Path| Command::new(env!("CARGO_BIN_EXE_commander")).args(["config", "check"]).arg(f).env("NO_COLOR", "1").output().unwrap();
+    std::fs::write(
+        &semantic,
+        "[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\n",
+    )
+    .unwrap();
+    let run = |f: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_commander"))
+            .args(["config", "check"])
+            .arg(f)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
     assert!(run(&good).status.success());
     let out = run(&syntax);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("syntax.toml") && err.contains("line 3") && err.contains("urll"), "{err}");
+    assert!(
+        err.contains("syntax.toml") && err.contains("line 3") && err.contains("urll"),
+        "{err}"
+    );
     let out = run(&semantic);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("intake.batch_size") && err.contains("routing.default_pool"), "{err}");
+    assert!(
+        err.contains("intake.batch_size") && err.contains("routing.default_pool"),
+        "{err}"
+    );
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use fleet_worker::{Baggage, Producer, SubmitOptions, Subjects, Task};
+use fleet_worker::{Baggage, Producer, Subjects, SubmitOptions, Task};
 
 #[derive(Parser)]
 struct Args {
@@ -21,18 +21,40 @@ struct Args {
 }
 
 const KINDS: &[(&str, &[&str], &str)] = &[
-    ("Review the diff in PR 1432 for concurrency bugs", &["code", "review"], "code_review"),
-    ("Summarise this incident report for the on-call channel", &["summarise"], "summarisation"),
-    ("Extract invoice number, total and due date from the attached PDF", &["extract"], "extraction"),
-    ("Write a Rust function that parses RFC 3339 timestamps", &["code"], "code_generation"),
-    ("Classify this support ticket by urgency: 'checkout is down'", &[], "classification"),
+    (
+        "Review the diff in PR 1432 for concurrency bugs",
+        &["code", "review"],
+        "code_review",
+    ),
+    (
+        "Summarise this incident report for the on-call channel",
+        &["summarise"],
+        "summarisation",
+    ),
+    (
+        "Extract invoice number, total and due date from the attached PDF",
+        &["extract"],
+        "extraction",
+    ),
+    (
+        "Write a Rust function that parses RFC 3339 timestamps",
+        &["code"],
+        "code_generation",
+    ),
+    (
+        "Classify this support ticket by urgency: 'checkout is down'",
+        &[],
+        "classification",
+    ),
 ];
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let args = Args::parse();
     let client = async_nats::connect(&args.nats_url).await?;
     let producer = Producer::new(client, Subjects::default());
@@ -41,7 +63,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let printer = tokio::spawn(async move {
         while let Some(result) = inbox.next().await {
             match result {
-                Ok(r) => tracing::info!(task_id = %r.task_id, status = ?r.status, worker = ?r.worker_id, output = %r.output, error = ?r.error, "result"),
+                Ok(r) => {
+                    tracing::info!(task_id = %r.task_id, status = ?r.status, worker = ?r.worker_id, output = %r.output, error = ?r.error, "result")
+                }
                 Err(e) => tracing::warn!(error = %e, "bad result"),
             }
         }
@@ -53,10 +77,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         task.capabilities = caps.iter().map(|c| c.to_string()).collect();
         task.attributes.insert("task_type".into(), task_type.into());
         let mut baggage = Baggage::new();
-        baggage.insert("team", if i % 2 == 0 { "payments" } else { "search" });
+        baggage.insert(
+            "team",
+            if i.is_multiple_of(2) {
+                "payments"
+            } else {
+                "search"
+            },
+        );
         baggage.insert("feature", task_type);
         let receipt = producer
-            .submit(&task, SubmitOptions { baggage, reply_to: Some(reply_to.clone()), ..Default::default() })
+            .submit(
+                &task,
+                SubmitOptions {
+                    baggage,
+                    reply_to: Some(reply_to.clone()),
+                    ..Default::default()
+                },
+            )
             .await?;
         tracing::info!(task_id = %receipt.task_id, seq = receipt.stream_sequence, traceparent = %receipt.traceparent, "submitted");
         i += 1;

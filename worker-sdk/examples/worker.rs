@@ -32,9 +32,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let args = Args::parse();
     let client = async_nats::connect(&args.nats_url).await?;
     let mut config = WorkerConfig::new(&args.pool, &args.id);
@@ -63,6 +65,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(pool = %args.pool, id = %args.id, "worker running; Ctrl-C drains and stops");
     tokio::signal::ctrl_c().await?;
     let stats = handle.shutdown().await;
-    tracing::info!(completed = stats.completed.load(std::sync::atomic::Ordering::Relaxed), "drained");
+    tracing::info!(
+        completed = stats.completed.load(std::sync::atomic::Ordering::Relaxed),
+        "drained"
+    );
     Ok(())
 }

@@ -83,9 +83,20 @@ impl Task {
     /// Checks every field; all problems are returned together.
     pub fn validate(&self) -> Result<(), TaskError> {
         let mut problems = Vec::new();
-        let mut bad = |field: &str, why: String| problems.push(FieldProblem { field: field.into(), problem: why });
+        let mut bad = |field: &str, why: String| {
+            problems.push(FieldProblem {
+                field: field.into(),
+                problem: why,
+            })
+        };
         if self.schema != SCHEMA_VERSION {
-            bad("schema", format!("unsupported schema {}; this commander speaks {SCHEMA_VERSION}", self.schema));
+            bad(
+                "schema",
+                format!(
+                    "unsupported schema {}; this commander speaks {SCHEMA_VERSION}",
+                    self.schema
+                ),
+            );
         }
         if let Some(id) = &self.id
             && !is_subject_token(id)
@@ -106,7 +117,11 @@ impl Task {
         if self.capabilities.len() > 32 {
             bad("capabilities", "at most 32".into());
         }
-        if self.capabilities.iter().any(|c| c.is_empty() || c.len() > 64) {
+        if self
+            .capabilities
+            .iter()
+            .any(|c| c.is_empty() || c.len() > 64)
+        {
             bad("capabilities", "each must be 1-64 characters".into());
         }
         if self.priority > 9 {
@@ -130,15 +145,28 @@ impl Task {
         if self.attributes.len() > 64 {
             bad("attributes", "at most 64".into());
         }
-        if self.attributes.iter().any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024) {
-            bad("attributes", "keys must be 1-128 bytes and values at most 1024".into());
+        if self
+            .attributes
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+        {
+            bad(
+                "attributes",
+                "keys must be 1-128 bytes and values at most 1024".into(),
+            );
         }
-        if problems.is_empty() { Ok(()) } else { Err(TaskError::Invalid(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TaskError::Invalid(problems))
+        }
     }
 
     /// The deadline as a point in time, if set and valid.
     pub fn deadline_time(&self) -> Option<SystemTime> {
-        self.deadline.as_deref().and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+        self.deadline
+            .as_deref()
+            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
     }
 }
 
@@ -249,9 +277,15 @@ impl TaskResult {
             attempt: 0,
             status: ResultStatus::Rejected,
             output: serde_json::Value::Null,
-            error: Some(ErrorInfo { code: code.to_string(), message: message.into() }),
+            error: Some(ErrorInfo {
+                code: code.to_string(),
+                message: message.into(),
+            }),
             usage: None,
-            timings: Timings { finished_at: Some(now_rfc3339()), ..Default::default() },
+            timings: Timings {
+                finished_at: Some(now_rfc3339()),
+                ..Default::default()
+            },
             worker_id: None,
             pool: None,
         }
@@ -312,31 +346,54 @@ mod tests {
         let t = Task::from_json(br#"{"schema":1,"description":"summarise this"}"#).unwrap();
         assert_eq!(t.priority, 5);
         assert!(t.id.is_none());
-        assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!({"schema":1,"description":"summarise this","priority":5}));
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            serde_json::json!({"schema":1,"description":"summarise this","priority":5})
+        );
     }
 
     #[test]
     fn bad_json_and_missing_fields_are_parse_errors() {
-        assert!(matches!(Task::from_json(b"{not json"), Err(TaskError::Parse(_))));
-        assert!(matches!(Task::from_json(br#"{"schema":1}"#), Err(TaskError::Parse(m)) if m.contains("description")));
-        assert!(matches!(Task::from_json(br#"{"schema":1,"description":"x","priorty":3}"#), Err(TaskError::Parse(m)) if m.contains("priorty")));
+        assert!(matches!(
+            Task::from_json(b"{not json"),
+            Err(TaskError::Parse(_))
+        ));
+        assert!(
+            matches!(Task::from_json(br#"{"schema":1}"#), Err(TaskError::Parse(m)) if m.contains("description"))
+        );
+        assert!(
+            matches!(Task::from_json(br#"{"schema":1,"description":"x","priorty":3}"#), Err(TaskError::Parse(m)) if m.contains("priorty"))
+        );
     }
 
     #[test]
     fn every_invalid_field_is_reported_at_once() {
         let json = br#"{"schema":2,"id":"a.b","description":" ","pool":"x*","priority":12,
             "deadline":"tomorrow","max_cost_usd":-1,"expected_duration_s":0}"#;
-        let Err(TaskError::Invalid(problems)) = Task::from_json(json) else { panic!("should be invalid") };
+        let Err(TaskError::Invalid(problems)) = Task::from_json(json) else {
+            panic!("should be invalid")
+        };
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(fields, ["schema", "id", "description", "pool", "priority", "deadline", "max_cost_usd", "expected_duration_s"]);
+        assert_eq!(
+            fields,
+            [
+                "schema",
+                "id",
+                "description",
+                "pool",
+                "priority",
+                "deadline",
+                "max_cost_usd",
+                "expected_duration_s"
+            ]
+        );
     }
 
     #[test]
     fn results_are_read_tolerantly() {
-        let r: TaskResult = serde_json::from_str(
-            r#"{"schema":1,"task_id":"t","status":"ok","future_field":true}"#,
-        )
-        .unwrap();
+        let r: TaskResult =
+            serde_json::from_str(r#"{"schema":1,"task_id":"t","status":"ok","future_field":true}"#)
+                .unwrap();
         assert_eq!(r.status, ResultStatus::Ok);
         assert_eq!(r.attempt, 0);
     }

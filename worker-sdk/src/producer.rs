@@ -69,7 +69,11 @@ pub struct Producer {
 impl Producer {
     pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
         let js = jetstream::new(client.clone());
-        Self { client, js, subjects }
+        Self {
+            client,
+            js,
+            subjects,
+        }
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -78,7 +82,11 @@ impl Producer {
 
     /// Validates and publishes a task to the intake stream; returns once JetStream has
     /// stored it.
-    pub async fn submit(&self, task: &Task, opts: SubmitOptions) -> Result<SubmitReceipt, ProducerError> {
+    pub async fn submit(
+        &self,
+        task: &Task,
+        opts: SubmitOptions,
+    ) -> Result<SubmitReceipt, ProducerError> {
         let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
         let ack = self
             .js
@@ -87,7 +95,12 @@ impl Producer {
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?
             .await
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
-        Ok(SubmitReceipt { task_id, stream_sequence: ack.sequence, duplicate: ack.duplicate, traceparent })
+        Ok(SubmitReceipt {
+            task_id,
+            stream_sequence: ack.sequence,
+            duplicate: ack.duplicate,
+            traceparent,
+        })
     }
 
     /// Like [`Producer::submit`] but does not wait for the ack; await the returned future
@@ -96,7 +109,8 @@ impl Producer {
         &self,
         task: &Task,
         opts: SubmitOptions,
-    ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError> {
+    ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError>
+    {
         let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
         let pending = self
             .js
@@ -104,8 +118,15 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
         Ok(async move {
-            let ack = pending.await.map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
-            Ok(SubmitReceipt { task_id, stream_sequence: ack.sequence, duplicate: ack.duplicate, traceparent })
+            let ack = pending
+                .await
+                .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+            Ok(SubmitReceipt {
+                task_id,
+                stream_sequence: ack.sequence,
+                duplicate: ack.duplicate,
+                traceparent,
+            })
         })
     }
 
@@ -135,28 +156,49 @@ impl Producer {
         let traceparent = opts.parent.unwrap_or_else(TraceParent::new_root);
         let mut h = HeaderMap::new();
         let bad = |e: protocol::ProtocolError| ProducerError::Nats(e.to_string());
-        protocol::set_header(&mut h, headers::NATS_MSG_ID, opts.idempotency_key.as_deref().unwrap_or(&task_id)).map_err(bad)?;
+        protocol::set_header(
+            &mut h,
+            headers::NATS_MSG_ID,
+            opts.idempotency_key.as_deref().unwrap_or(&task_id),
+        )
+        .map_err(bad)?;
         protocol::set_header(&mut h, headers::TASK_ID, &task_id).map_err(bad)?;
-        protocol::set_header(&mut h, headers::TRACEPARENT, &traceparent.to_header()).map_err(bad)?;
+        protocol::set_header(&mut h, headers::TRACEPARENT, &traceparent.to_header())
+            .map_err(bad)?;
         if let Some(ts) = &opts.tracestate {
             protocol::set_header(&mut h, headers::TRACESTATE, ts).map_err(bad)?;
         }
         if !opts.baggage.is_empty() {
-            protocol::set_header(&mut h, headers::BAGGAGE, &opts.baggage.to_header()).map_err(bad)?;
+            protocol::set_header(&mut h, headers::BAGGAGE, &opts.baggage.to_header())
+                .map_err(bad)?;
         }
         if let Some(r) = &opts.reply_to {
             protocol::set_header(&mut h, headers::REPLY_TO, r).map_err(bad)?;
         }
         let payload = serde_json::to_vec(&task).map_err(|e| ProducerError::Nats(e.to_string()))?;
-        Ok((self.subjects.submit(), h, Bytes::from(payload), task_id, traceparent))
+        Ok((
+            self.subjects.submit(),
+            h,
+            Bytes::from(payload),
+            task_id,
+            traceparent,
+        ))
     }
 
     /// Waits for the result of one task: from the results stream if it is already there,
     /// else as it arrives. Safe to call at any time after submitting.
-    pub async fn await_result(&self, task_id: &str, timeout: Duration) -> Result<TaskResult, ProducerError> {
+    pub async fn await_result(
+        &self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskResult, ProducerError> {
         let subject = self.subjects.result(task_id);
         // Subscribe before looking, so a result published in between is not missed.
-        let mut sub = self.client.subscribe(subject.clone()).await.map_err(|e| ProducerError::Nats(e.to_string()))?;
+        let mut sub = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| ProducerError::Nats(e.to_string()))?;
         let results = self.results_stream().await?;
         if let Ok(stored) = results.direct_get_last_for_subject(subject).await {
             return parse_result(task_id, &stored.payload);
@@ -179,8 +221,18 @@ impl Producer {
     /// every result there, each task once (redeliveries are filtered out).
     pub async fn result_inbox(&self) -> Result<ResultInbox, ProducerError> {
         let subject = self.client.new_inbox();
-        let sub = self.client.subscribe(subject.clone()).await.map_err(|e| ProducerError::Nats(e.to_string()))?;
-        Ok(ResultInbox { subject, sub, seen: HashSet::new(), order: VecDeque::new(), duplicates: 0 })
+        let sub = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| ProducerError::Nats(e.to_string()))?;
+        Ok(ResultInbox {
+            subject,
+            sub,
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            duplicates: 0,
+        })
     }
 }
 
@@ -214,7 +266,10 @@ impl ResultInbox {
             let result = match serde_json::from_slice::<TaskResult>(&msg.payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    return Some(Err(ProducerError::BadResult { task_id: String::new(), reason: e.to_string() }));
+                    return Some(Err(ProducerError::BadResult {
+                        task_id: String::new(),
+                        reason: e.to_string(),
+                    }));
                 }
             };
             if !self.seen.insert(result.task_id.clone()) {
@@ -233,8 +288,10 @@ impl ResultInbox {
 }
 
 fn parse_result(task_id: &str, payload: &[u8]) -> Result<TaskResult, ProducerError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| ProducerError::BadResult { task_id: task_id.to_string(), reason: e.to_string() })
+    serde_json::from_slice(payload).map_err(|e| ProducerError::BadResult {
+        task_id: task_id.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// 128 random bits as 32 hex characters.

@@ -53,7 +53,9 @@ pub struct Subjects {
 
 impl Default for Subjects {
     fn default() -> Self {
-        Self { prefix: DEFAULT_PREFIX.to_string() }
+        Self {
+            prefix: DEFAULT_PREFIX.to_string(),
+        }
     }
 }
 
@@ -63,7 +65,9 @@ impl Subjects {
         if prefix.is_empty() || !prefix.split('.').all(is_subject_token) {
             return Err(ProtocolError::BadPrefix(prefix.to_string()));
         }
-        Ok(Self { prefix: prefix.to_string() })
+        Ok(Self {
+            prefix: prefix.to_string(),
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -222,7 +226,8 @@ pub fn pool_consumer_name(pool: &str) -> String {
 pub fn is_subject_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 /// A publishable subject (for reply-to): dot-separated tokens of printable ASCII, no
@@ -231,7 +236,9 @@ pub fn is_publish_subject(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && s.split('.').all(|t| {
-            !t.is_empty() && t.bytes().all(|c| c.is_ascii_graphic() && c != b'*' && c != b'>')
+            !t.is_empty()
+                && t.bytes()
+                    .all(|c| c.is_ascii_graphic() && c != b'*' && c != b'>')
         })
 }
 
@@ -251,10 +258,12 @@ pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str>
 /// Inserts a header, refusing (instead of panicking, as async-nats' `From<&str>` does)
 /// names or values a NATS header cannot carry.
 pub fn set_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), ProtocolError> {
-    let name: HeaderName =
-        name.parse().map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
-    let value: HeaderValue =
-        value.parse().map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
+    let name: HeaderName = name
+        .parse()
+        .map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
+    let value: HeaderValue = value
+        .parse()
+        .map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
     headers.insert(name, value);
     Ok(())
 }

@@ -16,7 +16,9 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, span, status,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -89,7 +91,12 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
-    pub fn new(name: impl Into<String>, kind: SpanKind, trace_id: TraceId, span_id: SpanId) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        kind: SpanKind,
+        trace_id: TraceId,
+        span_id: SpanId,
+    ) -> Self {
         let now = SystemTime::now();
         Self {
             trace_id,
@@ -117,7 +124,10 @@ impl SpanRecord {
         Span {
             trace_id: self.trace_id.0.to_vec(),
             span_id: self.span_id.0.to_vec(),
-            parent_span_id: self.parent_span_id.map(|p| p.0.to_vec()).unwrap_or_default(),
+            parent_span_id: self
+                .parent_span_id
+                .map(|p| p.0.to_vec())
+                .unwrap_or_default(),
             name: self.name.clone(),
             kind: match self.kind {
                 SpanKind::Internal => span::SpanKind::Internal,
@@ -127,10 +137,20 @@ impl SpanRecord {
             } as i32,
             start_time_unix_nano: unix_nanos(self.start),
             end_time_unix_nano: unix_nanos(self.end),
-            attributes: self.attributes.iter().map(|(k, v)| kv(k, v.clone())).collect(),
+            attributes: self
+                .attributes
+                .iter()
+                .map(|(k, v)| kv(k, v.clone()))
+                .collect(),
             status: Some(match &self.error {
-                None => Status { code: status::StatusCode::Ok as i32, message: String::new() },
-                Some(m) => Status { code: status::StatusCode::Error as i32, message: m.clone() },
+                None => Status {
+                    code: status::StatusCode::Ok as i32,
+                    message: String::new(),
+                },
+                Some(m) => Status {
+                    code: status::StatusCode::Error as i32,
+                    message: m.clone(),
+                },
             }),
             ..Default::default()
         }
@@ -138,7 +158,9 @@ impl SpanRecord {
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn kv(key: &str, value: AttrValue) -> KeyValue {
@@ -148,7 +170,11 @@ fn kv(key: &str, value: AttrValue) -> KeyValue {
         AttrValue::Double(d) => any_value::Value::DoubleValue(d),
         AttrValue::Bool(b) => any_value::Value::BoolValue(b),
     };
-    KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
 }
 
 /// Encodes spans as one OTLP `ExportTraceServiceRequest` under the given resource.
@@ -208,7 +234,11 @@ pub struct ExportConfig {
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { queue_capacity: 8192, max_batch: 512, flush_interval: Duration::from_millis(200) }
+        Self {
+            queue_capacity: 8192,
+            max_batch: 512,
+            flush_interval: Duration::from_millis(200),
+        }
     }
 }
 
@@ -222,7 +252,14 @@ impl SpanExporter {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(ExportStats::default());
-        let task = tokio::spawn(run_exporter(client, subject, resource, config, rx, stats.clone()));
+        let task = tokio::spawn(run_exporter(
+            client,
+            subject,
+            resource,
+            config,
+            rx,
+            stats.clone(),
+        ));
         (Self { tx, stats }, task)
     }
 
@@ -294,7 +331,10 @@ async fn publish_batch(
     headers.insert(headers::CONTENT_TYPE, "application/x-protobuf");
     let n = batch.len() as u64;
     batch.clear();
-    match client.publish_with_headers(subject.to_string(), headers, payload).await {
+    match client
+        .publish_with_headers(subject.to_string(), headers, payload)
+        .await
+    {
         Ok(()) => {
             stats.exported.fetch_add(n, Ordering::Relaxed);
         }
@@ -313,10 +353,16 @@ mod tests {
     #[test]
     fn encodes_ids_parent_kind_and_attributes() {
         let trace = TraceId::random();
-        let mut s = SpanRecord::new("process fleet.work.code", SpanKind::Consumer, trace, SpanId::random());
+        let mut s = SpanRecord::new(
+            "process fleet.work.code",
+            SpanKind::Consumer,
+            trace,
+            SpanId::random(),
+        );
         let parent = SpanId::random();
         s.parent_span_id = Some(parent);
-        s.attr("messaging.system", "nats").attr("fleet.attempt", 1u32);
+        s.attr("messaging.system", "nats")
+            .attr("fleet.attempt", 1u32);
         s.error = Some("boom".into());
         let bytes = encode_otlp(&[("service.name".into(), "w".into())], &[s]);
         let req = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
@@ -325,6 +371,9 @@ mod tests {
         assert_eq!(span.parent_span_id, parent.0.to_vec());
         assert_eq!(span.kind, span::SpanKind::Consumer as i32);
         assert_eq!(span.attributes.len(), 2);
-        assert_eq!(span.status.as_ref().unwrap().code, status::StatusCode::Error as i32);
+        assert_eq!(
+            span.status.as_ref().unwrap().code,
+            status::StatusCode::Error as i32
+        );
     }
 }

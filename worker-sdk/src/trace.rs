@@ -136,12 +136,20 @@ pub struct TraceParent {
 impl TraceParent {
     /// A new root context: fresh trace id, fresh span id, sampled and random.
     pub fn new_root() -> Self {
-        Self { trace_id: TraceId::random(), span_id: SpanId::random(), flags: FLAG_SAMPLED | FLAG_RANDOM }
+        Self {
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            flags: FLAG_SAMPLED | FLAG_RANDOM,
+        }
     }
 
     /// The context of a child span of this one: same trace, new span id, same flags.
     pub fn child(&self) -> Self {
-        Self { trace_id: self.trace_id, span_id: SpanId::random(), flags: self.flags }
+        Self {
+            trace_id: self.trace_id,
+            span_id: SpanId::random(),
+            flags: self.flags,
+        }
     }
 
     pub fn sampled(&self) -> bool {
@@ -175,12 +183,21 @@ impl TraceParent {
         let trace_id = TraceId::from_hex(&s[3..35])?;
         let span_id = SpanId::from_hex(&s[36..52])?;
         let flags = parse_hex::<1>(&s[53..55]).ok_or(TraceParentError::BadFlags)?[0];
-        Ok(Self { trace_id, span_id, flags })
+        Ok(Self {
+            trace_id,
+            span_id,
+            flags,
+        })
     }
 
     /// The header value, always version 00.
     pub fn to_header(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id.to_hex(), self.span_id.to_hex(), self.flags)
+        format!(
+            "00-{}-{}-{:02x}",
+            self.trace_id.to_hex(),
+            self.span_id.to_hex(),
+            self.flags
+        )
     }
 }
 
@@ -220,7 +237,9 @@ fn valid_tracestate_key(key: &str) -> bool {
     let first_ok = b[0].is_ascii_lowercase() || b[0].is_ascii_digit();
     first_ok
         && b.iter().all(|&c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
         })
 }
 
@@ -228,7 +247,8 @@ fn valid_tracestate_value(val: &str) -> bool {
     let b = val.as_bytes();
     !b.is_empty()
         && b.len() <= 256
-        && b.iter().all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+        && b.iter()
+            .all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
         && b[b.len() - 1] != b' '
 }
 
@@ -257,7 +277,9 @@ impl Baggage {
                 break;
             }
             let kv = member.split(';').next().unwrap_or_default();
-            let Some((key, val)) = kv.split_once('=') else { continue };
+            let Some((key, val)) = kv.split_once('=') else {
+                continue;
+            };
             let key = key.trim_matches(|c| c == ' ' || c == '\t');
             let val = val.trim_matches(|c| c == ' ' || c == '\t');
             if !is_token(key) {
@@ -324,9 +346,8 @@ impl FromIterator<(String, String)> for Baggage {
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|c| {
-            c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
-        })
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
 /// baggage-octet: printable ASCII except space, `"`, `,`, `;`, `\` — and `%`, which we
@@ -409,16 +430,46 @@ mod tests {
     fn refuses_each_kind_of_bad_traceparent() {
         let cases = [
             ("", TraceParentError::TooShort),
-            ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", TraceParentError::ForbiddenVersion),
-            ("0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", TraceParentError::BadVersion),
-            ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", TraceParentError::ZeroTraceId),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", TraceParentError::ZeroSpanId),
-            ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", TraceParentError::BadTraceId),
-            ("00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", TraceParentError::BadTraceId),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba9zzzz-01", TraceParentError::BadSpanId),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g", TraceParentError::BadFlags),
-            ("00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", TraceParentError::BadDelimiter),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xx", TraceParentError::BadLength),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                TraceParentError::ForbiddenVersion,
+            ),
+            (
+                "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                TraceParentError::BadVersion,
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                TraceParentError::ZeroTraceId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                TraceParentError::ZeroSpanId,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                TraceParentError::BadTraceId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+                TraceParentError::BadTraceId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba9zzzz-01",
+                TraceParentError::BadSpanId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+                TraceParentError::BadFlags,
+            ),
+            (
+                "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                TraceParentError::BadDelimiter,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xx",
+                TraceParentError::BadLength,
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(TraceParent::parse(input), Err(want), "input {input:?}");
@@ -444,8 +495,10 @@ mod tests {
 
     #[test]
     fn tracestate_validation() {
-        assert_eq!(parse_tracestate("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7").as_deref(),
-            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"));
+        assert_eq!(
+            parse_tracestate("congo=t61rcWkgMzE, rojo=00f067aa0ba902b7").as_deref(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
         assert_eq!(parse_tracestate("a=1,,b=2").as_deref(), Some("a=1,b=2"));
         assert_eq!(parse_tracestate("Upper=1"), None);
         assert_eq!(parse_tracestate("a=1,a=2"), None);
@@ -454,7 +507,9 @@ mod tests {
 
     #[test]
     fn baggage_round_trip_with_encoding_and_bad_members() {
-        let b = Baggage::parse("team=payments, feature=check%20out;prop=1, bad key=x, user_tier=gold,=x");
+        let b = Baggage::parse(
+            "team=payments, feature=check%20out;prop=1, bad key=x, user_tier=gold,=x",
+        );
         assert_eq!(b.get("team"), Some("payments"));
         assert_eq!(b.get("feature"), Some("check out"));
         assert_eq!(b.get("user_tier"), Some("gold"));

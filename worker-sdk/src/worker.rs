@@ -104,7 +104,10 @@ impl TaskFailure {
     pub fn failed(code: &str, message: impl Into<String>) -> Self {
         Self {
             status: ResultStatus::Failed,
-            error: ErrorInfo { code: code.into(), message: message.into() },
+            error: ErrorInfo {
+                code: code.into(),
+                message: message.into(),
+            },
             usage: None,
         }
     }
@@ -173,7 +176,11 @@ struct Completed {
 
 impl Completed {
     fn new(capacity: usize) -> Self {
-        Self { order: VecDeque::new(), set: HashSet::new(), capacity }
+        Self {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity,
+        }
     }
     fn contains(&self, key: &(String, u32)) -> bool {
         self.set.contains(key)
@@ -227,9 +234,14 @@ impl Worker {
         let js = jetstream::new(client.clone());
         let s = &config.subjects;
         let setup = |e: &dyn std::fmt::Display| WorkerError::Setup(e.to_string());
-        let work = js.get_or_create_stream(s.work_stream_config()).await.map_err(|e| setup(&e))?;
-        let results =
-            js.get_or_create_stream(s.results_stream_config()).await.map_err(|e| setup(&e))?;
+        let work = js
+            .get_or_create_stream(s.work_stream_config())
+            .await
+            .map_err(|e| setup(&e))?;
+        let results = js
+            .get_or_create_stream(s.results_stream_config())
+            .await
+            .map_err(|e| setup(&e))?;
         let pool = work
             .get_or_create_consumer(
                 &protocol::pool_consumer_name(&config.pool),
@@ -240,16 +252,29 @@ impl Worker {
         let targeted = if config.targeted {
             let cfg = s.targeted_consumer_config(&config.pool, &config.worker_id, config.ack_wait);
             let name = cfg.durable_name.clone().unwrap_or_default();
-            Some(work.get_or_create_consumer(&name, cfg).await.map_err(|e| setup(&e))?)
+            Some(
+                work.get_or_create_consumer(&name, cfg)
+                    .await
+                    .map_err(|e| setup(&e))?,
+            )
         } else {
             None
         };
 
         let resource = vec![
             ("service.name".to_string(), AttrValue::from("fleet-worker")),
-            ("service.instance.id".to_string(), AttrValue::from(config.worker_id.clone())),
-            ("fleet.pool".to_string(), AttrValue::from(config.pool.clone())),
-            ("fleet.worker.id".to_string(), AttrValue::from(config.worker_id.clone())),
+            (
+                "service.instance.id".to_string(),
+                AttrValue::from(config.worker_id.clone()),
+            ),
+            (
+                "fleet.pool".to_string(),
+                AttrValue::from(config.pool.clone()),
+            ),
+            (
+                "fleet.worker.id".to_string(),
+                AttrValue::from(config.worker_id.clone()),
+            ),
         ];
         let (exporter, exporter_task) = SpanExporter::start(
             client.clone(),
@@ -346,8 +371,12 @@ async fn pull<H, Fut>(
                 continue;
             }
         }
-        let batch =
-            pool.batch().max_messages(held.len()).expires(shared.config.fetch_expires).messages().await;
+        let batch = pool
+            .batch()
+            .max_messages(held.len())
+            .expires(shared.config.fetch_expires)
+            .messages()
+            .await;
         let mut batch = match batch {
             Ok(b) => {
                 backoff = Duration::from_millis(100);
@@ -387,7 +416,10 @@ async fn start_task<H, Fut>(
     if *stop.borrow() {
         // Draining: hand it straight back so another worker takes it now.
         let _ = msg.ack_with(AckKind::Nak(None)).await;
-        shared.stats.returned_on_drain.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .returned_on_drain
+            .fetch_add(1, Ordering::Relaxed);
         return;
     }
     let Some(permit) = held.pop() else {
@@ -403,7 +435,9 @@ async fn start_task<H, Fut>(
 }
 
 /// Splits a multi-permit into single permits so each spawned task returns exactly one.
-fn split_permits(mut p: tokio::sync::OwnedSemaphorePermit) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+fn split_permits(
+    mut p: tokio::sync::OwnedSemaphorePermit,
+) -> Vec<tokio::sync::OwnedSemaphorePermit> {
     let mut out = Vec::new();
     while p.num_permits() > 1 {
         if let Some(one) = p.split(1) {
@@ -424,7 +458,9 @@ where
     let cfg = &shared.config;
     let hdrs = msg.headers.as_ref();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    let attempt = header(hdrs, headers::ATTEMPT).and_then(|a| a.parse::<u32>().ok()).unwrap_or(1);
+    let attempt = header(hdrs, headers::ATTEMPT)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(1);
     let task = match serde_json::from_slice::<Task>(&msg.payload) {
         Ok(t) => t,
         Err(e) => {
@@ -445,8 +481,16 @@ where
     };
     let key = (task_id.clone(), attempt);
     if already_done(shared, &key, delivered).await {
-        shared.stats.skipped_duplicates.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(task_id, attempt, delivered, "redelivered task already has a result; acking without running");
+        shared
+            .stats
+            .skipped_duplicates
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            task_id,
+            attempt,
+            delivered,
+            "redelivered task already has a result; acking without running"
+        );
         let _ = msg.ack().await;
         return;
     }
@@ -462,9 +506,13 @@ where
     let tracestate = parent_span_id
         .and_then(|_| header(hdrs, headers::TRACESTATE))
         .and_then(parse_tracestate);
-    let baggage = header(hdrs, headers::BAGGAGE).map(Baggage::parse).unwrap_or_default();
+    let baggage = header(hdrs, headers::BAGGAGE)
+        .map(Baggage::parse)
+        .unwrap_or_default();
     let model = header(hdrs, headers::MODEL).map(str::to_string);
-    let reply_to = header(hdrs, headers::REPLY_TO).filter(|r| protocol::is_publish_subject(r)).map(str::to_string);
+    let reply_to = header(hdrs, headers::REPLY_TO)
+        .filter(|r| protocol::is_publish_subject(r))
+        .map(str::to_string);
     let deadline = task.deadline_time();
 
     let mut span = SpanRecord::new(
@@ -478,7 +526,10 @@ where
         .attr("messaging.operation.type", "process")
         .attr("messaging.operation.name", "process")
         .attr("messaging.destination.name", msg.subject.to_string())
-        .attr("messaging.consumer.group.name", protocol::pool_consumer_name(&cfg.pool))
+        .attr(
+            "messaging.consumer.group.name",
+            protocol::pool_consumer_name(&cfg.pool),
+        )
         .attr("fleet.task.id", task_id.clone())
         .attr("fleet.attempt", attempt)
         .attr("fleet.delivered", delivered)
@@ -513,7 +564,10 @@ where
     let outcome = if deadline.is_some_and(|d| d <= SystemTime::now()) {
         Err(TaskFailure {
             status: ResultStatus::Cancelled,
-            error: ErrorInfo { code: "deadline_exceeded".into(), message: "the deadline passed before the task started".into() },
+            error: ErrorInfo {
+                code: "deadline_exceeded".into(),
+                message: "the deadline passed before the task started".into(),
+            },
             usage: None,
         })
     } else {
@@ -564,7 +618,12 @@ where
 
     // Durable result first, ack second: a crash in between means a redelivery that the
     // dedup check above answers from the results stream.
-    let carry = Carry { span: &span_ctx, tracestate: tracestate.as_deref(), baggage: &baggage, reply_to: reply_to.as_deref() };
+    let carry = Carry {
+        span: &span_ctx,
+        tracestate: tracestate.as_deref(),
+        baggage: &baggage,
+        reply_to: reply_to.as_deref(),
+    };
     match publish_result(shared, &result, carry).await {
         Ok(()) => {
             if let Ok(mut c) = shared.completed.lock() {
@@ -580,9 +639,14 @@ where
             }
         }
         Err(e) => {
-            shared.stats.result_publish_errors.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .result_publish_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, task_id, "result not published; returning the task for redelivery");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
             span.error = Some(format!("result not published: {e}"));
         }
     }
@@ -592,7 +656,11 @@ where
 
 /// Runs the handler in its own task (a panic becomes a failed result, not a dead worker)
 /// while telling JetStream we are still working on it.
-async fn run_handler<H, Fut>(shared: &Arc<Shared<H>>, msg: &jetstream::Message, ctx: TaskContext) -> HandlerResult
+async fn run_handler<H, Fut>(
+    shared: &Arc<Shared<H>>,
+    msg: &jetstream::Message,
+    ctx: TaskContext,
+) -> HandlerResult
 where
     H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
@@ -618,7 +686,12 @@ where
 }
 
 async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64) -> bool {
-    if shared.completed.lock().map(|c| c.contains(key)).unwrap_or(false) {
+    if shared
+        .completed
+        .lock()
+        .map(|c| c.contains(key))
+        .unwrap_or(false)
+    {
         return true;
     }
     if delivered <= 1 {
@@ -628,8 +701,8 @@ async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64
     let subject = shared.config.subjects.result(&key.0);
     match shared.results.direct_get_last_for_subject(subject).await {
         Ok(prev) => {
-            let prev_attempt = header(Some(&prev.headers), headers::ATTEMPT)
-                .and_then(|a| a.parse::<u32>().ok());
+            let prev_attempt =
+                header(Some(&prev.headers), headers::ATTEMPT).and_then(|a| a.parse::<u32>().ok());
             prev_attempt == Some(key.1)
         }
         Err(_) => false,
@@ -644,11 +717,22 @@ struct Carry<'a> {
     reply_to: Option<&'a str>,
 }
 
-async fn publish_result<H>(shared: &Shared<H>, result: &TaskResult, carry: Carry<'_>) -> Result<(), String> {
-    let Carry { span, tracestate, baggage, reply_to } = carry;
+async fn publish_result<H>(
+    shared: &Shared<H>,
+    result: &TaskResult,
+    carry: Carry<'_>,
+) -> Result<(), String> {
+    let Carry {
+        span,
+        tracestate,
+        baggage,
+        reply_to,
+    } = carry;
     let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
-    let set = |h: &mut HeaderMap, k: &str, v: &str| protocol::set_header(h, k, v).map_err(|e| e.to_string());
+    let set = |h: &mut HeaderMap, k: &str, v: &str| {
+        protocol::set_header(h, k, v).map_err(|e| e.to_string())
+    };
     set(&mut h, headers::TRACEPARENT, &span.to_header())?;
     if let Some(ts) = tracestate {
         set(&mut h, headers::TRACESTATE, ts)?;
@@ -658,7 +742,11 @@ async fn publish_result<H>(shared: &Shared<H>, result: &TaskResult, carry: Carry
     }
     set(&mut h, headers::TASK_ID, &result.task_id)?;
     set(&mut h, headers::ATTEMPT, &result.attempt.to_string())?;
-    set(&mut h, headers::NATS_MSG_ID, &format!("{}:{}:result", result.task_id, result.attempt))?;
+    set(
+        &mut h,
+        headers::NATS_MSG_ID,
+        &format!("{}:{}:result", result.task_id, result.attempt),
+    )?;
     if let Some(r) = reply_to {
         set(&mut h, headers::REPLY_TO, r)?;
     }
@@ -671,7 +759,11 @@ async fn publish_result<H>(shared: &Shared<H>, result: &TaskResult, carry: Carry
     ack.await.map(|_| ()).map_err(|e| e.to_string())
 }
 
-async fn heartbeats<H>(client: async_nats::Client, shared: Arc<Shared<H>>, mut stop: watch::Receiver<bool>) {
+async fn heartbeats<H>(
+    client: async_nats::Client,
+    shared: Arc<Shared<H>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
     loop {
         tokio::select! {
@@ -700,7 +792,11 @@ async fn publish_heartbeat<H>(client: &async_nats::Client, shared: &Shared<H>, s
         pool: cfg.pool.clone(),
         state,
         model: cfg.model.clone(),
-        current_tasks: shared.running.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
+        current_tasks: shared
+            .running
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default(),
         max_in_flight: cfg.max_in_flight as u32,
         context_tokens: None,
         capabilities: cfg.capabilities.clone(),
@@ -710,12 +806,18 @@ async fn publish_heartbeat<H>(client: &async_nats::Client, shared: &Shared<H>, s
         started_at: shared.started_at.clone(),
         sent_at: now_rfc3339(),
     };
-    let Ok(payload) = serde_json::to_vec(&hb) else { return };
+    let Ok(payload) = serde_json::to_vec(&hb) else {
+        return;
+    };
     let mut h = HeaderMap::new();
     h.insert(headers::KIND, kinds::HEARTBEAT);
     h.insert(headers::CONTENT_TYPE, "application/json");
     if let Err(e) = client
-        .publish_with_headers(cfg.subjects.telemetry(&cfg.pool, &cfg.worker_id), h, payload.into())
+        .publish_with_headers(
+            cfg.subjects.telemetry(&cfg.pool, &cfg.worker_id),
+            h,
+            payload.into(),
+        )
         .await
     {
         tracing::debug!(error = %e, "heartbeat not published");

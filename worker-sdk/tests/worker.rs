@@ -1,5 +1,13 @@
 //! The worker against a real nats-server: redelivery dedup, graceful drain, handler panics.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    reason = "test code: a failed step is a failed test"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -21,10 +29,19 @@ async fn setup(ack_wait: Duration) -> (NatsServer, async_nats::Client, jetstream
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     let s = Subjects::default();
-    js.get_or_create_stream(s.work_stream_config()).await.unwrap();
-    js.get_or_create_stream(s.results_stream_config()).await.unwrap();
+    js.get_or_create_stream(s.work_stream_config())
+        .await
+        .unwrap();
+    js.get_or_create_stream(s.results_stream_config())
+        .await
+        .unwrap();
     let work = js.get_stream(s.work_stream()).await.unwrap();
-    work.get_or_create_consumer(&pool_consumer_name(POOL), s.pool_consumer_config(POOL, ack_wait)).await.unwrap();
+    work.get_or_create_consumer(
+        &pool_consumer_name(POOL),
+        s.pool_consumer_config(POOL, ack_wait),
+    )
+    .await
+    .unwrap();
     (nats, client, js)
 }
 
@@ -34,11 +51,15 @@ async fn dispatch(js: &jetstream::Context, id: &str) {
     let mut h = HeaderMap::new();
     h.insert("Fleet-Task-Id", id);
     h.insert("Fleet-Attempt", "1");
-    js.publish_with_headers(Subjects::default().work(POOL), h, serde_json::to_vec(&task).unwrap().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish_with_headers(
+        Subjects::default().work(POOL),
+        h,
+        serde_json::to_vec(&task).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
 }
 
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
@@ -64,8 +85,12 @@ async fn a_redelivered_task_whose_result_exists_is_acked_without_running_again()
     dispatch(&js, "dup-1").await;
 
     // A worker takes the task, publishes its result, and dies before acking.
-    let work = js.get_stream(Subjects::default().work_stream()).await.unwrap();
-    let consumer: jetstream::consumer::PullConsumer = work.get_consumer(&pool_consumer_name(POOL)).await.unwrap();
+    let work = js
+        .get_stream(Subjects::default().work_stream())
+        .await
+        .unwrap();
+    let consumer: jetstream::consumer::PullConsumer =
+        work.get_consumer(&pool_consumer_name(POOL)).await.unwrap();
     let mut first = consumer.fetch().max_messages(1).messages().await.unwrap();
     let taken = first.next().await.unwrap().unwrap();
     assert_eq!(taken.info().unwrap().delivered, 1);
@@ -83,7 +108,15 @@ async fn a_redelivered_task_whose_result_exists_is_acked_without_running_again()
     };
     let mut h = HeaderMap::new();
     h.insert("Fleet-Attempt", "1");
-    js.publish_with_headers("fleet.results.dup-1", h, serde_json::to_vec(&result).unwrap().into()).await.unwrap().await.unwrap();
+    js.publish_with_headers(
+        "fleet.results.dup-1",
+        h,
+        serde_json::to_vec(&result).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     drop(taken);
 
     let runs = Arc::new(AtomicU32::new(0));
@@ -95,17 +128,31 @@ async fn a_redelivered_task_whose_result_exists_is_acked_without_running_again()
     .await
     .unwrap();
     let stats = worker.stats_arc();
-    wait_until("the redelivery is recognised", || stats.skipped_duplicates.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler did not run again");
+    wait_until("the redelivery is recognised", || {
+        stats.skipped_duplicates.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the handler did not run again"
+    );
 
     // A task without a result does run.
     dispatch(&js, "fresh-1").await;
-    wait_until("the fresh task runs", || stats.completed.load(Ordering::SeqCst) == 1).await;
+    wait_until("the fresh task runs", || {
+        stats.completed.load(Ordering::SeqCst) == 1
+    })
+    .await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     worker.shutdown().await;
     let mut consumer = consumer;
     let info = consumer.info().await.unwrap();
-    assert_eq!((info.num_pending, info.num_ack_pending as u64), (0, 0), "both messages are acked");
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending as u64),
+        (0, 0),
+        "both messages are acked"
+    );
 }
 
 #[tokio::test]
@@ -126,17 +173,39 @@ async fn drain_finishes_what_is_in_flight_and_leaves_the_rest_queued() {
     })
     .await
     .unwrap();
-    wait_until("two tasks in flight", || started.load(Ordering::SeqCst) == 2).await;
+    wait_until("two tasks in flight", || {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
     let stats = worker.shutdown().await;
-    assert_eq!(stats.completed.load(Ordering::SeqCst), 2, "in-flight tasks finished before shutdown returned");
-    assert_eq!(started.load(Ordering::SeqCst), 2, "nothing new was started while draining");
-    let work = js.get_stream(Subjects::default().work_stream()).await.unwrap();
-    let mut consumer: jetstream::consumer::PullConsumer = work.get_consumer(&pool_consumer_name(POOL)).await.unwrap();
+    assert_eq!(
+        stats.completed.load(Ordering::SeqCst),
+        2,
+        "in-flight tasks finished before shutdown returned"
+    );
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "nothing new was started while draining"
+    );
+    let work = js
+        .get_stream(Subjects::default().work_stream())
+        .await
+        .unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        work.get_consumer(&pool_consumer_name(POOL)).await.unwrap();
     let info = consumer.info().await.unwrap();
-    assert_eq!(info.num_pending + info.num_ack_pending as u64, 4, "the other four wait for the next worker");
+    assert_eq!(
+        info.num_pending + info.num_ack_pending as u64,
+        4,
+        "the other four wait for the next worker"
+    );
     // Producers read the two results.
     let producer = Producer::new(client, Subjects::default());
-    let r = producer.await_result("drain-0", Duration::from_secs(10)).await.unwrap();
+    let r = producer
+        .await_result("drain-0", Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(r.status, ResultStatus::Ok);
 }
 
@@ -148,17 +217,26 @@ async fn a_panicking_handler_yields_a_failed_result_and_the_worker_carries_on() 
         if ctx.task_id == "boom" {
             panic!("handler bug");
         }
-        Ok(TaskOutput { output: serde_json::json!("fine"), usage: None })
+        Ok(TaskOutput {
+            output: serde_json::json!("fine"),
+            usage: None,
+        })
     })
     .await
     .unwrap();
     dispatch(&js, "boom").await;
     dispatch(&js, "after").await;
     let producer = Producer::new(client, Subjects::default());
-    let r = producer.await_result("boom", Duration::from_secs(10)).await.unwrap();
+    let r = producer
+        .await_result("boom", Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(r.status, ResultStatus::Failed);
     assert_eq!(r.error.unwrap().code, "handler_panicked");
-    let r = producer.await_result("after", Duration::from_secs(10)).await.unwrap();
+    let r = producer
+        .await_result("after", Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(r.status, ResultStatus::Ok);
     worker.shutdown().await;
 }

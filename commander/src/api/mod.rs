@@ -56,11 +56,17 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, problems): (StatusCode, &str, Vec<FieldProblem>) = match &self {
-            ApiError::BadTask(TaskError::Invalid(p)) => (StatusCode::BAD_REQUEST, "invalid_task", p.clone()),
-            ApiError::BadTask(TaskError::Parse(_)) => (StatusCode::BAD_REQUEST, "bad_json", Vec::new()),
+            ApiError::BadTask(TaskError::Invalid(p)) => {
+                (StatusCode::BAD_REQUEST, "invalid_task", p.clone())
+            }
+            ApiError::BadTask(TaskError::Parse(_)) => {
+                (StatusCode::BAD_REQUEST, "bad_json", Vec::new())
+            }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Vec::new()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", Vec::new()),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new()),
+            ApiError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new())
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", Vec::new()),
         };
         match &self {
@@ -74,7 +80,8 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
     }
@@ -101,15 +108,23 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
         axum::Json(json!({ "status": "ready" })).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "not_ready" }))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "not_ready" })),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &s.registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    prometheus_client::encoding::text::encode(&mut out, &s.registry)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
         .into_response())
@@ -117,9 +132,15 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
 
 async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     if !is_subject_token(&id) {
-        return Err(ApiError::BadRequest(format!("{id:?} is not a valid task id")));
+        return Err(ApiError::BadRequest(format!(
+            "{id:?} is not a valid task id"
+        )));
     }
-    match s.store.get(&id).map_err(|e| ApiError::Internal(e.to_string()))? {
+    match s
+        .store
+        .get(&id)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    {
         Some(rec) => Ok(axum::Json(rec).into_response()),
         None => Err(ApiError::NotFound(id)),
     }
@@ -140,8 +161,19 @@ fn http_header<'a>(h: &'a HttpHeaders, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn submit_task(State(s): State<AppState>, req_headers: HttpHeaders, body: Bytes) -> Result<Response, ApiError> {
-    let rejected = |s: &AppState| s.metrics.http_rejected.get_or_create(&TransportLabel { transport: "http".into() }).inc();
+async fn submit_task(
+    State(s): State<AppState>,
+    req_headers: HttpHeaders,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let rejected = |s: &AppState| {
+        s.metrics
+            .http_rejected
+            .get_or_create(&TransportLabel {
+                transport: "http".into(),
+            })
+            .inc()
+    };
     let mut task = match Task::from_json(&body) {
         Ok(t) => t,
         Err(e) => {
@@ -154,9 +186,15 @@ async fn submit_task(State(s): State<AppState>, req_headers: HttpHeaders, body: 
         && !is_subject_token(k)
     {
         rejected(&s);
-        return Err(ApiError::BadRequest("Idempotency-Key must be 1-128 letters, digits, '-' or '_'".into()));
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1-128 letters, digits, '-' or '_'".into(),
+        ));
     }
-    let id = task.id.clone().or_else(|| key.clone()).unwrap_or_else(random_id);
+    let id = task
+        .id
+        .clone()
+        .or_else(|| key.clone())
+        .unwrap_or_else(random_id);
     task.id = Some(id.clone());
 
     // The caller's span is the parent; an absent or invalid one starts a new trace here,
@@ -172,10 +210,13 @@ async fn submit_task(State(s): State<AppState>, req_headers: HttpHeaders, body: 
         None => TraceParent::new_root(),
     };
     let mut h = HeaderMap::new();
-    let set = |h: &mut HeaderMap, k: &str, v: &str| protocol::set_header(h, k, v).map_err(|e| ApiError::BadRequest(e.to_string()));
+    let set = |h: &mut HeaderMap, k: &str, v: &str| {
+        protocol::set_header(h, k, v).map_err(|e| ApiError::BadRequest(e.to_string()))
+    };
     set(&mut h, headers::TRACEPARENT, &traceparent.to_header())?;
     if raw_tp.is_some_and(|v| TraceParent::parse(v).is_ok())
-        && let Some(ts) = http_header(&req_headers, headers::TRACESTATE).and_then(fleet_worker::trace::parse_tracestate)
+        && let Some(ts) = http_header(&req_headers, headers::TRACESTATE)
+            .and_then(fleet_worker::trace::parse_tracestate)
     {
         set(&mut h, headers::TRACESTATE, &ts)?;
     }
@@ -185,13 +226,12 @@ async fn submit_task(State(s): State<AppState>, req_headers: HttpHeaders, body: 
     set(&mut h, headers::NATS_MSG_ID, key.as_deref().unwrap_or(&id))?;
     set(&mut h, headers::TASK_ID, &id)?;
     let payload = serde_json::to_vec(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let ack = s
-        .js
-        .publish_with_headers(s.subjects.submit(), h, payload.into())
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let ack =
+        s.js.publish_with_headers(s.subjects.submit(), h, payload.into())
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     s.metrics.http_submissions.inc();
     let accepted = Accepted {
         status_url: format!("/v1/tasks/{id}"),

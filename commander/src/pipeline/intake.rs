@@ -142,7 +142,9 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     let started = SystemTime::now();
     let hdrs = msg.headers.as_ref();
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let reply_to = header(hdrs, headers::REPLY_TO).filter(|r| is_publish_subject(r)).map(str::to_string);
+    let reply_to = header(hdrs, headers::REPLY_TO)
+        .filter(|r| is_publish_subject(r))
+        .map(str::to_string);
 
     let parsed = Task::from_json(&msg.payload);
     // The id: from the body, else the headers, else the stream sequence (which the
@@ -152,7 +154,9 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         .filter(|id| is_subject_token(id))
         .map(str::to_string);
     let body_id = parsed.as_ref().ok().and_then(|t| t.id.clone());
-    let id = body_id.or(header_id).unwrap_or_else(|| format!("seq-{seq}"));
+    let id = body_id
+        .or(header_id)
+        .unwrap_or_else(|| format!("seq-{seq}"));
 
     if let Some(existing) = ctx.store.get(&id)?
         && existing.state != TaskState::Received
@@ -167,8 +171,16 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     let mut task = match parsed {
         Ok(t) => t,
         Err(e) => {
-            let error = ErrorInfo { code: e.code().to_string(), message: e.to_string() };
-            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+            let error = ErrorInfo {
+                code: e.code().to_string(),
+                message: e.to_string(),
+            };
+            return Ok(Some(Plan::Reject(Box::new(Reject {
+                id,
+                seq,
+                error,
+                reply_to,
+            }))));
         }
     };
     task.id = Some(id.clone());
@@ -185,18 +197,39 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     };
     // Ids are derived, not drawn, so a redelivered submission gets the same dispatch span
     // as the (de-duplicated) first publication that the worker will see.
-    let trace_id = parent.map(|p| p.trace_id).unwrap_or_else(|| derived_trace_id(&id, seq));
+    let trace_id = parent
+        .map(|p| p.trace_id)
+        .unwrap_or_else(|| derived_trace_id(&id, seq));
     let flags = parent.map(|p| p.flags).unwrap_or(FLAG_SAMPLED);
-    let dispatch = TraceParent { trace_id, span_id: derived_span_id(&trace_id, &id, FIRST_ATTEMPT), flags };
-    let tracestate = parent.and(header(hdrs, headers::TRACESTATE)).and_then(parse_tracestate);
-    let baggage = header(hdrs, headers::BAGGAGE).map(Baggage::parse).unwrap_or_default();
+    let dispatch = TraceParent {
+        trace_id,
+        span_id: derived_span_id(&trace_id, &id, FIRST_ATTEMPT),
+        flags,
+    };
+    let tracestate = parent
+        .and(header(hdrs, headers::TRACESTATE))
+        .and_then(parse_tracestate);
+    let baggage = header(hdrs, headers::BAGGAGE)
+        .map(Baggage::parse)
+        .unwrap_or_default();
 
-    let decision = route::decide(RouteInput { task: &task, table: &ctx.table });
+    let decision = route::decide(RouteInput {
+        task: &task,
+        table: &ctx.table,
+    });
     let decision = match decision {
         Ok(d) => d,
         Err(no_route) => {
-            let error = ErrorInfo { code: no_route.code().to_string(), message: no_route.to_string() };
-            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+            let error = ErrorInfo {
+                code: no_route.code().to_string(),
+                message: no_route.to_string(),
+            };
+            return Ok(Some(Plan::Reject(Box::new(Reject {
+                id,
+                seq,
+                error,
+                reply_to,
+            }))));
         }
     };
     task.pool = Some(decision.pool.clone());
@@ -209,7 +242,11 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         invalid_traceparent: invalid.clone(),
         traceparent: dispatch.to_header(),
     };
-    let (pool, reason, priority) = (decision.pool.clone(), decision.reason.clone(), task.priority);
+    let (pool, reason, priority) = (
+        decision.pool.clone(),
+        decision.reason.clone(),
+        task.priority,
+    );
     ctx.store.update(
         &id,
         || TaskRecord::new(&id, seq),
@@ -251,12 +288,25 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         Ok(p) => Bytes::from(p),
         Err(e) => {
             // A validated Task always serialises; refuse rather than panic if not.
-            let error = ErrorInfo { code: "internal".into(), message: format!("task did not serialise: {e}") };
-            return Ok(Some(Plan::Reject(Box::new(Reject { id, seq, error, reply_to }))));
+            let error = ErrorInfo {
+                code: "internal".into(),
+                message: format!("task did not serialise: {e}"),
+            };
+            return Ok(Some(Plan::Reject(Box::new(Reject {
+                id,
+                seq,
+                error,
+                reply_to,
+            }))));
         }
     };
 
-    let mut span = SpanRecord::new(format!("send {subject}"), SpanKind::Producer, trace_id, dispatch.span_id);
+    let mut span = SpanRecord::new(
+        format!("send {subject}"),
+        SpanKind::Producer,
+        trace_id,
+        dispatch.span_id,
+    );
     span.start = started;
     span.parent_span_id = parent.map(|p| p.span_id);
     span.attr("messaging.system", "nats")
@@ -266,7 +316,10 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         .attr("fleet.task.id", id.clone())
         .attr("fleet.attempt", FIRST_ATTEMPT)
         .attr("fleet.pool", decision.pool.clone())
-        .attr("fleet.route.rule", format!("{:?}", decision.rule).to_lowercase())
+        .attr(
+            "fleet.route.rule",
+            format!("{:?}", decision.rule).to_lowercase(),
+        )
         .attr("fleet.route.reason", decision.reason.clone())
         .attr("fleet.intake.sequence", seq as i64);
     if let Some(bad) = &invalid {
@@ -276,7 +329,14 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         span.attr(k, v);
     }
     tracing::debug!(task_id = %id, pool = %decision.pool, trace_id = %trace_id, "dispatching");
-    Ok(Some(Plan::Dispatch(Box::new(Dispatch { id, pool: decision.pool, subject, headers: h, payload, span }))))
+    Ok(Some(Plan::Dispatch(Box::new(Dispatch {
+        id,
+        pool: decision.pool,
+        subject,
+        headers: h,
+        payload,
+        span,
+    }))))
 }
 
 fn record_rejection(
@@ -303,7 +363,10 @@ fn record_rejection(
 async fn publish_rejection(
     ctx: &Ctx,
     r: &Reject,
-) -> Result<async_nats::jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishError> {
+) -> Result<
+    async_nats::jetstream::context::PublishAckFuture,
+    async_nats::jetstream::context::PublishError,
+> {
     let result = TaskResult::rejected(&r.id, &r.error.code, r.error.message.clone());
     let payload = serde_json::to_vec(&result).unwrap_or_default();
     let mut h = HeaderMap::new();
@@ -313,7 +376,9 @@ async fn publish_rejection(
     if let Some(rt) = &r.reply_to {
         let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
     }
-    ctx.js.publish_with_headers(ctx.subjects.result(&r.id), h, Bytes::from(payload)).await
+    ctx.js
+        .publish_with_headers(ctx.subjects.result(&r.id), h, Bytes::from(payload))
+        .await
 }
 
 fn derived_trace_id(id: &str, seq: u64) -> TraceId {

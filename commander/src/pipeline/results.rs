@@ -21,7 +21,9 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             match handle_one(ctx, &msg).await {
                 Ok(()) => acks.push(msg),
                 Err(Retry) => {
-                    let _ = msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1)))).await;
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
+                        .await;
                 }
             }
         }
@@ -58,7 +60,9 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
         return Ok(());
     }
     let id = result.task_id.as_str();
-    let reply_header = header(hdrs, headers::REPLY_TO).filter(|r| is_publish_subject(r)).map(str::to_string);
+    let reply_header = header(hdrs, headers::REPLY_TO)
+        .filter(|r| is_publish_subject(r))
+        .map(str::to_string);
     let before = ctx.store.get(id).map_err(|e| {
         tracing::error!(task_id = id, error = %e, "store read failed");
         Retry
@@ -66,32 +70,56 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     let was_terminal = before.as_ref().is_some_and(|r| r.state.is_terminal());
     let rec = ctx
         .store
-        .update(id, || TaskRecord::new(id, 0), |r| {
-            r.finish(&result);
-            if r.reply_to.is_none() {
-                r.reply_to = reply_header.clone();
-            }
-        })
+        .update(
+            id,
+            || TaskRecord::new(id, 0),
+            |r| {
+                r.finish(&result);
+                if r.reply_to.is_none() {
+                    r.reply_to = reply_header.clone();
+                }
+            },
+        )
         .map_err(|e| {
             tracing::error!(task_id = id, error = %e, "store update failed");
             Retry
         })?;
     if !was_terminal && rec.state.is_terminal() {
-        let pool = rec.pool.clone().or_else(|| result.pool.clone()).unwrap_or_default();
-        let status = serde_json::to_value(result.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        ctx.metrics.tasks_finished.get_or_create(&FinishLabels { pool, status }).inc();
+        let pool = rec
+            .pool
+            .clone()
+            .or_else(|| result.pool.clone())
+            .unwrap_or_default();
+        let status = serde_json::to_value(result.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        ctx.metrics
+            .tasks_finished
+            .get_or_create(&FinishLabels { pool, status })
+            .inc();
         tracing::debug!(task_id = id, state = ?rec.state, "task finished");
     }
     if let Some(reply_to) = rec.reply_to.clone()
         && !rec.forwarded
     {
         let mut h = HeaderMap::new();
-        for name in [headers::TRACEPARENT, headers::TRACESTATE, headers::BAGGAGE, headers::TASK_ID, headers::ATTEMPT] {
+        for name in [
+            headers::TRACEPARENT,
+            headers::TRACESTATE,
+            headers::BAGGAGE,
+            headers::TASK_ID,
+            headers::ATTEMPT,
+        ] {
             if let Some(v) = header(hdrs, name) {
                 let _ = protocol::set_header(&mut h, name, v);
             }
         }
-        if let Err(e) = ctx.client.publish_with_headers(reply_to, h, msg.payload.clone()).await {
+        if let Err(e) = ctx
+            .client
+            .publish_with_headers(reply_to, h, msg.payload.clone())
+            .await
+        {
             tracing::warn!(task_id = id, error = %e, "forwarding the result failed; will retry");
             return Err(Retry);
         }

@@ -21,9 +21,16 @@ pub enum TestkitError {
     )]
     NatsMissing(String),
     #[error("could not start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what} did not become ready within {timeout:?}; its log:\n{log}")]
-    NotReady { what: String, timeout: Duration, log: String },
+    NotReady {
+        what: String,
+        timeout: Duration,
+        log: String,
+    },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -67,9 +74,17 @@ impl NatsServer {
             .spawn()
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => TestkitError::NatsMissing(bin.clone()),
-                _ => TestkitError::Spawn { what: bin.clone(), source: e },
+                _ => TestkitError::Spawn {
+                    what: bin.clone(),
+                    source: e,
+                },
             })?;
-        let mut server = Self { child: Some(child), dir, url: String::new(), version: String::new() };
+        let mut server = Self {
+            child: Some(child),
+            dir,
+            url: String::new(),
+            version: String::new(),
+        };
         let timeout = Duration::from_secs(15);
         let deadline = Instant::now() + timeout;
         loop {
@@ -88,9 +103,17 @@ impl NatsServer {
                     return Ok(server);
                 }
             }
-            let exited = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            let exited = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
             if exited || Instant::now() > deadline {
-                return Err(TestkitError::NotReady { what: "nats-server".into(), timeout, log: text });
+                return Err(TestkitError::NotReady {
+                    what: "nats-server".into(),
+                    timeout,
+                    log: text,
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -175,17 +198,26 @@ impl Commander {
         let config = opts.data_dir.join("commander.toml");
         let mut toml = String::new();
         toml.push_str("[http]\nlisten = \"127.0.0.1:0\"\n\n");
-        toml.push_str(&format!("[store]\ndata_dir = {:?}\n\n", opts.data_dir.join("store")));
+        toml.push_str(&format!(
+            "[store]\ndata_dir = {:?}\n\n",
+            opts.data_dir.join("store")
+        ));
         toml.push_str(&opts.config_toml);
         std::fs::write(&config, toml)?;
         let mut cmd = Command::new(&opts.bin);
-        cmd.arg("serve").arg("--config").arg(&config).args(&opts.extra_args);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(&opts.extra_args);
         if let Some(url) = &opts.nats_url {
             cmd.env("FLEET_NATS_URL", url);
         } else {
             cmd.env_remove("FLEET_NATS_URL");
         }
-        cmd.env("RUST_LOG", std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         cmd.env("NO_COLOR", "1");
         for (k, v) in &opts.extra_env {
             cmd.env(k, v);
@@ -195,12 +227,21 @@ impl Commander {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| TestkitError::Spawn { what: opts.bin.display().to_string(), source: e })?;
+            .map_err(|e| TestkitError::Spawn {
+                what: opts.bin.display().to_string(),
+                source: e,
+            })?;
         let log = Arc::new(Mutex::new(Vec::new()));
         // Drain both pipes for the life of the process so it never blocks on a full pipe.
         for reader in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -209,7 +250,13 @@ impl Commander {
             std::thread::spawn(move || {
                 for line in BufReader::new(reader).lines().map_while(Result::ok) {
                     if std::env::var_os("FLEET_TEST_ECHO").is_some() {
-                        eprintln!("[commander] {line}");
+                        #[expect(
+                            clippy::print_stderr,
+                            reason = "opt-in echo of the child's log into the test output"
+                        )]
+                        {
+                            eprintln!("[commander] {line}");
+                        }
                     }
                     if let Ok(mut l) = log.lock() {
                         l.push(line);
@@ -217,21 +264,38 @@ impl Commander {
                 }
             });
         }
-        let mut me = Self { child: Some(child), dir: opts.data_dir.clone(), http: String::new(), log };
+        let mut me = Self {
+            child: Some(child),
+            dir: opts.data_dir.clone(),
+            http: String::new(),
+            log,
+        };
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(addr) = me.find_log(|l| {
                 l.contains("http api listening")
-                    .then(|| l.split("addr=").nth(1).map(|a| a.split_whitespace().next().unwrap_or("").to_string()))
+                    .then(|| {
+                        l.split("addr=")
+                            .nth(1)
+                            .map(|a| a.split_whitespace().next().unwrap_or("").to_string())
+                    })
                     .flatten()
             }) {
                 me.http = format!("http://{addr}");
                 return Ok(me);
             }
-            let exited = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            let exited = me
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
             if exited || Instant::now() > deadline {
-                return Err(TestkitError::NotReady { what: "commander".into(), timeout, log: me.log_text() });
+                return Err(TestkitError::NotReady {
+                    what: "commander".into(),
+                    timeout,
+                    log: me.log_text(),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -257,7 +321,8 @@ impl Commander {
 
     /// Whether any logged line contains `needle`.
     pub fn logged(&self, needle: &str) -> bool {
-        self.find_log(|l| l.contains(needle).then_some(())).is_some()
+        self.find_log(|l| l.contains(needle).then_some(()))
+            .is_some()
     }
 
     /// Waits until a logged line contains `needle`.
