@@ -96,14 +96,22 @@ pub struct StoreConfig {
     /// Env: `FLEET_DATA_DIR`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Hours a finished task's record is kept (the results stream keeps results 7 days).
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             data_dir: default_data_dir(),
+            retention_hours: default_retention_hours(),
         }
     }
+}
+
+fn default_retention_hours() -> u64 {
+    7 * 24
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -245,6 +253,9 @@ impl Config {
             && url.trim().is_empty()
         {
             p.push("nats.url: must not be empty (leave it out to auto-detect)".into());
+        }
+        if self.store.retention_hours == 0 {
+            p.push("store.retention_hours: must be at least 1".into());
         }
         if self.intake.batch_size == 0 || self.intake.batch_size > 10_000 {
             p.push(format!(

@@ -37,6 +37,17 @@ pub enum RouteRule {
     DefaultPool,
 }
 
+impl RouteRule {
+    /// The snake_case name used on spans and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteRule::Requested => "requested",
+            RouteRule::CapabilityMatch => "capability_match",
+            RouteRule::DefaultPool => "default_pool",
+        }
+    }
+}
+
 /// A routing decision and its reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {

@@ -140,6 +140,9 @@ async fn run(
         ))
     };
 
+    let retention = Duration::from_secs(config.store.retention_hours * 3600);
+    let sweeper = tokio::spawn(sweep_store(store.clone(), retention, stop_rx.clone()));
+
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         store: store.clone(),
@@ -180,6 +183,7 @@ async fn run(
     let _ = stop_tx.send(true);
     let _ = intake.await;
     let _ = results.await;
+    let _ = sweeper.await;
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final store flush failed");
     }
@@ -189,4 +193,26 @@ async fn run(
     let _ = client.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes finished task records past the retention period, a bounded number at a time.
+async fn sweep_store(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let cutoff = std::time::SystemTime::now() - retention;
+        loop {
+            match store.sweep(cutoff, 10_000) {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(removed = n, "swept finished tasks past retention"),
+                Err(e) => {
+                    tracing::error!(error = %e, "store sweep failed");
+                    break;
+                }
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! records the dispatch.
 
 use std::path::Path;
+use std::time::SystemTime;
 
 use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3339};
 use serde::{Deserialize, Serialize};
@@ -107,9 +108,6 @@ pub struct TaskRecord {
     pub rejection: Option<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
-    /// Whether the result was forwarded to `reply_to`.
-    #[serde(default)]
-    pub forwarded: bool,
     pub history: Vec<StateChange>,
 }
 
@@ -127,7 +125,6 @@ impl TaskRecord {
             trace: None,
             rejection: None,
             outcome: None,
-            forwarded: false,
             history: Vec::new(),
         }
     }
@@ -135,10 +132,12 @@ impl TaskRecord {
     /// Moves to `state` unless that would go backwards; the change is recorded either way
     /// (a dispatch recorded after the result still has its time), but the state stays.
     pub fn advance(&mut self, state: TaskState) {
-        self.history.push(StateChange {
-            state,
-            at: now_rfc3339(),
-        });
+        self.advance_at(state, now_rfc3339());
+    }
+
+    /// [`TaskRecord::advance`] with the time the change happened.
+    pub fn advance_at(&mut self, state: TaskState, at: String) {
+        self.history.push(StateChange { state, at });
         if state.rank() >= self.state.rank() && !self.state.is_terminal() {
             self.state = state;
         }
@@ -171,6 +170,9 @@ impl TaskRecord {
 pub struct Store {
     db: sled::Db,
     tasks: sled::Tree,
+    /// Retention index: (finish time in ms, big-endian) ++ task id → (). Lets the sweeper
+    /// find old finished tasks without reading every record.
+    finished: sled::Tree,
 }
 
 impl Store {
@@ -180,7 +182,12 @@ impl Store {
             .flush_every_ms(Some(1000))
             .open()?;
         let tasks = db.open_tree("tasks")?;
-        Ok(Self { db, tasks })
+        let finished = db.open_tree("finished")?;
+        Ok(Self {
+            db,
+            tasks,
+            finished,
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -199,6 +206,8 @@ impl Store {
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
         let mut last_err = None;
+        // Set by the closure's last run: whether this update made the task terminal.
+        let became_terminal = std::cell::Cell::new(false);
         let out = self.tasks.update_and_fetch(id.as_bytes(), |old| {
             let mut rec = match old.map(serde_json::from_slice::<TaskRecord>) {
                 Some(Ok(r)) => r,
@@ -208,11 +217,21 @@ impl Store {
                 }
                 None => create(),
             };
+            let was_terminal = rec.state.is_terminal();
             f(&mut rec);
-            serde_json::to_vec(&rec).ok()
+            became_terminal.set(!was_terminal && rec.state.is_terminal());
+            // Returning None would delete the key: on an (impossible) encode failure keep the
+            // old bytes rather than lose the record.
+            serde_json::to_vec(&rec)
+                .ok()
+                .or_else(|| old.map(<[u8]>::to_vec))
         })?;
         if let Some(reason) = last_err {
             tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
+        }
+        if became_terminal.get() {
+            self.finished
+                .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
         }
         match out {
             Some(bytes) => decode(id, &bytes),
@@ -221,6 +240,22 @@ impl Store {
                 reason: "record did not encode".into(),
             }),
         }
+    }
+
+    /// Deletes tasks that finished before `cutoff`, at most `limit` per call; returns how
+    /// many went. Tasks still in flight are never swept.
+    pub fn sweep(&self, cutoff: SystemTime, limit: usize) -> Result<usize, StoreError> {
+        let end = unix_millis(cutoff).to_be_bytes();
+        let mut removed = 0;
+        for entry in self.finished.range(..end.as_slice()).take(limit) {
+            let (key, _) = entry?;
+            if let Some(id) = key.get(8..) {
+                self.tasks.remove(id)?;
+            }
+            self.finished.remove(key)?;
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// Makes everything written so far durable.
@@ -234,6 +269,19 @@ impl Store {
     }
 }
 
+fn finished_key(at_ms: u64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + id.len());
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         id: id.to_string(),
@@ -244,6 +292,48 @@ fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sweep_removes_only_tasks_finished_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ok = TaskResult::rejected("x", "x", "x");
+        ok.status = ResultStatus::Ok;
+        for id in ["done-1", "done-2", "running"] {
+            store
+                .update(
+                    id,
+                    || TaskRecord::new(id, 1),
+                    |r| r.advance(TaskState::Dispatched),
+                )
+                .unwrap();
+        }
+        for id in ["done-1", "done-2"] {
+            store
+                .update(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
+                .unwrap();
+            // A second terminal update does not index the task twice.
+            store
+                .update(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
+                .unwrap();
+        }
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(
+            store.sweep(past, 100).unwrap(),
+            0,
+            "nothing finished an hour ago"
+        );
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 1).unwrap(), 1, "the limit holds");
+        assert_eq!(store.sweep(future, 100).unwrap(), 1);
+        assert!(store.get("done-1").unwrap().is_none() && store.get("done-2").unwrap().is_none());
+        assert!(
+            store.get("running").unwrap().is_some(),
+            "tasks in flight are kept"
+        );
+        assert_eq!(store.task_count(), 1);
+    }
 
     #[test]
     fn state_never_moves_backwards_and_survives_reopen() {

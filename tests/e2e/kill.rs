@@ -124,31 +124,28 @@ async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() 
 async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     let toml = "[intake]\nwork_ack_wait_secs = 2\n[pools.gamma]\n";
     let stack = Stack::start(toml).await;
-    let sim = fleet_testkit::sibling_bin("fleet-sim");
-    let mut crashy = std::process::Command::new(&sim)
-        .args([
-            "worker",
-            "--pool",
-            "gamma",
-            "--id",
-            "crashy",
-            "--hang",
-            "--nats-url",
-            stack.nats.url(),
-        ])
-        .stderr(std::process::Stdio::piped())
+    // The SDK's example worker, a real process; `cargo test` builds examples.
+    let bin = fleet_testkit::sibling_bin("examples/worker");
+    let mut crashy = std::process::Command::new(&bin)
+        .args(["--pool", "gamma", "--id", "crashy", "--work-ms", "3600000"])
+        .args(["--nats-url", stack.nats.url()])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run {} ({e}); build it with `cargo build -p fleet-sim`",
-                sim.display()
+                "cannot run {} ({e}); build it with `cargo build -p fleet-worker --examples`",
+                bin.display()
             )
         });
-    let stderr = crashy.stderr.take().unwrap();
+    let output = crashy.stdout.take().unwrap();
+    // Killed on drop too, so a failing assertion cannot leave it running.
+    let mut crashy = KillOnDrop(crashy);
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
+        for line in std::io::BufReader::new(output)
             .lines()
             .map_while(Result::ok)
         {
@@ -173,8 +170,8 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     tokio::time::timeout(WAIT, started.recv())
         .await
         .expect("the hanging worker took the task");
-    crashy.kill().unwrap();
-    crashy.wait().unwrap();
+    crashy.0.kill().unwrap();
+    crashy.0.wait().unwrap();
 
     let seen = SeenLog::default();
     let rescuer = recording_worker(
@@ -192,4 +189,13 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     let runs = seen.lock().unwrap().runs.clone();
     assert_eq!(runs.get(&("crash-1".to_string(), 1)), Some(&1));
     rescuer.shutdown().await;
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -47,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let handle = Worker::start(client, config, move |ctx: TaskContext| {
         let model = model.clone();
         async move {
+            tracing::info!(task_id = %ctx.task_id, attempt = ctx.attempt, "task started");
             tokio::time::sleep(work).await;
             let team = ctx.baggage.get("team").unwrap_or("unknown").to_string();
             tracing::info!(task_id = %ctx.task_id, trace_id = %ctx.span.trace_id, team, "done");

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use fleet_worker::message::{ErrorInfo, Task, TaskResult};
+use fleet_worker::message::{ErrorInfo, Task, TaskResult, now_rfc3339};
 use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
 use fleet_worker::span::{SpanKind, SpanRecord};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
@@ -36,6 +36,32 @@ struct Dispatch {
     headers: HeaderMap,
     payload: Bytes,
     span: SpanRecord,
+    /// Written once the work stream has acknowledged the dispatch.
+    record: DispatchRecord,
+}
+
+/// What the store learns about a dispatched task, in one write.
+struct DispatchRecord {
+    seq: u64,
+    route_reason: String,
+    priority: u8,
+    reply_to: Option<String>,
+    trace: TraceInfo,
+    received_at: String,
+}
+
+impl DispatchRecord {
+    fn apply(&self, r: &mut TaskRecord, pool: &str) {
+        r.intake_sequence = self.seq;
+        r.pool = Some(pool.to_string());
+        r.route_reason = Some(self.route_reason.clone());
+        r.priority = self.priority;
+        r.attempt = FIRST_ATTEMPT;
+        r.reply_to = self.reply_to.clone();
+        r.trace = Some(self.trace.clone());
+        r.advance_at(TaskState::Received, self.received_at.clone());
+        r.advance(TaskState::Dispatched);
+    }
 }
 
 struct Reject {
@@ -100,7 +126,11 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 }
                 (Some(Plan::Dispatch(mut d)), _) => {
-                    let recorded = ctx.store.update(&d.id, || TaskRecord::new(&d.id, 0), |r| r.advance(TaskState::Dispatched));
+                    let recorded = ctx.store.update(
+                        &d.id,
+                        || TaskRecord::new(&d.id, d.record.seq),
+                        |r| d.record.apply(r, &d.pool),
+                    );
                     if let Err(e) = recorded {
                         tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
                     }
@@ -140,6 +170,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
 /// Works out what to do with one message and records that it was received.
 fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::store::StoreError> {
     let started = SystemTime::now();
+    let received_at = now_rfc3339();
     let hdrs = msg.headers.as_ref();
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let reply_to = header(hdrs, headers::REPLY_TO)
@@ -242,26 +273,6 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         invalid_traceparent: invalid.clone(),
         traceparent: dispatch.to_header(),
     };
-    let (pool, reason, priority) = (
-        decision.pool.clone(),
-        decision.reason.clone(),
-        task.priority,
-    );
-    ctx.store.update(
-        &id,
-        || TaskRecord::new(&id, seq),
-        |r| {
-            r.intake_sequence = seq;
-            r.pool = Some(pool.clone());
-            r.route_reason = Some(reason.clone());
-            r.priority = priority;
-            r.attempt = FIRST_ATTEMPT;
-            r.reply_to = reply_to.clone();
-            r.trace = Some(trace_info.clone());
-            r.advance(TaskState::Received);
-        },
-    )?;
-
     let mut h = HeaderMap::new();
     let mut set = |k: &str, v: &str| {
         if let Err(e) = protocol::set_header(&mut h, k, v) {
@@ -316,10 +327,7 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         .attr("fleet.task.id", id.clone())
         .attr("fleet.attempt", FIRST_ATTEMPT)
         .attr("fleet.pool", decision.pool.clone())
-        .attr(
-            "fleet.route.rule",
-            format!("{:?}", decision.rule).to_lowercase(),
-        )
+        .attr("fleet.route.rule", decision.rule.as_str())
         .attr("fleet.route.reason", decision.reason.clone())
         .attr("fleet.intake.sequence", seq as i64);
     if let Some(bad) = &invalid {
@@ -329,6 +337,14 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         span.attr(k, v);
     }
     tracing::debug!(task_id = %id, pool = %decision.pool, trace_id = %trace_id, "dispatching");
+    let record = DispatchRecord {
+        seq,
+        route_reason: decision.reason.clone(),
+        priority: task.priority,
+        reply_to,
+        trace: trace_info,
+        received_at,
+    };
     Ok(Some(Plan::Dispatch(Box::new(Dispatch {
         id,
         pool: decision.pool,
@@ -336,6 +352,7 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         headers: h,
         payload,
         span,
+        record,
     }))))
 }
 

@@ -63,18 +63,18 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     let reply_header = header(hdrs, headers::REPLY_TO)
         .filter(|r| is_publish_subject(r))
         .map(str::to_string);
-    let before = ctx.store.get(id).map_err(|e| {
-        tracing::error!(task_id = id, error = %e, "store read failed");
-        Retry
-    })?;
-    let was_terminal = before.as_ref().is_some_and(|r| r.state.is_terminal());
+    // Whether this message moved the task to a terminal state (the closure may run more
+    // than once under contention; the last run is the one that stuck).
+    let finished_now = std::cell::Cell::new(false);
     let rec = ctx
         .store
         .update(
             id,
             || TaskRecord::new(id, 0),
             |r| {
+                let was_terminal = r.state.is_terminal();
                 r.finish(&result);
+                finished_now.set(!was_terminal && r.state.is_terminal());
                 if r.reply_to.is_none() {
                     r.reply_to = reply_header.clone();
                 }
@@ -84,7 +84,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             tracing::error!(task_id = id, error = %e, "store update failed");
             Retry
         })?;
-    if !was_terminal && rec.state.is_terminal() {
+    if finished_now.get() {
         let pool = rec
             .pool
             .clone()
@@ -98,11 +98,10 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             .tasks_finished
             .get_or_create(&FinishLabels { pool, status })
             .inc();
-        tracing::debug!(task_id = id, state = ?rec.state, "task finished");
     }
-    if let Some(reply_to) = rec.reply_to.clone()
-        && !rec.forwarded
-    {
+    // Forwarded every time a result message is handled: that is once, unless the message
+    // is redelivered after a crash, and the producer's inbox drops the copy.
+    if let Some(reply_to) = rec.reply_to.clone() {
         let mut h = HeaderMap::new();
         for name in [
             headers::TRACEPARENT,
@@ -124,9 +123,6 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             return Err(Retry);
         }
         ctx.metrics.results_forwarded.inc();
-        ctx.store
-            .update(id, || TaskRecord::new(id, 0), |r| r.forwarded = true)
-            .map_err(|_| Retry)?;
     }
     Ok(())
 }
