@@ -41,8 +41,15 @@ pub enum PipelineError {
     Nats(String),
 }
 
-/// Reads batches from a pull consumer and hands each to `work` until shutdown. Survives
-/// stream errors (server restarts, missed heartbeats) by re-subscribing with backoff.
+/// Batches a loop works on at once. More than one lets the next batch be read and planned
+/// while the previous one waits for its PubAcks and its store flush; the order in which
+/// batches finish does not matter, because every step is idempotent.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Reads batches from a pull consumer and hands each to `work` until shutdown, with up to
+/// [`BATCHES_IN_FLIGHT`] running at once; on shutdown, the batches in hand are finished
+/// (and acked) first. Survives stream errors (server restarts, missed heartbeats) by
+/// re-subscribing with backoff.
 pub async fn consume_batches<F, Fut>(
     name: &'static str,
     consumer: consumer::Consumer<consumer::pull::Config>,
@@ -54,8 +61,10 @@ pub async fn consume_batches<F, Fut>(
     Fut: Future<Output = ()>,
 {
     let mut backoff = Duration::from_millis(100);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     'outer: loop {
         if *shutdown.borrow() {
+            while in_flight.next().await.is_some() {}
             return;
         }
         let messages = consumer
@@ -80,8 +89,12 @@ pub async fn consume_batches<F, Fut>(
         let mut chunks = messages.ready_chunks(batch_size);
         loop {
             let chunk = tokio::select! {
-                c = chunks.next() => c,
-                _ = shutdown.changed() => return,
+                c = chunks.next(), if in_flight.len() < BATCHES_IN_FLIGHT => c,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                _ = shutdown.changed() => {
+                    while in_flight.next().await.is_some() {}
+                    return;
+                }
             };
             let Some(chunk) = chunk else {
                 tracing::warn!(loop_name = name, "consumer stream ended; re-subscribing");
@@ -96,7 +109,7 @@ pub async fn consume_batches<F, Fut>(
             }
             if !batch.is_empty() {
                 backoff = Duration::from_millis(100);
-                work(batch).await;
+                in_flight.push(work(batch));
             }
         }
     }
