@@ -27,7 +27,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT TERM
 
 mkdir -p data/example
 target/release/commander serve --config simulations/fleets/example.toml 2> data/example/commander.log &

@@ -337,30 +337,10 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     assert_eq!(rec["pool"], "beta");
     assert_eq!(rec["trace"]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(rec["trace"]["parent_span_id"], "b7ad6b7169203331");
-    assert_eq!(
-        http.get(stack.http("/v1/tasks/nope"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        http.get(stack.http("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(stack.http("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    for (path, status) in [("/v1/tasks/nope", 404), ("/healthz", 200), ("/readyz", 200)] {
+        let got = http.get(stack.http(path)).send().await.unwrap().status();
+        assert_eq!(got, status, "GET {path}");
+    }
     let metrics = http.get(stack.http("/metrics")).send().await.unwrap();
     assert_eq!(
         metrics.headers()["content-type"],

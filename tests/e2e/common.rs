@@ -142,6 +142,25 @@ pub async fn recording_worker(
     .expect("worker starts")
 }
 
+/// Two recording workers in each of the pools of [`TWO_POOLS`].
+pub async fn two_workers_per_pool(
+    client: &async_nats::Client,
+    concurrency: usize,
+    delay: Duration,
+    seen: &SeenLog,
+) -> Vec<WorkerHandle> {
+    let mut workers = Vec::new();
+    for (pool, id) in [
+        ("alpha", "a1"),
+        ("alpha", "a2"),
+        ("beta", "b1"),
+        ("beta", "b2"),
+    ] {
+        workers.push(recording_worker(client, pool, id, concurrency, delay, seen.clone()).await);
+    }
+    workers
+}
+
 /// A span as the tests need it.
 #[derive(Clone, Debug)]
 pub struct SeenSpan {

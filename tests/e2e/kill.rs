@@ -15,25 +15,7 @@ const TASKS: usize = 5_000;
 async fn kill_9_commander_with_5000_tasks_in_flight_loses_and_repeats_nothing() {
     let mut stack = Stack::start(TWO_POOLS).await;
     let seen = SeenLog::default();
-    let mut workers = Vec::new();
-    for (pool, id) in [
-        ("alpha", "a1"),
-        ("alpha", "a2"),
-        ("beta", "b1"),
-        ("beta", "b2"),
-    ] {
-        workers.push(
-            recording_worker(
-                &stack.client,
-                pool,
-                id,
-                8,
-                Duration::from_millis(15),
-                seen.clone(),
-            )
-            .await,
-        );
-    }
+    let workers = two_workers_per_pool(&stack.client, 8, Duration::from_millis(15), &seen).await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let mut inbox = producer.result_inbox().await.unwrap();
     let mut acks = Vec::new();
@@ -130,8 +112,8 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
         .args(["--pool", "gamma", "--id", "crashy", "--work-ms", "3600000"])
         .args(["--nats-url", stack.nats.url()])
         .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
@@ -139,7 +121,7 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
                 bin.display()
             )
         });
-    let output = crashy.stdout.take().unwrap();
+    let output = crashy.stderr.take().unwrap();
     // Killed on drop too, so a failing assertion cannot leave it running.
     let mut crashy = KillOnDrop(crashy);
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();

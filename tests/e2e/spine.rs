@@ -14,17 +14,7 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     let stack = Stack::start(TWO_POOLS).await;
     let spans = collect_spans(&stack.client).await;
     let seen = SeenLog::default();
-    let mut workers = Vec::new();
-    for (pool, id) in [
-        ("alpha", "a1"),
-        ("alpha", "a2"),
-        ("beta", "b1"),
-        ("beta", "b2"),
-    ] {
-        workers.push(
-            recording_worker(&stack.client, pool, id, 16, Duration::ZERO, seen.clone()).await,
-        );
-    }
+    let workers = two_workers_per_pool(&stack.client, 16, Duration::ZERO, &seen).await;
 
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let mut inbox = producer.result_inbox().await.unwrap();

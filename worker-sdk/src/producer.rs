@@ -87,20 +87,7 @@ impl Producer {
         task: &Task,
         opts: SubmitOptions,
     ) -> Result<SubmitReceipt, ProducerError> {
-        let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
-        let ack = self
-            .js
-            .publish_with_headers(subject, hdrs, payload)
-            .await
-            .map_err(|e| ProducerError::NotAccepted(e.to_string()))?
-            .await
-            .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
-        Ok(SubmitReceipt {
-            task_id,
-            stream_sequence: ack.sequence,
-            duplicate: ack.duplicate,
-            traceparent,
-        })
+        self.submit_pipelined(task, opts).await?.await
     }
 
     /// Like [`Producer::submit`] but does not wait for the ack; await the returned future

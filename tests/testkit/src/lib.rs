@@ -103,11 +103,7 @@ impl NatsServer {
                     return Ok(server);
                 }
             }
-            let exited = server
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-                .is_some();
+            let exited = has_exited(&mut server.child);
             if exited || Instant::now() > deadline {
                 return Err(TestkitError::NotReady {
                     what: "nats-server".into(),
@@ -285,11 +281,7 @@ impl Commander {
                 me.http = format!("http://{addr}");
                 return Ok(me);
             }
-            let exited = me
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-                .is_some();
+            let exited = has_exited(&mut me.child);
             if exited || Instant::now() > deadline {
                 return Err(TestkitError::NotReady {
                     what: "commander".into(),
@@ -385,4 +377,11 @@ impl Drop for Commander {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+fn has_exited(child: &mut Option<Child>) -> bool {
+    child
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten())
+        .is_some()
 }
