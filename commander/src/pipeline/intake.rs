@@ -64,6 +64,21 @@ impl DispatchRecord {
     }
 }
 
+impl Reject {
+    fn plan(id: String, seq: u64, code: &str, message: String, reply_to: Option<String>) -> Plan {
+        let error = ErrorInfo {
+            code: code.to_string(),
+            message,
+        };
+        Plan::Reject(Box::new(Reject {
+            id,
+            seq,
+            error,
+            reply_to,
+        }))
+    }
+}
+
 struct Reject {
     id: String,
     seq: u64,
@@ -202,16 +217,13 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     let mut task = match parsed {
         Ok(t) => t,
         Err(e) => {
-            let error = ErrorInfo {
-                code: e.code().to_string(),
-                message: e.to_string(),
-            };
-            return Ok(Some(Plan::Reject(Box::new(Reject {
+            return Ok(Some(Reject::plan(
                 id,
                 seq,
-                error,
+                e.code(),
+                e.to_string(),
                 reply_to,
-            }))));
+            )));
         }
     };
     task.id = Some(id.clone());
@@ -251,16 +263,13 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     let decision = match decision {
         Ok(d) => d,
         Err(no_route) => {
-            let error = ErrorInfo {
-                code: no_route.code().to_string(),
-                message: no_route.to_string(),
-            };
-            return Ok(Some(Plan::Reject(Box::new(Reject {
+            return Ok(Some(Reject::plan(
                 id,
                 seq,
-                error,
+                no_route.code(),
+                no_route.to_string(),
                 reply_to,
-            }))));
+            )));
         }
     };
     task.pool = Some(decision.pool.clone());
@@ -299,16 +308,13 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         Ok(p) => Bytes::from(p),
         Err(e) => {
             // A validated Task always serialises; refuse rather than panic if not.
-            let error = ErrorInfo {
-                code: "internal".into(),
-                message: format!("task did not serialise: {e}"),
-            };
-            return Ok(Some(Plan::Reject(Box::new(Reject {
+            return Ok(Some(Reject::plan(
                 id,
                 seq,
-                error,
+                "internal",
+                format!("task did not serialise: {e}"),
                 reply_to,
-            }))));
+            )));
         }
     };
 
