@@ -146,8 +146,7 @@ async fn run(
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         store: store.clone(),
-        js,
-        subjects,
+        producer: fleet_worker::Producer::new(client.clone(), subjects),
         metrics,
         registry,
         ready: ready.clone(),

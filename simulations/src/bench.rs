@@ -72,17 +72,17 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let mut raw_rates = Vec::new();
     let mut cmd_rates = Vec::new();
 
-    let dir = tempfile_dir()?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut toml = String::from("[intake]\nbatch_size = 256\n");
     for p in &pools {
         toml.push_str(&format!("[pools.{p}]\n"));
     }
-    let bin = args.commander_bin.clone().unwrap_or_else(sibling_commander);
+    let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
     let commander = Commander::start(&CommanderOptions {
         bin,
         nats_url: Some(url.clone()),
         config_toml: toml,
-        data_dir: dir.clone(),
+        data_dir: dir.path().join("commander"),
         extra_env: vec![("RUST_LOG".into(), "warn,fleet_commander::serve=info".into())],
         extra_args: vec![],
     })
@@ -121,7 +121,6 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         "  ratio              : {:.2} (goal >= 0.50)",
         if raw > 0.0 { cmd / raw } else { 0.0 }
     );
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -283,24 +282,4 @@ async fn start_relay(
             }
         }
     }))
-}
-
-fn sibling_commander() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default();
-    let candidate = dir.join("commander");
-    if candidate.exists() {
-        candidate
-    } else {
-        commander_bin()
-    }
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("fleet-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    Ok(dir)
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -206,7 +206,6 @@ struct Shared<H> {
     stats: Arc<WorkerStats>,
     completed: Mutex<Completed>,
     running: Mutex<BTreeSet<String>>,
-    draining: AtomicBool,
     started_at: String,
 }
 
@@ -291,7 +290,6 @@ impl Worker {
             stats: stats.clone(),
             completed: Mutex::new(Completed::new(100_000)),
             running: Mutex::new(BTreeSet::new()),
-            draining: AtomicBool::new(false),
             started_at: now_rfc3339(),
             config,
         });
@@ -776,7 +774,6 @@ async fn heartbeats<H>(
                 publish_heartbeat(&client, &shared, state).await;
             }
             _ = stop.changed() => {
-                shared.draining.store(true, Ordering::Relaxed);
                 publish_heartbeat(&client, &shared, WorkerState::Draining).await;
                 return;
             }

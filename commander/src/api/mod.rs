@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_nats::HeaderMap;
-use async_nats::jetstream;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -15,9 +13,9 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_worker::message::{FieldProblem, Task, TaskError};
-use fleet_worker::producer::random_id;
-use fleet_worker::protocol::{self, Subjects, headers, is_subject_token};
-use fleet_worker::trace::{Baggage, TraceParent};
+use fleet_worker::producer::{Producer, ProducerError, SubmitOptions};
+use fleet_worker::protocol::{headers, is_subject_token};
+use fleet_worker::trace::{Baggage, TraceParent, parse_tracestate};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -29,8 +27,8 @@ use crate::store::Store;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub store: Store,
-    pub js: jetstream::Context,
-    pub subjects: Subjects,
+    /// Publishes HTTP submissions to the intake stream, exactly as a NATS producer would.
+    pub producer: Producer,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
     /// Set once NATS is connected and the streams exist; cleared on shutdown.
@@ -174,71 +172,55 @@ async fn submit_task(
             })
             .inc()
     };
-    let mut task = match Task::from_json(&body) {
+    let task = match Task::from_json(&body) {
         Ok(t) => t,
         Err(e) => {
             rejected(&s);
             return Err(e.into());
         }
     };
-    let key = http_header(&req_headers, "idempotency-key").map(str::to_string);
-    if let Some(k) = &key
-        && !is_subject_token(k)
-    {
-        rejected(&s);
-        return Err(ApiError::BadRequest(
-            "Idempotency-Key must be 1-128 letters, digits, '-' or '_'".into(),
-        ));
-    }
-    let id = task
-        .id
-        .clone()
-        .or_else(|| key.clone())
-        .unwrap_or_else(random_id);
-    task.id = Some(id.clone());
-
     // The caller's span is the parent; an absent or invalid one starts a new trace here,
     // at the edge, and that is the trace the response names.
     let raw_tp = http_header(&req_headers, headers::TRACEPARENT);
-    let traceparent = match raw_tp.map(TraceParent::parse) {
-        Some(Ok(tp)) => tp,
+    let parent = match raw_tp.map(TraceParent::parse) {
+        Some(Ok(tp)) => Some(tp),
         Some(Err(e)) => {
             s.metrics.traceparent_invalid.inc();
-            tracing::info!(traceparent = raw_tp, reason = %e, task_id = %id, "invalid traceparent on HTTP submission; starting a new trace");
-            TraceParent::new_root()
+            tracing::info!(traceparent = raw_tp, reason = %e, "invalid traceparent on HTTP submission; starting a new trace");
+            None
         }
-        None => TraceParent::new_root(),
+        None => None,
     };
-    let mut h = HeaderMap::new();
-    let set = |h: &mut HeaderMap, k: &str, v: &str| {
-        protocol::set_header(h, k, v).map_err(|e| ApiError::BadRequest(e.to_string()))
+    let opts = SubmitOptions {
+        idempotency_key: http_header(&req_headers, "idempotency-key").map(str::to_string),
+        parent,
+        tracestate: parent
+            .and(http_header(&req_headers, headers::TRACESTATE))
+            .and_then(parse_tracestate),
+        baggage: http_header(&req_headers, headers::BAGGAGE)
+            .map(Baggage::parse)
+            .unwrap_or_default(),
+        reply_to: None,
     };
-    set(&mut h, headers::TRACEPARENT, &traceparent.to_header())?;
-    if raw_tp.is_some_and(|v| TraceParent::parse(v).is_ok())
-        && let Some(ts) = http_header(&req_headers, headers::TRACESTATE)
-            .and_then(fleet_worker::trace::parse_tracestate)
-    {
-        set(&mut h, headers::TRACESTATE, &ts)?;
-    }
-    if let Some(b) = http_header(&req_headers, headers::BAGGAGE) {
-        set(&mut h, headers::BAGGAGE, &Baggage::parse(b).to_header())?;
-    }
-    set(&mut h, headers::NATS_MSG_ID, key.as_deref().unwrap_or(&id))?;
-    set(&mut h, headers::TASK_ID, &id)?;
-    let payload = serde_json::to_vec(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let ack =
-        s.js.publish_with_headers(s.subjects.submit(), h, payload.into())
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    // The same path as a NATS producer: the task is accepted once the intake stream has it.
+    let receipt = s.producer.submit(&task, opts).await.map_err(|e| match e {
+        ProducerError::InvalidTask(e) => ApiError::BadTask(e),
+        ProducerError::BadIdempotencyKey | ProducerError::BadReplyTo(_) => {
+            rejected(&s);
+            ApiError::BadRequest(e.to_string())
+        }
+        ProducerError::NotAccepted(_) | ProducerError::Nats(_) => {
+            ApiError::Unavailable(e.to_string())
+        }
+        other => ApiError::Internal(other.to_string()),
+    })?;
     s.metrics.http_submissions.inc();
     let accepted = Accepted {
-        status_url: format!("/v1/tasks/{id}"),
-        task_id: id,
-        traceparent: traceparent.to_header(),
-        stream_sequence: ack.sequence,
-        duplicate: ack.duplicate,
+        status_url: format!("/v1/tasks/{}", receipt.task_id),
+        task_id: receipt.task_id,
+        traceparent: receipt.traceparent.to_header(),
+        stream_sequence: receipt.stream_sequence,
+        duplicate: receipt.duplicate,
     };
     Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
 }

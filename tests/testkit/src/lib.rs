@@ -141,21 +141,16 @@ impl Drop for NatsServer {
 
 /// The commander binary built by cargo for this workspace.
 ///
-/// `$FLEET_COMMANDER_BIN` wins; otherwise the binary next to the running test executable's
-/// `deps/` directory, which is where cargo puts workspace binaries.
+/// `$FLEET_COMMANDER_BIN` wins; otherwise [`sibling_bin`].
 pub fn commander_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEET_COMMANDER_BIN") {
-        return PathBuf::from(p);
+    match std::env::var("FLEET_COMMANDER_BIN") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => sibling_bin("commander"),
     }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir.join("commander")
 }
 
-/// A workspace binary next to the running test executable (`target/<profile>/<name>`).
+/// A workspace binary next to the running executable, or next to its `deps/` directory when
+/// it is a test: `target/<profile>/<name>`, where cargo puts workspace binaries.
 pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
