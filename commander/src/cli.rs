@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// HTTP listen address; overrides the config file.
     #[arg(long, env = "FLEET_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// OTLP/gRPC listen address; overrides the config file.
+    #[arg(long, env = "FLEET_OTLP_GRPC_LISTEN")]
+    pub otlp_grpc_listen: Option<SocketAddr>,
+    /// OTLP/HTTP listen address; overrides the config file.
+    #[arg(long, env = "FLEET_OTLP_HTTP_LISTEN")]
+    pub otlp_http_listen: Option<SocketAddr>,
     /// Data directory; overrides the config file.
     #[arg(long, env = "FLEET_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -77,6 +83,12 @@ impl ServeArgs {
         }
         if let Some(addr) = self.http_listen {
             config.http.listen = addr;
+        }
+        if let Some(addr) = self.otlp_grpc_listen {
+            config.telemetry.grpc_listen = addr;
+        }
+        if let Some(addr) = self.otlp_http_listen {
+            config.telemetry.http_listen = addr;
         }
         if let Some(dir) = &self.data_dir {
             config.store.data_dir = dir.clone();

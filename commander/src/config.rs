@@ -34,6 +34,188 @@ pub struct Config {
     /// Pools by name (`[pools.code]`). Empty means "any pool a task names is accepted".
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Telemetry ingest: OTLP listeners, NATS, limits, the model registry.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Live fleet state: state machine thresholds and memory bounds.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Serve OTLP/gRPC (TraceService, MetricsService, LogsService).
+    #[serde(default = "yes")]
+    pub grpc: bool,
+    /// OTLP/gRPC address; port 0 picks a free port (logged). Env: `FLEET_OTLP_GRPC_LISTEN`.
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    /// Serve OTLP/HTTP (`/v1/traces`, `/v1/metrics`, `/v1/logs`; protobuf or JSON; gzip).
+    #[serde(default = "yes")]
+    pub http: bool,
+    /// OTLP/HTTP address. Env: `FLEET_OTLP_HTTP_LISTEN`.
+    #[serde(default = "default_otlp_http_listen")]
+    pub http_listen: SocketAddr,
+    /// Read OTLP payloads and heartbeats from NATS `<prefix>.telemetry.>`.
+    #[serde(default = "yes")]
+    pub nats: bool,
+    /// Largest OTLP request after decompression, in bytes (OTLP recommends 64 MiB).
+    #[serde(default = "default_max_request")]
+    pub max_request_bytes: usize,
+    /// Decoded batches waiting for the state owner. When full, exports are refused with
+    /// RESOURCE_EXHAUSTED / 429 and counted; the task path is never slowed.
+    #[serde(default = "default_ingest_queue")]
+    pub queue_batches: usize,
+    /// Model registry file (TOML), hot-reloaded. Unset: the built-in `policies/models.toml`.
+    #[serde(default)]
+    pub model_registry: Option<PathBuf>,
+    /// How often pool queue depths are read from JetStream, in milliseconds.
+    #[serde(default = "default_queue_poll_ms")]
+    pub queue_poll_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            grpc: true,
+            grpc_listen: default_grpc_listen(),
+            http: true,
+            http_listen: default_otlp_http_listen(),
+            nats: true,
+            max_request_bytes: default_max_request(),
+            queue_batches: default_ingest_queue(),
+            model_registry: None,
+            queue_poll_ms: default_queue_poll_ms(),
+        }
+    }
+}
+
+/// Thresholds of the worker state machine and the bounds of the live state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// STUCK when a run has had no span for this many times its expected duration (k).
+    #[serde(default = "default_stuck_factor")]
+    pub stuck_factor: f64,
+    /// STUCK when one tool is called more than this many times in one run (N).
+    #[serde(default = "default_tool_repeat_limit")]
+    pub tool_repeat_limit: u32,
+    /// WAITING when a run has had no span for this long, in milliseconds.
+    #[serde(default = "default_waiting_after_ms")]
+    pub waiting_after_ms: u64,
+    /// Expected duration of a task that states none and whose type has no baseline yet, s.
+    #[serde(default = "default_expected_s")]
+    pub default_expected_duration_s: f64,
+    /// ERROR after this many failed LLM or tool calls in a row.
+    #[serde(default = "default_error_streak")]
+    pub error_streak: u32,
+    /// A heartbeating worker is lost after this long without a heartbeat, in ms.
+    #[serde(default = "default_lost_after_ms")]
+    pub lost_after_ms: u64,
+    /// A worker that only sends spans is lost after this long without any, in ms.
+    #[serde(default = "default_silent_lost_after_ms")]
+    pub silent_lost_after_ms: u64,
+    /// A lost worker is forgotten after this long, in ms.
+    #[serde(default = "default_worker_retention_ms")]
+    pub retention_ms: u64,
+    /// Most workers tracked; signals from more are counted and dropped.
+    #[serde(default = "default_max_workers")]
+    pub max_workers: usize,
+    /// Most runs tracked per worker at once.
+    #[serde(default = "default_max_runs")]
+    pub max_runs_per_worker: usize,
+    /// Finished runs kept per worker (the "last N tasks").
+    #[serde(default = "default_recent_tasks")]
+    pub recent_tasks: usize,
+    /// Distinct tools tracked per worker; more are summed under `_other`.
+    #[serde(default = "default_max_tools")]
+    pub max_tools_per_worker: usize,
+    /// Distinct attribution keys (dimension combinations) tracked per minute; more are
+    /// summed under `_other`.
+    #[serde(default = "default_max_cost_keys")]
+    pub max_cost_keys: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            stuck_factor: default_stuck_factor(),
+            tool_repeat_limit: default_tool_repeat_limit(),
+            waiting_after_ms: default_waiting_after_ms(),
+            default_expected_duration_s: default_expected_s(),
+            error_streak: default_error_streak(),
+            lost_after_ms: default_lost_after_ms(),
+            silent_lost_after_ms: default_silent_lost_after_ms(),
+            retention_ms: default_worker_retention_ms(),
+            max_workers: default_max_workers(),
+            max_runs_per_worker: default_max_runs(),
+            recent_tasks: default_recent_tasks(),
+            max_tools_per_worker: default_max_tools(),
+            max_cost_keys: default_max_cost_keys(),
+        }
+    }
+}
+
+impl FleetConfig {
+    pub fn default_expected_duration_ms(&self) -> u64 {
+        (self.default_expected_duration_s * 1000.0) as u64
+    }
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4317))
+}
+fn default_otlp_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4318))
+}
+fn default_max_request() -> usize {
+    64 * 1024 * 1024
+}
+fn default_ingest_queue() -> usize {
+    1024
+}
+fn default_queue_poll_ms() -> u64 {
+    2_000
+}
+fn default_stuck_factor() -> f64 {
+    3.0
+}
+fn default_tool_repeat_limit() -> u32 {
+    10
+}
+fn default_waiting_after_ms() -> u64 {
+    10_000
+}
+fn default_expected_s() -> f64 {
+    120.0
+}
+fn default_error_streak() -> u32 {
+    3
+}
+fn default_lost_after_ms() -> u64 {
+    15_000
+}
+fn default_silent_lost_after_ms() -> u64 {
+    300_000
+}
+fn default_worker_retention_ms() -> u64 {
+    3_600_000
+}
+fn default_max_workers() -> usize {
+    50_000
+}
+fn default_max_runs() -> usize {
+    64
+}
+fn default_recent_tasks() -> usize {
+    20
+}
+fn default_max_tools() -> usize {
+    32
+}
+fn default_max_cost_keys() -> usize {
+    10_000
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -291,6 +473,41 @@ impl Config {
                     "routing.default_pool: {d:?} is not one of the configured pools"
                 ));
             }
+        }
+        let f = &self.fleet;
+        if !(f.stuck_factor.is_finite() && f.stuck_factor >= 1.0) {
+            p.push(format!(
+                "fleet.stuck_factor: {} must be at least 1",
+                f.stuck_factor
+            ));
+        }
+        if f.tool_repeat_limit == 0 {
+            p.push("fleet.tool_repeat_limit: must be at least 1".into());
+        }
+        if !(f.default_expected_duration_s.is_finite() && f.default_expected_duration_s > 0.0) {
+            p.push("fleet.default_expected_duration_s: must be above 0".into());
+        }
+        if f.error_streak == 0 {
+            p.push("fleet.error_streak: must be at least 1".into());
+        }
+        for (key, v) in [
+            ("fleet.max_workers", f.max_workers),
+            ("fleet.max_runs_per_worker", f.max_runs_per_worker),
+            ("fleet.recent_tasks", f.recent_tasks),
+            ("fleet.max_tools_per_worker", f.max_tools_per_worker),
+            ("fleet.max_cost_keys", f.max_cost_keys),
+            ("telemetry.queue_batches", self.telemetry.queue_batches),
+            (
+                "telemetry.max_request_bytes",
+                self.telemetry.max_request_bytes,
+            ),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            }
+        }
+        if self.telemetry.queue_poll_ms == 0 {
+            p.push("telemetry.queue_poll_ms: must be at least 1".into());
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
     }

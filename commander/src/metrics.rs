@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +27,22 @@ pub struct FinishLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
     pub transport: String,
+}
+
+/// Telemetry item counters: items are spans, metric data points, log records or heartbeats.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TelemetryLabels {
+    /// `grpc`, `http` or `nats`.
+    pub transport: &'static str,
+    /// `traces`, `metrics`, `logs` or `heartbeats`.
+    pub signal: &'static str,
+    /// `received`, `accepted`, `rejected` (bad data) or `dropped` (shed under load).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
 }
 
 /// Every counter the task path keeps.
@@ -53,6 +70,10 @@ pub struct Metrics {
     pub http_submissions: Counter,
     /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
     pub http_rejected: Family<TransportLabel, Counter>,
+    /// Telemetry items by transport, signal and outcome.
+    pub telemetry: Family<TelemetryLabels, Counter>,
+    /// Workers tracked, by state (lost workers under `LOST`).
+    pub workers: Family<StateLabel, Gauge>,
 }
 
 impl Metrics {
@@ -114,7 +135,32 @@ impl Metrics {
             "HTTP submissions refused at the edge",
             self.http_rejected.clone(),
         );
+        r.register(
+            "telemetry_items",
+            "Telemetry items (spans, metric points, log records, heartbeats) by transport, signal and outcome",
+            self.telemetry.clone(),
+        );
+        r.register("workers", "Workers tracked, by state", self.workers.clone());
         r
+    }
+
+    /// Adds `n` to a telemetry counter.
+    pub fn telemetry(
+        &self,
+        transport: &'static str,
+        signal: &'static str,
+        outcome: &'static str,
+        n: u64,
+    ) {
+        if n > 0 {
+            self.telemetry
+                .get_or_create(&TelemetryLabels {
+                    transport,
+                    signal,
+                    outcome,
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn reject(&self, reason: &str) {

@@ -13,8 +13,11 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::broker::{self, BrokerError};
 use crate::config::Config;
+use crate::fleet::{self, FleetHandle, FleetState, TaskEvent};
+use crate::ingest::{self, Ingestor, otlp};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Ctx};
+use crate::registry::{RegistryError, RegistryHandle};
 use crate::route::RoutingTable;
 use crate::store::{Store, StoreError};
 
@@ -31,6 +34,8 @@ pub enum ServeError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("model registry: {0}")]
+    Registry(#[from] RegistryError),
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -98,6 +103,77 @@ async fn run(
     );
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(metrics.registry());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
+    let models_watch = models.watch();
+    tracing::info!(
+        source = %models.current().source,
+        models = models.current().models().len(),
+        "model registry loaded"
+    );
+    let (fleet, fleet_task) = fleet::spawn(
+        FleetState::new(
+            config.fleet.clone(),
+            models.clone(),
+            config.pools.keys().map(String::as_str),
+        ),
+        config.telemetry.queue_batches,
+        stop_rx.clone(),
+    );
+    let ingestor = Ingestor {
+        fleet: fleet.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut telemetry_tasks = Vec::new();
+    let t = &config.telemetry;
+    if t.grpc {
+        let l = otlp::bind(t.grpc_listen, "otlp grpc")
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: t.grpc_listen.to_string(),
+                source,
+            })?;
+        let stop = stopped(stop_rx.clone());
+        let ing = ingestor.clone();
+        let max = t.max_request_bytes;
+        telemetry_tasks.push(tokio::spawn(async move {
+            if let Err(e) = otlp::serve_grpc(ing, l, max, stop).await {
+                tracing::error!(error = %e, "otlp grpc server failed");
+            }
+        }));
+    }
+    if t.http {
+        let l = otlp::bind(t.http_listen, "otlp http")
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: t.http_listen.to_string(),
+                source,
+            })?;
+        let app = otlp::http_router(ingestor.clone(), t.max_request_bytes);
+        let stop = stopped(stop_rx.clone());
+        telemetry_tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "otlp http server failed");
+            }
+        }));
+    }
+    if t.nats {
+        telemetry_tasks.push(tokio::spawn(ingest::nats::run(
+            client.clone(),
+            subjects.clone(),
+            ingestor.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    telemetry_tasks.push(tokio::spawn(poll_queues(
+        js.clone(),
+        subjects.clone(),
+        fleet.clone(),
+        Duration::from_millis(t.queue_poll_ms),
+        stop_rx.clone(),
+    )));
+
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         js: js.clone(),
@@ -109,9 +185,9 @@ async fn run(
         }),
         metrics: metrics.clone(),
         spans,
+        fleet: fleet.clone(),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let batch = config.intake.batch_size;
     let intake = {
         let ctx = ctx.clone();
@@ -151,6 +227,8 @@ async fn run(
         registry,
         ready: ready.clone(),
         max_body_bytes: config.http.max_body_bytes,
+        fleet: fleet.clone(),
+        models: models.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -183,6 +261,13 @@ async fn run(
     let _ = intake.await;
     let _ = results.await;
     let _ = sweeper.await;
+    for t in telemetry_tasks {
+        let _ = t.await;
+    }
+    let _ = fleet_task.await;
+    if let Some(w) = models_watch {
+        w.abort();
+    }
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final store flush failed");
     }
@@ -211,6 +296,53 @@ async fn sweep_store(store: Store, retention: Duration, mut stop: watch::Receive
                     tracing::error!(error = %e, "store sweep failed");
                     break;
                 }
+            }
+        }
+    }
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads each pool's queue depth (pending + ack-pending on its JetStream consumer) for the
+/// live state. Pools are the ones the fleet state knows (configured or seen).
+async fn poll_queues(
+    js: jetstream::Context,
+    subjects: fleet_worker::protocol::Subjects,
+    fleet: FleetHandle,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Ok(stream) = js.get_stream(subjects.work_stream()).await else {
+            continue;
+        };
+        let pools: Vec<String> = fleet
+            .snapshot()
+            .pools
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        for pool in pools {
+            let name = fleet_worker::protocol::pool_consumer_name(&pool);
+            match stream.consumer_info(&name).await {
+                Ok(info) => fleet.task_event(TaskEvent::Queue {
+                    pool,
+                    pending: info.num_pending,
+                    ack_pending: info.num_ack_pending as u64,
+                }),
+                Err(e) => tracing::debug!(pool, error = %e, "queue depth not read"),
             }
         }
     }

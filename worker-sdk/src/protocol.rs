@@ -34,7 +34,8 @@ pub mod headers {
     /// `<prefix>.results.<task_id>`. A header, so that a task whose body does not parse
     /// can still be answered.
     pub const REPLY_TO: &str = "Fleet-Reply-To";
-    /// On telemetry subjects: what the payload is (`heartbeat` or `otlp-traces`).
+    /// On telemetry subjects: what the payload is (`heartbeat`, `otlp-traces`,
+    /// `otlp-metrics` or `otlp-logs`).
     pub const KIND: &str = "Fleet-Kind";
     pub const CONTENT_TYPE: &str = "Content-Type";
 }
@@ -42,7 +43,12 @@ pub mod headers {
 /// Values of the [`headers::KIND`] header.
 pub mod kinds {
     pub const HEARTBEAT: &str = "heartbeat";
+    /// An OTLP `ExportTraceServiceRequest`, protobuf-encoded.
     pub const OTLP_TRACES: &str = "otlp-traces";
+    /// An OTLP `ExportMetricsServiceRequest`, protobuf-encoded.
+    pub const OTLP_METRICS: &str = "otlp-metrics";
+    /// An OTLP `ExportLogsServiceRequest`, protobuf-encoded.
+    pub const OTLP_LOGS: &str = "otlp-logs";
 }
 
 /// Stream names (a function of the prefix, so two fleets can share one server).

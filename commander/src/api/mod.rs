@@ -20,7 +20,11 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::metrics::{Metrics, TransportLabel};
+use crate::fleet::FleetHandle;
+use crate::metrics::{Metrics, StateLabel, TransportLabel};
+use crate::registry::RegistryHandle;
+
+mod fleet;
 use crate::store::Store;
 
 /// What handlers share.
@@ -34,6 +38,9 @@ pub struct AppState {
     /// Set once NATS is connected and the streams exist; cleared on shutdown.
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
+    /// Live fleet state.
+    pub fleet: FleetHandle,
+    pub models: Arc<RegistryHandle>,
 }
 
 /// The one error type of the API; the only place errors become HTTP statuses.
@@ -43,7 +50,8 @@ pub enum ApiError {
     BadTask(#[from] TaskError),
     #[error("{0}")]
     BadRequest(String),
-    #[error("task {0} not found")]
+    /// What was not found, in words ("task t-1 not found").
+    #[error("{0}")]
     NotFound(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
@@ -94,6 +102,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/tasks", post(submit_task))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/fleet", get(fleet::overview))
+        .route("/v1/workers", get(fleet::workers))
+        .route("/v1/workers/{id}", get(fleet::worker))
+        .route("/v1/pools", get(fleet::pools))
+        .route("/v1/costs", get(fleet::costs))
+        .route("/v1/models", get(fleet::models))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -115,6 +129,17 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let snap = s.fleet.snapshot();
+    for (state, n) in &snap.fleet.states {
+        s.metrics
+            .workers
+            .get_or_create(&StateLabel { state })
+            .set(*n as i64);
+    }
+    s.metrics
+        .workers
+        .get_or_create(&StateLabel { state: "LOST" })
+        .set(snap.fleet.lost as i64);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &s.registry)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -140,7 +165,7 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
         Some(rec) => Ok(axum::Json(rec).into_response()),
-        None => Err(ApiError::NotFound(id)),
+        None => Err(ApiError::NotFound(format!("task {id} not found"))),
     }
 }
 

@@ -13,6 +13,7 @@ use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, p
 use tracing::Instrument;
 
 use super::{Ctx, fnv1a};
+use crate::fleet::TaskEvent;
 use crate::metrics::PoolLabel;
 use crate::route::{self, RouteInput};
 use crate::store::{TaskRecord, TaskState, TraceInfo};
@@ -36,6 +37,9 @@ struct Dispatch {
     headers: HeaderMap,
     payload: Bytes,
     span: SpanRecord,
+    /// For the live state: how long the task should take, and its type.
+    expected_ms: Option<u64>,
+    task_type: Option<String>,
     /// Written once the work stream has acknowledged the dispatch.
     record: DispatchRecord,
 }
@@ -150,6 +154,12 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                         tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
                     }
                     ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
+                    ctx.fleet.task_event(TaskEvent::Dispatched {
+                        task_id: d.id.clone(),
+                        pool: d.pool.clone(),
+                        expected_ms: d.expected_ms,
+                        task_type: d.task_type.take(),
+                    });
                     d.span.finish();
                     ctx.spans.record(d.span);
                     acks.push(msg);
@@ -358,6 +368,8 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         headers: h,
         payload,
         span,
+        expected_ms: task.expected_duration_s.map(|s| (s * 1000.0) as u64),
+        task_type: task.attributes.get("task_type").cloned(),
         record,
     }))))
 }

@@ -17,6 +17,7 @@ use fleet_worker::span::SpanExporter;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use crate::fleet::FleetHandle;
 use crate::metrics::Metrics;
 use crate::route::RoutingTable;
 use crate::store::Store;
@@ -31,6 +32,8 @@ pub struct Ctx {
     pub table: Arc<RoutingTable>,
     pub metrics: Arc<Metrics>,
     pub spans: SpanExporter,
+    /// Live state: told about dispatches and results (never waited on).
+    pub fleet: FleetHandle,
 }
 
 #[derive(Debug, thiserror::Error)]

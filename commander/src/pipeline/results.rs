@@ -4,13 +4,14 @@
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
-use fleet_worker::message::TaskResult;
+use fleet_worker::message::{ResultStatus, TaskResult};
 use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
 use tracing::Instrument;
 
 use super::Ctx;
+use crate::fleet::TaskEvent;
 use crate::metrics::FinishLabels;
-use crate::store::TaskRecord;
+use crate::store::{TaskRecord, TaskState};
 
 /// Handles one batch of result messages.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
@@ -94,6 +95,12 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
+        ctx.fleet.task_event(TaskEvent::Finished {
+            task_id: id.to_string(),
+            pool: pool.clone(),
+            ok: result.status == ResultStatus::Ok,
+            dispatch_latency_ms: dispatch_latency_ms(&rec, &result),
+        });
         ctx.metrics
             .tasks_finished
             .get_or_create(&FinishLabels { pool, status })
@@ -125,4 +132,21 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
         ctx.metrics.results_forwarded.inc();
     }
     Ok(())
+}
+
+/// Worker receipt time minus dispatch time, from the store's history and the result.
+fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
+    let dispatched = rec
+        .history
+        .iter()
+        .find(|c| c.state == TaskState::Dispatched)
+        .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())?;
+    let received = humantime::parse_rfc3339_weak(result.timings.received_at.as_deref()?).ok()?;
+    // Clocks of different machines: a receipt "before" dispatch counts as zero.
+    Some(
+        received
+            .duration_since(dispatched)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }

@@ -1,0 +1,204 @@
+//! Live fleet state over HTTP: `/v1/fleet`, `/v1/workers`, `/v1/workers/{id}`, `/v1/pools`,
+//! `/v1/costs`, `/v1/models`. Shapes and units: docs/api.md.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::fleet::QueryError;
+use crate::fleet::costs::Dim;
+use crate::fleet::view::WorkerView;
+use crate::fleet::worker::State as WorkerState;
+
+/// Longest window the costs ledger and the fleet series keep.
+const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+fn window(raw: Option<&str>, default: Duration) -> Result<Duration, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    let w = humantime::parse_duration(raw).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "window {raw:?} is not a duration like 15m, 1h or 24h: {e}"
+        ))
+    })?;
+    if w.is_zero() || w > MAX_WINDOW {
+        return Err(ApiError::BadRequest(format!(
+            "window {raw:?} must be above 0 and at most 24h"
+        )));
+    }
+    Ok(w)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverviewQuery {
+    /// Also return the fleet's 10 s series over this window (e.g. `1h`, up to `24h`).
+    series: Option<String>,
+}
+
+pub async fn overview(
+    State(s): State<AppState>,
+    Query(q): Query<OverviewQuery>,
+) -> Result<Response, ApiError> {
+    let snap = s.fleet.snapshot();
+    let mut body =
+        serde_json::to_value(&snap.fleet).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(raw) = q.series.as_deref() {
+        let w = window(Some(raw), Duration::from_secs(3600))?;
+        let series = s.fleet.fleet_series(w.as_millis() as u64).await?;
+        body["series"] = json!(series);
+    }
+    Ok(Json(body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersQuery {
+    pool: Option<String>,
+    /// IDLE, ACTIVE, WAITING, STUCK, ERROR or LOST (case-insensitive).
+    state: Option<String>,
+    model: Option<String>,
+    /// Default 100, at most 1000.
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct WorkerPage<'a> {
+    /// Workers matching the filters.
+    total: usize,
+    offset: usize,
+    limit: usize,
+    /// Offset of the next page, if there is one.
+    next_offset: Option<usize>,
+    workers: Vec<&'a WorkerView>,
+}
+
+pub async fn workers(
+    State(s): State<AppState>,
+    Query(q): Query<WorkersQuery>,
+) -> Result<Response, ApiError> {
+    let state_filter = match q.state.as_deref().map(str::to_ascii_uppercase) {
+        None => None,
+        Some(st) if st == "LOST" => Some(None),
+        Some(st) => Some(Some(
+            WorkerState::ALL
+                .into_iter()
+                .find(|x| x.as_str() == st)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "state {st:?} is not one of IDLE, ACTIVE, WAITING, STUCK, ERROR, LOST"
+                    ))
+                })?,
+        )),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::BadRequest("limit must be 1-1000".into()));
+    }
+    let offset = q.offset.unwrap_or(0);
+    let snap = s.fleet.snapshot();
+    let matching: Vec<&WorkerView> = snap
+        .workers
+        .iter()
+        .filter(|w| {
+            q.pool
+                .as_deref()
+                .is_none_or(|p| w.pool.as_deref() == Some(p))
+        })
+        .filter(|w| {
+            q.model
+                .as_deref()
+                .is_none_or(|m| w.model.as_deref() == Some(m))
+        })
+        .filter(|w| match state_filter {
+            None => true,
+            Some(None) => w.lost,
+            Some(Some(st)) => !w.lost && w.state == st,
+        })
+        .collect();
+    let total = matching.len();
+    let page: Vec<&WorkerView> = matching.into_iter().skip(offset).take(limit).collect();
+    let next_offset = (offset + page.len() < total).then_some(offset + page.len());
+    Ok(Json(WorkerPage {
+        total,
+        offset,
+        limit,
+        next_offset,
+        workers: page,
+    })
+    .into_response())
+}
+
+pub async fn worker(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.fleet.worker(id.clone()).await? {
+        Some(d) => Ok(Json(d).into_response()),
+        None => Err(ApiError::NotFound(format!("worker {id} not found"))),
+    }
+}
+
+pub async fn pools(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let snap = s.fleet.snapshot();
+    Ok(Json(json!({ "pools": snap.pools })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostsQuery {
+    /// Comma-separated dimensions to group by; none: one total row.
+    by: Option<String>,
+    /// How far back, e.g. `15m`, `1h` (default), `24h`.
+    window: Option<String>,
+}
+
+pub async fn costs(
+    State(s): State<AppState>,
+    Query(q): Query<CostsQuery>,
+) -> Result<Response, ApiError> {
+    let mut by = Vec::new();
+    let mut unknown = Vec::new();
+    for name in
+        q.by.as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|n| !n.trim().is_empty())
+    {
+        match Dim::parse(name) {
+            Some(d) if !by.contains(&d) => by.push(d),
+            Some(_) => {}
+            None => unknown.push(name.trim().to_string()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown dimension(s) {unknown:?}; use any of: {}",
+            Dim::NAMES
+        )));
+    }
+    let w = window(q.window.as_deref(), Duration::from_secs(3600))?;
+    let report = s.fleet.costs(by, w.as_millis() as u64).await?;
+    Ok(Json(report).into_response())
+}
+
+pub async fn models(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let reg = s.models.current();
+    Ok(Json(json!({
+        "source": reg.source,
+        "models": reg.models(),
+        "last_reload_error": s.models.last_error(),
+    }))
+    .into_response())
+}

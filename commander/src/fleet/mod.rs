@@ -1,0 +1,962 @@
+//! Live fleet state: per worker, per pool, per task type and fleet-wide.
+//!
+//! [`FleetState`] is a plain struct driven by events and an explicit clock (`now_ms`), so
+//! tests run it without I/O or sleeps. [`spawn`] puts it behind one owner task: ingest
+//! transports and the task path send it events over bounded channels, readers get an
+//! [`Arc<FleetSnapshot>`] rebuilt every second or ask the owner a [`Query`].
+
+pub mod costs;
+pub mod view;
+pub mod window;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use fleet_worker::message::Heartbeat;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::costs::{CostCell, CostKey, CostLedger, Dim};
+use self::view::{
+    CostReport, FleetSnapshot, FleetView, ModelShare, PoolView, QueueView, TaskTypeView, ToolView,
+    WorkerDetail, WorkerView,
+};
+use self::window::{FleetRing, SeriesPoint, WindowedSketch};
+use self::worker::{RunEnd, State, TaskSummary, Worker};
+use crate::config::FleetConfig;
+use crate::ingest::normalise::{MetricKind, MetricPoint, SpanEvent};
+use crate::registry::{RegistryHandle, TokenUsage};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Telemetry for the owner (shed when the queue is full).
+#[derive(Debug)]
+pub enum Ingest {
+    Spans(Vec<SpanEvent>),
+    Metrics(Vec<MetricPoint>),
+    Heartbeat(Box<Heartbeat>),
+}
+
+/// Signals from the task path.
+#[derive(Debug)]
+pub enum TaskEvent {
+    Dispatched {
+        task_id: String,
+        pool: String,
+        expected_ms: Option<u64>,
+        task_type: Option<String>,
+    },
+    Finished {
+        task_id: String,
+        pool: String,
+        ok: bool,
+        /// Worker receipt time minus dispatch time.
+        dispatch_latency_ms: Option<u64>,
+    },
+    Queue {
+        pool: String,
+        pending: u64,
+        ack_pending: u64,
+    },
+}
+
+/// Questions for the owner that need more than the snapshot.
+#[derive(Debug)]
+pub enum Query {
+    Worker(String, oneshot::Sender<Option<WorkerDetail>>),
+    Costs {
+        by: Vec<Dim>,
+        window_ms: u64,
+        reply: oneshot::Sender<CostReport>,
+    },
+    FleetSeries {
+        window_ms: u64,
+        reply: oneshot::Sender<Vec<SeriesPoint>>,
+    },
+}
+
+#[derive(Debug)]
+struct Dispatch {
+    at_ms: u64,
+    expected_ms: Option<u64>,
+    task_type: Option<String>,
+}
+
+const MAX_DISPATCHES: usize = 100_000;
+const MAX_TASK_TYPES: usize = 1_024;
+const MAX_POOLS: usize = 1_024;
+const MINUTE: u64 = 60_000;
+
+#[derive(Debug)]
+struct PoolAgg {
+    configured: bool,
+    queue: Option<QueueView>,
+    dispatch_latency: WindowedSketch,
+    /// (10 s bucket, ok, failed), last minute.
+    finished: VecDeque<(u64, u64, u64)>,
+}
+
+impl PoolAgg {
+    fn new(configured: bool) -> Self {
+        Self {
+            configured,
+            queue: None,
+            dispatch_latency: WindowedSketch::new(MINUTE, 5),
+            finished: VecDeque::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TaskTypeAgg {
+    cost: WindowedSketch,
+    depth: WindowedSketch,
+    duration: WindowedSketch,
+    baseline_ms: Option<f64>,
+    baseline_tps: Option<f64>,
+}
+
+impl TaskTypeAgg {
+    fn new() -> Self {
+        Self {
+            cost: WindowedSketch::new(10 * MINUTE, 6),
+            depth: WindowedSketch::new(10 * MINUTE, 6),
+            duration: WindowedSketch::new(10 * MINUTE, 6),
+            baseline_ms: None,
+            baseline_tps: None,
+        }
+    }
+}
+
+fn ewma(prev: Option<f64>, v: f64) -> Option<f64> {
+    const ALPHA: f64 = 0.2;
+    Some(match prev {
+        Some(p) => p + ALPHA * (v - p),
+        None => v,
+    })
+}
+
+/// Counters the owner keeps about itself.
+#[derive(Debug, Default)]
+pub struct StateCounters {
+    /// Signals from new workers refused because `max_workers` were tracked.
+    pub workers_refused: AtomicU64,
+    /// Workers forgotten after the retention period.
+    pub workers_evicted: AtomicU64,
+    /// Heartbeats with an unusable worker id.
+    pub heartbeats_invalid: AtomicU64,
+}
+
+/// The live state. One owner mutates it; see the module docs.
+#[derive(Debug)]
+pub struct FleetState {
+    cfg: FleetConfig,
+    registry: Arc<RegistryHandle>,
+    workers: HashMap<String, Worker>,
+    pools: BTreeMap<String, PoolAgg>,
+    task_types: HashMap<String, TaskTypeAgg>,
+    fleet: FleetRing,
+    costs: CostLedger,
+    dispatched: HashMap<String, Dispatch>,
+    dispatch_order: VecDeque<String>,
+    pub counters: Arc<StateCounters>,
+}
+
+impl FleetState {
+    pub fn new<'a>(
+        cfg: FleetConfig,
+        registry: Arc<RegistryHandle>,
+        configured_pools: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let pools = configured_pools
+            .into_iter()
+            .map(|p| (p.to_string(), PoolAgg::new(true)))
+            .collect();
+        Self {
+            costs: CostLedger::new(cfg.max_cost_keys),
+            cfg,
+            registry,
+            workers: HashMap::new(),
+            pools,
+            task_types: HashMap::new(),
+            fleet: FleetRing::default(),
+            dispatched: HashMap::new(),
+            dispatch_order: VecDeque::new(),
+            counters: Arc::new(StateCounters::default()),
+        }
+    }
+
+    pub fn worker(&self, id: &str) -> Option<&Worker> {
+        self.workers.get(id)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn pool_mut<'a>(
+        pools: &'a mut BTreeMap<String, PoolAgg>,
+        name: &str,
+    ) -> Option<&'a mut PoolAgg> {
+        if !pools.contains_key(name) && pools.len() >= MAX_POOLS {
+            return None;
+        }
+        Some(
+            pools
+                .entry(name.to_string())
+                .or_insert_with(|| PoolAgg::new(false)),
+        )
+    }
+
+    fn worker_entry<'a>(
+        workers: &'a mut HashMap<String, Worker>,
+        cfg: &FleetConfig,
+        counters: &StateCounters,
+        id: &str,
+        now_ms: u64,
+    ) -> Option<&'a mut Worker> {
+        if !workers.contains_key(id) {
+            if workers.len() >= cfg.max_workers {
+                counters.workers_refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            workers.insert(id.to_string(), Worker::new(id.to_string(), now_ms));
+        }
+        workers.get_mut(id)
+    }
+
+    pub fn apply(&mut self, ev: Ingest, now_ms: u64) {
+        match ev {
+            Ingest::Spans(s) => self.apply_spans(s, now_ms),
+            Ingest::Metrics(m) => self.apply_metrics(m, now_ms),
+            Ingest::Heartbeat(hb) => self.apply_heartbeat(&hb, now_ms),
+        }
+    }
+
+    pub fn apply_spans(&mut self, spans: Vec<SpanEvent>, now_ms: u64) {
+        let reg = self.registry.current();
+        for ev in spans {
+            let (cost, limit) = match (&ev.usage, &ev.model) {
+                (Some(u), Some(m)) if ev.operation.is_billed() => match reg.lookup(m) {
+                    Some(e) => (Some(e.cost(u)), Some(e.context_window)),
+                    None => (None, None),
+                },
+                (_, Some(m)) => (None, reg.lookup(m).map(|e| e.context_window)),
+                _ => (None, None),
+            };
+            let Some(w) = Self::worker_entry(
+                &mut self.workers,
+                &self.cfg,
+                &self.counters,
+                &ev.identity.worker_id,
+                now_ms,
+            ) else {
+                continue;
+            };
+            let effect = w.apply_span(&ev, cost, limit, now_ms, &self.cfg);
+            if let Some((task_id, _)) = &effect.started
+                && let Some(d) = self.dispatched.get(task_id)
+            {
+                w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
+            }
+            let pool = w.pool.clone();
+            let p = self.fleet.at(now_ms);
+            let billed = ev.operation.is_billed();
+            if billed {
+                p.llm_calls += 1;
+            }
+            if ev.operation == crate::ingest::normalise::Operation::ExecuteTool {
+                p.tool_calls += 1;
+            }
+            if ev.error {
+                p.errors += 1;
+            }
+            if billed && let Some(u) = &ev.usage {
+                p.input_tokens += u.input;
+                p.output_tokens += u.output;
+                p.cost_usd += cost.unwrap_or(0.0);
+                let mut dims = ev.dims.clone();
+                if dims.task_type.is_none() {
+                    dims.task_type = w.current_task_type().map(str::to_string);
+                }
+                self.costs.book(
+                    now_ms,
+                    CostKey {
+                        dims,
+                        pool: pool.clone(),
+                        model: ev.model.clone(),
+                        worker: Some(ev.identity.worker_id.clone()),
+                    },
+                    CostCell {
+                        cost_usd: cost.unwrap_or(0.0),
+                        input_tokens: u.input,
+                        output_tokens: u.output,
+                        calls: 1,
+                        unknown_cost_calls: u64::from(cost.is_none()),
+                    },
+                );
+            }
+            if let Some(done) = effect.finished {
+                self.fleet.at(now_ms).tasks += 1;
+                self.finish_run(&done, now_ms);
+            }
+        }
+    }
+
+    fn finish_run(&mut self, run: &TaskSummary, now_ms: u64) {
+        self.forget_dispatch(&run.task_id);
+        let Some(tt) = run.task_type.as_deref() else {
+            return;
+        };
+        if !self.task_types.contains_key(tt) && self.task_types.len() >= MAX_TASK_TYPES {
+            return;
+        }
+        let agg = self
+            .task_types
+            .entry(tt.to_string())
+            .or_insert_with(TaskTypeAgg::new);
+        if let Some(c) = run.cost_usd {
+            agg.cost.add(now_ms, c);
+        }
+        agg.depth.add(now_ms, f64::from(run.steps));
+        agg.duration.add(now_ms, run.duration_ms as f64);
+        if run.status == RunEnd::Completed {
+            agg.baseline_ms = ewma(agg.baseline_ms, run.duration_ms as f64);
+            if run.duration_ms > 0 && run.output_tokens > 0 {
+                let tps = run.output_tokens as f64 * 1000.0 / run.duration_ms as f64;
+                agg.baseline_tps = ewma(agg.baseline_tps, tps);
+            }
+        }
+    }
+
+    pub fn apply_metrics(&mut self, points: Vec<MetricPoint>, now_ms: u64) {
+        let reg = self.registry.current();
+        for p in points {
+            let Some(w) = Self::worker_entry(
+                &mut self.workers,
+                &self.cfg,
+                &self.counters,
+                &p.identity.worker_id,
+                now_ms,
+            ) else {
+                continue;
+            };
+            if w.pool.is_none() {
+                w.pool.clone_from(&p.identity.pool);
+            }
+            let value = if p.cumulative {
+                w.metric_delta(p.series, p.start_ns, p.value)
+            } else {
+                p.value
+            };
+            // Instrumentations that send spans usually send these metrics too: when a
+            // worker's spans carry token counts, its metrics are not booked again.
+            if w.span_usage_seen {
+                continue;
+            }
+            let entry = p.model.as_deref().and_then(|m| reg.lookup(m));
+            let tokens = value.max(0.0) as u64;
+            let usage = match p.kind {
+                MetricKind::InputTokens => TokenUsage {
+                    input: tokens,
+                    ..Default::default()
+                },
+                MetricKind::OutputTokens => TokenUsage {
+                    output: tokens,
+                    ..Default::default()
+                },
+                // Cache counts are already inside input tokens; they only change the price,
+                // which a metric split by kind cannot tell apart. Not booked on their own.
+                MetricKind::CacheReadTokens | MetricKind::CacheWriteTokens => continue,
+                MetricKind::OperationDuration => continue,
+            };
+            let cost = entry.map(|e| e.cost(&usage));
+            w.apply_metric_tokens(usage.input, usage.output, cost, now_ms);
+            if p.model.is_some() {
+                w.model.clone_from(&p.model);
+            }
+            let pool = w.pool.clone();
+            let f = self.fleet.at(now_ms);
+            f.input_tokens += usage.input;
+            f.output_tokens += usage.output;
+            f.cost_usd += cost.unwrap_or(0.0);
+            self.costs.book(
+                now_ms,
+                CostKey {
+                    pool,
+                    model: p.model.clone(),
+                    worker: Some(p.identity.worker_id.clone()),
+                    ..Default::default()
+                },
+                CostCell {
+                    cost_usd: cost.unwrap_or(0.0),
+                    input_tokens: usage.input,
+                    output_tokens: usage.output,
+                    calls: 0,
+                    unknown_cost_calls: u64::from(cost.is_none()),
+                },
+            );
+        }
+    }
+
+    pub fn apply_heartbeat(&mut self, hb: &Heartbeat, now_ms: u64) {
+        if !fleet_worker::protocol::is_subject_token(&hb.worker_id)
+            || !fleet_worker::protocol::is_subject_token(&hb.pool)
+        {
+            self.counters
+                .heartbeats_invalid
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Self::pool_mut(&mut self.pools, &hb.pool);
+        let Some(w) = Self::worker_entry(
+            &mut self.workers,
+            &self.cfg,
+            &self.counters,
+            &hb.worker_id,
+            now_ms,
+        ) else {
+            return;
+        };
+        for task_id in w.apply_heartbeat(hb, now_ms, &self.cfg) {
+            if let Some(d) = self.dispatched.get(&task_id) {
+                w.note_dispatch(&task_id, d.expected_ms, d.task_type.as_deref());
+            }
+        }
+        if let Some(hb_model) = &hb.model
+            && let Some(e) = self.registry.current().lookup(hb_model)
+        {
+            w.context_limit = Some(e.context_window);
+        }
+    }
+
+    fn forget_dispatch(&mut self, task_id: &str) {
+        self.dispatched.remove(task_id);
+    }
+
+    pub fn apply_task(&mut self, ev: TaskEvent, now_ms: u64) {
+        match ev {
+            TaskEvent::Dispatched {
+                task_id,
+                pool,
+                expected_ms,
+                task_type,
+            } => {
+                Self::pool_mut(&mut self.pools, &pool);
+                while self.dispatched.len() >= MAX_DISPATCHES {
+                    match self.dispatch_order.pop_front() {
+                        Some(old) => {
+                            self.dispatched.remove(&old);
+                        }
+                        None => break,
+                    }
+                }
+                self.dispatch_order.push_back(task_id.clone());
+                self.dispatched.insert(
+                    task_id,
+                    Dispatch {
+                        at_ms: now_ms,
+                        expected_ms,
+                        task_type,
+                    },
+                );
+            }
+            TaskEvent::Finished {
+                task_id,
+                pool,
+                ok,
+                dispatch_latency_ms,
+            } => {
+                self.forget_dispatch(&task_id);
+                let Some(p) = Self::pool_mut(&mut self.pools, &pool) else {
+                    return;
+                };
+                if let Some(l) = dispatch_latency_ms {
+                    p.dispatch_latency.add(now_ms, l as f64);
+                }
+                let b = now_ms / 10_000;
+                if p.finished.back().is_none_or(|(e, _, _)| *e < b) {
+                    if p.finished.len() >= 6 {
+                        p.finished.pop_front();
+                    }
+                    p.finished.push_back((b, 0, 0));
+                }
+                if let Some(last) = p.finished.back_mut() {
+                    if ok {
+                        last.1 += 1;
+                    } else {
+                        last.2 += 1;
+                    }
+                }
+            }
+            TaskEvent::Queue {
+                pool,
+                pending,
+                ack_pending,
+            } => {
+                if let Some(p) = Self::pool_mut(&mut self.pools, &pool) {
+                    p.queue = Some(QueueView {
+                        pending,
+                        ack_pending,
+                        depth: pending + ack_pending,
+                        read_at_ms: now_ms,
+                    });
+                }
+            }
+        }
+    }
+
+    fn baseline_ms(&self, task_type: &str) -> Option<u64> {
+        self.task_types
+            .get(task_type)
+            .and_then(|t| t.baseline_ms)
+            .map(|v| v as u64)
+    }
+
+    /// Time-driven transitions (WAITING, STUCK, lost), eviction, and the parallel-agent
+    /// count. Call about once a second.
+    pub fn tick(&mut self, now_ms: u64) {
+        let types = &self.task_types;
+        let baseline = |tt: &str| types.get(tt).and_then(|t| t.baseline_ms).map(|v| v as u64);
+        let mut busy = 0u64;
+        let retention = self.cfg.retention_ms;
+        let mut evict = Vec::new();
+        for (id, w) in &mut self.workers {
+            w.check_lost(now_ms, &self.cfg);
+            w.evaluate(now_ms, &self.cfg, &baseline, "time");
+            if w.lost {
+                if now_ms.saturating_sub(w.last_seen_ms) > retention {
+                    evict.push(id.clone());
+                }
+            } else if w.state().is_busy() {
+                busy += 1;
+            }
+        }
+        for id in evict {
+            self.workers.remove(&id);
+            self.counters
+                .workers_evicted
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let p = self.fleet.at(now_ms);
+        p.parallel_agents = p.parallel_agents.max(busy);
+        // Dispatches nobody picked up within an hour are not worth remembering.
+        while let Some(front) = self.dispatch_order.front() {
+            match self.dispatched.get(front) {
+                Some(d) if now_ms.saturating_sub(d.at_ms) < 3_600_000 => break,
+                _ => {
+                    if let Some(id) = self.dispatch_order.pop_front() {
+                        if self
+                            .dispatched
+                            .get(&id)
+                            .is_some_and(|d| now_ms.saturating_sub(d.at_ms) >= 3_600_000)
+                        {
+                            self.dispatched.remove(&id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn worker_view(&self, w: &Worker, now_ms: u64) -> WorkerView {
+        let reg = self.registry.current();
+        let (mut out_tok, mut ops, mut errs, mut cost5) = (0u64, 0u64, 0u64, 0f64);
+        for b in w.ring.recent(now_ms, 5 * MINUTE) {
+            ops += u64::from(b.llm_calls)
+                + u64::from(b.tool_calls)
+                + u64::from(b.tasks_ok)
+                + u64::from(b.tasks_failed);
+            errs += u64::from(b.errors);
+            cost5 += f64::from(b.cost_micros) / 1e6;
+        }
+        for b in w.ring.recent(now_ms, MINUTE) {
+            out_tok += u64::from(b.output_tokens);
+        }
+        let known: Vec<f64> = w.recent_tasks().filter_map(|t| t.cost_usd).collect();
+        let baseline_tps = w
+            .current_task_type()
+            .or_else(|| w.recent_tasks().last().and_then(|t| t.task_type.as_deref()))
+            .and_then(|tt| self.task_types.get(tt))
+            .and_then(|t| t.baseline_tps);
+        WorkerView {
+            id: w.id.clone(),
+            pool: w.pool.clone(),
+            agent_name: w.agent_name.clone(),
+            state: w.state(),
+            state_since_ms: w.state_since_ms(),
+            lost: w.lost,
+            stuck_reason: w.stuck_reason().map(str::to_string),
+            model_unknown: w.model.as_deref().is_some_and(|m| reg.lookup(m).is_none()),
+            model: w.model.clone(),
+            provider: w.provider.clone(),
+            version: w.version.clone(),
+            sdk_version: w.sdk_version.clone(),
+            current_task: w.current_task().map(str::to_string),
+            current_task_type: w.current_task_type().map(str::to_string),
+            running: w.running(),
+            max_in_flight: w.max_in_flight(),
+            draining: w.draining(),
+            capabilities: w.capabilities().to_vec(),
+            context_tokens: w.context_tokens,
+            context_limit_tokens: w.context_limit,
+            context_utilisation: w.context_utilisation(),
+            output_tokens_per_s: out_tok as f64 / 60.0,
+            last_call_output_tokens_per_s: w.last_output_rate,
+            token_rate_vs_baseline: match (w.last_output_rate, baseline_tps) {
+                (Some(r), Some(b)) if b > 0.0 => Some(r / b),
+                _ => None,
+            },
+            error_rate_5m: (ops > 0).then(|| errs as f64 / ops as f64),
+            tasks_completed: w.tasks_completed,
+            tasks_failed: w.tasks_failed,
+            cost_usd: w.total_cost_usd,
+            cost_per_task_usd: (!known.is_empty())
+                .then(|| known.iter().sum::<f64>() / known.len() as f64),
+            burn_rate_usd_per_h: cost5 * 12.0,
+            unknown_cost_calls: w.unknown_cost_calls,
+            input_tokens: w.total_input_tokens,
+            output_tokens: w.total_output_tokens,
+            uptime_s: now_ms.saturating_sub(w.started_ms) / 1000,
+            first_seen_ms: w.first_seen_ms,
+            last_seen_ms: w.last_seen_ms,
+            last_heartbeat_ms: w.last_heartbeat_ms(),
+        }
+    }
+
+    pub fn worker_detail(&self, id: &str, now_ms: u64) -> Option<WorkerDetail> {
+        let w = self.workers.get(id)?;
+        let tools = w
+            .tools()
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    ToolView {
+                        stats: s.clone(),
+                        success_rate: if s.calls == 0 {
+                            1.0
+                        } else {
+                            1.0 - s.failures as f64 / s.calls as f64
+                        },
+                        mean_ms: if s.calls == 0 {
+                            0.0
+                        } else {
+                            s.total_ms as f64 / s.calls as f64
+                        },
+                    },
+                )
+            })
+            .collect();
+        Some(WorkerDetail {
+            summary: self.worker_view(w, now_ms),
+            tools,
+            recent_tasks: w.recent_tasks().cloned().collect(),
+            transitions: w.transitions().cloned().collect(),
+            series: w.ring.series(now_ms),
+        })
+    }
+
+    pub fn costs(&self, by: &[Dim], window_ms: u64, now_ms: u64) -> CostReport {
+        let rows = self.costs.query(now_ms, window_ms, by);
+        CostReport {
+            window_s: window_ms / 1000,
+            by: by.iter().map(|d| d.name()).collect(),
+            total_usd: rows.iter().map(|r| r.cell.cost_usd).sum(),
+            unknown_cost_calls: rows.iter().map(|r| r.cell.unknown_cost_calls).sum(),
+            rows,
+        }
+    }
+
+    pub fn fleet_series(&self, window_ms: u64, now_ms: u64) -> Vec<SeriesPoint> {
+        self.fleet.series(now_ms, window_ms)
+    }
+
+    pub fn snapshot(&self, now_ms: u64) -> FleetSnapshot {
+        let mut workers: Vec<WorkerView> = self
+            .workers
+            .values()
+            .map(|w| self.worker_view(w, now_ms))
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+
+        let mut states: BTreeMap<&'static str, u64> =
+            State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut lost_workers = Vec::new();
+        let mut pools: BTreeMap<String, PoolView> = self
+            .pools
+            .iter()
+            .map(|(name, p)| {
+                let (ok, failed) = p
+                    .finished
+                    .iter()
+                    .filter(|(e, _, _)| *e + 6 > now_ms / 10_000)
+                    .fold((0, 0), |(a, b), (_, o, f)| (a + o, b + f));
+                (
+                    name.clone(),
+                    PoolView {
+                        name: name.clone(),
+                        configured: p.configured,
+                        queue: p.queue.clone(),
+                        dispatch_latency_ms: p.dispatch_latency.percentiles(now_ms),
+                        tasks_per_min: ok + failed,
+                        failed_per_min: failed,
+                        states: State::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let mut busy = 0;
+        for w in &workers {
+            if w.lost {
+                lost_workers.push(w.id.clone());
+            } else {
+                *states.entry(w.state.as_str()).or_default() += 1;
+                if w.state.is_busy() {
+                    busy += 1;
+                }
+            }
+            if let Some(pool) = w.pool.as_deref()
+                && let Some(p) = pools.get_mut(pool)
+            {
+                if w.lost {
+                    p.lost += 1;
+                    continue;
+                }
+                p.workers += 1;
+                *p.states.entry(w.state.as_str()).or_default() += 1;
+                if w.state.is_busy() {
+                    p.active += 1;
+                }
+                p.in_flight += w.running as u64;
+                p.capacity += u64::from(w.max_in_flight.unwrap_or(1));
+            }
+        }
+        for p in pools.values_mut() {
+            p.utilisation = (p.workers > 0).then(|| p.active as f64 / p.workers as f64);
+        }
+
+        let reg = self.registry.current();
+        let hour = self.fleet.total(now_ms, 60 * MINUTE);
+        let five = self.fleet.total(now_ms, 5 * MINUTE);
+        let last_min = self.fleet.total(now_ms, MINUTE);
+        let burn = five.cost_usd * 12.0;
+        let by_model = self.costs.query(now_ms, 60 * MINUTE, &[Dim::Model]);
+        let total_calls: u64 = by_model.iter().map(|r| r.cell.calls).sum();
+        let models = by_model
+            .into_iter()
+            .filter_map(|r| {
+                let model = r.group.get("model").cloned().flatten()?;
+                Some(ModelShare {
+                    unknown: reg.lookup(&model).is_none(),
+                    model,
+                    calls: r.cell.calls,
+                    share: if total_calls == 0 {
+                        0.0
+                    } else {
+                        r.cell.calls as f64 / total_calls as f64
+                    },
+                    input_tokens: r.cell.input_tokens,
+                    output_tokens: r.cell.output_tokens,
+                    cost_usd: r.cell.cost_usd,
+                })
+            })
+            .collect();
+        let mut task_types: Vec<TaskTypeView> = self
+            .task_types
+            .iter()
+            .map(|(name, t)| {
+                let duration = t.duration.percentiles(now_ms);
+                TaskTypeView {
+                    task_type: name.clone(),
+                    tasks: duration.count,
+                    cost_usd: t.cost.percentiles(now_ms),
+                    depth: t.depth.percentiles(now_ms),
+                    duration_ms: duration,
+                    baseline_duration_ms: self.baseline_ms(name),
+                    baseline_output_tokens_per_s: t.baseline_tps,
+                }
+            })
+            .collect();
+        task_types.sort_by(|a, b| a.task_type.cmp(&b.task_type));
+        let ops = five.llm_calls + five.tool_calls + five.tasks;
+        FleetSnapshot {
+            fleet: FleetView {
+                at_ms: now_ms,
+                workers: workers.len() as u64,
+                lost: lost_workers.len() as u64,
+                states,
+                parallel_agents: busy,
+                input_tokens_per_s: last_min.input_tokens as f64 / 60.0,
+                output_tokens_per_s: last_min.output_tokens as f64 / 60.0,
+                tasks_per_min: last_min.tasks,
+                burn_rate_usd_per_h: burn,
+                projected_monthly_usd: burn * 24.0 * 30.0,
+                cost_last_hour_usd: hour.cost_usd,
+                error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
+                models,
+                task_types,
+                lost_workers,
+            },
+            pools: pools.into_values().collect(),
+            workers,
+        }
+    }
+}
+
+/// The owner's inbox and the readers' snapshot.
+#[derive(Clone, Debug)]
+pub struct FleetHandle {
+    ingest: mpsc::Sender<Ingest>,
+    tasks: mpsc::Sender<TaskEvent>,
+    queries: mpsc::Sender<Query>,
+    snapshot: Arc<ArcSwap<FleetSnapshot>>,
+    pub counters: Arc<StateCounters>,
+    /// Task-path events dropped because the owner was behind (telemetry is shed first,
+    /// the task path never waits).
+    pub task_events_dropped: Arc<AtomicU64>,
+}
+
+/// Why telemetry was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OfferError {
+    #[error("the telemetry queue is full")]
+    Full,
+    #[error("the fleet state owner has stopped")]
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the fleet state owner is busy; retry")]
+    Busy,
+    #[error("the fleet state owner has stopped")]
+    Closed,
+}
+
+impl FleetHandle {
+    /// Hands telemetry to the owner without waiting.
+    pub fn offer(&self, ev: Ingest) -> Result<(), OfferError> {
+        self.ingest.try_send(ev).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => OfferError::Full,
+            mpsc::error::TrySendError::Closed(_) => OfferError::Closed,
+        })
+    }
+
+    /// Tells the owner about the task path; never waits (dropped and counted when behind).
+    pub fn task_event(&self, ev: TaskEvent) {
+        if self.tasks.try_send(ev).is_err() {
+            self.task_events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<FleetSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Query,
+    ) -> Result<T, QueryError> {
+        let (tx, rx) = oneshot::channel();
+        self.queries
+            .send_timeout(make(tx), Duration::from_secs(2))
+            .await
+            .map_err(|_| QueryError::Busy)?;
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .map_err(|_| QueryError::Busy)?
+            .map_err(|_| QueryError::Closed)
+    }
+
+    pub async fn worker(&self, id: String) -> Result<Option<WorkerDetail>, QueryError> {
+        self.ask(|tx| Query::Worker(id, tx)).await
+    }
+
+    pub async fn costs(&self, by: Vec<Dim>, window_ms: u64) -> Result<CostReport, QueryError> {
+        self.ask(|reply| Query::Costs {
+            by,
+            window_ms,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn fleet_series(&self, window_ms: u64) -> Result<Vec<SeriesPoint>, QueryError> {
+        self.ask(|reply| Query::FleetSeries { window_ms, reply })
+            .await
+    }
+}
+
+/// Starts the owner. It stops when `stop` turns true.
+pub fn spawn(
+    mut state: FleetState,
+    queue_batches: usize,
+    mut stop: watch::Receiver<bool>,
+) -> (FleetHandle, tokio::task::JoinHandle<()>) {
+    let (ingest_tx, mut ingest_rx) = mpsc::channel(queue_batches.max(1));
+    let (task_tx, mut task_rx) = mpsc::channel(65_536);
+    let (query_tx, mut query_rx) = mpsc::channel(64);
+    let snapshot = Arc::new(ArcSwap::from_pointee(state.snapshot(now_ms())));
+    let handle = FleetHandle {
+        ingest: ingest_tx,
+        tasks: task_tx,
+        queries: query_tx,
+        snapshot: snapshot.clone(),
+        counters: state.counters.clone(),
+        task_events_dropped: Arc::new(AtomicU64::new(0)),
+    };
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(64);
+        let mut tasks = Vec::with_capacity(256);
+        let mut tasks_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    state.tick(now);
+                    snapshot.store(Arc::new(state.snapshot(now)));
+                }
+                Some(q) = query_rx.recv() => {
+                    let now = now_ms();
+                    match q {
+                        Query::Worker(id, tx) => { let _ = tx.send(state.worker_detail(&id, now)); }
+                        Query::Costs { by, window_ms, reply } => { let _ = reply.send(state.costs(&by, window_ms, now)); }
+                        Query::FleetSeries { window_ms, reply } => { let _ = reply.send(state.fleet_series(window_ms, now)); }
+                    }
+                }
+                n = task_rx.recv_many(&mut tasks, 256), if tasks_open => {
+                    if n == 0 { tasks_open = false; continue; }
+                    let now = now_ms();
+                    for ev in tasks.drain(..) {
+                        state.apply_task(ev, now);
+                    }
+                }
+                n = ingest_rx.recv_many(&mut batch, 64) => {
+                    if n == 0 { break; }
+                    let now = now_ms();
+                    for ev in batch.drain(..) {
+                        state.apply(ev, now);
+                    }
+                }
+            }
+        }
+    });
+    (handle, task)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+//! What readers see: the JSON shapes of `/v1/fleet`, `/v1/workers`, `/v1/pools`, `/v1/costs`.
+//! Units are in the field names (`_ms`, `_s`, `_usd`, `_per_s`, `_per_min`, `_per_h`);
+//! times are Unix milliseconds. Documented in docs/api.md.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::costs::CostRow;
+use super::window::{Percentiles, SeriesPoint};
+use super::worker::{State, TaskSummary, ToolStats, Transition};
+
+/// One worker, summarised (the list and the snapshot route::decide will read).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub pool: Option<String>,
+    pub agent_name: Option<String>,
+    pub state: State,
+    pub state_since_ms: u64,
+    /// Heartbeats stopped (or, for span-only workers, all signals).
+    pub lost: bool,
+    /// Why the worker is STUCK.
+    pub stuck_reason: Option<String>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    /// The model is not in the registry: its cost is unknown.
+    pub model_unknown: bool,
+    pub version: Option<String>,
+    pub sdk_version: Option<String>,
+    pub current_task: Option<String>,
+    pub current_task_type: Option<String>,
+    /// Runs in progress.
+    pub running: usize,
+    pub max_in_flight: Option<u32>,
+    pub draining: bool,
+    pub capabilities: Vec<String>,
+    pub context_tokens: Option<u64>,
+    pub context_limit_tokens: Option<u64>,
+    /// context_tokens / context_limit_tokens.
+    pub context_utilisation: Option<f64>,
+    /// Output tokens per second over the last minute.
+    pub output_tokens_per_s: f64,
+    /// Output tokens per second of the last LLM call.
+    pub last_call_output_tokens_per_s: Option<f64>,
+    /// Last call's output rate over its task type's baseline rate (1.0 = typical).
+    pub token_rate_vs_baseline: Option<f64>,
+    /// Failed share of LLM calls, tool calls and runs over the last 5 minutes.
+    pub error_rate_5m: Option<f64>,
+    pub tasks_completed: u64,
+    pub tasks_failed: u64,
+    /// Spend since first seen (known prices only).
+    pub cost_usd: f64,
+    /// Mean cost of the recent runs whose cost is known.
+    pub cost_per_task_usd: Option<f64>,
+    /// Spend of the last 5 minutes, per hour.
+    pub burn_rate_usd_per_h: f64,
+    /// LLM calls whose model has no price.
+    pub unknown_cost_calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub uptime_s: u64,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+/// One worker in full: the summary plus tools, recent runs, transitions and the sparkline.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerDetail {
+    #[serde(flatten)]
+    pub summary: WorkerView,
+    pub tools: BTreeMap<String, ToolView>,
+    pub recent_tasks: Vec<TaskSummary>,
+    pub transitions: Vec<Transition>,
+    /// 10 s buckets for the last hour, oldest first.
+    pub series: Vec<SeriesPoint>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ToolView {
+    #[serde(flatten)]
+    pub stats: ToolStats,
+    pub success_rate: f64,
+    pub mean_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct QueueView {
+    /// Messages not yet delivered to any worker.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+    /// pending + ack_pending.
+    pub depth: u64,
+    pub read_at_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PoolView {
+    pub name: String,
+    /// Listed in the commander's config (otherwise only seen in telemetry).
+    pub configured: bool,
+    /// Workers not lost.
+    pub workers: u64,
+    /// Workers with a run in progress.
+    pub active: u64,
+    pub lost: u64,
+    /// active / workers.
+    pub utilisation: Option<f64>,
+    /// Runs in progress and the sum of the workers' max_in_flight.
+    pub in_flight: u64,
+    pub capacity: u64,
+    pub queue: Option<QueueView>,
+    /// Worker receipt time minus dispatch time, last 5 minutes.
+    pub dispatch_latency_ms: Percentiles,
+    /// Results in the last minute.
+    pub tasks_per_min: u64,
+    pub failed_per_min: u64,
+    pub states: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ModelShare {
+    pub model: String,
+    pub calls: u64,
+    /// Share of the fleet's LLM calls in the last hour.
+    pub share: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    /// Not in the registry (cost unknown).
+    pub unknown: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TaskTypeView {
+    pub task_type: String,
+    /// Runs finished in the last hour.
+    pub tasks: u64,
+    pub cost_usd: Percentiles,
+    /// LLM + tool calls per run.
+    pub depth: Percentiles,
+    pub duration_ms: Percentiles,
+    /// Smoothed run duration used as the expected duration for STUCK.
+    pub baseline_duration_ms: Option<u64>,
+    /// Smoothed output tokens/s of runs of this type.
+    pub baseline_output_tokens_per_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FleetView {
+    pub at_ms: u64,
+    pub workers: u64,
+    pub lost: u64,
+    pub states: BTreeMap<&'static str, u64>,
+    /// Workers with a run in progress now.
+    pub parallel_agents: u64,
+    pub input_tokens_per_s: f64,
+    pub output_tokens_per_s: f64,
+    /// Runs finished in the last minute.
+    pub tasks_per_min: u64,
+    /// Spend of the last 5 minutes, per hour.
+    pub burn_rate_usd_per_h: f64,
+    /// burn_rate_usd_per_h × 24 × 30.
+    pub projected_monthly_usd: f64,
+    pub cost_last_hour_usd: f64,
+    pub error_rate_5m: Option<f64>,
+    /// LLM calls by model, last hour.
+    pub models: Vec<ModelShare>,
+    pub task_types: Vec<TaskTypeView>,
+    /// Workers whose last heartbeat or span is past the limit.
+    pub lost_workers: Vec<String>,
+}
+
+/// Everything readers get each second.
+#[derive(Clone, Debug, Default)]
+pub struct FleetSnapshot {
+    pub fleet: FleetView,
+    pub pools: Vec<PoolView>,
+    /// Sorted by id.
+    pub workers: Vec<WorkerView>,
+}
+
+/// `/v1/costs` answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct CostReport {
+    pub window_s: u64,
+    pub by: Vec<&'static str>,
+    pub rows: Vec<CostRow>,
+    pub total_usd: f64,
+    /// Calls whose cost is unknown (their model has no price): totals are lower bounds.
+    pub unknown_cost_calls: u64,
+}

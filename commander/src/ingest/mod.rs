@@ -1,0 +1,147 @@
+//! Telemetry in: OTLP over gRPC and HTTP, OTLP and heartbeats over NATS.
+//!
+//! Every transport decodes and normalises in its own task (so that work spreads over the
+//! runtime), then offers the events to the fleet state owner without waiting. A full
+//! queue refuses the export (RESOURCE_EXHAUSTED with RetryInfo / 429 with Retry-After) and
+//! counts what was dropped: telemetry is shed, the task path never waits on it.
+
+pub mod nats;
+pub mod normalise;
+pub mod otlp;
+
+use std::sync::Arc;
+
+use fleet_worker::message::Heartbeat;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+
+use crate::fleet::{FleetHandle, Ingest, OfferError};
+use crate::metrics::Metrics;
+
+/// Why an export was not taken. Mapped to gRPC codes and HTTP statuses in `otlp.rs`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IngestError {
+    #[error("telemetry queue is full; retry after {0} s")]
+    Overloaded(u64),
+    #[error("the commander is shutting down")]
+    Stopped,
+    #[error("cannot decode the request: {0}")]
+    Decode(String),
+    #[error("request is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
+    UnsupportedMediaType(String),
+    #[error("unsupported content encoding {0:?}: use gzip or none")]
+    UnsupportedEncoding(String),
+}
+
+/// Seconds a refused client should wait.
+pub const RETRY_AFTER_S: u64 = 1;
+
+/// What an accepted export reports back (OTLP `partial_success`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub rejected: u64,
+    pub message: String,
+}
+
+/// The shared front half of every transport.
+#[derive(Clone, Debug)]
+pub struct Ingestor {
+    pub fleet: FleetHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Ingestor {
+    fn offer(
+        &self,
+        transport: &'static str,
+        signal: &'static str,
+        n: u64,
+        ev: Ingest,
+    ) -> Result<(), IngestError> {
+        match self.fleet.offer(ev) {
+            Ok(()) => {
+                self.metrics.telemetry(transport, signal, "accepted", n);
+                Ok(())
+            }
+            Err(OfferError::Full) => {
+                self.metrics.telemetry(transport, signal, "dropped", n);
+                Err(IngestError::Overloaded(RETRY_AFTER_S))
+            }
+            Err(OfferError::Closed) => {
+                self.metrics.telemetry(transport, signal, "dropped", n);
+                Err(IngestError::Stopped)
+            }
+        }
+    }
+
+    pub fn traces(
+        &self,
+        transport: &'static str,
+        req: ExportTraceServiceRequest,
+    ) -> Result<Accepted, IngestError> {
+        let received: u64 = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len() as u64)
+            .sum();
+        self.metrics
+            .telemetry(transport, "traces", "received", received);
+        let (events, rejected) = normalise::spans(req);
+        self.metrics
+            .telemetry(transport, "traces", "rejected", rejected.count);
+        if !events.is_empty() {
+            let n = events.len() as u64;
+            self.offer(transport, "traces", n, Ingest::Spans(events))?;
+        }
+        Ok(Accepted {
+            rejected: rejected.count,
+            message: rejected.message(),
+        })
+    }
+
+    pub fn metrics(
+        &self,
+        transport: &'static str,
+        req: ExportMetricsServiceRequest,
+    ) -> Result<Accepted, IngestError> {
+        let (points, total) = normalise::metrics(req);
+        self.metrics
+            .telemetry(transport, "metrics", "received", total);
+        let used = points.len() as u64;
+        // Non-GenAI points are accepted and not kept: the commander is not a metrics store.
+        self.metrics
+            .telemetry(transport, "metrics", "accepted", total - used);
+        if !points.is_empty() {
+            self.offer(transport, "metrics", used, Ingest::Metrics(points))?;
+        }
+        Ok(Accepted::default())
+    }
+
+    /// Logs are counted and acknowledged; no signal the fleet state uses travels in them
+    /// yet (GenAI content events are opt-in and not stored).
+    pub fn logs(
+        &self,
+        transport: &'static str,
+        req: &ExportLogsServiceRequest,
+    ) -> Result<Accepted, IngestError> {
+        let n: u64 = req
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .map(|s| s.log_records.len() as u64)
+            .sum();
+        self.metrics.telemetry(transport, "logs", "received", n);
+        self.metrics.telemetry(transport, "logs", "accepted", n);
+        Ok(Accepted::default())
+    }
+
+    pub fn heartbeat(&self, transport: &'static str, hb: Heartbeat) -> Result<(), IngestError> {
+        self.metrics
+            .telemetry(transport, "heartbeats", "received", 1);
+        self.offer(transport, "heartbeats", 1, Ingest::Heartbeat(Box::new(hb)))
+    }
+}

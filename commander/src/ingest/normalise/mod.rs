@@ -1,0 +1,680 @@
+//! OTLP → one internal event per span or metric point.
+//!
+//! The GenAI conventions are experimental and senders emit several generations of names
+//! at once, so every current and older name in STANDARDS.md B.1.9 is accepted here and
+//! nothing downstream sees the difference. Strings are moved out of the decoded request,
+//! not copied: this runs once per span on the hot path.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric};
+
+use crate::registry::TokenUsage;
+
+/// What a GenAI span was doing (`gen_ai.operation.name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// chat, text_completion, generate_content: an LLM call.
+    Inference,
+    Embeddings,
+    ExecuteTool,
+    InvokeAgent,
+    InvokeWorkflow,
+    /// Another GenAI operation (retrieval, memory, plan …).
+    OtherGenAi,
+    /// Not a GenAI span.
+    None,
+}
+
+impl Operation {
+    fn parse(v: &str) -> Self {
+        match v {
+            "chat" | "text_completion" | "generate_content" | "completion" => Self::Inference,
+            "embeddings" => Self::Embeddings,
+            "execute_tool" => Self::ExecuteTool,
+            "invoke_agent" | "create_agent" | "handle_conversation_turn" => Self::InvokeAgent,
+            "invoke_workflow" => Self::InvokeWorkflow,
+            _ => Self::OtherGenAi,
+        }
+    }
+
+    /// Spans whose tokens are billed: LLM calls. Agent and workflow spans often repeat
+    /// their children's totals, so counting them too would double the cost.
+    pub fn is_billed(self) -> bool {
+        matches!(self, Self::Inference | Self::Embeddings)
+    }
+}
+
+/// Who emitted a signal. Shared by every span of one OTLP resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The worker key, first of: `fleet.worker.id`, `gen_ai.agent.id`, `service.instance.id`,
+    /// `gen_ai.agent.name`, `service.name` (span attributes before resource attributes).
+    pub worker_id: String,
+    pub pool: Option<String>,
+    pub agent_name: Option<String>,
+    pub version: Option<String>,
+    pub service: Option<String>,
+}
+
+/// Cost attribution dimensions (from span attributes, resource attributes or baggage).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Dims {
+    pub team: Option<String>,
+    pub feature: Option<String>,
+    pub user_tier: Option<String>,
+    pub prompt_variant: Option<String>,
+    pub task_type: Option<String>,
+    pub tenant: Option<String>,
+}
+
+impl Dims {
+    fn fill_from(&mut self, other: &Dims) {
+        for (mine, theirs) in [
+            (&mut self.team, &other.team),
+            (&mut self.feature, &other.feature),
+            (&mut self.user_tier, &other.user_tier),
+            (&mut self.prompt_variant, &other.prompt_variant),
+            (&mut self.task_type, &other.task_type),
+            (&mut self.tenant, &other.tenant),
+        ] {
+            if mine.is_none() {
+                mine.clone_from(theirs);
+            }
+        }
+    }
+
+    /// Sets a dimension from an attribute key, if the key names one.
+    fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
+        let slot = match key {
+            "fleet.team" | "team" | "team.name" | "app.team" => &mut self.team,
+            "fleet.feature" | "feature" | "feature.name" | "app.feature" => &mut self.feature,
+            "fleet.user_tier" | "user_tier" | "user.tier" | "enduser.tier" => &mut self.user_tier,
+            "fleet.prompt_variant" | "prompt_variant" | "prompt.variant" => {
+                &mut self.prompt_variant
+            }
+            "fleet.task.type" | "task_type" | "task.type" => &mut self.task_type,
+            "fleet.tenant" | "tenant" | "tenant.id" => &mut self.tenant,
+            _ => return false,
+        };
+        if slot.is_none() {
+            *slot = take_string(value);
+        }
+        true
+    }
+}
+
+/// One span, normalised.
+#[derive(Clone, Debug)]
+pub struct SpanEvent {
+    pub identity: Arc<Identity>,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Span status ERROR, or `error.type` set.
+    pub error: bool,
+    pub error_type: Option<String>,
+    pub operation: Operation,
+    pub provider: Option<String>,
+    /// The model that answered (`gen_ai.response.model`), else the one requested.
+    pub model: Option<String>,
+    /// Token counts, when the span reported any.
+    pub usage: Option<TokenUsage>,
+    /// `gen_ai.tool.name` on `execute_tool` spans.
+    pub tool: Option<String>,
+    /// The fleet task this span belongs to (`fleet.task.id`).
+    pub task_id: Option<String>,
+    /// `fleet.task.expected_duration_s`.
+    pub expected_duration_s: Option<f64>,
+    /// The root span of a task run: the worker's CONSUMER span for a fleet task, or a root
+    /// `invoke_agent` / `invoke_workflow` span (or `fleet.task.root = true`).
+    pub task_root: bool,
+    pub dims: Dims,
+}
+
+/// What kind of quantity a metric point carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    InputTokens,
+    OutputTokens,
+    CacheReadTokens,
+    CacheWriteTokens,
+    /// `gen_ai.client.operation.duration`: `value` is seconds summed over `count` calls.
+    OperationDuration,
+}
+
+/// One GenAI metric data point, normalised.
+#[derive(Clone, Debug)]
+pub struct MetricPoint {
+    pub identity: Arc<Identity>,
+    pub kind: MetricKind,
+    pub model: Option<String>,
+    /// Identifies the time series (metric name + point attributes) for cumulative deltas.
+    pub series: u64,
+    pub cumulative: bool,
+    pub start_ns: u64,
+    pub time_ns: u64,
+    /// Sum of the points' values (tokens, or seconds).
+    pub value: f64,
+    pub count: u64,
+    pub error: bool,
+}
+
+/// Spans refused and why (OTLP `partial_success`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rejections {
+    pub count: u64,
+    pub first_reason: Option<String>,
+}
+
+impl Rejections {
+    fn add(&mut self, reason: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.first_reason.is_none() {
+            self.first_reason = Some(reason());
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match &self.first_reason {
+            Some(r) if self.count > 1 => format!("{} rejected; first: {r}", self.count),
+            Some(r) => r.clone(),
+            None => String::new(),
+        }
+    }
+}
+
+fn take_string(v: &mut Option<AnyValue>) -> Option<String> {
+    match v.take()?.value? {
+        any_value::Value::StringValue(s) => Some(s),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::DoubleValue(d) => Some(d.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn int_of(v: &Option<AnyValue>) -> Option<u64> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::IntValue(i) => u64::try_from(*i).ok(),
+        any_value::Value::DoubleValue(d) if *d >= 0.0 && d.is_finite() => Some(*d as u64),
+        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn float_of(v: &Option<AnyValue>) -> Option<f64> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::IntValue(i) => Some(*i as f64),
+        any_value::Value::DoubleValue(d) => Some(*d),
+        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn bool_of(v: &Option<AnyValue>) -> bool {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::BoolValue(b)) => *b,
+        Some(any_value::Value::StringValue(s)) => s == "true",
+        _ => false,
+    }
+}
+
+/// Maps old provider names (`gen_ai.system` values) to the current ones.
+fn provider_name(v: String) -> String {
+    match v.as_str() {
+        "vertex_ai" => "gcp.vertex_ai".into(),
+        "gemini" => "gcp.gemini".into(),
+        "az.ai.inference" => "azure.ai.inference".into(),
+        "az.ai.openai" => "azure.ai.openai".into(),
+        "xai" => "x_ai".into(),
+        _ => v,
+    }
+}
+
+/// Identity fields found in one attribute list, before precedence is applied.
+#[derive(Default)]
+struct IdentityParts {
+    fleet_worker: Option<String>,
+    agent_id: Option<String>,
+    instance: Option<String>,
+    agent_name: Option<String>,
+    service: Option<String>,
+    pool: Option<String>,
+    version: Option<String>,
+}
+
+impl IdentityParts {
+    fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
+        let slot = match key {
+            "fleet.worker.id" => &mut self.fleet_worker,
+            "gen_ai.agent.id" => &mut self.agent_id,
+            "service.instance.id" => &mut self.instance,
+            "gen_ai.agent.name" => &mut self.agent_name,
+            "service.name" => &mut self.service,
+            "fleet.pool" => &mut self.pool,
+            "gen_ai.agent.version" | "service.version" => &mut self.version,
+            _ => return false,
+        };
+        if slot.is_none() {
+            *slot = take_string(value);
+        }
+        true
+    }
+
+    fn resolve(self) -> Identity {
+        let worker_id = self
+            .fleet_worker
+            .clone()
+            .or_else(|| self.agent_id.clone())
+            .or_else(|| self.instance.clone())
+            .or_else(|| self.agent_name.clone())
+            .or_else(|| self.service.clone())
+            .unwrap_or_else(|| "unknown_service".into());
+        Identity {
+            worker_id,
+            pool: self.pool,
+            agent_name: self.agent_name.or(self.service.clone()),
+            version: self.version,
+            service: self.service,
+        }
+    }
+}
+
+struct ResourceInfo {
+    identity: Arc<Identity>,
+    dims: Dims,
+    raw: IdentityPartsCopy,
+}
+
+/// The resource's identity fields kept for span-level overrides.
+#[derive(Clone, Default)]
+struct IdentityPartsCopy {
+    fleet_worker: Option<String>,
+    agent_id: Option<String>,
+    instance: Option<String>,
+    agent_name: Option<String>,
+    service: Option<String>,
+    pool: Option<String>,
+    version: Option<String>,
+}
+
+fn resource_info(attrs: Vec<KeyValue>) -> ResourceInfo {
+    let mut parts = IdentityParts::default();
+    let mut dims = Dims::default();
+    for mut kv in attrs {
+        if !parts.take(&kv.key, &mut kv.value) {
+            dims.take(&kv.key, &mut kv.value);
+        }
+    }
+    let raw = IdentityPartsCopy {
+        fleet_worker: parts.fleet_worker.clone(),
+        agent_id: parts.agent_id.clone(),
+        instance: parts.instance.clone(),
+        agent_name: parts.agent_name.clone(),
+        service: parts.service.clone(),
+        pool: parts.pool.clone(),
+        version: parts.version.clone(),
+    };
+    ResourceInfo {
+        identity: Arc::new(parts.resolve()),
+        dims,
+        raw,
+    }
+}
+
+fn id16(b: &[u8]) -> Option<[u8; 16]> {
+    let a: [u8; 16] = b.try_into().ok()?;
+    (a != [0; 16]).then_some(a)
+}
+
+fn id8(b: &[u8]) -> Option<[u8; 8]> {
+    let a: [u8; 8] = b.try_into().ok()?;
+    (a != [0; 8]).then_some(a)
+}
+
+const SPAN_KIND_CONSUMER: i32 = 5;
+const STATUS_CODE_ERROR: i32 = 2;
+
+/// Normalises every span of a trace export. Spans without a valid trace or span id are
+/// rejected and counted; the rest are returned.
+pub fn spans(req: ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+    let mut out = Vec::new();
+    let mut rejected = Rejections::default();
+    for rs in req.resource_spans {
+        let res = resource_info(rs.resource.map(|r| r.attributes).unwrap_or_default());
+        for ss in rs.scope_spans {
+            out.reserve(ss.spans.len());
+            for span in ss.spans {
+                let Some(trace_id) = id16(&span.trace_id) else {
+                    rejected.add(|| {
+                        format!(
+                            "span {:?}: trace_id must be 16 bytes and not all zero (got {})",
+                            span.name,
+                            span.trace_id.len()
+                        )
+                    });
+                    continue;
+                };
+                let Some(span_id) = id8(&span.span_id) else {
+                    rejected.add(|| {
+                        format!(
+                            "span {:?}: span_id must be 8 bytes and not all zero (got {})",
+                            span.name,
+                            span.span_id.len()
+                        )
+                    });
+                    continue;
+                };
+                out.push(one_span(&res, trace_id, span_id, span));
+            }
+        }
+    }
+    (out, rejected)
+}
+
+fn one_span(
+    res: &ResourceInfo,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    span: opentelemetry_proto::tonic::trace::v1::Span,
+) -> SpanEvent {
+    let mut parts = IdentityParts::default();
+    let mut dims = Dims::default();
+    let mut operation = Operation::None;
+    let mut provider = None;
+    let mut old_provider = None;
+    let mut request_model = None;
+    let mut response_model = None;
+    let mut usage = TokenUsage::default();
+    let mut any_usage = false;
+    let mut tool = None;
+    let mut task_id = None;
+    let mut expected = None;
+    let mut error_type = None;
+    let mut root_flag = false;
+    for mut kv in span.attributes {
+        let key = kv.key.as_str();
+        match key {
+            "gen_ai.operation.name" => {
+                if let Some(v) = take_string(&mut kv.value) {
+                    operation = Operation::parse(&v);
+                }
+            }
+            "gen_ai.provider.name" => provider = take_string(&mut kv.value),
+            "gen_ai.system" => old_provider = take_string(&mut kv.value),
+            "gen_ai.request.model" => request_model = take_string(&mut kv.value),
+            "gen_ai.response.model" => response_model = take_string(&mut kv.value),
+            "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
+                if let Some(n) = int_of(&kv.value) {
+                    usage.input = n;
+                    any_usage = true;
+                }
+            }
+            "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
+                if let Some(n) = int_of(&kv.value) {
+                    usage.output = n;
+                    any_usage = true;
+                }
+            }
+            "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
+                if let Some(n) = int_of(&kv.value) {
+                    usage.cache_read = n;
+                    any_usage = true;
+                }
+            }
+            "gen_ai.usage.cache_write.input_tokens"
+            | "gen_ai.usage.cache_creation.input_tokens"
+            | "gen_ai.usage.cache_creation_input_tokens" => {
+                if let Some(n) = int_of(&kv.value) {
+                    usage.cache_write = n;
+                    any_usage = true;
+                }
+            }
+            "gen_ai.tool.name" => tool = take_string(&mut kv.value),
+            "fleet.task.id" => task_id = take_string(&mut kv.value),
+            "fleet.task.expected_duration_s" => expected = float_of(&kv.value),
+            "fleet.task.root" => root_flag = bool_of(&kv.value),
+            "error.type" => error_type = take_string(&mut kv.value),
+            _ => {
+                if !parts.take(key, &mut kv.value) {
+                    dims.take(key, &mut kv.value);
+                }
+            }
+        }
+    }
+    // A tool span that forgot its operation name is still a tool call.
+    if operation == Operation::None && tool.is_some() {
+        operation = Operation::ExecuteTool;
+    }
+    // Old instrumentations set only the model and token counts.
+    if operation == Operation::None
+        && any_usage
+        && (request_model.is_some() || response_model.is_some())
+    {
+        operation = Operation::Inference;
+    }
+    let status_error = span
+        .status
+        .as_ref()
+        .is_some_and(|s| s.code == STATUS_CODE_ERROR);
+    let parent_span_id = id8(&span.parent_span_id);
+    let task_root = root_flag
+        || (span.kind == SPAN_KIND_CONSUMER && task_id.is_some())
+        || (parent_span_id.is_none()
+            && matches!(
+                operation,
+                Operation::InvokeAgent | Operation::InvokeWorkflow
+            ));
+
+    let identity = if parts.fleet_worker.is_some()
+        || parts.agent_id.is_some()
+        || parts.pool.is_some()
+        || (parts.agent_name.is_some() && res.raw.fleet_worker.is_none())
+    {
+        // The span says who it is: the span's own fields win, the resource fills gaps.
+        let r = &res.raw;
+        let merged = IdentityParts {
+            fleet_worker: parts.fleet_worker.or_else(|| r.fleet_worker.clone()),
+            agent_id: parts.agent_id.or_else(|| r.agent_id.clone()),
+            instance: r.instance.clone(),
+            agent_name: parts.agent_name.or_else(|| r.agent_name.clone()),
+            service: r.service.clone(),
+            pool: parts.pool.or_else(|| r.pool.clone()),
+            version: parts.version.or_else(|| r.version.clone()),
+        };
+        let id = merged.resolve();
+        if id == *res.identity {
+            res.identity.clone()
+        } else {
+            Arc::new(id)
+        }
+    } else {
+        res.identity.clone()
+    };
+    dims.fill_from(&res.dims);
+
+    SpanEvent {
+        identity,
+        trace_id,
+        span_id,
+        parent_span_id,
+        start_ns: span.start_time_unix_nano,
+        end_ns: span.end_time_unix_nano.max(span.start_time_unix_nano),
+        error: status_error || error_type.is_some(),
+        error_type,
+        operation,
+        provider: provider.or(old_provider.map(provider_name)),
+        model: response_model.or(request_model),
+        usage: any_usage.then_some(usage),
+        tool,
+        task_id,
+        expected_duration_s: expected.filter(|d| d.is_finite() && *d > 0.0),
+        task_root,
+        dims,
+    }
+}
+
+fn series_key(metric: &str, attrs: &[KeyValue]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    metric.hash(&mut h);
+    for kv in attrs {
+        kv.key.hash(&mut h);
+        if let Some(v) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            match v {
+                any_value::Value::StringValue(s) => s.hash(&mut h),
+                any_value::Value::IntValue(i) => i.hash(&mut h),
+                any_value::Value::BoolValue(b) => b.hash(&mut h),
+                any_value::Value::DoubleValue(d) => d.to_bits().hash(&mut h),
+                _ => {}
+            }
+        }
+    }
+    h.finish()
+}
+
+struct PointAttrs {
+    token_type: Option<String>,
+    model: Option<String>,
+    error: bool,
+}
+
+fn point_attrs(attrs: &[KeyValue]) -> PointAttrs {
+    let mut p = PointAttrs {
+        token_type: None,
+        model: None,
+        error: false,
+    };
+    let mut request_model = None;
+    for kv in attrs {
+        let s = || match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        };
+        match kv.key.as_str() {
+            "gen_ai.token.type" => p.token_type = s(),
+            "gen_ai.response.model" => p.model = s(),
+            "gen_ai.request.model" => request_model = s(),
+            "error.type" => p.error = true,
+            _ => {}
+        }
+    }
+    if p.model.is_none() {
+        p.model = request_model;
+    }
+    p
+}
+
+/// Normalises the GenAI metrics of a metrics export: `gen_ai.client.token.usage` and
+/// `gen_ai.client.operation.duration`, and the newer per-kind token counters and
+/// `gen_ai.client.inference.duration`. Other metrics are counted by the caller as accepted
+/// and otherwise ignored.
+pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
+    let mut out = Vec::new();
+    let mut total_points = 0u64;
+    for rm in req.resource_metrics {
+        let res = resource_info(rm.resource.map(|r| r.attributes).unwrap_or_default());
+        for sm in rm.scope_metrics {
+            for m in sm.metrics {
+                let fixed_kind = match m.name.as_str() {
+                    "gen_ai.client.token.usage" => None,
+                    "gen_ai.client.operation.duration" | "gen_ai.client.inference.duration" => {
+                        Some(MetricKind::OperationDuration)
+                    }
+                    "gen_ai.client.inference.usage.input_tokens" => Some(MetricKind::InputTokens),
+                    "gen_ai.client.inference.usage.output_tokens" => Some(MetricKind::OutputTokens),
+                    "gen_ai.client.inference.usage.cache_read.input_tokens" => {
+                        Some(MetricKind::CacheReadTokens)
+                    }
+                    "gen_ai.client.inference.usage.cache_write.input_tokens" => {
+                        Some(MetricKind::CacheWriteTokens)
+                    }
+                    _ => {
+                        total_points += count_points(&m.data);
+                        continue;
+                    }
+                };
+                let name = m.name;
+                match m.data {
+                    Some(metric::Data::Histogram(h)) => {
+                        let cumulative =
+                            h.aggregation_temporality == AggregationTemporality::Cumulative as i32;
+                        for dp in h.data_points {
+                            total_points += 1;
+                            let a = point_attrs(&dp.attributes);
+                            let kind = match fixed_kind {
+                                Some(k) => k,
+                                None => match a.token_type.as_deref() {
+                                    Some("input") | Some("prompt") => MetricKind::InputTokens,
+                                    Some("output") | Some("completion") => MetricKind::OutputTokens,
+                                    _ => continue,
+                                },
+                            };
+                            out.push(MetricPoint {
+                                identity: res.identity.clone(),
+                                kind,
+                                model: a.model,
+                                series: series_key(&name, &dp.attributes),
+                                cumulative,
+                                start_ns: dp.start_time_unix_nano,
+                                time_ns: dp.time_unix_nano,
+                                value: dp.sum.unwrap_or(0.0),
+                                count: dp.count,
+                                error: a.error,
+                            });
+                        }
+                    }
+                    Some(metric::Data::Sum(s)) => {
+                        let cumulative =
+                            s.aggregation_temporality == AggregationTemporality::Cumulative as i32;
+                        for dp in s.data_points {
+                            total_points += 1;
+                            let Some(kind) = fixed_kind else { continue };
+                            let a = point_attrs(&dp.attributes);
+                            let value = match dp.value {
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(i)) => i as f64,
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(d)) => d,
+                                None => continue,
+                            };
+                            out.push(MetricPoint {
+                                identity: res.identity.clone(),
+                                kind,
+                                model: a.model,
+                                series: series_key(&name, &dp.attributes),
+                                cumulative,
+                                start_ns: dp.start_time_unix_nano,
+                                time_ns: dp.time_unix_nano,
+                                value,
+                                count: 0,
+                                error: a.error,
+                            });
+                        }
+                    }
+                    other => total_points += count_points(&other),
+                }
+            }
+        }
+    }
+    (out, total_points)
+}
+
+fn count_points(data: &Option<metric::Data>) -> u64 {
+    match data {
+        Some(metric::Data::Gauge(g)) => g.data_points.len() as u64,
+        Some(metric::Data::Sum(s)) => s.data_points.len() as u64,
+        Some(metric::Data::Histogram(h)) => h.data_points.len() as u64,
+        Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len() as u64,
+        Some(metric::Data::Summary(s)) => s.data_points.len() as u64,
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! OTLP receivers: gRPC (tonic) on :4317 and HTTP (axum) on :4318.
+//!
+//! Status mapping (STANDARDS.md B.2, and the one place it is done):
+//! bad data → INVALID_ARGUMENT / 400; over the size limit → RESOURCE_EXHAUSTED (without
+//! RetryInfo, so not retried) / 413; queue full → RESOURCE_EXHAUSTED with RetryInfo /
+//! 429 with Retry-After (both retryable); shutting down → UNAVAILABLE / 503. Spans without
+//! ids are reported in `partial_success` with a message, the rest accepted.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use prost::Message;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::codec::CompressionEncoding;
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::{Accepted, IngestError, Ingestor};
+
+impl IngestError {
+    fn grpc(&self) -> tonic::Status {
+        match self {
+            IngestError::Overloaded(s) => tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                self.to_string(),
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(*s))),
+            ),
+            IngestError::Stopped => tonic::Status::unavailable(self.to_string()),
+            IngestError::TooLarge { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            IngestError::Decode(_)
+            | IngestError::UnsupportedMediaType(_)
+            | IngestError::UnsupportedEncoding(_) => {
+                tonic::Status::invalid_argument(self.to_string())
+            }
+        }
+    }
+
+    fn http_status(&self) -> StatusCode {
+        match self {
+            IngestError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Decode(_) => StatusCode::BAD_REQUEST,
+            IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+        }
+    }
+
+    /// The gRPC code number, for the `google.rpc.Status` body of an HTTP error.
+    fn code_number(&self) -> i32 {
+        self.grpc().code() as i32
+    }
+}
+
+// ---------------------------------------------------------------- gRPC
+
+#[derive(Clone, Debug)]
+struct Grpc(Ingestor);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let a = self
+            .0
+            .traces("grpc", request.into_inner())
+            .map_err(|e| e.grpc())?;
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: (a.rejected > 0).then(|| ExportTracePartialSuccess {
+                rejected_spans: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let a = self
+            .0
+            .metrics("grpc", request.into_inner())
+            .map_err(|e| e.grpc())?;
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: (a.rejected > 0).then(|| ExportMetricsPartialSuccess {
+                rejected_data_points: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let a = self
+            .0
+            .logs("grpc", request.get_ref())
+            .map_err(|e| e.grpc())?;
+        Ok(tonic::Response::new(ExportLogsServiceResponse {
+            partial_success: (a.rejected > 0).then(|| ExportLogsPartialSuccess {
+                rejected_log_records: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }))
+    }
+}
+
+/// tonic reports an over-limit message as OUT_OF_RANGE; OTLP says RESOURCE_EXHAUSTED
+/// (without RetryInfo: not retryable). Rewrites the trailers-only error response.
+fn oversize_is_resource_exhausted<B>(
+    mut res: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    let too_large = res
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v == OUT_OF_RANGE)
+        && res
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if too_large {
+        res.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("8"));
+    }
+    res
+}
+
+/// Serves the three OTLP gRPC services until `shutdown` resolves.
+pub async fn serve_grpc(
+    ingestor: Ingestor,
+    listener: tokio::net::TcpListener,
+    max_request_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let svc = Grpc(ingestor);
+    let traces = TraceServiceServer::new(svc.clone())
+        .max_decoding_message_size(max_request_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let metrics = MetricsServiceServer::new(svc.clone())
+        .max_decoding_message_size(max_request_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let logs = LogsServiceServer::new(svc)
+        .max_decoding_message_size(max_request_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
+        .add_service(traces)
+        .add_service(metrics)
+        .add_service(logs)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}
+
+// ---------------------------------------------------------------- HTTP
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct HttpState {
+    ingestor: Ingestor,
+    max_request_bytes: usize,
+}
+
+/// The body of an HTTP error (`google.rpc.Status`, without details).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+fn encoding_of(headers: &HeaderMap) -> Result<Encoding, IngestError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let base = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match base.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        _ => Err(IngestError::UnsupportedMediaType(ct.to_string())),
+    }
+}
+
+fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, IngestError> {
+    let enc = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match enc.as_str() {
+        "" | "identity" | "none" => Ok(body),
+        "gzip" => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| IngestError::Decode(format!("gzip: {e}")))?;
+            if out.len() > limit {
+                return Err(IngestError::TooLarge { limit });
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(IngestError::UnsupportedEncoding(other.to_string())),
+    }
+}
+
+fn decode<T: Message + Default + DeserializeOwned>(
+    enc: Encoding,
+    body: &[u8],
+) -> Result<T, IngestError> {
+    match enc {
+        Encoding::Protobuf => T::decode(body).map_err(|e| IngestError::Decode(e.to_string())),
+        Encoding::Json => {
+            serde_json::from_slice(body).map_err(|e| IngestError::Decode(format!("JSON: {e}")))
+        }
+    }
+}
+
+fn respond<T: Message + Serialize>(enc: Encoding, status: StatusCode, body: &T) -> Response {
+    let bytes = match enc {
+        Encoding::Protobuf => body.encode_to_vec(),
+        // Serialising a generated message to JSON cannot fail (no maps with non-string
+        // keys, no foreign Serialize impls); an empty body is the fallback all the same.
+        Encoding::Json => serde_json::to_vec(body).unwrap_or_default(),
+    };
+    (status, [(header::CONTENT_TYPE, enc.content_type())], bytes).into_response()
+}
+
+fn error_response(enc: Encoding, e: &IngestError) -> Response {
+    let mut res = respond(
+        enc,
+        e.http_status(),
+        &RpcStatus {
+            code: e.code_number(),
+            message: e.to_string(),
+        },
+    );
+    if let IngestError::Overloaded(s) = e
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        res.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    res
+}
+
+/// Reads, decompresses and decodes a request body; the error is already a response.
+fn read<T: Message + Default + DeserializeOwned>(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(Encoding, T), Response> {
+    let enc = encoding_of(headers).map_err(|e| error_response(Encoding::Json, &e))?;
+    let fail = |e: IngestError| error_response(enc, &e);
+    let body = decompress(headers, body, st.max_request_bytes).map_err(fail)?;
+    let req = decode::<T>(enc, &body).map_err(fail)?;
+    Ok((enc, req))
+}
+
+async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (enc, req) = match read::<ExportTraceServiceRequest>(&st, &headers, body) {
+        Ok(r) => r,
+        Err(res) => {
+            st.ingestor
+                .metrics
+                .telemetry("http", "traces", "rejected", 1);
+            return res;
+        }
+    };
+    match st.ingestor.traces("http", req) {
+        Ok(Accepted { rejected, message }) => respond(
+            enc,
+            StatusCode::OK,
+            &ExportTraceServiceResponse {
+                partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
+                    rejected_spans: rejected as i64,
+                    error_message: message,
+                }),
+            },
+        ),
+        Err(e) => error_response(enc, &e),
+    }
+}
+
+async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (enc, req) = match read::<ExportMetricsServiceRequest>(&st, &headers, body) {
+        Ok(r) => r,
+        Err(res) => {
+            st.ingestor
+                .metrics
+                .telemetry("http", "metrics", "rejected", 1);
+            return res;
+        }
+    };
+    match st.ingestor.metrics("http", req) {
+        Ok(_) => respond(
+            enc,
+            StatusCode::OK,
+            &ExportMetricsServiceResponse {
+                partial_success: None,
+            },
+        ),
+        Err(e) => error_response(enc, &e),
+    }
+}
+
+async fn http_logs(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (enc, req) = match read::<ExportLogsServiceRequest>(&st, &headers, body) {
+        Ok(r) => r,
+        Err(res) => {
+            st.ingestor.metrics.telemetry("http", "logs", "rejected", 1);
+            return res;
+        }
+    };
+    match st.ingestor.logs("http", &req) {
+        Ok(_) => respond(
+            enc,
+            StatusCode::OK,
+            &ExportLogsServiceResponse {
+                partial_success: None,
+            },
+        ),
+        Err(e) => error_response(enc, &e),
+    }
+}
+
+/// The OTLP/HTTP routes.
+pub fn http_router(ingestor: Ingestor, max_request_bytes: usize) -> Router {
+    let st = HttpState {
+        ingestor,
+        max_request_bytes,
+    };
+    Router::new()
+        .route("/v1/traces", post(http_traces))
+        .route("/v1/metrics", post(http_metrics))
+        .route("/v1/logs", post(http_logs))
+        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .with_state(st)
+}
+
+/// Binds a listener, logging the address (port 0 picks one).
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    let local = l.local_addr()?;
+    tracing::info!(addr = %local, "{what} listening");
+    Ok(l)
+}

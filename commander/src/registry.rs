@@ -1,0 +1,474 @@
+//! The model registry: provider, context window, tier and prices per model.
+//!
+//! One TOML file (`policies/models.toml` is built in as the default). Readers take the
+//! current [`Registry`] from an [`ArcSwap`]; a watcher re-reads the file when it changes
+//! and swaps in the new one only if the whole file is valid. A bad edit leaves the last
+//! good registry in place and says why, with file and line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+/// The registry shipped with the commander, used when no file is configured.
+pub const BUILTIN: &str = include_str!("../../policies/models.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Price tiers, cheapest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Economy,
+    Standard,
+    Premium,
+}
+
+/// One `[[model]]` entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Canonical name, as providers spell it without a date suffix (`gpt-4o`).
+    pub name: String,
+    /// Other spellings seen on spans (dated snapshots match the base name without listing).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// `gen_ai.provider.name` value (`openai`, `anthropic`, `gcp.gemini` …).
+    pub provider: String,
+    /// Context window in tokens.
+    pub context_window: u64,
+    pub tier: Tier,
+    /// USD per 1M input tokens that were not served from or written to a cache.
+    pub input_per_mtok: f64,
+    /// USD per 1M output tokens (reasoning tokens included).
+    pub output_per_mtok: f64,
+    /// USD per 1M input tokens read from the provider's cache. Unset: the input price.
+    #[serde(default)]
+    pub cache_read_per_mtok: Option<f64>,
+    /// USD per 1M input tokens written to the provider's cache. Unset: the input price.
+    #[serde(default)]
+    pub cache_write_per_mtok: Option<f64>,
+}
+
+/// Token counts of one call or one aggregate, GenAI convention: `input` includes the
+/// cache-read and cache-write tokens, `output` includes reasoning tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+impl ModelEntry {
+    /// USD for `usage` at this model's prices.
+    pub fn cost(&self, usage: &TokenUsage) -> f64 {
+        let cached = usage.cache_read.saturating_add(usage.cache_write);
+        let plain = usage.input.saturating_sub(cached) as f64;
+        let read = usage.cache_read as f64;
+        let write = usage.cache_write as f64;
+        (plain * self.input_per_mtok
+            + read * self.cache_read_per_mtok.unwrap_or(self.input_per_mtok)
+            + write * self.cache_write_per_mtok.unwrap_or(self.input_per_mtok)
+            + usage.output as f64 * self.output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    model: Vec<toml::Spanned<ModelEntry>>,
+}
+
+/// A validated registry.
+#[derive(Debug, Default)]
+pub struct Registry {
+    models: Vec<ModelEntry>,
+    by_key: HashMap<String, usize>,
+    /// Where it came from (`builtin` or a path), for the API.
+    pub source: String,
+}
+
+impl Registry {
+    /// Parses and validates `text`; every problem is reported, each as `file:line: message`.
+    pub fn parse(text: &str, file: &str) -> Result<Self, RegistryError> {
+        let parsed: File = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| format!("{file}:{}", line_of(text, s.start)))
+                .unwrap_or_else(|| file.to_string());
+            RegistryError::Invalid(vec![format!("{at}: {}", e.message())])
+        })?;
+        let mut problems = Vec::new();
+        let mut models = Vec::new();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        for spanned in parsed.model {
+            let line = line_of(text, spanned.span().start);
+            let m = spanned.into_inner();
+            let at = format!("{file}:{line}: model {:?}", m.name);
+            if m.name.trim().is_empty() {
+                problems.push(format!("{at}: name is empty"));
+            }
+            if m.context_window == 0 {
+                problems.push(format!("{at}: context_window must be above 0"));
+            }
+            for (field, v) in [
+                ("input_per_mtok", Some(m.input_per_mtok)),
+                ("output_per_mtok", Some(m.output_per_mtok)),
+                ("cache_read_per_mtok", m.cache_read_per_mtok),
+                ("cache_write_per_mtok", m.cache_write_per_mtok),
+            ] {
+                if let Some(v) = v
+                    && !(v.is_finite() && v >= 0.0)
+                {
+                    problems.push(format!("{at}: {field} must be a price >= 0, not {v}"));
+                }
+            }
+            let idx = models.len();
+            for key in std::iter::once(&m.name).chain(&m.aliases) {
+                let k = key.trim().to_ascii_lowercase();
+                if let Some(&other) = by_key.get(&k) {
+                    let other: &ModelEntry = &models[other];
+                    problems.push(format!(
+                        "{at}: {key:?} is already a name or alias of {:?}",
+                        other.name
+                    ));
+                } else {
+                    by_key.insert(k, idx);
+                }
+            }
+            models.push(m);
+        }
+        if !problems.is_empty() {
+            return Err(RegistryError::Invalid(problems));
+        }
+        Ok(Self {
+            models,
+            by_key,
+            source: file.to_string(),
+        })
+    }
+
+    pub fn builtin() -> Result<Self, RegistryError> {
+        Self::parse(BUILTIN, "builtin:policies/models.toml")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn models(&self) -> &[ModelEntry] {
+        &self.models
+    }
+
+    /// Finds a model by name or alias, ignoring case, a provider prefix (`openai/gpt-4o`,
+    /// `models/gemini-2.0-flash`) and a snapshot date suffix (`gpt-4o-2024-08-06`,
+    /// `claude-sonnet-4-5-20250929`, `…@20250929`, Bedrock's `…-v1:0`).
+    pub fn lookup(&self, model: &str) -> Option<&ModelEntry> {
+        let lower = model.trim().to_ascii_lowercase();
+        if let Some(&i) = self.by_key.get(&lower) {
+            return self.models.get(i);
+        }
+        let mut name = lower.as_str();
+        if let Some((_, rest)) = name.rsplit_once('/') {
+            name = rest;
+        }
+        for _ in 0..3 {
+            if let Some(&i) = self.by_key.get(name) {
+                return self.models.get(i);
+            }
+            let stripped = strip_version_suffix(name);
+            if stripped == name {
+                break;
+            }
+            name = stripped;
+        }
+        self.by_key.get(name).and_then(|&i| self.models.get(i))
+    }
+}
+
+/// Removes one trailing snapshot marker: `-20250929`, `-2024-08-06`, `@20250929`, `-v1:0`,
+/// `-latest`, `-001`.
+fn strip_version_suffix(name: &str) -> &str {
+    if let Some(i) = name.rfind(['@']) {
+        return &name[..i];
+    }
+    if let Some(i) = name.rfind("-v")
+        && name[i + 2..]
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ':')
+        && i + 2 < name.len()
+    {
+        return &name[..i];
+    }
+    if let Some(rest) = name.strip_suffix("-latest") {
+        return rest;
+    }
+    // -YYYY-MM-DD
+    if name.len() > 11 {
+        let (head, tail) = name.split_at(name.len() - 11);
+        let b = tail.as_bytes();
+        if b[0] == b'-'
+            && b[5] == b'-'
+            && b[8] == b'-'
+            && tail[1..5].bytes().all(|c| c.is_ascii_digit())
+            && tail[6..8].bytes().all(|c| c.is_ascii_digit())
+            && tail[9..].bytes().all(|c| c.is_ascii_digit())
+        {
+            return head;
+        }
+    }
+    // -YYYYMMDD or -NNN
+    if let Some(i) = name.rfind('-') {
+        let tail = &name[i + 1..];
+        if (tail.len() == 8 || tail.len() == 3) && tail.bytes().all(|c| c.is_ascii_digit()) {
+            return &name[..i];
+        }
+    }
+    name
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The live registry plus the outcome of the last reload attempt.
+#[derive(Debug)]
+pub struct RegistryHandle {
+    current: ArcSwap<Registry>,
+    last_error: ArcSwap<Option<String>>,
+    path: Option<PathBuf>,
+}
+
+impl RegistryHandle {
+    /// Loads `path` (or the built-in registry when `None`). A bad file at start is an error.
+    pub fn open(path: Option<&Path>) -> Result<Arc<Self>, RegistryError> {
+        let reg = match path {
+            Some(p) => Registry::load(p)?,
+            None => Registry::builtin()?,
+        };
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(reg),
+            last_error: ArcSwap::from_pointee(None),
+            path: path.map(Path::to_path_buf),
+        }))
+    }
+
+    pub fn from_registry(reg: Registry) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(reg),
+            last_error: ArcSwap::from_pointee(None),
+            path: None,
+        })
+    }
+
+    pub fn current(&self) -> Arc<Registry> {
+        self.current.load_full()
+    }
+
+    /// The rejection of the last reload, if the last attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.load().as_ref().clone()
+    }
+
+    /// Re-reads the file; swaps only a fully valid registry in.
+    pub fn reload(&self) -> Result<usize, RegistryError> {
+        let Some(path) = &self.path else {
+            return Ok(self.current.load().models.len());
+        };
+        match Registry::load(path) {
+            Ok(reg) => {
+                let n = reg.models.len();
+                self.current.store(Arc::new(reg));
+                self.last_error.store(Arc::new(None));
+                tracing::info!(file = %path.display(), models = n, "model registry reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "model registry change rejected; keeping the previous one");
+                self.last_error.store(Arc::new(Some(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches the file and reloads it (debounced) until the returned task is dropped.
+    pub fn watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let path = self.path.clone()?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let file_name = path.file_name().map(|n| n.to_os_string());
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+            {
+                let _ = tx.try_send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the model registry; edits need a restart");
+                return None;
+            }
+        };
+        use notify::Watcher;
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the model registry directory");
+            return None;
+        }
+        let me = self.clone();
+        Some(tokio::spawn(async move {
+            let _watcher = watcher;
+            while rx.recv().await.is_some() {
+                // Editors write in several steps; wait for the burst to end.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while rx.try_recv().is_ok() {}
+                let _ = me.reload();
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_registry_is_valid_and_has_the_seed_models() {
+        let r = Registry::builtin().unwrap();
+        let sonnet = r.lookup("claude-sonnet-4-5").unwrap();
+        assert_eq!(sonnet.context_window, 200_000);
+        assert_eq!((sonnet.input_per_mtok, sonnet.output_per_mtok), (3.0, 15.0));
+        let gpt = r.lookup("gpt-4o").unwrap();
+        assert_eq!(gpt.context_window, 128_000);
+        assert_eq!((gpt.input_per_mtok, gpt.output_per_mtok), (2.5, 10.0));
+        let flash = r.lookup("gemini-2.0-flash").unwrap();
+        assert_eq!(flash.context_window, 1_048_576);
+        assert_eq!((flash.input_per_mtok, flash.output_per_mtok), (0.075, 0.30));
+        assert!(r.lookup("claude-haiku-4-5").is_some());
+        assert!(r.lookup("gpt-4o-mini").is_some());
+    }
+
+    #[test]
+    fn lookup_ignores_case_prefix_and_snapshot_dates() {
+        let r = Registry::builtin().unwrap();
+        for name in [
+            "GPT-4o",
+            "gpt-4o-2024-08-06",
+            "openai/gpt-4o",
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4-5@20250929",
+            "anthropic.claude-sonnet-4-5-v1:0",
+            "models/gemini-2.0-flash",
+            "gemini-2.0-flash-001",
+        ] {
+            assert!(r.lookup(name).is_some(), "{name}");
+        }
+        assert_eq!(
+            r.lookup("gpt-4o-mini-2024-07-18").unwrap().name,
+            "gpt-4o-mini"
+        );
+        assert!(r.lookup("my-finetune").is_none());
+        assert!(r.lookup("gpt-5").is_none());
+    }
+
+    #[test]
+    fn cost_counts_cached_tokens_at_their_prices() {
+        let r = Registry::builtin().unwrap();
+        let sonnet = r.lookup("claude-sonnet-4-5").unwrap();
+        let usage = TokenUsage {
+            input: 1_000_000,
+            output: 100_000,
+            cache_read: 400_000,
+            cache_write: 100_000,
+        };
+        // 500k plain × $3 + 400k × $0.30 + 100k × $3.75 + 100k × $15, per 1M.
+        let expected = 1.5 + 0.12 + 0.375 + 1.5;
+        assert!((sonnet.cost(&usage) - expected).abs() < 1e-9);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"
+[[model]]
+name = "a"
+provider = "x"
+context_window = 0
+tier = "economy"
+input_per_mtok = -1.0
+output_per_mtok = 1.0
+
+[[model]]
+name = "A"
+provider = "x"
+context_window = 10
+tier = "economy"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+"#;
+        let RegistryError::Invalid(p) = Registry::parse(text, "m.toml").unwrap_err() else {
+            panic!("expected Invalid");
+        };
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("m.toml:2:") && p[0].contains("context_window"));
+        assert!(p[1].contains("input_per_mtok"));
+        assert!(p[2].starts_with("m.toml:10:") && p[2].contains("already"));
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_carry_the_line() {
+        let e = Registry::parse("[[model]]\nname = \"a\"\nprise = 1\n", "m.toml").unwrap_err();
+        assert!(e.to_string().starts_with("m.toml:"), "{e}");
+        assert!(e.to_string().contains("prise"), "{e}");
+        let e = Registry::parse("[[model]\n", "m.toml").unwrap_err();
+        assert!(e.to_string().starts_with("m.toml:1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_edit_keeps_the_last_good_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("models.toml");
+        std::fs::write(&path, BUILTIN).unwrap();
+        let h = RegistryHandle::open(Some(&path)).unwrap();
+        let n = h.current().models().len();
+        std::fs::write(&path, "[[model]]\nname = 1\n").unwrap();
+        assert!(h.reload().is_err());
+        assert_eq!(h.current().models().len(), n);
+        assert!(h.last_error().is_some());
+        let one = "[[model]]\nname = \"m\"\nprovider = \"p\"\ncontext_window = 5\ntier = \"premium\"\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+        std::fs::write(&path, one).unwrap();
+        assert_eq!(h.reload().unwrap(), 1);
+        assert!(h.last_error().is_none());
+        assert!(h.current().lookup("m").is_some());
+    }
+}
