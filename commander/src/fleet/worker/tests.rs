@@ -1,1 +1,350 @@
+//! The worker state machine, driven through the fleet state with an explicit clock.
 
+use std::sync::Arc;
+
+use fleet_worker::message::{Heartbeat, WorkerState as HbState};
+
+use super::*;
+use crate::fleet::costs::Dim;
+use crate::fleet::{FleetState, TaskEvent};
+use crate::ingest::normalise::{Dims, Identity, MetricKind, MetricPoint};
+use crate::registry::{RegistryHandle, TokenUsage};
+
+const S: u64 = 1_000;
+const T0: u64 = 1_700_000_000_000;
+
+fn cfg() -> FleetConfig {
+    FleetConfig {
+        stuck_factor: 3.0,
+        tool_repeat_limit: 3,
+        waiting_after_ms: 10 * S,
+        lost_after_ms: 15 * S,
+        retention_ms: 60 * S,
+        ..FleetConfig::default()
+    }
+}
+
+fn fleet() -> FleetState {
+    let reg = RegistryHandle::open(None).unwrap();
+    FleetState::new(cfg(), reg, ["code"])
+}
+
+fn identity(worker: &str) -> Arc<Identity> {
+    Arc::new(Identity {
+        worker_id: worker.into(),
+        pool: Some("code".into()),
+        ..Default::default()
+    })
+}
+
+/// A span of `worker` in task `task` that ended at `at_ms` after `dur_ms`.
+fn span(worker: &str, task: &str, op: Operation, at_ms: u64, dur_ms: u64) -> SpanEvent {
+    SpanEvent {
+        identity: identity(worker),
+        trace_id: {
+            let mut t = [7u8; 16];
+            t[..task.len().min(16)].copy_from_slice(&task.as_bytes()[..task.len().min(16)]);
+            t
+        },
+        span_id: [1; 8],
+        parent_span_id: Some([2; 8]),
+        start_ns: (at_ms - dur_ms) * 1_000_000,
+        end_ns: at_ms * 1_000_000,
+        error: false,
+        error_type: None,
+        operation: op,
+        provider: None,
+        model: None,
+        usage: None,
+        tool: None,
+        task_id: Some(task.into()),
+        expected_duration_s: None,
+        task_root: false,
+        dims: Dims::default(),
+    }
+}
+
+fn chat(worker: &str, task: &str, at_ms: u64, model: &str, input: u64, output: u64) -> SpanEvent {
+    let mut s = span(worker, task, Operation::Inference, at_ms, 1_000);
+    s.model = Some(model.into());
+    s.usage = Some(TokenUsage {
+        input,
+        output,
+        ..Default::default()
+    });
+    s
+}
+
+fn tool(worker: &str, task: &str, at_ms: u64, name: &str) -> SpanEvent {
+    let mut s = span(worker, task, Operation::ExecuteTool, at_ms, 200);
+    s.tool = Some(name.into());
+    s
+}
+
+fn root(worker: &str, task: &str, at_ms: u64, dur_ms: u64, failed: bool) -> SpanEvent {
+    let mut s = span(worker, task, Operation::None, at_ms, dur_ms);
+    s.task_root = true;
+    s.error = failed;
+    s
+}
+
+fn state_of(f: &FleetState, w: &str) -> State {
+    f.worker(w).unwrap().state()
+}
+
+#[test]
+fn active_waiting_stuck_active_idle() {
+    let mut f = fleet();
+    let mut first = chat("w1", "t1", T0, "gpt-4o", 1_000, 100);
+    first.expected_duration_s = Some(10.0);
+    f.apply_spans(vec![first], T0);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    assert_eq!(f.worker("w1").unwrap().current_task(), Some("t1"));
+
+    f.tick(T0 + 5 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    f.tick(T0 + 11 * S);
+    assert_eq!(state_of(&f, "w1"), State::Waiting);
+    // k × expected = 30 s without a span.
+    f.tick(T0 + 30 * S);
+    assert_eq!(state_of(&f, "w1"), State::Waiting);
+    f.tick(T0 + 31 * S);
+    assert_eq!(state_of(&f, "w1"), State::Stuck);
+    let reason = f.worker("w1").unwrap().stuck_reason().unwrap().to_string();
+    assert!(reason.contains("t1") && reason.contains("expected 10 s"), "{reason}");
+
+    f.apply_spans(vec![tool("w1", "t1", T0 + 32 * S, "search")], T0 + 32 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    assert_eq!(f.worker("w1").unwrap().stuck_reason(), None);
+
+    f.apply_spans(vec![root("w1", "t1", T0 + 33 * S, 33 * S, false)], T0 + 33 * S);
+    let w = f.worker("w1").unwrap();
+    assert_eq!(w.state(), State::Idle);
+    assert_eq!(w.current_task(), None);
+    let path: Vec<State> = w.transitions().map(|t| t.to).collect();
+    assert_eq!(
+        path,
+        [State::Active, State::Waiting, State::Stuck, State::Active, State::Idle]
+    );
+    let done: Vec<_> = w.recent_tasks().collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].status, RunEnd::Completed);
+    assert_eq!(done[0].steps, 2);
+    // From the first span's start (the chat began 1 s before T0) to the root's end.
+    assert_eq!(done[0].duration_ms, 34 * S);
+    // gpt-4o: 1,000 × $2.50 + 100 × $10 per 1M.
+    assert!((done[0].cost_usd.unwrap() - 0.0035).abs() < 1e-12);
+}
+
+#[test]
+fn the_same_tool_called_n_plus_one_times_is_stuck() {
+    let mut f = fleet();
+    for i in 0..3 {
+        f.apply_spans(vec![tool("w1", "t1", T0 + i * S, "grep")], T0 + i * S);
+        assert_eq!(state_of(&f, "w1"), State::Active, "call {}", i + 1);
+    }
+    // Other tools do not count towards grep's limit.
+    f.apply_spans(vec![tool("w1", "t1", T0 + 3 * S, "ls")], T0 + 3 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    f.apply_spans(vec![tool("w1", "t1", T0 + 4 * S, "grep")], T0 + 4 * S);
+    let w = f.worker("w1").unwrap();
+    assert_eq!(w.state(), State::Stuck);
+    let reason = w.stuck_reason().unwrap();
+    assert!(reason.contains("\"grep\" called 4 times") && reason.contains("limit 3"), "{reason}");
+    assert_eq!(w.tools()["grep"].calls, 4);
+    // The run ending clears it; the next run starts clean.
+    f.apply_spans(vec![root("w1", "t1", T0 + 5 * S, 5 * S, false)], T0 + 5 * S);
+    assert_eq!(state_of(&f, "w1"), State::Idle);
+    f.apply_spans(vec![tool("w1", "t2", T0 + 6 * S, "grep")], T0 + 6 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+}
+
+fn heartbeat(worker: &str, tasks: &[&str]) -> Heartbeat {
+    Heartbeat {
+        schema: 1,
+        worker_id: worker.into(),
+        pool: "code".into(),
+        state: if tasks.is_empty() {
+            HbState::Idle
+        } else {
+            HbState::Active
+        },
+        model: Some("claude-sonnet-4-5".into()),
+        current_tasks: tasks.iter().map(|t| t.to_string()).collect(),
+        max_in_flight: 4,
+        context_tokens: None,
+        capabilities: vec!["rust".into()],
+        completed: 0,
+        failed: 0,
+        sdk_version: Some("0.1.0".into()),
+        started_at: "2023-11-14T22:13:20Z".into(),
+        sent_at: "2023-11-14T22:13:20Z".into(),
+    }
+}
+
+#[test]
+fn lost_when_heartbeats_stop_and_forgotten_after_retention() {
+    let mut f = fleet();
+    f.apply_heartbeat(&heartbeat("w1", &[]), T0);
+    f.tick(T0 + 15 * S);
+    assert!(!f.worker("w1").unwrap().lost);
+    f.tick(T0 + 16 * S);
+    assert!(f.worker("w1").unwrap().lost);
+    let snap = f.snapshot(T0 + 16 * S);
+    assert_eq!(snap.fleet.lost_workers, ["w1"]);
+    assert_eq!(snap.pools[0].lost, 1);
+    // It comes back.
+    f.apply_heartbeat(&heartbeat("w1", &[]), T0 + 20 * S);
+    assert!(!f.worker("w1").unwrap().lost);
+    // Silent for longer than lost_after + retention: dropped.
+    f.tick(T0 + 36 * S);
+    assert!(f.worker("w1").unwrap().lost);
+    f.tick(T0 + 81 * S);
+    assert!(f.worker("w1").is_none());
+    assert_eq!(
+        f.counters
+            .workers_evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_heartbeat_run_uses_the_dispatched_expected_duration() {
+    let mut f = fleet();
+    f.apply_task(
+        TaskEvent::Dispatched {
+            task_id: "t9".into(),
+            pool: "code".into(),
+            expected_ms: Some(2 * S),
+            task_type: Some("summarisation".into()),
+        },
+        T0,
+    );
+    f.apply_heartbeat(&heartbeat("w1", &["t9"]), T0);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    let snap = f.snapshot(T0);
+    assert_eq!(snap.workers[0].current_task.as_deref(), Some("t9"));
+    assert_eq!(snap.workers[0].current_task_type.as_deref(), Some("summarisation"));
+    // 3 × 2 s without a span.
+    f.tick(T0 + 7 * S);
+    assert_eq!(state_of(&f, "w1"), State::Stuck);
+    // The next heartbeat no longer lists it: the run ended without spans.
+    f.apply_heartbeat(&heartbeat("w1", &[]), T0 + 8 * S);
+    assert_eq!(state_of(&f, "w1"), State::Idle);
+}
+
+#[test]
+fn failed_run_is_error_until_the_next_run() {
+    let mut f = fleet();
+    f.apply_spans(vec![root("w1", "t1", T0, 100, true)], T0);
+    assert_eq!(state_of(&f, "w1"), State::Error);
+    f.tick(T0 + 100 * S);
+    assert_eq!(state_of(&f, "w1"), State::Error);
+    f.apply_spans(vec![tool("w1", "t2", T0 + 101 * S, "x")], T0 + 101 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active);
+    // Three failed calls in a row inside a run.
+    for i in 0..3 {
+        let mut s = chat("w1", "t2", T0 + (102 + i) * S, "gpt-4o", 1, 1);
+        s.error = true;
+        f.apply_spans(vec![s], T0 + (102 + i) * S);
+    }
+    assert_eq!(state_of(&f, "w1"), State::Error);
+}
+
+#[test]
+fn context_utilisation_and_unknown_models() {
+    let mut f = fleet();
+    f.apply_spans(vec![chat("w1", "t1", T0, "gpt-4o-2024-08-06", 64_000, 10)], T0);
+    let v = &f.snapshot(T0).workers[0];
+    assert_eq!(v.context_limit_tokens, Some(128_000));
+    assert_eq!(v.context_utilisation, Some(0.5));
+    assert!(!v.model_unknown);
+    assert!(v.cost_usd > 0.0);
+
+    f.apply_spans(vec![chat("w2", "t2", T0, "my-finetune", 5_000, 500)], T0);
+    let snap = f.snapshot(T0);
+    let v = snap.workers.iter().find(|w| w.id == "w2").unwrap();
+    assert!(v.model_unknown);
+    assert_eq!(v.unknown_cost_calls, 1);
+    assert_eq!(v.cost_usd, 0.0);
+    assert_eq!(v.context_utilisation, None);
+    let m = snap.fleet.models.iter().find(|m| m.model == "my-finetune").unwrap();
+    assert!(m.unknown);
+    let report = f.costs(&[Dim::Model], 3_600_000, T0);
+    assert_eq!(report.unknown_cost_calls, 1);
+}
+
+#[test]
+fn attribution_and_task_type_percentiles() {
+    let mut f = fleet();
+    for i in 0..10u64 {
+        let task = format!("t{i}");
+        let mut c = chat("w1", &task, T0 + i * S, "claude-sonnet-4-5", 1_000 * (i + 1), 100);
+        c.dims.team = Some(if i % 2 == 0 { "search" } else { "ads" }.into());
+        c.dims.task_type = Some("summarisation".into());
+        f.apply_spans(vec![c], T0 + i * S);
+        f.apply_spans(vec![root("w1", &task, T0 + i * S, 500, false)], T0 + i * S);
+    }
+    let report = f.costs(&[Dim::Team], 3_600_000, T0 + 10 * S);
+    assert_eq!(report.rows.len(), 2);
+    assert_eq!(report.rows[0].group["team"].as_deref(), Some("ads"));
+    assert!((report.total_usd - f.worker("w1").unwrap().total_cost_usd).abs() < 1e-12);
+    let snap = f.snapshot(T0 + 10 * S);
+    let tt = &snap.fleet.task_types[0];
+    assert_eq!(tt.task_type, "summarisation");
+    assert_eq!(tt.tasks, 10);
+    // One LLM call per run.
+    assert!((tt.depth.p50.unwrap() - 1.0).abs() < 0.02);
+    assert!(tt.cost_usd.p99.unwrap() > tt.cost_usd.p50.unwrap());
+    assert_eq!(snap.fleet.states["IDLE"], 1);
+}
+
+#[test]
+fn metric_tokens_are_booked_only_for_workers_without_span_usage() {
+    let mut f = fleet();
+    let point = |worker: &str, kind, value: f64| MetricPoint {
+        identity: identity(worker),
+        kind,
+        model: Some("gpt-4o-mini".into()),
+        series: kind as u64,
+        cumulative: true,
+        start_ns: 1,
+        time_ns: 2,
+        value,
+        count: 1,
+        error: false,
+    };
+    // Cumulative: 100 then 250 is 250 in all, not 350.
+    f.apply_metrics(vec![point("m1", MetricKind::InputTokens, 100.0)], T0);
+    f.apply_metrics(vec![point("m1", MetricKind::InputTokens, 250.0)], T0 + S);
+    f.apply_metrics(vec![point("m1", MetricKind::OutputTokens, 40.0)], T0 + S);
+    let w = f.worker("m1").unwrap();
+    assert_eq!((w.total_input_tokens, w.total_output_tokens), (250, 40));
+    assert!(w.total_cost_usd > 0.0);
+    // A worker whose spans carry usage: its metrics are the same tokens again.
+    f.apply_spans(vec![chat("s1", "t1", T0, "gpt-4o-mini", 300, 30)], T0);
+    f.apply_metrics(vec![point("s1", MetricKind::InputTokens, 300.0)], T0 + S);
+    assert_eq!(f.worker("s1").unwrap().total_input_tokens, 300);
+}
+
+#[test]
+fn per_worker_memory_is_bounded() {
+    let mut f = fleet();
+    for i in 0..200u64 {
+        let at = T0 + i * 20 * S;
+        f.apply_spans(
+            vec![
+                tool("w1", &format!("t{i}"), at, &format!("tool{i}")),
+                root("w1", &format!("t{i}"), at, 10, false),
+            ],
+            at,
+        );
+    }
+    let w = f.worker("w1").unwrap();
+    assert!(w.recent_tasks().count() <= cfg().recent_tasks);
+    assert!(w.tools().len() <= cfg().max_tools_per_worker + 1);
+    assert!(w.tools().contains_key("_other"));
+    assert!(w.ring.len() <= crate::fleet::window::WORKER_BUCKETS);
+    assert!(w.transitions().count() <= 16);
+}
