@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use fleet_worker::{TaskContext, TaskOutput, Usage, Worker, WorkerConfig};
+use fleet_worker::{LlmCall, TaskContext, TaskOutput, ToolCall, Usage, Worker, WorkerConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -49,14 +49,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = model.clone();
         async move {
             tracing::info!(task_id = %ctx.task_id, attempt = ctx.attempt, "task started");
-            tokio::time::sleep(work).await;
+            // A stand-in agent: one tool call, then one LLM call, each reported as a
+            // GenAI span (the commander prices the call from its model registry).
+            let lookup = ToolCall::new("lookup");
+            tokio::time::sleep(work / 4).await;
+            ctx.telemetry.tool_call(&lookup.finish());
+            let call = LlmCall::chat("anthropic", model.clone());
+            tokio::time::sleep(work - work / 4).await;
+            let input = ctx.task.description.len() as u64 * 2 + 200;
+            ctx.telemetry.llm_call(&call.tokens(input, 120).finish());
             let team = ctx.baggage.get("team").unwrap_or("unknown").to_string();
             tracing::info!(task_id = %ctx.task_id, trace_id = %ctx.span.trace_id, team, "done");
             Ok(TaskOutput {
                 output: serde_json::json!({ "answer": format!("handled: {}", ctx.task.description) }),
                 usage: Some(Usage {
                     model: Some(model),
-                    input_tokens: ctx.task.description.len() as u64 * 2,
+                    input_tokens: input,
                     output_tokens: 120,
                     cost_usd: None,
                 }),

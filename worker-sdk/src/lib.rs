@@ -8,18 +8,21 @@
 //! - [`message`]: the JSON messages (task, result, heartbeat);
 //! - [`trace`]: W3C `traceparent` / `tracestate` / `baggage`;
 //! - [`span`]: spans as OTLP, batched over NATS;
+//! - [`telemetry`]: GenAI spans for the LLM and tool calls a handler makes;
 //! - [`worker`] and [`producer`].
 
 pub mod message;
 pub mod producer;
 pub mod protocol;
 pub mod span;
+pub mod telemetry;
 pub mod trace;
 pub mod worker;
 
 pub use message::{ErrorInfo, Heartbeat, ResultStatus, Task, TaskResult, Usage};
 pub use producer::{Producer, ProducerError, ResultInbox, SubmitOptions, SubmitReceipt};
 pub use protocol::Subjects;
+pub use telemetry::{LlmCall, TaskTelemetry, ToolCall};
 pub use trace::{Baggage, SpanId, TraceId, TraceParent};
 pub use worker::{
     HandlerResult, TaskContext, TaskFailure, TaskOutput, Worker, WorkerConfig, WorkerHandle,

@@ -23,6 +23,7 @@ use crate::message::{
 };
 use crate::protocol::{self, SCHEMA_VERSION, Subjects, header, headers, is_subject_token, kinds};
 use crate::span::{AttrValue, ExportConfig, SpanExporter, SpanKind, SpanRecord};
+use crate::telemetry::{LlmCall, TaskTelemetry};
 use crate::trace::{Baggage, SpanId, TraceParent, parse_tracestate};
 
 /// How a worker joins the fleet.
@@ -43,7 +44,11 @@ pub struct WorkerConfig {
     /// Also pull tasks dispatched to this worker by name (`<prefix>.work.<pool>.<worker>`).
     pub targeted: bool,
     pub capabilities: Vec<String>,
+    /// The model this worker's agent uses (heartbeats, and the usage span of handlers
+    /// that report no LLM calls themselves).
     pub model: Option<String>,
+    /// `gen_ai.provider.name` of that model (`openai`, `anthropic` …).
+    pub provider: Option<String>,
     pub export: ExportConfig,
 }
 
@@ -60,6 +65,7 @@ impl WorkerConfig {
             targeted: true,
             capabilities: Vec::new(),
             model: None,
+            provider: None,
             export: ExportConfig::default(),
         }
     }
@@ -83,6 +89,8 @@ pub struct TaskContext {
     /// Model chosen by the commander (`Fleet-Model`), if any.
     pub model: Option<String>,
     pub deadline: Option<SystemTime>,
+    /// Report LLM and tool calls here: they become GenAI spans under the process span.
+    pub telemetry: TaskTelemetry,
 }
 
 /// A successful handler outcome.
@@ -536,9 +544,26 @@ where
     if let Some(bad) = &bad_traceparent {
         span.attr("fleet.traceparent.invalid", bad.clone());
     }
-    for (k, v) in baggage.iter() {
-        span.attr(k, v);
+    // What every span of this task carries: the live state attributes them by it.
+    let mut common: Vec<(String, AttrValue)> = vec![("fleet.task.id".into(), task_id.clone().into())];
+    if let Some(tt) = task.attributes.get("task_type") {
+        common.push(("fleet.task.type".into(), tt.clone().into()));
     }
+    if let Some(e) = task.expected_duration_s {
+        common.push(("fleet.task.expected_duration_s".into(), AttrValue::Double(e)));
+    }
+    for (k, v) in baggage.iter() {
+        common.push((k.to_string(), v.to_string().into()));
+    }
+    for (k, v) in &common[1..] {
+        span.attributes.push((k.clone(), v.clone()));
+    }
+    let telemetry = TaskTelemetry::new(
+        shared.exporter.clone(),
+        span_ctx.trace_id,
+        span_ctx.span_id,
+        common,
+    );
 
     let ctx = TaskContext {
         task,
@@ -549,8 +574,9 @@ where
         parent_span_id,
         tracestate: tracestate.clone(),
         baggage: baggage.clone(),
-        model,
+        model: model.clone(),
         deadline,
+        telemetry: telemetry.clone(),
     };
 
     let received_at = now_rfc3339();
@@ -606,12 +632,23 @@ where
             result.usage = f.usage;
         }
     }
-    if let Some(u) = &result.usage {
-        if let Some(m) = &u.model {
-            span.attr("gen_ai.request.model", m.clone());
-        }
-        span.attr("gen_ai.usage.input_tokens", u.input_tokens as i64);
-        span.attr("gen_ai.usage.output_tokens", u.output_tokens as i64);
+    // Usage the handler returned without reporting its calls becomes one LLM span, so the
+    // commander can price it; reported calls are already spans (and are not counted twice).
+    if let Some(u) = &result.usage
+        && telemetry.totals().llm_calls == 0
+        && u.input_tokens + u.output_tokens > 0
+    {
+        let model_name = u
+            .model
+            .clone()
+            .or(model)
+            .or_else(|| cfg.model.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let mut call = LlmCall::chat(cfg.provider.clone().unwrap_or_else(|| "unknown".into()), model_name)
+            .tokens(u.input_tokens, u.output_tokens);
+        call.started = span.start;
+        call.finished = SystemTime::now();
+        telemetry.llm_call(&call);
     }
 
     // Durable result first, ack second: a crash in between means a redelivery that the

@@ -166,6 +166,8 @@ pub struct Commander {
     child: Option<Child>,
     dir: PathBuf,
     http: String,
+    otlp_grpc: Option<String>,
+    otlp_http: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -210,6 +212,9 @@ impl Commander {
             std::env::var("FLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );
         cmd.env("NO_COLOR", "1");
+        // Free ports for the OTLP receivers, so tests run side by side.
+        cmd.env("FLEET_OTLP_GRPC_LISTEN", "127.0.0.1:0");
+        cmd.env("FLEET_OTLP_HTTP_LISTEN", "127.0.0.1:0");
         for (k, v) in &opts.extra_env {
             cmd.env(k, v);
         }
@@ -259,21 +264,33 @@ impl Commander {
             child: Some(child),
             dir: opts.data_dir.clone(),
             http: String::new(),
+            otlp_grpc: None,
+            otlp_http: None,
             log,
         };
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(addr) = me.find_log(|l| {
-                l.contains("http api listening")
+        let addr_after = |what: &'static str| {
+            move |l: &str| {
+                l.contains(what)
                     .then(|| {
                         l.split("addr=")
                             .nth(1)
                             .map(|a| a.split_whitespace().next().unwrap_or("").to_string())
                     })
                     .flatten()
-            }) {
+            }
+        };
+        loop {
+            // The OTLP receivers bind before the API, so their lines are there by now.
+            if let Some(addr) = me.find_log(addr_after("http api listening")) {
                 me.http = format!("http://{addr}");
+                me.otlp_grpc = me
+                    .find_log(addr_after("otlp grpc listening"))
+                    .map(|a| format!("http://{a}"));
+                me.otlp_http = me
+                    .find_log(addr_after("otlp http listening"))
+                    .map(|a| format!("http://{a}"));
                 return Ok(me);
             }
             let exited = has_exited(&mut me.child);
@@ -291,6 +308,16 @@ impl Commander {
     /// `http://127.0.0.1:<port>`.
     pub fn http(&self) -> &str {
         &self.http
+    }
+
+    /// The OTLP/gRPC endpoint, `http://127.0.0.1:<port>` (None when turned off).
+    pub fn otlp_grpc(&self) -> Option<&str> {
+        self.otlp_grpc.as_deref()
+    }
+
+    /// The OTLP/HTTP base URL, `http://127.0.0.1:<port>` (None when turned off).
+    pub fn otlp_http(&self) -> Option<&str> {
+        self.otlp_http.as_deref()
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -454,9 +454,13 @@ fn one_span(
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
     }
-    // Old instrumentations set only the model and token counts.
+    // Old instrumentations set only the model and token counts. A task's root span with
+    // totals is not a call (its calls are its children).
+    let consumer_task = span.kind == SPAN_KIND_CONSUMER && task_id.is_some();
     if operation == Operation::None
         && any_usage
+        && !root_flag
+        && !consumer_task
         && (request_model.is_some() || response_model.is_some())
     {
         operation = Operation::Inference;
@@ -467,7 +471,7 @@ fn one_span(
         .is_some_and(|s| s.code == STATUS_CODE_ERROR);
     let parent_span_id = id8(&span.parent_span_id);
     let task_root = root_flag
-        || (span.kind == SPAN_KIND_CONSUMER && task_id.is_some())
+        || consumer_task
         || (parent_span_id.is_none()
             && matches!(
                 operation,
