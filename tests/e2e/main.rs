@@ -14,3 +14,4 @@ mod common;
 mod kill;
 mod spine;
 mod startup;
+mod telemetry;

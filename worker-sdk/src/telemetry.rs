@@ -162,7 +162,10 @@ impl TaskTelemetry {
         let Some(exporter) = &self.exporter else {
             return;
         };
-        let mut s = self.span(format!("{} {}", call.operation, call.model), SpanKind::Client);
+        let mut s = self.span(
+            format!("{} {}", call.operation, call.model),
+            SpanKind::Client,
+        );
         s.start = call.started;
         s.end = call.finished.max(call.started);
         s.attr("gen_ai.operation.name", call.operation.clone())

@@ -545,12 +545,16 @@ where
         span.attr("fleet.traceparent.invalid", bad.clone());
     }
     // What every span of this task carries: the live state attributes them by it.
-    let mut common: Vec<(String, AttrValue)> = vec![("fleet.task.id".into(), task_id.clone().into())];
+    let mut common: Vec<(String, AttrValue)> =
+        vec![("fleet.task.id".into(), task_id.clone().into())];
     if let Some(tt) = task.attributes.get("task_type") {
         common.push(("fleet.task.type".into(), tt.clone().into()));
     }
     if let Some(e) = task.expected_duration_s {
-        common.push(("fleet.task.expected_duration_s".into(), AttrValue::Double(e)));
+        common.push((
+            "fleet.task.expected_duration_s".into(),
+            AttrValue::Double(e),
+        ));
     }
     for (k, v) in baggage.iter() {
         common.push((k.to_string(), v.to_string().into()));
@@ -644,8 +648,11 @@ where
             .or(model)
             .or_else(|| cfg.model.clone())
             .unwrap_or_else(|| "unknown".into());
-        let mut call = LlmCall::chat(cfg.provider.clone().unwrap_or_else(|| "unknown".into()), model_name)
-            .tokens(u.input_tokens, u.output_tokens);
+        let mut call = LlmCall::chat(
+            cfg.provider.clone().unwrap_or_else(|| "unknown".into()),
+            model_name,
+        )
+        .tokens(u.input_tokens, u.output_tokens);
         call.started = span.start;
         call.finished = SystemTime::now();
         telemetry.llm_call(&call);

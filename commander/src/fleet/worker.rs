@@ -578,7 +578,8 @@ impl Worker {
         self.last_heartbeat_ms = Some(now_ms);
         self.lost = false;
         self.pool = Some(hb.pool.clone());
-        if hb.model.is_some() {
+        // The model of its last LLM call says more than the one it announces.
+        if hb.model.is_some() && !self.span_usage_seen {
             self.model.clone_from(&hb.model);
         }
         if hb.sdk_version.is_some() {

@@ -140,24 +140,33 @@ impl LogsService for Grpc {
     }
 }
 
-/// tonic reports an over-limit message as OUT_OF_RANGE; OTLP says RESOURCE_EXHAUSTED
-/// (without RetryInfo: not retryable). Rewrites the trailers-only error response.
-fn oversize_is_resource_exhausted<B>(
+/// tonic answers an over-limit message with OUT_OF_RANGE and undecodable protobuf with
+/// INTERNAL; OTLP wants RESOURCE_EXHAUSTED (without RetryInfo: not retryable) and
+/// INVALID_ARGUMENT. Rewrites the code of those trailers-only error responses.
+fn otlp_status_codes<B>(
     mut res: tonic::codegen::http::Response<B>,
 ) -> tonic::codegen::http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
-    let too_large = res
+    const INTERNAL: &str = "13";
+    let code = res
         .headers()
         .get("grpc-status")
-        .is_some_and(|v| v == OUT_OF_RANGE)
-        && res
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
-    if too_large {
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let message = res
+        .headers()
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
+    let rewrite = match code {
+        OUT_OF_RANGE if message.contains("message length too large") => Some("8"),
+        INTERNAL if message.starts_with("failed to decode Protobuf message") => Some("3"),
+        _ => None,
+    };
+    if let Some(to) = rewrite {
         res.headers_mut()
-            .insert("grpc-status", HeaderValue::from_static("8"));
+            .insert("grpc-status", HeaderValue::from_static(to));
     }
     res
 }
@@ -183,9 +192,7 @@ pub async fn serve_grpc(
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
     tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
         .add_service(traces)
         .add_service(metrics)
         .add_service(logs)

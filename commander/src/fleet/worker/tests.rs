@@ -111,20 +111,32 @@ fn active_waiting_stuck_active_idle() {
     f.tick(T0 + 31 * S);
     assert_eq!(state_of(&f, "w1"), State::Stuck);
     let reason = f.worker("w1").unwrap().stuck_reason().unwrap().to_string();
-    assert!(reason.contains("t1") && reason.contains("expected 10 s"), "{reason}");
+    assert!(
+        reason.contains("t1") && reason.contains("expected 10 s"),
+        "{reason}"
+    );
 
     f.apply_spans(vec![tool("w1", "t1", T0 + 32 * S, "search")], T0 + 32 * S);
     assert_eq!(state_of(&f, "w1"), State::Active);
     assert_eq!(f.worker("w1").unwrap().stuck_reason(), None);
 
-    f.apply_spans(vec![root("w1", "t1", T0 + 33 * S, 33 * S, false)], T0 + 33 * S);
+    f.apply_spans(
+        vec![root("w1", "t1", T0 + 33 * S, 33 * S, false)],
+        T0 + 33 * S,
+    );
     let w = f.worker("w1").unwrap();
     assert_eq!(w.state(), State::Idle);
     assert_eq!(w.current_task(), None);
     let path: Vec<State> = w.transitions().map(|t| t.to).collect();
     assert_eq!(
         path,
-        [State::Active, State::Waiting, State::Stuck, State::Active, State::Idle]
+        [
+            State::Active,
+            State::Waiting,
+            State::Stuck,
+            State::Active,
+            State::Idle
+        ]
     );
     let done: Vec<_> = w.recent_tasks().collect();
     assert_eq!(done.len(), 1);
@@ -150,7 +162,10 @@ fn the_same_tool_called_n_plus_one_times_is_stuck() {
     let w = f.worker("w1").unwrap();
     assert_eq!(w.state(), State::Stuck);
     let reason = w.stuck_reason().unwrap();
-    assert!(reason.contains("\"grep\" called 4 times") && reason.contains("limit 3"), "{reason}");
+    assert!(
+        reason.contains("\"grep\" called 4 times") && reason.contains("limit 3"),
+        "{reason}"
+    );
     assert_eq!(w.tools()["grep"].calls, 4);
     // The run ending clears it; the next run starts clean.
     f.apply_spans(vec![root("w1", "t1", T0 + 5 * S, 5 * S, false)], T0 + 5 * S);
@@ -225,7 +240,10 @@ fn a_heartbeat_run_uses_the_dispatched_expected_duration() {
     assert_eq!(state_of(&f, "w1"), State::Active);
     let snap = f.snapshot(T0);
     assert_eq!(snap.workers[0].current_task.as_deref(), Some("t9"));
-    assert_eq!(snap.workers[0].current_task_type.as_deref(), Some("summarisation"));
+    assert_eq!(
+        snap.workers[0].current_task_type.as_deref(),
+        Some("summarisation")
+    );
     // 3 × 2 s without a span.
     f.tick(T0 + 7 * S);
     assert_eq!(state_of(&f, "w1"), State::Stuck);
@@ -255,7 +273,10 @@ fn failed_run_is_error_until_the_next_run() {
 #[test]
 fn context_utilisation_and_unknown_models() {
     let mut f = fleet();
-    f.apply_spans(vec![chat("w1", "t1", T0, "gpt-4o-2024-08-06", 64_000, 10)], T0);
+    f.apply_spans(
+        vec![chat("w1", "t1", T0, "gpt-4o-2024-08-06", 64_000, 10)],
+        T0,
+    );
     let v = &f.snapshot(T0).workers[0];
     assert_eq!(v.context_limit_tokens, Some(128_000));
     assert_eq!(v.context_utilisation, Some(0.5));
@@ -269,7 +290,12 @@ fn context_utilisation_and_unknown_models() {
     assert_eq!(v.unknown_cost_calls, 1);
     assert_eq!(v.cost_usd, 0.0);
     assert_eq!(v.context_utilisation, None);
-    let m = snap.fleet.models.iter().find(|m| m.model == "my-finetune").unwrap();
+    let m = snap
+        .fleet
+        .models
+        .iter()
+        .find(|m| m.model == "my-finetune")
+        .unwrap();
     assert!(m.unknown);
     let report = f.costs(&[Dim::Model], 3_600_000, T0);
     assert_eq!(report.unknown_cost_calls, 1);
@@ -280,7 +306,14 @@ fn attribution_and_task_type_percentiles() {
     let mut f = fleet();
     for i in 0..10u64 {
         let task = format!("t{i}");
-        let mut c = chat("w1", &task, T0 + i * S, "claude-sonnet-4-5", 1_000 * (i + 1), 100);
+        let mut c = chat(
+            "w1",
+            &task,
+            T0 + i * S,
+            "claude-sonnet-4-5",
+            1_000 * (i + 1),
+            100,
+        );
         c.dims.team = Some(if i % 2 == 0 { "search" } else { "ads" }.into());
         c.dims.task_type = Some("summarisation".into());
         f.apply_spans(vec![c], T0 + i * S);
