@@ -11,6 +11,7 @@
 
 mod bad_input;
 mod common;
+mod interop;
 mod kill;
 mod spine;
 mod startup;

@@ -373,8 +373,11 @@ impl Worker {
         if let Some(p) = &ev.identity.pool {
             self.pool.get_or_insert_with(|| p.clone());
         }
-        if self.agent_name.is_none() {
+        // An agent name on the span beats the service name the resource gives.
+        if ev.identity.agent_name.is_some() {
             self.agent_name.clone_from(&ev.identity.agent_name);
+        } else if self.agent_name.is_none() {
+            self.agent_name.clone_from(&ev.identity.service);
         }
         if ev.identity.version.is_some() {
             self.version.clone_from(&ev.identity.version);

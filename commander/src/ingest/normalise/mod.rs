@@ -53,8 +53,9 @@ impl Operation {
 /// Who emitted a signal. Shared by every span of one OTLP resource.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// The worker key, first of: `fleet.worker.id`, `gen_ai.agent.id`, `service.instance.id`,
-    /// `gen_ai.agent.name`, `service.name` (span attributes before resource attributes).
+    /// The worker key, first of: `fleet.worker.id`, `gen_ai.agent.id`,
+    /// `service.name@service.instance.id`, `gen_ai.agent.name`, `service.name` (span
+    /// attributes before resource attributes).
     pub worker_id: String,
     pub pool: Option<String>,
     pub agent_name: Option<String>,
@@ -270,18 +271,25 @@ impl IdentityParts {
     }
 
     fn resolve(self) -> Identity {
+        // An OpenTelemetry service instance is (service.name, service.instance.id); SDKs
+        // give every process its own instance id, shared by all its services.
+        let instance = match (&self.service, &self.instance) {
+            (Some(s), Some(i)) => Some(format!("{s}@{i}")),
+            (None, Some(i)) => Some(i.clone()),
+            _ => None,
+        };
         let worker_id = self
             .fleet_worker
             .clone()
             .or_else(|| self.agent_id.clone())
-            .or_else(|| self.instance.clone())
+            .or(instance)
             .or_else(|| self.agent_name.clone())
             .or_else(|| self.service.clone())
             .unwrap_or_else(|| "unknown_service".into());
         Identity {
             worker_id,
             pool: self.pool,
-            agent_name: self.agent_name.or(self.service.clone()),
+            agent_name: self.agent_name,
             version: self.version,
             service: self.service,
         }

@@ -359,12 +359,13 @@ fn identity_precedence() {
         s("fleet.pool", "code"),
         s("service.version", "1.4.2"),
     ];
-    // Resource: service.instance.id beats service.name.
+    // Resource: the service instance (name@instance) beats the bare service name.
     let e = one(res.clone(), span("chat", vec![]));
-    assert_eq!(e.identity.worker_id, "pod-7");
+    assert_eq!(e.identity.worker_id, "agents@pod-7");
     assert_eq!(e.identity.pool.as_deref(), Some("code"));
     assert_eq!(e.identity.version.as_deref(), Some("1.4.2"));
-    assert_eq!(e.identity.agent_name.as_deref(), Some("agents"));
+    assert_eq!(e.identity.agent_name, None);
+    assert_eq!(e.identity.service.as_deref(), Some("agents"));
     // fleet.worker.id on the resource beats everything on the resource.
     let mut r2 = res.clone();
     r2.push(s("fleet.worker.id", "w-1"));
