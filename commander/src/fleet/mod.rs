@@ -844,6 +844,28 @@ pub enum QueryError {
 }
 
 impl FleetHandle {
+    /// A handle with no owner behind it, for tests of what transports do when the owner
+    /// falls behind: the receivers are returned so the channels stay open.
+    #[cfg(test)]
+    pub(crate) fn detached(
+        queue_batches: usize,
+    ) -> (Self, (mpsc::Receiver<Ingest>, mpsc::Receiver<TaskEvent>, mpsc::Receiver<Query>)) {
+        let (ingest, a) = mpsc::channel(queue_batches);
+        let (tasks, b) = mpsc::channel(16);
+        let (queries, c) = mpsc::channel(1);
+        (
+            Self {
+                ingest,
+                tasks,
+                queries,
+                snapshot: Arc::new(ArcSwap::from_pointee(FleetSnapshot::default())),
+                counters: Arc::new(StateCounters::default()),
+                task_events_dropped: Arc::new(AtomicU64::new(0)),
+            },
+            (a, b, c),
+        )
+    }
+
     /// Hands telemetry to the owner without waiting.
     pub fn offer(&self, ev: Ingest) -> Result<(), OfferError> {
         self.ingest.try_send(ev).map_err(|e| match e {

@@ -417,3 +417,93 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<tokio::net::T
     tracing::info!(addr = %local, "{what} listening");
     Ok(l)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::fleet::{FleetHandle, TaskEvent};
+    use crate::metrics::Metrics;
+
+    fn one_span() -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_sheds_telemetry_with_retryable_answers_and_spares_the_task_path() {
+        let (fleet, _rx) = FleetHandle::detached(1);
+        let metrics = Arc::new(Metrics::default());
+        let ingestor = Ingestor {
+            fleet: fleet.clone(),
+            metrics: metrics.clone(),
+        };
+        let app = http_router(ingestor.clone(), 1 << 20);
+        let post = || {
+            tonic::codegen::http::Request::post("/v1/traces")
+                .header("content-type", "application/x-protobuf")
+                .body(Body::from(one_span().encode_to_vec()))
+                .unwrap()
+        };
+        // The first batch fills the queue (nobody drains it).
+        let r = app.clone().oneshot(post()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        // HTTP: 429 with Retry-After and a google.rpc.Status body.
+        let r = app.clone().oneshot(post()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let status = RpcStatus::decode(body).unwrap();
+        assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
+        // gRPC: RESOURCE_EXHAUSTED carrying RetryInfo, which makes it retryable in OTLP.
+        let err = TraceService::export(&Grpc(ingestor), tonic::Request::new(one_span()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let retry = err.get_details_retry_info().unwrap();
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        // Counted as dropped, per transport.
+        let dropped = |transport| {
+            metrics
+                .telemetry
+                .get_or_create(&crate::metrics::TelemetryLabels {
+                    transport,
+                    signal: "traces",
+                    outcome: "dropped",
+                })
+                .get()
+        };
+        assert_eq!((dropped("http"), dropped("grpc")), (1, 1));
+        // The task path has its own channel: it is not refused.
+        fleet.task_event(TaskEvent::Queue {
+            pool: "p".into(),
+            pending: 1,
+            ack_pending: 0,
+        });
+        assert_eq!(
+            fleet
+                .task_events_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+}
