@@ -5,12 +5,12 @@
 //! and swaps in the new one only if the whole file is valid. A bad edit leaves the last
 //! good registry in place and says why, with file and line.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// The registry shipped with the commander, used when no file is configured.
@@ -98,7 +98,7 @@ struct File {
 #[derive(Debug, Default)]
 pub struct Registry {
     models: Vec<ModelEntry>,
-    by_key: HashMap<String, usize>,
+    by_key: FxHashMap<String, usize>,
     /// Where it came from (`builtin` or a path), for the API.
     pub source: String,
 }
@@ -115,7 +115,7 @@ impl Registry {
         })?;
         let mut problems = Vec::new();
         let mut models = Vec::new();
-        let mut by_key: HashMap<String, usize> = HashMap::new();
+        let mut by_key: FxHashMap<String, usize> = FxHashMap::default();
         for spanned in parsed.model {
             let line = line_of(text, spanned.span().start);
             let m = spanned.into_inner();
@@ -183,6 +183,10 @@ impl Registry {
     /// `models/gemini-2.0-flash`) and a snapshot date suffix (`gpt-4o-2024-08-06`,
     /// `claude-sonnet-4-5-20250929`, `…@20250929`, Bedrock's `…-v1:0`).
     pub fn lookup(&self, model: &str) -> Option<&ModelEntry> {
+        // Hot path: the name as sent is usually already a key.
+        if let Some(&i) = self.by_key.get(model) {
+            return self.models.get(i);
+        }
         let lower = model.trim().to_ascii_lowercase();
         if let Some(&i) = self.by_key.get(&lower) {
             return self.models.get(i);

@@ -4,6 +4,8 @@
 //!   for demos and fault tests (a hanging worker is `kill -9`ed mid-task in the e2e suite).
 //! - `fleet-sim bench dispatch`: tasks/s through the commander, and the raw JetStream pipe
 //!   measured in the same run, with the ratio.
+//! - `fleet-sim bench ingest`: OTLP spans/s into the live state vs prost decode alone.
+//! - `fleet-sim bench rss`: commander memory with 10,000 simulated workers.
 
 mod bench;
 

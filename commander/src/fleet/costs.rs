@@ -6,8 +6,9 @@
 //! Both the number of keys and the number of buckets are bounded.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
 
+use rustc_hash::{FxHashMap, FxHasher};
 use serde::Serialize;
 
 use crate::ingest::normalise::Dims;
@@ -74,6 +75,85 @@ pub struct CostKey {
     pub worker: Option<String>,
 }
 
+/// A cost key made of borrowed parts: booking a call allocates only for a new key.
+#[derive(Clone, Copy, Debug)]
+pub struct CostKeyRef<'a> {
+    pub dims: &'a Dims,
+    /// Used when `dims.task_type` is unset (the run's type).
+    pub task_type: Option<&'a str>,
+    pub pool: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub worker: Option<&'a str>,
+}
+
+const ALL_DIMS: [Dim; 9] = [
+    Dim::Team,
+    Dim::Feature,
+    Dim::UserTier,
+    Dim::PromptVariant,
+    Dim::TaskType,
+    Dim::Tenant,
+    Dim::Pool,
+    Dim::Model,
+    Dim::Worker,
+];
+
+impl<'a> CostKeyRef<'a> {
+    fn get(&self, d: Dim) -> Option<&'a str> {
+        match d {
+            Dim::Team => self.dims.team.as_deref(),
+            Dim::Feature => self.dims.feature.as_deref(),
+            Dim::UserTier => self.dims.user_tier.as_deref(),
+            Dim::PromptVariant => self.dims.prompt_variant.as_deref(),
+            Dim::TaskType => self.dims.task_type.as_deref().or(self.task_type),
+            Dim::Tenant => self.dims.tenant.as_deref(),
+            Dim::Pool => self.pool,
+            Dim::Model => self.model,
+            Dim::Worker => self.worker,
+        }
+    }
+
+    fn hash64(&self) -> u64 {
+        let mut h = FxHasher::default();
+        for d in ALL_DIMS {
+            self.get(d).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn matches(&self, k: &CostKey) -> bool {
+        ALL_DIMS.iter().all(|d| self.get(*d) == k.get(*d))
+    }
+
+    fn to_key(self) -> CostKey {
+        let own = |v: Option<&str>| v.map(str::to_string);
+        CostKey {
+            dims: Dims {
+                team: own(self.get(Dim::Team)),
+                feature: own(self.get(Dim::Feature)),
+                user_tier: own(self.get(Dim::UserTier)),
+                prompt_variant: own(self.get(Dim::PromptVariant)),
+                task_type: own(self.get(Dim::TaskType)),
+                tenant: own(self.get(Dim::Tenant)),
+            },
+            pool: own(self.pool),
+            model: own(self.model),
+            worker: own(self.worker),
+        }
+    }
+}
+
+fn key_hash(k: &CostKey) -> u64 {
+    CostKeyRef {
+        dims: &k.dims,
+        task_type: None,
+        pool: k.pool.as_deref(),
+        model: k.model.as_deref(),
+        worker: k.worker.as_deref(),
+    }
+    .hash64()
+}
+
 impl CostKey {
     fn get(&self, d: Dim) -> Option<&str> {
         match d {
@@ -122,9 +202,10 @@ impl CostCell {
 /// The attribution ledger.
 #[derive(Debug, Default)]
 pub struct CostLedger {
-    keys: Vec<Arc<CostKey>>,
-    ids: HashMap<Arc<CostKey>, u32>,
-    minutes: VecDeque<(u64, HashMap<u32, CostCell>)>,
+    keys: Vec<CostKey>,
+    /// Key hash → ids with that hash (collisions are compared field by field).
+    ids: FxHashMap<u64, Vec<u32>>,
+    minutes: VecDeque<(u64, FxHashMap<u32, CostCell>)>,
     max_keys: usize,
     /// Bookings folded into `_other` because the key table was full.
     pub overflowed: u64,
@@ -147,35 +228,51 @@ impl CostLedger {
         }
     }
 
-    fn intern(&mut self, key: CostKey) -> u32 {
-        if let Some(&id) = self.ids.get(&key) {
+    fn find(&self, hash: u64, key: &CostKeyRef<'_>) -> Option<u32> {
+        self.ids
+            .get(&hash)?
+            .iter()
+            .copied()
+            .find(|id| key.matches(&self.keys[*id as usize]))
+    }
+
+    fn intern(&mut self, key: CostKeyRef<'_>) -> u32 {
+        let hash = key.hash64();
+        if let Some(id) = self.find(hash, &key) {
             return id;
         }
-        let key = if self.keys.len() >= self.max_keys {
+        let owned = if self.keys.len() >= self.max_keys {
             self.overflowed += 1;
             let other = CostKey::other();
-            if let Some(&id) = self.ids.get(&other) {
+            let h = key_hash(&other);
+            let r = CostKeyRef {
+                dims: &other.dims,
+                task_type: None,
+                pool: None,
+                model: None,
+                worker: other.worker.as_deref(),
+            };
+            if let Some(id) = self.find(h, &r) {
                 return id;
             }
             other
         } else {
-            key
+            key.to_key()
         };
         let id = self.keys.len() as u32;
-        let key = Arc::new(key);
-        self.keys.push(key.clone());
-        self.ids.insert(key, id);
+        self.ids.entry(key_hash(&owned)).or_default().push(id);
+        self.keys.push(owned);
         id
     }
 
-    pub fn book(&mut self, now_ms: u64, key: CostKey, cell: CostCell) {
+    pub fn book(&mut self, now_ms: u64, key: CostKeyRef<'_>, cell: CostCell) {
         let id = self.intern(key);
         let minute = now_ms / MINUTE_MS;
         if self.minutes.back().is_none_or(|(m, _)| minute > *m) {
             if self.minutes.len() == MAX_MINUTES {
                 self.minutes.pop_front();
             }
-            self.minutes.push_back((minute, HashMap::new()));
+            self.minutes.push_back((minute, FxHashMap::default()));
             self.compact();
         }
         if let Some((_, cells)) = self.minutes.back_mut() {
@@ -211,11 +308,11 @@ impl CostLedger {
                 .map(|(id, c)| (remap[id as usize], c))
                 .collect();
         }
-        self.ids = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.clone(), i as u32))
-            .collect();
+        let mut ids: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
+        for (i, k) in keys.iter().enumerate() {
+            ids.entry(key_hash(k)).or_default().push(i as u32);
+        }
+        self.ids = ids;
         self.keys = keys;
     }
 
@@ -263,15 +360,21 @@ impl CostLedger {
 mod tests {
     use super::*;
 
-    fn key(team: &str, feature: &str, model: &str) -> CostKey {
-        CostKey {
-            dims: Dims {
-                team: Some(team.into()),
-                feature: Some(feature.into()),
-                ..Default::default()
-            },
-            model: Some(model.into()),
+    fn dims(team: &str, feature: &str) -> Dims {
+        Dims {
+            team: Some(team.into()),
+            feature: Some(feature.into()),
             ..Default::default()
+        }
+    }
+
+    fn key<'a>(dims: &'a Dims, model: &'a str) -> CostKeyRef<'a> {
+        CostKeyRef {
+            dims,
+            task_type: None,
+            pool: None,
+            model: Some(model),
+            worker: None,
         }
     }
 
@@ -286,9 +389,9 @@ mod tests {
     #[test]
     fn groups_by_requested_dimensions_within_the_window() {
         let mut l = CostLedger::new(100);
-        l.book(0, key("a", "x", "m1"), cell(1.0));
-        l.book(61_000, key("a", "y", "m1"), cell(2.0));
-        l.book(62_000, key("b", "x", "m2"), cell(4.0));
+        l.book(0, key(&dims("a", "x"), "m1"), cell(1.0));
+        l.book(61_000, key(&dims("a", "y"), "m1"), cell(2.0));
+        l.book(62_000, key(&dims("b", "x"), "m2"), cell(4.0));
         let by_team = l.query(62_000, 3_600_000, &[Dim::Team]);
         assert_eq!(by_team.len(), 2);
         assert_eq!(by_team[0].group["team"].as_deref(), Some("b"));
@@ -308,7 +411,7 @@ mod tests {
     fn key_table_is_bounded() {
         let mut l = CostLedger::new(10);
         for i in 0..100 {
-            l.book(0, key(&format!("t{i}"), "f", "m"), cell(1.0));
+            l.book(0, key(&dims(&format!("t{i}"), "f"), "m"), cell(1.0));
         }
         assert!(l.key_count() <= 11);
         assert_eq!(l.overflowed, 90);

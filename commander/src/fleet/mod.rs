@@ -10,16 +10,17 @@ pub mod view;
 pub mod window;
 pub mod worker;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use fleet_worker::message::Heartbeat;
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::costs::{CostCell, CostKey, CostLedger, Dim};
+use self::costs::{CostCell, CostKeyRef, CostLedger, Dim};
 use self::view::{
     CostReport, FleetSnapshot, FleetView, ModelShare, PoolView, QueueView, TaskTypeView, ToolView,
     WorkerDetail, WorkerView,
@@ -27,7 +28,7 @@ use self::view::{
 use self::window::{FleetRing, SeriesPoint, WindowedSketch};
 use self::worker::{RunEnd, State, TaskSummary, Worker};
 use crate::config::FleetConfig;
-use crate::ingest::normalise::{MetricKind, MetricPoint, SpanEvent};
+use crate::ingest::normalise::{Dims, MetricKind, MetricPoint, SpanEvent};
 use crate::registry::{RegistryHandle, TokenUsage};
 
 pub fn now_ms() -> u64 {
@@ -144,6 +145,40 @@ fn ewma(prev: Option<f64>, v: f64) -> Option<f64> {
     })
 }
 
+/// Books a finished run into its task type's figures.
+fn finish_run(
+    task_types: &mut FxHashMap<String, TaskTypeAgg>,
+    dispatched: &mut FxHashMap<String, Dispatch>,
+    run: &TaskSummary,
+    now_ms: u64,
+) {
+    dispatched.remove(&run.task_id);
+    let Some(tt) = run.task_type.as_deref() else {
+        return;
+    };
+    if !task_types.contains_key(tt) {
+        if task_types.len() >= MAX_TASK_TYPES {
+            return;
+        }
+        task_types.insert(tt.to_string(), TaskTypeAgg::new());
+    }
+    let Some(agg) = task_types.get_mut(tt) else {
+        return;
+    };
+    if let Some(c) = run.cost_usd {
+        agg.cost.add(now_ms, c);
+    }
+    agg.depth.add(now_ms, f64::from(run.steps));
+    agg.duration.add(now_ms, run.duration_ms as f64);
+    if run.status == RunEnd::Completed {
+        agg.baseline_ms = ewma(agg.baseline_ms, run.duration_ms as f64);
+        if run.duration_ms > 0 && run.output_tokens > 0 {
+            let tps = run.output_tokens as f64 * 1000.0 / run.duration_ms as f64;
+            agg.baseline_tps = ewma(agg.baseline_tps, tps);
+        }
+    }
+}
+
 /// Counters the owner keeps about itself.
 #[derive(Debug, Default)]
 pub struct StateCounters {
@@ -160,12 +195,12 @@ pub struct StateCounters {
 pub struct FleetState {
     cfg: FleetConfig,
     registry: Arc<RegistryHandle>,
-    workers: HashMap<String, Worker>,
+    workers: FxHashMap<String, Worker>,
     pools: BTreeMap<String, PoolAgg>,
-    task_types: HashMap<String, TaskTypeAgg>,
+    task_types: FxHashMap<String, TaskTypeAgg>,
     fleet: FleetRing,
     costs: CostLedger,
-    dispatched: HashMap<String, Dispatch>,
+    dispatched: FxHashMap<String, Dispatch>,
     dispatch_order: VecDeque<String>,
     pub counters: Arc<StateCounters>,
 }
@@ -184,11 +219,11 @@ impl FleetState {
             costs: CostLedger::new(cfg.max_cost_keys),
             cfg,
             registry,
-            workers: HashMap::new(),
+            workers: FxHashMap::default(),
             pools,
-            task_types: HashMap::new(),
+            task_types: FxHashMap::default(),
             fleet: FleetRing::default(),
-            dispatched: HashMap::new(),
+            dispatched: FxHashMap::default(),
             dispatch_order: VecDeque::new(),
             counters: Arc::new(StateCounters::default()),
         }
@@ -217,7 +252,7 @@ impl FleetState {
     }
 
     fn worker_entry<'a>(
-        workers: &'a mut HashMap<String, Worker>,
+        workers: &'a mut FxHashMap<String, Worker>,
         cfg: &FleetConfig,
         counters: &StateCounters,
         id: &str,
@@ -267,7 +302,6 @@ impl FleetState {
             {
                 w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
             }
-            let pool = w.pool.clone();
             let p = self.fleet.at(now_ms);
             let billed = ev.operation.is_billed();
             if billed {
@@ -283,17 +317,14 @@ impl FleetState {
                 p.input_tokens += u.input;
                 p.output_tokens += u.output;
                 p.cost_usd += cost.unwrap_or(0.0);
-                let mut dims = ev.dims.clone();
-                if dims.task_type.is_none() {
-                    dims.task_type = w.current_task_type().map(str::to_string);
-                }
                 self.costs.book(
                     now_ms,
-                    CostKey {
-                        dims,
-                        pool: pool.clone(),
-                        model: ev.model.clone(),
-                        worker: Some(ev.identity.worker_id.clone()),
+                    CostKeyRef {
+                        dims: &ev.dims,
+                        task_type: w.current_task_type(),
+                        pool: w.pool.as_deref(),
+                        model: ev.model.as_deref(),
+                        worker: Some(&ev.identity.worker_id),
                     },
                     CostCell {
                         cost_usd: cost.unwrap_or(0.0),
@@ -304,35 +335,11 @@ impl FleetState {
                     },
                 );
             }
-            if let Some(done) = effect.finished {
+            if effect.finished {
                 self.fleet.at(now_ms).tasks += 1;
-                self.finish_run(&done, now_ms);
-            }
-        }
-    }
-
-    fn finish_run(&mut self, run: &TaskSummary, now_ms: u64) {
-        self.forget_dispatch(&run.task_id);
-        let Some(tt) = run.task_type.as_deref() else {
-            return;
-        };
-        if !self.task_types.contains_key(tt) && self.task_types.len() >= MAX_TASK_TYPES {
-            return;
-        }
-        let agg = self
-            .task_types
-            .entry(tt.to_string())
-            .or_insert_with(TaskTypeAgg::new);
-        if let Some(c) = run.cost_usd {
-            agg.cost.add(now_ms, c);
-        }
-        agg.depth.add(now_ms, f64::from(run.steps));
-        agg.duration.add(now_ms, run.duration_ms as f64);
-        if run.status == RunEnd::Completed {
-            agg.baseline_ms = ewma(agg.baseline_ms, run.duration_ms as f64);
-            if run.duration_ms > 0 && run.output_tokens > 0 {
-                let tps = run.output_tokens as f64 * 1000.0 / run.duration_ms as f64;
-                agg.baseline_tps = ewma(agg.baseline_tps, tps);
+                if let Some(done) = w.last_task() {
+                    finish_run(&mut self.task_types, &mut self.dispatched, done, now_ms);
+                }
             }
         }
     }
@@ -383,18 +390,19 @@ impl FleetState {
             if p.model.is_some() {
                 w.model.clone_from(&p.model);
             }
-            let pool = w.pool.clone();
             let f = self.fleet.at(now_ms);
             f.input_tokens += usage.input;
             f.output_tokens += usage.output;
             f.cost_usd += cost.unwrap_or(0.0);
+            let no_dims = Dims::default();
             self.costs.book(
                 now_ms,
-                CostKey {
-                    pool,
-                    model: p.model.clone(),
-                    worker: Some(p.identity.worker_id.clone()),
-                    ..Default::default()
+                CostKeyRef {
+                    dims: &no_dims,
+                    task_type: None,
+                    pool: w.pool.as_deref(),
+                    model: p.model.as_deref(),
+                    worker: Some(&p.identity.worker_id),
                 },
                 CostCell {
                     cost_usd: cost.unwrap_or(0.0),
@@ -849,7 +857,14 @@ impl FleetHandle {
     #[cfg(test)]
     pub(crate) fn detached(
         queue_batches: usize,
-    ) -> (Self, (mpsc::Receiver<Ingest>, mpsc::Receiver<TaskEvent>, mpsc::Receiver<Query>)) {
+    ) -> (
+        Self,
+        (
+            mpsc::Receiver<Ingest>,
+            mpsc::Receiver<TaskEvent>,
+            mpsc::Receiver<Query>,
+        ),
+    ) {
         let (ingest, a) = mpsc::channel(queue_batches);
         let (tasks, b) = mpsc::channel(16);
         let (queries, c) = mpsc::channel(1);

@@ -13,7 +13,10 @@
 //! Everything here is a pure function of the events and `now_ms`: the tests drive it with
 //! their own clock.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use fleet_worker::message::{Heartbeat, WorkerState as HbState};
 use serde::Serialize;
@@ -95,7 +98,7 @@ struct Run {
     expected_ms: Option<u64>,
     task_type: Option<String>,
     model: Option<String>,
-    tool_counts: HashMap<String, u32>,
+    tool_counts: FxHashMap<String, u32>,
     /// Set when one tool was called more than the limit.
     looping_tool: Option<(String, u32)>,
     steps: u32,
@@ -122,13 +125,14 @@ pub struct Transition {
     pub at_ms: u64,
     pub from: State,
     pub to: State,
-    pub reason: String,
+    pub reason: Cow<'static, str>,
 }
 
 /// What the owner needs to know about a span after the worker took it in.
 #[derive(Debug, Default)]
 pub struct SpanEffect {
-    pub finished: Option<TaskSummary>,
+    /// The span ended a run: its summary is the worker's newest recent task.
+    pub finished: bool,
     /// A run began with this span (first sight of the task on this worker).
     pub started: Option<(String, u64)>,
 }
@@ -176,7 +180,7 @@ pub struct Worker {
     pub context_limit: Option<u64>,
     /// Output tokens per second of the last LLM call.
     pub last_output_rate: Option<f64>,
-    tools: HashMap<String, ToolStats>,
+    tools: FxHashMap<String, ToolStats>,
     recent: VecDeque<TaskSummary>,
     transitions: VecDeque<Transition>,
     pub ring: WorkerRing,
@@ -226,7 +230,7 @@ impl Worker {
             context_tokens: None,
             context_limit: None,
             last_output_rate: None,
-            tools: HashMap::new(),
+            tools: FxHashMap::default(),
             recent: VecDeque::new(),
             transitions: VecDeque::new(),
             ring: WorkerRing::default(),
@@ -256,7 +260,11 @@ impl Worker {
     pub fn recent_tasks(&self) -> impl Iterator<Item = &TaskSummary> {
         self.recent.iter()
     }
-    pub fn tools(&self) -> &HashMap<String, ToolStats> {
+    /// The run that ended last.
+    pub fn last_task(&self) -> Option<&TaskSummary> {
+        self.recent.back()
+    }
+    pub fn tools(&self) -> &FxHashMap<String, ToolStats> {
         &self.tools
     }
     pub fn current_task(&self) -> Option<&str> {
@@ -345,7 +353,7 @@ impl Worker {
             expected_ms: None,
             task_type: None,
             model: None,
-            tool_counts: HashMap::new(),
+            tool_counts: FxHashMap::default(),
             looping_tool: None,
             steps: 0,
             cost: 0.0,
@@ -374,12 +382,14 @@ impl Worker {
             self.pool.get_or_insert_with(|| p.clone());
         }
         // An agent name on the span beats the service name the resource gives.
-        if ev.identity.agent_name.is_some() {
-            self.agent_name.clone_from(&ev.identity.agent_name);
+        if let Some(name) = ev.agent_name.as_ref().or(ev.identity.agent_name.as_ref()) {
+            if self.agent_name.as_ref() != Some(name) {
+                self.agent_name = Some(name.clone());
+            }
         } else if self.agent_name.is_none() {
             self.agent_name.clone_from(&ev.identity.service);
         }
-        if ev.identity.version.is_some() {
+        if ev.identity.version.is_some() && self.version != ev.identity.version {
             self.version.clone_from(&ev.identity.version);
         }
         let start_ms = ev.start_ns / 1_000_000;
@@ -490,19 +500,15 @@ impl Worker {
         if ev.operation == Operation::ExecuteTool
             && let Some(tool) = &ev.tool
         {
-            let key =
-                if self.tools.contains_key(tool) || self.tools.len() < cfg.max_tools_per_worker {
-                    tool.clone()
-                } else {
-                    OTHER_TOOL.to_string()
-                };
-            let t = self.tools.entry(key).or_default();
-            t.calls += 1;
-            if ev.error {
-                t.failures += 1;
+            // Always Some: the slot is found or inserted by tool_slot.
+            if let Some(t) = tool_slot(&mut self.tools, tool, cfg.max_tools_per_worker) {
+                t.calls += 1;
+                if ev.error {
+                    t.failures += 1;
+                }
+                t.total_ms += dur_ms;
+                t.max_ms = t.max_ms.max(dur_ms);
             }
-            t.total_ms += dur_ms;
-            t.max_ms = t.max_ms.max(dur_ms);
         }
         if billed || ev.operation == Operation::ExecuteTool {
             if ev.error {
@@ -546,8 +552,8 @@ impl Worker {
             if self.recent.len() >= cfg.recent_tasks {
                 self.recent.pop_front();
             }
-            self.recent.push_back(summary.clone());
-            effect.finished = Some(summary);
+            self.recent.push_back(summary);
+            effect.finished = true;
         }
         self.evaluate(now_ms, cfg, &|_| None, "span");
         effect
@@ -667,11 +673,13 @@ impl Worker {
         now_ms: u64,
         cfg: &FleetConfig,
         baseline_ms: &dyn Fn(&str) -> Option<u64>,
-        cause: &str,
+        cause: &'static str,
     ) {
         let (next, reason) = self.derive(now_ms, cfg, baseline_ms);
         if next == State::Stuck {
-            self.stuck_reason = Some(reason.clone());
+            if self.stuck_reason.as_deref() != Some(&*reason) {
+                self.stuck_reason = Some(reason.to_string());
+            }
         } else {
             self.stuck_reason = None;
         }
@@ -684,7 +692,7 @@ impl Worker {
                 from: self.state,
                 to: next,
                 reason: if reason.is_empty() {
-                    cause.to_string()
+                    Cow::Borrowed(cause)
                 } else {
                     reason
                 },
@@ -699,7 +707,7 @@ impl Worker {
         now_ms: u64,
         cfg: &FleetConfig,
         baseline_ms: &dyn Fn(&str) -> Option<u64>,
-    ) -> (State, String) {
+    ) -> (State, Cow<'static, str>) {
         if self.runs.is_empty() {
             if self.last_run_failed {
                 return (State::Error, "the last run failed".into());
@@ -707,7 +715,7 @@ impl Worker {
             if self.consecutive_errors >= cfg.error_streak {
                 return (
                     State::Error,
-                    format!("{} operations failed in a row", self.consecutive_errors),
+                    format!("{} operations failed in a row", self.consecutive_errors).into(),
                 );
             }
             return (State::Idle, "no run in progress".into());
@@ -719,7 +727,8 @@ impl Worker {
                     format!(
                         "task {}: tool {tool:?} called {n} times in one run (limit {})",
                         r.task_id, cfg.tool_repeat_limit
-                    ),
+                    )
+                    .into(),
                 );
             }
             let expected = r
@@ -737,14 +746,15 @@ impl Worker {
                         quiet / 1000,
                         cfg.stuck_factor,
                         expected as f64 / 1000.0
-                    ),
+                    )
+                    .into(),
                 );
             }
         }
         if self.consecutive_errors >= cfg.error_streak {
             return (
                 State::Error,
-                format!("{} operations failed in a row", self.consecutive_errors),
+                format!("{} operations failed in a row", self.consecutive_errors).into(),
             );
         }
         let newest = self.runs.iter().map(|r| r.last_span_ms).max().unwrap_or(0);
@@ -754,10 +764,11 @@ impl Worker {
                 format!(
                     "no span for over {} s",
                     cfg.waiting_after_ms as f64 / 1000.0
-                ),
+                )
+                .into(),
             )
         } else {
-            (State::Active, String::new())
+            (State::Active, "".into())
         }
     }
 
@@ -771,6 +782,24 @@ impl Worker {
         self.lost = lost;
         changed
     }
+}
+
+/// The stats of `tool`, or of `_other` once `cap` tools are tracked. Allocates only for
+/// a tool seen for the first time.
+fn tool_slot<'a>(
+    tools: &'a mut FxHashMap<String, ToolStats>,
+    tool: &str,
+    cap: usize,
+) -> Option<&'a mut ToolStats> {
+    let key = if tools.contains_key(tool) || tools.len() < cap {
+        tool
+    } else {
+        OTHER_TOOL
+    };
+    if !tools.contains_key(key) {
+        tools.insert(key.to_string(), ToolStats::default());
+    }
+    tools.get_mut(key)
 }
 
 fn clamp32(v: u64) -> u32 {

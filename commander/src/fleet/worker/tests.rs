@@ -41,6 +41,7 @@ fn identity(worker: &str) -> Arc<Identity> {
 fn span(worker: &str, task: &str, op: Operation, at_ms: u64, dur_ms: u64) -> SpanEvent {
     SpanEvent {
         identity: identity(worker),
+        agent_name: None,
         trace_id: {
             let mut t = [7u8; 16];
             t[..task.len().min(16)].copy_from_slice(&task.as_bytes()[..task.len().min(16)]);

@@ -114,6 +114,8 @@ impl Dims {
 #[derive(Clone, Debug)]
 pub struct SpanEvent {
     pub identity: Arc<Identity>,
+    /// `gen_ai.agent.name` on the span itself (the resource's is in `identity`).
+    pub agent_name: Option<String>,
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
@@ -486,13 +488,20 @@ fn one_span(
                 Operation::InvokeAgent | Operation::InvokeWorkflow
             ));
 
-    let identity = if parts.fleet_worker.is_some()
+    // Most spans name no identity of their own: share the resource's without allocating.
+    // A span's agent name changes who the worker is only when the resource names no
+    // worker, agent id or instance; otherwise it is just the agent's display name.
+    let r = &res.raw;
+    let names_worker = parts.fleet_worker.is_some()
         || parts.agent_id.is_some()
-        || parts.pool.is_some()
-        || (parts.agent_name.is_some() && res.raw.fleet_worker.is_none())
-    {
+        || (parts.pool.is_some() && parts.pool != r.pool)
+        || (parts.agent_name.is_some()
+            && r.fleet_worker.is_none()
+            && r.agent_id.is_none()
+            && r.instance.is_none());
+    let (identity, span_agent_name) = if names_worker {
+        let span_agent_name = parts.agent_name.clone();
         // The span says who it is: the span's own fields win, the resource fills gaps.
-        let r = &res.raw;
         let merged = IdentityParts {
             fleet_worker: parts.fleet_worker.or_else(|| r.fleet_worker.clone()),
             agent_id: parts.agent_id.or_else(|| r.agent_id.clone()),
@@ -503,18 +512,20 @@ fn one_span(
             version: parts.version.or_else(|| r.version.clone()),
         };
         let id = merged.resolve();
-        if id == *res.identity {
+        let identity = if id == *res.identity {
             res.identity.clone()
         } else {
             Arc::new(id)
-        }
+        };
+        (identity, span_agent_name)
     } else {
-        res.identity.clone()
+        (res.identity.clone(), parts.agent_name)
     };
     dims.fill_from(&res.dims);
 
     SpanEvent {
         identity,
+        agent_name: span_agent_name,
         trace_id,
         span_id,
         parent_span_id,

@@ -20,10 +20,16 @@ use fleet_worker::protocol::{self, headers};
 use fleet_worker::{Subjects, Task, TaskOutput, TraceParent, Worker, WorkerConfig, WorkerHandle};
 use futures::StreamExt;
 
+mod telemetry;
+
 #[derive(Subcommand)]
 pub enum Which {
     /// Commander dispatch throughput vs the raw JetStream pipe.
     Dispatch(DispatchArgs),
+    /// OTLP spans/s into the live state on one core vs prost decode alone.
+    Ingest(telemetry::IngestArgs),
+    /// Commander memory with many simulated workers sending heartbeats and spans.
+    Rss(telemetry::RssArgs),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +60,8 @@ pub struct DispatchArgs {
 pub async fn run(which: Which) -> Result<(), String> {
     match which {
         Which::Dispatch(args) => dispatch(args).await,
+        Which::Ingest(args) => telemetry::ingest(args),
+        Which::Rss(args) => telemetry::rss(args).await,
     }
 }
 

@@ -1,0 +1,442 @@
+//! Telemetry benchmarks.
+//!
+//! - `fleet-sim bench ingest`: OTLP spans/s into the live state on one core (decode +
+//!   normalise + apply), and, in the same run over the same batches, prost decode alone;
+//!   both figures and the ratio. Batches of 512 spans with ~15 attributes each.
+//! - `fleet-sim bench rss`: the commander's resident memory with N simulated workers
+//!   sending heartbeats and GenAI spans over NATS.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fleet_commander::config::FleetConfig;
+use fleet_commander::fleet::{FleetState, now_ms};
+use fleet_commander::ingest::normalise;
+use fleet_commander::registry::RegistryHandle;
+use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
+use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+#[derive(clap::Args)]
+pub struct IngestArgs {
+    /// Batches per round.
+    #[arg(long, default_value_t = 400)]
+    batches: usize,
+    /// Spans per batch.
+    #[arg(long, default_value_t = 512)]
+    spans_per_batch: usize,
+    /// Distinct workers the spans come from.
+    #[arg(long, default_value_t = 1_000)]
+    workers: usize,
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+#[derive(clap::Args)]
+pub struct RssArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 10_000)]
+    workers: usize,
+    /// Rounds of one heartbeat and one task's spans (chat, tool, task) per worker.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Pause between rounds, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    interval_ms: u64,
+    /// The commander binary (default: next to this one).
+    #[arg(long)]
+    commander_bin: Option<std::path::PathBuf>,
+}
+
+fn s(k: &str, v: impl Into<String>) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn i(k: &str, v: i64) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(v)),
+        }),
+        ..Default::default()
+    }
+}
+
+const MODELS: [&str; 4] = [
+    "claude-sonnet-4-5",
+    "gpt-4o",
+    "gemini-2.0-flash",
+    "gpt-4o-mini",
+];
+const TEAMS: [&str; 4] = ["search", "ads", "payments", "support"];
+
+/// One span of a task run: an LLM call, a tool call or (every fourth) the task's root.
+/// LLM spans carry 15 attributes, tool and root spans 14-15.
+fn sim_span(n: u64, task: u64) -> Span {
+    let task_id = format!("task-{task}");
+    let start = 1_700_000_000_000_000_000 + n * 1_000_000;
+    let mut span = Span {
+        trace_id: {
+            let mut t = [0u8; 16];
+            t[..8].copy_from_slice(&task.to_be_bytes());
+            t[8] = 1;
+            t.to_vec()
+        },
+        span_id: (n + 1).to_be_bytes().to_vec(),
+        parent_span_id: vec![0xab; 8],
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + 800_000_000,
+        ..Default::default()
+    };
+    let common = [
+        s("fleet.task.id", task_id),
+        s("team", TEAMS[(task % 4) as usize]),
+        s("feature", format!("feature-{}", task % 13)),
+        s(
+            "user_tier",
+            if task % 5 == 0 { "enterprise" } else { "free" },
+        ),
+        s("fleet.task.type", "code_review"),
+    ];
+    match n % 4 {
+        0 | 1 => {
+            let model = MODELS[(task % 4) as usize];
+            span.name = format!("chat {model}");
+            span.kind = 3;
+            span.attributes = vec![
+                s("gen_ai.operation.name", "chat"),
+                s("gen_ai.provider.name", "openai"),
+                s("gen_ai.request.model", model),
+                s("gen_ai.response.model", model),
+                s("gen_ai.response.id", format!("chatcmpl-{n}")),
+                i("gen_ai.usage.input_tokens", 1_000 + (n % 5_000) as i64),
+                i("gen_ai.usage.output_tokens", 100 + (n % 700) as i64),
+                i("gen_ai.usage.cache_read.input_tokens", (n % 500) as i64),
+                s("server.address", "api.openai.com"),
+                i("server.port", 443),
+            ];
+        }
+        2 => {
+            span.name = "execute_tool grep".into();
+            span.attributes = vec![
+                s("gen_ai.operation.name", "execute_tool"),
+                s(
+                    "gen_ai.tool.name",
+                    ["grep", "read_file", "web_search"][(n % 3) as usize],
+                ),
+                s("gen_ai.tool.call.id", format!("call_{n}")),
+                s("gen_ai.tool.type", "function"),
+                s("code.function", "run_tool"),
+                s("thread.name", "worker-1"),
+                i("thread.id", 7),
+                s("code.filepath", "agent/tools.py"),
+                s("gen_ai.agent.name", "reviewer"),
+            ];
+        }
+        _ => {
+            span.name = "process fleet.work.code".into();
+            span.kind = 5;
+            span.attributes = vec![
+                s("messaging.system", "nats"),
+                s("messaging.operation.type", "process"),
+                s("messaging.destination.name", "fleet.work.code"),
+                s("messaging.consumer.group.name", "pool-code"),
+                i("fleet.attempt", 1),
+                i("fleet.delivered", 1),
+                s("fleet.pool", "code"),
+                s("messaging.message.id", format!("{task}:1")),
+                s("messaging.client.id", "worker-7"),
+            ];
+        }
+    }
+    span.attributes.extend(common);
+    span
+}
+
+fn worker_resource(w: usize) -> Resource {
+    Resource {
+        attributes: vec![
+            s("service.name", "fleet-worker"),
+            s("service.instance.id", format!("sim-{w}")),
+            s("fleet.worker.id", format!("sim-{w}")),
+            s("fleet.pool", format!("pool{}", w % 8)),
+            s("service.version", "1.0.0"),
+        ],
+        ..Default::default()
+    }
+}
+
+/// One OTLP batch: `spans` spans from 8 workers.
+fn batch(b: usize, spans: usize, workers: usize) -> ExportTraceServiceRequest {
+    let per = spans.div_ceil(8);
+    let resource_spans = (0..8)
+        .map(|r| {
+            let w = (b * 8 + r) % workers.max(1);
+            let spans = (0..per)
+                .map(|k| {
+                    let n = (b * spans + r * per + k) as u64;
+                    sim_span(n, n / 4)
+                })
+                .collect();
+            ResourceSpans {
+                resource: Some(worker_resource(w)),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest { resource_spans }
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+pub fn ingest(args: IngestArgs) -> Result<(), String> {
+    let registry = RegistryHandle::open(None).map_err(|e| e.to_string())?;
+    let batches: Vec<Bytes> = (0..args.batches)
+        .map(|b| Bytes::from(batch(b, args.spans_per_batch, args.workers).encode_to_vec()))
+        .collect();
+    let spans: usize = batches
+        .iter()
+        .map(|b| {
+            ExportTraceServiceRequest::decode(b.as_ref())
+                .map(|r| {
+                    r.resource_spans
+                        .iter()
+                        .map(|rs| rs.scope_spans[0].spans.len())
+                        .sum::<usize>()
+                })
+                .unwrap_or(0)
+        })
+        .sum();
+    let attrs: usize = ExportTraceServiceRequest::decode(batches[0].as_ref())
+        .map(|r| {
+            r.resource_spans[0].scope_spans[0]
+                .spans
+                .iter()
+                .map(|s| s.attributes.len())
+                .sum::<usize>()
+                / r.resource_spans[0].scope_spans[0].spans.len()
+        })
+        .unwrap_or(0);
+    let bytes: usize = batches.iter().map(Bytes::len).sum();
+    println!(
+        "ingest bench: {} batches × {} spans ({} spans, {:.1} attributes/span on average, {:.0} bytes/span), {} workers, one thread",
+        args.batches,
+        args.spans_per_batch,
+        spans,
+        attrs,
+        bytes as f64 / spans as f64,
+        args.workers
+    );
+    let (mut best_decode, mut best_full) = (0f64, 0f64);
+    for round in 1..=args.rounds {
+        let t = Instant::now();
+        for b in &batches {
+            let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
+            black_box(req);
+        }
+        let decode = spans as f64 / t.elapsed().as_secs_f64();
+
+        let mut state = FleetState::new(
+            FleetConfig::default(),
+            registry.clone(),
+            std::iter::empty::<&str>(),
+        );
+        let t = Instant::now();
+        for b in &batches {
+            let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
+            let (events, rejected) = normalise::spans(req);
+            black_box(rejected);
+            state.apply_spans(events, now_ms());
+        }
+        let full = spans as f64 / t.elapsed().as_secs_f64();
+        black_box(state.worker_count());
+        println!(
+            "round {round}: prost decode alone {decode:>10.0} spans/s | decode + normalise + live state {full:>10.0} spans/s | ratio {:.2}",
+            full / decode
+        );
+        best_decode = best_decode.max(decode);
+        best_full = best_full.max(full);
+    }
+    println!(
+        "best: decode alone {best_decode:.0} spans/s, into live state {best_full:.0} spans/s, ratio {:.2} (goal >= 0.5)",
+        best_full / best_decode
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+async fn fleet_json(http: &str) -> Result<serde_json::Value, String> {
+    reqwest::get(format!("{http}/v1/fleet"))
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+pub async fn rss(args: RssArgs) -> Result<(), String> {
+    let server = NatsServer::start().map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut pools = String::new();
+    for p in 0..8 {
+        pools.push_str(&format!("[pools.pool{p}]\n"));
+    }
+    let toml = format!(
+        "{pools}[fleet]\nlost_after_ms = 600000\nmax_workers = {}\n",
+        args.workers.max(1) * 2
+    );
+    let cmd = Commander::start(&CommanderOptions {
+        bin: args.commander_bin.clone().unwrap_or_else(commander_bin),
+        nats_url: Some(server.url().to_string()),
+        config_toml: toml,
+        data_dir: dir.path().join("cmd"),
+        extra_env: vec![("RUST_LOG".into(), "warn".into())],
+        extra_args: vec![],
+    })
+    .map_err(|e| e.to_string())?;
+    let pid = cmd.pid().ok_or("commander has no pid")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle, _) = rss_kib(pid).ok_or("cannot read /proc")?;
+    println!(
+        "rss bench: {} workers, {} rounds of heartbeat + chat/tool/task spans, {} ms apart",
+        args.workers, args.rounds, args.interval_ms
+    );
+    println!("commander idle RSS: {:.1} MiB", idle as f64 / 1024.0);
+
+    let client = async_nats::connect(server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = now_rfc3339();
+    let mut task = 0u64;
+    for round in 0..args.rounds {
+        let t = Instant::now();
+        for chunk in (0..args.workers).collect::<Vec<_>>().chunks(16) {
+            for &w in chunk {
+                let hb = Heartbeat {
+                    schema: 1,
+                    worker_id: format!("sim-{w}"),
+                    pool: format!("pool{}", w % 8),
+                    state: WorkerState::Active,
+                    model: Some(MODELS[w % 4].into()),
+                    current_tasks: vec![format!("task-{}", task + w as u64)],
+                    max_in_flight: 4,
+                    context_tokens: Some(10_000),
+                    capabilities: vec!["code".into()],
+                    completed: round as u64,
+                    failed: 0,
+                    sdk_version: Some("0.1.0".into()),
+                    started_at: started.clone(),
+                    sent_at: now_rfc3339(),
+                };
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Fleet-Kind", "heartbeat");
+                let body = serde_json::to_vec(&hb).map_err(|e| e.to_string())?;
+                client
+                    .publish_with_headers(
+                        format!("fleet.telemetry.pool{}.sim-{w}", w % 8),
+                        h,
+                        body.into(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            // One OTLP export per 16 workers: each worker's task, as chat + tool + root.
+            let resource_spans = chunk
+                .iter()
+                .map(|&w| {
+                    let t = task + w as u64;
+                    let spans = [0u64, 2, 3]
+                        .iter()
+                        .map(|k| sim_span(t * 4 + k, t))
+                        .collect();
+                    ResourceSpans {
+                        resource: Some(worker_resource(w)),
+                        scope_spans: vec![ScopeSpans {
+                            spans,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Fleet-Kind", "otlp-traces");
+            client
+                .publish_with_headers(
+                    "fleet.telemetry.sim.batch",
+                    h,
+                    ExportTraceServiceRequest { resource_spans }
+                        .encode_to_vec()
+                        .into(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if chunk[0] % 1024 == 0 {
+                // Pace the burst below the subscription buffer.
+                client.flush().await.map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        client.flush().await.map_err(|e| e.to_string())?;
+        task += args.workers as u64;
+        println!(
+            "round {}: sent in {:.2} s",
+            round + 1,
+            t.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut fleet = fleet_json(cmd.http()).await?;
+    while fleet["workers"].as_u64() != Some(args.workers as u64) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet = fleet_json(cmd.http()).await?;
+    }
+    // Let a few snapshots be built and freed, then read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (rss, hwm) = rss_kib(pid).ok_or("cannot read /proc")?;
+    println!(
+        "workers tracked: {} (states {})",
+        fleet["workers"], fleet["states"]
+    );
+    println!(
+        "commander RSS with {} workers: {:.1} MiB (peak {:.1} MiB); {:.1} KiB per worker above idle (goal <= 256 MiB)",
+        args.workers,
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        (rss.saturating_sub(idle)) as f64 / args.workers.max(1) as f64
+    );
+    Ok(())
+}
