@@ -322,7 +322,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
         nats_url: Some(server.url().to_string()),
         config_toml: toml,
         data_dir: dir.path().join("cmd"),
-        extra_env: vec![("RUST_LOG".into(), "warn".into())],
+        extra_env: vec![],
         extra_args: vec![],
     })
     .map_err(|e| e.to_string())?;
