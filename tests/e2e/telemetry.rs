@@ -481,3 +481,80 @@ async fn otlp_receivers_answer_bad_input_with_otlp_codes_and_keep_the_rest() {
     t.capabilities = vec!["code".into()];
     producer.submit(&t, SubmitOptions::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("models.toml");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/models.toml"
+    ))
+    .unwrap();
+    std::fs::write(&path, &shipped).unwrap();
+    let stack = Stack::start(&format!("[telemetry]\nmodel_registry = {path:?}\n")).await;
+    let v = get(&stack, "/v1/models").await;
+    let n = v["models"].as_array().unwrap().len();
+    assert_eq!(v["source"], path.display().to_string());
+    assert!(v["last_reload_error"].is_null());
+
+    // An unknown model is flagged, its cost unknown, not zero.
+    let http = stack.commander.otlp_http().unwrap().to_string();
+    let send = |trace: u8| {
+        let body = export("house-agent", vec![chat_span(trace, 1, "house-model")]).encode_to_vec();
+        reqwest::Client::new()
+            .post(format!("{http}/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+    };
+    assert_eq!(send(1).await.unwrap().status(), 200);
+    let mut w = Value::Null;
+    eventually("the house agent", WAIT, async || {
+        w = get(&stack, "/v1/workers/house-agent").await;
+        w["unknown_cost_calls"] == 1
+    })
+    .await;
+    assert_eq!(w["model_unknown"], true);
+    assert_eq!(w["cost_usd"], 0.0);
+
+    // Add the model: the running commander picks it up.
+    let added = format!(
+        "{shipped}\n[[model]]\nname = \"house-model\"\nprovider = \"openai\"\ncontext_window = 32000\ntier = \"economy\"\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n"
+    );
+    std::fs::write(&path, &added).unwrap();
+    eventually("the new model is live", WAIT, async || {
+        get(&stack, "/v1/models").await["models"]
+            .as_array()
+            .unwrap()
+            .len()
+            == n + 1
+    })
+    .await;
+    assert_eq!(send(2).await.unwrap().status(), 200);
+    eventually("the call is priced", WAIT, async || {
+        let w = get(&stack, "/v1/workers/house-agent").await;
+        // 1,000 × $1 + 100 × $2 per 1M (old-style prompt/completion token names).
+        close(w["cost_usd"].as_f64().unwrap(), 0.0012) && w["model_unknown"] == false
+    })
+    .await;
+
+    // A broken edit is refused with file and line; the last good registry stays.
+    std::fs::write(
+        &path,
+        format!("{added}\n[[model]]\nname = \"x\"\nprise = 3\n"),
+    )
+    .unwrap();
+    let mut v = Value::Null;
+    eventually("the rejection is visible", WAIT, async || {
+        v = get(&stack, "/v1/models").await;
+        v["last_reload_error"].is_string()
+    })
+    .await;
+    let err = v["last_reload_error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!("{}:", path.display())) && err.contains("prise"),
+        "{err}"
+    );
+    assert_eq!(v["models"].as_array().unwrap().len(), n + 1);
+}

@@ -556,21 +556,18 @@ impl FleetState {
         }
         let p = self.fleet.at(now_ms);
         p.parallel_agents = p.parallel_agents.max(busy);
-        // Dispatches nobody picked up within an hour are not worth remembering.
+        // Dispatches nobody picked up within an hour are not worth remembering (the order
+        // queue may also hold ids already forgotten when their run ended).
         while let Some(front) = self.dispatch_order.front() {
-            match self.dispatched.get(front) {
-                Some(d) if now_ms.saturating_sub(d.at_ms) < 3_600_000 => break,
-                _ => {
-                    if let Some(id) = self.dispatch_order.pop_front() {
-                        if self
-                            .dispatched
-                            .get(&id)
-                            .is_some_and(|d| now_ms.saturating_sub(d.at_ms) >= 3_600_000)
-                        {
-                            self.dispatched.remove(&id);
-                        }
-                    }
-                }
+            if self
+                .dispatched
+                .get(front)
+                .is_some_and(|d| now_ms.saturating_sub(d.at_ms) < 3_600_000)
+            {
+                break;
+            }
+            if let Some(id) = self.dispatch_order.pop_front() {
+                self.dispatched.remove(&id);
             }
         }
     }
@@ -821,6 +818,14 @@ impl FleetState {
     }
 }
 
+/// The receiving ends of a detached handle's channels (kept so the channels stay open).
+#[cfg(test)]
+pub(crate) type DetachedReceivers = (
+    mpsc::Receiver<Ingest>,
+    mpsc::Receiver<TaskEvent>,
+    mpsc::Receiver<Query>,
+);
+
 /// The owner's inbox and the readers' snapshot.
 #[derive(Clone, Debug)]
 pub struct FleetHandle {
@@ -855,16 +860,7 @@ impl FleetHandle {
     /// A handle with no owner behind it, for tests of what transports do when the owner
     /// falls behind: the receivers are returned so the channels stay open.
     #[cfg(test)]
-    pub(crate) fn detached(
-        queue_batches: usize,
-    ) -> (
-        Self,
-        (
-            mpsc::Receiver<Ingest>,
-            mpsc::Receiver<TaskEvent>,
-            mpsc::Receiver<Query>,
-        ),
-    ) {
+    pub(crate) fn detached(queue_batches: usize) -> (Self, DetachedReceivers) {
         let (ingest, a) = mpsc::channel(queue_batches);
         let (tasks, b) = mpsc::channel(16);
         let (queries, c) = mpsc::channel(1);

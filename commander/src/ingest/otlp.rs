@@ -94,7 +94,7 @@ impl TraceService for Grpc {
             .traces("grpc", request.into_inner())
             .map_err(|e| e.grpc())?;
         Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: (a.rejected > 0).then(|| ExportTracePartialSuccess {
+            partial_success: (a.rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: a.rejected as i64,
                 error_message: a.message,
             }),
@@ -113,7 +113,7 @@ impl MetricsService for Grpc {
             .metrics("grpc", request.into_inner())
             .map_err(|e| e.grpc())?;
         Ok(tonic::Response::new(ExportMetricsServiceResponse {
-            partial_success: (a.rejected > 0).then(|| ExportMetricsPartialSuccess {
+            partial_success: (a.rejected > 0).then_some(ExportMetricsPartialSuccess {
                 rejected_data_points: a.rejected as i64,
                 error_message: a.message,
             }),
@@ -132,7 +132,7 @@ impl LogsService for Grpc {
             .logs("grpc", request.get_ref())
             .map_err(|e| e.grpc())?;
         Ok(tonic::Response::new(ExportLogsServiceResponse {
-            partial_success: (a.rejected > 0).then(|| ExportLogsPartialSuccess {
+            partial_success: (a.rejected > 0).then_some(ExportLogsPartialSuccess {
                 rejected_log_records: a.rejected as i64,
                 error_message: a.message,
             }),
@@ -316,27 +316,27 @@ fn error_response(enc: Encoding, e: &IngestError) -> Response {
     res
 }
 
-/// Reads, decompresses and decodes a request body; the error is already a response.
+/// Reads, decompresses and decodes a request body. An error comes with the encoding its
+/// answer must use (JSON when the content type itself is the problem).
 fn read<T: Message + Default + DeserializeOwned>(
     st: &HttpState,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<(Encoding, T), Response> {
-    let enc = encoding_of(headers).map_err(|e| error_response(Encoding::Json, &e))?;
-    let fail = |e: IngestError| error_response(enc, &e);
-    let body = decompress(headers, body, st.max_request_bytes).map_err(fail)?;
-    let req = decode::<T>(enc, &body).map_err(fail)?;
+) -> Result<(Encoding, T), (Encoding, IngestError)> {
+    let enc = encoding_of(headers).map_err(|e| (Encoding::Json, e))?;
+    let body = decompress(headers, body, st.max_request_bytes).map_err(|e| (enc, e))?;
+    let req = decode::<T>(enc, &body).map_err(|e| (enc, e))?;
     Ok((enc, req))
 }
 
 async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
     let (enc, req) = match read::<ExportTraceServiceRequest>(&st, &headers, body) {
         Ok(r) => r,
-        Err(res) => {
+        Err((enc, e)) => {
             st.ingestor
                 .metrics
                 .telemetry("http", "traces", "rejected", 1);
-            return res;
+            return error_response(enc, &e);
         }
     };
     match st.ingestor.traces("http", req) {
@@ -344,7 +344,7 @@ async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Byte
             enc,
             StatusCode::OK,
             &ExportTraceServiceResponse {
-                partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
+                partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
                     rejected_spans: rejected as i64,
                     error_message: message,
                 }),
@@ -357,11 +357,11 @@ async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Byte
 async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
     let (enc, req) = match read::<ExportMetricsServiceRequest>(&st, &headers, body) {
         Ok(r) => r,
-        Err(res) => {
+        Err((enc, e)) => {
             st.ingestor
                 .metrics
                 .telemetry("http", "metrics", "rejected", 1);
-            return res;
+            return error_response(enc, &e);
         }
     };
     match st.ingestor.metrics("http", req) {
@@ -379,9 +379,9 @@ async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Byt
 async fn http_logs(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
     let (enc, req) = match read::<ExportLogsServiceRequest>(&st, &headers, body) {
         Ok(r) => r,
-        Err(res) => {
+        Err((enc, e)) => {
             st.ingestor.metrics.telemetry("http", "logs", "rejected", 1);
-            return res;
+            return error_response(enc, &e);
         }
     };
     match st.ingestor.logs("http", &req) {

@@ -105,7 +105,11 @@ fn sim_span(n: u64, task: u64) -> Span {
         s("feature", format!("feature-{}", task % 13)),
         s(
             "user_tier",
-            if task % 5 == 0 { "enterprise" } else { "free" },
+            if task.is_multiple_of(5) {
+                "enterprise"
+            } else {
+                "free"
+            },
         ),
         s("fleet.task.type", "code_review"),
     ];
@@ -403,7 +407,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            if chunk[0] % 1024 == 0 {
+            if chunk[0].is_multiple_of(1024) {
                 // Pace the burst below the subscription buffer.
                 client.flush().await.map_err(|e| e.to_string())?;
                 tokio::time::sleep(Duration::from_millis(5)).await;
