@@ -107,7 +107,7 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     // Spans: worker process span -> commander dispatch span -> producer span, one trace.
     eventually("all spans exported", WAIT, async || {
         let s = spans.lock().unwrap();
-        s.iter().filter(|s| s.service == "fleet-worker").count() >= TASKS
+        s.iter().filter(|s| s.service == "fleet-worker").count() >= 2 * TASKS
             && s.iter().filter(|s| s.service == "fleet-commander").count() >= TASKS
     })
     .await;
@@ -117,8 +117,29 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
         .filter(|s| s.service == "fleet-commander")
         .map(|s| (s.attrs["fleet.task.id"].as_str(), s))
         .collect();
+    // The handler returned usage without reporting calls: one `chat` span under each
+    // process span carries it (the commander prices it).
+    let process_ids: HashSet<&str> = spans
+        .iter()
+        .filter(|s| s.service == "fleet-worker" && s.kind == 5)
+        .map(|s| s.span_id.as_str())
+        .collect();
+    let chats: Vec<&SeenSpan> = spans
+        .iter()
+        .filter(|s| s.service == "fleet-worker" && s.name == "chat gpt-4o-mini")
+        .collect();
+    assert_eq!(chats.len(), TASKS);
+    assert!(
+        chats
+            .iter()
+            .all(|c| process_ids.contains(c.parent_span_id.as_str())
+                && c.attrs["gen_ai.usage.input_tokens"] == "10")
+    );
     let mut checked = HashSet::new();
-    for w in spans.iter().filter(|s| s.service == "fleet-worker") {
+    for w in spans
+        .iter()
+        .filter(|s| s.service == "fleet-worker" && s.kind == 5)
+    {
         let id = w.attrs["fleet.task.id"].as_str();
         let (producer_span, baggage, pool) = &sent[id];
         let d = dispatch[id];
