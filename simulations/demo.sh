@@ -54,6 +54,10 @@ cat <<MSG
     commander log   : data/example/commander.log
     a task's record : curl -s http://127.0.0.1:8080/v1/tasks/<task_id>
     metrics         : curl -s http://127.0.0.1:8080/metrics
+    the live fleet  : curl -s http://127.0.0.1:8080/v1/fleet
+    workers / pools : curl -s http://127.0.0.1:8080/v1/workers ; curl -s http://127.0.0.1:8080/v1/pools
+    costs by team   : curl -s 'http://127.0.0.1:8080/v1/costs?by=team,pool'
+    OTLP in         : gRPC 127.0.0.1:4317, HTTP 127.0.0.1:4318 (any OpenTelemetry SDK)
     submit over HTTP: curl -s -XPOST http://127.0.0.1:8080/v1/tasks -d '{"schema":1,"description":"hello","capabilities":["code"]}'
 
   Ctrl-C stops everything.
