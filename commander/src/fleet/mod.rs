@@ -59,7 +59,7 @@ pub enum TaskEvent {
         task_id: String,
         pool: String,
         ok: bool,
-        /// Worker receipt time minus dispatch time.
+        /// From the commander reading the task to the worker receiving it.
         dispatch_latency_ms: Option<u64>,
     },
     Queue {

@@ -112,7 +112,7 @@ pub struct PoolView {
     pub in_flight: u64,
     pub capacity: u64,
     pub queue: Option<QueueView>,
-    /// Worker receipt time minus dispatch time, last 5 minutes.
+    /// From the commander reading the task to the worker receiving it, last 5 minutes.
     pub dispatch_latency_ms: Percentiles,
     /// Results in the last minute.
     pub tasks_per_min: u64,

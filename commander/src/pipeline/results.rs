@@ -134,12 +134,14 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     Ok(())
 }
 
-/// Worker receipt time minus dispatch time, from the store's history and the result.
+/// Dispatch latency: from the commander taking the task off the intake stream to the worker
+/// receiving it (routing, publishing and the wait in the pool's queue), from the store's
+/// history and the result's timings.
 fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
     let dispatched = rec
         .history
         .iter()
-        .find(|c| c.state == TaskState::Dispatched)
+        .find(|c| c.state == TaskState::Received)
         .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())?;
     let received = humantime::parse_rfc3339_weak(result.timings.received_at.as_deref()?).ok()?;
     // Clocks of different machines: a receipt "before" dispatch counts as zero.
