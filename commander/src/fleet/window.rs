@@ -52,6 +52,11 @@ impl WorkerRing {
         if newest.is_none_or(|n| epoch > n) {
             if self.buckets.len() == WORKER_BUCKETS {
                 self.buckets.pop_front();
+            } else if self.buckets.len() == self.buckets.capacity() {
+                // Grow by doubling, but never past the ceiling (plain doubling would end at
+                // 512 slots for 360 buckets: 40% more memory per worker).
+                let target = (self.buckets.capacity().max(4) * 2).min(WORKER_BUCKETS);
+                self.buckets.reserve_exact(target - self.buckets.len());
             }
             self.buckets.push_back(WorkerBucket {
                 epoch,

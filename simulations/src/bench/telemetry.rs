@@ -51,6 +51,10 @@ pub struct RssArgs {
     /// The commander binary (default: next to this one).
     #[arg(long)]
     commander_bin: Option<std::path::PathBuf>,
+    /// Also measure, in this process, the live state with every worker's hour of 10 s
+    /// buckets full (the per-worker ceiling), driven by a simulated clock.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    full_hour: bool,
 }
 
 fn s(k: &str, v: impl Into<String>) -> KeyValue {
@@ -181,6 +185,18 @@ fn worker_resource(w: usize) -> Resource {
     }
 }
 
+/// Worker `w`'s spans as one OTLP resource.
+fn worker_spans(w: usize, spans: Vec<Span>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(worker_resource(w)),
+        scope_spans: vec![ScopeSpans {
+            spans,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// One OTLP batch: `spans` spans from 8 workers.
 fn batch(b: usize, spans: usize, workers: usize) -> ExportTraceServiceRequest {
     let per = spans.div_ceil(8);
@@ -193,14 +209,7 @@ fn batch(b: usize, spans: usize, workers: usize) -> ExportTraceServiceRequest {
                     sim_span(n, n / 4)
                 })
                 .collect();
-            ResourceSpans {
-                resource: Some(worker_resource(w)),
-                scope_spans: vec![ScopeSpans {
-                    spans,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }
+            worker_spans(w, spans)
         })
         .collect();
     ExportTraceServiceRequest { resource_spans }
@@ -385,14 +394,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
                         .iter()
                         .map(|k| sim_span(t * 4 + k, t))
                         .collect();
-                    ResourceSpans {
-                        resource: Some(worker_resource(w)),
-                        scope_spans: vec![ScopeSpans {
-                            spans,
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }
+                    worker_spans(w, spans)
                 })
                 .collect();
             let mut h = async_nats::HeaderMap::new();
@@ -442,5 +444,65 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
         hwm as f64 / 1024.0,
         (rss.saturating_sub(idle)) as f64 / args.workers.max(1) as f64
     );
+    drop(cmd);
+    if args.full_hour {
+        full_hour(args.workers)?;
+    }
     Ok(())
 }
+
+/// The ceiling: every worker active in every 10 s bucket of an hour (360 buckets each), 20
+/// recent runs, several tools, measured as this process's RSS growth.
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+fn full_hour(workers: usize) -> Result<(), String> {
+    let pid = std::process::id();
+    let registry = RegistryHandle::open(None).map_err(|e| e.to_string())?;
+    let cfg = FleetConfig {
+        max_workers: workers * 2,
+        lost_after_ms: u64::MAX / 4,
+        silent_lost_after_ms: u64::MAX / 4,
+        ..FleetConfig::default()
+    };
+    let (before, _) = rss_kib(pid).ok_or("cannot read /proc")?;
+    let mut state = FleetState::new(cfg, registry, std::iter::empty::<&str>());
+    let t0 = now_ms();
+    let started = Instant::now();
+    for bucket in 0..WORKER_BUCKETS_FULL {
+        let now = t0 + bucket * 10_000;
+        for chunk in (0..workers).collect::<Vec<_>>().chunks(64) {
+            let resource_spans = chunk
+                .iter()
+                .map(|&w| {
+                    let t = bucket * workers as u64 + w as u64;
+                    let spans = [0u64, 2, 3]
+                        .iter()
+                        .map(|k| sim_span(t * 4 + k, t))
+                        .collect();
+                    worker_spans(w, spans)
+                })
+                .collect();
+            let (events, _) = normalise::spans(ExportTraceServiceRequest { resource_spans });
+            state.apply_spans(events, now);
+        }
+        if bucket % 60 == 59 {
+            state.tick(now);
+        }
+    }
+    let snap = state.snapshot(t0 + 3_600_000);
+    let (after, _) = rss_kib(pid).ok_or("cannot read /proc")?;
+    println!(
+        "full hour, in process: {} workers × 360 buckets ({} spans in {:.0} s): live state {:.1} MiB, {:.1} KiB per worker",
+        snap.workers.len(),
+        360 * 3 * workers,
+        started.elapsed().as_secs_f64(),
+        after.saturating_sub(before) as f64 / 1024.0,
+        after.saturating_sub(before) as f64 / workers.max(1) as f64
+    );
+    Ok(())
+}
+
+/// Buckets in an hour of 10 s buckets.
+pub const WORKER_BUCKETS_FULL: u64 = 360;

@@ -640,18 +640,10 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
                                     _ => continue,
                                 },
                             };
-                            out.push(MetricPoint {
-                                identity: res.identity.clone(),
-                                kind,
-                                model: a.model,
-                                series: series_key(&name, &dp.attributes),
-                                cumulative,
-                                start_ns: dp.start_time_unix_nano,
-                                time_ns: dp.time_unix_nano,
-                                value: dp.sum.unwrap_or(0.0),
-                                count: dp.count,
-                                error: a.error,
-                            });
+                            let at = (dp.start_time_unix_nano, dp.time_unix_nano);
+                            let series = series_key(&name, &dp.attributes);
+                            let value = (dp.sum.unwrap_or(0.0), dp.count);
+                            out.push(point(&res, kind, a, series, cumulative, at, value));
                         }
                     }
                     Some(metric::Data::Sum(s)) => {
@@ -666,18 +658,9 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
                                 Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(d)) => d,
                                 None => continue,
                             };
-                            out.push(MetricPoint {
-                                identity: res.identity.clone(),
-                                kind,
-                                model: a.model,
-                                series: series_key(&name, &dp.attributes),
-                                cumulative,
-                                start_ns: dp.start_time_unix_nano,
-                                time_ns: dp.time_unix_nano,
-                                value,
-                                count: 0,
-                                error: a.error,
-                            });
+                            let at = (dp.start_time_unix_nano, dp.time_unix_nano);
+                            let series = series_key(&name, &dp.attributes);
+                            out.push(point(&res, kind, a, series, cumulative, at, (value, 0)));
                         }
                     }
                     other => total_points += count_points(&other),
@@ -686,6 +669,30 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
         }
     }
     (out, total_points)
+}
+
+/// One metric point of `res`: `at` is (start, time) in ns, `value` is (sum, count).
+fn point(
+    res: &ResourceInfo,
+    kind: MetricKind,
+    attrs: PointAttrs,
+    series: u64,
+    cumulative: bool,
+    at: (u64, u64),
+    value: (f64, u64),
+) -> MetricPoint {
+    MetricPoint {
+        identity: res.identity.clone(),
+        kind,
+        model: attrs.model,
+        series,
+        cumulative,
+        start_ns: at.0,
+        time_ns: at.1,
+        value: value.0,
+        count: value.1,
+        error: attrs.error,
+    }
 }
 
 fn count_points(data: &Option<metric::Data>) -> u64 {
