@@ -131,8 +131,8 @@ pub struct FleetConfig {
     /// Distinct tools tracked per worker; more are summed under `_other`.
     #[serde(default = "default_max_tools")]
     pub max_tools_per_worker: usize,
-    /// Distinct attribution keys (dimension combinations) tracked per minute; more are
-    /// summed under `_other`.
+    /// Distinct attribution keys (dimension combinations) tracked; more are summed under
+    /// team `_other`.
     #[serde(default = "default_max_cost_keys")]
     pub max_cost_keys: usize,
 }

@@ -1,9 +1,12 @@
-//! Cost attribution: spend, tokens and calls by every dimension, per minute, for 24 hours.
+//! Cost attribution: spend, tokens and calls by every dimension: per minute for the last
+//! hour, per hour for the 24 hours before.
 //!
 //! Each billed call is booked under one key (team, feature, user tier, prompt variant, task
-//! type, tenant, pool, model). Keys are interned once; a minute bucket maps key ids to
-//! sums. A query adds up the buckets of its window and groups by the dimensions asked for.
-//! Both the number of keys and the number of buckets are bounded.
+//! type, tenant, pool, model); per-worker spend lives in each worker's own state, so the
+//! ledger's size does not grow with the fleet. Keys are interned once; a bucket maps key
+//! ids to sums. A query adds up the buckets of its window (windows over an hour count their
+//! oldest part in whole hours) and groups by the dimensions asked for. Keys (capped) and
+//! buckets (60 + 24) are bounded: at most 84 × `max_cost_keys` cells.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -14,8 +17,10 @@ use serde::Serialize;
 use crate::ingest::normalise::Dims;
 
 const MINUTE_MS: u64 = 60_000;
-/// 24 hours of minute buckets.
-const MAX_MINUTES: usize = 1_440;
+/// The last hour is kept per minute…
+const MAX_MINUTES: usize = 60;
+/// …and the 24 hours before it per hour.
+const MAX_HOURS: usize = 24;
 const OTHER: &str = "_other";
 
 /// The dimensions a cost can be grouped by.
@@ -29,12 +34,11 @@ pub enum Dim {
     Tenant,
     Pool,
     Model,
-    Worker,
 }
 
 impl Dim {
     pub const NAMES: &'static str =
-        "team, feature, user_tier, prompt_variant, task_type, tenant, pool, model, worker";
+        "team, feature, user_tier, prompt_variant, task_type, tenant, pool, model";
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.trim() {
@@ -46,7 +50,6 @@ impl Dim {
             "tenant" => Dim::Tenant,
             "pool" => Dim::Pool,
             "model" => Dim::Model,
-            "worker" => Dim::Worker,
             _ => return None,
         })
     }
@@ -61,7 +64,6 @@ impl Dim {
             Dim::Tenant => "tenant",
             Dim::Pool => "pool",
             Dim::Model => "model",
-            Dim::Worker => "worker",
         }
     }
 }
@@ -72,7 +74,6 @@ pub struct CostKey {
     pub dims: Dims,
     pub pool: Option<String>,
     pub model: Option<String>,
-    pub worker: Option<String>,
 }
 
 /// A cost key made of borrowed parts: booking a call allocates only for a new key.
@@ -83,10 +84,9 @@ pub struct CostKeyRef<'a> {
     pub task_type: Option<&'a str>,
     pub pool: Option<&'a str>,
     pub model: Option<&'a str>,
-    pub worker: Option<&'a str>,
 }
 
-const ALL_DIMS: [Dim; 9] = [
+const ALL_DIMS: [Dim; 8] = [
     Dim::Team,
     Dim::Feature,
     Dim::UserTier,
@@ -95,7 +95,6 @@ const ALL_DIMS: [Dim; 9] = [
     Dim::Tenant,
     Dim::Pool,
     Dim::Model,
-    Dim::Worker,
 ];
 
 impl<'a> CostKeyRef<'a> {
@@ -109,7 +108,6 @@ impl<'a> CostKeyRef<'a> {
             Dim::Tenant => self.dims.tenant.as_deref(),
             Dim::Pool => self.pool,
             Dim::Model => self.model,
-            Dim::Worker => self.worker,
         }
     }
 
@@ -138,7 +136,6 @@ impl<'a> CostKeyRef<'a> {
             },
             pool: own(self.pool),
             model: own(self.model),
-            worker: own(self.worker),
         }
     }
 }
@@ -149,7 +146,6 @@ fn key_hash(k: &CostKey) -> u64 {
         task_type: None,
         pool: k.pool.as_deref(),
         model: k.model.as_deref(),
-        worker: k.worker.as_deref(),
     }
     .hash64()
 }
@@ -165,13 +161,15 @@ impl CostKey {
             Dim::Tenant => self.dims.tenant.as_deref(),
             Dim::Pool => self.pool.as_deref(),
             Dim::Model => self.model.as_deref(),
-            Dim::Worker => self.worker.as_deref(),
         }
     }
 
     fn other() -> Self {
         Self {
-            worker: Some(OTHER.into()),
+            dims: Dims {
+                team: Some(OTHER.into()),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -206,6 +204,8 @@ pub struct CostLedger {
     /// Key hash → ids with that hash (collisions are compared field by field).
     ids: FxHashMap<u64, Vec<u32>>,
     minutes: VecDeque<(u64, FxHashMap<u32, CostCell>)>,
+    /// Minute buckets older than an hour, folded per hour (hour number, sums).
+    hours: VecDeque<(u64, FxHashMap<u32, CostCell>)>,
     max_keys: usize,
     /// Bookings folded into `_other` because the key table was full.
     pub overflowed: u64,
@@ -250,7 +250,6 @@ impl CostLedger {
                 task_type: None,
                 pool: None,
                 model: None,
-                worker: other.worker.as_deref(),
             };
             if let Some(id) = self.find(h, &r) {
                 return id;
@@ -269,8 +268,10 @@ impl CostLedger {
         let id = self.intern(key);
         let minute = now_ms / MINUTE_MS;
         if self.minutes.back().is_none_or(|(m, _)| minute > *m) {
-            if self.minutes.len() == MAX_MINUTES {
-                self.minutes.pop_front();
+            if self.minutes.len() == MAX_MINUTES
+                && let Some((old, cells)) = self.minutes.pop_front()
+            {
+                self.fold_into_hour(old / 60, cells);
             }
             self.minutes.push_back((minute, FxHashMap::default()));
             self.compact();
@@ -280,13 +281,27 @@ impl CostLedger {
         }
     }
 
+    fn fold_into_hour(&mut self, hour: u64, cells: FxHashMap<u32, CostCell>) {
+        if self.hours.back().is_none_or(|(h, _)| hour > *h) {
+            if self.hours.len() == MAX_HOURS {
+                self.hours.pop_front();
+            }
+            self.hours.push_back((hour, FxHashMap::default()));
+        }
+        if let Some((_, sums)) = self.hours.back_mut() {
+            for (id, c) in cells {
+                sums.entry(id).or_default().add(&c);
+            }
+        }
+    }
+
     /// Drops interned keys no bucket uses any more, so the key table tracks the last 24 h.
     fn compact(&mut self) {
         if self.keys.len() < self.max_keys / 2 {
             return;
         }
         let mut used = vec![false; self.keys.len()];
-        for (_, cells) in &self.minutes {
+        for (_, cells) in self.minutes.iter().chain(&self.hours) {
             for id in cells.keys() {
                 used[*id as usize] = true;
             }
@@ -302,7 +317,7 @@ impl CostLedger {
                 keys.push(key.clone());
             }
         }
-        for (_, cells) in &mut self.minutes {
+        for (_, cells) in self.minutes.iter_mut().chain(self.hours.iter_mut()) {
             *cells = cells
                 .drain()
                 .map(|(id, c)| (remap[id as usize], c))
@@ -321,10 +336,14 @@ impl CostLedger {
     pub fn query(&self, now_ms: u64, window_ms: u64, by: &[Dim]) -> Vec<CostRow> {
         let from = now_ms.saturating_sub(window_ms) / MINUTE_MS;
         let mut groups: HashMap<Vec<Option<&str>>, CostCell> = HashMap::new();
-        for (minute, cells) in self.minutes.iter().rev() {
-            if *minute < from {
-                break;
-            }
+        // The last hour per minute; older spans of the window in whole hours.
+        let minutes = self.minutes.iter().rev().take_while(|(m, _)| *m >= from);
+        let hours = self
+            .hours
+            .iter()
+            .rev()
+            .take_while(|(h, _)| (h + 1) * 60 > from);
+        for (_, cells) in minutes.chain(hours) {
             for (id, cell) in cells {
                 let key = &self.keys[*id as usize];
                 let g: Vec<Option<&str>> = by.iter().map(|d| key.get(*d)).collect();
@@ -374,7 +393,6 @@ mod tests {
             task_type: None,
             pool: None,
             model: Some(model),
-            worker: None,
         }
     }
 
@@ -405,6 +423,34 @@ mod tests {
         assert_eq!(recent[0].cell.cost_usd, 6.0);
         let unset = l.query(62_000, 3_600_000, &[Dim::Tenant]);
         assert_eq!(unset[0].group["tenant"], None);
+    }
+
+    #[test]
+    fn minutes_older_than_an_hour_fold_into_hours() {
+        let mut l = CostLedger::new(100);
+        let d = dims("a", "x");
+        l.book(0, key(&d, "m"), cell(1.0));
+        l.book(30 * 60_000, key(&d, "m"), cell(2.0));
+        // 61 more minutes: the first two buckets move to hour 0.
+        for m in 0..61 {
+            l.book((31 + m) * 60_000, key(&d, "m"), cell(0.0));
+        }
+        assert!(l.minutes.len() <= MAX_MINUTES);
+        assert_eq!(l.hours.len(), 1);
+        let now = 91 * 60_000;
+        assert_eq!(l.query(now, 3 * 3_600_000, &[])[0].cell.cost_usd, 3.0);
+        assert_eq!(l.query(now, 30 * 60_000, &[])[0].cell.cost_usd, 0.0);
+        // 25 hours later everything has aged out.
+        for h in 2..30 {
+            l.book(h * 3_600_000, key(&d, "m"), cell(0.0));
+        }
+        assert!(l.hours.len() <= MAX_HOURS);
+        assert_eq!(
+            l.query(30 * 3_600_000, 24 * 3_600_000, &[])[0]
+                .cell
+                .cost_usd,
+            0.0
+        );
     }
 
     #[test]

@@ -324,7 +324,6 @@ impl FleetState {
                         task_type: w.current_task_type(),
                         pool: w.pool.as_deref(),
                         model: ev.model.as_deref(),
-                        worker: Some(&ev.identity.worker_id),
                     },
                     CostCell {
                         cost_usd: cost.unwrap_or(0.0),
@@ -402,7 +401,6 @@ impl FleetState {
                     task_type: None,
                     pool: w.pool.as_deref(),
                     model: p.model.as_deref(),
-                    worker: Some(&p.identity.worker_id),
                 },
                 CostCell {
                     cost_usd: cost.unwrap_or(0.0),
