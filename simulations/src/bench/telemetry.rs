@@ -197,6 +197,22 @@ fn worker_spans(w: usize, spans: Vec<Span>) -> ResourceSpans {
     }
 }
 
+/// One finished task per worker (LLM call, tool call, root span); worker `w`'s task is
+/// number `first_task + w`.
+fn one_task_each(workers: &[usize], first_task: u64) -> Vec<ResourceSpans> {
+    workers
+        .iter()
+        .map(|&w| {
+            let t = first_task + w as u64;
+            let spans = [0u64, 2, 3]
+                .iter()
+                .map(|k| sim_span(t * 4 + k, t))
+                .collect();
+            worker_spans(w, spans)
+        })
+        .collect()
+}
+
 /// One OTLP batch: `spans` spans from 8 workers.
 fn batch(b: usize, spans: usize, workers: usize) -> ExportTraceServiceRequest {
     let per = spans.div_ceil(8);
@@ -386,17 +402,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
             }
             // One OTLP export per 16 workers: each worker's task, as chat + tool + root.
-            let resource_spans = chunk
-                .iter()
-                .map(|&w| {
-                    let t = task + w as u64;
-                    let spans = [0u64, 2, 3]
-                        .iter()
-                        .map(|k| sim_span(t * 4 + k, t))
-                        .collect();
-                    worker_spans(w, spans)
-                })
-                .collect();
+            let resource_spans = one_task_each(chunk, task);
             let mut h = async_nats::HeaderMap::new();
             h.insert("Fleet-Kind", "otlp-traces");
             client
@@ -473,17 +479,7 @@ fn full_hour(workers: usize) -> Result<(), String> {
     for bucket in 0..WORKER_BUCKETS_FULL {
         let now = t0 + bucket * 10_000;
         for chunk in (0..workers).collect::<Vec<_>>().chunks(64) {
-            let resource_spans = chunk
-                .iter()
-                .map(|&w| {
-                    let t = bucket * workers as u64 + w as u64;
-                    let spans = [0u64, 2, 3]
-                        .iter()
-                        .map(|k| sim_span(t * 4 + k, t))
-                        .collect();
-                    worker_spans(w, spans)
-                })
-                .collect();
+            let resource_spans = one_task_each(chunk, bucket * workers as u64);
             let (events, _) = normalise::spans(ExportTraceServiceRequest { resource_spans });
             state.apply_spans(events, now);
         }

@@ -243,7 +243,7 @@ fn provider_name(v: String) -> String {
 }
 
 /// Identity fields found in one attribute list, before precedence is applied.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct IdentityParts {
     fleet_worker: Option<String>,
     agent_id: Option<String>,
@@ -301,19 +301,8 @@ impl IdentityParts {
 struct ResourceInfo {
     identity: Arc<Identity>,
     dims: Dims,
-    raw: IdentityPartsCopy,
-}
-
-/// The resource's identity fields kept for span-level overrides.
-#[derive(Clone, Default)]
-struct IdentityPartsCopy {
-    fleet_worker: Option<String>,
-    agent_id: Option<String>,
-    instance: Option<String>,
-    agent_name: Option<String>,
-    service: Option<String>,
-    pool: Option<String>,
-    version: Option<String>,
+    /// The resource's identity fields, for span-level overrides.
+    raw: IdentityParts,
 }
 
 fn resource_info(attrs: Vec<KeyValue>) -> ResourceInfo {
@@ -324,15 +313,7 @@ fn resource_info(attrs: Vec<KeyValue>) -> ResourceInfo {
             dims.take(&kv.key, &mut kv.value);
         }
     }
-    let raw = IdentityPartsCopy {
-        fleet_worker: parts.fleet_worker.clone(),
-        agent_id: parts.agent_id.clone(),
-        instance: parts.instance.clone(),
-        agent_name: parts.agent_name.clone(),
-        service: parts.service.clone(),
-        pool: parts.pool.clone(),
-        version: parts.version.clone(),
-    };
+    let raw = parts.clone();
     ResourceInfo {
         identity: Arc::new(parts.resolve()),
         dims,
