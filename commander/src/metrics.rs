@@ -77,8 +77,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every counter with a fresh registry.
-    pub fn registry(&self) -> Registry {
+    /// Registers every counter (and the live state's own) with a fresh registry.
+    pub fn registry(&self, fleet: &crate::fleet::StateCounters) -> Registry {
         let mut r = Registry::with_prefix("fleet");
         r.register(
             "tasks_received",
@@ -141,6 +141,26 @@ impl Metrics {
             self.telemetry.clone(),
         );
         r.register("workers", "Workers tracked, by state", self.workers.clone());
+        r.register(
+            "workers_refused",
+            "Signals from new workers refused because fleet.max_workers were tracked",
+            fleet.workers_refused.clone(),
+        );
+        r.register(
+            "workers_evicted",
+            "Lost workers forgotten after fleet.retention_ms",
+            fleet.workers_evicted.clone(),
+        );
+        r.register(
+            "heartbeats_invalid",
+            "Heartbeats with an unusable worker id or pool",
+            fleet.heartbeats_invalid.clone(),
+        );
+        r.register(
+            "task_events_dropped",
+            "Task-path events the live state was too busy to take",
+            fleet.task_events_dropped.clone(),
+        );
         r
     }
 

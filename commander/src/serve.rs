@@ -102,7 +102,6 @@ async fn run(
         ExportConfig::default(),
     );
     let metrics = Arc::new(Metrics::default());
-    let registry = Arc::new(metrics.registry());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
@@ -112,15 +111,13 @@ async fn run(
         models = models.current().models().len(),
         "model registry loaded"
     );
-    let (fleet, fleet_task) = fleet::spawn(
-        FleetState::new(
-            config.fleet.clone(),
-            models.clone(),
-            config.pools.keys().map(String::as_str),
-        ),
-        config.telemetry.queue_batches,
-        stop_rx.clone(),
+    let state = FleetState::new(
+        config.fleet.clone(),
+        models.clone(),
+        config.pools.keys().map(String::as_str),
     );
+    let registry = Arc::new(metrics.registry(&state.counters));
+    let (fleet, fleet_task) = fleet::spawn(state, config.telemetry.queue_batches, stop_rx.clone());
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),

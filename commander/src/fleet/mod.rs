@@ -12,11 +12,11 @@ pub mod worker;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use fleet_worker::message::Heartbeat;
+use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -179,15 +179,17 @@ fn finish_run(
     }
 }
 
-/// Counters the owner keeps about itself.
+/// Counters the live state keeps about itself (exposed on `/metrics`).
 #[derive(Debug, Default)]
 pub struct StateCounters {
     /// Signals from new workers refused because `max_workers` were tracked.
-    pub workers_refused: AtomicU64,
+    pub workers_refused: Counter,
     /// Workers forgotten after the retention period.
-    pub workers_evicted: AtomicU64,
-    /// Heartbeats with an unusable worker id.
-    pub heartbeats_invalid: AtomicU64,
+    pub workers_evicted: Counter,
+    /// Heartbeats with an unusable worker id or pool.
+    pub heartbeats_invalid: Counter,
+    /// Task-path events dropped because the owner was behind (the task path never waits).
+    pub task_events_dropped: Counter,
 }
 
 /// The live state. One owner mutates it; see the module docs.
@@ -260,7 +262,7 @@ impl FleetState {
     ) -> Option<&'a mut Worker> {
         if !workers.contains_key(id) {
             if workers.len() >= cfg.max_workers {
-                counters.workers_refused.fetch_add(1, Ordering::Relaxed);
+                counters.workers_refused.inc();
                 return None;
             }
             workers.insert(id.to_string(), Worker::new(id.to_string(), now_ms));
@@ -417,9 +419,7 @@ impl FleetState {
         if !fleet_worker::protocol::is_subject_token(&hb.worker_id)
             || !fleet_worker::protocol::is_subject_token(&hb.pool)
         {
-            self.counters
-                .heartbeats_invalid
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.heartbeats_invalid.inc();
             return;
         }
         Self::pool_mut(&mut self.pools, &hb.pool);
@@ -548,9 +548,7 @@ impl FleetState {
         }
         for id in evict {
             self.workers.remove(&id);
-            self.counters
-                .workers_evicted
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.workers_evicted.inc();
         }
         let p = self.fleet.at(now_ms);
         p.parallel_agents = p.parallel_agents.max(busy);
@@ -832,9 +830,6 @@ pub struct FleetHandle {
     queries: mpsc::Sender<Query>,
     snapshot: Arc<ArcSwap<FleetSnapshot>>,
     pub counters: Arc<StateCounters>,
-    /// Task-path events dropped because the owner was behind (telemetry is shed first,
-    /// the task path never waits).
-    pub task_events_dropped: Arc<AtomicU64>,
 }
 
 /// Why telemetry was not taken.
@@ -869,7 +864,6 @@ impl FleetHandle {
                 queries,
                 snapshot: Arc::new(ArcSwap::from_pointee(FleetSnapshot::default())),
                 counters: Arc::new(StateCounters::default()),
-                task_events_dropped: Arc::new(AtomicU64::new(0)),
             },
             (a, b, c),
         )
@@ -886,7 +880,7 @@ impl FleetHandle {
     /// Tells the owner about the task path; never waits (dropped and counted when behind).
     pub fn task_event(&self, ev: TaskEvent) {
         if self.tasks.try_send(ev).is_err() {
-            self.task_events_dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.task_events_dropped.inc();
         }
     }
 
@@ -944,7 +938,6 @@ pub fn spawn(
         queries: query_tx,
         snapshot: snapshot.clone(),
         counters: state.counters.clone(),
-        task_events_dropped: Arc::new(AtomicU64::new(0)),
     };
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

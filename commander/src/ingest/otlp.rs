@@ -499,11 +499,6 @@ mod tests {
             pending: 1,
             ack_pending: 0,
         });
-        assert_eq!(
-            fleet
-                .task_events_dropped
-                .load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(fleet.counters.task_events_dropped.get(), 0);
     }
 }

@@ -217,12 +217,7 @@ fn lost_when_heartbeats_stop_and_forgotten_after_retention() {
     assert!(f.worker("w1").unwrap().lost);
     f.tick(T0 + 81 * S);
     assert!(f.worker("w1").is_none());
-    assert_eq!(
-        f.counters
-            .workers_evicted
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(f.counters.workers_evicted.get(), 1);
 }
 
 #[test]
