@@ -286,7 +286,7 @@ impl FleetState {
                     Some(e) => (Some(e.cost(u)), Some(e.context_window)),
                     None => (None, None),
                 },
-                (_, Some(m)) => (None, reg.lookup(m).map(|e| e.context_window)),
+                // The window is only read with a billed call's usage: no lookup otherwise.
                 _ => (None, None),
             };
             let Some(w) = Self::worker_entry(
