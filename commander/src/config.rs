@@ -28,9 +28,15 @@ pub struct Config {
     /// Task intake processing.
     #[serde(default)]
     pub intake: IntakeConfig,
-    /// How tasks find pools until the classifier and router arrive.
+    /// How tasks find pools and models: the decision's rules and thresholds.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// The task classifier: rubric, LLM endpoint, retries, breaker, cache.
+    #[serde(default)]
+    pub classifier: ClassifierConfig,
+    /// The decision log.
+    #[serde(default)]
+    pub decisions: DecisionLogConfig,
     /// Pools by name (`[pools.code]`). Empty means "any pool a task names is accepted".
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
@@ -331,25 +337,151 @@ impl IntakeConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
-    /// Pool for tasks that name none and whose capabilities no pool lists. Unset: such
-    /// tasks are rejected with a reason.
-    #[serde(default)]
+    /// Pool for tasks that no rubric candidate can take and that name no pool. Unset:
+    /// such tasks are rejected with a reason.
     pub default_pool: Option<String>,
+    /// A producer's `pool` is honoured (when the pool exists). Off: it is ignored.
+    pub allow_explicit_pool: bool,
+    /// A producer's `model` is honoured (when the registry knows it). Off: ignored.
+    pub allow_explicit_model: bool,
+    /// Workers above this context utilisation (0-1) get no long-context task.
+    pub context_threshold: f64,
+    /// A pool whose error rate over the last minute is above this is avoided (its
+    /// `fallback_pool` takes its tasks). Per-pool `max_error_rate` overrides it.
+    pub max_error_rate: f64,
+    /// Finished tasks a pool needs in the last minute before its error rate counts.
+    pub min_error_samples: u64,
+    /// Long-context tasks go to one chosen worker (its own subject) instead of the pool
+    /// queue, so the context rule picks the worker, not just the pool.
+    pub target_long_context: bool,
+    /// How much load weighs against cost when two models are close: a candidate's
+    /// score is estimated cost × (1 + load_weight × load).
+    pub load_weight: f64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            default_pool: None,
+            allow_explicit_pool: true,
+            allow_explicit_model: true,
+            context_threshold: 0.8,
+            max_error_rate: 0.25,
+            min_error_samples: 10,
+            target_long_context: true,
+            load_weight: 1.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// What this pool's workers can do; a task goes to the first pool (by name) that has
-    /// every capability it asks for.
+    /// What this pool's workers can do; a task goes only to pools that have every
+    /// capability it needs.
     #[serde(default)]
     pub capabilities: Vec<String>,
     /// For operators.
     #[serde(default)]
     pub description: Option<String>,
+    /// Where this pool's tasks go while its error rate is over the threshold.
+    #[serde(default)]
+    pub fallback_pool: Option<String>,
+    /// This pool's error-rate threshold (overrides `routing.max_error_rate`).
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    /// Queue depth at which the pool counts as saturated and takes no new tasks unless
+    /// nothing else can. Unset: never saturated.
+    #[serde(default)]
+    pub max_queue_depth: Option<u64>,
+    /// Operators' switch: a paused pool gets no new tasks.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// `[classifier]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// The routing rubric file (hot-reloaded). Unset: the built-in
+    /// `routing-rubrics/default.toml`.
+    pub rubric: Option<PathBuf>,
+    /// Base URL of the classifier LLM (`https://api.openai.com`, `http://localhost:11434`).
+    /// Unset: every task is classified by the rubric's deterministic fallback.
+    pub endpoint: Option<String>,
+    /// `openai` (chat completions; also vLLM, Ollama, llama.cpp, LiteLLM) or `anthropic`.
+    pub protocol: crate::classify::llm::Protocol,
+    /// The model to ask. Unset: the rubric's `classifier.model`.
+    pub model: Option<String>,
+    /// Environment variable holding the API key (the key itself never appears in config
+    /// or logs). Unset: no key is sent.
+    pub api_key_env: Option<String>,
+    /// Per-attempt timeout.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt, on timeouts, connection errors, 429 and 5xx.
+    pub max_retries: u32,
+    /// First retry waits about this long (jittered), doubling up to `max_backoff_ms`;
+    /// a `Retry-After` is honoured up to the same cap.
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Consecutive failed classifications that open the circuit.
+    pub breaker_failures: u32,
+    /// How long the circuit stays open before one probe is let through.
+    pub breaker_open_ms: u64,
+    /// Cached classifications (LRU) and how long one is trusted.
+    pub cache_entries: usize,
+    pub cache_ttl_s: u64,
+    /// `max_tokens` of the classifier's answer.
+    pub max_tokens: u32,
+    /// Classifier calls in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        Self {
+            rubric: None,
+            endpoint: None,
+            protocol: crate::classify::llm::Protocol::Openai,
+            model: None,
+            api_key_env: None,
+            timeout_ms: 2_000,
+            max_retries: 2,
+            backoff_ms: 100,
+            max_backoff_ms: 2_000,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
+            cache_entries: 10_000,
+            cache_ttl_s: 3_600,
+            max_tokens: 200,
+            concurrency: 32,
+        }
+    }
+}
+
+/// `[decisions]`: the decision log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecisionLogConfig {
+    /// Decisions older than this are pruned.
+    pub retention_hours: u64,
+    /// At most this many are kept (oldest pruned first).
+    pub max_records: u64,
+    /// Publish each decision on `<prefix>.decisions.<pool>`.
+    pub publish: bool,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        Self {
+            retention_hours: 72,
+            max_records: 1_000_000,
+            publish: true,
+        }
+    }
 }
 
 fn default_prefix() -> String {
@@ -472,6 +604,58 @@ impl Config {
                 p.push(format!(
                     "routing.default_pool: {d:?} is not one of the configured pools"
                 ));
+            }
+        }
+        let r = &self.routing;
+        for (key, v) in [
+            ("routing.context_threshold", r.context_threshold),
+            ("routing.max_error_rate", r.max_error_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                p.push(format!("{key}: {v} must be between 0 and 1"));
+            }
+        }
+        if !(r.load_weight.is_finite() && r.load_weight >= 0.0) {
+            p.push(format!(
+                "routing.load_weight: {} must be >= 0",
+                r.load_weight
+            ));
+        }
+        for (name, pool) in &self.pools {
+            if let Some(fb) = &pool.fallback_pool
+                && (fb == name || !self.pools.contains_key(fb))
+            {
+                p.push(format!(
+                    "pools.{name}.fallback_pool: {fb:?} must be another configured pool"
+                ));
+            }
+            if let Some(m) = pool.max_error_rate
+                && !(0.0..=1.0).contains(&m)
+            {
+                p.push(format!(
+                    "pools.{name}.max_error_rate: {m} must be between 0 and 1"
+                ));
+            }
+        }
+        let c = &self.classifier;
+        if let Some(e) = &c.endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            p.push(format!(
+                "classifier.endpoint: {e:?} must be an http:// or https:// URL"
+            ));
+        }
+        for (key, v) in [
+            ("classifier.timeout_ms", c.timeout_ms),
+            ("classifier.breaker_failures", u64::from(c.breaker_failures)),
+            ("classifier.cache_entries", c.cache_entries as u64),
+            ("classifier.max_tokens", u64::from(c.max_tokens)),
+            ("classifier.concurrency", c.concurrency as u64),
+            ("decisions.retention_hours", self.decisions.retention_hours),
+            ("decisions.max_records", self.decisions.max_records),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
             }
         }
         let f = &self.fleet;

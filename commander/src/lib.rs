@@ -5,9 +5,12 @@
 
 pub mod api;
 pub mod broker;
+pub mod classify;
 pub mod cli;
 pub mod config;
+pub mod decisions;
 pub mod fleet;
+pub mod hot;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

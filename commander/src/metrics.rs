@@ -41,6 +41,14 @@ pub struct TelemetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub pool: String,
+    pub model: String,
+    /// Route rule, or the rejection code.
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -74,12 +82,43 @@ pub struct Metrics {
     pub telemetry: Family<TelemetryLabels, Counter>,
     /// Workers tracked, by state (lost workers under `LOST`).
     pub workers: Family<StateLabel, Gauge>,
+    /// Routing decisions by pool, model and rule (rejections: pool/model `none`).
+    pub decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
     /// Registers every counter (and the live state's own) with a fresh registry.
-    pub fn registry(&self, fleet: &crate::fleet::StateCounters) -> Registry {
+    pub fn registry(
+        &self,
+        fleet: &crate::fleet::StateCounters,
+        classifier: &crate::classify::ClassifierCounters,
+    ) -> Registry {
         let mut r = Registry::with_prefix("fleet");
+        r.register(
+            "decisions",
+            "Routing decisions, by pool, model and rule",
+            self.decisions.clone(),
+        );
+        r.register(
+            "classifications",
+            "Task classifications, by the path that answered and the fallback's cause",
+            classifier.classifications.clone(),
+        );
+        r.register(
+            "classifier_calls",
+            "Classifier LLM requests, by outcome",
+            classifier.calls.clone(),
+        );
+        r.register(
+            "classifier_breaker_opened",
+            "Times the classifier circuit opened",
+            classifier.breaker_opened.clone(),
+        );
+        r.register(
+            "classifier_cost_micro_usd",
+            "What classification cost, in millionths of a dollar",
+            classifier.cost_micro_usd.clone(),
+        );
         r.register(
             "tasks_received",
             "Intake messages read",

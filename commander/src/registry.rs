@@ -5,13 +5,12 @@
 //! and swaps in the new one only if the whole file is valid. A bad edit leaves the last
 //! good registry in place and says why, with file and line.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::Path;
 
-use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+
+use crate::hot::{line_of, toml_error};
 
 /// The registry shipped with the commander, used when no file is configured.
 pub const BUILTIN: &str = include_str!("../../policies/models.toml");
@@ -106,13 +105,8 @@ pub struct Registry {
 impl Registry {
     /// Parses and validates `text`; every problem is reported, each as `file:line: message`.
     pub fn parse(text: &str, file: &str) -> Result<Self, RegistryError> {
-        let parsed: File = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| format!("{file}:{}", line_of(text, s.start)))
-                .unwrap_or_else(|| file.to_string());
-            RegistryError::Invalid(vec![format!("{at}: {}", e.message())])
-        })?;
+        let parsed: File = toml::from_str(text)
+            .map_err(|e| RegistryError::Invalid(vec![toml_error(text, file, &e)]))?;
         let mut problems = Vec::new();
         let mut models = Vec::new();
         let mut by_key: FxHashMap<String, usize> = FxHashMap::default();
@@ -250,118 +244,22 @@ fn strip_version_suffix(name: &str) -> &str {
     name
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// The live registry plus the outcome of the last reload attempt.
-#[derive(Debug)]
-pub struct RegistryHandle {
-    current: ArcSwap<Registry>,
-    last_error: ArcSwap<Option<String>>,
-    path: Option<PathBuf>,
-}
-
-impl RegistryHandle {
-    /// Loads `path` (or the built-in registry when `None`). A bad file at start is an error.
-    pub fn open(path: Option<&Path>) -> Result<Arc<Self>, RegistryError> {
-        let reg = match path {
-            Some(p) => Registry::load(p)?,
-            None => Registry::builtin()?,
-        };
-        Ok(Arc::new(Self {
-            current: ArcSwap::from_pointee(reg),
-            last_error: ArcSwap::from_pointee(None),
-            path: path.map(Path::to_path_buf),
-        }))
+impl crate::hot::Reloadable for Registry {
+    type Error = RegistryError;
+    const WHAT: &'static str = "model registry";
+    fn load(path: &Path) -> Result<Self, RegistryError> {
+        Registry::load(path)
     }
-
-    pub fn from_registry(reg: Registry) -> Arc<Self> {
-        Arc::new(Self {
-            current: ArcSwap::from_pointee(reg),
-            last_error: ArcSwap::from_pointee(None),
-            path: None,
-        })
+    fn builtin() -> Result<Self, RegistryError> {
+        Registry::builtin()
     }
-
-    pub fn current(&self) -> Arc<Registry> {
-        self.current.load_full()
-    }
-
-    /// The rejection of the last reload, if the last attempt failed.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error.load().as_ref().clone()
-    }
-
-    /// Re-reads the file; swaps only a fully valid registry in.
-    pub fn reload(&self) -> Result<usize, RegistryError> {
-        let Some(path) = &self.path else {
-            return Ok(self.current.load().models.len());
-        };
-        match Registry::load(path) {
-            Ok(reg) => {
-                let n = reg.models.len();
-                self.current.store(Arc::new(reg));
-                self.last_error.store(Arc::new(None));
-                tracing::info!(file = %path.display(), models = n, "model registry reloaded");
-                Ok(n)
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "model registry change rejected; keeping the previous one");
-                self.last_error.store(Arc::new(Some(e.to_string())));
-                Err(e)
-            }
-        }
-    }
-
-    /// Watches the file and reloads it (debounced) until the returned task is dropped.
-    pub fn watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let path = self.path.clone()?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-        let file_name = path.file_name().map(|n| n.to_os_string());
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-            {
-                let _ = tx.try_send(());
-            }
-        });
-        let mut watcher = match watcher {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch the model registry; edits need a restart");
-                return None;
-            }
-        };
-        use notify::Watcher;
-        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the model registry directory");
-            return None;
-        }
-        let me = self.clone();
-        Some(tokio::spawn(async move {
-            let _watcher = watcher;
-            while rx.recv().await.is_some() {
-                // Editors write in several steps; wait for the burst to end.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
-                let _ = me.reload();
-            }
-        }))
+    fn size(&self) -> usize {
+        self.models.len()
     }
 }
+
+/// The live registry, hot-reloaded from its file.
+pub type RegistryHandle = crate::hot::Hot<Registry>;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,10 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::broker::{self, BrokerError};
+use crate::classify::rubric::{CheckAgainst, Rubric, RubricError, RubricHandle};
+use crate::classify::{CallHook, CallRecord, Classifier, ClassifierError};
 use crate::config::Config;
+use crate::decisions::{DecisionLog, DecisionLogError};
 use crate::fleet::{self, FleetHandle, FleetState, TaskEvent};
 use crate::ingest::{self, Ingestor, otlp};
 use crate::metrics::Metrics;
@@ -36,6 +39,12 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error("model registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("routing rubric: {0}")]
+    Rubric(#[from] RubricError),
+    #[error(transparent)]
+    Classifier(#[from] ClassifierError),
+    #[error("decision log: {0}")]
+    Decisions(#[from] DecisionLogError),
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -116,8 +125,36 @@ async fn run(
         models.clone(),
         config.pools.keys().map(String::as_str),
     );
-    let registry = Arc::new(metrics.registry(&state.counters));
+    // The rubric: a configured file is checked against this config's pools and the
+    // registry at start (a bad one refuses to start); edits are re-checked on reload.
+    let rubric = match &config.classifier.rubric {
+        Some(path) => {
+            Rubric::load(
+                path,
+                CheckAgainst {
+                    registry: Some(&models.current()),
+                    pools: (!config.pools.is_empty()).then_some(&config.pools),
+                },
+            )?;
+            RubricHandle::open(Some(path))?
+        }
+        None => RubricHandle::open(None)?,
+    };
+    let rubric_watch = rubric.watch();
+    tracing::info!(
+        rubric = %rubric.current().source,
+        task_types = rubric.current().task_types.len(),
+        classifier = config.classifier.endpoint.as_deref().unwrap_or("fallback only"),
+        "routing rubric loaded"
+    );
     let (fleet, fleet_task) = fleet::spawn(state, config.telemetry.queue_batches, stop_rx.clone());
+    let classifier = Arc::new(Classifier::new(
+        config.classifier.clone(),
+        rubric.clone(),
+        models.clone(),
+        Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
+    )?);
+    let registry = Arc::new(metrics.registry(&fleet.counters, &classifier.counters));
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
@@ -171,6 +208,7 @@ async fn run(
         stop_rx.clone(),
     )));
 
+    let decisions = DecisionLog::open(&store)?;
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         js: js.clone(),
@@ -181,8 +219,14 @@ async fn run(
             routing: config.routing.clone(),
         }),
         metrics: metrics.clone(),
-        spans,
+        spans: spans.clone(),
         fleet: fleet.clone(),
+        classifier: classifier.clone(),
+        registry: models.clone(),
+        decisions: decisions.clone(),
+        publish_decisions: config.decisions.publish,
+        policy: Default::default(),
+        route_cache: Default::default(),
     });
 
     let batch = config.intake.batch_size;
@@ -214,7 +258,13 @@ async fn run(
     };
 
     let retention = Duration::from_secs(config.store.retention_hours * 3600);
-    let sweeper = tokio::spawn(sweep_store(store.clone(), retention, stop_rx.clone()));
+    let sweeper = tokio::spawn(sweep_store(
+        store.clone(),
+        retention,
+        decisions.clone(),
+        config.decisions.clone(),
+        stop_rx.clone(),
+    ));
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
@@ -262,7 +312,7 @@ async fn run(
         let _ = t.await;
     }
     let _ = fleet_task.await;
-    if let Some(w) = models_watch {
+    for w in [models_watch, rubric_watch].into_iter().flatten() {
         w.abort();
     }
     if let Err(e) = store.flush().await {
@@ -270,14 +320,106 @@ async fn run(
     }
     // The exporter flushes and stops once the last handle to it is gone.
     drop(ctx);
+    drop(classifier);
     let _ = tokio::time::timeout(Duration::from_secs(5), spans_task).await;
     let _ = client.flush().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Deletes finished task records past the retention period, a bounded number at a time.
-async fn sweep_store(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) {
+/// The classifier's calls become the commander's own GenAI spans (exported like every
+/// other commander span) and a line in the fleet's cost ledger: a span-only "worker"
+/// `<instance>/classifier` in pool `_commander`, team `fleet-commander`, feature
+/// `classification`. The meta-agent pays for its thinking where everyone can see it.
+fn classifier_hook(spans: SpanExporter, fleet: FleetHandle, instance: &str) -> CallHook {
+    use crate::ingest::normalise::{Dims, Identity, Operation, SpanEvent};
+    use fleet_worker::span::{SpanKind, SpanRecord};
+    use fleet_worker::trace::{SpanId, TraceId};
+    let identity = Arc::new(Identity {
+        worker_id: format!("{instance}/classifier"),
+        pool: Some(crate::ingest::nats::COMMANDER_TOKEN.to_string()),
+        agent_name: Some("classifier".into()),
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        service: Some("fleet-commander".into()),
+    });
+    Arc::new(move |c: CallRecord| {
+        let (trace_id, parent) = match c.trace {
+            Some((t, p)) => (TraceId(t), p.map(SpanId)),
+            None => (TraceId::random(), None),
+        };
+        let span_id = SpanId::random();
+        let mut span = SpanRecord::new(
+            format!("chat {}", c.request_model),
+            SpanKind::Client,
+            trace_id,
+            span_id,
+        );
+        span.parent_span_id = parent;
+        span.start = c.start;
+        span.end = c.end;
+        span.attr("gen_ai.operation.name", "chat")
+            .attr("gen_ai.provider.name", c.provider)
+            .attr("gen_ai.request.model", c.request_model.clone())
+            .attr("server.address", c.server.clone())
+            .attr("fleet.classifier.attempt", i64::from(c.attempt));
+        if let Some(m) = &c.response_model {
+            span.attr("gen_ai.response.model", m.clone());
+        }
+        if let Some(u) = &c.usage {
+            span.attr("gen_ai.usage.input_tokens", u.input as i64)
+                .attr("gen_ai.usage.output_tokens", u.output as i64);
+        }
+        if let Some(t) = &c.task_id {
+            span.attr("fleet.task.id", t.clone());
+        }
+        if let Some(e) = c.error {
+            span.attr("error.type", e);
+            span.error = Some(e.to_string());
+        }
+        spans.record(span);
+        let ns = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        };
+        let event = SpanEvent {
+            identity: identity.clone(),
+            agent_name: Some("classifier".into()),
+            trace_id: trace_id.0,
+            span_id: span_id.0,
+            parent_span_id: parent.map(|p| p.0),
+            start_ns: ns(c.start),
+            end_ns: ns(c.end),
+            error: c.error.is_some(),
+            error_type: c.error.map(str::to_string),
+            operation: Operation::Inference,
+            provider: Some(c.provider.to_string()),
+            model: Some(c.response_model.unwrap_or(c.request_model)),
+            usage: c.usage,
+            tool: None,
+            task_id: None,
+            expected_duration_s: None,
+            task_root: false,
+            dims: Dims {
+                team: Some("fleet-commander".into()),
+                feature: Some("classification".into()),
+                ..Default::default()
+            },
+        };
+        // Telemetry is shed first under load; the counter on /metrics says so.
+        let _ = fleet.offer(crate::fleet::Ingest::Spans(vec![event]));
+    })
+}
+
+/// Deletes finished task records and old decisions past their retention periods, a
+/// bounded number at a time.
+async fn sweep_store(
+    store: Store,
+    retention: Duration,
+    decisions: DecisionLog,
+    log_cfg: crate::config::DecisionLogConfig,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -291,6 +433,18 @@ async fn sweep_store(store: Store, retention: Duration, mut stop: watch::Receive
                 Ok(n) => tracing::info!(removed = n, "swept finished tasks past retention"),
                 Err(e) => {
                     tracing::error!(error = %e, "store sweep failed");
+                    break;
+                }
+            }
+        }
+        let cutoff =
+            std::time::SystemTime::now() - Duration::from_secs(log_cfg.retention_hours * 3600);
+        loop {
+            match decisions.prune(cutoff, log_cfg.max_records, 10_000) {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(removed = n, "pruned decisions past retention"),
+                Err(e) => {
+                    tracing::error!(error = %e, "decision log prune failed");
                     break;
                 }
             }

@@ -96,6 +96,12 @@ pub struct TaskRecord {
     /// Why this pool (or why none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_reason: Option<String>,
+    /// The model routing chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The decision that routed it (see the decision log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_id: Option<String>,
     pub attempt: u32,
     pub priority: u8,
     /// Sequence of the submission in the intake stream.
@@ -118,6 +124,8 @@ impl TaskRecord {
             state: TaskState::Received,
             pool: None,
             route_reason: None,
+            model: None,
+            decision_id: None,
             attempt: 0,
             priority: 5,
             intake_sequence,
@@ -262,6 +270,11 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())
+    }
+
+    /// Another tree in the same database (the decision log), flushed with the tasks.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
     }
 
     pub fn task_count(&self) -> usize {

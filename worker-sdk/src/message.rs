@@ -30,6 +30,10 @@ pub struct Task {
     /// Pool requested by the producer; the commander honours it when the pool exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// Model requested by the producer (honoured when the commander allows it and knows
+    /// the model). On dispatch, the commander sets it to the model it chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Capabilities the task needs (e.g. `code`, `long-context`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
@@ -63,6 +67,7 @@ impl Task {
             description: description.into(),
             input: serde_json::Value::Null,
             pool: None,
+            model: None,
             capabilities: Vec::new(),
             priority: default_priority(),
             deadline: None,
@@ -113,6 +118,18 @@ impl Task {
             && !is_subject_token(pool)
         {
             bad("pool", "must be 1-128 letters, digits, '-' or '_'".into());
+        }
+        if let Some(model) = &self.model
+            && (model.is_empty()
+                || model.len() > 128
+                || !model
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b)))
+        {
+            bad(
+                "model",
+                "must be 1-128 letters, digits, '-', '_', '.', ':', '/' or '@'".into(),
+            );
         }
         if self.capabilities.len() > 32 {
             bad("capabilities", "at most 32".into());

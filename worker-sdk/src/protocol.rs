@@ -28,6 +28,8 @@ pub mod headers {
     /// Dispatch attempt, starting at 1. (task id, attempt) names one execution.
     pub const ATTEMPT: &str = "Fleet-Attempt";
     pub const MODEL: &str = "Fleet-Model";
+    /// The routing decision that sent this task (look it up at `/v1/decisions/{task}`).
+    pub const DECISION_ID: &str = "Fleet-Decision-Id";
     /// RFC 3339 instant after which the task is no longer worth doing.
     pub const DEADLINE: &str = "Fleet-Deadline";
     /// Where the producer wants its result (a core NATS subject), besides

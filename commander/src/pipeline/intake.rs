@@ -13,9 +13,11 @@ use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, p
 use tracing::Instrument;
 
 use super::{Ctx, fnv1a};
+use crate::classify::{Classification, TraceCtx};
+use crate::decisions::{DecisionRecord, Outcome};
 use crate::fleet::TaskEvent;
 use crate::metrics::PoolLabel;
-use crate::route::{self, RouteInput};
+use crate::route::{self, DecideInput, Decision};
 use crate::store::{TaskRecord, TaskState, TraceInfo};
 
 /// The attempt number of a first dispatch. Re-dispatch after failure (a later issue)
@@ -42,12 +44,16 @@ struct Dispatch {
     task_type: Option<String>,
     /// Written once the work stream has acknowledged the dispatch.
     record: DispatchRecord,
+    /// Logged and published once the dispatch is acknowledged.
+    decision: DecisionRecord,
 }
 
 /// What the store learns about a dispatched task, in one write.
 struct DispatchRecord {
     seq: u64,
     route_reason: String,
+    model: String,
+    decision_id: String,
     priority: u8,
     reply_to: Option<String>,
     trace: TraceInfo,
@@ -59,6 +65,8 @@ impl DispatchRecord {
         r.intake_sequence = self.seq;
         r.pool = Some(pool.to_string());
         r.route_reason = Some(self.route_reason.clone());
+        r.model = Some(self.model.clone());
+        r.decision_id = Some(self.decision_id.clone());
         r.priority = self.priority;
         r.attempt = FIRST_ATTEMPT;
         r.reply_to = self.reply_to.clone();
@@ -79,6 +87,7 @@ impl Reject {
             seq,
             error,
             reply_to,
+            decision: None,
         }))
     }
 }
@@ -88,24 +97,55 @@ struct Reject {
     seq: u64,
     error: ErrorInfo,
     reply_to: Option<String>,
+    /// When routing refused the task: the decision that says why.
+    decision: Option<DecisionRecord>,
 }
 
 /// Handles one batch: plan each message, publish, make the store durable, ack.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("intake_batch", size = batch.len());
     async {
-        let mut plans = Vec::with_capacity(batch.len());
+        // Read every message, classify the valid tasks concurrently (cache hits and the
+        // fallback answer at once; LLM calls are bounded by the classifier's timeouts),
+        // then decide and plan each in order.
+        let mut reads = Vec::with_capacity(batch.len());
         for msg in &batch {
             ctx.metrics.tasks_received.inc();
-            let plan = match plan(ctx, msg) {
-                Ok(p) => p,
+            reads.push(match read(ctx, msg) {
+                Ok(r) => Some(r),
                 Err(e) => {
                     // Store trouble: leave the message for redelivery rather than guess.
                     tracing::error!(error = %e, "cannot record intake message; will retry");
                     None
                 }
-            };
-            plans.push(plan);
+            });
+        }
+        let classifications = futures::future::join_all(reads.iter().map(|r| async move {
+            match r {
+                Some(Read::Ready(p)) => Some(
+                    ctx.classifier
+                        .classify(
+                            &p.task,
+                            Some(TraceCtx {
+                                trace_id: p.dispatch.trace_id.0,
+                                parent_span_id: Some(p.dispatch.span_id.0),
+                            }),
+                        )
+                        .await,
+                ),
+                _ => None,
+            }
+        }))
+        .await;
+        let fleet = ctx.route_snapshot();
+        let mut plans = Vec::with_capacity(batch.len());
+        for (r, class) in reads.into_iter().zip(classifications) {
+            plans.push(match (r, class) {
+                (None, _) => None,
+                (Some(Read::Done(plan)), _) => Some(plan),
+                (Some(Read::Ready(p)), Some(c)) => Some(plan(ctx, *p, c, &fleet)),
+                (Some(Read::Ready(_)), None) => None,
+            });
         }
 
         // Publish everything first (pipelined), then wait for all the acks.
@@ -153,6 +193,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     if let Err(e) = recorded {
                         tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
                     }
+                    ctx.log_decision(&d.decision).await;
                     ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
                     ctx.fleet.task_event(TaskEvent::Dispatched {
                         task_id: d.id.clone(),
@@ -169,6 +210,9 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     // a redelivery before this point publishes it again instead of skipping.
                     if let Err(e) = record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error) {
                         tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
+                    }
+                    if let Some(d) = &r.decision {
+                        ctx.log_decision(d).await;
                     }
                     ctx.metrics.reject(&r.error.code);
                     tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
@@ -192,8 +236,31 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     .await
 }
 
-/// Works out what to do with one message and records that it was received.
-fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::store::StoreError> {
+/// A message read and checked, waiting for its classification.
+enum Read {
+    /// Nothing to classify: a duplicate or a rejection already worked out.
+    Done(Plan),
+    Ready(Box<Prepared>),
+}
+
+/// A valid task and everything known about it before routing.
+struct Prepared {
+    started: SystemTime,
+    received_at: String,
+    id: String,
+    seq: u64,
+    reply_to: Option<String>,
+    task: Task,
+    parent: Option<TraceParent>,
+    /// The dispatch span's context (trace id + derived span id).
+    dispatch: TraceParent,
+    invalid: Option<String>,
+    tracestate: Option<String>,
+    baggage: Baggage,
+}
+
+/// Reads one message: the id, duplicates, the task JSON, the trace context.
+fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::StoreError> {
     let started = SystemTime::now();
     let received_at = now_rfc3339();
     let hdrs = msg.headers.as_ref();
@@ -221,13 +288,13 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         if existing.intake_sequence != seq {
             tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
         }
-        return Ok(Some(Plan::Duplicate));
+        return Ok(Read::Done(Plan::Duplicate));
     }
 
     let mut task = match parsed {
         Ok(t) => t,
         Err(e) => {
-            return Ok(Some(Reject::plan(
+            return Ok(Read::Done(Reject::plan(
                 id,
                 seq,
                 e.code(),
@@ -265,25 +332,107 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     let baggage = header(hdrs, headers::BAGGAGE)
         .map(Baggage::parse)
         .unwrap_or_default();
+    Ok(Read::Ready(Box::new(Prepared {
+        started,
+        received_at,
+        id,
+        seq,
+        reply_to,
+        task,
+        parent,
+        dispatch,
+        invalid,
+        tracestate,
+        baggage,
+    })))
+}
 
-    let decision = route::decide(RouteInput {
-        task: &task,
-        table: &ctx.table,
-    });
-    let decision = match decision {
-        Ok(d) => d,
-        Err(no_route) => {
-            return Ok(Some(Reject::plan(
-                id,
-                seq,
-                no_route.code(),
-                no_route.to_string(),
-                reply_to,
-            )));
+/// Decides where a classified task goes and builds its dispatch (or its rejection).
+fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnapshot) -> Plan {
+    let Prepared {
+        started,
+        received_at,
+        id,
+        seq,
+        reply_to,
+        mut task,
+        parent,
+        dispatch,
+        invalid,
+        tracestate,
+        baggage,
+    } = p;
+    let trace_id = dispatch.trace_id;
+    let rubric = ctx.classifier.rubric();
+    let registry = ctx.registry.current();
+    let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
+    let decided = {
+        let _span = tracing::debug_span!("decide", task_id = %id).entered();
+        route::decide(DecideInput {
+            task: &task,
+            class: &class.answer,
+            rubric: &rubric,
+            registry: &registry,
+            fleet,
+            table: &ctx.table,
+            policy: &ctx.policy,
+            seed: fnv1a(&[b"seed", id.as_bytes()]),
+        })
+    };
+    let record = |outcome: Outcome,
+                  d: Option<&Decision>,
+                  rule: &str,
+                  reason: String,
+                  candidates: Vec<route::Candidate>| {
+        DecisionRecord {
+            id: decision_id.clone(),
+            task_id: id.clone(),
+            at_ms: crate::fleet::now_ms(),
+            at: received_at.clone(),
+            outcome,
+            pool: d.map(|d| d.pool.clone()),
+            model: d.map(|d| d.model.clone()),
+            worker: d.and_then(|d| d.worker.clone()),
+            rule: rule.to_string(),
+            reason,
+            task_type: class.answer.task_type.clone(),
+            tier: d
+                .map(|d| d.tier.clone())
+                .unwrap_or_else(|| class.answer.tier.clone()),
+            est_cost_usd: d.and_then(|d| d.est_cost_usd),
+            priority: task.priority,
+            classification: class.clone(),
+            candidates,
+            rubric: rubric.name.clone(),
+            policy_version: ctx.policy.version.clone(),
+            trace_id: Some(trace_id.to_hex()),
         }
     };
+    let decision = match decided {
+        Ok(d) => d,
+        Err(no_route) => {
+            let reason = no_route.to_string();
+            let logged = record(
+                Outcome::Rejected,
+                None,
+                no_route.code(),
+                reason.clone(),
+                no_route.candidates().to_vec(),
+            );
+            let mut plan = Reject::plan(id, seq, no_route.code(), reason, reply_to);
+            if let Plan::Reject(r) = &mut plan {
+                r.decision = Some(logged);
+            }
+            return plan;
+        }
+    };
+    fleet.note_routed(&decision.pool);
     task.pool = Some(decision.pool.clone());
-    let subject = ctx.subjects.work(&decision.pool);
+    task.model = Some(decision.model.clone());
+    let subject = match &decision.worker {
+        Some(w) => ctx.subjects.work_targeted(&decision.pool, w),
+        None => ctx.subjects.work(&decision.pool),
+    };
 
     let trace_info = TraceInfo {
         trace_id: trace_id.to_hex(),
@@ -308,6 +457,8 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
     set(headers::NATS_MSG_ID, &format!("{id}:{FIRST_ATTEMPT}"));
     set(headers::TASK_ID, &id);
     set(headers::ATTEMPT, &FIRST_ATTEMPT.to_string());
+    set(headers::MODEL, &decision.model);
+    set(headers::DECISION_ID, &decision_id);
     if let Some(d) = &task.deadline {
         set(headers::DEADLINE, d);
     }
@@ -318,13 +469,13 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         Ok(p) => Bytes::from(p),
         Err(e) => {
             // A validated Task always serialises; refuse rather than panic if not.
-            return Ok(Some(Reject::plan(
+            return Reject::plan(
                 id,
                 seq,
                 "internal",
                 format!("task did not serialise: {e}"),
                 reply_to,
-            )));
+            );
         }
     };
 
@@ -343,25 +494,49 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         .attr("fleet.task.id", id.clone())
         .attr("fleet.attempt", FIRST_ATTEMPT)
         .attr("fleet.pool", decision.pool.clone())
+        .attr("fleet.decision.id", decision_id.clone())
         .attr("fleet.route.rule", decision.rule.as_str())
         .attr("fleet.route.reason", decision.reason.clone())
+        .attr("fleet.task.type", class.answer.task_type.clone())
+        .attr("fleet.task.tier", decision.tier.clone())
+        .attr("fleet.classification.source", class.source.as_str())
+        .attr(
+            "fleet.decision.candidates",
+            decision.candidates.len() as i64,
+        )
+        .attr("gen_ai.request.model", decision.model.clone())
         .attr("fleet.intake.sequence", seq as i64);
+    if let Some(c) = decision.est_cost_usd {
+        span.attr("fleet.decision.est_cost_usd", c);
+    }
+    if let Some(w) = &decision.worker {
+        span.attr("fleet.worker.target", w.clone());
+    }
     if let Some(bad) = &invalid {
         span.attr("fleet.traceparent.invalid", bad.clone());
     }
     for (k, v) in baggage.iter() {
         span.attr(k, v);
     }
-    tracing::debug!(task_id = %id, pool = %decision.pool, trace_id = %trace_id, "dispatching");
+    tracing::debug!(task_id = %id, pool = %decision.pool, model = %decision.model, rule = decision.rule.as_str(), trace_id = %trace_id, "dispatching");
+    let logged = record(
+        Outcome::Dispatched,
+        Some(&decision),
+        decision.rule.as_str(),
+        decision.reason.clone(),
+        decision.candidates.clone(),
+    );
     let record = DispatchRecord {
         seq,
         route_reason: decision.reason.clone(),
+        model: decision.model.clone(),
+        decision_id,
         priority: task.priority,
         reply_to,
         trace: trace_info,
         received_at,
     };
-    Ok(Some(Plan::Dispatch(Box::new(Dispatch {
+    Plan::Dispatch(Box::new(Dispatch {
         id,
         pool: decision.pool,
         subject,
@@ -369,9 +544,10 @@ fn plan(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Plan>, crate::stor
         payload,
         span,
         expected_ms: task.expected_duration_s.map(|s| (s * 1000.0) as u64),
-        task_type: task.attributes.get("task_type").cloned(),
+        task_type: Some(class.answer.task_type),
         record,
-    }))))
+        decision: logged,
+    }))
 }
 
 fn record_rejection(
@@ -426,6 +602,18 @@ fn derived_trace_id(id: &str, seq: u64) -> TraceId {
         bytes[15] = 1;
     }
     TraceId(bytes)
+}
+
+/// Same task, same submission, same attempt: same decision id (a redelivery replaces the
+/// logged decision instead of adding one).
+fn derived_decision_id(id: &str, seq: u64, attempt: u32) -> String {
+    let h = fnv1a(&[
+        b"decision",
+        id.as_bytes(),
+        &seq.to_le_bytes(),
+        &attempt.to_le_bytes(),
+    ]);
+    format!("dec-{h:016x}")
 }
 
 fn derived_span_id(trace: &TraceId, id: &str, attempt: u32) -> SpanId {

@@ -17,9 +17,12 @@ use fleet_worker::span::SpanExporter;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use crate::classify::Classifier;
+use crate::decisions::{DecisionLog, DecisionRecord};
 use crate::fleet::FleetHandle;
-use crate::metrics::Metrics;
-use crate::route::RoutingTable;
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::registry::RegistryHandle;
+use crate::route::{PolicyHints, RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
 /// What both loops share.
@@ -34,6 +37,68 @@ pub struct Ctx {
     pub spans: SpanExporter,
     /// Live state: told about dispatches and results (never waited on).
     pub fleet: FleetHandle,
+    pub classifier: Arc<Classifier>,
+    /// Model prices, for cost estimates.
+    pub registry: Arc<RegistryHandle>,
+    pub decisions: DecisionLog,
+    /// Publish decisions on `<prefix>.decisions.<pool>`.
+    pub publish_decisions: bool,
+    /// What the policy layer says (budgets come with the policy engine).
+    pub policy: PolicyHints,
+    /// The routing view of the latest fleet snapshot, rebuilt when a new one appears.
+    pub route_cache: std::sync::Mutex<Option<Arc<RouteSnapshot>>>,
+}
+
+impl Ctx {
+    /// The routing view of the current fleet snapshot (rebuilt at most once per snapshot,
+    /// i.e. once a second, whatever the fleet size).
+    pub fn route_snapshot(&self) -> Arc<RouteSnapshot> {
+        let fleet = self.fleet.snapshot();
+        let Ok(mut cache) = self.route_cache.lock() else {
+            return Arc::new(RouteSnapshot::build(&fleet, &self.table));
+        };
+        match cache.as_ref() {
+            Some(s) if s.at_ms == fleet.fleet.at_ms => s.clone(),
+            _ => {
+                let s = Arc::new(RouteSnapshot::build(&fleet, &self.table));
+                *cache = Some(s.clone());
+                s
+            }
+        }
+    }
+
+    /// Logs a decision (durable with the batch's store flush) and publishes it.
+    pub async fn log_decision(&self, d: &DecisionRecord) {
+        if let Err(e) = self.decisions.record(d) {
+            tracing::error!(task_id = %d.task_id, error = %e, "decision not logged");
+        }
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                pool: d.pool.clone().unwrap_or_else(|| "none".into()),
+                model: d.model.clone().unwrap_or_else(|| "none".into()),
+                rule: d.rule.clone(),
+            })
+            .inc();
+        if self.publish_decisions {
+            let pool = d
+                .pool
+                .as_deref()
+                .unwrap_or(crate::decisions::REJECTED_TOKEN);
+            match serde_json::to_vec(d) {
+                Ok(body) => {
+                    if let Err(e) = self
+                        .client
+                        .publish(self.subjects.decisions(pool), body.into())
+                        .await
+                    {
+                        tracing::debug!(error = %e, "decision not published");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "decision did not encode"),
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

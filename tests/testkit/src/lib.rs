@@ -7,6 +7,8 @@
 //!
 //! Readiness is waited for by polling with a deadline, never by fixed sleeps.
 
+pub mod fake_llm;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

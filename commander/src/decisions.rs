@@ -1,0 +1,384 @@
+//! The decision log: every routing decision (and every rejection) with the classification
+//! and every candidate, in sled next to the task records, with bounded retention.
+//!
+//! Keys are `at_ms (8 bytes, big-endian) ++ task id`, so a range scan is a time range and
+//! the newest come last; `by_task` maps a task id to its key.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::Classification;
+use crate::route::Candidate;
+use crate::store::{Store, StoreError};
+
+/// The `<pool>` token of `<prefix>.decisions.<pool>` for rejections.
+pub const REJECTED_TOKEN: &str = "_rejected";
+
+/// What became of the task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Dispatched,
+    Rejected,
+}
+
+/// One decision as logged, served and published.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// Decision id; also in the dispatched message's `Fleet-Decision-Id` header.
+    pub id: String,
+    pub task_id: String,
+    pub at_ms: u64,
+    pub at: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// The route rule (`cost_tier`, `health_reroute` …) or, for a rejection, its code.
+    pub rule: String,
+    pub reason: String,
+    pub task_type: String,
+    pub tier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub est_cost_usd: Option<f64>,
+    pub priority: u8,
+    pub classification: Classification,
+    pub candidates: Vec<Candidate>,
+    /// Rubric (name) the task was classified against.
+    pub rubric: String,
+    /// Policy version in force, once policies are versioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// Filters for [`DecisionLog::query`]; all optional, all must hold.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub pool: Option<String>,
+    pub model: Option<String>,
+    pub task_type: Option<String>,
+    /// Route rule or rejection code, exactly.
+    pub rule: Option<String>,
+    /// Case-insensitive substring of the reason.
+    pub reason: Option<String>,
+    /// Classification path: declared, cache, llm, fallback.
+    pub source: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// Time range, Unix ms (inclusive since, exclusive until).
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    /// Page size (1-500, default 100).
+    pub limit: Option<usize>,
+    /// From a previous page's `next`.
+    pub cursor: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, d: &DecisionRecord) -> bool {
+        let eq = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| Some(w) == have)
+        };
+        eq(&self.pool, d.pool.as_deref())
+            && eq(&self.model, d.model.as_deref())
+            && eq(&self.task_type, Some(&d.task_type))
+            && eq(&self.rule, Some(&d.rule))
+            && eq(&self.source, Some(d.classification.source.as_str()))
+            && self.outcome.is_none_or(|o| o == d.outcome)
+            && self
+                .reason
+                .as_deref()
+                .is_none_or(|r| d.reason.to_lowercase().contains(&r.to_lowercase()))
+    }
+}
+
+/// A page of decisions, newest first.
+#[derive(Clone, Debug, Serialize)]
+pub struct Page {
+    pub decisions: Vec<DecisionRecord>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Records examined for this page (filters that match rarely scan more).
+    pub scanned: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionLogError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("decision record does not encode: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cursor {0:?} is not one this API returned")]
+    BadCursor(String),
+}
+
+/// Most records one query examines, so a filter that matches nothing cannot scan a
+/// million records per request; the page's `next` continues from where it stopped.
+const MAX_SCAN: usize = 20_000;
+
+#[derive(Clone, Debug)]
+pub struct DecisionLog {
+    by_time: sled::Tree,
+    by_task: sled::Tree,
+}
+
+impl DecisionLog {
+    pub fn open(store: &Store) -> Result<Self, DecisionLogError> {
+        Ok(Self {
+            by_time: store.tree("decisions")?,
+            by_task: store.tree("decisions_by_task")?,
+        })
+    }
+
+    /// Writes one decision (made durable by the store's next flush). A task decided again
+    /// (a redelivery) replaces its earlier record.
+    pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
+        let key = key(d.at_ms, &d.task_id);
+        let value = serde_json::to_vec(d)?;
+        if let Some(old) = self.by_task.insert(d.task_id.as_bytes(), key.as_slice())?
+            && old.as_ref() != key.as_slice()
+        {
+            self.by_time.remove(old)?;
+        }
+        self.by_time.insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn get(&self, task_id: &str) -> Result<Option<DecisionRecord>, DecisionLogError> {
+        let Some(key) = self.by_task.get(task_id.as_bytes())? else {
+            return Ok(None);
+        };
+        match self.by_time.get(key)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Newest first, filtered, paginated.
+    pub fn query(&self, f: &Filter) -> Result<Page, DecisionLogError> {
+        let limit = f.limit.unwrap_or(100).clamp(1, 500);
+        let lower = key(f.since_ms.unwrap_or(0), "");
+        let mut upper = key(f.until_ms.unwrap_or(u64::MAX), "");
+        if let Some(c) = &f.cursor {
+            let bytes = hex_decode(c).ok_or_else(|| DecisionLogError::BadCursor(c.clone()))?;
+            if bytes.len() < 8 {
+                return Err(DecisionLogError::BadCursor(c.clone()));
+            }
+            upper = bytes;
+        }
+        let mut out = Vec::with_capacity(limit);
+        let mut scanned = 0;
+        let mut next = None;
+        for entry in self.by_time.range(lower..upper).rev() {
+            let (k, v) = entry?;
+            scanned += 1;
+            let Ok(d) = serde_json::from_slice::<DecisionRecord>(&v) else {
+                continue;
+            };
+            if f.matches(&d) {
+                out.push(d);
+                if out.len() == limit {
+                    next = Some(hex_encode(&k));
+                    break;
+                }
+            }
+            if scanned >= MAX_SCAN {
+                next = Some(hex_encode(&k));
+                break;
+            }
+        }
+        Ok(Page {
+            decisions: out,
+            next,
+            scanned,
+        })
+    }
+
+    /// Drops decisions older than `cutoff`, then the oldest beyond `max_records`; at most
+    /// `limit` per call. Returns how many went.
+    pub fn prune(
+        &self,
+        cutoff: SystemTime,
+        max_records: u64,
+        limit: usize,
+    ) -> Result<usize, DecisionLogError> {
+        let cutoff_ms = cutoff
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let end = key(cutoff_ms, "");
+        let mut removed = 0;
+        let over = (self.by_time.len() as u64).saturating_sub(max_records) as usize;
+        for entry in self.by_time.iter().take(limit) {
+            let (k, v) = entry?;
+            if k.as_ref() >= end.as_slice() && removed >= over {
+                break;
+            }
+            if let Some(task) = k.get(8..) {
+                // Only unlink the index if it still points here (not at a newer record).
+                let _ = self
+                    .by_task
+                    .compare_and_swap(task, Some(k.as_ref()), None::<&[u8]>)?;
+            }
+            self.by_time.remove(&k)?;
+            drop(v);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_time.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_time.is_empty()
+    }
+}
+
+fn key(at_ms: u64, task_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + task_id.len());
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(task_id.as_bytes());
+    k
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 600 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{Answer, Source};
+
+    fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
+        DecisionRecord {
+            id: format!("d-{task}"),
+            task_id: task.into(),
+            at_ms,
+            at: String::new(),
+            outcome: Outcome::Dispatched,
+            pool: Some(pool.into()),
+            model: Some("gpt-4o-mini".into()),
+            worker: None,
+            rule: rule.into(),
+            reason: format!("{rule} reason"),
+            task_type: "summarisation".into(),
+            tier: "simple".into(),
+            est_cost_usd: Some(0.001),
+            priority: 5,
+            classification: Classification {
+                answer: Answer {
+                    task_type: "summarisation".into(),
+                    tier: "simple".into(),
+                    capabilities: vec![],
+                    input_tokens: 10,
+                    output_tokens: 10,
+                    confidence: 0.9,
+                },
+                source: Source::Fallback,
+                reason: String::new(),
+                fallback_cause: Some("no_endpoint".into()),
+                model: None,
+                cost_usd: None,
+                attempts: 0,
+                latency_ms: 0,
+            },
+            candidates: vec![],
+            rubric: "default".into(),
+            policy_version: None,
+            trace_id: None,
+        }
+    }
+
+    #[test]
+    fn query_filters_paginates_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = DecisionLog::open(&store).unwrap();
+        for i in 0..25u64 {
+            let pool = if i % 2 == 0 { "docs" } else { "code" };
+            log.record(&rec(&format!("t{i}"), 1_000 + i, pool, "cost_tier"))
+                .unwrap();
+        }
+        // Re-deciding a task replaces its record.
+        log.record(&rec("t0", 2_000, "general", "default_pool"))
+            .unwrap();
+        assert_eq!(log.len(), 25);
+        assert_eq!(
+            log.get("t0").unwrap().unwrap().pool.as_deref(),
+            Some("general")
+        );
+
+        let mut f = Filter {
+            pool: Some("docs".into()),
+            limit: Some(5),
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = log.query(&f).unwrap();
+            seen.extend(page.decisions.iter().map(|d| d.task_id.clone()));
+            match page.next {
+                Some(n) => f.cursor = Some(n),
+                None => break,
+            }
+        }
+        // t0 moved to `general`; the other even tasks, newest first.
+        let want: Vec<String> = (1..=12).rev().map(|i| format!("t{}", i * 2)).collect();
+        assert_eq!(seen, want);
+
+        let page = log
+            .query(&Filter {
+                rule: Some("default_pool".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.decisions.len(), 1);
+        assert!(
+            log.query(&Filter {
+                cursor: Some("zz".into()),
+                ..Default::default()
+            })
+            .is_err()
+        );
+
+        // Time range.
+        let page = log
+            .query(&Filter {
+                since_ms: Some(1_010),
+                until_ms: Some(1_015),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.decisions.len(), 5);
+
+        // Retention by age, then by count.
+        let cutoff = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_010);
+        assert_eq!(log.prune(cutoff, 1_000, 10_000).unwrap(), 9); // t1..t9 (t0 moved)
+        assert!(log.get("t5").unwrap().is_none());
+        assert_eq!(log.prune(cutoff, 10, 10_000).unwrap(), 6);
+        assert_eq!(log.len(), 10);
+        assert!(log.get("t0").unwrap().is_some(), "the newest survive");
+    }
+}

@@ -1,0 +1,779 @@
+//! `decide`: who does a task, on which model, and why. Pure: the same inputs give the
+//! same decision; no I/O, no clock, no randomness (the power-of-two sample is drawn from
+//! a seed the caller derives from the task).
+//!
+//! The steps, each visible in the reasons of the candidates it touches:
+//! 1. **tier**: the classification's tier, or the one below it when the budget hook asks
+//!    for a downgrade (`budget_downgrade`);
+//! 2. **candidates**: the tier's (model, pool) pairs from the rubric, narrowed to the
+//!    producer's pool or model when it named one and that is allowed (`requested`);
+//! 3. **exclusions**: pool not configured, paused, missing a capability, model context
+//!    window too small, over the producer's cost cap, no healthy worker (STUCK / ERROR /
+//!    lost / draining), every healthy worker over the context threshold for a
+//!    long-context task, error rate over threshold (its fallback pool is added as a
+//!    `health_reroute` candidate), saturated queue (used only if nothing else is left);
+//! 4. **score**: estimated cost × (1 + load_weight × load), lowest wins (cost tiering with
+//!    load balancing on queue depth + in-flight per capacity); ties go by the seed;
+//! 5. **worker**: for a long-context task, power of two choices among the pool's workers
+//!    under the context threshold (less context, then more free slots);
+//! 6. **default pool** when nothing is eligible, else a rejection listing every reason.
+
+use std::fmt::Write as _;
+
+use fleet_worker::message::Task;
+use serde::{Deserialize, Serialize};
+
+use crate::classify::Answer;
+use crate::classify::rubric::{LONG_CONTEXT, Rubric};
+use crate::registry::{Registry, TokenUsage};
+
+use super::RoutingTable;
+use super::snapshot::{PoolState, RouteSnapshot, WorkerSlot};
+
+/// What the policy layer tells routing (budgets arrive with the policy engine).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyHints {
+    /// Downgrade this task one tier, and why (e.g. "team search at 91% of its daily budget").
+    pub downgrade: Option<String>,
+    /// Version of the policy in force, recorded on the decision.
+    pub version: Option<String>,
+}
+
+/// Everything a decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct DecideInput<'a> {
+    pub task: &'a Task,
+    pub class: &'a Answer,
+    pub rubric: &'a Rubric,
+    pub registry: &'a Registry,
+    pub fleet: &'a RouteSnapshot,
+    pub table: &'a RoutingTable,
+    pub policy: &'a PolicyHints,
+    /// Drives the power-of-two sample and tie breaks; derive it from the task id.
+    pub seed: u64,
+}
+
+/// The rule that settled the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteRule {
+    /// The producer's pool and/or model, honoured.
+    Requested,
+    /// The lowest-scoring candidate of the task's tier (cost, then load).
+    CostTier,
+    /// The chosen pool stands in for one whose error rate is over its threshold.
+    HealthReroute,
+    /// Chosen from the tier below, because the budget hook asked.
+    BudgetDowngrade,
+    /// Only saturated pools were left; the least-scoring one takes it.
+    Saturated,
+    /// Nothing eligible; the configured default pool takes it.
+    DefaultPool,
+}
+
+impl RouteRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteRule::Requested => "requested",
+            RouteRule::CostTier => "cost_tier",
+            RouteRule::HealthReroute => "health_reroute",
+            RouteRule::BudgetDowngrade => "budget_downgrade",
+            RouteRule::Saturated => "saturated",
+            RouteRule::DefaultPool => "default_pool",
+        }
+    }
+}
+
+/// One alternative and what became of it. `code` is stable: `chosen`, `outscored`,
+/// `not_configured`, `paused`, `capability`, `context_window`, `max_cost`, `unhealthy`,
+/// `context`, `error_rate`, `saturated`, `not_requested`, `budget_downgrade`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub pool: String,
+    pub model: String,
+    pub tier: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub est_cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<f64>,
+    /// Lower is better; set for every candidate that was eligible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    pub code: String,
+    pub reason: String,
+}
+
+/// A routing decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub pool: String,
+    pub model: String,
+    /// Set when the task goes to one worker's own subject.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub rule: RouteRule,
+    /// One line an operator can read.
+    pub reason: String,
+    /// The tier the model was picked from (after any downgrade).
+    pub tier: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub est_cost_usd: Option<f64>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// Why no pool can take a task; the message is what the producer reads.
+#[derive(Clone, Debug, PartialEq, Serialize, thiserror::Error)]
+pub enum NoRoute {
+    #[error("pool {pool:?} is not configured (known pools: {known})")]
+    UnknownPool { pool: String, known: String },
+    #[error("model {model:?} is not in the model registry")]
+    UnknownModel { model: String },
+    #[error("no pool can take this task and no default pool is configured: {why}")]
+    NoEligible {
+        why: String,
+        candidates: Vec<Candidate>,
+    },
+}
+
+impl NoRoute {
+    pub fn code(&self) -> &'static str {
+        match self {
+            NoRoute::UnknownPool { .. } => "unknown_pool",
+            NoRoute::UnknownModel { .. } => "unknown_model",
+            NoRoute::NoEligible { .. } => "no_eligible_pool",
+        }
+    }
+    pub fn candidates(&self) -> &[Candidate] {
+        match self {
+            NoRoute::NoEligible { candidates, .. } => candidates,
+            _ => &[],
+        }
+    }
+}
+
+/// Working state of one candidate.
+struct Cand<'a> {
+    pool: &'a str,
+    model: &'a str,
+    tier: &'a str,
+    via: Via,
+    state: Option<&'a PoolState>,
+    est: Option<f64>,
+    load: Option<f64>,
+    score: Option<f64>,
+    excluded: Option<(&'static str, String)>,
+    /// Excluded only for saturation: usable when nothing else is.
+    saturated: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Tier,
+    /// Stands in for a pool over its error threshold.
+    Reroute,
+}
+
+/// Decides. See the module docs for the steps.
+pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
+    let DecideInput {
+        task,
+        class,
+        rubric,
+        registry,
+        fleet,
+        table,
+        policy,
+        seed,
+    } = input;
+    let routing = &table.routing;
+
+    let requested_pool = task.pool.as_deref().filter(|_| routing.allow_explicit_pool);
+    if let Some(p) = requested_pool
+        && !table.pools.is_empty()
+        && !table.pools.contains_key(p)
+    {
+        return Err(NoRoute::UnknownPool {
+            pool: p.to_string(),
+            known: table.pools.keys().cloned().collect::<Vec<_>>().join(", "),
+        });
+    }
+    let requested_model = task
+        .model
+        .as_deref()
+        .filter(|_| routing.allow_explicit_model);
+    if let Some(m) = requested_model
+        && registry.lookup(m).is_none()
+    {
+        return Err(NoRoute::UnknownModel {
+            model: m.to_string(),
+        });
+    }
+
+    // 1. Tier.
+    let base_tier = rubric
+        .tier_index(&class.tier)
+        .unwrap_or(0)
+        .min(rubric.tiers.len().saturating_sub(1));
+    let downgrade = policy
+        .downgrade
+        .as_ref()
+        .filter(|_| base_tier > 0 && requested_model.is_none());
+    let tier_idx = if downgrade.is_some() {
+        base_tier - 1
+    } else {
+        base_tier
+    };
+    let Some(tier) = rubric.tiers.get(tier_idx) else {
+        return Err(NoRoute::NoEligible {
+            why: "the rubric has no tiers".into(),
+            candidates: Vec::new(),
+        });
+    };
+
+    let usage = TokenUsage {
+        input: class.input_tokens,
+        output: class.output_tokens,
+        ..Default::default()
+    };
+    let needs: Vec<&str> = class
+        .capabilities
+        .iter()
+        .map(String::as_str)
+        .filter(|c| *c != LONG_CONTEXT)
+        .collect();
+    let long_context = class.is_long_context();
+
+    // 2. Candidates.
+    let mut cands: Vec<Cand<'_>> = Vec::with_capacity(12);
+    let mut out: Vec<Candidate> = Vec::new();
+    if let Some(reason) = downgrade
+        && let Some(orig) = rubric.tiers.get(base_tier)
+    {
+        for c in &orig.candidates {
+            for p in &c.pools {
+                out.push(Candidate {
+                    pool: p.clone(),
+                    model: c.model.clone(),
+                    tier: orig.name.clone(),
+                    est_cost_usd: registry.lookup(&c.model).map(|m| m.cost(&usage)),
+                    load: None,
+                    score: None,
+                    code: "budget_downgrade".into(),
+                    reason: format!("tier {} skipped: {reason}", orig.name),
+                });
+            }
+        }
+    }
+    let model_for_request = requested_model.map(|m| {
+        // The rubric's spelling when it lists the model, so candidates compare equal.
+        rubric
+            .tiers
+            .iter()
+            .flat_map(|t| &t.candidates)
+            .find(|c| {
+                registry.lookup(&c.model).map(|e| &e.name) == registry.lookup(m).map(|e| &e.name)
+            })
+            .map(|c| c.model.as_str())
+            .unwrap_or(m)
+    });
+    match (requested_pool, model_for_request) {
+        (None, None) => {
+            for c in &tier.candidates {
+                for p in &c.pools {
+                    cands.push(new_cand(p, &c.model, &tier.name, Via::Tier, fleet));
+                }
+            }
+        }
+        (pool, model) => {
+            // The producer narrowed the choice: keep the tier's pairs that match, else
+            // build the pair it asked for.
+            for c in &tier.candidates {
+                for p in &c.pools {
+                    let keep =
+                        pool.is_none_or(|rp| rp == p) && model.is_none_or(|rm| rm == c.model);
+                    if keep {
+                        cands.push(new_cand(p, &c.model, &tier.name, Via::Tier, fleet));
+                    } else {
+                        out.push(Candidate {
+                            pool: p.clone(),
+                            model: c.model.clone(),
+                            tier: tier.name.clone(),
+                            est_cost_usd: registry.lookup(&c.model).map(|m| m.cost(&usage)),
+                            load: None,
+                            score: None,
+                            code: "not_requested".into(),
+                            reason: format!("producer asked for {}", describe_request(pool, model)),
+                        });
+                    }
+                }
+            }
+            if cands.is_empty() {
+                match (pool, model) {
+                    (Some(p), Some(m)) => cands.push(new_cand(p, m, &tier.name, Via::Tier, fleet)),
+                    (Some(p), None) => cands.push(new_cand(
+                        p,
+                        &tier.default_model,
+                        &tier.name,
+                        Via::Tier,
+                        fleet,
+                    )),
+                    (None, Some(m)) => {
+                        // Pools that run the model in any tier, else every configured pool.
+                        let mut pools: Vec<&str> = rubric
+                            .tiers
+                            .iter()
+                            .flat_map(|t| &t.candidates)
+                            .filter(|c| c.model == m)
+                            .flat_map(|c| c.pools.iter().map(String::as_str))
+                            .collect();
+                        if pools.is_empty() {
+                            pools = table.pools.keys().map(String::as_str).collect();
+                        }
+                        pools.sort_unstable();
+                        pools.dedup();
+                        for p in pools {
+                            cands.push(new_cand(p, m, &tier.name, Via::Tier, fleet));
+                        }
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+    let requested = requested_pool.is_some() || requested_model.is_some();
+
+    // 3. Exclusions (a reroute adds candidates, so iterate by index).
+    let mut i = 0;
+    while i < cands.len() {
+        let (excl, reroute_to) = exclude(
+            &cands[i],
+            table,
+            registry,
+            &needs,
+            long_context,
+            class,
+            task,
+            &usage,
+            requested,
+        );
+        let c = &mut cands[i];
+        c.est = registry.lookup(c.model).map(|m| m.cost(&usage));
+        c.load = c.state.map(PoolState::load);
+        if let Some((code, why)) = excl {
+            c.saturated = code == "saturated";
+            c.excluded = Some((code, why));
+        }
+        if let Some(fb) = reroute_to
+            && !cands
+                .iter()
+                .any(|o| o.pool == fb && o.model == cands[i].model)
+        {
+            let model = cands[i].model;
+            let tier_name = cands[i].tier;
+            let pool = table
+                .pools
+                .get_key_value(fb)
+                .map(|(k, _)| k.as_str())
+                .unwrap_or(fb);
+            cands.push(new_cand(pool, model, tier_name, Via::Reroute, fleet));
+        }
+        i += 1;
+    }
+
+    // 4. Score the eligible; saturated ones only if nothing else is left.
+    let any_open = cands.iter().any(|c| c.excluded.is_none());
+    let weight = routing.load_weight;
+    for c in cands.iter_mut() {
+        if c.excluded.is_none() || (!any_open && c.saturated) {
+            // Unknown prices rank after every known one but still rank among themselves.
+            let cost = c.est.unwrap_or(1e6);
+            c.score = Some(cost * (1.0 + weight * c.load.unwrap_or(0.0)));
+        }
+    }
+    let best = pick_best(&cands, seed);
+
+    let Some(bi) = best else {
+        // 6. Default pool, or a rejection that says everything.
+        let candidates = finish(&cands, None, out);
+        let why = summarise(&candidates);
+        if let Some(dp) = &routing.default_pool {
+            let model = tier.default_model.clone();
+            let est = registry.lookup(&model).map(|m| m.cost(&usage));
+            return Ok(Decision {
+                pool: dp.clone(),
+                model,
+                worker: None,
+                rule: RouteRule::DefaultPool,
+                reason: format!(
+                    "no candidate of tier {} was eligible ({why}); default pool {dp}",
+                    tier.name
+                ),
+                tier: tier.name.clone(),
+                est_cost_usd: est,
+                candidates,
+            });
+        }
+        return Err(NoRoute::NoEligible { why, candidates });
+    };
+
+    // 5. Worker, for long-context tasks.
+    let chosen = &cands[bi];
+    let worker = if long_context && routing.target_long_context {
+        chosen
+            .state
+            .and_then(|s| two_choices(&s.long_context_slots, seed))
+    } else {
+        None
+    };
+
+    let rule = if requested {
+        RouteRule::Requested
+    } else if chosen.excluded.is_some() {
+        RouteRule::Saturated
+    } else if chosen.via == Via::Reroute {
+        RouteRule::HealthReroute
+    } else if downgrade.is_some() {
+        RouteRule::BudgetDowngrade
+    } else {
+        RouteRule::CostTier
+    };
+    let mut reason = String::with_capacity(160);
+    let _ = match rule {
+        RouteRule::Requested => write!(
+            reason,
+            "producer asked for {}; ",
+            describe_request(requested_pool, requested_model)
+        ),
+        RouteRule::HealthReroute => write!(reason, "rerouted from an unhealthy pool; "),
+        RouteRule::BudgetDowngrade => write!(
+            reason,
+            "downgraded to tier {} ({}); ",
+            tier.name,
+            downgrade.map(String::as_str).unwrap_or("")
+        ),
+        RouteRule::Saturated => write!(reason, "every eligible pool is saturated; "),
+        _ => Ok(()),
+    };
+    let _ = write!(
+        reason,
+        "{} on {} for {}/{}: {}",
+        chosen.model,
+        chosen.pool,
+        class.task_type,
+        tier.name,
+        score_text(chosen.est, chosen.load, weight)
+    );
+    let eligible = cands.iter().filter(|c| c.score.is_some()).count();
+    if eligible > 1 {
+        let _ = write!(reason, ", lowest of {eligible} eligible");
+    }
+    if let Some(w) = &worker {
+        let _ = write!(
+            reason,
+            "; worker {} (context {:.0}%, {} free)",
+            w.id,
+            w.context * 100.0,
+            w.free
+        );
+    }
+    let decision = Decision {
+        pool: chosen.pool.to_string(),
+        model: chosen.model.to_string(),
+        worker: worker.map(|w| w.id.clone()),
+        rule,
+        reason,
+        tier: tier.name.clone(),
+        est_cost_usd: chosen.est,
+        candidates: finish(&cands, Some(bi), out),
+    };
+    Ok(decision)
+}
+
+fn better(score: f64, idx: usize, best_score: f64, best: usize, seed: u64) -> bool {
+    score < best_score || (score == best_score && tiebreak(idx, seed) < tiebreak(best, seed))
+}
+
+fn pick_best(cands: &[Cand<'_>], seed: u64) -> Option<usize> {
+    let mut best: Option<(f64, usize)> = None;
+    for (i, c) in cands.iter().enumerate() {
+        let Some(s) = c.score else { continue };
+        match best {
+            Some((bs, b)) if !better(s, i, bs, b, seed) => {}
+            _ => best = Some((s, i)),
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// A per-seed order on candidate positions, so equal scores spread across pools.
+fn tiebreak(idx: usize, seed: u64) -> u64 {
+    splitmix(seed ^ (idx as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Power of two choices: two workers drawn by the seed, the one with less context (then
+/// more free slots) wins.
+fn two_choices(slots: &[WorkerSlot], seed: u64) -> Option<&WorkerSlot> {
+    match slots.len() {
+        0 => None,
+        1 => slots.first(),
+        n => {
+            let a = (splitmix(seed) % n as u64) as usize;
+            let mut b = (splitmix(seed.rotate_left(17)) % (n as u64 - 1)) as usize;
+            if b >= a {
+                b += 1;
+            }
+            let (x, y) = (&slots[a], &slots[b]);
+            let x_first =
+                (x.context, std::cmp::Reverse(x.free)) <= (y.context, std::cmp::Reverse(y.free));
+            Some(if x_first { x } else { y })
+        }
+    }
+}
+
+fn new_cand<'a>(
+    pool: &'a str,
+    model: &'a str,
+    tier: &'a str,
+    via: Via,
+    fleet: &'a RouteSnapshot,
+) -> Cand<'a> {
+    Cand {
+        pool,
+        model,
+        tier,
+        via,
+        state: fleet.pool(pool),
+        est: None,
+        load: None,
+        score: None,
+        excluded: None,
+        saturated: false,
+    }
+}
+
+/// The first rule that excludes a candidate, and the pool to reroute to when the
+/// exclusion is the error rate.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the inputs are the decision's"
+)]
+fn exclude<'t>(
+    c: &Cand<'_>,
+    table: &'t RoutingTable,
+    registry: &Registry,
+    needs: &[&str],
+    long_context: bool,
+    class: &Answer,
+    task: &Task,
+    usage: &TokenUsage,
+    requested: bool,
+) -> (Option<(&'static str, String)>, Option<&'t str>) {
+    let pool_cfg = table.pools.get(c.pool);
+    if pool_cfg.is_none() && !table.pools.is_empty() {
+        return (
+            Some((
+                "not_configured",
+                format!("pool {} is not configured", c.pool),
+            )),
+            None,
+        );
+    }
+    if let Some(cfg) = pool_cfg {
+        if cfg.paused {
+            return (Some(("paused", format!("pool {} is paused", c.pool))), None);
+        }
+        let missing: Vec<&str> = needs
+            .iter()
+            .copied()
+            .filter(|n| !cfg.capabilities.iter().any(|h| h == n))
+            .collect();
+        if !missing.is_empty() && !requested {
+            return (
+                Some((
+                    "capability",
+                    format!("pool {} lacks [{}]", c.pool, missing.join(", ")),
+                )),
+                None,
+            );
+        }
+    }
+    if let Some(m) = registry.lookup(c.model) {
+        let want = class.input_tokens + class.output_tokens;
+        if m.context_window < want {
+            return (
+                Some((
+                    "context_window",
+                    format!(
+                        "{} holds {} tokens; the task needs ~{want}",
+                        c.model, m.context_window
+                    ),
+                )),
+                None,
+            );
+        }
+        if let Some(cap) = task.max_cost_usd {
+            let est = m.cost(usage);
+            if est > cap {
+                return (
+                    Some((
+                        "max_cost",
+                        format!("estimated ${est:.4} is over the task's cap ${cap:.4}"),
+                    )),
+                    None,
+                );
+            }
+        }
+    }
+    if requested {
+        return (None, None);
+    }
+    let Some(s) = c.state else {
+        return (None, None);
+    };
+    if s.workers_seen() > 0 && s.healthy == 0 {
+        return (
+            Some((
+                "unhealthy",
+                format!(
+                    "no healthy worker in {} ({})",
+                    c.pool,
+                    s.unavailable.describe()
+                ),
+            )),
+            None,
+        );
+    }
+    if long_context && s.healthy > 0 && s.long_context_slots.is_empty() && s.over_context > 0 {
+        return (
+            Some((
+                "context",
+                format!(
+                    "all {} healthy workers of {} are over {:.0}% context or busy",
+                    s.healthy,
+                    c.pool,
+                    table.routing.context_threshold * 100.0
+                ),
+            )),
+            None,
+        );
+    }
+    let threshold = pool_cfg
+        .and_then(|p| p.max_error_rate)
+        .unwrap_or(table.routing.max_error_rate);
+    if let Some(rate) = s.error_rate
+        && rate > threshold
+    {
+        let fb = pool_cfg.and_then(|p| p.fallback_pool.as_deref());
+        let to = fb.map(|f| format!("; rerouted to {f}")).unwrap_or_default();
+        return (
+            Some((
+                "error_rate",
+                format!(
+                    "{} failed {:.0}% of {} tasks in the last minute (threshold {:.0}%){to}",
+                    c.pool,
+                    rate * 100.0,
+                    s.finished_1m,
+                    threshold * 100.0
+                ),
+            )),
+            fb,
+        );
+    }
+    if let Some(max) = pool_cfg.and_then(|p| p.max_queue_depth)
+        && s.queue_depth >= max
+    {
+        return (
+            Some((
+                "saturated",
+                format!("{} queue {} is at its limit {max}", c.pool, s.queue_depth),
+            )),
+            None,
+        );
+    }
+    (None, None)
+}
+
+fn score_text(est: Option<f64>, load: Option<f64>, weight: f64) -> String {
+    match est {
+        Some(e) => format!(
+            "est ${e:.5} × (1 + {weight} × load {:.2})",
+            load.unwrap_or(0.0)
+        ),
+        None => "price unknown (ranked last)".to_string(),
+    }
+}
+
+fn describe_request(pool: Option<&str>, model: Option<&str>) -> String {
+    match (pool, model) {
+        (Some(p), Some(m)) => format!("pool {p} and model {m}"),
+        (Some(p), None) => format!("pool {p}"),
+        (None, Some(m)) => format!("model {m}"),
+        (None, None) => "nothing".into(),
+    }
+}
+
+fn finish(cands: &[Cand<'_>], chosen: Option<usize>, mut out: Vec<Candidate>) -> Vec<Candidate> {
+    let best = chosen.map(|i| (&cands[i], cands[i].score.unwrap_or(0.0)));
+    let mut list: Vec<Candidate> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (code, reason) = if Some(i) == chosen {
+                (
+                    "chosen".to_string(),
+                    match c.via {
+                        Via::Reroute => "fallback pool for an unhealthy pool; lowest score".into(),
+                        Via::Tier => "lowest score".to_string(),
+                    },
+                )
+            } else if let (Some(s), Some((b, bs))) = (c.score, best) {
+                (
+                    "outscored".to_string(),
+                    format!("score {s:.6} vs {bs:.6} for {} on {}", b.model, b.pool),
+                )
+            } else if let Some((code, why)) = &c.excluded {
+                (code.to_string(), why.clone())
+            } else {
+                ("outscored".to_string(), "not chosen".to_string())
+            };
+            Candidate {
+                pool: c.pool.to_string(),
+                model: c.model.to_string(),
+                tier: c.tier.to_string(),
+                est_cost_usd: c.est,
+                load: c.load,
+                score: c.score,
+                code,
+                reason,
+            }
+        })
+        .collect();
+    list.append(&mut out);
+    list
+}
+
+/// "3 capability, 1 unhealthy: no healthy worker in code (2 STUCK)" — counts by code and
+/// the first reason of each.
+fn summarise(cands: &[Candidate]) -> String {
+    let mut seen: Vec<(&str, usize, &str)> = Vec::new();
+    for c in cands {
+        match seen.iter_mut().find(|(code, _, _)| *code == c.code) {
+            Some(e) => e.1 += 1,
+            None => seen.push((&c.code, 1, &c.reason)),
+        }
+    }
+    if seen.is_empty() {
+        return "the tier has no candidates".into();
+    }
+    seen.iter()
+        .map(|(code, n, first)| format!("{n}× {code} (e.g. {first})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
