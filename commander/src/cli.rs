@@ -1,7 +1,7 @@
 //! Command-line interface.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -36,6 +36,54 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Routing rubric tools.
+    Rubric {
+        #[command(subcommand)]
+        command: RubricCommand,
+    },
+    /// The routing decision log.
+    Decisions {
+        #[command(subcommand)]
+        command: DecisionsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RubricCommand {
+    /// Validate rubric files (against the model registry, and the pools of a config when
+    /// given); exits non-zero on any error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Check candidate pools against this config's `[pools]` (and use its registry).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Model registry to check models against (default: the config's, else built in).
+        #[arg(long)]
+        registry: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecisionsCommand {
+    /// Print decisions as the commander makes them (from `<prefix>.decisions.>` on NATS).
+    Tail {
+        /// Config file, for the NATS URL and subject prefix.
+        #[arg(long, short, env = "FLEET_CONFIG")]
+        config: Option<PathBuf>,
+        /// NATS server URL (default: the config's, else nats://127.0.0.1:4222).
+        #[arg(long, env = "FLEET_NATS_URL")]
+        nats_url: Option<String>,
+        /// Only this pool's decisions (`_rejected` for rejections).
+        #[arg(long)]
+        pool: Option<String>,
+        /// One JSON object per line instead of a readable line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many decisions.
+        #[arg(long)]
+        count: Option<u64>,
     },
 }
 
@@ -144,6 +192,42 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Command::Rubric {
+            command:
+                RubricCommand::Check {
+                    files,
+                    config,
+                    registry,
+                },
+        } => rubric_check(&files, config.as_deref(), registry.as_deref()),
+        Command::Decisions {
+            command:
+                DecisionsCommand::Tail {
+                    config,
+                    nats_url,
+                    pool,
+                    json,
+                    count,
+                },
+        } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(decisions_tail(config, nats_url, pool, json, count)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,
@@ -171,4 +255,140 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+fn rubric_check(files: &[PathBuf], config: Option<&Path>, registry: Option<&Path>) -> ExitCode {
+    use crate::classify::rubric::{CheckAgainst, Rubric};
+    use crate::registry::Registry;
+    let config = match config.map(Config::load).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reg_path = registry.map(Path::to_path_buf).or_else(|| {
+        config
+            .as_ref()
+            .and_then(|c| c.telemetry.model_registry.clone())
+    });
+    let reg = match reg_path
+        .as_deref()
+        .map(Registry::load)
+        .unwrap_or_else(Registry::builtin)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("model registry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pools = config.as_ref().map(|c| &c.pools).filter(|p| !p.is_empty());
+    let mut failed = false;
+    for f in files {
+        match Rubric::load(
+            f,
+            CheckAgainst {
+                registry: Some(&reg),
+                pools,
+            },
+        ) {
+            Ok(r) => tracing::info!(
+                file = %f.display(),
+                task_types = r.task_types.len(),
+                tiers = r.tiers.len(),
+                "rubric is valid"
+            ),
+            Err(e) => {
+                failed = true;
+                tracing::error!("{e}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TailError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("cannot subscribe: {0}")]
+    Subscribe(String),
+    #[error("cannot write: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+async fn decisions_tail(
+    config: Option<PathBuf>,
+    nats_url: Option<String>,
+    pool: Option<String>,
+    json: bool,
+    count: Option<u64>,
+) -> Result<(), TailError> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let config = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let url = nats_url
+        .or(config.nats.url.clone())
+        .unwrap_or_else(|| format!("nats://{}", config.nats.local_default));
+    let client = async_nats::connect(&url)
+        .await
+        .map_err(|e| TailError::Connect {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+    let subjects = config.subjects();
+    let subject = subjects.decisions(pool.as_deref().unwrap_or(">"));
+    let mut sub = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| TailError::Subscribe(e.to_string()))?;
+    // Flushed so the subscription is registered before the first decision can be missed.
+    let _ = client.flush().await;
+    tracing::info!(%subject, "tailing decisions");
+    let mut seen = 0u64;
+    let stdout = std::io::stdout();
+    while let Some(msg) = sub.next().await {
+        let mut out = stdout.lock();
+        if json {
+            out.write_all(&msg.payload)?;
+            out.write_all(b"\n")?;
+        } else {
+            match serde_json::from_slice::<crate::decisions::DecisionRecord>(&msg.payload) {
+                Ok(d) => writeln!(
+                    out,
+                    "{} {} {:?} {}/{} {} -> {} {} [{}{}] {}",
+                    d.at,
+                    d.task_id,
+                    d.outcome,
+                    d.task_type,
+                    d.tier,
+                    d.classification.source.as_str(),
+                    d.pool.as_deref().unwrap_or("-"),
+                    d.model.as_deref().unwrap_or("-"),
+                    d.rule,
+                    d.est_cost_usd
+                        .map(|c| format!(" ${c:.5}"))
+                        .unwrap_or_default(),
+                    d.reason
+                )?,
+                Err(e) => writeln!(out, "unreadable decision on {}: {e}", msg.subject)?,
+            }
+        }
+        out.flush()?;
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
 }

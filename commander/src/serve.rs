@@ -276,6 +276,8 @@ async fn run(
         max_body_bytes: config.http.max_body_bytes,
         fleet: fleet.clone(),
         models: models.clone(),
+        decisions: decisions.clone(),
+        classifier: classifier.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await

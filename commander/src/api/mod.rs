@@ -24,7 +24,10 @@ use crate::fleet::FleetHandle;
 use crate::metrics::{Metrics, StateLabel, TransportLabel};
 use crate::registry::RegistryHandle;
 
+mod decisions;
 mod fleet;
+use crate::classify::Classifier;
+use crate::decisions::DecisionLog;
 use crate::store::Store;
 
 /// What handlers share.
@@ -41,6 +44,8 @@ pub struct AppState {
     /// Live fleet state.
     pub fleet: FleetHandle,
     pub models: Arc<RegistryHandle>,
+    pub decisions: DecisionLog,
+    pub classifier: Arc<Classifier>,
 }
 
 /// The one error type of the API; the only place errors become HTTP statuses.
@@ -108,6 +113,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pools", get(fleet::pools))
         .route("/v1/costs", get(fleet::costs))
         .route("/v1/models", get(fleet::models))
+        .route("/v1/decisions", get(decisions::list))
+        .route("/v1/decisions/{task_id}", get(decisions::one))
+        .route("/v1/classifier", get(decisions::classifier))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -43,12 +43,13 @@ pub fn classify(rubric: &Rubric, task: &Task) -> (Answer, String) {
         },
     };
     let input_tokens = spec.input_tokens.max(estimate_tokens(text.len()) + 200);
-    let mut capabilities: Vec<String> = spec.capabilities.clone();
-    for c in &task.capabilities {
-        if !capabilities.contains(c) {
-            capabilities.push(c.clone());
-        }
-    }
+    // Capabilities the producer declared are what it needs; a keyword guess adds nothing
+    // to them (a "refactor" task that says it needs `code` does not also need `review`).
+    let mut capabilities: Vec<String> = if task.capabilities.is_empty() {
+        spec.capabilities.clone()
+    } else {
+        task.capabilities.clone()
+    };
     if input_tokens > rubric.classifier.long_context_tokens
         && !capabilities.iter().any(|c| c == LONG_CONTEXT)
     {

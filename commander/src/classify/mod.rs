@@ -252,6 +252,24 @@ impl Classifier {
         self.rubric.current()
     }
 
+    /// Why the last rubric reload was refused, if it was.
+    pub fn rubric_error(&self) -> Option<String> {
+        self.rubric.last_error()
+    }
+
+    pub fn endpoint(&self) -> Option<&str> {
+        self.cfg.endpoint.as_deref()
+    }
+
+    pub fn protocol(&self) -> llm::Protocol {
+        self.cfg.protocol
+    }
+
+    /// The model asked, when an endpoint is configured.
+    pub fn model(&self) -> Option<&str> {
+        self.client.as_ref().map(|c| c.model.as_str())
+    }
+
     /// Classifies one task. Never fails: the fallback answers when nothing else can.
     pub async fn classify(&self, task: &Task, trace: Option<TraceCtx>) -> Classification {
         let started = Instant::now();
@@ -634,11 +652,17 @@ pub fn task_text(task: &Task, max: usize) -> String {
     s
 }
 
-/// A producer that names both a known task type and a known tier is believed.
+/// A producer that names a known task type (and optionally a known tier; else the
+/// type's default tier) is believed: it knows its own work, and it saves a call.
 fn declared(rubric: &Rubric, task: &Task) -> Option<Classification> {
     let ty = rubric.task_type(task.attributes.get("task_type")?)?;
-    let tier = task.attributes.get("tier")?;
-    rubric.tier_index(tier)?;
+    let tier = match task.attributes.get("tier") {
+        Some(t) => {
+            rubric.tier_index(t)?;
+            t.clone()
+        }
+        None => ty.default_tier.clone(),
+    };
     let (mut answer, _) = heuristic::classify(rubric, task);
     answer.task_type = ty.name.clone();
     answer.tier = tier.clone();
@@ -650,7 +674,7 @@ fn declared(rubric: &Rubric, task: &Task) -> Option<Classification> {
     }
     answer.confidence = 1.0;
     Some(Classification {
-        reason: format!("producer declared task_type {} and tier {tier}", ty.name),
+        reason: format!("producer declared task_type {} (tier {tier})", ty.name),
         answer,
         source: Source::Declared,
         fallback_cause: None,

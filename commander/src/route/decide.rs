@@ -16,7 +16,9 @@
 //!    load balancing on queue depth + in-flight per capacity); ties go by the seed;
 //! 5. **worker**: for a long-context task, power of two choices among the pool's workers
 //!    under the context threshold (less context, then more free slots);
-//! 6. **default pool** when nothing is eligible, else a rejection listing every reason.
+//! 6. when nothing is eligible: the first configured pool with every capability the task
+//!    needs (`capability_match`, for pools the rubric does not name), else the **default
+//!    pool**, else a rejection listing every reason.
 
 use std::fmt::Write as _;
 
@@ -67,6 +69,9 @@ pub enum RouteRule {
     BudgetDowngrade,
     /// Only saturated pools were left; the least-scoring one takes it.
     Saturated,
+    /// No rubric candidate was eligible; the first configured pool with every
+    /// capability the task needs takes it, on the tier's default model.
+    CapabilityMatch,
     /// Nothing eligible; the configured default pool takes it.
     DefaultPool,
 }
@@ -79,6 +84,7 @@ impl RouteRule {
             RouteRule::HealthReroute => "health_reroute",
             RouteRule::BudgetDowngrade => "budget_downgrade",
             RouteRule::Saturated => "saturated",
+            RouteRule::CapabilityMatch => "capability_match",
             RouteRule::DefaultPool => "default_pool",
         }
     }
@@ -393,9 +399,50 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
     let best = pick_best(&cands, seed);
 
     let Some(bi) = best else {
-        // 6. Default pool, or a rejection that says everything.
-        let candidates = finish(&cands, None, out);
+        // 6. A configured pool with every capability, then the default pool, or a
+        //    rejection that says everything.
+        let mut candidates = finish(&cands, None, out);
         let why = summarise(&candidates);
+        if !needs.is_empty() {
+            let capable = table.pools.iter().find(|(name, cfg)| {
+                !cfg.paused
+                    && needs
+                        .iter()
+                        .all(|n| cfg.capabilities.iter().any(|h| h == n))
+                    && fleet
+                        .pool(name)
+                        .is_none_or(|s| s.workers_seen() == 0 || s.healthy > 0)
+            });
+            if let Some((name, _)) = capable {
+                let model = tier.default_model.clone();
+                let est = registry.lookup(&model).map(|m| m.cost(&usage));
+                let reason = format!(
+                    "no candidate of tier {} was eligible ({why}); pool {name} has [{}], tier default model {model}",
+                    tier.name,
+                    needs.join(", ")
+                );
+                candidates.push(Candidate {
+                    pool: name.clone(),
+                    model: model.clone(),
+                    tier: tier.name.clone(),
+                    est_cost_usd: est,
+                    load: fleet.pool(name).map(PoolState::load),
+                    score: None,
+                    code: "chosen".into(),
+                    reason: "first configured pool (by name) with every capability".into(),
+                });
+                return Ok(Decision {
+                    pool: name.clone(),
+                    model,
+                    worker: None,
+                    rule: RouteRule::CapabilityMatch,
+                    reason,
+                    tier: tier.name.clone(),
+                    est_cost_usd: est,
+                    candidates,
+                });
+            }
+        }
         if let Some(dp) = &routing.default_pool {
             let model = tier.default_model.clone();
             let est = registry.lookup(&model).map(|m| m.cost(&usage));

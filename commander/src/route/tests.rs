@@ -419,6 +419,28 @@ fn every_rule_and_its_reason() {
     cases.push(c);
 
     let mut c = base(
+        "capability match: a configured pool the rubric does not name",
+        answer("code_review", "standard", &["code", "review"]),
+    );
+    c.table = Box::new(|t| {
+        t.pools.remove("code");
+        t.pools.insert(
+            "beta".into(),
+            PoolConfig {
+                capabilities: vec!["code".into(), "review".into()],
+                ..Default::default()
+            },
+        );
+    });
+    c.want = Ok(("beta", "claude-haiku-4-5", RouteRule::CapabilityMatch));
+    c.candidates = vec![
+        ("code", "claude-haiku-4-5", "not_configured"),
+        ("beta", "claude-haiku-4-5", "chosen"),
+    ];
+    c.reason_has = "pool beta has [code, review]";
+    cases.push(c);
+
+    let mut c = base(
         "a pool with no workers seen yet still queues work",
         summarise(),
     );

@@ -1,0 +1,66 @@
+//! The decision log and the classifier over HTTP: `/v1/decisions`,
+//! `/v1/decisions/{task_id}`, `/v1/classifier`. Shapes: docs/api.md.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::decisions::{DecisionLogError, Filter};
+
+impl From<DecisionLogError> for ApiError {
+    fn from(e: DecisionLogError) -> Self {
+        match e {
+            DecisionLogError::BadCursor(_) => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// `GET /v1/decisions?pool=&model=&task_type=&rule=&reason=&source=&outcome=&since_ms=&until_ms=&limit=&cursor=`
+pub async fn list(
+    State(s): State<AppState>,
+    q: Result<Query<Filter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let log = s.decisions.clone();
+    // sled reads are blocking; a deep scan should not hold up the runtime.
+    let page = tokio::task::spawn_blocking(move || log.query(&filter))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(page).into_response())
+}
+
+/// `GET /v1/decisions/{task_id}`
+pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match s.decisions.get(&id)? {
+        Some(d) => Ok(Json(d).into_response()),
+        None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
+    }
+}
+
+/// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.
+pub async fn classifier(State(s): State<AppState>) -> Response {
+    let c = &s.classifier;
+    let rubric = c.rubric();
+    Json(json!({
+        "endpoint": c.endpoint(),
+        "protocol": c.protocol().as_str(),
+        "model": c.model(),
+        "breaker": c.breaker_state(),
+        "rubric": {
+            "name": rubric.name,
+            "source": rubric.source,
+            "task_types": rubric.task_types.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "tiers": rubric.tiers.iter().map(|t| json!({
+                "name": t.name,
+                "default_model": t.default_model,
+                "candidates": t.candidates,
+            })).collect::<Vec<_>>(),
+            "last_reload_error": c.rubric_error(),
+        },
+    }))
+    .into_response()
+}
