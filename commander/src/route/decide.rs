@@ -404,8 +404,10 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         let mut candidates = finish(&cands, None, out);
         let why = summarise(&candidates);
         if !needs.is_empty() {
+            // Only pools the rubric did not already offer (those were judged above).
             let capable = table.pools.iter().find(|(name, cfg)| {
-                !cfg.paused
+                !cands.iter().any(|c| c.pool == name.as_str())
+                    && !cfg.paused
                     && needs
                         .iter()
                         .all(|n| cfg.capabilities.iter().any(|h| h == n))

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use clap::Subcommand;
+use fleet_testkit::fake_llm::{FakeLlm, Reply};
 use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
 use fleet_worker::protocol::{self, headers};
 use fleet_worker::{Subjects, Task, TaskOutput, TraceParent, Worker, WorkerConfig, WorkerHandle};
@@ -55,6 +56,42 @@ pub struct DispatchArgs {
     /// The commander binary (default: next to this one).
     #[arg(long)]
     commander_bin: Option<std::path::PathBuf>,
+    /// Producers name the pool (the `requested` rule) instead of leaving the choice to
+    /// the classifier and router.
+    #[arg(long)]
+    explicit_pool: bool,
+    /// Distinct task texts; each is classified by the (local, scripted) LLM once and then
+    /// answered from the classification cache.
+    #[arg(long, default_value_t = 32)]
+    distinct_tasks: usize,
+}
+
+/// A rubric for the bench pools: one model on every pool, so load balancing (not price)
+/// spreads the tasks, as the raw relay's round robin does.
+fn bench_rubric(pools: &[String]) -> String {
+    let list = pools
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"name = "bench"
+[classifier]
+model = "gpt-4o-mini"
+default_task_type = "bench"
+[[task_type]]
+name = "bench"
+description = "a benchmark task"
+default_tier = "simple"
+[[tier]]
+name = "simple"
+description = "anything"
+default_model = "gpt-4o-mini"
+[[tier.candidate]]
+model = "gpt-4o-mini"
+pools = [{list}]
+"#
+    )
 }
 
 pub async fn run(which: Which) -> Result<(), String> {
@@ -85,6 +122,17 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     for p in &pools {
         toml.push_str(&format!("[pools.{p}]\n"));
     }
+    // The classifier: a local scripted LLM, so the run measures the commander, not a
+    // provider; after the first sight of each distinct text every answer is cached.
+    let llm = FakeLlm::start().map_err(|e| e.to_string())?;
+    llm.otherwise(Reply::classification("bench", "simple", &[], 0.9));
+    let rubric_path = dir.path().join("bench-rubric.toml");
+    std::fs::write(&rubric_path, bench_rubric(&pools)).map_err(|e| e.to_string())?;
+    toml = format!(
+        "[classifier]\nendpoint = {:?}\nrubric = {:?}\n{toml}",
+        llm.url(),
+        rubric_path.display().to_string()
+    );
     let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
     let commander = Commander::start(&CommanderOptions {
         bin,
@@ -128,6 +176,16 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     println!(
         "  ratio              : {:.2} (goal >= 0.50)",
         if raw > 0.0 { cmd / raw } else { 0.0 }
+    );
+    println!(
+        "  routing            : {}; classifier requests {} for {} distinct texts (the rest cached)",
+        if args.explicit_pool {
+            "producer-named pools"
+        } else {
+            "classified + decided per task"
+        },
+        llm.requests(),
+        args.distinct_tasks
     );
     Ok(())
 }
@@ -179,10 +237,15 @@ async fn run_pipe(
     let started = Instant::now();
     let mut pending = Vec::with_capacity(1024);
     for i in 0..args.tasks {
-        let mut task = Task::new("benchmark task");
+        let mut task = Task::new(format!(
+            "benchmark task {}",
+            i as usize % args.distinct_tasks.max(1)
+        ));
         let id = format!("{}-{i}", &run_id[..12]);
         task.id = Some(id.clone());
-        task.pool = Some(pools[(i as usize) % pools.len()].clone());
+        if args.explicit_pool || matches!(pipe, Pipe::Raw { .. }) {
+            task.pool = Some(pools[(i as usize) % pools.len()].clone());
+        }
         let mut h = async_nats::HeaderMap::new();
         let tp = TraceParent::new_root().to_header();
         protocol::set_header(&mut h, headers::TRACEPARENT, &tp).map_err(|e| e.to_string())?;
