@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# The classifier's HTTPS client links the system OpenSSL.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "installing libssl-dev and pkg-config with apt"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config
+fi
 if ! command -v nats-server >/dev/null 2>&1; then
   echo "installing nats-server with apt"
   as_root apt-get update -qq

@@ -142,8 +142,17 @@ impl DecisionLog {
     /// Writes one decision (made durable by the store's next flush). A task decided again
     /// (a redelivery) replaces its earlier record.
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
+        self.record_encoded(d, serde_json::to_vec(d)?)
+    }
+
+    /// [`Self::record`] with the record already encoded as JSON (it is published too, and
+    /// encoding once is cheaper).
+    pub fn record_encoded(
+        &self,
+        d: &DecisionRecord,
+        value: Vec<u8>,
+    ) -> Result<(), DecisionLogError> {
         let key = key(d.at_ms, &d.task_id);
-        let value = serde_json::to_vec(d)?;
         if let Some(old) = self.by_task.insert(d.task_id.as_bytes(), key.as_slice())?
             && old.as_ref() != key.as_slice()
         {

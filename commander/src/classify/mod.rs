@@ -172,6 +172,8 @@ pub struct Classifier {
     cache: Mutex<lru::LruCache<[u8; 32], CacheEntry>>,
     breaker: Mutex<Breaker>,
     permits: tokio::sync::Semaphore,
+    /// Classifications in progress, by cache key (single flight).
+    inflight: Mutex<rustc_hash::FxHashMap<[u8; 32], Arc<tokio::sync::OnceCell<Classification>>>>,
     pub counters: Arc<ClassifierCounters>,
     on_call: Option<CallHook>,
 }
@@ -242,6 +244,7 @@ impl Classifier {
             cache: Mutex::new(lru::LruCache::new(entries)),
             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
             permits: tokio::sync::Semaphore::new(cfg.concurrency.max(1)),
+            inflight: Mutex::new(Default::default()),
             counters: Arc::new(ClassifierCounters::default()),
             on_call,
             cfg,
@@ -299,6 +302,47 @@ impl Classifier {
         if let Some(c) = self.cached(&key) {
             return c;
         }
+        // Single flight: identical tasks arriving together wait for one call instead of
+        // each making their own (a burst of one text would otherwise miss the cache N times).
+        let cell = match self.inflight.lock() {
+            Ok(mut m) => m.entry(key).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::OnceCell::new()),
+        };
+        let led = std::sync::atomic::AtomicBool::new(false);
+        let shared = cell
+            .get_or_init(|| async {
+                led.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.llm_path(rubric, task, trace, key).await
+            })
+            .await;
+        // Whoever sees it settled clears it (the cache answers from now on).
+        if let Ok(mut m) = self.inflight.lock()
+            && m.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            m.remove(&key);
+        }
+        if led.load(std::sync::atomic::Ordering::Relaxed) {
+            return shared.clone();
+        }
+        let mut c = shared.clone();
+        c.cost_usd = None;
+        c.attempts = 0;
+        if c.source == Source::Llm {
+            c.source = Source::Cache;
+            c.reason = format!("shared answer of a concurrent identical task: {}", c.reason);
+            c.model = None;
+        }
+        c
+    }
+
+    /// The LLM call (with retries and the breaker), or the fallback when it cannot answer.
+    async fn llm_path(
+        &self,
+        rubric: &Rubric,
+        task: &Task,
+        trace: Option<TraceCtx>,
+        key: [u8; 32],
+    ) -> Classification {
         let Some(client) = &self.client else {
             return fallback(
                 rubric,

@@ -258,3 +258,31 @@ async fn a_missing_key_variable_is_a_startup_error() {
     assert!(err.contains("FLEET_TEST_SURELY_UNSET_KEY"), "{err}");
     assert!(!err.contains("sk-"), "never the key");
 }
+
+#[tokio::test]
+async fn identical_tasks_arriving_together_make_one_call() {
+    let fake = FakeLlm::start().unwrap();
+    fake.otherwise(Reply::Slow(
+        Duration::from_millis(100),
+        Box::new(Reply::classification(
+            "summarisation",
+            "simple",
+            &["summarise"],
+            0.9,
+        )),
+    ));
+    let (c, _) = classifier(config(Some(fake.url()), Protocol::Openai));
+    let tasks: Vec<Task> = (0..20)
+        .map(|_| task("Summarise the board minutes"))
+        .collect();
+    let got = futures::future::join_all(tasks.iter().map(|t| c.classify(t, None))).await;
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(got.iter().filter(|g| g.source == Source::Llm).count(), 1);
+    assert!(got.iter().all(|g| g.answer.task_type == "summarisation"));
+    assert!(
+        got.iter()
+            .filter(|g| g.source == Source::Cache)
+            .all(|g| g.cost_usd.is_none())
+    );
+    assert!(c.inflight.lock().unwrap().is_empty());
+}

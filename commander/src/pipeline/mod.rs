@@ -69,7 +69,14 @@ impl Ctx {
 
     /// Logs a decision (durable with the batch's store flush) and publishes it.
     pub async fn log_decision(&self, d: &DecisionRecord) {
-        if let Err(e) = self.decisions.record(d) {
+        let body = match serde_json::to_vec(d) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => {
+                tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode");
+                return;
+            }
+        };
+        if let Err(e) = self.decisions.record_encoded(d, body.to_vec()) {
             tracing::error!(task_id = %d.task_id, error = %e, "decision not logged");
         }
         self.metrics
@@ -85,17 +92,12 @@ impl Ctx {
                 .pool
                 .as_deref()
                 .unwrap_or(crate::decisions::REJECTED_TOKEN);
-            match serde_json::to_vec(d) {
-                Ok(body) => {
-                    if let Err(e) = self
-                        .client
-                        .publish(self.subjects.decisions(pool), body.into())
-                        .await
-                    {
-                        tracing::debug!(error = %e, "decision not published");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "decision did not encode"),
+            if let Err(e) = self
+                .client
+                .publish(self.subjects.decisions(pool), body)
+                .await
+            {
+                tracing::debug!(error = %e, "decision not published");
             }
         }
     }

@@ -11,14 +11,16 @@
 //!    window too small, over the producer's cost cap, no healthy worker (STUCK / ERROR /
 //!    lost / draining), every healthy worker over the context threshold for a
 //!    long-context task, error rate over threshold (its fallback pool is added as a
-//!    `health_reroute` candidate), saturated queue (used only if nothing else is left);
+//!    `health_reroute` candidate), saturated queue;
 //! 4. **score**: estimated cost × (1 + load_weight × load), lowest wins (cost tiering with
 //!    load balancing on queue depth + in-flight per capacity); ties go by the seed;
 //! 5. **worker**: for a long-context task, power of two choices among the pool's workers
 //!    under the context threshold (less context, then more free slots);
-//! 6. when nothing is eligible: the first configured pool with every capability the task
-//!    needs (`capability_match`, for pools the rubric does not name), else the **default
-//!    pool**, else a rejection listing every reason.
+//! 6. when nothing is eligible: the first healthy configured pool with every capability
+//!    the task needs that the rubric did not offer (`capability_match`); else the best
+//!    candidate held back only by the fleet's present state — paused, unhealthy, over
+//!    context, erroring, saturated — queues it (`degraded`); else the **default pool**;
+//!    else a rejection listing every reason (only the task's own needs reject it).
 
 use std::fmt::Write as _;
 
@@ -67,8 +69,9 @@ pub enum RouteRule {
     HealthReroute,
     /// Chosen from the tier below, because the budget hook asked.
     BudgetDowngrade,
-    /// Only saturated pools were left; the least-scoring one takes it.
-    Saturated,
+    /// Every capable candidate is held back by the fleet's present state (unhealthy,
+    /// over context, erroring, saturated, paused); the best of them queues the task.
+    Degraded,
     /// No rubric candidate was eligible; the first configured pool with every
     /// capability the task needs takes it, on the tier's default model.
     CapabilityMatch,
@@ -83,7 +86,7 @@ impl RouteRule {
             RouteRule::CostTier => "cost_tier",
             RouteRule::HealthReroute => "health_reroute",
             RouteRule::BudgetDowngrade => "budget_downgrade",
-            RouteRule::Saturated => "saturated",
+            RouteRule::Degraded => "degraded",
             RouteRule::CapabilityMatch => "capability_match",
             RouteRule::DefaultPool => "default_pool",
         }
@@ -157,6 +160,9 @@ impl NoRoute {
     }
 }
 
+/// Exclusions that describe the fleet's present state rather than the task's needs.
+const SOFT: [&str; 5] = ["paused", "unhealthy", "context", "error_rate", "saturated"];
+
 /// Working state of one candidate.
 struct Cand<'a> {
     pool: &'a str,
@@ -168,8 +174,8 @@ struct Cand<'a> {
     load: Option<f64>,
     score: Option<f64>,
     excluded: Option<(&'static str, String)>,
-    /// Excluded only for saturation: usable when nothing else is.
-    saturated: bool,
+    /// Excluded only by the fleet's present state: usable when nothing else is.
+    soft: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -366,7 +372,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         c.est = registry.lookup(c.model).map(|m| m.cost(&usage));
         c.load = c.state.map(PoolState::load);
         if let Some((code, why)) = excl {
-            c.saturated = code == "saturated";
+            c.soft = SOFT.contains(&code);
             c.excluded = Some((code, why));
         }
         if let Some(fb) = reroute_to
@@ -386,65 +392,42 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         i += 1;
     }
 
-    // 4. Score the eligible; saturated ones only if nothing else is left.
-    let any_open = cands.iter().any(|c| c.excluded.is_none());
+    // 4. Score the eligible.
     let weight = routing.load_weight;
-    for c in cands.iter_mut() {
-        if c.excluded.is_none() || (!any_open && c.saturated) {
-            // Unknown prices rank after every known one but still rank among themselves.
-            let cost = c.est.unwrap_or(1e6);
-            c.score = Some(cost * (1.0 + weight * c.load.unwrap_or(0.0)));
+    let score = |c: &mut Cand<'_>| {
+        // Unknown prices rank after every known one but still rank among themselves.
+        let cost = c.est.unwrap_or(1e6);
+        c.score = Some(cost * (1.0 + weight * c.load.unwrap_or(0.0)));
+    };
+    cands
+        .iter_mut()
+        .filter(|c| c.excluded.is_none())
+        .for_each(score);
+    let mut best = pick_best(&cands, seed);
+    if best.is_none() {
+        if let Some(d) = capability_match(&cands, &needs, table, fleet, registry, tier, &usage) {
+            let mut d = d;
+            let mut candidates = finish(&cands, None, out);
+            let why = summarise(&candidates);
+            d.reason = format!(
+                "no candidate of tier {} was eligible ({why}); {}",
+                tier.name, d.reason
+            );
+            candidates.append(&mut d.candidates);
+            d.candidates = candidates;
+            return Ok(d);
         }
+        // Held back only by the fleet's present state (unhealthy, busy, erroring, full,
+        // paused): the queue holds the task until the pool recovers, which beats
+        // rejecting work a pool can do.
+        cands.iter_mut().filter(|c| c.soft).for_each(score);
+        best = pick_best(&cands, seed);
     }
-    let best = pick_best(&cands, seed);
 
     let Some(bi) = best else {
-        // 6. A configured pool with every capability, then the default pool, or a
-        //    rejection that says everything.
-        let mut candidates = finish(&cands, None, out);
+        // 6. The default pool, or a rejection that says everything.
+        let candidates = finish(&cands, None, out);
         let why = summarise(&candidates);
-        if !needs.is_empty() {
-            // Only pools the rubric did not already offer (those were judged above).
-            let capable = table.pools.iter().find(|(name, cfg)| {
-                !cands.iter().any(|c| c.pool == name.as_str())
-                    && !cfg.paused
-                    && needs
-                        .iter()
-                        .all(|n| cfg.capabilities.iter().any(|h| h == n))
-                    && fleet
-                        .pool(name)
-                        .is_none_or(|s| s.workers_seen() == 0 || s.healthy > 0)
-            });
-            if let Some((name, _)) = capable {
-                let model = tier.default_model.clone();
-                let est = registry.lookup(&model).map(|m| m.cost(&usage));
-                let reason = format!(
-                    "no candidate of tier {} was eligible ({why}); pool {name} has [{}], tier default model {model}",
-                    tier.name,
-                    needs.join(", ")
-                );
-                candidates.push(Candidate {
-                    pool: name.clone(),
-                    model: model.clone(),
-                    tier: tier.name.clone(),
-                    est_cost_usd: est,
-                    load: fleet.pool(name).map(PoolState::load),
-                    score: None,
-                    code: "chosen".into(),
-                    reason: "first configured pool (by name) with every capability".into(),
-                });
-                return Ok(Decision {
-                    pool: name.clone(),
-                    model,
-                    worker: None,
-                    rule: RouteRule::CapabilityMatch,
-                    reason,
-                    tier: tier.name.clone(),
-                    est_cost_usd: est,
-                    candidates,
-                });
-            }
-        }
         if let Some(dp) = &routing.default_pool {
             let model = tier.default_model.clone();
             let est = registry.lookup(&model).map(|m| m.cost(&usage));
@@ -478,7 +461,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
     let rule = if requested {
         RouteRule::Requested
     } else if chosen.excluded.is_some() {
-        RouteRule::Saturated
+        RouteRule::Degraded
     } else if chosen.via == Via::Reroute {
         RouteRule::HealthReroute
     } else if downgrade.is_some() {
@@ -500,7 +483,15 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
             tier.name,
             downgrade.map(String::as_str).unwrap_or("")
         ),
-        RouteRule::Saturated => write!(reason, "every eligible pool is saturated; "),
+        RouteRule::Degraded => write!(
+            reason,
+            "no pool is fully eligible; queued where only the fleet's state holds it back ({}); ",
+            chosen
+                .excluded
+                .as_ref()
+                .map(|(_, w)| w.as_str())
+                .unwrap_or("")
+        ),
         _ => Ok(()),
     };
     let _ = write!(
@@ -603,7 +594,7 @@ fn new_cand<'a>(
         load: None,
         score: None,
         excluded: None,
-        saturated: false,
+        soft: false,
     }
 }
 
@@ -782,13 +773,13 @@ fn finish(cands: &[Cand<'_>], chosen: Option<usize>, mut out: Vec<Candidate>) ->
                         Via::Tier => "lowest score".to_string(),
                     },
                 )
+            } else if let Some((code, why)) = &c.excluded {
+                (code.to_string(), why.clone())
             } else if let (Some(s), Some((b, bs))) = (c.score, best) {
                 (
                     "outscored".to_string(),
                     format!("score {s:.6} vs {bs:.6} for {} on {}", b.model, b.pool),
                 )
-            } else if let Some((code, why)) = &c.excluded {
-                (code.to_string(), why.clone())
             } else {
                 ("outscored".to_string(), "not chosen".to_string())
             };
@@ -825,4 +816,54 @@ fn summarise(cands: &[Candidate]) -> String {
         .map(|(code, n, first)| format!("{n}× {code} (e.g. {first})"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The first healthy configured pool with every needed capability that the rubric did
+/// not already offer, on the tier's default model.
+fn capability_match(
+    cands: &[Cand<'_>],
+    needs: &[&str],
+    table: &RoutingTable,
+    fleet: &RouteSnapshot,
+    registry: &Registry,
+    tier: &crate::classify::rubric::TierSpec,
+    usage: &TokenUsage,
+) -> Option<Decision> {
+    if needs.is_empty() {
+        return None;
+    }
+    let (name, _) = table.pools.iter().find(|(name, cfg)| {
+        !cands.iter().any(|c| c.pool == name.as_str())
+            && !cfg.paused
+            && needs
+                .iter()
+                .all(|n| cfg.capabilities.iter().any(|h| h == n))
+            && fleet
+                .pool(name)
+                .is_none_or(|s| s.workers_seen() == 0 || s.healthy > 0)
+    })?;
+    let model = tier.default_model.clone();
+    let est = registry.lookup(&model).map(|m| m.cost(usage));
+    Some(Decision {
+        pool: name.clone(),
+        model: model.clone(),
+        worker: None,
+        rule: RouteRule::CapabilityMatch,
+        reason: format!(
+            "pool {name} has [{}], tier default model {model}",
+            needs.join(", ")
+        ),
+        tier: tier.name.clone(),
+        est_cost_usd: est,
+        candidates: vec![Candidate {
+            pool: name.clone(),
+            model,
+            tier: tier.name.clone(),
+            est_cost_usd: est,
+            load: fleet.pool(name).map(PoolState::load),
+            score: None,
+            code: "chosen".into(),
+            reason: "first configured pool (by name) with every capability".into(),
+        }],
+    })
 }

@@ -177,33 +177,24 @@ fn every_rule_and_its_reason() {
         };
         vec![healthy("code", 2), docs, healthy("general", 2)]
     });
-    c.want = Err("no_eligible_pool");
-    c.candidates = vec![("docs", "gemini-2.0-flash", "unhealthy")];
+    c.want = Ok(("docs", "gemini-2.0-flash", RouteRule::Degraded));
+    c.candidates = vec![("docs", "gpt-4o-mini", "unhealthy")];
     c.reason_has = "2 STUCK, 1 ERROR, 1 lost";
     cases.push(c);
 
-    let mut c = base("default pool takes what nothing else can", summarise());
-    c.fleet = Box::new(|| {
-        let docs = PoolState {
-            name: "docs".into(),
-            unavailable: Unavailable {
-                stuck: 0,
-                error: 0,
-                lost: 3,
-                draining: 0,
-            },
-            ..Default::default()
-        };
-        vec![docs, healthy("general", 1)]
-    });
+    let mut c = base(
+        "default pool takes what no capable pool can",
+        answer("classification", "simple", &["gpu"]),
+    );
     c.table = Box::new(|t| t.routing.default_pool = Some("general".into()));
     c.want = Ok(("general", "gpt-4o-mini", RouteRule::DefaultPool));
+    c.candidates = vec![("docs", "gemini-2.0-flash", "capability")];
     c.reason_has = "default pool general";
     cases.push(c);
 
     let mut c = base("paused pool", summarise());
     c.table = Box::new(|t| t.pools.get_mut("docs").unwrap().paused = true);
-    c.want = Err("no_eligible_pool");
+    c.want = Ok(("docs", "gemini-2.0-flash", RouteRule::Degraded));
     c.candidates = vec![("docs", "gpt-4o-mini", "paused")];
     c.reason_has = "pool docs is paused";
     cases.push(c);
@@ -222,8 +213,8 @@ fn every_rule_and_its_reason() {
         docs.over_context = 2;
         vec![healthy("code", 2), docs, healthy("general", 2)]
     });
-    c.want = Err("no_eligible_pool");
-    c.candidates = vec![("docs", "gemini-2.0-flash", "context")];
+    c.want = Ok(("docs", "gemini-2.0-flash", RouteRule::Degraded));
+    c.candidates = vec![("docs", "gpt-4o-mini", "context")];
     c.reason_has = "over 80% context";
     cases.push(c);
 
@@ -305,7 +296,7 @@ fn every_rule_and_its_reason() {
         code.finished_1m = 40;
         vec![code]
     });
-    c.want = Err("no_eligible_pool");
+    c.want = Ok(("code", "claude-haiku-4-5", RouteRule::Degraded));
     c.reason_has = "failed 30% of 40 tasks";
     cases.push(c);
 
@@ -391,8 +382,8 @@ fn every_rule_and_its_reason() {
         docs.queue_depth = 25;
         vec![docs]
     });
-    c.want = Ok(("docs", "gemini-2.0-flash", RouteRule::Saturated));
-    c.reason_has = "every eligible pool is saturated";
+    c.want = Ok(("docs", "gemini-2.0-flash", RouteRule::Degraded));
+    c.reason_has = "no pool is fully eligible";
     cases.push(c);
 
     let mut c = base(
