@@ -2,7 +2,8 @@
 //! and every candidate, in sled next to the task records, with bounded retention.
 //!
 //! Keys are `at_ms (8 bytes, big-endian) ++ task id`, so a range scan is a time range and
-//! the newest come last; `by_task` maps a task id to its key.
+//! the newest come last. A task's record in the store keeps its decision's `at_ms`, which
+//! finds the decision by task id without a second index to write for every task.
 
 use std::time::SystemTime;
 
@@ -128,14 +129,14 @@ const MAX_SCAN: usize = 20_000;
 #[derive(Clone, Debug)]
 pub struct DecisionLog {
     by_time: sled::Tree,
-    by_task: sled::Tree,
+    store: Store,
 }
 
 impl DecisionLog {
     pub fn open(store: &Store) -> Result<Self, DecisionLogError> {
         Ok(Self {
             by_time: store.tree("decisions")?,
-            by_task: store.tree("decisions_by_task")?,
+            store: store.clone(),
         })
     }
 
@@ -145,28 +146,36 @@ impl DecisionLog {
         self.record_encoded(d, serde_json::to_vec(d)?)
     }
 
-    /// [`Self::record`] with the record already encoded as JSON (it is published too, and
-    /// encoding once is cheaper).
+    /// [`Self::record`] with the record already encoded as JSON.
     pub fn record_encoded(
         &self,
         d: &DecisionRecord,
         value: Vec<u8>,
     ) -> Result<(), DecisionLogError> {
-        let key = key(d.at_ms, &d.task_id);
-        if let Some(old) = self.by_task.insert(d.task_id.as_bytes(), key.as_slice())?
-            && old.as_ref() != key.as_slice()
-        {
-            self.by_time.remove(old)?;
+        self.record_many(&[(d, bytes::Bytes::from(value))])
+    }
+
+    /// Writes many decisions (already encoded as JSON) in one batch: sled copies a leaf
+    /// for every write, so one batch per intake batch is much cheaper than one insert per
+    /// decision. The caller records each decision's `at_ms` on its task record.
+    pub fn record_many(
+        &self,
+        items: &[(&DecisionRecord, bytes::Bytes)],
+    ) -> Result<(), DecisionLogError> {
+        let mut batch = sled::Batch::default();
+        for (d, value) in items {
+            batch.insert(key(d.at_ms, &d.task_id), value.as_ref());
         }
-        self.by_time.insert(key, value)?;
+        self.by_time.apply_batch(batch)?;
         Ok(())
     }
 
+    /// The decision for a task, found through the task record's `decision_at_ms`.
     pub fn get(&self, task_id: &str) -> Result<Option<DecisionRecord>, DecisionLogError> {
-        let Some(key) = self.by_task.get(task_id.as_bytes())? else {
+        let Some(at_ms) = self.store.get(task_id)?.and_then(|r| r.decision_at_ms) else {
             return Ok(None);
         };
-        match self.by_time.get(key)? {
+        match self.by_time.get(key(at_ms, task_id))? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
@@ -231,12 +240,6 @@ impl DecisionLog {
             let (k, v) = entry?;
             if k.as_ref() >= end.as_slice() && removed >= over {
                 break;
-            }
-            if let Some(task) = k.get(8..) {
-                // Only unlink the index if it still points here (not at a newer record).
-                let _ = self
-                    .by_task
-                    .compare_and_swap(task, Some(k.as_ref()), None::<&[u8]>)?;
             }
             self.by_time.remove(&k)?;
             drop(v);
@@ -325,15 +328,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = DecisionLog::open(&store).unwrap();
-        for i in 0..25u64 {
-            let pool = if i % 2 == 0 { "docs" } else { "code" };
-            log.record(&rec(&format!("t{i}"), 1_000 + i, pool, "cost_tier"))
+        let record = |d: DecisionRecord| {
+            log.record(&d).unwrap();
+            store
+                .update(
+                    &d.task_id,
+                    || crate::store::TaskRecord::new(&d.task_id, 1),
+                    |r| r.decision_at_ms = Some(d.at_ms),
+                )
                 .unwrap();
+        };
+        for i in 1..25u64 {
+            let pool = if i % 2 == 0 { "docs" } else { "code" };
+            record(rec(&format!("t{i}"), 1_000 + i, pool, "cost_tier"));
         }
-        // Re-deciding a task replaces its record.
-        log.record(&rec("t0", 2_000, "general", "default_pool"))
-            .unwrap();
+        record(rec("t0", 2_000, "general", "default_pool"));
         assert_eq!(log.len(), 25);
+        assert!(log.get("t-none").unwrap().is_none());
         assert_eq!(
             log.get("t0").unwrap().unwrap().pool.as_deref(),
             Some("general")
@@ -384,7 +395,7 @@ mod tests {
 
         // Retention by age, then by count.
         let cutoff = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_010);
-        assert_eq!(log.prune(cutoff, 1_000, 10_000).unwrap(), 9); // t1..t9 (t0 moved)
+        assert_eq!(log.prune(cutoff, 1_000, 10_000).unwrap(), 9); // t1..t9
         assert!(log.get("t5").unwrap().is_none());
         assert_eq!(log.prune(cutoff, 10, 10_000).unwrap(), 6);
         assert_eq!(log.len(), 10);

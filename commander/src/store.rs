@@ -102,6 +102,9 @@ pub struct TaskRecord {
     /// The decision that routed it (see the decision log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision_id: Option<String>,
+    /// When that decision was logged (its key in the decision log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_at_ms: Option<u64>,
     pub attempt: u32,
     pub priority: u8,
     /// Sequence of the submission in the intake stream.
@@ -126,6 +129,7 @@ impl TaskRecord {
             route_reason: None,
             model: None,
             decision_id: None,
+            decision_at_ms: None,
             attempt: 0,
             priority: 5,
             intake_sequence,

@@ -538,11 +538,37 @@ impl Classifier {
     fn cache_key(&self, task: &Task) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.rubric.generation().to_le_bytes());
-        let text = task_text(task, usize::MAX);
-        for word in text.split_whitespace() {
-            h.update(word.to_lowercase().as_bytes());
-            h.update(b" ");
+        // Words lowercased and single-spaced, fed through a small buffer (no allocation
+        // per word: this runs for every task).
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        let mut push = |h: &mut Sha256, bytes: &[u8]| {
+            if n + bytes.len() > buf.len() {
+                h.update(&buf[..n]);
+                n = 0;
+            }
+            if bytes.len() > buf.len() {
+                h.update(bytes);
+            } else {
+                buf[n..n + bytes.len()].copy_from_slice(bytes);
+                n += bytes.len();
+            }
+        };
+        let input = match &task.input {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(t) => Some(std::borrow::Cow::Borrowed(t.as_str())),
+            other => Some(std::borrow::Cow::Owned(other.to_string())),
+        };
+        for part in std::iter::once(task.description.as_str()).chain(input.as_deref()) {
+            for word in part.split_whitespace() {
+                for ch in word.chars().flat_map(char::to_lowercase) {
+                    let mut tmp = [0u8; 4];
+                    push(&mut h, ch.encode_utf8(&mut tmp).as_bytes());
+                }
+                push(&mut h, b" ");
+            }
         }
+        h.update(&buf[..n]);
         let mut caps = task.capabilities.clone();
         caps.sort();
         for c in caps {

@@ -54,6 +54,7 @@ struct DispatchRecord {
     route_reason: String,
     model: String,
     decision_id: String,
+    decision_at_ms: u64,
     priority: u8,
     reply_to: Option<String>,
     trace: TraceInfo,
@@ -67,6 +68,7 @@ impl DispatchRecord {
         r.route_reason = Some(self.route_reason.clone());
         r.model = Some(self.model.clone());
         r.decision_id = Some(self.decision_id.clone());
+        r.decision_at_ms = Some(self.decision_at_ms);
         r.priority = self.priority;
         r.attempt = FIRST_ATTEMPT;
         r.reply_to = self.reply_to.clone();
@@ -170,6 +172,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         }
 
         let mut acks = Vec::with_capacity(batch.len());
+        let mut decided = Vec::with_capacity(batch.len());
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             match (plan, outcome) {
                 (None, _) => {
@@ -184,7 +187,8 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     }
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 }
-                (Some(Plan::Dispatch(mut d)), _) => {
+                (Some(Plan::Dispatch(d)), _) => {
+                    let mut d = *d;
                     let recorded = ctx.store.update(
                         &d.id,
                         || TaskRecord::new(&d.id, d.record.seq),
@@ -193,7 +197,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     if let Err(e) = recorded {
                         tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
                     }
-                    ctx.log_decision(&d.decision).await;
+                    decided.push(d.decision);
                     ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
                     ctx.fleet.task_event(TaskEvent::Dispatched {
                         task_id: d.id.clone(),
@@ -208,11 +212,12 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 (Some(Plan::Reject(r)), _) => {
                     // Recorded only now that the rejection is durably the task's result, so
                     // a redelivery before this point publishes it again instead of skipping.
-                    if let Err(e) = record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error) {
+                    let decided_at = r.decision.as_ref().map(|d| d.at_ms);
+                    if let Err(e) = record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error, decided_at) {
                         tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
                     }
-                    if let Some(d) = &r.decision {
-                        ctx.log_decision(d).await;
+                    if let Some(d) = r.decision {
+                        decided.push(d);
                     }
                     ctx.metrics.reject(&r.error.code);
                     tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
@@ -220,6 +225,10 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 }
             }
         }
+
+        // The batch's decisions in one write per tree (sled copies a leaf per write, and
+        // decisions are big), made durable by the same flush.
+        ctx.log_decisions(&decided).await;
 
         // One flush for the batch, then the acks: what was acked is on disk.
         if let Err(e) = ctx.store.flush().await {
@@ -408,7 +417,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnaps
             trace_id: Some(trace_id.to_hex()),
         }
     };
-    let decision = match decided {
+    let mut decision = match decided {
         Ok(d) => d,
         Err(no_route) => {
             let reason = no_route.to_string();
@@ -496,7 +505,6 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnaps
         .attr("fleet.pool", decision.pool.clone())
         .attr("fleet.decision.id", decision_id.clone())
         .attr("fleet.route.rule", decision.rule.as_str())
-        .attr("fleet.route.reason", decision.reason.clone())
         .attr("fleet.task.type", class.answer.task_type.clone())
         .attr("fleet.task.tier", decision.tier.clone())
         .attr("fleet.classification.source", class.source.as_str())
@@ -519,18 +527,20 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnaps
         span.attr(k, v);
     }
     tracing::debug!(task_id = %id, pool = %decision.pool, model = %decision.model, rule = decision.rule.as_str(), trace_id = %trace_id, "dispatching");
+    let candidates = std::mem::take(&mut decision.candidates);
     let logged = record(
         Outcome::Dispatched,
         Some(&decision),
         decision.rule.as_str(),
         decision.reason.clone(),
-        decision.candidates.clone(),
+        candidates,
     );
     let record = DispatchRecord {
         seq,
         route_reason: decision.reason.clone(),
         model: decision.model.clone(),
         decision_id,
+        decision_at_ms: logged.at_ms,
         priority: task.priority,
         reply_to,
         trace: trace_info,
@@ -556,12 +566,14 @@ fn record_rejection(
     seq: u64,
     reply_to: Option<String>,
     error: &ErrorInfo,
+    decision_at_ms: Option<u64>,
 ) -> Result<(), crate::store::StoreError> {
     ctx.store.update(
         id,
         || TaskRecord::new(id, seq),
         |r| {
             r.reply_to = reply_to.clone();
+            r.decision_at_ms = decision_at_ms;
             r.rejection = Some(error.clone());
             r.advance(TaskState::Rejected);
         },

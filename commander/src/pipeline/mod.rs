@@ -67,37 +67,57 @@ impl Ctx {
         }
     }
 
-    /// Logs a decision (durable with the batch's store flush) and publishes it.
-    pub async fn log_decision(&self, d: &DecisionRecord) {
-        let body = match serde_json::to_vec(d) {
-            Ok(b) => bytes::Bytes::from(b),
-            Err(e) => {
-                tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode");
-                return;
-            }
-        };
-        if let Err(e) = self.decisions.record_encoded(d, body.to_vec()) {
-            tracing::error!(task_id = %d.task_id, error = %e, "decision not logged");
+    /// Logs a batch's decisions (durable with the batch's store flush) and publishes
+    /// each on `<prefix>.decisions.<pool>`.
+    pub async fn log_decisions(&self, decisions: &[DecisionRecord]) {
+        if decisions.is_empty() {
+            return;
         }
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                pool: d.pool.clone().unwrap_or_else(|| "none".into()),
-                model: d.model.clone().unwrap_or_else(|| "none".into()),
-                rule: d.rule.clone(),
-            })
-            .inc();
-        if self.publish_decisions {
-            let pool = d
-                .pool
-                .as_deref()
-                .unwrap_or(crate::decisions::REJECTED_TOKEN);
-            if let Err(e) = self
-                .client
-                .publish(self.subjects.decisions(pool), body)
-                .await
-            {
-                tracing::debug!(error = %e, "decision not published");
+        let mut encoded = Vec::with_capacity(decisions.len());
+        for d in decisions {
+            match serde_json::to_vec(d) {
+                Ok(b) => encoded.push((d, bytes::Bytes::from(b))),
+                Err(e) => {
+                    tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode")
+                }
+            }
+        }
+        if let Err(e) = self.decisions.record_many(&encoded) {
+            tracing::error!(error = %e, count = encoded.len(), "decisions not logged");
+        }
+        // Counted per distinct label set per batch: one label allocation each, not per task.
+        let mut counts: rustc_hash::FxHashMap<(&str, &str, &str), u64> = Default::default();
+        for (d, _) in &encoded {
+            let key = (
+                d.pool.as_deref().unwrap_or("none"),
+                d.model.as_deref().unwrap_or("none"),
+                d.rule.as_str(),
+            );
+            *counts.entry(key).or_default() += 1;
+        }
+        for ((pool, model, rule), n) in counts {
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    pool: pool.into(),
+                    model: model.into(),
+                    rule: rule.into(),
+                })
+                .inc_by(n);
+        }
+        for (d, body) in encoded {
+            if self.publish_decisions {
+                let pool = d
+                    .pool
+                    .as_deref()
+                    .unwrap_or(crate::decisions::REJECTED_TOKEN);
+                if let Err(e) = self
+                    .client
+                    .publish(self.subjects.decisions(pool), body)
+                    .await
+                {
+                    tracing::debug!(error = %e, "decision not published");
+                }
             }
         }
     }
