@@ -269,7 +269,7 @@ fn hex_encode(b: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 600 {
+    if !s.len().is_multiple_of(2) || s.len() > 600 {
         return None;
     }
     (0..s.len())

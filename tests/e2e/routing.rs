@@ -18,6 +18,9 @@ use serde_json::Value;
 
 use crate::common::{Stack, WAIT, collect_spans, eventually};
 
+/// Task id → (pool it ran in, model it was dispatched with).
+type SeenModels = HashMap<String, (String, Option<String>)>;
+
 fn config(llm: &str) -> String {
     format!(
         r#"
@@ -100,7 +103,7 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
     let spans = collect_spans(&stack.client).await;
 
     // One worker per pool, recording the model each task was dispatched with.
-    let models: Arc<Mutex<HashMap<String, (String, Option<String>)>>> = Default::default();
+    let models: Arc<Mutex<SeenModels>> = Default::default();
     let mut workers = Vec::new();
     for pool in ["code", "docs", "general"] {
         let seen = models.clone();
