@@ -152,3 +152,50 @@ fn config_check_reports_every_problem_with_file_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn rubric_check_validates_against_the_registry_and_the_configs_pools() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(&config, "[pools.code]\ncapabilities = [\"code\"]\n").unwrap();
+    let builtin = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../routing-rubrics/default.toml"
+    );
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[classifier]\nmodel = \"gpt-4o-mini\"\ndefault_task_type = \"x\"\n\n[[task_type]]\nname = \"x\"\ndescription = \"x\"\ndefault_tier = \"t\"\n\n[[tier]]\nname = \"t\"\ndescription = \"t\"\ndefault_model = \"gpt-5-imaginary\"\n[[tier.candidate]]\nmodel = \"gpt-5-imaginary\"\npools = [\"gpu\"]\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_commander"))
+            .args(["rubric", "check"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    // The built-in rubric is valid on its own (its pools are the example fleet's).
+    assert!(run(&[builtin]).status.success());
+    // Against a config without its pools, every unknown pool is named.
+    let out = run(&[builtin, "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("names pool \"docs\", which is not configured"),
+        "{err}"
+    );
+    let out = run(&[
+        broken.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.toml:10: tier \"t\": candidate model \"gpt-5-imaginary\" is not in the model registry")
+            && err.contains("names pool \"gpu\""),
+        "{err}"
+    );
+}
