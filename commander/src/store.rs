@@ -191,6 +191,9 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            // sled's default (LowSpace) rewrites pages eagerly to save disk; the task path
+            // is write-heavy and retention bounds the size, so write throughput wins.
+            .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000))
             .open()?;
         let tasks = db.open_tree("tasks")?;
