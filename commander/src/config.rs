@@ -141,6 +141,10 @@ pub struct FleetConfig {
     /// team `_other`.
     #[serde(default = "default_max_cost_keys")]
     pub max_cost_keys: usize,
+    /// A run is never STUCK for silence shorter than this, whatever its expected duration
+    /// (task types whose runs take milliseconds would otherwise trip on any hiccup).
+    #[serde(default = "default_min_stuck_after_ms")]
+    pub min_stuck_after_ms: u64,
 }
 
 impl Default for FleetConfig {
@@ -159,6 +163,7 @@ impl Default for FleetConfig {
             recent_tasks: default_recent_tasks(),
             max_tools_per_worker: default_max_tools(),
             max_cost_keys: default_max_cost_keys(),
+            min_stuck_after_ms: default_min_stuck_after_ms(),
         }
     }
 }
@@ -222,6 +227,9 @@ fn default_max_tools() -> usize {
 }
 fn default_max_cost_keys() -> usize {
     10_000
+}
+fn default_min_stuck_after_ms() -> u64 {
+    30_000
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -735,7 +735,9 @@ impl Worker {
                 .expected_ms
                 .or_else(|| r.task_type.as_deref().and_then(baseline_ms))
                 .unwrap_or(cfg.default_expected_duration_ms());
-            let limit = (expected as f64 * cfg.stuck_factor) as u64;
+            // A floor: a task type whose runs take milliseconds would otherwise make every
+            // short scheduling hiccup look like a stuck agent.
+            let limit = ((expected as f64 * cfg.stuck_factor) as u64).max(cfg.min_stuck_after_ms);
             let quiet = now_ms.saturating_sub(r.last_span_ms);
             if quiet > limit {
                 return (

@@ -20,6 +20,7 @@ fn cfg() -> FleetConfig {
         waiting_after_ms: 10 * S,
         lost_after_ms: 15 * S,
         retention_ms: 60 * S,
+        min_stuck_after_ms: S,
         ..FleetConfig::default()
     }
 }
@@ -376,4 +377,31 @@ fn per_worker_memory_is_bounded() {
     assert!(w.tools().contains_key("_other"));
     assert!(w.ring.len() <= crate::fleet::window::WORKER_BUCKETS);
     assert!(w.transitions().count() <= 16);
+}
+
+#[test]
+fn a_millisecond_baseline_does_not_make_every_hiccup_stuck() {
+    let mut f = FleetState::new(
+        FleetConfig {
+            min_stuck_after_ms: 30 * S,
+            ..cfg()
+        },
+        RegistryHandle::open(None).unwrap(),
+        ["code"],
+    );
+    f.apply_task(
+        TaskEvent::Dispatched {
+            task_id: "fast".into(),
+            pool: "code".into(),
+            expected_ms: Some(5),
+            task_type: Some("classification".into()),
+        },
+        T0,
+    );
+    f.apply_heartbeat(&heartbeat("w1", &["fast"]), T0);
+    // 3 × 5 ms is long past, but not the 30 s floor: busy, not stuck.
+    f.tick(T0 + 2 * S);
+    assert_ne!(state_of(&f, "w1"), State::Stuck);
+    f.tick(T0 + 31 * S);
+    assert_eq!(state_of(&f, "w1"), State::Stuck);
 }
