@@ -505,6 +505,41 @@ pools = ["nowhere"]
     }
 
     #[test]
+    fn an_edit_applies_on_reload_and_a_broken_one_keeps_the_last_good_rubric() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, BUILTIN).unwrap();
+        let h = RubricHandle::open(Some(&path)).unwrap();
+        let gen0 = h.generation();
+        std::fs::write(
+            &path,
+            BUILTIN.replace("name = \"research\"", "name = \"investigation\""),
+        )
+        .unwrap();
+        h.reload().unwrap();
+        assert!(h.current().task_type("investigation").is_some());
+        assert!(
+            h.generation() > gen0,
+            "caches keyed by generation see the change"
+        );
+        std::fs::write(
+            &path,
+            BUILTIN.replace("default_tier = \"simple\"", "default_tier = \"trivial\""),
+        )
+        .unwrap();
+        let err = h.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("default_tier \"trivial\" is not a tier"),
+            "{err}"
+        );
+        assert!(
+            h.current().task_type("investigation").is_some(),
+            "the last good one stays"
+        );
+        assert_eq!(h.last_error().as_deref(), Some(err.as_str()));
+    }
+
+    #[test]
     fn syntax_and_unknown_fields_have_lines() {
         let err = Rubric::parse(
             "[classifier]\nmodel = \"x\"\ncolour = 1\n",
