@@ -175,23 +175,11 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { files },
-        } => {
-            let mut failed = false;
-            for f in &files {
-                match Config::load(f) {
-                    Ok(_) => tracing::info!(file = %f.display(), "config is valid"),
-                    Err(e) => {
-                        failed = true;
-                        tracing::error!("{e}");
-                    }
-                }
-            }
-            if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        } => check_each(&files, |f| {
+            Config::load(f)?;
+            tracing::info!(file = %f.display(), "config is valid");
+            Ok::<_, crate::config::ConfigError>(())
+        }),
         Command::Rubric {
             command:
                 RubricCommand::Check {
@@ -284,25 +272,34 @@ fn rubric_check(files: &[PathBuf], config: Option<&Path>, registry: Option<&Path
         }
     };
     let pools = config.as_ref().map(|c| &c.pools).filter(|p| !p.is_empty());
-    let mut failed = false;
-    for f in files {
-        match Rubric::load(
+    check_each(files, |f| {
+        let r = Rubric::load(
             f,
             CheckAgainst {
                 registry: Some(&reg),
                 pools,
             },
-        ) {
-            Ok(r) => tracing::info!(
-                file = %f.display(),
-                task_types = r.task_types.len(),
-                tiers = r.tiers.len(),
-                "rubric is valid"
-            ),
-            Err(e) => {
-                failed = true;
-                tracing::error!("{e}");
-            }
+        )?;
+        tracing::info!(
+            file = %f.display(),
+            task_types = r.task_types.len(),
+            tiers = r.tiers.len(),
+            "rubric is valid"
+        );
+        Ok::<_, crate::classify::rubric::RubricError>(())
+    })
+}
+
+/// Runs `check` on every file, logs every failure, and fails if any did.
+fn check_each<E: std::fmt::Display>(
+    files: &[PathBuf],
+    check: impl Fn(&Path) -> Result<(), E>,
+) -> ExitCode {
+    let mut failed = false;
+    for f in files {
+        if let Err(e) = check(f) {
+            failed = true;
+            tracing::error!("{e}");
         }
     }
     if failed {
