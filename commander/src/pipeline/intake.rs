@@ -139,13 +139,18 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             }
         }))
         .await;
-        let fleet = ctx.route_snapshot();
+        // What every decision of the batch reads, taken once.
+        let view = View {
+            fleet: ctx.route_snapshot(),
+            rubric: ctx.classifier.rubric(),
+            registry: ctx.registry.current(),
+        };
         let mut plans = Vec::with_capacity(batch.len());
         for (r, class) in reads.into_iter().zip(classifications) {
             plans.push(match (r, class) {
                 (None, _) => None,
                 (Some(Read::Done(plan)), _) => Some(plan),
-                (Some(Read::Ready(p)), Some(c)) => Some(plan(ctx, *p, c, &fleet)),
+                (Some(Read::Ready(p)), Some(c)) => Some(plan(ctx, *p, c, &view)),
                 (Some(Read::Ready(_)), None) => None,
             });
         }
@@ -357,7 +362,14 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
 }
 
 /// Decides where a classified task goes and builds its dispatch (or its rejection).
-fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnapshot) -> Plan {
+/// The routing inputs shared by a batch.
+struct View {
+    fleet: std::sync::Arc<route::RouteSnapshot>,
+    rubric: std::sync::Arc<crate::classify::rubric::Rubric>,
+    registry: std::sync::Arc<crate::registry::Registry>,
+}
+
+fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
     let Prepared {
         started,
         received_at,
@@ -372,8 +384,11 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, fleet: &route::RouteSnaps
         baggage,
     } = p;
     let trace_id = dispatch.trace_id;
-    let rubric = ctx.classifier.rubric();
-    let registry = ctx.registry.current();
+    let View {
+        fleet,
+        rubric,
+        registry,
+    } = view;
     let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
     let decided = {
         let _span = tracing::debug_span!("decide", task_id = %id).entered();
