@@ -395,8 +395,8 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
         route::decide(DecideInput {
             task: &task,
             class: &class.answer,
-            rubric: &rubric,
-            registry: &registry,
+            rubric,
+            registry,
             fleet,
             table: &ctx.table,
             policy: &ctx.policy,
