@@ -87,7 +87,7 @@ pub struct Reply {
 }
 
 /// One endpoint.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LlmClient {
     http: reqwest::Client,
     protocol: Protocol,
@@ -95,6 +95,18 @@ pub struct LlmClient {
     api_key: Option<String>,
     pub model: String,
     max_tokens: u32,
+}
+
+impl std::fmt::Debug for LlmClient {
+    /// Everything but the key, which never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmClient")
+            .field("protocol", &self.protocol)
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl LlmClient {
@@ -304,4 +316,25 @@ fn parse_anthropic(bytes: &[u8]) -> Result<Reply, CallError> {
         input_tokens: r.usage.as_ref().and_then(|u| u.input_tokens),
         output_tokens: r.usage.as_ref().and_then(|u| u.output_tokens),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_never_shows_in_debug_output() {
+        let c = LlmClient::new(
+            Protocol::Anthropic,
+            "https://api.anthropic.com/v1/",
+            "claude-haiku-4-5".into(),
+            Some("sk-ant-very-secret".into()),
+            100,
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("https://api.anthropic.com/v1/messages"), "{shown}");
+        assert_eq!(c.server(), "api.anthropic.com");
+    }
 }
