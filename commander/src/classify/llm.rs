@@ -334,7 +334,10 @@ mod tests {
         .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("very-secret"), "{shown}");
-        assert!(shown.contains("https://api.anthropic.com/v1/messages"), "{shown}");
+        assert!(
+            shown.contains("https://api.anthropic.com/v1/messages"),
+            "{shown}"
+        );
         assert_eq!(c.server(), "api.anthropic.com");
     }
 }
