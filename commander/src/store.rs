@@ -221,9 +221,12 @@ impl Store {
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
         let mut last_err = None;
-        // Set by the closure's last run: whether this update made the task terminal.
+        // Set by the closure's last run (the one whose result was stored): whether this
+        // update made the task terminal, and the record it wrote (returned as is rather
+        // than decoded again from the stored bytes).
         let became_terminal = std::cell::Cell::new(false);
-        let out = self.tasks.update_and_fetch(id.as_bytes(), |old| {
+        let written: std::cell::RefCell<Option<TaskRecord>> = std::cell::RefCell::new(None);
+        self.tasks.update_and_fetch(id.as_bytes(), |old| {
             let mut rec = match old.map(serde_json::from_slice::<TaskRecord>) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
@@ -237,9 +240,16 @@ impl Store {
             became_terminal.set(!was_terminal && rec.state.is_terminal());
             // Returning None would delete the key: on an (impossible) encode failure keep the
             // old bytes rather than lose the record.
-            serde_json::to_vec(&rec)
-                .ok()
-                .or_else(|| old.map(<[u8]>::to_vec))
+            match serde_json::to_vec(&rec) {
+                Ok(bytes) => {
+                    *written.borrow_mut() = Some(rec);
+                    Some(bytes)
+                }
+                Err(_) => {
+                    *written.borrow_mut() = None;
+                    old.map(<[u8]>::to_vec)
+                }
+            }
         })?;
         if let Some(reason) = last_err {
             tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
@@ -248,8 +258,8 @@ impl Store {
             self.finished
                 .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
         }
-        match out {
-            Some(bytes) => decode(id, &bytes),
+        match written.into_inner() {
+            Some(rec) => Ok(rec),
             None => Err(StoreError::Corrupt {
                 id: id.to_string(),
                 reason: "record did not encode".into(),
