@@ -197,25 +197,10 @@ pub fn run(cli: Cli) -> ExitCode {
                     json,
                     count,
                 },
-        } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(decisions_tail(config, nats_url, pool, json, count)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => run_async(
+            tokio::runtime::Builder::new_current_thread(),
+            decisions_tail(config, nats_url, pool, json, count),
+        ),
         Command::Serve(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,
@@ -224,23 +209,31 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(crate::serve::serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_async(
+                tokio::runtime::Builder::new_multi_thread(),
+                crate::serve::serve(config),
+            )
+        }
+    }
+}
+
+/// Runs `fut` to completion on a runtime from `builder`; its error is logged and fails.
+fn run_async<E: std::fmt::Display>(
+    mut builder: tokio::runtime::Builder,
+    fut: impl Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match builder.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -140,19 +140,9 @@ impl DecisionLog {
         })
     }
 
-    /// Writes one decision (made durable by the store's next flush). A task decided again
-    /// (a redelivery) replaces its earlier record.
+    /// Writes one decision (made durable by the store's next flush).
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
-        self.record_encoded(d, serde_json::to_vec(d)?)
-    }
-
-    /// [`Self::record`] with the record already encoded as JSON.
-    pub fn record_encoded(
-        &self,
-        d: &DecisionRecord,
-        value: Vec<u8>,
-    ) -> Result<(), DecisionLogError> {
-        self.record_many(&[(d, bytes::Bytes::from(value))])
+        self.record_many(&[(d, bytes::Bytes::from(serde_json::to_vec(d)?))])
     }
 
     /// Writes many decisions (already encoded as JSON) in one batch: sled copies a leaf
