@@ -46,6 +46,55 @@ pub struct Config {
     /// Live fleet state: state machine thresholds and memory bounds.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// Policies: where they are read from, who may push them, the deferred queue.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.policy.toml` files, watched and hot-reloaded. Unset: the built-in
+    /// policy (`policies/default.policy.toml`) until one is pushed.
+    pub dir: Option<PathBuf>,
+    /// Environment variable holding the compliance role's token, required by
+    /// `PUT /v1/policy` and `<prefix>.policy.push` (`Authorization: Bearer <token>`).
+    /// Unset or empty variable: pushes are refused.
+    pub compliance_token_env: Option<String>,
+    /// Audit records kept (newest).
+    pub audit_records: usize,
+    /// Most tasks in the deferred queue; past it, a task a budget would defer is rejected
+    /// with that reason.
+    pub max_deferred: usize,
+    /// How often the deferred queue is checked for tasks whose budget has room, in ms
+    /// (also checked at once after every policy swap).
+    pub release_interval_ms: u64,
+    /// Most tasks released per check.
+    pub release_batch: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            compliance_token_env: Some("FLEET_COMPLIANCE_TOKEN".into()),
+            audit_records: 10_000,
+            max_deferred: 1_000_000,
+            release_interval_ms: 1_000,
+            release_batch: 1_000,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The compliance token, read from its environment variable.
+    pub fn compliance_token(&self) -> Option<String> {
+        self.compliance_token_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|t| !t.trim().is_empty())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -697,6 +746,22 @@ impl Config {
             if v == 0 {
                 p.push(format!("{key}: must be at least 1"));
             }
+        }
+        let pc = &self.policy;
+        for (key, v) in [
+            ("policy.audit_records", pc.audit_records as u64),
+            ("policy.max_deferred", pc.max_deferred as u64),
+            ("policy.release_interval_ms", pc.release_interval_ms),
+            ("policy.release_batch", pc.release_batch as u64),
+        ] {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            }
+        }
+        if let Some(d) = &pc.dir
+            && d.as_os_str().is_empty()
+        {
+            p.push("policy.dir: must not be empty (leave it out for the built-in policy)".into());
         }
         if self.telemetry.queue_poll_ms == 0 {
             p.push("telemetry.queue_poll_ms: must be at least 1".into());

@@ -22,6 +22,8 @@ pub const REJECTED_TOKEN: &str = "_rejected";
 pub enum Outcome {
     Dispatched,
     Rejected,
+    /// Held by a budget until it has room (see `policy::deferred`).
+    Deferred,
 }
 
 /// One decision as logged, served and published.
@@ -51,11 +53,27 @@ pub struct DecisionRecord {
     pub candidates: Vec<Candidate>,
     /// Rubric (name) the task was classified against.
     pub rubric: String,
-    /// Policy version in force, once policies are versioned.
+    /// Policy version the decision was made under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<String>,
+    /// What of the task itself the decision read (shadow replay decides again from it).
+    #[serde(default)]
+    pub inputs: DecisionInputs,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+}
+
+/// The task's own inputs to its decision, beyond the classification.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionInputs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default)]
+    pub dims: crate::policy::TaskDims,
 }
 
 /// Filters for [`DecisionLog::query`]; all optional, all must hold.
@@ -211,6 +229,27 @@ impl DecisionLog {
         })
     }
 
+    /// Decisions made in [`since_ms`, `until_ms`), oldest first, at most `max`.
+    pub fn range(
+        &self,
+        since_ms: u64,
+        until_ms: u64,
+        max: usize,
+    ) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+        let mut out = Vec::new();
+        for entry in self
+            .by_time
+            .range(key(since_ms, "")..key(until_ms, ""))
+            .take(max)
+        {
+            let (_, v) = entry?;
+            if let Ok(d) = serde_json::from_slice::<DecisionRecord>(&v) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
     /// Drops decisions older than `cutoff`, then the oldest beyond `max_records`; at most
     /// `limit` per call. Returns how many went.
     pub fn prune(
@@ -309,6 +348,7 @@ mod tests {
             candidates: vec![],
             rubric: "default".into(),
             policy_version: None,
+            inputs: Default::default(),
             trace_id: None,
         }
     }

@@ -14,6 +14,7 @@ pub mod hot;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod registry;
 pub mod route;
 pub mod serve;

@@ -20,6 +20,7 @@ use crate::fleet::{self, FleetHandle, FleetState, TaskEvent};
 use crate::ingest::{self, Ingestor, otlp};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Ctx};
+use crate::policy;
 use crate::registry::{RegistryError, RegistryHandle};
 use crate::route::RoutingTable;
 use crate::store::{Store, StoreError};
@@ -45,6 +46,8 @@ pub enum ServeError {
     Classifier(#[from] ClassifierError),
     #[error("decision log: {0}")]
     Decisions(#[from] DecisionLogError),
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -209,6 +212,54 @@ async fn run(
     )));
 
     let decisions = DecisionLog::open(&store)?;
+
+    // Policies: the built-in one until the bucket or the directory says otherwise.
+    let against = policy::Against {
+        pools: config.pools.clone(),
+        registry: models.clone(),
+        rubric: rubric.clone(),
+    };
+    let builtin = {
+        let (reg, rub) = (models.current(), rubric.current());
+        policy::Policy::builtin(policy::CheckAgainst {
+            pools: Some(&config.pools),
+            registry: &reg,
+            rubric: &rub,
+        })?
+    };
+    let engine = policy::PolicyEngine::open(
+        &store,
+        against,
+        builtin,
+        Arc::new(policy::SystemClock),
+        config.policy.max_deferred,
+        config.policy.audit_records,
+    )?;
+    let bucket =
+        policy::sync::open_bucket(&js, &policy::sync::bucket_name(subjects.prefix())).await?;
+    let policy_sync =
+        policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
+    let live = engine.live();
+    tracing::info!(
+        version = %live.policy.version,
+        source = live.source.as_str(),
+        summary = %live.policy.summary(),
+        deferred = engine.deferrals.len(),
+        dir = config.policy.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+        "policy loaded"
+    );
+    let compliance_token = config.policy.compliance_token();
+    telemetry_tasks.push(tokio::spawn(
+        policy_sync.clone().watch_bucket(stop_rx.clone()),
+    ));
+    telemetry_tasks.push(tokio::spawn(policy_sync.clone().watch_dir(stop_rx.clone())));
+    telemetry_tasks.push(tokio::spawn(policy_sync.clone().serve_push(
+        client.clone(),
+        subjects.policy_push(),
+        compliance_token.clone(),
+        stop_rx.clone(),
+    )));
+
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         js: js.clone(),
@@ -225,9 +276,15 @@ async fn run(
         registry: models.clone(),
         decisions: decisions.clone(),
         publish_decisions: config.decisions.publish,
-        policy: Default::default(),
+        policy: engine.clone(),
         route_cache: Default::default(),
     });
+    let release = tokio::spawn(pipeline::release::run(
+        ctx.clone(),
+        Duration::from_millis(config.policy.release_interval_ms),
+        config.policy.release_batch,
+        stop_rx.clone(),
+    ));
 
     let batch = config.intake.batch_size;
     let intake = {
@@ -263,6 +320,7 @@ async fn run(
         retention,
         decisions.clone(),
         config.decisions.clone(),
+        engine.clone(),
         stop_rx.clone(),
     ));
 
@@ -278,6 +336,9 @@ async fn run(
         models: models.clone(),
         decisions: decisions.clone(),
         classifier: classifier.clone(),
+        policy: policy_sync.clone(),
+        compliance_token,
+        ctx: ctx.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -309,6 +370,7 @@ async fn run(
     let _ = stop_tx.send(true);
     let _ = intake.await;
     let _ = results.await;
+    let _ = release.await;
     let _ = sweeper.await;
     for t in telemetry_tasks {
         let _ = t.await;
@@ -420,6 +482,7 @@ async fn sweep_store(
     retention: Duration,
     decisions: DecisionLog,
     log_cfg: crate::config::DecisionLogConfig,
+    policy: Arc<policy::PolicyEngine>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -439,6 +502,13 @@ async fn sweep_store(
                 }
             }
         }
+        match policy.prune_ledger() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired budget ledger cells dropped"),
+            Err(e) => tracing::error!(error = %e, "budget ledger prune failed"),
+        }
+        let keys = policy.live().throttles.retain_recent();
+        tracing::debug!(keys, "throttle keys kept");
         let cutoff =
             std::time::SystemTime::now() - Duration::from_secs(log_cfg.retention_hours * 3600);
         loop {

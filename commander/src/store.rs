@@ -25,6 +25,8 @@ pub enum StoreError {
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Received,
+    /// Held by a budget (see `policy::deferred`); released to intake when it has room.
+    Deferred,
     Dispatched,
     Completed,
     Failed,
@@ -42,8 +44,9 @@ impl TaskState {
     fn rank(self) -> u8 {
         match self {
             TaskState::Received => 0,
-            TaskState::Dispatched => 1,
-            _ => 2,
+            TaskState::Deferred => 1,
+            TaskState::Dispatched => 2,
+            _ => 3,
         }
     }
 }
@@ -117,7 +120,28 @@ pub struct TaskRecord {
     pub rejection: Option<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
+    /// The budget reservation made at dispatch, settled by the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::policy::Reservation>,
+    /// Why and until when the task is (or was last) deferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<DeferInfo>,
+    /// Policy version of the task's latest decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
     pub history: Vec<StateChange>,
+}
+
+/// A deferral, as the producer reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeferInfo {
+    pub reason: String,
+    /// When the budget's window resets (absent: when the limit is raised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub deferred_at: String,
+    /// Times it was released and deferred again.
+    pub releases: u32,
 }
 
 impl TaskRecord {
@@ -137,6 +161,9 @@ impl TaskRecord {
             trace: None,
             rejection: None,
             outcome: None,
+            budget: None,
+            deferred: None,
+            policy_version: None,
             history: Vec::new(),
         }
     }

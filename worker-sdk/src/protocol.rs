@@ -40,6 +40,11 @@ pub mod headers {
     /// `otlp-metrics` or `otlp-logs`).
     pub const KIND: &str = "Fleet-Kind";
     pub const CONTENT_TYPE: &str = "Content-Type";
+    /// On a task the commander republishes to intake out of its deferred queue:
+    /// `<first deferral, unix ms>:<releases so far>`. Producers never set it.
+    pub const RELEASE: &str = "Fleet-Release";
+    /// Policy version a decision was made under (on decisions and status notices).
+    pub const POLICY_VERSION: &str = "Fleet-Policy-Version";
 }
 
 /// Values of the [`headers::KIND`] header.
@@ -119,6 +124,14 @@ impl Subjects {
     }
     pub fn alerts(&self, severity: &str) -> String {
         format!("{}.alerts.{severity}", self.prefix)
+    }
+    /// Status notices about one task that are not its result (`deferred until …`).
+    pub fn status(&self, task_id: &str) -> String {
+        format!("{}.status.{task_id}", self.prefix)
+    }
+    /// Policy pushes (request/reply).
+    pub fn policy_push(&self) -> String {
+        format!("{}.policy.push", self.prefix)
     }
 
     pub fn intake_stream(&self) -> String {

@@ -46,6 +46,12 @@ pub struct AppState {
     pub models: Arc<RegistryHandle>,
     pub decisions: DecisionLog,
     pub classifier: Arc<Classifier>,
+    /// Policy sources, engine, ledger, deferred queue, audit trail.
+    pub policy: Arc<crate::policy::sync::PolicySync>,
+    /// Required by `PUT /v1/policy` (`Authorization: Bearer …`); unset refuses pushes.
+    pub compliance_token: Option<String>,
+    /// The task path's context (routing table and snapshot, for shadow replay).
+    pub ctx: Arc<crate::pipeline::Ctx>,
 }
 
 /// The one error type of the API; the only place errors become HTTP statuses.

@@ -722,6 +722,13 @@ pub fn task_text(task: &Task, max: usize) -> String {
     s
 }
 
+/// How a task is classified without the LLM: declared type, else the deterministic
+/// fallback (policy test cases and shadow replay use it).
+pub fn offline(rubric: &Rubric, task: &Task) -> Classification {
+    declared(rubric, task)
+        .unwrap_or_else(|| fallback(rubric, task, "offline", "no LLM call".into(), None, 0))
+}
+
 /// A producer that names a known task type (and optionally a known tier; else the
 /// type's default tier) is believed: it knows its own work, and it saves a call.
 fn declared(rubric: &Rubric, task: &Task) -> Option<Classification> {

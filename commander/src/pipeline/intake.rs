@@ -14,15 +14,24 @@ use tracing::Instrument;
 
 use super::{Ctx, fnv1a};
 use crate::classify::{Classification, TraceCtx};
-use crate::decisions::{DecisionRecord, Outcome};
+use std::sync::atomic::Ordering;
+
+use crate::decisions::{DecisionInputs, DecisionRecord, Outcome};
 use crate::fleet::TaskEvent;
 use crate::metrics::PoolLabel;
-use crate::route::{self, DecideInput, Decision};
+use crate::policy::throttle::{ThrottleKeys, Throttled};
+use crate::policy::{self, DeferredTask, EvalInput, Reservation, TaskDims, Verdict};
+use crate::route::{self, Decision};
+use crate::store::DeferInfo;
 use crate::store::{TaskRecord, TaskState, TraceInfo};
 
 /// The attempt number of a first dispatch. Re-dispatch after failure (a later issue)
 /// increments it; redelivery of the same dispatch does not.
 const FIRST_ATTEMPT: u32 = 1;
+
+/// Decision-log rules of the policy's own outcomes.
+const BUDGET_DEFER: &str = "budget_defer";
+const BUDGET_REJECT: &str = "budget_reject";
 
 /// One intake message, worked out.
 enum Plan {
@@ -30,6 +39,9 @@ enum Plan {
     Duplicate,
     Dispatch(Box<Dispatch>),
     Reject(Box<Reject>),
+    Defer(Box<DeferPlan>),
+    /// A throttle holds it back: left in the intake stream, redelivered after the wait.
+    Throttle(Duration),
 }
 
 struct Dispatch {
@@ -46,6 +58,19 @@ struct Dispatch {
     record: DispatchRecord,
     /// Logged and published once the dispatch is acknowledged.
     decision: DecisionRecord,
+    /// Budget soft-threshold alerts this task raised, published after the batch.
+    alerts: Vec<serde_json::Value>,
+}
+
+/// A task a budget holds: stored in the deferred queue, then acked.
+struct DeferPlan {
+    id: String,
+    seq: u64,
+    entry: DeferredTask,
+    info: DeferInfo,
+    reply_to: Option<String>,
+    received_at: String,
+    decision: DecisionRecord,
 }
 
 /// What the store learns about a dispatched task, in one write.
@@ -59,6 +84,9 @@ struct DispatchRecord {
     reply_to: Option<String>,
     trace: TraceInfo,
     received_at: String,
+    /// The budget reservation, settled when the result comes.
+    reservation: Option<Reservation>,
+    policy_version: String,
 }
 
 impl DispatchRecord {
@@ -73,6 +101,8 @@ impl DispatchRecord {
         r.attempt = FIRST_ATTEMPT;
         r.reply_to = self.reply_to.clone();
         r.trace = Some(self.trace.clone());
+        r.budget = self.reservation.clone();
+        r.policy_version = Some(self.policy_version.clone());
         r.advance_at(TaskState::Received, self.received_at.clone());
         r.advance(TaskState::Dispatched);
     }
@@ -144,6 +174,9 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             fleet: ctx.route_snapshot(),
             rubric: ctx.classifier.rubric(),
             registry: ctx.registry.current(),
+            live: ctx.policy.live(),
+            queued: ctx.policy.deferrals.queued(),
+            now_ms: ctx.policy.now_ms(),
         };
         let mut plans = Vec::with_capacity(batch.len());
         for (r, class) in reads.into_iter().zip(classifications) {
@@ -178,19 +211,71 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
 
         let mut acks = Vec::with_capacity(batch.len());
         let mut decided = Vec::with_capacity(batch.len());
+        let mut notices: Vec<(String, serde_json::Value)> = Vec::new();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             match (plan, outcome) {
                 (None, _) => {
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
                 (Some(Plan::Duplicate), _) => acks.push(msg),
+                (Some(Plan::Throttle(wait)), _) => {
+                    // Spread the comebacks so they do not all arrive together.
+                    let jitter = rand::random_range(0..=wait.as_millis().min(1_000) as u64 / 2 + 20);
+                    let delay = (wait + Duration::from_millis(jitter)).min(Duration::from_secs(30));
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                }
                 (Some(plan), Some(Err(e))) => {
                     ctx.metrics.dispatch_errors.inc();
                     tracing::warn!(error = %e, "publish failed; the task will be retried");
                     if let Plan::Dispatch(d) = plan {
                         tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
+                        if let Some(r) = &d.record.reservation {
+                            ctx.policy.unreserve(r);
+                        }
                     }
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                }
+                (Some(Plan::Defer(d)), _) => {
+                    let d = *d;
+                    let recorded = ctx.store.update(
+                        &d.id,
+                        || TaskRecord::new(&d.id, d.seq),
+                        |r| {
+                            r.intake_sequence = d.seq;
+                            r.priority = d.entry.priority;
+                            r.reply_to = d.reply_to.clone();
+                            r.deferred = Some(d.info.clone());
+                            r.decision_id = Some(d.decision.id.clone());
+                            r.decision_at_ms = Some(d.decision.at_ms);
+                            r.policy_version = Some(d.entry.policy_version.clone());
+                            r.pool = Some(d.entry.pool.clone());
+                            r.model = Some(d.entry.model.clone());
+                            r.route_reason = Some(d.info.reason.clone());
+                            r.advance_at(TaskState::Received, d.received_at.clone());
+                            r.advance(TaskState::Deferred);
+                        },
+                    );
+                    let stored = recorded.and_then(|_| ctx.policy.deferrals.insert(&d.entry));
+                    if let Err(e) = stored {
+                        // Not kept, so not acked: the intake stream still has it.
+                        tracing::error!(task_id = %d.id, error = %e, "deferral not stored; will retry");
+                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        continue;
+                    }
+                    ctx.policy.counters.deferred.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
+                    notices.push((
+                        d.id.clone(),
+                        serde_json::json!({
+                            "task_id": d.id,
+                            "state": "deferred",
+                            "reason": d.info.reason,
+                            "until": d.info.until,
+                            "policy_version": d.entry.policy_version,
+                        }),
+                    ));
+                    decided.push(d.decision);
+                    acks.push(msg);
                 }
                 (Some(Plan::Dispatch(d)), _) => {
                     let mut d = *d;
@@ -199,10 +284,27 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                         || TaskRecord::new(&d.id, d.record.seq),
                         |r| d.record.apply(r, &d.pool),
                     );
-                    if let Err(e) = recorded {
-                        tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded");
+                    match recorded {
+                        Err(e) => {
+                            tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded")
+                        }
+                        // The result was processed first and found no reservation to
+                        // settle: settle it here.
+                        Ok(rec) if rec.state.is_terminal() => {
+                            if let Some(r) = &d.record.reservation {
+                                let usage = rec.outcome.as_ref().and_then(|o| o.usage.as_ref());
+                                let actual = super::results::actual_cost(ctx, usage, rec.model.as_deref())
+                                    .unwrap_or(r.est_usd);
+                                ctx.policy.settle(r, actual);
+                            }
+                        }
+                        Ok(_) => {}
                     }
                     decided.push(d.decision);
+                    for a in d.alerts.drain(..) {
+                        tracing::warn!(alert = %a, "budget soft threshold crossed");
+                        notices.push((String::new(), a));
+                    }
                     ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
                     ctx.fleet.task_event(TaskEvent::Dispatched {
                         task_id: d.id.clone(),
@@ -235,6 +337,10 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         // decisions are big), made durable by the same flush.
         ctx.log_decisions(&decided).await;
 
+        if let Err(e) = ctx.policy.persist_ledger() {
+            tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
+            return;
+        }
         // One flush for the batch, then the acks: what was acked is on disk.
         if let Err(e) = ctx.store.flush().await {
             tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
@@ -244,6 +350,15 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "intake ack failed; the redelivery will be recognised");
             }
+        }
+        // Status notices (deferrals) and budget alerts: informational, core NATS.
+        for (task_id, body) in notices {
+            let subject = if task_id.is_empty() {
+                ctx.subjects.alerts("warning")
+            } else {
+                ctx.subjects.status(&task_id)
+            };
+            let _ = ctx.client.publish(subject, bytes::Bytes::from(body.to_string())).await;
         }
     }
     .instrument(span)
@@ -271,6 +386,8 @@ struct Prepared {
     invalid: Option<String>,
     tracestate: Option<String>,
     baggage: Baggage,
+    /// Out of the deferred queue: (first deferral ms, releases so far).
+    release: Option<(u64, u32)>,
 }
 
 /// Reads one message: the id, duplicates, the task JSON, the trace context.
@@ -295,8 +412,21 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         .or(header_id)
         .unwrap_or_else(|| format!("seq-{seq}"));
 
-    if let Some(existing) = ctx.store.get(&id)?
+    // A release of a deferred task carries the header; the commander is the only one
+    // that sets it, and it counts only for a task that is deferred right now.
+    let existing = ctx.store.get(&id)?;
+    let release = header(hdrs, headers::RELEASE).and_then(|v| {
+        let (at, n) = v.split_once(':')?;
+        Some((at.parse::<u64>().ok()?, n.parse::<u32>().ok()?))
+    });
+    let release = release.filter(|_| {
+        existing
+            .as_ref()
+            .is_some_and(|r| r.state == TaskState::Deferred)
+    });
+    if let Some(existing) = existing
         && existing.state != TaskState::Received
+        && release.is_none()
     {
         ctx.metrics.intake_duplicates.inc();
         if existing.intake_sequence != seq {
@@ -358,17 +488,44 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         invalid,
         tracestate,
         baggage,
+        release,
     })))
 }
 
-/// Decides where a classified task goes and builds its dispatch (or its rejection).
-/// The routing inputs shared by a batch.
+/// The routing and policy inputs shared by a batch, read once.
 struct View {
     fleet: std::sync::Arc<route::RouteSnapshot>,
     rubric: std::sync::Arc<crate::classify::rubric::Rubric>,
     registry: std::sync::Arc<crate::registry::Registry>,
+    live: std::sync::Arc<crate::policy::Live>,
+    /// Deferred tasks waiting per (budget, value).
+    queued: std::collections::BTreeMap<(String, String), usize>,
+    now_ms: u64,
 }
 
+/// What the policy made of a task, owned (the verdict borrows the policy).
+enum Step {
+    Go {
+        decision: Decision,
+        reservation: Option<Reservation>,
+        alerts: Vec<serde_json::Value>,
+    },
+    Throttled(Throttled),
+    Defer {
+        decision: Decision,
+        reason: String,
+        until_ms: Option<u64>,
+        queues: Vec<(String, String)>,
+    },
+    BudgetReject {
+        decision: Decision,
+        reason: String,
+    },
+    NoRoute(route::NoRoute),
+}
+
+/// Decides where a classified task goes (route, budgets, throttles) and builds its
+/// dispatch, deferral or rejection.
 fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
     let Prepared {
         started,
@@ -382,26 +539,117 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
         invalid,
         tracestate,
         baggage,
+        release,
     } = p;
     let trace_id = dispatch.trace_id;
     let View {
         fleet,
         rubric,
         registry,
+        live,
+        queued,
+        now_ms,
     } = view;
+    let version = live.policy.version.clone();
+    let dims = TaskDims::from_task(&task.attributes, baggage.iter());
     let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
-    let decided = {
+    let step = {
         let _span = tracing::debug_span!("decide", task_id = %id).entered();
-        route::decide(DecideInput {
-            task: &task,
-            class: &class.answer,
-            rubric,
-            registry,
-            fleet,
-            table: &ctx.table,
-            policy: &ctx.policy,
-            seed: fnv1a(&[b"seed", id.as_bytes()]),
+        // Check and reserve under one lock, so concurrent batches cannot both take the
+        // last of a budget.
+        ctx.policy.with_ledger(|ledger| {
+            let verdict = policy::evaluate(EvalInput {
+                task: &task,
+                class: &class.answer,
+                dims: &dims,
+                rubric,
+                registry,
+                fleet,
+                table: &ctx.table,
+                policy: &live.policy,
+                hints: &live.hints,
+                ledger,
+                queued,
+                released: release.is_some(),
+                now_ms: *now_ms,
+                seed: fnv1a(&[b"seed", id.as_bytes()]),
+            });
+            match verdict {
+                Verdict::Dispatch { decision, check } => {
+                    if !live.throttles.is_empty() {
+                        let keys = ThrottleKeys {
+                            pool: &decision.pool,
+                            team: dims.team.as_deref(),
+                            producer: dims.producer.as_deref(),
+                            worker: decision.worker.as_deref(),
+                        };
+                        let tokens = class.answer.input_tokens + class.answer.output_tokens;
+                        if let Err(t) = live.throttles.admit(keys, tokens) {
+                            return Step::Throttled(t);
+                        }
+                    }
+                    let est = decision.est_cost_usd.unwrap_or(0.0);
+                    let reservation = (!check.cells.is_empty()).then(|| Reservation {
+                        cells: check.cells.clone(),
+                        est_usd: est,
+                    });
+                    if let Some(r) = &reservation {
+                        ledger.reserve(&r.cells, est);
+                    }
+                    let alerts = check
+                        .soft
+                        .iter()
+                        .filter(|h| {
+                            h.alert
+                                && ctx.policy.first_alert(
+                                    &h.budget.spec.name,
+                                    &h.value,
+                                    h.budget.window.bucket(*now_ms),
+                                    h.at,
+                                )
+                        })
+                        .map(|h| {
+                            serde_json::json!({
+                                "alert": "budget_soft_threshold",
+                                "severity": "warning",
+                                "budget": h.budget.spec.name,
+                                "value": h.value,
+                                "threshold": h.at,
+                                "used": h.fraction,
+                                "limit_usd": h.budget.spec.limit_usd,
+                                "window": h.budget.spec.window,
+                                "policy_version": version,
+                                "task_id": id,
+                            })
+                        })
+                        .collect();
+                    Step::Go {
+                        decision,
+                        reservation,
+                        alerts,
+                    }
+                }
+                Verdict::Defer {
+                    decision,
+                    reason,
+                    until_ms,
+                    queues,
+                } => Step::Defer {
+                    decision,
+                    reason,
+                    until_ms,
+                    queues,
+                },
+                Verdict::Reject { decision, reason } => Step::BudgetReject { decision, reason },
+                Verdict::NoRoute(n) => Step::NoRoute(n),
+            }
         })
+    };
+    let inputs = DecisionInputs {
+        requested_pool: task.pool.clone(),
+        requested_model: task.model.clone(),
+        max_cost_usd: task.max_cost_usd,
+        dims: dims.clone(),
     };
     let record = |outcome: Outcome,
                   d: Option<&Decision>,
@@ -428,13 +676,26 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
             classification: class.clone(),
             candidates,
             rubric: rubric.name.clone(),
-            policy_version: ctx.policy.version.clone(),
+            policy_version: Some(version.clone()),
+            inputs: inputs.clone(),
             trace_id: Some(trace_id.to_hex()),
         }
     };
-    let mut decision = match decided {
-        Ok(d) => d,
-        Err(no_route) => {
+    let (mut decision, reservation, alerts) = match step {
+        Step::Go {
+            decision,
+            reservation,
+            alerts,
+        } => (decision, reservation, alerts),
+        Step::Throttled(t) => {
+            ctx.policy
+                .counters
+                .throttled
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(task_id = %id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
+            return Plan::Throttle(t.wait);
+        }
+        Step::NoRoute(no_route) => {
             let reason = no_route.to_string();
             let logged = record(
                 Outcome::Rejected,
@@ -448,6 +709,105 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
                 r.decision = Some(logged);
             }
             return plan;
+        }
+        Step::BudgetReject { decision, reason } => {
+            ctx.policy
+                .counters
+                .budget_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            let logged = record(
+                Outcome::Rejected,
+                Some(&decision),
+                BUDGET_REJECT,
+                reason.clone(),
+                decision.candidates.clone(),
+            );
+            let mut plan = Reject::plan(id, seq, "budget_exceeded", reason, reply_to);
+            if let Plan::Reject(r) = &mut plan {
+                r.decision = Some(logged);
+            }
+            return plan;
+        }
+        Step::Defer {
+            decision,
+            reason,
+            until_ms,
+            queues,
+        } => {
+            if ctx.policy.deferrals.is_full() {
+                let why = format!(
+                    "{reason}; but the deferred queue is full ({} tasks), so it is rejected",
+                    ctx.policy.deferrals.len()
+                );
+                return Reject::plan(id, seq, "deferred_queue_full", why, reply_to);
+            }
+            let (deferred_at_ms, releases) = release.unwrap_or((*now_ms, 0));
+            let logged = record(
+                Outcome::Deferred,
+                Some(&decision),
+                BUDGET_DEFER,
+                reason.clone(),
+                decision.candidates.clone(),
+            );
+            let mut hdrs = Vec::new();
+            if let Some(p) = parent {
+                hdrs.push((headers::TRACEPARENT.to_string(), p.to_header()));
+                if let Some(ts) = &tracestate {
+                    hdrs.push((headers::TRACESTATE.to_string(), ts.clone()));
+                }
+            }
+            if !baggage.is_empty() {
+                hdrs.push((headers::BAGGAGE.to_string(), baggage.to_header()));
+            }
+            if let Some(r) = &reply_to {
+                hdrs.push((headers::REPLY_TO.to_string(), r.clone()));
+            }
+            let task_json = match serde_json::to_string(&task) {
+                Ok(j) => j,
+                Err(e) => {
+                    return Reject::plan(
+                        id,
+                        seq,
+                        "internal",
+                        format!("task did not serialise: {e}"),
+                        reply_to,
+                    );
+                }
+            };
+            let until = until_ms.map(crate::policy::budget::rfc3339);
+            let entry = DeferredTask {
+                id: id.clone(),
+                priority: task.priority,
+                deferred_at_ms,
+                deferred_at: crate::policy::budget::rfc3339(deferred_at_ms),
+                reason: reason.clone(),
+                until_ms,
+                until: until.clone(),
+                queues,
+                pool: decision.pool.clone(),
+                model: decision.model.clone(),
+                est_usd: decision.est_cost_usd.unwrap_or(0.0),
+                dims,
+                policy_version: version.clone(),
+                task_json,
+                headers: hdrs,
+                releases,
+            };
+            let info = DeferInfo {
+                reason,
+                until,
+                deferred_at: entry.deferred_at.clone(),
+                releases,
+            };
+            return Plan::Defer(Box::new(DeferPlan {
+                id,
+                seq,
+                entry,
+                info,
+                reply_to,
+                received_at,
+                decision: logged,
+            }));
         }
     };
     fleet.note_routed(&decision.pool);
@@ -560,6 +920,8 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
         reply_to,
         trace: trace_info,
         received_at,
+        reservation,
+        policy_version: version,
     };
     Plan::Dispatch(Box::new(Dispatch {
         id,
@@ -572,6 +934,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
         task_type: Some(class.answer.task_type),
         record,
         decision: logged,
+        alerts,
     }))
 }
 

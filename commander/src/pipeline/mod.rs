@@ -6,6 +6,7 @@
 //! the work and results streams drop repeated `Nats-Msg-Id`s).
 
 pub mod intake;
+pub mod release;
 pub mod results;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::decisions::{DecisionLog, DecisionRecord};
 use crate::fleet::FleetHandle;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::registry::RegistryHandle;
-use crate::route::{PolicyHints, RouteSnapshot, RoutingTable};
+use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
 /// What both loops share.
@@ -43,8 +44,8 @@ pub struct Ctx {
     pub decisions: DecisionLog,
     /// Publish decisions on `<prefix>.decisions.<pool>`.
     pub publish_decisions: bool,
-    /// What the policy layer says (budgets come with the policy engine).
-    pub policy: PolicyHints,
+    /// The policy in force, the budget ledger and the deferred queue.
+    pub policy: Arc<crate::policy::PolicyEngine>,
     /// The routing view of the latest fleet snapshot, rebuilt when a new one appears.
     pub route_cache: std::sync::Mutex<Option<Arc<RouteSnapshot>>>,
 }

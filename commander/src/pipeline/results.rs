@@ -28,6 +28,10 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 }
             }
         }
+        if let Err(e) = ctx.policy.persist_ledger() {
+            tracing::error!(error = %e, "budget ledger not written; leaving the results for redelivery");
+            return;
+        }
         if let Err(e) = ctx.store.flush().await {
             tracing::error!(error = %e, "store flush failed; leaving the results for redelivery");
             return;
@@ -86,6 +90,11 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             Retry
         })?;
     if finished_now.get() {
+        if let Some(r) = &rec.budget {
+            let actual =
+                actual_cost(ctx, result.usage.as_ref(), rec.model.as_deref()).unwrap_or(r.est_usd);
+            ctx.policy.settle(r, actual);
+        }
         let pool = rec
             .pool
             .clone()
@@ -134,13 +143,37 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     Ok(())
 }
 
-/// Dispatch latency: from the commander taking the task off the intake stream to the worker
+/// What a finished task cost: the worker's figure, else its token usage at the
+/// registry's price of the model it used (or was routed to). `None` when neither is
+/// known; the ledger then keeps the estimate (a cost is never invented as zero).
+pub(crate) fn actual_cost(
+    ctx: &Ctx,
+    usage: Option<&fleet_worker::message::Usage>,
+    routed_model: Option<&str>,
+) -> Option<f64> {
+    let usage = usage?;
+    if let Some(c) = usage.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
+        return Some(c);
+    }
+    let model = usage.model.as_deref().or(routed_model)?;
+    let registry = ctx.registry.current();
+    let entry = registry.lookup(model)?;
+    Some(entry.cost(&crate::registry::TokenUsage {
+        input: usage.input_tokens,
+        output: usage.output_tokens,
+        ..Default::default()
+    }))
+}
+
+/// Dispatch latency: from the commander taking the task off the intake stream (the last
+/// time, for a task released from the deferred queue) to the worker
 /// receiving it (routing, publishing and the wait in the pool's queue), from the store's
 /// history and the result's timings.
 fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
     let dispatched = rec
         .history
         .iter()
+        .rev()
         .find(|c| c.state == TaskState::Received)
         .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())?;
     let received = humantime::parse_rfc3339_weak(result.timings.received_at.as_deref()?).ok()?;

@@ -34,13 +34,27 @@ use crate::registry::{Registry, TokenUsage};
 use super::RoutingTable;
 use super::snapshot::{PoolState, RouteSnapshot, WorkerSlot};
 
-/// What the policy layer tells routing (budgets arrive with the policy engine).
+/// What the policy layer tells routing.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyHints {
-    /// Downgrade this task one tier, and why (e.g. "team search at 91% of its daily budget").
+    /// Downgrade this task, and why (e.g. "team search at 91% of its daily budget").
     pub downgrade: Option<String>,
+    /// With `downgrade`: the tier (index into the rubric's tiers) to move to; unset, one
+    /// tier lower. Never moves a task up.
+    pub downgrade_to: Option<usize>,
     /// Version of the policy in force, recorded on the decision.
     pub version: Option<String>,
+    /// The policy's reroutes: while `from` is over a threshold its tasks go to `to`.
+    pub reroutes: Vec<PolicyReroute>,
+}
+
+/// One `[[reroute]]` of the policy, as routing applies it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyReroute {
+    pub from: String,
+    pub to: String,
+    pub error_rate_above: Option<f64>,
+    pub p95_latency_ms_above: Option<u64>,
 }
 
 /// Everything a decision depends on.
@@ -95,7 +109,7 @@ impl RouteRule {
 
 /// One alternative and what became of it. `code` is stable: `chosen`, `outscored`,
 /// `not_configured`, `paused`, `capability`, `context_window`, `max_cost`, `unhealthy`,
-/// `context`, `error_rate`, `saturated`, `not_requested`, `budget_downgrade`.
+/// `context`, `error_rate`, `policy_reroute`, `saturated`, `not_requested`, `budget_downgrade`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub pool: String,
@@ -161,7 +175,14 @@ impl NoRoute {
 }
 
 /// Exclusions that describe the fleet's present state rather than the task's needs.
-const SOFT: [&str; 5] = ["paused", "unhealthy", "context", "error_rate", "saturated"];
+const SOFT: [&str; 6] = [
+    "paused",
+    "unhealthy",
+    "context",
+    "error_rate",
+    "policy_reroute",
+    "saturated",
+];
 
 /// Working state of one candidate.
 struct Cand<'a> {
@@ -231,7 +252,10 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         .as_ref()
         .filter(|_| base_tier > 0 && requested_model.is_none());
     let tier_idx = if downgrade.is_some() {
-        base_tier - 1
+        policy
+            .downgrade_to
+            .map(|t| t.min(base_tier))
+            .unwrap_or(base_tier - 1)
     } else {
         base_tier
     };
@@ -360,6 +384,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         let (excl, reroute_to) = exclude(
             &cands[i],
             table,
+            &policy.reroutes,
             registry,
             &needs,
             long_context,
@@ -607,6 +632,7 @@ fn new_cand<'a>(
 fn exclude<'t>(
     c: &Cand<'_>,
     table: &'t RoutingTable,
+    reroutes: &'t [PolicyReroute],
     registry: &Registry,
     needs: &[&str],
     long_context: bool,
@@ -725,6 +751,37 @@ fn exclude<'t>(
             )),
             fb,
         );
+    }
+    if let Some(r) = reroutes.iter().find(|r| r.from == c.pool) {
+        let errors = r
+            .error_rate_above
+            .zip(s.error_rate)
+            .filter(|(limit, rate)| rate > limit)
+            .map(|(limit, rate)| {
+                format!(
+                    "{} failed {:.0}% of {} tasks in the last minute (policy threshold {:.0}%)",
+                    c.pool,
+                    rate * 100.0,
+                    s.finished_1m,
+                    limit * 100.0
+                )
+            });
+        let latency = r
+            .p95_latency_ms_above
+            .zip(s.p95_latency_ms)
+            .filter(|(limit, p95)| *p95 > *limit as f64)
+            .map(|(limit, p95)| {
+                format!(
+                    "{} p95 dispatch latency {p95:.0} ms is over the policy's {limit} ms",
+                    c.pool
+                )
+            });
+        if let Some(why) = errors.or(latency) {
+            return (
+                Some(("policy_reroute", format!("{why}; rerouted to {}", r.to))),
+                Some(r.to.as_str()),
+            );
+        }
     }
     if let Some(max) = pool_cfg.and_then(|p| p.max_queue_depth)
         && s.queue_depth >= max

@@ -66,6 +66,8 @@ pub struct PoolState {
     /// Share of failed tasks over the last minute, when there were enough of them.
     pub error_rate: Option<f64>,
     pub finished_1m: u64,
+    /// p95 dispatch latency (intake read → worker receipt) over the last 5 minutes, ms.
+    pub p95_latency_ms: Option<f64>,
     /// Tasks this commander routed here since the snapshot was taken (so a burst does not
     /// all land on the pool that looked idlest a second ago).
     pub routed_since: AtomicU64,
@@ -113,6 +115,7 @@ impl RouteSnapshot {
             s.in_flight = p.in_flight;
             s.capacity = p.capacity;
             s.finished_1m = p.tasks_per_min;
+            s.p95_latency_ms = p.dispatch_latency_ms.p95;
             s.error_rate = (p.tasks_per_min >= table.routing.min_error_samples.max(1))
                 .then(|| p.failed_per_min as f64 / p.tasks_per_min as f64);
         }

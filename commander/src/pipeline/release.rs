@@ -1,0 +1,97 @@
+//! The release loop: deferred tasks whose budget has room again go back to the intake
+//! stream, priority first, then oldest. It wakes every `policy.release_interval_ms` and
+//! at once after a policy swap (a raised limit or a removed budget frees tasks without
+//! waiting for a window to reset). A task leaves the deferred queue only after JetStream
+//! acknowledged its republication, and the intake loop re-decides it like any task (it
+//! may be deferred again, in the same place in the queue).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use fleet_worker::protocol::{self, headers};
+use tokio::sync::watch;
+
+use super::Ctx;
+
+pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = ctx.policy.changed.notified() => {}
+            _ = stop.changed() => return,
+        }
+        if ctx.policy.deferrals.is_empty() {
+            continue;
+        }
+        let live = ctx.policy.live();
+        let now = ctx.policy.now_ms();
+        let due = ctx
+            .policy
+            .with_ledger(|l| ctx.policy.deferrals.due(&live.policy, l, now, batch));
+        let due = match due {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "deferred queue unreadable");
+                continue;
+            }
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let mut pending = Vec::with_capacity(due.len());
+        for t in due {
+            let mut h = HeaderMap::new();
+            for (k, v) in &t.headers {
+                let _ = protocol::set_header(&mut h, k, v);
+            }
+            let n = t.releases + 1;
+            let _ = protocol::set_header(&mut h, headers::TASK_ID, &t.id);
+            let _ = protocol::set_header(
+                &mut h,
+                headers::RELEASE,
+                &format!("{}:{n}", t.deferred_at_ms),
+            );
+            // Unique per release, so a second release after a re-deferral is not dropped
+            // as a duplicate; the same release published twice (a crash) is.
+            let _ = protocol::set_header(
+                &mut h,
+                headers::NATS_MSG_ID,
+                &format!("{}:release:{}:{n}", t.id, t.deferred_at_ms),
+            );
+            let fut = ctx
+                .js
+                .publish_with_headers(ctx.subjects.submit(), h, Bytes::from(t.task_json.clone()))
+                .await;
+            pending.push((t, fut));
+        }
+        let mut released = 0u64;
+        for (t, fut) in pending {
+            let acked = match fut {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(()) => {
+                    if let Err(e) = ctx.policy.deferrals.remove(&t) {
+                        tracing::error!(task_id = %t.id, error = %e, "released task not removed from the deferred queue");
+                    }
+                    released += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %t.id, error = %e, "release not acknowledged; will retry")
+                }
+            }
+        }
+        if let Err(e) = ctx.store.flush().await {
+            tracing::error!(error = %e, "store flush after release failed");
+        }
+        ctx.policy
+            .counters
+            .released
+            .fetch_add(released, Ordering::Relaxed);
+        tracing::info!(released, version = %live.policy.version, "deferred tasks released");
+    }
+}

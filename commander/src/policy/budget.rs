@@ -1,0 +1,594 @@
+//! Budgets: windows, the cost ledger and the pure check of a routed task against every
+//! budget that applies to it.
+//!
+//! The ledger counts, per (budget, scope value, bucket), what was **spent** (actual costs
+//! of finished tasks) and what is **reserved** (estimates of tasks dispatched and not yet
+//! finished). A task is admitted only when `spent + reserved + its estimate` stays within
+//! the limit, and its estimate is reserved in the same step (under one lock), so the
+//! limit can be passed only by tasks whose actual cost came out above their estimate:
+//! the overspend is bounded by the estimates of tasks in flight when the limit was
+//! reached. At the task's result the estimate is released and the actual cost charged to
+//! the bucket the reservation was made in. Cells are written to sled with the batch that
+//! touched them, so the ledger survives a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::load::{Budget, Policy};
+use super::schema::{Scope, SoftAction};
+
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+/// Sub-buckets of a rolling window: spending leaves the window in 1/60th steps.
+const ROLLING_BUCKETS: u64 = 60;
+
+/// A budget window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// Calendar hour, day or month in UTC: everything resets at the boundary.
+    Hour,
+    Day,
+    Month,
+    /// The last `n` milliseconds, in 60 buckets.
+    Rolling(u64),
+}
+
+impl Window {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "hour" | "hourly" => Ok(Window::Hour),
+            "day" | "daily" => Ok(Window::Day),
+            "month" | "monthly" => Ok(Window::Month),
+            other => {
+                let d = humantime::parse_duration(other).map_err(|_| {
+                    format!(
+                        "window {other:?} must be hour, day, month or a duration such as 30m, 6h, 7d"
+                    )
+                })?;
+                let ms = d.as_millis() as u64;
+                if ms < 60_000 {
+                    return Err(format!("window {other:?} must be at least 1m"));
+                }
+                if ms > 366 * DAY_MS {
+                    return Err(format!("window {other:?} must be at most 366d"));
+                }
+                Ok(Window::Rolling(ms))
+            }
+        }
+    }
+
+    /// The start of the ledger bucket `now_ms` falls in.
+    pub fn bucket(&self, now_ms: u64) -> u64 {
+        match self {
+            Window::Hour => now_ms - now_ms % HOUR_MS,
+            Window::Day => now_ms - now_ms % DAY_MS,
+            Window::Month => month_start(now_ms),
+            Window::Rolling(d) => {
+                let step = (d / ROLLING_BUCKETS).max(1);
+                now_ms - now_ms % step
+            }
+        }
+    }
+
+    /// Buckets starting at or after this count toward the window at `now_ms`.
+    pub fn counting_from(&self, now_ms: u64) -> u64 {
+        match self {
+            Window::Rolling(d) => {
+                let step = (d / ROLLING_BUCKETS).max(1);
+                // The bucket holding `now - d` has partly left the window; it leaves whole.
+                self.bucket(now_ms.saturating_sub(*d)) + step
+            }
+            _ => self.bucket(now_ms),
+        }
+    }
+
+    /// When a bucket starting at `bucket` stops counting.
+    pub fn bucket_expires(&self, bucket: u64) -> u64 {
+        match self {
+            Window::Hour => bucket + HOUR_MS,
+            Window::Day => bucket + DAY_MS,
+            Window::Month => month_start(bucket + 32 * DAY_MS),
+            Window::Rolling(d) => bucket + d,
+        }
+    }
+}
+
+/// 00:00 UTC on the first of the month of `ms`.
+fn month_start(ms: u64) -> u64 {
+    let days = (ms / DAY_MS) as i64;
+    let (y, m, _) = civil_from_days(days);
+    (days_from_civil(y, m, 1) as u64) * DAY_MS
+}
+
+// Howard Hinnant's civil-date algorithms (public domain), for UTC calendar windows
+// without a date-time dependency.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 text of a unix time in ms.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// The attribution of a task that budgets and throttles read: from its attributes, else
+/// its baggage (the same keys telemetry reads).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
+}
+
+impl TaskDims {
+    /// Reads `team`, `feature`, `user_tier` and `producer` from `attributes` first, then
+    /// from baggage entries (`team`, `fleet.team`, `app.team` …).
+    pub fn from_task<'a>(
+        attributes: &std::collections::BTreeMap<String, String>,
+        baggage: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut d = TaskDims {
+            team: attributes.get("team").cloned(),
+            feature: attributes.get("feature").cloned(),
+            user_tier: attributes.get("user_tier").cloned(),
+            producer: attributes.get("producer").cloned(),
+        };
+        for (k, v) in baggage {
+            let slot = match k {
+                "team" | "fleet.team" | "app.team" | "team.name" => &mut d.team,
+                "feature" | "fleet.feature" | "app.feature" | "feature.name" => &mut d.feature,
+                "user_tier" | "fleet.user_tier" | "user.tier" | "enduser.tier" => &mut d.user_tier,
+                "producer" | "fleet.producer" => &mut d.producer,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(v.to_string());
+            }
+        }
+        d
+    }
+}
+
+/// A ledger cell's address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CellKey {
+    pub budget: String,
+    /// The scope's value (`search` for team search; `*` for the fleet).
+    pub value: String,
+    /// Start of the bucket, unix ms.
+    pub bucket: u64,
+}
+
+impl CellKey {
+    /// sled key: length-prefixed budget and value, then the bucket big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.budget.len() + self.value.len() + 12);
+        k.extend_from_slice(&(self.budget.len() as u16).to_be_bytes());
+        k.extend_from_slice(self.budget.as_bytes());
+        k.extend_from_slice(&(self.value.len() as u16).to_be_bytes());
+        k.extend_from_slice(self.value.as_bytes());
+        k.extend_from_slice(&self.bucket.to_be_bytes());
+        k
+    }
+
+    pub fn decode(k: &[u8]) -> Option<Self> {
+        let take = |k: &[u8], at: usize| -> Option<(String, usize)> {
+            let n = u16::from_be_bytes(k.get(at..at + 2)?.try_into().ok()?) as usize;
+            let s = std::str::from_utf8(k.get(at + 2..at + 2 + n)?).ok()?;
+            Some((s.to_string(), at + 2 + n))
+        };
+        let (budget, at) = take(k, 0)?;
+        let (value, at) = take(k, at)?;
+        let bucket = u64::from_be_bytes(k.get(at..at + 8)?.try_into().ok()?);
+        Some(Self {
+            budget,
+            value,
+            bucket,
+        })
+    }
+}
+
+/// Spent and reserved USD of one cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub spent: f64,
+    pub reserved: f64,
+}
+
+/// A reservation made at dispatch, kept on the task's record until its result settles it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub cells: Vec<CellKey>,
+    pub est_usd: f64,
+}
+
+/// The ledger: every cell, in memory (the engine persists the dirty ones).
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    cells: BTreeMap<(String, String), BTreeMap<u64, Cell>>,
+    dirty: BTreeSet<CellKey>,
+}
+
+impl Ledger {
+    pub fn insert(&mut self, key: CellKey, cell: Cell) {
+        self.cells
+            .entry((key.budget, key.value))
+            .or_default()
+            .insert(key.bucket, cell);
+    }
+
+    pub fn cell(&self, key: &CellKey) -> Cell {
+        self.cells
+            .get(&(key.budget.clone(), key.value.clone()))
+            .and_then(|b| b.get(&key.bucket))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Spent + reserved in the window of `budget` for `value` at `now_ms`.
+    pub fn committed(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> f64 {
+        let from = window.counting_from(now_ms);
+        self.cells
+            .get(&(budget.to_string(), value.to_string()))
+            .map(|b| b.range(from..).map(|(_, c)| c.spent + c.reserved).sum())
+            .unwrap_or(0.0)
+    }
+
+    /// The values a budget has cells for.
+    pub fn values(&self, budget: &str) -> Vec<String> {
+        self.cells
+            .keys()
+            .filter(|(b, _)| b == budget)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Spent and reserved of a budget value in buckets from `from`.
+    pub fn sums(&self, budget: &str, value: &str, from: u64) -> (f64, f64) {
+        self.cells
+            .get(&(budget.to_string(), value.to_string()))
+            .map(|b| {
+                b.range(from..)
+                    .fold((0.0, 0.0), |(s, r), (_, c)| (s + c.spent, r + c.reserved))
+            })
+            .unwrap_or((0.0, 0.0))
+    }
+
+    /// The buckets of a budget value that count at `now_ms`, oldest first.
+    fn counting(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> Vec<(u64, f64)> {
+        let from = window.counting_from(now_ms);
+        self.cells
+            .get(&(budget.to_string(), value.to_string()))
+            .map(|b| {
+                b.range(from..)
+                    .map(|(k, c)| (*k, c.spent + c.reserved))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn reserve(&mut self, keys: &[CellKey], est: f64) {
+        for k in keys {
+            let c = self.entry(k);
+            c.reserved += est;
+            self.dirty.insert(k.clone());
+        }
+    }
+
+    /// Releases a reservation and charges the actual cost in its place.
+    pub fn settle(&mut self, r: &Reservation, actual: f64) {
+        for k in &r.cells {
+            let c = self.entry(k);
+            c.reserved = (c.reserved - r.est_usd).max(0.0);
+            c.spent += actual;
+            self.dirty.insert(k.clone());
+        }
+    }
+
+    /// Sets what a cell has committed (test cases and replay start from a situation).
+    pub fn set_spent(&mut self, key: CellKey, spent: f64) {
+        self.entry(&key).spent = spent;
+    }
+
+    fn entry(&mut self, k: &CellKey) -> &mut Cell {
+        self.cells
+            .entry((k.budget.clone(), k.value.clone()))
+            .or_default()
+            .entry(k.bucket)
+            .or_default()
+    }
+
+    /// Cells changed since the last call, with their values.
+    pub fn take_dirty(&mut self) -> Vec<(CellKey, Cell)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .map(|k| {
+                let c = self.cell(&k);
+                (k, c)
+            })
+            .collect()
+    }
+
+    /// Drops buckets that expired more than a window ago (kept one window for reports);
+    /// returns their keys so the store can drop them too. Cells of budgets the policy no
+    /// longer has are kept until they expire by the longest window, a month.
+    pub fn prune(&mut self, policy: &Policy, now_ms: u64) -> Vec<CellKey> {
+        let mut gone = Vec::new();
+        for ((budget, value), buckets) in &mut self.cells {
+            let window = policy
+                .budget(budget)
+                .map(|b| b.window)
+                .unwrap_or(Window::Month);
+            let keep_from = window.counting_from(window.counting_from(now_ms).saturating_sub(1));
+            let old: Vec<u64> = buckets.range(..keep_from).map(|(k, _)| *k).collect();
+            for b in old {
+                if buckets.get(&b).is_some_and(|c| c.reserved > 1e-12) {
+                    // A reservation still open: its task has not finished yet.
+                    continue;
+                }
+                buckets.remove(&b);
+                gone.push(CellKey {
+                    budget: budget.clone(),
+                    value: value.clone(),
+                    bucket: b,
+                });
+            }
+        }
+        self.cells.retain(|_, b| !b.is_empty());
+        gone
+    }
+}
+
+/// Which value of a budget's scope a task falls under, if the budget applies to it.
+pub fn scope_value(b: &Budget, dims: &TaskDims, pool: &str, model: &str) -> Option<String> {
+    let v = match b.spec.scope {
+        Scope::Fleet => return Some("*".into()),
+        Scope::Team => dims.team.as_deref()?,
+        Scope::Feature => dims.feature.as_deref()?,
+        Scope::UserTier => dims.user_tier.as_deref()?,
+        Scope::Pool => pool,
+        Scope::Model => model,
+    };
+    match &b.spec.matches {
+        Some(m) if m != v => None,
+        _ => Some(v.to_string()),
+    }
+}
+
+/// One budget that a task is over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Over<'a> {
+    pub budget: &'a Budget,
+    pub value: String,
+    pub committed: f64,
+    /// When the window has room for the task again, if nothing else is spent: the next
+    /// calendar boundary, or when enough of a rolling window has expired. `None` when
+    /// the task costs more than the whole limit.
+    pub resets_at: Option<u64>,
+}
+
+impl fmt::Display for Over<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.budget.spec;
+        let who = match s.scope {
+            Scope::Fleet => "fleet".to_string(),
+            scope => format!("{} {}", scope.as_str(), self.value),
+        };
+        write!(
+            f,
+            "budget {} ({who}, ${:.2} per {}) has ${:.4} committed",
+            s.name, s.limit_usd, s.window, self.committed
+        )?;
+        match self.resets_at {
+            Some(t) => write!(f, "; room again at {}", rfc3339(t)),
+            None => write!(f, "; the task's estimate is larger than the whole limit"),
+        }
+    }
+}
+
+/// A soft threshold a task's budget has crossed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SoftHit<'a> {
+    pub budget: &'a Budget,
+    pub value: String,
+    pub at: f64,
+    pub fraction: f64,
+    pub alert: bool,
+    /// The task is marginal under this threshold and should be downgraded.
+    pub downgrade: bool,
+}
+
+/// Every budget a routed task meets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Check<'a> {
+    /// Cells to reserve the estimate in when the task is admitted.
+    pub cells: Vec<CellKey>,
+    pub over: Vec<Over<'a>>,
+    pub soft: Vec<SoftHit<'a>>,
+}
+
+impl Check<'_> {
+    /// A soft threshold asks for a downgrade: why, in words.
+    pub fn downgrade_reason(&self) -> Option<String> {
+        self.soft.iter().find(|h| h.downgrade).map(|h| {
+            format!(
+                "budget {} at {:.0}% (soft threshold {:.0}%)",
+                h.budget.spec.name,
+                h.fraction * 100.0,
+                h.at * 100.0
+            )
+        })
+    }
+}
+
+/// Checks a task routed to (`pool`, `model`) with estimate `est` against every budget.
+/// Pure: reads the ledger, changes nothing. `extra` adds tentative spending per cell (the
+/// release pass counts tasks it is about to release).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the check's inputs, all borrowed"
+)]
+pub fn check<'a>(
+    policy: &'a Policy,
+    ledger: &Ledger,
+    extra: &BTreeMap<(String, String), f64>,
+    dims: &TaskDims,
+    pool: &str,
+    model: &str,
+    est: f64,
+    priority: u8,
+    now_ms: u64,
+) -> Check<'a> {
+    let mut out = Check::default();
+    for b in &policy.budgets {
+        let Some(value) = scope_value(b, dims, pool, model) else {
+            continue;
+        };
+        let name = b.spec.name.as_str();
+        let committed = ledger.committed(name, &value, b.window, now_ms)
+            + extra
+                .get(&(name.to_string(), value.clone()))
+                .copied()
+                .unwrap_or(0.0);
+        let limit = b.spec.limit_usd;
+        // A tiny tolerance so that a budget of exactly N × estimate admits N tasks.
+        if committed + est > limit * (1.0 + 1e-9) {
+            let resets_at = room_at(ledger, b, &value, est, now_ms);
+            out.over.push(Over {
+                budget: b,
+                value,
+                committed,
+                resets_at,
+            });
+            continue;
+        }
+        let fraction = (committed + est) / limit;
+        if let Some(s) = b.spec.soft.iter().rev().find(|s| fraction >= s.at) {
+            out.soft.push(SoftHit {
+                budget: b,
+                value: value.clone(),
+                at: s.at,
+                fraction,
+                alert: matches!(s.action, SoftAction::Alert | SoftAction::AlertAndDowngrade),
+                downgrade: matches!(
+                    s.action,
+                    SoftAction::Downgrade | SoftAction::AlertAndDowngrade
+                ) && priority <= s.max_priority,
+            });
+        }
+        out.cells.push(CellKey {
+            budget: name.to_string(),
+            value,
+            bucket: b.window.bucket(now_ms),
+        });
+    }
+    out
+}
+
+/// When `value` of budget `b` has room for `est` again, if nothing more is spent.
+fn room_at(ledger: &Ledger, b: &Budget, value: &str, est: f64, now_ms: u64) -> Option<u64> {
+    let limit = b.spec.limit_usd;
+    if est > limit {
+        return None;
+    }
+    match b.window {
+        Window::Rolling(_) => {
+            let buckets = ledger.counting(&b.spec.name, value, b.window, now_ms);
+            let mut committed: f64 = buckets.iter().map(|(_, c)| c).sum();
+            for (start, c) in buckets {
+                committed -= c;
+                if committed + est <= limit * (1.0 + 1e-9) {
+                    return Some(b.window.bucket_expires(start));
+                }
+            }
+            Some(now_ms)
+        }
+        w => Some(w.bucket_expires(w.bucket(now_ms))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_windows() {
+        // 2026-12-01T13:45:10Z
+        let t = 1_796_132_710_000u64;
+        assert_eq!(rfc3339(Window::Hour.bucket(t)), "2026-12-01T13:00:00Z");
+        assert_eq!(rfc3339(Window::Day.bucket(t)), "2026-12-01T00:00:00Z");
+        assert_eq!(rfc3339(Window::Month.bucket(t)), "2026-12-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Window::Month.bucket_expires(Window::Month.bucket(t))),
+            "2027-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Window::Month.bucket(t - 40 * DAY_MS)),
+            "2026-10-01T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(Window::Day.bucket_expires(Window::Day.bucket(t))),
+            "2026-12-02T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn rolling_window_counts_the_last_duration() {
+        let w = Window::parse("1h").unwrap();
+        let mut l = Ledger::default();
+        let t0 = 10 * HOUR_MS;
+        let k = |t: u64| CellKey {
+            budget: "b".into(),
+            value: "*".into(),
+            bucket: w.bucket(t),
+        };
+        l.reserve(&[k(t0)], 1.0);
+        l.reserve(&[k(t0 + 30 * 60_000)], 2.0);
+        assert_eq!(l.committed("b", "*", w, t0 + 31 * 60_000), 3.0);
+        assert_eq!(
+            l.committed("b", "*", w, t0 + HOUR_MS + 60_000),
+            2.0,
+            "the first left"
+        );
+        assert_eq!(l.committed("b", "*", w, t0 + 2 * HOUR_MS), 0.0);
+    }
+
+    #[test]
+    fn cell_keys_round_trip() {
+        let k = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: 123_456,
+        };
+        assert_eq!(CellKey::decode(&k.encode()), Some(k));
+        assert_eq!(CellKey::decode(b"\x00"), None);
+    }
+}

@@ -1,0 +1,203 @@
+//! Deferred tasks: kept in sled (tree `deferred`) until their budget has room, in release
+//! order — priority first, then oldest — because the key is (9 − priority, first
+//! deferral time, id). Releasing republishes the task to the intake stream (the only way
+//! into `<prefix>.work.*` stays the intake loop) and deletes the entry only after
+//! JetStream acknowledged the republication, so a crash in between releases it twice at
+//! worst, and the intake loop recognises the second copy as a duplicate.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::budget::{self, Ledger, TaskDims};
+use super::load::Policy;
+use crate::store::{Store, StoreError};
+
+/// One deferred task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeferredTask {
+    pub id: String,
+    pub priority: u8,
+    /// When it was first deferred (its place in the queue).
+    pub deferred_at_ms: u64,
+    pub deferred_at: String,
+    /// The producer-readable reason ("budget … deferred until …").
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// The (budget, value) queues it waits in.
+    pub queues: Vec<(String, String)>,
+    /// Where routing would have sent it, and its estimate: the release check uses them.
+    pub pool: String,
+    pub model: String,
+    pub est_usd: f64,
+    pub dims: TaskDims,
+    pub policy_version: String,
+    /// The task JSON as submitted, and the headers to republish it with.
+    pub task_json: String,
+    pub headers: Vec<(String, String)>,
+    /// How many times it has been released and deferred again.
+    pub releases: u32,
+}
+
+impl DeferredTask {
+    pub fn key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(9 + self.id.len());
+        k.push(9u8.saturating_sub(self.priority.min(9)));
+        k.extend_from_slice(&self.deferred_at_ms.to_be_bytes());
+        k.extend_from_slice(self.id.as_bytes());
+        k
+    }
+}
+
+/// The deferred queue.
+#[derive(Debug)]
+pub struct Deferrals {
+    tree: sled::Tree,
+    /// Tasks waiting per (budget, value), so new tasks can queue behind them.
+    queued: Mutex<BTreeMap<(String, String), usize>>,
+    max: usize,
+}
+
+impl Deferrals {
+    pub fn open(store: &Store, max: usize) -> Result<Self, StoreError> {
+        let tree = store.tree("deferred")?;
+        let mut queued = BTreeMap::new();
+        for item in tree.iter() {
+            let (_, v) = item?;
+            if let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) {
+                for q in t.queues {
+                    *queued.entry(q).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(Self {
+            tree,
+            queued: Mutex::new(queued),
+            max: max.max(1),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.tree.len() >= self.max
+    }
+
+    /// Tasks waiting per (budget, value).
+    pub fn queued(&self) -> BTreeMap<(String, String), usize> {
+        self.queued.lock().map(|q| q.clone()).unwrap_or_default()
+    }
+
+    /// Stores a task (durable with the caller's next flush).
+    pub fn insert(&self, t: &DeferredTask) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt {
+            id: t.id.clone(),
+            reason: e.to_string(),
+        })?;
+        if self.tree.insert(t.key(), bytes)?.is_none()
+            && let Ok(mut q) = self.queued.lock()
+        {
+            for k in &t.queues {
+                *q.entry(k.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a released task.
+    pub fn remove(&self, t: &DeferredTask) -> Result<(), StoreError> {
+        if self.tree.remove(t.key())?.is_some()
+            && let Ok(mut q) = self.queued.lock()
+        {
+            for k in &t.queues {
+                if let Some(n) = q.get_mut(k) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        q.remove(k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// In release order, at most `limit`, after `after` (a key) when given.
+    pub fn list(
+        &self,
+        limit: usize,
+        after: Option<&[u8]>,
+    ) -> Result<Vec<DeferredTask>, StoreError> {
+        let iter = match after {
+            Some(a) => self.tree.range((
+                std::ops::Bound::Excluded(a.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.tree.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (_, v) = item?;
+            match serde_json::from_slice::<DeferredTask>(&v) {
+                Ok(t) => out.push(t),
+                Err(e) => tracing::warn!(error = %e, "undecodable deferred task skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tasks that fit now, in release order, at most `limit`: each is checked against
+    /// the budgets of `policy` as if the ones chosen before it were already spent.
+    pub fn due(
+        &self,
+        policy: &Policy,
+        ledger: &Ledger,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<DeferredTask>, StoreError> {
+        let mut extra: BTreeMap<(String, String), f64> = BTreeMap::new();
+        let mut out = Vec::new();
+        // Once a queue is blocked, nothing behind it in that queue may pass it.
+        let mut blocked: std::collections::BTreeSet<(String, String)> = Default::default();
+        for item in self.tree.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item?;
+            let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) else {
+                continue;
+            };
+            if t.queues.iter().any(|q| blocked.contains(q)) {
+                continue;
+            }
+            let c = budget::check(
+                policy, ledger, &extra, &t.dims, &t.pool, &t.model, t.est_usd, t.priority, now_ms,
+            );
+            if c.over.is_empty() {
+                for k in &c.cells {
+                    *extra
+                        .entry((k.budget.clone(), k.value.clone()))
+                        .or_insert(0.0) += t.est_usd;
+                }
+                out.push(t);
+            } else {
+                blocked.extend(t.queues.iter().cloned());
+                blocked.extend(
+                    c.over
+                        .iter()
+                        .map(|o| (o.budget.spec.name.clone(), o.value.clone())),
+                );
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,271 @@
+//! The policy's verdict on one classified task: pure, so the intake loop, the embedded
+//! `[[test]]` cases and shadow replay all run the same code.
+//!
+//! Steps: route the task (`route::decide`, with the policy's reroutes); check the routed
+//! task against every budget that applies; a soft threshold that asks for it routes a
+//! marginal task one tier lower; a budget at 100% applies its action — `reject`, `defer`,
+//! or `downgrade` (the cheapest acceptable tier, then the budget's `then`). When several
+//! budgets are over, the most severe action wins (reject > defer > downgrade). Throttles
+//! are applied after the verdict by the caller (they hold state).
+
+use std::collections::BTreeMap;
+
+use fleet_worker::message::Task;
+
+use super::budget::{self, Check, Ledger, TaskDims};
+use super::load::Policy;
+use super::schema::{Fallback, LimitAction};
+use crate::classify::Answer;
+use crate::classify::rubric::Rubric;
+use crate::registry::Registry;
+use crate::route::{
+    self, DecideInput, Decision, NoRoute, PolicyHints, RouteSnapshot, RoutingTable,
+};
+
+/// Everything a verdict depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct EvalInput<'a, 'p> {
+    pub task: &'a Task,
+    pub class: &'a Answer,
+    pub dims: &'a TaskDims,
+    pub rubric: &'a Rubric,
+    pub registry: &'a Registry,
+    pub fleet: &'a RouteSnapshot,
+    pub table: &'a RoutingTable,
+    pub policy: &'p Policy,
+    /// The routing hints derived from `policy` (version, reroutes).
+    pub hints: &'a PolicyHints,
+    pub ledger: &'a Ledger,
+    /// Deferred tasks waiting per (budget, value): new tasks queue behind them.
+    pub queued: &'a BTreeMap<(String, String), usize>,
+    /// The task comes out of the deferred queue (it does not queue behind itself).
+    pub released: bool,
+    pub now_ms: u64,
+    pub seed: u64,
+}
+
+/// What the policy says.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// Route it; reserve the estimate in `check.cells`.
+    Dispatch {
+        decision: Decision,
+        check: Check<'a>,
+    },
+    /// Keep it until the budget has room.
+    Defer {
+        decision: Decision,
+        reason: String,
+        until_ms: Option<u64>,
+        /// (budget, value) queues it waits in.
+        queues: Vec<(String, String)>,
+    },
+    /// Answer the producer with `reason`.
+    Reject { decision: Decision, reason: String },
+    /// Routing found no pool.
+    NoRoute(NoRoute),
+}
+
+impl Verdict<'_> {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Verdict::Dispatch { .. } => "dispatch",
+            Verdict::Defer { .. } => "defer",
+            Verdict::Reject { .. } | Verdict::NoRoute(_) => "reject",
+        }
+    }
+}
+
+/// Builds the routing hints of a policy.
+pub fn hints(policy: &Policy) -> PolicyHints {
+    PolicyHints {
+        downgrade: None,
+        downgrade_to: None,
+        version: Some(policy.version.clone()),
+        reroutes: policy
+            .reroutes
+            .iter()
+            .map(|r| route::decide::PolicyReroute {
+                from: r.spec.from.clone(),
+                to: r.spec.to.clone(),
+                error_rate_above: r.spec.error_rate_above,
+                p95_latency_ms_above: r.spec.p95_latency_ms_above,
+            })
+            .collect(),
+    }
+}
+
+fn severity(a: LimitAction) -> u8 {
+    match a {
+        LimitAction::Reject => 2,
+        LimitAction::Defer => 1,
+        LimitAction::Downgrade => 0,
+    }
+}
+
+/// The verdict. See the module docs for the steps.
+pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
+    let decide = |hints: &PolicyHints| {
+        route::decide(DecideInput {
+            task: i.task,
+            class: i.class,
+            rubric: i.rubric,
+            registry: i.registry,
+            fleet: i.fleet,
+            table: i.table,
+            policy: hints,
+            seed: i.seed,
+        })
+    };
+    let check = |d: &Decision| {
+        budget::check(
+            i.policy,
+            i.ledger,
+            &BTreeMap::new(),
+            i.dims,
+            &d.pool,
+            &d.model,
+            d.est_cost_usd.unwrap_or(0.0),
+            i.task.priority,
+            i.now_ms,
+        )
+    };
+    let decision = match decide(i.hints) {
+        Ok(d) => d,
+        Err(e) => return Verdict::NoRoute(e),
+    };
+    if i.policy.budgets.is_empty() {
+        return Verdict::Dispatch {
+            decision,
+            check: Check::default(),
+        };
+    }
+    let c = check(&decision);
+
+    // Tasks already deferred under one of these budgets go first.
+    if !i.released {
+        let ahead: Vec<(String, String, usize)> = c
+            .cells
+            .iter()
+            .map(|k| (k.budget.clone(), k.value.clone()))
+            .chain(
+                c.over
+                    .iter()
+                    .map(|o| (o.budget.spec.name.clone(), o.value.clone())),
+            )
+            .filter_map(|(b, v)| {
+                let n = i.queued.get(&(b.clone(), v.clone())).copied().unwrap_or(0);
+                (n > 0).then_some((b, v, n))
+            })
+            .collect();
+        if let Some((b, v, n)) = ahead.first() {
+            let reason = format!(
+                "{n} task(s) deferred under budget {b} ({v}) are ahead of it; released in priority order when the budget has room"
+            );
+            return Verdict::Defer {
+                decision,
+                reason,
+                until_ms: None,
+                queues: ahead.into_iter().map(|(b, v, _)| (b, v)).collect(),
+            };
+        }
+    }
+
+    if c.over.is_empty() {
+        if let Some(why) = c.downgrade_reason()
+            && i.task.model.is_none()
+        {
+            let mut h = i.hints.clone();
+            h.downgrade = Some(why);
+            if let Ok(d2) = decide(&h)
+                && d2.tier != decision.tier
+            {
+                let c2 = check(&d2);
+                if c2.over.is_empty() {
+                    return Verdict::Dispatch {
+                        decision: d2,
+                        check: c2,
+                    };
+                }
+            }
+        }
+        return Verdict::Dispatch { decision, check: c };
+    }
+
+    let worst = c
+        .over
+        .iter()
+        .map(|o| o.budget.spec.action)
+        .max_by_key(|a| severity(*a))
+        .unwrap_or(LimitAction::Defer);
+    let over_text = c
+        .over
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let until = c.over.iter().filter_map(|o| o.resets_at).max();
+    let queues: Vec<(String, String)> = c
+        .over
+        .iter()
+        .map(|o| (o.budget.spec.name.clone(), o.value.clone()))
+        .collect();
+    let version = &i.policy.version;
+    let fallback = match worst {
+        LimitAction::Reject => Fallback::Reject,
+        LimitAction::Defer => Fallback::Defer,
+        LimitAction::Downgrade => {
+            let floor = c
+                .over
+                .iter()
+                .map(|o| {
+                    o.budget
+                        .spec
+                        .min_tier
+                        .as_deref()
+                        .and_then(|t| i.rubric.tier_index(t))
+                        .unwrap_or(0)
+                })
+                .max()
+                .unwrap_or(0);
+            let mut h = i.hints.clone();
+            h.downgrade = Some(format!("{over_text}; downgraded by policy {version}"));
+            h.downgrade_to = Some(floor);
+            if i.task.model.is_none()
+                && let Ok(d2) = decide(&h)
+                && d2.tier != decision.tier
+            {
+                let c2 = check(&d2);
+                if c2.over.is_empty() {
+                    return Verdict::Dispatch {
+                        decision: d2,
+                        check: c2,
+                    };
+                }
+            }
+            c.over
+                .iter()
+                .filter(|o| o.budget.spec.action == LimitAction::Downgrade)
+                .map(|o| o.budget.spec.then)
+                .max_by_key(|f| matches!(f, Fallback::Reject))
+                .unwrap_or_default()
+        }
+    };
+    match fallback {
+        Fallback::Reject => Verdict::Reject {
+            decision,
+            reason: format!("{over_text}; rejected by policy {version}"),
+        },
+        Fallback::Defer => {
+            let when = until
+                .map(|t| format!("deferred until {}", budget::rfc3339(t)))
+                .unwrap_or_else(|| "deferred until the limit is raised".into());
+            Verdict::Defer {
+                decision,
+                reason: format!("{over_text}; {when} (policy {version})"),
+                until_ms: until,
+                queues,
+            }
+        }
+    }
+}

@@ -1,0 +1,799 @@
+//! Parse and validate policy documents into one [`Policy`]: every problem of every file is
+//! reported at once, each as `file:line: what`. Nothing here touches the live policy; the
+//! engine swaps a [`Policy`] in only when this returned one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::PolicyError;
+use super::budget::Window;
+use super::schema::*;
+use crate::classify::rubric::Rubric;
+use crate::config::PoolConfig;
+use crate::hot::{line_of, toml_error};
+use crate::registry::Registry;
+
+/// The policy shipped with the commander: no budgets or throttles, the default alert
+/// thresholds.
+pub const BUILTIN_NAME: &str = "builtin.policy.toml";
+pub const BUILTIN: &str = include_str!("../../../policies/default.policy.toml");
+
+/// Files in a policy directory that are policy documents.
+pub const SUFFIX: &str = ".policy.toml";
+
+/// One policy file's name and text, as loaded, pushed or stored.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Document {
+    pub name: String,
+    pub text: String,
+}
+
+/// What validation checks names against.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckAgainst<'a> {
+    /// The configured pools; `None` (or empty) accepts any pool name.
+    pub pools: Option<&'a BTreeMap<String, PoolConfig>>,
+    pub registry: &'a Registry,
+    pub rubric: &'a Rubric,
+}
+
+/// A budget, validated, with where it was written.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Budget {
+    #[serde(flatten)]
+    pub spec: BudgetSpec,
+    #[serde(skip)]
+    pub window: Window,
+    pub at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Throttle {
+    #[serde(flatten)]
+    pub spec: ThrottleSpec,
+    pub at: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reroute {
+    #[serde(flatten)]
+    pub spec: RerouteSpec,
+    pub at: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Redaction {
+    #[serde(flatten)]
+    pub spec: RedactionSpec,
+    #[serde(skip)]
+    pub regex: Option<regex::Regex>,
+}
+
+impl PartialEq for Redaction {
+    fn eq(&self, other: &Self) -> bool {
+        self.spec == other.spec
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TestCase {
+    #[serde(flatten)]
+    pub spec: TestSpec,
+    pub at: String,
+}
+
+/// A validated policy: every document's sections merged.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Policy {
+    /// `v<n>` once stored in the policy bucket; `builtin` or `unversioned` before.
+    pub version: String,
+    /// sha256 of the documents (names and texts, sorted by name), hex.
+    pub sha256: String,
+    #[serde(skip)]
+    pub documents: Vec<Document>,
+    pub budgets: Vec<Budget>,
+    pub throttles: Vec<Throttle>,
+    pub reroutes: Vec<Reroute>,
+    pub alerts: AlertSpec,
+    pub escalation: Vec<EscalationSpec>,
+    pub redaction: Vec<Redaction>,
+    pub sampling: SamplingSpec,
+    #[serde(skip)]
+    pub tests: Vec<TestCase>,
+}
+
+impl Policy {
+    /// Parses and validates `documents` as one policy.
+    pub fn parse(documents: Vec<Document>, against: CheckAgainst<'_>) -> Result<Self, PolicyError> {
+        let mut documents = documents;
+        documents.sort();
+        let mut problems = Vec::new();
+        let mut p = Policy {
+            version: "unversioned".into(),
+            sha256: bundle_sha(&documents),
+            documents: Vec::new(),
+            budgets: Vec::new(),
+            throttles: Vec::new(),
+            reroutes: Vec::new(),
+            alerts: AlertSpec::default(),
+            escalation: Vec::new(),
+            redaction: Vec::new(),
+            sampling: SamplingSpec::default(),
+            tests: Vec::new(),
+        };
+        let mut alerts_at: Option<String> = None;
+        let mut sampling_at: Option<String> = None;
+        for doc in &documents {
+            let file = doc.name.as_str();
+            let text = doc.text.as_str();
+            let parsed: PolicyFile = match toml::from_str(text) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(toml_error(text, file, &e));
+                    continue;
+                }
+            };
+            let at = |span: std::ops::Range<usize>| format!("{file}:{}", line_of(text, span.start));
+            for b in parsed.budget {
+                let here = at(b.span());
+                let spec = b.into_inner();
+                let window = check_budget(&spec, &here, against, &mut problems);
+                p.budgets.push(Budget {
+                    spec,
+                    window: window.unwrap_or(Window::Day),
+                    at: here,
+                });
+            }
+            for t in parsed.throttle {
+                let here = at(t.span());
+                let spec = t.into_inner();
+                check_throttle(&spec, &here, against, &mut problems);
+                p.throttles.push(Throttle { spec, at: here });
+            }
+            for r in parsed.reroute {
+                let here = at(r.span());
+                let spec = r.into_inner();
+                check_reroute(&spec, &here, against, &mut problems);
+                p.reroutes.push(Reroute { spec, at: here });
+            }
+            if let Some(a) = parsed.alerts {
+                let here = at(a.span());
+                if let Some(first) = &alerts_at {
+                    problems.push(format!("{here}: [alerts] is already set at {first}"));
+                }
+                let spec = a.into_inner();
+                check_alerts(&spec, &here, &mut problems);
+                p.alerts = spec;
+                alerts_at = Some(here);
+            }
+            for e in parsed.escalation {
+                let here = at(e.span());
+                let spec = e.into_inner();
+                if !matches!(spec.severity.as_str(), "warning" | "critical") {
+                    problems.push(format!(
+                        "{here}: escalation severity {:?} must be \"warning\" or \"critical\"",
+                        spec.severity
+                    ));
+                }
+                if let Some(s) = &spec.sink
+                    && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
+                {
+                    problems.push(format!(
+                        "{here}: escalation sink {s:?} must be nats, webhook or alertmanager"
+                    ));
+                }
+                p.escalation.push(spec);
+            }
+            for r in parsed.redaction {
+                let here = at(r.span());
+                let spec = r.into_inner();
+                if spec.attributes.is_empty() || spec.attributes.iter().any(|a| a.is_empty()) {
+                    problems.push(format!(
+                        "{here}: redaction attributes must be a non-empty list of non-empty keys"
+                    ));
+                }
+                let regex = match &spec.pattern {
+                    Some(pat) => match regex::Regex::new(pat) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            let first = e.to_string();
+                            let first = first.lines().last().unwrap_or("invalid");
+                            problems.push(format!(
+                                "{here}: redaction pattern {pat:?} does not compile: {first}"
+                            ));
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                p.redaction.push(Redaction { spec, regex });
+            }
+            if let Some(s) = parsed.sampling {
+                let here = at(s.span());
+                if let Some(first) = &sampling_at {
+                    problems.push(format!("{here}: [sampling] is already set at {first}"));
+                }
+                let spec = s.into_inner();
+                let mut rates = vec![("default_rate".to_string(), spec.default_rate)];
+                rates.extend(
+                    spec.rule
+                        .iter()
+                        .map(|r| (format!("rule {}={}", r.attribute, r.value), r.rate)),
+                );
+                for (what, v) in rates {
+                    if !(0.0..=1.0).contains(&v) {
+                        problems.push(format!(
+                            "{here}: sampling {what}: {v} must be between 0 and 1"
+                        ));
+                    }
+                }
+                p.sampling = spec;
+                sampling_at = Some(here);
+            }
+            for t in parsed.test {
+                let here = at(t.span());
+                let spec = t.into_inner();
+                check_test(&spec, &here, against, &mut problems);
+                p.tests.push(TestCase { spec, at: here });
+            }
+        }
+        check_unique(
+            p.budgets
+                .iter()
+                .map(|b| (b.spec.name.as_str(), b.at.as_str())),
+            "budget",
+            &mut problems,
+        );
+        check_unique(
+            p.throttles
+                .iter()
+                .map(|t| (t.spec.name.as_str(), t.at.as_str())),
+            "throttle",
+            &mut problems,
+        );
+        check_unique(
+            p.reroutes
+                .iter()
+                .map(|r| (r.spec.from.as_str(), r.at.as_str())),
+            "reroute from pool",
+            &mut problems,
+        );
+        check_unique(
+            p.tests
+                .iter()
+                .map(|t| (t.spec.name.as_str(), t.at.as_str())),
+            "test",
+            &mut problems,
+        );
+        check_conflicts(&p.budgets, &mut problems);
+        if problems.is_empty() {
+            p.documents = documents;
+            Ok(p)
+        } else {
+            Err(PolicyError::Invalid(problems))
+        }
+    }
+
+    /// The built-in policy.
+    pub fn builtin(against: CheckAgainst<'_>) -> Result<Self, PolicyError> {
+        let mut p = Self::parse(
+            vec![Document {
+                name: BUILTIN_NAME.into(),
+                text: BUILTIN.into(),
+            }],
+            against,
+        )?;
+        p.version = "builtin".into();
+        Ok(p)
+    }
+
+    /// One line per section for operators ("2 budgets, 1 throttle …").
+    pub fn summary(&self) -> String {
+        format!(
+            "{} budget(s), {} throttle(s), {} reroute(s), {} escalation(s), {} redaction(s), {} test(s)",
+            self.budgets.len(),
+            self.throttles.len(),
+            self.reroutes.len(),
+            self.escalation.len(),
+            self.redaction.len(),
+            self.tests.len()
+        )
+    }
+
+    pub fn budget(&self, name: &str) -> Option<&Budget> {
+        self.budgets.iter().find(|b| b.spec.name == name)
+    }
+}
+
+/// Reads every `*.policy.toml` in `dir` (not recursive), sorted by name.
+pub fn read_dir(dir: &Path) -> Result<Vec<Document>, PolicyError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| PolicyError::Read {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut docs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(SUFFIX) || !path.is_file() {
+            continue;
+        }
+        docs.push(read_file(&path)?);
+    }
+    docs.sort();
+    Ok(docs)
+}
+
+/// Reads one file; its name in errors is the path as given.
+pub fn read_file(path: &Path) -> Result<Document, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Document {
+        name: path.display().to_string(),
+        text,
+    })
+}
+
+/// sha256 of a bundle: each document's name and text, in name order.
+pub fn bundle_sha(docs: &[Document]) -> String {
+    let mut sorted: Vec<&Document> = docs.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for d in sorted {
+        h.update(d.name.as_bytes());
+        h.update([0u8]);
+        h.update(d.text.as_bytes());
+        h.update([0u8]);
+    }
+    let out = h.finalize();
+    let mut s = String::with_capacity(64);
+    for b in out {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn pool_known(against: CheckAgainst<'_>, pool: &str) -> bool {
+    match against.pools {
+        Some(p) if !p.is_empty() => p.contains_key(pool),
+        _ => fleet_worker::protocol::is_subject_token(pool),
+    }
+}
+
+fn check_budget(
+    b: &BudgetSpec,
+    here: &str,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<String>,
+) -> Option<Window> {
+    let name = &b.name;
+    if name.trim().is_empty() {
+        problems.push(format!("{here}: budget name must not be empty"));
+    }
+    if !(b.limit_usd.is_finite() && b.limit_usd > 0.0) {
+        problems.push(format!(
+            "{here}: budget {name}: limit_usd {} must be a positive number of USD",
+            b.limit_usd
+        ));
+    }
+    let window = match Window::parse(&b.window) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            problems.push(format!("{here}: budget {name}: {e}"));
+            None
+        }
+    };
+    match (b.scope, &b.matches) {
+        (Scope::Fleet, Some(m)) => problems.push(format!(
+            "{here}: budget {name}: scope fleet takes no match (got {m:?})"
+        )),
+        (Scope::Pool, Some(m)) if !pool_known(against, m) => {
+            problems.push(format!("{here}: budget {name}: unknown pool {m:?}"))
+        }
+        (Scope::Model, Some(m)) if against.registry.lookup(m).is_none() => problems.push(format!(
+            "{here}: budget {name}: unknown model {m:?} (not in the model registry)"
+        )),
+        (_, Some(m)) if m.trim().is_empty() => {
+            problems.push(format!("{here}: budget {name}: match must not be empty"))
+        }
+        _ => {}
+    }
+    let mut last = 0.0;
+    for s in &b.soft {
+        if !(s.at > 0.0 && s.at < 1.0) {
+            problems.push(format!(
+                "{here}: budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
+                s.at
+            ));
+        } else if s.at <= last {
+            problems.push(format!(
+                "{here}: budget {name}: soft thresholds must rise ({} after {last})",
+                s.at
+            ));
+        }
+        if s.max_priority > 9 {
+            problems.push(format!(
+                "{here}: budget {name}: soft max_priority {} is out of range 0-9",
+                s.max_priority
+            ));
+        }
+        last = s.at;
+    }
+    if let Some(t) = &b.min_tier {
+        if b.action != LimitAction::Downgrade {
+            problems.push(format!(
+                "{here}: budget {name}: min_tier only applies to action = \"downgrade\""
+            ));
+        }
+        if against.rubric.tier_index(t).is_none() {
+            problems.push(format!(
+                "{here}: budget {name}: min_tier {t:?} is not a tier of the rubric ({})",
+                against
+                    .rubric
+                    .tiers
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    window
+}
+
+fn check_throttle(
+    t: &ThrottleSpec,
+    here: &str,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<String>,
+) {
+    let name = &t.name;
+    if name.trim().is_empty() {
+        problems.push(format!("{here}: throttle name must not be empty"));
+    }
+    if t.tasks_per_s.is_none() && t.tokens_per_min.is_none() {
+        problems.push(format!(
+            "{here}: throttle {name}: set tasks_per_s, tokens_per_min or both"
+        ));
+    }
+    if let Some(r) = t.tasks_per_s
+        && !(r.is_finite() && r > 0.0 && r <= 1_000_000.0)
+    {
+        problems.push(format!(
+            "{here}: throttle {name}: tasks_per_s {r} must be above 0 and at most 1000000"
+        ));
+    }
+    if t.tokens_per_min == Some(0) {
+        problems.push(format!(
+            "{here}: throttle {name}: tokens_per_min must be above 0"
+        ));
+    }
+    if t.burst == Some(0) {
+        problems.push(format!("{here}: throttle {name}: burst must be at least 1"));
+    }
+    if t.scope == ThrottleScope::Pool
+        && let Some(m) = &t.matches
+        && !pool_known(against, m)
+    {
+        problems.push(format!("{here}: throttle {name}: unknown pool {m:?}"));
+    }
+}
+
+fn check_reroute(
+    r: &RerouteSpec,
+    here: &str,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<String>,
+) {
+    for (what, pool) in [("from", &r.from), ("to", &r.to)] {
+        if !pool_known(against, pool) {
+            problems.push(format!("{here}: reroute {what}: unknown pool {pool:?}"));
+        }
+    }
+    if r.from == r.to {
+        problems.push(format!("{here}: reroute from and to are both {:?}", r.from));
+    }
+    if r.error_rate_above.is_none() && r.p95_latency_ms_above.is_none() {
+        problems.push(format!(
+            "{here}: reroute {}: set error_rate_above, p95_latency_ms_above or both",
+            r.from
+        ));
+    }
+    if let Some(e) = r.error_rate_above
+        && !(0.0..1.0).contains(&e)
+    {
+        problems.push(format!(
+            "{here}: reroute {}: error_rate_above {e} must be at least 0 and below 1",
+            r.from
+        ));
+    }
+}
+
+fn check_alerts(a: &AlertSpec, here: &str, problems: &mut Vec<String>) {
+    for (key, v) in [
+        ("context_warning", a.context_warning),
+        ("context_critical", a.context_critical),
+        ("fleet_error_rate", a.fleet_error_rate),
+        ("queue_ratio", a.queue_ratio),
+        ("tool_success_below", a.tool_success_below),
+        ("token_rate_drop", a.token_rate_drop),
+    ] {
+        if !(v > 0.0 && v <= 1.0) {
+            problems.push(format!(
+                "{here}: alerts.{key}: {v} must be above 0 and at most 1"
+            ));
+        }
+    }
+    if a.context_warning >= a.context_critical {
+        problems.push(format!(
+            "{here}: alerts.context_warning {} must be below context_critical {}",
+            a.context_warning, a.context_critical
+        ));
+    }
+    for (key, v) in [
+        ("cost_rate_multiple", a.cost_rate_multiple),
+        ("output_rate_multiple", a.output_rate_multiple),
+        ("active_duration_multiple", a.active_duration_multiple),
+    ] {
+        if !(v.is_finite() && v > 1.0) {
+            problems.push(format!("{here}: alerts.{key}: {v} must be above 1"));
+        }
+    }
+    if a.fleet_error_window_s == 0 {
+        problems.push(format!(
+            "{here}: alerts.fleet_error_window_s must be at least 1"
+        ));
+    }
+}
+
+fn check_test(t: &TestSpec, here: &str, against: CheckAgainst<'_>, problems: &mut Vec<String>) {
+    let name = &t.name;
+    if !matches!(
+        t.expect.action.as_str(),
+        "dispatch" | "defer" | "reject" | "throttle"
+    ) {
+        problems.push(format!(
+            "{here}: test {name:?}: expect.action {:?} must be dispatch, defer, reject or throttle",
+            t.expect.action
+        ));
+    }
+    if let Some(p) = &t.expect.pool
+        && !pool_known(against, p)
+    {
+        problems.push(format!(
+            "{here}: test {name:?}: expect.pool: unknown pool {p:?}"
+        ));
+    }
+    if let Some(m) = &t.expect.model
+        && against.registry.lookup(m).is_none()
+    {
+        problems.push(format!(
+            "{here}: test {name:?}: expect.model: unknown model {m:?}"
+        ));
+    }
+    for p in t.fleet.pools.keys() {
+        if !pool_known(against, p) {
+            problems.push(format!(
+                "{here}: test {name:?}: fleet.pools: unknown pool {p:?}"
+            ));
+        }
+    }
+    if t.task.priority > 9 {
+        problems.push(format!("{here}: test {name:?}: task.priority must be 0-9"));
+    }
+}
+
+fn check_unique<'a>(
+    items: impl Iterator<Item = (&'a str, &'a str)>,
+    what: &str,
+    problems: &mut Vec<String>,
+) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, at) in items {
+        if let Some(first) = seen.insert(name, at) {
+            problems.push(format!(
+                "{at}: {what} {name:?} is already defined at {first}"
+            ));
+            seen.insert(name, first);
+        }
+    }
+}
+
+/// Two budgets over the same scope, overlapping values and the same window must agree on
+/// what happens at 100%: otherwise which one wins depends on the order of files.
+fn check_conflicts(budgets: &[Budget], problems: &mut Vec<String>) {
+    let mut reported = BTreeSet::new();
+    for (i, a) in budgets.iter().enumerate() {
+        for b in &budgets[i + 1..] {
+            let overlap = a.spec.scope == b.spec.scope
+                && a.window == b.window
+                && match (&a.spec.matches, &b.spec.matches) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => true,
+                };
+            if overlap && a.spec.action != b.spec.action && reported.insert((i, &b.spec.name)) {
+                problems.push(format!(
+                    "{}: budget {} ({} {}, {}) overlaps budget {} at {} with a conflicting action ({} vs {})",
+                    b.at,
+                    b.spec.name,
+                    b.spec.scope.as_str(),
+                    b.spec.matches.as_deref().unwrap_or("every value"),
+                    b.spec.window,
+                    a.spec.name,
+                    a.at,
+                    b.spec.action.as_str(),
+                    a.spec.action.as_str()
+                ));
+            }
+        }
+    }
+}
+
+/// What changed from `old` to `new`, one line per change, for people.
+pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
+    let mut out = Vec::new();
+    named_diff(
+        "budget",
+        old.budgets
+            .iter()
+            .map(|b| (b.spec.name.as_str(), describe_budget(b))),
+        new.budgets
+            .iter()
+            .map(|b| (b.spec.name.as_str(), describe_budget(b))),
+        &mut out,
+    );
+    named_diff(
+        "throttle",
+        old.throttles
+            .iter()
+            .map(|t| (t.spec.name.as_str(), describe_throttle(&t.spec))),
+        new.throttles
+            .iter()
+            .map(|t| (t.spec.name.as_str(), describe_throttle(&t.spec))),
+        &mut out,
+    );
+    named_diff(
+        "reroute",
+        old.reroutes
+            .iter()
+            .map(|r| (r.spec.from.as_str(), describe_reroute(&r.spec))),
+        new.reroutes
+            .iter()
+            .map(|r| (r.spec.from.as_str(), describe_reroute(&r.spec))),
+        &mut out,
+    );
+    if old.alerts != new.alerts {
+        let (a, b) = (
+            serde_json::to_value(&old.alerts).unwrap_or_default(),
+            serde_json::to_value(&new.alerts).unwrap_or_default(),
+        );
+        if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+            for (k, v) in b {
+                if a.get(k) != Some(v) {
+                    out.push(format!(
+                        "alerts.{k}: {} → {v}",
+                        a.get(k).map(|x| x.to_string()).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    if old.escalation != new.escalation {
+        out.push(format!(
+            "escalation: {} → {} rule(s)",
+            old.escalation.len(),
+            new.escalation.len()
+        ));
+    }
+    if old.redaction != new.redaction {
+        out.push(format!(
+            "redaction: {} → {} rule(s)",
+            old.redaction.len(),
+            new.redaction.len()
+        ));
+    }
+    if old.sampling != new.sampling {
+        out.push(format!(
+            "sampling: default rate {} → {}, {} → {} rule(s)",
+            old.sampling.default_rate,
+            new.sampling.default_rate,
+            old.sampling.rule.len(),
+            new.sampling.rule.len()
+        ));
+    }
+    let (ot, nt) = (old.tests.len(), new.tests.len());
+    if ot != nt {
+        out.push(format!("tests: {ot} → {nt}"));
+    }
+    let old_docs: BTreeSet<&str> = old.documents.iter().map(|d| d.name.as_str()).collect();
+    let new_docs: BTreeSet<&str> = new.documents.iter().map(|d| d.name.as_str()).collect();
+    for d in new_docs.difference(&old_docs) {
+        out.push(format!("file {d} added"));
+    }
+    for d in old_docs.difference(&new_docs) {
+        out.push(format!("file {d} removed"));
+    }
+    if out.is_empty() {
+        out.push(if old.sha256 == new.sha256 {
+            "no change".into()
+        } else {
+            "no change in effect (comments or layout only)".into()
+        });
+    }
+    out
+}
+
+fn named_diff<'a>(
+    what: &str,
+    old: impl Iterator<Item = (&'a str, String)>,
+    new: impl Iterator<Item = (&'a str, String)>,
+    out: &mut Vec<String>,
+) {
+    let old: BTreeMap<&str, String> = old.collect();
+    let new: BTreeMap<&str, String> = new.collect();
+    for (name, desc) in &new {
+        match old.get(name) {
+            None => out.push(format!("{what} {name} added: {desc}")),
+            Some(o) if o != desc => out.push(format!("{what} {name} changed: {o} → {desc}")),
+            Some(_) => {}
+        }
+    }
+    for (name, desc) in &old {
+        if !new.contains_key(name) {
+            out.push(format!("{what} {name} removed (was {desc})"));
+        }
+    }
+}
+
+fn describe_budget(b: &Budget) -> String {
+    let s = &b.spec;
+    let mut d = format!(
+        "{} {} ${:.2}/{} → {}",
+        s.scope.as_str(),
+        s.matches.as_deref().unwrap_or("*"),
+        s.limit_usd,
+        s.window,
+        s.action.as_str()
+    );
+    for soft in &s.soft {
+        let _ = write!(d, ", {:.0}% {:?}", soft.at * 100.0, soft.action);
+    }
+    d
+}
+
+fn describe_throttle(t: &ThrottleSpec) -> String {
+    let mut d = format!(
+        "{} {}",
+        t.scope.as_str(),
+        t.matches.as_deref().unwrap_or("*")
+    );
+    if let Some(r) = t.tasks_per_s {
+        let _ = write!(d, " {r} tasks/s");
+    }
+    if let Some(r) = t.tokens_per_min {
+        let _ = write!(d, " {r} tokens/min");
+    }
+    if let Some(b) = t.burst {
+        let _ = write!(d, " burst {b}");
+    }
+    d
+}
+
+fn describe_reroute(r: &RerouteSpec) -> String {
+    let mut d = format!("→ {}", r.to);
+    if let Some(e) = r.error_rate_above {
+        let _ = write!(d, " when errors > {:.0}%", e * 100.0);
+    }
+    if let Some(l) = r.p95_latency_ms_above {
+        let _ = write!(d, " when p95 > {l} ms");
+    }
+    d
+}

@@ -1,0 +1,456 @@
+//! Policies that compliance teams change while the fleet runs: budgets (with deferral),
+//! throttles, reroutes, alert thresholds, escalation, redaction and sampling.
+//!
+//! - `schema.rs`: the file format; `load.rs`: parse + validate (every problem at once,
+//!   `file:line`), sha256, diff summaries.
+//! - `evaluate.rs`: the pure verdict on one task (route, budgets, downgrade, defer, reject).
+//! - `budget.rs`: windows and the ledger; `throttle.rs`: governor limiters;
+//!   `deferred.rs`: the deferred queue in sled; `audit.rs`: the audit trail in sled.
+//! - `sync.rs`: where policies come from — the watched directory, `fleet.policy.push`,
+//!   `PUT /v1/policy` — and the JetStream key-value bucket every replica follows.
+//! - `testcase.rs`: the embedded `[[test]]` runner; `replay.rs`: shadow replay.
+//!
+//! [`PolicyEngine`] owns the live policy (one `ArcSwap`, swapped whole), the ledger (one
+//! mutex, held for microseconds and never across an `.await`), the deferred queue and the
+//! audit trail.
+
+pub mod audit;
+pub mod budget;
+pub mod deferred;
+pub mod evaluate;
+pub mod load;
+pub mod replay;
+pub mod schema;
+pub mod sync;
+pub mod testcase;
+pub mod throttle;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+pub use audit::{AuditLog, AuditRecord, Source};
+pub use budget::{Ledger, Reservation, TaskDims};
+pub use deferred::{Deferrals, DeferredTask};
+pub use evaluate::{EvalInput, Verdict, evaluate};
+pub use load::{CheckAgainst, Document, Policy};
+
+use crate::classify::rubric::RubricHandle;
+use crate::config::PoolConfig;
+use crate::registry::RegistryHandle;
+use crate::route::PolicyHints;
+use crate::store::{Store, StoreError};
+use throttle::{LimiterCache, Throttles};
+
+/// Everything that can go wrong with policies.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("policy bucket: {0}")]
+    Bucket(String),
+    #[error("not allowed: {0}")]
+    Forbidden(String),
+}
+
+impl PolicyError {
+    /// The problems, one per line, for API answers.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            PolicyError::Invalid(p) => p.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// The time, injectable so budget windows and deferral can be tested without sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now_ms(&self) -> u64;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        crate::fleet::now_ms()
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Default)]
+pub struct ManualClock(pub AtomicU64);
+
+impl ManualClock {
+    pub fn at(ms: u64) -> Arc<Self> {
+        Arc::new(Self(AtomicU64::new(ms)))
+    }
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The policy in force and what is derived from it, swapped as one.
+#[derive(Debug)]
+pub struct Live {
+    pub policy: Arc<Policy>,
+    pub hints: PolicyHints,
+    pub throttles: Throttles,
+    /// Revision in the policy bucket (0: not from the bucket).
+    pub revision: u64,
+    pub source: Source,
+    pub identity: String,
+    pub applied_at_ms: u64,
+}
+
+/// The last refused attempt, for the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rejection {
+    pub at: String,
+    pub source: Source,
+    pub identity: String,
+    pub errors: Vec<String>,
+}
+
+/// What policies are checked against: the configured pools, the registry, the rubric.
+#[derive(Debug, Clone)]
+pub struct Against {
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub registry: Arc<RegistryHandle>,
+    pub rubric: Arc<RubricHandle>,
+}
+
+impl Against {
+    pub fn parse(&self, docs: Vec<Document>) -> Result<Policy, PolicyError> {
+        let registry = self.registry.current();
+        let rubric = self.rubric.current();
+        Policy::parse(
+            docs,
+            CheckAgainst {
+                pools: Some(&self.pools),
+                registry: &registry,
+                rubric: &rubric,
+            },
+        )
+    }
+}
+
+/// Counters of the policy engine.
+#[derive(Debug, Default)]
+pub struct PolicyCounters {
+    pub swaps: AtomicU64,
+    pub rejected: AtomicU64,
+    pub deferred: AtomicU64,
+    pub released: AtomicU64,
+    pub throttled: AtomicU64,
+    pub budget_rejected: AtomicU64,
+    pub downgraded: AtomicU64,
+}
+
+/// The live policy, the ledger, the deferred queue and the audit trail.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    live: ArcSwap<Live>,
+    limiters: LimiterCache,
+    ledger: Mutex<Ledger>,
+    ledger_tree: sled::Tree,
+    pub deferrals: Deferrals,
+    pub audit: AuditLog,
+    pub against: Against,
+    last_rejection: ArcSwap<Option<Rejection>>,
+    pub clock: Arc<dyn Clock>,
+    pub counters: PolicyCounters,
+    /// Wakes the release loop (a swap may have raised a limit).
+    pub changed: tokio::sync::Notify,
+    /// Soft-threshold alerts already raised: (budget, value, bucket, threshold ‰).
+    alerted: Mutex<std::collections::BTreeSet<(String, String, u64, u32)>>,
+}
+
+impl PolicyEngine {
+    /// Opens the ledger, deferred queue and audit trail in `store`; starts on `initial`.
+    pub fn open(
+        store: &Store,
+        against: Against,
+        initial: Policy,
+        clock: Arc<dyn Clock>,
+        max_deferred: usize,
+        audit_records: usize,
+    ) -> Result<Arc<Self>, PolicyError> {
+        let ledger_tree = store.tree("budget_ledger")?;
+        let mut ledger = Ledger::default();
+        for item in ledger_tree.iter() {
+            let (k, v) = item.map_err(StoreError::from)?;
+            if let (Some(key), Ok(cell)) = (budget::CellKey::decode(&k), serde_json::from_slice(&v))
+            {
+                ledger.insert(key, cell);
+            }
+        }
+        let limiters = LimiterCache::default();
+        let now = clock.now_ms();
+        let live = Live {
+            hints: evaluate::hints(&initial),
+            throttles: limiters.build(&initial),
+            policy: Arc::new(initial),
+            revision: 0,
+            source: Source::Builtin,
+            identity: "commander".into(),
+            applied_at_ms: now,
+        };
+        Ok(Arc::new(Self {
+            live: ArcSwap::from_pointee(live),
+            limiters,
+            ledger: Mutex::new(ledger),
+            ledger_tree,
+            deferrals: Deferrals::open(store, max_deferred)?,
+            audit: AuditLog::open(store, audit_records)?,
+            against,
+            last_rejection: ArcSwap::from_pointee(None),
+            clock,
+            counters: PolicyCounters::default(),
+            changed: tokio::sync::Notify::new(),
+            alerted: Mutex::new(Default::default()),
+        }))
+    }
+
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub fn last_rejection(&self) -> Option<Rejection> {
+        self.last_rejection.load().as_ref().clone()
+    }
+
+    /// Swaps `policy` in (already validated) as `revision`, unless a newer one is in
+    /// force. Returns whether it was applied.
+    pub fn swap(&self, mut policy: Policy, revision: u64, source: Source, identity: &str) -> bool {
+        let current = self.live();
+        if revision != 0 && revision <= current.revision {
+            return false;
+        }
+        if revision != 0 {
+            policy.version = format!("v{revision}");
+        }
+        let version = policy.version.clone();
+        let live = Live {
+            hints: evaluate::hints(&policy),
+            throttles: self.limiters.build(&policy),
+            policy: Arc::new(policy),
+            revision,
+            source,
+            identity: identity.to_string(),
+            applied_at_ms: self.now_ms(),
+        };
+        tracing::info!(
+            version,
+            source = source.as_str(),
+            identity,
+            summary = %live.policy.summary(),
+            "policy in force"
+        );
+        self.live.store(Arc::new(live));
+        self.counters.swaps.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Records a refused attempt (log, API, audit).
+    pub async fn refuse(
+        &self,
+        docs: Vec<Document>,
+        source: Source,
+        identity: &str,
+        errors: Vec<String>,
+    ) {
+        let live = self.live();
+        tracing::error!(
+            source = source.as_str(),
+            identity,
+            errors = %errors.join(" | "),
+            version = %live.policy.version,
+            "policy change rejected; keeping the policy in force"
+        );
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        self.last_rejection.store(Arc::new(Some(Rejection {
+            at: budget::rfc3339(now),
+            source,
+            identity: identity.to_string(),
+            errors: errors.clone(),
+        })));
+        let rec = AuditRecord {
+            seq: 0,
+            version: None,
+            previous: Some(live.policy.version.clone()),
+            sha256: load::bundle_sha(&docs),
+            source,
+            identity: identity.to_string(),
+            at: budget::rfc3339(now),
+            at_ms: now,
+            accepted: false,
+            errors,
+            diff: Vec::new(),
+            documents: docs,
+        };
+        if let Err(e) = self.audit.append(rec).await {
+            tracing::error!(error = %e, "policy rejection not audited");
+        }
+    }
+
+    /// Records an applied version in the audit trail, with its diff against `previous`.
+    pub async fn record_applied(&self, previous: &Policy, source: Source, identity: &str) {
+        let live = self.live();
+        let now = self.now_ms();
+        let rec = AuditRecord {
+            seq: 0,
+            version: Some(live.policy.version.clone()),
+            previous: Some(previous.version.clone()),
+            sha256: live.policy.sha256.clone(),
+            source,
+            identity: identity.to_string(),
+            at: budget::rfc3339(now),
+            at_ms: now,
+            accepted: true,
+            errors: Vec::new(),
+            diff: load::diff(previous, &live.policy),
+            documents: live.policy.documents.clone(),
+        };
+        if let Err(e) = self.audit.append(rec).await {
+            tracing::error!(error = %e, "policy change not audited");
+        }
+    }
+
+    /// Runs `f` with the ledger locked (microseconds; never across an `.await`).
+    pub fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        match self.ledger.lock() {
+            Ok(mut l) => f(&mut l),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Writes the ledger cells changed since the last call (durable with the caller's
+    /// next store flush).
+    pub fn persist_ledger(&self) -> Result<(), StoreError> {
+        let dirty = self.with_ledger(|l| l.take_dirty());
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, c) in dirty {
+            if let Ok(v) = serde_json::to_vec(&c) {
+                batch.insert(k.encode(), v);
+            }
+        }
+        self.ledger_tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Releases a finished task's reservation and charges its actual cost.
+    pub fn settle(&self, r: &Reservation, actual: f64) {
+        self.with_ledger(|l| l.settle(r, actual));
+    }
+
+    /// Gives a reservation back (the dispatch did not happen).
+    pub fn unreserve(&self, r: &Reservation) {
+        self.with_ledger(|l| l.settle(r, 0.0));
+    }
+
+    /// Drops expired ledger cells (memory and store).
+    pub fn prune_ledger(&self) -> Result<usize, StoreError> {
+        let policy = self.live().policy.clone();
+        let now = self.now_ms();
+        let gone = self.with_ledger(|l| l.prune(&policy, now));
+        for k in &gone {
+            self.ledger_tree.remove(k.encode())?;
+        }
+        if let Ok(mut a) = self.alerted.lock() {
+            a.retain(|(b, v, bucket, _)| {
+                !gone
+                    .iter()
+                    .any(|k| &k.budget == b && &k.value == v && k.bucket == *bucket)
+            });
+        }
+        Ok(gone.len())
+    }
+
+    /// Whether a soft-threshold alert is new (raised once per bucket and threshold).
+    pub fn first_alert(&self, budget: &str, value: &str, bucket: u64, at: f64) -> bool {
+        self.alerted
+            .lock()
+            .map(|mut a| a.insert((budget.into(), value.into(), bucket, (at * 1000.0) as u32)))
+            .unwrap_or(false)
+    }
+
+    /// Where every budget stands now, for the API.
+    pub fn standing(&self) -> Vec<BudgetStanding> {
+        let live = self.live();
+        let now = self.now_ms();
+        let queued = self.deferrals.queued();
+        self.with_ledger(|l| {
+            let mut out = Vec::new();
+            for b in &live.policy.budgets {
+                let values = l.values(&b.spec.name);
+                let values = if values.is_empty() {
+                    vec![b.spec.matches.clone().unwrap_or_else(|| "*".into())]
+                } else {
+                    values
+                };
+                for v in values {
+                    let from = b.window.counting_from(now);
+                    let (spent, reserved) = l.sums(&b.spec.name, &v, from);
+                    out.push(BudgetStanding {
+                        budget: b.spec.name.clone(),
+                        scope: b.spec.scope.as_str(),
+                        value: v.clone(),
+                        window: b.spec.window.clone(),
+                        limit_usd: b.spec.limit_usd,
+                        spent_usd: spent,
+                        reserved_usd: reserved,
+                        used: (spent + reserved) / b.spec.limit_usd,
+                        window_resets_at: match b.window {
+                            budget::Window::Rolling(_) => None,
+                            w => Some(budget::rfc3339(w.bucket_expires(w.bucket(now)))),
+                        },
+                        deferred: queued.get(&(b.spec.name.clone(), v)).copied().unwrap_or(0),
+                        action: b.spec.action.as_str(),
+                    });
+                }
+            }
+            out
+        })
+    }
+}
+
+/// One budget value's standing.
+#[derive(Clone, Debug, Serialize)]
+pub struct BudgetStanding {
+    pub budget: String,
+    pub scope: &'static str,
+    pub value: String,
+    pub window: String,
+    pub limit_usd: f64,
+    pub spent_usd: f64,
+    pub reserved_usd: f64,
+    /// (spent + reserved) / limit.
+    pub used: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_resets_at: Option<String>,
+    pub deferred: usize,
+    pub action: &'static str,
+}

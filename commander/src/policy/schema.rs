@@ -1,0 +1,415 @@
+//! The policy file format, as written by compliance teams (`*.policy.toml`). Every field is
+//! documented here; docs/policy.md is the same reference in prose. Unknown fields are
+//! errors, so a misspelt `limt_usd` cannot silently turn a budget off.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// One policy file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Free text for people reading the file (who owns it, why it exists).
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Spending limits.
+    #[serde(default)]
+    pub budget: Vec<Spanned<BudgetSpec>>,
+    /// Rate limits.
+    #[serde(default)]
+    pub throttle: Vec<Spanned<ThrottleSpec>>,
+    /// Sending a pool's tasks elsewhere while it is unhealthy.
+    #[serde(default)]
+    pub reroute: Vec<Spanned<RerouteSpec>>,
+    /// Alert thresholds (consumed by detection); at most one file may set them.
+    #[serde(default)]
+    pub alerts: Option<Spanned<AlertSpec>>,
+    /// What to do when an alert stays open.
+    #[serde(default)]
+    pub escalation: Vec<Spanned<EscalationSpec>>,
+    /// Attribute redaction before telemetry is stored or exported.
+    #[serde(default)]
+    pub redaction: Vec<Spanned<RedactionSpec>>,
+    /// Trace sampling; at most one file may set it.
+    #[serde(default)]
+    pub sampling: Option<Spanned<SamplingSpec>>,
+    /// Embedded test cases, run by `commander policy test`.
+    #[serde(default)]
+    pub test: Vec<Spanned<TestSpec>>,
+}
+
+/// What a budget counts spending by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// All spending of the fleet.
+    Fleet,
+    /// The task's `team` (attribute or baggage).
+    Team,
+    /// The task's `feature`.
+    Feature,
+    /// The task's `user_tier`.
+    UserTier,
+    /// The pool routing chose.
+    Pool,
+    /// The model routing chose.
+    Model,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Fleet => "fleet",
+            Scope::Team => "team",
+            Scope::Feature => "feature",
+            Scope::UserTier => "user_tier",
+            Scope::Pool => "pool",
+            Scope::Model => "model",
+        }
+    }
+}
+
+/// What happens to a task that would take a budget past 100%.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitAction {
+    /// Keep the task (durably) and release it when the window resets or the limit rises.
+    Defer,
+    /// Answer the producer with the budget and when it resets.
+    Reject,
+    /// Route to the cheapest model of an acceptable tier; if even that does not fit,
+    /// `then` applies.
+    Downgrade,
+}
+
+impl LimitAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitAction::Defer => "defer",
+            LimitAction::Reject => "reject",
+            LimitAction::Downgrade => "downgrade",
+        }
+    }
+}
+
+/// What a budget's final fallback is when a downgrade does not fit either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    #[default]
+    Defer,
+    Reject,
+}
+
+/// `[[budget]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// Unique name; the ledger keeps spending under it, so renaming a budget starts it
+    /// from zero and changing its limit keeps what was spent.
+    pub name: String,
+    /// What spending is counted by.
+    pub scope: Scope,
+    /// Which value of the scope (`team = "search"` → `match = "search"`). Unset: every
+    /// value separately (each team its own limit). Ignored for `fleet`.
+    #[serde(default, rename = "match")]
+    pub matches: Option<String>,
+    /// `hour`, `day`, `month` (calendar, UTC) or a rolling duration (`30m`, `6h`, `7d`).
+    pub window: String,
+    /// Limit in USD for one window.
+    pub limit_usd: f64,
+    /// Soft thresholds below 100%.
+    #[serde(default)]
+    pub soft: Vec<SoftSpec>,
+    /// What happens at 100%.
+    pub action: LimitAction,
+    /// With `action = "downgrade"`: the lowest tier a task may be moved to. Unset: the
+    /// rubric's first (cheapest) tier.
+    #[serde(default)]
+    pub min_tier: Option<String>,
+    /// With `action = "downgrade"`: what happens when even the cheapest acceptable model
+    /// does not fit.
+    #[serde(default)]
+    pub then: Fallback,
+}
+
+/// What a soft threshold does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SoftAction {
+    /// Raise an alert (once per window).
+    Alert,
+    /// Route marginal tasks (priority at most `max_priority`) one tier lower.
+    Downgrade,
+    /// Both.
+    AlertAndDowngrade,
+}
+
+/// `[[budget.soft]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftSpec {
+    /// Fraction of the limit (0-1), e.g. 0.85.
+    pub at: f64,
+    pub action: SoftAction,
+    /// Tasks of at most this priority count as marginal (default 4: below the default 5).
+    #[serde(default = "default_marginal")]
+    pub max_priority: u8,
+}
+
+fn default_marginal() -> u8 {
+    4
+}
+
+/// What a throttle limits by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThrottleScope {
+    Pool,
+    Team,
+    /// The task's `producer` attribute (or baggage entry).
+    Producer,
+    /// The worker a task is targeted at (long-context dispatch).
+    Worker,
+}
+
+impl ThrottleScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThrottleScope::Pool => "pool",
+            ThrottleScope::Team => "team",
+            ThrottleScope::Producer => "producer",
+            ThrottleScope::Worker => "worker",
+        }
+    }
+}
+
+/// `[[throttle]]`: GCRA rate limits (governor). Over any span of T seconds at most
+/// `burst + rate × T` tasks pass; the rest wait in the intake stream and come back later.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    /// Unique name.
+    pub name: String,
+    pub scope: ThrottleScope,
+    /// Which value (pool name, team …). Unset: each value gets its own limiter.
+    #[serde(default, rename = "match")]
+    pub matches: Option<String>,
+    /// Tasks per second.
+    #[serde(default)]
+    pub tasks_per_s: Option<f64>,
+    /// Estimated tokens (input + output) per minute.
+    #[serde(default)]
+    pub tokens_per_min: Option<u64>,
+    /// Tasks (or tokens) that may pass at once after a quiet spell. Default 1 task, or one
+    /// second's worth of tokens.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// `[[reroute]]`: while `from`'s error rate or p95 dispatch latency is over a threshold,
+/// its tasks go to `to`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerouteSpec {
+    pub from: String,
+    pub to: String,
+    /// Share of failed tasks in the last minute (0-1).
+    #[serde(default)]
+    pub error_rate_above: Option<f64>,
+    /// p95 dispatch latency (intake → worker receipt) over the last 5 minutes, in ms.
+    #[serde(default)]
+    pub p95_latency_ms_above: Option<u64>,
+}
+
+/// `[alerts]`: the thresholds detection raises alerts at. Defaults are the seeds' table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertSpec {
+    /// Context utilisation that warns (0-1).
+    pub context_warning: f64,
+    /// Context utilisation that is critical (0-1).
+    pub context_critical: f64,
+    /// Cost per hour above this multiple of the rolling 1 h average.
+    pub cost_rate_multiple: f64,
+    /// Output token rate above this multiple of the task type's baseline.
+    pub output_rate_multiple: f64,
+    /// Active for more than this multiple of the expected duration.
+    pub active_duration_multiple: f64,
+    /// Fleet error rate over `fleet_error_window_s`.
+    pub fleet_error_rate: f64,
+    pub fleet_error_window_s: u64,
+    /// Queue depth above this share of the pool's maximum.
+    pub queue_ratio: f64,
+    /// Tool success rate below this.
+    pub tool_success_below: f64,
+    /// Tokens/s drop versus the 5-minute baseline (0.30 = 30% lower).
+    pub token_rate_drop: f64,
+}
+
+impl Default for AlertSpec {
+    fn default() -> Self {
+        Self {
+            context_warning: 0.80,
+            context_critical: 0.95,
+            cost_rate_multiple: 3.0,
+            output_rate_multiple: 5.0,
+            active_duration_multiple: 3.0,
+            fleet_error_rate: 0.05,
+            fleet_error_window_s: 300,
+            queue_ratio: 0.90,
+            tool_success_below: 0.70,
+            token_rate_drop: 0.30,
+        }
+    }
+}
+
+/// What an escalation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationAction {
+    Notify,
+    Page,
+    PauseWorker,
+    DrainWorker,
+    CapPool,
+}
+
+/// `[[escalation]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationSpec {
+    /// Alert severity it applies to: `warning` or `critical`.
+    pub severity: String,
+    /// After the alert has been open this long, in seconds.
+    pub after_s: u64,
+    pub action: EscalationAction,
+    /// Where a notification goes (`nats`, `webhook`, `alertmanager`).
+    #[serde(default)]
+    pub sink: Option<String>,
+}
+
+/// `[[redaction]]`: attribute values matching `pattern` are replaced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionSpec {
+    /// Attribute keys it applies to (exact, or a prefix ending in `*`).
+    pub attributes: Vec<String>,
+    /// A regular expression (Rust `regex` syntax). Unset: the whole value.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default = "default_replacement")]
+    pub replacement: String,
+}
+
+fn default_replacement() -> String {
+    "[REDACTED]".into()
+}
+
+/// `[sampling]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingSpec {
+    /// Share of ordinary traces kept (0-1).
+    pub default_rate: f64,
+    /// Traces with an error are always kept.
+    pub keep_errors: bool,
+    /// Traces slower than this are always kept, in ms.
+    pub keep_slower_than_ms: Option<u64>,
+    /// Per-attribute rates (`{ attribute = "fleet.team", value = "search", rate = 1.0 }`).
+    pub rule: Vec<SamplingRule>,
+}
+
+impl Default for SamplingSpec {
+    fn default() -> Self {
+        Self {
+            default_rate: 1.0,
+            keep_errors: true,
+            keep_slower_than_ms: None,
+            rule: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingRule {
+    pub attribute: String,
+    pub value: String,
+    pub rate: f64,
+}
+
+/// `[[test]]`: a task and a fleet situation, and what the policy should do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    pub name: String,
+    pub task: TestTask,
+    #[serde(default)]
+    pub fleet: TestFleet,
+    pub expect: TestExpect,
+}
+
+/// The task of a test case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestTask {
+    pub description: String,
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// `team`, `feature`, `user_tier`, `producer`, `task_type`, `tier` …
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+fn default_priority() -> u8 {
+    5
+}
+
+/// The fleet situation of a test case.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestFleet {
+    /// USD already committed per budget name in the current window (for a per-value
+    /// budget, for the task's value).
+    pub spent: BTreeMap<String, f64>,
+    /// Per pool: `{ error_rate = 0.4, p95_latency_ms = 9000, queue_depth = 10 }`.
+    pub pools: BTreeMap<String, TestPool>,
+    /// Throttles (by name) that are out of permits.
+    pub throttled: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestPool {
+    pub error_rate: Option<f64>,
+    pub p95_latency_ms: Option<u64>,
+    pub queue_depth: u64,
+    pub workers: u32,
+}
+
+/// What a test case expects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestExpect {
+    /// `dispatch`, `defer`, `reject` or `throttle`.
+    pub action: String,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The routing rule (`cost_tier`, `budget_downgrade`, `policy_reroute` …).
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// A substring of the reason.
+    #[serde(default)]
+    pub reason_contains: Option<String>,
+}

@@ -1,0 +1,429 @@
+//! Where policies come from, and how every replica ends up on the same one.
+//!
+//! Every change — an edit in the policy directory, a push on `<prefix>.policy.push`, a
+//! `PUT /v1/policy` — is validated first; a refused one changes nothing and is logged,
+//! shown on the API and audited. An accepted one is written to the JetStream key-value
+//! bucket `<prefix>_policy` (key `active`) with compare-and-set on the revision the
+//! replica has in force, so changes are linear; its revision is the version (`v<rev>`).
+//! The replica that accepted it swaps it in at once; the others follow the bucket's watch.
+//! On 2.9 servers the bucket's stream is created by hand (STANDARDS B.3).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::load::{self, Document};
+use super::{PolicyEngine, PolicyError, Source};
+
+/// The key in the bucket that holds the policy in force.
+pub const ACTIVE_KEY: &str = "active";
+/// Revisions of the policy the bucket keeps.
+const HISTORY: i64 = 64;
+
+/// What the bucket stores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stored {
+    pub documents: Vec<Document>,
+    pub source: Source,
+    pub identity: String,
+    pub sha256: String,
+    /// sha256 of the policy directory as last applied, carried across pushes, so a
+    /// restart re-applies the directory only when its files changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_sha: Option<String>,
+    pub at: String,
+}
+
+/// The bucket's name for a subject prefix.
+pub fn bucket_name(prefix: &str) -> String {
+    format!("{}_policy", prefix.replace('.', "_"))
+}
+
+/// Opens the policy bucket, creating its stream when missing (works on 2.9.10, where
+/// `create_key_value` fails client-side).
+pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, PolicyError> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    let cfg = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("fleet commander: the policy in force".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: HISTORY,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    js.get_or_create_stream(cfg)
+        .await
+        .map_err(|e| PolicyError::Bucket(e.to_string()))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| PolicyError::Bucket(e.to_string()))
+}
+
+/// The policy sources of one replica.
+#[derive(Debug)]
+pub struct PolicySync {
+    pub engine: Arc<PolicyEngine>,
+    kv: kv::Store,
+    dir: Option<PathBuf>,
+    files_sha: Mutex<Option<String>>,
+}
+
+impl PolicySync {
+    /// Converges on the bucket's policy, then applies the directory if its files changed
+    /// since they were last applied. A bad directory at start is an error (nothing runs
+    /// on a policy nobody could read).
+    pub async fn start(
+        engine: Arc<PolicyEngine>,
+        kv: kv::Store,
+        dir: Option<PathBuf>,
+    ) -> Result<Arc<Self>, PolicyError> {
+        let me = Arc::new(Self {
+            engine,
+            kv,
+            dir,
+            files_sha: Mutex::new(None),
+        });
+        if let Some(entry) = me
+            .kv
+            .entry(ACTIVE_KEY)
+            .await
+            .map_err(|e| PolicyError::Bucket(e.to_string()))?
+        {
+            me.follow(entry).await;
+        }
+        if let Some(dir) = me.dir.clone() {
+            let docs = load::read_dir(&dir)?;
+            let sha = load::bundle_sha(&docs);
+            let seen = me.files_sha.lock().ok().and_then(|s| s.clone());
+            if seen.as_deref() != Some(sha.as_str()) {
+                // Validated before anything is written, so a broken directory refuses to start.
+                me.engine.against.parse(docs.clone())?;
+                me.propose(docs, Source::File, &identity_of_dir(&dir))
+                    .await?;
+            }
+        }
+        Ok(me)
+    }
+
+    /// Validates and, when valid and different, writes `docs` as the new policy and
+    /// swaps it in. Returns the version in force afterwards.
+    pub async fn propose(
+        &self,
+        docs: Vec<Document>,
+        source: Source,
+        identity: &str,
+    ) -> Result<String, PolicyError> {
+        let policy = match self.engine.against.parse(docs.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.engine
+                    .refuse(docs, source, identity, e.problems())
+                    .await;
+                return Err(e);
+            }
+        };
+        for _attempt in 0..5 {
+            let live = self.engine.live();
+            if policy.sha256 == live.policy.sha256 && live.revision != 0 {
+                if source == Source::File {
+                    self.set_files_sha(Some(policy.sha256.clone()));
+                }
+                return Ok(live.policy.version.clone());
+            }
+            let files_sha = if source == Source::File {
+                Some(policy.sha256.clone())
+            } else {
+                self.files_sha.lock().ok().and_then(|s| s.clone())
+            };
+            let now = self.engine.now_ms();
+            let stored = Stored {
+                documents: policy.documents.clone(),
+                source,
+                identity: identity.to_string(),
+                sha256: policy.sha256.clone(),
+                files_sha: files_sha.clone(),
+                at: super::budget::rfc3339(now),
+            };
+            let body = Bytes::from(
+                serde_json::to_vec(&stored).map_err(|e| PolicyError::Bucket(e.to_string()))?,
+            );
+            let written = if live.revision == 0 {
+                self.kv.create(ACTIVE_KEY, body).await.map_err(|e| {
+                    matches!(e.kind(), kv::CreateErrorKind::AlreadyExists)
+                        .then_some(())
+                        .ok_or_else(|| e.to_string())
+                })
+            } else {
+                self.kv
+                    .update(ACTIVE_KEY, body, live.revision)
+                    .await
+                    .map_err(|e| {
+                        matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision)
+                            .then_some(())
+                            .ok_or_else(|| e.to_string())
+                    })
+            };
+            match written {
+                Ok(rev) => {
+                    self.set_files_sha(files_sha);
+                    let previous = live.policy.clone();
+                    if self.engine.swap(policy.clone(), rev, source, identity) {
+                        self.engine
+                            .record_applied(&previous, source, identity)
+                            .await;
+                    }
+                    return Ok(format!("v{rev}"));
+                }
+                // Another replica wrote first: follow it, then try again on top of it.
+                Err(Ok(())) => {
+                    if let Ok(Some(entry)) = self.kv.entry(ACTIVE_KEY).await {
+                        self.follow(entry).await;
+                    }
+                }
+                Err(Err(e)) => return Err(PolicyError::Bucket(e)),
+            }
+        }
+        Err(PolicyError::Bucket(
+            "the policy bucket kept changing under this write; try again".into(),
+        ))
+    }
+
+    fn set_files_sha(&self, sha: Option<String>) {
+        if let Ok(mut s) = self.files_sha.lock() {
+            *s = sha;
+        }
+    }
+
+    /// Applies a bucket entry written elsewhere (or before a restart).
+    async fn follow(&self, entry: kv::Entry) {
+        if !matches!(entry.operation, kv::Operation::Put) {
+            return;
+        }
+        let live = self.engine.live();
+        if entry.revision <= live.revision {
+            return;
+        }
+        let stored: Stored = match serde_json::from_slice(&entry.value) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(revision = entry.revision, error = %e, "policy bucket entry does not decode; ignored");
+                return;
+            }
+        };
+        self.set_files_sha(stored.files_sha.clone());
+        let identity = format!("{} via {}", stored.identity, stored.source.as_str());
+        match self.engine.against.parse(stored.documents.clone()) {
+            Ok(p) => {
+                let previous = live.policy.clone();
+                if self
+                    .engine
+                    .swap(p, entry.revision, Source::Replica, &identity)
+                    && !self
+                        .engine
+                        .audit
+                        .has_version(&format!("v{}", entry.revision))
+                {
+                    self.engine
+                        .record_applied(&previous, Source::Replica, &identity)
+                        .await;
+                }
+            }
+            Err(e) => {
+                // Valid where it was written (other pools or registry here): keep ours.
+                self.engine
+                    .refuse(stored.documents, Source::Replica, &identity, e.problems())
+                    .await;
+            }
+        }
+    }
+
+    /// Follows the bucket until shutdown.
+    pub async fn watch_bucket(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let mut w = match self.kv.watch(ACTIVE_KEY).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the policy bucket; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    e = w.next() => match e {
+                        Some(Ok(entry)) => self.follow(entry).await,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "policy bucket watch error");
+                        }
+                        None => break,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+            // The watch ended (server restart): catch up, then watch again.
+            if let Ok(Some(entry)) = self.kv.entry(ACTIVE_KEY).await {
+                self.follow(entry).await;
+            }
+        }
+    }
+
+    /// Re-reads the policy directory on every change (debounced) until shutdown.
+    pub async fn watch_dir(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(dir) = self.dir.clone() else { return };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev
+                && ev.paths.iter().any(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(load::SUFFIX))
+                })
+            {
+                let _ = tx.try_send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the policy directory; edits need a restart");
+                return;
+            }
+        };
+        use notify::Watcher;
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the policy directory");
+            return;
+        }
+        loop {
+            tokio::select! {
+                got = rx.recv() => if got.is_none() { return },
+                _ = stop.changed() => return,
+            }
+            // Editors write in several steps: wait for the burst to end.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let identity = identity_of_dir(&dir);
+            match load::read_dir(&dir) {
+                Ok(docs) => {
+                    if let Err(e) = self.propose(docs, Source::File, &identity).await
+                        && !matches!(e, PolicyError::Invalid(_))
+                    {
+                        tracing::error!(error = %e, "policy directory change not applied");
+                    }
+                }
+                Err(e) => {
+                    self.engine
+                        .refuse(Vec::new(), Source::File, &identity, e.problems())
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Answers `<prefix>.policy.push` requests (one replica per request: queue group).
+    /// The body is one policy document (TOML); headers: `Fleet-Identity` (who),
+    /// `Fleet-Policy-Name` (the document's name), `Authorization: Bearer <token>` when a
+    /// compliance token is configured. The reply is JSON: `{"accepted":true,"version":…}`
+    /// or `{"accepted":false,"errors":[…]}`.
+    pub async fn serve_push(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        subject: String,
+        token: Option<String>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut sub = match client
+            .queue_subscribe(subject.clone(), "commander".into())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, subject, "cannot serve policy pushes");
+                return;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => match m { Some(m) => m, None => return },
+                _ = stop.changed() => return,
+            };
+            let Some(reply) = msg.reply.clone() else {
+                tracing::warn!("policy push without a reply subject ignored (use request/reply)");
+                continue;
+            };
+            let h = msg.headers.as_ref();
+            let get = |name: &str| fleet_worker::protocol::header(h, name).map(str::to_string);
+            let identity = get("Fleet-Identity").unwrap_or_else(|| "nats".into());
+            let answer = match check_token(token.as_deref(), get("Authorization").as_deref()) {
+                Err(why) => serde_json::json!({ "accepted": false, "errors": [why] }),
+                Ok(()) => match std::str::from_utf8(&msg.payload) {
+                    Err(_) => {
+                        serde_json::json!({ "accepted": false, "errors": ["the policy is not UTF-8 text"] })
+                    }
+                    Ok(text) => {
+                        let name = get("Fleet-Policy-Name")
+                            .filter(|n| !n.is_empty() && n.len() <= 200)
+                            .unwrap_or_else(|| "pushed.policy.toml".into());
+                        let doc = Document {
+                            name,
+                            text: text.to_string(),
+                        };
+                        match self.propose(vec![doc], Source::Nats, &identity).await {
+                            Ok(v) => serde_json::json!({ "accepted": true, "version": v }),
+                            Err(e) => {
+                                serde_json::json!({ "accepted": false, "errors": e.problems() })
+                            }
+                        }
+                    }
+                },
+            };
+            let body = Bytes::from(answer.to_string());
+            if let Err(e) = client.publish(reply, body).await {
+                tracing::warn!(error = %e, "policy push reply not sent");
+            }
+        }
+    }
+}
+
+/// Checks a bearer token against the configured compliance token.
+pub fn check_token(expected: Option<&str>, authorization: Option<&str>) -> Result<(), String> {
+    let Some(expected) = expected.filter(|t| !t.is_empty()) else {
+        return Err("policy pushes are disabled: no compliance token is configured (policy.compliance_token_env)".into());
+    };
+    let given = authorization
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match given {
+        None => Err("missing compliance token (Authorization: Bearer …)".into()),
+        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err("wrong compliance token".into()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn identity_of_dir(dir: &Path) -> String {
+    format!("files in {}", dir.display())
+}

@@ -1,0 +1,235 @@
+//! The embedded `[[test]]` cases: each builds its fleet situation (ledger, pool health,
+//! exhausted throttles), classifies its task the way the commander would without an LLM
+//! (declared type, else the rubric's deterministic fallback), runs the same
+//! [`evaluate`](super::evaluate) as the intake loop, and compares the outcome.
+
+use std::collections::BTreeMap;
+
+use fleet_worker::message::Task;
+use serde::Serialize;
+
+use super::budget::{CellKey, Ledger, TaskDims};
+use super::evaluate::{self, EvalInput, Verdict};
+use super::load::{Policy, TestCase};
+use super::schema::{Scope, ThrottleScope};
+use crate::classify::rubric::Rubric;
+use crate::registry::Registry;
+use crate::route::snapshot::PoolState;
+use crate::route::{RouteSnapshot, RoutingTable};
+
+/// The time test cases run at: 2026-06-15T12:00:00Z (mid-window for every calendar window).
+pub const TEST_NOW_MS: u64 = 1_781_524_800_000;
+
+/// One case's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct TestOutcome {
+    pub name: String,
+    pub at: String,
+    pub passed: bool,
+    /// What happened: action, pool, model, rule, reason.
+    pub got: String,
+    /// What did not match.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
+}
+
+/// Runs every test case of `policy`.
+pub fn run(
+    policy: &Policy,
+    rubric: &Rubric,
+    registry: &Registry,
+    table: &RoutingTable,
+) -> Vec<TestOutcome> {
+    policy
+        .tests
+        .iter()
+        .map(|t| run_one(policy, t, rubric, registry, table))
+        .collect()
+}
+
+fn run_one(
+    policy: &Policy,
+    t: &TestCase,
+    rubric: &Rubric,
+    registry: &Registry,
+    table: &RoutingTable,
+) -> TestOutcome {
+    let spec = &t.spec;
+    let mut task = Task::new(spec.task.description.clone());
+    task.priority = spec.task.priority;
+    task.attributes = spec.task.attributes.clone();
+    task.pool = spec.task.pool.clone();
+    task.model = spec.task.model.clone();
+    task.capabilities = spec.task.capabilities.clone();
+    task.id = Some("policy-test".into());
+    let class = crate::classify::offline(rubric, &task);
+    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+
+    // The fleet: every configured pool healthy with one worker, unless the case says.
+    let mut names: Vec<String> = table.pools.keys().cloned().collect();
+    names.extend(spec.fleet.pools.keys().cloned());
+    names.sort();
+    names.dedup();
+    let pools = names
+        .into_iter()
+        .map(|name| {
+            let s = spec.fleet.pools.get(&name).cloned().unwrap_or_default();
+            let workers = if s.workers == 0 { 1 } else { s.workers };
+            PoolState {
+                name,
+                healthy: workers,
+                queue_depth: s.queue_depth,
+                capacity: u64::from(workers),
+                error_rate: s.error_rate,
+                finished_1m: if s.error_rate.is_some() { 100 } else { 0 },
+                p95_latency_ms: s.p95_latency_ms.map(|v| v as f64),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let fleet = RouteSnapshot::from_pools(TEST_NOW_MS, pools);
+
+    let mut ledger = Ledger::default();
+    for (name, usd) in &spec.fleet.spent {
+        let Some(b) = policy.budget(name) else {
+            continue;
+        };
+        let values: Vec<String> = match (b.spec.scope, &b.spec.matches) {
+            (Scope::Fleet, _) => vec!["*".into()],
+            (_, Some(m)) => vec![m.clone()],
+            (Scope::Team, None) => dims.team.iter().cloned().collect(),
+            (Scope::Feature, None) => dims.feature.iter().cloned().collect(),
+            (Scope::UserTier, None) => dims.user_tier.iter().cloned().collect(),
+            (Scope::Pool, None) => table.pools.keys().cloned().collect(),
+            (Scope::Model, None) => registry.models().iter().map(|m| m.name.clone()).collect(),
+        };
+        for value in values {
+            ledger.set_spent(
+                CellKey {
+                    budget: name.clone(),
+                    value,
+                    bucket: b.window.bucket(TEST_NOW_MS),
+                },
+                *usd,
+            );
+        }
+    }
+
+    let hints = evaluate::hints(policy);
+    let queued = BTreeMap::new();
+    let verdict = evaluate::evaluate(EvalInput {
+        task: &task,
+        class: &class.answer,
+        dims: &dims,
+        rubric,
+        registry,
+        fleet: &fleet,
+        table,
+        policy,
+        hints: &hints,
+        ledger: &ledger,
+        queued: &queued,
+        released: false,
+        now_ms: TEST_NOW_MS,
+        seed: 1,
+    });
+
+    let (mut action, pool, model, rule, reason) = match &verdict {
+        Verdict::Dispatch { decision: d, .. } => (
+            "dispatch",
+            Some(d.pool.clone()),
+            Some(d.model.clone()),
+            Some(d.rule.as_str().to_string()),
+            d.reason.clone(),
+        ),
+        Verdict::Defer {
+            decision: d,
+            reason,
+            ..
+        } => (
+            "defer",
+            Some(d.pool.clone()),
+            Some(d.model.clone()),
+            Some("budget_defer".into()),
+            reason.clone(),
+        ),
+        Verdict::Reject {
+            decision: d,
+            reason,
+        } => (
+            "reject",
+            Some(d.pool.clone()),
+            Some(d.model.clone()),
+            Some("budget_reject".into()),
+            reason.clone(),
+        ),
+        Verdict::NoRoute(n) => ("reject", None, None, Some(n.code().into()), n.to_string()),
+    };
+    let mut reason = reason;
+    if action == "dispatch"
+        && let Some(p) = &pool
+        && let Some(th) = policy.throttles.iter().find(|th| {
+            spec.fleet.throttled.contains(&th.spec.name) && {
+                let value = match th.spec.scope {
+                    ThrottleScope::Pool => Some(p.as_str()),
+                    ThrottleScope::Team => dims.team.as_deref(),
+                    ThrottleScope::Producer => dims.producer.as_deref(),
+                    ThrottleScope::Worker => None,
+                };
+                value.is_some_and(|v| th.spec.matches.as_deref().is_none_or(|m| m == v))
+            }
+        })
+    {
+        action = "throttle";
+        reason = format!(
+            "throttle {} is out of permits; the task waits in the intake stream",
+            th.spec.name
+        );
+    }
+
+    let e = &spec.expect;
+    let mut failures = Vec::new();
+    if e.action != action {
+        failures.push(format!("action: expected {}, got {action}", e.action));
+    }
+    for (what, want, got) in [
+        ("pool", &e.pool, &pool),
+        ("model", &e.model, &model),
+        ("rule", &e.rule, &rule),
+    ] {
+        if let Some(w) = want {
+            let same = match what {
+                "model" => got
+                    .as_deref()
+                    .and_then(|g| registry.lookup(g))
+                    .zip(registry.lookup(w))
+                    .is_some_and(|(a, b)| a.name == b.name),
+                _ => got.as_deref() == Some(w.as_str()),
+            };
+            if !same {
+                failures.push(format!(
+                    "{what}: expected {w}, got {}",
+                    got.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+    }
+    if let Some(sub) = &e.reason_contains
+        && !reason.contains(sub.as_str())
+    {
+        failures.push(format!("reason: expected it to contain {sub:?}"));
+    }
+    let got = format!(
+        "{action} pool={} model={} rule={}: {reason}",
+        pool.as_deref().unwrap_or("-"),
+        model.as_deref().unwrap_or("-"),
+        rule.as_deref().unwrap_or("-"),
+    );
+    TestOutcome {
+        name: spec.name.clone(),
+        at: t.at.clone(),
+        passed: failures.is_empty(),
+        got,
+        failures,
+    }
+}

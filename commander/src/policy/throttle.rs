@@ -1,0 +1,183 @@
+//! Throttles: governor (GCRA) rate limiters per pool, team, producer or worker, in tasks
+//! per second and estimated tokens per minute.
+//!
+//! Limiters are keyed by the scope's value, so `scope = "team"` without `match` gives
+//! every team its own limit. A policy swap keeps the limiters of throttles whose spec did
+//! not change (their permits carry over); changed or new ones start full. A task that a
+//! throttle holds back is not lost: it stays in the intake stream and comes back after
+//! the wait the limiter names.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use super::load::{Policy, Throttle};
+use super::schema::{ThrottleScope, ThrottleSpec};
+
+/// One throttle's limiters.
+#[derive(Debug)]
+pub struct Limiter {
+    pub spec: ThrottleSpec,
+    tasks: Option<DefaultKeyedRateLimiter<String>>,
+    tokens: Option<(DefaultKeyedRateLimiter<String>, u32)>,
+}
+
+impl Limiter {
+    fn new(t: &Throttle) -> Self {
+        let spec = t.spec.clone();
+        let burst = spec.burst.and_then(NonZeroU32::new);
+        let tasks = spec.tasks_per_s.and_then(|r| {
+            let q = Quota::with_period(Duration::from_secs_f64(1.0 / r))?;
+            Some(RateLimiter::keyed(
+                q.allow_burst(burst.unwrap_or(NonZeroU32::MIN)),
+            ))
+        });
+        let tokens = spec.tokens_per_min.and_then(|per_min| {
+            let per_min = per_min.min(u64::from(u32::MAX)) as u32;
+            // Default burst: a tenth of a minute's tokens, so one large task can pass.
+            let cap = burst.map(NonZeroU32::get).unwrap_or((per_min / 10).max(1));
+            let cap = NonZeroU32::new(cap)?;
+            let q = Quota::with_period(Duration::from_secs_f64(60.0 / f64::from(per_min)))?;
+            Some((RateLimiter::keyed(q.allow_burst(cap)), cap.get()))
+        });
+        Self {
+            spec,
+            tasks,
+            tokens,
+        }
+    }
+
+    /// Takes permits for one task of `tokens` estimated tokens, or says how long to wait.
+    fn take(&self, key: &String, tokens: u64) -> Result<(), Duration> {
+        let now = DefaultClock::default().now();
+        if let Some(l) = &self.tasks
+            && let Err(not_until) = l.check_key(key)
+        {
+            return Err(not_until.wait_time_from(now));
+        }
+        if let Some((l, cap)) = &self.tokens {
+            // A task larger than the burst waits for a full bucket, then passes.
+            let n = tokens.clamp(1, u64::from(*cap)) as u32;
+            let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+            match l.check_key_n(key, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => return Err(not_until.wait_time_from(now)),
+                Err(_) => return Err(Duration::from_secs(1)),
+            }
+        }
+        Ok(())
+    }
+
+    fn retain_recent(&self) {
+        if let Some(l) = &self.tasks {
+            l.retain_recent();
+        }
+        if let Some((l, _)) = &self.tokens {
+            l.retain_recent();
+        }
+    }
+
+    fn keys(&self) -> usize {
+        self.tasks.as_ref().map(|l| l.len()).unwrap_or(0)
+            + self.tokens.as_ref().map(|(l, _)| l.len()).unwrap_or(0)
+    }
+}
+
+/// What a throttle can key a task by.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThrottleKeys<'a> {
+    pub pool: &'a str,
+    pub team: Option<&'a str>,
+    pub producer: Option<&'a str>,
+    pub worker: Option<&'a str>,
+}
+
+/// A task held back: by which throttle, for how long.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Throttled {
+    pub name: String,
+    pub key: String,
+    pub wait: Duration,
+}
+
+/// The limiters of the policy in force.
+#[derive(Debug, Default)]
+pub struct Throttles {
+    active: Vec<Arc<Limiter>>,
+}
+
+/// Limiters by spec, so a swap that keeps a throttle keeps its state.
+#[derive(Debug, Default)]
+pub struct LimiterCache {
+    by_spec: Mutex<HashMap<String, Arc<Limiter>>>,
+}
+
+impl LimiterCache {
+    /// The limiters for `policy`, reusing those whose spec is unchanged.
+    pub fn build(&self, policy: &Policy) -> Throttles {
+        let Ok(mut cache) = self.by_spec.lock() else {
+            return Throttles {
+                active: policy
+                    .throttles
+                    .iter()
+                    .map(|t| Arc::new(Limiter::new(t)))
+                    .collect(),
+            };
+        };
+        let mut next = HashMap::new();
+        let mut active = Vec::with_capacity(policy.throttles.len());
+        for t in &policy.throttles {
+            let fp = format!("{:?}", t.spec);
+            let l = cache
+                .remove(&fp)
+                .unwrap_or_else(|| Arc::new(Limiter::new(t)));
+            next.insert(fp, l.clone());
+            active.push(l);
+        }
+        *cache = next;
+        Throttles { active }
+    }
+}
+
+impl Throttles {
+    /// Takes a permit from every throttle that applies, in policy order, or names the
+    /// first that holds the task back (permits already taken from earlier throttles are
+    /// spent: a held-back task can only make the fleet slower, never faster).
+    pub fn admit(&self, keys: ThrottleKeys<'_>, tokens: u64) -> Result<(), Throttled> {
+        for l in &self.active {
+            let value = match l.spec.scope {
+                ThrottleScope::Pool => Some(keys.pool),
+                ThrottleScope::Team => keys.team,
+                ThrottleScope::Producer => keys.producer,
+                ThrottleScope::Worker => keys.worker,
+            };
+            let Some(value) = value else { continue };
+            if l.spec.matches.as_deref().is_some_and(|m| m != value) {
+                continue;
+            }
+            let key = value.to_string();
+            if let Err(wait) = l.take(&key, tokens) {
+                return Err(Throttled {
+                    name: l.spec.name.clone(),
+                    key,
+                    wait,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets keys whose limiters are full again (bounds memory for per-value throttles).
+    pub fn retain_recent(&self) -> usize {
+        self.active.iter().for_each(|l| l.retain_recent());
+        self.active.iter().map(|l| l.keys()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+}
