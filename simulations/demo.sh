@@ -45,7 +45,7 @@ for _ in $(seq 1 100); do
 done
 curl -fs http://127.0.0.1:8080/readyz >/dev/null || { echo "the commander did not start; see data/example/commander.log" >&2; exit 1; }
 
-for pool in code docs general; do
+for pool in code docs general code-standby; do
   for n in 1 2; do
     target/release/examples/worker --pool "$pool" --id "$pool-$n" --work-ms 400 2> "data/example/worker-$pool-$n.log" &
     pids+=($!)
@@ -54,7 +54,7 @@ done
 
 cat <<MSG
 
-  fleet commander is running with an example fleet (pools: code, docs, general; 2 workers each).
+  fleet commander is running with an example fleet (pools: code, docs, general, code-standby; 2 workers each).
   A producer now submits a task every half second and prints each result.
 
     commander log   : data/example/commander.log

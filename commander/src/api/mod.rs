@@ -26,6 +26,7 @@ use crate::registry::RegistryHandle;
 
 mod decisions;
 mod fleet;
+mod policy;
 use crate::classify::Classifier;
 use crate::decisions::DecisionLog;
 use crate::store::Store;
@@ -64,6 +65,13 @@ pub enum ApiError {
     /// What was not found, in words ("task t-1 not found").
     #[error("{0}")]
     NotFound(String),
+    /// A policy (or other document) with these problems.
+    #[error("{} problem(s)", .0.len())]
+    Invalid(Vec<String>),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
     #[error("internal error")]
@@ -81,6 +89,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Vec::new()),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", Vec::new()),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid", Vec::new()),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", Vec::new()),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", Vec::new()),
             ApiError::Unavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new())
             }
@@ -94,6 +105,10 @@ impl IntoResponse for ApiError {
         let mut body = json!({ "error": { "code": code, "message": self.to_string() } });
         if !problems.is_empty() {
             body["error"]["problems"] = json!(problems);
+        }
+        if let ApiError::Invalid(errors) = &self {
+            body["accepted"] = json!(false);
+            body["errors"] = json!(errors);
         }
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -111,7 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/tasks", post(submit_task))
+        .route("/v1/tasks", post(submit_task).get(policy::tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/fleet", get(fleet::overview))
         .route("/v1/workers", get(fleet::workers))
@@ -122,6 +137,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/decisions", get(decisions::list))
         .route("/v1/decisions/{task_id}", get(decisions::one))
         .route("/v1/classifier", get(decisions::classifier))
+        .route("/v1/policy", get(policy::current).put(policy::put))
+        .route("/v1/policy/check", post(policy::check))
+        .route("/v1/policy/replay", post(policy::shadow_replay))
+        .route("/v1/policy/history", get(policy::history))
+        .route("/v1/policy/history/{version}", get(policy::version))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

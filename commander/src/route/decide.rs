@@ -730,28 +730,7 @@ fn exclude<'t>(
             None,
         );
     }
-    let threshold = pool_cfg
-        .and_then(|p| p.max_error_rate)
-        .unwrap_or(table.routing.max_error_rate);
-    if let Some(rate) = s.error_rate
-        && rate > threshold
-    {
-        let fb = pool_cfg.and_then(|p| p.fallback_pool.as_deref());
-        let to = fb.map(|f| format!("; rerouted to {f}")).unwrap_or_default();
-        return (
-            Some((
-                "error_rate",
-                format!(
-                    "{} failed {:.0}% of {} tasks in the last minute (threshold {:.0}%){to}",
-                    c.pool,
-                    rate * 100.0,
-                    s.finished_1m,
-                    threshold * 100.0
-                ),
-            )),
-            fb,
-        );
-    }
+    // The policy's reroutes come first: they name where the work goes.
     if let Some(r) = reroutes.iter().find(|r| r.from == c.pool) {
         let errors = r
             .error_rate_above
@@ -782,6 +761,28 @@ fn exclude<'t>(
                 Some(r.to.as_str()),
             );
         }
+    }
+    let threshold = pool_cfg
+        .and_then(|p| p.max_error_rate)
+        .unwrap_or(table.routing.max_error_rate);
+    if let Some(rate) = s.error_rate
+        && rate > threshold
+    {
+        let fb = pool_cfg.and_then(|p| p.fallback_pool.as_deref());
+        let to = fb.map(|f| format!("; rerouted to {f}")).unwrap_or_default();
+        return (
+            Some((
+                "error_rate",
+                format!(
+                    "{} failed {:.0}% of {} tasks in the last minute (threshold {:.0}%){to}",
+                    c.pool,
+                    rate * 100.0,
+                    s.finished_1m,
+                    threshold * 100.0
+                ),
+            )),
+            fb,
+        );
     }
     if let Some(max) = pool_cfg.and_then(|p| p.max_queue_depth)
         && s.queue_depth >= max

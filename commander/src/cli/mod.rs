@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
+mod policy;
+pub use policy::PolicyCommand;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "commander",
@@ -46,6 +49,11 @@ pub enum Command {
     Decisions {
         #[command(subcommand)]
         command: DecisionsCommand,
+    },
+    /// Policy tools: check, test, replay, push.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
 }
 
@@ -201,6 +209,7 @@ pub fn run(cli: Cli) -> ExitCode {
             tokio::runtime::Builder::new_current_thread(),
             decisions_tail(config, nats_url, pool, json, count),
         ),
+        Command::Policy { command } => policy::run(command),
         Command::Serve(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,
@@ -218,7 +227,7 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 /// Runs `fut` to completion on a runtime from `builder`; its error is logged and fails.
-fn run_async<E: std::fmt::Display>(
+pub(crate) fn run_async<E: std::fmt::Display>(
     mut builder: tokio::runtime::Builder,
     fut: impl Future<Output = Result<(), E>>,
 ) -> ExitCode {

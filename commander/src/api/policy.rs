@@ -1,0 +1,297 @@
+//! Policies over HTTP: `GET|PUT /v1/policy`, `POST /v1/policy/check`,
+//! `POST /v1/policy/replay`, `GET /v1/policy/history[/{version}]`, and the deferred queue
+//! at `GET /v1/tasks?state=deferred`. Shapes: docs/api.md and docs/policy.md.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap as HttpHeaders;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::policy::{Document, PolicyError, Source, replay, sync, testcase};
+
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::Invalid(p) => ApiError::Invalid(p),
+            PolicyError::Forbidden(m) => ApiError::Forbidden(m),
+            PolicyError::Read { .. } => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// `GET /v1/policy`: the policy in force, where budgets stand, the last rejection.
+pub async fn current(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let engine = &s.policy.engine;
+    let live = engine.live();
+    let p = &live.policy;
+    let c = &engine.counters;
+    Ok(Json(json!({
+        "version": p.version,
+        "revision": live.revision,
+        "sha256": p.sha256,
+        "source": live.source,
+        "identity": live.identity,
+        "applied_at": crate::policy::budget::rfc3339(live.applied_at_ms),
+        "summary": p.summary(),
+        "documents": p.documents.iter().map(|d| &d.name).collect::<Vec<_>>(),
+        "budgets": p.budgets,
+        "throttles": p.throttles,
+        "reroutes": p.reroutes,
+        "alerts": p.alerts,
+        "escalation": p.escalation,
+        "redaction": p.redaction,
+        "sampling": p.sampling,
+        "tests": p.tests.len(),
+        "standing": engine.standing(),
+        "deferred": engine.deferrals.len(),
+        "last_rejection": engine.last_rejection(),
+        "counters": {
+            "swaps": c.swaps.load(Ordering::Relaxed),
+            "rejected_changes": c.rejected.load(Ordering::Relaxed),
+            "deferred": c.deferred.load(Ordering::Relaxed),
+            "released": c.released.load(Ordering::Relaxed),
+            "throttled": c.throttled.load(Ordering::Relaxed),
+            "budget_rejected": c.budget_rejected.load(Ordering::Relaxed),
+        },
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutQuery {
+    /// The document's name (default `pushed.policy.toml`), for a TOML body.
+    pub name: Option<String>,
+}
+
+/// The documents of a request body: a JSON `{"documents":[{"name","text"}]}`, or one
+/// TOML document.
+fn documents(body: &Bytes, name: Option<String>) -> Result<Vec<Document>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::BadRequest("the policy is not UTF-8 text".into()))?;
+    if text.trim_start().starts_with('{') {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Docs {
+            documents: Vec<Document>,
+        }
+        let d: Docs = serde_json::from_str(text)
+            .map_err(|e| ApiError::BadRequest(format!("policy JSON: {e}")))?;
+        if d.documents.is_empty() {
+            return Err(ApiError::BadRequest("documents must not be empty".into()));
+        }
+        return Ok(d.documents);
+    }
+    let name = name
+        .filter(|n| !n.is_empty() && n.len() <= 200)
+        .unwrap_or_else(|| "pushed.policy.toml".into());
+    Ok(vec![Document {
+        name,
+        text: text.to_string(),
+    }])
+}
+
+fn identity(h: &HttpHeaders) -> String {
+    h.get("fleet-identity")
+        .or_else(|| h.get("x-fleet-identity"))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .unwrap_or("http")
+        .to_string()
+}
+
+/// `PUT /v1/policy[?name=]`: validate, store in the policy bucket, swap in. Needs the
+/// compliance token.
+pub async fn put(
+    State(s): State<AppState>,
+    headers: HttpHeaders,
+    q: Result<Query<PutQuery>, QueryRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    sync::check_token(s.compliance_token.as_deref(), auth).map_err(|why| {
+        if s.compliance_token.is_none() {
+            ApiError::Forbidden(why)
+        } else {
+            ApiError::Unauthorized(why)
+        }
+    })?;
+    let docs = documents(&body, q.name)?;
+    let who = identity(&headers);
+    let version = s.policy.propose(docs, Source::Http, &who).await?;
+    Ok(Json(json!({ "accepted": true, "version": version })).into_response())
+}
+
+/// `POST /v1/policy/check`: validate and run the embedded tests; changes nothing.
+pub async fn check(
+    State(s): State<AppState>,
+    q: Result<Query<PutQuery>, QueryRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let docs = documents(&body, q.name)?;
+    let policy = s.policy.engine.against.parse(docs)?;
+    let (rubric, registry) = (s.classifier.rubric(), s.models.current());
+    let tests = testcase::run(&policy, &rubric, &registry, &s.ctx.table);
+    Ok(Json(json!({
+        "valid": true,
+        "sha256": policy.sha256,
+        "summary": policy.summary(),
+        "diff": crate::policy::load::diff(&s.policy.engine.live().policy, &policy),
+        "tests": tests,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayQuery {
+    /// How far back (`1h`, `30m`, `2d`); default 1h.
+    pub last: Option<String>,
+    pub name: Option<String>,
+    /// Most decisions replayed (default 100000).
+    pub max: Option<usize>,
+}
+
+/// `POST /v1/policy/replay?last=1h`: the recent decisions under a candidate policy.
+pub async fn shadow_replay(
+    State(s): State<AppState>,
+    q: Result<Query<ReplayQuery>, QueryRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let last = humantime::parse_duration(q.last.as_deref().unwrap_or("1h"))
+        .map_err(|e| ApiError::BadRequest(format!("last: {e}")))?;
+    let docs = documents(&body, q.name)?;
+    let mut candidate = s.policy.engine.against.parse(docs)?;
+    candidate.version = "candidate".into();
+    let until = crate::fleet::now_ms();
+    let since = until.saturating_sub(last.as_millis() as u64);
+    let max = q.max.unwrap_or(100_000).clamp(1, 1_000_000);
+    let log = s.decisions.clone();
+    let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (rubric, registry) = (s.classifier.rubric(), s.models.current());
+    let fleet = s.ctx.route_snapshot();
+    let report = replay::replay(
+        &candidate,
+        &decisions,
+        &rubric,
+        &registry,
+        &fleet,
+        &s.ctx.table,
+        since,
+        until,
+    );
+    Ok(Json(report).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    pub limit: Option<usize>,
+    /// Records before this sequence number (the previous page's last `seq`).
+    pub before: Option<u64>,
+}
+
+/// `GET /v1/policy/history`: every attempt, newest first (documents left out).
+pub async fn history(
+    State(s): State<AppState>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let mut records = s
+        .policy
+        .engine
+        .audit
+        .list(limit, q.before)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    for r in &mut records {
+        r.documents.clear();
+    }
+    Ok(Json(json!({ "records": records })).into_response())
+}
+
+/// `GET /v1/policy/history/{version}`: one version's record with its documents.
+pub async fn version(
+    State(s): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    match s
+        .policy
+        .engine
+        .audit
+        .version(&version)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    {
+        Some(r) => Ok(Json(r).into_response()),
+        None => Err(ApiError::NotFound(format!("policy version {version} not in the audit trail"))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksQuery {
+    pub state: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/tasks?state=deferred`: the deferred queue in release order.
+pub async fn tasks(
+    State(s): State<AppState>,
+    q: Result<Query<TasksQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    match q.state.as_deref() {
+        Some("deferred") => {}
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "state={} is not listable; use state=deferred (GET /v1/tasks/{{id}} for one task)",
+                other.unwrap_or("")
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let list = s
+        .policy
+        .engine
+        .deferrals
+        .list(limit, None)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tasks: Vec<_> = list
+        .into_iter()
+        .map(|t| {
+            json!({
+                "task_id": t.id,
+                "priority": t.priority,
+                "deferred_at": t.deferred_at,
+                "until": t.until,
+                "reason": t.reason,
+                "pool": t.pool,
+                "model": t.model,
+                "est_cost_usd": t.est_usd,
+                "releases": t.releases,
+                "policy_version": t.policy_version,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "state": "deferred",
+        "total": s.policy.engine.deferrals.len(),
+        "tasks": tasks,
+    }))
+    .into_response())
+}
