@@ -238,7 +238,9 @@ pub async fn version(
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
         Some(r) => Ok(Json(r).into_response()),
-        None => Err(ApiError::NotFound(format!("policy version {version} not in the audit trail"))),
+        None => Err(ApiError::NotFound(format!(
+            "policy version {version} not in the audit trail"
+        ))),
     }
 }
 

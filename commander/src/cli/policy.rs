@@ -152,7 +152,12 @@ fn offline(o: &Offline, run_tests: bool) -> ExitCode {
         }
     };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "valid: {} (sha256 {})", policy.summary(), policy.sha256);
+    let _ = writeln!(
+        out,
+        "valid: {} (sha256 {})",
+        policy.summary(),
+        policy.sha256
+    );
     if !run_tests {
         return ExitCode::SUCCESS;
     }
@@ -199,10 +204,7 @@ enum RemoteError {
     Write(#[from] std::io::Error),
 }
 
-async fn send(
-    req: reqwest::RequestBuilder,
-    api: &str,
-) -> Result<serde_json::Value, RemoteError> {
+async fn send(req: reqwest::RequestBuilder, api: &str) -> Result<serde_json::Value, RemoteError> {
     let resp = req.send().await.map_err(|e| RemoteError::Http {
         api: api.to_string(),
         reason: e.to_string(),
@@ -226,7 +228,12 @@ fn body_of(files: &[PathBuf]) -> Result<String, RemoteError> {
     Ok(serde_json::json!({ "documents": docs }).to_string())
 }
 
-async fn replay(files: Vec<PathBuf>, last: String, api: String, json: bool) -> Result<(), RemoteError> {
+async fn replay(
+    files: Vec<PathBuf>,
+    last: String,
+    api: String,
+    json: bool,
+) -> Result<(), RemoteError> {
     let body = body_of(&files)?;
     if humantime::parse_duration(&last).is_err() {
         return Err(RemoteError::Http {
@@ -289,7 +296,12 @@ async fn replay(files: Vec<PathBuf>, last: String, api: String, json: bool) -> R
     Ok(())
 }
 
-async fn push(files: Vec<PathBuf>, api: String, token_env: String, identity: String) -> Result<(), RemoteError> {
+async fn push(
+    files: Vec<PathBuf>,
+    api: String,
+    token_env: String,
+    identity: String,
+) -> Result<(), RemoteError> {
     let body = body_of(&files)?;
     let token = std::env::var(&token_env).unwrap_or_default();
     let url = format!("{}/v1/policy", api.trim_end_matches('/'));

@@ -25,6 +25,9 @@ pub mod sync;
 pub mod testcase;
 pub mod throttle;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

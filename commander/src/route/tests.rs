@@ -306,7 +306,7 @@ fn every_rule_and_its_reason() {
     );
     c.policy = PolicyHints {
         downgrade: Some("team payments at 91% of its daily budget".into()),
-        version: None,
+        ..Default::default()
     };
     c.want = Ok(("code", "claude-haiku-4-5", RouteRule::BudgetDowngrade));
     c.candidates = vec![("code", "gpt-4o", "budget_downgrade")];

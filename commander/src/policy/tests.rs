@@ -1,0 +1,508 @@
+//! Policy tests: validation (every bad-policy case, with file:line), the budget check, and
+//! deferral and release across a window reset with a hand-moved clock and a real sled.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fleet_worker::message::Task;
+
+use super::budget::{CellKey, Ledger, TaskDims, Window};
+use super::deferred::DeferredTask;
+use super::load::{CheckAgainst, Document, Policy};
+use super::{Against, ManualClock, PolicyEngine, PolicyError, evaluate};
+use crate::classify::rubric::{Rubric, RubricHandle};
+use crate::config::PoolConfig;
+use crate::registry::{Registry, RegistryHandle};
+use crate::route::{RouteSnapshot, RoutingTable};
+use crate::store::Store;
+
+fn pools() -> BTreeMap<String, PoolConfig> {
+    [
+        ("code", &["code", "review"][..]),
+        ("code-standby", &["code", "review"][..]),
+        ("docs", &["summarise", "extract"][..]),
+        ("general", &[][..]),
+    ]
+    .into_iter()
+    .map(|(p, caps)| {
+        let cfg = PoolConfig {
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        (p.to_string(), cfg)
+    })
+    .collect()
+}
+
+fn parse(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
+    let registry = Registry::builtin().unwrap();
+    let rubric = Rubric::builtin().unwrap();
+    let pools = pools();
+    Policy::parse(
+        files
+            .iter()
+            .map(|(n, t)| Document {
+                name: n.to_string(),
+                text: t.to_string(),
+            })
+            .collect(),
+        CheckAgainst {
+            pools: Some(&pools),
+            registry: &registry,
+            rubric: &rubric,
+        },
+    )
+}
+
+fn problems(files: &[(&str, &str)]) -> Vec<String> {
+    match parse(files) {
+        Err(PolicyError::Invalid(p)) => p,
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+const BUDGET: &str = r#"
+[[budget]]
+name = "team-daily"
+scope = "team"
+window = "day"
+limit_usd = 1.0
+action = "defer"
+"#;
+
+#[test]
+fn the_shipped_policies_are_valid() {
+    parse(&[(super::load::BUILTIN_NAME, super::load::BUILTIN)]).unwrap();
+    let example = include_str!("../../../policies/example.policy.toml");
+    let p = parse(&[
+        ("default.policy.toml", super::load::BUILTIN),
+        ("example.policy.toml", example),
+    ])
+    .unwrap();
+    assert_eq!(p.budgets.len(), 2);
+    assert!(p.tests.len() >= 5);
+}
+
+#[test]
+fn syntax_error_names_file_and_line() {
+    let p = problems(&[(
+        "a.policy.toml",
+        "[[budget]]\nname = \"x\"\nlimit_usd = = 3\n",
+    )]);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("a.policy.toml:3:"), "{p:?}");
+}
+
+#[test]
+fn unknown_field_names_file_and_line() {
+    let text = format!("{BUDGET}limt_usd = 4.0\n");
+    let p = problems(&[("b.policy.toml", &text)]);
+    assert!(
+        p[0].starts_with("b.policy.toml:") && p[0].contains("limt_usd"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn every_semantic_problem_is_reported_at_once_with_its_line() {
+    let text = r#"
+[[budget]]
+name = "neg"
+scope = "team"
+window = "day"
+limit_usd = -5.0
+action = "reject"
+
+[[budget]]
+name = "pool-budget"
+scope = "pool"
+match = "gpu"
+window = "fortnightly"
+limit_usd = 10.0
+action = "defer"
+
+[[budget]]
+name = "model-budget"
+scope = "model"
+match = "gpt-9-ultra"
+window = "month"
+limit_usd = 10.0
+action = "defer"
+
+[[throttle]]
+name = "t"
+scope = "pool"
+match = "nowhere"
+tasks_per_s = 0
+
+[[reroute]]
+from = "code"
+to = "mainframe"
+error_rate_above = 0.2
+"#;
+    let p = problems(&[("c.policy.toml", text)]);
+    let has = |line: usize, what: &str| {
+        p.iter()
+            .any(|x| x.starts_with(&format!("c.policy.toml:{line}:")) && x.contains(what))
+    };
+    assert!(has(2, "limit_usd -5"), "negative budget: {p:?}");
+    assert!(has(9, "unknown pool \"gpu\""), "unknown pool: {p:?}");
+    assert!(has(9, "fortnightly"), "bad window: {p:?}");
+    assert!(
+        has(17, "unknown model \"gpt-9-ultra\""),
+        "unknown model: {p:?}"
+    );
+    assert!(has(25, "unknown pool \"nowhere\""), "throttle pool: {p:?}");
+    assert!(has(25, "tasks_per_s 0"), "throttle rate: {p:?}");
+    assert!(has(31, "unknown pool \"mainframe\""), "reroute pool: {p:?}");
+    assert_eq!(p.len(), 7, "{p:?}");
+}
+
+#[test]
+fn overlapping_budgets_with_conflicting_actions_are_refused_across_files() {
+    let other = r#"
+[[budget]]
+name = "search-daily"
+scope = "team"
+match = "search"
+window = "day"
+limit_usd = 3.0
+action = "reject"
+"#;
+    let p = problems(&[("a.policy.toml", BUDGET), ("b.policy.toml", other)]);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("b.policy.toml:2:")
+            && p[0].contains("overlaps budget team-daily at a.policy.toml:2")
+            && p[0].contains("reject vs defer"),
+        "{p:?}"
+    );
+    // Same scope, another window, or the same action: no conflict.
+    let monthly = other.replace("\"day\"", "\"month\"");
+    parse(&[("a.policy.toml", BUDGET), ("b.policy.toml", &monthly)]).unwrap();
+    let same = other.replace("\"reject\"", "\"defer\"");
+    parse(&[("a.policy.toml", BUDGET), ("b.policy.toml", &same)]).unwrap();
+}
+
+#[test]
+fn duplicate_names_and_sections_are_refused() {
+    let p = problems(&[
+        ("a.policy.toml", &format!("{BUDGET}\n[alerts]\n")),
+        (
+            "b.policy.toml",
+            &format!("{BUDGET}\n[alerts]\ncontext_warning = 0.99\n"),
+        ),
+    ]);
+    assert!(
+        p.iter()
+            .any(|x| x.contains("budget \"team-daily\" is already defined")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|x| x.contains("[alerts] is already set")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.contains("context_warning 0.99 must be below")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn bad_redaction_pattern_and_soft_thresholds() {
+    let text = r#"
+[[budget]]
+name = "b"
+scope = "fleet"
+window = "day"
+limit_usd = 1.0
+action = "downgrade"
+min_tier = "galactic"
+soft = [{ at = 0.9, action = "alert" }, { at = 0.8, action = "alert" }]
+
+[[redaction]]
+attributes = ["user.email"]
+pattern = "([a-z"
+"#;
+    let p = problems(&[("r.policy.toml", text)]);
+    assert!(
+        p.iter().any(|x| x.contains("soft thresholds must rise")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|x| x.contains("min_tier \"galactic\"")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("r.policy.toml:11:") && x.contains("does not compile")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn diff_summarises_what_changed() {
+    let a = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    let b = parse(&[(
+        "a.policy.toml",
+        &format!(
+            "{}\n[[throttle]]\nname = \"t\"\nscope = \"pool\"\ntasks_per_s = 5\n",
+            BUDGET.replace("1.0", "2.5")
+        ),
+    )])
+    .unwrap();
+    let d = super::load::diff(&a, &b);
+    assert!(
+        d.iter().any(|l| l.contains("budget team-daily changed")
+            && l.contains("$1.00/day")
+            && l.contains("$2.50/day")),
+        "{d:?}"
+    );
+    assert!(d.iter().any(|l| l.contains("throttle t added")), "{d:?}");
+    assert_eq!(super::load::diff(&a, &a), vec!["no change".to_string()]);
+}
+
+/// 2026-12-01T23:59:00Z.
+const BEFORE_MIDNIGHT: u64 = 1_796_169_540_000;
+const MIN: u64 = 60_000;
+
+fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyEngine> {
+    PolicyEngine::open(
+        store,
+        Against {
+            pools: pools(),
+            registry: RegistryHandle::open(None).unwrap(),
+            rubric: RubricHandle::open(None).unwrap(),
+        },
+        policy,
+        clock,
+        1000,
+        100,
+    )
+    .unwrap()
+}
+
+fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> DeferredTask {
+    DeferredTask {
+        id: id.into(),
+        priority,
+        deferred_at_ms: at_ms,
+        deferred_at: super::budget::rfc3339(at_ms),
+        reason: "test".into(),
+        until_ms: None,
+        until: None,
+        queues: vec![("team-daily".into(), "search".into())],
+        pool: "docs".into(),
+        model: "gpt-4o-mini".into(),
+        est_usd: est,
+        dims: TaskDims {
+            team: Some("search".into()),
+            ..Default::default()
+        },
+        policy_version: "v1".into(),
+        task_json: "{}".into(),
+        headers: vec![],
+        releases: 0,
+    }
+}
+
+#[test]
+fn deferred_tasks_are_released_after_the_window_resets_priority_first_then_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(BEFORE_MIDNIGHT);
+    let policy = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let e = engine(clock.clone(), &store, policy.clone());
+        // Today's budget is spent.
+        let today = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
+        };
+        e.with_ledger(|l| l.reserve(std::slice::from_ref(&today), 1.0));
+        // Five tasks of $0.30 wait: two of priority 8, three of priority 5.
+        for (id, prio, at) in [
+            ("old-5", 5, BEFORE_MIDNIGHT - 5 * MIN),
+            ("new-8", 8, BEFORE_MIDNIGHT - MIN),
+            ("mid-5", 5, BEFORE_MIDNIGHT - 3 * MIN),
+            ("old-8", 8, BEFORE_MIDNIGHT - 4 * MIN),
+            ("new-5", 5, BEFORE_MIDNIGHT - 2 * MIN),
+        ] {
+            e.deferrals.insert(&deferred(id, prio, at, 0.30)).unwrap();
+        }
+        e.persist_ledger().unwrap();
+        futures::executor::block_on(store.flush()).unwrap();
+        assert_eq!(
+            e.deferrals.queued()[&("team-daily".into(), "search".into())],
+            5
+        );
+        let due = e
+            .with_ledger(|l| {
+                e.deferrals.due(
+                    &e.live().policy,
+                    l,
+                    clock.0.load(std::sync::atomic::Ordering::SeqCst),
+                    100,
+                )
+            })
+            .unwrap();
+        assert!(due.is_empty(), "nothing fits before midnight: {due:?}");
+    }
+    // Restart: the queue and the ledger come back from sled.
+    let store = Store::open(dir.path()).unwrap();
+    let e = engine(clock.clone(), &store, policy.clone());
+    assert_eq!(e.deferrals.len(), 5);
+    let now = BEFORE_MIDNIGHT + 30_000;
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, now, 100))
+        .unwrap();
+    assert!(due.is_empty(), "still 23:59:30");
+
+    // Past midnight: $1.00 of room fits three tasks of $0.30, in priority-then-age order.
+    clock.set(BEFORE_MIDNIGHT + 2 * MIN);
+    let now = e.now_ms();
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, now, 100))
+        .unwrap();
+    let got: Vec<&str> = due.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(got, ["old-8", "new-8", "old-5"]);
+    let mut released = Vec::new();
+    for t in &due {
+        // What the intake loop does on the released task: reserve its estimate.
+        let cell = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: Window::Day.bucket(now),
+        };
+        e.with_ledger(|l| l.reserve(&[cell], t.est_usd));
+        e.deferrals.remove(t).unwrap();
+        released.push(t.id.clone());
+    }
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, now, 100))
+        .unwrap();
+    assert!(due.is_empty(), "the budget is full again: {due:?}");
+
+    // The limit is raised: the rest go, each exactly once.
+    let raised = parse(&[("a.policy.toml", &BUDGET.replace("1.0", "2.0"))]).unwrap();
+    assert!(e.swap(raised, 7, super::Source::Http, "test"));
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, now, 100))
+        .unwrap();
+    for t in &due {
+        e.deferrals.remove(t).unwrap();
+        released.push(t.id.clone());
+    }
+    released.sort();
+    let mut unique = released.clone();
+    unique.dedup();
+    assert_eq!(released, unique, "no task released twice");
+    assert_eq!(released.len(), 5, "no task lost");
+    assert!(e.deferrals.is_empty() && e.deferrals.queued().is_empty());
+}
+
+#[test]
+fn concurrent_admissions_never_pass_the_limit() {
+    // Eight threads race to reserve $0.10 tasks against a $1.00 budget, through the same
+    // check-and-reserve step the intake loop takes under the ledger lock.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let clock = ManualClock::at(BEFORE_MIDNIGHT - 60 * MIN);
+    let policy = parse(&[("a.policy.toml", &BUDGET.replace("\"defer\"", "\"reject\""))]).unwrap();
+    let e = engine(clock, &store, policy);
+    let registry = Registry::builtin().unwrap();
+    let rubric = Rubric::builtin().unwrap();
+    let table = RoutingTable {
+        pools: pools(),
+        routing: Default::default(),
+    };
+    let fleet = RouteSnapshot::default();
+    let admitted = std::sync::atomic::AtomicUsize::new(0);
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (e, registry, rubric, table, fleet) = (&e, &registry, &rubric, &table, &fleet);
+            let (admitted, refused) = (&admitted, &refused);
+            s.spawn(move || {
+                for i in 0..50 {
+                    let mut task = Task::new("Summarise this incident report");
+                    task.id = Some(format!("t{t}-{i}"));
+                    task.attributes.insert("team".into(), "search".into());
+                    let mut class = crate::classify::offline(rubric, &task).answer;
+                    class.input_tokens = 10_000;
+                    class.output_tokens = 10_000;
+                    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+                    let live = e.live();
+                    let now = e.now_ms();
+                    let queued = BTreeMap::new();
+                    e.with_ledger(|l| {
+                        let v = evaluate::evaluate(evaluate::EvalInput {
+                            task: &task,
+                            class: &class,
+                            dims: &dims,
+                            rubric,
+                            registry,
+                            fleet,
+                            table,
+                            policy: &live.policy,
+                            hints: &live.hints,
+                            ledger: l,
+                            queued: &queued,
+                            released: false,
+                            now_ms: now,
+                            seed: i,
+                        });
+                        match v {
+                            evaluate::Verdict::Dispatch { decision, check } => {
+                                let est = decision.est_cost_usd.unwrap();
+                                l.reserve(&check.cells, est);
+                                admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            evaluate::Verdict::Reject { .. } => {
+                                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let now = e.now_ms();
+    let committed = e.with_ledger(|l| l.committed("team-daily", "search", Window::Day, now));
+    let admitted = admitted.into_inner();
+    assert!(
+        committed <= 1.0 + 1e-9,
+        "committed {committed} is over the limit"
+    );
+    // Every task has the same estimate: the budget took as many as fit, and no more.
+    let est = committed / admitted as f64;
+    assert_eq!(admitted, (1.0 / est + 1e-9).floor() as usize, "est {est}");
+    assert_eq!(admitted + refused.into_inner(), 400);
+}
+
+#[test]
+fn ledger_prune_keeps_open_reservations() {
+    let policy = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    let mut l = Ledger::default();
+    let old = CellKey {
+        budget: "team-daily".into(),
+        value: "search".into(),
+        bucket: Window::Day.bucket(BEFORE_MIDNIGHT) - 3 * 86_400_000,
+    };
+    let older = CellKey {
+        bucket: old.bucket - 86_400_000,
+        ..old.clone()
+    };
+    l.reserve(std::slice::from_ref(&old), 1.0);
+    l.set_spent(older.clone(), 2.0);
+    let gone = l.prune(&policy, BEFORE_MIDNIGHT);
+    assert_eq!(gone, vec![older]);
+    assert_eq!(
+        l.cell(&old).reserved,
+        1.0,
+        "a task still in flight keeps its cell"
+    );
+}
