@@ -13,6 +13,7 @@ mod bad_input;
 mod common;
 mod interop;
 mod kill;
+mod policy;
 mod routing;
 mod spine;
 mod startup;

@@ -20,8 +20,6 @@ pub enum Source {
     Nats,
     /// `PUT /v1/policy`.
     Http,
-    /// Applied from the policy bucket, written there by another replica.
-    Replica,
 }
 
 impl Source {
@@ -31,7 +29,6 @@ impl Source {
             Source::File => "file",
             Source::Nats => "nats",
             Source::Http => "http",
-            Source::Replica => "replica",
         }
     }
 }
@@ -126,10 +123,5 @@ impl AuditLog {
             }
         }
         Ok(None)
-    }
-
-    /// Whether a version is in this trail already.
-    pub fn has_version(&self, version: &str) -> bool {
-        matches!(self.version(version), Ok(Some(_)))
     }
 }

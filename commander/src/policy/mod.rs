@@ -251,7 +251,7 @@ impl PolicyEngine {
             policy.version = format!("v{revision}");
         }
         let version = policy.version.clone();
-        let live = Live {
+        let live = Arc::new(Live {
             hints: evaluate::hints(&policy),
             throttles: self.limiters.build(&policy),
             policy: Arc::new(policy),
@@ -259,7 +259,12 @@ impl PolicyEngine {
             source,
             identity: identity.to_string(),
             applied_at_ms: self.now_ms(),
-        };
+        });
+        // Compare-and-swap: of two callers applying the same revision, one wins.
+        let prev = self.live.compare_and_swap(&current, live.clone());
+        if !Arc::ptr_eq(&prev, &current) {
+            return false;
+        }
         tracing::info!(
             version,
             source = source.as_str(),
@@ -267,7 +272,6 @@ impl PolicyEngine {
             summary = %live.policy.summary(),
             "policy in force"
         );
-        self.live.store(Arc::new(live));
         self.counters.swaps.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_one();
         true

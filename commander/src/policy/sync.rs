@@ -177,12 +177,16 @@ impl PolicySync {
             };
             match written {
                 Ok(rev) => {
-                    self.set_files_sha(files_sha);
-                    let previous = live.policy.clone();
-                    if self.engine.swap(policy.clone(), rev, source, identity) {
-                        self.engine
-                            .record_applied(&previous, source, identity)
-                            .await;
+                    // Every replica, this one included, applies it from the bucket's watch
+                    // (one path, one audit record); if the watch lags, apply it here.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                    while self.engine.live().revision < rev
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if self.engine.live().revision < rev {
+                        self.apply(stored, rev).await;
                     }
                     return Ok(format!("v{rev}"));
                 }
@@ -206,44 +210,50 @@ impl PolicySync {
         }
     }
 
-    /// Applies a bucket entry written elsewhere (or before a restart).
+    /// Applies a bucket entry (written by this replica, another one, or before a restart).
     async fn follow(&self, entry: kv::Entry) {
         if !matches!(entry.operation, kv::Operation::Put) {
             return;
         }
-        let live = self.engine.live();
-        if entry.revision <= live.revision {
+        if entry.revision <= self.engine.live().revision {
             return;
         }
-        let stored: Stored = match serde_json::from_slice(&entry.value) {
-            Ok(s) => s,
+        match serde_json::from_slice::<Stored>(&entry.value) {
+            Ok(stored) => self.apply(stored, entry.revision).await,
             Err(e) => {
-                tracing::error!(revision = entry.revision, error = %e, "policy bucket entry does not decode; ignored");
-                return;
+                tracing::error!(revision = entry.revision, error = %e, "policy bucket entry does not decode; ignored")
             }
-        };
+        }
+    }
+
+    /// Validates a stored policy again (pools, registry and rubric are this replica's) and
+    /// swaps it in as `revision`; the replica whose swap wins writes the audit record.
+    async fn apply(&self, stored: Stored, revision: u64) {
         self.set_files_sha(stored.files_sha.clone());
-        let identity = format!("{} via {}", stored.identity, stored.source.as_str());
+        let live = self.engine.live();
+        if revision <= live.revision {
+            return;
+        }
         match self.engine.against.parse(stored.documents.clone()) {
             Ok(p) => {
-                let previous = live.policy.clone();
                 if self
                     .engine
-                    .swap(p, entry.revision, Source::Replica, &identity)
-                    && !self
-                        .engine
-                        .audit
-                        .has_version(&format!("v{}", entry.revision))
+                    .swap(p, revision, stored.source, &stored.identity)
                 {
                     self.engine
-                        .record_applied(&previous, Source::Replica, &identity)
+                        .record_applied(&live.policy, stored.source, &stored.identity)
                         .await;
                 }
             }
             Err(e) => {
-                // Valid where it was written (other pools or registry here): keep ours.
+                // Valid where it was written (other pools or registry there): keep ours.
                 self.engine
-                    .refuse(stored.documents, Source::Replica, &identity, e.problems())
+                    .refuse(
+                        stored.documents,
+                        stored.source,
+                        &stored.identity,
+                        e.problems(),
+                    )
                     .await;
             }
         }
@@ -308,6 +318,9 @@ impl PolicySync {
             tracing::error!(error = %e, dir = %dir.display(), "cannot watch the policy directory");
             return;
         }
+        // The bundle last looked at: one save often raises several events, and the same
+        // content is judged once.
+        let mut last_sha = String::new();
         loop {
             tokio::select! {
                 got = rx.recv() => if got.is_none() { return },
@@ -317,8 +330,13 @@ impl PolicySync {
             tokio::time::sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
             let identity = identity_of_dir(&dir);
-            match load::read_dir(&dir) {
+            match read_stable(&dir).await {
                 Ok(docs) => {
+                    let sha = load::bundle_sha(&docs);
+                    if sha == last_sha {
+                        continue;
+                    }
+                    last_sha = sha;
                     if let Err(e) = self.propose(docs, Source::File, &identity).await
                         && !matches!(e, PolicyError::Invalid(_))
                     {
@@ -397,6 +415,22 @@ impl PolicySync {
             }
         }
     }
+}
+
+/// Reads the directory until two reads 50 ms apart agree, so a file caught between its
+/// truncation and its new content (a writer that does not rename into place) is not
+/// taken for an empty policy.
+async fn read_stable(dir: &Path) -> Result<Vec<Document>, PolicyError> {
+    let mut docs = load::read_dir(dir)?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let again = load::read_dir(dir)?;
+        if again == docs {
+            return Ok(docs);
+        }
+        docs = again;
+    }
+    Ok(docs)
 }
 
 /// Checks a bearer token against the configured compliance token.

@@ -1,0 +1,707 @@
+//! Policies against the real binary: bad policies change nothing (file, HTTP, NATS), a
+//! throttle holds its rate, budgets defer at the limit and release when it rises (across
+//! a kill -9), shadow replay, and 10,000 tasks while throttles and budgets flip.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_testkit::{Commander, NatsServer};
+use fleet_worker::{
+    Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskContext, TaskOutput,
+};
+use fleet_worker::{Worker, WorkerConfig, WorkerHandle};
+use serde_json::Value;
+
+use crate::common::*;
+
+const TOKEN: &str = "compliance-secret";
+
+struct PolicyStack {
+    nats: NatsServer,
+    commander: Commander,
+    client: async_nats::Client,
+    dir: tempfile::TempDir,
+    policies: PathBuf,
+    config: String,
+}
+
+impl PolicyStack {
+    async fn start(policy: &str, extra_config: &str) -> Self {
+        let nats = NatsServer::start().expect("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("main.policy.toml"), policy).unwrap();
+        let config = format!(
+            "{TWO_POOLS}\n[policy]\ndir = {:?}\nrelease_interval_ms = 200\n{extra_config}\n",
+            policies
+        );
+        let commander = Self::spawn(&nats, dir.path(), &config);
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        Self {
+            nats,
+            commander,
+            client,
+            dir,
+            policies,
+            config,
+        }
+    }
+
+    fn spawn(nats: &NatsServer, dir: &Path, config: &str) -> Commander {
+        let mut opts = commander_options(nats, dir.join("cmd"), config);
+        opts.extra_env
+            .push(("FLEET_COMPLIANCE_TOKEN".into(), TOKEN.into()));
+        Commander::start(&opts).expect("commander")
+    }
+
+    fn http(&self, path: &str) -> String {
+        format!("{}{path}", self.commander.http())
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(self.http(path))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn version(&self) -> String {
+        self.get("/v1/policy").await["version"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn put(&self, toml: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .put(self.http("/v1/policy"))
+            .header("fleet-identity", "alice@compliance")
+            .body(toml.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Writes the policy file and waits until a new version is in force.
+    async fn write_policy(&self, toml: &str) -> String {
+        let before = self.version().await;
+        // Written whole and renamed in, as editors and config managers do.
+        let tmp = self.policies.join(".main.tmp");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, self.policies.join("main.policy.toml")).unwrap();
+        let mut now = before.clone();
+        eventually("the edit is in force", WAIT, async || {
+            now = self.version().await;
+            now != before
+        })
+        .await;
+        now
+    }
+}
+
+/// A worker that reports no usage: budgets settle each task at its estimate, so the
+/// number a budget admits is exact.
+async fn quiet_worker(
+    client: &async_nats::Client,
+    pool: &str,
+    id: &str,
+    seen: SeenLog,
+) -> WorkerHandle {
+    let mut cfg = WorkerConfig::new(pool, id);
+    cfg.max_in_flight = 64;
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    Worker::start(client.clone(), cfg, move |ctx: TaskContext| {
+        let seen = seen.clone();
+        async move {
+            *seen
+                .lock()
+                .unwrap()
+                .runs
+                .entry((ctx.task_id.clone(), ctx.attempt))
+                .or_default() += 1;
+            Ok(TaskOutput {
+                output: serde_json::json!({ "ok": true }),
+                usage: None,
+            })
+        }
+    })
+    .await
+    .expect("worker starts")
+}
+
+/// The strings of a JSON array, joined (JSON text would escape their quotes).
+fn strings(v: &Value) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn summary_task(id: &str, priority: u8) -> Task {
+    let mut t = Task::new("Summarise the quarterly incident report for the operations team");
+    t.id = Some(id.to_string());
+    t.pool = Some("alpha".into());
+    t.priority = priority;
+    t.attributes.insert("team".into(), "search".into());
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
+    let good = r#"
+[[budget]]
+name = "search-daily"
+scope = "team"
+match = "search"
+window = "day"
+limit_usd = 50.0
+action = "defer"
+"#;
+    let s = PolicyStack::start(good, "").await;
+    let v1 = s.version().await;
+    assert!(
+        v1.starts_with('v'),
+        "the directory's policy is versioned: {v1}"
+    );
+    let policy = s.get("/v1/policy").await;
+    assert_eq!(policy["source"], "file");
+    assert_eq!(policy["budgets"][0]["name"], "search-daily");
+
+    // A broken edit: a syntax error, then an unknown field, a negative budget, an unknown
+    // pool and model, and two overlapping budgets with conflicting actions.
+    let file = s.policies.join("main.policy.toml");
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "syntax",
+            "[[budget]\nname = 1\n".into(),
+            &["main.policy.toml:1:"],
+        ),
+        (
+            "unknown field",
+            format!("{good}colour = \"red\"\n"),
+            &["main.policy.toml:", "colour"],
+        ),
+        (
+            "negative budget",
+            good.replace("50.0", "-1.0"),
+            &["main.policy.toml:2:", "limit_usd -1"],
+        ),
+        (
+            "unknown pool and model",
+            format!(
+                "{good}\n[[budget]]\nname = \"p\"\nscope = \"pool\"\nmatch = \"gamma\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"defer\"\n\n[[budget]]\nname = \"m\"\nscope = \"model\"\nmatch = \"gpt-11\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"defer\"\n"
+            ),
+            &[
+                "main.policy.toml:10:",
+                "unknown pool \"gamma\"",
+                "main.policy.toml:18:",
+                "unknown model \"gpt-11\"",
+            ],
+        ),
+        (
+            "conflicting overlap",
+            format!(
+                "{good}\n[[budget]]\nname = \"all-teams\"\nscope = \"team\"\nwindow = \"day\"\nlimit_usd = 9.0\naction = \"reject\"\n"
+            ),
+            &[
+                "main.policy.toml:10:",
+                "overlaps budget search-daily",
+                "conflicting action",
+            ],
+        ),
+    ];
+    for (what, text, needles) in &cases {
+        std::fs::write(&file, text).unwrap();
+        eventually(&format!("the {what} edit is refused"), WAIT, async || {
+            let p = s.get("/v1/policy").await;
+            let errors = strings(&p["last_rejection"]["errors"]);
+            needles.iter().all(|n| errors.contains(n))
+        })
+        .await;
+        let p = s.get("/v1/policy").await;
+        assert_eq!(
+            p["version"],
+            v1.as_str(),
+            "{what}: the active policy is unchanged"
+        );
+        // The audit trail has the rejection, with the errors and the submitted text.
+        let h = s.get("/v1/policy/history?limit=1").await;
+        let rec = &h["records"][0];
+        assert_eq!(rec["accepted"], false, "{what}: {rec}");
+        assert_eq!(rec["source"], "file");
+        assert!(
+            strings(&rec["errors"]).contains(needles[0]),
+            "{what}: {rec}"
+        );
+        assert!(
+            s.commander.logged("policy change rejected"),
+            "{what}: logged"
+        );
+    }
+    // The last broken edit stays on disk; the policy in force is still v1.
+
+    // HTTP: no token, a wrong token, a bad policy: refused; the good one is accepted.
+    let raised = good.replace("50.0", "75.0");
+    assert_eq!(s.put(&raised, None).await.0, 401);
+    assert_eq!(s.put(&raised, Some("guess")).await.0, 401);
+    let (status, body) = s.put(&good.replace("search-daily", ""), Some(TOKEN)).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["accepted"], false);
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("pushed.policy.toml:2:"),
+        "{body}"
+    );
+    assert_eq!(s.version().await, v1, "refused pushes change nothing");
+    let (status, body) = s.put(&raised, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let v2 = body["version"].as_str().unwrap().to_string();
+    assert_ne!(v2, v1);
+    assert_eq!(s.version().await, v2);
+    let rec = s.get(&format!("/v1/policy/history/{v2}")).await;
+    assert_eq!(rec["accepted"], true);
+    assert_eq!(rec["source"], "http");
+    assert_eq!(rec["identity"], "alice@compliance");
+    assert_eq!(rec["previous"], v1.as_str());
+    assert_eq!(rec["sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        rec["diff"]
+            .to_string()
+            .contains("budget search-daily changed")
+            && rec["diff"].to_string().contains("$75.00/day"),
+        "{rec}"
+    );
+    assert!(
+        rec["documents"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("75.0")
+    );
+
+    // NATS: request/reply on fleet.policy.push.
+    let push = async |text: &str, token: &str| -> Value {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Authorization", format!("Bearer {token}").as_str());
+        h.insert("Fleet-Identity", "bob@compliance");
+        let reply = s
+            .client
+            .request_with_headers("fleet.policy.push", h, text.to_string().into())
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    let refused = push(
+        "[[throttle]]\nname = \"t\"\nscope = \"pool\"\nmatch = \"alpha\"\n",
+        TOKEN,
+    )
+    .await;
+    assert_eq!(refused["accepted"], false, "{refused}");
+    assert!(
+        refused["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("pushed.policy.toml:1:"),
+        "{refused}"
+    );
+    let wrong = push(&raised, "nope").await;
+    assert_eq!(wrong["accepted"], false);
+    let throttle = format!(
+        "{raised}\n[[throttle]]\nname = \"t\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = 1000\n"
+    );
+    let ok = push(&throttle, TOKEN).await;
+    assert_eq!(ok["accepted"], true, "{ok}");
+    let v3 = ok["version"].as_str().unwrap().to_string();
+    assert_eq!(s.version().await, v3);
+    let h = s.get("/v1/policy/history?limit=50").await;
+    let sources: Vec<&str> = h["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.contains(&"nats") && sources.contains(&"http") && sources.contains(&"file"),
+        "{sources:?}"
+    );
+
+    // Decisions made now carry the version in force.
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    producer
+        .submit(&summary_task("after-push", 5), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result("after-push", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+    let d = s.get("/v1/decisions/after-push").await;
+    assert_eq!(d["policy_version"], v3.as_str(), "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_pool_never_exceeds_its_rate() {
+    const RATE: f64 = 20.0;
+    const BURST: f64 = 2.0;
+    const TASKS: usize = 120;
+    let policy = format!(
+        "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = {RATE}\nburst = {BURST}\n"
+    );
+    let s = PolicyStack::start(&policy, "").await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let mut acks = Vec::new();
+    for i in 0..TASKS {
+        acks.push(
+            producer
+                .submit_pipelined(
+                    &summary_task(&format!("thr-{i}"), 5),
+                    SubmitOptions::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    for i in 0..TASKS {
+        let r = producer
+            .await_result(&format!("thr-{i}"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "nothing throttled is lost");
+    }
+    assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
+    assert!(seen.lock().unwrap().runs.values().all(|n| *n == 1));
+
+    // When the throttle let each task through: its decision time.
+    let mut at: Vec<u64> = Vec::new();
+    for i in 0..TASKS {
+        let d = s.get(&format!("/v1/decisions/thr-{i}")).await;
+        at.push(d["at_ms"].as_u64().unwrap());
+    }
+    at.sort_unstable();
+    // GCRA: over any span of T seconds at most burst + rate × T pass (+1 for the
+    // millisecond clock the decisions are stamped with).
+    for window_ms in [500u64, 1_000, 2_000] {
+        let bound = BURST + RATE * window_ms as f64 / 1000.0 + 1.0;
+        let mut worst = 0;
+        let mut lo = 0;
+        for hi in 0..at.len() {
+            while at[hi] - at[lo] > window_ms {
+                lo += 1;
+            }
+            worst = worst.max(hi - lo + 1);
+        }
+        assert!(
+            worst as f64 <= bound,
+            "{worst} tasks passed within {window_ms} ms; the throttle allows {bound}"
+        );
+    }
+    let span_s = (at[TASKS - 1] - at[0]) as f64 / 1000.0;
+    assert!(
+        span_s >= (TASKS as f64 - BURST) / RATE - 0.5,
+        "{TASKS} tasks took only {span_s:.2}s at {RATE}/s"
+    );
+    let throttled = s.get("/v1/policy").await["counters"]["throttled"]
+        .as_u64()
+        .unwrap();
+    assert!(throttled > 0, "the throttle held tasks back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
+    let mut s = PolicyStack::start("", "").await;
+    let seen = SeenLog::default();
+    let _worker = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+
+    // One probe tells what such a task is estimated at.
+    producer
+        .submit(&summary_task("probe", 5), SubmitOptions::default())
+        .await
+        .unwrap();
+    producer.await_result("probe", WAIT).await.unwrap();
+    let est = s.get("/v1/decisions/probe").await["est_cost_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(est > 0.0);
+
+    // The probe ran before the budget existed, so it is not counted: room for ten and a
+    // half tasks means exactly ten of thirty fit.
+    let limit = est * 10.5;
+    let budget = |limit: f64| {
+        format!(
+            "[[budget]]\nname = \"search-daily\"\nscope = \"team\"\nmatch = \"search\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"defer\"\n"
+        )
+    };
+    let v_tight = s.write_policy(&budget(limit)).await;
+    let mut acks = Vec::new();
+    for i in 0..30 {
+        // Priorities 0-9 three times over, submitted all at once.
+        let t = summary_task(&format!("edge-{i}"), (i % 10) as u8);
+        acks.push(
+            producer
+                .submit_pipelined(&t, SubmitOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    eventually("30 tasks decided", WAIT, async || {
+        let p = s.get("/v1/policy").await;
+        let deferred = s.get("/v1/tasks?state=deferred").await["total"]
+            .as_u64()
+            .unwrap();
+        deferred == 20 && p["standing"][0]["reserved_usd"].as_f64().unwrap() < 1e-12
+    })
+    .await;
+    let p = s.get("/v1/policy").await;
+    let st = &p["standing"][0];
+    let committed = st["spent_usd"].as_f64().unwrap() + st["reserved_usd"].as_f64().unwrap();
+    assert!(
+        committed <= limit + 1e-9,
+        "committed {committed} over limit {limit}"
+    );
+    assert!(
+        (committed - 10.0 * est).abs() < 1e-9,
+        "ten tasks charged: {committed} vs {}",
+        10.0 * est
+    );
+    assert_eq!(
+        seen.lock().unwrap().runs.len(),
+        11,
+        "probe + ten dispatched"
+    );
+    let listed = s.get("/v1/tasks?state=deferred&limit=100").await;
+    let first = &listed["tasks"][0];
+    assert_eq!(first["priority"], 9, "released priority first: {listed}");
+    let first_id = first["task_id"].as_str().unwrap().to_string();
+    let one = task_record(s.commander.http(), &first_id).await.unwrap();
+    assert_eq!(one["state"], "deferred");
+    assert!(
+        one["deferred"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deferred until"),
+        "{one}"
+    );
+    assert!(
+        one["deferred"]["until"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z"),
+        "{one}"
+    );
+    assert_eq!(one["policy_version"], v_tight.as_str());
+
+    // kill -9: the deferred queue and the ledger come back from the store.
+    s.commander.kill9();
+    s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
+    let listed = s.get("/v1/tasks?state=deferred").await;
+    assert_eq!(listed["total"], 20, "no deferred task lost in the crash");
+    let st = &s.get("/v1/policy").await["standing"][0];
+    assert!(
+        (st["spent_usd"].as_f64().unwrap() - 10.0 * est).abs() < 1e-9,
+        "ledger survived: {st}"
+    );
+    assert_eq!(
+        s.version().await,
+        v_tight,
+        "the same version after the restart"
+    );
+
+    // Shadow replay: a much smaller budget would have rejected most of the last hour.
+    let candidate = s.dir.path().join("candidate.policy.toml");
+    std::fs::write(
+        &candidate,
+        budget(est * 3.5).replace("\"defer\"", "\"reject\""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_commander"))
+        .args([
+            "policy",
+            "replay",
+            "--last",
+            "1h",
+            "--json",
+            "--api",
+            s.commander.http(),
+        ])
+        .arg(&candidate)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["decisions"], 31, "{report}");
+    assert_eq!(
+        report["rejected"], 28,
+        "3 fit, the other 7 dispatched and 20 deferred would be rejected: {report}"
+    );
+    assert!(report["cost_delta_usd"].as_f64().unwrap() < 0.0, "{report}");
+    assert_eq!(
+        seen.lock().unwrap().runs.len(),
+        11,
+        "replay dispatched nothing"
+    );
+
+    // The limit rises: every deferred task is released, each runs exactly once.
+    let v_loose = s.write_policy(&budget(est * 100.0)).await;
+    for i in 0..30 {
+        let r = producer
+            .await_result(&format!("edge-{i}"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok);
+    }
+    let runs = seen.lock().unwrap().runs.clone();
+    assert_eq!(runs.len(), 31);
+    assert!(runs.values().all(|n| *n == 1), "a task ran twice: {runs:?}");
+    assert_eq!(s.get("/v1/tasks?state=deferred").await["total"], 0);
+    let released = s.get(&format!("/v1/decisions/{first_id}")).await;
+    assert_eq!(released["policy_version"], v_loose.as_str(), "{released}");
+    assert_eq!(released["outcome"], "dispatched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_tasks_while_throttles_and_budgets_flip() {
+    const CHUNKS: usize = 5;
+    const PER_CHUNK: usize = 2_000;
+    // Each flip: (throttle tasks/s on both pools or none, fleet budget USD, action).
+    let flips: [(Option<u32>, f64); CHUNKS] = [
+        (Some(4_000), 1_000.0),
+        (None, 0.000_001),
+        (Some(1_500), 1_000.0),
+        (None, 0.000_001),
+        (Some(3_000), 1_000.0),
+    ];
+    let policy = |(rate, limit): (Option<u32>, f64)| {
+        let mut p = format!(
+            "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"defer\"\n"
+        );
+        if let Some(r) = rate {
+            for pool in ["alpha", "beta"] {
+                p.push_str(&format!(
+                    "\n[[throttle]]\nname = \"{pool}-rate\"\nscope = \"pool\"\nmatch = \"{pool}\"\ntasks_per_s = {r}\nburst = 50\n"
+                ));
+            }
+        }
+        p
+    };
+    let s = PolicyStack::start(&policy((None, 1_000.0)), "").await;
+    let seen = SeenLog::default();
+    let _workers = two_workers_per_pool(&s.client, 32, Duration::ZERO, &seen).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+
+    let mut versions = Vec::new();
+    let mut submitted = HashSet::new();
+    for (chunk, flip) in flips.iter().enumerate() {
+        // Swap while the previous chunks are still in flight, then prove that a task
+        // submitted after the swap is decided under the new version.
+        let v = s.write_policy(&policy(*flip)).await;
+        let probe = format!("probe-{chunk}");
+        let mut t = Task::new("a probe after the swap");
+        t.capabilities = vec!["summarise".into()];
+        let opts = SubmitOptions {
+            idempotency_key: Some(probe.clone()),
+            reply_to: Some(inbox.subject().to_string()),
+            ..Default::default()
+        };
+        producer.submit(&t, opts).await.unwrap();
+        submitted.insert(probe.clone());
+        let mut got = Value::Null;
+        eventually("the probe is decided", WAIT, async || {
+            let r = reqwest::get(s.http(&format!("/v1/decisions/{probe}")))
+                .await
+                .unwrap();
+            if !r.status().is_success() {
+                return false;
+            }
+            got = r.json().await.unwrap();
+            true
+        })
+        .await;
+        assert_eq!(got["policy_version"], v.as_str(), "chunk {chunk}: {got}");
+        versions.push(v);
+
+        let mut acks = Vec::new();
+        for i in 0..PER_CHUNK {
+            let id = format!("flip-{chunk}-{i}");
+            let mut t = Task::new(format!("task {i} of chunk {chunk}"));
+            t.capabilities = vec![if i % 2 == 0 { "summarise" } else { "code" }.into()];
+            let opts = SubmitOptions {
+                idempotency_key: Some(id.clone()),
+                reply_to: Some(inbox.subject().to_string()),
+                ..Default::default()
+            };
+            submitted.insert(id);
+            acks.push(producer.submit_pipelined(&t, opts).await.unwrap());
+        }
+        for a in acks {
+            assert!(!a.await.unwrap().duplicate);
+        }
+    }
+    // The last word: no throttle, room for everything; deferred tasks are released.
+    let last = s.write_policy(&policy((None, 1_000.0))).await;
+    versions.push(last.clone());
+
+    let total = submitted.len();
+    let mut results: HashMap<String, ResultStatus> = HashMap::new();
+    while results.len() < total {
+        let r = tokio::time::timeout(WAIT, inbox.next())
+            .await
+            .expect("results keep coming")
+            .unwrap()
+            .unwrap();
+        assert!(
+            results.insert(r.task_id.clone(), r.status).is_none(),
+            "duplicate result"
+        );
+    }
+    assert!(results.values().all(|s| *s == ResultStatus::Ok));
+    assert_eq!(
+        results.keys().cloned().collect::<HashSet<_>>(),
+        submitted,
+        "no task lost"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.runs.len(), total, "every task ran");
+    assert!(seen.runs.values().all(|n| *n == 1), "no task ran twice");
+    drop(seen);
+    assert_eq!(s.get("/v1/tasks?state=deferred").await["total"], 0);
+
+    // The flips did something: tasks were deferred and released, and held back by throttles.
+    let p = s.get("/v1/policy").await;
+    let c = &p["counters"];
+    assert!(c["deferred"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(
+        c["released"], c["deferred"],
+        "every deferral was released: {c}"
+    );
+    assert_eq!(p["version"], last.as_str());
+    let unique: HashSet<&String> = versions.iter().collect();
+    assert_eq!(
+        unique.len(),
+        versions.len(),
+        "each flip was a new version: {versions:?}"
+    );
+}
