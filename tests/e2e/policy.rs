@@ -683,10 +683,11 @@ async fn ten_thousand_tasks_while_throttles_and_budgets_flip() {
         submitted,
         "no task lost"
     );
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.runs.len(), total, "every task ran");
-    assert!(seen.runs.values().all(|n| *n == 1), "no task ran twice");
-    drop(seen);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.runs.len(), total, "every task ran");
+        assert!(seen.runs.values().all(|n| *n == 1), "no task ran twice");
+    }
     assert_eq!(s.get("/v1/tasks?state=deferred").await["total"], 0);
 
     // The flips did something: tasks were deferred and released, and held back by throttles.
