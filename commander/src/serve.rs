@@ -157,7 +157,7 @@ async fn run(
         models.clone(),
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
-    let registry = Arc::new(metrics.registry(&fleet.counters, &classifier.counters));
+    let mut registry = metrics.registry(&fleet.counters, &classifier.counters);
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
@@ -248,6 +248,8 @@ async fn run(
         dir = config.policy.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         "policy loaded"
     );
+    engine.counters.register(&mut registry);
+    let registry = Arc::new(registry);
     let compliance_token = config.policy.compliance_token();
     telemetry_tasks.push(tokio::spawn(
         policy_sync.clone().watch_bucket(stop_rx.clone()),

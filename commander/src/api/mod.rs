@@ -174,6 +174,12 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
         .workers
         .get_or_create(&StateLabel { state: "LOST" })
         .set(snap.fleet.lost as i64);
+    let engine = &s.policy.engine;
+    engine
+        .counters
+        .deferred_now
+        .set(engine.deferrals.len() as i64);
+    engine.counters.revision.set(engine.live().revision as i64);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &s.registry)
         .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -2,8 +2,6 @@
 //! `POST /v1/policy/replay`, `GET /v1/policy/history[/{version}]`, and the deferred queue
 //! at `GET /v1/tasks?state=deferred`. Shapes: docs/api.md and docs/policy.md.
 
-use std::sync::atomic::Ordering;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -54,12 +52,12 @@ pub async fn current(State(s): State<AppState>) -> Result<Response, ApiError> {
         "deferred": engine.deferrals.len(),
         "last_rejection": engine.last_rejection(),
         "counters": {
-            "swaps": c.swaps.load(Ordering::Relaxed),
-            "rejected_changes": c.rejected.load(Ordering::Relaxed),
-            "deferred": c.deferred.load(Ordering::Relaxed),
-            "released": c.released.load(Ordering::Relaxed),
-            "throttled": c.throttled.load(Ordering::Relaxed),
-            "budget_rejected": c.budget_rejected.load(Ordering::Relaxed),
+            "swaps": c.swaps.get(),
+            "rejected_changes": c.rejected.get(),
+            "deferred": c.deferred.get(),
+            "released": c.released.get(),
+            "throttled": c.throttled.get(),
+            "budget_rejected": c.budget_rejected.get(),
         },
     }))
     .into_response())

@@ -14,8 +14,6 @@ use tracing::Instrument;
 
 use super::{Ctx, fnv1a};
 use crate::classify::{Classification, TraceCtx};
-use std::sync::atomic::Ordering;
-
 use crate::decisions::{DecisionInputs, DecisionRecord, Outcome};
 use crate::fleet::TaskEvent;
 use crate::metrics::PoolLabel;
@@ -262,7 +260,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                         continue;
                     }
-                    ctx.policy.counters.deferred.fetch_add(1, Ordering::Relaxed);
+                    ctx.policy.counters.deferred.inc();
                     tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
                     notices.push((
                         d.id.clone(),
@@ -688,10 +686,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
             alerts,
         } => (decision, reservation, alerts),
         Step::Throttled(t) => {
-            ctx.policy
-                .counters
-                .throttled
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.policy.counters.throttled.inc();
             tracing::debug!(task_id = %id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
             return Plan::Throttle(t.wait);
         }
@@ -711,10 +706,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
             return plan;
         }
         Step::BudgetReject { decision, reason } => {
-            ctx.policy
-                .counters
-                .budget_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.policy.counters.budget_rejected.inc();
             let logged = record(
                 Outcome::Rejected,
                 Some(&decision),

@@ -6,7 +6,6 @@
 //! may be deferred again, in the same place in the queue).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -88,10 +87,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
         if let Err(e) = ctx.store.flush().await {
             tracing::error!(error = %e, "store flush after release failed");
         }
-        ctx.policy
-            .counters
-            .released
-            .fetch_add(released, Ordering::Relaxed);
+        ctx.policy.counters.released.inc_by(released);
         tracing::info!(released, version = %live.policy.version, "deferred tasks released");
     }
 }

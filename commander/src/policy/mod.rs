@@ -30,6 +30,9 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -151,16 +154,66 @@ impl Against {
     }
 }
 
-/// Counters of the policy engine.
+/// Counters of the policy engine (on `/metrics` with the `fleet_` prefix).
 #[derive(Debug, Default)]
 pub struct PolicyCounters {
-    pub swaps: AtomicU64,
-    pub rejected: AtomicU64,
-    pub deferred: AtomicU64,
-    pub released: AtomicU64,
-    pub throttled: AtomicU64,
-    pub budget_rejected: AtomicU64,
-    pub downgraded: AtomicU64,
+    /// Policies swapped in.
+    pub swaps: Counter,
+    /// Policy changes refused.
+    pub rejected: Counter,
+    /// Tasks put in the deferred queue (a re-deferral counts again).
+    pub deferred: Counter,
+    /// Tasks released from it.
+    pub released: Counter,
+    /// Intake deliveries a throttle held back (each comes back later).
+    pub throttled: Counter,
+    /// Tasks a budget rejected.
+    pub budget_rejected: Counter,
+    /// Tasks in the deferred queue now (set at each scrape).
+    pub deferred_now: Gauge,
+    /// Revision of the policy in force (set at each scrape).
+    pub revision: Gauge,
+}
+
+impl PolicyCounters {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("policy_swaps", "Policies swapped in", self.swaps.clone());
+        r.register(
+            "policy_rejected",
+            "Policy changes refused",
+            self.rejected.clone(),
+        );
+        r.register(
+            "policy_revision",
+            "Revision of the policy in force",
+            self.revision.clone(),
+        );
+        r.register(
+            "tasks_deferred",
+            "Tasks a budget deferred",
+            self.deferred.clone(),
+        );
+        r.register(
+            "tasks_released",
+            "Deferred tasks released",
+            self.released.clone(),
+        );
+        r.register(
+            "deferred_tasks",
+            "Tasks in the deferred queue",
+            self.deferred_now.clone(),
+        );
+        r.register(
+            "tasks_throttled",
+            "Intake deliveries a throttle held back",
+            self.throttled.clone(),
+        );
+        r.register(
+            "budget_rejections",
+            "Tasks a budget rejected",
+            self.budget_rejected.clone(),
+        );
+    }
 }
 
 /// The live policy, the ledger, the deferred queue and the audit trail.
@@ -272,7 +325,7 @@ impl PolicyEngine {
             summary = %live.policy.summary(),
             "policy in force"
         );
-        self.counters.swaps.fetch_add(1, Ordering::Relaxed);
+        self.counters.swaps.inc();
         self.changed.notify_one();
         true
     }
@@ -293,7 +346,7 @@ impl PolicyEngine {
             version = %live.policy.version,
             "policy change rejected; keeping the policy in force"
         );
-        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.counters.rejected.inc();
         let now = self.now_ms();
         self.last_rejection.store(Arc::new(Some(Rejection {
             at: budget::rfc3339(now),

@@ -21,6 +21,7 @@ use fleet_worker::protocol::{self, headers};
 use fleet_worker::{Subjects, Task, TaskOutput, TraceParent, Worker, WorkerConfig, WorkerHandle};
 use futures::StreamExt;
 
+mod policy;
 mod telemetry;
 
 #[derive(Subcommand)]
@@ -31,6 +32,8 @@ pub enum Which {
     Ingest(telemetry::IngestArgs),
     /// Commander memory with many simulated workers sending heartbeats and spans.
     Rss(telemetry::RssArgs),
+    /// Policy file write -> first decision under the new version, under load.
+    Policy(policy::PolicyArgs),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +102,7 @@ pub async fn run(which: Which) -> Result<(), String> {
         Which::Dispatch(args) => dispatch(args).await,
         Which::Ingest(args) => telemetry::ingest(args),
         Which::Rss(args) => telemetry::rss(args).await,
+        Which::Policy(args) => policy::run(args).await,
     }
 }
 
