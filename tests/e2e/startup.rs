@@ -199,3 +199,58 @@ fn rubric_check_validates_against_the_registry_and_the_configs_pools() {
         "{err}"
     );
 }
+
+#[test]
+fn policy_check_and_test_run_offline_against_the_example_fleet() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_commander"))
+            .arg("policy")
+            .args(args)
+            .current_dir(root)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let config = "simulations/fleets/example.toml";
+    // The shipped policies are valid and their embedded tests pass.
+    let out = run(&["test", "policies", "--config", config]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(" 0 failed") && !stdout.contains("FAIL "),
+        "{stdout}"
+    );
+
+    // A failing expectation fails the run and says what differed.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.policy.toml");
+    std::fs::write(
+        &wrong,
+        "[[test]]\nname = \"reviews go to docs\"\ntask = { description = \"Review this pull request\", attributes = { task_type = \"code_review\" } }\nexpect = { action = \"dispatch\", pool = \"docs\" }\n",
+    )
+    .unwrap();
+    let out = run(&["test", wrong.to_str().unwrap(), "--config", config]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("FAIL reviews go to docs")
+            && stdout.contains("pool: expected docs, got code"),
+        "{stdout}"
+    );
+
+    // A broken policy is refused with file:line, and nothing else is needed to say so.
+    let broken = dir.path().join("broken.policy.toml");
+    std::fs::write(&broken, "[[budget]]\nname = \"b\"\nscope = \"team\"\nwindow = \"day\"\nlimit_usd = -3\naction = \"defer\"\n").unwrap();
+    let out = run(&["check", broken.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.policy.toml:1: budget b: limit_usd -3"),
+        "{err}"
+    );
+}
