@@ -114,11 +114,20 @@ impl Deferrals {
         Ok(())
     }
 
-    /// Removes a released task.
+    /// Removes a released task — only the entry as it was released: if the intake loop
+    /// already deferred the released copy again (same key, a later release count), that
+    /// new entry stays.
     pub fn remove(&self, t: &DeferredTask) -> Result<(), StoreError> {
-        if self.tree.remove(t.key())?.is_some()
-            && let Ok(mut q) = self.queued.lock()
-        {
+        let old = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt {
+            id: t.id.clone(),
+            reason: e.to_string(),
+        })?;
+        let removed = matches!(
+            self.tree
+                .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
+            Ok(())
+        );
+        if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {
                 if let Some(n) = q.get_mut(k) {
                     *n = n.saturating_sub(1);

@@ -506,3 +506,24 @@ fn ledger_prune_keeps_open_reservations() {
         "a task still in flight keeps its cell"
     );
 }
+
+#[test]
+fn removing_a_released_task_keeps_its_re_deferral() {
+    // The intake loop may defer the released copy again (same key, a later release
+    // count) before the release loop deletes the entry it released: that entry must stay.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let q = super::Deferrals::open(&store, 10).unwrap();
+    let first = deferred("t1", 5, BEFORE_MIDNIGHT, 0.1);
+    q.insert(&first).unwrap();
+    let mut again = first.clone();
+    again.releases = 1;
+    again.reason = "still over".into();
+    q.insert(&again).unwrap();
+    q.remove(&first).unwrap();
+    let left = q.list(10, None).unwrap();
+    assert_eq!(left, vec![again.clone()]);
+    assert_eq!(q.queued()[&("team-daily".into(), "search".into())], 1);
+    q.remove(&again).unwrap();
+    assert!(q.is_empty() && q.queued().is_empty());
+}
