@@ -27,7 +27,10 @@ fn config(llm: &str) -> String {
 [classifier]
 endpoint = "{llm}"
 protocol = "openai"
-timeout_ms = 500
+# Generous: no scripted answer here is slow, and a 2-core CI machine running the other
+# end-to-end tests beside this one can take longer than 500 ms to serve a local reply
+# (a timeout would add an unexpected fallback classification).
+timeout_ms = 5000
 max_retries = 1
 backoff_ms = 10
 

@@ -107,6 +107,22 @@ impl DispatchRecord {
 }
 
 impl Reject {
+    /// A validated task always serialises; refuse rather than panic if one does not.
+    fn unserialisable(
+        id: String,
+        seq: u64,
+        e: &serde_json::Error,
+        reply_to: Option<String>,
+    ) -> Plan {
+        Self::plan(
+            id,
+            seq,
+            "internal",
+            format!("task did not serialise: {e}"),
+            reply_to,
+        )
+    }
+
     fn plan(id: String, seq: u64, code: &str, message: String, reply_to: Option<String>) -> Plan {
         let error = ErrorInfo {
             code: code.to_string(),
@@ -756,15 +772,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
             }
             let task_json = match serde_json::to_string(&task) {
                 Ok(j) => j,
-                Err(e) => {
-                    return Reject::plan(
-                        id,
-                        seq,
-                        "internal",
-                        format!("task did not serialise: {e}"),
-                        reply_to,
-                    );
-                }
+                Err(e) => return Reject::unserialisable(id, seq, &e, reply_to),
             };
             let until = until_ms.map(crate::policy::budget::rfc3339);
             let entry = DeferredTask {
@@ -843,16 +851,7 @@ fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
     }
     let payload = match serde_json::to_vec(&task) {
         Ok(p) => Bytes::from(p),
-        Err(e) => {
-            // A validated Task always serialises; refuse rather than panic if not.
-            return Reject::plan(
-                id,
-                seq,
-                "internal",
-                format!("task did not serialise: {e}"),
-                reply_to,
-            );
-        }
+        Err(e) => return Reject::unserialisable(id, seq, &e, reply_to),
     };
 
     let mut span = SpanRecord::new(

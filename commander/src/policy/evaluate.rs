@@ -141,6 +141,19 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
         };
     }
     let c = check(&decision);
+    // The task routed again on a lower tier (one lower, or `to`), if that fits every budget.
+    let base_tier = decision.tier.clone();
+    let downgraded = |why: String, to: Option<usize>| -> Option<(Decision, Check<'_>)> {
+        if i.task.model.is_some() {
+            return None;
+        }
+        let mut h = i.hints.clone();
+        h.downgrade = Some(why);
+        h.downgrade_to = to;
+        let d2 = decide(&h).ok().filter(|d2| d2.tier != base_tier)?;
+        let c2 = check(&d2);
+        c2.over.is_empty().then_some((d2, c2))
+    };
 
     // Tasks already deferred under one of these budgets go first.
     if !i.released {
@@ -173,21 +186,9 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
 
     if c.over.is_empty() {
         if let Some(why) = c.downgrade_reason()
-            && i.task.model.is_none()
+            && let Some((decision, check)) = downgraded(why, None)
         {
-            let mut h = i.hints.clone();
-            h.downgrade = Some(why);
-            if let Ok(d2) = decide(&h)
-                && d2.tier != decision.tier
-            {
-                let c2 = check(&d2);
-                if c2.over.is_empty() {
-                    return Verdict::Dispatch {
-                        decision: d2,
-                        check: c2,
-                    };
-                }
-            }
+            return Verdict::Dispatch { decision, check };
         }
         return Verdict::Dispatch { decision, check: c };
     }
@@ -228,20 +229,11 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
                 })
                 .max()
                 .unwrap_or(0);
-            let mut h = i.hints.clone();
-            h.downgrade = Some(format!("{over_text}; downgraded by policy {version}"));
-            h.downgrade_to = Some(floor);
-            if i.task.model.is_none()
-                && let Ok(d2) = decide(&h)
-                && d2.tier != decision.tier
-            {
-                let c2 = check(&d2);
-                if c2.over.is_empty() {
-                    return Verdict::Dispatch {
-                        decision: d2,
-                        check: c2,
-                    };
-                }
+            if let Some((decision, check)) = downgraded(
+                format!("{over_text}; downgraded by policy {version}"),
+                Some(floor),
+            ) {
+                return Verdict::Dispatch { decision, check };
             }
             c.over
                 .iter()
