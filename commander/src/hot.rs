@@ -108,7 +108,10 @@ impl<T: Reloadable> Hot<T> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let file_name = path.file_name().map(|n| n.to_os_string());
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Opening the file (our own reload reads it) is an access event: only
+            // changes count, or every reload would trigger the next.
             if let Ok(ev) = ev
+                && !ev.kind.is_access()
                 && ev
                     .paths
                     .iter()

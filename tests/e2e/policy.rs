@@ -706,3 +706,51 @@ async fn ten_thousand_tasks_while_throttles_and_budgets_flip() {
         "each flip was a new version: {versions:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_replica_converges_on_a_pushed_version() {
+    // Two commanders on one NATS, each with its own store: a push to one is in force on
+    // both, audited on both, and a restart of the other comes back on it.
+    let a = PolicyStack::start("", "").await;
+    let mut b = PolicyStack::spawn(&a.nats, &a.dir.path().join("replica-b"), &a.config);
+    let b_version = async |b: &Commander| -> String {
+        let v: Value = reqwest::get(format!("{}/v1/policy", b.http()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["version"].as_str().unwrap().to_string()
+    };
+    let v1 = a.version().await;
+    eventually("b follows the directory's version", WAIT, async || {
+        b_version(&b).await == v1
+    })
+    .await;
+    let (status, body) = a
+        .put(
+            "[[throttle]]\nname = \"t\"\nscope = \"team\"\ntasks_per_s = 100\n",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v2 = body["version"].as_str().unwrap().to_string();
+    eventually("b applies the push", WAIT, async || {
+        b_version(&b).await == v2
+    })
+    .await;
+    let rec: Value = reqwest::get(format!("{}/v1/policy/history/{v2}", b.http()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["source"], "http", "{rec}");
+    assert_eq!(rec["identity"], "alice@compliance");
+    assert!(strings(&rec["diff"]).contains("throttle t added"), "{rec}");
+
+    // A restart converges on the bucket (the directory did not change, so it stays).
+    b.kill9();
+    b = PolicyStack::spawn(&a.nats, &a.dir.path().join("replica-b"), &a.config);
+    assert_eq!(b_version(&b).await, v2);
+}

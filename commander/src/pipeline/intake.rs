@@ -184,7 +184,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         }))
         .await;
         // What every decision of the batch reads, taken once.
-        let view = View {
+        let mut view = View {
             fleet: ctx.route_snapshot(),
             rubric: ctx.classifier.rubric(),
             registry: ctx.registry.current(),
@@ -197,7 +197,16 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             plans.push(match (r, class) {
                 (None, _) => None,
                 (Some(Read::Done(plan)), _) => Some(plan),
-                (Some(Read::Ready(p)), Some(c)) => Some(plan(ctx, *p, c, &view)),
+                (Some(Read::Ready(p)), Some(c)) => {
+                    let planned = plan(ctx, *p, c, &view);
+                    // Later tasks of this batch queue behind a deferral made in it.
+                    if let Plan::Defer(d) = &planned {
+                        for q in &d.entry.queues {
+                            *view.queued.entry(q.clone()).or_insert(0) += 1;
+                        }
+                    }
+                    Some(planned)
+                }
                 (Some(Read::Ready(_)), None) => None,
             });
         }

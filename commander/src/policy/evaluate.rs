@@ -171,9 +171,13 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
                 (n > 0).then_some((b, v, n))
             })
             .collect();
-        if let Some((b, v, n)) = ahead.first() {
+        if let Some((b, v, n)) = ahead.first()
+            && c.over.is_empty()
+        {
+            // It fits, but others wait for this budget first.
             let reason = format!(
-                "{n} task(s) deferred under budget {b} ({v}) are ahead of it; released in priority order when the budget has room"
+                "{n} task(s) deferred under budget {b} ({v}) are ahead of it; released in priority order when the budget has room (policy {})",
+                i.policy.version
             );
             return Verdict::Defer {
                 decision,

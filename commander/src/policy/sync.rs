@@ -82,8 +82,8 @@ pub struct PolicySync {
 
 impl PolicySync {
     /// Converges on the bucket's policy, then applies the directory if its files changed
-    /// since they were last applied. A bad directory at start is an error (nothing runs
-    /// on a policy nobody could read).
+    /// since they were last applied. A bad directory at start is an error when there is
+    /// no policy in the bucket to run on; otherwise it is refused like any bad edit.
     pub async fn start(
         engine: Arc<PolicyEngine>,
         kv: kv::Store,
@@ -108,10 +108,15 @@ impl PolicySync {
             let sha = load::bundle_sha(&docs);
             let seen = me.files_sha.lock().ok().and_then(|s| s.clone());
             if seen.as_deref() != Some(sha.as_str()) {
-                // Validated before anything is written, so a broken directory refuses to start.
-                me.engine.against.parse(docs.clone())?;
-                me.propose(docs, Source::File, &identity_of_dir(&dir))
-                    .await?;
+                let identity = identity_of_dir(&dir);
+                if me.engine.live().revision == 0 {
+                    // Nothing to fall back on: a broken directory refuses to start.
+                    me.engine.against.parse(docs.clone())?;
+                    me.propose(docs, Source::File, &identity).await?;
+                } else if let Err(e) = me.propose(docs, Source::File, &identity).await {
+                    // The bucket's policy stays in force; the refusal is logged and audited.
+                    tracing::error!(error = %e, "policy directory not applied at start");
+                }
             }
         }
         Ok(me)
@@ -296,7 +301,10 @@ impl PolicySync {
         let Some(dir) = self.dir.clone() else { return };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Reads (ours, another replica's, an editor's) raise access events: only
+            // changes count.
             if let Ok(ev) = ev
+                && !ev.kind.is_access()
                 && ev.paths.iter().any(|p| {
                     p.file_name()
                         .and_then(|n| n.to_str())
