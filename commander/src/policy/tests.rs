@@ -527,3 +527,51 @@ fn removing_a_released_task_keeps_its_re_deferral() {
     q.remove(&again).unwrap();
     assert!(q.is_empty() && q.queued().is_empty());
 }
+
+#[test]
+fn downgrade_at_the_limit_picks_the_cheapest_acceptable_tier_then_falls_back() {
+    // Code generation is a complex-tier task (claude-sonnet-4-5, est $0.0249 here); at
+    // 100% the budget moves it to the cheapest tier (claude-haiku-4-5, $0.0083) if that
+    // fits, else `then` applies.
+    let text = r#"
+[[budget]]
+name = "code-daily"
+scope = "team"
+window = "day"
+limit_usd = 1.0
+action = "downgrade"
+min_tier = "simple"
+then = "reject"
+
+[[test]]
+name = "room for the cheap tier only: downgraded"
+task = { description = "Write a rate limiter in Go", priority = 8, attributes = { team = "core", task_type = "code_generation" } }
+fleet = { spent = { code-daily = 0.985 } }
+expect = { action = "dispatch", model = "claude-haiku-4-5", rule = "budget_downgrade", reason_contains = "downgraded by policy" }
+
+[[test]]
+name = "no room at all: rejected"
+task = { description = "Write a rate limiter in Go", priority = 8, attributes = { team = "core", task_type = "code_generation" } }
+fleet = { spent = { code-daily = 0.995 } }
+expect = { action = "reject", reason_contains = "budget code-daily" }
+
+[[test]]
+name = "within budget: its own tier"
+task = { description = "Write a rate limiter in Go", priority = 8, attributes = { team = "core", task_type = "code_generation" } }
+expect = { action = "dispatch", model = "claude-sonnet-4-5", rule = "cost_tier" }
+"#;
+    let policy = parse(&[("d.policy.toml", text)]).unwrap();
+    let results = super::testcase::run(
+        &policy,
+        &Rubric::builtin().unwrap(),
+        &Registry::builtin().unwrap(),
+        &RoutingTable {
+            pools: pools(),
+            routing: Default::default(),
+        },
+    );
+    for r in &results {
+        assert!(r.passed, "{}: {} {:?}", r.name, r.got, r.failures);
+    }
+    assert_eq!(results.len(), 3);
+}
