@@ -187,13 +187,23 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::Nats(e.to_string()))?;
         let results = self.results_stream().await?;
-        if let Ok(stored) = results.direct_get_last_for_subject(subject).await {
-            return parse_result(task_id, &stored.payload);
-        }
-        match tokio::time::timeout(timeout, sub.next()).await {
-            Ok(Some(msg)) => parse_result(task_id, &msg.payload),
-            Ok(None) => Err(ProducerError::Nats("subscription closed".into())),
-            Err(_) => Err(ProducerError::Timeout(task_id.to_string())),
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Not there yet, or the server was too slow to answer (a loaded server times
+            // the request out): either way, wait a little on the subscription and look
+            // again, so a result stored before the subscription took effect is not missed.
+            if let Ok(stored) = results.direct_get_last_for_subject(subject.clone()).await {
+                return parse_result(task_id, &stored.payload);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ProducerError::Timeout(task_id.to_string()));
+            }
+            match tokio::time::timeout(left.min(Duration::from_secs(1)), sub.next()).await {
+                Ok(Some(msg)) => return parse_result(task_id, &msg.payload),
+                Ok(None) => return Err(ProducerError::Nats("subscription closed".into())),
+                Err(_) => continue,
+            }
         }
     }
 
