@@ -12,7 +12,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::load::{Policy, Throttle};
@@ -53,11 +53,11 @@ impl Limiter {
 
     /// Takes permits for one task of `tokens` estimated tokens, or says how long to wait.
     fn take(&self, key: &String, tokens: u64) -> Result<(), Duration> {
-        let now = DefaultClock::default().now();
+        // The limiter's own clock: building a clock per call costs a calibration.
         if let Some(l) = &self.tasks
             && let Err(not_until) = l.check_key(key)
         {
-            return Err(not_until.wait_time_from(now));
+            return Err(not_until.wait_time_from(l.clock().now()));
         }
         if let Some((l, cap)) = &self.tokens {
             // A task larger than the burst waits for a full bucket, then passes.
@@ -65,7 +65,7 @@ impl Limiter {
             let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
             match l.check_key_n(key, n) {
                 Ok(Ok(())) => {}
-                Ok(Err(not_until)) => return Err(not_until.wait_time_from(now)),
+                Ok(Err(not_until)) => return Err(not_until.wait_time_from(l.clock().now())),
                 Err(_) => return Err(Duration::from_secs(1)),
             }
         }

@@ -67,6 +67,10 @@ pub struct DispatchArgs {
     /// answered from the classification cache.
     #[arg(long, default_value_t = 32)]
     distinct_tasks: usize,
+    /// Run the commander under the policies in this directory (`*.policy.toml`), to see
+    /// what budgets and throttles cost on the task path.
+    #[arg(long)]
+    policy_dir: Option<std::path::PathBuf>,
 }
 
 /// A rubric for the bench pools: one model on every pool, so load balancing (not price)
@@ -123,6 +127,12 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut toml = String::from("[intake]\nbatch_size = 256\n");
+    if let Some(d) = &args.policy_dir {
+        let d = d
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", d.display()))?;
+        toml.push_str(&format!("[policy]\ndir = {:?}\n", d.display().to_string()));
+    }
     for p in &pools {
         toml.push_str(&format!("[pools.{p}]\n"));
     }
@@ -190,6 +200,13 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         },
         llm.requests(),
         args.distinct_tasks
+    );
+    println!(
+        "  policy             : {}",
+        args.policy_dir
+            .as_ref()
+            .map(|d| format!("the policies in {}", d.display()))
+            .unwrap_or_else(|| "built in (no budgets or throttles)".into())
     );
     Ok(())
 }
