@@ -6,6 +6,7 @@
 //! the work and results streams drop repeated `Nats-Msg-Id`s).
 
 pub mod intake;
+mod plan;
 pub mod release;
 pub mod results;
 
