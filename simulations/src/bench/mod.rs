@@ -68,7 +68,8 @@ pub struct DispatchArgs {
     #[arg(long, default_value_t = 32)]
     distinct_tasks: usize,
     /// Run the commander under the policies in this directory (`*.policy.toml`), to see
-    /// what budgets and throttles cost on the task path.
+    /// what budgets and throttles cost on the task path (`simulations/bench-policies`: two
+    /// budgets and a throttle that apply to every task and never bind).
     #[arg(long)]
     policy_dir: Option<std::path::PathBuf>,
 }
