@@ -63,6 +63,8 @@ cat <<MSG
     the live fleet  : curl -s http://127.0.0.1:8080/v1/fleet
     workers / pools : curl -s http://127.0.0.1:8080/v1/workers ; curl -s http://127.0.0.1:8080/v1/pools
     costs by team   : curl -s 'http://127.0.0.1:8080/v1/costs?by=team,pool'
+    policy, budgets : curl -s http://127.0.0.1:8080/v1/policy   (edit policies/*.policy.toml: live in ~0.2 s)
+    deferred tasks  : curl -s 'http://127.0.0.1:8080/v1/tasks?state=deferred'
     OTLP in         : gRPC 127.0.0.1:4317, HTTP 127.0.0.1:4318 (any OpenTelemetry SDK)
     submit over HTTP: curl -s -XPOST http://127.0.0.1:8080/v1/tasks -d '{"schema":1,"description":"hello","capabilities":["code"]}'
 
