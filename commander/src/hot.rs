@@ -105,33 +105,16 @@ impl<T: Reloadable> Hot<T> {
             .filter(|d| !d.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
         let file_name = path.file_name().map(|n| n.to_os_string());
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Opening the file (our own reload reads it) is an access event: only
-            // changes count, or every reload would trigger the next.
-            if let Ok(ev) = ev
-                && !ev.kind.is_access()
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-            {
-                let _ = tx.try_send(());
-            }
-        });
-        let mut watcher = match watcher {
+        let (watcher, mut rx) = match watch_dir(&dir, move |p| {
+            p.file_name().map(|n| n.to_os_string()) == file_name
+        }) {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch the {}; edits need a restart", T::WHAT);
+                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the {}; edits need a restart", T::WHAT);
                 return None;
             }
         };
-        use notify::Watcher;
-        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the {} directory", T::WHAT);
-            return None;
-        }
         let me = self.clone();
         Some(tokio::spawn(async move {
             let _watcher = watcher;
@@ -143,6 +126,28 @@ impl<T: Reloadable> Hot<T> {
             }
         }))
     }
+}
+
+/// Watches `dir` (not recursively): a unit arrives on the channel whenever a file for
+/// which `wanted` holds changes. Access events are ignored — a reload's own read (or
+/// another process reading the file) opens it, and counting that would make every reload
+/// trigger the next. Keep the watcher alive as long as events are wanted.
+pub fn watch_dir(
+    dir: &Path,
+    wanted: impl Fn(&Path) -> bool + Send + 'static,
+) -> notify::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+    use notify::Watcher;
+    let (tx, rx) = tokio::sync::mpsc::channel::<()>(16);
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev.paths.iter().any(|p| wanted(p))
+        {
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok((watcher, rx))
 }
 
 /// 1-based line of a byte offset, for `file:line` messages.

@@ -184,14 +184,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                         }
                         // The result was processed first and found no reservation to
                         // settle: settle it here.
-                        Ok(rec) if rec.state.is_terminal() => {
-                            if let Some(r) = &d.record.reservation {
-                                let usage = rec.outcome.as_ref().and_then(|o| o.usage.as_ref());
-                                let actual = super::results::actual_cost(ctx, usage, rec.model.as_deref())
-                                    .unwrap_or(r.est_usd);
-                                ctx.policy.settle(r, actual);
-                            }
-                        }
+                        Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
                         Ok(_) => {}
                     }
                     decided.push(d.decision);

@@ -90,11 +90,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             Retry
         })?;
     if finished_now.get() {
-        if let Some(r) = &rec.budget {
-            let actual =
-                actual_cost(ctx, result.usage.as_ref(), rec.model.as_deref()).unwrap_or(r.est_usd);
-            ctx.policy.settle(r, actual);
-        }
+        settle_budget(ctx, &rec);
         let pool = rec
             .pool
             .clone()
@@ -143,26 +139,27 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     Ok(())
 }
 
-/// What a finished task cost: the worker's figure, else its token usage at the
-/// registry's price of the model it used (or was routed to). `None` when neither is
-/// known; the ledger then keeps the estimate (a cost is never invented as zero).
-pub(crate) fn actual_cost(
-    ctx: &Ctx,
-    usage: Option<&fleet_worker::message::Usage>,
-    routed_model: Option<&str>,
-) -> Option<f64> {
-    let usage = usage?;
-    if let Some(c) = usage.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
-        return Some(c);
-    }
-    let model = usage.model.as_deref().or(routed_model)?;
-    let registry = ctx.registry.current();
-    let entry = registry.lookup(model)?;
-    Some(entry.cost(&crate::registry::TokenUsage {
-        input: usage.input_tokens,
-        output: usage.output_tokens,
-        ..Default::default()
-    }))
+/// Settles a finished task's budget reservation with what it cost: the worker's figure,
+/// else its token usage at the registry's price of the model it used (or was routed to),
+/// else — neither known — the estimate (a cost is never invented as zero). Called by
+/// whichever of the result and the dispatch record reaches the store second.
+pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
+    let Some(r) = &rec.budget else { return };
+    let usage = rec.outcome.as_ref().and_then(|o| o.usage.as_ref());
+    let actual = usage.and_then(|u| {
+        if let Some(c) = u.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
+            return Some(c);
+        }
+        let model = u.model.as_deref().or(rec.model.as_deref())?;
+        let registry = ctx.registry.current();
+        let entry = registry.lookup(model)?;
+        Some(entry.cost(&crate::registry::TokenUsage {
+            input: u.input_tokens,
+            output: u.output_tokens,
+            ..Default::default()
+        }))
+    });
+    ctx.policy.settle(r, actual.unwrap_or(r.est_usd));
 }
 
 /// Dispatch latency: from the commander taking the task off the intake stream (the last

@@ -229,24 +229,25 @@ pub struct Reservation {
     pub est_usd: f64,
 }
 
-/// The ledger: every cell, in memory (the engine persists the dirty ones).
+/// The ledger: every cell, in memory (the engine persists the dirty ones). Nested by
+/// budget, then value, so the task path looks cells up by `&str` without allocating.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    cells: BTreeMap<(String, String), BTreeMap<u64, Cell>>,
+    cells: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Cell>>>,
     dirty: BTreeSet<CellKey>,
 }
 
 impl Ledger {
     pub fn insert(&mut self, key: CellKey, cell: Cell) {
-        self.cells
-            .entry((key.budget, key.value))
-            .or_default()
-            .insert(key.bucket, cell);
+        *self.entry(&key) = cell;
+    }
+
+    fn buckets(&self, budget: &str, value: &str) -> Option<&BTreeMap<u64, Cell>> {
+        self.cells.get(budget)?.get(value)
     }
 
     pub fn cell(&self, key: &CellKey) -> Cell {
-        self.cells
-            .get(&(key.budget.clone(), key.value.clone()))
+        self.buckets(&key.budget, &key.value)
             .and_then(|b| b.get(&key.bucket))
             .copied()
             .unwrap_or_default()
@@ -254,26 +255,21 @@ impl Ledger {
 
     /// Spent + reserved in the window of `budget` for `value` at `now_ms`.
     pub fn committed(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> f64 {
-        let from = window.counting_from(now_ms);
-        self.cells
-            .get(&(budget.to_string(), value.to_string()))
-            .map(|b| b.range(from..).map(|(_, c)| c.spent + c.reserved).sum())
-            .unwrap_or(0.0)
+        let (spent, reserved) = self.sums(budget, value, window.counting_from(now_ms));
+        spent + reserved
     }
 
     /// The values a budget has cells for.
     pub fn values(&self, budget: &str) -> Vec<String> {
         self.cells
-            .keys()
-            .filter(|(b, _)| b == budget)
-            .map(|(_, v)| v.clone())
-            .collect()
+            .get(budget)
+            .map(|v| v.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Spent and reserved of a budget value in buckets from `from`.
     pub fn sums(&self, budget: &str, value: &str, from: u64) -> (f64, f64) {
-        self.cells
-            .get(&(budget.to_string(), value.to_string()))
+        self.buckets(budget, value)
             .map(|b| {
                 b.range(from..)
                     .fold((0.0, 0.0), |(s, r), (_, c)| (s + c.spent, r + c.reserved))
@@ -284,8 +280,7 @@ impl Ledger {
     /// The buckets of a budget value that count at `now_ms`, oldest first.
     fn counting(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> Vec<(u64, f64)> {
         let from = window.counting_from(now_ms);
-        self.cells
-            .get(&(budget.to_string(), value.to_string()))
+        self.buckets(budget, value)
             .map(|b| {
                 b.range(from..)
                     .map(|(k, c)| (*k, c.spent + c.reserved))
@@ -319,7 +314,9 @@ impl Ledger {
 
     fn entry(&mut self, k: &CellKey) -> &mut Cell {
         self.cells
-            .entry((k.budget.clone(), k.value.clone()))
+            .entry(k.budget.clone())
+            .or_default()
+            .entry(k.value.clone())
             .or_default()
             .entry(k.bucket)
             .or_default()
@@ -342,27 +339,30 @@ impl Ledger {
     /// longer has are kept until they expire by the longest window, a month.
     pub fn prune(&mut self, policy: &Policy, now_ms: u64) -> Vec<CellKey> {
         let mut gone = Vec::new();
-        for ((budget, value), buckets) in &mut self.cells {
+        for (budget, values) in &mut self.cells {
             let window = policy
                 .budget(budget)
                 .map(|b| b.window)
                 .unwrap_or(Window::Month);
             let keep_from = window.counting_from(window.counting_from(now_ms).saturating_sub(1));
-            let old: Vec<u64> = buckets.range(..keep_from).map(|(k, _)| *k).collect();
-            for b in old {
-                if buckets.get(&b).is_some_and(|c| c.reserved > 1e-12) {
-                    // A reservation still open: its task has not finished yet.
-                    continue;
+            for (value, buckets) in values.iter_mut() {
+                let old: Vec<u64> = buckets.range(..keep_from).map(|(k, _)| *k).collect();
+                for b in old {
+                    if buckets.get(&b).is_some_and(|c| c.reserved > 1e-12) {
+                        // A reservation still open: its task has not finished yet.
+                        continue;
+                    }
+                    buckets.remove(&b);
+                    gone.push(CellKey {
+                        budget: budget.clone(),
+                        value: value.clone(),
+                        bucket: b,
+                    });
                 }
-                buckets.remove(&b);
-                gone.push(CellKey {
-                    budget: budget.clone(),
-                    value: value.clone(),
-                    bucket: b,
-                });
             }
+            values.retain(|_, b| !b.is_empty());
         }
-        self.cells.retain(|_, b| !b.is_empty());
+        self.cells.retain(|_, v| !v.is_empty());
         gone
     }
 }
@@ -473,11 +473,13 @@ pub fn check<'a>(
             continue;
         };
         let name = b.spec.name.as_str();
-        let committed = ledger.committed(name, &value, b.window, now_ms)
-            + extra
+        let mut committed = ledger.committed(name, &value, b.window, now_ms);
+        if !extra.is_empty() {
+            committed += extra
                 .get(&(name.to_string(), value.clone()))
                 .copied()
                 .unwrap_or(0.0);
+        }
         let limit = b.spec.limit_usd;
         // A tiny tolerance so that a budget of exactly N × estimate admits N tasks.
         if committed + est > limit * (1.0 + 1e-9) {

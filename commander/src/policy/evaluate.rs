@@ -156,7 +156,7 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
     };
 
     // Tasks already deferred under one of these budgets go first.
-    if !i.released {
+    if !i.released && !i.queued.is_empty() {
         let ahead: Vec<(String, String, usize)> = c
             .cells
             .iter()

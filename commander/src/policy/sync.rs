@@ -299,33 +299,18 @@ impl PolicySync {
     /// Re-reads the policy directory on every change (debounced) until shutdown.
     pub async fn watch_dir(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(dir) = self.dir.clone() else { return };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Reads (ours, another replica's, an editor's) raise access events: only
-            // changes count.
-            if let Ok(ev) = ev
-                && !ev.kind.is_access()
-                && ev.paths.iter().any(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.ends_with(load::SUFFIX))
-                })
-            {
-                let _ = tx.try_send(());
-            }
-        });
-        let mut watcher = match watcher {
+        let wanted = |p: &Path| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(load::SUFFIX))
+        };
+        let (_watcher, mut rx) = match crate::hot::watch_dir(&dir, wanted) {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch the policy directory; edits need a restart");
+                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the policy directory; edits need a restart");
                 return;
             }
         };
-        use notify::Watcher;
-        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the policy directory");
-            return;
-        }
         // The bundle last looked at: one save often raises several events, and the same
         // content is judged once.
         let mut last_sha = String::new();
