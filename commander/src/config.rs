@@ -118,6 +118,18 @@ pub struct TelemetryConfig {
     /// Largest OTLP request after decompression, in bytes (OTLP recommends 64 MiB).
     #[serde(default = "default_max_request")]
     pub max_request_bytes: usize,
+    /// Most messages (spans, attributes, values, events, links, data points, log
+    /// records …) one OTLP request may hold; more is refused with RESOURCE_EXHAUSTED / 413
+    /// before decoding.
+    #[serde(default = "default_max_items")]
+    pub max_items_per_request: usize,
+    /// Deepest nesting of attribute values (arrays and key-value lists inside each other).
+    #[serde(default = "default_max_value_depth")]
+    pub max_value_depth: usize,
+    /// Most memory one OTLP request may take once decoded (estimated from the wire before
+    /// decoding); more is refused with RESOURCE_EXHAUSTED / 413.
+    #[serde(default = "default_max_decoded")]
+    pub max_decoded_bytes: usize,
     /// Decoded batches waiting for the state owner. When full, exports are refused with
     /// RESOURCE_EXHAUSTED / 429 and counted; the task path is never slowed.
     #[serde(default = "default_ingest_queue")]
@@ -139,9 +151,34 @@ impl Default for TelemetryConfig {
             http_listen: default_otlp_http_listen(),
             nats: true,
             max_request_bytes: default_max_request(),
+            max_items_per_request: default_max_items(),
+            max_value_depth: default_max_value_depth(),
+            max_decoded_bytes: default_max_decoded(),
             queue_batches: default_ingest_queue(),
             model_registry: None,
             queue_poll_ms: default_queue_poll_ms(),
+        }
+    }
+}
+
+fn default_max_items() -> usize {
+    crate::ingest::limits::DecodeLimits::default().max_items
+}
+fn default_max_value_depth() -> usize {
+    crate::ingest::limits::DecodeLimits::default().max_depth
+}
+fn default_max_decoded() -> usize {
+    crate::ingest::limits::DecodeLimits::default().max_decoded_bytes
+}
+
+impl TelemetryConfig {
+    /// What one OTLP request may expand to.
+    pub fn decode_limits(&self) -> crate::ingest::limits::DecodeLimits {
+        crate::ingest::limits::DecodeLimits {
+            max_request_bytes: self.max_request_bytes,
+            max_items: self.max_items_per_request,
+            max_depth: self.max_value_depth,
+            max_decoded_bytes: self.max_decoded_bytes,
         }
     }
 }
@@ -373,6 +410,18 @@ pub struct IntakeConfig {
     /// Seconds a worker has to ack (or signal progress) before redelivery.
     #[serde(default = "default_ack_wait_secs")]
     pub work_ack_wait_secs: u64,
+    /// Subjects a producer may name in `Fleet-Reply-To` start with one of these. System
+    /// subjects (`$…`) and the fleet's own (`<prefix>.…`) are refused whatever this says;
+    /// a task naming any other subject is rejected with `bad_reply_to`.
+    #[serde(default = "default_reply_prefixes")]
+    pub reply_prefixes: Vec<String>,
+}
+
+fn default_reply_prefixes() -> Vec<String> {
+    fleet_worker::protocol::DEFAULT_REPLY_PREFIXES
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
 }
 
 impl Default for IntakeConfig {
@@ -381,6 +430,7 @@ impl Default for IntakeConfig {
             batch_size: default_batch(),
             ack_wait_secs: default_intake_ack_wait_secs(),
             work_ack_wait_secs: default_ack_wait_secs(),
+            reply_prefixes: default_reply_prefixes(),
         }
     }
 }
@@ -640,6 +690,29 @@ impl Config {
         if self.intake.work_ack_wait_secs == 0 {
             p.push("intake.work_ack_wait_secs: must be at least 1".into());
         }
+        if self.telemetry.max_value_depth > 32 {
+            // prost refuses deeper messages anyway (its recursion limit is 100 levels).
+            p.push(format!(
+                "telemetry.max_value_depth: {} is out of range 1-32",
+                self.telemetry.max_value_depth
+            ));
+        }
+        if self.intake.reply_prefixes.is_empty() {
+            p.push("intake.reply_prefixes: name at least one prefix (default \"_INBOX.\")".into());
+        }
+        for prefix in &self.intake.reply_prefixes {
+            // A prefix is good when a subject made from it is one the rule accepts.
+            let sample = format!("{prefix}x");
+            if let Some(why) = fleet_worker::protocol::reply_subject_problem(
+                &sample,
+                std::slice::from_ref(prefix),
+                &self.nats.prefix,
+            ) {
+                p.push(format!(
+                    "intake.reply_prefixes: {prefix:?} cannot be used: {why}"
+                ));
+            }
+        }
         for (name, pool) in &self.pools {
             if !is_subject_token(name) {
                 p.push(format!(
@@ -741,6 +814,15 @@ impl Config {
             (
                 "telemetry.max_request_bytes",
                 self.telemetry.max_request_bytes,
+            ),
+            (
+                "telemetry.max_items_per_request",
+                self.telemetry.max_items_per_request,
+            ),
+            ("telemetry.max_value_depth", self.telemetry.max_value_depth),
+            (
+                "telemetry.max_decoded_bytes",
+                self.telemetry.max_decoded_bytes,
             ),
         ] {
             if v == 0 {

@@ -19,3 +19,4 @@ pub mod registry;
 pub mod route;
 pub mod serve;
 pub mod store;
+pub mod supervise;

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub results_forwarded: Counter,
     /// Result messages that did not parse.
     pub results_invalid: Counter,
+    /// `Fleet-Reply-To` subjects refused (system, fleet or not allowed subjects).
+    pub reply_to_refused: Counter,
     /// Tasks accepted over HTTP.
     pub http_submissions: Counter,
     /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
@@ -163,6 +165,11 @@ impl Metrics {
             "results_invalid",
             "Result messages that did not parse",
             self.results_invalid.clone(),
+        );
+        r.register(
+            "reply_to_refused",
+            "Fleet-Reply-To subjects refused: system, fleet or not allowed subjects",
+            self.reply_to_refused.clone(),
         );
         r.register(
             "http_submissions",

@@ -205,43 +205,48 @@ impl Registry {
 
 /// Removes one trailing snapshot marker: `-20250929`, `-2024-08-06`, `@20250929`, `-v1:0`,
 /// `-latest`, `-001`.
-fn strip_version_suffix(name: &str) -> &str {
-    if let Some(i) = name.rfind(['@']) {
-        return &name[..i];
+///
+/// Model names come from spans, so they are any UTF-8: every cut is at an ASCII marker
+/// found by `rfind` or checked through `get`, never at a computed byte offset that could
+/// fall inside a character.
+pub(crate) fn strip_version_suffix(name: &str) -> &str {
+    if let Some((head, _)) = name.rsplit_once('@') {
+        return head;
     }
-    if let Some(i) = name.rfind("-v")
-        && name[i + 2..]
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == ':')
-        && i + 2 < name.len()
+    if let Some((head, tail)) = name.rsplit_once("-v")
+        && !tail.is_empty()
+        && tail.bytes().all(|c| c.is_ascii_digit() || c == b':')
     {
-        return &name[..i];
+        return head;
     }
     if let Some(rest) = name.strip_suffix("-latest") {
         return rest;
     }
-    // -YYYY-MM-DD
-    if name.len() > 11 {
-        let (head, tail) = name.split_at(name.len() - 11);
-        let b = tail.as_bytes();
-        if b[0] == b'-'
-            && b[5] == b'-'
-            && b[8] == b'-'
-            && tail[1..5].bytes().all(|c| c.is_ascii_digit())
-            && tail[6..8].bytes().all(|c| c.is_ascii_digit())
-            && tail[9..].bytes().all(|c| c.is_ascii_digit())
-        {
-            return head;
-        }
+    // -YYYY-MM-DD: the last 11 bytes, all ASCII, so the cut before them is a boundary.
+    if let Some(cut) = name.len().checked_sub(11)
+        && cut > 0
+        && let (Some(head), Some(tail)) = (name.get(..cut), name.get(cut..))
+        && is_dashed_date(tail.as_bytes())
+    {
+        return head;
     }
     // -YYYYMMDD or -NNN
-    if let Some(i) = name.rfind('-') {
-        let tail = &name[i + 1..];
-        if (tail.len() == 8 || tail.len() == 3) && tail.bytes().all(|c| c.is_ascii_digit()) {
-            return &name[..i];
-        }
+    if let Some((head, tail)) = name.rsplit_once('-')
+        && (tail.len() == 8 || tail.len() == 3)
+        && tail.bytes().all(|c| c.is_ascii_digit())
+    {
+        return head;
     }
     name
+}
+
+/// `-YYYY-MM-DD` exactly.
+fn is_dashed_date(b: &[u8]) -> bool {
+    b.len() == 11
+        && b.iter().enumerate().all(|(i, c)| match i {
+            0 | 5 | 8 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
 }
 
 impl crate::hot::Reloadable for Registry {

@@ -24,6 +24,7 @@ use crate::policy;
 use crate::registry::{RegistryError, RegistryHandle};
 use crate::route::RoutingTable;
 use crate::store::{Store, StoreError};
+use crate::supervise::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -114,6 +115,7 @@ async fn run(
         ExportConfig::default(),
     );
     let metrics = Arc::new(Metrics::default());
+    let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
@@ -150,7 +152,12 @@ async fn run(
         classifier = config.classifier.endpoint.as_deref().unwrap_or("fallback only"),
         "routing rubric loaded"
     );
-    let (fleet, fleet_task) = fleet::spawn(state, config.telemetry.queue_batches, stop_rx.clone());
+    let (fleet, fleet_task) = fleet::spawn(
+        state,
+        config.telemetry.queue_batches,
+        stop_rx.clone(),
+        supervisor.clone(),
+    );
     let classifier = Arc::new(Classifier::new(
         config.classifier.clone(),
         rubric.clone(),
@@ -158,9 +165,11 @@ async fn run(
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
     let mut registry = metrics.registry(&fleet.counters, &classifier.counters);
+    supervisor.register(&mut registry);
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
+        limits: config.telemetry.decode_limits(),
     };
     let mut telemetry_tasks = Vec::new();
     let t = &config.telemetry;
@@ -173,9 +182,8 @@ async fn run(
             })?;
         let stop = stopped(stop_rx.clone());
         let ing = ingestor.clone();
-        let max = t.max_request_bytes;
         telemetry_tasks.push(tokio::spawn(async move {
-            if let Err(e) = otlp::serve_grpc(ing, l, max, stop).await {
+            if let Err(e) = otlp::serve_grpc(ing, l, stop).await {
                 tracing::error!(error = %e, "otlp grpc server failed");
             }
         }));
@@ -187,7 +195,7 @@ async fn run(
                 addr: t.http_listen.to_string(),
                 source,
             })?;
-        let app = otlp::http_router(ingestor.clone(), t.max_request_bytes);
+        let app = otlp::http_router(ingestor.clone());
         let stop = stopped(stop_rx.clone());
         telemetry_tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
@@ -196,20 +204,25 @@ async fn run(
         }));
     }
     if t.nats {
-        telemetry_tasks.push(tokio::spawn(ingest::nats::run(
+        let (c, sub, ing, stop) = (
             client.clone(),
             subjects.clone(),
             ingestor.clone(),
             stop_rx.clone(),
-        )));
+        );
+        telemetry_tasks.push(
+            supervisor.spawn("telemetry_nats", stop_rx.clone(), move || {
+                ingest::nats::run(c.clone(), sub.clone(), ing.clone(), stop.clone())
+            }),
+        );
     }
-    telemetry_tasks.push(tokio::spawn(poll_queues(
-        js.clone(),
-        subjects.clone(),
-        fleet.clone(),
-        Duration::from_millis(t.queue_poll_ms),
-        stop_rx.clone(),
-    )));
+    {
+        let (js, sub, fl, stop) = (js.clone(), subjects.clone(), fleet.clone(), stop_rx.clone());
+        let every = Duration::from_millis(t.queue_poll_ms);
+        telemetry_tasks.push(supervisor.spawn("queue_poll", stop_rx.clone(), move || {
+            poll_queues(js.clone(), sub.clone(), fl.clone(), every, stop.clone())
+        }));
+    }
 
     let decisions = DecisionLog::open(&store)?;
 
@@ -251,16 +264,22 @@ async fn run(
     engine.counters.register(&mut registry);
     let registry = Arc::new(registry);
     let compliance_token = config.policy.compliance_token();
-    telemetry_tasks.push(tokio::spawn(
-        policy_sync.clone().watch_bucket(stop_rx.clone()),
-    ));
-    telemetry_tasks.push(tokio::spawn(policy_sync.clone().watch_dir(stop_rx.clone())));
-    telemetry_tasks.push(tokio::spawn(policy_sync.clone().serve_push(
-        client.clone(),
-        subjects.policy_push(),
-        compliance_token.clone(),
-        stop_rx.clone(),
-    )));
+    {
+        let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
+        telemetry_tasks.push(supervisor.spawn("policy_watch", stop_rx.clone(), move || {
+            ps.clone().watch_bucket(stop.clone())
+        }));
+        let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
+        telemetry_tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
+            ps.clone().watch_dir(stop.clone())
+        }));
+        let (ps, stop, c) = (policy_sync.clone(), stop_rx.clone(), client.clone());
+        let (subject, token) = (subjects.policy_push(), compliance_token.clone());
+        telemetry_tasks.push(supervisor.spawn("policy_push", stop_rx.clone(), move || {
+            ps.clone()
+                .serve_push(c.clone(), subject.clone(), token.clone(), stop.clone())
+        }));
+    }
 
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -280,51 +299,56 @@ async fn run(
         publish_decisions: config.decisions.publish,
         policy: engine.clone(),
         route_cache: Default::default(),
+        reply_prefixes: config.intake.reply_prefixes.clone(),
     });
-    let release = tokio::spawn(pipeline::release::run(
-        ctx.clone(),
-        Duration::from_millis(config.policy.release_interval_ms),
-        config.policy.release_batch,
-        stop_rx.clone(),
-    ));
-
+    // The task path's loops, each restarted after a panic: what a dead loop had in hand
+    // was not acked, so JetStream hands it out again.
+    let release = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        let every = Duration::from_millis(config.policy.release_interval_ms);
+        let batch = config.policy.release_batch;
+        supervisor.spawn("release", stop_rx.clone(), move || {
+            pipeline::release::run(ctx.clone(), every, batch, stop.clone())
+        })
+    };
     let batch = config.intake.batch_size;
     let intake = {
-        let ctx = ctx.clone();
-        tokio::spawn(pipeline::consume_batches(
-            "intake",
-            streams.intake,
-            batch,
-            stop_rx.clone(),
-            move |b| {
+        let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.intake);
+        supervisor.spawn("intake", stop_rx.clone(), move || {
+            let ctx = ctx.clone();
+            pipeline::consume_batches("intake", consumer.clone(), batch, stop.clone(), move |b| {
                 let ctx = ctx.clone();
                 async move { pipeline::intake::handle_batch(&ctx, b).await }
-            },
-        ))
+            })
+        })
     };
     let results = {
-        let ctx = ctx.clone();
-        tokio::spawn(pipeline::consume_batches(
-            "results",
-            streams.results,
-            batch,
-            stop_rx.clone(),
-            move |b| {
+        let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.results);
+        supervisor.spawn("results", stop_rx.clone(), move || {
+            let ctx = ctx.clone();
+            pipeline::consume_batches("results", consumer.clone(), batch, stop.clone(), move |b| {
                 let ctx = ctx.clone();
                 async move { pipeline::results::handle_batch(&ctx, b).await }
-            },
-        ))
+            })
+        })
     };
 
-    let retention = Duration::from_secs(config.store.retention_hours * 3600);
-    let sweeper = tokio::spawn(sweep_store(
-        store.clone(),
-        retention,
-        decisions.clone(),
-        config.decisions.clone(),
-        engine.clone(),
-        stop_rx.clone(),
-    ));
+    let sweeper = {
+        let retention = Duration::from_secs(config.store.retention_hours * 3600);
+        let (store, decisions, log_cfg) =
+            (store.clone(), decisions.clone(), config.decisions.clone());
+        let (engine, stop) = (engine.clone(), stop_rx.clone());
+        supervisor.spawn("sweeper", stop_rx.clone(), move || {
+            sweep_store(
+                store.clone(),
+                retention,
+                decisions.clone(),
+                log_cfg.clone(),
+                engine.clone(),
+                stop.clone(),
+            )
+        })
+    };
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
@@ -341,6 +365,7 @@ async fn run(
         policy: policy_sync.clone(),
         compliance_token,
         ctx: ctx.clone(),
+        supervisor: supervisor.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use rand::RngCore;
 
 use crate::message::{Task, TaskResult};
-use crate::protocol::{self, Subjects, headers, is_publish_subject, is_subject_token};
+use crate::protocol::{self, Subjects, headers, is_subject_token, reply_subject_problem};
 use crate::trace::{Baggage, TraceParent};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum ProducerError {
     InvalidTask(#[from] crate::message::TaskError),
     #[error("idempotency key must be 1-128 letters, digits, '-' or '_'")]
     BadIdempotencyKey,
-    #[error("reply subject {0:?} is not a publishable NATS subject")]
+    #[error("{0}")]
     BadReplyTo(String),
     #[error("task intake did not acknowledge the task: {0}")]
     NotAccepted(String),
@@ -128,10 +128,12 @@ impl Producer {
         {
             return Err(ProducerError::BadIdempotencyKey);
         }
+        // The commander's allowed prefixes are its configuration; what is never allowed
+        // (system and fleet subjects, unpublishable ones) is refused here already.
         if let Some(r) = &opts.reply_to
-            && !is_publish_subject(r)
+            && let Some(why) = reply_subject_problem(r, &[""], self.subjects.prefix())
         {
-            return Err(ProducerError::BadReplyTo(r.clone()));
+            return Err(ProducerError::BadReplyTo(why));
         }
         let task_id = task
             .id

@@ -263,10 +263,56 @@ pub fn is_publish_subject(s: &str) -> bool {
         })
 }
 
+/// The reply subjects the commander publishes results to by default: NATS inboxes.
+pub const DEFAULT_REPLY_PREFIXES: &[&str] = &["_INBOX."];
+
+/// Why the commander will not publish a result to `subject` given as `Fleet-Reply-To`, or
+/// `None` when it may. A reply subject must be publishable, start with one of `allowed`
+/// (by default `_INBOX.`), and never be a system subject (`$JS.…`, `$SYS.…`, `$KV.…`, any
+/// `$…`) or one of the fleet's own (`<fleet_prefix>.…`): a producer must not be able to
+/// make the commander purge a stream, speak for a worker or submit tasks.
+pub fn reply_subject_problem<S: AsRef<str>>(
+    subject: &str,
+    allowed: &[S],
+    fleet_prefix: &str,
+) -> Option<String> {
+    if !is_publish_subject(subject) {
+        return Some(format!(
+            "reply subject {subject:?} is not a publishable NATS subject"
+        ));
+    }
+    if subject.starts_with('$') {
+        return Some(format!(
+            "reply subject {subject:?} is a system subject ($JS, $SYS, $KV, ...)"
+        ));
+    }
+    let own = subject == fleet_prefix
+        || subject
+            .strip_prefix(fleet_prefix)
+            .is_some_and(|rest| rest.starts_with('.'));
+    if own {
+        return Some(format!(
+            "reply subject {subject:?} is one of the fleet's own subjects ({fleet_prefix}.>)"
+        ));
+    }
+    if !allowed.iter().any(|p| subject.starts_with(p.as_ref())) {
+        let list: Vec<&str> = allowed.iter().map(AsRef::as_ref).collect();
+        return Some(format!(
+            "reply subject {subject:?} must start with one of: {}",
+            list.join(", ")
+        ));
+    }
+    None
+}
+
 /// Case-insensitive header lookup (W3C names are case-insensitive; async-nats is not).
+///
+/// `name` may be anything: async-nats' `get(&str)` panics on a name a header cannot have,
+/// so the name is parsed first, and one that cannot be a header name is simply absent.
 pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     let headers = headers?;
-    if let Some(v) = headers.get(name) {
+    let parsed: HeaderName = name.parse().ok()?;
+    if let Some(v) = headers.get(parsed) {
         return Some(v.as_str());
     }
     headers
@@ -338,5 +384,36 @@ mod tests {
         assert!(!is_publish_subject("a..b"));
         assert!(!is_publish_subject("a.>"));
         assert!(!is_publish_subject("a b"));
+    }
+
+    #[test]
+    fn reply_subjects_are_inboxes_never_system_or_fleet_subjects() {
+        let ok = |s| reply_subject_problem(s, DEFAULT_REPLY_PREFIXES, "fleet").is_none();
+        assert!(ok("_INBOX.abc"));
+        assert!(ok("_INBOX.abc.def"));
+        for bad in [
+            "$JS.API.STREAM.PURGE.FLEET_RESULTS",
+            "$JS.API.STREAM.INFO.FLEET_INTAKE",
+            "$SYS.REQ.SERVER.PING",
+            "$KV.fleet_policy.active",
+            "fleet.tasks.submit",
+            "fleet",
+            "orders.created",
+            "_INBOX.*",
+            "_INBOX.a b",
+            "",
+        ] {
+            assert!(!ok(bad), "{bad:?} must be refused");
+        }
+        // A configured prefix never opens the system or fleet subjects.
+        let allowed = [
+            "$JS.".to_string(),
+            "fleet.".to_string(),
+            "replies.".to_string(),
+        ];
+        assert!(reply_subject_problem("$JS.API.X", &allowed, "fleet").is_some());
+        assert!(reply_subject_problem("fleet.results.x", &allowed, "fleet").is_some());
+        assert!(reply_subject_problem("replies.svc-a.1", &allowed, "fleet").is_none());
+        assert!(reply_subject_problem("fleetwide.x", &["fleetwide."], "fleet").is_none());
     }
 }

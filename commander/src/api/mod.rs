@@ -30,6 +30,7 @@ mod policy;
 use crate::classify::Classifier;
 use crate::decisions::DecisionLog;
 use crate::store::Store;
+use crate::supervise::Supervisor;
 
 /// What handlers share.
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ pub struct AppState {
     pub compliance_token: Option<String>,
     /// The task path's context (routing table and snapshot, for shadow replay).
     pub ctx: Arc<crate::pipeline::Ctx>,
+    /// Which long-lived tasks are down (for `/readyz`); counts panics.
+    pub supervisor: Supervisor,
 }
 
 /// The one error type of the API; the only place errors become HTTP statuses.
@@ -102,7 +105,7 @@ impl IntoResponse for ApiError {
             ApiError::Internal(detail) => tracing::error!(detail, "internal error in API"),
             _ => {}
         }
-        let mut body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut body = error_body(code, &self.to_string());
         if !problems.is_empty() {
             body["error"]["problems"] = json!(problems);
         }
@@ -119,9 +122,103 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The one error shape: `{"error": {"code", "message"}}`.
+fn error_body(code: &str, message: &str) -> serde_json::Value {
+    json!({ "error": { "code": code, "message": message } })
+}
+
+/// The error code of a status that did not come from an [`ApiError`] (axum's own
+/// rejections, unmatched routes and methods, the body limit).
+fn code_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Gives every error response that is not already JSON the one error shape: axum's
+/// extractor rejections (a bad query string, a bad path parameter, a body over the limit)
+/// answer plain text, and some have no body at all. Their text becomes the message; a
+/// 5xx says nothing of its cause.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Rejection texts are a line or two; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = if status.is_server_error() {
+        "internal error".to_string()
+    } else {
+        let t = String::from_utf8_lossy(&text).trim().to_string();
+        if t.is_empty() {
+            status
+                .canonical_reason()
+                .unwrap_or("request refused")
+                .to_string()
+        } else {
+            t
+        }
+    };
+    let body = error_body(code_of(status), &message).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let body = error_body(
+        "method_not_allowed",
+        &format!("{} does not take {method}", uri.path()),
+    );
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+/// A handler that panicked answers 500 in the one error shape, and is counted; the
+/// connection and the commander carry on.
+fn panic_response(
+    supervisor: Supervisor,
+) -> impl Fn(Box<dyn std::any::Any + Send + 'static>) -> Response + Clone {
+    move |payload| {
+        supervisor.caught("api", payload.as_ref());
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(error_body("internal", "internal error")),
+        )
+            .into_response()
+    }
+}
+
 /// All routes.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let supervisor = state.supervisor.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -142,7 +239,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policy/replay", post(policy::shadow_replay))
         .route("/v1/policy/history", get(policy::history))
         .route("/v1/policy/history/{version}", get(policy::version))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response(supervisor),
+        ))
         .with_state(state)
 }
 
@@ -150,13 +253,16 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
+/// 200 when the commander takes work; 503 while it starts or stops, or while a
+/// long-lived task is down (named, with why).
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
+    let down = s.supervisor.health.down();
+    if s.ready.load(Ordering::Relaxed) && down.is_empty() {
         axum::Json(json!({ "status": "ready" })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "status": "not_ready" })),
+            axum::Json(json!({ "status": "not_ready", "down": down })),
         )
             .into_response()
     }

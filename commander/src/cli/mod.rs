@@ -175,6 +175,22 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.with_ansi(ansi).init(),
         LogFormat::Json => builder.json().init(),
     }
+    // A panic is a structured log line with where it happened (the supervisor that
+    // catches it logs the restart); the default hook's bare stderr text is not.
+    std::panic::set_hook(Box::new(|info| {
+        let cause = crate::supervise::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            cause = %cause,
+            location,
+            thread = thread.name().unwrap_or("unnamed"),
+            "panic"
+        );
+    }));
 }
 
 /// Runs a parsed command line; the exit code says how it went.

@@ -922,15 +922,18 @@ impl FleetHandle {
     }
 }
 
-/// Starts the owner. It stops when `stop` turns true.
+/// Starts the owner. It stops when `stop` turns true. A panic while it applies an event
+/// is caught by `supervisor`: the owner carries on with the state as it was, less the
+/// batch in hand, and the queues stay open, so telemetry keeps flowing.
 pub fn spawn(
-    mut state: FleetState,
+    state: FleetState,
     queue_batches: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    supervisor: crate::supervise::Supervisor,
 ) -> (FleetHandle, tokio::task::JoinHandle<()>) {
-    let (ingest_tx, mut ingest_rx) = mpsc::channel(queue_batches.max(1));
-    let (task_tx, mut task_rx) = mpsc::channel(65_536);
-    let (query_tx, mut query_rx) = mpsc::channel(64);
+    let (ingest_tx, ingest_rx) = mpsc::channel(queue_batches.max(1));
+    let (task_tx, task_rx) = mpsc::channel(65_536);
+    let (query_tx, query_rx) = mpsc::channel(64);
     let snapshot = Arc::new(ArcSwap::from_pointee(state.snapshot(now_ms())));
     let handle = FleetHandle {
         ingest: ingest_tx,
@@ -939,47 +942,78 @@ pub fn spawn(
         snapshot: snapshot.clone(),
         counters: state.counters.clone(),
     };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let owner = Owner {
+        state,
+        ingest_rx,
+        task_rx,
+        query_rx,
+        snapshot,
+        stop,
+        tick,
+        tasks_open: true,
+    };
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        supervisor
+            .run_with_state("fleet", owner, |o| Box::pin(o.run()))
+            .await;
+    });
+    (handle, task)
+}
+
+/// Everything the owner task holds; it outlives a panic inside [`Owner::run`].
+struct Owner {
+    state: FleetState,
+    ingest_rx: mpsc::Receiver<Ingest>,
+    task_rx: mpsc::Receiver<TaskEvent>,
+    query_rx: mpsc::Receiver<Query>,
+    snapshot: Arc<ArcSwap<FleetSnapshot>>,
+    stop: watch::Receiver<bool>,
+    tick: tokio::time::Interval,
+    tasks_open: bool,
+}
+
+impl Owner {
+    /// Serves until `stop` or until every ingest sender is gone.
+    async fn run(&mut self) {
         let mut batch = Vec::with_capacity(64);
         let mut tasks = Vec::with_capacity(256);
-        let mut tasks_open = true;
         loop {
             tokio::select! {
                 biased;
-                _ = stop.changed() => break,
-                _ = tick.tick() => {
+                _ = self.stop.changed() => break,
+                _ = self.tick.tick() => {
                     let now = now_ms();
-                    state.tick(now);
-                    snapshot.store(Arc::new(state.snapshot(now)));
+                    self.state.tick(now);
+                    self.snapshot.store(Arc::new(self.state.snapshot(now)));
                 }
-                Some(q) = query_rx.recv() => {
+                Some(q) = self.query_rx.recv() => {
                     let now = now_ms();
+                    let state = &mut self.state;
                     match q {
                         Query::Worker(id, tx) => { let _ = tx.send(state.worker_detail(&id, now)); }
                         Query::Costs { by, window_ms, reply } => { let _ = reply.send(state.costs(&by, window_ms, now)); }
                         Query::FleetSeries { window_ms, reply } => { let _ = reply.send(state.fleet_series(window_ms, now)); }
                     }
                 }
-                n = task_rx.recv_many(&mut tasks, 256), if tasks_open => {
-                    if n == 0 { tasks_open = false; continue; }
+                n = self.task_rx.recv_many(&mut tasks, 256), if self.tasks_open => {
+                    if n == 0 { self.tasks_open = false; continue; }
                     let now = now_ms();
                     for ev in tasks.drain(..) {
-                        state.apply_task(ev, now);
+                        self.state.apply_task(ev, now);
                     }
                 }
-                n = ingest_rx.recv_many(&mut batch, 64) => {
+                n = self.ingest_rx.recv_many(&mut batch, 64) => {
                     if n == 0 { break; }
                     let now = now_ms();
                     for ev in batch.drain(..) {
-                        state.apply(ev, now);
+                        self.state.apply(ev, now);
                     }
                 }
             }
         }
-    });
-    (handle, task)
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! queue refuses the export (RESOURCE_EXHAUSTED with RetryInfo / 429 with Retry-After) and
 //! counts what was dropped: telemetry is shed, the task path never waits on it.
 
+pub mod limits;
 pub mod nats;
 pub mod normalise;
 pub mod otlp;
@@ -30,10 +31,23 @@ pub enum IngestError {
     Decode(String),
     #[error("request is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
+    /// Over a decode limit (items, nesting, decoded bytes): refused before decoding.
+    #[error("{0}")]
+    Limit(limits::LimitError),
     #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
     UnsupportedMediaType(String),
     #[error("unsupported content encoding {0:?}: use gzip or none")]
     UnsupportedEncoding(String),
+}
+
+impl From<limits::LimitError> for IngestError {
+    fn from(e: limits::LimitError) -> Self {
+        match e {
+            // Not protobuf at all: bad data, like any other decode error.
+            limits::LimitError::Malformed(why) => IngestError::Decode(why),
+            over => IngestError::Limit(over),
+        }
+    }
 }
 
 /// Seconds a refused client should wait.
@@ -51,6 +65,8 @@ pub struct Accepted {
 pub struct Ingestor {
     pub fleet: FleetHandle,
     pub metrics: Arc<Metrics>,
+    /// What one request may expand to; checked before decoding on every transport.
+    pub limits: limits::DecodeLimits,
 }
 
 impl Ingestor {

@@ -14,9 +14,9 @@ use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message;
 use tokio::sync::watch;
 
+use super::limits::Signal;
 use super::{IngestError, Ingestor};
 
 /// Subject token of the commander's own spans: they describe the commander, not a worker.
@@ -79,25 +79,37 @@ pub fn handle(
                 )))
             }
         },
-        kinds::OTLP_TRACES => match ExportTraceServiceRequest::decode(payload) {
+        kinds::OTLP_TRACES => match super::otlp::checked_decode::<ExportTraceServiceRequest>(
+            Signal::Traces,
+            &payload,
+            ingestor.limits,
+        ) {
             Ok(req) => ingestor.traces("nats", req).map(|_| ()),
             Err(e) => {
                 m.telemetry("nats", "traces", "rejected", 1);
-                Err(IngestError::Decode(e.to_string()))
+                Err(e)
             }
         },
-        kinds::OTLP_METRICS => match ExportMetricsServiceRequest::decode(payload) {
+        kinds::OTLP_METRICS => match super::otlp::checked_decode::<ExportMetricsServiceRequest>(
+            Signal::Metrics,
+            &payload,
+            ingestor.limits,
+        ) {
             Ok(req) => ingestor.metrics("nats", req).map(|_| ()),
             Err(e) => {
                 m.telemetry("nats", "metrics", "rejected", 1);
-                Err(IngestError::Decode(e.to_string()))
+                Err(e)
             }
         },
-        kinds::OTLP_LOGS => match ExportLogsServiceRequest::decode(payload) {
+        kinds::OTLP_LOGS => match super::otlp::checked_decode::<ExportLogsServiceRequest>(
+            Signal::Logs,
+            &payload,
+            ingestor.limits,
+        ) {
             Ok(req) => ingestor.logs("nats", &req).map(|_| ()),
             Err(e) => {
                 m.telemetry("nats", "logs", "rejected", 1);
-                Err(IngestError::Decode(e.to_string()))
+                Err(e)
             }
         },
         other => {

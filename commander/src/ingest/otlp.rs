@@ -16,20 +16,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
-    LogsService, LogsServiceServer,
-};
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -40,6 +31,7 @@ use serde::de::DeserializeOwned;
 use tonic::codec::CompressionEncoding;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use super::limits::{self, DecodeLimits, Signal};
 use super::{Accepted, IngestError, Ingestor};
 
 impl IngestError {
@@ -51,7 +43,9 @@ impl IngestError {
                 ErrorDetails::with_retry_info(Some(Duration::from_secs(*s))),
             ),
             IngestError::Stopped => tonic::Status::unavailable(self.to_string()),
-            IngestError::TooLarge { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            IngestError::TooLarge { .. } | IngestError::Limit(_) => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
             IngestError::Decode(_)
             | IngestError::UnsupportedMediaType(_)
             | IngestError::UnsupportedEncoding(_) => {
@@ -64,7 +58,7 @@ impl IngestError {
         match self {
             IngestError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TooLarge { .. } | IngestError::Limit(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Decode(_) => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -80,63 +74,229 @@ impl IngestError {
 
 // ---------------------------------------------------------------- gRPC
 
-#[derive(Clone, Debug)]
-struct Grpc(Ingestor);
+/// One signal's OTLP gRPC service: its name, its answer, and how an export is taken.
+trait GrpcSignal: Send + Sync + 'static {
+    const NAME: &'static str;
+    type Response: Message + Default + Send + 'static;
+    fn export(
+        ing: &Ingestor,
+        limits: DecodeLimits,
+        body: Bytes,
+    ) -> Result<Self::Response, tonic::Status>;
+}
 
-#[tonic::async_trait]
-impl TraceService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let a = self
-            .0
-            .traces("grpc", request.into_inner())
-            .map_err(|e| e.grpc())?;
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
+#[derive(Debug)]
+struct GrpcTraces;
+#[derive(Debug)]
+struct GrpcMetrics;
+#[derive(Debug)]
+struct GrpcLogs;
+
+/// Checks the limits on the raw bytes, then decodes: a body that would expand past them
+/// is refused before a single message is allocated.
+pub(super) fn checked_decode<T: Message + Default>(
+    signal: Signal,
+    body: &[u8],
+    limits: DecodeLimits,
+) -> Result<T, IngestError> {
+    limits::check_protobuf(signal, body, limits).map_err(IngestError::from)?;
+    T::decode(body).map_err(|e| IngestError::Decode(e.to_string()))
+}
+
+impl GrpcSignal for GrpcTraces {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    type Response = ExportTraceServiceResponse;
+    fn export(
+        ing: &Ingestor,
+        limits: DecodeLimits,
+        body: Bytes,
+    ) -> Result<Self::Response, tonic::Status> {
+        let req = checked_decode::<ExportTraceServiceRequest>(Signal::Traces, &body, limits)
+            .map_err(|e| {
+                ing.metrics.telemetry("grpc", "traces", "rejected", 1);
+                e.grpc()
+            })?;
+        let a = ing.traces("grpc", req).map_err(|e| e.grpc())?;
+        Ok(ExportTraceServiceResponse {
             partial_success: (a.rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: a.rejected as i64,
                 error_message: a.message,
             }),
-        }))
+        })
     }
 }
 
-#[tonic::async_trait]
-impl MetricsService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        let a = self
-            .0
-            .metrics("grpc", request.into_inner())
-            .map_err(|e| e.grpc())?;
-        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+impl GrpcSignal for GrpcMetrics {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    type Response = ExportMetricsServiceResponse;
+    fn export(
+        ing: &Ingestor,
+        limits: DecodeLimits,
+        body: Bytes,
+    ) -> Result<Self::Response, tonic::Status> {
+        let req = checked_decode::<ExportMetricsServiceRequest>(Signal::Metrics, &body, limits)
+            .map_err(|e| {
+                ing.metrics.telemetry("grpc", "metrics", "rejected", 1);
+                e.grpc()
+            })?;
+        let a = ing.metrics("grpc", req).map_err(|e| e.grpc())?;
+        Ok(ExportMetricsServiceResponse {
             partial_success: (a.rejected > 0).then_some(ExportMetricsPartialSuccess {
                 rejected_data_points: a.rejected as i64,
                 error_message: a.message,
             }),
-        }))
+        })
     }
 }
 
-#[tonic::async_trait]
-impl LogsService for Grpc {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportLogsServiceRequest>,
-    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
-        let a = self
-            .0
-            .logs("grpc", request.get_ref())
-            .map_err(|e| e.grpc())?;
-        Ok(tonic::Response::new(ExportLogsServiceResponse {
+impl GrpcSignal for GrpcLogs {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    type Response = ExportLogsServiceResponse;
+    fn export(
+        ing: &Ingestor,
+        limits: DecodeLimits,
+        body: Bytes,
+    ) -> Result<Self::Response, tonic::Status> {
+        let req = checked_decode::<ExportLogsServiceRequest>(Signal::Logs, &body, limits).map_err(
+            |e| {
+                ing.metrics.telemetry("grpc", "logs", "rejected", 1);
+                e.grpc()
+            },
+        )?;
+        let a = ing.logs("grpc", &req).map_err(|e| e.grpc())?;
+        Ok(ExportLogsServiceResponse {
             partial_success: (a.rejected > 0).then_some(ExportLogsPartialSuccess {
                 rejected_log_records: a.rejected as i64,
                 error_message: a.message,
             }),
-        }))
+        })
+    }
+}
+
+/// A codec that hands the handler the message's bytes (decoded there, after the limits)
+/// and encodes the prost answer.
+#[derive(Debug)]
+struct RawCodec<R>(std::marker::PhantomData<R>);
+
+#[derive(Debug)]
+struct RawDecoder;
+
+#[derive(Debug)]
+struct ProstEncoder<R>(std::marker::PhantomData<R>);
+
+impl<R: Message + Send + 'static> tonic::codec::Codec for RawCodec<R> {
+    type Encode = R;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder<R>;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder(std::marker::PhantomData)
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl<R: Message> tonic::codec::Encoder for ProstEncoder<R> {
+    type Item = R;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: R,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        item.encode(dst)
+            .map_err(|e| tonic::Status::internal(format!("encoding the answer: {e}")))
+    }
+}
+
+/// An OTLP gRPC service for signal `S` that sees each request's bytes before decoding.
+#[derive(Debug)]
+struct OtlpGrpc<S> {
+    ingestor: Ingestor,
+    limits: DecodeLimits,
+    signal: std::marker::PhantomData<fn() -> S>,
+}
+
+impl<S> Clone for OtlpGrpc<S> {
+    fn clone(&self) -> Self {
+        Self {
+            ingestor: self.ingestor.clone(),
+            limits: self.limits,
+            signal: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: GrpcSignal> OtlpGrpc<S> {
+    fn new(ingestor: Ingestor, limits: DecodeLimits) -> Self {
+        Self {
+            ingestor,
+            limits,
+            signal: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: GrpcSignal> tonic::server::NamedService for OtlpGrpc<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for OtlpGrpc<S>
+where
+    S: GrpcSignal,
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let me = self.clone();
+        let is_export = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(S::NAME))
+            == Some("/Export");
+        Box::pin(async move {
+            if !is_export {
+                return Ok(tonic::Status::unimplemented("unknown method").into_http());
+            }
+            let mut enabled = tonic::codec::EnabledCompressionEncodings::default();
+            enabled.enable(CompressionEncoding::Gzip);
+            let mut grpc =
+                tonic::server::Grpc::new(RawCodec::<S::Response>(std::marker::PhantomData))
+                    .apply_compression_config(enabled, enabled)
+                    .apply_max_message_size_config(Some(me.limits.max_request_bytes), None);
+            let handler = tower::service_fn(move |r: tonic::Request<Bytes>| {
+                let me = me.clone();
+                async move {
+                    S::export(&me.ingestor, me.limits, r.into_inner()).map(tonic::Response::new)
+                }
+            });
+            Ok(grpc.unary(handler, req).await)
+        })
     }
 }
 
@@ -175,27 +335,14 @@ fn otlp_status_codes<B>(
 pub async fn serve_grpc(
     ingestor: Ingestor,
     listener: tokio::net::TcpListener,
-    max_request_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let svc = Grpc(ingestor);
-    let traces = TraceServiceServer::new(svc.clone())
-        .max_decoding_message_size(max_request_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
-    let metrics = MetricsServiceServer::new(svc.clone())
-        .max_decoding_message_size(max_request_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
-    let logs = LogsServiceServer::new(svc)
-        .max_decoding_message_size(max_request_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+    let limits = ingestor.limits;
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
-        .add_service(traces)
-        .add_service(metrics)
-        .add_service(logs)
+        .add_service(OtlpGrpc::<GrpcTraces>::new(ingestor.clone(), limits))
+        .add_service(OtlpGrpc::<GrpcMetrics>::new(ingestor.clone(), limits))
+        .add_service(OtlpGrpc::<GrpcLogs>::new(ingestor, limits))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
@@ -223,7 +370,7 @@ impl Encoding {
 #[derive(Clone, Debug)]
 struct HttpState {
     ingestor: Ingestor,
-    max_request_bytes: usize,
+    limits: DecodeLimits,
 }
 
 /// The body of an HTTP error (`google.rpc.Status`, without details).
@@ -277,13 +424,17 @@ fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, I
     }
 }
 
+/// Decodes a body that passed the decode limits (checked here, before decoding).
 fn decode<T: Message + Default + DeserializeOwned>(
     enc: Encoding,
+    signal: Signal,
     body: &[u8],
+    limits: DecodeLimits,
 ) -> Result<T, IngestError> {
     match enc {
-        Encoding::Protobuf => T::decode(body).map_err(|e| IngestError::Decode(e.to_string())),
+        Encoding::Protobuf => checked_decode(signal, body, limits),
         Encoding::Json => {
+            limits::check_json(body, limits)?;
             serde_json::from_slice(body).map_err(|e| IngestError::Decode(format!("JSON: {e}")))
         }
     }
@@ -320,17 +471,18 @@ fn error_response(enc: Encoding, e: &IngestError) -> Response {
 /// answer must use (JSON when the content type itself is the problem).
 fn read<T: Message + Default + DeserializeOwned>(
     st: &HttpState,
+    signal: Signal,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(Encoding, T), (Encoding, IngestError)> {
     let enc = encoding_of(headers).map_err(|e| (Encoding::Json, e))?;
-    let body = decompress(headers, body, st.max_request_bytes).map_err(|e| (enc, e))?;
-    let req = decode::<T>(enc, &body).map_err(|e| (enc, e))?;
+    let body = decompress(headers, body, st.limits.max_request_bytes).map_err(|e| (enc, e))?;
+    let req = decode::<T>(enc, signal, &body, st.limits).map_err(|e| (enc, e))?;
     Ok((enc, req))
 }
 
 async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportTraceServiceRequest>(&st, &headers, body) {
+    let (enc, req) = match read::<ExportTraceServiceRequest>(&st, Signal::Traces, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
             st.ingestor
@@ -355,7 +507,8 @@ async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Byte
 }
 
 async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportMetricsServiceRequest>(&st, &headers, body) {
+    let (enc, req) = match read::<ExportMetricsServiceRequest>(&st, Signal::Metrics, &headers, body)
+    {
         Ok(r) => r,
         Err((enc, e)) => {
             st.ingestor
@@ -377,7 +530,7 @@ async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Byt
 }
 
 async fn http_logs(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportLogsServiceRequest>(&st, &headers, body) {
+    let (enc, req) = match read::<ExportLogsServiceRequest>(&st, Signal::Logs, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
             st.ingestor.metrics.telemetry("http", "logs", "rejected", 1);
@@ -397,17 +550,62 @@ async fn http_logs(State(st): State<HttpState>, headers: HeaderMap, body: Bytes)
 }
 
 /// The OTLP/HTTP routes.
-pub fn http_router(ingestor: Ingestor, max_request_bytes: usize) -> Router {
-    let st = HttpState {
-        ingestor,
-        max_request_bytes,
-    };
+pub fn http_router(ingestor: Ingestor) -> Router {
+    let limits = ingestor.limits;
+    let st = HttpState { ingestor, limits };
     Router::new()
         .route("/v1/traces", post(http_traces))
         .route("/v1/metrics", post(http_metrics))
         .route("/v1/logs", post(http_logs))
-        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .fallback(http_no_route)
+        .layer(DefaultBodyLimit::max(limits.max_request_bytes))
+        .layer(axum::middleware::map_response(status_bodies))
         .with_state(st)
+}
+
+async fn http_no_route(uri: axum::http::Uri) -> Response {
+    let e = RpcStatus {
+        code: tonic::Code::NotFound as i32,
+        message: format!(
+            "no OTLP route {}: use /v1/traces, /v1/metrics or /v1/logs",
+            uri.path()
+        ),
+    };
+    respond(Encoding::Json, StatusCode::NOT_FOUND, &e)
+}
+
+/// axum's own refusals (a body over the limit, a wrong method) answer plain text; OTLP
+/// clients read a `google.rpc.Status`. 413 keeps its meaning: RESOURCE_EXHAUSTED.
+async fn status_bodies(resp: Response) -> Response {
+    let status = resp.status();
+    let typed = resp.headers().contains_key(header::CONTENT_TYPE)
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/"));
+    if !(status.is_client_error() || status.is_server_error()) || typed {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::ResourceExhausted,
+        StatusCode::METHOD_NOT_ALLOWED => tonic::Code::Unimplemented,
+        s if s.is_server_error() => tonic::Code::Internal,
+        _ => tonic::Code::InvalidArgument,
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let e = RpcStatus {
+        code: code as i32,
+        message: String::from_utf8_lossy(&text).trim().to_string(),
+    };
+    let mut out = respond(Encoding::Json, parts.status, &e);
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Binds a listener, logging the address (port 0 picks one).
@@ -453,8 +651,9 @@ mod tests {
         let ingestor = Ingestor {
             fleet: fleet.clone(),
             metrics: metrics.clone(),
+            limits: DecodeLimits::default(),
         };
-        let app = http_router(ingestor.clone(), 1 << 20);
+        let app = http_router(ingestor.clone());
         let post = || {
             tonic::codegen::http::Request::post("/v1/traces")
                 .header("content-type", "application/x-protobuf")
@@ -475,9 +674,12 @@ mod tests {
         let status = RpcStatus::decode(body).unwrap();
         assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
         // gRPC: RESOURCE_EXHAUSTED carrying RetryInfo, which makes it retryable in OTLP.
-        let err = TraceService::export(&Grpc(ingestor), tonic::Request::new(one_span()))
-            .await
-            .unwrap_err();
+        let err = GrpcTraces::export(
+            &ingestor,
+            DecodeLimits::default(),
+            one_span().encode_to_vec().into(),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         let retry = err.get_details_retry_info().unwrap();
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));

@@ -7,7 +7,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use fleet_worker::message::{ErrorInfo, Task, TaskResult, now_rfc3339};
-use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
+use fleet_worker::protocol::{self, header, headers, is_subject_token};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
 use tracing::Instrument;
 
@@ -265,9 +265,17 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
     let received_at = now_rfc3339();
     let hdrs = msg.headers.as_ref();
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let reply_to = header(hdrs, headers::REPLY_TO)
-        .filter(|r| is_publish_subject(r))
-        .map(str::to_string);
+    // A reply subject outside the allowed inboxes is never published to: the task is
+    // rejected below (its result goes to the results stream only).
+    let (reply_to, reply_problem) = match header(hdrs, headers::REPLY_TO) {
+        None => (None, None),
+        Some(r) => {
+            match protocol::reply_subject_problem(r, &ctx.reply_prefixes, ctx.subjects.prefix()) {
+                None => (Some(r.to_string()), None),
+                Some(why) => (None, Some(why)),
+            }
+        }
+    };
 
     let parsed = Task::from_json(&msg.payload);
     // The id: from the body, else the headers, else the stream sequence (which the
@@ -304,6 +312,11 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         return Ok(Read::Done(Plan::Duplicate));
     }
 
+    if let Some(why) = reply_problem {
+        ctx.metrics.reply_to_refused.inc();
+        tracing::warn!(task_id = %id, reason = %why, "task refused: Fleet-Reply-To is not an allowed reply subject");
+        return Ok(Read::Done(Reject::plan(id, seq, "bad_reply_to", why, None)));
+    }
     let mut task = match parsed {
         Ok(t) => t,
         Err(e) => {

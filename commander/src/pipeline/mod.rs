@@ -49,6 +49,8 @@ pub struct Ctx {
     pub policy: Arc<crate::policy::PolicyEngine>,
     /// The routing view of the latest fleet snapshot, rebuilt when a new one appears.
     pub route_cache: std::sync::Mutex<Option<Arc<RouteSnapshot>>>,
+    /// Prefixes a `Fleet-Reply-To` subject may start with (`intake.reply_prefixes`).
+    pub reply_prefixes: Vec<String>,
 }
 
 impl Ctx {

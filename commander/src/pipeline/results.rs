@@ -5,7 +5,7 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use fleet_worker::message::{ResultStatus, TaskResult};
-use fleet_worker::protocol::{self, header, headers, is_publish_subject, is_subject_token};
+use fleet_worker::protocol::{self, header, headers, is_subject_token};
 use tracing::Instrument;
 
 use super::Ctx;
@@ -65,9 +65,18 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
         return Ok(());
     }
     let id = result.task_id.as_str();
-    let reply_header = header(hdrs, headers::REPLY_TO)
-        .filter(|r| is_publish_subject(r))
-        .map(str::to_string);
+    // Workers echo the producer's reply subject; it is checked again, since a result is
+    // as untrusted as a task.
+    let reply_header = header(hdrs, headers::REPLY_TO).and_then(|r| {
+        match protocol::reply_subject_problem(r, &ctx.reply_prefixes, ctx.subjects.prefix()) {
+            None => Some(r.to_string()),
+            Some(why) => {
+                ctx.metrics.reply_to_refused.inc();
+                tracing::warn!(task_id = %result.task_id, reason = %why, "result names a reply subject that is not allowed; not forwarding it there");
+                None
+            }
+        }
+    });
     // Whether this message moved the task to a terminal state (the closure may run more
     // than once under contention; the last run is the one that stuck).
     let finished_now = std::cell::Cell::new(false);

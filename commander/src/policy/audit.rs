@@ -43,6 +43,10 @@ pub struct AuditRecord {
     /// The version in force when the attempt was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
+    /// A stored version this replica refused: a bucket entry it could not build (written
+    /// by an older commander, or valid only against another replica's pools and models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_version: Option<String>,
     pub sha256: String,
     pub source: Source,
     /// Who: the pusher's identity, the file names, or the replica.
@@ -107,6 +111,25 @@ impl AuditLog {
             let (_, v) = item?;
             if let Ok(r) = serde_json::from_slice::<AuditRecord>(&v) {
                 out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Accepted records (with their documents), newest first, at most `limit`: where to
+    /// look for a policy to start on when the stored one cannot be built.
+    pub fn accepted(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().rev() {
+            let (_, v) = item?;
+            if let Ok(r) = serde_json::from_slice::<AuditRecord>(&v)
+                && r.accepted
+                && r.version.is_some()
+            {
+                out.push(r);
+                if out.len() >= limit {
+                    break;
+                }
             }
         }
         Ok(out)

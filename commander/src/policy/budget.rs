@@ -47,7 +47,7 @@ impl Window {
                         "window {other:?} must be hour, day, month or a duration such as 30m, 6h, 7d"
                     )
                 })?;
-                let ms = d.as_millis() as u64;
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
                 if ms < 60_000 {
                     return Err(format!("window {other:?} must be at least 1m"));
                 }

@@ -55,6 +55,9 @@ pub struct Budget {
 pub struct Throttle {
     #[serde(flatten)]
     pub spec: ThrottleSpec,
+    /// Built once here, at validation; the live limiters use exactly these.
+    #[serde(skip)]
+    pub quotas: Quotas,
     pub at: String,
 }
 
@@ -151,8 +154,12 @@ impl Policy {
             for t in parsed.throttle {
                 let here = at(t.span());
                 let spec = t.into_inner();
-                check_throttle(&spec, &here, against, &mut problems);
-                p.throttles.push(Throttle { spec, at: here });
+                let quotas = check_throttle(&spec, &here, against, &mut problems);
+                p.throttles.push(Throttle {
+                    spec,
+                    quotas,
+                    at: here,
+                });
             }
             for r in parsed.reroute {
                 let here = at(r.span());
@@ -454,7 +461,7 @@ fn check_throttle(
     here: &str,
     against: CheckAgainst<'_>,
     problems: &mut Vec<String>,
-) {
+) -> Quotas {
     let name = &t.name;
     if name.trim().is_empty() {
         problems.push(format!("{here}: throttle name must not be empty"));
@@ -464,26 +471,19 @@ fn check_throttle(
             "{here}: throttle {name}: set tasks_per_s, tokens_per_min or both"
         ));
     }
-    if let Some(r) = t.tasks_per_s
-        && !(r.is_finite() && r > 0.0 && r <= 1_000_000.0)
-    {
-        problems.push(format!(
-            "{here}: throttle {name}: tasks_per_s {r} must be above 0 and at most 1000000"
-        ));
-    }
-    if t.tokens_per_min == Some(0) {
-        problems.push(format!(
-            "{here}: throttle {name}: tokens_per_min must be above 0"
-        ));
-    }
-    if t.burst == Some(0) {
-        problems.push(format!("{here}: throttle {name}: burst must be at least 1"));
-    }
     if t.scope == ThrottleScope::Pool
         && let Some(m) = &t.matches
         && !pool_known(against, m)
     {
         problems.push(format!("{here}: throttle {name}: unknown pool {m:?}"));
+    }
+    // The ranges, and the limiter itself: built here exactly as the engine will use it.
+    match t.quotas() {
+        Ok(q) => q,
+        Err(e) => {
+            problems.push(format!("{here}: throttle {name}: {e}"));
+            Quotas::default()
+        }
     }
 }
 

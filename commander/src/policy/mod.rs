@@ -338,12 +338,27 @@ impl PolicyEngine {
         identity: &str,
         errors: Vec<String>,
     ) {
+        self.refuse_version(docs, source, identity, errors, None)
+            .await
+    }
+
+    /// Records a refused attempt; `stored` names the bucket version that was refused when
+    /// the attempt is a stored policy this replica cannot build.
+    pub async fn refuse_version(
+        &self,
+        docs: Vec<Document>,
+        source: Source,
+        identity: &str,
+        errors: Vec<String>,
+        stored: Option<String>,
+    ) {
         let live = self.live();
         tracing::error!(
             source = source.as_str(),
             identity,
             errors = %errors.join(" | "),
             version = %live.policy.version,
+            refused_version = stored.as_deref().unwrap_or(""),
             "policy change rejected; keeping the policy in force"
         );
         self.counters.rejected.inc();
@@ -358,6 +373,7 @@ impl PolicyEngine {
             seq: 0,
             version: None,
             previous: Some(live.policy.version.clone()),
+            refused_version: stored,
             sha256: load::bundle_sha(&docs),
             source,
             identity: identity.to_string(),
@@ -381,6 +397,7 @@ impl PolicyEngine {
             seq: 0,
             version: Some(live.policy.version.clone()),
             previous: Some(previous.version.clone()),
+            refused_version: None,
             sha256: live.policy.sha256.clone(),
             source,
             identity: identity.to_string(),

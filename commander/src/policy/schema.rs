@@ -209,6 +209,82 @@ pub struct ThrottleSpec {
     pub burst: Option<u32>,
 }
 
+/// The slowest throttle rate: one task in 10,000 s. Slower rates (1e-45, say) make an
+/// interval no clock can hold.
+pub const MIN_TASKS_PER_S: f64 = 0.0001;
+/// The fastest throttle rate: a million tasks a second (an interval of 1 µs).
+pub const MAX_TASKS_PER_S: f64 = 1_000_000.0;
+/// The largest token rate (governor counts permits in `u32`).
+pub const MAX_TOKENS_PER_MIN: u64 = u32::MAX as u64;
+
+/// A number as a person wrote it: `1e-45`, not forty-five zeros.
+fn readable(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// The governor quotas a throttle spec builds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Quotas {
+    pub tasks: Option<governor::Quota>,
+    /// The token quota and its bucket size.
+    pub tokens: Option<(governor::Quota, u32)>,
+}
+
+impl ThrottleSpec {
+    /// The quotas this spec builds, or why it cannot build them. Validation calls this and
+    /// the live limiters use what it returned, so a throttle that validates is a throttle
+    /// that runs: no rate reaches a conversion that could fail later.
+    pub fn quotas(&self) -> Result<Quotas, String> {
+        use std::num::NonZeroU32;
+        use std::time::Duration;
+        let burst = match self.burst {
+            Some(0) => return Err("burst must be at least 1".into()),
+            b => b.and_then(NonZeroU32::new),
+        };
+        let tasks = match self.tasks_per_s {
+            None => None,
+            Some(r) if !(r.is_finite() && (MIN_TASKS_PER_S..=MAX_TASKS_PER_S).contains(&r)) => {
+                return Err(format!(
+                    "tasks_per_s {} must be between {MIN_TASKS_PER_S} and {MAX_TASKS_PER_S}",
+                    readable(r)
+                ));
+            }
+            Some(r) => {
+                let period = Duration::try_from_secs_f64(1.0 / r)
+                    .ok()
+                    .and_then(governor::Quota::with_period)
+                    .ok_or_else(|| format!("tasks_per_s {r} gives no usable interval"))?;
+                Some(period.allow_burst(burst.unwrap_or(NonZeroU32::MIN)))
+            }
+        };
+        let tokens = match self.tokens_per_min {
+            None => None,
+            Some(n) if n == 0 || n > MAX_TOKENS_PER_MIN => {
+                return Err(format!(
+                    "tokens_per_min {n} must be between 1 and {MAX_TOKENS_PER_MIN}"
+                ));
+            }
+            Some(n) => {
+                // In range above: n fits u32.
+                let per_min = u32::try_from(n).unwrap_or(u32::MAX);
+                // Default burst: a tenth of a minute's tokens, so one large task can pass.
+                let cap = burst.map(NonZeroU32::get).unwrap_or((per_min / 10).max(1));
+                let cap = NonZeroU32::new(cap).unwrap_or(NonZeroU32::MIN);
+                let quota = Duration::try_from_secs_f64(60.0 / f64::from(per_min))
+                    .ok()
+                    .and_then(governor::Quota::with_period)
+                    .ok_or_else(|| format!("tokens_per_min {n} gives no usable interval"))?;
+                Some((quota.allow_burst(cap), cap.get()))
+            }
+        };
+        Ok(Quotas { tasks, tokens })
+    }
+}
+
 /// `[[reroute]]`: while `from`'s error rate or p95 dispatch latency is over a threshold,
 /// its tasks go to `to`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

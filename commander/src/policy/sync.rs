@@ -9,6 +9,7 @@
 //! On 2.9 servers the bucket's stream is created by hand (STANDARDS B.3).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +79,9 @@ pub struct PolicySync {
     kv: kv::Store,
     dir: Option<PathBuf>,
     files_sha: Mutex<Option<String>>,
+    /// The newest bucket revision this replica has handled, applied or refused. A refused
+    /// one is not in force, but it is the revision the next write must follow.
+    seen: AtomicU64,
 }
 
 impl PolicySync {
@@ -94,6 +98,7 @@ impl PolicySync {
             kv,
             dir,
             files_sha: Mutex::new(None),
+            seen: AtomicU64::new(0),
         });
         if let Some(entry) = me
             .kv
@@ -102,6 +107,10 @@ impl PolicySync {
             .map_err(|e| PolicyError::Bucket(e.to_string()))?
         {
             me.follow(entry).await;
+        }
+        if me.engine.live().revision == 0 && me.seen() > 0 {
+            // The stored policy could not be built here: run on the last one that was.
+            me.restore_last_good().await;
         }
         if let Some(dir) = me.dir.clone() {
             let docs = load::read_dir(&dir)?;
@@ -141,6 +150,7 @@ impl PolicySync {
         };
         for _attempt in 0..5 {
             let live = self.engine.live();
+            let last_revision = live.revision.max(self.seen());
             if policy.sha256 == live.policy.sha256 && live.revision != 0 {
                 if source == Source::File {
                     self.set_files_sha(Some(policy.sha256.clone()));
@@ -164,7 +174,7 @@ impl PolicySync {
             let body = Bytes::from(
                 serde_json::to_vec(&stored).map_err(|e| PolicyError::Bucket(e.to_string()))?,
             );
-            let written = if live.revision == 0 {
+            let written = if last_revision == 0 {
                 self.kv.create(ACTIVE_KEY, body).await.map_err(|e| {
                     matches!(e.kind(), kv::CreateErrorKind::AlreadyExists)
                         .then_some(())
@@ -172,7 +182,7 @@ impl PolicySync {
                 })
             } else {
                 self.kv
-                    .update(ACTIVE_KEY, body, live.revision)
+                    .update(ACTIVE_KEY, body, last_revision)
                     .await
                     .map_err(|e| {
                         matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision)
@@ -215,26 +225,89 @@ impl PolicySync {
         }
     }
 
-    /// Applies a bucket entry (written by this replica, another one, or before a restart).
+    fn seen(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
+
+    /// Applies a bucket entry (written by this replica, another one, or before a restart),
+    /// once: an entry refused here is not looked at again.
     async fn follow(&self, entry: kv::Entry) {
         if !matches!(entry.operation, kv::Operation::Put) {
             return;
         }
-        if entry.revision <= self.engine.live().revision {
+        if entry.revision <= self.engine.live().revision.max(self.seen()) {
             return;
         }
+        self.seen.fetch_max(entry.revision, Ordering::SeqCst);
         match serde_json::from_slice::<Stored>(&entry.value) {
             Ok(stored) => self.apply(stored, entry.revision).await,
             Err(e) => {
-                tracing::error!(revision = entry.revision, error = %e, "policy bucket entry does not decode; ignored")
+                let version = format!("v{}", entry.revision);
+                self.engine
+                    .refuse_version(
+                        Vec::new(),
+                        Source::Builtin,
+                        "policy bucket",
+                        vec![format!("stored policy {version} does not decode: {e}")],
+                        Some(version),
+                    )
+                    .await;
             }
         }
+    }
+
+    /// Swaps in the newest policy the audit trail says was in force and that still
+    /// builds, when the bucket's own cannot be built (say, written by an older commander
+    /// that let a bad rate through): the commander starts on the last good one instead of
+    /// crash-looping.
+    async fn restore_last_good(&self) {
+        let records = match self.engine.audit.accepted(16) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the audit trail for the last good policy");
+                return;
+            }
+        };
+        for record in records {
+            let version = record.version.clone().unwrap_or_default();
+            let revision = version
+                .strip_prefix('v')
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            if revision >= self.seen() {
+                continue;
+            }
+            match self.engine.against.parse(record.documents.clone()) {
+                Ok(p) => {
+                    if self
+                        .engine
+                        .swap(p, revision, record.source, &record.identity)
+                    {
+                        tracing::warn!(
+                            version,
+                            refused = format!("v{}", self.seen()),
+                            "stored policy refused; running on the last good version"
+                        );
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    version,
+                    errors = %e.problems().join(" | "),
+                    "an earlier policy does not build either"
+                ),
+            }
+        }
+        tracing::warn!(
+            "stored policy refused and no earlier version builds; running on the built-in policy"
+        );
     }
 
     /// Validates a stored policy again (pools, registry and rubric are this replica's) and
     /// swaps it in as `revision`; the replica whose swap wins writes the audit record.
     async fn apply(&self, stored: Stored, revision: u64) {
         self.set_files_sha(stored.files_sha.clone());
+        self.seen.fetch_max(revision, Ordering::SeqCst);
         let live = self.engine.live();
         if revision <= live.revision {
             return;
@@ -251,13 +324,15 @@ impl PolicySync {
                 }
             }
             Err(e) => {
-                // Valid where it was written (other pools or registry there): keep ours.
+                // Valid where it was written (other pools or registry there), or written by
+                // a commander that validated less: keep ours, and say which version.
                 self.engine
-                    .refuse(
+                    .refuse_version(
                         stored.documents,
                         stored.source,
                         &stored.identity,
                         e.problems(),
+                        Some(format!("v{revision}")),
                     )
                     .await;
             }

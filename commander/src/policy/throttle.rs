@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, RateLimiter};
 
 use super::load::{Policy, Throttle};
 use super::schema::{ThrottleScope, ThrottleSpec};
@@ -27,27 +27,12 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// The quotas were built (and their ranges checked) when the policy was validated.
     fn new(t: &Throttle) -> Self {
-        let spec = t.spec.clone();
-        let burst = spec.burst.and_then(NonZeroU32::new);
-        let tasks = spec.tasks_per_s.and_then(|r| {
-            let q = Quota::with_period(Duration::from_secs_f64(1.0 / r))?;
-            Some(RateLimiter::keyed(
-                q.allow_burst(burst.unwrap_or(NonZeroU32::MIN)),
-            ))
-        });
-        let tokens = spec.tokens_per_min.and_then(|per_min| {
-            let per_min = per_min.min(u64::from(u32::MAX)) as u32;
-            // Default burst: a tenth of a minute's tokens, so one large task can pass.
-            let cap = burst.map(NonZeroU32::get).unwrap_or((per_min / 10).max(1));
-            let cap = NonZeroU32::new(cap)?;
-            let q = Quota::with_period(Duration::from_secs_f64(60.0 / f64::from(per_min)))?;
-            Some((RateLimiter::keyed(q.allow_burst(cap)), cap.get()))
-        });
         Self {
-            spec,
-            tasks,
-            tokens,
+            spec: t.spec.clone(),
+            tasks: t.quotas.tasks.map(RateLimiter::keyed),
+            tokens: t.quotas.tokens.map(|(q, cap)| (RateLimiter::keyed(q), cap)),
         }
     }
 
