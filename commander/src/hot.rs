@@ -16,6 +16,8 @@ pub trait Reloadable: Sized + Send + Sync + 'static {
     type Error: Display;
     /// What it is, for logs ("model registry").
     const WHAT: &'static str;
+    /// Its watcher's name as a supervised task (`registry_watch`).
+    const TASK: &'static str;
     fn load(path: &Path) -> Result<Self, Self::Error>;
     fn builtin() -> Result<Self, Self::Error>;
     /// A size to log on reload (models, task types …).
@@ -98,7 +100,12 @@ impl<T: Reloadable> Hot<T> {
     }
 
     /// Watches the file and reloads it (debounced) until the returned task is dropped.
-    pub fn watch(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+    /// A panic while reading an edit is caught and counted by `supervisor`; the edit is
+    /// refused like any bad one and the watcher carries on.
+    pub fn watch(
+        self: &Arc<Self>,
+        supervisor: &crate::supervise::Supervisor,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let path = self.path.clone()?;
         let dir = path
             .parent()
@@ -116,13 +123,22 @@ impl<T: Reloadable> Hot<T> {
             }
         };
         let me = self.clone();
+        let supervisor = supervisor.clone();
         Some(tokio::spawn(async move {
             let _watcher = watcher;
             while rx.recv().await.is_some() {
                 // Editors write in several steps; wait for the burst to end.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while rx.try_recv().is_ok() {}
-                let _ = me.reload();
+                let reloaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _ = me.reload();
+                }));
+                if let Err(payload) = reloaded {
+                    let cause = supervisor.caught(T::TASK, payload.as_ref());
+                    me.last_error.store(Arc::new(Some(format!(
+                        "the edit could not be read: {cause}"
+                    ))));
+                }
             }
         }))
     }

@@ -119,7 +119,7 @@ async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
-    let models_watch = models.watch();
+    let models_watch = models.watch(&supervisor);
     tracing::info!(
         source = %models.current().source,
         models = models.current().models().len(),
@@ -145,7 +145,7 @@ async fn run(
         }
         None => RubricHandle::open(None)?,
     };
-    let rubric_watch = rubric.watch();
+    let rubric_watch = rubric.watch(&supervisor);
     tracing::info!(
         rubric = %rubric.current().source,
         task_types = rubric.current().task_types.len(),
@@ -170,6 +170,7 @@ async fn run(
         fleet: fleet.clone(),
         metrics: metrics.clone(),
         limits: config.telemetry.decode_limits(),
+        supervisor: supervisor.clone(),
     };
     let mut telemetry_tasks = Vec::new();
     let t = &config.telemetry;
@@ -269,10 +270,12 @@ async fn run(
         telemetry_tasks.push(supervisor.spawn("policy_watch", stop_rx.clone(), move || {
             ps.clone().watch_bucket(stop.clone())
         }));
-        let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
-        telemetry_tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
-            ps.clone().watch_dir(stop.clone())
-        }));
+        if config.policy.dir.is_some() {
+            let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
+            telemetry_tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
+                ps.clone().watch_dir(stop.clone())
+            }));
+        }
         let (ps, stop, c) = (policy_sync.clone(), stop_rx.clone(), client.clone());
         let (subject, token) = (subjects.policy_push(), compliance_token.clone());
         telemetry_tasks.push(supervisor.spawn("policy_push", stop_rx.clone(), move || {

@@ -35,7 +35,7 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
         seen.clone(),
     )
     .await;
-    let mut replies = stack.client.subscribe("replies.bad").await.unwrap();
+    let mut replies = stack.client.subscribe("_INBOX.bad").await.unwrap();
 
     let cases: &[(&str, &str, &str, &str)] = &[
         ("bad-json", "{not json", "bad_json", "does not parse"),
@@ -73,7 +73,7 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
     for (id, body, _, _) in cases {
         publish_raw(
             &stack.client,
-            &[("Fleet-Task-Id", id), ("Fleet-Reply-To", "replies.bad")],
+            &[("Fleet-Task-Id", id), ("Fleet-Reply-To", "_INBOX.bad")],
             body,
         )
         .await;

@@ -11,6 +11,7 @@
 
 mod bad_input;
 mod common;
+mod hostile;
 mod interop;
 mod kill;
 mod policy;

@@ -4,7 +4,14 @@
 //! what they accept must be what they promise.
 //!
 //! `cargo test` runs 256 cases per property (seconds). The long run, documented in
-//! docs/protocol.md ("Fuzzing"): `PROPTEST_CASES=100000 cargo test --release -p fleet-worker --test fuzz`.
+//! README.md ("Fuzzing"): `PROPTEST_CASES=100000 cargo test --release -p fleet-worker --test fuzz`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step is a failed test"
+)]
 
 use fleet_worker::message::{Heartbeat, Task, TaskError, TaskResult};
 use fleet_worker::protocol::{

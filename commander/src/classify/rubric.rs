@@ -407,6 +407,7 @@ fn join(names: &BTreeSet<&str>) -> String {
 impl Reloadable for Rubric {
     type Error = RubricError;
     const WHAT: &'static str = "routing rubric";
+    const TASK: &'static str = "rubric_watch";
     fn load(path: &Path) -> Result<Self, RubricError> {
         // Reloads check the registry's built-in models; pool names are checked at start
         // and by `commander rubric check --config`.

@@ -34,6 +34,10 @@ pub enum IngestError {
     /// Over a decode limit (items, nesting, decoded bytes): refused before decoding.
     #[error("{0}")]
     Limit(limits::LimitError),
+    /// Reading the export failed in a way validation did not foresee (a caught panic,
+    /// counted in `fleet_task_panics_total{task="ingest"}`); nothing of it was kept.
+    #[error("internal error while reading the export")]
+    Internal,
     #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
     UnsupportedMediaType(String),
     #[error("unsupported content encoding {0:?}: use gzip or none")]
@@ -67,9 +71,23 @@ pub struct Ingestor {
     pub metrics: Arc<Metrics>,
     /// What one request may expand to; checked before decoding on every transport.
     pub limits: limits::DecodeLimits,
+    /// Catches and counts a panic while an export is read.
+    pub supervisor: crate::supervise::Supervisor,
 }
 
 impl Ingestor {
+    /// Runs `f` (normalisation), catching a panic: one export must never take down the
+    /// receiver that reads everybody's telemetry.
+    fn guarded<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => Some(r),
+            Err(payload) => {
+                self.supervisor.caught("ingest", payload.as_ref());
+                None
+            }
+        }
+    }
+
     fn offer(
         &self,
         transport: &'static str,
@@ -106,7 +124,11 @@ impl Ingestor {
             .sum();
         self.metrics
             .telemetry(transport, "traces", "received", received);
-        let (events, rejected) = normalise::spans(req);
+        let Some((events, rejected)) = self.guarded(|| normalise::spans(req)) else {
+            self.metrics
+                .telemetry(transport, "traces", "rejected", received);
+            return Err(IngestError::Internal);
+        };
         self.metrics
             .telemetry(transport, "traces", "rejected", rejected.count);
         if !events.is_empty() {
@@ -124,7 +146,10 @@ impl Ingestor {
         transport: &'static str,
         req: ExportMetricsServiceRequest,
     ) -> Result<Accepted, IngestError> {
-        let (points, total) = normalise::metrics(req);
+        let Some((points, total)) = self.guarded(|| normalise::metrics(req)) else {
+            self.metrics.telemetry(transport, "metrics", "rejected", 1);
+            return Err(IngestError::Internal);
+        };
         self.metrics
             .telemetry(transport, "metrics", "received", total);
         let used = points.len() as u64;

@@ -43,6 +43,7 @@ impl IngestError {
                 ErrorDetails::with_retry_info(Some(Duration::from_secs(*s))),
             ),
             IngestError::Stopped => tonic::Status::unavailable(self.to_string()),
+            IngestError::Internal => tonic::Status::internal(self.to_string()),
             IngestError::TooLarge { .. } | IngestError::Limit(_) => {
                 tonic::Status::resource_exhausted(self.to_string())
             }
@@ -58,6 +59,7 @@ impl IngestError {
         match self {
             IngestError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             IngestError::TooLarge { .. } | IngestError::Limit(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Decode(_) => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
@@ -652,6 +654,7 @@ mod tests {
             fleet: fleet.clone(),
             metrics: metrics.clone(),
             limits: DecodeLimits::default(),
+            supervisor: Default::default(),
         };
         let app = http_router(ingestor.clone());
         let post = || {

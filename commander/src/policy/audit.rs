@@ -116,25 +116,6 @@ impl AuditLog {
         Ok(out)
     }
 
-    /// Accepted records (with their documents), newest first, at most `limit`: where to
-    /// look for a policy to start on when the stored one cannot be built.
-    pub fn accepted(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.iter().rev() {
-            let (_, v) = item?;
-            if let Ok(r) = serde_json::from_slice::<AuditRecord>(&v)
-                && r.accepted
-                && r.version.is_some()
-            {
-                out.push(r);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// The accepted record of a version (`v12`), newest first if several replicas applied it.
     pub fn version(&self, version: &str) -> Result<Option<AuditRecord>, StoreError> {
         for item in self.tree.iter().rev() {

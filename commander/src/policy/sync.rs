@@ -256,32 +256,42 @@ impl PolicySync {
         }
     }
 
-    /// Swaps in the newest policy the audit trail says was in force and that still
-    /// builds, when the bucket's own cannot be built (say, written by an older commander
-    /// that let a bad rate through): the commander starts on the last good one instead of
-    /// crash-looping.
+    /// Swaps in the newest earlier version in the bucket's history that builds, when the
+    /// bucket's own cannot be built (say, written by an older commander that let a bad
+    /// rate through): the commander starts on the last good one instead of crash-looping.
+    /// The bucket keeps the last 64 revisions.
     async fn restore_last_good(&self) {
-        let records = match self.engine.audit.accepted(16) {
-            Ok(r) => r,
+        let mut history = match self.kv.history(ACTIVE_KEY).await {
+            Ok(h) => h,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the audit trail for the last good policy");
+                tracing::error!(error = %e, "cannot read the policy bucket's history for the last good policy");
                 return;
             }
         };
-        for record in records {
-            let version = record.version.clone().unwrap_or_default();
-            let revision = version
-                .strip_prefix('v')
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-            if revision >= self.seen() {
-                continue;
+        let mut earlier = Vec::new();
+        while let Some(entry) = history.next().await {
+            match entry {
+                Ok(e) if e.revision < self.seen() && matches!(e.operation, kv::Operation::Put) => {
+                    earlier.push(e)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy bucket history read stopped early");
+                    break;
+                }
             }
-            match self.engine.against.parse(record.documents.clone()) {
+        }
+        for entry in earlier.into_iter().rev() {
+            let version = format!("v{}", entry.revision);
+            let Ok(stored) = serde_json::from_slice::<Stored>(&entry.value) else {
+                continue;
+            };
+            match self.engine.against.parse(stored.documents.clone()) {
                 Ok(p) => {
+                    self.set_files_sha(stored.files_sha.clone());
                     if self
                         .engine
-                        .swap(p, revision, record.source, &record.identity)
+                        .swap(p, entry.revision, stored.source, &stored.identity)
                     {
                         tracing::warn!(
                             version,
@@ -306,7 +316,6 @@ impl PolicySync {
     /// Validates a stored policy again (pools, registry and rubric are this replica's) and
     /// swaps it in as `revision`; the replica whose swap wins writes the audit record.
     async fn apply(&self, stored: Stored, revision: u64) {
-        self.set_files_sha(stored.files_sha.clone());
         self.seen.fetch_max(revision, Ordering::SeqCst);
         let live = self.engine.live();
         if revision <= live.revision {
@@ -314,6 +323,7 @@ impl PolicySync {
         }
         match self.engine.against.parse(stored.documents.clone()) {
             Ok(p) => {
+                self.set_files_sha(stored.files_sha.clone());
                 if self
                     .engine
                     .swap(p, revision, stored.source, &stored.identity)
