@@ -1,12 +1,12 @@
 //! Property tests of every commander parser that reads outside input: OTLP (protobuf and
 //! JSON) through the decode limits, normalisation and the live state; policy, rubric and
-//! registry TOML; model-name lookup. Each is seeded with the inputs that broke the
+//! registry TOML (and the config); model-name lookup. Each is seeded with the inputs that broke the
 //! commander when it was fuzzed black-box (a non-ASCII model name, a 1e-45 throttle rate,
 //! a body of empty messages).
 //!
 //! `cargo test` runs 256 cases per property (seconds). The long run, documented in
 //! README.md ("Fuzzing"):
-//! `PROPTEST_CASES=20000 cargo test --release -p fleet-commander --test fuzz`.
+//! `PROPTEST_CASES=20000 cargo test -p fleet-commander --test fuzz`.
 
 #![allow(
     clippy::unwrap_used,
@@ -16,14 +16,15 @@
 )]
 
 use fleet_commander::classify::rubric::{self, Rubric};
-use fleet_commander::config::FleetConfig;
+use fleet_commander::config::{Config, FleetConfig};
 use fleet_commander::fleet::costs::Dim;
 use fleet_commander::fleet::{FleetState, Ingest};
 use fleet_commander::ingest::limits::{self, DecodeLimits, LimitError, Signal};
 use fleet_commander::ingest::normalise;
 use fleet_commander::policy::throttle::{LimiterCache, ThrottleKeys};
-use fleet_commander::policy::{self, Document, Policy};
+use fleet_commander::policy::{self, Document, Policy, testcase};
 use fleet_commander::registry::{Registry, RegistryHandle};
+use fleet_commander::route::RoutingTable;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
@@ -326,6 +327,14 @@ proptest! {
     }
 
     #[test]
+    fn config_toml_is_checked_not_panicked_on(text in mutated(EXAMPLE_FLEET)) {
+        if let Ok(c) = Config::parse(&text, std::path::Path::new("fuzz.toml")) {
+            let _ = c.subjects();
+            let _ = c.telemetry.decode_limits();
+        }
+    }
+
+    #[test]
     fn model_lookup_never_panics(name in hostile_text()) {
         let r = Registry::builtin().unwrap();
         if let Some(m) = r.lookup(&name) {
@@ -352,16 +361,20 @@ proptest! {
     fn policies_that_validate_build_and_run(text in mutated(POLICY)) {
         let registry = Registry::builtin().unwrap();
         let rubric = Rubric::builtin().unwrap();
+        let config = Config::parse(EXAMPLE_FLEET, std::path::Path::new("example.toml")).unwrap();
         let docs = vec![Document { name: "fuzz.policy.toml".into(), text }];
-        let against = policy::CheckAgainst { pools: None, registry: &registry, rubric: &rubric };
+        let against = policy::CheckAgainst { pools: Some(&config.pools), registry: &registry, rubric: &rubric };
         match Policy::parse(docs, against) {
-            // What validates builds exactly as the engine builds it, and takes permits.
+            // What validates builds exactly as the engine builds it, takes permits, and
+            // decides its own test cases (budgets, downgrades, reroutes) without panicking.
             Ok(p) => {
                 let throttles = LimiterCache::default().build(&p);
                 let keys = ThrottleKeys { pool: "code", team: Some("search"), producer: Some("p"), worker: None };
                 for _ in 0..3 {
                     let _ = throttles.admit(keys, 1_000);
                 }
+                let table = RoutingTable { pools: config.pools.clone(), routing: config.routing.clone() };
+                let _ = testcase::run(&p, &rubric, &registry, &table);
             }
             Err(e) => {
                 // Every problem names where it is.
@@ -376,6 +389,7 @@ proptest! {
 const REGISTRY: &str = include_str!("../../policies/models.toml");
 const RUBRIC: &str = include_str!("../../routing-rubrics/default.toml");
 const POLICY: &str = include_str!("../../policies/example.policy.toml");
+const EXAMPLE_FLEET: &str = include_str!("../../simulations/fleets/example.toml");
 
 /// Values that have broken parsers and the arithmetic behind them.
 const HOSTILE_VALUES: &[&str] = &[

@@ -42,14 +42,20 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
         (
             "no-description",
             r#"{"schema":1}"#,
-            "bad_json",
-            "description",
+            "invalid_task",
+            "description: is required",
         ),
         (
             "typo-field",
             r#"{"schema":1,"description":"x","priorty":3}"#,
-            "bad_json",
-            "priorty",
+            "invalid_task",
+            "priorty: unknown field (did you mean \"priority\"?)",
+        ),
+        (
+            "every-problem",
+            r#"{"schema":1,"descripton":"typo","priority":99}"#,
+            "invalid_task",
+            "descripton: unknown field (did you mean \"description\"?); description: is required; priority: 99 is out of range 0-9",
         ),
         (
             "bad-fields",
@@ -120,14 +126,14 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
         stack
             .metric("fleet_tasks_rejected_total{reason=\"bad_json\"}")
             .await
-            == 4.0
+            == 2.0
     })
     .await;
     assert_eq!(
         stack
             .metric("fleet_tasks_rejected_total{reason=\"invalid_task\"}")
             .await,
-        2.0
+        5.0
     );
     assert_eq!(
         stack
@@ -290,6 +296,24 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
         .map(|p| p["field"].as_str().unwrap())
         .collect();
     assert_eq!(fields, ["description", "priority"]);
+
+    // Unknown, missing and out-of-range fields: all of them in one answer.
+    let resp = http
+        .post(&url)
+        .body(r#"{"schema":1,"descripton":"typo","priority":99}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_task");
+    let fields: Vec<_> = body["error"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["descripton", "description", "priority"]);
 
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let task = r#"{"schema":1,"description":"review this","capabilities":["code"]}"#;

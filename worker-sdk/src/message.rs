@@ -78,11 +78,34 @@ impl Task {
     }
 
     /// Parses and validates producer-supplied JSON, reporting every problem.
+    ///
+    /// JSON that does not parse (or is not an object) is one [`TaskError::Parse`] with
+    /// line and column. Otherwise every problem comes back at once in
+    /// [`TaskError::Invalid`]: unknown fields (with the field meant, when one is close),
+    /// missing ones, values of the wrong type and values out of range.
     pub fn from_json(bytes: &[u8]) -> Result<Self, TaskError> {
-        let task: Task =
+        // The strict parse answers the common case, a good task, in one pass.
+        let strict = match serde_json::from_slice::<Task>(bytes) {
+            Ok(task) => {
+                task.validate()?;
+                return Ok(task);
+            }
+            Err(e) => e,
+        };
+        let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| TaskError::Parse(e.to_string()))?;
-        task.validate()?;
-        Ok(task)
+        let serde_json::Value::Object(fields) = value else {
+            return Err(TaskError::Parse(format!(
+                "a task is a JSON object, not {}",
+                json_kind(&value)
+            )));
+        };
+        let problems = every_problem(fields);
+        if problems.is_empty() {
+            // Not reached for any input the checks above know; the parser's word stands.
+            return Err(TaskError::Parse(strict.to_string()));
+        }
+        Err(TaskError::Invalid(problems))
     }
 
     /// Checks every field; all problems are returned together.
@@ -185,6 +208,120 @@ impl Task {
             .as_deref()
             .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
     }
+}
+
+/// A task's fields, and whether a value fits each one's type.
+const TASK_FIELDS: &[(&str, fn(&serde_json::Value) -> Result<(), String>)] = &[
+    ("schema", |v| fits::<u32>(v, "an integer")),
+    ("id", |v| fits::<Option<String>>(v, "a string")),
+    ("description", |v| fits::<String>(v, "a string")),
+    ("input", |_| Ok(())),
+    ("pool", |v| fits::<Option<String>>(v, "a string")),
+    ("model", |v| fits::<Option<String>>(v, "a string")),
+    ("capabilities", |v| {
+        fits::<Vec<String>>(v, "an array of strings")
+    }),
+    ("priority", |v| fits::<u8>(v, "an integer 0-9")),
+    ("deadline", |v| {
+        fits::<Option<String>>(v, "an RFC 3339 string")
+    }),
+    ("max_cost_usd", |v| fits::<Option<f64>>(v, "a number")),
+    ("expected_duration_s", |v| {
+        fits::<Option<f64>>(v, "a number")
+    }),
+    ("attributes", |v| {
+        fits::<BTreeMap<String, String>>(v, "an object of strings")
+    }),
+];
+
+fn fits<T: serde::de::DeserializeOwned>(v: &serde_json::Value, want: &str) -> Result<(), String> {
+    T::deserialize(v)
+        .map(|_| ())
+        .map_err(|_| format!("must be {want}, got {}", json_kind(v)))
+}
+
+fn json_kind(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => format!("{b}"),
+        serde_json::Value::Number(n) => format!("the number {n}"),
+        serde_json::Value::String(_) => "a string".into(),
+        serde_json::Value::Array(_) => "an array".into(),
+        serde_json::Value::Object(_) => "an object".into(),
+    }
+}
+
+/// Every problem of a task object that the strict parse refused: unknown, missing and
+/// mistyped fields, then the range checks of [`Task::validate`] on the fields that are
+/// left, each field reported once.
+fn every_problem(mut fields: serde_json::Map<String, serde_json::Value>) -> Vec<FieldProblem> {
+    let mut problems = Vec::new();
+    let known = |k: &str| TASK_FIELDS.iter().any(|(f, _)| *f == k);
+    let unknown: Vec<String> = fields.keys().filter(|k| !known(k)).cloned().collect();
+    for k in unknown {
+        fields.remove(&k);
+        let hint = TASK_FIELDS
+            .iter()
+            .map(|(f, _)| *f)
+            .find(|f| !fields.contains_key(*f) && edit_distance(f, &k) <= 2)
+            .map(|f| format!(" (did you mean {f:?}?)"))
+            .unwrap_or_default();
+        problems.push(FieldProblem {
+            field: k,
+            problem: format!("unknown field{hint}"),
+        });
+    }
+    for (name, check) in TASK_FIELDS {
+        if let Some(v) = fields.get(*name)
+            && let Err(why) = check(v)
+        {
+            problems.push(FieldProblem {
+                field: (*name).into(),
+                problem: why,
+            });
+            fields.remove(*name);
+        }
+    }
+    // Required fields: reported when absent, then stood in for so the rest is checked.
+    for (name, stand_in) in [
+        ("schema", serde_json::Value::from(SCHEMA_VERSION)),
+        ("description", serde_json::Value::from("-")),
+    ] {
+        if !fields.contains_key(name) {
+            if !problems.iter().any(|p| p.field == name) {
+                problems.push(FieldProblem {
+                    field: name.into(),
+                    problem: "is required".into(),
+                });
+            }
+            fields.insert(name.into(), stand_in);
+        }
+    }
+    if let Ok(rest) = serde_json::from_value::<Task>(serde_json::Value::Object(fields))
+        && let Err(TaskError::Invalid(more)) = rest.validate()
+    {
+        for p in more {
+            if !problems.iter().any(|q| q.field == p.field) {
+                problems.push(p);
+            }
+        }
+    }
+    problems
+}
+
+/// Levenshtein distance of two short ASCII-ish names (field names are at most ~20 chars).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().take(64).collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().take(64).enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// One field's problem in a refused task.
@@ -370,16 +507,52 @@ mod tests {
     }
 
     #[test]
-    fn bad_json_and_missing_fields_are_parse_errors() {
-        assert!(matches!(
-            Task::from_json(b"{not json"),
-            Err(TaskError::Parse(_))
-        ));
+    fn only_json_that_does_not_parse_is_a_parse_error() {
+        let Err(TaskError::Parse(m)) = Task::from_json(b"{not json") else {
+            panic!("malformed JSON is one parse error")
+        };
+        assert!(m.contains("line 1 column 2"), "{m}");
+        assert!(matches!(Task::from_json(b"[]"), Err(TaskError::Parse(m)) if m.contains("object")));
         assert!(
-            matches!(Task::from_json(br#"{"schema":1}"#), Err(TaskError::Parse(m)) if m.contains("description"))
+            matches!(Task::from_json(br#"{"schema":1}"#), Err(TaskError::Invalid(p)) if p[0].field == "description")
         );
-        assert!(
-            matches!(Task::from_json(br#"{"schema":1,"description":"x","priorty":3}"#), Err(TaskError::Parse(m)) if m.contains("priorty"))
+    }
+
+    #[test]
+    fn unknown_missing_mistyped_and_out_of_range_fields_come_back_together() {
+        let Err(TaskError::Invalid(problems)) =
+            Task::from_json(br#"{"schema":1,"descripton":"typo","priority":99}"#)
+        else {
+            panic!("should be invalid")
+        };
+        let got: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.problem.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "descripton",
+                    "unknown field (did you mean \"description\"?)"
+                ),
+                ("description", "is required"),
+                ("priority", "99 is out of range 0-9"),
+            ]
+        );
+        let Err(TaskError::Invalid(problems)) = Task::from_json(
+            br#"{"description":"x","priority":300,"capabilities":"code","max_cost_usd":-1,"x":1}"#,
+        ) else {
+            panic!("should be invalid")
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["x", "capabilities", "priority", "schema", "max_cost_usd"]
+        );
+        assert_eq!(
+            problems[2].problem,
+            "must be an integer 0-9, got the number 300"
         );
     }
 

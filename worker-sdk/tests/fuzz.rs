@@ -4,7 +4,7 @@
 //! what they accept must be what they promise.
 //!
 //! `cargo test` runs 256 cases per property (seconds). The long run, documented in
-//! README.md ("Fuzzing"): `PROPTEST_CASES=100000 cargo test --release -p fleet-worker --test fuzz`.
+//! README.md ("Fuzzing"): `PROPTEST_CASES=100000 cargo test -p fleet-worker --test fuzz`.
 
 #![allow(
     clippy::unwrap_used,

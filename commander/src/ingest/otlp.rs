@@ -76,23 +76,98 @@ impl IngestError {
 
 // ---------------------------------------------------------------- gRPC
 
-/// One signal's OTLP gRPC service: its name, its answer, and how an export is taken.
-trait GrpcSignal: Send + Sync + 'static {
+/// One OTLP signal, as both receivers serve it: its gRPC service name, its request and
+/// answer, and how an export is taken.
+trait OtlpSignal: Send + Sync + 'static {
     const NAME: &'static str;
-    type Response: Message + Default + Send + 'static;
-    fn export(
+    const SIGNAL: Signal;
+    /// The `signal` label of the telemetry counters.
+    const LABEL: &'static str;
+    type Request: Message + Default + DeserializeOwned;
+    type Response: Message + Default + Serialize + Send + 'static;
+    fn ingest(
         ing: &Ingestor,
-        limits: DecodeLimits,
-        body: Bytes,
-    ) -> Result<Self::Response, tonic::Status>;
+        transport: &'static str,
+        req: Self::Request,
+    ) -> Result<Accepted, IngestError>;
+    fn respond(a: Accepted) -> Self::Response;
 }
 
 #[derive(Debug)]
-struct GrpcTraces;
+struct Traces;
 #[derive(Debug)]
-struct GrpcMetrics;
+struct Metrics;
 #[derive(Debug)]
-struct GrpcLogs;
+struct Logs;
+
+impl OtlpSignal for Traces {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const SIGNAL: Signal = Signal::Traces;
+    const LABEL: &'static str = "traces";
+    type Request = ExportTraceServiceRequest;
+    type Response = ExportTraceServiceResponse;
+    fn ingest(
+        ing: &Ingestor,
+        t: &'static str,
+        req: Self::Request,
+    ) -> Result<Accepted, IngestError> {
+        ing.traces(t, req)
+    }
+    fn respond(a: Accepted) -> Self::Response {
+        ExportTraceServiceResponse {
+            partial_success: (a.rejected > 0).then_some(ExportTracePartialSuccess {
+                rejected_spans: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }
+    }
+}
+
+impl OtlpSignal for Metrics {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const SIGNAL: Signal = Signal::Metrics;
+    const LABEL: &'static str = "metrics";
+    type Request = ExportMetricsServiceRequest;
+    type Response = ExportMetricsServiceResponse;
+    fn ingest(
+        ing: &Ingestor,
+        t: &'static str,
+        req: Self::Request,
+    ) -> Result<Accepted, IngestError> {
+        ing.metrics(t, req)
+    }
+    fn respond(a: Accepted) -> Self::Response {
+        ExportMetricsServiceResponse {
+            partial_success: (a.rejected > 0).then_some(ExportMetricsPartialSuccess {
+                rejected_data_points: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }
+    }
+}
+
+impl OtlpSignal for Logs {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const SIGNAL: Signal = Signal::Logs;
+    const LABEL: &'static str = "logs";
+    type Request = ExportLogsServiceRequest;
+    type Response = ExportLogsServiceResponse;
+    fn ingest(
+        ing: &Ingestor,
+        t: &'static str,
+        req: Self::Request,
+    ) -> Result<Accepted, IngestError> {
+        ing.logs(t, &req)
+    }
+    fn respond(a: Accepted) -> Self::Response {
+        ExportLogsServiceResponse {
+            partial_success: (a.rejected > 0).then_some(ExportLogsPartialSuccess {
+                rejected_log_records: a.rejected as i64,
+                error_message: a.message,
+            }),
+        }
+    }
+}
 
 /// Checks the limits on the raw bytes, then decodes: a body that would expand past them
 /// is refused before a single message is allocated.
@@ -105,74 +180,19 @@ pub(super) fn checked_decode<T: Message + Default>(
     T::decode(body).map_err(|e| IngestError::Decode(e.to_string()))
 }
 
-impl GrpcSignal for GrpcTraces {
-    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
-    type Response = ExportTraceServiceResponse;
-    fn export(
-        ing: &Ingestor,
-        limits: DecodeLimits,
-        body: Bytes,
-    ) -> Result<Self::Response, tonic::Status> {
-        let req = checked_decode::<ExportTraceServiceRequest>(Signal::Traces, &body, limits)
-            .map_err(|e| {
-                ing.metrics.telemetry("grpc", "traces", "rejected", 1);
-                e.grpc()
-            })?;
-        let a = ing.traces("grpc", req).map_err(|e| e.grpc())?;
-        Ok(ExportTraceServiceResponse {
-            partial_success: (a.rejected > 0).then_some(ExportTracePartialSuccess {
-                rejected_spans: a.rejected as i64,
-                error_message: a.message,
-            }),
-        })
-    }
-}
-
-impl GrpcSignal for GrpcMetrics {
-    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-    type Response = ExportMetricsServiceResponse;
-    fn export(
-        ing: &Ingestor,
-        limits: DecodeLimits,
-        body: Bytes,
-    ) -> Result<Self::Response, tonic::Status> {
-        let req = checked_decode::<ExportMetricsServiceRequest>(Signal::Metrics, &body, limits)
-            .map_err(|e| {
-                ing.metrics.telemetry("grpc", "metrics", "rejected", 1);
-                e.grpc()
-            })?;
-        let a = ing.metrics("grpc", req).map_err(|e| e.grpc())?;
-        Ok(ExportMetricsServiceResponse {
-            partial_success: (a.rejected > 0).then_some(ExportMetricsPartialSuccess {
-                rejected_data_points: a.rejected as i64,
-                error_message: a.message,
-            }),
-        })
-    }
-}
-
-impl GrpcSignal for GrpcLogs {
-    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
-    type Response = ExportLogsServiceResponse;
-    fn export(
-        ing: &Ingestor,
-        limits: DecodeLimits,
-        body: Bytes,
-    ) -> Result<Self::Response, tonic::Status> {
-        let req = checked_decode::<ExportLogsServiceRequest>(Signal::Logs, &body, limits).map_err(
-            |e| {
-                ing.metrics.telemetry("grpc", "logs", "rejected", 1);
-                e.grpc()
-            },
-        )?;
-        let a = ing.logs("grpc", &req).map_err(|e| e.grpc())?;
-        Ok(ExportLogsServiceResponse {
-            partial_success: (a.rejected > 0).then_some(ExportLogsPartialSuccess {
-                rejected_log_records: a.rejected as i64,
-                error_message: a.message,
-            }),
-        })
-    }
+/// One gRPC export of signal `S`: limits, decode, ingest, answer.
+fn grpc_export<S: OtlpSignal>(
+    ing: &Ingestor,
+    limits: DecodeLimits,
+    body: Bytes,
+) -> Result<S::Response, tonic::Status> {
+    let req = checked_decode::<S::Request>(S::SIGNAL, &body, limits).map_err(|e| {
+        ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
+        e.grpc()
+    })?;
+    S::ingest(ing, "grpc", req)
+        .map(S::respond)
+        .map_err(|e| e.grpc())
 }
 
 /// A codec that hands the handler the message's bytes (decoded there, after the limits)
@@ -242,7 +262,7 @@ impl<S> Clone for OtlpGrpc<S> {
     }
 }
 
-impl<S: GrpcSignal> OtlpGrpc<S> {
+impl<S: OtlpSignal> OtlpGrpc<S> {
     fn new(ingestor: Ingestor, limits: DecodeLimits) -> Self {
         Self {
             ingestor,
@@ -252,13 +272,13 @@ impl<S: GrpcSignal> OtlpGrpc<S> {
     }
 }
 
-impl<S: GrpcSignal> tonic::server::NamedService for OtlpGrpc<S> {
+impl<S: OtlpSignal> tonic::server::NamedService for OtlpGrpc<S> {
     const NAME: &'static str = S::NAME;
 }
 
 impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for OtlpGrpc<S>
 where
-    S: GrpcSignal,
+    S: OtlpSignal,
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
 {
@@ -294,7 +314,8 @@ where
             let handler = tower::service_fn(move |r: tonic::Request<Bytes>| {
                 let me = me.clone();
                 async move {
-                    S::export(&me.ingestor, me.limits, r.into_inner()).map(tonic::Response::new)
+                    grpc_export::<S>(&me.ingestor, me.limits, r.into_inner())
+                        .map(tonic::Response::new)
                 }
             });
             Ok(grpc.unary(handler, req).await)
@@ -342,9 +363,9 @@ pub async fn serve_grpc(
     let limits = ingestor.limits;
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
-        .add_service(OtlpGrpc::<GrpcTraces>::new(ingestor.clone(), limits))
-        .add_service(OtlpGrpc::<GrpcMetrics>::new(ingestor.clone(), limits))
-        .add_service(OtlpGrpc::<GrpcLogs>::new(ingestor, limits))
+        .add_service(OtlpGrpc::<Traces>::new(ingestor.clone(), limits))
+        .add_service(OtlpGrpc::<Metrics>::new(ingestor.clone(), limits))
+        .add_service(OtlpGrpc::<Logs>::new(ingestor, limits))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
@@ -483,70 +504,23 @@ fn read<T: Message + Default + DeserializeOwned>(
     Ok((enc, req))
 }
 
-async fn http_traces(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportTraceServiceRequest>(&st, Signal::Traces, &headers, body) {
+/// One OTLP/HTTP export of signal `S`, answered in the request's encoding.
+async fn http_export<S: OtlpSignal>(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (enc, req) = match read::<S::Request>(&st, S::SIGNAL, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
             st.ingestor
                 .metrics
-                .telemetry("http", "traces", "rejected", 1);
+                .telemetry("http", S::LABEL, "rejected", 1);
             return error_response(enc, &e);
         }
     };
-    match st.ingestor.traces("http", req) {
-        Ok(Accepted { rejected, message }) => respond(
-            enc,
-            StatusCode::OK,
-            &ExportTraceServiceResponse {
-                partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
-                    rejected_spans: rejected as i64,
-                    error_message: message,
-                }),
-            },
-        ),
-        Err(e) => error_response(enc, &e),
-    }
-}
-
-async fn http_metrics(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportMetricsServiceRequest>(&st, Signal::Metrics, &headers, body)
-    {
-        Ok(r) => r,
-        Err((enc, e)) => {
-            st.ingestor
-                .metrics
-                .telemetry("http", "metrics", "rejected", 1);
-            return error_response(enc, &e);
-        }
-    };
-    match st.ingestor.metrics("http", req) {
-        Ok(_) => respond(
-            enc,
-            StatusCode::OK,
-            &ExportMetricsServiceResponse {
-                partial_success: None,
-            },
-        ),
-        Err(e) => error_response(enc, &e),
-    }
-}
-
-async fn http_logs(State(st): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (enc, req) = match read::<ExportLogsServiceRequest>(&st, Signal::Logs, &headers, body) {
-        Ok(r) => r,
-        Err((enc, e)) => {
-            st.ingestor.metrics.telemetry("http", "logs", "rejected", 1);
-            return error_response(enc, &e);
-        }
-    };
-    match st.ingestor.logs("http", &req) {
-        Ok(_) => respond(
-            enc,
-            StatusCode::OK,
-            &ExportLogsServiceResponse {
-                partial_success: None,
-            },
-        ),
+    match S::ingest(&st.ingestor, "http", req) {
+        Ok(a) => respond(enc, StatusCode::OK, &S::respond(a)),
         Err(e) => error_response(enc, &e),
     }
 }
@@ -556,9 +530,9 @@ pub fn http_router(ingestor: Ingestor) -> Router {
     let limits = ingestor.limits;
     let st = HttpState { ingestor, limits };
     Router::new()
-        .route("/v1/traces", post(http_traces))
-        .route("/v1/metrics", post(http_metrics))
-        .route("/v1/logs", post(http_logs))
+        .route("/v1/traces", post(http_export::<Traces>))
+        .route("/v1/metrics", post(http_export::<Metrics>))
+        .route("/v1/logs", post(http_export::<Logs>))
         .fallback(http_no_route)
         .layer(DefaultBodyLimit::max(limits.max_request_bytes))
         .layer(axum::middleware::map_response(status_bodies))
@@ -677,7 +651,7 @@ mod tests {
         let status = RpcStatus::decode(body).unwrap();
         assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
         // gRPC: RESOURCE_EXHAUSTED carrying RetryInfo, which makes it retryable in OTLP.
-        let err = GrpcTraces::export(
+        let err = grpc_export::<Traces>(
             &ingestor,
             DecodeLimits::default(),
             one_span().encode_to_vec().into(),
