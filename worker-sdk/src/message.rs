@@ -210,8 +210,11 @@ impl Task {
     }
 }
 
+/// Whether a JSON value fits a field's type, and if not, why.
+type FieldCheck = fn(&serde_json::Value) -> Result<(), String>;
+
 /// A task's fields, and whether a value fits each one's type.
-const TASK_FIELDS: &[(&str, fn(&serde_json::Value) -> Result<(), String>)] = &[
+const TASK_FIELDS: &[(&str, FieldCheck)] = &[
     ("schema", |v| fits::<u32>(v, "an integer")),
     ("id", |v| fits::<Option<String>>(v, "a string")),
     ("description", |v| fits::<String>(v, "a string")),
