@@ -391,7 +391,11 @@ async fn run(
         }
         tracing::info!("shutting down");
     };
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    let server = axum::serve(
+        listener,
+        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
     if let Err(e) = server.await {
         tracing::error!(error = %e, "http server failed");
     }

@@ -140,7 +140,8 @@ pub struct DeferInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
     pub deferred_at: String,
-    /// Times it was released and deferred again.
+    /// Times it left the deferred queue (released back to intake), whether it was then
+    /// dispatched or deferred again.
     pub releases: u32,
 }
 

@@ -56,7 +56,8 @@ struct WorkerArgs {
     /// Start tasks and never finish them (to be killed mid-task).
     #[arg(long)]
     hang: bool,
-    /// Model to report in usage.
+    /// Model to report in usage when the commander names none; the model it chose for
+    /// the task (`Fleet-Model`, `task.model`) wins, so costs follow routing.
     #[arg(long, default_value = "gpt-4o-mini")]
     model: String,
 }
@@ -115,6 +116,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), String> {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(delay).await;
+            let model = ctx.model.clone().or_else(|| ctx.task.model.clone()).unwrap_or(model);
             let usage = Some(Usage { model: Some(model), input_tokens: 800, output_tokens: 200, cost_usd: None });
             if fail_every > 0 && n.is_multiple_of(fail_every) {
                 let mut f = TaskFailure::failed("simulated_failure", format!("task {n} fails by script"));

@@ -14,6 +14,7 @@ mod common;
 mod hostile;
 mod interop;
 mod kill;
+mod newuser;
 mod policy;
 mod routing;
 mod spine;

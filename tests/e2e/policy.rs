@@ -193,7 +193,8 @@ action = "defer"
         (
             "negative budget",
             good.replace("50.0", "-1.0"),
-            &["main.policy.toml:2:", "limit_usd -1"],
+            // The line of the key at fault, not the entry's header.
+            &["main.policy.toml:7:", "limit_usd -1"],
         ),
         (
             "unknown pool and model",
@@ -201,9 +202,9 @@ action = "defer"
                 "{good}\n[[budget]]\nname = \"p\"\nscope = \"pool\"\nmatch = \"gamma\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"defer\"\n\n[[budget]]\nname = \"m\"\nscope = \"model\"\nmatch = \"gpt-11\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"defer\"\n"
             ),
             &[
-                "main.policy.toml:10:",
+                "main.policy.toml:13:",
                 "unknown pool \"gamma\"",
-                "main.policy.toml:18:",
+                "main.policy.toml:21:",
                 "unknown model \"gpt-11\"",
             ],
         ),
@@ -253,6 +254,25 @@ action = "defer"
     let raised = good.replace("50.0", "75.0");
     assert_eq!(s.put(&raised, None).await.0, 401);
     assert_eq!(s.put(&raised, Some("guess")).await.0, 401);
+    // Audited: who claimed to push, from where, and why it was refused (one record a
+    // minute per peer; every attempt is counted).
+    let h = s.get("/v1/policy/history?limit=1").await;
+    let rec = &h["records"][0];
+    assert_eq!(rec["accepted"], false, "{rec}");
+    assert_eq!(rec["source"], "http", "{rec}");
+    assert_eq!(rec["identity"], "alice@compliance", "{rec}");
+    assert_eq!(rec["remote"], "127.0.0.1", "{rec}");
+    assert!(strings(&rec["errors"]).contains("token"), "{rec}");
+    let unauthorised = reqwest::get(s.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        unauthorised.contains("fleet_policy_unauthorised_total 2"),
+        "both attempts counted"
+    );
     let (status, body) = s.put(&good.replace("search-daily", ""), Some(TOKEN)).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["accepted"], false);
@@ -260,7 +280,7 @@ action = "defer"
         body["errors"][0]
             .as_str()
             .unwrap()
-            .contains("pushed.policy.toml:2:"),
+            .contains("pushed.policy.toml:3:"),
         "{body}"
     );
     assert_eq!(s.version().await, v1, "refused pushes change nothing");
@@ -508,6 +528,7 @@ async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
         "{one}"
     );
     assert_eq!(one["policy_version"], v_tight.as_str());
+    assert_eq!(one["deferred"]["releases"], 0, "not released yet: {one}");
 
     // kill -9: the deferred queue and the ledger come back from the store.
     s.commander.kill9();
@@ -579,6 +600,9 @@ async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
     let released = s.get(&format!("/v1/decisions/{first_id}")).await;
     assert_eq!(released["policy_version"], v_loose.as_str(), "{released}");
     assert_eq!(released["outcome"], "dispatched");
+    let rec = task_record(s.commander.http(), &first_id).await.unwrap();
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert_eq!(rec["deferred"]["releases"], 1, "left the queue once: {rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

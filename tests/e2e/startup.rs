@@ -250,7 +250,7 @@ fn policy_check_and_test_run_offline_against_the_example_fleet() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("broken.policy.toml:1: budget b: limit_usd -3"),
+        err.contains("broken.policy.toml:5: budget b: limit_usd -3"),
         "{err}"
     );
 }

@@ -25,9 +25,25 @@ struct Args {
     /// Simulated work time per task, in milliseconds.
     #[arg(long, default_value_t = 200)]
     work_ms: u64,
-    /// Model this worker says it uses.
+    /// Model this worker uses when the commander names none. The model the commander
+    /// chose for a task (`Fleet-Model`, also in `task.model`) wins, so the spans and the
+    /// costs follow routing.
     #[arg(long, default_value = "claude-sonnet-4-5")]
     model: String,
+}
+
+/// The GenAI provider name of a model, from its family.
+fn provider_of(model: &str) -> &'static str {
+    let m = model.to_ascii_lowercase();
+    if m.starts_with("claude") {
+        "anthropic"
+    } else if m.starts_with("gemini") {
+        "gcp.gemini"
+    } else if m.starts_with("gpt") || m.starts_with('o') {
+        "openai"
+    } else {
+        "unknown"
+    }
 }
 
 #[tokio::main]
@@ -46,15 +62,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let work = Duration::from_millis(args.work_ms);
     let model = args.model.clone();
     let handle = Worker::start(client, config, move |ctx: TaskContext| {
-        let model = model.clone();
+        let model = ctx
+            .model
+            .clone()
+            .or_else(|| ctx.task.model.clone())
+            .unwrap_or_else(|| model.clone());
         async move {
-            tracing::info!(task_id = %ctx.task_id, attempt = ctx.attempt, "task started");
+            tracing::info!(task_id = %ctx.task_id, attempt = ctx.attempt, model, "task started");
             // A stand-in agent: one tool call, then one LLM call, each reported as a
             // GenAI span (the commander prices the call from its model registry).
             let lookup = ToolCall::new("lookup");
             tokio::time::sleep(work / 4).await;
             ctx.telemetry.tool_call(&lookup.finish());
-            let call = LlmCall::chat("anthropic", model.clone());
+            let call = LlmCall::chat(provider_of(&model), model.clone());
             tokio::time::sleep(work - work / 4).await;
             let input = ctx.task.description.len() as u64 * 2 + 200;
             ctx.telemetry.llm_call(&call.tokens(input, 120).finish());

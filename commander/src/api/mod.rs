@@ -29,7 +29,7 @@ mod fleet;
 mod policy;
 use crate::classify::Classifier;
 use crate::decisions::DecisionLog;
-use crate::store::Store;
+use crate::store::{Store, TaskRecord};
 use crate::supervise::Supervisor;
 
 /// What handlers share.
@@ -119,6 +119,26 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+/// The peer's address, when the server was started with connect info (`serve.rs` does;
+/// a router driven by `oneshot` in tests has none).
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RemoteAddr {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RemoteAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0),
+        ))
     }
 }
 
@@ -386,6 +406,12 @@ async fn submit_task(
         other => ApiError::Internal(other.to_string()),
     })?;
     s.metrics.http_submissions.inc();
+    // Found from the moment it is accepted: `received` until the intake loop, which
+    // treats a `received` record as its own, takes it (an existing record is kept).
+    let (id, seq) = (receipt.task_id.clone(), receipt.stream_sequence);
+    if let Err(e) = s.store.update(&id, || TaskRecord::new(&id, seq), |_| {}) {
+        tracing::warn!(task_id = %id, error = %e, "accepted task not recorded as received yet");
+    }
     let accepted = Accepted {
         status_url: format!("/v1/tasks/{}", receipt.task_id),
         task_id: receipt.task_id,

@@ -110,6 +110,7 @@ fn identity(h: &HttpHeaders) -> String {
 /// compliance token.
 pub async fn put(
     State(s): State<AppState>,
+    remote: super::RemoteAddr,
     headers: HttpHeaders,
     q: Result<Query<PutQuery>, QueryRejection>,
     body: Bytes,
@@ -118,13 +119,22 @@ pub async fn put(
     let auth = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    sync::check_token(s.compliance_token.as_deref(), auth).map_err(|why| {
-        if s.compliance_token.is_none() {
+    if let Err(why) = sync::check_token(s.compliance_token.as_deref(), auth) {
+        s.policy
+            .engine
+            .refuse_unauthorised(
+                Source::Http,
+                &identity(&headers),
+                remote.0.map(|a| a.ip().to_string()),
+                why.clone(),
+            )
+            .await;
+        return Err(if s.compliance_token.is_none() {
             ApiError::Forbidden(why)
         } else {
             ApiError::Unauthorized(why)
-        }
-    })?;
+        });
+    }
     let docs = documents(&body, q.name)?;
     let who = identity(&headers);
     let version = s.policy.propose(docs, Source::Http, &who).await?;

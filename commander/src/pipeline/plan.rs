@@ -82,6 +82,8 @@ pub(super) struct DispatchRecord {
     /// The budget reservation, settled when the result comes.
     pub(super) reservation: Option<Reservation>,
     pub(super) policy_version: String,
+    /// Times the task left the deferred queue, when this dispatch is a release.
+    pub(super) releases: Option<u32>,
 }
 
 impl DispatchRecord {
@@ -98,6 +100,9 @@ impl DispatchRecord {
         r.trace = Some(self.trace.clone());
         r.budget = self.reservation.clone();
         r.policy_version = Some(self.policy_version.clone());
+        if let (Some(n), Some(d)) = (self.releases, r.deferred.as_mut()) {
+            d.releases = n;
+        }
         r.advance_at(TaskState::Received, self.received_at.clone());
         r.advance(TaskState::Dispatched);
     }
@@ -575,6 +580,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         received_at,
         reservation,
         policy_version: version,
+        releases: release.map(|(_, n)| n),
     };
     Plan::Dispatch(Box::new(Dispatch {
         id,

@@ -47,6 +47,9 @@ pub struct AuditRecord {
     /// by an older commander, or valid only against another replica's pools and models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_version: Option<String>,
+    /// Where an HTTP attempt came from (the peer's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
     pub sha256: String,
     pub source: Source,
     /// Who: the pusher's identity, the file names, or the replica.

@@ -395,6 +395,18 @@ pub struct Over<'a> {
     pub resets_at: Option<u64>,
 }
 
+/// A configured amount of USD as it was written: at least cents (`25.00`, `12.50`), and
+/// every digit it was given beyond them (`0.0025` stays `0.0025`, not `0.00`).
+pub fn usd(v: f64) -> String {
+    let shortest = format!("{v}");
+    let decimals = shortest.split_once('.').map(|(_, d)| d.len()).unwrap_or(0);
+    if decimals >= 2 || shortest.contains(['e', 'E']) || !v.is_finite() {
+        shortest
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 impl fmt::Display for Over<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.budget.spec;
@@ -404,8 +416,11 @@ impl fmt::Display for Over<'_> {
         };
         write!(
             f,
-            "budget {} ({who}, ${:.2} per {}) has ${:.4} committed",
-            s.name, s.limit_usd, s.window, self.committed
+            "budget {} ({who}, ${} per {}) has ${:.4} committed",
+            s.name,
+            usd(s.limit_usd),
+            s.window,
+            self.committed
         )?;
         match self.resets_at {
             Some(t) => write!(f, "; room again at {}", rfc3339(t)),
@@ -540,6 +555,15 @@ fn room_at(ledger: &Ledger, b: &Budget, value: &str, est: f64, now_ms: u64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_keep_the_precision_they_were_configured_with() {
+        assert_eq!(usd(25.0), "25.00");
+        assert_eq!(usd(12.5), "12.50");
+        assert_eq!(usd(0.0025), "0.0025");
+        assert_eq!(usd(0.123456), "0.123456");
+        assert_eq!(usd(1000.0), "1000.00");
+    }
 
     #[test]
     fn calendar_windows() {

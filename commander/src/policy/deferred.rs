@@ -39,7 +39,7 @@ pub struct DeferredTask {
     /// The task JSON as submitted, and the headers to republish it with.
     pub task_json: String,
     pub headers: Vec<(String, String)>,
-    /// How many times it has been released and deferred again.
+    /// Times it has left the deferred queue before (and was deferred again).
     pub releases: u32,
 }
 

@@ -41,6 +41,51 @@ pub struct CheckAgainst<'a> {
     pub rubric: &'a Rubric,
 }
 
+/// Where an entry was written, for `file:line` messages: the entry's header line, or the
+/// line of one of its keys (a problem with `limit_usd` names the line of `limit_usd`).
+#[derive(Clone, Copy, Debug)]
+struct Here<'a> {
+    file: &'a str,
+    text: &'a str,
+    start: usize,
+}
+
+impl<'a> Here<'a> {
+    fn new(file: &'a str, text: &'a str, span: std::ops::Range<usize>) -> Self {
+        Self {
+            file,
+            text,
+            start: span.start,
+        }
+    }
+
+    /// `file:line` of `key = …` within this entry, else of the entry's header.
+    fn key(&self, key: &str) -> String {
+        let header = line_of(self.text, self.start);
+        let body = self.text.get(self.start..).unwrap_or_default();
+        let found = body.lines().enumerate().find_map(|(i, line)| {
+            let t = line.trim_start();
+            // The next table header ends the entry.
+            if i > 0 && t.starts_with('[') {
+                return Some(None);
+            }
+            let rest = t.strip_prefix(key)?;
+            rest.trim_start().starts_with('=').then_some(Some(i))
+        });
+        let line = match found {
+            Some(Some(i)) => header + i,
+            _ => header,
+        };
+        format!("{}:{line}", self.file)
+    }
+}
+
+impl std::fmt::Display for Here<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, line_of(self.text, self.start))
+    }
+}
+
 /// A budget, validated, with where it was written.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Budget {
@@ -140,32 +185,35 @@ impl Policy {
                     continue;
                 }
             };
-            let at = |span: std::ops::Range<usize>| format!("{file}:{}", line_of(text, span.start));
+            let at = |span: std::ops::Range<usize>| Here::new(file, text, span);
             for b in parsed.budget {
                 let here = at(b.span());
                 let spec = b.into_inner();
-                let window = check_budget(&spec, &here, against, &mut problems);
+                let window = check_budget(&spec, here, against, &mut problems);
                 p.budgets.push(Budget {
                     spec,
                     window: window.unwrap_or(Window::Day),
-                    at: here,
+                    at: here.to_string(),
                 });
             }
             for t in parsed.throttle {
                 let here = at(t.span());
                 let spec = t.into_inner();
-                let quotas = check_throttle(&spec, &here, against, &mut problems);
+                let quotas = check_throttle(&spec, here, against, &mut problems);
                 p.throttles.push(Throttle {
                     spec,
                     quotas,
-                    at: here,
+                    at: here.to_string(),
                 });
             }
             for r in parsed.reroute {
                 let here = at(r.span());
                 let spec = r.into_inner();
-                check_reroute(&spec, &here, against, &mut problems);
-                p.reroutes.push(Reroute { spec, at: here });
+                check_reroute(&spec, here, against, &mut problems);
+                p.reroutes.push(Reroute {
+                    spec,
+                    at: here.to_string(),
+                });
             }
             if let Some(a) = parsed.alerts {
                 let here = at(a.span());
@@ -173,16 +221,17 @@ impl Policy {
                     problems.push(format!("{here}: [alerts] is already set at {first}"));
                 }
                 let spec = a.into_inner();
-                check_alerts(&spec, &here, &mut problems);
+                check_alerts(&spec, here, &mut problems);
                 p.alerts = spec;
-                alerts_at = Some(here);
+                alerts_at = Some(here.to_string());
             }
             for e in parsed.escalation {
                 let here = at(e.span());
                 let spec = e.into_inner();
                 if !matches!(spec.severity.as_str(), "warning" | "critical") {
                     problems.push(format!(
-                        "{here}: escalation severity {:?} must be \"warning\" or \"critical\"",
+                        "{}: escalation severity {:?} must be \"warning\" or \"critical\"",
+                        here.key("severity"),
                         spec.severity
                     ));
                 }
@@ -190,7 +239,8 @@ impl Policy {
                     && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
                 {
                     problems.push(format!(
-                        "{here}: escalation sink {s:?} must be nats, webhook or alertmanager"
+                        "{}: escalation sink {s:?} must be nats, webhook or alertmanager",
+                        here.key("sink")
                     ));
                 }
                 p.escalation.push(spec);
@@ -200,7 +250,8 @@ impl Policy {
                 let spec = r.into_inner();
                 if spec.attributes.is_empty() || spec.attributes.iter().any(|a| a.is_empty()) {
                     problems.push(format!(
-                        "{here}: redaction attributes must be a non-empty list of non-empty keys"
+                        "{}: redaction attributes must be a non-empty list of non-empty keys",
+                        here.key("attributes")
                     ));
                 }
                 let regex = match &spec.pattern {
@@ -210,7 +261,8 @@ impl Policy {
                             let first = e.to_string();
                             let first = first.lines().last().unwrap_or("invalid");
                             problems.push(format!(
-                                "{here}: redaction pattern {pat:?} does not compile: {first}"
+                                "{}: redaction pattern {pat:?} does not compile: {first}",
+                                here.key("pattern")
                             ));
                             None
                         }
@@ -225,27 +277,36 @@ impl Policy {
                     problems.push(format!("{here}: [sampling] is already set at {first}"));
                 }
                 let spec = s.into_inner();
-                let mut rates = vec![("default_rate".to_string(), spec.default_rate)];
-                rates.extend(
-                    spec.rule
-                        .iter()
-                        .map(|r| (format!("rule {}={}", r.attribute, r.value), r.rate)),
-                );
-                for (what, v) in rates {
+                let mut rates = vec![(
+                    "default_rate".to_string(),
+                    here.key("default_rate"),
+                    spec.default_rate,
+                )];
+                rates.extend(spec.rule.iter().map(|r| {
+                    (
+                        format!("rule {}={}", r.attribute, r.value),
+                        here.key("rule"),
+                        r.rate,
+                    )
+                }));
+                for (what, at, v) in rates {
                     if !(0.0..=1.0).contains(&v) {
                         problems.push(format!(
-                            "{here}: sampling {what}: {v} must be between 0 and 1"
+                            "{at}: sampling {what}: {v} must be between 0 and 1"
                         ));
                     }
                 }
                 p.sampling = spec;
-                sampling_at = Some(here);
+                sampling_at = Some(here.to_string());
             }
             for t in parsed.test {
                 let here = at(t.span());
                 let spec = t.into_inner();
-                check_test(&spec, &here, against, &mut problems);
-                p.tests.push(TestCase { spec, at: here });
+                check_test(&spec, here, against, &mut problems);
+                p.tests.push(TestCase {
+                    spec,
+                    at: here.to_string(),
+                });
             }
         }
         check_unique(
@@ -377,58 +438,69 @@ fn pool_known(against: CheckAgainst<'_>, pool: &str) -> bool {
 
 fn check_budget(
     b: &BudgetSpec,
-    here: &str,
+    here: Here<'_>,
     against: CheckAgainst<'_>,
     problems: &mut Vec<String>,
 ) -> Option<Window> {
     let name = &b.name;
     if name.trim().is_empty() {
-        problems.push(format!("{here}: budget name must not be empty"));
+        problems.push(format!(
+            "{}: budget name must not be empty",
+            here.key("name")
+        ));
     }
     if !(b.limit_usd.is_finite() && b.limit_usd > 0.0) {
         problems.push(format!(
-            "{here}: budget {name}: limit_usd {} must be a positive number of USD",
+            "{}: budget {name}: limit_usd {} must be a positive number of USD",
+            here.key("limit_usd"),
             b.limit_usd
         ));
     }
     let window = match Window::parse(&b.window) {
         Ok(w) => Some(w),
         Err(e) => {
-            problems.push(format!("{here}: budget {name}: {e}"));
+            problems.push(format!("{}: budget {name}: {e}", here.key("window")));
             None
         }
     };
     match (b.scope, &b.matches) {
         (Scope::Fleet, Some(m)) => problems.push(format!(
-            "{here}: budget {name}: scope fleet takes no match (got {m:?})"
+            "{}: budget {name}: scope fleet takes no match (got {m:?})",
+            here.key("match")
         )),
-        (Scope::Pool, Some(m)) if !pool_known(against, m) => {
-            problems.push(format!("{here}: budget {name}: unknown pool {m:?}"))
-        }
+        (Scope::Pool, Some(m)) if !pool_known(against, m) => problems.push(format!(
+            "{}: budget {name}: unknown pool {m:?}",
+            here.key("match")
+        )),
         (Scope::Model, Some(m)) if against.registry.lookup(m).is_none() => problems.push(format!(
-            "{here}: budget {name}: unknown model {m:?} (not in the model registry)"
+            "{}: budget {name}: unknown model {m:?} (not in the model registry)",
+            here.key("match")
         )),
-        (_, Some(m)) if m.trim().is_empty() => {
-            problems.push(format!("{here}: budget {name}: match must not be empty"))
-        }
+        (_, Some(m)) if m.trim().is_empty() => problems.push(format!(
+            "{}: budget {name}: match must not be empty",
+            here.key("match")
+        )),
         _ => {}
     }
     let mut last = 0.0;
     for s in &b.soft {
         if !(s.at > 0.0 && s.at < 1.0) {
             problems.push(format!(
-                "{here}: budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
+                "{}: budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
+                here.key("soft"),
                 s.at
             ));
         } else if s.at <= last {
             problems.push(format!(
-                "{here}: budget {name}: soft thresholds must rise ({} after {last})",
+                "{}: budget {name}: soft thresholds must rise ({} after {last})",
+                here.key("soft"),
                 s.at
             ));
         }
         if s.max_priority > 9 {
             problems.push(format!(
-                "{here}: budget {name}: soft max_priority {} is out of range 0-9",
+                "{}: budget {name}: soft max_priority {} is out of range 0-9",
+                here.key("soft"),
                 s.max_priority
             ));
         }
@@ -437,12 +509,14 @@ fn check_budget(
     if let Some(t) = &b.min_tier {
         if b.action != LimitAction::Downgrade {
             problems.push(format!(
-                "{here}: budget {name}: min_tier only applies to action = \"downgrade\""
+                "{}: budget {name}: min_tier only applies to action = \"downgrade\"",
+                here.key("min_tier")
             ));
         }
         if against.rubric.tier_index(t).is_none() {
             problems.push(format!(
-                "{here}: budget {name}: min_tier {t:?} is not a tier of the rubric ({})",
+                "{}: budget {name}: min_tier {t:?} is not a tier of the rubric ({})",
+                here.key("min_tier"),
                 against
                     .rubric
                     .tiers
@@ -458,13 +532,16 @@ fn check_budget(
 
 fn check_throttle(
     t: &ThrottleSpec,
-    here: &str,
+    here: Here<'_>,
     against: CheckAgainst<'_>,
     problems: &mut Vec<String>,
 ) -> Quotas {
     let name = &t.name;
     if name.trim().is_empty() {
-        problems.push(format!("{here}: throttle name must not be empty"));
+        problems.push(format!(
+            "{}: throttle name must not be empty",
+            here.key("name")
+        ));
     }
     if t.tasks_per_s.is_none() && t.tokens_per_min.is_none() {
         problems.push(format!(
@@ -475,13 +552,17 @@ fn check_throttle(
         && let Some(m) = &t.matches
         && !pool_known(against, m)
     {
-        problems.push(format!("{here}: throttle {name}: unknown pool {m:?}"));
+        problems.push(format!(
+            "{}: throttle {name}: unknown pool {m:?}",
+            here.key("match")
+        ));
     }
     // The ranges, and the limiter itself: built here exactly as the engine will use it.
     match t.quotas() {
         Ok(q) => q,
         Err(e) => {
-            problems.push(format!("{here}: throttle {name}: {e}"));
+            let (key, why) = e;
+            problems.push(format!("{}: throttle {name}: {why}", here.key(key)));
             Quotas::default()
         }
     }
@@ -489,17 +570,24 @@ fn check_throttle(
 
 fn check_reroute(
     r: &RerouteSpec,
-    here: &str,
+    here: Here<'_>,
     against: CheckAgainst<'_>,
     problems: &mut Vec<String>,
 ) {
     for (what, pool) in [("from", &r.from), ("to", &r.to)] {
         if !pool_known(against, pool) {
-            problems.push(format!("{here}: reroute {what}: unknown pool {pool:?}"));
+            problems.push(format!(
+                "{}: reroute {what}: unknown pool {pool:?}",
+                here.key(what)
+            ));
         }
     }
     if r.from == r.to {
-        problems.push(format!("{here}: reroute from and to are both {:?}", r.from));
+        problems.push(format!(
+            "{}: reroute from and to are both {:?}",
+            here.key("to"),
+            r.from
+        ));
     }
     if r.error_rate_above.is_none() && r.p95_latency_ms_above.is_none() {
         problems.push(format!(
@@ -511,13 +599,14 @@ fn check_reroute(
         && !(0.0..1.0).contains(&e)
     {
         problems.push(format!(
-            "{here}: reroute {}: error_rate_above {e} must be at least 0 and below 1",
+            "{}: reroute {}: error_rate_above {e} must be at least 0 and below 1",
+            here.key("error_rate_above"),
             r.from
         ));
     }
 }
 
-fn check_alerts(a: &AlertSpec, here: &str, problems: &mut Vec<String>) {
+fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<String>) {
     for (key, v) in [
         ("context_warning", a.context_warning),
         ("context_critical", a.context_critical),
@@ -528,14 +617,17 @@ fn check_alerts(a: &AlertSpec, here: &str, problems: &mut Vec<String>) {
     ] {
         if !(v > 0.0 && v <= 1.0) {
             problems.push(format!(
-                "{here}: alerts.{key}: {v} must be above 0 and at most 1"
+                "{}: alerts.{key}: {v} must be above 0 and at most 1",
+                here.key(key)
             ));
         }
     }
     if a.context_warning >= a.context_critical {
         problems.push(format!(
-            "{here}: alerts.context_warning {} must be below context_critical {}",
-            a.context_warning, a.context_critical
+            "{}: alerts.context_warning {} must be below context_critical {}",
+            here.key("context_warning"),
+            a.context_warning,
+            a.context_critical
         ));
     }
     for (key, v) in [
@@ -544,24 +636,29 @@ fn check_alerts(a: &AlertSpec, here: &str, problems: &mut Vec<String>) {
         ("active_duration_multiple", a.active_duration_multiple),
     ] {
         if !(v.is_finite() && v > 1.0) {
-            problems.push(format!("{here}: alerts.{key}: {v} must be above 1"));
+            problems.push(format!(
+                "{}: alerts.{key}: {v} must be above 1",
+                here.key(key)
+            ));
         }
     }
     if a.fleet_error_window_s == 0 {
         problems.push(format!(
-            "{here}: alerts.fleet_error_window_s must be at least 1"
+            "{}: alerts.fleet_error_window_s must be at least 1",
+            here.key("fleet_error_window_s")
         ));
     }
 }
 
-fn check_test(t: &TestSpec, here: &str, against: CheckAgainst<'_>, problems: &mut Vec<String>) {
+fn check_test(t: &TestSpec, here: Here<'_>, against: CheckAgainst<'_>, problems: &mut Vec<String>) {
     let name = &t.name;
     if !matches!(
         t.expect.action.as_str(),
         "dispatch" | "defer" | "reject" | "throttle"
     ) {
         problems.push(format!(
-            "{here}: test {name:?}: expect.action {:?} must be dispatch, defer, reject or throttle",
+            "{}: test {name:?}: expect.action {:?} must be dispatch, defer, reject or throttle",
+            here.key("expect"),
             t.expect.action
         ));
     }
@@ -569,25 +666,31 @@ fn check_test(t: &TestSpec, here: &str, against: CheckAgainst<'_>, problems: &mu
         && !pool_known(against, p)
     {
         problems.push(format!(
-            "{here}: test {name:?}: expect.pool: unknown pool {p:?}"
+            "{}: test {name:?}: expect.pool: unknown pool {p:?}",
+            here.key("expect")
         ));
     }
     if let Some(m) = &t.expect.model
         && against.registry.lookup(m).is_none()
     {
         problems.push(format!(
-            "{here}: test {name:?}: expect.model: unknown model {m:?}"
+            "{}: test {name:?}: expect.model: unknown model {m:?}",
+            here.key("expect")
         ));
     }
     for p in t.fleet.pools.keys() {
         if !pool_known(against, p) {
             problems.push(format!(
-                "{here}: test {name:?}: fleet.pools: unknown pool {p:?}"
+                "{}: test {name:?}: fleet.pools: unknown pool {p:?}",
+                here.key("fleet")
             ));
         }
     }
     if t.task.priority > 9 {
-        problems.push(format!("{here}: test {name:?}: task.priority must be 0-9"));
+        problems.push(format!(
+            "{}: test {name:?}: task.priority must be 0-9",
+            here.key("task")
+        ));
     }
 }
 
@@ -756,10 +859,10 @@ fn named_diff<'a>(
 fn describe_budget(b: &Budget) -> String {
     let s = &b.spec;
     let mut d = format!(
-        "{} {} ${:.2}/{} → {}",
+        "{} {} ${}/{} → {}",
         s.scope.as_str(),
         s.matches.as_deref().unwrap_or("*"),
-        s.limit_usd,
+        super::budget::usd(s.limit_usd),
         s.window,
         s.action.as_str()
     );

@@ -122,6 +122,19 @@ pub struct Live {
     pub applied_at_ms: u64,
 }
 
+/// A refused policy change attempt, for the audit trail.
+#[derive(Debug)]
+pub struct Refusal {
+    pub documents: Vec<Document>,
+    pub source: Source,
+    pub identity: String,
+    /// The peer's address, for HTTP.
+    pub remote: Option<String>,
+    pub errors: Vec<String>,
+    /// The stored bucket version this replica could not build.
+    pub refused_version: Option<String>,
+}
+
 /// The last refused attempt, for the API.
 #[derive(Clone, Debug, Serialize)]
 pub struct Rejection {
@@ -169,6 +182,8 @@ pub struct PolicyCounters {
     pub throttled: Counter,
     /// Tasks a budget rejected.
     pub budget_rejected: Counter,
+    /// Policy pushes without a valid token (HTTP and NATS).
+    pub unauthorised: Counter,
     /// Tasks in the deferred queue now (set at each scrape).
     pub deferred_now: Gauge,
     /// Revision of the policy in force (set at each scrape).
@@ -213,6 +228,11 @@ impl PolicyCounters {
             "Tasks a budget rejected",
             self.budget_rejected.clone(),
         );
+        r.register(
+            "policy_unauthorised",
+            "Policy pushes refused for a missing or wrong token",
+            self.unauthorised.clone(),
+        );
     }
 }
 
@@ -233,6 +253,8 @@ pub struct PolicyEngine {
     pub changed: tokio::sync::Notify,
     /// Soft-threshold alerts already raised: (budget, value, bucket, threshold ‰).
     alerted: Mutex<std::collections::BTreeSet<(String, String, u64, u32)>>,
+    /// When an unauthorised push from (source, peer) was last audited.
+    unauthorised_seen: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl PolicyEngine {
@@ -278,6 +300,7 @@ impl PolicyEngine {
             counters: PolicyCounters::default(),
             changed: tokio::sync::Notify::new(),
             alerted: Mutex::new(Default::default()),
+            unauthorised_seen: Mutex::new(Default::default()),
         }))
     }
 
@@ -338,27 +361,82 @@ impl PolicyEngine {
         identity: &str,
         errors: Vec<String>,
     ) {
-        self.refuse_version(docs, source, identity, errors, None)
-            .await
+        self.refuse_attempt(Refusal {
+            documents: docs,
+            source,
+            identity: identity.to_string(),
+            remote: None,
+            errors,
+            refused_version: None,
+        })
+        .await
     }
 
-    /// Records a refused attempt; `stored` names the bucket version that was refused when
-    /// the attempt is a stored policy this replica cannot build.
-    pub async fn refuse_version(
+    /// Records an attempt without the right token. Its documents are not kept (whoever
+    /// sent them had no right to), and one record per source and peer a minute is
+    /// enough: a flood of bad pushes is counted
+    /// (`fleet_policy_unauthorised_total`), and cannot push real history out of the
+    /// bounded trail.
+    pub async fn refuse_unauthorised(
         &self,
-        docs: Vec<Document>,
         source: Source,
         identity: &str,
-        errors: Vec<String>,
-        stored: Option<String>,
+        remote: Option<String>,
+        reason: String,
     ) {
+        self.counters.unauthorised.inc();
+        let now = self.now_ms();
+        let key = format!("{}|{}", source.as_str(), remote.as_deref().unwrap_or(""));
+        let recent = match self.unauthorised_seen.lock() {
+            Ok(mut seen) => {
+                if seen.len() > 1024 {
+                    seen.clear();
+                }
+                let last = seen.insert(key, now).unwrap_or(0);
+                now.saturating_sub(last) < 60_000
+            }
+            Err(_) => false,
+        };
+        if recent {
+            self.counters.rejected.inc();
+            tracing::warn!(
+                source = source.as_str(),
+                identity,
+                remote = remote.as_deref().unwrap_or(""),
+                reason,
+                "policy push refused: no valid token (repeat, not audited again this minute)"
+            );
+            return;
+        }
+        self.refuse_attempt(Refusal {
+            documents: Vec::new(),
+            source,
+            identity: identity.to_string(),
+            remote,
+            errors: vec![reason],
+            refused_version: None,
+        })
+        .await
+    }
+
+    /// Records a refused attempt of any kind (log, API, audit).
+    pub async fn refuse_attempt(&self, r: Refusal) {
+        let Refusal {
+            documents,
+            source,
+            identity,
+            remote,
+            errors,
+            refused_version,
+        } = r;
         let live = self.live();
         tracing::error!(
             source = source.as_str(),
             identity,
+            remote = remote.as_deref().unwrap_or(""),
             errors = %errors.join(" | "),
             version = %live.policy.version,
-            refused_version = stored.as_deref().unwrap_or(""),
+            refused_version = refused_version.as_deref().unwrap_or(""),
             "policy change rejected; keeping the policy in force"
         );
         self.counters.rejected.inc();
@@ -366,23 +444,24 @@ impl PolicyEngine {
         self.last_rejection.store(Arc::new(Some(Rejection {
             at: budget::rfc3339(now),
             source,
-            identity: identity.to_string(),
+            identity: identity.clone(),
             errors: errors.clone(),
         })));
         let rec = AuditRecord {
             seq: 0,
             version: None,
             previous: Some(live.policy.version.clone()),
-            refused_version: stored,
-            sha256: load::bundle_sha(&docs),
+            refused_version,
+            remote,
+            sha256: load::bundle_sha(&documents),
             source,
-            identity: identity.to_string(),
+            identity,
             at: budget::rfc3339(now),
             at_ms: now,
             accepted: false,
             errors,
             diff: Vec::new(),
-            documents: docs,
+            documents,
         };
         if let Err(e) = self.audit.append(rec).await {
             tracing::error!(error = %e, "policy rejection not audited");
@@ -398,6 +477,7 @@ impl PolicyEngine {
             version: Some(live.policy.version.clone()),
             previous: Some(previous.version.clone()),
             refused_version: None,
+            remote: None,
             sha256: live.policy.sha256.clone(),
             source,
             identity: identity.to_string(),

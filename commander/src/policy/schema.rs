@@ -235,37 +235,46 @@ pub struct Quotas {
 }
 
 impl ThrottleSpec {
-    /// The quotas this spec builds, or why it cannot build them. Validation calls this and
-    /// the live limiters use what it returned, so a throttle that validates is a throttle
-    /// that runs: no rate reaches a conversion that could fail later.
-    pub fn quotas(&self) -> Result<Quotas, String> {
+    /// The quotas this spec builds, or which key is wrong and why. Validation calls this
+    /// and the live limiters use what it returned, so a throttle that validates is a
+    /// throttle that runs: no rate reaches a conversion that could fail later.
+    pub fn quotas(&self) -> Result<Quotas, (&'static str, String)> {
         use std::num::NonZeroU32;
         use std::time::Duration;
         let burst = match self.burst {
-            Some(0) => return Err("burst must be at least 1".into()),
+            Some(0) => return Err(("burst", "burst must be at least 1".into())),
             b => b.and_then(NonZeroU32::new),
         };
         let tasks = match self.tasks_per_s {
             None => None,
             Some(r) if !(r.is_finite() && (MIN_TASKS_PER_S..=MAX_TASKS_PER_S).contains(&r)) => {
-                return Err(format!(
-                    "tasks_per_s {} must be between {MIN_TASKS_PER_S} and {MAX_TASKS_PER_S}",
-                    readable(r)
+                return Err((
+                    "tasks_per_s",
+                    format!(
+                        "tasks_per_s {} must be between {MIN_TASKS_PER_S} and {MAX_TASKS_PER_S}",
+                        readable(r)
+                    ),
                 ));
             }
             Some(r) => {
                 let period = Duration::try_from_secs_f64(1.0 / r)
                     .ok()
                     .and_then(governor::Quota::with_period)
-                    .ok_or_else(|| format!("tasks_per_s {r} gives no usable interval"))?;
+                    .ok_or_else(|| {
+                        (
+                            "tasks_per_s",
+                            format!("tasks_per_s {r} gives no usable interval"),
+                        )
+                    })?;
                 Some(period.allow_burst(burst.unwrap_or(NonZeroU32::MIN)))
             }
         };
         let tokens = match self.tokens_per_min {
             None => None,
             Some(n) if n == 0 || n > MAX_TOKENS_PER_MIN => {
-                return Err(format!(
-                    "tokens_per_min {n} must be between 1 and {MAX_TOKENS_PER_MIN}"
+                return Err((
+                    "tokens_per_min",
+                    format!("tokens_per_min {n} must be between 1 and {MAX_TOKENS_PER_MIN}"),
                 ));
             }
             Some(n) => {
@@ -277,7 +286,12 @@ impl ThrottleSpec {
                 let quota = Duration::try_from_secs_f64(60.0 / f64::from(per_min))
                     .ok()
                     .and_then(governor::Quota::with_period)
-                    .ok_or_else(|| format!("tokens_per_min {n} gives no usable interval"))?;
+                    .ok_or_else(|| {
+                        (
+                            "tokens_per_min",
+                            format!("tokens_per_min {n} gives no usable interval"),
+                        )
+                    })?;
                 Some((quota.allow_burst(cap), cap.get()))
             }
         };

@@ -244,13 +244,14 @@ impl PolicySync {
             Err(e) => {
                 let version = format!("v{}", entry.revision);
                 self.engine
-                    .refuse_version(
-                        Vec::new(),
-                        Source::Builtin,
-                        "policy bucket",
-                        vec![format!("stored policy {version} does not decode: {e}")],
-                        Some(version),
-                    )
+                    .refuse_attempt(super::Refusal {
+                        documents: Vec::new(),
+                        source: Source::Builtin,
+                        identity: "policy bucket".into(),
+                        remote: None,
+                        errors: vec![format!("stored policy {version} does not decode: {e}")],
+                        refused_version: Some(version),
+                    })
                     .await;
             }
         }
@@ -337,13 +338,14 @@ impl PolicySync {
                 // Valid where it was written (other pools or registry there), or written by
                 // a commander that validated less: keep ours, and say which version.
                 self.engine
-                    .refuse_version(
-                        stored.documents,
-                        stored.source,
-                        &stored.identity,
-                        e.problems(),
-                        Some(format!("v{revision}")),
-                    )
+                    .refuse_attempt(super::Refusal {
+                        documents: stored.documents,
+                        source: stored.source,
+                        identity: stored.identity,
+                        remote: None,
+                        errors: e.problems(),
+                        refused_version: Some(format!("v{revision}")),
+                    })
                     .await;
             }
         }
@@ -465,7 +467,12 @@ impl PolicySync {
             let get = |name: &str| fleet_worker::protocol::header(h, name).map(str::to_string);
             let identity = get("Fleet-Identity").unwrap_or_else(|| "nats".into());
             let answer = match check_token(token.as_deref(), get("Authorization").as_deref()) {
-                Err(why) => serde_json::json!({ "accepted": false, "errors": [why] }),
+                Err(why) => {
+                    self.engine
+                        .refuse_unauthorised(Source::Nats, &identity, None, why.clone())
+                        .await;
+                    serde_json::json!({ "accepted": false, "errors": [why] })
+                }
                 Ok(()) => match std::str::from_utf8(&msg.payload) {
                     Err(_) => {
                         serde_json::json!({ "accepted": false, "errors": ["the policy is not UTF-8 text"] })

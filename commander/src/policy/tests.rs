@@ -145,16 +145,17 @@ error_rate_above = 0.2
         p.iter()
             .any(|x| x.starts_with(&format!("c.policy.toml:{line}:")) && x.contains(what))
     };
-    assert!(has(2, "limit_usd -5"), "negative budget: {p:?}");
-    assert!(has(9, "unknown pool \"gpu\""), "unknown pool: {p:?}");
-    assert!(has(9, "fortnightly"), "bad window: {p:?}");
+    // Each problem names the line of the key at fault, not the entry's header.
+    assert!(has(6, "limit_usd -5"), "negative budget: {p:?}");
+    assert!(has(12, "unknown pool \"gpu\""), "unknown pool: {p:?}");
+    assert!(has(13, "fortnightly"), "bad window: {p:?}");
     assert!(
-        has(17, "unknown model \"gpt-9-ultra\""),
+        has(20, "unknown model \"gpt-9-ultra\""),
         "unknown model: {p:?}"
     );
-    assert!(has(25, "unknown pool \"nowhere\""), "throttle pool: {p:?}");
-    assert!(has(25, "tasks_per_s 0"), "throttle rate: {p:?}");
-    assert!(has(31, "unknown pool \"mainframe\""), "reroute pool: {p:?}");
+    assert!(has(28, "unknown pool \"nowhere\""), "throttle pool: {p:?}");
+    assert!(has(29, "tasks_per_s 0"), "throttle rate: {p:?}");
+    assert!(has(33, "unknown pool \"mainframe\""), "reroute pool: {p:?}");
     assert_eq!(p.len(), 7, "{p:?}");
 }
 
@@ -227,16 +228,18 @@ pattern = "([a-z"
 "#;
     let p = problems(&[("r.policy.toml", text)]);
     assert!(
-        p.iter().any(|x| x.contains("soft thresholds must rise")),
-        "{p:?}"
-    );
-    assert!(
-        p.iter().any(|x| x.contains("min_tier \"galactic\"")),
+        p.iter()
+            .any(|x| x.starts_with("r.policy.toml:9:") && x.contains("soft thresholds must rise")),
         "{p:?}"
     );
     assert!(
         p.iter()
-            .any(|x| x.starts_with("r.policy.toml:11:") && x.contains("does not compile")),
+            .any(|x| x.starts_with("r.policy.toml:8:") && x.contains("min_tier \"galactic\"")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.starts_with("r.policy.toml:13:") && x.contains("does not compile")),
         "{p:?}"
     );
 }

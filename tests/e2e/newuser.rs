@@ -1,0 +1,130 @@
+//! What a new user met when they tried the commander from README.md and docs/ alone: a
+//! task the API accepted that it could not find, and a demo whose costs ignored routing.
+
+use serde_json::Value;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_the_api_accepted_is_found_at_once() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let http = reqwest::Client::new();
+    // No worker: the tasks stay in flight, and each lookup races the intake loop.
+    for i in 0..200 {
+        let resp = http
+            .post(stack.http("/v1/tasks"))
+            .body(format!(
+                r#"{{"schema":1,"id":"found-{i}","description":"find me"}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let rec = reqwest::get(stack.http(&format!("/v1/tasks/found-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(rec.status().as_u16(), 200, "found-{i} right after its 202");
+        let rec: Value = rec.json().await.unwrap();
+        assert!(
+            ["received", "dispatched"].contains(&rec["state"].as_str().unwrap()),
+            "{rec}"
+        );
+    }
+    // The intake loop takes the received records over: every task is dispatched.
+    eventually("every task dispatched", WAIT, async || {
+        stack
+            .metric("fleet_tasks_dispatched_total{pool=\"alpha\"}")
+            .await
+            >= 200.0
+    })
+    .await;
+    assert_eq!(stack.metric("fleet_intake_duplicates_total").await, 0.0);
+}
+
+/// Kills the child when dropped, so a failing assertion cannot leave it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_worker_reports_the_model_the_commander_chose() {
+    let stack = Stack::start("[pools.gamma]\n").await;
+    let bin = fleet_testkit::sibling_bin("examples/worker");
+    let _worker = KillOnDrop(
+        std::process::Command::new(&bin)
+            .args(["--pool", "gamma", "--id", "demo-1", "--work-ms", "20"])
+            .args(["--model", "claude-sonnet-4-5"])
+            .args(["--nats-url", stack.nats.url()])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} ({e})", bin.display())),
+    );
+    eventually("the worker heartbeats", WAIT, async || {
+        reqwest::get(stack.http("/v1/workers/demo-1"))
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let resp = http
+            .post(stack.http("/v1/tasks"))
+            // The producer asks for gpt-4o; the worker was started with claude-sonnet-4-5.
+            .body(format!(
+                r#"{{"schema":1,"id":"routed-{i}","description":"routed to gpt-4o","pool":"gamma","model":"gpt-4o"}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    eventually("the three tasks completed", WAIT, async || {
+        let mut done = 0;
+        for i in 0..3 {
+            if task_record(stack.commander.http(), &format!("routed-{i}"))
+                .await
+                .is_some_and(|r| r["state"] == "completed")
+            {
+                done += 1;
+            }
+        }
+        done == 3
+    })
+    .await;
+    let rec = task_record(stack.commander.http(), "routed-0")
+        .await
+        .unwrap();
+    assert_eq!(rec["model"], "gpt-4o", "{rec}");
+    // The spend is on the model routing chose, not the one on the worker's command line.
+    let mut costs = Value::Null;
+    eventually("gpt-4o spend shows", WAIT, async || {
+        costs = reqwest::get(stack.http("/v1/costs?by=model"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        costs["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["group"]["model"] == "gpt-4o" && r["calls"].as_u64().unwrap_or(0) >= 3)
+    })
+    .await;
+    let models: Vec<&str> = costs["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["group"]["model"].as_str())
+        .collect();
+    assert!(!models.contains(&"claude-sonnet-4-5"), "{costs}");
+}
