@@ -235,6 +235,45 @@ pub const RESULTS_CONSUMER: &str = "commander-results";
 
 /// Creates (idempotently) the streams, the commander's consumers and one pool consumer per
 /// configured pool.
+/// A stream that existed before (made by hand, or by an older commander) is used as it
+/// is; say where it differs from what docs/protocol.md §2 prescribes.
+fn warn_if_differs(wanted: &jetstream::stream::Config, found: &jetstream::stream::Config) {
+    let mut diffs = Vec::new();
+    if wanted.retention != found.retention {
+        diffs.push(format!(
+            "retention {:?} (wanted {:?})",
+            found.retention, wanted.retention
+        ));
+    }
+    if wanted.storage != found.storage {
+        diffs.push(format!(
+            "storage {:?} (wanted {:?})",
+            found.storage, wanted.storage
+        ));
+    }
+    if wanted.duplicate_window != found.duplicate_window {
+        diffs.push(format!(
+            "duplicate window {:?} (wanted {:?})",
+            found.duplicate_window, wanted.duplicate_window
+        ));
+    }
+    if wanted.max_age != found.max_age {
+        diffs.push(format!(
+            "max_age {:?} (wanted {:?})",
+            found.max_age, wanted.max_age
+        ));
+    }
+    if wanted.subjects != found.subjects {
+        diffs.push(format!(
+            "subjects {:?} (wanted {:?})",
+            found.subjects, wanted.subjects
+        ));
+    }
+    if !diffs.is_empty() {
+        tracing::warn!(stream = %wanted.name, differences = %diffs.join("; "), "stream exists with other settings; using it as it is");
+    }
+}
+
 pub async fn ensure_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -247,18 +286,22 @@ pub async fn ensure_streams(
         name: name.to_string(),
         reason: e.to_string(),
     };
-    let intake_stream = js
-        .get_or_create_stream(subjects.intake_stream_config())
-        .await
-        .map_err(|e| setup(&subjects.intake_stream(), &e))?;
-    let work_stream = js
-        .get_or_create_stream(subjects.work_stream_config())
-        .await
-        .map_err(|e| setup(&subjects.work_stream(), &e))?;
-    let results_stream = js
-        .get_or_create_stream(subjects.results_stream_config())
-        .await
-        .map_err(|e| setup(&subjects.results_stream(), &e))?;
+    let mut streams = Vec::with_capacity(3);
+    for wanted in [
+        subjects.intake_stream_config(),
+        subjects.work_stream_config(),
+        subjects.results_stream_config(),
+    ] {
+        let stream = js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|e| setup(&wanted.name, &e))?;
+        warn_if_differs(&wanted, &stream.cached_info().config);
+        streams.push(stream);
+    }
+    let [intake_stream, work_stream, results_stream]: [jetstream::stream::Stream; 3] = streams
+        .try_into()
+        .map_err(|_| setup("streams", &"three streams expected"))?;
     let intake = intake_stream
         .get_or_create_consumer(
             INTAKE_CONSUMER,

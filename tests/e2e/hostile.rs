@@ -209,6 +209,8 @@ async fn a_non_ascii_or_huge_model_name_leaves_telemetry_flowing() {
             .await
             .unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{model:.20}");
+        // A full success leaves partialSuccess out (OTLP/JSON): `{}`.
+        assert_eq!(resp.text().await.unwrap(), "{}");
     }
     // A heartbeat with a 65,536-character model, over NATS.
     let mut h = HeaderMap::new();

@@ -468,9 +468,24 @@ fn respond<T: Message + Serialize>(enc: Encoding, status: StatusCode, body: &T) 
         Encoding::Protobuf => body.encode_to_vec(),
         // Serialising a generated message to JSON cannot fail (no maps with non-string
         // keys, no foreign Serialize impls); an empty body is the fallback all the same.
-        Encoding::Json => serde_json::to_vec(body).unwrap_or_default(),
+        // Unset fields are left out, as OTLP/JSON wants: a full success is `{}`, not
+        // `{"partialSuccess":null}`.
+        Encoding::Json => serde_json::to_value(body)
+            .map(without_nulls)
+            .and_then(|v| serde_json::to_vec(&v))
+            .unwrap_or_default(),
     };
     (status, [(header::CONTENT_TYPE, enc.content_type())], bytes).into_response()
+}
+
+/// An object without its null-valued fields (prost's `Option` serialises as `null`).
+fn without_nulls(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            serde_json::Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect())
+        }
+        other => other,
+    }
 }
 
 fn error_response(enc: Encoding, e: &IngestError) -> Response {
