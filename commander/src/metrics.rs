@@ -76,6 +76,8 @@ pub struct Metrics {
     pub results_invalid: Counter,
     /// `Fleet-Reply-To` subjects refused (system, fleet or not allowed subjects).
     pub reply_to_refused: Counter,
+    /// Tasks that failed because no delivery of them was acked (max deliveries).
+    pub tasks_dead_lettered: Counter,
     /// Tasks accepted over HTTP.
     pub http_submissions: Counter,
     /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
@@ -170,6 +172,11 @@ impl Metrics {
             "reply_to_refused",
             "Fleet-Reply-To subjects refused: system, fleet or not allowed subjects",
             self.reply_to_refused.clone(),
+        );
+        r.register(
+            "tasks_dead_lettered",
+            "Tasks failed as dead_lettered: delivered the maximum number of times without an ack",
+            self.tasks_dead_lettered.clone(),
         );
         r.register(
             "http_submissions",

@@ -314,6 +314,12 @@ async fn run(
             pipeline::release::run(ctx.clone(), every, batch, stop.clone())
         })
     };
+    let deadletter = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        supervisor.spawn("deadletter", stop_rx.clone(), move || {
+            pipeline::deadletter::run(ctx.clone(), stop.clone())
+        })
+    };
     let batch = config.intake.batch_size;
     let intake = {
         let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.intake);
@@ -405,6 +411,7 @@ async fn run(
     let _ = intake.await;
     let _ = results.await;
     let _ = release.await;
+    let _ = deadletter.await;
     let _ = sweeper.await;
     for t in telemetry_tasks {
         let _ = t.await;

@@ -1,6 +1,8 @@
 //! What a new user met when they tried the commander from README.md and docs/ alone: a
 //! task the API accepted that it could not find, and a demo whose costs ignored routing.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::common::*;
@@ -127,4 +129,93 @@ async fn the_example_worker_reports_the_model_the_commander_chose() {
         .filter_map(|r| r["group"]["model"].as_str())
         .collect();
     assert!(!models.contains(&"claude-sonnet-4-5"), "{costs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_no_worker_can_finish_is_dead_lettered_not_stranded() {
+    use async_nats::jetstream::{AckKind, consumer};
+    use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
+    use futures::StreamExt;
+
+    let stack = Stack::start("[pools.gamma]\n").await;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+    let mut task = Task::new("nobody can do this");
+    task.id = Some("poison".into());
+    task.pool = Some("gamma".into());
+    producer
+        .submit(
+            &task,
+            SubmitOptions {
+                reply_to: Some(inbox.subject().to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // A worker that gives every delivery back and keeps pulling: after the tenth
+    // delivery JetStream gives up (it says so when it would have delivered an eleventh).
+    let js = async_nats::jetstream::new(stack.client.clone());
+    let work = js.get_stream("FLEET_WORK").await.unwrap();
+    let pool: consumer::PullConsumer = work.get_consumer("pool-gamma").await.unwrap();
+    let deliveries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = deliveries.clone();
+    let naker = tokio::spawn(async move {
+        loop {
+            let Ok(mut batch) = pool
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+            else {
+                continue;
+            };
+            while let Some(Ok(msg)) = batch.next().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    });
+    // The producer hears that it failed, on its reply subject and in the results stream.
+    let r = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.task_id, "poison");
+    assert_eq!(r.status, ResultStatus::Failed);
+    let err = r.error.unwrap();
+    assert_eq!(err.code, "dead_lettered");
+    assert!(
+        err.message.contains("delivered 10 times"),
+        "{}",
+        err.message
+    );
+    assert_eq!(r.attempt, 1);
+    let stored = producer.await_result("poison", WAIT).await.unwrap();
+    assert_eq!(stored.error.unwrap().code, "dead_lettered");
+    let rec = task_record(stack.commander.http(), "poison").await.unwrap();
+    assert_eq!(rec["state"], "failed", "{rec}");
+    assert_eq!(rec["outcome"]["error"]["code"], "dead_lettered", "{rec}");
+    assert_eq!(stack.metric("fleet_tasks_dead_lettered_total").await, 1.0);
+    naker.abort();
+    assert_eq!(
+        deliveries.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "never delivered past max_deliver"
+    );
+    // The exhausted work message is gone, not left in the stream.
+    eventually("the work message is deleted", WAIT, async || {
+        js.get_stream("FLEET_WORK")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+            == 0
+    })
+    .await;
 }

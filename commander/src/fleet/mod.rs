@@ -82,6 +82,8 @@ pub enum Query {
         window_ms: u64,
         reply: oneshot::Sender<Vec<SeriesPoint>>,
     },
+    /// The worker that runs (or last ran) a task, as telemetry told.
+    TaskWorker(String, oneshot::Sender<Option<String>>),
 }
 
 #[derive(Debug)]
@@ -677,6 +679,14 @@ impl FleetState {
         }
     }
 
+    /// The worker whose runs hold `task_id` (a scan: asked once per dead-lettered task).
+    pub fn worker_of_task(&self, task_id: &str) -> Option<String> {
+        self.workers
+            .iter()
+            .find(|(_, w)| w.ran(task_id))
+            .map(|(id, _)| id.clone())
+    }
+
     pub fn fleet_series(&self, window_ms: u64, now_ms: u64) -> Vec<SeriesPoint> {
         self.fleet.series(now_ms, window_ms)
     }
@@ -907,6 +917,10 @@ impl FleetHandle {
         self.ask(|tx| Query::Worker(id, tx)).await
     }
 
+    pub async fn task_worker(&self, task_id: String) -> Result<Option<String>, QueryError> {
+        self.ask(|tx| Query::TaskWorker(task_id, tx)).await
+    }
+
     pub async fn costs(&self, by: Vec<Dim>, window_ms: u64) -> Result<CostReport, QueryError> {
         self.ask(|reply| Query::Costs {
             by,
@@ -995,6 +1009,7 @@ impl Owner {
                         Query::Worker(id, tx) => { let _ = tx.send(state.worker_detail(&id, now)); }
                         Query::Costs { by, window_ms, reply } => { let _ = reply.send(state.costs(&by, window_ms, now)); }
                         Query::FleetSeries { window_ms, reply } => { let _ = reply.send(state.fleet_series(window_ms, now)); }
+                        Query::TaskWorker(task_id, reply) => { let _ = reply.send(state.worker_of_task(&task_id)); }
                     }
                 }
                 n = self.task_rx.recv_many(&mut tasks, 256), if self.tasks_open => {

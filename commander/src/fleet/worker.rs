@@ -260,6 +260,11 @@ impl Worker {
     pub fn recent_tasks(&self) -> impl Iterator<Item = &TaskSummary> {
         self.recent.iter()
     }
+    /// Whether this worker runs (or recently ran) `task_id`.
+    pub fn ran(&self, task_id: &str) -> bool {
+        self.runs.iter().any(|r| r.task_id == task_id)
+            || self.recent.iter().any(|r| r.task_id == task_id)
+    }
     /// The run that ended last.
     pub fn last_task(&self) -> Option<&TaskSummary> {
         self.recent.back()

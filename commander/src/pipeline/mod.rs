@@ -5,6 +5,7 @@
 //! JetStream redelivers, and every step is idempotent (store updates never go backwards;
 //! the work and results streams drop repeated `Nats-Msg-Id`s).
 
+pub mod deadletter;
 pub mod intake;
 mod plan;
 pub mod release;
