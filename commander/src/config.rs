@@ -464,6 +464,9 @@ pub struct RoutingConfig {
     /// Long-context tasks go to one chosen worker (its own subject) instead of the pool
     /// queue, so the context rule picks the worker, not just the pool.
     pub target_long_context: bool,
+    /// A task targeted at a worker goes back to its pool's queue when the worker is lost,
+    /// or has not bound its consumer, this long after the dispatch (milliseconds).
+    pub target_bind_timeout_ms: u64,
     /// How much load weighs against cost when two models are close: a candidate's
     /// score is estimated cost × (1 + load_weight × load).
     pub load_weight: f64,
@@ -479,6 +482,7 @@ impl Default for RoutingConfig {
             max_error_rate: 0.25,
             min_error_samples: 10,
             target_long_context: true,
+            target_bind_timeout_ms: 30_000,
             load_weight: 1.0,
         }
     }
@@ -744,6 +748,9 @@ impl Config {
             if !(0.0..=1.0).contains(&v) {
                 p.push(format!("{key}: {v} must be between 0 and 1"));
             }
+        }
+        if r.target_bind_timeout_ms == 0 {
+            p.push("routing.target_bind_timeout_ms: must be at least 1".into());
         }
         if !(r.load_weight.is_finite() && r.load_weight >= 0.0) {
             p.push(format!(

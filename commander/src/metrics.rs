@@ -78,6 +78,8 @@ pub struct Metrics {
     pub reply_to_refused: Counter,
     /// Tasks that failed because no delivery of them was acked (max deliveries).
     pub tasks_dead_lettered: Counter,
+    /// Targeted tasks sent again to their pool (their worker was lost or never bound).
+    pub tasks_retargeted: Counter,
     /// Tasks accepted over HTTP.
     pub http_submissions: Counter,
     /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
@@ -177,6 +179,11 @@ impl Metrics {
             "tasks_dead_lettered",
             "Tasks failed as dead_lettered: delivered the maximum number of times without an ack",
             self.tasks_dead_lettered.clone(),
+        );
+        r.register(
+            "tasks_retargeted",
+            "Targeted tasks re-dispatched to their pool: the worker was lost or never bound its consumer",
+            self.tasks_retargeted.clone(),
         );
         r.register(
             "http_submissions",

@@ -80,6 +80,7 @@ async fn run(
     url: &str,
 ) -> Result<(), ServeError> {
     broker::check_server(client, url)?;
+    let data_dir_text = config.store.data_dir.display().to_string();
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
     let streams = broker::ensure_streams(
@@ -303,6 +304,10 @@ async fn run(
         policy: engine.clone(),
         route_cache: Default::default(),
         reply_prefixes: config.intake.reply_prefixes.clone(),
+        targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
+            dir: data_dir_text.clone(),
+            source,
+        })?,
     });
     // The task path's loops, each restarted after a panic: what a dead loop had in hand
     // was not acked, so JetStream hands it out again.
@@ -312,6 +317,13 @@ async fn run(
         let batch = config.policy.release_batch;
         supervisor.spawn("release", stop_rx.clone(), move || {
             pipeline::release::run(ctx.clone(), every, batch, stop.clone())
+        })
+    };
+    let retarget = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        let timeout = Duration::from_millis(config.routing.target_bind_timeout_ms);
+        supervisor.spawn("retarget", stop_rx.clone(), move || {
+            pipeline::retarget::run(ctx.clone(), timeout, stop.clone())
         })
     };
     let deadletter = {
@@ -412,6 +424,7 @@ async fn run(
     let _ = results.await;
     let _ = release.await;
     let _ = deadletter.await;
+    let _ = retarget.await;
     let _ = sweeper.await;
     for t in telemetry_tasks {
         let _ = t.await;

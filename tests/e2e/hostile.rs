@@ -215,8 +215,9 @@ async fn a_non_ascii_or_huge_model_name_leaves_telemetry_flowing() {
     // A heartbeat with a 65,536-character model, over NATS.
     let mut h = HeaderMap::new();
     h.insert("Fleet-Kind", "heartbeat");
+    let now = fleet_worker::message::now_rfc3339();
     let hb = json!({"schema": 1, "worker_id": "hb-hostile", "pool": "alpha", "state": "idle",
-                    "model": huge, "in_flight": 0, "max_in_flight": 1});
+                    "model": huge, "max_in_flight": 1, "started_at": now, "sent_at": now});
     stack
         .client
         .publish_with_headers("fleet.telemetry.alpha.hb-hostile", h, hb.to_string().into())
@@ -238,6 +239,18 @@ async fn a_non_ascii_or_huge_model_name_leaves_telemetry_flowing() {
             .unwrap();
         r.status() == 200
     })
+    .await;
+    eventually(
+        "the heartbeat with the huge model is taken",
+        WAIT,
+        async || {
+            reqwest::get(stack.http("/v1/workers/hb-hostile"))
+                .await
+                .unwrap()
+                .status()
+                == 200
+        },
+    )
     .await;
     for path in [
         "/v1/workers/hostile-agent",

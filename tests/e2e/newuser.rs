@@ -219,3 +219,117 @@ async fn a_task_no_worker_can_finish_is_dead_lettered_not_stranded() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_targeted_at_a_worker_that_never_binds_goes_back_to_its_pool() {
+    use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
+
+    let stack = Stack::start(
+        "[routing]\ntarget_bind_timeout_ms = 1500\n[pools.lc]\ncapabilities = [\"long-context\"]\n",
+    )
+    .await;
+    // A worker that heartbeats with context to spare but never binds its own consumer.
+    let client = stack.client.clone();
+    let ghost = tokio::spawn(async move {
+        loop {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Fleet-Kind", "heartbeat");
+            let now = fleet_worker::message::now_rfc3339();
+            let hb = serde_json::json!({"schema": 1, "worker_id": "ghost", "pool": "lc",
+                "state": "idle", "max_in_flight": 4, "capabilities": ["long-context"],
+                "started_at": now, "sent_at": now});
+            let _ = client
+                .publish_with_headers("fleet.telemetry.lc.ghost", h, hb.to_string().into())
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    eventually("the ghost is on the fleet view", WAIT, async || {
+        let pools: Value = reqwest::get(stack.http("/v1/pools"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pools["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "lc" && p["workers"].as_u64().unwrap_or(0) >= 1)
+    })
+    .await;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+    let mut task = Task::new("read this whole book");
+    task.id = Some("long-1".into());
+    task.capabilities = vec!["long-context".into()];
+    task.pool = Some("lc".into());
+    producer
+        .submit(
+            &task,
+            SubmitOptions {
+                reply_to: Some(inbox.subject().to_string()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut decision = Value::Null;
+    eventually("the task is targeted at the ghost", WAIT, async || {
+        decision = reqwest::get(stack.http("/v1/decisions/long-1"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        decision["worker"] == "ghost"
+    })
+    .await;
+    // A real worker joins the pool; the ghost never pulls.
+    let seen = SeenLog::default();
+    let real = recording_worker(
+        &stack.client,
+        "lc",
+        "real-1",
+        4,
+        Duration::ZERO,
+        seen.clone(),
+    )
+    .await;
+    let r = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.task_id, "long-1");
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(r.attempt, 2, "the re-dispatch is the next attempt");
+    assert_eq!(r.worker_id.as_deref(), Some("real-1"));
+    let rec = task_record(stack.commander.http(), "long-1").await.unwrap();
+    assert_eq!(rec["state"], "completed", "{rec}");
+    let dispatched = rec["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["state"] == "dispatched")
+        .count();
+    assert_eq!(dispatched, 2, "both dispatches in the history: {rec}");
+    assert!(
+        rec["route_reason"]
+            .as_str()
+            .unwrap()
+            .contains("ghost did not bind its consumer"),
+        "{rec}"
+    );
+    let d: Value = reqwest::get(stack.http("/v1/decisions/long-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(d["rule"], "retarget", "{d}");
+    assert_eq!(stack.metric("fleet_tasks_retargeted_total").await, 1.0);
+    assert_eq!(seen.lock().unwrap().runs.len(), 1, "ran once");
+    ghost.abort();
+    real.shutdown().await;
+}

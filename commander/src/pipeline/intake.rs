@@ -97,7 +97,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         let mut published = Vec::with_capacity(pending.len());
         for fut in pending {
             published.push(match fut {
-                Some(Ok(ack)) => Some(ack.await.map(|_| ()).map_err(|e| e.to_string())),
+                Some(Ok(ack)) => Some(ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
                 Some(Err(e)) => Some(Err(e.to_string())),
                 None => None,
             });
@@ -171,8 +171,23 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                     decided.push(d.decision);
                     acks.push(msg);
                 }
-                (Some(Plan::Dispatch(d)), _) => {
+                (Some(Plan::Dispatch(d)), outcome) => {
                     let mut d = *d;
+                    // A task sent to one worker is watched until it finishes, in case that
+                    // worker is gone (retarget.rs).
+                    if let (Some(worker), Some(Ok(seq))) = (&d.decision.worker, &outcome) {
+                        let t = super::retarget::Targeted {
+                            task_id: d.id.clone(),
+                            pool: d.pool.clone(),
+                            worker: worker.clone(),
+                            seq: *seq,
+                            attempt: super::plan::FIRST_ATTEMPT,
+                            at_ms: d.decision.at_ms,
+                        };
+                        if let Err(e) = ctx.targets.insert(&t) {
+                            tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
+                        }
+                    }
                     let recorded = ctx.store.update(
                         &d.id,
                         || TaskRecord::new(&d.id, d.record.seq),

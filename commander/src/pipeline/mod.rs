@@ -10,6 +10,7 @@ pub mod intake;
 mod plan;
 pub mod release;
 pub mod results;
+pub mod retarget;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,8 @@ pub struct Ctx {
     pub route_cache: std::sync::Mutex<Option<Arc<RouteSnapshot>>>,
     /// Prefixes a `Fleet-Reply-To` subject may start with (`intake.reply_prefixes`).
     pub reply_prefixes: Vec<String>,
+    /// Targeted dispatches in flight, watched for a worker that is gone.
+    pub targets: retarget::Targets,
 }
 
 impl Ctx {
