@@ -327,7 +327,12 @@ impl FleetState {
                         dims: &ev.dims,
                         task_type: w.current_task_type(),
                         pool: w.pool.as_deref(),
-                        model: ev.model.as_deref(),
+                        // The registry's name: dated snapshots and provider prefixes of one
+                        // model are one model in the cost report.
+                        model: ev
+                            .model
+                            .as_deref()
+                            .map(|m| reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m)),
                     },
                     CostCell {
                         cost_usd: cost.unwrap_or(0.0),
@@ -367,6 +372,9 @@ impl FleetState {
             } else {
                 p.value
             };
+            let tokens_moved =
+                matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
+            w.note_export(now_ms, tokens_moved);
             // Instrumentations that send spans usually send these metrics too: when a
             // worker's spans carry token counts, its metrics are not booked again.
             if w.span_usage_seen {
@@ -404,7 +412,7 @@ impl FleetState {
                     dims: &no_dims,
                     task_type: None,
                     pool: w.pool.as_deref(),
-                    model: p.model.as_deref(),
+                    model: entry.map(|e| e.name.as_str()).or(p.model.as_deref()),
                 },
                 CostCell {
                     cost_usd: cost.unwrap_or(0.0),
@@ -599,7 +607,17 @@ impl FleetState {
             lost: w.lost,
             stuck_reason: w.stuck_reason().map(str::to_string),
             model_unknown: w.model.as_deref().is_some_and(|m| reg.lookup(m).is_none()),
-            model: w.model.clone(),
+            // The registry's canonical name; the name as reported beside it when it differs.
+            model: w.model.as_deref().map(|m| {
+                reg.lookup(m)
+                    .map(|e| e.name.clone())
+                    .unwrap_or_else(|| m.to_string())
+            }),
+            model_reported: w
+                .model
+                .as_deref()
+                .filter(|m| reg.lookup(m).is_some_and(|e| e.name != *m))
+                .map(str::to_string),
             provider: w.provider.clone(),
             version: w.version.clone(),
             sdk_version: w.sdk_version.clone(),

@@ -22,7 +22,12 @@ pub struct WorkerView {
     pub lost: bool,
     /// Why the worker is STUCK.
     pub stuck_reason: Option<String>,
+    /// The model, by the model registry's canonical name (`gpt-4.1`).
     pub model: Option<String>,
+    /// The model as the worker reported it (`gpt-4.1-2025-04-14`), when the registry
+    /// calls it something else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_reported: Option<String>,
     pub provider: Option<String>,
     /// The model is not in the registry: its cost is unknown.
     pub model_unknown: bool,

@@ -653,6 +653,18 @@ impl Worker {
         }
     }
 
+    /// Any export from the worker (spans or metrics) is a sign of life; one that shows new
+    /// LLM tokens is also progress for its runs (an OTLP-only agent's metrics arrive every
+    /// ~15 s while a long call produces no span until it ends).
+    pub fn note_export(&mut self, now_ms: u64, progressed: bool) {
+        self.last_seen_ms = self.last_seen_ms.max(now_ms);
+        if progressed {
+            for r in &mut self.runs {
+                r.last_span_ms = r.last_span_ms.max(now_ms);
+            }
+        }
+    }
+
     /// Books tokens reported only through metrics (no span carried them).
     pub fn apply_metric_tokens(&mut self, input: u64, output: u64, cost: Option<f64>, now_ms: u64) {
         self.last_seen_ms = now_ms;

@@ -405,3 +405,64 @@ fn a_millisecond_baseline_does_not_make_every_hiccup_stuck() {
     f.tick(T0 + 31 * S);
     assert_eq!(state_of(&f, "w1"), State::Stuck);
 }
+
+#[test]
+fn metric_exports_are_signs_of_life_and_new_tokens_are_progress() {
+    let mut f = fleet();
+    let mut first = chat("w1", "t1", T0, "gpt-4o", 1_000, 100);
+    first.expected_duration_s = Some(10.0);
+    f.apply_spans(vec![first], T0);
+    let point = |value: f64, time_ns: u64| MetricPoint {
+        identity: identity("w1"),
+        kind: MetricKind::OutputTokens,
+        model: Some("gpt-4o".into()),
+        series: 9,
+        cumulative: true,
+        start_ns: 1,
+        time_ns,
+        value,
+        count: 1,
+        error: false,
+    };
+    // Metrics every 15 s showing the tokens grow: the run is working, never STUCK.
+    f.apply_metrics(vec![point(100.0, 1)], T0 + 15 * S);
+    f.apply_metrics(vec![point(200.0, 2)], T0 + 28 * S);
+    f.tick(T0 + 31 * S);
+    assert_eq!(state_of(&f, "w1"), State::Active, "new tokens 3 s ago");
+    f.apply_metrics(vec![point(300.0, 3)], T0 + 43 * S);
+    f.tick(T0 + 58 * S);
+    assert_ne!(state_of(&f, "w1"), State::Stuck);
+    // Exports with nothing new keep the worker alive but are no progress.
+    f.apply_metrics(vec![point(300.0, 4)], T0 + 60 * S);
+    f.apply_metrics(vec![point(300.0, 5)], T0 + 70 * S);
+    f.tick(T0 + 74 * S);
+    assert_eq!(state_of(&f, "w1"), State::Stuck);
+    assert!(f.worker("w1").unwrap().last_seen_ms >= T0 + 70 * S);
+}
+
+#[test]
+fn models_show_by_their_registry_name_with_the_reported_one_beside_it() {
+    let mut f = fleet();
+    f.apply_spans(
+        vec![chat("w1", "t1", T0, "gpt-4o-2024-08-06", 1_000, 100)],
+        T0,
+    );
+    f.apply_spans(vec![chat("w2", "t2", T0, "openai/gpt-4o", 1_000, 100)], T0);
+    f.tick(T0 + S);
+    let snap = f.snapshot(T0 + S);
+    let w1 = snap.workers.iter().find(|w| w.id == "w1").unwrap();
+    assert_eq!(w1.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(w1.model_reported.as_deref(), Some("gpt-4o-2024-08-06"));
+    let report = f.costs(&[Dim::Model], 3_600_000, T0 + S);
+    let models: Vec<_> = report
+        .rows
+        .iter()
+        .map(|r| r.group.get("model").cloned().flatten())
+        .collect();
+    assert_eq!(
+        models,
+        vec![Some("gpt-4o".to_string())],
+        "one model, one row"
+    );
+    assert_eq!(report.rows[0].cell.calls, 2);
+}
