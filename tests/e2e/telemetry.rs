@@ -118,7 +118,9 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     assert_eq!(w["pool"], "code");
     assert_eq!(w["state"], "IDLE");
     assert_eq!(w["lost"], false);
-    assert_eq!(w["model"], "claude-sonnet-4-5-20250929");
+    // The registry's name, and the dated snapshot the spans reported beside it.
+    assert_eq!(w["model"], "claude-sonnet-4-5");
+    assert_eq!(w["model_reported"], "claude-sonnet-4-5-20250929");
     assert_eq!(w["model_unknown"], false);
     assert_eq!(w["provider"], "anthropic");
     assert_eq!(w["input_tokens"], 1_000 * TASKS);
@@ -192,7 +194,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     let f = get(&stack, "/v1/fleet?series=5m").await;
     assert_eq!(f["workers"], 1);
     assert_eq!(f["states"]["IDLE"], 1);
-    assert_eq!(f["models"][0]["model"], "claude-sonnet-4-5-20250929");
+    assert_eq!(f["models"][0]["model"], "claude-sonnet-4-5");
     assert_eq!(f["models"][0]["share"], 1.0);
     let tt = &f["task_types"][0];
     assert_eq!(tt["task_type"], "code_generation");

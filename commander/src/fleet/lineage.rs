@@ -1,0 +1,290 @@
+//! Whose span is it? A span belongs to the agent of its trace: the nearest ancestor that
+//! names one (an `invoke_agent` span with `gen_ai.agent.id`, a span with
+//! `fleet.worker.id` …), else its resource. The official OpenAI instrumentation, for one,
+//! puts the agent id only on the agent's own `invoke_agent` span, and its `chat` spans
+//! carry the process's resource alone: read span by span, one agent would be two workers.
+//!
+//! Spans arrive when they end, so an agent's root span usually comes last, after its
+//! children. A child whose chain of parents is not known yet waits here until an
+//! ancestor that names an agent arrives (it is then applied to that agent, before the
+//! ancestor itself, so the run ends last) or until `fleet.identity_wait_ms` passes. While
+//! it would wait, a child from a process that has only ever run one agent is attributed
+//! to that agent at once, so a running agent shows live; a process that ran several
+//! agents (an orchestrator and its sub-agents) makes its children wait for their real
+//! ancestor. Everything here is bounded: traces and spans remembered, spans waiting; what
+//! does not fit is applied to its resource at once and counted.
+//!
+//! Pure: the caller passes the time.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use crate::ingest::normalise::{Identity, Operation, SpanEvent};
+
+/// Spans remembered (their parent and agent), over all traces.
+const MAX_NODES: usize = 200_000;
+/// Spans waiting for an ancestor, over all traces.
+const MAX_WAITING: usize = 50_000;
+/// Parent links followed to find a span's agent.
+const MAX_DEPTH: usize = 64;
+/// A trace with no new span for this long is forgotten.
+const TRACE_IDLE_MS: u64 = 10 * 60_000;
+/// How long a process is remembered as running one agent.
+const RESOURCE_AGENT_MS: u64 = 30 * 60_000;
+
+#[derive(Debug)]
+struct Node {
+    parent: Option<[u8; 8]>,
+    /// The agent this span belongs to, once known.
+    agent: Option<Arc<Identity>>,
+}
+
+#[derive(Debug, Default)]
+struct Trace {
+    last_ms: u64,
+    nodes: FxHashMap<[u8; 8], Node>,
+    /// Spans waiting for an ancestor, with their arrival time.
+    waiting: Vec<(SpanEvent, u64)>,
+}
+
+/// The agents a process (resource) has run lately.
+#[derive(Debug)]
+struct ResourceAgents {
+    agent: Arc<Identity>,
+    /// More than one agent seen: its spans must wait for their ancestors.
+    several: bool,
+    last_ms: u64,
+}
+
+/// Counters of the lineage, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LineageCounts {
+    /// Spans attributed to an ancestor's agent rather than their resource.
+    pub inherited: u64,
+    /// Spans that waited for an ancestor.
+    pub waited: u64,
+    /// Waiting spans whose ancestor never came in time (applied to their resource or the
+    /// process's one agent).
+    pub timed_out: u64,
+    /// Spans applied at once because a bound was reached.
+    pub overflowed: u64,
+}
+
+/// The trace-to-agent bookkeeping of the live state.
+#[derive(Debug, Default)]
+pub struct Lineage {
+    traces: FxHashMap<[u8; 16], Trace>,
+    /// Traces in the order first seen, for eviction.
+    order: VecDeque<[u8; 16]>,
+    nodes: usize,
+    waiting: usize,
+    resources: FxHashMap<String, ResourceAgents>,
+    pub counts: LineageCounts,
+}
+
+impl Lineage {
+    /// Takes one span; pushes onto `out` every span now ready to apply, with its identity
+    /// settled: waiting children it resolved first, then the span itself (unless it waits).
+    pub fn admit(&mut self, mut ev: SpanEvent, now_ms: u64, out: &mut Vec<SpanEvent>) {
+        if ev.names_agent {
+            self.note_resource_agent(&ev, now_ms);
+            if ev.operation == Operation::InvokeAgent {
+                // An agent's own span ends its run, whatever its parent is (a sub-agent
+                // under an orchestrator is a run of its own worker).
+                ev.task_root = true;
+            }
+        }
+        self.make_room(out);
+        let trace = self.traces.entry(ev.trace_id).or_insert_with(|| {
+            self.order.push_back(ev.trace_id);
+            Trace::default()
+        });
+        trace.last_ms = now_ms;
+        let agent = if ev.names_agent {
+            Some(ev.identity.clone())
+        } else {
+            match resolve(&trace.nodes, ev.parent_span_id) {
+                Resolved::Agent(a) => Some(a),
+                Resolved::Resource => None,
+                Resolved::Unknown => {
+                    let fallback = self
+                        .resources
+                        .get(&ev.resource.worker_id)
+                        .filter(|r| !r.several && now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS)
+                        .map(|r| r.agent.clone());
+                    match fallback {
+                        Some(a) => Some(a),
+                        None if self.waiting < MAX_WAITING => {
+                            if trace.nodes.len() < MAX_NODES {
+                                trace.nodes.insert(
+                                    ev.span_id,
+                                    Node {
+                                        parent: ev.parent_span_id,
+                                        agent: None,
+                                    },
+                                );
+                                self.nodes += 1;
+                            }
+                            self.waiting += 1;
+                            self.counts.waited += 1;
+                            trace.waiting.push((ev, now_ms));
+                            return;
+                        }
+                        None => {
+                            self.counts.overflowed += 1;
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        let node = Node {
+            parent: ev.parent_span_id,
+            agent: agent.clone(),
+        };
+        if trace.nodes.insert(ev.span_id, node).is_none() {
+            self.nodes += 1;
+        }
+        // Children that waited for this span (or an ancestor now known through it).
+        if agent.is_some() && !trace.waiting.is_empty() {
+            let waiting = std::mem::take(&mut trace.waiting);
+            for (mut child, at) in waiting {
+                match resolve(&trace.nodes, child.parent_span_id) {
+                    Resolved::Agent(a) => {
+                        self.waiting -= 1;
+                        if let Some(n) = trace.nodes.get_mut(&child.span_id) {
+                            n.agent = Some(a.clone());
+                        }
+                        self.counts.inherited += 1;
+                        child.identity = a;
+                        out.push(child);
+                    }
+                    Resolved::Resource => {
+                        self.waiting -= 1;
+                        out.push(child);
+                    }
+                    Resolved::Unknown => trace.waiting.push((child, at)),
+                }
+            }
+        }
+        if let Some(a) = agent
+            && !ev.names_agent
+        {
+            self.counts.inherited += u64::from(!Arc::ptr_eq(&a, &ev.identity));
+            ev.identity = a;
+        }
+        out.push(ev);
+    }
+
+    /// Applies spans that waited too long (to the process's one agent, else their
+    /// resource) and forgets idle traces. Call once a tick.
+    pub fn expire(&mut self, now_ms: u64, wait_ms: u64, out: &mut Vec<SpanEvent>) {
+        let mut idle = Vec::new();
+        for (id, trace) in &mut self.traces {
+            if !trace.waiting.is_empty() {
+                let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut trace.waiting)
+                    .into_iter()
+                    .partition(|(_, at)| now_ms.saturating_sub(*at) >= wait_ms);
+                trace.waiting = keep;
+                for (mut ev, _) in due {
+                    self.waiting -= 1;
+                    self.counts.timed_out += 1;
+                    if let Some(r) = self
+                        .resources
+                        .get(&ev.resource.worker_id)
+                        .filter(|r| !r.several)
+                    {
+                        ev.identity = r.agent.clone();
+                    }
+                    out.push(ev);
+                }
+            }
+            if trace.waiting.is_empty() && now_ms.saturating_sub(trace.last_ms) >= TRACE_IDLE_MS {
+                idle.push(*id);
+            }
+        }
+        for id in idle {
+            if let Some(t) = self.traces.remove(&id) {
+                self.nodes = self.nodes.saturating_sub(t.nodes.len());
+            }
+        }
+        self.order.retain(|id| self.traces.contains_key(id));
+        self.resources
+            .retain(|_, r| now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS);
+    }
+
+    /// Spans waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    fn note_resource_agent(&mut self, ev: &SpanEvent, now_ms: u64) {
+        match self.resources.get_mut(&ev.resource.worker_id) {
+            Some(r) => {
+                if r.agent.worker_id != ev.identity.worker_id {
+                    r.several = true;
+                }
+                r.last_ms = now_ms;
+            }
+            None => {
+                if self.resources.len() < 10_000 {
+                    self.resources.insert(
+                        ev.resource.worker_id.clone(),
+                        ResourceAgents {
+                            agent: ev.identity.clone(),
+                            several: false,
+                            last_ms: now_ms,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Evicts the oldest traces while over the node budget; their waiting spans go to
+    /// their resources.
+    fn make_room(&mut self, out: &mut Vec<SpanEvent>) {
+        while self.nodes >= MAX_NODES {
+            let Some(id) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(t) = self.traces.remove(&id) {
+                self.nodes = self.nodes.saturating_sub(t.nodes.len());
+                for (ev, _) in t.waiting {
+                    self.waiting -= 1;
+                    self.counts.overflowed += 1;
+                    out.push(ev);
+                }
+            }
+        }
+    }
+}
+
+enum Resolved {
+    /// An ancestor names (or inherited) this agent.
+    Agent(Arc<Identity>),
+    /// The chain reached its root without an agent: the span is its resource's.
+    Resource,
+    /// An ancestor has not arrived yet.
+    Unknown,
+}
+
+fn resolve(nodes: &FxHashMap<[u8; 8], Node>, mut parent: Option<[u8; 8]>) -> Resolved {
+    for _ in 0..MAX_DEPTH {
+        let Some(p) = parent else {
+            return Resolved::Resource;
+        };
+        match nodes.get(&p) {
+            None => return Resolved::Unknown,
+            Some(n) => {
+                if let Some(a) = &n.agent {
+                    return Resolved::Agent(a.clone());
+                }
+                parent = n.parent;
+            }
+        }
+    }
+    Resolved::Resource
+}
