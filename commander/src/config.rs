@@ -161,6 +161,10 @@ impl Default for TelemetryConfig {
     }
 }
 
+fn default_identity_wait_ms() -> u64 {
+    60_000
+}
+
 fn default_max_items() -> usize {
     crate::ingest::limits::DecodeLimits::default().max_items
 }
@@ -208,6 +212,11 @@ pub struct FleetConfig {
     /// A worker that only sends spans is lost after this long without any, in ms.
     #[serde(default = "default_silent_lost_after_ms")]
     pub silent_lost_after_ms: u64,
+    /// How long a span from a resource that names no worker waits for an ancestor that
+    /// names its agent (milliseconds); then it goes to the process's one agent, or to its
+    /// resource.
+    #[serde(default = "default_identity_wait_ms")]
+    pub identity_wait_ms: u64,
     /// A lost worker is forgotten after this long, in ms.
     #[serde(default = "default_worker_retention_ms")]
     pub retention_ms: u64,
@@ -243,6 +252,7 @@ impl Default for FleetConfig {
             error_streak: default_error_streak(),
             lost_after_ms: default_lost_after_ms(),
             silent_lost_after_ms: default_silent_lost_after_ms(),
+            identity_wait_ms: default_identity_wait_ms(),
             retention_ms: default_worker_retention_ms(),
             max_workers: default_max_workers(),
             max_runs_per_worker: default_max_runs(),

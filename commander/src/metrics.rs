@@ -221,6 +221,26 @@ impl Metrics {
             "Task-path events the live state was too busy to take",
             fleet.task_events_dropped.clone(),
         );
+        r.register(
+            "spans_inherited",
+            "Spans given to the agent of an ancestor span rather than their resource",
+            fleet.spans_inherited.clone(),
+        );
+        r.register(
+            "spans_waited",
+            "Spans that waited for an ancestor to say which agent they belong to",
+            fleet.spans_waited.clone(),
+        );
+        r.register(
+            "spans_wait_timed_out",
+            "Waiting spans whose ancestor did not arrive within fleet.identity_wait_ms",
+            fleet.spans_wait_timed_out.clone(),
+        );
+        r.register(
+            "spans_lineage_overflow",
+            "Spans applied to their resource at once because the lineage bounds were reached",
+            fleet.spans_lineage_overflow.clone(),
+        );
         r
     }
 

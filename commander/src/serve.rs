@@ -523,6 +523,9 @@ fn classifier_hook(spans: SpanExporter, fleet: FleetHandle, instance: &str) -> C
                 feature: Some("classification".into()),
                 ..Default::default()
             },
+            names_agent: false,
+            resource: identity.clone(),
+            resource_names_worker: true,
         };
         // Telemetry is shed first under load; the counter on /metrics says so.
         let _ = fleet.offer(crate::fleet::Ingest::Spans(vec![event]));

@@ -8,10 +8,10 @@
 //! children. A child whose chain of parents is not known yet waits here until an
 //! ancestor that names an agent arrives (it is then applied to that agent, before the
 //! ancestor itself, so the run ends last) or until `fleet.identity_wait_ms` passes. While
-//! it would wait, a child from a process that has only ever run one agent is attributed
-//! to that agent at once, so a running agent shows live; a process that ran several
-//! agents (an orchestrator and its sub-agents) makes its children wait for their real
-//! ancestor. Everything here is bounded: traces and spans remembered, spans waiting; what
+//! it would wait, a child from a process that has only ever run one top-level agent (its
+//! agent spans are all trace roots, of one agent) is attributed to that agent at once, so
+//! a running agent shows live; a process that ran several agents, or agents under other
+//! spans (an orchestrator's sub-agents), makes its children wait for their real ancestor. Everything here is bounded: traces and spans remembered, spans waiting; what
 //! does not fit is applied to its resource at once and counted.
 //!
 //! Pure: the caller passes the time.
@@ -108,11 +108,16 @@ impl Lineage {
             match resolve(&trace.nodes, ev.parent_span_id) {
                 Resolved::Agent(a) => Some(a),
                 Resolved::Resource => None,
+                // A resource that names its worker, or a task's root span (its parent is
+                // the commander's dispatch span, never sent here), does not wait.
+                Resolved::Unknown if ev.resource_names_worker || ev.task_root => None,
                 Resolved::Unknown => {
                     let fallback = self
                         .resources
                         .get(&ev.resource.worker_id)
-                        .filter(|r| !r.several && now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS)
+                        .filter(|r| {
+                            !r.several && now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS
+                        })
                         .map(|r| r.agent.clone());
                     match fallback {
                         Some(a) => Some(a),
@@ -220,10 +225,15 @@ impl Lineage {
         self.waiting
     }
 
+    /// Remembers which agent a process runs. Only a process whose agent spans are all
+    /// trace roots, all of one agent, is taken to run one agent: an agent span with a
+    /// parent may be a sub-agent (an orchestrator's), and then an orphan call could be
+    /// any of them.
     fn note_resource_agent(&mut self, ev: &SpanEvent, now_ms: u64) {
+        let nested = ev.parent_span_id.is_some();
         match self.resources.get_mut(&ev.resource.worker_id) {
             Some(r) => {
-                if r.agent.worker_id != ev.identity.worker_id {
+                if nested || r.agent.worker_id != ev.identity.worker_id {
                     r.several = true;
                 }
                 r.last_ms = now_ms;
@@ -234,7 +244,7 @@ impl Lineage {
                         ev.resource.worker_id.clone(),
                         ResourceAgents {
                             agent: ev.identity.clone(),
-                            several: false,
+                            several: nested,
                             last_ms: now_ms,
                         },
                     );

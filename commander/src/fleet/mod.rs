@@ -6,6 +6,7 @@
 //! [`Arc<FleetSnapshot>`] rebuilt every second or ask the owner a [`Query`].
 
 pub mod costs;
+pub mod lineage;
 pub mod view;
 pub mod window;
 pub mod worker;
@@ -192,6 +193,14 @@ pub struct StateCounters {
     pub heartbeats_invalid: Counter,
     /// Task-path events dropped because the owner was behind (the task path never waits).
     pub task_events_dropped: Counter,
+    /// Spans given to the agent of an ancestor rather than their resource.
+    pub spans_inherited: Counter,
+    /// Spans that waited for an ancestor to say whose they are.
+    pub spans_waited: Counter,
+    /// Waiting spans whose ancestor did not come within `fleet.identity_wait_ms`.
+    pub spans_wait_timed_out: Counter,
+    /// Spans applied to their resource at once because the lineage was full.
+    pub spans_lineage_overflow: Counter,
 }
 
 /// The live state. One owner mutates it; see the module docs.
@@ -207,6 +216,8 @@ pub struct FleetState {
     dispatched: FxHashMap<String, Dispatch>,
     dispatch_order: VecDeque<String>,
     pub counters: Arc<StateCounters>,
+    /// Which agent each trace's spans belong to.
+    lineage: lineage::Lineage,
 }
 
 impl FleetState {
@@ -230,6 +241,7 @@ impl FleetState {
             dispatched: FxHashMap::default(),
             dispatch_order: VecDeque::new(),
             counters: Arc::new(StateCounters::default()),
+            lineage: Default::default(),
         }
     }
 
@@ -280,7 +292,33 @@ impl FleetState {
         }
     }
 
+    /// Takes spans as they arrive: each is first given to the agent of its trace
+    /// (`lineage`), which may hold a child until its ancestor arrives.
     pub fn apply_spans(&mut self, spans: Vec<SpanEvent>, now_ms: u64) {
+        let mut ready = Vec::with_capacity(spans.len());
+        for ev in spans {
+            self.lineage.admit(ev, now_ms, &mut ready);
+        }
+        self.sync_lineage_counts();
+        self.apply_attributed(ready, now_ms);
+    }
+
+    fn sync_lineage_counts(&self) {
+        let c = self.lineage.counts;
+        let set = |counter: &Counter, v: u64| {
+            let now = counter.get();
+            if v > now {
+                counter.inc_by(v - now);
+            }
+        };
+        set(&self.counters.spans_inherited, c.inherited);
+        set(&self.counters.spans_waited, c.waited);
+        set(&self.counters.spans_wait_timed_out, c.timed_out);
+        set(&self.counters.spans_lineage_overflow, c.overflowed);
+    }
+
+    /// Applies spans whose worker is settled.
+    fn apply_attributed(&mut self, spans: Vec<SpanEvent>, now_ms: u64) {
         let reg = self.registry.current();
         for ev in spans {
             let (cost, limit) = match (&ev.usage, &ev.model) {
@@ -540,6 +578,13 @@ impl FleetState {
     /// Time-driven transitions (WAITING, STUCK, lost), eviction, and the parallel-agent
     /// count. Call about once a second.
     pub fn tick(&mut self, now_ms: u64) {
+        let mut due = Vec::new();
+        self.lineage
+            .expire(now_ms, self.cfg.identity_wait_ms, &mut due);
+        if !due.is_empty() {
+            self.sync_lineage_counts();
+            self.apply_attributed(due, now_ms);
+        }
         let types = &self.task_types;
         let baseline = |tt: &str| types.get(tt).and_then(|t| t.baseline_ms).map(|v| v as u64);
         let mut busy = 0u64;

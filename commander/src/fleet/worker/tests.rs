@@ -63,6 +63,9 @@ fn span(worker: &str, task: &str, op: Operation, at_ms: u64, dur_ms: u64) -> Spa
         expected_duration_s: None,
         task_root: false,
         dims: Dims::default(),
+        names_agent: false,
+        resource: identity(worker),
+        resource_names_worker: true,
     }
 }
 
@@ -465,4 +468,204 @@ fn models_show_by_their_registry_name_with_the_reported_one_beside_it() {
         "one model, one row"
     );
     assert_eq!(report.rows[0].cell.calls, 2);
+}
+
+/// A span as an OpenTelemetry-instrumented process sends it: its resource names no worker
+/// (`service.name@service.instance.id`); `agent` is set on the spans that name one.
+fn otel(
+    resource: &Arc<Identity>,
+    trace: u8,
+    span_id: u8,
+    parent: Option<u8>,
+    op: Operation,
+    agent: Option<&str>,
+    at_ms: u64,
+) -> SpanEvent {
+    let mut s = span(&resource.worker_id, "x", op, at_ms, 500);
+    s.trace_id = [trace; 16];
+    s.span_id = [span_id; 8];
+    s.parent_span_id = parent.map(|p| [p; 8]);
+    s.task_id = None;
+    s.resource = resource.clone();
+    s.resource_names_worker = false;
+    if let Some(a) = agent {
+        s.identity = Arc::new(Identity {
+            worker_id: a.into(),
+            ..Default::default()
+        });
+        s.names_agent = true;
+        // A root invoke_agent span is the run's root (normalise says so).
+        s.task_root = parent.is_none();
+    } else {
+        s.identity = resource.clone();
+    }
+    if op == Operation::Inference {
+        s.model = Some("gpt-4o-mini".into());
+        s.usage = Some(TokenUsage {
+            input: 100,
+            output: 10,
+            ..Default::default()
+        });
+    }
+    s
+}
+
+fn svc() -> Arc<Identity> {
+    Arc::new(Identity {
+        worker_id: "agent-svc@inst-1".into(),
+        service: Some("agent-svc".into()),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn an_agents_llm_calls_are_the_agents_even_when_they_arrive_first() {
+    let mut f = fleet();
+    let res = svc();
+    // The instrumented chat calls end (and are exported) before the agent span.
+    f.apply_spans(
+        vec![
+            otel(&res, 1, 2, Some(1), Operation::Inference, None, T0),
+            otel(&res, 1, 3, Some(1), Operation::Inference, None, T0 + S),
+        ],
+        T0 + S,
+    );
+    assert!(f.worker("agent-svc@inst-1").is_none(), "no ghost worker");
+    f.apply_spans(
+        vec![otel(
+            &res,
+            1,
+            1,
+            None,
+            Operation::InvokeAgent,
+            Some("agent-7"),
+            T0 + 2 * S,
+        )],
+        T0 + 2 * S,
+    );
+    let w = f.worker("agent-7").unwrap();
+    assert_eq!((w.total_input_tokens, w.total_output_tokens), (200, 20));
+    assert_eq!(w.tasks_completed, 1, "the run ended with its root span");
+    assert_eq!(w.running(), 0);
+    assert!(f.worker("agent-svc@inst-1").is_none());
+    assert_eq!(f.counters.spans_inherited.get(), 2);
+    assert_eq!(f.counters.spans_waited.get(), 2);
+    // The next run of the same process is the agent's as its calls arrive: live.
+    f.apply_spans(
+        vec![otel(
+            &res,
+            2,
+            2,
+            Some(1),
+            Operation::Inference,
+            None,
+            T0 + 3 * S,
+        )],
+        T0 + 3 * S,
+    );
+    let w = f.worker("agent-7").unwrap();
+    assert_eq!(w.total_input_tokens, 300);
+    assert_eq!(w.running(), 1);
+    assert_eq!(w.state(), State::Active);
+    f.apply_spans(
+        vec![otel(
+            &res,
+            2,
+            1,
+            None,
+            Operation::InvokeAgent,
+            Some("agent-7"),
+            T0 + 4 * S,
+        )],
+        T0 + 4 * S,
+    );
+    assert_eq!(f.worker("agent-7").unwrap().tasks_completed, 2);
+    f.tick(T0 + 5 * S);
+    assert_eq!(state_of(&f, "agent-7"), State::Idle);
+}
+
+#[test]
+fn nested_agents_are_each_their_own_worker() {
+    let mut f = fleet();
+    let res = svc();
+    let t = 3;
+    // orchestrator 1 → sub-agents 10 and 20 → their chat calls; leaves first.
+    f.apply_spans(
+        vec![
+            otel(&res, t, 11, Some(10), Operation::Inference, None, T0),
+            otel(
+                &res,
+                t,
+                10,
+                Some(1),
+                Operation::InvokeAgent,
+                Some("researcher"),
+                T0 + S,
+            ),
+            otel(&res, t, 21, Some(20), Operation::Inference, None, T0 + S),
+            otel(&res, t, 22, Some(20), Operation::Inference, None, T0 + S),
+        ],
+        T0 + S,
+    );
+    f.apply_spans(
+        vec![
+            otel(
+                &res,
+                t,
+                20,
+                Some(1),
+                Operation::InvokeAgent,
+                Some("writer"),
+                T0 + 2 * S,
+            ),
+            otel(
+                &res,
+                t,
+                1,
+                None,
+                Operation::InvokeAgent,
+                Some("orchestrator"),
+                T0 + 3 * S,
+            ),
+        ],
+        T0 + 3 * S,
+    );
+    let tokens = |f: &FleetState, id: &str| f.worker(id).map(|w| w.total_input_tokens);
+    assert_eq!(tokens(&f, "researcher"), Some(100));
+    assert_eq!(tokens(&f, "writer"), Some(200));
+    assert_eq!(tokens(&f, "orchestrator"), Some(0));
+    for id in ["researcher", "writer", "orchestrator"] {
+        let w = f.worker(id).unwrap();
+        assert_eq!((w.tasks_completed, w.running()), (1, 0), "{id}");
+    }
+    assert!(f.worker("agent-svc@inst-1").is_none());
+    // A process that runs several agents: its next orphan call waits for its ancestor.
+    f.apply_spans(
+        vec![otel(
+            &res,
+            4,
+            2,
+            Some(1),
+            Operation::Inference,
+            None,
+            T0 + 4 * S,
+        )],
+        T0 + 4 * S,
+    );
+    assert_eq!(tokens(&f, "researcher"), Some(100));
+    assert_eq!(tokens(&f, "writer"), Some(200));
+    // The ancestor never comes: after the wait it is the resource's, and counted.
+    f.tick(T0 + 4 * S + FleetConfig::default().identity_wait_ms);
+    assert_eq!(tokens(&f, "agent-svc@inst-1"), Some(100));
+    assert_eq!(f.counters.spans_wait_timed_out.get(), 1);
+}
+
+#[test]
+fn spans_of_a_resource_that_names_its_worker_never_wait() {
+    let mut f = fleet();
+    // The SDK's spans: the resource says fleet.worker.id; the process span's parent is
+    // the commander's dispatch span, which never arrives here.
+    f.apply_spans(vec![chat("w1", "t1", T0, "gpt-4o", 1_000, 100)], T0);
+    assert_eq!(f.worker("w1").unwrap().total_input_tokens, 1_000);
+    assert_eq!(f.counters.spans_waited.get(), 0);
 }

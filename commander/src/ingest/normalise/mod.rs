@@ -140,6 +140,14 @@ pub struct SpanEvent {
     /// `invoke_agent` / `invoke_workflow` span (or `fleet.task.root = true`).
     pub task_root: bool,
     pub dims: Dims,
+    /// The span itself names its agent (`fleet.worker.id`, `gen_ai.agent.id` … on the
+    /// span): it is the agent for its descendants (`fleet::lineage`).
+    pub names_agent: bool,
+    /// The resource's own identity, whatever the span says.
+    pub resource: Arc<Identity>,
+    /// The resource names its worker (`fleet.worker.id` or `gen_ai.agent.id`): its spans
+    /// never wait for an ancestor to say whose they are.
+    pub resource_names_worker: bool,
 }
 
 /// What kind of quantity a metric point carries.
@@ -523,6 +531,9 @@ fn one_span(
         expected_duration_s: expected.filter(|d| d.is_finite() && *d > 0.0),
         task_root,
         dims,
+        names_agent: names_worker,
+        resource: res.identity.clone(),
+        resource_names_worker: r.fleet_worker.is_some() || r.agent_id.is_some(),
     }
 }
 
