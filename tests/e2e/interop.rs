@@ -9,12 +9,24 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use fleet_testkit::fake_llm::{FakeLlm, Reply, USAGE_INPUT, USAGE_OUTPUT};
+
 use crate::common::{Stack, WAIT, eventually};
 
-const PACKAGES: [&str; 3] = [
+/// The SDK, its OTLP exporters, the `openai` client and the official OpenAI
+/// instrumentation. The instrumentation comes as Odigos' build of
+/// `opentelemetry-instrumentation-openai-v2` (the same `openai_v2` module): the official
+/// 2.4b0 imports `opentelemetry.util.genai.instruments`, which the only
+/// `opentelemetry-util-genai` on PyPI (1.3b0) no longer has; and it calls wrapt's
+/// `wrap_function_wrapper(module=…)`, which wrapt 2 renamed.
+const PACKAGES: [&str; 7] = [
     "opentelemetry-sdk",
     "opentelemetry-exporter-otlp-proto-grpc",
     "opentelemetry-exporter-otlp-proto-http",
+    "openai",
+    "httpx",
+    "odigos-opentelemetry-instrumentation-openai-v2",
+    "wrapt<2",
 ];
 
 fn has_sdk(python: &Path) -> bool {
@@ -22,7 +34,7 @@ fn has_sdk(python: &Path) -> bool {
         && Command::new(python)
             .args([
                 "-c",
-                "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http",
+                "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, openai, opentelemetry.instrumentation.openai_v2",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -186,4 +198,89 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
     let f = get(&stack, "/v1/fleet").await;
     assert_eq!(f["states"]["ERROR"], 1);
     assert_eq!(f["task_types"][0]["task_type"], "research");
+}
+
+/// One agent is one worker: the real `openai` client, instrumented by the official OpenAI
+/// instrumentation, makes `chat` spans that carry no agent id; only the agent's own
+/// `invoke_agent` span names it. Over gRPC and HTTP, each agent is one worker with every
+/// token and its cost, its runs completed, and no `service@instance` ghost beside it (nor a
+/// second count of the same tokens from the instrumentation's metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http() {
+    const RUNS: u64 = 3;
+    let python = tokio::task::spawn_blocking(|| otel_python().clone())
+        .await
+        .unwrap();
+    let llm = FakeLlm::start().unwrap();
+    llm.otherwise(Reply::Text("the answer".into()));
+    let stack = Stack::start("[pools.research]\n").await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/interop/openai_agent.py");
+    let grpc = stack.commander.otlp_grpc().unwrap().to_string();
+    let http = stack.commander.otlp_http().unwrap().to_string();
+    for (endpoint, protocol, agent) in [
+        (&grpc, "grpc", "support-grpc"),
+        (&http, "http", "support-http"),
+    ] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(&python)
+                .arg(&script)
+                .arg(endpoint)
+                .arg(protocol)
+                .arg(format!("{}/v1", llm.url()))
+                .arg(agent)
+                .arg(RUNS.to_string())
+                .output(),
+        )
+        .await
+        .expect("the agent finishes")
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "python failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(llm.requests() as u64, 2 * 2 * RUNS, "two calls a run");
+    let calls = 2 * RUNS;
+    let cost = calls as f64 * (USAGE_INPUT as f64 * 0.15 + USAGE_OUTPUT as f64 * 0.60) / 1e6;
+    for agent in ["support-grpc", "support-http"] {
+        let mut w = Value::Null;
+        eventually(&format!("{agent}'s runs complete"), WAIT, async || {
+            w = get(&stack, &format!("/v1/workers/{agent}")).await;
+            w["tasks_completed"] == RUNS
+        })
+        .await;
+        assert_eq!(w["input_tokens"], calls * USAGE_INPUT, "{w}");
+        assert_eq!(w["output_tokens"], calls * USAGE_OUTPUT, "{w}");
+        assert!(close(&w["cost_usd"], cost), "{w}");
+        assert_eq!(w["model"], "gpt-4o-mini");
+        assert_eq!(w["agent_name"], "support-bot");
+        assert_eq!(w["running"], 0);
+    }
+    // Give any stray metric export time to land, then look for ghosts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = get(&stack, "/v1/workers").await;
+    let ids: Vec<&str> = all["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["id"].as_str())
+        .collect();
+    assert!(
+        !ids.iter().any(|id| id.starts_with("openai-")),
+        "no service@instance ghost: {ids:?}"
+    );
+    for agent in ["support-grpc", "support-http"] {
+        let w = get(&stack, &format!("/v1/workers/{agent}")).await;
+        assert_eq!(w["state"], "IDLE", "{w}");
+        assert_eq!(
+            w["input_tokens"],
+            calls * USAGE_INPUT,
+            "metrics not counted again: {w}"
+        );
+    }
+    let costs = get(&stack, "/v1/costs?by=model").await;
+    assert!(close(&costs["total_usd"], 2.0 * cost), "{costs}");
 }

@@ -7,7 +7,8 @@
 //! Spans arrive when they end, so an agent's root span usually comes last, after its
 //! children. A child whose chain of parents is not known yet waits here until an
 //! ancestor that names an agent arrives (it is then applied to that agent, before the
-//! ancestor itself, so the run ends last) or until `fleet.identity_wait_ms` passes. While
+//! ancestor itself, so the run ends last) or until `fleet.identity_wait_ms` passes; a
+//! process that shows no agent by then waits no more (until it does). While
 //! it would wait, a child from a process that has only ever run one top-level agent (its
 //! agent spans are all trace roots, of one agent) is attributed to that agent at once, so
 //! a running agent shows live; a process that ran several agents, or agents under other
@@ -81,6 +82,11 @@ pub struct Lineage {
     nodes: usize,
     waiting: usize,
     resources: FxHashMap<String, ResourceAgents>,
+    /// Processes whose spans carry token counts.
+    span_usage: rustc_hash::FxHashSet<String>,
+    /// Processes that showed no agent while one of their spans waited the whole wait:
+    /// their spans no longer wait (a plain instrumented service pays the wait once).
+    agentless: rustc_hash::FxHashSet<String>,
     pub counts: LineageCounts,
 }
 
@@ -88,6 +94,11 @@ impl Lineage {
     /// Takes one span; pushes onto `out` every span now ready to apply, with its identity
     /// settled: waiting children it resolved first, then the span itself (unless it waits).
     pub fn admit(&mut self, mut ev: SpanEvent, now_ms: u64, out: &mut Vec<SpanEvent>) {
+        // Known as soon as the span arrives, waiting or not: the process's metrics are
+        // then the same tokens again.
+        if ev.usage.is_some() && ev.operation.is_billed() {
+            self.note_span_usage(&ev.resource.worker_id);
+        }
         if ev.names_agent {
             self.note_resource_agent(&ev, now_ms);
             if ev.operation == Operation::InvokeAgent {
@@ -110,7 +121,13 @@ impl Lineage {
                 Resolved::Resource => None,
                 // A resource that names its worker, or a task's root span (its parent is
                 // the commander's dispatch span, never sent here), does not wait.
-                Resolved::Unknown if ev.resource_names_worker || ev.task_root => None,
+                Resolved::Unknown
+                    if ev.resource_names_worker
+                        || ev.task_root
+                        || self.agentless.contains(&ev.resource.worker_id) =>
+                {
+                    None
+                }
                 Resolved::Unknown => {
                     let fallback = self
                         .resources
@@ -152,8 +169,10 @@ impl Lineage {
         if trace.nodes.insert(ev.span_id, node).is_none() {
             self.nodes += 1;
         }
-        // Children that waited for this span (or an ancestor now known through it).
-        if agent.is_some() && !trace.waiting.is_empty() {
+        // Children that waited for this span (or an ancestor now known through it): to
+        // its agent, or, when the chain has reached a root that names none, to their
+        // resource. Either way before this span, so a run ends with its root.
+        if !trace.waiting.is_empty() {
             let waiting = std::mem::take(&mut trace.waiting);
             for (mut child, at) in waiting {
                 match resolve(&trace.nodes, child.parent_span_id) {
@@ -196,12 +215,14 @@ impl Lineage {
                 for (mut ev, _) in due {
                     self.waiting -= 1;
                     self.counts.timed_out += 1;
-                    if let Some(r) = self
-                        .resources
-                        .get(&ev.resource.worker_id)
-                        .filter(|r| !r.several)
-                    {
-                        ev.identity = r.agent.clone();
+                    match self.resources.get(&ev.resource.worker_id) {
+                        Some(r) if !r.several => ev.identity = r.agent.clone(),
+                        Some(_) => {}
+                        None => {
+                            if self.agentless.len() < 10_000 {
+                                self.agentless.insert(ev.resource.worker_id.clone());
+                            }
+                        }
                     }
                     out.push(ev);
                 }
@@ -220,6 +241,28 @@ impl Lineage {
             .retain(|_, r| now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS);
     }
 
+    /// The one top-level agent a process (by its resource's worker id) runs, if that is
+    /// all it has run lately: where its metrics, which carry no trace, belong.
+    pub fn agent_of_resource(&self, resource: &str, now_ms: u64) -> Option<Arc<Identity>> {
+        self.resources
+            .get(resource)
+            .filter(|r| !r.several && now_ms.saturating_sub(r.last_ms) < RESOURCE_AGENT_MS)
+            .map(|r| r.agent.clone())
+    }
+
+    /// Notes that a process's spans carry token counts (its metrics are then the same
+    /// tokens again).
+    pub fn note_span_usage(&mut self, resource: &str) {
+        if !self.span_usage.contains(resource) && self.span_usage.len() < 10_000 {
+            self.span_usage.insert(resource.to_string());
+        }
+    }
+
+    /// Whether a process's spans carry token counts.
+    pub fn spans_carry_usage(&self, resource: &str) -> bool {
+        self.span_usage.contains(resource)
+    }
+
     /// Spans waiting now.
     pub fn waiting(&self) -> usize {
         self.waiting
@@ -230,6 +273,7 @@ impl Lineage {
     /// parent may be a sub-agent (an orchestrator's), and then an orphan call could be
     /// any of them.
     fn note_resource_agent(&mut self, ev: &SpanEvent, now_ms: u64) {
+        self.agentless.remove(&ev.resource.worker_id);
         let nested = ev.parent_span_id.is_some();
         match self.resources.get_mut(&ev.resource.worker_id) {
             Some(r) => {

@@ -356,6 +356,7 @@ impl FleetState {
                 p.errors += 1;
             }
             if billed && let Some(u) = &ev.usage {
+                self.lineage.note_span_usage(&ev.resource.worker_id);
                 p.input_tokens += u.input;
                 p.output_tokens += u.output;
                 p.cost_usd += cost.unwrap_or(0.0);
@@ -393,11 +394,21 @@ impl FleetState {
     pub fn apply_metrics(&mut self, points: Vec<MetricPoint>, now_ms: u64) {
         let reg = self.registry.current();
         for p in points {
+            // Metrics carry no trace: they are their process's, and go to the one agent
+            // that process runs when its spans say so (else to the resource's worker).
+            let agent = self
+                .lineage
+                .agent_of_resource(&p.identity.worker_id, now_ms);
+            let spans_carry_usage = self.lineage.spans_carry_usage(&p.identity.worker_id);
+            let worker_id = agent
+                .as_ref()
+                .map(|a| a.worker_id.as_str())
+                .unwrap_or(p.identity.worker_id.as_str());
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
                 &self.cfg,
                 &self.counters,
-                &p.identity.worker_id,
+                worker_id,
                 now_ms,
             ) else {
                 continue;
@@ -414,8 +425,8 @@ impl FleetState {
                 matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
             w.note_export(now_ms, tokens_moved);
             // Instrumentations that send spans usually send these metrics too: when a
-            // worker's spans carry token counts, its metrics are not booked again.
-            if w.span_usage_seen {
+            // process's spans carry token counts, its metrics are not booked again.
+            if w.span_usage_seen || spans_carry_usage {
                 continue;
             }
             let entry = p.model.as_deref().and_then(|m| reg.lookup(m));

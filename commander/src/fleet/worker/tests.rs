@@ -661,6 +661,39 @@ fn nested_agents_are_each_their_own_worker() {
 }
 
 #[test]
+fn a_service_that_shows_no_agent_waits_only_once() {
+    let mut f = fleet();
+    let plain = Arc::new(Identity {
+        worker_id: "rag-svc@inst-9".into(),
+        ..Default::default()
+    });
+    let wait = FleetConfig::default().identity_wait_ms;
+    // Its parent is another service's span, never sent here.
+    f.apply_spans(
+        vec![otel(&plain, 6, 2, Some(1), Operation::Inference, None, T0)],
+        T0,
+    );
+    assert!(f.worker("rag-svc@inst-9").is_none());
+    f.tick(T0 + wait);
+    assert_eq!(f.worker("rag-svc@inst-9").unwrap().total_input_tokens, 100);
+    // From now on its spans apply at once.
+    f.apply_spans(
+        vec![otel(
+            &plain,
+            7,
+            2,
+            Some(1),
+            Operation::Inference,
+            None,
+            T0 + wait + S,
+        )],
+        T0 + wait + S,
+    );
+    assert_eq!(f.worker("rag-svc@inst-9").unwrap().total_input_tokens, 200);
+    assert_eq!(f.counters.spans_waited.get(), 1);
+}
+
+#[test]
 fn spans_of_a_resource_that_names_its_worker_never_wait() {
     let mut f = fleet();
     // The SDK's spans: the resource says fleet.worker.id; the process span's parent is
@@ -668,4 +701,21 @@ fn spans_of_a_resource_that_names_its_worker_never_wait() {
     f.apply_spans(vec![chat("w1", "t1", T0, "gpt-4o", 1_000, 100)], T0);
     assert_eq!(f.worker("w1").unwrap().total_input_tokens, 1_000);
     assert_eq!(f.counters.spans_waited.get(), 0);
+}
+
+#[test]
+fn spans_that_waited_for_a_root_that_names_no_agent_go_to_their_resource_before_it() {
+    let mut f = fleet();
+    let res = svc();
+    f.apply_spans(
+        vec![otel(&res, 5, 2, Some(1), Operation::Inference, None, T0)],
+        T0,
+    );
+    assert!(f.worker("agent-svc@inst-1").is_none(), "waiting");
+    let mut root = otel(&res, 5, 1, None, Operation::InvokeAgent, None, T0 + S);
+    root.task_root = true;
+    f.apply_spans(vec![root], T0 + S);
+    let w = f.worker("agent-svc@inst-1").unwrap();
+    assert_eq!(w.total_input_tokens, 100);
+    assert_eq!((w.tasks_completed, w.running()), (1, 0));
 }
