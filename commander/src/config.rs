@@ -161,6 +161,10 @@ impl Default for TelemetryConfig {
     }
 }
 
+fn default_lateness_ms() -> u64 {
+    300_000
+}
+
 fn default_identity_wait_ms() -> u64 {
     60_000
 }
@@ -217,6 +221,11 @@ pub struct FleetConfig {
     /// resource.
     #[serde(default = "default_identity_wait_ms")]
     pub identity_wait_ms: u64,
+    /// How late a span or metric point may be stamped and still count in its own time's
+    /// buckets (series, rates, per-minute costs), in milliseconds; one stamped earlier
+    /// counts at arrival minus this, one stamped in the future at its arrival.
+    #[serde(default = "default_lateness_ms")]
+    pub lateness_ms: u64,
     /// A lost worker is forgotten after this long, in ms.
     #[serde(default = "default_worker_retention_ms")]
     pub retention_ms: u64,
@@ -253,6 +262,7 @@ impl Default for FleetConfig {
             lost_after_ms: default_lost_after_ms(),
             silent_lost_after_ms: default_silent_lost_after_ms(),
             identity_wait_ms: default_identity_wait_ms(),
+            lateness_ms: default_lateness_ms(),
             retention_ms: default_worker_retention_ms(),
             max_workers: default_max_workers(),
             max_runs_per_worker: default_max_runs(),

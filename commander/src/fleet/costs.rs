@@ -264,11 +264,35 @@ impl CostLedger {
         id
     }
 
-    pub fn book(&mut self, now_ms: u64, key: CostKeyRef<'_>, cell: CostCell) {
+    /// Books `cell` in the minute of `at_ms` (the event's own time, which the caller bounds
+    /// by its arrival and a lateness allowance); one older than every minute kept lands in
+    /// the oldest.
+    pub fn book(&mut self, at_ms: u64, key: CostKeyRef<'_>, cell: CostCell) {
         let id = self.intern(key);
-        let minute = now_ms / MINUTE_MS;
+        let minute = at_ms / MINUTE_MS;
+        if let Some((newest, _)) = self.minutes.back()
+            && minute < *newest
+        {
+            let i = match self.minutes.binary_search_by_key(&minute, |(m, _)| *m) {
+                Ok(i) => i,
+                Err(0) => 0,
+                Err(i) => {
+                    self.minutes.insert(i, (minute, FxHashMap::default()));
+                    i
+                }
+            };
+            if let Some((_, cells)) = self.minutes.get_mut(i) {
+                cells.entry(id).or_default().add(&cell);
+            }
+            while self.minutes.len() > MAX_MINUTES
+                && let Some((old, cells)) = self.minutes.pop_front()
+            {
+                self.fold_into_hour(old / 60, cells);
+            }
+            return;
+        }
         if self.minutes.back().is_none_or(|(m, _)| minute > *m) {
-            if self.minutes.len() == MAX_MINUTES
+            while self.minutes.len() >= MAX_MINUTES
                 && let Some((old, cells)) = self.minutes.pop_front()
             {
                 self.fold_into_hour(old / 60, cells);

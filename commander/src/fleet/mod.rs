@@ -339,12 +339,15 @@ impl FleetState {
                 continue;
             };
             let effect = w.apply_span(&ev, cost, limit, now_ms, &self.cfg);
+            // Windows and rates follow the span's own time (bounded); state timers, its
+            // arrival.
+            let at = window::event_ms(ev.end_ns, now_ms, self.cfg.lateness_ms);
             if let Some((task_id, _)) = &effect.started
                 && let Some(d) = self.dispatched.get(task_id)
             {
                 w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
             }
-            let p = self.fleet.at(now_ms);
+            let p = self.fleet.at(at);
             let billed = ev.operation.is_billed();
             if billed {
                 p.llm_calls += 1;
@@ -361,7 +364,7 @@ impl FleetState {
                 p.output_tokens += u.output;
                 p.cost_usd += cost.unwrap_or(0.0);
                 self.costs.book(
-                    now_ms,
+                    at,
                     CostKeyRef {
                         dims: &ev.dims,
                         task_type: w.current_task_type(),
@@ -383,7 +386,7 @@ impl FleetState {
                 );
             }
             if effect.finished {
-                self.fleet.at(now_ms).tasks += 1;
+                self.fleet.at(at).tasks += 1;
                 if let Some(done) = w.last_task() {
                     finish_run(&mut self.task_types, &mut self.dispatched, done, now_ms);
                 }
@@ -446,17 +449,18 @@ impl FleetState {
                 MetricKind::OperationDuration => continue,
             };
             let cost = entry.map(|e| e.cost(&usage));
-            w.apply_metric_tokens(usage.input, usage.output, cost, now_ms);
+            let at = window::event_ms(p.time_ns, now_ms, self.cfg.lateness_ms);
+            w.apply_metric_tokens(usage.input, usage.output, cost, at, now_ms);
             if p.model.is_some() {
                 w.model.clone_from(&p.model);
             }
-            let f = self.fleet.at(now_ms);
+            let f = self.fleet.at(at);
             f.input_tokens += usage.input;
             f.output_tokens += usage.output;
             f.cost_usd += cost.unwrap_or(0.0);
             let no_dims = Dims::default();
             self.costs.book(
-                now_ms,
+                at,
                 CostKeyRef {
                     dims: &no_dims,
                     task_type: None,

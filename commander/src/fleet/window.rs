@@ -37,6 +37,14 @@ pub struct WorkerBucket {
     pub cost_micros: u32,
 }
 
+/// When an event counts in windows and rates: its own time (`time_ns`, the span's end or
+/// the metric point's time), bounded by its arrival (`now_ms`: nothing counts in the
+/// future) and `lateness_ms` before it (batch exporters hold spans for seconds; a replay
+/// stamped hours ago counts at the edge of the allowance, not in buckets long gone).
+pub fn event_ms(time_ns: u64, now_ms: u64, lateness_ms: u64) -> u64 {
+    (time_ns / 1_000_000).clamp(now_ms.saturating_sub(lateness_ms), now_ms)
+}
+
 /// A sparse ring of per-worker buckets.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerRing {
@@ -44,11 +52,42 @@ pub struct WorkerRing {
 }
 
 impl WorkerRing {
-    /// The bucket for `ms`, created if needed. Events older than the newest bucket land in
-    /// it (late spans still count, at the current time).
+    /// The bucket for `ms`, created if needed. A late event (the caller bounds how late)
+    /// lands in its own bucket; one older than every bucket kept lands in the oldest.
     pub fn at(&mut self, ms: u64) -> &mut WorkerBucket {
         let epoch = bucket_of(ms) as u32;
         let newest = self.buckets.back().map(|b| b.epoch);
+        if let Some(n) = newest
+            && epoch < n
+        {
+            let i = match self.buckets.binary_search_by_key(&epoch, |b| b.epoch) {
+                Ok(i) => i,
+                Err(0) if self.buckets.len() == WORKER_BUCKETS => 0,
+                Err(i) => {
+                    if self.buckets.len() == WORKER_BUCKETS {
+                        self.buckets.pop_front();
+                        self.buckets.insert(
+                            i - 1,
+                            WorkerBucket {
+                                epoch,
+                                ..Default::default()
+                            },
+                        );
+                        i - 1
+                    } else {
+                        self.buckets.insert(
+                            i,
+                            WorkerBucket {
+                                epoch,
+                                ..Default::default()
+                            },
+                        );
+                        i
+                    }
+                }
+            };
+            return &mut self.buckets.make_contiguous()[i];
+        }
         if newest.is_none_or(|n| epoch > n) {
             if self.buckets.len() == WORKER_BUCKETS {
                 self.buckets.pop_front();

@@ -399,7 +399,7 @@ impl Worker {
         }
         let start_ms = ev.start_ns / 1_000_000;
         let end_ms = ev.end_ns / 1_000_000;
-        let bucket_ms = now_ms;
+        let bucket_ms = super::window::event_ms(ev.end_ns, now_ms, cfg.lateness_ms);
 
         let idx = match self.find_run(ev.task_id.as_deref(), &ev.trace_id) {
             Some(i) => i,
@@ -666,11 +666,19 @@ impl Worker {
     }
 
     /// Books tokens reported only through metrics (no span carried them).
-    pub fn apply_metric_tokens(&mut self, input: u64, output: u64, cost: Option<f64>, now_ms: u64) {
-        self.last_seen_ms = now_ms;
+    /// `at_ms` is the point's own time, bounded (`window::event_ms`); `now_ms` its arrival.
+    pub fn apply_metric_tokens(
+        &mut self,
+        input: u64,
+        output: u64,
+        cost: Option<f64>,
+        at_ms: u64,
+        now_ms: u64,
+    ) {
+        self.last_seen_ms = self.last_seen_ms.max(now_ms);
         self.total_input_tokens += input;
         self.total_output_tokens += output;
-        let b = self.ring.at(now_ms);
+        let b = self.ring.at(at_ms);
         b.input_tokens = b.input_tokens.saturating_add(clamp32(input));
         b.output_tokens = b.output_tokens.saturating_add(clamp32(output));
         match cost {

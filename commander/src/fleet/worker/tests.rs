@@ -719,3 +719,36 @@ fn spans_that_waited_for_a_root_that_names_no_agent_go_to_their_resource_before_
     assert_eq!(w.total_input_tokens, 100);
     assert_eq!((w.tasks_completed, w.running()), (1, 0));
 }
+
+#[test]
+fn windows_follow_the_spans_own_time_within_the_lateness_allowance() {
+    let mut f = fleet();
+    let now = T0 + 3_600 * S;
+    // Exported two minutes after the call ended: it counts two minutes ago.
+    f.apply_spans(
+        vec![chat("w1", "t1", now - 120 * S, "gpt-4o", 1_000, 100)],
+        now,
+    );
+    let last_minute = f.costs(&[Dim::Model], 60 * S, now);
+    assert!(last_minute.rows.is_empty(), "{last_minute:?}");
+    let three = f.costs(&[Dim::Model], 180 * S, now);
+    assert_eq!(three.rows.len(), 1);
+    let series = f.fleet_series(300 * S, now);
+    let at = series.iter().find(|p| p.llm_calls > 0).unwrap();
+    assert_eq!(at.t, (now - 120 * S) / 10_000 * 10);
+    // Stamped half an hour ago (a replay): at the edge of the 5-minute allowance.
+    f.apply_spans(
+        vec![chat("w2", "t2", now - 1_800 * S, "gpt-4o", 1_000, 100)],
+        now,
+    );
+    let series = f.fleet_series(600 * S, now);
+    let edge = (now - FleetConfig::default().lateness_ms) / 10_000 * 10;
+    assert_eq!(series.iter().find(|p| p.t == edge).unwrap().llm_calls, 1);
+    // Stamped in the future: now.
+    f.apply_spans(
+        vec![chat("w3", "t3", now + 3_600 * S, "gpt-4o", 1_000, 100)],
+        now,
+    );
+    let series = f.fleet_series(10 * S, now);
+    assert_eq!(series.last().unwrap().llm_calls, 1);
+}
