@@ -97,6 +97,8 @@ struct Dispatch {
 const MAX_DISPATCHES: usize = 100_000;
 const MAX_TASK_TYPES: usize = 1_024;
 const MAX_POOLS: usize = 1_024;
+/// Models whose call latencies are kept.
+const MAX_MODELS: usize = 256;
 const MINUTE: u64 = 60_000;
 
 #[derive(Debug)]
@@ -218,6 +220,8 @@ pub struct FleetState {
     pub counters: Arc<StateCounters>,
     /// Which agent each trace's spans belong to.
     lineage: lineage::Lineage,
+    /// LLM call durations per model (registry name), the last hour.
+    model_latency: FxHashMap<String, WindowedSketch>,
 }
 
 impl FleetState {
@@ -242,6 +246,7 @@ impl FleetState {
             dispatch_order: VecDeque::new(),
             counters: Arc::new(StateCounters::default()),
             lineage: Default::default(),
+            model_latency: FxHashMap::default(),
         }
     }
 
@@ -357,6 +362,18 @@ impl FleetState {
             }
             if ev.error {
                 p.errors += 1;
+            }
+            if billed && let Some(m) = ev.model.as_deref() {
+                let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+                let ms = ev.end_ns.saturating_sub(ev.start_ns) as f64 / 1e6;
+                let room = self.model_latency.len() < MAX_MODELS;
+                if let Some(s) = self.model_latency.get_mut(name) {
+                    s.add(at, ms);
+                } else if room {
+                    let mut s = WindowedSketch::new(10 * MINUTE, 6);
+                    s.add(at, ms);
+                    self.model_latency.insert(name.to_string(), s);
+                }
             }
             if billed && let Some(u) = &ev.usage {
                 self.lineage.note_span_usage(&ev.resource.worker_id);
@@ -845,6 +862,7 @@ impl FleetState {
             .into_iter()
             .filter_map(|r| {
                 let model = r.group.get("model").cloned().flatten()?;
+                let model_name = model.clone();
                 Some(ModelShare {
                     unknown: reg.lookup(&model).is_none(),
                     model,
@@ -857,6 +875,11 @@ impl FleetState {
                     input_tokens: r.cell.input_tokens,
                     output_tokens: r.cell.output_tokens,
                     cost_usd: r.cell.cost_usd,
+                    latency_ms: self
+                        .model_latency
+                        .get(&model_name)
+                        .map(|s| s.percentiles(now_ms))
+                        .unwrap_or_default(),
                 })
             })
             .collect();

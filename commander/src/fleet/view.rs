@@ -136,6 +136,9 @@ pub struct ModelShare {
     pub cost_usd: f64,
     /// Not in the registry (cost unknown).
     pub unknown: bool,
+    /// Duration of its LLM calls (`gen_ai.client.operation.duration`, from the calls'
+    /// spans), the last hour.
+    pub latency_ms: Percentiles,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -468,6 +468,12 @@ fn models_show_by_their_registry_name_with_the_reported_one_beside_it() {
         "one model, one row"
     );
     assert_eq!(report.rows[0].cell.calls, 2);
+    // Its calls' latency, where models are listed (each call took 1 s).
+    let listed = &snap.fleet.models[0];
+    assert_eq!(listed.model, "gpt-4o");
+    assert_eq!(listed.latency_ms.count, 2);
+    let p50 = listed.latency_ms.p50.unwrap();
+    assert!((p50 - 1_000.0).abs() < 20.0, "{p50}");
 }
 
 /// A span as an OpenTelemetry-instrumented process sends it: its resource names no worker
