@@ -7,6 +7,7 @@
 
 pub mod costs;
 pub mod lineage;
+pub mod mix;
 pub mod view;
 pub mod window;
 pub mod worker;
@@ -97,6 +98,9 @@ struct Dispatch {
 const MAX_DISPATCHES: usize = 100_000;
 const MAX_TASK_TYPES: usize = 1_024;
 const MAX_POOLS: usize = 1_024;
+/// How long after a metric export its tokens beyond the spans are booked: the spans of
+/// the same calls leave their exporters' batches within seconds.
+const MIX_GRACE_MS: u64 = 30_000;
 /// Models whose call latencies are kept.
 const MAX_MODELS: usize = 256;
 const MINUTE: u64 = 60_000;
@@ -222,6 +226,8 @@ pub struct FleetState {
     lineage: lineage::Lineage,
     /// LLM call durations per model (registry name), the last hour.
     model_latency: FxHashMap<String, WindowedSketch>,
+    /// Tokens of processes that report them both as spans and as metrics.
+    mix: mix::UsageMix,
 }
 
 impl FleetState {
@@ -247,6 +253,7 @@ impl FleetState {
             counters: Arc::new(StateCounters::default()),
             lineage: Default::default(),
             model_latency: FxHashMap::default(),
+            mix: Default::default(),
         }
     }
 
@@ -377,6 +384,11 @@ impl FleetState {
             }
             if billed && let Some(u) = &ev.usage {
                 self.lineage.note_span_usage(&ev.resource.worker_id);
+                if let Some(m) = ev.model.as_deref() {
+                    let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+                    self.mix
+                        .span(&ev.resource.worker_id, name, u.input, u.output);
+                }
                 p.input_tokens += u.input;
                 p.output_tokens += u.output;
                 p.cost_usd += cost.unwrap_or(0.0);
@@ -445,8 +457,24 @@ impl FleetState {
                 matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
             w.note_export(now_ms, tokens_moved);
             // Instrumentations that send spans usually send these metrics too: when a
-            // process's spans carry token counts, its metrics are not booked again.
+            // process's spans carry token counts, its metrics count only for what they
+            // say beyond the spans (`mix`, booked at a tick after a grace period).
             if w.span_usage_seen || spans_carry_usage {
+                let side = match p.kind {
+                    MetricKind::InputTokens => Some(mix::Side::Input),
+                    MetricKind::OutputTokens => Some(mix::Side::Output),
+                    _ => None,
+                };
+                if let (Some(side), Some(m)) = (side, p.model.as_deref()) {
+                    let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+                    self.mix.metric(
+                        &p.identity.worker_id,
+                        name,
+                        side,
+                        value.max(0.0) as u64,
+                        now_ms,
+                    );
+                }
                 continue;
             }
             let entry = p.model.as_deref().and_then(|m| reg.lookup(m));
@@ -609,7 +637,63 @@ impl FleetState {
 
     /// Time-driven transitions (WAITING, STUCK, lost), eviction, and the parallel-agent
     /// count. Call about once a second.
+    /// Books the tokens processes reported as metrics beyond their spans (`mix`).
+    fn book_metric_extras(&mut self, now_ms: u64) {
+        let reg = self.registry.current();
+        for e in self.mix.due(now_ms, MIX_GRACE_MS) {
+            let agent = self.lineage.agent_of_resource(&e.resource, now_ms);
+            let worker_id = agent
+                .as_ref()
+                .map(|a| a.worker_id.clone())
+                .unwrap_or_else(|| e.resource.clone());
+            let Some(w) = Self::worker_entry(
+                &mut self.workers,
+                &self.cfg,
+                &self.counters,
+                &worker_id,
+                now_ms,
+            ) else {
+                continue;
+            };
+            let usage = match e.side {
+                mix::Side::Input => TokenUsage {
+                    input: e.tokens,
+                    ..Default::default()
+                },
+                mix::Side::Output => TokenUsage {
+                    output: e.tokens,
+                    ..Default::default()
+                },
+            };
+            let entry = reg.lookup(&e.model);
+            let cost = entry.map(|en| en.cost(&usage));
+            w.apply_metric_tokens(usage.input, usage.output, cost, now_ms, now_ms);
+            let f = self.fleet.at(now_ms);
+            f.input_tokens += usage.input;
+            f.output_tokens += usage.output;
+            f.cost_usd += cost.unwrap_or(0.0);
+            let no_dims = Dims::default();
+            self.costs.book(
+                now_ms,
+                CostKeyRef {
+                    dims: &no_dims,
+                    task_type: None,
+                    pool: w.pool.as_deref(),
+                    model: Some(e.model.as_str()),
+                },
+                CostCell {
+                    cost_usd: cost.unwrap_or(0.0),
+                    input_tokens: usage.input,
+                    output_tokens: usage.output,
+                    calls: 0,
+                    unknown_cost_calls: u64::from(cost.is_none()),
+                },
+            );
+        }
+    }
+
     pub fn tick(&mut self, now_ms: u64) {
+        self.book_metric_extras(now_ms);
         let mut due = Vec::new();
         self.lineage
             .expire(now_ms, self.cfg.identity_wait_ms, &mut due);

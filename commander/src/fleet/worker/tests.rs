@@ -758,3 +758,41 @@ fn windows_follow_the_spans_own_time_within_the_lateness_allowance() {
     let series = f.fleet_series(10 * S, now);
     assert_eq!(series.last().unwrap().llm_calls, 1);
 }
+
+#[test]
+fn a_process_that_reports_some_calls_only_as_metrics_is_counted_in_full_once() {
+    let mut f = fleet();
+    let point = |value: f64| MetricPoint {
+        identity: identity("mix-1"),
+        kind: MetricKind::InputTokens,
+        model: Some("gpt-4o-mini".into()),
+        series: 1,
+        cumulative: true,
+        start_ns: 1,
+        time_ns: 2,
+        value,
+        count: 1,
+        error: false,
+    };
+    // One call reported as a span (300 tokens) and as metric; one only as metric (200).
+    f.apply_spans(vec![chat("mix-1", "t1", T0, "gpt-4o-mini", 300, 30)], T0);
+    f.apply_metrics(vec![point(500.0)], T0 + S);
+    f.tick(T0 + 2 * S);
+    assert_eq!(
+        f.worker("mix-1").unwrap().total_input_tokens,
+        300,
+        "not before the grace"
+    );
+    f.tick(T0 + 40 * S);
+    assert_eq!(
+        f.worker("mix-1").unwrap().total_input_tokens,
+        500,
+        "the metric-only call"
+    );
+    // Later exports of the same totals add nothing.
+    f.apply_metrics(vec![point(500.0)], T0 + 60 * S);
+    f.tick(T0 + 100 * S);
+    assert_eq!(f.worker("mix-1").unwrap().total_input_tokens, 500);
+    let costs = f.costs(&[Dim::Model], 3_600_000, T0 + 100 * S);
+    assert_eq!(costs.rows[0].cell.input_tokens, 500);
+}
