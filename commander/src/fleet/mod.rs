@@ -493,31 +493,21 @@ impl FleetState {
                 MetricKind::CacheReadTokens | MetricKind::CacheWriteTokens => continue,
                 MetricKind::OperationDuration => continue,
             };
-            let cost = entry.map(|e| e.cost(&usage));
             let at = window::event_ms(p.time_ns, now_ms, self.cfg.lateness_ms);
-            w.apply_metric_tokens(usage.input, usage.output, cost, at, now_ms);
             if p.model.is_some() {
                 w.model.clone_from(&p.model);
             }
-            let f = self.fleet.at(at);
-            f.input_tokens += usage.input;
-            f.output_tokens += usage.output;
-            f.cost_usd += cost.unwrap_or(0.0);
-            let no_dims = Dims::default();
-            self.costs.book(
-                at,
-                CostKeyRef {
-                    dims: &no_dims,
-                    task_type: None,
-                    pool: w.pool.as_deref(),
-                    model: entry.map(|e| e.name.as_str()).or(p.model.as_deref()),
-                },
-                CostCell {
-                    cost_usd: cost.unwrap_or(0.0),
-                    input_tokens: usage.input,
-                    output_tokens: usage.output,
-                    calls: 0,
-                    unknown_cost_calls: u64::from(cost.is_none()),
+            let model = entry.map(|e| e.name.as_str()).or(p.model.as_deref());
+            book_metric_tokens(
+                w,
+                &mut self.fleet,
+                &mut self.costs,
+                MetricTokens {
+                    usage,
+                    entry,
+                    model,
+                    at_ms: at,
+                    now_ms,
                 },
             );
         }
@@ -665,28 +655,16 @@ impl FleetState {
                     ..Default::default()
                 },
             };
-            let entry = reg.lookup(&e.model);
-            let cost = entry.map(|en| en.cost(&usage));
-            w.apply_metric_tokens(usage.input, usage.output, cost, now_ms, now_ms);
-            let f = self.fleet.at(now_ms);
-            f.input_tokens += usage.input;
-            f.output_tokens += usage.output;
-            f.cost_usd += cost.unwrap_or(0.0);
-            let no_dims = Dims::default();
-            self.costs.book(
-                now_ms,
-                CostKeyRef {
-                    dims: &no_dims,
-                    task_type: None,
-                    pool: w.pool.as_deref(),
+            book_metric_tokens(
+                w,
+                &mut self.fleet,
+                &mut self.costs,
+                MetricTokens {
+                    usage,
+                    entry: reg.lookup(&e.model),
                     model: Some(e.model.as_str()),
-                },
-                CostCell {
-                    cost_usd: cost.unwrap_or(0.0),
-                    input_tokens: usage.input,
-                    output_tokens: usage.output,
-                    calls: 0,
-                    unknown_cost_calls: u64::from(cost.is_none()),
+                    at_ms: now_ms,
+                    now_ms,
                 },
             );
         }
@@ -1119,6 +1097,49 @@ impl FleetHandle {
         self.ask(|reply| Query::FleetSeries { window_ms, reply })
             .await
     }
+}
+
+/// Tokens a metric reported, to book.
+struct MetricTokens<'a> {
+    usage: TokenUsage,
+    entry: Option<&'a crate::registry::ModelEntry>,
+    /// The model's name in the cost report.
+    model: Option<&'a str>,
+    /// The point's own time (bounded) and its arrival.
+    at_ms: u64,
+    now_ms: u64,
+}
+
+/// Books metric-reported tokens on the worker, the fleet series and the cost ledger (no
+/// call is counted: a metric point is not a call).
+fn book_metric_tokens(
+    w: &mut Worker,
+    fleet: &mut FleetRing,
+    costs: &mut CostLedger,
+    t: MetricTokens<'_>,
+) {
+    let cost = t.entry.map(|e| e.cost(&t.usage));
+    w.apply_metric_tokens(t.usage.input, t.usage.output, cost, t.at_ms, t.now_ms);
+    let f = fleet.at(t.at_ms);
+    f.input_tokens += t.usage.input;
+    f.output_tokens += t.usage.output;
+    f.cost_usd += cost.unwrap_or(0.0);
+    costs.book(
+        t.at_ms,
+        CostKeyRef {
+            dims: &Dims::default(),
+            task_type: None,
+            pool: w.pool.as_deref(),
+            model: t.model,
+        },
+        CostCell {
+            cost_usd: cost.unwrap_or(0.0),
+            input_tokens: t.usage.input,
+            output_tokens: t.usage.output,
+            calls: 0,
+            unknown_cost_calls: u64::from(cost.is_none()),
+        },
+    );
 }
 
 /// Starts the owner. It stops when `stop` turns true. A panic while it applies an event
