@@ -290,8 +290,10 @@ struct Garbage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_receivers_answer_bad_input_with_otlp_codes_and_keep_the_rest() {
+    // Its spans name parents that are never sent: they wait for them (to learn their
+    // agent) only briefly here.
     let stack = Stack::start(&format!(
-        "{POOLS}\n[telemetry]\nmax_request_bytes = 65536\n"
+        "{POOLS}\n[telemetry]\nmax_request_bytes = 65536\n[fleet]\nidentity_wait_ms = 500\n"
     ))
     .await;
     let grpc = stack.commander.otlp_grpc().unwrap().to_string();

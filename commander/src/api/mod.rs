@@ -171,7 +171,15 @@ fn code_of(status: StatusCode) -> &'static str {
 /// answer plain text, and some have no body at all. Their text becomes the message; a
 /// 5xx says nothing of its cause.
 async fn json_errors(resp: Response) -> Response {
+    let mut resp = resp;
     let status = resp.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The body was not read to its end: the connection cannot carry another request.
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }

@@ -568,7 +568,13 @@ async fn http_no_route(uri: axum::http::Uri) -> Response {
 /// axum's own refusals (a body over the limit, a wrong method) answer plain text; OTLP
 /// clients read a `google.rpc.Status`. 413 keeps its meaning: RESOURCE_EXHAUSTED.
 async fn status_bodies(resp: Response) -> Response {
+    let mut resp = resp;
     let status = resp.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The body was not read to its end: the connection cannot carry another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let typed = resp.headers().contains_key(header::CONTENT_TYPE)
         && resp
             .headers()
