@@ -107,6 +107,12 @@ impl Lineage {
                 ev.task_root = true;
             }
         }
+        // The common case costs nothing: a span of a process that names its worker, in a
+        // trace where no span has needed the lineage, is its resource's as it is.
+        if ev.resource_names_worker && !ev.names_agent && !self.traces.contains_key(&ev.trace_id) {
+            out.push(ev);
+            return;
+        }
         self.make_room(out);
         let trace = self.traces.entry(ev.trace_id).or_insert_with(|| {
             self.order.push_back(ev.trace_id);
