@@ -88,6 +88,8 @@ pub struct Metrics {
     pub telemetry: Family<TelemetryLabels, Counter>,
     /// Workers tracked, by state (lost workers under `LOST`).
     pub workers: Family<StateLabel, Gauge>,
+    /// 1 while the NATS connection is up, 0 while it is being re-established.
+    pub nats_connected: Gauge,
     /// Routing decisions by pool, model and rule (rejections: pool/model `none`).
     pub decisions: Family<DecisionLabels, Counter>,
 }
@@ -201,6 +203,11 @@ impl Metrics {
             self.telemetry.clone(),
         );
         r.register("workers", "Workers tracked, by state", self.workers.clone());
+        r.register(
+            "nats_connected",
+            "1 while the NATS connection is up, 0 while it is being re-established",
+            self.nats_connected.clone(),
+        );
         r.register(
             "workers_refused",
             "Signals from new workers refused because fleet.max_workers were tracked",

@@ -219,6 +219,17 @@ async fn run(
         );
     }
     {
+        let (c, health, m, stop) = (
+            client.clone(),
+            supervisor.health.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        );
+        telemetry_tasks.push(supervisor.spawn("nats_watch", stop_rx.clone(), move || {
+            watch_nats(c.clone(), health.clone(), m.clone(), stop.clone())
+        }));
+    }
+    {
         let (js, sub, fl, stop) = (js.clone(), subjects.clone(), fleet.clone(), stop_rx.clone());
         let every = Duration::from_millis(t.queue_poll_ms);
         telemetry_tasks.push(supervisor.spawn("queue_poll", stop_rx.clone(), move || {
@@ -577,6 +588,43 @@ async fn sweep_store(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Follows the NATS connection: while it is down, `/readyz` names `nats` and answers 503,
+/// `fleet_nats_connected` is 0, and each change is logged once. (The client reconnects by
+/// itself; nothing here touches the connection.)
+async fn watch_nats(
+    client: async_nats::Client,
+    health: Arc<crate::supervise::Health>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut was_up: Option<bool> = None;
+    let mut down_since = std::time::Instant::now();
+    loop {
+        let up = client.connection_state() == async_nats::connection::State::Connected;
+        if was_up != Some(up) {
+            metrics.nats_connected.set(i64::from(up));
+            if up {
+                health.set_up("nats");
+                if was_up.is_some() {
+                    tracing::info!(
+                        down_ms = down_since.elapsed().as_millis() as u64,
+                        "NATS connection back; taking work again"
+                    );
+                }
+            } else {
+                down_since = std::time::Instant::now();
+                health.set_down("nats", "NATS is unreachable; reconnecting".into());
+                tracing::warn!("lost the NATS connection; not ready until it is back");
+            }
+            was_up = Some(up);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
         }
     }
 }

@@ -15,6 +15,7 @@ mod hostile;
 mod interop;
 mod kill;
 mod newuser;
+mod outage;
 mod policy;
 mod routing;
 mod spine;

@@ -321,7 +321,11 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         && release.is_none()
     {
         ctx.metrics.intake_duplicates.inc();
-        if existing.intake_sequence != seq {
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        if delivered > 1 || existing.intake_sequence == seq || existing.intake_sequence == 0 {
+            // The same message again: a crash or a lost ack between handling and acking.
+            tracing::info!(task_id = %id, seq, delivered, "intake message redelivered after an interruption; it was already handled");
+        } else {
             tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
         }
         return Ok(Read::Done(Plan::Duplicate));

@@ -59,11 +59,18 @@ impl NatsServer {
     }
 
     fn start_in(dir: tempfile::TempDir) -> Result<Self, TestkitError> {
+        Self::start_on(dir, "-1")
+    }
+
+    /// Starts a server in `dir` (its JetStream store is there) on `port` (`-1`: any).
+    fn start_on(dir: tempfile::TempDir, port: &str) -> Result<Self, TestkitError> {
         let bin = nats_server_bin();
         let log = dir.path().join("nats.log");
+        // A fresh log, so readiness is read from this run's lines.
+        let _ = std::fs::remove_file(&log);
         let child = Command::new(&bin)
             .arg("-js")
-            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .args(["-a", "127.0.0.1", "-p", port])
             .arg("-sd")
             .arg(dir.path().join("jetstream"))
             .arg("-l")
@@ -129,6 +136,24 @@ impl NatsServer {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would. Its store stays.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store (after [`Self::kill9`]).
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        self.kill9();
+        let port = self.url.rsplit(':').next().unwrap_or("-1").to_string();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        let fresh = Self::start_on(dir, &port)?;
+        *self = fresh;
+        Ok(())
     }
 }
 
