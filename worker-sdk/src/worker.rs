@@ -2,8 +2,9 @@
 //! task's trace context, publishes the result durably, then acks.
 //!
 //! Delivery is at-least-once (JetStream); the worker makes execution effectively once per
-//! (task id, attempt): a redelivered message whose result already exists — in this
-//! worker's memory or in the results stream — is acked without running the handler again.
+//! (task id, attempt): a message whose result already exists — in this worker's memory or
+//! in the results stream, looked up on every delivery — is acked without running the
+//! handler again.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::future::Future;
@@ -486,7 +487,7 @@ where
         return;
     };
     let key = (task_id.clone(), attempt);
-    if already_done(shared, &key, delivered).await {
+    if already_done(shared, &key).await {
         shared
             .stats
             .skipped_duplicates
@@ -495,7 +496,7 @@ where
             task_id,
             attempt,
             delivered,
-            "redelivered task already has a result; acking without running"
+            "task already has a result for this attempt; acking without running"
         );
         let _ = msg.ack().await;
         return;
@@ -727,7 +728,7 @@ where
     }
 }
 
-async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64) -> bool {
+async fn already_done<H>(shared: &Shared<H>, key: &(String, u32)) -> bool {
     if shared
         .completed
         .lock()
@@ -736,10 +737,9 @@ async fn already_done<H>(shared: &Shared<H>, key: &(String, u32), delivered: i64
     {
         return true;
     }
-    if delivered <= 1 {
-        return false;
-    }
-    // Redelivered: another worker (or this one before a restart) may have finished it.
+    // Every delivery, not only redeliveries: a nats-server restarted after a crash can hand
+    // out again, as a first delivery, a message whose result was stored and which was acked
+    // just before the crash. One direct get per task keeps the handler from running twice.
     let subject = shared.config.subjects.result(&key.0);
     match shared.results.direct_get_last_for_subject(subject).await {
         Ok(prev) => {
