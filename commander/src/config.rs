@@ -435,6 +435,15 @@ pub struct IntakeConfig {
     /// a task naming any other subject is rejected with `bad_reply_to`.
     #[serde(default = "default_reply_prefixes")]
     pub reply_prefixes: Vec<String>,
+    /// Seconds a SIGTERM waits for the task path to finish the batches in hand and flush
+    /// the store; past it the commander exits all the same (with NATS unreachable, say).
+    /// Nothing acked is lost: JetStream redelivers what was not acked.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_shutdown_grace_secs() -> u64 {
+    10
 }
 
 fn default_reply_prefixes() -> Vec<String> {
@@ -451,6 +460,7 @@ impl Default for IntakeConfig {
             ack_wait_secs: default_intake_ack_wait_secs(),
             work_ack_wait_secs: default_ack_wait_secs(),
             reply_prefixes: default_reply_prefixes(),
+            shutdown_grace_secs: default_shutdown_grace_secs(),
         }
     }
 }

@@ -431,27 +431,38 @@ async fn run(
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    let _ = intake.await;
-    let _ = results.await;
-    let _ = release.await;
-    let _ = deadletter.await;
-    let _ = retarget.await;
-    let _ = sweeper.await;
-    for t in telemetry_tasks {
-        let _ = t.await;
+    let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async move {
+        let _ = intake.await;
+        let _ = results.await;
+        let _ = release.await;
+        let _ = deadletter.await;
+        let _ = retarget.await;
+        let _ = sweeper.await;
+        for t in telemetry_tasks {
+            let _ = t.await;
+        }
+        let _ = fleet_task.await;
+        for w in [models_watch, rubric_watch].into_iter().flatten() {
+            w.abort();
+        }
+        if let Err(e) = store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        // The exporter flushes and stops once the last handle to it is gone.
+        drop(ctx);
+        drop(classifier);
+        let _ = tokio::time::timeout(Duration::from_secs(5), spans_task).await;
+        let _ = client.flush().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            nats_connected = client.connection_state() == async_nats::connection::State::Connected,
+            "shutdown grace passed with work unfinished; exiting: what was not acked stays in JetStream and is delivered again, spans not yet exported are dropped"
+        );
     }
-    let _ = fleet_task.await;
-    for w in [models_watch, rubric_watch].into_iter().flatten() {
-        w.abort();
-    }
-    if let Err(e) = store.flush().await {
-        tracing::error!(error = %e, "final store flush failed");
-    }
-    // The exporter flushes and stops once the last handle to it is gone.
-    drop(ctx);
-    drop(classifier);
-    let _ = tokio::time::timeout(Duration::from_secs(5), spans_task).await;
-    let _ = client.flush().await;
     tracing::info!("stopped");
     Ok(())
 }

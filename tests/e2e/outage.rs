@@ -78,3 +78,33 @@ async fn readiness_tells_the_truth_through_a_nats_server_crash() {
     assert_eq!(r.status, ResultStatus::Ok);
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nats_gone_exits_within_the_grace_period() {
+    let mut stack =
+        Stack::start(&format!("{TWO_POOLS}\n[intake]\nshutdown_grace_secs = 3\n")).await;
+    // Work in hand when the broker dies: a task submitted, no worker to take it.
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    producer
+        .submit(&Task::new("in flight"), SubmitOptions::default())
+        .await
+        .unwrap();
+    stack.nats.kill9();
+    eventually("not ready while NATS is gone", WAIT, async || {
+        readyz(&stack).await.0 == 503
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let code = stack.commander.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", stack.commander.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stack.commander.logged("stopped"),
+        "{}",
+        stack.commander.log_text()
+    );
+}
