@@ -385,7 +385,9 @@ async fn run(
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         store: store.clone(),
-        producer: fleet_worker::Producer::new(client.clone(), subjects),
+        // The API answers 503 at once and lets its caller retry (docs/api.md).
+        producer: fleet_worker::Producer::new(client.clone(), subjects)
+            .with_retry_for(Duration::ZERO),
         metrics,
         registry,
         ready: ready.clone(),

@@ -64,6 +64,19 @@ pub struct Producer {
     client: async_nats::Client,
     js: jetstream::Context,
     subjects: Subjects,
+    retry_for: Duration,
+}
+
+/// How long [`Producer::submit`] retries by default when no PubAck came.
+pub const DEFAULT_SUBMIT_RETRY: Duration = Duration::from_secs(30);
+
+/// A task ready to publish: the same bytes and headers on every try.
+struct Prepared {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    task_id: String,
+    traceparent: TraceParent,
 }
 
 impl Producer {
@@ -73,7 +86,17 @@ impl Producer {
             client,
             js,
             subjects,
+            retry_for: DEFAULT_SUBMIT_RETRY,
         }
+    }
+
+    /// How long [`Producer::submit`] keeps trying when no PubAck comes (a timeout, a
+    /// broker restart): the outcome is unknown, so it publishes the very same message
+    /// again (same task id, same `Nats-Msg-Id`), and a copy that did get stored is
+    /// recognised. Zero: one try.
+    pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
+        self.retry_for = retry_for;
+        self
     }
 
     pub fn subjects(&self) -> &Subjects {
@@ -81,29 +104,62 @@ impl Producer {
     }
 
     /// Validates and publishes a task to the intake stream; returns once JetStream has
-    /// stored it.
+    /// stored it. Without a PubAck the outcome is unknown: the same message is published
+    /// again, with backoff, for up to the retry period (`with_retry_for`).
     pub async fn submit(
         &self,
         task: &Task,
         opts: SubmitOptions,
     ) -> Result<SubmitReceipt, ProducerError> {
-        self.submit_pipelined(task, opts).await?.await
+        let prepared = self.prepare(task, &opts)?;
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.publish(&prepared).await {
+                Ok(pending) => match pending.await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => {
+                        if tokio::time::Instant::now() + backoff >= deadline {
+                            return Err(e);
+                        }
+                        tracing::warn!(task_id = %prepared.task_id, error = %e, "no acknowledgement from the intake stream; submitting the same task again");
+                    }
+                },
+                Err(e) => {
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(task_id = %prepared.task_id, error = %e, "submission not sent; trying again");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
-    /// Like [`Producer::submit`] but does not wait for the ack; await the returned future
-    /// for it. Lets a producer pipeline many submissions.
+    /// Like [`Producer::submit`] but does not wait for the ack (and does not retry); await
+    /// the returned future for it. Lets a producer pipeline many submissions.
     pub async fn submit_pipelined(
         &self,
         task: &Task,
         opts: SubmitOptions,
     ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError>
     {
-        let (subject, hdrs, payload, task_id, traceparent) = self.prepare(task, &opts)?;
+        let prepared = self.prepare(task, &opts)?;
+        self.publish(&prepared).await
+    }
+
+    async fn publish(
+        &self,
+        p: &Prepared,
+    ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError>
+    {
         let pending = self
             .js
-            .publish_with_headers(subject, hdrs, payload)
+            .publish_with_headers(p.subject.clone(), p.headers.clone(), p.payload.clone())
             .await
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+        let (task_id, traceparent) = (p.task_id.clone(), p.traceparent);
         Ok(async move {
             let ack = pending
                 .await
@@ -117,11 +173,7 @@ impl Producer {
         })
     }
 
-    fn prepare(
-        &self,
-        task: &Task,
-        opts: &SubmitOptions,
-    ) -> Result<(String, HeaderMap, Bytes, String, TraceParent), ProducerError> {
+    fn prepare(&self, task: &Task, opts: &SubmitOptions) -> Result<Prepared, ProducerError> {
         task.validate()?;
         if let Some(k) = &opts.idempotency_key
             && !is_subject_token(k)
@@ -165,13 +217,13 @@ impl Producer {
             protocol::set_header(&mut h, headers::REPLY_TO, r).map_err(bad)?;
         }
         let payload = serde_json::to_vec(&task).map_err(|e| ProducerError::Nats(e.to_string()))?;
-        Ok((
-            self.subjects.submit(),
-            h,
-            Bytes::from(payload),
+        Ok(Prepared {
+            subject: self.subjects.submit(),
+            headers: h,
+            payload: Bytes::from(payload),
             task_id,
             traceparent,
-        ))
+        })
     }
 
     /// Waits for the result of one task: from the results stream if it is already there,

@@ -240,3 +240,34 @@ async fn a_panicking_handler_yields_a_failed_result_and_the_worker_carries_on() 
     assert_eq!(r.status, ResultStatus::Ok);
     worker.shutdown().await;
 }
+
+/// A submit whose PubAck never comes (the broker died) is sent again, the same message,
+/// until the broker is back: the task is stored once, under its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_without_an_ack_is_retried_and_stored_once() {
+    let (mut nats, client, js) = setup(Duration::from_secs(30)).await;
+    let s = Subjects::default();
+    js.get_or_create_stream(s.intake_stream_config())
+        .await
+        .unwrap();
+    nats.kill9();
+    let producer = Producer::new(client.clone(), Subjects::default());
+    let mut task = Task::new("submitted through an outage");
+    task.id = Some("retry-1".into());
+    let submit = tokio::spawn(async move { producer.submit(&task, Default::default()).await });
+    // Longer than JetStream's 5 s wait for a PubAck: the first try fails for sure.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    nats.restart().expect("nats-server restarts");
+    let receipt = tokio::time::timeout(Duration::from_secs(60), submit)
+        .await
+        .expect("the submit finishes once the broker is back")
+        .unwrap()
+        .expect("accepted");
+    assert_eq!(receipt.task_id, "retry-1");
+    let mut intake = js.get_stream(s.intake_stream()).await.unwrap();
+    assert_eq!(
+        intake.info().await.unwrap().state.messages,
+        1,
+        "stored once"
+    );
+}
