@@ -238,37 +238,25 @@ pub const RESULTS_CONSUMER: &str = "commander-results";
 /// A stream that existed before (made by hand, or by an older commander) is used as it
 /// is; say where it differs from what docs/protocol.md §2 prescribes.
 fn warn_if_differs(wanted: &jetstream::stream::Config, found: &jetstream::stream::Config) {
-    let mut diffs = Vec::new();
-    if wanted.retention != found.retention {
-        diffs.push(format!(
-            "retention {:?} (wanted {:?})",
-            found.retention, wanted.retention
-        ));
-    }
-    if wanted.storage != found.storage {
-        diffs.push(format!(
-            "storage {:?} (wanted {:?})",
-            found.storage, wanted.storage
-        ));
-    }
-    if wanted.duplicate_window != found.duplicate_window {
-        diffs.push(format!(
-            "duplicate window {:?} (wanted {:?})",
-            found.duplicate_window, wanted.duplicate_window
-        ));
-    }
-    if wanted.max_age != found.max_age {
-        diffs.push(format!(
-            "max_age {:?} (wanted {:?})",
-            found.max_age, wanted.max_age
-        ));
-    }
-    if wanted.subjects != found.subjects {
-        diffs.push(format!(
-            "subjects {:?} (wanted {:?})",
-            found.subjects, wanted.subjects
-        ));
-    }
+    use std::fmt::Debug;
+    let differs = |what: &str, found: &dyn Debug, wanted: &dyn Debug| {
+        let (f, w) = (format!("{found:?}"), format!("{wanted:?}"));
+        (f != w).then(|| format!("{what} {f} (wanted {w})"))
+    };
+    let diffs: Vec<String> = [
+        differs("retention", &found.retention, &wanted.retention),
+        differs("storage", &found.storage, &wanted.storage),
+        differs(
+            "duplicate window",
+            &found.duplicate_window,
+            &wanted.duplicate_window,
+        ),
+        differs("max_age", &found.max_age, &wanted.max_age),
+        differs("subjects", &found.subjects, &wanted.subjects),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if !diffs.is_empty() {
         tracing::warn!(stream = %wanted.name, differences = %diffs.join("; "), "stream exists with other settings; using it as it is");
     }

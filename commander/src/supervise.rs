@@ -32,6 +32,27 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A task that ran this long since its last restart starts over at [`FIRST_BACKOFF`].
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
+/// The wait before a restart: doubling while a task keeps failing, from the start again
+/// once it ran long enough to count as stable.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(FIRST_BACKOFF)
+    }
+
+    /// The wait after a failure of a run that started at `started`.
+    fn next(&mut self, started: Instant) -> Duration {
+        if started.elapsed() >= STABLE_AFTER {
+            self.0 = FIRST_BACKOFF;
+        }
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
 /// A component that is down now, and why.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Down {
@@ -120,25 +141,22 @@ impl Supervisor {
         S: Send,
         F: for<'a> FnMut(&'a mut S) -> futures::future::BoxFuture<'a, ()>,
     {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new();
         loop {
             let started = Instant::now();
             match AssertUnwindSafe(body(&mut state)).catch_unwind().await {
                 Ok(()) => return state,
                 Err(payload) => {
                     let cause = self.caught(task, payload.as_ref());
-                    if started.elapsed() >= STABLE_AFTER {
-                        backoff = FIRST_BACKOFF;
-                    }
+                    let wait = backoff.next(started);
                     self.health
                         .set_down(task, format!("restarting after a panic: {cause}"));
                     tracing::warn!(
                         task,
-                        backoff_ms = backoff.as_millis() as u64,
+                        backoff_ms = wait.as_millis() as u64,
                         "restarting after a panic"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(wait).await;
                     self.health.set_up(task);
                 }
             }
@@ -160,7 +178,7 @@ impl Supervisor {
     {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut backoff = FIRST_BACKOFF;
+            let mut backoff = Backoff::new();
             loop {
                 let started = Instant::now();
                 let outcome = AssertUnwindSafe(make()).catch_unwind().await;
@@ -179,16 +197,13 @@ impl Supervisor {
                         )
                     }
                 };
-                if started.elapsed() >= STABLE_AFTER {
-                    backoff = FIRST_BACKOFF;
-                }
+                let wait = backoff.next(started);
                 me.health.set_down(task, reason);
                 let mut stop = stop.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 me.health.set_up(task);
             }
         })

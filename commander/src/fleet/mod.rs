@@ -333,12 +333,21 @@ impl FleetState {
     fn apply_attributed(&mut self, spans: Vec<SpanEvent>, now_ms: u64) {
         let reg = self.registry.current();
         for ev in spans {
-            let (cost, limit) = match (&ev.usage, &ev.model) {
-                (Some(u), Some(m)) if ev.operation.is_billed() => match reg.lookup(m) {
-                    Some(e) => (Some(e.cost(u)), Some(e.context_window)),
-                    None => (None, None),
-                },
-                // The window is only read with a billed call's usage: no lookup otherwise.
+            let billed = ev.operation.is_billed();
+            // One registry lookup per billed call: its price, its window and its name.
+            let entry = match &ev.model {
+                Some(m) if billed => reg.lookup(m),
+                _ => None,
+            };
+            // The registry's name: dated snapshots and provider prefixes of one model are
+            // one model in the cost report and the latency figures.
+            let model = ev
+                .model
+                .as_deref()
+                .map(|m| entry.map(|e| e.name.as_str()).unwrap_or(m));
+            let (cost, limit) = match (&ev.usage, entry) {
+                (Some(u), Some(e)) => (Some(e.cost(u)), Some(e.context_window)),
+                // The window is only read with a billed call's usage.
                 _ => (None, None),
             };
             let Some(w) = Self::worker_entry(
@@ -360,7 +369,6 @@ impl FleetState {
                 w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
             }
             let p = self.fleet.at(at);
-            let billed = ev.operation.is_billed();
             if billed {
                 p.llm_calls += 1;
             }
@@ -370,8 +378,7 @@ impl FleetState {
             if ev.error {
                 p.errors += 1;
             }
-            if billed && let Some(m) = ev.model.as_deref() {
-                let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+            if billed && let Some(name) = model {
                 let ms = ev.end_ns.saturating_sub(ev.start_ns) as f64 / 1e6;
                 let room = self.model_latency.len() < MAX_MODELS;
                 if let Some(s) = self.model_latency.get_mut(name) {
@@ -383,9 +390,7 @@ impl FleetState {
                 }
             }
             if billed && let Some(u) = &ev.usage {
-                self.lineage.note_span_usage(&ev.resource.worker_id);
-                if let Some(m) = ev.model.as_deref() {
-                    let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+                if let Some(name) = model {
                     self.mix
                         .span(&ev.resource.worker_id, name, u.input, u.output);
                 }
@@ -398,12 +403,7 @@ impl FleetState {
                         dims: &ev.dims,
                         task_type: w.current_task_type(),
                         pool: w.pool.as_deref(),
-                        // The registry's name: dated snapshots and provider prefixes of one
-                        // model are one model in the cost report.
-                        model: ev
-                            .model
-                            .as_deref()
-                            .map(|m| reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m)),
+                        model,
                     },
                     CostCell {
                         cost_usd: cost.unwrap_or(0.0),
@@ -456,6 +456,8 @@ impl FleetState {
             let tokens_moved =
                 matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
             w.note_export(now_ms, tokens_moved);
+            let entry = p.model.as_deref().and_then(|m| reg.lookup(m));
+            let model = entry.map(|e| e.name.as_str()).or(p.model.as_deref());
             // Instrumentations that send spans usually send these metrics too: when a
             // process's spans carry token counts, its metrics count only for what they
             // say beyond the spans (`mix`, booked at a tick after a grace period).
@@ -465,8 +467,7 @@ impl FleetState {
                     MetricKind::OutputTokens => Some(mix::Side::Output),
                     _ => None,
                 };
-                if let (Some(side), Some(m)) = (side, p.model.as_deref()) {
-                    let name = reg.lookup(m).map(|e| e.name.as_str()).unwrap_or(m);
+                if let (Some(side), Some(name)) = (side, model) {
                     self.mix.metric(
                         &p.identity.worker_id,
                         name,
@@ -477,7 +478,6 @@ impl FleetState {
                 }
                 continue;
             }
-            let entry = p.model.as_deref().and_then(|m| reg.lookup(m));
             let tokens = value.max(0.0) as u64;
             let usage = match p.kind {
                 MetricKind::InputTokens => TokenUsage {
@@ -497,7 +497,6 @@ impl FleetState {
             if p.model.is_some() {
                 w.model.clone_from(&p.model);
             }
-            let model = entry.map(|e| e.name.as_str()).or(p.model.as_deref());
             book_metric_tokens(
                 w,
                 &mut self.fleet,
@@ -737,6 +736,7 @@ impl FleetState {
             .or_else(|| w.recent_tasks().last().and_then(|t| t.task_type.as_deref()))
             .and_then(|tt| self.task_types.get(tt))
             .and_then(|t| t.baseline_tps);
+        let entry = w.model.as_deref().and_then(|m| reg.lookup(m));
         WorkerView {
             id: w.id.clone(),
             pool: w.pool.clone(),
@@ -745,18 +745,13 @@ impl FleetState {
             state_since_ms: w.state_since_ms(),
             lost: w.lost,
             stuck_reason: w.stuck_reason().map(str::to_string),
-            model_unknown: w.model.as_deref().is_some_and(|m| reg.lookup(m).is_none()),
+            model_unknown: w.model.is_some() && entry.is_none(),
             // The registry's canonical name; the name as reported beside it when it differs.
-            model: w.model.as_deref().map(|m| {
-                reg.lookup(m)
-                    .map(|e| e.name.clone())
-                    .unwrap_or_else(|| m.to_string())
-            }),
+            model: entry.map(|e| e.name.clone()).or_else(|| w.model.clone()),
             model_reported: w
                 .model
-                .as_deref()
-                .filter(|m| reg.lookup(m).is_some_and(|e| e.name != *m))
-                .map(str::to_string),
+                .clone()
+                .filter(|m| entry.is_some_and(|e| e.name != *m)),
             provider: w.provider.clone(),
             version: w.version.clone(),
             sdk_version: w.sdk_version.clone(),

@@ -181,12 +181,8 @@ pub(super) fn checked_decode<T: Message + Default>(
 }
 
 /// One gRPC export of signal `S`: limits, decode, ingest, answer.
-fn grpc_export<S: OtlpSignal>(
-    ing: &Ingestor,
-    limits: DecodeLimits,
-    body: Bytes,
-) -> Result<S::Response, tonic::Status> {
-    let req = checked_decode::<S::Request>(S::SIGNAL, &body, limits).map_err(|e| {
+fn grpc_export<S: OtlpSignal>(ing: &Ingestor, body: Bytes) -> Result<S::Response, tonic::Status> {
+    let req = checked_decode::<S::Request>(S::SIGNAL, &body, ing.limits).map_err(|e| {
         ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
         e.grpc()
     })?;
@@ -248,7 +244,6 @@ impl<R: Message> tonic::codec::Encoder for ProstEncoder<R> {
 #[derive(Debug)]
 struct OtlpGrpc<S> {
     ingestor: Ingestor,
-    limits: DecodeLimits,
     signal: std::marker::PhantomData<fn() -> S>,
 }
 
@@ -256,17 +251,15 @@ impl<S> Clone for OtlpGrpc<S> {
     fn clone(&self) -> Self {
         Self {
             ingestor: self.ingestor.clone(),
-            limits: self.limits,
             signal: std::marker::PhantomData,
         }
     }
 }
 
 impl<S: OtlpSignal> OtlpGrpc<S> {
-    fn new(ingestor: Ingestor, limits: DecodeLimits) -> Self {
+    fn new(ingestor: Ingestor) -> Self {
         Self {
             ingestor,
-            limits,
             signal: std::marker::PhantomData,
         }
     }
@@ -310,13 +303,13 @@ where
             let mut grpc =
                 tonic::server::Grpc::new(RawCodec::<S::Response>(std::marker::PhantomData))
                     .apply_compression_config(enabled, enabled)
-                    .apply_max_message_size_config(Some(me.limits.max_request_bytes), None);
+                    .apply_max_message_size_config(
+                        Some(me.ingestor.limits.max_request_bytes),
+                        None,
+                    );
             let handler = tower::service_fn(move |r: tonic::Request<Bytes>| {
                 let me = me.clone();
-                async move {
-                    grpc_export::<S>(&me.ingestor, me.limits, r.into_inner())
-                        .map(tonic::Response::new)
-                }
+                async move { grpc_export::<S>(&me.ingestor, r.into_inner()).map(tonic::Response::new) }
             });
             Ok(grpc.unary(handler, req).await)
         })
@@ -360,12 +353,11 @@ pub async fn serve_grpc(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let limits = ingestor.limits;
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
-        .add_service(OtlpGrpc::<Traces>::new(ingestor.clone(), limits))
-        .add_service(OtlpGrpc::<Metrics>::new(ingestor.clone(), limits))
-        .add_service(OtlpGrpc::<Logs>::new(ingestor, limits))
+        .add_service(OtlpGrpc::<Traces>::new(ingestor.clone()))
+        .add_service(OtlpGrpc::<Metrics>::new(ingestor.clone()))
+        .add_service(OtlpGrpc::<Logs>::new(ingestor))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
@@ -388,12 +380,6 @@ impl Encoding {
             Encoding::Json => "application/json",
         }
     }
-}
-
-#[derive(Clone, Debug)]
-struct HttpState {
-    ingestor: Ingestor,
-    limits: DecodeLimits,
 }
 
 /// The body of an HTTP error (`google.rpc.Status`, without details).
@@ -508,33 +494,31 @@ fn error_response(enc: Encoding, e: &IngestError) -> Response {
 /// Reads, decompresses and decodes a request body. An error comes with the encoding its
 /// answer must use (JSON when the content type itself is the problem).
 fn read<T: Message + Default + DeserializeOwned>(
-    st: &HttpState,
+    limits: DecodeLimits,
     signal: Signal,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(Encoding, T), (Encoding, IngestError)> {
     let enc = encoding_of(headers).map_err(|e| (Encoding::Json, e))?;
-    let body = decompress(headers, body, st.limits.max_request_bytes).map_err(|e| (enc, e))?;
-    let req = decode::<T>(enc, signal, &body, st.limits).map_err(|e| (enc, e))?;
+    let body = decompress(headers, body, limits.max_request_bytes).map_err(|e| (enc, e))?;
+    let req = decode::<T>(enc, signal, &body, limits).map_err(|e| (enc, e))?;
     Ok((enc, req))
 }
 
 /// One OTLP/HTTP export of signal `S`, answered in the request's encoding.
 async fn http_export<S: OtlpSignal>(
-    State(st): State<HttpState>,
+    State(ing): State<Ingestor>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (enc, req) = match read::<S::Request>(&st, S::SIGNAL, &headers, body) {
+    let (enc, req) = match read::<S::Request>(ing.limits, S::SIGNAL, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
-            st.ingestor
-                .metrics
-                .telemetry("http", S::LABEL, "rejected", 1);
+            ing.metrics.telemetry("http", S::LABEL, "rejected", 1);
             return error_response(enc, &e);
         }
     };
-    match S::ingest(&st.ingestor, "http", req) {
+    match S::ingest(&ing, "http", req) {
         Ok(a) => respond(enc, StatusCode::OK, &S::respond(a)),
         Err(e) => error_response(enc, &e),
     }
@@ -542,16 +526,15 @@ async fn http_export<S: OtlpSignal>(
 
 /// The OTLP/HTTP routes.
 pub fn http_router(ingestor: Ingestor) -> Router {
-    let limits = ingestor.limits;
-    let st = HttpState { ingestor, limits };
+    let max_body = ingestor.limits.max_request_bytes;
     Router::new()
         .route("/v1/traces", post(http_export::<Traces>))
         .route("/v1/metrics", post(http_export::<Metrics>))
         .route("/v1/logs", post(http_export::<Logs>))
         .fallback(http_no_route)
-        .layer(DefaultBodyLimit::max(limits.max_request_bytes))
+        .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::map_response(status_bodies))
-        .with_state(st)
+        .with_state(ingestor)
 }
 
 async fn http_no_route(uri: axum::http::Uri) -> Response {
@@ -672,12 +655,7 @@ mod tests {
         let status = RpcStatus::decode(body).unwrap();
         assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
         // gRPC: RESOURCE_EXHAUSTED carrying RetryInfo, which makes it retryable in OTLP.
-        let err = grpc_export::<Traces>(
-            &ingestor,
-            DecodeLimits::default(),
-            one_span().encode_to_vec().into(),
-        )
-        .unwrap_err();
+        let err = grpc_export::<Traces>(&ingestor, one_span().encode_to_vec().into()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         let retry = err.get_details_retry_info().unwrap();
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));

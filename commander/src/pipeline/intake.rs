@@ -284,12 +284,10 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
     // rejected below (its result goes to the results stream only).
     let (reply_to, reply_problem) = match header(hdrs, headers::REPLY_TO) {
         None => (None, None),
-        Some(r) => {
-            match protocol::reply_subject_problem(r, &ctx.reply_prefixes, ctx.subjects.prefix()) {
-                None => (Some(r.to_string()), None),
-                Some(why) => (None, Some(why)),
-            }
-        }
+        Some(r) => match ctx.reply_problem(r) {
+            None => (Some(r.to_string()), None),
+            Some(why) => (None, Some(why)),
+        },
     };
 
     let parsed = Task::from_json(&msg.payload);

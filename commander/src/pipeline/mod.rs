@@ -58,6 +58,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Why the commander must not publish to `subject` given as `Fleet-Reply-To`, if so.
+    pub fn reply_problem(&self, subject: &str) -> Option<String> {
+        fleet_worker::protocol::reply_subject_problem(
+            subject,
+            &self.reply_prefixes,
+            self.subjects.prefix(),
+        )
+    }
+
     /// The routing view of the current fleet snapshot (rebuilt at most once per snapshot,
     /// i.e. once a second, whatever the fleet size).
     pub fn route_snapshot(&self) -> Arc<RouteSnapshot> {

@@ -68,7 +68,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     // Workers echo the producer's reply subject; it is checked again, since a result is
     // as untrusted as a task.
     let reply_header = header(hdrs, headers::REPLY_TO).and_then(|r| {
-        match protocol::reply_subject_problem(r, &ctx.reply_prefixes, ctx.subjects.prefix()) {
+        match ctx.reply_problem(r) {
             None => Some(r.to_string()),
             Some(why) => {
                 ctx.metrics.reply_to_refused.inc();

@@ -194,27 +194,26 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
     }
     let reason = format!("re-dispatched to pool {}: {why}", t.pool);
     let now = now_ms();
-    if let Ok(Some(mut d)) = ctx.decisions.get(&t.task_id) {
-        d.id = format!("{}-retarget-{attempt}", d.id);
-        d.at_ms = now;
-        d.at = crate::policy::budget::rfc3339(now);
-        d.worker = None;
-        d.rule = "retarget".into();
-        d.reason = reason.clone();
-        if let Err(e) = ctx.decisions.record(&d) {
-            tracing::warn!(task_id = %t.task_id, error = %e, "retarget decision not logged");
-        } else {
-            let (id, at) = (d.id.clone(), d.at_ms);
-            let _ = ctx.store.update(
-                &t.task_id,
-                || crate::store::TaskRecord::new(&t.task_id, 0),
-                |r| {
-                    r.decision_id = Some(id.clone());
-                    r.decision_at_ms = Some(at);
-                },
-            );
+    // The decision log gets the re-dispatch as a decision of its own (the first one's
+    // classification and candidates, rule `retarget`); the task record points at it.
+    let logged = match ctx.decisions.get(&t.task_id) {
+        Ok(Some(mut d)) => {
+            d.id = format!("{}-retarget-{attempt}", d.id);
+            d.at_ms = now;
+            d.at = crate::policy::budget::rfc3339(now);
+            d.worker = None;
+            d.rule = "retarget".into();
+            d.reason = reason.clone();
+            match ctx.decisions.record(&d) {
+                Ok(()) => Some((d.id, d.at_ms)),
+                Err(e) => {
+                    tracing::warn!(task_id = %t.task_id, error = %e, "retarget decision not logged");
+                    None
+                }
+            }
         }
-    }
+        _ => None,
+    };
     ctx.store
         .update(
             &t.task_id,
@@ -222,6 +221,10 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
             |r| {
                 r.attempt = r.attempt.max(attempt);
                 r.route_reason = Some(reason.clone());
+                if let Some((id, at)) = &logged {
+                    r.decision_id = Some(id.clone());
+                    r.decision_at_ms = Some(*at);
+                }
                 r.advance(TaskState::Dispatched);
             },
         )
