@@ -91,6 +91,19 @@ pub struct Seen {
     pub baggage: HashMap<String, Baggage>,
     /// The worker's process span context and its parent, per task.
     pub spans: HashMap<String, (String, Option<String>)>,
+    /// When each handler run began, in order.
+    pub starts: Vec<Instant>,
+}
+
+impl Seen {
+    /// Handler runs per task id, over all attempts.
+    pub fn runs_per_task(&self) -> HashMap<String, u32> {
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for ((id, _), n) in &self.runs {
+            *out.entry(id.clone()).or_default() += n;
+        }
+        out
+    }
 }
 
 pub type SeenLog = Arc<Mutex<Seen>>;
@@ -115,6 +128,7 @@ pub async fn recording_worker(
                 *s.runs
                     .entry((ctx.task_id.clone(), ctx.attempt))
                     .or_default() += 1;
+                s.starts.push(Instant::now());
                 s.baggage.insert(ctx.task_id.clone(), ctx.baggage.clone());
                 s.spans.insert(
                     ctx.task_id.clone(),

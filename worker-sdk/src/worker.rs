@@ -2,17 +2,18 @@
 //! task's trace context, publishes the result durably, then acks.
 //!
 //! Delivery is at-least-once (JetStream); the worker makes execution effectively once per
-//! (task id, attempt): a message whose result already exists — in this worker's memory or
-//! in the results stream, looked up on every delivery — is acked without running the
-//! handler again.
+//! (task id, attempt): a message whose result is already in the results stream, looked up
+//! on every delivery, is acked without running the handler again. When the lookup itself
+//! fails the message is handed back (nak with a delay) rather than run blind.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -42,6 +43,16 @@ pub struct WorkerConfig {
     pub ack_wait: Duration,
     /// How long one pull request waits for tasks.
     pub fetch_expires: Duration,
+    /// How long a finished task's result is published again while JetStream does not
+    /// acknowledge it (a broker outage) before the task is handed back; the result is kept
+    /// in memory and published, not recomputed, on the next delivery.
+    pub result_retry_for: Duration,
+    /// After the connection comes back, how long a task the broker stored before the
+    /// outage waits before it may run here, when it has no result yet. A restarted
+    /// nats-server can hand out again a task whose earlier delivery is still being finished
+    /// by another worker (the delivery's state was lost in the crash); that worker stores
+    /// its result within this time, and this delivery then finds it.
+    pub reconnect_grace: Duration,
     /// Also pull tasks dispatched to this worker by name (`<prefix>.work.<pool>.<worker>`).
     pub targeted: bool,
     pub capabilities: Vec<String>,
@@ -63,6 +74,8 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(5),
             ack_wait: protocol::DEFAULT_ACK_WAIT,
             fetch_expires: Duration::from_secs(2),
+            result_retry_for: Duration::from_secs(30),
+            reconnect_grace: Duration::from_secs(2),
             targeted: true,
             capabilities: Vec::new(),
             model: None,
@@ -145,8 +158,11 @@ pub struct WorkerStats {
     pub skipped_duplicates: AtomicU64,
     /// Messages naked back because the worker was draining.
     pub returned_on_drain: AtomicU64,
-    /// Results whose publish failed (the message is naked for redelivery).
+    /// Results not acknowledged within `result_retry_for` (the message is naked for
+    /// redelivery; the kept result is published then).
     pub result_publish_errors: AtomicU64,
+    /// Deliveries answered by publishing a kept result again instead of running.
+    pub results_republished: AtomicU64,
 }
 
 /// A running worker. [`WorkerHandle::shutdown`] drains it.
@@ -176,31 +192,72 @@ impl WorkerHandle {
     }
 }
 
-/// Bounded memory of executions this worker finished, for redelivery dedup.
+/// A result message as published: kept so it can be published again, not recomputed.
+#[derive(Clone)]
+struct ResultMessage {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+type Key = (String, u32);
+
+/// Bounded memory of executions this worker finished, for redelivery dedup, with the
+/// result messages of the most recent ones: a result the broker acknowledged and then lost
+/// in a crash, or one it never acknowledged, is published again from here instead of
+/// running the handler a second time.
 struct Completed {
-    order: VecDeque<(String, u32)>,
-    set: HashSet<(String, u32)>,
+    order: VecDeque<Key>,
+    results: HashMap<Key, Option<ResultMessage>>,
     capacity: usize,
+    /// Keys whose message is still held, oldest first, and their total size.
+    kept: VecDeque<Key>,
+    kept_bytes: usize,
+    kept_max_bytes: usize,
 }
 
 impl Completed {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, kept_max_bytes: usize) -> Self {
         Self {
             order: VecDeque::new(),
-            set: HashSet::new(),
+            results: HashMap::new(),
             capacity,
+            kept: VecDeque::new(),
+            kept_bytes: 0,
+            kept_max_bytes,
         }
     }
-    fn contains(&self, key: &(String, u32)) -> bool {
-        self.set.contains(key)
+
+    /// Whether this process finished the execution, and its message if still held.
+    fn get(&self, key: &Key) -> Option<Option<ResultMessage>> {
+        self.results.get(key).cloned()
     }
-    fn insert(&mut self, key: (String, u32)) {
-        if self.set.insert(key.clone()) {
-            self.order.push_back(key);
-            if self.order.len() > self.capacity
-                && let Some(old) = self.order.pop_front()
+
+    fn insert(&mut self, key: Key, msg: ResultMessage) {
+        let size = msg.payload.len();
+        match self.results.insert(key.clone(), Some(msg)) {
+            None => {
+                self.order.push_back(key.clone());
+                self.kept.push_back(key);
+            }
+            Some(None) => self.kept.push_back(key),
+            Some(Some(old)) => self.kept_bytes = self.kept_bytes.saturating_sub(old.payload.len()),
+        }
+        self.kept_bytes += size;
+        while self.kept_bytes > self.kept_max_bytes
+            && let Some(old) = self.kept.pop_front()
+        {
+            if let Some(slot) = self.results.get_mut(&old)
+                && let Some(m) = slot.take()
             {
-                self.set.remove(&old);
+                self.kept_bytes = self.kept_bytes.saturating_sub(m.payload.len());
+            }
+        }
+        while self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            if let Some(Some(m)) = self.results.remove(&old) {
+                self.kept_bytes = self.kept_bytes.saturating_sub(m.payload.len());
             }
         }
     }
@@ -215,7 +272,49 @@ struct Shared<H> {
     stats: Arc<WorkerStats>,
     completed: Mutex<Completed>,
     running: Mutex<BTreeSet<String>>,
+    /// Executions between their checks and their ack, so a second delivery of one of
+    /// them to this process waits instead of running alongside.
+    in_hand: Mutex<HashSet<Key>>,
+    restarts: Restarts,
     started_at: String,
+}
+
+/// What the worker knows about its connection coming back, for [`WorkerConfig::reconnect_grace`].
+struct Restarts {
+    connection: Arc<async_nats::Statistics>,
+    work: stream::Stream,
+    last: tokio::sync::Mutex<LastReconnect>,
+}
+
+struct LastReconnect {
+    /// The client's connect count when last looked at.
+    connects: u64,
+    /// When a reconnect was noticed, and the last work-stream sequence the broker held then.
+    since: Option<(Instant, u64)>,
+}
+
+impl Restarts {
+    /// How long a delivery of work-stream sequence `seq` should wait before it may run, if
+    /// the broker stored it before the connection last came back and the grace is not over.
+    async fn wait_for(&self, seq: u64, grace: Duration) -> Option<Duration> {
+        let connects = self.connection.connects.load(Ordering::Relaxed);
+        let mut last = self.last.lock().await;
+        if last.connects != connects {
+            // Everything stored up to now predates this connection. Unknown: all of it.
+            let held = tokio::time::timeout(Duration::from_secs(2), self.work.get_info())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map_or(u64::MAX, |i| i.state.last_sequence);
+            *last = LastReconnect {
+                connects,
+                since: Some((Instant::now(), held)),
+            };
+        }
+        let (at, held) = last.since?;
+        let left = grace.checked_sub(at.elapsed())?;
+        (seq <= held && !left.is_zero()).then_some(left)
+    }
 }
 
 /// Entry point: `Worker::start(client, config, handler)`.
@@ -297,8 +396,17 @@ impl Worker {
             handler,
             exporter,
             stats: stats.clone(),
-            completed: Mutex::new(Completed::new(100_000)),
+            completed: Mutex::new(Completed::new(100_000, KEPT_RESULT_BYTES)),
             running: Mutex::new(BTreeSet::new()),
+            in_hand: Mutex::new(HashSet::new()),
+            restarts: Restarts {
+                connection: client.statistics(),
+                last: tokio::sync::Mutex::new(LastReconnect {
+                    connects: client.statistics().connects.load(Ordering::Relaxed),
+                    since: None,
+                }),
+                work,
+            },
             started_at: now_rfc3339(),
             config,
         });
@@ -322,7 +430,15 @@ async fn run<H, Fut>(
     let max = shared.config.max_in_flight;
     let permits = Arc::new(Semaphore::new(max));
     let heartbeat = tokio::spawn(heartbeats(client.clone(), shared.clone(), stop.clone()));
-    pull(shared.clone(), pool, targeted, permits.clone(), stop).await;
+    pull(
+        &client,
+        shared.clone(),
+        pool,
+        targeted,
+        permits.clone(),
+        stop,
+    )
+    .await;
     // Drained: every permit back means nothing is in flight.
     let _ = permits.acquire_many(max as u32).await;
     let _ = heartbeat.await;
@@ -340,6 +456,7 @@ type PullConsumer = consumer::Consumer<consumer::pull::Config>;
 /// consumer for the rest. Never pulls more than can start now: bounded in-flight, fair
 /// sharing with the pool's other workers, and no task waiting out its ack timer in a buffer.
 async fn pull<H, Fut>(
+    client: &async_nats::Client,
     shared: Arc<Shared<H>>,
     pool: PullConsumer,
     targeted: Option<PullConsumer>,
@@ -367,10 +484,9 @@ async fn pull<H, Fut>(
         }
         if let Some(t) = &targeted {
             match t.fetch().max_messages(held.len()).messages().await {
-                Ok(mut batch) => {
-                    while let Some(Ok(msg)) = batch.next().await {
-                        start_task(&shared, msg, &mut held, &stop).await;
-                    }
+                Ok(batch) => {
+                    let limit = FETCH_LIMIT;
+                    drain(client, &shared, batch, &mut held, &stop, limit).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "targeted fetch failed"),
             }
@@ -384,7 +500,7 @@ async fn pull<H, Fut>(
             .expires(shared.config.fetch_expires)
             .messages()
             .await;
-        let mut batch = match batch {
+        let batch = match batch {
             Ok(b) => {
                 backoff = Duration::from_millis(100);
                 b
@@ -397,13 +513,56 @@ async fn pull<H, Fut>(
                 continue;
             }
         };
-        while let Some(msg) = batch.next().await {
-            match msg {
-                Ok(msg) => start_task(&shared, msg, &mut held, &stop).await,
-                Err(e) => {
+        let limit = shared.config.fetch_expires + FETCH_LIMIT;
+        drain(client, &shared, batch, &mut held, &stop, limit).await;
+    }
+}
+
+/// The longest a pull request is waited on past its own expiry.
+const FETCH_LIMIT: Duration = Duration::from_secs(2);
+/// How often a pending pull request checks whether the connection was re-established.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+
+/// Starts the messages of one pull request until it ends. It is abandoned when the client
+/// has reconnected since it was sent (a restarted nats-server never answers a request
+/// that its predecessor held, so waiting would stall work until the client's own timer)
+/// or after `limit`.
+async fn drain<H, Fut, B>(
+    client: &async_nats::Client,
+    shared: &Arc<Shared<H>>,
+    mut batch: B,
+    held: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    stop: &watch::Receiver<bool>,
+    limit: Duration,
+) where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+    B: futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> + Unpin,
+{
+    let stats = client.statistics();
+    let connects = stats.connects.load(Ordering::Relaxed);
+    let give_up = tokio::time::sleep(limit);
+    tokio::pin!(give_up);
+    let mut check = tokio::time::interval(RECONNECT_CHECK);
+    loop {
+        tokio::select! {
+            msg = batch.next() => match msg {
+                Some(Ok(msg)) => start_task(shared, msg, held, stop).await,
+                Some(Err(e)) => {
                     tracing::debug!(error = %e, "pull batch ended");
-                    break;
+                    return;
                 }
+                None => return,
+            },
+            _ = check.tick() => {
+                if stats.connects.load(Ordering::Relaxed) != connects {
+                    tracing::debug!("reconnected while a pull request was pending; asking again");
+                    return;
+                }
+            }
+            _ = &mut give_up => {
+                tracing::debug!("pull request unanswered; asking again");
+                return;
             }
         }
     }
@@ -487,18 +646,72 @@ where
         return;
     };
     let key = (task_id.clone(), attempt);
-    if already_done(shared, &key).await {
-        shared
-            .stats
-            .skipped_duplicates
-            .fetch_add(1, Ordering::Relaxed);
+    let ran_here = shared.completed.lock().ok().and_then(|c| c.get(&key));
+    match (stored_result(shared, &key).await, ran_here) {
+        (Prior::Stored, _) => {
+            shared
+                .stats
+                .skipped_duplicates
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                task_id,
+                attempt,
+                delivered,
+                "task already has a result for this attempt; acking without running"
+            );
+            let _ = msg.ack().await;
+            return;
+        }
+        (Prior::Missing, Some(Some(kept))) => {
+            // This process ran it, but the results stream does not have the result: it was
+            // never acknowledged, or a nats-server crash lost it. Publish it again.
+            shared
+                .stats
+                .results_republished
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                task_id,
+                attempt,
+                delivered,
+                "result missing from the results stream; publishing the kept result again instead of running the task"
+            );
+            settle(shared, &msg, &kept, &task_id).await;
+            return;
+        }
+        (Prior::Missing, Some(None)) => {
+            tracing::warn!(
+                task_id,
+                attempt,
+                "this worker ran the task, its result is gone from the results stream (lost in a broker crash) and no longer held here; running it again"
+            );
+        }
+        (Prior::Missing, None) => {}
+        (Prior::Unknown(e), _) => {
+            // Running without knowing could run it twice; the broker hands it out again.
+            tracing::info!(task_id, attempt, error = %e, "could not check for an earlier result; the task will be delivered again");
+            let _ = msg.ack_with(AckKind::Nak(Some(UNKNOWN_PRIOR_RETRY))).await;
+            return;
+        }
+    }
+
+    let Some(_in_hand) = InHand::claim(&shared.in_hand, &key) else {
         tracing::info!(
             task_id,
             attempt,
-            delivered,
-            "task already has a result for this attempt; acking without running"
+            "this worker is already handling the task; the second delivery waits for its result"
         );
-        let _ = msg.ack().await;
+        let _ = msg.ack_with(AckKind::Nak(Some(UNKNOWN_PRIOR_RETRY))).await;
+        return;
+    };
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    if let Some(wait) = shared.restarts.wait_for(seq, cfg.reconnect_grace).await {
+        tracing::info!(
+            task_id,
+            attempt,
+            wait_ms = wait.as_millis() as u64,
+            "task stored before the broker came back and without a result yet; waiting out the reconnect grace in case another worker is finishing it"
+        );
+        let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
         return;
     }
 
@@ -659,39 +872,37 @@ where
         telemetry.llm_call(&call);
     }
 
-    // Durable result first, ack second: a crash in between means a redelivery that the
-    // dedup check above answers from the results stream.
     let carry = Carry {
         span: &span_ctx,
         tracestate: tracestate.as_deref(),
         baggage: &baggage,
         reply_to: reply_to.as_deref(),
     };
-    match publish_result(shared, &result, carry).await {
-        Ok(()) => {
-            if let Ok(mut c) = shared.completed.lock() {
-                c.insert(key);
-            }
-            if result.status == ResultStatus::Ok {
-                shared.stats.completed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, task_id, "ack failed; a redelivery will be deduplicated");
-            }
-        }
+    let message = match result_message(&cfg.subjects, &result, carry) {
+        Ok(m) => m,
         Err(e) => {
-            shared
-                .stats
-                .result_publish_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, task_id, "result not published; returning the task for redelivery");
+            // Not expected (the id and reply subject were checked on arrival); handed back,
+            // it ends as a dead letter with a reason once its deliveries run out.
+            tracing::error!(error = %e, task_id, "result cannot be encoded; returning the task");
+            span.error = Some(format!("result not encodable: {e}"));
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
-            span.error = Some(format!("result not published: {e}"));
+            span.finish();
+            shared.exporter.record(span);
+            return;
         }
+    };
+    if result.status == ResultStatus::Ok {
+        shared.stats.completed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Ok(mut c) = shared.completed.lock() {
+        c.insert(key, message.clone());
+    }
+    if !settle(shared, &msg, &message, &task_id).await {
+        span.error = Some("result not acknowledged by the results stream".into());
     }
     span.finish();
     shared.exporter.record(span);
@@ -728,15 +939,77 @@ where
     }
 }
 
-async fn already_done<H>(shared: &Shared<H>, key: &(String, u32)) -> bool {
-    if shared
-        .completed
-        .lock()
-        .map(|c| c.contains(key))
-        .unwrap_or(false)
-    {
-        return true;
+/// Durable result first, ack second: a crash in between means a redelivery that the check
+/// on every delivery answers from the results stream (or from the kept message). Returns
+/// whether the result was acknowledged.
+async fn settle<H>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    result: &ResultMessage,
+    task_id: &str,
+) -> bool {
+    match publish_with_retry(shared, result, msg).await {
+        Ok(()) => {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, task_id, "ack failed; a redelivery will be deduplicated");
+            }
+            true
+        }
+        Err(e) => {
+            shared
+                .stats
+                .result_publish_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, task_id, "result not acknowledged; returning the task, whose next delivery publishes the kept result");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            false
+        }
     }
+}
+
+/// An execution this process has in hand, released when dropped.
+struct InHand<'a> {
+    set: &'a Mutex<HashSet<Key>>,
+    key: Key,
+}
+
+impl<'a> InHand<'a> {
+    /// None when the key is in hand already.
+    fn claim(set: &'a Mutex<HashSet<Key>>, key: &Key) -> Option<Self> {
+        // A poisoned set (a panic while holding it) is treated as empty: at worst a run.
+        let fresh = set
+            .lock()
+            .map(|mut s| s.insert(key.clone()))
+            .unwrap_or(true);
+        fresh.then(|| Self {
+            set,
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.key);
+        }
+    }
+}
+
+/// Whether a result for (task id, attempt) is in the results stream.
+enum Prior {
+    Stored,
+    Missing,
+    /// The check itself failed (the broker is restarting, a timeout).
+    Unknown(String),
+}
+
+/// How long a task waits for its next delivery when the results stream could not be asked.
+const UNKNOWN_PRIOR_RETRY: Duration = Duration::from_secs(1);
+
+async fn stored_result<H>(shared: &Shared<H>, key: &(String, u32)) -> Prior {
     // Every delivery, not only redeliveries: a nats-server restarted after a crash can hand
     // out again, as a first delivery, a message whose result was stored and which was acked
     // just before the crash. One direct get per task keeps the handler from running twice.
@@ -745,9 +1018,14 @@ async fn already_done<H>(shared: &Shared<H>, key: &(String, u32)) -> bool {
         Ok(prev) => {
             let prev_attempt =
                 header(Some(&prev.headers), headers::ATTEMPT).and_then(|a| a.parse::<u32>().ok());
-            prev_attempt == Some(key.1)
+            if prev_attempt == Some(key.1) {
+                Prior::Stored
+            } else {
+                Prior::Missing
+            }
         }
-        Err(_) => false,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Prior::Missing,
+        Err(e) => Prior::Unknown(e.to_string()),
     }
 }
 
@@ -759,11 +1037,11 @@ struct Carry<'a> {
     reply_to: Option<&'a str>,
 }
 
-async fn publish_result<H>(
-    shared: &Shared<H>,
+fn result_message(
+    subjects: &Subjects,
     result: &TaskResult,
     carry: Carry<'_>,
-) -> Result<(), String> {
+) -> Result<ResultMessage, String> {
     let Carry {
         span,
         tracestate,
@@ -792,13 +1070,66 @@ async fn publish_result<H>(
     if let Some(r) = reply_to {
         set(&mut h, headers::REPLY_TO, r)?;
     }
-    let subject = shared.config.subjects.result(&result.task_id);
-    let ack = shared
-        .js
-        .publish_with_headers(subject, h, Bytes::from(payload))
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
+    Ok(ResultMessage {
+        subject: subjects.result(&result.task_id),
+        headers: h,
+        payload: Bytes::from(payload),
+    })
+}
+
+/// Bytes of recent result messages a worker keeps to publish again (see [`Completed`]).
+const KEPT_RESULT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Publishes a result until JetStream acknowledges it, for up to `retry_for`: an outage
+/// shorter than that costs a wait, not a second run. Each try is the same message (same
+/// `Nats-Msg-Id`), and the work message is kept from redelivery meanwhile.
+async fn publish_with_retry<H>(
+    shared: &Shared<H>,
+    result: &ResultMessage,
+    work: &jetstream::Message,
+) -> Result<(), String> {
+    let deadline = Instant::now() + shared.config.result_retry_for;
+    let mut backoff = Duration::from_millis(100);
+    let connection = &shared.restarts.connection;
+    loop {
+        let connects = connection.connects.load(Ordering::Relaxed);
+        let tried = async {
+            let ack = shared
+                .js
+                .publish_with_headers(
+                    result.subject.clone(),
+                    result.headers.clone(),
+                    result.payload.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        // A publish sent just before the connection dropped is never acknowledged; waiting
+        // out the PubAck timeout would leave the task looking unfinished to other workers.
+        let reconnected = async {
+            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            while connection.connects.load(Ordering::Relaxed) == connects {
+                check.tick().await;
+            }
+        };
+        let outcome = tokio::select! {
+            r = tried => r,
+            () = reconnected => Err("the connection was re-established".to_string()),
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() + backoff >= deadline => return Err(e),
+            Err(e) => {
+                tracing::info!(error = %e, subject = %result.subject, "result not acknowledged yet; publishing it again");
+                let _ = work.ack_with(AckKind::Progress).await;
+                if connection.connects.load(Ordering::Relaxed) == connects {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
 }
 
 async fn heartbeats<H>(
@@ -862,5 +1193,52 @@ async fn publish_heartbeat<H>(client: &async_nats::Client, shared: &Shared<H>, s
         .await
     {
         tracing::debug!(error = %e, "heartbeat not published");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(bytes: usize) -> ResultMessage {
+        ResultMessage {
+            subject: "fleet.results.t".into(),
+            headers: HeaderMap::new(),
+            payload: Bytes::from(vec![b'x'; bytes]),
+        }
+    }
+
+    fn key(i: u32) -> Key {
+        (format!("t{i}"), 1)
+    }
+
+    #[test]
+    fn kept_results_are_bounded_by_bytes_and_keys_by_count() {
+        let mut c = Completed::new(4, 250);
+        for i in 0..3 {
+            c.insert(key(i), message(100));
+        }
+        // 300 bytes > 250: the oldest message is let go, its key is still known.
+        assert!(matches!(c.get(&key(0)), Some(None)));
+        assert!(matches!(c.get(&key(1)), Some(Some(_))));
+        assert!(matches!(c.get(&key(2)), Some(Some(_))));
+        assert_eq!(c.kept_bytes, 200);
+        for i in 3..6 {
+            c.insert(key(i), message(10));
+        }
+        // Six keys > 4: the two oldest are forgotten.
+        assert!(c.get(&key(0)).is_none());
+        assert!(c.get(&key(1)).is_none());
+        assert_eq!(c.order.len(), 4);
+        assert_eq!(c.kept_bytes, 100 + 30);
+    }
+
+    #[test]
+    fn keeping_the_same_result_twice_counts_it_once() {
+        let mut c = Completed::new(10, 1_000);
+        c.insert(key(1), message(100));
+        c.insert(key(1), message(100));
+        assert_eq!(c.kept_bytes, 100);
+        assert_eq!(c.order.len(), 1);
     }
 }
