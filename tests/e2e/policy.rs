@@ -778,3 +778,57 @@ async fn every_replica_converges_on_a_pushed_version() {
     b = PolicyStack::spawn(&a.nats, &a.dir.path().join("replica-b"), &a.config);
     assert_eq!(b_version(&b).await, v2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_after_a_nats_server_restart_is_in_force_on_both_replicas() {
+    // The policy bucket watch of each replica must come back by itself after a broker crash.
+    let mut a = PolicyStack::start("", "").await;
+    let b = PolicyStack::spawn(&a.nats, &a.dir.path().join("replica-b"), &a.config);
+    let version_of = async |http: &str| -> Option<String> {
+        let v: Value = reqwest::get(format!("{http}/v1/policy"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["version"].as_str().map(str::to_string)
+    };
+    let v1 = a.version().await;
+    eventually("b follows the directory's version", WAIT, async || {
+        version_of(b.http()).await.as_deref() == Some(v1.as_str())
+    })
+    .await;
+
+    a.nats.kill9();
+    a.nats.restart().expect("nats-server restarts");
+    for replica in [a.commander.http(), b.http()] {
+        eventually("ready again once NATS is back", WAIT, async || {
+            reqwest::get(format!("{replica}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    let (status, body) = a
+        .put(
+            "[[throttle]]\nname = \"after\"\nscope = \"team\"\ntasks_per_s = 5\n",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v2 = body["version"].as_str().unwrap().to_string();
+    for replica in [a.commander.http(), b.http()] {
+        eventually("the push is in force on every replica", WAIT, async || {
+            version_of(replica).await.as_deref() == Some(v2.as_str())
+        })
+        .await;
+        let p: Value = reqwest::get(format!("{replica}/v1/policy"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(p.to_string().contains("\"after\""), "{p}");
+    }
+}
