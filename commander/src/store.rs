@@ -112,6 +112,11 @@ pub struct TaskRecord {
     pub priority: u8,
     /// Sequence of the submission in the intake stream.
     pub intake_sequence: u64,
+    /// When the intake stream stored the submission (unix ms), kept for tasks sent without
+    /// an id: it tells a redelivery of the same message from a new message that a
+    /// restarted nats-server gave a sequence it had handed out before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intake_stored_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +163,7 @@ impl TaskRecord {
             attempt: 0,
             priority: 5,
             intake_sequence,
+            intake_stored_ms: None,
             reply_to: None,
             trace: None,
             rejection: None,

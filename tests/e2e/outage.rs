@@ -225,3 +225,87 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
         w.shutdown().await;
     }
 }
+
+/// Sends a task without an id (no body id, no `Fleet-Task-Id`, no `Nats-Msg-Id`) with a
+/// reply subject; returns the intake sequence from the PubAck.
+async fn submit_without_id(client: &async_nats::Client, reply_to: &str, text: &str) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Fleet-Reply-To", reply_to);
+    let body = serde_json::json!({ "schema": 1, "description": text, "pool": "alpha" });
+    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+/// A broker that starts the intake stream's sequences again (its tail lost in a crash,
+/// or the stream recreated) must not make a new task without an id look like an old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_without_an_id_is_not_taken_for_an_old_one_when_sequences_start_again() {
+    let mut stack = Stack::start(TWO_POOLS).await;
+    let seen = SeenLog::default();
+    let worker = recording_worker(
+        &stack.client,
+        "alpha",
+        "a1",
+        4,
+        Duration::ZERO,
+        seen.clone(),
+    )
+    .await;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut inbox = producer.result_inbox().await.unwrap();
+    let first = submit_without_id(&stack.client, inbox.subject(), "first").await;
+    let r = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.task_id, format!("seq-{first}"));
+    assert_eq!(r.status, ResultStatus::Ok, "{:?}", r.error);
+
+    // The intake stream starts again at 1: the commander recreates it on its next start.
+    stack.commander.kill9();
+    let js = async_nats::jetstream::new(stack.client.clone());
+    js.delete_stream("FLEET_INTAKE").await.unwrap();
+    let opts = commander_options(
+        &stack.nats,
+        stack.commander.data_dir().to_path_buf(),
+        TWO_POOLS,
+    );
+    stack.commander = fleet_testkit::Commander::start(&opts).expect("commander restarts");
+    let second = submit_without_id(&stack.client, inbox.subject(), "second").await;
+    assert_eq!(
+        second, first,
+        "the broker handed out the same sequence again"
+    );
+
+    let r = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .expect("the second task is not dropped as a duplicate of the first")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{:?}", r.error);
+    assert!(
+        r.task_id.starts_with(&format!("seq-{second}-")),
+        "{}",
+        r.task_id
+    );
+    assert_eq!(r.output["echo"], "second");
+    assert!(
+        stack
+            .commander
+            .wait_for_log("intake sequence used a second time", Duration::from_secs(5)),
+        "{}",
+        stack.commander.log_text()
+    );
+    let record = task_record(stack.commander.http(), &r.task_id)
+        .await
+        .unwrap();
+    assert_eq!(record["intake_sequence"], second);
+    assert_eq!(seen.lock().unwrap().runs_per_task().len(), 2);
+    worker.shutdown().await;
+}

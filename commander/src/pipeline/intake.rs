@@ -298,9 +298,10 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         .filter(|id| is_subject_token(id))
         .map(str::to_string);
     let body_id = parsed.as_ref().ok().and_then(|t| t.id.clone());
-    let id = body_id
-        .or(header_id)
-        .unwrap_or_else(|| format!("seq-{seq}"));
+    let id = match body_id.or(header_id) {
+        Some(id) => id,
+        None => sequence_id(ctx, msg, seq)?,
+    };
 
     // A release of a deferred task carries the header; the commander is the only one
     // that sets it, and it counts only for a task that is deferred right now.
@@ -389,6 +390,46 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         baggage,
         release,
     })))
+}
+
+/// The id of a task sent without one: `seq-<N>`, N being the intake sequence the producer
+/// got in its PubAck. A restarted nats-server that lost the tail of the intake stream hands
+/// the same sequences out again; a second message under a sequence already taken (told apart
+/// by the time the stream stored it) is `seq-<N>-<stored unix ms>` instead of being taken
+/// for a redelivery of the first.
+fn sequence_id(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    seq: u64,
+) -> Result<String, crate::store::StoreError> {
+    let base = format!("seq-{seq}");
+    let Some(stamp) = msg
+        .info()
+        .ok()
+        .and_then(|i| u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).ok())
+    else {
+        return Ok(base);
+    };
+    let id = match ctx.store.get(&base)?.and_then(|r| r.intake_stored_ms) {
+        Some(first) if first != stamp => {
+            let id = format!("{base}-{stamp}");
+            tracing::warn!(task_id = %id, seq, first_stored_ms = first, stored_ms = stamp, "intake sequence used a second time (nats-server lost messages in a crash); the task without an id gets its own id");
+            id
+        }
+        _ => base,
+    };
+    ctx.store.update(
+        &id,
+        || {
+            let mut r = TaskRecord::new(&id, seq);
+            r.intake_stored_ms = Some(stamp);
+            r
+        },
+        |r| {
+            r.intake_stored_ms.get_or_insert(stamp);
+        },
+    )?;
+    Ok(id)
 }
 
 fn record_rejection(
