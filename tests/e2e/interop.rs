@@ -1,7 +1,9 @@
 //! Interop: agents instrumented with the Python OpenTelemetry SDK (installed from PyPI by
 //! the set-up below) export GenAI spans over OTLP gRPC and HTTP and GenAI metrics over
 //! OTLP gRPC; the commander's API then shows the right workers, tokens, costs and states.
+//! And the Python worker of docs/protocol.md, run as written, through a broker crash.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -11,6 +13,8 @@ use serde_json::Value;
 
 use fleet_testkit::fake_llm::{FakeLlm, Reply, USAGE_INPUT, USAGE_OUTPUT};
 
+use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
+
 use crate::common::{Stack, WAIT, eventually};
 
 /// The SDK, its OTLP exporters, the `openai` client and the official OpenAI
@@ -19,7 +23,7 @@ use crate::common::{Stack, WAIT, eventually};
 /// 2.4b0 imports `opentelemetry.util.genai.instruments`, which the only
 /// `opentelemetry-util-genai` on PyPI (1.3b0) no longer has; and it calls wrapt's
 /// `wrap_function_wrapper(module=…)`, which wrapt 2 renamed.
-const PACKAGES: [&str; 7] = [
+const PACKAGES: [&str; 8] = [
     "opentelemetry-sdk",
     "opentelemetry-exporter-otlp-proto-grpc",
     "opentelemetry-exporter-otlp-proto-http",
@@ -27,6 +31,7 @@ const PACKAGES: [&str; 7] = [
     "httpx",
     "odigos-opentelemetry-instrumentation-openai-v2",
     "wrapt<2",
+    "nats-py",
 ];
 
 fn has_sdk(python: &Path) -> bool {
@@ -34,7 +39,7 @@ fn has_sdk(python: &Path) -> bool {
         && Command::new(python)
             .args([
                 "-c",
-                "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, openai, opentelemetry.instrumentation.openai_v2",
+                "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, openai, opentelemetry.instrumentation.openai_v2, nats",
             ])
             .status()
             .is_ok_and(|s| s.success())
@@ -283,4 +288,87 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
     }
     let costs = get(&stack, "/v1/costs?by=model").await;
     assert!(close(&costs["total_usd"], 2.0 * cost), "{costs}");
+}
+
+/// The worker of docs/protocol.md section 9, as written; the line where "your agent runs"
+/// also prints the task, so the test can count runs.
+fn protocol_md_python_worker() -> String {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"))
+            .unwrap();
+    let section = &doc[doc.find("## 9. A worker in Python").expect("section 9")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let code = &section[start..];
+    let code = &code[..code.find("\n```").expect("the block ends")];
+    assert!(code.contains("# your agent runs here"));
+    code.replace(
+        "# your agent runs here",
+        "; print('RUN', task_id, attempt, flush=True)",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_worker_of_protocol_md_runs_each_task_once_through_a_broker_crash() {
+    let python = tokio::task::spawn_blocking(|| otel_python().clone())
+        .await
+        .unwrap();
+    let mut stack = Stack::start("[pools.docs]\n").await;
+    let script = stack.dir.path().join("worker.py");
+    std::fs::write(&script, protocol_md_python_worker()).unwrap();
+    let mut worker = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env("FLEET_NATS_URL", stack.nats.url())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = worker.stdout.take().unwrap();
+    let runs = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut runs: HashMap<String, u32> = HashMap::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix("RUN ") {
+                *runs.entry(rest.to_string()).or_default() += 1;
+            }
+        }
+        runs
+    });
+
+    const N: usize = 300;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..N {
+        tick.tick().await;
+        if i == N / 2 {
+            stack.nats.kill9();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stack.nats.restart().expect("nats-server restarts");
+        }
+        let mut task = Task::new(format!("python {i}"));
+        task.id = Some(format!("py-{i}"));
+        task.pool = Some("docs".into());
+        producer
+            .submit(&task, SubmitOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("py-{i} not accepted: {e}"));
+    }
+    for i in 0..N {
+        let r = producer
+            .await_result(&format!("py-{i}"), WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("no result for py-{i}: {e}"));
+        assert_eq!(r.status, ResultStatus::Ok, "{:?}", r.error);
+    }
+    worker.kill().await.unwrap();
+    let runs = runs.await.unwrap();
+    assert_eq!(runs.len(), N, "every task ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    eventually("the commander is ready", WAIT, async || {
+        reqwest::get(stack.http("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
 }
