@@ -315,6 +315,7 @@ async fn run(
         policy: engine.clone(),
         route_cache: Default::default(),
         reply_prefixes: config.intake.reply_prefixes.clone(),
+        intake_ack_wait: config.intake.ack_wait(),
         targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
             dir: data_dir_text.clone(),
             source,

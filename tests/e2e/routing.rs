@@ -16,7 +16,7 @@ use fleet_worker::{
 };
 use serde_json::Value;
 
-use crate::common::{Stack, WAIT, collect_spans, eventually};
+use crate::common::{SeenLog, Stack, WAIT, collect_spans, eventually, recording_worker};
 
 /// Task id → (pool it ran in, model it was dispatched with).
 type SeenModels = HashMap<String, (String, Option<String>)>;
@@ -481,4 +481,51 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
     for w in workers {
         w.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_slower_than_the_intake_ack_wait_does_not_get_the_task_handed_out_again() {
+    // The batch in hand sends progress every third of the ack wait, so a 1 s ack wait
+    // and a 2.5 s classification mean one classification and one dispatch.
+    let llm = FakeLlm::start().unwrap();
+    llm.otherwise(Reply::Slow(
+        Duration::from_millis(2_500),
+        Box::new(Reply::classification(
+            "summarisation",
+            "simple",
+            &["summarise"],
+            0.9,
+        )),
+    ));
+    let toml = format!("{}\n[intake]\nack_wait_secs = 1\n", config(&llm.url()));
+    let stack = Stack::start(&toml).await;
+    let seen = SeenLog::default();
+    let worker =
+        recording_worker(&stack.client, "docs", "d1", 2, Duration::ZERO, seen.clone()).await;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("summarise these slow meeting notes");
+    task.id = Some("slow-class".into());
+    producer
+        .submit(&task, SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result("slow-class", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+    // Past another ack wait or two: nothing comes back to be classified again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(llm.requests(), 1, "classified once");
+    // A copy handed out again would have been decided a second time, sharing the first
+    // copy's answer while it was in flight.
+    let decision = get(&stack, "/v1/decisions/slow-class").await;
+    assert_eq!(
+        decision["classification"]["source"], "llm",
+        "decided once: {decision}"
+    );
+    assert!(
+        !stack.commander.logged("redelivered"),
+        "{}",
+        stack.commander.log_text()
+    );
+    assert_eq!(seen.lock().unwrap().runs_per_task()["slow-class"], 1);
+    worker.shutdown().await;
 }

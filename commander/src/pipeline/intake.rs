@@ -21,7 +21,8 @@ use crate::store::{TaskRecord, TaskState};
 /// Handles one batch: plan each message, publish, make the store durable, ack.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("intake_batch", size = batch.len());
-    async {
+    let replies: Vec<_> = batch.iter().filter_map(|m| m.reply.clone()).collect();
+    let work = async {
         // Read every message, classify the valid tasks concurrently (cache hits and the
         // fallback answer at once; LLM calls are bounded by the classifier's timeouts),
         // then decide and plan each in order.
@@ -263,8 +264,8 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             let _ = ctx.client.publish(subject, bytes::Bytes::from(body.to_string())).await;
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    keep_in_hand(ctx, &replies, work).await
 }
 
 /// A message read and checked, waiting for its classification.
@@ -272,6 +273,31 @@ enum Read {
     /// Nothing to classify: a duplicate or a rejection already worked out.
     Done(Plan),
     Ready(Box<Prepared>),
+}
+
+/// Runs the handling of a batch while telling JetStream, every third of the intake ack
+/// wait, that its messages are still in hand: a slow classifier never gets healthy work
+/// handed out again, so the ack wait only has to cover a crashed commander, and can be
+/// short.
+async fn keep_in_hand<T>(
+    ctx: &Ctx,
+    replies: &[async_nats::Subject],
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = (ctx.intake_ack_wait / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                for reply in replies {
+                    // `+WPI` (work in progress) on an acked message is ignored.
+                    let _ = ctx.client.publish(reply.clone(), Bytes::from_static(b"+WPI")).await;
+                }
+            }
+        }
+    }
 }
 
 /// Reads one message: the id, duplicates, the task JSON, the trace context.

@@ -55,6 +55,8 @@ pub struct Ctx {
     pub reply_prefixes: Vec<String>,
     /// Targeted dispatches in flight, watched for a worker that is gone.
     pub targets: retarget::Targets,
+    /// `intake.ack_wait_secs`: batches in hand send progress every third of it.
+    pub intake_ack_wait: std::time::Duration,
 }
 
 impl Ctx {
