@@ -86,17 +86,17 @@ async fn kill_9_commander_ten_times_during_5000_tasks_loses_and_repeats_nothing(
         .unwrap_or_else(|_| panic!("only {} of {TASKS} results", done.lock().unwrap().len()))
         .unwrap();
 
-    let done = done.lock().unwrap();
-    let accepted_at = accepted_at.lock().unwrap();
-    assert!(done.values().all(|(s, _)| *s == ResultStatus::Ok));
-    let mut waits: Vec<Duration> = done
-        .iter()
-        .filter_map(|(id, (_, at))| {
-            accepted_at
-                .get(id)
-                .map(|a| at.saturating_duration_since(*a))
-        })
-        .collect();
+    let mut waits: Vec<Duration> = {
+        let (done, accepted_at) = (done.lock().unwrap(), accepted_at.lock().unwrap());
+        assert!(done.values().all(|(s, _)| *s == ResultStatus::Ok));
+        done.iter()
+            .filter_map(|(id, (_, at))| {
+                accepted_at
+                    .get(id)
+                    .map(|a| at.saturating_duration_since(*a))
+            })
+            .collect()
+    };
     waits.sort();
     eprintln!(
         "commander kill test: {TASKS} tasks at {RATE}/s, {KILLS} kill -9s, intake ack wait {ack_wait} s; wait from PubAck to result: median {:?}, p99 {:?}, longest {:?}; {duplicates} duplicate forwards dropped by the inbox",

@@ -193,34 +193,35 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
             .unwrap_or_else(|e| panic!("no result for {id}: {e}"));
         assert_eq!(r.status, ResultStatus::Ok, "{id}");
     }
-    let seen = seen.lock().unwrap();
-    let runs = seen.runs_per_task();
-    assert_eq!(runs.len(), BROKER_TASKS, "every task ran");
-    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
-    let resumed: Vec<Duration> = returns
-        .iter()
-        .filter_map(|back| seen.starts.iter().find(|s| *s > back).map(|s| *s - *back))
-        .collect();
-    eprintln!(
-        "broker crash test ({}): {BROKER_TASKS} tasks at {rate}/s, 2 kill -9s; handler re-runs: {}; first handler start after each return: {resumed:?}",
-        stack.nats.version(),
-        twice.len()
-    );
-    let detail: Vec<_> = seen
-        .runs
-        .iter()
-        .filter(|((id, _), _)| twice.iter().any(|(t, _)| *t == id))
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "handlers ran more than once (per task and attempt: {detail:?})"
-    );
-    assert_eq!(resumed.len(), 2, "work was handed out after each return");
-    assert!(
-        resumed.iter().all(|r| *r < Duration::from_secs(1)),
-        "work resumes within a second of the broker's return: {resumed:?}"
-    );
-    drop(seen);
+    {
+        let seen = seen.lock().unwrap();
+        let runs = seen.runs_per_task();
+        assert_eq!(runs.len(), BROKER_TASKS, "every task ran");
+        let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+        let resumed: Vec<Duration> = returns
+            .iter()
+            .filter_map(|back| seen.starts.iter().find(|s| *s > back).map(|s| *s - *back))
+            .collect();
+        eprintln!(
+            "broker crash test ({}): {BROKER_TASKS} tasks at {rate}/s, 2 kill -9s; handler re-runs: {}; first handler start after each return: {resumed:?}",
+            stack.nats.version(),
+            twice.len()
+        );
+        let detail: Vec<_> = seen
+            .runs
+            .iter()
+            .filter(|((id, _), _)| twice.iter().any(|(t, _)| *t == id))
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "handlers ran more than once (per task and attempt: {detail:?})"
+        );
+        assert_eq!(resumed.len(), 2, "work was handed out after each return");
+        assert!(
+            resumed.iter().all(|r| *r < Duration::from_secs(1)),
+            "work resumes within a second of the broker's return: {resumed:?}"
+        );
+    }
     for w in workers {
         w.shutdown().await;
     }
