@@ -2,25 +2,10 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskResult};
 use futures::StreamExt;
 
 use crate::common::*;
-
-async fn publish_raw(client: &async_nats::Client, headers: &[(&str, &str)], body: &str) -> u64 {
-    let js = async_nats::jetstream::new(client.clone());
-    let mut h = HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, *v);
-    }
-    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {

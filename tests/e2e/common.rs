@@ -272,3 +272,18 @@ pub async fn task_record(stack_http: &str, id: &str) -> Option<serde_json::Value
     }
     Some(resp.json().await.unwrap())
 }
+
+/// Publishes a raw submission through JetStream; returns the intake sequence.
+pub async fn publish_raw(client: &async_nats::Client, headers: &[(&str, &str)], body: &str) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}

@@ -230,16 +230,8 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
 /// Sends a task without an id (no body id, no `Fleet-Task-Id`, no `Nats-Msg-Id`) with a
 /// reply subject; returns the intake sequence from the PubAck.
 async fn submit_without_id(client: &async_nats::Client, reply_to: &str, text: &str) -> u64 {
-    let js = async_nats::jetstream::new(client.clone());
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Fleet-Reply-To", reply_to);
     let body = serde_json::json!({ "schema": 1, "description": text, "pool": "alpha" });
-    js.publish_with_headers("fleet.tasks.submit", h, body.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence
+    publish_raw(client, &[("Fleet-Reply-To", reply_to)], &body.to_string()).await
 }
 
 /// A broker that starts the intake stream's sequences again (its tail lost in a crash,
