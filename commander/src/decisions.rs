@@ -56,6 +56,9 @@ pub struct DecisionRecord {
     /// Policy version the decision was made under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<String>,
+    /// Everything the decision read from reloadable sources, by generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::domain::Generation>,
     /// What of the task itself the decision read (shadow replay decides again from it).
     #[serde(default)]
     pub inputs: DecisionInputs,
@@ -348,6 +351,7 @@ mod tests {
             candidates: vec![],
             rubric: "default".into(),
             policy_version: None,
+            generation: None,
             inputs: Default::default(),
             trace_id: None,
         }

@@ -1,13 +1,12 @@
 //! Files that are read at start and re-read while the commander runs (the model registry,
-//! the routing rubric): readers take the current value from an [`ArcSwap`]; a watcher
-//! re-reads the file when it changes and swaps in the new value only if the whole file is
-//! valid. A bad edit leaves the last good value in place and says why.
+//! the routing rubric): readers take the current value, with its generation, from one
+//! [`ArcSwap`]. Reloads that check a file against the others go through
+//! [`crate::sources`]; a bad edit leaves the last good value in place and says why.
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -24,12 +23,19 @@ pub trait Reloadable: Sized + Send + Sync + 'static {
     fn size(&self) -> usize;
 }
 
+/// A value and the generation it was swapped in as (1 at start, +1 per swap), read together.
+#[derive(Debug)]
+struct Generation<T> {
+    generation: u64,
+    value: Arc<T>,
+}
+
 /// The live value plus the outcome of the last reload attempt.
 #[derive(Debug)]
 pub struct Hot<T> {
-    current: ArcSwap<T>,
+    current: ArcSwap<Generation<T>>,
     last_error: ArcSwap<Option<String>>,
-    /// Bumped on every successful swap, so caches derived from the value can tell.
+    /// The last generation handed out, so concurrent swaps never reuse one.
     generation: AtomicU64,
     path: Option<PathBuf>,
 }
@@ -41,30 +47,49 @@ impl<T: Reloadable> Hot<T> {
             Some(p) => T::load(p)?,
             None => T::builtin()?,
         };
-        Ok(Arc::new(Self {
-            current: ArcSwap::from_pointee(value),
+        Ok(Self::loaded(value, path.map(Path::to_path_buf)))
+    }
+
+    /// A value already loaded (and checked) from `path`, which later reloads re-read.
+    pub fn loaded(value: T, path: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(Generation {
+                generation: 1,
+                value: Arc::new(value),
+            }),
             last_error: ArcSwap::from_pointee(None),
             generation: AtomicU64::new(1),
-            path: path.map(Path::to_path_buf),
-        }))
+            path,
+        })
     }
 
     /// A fixed value (tests, benches).
     pub fn from_value(value: T) -> Arc<Self> {
-        Arc::new(Self {
-            current: ArcSwap::from_pointee(value),
-            last_error: ArcSwap::from_pointee(None),
-            generation: AtomicU64::new(1),
-            path: None,
-        })
+        Self::loaded(value, None)
     }
 
     pub fn current(&self) -> Arc<T> {
-        self.current.load_full()
+        self.current.load().value.clone()
+    }
+
+    /// The current value and its generation, from one read.
+    pub fn snapshot(&self) -> (Arc<T>, u64) {
+        let g = self.current.load();
+        (g.value.clone(), g.generation)
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.current.load().generation
+    }
+
+    /// The file it is reloaded from (none: built in).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Records a refused reload; the value in force stays.
+    pub fn refuse(&self, why: String) {
+        self.last_error.store(Arc::new(Some(why)));
     }
 
     /// The rejection of the last reload, if the last attempt failed.
@@ -72,22 +97,26 @@ impl<T: Reloadable> Hot<T> {
         self.last_error.load().as_ref().clone()
     }
 
-    /// Swaps in a value checked elsewhere.
-    pub fn store(&self, value: T) {
-        self.current.store(Arc::new(value));
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Swaps in a value checked elsewhere; returns its generation.
+    pub fn store(&self, value: T) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.current.store(Arc::new(Generation {
+            generation,
+            value: Arc::new(value),
+        }));
         self.last_error.store(Arc::new(None));
+        generation
     }
 
     /// Re-reads the file; swaps only a fully valid value in.
     pub fn reload(&self) -> Result<usize, T::Error> {
         let Some(path) = &self.path else {
-            return Ok(self.current.load().size());
+            return Ok(self.current.load().value.size());
         };
         match T::load(path) {
             Ok(value) => {
                 let n = value.size();
-                self.store(value);
+                let _ = self.store(value);
                 tracing::info!(file = %path.display(), size = n, "{} reloaded", T::WHAT);
                 Ok(n)
             }
@@ -97,50 +126,6 @@ impl<T: Reloadable> Hot<T> {
                 Err(e)
             }
         }
-    }
-
-    /// Watches the file and reloads it (debounced) until the returned task is dropped.
-    /// A panic while reading an edit is caught and counted by `supervisor`; the edit is
-    /// refused like any bad one and the watcher carries on.
-    pub fn watch(
-        self: &Arc<Self>,
-        supervisor: &crate::supervise::Supervisor,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let path = self.path.clone()?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let file_name = path.file_name().map(|n| n.to_os_string());
-        let (watcher, mut rx) = match watch_dir(&dir, move |p| {
-            p.file_name().map(|n| n.to_os_string()) == file_name
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the {}; edits need a restart", T::WHAT);
-                return None;
-            }
-        };
-        let me = self.clone();
-        let supervisor = supervisor.clone();
-        Some(tokio::spawn(async move {
-            let _watcher = watcher;
-            while rx.recv().await.is_some() {
-                // Editors write in several steps; wait for the burst to end.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
-                let reloaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let _ = me.reload();
-                }));
-                if let Err(payload) = reloaded {
-                    let cause = supervisor.caught(T::TASK, payload.as_ref());
-                    me.last_error.store(Arc::new(Some(format!(
-                        "the edit could not be read: {cause}"
-                    ))));
-                }
-            }
-        }))
     }
 }
 

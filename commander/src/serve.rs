@@ -119,8 +119,9 @@ async fn run(
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Edits of the registry and the rubric are watched once the policy is loaded, since
+    // each is checked against the others (sources.rs).
     let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
-    let models_watch = models.watch(&supervisor);
     tracing::info!(
         source = %models.current().source,
         models = models.current().models().len(),
@@ -134,19 +135,18 @@ async fn run(
     // The rubric: a configured file is checked against this config's pools and the
     // registry at start (a bad one refuses to start); edits are re-checked on reload.
     let rubric = match &config.classifier.rubric {
-        Some(path) => {
+        Some(path) => RubricHandle::loaded(
             Rubric::load(
                 path,
                 CheckAgainst {
                     registry: Some(&models.current()),
                     pools: (!config.pools.is_empty()).then_some(&config.pools),
                 },
-            )?;
-            RubricHandle::open(Some(path))?
-        }
+            )?,
+            Some(path.clone()),
+        ),
         None => RubricHandle::open(None)?,
     };
-    let rubric_watch = rubric.watch(&supervisor);
     tracing::info!(
         rubric = %rubric.current().source,
         task_types = rubric.current().task_types.len(),
@@ -240,11 +240,7 @@ async fn run(
     let decisions = DecisionLog::open(&store)?;
 
     // Policies: the built-in one until the bucket or the directory says otherwise.
-    let against = policy::Against {
-        pools: config.pools.clone(),
-        registry: models.clone(),
-        rubric: rubric.clone(),
-    };
+    let against = policy::Against::new(config.pools.clone(), models.clone(), rubric.clone());
     let builtin = {
         let (reg, rub) = (models.current(), rubric.current());
         policy::Policy::builtin(policy::CheckAgainst {
@@ -265,6 +261,9 @@ async fn run(
         policy::sync::open_bucket(&js, &policy::sync::bucket_name(subjects.prefix())).await?;
     let policy_sync =
         policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
+    let source_watches =
+        crate::sources::Sources::new(engine.against.clone(), engine.clone(), &instance)
+            .watch(&supervisor);
     let live = engine.live();
     tracing::info!(
         version = %live.policy.version,
@@ -446,7 +445,7 @@ async fn run(
             let _ = t.await;
         }
         let _ = fleet_task.await;
-        for w in [models_watch, rubric_watch].into_iter().flatten() {
+        for w in source_watches {
             w.abort();
         }
         if let Err(e) = store.flush().await {

@@ -134,6 +134,9 @@ pub struct TaskRecord {
     /// Policy version of the task's latest decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<String>,
+    /// The sources' generations of that decision (see `decisions::Generation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::domain::Generation>,
     pub history: Vec<StateChange>,
 }
 
@@ -171,6 +174,7 @@ impl TaskRecord {
             budget: None,
             deferred: None,
             policy_version: None,
+            generation: None,
             history: Vec::new(),
         }
     }

@@ -832,3 +832,117 @@ async fn a_push_after_a_nats_server_restart_is_in_force_on_both_replicas() {
         assert!(p.to_string().contains("\"after\""), "{p}");
     }
 }
+
+/// A registry with one more model than the built-in one, and a copy of the default rubric,
+/// in `dir`; the config that points at both.
+fn configured_sources(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let shipped = |f: &str| {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(f)).unwrap()
+    };
+    let models = dir.join("models.toml");
+    std::fs::write(
+        &models,
+        format!(
+            "{}\n[[model]]\nname = \"house-model\"\nprovider = \"openai\"\ncontext_window = 32000\ntier = \"economy\"\ninput_per_mtok = 0.05\noutput_per_mtok = 0.1\n",
+            shipped("policies/models.toml")
+        ),
+    )
+    .unwrap();
+    let rubric = dir.join("rubric.toml");
+    std::fs::write(&rubric, shipped("routing-rubrics/default.toml")).unwrap();
+    let extra = format!(
+        "[telemetry]\nmodel_registry = {models:?}\n[classifier]\nrubric = {rubric:?}\n[pools.code]\n[pools.docs]\n[pools.general]\n"
+    );
+    (models, rubric, extra)
+}
+
+/// The default rubric with `house-model` as one more candidate of the simple tier.
+fn rubric_with_house_model(rubric: &Path) -> String {
+    let text = std::fs::read_to_string(rubric).unwrap();
+    let at = text.find("[[tier.candidate]]").expect("a candidate");
+    format!(
+        "{}[[tier.candidate]]\nmodel = \"house-model\"\npools = [\"alpha\"]\n{}",
+        &text[..at],
+        &text[at..]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rubric_naming_a_model_only_the_configured_registry_has_hot_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, rubric, extra) = configured_sources(dir.path());
+    let s = PolicyStack::start("", &extra).await;
+    let before = s.get("/v1/classifier").await["rubric"]["generation"]
+        .as_u64()
+        .unwrap();
+    std::fs::write(&rubric, rubric_with_house_model(&rubric)).unwrap();
+    let mut c = Value::Null;
+    eventually("the rubric edit is in force", WAIT, async || {
+        c = s.get("/v1/classifier").await;
+        c["rubric"]["generation"].as_u64() > Some(before)
+    })
+    .await;
+    assert!(c["rubric"]["last_reload_error"].is_null(), "{c}");
+    assert!(c.to_string().contains("house-model"), "{c}");
+    // Audited with the policy changes.
+    let h = s.get("/v1/policy/history").await;
+    let rec = h["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["source"] == "rubric")
+        .unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(rec["accepted"], true, "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_edit_removing_a_model_in_use_is_refused_naming_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (models, rubric, extra) = configured_sources(dir.path());
+    std::fs::write(&rubric, rubric_with_house_model(&rubric)).unwrap();
+    // The policy names the model too.
+    let s = PolicyStack::start(
+        "[[budget]]\nname = \"house\"\nscope = \"model\"\nmatch = \"house-model\"\nwindow = \"day\"\nlimit_usd = 5.0\naction = \"reject\"\n",
+        &extra,
+    )
+    .await;
+    let v = s.get("/v1/models").await;
+    let (n, generation) = (
+        v["models"].as_array().unwrap().len(),
+        v["generation"].clone(),
+    );
+
+    let text = std::fs::read_to_string(&models).unwrap();
+    let at = text.find("[[model]]\nname = \"house-model\"").unwrap();
+    std::fs::write(&models, &text[..at]).unwrap();
+    let mut v = Value::Null;
+    eventually("the refusal is visible", WAIT, async || {
+        v = s.get("/v1/models").await;
+        v["last_reload_error"].is_string()
+    })
+    .await;
+    let err = v["last_reload_error"].as_str().unwrap();
+    let (models_file, rubric_file) = (models.display().to_string(), rubric.display().to_string());
+    assert!(err.contains(&models_file), "{err}");
+    assert!(
+        err.contains(&format!("{rubric_file}:")),
+        "names the rubric's line: {err}"
+    );
+    assert!(
+        err.contains("main.policy.toml:"),
+        "names the policy's line: {err}"
+    );
+    assert!(err.contains("house-model"), "{err}");
+    // The registry in force is the one before the edit.
+    assert_eq!(v["models"].as_array().unwrap().len(), n);
+    assert_eq!(v["generation"], generation);
+    let h = s.get("/v1/policy/history").await;
+    let rec = h["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["source"] == "registry")
+        .unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(rec["accepted"], false, "{rec}");
+    assert!(!rec["errors"].as_array().unwrap().is_empty(), "{rec}");
+}

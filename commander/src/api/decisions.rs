@@ -44,7 +44,7 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 /// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.
 pub async fn classifier(State(s): State<AppState>) -> Response {
     let c = &s.classifier;
-    let rubric = c.rubric();
+    let (rubric, generation) = c.rubric_snapshot();
     Json(json!({
         "endpoint": c.endpoint(),
         "protocol": c.protocol().as_str(),
@@ -53,6 +53,7 @@ pub async fn classifier(State(s): State<AppState>) -> Response {
         "rubric": {
             "name": rubric.name,
             "source": rubric.source,
+            "generation": generation,
             "task_types": rubric.task_types.iter().map(|t| &t.name).collect::<Vec<_>>(),
             "tiers": rubric.tiers.iter().map(|t| json!({
                 "name": t.name,

@@ -194,9 +194,10 @@ pub async fn costs(
 }
 
 pub async fn models(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let reg = s.models.current();
+    let (reg, generation) = s.models.snapshot();
     Ok(Json(json!({
         "source": reg.source,
+        "generation": generation,
         "models": reg.models(),
         "last_reload_error": s.models.last_error(),
     }))

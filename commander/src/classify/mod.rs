@@ -255,6 +255,11 @@ impl Classifier {
         self.rubric.current()
     }
 
+    /// The rubric in force and its generation, from one read.
+    pub fn rubric_snapshot(&self) -> (Arc<Rubric>, u64) {
+        self.rubric.snapshot()
+    }
+
     /// Why the last rubric reload was refused, if it was.
     pub fn rubric_error(&self) -> Option<String> {
         self.rubric.last_error()

@@ -163,6 +163,9 @@ pub struct Rubric {
     /// The system prompt, rendered once.
     #[serde(skip)]
     pub system_prompt: String,
+    /// The text it was parsed from, so it can be checked again against a changed registry.
+    #[serde(skip)]
+    pub text: String,
 }
 
 /// What a rubric is checked against besides itself.
@@ -322,6 +325,7 @@ impl Rubric {
             capabilities,
             source: file.to_string(),
             system_prompt: String::new(),
+            text: text.to_string(),
         };
         rubric.system_prompt = rubric.render_prompt();
         Ok(rubric)
@@ -346,6 +350,11 @@ impl Rubric {
             source,
         })?;
         Self::parse(&text, &path.display().to_string(), against)
+    }
+
+    /// Checks this rubric again, as written, against other pools or another registry.
+    pub fn recheck(&self, against: CheckAgainst<'_>) -> Result<(), RubricError> {
+        Self::parse(&self.text, &self.source, against).map(|_| ())
     }
 
     pub fn task_type(&self, name: &str) -> Option<&TaskTypeSpec> {

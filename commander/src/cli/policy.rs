@@ -126,11 +126,7 @@ fn offline(o: &Offline, run_tests: bool) -> ExitCode {
             None => RubricHandle::open(None).map_err(|e| format!("rubric: {e}"))?,
         };
         Ok((
-            Against {
-                pools: config.pools.clone(),
-                registry,
-                rubric,
-            },
+            Against::new(config.pools.clone(), registry, rubric),
             RoutingTable {
                 pools: config.pools.clone(),
                 routing: config.routing.clone(),

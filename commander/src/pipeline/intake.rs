@@ -56,11 +56,16 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         }))
         .await;
         // What every decision of the batch reads, taken once.
+        // The rubric, registry and policy, each read once; any pair of them in force was
+        // checked together (sources.rs).
+        let (rubric, rubric_generation) = ctx.classifier.rubric_snapshot();
+        let (registry, registry_generation) = ctx.registry.snapshot();
         let mut view = View {
             fleet: ctx.route_snapshot(),
-            rubric: ctx.classifier.rubric(),
-            registry: ctx.registry.current(),
+            rubric,
+            registry,
             live: ctx.policy.live(),
+            generations: (rubric_generation, registry_generation),
             queued: ctx.policy.deferrals.queued(),
             now_ms: ctx.policy.now_ms(),
         };
@@ -143,6 +148,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                             r.decision_id = Some(d.decision.id.clone());
                             r.decision_at_ms = Some(d.decision.at_ms);
                             r.policy_version = Some(d.entry.policy_version.clone());
+                            r.generation = d.decision.generation.clone();
                             r.pool = Some(d.entry.pool.clone());
                             r.model = Some(d.entry.model.clone());
                             r.route_reason = Some(d.info.reason.clone());

@@ -82,6 +82,7 @@ pub(super) struct DispatchRecord {
     /// The budget reservation, settled when the result comes.
     pub(super) reservation: Option<Reservation>,
     pub(super) policy_version: String,
+    pub(super) generation: Option<crate::domain::Generation>,
     /// Times the task left the deferred queue, when this dispatch is a release.
     pub(super) releases: Option<u32>,
 }
@@ -100,6 +101,7 @@ impl DispatchRecord {
         r.trace = Some(self.trace.clone());
         r.budget = self.reservation.clone();
         r.policy_version = Some(self.policy_version.clone());
+        r.generation = self.generation.clone();
         if let (Some(n), Some(d)) = (self.releases, r.deferred.as_mut()) {
             d.releases = n;
         }
@@ -179,6 +181,8 @@ pub(super) struct View {
     pub(super) rubric: std::sync::Arc<crate::classify::rubric::Rubric>,
     pub(super) registry: std::sync::Arc<crate::registry::Registry>,
     pub(super) live: std::sync::Arc<crate::policy::Live>,
+    /// The rubric's and the registry's generations.
+    pub(super) generations: (u64, u64),
     /// Deferred tasks waiting per (budget, value).
     pub(super) queued: std::collections::BTreeMap<(String, String), usize>,
     pub(super) now_ms: u64,
@@ -228,6 +232,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         rubric,
         registry,
         live,
+        generations: (rubric_generation, registry_generation),
         queued,
         now_ms,
     } = view;
@@ -358,6 +363,11 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             candidates,
             rubric: rubric.name.clone(),
             policy_version: Some(version.clone()),
+            generation: Some(crate::domain::Generation {
+                policy: version.clone(),
+                rubric: *rubric_generation,
+                registry: *registry_generation,
+            }),
             inputs: inputs.clone(),
             trace_id: Some(trace_id.to_hex()),
         }
@@ -580,6 +590,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         received_at,
         reservation,
         policy_version: version,
+        generation: logged.generation.clone(),
         releases: release.map(|(_, n)| n),
     };
     Plan::Dispatch(Box::new(Dispatch {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::load::Document;
 use crate::store::{Store, StoreError};
 
-/// Where a policy came from.
+/// Where a policy, or a change to a source it is checked against, came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
@@ -20,6 +20,10 @@ pub enum Source {
     Nats,
     /// `PUT /v1/policy`.
     Http,
+    /// An edit of the model registry file (checked against the rubric and the policy).
+    Registry,
+    /// An edit of the routing rubric file (checked against the registry, pools, policy).
+    Rubric,
 }
 
 impl Source {
@@ -29,6 +33,8 @@ impl Source {
             Source::File => "file",
             Source::Nats => "nats",
             Source::Http => "http",
+            Source::Registry => "registry",
+            Source::Rubric => "rubric",
         }
     }
 }

@@ -144,15 +144,44 @@ pub struct Rejection {
     pub errors: Vec<String>,
 }
 
+/// A registry or rubric edit, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct SourceChange {
+    pub source: Source,
+    pub file: String,
+    pub text: String,
+    /// Who: the replica that read the edit.
+    pub identity: String,
+    /// Empty: accepted.
+    pub errors: Vec<String>,
+    pub diff: Vec<String>,
+}
+
 /// What policies are checked against: the configured pools, the registry, the rubric.
 #[derive(Debug, Clone)]
 pub struct Against {
     pub pools: BTreeMap<String, PoolConfig>,
     pub registry: Arc<RegistryHandle>,
     pub rubric: Arc<RubricHandle>,
+    /// Held while a policy, registry or rubric change is checked against the others and
+    /// swapped in, so every combination in force was checked together (`sources.rs`).
+    pub gate: Arc<std::sync::Mutex<()>>,
 }
 
 impl Against {
+    pub fn new(
+        pools: BTreeMap<String, PoolConfig>,
+        registry: Arc<RegistryHandle>,
+        rubric: Arc<RubricHandle>,
+    ) -> Self {
+        Self {
+            pools,
+            registry,
+            rubric,
+            gate: Arc::default(),
+        }
+    }
+
     pub fn parse(&self, docs: Vec<Document>) -> Result<Policy, PolicyError> {
         let registry = self.registry.current();
         let rubric = self.rubric.current();
@@ -314,6 +343,55 @@ impl PolicyEngine {
 
     pub fn last_rejection(&self) -> Option<Rejection> {
         self.last_rejection.load().as_ref().clone()
+    }
+
+    /// Checks `docs` against this replica's pools, registry and rubric and swaps the result
+    /// in as `revision` (see [`Self::swap`]), with no registry or rubric change in between.
+    pub fn parse_and_swap(
+        &self,
+        docs: Vec<Document>,
+        revision: u64,
+        source: Source,
+        identity: &str,
+    ) -> Result<bool, PolicyError> {
+        // A poisoned gate only means a panic elsewhere mid-check; the check is redone here.
+        let _gate = self
+            .against
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let policy = self.against.parse(docs)?;
+        Ok(self.swap(policy, revision, source, identity))
+    }
+
+    /// Records a checked edit of the registry or the rubric in the audit trail: `file` and
+    /// its `text`, accepted or refused with its errors, and what it changed.
+    pub async fn audit_source_change(&self, change: SourceChange) {
+        let live = self.live();
+        let now = self.now_ms();
+        let document = Document {
+            name: change.file,
+            text: change.text,
+        };
+        let rec = AuditRecord {
+            seq: 0,
+            version: None,
+            previous: Some(live.policy.version.clone()),
+            refused_version: None,
+            remote: None,
+            sha256: load::bundle_sha(std::slice::from_ref(&document)),
+            source: change.source,
+            identity: change.identity,
+            at: budget::rfc3339(now),
+            at_ms: now,
+            accepted: change.errors.is_empty(),
+            errors: change.errors,
+            diff: change.diff,
+            documents: vec![document],
+        };
+        if let Err(e) = self.audit.append(rec).await {
+            tracing::error!(error = %e, "source change not audited");
+        }
     }
 
     /// Swaps `policy` in (already validated) as `revision`, unless a newer one is in

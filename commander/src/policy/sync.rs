@@ -287,13 +287,15 @@ impl PolicySync {
             let Ok(stored) = serde_json::from_slice::<Stored>(&entry.value) else {
                 continue;
             };
-            match self.engine.against.parse(stored.documents.clone()) {
-                Ok(p) => {
+            match self.engine.parse_and_swap(
+                stored.documents.clone(),
+                entry.revision,
+                stored.source,
+                &stored.identity,
+            ) {
+                Ok(swapped) => {
                     self.set_files_sha(stored.files_sha.clone());
-                    if self
-                        .engine
-                        .swap(p, entry.revision, stored.source, &stored.identity)
-                    {
+                    if swapped {
                         tracing::warn!(
                             version,
                             refused = format!("v{}", self.seen()),
@@ -322,13 +324,15 @@ impl PolicySync {
         if revision <= live.revision {
             return;
         }
-        match self.engine.against.parse(stored.documents.clone()) {
-            Ok(p) => {
+        match self.engine.parse_and_swap(
+            stored.documents.clone(),
+            revision,
+            stored.source,
+            &stored.identity,
+        ) {
+            Ok(swapped) => {
                 self.set_files_sha(stored.files_sha.clone());
-                if self
-                    .engine
-                    .swap(p, revision, stored.source, &stored.identity)
-                {
+                if swapped {
                     self.engine
                         .record_applied(&live.policy, stored.source, &stored.identity)
                         .await;

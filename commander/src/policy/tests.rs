@@ -273,11 +273,11 @@ const MIN: u64 = 60_000;
 fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyEngine> {
     PolicyEngine::open(
         store,
-        Against {
-            pools: pools(),
-            registry: RegistryHandle::open(None).unwrap(),
-            rubric: RubricHandle::open(None).unwrap(),
-        },
+        Against::new(
+            pools(),
+            RegistryHandle::open(None).unwrap(),
+            RubricHandle::open(None).unwrap(),
+        ),
         policy,
         clock,
         1000,
