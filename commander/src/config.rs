@@ -170,19 +170,19 @@ fn default_identity_wait_ms() -> u64 {
 }
 
 fn default_max_items() -> usize {
-    crate::ingest::limits::DecodeLimits::default().max_items
+    crate::domain::DecodeLimits::default().max_items
 }
 fn default_max_value_depth() -> usize {
-    crate::ingest::limits::DecodeLimits::default().max_depth
+    crate::domain::DecodeLimits::default().max_depth
 }
 fn default_max_decoded() -> usize {
-    crate::ingest::limits::DecodeLimits::default().max_decoded_bytes
+    crate::domain::DecodeLimits::default().max_decoded_bytes
 }
 
 impl TelemetryConfig {
     /// What one OTLP request may expand to.
-    pub fn decode_limits(&self) -> crate::ingest::limits::DecodeLimits {
-        crate::ingest::limits::DecodeLimits {
+    pub fn decode_limits(&self) -> crate::domain::DecodeLimits {
+        crate::domain::DecodeLimits {
             max_request_bytes: self.max_request_bytes,
             max_items: self.max_items_per_request,
             max_depth: self.max_value_depth,
@@ -554,7 +554,7 @@ pub struct ClassifierConfig {
     /// Unset: every task is classified by the rubric's deterministic fallback.
     pub endpoint: Option<String>,
     /// `openai` (chat completions; also vLLM, Ollama, llama.cpp, LiteLLM) or `anthropic`.
-    pub protocol: crate::classify::llm::Protocol,
+    pub protocol: crate::domain::Protocol,
     /// The model to ask. Unset: the rubric's `classifier.model`.
     pub model: Option<String>,
     /// Environment variable holding the API key (the key itself never appears in config
@@ -586,7 +586,7 @@ impl Default for ClassifierConfig {
         Self {
             rubric: None,
             endpoint: None,
-            protocol: crate::classify::llm::Protocol::Openai,
+            protocol: crate::domain::Protocol::Openai,
             model: None,
             api_key_env: None,
             timeout_ms: 2_000,

@@ -76,7 +76,7 @@ pub struct DecisionInputs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
     #[serde(default)]
-    pub dims: crate::policy::TaskDims,
+    pub dims: crate::domain::TaskDims,
 }
 
 /// Filters for [`DecisionLog::query`]; all optional, all must hold.

@@ -13,3 +13,272 @@ pub struct Generation {
     pub rubric: u64,
     pub registry: u64,
 }
+
+/// Which wire protocol the endpoint speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// `POST {endpoint}/v1/chat/completions`, bearer key.
+    Openai,
+    /// `POST {endpoint}/v1/messages`, `x-api-key` and `anthropic-version`.
+    Anthropic,
+}
+
+impl Protocol {
+    /// `gen_ai.provider.name` for the call's span.
+    pub fn provider(self) -> &'static str {
+        match self {
+            Protocol::Openai => "openai",
+            Protocol::Anthropic => "anthropic",
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        self.provider()
+    }
+}
+
+/// The attribution of a task that budgets and throttles read: from its attributes, else
+/// its baggage (the same keys telemetry reads).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
+}
+
+impl TaskDims {
+    /// Reads `team`, `feature`, `user_tier` and `producer` from `attributes` first, then
+    /// from baggage entries (`team`, `fleet.team`, `app.team` …).
+    pub fn from_task<'a>(
+        attributes: &std::collections::BTreeMap<String, String>,
+        baggage: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut d = TaskDims {
+            team: attributes.get("team").cloned(),
+            feature: attributes.get("feature").cloned(),
+            user_tier: attributes.get("user_tier").cloned(),
+            producer: attributes.get("producer").cloned(),
+        };
+        for (k, v) in baggage {
+            let slot = match k {
+                "team" | "fleet.team" | "app.team" | "team.name" => &mut d.team,
+                "feature" | "fleet.feature" | "app.feature" | "feature.name" => &mut d.feature,
+                "user_tier" | "fleet.user_tier" | "user.tier" | "enduser.tier" => &mut d.user_tier,
+                "producer" | "fleet.producer" => &mut d.producer,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(v.to_string());
+            }
+        }
+        d
+    }
+}
+
+/// A ledger cell's address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CellKey {
+    pub budget: String,
+    /// The scope's value (`search` for team search; `*` for the fleet).
+    pub value: String,
+    /// Start of the bucket, unix ms.
+    pub bucket: u64,
+}
+
+impl CellKey {
+    /// sled key: length-prefixed budget and value, then the bucket big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.budget.len() + self.value.len() + 12);
+        k.extend_from_slice(&(self.budget.len() as u16).to_be_bytes());
+        k.extend_from_slice(self.budget.as_bytes());
+        k.extend_from_slice(&(self.value.len() as u16).to_be_bytes());
+        k.extend_from_slice(self.value.as_bytes());
+        k.extend_from_slice(&self.bucket.to_be_bytes());
+        k
+    }
+
+    pub fn decode(k: &[u8]) -> Option<Self> {
+        let take = |k: &[u8], at: usize| -> Option<(String, usize)> {
+            let n = u16::from_be_bytes(k.get(at..at + 2)?.try_into().ok()?) as usize;
+            let s = std::str::from_utf8(k.get(at + 2..at + 2 + n)?).ok()?;
+            Some((s.to_string(), at + 2 + n))
+        };
+        let (budget, at) = take(k, 0)?;
+        let (value, at) = take(k, at)?;
+        let bucket = u64::from_be_bytes(k.get(at..at + 8)?.try_into().ok()?);
+        Some(Self {
+            budget,
+            value,
+            bucket,
+        })
+    }
+}
+
+/// A reservation made at dispatch, kept on the task's record until its result settles it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub cells: Vec<CellKey>,
+    pub est_usd: f64,
+}
+
+/// FNV-1a, 64-bit: a stable hash for ids that must come out the same after a restart.
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Bounds on one decoded request (`telemetry.*` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Request size after decompression.
+    pub max_request_bytes: usize,
+    /// Messages of any kind (resources, scopes, spans, attributes, values, events, links,
+    /// data points, log records …) in one request.
+    pub max_items: usize,
+    /// Nesting of attribute values (arrays and key-value lists inside each other).
+    pub max_depth: usize,
+    /// Estimated memory of the decoded request.
+    pub max_decoded_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 << 20,
+            max_items: 1_000_000,
+            max_depth: 16,
+            max_decoded_bytes: 128 << 20,
+        }
+    }
+}
+
+/// Token counts of one call or one aggregate, GenAI convention: `input` includes the
+/// cache-read and cache-write tokens, `output` includes reasoning tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TokenUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+/// What a GenAI span was doing (`gen_ai.operation.name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// chat, text_completion, generate_content: an LLM call.
+    Inference,
+    Embeddings,
+    ExecuteTool,
+    InvokeAgent,
+    InvokeWorkflow,
+    /// Another GenAI operation (retrieval, memory, plan …).
+    OtherGenAi,
+    /// Not a GenAI span.
+    None,
+}
+
+/// Who emitted a signal. Shared by every span of one OTLP resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The worker key, first of: `fleet.worker.id`, `gen_ai.agent.id`,
+    /// `service.name@service.instance.id`, `gen_ai.agent.name`, `service.name` (span
+    /// attributes before resource attributes).
+    pub worker_id: String,
+    pub pool: Option<String>,
+    pub agent_name: Option<String>,
+    pub version: Option<String>,
+    pub service: Option<String>,
+}
+
+/// Cost attribution dimensions (from span attributes, resource attributes or baggage).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Dims {
+    pub team: Option<String>,
+    pub feature: Option<String>,
+    pub user_tier: Option<String>,
+    pub prompt_variant: Option<String>,
+    pub task_type: Option<String>,
+    pub tenant: Option<String>,
+}
+
+/// One span, normalised.
+#[derive(Clone, Debug)]
+pub struct SpanEvent {
+    pub identity: std::sync::Arc<Identity>,
+    /// `gen_ai.agent.name` on the span itself (the resource's is in `identity`).
+    pub agent_name: Option<String>,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Span status ERROR, or `error.type` set.
+    pub error: bool,
+    pub error_type: Option<String>,
+    pub operation: Operation,
+    pub provider: Option<String>,
+    /// The model that answered (`gen_ai.response.model`), else the one requested.
+    pub model: Option<String>,
+    /// Token counts, when the span reported any.
+    pub usage: Option<TokenUsage>,
+    /// `gen_ai.tool.name` on `execute_tool` spans.
+    pub tool: Option<String>,
+    /// The fleet task this span belongs to (`fleet.task.id`).
+    pub task_id: Option<String>,
+    /// `fleet.task.expected_duration_s`.
+    pub expected_duration_s: Option<f64>,
+    /// The root span of a task run: the worker's CONSUMER span for a fleet task, or a root
+    /// `invoke_agent` / `invoke_workflow` span (or `fleet.task.root = true`).
+    pub task_root: bool,
+    pub dims: Dims,
+    /// The span itself names its agent (`fleet.worker.id`, `gen_ai.agent.id` … on the
+    /// span): it is the agent for its descendants (`fleet::lineage`).
+    pub names_agent: bool,
+    /// The resource's own identity, whatever the span says.
+    pub resource: std::sync::Arc<Identity>,
+    /// The resource names its worker (`fleet.worker.id` or `gen_ai.agent.id`): its spans
+    /// never wait for an ancestor to say whose they are.
+    pub resource_names_worker: bool,
+}
+
+/// What kind of quantity a metric point carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    InputTokens,
+    OutputTokens,
+    CacheReadTokens,
+    CacheWriteTokens,
+    /// `gen_ai.client.operation.duration`: `value` is seconds summed over `count` calls.
+    OperationDuration,
+}
+
+/// One GenAI metric data point, normalised.
+#[derive(Clone, Debug)]
+pub struct MetricPoint {
+    pub identity: std::sync::Arc<Identity>,
+    pub kind: MetricKind,
+    pub model: Option<String>,
+    /// Identifies the time series (metric name + point attributes) for cumulative deltas.
+    pub series: u64,
+    pub cumulative: bool,
+    pub start_ns: u64,
+    pub time_ns: u64,
+    /// Sum of the points' values (tokens, or seconds).
+    pub value: f64,
+    pub count: u64,
+    pub error: bool,
+}

@@ -95,37 +95,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every counter (and the live state's own) with a fresh registry.
-    pub fn registry(
-        &self,
-        fleet: &crate::fleet::StateCounters,
-        classifier: &crate::classify::ClassifierCounters,
-    ) -> Registry {
+    /// Registers these counters with a fresh registry (`fleet_` prefix); the modules that
+    /// own other counters register theirs with it (`StateCounters::register` …).
+    pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("fleet");
         r.register(
             "decisions",
             "Routing decisions, by pool, model and rule",
             self.decisions.clone(),
-        );
-        r.register(
-            "classifications",
-            "Task classifications, by the path that answered and the fallback's cause",
-            classifier.classifications.clone(),
-        );
-        r.register(
-            "classifier_calls",
-            "Classifier LLM requests, by outcome",
-            classifier.calls.clone(),
-        );
-        r.register(
-            "classifier_breaker_opened",
-            "Times the classifier circuit opened",
-            classifier.breaker_opened.clone(),
-        );
-        r.register(
-            "classifier_cost_micro_usd",
-            "What classification cost, in millionths of a dollar",
-            classifier.cost_micro_usd.clone(),
         );
         r.register(
             "tasks_received",
@@ -207,46 +184,6 @@ impl Metrics {
             "nats_connected",
             "1 while the NATS connection is up, 0 while it is being re-established",
             self.nats_connected.clone(),
-        );
-        r.register(
-            "workers_refused",
-            "Signals from new workers refused because fleet.max_workers were tracked",
-            fleet.workers_refused.clone(),
-        );
-        r.register(
-            "workers_evicted",
-            "Lost workers forgotten after fleet.retention_ms",
-            fleet.workers_evicted.clone(),
-        );
-        r.register(
-            "heartbeats_invalid",
-            "Heartbeats with an unusable worker id or pool",
-            fleet.heartbeats_invalid.clone(),
-        );
-        r.register(
-            "task_events_dropped",
-            "Task-path events the live state was too busy to take",
-            fleet.task_events_dropped.clone(),
-        );
-        r.register(
-            "spans_inherited",
-            "Spans given to the agent of an ancestor span rather than their resource",
-            fleet.spans_inherited.clone(),
-        );
-        r.register(
-            "spans_waited",
-            "Spans that waited for an ancestor to say which agent they belong to",
-            fleet.spans_waited.clone(),
-        );
-        r.register(
-            "spans_wait_timed_out",
-            "Waiting spans whose ancestor did not arrive within fleet.identity_wait_ms",
-            fleet.spans_wait_timed_out.clone(),
-        );
-        r.register(
-            "spans_lineage_overflow",
-            "Spans applied to their resource at once because the lineage bounds were reached",
-            fleet.spans_lineage_overflow.clone(),
         );
         r
     }

@@ -61,15 +61,7 @@ pub struct ModelEntry {
     pub cache_write_per_mtok: Option<f64>,
 }
 
-/// Token counts of one call or one aggregate, GenAI convention: `input` includes the
-/// cache-read and cache-write tokens, `output` includes reasoning tokens.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct TokenUsage {
-    pub input: u64,
-    pub output: u64,
-    pub cache_read: u64,
-    pub cache_write: u64,
-}
+pub use crate::domain::TokenUsage;
 
 impl ModelEntry {
     /// USD for `usage` at this model's prices.

@@ -165,7 +165,9 @@ async fn run(
         models.clone(),
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
-    let mut registry = metrics.registry(&fleet.counters, &classifier.counters);
+    let mut registry = metrics.registry();
+    fleet.counters.register(&mut registry);
+    classifier.counters.register(&mut registry);
     supervisor.register(&mut registry);
     let ingestor = Ingestor {
         fleet: fleet.clone(),

@@ -127,7 +127,7 @@ pub struct TaskRecord {
     pub outcome: Option<Outcome>,
     /// The budget reservation made at dispatch, settled by the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<crate::policy::Reservation>,
+    pub budget: Option<crate::domain::Reservation>,
     /// Why and until when the task is (or was last) deferred.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred: Option<DeferInfo>,

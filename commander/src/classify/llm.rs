@@ -4,31 +4,10 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
-/// Which wire protocol the endpoint speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    /// `POST {endpoint}/v1/chat/completions`, bearer key.
-    Openai,
-    /// `POST {endpoint}/v1/messages`, `x-api-key` and `anthropic-version`.
-    Anthropic,
-}
-
-impl Protocol {
-    /// `gen_ai.provider.name` for the call's span.
-    pub fn provider(self) -> &'static str {
-        match self {
-            Protocol::Openai => "openai",
-            Protocol::Anthropic => "anthropic",
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        self.provider()
-    }
-}
+pub use crate::domain::Protocol;
 
 /// Why one request gave no usable text.
 #[derive(Debug, thiserror::Error)]

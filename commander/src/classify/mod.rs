@@ -136,6 +136,32 @@ pub struct ClassifierCounters {
     pub cost_micro_usd: Counter,
 }
 
+impl ClassifierCounters {
+    /// Registers these counters (the registry carries the `fleet_` prefix).
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "classifications",
+            "Task classifications, by the path that answered and the fallback's cause",
+            self.classifications.clone(),
+        );
+        r.register(
+            "classifier_calls",
+            "Classifier LLM requests, by outcome",
+            self.calls.clone(),
+        );
+        r.register(
+            "classifier_breaker_opened",
+            "Times the classifier circuit opened",
+            self.breaker_opened.clone(),
+        );
+        r.register(
+            "classifier_cost_micro_usd",
+            "What classification cost, in millionths of a dollar",
+            self.cost_micro_usd.clone(),
+        );
+    }
+}
+
 /// Where a task's classifier span hangs in its trace.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TraceCtx {

@@ -14,7 +14,7 @@ use std::hash::{Hash, Hasher};
 use rustc_hash::{FxHashMap, FxHasher};
 use serde::Serialize;
 
-use crate::ingest::normalise::Dims;
+use crate::domain::Dims;
 
 const MINUTE_MS: u64 = 60_000;
 /// The last hour is kept per minute…

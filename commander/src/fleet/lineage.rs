@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::ingest::normalise::{Identity, Operation, SpanEvent};
+use crate::domain::{Identity, Operation, SpanEvent};
 
 /// Spans remembered (their parent and agent), over all traces.
 const MAX_NODES: usize = 200_000;

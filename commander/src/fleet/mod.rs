@@ -30,7 +30,7 @@ use self::view::{
 use self::window::{FleetRing, SeriesPoint, WindowedSketch};
 use self::worker::{RunEnd, State, TaskSummary, Worker};
 use crate::config::FleetConfig;
-use crate::ingest::normalise::{Dims, MetricKind, MetricPoint, SpanEvent};
+use crate::domain::{Dims, MetricKind, MetricPoint, SpanEvent};
 use crate::registry::{RegistryHandle, TokenUsage};
 
 pub fn now_ms() -> u64 {
@@ -209,6 +209,52 @@ pub struct StateCounters {
     pub spans_lineage_overflow: Counter,
 }
 
+impl StateCounters {
+    /// Registers these counters (the registry carries the `fleet_` prefix).
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "workers_refused",
+            "Signals from new workers refused because self.max_workers were tracked",
+            self.workers_refused.clone(),
+        );
+        r.register(
+            "workers_evicted",
+            "Lost workers forgotten after self.retention_ms",
+            self.workers_evicted.clone(),
+        );
+        r.register(
+            "heartbeats_invalid",
+            "Heartbeats with an unusable worker id or pool",
+            self.heartbeats_invalid.clone(),
+        );
+        r.register(
+            "task_events_dropped",
+            "Task-path events the live state was too busy to take",
+            self.task_events_dropped.clone(),
+        );
+        r.register(
+            "spans_inherited",
+            "Spans given to the agent of an ancestor span rather than their resource",
+            self.spans_inherited.clone(),
+        );
+        r.register(
+            "spans_waited",
+            "Spans that waited for an ancestor to say which agent they belong to",
+            self.spans_waited.clone(),
+        );
+        r.register(
+            "spans_wait_timed_out",
+            "Waiting spans whose ancestor did not arrive within self.identity_wait_ms",
+            self.spans_wait_timed_out.clone(),
+        );
+        r.register(
+            "spans_lineage_overflow",
+            "Spans applied to their resource at once because the lineage bounds were reached",
+            self.spans_lineage_overflow.clone(),
+        );
+    }
+}
+
 /// The live state. One owner mutates it; see the module docs.
 #[derive(Debug)]
 pub struct FleetState {
@@ -372,7 +418,7 @@ impl FleetState {
             if billed {
                 p.llm_calls += 1;
             }
-            if ev.operation == crate::ingest::normalise::Operation::ExecuteTool {
+            if ev.operation == crate::domain::Operation::ExecuteTool {
                 p.tool_calls += 1;
             }
             if ev.error {

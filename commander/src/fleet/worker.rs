@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use super::window::WorkerRing;
 use crate::config::FleetConfig;
-use crate::ingest::normalise::{Operation, SpanEvent};
+use crate::domain::{Operation, SpanEvent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -19,30 +19,7 @@ use opentelemetry_proto::tonic::metrics::v1 as metrics;
 use opentelemetry_proto::tonic::resource::v1 as resource;
 use opentelemetry_proto::tonic::trace::v1 as trace;
 
-/// Bounds on one decoded request (`telemetry.*` in the config).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DecodeLimits {
-    /// Request size after decompression.
-    pub max_request_bytes: usize,
-    /// Messages of any kind (resources, scopes, spans, attributes, values, events, links,
-    /// data points, log records …) in one request.
-    pub max_items: usize,
-    /// Nesting of attribute values (arrays and key-value lists inside each other).
-    pub max_depth: usize,
-    /// Estimated memory of the decoded request.
-    pub max_decoded_bytes: usize,
-}
-
-impl Default for DecodeLimits {
-    fn default() -> Self {
-        Self {
-            max_request_bytes: 64 << 20,
-            max_items: 1_000_000,
-            max_depth: 16,
-            max_decoded_bytes: 128 << 20,
-        }
-    }
-}
+pub use crate::domain::DecodeLimits;
 
 /// Which limit a request broke.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -224,16 +224,4 @@ pub async fn consume_batches<F, Fut>(
     }
 }
 
-/// FNV-1a, 64-bit: a stable hash for ids that must come out the same after a restart.
-pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in *part {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub(crate) use crate::domain::fnv1a;

@@ -133,100 +133,13 @@ pub fn rfc3339(ms: u64) -> String {
         .to_string()
 }
 
-/// The attribution of a task that budgets and throttles read: from its attributes, else
-/// its baggage (the same keys telemetry reads).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskDims {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub team: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feature: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_tier: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub producer: Option<String>,
-}
-
-impl TaskDims {
-    /// Reads `team`, `feature`, `user_tier` and `producer` from `attributes` first, then
-    /// from baggage entries (`team`, `fleet.team`, `app.team` …).
-    pub fn from_task<'a>(
-        attributes: &std::collections::BTreeMap<String, String>,
-        baggage: impl Iterator<Item = (&'a str, &'a str)>,
-    ) -> Self {
-        let mut d = TaskDims {
-            team: attributes.get("team").cloned(),
-            feature: attributes.get("feature").cloned(),
-            user_tier: attributes.get("user_tier").cloned(),
-            producer: attributes.get("producer").cloned(),
-        };
-        for (k, v) in baggage {
-            let slot = match k {
-                "team" | "fleet.team" | "app.team" | "team.name" => &mut d.team,
-                "feature" | "fleet.feature" | "app.feature" | "feature.name" => &mut d.feature,
-                "user_tier" | "fleet.user_tier" | "user.tier" | "enduser.tier" => &mut d.user_tier,
-                "producer" | "fleet.producer" => &mut d.producer,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(v.to_string());
-            }
-        }
-        d
-    }
-}
-
-/// A ledger cell's address.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct CellKey {
-    pub budget: String,
-    /// The scope's value (`search` for team search; `*` for the fleet).
-    pub value: String,
-    /// Start of the bucket, unix ms.
-    pub bucket: u64,
-}
-
-impl CellKey {
-    /// sled key: length-prefixed budget and value, then the bucket big-endian.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.budget.len() + self.value.len() + 12);
-        k.extend_from_slice(&(self.budget.len() as u16).to_be_bytes());
-        k.extend_from_slice(self.budget.as_bytes());
-        k.extend_from_slice(&(self.value.len() as u16).to_be_bytes());
-        k.extend_from_slice(self.value.as_bytes());
-        k.extend_from_slice(&self.bucket.to_be_bytes());
-        k
-    }
-
-    pub fn decode(k: &[u8]) -> Option<Self> {
-        let take = |k: &[u8], at: usize| -> Option<(String, usize)> {
-            let n = u16::from_be_bytes(k.get(at..at + 2)?.try_into().ok()?) as usize;
-            let s = std::str::from_utf8(k.get(at + 2..at + 2 + n)?).ok()?;
-            Some((s.to_string(), at + 2 + n))
-        };
-        let (budget, at) = take(k, 0)?;
-        let (value, at) = take(k, at)?;
-        let bucket = u64::from_be_bytes(k.get(at..at + 8)?.try_into().ok()?);
-        Some(Self {
-            budget,
-            value,
-            bucket,
-        })
-    }
-}
+pub use crate::domain::{CellKey, Reservation, TaskDims};
 
 /// Spent and reserved USD of one cell.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Cell {
     pub spent: f64,
     pub reserved: f64,
-}
-
-/// A reservation made at dispatch, kept on the task's record until its result settles it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Reservation {
-    pub cells: Vec<CellKey>,
-    pub est_usd: f64,
 }
 
 /// The ledger: every cell, in memory (the engine persists the dirty ones). Nested by

@@ -121,7 +121,7 @@ pub fn replay(
             queued: &queued,
             released: false,
             now_ms: d.at_ms,
-            seed: crate::pipeline::fnv1a(&[b"seed", d.task_id.as_bytes()]),
+            seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
         });
         let before = describe(
             match d.outcome {

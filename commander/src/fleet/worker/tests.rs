@@ -5,9 +5,9 @@ use std::sync::Arc;
 use fleet_worker::message::{Heartbeat, WorkerState as HbState};
 
 use super::*;
+use crate::domain::{Dims, Identity, MetricKind, MetricPoint};
 use crate::fleet::costs::Dim;
 use crate::fleet::{FleetState, TaskEvent};
-use crate::ingest::normalise::{Dims, Identity, MetricKind, MetricPoint};
 use crate::registry::{RegistryHandle, TokenUsage};
 
 const S: u64 = 1_000;

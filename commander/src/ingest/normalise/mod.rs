@@ -13,23 +13,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric};
 
-use crate::registry::TokenUsage;
-
-/// What a GenAI span was doing (`gen_ai.operation.name`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Operation {
-    /// chat, text_completion, generate_content: an LLM call.
-    Inference,
-    Embeddings,
-    ExecuteTool,
-    InvokeAgent,
-    InvokeWorkflow,
-    /// Another GenAI operation (retrieval, memory, plan …).
-    OtherGenAi,
-    /// Not a GenAI span.
-    None,
-}
+pub use crate::domain::{
+    Dims, Identity, MetricKind, MetricPoint, Operation, SpanEvent, TokenUsage,
+};
 
 impl Operation {
     fn parse(v: &str) -> Self {
@@ -48,30 +34,6 @@ impl Operation {
     pub fn is_billed(self) -> bool {
         matches!(self, Self::Inference | Self::Embeddings)
     }
-}
-
-/// Who emitted a signal. Shared by every span of one OTLP resource.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Identity {
-    /// The worker key, first of: `fleet.worker.id`, `gen_ai.agent.id`,
-    /// `service.name@service.instance.id`, `gen_ai.agent.name`, `service.name` (span
-    /// attributes before resource attributes).
-    pub worker_id: String,
-    pub pool: Option<String>,
-    pub agent_name: Option<String>,
-    pub version: Option<String>,
-    pub service: Option<String>,
-}
-
-/// Cost attribution dimensions (from span attributes, resource attributes or baggage).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Dims {
-    pub team: Option<String>,
-    pub feature: Option<String>,
-    pub user_tier: Option<String>,
-    pub prompt_variant: Option<String>,
-    pub task_type: Option<String>,
-    pub tenant: Option<String>,
 }
 
 impl Dims {
@@ -108,74 +70,6 @@ impl Dims {
         }
         true
     }
-}
-
-/// One span, normalised.
-#[derive(Clone, Debug)]
-pub struct SpanEvent {
-    pub identity: Arc<Identity>,
-    /// `gen_ai.agent.name` on the span itself (the resource's is in `identity`).
-    pub agent_name: Option<String>,
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub parent_span_id: Option<[u8; 8]>,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    /// Span status ERROR, or `error.type` set.
-    pub error: bool,
-    pub error_type: Option<String>,
-    pub operation: Operation,
-    pub provider: Option<String>,
-    /// The model that answered (`gen_ai.response.model`), else the one requested.
-    pub model: Option<String>,
-    /// Token counts, when the span reported any.
-    pub usage: Option<TokenUsage>,
-    /// `gen_ai.tool.name` on `execute_tool` spans.
-    pub tool: Option<String>,
-    /// The fleet task this span belongs to (`fleet.task.id`).
-    pub task_id: Option<String>,
-    /// `fleet.task.expected_duration_s`.
-    pub expected_duration_s: Option<f64>,
-    /// The root span of a task run: the worker's CONSUMER span for a fleet task, or a root
-    /// `invoke_agent` / `invoke_workflow` span (or `fleet.task.root = true`).
-    pub task_root: bool,
-    pub dims: Dims,
-    /// The span itself names its agent (`fleet.worker.id`, `gen_ai.agent.id` … on the
-    /// span): it is the agent for its descendants (`fleet::lineage`).
-    pub names_agent: bool,
-    /// The resource's own identity, whatever the span says.
-    pub resource: Arc<Identity>,
-    /// The resource names its worker (`fleet.worker.id` or `gen_ai.agent.id`): its spans
-    /// never wait for an ancestor to say whose they are.
-    pub resource_names_worker: bool,
-}
-
-/// What kind of quantity a metric point carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricKind {
-    InputTokens,
-    OutputTokens,
-    CacheReadTokens,
-    CacheWriteTokens,
-    /// `gen_ai.client.operation.duration`: `value` is seconds summed over `count` calls.
-    OperationDuration,
-}
-
-/// One GenAI metric data point, normalised.
-#[derive(Clone, Debug)]
-pub struct MetricPoint {
-    pub identity: Arc<Identity>,
-    pub kind: MetricKind,
-    pub model: Option<String>,
-    /// Identifies the time series (metric name + point attributes) for cumulative deltas.
-    pub series: u64,
-    pub cumulative: bool,
-    pub start_ns: u64,
-    pub time_ns: u64,
-    /// Sum of the points' values (tokens, or seconds).
-    pub value: f64,
-    pub count: u64,
-    pub error: bool,
 }
 
 /// Spans refused and why (OTLP `partial_success`).
