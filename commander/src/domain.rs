@@ -3,6 +3,34 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An attribution dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Team,
+    Feature,
+    UserTier,
+    PromptVariant,
+    TaskType,
+    Tenant,
+    Producer,
+}
+
+/// The one table of keys that name a dimension: span and resource attributes and baggage
+/// entries (telemetry, `Dims`) and a task's baggage (budgets and throttles, `TaskDims`)
+/// are all read through it.
+pub fn dim_of_key(key: &str) -> Option<Dim> {
+    Some(match key {
+        "fleet.team" | "team" | "team.name" | "app.team" => Dim::Team,
+        "fleet.feature" | "feature" | "feature.name" | "app.feature" => Dim::Feature,
+        "fleet.user_tier" | "user_tier" | "user.tier" | "enduser.tier" => Dim::UserTier,
+        "fleet.prompt_variant" | "prompt_variant" | "prompt.variant" => Dim::PromptVariant,
+        "fleet.task.type" | "task_type" | "task.type" => Dim::TaskType,
+        "fleet.tenant" | "tenant" | "tenant.id" => Dim::Tenant,
+        "fleet.producer" | "producer" => Dim::Producer,
+        _ => return None,
+    })
+}
+
 /// The versions of the reloadable sources a decision was made under, checked together
 /// (`sources.rs`): the policy version, and the rubric's and the registry's generations
 /// (1 at start, +1 per accepted edit; `GET /v1/classifier` and `GET /v1/models` show the
@@ -65,11 +93,11 @@ impl TaskDims {
             producer: attributes.get("producer").cloned(),
         };
         for (k, v) in baggage {
-            let slot = match k {
-                "team" | "fleet.team" | "app.team" | "team.name" => &mut d.team,
-                "feature" | "fleet.feature" | "app.feature" | "feature.name" => &mut d.feature,
-                "user_tier" | "fleet.user_tier" | "user.tier" | "enduser.tier" => &mut d.user_tier,
-                "producer" | "fleet.producer" => &mut d.producer,
+            let slot = match dim_of_key(k) {
+                Some(Dim::Team) => &mut d.team,
+                Some(Dim::Feature) => &mut d.feature,
+                Some(Dim::UserTier) => &mut d.user_tier,
+                Some(Dim::Producer) => &mut d.producer,
                 _ => continue,
             };
             if slot.is_none() {
@@ -281,4 +309,24 @@ pub struct MetricPoint {
     pub value: f64,
     pub count: u64,
     pub error: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_and_telemetry_read_the_same_keys() {
+        for key in ["team", "fleet.team", "app.team", "team.name"] {
+            assert_eq!(dim_of_key(key), Some(Dim::Team), "{key}");
+            let dims = TaskDims::from_task(&Default::default(), [(key, "search")].into_iter());
+            assert_eq!(dims.team.as_deref(), Some("search"), "{key}");
+        }
+        for key in ["enduser.tier", "user.tier"] {
+            let dims = TaskDims::from_task(&Default::default(), [(key, "pro")].into_iter());
+            assert_eq!(dims.user_tier.as_deref(), Some("pro"), "{key}");
+        }
+        assert_eq!(dim_of_key("fleet.producer"), Some(Dim::Producer));
+        assert_eq!(dim_of_key("teams"), None);
+    }
 }

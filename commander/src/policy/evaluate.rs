@@ -81,7 +81,6 @@ pub fn hints(policy: &Policy) -> PolicyHints {
     PolicyHints {
         downgrade: None,
         downgrade_to: None,
-        version: Some(policy.version.clone()),
         reroutes: policy
             .reroutes
             .iter()

@@ -42,8 +42,6 @@ pub struct PolicyHints {
     /// With `downgrade`: the tier (index into the rubric's tiers) to move to; unset, one
     /// tier lower. Never moves a task up.
     pub downgrade_to: Option<usize>,
-    /// Version of the policy in force, recorded on the decision.
-    pub version: Option<String>,
     /// The policy's reroutes: while `from` is over a threshold its tasks go to `to`.
     pub reroutes: Vec<PolicyReroute>,
 }

@@ -54,16 +54,15 @@ impl Dims {
 
     /// Sets a dimension from an attribute key, if the key names one.
     fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
-        let slot = match key {
-            "fleet.team" | "team" | "team.name" | "app.team" => &mut self.team,
-            "fleet.feature" | "feature" | "feature.name" | "app.feature" => &mut self.feature,
-            "fleet.user_tier" | "user_tier" | "user.tier" | "enduser.tier" => &mut self.user_tier,
-            "fleet.prompt_variant" | "prompt_variant" | "prompt.variant" => {
-                &mut self.prompt_variant
-            }
-            "fleet.task.type" | "task_type" | "task.type" => &mut self.task_type,
-            "fleet.tenant" | "tenant" | "tenant.id" => &mut self.tenant,
-            _ => return false,
+        use crate::domain::{Dim, dim_of_key};
+        let slot = match dim_of_key(key) {
+            Some(Dim::Team) => &mut self.team,
+            Some(Dim::Feature) => &mut self.feature,
+            Some(Dim::UserTier) => &mut self.user_tier,
+            Some(Dim::PromptVariant) => &mut self.prompt_variant,
+            Some(Dim::TaskType) => &mut self.task_type,
+            Some(Dim::Tenant) => &mut self.tenant,
+            Some(Dim::Producer) | None => return false,
         };
         if slot.is_none() {
             *slot = take_string(value);
