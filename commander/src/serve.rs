@@ -386,18 +386,12 @@ async fn run(
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
-        store: store.clone(),
         // The API answers 503 at once and lets its caller retry (docs/api.md).
         producer: fleet_worker::Producer::new(client.clone(), subjects)
             .with_retry_for(Duration::ZERO),
-        metrics,
         registry,
         ready: ready.clone(),
         max_body_bytes: config.http.max_body_bytes,
-        fleet: fleet.clone(),
-        models: models.clone(),
-        decisions: decisions.clone(),
-        classifier: classifier.clone(),
         policy: policy_sync.clone(),
         compliance_token,
         ctx: ctx.clone(),

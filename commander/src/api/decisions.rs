@@ -25,7 +25,7 @@ pub async fn list(
     q: Result<Query<Filter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let log = s.decisions.clone();
+    let log = s.ctx.decisions.clone();
     // sled reads are blocking; a deep scan should not hold up the runtime.
     let page = tokio::task::spawn_blocking(move || log.query(&filter))
         .await
@@ -35,7 +35,7 @@ pub async fn list(
 
 /// `GET /v1/decisions/{task_id}`
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match s.decisions.get(&id)? {
+    match s.ctx.decisions.get(&id)? {
         Some(d) => Ok(Json(d).into_response()),
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
     }
@@ -43,7 +43,7 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 
 /// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.
 pub async fn classifier(State(s): State<AppState>) -> Response {
-    let c = &s.classifier;
+    let c = &s.ctx.classifier;
     let (rubric, generation) = c.rubric_snapshot();
     Json(json!({
         "endpoint": c.endpoint(),

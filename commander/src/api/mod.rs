@@ -20,40 +20,31 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::fleet::FleetHandle;
-use crate::metrics::{Metrics, StateLabel, TransportLabel};
-use crate::registry::RegistryHandle;
+use crate::metrics::{StateLabel, TransportLabel};
 
 mod decisions;
 mod fleet;
 mod policy;
-use crate::classify::Classifier;
-use crate::decisions::DecisionLog;
-use crate::store::{Store, TaskRecord};
+use crate::store::TaskRecord;
 use crate::supervise::Supervisor;
 
 /// What handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub store: Store,
+    /// The task path's context: the store, metrics, live fleet state, model registry,
+    /// decision log, classifier, policy engine, routing table and snapshot.
+    pub ctx: Arc<crate::pipeline::Ctx>,
     /// Publishes HTTP submissions to the intake stream, exactly as a NATS producer would.
     pub producer: Producer,
-    pub metrics: Arc<Metrics>,
+    /// The Prometheus registry `/metrics` renders.
     pub registry: Arc<Registry>,
     /// Set once NATS is connected and the streams exist; cleared on shutdown.
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
-    /// Live fleet state.
-    pub fleet: FleetHandle,
-    pub models: Arc<RegistryHandle>,
-    pub decisions: DecisionLog,
-    pub classifier: Arc<Classifier>,
     /// Policy sources, engine, ledger, deferred queue, audit trail.
     pub policy: Arc<crate::policy::sync::PolicySync>,
     /// Required by `PUT /v1/policy` (`Authorization: Bearer …`); unset refuses pushes.
     pub compliance_token: Option<String>,
-    /// The task path's context (routing table and snapshot, for shadow replay).
-    pub ctx: Arc<crate::pipeline::Ctx>,
     /// Which long-lived tasks are down (for `/readyz`); counts panics.
     pub supervisor: Supervisor,
 }
@@ -297,14 +288,16 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let snap = s.fleet.snapshot();
+    let snap = s.ctx.fleet.snapshot();
     for (state, n) in &snap.fleet.states {
-        s.metrics
+        s.ctx
+            .metrics
             .workers
             .get_or_create(&StateLabel { state })
             .set(*n as i64);
     }
-    s.metrics
+    s.ctx
+        .metrics
         .workers
         .get_or_create(&StateLabel { state: "LOST" })
         .set(snap.fleet.lost as i64);
@@ -334,6 +327,7 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         )));
     }
     match s
+        .ctx
         .store
         .get(&id)
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -364,7 +358,8 @@ async fn submit_task(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rejected = |s: &AppState| {
-        s.metrics
+        s.ctx
+            .metrics
             .http_rejected
             .get_or_create(&TransportLabel {
                 transport: "http".into(),
@@ -384,7 +379,7 @@ async fn submit_task(
     let parent = match raw_tp.map(TraceParent::parse) {
         Some(Ok(tp)) => Some(tp),
         Some(Err(e)) => {
-            s.metrics.traceparent_invalid.inc();
+            s.ctx.metrics.traceparent_invalid.inc();
             tracing::info!(traceparent = raw_tp, reason = %e, "invalid traceparent on HTTP submission; starting a new trace");
             None
         }
@@ -413,11 +408,15 @@ async fn submit_task(
         }
         other => ApiError::Internal(other.to_string()),
     })?;
-    s.metrics.http_submissions.inc();
+    s.ctx.metrics.http_submissions.inc();
     // Found from the moment it is accepted: `received` until the intake loop, which
     // treats a `received` record as its own, takes it (an existing record is kept).
     let (id, seq) = (receipt.task_id.clone(), receipt.stream_sequence);
-    if let Err(e) = s.store.update(&id, || TaskRecord::new(&id, seq), |_| {}) {
+    if let Err(e) = s
+        .ctx
+        .store
+        .update(&id, || TaskRecord::new(&id, seq), |_| {})
+    {
         tracing::warn!(task_id = %id, error = %e, "accepted task not recorded as received yet");
     }
     let accepted = Accepted {

@@ -150,7 +150,7 @@ pub async fn check(
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let docs = documents(&body, q.name)?;
     let policy = s.policy.engine.against.parse(docs)?;
-    let (rubric, registry) = (s.classifier.rubric(), s.models.current());
+    let (rubric, registry) = (s.ctx.classifier.rubric(), s.ctx.registry.current());
     let tests = testcase::run(&policy, &rubric, &registry, &s.ctx.table);
     Ok(Json(json!({
         "valid": true,
@@ -187,11 +187,11 @@ pub async fn shadow_replay(
     let until = crate::fleet::now_ms();
     let since = until.saturating_sub(last.as_millis() as u64);
     let max = q.max.unwrap_or(100_000).clamp(1, 1_000_000);
-    let log = s.decisions.clone();
+    let log = s.ctx.decisions.clone();
     let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let (rubric, registry) = (s.classifier.rubric(), s.models.current());
+    let (rubric, registry) = (s.ctx.classifier.rubric(), s.ctx.registry.current());
     let fleet = s.ctx.route_snapshot();
     let report = replay::replay(
         &candidate,
