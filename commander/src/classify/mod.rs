@@ -175,7 +175,8 @@ enum Breaker {
         failures: u32,
     },
     Open {
-        until: Instant,
+        /// Unix ms on the classifier's clock.
+        until_ms: u64,
         failures: u32,
     },
     /// One probe is out; everyone else falls back until it answers.
@@ -186,7 +187,8 @@ enum Breaker {
 struct CacheEntry {
     answer: Answer,
     model: Option<String>,
-    at: Instant,
+    /// Unix ms on the classifier's clock.
+    at_ms: u64,
 }
 
 /// The classifier: shared by every intake batch.
@@ -202,6 +204,8 @@ pub struct Classifier {
     inflight: Mutex<rustc_hash::FxHashMap<[u8; 32], Arc<tokio::sync::OnceCell<Classification>>>>,
     pub counters: Arc<ClassifierCounters>,
     on_call: Option<CallHook>,
+    /// The breaker, the cache's age and the retry backoff read it (tests move it by hand).
+    clock: Arc<dyn crate::domain::Clock>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -273,8 +277,15 @@ impl Classifier {
             inflight: Mutex::new(Default::default()),
             counters: Arc::new(ClassifierCounters::default()),
             on_call,
+            clock: Arc::new(crate::domain::SystemClock),
             cfg,
         })
+    }
+
+    /// The same classifier on another clock.
+    pub fn with_clock(mut self, clock: Arc<dyn crate::domain::Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn rubric(&self) -> Arc<Rubric> {
@@ -527,7 +538,7 @@ impl Classifier {
                             _ => jitter(backoff, attempt),
                         }
                         .min(Duration::from_millis(self.cfg.max_backoff_ms));
-                        tokio::time::sleep(wait).await;
+                        self.clock.sleep(wait).await;
                         backoff = (backoff * 2).min(Duration::from_millis(self.cfg.max_backoff_ms));
                         continue;
                     }
@@ -613,7 +624,8 @@ impl Classifier {
         let ttl = Duration::from_secs(self.cfg.cache_ttl_s);
         let mut cache = self.cache.lock().ok()?;
         let hit = cache.get(key)?;
-        if hit.at.elapsed() > ttl {
+        let age = Duration::from_millis(self.clock.now_ms().saturating_sub(hit.at_ms));
+        if age > ttl {
             cache.pop(key);
             return None;
         }
@@ -639,7 +651,7 @@ impl Classifier {
                 CacheEntry {
                     answer: answer.clone(),
                     model,
-                    at: Instant::now(),
+                    at_ms: self.clock.now_ms(),
                 },
             );
         }
@@ -653,13 +665,13 @@ impl Classifier {
         match *b {
             Breaker::Closed { .. } => Ok(()),
             Breaker::HalfOpen => Err(Duration::ZERO),
-            Breaker::Open { until, .. } => {
-                let now = Instant::now();
-                if now >= until {
+            Breaker::Open { until_ms, .. } => {
+                let now = self.clock.now_ms();
+                if now >= until_ms {
                     *b = Breaker::HalfOpen;
                     Ok(())
                 } else {
-                    Err(until - now)
+                    Err(Duration::from_millis(until_ms - now))
                 }
             }
         }
@@ -675,7 +687,7 @@ impl Classifier {
         let Ok(mut b) = self.breaker.lock() else {
             return;
         };
-        let open_for = Duration::from_millis(self.cfg.breaker_open_ms);
+        let until_ms = self.clock.now_ms().saturating_add(self.cfg.breaker_open_ms);
         *b = match *b {
             Breaker::Closed { failures } if failures + 1 < self.cfg.breaker_failures => {
                 Breaker::Closed {
@@ -690,7 +702,7 @@ impl Classifier {
                     "classifier circuit opened; the fallback classifies meanwhile"
                 );
                 Breaker::Open {
-                    until: Instant::now() + open_for,
+                    until_ms,
                     failures: failures + 1,
                 }
             }
@@ -698,7 +710,7 @@ impl Classifier {
                 self.counters.breaker_opened.inc();
                 tracing::warn!("classifier probe failed; circuit open again");
                 Breaker::Open {
-                    until: Instant::now() + open_for,
+                    until_ms,
                     failures: self.cfg.breaker_failures,
                 }
             }

@@ -26,6 +26,16 @@ fn config(endpoint: Option<String>, protocol: Protocol) -> ClassifierConfig {
     }
 }
 
+/// A classifier on a clock the test moves: the breaker's open time, the cache's age and
+/// the retry backoff never sleep.
+fn classifier_at(
+    cfg: ClassifierConfig,
+    clock: Arc<crate::domain::ManualClock>,
+) -> (Classifier, Arc<Mutex<Vec<CallRecord>>>) {
+    let (c, calls) = classifier(cfg);
+    (c.with_clock(clock), calls)
+}
+
 fn classifier(cfg: ClassifierConfig) -> (Classifier, Arc<Mutex<Vec<CallRecord>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let c = calls.clone();
@@ -47,7 +57,8 @@ fn task(text: &str) -> Task {
 
 async fn conformance(protocol: Protocol) {
     let fake = FakeLlm::start().unwrap();
-    let (c, calls) = classifier(config(Some(fake.url()), protocol));
+    let clock = crate::domain::ManualClock::at(1_800_000_000_000);
+    let (c, calls) = classifier_at(config(Some(fake.url()), protocol), clock.clone());
 
     // 1. A scripted answer: believed, priced, traced, and the request is the protocol's.
     fake.on(
@@ -191,7 +202,12 @@ async fn conformance(protocol: Protocol) {
         "{got:?}"
     );
     assert_eq!(fake.requests(), before, "no request while open");
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Still open just before breaker_open_ms (300) has passed on the classifier's clock.
+    clock.advance(Duration::from_millis(299));
+    let got = c.classify(&task("breaker still open"), None).await;
+    assert_eq!(got.fallback_cause.as_deref(), Some("breaker_open"));
+    assert_eq!(fake.requests(), before);
+    clock.advance(Duration::from_millis(2));
     fake.otherwise(Reply::classification("classification", "simple", &[], 0.9));
     let got = c.classify(&task("breaker probe"), None).await;
     assert_eq!(got.source, Source::Llm, "{got:?}");
@@ -285,4 +301,19 @@ async fn identical_tasks_arriving_together_make_one_call() {
             .all(|g| g.cost_usd.is_none())
     );
     assert!(c.inflight.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn retries_back_off_on_the_classifiers_clock() {
+    // backoff_ms 5, doubling, jittered to 50–100%: 2.5–5 ms then 5–10 ms, on the clock.
+    let fake = FakeLlm::start().unwrap();
+    fake.otherwise(Reply::Status(503, None));
+    let t0 = 1_800_000_000_000;
+    let clock = crate::domain::ManualClock::at(t0);
+    let (c, _) = classifier_at(config(Some(fake.url()), Protocol::Openai), clock.clone());
+    let got = c.classify(&task("always overloaded"), None).await;
+    assert_eq!(got.fallback_cause.as_deref(), Some("server_error"));
+    assert_eq!(fake.requests(), 3, "one call and max_retries (2) retries");
+    let waited = crate::domain::Clock::now_ms(clock.as_ref()) - t0;
+    assert!((7..=15).contains(&waited), "backed off {waited} ms");
 }

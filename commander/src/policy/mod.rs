@@ -29,7 +29,6 @@ pub mod throttle;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -76,38 +75,7 @@ impl PolicyError {
     }
 }
 
-/// The time, injectable so budget windows and deferral can be tested without sleeping.
-pub trait Clock: Send + Sync + std::fmt::Debug {
-    fn now_ms(&self) -> u64;
-}
-
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        crate::fleet::now_ms()
-    }
-}
-
-/// A clock tests move by hand.
-#[derive(Debug, Default)]
-pub struct ManualClock(pub AtomicU64);
-
-impl ManualClock {
-    pub fn at(ms: u64) -> Arc<Self> {
-        Arc::new(Self(AtomicU64::new(ms)))
-    }
-    pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
+pub use crate::domain::{Clock, ManualClock, SystemClock};
 
 /// The policy in force and what is derived from it, swapped as one.
 #[derive(Debug)]
