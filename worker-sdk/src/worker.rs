@@ -616,12 +616,39 @@ fn split_permits(
     out
 }
 
+/// One delivery: read it, decide whether it may run here now, run it, settle it.
 async fn handle<H, Fut>(shared: &Arc<Shared<H>>, msg: jetstream::Message)
 where
     H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    let cfg = &shared.config;
+    let Some(work) = read_work(&msg).await else {
+        return;
+    };
+    let Some(_in_hand) = may_run(shared, &msg, &work).await else {
+        return;
+    };
+    execute(shared, msg, work).await;
+}
+
+/// A delivery's task and who it is.
+struct Work {
+    task: Task,
+    task_id: String,
+    attempt: u32,
+    /// JetStream's delivery count of this message.
+    delivered: i64,
+}
+
+impl Work {
+    fn key(&self) -> Key {
+        (self.task_id.clone(), self.attempt)
+    }
+}
+
+/// The task of a work message; a message that is not one is terminated (a redelivery
+/// would fail the same way).
+async fn read_work(msg: &jetstream::Message) -> Option<Work> {
     let hdrs = msg.headers.as_ref();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     let attempt = header(hdrs, headers::ATTEMPT)
@@ -630,10 +657,9 @@ where
     let task = match serde_json::from_slice::<Task>(&msg.payload) {
         Ok(t) => t,
         Err(e) => {
-            // Not something the commander sends; a redelivery would fail the same way.
             tracing::error!(error = %e, subject = %msg.subject, "work message is not a task; terminating it");
             let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            return None;
         }
     };
     let Some(task_id) = header(hdrs, headers::TASK_ID)
@@ -643,9 +669,26 @@ where
     else {
         tracing::error!(subject = %msg.subject, "work message has no valid task id; terminating it");
         let _ = msg.ack_with(AckKind::Term).await;
-        return;
+        return None;
     };
-    let key = (task_id.clone(), attempt);
+    Some(Work {
+        task,
+        task_id,
+        attempt,
+        delivered,
+    })
+}
+
+/// Whether this delivery may run the handler now; when not, it has been answered (acked,
+/// its kept result published again, or handed back). The returned guard marks the
+/// execution as in hand until dropped.
+async fn may_run<'a, H>(
+    shared: &'a Shared<H>,
+    msg: &jetstream::Message,
+    work: &Work,
+) -> Option<InHand<'a>> {
+    let (task_id, attempt, delivered) = (&work.task_id, work.attempt, work.delivered);
+    let key = work.key();
     let ran_here = shared.completed.lock().ok().and_then(|c| c.get(&key));
     match (stored_result(shared, &key).await, ran_here) {
         (Prior::Stored, _) => {
@@ -660,7 +703,7 @@ where
                 "task already has a result for this attempt; acking without running"
             );
             let _ = msg.ack().await;
-            return;
+            return None;
         }
         (Prior::Missing, Some(Some(kept))) => {
             // This process ran it, but the results stream does not have the result: it was
@@ -675,8 +718,8 @@ where
                 delivered,
                 "result missing from the results stream; publishing the kept result again instead of running the task"
             );
-            settle(shared, &msg, &kept, &task_id).await;
-            return;
+            settle(shared, msg, &kept, task_id).await;
+            return None;
         }
         (Prior::Missing, Some(None)) => {
             tracing::warn!(
@@ -690,21 +733,24 @@ where
             // Running without knowing could run it twice; the broker hands it out again.
             tracing::info!(task_id, attempt, error = %e, "could not check for an earlier result; the task will be delivered again");
             let _ = msg.ack_with(AckKind::Nak(Some(UNKNOWN_PRIOR_RETRY))).await;
-            return;
+            return None;
         }
     }
-
-    let Some(_in_hand) = InHand::claim(&shared.in_hand, &key) else {
+    let Some(in_hand) = InHand::claim(&shared.in_hand, &key) else {
         tracing::info!(
             task_id,
             attempt,
             "this worker is already handling the task; the second delivery waits for its result"
         );
         let _ = msg.ack_with(AckKind::Nak(Some(UNKNOWN_PRIOR_RETRY))).await;
-        return;
+        return None;
     };
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    if let Some(wait) = shared.restarts.wait_for(seq, cfg.reconnect_grace).await {
+    if let Some(wait) = shared
+        .restarts
+        .wait_for(seq, shared.config.reconnect_grace)
+        .await
+    {
         tracing::info!(
             task_id,
             attempt,
@@ -712,11 +758,24 @@ where
             "task stored before the broker came back and without a result yet; waiting out the reconnect grace in case another worker is finishing it"
         );
         let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
-        return;
+        return None;
     }
+    Some(in_hand)
+}
 
-    // Continue the trace from the dispatch span, or start one and say why.
-    let (span_ctx, parent_span_id, bad_traceparent) = match header(hdrs, headers::TRACEPARENT) {
+/// The trace a task runs under, from the work message's headers.
+struct Trace {
+    span: TraceParent,
+    parent_span_id: Option<SpanId>,
+    /// The refused `traceparent` and why.
+    bad_traceparent: Option<String>,
+    tracestate: Option<String>,
+    baggage: Baggage,
+}
+
+/// Continues the trace from the dispatch span, or starts one and says why.
+fn trace_of(hdrs: Option<&HeaderMap>) -> Trace {
+    let (span, parent_span_id, bad_traceparent) = match header(hdrs, headers::TRACEPARENT) {
         Some(v) => match TraceParent::parse(v) {
             Ok(parent) => (parent.child(), Some(parent.span_id), None),
             Err(e) => (TraceParent::new_root(), None, Some(format!("{v:?}: {e}"))),
@@ -729,19 +788,31 @@ where
     let baggage = header(hdrs, headers::BAGGAGE)
         .map(Baggage::parse)
         .unwrap_or_default();
-    let model = header(hdrs, headers::MODEL).map(str::to_string);
-    let reply_to = header(hdrs, headers::REPLY_TO)
-        .filter(|r| protocol::is_publish_subject(r))
-        .map(str::to_string);
-    let deadline = task.deadline_time();
+    Trace {
+        span,
+        parent_span_id,
+        bad_traceparent,
+        tracestate,
+        baggage,
+    }
+}
 
+/// The process span of one execution, and the telemetry handle whose spans carry what
+/// every span of the task carries (the live state attributes them by it).
+fn process_span<H>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    work: &Work,
+    trace: &Trace,
+) -> (SpanRecord, TaskTelemetry) {
+    let cfg = &shared.config;
     let mut span = SpanRecord::new(
         format!("process {}", cfg.subjects.work(&cfg.pool)),
         SpanKind::Consumer,
-        span_ctx.trace_id,
-        span_ctx.span_id,
+        trace.span.trace_id,
+        trace.span.span_id,
     );
-    span.parent_span_id = parent_span_id;
+    span.parent_span_id = trace.parent_span_id;
     span.attr("messaging.system", "nats")
         .attr("messaging.operation.type", "process")
         .attr("messaging.operation.name", "process")
@@ -750,27 +821,26 @@ where
             "messaging.consumer.group.name",
             protocol::pool_consumer_name(&cfg.pool),
         )
-        .attr("fleet.task.id", task_id.clone())
-        .attr("fleet.attempt", attempt)
-        .attr("fleet.delivered", delivered)
+        .attr("fleet.task.id", work.task_id.clone())
+        .attr("fleet.attempt", work.attempt)
+        .attr("fleet.delivered", work.delivered)
         .attr("fleet.pool", cfg.pool.clone())
         .attr("fleet.worker.id", cfg.worker_id.clone());
-    if let Some(bad) = &bad_traceparent {
+    if let Some(bad) = &trace.bad_traceparent {
         span.attr("fleet.traceparent.invalid", bad.clone());
     }
-    // What every span of this task carries: the live state attributes them by it.
     let mut common: Vec<(String, AttrValue)> =
-        vec![("fleet.task.id".into(), task_id.clone().into())];
-    if let Some(tt) = task.attributes.get("task_type") {
+        vec![("fleet.task.id".into(), work.task_id.clone().into())];
+    if let Some(tt) = work.task.attributes.get("task_type") {
         common.push(("fleet.task.type".into(), tt.clone().into()));
     }
-    if let Some(e) = task.expected_duration_s {
+    if let Some(e) = work.task.expected_duration_s {
         common.push((
             "fleet.task.expected_duration_s".into(),
             AttrValue::Double(e),
         ));
     }
-    for (k, v) in baggage.iter() {
+    for (k, v) in trace.baggage.iter() {
         common.push((k.to_string(), v.to_string().into()));
     }
     for (k, v) in &common[1..] {
@@ -778,20 +848,40 @@ where
     }
     let telemetry = TaskTelemetry::new(
         shared.exporter.clone(),
-        span_ctx.trace_id,
-        span_ctx.span_id,
+        trace.span.trace_id,
+        trace.span.span_id,
         common,
     );
+    (span, telemetry)
+}
 
+/// Runs the handler under the task's trace, builds the result, publishes it durably and
+/// acks.
+async fn execute<H, Fut>(shared: &Arc<Shared<H>>, msg: jetstream::Message, work: Work)
+where
+    H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let cfg = &shared.config;
+    let hdrs = msg.headers.as_ref();
+    let trace = trace_of(hdrs);
+    let model = header(hdrs, headers::MODEL).map(str::to_string);
+    let reply_to = header(hdrs, headers::REPLY_TO)
+        .filter(|r| protocol::is_publish_subject(r))
+        .map(str::to_string);
+    let deadline = work.task.deadline_time();
+    let (mut span, telemetry) = process_span(shared, &msg, &work, &trace);
+    let key = work.key();
+    let (task_id, attempt) = (work.task_id.clone(), work.attempt);
     let ctx = TaskContext {
-        task,
+        task: work.task,
         task_id: task_id.clone(),
         attempt,
-        delivered,
-        span: span_ctx,
-        parent_span_id,
-        tracestate: tracestate.clone(),
-        baggage: baggage.clone(),
+        delivered: work.delivered,
+        span: trace.span,
+        parent_span_id: trace.parent_span_id,
+        tracestate: trace.tracestate.clone(),
+        baggage: trace.baggage.clone(),
         model: model.clone(),
         deadline,
         telemetry: telemetry.clone(),
@@ -820,9 +910,62 @@ where
         r.remove(&task_id);
     }
 
+    let result = task_result(
+        cfg,
+        (&task_id, attempt),
+        received_at,
+        duration_ms,
+        outcome,
+        &mut span,
+    );
+    report_unreported_usage(cfg, &result, model, &span, &telemetry);
+
+    let carry = Carry {
+        span: &trace.span,
+        tracestate: trace.tracestate.as_deref(),
+        baggage: &trace.baggage,
+        reply_to: reply_to.as_deref(),
+    };
+    match result_message(&cfg.subjects, &result, carry) {
+        Ok(message) => {
+            if result.status == ResultStatus::Ok {
+                shared.stats.completed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Ok(mut c) = shared.completed.lock() {
+                c.insert(key, message.clone());
+            }
+            if !settle(shared, &msg, &message, &task_id).await {
+                span.error = Some("result not acknowledged by the results stream".into());
+            }
+        }
+        Err(e) => {
+            // Not expected (the id and reply subject were checked on arrival); handed back,
+            // it ends as a dead letter with a reason once its deliveries run out.
+            tracing::error!(error = %e, task_id, "result cannot be encoded; returning the task");
+            span.error = Some(format!("result not encodable: {e}"));
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+    span.finish();
+    shared.exporter.record(span);
+}
+
+/// The result of one execution; a failure is also marked on the process span.
+fn task_result(
+    cfg: &WorkerConfig,
+    (task_id, attempt): (&str, u32),
+    received_at: String,
+    duration_ms: u64,
+    outcome: HandlerResult,
+    span: &mut SpanRecord,
+) -> TaskResult {
     let mut result = TaskResult {
         schema: SCHEMA_VERSION,
-        task_id: task_id.clone(),
+        task_id: task_id.to_string(),
         attempt,
         status: ResultStatus::Ok,
         output: serde_json::Value::Null,
@@ -850,62 +993,38 @@ where
             result.usage = f.usage;
         }
     }
-    // Usage the handler returned without reporting its calls becomes one LLM span, so the
-    // commander can price it; reported calls are already spans (and are not counted twice).
-    if let Some(u) = &result.usage
-        && telemetry.totals().llm_calls == 0
-        && u.input_tokens + u.output_tokens > 0
-    {
-        let model_name = u
-            .model
-            .clone()
-            .or(model)
-            .or_else(|| cfg.model.clone())
-            .unwrap_or_else(|| "unknown".into());
-        let mut call = LlmCall::chat(
-            cfg.provider.clone().unwrap_or_else(|| "unknown".into()),
-            model_name,
-        )
-        .tokens(u.input_tokens, u.output_tokens);
-        call.started = span.start;
-        call.finished = SystemTime::now();
-        telemetry.llm_call(&call);
-    }
+    result
+}
 
-    let carry = Carry {
-        span: &span_ctx,
-        tracestate: tracestate.as_deref(),
-        baggage: &baggage,
-        reply_to: reply_to.as_deref(),
+/// Usage the handler returned without reporting its calls becomes one LLM span, so the
+/// commander can price it; reported calls are already spans (and are not counted twice).
+fn report_unreported_usage(
+    cfg: &WorkerConfig,
+    result: &TaskResult,
+    model: Option<String>,
+    span: &SpanRecord,
+    telemetry: &TaskTelemetry,
+) {
+    let Some(u) = &result.usage else {
+        return;
     };
-    let message = match result_message(&cfg.subjects, &result, carry) {
-        Ok(m) => m,
-        Err(e) => {
-            // Not expected (the id and reply subject were checked on arrival); handed back,
-            // it ends as a dead letter with a reason once its deliveries run out.
-            tracing::error!(error = %e, task_id, "result cannot be encoded; returning the task");
-            span.error = Some(format!("result not encodable: {e}"));
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            span.finish();
-            shared.exporter.record(span);
-            return;
-        }
-    };
-    if result.status == ResultStatus::Ok {
-        shared.stats.completed.fetch_add(1, Ordering::Relaxed);
-    } else {
-        shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+    if telemetry.totals().llm_calls != 0 || u.input_tokens + u.output_tokens == 0 {
+        return;
     }
-    if let Ok(mut c) = shared.completed.lock() {
-        c.insert(key, message.clone());
-    }
-    if !settle(shared, &msg, &message, &task_id).await {
-        span.error = Some("result not acknowledged by the results stream".into());
-    }
-    span.finish();
-    shared.exporter.record(span);
+    let model_name = u
+        .model
+        .clone()
+        .or(model)
+        .or_else(|| cfg.model.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let mut call = LlmCall::chat(
+        cfg.provider.clone().unwrap_or_else(|| "unknown".into()),
+        model_name,
+    )
+    .tokens(u.input_tokens, u.output_tokens);
+    call.started = span.start;
+    call.finished = SystemTime::now();
+    telemetry.llm_call(&call);
 }
 
 /// Runs the handler in its own task (a panic becomes a failed result, not a dead worker)

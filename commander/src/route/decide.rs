@@ -28,6 +28,7 @@ use fleet_worker::message::Task;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::Answer;
+use crate::classify::rubric::TierSpec;
 use crate::classify::rubric::{LONG_CONTEXT, Rubric};
 use crate::registry::{Registry, TokenUsage};
 
@@ -204,8 +205,57 @@ enum Via {
     Reroute,
 }
 
-/// Decides. See the module docs for the steps.
+/// What every step of a decision reads: the input, and what the first look at the task
+/// works out once (what it asked for, what it needs, its token estimate).
+struct Look<'a> {
+    task: &'a Task,
+    class: &'a Answer,
+    rubric: &'a Rubric,
+    registry: &'a Registry,
+    fleet: &'a RouteSnapshot,
+    table: &'a RoutingTable,
+    policy: &'a PolicyHints,
+    seed: u64,
+    requested_pool: Option<&'a str>,
+    requested_model: Option<&'a str>,
+    usage: TokenUsage,
+    needs: Vec<&'a str>,
+    long_context: bool,
+}
+
+impl Look<'_> {
+    fn requested(&self) -> bool {
+        self.requested_pool.is_some() || self.requested_model.is_some()
+    }
+
+    fn est(&self, model: &str) -> Option<f64> {
+        self.registry.lookup(model).map(|m| m.cost(&self.usage))
+    }
+}
+
+/// The tier a decision picks from, and the one it was moved down from, if any.
+struct TierChoice<'a> {
+    tier: &'a TierSpec,
+    /// The budget's reason, when the task was downgraded.
+    downgrade: Option<&'a String>,
+    base: usize,
+}
+
+/// Decides. See the module docs for the steps; each is a function below.
 pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
+    let look = first_look(input)?;
+    let tier = pick_tier(&look)?;
+    let (mut cands, out) = candidates(&look, &tier);
+    apply_exclusions(&look, &mut cands);
+    let best = match score(&look, &tier, &mut cands, out) {
+        Scored::Best(best, out) => (best, out),
+        Scored::Settled(result) => return result,
+    };
+    Ok(choose(&look, &tier, &cands, best))
+}
+
+/// Checks what the producer asked for and works out what the task needs.
+fn first_look(input: DecideInput<'_>) -> Result<Look<'_>, NoRoute> {
     let DecideInput {
         task,
         class,
@@ -217,7 +267,6 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         seed,
     } = input;
     let routing = &table.routing;
-
     let requested_pool = task.pool.as_deref().filter(|_| routing.allow_explicit_pool);
     if let Some(p) = requested_pool
         && !table.pools.is_empty()
@@ -239,49 +288,73 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
             model: m.to_string(),
         });
     }
+    Ok(Look {
+        task,
+        class,
+        rubric,
+        registry,
+        fleet,
+        table,
+        policy,
+        seed,
+        requested_pool,
+        requested_model,
+        usage: TokenUsage {
+            input: class.input_tokens,
+            output: class.output_tokens,
+            ..Default::default()
+        },
+        needs: class
+            .capabilities
+            .iter()
+            .map(String::as_str)
+            .filter(|c| *c != LONG_CONTEXT)
+            .collect(),
+        long_context: class.is_long_context(),
+    })
+}
 
-    // 1. Tier.
-    let base_tier = rubric
-        .tier_index(&class.tier)
+/// Step 1: the classification's tier, or a lower one when the budget asks for it.
+fn pick_tier<'a>(look: &Look<'a>) -> Result<TierChoice<'a>, NoRoute> {
+    let rubric = look.rubric;
+    let base = rubric
+        .tier_index(&look.class.tier)
         .unwrap_or(0)
         .min(rubric.tiers.len().saturating_sub(1));
-    let downgrade = policy
+    let downgrade = look
+        .policy
         .downgrade
         .as_ref()
-        .filter(|_| base_tier > 0 && requested_model.is_none());
-    let tier_idx = if downgrade.is_some() {
-        policy
+        .filter(|_| base > 0 && look.requested_model.is_none());
+    let idx = if downgrade.is_some() {
+        look.policy
             .downgrade_to
-            .map(|t| t.min(base_tier))
-            .unwrap_or(base_tier - 1)
+            .map(|t| t.min(base))
+            .unwrap_or(base - 1)
     } else {
-        base_tier
+        base
     };
-    let Some(tier) = rubric.tiers.get(tier_idx) else {
+    let Some(tier) = rubric.tiers.get(idx) else {
         return Err(NoRoute::NoEligible {
             why: "the rubric has no tiers".into(),
             candidates: Vec::new(),
         });
     };
+    Ok(TierChoice {
+        tier,
+        downgrade,
+        base,
+    })
+}
 
-    let usage = TokenUsage {
-        input: class.input_tokens,
-        output: class.output_tokens,
-        ..Default::default()
-    };
-    let needs: Vec<&str> = class
-        .capabilities
-        .iter()
-        .map(String::as_str)
-        .filter(|c| *c != LONG_CONTEXT)
-        .collect();
-    let long_context = class.is_long_context();
-
-    // 2. Candidates.
+/// Step 2: the tier's (model, pool) pairs, narrowed to what the producer asked for; and
+/// the alternatives set aside on the way (the skipped tier's, the ones not asked for).
+fn candidates<'a>(look: &Look<'a>, tier: &TierChoice<'a>) -> (Vec<Cand<'a>>, Vec<Candidate>) {
+    let rubric = look.rubric;
     let mut cands: Vec<Cand<'_>> = Vec::with_capacity(12);
     let mut out: Vec<Candidate> = Vec::new();
-    if let Some(reason) = downgrade
-        && let Some(orig) = rubric.tiers.get(base_tier)
+    if let Some(reason) = tier.downgrade
+        && let Some(orig) = rubric.tiers.get(tier.base)
     {
         for c in &orig.candidates {
             for p in &c.pools {
@@ -289,7 +362,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
                     pool: p.clone(),
                     model: c.model.clone(),
                     tier: orig.name.clone(),
-                    est_cost_usd: registry.lookup(&c.model).map(|m| m.cost(&usage)),
+                    est_cost_usd: look.est(&c.model),
                     load: None,
                     score: None,
                     code: "budget_downgrade".into(),
@@ -298,19 +371,22 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
             }
         }
     }
-    let model_for_request = requested_model.map(|m| {
+    let tier = tier.tier;
+    let model_for_request = look.requested_model.map(|m| {
         // The rubric's spelling when it lists the model, so candidates compare equal.
         rubric
             .tiers
             .iter()
             .flat_map(|t| &t.candidates)
             .find(|c| {
-                registry.lookup(&c.model).map(|e| &e.name) == registry.lookup(m).map(|e| &e.name)
+                look.registry.lookup(&c.model).map(|e| &e.name)
+                    == look.registry.lookup(m).map(|e| &e.name)
             })
             .map(|c| c.model.as_str())
             .unwrap_or(m)
     });
-    match (requested_pool, model_for_request) {
+    let fleet = look.fleet;
+    match (look.requested_pool, model_for_request) {
         (None, None) => {
             for c in &tier.candidates {
                 for p in &c.pools {
@@ -332,7 +408,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
                             pool: p.clone(),
                             model: c.model.clone(),
                             tier: tier.name.clone(),
-                            est_cost_usd: registry.lookup(&c.model).map(|m| m.cost(&usage)),
+                            est_cost_usd: look.est(&c.model),
                             load: None,
                             score: None,
                             code: "not_requested".into(),
@@ -342,57 +418,63 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
                 }
             }
             if cands.is_empty() {
-                match (pool, model) {
-                    (Some(p), Some(m)) => cands.push(new_cand(p, m, &tier.name, Via::Tier, fleet)),
-                    (Some(p), None) => cands.push(new_cand(
-                        p,
-                        &tier.default_model,
-                        &tier.name,
-                        Via::Tier,
-                        fleet,
-                    )),
-                    (None, Some(m)) => {
-                        // Pools that run the model in any tier, else every configured pool.
-                        let mut pools: Vec<&str> = rubric
-                            .tiers
-                            .iter()
-                            .flat_map(|t| &t.candidates)
-                            .filter(|c| c.model == m)
-                            .flat_map(|c| c.pools.iter().map(String::as_str))
-                            .collect();
-                        if pools.is_empty() {
-                            pools = table.pools.keys().map(String::as_str).collect();
-                        }
-                        pools.sort_unstable();
-                        pools.dedup();
-                        for p in pools {
-                            cands.push(new_cand(p, m, &tier.name, Via::Tier, fleet));
-                        }
-                    }
-                    (None, None) => {}
-                }
+                cands = requested_pair(look, tier, pool, model);
             }
         }
     }
-    let requested = requested_pool.is_some() || requested_model.is_some();
+    (cands, out)
+}
 
-    // 3. Exclusions (a reroute adds candidates, so iterate by index).
+/// The pair the producer asked for when the tier offers none that matches.
+fn requested_pair<'a>(
+    look: &Look<'a>,
+    tier: &'a TierSpec,
+    pool: Option<&'a str>,
+    model: Option<&'a str>,
+) -> Vec<Cand<'a>> {
+    let fleet = look.fleet;
+    match (pool, model) {
+        (Some(p), Some(m)) => vec![new_cand(p, m, &tier.name, Via::Tier, fleet)],
+        (Some(p), None) => vec![new_cand(
+            p,
+            &tier.default_model,
+            &tier.name,
+            Via::Tier,
+            fleet,
+        )],
+        (None, Some(m)) => {
+            // Pools that run the model in any tier, else every configured pool.
+            let mut pools: Vec<&str> = look
+                .rubric
+                .tiers
+                .iter()
+                .flat_map(|t| &t.candidates)
+                .filter(|c| c.model == m)
+                .flat_map(|c| c.pools.iter().map(String::as_str))
+                .collect();
+            if pools.is_empty() {
+                pools = look.table.pools.keys().map(String::as_str).collect();
+            }
+            pools.sort_unstable();
+            pools.dedup();
+            pools
+                .into_iter()
+                .map(|p| new_cand(p, m, &tier.name, Via::Tier, fleet))
+                .collect()
+        }
+        (None, None) => Vec::new(),
+    }
+}
+
+/// Step 3: the first rule that excludes each candidate; a pool over its error threshold
+/// adds its fallback as a candidate (so this iterates by index).
+fn apply_exclusions<'a>(look: &Look<'a>, cands: &mut Vec<Cand<'a>>) {
+    let requested = look.requested();
     let mut i = 0;
     while i < cands.len() {
-        let (excl, reroute_to) = exclude(
-            &cands[i],
-            table,
-            &policy.reroutes,
-            registry,
-            &needs,
-            long_context,
-            class,
-            task,
-            &usage,
-            requested,
-        );
+        let (excl, reroute_to) = exclude(&cands[i], look, requested);
         let c = &mut cands[i];
-        c.est = registry.lookup(c.model).map(|m| m.cost(&usage));
+        c.est = look.est(c.model);
         c.load = c.state.map(PoolState::load);
         if let Some((code, why)) = excl {
             c.soft = SOFT.contains(&code);
@@ -405,18 +487,35 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         {
             let model = cands[i].model;
             let tier_name = cands[i].tier;
-            let pool = table
+            let pool = look
+                .table
                 .pools
                 .get_key_value(fb)
                 .map(|(k, _)| k.as_str())
                 .unwrap_or(fb);
-            cands.push(new_cand(pool, model, tier_name, Via::Reroute, fleet));
+            cands.push(new_cand(pool, model, tier_name, Via::Reroute, look.fleet));
         }
         i += 1;
     }
+}
 
-    // 4. Score the eligible.
-    let weight = routing.load_weight;
+/// What scoring came to: the best candidate, or a decision (or rejection) settled without
+/// one.
+enum Scored {
+    Best(usize, Vec<Candidate>),
+    Settled(Result<Decision, NoRoute>),
+}
+
+/// Step 4, and step 6 when nothing is eligible: scores the eligible candidates; without
+/// one, a capability match, else the best held back only by the fleet's present state,
+/// else the default pool or a rejection.
+fn score(
+    look: &Look<'_>,
+    tier: &TierChoice<'_>,
+    cands: &mut [Cand<'_>],
+    out: Vec<Candidate>,
+) -> Scored {
+    let weight = look.table.routing.load_weight;
     let score = |c: &mut Cand<'_>| {
         // Unknown prices rank after every known one but still rank among themselves.
         let cost = c.est.unwrap_or(1e6);
@@ -426,85 +525,128 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         .iter_mut()
         .filter(|c| c.excluded.is_none())
         .for_each(score);
-    let mut best = pick_best(&cands, seed);
-    if best.is_none() {
-        if let Some(d) = capability_match(&cands, &needs, table, fleet, registry, tier, &usage) {
-            let mut d = d;
-            let mut candidates = finish(&cands, None, out);
-            let why = summarise(&candidates);
-            d.reason = format!(
-                "no candidate of tier {} was eligible ({why}); {}",
-                tier.name, d.reason
-            );
-            candidates.append(&mut d.candidates);
-            d.candidates = candidates;
-            return Ok(d);
-        }
-        // Held back only by the fleet's present state (unhealthy, busy, erroring, full,
-        // paused): the queue holds the task until the pool recovers, which beats
-        // rejecting work a pool can do.
-        cands.iter_mut().filter(|c| c.soft).for_each(score);
-        best = pick_best(&cands, seed);
+    if let Some(best) = pick_best(cands, look.seed) {
+        return Scored::Best(best, out);
     }
-
-    let Some(bi) = best else {
-        // 6. The default pool, or a rejection that says everything.
-        let candidates = finish(&cands, None, out);
+    let tier = tier.tier;
+    if let Some(mut d) = capability_match(
+        cands,
+        &look.needs,
+        look.table,
+        look.fleet,
+        look.registry,
+        tier,
+        &look.usage,
+    ) {
+        let mut candidates = finish(cands, None, out);
         let why = summarise(&candidates);
-        if let Some(dp) = &routing.default_pool {
-            let model = tier.default_model.clone();
-            let est = registry.lookup(&model).map(|m| m.cost(&usage));
-            return Ok(Decision {
-                pool: dp.clone(),
-                model,
-                worker: None,
-                rule: RouteRule::DefaultPool,
-                reason: format!(
-                    "no candidate of tier {} was eligible ({why}); default pool {dp}",
-                    tier.name
-                ),
-                tier: tier.name.clone(),
-                est_cost_usd: est,
-                candidates,
-            });
-        }
+        d.reason = format!(
+            "no candidate of tier {} was eligible ({why}); {}",
+            tier.name, d.reason
+        );
+        candidates.append(&mut d.candidates);
+        d.candidates = candidates;
+        return Scored::Settled(Ok(d));
+    }
+    // Held back only by the fleet's present state (unhealthy, busy, erroring, full,
+    // paused): the queue holds the task until the pool recovers, which beats rejecting
+    // work a pool can do.
+    cands.iter_mut().filter(|c| c.soft).for_each(score);
+    if let Some(best) = pick_best(cands, look.seed) {
+        return Scored::Best(best, out);
+    }
+    Scored::Settled(default_pool_or_reject(look, tier, cands, out))
+}
+
+/// Step 6's last resort: the default pool, or a rejection that says everything.
+fn default_pool_or_reject(
+    look: &Look<'_>,
+    tier: &TierSpec,
+    cands: &[Cand<'_>],
+    out: Vec<Candidate>,
+) -> Result<Decision, NoRoute> {
+    let candidates = finish(cands, None, out);
+    let why = summarise(&candidates);
+    let Some(dp) = &look.table.routing.default_pool else {
         return Err(NoRoute::NoEligible { why, candidates });
     };
+    let model = tier.default_model.clone();
+    Ok(Decision {
+        pool: dp.clone(),
+        est_cost_usd: look.est(&model),
+        model,
+        worker: None,
+        rule: RouteRule::DefaultPool,
+        reason: format!(
+            "no candidate of tier {} was eligible ({why}); default pool {dp}",
+            tier.name
+        ),
+        tier: tier.name.clone(),
+        candidates,
+    })
+}
 
-    // 5. Worker, for long-context tasks.
+/// Step 5 and the decision: the worker for a long-context task, the rule, the reason.
+fn choose(
+    look: &Look<'_>,
+    tier: &TierChoice<'_>,
+    cands: &[Cand<'_>],
+    (bi, out): (usize, Vec<Candidate>),
+) -> Decision {
     let chosen = &cands[bi];
-    let worker = if long_context && routing.target_long_context {
+    let worker = if look.long_context && look.table.routing.target_long_context {
         chosen
             .state
-            .and_then(|s| two_choices(&s.long_context_slots, seed))
+            .and_then(|s| two_choices(&s.long_context_slots, look.seed))
     } else {
         None
     };
-
-    let rule = if requested {
+    let rule = if look.requested() {
         RouteRule::Requested
     } else if chosen.excluded.is_some() {
         RouteRule::Degraded
     } else if chosen.via == Via::Reroute {
         RouteRule::HealthReroute
-    } else if downgrade.is_some() {
+    } else if tier.downgrade.is_some() {
         RouteRule::BudgetDowngrade
     } else {
         RouteRule::CostTier
     };
+    let reason = reason(look, tier, cands, chosen, rule, worker);
+    Decision {
+        pool: chosen.pool.to_string(),
+        model: chosen.model.to_string(),
+        worker: worker.map(|w| w.id.clone()),
+        rule,
+        reason,
+        tier: tier.tier.name.clone(),
+        est_cost_usd: chosen.est,
+        candidates: finish(cands, Some(bi), out),
+    }
+}
+
+/// The one line an operator reads.
+fn reason(
+    look: &Look<'_>,
+    tier: &TierChoice<'_>,
+    cands: &[Cand<'_>],
+    chosen: &Cand<'_>,
+    rule: RouteRule,
+    worker: Option<&WorkerSlot>,
+) -> String {
     let mut reason = String::with_capacity(160);
     let _ = match rule {
         RouteRule::Requested => write!(
             reason,
             "producer asked for {}; ",
-            describe_request(requested_pool, requested_model)
+            describe_request(look.requested_pool, look.requested_model)
         ),
         RouteRule::HealthReroute => write!(reason, "rerouted from an unhealthy pool; "),
         RouteRule::BudgetDowngrade => write!(
             reason,
             "downgraded to tier {} ({}); ",
-            tier.name,
-            downgrade.map(String::as_str).unwrap_or("")
+            tier.tier.name,
+            tier.downgrade.map(String::as_str).unwrap_or("")
         ),
         RouteRule::Degraded => write!(
             reason,
@@ -522,15 +664,15 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
         "{} on {} for {}/{}: {}",
         chosen.model,
         chosen.pool,
-        class.task_type,
-        tier.name,
-        score_text(chosen.est, chosen.load, weight)
+        look.class.task_type,
+        tier.tier.name,
+        score_text(chosen.est, chosen.load, look.table.routing.load_weight)
     );
     let eligible = cands.iter().filter(|c| c.score.is_some()).count();
     if eligible > 1 {
         let _ = write!(reason, ", lowest of {eligible} eligible");
     }
-    if let Some(w) = &worker {
+    if let Some(w) = worker {
         let _ = write!(
             reason,
             "; worker {} (context {:.0}%, {} free)",
@@ -539,17 +681,7 @@ pub fn decide(input: DecideInput<'_>) -> Result<Decision, NoRoute> {
             w.free
         );
     }
-    let decision = Decision {
-        pool: chosen.pool.to_string(),
-        model: chosen.model.to_string(),
-        worker: worker.map(|w| w.id.clone()),
-        rule,
-        reason,
-        tier: tier.name.clone(),
-        est_cost_usd: chosen.est,
-        candidates: finish(&cands, Some(bi), out),
-    };
-    Ok(decision)
+    reason
 }
 
 fn better(score: f64, idx: usize, best_score: f64, best: usize, seed: u64) -> bool {
@@ -623,22 +755,20 @@ fn new_cand<'a>(
 
 /// The first rule that excludes a candidate, and the pool to reroute to when the
 /// exclusion is the error rate.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; the inputs are the decision's"
-)]
 fn exclude<'t>(
     c: &Cand<'_>,
-    table: &'t RoutingTable,
-    reroutes: &'t [PolicyReroute],
-    registry: &Registry,
-    needs: &[&str],
-    long_context: bool,
-    class: &Answer,
-    task: &Task,
-    usage: &TokenUsage,
+    look: &Look<'t>,
     requested: bool,
 ) -> (Option<(&'static str, String)>, Option<&'t str>) {
+    let (table, reroutes, registry): (&'t RoutingTable, &'t [PolicyReroute], &Registry) =
+        (look.table, &look.policy.reroutes, look.registry);
+    let (needs, long_context, class, task, usage) = (
+        &look.needs[..],
+        look.long_context,
+        look.class,
+        look.task,
+        &look.usage,
+    );
     let pool_cfg = table.pools.get(c.pool);
     if pool_cfg.is_none() && !table.pools.is_empty() {
         return (
