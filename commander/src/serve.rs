@@ -175,6 +175,225 @@ async fn run(
         limits: config.telemetry.decode_limits(),
         supervisor: supervisor.clone(),
     };
+    let wiring = Wiring {
+        config: &config,
+        client,
+        js: &js,
+        subjects: &subjects,
+        supervisor: &supervisor,
+        stop: &stop_rx,
+    };
+    let mut telemetry_tasks = start_telemetry(&wiring, &ingestor, &metrics, &fleet).await?;
+
+    let decisions = DecisionLog::open(&store)?;
+
+    let Policies {
+        engine,
+        sync: policy_sync,
+        source_watches,
+        compliance_token,
+    } = start_policy(
+        &wiring,
+        &store,
+        policy::Against::new(config.pools.clone(), models.clone(), rubric.clone()),
+        &instance,
+        &mut registry,
+        &mut telemetry_tasks,
+    )
+    .await?;
+    let registry = Arc::new(registry);
+
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        js: js.clone(),
+        subjects: subjects.clone(),
+        store: store.clone(),
+        table: Arc::new(RoutingTable {
+            pools: config.pools.clone(),
+            routing: config.routing.clone(),
+        }),
+        metrics: metrics.clone(),
+        spans: spans.clone(),
+        fleet: fleet.clone(),
+        classifier: classifier.clone(),
+        registry: models.clone(),
+        decisions: decisions.clone(),
+        publish_decisions: config.decisions.publish,
+        policy: engine.clone(),
+        route_cache: Default::default(),
+        reply_prefixes: config.intake.reply_prefixes.clone(),
+        intake_ack_wait: config.intake.ack_wait(),
+        targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
+            dir: data_dir_text.clone(),
+            source,
+        })?,
+    });
+    let task_path = start_task_path(&wiring, &ctx, streams, &engine);
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let state = AppState {
+        // The API answers 503 at once and lets its caller retry (docs/api.md).
+        producer: fleet_worker::Producer::new(client.clone(), subjects)
+            .with_retry_for(Duration::ZERO),
+        registry,
+        ready: ready.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+        policy: policy_sync.clone(),
+        compliance_token,
+        ctx: ctx.clone(),
+        supervisor: supervisor.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.http.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: config.http.listen.to_string(),
+        source,
+    })?;
+    tracing::info!(%addr, "http api listening");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signals)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let server = axum::serve(
+        listener,
+        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "http server failed");
+    }
+
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    telemetry_tasks.push(fleet_task);
+    shut_down(
+        Duration::from_secs(config.intake.shutdown_grace_secs),
+        Running {
+            task_path,
+            telemetry: telemetry_tasks,
+            source_watches,
+            store,
+            ctx,
+            classifier,
+            spans_task,
+        },
+        client,
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What the long-lived tasks are started from.
+struct Wiring<'a> {
+    config: &'a Config,
+    client: &'a async_nats::Client,
+    js: &'a jetstream::Context,
+    subjects: &'a fleet_worker::Subjects,
+    supervisor: &'a Supervisor,
+    stop: &'a watch::Receiver<bool>,
+}
+
+/// The policy engine and its sync, and the watches of the sources checked with it.
+struct Policies {
+    engine: Arc<policy::PolicyEngine>,
+    sync: Arc<policy::sync::PolicySync>,
+    source_watches: Vec<tokio::task::JoinHandle<()>>,
+    compliance_token: Option<String>,
+}
+
+/// Policies: the built-in one until the bucket or the directory says otherwise; then the
+/// bucket watch, the directory watch and the push subscription (added to `tasks`).
+async fn start_policy(
+    w: &Wiring<'_>,
+    store: &Store,
+    against: policy::Against,
+    instance: &str,
+    registry: &mut prometheus_client::registry::Registry,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Policies, ServeError> {
+    let (config, client, js, subjects, supervisor, stop_rx) =
+        (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
+    let builtin = {
+        let (reg, rub) = (against.registry.current(), against.rubric.current());
+        policy::Policy::builtin(policy::CheckAgainst {
+            pools: Some(&config.pools),
+            registry: &reg,
+            rubric: &rub,
+        })?
+    };
+    let engine = policy::PolicyEngine::open(
+        store,
+        against,
+        builtin,
+        Arc::new(policy::SystemClock),
+        config.policy.max_deferred,
+        config.policy.audit_records,
+    )?;
+    let bucket =
+        policy::sync::open_bucket(js, &policy::sync::bucket_name(subjects.prefix())).await?;
+    let policy_sync =
+        policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
+    let source_watches =
+        crate::sources::Sources::new(engine.against.clone(), engine.clone(), instance)
+            .watch(supervisor);
+    let live = engine.live();
+    tracing::info!(
+        version = %live.policy.version,
+        source = live.source.as_str(),
+        summary = %live.policy.summary(),
+        deferred = engine.deferrals.len(),
+        dir = config.policy.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+        "policy loaded"
+    );
+    engine.counters.register(registry);
+    let compliance_token = config.policy.compliance_token();
+    {
+        let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
+        tasks.push(supervisor.spawn("policy_watch", stop_rx.clone(), move || {
+            ps.clone().watch_bucket(stop.clone())
+        }));
+        if config.policy.dir.is_some() {
+            let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
+            tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
+                ps.clone().watch_dir(stop.clone())
+            }));
+        }
+        let (ps, stop, c) = (policy_sync.clone(), stop_rx.clone(), client.clone());
+        let (subject, token) = (subjects.policy_push(), compliance_token.clone());
+        tasks.push(supervisor.spawn("policy_push", stop_rx.clone(), move || {
+            ps.clone()
+                .serve_push(c.clone(), subject.clone(), token.clone(), stop.clone())
+        }));
+    }
+    Ok(Policies {
+        engine,
+        sync: policy_sync,
+        source_watches,
+        compliance_token,
+    })
+}
+
+/// The telemetry receivers (OTLP gRPC and HTTP, NATS), the NATS connection watch and the
+/// queue-depth poll.
+async fn start_telemetry(
+    w: &Wiring<'_>,
+    ingestor: &Ingestor,
+    metrics: &Arc<Metrics>,
+    fleet: &fleet::FleetHandle,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
+    let (config, client, js, subjects, supervisor, stop_rx) =
+        (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
     let mut telemetry_tasks = Vec::new();
     let t = &config.telemetry;
     if t.grpc {
@@ -238,92 +457,19 @@ async fn run(
             poll_queues(js.clone(), sub.clone(), fl.clone(), every, stop.clone())
         }));
     }
+    Ok(telemetry_tasks)
+}
 
-    let decisions = DecisionLog::open(&store)?;
-
-    // Policies: the built-in one until the bucket or the directory says otherwise.
-    let against = policy::Against::new(config.pools.clone(), models.clone(), rubric.clone());
-    let builtin = {
-        let (reg, rub) = (models.current(), rubric.current());
-        policy::Policy::builtin(policy::CheckAgainst {
-            pools: Some(&config.pools),
-            registry: &reg,
-            rubric: &rub,
-        })?
-    };
-    let engine = policy::PolicyEngine::open(
-        &store,
-        against,
-        builtin,
-        Arc::new(policy::SystemClock),
-        config.policy.max_deferred,
-        config.policy.audit_records,
-    )?;
-    let bucket =
-        policy::sync::open_bucket(&js, &policy::sync::bucket_name(subjects.prefix())).await?;
-    let policy_sync =
-        policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
-    let source_watches =
-        crate::sources::Sources::new(engine.against.clone(), engine.clone(), &instance)
-            .watch(&supervisor);
-    let live = engine.live();
-    tracing::info!(
-        version = %live.policy.version,
-        source = live.source.as_str(),
-        summary = %live.policy.summary(),
-        deferred = engine.deferrals.len(),
-        dir = config.policy.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
-        "policy loaded"
-    );
-    engine.counters.register(&mut registry);
-    let registry = Arc::new(registry);
-    let compliance_token = config.policy.compliance_token();
-    {
-        let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
-        telemetry_tasks.push(supervisor.spawn("policy_watch", stop_rx.clone(), move || {
-            ps.clone().watch_bucket(stop.clone())
-        }));
-        if config.policy.dir.is_some() {
-            let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
-            telemetry_tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
-                ps.clone().watch_dir(stop.clone())
-            }));
-        }
-        let (ps, stop, c) = (policy_sync.clone(), stop_rx.clone(), client.clone());
-        let (subject, token) = (subjects.policy_push(), compliance_token.clone());
-        telemetry_tasks.push(supervisor.spawn("policy_push", stop_rx.clone(), move || {
-            ps.clone()
-                .serve_push(c.clone(), subject.clone(), token.clone(), stop.clone())
-        }));
-    }
-
-    let ctx = Arc::new(Ctx {
-        client: client.clone(),
-        js: js.clone(),
-        subjects: subjects.clone(),
-        store: store.clone(),
-        table: Arc::new(RoutingTable {
-            pools: config.pools.clone(),
-            routing: config.routing.clone(),
-        }),
-        metrics: metrics.clone(),
-        spans: spans.clone(),
-        fleet: fleet.clone(),
-        classifier: classifier.clone(),
-        registry: models.clone(),
-        decisions: decisions.clone(),
-        publish_decisions: config.decisions.publish,
-        policy: engine.clone(),
-        route_cache: Default::default(),
-        reply_prefixes: config.intake.reply_prefixes.clone(),
-        intake_ack_wait: config.intake.ack_wait(),
-        targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
-            dir: data_dir_text.clone(),
-            source,
-        })?,
-    });
-    // The task path's loops, each restarted after a panic: what a dead loop had in hand
-    // was not acked, so JetStream hands it out again.
+/// The task path's loops, each restarted after a panic: what a dead loop had in hand was
+/// not acked, so JetStream hands it out again. In the order they stop: intake and results
+/// first, then what follows from them.
+fn start_task_path(
+    w: &Wiring<'_>,
+    ctx: &Arc<Ctx>,
+    streams: broker::Streams,
+    engine: &Arc<policy::PolicyEngine>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (config, supervisor, stop_rx) = (w.config, w.supervisor, w.stop);
     let release = {
         let (ctx, stop) = (ctx.clone(), stop_rx.clone());
         let every = Duration::from_millis(config.policy.release_interval_ms);
@@ -369,8 +515,11 @@ async fn run(
 
     let sweeper = {
         let retention = Duration::from_secs(config.store.retention_hours * 3600);
-        let (store, decisions, log_cfg) =
-            (store.clone(), decisions.clone(), config.decisions.clone());
+        let (store, decisions, log_cfg) = (
+            ctx.store.clone(),
+            ctx.decisions.clone(),
+            config.decisions.clone(),
+        );
         let (engine, stop) = (engine.clone(), stop_rx.clone());
         supervisor.spawn("sweeper", stop_rx.clone(), move || {
             sweep_store(
@@ -383,75 +532,39 @@ async fn run(
             )
         })
     };
+    vec![intake, results, release, deadletter, retarget, sweeper]
+}
 
-    let ready = Arc::new(AtomicBool::new(true));
-    let state = AppState {
-        // The API answers 503 at once and lets its caller retry (docs/api.md).
-        producer: fleet_worker::Producer::new(client.clone(), subjects)
-            .with_retry_for(Duration::ZERO),
-        registry,
-        ready: ready.clone(),
-        max_body_bytes: config.http.max_body_bytes,
-        policy: policy_sync.clone(),
-        compliance_token,
-        ctx: ctx.clone(),
-        supervisor: supervisor.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.http.listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.http.listen.to_string(),
-        source,
-    })?;
-    tracing::info!(%addr, "http api listening");
+/// What runs until shutdown.
+struct Running {
+    task_path: Vec<tokio::task::JoinHandle<()>>,
+    telemetry: Vec<tokio::task::JoinHandle<()>>,
+    source_watches: Vec<tokio::task::JoinHandle<()>>,
+    store: Store,
+    ctx: Arc<Ctx>,
+    classifier: Arc<Classifier>,
+    spans_task: tokio::task::JoinHandle<()>,
+}
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(ServeError::Signals)?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = sigterm.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    let server = axum::serve(
-        listener,
-        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown);
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "http server failed");
-    }
-
-    ready.store(false, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
+/// Waits up to `grace` for the loops to finish what they hold and the store to flush;
+/// past it, says what was left (nothing acked is lost: JetStream redelivers the rest).
+async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
+    let c = client.clone();
     let drained = tokio::time::timeout(grace, async move {
-        let _ = intake.await;
-        let _ = results.await;
-        let _ = release.await;
-        let _ = deadletter.await;
-        let _ = retarget.await;
-        let _ = sweeper.await;
-        for t in telemetry_tasks {
+        for t in r.task_path.into_iter().chain(r.telemetry) {
             let _ = t.await;
         }
-        let _ = fleet_task.await;
-        for w in source_watches {
+        for w in r.source_watches {
             w.abort();
         }
-        if let Err(e) = store.flush().await {
+        if let Err(e) = r.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
         // The exporter flushes and stops once the last handle to it is gone.
-        drop(ctx);
-        drop(classifier);
-        let _ = tokio::time::timeout(Duration::from_secs(5), spans_task).await;
-        let _ = client.flush().await;
+        drop(r.ctx);
+        drop(r.classifier);
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.spans_task).await;
+        let _ = c.flush().await;
     })
     .await;
     if drained.is_err() {
@@ -461,8 +574,6 @@ async fn run(
             "shutdown grace passed with work unfinished; exiting: what was not acked stays in JetStream and is delivered again, spans not yet exported are dropped"
         );
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// The classifier's calls become the commander's own GenAI spans (exported like every
