@@ -209,6 +209,130 @@ pub(super) enum Step {
     NoRoute(route::NoRoute),
 }
 
+/// What one decision reads besides the context.
+struct Deciding<'a> {
+    id: &'a str,
+    task: &'a Task,
+    class: &'a Classification,
+    dims: &'a TaskDims,
+    /// The task is coming back from the deferred queue.
+    released: bool,
+    view: &'a View,
+}
+
+/// The policy's verdict on a task, then its throttles, and its budget reservation: checked
+/// and reserved under one lock, so concurrent batches cannot both take the last of a
+/// budget.
+fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
+    let Deciding {
+        id,
+        task,
+        class,
+        dims,
+        released,
+        view,
+    } = d;
+    let live = &view.live;
+    ctx.policy.with_ledger(|ledger| {
+        let verdict = policy::evaluate(EvalInput {
+            task,
+            class: &class.answer,
+            dims,
+            rubric: &view.rubric,
+            registry: &view.registry,
+            fleet: &view.fleet,
+            table: &ctx.table,
+            policy: &live.policy,
+            hints: &live.hints,
+            ledger,
+            queued: &view.queued,
+            released,
+            now_ms: view.now_ms,
+            seed: fnv1a(&[b"seed", id.as_bytes()]),
+        });
+        match verdict {
+            Verdict::Dispatch { decision, check } => {
+                if !live.throttles.is_empty() {
+                    let keys = ThrottleKeys {
+                        pool: &decision.pool,
+                        team: dims.team.as_deref(),
+                        producer: dims.producer.as_deref(),
+                        worker: decision.worker.as_deref(),
+                    };
+                    let tokens = class.answer.input_tokens + class.answer.output_tokens;
+                    if let Err(t) = live.throttles.admit(keys, tokens) {
+                        return Step::Throttled(t);
+                    }
+                }
+                let est = decision.est_cost_usd.unwrap_or(0.0);
+                let reservation = (!check.cells.is_empty()).then(|| Reservation {
+                    cells: check.cells.clone(),
+                    est_usd: est,
+                });
+                if let Some(r) = &reservation {
+                    ledger.reserve(&r.cells, est);
+                }
+                let alerts = soft_alerts(ctx, &check, id, &live.policy.version, view.now_ms);
+                Step::Go {
+                    decision,
+                    reservation,
+                    alerts,
+                }
+            }
+            Verdict::Defer {
+                decision,
+                reason,
+                until_ms,
+                queues,
+            } => Step::Defer {
+                decision,
+                reason,
+                until_ms,
+                queues,
+            },
+            Verdict::Reject { decision, reason } => Step::BudgetReject { decision, reason },
+            Verdict::NoRoute(n) => Step::NoRoute(n),
+        }
+    })
+}
+
+/// A budget's soft threshold crossed for the first time in its window: one alert each.
+fn soft_alerts(
+    ctx: &Ctx,
+    check: &policy::budget::Check<'_>,
+    task_id: &str,
+    version: &str,
+    now_ms: u64,
+) -> Vec<serde_json::Value> {
+    check
+        .soft
+        .iter()
+        .filter(|h| {
+            h.alert
+                && ctx.policy.first_alert(
+                    &h.budget.spec.name,
+                    &h.value,
+                    h.budget.window.bucket(now_ms),
+                    h.at,
+                )
+        })
+        .map(|h| {
+            serde_json::json!({
+                "alert": "budget_soft_threshold",
+                "severity": "warning",
+                "budget": h.budget.spec.name,
+                "value": h.value,
+                "threshold": h.at,
+                "used": h.fraction,
+                "limit_usd": h.budget.spec.limit_usd,
+                "window": h.budget.spec.window,
+                "policy_version": version,
+                "task_id": task_id,
+            })
+        })
+        .collect()
+}
+
 /// Decides where a classified task goes (route, budgets, throttles) and builds its
 /// dispatch, deferral or rejection.
 pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
@@ -230,106 +354,27 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
     let View {
         fleet,
         rubric,
-        registry,
         live,
         generations: (rubric_generation, registry_generation),
-        queued,
         now_ms,
+        ..
     } = view;
     let version = live.policy.version.clone();
     let dims = TaskDims::from_task(&task.attributes, baggage.iter());
     let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
     let step = {
         let _span = tracing::debug_span!("decide", task_id = %id).entered();
-        // Check and reserve under one lock, so concurrent batches cannot both take the
-        // last of a budget.
-        ctx.policy.with_ledger(|ledger| {
-            let verdict = policy::evaluate(EvalInput {
+        decide_step(
+            ctx,
+            Deciding {
+                id: &id,
                 task: &task,
-                class: &class.answer,
+                class: &class,
                 dims: &dims,
-                rubric,
-                registry,
-                fleet,
-                table: &ctx.table,
-                policy: &live.policy,
-                hints: &live.hints,
-                ledger,
-                queued,
                 released: release.is_some(),
-                now_ms: *now_ms,
-                seed: fnv1a(&[b"seed", id.as_bytes()]),
-            });
-            match verdict {
-                Verdict::Dispatch { decision, check } => {
-                    if !live.throttles.is_empty() {
-                        let keys = ThrottleKeys {
-                            pool: &decision.pool,
-                            team: dims.team.as_deref(),
-                            producer: dims.producer.as_deref(),
-                            worker: decision.worker.as_deref(),
-                        };
-                        let tokens = class.answer.input_tokens + class.answer.output_tokens;
-                        if let Err(t) = live.throttles.admit(keys, tokens) {
-                            return Step::Throttled(t);
-                        }
-                    }
-                    let est = decision.est_cost_usd.unwrap_or(0.0);
-                    let reservation = (!check.cells.is_empty()).then(|| Reservation {
-                        cells: check.cells.clone(),
-                        est_usd: est,
-                    });
-                    if let Some(r) = &reservation {
-                        ledger.reserve(&r.cells, est);
-                    }
-                    let alerts = check
-                        .soft
-                        .iter()
-                        .filter(|h| {
-                            h.alert
-                                && ctx.policy.first_alert(
-                                    &h.budget.spec.name,
-                                    &h.value,
-                                    h.budget.window.bucket(*now_ms),
-                                    h.at,
-                                )
-                        })
-                        .map(|h| {
-                            serde_json::json!({
-                                "alert": "budget_soft_threshold",
-                                "severity": "warning",
-                                "budget": h.budget.spec.name,
-                                "value": h.value,
-                                "threshold": h.at,
-                                "used": h.fraction,
-                                "limit_usd": h.budget.spec.limit_usd,
-                                "window": h.budget.spec.window,
-                                "policy_version": version,
-                                "task_id": id,
-                            })
-                        })
-                        .collect();
-                    Step::Go {
-                        decision,
-                        reservation,
-                        alerts,
-                    }
-                }
-                Verdict::Defer {
-                    decision,
-                    reason,
-                    until_ms,
-                    queues,
-                } => Step::Defer {
-                    decision,
-                    reason,
-                    until_ms,
-                    queues,
-                },
-                Verdict::Reject { decision, reason } => Step::BudgetReject { decision, reason },
-                Verdict::NoRoute(n) => Step::NoRoute(n),
-            }
-        })
+                view,
+            },
+        )
     };
     let inputs = DecisionInputs {
         requested_pool: task.pool.clone(),
