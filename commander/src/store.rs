@@ -358,6 +358,25 @@ fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
 }
 
 #[cfg(test)]
+impl Store {
+    /// Opens the store again in the same process, as after a restart. sled's background
+    /// flusher lets go of the previous handle's file lock a moment after the last handle
+    /// is dropped, so this waits for it (up to 10 s).
+    pub(crate) fn reopen(dir: &Path) -> Self {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("store at {} not reopened: {e}", dir.display())
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
@@ -423,7 +442,7 @@ mod tests {
             assert_eq!(rec.history.len(), 3);
             futures::executor::block_on(store.flush()).unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::reopen(dir.path());
         let rec = store.get("t1").unwrap().unwrap();
         assert_eq!(rec.state, TaskState::Completed);
         assert_eq!(rec.intake_sequence, 7);

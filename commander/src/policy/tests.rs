@@ -354,7 +354,7 @@ fn deferred_tasks_are_released_after_the_window_resets_priority_first_then_oldes
         assert!(due.is_empty(), "nothing fits before midnight: {due:?}");
     }
     // Restart: the queue and the ledger come back from sled.
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::reopen(dir.path());
     let e = engine(clock.clone(), &store, policy.clone());
     assert_eq!(e.deferrals.len(), 5);
     let now = BEFORE_MIDNIGHT + 30_000;
