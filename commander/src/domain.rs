@@ -63,9 +63,10 @@ impl Clock for ManualClock {
     }
 }
 
-/// An attribution dimension.
+/// An attribution dimension a key can name (the cost ledger's group-by dimensions, which
+/// add pool, model and worker, are `fleet::costs::Dim`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dim {
+pub enum Attribution {
     Team,
     Feature,
     UserTier,
@@ -78,15 +79,15 @@ pub enum Dim {
 /// The one table of keys that name a dimension: span and resource attributes and baggage
 /// entries (telemetry, `Dims`) and a task's baggage (budgets and throttles, `TaskDims`)
 /// are all read through it.
-pub fn dim_of_key(key: &str) -> Option<Dim> {
+pub fn attribution_of_key(key: &str) -> Option<Attribution> {
     Some(match key {
-        "fleet.team" | "team" | "team.name" | "app.team" => Dim::Team,
-        "fleet.feature" | "feature" | "feature.name" | "app.feature" => Dim::Feature,
-        "fleet.user_tier" | "user_tier" | "user.tier" | "enduser.tier" => Dim::UserTier,
-        "fleet.prompt_variant" | "prompt_variant" | "prompt.variant" => Dim::PromptVariant,
-        "fleet.task.type" | "task_type" | "task.type" => Dim::TaskType,
-        "fleet.tenant" | "tenant" | "tenant.id" => Dim::Tenant,
-        "fleet.producer" | "producer" => Dim::Producer,
+        "fleet.team" | "team" | "team.name" | "app.team" => Attribution::Team,
+        "fleet.feature" | "feature" | "feature.name" | "app.feature" => Attribution::Feature,
+        "fleet.user_tier" | "user_tier" | "user.tier" | "enduser.tier" => Attribution::UserTier,
+        "fleet.prompt_variant" | "prompt_variant" | "prompt.variant" => Attribution::PromptVariant,
+        "fleet.task.type" | "task_type" | "task.type" => Attribution::TaskType,
+        "fleet.tenant" | "tenant" | "tenant.id" => Attribution::Tenant,
+        "fleet.producer" | "producer" => Attribution::Producer,
         _ => return None,
     })
 }
@@ -153,11 +154,11 @@ impl TaskDims {
             producer: attributes.get("producer").cloned(),
         };
         for (k, v) in baggage {
-            let slot = match dim_of_key(k) {
-                Some(Dim::Team) => &mut d.team,
-                Some(Dim::Feature) => &mut d.feature,
-                Some(Dim::UserTier) => &mut d.user_tier,
-                Some(Dim::Producer) => &mut d.producer,
+            let slot = match attribution_of_key(k) {
+                Some(Attribution::Team) => &mut d.team,
+                Some(Attribution::Feature) => &mut d.feature,
+                Some(Attribution::UserTier) => &mut d.user_tier,
+                Some(Attribution::Producer) => &mut d.producer,
                 _ => continue,
             };
             if slot.is_none() {
@@ -378,7 +379,7 @@ mod tests {
     #[test]
     fn budgets_and_telemetry_read_the_same_keys() {
         for key in ["team", "fleet.team", "app.team", "team.name"] {
-            assert_eq!(dim_of_key(key), Some(Dim::Team), "{key}");
+            assert_eq!(attribution_of_key(key), Some(Attribution::Team), "{key}");
             let dims = TaskDims::from_task(&Default::default(), [(key, "search")].into_iter());
             assert_eq!(dims.team.as_deref(), Some("search"), "{key}");
         }
@@ -386,7 +387,7 @@ mod tests {
             let dims = TaskDims::from_task(&Default::default(), [(key, "pro")].into_iter());
             assert_eq!(dims.user_tier.as_deref(), Some("pro"), "{key}");
         }
-        assert_eq!(dim_of_key("fleet.producer"), Some(Dim::Producer));
-        assert_eq!(dim_of_key("teams"), None);
+        assert_eq!(attribution_of_key("fleet.producer"), Some(Attribution::Producer));
+        assert_eq!(attribution_of_key("teams"), None);
     }
 }

@@ -54,15 +54,15 @@ impl Dims {
 
     /// Sets a dimension from an attribute key, if the key names one.
     fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
-        use crate::domain::{Dim, dim_of_key};
-        let slot = match dim_of_key(key) {
-            Some(Dim::Team) => &mut self.team,
-            Some(Dim::Feature) => &mut self.feature,
-            Some(Dim::UserTier) => &mut self.user_tier,
-            Some(Dim::PromptVariant) => &mut self.prompt_variant,
-            Some(Dim::TaskType) => &mut self.task_type,
-            Some(Dim::Tenant) => &mut self.tenant,
-            Some(Dim::Producer) | None => return false,
+        use crate::domain::{Attribution, attribution_of_key};
+        let slot = match attribution_of_key(key) {
+            Some(Attribution::Team) => &mut self.team,
+            Some(Attribution::Feature) => &mut self.feature,
+            Some(Attribution::UserTier) => &mut self.user_tier,
+            Some(Attribution::PromptVariant) => &mut self.prompt_variant,
+            Some(Attribution::TaskType) => &mut self.task_type,
+            Some(Attribution::Tenant) => &mut self.tenant,
+            Some(Attribution::Producer) | None => return false,
         };
         if slot.is_none() {
             *slot = take_string(value);
