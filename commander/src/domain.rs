@@ -387,7 +387,10 @@ mod tests {
             let dims = TaskDims::from_task(&Default::default(), [(key, "pro")].into_iter());
             assert_eq!(dims.user_tier.as_deref(), Some("pro"), "{key}");
         }
-        assert_eq!(attribution_of_key("fleet.producer"), Some(Attribution::Producer));
+        assert_eq!(
+            attribution_of_key("fleet.producer"),
+            Some(Attribution::Producer)
+        );
         assert_eq!(attribution_of_key("teams"), None);
     }
 }

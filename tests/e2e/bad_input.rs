@@ -10,16 +10,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
     let stack = Stack::start(TWO_POOLS).await;
-    let seen = SeenLog::default();
-    let worker = recording_worker(
-        &stack.client,
-        "alpha",
-        "a1",
-        4,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
     let mut replies = stack.client.subscribe("_INBOX.bad").await.unwrap();
 
     let cases: &[(&str, &str, &str, &str)] = &[
@@ -150,16 +141,7 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
 async fn invalid_traceparent_starts_a_new_trace_records_why_and_the_task_still_flows() {
     let stack = Stack::start(TWO_POOLS).await;
     let spans = collect_spans(&stack.client).await;
-    let seen = SeenLog::default();
-    let worker = recording_worker(
-        &stack.client,
-        "alpha",
-        "a1",
-        4,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
     let bad = [
         (
             "tp-version",

@@ -156,6 +156,19 @@ pub async fn recording_worker(
     .expect("worker starts")
 }
 
+/// One recording worker that answers at once, and the log of what it saw.
+pub async fn watched_worker(
+    client: &async_nats::Client,
+    pool: &str,
+    id: &str,
+    concurrency: usize,
+) -> (SeenLog, WorkerHandle) {
+    let seen = SeenLog::default();
+    let worker =
+        recording_worker(client, pool, id, concurrency, Duration::ZERO, seen.clone()).await;
+    (seen, worker)
+}
+
 /// Two recording workers in each of the pools of [`TWO_POOLS`].
 pub async fn two_workers_per_pool(
     client: &async_nats::Client,

@@ -277,16 +277,7 @@ async fn a_non_ascii_or_huge_model_name_leaves_telemetry_flowing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_subjects_outside_inboxes_are_refused_and_the_results_stream_keeps_its_messages() {
     let stack = Stack::start(TWO_POOLS).await;
-    let seen = SeenLog::default();
-    let worker = recording_worker(
-        &stack.client,
-        "alpha",
-        "a1",
-        8,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, worker) = watched_worker(&stack.client, "alpha", "a1", 8).await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     for i in 0..20 {
         let mut t = Task::new("fill the results stream");

@@ -183,16 +183,7 @@ async fn kill_9_worker_mid_task_redelivers_to_another_worker() {
     crashy.0.kill().unwrap();
     crashy.0.wait().unwrap();
 
-    let seen = SeenLog::default();
-    let rescuer = recording_worker(
-        &stack.client,
-        "gamma",
-        "rescuer",
-        1,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, rescuer) = watched_worker(&stack.client, "gamma", "rescuer", 1).await;
     let result = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
     assert_eq!(result.status, ResultStatus::Ok);
     assert_eq!(result.worker_id.as_deref(), Some("rescuer"));

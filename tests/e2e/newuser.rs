@@ -286,16 +286,7 @@ async fn a_task_targeted_at_a_worker_that_never_binds_goes_back_to_its_pool() {
     })
     .await;
     // A real worker joins the pool; the ghost never pulls.
-    let seen = SeenLog::default();
-    let real = recording_worker(
-        &stack.client,
-        "lc",
-        "real-1",
-        4,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, real) = watched_worker(&stack.client, "lc", "real-1", 4).await;
     let r = tokio::time::timeout(WAIT, inbox.next())
         .await
         .unwrap()

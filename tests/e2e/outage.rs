@@ -61,16 +61,7 @@ async fn readiness_tells_the_truth_through_a_nats_server_crash() {
     );
 
     // And it takes work again.
-    let seen = SeenLog::default();
-    let worker = recording_worker(
-        &stack.client,
-        "alpha",
-        "a1",
-        4,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (_seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let receipt = producer
         .submit(&Task::new("after the outage"), SubmitOptions::default())
@@ -239,16 +230,7 @@ async fn submit_without_id(client: &async_nats::Client, reply_to: &str, text: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_without_an_id_is_not_taken_for_an_old_one_when_sequences_start_again() {
     let mut stack = Stack::start(TWO_POOLS).await;
-    let seen = SeenLog::default();
-    let worker = recording_worker(
-        &stack.client,
-        "alpha",
-        "a1",
-        4,
-        Duration::ZERO,
-        seen.clone(),
-    )
-    .await;
+    let (seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let mut inbox = producer.result_inbox().await.unwrap();
     let first = submit_without_id(&stack.client, inbox.subject(), "first").await;
