@@ -109,138 +109,15 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             });
         }
 
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut decided = Vec::with_capacity(batch.len());
-        let mut notices: Vec<(String, serde_json::Value)> = Vec::new();
+        let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
-            match (plan, outcome) {
-                (None, _) => {
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
-                (Some(Plan::Duplicate), _) => acks.push(msg),
-                (Some(Plan::Throttle(wait)), _) => {
-                    // Spread the comebacks so they do not all arrive together.
-                    let jitter = rand::random_range(0..=wait.as_millis().min(1_000) as u64 / 2 + 20);
-                    let delay = (wait + Duration::from_millis(jitter)).min(Duration::from_secs(30));
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                }
-                (Some(plan), Some(Err(e))) => {
-                    ctx.metrics.dispatch_errors.inc();
-                    tracing::warn!(error = %e, "publish failed; the task will be retried");
-                    if let Plan::Dispatch(d) = plan {
-                        tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
-                        if let Some(r) = &d.record.reservation {
-                            ctx.policy.unreserve(r);
-                        }
-                    }
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-                }
-                (Some(Plan::Defer(d)), _) => {
-                    let d = *d;
-                    let recorded = ctx.store.update(
-                        &d.id,
-                        || TaskRecord::new(&d.id, d.seq),
-                        |r| {
-                            r.intake_sequence = d.seq;
-                            r.priority = d.entry.priority;
-                            r.reply_to = d.reply_to.clone();
-                            r.deferred = Some(d.info.clone());
-                            r.decision_id = Some(d.decision.id.clone());
-                            r.decision_at_ms = Some(d.decision.at_ms);
-                            r.policy_version = Some(d.entry.policy_version.clone());
-                            r.generation = d.decision.generation.clone();
-                            r.pool = Some(d.entry.pool.clone());
-                            r.model = Some(d.entry.model.clone());
-                            r.route_reason = Some(d.info.reason.clone());
-                            r.advance_at(TaskState::Received, d.received_at.clone());
-                            r.advance(TaskState::Deferred);
-                        },
-                    );
-                    let stored = recorded.and_then(|_| ctx.policy.deferrals.insert(&d.entry));
-                    if let Err(e) = stored {
-                        // Not kept, so not acked: the intake stream still has it.
-                        tracing::error!(task_id = %d.id, error = %e, "deferral not stored; will retry");
-                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        continue;
-                    }
-                    ctx.policy.counters.deferred.inc();
-                    tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
-                    notices.push((
-                        d.id.clone(),
-                        serde_json::json!({
-                            "task_id": d.id,
-                            "state": "deferred",
-                            "reason": d.info.reason,
-                            "until": d.info.until,
-                            "policy_version": d.entry.policy_version,
-                        }),
-                    ));
-                    decided.push(d.decision);
-                    acks.push(msg);
-                }
-                (Some(Plan::Dispatch(d)), outcome) => {
-                    let mut d = *d;
-                    // A task sent to one worker is watched until it finishes, in case that
-                    // worker is gone (retarget.rs).
-                    if let (Some(worker), Some(Ok(seq))) = (&d.decision.worker, &outcome) {
-                        let t = super::retarget::Targeted {
-                            task_id: d.id.clone(),
-                            pool: d.pool.clone(),
-                            worker: worker.clone(),
-                            seq: *seq,
-                            attempt: super::plan::FIRST_ATTEMPT,
-                            at_ms: d.decision.at_ms,
-                        };
-                        if let Err(e) = ctx.targets.insert(&t) {
-                            tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
-                        }
-                    }
-                    let recorded = ctx.store.update(
-                        &d.id,
-                        || TaskRecord::new(&d.id, d.record.seq),
-                        |r| d.record.apply(r, &d.pool),
-                    );
-                    match recorded {
-                        Err(e) => {
-                            tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded")
-                        }
-                        // The result was processed first and found no reservation to
-                        // settle: settle it here.
-                        Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
-                        Ok(_) => {}
-                    }
-                    decided.push(d.decision);
-                    for a in d.alerts.drain(..) {
-                        tracing::warn!(alert = %a, "budget soft threshold crossed");
-                        notices.push((String::new(), a));
-                    }
-                    ctx.metrics.tasks_dispatched.get_or_create(&PoolLabel { pool: d.pool.clone() }).inc();
-                    ctx.fleet.task_event(TaskEvent::Dispatched {
-                        task_id: d.id.clone(),
-                        pool: d.pool.clone(),
-                        expected_ms: d.expected_ms,
-                        task_type: d.task_type.take(),
-                    });
-                    d.span.finish();
-                    ctx.spans.record(d.span);
-                    acks.push(msg);
-                }
-                (Some(Plan::Reject(r)), _) => {
-                    // Recorded only now that the rejection is durably the task's result, so
-                    // a redelivery before this point publishes it again instead of skipping.
-                    let decided_at = r.decision.as_ref().map(|d| d.at_ms);
-                    if let Err(e) = record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error, decided_at) {
-                        tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
-                    }
-                    if let Some(d) = r.decision {
-                        decided.push(d);
-                    }
-                    ctx.metrics.reject(&r.error.code);
-                    tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
-                    acks.push(msg);
-                }
-            }
+            settle_one(ctx, msg, plan, outcome, &mut settled).await;
         }
+        let Settled {
+            acks,
+            decided,
+            notices,
+        } = settled;
 
         // The batch's decisions in one write per tree (sled copies a leaf per write, and
         // decisions are big), made durable by the same flush.
@@ -279,6 +156,183 @@ enum Read {
     /// Nothing to classify: a duplicate or a rejection already worked out.
     Done(Plan),
     Ready(Box<Prepared>),
+}
+
+/// What a batch learned, written and acked together once every message is settled.
+#[derive(Default)]
+struct Settled {
+    acks: Vec<jetstream::Message>,
+    decided: Vec<crate::decisions::DecisionRecord>,
+    /// Status notices (deferrals, by task id) and budget alerts (empty id).
+    notices: Vec<(String, serde_json::Value)>,
+}
+
+/// Settles one message of a batch after the publishes: records what became of it, and
+/// either queues its ack or hands it back.
+async fn settle_one(
+    ctx: &Ctx,
+    msg: jetstream::Message,
+    plan: Option<Plan>,
+    outcome: Option<Result<u64, String>>,
+    s: &mut Settled,
+) {
+    match (plan, outcome) {
+        (None, _) => {
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        (Some(Plan::Duplicate), _) => s.acks.push(msg),
+        (Some(Plan::Throttle(wait)), _) => {
+            // Spread the comebacks so they do not all arrive together.
+            let jitter = rand::random_range(0..=wait.as_millis().min(1_000) as u64 / 2 + 20);
+            let delay = (wait + Duration::from_millis(jitter)).min(Duration::from_secs(30));
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+        }
+        (Some(plan), Some(Err(e))) => {
+            ctx.metrics.dispatch_errors.inc();
+            tracing::warn!(error = %e, "publish failed; the task will be retried");
+            if let Plan::Dispatch(d) = plan {
+                tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
+                if let Some(r) = &d.record.reservation {
+                    ctx.policy.unreserve(r);
+                }
+            }
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                .await;
+        }
+        (Some(Plan::Defer(d)), _) => keep_deferral(ctx, msg, d, s).await,
+        (Some(Plan::Dispatch(d)), outcome) => keep_dispatch(ctx, msg, d, outcome, s),
+        (Some(Plan::Reject(r)), _) => {
+            // Recorded only now that the rejection is durably the task's result, so
+            // a redelivery before this point publishes it again instead of skipping.
+            let decided_at = r.decision.as_ref().map(|d| d.at_ms);
+            if let Err(e) =
+                record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error, decided_at)
+            {
+                tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
+            }
+            if let Some(d) = r.decision {
+                s.decided.push(d);
+            }
+            ctx.metrics.reject(&r.error.code);
+            tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
+            s.acks.push(msg);
+        }
+    }
+}
+
+/// A deferral: recorded and queued (then acked), or handed back when it cannot be stored.
+async fn keep_deferral(
+    ctx: &Ctx,
+    msg: jetstream::Message,
+    d: Box<super::plan::DeferPlan>,
+    s: &mut Settled,
+) {
+    let d = *d;
+    let recorded = ctx.store.update(
+        &d.id,
+        || TaskRecord::new(&d.id, d.seq),
+        |r| {
+            r.intake_sequence = d.seq;
+            r.priority = d.entry.priority;
+            r.reply_to = d.reply_to.clone();
+            r.deferred = Some(d.info.clone());
+            r.decision_id = Some(d.decision.id.clone());
+            r.decision_at_ms = Some(d.decision.at_ms);
+            r.policy_version = Some(d.entry.policy_version.clone());
+            r.generation = d.decision.generation.clone();
+            r.pool = Some(d.entry.pool.clone());
+            r.model = Some(d.entry.model.clone());
+            r.route_reason = Some(d.info.reason.clone());
+            r.advance_at(TaskState::Received, d.received_at.clone());
+            r.advance(TaskState::Deferred);
+        },
+    );
+    let stored = recorded.and_then(|_| ctx.policy.deferrals.insert(&d.entry));
+    if let Err(e) = stored {
+        // Not kept, so not acked: the intake stream still has it.
+        tracing::error!(task_id = %d.id, error = %e, "deferral not stored; will retry");
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
+    ctx.policy.counters.deferred.inc();
+    tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
+    s.notices.push((
+        d.id.clone(),
+        serde_json::json!({
+            "task_id": d.id,
+            "state": "deferred",
+            "reason": d.info.reason,
+            "until": d.info.until,
+            "policy_version": d.entry.policy_version,
+        }),
+    ));
+    s.decided.push(d.decision);
+    s.acks.push(msg);
+}
+
+/// A dispatch JetStream acknowledged: recorded, watched when targeted, counted, acked.
+fn keep_dispatch(
+    ctx: &Ctx,
+    msg: jetstream::Message,
+    d: Box<super::plan::Dispatch>,
+    outcome: Option<Result<u64, String>>,
+    s: &mut Settled,
+) {
+    let mut d = *d;
+    // A task sent to one worker is watched until it finishes, in case that
+    // worker is gone (retarget.rs).
+    if let (Some(worker), Some(Ok(seq))) = (&d.decision.worker, &outcome) {
+        let t = super::retarget::Targeted {
+            task_id: d.id.clone(),
+            pool: d.pool.clone(),
+            worker: worker.clone(),
+            seq: *seq,
+            attempt: super::plan::FIRST_ATTEMPT,
+            at_ms: d.decision.at_ms,
+        };
+        if let Err(e) = ctx.targets.insert(&t) {
+            tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
+        }
+    }
+    let recorded = ctx.store.update(
+        &d.id,
+        || TaskRecord::new(&d.id, d.record.seq),
+        |r| d.record.apply(r, &d.pool),
+    );
+    match recorded {
+        Err(e) => {
+            tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded")
+        }
+        // The result was processed first and found no reservation to
+        // settle: settle it here.
+        Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
+        Ok(_) => {}
+    }
+    s.decided.push(d.decision);
+    for a in d.alerts.drain(..) {
+        tracing::warn!(alert = %a, "budget soft threshold crossed");
+        s.notices.push((String::new(), a));
+    }
+    ctx.metrics
+        .tasks_dispatched
+        .get_or_create(&PoolLabel {
+            pool: d.pool.clone(),
+        })
+        .inc();
+    ctx.fleet.task_event(TaskEvent::Dispatched {
+        task_id: d.id.clone(),
+        pool: d.pool.clone(),
+        expected_ms: d.expected_ms,
+        task_type: d.task_type.take(),
+    });
+    d.span.finish();
+    ctx.spans.record(d.span);
+    s.acks.push(msg);
 }
 
 /// Runs the handling of a batch while telling JetStream, every third of the intake ack
