@@ -698,6 +698,16 @@ impl Config {
     /// Every semantic problem, each with its key path.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut p = Vec::new();
+        self.check_transport(&mut p);
+        self.check_pool_names(&mut p);
+        self.check_routing(&mut p);
+        self.check_classifier(&mut p);
+        self.check_fleet_and_policy(&mut p);
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// NATS, the store, intake and the OTLP decode bounds.
+    fn check_transport(&self, p: &mut Vec<String>) {
         if Subjects::new(&self.nats.prefix).is_err() {
             p.push(format!(
                 "nats.prefix: {:?} must be dot-separated tokens of letters, digits, '-' or '_'",
@@ -747,6 +757,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// Pool names and capabilities.
+    fn check_pool_names(&self, p: &mut Vec<String>) {
         for (name, pool) in &self.pools {
             if !is_subject_token(name) {
                 p.push(format!(
@@ -759,6 +773,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// The routing section and each pool's fallback and error threshold.
+    fn check_routing(&self, p: &mut Vec<String>) {
         if let Some(d) = &self.routing.default_pool {
             if !is_subject_token(d) {
                 p.push(format!(
@@ -804,6 +822,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// The classifier and the decision log.
+    fn check_classifier(&self, p: &mut Vec<String>) {
         let c = &self.classifier;
         if let Some(e) = &c.endpoint
             && !(e.starts_with("http://") || e.starts_with("https://"))
@@ -825,6 +847,10 @@ impl Config {
                 p.push(format!("{key}: must be at least 1"));
             }
         }
+    }
+
+    /// The live state's bounds, telemetry queues and the policy engine's.
+    fn check_fleet_and_policy(&self, p: &mut Vec<String>) {
         let f = &self.fleet;
         if !(f.stuck_factor.is_finite() && f.stuck_factor >= 1.0) {
             p.push(format!(
@@ -885,7 +911,6 @@ impl Config {
         if self.telemetry.queue_poll_ms == 0 {
             p.push("telemetry.queue_poll_ms: must be at least 1".into());
         }
-        if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
     pub fn subjects(&self) -> Subjects {
