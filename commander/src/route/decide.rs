@@ -753,100 +753,116 @@ fn new_cand<'a>(
     }
 }
 
+/// Why a candidate is out (its code and reason), and the pool to reroute to when a pool's
+/// error rate or the policy sends its work elsewhere.
+type Exclusion<'t> = ((&'static str, String), Option<&'t str>);
+
 /// The first rule that excludes a candidate, and the pool to reroute to when the
-/// exclusion is the error rate.
+/// exclusion is the error rate. The task's own needs come first (pool, model), then the
+/// fleet's present state, which a producer's explicit request overrides.
 fn exclude<'t>(
     c: &Cand<'_>,
     look: &Look<'t>,
     requested: bool,
 ) -> (Option<(&'static str, String)>, Option<&'t str>) {
-    let (table, reroutes, registry): (&'t RoutingTable, &'t [PolicyReroute], &Registry) =
-        (look.table, &look.policy.reroutes, look.registry);
-    let (needs, long_context, class, task, usage) = (
-        &look.needs[..],
-        look.long_context,
-        look.class,
-        look.task,
-        &look.usage,
-    );
-    let pool_cfg = table.pools.get(c.pool);
-    if pool_cfg.is_none() && !table.pools.is_empty() {
-        return (
-            Some((
-                "not_configured",
-                format!("pool {} is not configured", c.pool),
-            )),
-            None,
-        );
-    }
-    if let Some(cfg) = pool_cfg {
-        if cfg.paused {
-            return (Some(("paused", format!("pool {} is paused", c.pool))), None);
-        }
-        let missing: Vec<&str> = needs
-            .iter()
-            .copied()
-            .filter(|n| !cfg.capabilities.iter().any(|h| h == n))
-            .collect();
-        if !missing.is_empty() && !requested {
-            return (
-                Some((
-                    "capability",
-                    format!("pool {} lacks [{}]", c.pool, missing.join(", ")),
-                )),
-                None,
-            );
-        }
-    }
-    if let Some(m) = registry.lookup(c.model) {
-        let want = class.input_tokens + class.output_tokens;
-        if m.context_window < want {
-            return (
-                Some((
-                    "context_window",
-                    format!(
-                        "{} holds {} tokens; the task needs ~{want}",
-                        c.model, m.context_window
-                    ),
-                )),
-                None,
-            );
-        }
-        if let Some(cap) = task.max_cost_usd {
-            let est = m.cost(usage);
-            if est > cap {
-                return (
-                    Some((
-                        "max_cost",
-                        format!("estimated ${est:.4} is over the task's cap ${cap:.4}"),
-                    )),
-                    None,
-                );
+    let found = pool_rules(c, look, requested)
+        .or_else(|| model_rules(c, look))
+        .or_else(|| {
+            if requested {
+                None
+            } else {
+                c.state.and_then(|s| fleet_rules(c, s, look))
             }
-        }
+        });
+    match found {
+        Some((why, to)) => (Some(why), to),
+        None => (None, None),
     }
-    if requested {
-        return (None, None);
-    }
-    let Some(s) = c.state else {
-        return (None, None);
+}
+
+/// The pool: configured, not paused, with every capability the task needs.
+fn pool_rules<'t>(c: &Cand<'_>, look: &Look<'t>, requested: bool) -> Option<Exclusion<'t>> {
+    let table = look.table;
+    let Some(cfg) = table.pools.get(c.pool) else {
+        return (!table.pools.is_empty()).then(|| {
+            (
+                (
+                    "not_configured",
+                    format!("pool {} is not configured", c.pool),
+                ),
+                None,
+            )
+        });
     };
+    if cfg.paused {
+        return Some((("paused", format!("pool {} is paused", c.pool)), None));
+    }
+    let missing: Vec<&str> = look
+        .needs
+        .iter()
+        .copied()
+        .filter(|n| !cfg.capabilities.iter().any(|h| h == n))
+        .collect();
+    (!missing.is_empty() && !requested).then(|| {
+        (
+            (
+                "capability",
+                format!("pool {} lacks [{}]", c.pool, missing.join(", ")),
+            ),
+            None,
+        )
+    })
+}
+
+/// The model: a context window that holds the task, a price under the task's cap.
+fn model_rules<'t>(c: &Cand<'_>, look: &Look<'t>) -> Option<Exclusion<'t>> {
+    let m = look.registry.lookup(c.model)?;
+    let want = look.class.input_tokens + look.class.output_tokens;
+    if m.context_window < want {
+        return Some((
+            (
+                "context_window",
+                format!(
+                    "{} holds {} tokens; the task needs ~{want}",
+                    c.model, m.context_window
+                ),
+            ),
+            None,
+        ));
+    }
+    let cap = look.task.max_cost_usd?;
+    let est = m.cost(&look.usage);
+    (est > cap).then(|| {
+        (
+            (
+                "max_cost",
+                format!("estimated ${est:.4} is over the task's cap ${cap:.4}"),
+            ),
+            None,
+        )
+    })
+}
+
+/// The fleet's present state: a healthy worker, context headroom for a long-context task,
+/// the policy's reroutes, the pool's error rate, its queue.
+fn fleet_rules<'t>(c: &Cand<'_>, s: &PoolState, look: &Look<'t>) -> Option<Exclusion<'t>> {
+    let table = look.table;
     if s.workers_seen() > 0 && s.healthy == 0 {
-        return (
-            Some((
+        return Some((
+            (
                 "unhealthy",
                 format!(
                     "no healthy worker in {} ({})",
                     c.pool,
                     s.unavailable.describe()
                 ),
-            )),
+            ),
             None,
-        );
+        ));
     }
-    if long_context && s.healthy > 0 && s.long_context_slots.is_empty() && s.over_context > 0 {
-        return (
-            Some((
+    if look.long_context && s.healthy > 0 && s.long_context_slots.is_empty() && s.over_context > 0 {
+        return Some((
+            (
                 "context",
                 format!(
                     "all {} healthy workers of {} are over {:.0}% context or busy",
@@ -854,42 +870,15 @@ fn exclude<'t>(
                     c.pool,
                     table.routing.context_threshold * 100.0
                 ),
-            )),
+            ),
             None,
-        );
+        ));
     }
     // The policy's reroutes come first: they name where the work goes.
-    if let Some(r) = reroutes.iter().find(|r| r.from == c.pool) {
-        let errors = r
-            .error_rate_above
-            .zip(s.error_rate)
-            .filter(|(limit, rate)| rate > limit)
-            .map(|(limit, rate)| {
-                format!(
-                    "{} failed {:.0}% of {} tasks in the last minute (policy threshold {:.0}%)",
-                    c.pool,
-                    rate * 100.0,
-                    s.finished_1m,
-                    limit * 100.0
-                )
-            });
-        let latency = r
-            .p95_latency_ms_above
-            .zip(s.p95_latency_ms)
-            .filter(|(limit, p95)| *p95 > *limit as f64)
-            .map(|(limit, p95)| {
-                format!(
-                    "{} p95 dispatch latency {p95:.0} ms is over the policy's {limit} ms",
-                    c.pool
-                )
-            });
-        if let Some(why) = errors.or(latency) {
-            return (
-                Some(("policy_reroute", format!("{why}; rerouted to {}", r.to))),
-                Some(r.to.as_str()),
-            );
-        }
+    if let Some(r) = policy_reroute(c, s, &look.policy.reroutes) {
+        return Some(r);
     }
+    let pool_cfg = table.pools.get(c.pool);
     let threshold = pool_cfg
         .and_then(|p| p.max_error_rate)
         .unwrap_or(table.routing.max_error_rate);
@@ -898,8 +887,8 @@ fn exclude<'t>(
     {
         let fb = pool_cfg.and_then(|p| p.fallback_pool.as_deref());
         let to = fb.map(|f| format!("; rerouted to {f}")).unwrap_or_default();
-        return (
-            Some((
+        return Some((
+            (
                 "error_rate",
                 format!(
                     "{} failed {:.0}% of {} tasks in the last minute (threshold {:.0}%){to}",
@@ -908,22 +897,57 @@ fn exclude<'t>(
                     s.finished_1m,
                     threshold * 100.0
                 ),
-            )),
+            ),
             fb,
-        );
+        ));
     }
-    if let Some(max) = pool_cfg.and_then(|p| p.max_queue_depth)
-        && s.queue_depth >= max
-    {
-        return (
-            Some((
+    let max = pool_cfg.and_then(|p| p.max_queue_depth)?;
+    (s.queue_depth >= max).then(|| {
+        (
+            (
                 "saturated",
                 format!("{} queue {} is at its limit {max}", c.pool, s.queue_depth),
-            )),
+            ),
             None,
-        );
-    }
-    (None, None)
+        )
+    })
+}
+
+/// A `[[reroute]]` of the policy whose threshold the candidate's pool is over.
+fn policy_reroute<'t>(
+    c: &Cand<'_>,
+    s: &PoolState,
+    reroutes: &'t [PolicyReroute],
+) -> Option<Exclusion<'t>> {
+    let r = reroutes.iter().find(|r| r.from == c.pool)?;
+    let errors = r
+        .error_rate_above
+        .zip(s.error_rate)
+        .filter(|(limit, rate)| rate > limit)
+        .map(|(limit, rate)| {
+            format!(
+                "{} failed {:.0}% of {} tasks in the last minute (policy threshold {:.0}%)",
+                c.pool,
+                rate * 100.0,
+                s.finished_1m,
+                limit * 100.0
+            )
+        });
+    let latency = r
+        .p95_latency_ms_above
+        .zip(s.p95_latency_ms)
+        .filter(|(limit, p95)| *p95 > *limit as f64)
+        .map(|(limit, p95)| {
+            format!(
+                "{} p95 dispatch latency {p95:.0} ms is over the policy's {limit} ms",
+                c.pool
+            )
+        });
+    let why = errors.or(latency)?;
+    Some((
+        ("policy_reroute", format!("{why}; rerouted to {}", r.to)),
+        Some(r.to.as_str()),
+    ))
 }
 
 fn score_text(est: Option<f64>, load: Option<f64>, weight: f64) -> String {
