@@ -191,6 +191,19 @@ struct CacheEntry {
     at_ms: u64,
 }
 
+/// One call to the classifier LLM: what it was for and when it ran.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    rubric: &'a Rubric,
+    task: &'a Task,
+    trace: Option<TraceCtx>,
+    key: [u8; 32],
+    client: &'a LlmClient,
+    attempt: u32,
+    start: SystemTime,
+    end: SystemTime,
+}
+
 /// The classifier: shared by every intake batch.
 pub struct Classifier {
     rubric: Arc<RubricHandle>,
@@ -422,97 +435,17 @@ impl Classifier {
             match result {
                 Ok(reply) => {
                     self.record_success();
-                    let usage = match (reply.input_tokens, reply.output_tokens) {
-                        (None, None) => None,
-                        (i, o) => Some(TokenUsage {
-                            input: i.unwrap_or(0),
-                            output: o.unwrap_or(0),
-                            ..Default::default()
-                        }),
-                    };
-                    let call_cost = usage.and_then(|u| {
-                        self.prices
-                            .current()
-                            .lookup(reply.model.as_deref().unwrap_or(&client.model))
-                            .map(|m| m.cost(&u))
-                    });
-                    cost += call_cost.unwrap_or(0.0);
-                    let parsed = parse_answer(rubric, task, &reply.text);
-                    self.report(CallRecord {
-                        task_id: task.id.clone(),
-                        provider: client.protocol().provider(),
-                        server: client.server(),
-                        request_model: client.model.clone(),
-                        response_model: reply.model.clone(),
-                        usage,
-                        cost_usd: call_cost,
+                    let call = Call {
+                        rubric,
+                        task,
+                        trace,
+                        key,
+                        client,
+                        attempt,
                         start,
                         end,
-                        error: parsed.as_ref().err().map(|_| "garbage"),
-                        attempt,
-                        trace: trace.map(|t| (t.trace_id, t.parent_span_id)),
-                    });
-                    let cost_usd = (cost > 0.0).then_some(cost);
-                    return match parsed {
-                        Err(why) => {
-                            let mut c = fallback(
-                                rubric,
-                                task,
-                                "garbage",
-                                format!("classifier answer rejected: {why}"),
-                                cost_usd,
-                                attempt,
-                            );
-                            c.model = Some(client.model.clone());
-                            c
-                        }
-                        Ok(answer) if answer.confidence < rubric.classifier.min_confidence => {
-                            let mut c = fallback(
-                                rubric,
-                                task,
-                                "low_confidence",
-                                format!(
-                                    "classifier said {}/{} with confidence {:.2} < {:.2}",
-                                    answer.task_type,
-                                    answer.tier,
-                                    answer.confidence,
-                                    rubric.classifier.min_confidence
-                                ),
-                                cost_usd,
-                                attempt,
-                            );
-                            c.model = Some(client.model.clone());
-                            c
-                        }
-                        Ok(answer) => {
-                            self.store(
-                                key,
-                                &answer,
-                                reply.model.clone().or(Some(client.model.clone())),
-                            );
-                            Classification {
-                                reason: format!(
-                                    "{} classified it {}/{} (confidence {:.2}){}",
-                                    client.model,
-                                    answer.task_type,
-                                    answer.tier,
-                                    answer.confidence,
-                                    if attempt > 1 {
-                                        format!(" on attempt {attempt}")
-                                    } else {
-                                        String::new()
-                                    }
-                                ),
-                                answer,
-                                source: Source::Llm,
-                                fallback_cause: None,
-                                model: Some(client.model.clone()),
-                                cost_usd,
-                                attempts: attempt,
-                                latency_ms: 0,
-                            }
-                        }
                     };
+                    return self.answered(&call, reply, &mut cost);
                 }
                 Err(e) => {
                     self.report(CallRecord {
@@ -553,6 +486,112 @@ impl Classifier {
                     );
                     c.model = Some(client.model.clone());
                     return c;
+                }
+            }
+        }
+    }
+
+    /// What an answered call comes to: the LLM's classification, or the fallback when the
+    /// answer is garbage or not confident enough. Reports the call and adds its cost.
+    fn answered(&self, call: &Call<'_>, reply: llm::Reply, cost: &mut f64) -> Classification {
+        let Call {
+            rubric,
+            task,
+            trace,
+            key,
+            client,
+            attempt,
+            start,
+            end,
+        } = *call;
+        let usage = match (reply.input_tokens, reply.output_tokens) {
+            (None, None) => None,
+            (i, o) => Some(TokenUsage {
+                input: i.unwrap_or(0),
+                output: o.unwrap_or(0),
+                ..Default::default()
+            }),
+        };
+        let call_cost = usage.and_then(|u| {
+            self.prices
+                .current()
+                .lookup(reply.model.as_deref().unwrap_or(&client.model))
+                .map(|m| m.cost(&u))
+        });
+        *cost += call_cost.unwrap_or(0.0);
+        let parsed = parse_answer(rubric, task, &reply.text);
+        self.report(CallRecord {
+            task_id: task.id.clone(),
+            provider: client.protocol().provider(),
+            server: client.server(),
+            request_model: client.model.clone(),
+            response_model: reply.model.clone(),
+            usage,
+            cost_usd: call_cost,
+            start,
+            end,
+            error: parsed.as_ref().err().map(|_| "garbage"),
+            attempt,
+            trace: trace.map(|t| (t.trace_id, t.parent_span_id)),
+        });
+        let cost_usd = (*cost > 0.0).then_some(*cost);
+        match parsed {
+            Err(why) => {
+                let mut c = fallback(
+                    rubric,
+                    task,
+                    "garbage",
+                    format!("classifier answer rejected: {why}"),
+                    cost_usd,
+                    attempt,
+                );
+                c.model = Some(client.model.clone());
+                c
+            }
+            Ok(answer) if answer.confidence < rubric.classifier.min_confidence => {
+                let mut c = fallback(
+                    rubric,
+                    task,
+                    "low_confidence",
+                    format!(
+                        "classifier said {}/{} with confidence {:.2} < {:.2}",
+                        answer.task_type,
+                        answer.tier,
+                        answer.confidence,
+                        rubric.classifier.min_confidence
+                    ),
+                    cost_usd,
+                    attempt,
+                );
+                c.model = Some(client.model.clone());
+                c
+            }
+            Ok(answer) => {
+                self.store(
+                    key,
+                    &answer,
+                    reply.model.clone().or(Some(client.model.clone())),
+                );
+                Classification {
+                    reason: format!(
+                        "{} classified it {}/{} (confidence {:.2}){}",
+                        client.model,
+                        answer.task_type,
+                        answer.tier,
+                        answer.confidence,
+                        if attempt > 1 {
+                            format!(" on attempt {attempt}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    answer,
+                    source: Source::Llm,
+                    fallback_cause: None,
+                    model: Some(client.model.clone()),
+                    cost_usd,
+                    attempts: attempt,
+                    latency_ms: 0,
                 }
             }
         }
