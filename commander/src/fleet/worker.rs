@@ -110,6 +110,61 @@ struct Run {
     from_heartbeat: bool,
 }
 
+impl Run {
+    /// What one span adds to its task's run: time, model, tokens, cost, steps, tool loops.
+    fn add_span(
+        &mut self,
+        ev: &SpanEvent,
+        cost: Option<f64>,
+        start_ms: u64,
+        now_ms: u64,
+        cfg: &FleetConfig,
+    ) {
+        let billed = ev.operation.is_billed();
+        self.from_heartbeat = false;
+        self.trace_id.get_or_insert(ev.trace_id);
+        self.started_ms = self.started_ms.min(start_ms.max(1));
+        self.last_span_ms = now_ms;
+        if let Some(e) = ev.expected_duration_s {
+            self.expected_ms = Some((e * 1000.0) as u64);
+        }
+        if self.task_type.is_none() {
+            self.task_type.clone_from(&ev.dims.task_type);
+        }
+        if billed {
+            self.steps += 1;
+            if ev.model.is_some() {
+                self.model.clone_from(&ev.model);
+            }
+            if let Some(u) = &ev.usage {
+                self.input_tokens += u.input;
+                self.output_tokens += u.output;
+                match cost {
+                    Some(c) => self.cost += c,
+                    None => self.cost_unknown = true,
+                }
+            }
+        }
+        if ev.operation == Operation::ExecuteTool {
+            self.steps += 1;
+            if let Some(tool) = &ev.tool {
+                let n = if let Some(n) = self.tool_counts.get_mut(tool) {
+                    *n += 1;
+                    *n
+                } else if self.tool_counts.len() < MAX_TOOLS_PER_RUN {
+                    self.tool_counts.insert(tool.clone(), 1);
+                    1
+                } else {
+                    0
+                };
+                if n > cfg.tool_repeat_limit && self.looping_tool.is_none() {
+                    self.looping_tool = Some((tool.clone(), n));
+                }
+            }
+        }
+    }
+}
+
 /// Calls, failures and latency of one tool.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ToolStats {
@@ -383,6 +438,36 @@ impl Worker {
         let mut effect = SpanEffect::default();
         self.last_seen_ms = now_ms;
         self.lost = false;
+        self.note_identity(ev);
+        let start_ms = ev.start_ns / 1_000_000;
+        let end_ms = ev.end_ns / 1_000_000;
+        let bucket_ms = super::window::event_ms(ev.end_ns, now_ms, cfg.lateness_ms);
+        let idx = match self.find_run(ev.task_id.as_deref(), &ev.trace_id) {
+            Some(i) => i,
+            None => {
+                let id = ev
+                    .task_id
+                    .clone()
+                    .unwrap_or_else(|| hex_trace(&ev.trace_id));
+                let started = start_ms.min(now_ms);
+                effect.started = Some((id.clone(), started));
+                self.start_run(id, Some(ev.trace_id), started, cfg)
+            }
+        };
+        self.runs[idx].add_span(ev, cost, start_ms, now_ms, cfg);
+        let dur_ms = end_ms.saturating_sub(start_ms);
+        self.count_span(ev, cost, context_limit, bucket_ms, dur_ms, cfg);
+        // The root span ends the run.
+        if ev.task_root || ev.parent_span_id.is_none() {
+            self.end_run(idx, ev.error, (start_ms, end_ms), bucket_ms, cfg);
+            effect.finished = true;
+        }
+        self.evaluate(now_ms, cfg, &|_| None, "span");
+        effect
+    }
+
+    /// Pool, agent name and version, from the span and its resource.
+    fn note_identity(&mut self, ev: &SpanEvent) {
         if let Some(p) = &ev.identity.pool {
             self.pool.get_or_insert_with(|| p.clone());
         }
@@ -397,70 +482,20 @@ impl Worker {
         if ev.identity.version.is_some() && self.version != ev.identity.version {
             self.version.clone_from(&ev.identity.version);
         }
-        let start_ms = ev.start_ns / 1_000_000;
-        let end_ms = ev.end_ns / 1_000_000;
-        let bucket_ms = super::window::event_ms(ev.end_ns, now_ms, cfg.lateness_ms);
+    }
 
-        let idx = match self.find_run(ev.task_id.as_deref(), &ev.trace_id) {
-            Some(i) => i,
-            None => {
-                let id = ev
-                    .task_id
-                    .clone()
-                    .unwrap_or_else(|| hex_trace(&ev.trace_id));
-                let started = start_ms.min(now_ms);
-                effect.started = Some((id.clone(), started));
-                self.start_run(id, Some(ev.trace_id), started, cfg)
-            }
-        };
+    /// The worker's own counters, the sparkline bucket and the tool table.
+    fn count_span(
+        &mut self,
+        ev: &SpanEvent,
+        cost: Option<f64>,
+        context_limit: Option<u64>,
+        bucket_ms: u64,
+        dur_ms: u64,
+        cfg: &FleetConfig,
+    ) {
         let billed = ev.operation.is_billed();
-        {
-            let run = &mut self.runs[idx];
-            run.from_heartbeat = false;
-            run.trace_id.get_or_insert(ev.trace_id);
-            run.started_ms = run.started_ms.min(start_ms.max(1));
-            run.last_span_ms = now_ms;
-            if let Some(e) = ev.expected_duration_s {
-                run.expected_ms = Some((e * 1000.0) as u64);
-            }
-            if run.task_type.is_none() {
-                run.task_type.clone_from(&ev.dims.task_type);
-            }
-            if billed {
-                run.steps += 1;
-                if ev.model.is_some() {
-                    run.model.clone_from(&ev.model);
-                }
-                if let Some(u) = &ev.usage {
-                    run.input_tokens += u.input;
-                    run.output_tokens += u.output;
-                    match cost {
-                        Some(c) => run.cost += c,
-                        None => run.cost_unknown = true,
-                    }
-                }
-            }
-            if ev.operation == Operation::ExecuteTool {
-                run.steps += 1;
-                if let Some(tool) = &ev.tool {
-                    let n = if let Some(n) = run.tool_counts.get_mut(tool) {
-                        *n += 1;
-                        *n
-                    } else if run.tool_counts.len() < MAX_TOOLS_PER_RUN {
-                        run.tool_counts.insert(tool.clone(), 1);
-                        1
-                    } else {
-                        0
-                    };
-                    if n > cfg.tool_repeat_limit && run.looping_tool.is_none() {
-                        run.looping_tool = Some((tool.clone(), n));
-                    }
-                }
-            }
-        }
-
-        // Per-worker counters and the sparkline bucket.
-        let dur_ms = end_ms.saturating_sub(start_ms);
+        let tool = ev.operation == Operation::ExecuteTool;
         let b = self.ring.at(bucket_ms);
         if billed {
             b.llm_calls = b.llm_calls.saturating_add(1);
@@ -472,10 +507,10 @@ impl Worker {
                 }
             }
         }
-        if ev.operation == Operation::ExecuteTool {
+        if tool {
             b.tool_calls = b.tool_calls.saturating_add(1);
         }
-        if ev.error && (billed || ev.operation == Operation::ExecuteTool) {
+        if ev.error && (billed || tool) {
             b.errors = b.errors.saturating_add(1);
         }
         if billed {
@@ -502,66 +537,70 @@ impl Worker {
                 }
             }
         }
-        if ev.operation == Operation::ExecuteTool
-            && let Some(tool) = &ev.tool
+        // tool_slot gives the tool's slot, or `_other` once the cap is reached.
+        if tool
+            && let Some(name) = &ev.tool
+            && let Some(t) = tool_slot(&mut self.tools, name, cfg.max_tools_per_worker)
         {
-            // Always Some: the slot is found or inserted by tool_slot.
-            if let Some(t) = tool_slot(&mut self.tools, tool, cfg.max_tools_per_worker) {
-                t.calls += 1;
-                if ev.error {
-                    t.failures += 1;
-                }
-                t.total_ms += dur_ms;
-                t.max_ms = t.max_ms.max(dur_ms);
+            t.calls += 1;
+            if ev.error {
+                t.failures += 1;
             }
+            t.total_ms += dur_ms;
+            t.max_ms = t.max_ms.max(dur_ms);
         }
-        if billed || ev.operation == Operation::ExecuteTool {
+        if billed || tool {
             if ev.error {
                 self.consecutive_errors += 1;
             } else {
                 self.consecutive_errors = 0;
             }
         }
+    }
 
-        // The root span ends the run.
-        if ev.task_root || ev.parent_span_id.is_none() {
-            let run = self.runs.swap_remove(idx);
-            let failed = ev.error;
-            let summary = TaskSummary {
-                task_id: run.task_id,
-                status: if failed {
-                    RunEnd::Failed
-                } else {
-                    RunEnd::Completed
-                },
-                task_type: run.task_type,
-                model: run.model,
-                started_ms: run.started_ms.min(start_ms),
-                ended_ms: end_ms,
-                duration_ms: end_ms.saturating_sub(run.started_ms.min(start_ms)),
-                cost_usd: (!run.cost_unknown).then_some(run.cost),
-                input_tokens: run.input_tokens,
-                output_tokens: run.output_tokens,
-                steps: run.steps,
-            };
-            let b = self.ring.at(bucket_ms);
-            if failed {
-                b.tasks_failed = b.tasks_failed.saturating_add(1);
-                b.errors = b.errors.saturating_add(1);
-                self.tasks_failed += 1;
+    /// Ends run `idx` (its root span arrived): a summary in the recent tasks, and the
+    /// counters.
+    fn end_run(
+        &mut self,
+        idx: usize,
+        failed: bool,
+        (start_ms, end_ms): (u64, u64),
+        bucket_ms: u64,
+        cfg: &FleetConfig,
+    ) {
+        let run = self.runs.swap_remove(idx);
+        let started_ms = run.started_ms.min(start_ms);
+        let summary = TaskSummary {
+            task_id: run.task_id,
+            status: if failed {
+                RunEnd::Failed
             } else {
-                b.tasks_ok = b.tasks_ok.saturating_add(1);
-                self.tasks_completed += 1;
-            }
-            self.last_run_failed = failed;
-            if self.recent.len() >= cfg.recent_tasks {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(summary);
-            effect.finished = true;
+                RunEnd::Completed
+            },
+            task_type: run.task_type,
+            model: run.model,
+            started_ms,
+            ended_ms: end_ms,
+            duration_ms: end_ms.saturating_sub(started_ms),
+            cost_usd: (!run.cost_unknown).then_some(run.cost),
+            input_tokens: run.input_tokens,
+            output_tokens: run.output_tokens,
+            steps: run.steps,
+        };
+        let b = self.ring.at(bucket_ms);
+        if failed {
+            b.tasks_failed = b.tasks_failed.saturating_add(1);
+            b.errors = b.errors.saturating_add(1);
+            self.tasks_failed += 1;
+        } else {
+            b.tasks_ok = b.tasks_ok.saturating_add(1);
+            self.tasks_completed += 1;
         }
-        self.evaluate(now_ms, cfg, &|_| None, "span");
-        effect
+        self.last_run_failed = failed;
+        if self.recent.len() >= cfg.recent_tasks {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(summary);
     }
 
     /// Sets the expected duration and task type of a run the commander dispatched.
