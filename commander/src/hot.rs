@@ -15,8 +15,6 @@ pub trait Reloadable: Sized + Send + Sync + 'static {
     type Error: Display;
     /// What it is, for logs ("model registry").
     const WHAT: &'static str;
-    /// Its watcher's name as a supervised task (`registry_watch`).
-    const TASK: &'static str;
     fn load(path: &Path) -> Result<Self, Self::Error>;
     fn builtin() -> Result<Self, Self::Error>;
     /// A size to log on reload (models, task types …).

@@ -244,7 +244,6 @@ fn is_dashed_date(b: &[u8]) -> bool {
 impl crate::hot::Reloadable for Registry {
     type Error = RegistryError;
     const WHAT: &'static str = "model registry";
-    const TASK: &'static str = "registry_watch";
     fn load(path: &Path) -> Result<Self, RegistryError> {
         Registry::load(path)
     }

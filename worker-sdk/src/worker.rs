@@ -284,6 +284,8 @@ struct Restarts {
     connection: Arc<async_nats::Statistics>,
     work: stream::Stream,
     last: tokio::sync::Mutex<LastReconnect>,
+    /// The connect count with no grace in force: a delivery on it needs no lock.
+    quiet: AtomicU64,
 }
 
 struct LastReconnect {
@@ -298,6 +300,9 @@ impl Restarts {
     /// the broker stored it before the connection last came back and the grace is not over.
     async fn wait_for(&self, seq: u64, grace: Duration) -> Option<Duration> {
         let connects = self.connection.connects.load(Ordering::Relaxed);
+        if connects == self.quiet.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut last = self.last.lock().await;
         if last.connects != connects {
             // Everything stored up to now predates this connection. Unknown: all of it.
@@ -311,9 +316,17 @@ impl Restarts {
                 since: Some((Instant::now(), held)),
             };
         }
-        let (at, held) = last.since?;
-        let left = grace.checked_sub(at.elapsed())?;
-        (seq <= held && !left.is_zero()).then_some(left)
+        let Some((at, held)) = last.since else {
+            self.quiet.store(last.connects, Ordering::Relaxed);
+            return None;
+        };
+        match grace.checked_sub(at.elapsed()).filter(|l| !l.is_zero()) {
+            Some(left) => (seq <= held).then_some(left),
+            None => {
+                self.quiet.store(last.connects, Ordering::Relaxed);
+                None
+            }
+        }
     }
 }
 
@@ -399,13 +412,18 @@ impl Worker {
             completed: Mutex::new(Completed::new(100_000, KEPT_RESULT_BYTES)),
             running: Mutex::new(BTreeSet::new()),
             in_hand: Mutex::new(HashSet::new()),
-            restarts: Restarts {
-                connection: client.statistics(),
-                last: tokio::sync::Mutex::new(LastReconnect {
-                    connects: client.statistics().connects.load(Ordering::Relaxed),
-                    since: None,
-                }),
-                work,
+            restarts: {
+                let connection = client.statistics();
+                let connects = connection.connects.load(Ordering::Relaxed);
+                Restarts {
+                    connection,
+                    last: tokio::sync::Mutex::new(LastReconnect {
+                        connects,
+                        since: None,
+                    }),
+                    quiet: AtomicU64::new(connects),
+                    work,
+                }
             },
             started_at: now_rfc3339(),
             config,

@@ -204,6 +204,26 @@ struct Call<'a> {
     end: SystemTime,
 }
 
+impl Call<'_> {
+    /// The call as the hook receives it, before anything is known of its answer.
+    fn record(&self) -> CallRecord {
+        CallRecord {
+            task_id: self.task.id.clone(),
+            provider: self.client.protocol().provider(),
+            server: self.client.server(),
+            request_model: self.client.model.clone(),
+            response_model: None,
+            usage: None,
+            cost_usd: None,
+            start: self.start,
+            end: self.end,
+            error: None,
+            attempt: self.attempt,
+            trace: self.trace.map(|t| (t.trace_id, t.parent_span_id)),
+        }
+    }
+}
+
 /// The classifier: shared by every intake batch.
 pub struct Classifier {
     rubric: Arc<RubricHandle>,
@@ -432,35 +452,25 @@ impl Classifier {
             let start = SystemTime::now();
             let result = client.call(&rubric.system_prompt, &user, timeout).await;
             let end = SystemTime::now();
+            let call = Call {
+                rubric,
+                task,
+                trace,
+                key,
+                client,
+                attempt,
+                start,
+                end,
+            };
             match result {
                 Ok(reply) => {
                     self.record_success();
-                    let call = Call {
-                        rubric,
-                        task,
-                        trace,
-                        key,
-                        client,
-                        attempt,
-                        start,
-                        end,
-                    };
                     return self.answered(&call, reply, &mut cost);
                 }
                 Err(e) => {
                     self.report(CallRecord {
-                        task_id: task.id.clone(),
-                        provider: client.protocol().provider(),
-                        server: client.server(),
-                        request_model: client.model.clone(),
-                        response_model: None,
-                        usage: None,
-                        cost_usd: None,
-                        start,
-                        end,
                         error: Some(e.code()),
-                        attempt,
-                        trace: trace.map(|t| (t.trace_id, t.parent_span_id)),
+                        ..call.record()
                     });
                     if e.retryable() && attempt <= self.cfg.max_retries {
                         let wait = match &e {
@@ -497,12 +507,10 @@ impl Classifier {
         let Call {
             rubric,
             task,
-            trace,
             key,
             client,
             attempt,
-            start,
-            end,
+            ..
         } = *call;
         let usage = match (reply.input_tokens, reply.output_tokens) {
             (None, None) => None,
@@ -521,18 +529,11 @@ impl Classifier {
         *cost += call_cost.unwrap_or(0.0);
         let parsed = parse_answer(rubric, task, &reply.text);
         self.report(CallRecord {
-            task_id: task.id.clone(),
-            provider: client.protocol().provider(),
-            server: client.server(),
-            request_model: client.model.clone(),
             response_model: reply.model.clone(),
             usage,
             cost_usd: call_cost,
-            start,
-            end,
             error: parsed.as_ref().err().map(|_| "garbage"),
-            attempt,
-            trace: trace.map(|t| (t.trace_id, t.parent_span_id)),
+            ..call.record()
         });
         let cost_usd = (*cost > 0.0).then_some(*cost);
         match parsed {

@@ -416,10 +416,10 @@ fn join(names: &BTreeSet<&str>) -> String {
 impl Reloadable for Rubric {
     type Error = RubricError;
     const WHAT: &'static str = "routing rubric";
-    const TASK: &'static str = "rubric_watch";
     fn load(path: &Path) -> Result<Self, RubricError> {
-        // Reloads check the registry's built-in models; pool names are checked at start
-        // and by `commander rubric check --config`.
+        // A rubric file on its own (tests, tools): checked against the built-in registry.
+        // The running commander checks edits against its configured registry, pools and
+        // policy instead (`sources.rs`).
         let registry =
             Registry::builtin().map_err(|e| RubricError::Invalid(vec![e.to_string()]))?;
         Rubric::load(
