@@ -20,7 +20,7 @@ use fleet_commander::classify::Answer;
 use fleet_commander::classify::rubric::Rubric;
 use fleet_commander::config::{FleetConfig, PoolConfig, RoutingConfig};
 use fleet_commander::fleet::FleetState;
-use fleet_commander::registry::{Registry, RegistryHandle};
+use fleet_commander::registry::Registry;
 use fleet_commander::route::{DecideInput, PolicyHints, RouteSnapshot, RoutingTable, decide};
 use fleet_worker::message::{Heartbeat, Task, WorkerState, now_rfc3339};
 
@@ -64,7 +64,7 @@ fn setup(workers: usize) -> Setup {
             },
         );
     }
-    let registry = RegistryHandle::open(None).unwrap();
+    let registry = fleet_commander::hot::fixed(Registry::builtin().unwrap());
     let mut fleet = FleetState::new(
         FleetConfig {
             max_workers: workers * 2,

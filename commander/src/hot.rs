@@ -1,83 +1,30 @@
-//! Files that are read at start and re-read while the commander runs (the model registry,
-//! the routing rubric): readers take the current value, with its generation, from one
-//! [`ArcSwap`]. Reloads that check a file against the others go through
-//! [`crate::sources`]; a bad edit leaves the last good value in place and says why.
+//! The files the commander re-reads while it runs (the model registry, the routing rubric):
+//! where each one is and why its last edit was refused. The values in force are not kept
+//! here: they live in the one live snapshot (`policy::Live`: routing table, registry,
+//! rubric and policy, behind one `ArcSwap`), which `sources.rs` and the policy engine
+//! rebuild and swap whole. Readers below the policy layer (the fleet owner's prices) reach
+//! a value in force through [`InForce`], without importing the layer above.
 
-use std::fmt::Display;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
-/// A value that can be loaded from a file (or is built in when no file is configured).
-pub trait Reloadable: Sized + Send + Sync + 'static {
-    type Error: Display;
-    /// What it is, for logs ("model registry").
-    const WHAT: &'static str;
-    fn load(path: &Path) -> Result<Self, Self::Error>;
-    fn builtin() -> Result<Self, Self::Error>;
-    /// A size to log on reload (models, task types …).
-    fn size(&self) -> usize;
-}
-
-/// A value and the generation it was swapped in as (1 at start, +1 per swap), read together.
+/// A file re-read while the commander runs, and the outcome of its last edit.
 #[derive(Debug)]
-struct Generation<T> {
-    generation: u64,
-    value: Arc<T>,
-}
-
-/// The live value plus the outcome of the last reload attempt.
-#[derive(Debug)]
-pub struct Hot<T> {
-    current: ArcSwap<Generation<T>>,
-    last_error: ArcSwap<Option<String>>,
-    /// The last generation handed out, so concurrent swaps never reuse one.
-    generation: AtomicU64,
+pub struct SourceFile {
     path: Option<PathBuf>,
+    last_error: ArcSwap<Option<String>>,
 }
 
-impl<T: Reloadable> Hot<T> {
-    /// Loads `path` (or the built-in value when `None`). A bad file at start is an error.
-    pub fn open(path: Option<&Path>) -> Result<Arc<Self>, T::Error> {
-        let value = match path {
-            Some(p) => T::load(p)?,
-            None => T::builtin()?,
-        };
-        Ok(Self::loaded(value, path.map(Path::to_path_buf)))
-    }
-
-    /// A value already loaded (and checked) from `path`, which later reloads re-read.
-    pub fn loaded(value: T, path: Option<PathBuf>) -> Arc<Self> {
+impl SourceFile {
+    /// `None`: the value is built in and never reloaded.
+    pub fn new(path: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Self {
-            current: ArcSwap::from_pointee(Generation {
-                generation: 1,
-                value: Arc::new(value),
-            }),
-            last_error: ArcSwap::from_pointee(None),
-            generation: AtomicU64::new(1),
             path,
+            last_error: ArcSwap::from_pointee(None),
         })
-    }
-
-    /// A fixed value (tests, benches).
-    pub fn from_value(value: T) -> Arc<Self> {
-        Self::loaded(value, None)
-    }
-
-    pub fn current(&self) -> Arc<T> {
-        self.current.load().value.clone()
-    }
-
-    /// The current value and its generation, from one read.
-    pub fn snapshot(&self) -> (Arc<T>, u64) {
-        let g = self.current.load();
-        (g.value.clone(), g.generation)
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.current.load().generation
     }
 
     /// The file it is reloaded from (none: built in).
@@ -85,46 +32,41 @@ impl<T: Reloadable> Hot<T> {
         self.path.as_deref()
     }
 
-    /// Records a refused reload; the value in force stays.
+    /// Records a refused edit; the value in force stays.
     pub fn refuse(&self, why: String) {
         self.last_error.store(Arc::new(Some(why)));
     }
 
-    /// The rejection of the last reload, if the last attempt failed.
+    /// Records an accepted edit (clears the last refusal).
+    pub fn accepted(&self) {
+        self.last_error.store(Arc::new(None));
+    }
+
+    /// Why the last edit was refused, if the last attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.load().as_ref().clone()
     }
+}
 
-    /// Swaps in a value checked elsewhere; returns its generation.
-    pub fn store(&self, value: T) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.current.store(Arc::new(Generation {
-            generation,
-            value: Arc::new(value),
-        }));
-        self.last_error.store(Arc::new(None));
-        generation
-    }
+/// Where a reader below the policy layer reads a value in force: in service, the one live
+/// snapshot (the policy engine implements it); in tests and tools, a [`Fixed`] value.
+pub trait InForce<T>: Send + Sync + Debug {
+    fn in_force(&self) -> Arc<T>;
+}
 
-    /// Re-reads the file; swaps only a fully valid value in.
-    pub fn reload(&self) -> Result<usize, T::Error> {
-        let Some(path) = &self.path else {
-            return Ok(self.current.load().value.size());
-        };
-        match T::load(path) {
-            Ok(value) => {
-                let n = value.size();
-                let _ = self.store(value);
-                tracing::info!(file = %path.display(), size = n, "{} reloaded", T::WHAT);
-                Ok(n)
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "{} change rejected; keeping the previous one", T::WHAT);
-                self.last_error.store(Arc::new(Some(e.to_string())));
-                Err(e)
-            }
-        }
+/// A value that never changes (tests, benches, offline tools).
+#[derive(Debug)]
+pub struct Fixed<T>(pub Arc<T>);
+
+impl<T: Debug + Send + Sync> InForce<T> for Fixed<T> {
+    fn in_force(&self) -> Arc<T> {
+        self.0.clone()
     }
+}
+
+/// `value`, fixed, as the shared reader the fleet and benches take.
+pub fn fixed<T: Debug + Send + Sync + 'static>(value: T) -> Arc<dyn InForce<T>> {
+    Arc::new(Fixed(Arc::new(value)))
 }
 
 /// Watches `dir` (not recursively): a unit arrives on the channel whenever a file for

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::broker::{self, BrokerError};
-use crate::classify::rubric::{CheckAgainst, Rubric, RubricError, RubricHandle};
+use crate::classify::rubric::{CheckAgainst, Rubric, RubricError};
 use crate::classify::{CallHook, CallRecord, Classifier, ClassifierError};
 use crate::config::Config;
 use crate::decisions::{DecisionLog, DecisionLogError};
@@ -21,7 +21,7 @@ use crate::ingest::{self, Ingestor, otlp};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Ctx};
 use crate::policy;
-use crate::registry::{RegistryError, RegistryHandle};
+use crate::registry::{Registry, RegistryError};
 use crate::route::RoutingTable;
 use crate::store::{Store, StoreError};
 use crate::supervise::Supervisor;
@@ -119,39 +119,14 @@ async fn run(
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Edits of the registry and the rubric are watched once the policy is loaded, since
-    // each is checked against the others (sources.rs).
-    let models = RegistryHandle::open(config.telemetry.model_registry.as_deref())?;
-    tracing::info!(
-        source = %models.current().source,
-        models = models.current().models().len(),
-        "model registry loaded"
-    );
+    // The one live snapshot starts from the config's routing table, the registry and the
+    // rubric as loaded here (a bad file refuses to start) and the built-in policy; the
+    // bucket or the policy directory replace the policy once they are read.
+    let engine = open_engine(&config, &store)?;
     let state = FleetState::new(
         config.fleet.clone(),
-        models.clone(),
+        engine.clone(),
         config.pools.keys().map(String::as_str),
-    );
-    // The rubric: a configured file is checked against this config's pools and the
-    // registry at start (a bad one refuses to start); edits are re-checked on reload.
-    let rubric = match &config.classifier.rubric {
-        Some(path) => RubricHandle::loaded(
-            Rubric::load(
-                path,
-                CheckAgainst {
-                    registry: Some(&models.current()),
-                    pools: (!config.pools.is_empty()).then_some(&config.pools),
-                },
-            )?,
-            Some(path.clone()),
-        ),
-        None => RubricHandle::open(None)?,
-    };
-    tracing::info!(
-        rubric = %rubric.current().source,
-        task_types = rubric.current().task_types.len(),
-        classifier = config.classifier.endpoint.as_deref().unwrap_or("fallback only"),
-        "routing rubric loaded"
     );
     let (fleet, fleet_task) = fleet::spawn(
         state,
@@ -161,8 +136,7 @@ async fn run(
     );
     let classifier = Arc::new(Classifier::new(
         config.classifier.clone(),
-        rubric.clone(),
-        models.clone(),
+        &engine.live().rubric,
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
     let mut registry = metrics.registry();
@@ -188,14 +162,12 @@ async fn run(
     let decisions = DecisionLog::open(&store)?;
 
     let Policies {
-        engine,
         sync: policy_sync,
         source_watches,
         compliance_token,
     } = start_policy(
         &wiring,
-        &store,
-        policy::Against::new(config.pools.clone(), models.clone(), rubric.clone()),
+        &engine,
         &instance,
         &mut registry,
         &mut telemetry_tasks,
@@ -208,15 +180,10 @@ async fn run(
         js: js.clone(),
         subjects: subjects.clone(),
         store: store.clone(),
-        table: Arc::new(RoutingTable {
-            pools: config.pools.clone(),
-            routing: config.routing.clone(),
-        }),
         metrics: metrics.clone(),
         spans: spans.clone(),
         fleet: fleet.clone(),
         classifier: classifier.clone(),
-        registry: models.clone(),
         decisions: decisions.clone(),
         publish_decisions: config.decisions.publish,
         policy: engine.clone(),
@@ -304,49 +271,83 @@ struct Wiring<'a> {
     stop: &'a watch::Receiver<bool>,
 }
 
-/// The policy engine and its sync, and the watches of the sources checked with it.
+/// The policy sync, and the watches of the sources checked with the policy.
 struct Policies {
-    engine: Arc<policy::PolicyEngine>,
     sync: Arc<policy::sync::PolicySync>,
     source_watches: Vec<tokio::task::JoinHandle<()>>,
     compliance_token: Option<String>,
 }
 
+/// The registry and the rubric as configured (a configured rubric is checked against
+/// the config's pools and the registry), the built-in policy checked against them, and
+/// the policy engine holding the one live snapshot built from them.
+fn open_engine(config: &Config, store: &Store) -> Result<Arc<policy::PolicyEngine>, ServeError> {
+    let registry = match config.telemetry.model_registry.as_deref() {
+        Some(path) => Registry::load(path)?,
+        None => Registry::builtin()?,
+    };
+    tracing::info!(
+        source = %registry.source,
+        models = registry.models().len(),
+        "model registry loaded"
+    );
+    let rubric = match &config.classifier.rubric {
+        Some(path) => Rubric::load(
+            path,
+            CheckAgainst {
+                registry: Some(&registry),
+                pools: (!config.pools.is_empty()).then_some(&config.pools),
+            },
+        )?,
+        None => Rubric::builtin()?,
+    };
+    tracing::info!(
+        rubric = %rubric.source,
+        task_types = rubric.task_types.len(),
+        classifier = config.classifier.endpoint.as_deref().unwrap_or("fallback only"),
+        "routing rubric loaded"
+    );
+    let policy = policy::Policy::builtin(policy::CheckAgainst {
+        pools: Some(&config.pools),
+        registry: &registry,
+        rubric: &rubric,
+    })?;
+    Ok(policy::PolicyEngine::open(
+        store,
+        policy::Start {
+            routing: RoutingTable {
+                pools: config.pools.clone(),
+                routing: config.routing.clone(),
+            },
+            registry,
+            registry_file: config.telemetry.model_registry.clone(),
+            rubric,
+            rubric_file: config.classifier.rubric.clone(),
+            policy,
+        },
+        Arc::new(policy::SystemClock),
+        config.policy.max_deferred,
+        config.policy.audit_records,
+    )?)
+}
+
 /// Policies: the built-in one until the bucket or the directory says otherwise; then the
-/// bucket watch, the directory watch and the push subscription (added to `tasks`).
+/// bucket watch, the directory watch and the push subscription (added to `tasks`), and
+/// the watches of the registry and rubric files.
 async fn start_policy(
     w: &Wiring<'_>,
-    store: &Store,
-    against: policy::Against,
+    engine: &Arc<policy::PolicyEngine>,
     instance: &str,
     registry: &mut prometheus_client::registry::Registry,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Policies, ServeError> {
     let (config, client, js, subjects, supervisor, stop_rx) =
         (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
-    let builtin = {
-        let (reg, rub) = (against.registry.current(), against.rubric.current());
-        policy::Policy::builtin(policy::CheckAgainst {
-            pools: Some(&config.pools),
-            registry: &reg,
-            rubric: &rub,
-        })?
-    };
-    let engine = policy::PolicyEngine::open(
-        store,
-        against,
-        builtin,
-        Arc::new(policy::SystemClock),
-        config.policy.max_deferred,
-        config.policy.audit_records,
-    )?;
     let bucket =
         policy::sync::open_bucket(js, &policy::sync::bucket_name(subjects.prefix())).await?;
     let policy_sync =
         policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
-    let source_watches =
-        crate::sources::Sources::new(engine.against.clone(), engine.clone(), instance)
-            .watch(supervisor);
+    let source_watches = crate::sources::Sources::new(engine.clone(), instance).watch(supervisor);
     let live = engine.live();
     tracing::info!(
         version = %live.policy.version,
@@ -377,7 +378,6 @@ async fn start_policy(
         }));
     }
     Ok(Policies {
-        engine,
         sync: policy_sync,
         source_watches,
         compliance_token,

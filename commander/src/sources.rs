@@ -8,10 +8,11 @@
 //!   policy in force (the models it names);
 //! - a **policy** against the pools, the registry and the rubric ([`PolicyEngine::parse_and_swap`]).
 //!
-//! One gate ([`Against::gate`]) serialises these checks and their swaps, so every
-//! combination a reader can see was checked together. A refused edit names its file and
-//! line and the file it would break, keeps what is in force, and goes into the policy audit
-//! trail (source `registry` or `rubric`), as does an accepted one.
+//! Each check runs under the engine's gate against the one live snapshot in force
+//! (`policy::Live`), and a change that passes is swapped in as a new snapshot with that
+//! source replaced, so every snapshot a reader can see was checked as a whole. A refused
+//! edit names its file and line and the file it would break, keeps what is in force, and
+//! goes into the policy audit trail (source `registry` or `rubric`), as does an accepted one.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -19,14 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::classify::rubric::{self, Rubric};
-use crate::policy::{Against, CheckAgainst, Policy, PolicyEngine, Source, SourceChange};
+use crate::policy::{Live, Policy, PolicyEngine, Source, SourceChange};
 use crate::registry::Registry;
 use crate::supervise::Supervisor;
 
 /// The checked reloads of the registry and the rubric.
 #[derive(Debug)]
 pub struct Sources {
-    against: Against,
     engine: Arc<PolicyEngine>,
     /// This replica, for the audit trail.
     identity: String,
@@ -41,10 +41,13 @@ pub enum Reload {
     Applied { generation: u64 },
 }
 
+/// A checked edit, ready to log and audit: the generation now in force, what changed,
+/// and a size to log.
+type Checked = Result<(u64, Vec<String>, usize), Vec<String>>;
+
 impl Sources {
-    pub fn new(against: Against, engine: Arc<PolicyEngine>, identity: &str) -> Arc<Self> {
+    pub fn new(engine: Arc<PolicyEngine>, identity: &str) -> Arc<Self> {
         Arc::new(Self {
-            against,
             engine,
             identity: identity.to_string(),
         })
@@ -53,80 +56,87 @@ impl Sources {
     /// Re-reads the registry file and swaps it in if the rubric and the policy in force
     /// still hold against it. Refusals come back as `file:line: message` lines.
     pub async fn reload_registry(&self) -> Result<Reload, Vec<String>> {
-        let handle = &self.against.registry;
-        let Some(path) = handle.path() else {
+        let Some(path) = self.engine.files.registry.path() else {
             return Ok(Reload::BuiltIn);
         };
         let file = path.display().to_string();
         let text = read(path)?;
-        let checked = self.with_gate(|| {
-            let new = Registry::parse(&text, &file).map_err(|e| vec![e.to_string()])?;
-            let rubric = self.against.rubric.current();
-            let mut problems = prefixed(
-                &file,
-                "the routing rubric",
-                rubric
-                    .recheck(rubric::CheckAgainst {
-                        registry: Some(&new),
-                        pools: self.pools(),
-                    })
-                    .err()
-                    .map(|e| rubric_problems(&e)),
-            );
-            problems.extend(prefixed(
-                &file,
-                "the policy in force",
-                self.recheck_policy(&new, &rubric),
-            ));
-            if !problems.is_empty() {
-                return Err(problems);
-            }
-            let diff = registry_diff(&handle.current(), &new);
-            let size = new.models().len();
-            Ok((handle.store(new), diff, size))
-        });
+        let checked = self.engine.with_gate(|| self.check_registry(&file, &text));
         self.settle(Source::Registry, &file, text, checked).await
     }
 
     /// Re-reads the rubric file and swaps it in if it holds against the configured
     /// registry and pools and the policy in force holds against it.
     pub async fn reload_rubric(&self) -> Result<Reload, Vec<String>> {
-        let handle = &self.against.rubric;
-        let Some(path) = handle.path() else {
+        let Some(path) = self.engine.files.rubric.path() else {
             return Ok(Reload::BuiltIn);
         };
         let file = path.display().to_string();
         let text = read(path)?;
-        let checked = self.with_gate(|| {
-            let registry = self.against.registry.current();
-            let new = Rubric::parse(
-                &text,
-                &file,
-                rubric::CheckAgainst {
-                    registry: Some(&registry),
-                    pools: self.pools(),
-                },
-            )
-            .map_err(|e| rubric_problems(&e))?;
-            let problems = prefixed(
-                &file,
-                "the policy in force",
-                self.recheck_policy(&registry, &new),
-            );
-            if !problems.is_empty() {
-                return Err(problems);
-            }
-            let diff = rubric_diff(&handle.current(), &new);
-            let size = new.task_types.len();
-            Ok((handle.store(new), diff, size))
-        });
+        let checked = self.engine.with_gate(|| self.check_rubric(&file, &text));
         self.settle(Source::Rubric, &file, text, checked).await
+    }
+
+    /// Under the gate: the new registry against the rubric and the policy in force.
+    fn check_registry(&self, file: &str, text: &str) -> Checked {
+        let live = self.engine.live();
+        let new = Registry::parse(text, file).map_err(|e| vec![e.to_string()])?;
+        let mut problems = prefixed(
+            file,
+            "the routing rubric",
+            live.rubric
+                .recheck(rubric::CheckAgainst {
+                    registry: Some(&new),
+                    pools: pools(&live),
+                })
+                .err()
+                .map(|e| rubric_problems(&e)),
+        );
+        problems.extend(prefixed(
+            file,
+            "the policy in force",
+            recheck_policy(&live, &new, &live.rubric),
+        ));
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let diff = registry_diff(&live.registry, &new);
+        let size = new.models().len();
+        let now = self.engine.swap_source(|l| l.with_registry(new));
+        Ok((now.registry_generation, diff, size))
+    }
+
+    /// Under the gate: the new rubric against the registry and pools, and the policy in
+    /// force against the new rubric.
+    fn check_rubric(&self, file: &str, text: &str) -> Checked {
+        let live = self.engine.live();
+        let new = Rubric::parse(
+            text,
+            file,
+            rubric::CheckAgainst {
+                registry: Some(&live.registry),
+                pools: pools(&live),
+            },
+        )
+        .map_err(|e| rubric_problems(&e))?;
+        let problems = prefixed(
+            file,
+            "the policy in force",
+            recheck_policy(&live, &live.registry, &new),
+        );
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let diff = rubric_diff(&live.rubric, &new);
+        let size = new.task_types.len();
+        let now = self.engine.swap_source(|l| l.with_rubric(new));
+        Ok((now.rubric_generation, diff, size))
     }
 
     /// Watches both files (when configured) until the returned tasks are dropped.
     pub fn watch(self: &Arc<Self>, supervisor: &Supervisor) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
-        if let Some(path) = self.against.registry.path() {
+        if let Some(path) = self.engine.files.registry.path() {
             let me = self.clone();
             tasks.extend(watch_file(path, supervisor, "registry_watch", move || {
                 let me = me.clone();
@@ -135,7 +145,7 @@ impl Sources {
                 }
             }));
         }
-        if let Some(path) = self.against.rubric.path() {
+        if let Some(path) = self.engine.files.rubric.path() {
             let me = self.clone();
             tasks.extend(watch_file(path, supervisor, "rubric_watch", move || {
                 let me = me.clone();
@@ -147,55 +157,27 @@ impl Sources {
         tasks
     }
 
-    fn pools(&self) -> Option<&std::collections::BTreeMap<String, crate::config::PoolConfig>> {
-        (!self.against.pools.is_empty()).then_some(&self.against.pools)
-    }
-
-    fn with_gate<R>(&self, f: impl FnOnce() -> R) -> R {
-        // A poisoned gate only means a panic elsewhere mid-check; every check starts afresh.
-        let _gate = self
-            .against
-            .gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f()
-    }
-
-    /// The policy in force, checked again against `registry` and `rubric`.
-    fn recheck_policy(&self, registry: &Registry, rubric: &Rubric) -> Option<Vec<String>> {
-        let live = self.engine.live();
-        Policy::parse(
-            live.policy.documents.clone(),
-            CheckAgainst {
-                pools: self.pools(),
-                registry,
-                rubric,
-            },
-        )
-        .err()
-        .map(|e| e.problems())
-    }
-
     /// Logs, records and audits the outcome of a checked reload.
     async fn settle(
         &self,
         source: Source,
         file: &str,
         text: String,
-        checked: Result<(u64, Vec<String>, usize), Vec<String>>,
+        checked: Checked,
     ) -> Result<Reload, Vec<String>> {
-        let handle_refuse = |why: String| match source {
-            Source::Registry => self.against.registry.refuse(why),
-            _ => self.against.rubric.refuse(why),
+        let record = match source {
+            Source::Registry => &self.engine.files.registry,
+            _ => &self.engine.files.rubric,
         };
         let (errors, diff, outcome) = match checked {
             Ok((generation, diff, size)) => {
                 tracing::info!(file, generation, size, changes = %diff.join("; "), "{} reloaded", source.as_str());
+                record.accepted();
                 (Vec::new(), diff, Ok(Reload::Applied { generation }))
             }
             Err(problems) => {
                 tracing::error!(file, errors = %problems.join(" | "), "{} change refused; keeping the one in force", source.as_str());
-                handle_refuse(problems.join("\n"));
+                record.refuse(problems.join("\n"));
                 (problems.clone(), Vec::new(), Err(problems))
             }
         };
@@ -211,6 +193,25 @@ impl Sources {
             .await;
         outcome
     }
+}
+
+/// The configured pools, when there are any (none: any pool name is accepted).
+fn pools(live: &Live) -> Option<&std::collections::BTreeMap<String, crate::config::PoolConfig>> {
+    (!live.routing.pools.is_empty()).then_some(&live.routing.pools)
+}
+
+/// The policy in force, checked again against `registry` and `rubric`.
+fn recheck_policy(live: &Live, registry: &Registry, rubric: &Rubric) -> Option<Vec<String>> {
+    Policy::parse(
+        live.policy.documents.clone(),
+        crate::policy::CheckAgainst {
+            pools: pools(live),
+            registry,
+            rubric,
+        },
+    )
+    .err()
+    .map(|e| e.problems())
 }
 
 fn read(path: &Path) -> Result<String, Vec<String>> {
@@ -314,4 +315,144 @@ where
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{ManualClock, Start};
+    use crate::route::RoutingTable;
+    use crate::store::Store;
+
+    /// An engine whose registry and rubric are re-read from files in `dir`.
+    fn engine(dir: &Path) -> Arc<PolicyEngine> {
+        let (registry_file, rubric_file) = (dir.join("models.toml"), dir.join("rubric.toml"));
+        std::fs::write(&registry_file, crate::registry::BUILTIN).unwrap();
+        std::fs::write(&rubric_file, rubric::BUILTIN).unwrap();
+        let registry = Registry::load(&registry_file).unwrap();
+        let rubric = Rubric::load(
+            &rubric_file,
+            rubric::CheckAgainst {
+                registry: Some(&registry),
+                pools: None,
+            },
+        )
+        .unwrap();
+        let policy = Policy::builtin(crate::policy::CheckAgainst {
+            pools: None,
+            registry: &registry,
+            rubric: &rubric,
+        })
+        .unwrap();
+        let store = Store::open(&dir.join("sled")).unwrap();
+        PolicyEngine::open(
+            &store,
+            Start {
+                routing: RoutingTable {
+                    pools: Default::default(),
+                    routing: Default::default(),
+                },
+                registry,
+                registry_file: Some(registry_file),
+                rubric,
+                rubric_file: Some(rubric_file),
+                policy,
+            },
+            ManualClock::at(1_800_000_000_000),
+            100,
+            100,
+        )
+        .unwrap()
+    }
+
+    const ONE_MODEL: &str = "[[model]]\nname = \"m\"\nprovider = \"p\"\ncontext_window = 5\ntier = \"premium\"\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+
+    #[tokio::test]
+    async fn a_registry_edit_is_checked_against_the_rubric_and_a_bad_one_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let sources = Sources::new(engine.clone(), "test");
+        let before = engine.live();
+        let n = before.registry.models().len();
+
+        // Syntax error: named with file and line, nothing changes.
+        std::fs::write(dir.path().join("models.toml"), "[[model]]\nname = 1\n").unwrap();
+        let err = sources.reload_registry().await.unwrap_err().join("\n");
+        assert!(err.contains("models.toml:2"), "{err}");
+        // A registry without the rubric's models breaks the rubric: refused, naming it.
+        std::fs::write(dir.path().join("models.toml"), ONE_MODEL).unwrap();
+        let err = sources.reload_registry().await.unwrap_err().join("\n");
+        assert!(err.contains("this edit breaks the routing rubric"), "{err}");
+        let after = engine.live();
+        assert_eq!(after.registry.models().len(), n, "the last good stays");
+        assert_eq!(after.registry_generation, 1);
+        assert_eq!(
+            engine.files.registry.last_error().as_deref(),
+            Some(err.as_str())
+        );
+
+        // A repricing passes: a new snapshot, the rest of it shared with the last.
+        let repriced =
+            crate::registry::BUILTIN.replacen("input_per_mtok = 3.0", "input_per_mtok = 3.5", 1);
+        assert_ne!(repriced, crate::registry::BUILTIN, "the seed file changed");
+        std::fs::write(dir.path().join("models.toml"), repriced).unwrap();
+        assert_eq!(
+            sources.reload_registry().await,
+            Ok(Reload::Applied { generation: 2 })
+        );
+        let now = engine.live();
+        assert_eq!(now.registry_generation, 2);
+        assert!(Arc::ptr_eq(&now.rubric, &before.rubric));
+        assert!(Arc::ptr_eq(&now.policy, &before.policy));
+        assert_eq!(now.generation().registry, 2);
+        assert!(engine.files.registry.last_error().is_none());
+        let audit = engine.audit.list(10, None).unwrap();
+        assert_eq!(
+            audit
+                .iter()
+                .filter(|r| r.source == Source::Registry)
+                .count(),
+            3,
+            "every attempt is audited"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rubric_edit_applies_with_a_new_generation_and_a_broken_one_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let sources = Sources::new(engine.clone(), "test");
+        let path = dir.path().join("rubric.toml");
+        std::fs::write(
+            &path,
+            rubric::BUILTIN.replace("name = \"research\"", "name = \"investigation\""),
+        )
+        .unwrap();
+        assert_eq!(
+            sources.reload_rubric().await,
+            Ok(Reload::Applied { generation: 2 })
+        );
+        assert!(engine.live().rubric.task_type("investigation").is_some());
+
+        std::fs::write(
+            &path,
+            rubric::BUILTIN.replace("default_tier = \"simple\"", "default_tier = \"trivial\""),
+        )
+        .unwrap();
+        let err = sources.reload_rubric().await.unwrap_err().join("\n");
+        assert!(
+            err.contains("default_tier \"trivial\" is not a tier"),
+            "{err}"
+        );
+        let live = engine.live();
+        assert!(
+            live.rubric.task_type("investigation").is_some(),
+            "the last good stays"
+        );
+        assert_eq!(live.rubric_generation, 2);
+        assert_eq!(
+            engine.files.rubric.last_error().as_deref(),
+            Some(err.as_str())
+        );
+    }
 }

@@ -23,7 +23,7 @@ use fleet_commander::ingest::limits::{self, DecodeLimits, LimitError, Signal};
 use fleet_commander::ingest::normalise;
 use fleet_commander::policy::throttle::{LimiterCache, ThrottleKeys};
 use fleet_commander::policy::{self, Document, Policy, testcase};
-use fleet_commander::registry::{Registry, RegistryHandle};
+use fleet_commander::registry::Registry;
 use fleet_commander::route::RoutingTable;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -256,7 +256,7 @@ fn metrics_request() -> impl Strategy<Value = ExportMetricsServiceRequest> {
 }
 
 fn fleet() -> FleetState {
-    let registry = RegistryHandle::from_value(Registry::builtin().unwrap());
+    let registry = fleet_commander::hot::fixed(Registry::builtin().unwrap());
     FleetState::new(FleetConfig::default(), registry, ["code", "docs"])
 }
 

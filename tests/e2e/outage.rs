@@ -178,10 +178,26 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
 
     for i in 0..BROKER_TASKS {
         let id = format!("crash-{i}");
-        let r = producer
-            .await_result(&id, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("no result for {id}: {e}"));
+        let r = match producer.await_result(&id, WAIT).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Say where the task got to, so a failure on CI explains itself.
+                let record = task_record(stack.commander.http(), &id).await;
+                let runs: Vec<_> = {
+                    let seen = seen.lock().unwrap();
+                    seen.runs
+                        .iter()
+                        .filter(|((t, _), _)| *t == id)
+                        .map(|(k, n)| (k.clone(), *n))
+                        .collect()
+                };
+                let log = stack.commander.log_text();
+                let mentions: Vec<&str> = log.lines().filter(|l| l.contains(&id)).collect();
+                panic!(
+                    "no result for {id}: {e}\nrecord: {record:?}\nhandler runs: {runs:?}\ncommander log lines naming it: {mentions:#?}"
+                );
+            }
+        };
         assert_eq!(r.status, ResultStatus::Ok, "{id}");
     }
     {

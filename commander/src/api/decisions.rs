@@ -44,7 +44,8 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 /// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.
 pub async fn classifier(State(s): State<AppState>) -> Response {
     let c = &s.ctx.classifier;
-    let (rubric, generation) = c.rubric_snapshot();
+    let live = s.ctx.policy.live();
+    let (rubric, generation) = (&live.rubric, live.rubric_generation);
     Json(json!({
         "endpoint": c.endpoint(),
         "protocol": c.protocol().as_str(),
@@ -60,7 +61,7 @@ pub async fn classifier(State(s): State<AppState>) -> Response {
                 "default_model": t.default_model,
                 "candidates": t.candidates,
             })).collect::<Vec<_>>(),
-            "last_reload_error": c.rubric_error(),
+            "last_reload_error": s.ctx.policy.files.rubric.last_error(),
         },
     }))
     .into_response()

@@ -194,12 +194,13 @@ pub async fn costs(
 }
 
 pub async fn models(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let (reg, generation) = s.ctx.registry.snapshot();
+    let live = s.ctx.policy.live();
+    let reg = &live.registry;
     Ok(Json(json!({
         "source": reg.source,
-        "generation": generation,
+        "generation": live.registry_generation,
         "models": reg.models(),
-        "last_reload_error": s.ctx.registry.last_error(),
+        "last_reload_error": s.ctx.policy.files.registry.last_error(),
     }))
     .into_response())
 }

@@ -149,14 +149,14 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let docs = documents(&body, q.name)?;
-    let policy = s.policy.engine.against.parse(docs)?;
-    let (rubric, registry) = (s.ctx.classifier.rubric(), s.ctx.registry.current());
-    let tests = testcase::run(&policy, &rubric, &registry, &s.ctx.table);
+    let live = s.policy.engine.live();
+    let policy = crate::policy::Policy::parse(docs, live.check_against())?;
+    let tests = testcase::run(&policy, &live.rubric, &live.registry, &live.routing);
     Ok(Json(json!({
         "valid": true,
         "sha256": policy.sha256,
         "summary": policy.summary(),
-        "diff": crate::policy::load::diff(&s.policy.engine.live().policy, &policy),
+        "diff": crate::policy::load::diff(&live.policy, &policy),
         "tests": tests,
     }))
     .into_response())
@@ -182,7 +182,8 @@ pub async fn shadow_replay(
     let last = humantime::parse_duration(q.last.as_deref().unwrap_or("1h"))
         .map_err(|e| ApiError::BadRequest(format!("last: {e}")))?;
     let docs = documents(&body, q.name)?;
-    let mut candidate = s.policy.engine.against.parse(docs)?;
+    let live = s.policy.engine.live();
+    let mut candidate = crate::policy::Policy::parse(docs, live.check_against())?;
     candidate.version = "candidate".into();
     let until = crate::fleet::now_ms();
     let since = until.saturating_sub(last.as_millis() as u64);
@@ -191,15 +192,14 @@ pub async fn shadow_replay(
     let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let (rubric, registry) = (s.ctx.classifier.rubric(), s.ctx.registry.current());
-    let fleet = s.ctx.route_snapshot();
+    let fleet = s.ctx.route_snapshot(&live.routing);
     let report = replay::replay(
         &candidate,
         &decisions,
-        &rubric,
-        &registry,
+        &live.rubric,
+        &live.registry,
         &fleet,
-        &s.ctx.table,
+        &live.routing,
         since,
         until,
     );

@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::ClassifierConfig;
-use crate::registry::{RegistryHandle, TokenUsage};
+use crate::registry::{Registry, TokenUsage};
 use llm::{CallError, LlmClient};
-use rubric::{LONG_CONTEXT, Rubric, RubricHandle};
+use rubric::{LONG_CONTEXT, Rubric};
 
 /// Largest token estimate taken from a classifier (beyond it the answer is garbage).
 const MAX_TOKENS_ESTIMATE: u64 = 10_000_000;
@@ -195,6 +195,8 @@ struct CacheEntry {
 #[derive(Clone, Copy)]
 struct Call<'a> {
     rubric: &'a Rubric,
+    /// Prices the call.
+    registry: &'a Registry,
     task: &'a Task,
     trace: Option<TraceCtx>,
     key: [u8; 32],
@@ -224,10 +226,18 @@ impl Call<'_> {
     }
 }
 
+/// What a classification reads: the rubric (and its generation, part of every cache key)
+/// and the registry that prices the classifier's own call, from the live snapshot the
+/// intake batch reads once.
+#[derive(Clone, Copy, Debug)]
+pub struct Grounds<'a> {
+    pub rubric: &'a Rubric,
+    pub rubric_generation: u64,
+    pub registry: &'a Registry,
+}
+
 /// The classifier: shared by every intake batch.
 pub struct Classifier {
-    rubric: Arc<RubricHandle>,
-    prices: Arc<RegistryHandle>,
     client: Option<LlmClient>,
     cfg: ClassifierConfig,
     cache: Mutex<lru::LruCache<[u8; 32], CacheEntry>>,
@@ -262,8 +272,7 @@ impl Classifier {
     /// Builds the classifier; the API key is read from `cfg.api_key_env`.
     pub fn new(
         cfg: ClassifierConfig,
-        rubric: Arc<RubricHandle>,
-        prices: Arc<RegistryHandle>,
+        rubric: &Rubric,
         on_call: Option<CallHook>,
     ) -> Result<Self, ClassifierError> {
         let api_key = match &cfg.api_key_env {
@@ -272,15 +281,14 @@ impl Classifier {
                 Some(std::env::var(var).map_err(|_| ClassifierError::MissingKey(var.clone()))?)
             }
         };
-        Self::with_key(cfg, api_key, rubric, prices, on_call)
+        Self::with_key(cfg, api_key, rubric, on_call)
     }
 
     /// Builds the classifier with the API key given directly.
     pub fn with_key(
         cfg: ClassifierConfig,
         api_key: Option<String>,
-        rubric: Arc<RubricHandle>,
-        prices: Arc<RegistryHandle>,
+        rubric: &Rubric,
         on_call: Option<CallHook>,
     ) -> Result<Self, ClassifierError> {
         let client = match &cfg.endpoint {
@@ -289,7 +297,7 @@ impl Classifier {
                 let model = cfg
                     .model
                     .clone()
-                    .unwrap_or_else(|| rubric.current().classifier.model.clone());
+                    .unwrap_or_else(|| rubric.classifier.model.clone());
                 Some(LlmClient::new(
                     cfg.protocol,
                     endpoint,
@@ -301,8 +309,6 @@ impl Classifier {
         };
         let entries = NonZeroUsize::new(cfg.cache_entries).unwrap_or(NonZeroUsize::MIN);
         Ok(Self {
-            rubric,
-            prices,
             client,
             cache: Mutex::new(lru::LruCache::new(entries)),
             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
@@ -321,20 +327,6 @@ impl Classifier {
         self
     }
 
-    pub fn rubric(&self) -> Arc<Rubric> {
-        self.rubric.current()
-    }
-
-    /// The rubric in force and its generation, from one read.
-    pub fn rubric_snapshot(&self) -> (Arc<Rubric>, u64) {
-        self.rubric.snapshot()
-    }
-
-    /// Why the last rubric reload was refused, if it was.
-    pub fn rubric_error(&self) -> Option<String> {
-        self.rubric.last_error()
-    }
-
     pub fn endpoint(&self) -> Option<&str> {
         self.cfg.endpoint.as_deref()
     }
@@ -348,11 +340,16 @@ impl Classifier {
         self.client.as_ref().map(|c| c.model.as_str())
     }
 
-    /// Classifies one task. Never fails: the fallback answers when nothing else can.
-    pub async fn classify(&self, task: &Task, trace: Option<TraceCtx>) -> Classification {
+    /// Classifies one task against the rubric of `g` (the live snapshot its batch reads).
+    /// Never fails: the fallback answers when nothing else can.
+    pub async fn classify(
+        &self,
+        g: Grounds<'_>,
+        task: &Task,
+        trace: Option<TraceCtx>,
+    ) -> Classification {
         let started = Instant::now();
-        let rubric = self.rubric.current();
-        let mut c = self.classify_inner(&rubric, task, trace).await;
+        let mut c = self.classify_inner(g, task, trace).await;
         c.latency_ms = started.elapsed().as_millis() as u64;
         self.counters
             .classifications
@@ -366,14 +363,14 @@ impl Classifier {
 
     async fn classify_inner(
         &self,
-        rubric: &Rubric,
+        g: Grounds<'_>,
         task: &Task,
         trace: Option<TraceCtx>,
     ) -> Classification {
-        if let Some(c) = declared(rubric, task) {
+        if let Some(c) = declared(g.rubric, task) {
             return c;
         }
-        let key = self.cache_key(task);
+        let key = self.cache_key(g.rubric_generation, task);
         if let Some(c) = self.cached(&key) {
             return c;
         }
@@ -387,7 +384,7 @@ impl Classifier {
         let shared = cell
             .get_or_init(|| async {
                 led.store(true, std::sync::atomic::Ordering::Relaxed);
-                self.llm_path(rubric, task, trace, key).await
+                self.llm_path(g, task, trace, key).await
             })
             .await;
         // Whoever sees it settled clears it (the cache answers from now on).
@@ -413,11 +410,12 @@ impl Classifier {
     /// The LLM call (with retries and the breaker), or the fallback when it cannot answer.
     async fn llm_path(
         &self,
-        rubric: &Rubric,
+        g: Grounds<'_>,
         task: &Task,
         trace: Option<TraceCtx>,
         key: [u8; 32],
     ) -> Classification {
+        let rubric = g.rubric;
         let Some(client) = &self.client else {
             return fallback(
                 rubric,
@@ -454,6 +452,7 @@ impl Classifier {
             let end = SystemTime::now();
             let call = Call {
                 rubric,
+                registry: g.registry,
                 task,
                 trace,
                 key,
@@ -506,6 +505,7 @@ impl Classifier {
     fn answered(&self, call: &Call<'_>, reply: llm::Reply, cost: &mut f64) -> Classification {
         let Call {
             rubric,
+            registry,
             task,
             key,
             client,
@@ -521,8 +521,7 @@ impl Classifier {
             }),
         };
         let call_cost = usage.and_then(|u| {
-            self.prices
-                .current()
+            registry
                 .lookup(reply.model.as_deref().unwrap_or(&client.model))
                 .map(|m| m.cost(&u))
         });
@@ -617,9 +616,9 @@ impl Classifier {
 
     /// The normalised content a classification depends on, hashed; the rubric
     /// generation is part of it so an edited rubric is never answered from stale entries.
-    fn cache_key(&self, task: &Task) -> [u8; 32] {
+    fn cache_key(&self, rubric_generation: u64, task: &Task) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(self.rubric.generation().to_le_bytes());
+        h.update(rubric_generation.to_le_bytes());
         // Words lowercased and single-spaced, fed through a small buffer (no allocation
         // per word: this runs for every task).
         let mut buf = [0u8; 256];

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hot::{Reloadable, line_of, toml_error};
+use crate::hot::{line_of, toml_error};
 use crate::registry::Registry;
 
 /// The rubric shipped with the commander.
@@ -413,34 +413,6 @@ fn join(names: &BTreeSet<&str>) -> String {
     names.iter().copied().collect::<Vec<_>>().join(", ")
 }
 
-impl Reloadable for Rubric {
-    type Error = RubricError;
-    const WHAT: &'static str = "routing rubric";
-    fn load(path: &Path) -> Result<Self, RubricError> {
-        // A rubric file on its own (tests, tools): checked against the built-in registry.
-        // The running commander checks edits against its configured registry, pools and
-        // policy instead (`sources.rs`).
-        let registry =
-            Registry::builtin().map_err(|e| RubricError::Invalid(vec![e.to_string()]))?;
-        Rubric::load(
-            path,
-            CheckAgainst {
-                registry: Some(&registry),
-                pools: None,
-            },
-        )
-    }
-    fn builtin() -> Result<Self, RubricError> {
-        Rubric::builtin()
-    }
-    fn size(&self) -> usize {
-        self.task_types.len()
-    }
-}
-
-/// The live rubric.
-pub type RubricHandle = crate::hot::Hot<Rubric>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,41 +484,6 @@ pools = ["nowhere"]
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
-    }
-
-    #[test]
-    fn an_edit_applies_on_reload_and_a_broken_one_keeps_the_last_good_rubric() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.toml");
-        std::fs::write(&path, BUILTIN).unwrap();
-        let h = RubricHandle::open(Some(&path)).unwrap();
-        let gen0 = h.generation();
-        std::fs::write(
-            &path,
-            BUILTIN.replace("name = \"research\"", "name = \"investigation\""),
-        )
-        .unwrap();
-        h.reload().unwrap();
-        assert!(h.current().task_type("investigation").is_some());
-        assert!(
-            h.generation() > gen0,
-            "caches keyed by generation see the change"
-        );
-        std::fs::write(
-            &path,
-            BUILTIN.replace("default_tier = \"simple\"", "default_tier = \"trivial\""),
-        )
-        .unwrap();
-        let err = h.reload().unwrap_err().to_string();
-        assert!(
-            err.contains("default_tier \"trivial\" is not a tier"),
-            "{err}"
-        );
-        assert!(
-            h.current().task_type("investigation").is_some(),
-            "the last good one stays"
-        );
-        assert_eq!(h.last_error().as_deref(), Some(err.as_str()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use fleet_worker::message::Task;
 use super::llm::Protocol;
 use super::*;
 use crate::config::ClassifierConfig;
-use crate::registry::RegistryHandle;
+use crate::registry::Registry;
 
 fn config(endpoint: Option<String>, protocol: Protocol) -> ClassifierConfig {
     ClassifierConfig {
@@ -31,20 +31,66 @@ fn config(endpoint: Option<String>, protocol: Protocol) -> ClassifierConfig {
 fn classifier_at(
     cfg: ClassifierConfig,
     clock: Arc<crate::domain::ManualClock>,
-) -> (Classifier, Arc<Mutex<Vec<CallRecord>>>) {
-    let (c, calls) = classifier(cfg);
-    (c.with_clock(clock), calls)
+) -> (Under, Arc<Mutex<Vec<CallRecord>>>) {
+    let (
+        Under {
+            c,
+            rubric,
+            registry,
+        },
+        calls,
+    ) = classifier(cfg);
+    let c = c.with_clock(clock);
+    (
+        Under {
+            c,
+            rubric,
+            registry,
+        },
+        calls,
+    )
 }
 
-fn classifier(cfg: ClassifierConfig) -> (Classifier, Arc<Mutex<Vec<CallRecord>>>) {
+/// A classifier and the rubric and registry it classifies under (the built-in ones, as a
+/// live snapshot at generation 1 would hold them).
+struct Under {
+    c: Classifier,
+    rubric: Rubric,
+    registry: Registry,
+}
+
+impl Under {
+    async fn classify(&self, task: &Task, trace: Option<TraceCtx>) -> Classification {
+        let g = Grounds {
+            rubric: &self.rubric,
+            rubric_generation: 1,
+            registry: &self.registry,
+        };
+        self.c.classify(g, task, trace).await
+    }
+}
+
+impl std::ops::Deref for Under {
+    type Target = Classifier;
+    fn deref(&self) -> &Classifier {
+        &self.c
+    }
+}
+
+fn classifier(cfg: ClassifierConfig) -> (Under, Arc<Mutex<Vec<CallRecord>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let c = calls.clone();
     let hook: CallHook = Arc::new(move |r| c.lock().unwrap().push(r));
-    let rubric = RubricHandle::open(None).unwrap();
-    let prices = RegistryHandle::open(None).unwrap();
+    let rubric = Rubric::builtin().unwrap();
+    let registry = Registry::builtin().unwrap();
     let key = cfg.endpoint.as_ref().map(|_| "sk-test-secret".to_string());
+    let c = Classifier::with_key(cfg, key, &rubric, Some(hook)).unwrap();
     (
-        Classifier::with_key(cfg, key, rubric, prices, Some(hook)).unwrap(),
+        Under {
+            c,
+            rubric,
+            registry,
+        },
         calls,
     )
 }
@@ -266,11 +312,8 @@ async fn connection_refused_and_no_endpoint_fall_back() {
 async fn a_missing_key_variable_is_a_startup_error() {
     let mut cfg = config(Some("http://127.0.0.1:1".into()), Protocol::Openai);
     cfg.api_key_env = Some("FLEET_TEST_SURELY_UNSET_KEY".into());
-    let rubric = RubricHandle::open(None).unwrap();
-    let prices = RegistryHandle::open(None).unwrap();
-    let err = Classifier::new(cfg, rubric, prices, None)
-        .unwrap_err()
-        .to_string();
+    let rubric = Rubric::builtin().unwrap();
+    let err = Classifier::new(cfg, &rubric, None).unwrap_err().to_string();
     assert!(err.contains("FLEET_TEST_SURELY_UNSET_KEY"), "{err}");
     assert!(!err.contains("sk-"), "never the key");
 }

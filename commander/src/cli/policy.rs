@@ -10,11 +10,11 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::classify::rubric::{Rubric, RubricHandle};
+use crate::classify::rubric::Rubric;
 use crate::config::Config;
 use crate::policy::load::{self, Document, Policy};
-use crate::policy::{Against, PolicyError, testcase};
-use crate::registry::RegistryHandle;
+use crate::policy::{CheckAgainst, PolicyError, testcase};
+use crate::registry::Registry;
 use crate::route::RoutingTable;
 
 #[derive(Debug, Subcommand)]
@@ -109,38 +109,42 @@ fn offline(o: &Offline, run_tests: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let setup = || -> Result<(Against, RoutingTable), String> {
-        let registry = RegistryHandle::open(config.telemetry.model_registry.as_deref())
-            .map_err(|e| format!("model registry: {e}"))?;
+    let setup = || -> Result<(Registry, Rubric, RoutingTable), String> {
+        let registry = match config.telemetry.model_registry.as_deref() {
+            Some(p) => Registry::load(p),
+            None => Registry::builtin(),
+        }
+        .map_err(|e| format!("model registry: {e}"))?;
         let rubric = match &config.classifier.rubric {
-            Some(p) => RubricHandle::from_value(
-                Rubric::load(
-                    p,
-                    crate::classify::rubric::CheckAgainst {
-                        registry: Some(&registry.current()),
-                        pools: None,
-                    },
-                )
-                .map_err(|e| format!("rubric: {e}"))?,
+            Some(p) => Rubric::load(
+                p,
+                crate::classify::rubric::CheckAgainst {
+                    registry: Some(&registry),
+                    pools: None,
+                },
             ),
-            None => RubricHandle::open(None).map_err(|e| format!("rubric: {e}"))?,
+            None => Rubric::builtin(),
+        }
+        .map_err(|e| format!("rubric: {e}"))?;
+        let table = RoutingTable {
+            pools: config.pools.clone(),
+            routing: config.routing.clone(),
         };
-        Ok((
-            Against::new(config.pools.clone(), registry, rubric),
-            RoutingTable {
-                pools: config.pools.clone(),
-                routing: config.routing.clone(),
-            },
-        ))
+        Ok((registry, rubric, table))
     };
-    let (against, table) = match setup() {
+    let (registry, rubric, table) = match setup() {
         Ok(x) => x,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
-    let policy = match read_all(&o.files).and_then(|docs| against.parse(docs)) {
+    let against = CheckAgainst {
+        pools: Some(&table.pools),
+        registry: &registry,
+        rubric: &rubric,
+    };
+    let policy = match read_all(&o.files).and_then(|docs| Policy::parse(docs, against)) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("policy rejected: {e}");
@@ -162,16 +166,11 @@ fn offline(o: &Offline, run_tests: bool) -> ExitCode {
 
 fn report_tests(
     policy: &Policy,
-    against: &Against,
+    against: &CheckAgainst<'_>,
     table: &RoutingTable,
     out: &mut impl Write,
 ) -> ExitCode {
-    let results = testcase::run(
-        policy,
-        &against.rubric.current(),
-        &against.registry.current(),
-        table,
-    );
+    let results = testcase::run(policy, against.rubric, against.registry, table);
     let failed = results.iter().filter(|r| !r.passed).count();
     for r in &results {
         let mark = if r.passed { "PASS" } else { "FAIL" };

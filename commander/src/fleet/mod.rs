@@ -31,7 +31,7 @@ use self::window::{FleetRing, SeriesPoint, WindowedSketch};
 use self::worker::{RunEnd, State, TaskSummary, Worker};
 use crate::config::FleetConfig;
 use crate::domain::{Dims, MetricKind, MetricPoint, SpanEvent};
-use crate::registry::{RegistryHandle, TokenUsage};
+use crate::registry::{RegistryInForce, TokenUsage};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -259,7 +259,7 @@ impl StateCounters {
 #[derive(Debug)]
 pub struct FleetState {
     cfg: FleetConfig,
-    registry: Arc<RegistryHandle>,
+    registry: Arc<RegistryInForce>,
     workers: FxHashMap<String, Worker>,
     pools: BTreeMap<String, PoolAgg>,
     task_types: FxHashMap<String, TaskTypeAgg>,
@@ -279,7 +279,7 @@ pub struct FleetState {
 impl FleetState {
     pub fn new<'a>(
         cfg: FleetConfig,
-        registry: Arc<RegistryHandle>,
+        registry: Arc<RegistryInForce>,
         configured_pools: impl IntoIterator<Item = &'a str>,
     ) -> Self {
         let pools = configured_pools
@@ -377,7 +377,7 @@ impl FleetState {
 
     /// Applies spans whose worker is settled.
     fn apply_attributed(&mut self, spans: Vec<SpanEvent>, now_ms: u64) {
-        let reg = self.registry.current();
+        let reg = self.registry.in_force();
         for ev in spans {
             let billed = ev.operation.is_billed();
             // One registry lookup per billed call: its price, its window and its name.
@@ -470,7 +470,7 @@ impl FleetState {
     }
 
     pub fn apply_metrics(&mut self, points: Vec<MetricPoint>, now_ms: u64) {
-        let reg = self.registry.current();
+        let reg = self.registry.in_force();
         for p in points {
             // Metrics carry no trace: they are their process's, and go to the one agent
             // that process runs when its spans say so (else to the resource's worker).
@@ -581,7 +581,7 @@ impl FleetState {
             }
         }
         if let Some(hb_model) = &hb.model
-            && let Some(e) = self.registry.current().lookup(hb_model)
+            && let Some(e) = self.registry.in_force().lookup(hb_model)
         {
             w.context_limit = Some(e.context_window);
         }
@@ -674,7 +674,7 @@ impl FleetState {
     /// count. Call about once a second.
     /// Books the tokens processes reported as metrics beyond their spans (`mix`).
     fn book_metric_extras(&mut self, now_ms: u64) {
-        let reg = self.registry.current();
+        let reg = self.registry.in_force();
         for e in self.mix.due(now_ms, MIX_GRACE_MS) {
             let agent = self.lineage.agent_of_resource(&e.resource, now_ms);
             let worker_id = agent
@@ -763,7 +763,7 @@ impl FleetState {
     }
 
     fn worker_view(&self, w: &Worker, now_ms: u64) -> WorkerView {
-        let reg = self.registry.current();
+        let reg = self.registry.in_force();
         let (mut out_tok, mut ops, mut errs, mut cost5) = (0u64, 0u64, 0u64, 0f64);
         for b in w.ring.recent(now_ms, 5 * MINUTE) {
             ops += u64::from(b.llm_calls)
@@ -954,7 +954,7 @@ impl FleetState {
             p.utilisation = (p.workers > 0).then(|| p.active as f64 / p.workers as f64);
         }
 
-        let reg = self.registry.current();
+        let reg = self.registry.in_force();
         let hour = self.fleet.total(now_ms, 60 * MINUTE);
         let five = self.fleet.total(now_ms, 5 * MINUTE);
         let last_min = self.fleet.total(now_ms, MINUTE);

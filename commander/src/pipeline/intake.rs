@@ -38,11 +38,20 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 }
             });
         }
+        // The one live snapshot every classification and decision of the batch reads: the
+        // rubric, registry, policy and routing table in force were checked together.
+        let live = ctx.policy.live();
+        let grounds = crate::classify::Grounds {
+            rubric: &live.rubric,
+            rubric_generation: live.rubric_generation,
+            registry: &live.registry,
+        };
         let classifications = futures::future::join_all(reads.iter().map(|r| async move {
             match r {
                 Some(Read::Ready(p)) => Some(
                     ctx.classifier
                         .classify(
+                            grounds,
                             &p.task,
                             Some(TraceCtx {
                                 trace_id: p.dispatch.trace_id.0,
@@ -56,16 +65,9 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         }))
         .await;
         // What every decision of the batch reads, taken once.
-        // The rubric, registry and policy, each read once; any pair of them in force was
-        // checked together (sources.rs).
-        let (rubric, rubric_generation) = ctx.classifier.rubric_snapshot();
-        let (registry, registry_generation) = ctx.registry.snapshot();
         let mut view = View {
-            fleet: ctx.route_snapshot(),
-            rubric,
-            registry,
-            live: ctx.policy.live(),
-            generations: (rubric_generation, registry_generation),
+            fleet: ctx.route_snapshot(&live.routing),
+            live: live.clone(),
             queued: ctx.policy.deferrals.queued(),
             now_ms: ctx.policy.now_ms(),
         };

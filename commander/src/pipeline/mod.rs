@@ -25,7 +25,6 @@ use crate::classify::Classifier;
 use crate::decisions::{DecisionLog, DecisionRecord};
 use crate::fleet::FleetHandle;
 use crate::metrics::{DecisionLabels, Metrics};
-use crate::registry::RegistryHandle;
 use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
@@ -36,14 +35,11 @@ pub struct Ctx {
     pub js: jetstream::Context,
     pub subjects: Subjects,
     pub store: Store,
-    pub table: Arc<RoutingTable>,
     pub metrics: Arc<Metrics>,
     pub spans: SpanExporter,
     /// Live state: told about dispatches and results (never waited on).
     pub fleet: FleetHandle,
     pub classifier: Arc<Classifier>,
-    /// Model prices, for cost estimates.
-    pub registry: Arc<RegistryHandle>,
     pub decisions: DecisionLog,
     /// Publish decisions on `<prefix>.decisions.<pool>`.
     pub publish_decisions: bool,
@@ -69,17 +65,19 @@ impl Ctx {
         )
     }
 
-    /// The routing view of the current fleet snapshot (rebuilt at most once per snapshot,
-    /// i.e. once a second, whatever the fleet size).
-    pub fn route_snapshot(&self) -> Arc<RouteSnapshot> {
+    /// The routing view of the current fleet snapshot under `table` (the routing table of
+    /// the live snapshot; fixed while the commander runs, so the cache is keyed by the
+    /// fleet snapshot alone): rebuilt at most once per fleet snapshot, i.e. once a second,
+    /// whatever the fleet size.
+    pub fn route_snapshot(&self, table: &RoutingTable) -> Arc<RouteSnapshot> {
         let fleet = self.fleet.snapshot();
         let Ok(mut cache) = self.route_cache.lock() else {
-            return Arc::new(RouteSnapshot::build(&fleet, &self.table));
+            return Arc::new(RouteSnapshot::build(&fleet, table));
         };
         match cache.as_ref() {
             Some(s) if s.at_ms == fleet.fleet.at_ms => s.clone(),
             _ => {
-                let s = Arc::new(RouteSnapshot::build(&fleet, &self.table));
+                let s = Arc::new(RouteSnapshot::build(&fleet, table));
                 *cache = Some(s.clone());
                 s
             }

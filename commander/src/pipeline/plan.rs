@@ -178,11 +178,8 @@ pub(super) struct Prepared {
 /// The routing and policy inputs shared by a batch, read once.
 pub(super) struct View {
     pub(super) fleet: std::sync::Arc<route::RouteSnapshot>,
-    pub(super) rubric: std::sync::Arc<crate::classify::rubric::Rubric>,
-    pub(super) registry: std::sync::Arc<crate::registry::Registry>,
+    /// The one live snapshot (routing table, registry, rubric, policy), read once.
     pub(super) live: std::sync::Arc<crate::policy::Live>,
-    /// The rubric's and the registry's generations.
-    pub(super) generations: (u64, u64),
     /// Deferred tasks waiting per (budget, value).
     pub(super) queued: std::collections::BTreeMap<(String, String), usize>,
     pub(super) now_ms: u64,
@@ -238,10 +235,10 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
             task,
             class: &class.answer,
             dims,
-            rubric: &view.rubric,
-            registry: &view.registry,
+            rubric: &live.rubric,
+            registry: &live.registry,
             fleet: &view.fleet,
-            table: &ctx.table,
+            table: &live.routing,
             policy: &live.policy,
             hints: &live.hints,
             ledger,
@@ -353,13 +350,12 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
     let trace_id = dispatch.trace_id;
     let View {
         fleet,
-        rubric,
         live,
-        generations: (rubric_generation, registry_generation),
         now_ms,
         ..
     } = view;
     let version = live.policy.version.clone();
+    let generation = live.generation();
     let dims = TaskDims::from_task(&task.attributes, baggage.iter());
     let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
     let step = {
@@ -406,13 +402,9 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             priority: task.priority,
             classification: class.clone(),
             candidates,
-            rubric: rubric.name.clone(),
+            rubric: live.rubric.name.clone(),
             policy_version: Some(version.clone()),
-            generation: Some(crate::domain::Generation {
-                policy: version.clone(),
-                rubric: *rubric_generation,
-                registry: *registry_generation,
-            }),
+            generation: Some(generation.clone()),
             inputs: inputs.clone(),
             trace_id: Some(trace_id.to_hex()),
         }

@@ -160,7 +160,7 @@ pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
             return Some(c);
         }
         let model = u.model.as_deref().or(rec.model.as_deref())?;
-        let registry = ctx.registry.current();
+        let registry = ctx.policy.live().registry.clone();
         let entry = registry.lookup(model)?;
         Some(entry.cost(&crate::registry::TokenUsage {
             input: u.input_tokens,

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod budget;
 pub mod deferred;
 pub mod evaluate;
+pub mod live;
 pub mod load;
 pub mod replay;
 pub mod schema;
@@ -27,8 +28,6 @@ pub mod throttle;
 
 #[cfg(test)]
 mod tests;
-
-use std::collections::BTreeMap;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -41,14 +40,14 @@ pub use audit::{AuditLog, AuditRecord, Source};
 pub use budget::{Ledger, Reservation, TaskDims};
 pub use deferred::{Deferrals, DeferredTask};
 pub use evaluate::{EvalInput, Verdict, evaluate};
+pub use live::{Live, SourceFiles, Start};
 pub use load::{CheckAgainst, Document, Policy};
 
-use crate::classify::rubric::RubricHandle;
-use crate::config::PoolConfig;
-use crate::registry::RegistryHandle;
-use crate::route::PolicyHints;
+use crate::classify::rubric::Rubric;
+use crate::hot::{InForce, SourceFile};
+use crate::registry::Registry;
 use crate::store::{Store, StoreError};
-use throttle::{LimiterCache, Throttles};
+use throttle::LimiterCache;
 
 /// Everything that can go wrong with policies.
 #[derive(Debug, thiserror::Error)]
@@ -76,19 +75,6 @@ impl PolicyError {
 }
 
 pub use crate::domain::{Clock, ManualClock, SystemClock};
-
-/// The policy in force and what is derived from it, swapped as one.
-#[derive(Debug)]
-pub struct Live {
-    pub policy: Arc<Policy>,
-    pub hints: PolicyHints,
-    pub throttles: Throttles,
-    /// Revision in the policy bucket (0: not from the bucket).
-    pub revision: u64,
-    pub source: Source,
-    pub identity: String,
-    pub applied_at_ms: u64,
-}
 
 /// A refused policy change attempt, for the audit trail.
 #[derive(Debug)]
@@ -123,45 +109,6 @@ pub struct SourceChange {
     /// Empty: accepted.
     pub errors: Vec<String>,
     pub diff: Vec<String>,
-}
-
-/// What policies are checked against: the configured pools, the registry, the rubric.
-#[derive(Debug, Clone)]
-pub struct Against {
-    pub pools: BTreeMap<String, PoolConfig>,
-    pub registry: Arc<RegistryHandle>,
-    pub rubric: Arc<RubricHandle>,
-    /// Held while a policy, registry or rubric change is checked against the others and
-    /// swapped in, so every combination in force was checked together (`sources.rs`).
-    pub gate: Arc<std::sync::Mutex<()>>,
-}
-
-impl Against {
-    pub fn new(
-        pools: BTreeMap<String, PoolConfig>,
-        registry: Arc<RegistryHandle>,
-        rubric: Arc<RubricHandle>,
-    ) -> Self {
-        Self {
-            pools,
-            registry,
-            rubric,
-            gate: Arc::default(),
-        }
-    }
-
-    pub fn parse(&self, docs: Vec<Document>) -> Result<Policy, PolicyError> {
-        let registry = self.registry.current();
-        let rubric = self.rubric.current();
-        Policy::parse(
-            docs,
-            CheckAgainst {
-                pools: Some(&self.pools),
-                registry: &registry,
-                rubric: &rubric,
-            },
-        )
-    }
 }
 
 /// Counters of the policy engine (on `/metrics` with the `fleet_` prefix).
@@ -233,7 +180,8 @@ impl PolicyCounters {
     }
 }
 
-/// The live policy, the ledger, the deferred queue and the audit trail.
+/// The one live snapshot (routing table, registry, rubric, policy), the ledger, the
+/// deferred queue and the audit trail.
 #[derive(Debug)]
 pub struct PolicyEngine {
     live: ArcSwap<Live>,
@@ -242,7 +190,8 @@ pub struct PolicyEngine {
     ledger_tree: sled::Tree,
     pub deferrals: Deferrals,
     pub audit: AuditLog,
-    pub against: Against,
+    /// Where the registry and the rubric are re-read from, and the gate of every change.
+    pub files: SourceFiles,
     last_rejection: ArcSwap<Option<Rejection>>,
     pub clock: Arc<dyn Clock>,
     pub counters: PolicyCounters,
@@ -255,11 +204,10 @@ pub struct PolicyEngine {
 }
 
 impl PolicyEngine {
-    /// Opens the ledger, deferred queue and audit trail in `store`; starts on `initial`.
+    /// Opens the ledger, deferred queue and audit trail in `store`; starts on `start`.
     pub fn open(
         store: &Store,
-        against: Against,
-        initial: Policy,
+        start: Start,
         clock: Arc<dyn Clock>,
         max_deferred: usize,
         audit_records: usize,
@@ -275,14 +223,32 @@ impl PolicyEngine {
         }
         let limiters = LimiterCache::default();
         let now = clock.now_ms();
+        let Start {
+            routing,
+            registry,
+            registry_file,
+            rubric,
+            rubric_file,
+            policy,
+        } = start;
         let live = Live {
-            hints: evaluate::hints(&initial),
-            throttles: limiters.build(&initial),
-            policy: Arc::new(initial),
+            hints: evaluate::hints(&policy),
+            throttles: limiters.build(&policy),
+            policy: Arc::new(policy),
             revision: 0,
             source: Source::Builtin,
             identity: "commander".into(),
             applied_at_ms: now,
+            routing: Arc::new(routing),
+            registry: Arc::new(registry),
+            registry_generation: 1,
+            rubric: Arc::new(rubric),
+            rubric_generation: 1,
+        };
+        let files = SourceFiles {
+            registry: SourceFile::new(registry_file),
+            rubric: SourceFile::new(rubric_file),
+            gate: Arc::default(),
         };
         Ok(Arc::new(Self {
             live: ArcSwap::from_pointee(live),
@@ -291,7 +257,7 @@ impl PolicyEngine {
             ledger_tree,
             deferrals: Deferrals::open(store, max_deferred)?,
             audit: AuditLog::open(store, audit_records)?,
-            against,
+            files,
             last_rejection: ArcSwap::from_pointee(None),
             clock,
             counters: PolicyCounters::default(),
@@ -301,8 +267,35 @@ impl PolicyEngine {
         }))
     }
 
+    /// The one live snapshot: read it once per decision (or batch of decisions).
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()
+    }
+
+    /// Checks `docs` against the pools, registry and rubric in force.
+    pub fn parse(&self, docs: Vec<Document>) -> Result<Policy, PolicyError> {
+        Policy::parse(docs, self.live().check_against())
+    }
+
+    /// Runs `f` holding the gate that serialises every change of a source (policy,
+    /// registry, rubric) with its cross-checks.
+    pub fn with_gate<R>(&self, f: impl FnOnce() -> R) -> R {
+        // A poisoned gate only means a panic elsewhere mid-check; every check starts afresh.
+        let _gate = self
+            .files
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
+    }
+
+    /// Swaps in the live snapshot with the registry or the rubric replaced, as `change`
+    /// builds it from the one in force. Call it inside [`Self::with_gate`], after the new
+    /// source was checked against that same snapshot. Returns what is now in force.
+    pub fn swap_source(&self, change: impl FnOnce(&Live) -> Live) -> Arc<Live> {
+        let next = Arc::new(change(&self.live()));
+        self.live.store(next.clone());
+        next
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -314,7 +307,8 @@ impl PolicyEngine {
     }
 
     /// Checks `docs` against this replica's pools, registry and rubric and swaps the result
-    /// in as `revision` (see [`Self::swap`]), with no registry or rubric change in between.
+    /// in as `revision` (see [`Self::swap`]), under the gate: no registry or rubric change
+    /// comes in between.
     pub fn parse_and_swap(
         &self,
         docs: Vec<Document>,
@@ -322,14 +316,10 @@ impl PolicyEngine {
         source: Source,
         identity: &str,
     ) -> Result<bool, PolicyError> {
-        // A poisoned gate only means a panic elsewhere mid-check; the check is redone here.
-        let _gate = self
-            .against
-            .gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let policy = self.against.parse(docs)?;
-        Ok(self.swap(policy, revision, source, identity))
+        self.with_gate(|| {
+            let policy = self.parse(docs)?;
+            Ok(self.swap(policy, revision, source, identity))
+        })
     }
 
     /// Records a checked edit of the registry or the rubric in the audit trail: `file` and
@@ -362,8 +352,8 @@ impl PolicyEngine {
         }
     }
 
-    /// Swaps `policy` in (already validated) as `revision`, unless a newer one is in
-    /// force. Returns whether it was applied.
+    /// Swaps `policy` in (already checked against the snapshot in force, under the gate)
+    /// as `revision`, unless a newer one is in force. Returns whether it was applied.
     pub fn swap(&self, mut policy: Policy, revision: u64, source: Source, identity: &str) -> bool {
         let current = self.live();
         if revision != 0 && revision <= current.revision {
@@ -381,6 +371,11 @@ impl PolicyEngine {
             source,
             identity: identity.to_string(),
             applied_at_ms: self.now_ms(),
+            routing: current.routing.clone(),
+            registry: current.registry.clone(),
+            registry_generation: current.registry_generation,
+            rubric: current.rubric.clone(),
+            rubric_generation: current.rubric_generation,
         });
         // Compare-and-swap: of two callers applying the same revision, one wins.
         let prev = self.live.compare_and_swap(&current, live.clone());
@@ -656,4 +651,17 @@ pub struct BudgetStanding {
     pub window_resets_at: Option<String>,
     pub deferred: usize,
     pub action: &'static str,
+}
+
+/// The fleet owner and the classifier read prices from the registry in force through this.
+impl InForce<Registry> for PolicyEngine {
+    fn in_force(&self) -> Arc<Registry> {
+        self.live.load().registry.clone()
+    }
+}
+
+impl InForce<Rubric> for PolicyEngine {
+    fn in_force(&self) -> Arc<Rubric> {
+        self.live.load().rubric.clone()
+    }
 }

@@ -120,7 +120,7 @@ impl PolicySync {
                 let identity = identity_of_dir(&dir);
                 if me.engine.live().revision == 0 {
                     // Nothing to fall back on: a broken directory refuses to start.
-                    me.engine.against.parse(docs.clone())?;
+                    me.engine.parse(docs.clone())?;
                     me.propose(docs, Source::File, &identity).await?;
                 } else if let Err(e) = me.propose(docs, Source::File, &identity).await {
                     // The bucket's policy stays in force; the refusal is logged and audited.
@@ -139,7 +139,7 @@ impl PolicySync {
         source: Source,
         identity: &str,
     ) -> Result<String, PolicyError> {
-        let policy = match self.engine.against.parse(docs.clone()) {
+        let policy = match self.engine.parse(docs.clone()) {
             Ok(p) => p,
             Err(e) => {
                 self.engine

@@ -9,10 +9,10 @@ use fleet_worker::message::Task;
 use super::budget::{CellKey, Ledger, TaskDims, Window};
 use super::deferred::DeferredTask;
 use super::load::{CheckAgainst, Document, Policy};
-use super::{Against, ManualClock, PolicyEngine, PolicyError, evaluate};
-use crate::classify::rubric::{Rubric, RubricHandle};
+use super::{ManualClock, PolicyEngine, PolicyError, Start, evaluate};
+use crate::classify::rubric::Rubric;
 use crate::config::PoolConfig;
-use crate::registry::{Registry, RegistryHandle};
+use crate::registry::Registry;
 use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
@@ -273,12 +273,17 @@ const MIN: u64 = 60_000;
 fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyEngine> {
     PolicyEngine::open(
         store,
-        Against::new(
-            pools(),
-            RegistryHandle::open(None).unwrap(),
-            RubricHandle::open(None).unwrap(),
-        ),
-        policy,
+        Start {
+            routing: RoutingTable {
+                pools: pools(),
+                routing: Default::default(),
+            },
+            registry: Registry::builtin().unwrap(),
+            registry_file: None,
+            rubric: Rubric::builtin().unwrap(),
+            rubric_file: None,
+            policy,
+        },
         clock,
         1000,
         100,

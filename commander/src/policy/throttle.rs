@@ -90,7 +90,7 @@ pub struct Throttled {
 }
 
 /// The limiters of the policy in force.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Throttles {
     active: Vec<Arc<Limiter>>,
 }

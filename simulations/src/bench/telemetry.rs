@@ -13,7 +13,7 @@ use bytes::Bytes;
 use fleet_commander::config::FleetConfig;
 use fleet_commander::fleet::{FleetState, now_ms};
 use fleet_commander::ingest::normalise;
-use fleet_commander::registry::RegistryHandle;
+use fleet_commander::registry::Registry;
 use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
 use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -236,7 +236,7 @@ fn batch(b: usize, spans: usize, workers: usize) -> ExportTraceServiceRequest {
     reason = "the figures are what the benchmark prints"
 )]
 pub fn ingest(args: IngestArgs) -> Result<(), String> {
-    let registry = RegistryHandle::open(None).map_err(|e| e.to_string())?;
+    let registry = fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
     let batches: Vec<Bytes> = (0..args.batches)
         .map(|b| Bytes::from(batch(b, args.spans_per_batch, args.workers).encode_to_vec()))
         .collect();
@@ -465,7 +465,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
 )]
 fn full_hour(workers: usize) -> Result<(), String> {
     let pid = std::process::id();
-    let registry = RegistryHandle::open(None).map_err(|e| e.to_string())?;
+    let registry = fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
     let cfg = FleetConfig {
         max_workers: workers * 2,
         lost_after_ms: u64::MAX / 4,

@@ -8,7 +8,7 @@ use super::*;
 use crate::domain::{Dims, Identity, MetricKind, MetricPoint};
 use crate::fleet::costs::Dim;
 use crate::fleet::{FleetState, TaskEvent};
-use crate::registry::{RegistryHandle, TokenUsage};
+use crate::registry::{Registry, TokenUsage};
 
 const S: u64 = 1_000;
 const T0: u64 = 1_700_000_000_000;
@@ -26,7 +26,7 @@ fn cfg() -> FleetConfig {
 }
 
 fn fleet() -> FleetState {
-    let reg = RegistryHandle::open(None).unwrap();
+    let reg = crate::hot::fixed(Registry::builtin().unwrap());
     FleetState::new(cfg(), reg, ["code"])
 }
 
@@ -389,7 +389,7 @@ fn a_millisecond_baseline_does_not_make_every_hiccup_stuck() {
             min_stuck_after_ms: 30 * S,
             ..cfg()
         },
-        RegistryHandle::open(None).unwrap(),
+        crate::hot::fixed(Registry::builtin().unwrap()),
         ["code"],
     );
     f.apply_task(

@@ -1,0 +1,125 @@
+//! The one live snapshot: the routing table from the config, the model registry, the
+//! routing rubric and the policy, checked together and swapped whole behind one `ArcSwap`
+//! (held by [`super::PolicyEngine`]). A decision reads one `Live` and so sees one
+//! combination that was checked as a whole; its [`Generation`] names that combination.
+//!
+//! A change to any source builds a new `Live` from the one in force with that source
+//! replaced, under the engine's gate, after every cross-check (`sources.rs` for the
+//! registry and the rubric, [`super::PolicyEngine::parse_and_swap`] for policies).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::classify::rubric::Rubric;
+use crate::domain::Generation;
+use crate::hot::SourceFile;
+use crate::registry::Registry;
+use crate::route::{PolicyHints, RoutingTable};
+
+use super::Source;
+use super::load::{CheckAgainst, Policy};
+use super::throttle::Throttles;
+
+/// Everything a decision reads besides the task and the fleet, swapped as one.
+#[derive(Debug)]
+pub struct Live {
+    /// The policy in force.
+    pub policy: Arc<Policy>,
+    pub hints: PolicyHints,
+    pub throttles: Throttles,
+    /// Revision in the policy bucket (0: not from the bucket).
+    pub revision: u64,
+    /// Where the policy in force came from, who applied it and when.
+    pub source: Source,
+    pub identity: String,
+    pub applied_at_ms: u64,
+    /// The config's pools and routing settings (fixed while the commander runs).
+    pub routing: Arc<RoutingTable>,
+    pub registry: Arc<Registry>,
+    /// 1 at start, +1 per accepted edit of the registry file.
+    pub registry_generation: u64,
+    pub rubric: Arc<Rubric>,
+    /// 1 at start, +1 per accepted edit of the rubric file (the classifier's cache keys
+    /// include it, so an edited rubric is never answered from stale entries).
+    pub rubric_generation: u64,
+}
+
+impl Live {
+    /// The versions a decision made under this snapshot records.
+    pub fn generation(&self) -> Generation {
+        Generation {
+            policy: self.policy.version.clone(),
+            rubric: self.rubric_generation,
+            registry: self.registry_generation,
+        }
+    }
+
+    /// What a policy is checked against: these pools, this registry and this rubric.
+    pub fn check_against(&self) -> CheckAgainst<'_> {
+        CheckAgainst {
+            pools: (!self.routing.pools.is_empty()).then_some(&self.routing.pools),
+            registry: &self.registry,
+            rubric: &self.rubric,
+        }
+    }
+
+    /// This snapshot with another registry (already checked against the rest).
+    pub fn with_registry(&self, registry: Registry) -> Live {
+        Live {
+            registry: Arc::new(registry),
+            registry_generation: self.registry_generation + 1,
+            ..self.sources_kept()
+        }
+    }
+
+    /// This snapshot with another rubric (already checked against the rest).
+    pub fn with_rubric(&self, rubric: Rubric) -> Live {
+        Live {
+            rubric: Arc::new(rubric),
+            rubric_generation: self.rubric_generation + 1,
+            ..self.sources_kept()
+        }
+    }
+
+    /// A copy sharing every part (the parts are shared, not cloned deeply).
+    fn sources_kept(&self) -> Live {
+        Live {
+            policy: self.policy.clone(),
+            hints: self.hints.clone(),
+            throttles: self.throttles.clone(),
+            revision: self.revision,
+            source: self.source,
+            identity: self.identity.clone(),
+            applied_at_ms: self.applied_at_ms,
+            routing: self.routing.clone(),
+            registry: self.registry.clone(),
+            registry_generation: self.registry_generation,
+            rubric: self.rubric.clone(),
+            rubric_generation: self.rubric_generation,
+        }
+    }
+}
+
+/// What the commander starts on: the config's routing table, the registry and rubric as
+/// loaded (and checked) at start, the files they are re-read from, and the policy to
+/// start with (the built-in one until the bucket or the directory says otherwise).
+#[derive(Debug)]
+pub struct Start {
+    pub routing: RoutingTable,
+    pub registry: Registry,
+    pub registry_file: Option<PathBuf>,
+    pub rubric: Rubric,
+    pub rubric_file: Option<PathBuf>,
+    pub policy: Policy,
+}
+
+/// The files the registry and the rubric are re-read from, and the gate every change of
+/// any source passes through.
+#[derive(Debug, Clone)]
+pub struct SourceFiles {
+    pub registry: Arc<SourceFile>,
+    pub rubric: Arc<SourceFile>,
+    /// Held while a policy, registry or rubric change is checked against the others and
+    /// swapped in, so a change is always checked against the snapshot it replaces.
+    pub gate: Arc<std::sync::Mutex<()>>,
+}
