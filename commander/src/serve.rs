@@ -175,19 +175,22 @@ async fn run(
     .await?;
     let registry = Arc::new(registry);
 
-    let ctx = Arc::new(Ctx {
-        client: client.clone(),
-        js: js.clone(),
-        subjects: subjects.clone(),
+    let core = pipeline::Core {
         store: store.clone(),
         metrics: metrics.clone(),
-        spans: spans.clone(),
         fleet: fleet.clone(),
         classifier: classifier.clone(),
         decisions: decisions.clone(),
-        publish_decisions: config.decisions.publish,
         policy: engine.clone(),
         route_cache: Default::default(),
+    };
+    let ctx = Arc::new(Ctx {
+        core: core.clone(),
+        client: client.clone(),
+        js: js.clone(),
+        subjects: subjects.clone(),
+        spans: spans.clone(),
+        publish_decisions: config.decisions.publish,
         reply_prefixes: config.intake.reply_prefixes.clone(),
         intake_ack_wait: config.intake.ack_wait(),
         targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
@@ -199,15 +202,16 @@ async fn run(
 
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
+        core,
         // The API answers 503 at once and lets its caller retry (docs/api.md).
-        producer: fleet_worker::Producer::new(client.clone(), subjects)
-            .with_retry_for(Duration::ZERO),
+        intake: Arc::new(
+            fleet_worker::Producer::new(client.clone(), subjects).with_retry_for(Duration::ZERO),
+        ),
+        policies: policy_sync.clone(),
         registry,
         ready: ready.clone(),
         max_body_bytes: config.http.max_body_bytes,
-        policy: policy_sync.clone(),
         compliance_token,
-        ctx: ctx.clone(),
         supervisor: supervisor.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -516,8 +520,8 @@ fn start_task_path(
     let sweeper = {
         let retention = Duration::from_secs(config.store.retention_hours * 3600);
         let (store, decisions, log_cfg) = (
-            ctx.store.clone(),
-            ctx.decisions.clone(),
+            ctx.core.store.clone(),
+            ctx.core.decisions.clone(),
             config.decisions.clone(),
         );
         let (engine, stop) = (engine.clone(), stop_rx.clone());

@@ -25,7 +25,7 @@ pub async fn list(
     q: Result<Query<Filter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let log = s.ctx.decisions.clone();
+    let log = s.core.decisions.clone();
     // sled reads are blocking; a deep scan should not hold up the runtime.
     let page = tokio::task::spawn_blocking(move || log.query(&filter))
         .await
@@ -35,7 +35,7 @@ pub async fn list(
 
 /// `GET /v1/decisions/{task_id}`
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match s.ctx.decisions.get(&id)? {
+    match s.core.decisions.get(&id)? {
         Some(d) => Ok(Json(d).into_response()),
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
     }
@@ -43,8 +43,8 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 
 /// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.
 pub async fn classifier(State(s): State<AppState>) -> Response {
-    let c = &s.ctx.classifier;
-    let live = s.ctx.policy.live();
+    let c = &s.core.classifier;
+    let live = s.core.policy.live();
     let (rubric, generation) = (&live.rubric, live.rubric_generation);
     Json(json!({
         "endpoint": c.endpoint(),
@@ -61,7 +61,7 @@ pub async fn classifier(State(s): State<AppState>) -> Response {
                 "default_model": t.default_model,
                 "candidates": t.candidates,
             })).collect::<Vec<_>>(),
-            "last_reload_error": s.ctx.policy.files.rubric.last_error(),
+            "last_reload_error": s.core.policy.files.rubric.last_error(),
         },
     }))
     .into_response()

@@ -50,12 +50,12 @@ pub async fn overview(
     State(s): State<AppState>,
     Query(q): Query<OverviewQuery>,
 ) -> Result<Response, ApiError> {
-    let snap = s.ctx.fleet.snapshot();
+    let snap = s.core.fleet.snapshot();
     let mut body =
         serde_json::to_value(&snap.fleet).map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Some(raw) = q.series.as_deref() {
         let w = window(Some(raw), Duration::from_secs(3600))?;
-        let series = s.ctx.fleet.fleet_series(w.as_millis() as u64).await?;
+        let series = s.core.fleet.fleet_series(w.as_millis() as u64).await?;
         body["series"] = json!(series);
     }
     Ok(Json(body).into_response())
@@ -107,7 +107,7 @@ pub async fn workers(
         return Err(ApiError::BadRequest("limit must be 1-1000".into()));
     }
     let offset = q.offset.unwrap_or(0);
-    let snap = s.ctx.fleet.snapshot();
+    let snap = s.core.fleet.snapshot();
     let matching: Vec<&WorkerView> = snap
         .workers
         .iter()
@@ -144,14 +144,14 @@ pub async fn worker(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match s.ctx.fleet.worker(id.clone()).await? {
+    match s.core.fleet.worker(id.clone()).await? {
         Some(d) => Ok(Json(d).into_response()),
         None => Err(ApiError::NotFound(format!("worker {id} not found"))),
     }
 }
 
 pub async fn pools(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let snap = s.ctx.fleet.snapshot();
+    let snap = s.core.fleet.snapshot();
     Ok(Json(json!({ "pools": snap.pools })).into_response())
 }
 
@@ -189,18 +189,18 @@ pub async fn costs(
         )));
     }
     let w = window(q.window.as_deref(), Duration::from_secs(3600))?;
-    let report = s.ctx.fleet.costs(by, w.as_millis() as u64).await?;
+    let report = s.core.fleet.costs(by, w.as_millis() as u64).await?;
     Ok(Json(report).into_response())
 }
 
 pub async fn models(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let live = s.ctx.policy.live();
+    let live = s.core.policy.live();
     let reg = &live.registry;
     Ok(Json(json!({
         "source": reg.source,
         "generation": live.registry_generation,
         "models": reg.models(),
-        "last_reload_error": s.ctx.policy.files.registry.last_error(),
+        "last_reload_error": s.core.policy.files.registry.last_error(),
     }))
     .into_response())
 }

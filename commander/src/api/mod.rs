@@ -13,9 +13,10 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_worker::message::{FieldProblem, Task, TaskError};
-use fleet_worker::producer::{Producer, ProducerError, SubmitOptions};
+use fleet_worker::producer::{Producer, ProducerError, SubmitOptions, SubmitReceipt};
 use fleet_worker::protocol::{headers, is_subject_token};
 use fleet_worker::trace::{Baggage, TraceParent, parse_tracestate};
+use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::json;
@@ -25,24 +26,72 @@ use crate::metrics::{StateLabel, TransportLabel};
 mod decisions;
 mod fleet;
 mod policy;
+#[cfg(test)]
+mod tests;
 use crate::store::TaskRecord;
 use crate::supervise::Supervisor;
 
-/// What handlers share.
+/// Where `POST /v1/tasks` puts a task: in service the intake stream, through the same
+/// [`Producer`] a NATS producer uses; the answer is the stream's durable ack.
+pub trait Intake: Send + Sync + std::fmt::Debug {
+    fn submit<'a>(
+        &'a self,
+        task: &'a Task,
+        opts: SubmitOptions,
+    ) -> BoxFuture<'a, Result<SubmitReceipt, ProducerError>>;
+}
+
+impl Intake for Producer {
+    fn submit<'a>(
+        &'a self,
+        task: &'a Task,
+        opts: SubmitOptions,
+    ) -> BoxFuture<'a, Result<SubmitReceipt, ProducerError>> {
+        Box::pin(Producer::submit(self, task, opts))
+    }
+}
+
+/// Where `PUT /v1/policy` sends a checked, authorised policy: in service the policy
+/// bucket every replica follows ([`crate::policy::sync::PolicySync::propose`]). Returns
+/// the version in force afterwards.
+pub trait PolicyWriter: Send + Sync + std::fmt::Debug {
+    fn propose<'a>(
+        &'a self,
+        docs: Vec<crate::policy::Document>,
+        source: crate::policy::Source,
+        identity: &'a str,
+    ) -> BoxFuture<'a, Result<String, crate::policy::PolicyError>>;
+}
+
+impl PolicyWriter for crate::policy::sync::PolicySync {
+    fn propose<'a>(
+        &'a self,
+        docs: Vec<crate::policy::Document>,
+        source: crate::policy::Source,
+        identity: &'a str,
+    ) -> BoxFuture<'a, Result<String, crate::policy::PolicyError>> {
+        Box::pin(crate::policy::sync::PolicySync::propose(
+            self, docs, source, identity,
+        ))
+    }
+}
+
+/// What handlers share. Nothing in it needs a live broker: the two writes that reach NATS
+/// go through [`Intake`] and [`PolicyWriter`].
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The task path's context: the store, metrics, live fleet state, model registry,
-    /// decision log, classifier, policy engine, routing table and snapshot.
-    pub ctx: Arc<crate::pipeline::Ctx>,
-    /// Publishes HTTP submissions to the intake stream, exactly as a NATS producer would.
-    pub producer: Producer,
+    /// What the task path and the API share: the store, metrics, live fleet state,
+    /// decision log, classifier, and the policy engine with the live snapshot.
+    pub core: crate::pipeline::Core,
+    /// Takes HTTP submissions, exactly as a NATS producer's would be taken.
+    pub intake: Arc<dyn Intake>,
+    /// Takes authorised policy pushes.
+    pub policies: Arc<dyn PolicyWriter>,
     /// The Prometheus registry `/metrics` renders.
     pub registry: Arc<Registry>,
     /// Set once NATS is connected and the streams exist; cleared on shutdown.
     pub ready: Arc<AtomicBool>,
     pub max_body_bytes: usize,
-    /// Policy sources, engine, ledger, deferred queue, audit trail.
-    pub policy: Arc<crate::policy::sync::PolicySync>,
     /// Required by `PUT /v1/policy` (`Authorization: Bearer …`); unset refuses pushes.
     pub compliance_token: Option<String>,
     /// Which long-lived tasks are down (for `/readyz`); counts panics.
@@ -288,20 +337,20 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let snap = s.ctx.fleet.snapshot();
+    let snap = s.core.fleet.snapshot();
     for (state, n) in &snap.fleet.states {
-        s.ctx
+        s.core
             .metrics
             .workers
             .get_or_create(&StateLabel { state })
             .set(*n as i64);
     }
-    s.ctx
+    s.core
         .metrics
         .workers
         .get_or_create(&StateLabel { state: "LOST" })
         .set(snap.fleet.lost as i64);
-    let engine = &s.policy.engine;
+    let engine = &s.core.policy;
     engine
         .counters
         .deferred_now
@@ -327,7 +376,7 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         )));
     }
     match s
-        .ctx
+        .core
         .store
         .get(&id)
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -358,7 +407,7 @@ async fn submit_task(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rejected = |s: &AppState| {
-        s.ctx
+        s.core
             .metrics
             .http_rejected
             .get_or_create(&TransportLabel {
@@ -379,7 +428,7 @@ async fn submit_task(
     let parent = match raw_tp.map(TraceParent::parse) {
         Some(Ok(tp)) => Some(tp),
         Some(Err(e)) => {
-            s.ctx.metrics.traceparent_invalid.inc();
+            s.core.metrics.traceparent_invalid.inc();
             tracing::info!(traceparent = raw_tp, reason = %e, "invalid traceparent on HTTP submission; starting a new trace");
             None
         }
@@ -397,7 +446,7 @@ async fn submit_task(
         reply_to: None,
     };
     // The same path as a NATS producer: the task is accepted once the intake stream has it.
-    let receipt = s.producer.submit(&task, opts).await.map_err(|e| match e {
+    let receipt = s.intake.submit(&task, opts).await.map_err(|e| match e {
         ProducerError::InvalidTask(e) => ApiError::BadTask(e),
         ProducerError::BadIdempotencyKey | ProducerError::BadReplyTo(_) => {
             rejected(&s);
@@ -408,12 +457,12 @@ async fn submit_task(
         }
         other => ApiError::Internal(other.to_string()),
     })?;
-    s.ctx.metrics.http_submissions.inc();
+    s.core.metrics.http_submissions.inc();
     // Found from the moment it is accepted: `received` until the intake loop, which
     // treats a `received` record as its own, takes it (an existing record is kept).
     let (id, seq) = (receipt.task_id.clone(), receipt.stream_sequence);
     if let Err(e) = s
-        .ctx
+        .core
         .store
         .update(&id, || TaskRecord::new(&id, seq), |_| {})
     {

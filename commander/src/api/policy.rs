@@ -27,7 +27,7 @@ impl From<PolicyError> for ApiError {
 
 /// `GET /v1/policy`: the policy in force, where budgets stand, the last rejection.
 pub async fn current(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let engine = &s.policy.engine;
+    let engine = &s.core.policy;
     let live = engine.live();
     let p = &live.policy;
     let c = &engine.counters;
@@ -120,8 +120,8 @@ pub async fn put(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Err(why) = sync::check_token(s.compliance_token.as_deref(), auth) {
-        s.policy
-            .engine
+        s.core
+            .policy
             .refuse_unauthorised(
                 Source::Http,
                 &identity(&headers),
@@ -137,7 +137,7 @@ pub async fn put(
     }
     let docs = documents(&body, q.name)?;
     let who = identity(&headers);
-    let version = s.policy.propose(docs, Source::Http, &who).await?;
+    let version = s.policies.propose(docs, Source::Http, &who).await?;
     Ok(Json(json!({ "accepted": true, "version": version })).into_response())
 }
 
@@ -149,7 +149,7 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let docs = documents(&body, q.name)?;
-    let live = s.policy.engine.live();
+    let live = s.core.policy.live();
     let policy = crate::policy::Policy::parse(docs, live.check_against())?;
     let tests = testcase::run(&policy, &live.rubric, &live.registry, &live.routing);
     Ok(Json(json!({
@@ -182,17 +182,17 @@ pub async fn shadow_replay(
     let last = humantime::parse_duration(q.last.as_deref().unwrap_or("1h"))
         .map_err(|e| ApiError::BadRequest(format!("last: {e}")))?;
     let docs = documents(&body, q.name)?;
-    let live = s.policy.engine.live();
+    let live = s.core.policy.live();
     let mut candidate = crate::policy::Policy::parse(docs, live.check_against())?;
     candidate.version = "candidate".into();
     let until = crate::fleet::now_ms();
     let since = until.saturating_sub(last.as_millis() as u64);
     let max = q.max.unwrap_or(100_000).clamp(1, 1_000_000);
-    let log = s.ctx.decisions.clone();
+    let log = s.core.decisions.clone();
     let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let fleet = s.ctx.route_snapshot(&live.routing);
+    let fleet = s.core.route_snapshot(&live.routing);
     let report = replay::replay(
         &candidate,
         &decisions,
@@ -222,8 +222,8 @@ pub async fn history(
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let mut records = s
+        .core
         .policy
-        .engine
         .audit
         .list(limit, q.before)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -239,8 +239,8 @@ pub async fn version(
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
     match s
+        .core
         .policy
-        .engine
         .audit
         .version(&version)
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -276,8 +276,8 @@ pub async fn tasks(
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let list = s
+        .core
         .policy
-        .engine
         .deferrals
         .list(limit, None)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -300,7 +300,7 @@ pub async fn tasks(
         .collect();
     Ok(Json(json!({
         "state": "deferred",
-        "total": s.policy.engine.deferrals.len(),
+        "total": s.core.policy.deferrals.len(),
         "tasks": tasks,
     }))
     .into_response())

@@ -94,7 +94,13 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
     let attempt: u32 = header(hdrs, headers::ATTEMPT)
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let last_worker = ctx.fleet.task_worker(task_id.clone()).await.ok().flatten();
+    let last_worker = ctx
+        .core
+        .fleet
+        .task_worker(task_id.clone())
+        .await
+        .ok()
+        .flatten();
     let pool = work
         .subject
         .strip_prefix(&format!("{}.work.", ctx.subjects.prefix()))
@@ -158,7 +164,7 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
         tracing::error!(task_id, error = %e, "dead-letter result not stored; the task stays dispatched");
         return;
     }
-    ctx.metrics.tasks_dead_lettered.inc();
+    ctx.core.metrics.tasks_dead_lettered.inc();
     tracing::warn!(
         task_id,
         attempt,

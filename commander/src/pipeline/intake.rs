@@ -28,7 +28,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         // then decide and plan each in order.
         let mut reads = Vec::with_capacity(batch.len());
         for msg in &batch {
-            ctx.metrics.tasks_received.inc();
+            ctx.core.metrics.tasks_received.inc();
             reads.push(match read(ctx, msg) {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -40,7 +40,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         }
         // The one live snapshot every classification and decision of the batch reads: the
         // rubric, registry, policy and routing table in force were checked together.
-        let live = ctx.policy.live();
+        let live = ctx.core.policy.live();
         let grounds = crate::classify::Grounds {
             rubric: &live.rubric,
             rubric_generation: live.rubric_generation,
@@ -49,7 +49,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         let classifications = futures::future::join_all(reads.iter().map(|r| async move {
             match r {
                 Some(Read::Ready(p)) => Some(
-                    ctx.classifier
+                    ctx.core.classifier
                         .classify(
                             grounds,
                             &p.task,
@@ -66,10 +66,10 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         .await;
         // What every decision of the batch reads, taken once.
         let mut view = View {
-            fleet: ctx.route_snapshot(&live.routing),
+            fleet: ctx.core.route_snapshot(&live.routing),
             live: live.clone(),
-            queued: ctx.policy.deferrals.queued(),
-            now_ms: ctx.policy.now_ms(),
+            queued: ctx.core.policy.deferrals.queued(),
+            now_ms: ctx.core.policy.now_ms(),
         };
         let mut plans = Vec::with_capacity(batch.len());
         for (r, class) in reads.into_iter().zip(classifications) {
@@ -125,12 +125,12 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
         // decisions are big), made durable by the same flush.
         ctx.log_decisions(&decided).await;
 
-        if let Err(e) = ctx.policy.persist_ledger() {
+        if let Err(e) = ctx.core.policy.persist_ledger() {
             tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
             return;
         }
         // One flush for the batch, then the acks: what was acked is on disk.
-        if let Err(e) = ctx.store.flush().await {
+        if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
             return;
         }
@@ -192,12 +192,12 @@ async fn settle_one(
             let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
         }
         (Some(plan), Some(Err(e))) => {
-            ctx.metrics.dispatch_errors.inc();
+            ctx.core.metrics.dispatch_errors.inc();
             tracing::warn!(error = %e, "publish failed; the task will be retried");
             if let Plan::Dispatch(d) = plan {
                 tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
                 if let Some(r) = &d.record.reservation {
-                    ctx.policy.unreserve(r);
+                    ctx.core.policy.unreserve(r);
                 }
             }
             let _ = msg
@@ -218,7 +218,7 @@ async fn settle_one(
             if let Some(d) = r.decision {
                 s.decided.push(d);
             }
-            ctx.metrics.reject(&r.error.code);
+            ctx.core.metrics.reject(&r.error.code);
             tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
             s.acks.push(msg);
         }
@@ -233,7 +233,7 @@ async fn keep_deferral(
     s: &mut Settled,
 ) {
     let d = *d;
-    let recorded = ctx.store.update(
+    let recorded = ctx.core.store.update(
         &d.id,
         || TaskRecord::new(&d.id, d.seq),
         |r| {
@@ -252,7 +252,7 @@ async fn keep_deferral(
             r.advance(TaskState::Deferred);
         },
     );
-    let stored = recorded.and_then(|_| ctx.policy.deferrals.insert(&d.entry));
+    let stored = recorded.and_then(|_| ctx.core.policy.deferrals.insert(&d.entry));
     if let Err(e) = stored {
         // Not kept, so not acked: the intake stream still has it.
         tracing::error!(task_id = %d.id, error = %e, "deferral not stored; will retry");
@@ -261,7 +261,7 @@ async fn keep_deferral(
             .await;
         return;
     }
-    ctx.policy.counters.deferred.inc();
+    ctx.core.policy.counters.deferred.inc();
     tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
     s.notices.push((
         d.id.clone(),
@@ -301,7 +301,7 @@ fn keep_dispatch(
             tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
         }
     }
-    let recorded = ctx.store.update(
+    let recorded = ctx.core.store.update(
         &d.id,
         || TaskRecord::new(&d.id, d.record.seq),
         |r| d.record.apply(r, &d.pool),
@@ -320,13 +320,14 @@ fn keep_dispatch(
         tracing::warn!(alert = %a, "budget soft threshold crossed");
         s.notices.push((String::new(), a));
     }
-    ctx.metrics
+    ctx.core
+        .metrics
         .tasks_dispatched
         .get_or_create(&PoolLabel {
             pool: d.pool.clone(),
         })
         .inc();
-    ctx.fleet.task_event(TaskEvent::Dispatched {
+    ctx.core.fleet.task_event(TaskEvent::Dispatched {
         task_id: d.id.clone(),
         pool: d.pool.clone(),
         expected_ms: d.expected_ms,
@@ -393,7 +394,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
 
     // A release of a deferred task carries the header; the commander is the only one
     // that sets it, and it counts only for a task that is deferred right now.
-    let existing = ctx.store.get(&id)?;
+    let existing = ctx.core.store.get(&id)?;
     let release = header(hdrs, headers::RELEASE).and_then(|v| {
         let (at, n) = v.split_once(':')?;
         Some((at.parse::<u64>().ok()?, n.parse::<u32>().ok()?))
@@ -407,7 +408,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         && existing.state != TaskState::Received
         && release.is_none()
     {
-        ctx.metrics.intake_duplicates.inc();
+        ctx.core.metrics.intake_duplicates.inc();
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         if delivered > 1 || existing.intake_sequence == seq || existing.intake_sequence == 0 {
             // The same message again: a crash or a lost ack between handling and acking.
@@ -419,7 +420,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
     }
 
     if let Some(why) = reply_problem {
-        ctx.metrics.reply_to_refused.inc();
+        ctx.core.metrics.reply_to_refused.inc();
         tracing::warn!(task_id = %id, reason = %why, "task refused: Fleet-Reply-To is not an allowed reply subject");
         return Ok(Read::Done(Reject::plan(id, seq, "bad_reply_to", why, None)));
     }
@@ -442,7 +443,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
     let (parent, invalid) = match raw_tp.map(TraceParent::parse) {
         Some(Ok(p)) => (Some(p), None),
         Some(Err(e)) => {
-            ctx.metrics.traceparent_invalid.inc();
+            ctx.core.metrics.traceparent_invalid.inc();
             (None, raw_tp.map(|v| format!("{v:?}: {e}")))
         }
         None => (None, None),
@@ -498,7 +499,7 @@ fn sequence_id(
     else {
         return Ok(base);
     };
-    let id = match ctx.store.get(&base)?.and_then(|r| r.intake_stored_ms) {
+    let id = match ctx.core.store.get(&base)?.and_then(|r| r.intake_stored_ms) {
         Some(first) if first != stamp => {
             let id = format!("{base}-{stamp}");
             tracing::warn!(task_id = %id, seq, first_stored_ms = first, stored_ms = stamp, "intake sequence used a second time (nats-server lost messages in a crash); the task without an id gets its own id");
@@ -506,7 +507,7 @@ fn sequence_id(
         }
         _ => base,
     };
-    ctx.store.update(
+    ctx.core.store.update(
         &id,
         || {
             let mut r = TaskRecord::new(&id, seq);
@@ -528,7 +529,7 @@ fn record_rejection(
     error: &ErrorInfo,
     decision_at_ms: Option<u64>,
 ) -> Result<(), crate::store::StoreError> {
-    ctx.store.update(
+    ctx.core.store.update(
         id,
         || TaskRecord::new(id, seq),
         |r| {

@@ -28,43 +28,25 @@ use crate::metrics::{DecisionLabels, Metrics};
 use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
-/// What both loops share.
-#[derive(Debug)]
-pub struct Ctx {
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-    pub subjects: Subjects,
+/// What the task path and the API share: the store, the live fleet state, the decision
+/// log, the classifier and the policy engine (with the one live snapshot). Nothing here
+/// talks to NATS, so the API can be built, and tested, without a broker.
+#[derive(Clone, Debug)]
+pub struct Core {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    pub spans: SpanExporter,
     /// Live state: told about dispatches and results (never waited on).
     pub fleet: FleetHandle,
     pub classifier: Arc<Classifier>,
     pub decisions: DecisionLog,
-    /// Publish decisions on `<prefix>.decisions.<pool>`.
-    pub publish_decisions: bool,
-    /// The policy in force, the budget ledger and the deferred queue.
+    /// The live snapshot (routing table, registry, rubric, policy), the budget ledger and
+    /// the deferred queue.
     pub policy: Arc<crate::policy::PolicyEngine>,
     /// The routing view of the latest fleet snapshot, rebuilt when a new one appears.
-    pub route_cache: std::sync::Mutex<Option<Arc<RouteSnapshot>>>,
-    /// Prefixes a `Fleet-Reply-To` subject may start with (`intake.reply_prefixes`).
-    pub reply_prefixes: Vec<String>,
-    /// Targeted dispatches in flight, watched for a worker that is gone.
-    pub targets: retarget::Targets,
-    /// `intake.ack_wait_secs`: batches in hand send progress every third of it.
-    pub intake_ack_wait: std::time::Duration,
+    pub route_cache: Arc<std::sync::Mutex<Option<Arc<RouteSnapshot>>>>,
 }
 
-impl Ctx {
-    /// Why the commander must not publish to `subject` given as `Fleet-Reply-To`, if so.
-    pub fn reply_problem(&self, subject: &str) -> Option<String> {
-        fleet_worker::protocol::reply_subject_problem(
-            subject,
-            &self.reply_prefixes,
-            self.subjects.prefix(),
-        )
-    }
-
+impl Core {
     /// The routing view of the current fleet snapshot under `table` (the routing table of
     /// the live snapshot; fixed while the commander runs, so the cache is keyed by the
     /// fleet snapshot alone): rebuilt at most once per fleet snapshot, i.e. once a second,
@@ -83,6 +65,35 @@ impl Ctx {
             }
         }
     }
+}
+
+/// What both loops share: the [`Core`] and the task path's side of NATS.
+#[derive(Debug)]
+pub struct Ctx {
+    pub core: Core,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub spans: SpanExporter,
+    /// Publish decisions on `<prefix>.decisions.<pool>`.
+    pub publish_decisions: bool,
+    /// Prefixes a `Fleet-Reply-To` subject may start with (`intake.reply_prefixes`).
+    pub reply_prefixes: Vec<String>,
+    /// Targeted dispatches in flight, watched for a worker that is gone.
+    pub targets: retarget::Targets,
+    /// `intake.ack_wait_secs`: batches in hand send progress every third of it.
+    pub intake_ack_wait: std::time::Duration,
+}
+
+impl Ctx {
+    /// Why the commander must not publish to `subject` given as `Fleet-Reply-To`, if so.
+    pub fn reply_problem(&self, subject: &str) -> Option<String> {
+        fleet_worker::protocol::reply_subject_problem(
+            subject,
+            &self.reply_prefixes,
+            self.subjects.prefix(),
+        )
+    }
 
     /// Logs a batch's decisions (durable with the batch's store flush) and publishes
     /// each on `<prefix>.decisions.<pool>`.
@@ -99,7 +110,7 @@ impl Ctx {
                 }
             }
         }
-        if let Err(e) = self.decisions.record_many(&encoded) {
+        if let Err(e) = self.core.decisions.record_many(&encoded) {
             tracing::error!(error = %e, count = encoded.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
@@ -113,7 +124,8 @@ impl Ctx {
             *counts.entry(key).or_default() += 1;
         }
         for ((pool, model, rule), n) in counts {
-            self.metrics
+            self.core
+                .metrics
                 .decisions
                 .get_or_create(&DecisionLabels {
                     pool: pool.into(),

@@ -230,7 +230,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
         view,
     } = d;
     let live = &view.live;
-    ctx.policy.with_ledger(|ledger| {
+    ctx.core.policy.with_ledger(|ledger| {
         let verdict = policy::evaluate(EvalInput {
             task,
             class: &class.answer,
@@ -306,7 +306,7 @@ fn soft_alerts(
         .iter()
         .filter(|h| {
             h.alert
-                && ctx.policy.first_alert(
+                && ctx.core.policy.first_alert(
                     &h.budget.spec.name,
                     &h.value,
                     h.budget.window.bucket(now_ms),
@@ -416,7 +416,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             alerts,
         } => (decision, reservation, alerts),
         Step::Throttled(t) => {
-            ctx.policy.counters.throttled.inc();
+            ctx.core.policy.counters.throttled.inc();
             tracing::debug!(task_id = %id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
             return Plan::Throttle(t.wait);
         }
@@ -436,7 +436,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             return plan;
         }
         Step::BudgetReject { decision, reason } => {
-            ctx.policy.counters.budget_rejected.inc();
+            ctx.core.policy.counters.budget_rejected.inc();
             let logged = record(
                 Outcome::Rejected,
                 Some(&decision),
@@ -456,10 +456,10 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             until_ms,
             queues,
         } => {
-            if ctx.policy.deferrals.is_full() {
+            if ctx.core.policy.deferrals.is_full() {
                 let why = format!(
                     "{reason}; but the deferred queue is full ({} tasks), so it is rejected",
-                    ctx.policy.deferrals.len()
+                    ctx.core.policy.deferrals.len()
                 );
                 return Reject::plan(id, seq, "deferred_queue_full", why, reply_to);
             }

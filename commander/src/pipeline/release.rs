@@ -19,17 +19,18 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = ctx.policy.changed.notified() => {}
+            _ = ctx.core.policy.changed.notified() => {}
             _ = stop.changed() => return,
         }
-        if ctx.policy.deferrals.is_empty() {
+        if ctx.core.policy.deferrals.is_empty() {
             continue;
         }
-        let live = ctx.policy.live();
-        let now = ctx.policy.now_ms();
+        let live = ctx.core.policy.live();
+        let now = ctx.core.policy.now_ms();
         let due = ctx
+            .core
             .policy
-            .with_ledger(|l| ctx.policy.deferrals.due(&live.policy, l, now, batch));
+            .with_ledger(|l| ctx.core.policy.deferrals.due(&live.policy, l, now, batch));
         let due = match due {
             Ok(d) => d,
             Err(e) => {
@@ -74,7 +75,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
             };
             match acked {
                 Ok(()) => {
-                    if let Err(e) = ctx.policy.deferrals.remove(&t) {
+                    if let Err(e) = ctx.core.policy.deferrals.remove(&t) {
                         tracing::error!(task_id = %t.id, error = %e, "released task not removed from the deferred queue");
                     }
                     released += 1;
@@ -84,10 +85,10 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                 }
             }
         }
-        if let Err(e) = ctx.store.flush().await {
+        if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush after release failed");
         }
-        ctx.policy.counters.released.inc_by(released);
+        ctx.core.policy.counters.released.inc_by(released);
         tracing::info!(released, version = %live.policy.version, "deferred tasks released");
     }
 }

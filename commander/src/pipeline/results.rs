@@ -28,11 +28,11 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 }
             }
         }
-        if let Err(e) = ctx.policy.persist_ledger() {
+        if let Err(e) = ctx.core.policy.persist_ledger() {
             tracing::error!(error = %e, "budget ledger not written; leaving the results for redelivery");
             return;
         }
-        if let Err(e) = ctx.store.flush().await {
+        if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush failed; leaving the results for redelivery");
             return;
         }
@@ -54,13 +54,13 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     let result: TaskResult = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
-            ctx.metrics.results_invalid.inc();
+            ctx.core.metrics.results_invalid.inc();
             tracing::warn!(subject = %msg.subject, error = %e, "result does not parse; dropping it");
             return Ok(());
         }
     };
     if !is_subject_token(&result.task_id) {
-        ctx.metrics.results_invalid.inc();
+        ctx.core.metrics.results_invalid.inc();
         tracing::warn!(subject = %msg.subject, "result has an invalid task id; dropping it");
         return Ok(());
     }
@@ -71,7 +71,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
         match ctx.reply_problem(r) {
             None => Some(r.to_string()),
             Some(why) => {
-                ctx.metrics.reply_to_refused.inc();
+                ctx.core.metrics.reply_to_refused.inc();
                 tracing::warn!(task_id = %result.task_id, reason = %why, "result names a reply subject that is not allowed; not forwarding it there");
                 None
             }
@@ -81,6 +81,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     // than once under contention; the last run is the one that stuck).
     let finished_now = std::cell::Cell::new(false);
     let rec = ctx
+        .core
         .store
         .update(
             id,
@@ -109,13 +110,14 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
-        ctx.fleet.task_event(TaskEvent::Finished {
+        ctx.core.fleet.task_event(TaskEvent::Finished {
             task_id: id.to_string(),
             pool: pool.clone(),
             ok: result.status == ResultStatus::Ok,
             dispatch_latency_ms: dispatch_latency_ms(&rec, &result),
         });
-        ctx.metrics
+        ctx.core
+            .metrics
             .tasks_finished
             .get_or_create(&FinishLabels { pool, status })
             .inc();
@@ -143,7 +145,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             tracing::warn!(task_id = id, error = %e, "forwarding the result failed; will retry");
             return Err(Retry);
         }
-        ctx.metrics.results_forwarded.inc();
+        ctx.core.metrics.results_forwarded.inc();
     }
     Ok(())
 }
@@ -160,7 +162,7 @@ pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
             return Some(c);
         }
         let model = u.model.as_deref().or(rec.model.as_deref())?;
-        let registry = ctx.policy.live().registry.clone();
+        let registry = ctx.core.policy.live().registry.clone();
         let entry = registry.lookup(model)?;
         Some(entry.cost(&crate::registry::TokenUsage {
             input: u.input_tokens,
@@ -168,7 +170,7 @@ pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
             ..Default::default()
         }))
     });
-    ctx.policy.settle(r, actual.unwrap_or(r.est_usd));
+    ctx.core.policy.settle(r, actual.unwrap_or(r.est_usd));
 }
 
 /// Dispatch latency: from the commander taking the task off the intake stream (the last

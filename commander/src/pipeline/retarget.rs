@@ -94,7 +94,7 @@ pub async fn run(ctx: Arc<Ctx>, bind_timeout: Duration, mut stop: watch::Receive
         if ctx.targets.is_empty() {
             continue;
         }
-        let snapshot = ctx.fleet.snapshot();
+        let snapshot = ctx.core.fleet.snapshot();
         for t in ctx.targets.all() {
             check(&ctx, &t, &snapshot, bind_timeout).await;
         }
@@ -108,7 +108,7 @@ async fn check(
     bind_timeout: Duration,
 ) {
     // Finished, or already sent elsewhere: nothing to watch.
-    match ctx.store.get(&t.task_id) {
+    match ctx.core.store.get(&t.task_id) {
         Ok(Some(r)) if r.state.is_terminal() || r.attempt > t.attempt => {
             ctx.targets.remove(&t.task_id);
             return;
@@ -196,7 +196,7 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
     let now = now_ms();
     // The decision log gets the re-dispatch as a decision of its own (the first one's
     // classification and candidates, rule `retarget`); the task record points at it.
-    let logged = match ctx.decisions.get(&t.task_id) {
+    let logged = match ctx.core.decisions.get(&t.task_id) {
         Ok(Some(mut d)) => {
             d.id = format!("{}-retarget-{attempt}", d.id);
             d.at_ms = now;
@@ -204,7 +204,7 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
             d.worker = None;
             d.rule = "retarget".into();
             d.reason = reason.clone();
-            match ctx.decisions.record(&d) {
+            match ctx.core.decisions.record(&d) {
                 Ok(()) => Some((d.id, d.at_ms)),
                 Err(e) => {
                     tracing::warn!(task_id = %t.task_id, error = %e, "retarget decision not logged");
@@ -214,7 +214,8 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
         }
         _ => None,
     };
-    ctx.store
+    ctx.core
+        .store
         .update(
             &t.task_id,
             || crate::store::TaskRecord::new(&t.task_id, 0),
@@ -230,7 +231,7 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     ctx.targets.remove(&t.task_id);
-    ctx.metrics.tasks_retargeted.inc();
+    ctx.core.metrics.tasks_retargeted.inc();
     tracing::warn!(task_id = %t.task_id, pool = %t.pool, worker = %t.worker, attempt, why, "targeted task re-dispatched to its pool");
     Ok(())
 }
