@@ -12,6 +12,9 @@ use std::time::Duration;
 use fleet_worker::protocol::{DEFAULT_PREFIX, Subjects, is_subject_token};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ProblemKind::{self, *};
+use crate::domain::{Location, Problem};
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -668,8 +671,60 @@ pub enum ConfigError {
     #[error("{path}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid {
         path: PathBuf,
-        problems: Vec<String>,
+        problems: Vec<Problem>,
     },
+}
+
+/// A problem with the value of one dotted key (`intake.batch_size`), before it is placed
+/// at a line of the file. The message starts with the key.
+#[derive(Debug)]
+struct Keyed {
+    key: String,
+    kind: ProblemKind,
+    message: String,
+}
+
+impl Keyed {
+    /// `message` is `key: what is wrong`.
+    fn new(kind: ProblemKind, message: String) -> Self {
+        let key = message
+            .split_once(": ")
+            .map_or(message.as_str(), |(k, _)| k)
+            .to_string();
+        Self { key, kind, message }
+    }
+}
+
+/// The line of dotted `key` in TOML `text`: the `name =` line inside its table (`[a.b]`
+/// for `a.b.name`), else the table's header; `None` when the file does not set it.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut in_table = table.is_empty();
+    let mut header = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[') {
+            let h = h.trim_start_matches('[').trim_end_matches(']').trim();
+            in_table = h == table;
+            if in_table {
+                header = Some(i + 1);
+            }
+            continue;
+        }
+        if in_table
+            && let Some(rest) = line.strip_prefix(name)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(i + 1);
+        }
+    }
+    // `pools.code.capabilities` may sit in `[pools.code]`; `pools.code` is that header.
+    header.or_else(|| {
+        let header_of_key = format!("[{key}]");
+        text.lines()
+            .position(|l| l.trim() == header_of_key)
+            .map(|i| i + 1)
+    })
 }
 
 impl Config {
@@ -688,61 +743,108 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
-        config.validate().map_err(|problems| ConfigError::Invalid {
-            path: origin.to_path_buf(),
-            problems,
-        })?;
+        config.validate_at(origin, Some(text))?;
         Ok(config)
     }
 
-    /// Every semantic problem, each with its key path.
-    pub fn validate(&self) -> Result<(), Vec<String>> {
+    /// Every semantic problem at once, each placed in `origin` at the line of its key
+    /// when the file's `text` is given (a value from a flag or the environment, or a
+    /// default, has no line).
+    pub fn validate_at(&self, origin: &Path, text: Option<&str>) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let file = origin.display().to_string();
+        Err(ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            problems: problems
+                .into_iter()
+                .map(|k| {
+                    let line = text.and_then(|t| key_line(t, &k.key));
+                    Location {
+                        file: file.clone(),
+                        line,
+                        column: None,
+                    }
+                    .problem(k.kind, k.message)
+                })
+                .collect(),
+        })
+    }
+
+    /// Every semantic problem, each with its dotted key.
+    fn problems(&self) -> Vec<Keyed> {
         let mut p = Vec::new();
         self.check_transport(&mut p);
         self.check_pool_names(&mut p);
         self.check_routing(&mut p);
         self.check_classifier(&mut p);
         self.check_fleet_and_policy(&mut p);
-        if p.is_empty() { Ok(()) } else { Err(p) }
+        p
     }
 
     /// NATS, the store, intake and the OTLP decode bounds.
-    fn check_transport(&self, p: &mut Vec<String>) {
+    fn check_transport(&self, p: &mut Vec<Keyed>) {
         if Subjects::new(&self.nats.prefix).is_err() {
-            p.push(format!(
-                "nats.prefix: {:?} must be dot-separated tokens of letters, digits, '-' or '_'",
-                self.nats.prefix
+            p.push(Keyed::new(
+                BadValue,
+                format!(
+                    "nats.prefix: {:?} must be dot-separated tokens of letters, digits, '-' or '_'",
+                    self.nats.prefix
+                ),
             ));
         }
         if let Some(url) = &self.nats.url
             && url.trim().is_empty()
         {
-            p.push("nats.url: must not be empty (leave it out to auto-detect)".into());
+            p.push(Keyed::new(
+                Missing,
+                "nats.url: must not be empty (leave it out to auto-detect)".to_string(),
+            ));
         }
         if self.store.retention_hours == 0 {
-            p.push("store.retention_hours: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "store.retention_hours: must be at least 1".to_string(),
+            ));
         }
         if self.intake.batch_size == 0 || self.intake.batch_size > 10_000 {
-            p.push(format!(
-                "intake.batch_size: {} is out of range 1-10000",
-                self.intake.batch_size
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "intake.batch_size: {} is out of range 1-10000",
+                    self.intake.batch_size
+                ),
             ));
         }
         if self.intake.ack_wait_secs == 0 {
-            p.push("intake.ack_wait_secs: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "intake.ack_wait_secs: must be at least 1".to_string(),
+            ));
         }
         if self.intake.work_ack_wait_secs == 0 {
-            p.push("intake.work_ack_wait_secs: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "intake.work_ack_wait_secs: must be at least 1".to_string(),
+            ));
         }
         if self.telemetry.max_value_depth > 32 {
             // prost refuses deeper messages anyway (its recursion limit is 100 levels).
-            p.push(format!(
-                "telemetry.max_value_depth: {} is out of range 1-32",
-                self.telemetry.max_value_depth
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "telemetry.max_value_depth: {} is out of range 1-32",
+                    self.telemetry.max_value_depth
+                ),
             ));
         }
         if self.intake.reply_prefixes.is_empty() {
-            p.push("intake.reply_prefixes: name at least one prefix (default \"_INBOX.\")".into());
+            p.push(Keyed::new(
+                Missing,
+                "intake.reply_prefixes: name at least one prefix (default \"_INBOX.\")".to_string(),
+            ));
         }
         for prefix in &self.intake.reply_prefixes {
             // A prefix is good when a subject made from it is one the rule accepts.
@@ -752,39 +854,44 @@ impl Config {
                 std::slice::from_ref(prefix),
                 &self.nats.prefix,
             ) {
-                p.push(format!(
-                    "intake.reply_prefixes: {prefix:?} cannot be used: {why}"
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("intake.reply_prefixes: {prefix:?} cannot be used: {why}"),
                 ));
             }
         }
     }
 
     /// Pool names and capabilities.
-    fn check_pool_names(&self, p: &mut Vec<String>) {
+    fn check_pool_names(&self, p: &mut Vec<Keyed>) {
         for (name, pool) in &self.pools {
             if !is_subject_token(name) {
-                p.push(format!(
-                    "pools.{name}: a pool name must be 1-128 letters, digits, '-' or '_'"
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("pools.{name}: a pool name must be 1-128 letters, digits, '-' or '_'"),
                 ));
             }
             if pool.capabilities.iter().any(|c| c.is_empty()) {
-                p.push(format!(
-                    "pools.{name}.capabilities: must not contain empty strings"
+                p.push(Keyed::new(
+                    Missing,
+                    format!("pools.{name}.capabilities: must not contain empty strings"),
                 ));
             }
         }
     }
 
     /// The routing section and each pool's fallback and error threshold.
-    fn check_routing(&self, p: &mut Vec<String>) {
+    fn check_routing(&self, p: &mut Vec<Keyed>) {
         if let Some(d) = &self.routing.default_pool {
             if !is_subject_token(d) {
-                p.push(format!(
-                    "routing.default_pool: {d:?} is not a valid pool name"
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("routing.default_pool: {d:?} is not a valid pool name"),
                 ));
             } else if !self.pools.is_empty() && !self.pools.contains_key(d) {
-                p.push(format!(
-                    "routing.default_pool: {d:?} is not one of the configured pools"
+                p.push(Keyed::new(
+                    UnknownName,
+                    format!("routing.default_pool: {d:?} is not one of the configured pools"),
                 ));
             }
         }
@@ -794,44 +901,53 @@ impl Config {
             ("routing.max_error_rate", r.max_error_rate),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                p.push(format!("{key}: {v} must be between 0 and 1"));
+                p.push(Keyed::new(
+                    OutOfRange,
+                    format!("{key}: {v} must be between 0 and 1"),
+                ));
             }
         }
         if r.target_bind_timeout_ms == 0 {
-            p.push("routing.target_bind_timeout_ms: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "routing.target_bind_timeout_ms: must be at least 1".to_string(),
+            ));
         }
         if !(r.load_weight.is_finite() && r.load_weight >= 0.0) {
-            p.push(format!(
-                "routing.load_weight: {} must be >= 0",
-                r.load_weight
+            p.push(Keyed::new(
+                OutOfRange,
+                format!("routing.load_weight: {} must be >= 0", r.load_weight),
             ));
         }
         for (name, pool) in &self.pools {
             if let Some(fb) = &pool.fallback_pool
                 && (fb == name || !self.pools.contains_key(fb))
             {
-                p.push(format!(
-                    "pools.{name}.fallback_pool: {fb:?} must be another configured pool"
+                p.push(Keyed::new(
+                    UnknownName,
+                    format!("pools.{name}.fallback_pool: {fb:?} must be another configured pool"),
                 ));
             }
             if let Some(m) = pool.max_error_rate
                 && !(0.0..=1.0).contains(&m)
             {
-                p.push(format!(
-                    "pools.{name}.max_error_rate: {m} must be between 0 and 1"
+                p.push(Keyed::new(
+                    OutOfRange,
+                    format!("pools.{name}.max_error_rate: {m} must be between 0 and 1"),
                 ));
             }
         }
     }
 
     /// The classifier and the decision log.
-    fn check_classifier(&self, p: &mut Vec<String>) {
+    fn check_classifier(&self, p: &mut Vec<Keyed>) {
         let c = &self.classifier;
         if let Some(e) = &c.endpoint
             && !(e.starts_with("http://") || e.starts_with("https://"))
         {
-            p.push(format!(
-                "classifier.endpoint: {e:?} must be an http:// or https:// URL"
+            p.push(Keyed::new(
+                BadValue,
+                format!("classifier.endpoint: {e:?} must be an http:// or https:// URL"),
             ));
         }
         for (key, v) in [
@@ -844,28 +960,37 @@ impl Config {
             ("decisions.max_records", self.decisions.max_records),
         ] {
             if v == 0 {
-                p.push(format!("{key}: must be at least 1"));
+                p.push(Keyed::new(OutOfRange, format!("{key}: must be at least 1")));
             }
         }
     }
 
     /// The live state's bounds, telemetry queues and the policy engine's.
-    fn check_fleet_and_policy(&self, p: &mut Vec<String>) {
+    fn check_fleet_and_policy(&self, p: &mut Vec<Keyed>) {
         let f = &self.fleet;
         if !(f.stuck_factor.is_finite() && f.stuck_factor >= 1.0) {
-            p.push(format!(
-                "fleet.stuck_factor: {} must be at least 1",
-                f.stuck_factor
+            p.push(Keyed::new(
+                OutOfRange,
+                format!("fleet.stuck_factor: {} must be at least 1", f.stuck_factor),
             ));
         }
         if f.tool_repeat_limit == 0 {
-            p.push("fleet.tool_repeat_limit: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "fleet.tool_repeat_limit: must be at least 1".to_string(),
+            ));
         }
         if !(f.default_expected_duration_s.is_finite() && f.default_expected_duration_s > 0.0) {
-            p.push("fleet.default_expected_duration_s: must be above 0".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "fleet.default_expected_duration_s: must be above 0".to_string(),
+            ));
         }
         if f.error_streak == 0 {
-            p.push("fleet.error_streak: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "fleet.error_streak: must be at least 1".to_string(),
+            ));
         }
         for (key, v) in [
             ("fleet.max_workers", f.max_workers),
@@ -889,7 +1014,7 @@ impl Config {
             ),
         ] {
             if v == 0 {
-                p.push(format!("{key}: must be at least 1"));
+                p.push(Keyed::new(OutOfRange, format!("{key}: must be at least 1")));
             }
         }
         let pc = &self.policy;
@@ -900,16 +1025,22 @@ impl Config {
             ("policy.release_batch", pc.release_batch as u64),
         ] {
             if v == 0 {
-                p.push(format!("{key}: must be at least 1"));
+                p.push(Keyed::new(OutOfRange, format!("{key}: must be at least 1")));
             }
         }
         if let Some(d) = &pc.dir
             && d.as_os_str().is_empty()
         {
-            p.push("policy.dir: must not be empty (leave it out for the built-in policy)".into());
+            p.push(Keyed::new(
+                Missing,
+                "policy.dir: must not be empty (leave it out for the built-in policy)".to_string(),
+            ));
         }
         if self.telemetry.queue_poll_ms == 0 {
-            p.push("telemetry.queue_poll_ms: must be at least 1".into());
+            p.push(Keyed::new(
+                OutOfRange,
+                "telemetry.queue_poll_ms: must be at least 1".to_string(),
+            ));
         }
     }
 
@@ -953,6 +1084,17 @@ mod tests {
         else {
             panic!("should be invalid")
         };
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        let got: Vec<_> = problems.iter().map(|p| (p.at.line, p.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), ProblemKind::BadValue),
+                (Some(4), ProblemKind::OutOfRange),
+                (Some(8), ProblemKind::Missing),
+                (Some(6), ProblemKind::UnknownName),
+            ],
+            "{problems:?}"
+        );
+        assert!(problems.iter().all(|p| p.at.file == "c.toml"));
     }
 }

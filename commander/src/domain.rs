@@ -394,3 +394,103 @@ mod tests {
         assert_eq!(attribution_of_key("teams"), None);
     }
 }
+
+/// Where in a file a problem is: `file`, and the 1-based line (and column) when known.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl Location {
+    pub fn file(file: &str) -> Self {
+        Self {
+            file: file.to_string(),
+            line: None,
+            column: None,
+        }
+    }
+
+    pub fn line(file: &str, line: usize) -> Self {
+        Self {
+            file: file.to_string(),
+            line: Some(line),
+            column: None,
+        }
+    }
+
+    /// A problem at this place.
+    pub fn problem(&self, kind: ProblemKind, message: impl Into<String>) -> Problem {
+        Problem {
+            at: self.clone(),
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}", self.file),
+            (Some(l), None) => write!(f, "{}:{l}", self.file),
+            _ => f.write_str(&self.file),
+        }
+    }
+}
+
+/// Written as its text (`file:line`), as the API and the audit trail show it.
+impl Serialize for Location {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What is wrong, in kinds a program (and a test) can match on; the words are in
+/// [`Problem::message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The file cannot be read at all.
+    Unreadable,
+    /// Not TOML (or not the shape of one: a wrong type, a missing table).
+    Syntax,
+    /// A key the format does not have.
+    UnknownField,
+    /// A required value is absent or empty.
+    Missing,
+    /// A number or duration outside what is allowed, or one that must rise and does not.
+    OutOfRange,
+    /// A value that is not one of the allowed words, or does not parse (a pattern, a window).
+    BadValue,
+    /// A name (pool, model, tier, task type, capability) that does not exist where it must.
+    UnknownName,
+    /// Something defined twice.
+    Duplicate,
+    /// Two entries that contradict each other, or a setting that does not apply here.
+    Conflict,
+    /// An edit of one file that another file in force no longer holds against.
+    BreaksOther,
+}
+
+/// One validation problem of a config, policy, rubric or registry file. Every check
+/// reports all of them at once; the text a person reads is rendered in one place
+/// ([`std::fmt::Display`]: `file:line: message`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Problem {
+    pub at: Location,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// The text of each problem, for answers and logs.
+pub fn render(problems: &[Problem]) -> Vec<String> {
+    problems.iter().map(ToString::to_string).collect()
+}

@@ -10,6 +10,8 @@ use std::path::Path;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ProblemKind::{Duplicate, Missing, OutOfRange};
+use crate::domain::{Location, Problem};
 use crate::hot::{line_of, toml_error};
 
 /// The registry shipped with the commander, used when no file is configured.
@@ -22,8 +24,8 @@ pub enum RegistryError {
         file: String,
         source: std::io::Error,
     },
-    #[error("{}", .0.join("\n"))]
-    Invalid(Vec<String>),
+    #[error("{}", crate::domain::render(.0).join("\n"))]
+    Invalid(Vec<Problem>),
 }
 
 /// Price tiers, cheapest first.
@@ -103,14 +105,17 @@ impl Registry {
         let mut models = Vec::new();
         let mut by_key: FxHashMap<String, usize> = FxHashMap::default();
         for spanned in parsed.model {
-            let line = line_of(text, spanned.span().start);
+            let at = Location::line(file, line_of(text, spanned.span().start));
             let m = spanned.into_inner();
-            let at = format!("{file}:{line}: model {:?}", m.name);
+            let model = format!("model {:?}", m.name);
             if m.name.trim().is_empty() {
-                problems.push(format!("{at}: name is empty"));
+                problems.push(at.problem(Missing, format!("{model}: name is empty")));
             }
             if m.context_window == 0 {
-                problems.push(format!("{at}: context_window must be above 0"));
+                problems.push(at.problem(
+                    OutOfRange,
+                    format!("{model}: context_window must be above 0"),
+                ));
             }
             for (field, v) in [
                 ("input_per_mtok", Some(m.input_per_mtok)),
@@ -121,7 +126,10 @@ impl Registry {
                 if let Some(v) = v
                     && !(v.is_finite() && v >= 0.0)
                 {
-                    problems.push(format!("{at}: {field} must be a price >= 0, not {v}"));
+                    problems.push(at.problem(
+                        OutOfRange,
+                        format!("{model}: {field} must be a price >= 0, not {v}"),
+                    ));
                 }
             }
             let idx = models.len();
@@ -129,9 +137,12 @@ impl Registry {
                 let k = key.trim().to_ascii_lowercase();
                 if let Some(&other) = by_key.get(&k) {
                     let other: &ModelEntry = &models[other];
-                    problems.push(format!(
-                        "{at}: {key:?} is already a name or alias of {:?}",
-                        other.name
+                    problems.push(at.problem(
+                        Duplicate,
+                        format!(
+                            "{model}: {key:?} is already a name or alias of {:?}",
+                            other.name
+                        ),
                     ));
                 } else {
                     by_key.insert(k, idx);
@@ -247,6 +258,7 @@ pub type RegistryInForce = dyn crate::hot::InForce<Registry>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ProblemKind;
 
     #[test]
     fn builtin_registry_is_valid_and_has_the_seed_models() {
@@ -324,10 +336,17 @@ output_per_mtok = 1.0
         let RegistryError::Invalid(p) = Registry::parse(text, "m.toml").unwrap_err() else {
             panic!("expected Invalid");
         };
-        assert_eq!(p.len(), 3, "{p:?}");
-        assert!(p[0].starts_with("m.toml:2:") && p[0].contains("context_window"));
-        assert!(p[1].contains("input_per_mtok"));
-        assert!(p[2].starts_with("m.toml:10:") && p[2].contains("already"));
+        let got: Vec<_> = p.iter().map(|p| (p.at.line, p.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), ProblemKind::OutOfRange),
+                (Some(2), ProblemKind::OutOfRange),
+                (Some(10), ProblemKind::Duplicate)
+            ],
+            "{p:?}"
+        );
+        assert!(p.iter().all(|p| p.at.file == "m.toml"));
     }
 
     #[test]

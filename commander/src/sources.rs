@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::classify::rubric::{self, Rubric};
+use crate::domain::{Location, Problem, ProblemKind};
 use crate::policy::{Live, Policy, PolicyEngine, Source, SourceChange};
 use crate::registry::Registry;
 use crate::supervise::Supervisor;
@@ -43,7 +44,7 @@ pub enum Reload {
 
 /// A checked edit, ready to log and audit: the generation now in force, what changed,
 /// and a size to log.
-type Checked = Result<(u64, Vec<String>, usize), Vec<String>>;
+type Checked = Result<(u64, Vec<String>, usize), Vec<Problem>>;
 
 impl Sources {
     pub fn new(engine: Arc<PolicyEngine>, identity: &str) -> Arc<Self> {
@@ -55,7 +56,7 @@ impl Sources {
 
     /// Re-reads the registry file and swaps it in if the rubric and the policy in force
     /// still hold against it. Refusals come back as `file:line: message` lines.
-    pub async fn reload_registry(&self) -> Result<Reload, Vec<String>> {
+    pub async fn reload_registry(&self) -> Result<Reload, Vec<Problem>> {
         let Some(path) = self.engine.files.registry.path() else {
             return Ok(Reload::BuiltIn);
         };
@@ -67,7 +68,7 @@ impl Sources {
 
     /// Re-reads the rubric file and swaps it in if it holds against the configured
     /// registry and pools and the policy in force holds against it.
-    pub async fn reload_rubric(&self) -> Result<Reload, Vec<String>> {
+    pub async fn reload_rubric(&self) -> Result<Reload, Vec<Problem>> {
         let Some(path) = self.engine.files.rubric.path() else {
             return Ok(Reload::BuiltIn);
         };
@@ -80,7 +81,10 @@ impl Sources {
     /// Under the gate: the new registry against the rubric and the policy in force.
     fn check_registry(&self, file: &str, text: &str) -> Checked {
         let live = self.engine.live();
-        let new = Registry::parse(text, file).map_err(|e| vec![e.to_string()])?;
+        let new = Registry::parse(text, file).map_err(|e| match e {
+            crate::registry::RegistryError::Invalid(p) => p,
+            other => vec![Location::file(file).problem(ProblemKind::Unreadable, other.to_string())],
+        })?;
         let mut problems = prefixed(
             file,
             "the routing rubric",
@@ -164,7 +168,7 @@ impl Sources {
         file: &str,
         text: String,
         checked: Checked,
-    ) -> Result<Reload, Vec<String>> {
+    ) -> Result<Reload, Vec<Problem>> {
         let record = match source {
             Source::Registry => &self.engine.files.registry,
             _ => &self.engine.files.rubric,
@@ -176,9 +180,10 @@ impl Sources {
                 (Vec::new(), diff, Ok(Reload::Applied { generation }))
             }
             Err(problems) => {
-                tracing::error!(file, errors = %problems.join(" | "), "{} change refused; keeping the one in force", source.as_str());
-                record.refuse(problems.join("\n"));
-                (problems.clone(), Vec::new(), Err(problems))
+                let text = crate::domain::render(&problems);
+                tracing::error!(file, errors = %text.join(" | "), "{} change refused; keeping the one in force", source.as_str());
+                record.refuse(text.join("\n"));
+                (text, Vec::new(), Err(problems))
             }
         };
         self.engine
@@ -201,7 +206,7 @@ fn pools(live: &Live) -> Option<&std::collections::BTreeMap<String, crate::confi
 }
 
 /// The policy in force, checked again against `registry` and `rubric`.
-fn recheck_policy(live: &Live, registry: &Registry, rubric: &Rubric) -> Option<Vec<String>> {
+fn recheck_policy(live: &Live, registry: &Registry, rubric: &Rubric) -> Option<Vec<Problem>> {
     Policy::parse(
         live.policy.documents.clone(),
         crate::policy::CheckAgainst {
@@ -211,26 +216,40 @@ fn recheck_policy(live: &Live, registry: &Registry, rubric: &Rubric) -> Option<V
         },
     )
     .err()
-    .map(|e| e.problems())
+    .map(|e| match e {
+        crate::policy::PolicyError::Invalid(p) => p,
+        other => vec![Location::file("policy").problem(ProblemKind::BadValue, other.to_string())],
+    })
 }
 
-fn read(path: &Path) -> Result<String, Vec<String>> {
-    std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])
+fn read(path: &Path) -> Result<String, Vec<Problem>> {
+    std::fs::read_to_string(path).map_err(|e| {
+        vec![
+            Location::file(&path.display().to_string())
+                .problem(ProblemKind::Unreadable, e.to_string()),
+        ]
+    })
 }
 
-fn rubric_problems(e: &rubric::RubricError) -> Vec<String> {
+fn rubric_problems(e: &rubric::RubricError) -> Vec<Problem> {
     match e {
         rubric::RubricError::Invalid(problems) => problems.clone(),
-        other => vec![other.to_string()],
+        other => vec![Location::file("rubric").problem(ProblemKind::Unreadable, other.to_string())],
     }
 }
 
-/// Problems another file has with an edit of `file`, each naming both.
-fn prefixed(file: &str, what: &str, problems: Option<Vec<String>>) -> Vec<String> {
+/// Problems another file has with an edit of `file`, each naming both: the edited file,
+/// and the other file's own problem (its file and line) in the message.
+fn prefixed(file: &str, what: &str, problems: Option<Vec<Problem>>) -> Vec<Problem> {
     problems
         .unwrap_or_default()
         .into_iter()
-        .map(|p| format!("{file}: this edit breaks {what}: {p}"))
+        .map(|p| {
+            Location::file(file).problem(
+                ProblemKind::BreaksOther,
+                format!("this edit breaks {what}: {p}"),
+            )
+        })
         .collect()
 }
 
@@ -377,12 +396,22 @@ mod tests {
 
         // Syntax error: named with file and line, nothing changes.
         std::fs::write(dir.path().join("models.toml"), "[[model]]\nname = 1\n").unwrap();
-        let err = sources.reload_registry().await.unwrap_err().join("\n");
-        assert!(err.contains("models.toml:2"), "{err}");
+        let err = sources.reload_registry().await.unwrap_err();
+        assert_eq!(
+            (err[0].at.line, err[0].kind),
+            (Some(2), ProblemKind::Syntax),
+            "{err:?}"
+        );
         // A registry without the rubric's models breaks the rubric: refused, naming it.
         std::fs::write(dir.path().join("models.toml"), ONE_MODEL).unwrap();
-        let err = sources.reload_registry().await.unwrap_err().join("\n");
-        assert!(err.contains("this edit breaks the routing rubric"), "{err}");
+        let err = sources.reload_registry().await.unwrap_err();
+        assert!(
+            err.iter().all(|p| p.kind == ProblemKind::BreaksOther
+                && p.at.file.ends_with("models.toml")
+                && p.message.contains("rubric.toml:")),
+            "each names both files: {err:?}"
+        );
+        let err = crate::domain::render(&err).join("\n");
         let after = engine.live();
         assert_eq!(after.registry.models().len(), n, "the last good stays");
         assert_eq!(after.registry_generation, 1);
@@ -439,11 +468,13 @@ mod tests {
             rubric::BUILTIN.replace("default_tier = \"simple\"", "default_tier = \"trivial\""),
         )
         .unwrap();
-        let err = sources.reload_rubric().await.unwrap_err().join("\n");
+        let err = sources.reload_rubric().await.unwrap_err();
         assert!(
-            err.contains("default_tier \"trivial\" is not a tier"),
-            "{err}"
+            err.iter()
+                .any(|p| p.kind == ProblemKind::UnknownName && p.message.contains("trivial")),
+            "{err:?}"
         );
+        let err = crate::domain::render(&err).join("\n");
         let live = engine.live();
         assert!(
             live.rubric.task_type("investigation").is_some(),

@@ -110,7 +110,7 @@ pub enum ApiError {
     NotFound(String),
     /// A policy (or other document) with these problems.
     #[error("{} problem(s)", .0.len())]
-    Invalid(Vec<String>),
+    Invalid(Vec<crate::domain::Problem>),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -149,9 +149,10 @@ impl IntoResponse for ApiError {
         if !problems.is_empty() {
             body["error"]["problems"] = json!(problems);
         }
-        if let ApiError::Invalid(errors) = &self {
+        if let ApiError::Invalid(problems) = &self {
             body["accepted"] = json!(false);
-            body["errors"] = json!(errors);
+            body["errors"] = json!(crate::domain::render(problems));
+            body["problems"] = json!(problems);
         }
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {

@@ -9,6 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ProblemKind::*;
+use crate::domain::{Location, Problem};
 use crate::hot::{line_of, toml_error};
 use crate::registry::Registry;
 
@@ -38,8 +40,8 @@ pub enum RubricError {
         file: String,
         source: std::io::Error,
     },
-    #[error("{}", .0.join("\n"))]
-    Invalid(Vec<String>),
+    #[error("{}", crate::domain::render(.0).join("\n"))]
+    Invalid(Vec<Problem>),
 }
 
 /// `[classifier]`: how tasks are classified.
@@ -177,6 +179,30 @@ pub struct CheckAgainst<'a> {
     pub pools: Option<&'a BTreeMap<String, crate::config::PoolConfig>>,
 }
 
+/// An entry of the file (`[classifier]`, a task type, a tier): where it starts and its
+/// name, which each of its problems starts with.
+struct Entry {
+    at: Location,
+    what: String,
+}
+
+impl Entry {
+    fn new(file: &str, line: usize, what: String) -> Self {
+        Self {
+            at: Location::line(file, line),
+            what,
+        }
+    }
+
+    fn problem(
+        &self,
+        kind: crate::domain::ProblemKind,
+        message: impl std::fmt::Display,
+    ) -> Problem {
+        self.at.problem(kind, format!("{}: {message}", self.what))
+    }
+}
+
 impl Rubric {
     /// Parses and validates `text`; every problem is reported as `file:line: message`.
     pub fn parse(text: &str, file: &str, against: CheckAgainst<'_>) -> Result<Self, RubricError> {
@@ -185,7 +211,7 @@ impl Rubric {
         let mut problems = Vec::new();
         let cline = line_of(text, parsed.classifier.span().start);
         let classifier = parsed.classifier.into_inner();
-        let at_c = format!("{file}:{cline}: [classifier]");
+        let at_c = Entry::new(file, cline, "[classifier]".to_string());
 
         let mut task_types = Vec::new();
         let mut type_lines = Vec::new();
@@ -200,10 +226,12 @@ impl Rubric {
             tiers.push(t.into_inner());
         }
         if task_types.is_empty() {
-            problems.push(format!("{file}: at least one [[task_type]] is needed"));
+            problems.push(
+                Location::file(file).problem(Missing, "at least one [[task_type]] is needed"),
+            );
         }
         if tiers.is_empty() {
-            problems.push(format!("{file}: at least one [[tier]] is needed"));
+            problems.push(Location::file(file).problem(Missing, "at least one [[tier]] is needed"));
         }
         let tier_names: BTreeSet<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
 
@@ -211,99 +239,118 @@ impl Rubric {
         capabilities.insert(LONG_CONTEXT.to_string());
         let mut seen = BTreeSet::new();
         for (t, line) in task_types.iter().zip(&type_lines) {
-            let at = format!("{file}:{line}: task_type {:?}", t.name);
+            let at = Entry::new(file, *line, format!("task_type {:?}", t.name));
             if !is_name(&t.name) {
-                problems.push(format!("{at}: name must be letters, digits, '-' or '_'"));
+                problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
             }
             if !seen.insert(t.name.as_str()) {
-                problems.push(format!("{at}: defined twice"));
+                problems.push(at.problem(Duplicate, "defined twice"));
             }
             if t.description.trim().is_empty() {
-                problems.push(format!("{at}: description is empty"));
+                problems.push(at.problem(Missing, "description is empty"));
             }
             if !tier_names.contains(t.default_tier.as_str()) {
-                problems.push(format!(
-                    "{at}: default_tier {:?} is not a tier (tiers: {})",
-                    t.default_tier,
-                    join(&tier_names)
+                problems.push(at.problem(
+                    UnknownName,
+                    format!(
+                        "default_tier {:?} is not a tier (tiers: {})",
+                        t.default_tier,
+                        join(&tier_names)
+                    ),
                 ));
             }
             if t.keywords.iter().any(|k| k.trim().is_empty()) {
-                problems.push(format!("{at}: keywords must not be empty strings"));
+                problems.push(at.problem(Missing, "keywords must not be empty strings"));
             }
             for c in &t.capabilities {
                 if c.trim().is_empty() {
-                    problems.push(format!("{at}: capabilities must not be empty strings"));
+                    problems.push(at.problem(Missing, "capabilities must not be empty strings"));
                 }
                 capabilities.insert(c.clone());
             }
         }
         if !seen.contains(classifier.default_task_type.as_str()) {
-            problems.push(format!(
-                "{at_c}: default_task_type {:?} is not a task type",
-                classifier.default_task_type
+            problems.push(at_c.problem(
+                UnknownName,
+                format!(
+                    "default_task_type {:?} is not a task type",
+                    classifier.default_task_type
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&classifier.min_confidence) {
-            problems.push(format!(
-                "{at_c}: min_confidence {} must be between 0 and 1",
-                classifier.min_confidence
+            problems.push(at_c.problem(
+                OutOfRange,
+                format!(
+                    "min_confidence {} must be between 0 and 1",
+                    classifier.min_confidence
+                ),
             ));
         }
         if classifier.max_task_chars == 0 {
-            problems.push(format!("{at_c}: max_task_chars must be at least 1"));
+            problems.push(at_c.problem(OutOfRange, "max_task_chars must be at least 1"));
         }
         if let Some(reg) = against.registry
             && reg.lookup(&classifier.model).is_none()
         {
-            problems.push(format!(
-                "{at_c}: model {:?} is not in the model registry ({}), so its cost is unknown",
-                classifier.model, reg.source
+            problems.push(at_c.problem(
+                UnknownName,
+                format!(
+                    "model {:?} is not in the model registry ({}), so its cost is unknown",
+                    classifier.model, reg.source
+                ),
             ));
         }
 
         let mut seen = BTreeSet::new();
         for (t, line) in tiers.iter().zip(&tier_lines) {
-            let at = format!("{file}:{line}: tier {:?}", t.name);
+            let at = Entry::new(file, *line, format!("tier {:?}", t.name));
             if !is_name(&t.name) {
-                problems.push(format!("{at}: name must be letters, digits, '-' or '_'"));
+                problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
             }
             if !seen.insert(t.name.as_str()) {
-                problems.push(format!("{at}: defined twice"));
+                problems.push(at.problem(Duplicate, "defined twice"));
             }
             if t.candidates.is_empty() {
-                problems.push(format!("{at}: needs at least one [[tier.candidate]]"));
+                problems.push(at.problem(Missing, "needs at least one [[tier.candidate]]"));
             }
             if !t.candidates.iter().any(|c| c.model == t.default_model) {
-                problems.push(format!(
-                    "{at}: default_model {:?} is not one of its candidates",
-                    t.default_model
+                problems.push(at.problem(
+                    UnknownName,
+                    format!(
+                        "default_model {:?} is not one of its candidates",
+                        t.default_model
+                    ),
                 ));
             }
             let mut models = BTreeSet::new();
             for c in &t.candidates {
                 if !models.insert(c.model.as_str()) {
-                    problems.push(format!("{at}: candidate model {:?} listed twice", c.model));
+                    problems.push(at.problem(
+                        Duplicate,
+                        format!("candidate model {:?} listed twice", c.model),
+                    ));
                 }
                 if c.pools.is_empty() {
-                    problems.push(format!("{at}: candidate {:?} names no pool", c.model));
+                    problems.push(
+                        at.problem(Missing, format!("candidate {:?} names no pool", c.model)),
+                    );
                 }
                 if let Some(reg) = against.registry
                     && reg.lookup(&c.model).is_none()
                 {
-                    problems.push(format!(
-                        "{at}: candidate model {:?} is not in the model registry ({})",
-                        c.model, reg.source
+                    problems.push(at.problem(
+                        UnknownName,
+                        format!(
+                            "candidate model {:?} is not in the model registry ({})",
+                            c.model, reg.source
+                        ),
                     ));
                 }
                 if let Some(pools) = against.pools {
                     for p in &c.pools {
                         if !pools.contains_key(p) {
-                            problems.push(format!(
-                                "{at}: candidate {:?} names pool {p:?}, which is not configured (pools: {})",
-                                c.model,
-                                join(&pools.keys().map(String::as_str).collect())
-                            ));
+                            problems.push(at.problem(UnknownName, format!("candidate {:?} names pool {p:?}, which is not configured (pools: {})", c.model, join(&pools.keys().map(String::as_str).collect()))));
                         }
                     }
                 }
@@ -311,7 +358,7 @@ impl Rubric {
         }
         let template = classifier.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
         if template.trim().is_empty() {
-            problems.push(format!("{at_c}: prompt is empty"));
+            problems.push(at_c.problem(Missing, "prompt is empty"));
         }
         if !problems.is_empty() {
             return Err(RubricError::Invalid(problems));
@@ -332,8 +379,12 @@ impl Rubric {
     }
 
     pub fn builtin() -> Result<Self, RubricError> {
-        let registry =
-            Registry::builtin().map_err(|e| RubricError::Invalid(vec![e.to_string()]))?;
+        let registry = Registry::builtin().map_err(|e| match e {
+            crate::registry::RegistryError::Invalid(p) => RubricError::Invalid(p),
+            other => RubricError::Invalid(vec![
+                Location::file(BUILTIN_NAME).problem(Syntax, other.to_string()),
+            ]),
+        })?;
         Self::parse(
             BUILTIN,
             BUILTIN_NAME,

@@ -153,12 +153,9 @@ impl ServeArgs {
             .config
             .clone()
             .unwrap_or_else(|| PathBuf::from("<flags>"));
-        config
-            .validate()
-            .map_err(|problems| crate::config::ConfigError::Invalid {
-                path: origin,
-                problems,
-            })?;
+        // The file was checked with its lines on load; this catches what flags and the
+        // environment set.
+        config.validate_at(&origin, None)?;
         Ok(config)
     }
 }

@@ -14,6 +14,8 @@ use super::budget::Window;
 use super::schema::*;
 use crate::classify::rubric::Rubric;
 use crate::config::PoolConfig;
+use crate::domain::ProblemKind::{self, *};
+use crate::domain::{Location, Problem};
 use crate::hot::{line_of, toml_error};
 use crate::registry::Registry;
 
@@ -59,8 +61,8 @@ impl<'a> Here<'a> {
         }
     }
 
-    /// `file:line` of `key = …` within this entry, else of the entry's header.
-    fn key(&self, key: &str) -> String {
+    /// Where `key = …` is within this entry, else the entry's header.
+    fn key(&self, key: &str) -> Location {
         let header = line_of(self.text, self.start);
         let body = self.text.get(self.start..).unwrap_or_default();
         let found = body.lines().enumerate().find_map(|(i, line)| {
@@ -76,7 +78,17 @@ impl<'a> Here<'a> {
             Some(Some(i)) => header + i,
             _ => header,
         };
-        format!("{}:{line}", self.file)
+        Location::line(self.file, line)
+    }
+
+    /// The entry's header.
+    fn loc(&self) -> Location {
+        Location::line(self.file, line_of(self.text, self.start))
+    }
+
+    /// A problem of the entry as a whole, at its header.
+    fn problem(&self, kind: ProblemKind, message: impl Into<String>) -> Problem {
+        self.loc().problem(kind, message)
     }
 }
 
@@ -93,7 +105,7 @@ pub struct Budget {
     pub spec: BudgetSpec,
     #[serde(skip)]
     pub window: Window,
-    pub at: String,
+    pub at: Location,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -103,14 +115,14 @@ pub struct Throttle {
     /// Built once here, at validation; the live limiters use exactly these.
     #[serde(skip)]
     pub quotas: Quotas,
-    pub at: String,
+    pub at: Location,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Reroute {
     #[serde(flatten)]
     pub spec: RerouteSpec,
-    pub at: String,
+    pub at: Location,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -131,7 +143,7 @@ impl PartialEq for Redaction {
 pub struct TestCase {
     #[serde(flatten)]
     pub spec: TestSpec,
-    pub at: String,
+    pub at: Location,
 }
 
 /// A validated policy: every document's sections merged.
@@ -193,7 +205,7 @@ impl Policy {
                 p.budgets.push(Budget {
                     spec,
                     window: window.unwrap_or(Window::Day),
-                    at: here.to_string(),
+                    at: here.loc(),
                 });
             }
             for t in parsed.throttle {
@@ -203,7 +215,7 @@ impl Policy {
                 p.throttles.push(Throttle {
                     spec,
                     quotas,
-                    at: here.to_string(),
+                    at: here.loc(),
                 });
             }
             for r in parsed.reroute {
@@ -212,13 +224,15 @@ impl Policy {
                 check_reroute(&spec, here, against, &mut problems);
                 p.reroutes.push(Reroute {
                     spec,
-                    at: here.to_string(),
+                    at: here.loc(),
                 });
             }
             if let Some(a) = parsed.alerts {
                 let here = at(a.span());
                 if let Some(first) = &alerts_at {
-                    problems.push(format!("{here}: [alerts] is already set at {first}"));
+                    problems.push(
+                        here.problem(Duplicate, format!("[alerts] is already set at {first}")),
+                    );
                 }
                 let spec = a.into_inner();
                 check_alerts(&spec, here, &mut problems);
@@ -229,18 +243,20 @@ impl Policy {
                 let here = at(e.span());
                 let spec = e.into_inner();
                 if !matches!(spec.severity.as_str(), "warning" | "critical") {
-                    problems.push(format!(
-                        "{}: escalation severity {:?} must be \"warning\" or \"critical\"",
-                        here.key("severity"),
-                        spec.severity
+                    problems.push(here.key("severity").problem(
+                        BadValue,
+                        format!(
+                            "escalation severity {:?} must be \"warning\" or \"critical\"",
+                            spec.severity
+                        ),
                     ));
                 }
                 if let Some(s) = &spec.sink
                     && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
                 {
-                    problems.push(format!(
-                        "{}: escalation sink {s:?} must be nats, webhook or alertmanager",
-                        here.key("sink")
+                    problems.push(here.key("sink").problem(
+                        BadValue,
+                        format!("escalation sink {s:?} must be nats, webhook or alertmanager"),
                     ));
                 }
                 p.escalation.push(spec);
@@ -249,9 +265,9 @@ impl Policy {
                 let here = at(r.span());
                 let spec = r.into_inner();
                 if spec.attributes.is_empty() || spec.attributes.iter().any(|a| a.is_empty()) {
-                    problems.push(format!(
-                        "{}: redaction attributes must be a non-empty list of non-empty keys",
-                        here.key("attributes")
+                    problems.push(here.key("attributes").problem(
+                        Missing,
+                        "redaction attributes must be a non-empty list of non-empty keys",
                     ));
                 }
                 let regex = match &spec.pattern {
@@ -260,9 +276,9 @@ impl Policy {
                         Err(e) => {
                             let first = e.to_string();
                             let first = first.lines().last().unwrap_or("invalid");
-                            problems.push(format!(
-                                "{}: redaction pattern {pat:?} does not compile: {first}",
-                                here.key("pattern")
+                            problems.push(here.key("pattern").problem(
+                                BadValue,
+                                format!("redaction pattern {pat:?} does not compile: {first}"),
                             ));
                             None
                         }
@@ -274,7 +290,9 @@ impl Policy {
             if let Some(s) = parsed.sampling {
                 let here = at(s.span());
                 if let Some(first) = &sampling_at {
-                    problems.push(format!("{here}: [sampling] is already set at {first}"));
+                    problems.push(
+                        here.problem(Duplicate, format!("[sampling] is already set at {first}")),
+                    );
                 }
                 let spec = s.into_inner();
                 let mut rates = vec![(
@@ -291,8 +309,9 @@ impl Policy {
                 }));
                 for (what, at, v) in rates {
                     if !(0.0..=1.0).contains(&v) {
-                        problems.push(format!(
-                            "{at}: sampling {what}: {v} must be between 0 and 1"
+                        problems.push(at.problem(
+                            OutOfRange,
+                            format!("sampling {what}: {v} must be between 0 and 1"),
                         ));
                     }
                 }
@@ -305,35 +324,27 @@ impl Policy {
                 check_test(&spec, here, against, &mut problems);
                 p.tests.push(TestCase {
                     spec,
-                    at: here.to_string(),
+                    at: here.loc(),
                 });
             }
         }
         check_unique(
-            p.budgets
-                .iter()
-                .map(|b| (b.spec.name.as_str(), b.at.as_str())),
+            p.budgets.iter().map(|b| (b.spec.name.as_str(), &b.at)),
             "budget",
             &mut problems,
         );
         check_unique(
-            p.throttles
-                .iter()
-                .map(|t| (t.spec.name.as_str(), t.at.as_str())),
+            p.throttles.iter().map(|t| (t.spec.name.as_str(), &t.at)),
             "throttle",
             &mut problems,
         );
         check_unique(
-            p.reroutes
-                .iter()
-                .map(|r| (r.spec.from.as_str(), r.at.as_str())),
+            p.reroutes.iter().map(|r| (r.spec.from.as_str(), &r.at)),
             "reroute from pool",
             &mut problems,
         );
         check_unique(
-            p.tests
-                .iter()
-                .map(|t| (t.spec.name.as_str(), t.at.as_str())),
+            p.tests.iter().map(|t| (t.spec.name.as_str(), &t.at)),
             "test",
             &mut problems,
         );
@@ -440,90 +451,102 @@ fn check_budget(
     b: &BudgetSpec,
     here: Here<'_>,
     against: CheckAgainst<'_>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> Option<Window> {
     let name = &b.name;
     if name.trim().is_empty() {
-        problems.push(format!(
-            "{}: budget name must not be empty",
+        problems.push(
             here.key("name")
-        ));
+                .problem(Missing, "budget name must not be empty"),
+        );
     }
     if !(b.limit_usd.is_finite() && b.limit_usd > 0.0) {
-        problems.push(format!(
-            "{}: budget {name}: limit_usd {} must be a positive number of USD",
-            here.key("limit_usd"),
-            b.limit_usd
+        problems.push(here.key("limit_usd").problem(
+            OutOfRange,
+            format!(
+                "budget {name}: limit_usd {} must be a positive number of USD",
+                b.limit_usd
+            ),
         ));
     }
     let window = match Window::parse(&b.window) {
         Ok(w) => Some(w),
         Err(e) => {
-            problems.push(format!("{}: budget {name}: {e}", here.key("window")));
+            problems.push(
+                here.key("window")
+                    .problem(BadValue, format!("budget {name}: {e}")),
+            );
             None
         }
     };
     match (b.scope, &b.matches) {
-        (Scope::Fleet, Some(m)) => problems.push(format!(
-            "{}: budget {name}: scope fleet takes no match (got {m:?})",
-            here.key("match")
+        (Scope::Fleet, Some(m)) => problems.push(here.key("match").problem(
+            Conflict,
+            format!("budget {name}: scope fleet takes no match (got {m:?})"),
         )),
-        (Scope::Pool, Some(m)) if !pool_known(against, m) => problems.push(format!(
-            "{}: budget {name}: unknown pool {m:?}",
+        (Scope::Pool, Some(m)) if !pool_known(against, m) => problems.push(
             here.key("match")
-        )),
-        (Scope::Model, Some(m)) if against.registry.lookup(m).is_none() => problems.push(format!(
-            "{}: budget {name}: unknown model {m:?} (not in the model registry)",
+                .problem(UnknownName, format!("budget {name}: unknown pool {m:?}")),
+        ),
+        (Scope::Model, Some(m)) if against.registry.lookup(m).is_none() => {
+            problems.push(here.key("match").problem(
+                UnknownName,
+                format!("budget {name}: unknown model {m:?} (not in the model registry)"),
+            ))
+        }
+        (_, Some(m)) if m.trim().is_empty() => problems.push(
             here.key("match")
-        )),
-        (_, Some(m)) if m.trim().is_empty() => problems.push(format!(
-            "{}: budget {name}: match must not be empty",
-            here.key("match")
-        )),
+                .problem(Missing, format!("budget {name}: match must not be empty")),
+        ),
         _ => {}
     }
     let mut last = 0.0;
     for s in &b.soft {
         if !(s.at > 0.0 && s.at < 1.0) {
-            problems.push(format!(
-                "{}: budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
-                here.key("soft"),
-                s.at
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
+                    s.at
+                ),
             ));
         } else if s.at <= last {
-            problems.push(format!(
-                "{}: budget {name}: soft thresholds must rise ({} after {last})",
-                here.key("soft"),
-                s.at
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft thresholds must rise ({} after {last})",
+                    s.at
+                ),
             ));
         }
         if s.max_priority > 9 {
-            problems.push(format!(
-                "{}: budget {name}: soft max_priority {} is out of range 0-9",
-                here.key("soft"),
-                s.max_priority
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft max_priority {} is out of range 0-9",
+                    s.max_priority
+                ),
             ));
         }
         last = s.at;
     }
     if let Some(t) = &b.min_tier {
         if b.action != LimitAction::Downgrade {
-            problems.push(format!(
-                "{}: budget {name}: min_tier only applies to action = \"downgrade\"",
-                here.key("min_tier")
+            problems.push(here.key("min_tier").problem(
+                Conflict,
+                format!("budget {name}: min_tier only applies to action = \"downgrade\""),
             ));
         }
         if against.rubric.tier_index(t).is_none() {
-            problems.push(format!(
-                "{}: budget {name}: min_tier {t:?} is not a tier of the rubric ({})",
-                here.key("min_tier"),
-                against
+            problems.push(here.key("min_tier").problem(
+                UnknownName,
+                format!("budget {name}: min_tier {t:?} is not a tier of the rubric ({})", against
                     .rubric
                     .tiers
                     .iter()
                     .map(|t| t.name.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", ")),
             ));
         }
     }
@@ -534,35 +557,39 @@ fn check_throttle(
     t: &ThrottleSpec,
     here: Here<'_>,
     against: CheckAgainst<'_>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> Quotas {
     let name = &t.name;
     if name.trim().is_empty() {
-        problems.push(format!(
-            "{}: throttle name must not be empty",
+        problems.push(
             here.key("name")
-        ));
+                .problem(Missing, "throttle name must not be empty"),
+        );
     }
     if t.tasks_per_s.is_none() && t.tokens_per_min.is_none() {
-        problems.push(format!(
-            "{here}: throttle {name}: set tasks_per_s, tokens_per_min or both"
+        problems.push(here.problem(
+            Missing,
+            format!("throttle {name}: set tasks_per_s, tokens_per_min or both"),
         ));
     }
     if t.scope == ThrottleScope::Pool
         && let Some(m) = &t.matches
         && !pool_known(against, m)
     {
-        problems.push(format!(
-            "{}: throttle {name}: unknown pool {m:?}",
+        problems.push(
             here.key("match")
-        ));
+                .problem(UnknownName, format!("throttle {name}: unknown pool {m:?}")),
+        );
     }
     // The ranges, and the limiter itself: built here exactly as the engine will use it.
     match t.quotas() {
         Ok(q) => q,
         Err(e) => {
             let (key, why) = e;
-            problems.push(format!("{}: throttle {name}: {why}", here.key(key)));
+            problems.push(
+                here.key(key)
+                    .problem(BadValue, format!("throttle {name}: {why}")),
+            );
             Quotas::default()
         }
     }
@@ -572,41 +599,45 @@ fn check_reroute(
     r: &RerouteSpec,
     here: Here<'_>,
     against: CheckAgainst<'_>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) {
     for (what, pool) in [("from", &r.from), ("to", &r.to)] {
         if !pool_known(against, pool) {
-            problems.push(format!(
-                "{}: reroute {what}: unknown pool {pool:?}",
-                here.key(what)
+            problems.push(here.key(what).problem(
+                UnknownName,
+                format!("reroute {what}: unknown pool {pool:?}"),
             ));
         }
     }
     if r.from == r.to {
-        problems.push(format!(
-            "{}: reroute from and to are both {:?}",
-            here.key("to"),
-            r.from
+        problems.push(here.key("to").problem(
+            Conflict,
+            format!("reroute from and to are both {:?}", r.from),
         ));
     }
     if r.error_rate_above.is_none() && r.p95_latency_ms_above.is_none() {
-        problems.push(format!(
-            "{here}: reroute {}: set error_rate_above, p95_latency_ms_above or both",
-            r.from
+        problems.push(here.problem(
+            Missing,
+            format!(
+                "reroute {}: set error_rate_above, p95_latency_ms_above or both",
+                r.from
+            ),
         ));
     }
     if let Some(e) = r.error_rate_above
         && !(0.0..1.0).contains(&e)
     {
-        problems.push(format!(
-            "{}: reroute {}: error_rate_above {e} must be at least 0 and below 1",
-            here.key("error_rate_above"),
-            r.from
+        problems.push(here.key("error_rate_above").problem(
+            OutOfRange,
+            format!(
+                "reroute {}: error_rate_above {e} must be at least 0 and below 1",
+                r.from
+            ),
         ));
     }
 }
 
-fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<String>) {
+fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
     for (key, v) in [
         ("context_warning", a.context_warning),
         ("context_critical", a.context_critical),
@@ -616,18 +647,19 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<String>) {
         ("token_rate_drop", a.token_rate_drop),
     ] {
         if !(v > 0.0 && v <= 1.0) {
-            problems.push(format!(
-                "{}: alerts.{key}: {v} must be above 0 and at most 1",
-                here.key(key)
+            problems.push(here.key(key).problem(
+                OutOfRange,
+                format!("alerts.{key}: {v} must be above 0 and at most 1"),
             ));
         }
     }
     if a.context_warning >= a.context_critical {
-        problems.push(format!(
-            "{}: alerts.context_warning {} must be below context_critical {}",
-            here.key("context_warning"),
-            a.context_warning,
-            a.context_critical
+        problems.push(here.key("context_warning").problem(
+            OutOfRange,
+            format!(
+                "alerts.context_warning {} must be below context_critical {}",
+                a.context_warning, a.context_critical
+            ),
         ));
     }
     for (key, v) in [
@@ -636,74 +668,82 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<String>) {
         ("active_duration_multiple", a.active_duration_multiple),
     ] {
         if !(v.is_finite() && v > 1.0) {
-            problems.push(format!(
-                "{}: alerts.{key}: {v} must be above 1",
+            problems.push(
                 here.key(key)
-            ));
+                    .problem(OutOfRange, format!("alerts.{key}: {v} must be above 1")),
+            );
         }
     }
     if a.fleet_error_window_s == 0 {
-        problems.push(format!(
-            "{}: alerts.fleet_error_window_s must be at least 1",
+        problems.push(
             here.key("fleet_error_window_s")
-        ));
+                .problem(OutOfRange, "alerts.fleet_error_window_s must be at least 1"),
+        );
     }
 }
 
-fn check_test(t: &TestSpec, here: Here<'_>, against: CheckAgainst<'_>, problems: &mut Vec<String>) {
+fn check_test(
+    t: &TestSpec,
+    here: Here<'_>,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<Problem>,
+) {
     let name = &t.name;
     if !matches!(
         t.expect.action.as_str(),
         "dispatch" | "defer" | "reject" | "throttle"
     ) {
-        problems.push(format!(
-            "{}: test {name:?}: expect.action {:?} must be dispatch, defer, reject or throttle",
-            here.key("expect"),
-            t.expect.action
+        problems.push(here.key("expect").problem(
+            BadValue,
+            format!(
+                "test {name:?}: expect.action {:?} must be dispatch, defer, reject or throttle",
+                t.expect.action
+            ),
         ));
     }
     if let Some(p) = &t.expect.pool
         && !pool_known(against, p)
     {
-        problems.push(format!(
-            "{}: test {name:?}: expect.pool: unknown pool {p:?}",
-            here.key("expect")
+        problems.push(here.key("expect").problem(
+            UnknownName,
+            format!("test {name:?}: expect.pool: unknown pool {p:?}"),
         ));
     }
     if let Some(m) = &t.expect.model
         && against.registry.lookup(m).is_none()
     {
-        problems.push(format!(
-            "{}: test {name:?}: expect.model: unknown model {m:?}",
-            here.key("expect")
+        problems.push(here.key("expect").problem(
+            UnknownName,
+            format!("test {name:?}: expect.model: unknown model {m:?}"),
         ));
     }
     for p in t.fleet.pools.keys() {
         if !pool_known(against, p) {
-            problems.push(format!(
-                "{}: test {name:?}: fleet.pools: unknown pool {p:?}",
-                here.key("fleet")
+            problems.push(here.key("fleet").problem(
+                UnknownName,
+                format!("test {name:?}: fleet.pools: unknown pool {p:?}"),
             ));
         }
     }
     if t.task.priority > 9 {
-        problems.push(format!(
-            "{}: test {name:?}: task.priority must be 0-9",
-            here.key("task")
+        problems.push(here.key("task").problem(
+            OutOfRange,
+            format!("test {name:?}: task.priority must be 0-9"),
         ));
     }
 }
 
 fn check_unique<'a>(
-    items: impl Iterator<Item = (&'a str, &'a str)>,
+    items: impl Iterator<Item = (&'a str, &'a Location)>,
     what: &str,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) {
-    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut seen: BTreeMap<&str, &Location> = BTreeMap::new();
     for (name, at) in items {
         if let Some(first) = seen.insert(name, at) {
-            problems.push(format!(
-                "{at}: {what} {name:?} is already defined at {first}"
+            problems.push(at.problem(
+                Duplicate,
+                format!("{what} {name:?} is already defined at {first}"),
             ));
             seen.insert(name, first);
         }
@@ -712,7 +752,7 @@ fn check_unique<'a>(
 
 /// Two budgets over the same scope, overlapping values and the same window must agree on
 /// what happens at 100%: otherwise which one wins depends on the order of files.
-fn check_conflicts(budgets: &[Budget], problems: &mut Vec<String>) {
+fn check_conflicts(budgets: &[Budget], problems: &mut Vec<Problem>) {
     let mut reported = BTreeSet::new();
     for (i, a) in budgets.iter().enumerate() {
         for b in &budgets[i + 1..] {
@@ -723,18 +763,7 @@ fn check_conflicts(budgets: &[Budget], problems: &mut Vec<String>) {
                     _ => true,
                 };
             if overlap && a.spec.action != b.spec.action && reported.insert((i, &b.spec.name)) {
-                problems.push(format!(
-                    "{}: budget {} ({} {}, {}) overlaps budget {} at {} with a conflicting action ({} vs {})",
-                    b.at,
-                    b.spec.name,
-                    b.spec.scope.as_str(),
-                    b.spec.matches.as_deref().unwrap_or("every value"),
-                    b.spec.window,
-                    a.spec.name,
-                    a.at,
-                    b.spec.action.as_str(),
-                    a.spec.action.as_str()
-                ));
+                problems.push(b.at.problem(Conflict, format!("budget {} ({} {}, {}) overlaps budget {} at {} with a conflicting action ({} vs {})", b.spec.name, b.spec.scope.as_str(), b.spec.matches.as_deref().unwrap_or("every value"), b.spec.window, a.spec.name, a.at, b.spec.action.as_str(), a.spec.action.as_str())));
             }
         }
     }

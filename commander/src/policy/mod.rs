@@ -55,7 +55,7 @@ pub enum PolicyError {
     #[error("{path}: cannot read: {reason}")]
     Read { path: String, reason: String },
     #[error("{} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<String>),
+    Invalid(Vec<crate::domain::Problem>),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("policy bucket: {0}")]
@@ -68,7 +68,7 @@ impl PolicyError {
     /// The problems, one per line, for API answers.
     pub fn problems(&self) -> Vec<String> {
         match self {
-            PolicyError::Invalid(p) => p.clone(),
+            PolicyError::Invalid(p) => crate::domain::render(p),
             other => vec![other.to_string()],
         }
     }

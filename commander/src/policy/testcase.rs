@@ -227,7 +227,7 @@ fn run_one(
     );
     TestOutcome {
         name: spec.name.clone(),
-        at: t.at.clone(),
+        at: t.at.to_string(),
         passed: failures.is_empty(),
         got,
         failures,

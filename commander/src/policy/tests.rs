@@ -12,6 +12,7 @@ use super::load::{CheckAgainst, Document, Policy};
 use super::{ManualClock, PolicyEngine, PolicyError, Start, evaluate};
 use crate::classify::rubric::Rubric;
 use crate::config::PoolConfig;
+use crate::domain::{Problem, ProblemKind};
 use crate::registry::Registry;
 use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
@@ -54,11 +55,17 @@ fn parse(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
     )
 }
 
-fn problems(files: &[(&str, &str)]) -> Vec<String> {
+fn problems(files: &[(&str, &str)]) -> Vec<Problem> {
     match parse(files) {
         Err(PolicyError::Invalid(p)) => p,
         other => panic!("expected invalid, got {other:?}"),
     }
+}
+
+/// Whether `p` holds a problem of `kind` in `file` at `line`.
+fn has(p: &[Problem], file: &str, line: usize, kind: ProblemKind) -> bool {
+    p.iter()
+        .any(|x| x.at.file == file && x.at.line == Some(line) && x.kind == kind)
 }
 
 const BUDGET: &str = r#"
@@ -90,17 +97,21 @@ fn syntax_error_names_file_and_line() {
         "[[budget]]\nname = \"x\"\nlimit_usd = = 3\n",
     )]);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert!(p[0].starts_with("a.policy.toml:3:"), "{p:?}");
+    assert!(has(&p, "a.policy.toml", 3, ProblemKind::Syntax), "{p:?}");
+    assert!(p[0].at.column.is_some(), "{p:?}");
 }
 
 #[test]
 fn unknown_field_names_file_and_line() {
     let text = format!("{BUDGET}limt_usd = 4.0\n");
     let p = problems(&[("b.policy.toml", &text)]);
-    assert!(
-        p[0].starts_with("b.policy.toml:") && p[0].contains("limt_usd"),
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].at.file.as_str(), p[0].kind),
+        ("b.policy.toml", ProblemKind::UnknownField),
         "{p:?}"
     );
+    assert!(p[0].message.contains("limt_usd"), "{p:?}");
 }
 
 #[test]
@@ -141,22 +152,24 @@ to = "mainframe"
 error_rate_above = 0.2
 "#;
     let p = problems(&[("c.policy.toml", text)]);
-    let has = |line: usize, what: &str| {
-        p.iter()
-            .any(|x| x.starts_with(&format!("c.policy.toml:{line}:")) && x.contains(what))
-    };
     // Each problem names the line of the key at fault, not the entry's header.
-    assert!(has(6, "limit_usd -5"), "negative budget: {p:?}");
-    assert!(has(12, "unknown pool \"gpu\""), "unknown pool: {p:?}");
-    assert!(has(13, "fortnightly"), "bad window: {p:?}");
-    assert!(
-        has(20, "unknown model \"gpt-9-ultra\""),
-        "unknown model: {p:?}"
+    let mut got: Vec<_> = p.iter().map(|x| (x.at.line.unwrap_or(0), x.kind)).collect();
+    got.sort();
+    use ProblemKind::*;
+    assert_eq!(
+        got,
+        [
+            (6, OutOfRange),   // limit_usd -5
+            (12, UnknownName), // pool "gpu"
+            (13, BadValue),    // window "fortnightly"
+            (20, UnknownName), // model "gpt-9-ultra"
+            (28, UnknownName), // throttle pool "nowhere"
+            (29, BadValue),    // tasks_per_s 0
+            (33, UnknownName), // reroute to "mainframe"
+        ],
+        "{p:?}"
     );
-    assert!(has(28, "unknown pool \"nowhere\""), "throttle pool: {p:?}");
-    assert!(has(29, "tasks_per_s 0"), "throttle rate: {p:?}");
-    assert!(has(33, "unknown pool \"mainframe\""), "reroute pool: {p:?}");
-    assert_eq!(p.len(), 7, "{p:?}");
+    assert!(p.iter().all(|x| x.at.file == "c.policy.toml"));
 }
 
 #[test]
@@ -172,12 +185,9 @@ action = "reject"
 "#;
     let p = problems(&[("a.policy.toml", BUDGET), ("b.policy.toml", other)]);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert!(
-        p[0].starts_with("b.policy.toml:2:")
-            && p[0].contains("overlaps budget team-daily at a.policy.toml:2")
-            && p[0].contains("reject vs defer"),
-        "{p:?}"
-    );
+    assert!(has(&p, "b.policy.toml", 2, ProblemKind::Conflict), "{p:?}");
+    // The message names the other budget and where it is.
+    assert!(p[0].message.contains("at a.policy.toml:2"), "{p:?}");
     // Same scope, another window, or the same action: no conflict.
     let monthly = other.replace("\"day\"", "\"month\"");
     parse(&[("a.policy.toml", BUDGET), ("b.policy.toml", &monthly)]).unwrap();
@@ -194,19 +204,23 @@ fn duplicate_names_and_sections_are_refused() {
             &format!("{BUDGET}\n[alerts]\ncontext_warning = 0.99\n"),
         ),
     ]);
+    let kinds: Vec<_> = p.iter().map(|x| (x.at.file.as_str(), x.kind)).collect();
+    use ProblemKind::*;
     assert!(
-        p.iter()
-            .any(|x| x.contains("budget \"team-daily\" is already defined")),
-        "{p:?}"
+        kinds.contains(&("b.policy.toml", Duplicate)),
+        "budget twice: {p:?}"
+    );
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == ("b.policy.toml", Duplicate))
+            .count(),
+        2,
+        "the budget and [alerts]: {p:?}"
     );
     assert!(
-        p.iter().any(|x| x.contains("[alerts] is already set")),
-        "{p:?}"
-    );
-    assert!(
-        p.iter()
-            .any(|x| x.contains("context_warning 0.99 must be below")),
-        "{p:?}"
+        kinds.contains(&("b.policy.toml", OutOfRange)),
+        "warning above critical: {p:?}"
     );
 }
 
@@ -227,20 +241,18 @@ attributes = ["user.email"]
 pattern = "([a-z"
 "#;
     let p = problems(&[("r.policy.toml", text)]);
+    let f = "r.policy.toml";
     assert!(
-        p.iter()
-            .any(|x| x.starts_with("r.policy.toml:9:") && x.contains("soft thresholds must rise")),
-        "{p:?}"
+        has(&p, f, 9, ProblemKind::OutOfRange),
+        "soft thresholds must rise: {p:?}"
     );
     assert!(
-        p.iter()
-            .any(|x| x.starts_with("r.policy.toml:8:") && x.contains("min_tier \"galactic\"")),
-        "{p:?}"
+        has(&p, f, 8, ProblemKind::UnknownName),
+        "min_tier galactic: {p:?}"
     );
     assert!(
-        p.iter()
-            .any(|x| x.starts_with("r.policy.toml:13:") && x.contains("does not compile")),
-        "{p:?}"
+        has(&p, f, 13, ProblemKind::BadValue),
+        "pattern does not compile: {p:?}"
     );
 }
 
