@@ -180,3 +180,146 @@ fn no_import_closes_a_circle_between_top_level_modules() {
         "no longer imported, delete from KNOWN_BACK_EDGES: {gone:?}"
     );
 }
+
+/// The layers block of ARCHITECTURE.md: each module and its layer (0 is the bottom).
+fn layers() -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let start = text
+        .find("```layers")
+        .expect("a ```layers block in ARCHITECTURE.md");
+    let block = &text[start + "```layers".len()..];
+    let block = &block[..block.find("```").expect("the layers block ends")];
+    let lines: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = BTreeMap::new();
+    for (i, line) in lines.iter().enumerate() {
+        for m in line.split_whitespace() {
+            out.insert(m.to_string(), lines.len() - 1 - i);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_import_runs_down_the_layers() {
+    let layers = layers();
+    let imports = module_imports();
+    let unplaced: Vec<_> = imports
+        .keys()
+        .filter(|m| !layers.contains_key(*m))
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules missing from ARCHITECTURE.md's layers: {unplaced:?}"
+    );
+    let mut up = Vec::new();
+    for (from, uses) in &imports {
+        for (to, line) in uses {
+            if layers[to] >= layers[from] {
+                up.push(format!(
+                    "{from} (layer {}) imports {to} (layer {}) at {line}",
+                    layers[from], layers[to]
+                ));
+            }
+        }
+    }
+    assert!(
+        up.is_empty(),
+        "imports that do not run down:\n{}",
+        up.join("\n")
+    );
+}
+
+#[test]
+fn no_circle_between_the_files_of_a_module_folder() {
+    let src = root().join("commander/src");
+    let mut circles = Vec::new();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        if !e.path().is_dir() {
+            continue;
+        }
+        let folder = e.file_name().to_string_lossy().to_string();
+        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if let Some(stem) = name.strip_suffix(".rs") {
+                files.insert(stem.to_string(), f.path());
+            } else if f.path().join("mod.rs").exists() {
+                files.insert(name, f.path().join("mod.rs"));
+            }
+        }
+        let siblings: BTreeSet<String> = files.keys().filter(|k| *k != "mod").cloned().collect();
+        let mut uses: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (name, path) in &files {
+            let text = std::fs::read_to_string(path).unwrap();
+            let text = text.split("#[cfg(test)]").next().unwrap_or("");
+            let mut found = BTreeMap::new();
+            for (n, line) in text.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                let crate_path = format!("crate::{folder}::");
+                let mut refs: Vec<String> = Vec::new();
+                for prefix in ["super::", crate_path.as_str()] {
+                    let mut rest = line;
+                    while let Some(at) = rest.find(prefix) {
+                        rest = &rest[at + prefix.len()..];
+                        if let Some(group) = rest.strip_prefix('{') {
+                            let group = &group[..group.find('}').unwrap_or(group.len())];
+                            refs.extend(
+                                group
+                                    .split(',')
+                                    .map(|g| g.trim().split("::").next().unwrap_or("").to_string()),
+                            );
+                        } else {
+                            refs.push(
+                                rest.chars()
+                                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                                    .collect(),
+                            );
+                        }
+                    }
+                }
+                for r in refs {
+                    if siblings.contains(&r) && &r != name {
+                        let rel = path
+                            .strip_prefix(root())
+                            .unwrap_or(path)
+                            .display()
+                            .to_string();
+                        found.entry(r).or_insert_with(|| format!("{rel}:{}", n + 1));
+                    }
+                }
+            }
+            uses.insert(name.clone(), found);
+        }
+        let reaches = |from: &str, to: &str| -> bool {
+            let mut seen = BTreeSet::new();
+            let mut stack = vec![from.to_string()];
+            while let Some(m) = stack.pop() {
+                if m == to {
+                    return true;
+                }
+                if seen.insert(m.clone())
+                    && let Some(next) = uses.get(&m)
+                {
+                    stack.extend(next.keys().cloned());
+                }
+            }
+            false
+        };
+        for (from, to_lines) in &uses {
+            // `mod.rs` re-exports its children; children reaching up to it is the usual shape.
+            if from == "mod" {
+                continue;
+            }
+            for (to, line) in to_lines {
+                if reaches(to, from) {
+                    circles.push(format!(
+                        "{folder}/{from} -> {to} closes a circle, at {line}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(circles.is_empty(), "{}", circles.join("\n"));
+}

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::PolicyError;
-use super::budget::Window;
 use super::schema::*;
+use super::window::Window;
 use crate::classify::rubric::Rubric;
 use crate::config::PoolConfig;
 use crate::domain::ProblemKind::{self, *};
@@ -891,7 +891,7 @@ fn describe_budget(b: &Budget) -> String {
         "{} {} ${}/{} → {}",
         s.scope.as_str(),
         s.matches.as_deref().unwrap_or("*"),
-        super::budget::usd(s.limit_usd),
+        super::window::usd(s.limit_usd),
         s.window,
         s.action.as_str()
     );

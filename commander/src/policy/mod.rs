@@ -25,6 +25,7 @@ pub mod schema;
 pub mod sync;
 pub mod testcase;
 pub mod throttle;
+pub mod window;
 
 #[cfg(test)]
 mod tests;
