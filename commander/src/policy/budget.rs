@@ -343,6 +343,7 @@ fn room_at(ledger: &Ledger, b: &Budget, value: &str, est: f64, now_ms: u64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::window::{DAY_MS, HOUR_MS};
 
     #[test]
     fn amounts_keep_the_precision_they_were_configured_with() {

@@ -2,8 +2,8 @@
 //! times are written. Below both the policy loader (which parses windows) and the budget
 //! ledger (which buckets spending by them), so neither imports the other.
 
-const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: u64 = 24 * HOUR_MS;
+pub(crate) const HOUR_MS: u64 = 3_600_000;
+pub(crate) const DAY_MS: u64 = 24 * HOUR_MS;
 /// Sub-buckets of a rolling window: spending leaves the window in 1/60th steps.
 const ROLLING_BUCKETS: u64 = 60;
 
