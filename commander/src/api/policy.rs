@@ -193,16 +193,7 @@ pub async fn shadow_replay(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let fleet = s.core.route_snapshot(&live.routing);
-    let report = replay::replay(
-        &candidate,
-        &decisions,
-        &live.rubric,
-        &live.registry,
-        &fleet,
-        &live.routing,
-        since,
-        until,
-    );
+    let report = replay::replay(&candidate, &decisions, &live, &fleet, since, until);
     Ok(Json(report).into_response())
 }
 

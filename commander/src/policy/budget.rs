@@ -252,24 +252,34 @@ impl Check<'_> {
     }
 }
 
-/// Checks a task routed to (`pool`, `model`) with estimate `est` against every budget.
-/// Pure: reads the ledger, changes nothing. `extra` adds tentative spending per cell (the
-/// release pass counts tasks it is about to release).
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the check's inputs, all borrowed"
-)]
+/// A task as routed: its attribution, where it goes, what it is estimated to cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Routed<'a> {
+    pub dims: &'a TaskDims,
+    pub pool: &'a str,
+    pub model: &'a str,
+    /// Estimated cost in USD.
+    pub est: f64,
+    pub priority: u8,
+}
+
+/// Checks a routed task against every budget. Pure: reads the ledger, changes nothing.
+/// `extra` adds tentative spending per cell (the release pass counts tasks it is about to
+/// release).
 pub fn check<'a>(
     policy: &'a Policy,
     ledger: &Ledger,
     extra: &BTreeMap<(String, String), f64>,
-    dims: &TaskDims,
-    pool: &str,
-    model: &str,
-    est: f64,
-    priority: u8,
+    task: Routed<'_>,
     now_ms: u64,
 ) -> Check<'a> {
+    let Routed {
+        dims,
+        pool,
+        model,
+        est,
+        priority,
+    } = task;
     let mut out = Check::default();
     for b in &policy.budgets {
         let Some(value) = scope_value(b, dims, pool, model) else {

@@ -188,9 +188,14 @@ impl Deferrals {
             if t.queues.iter().any(|q| blocked.contains(q)) {
                 continue;
             }
-            let c = budget::check(
-                policy, ledger, &extra, &t.dims, &t.pool, &t.model, t.est_usd, t.priority, now_ms,
-            );
+            let routed = budget::Routed {
+                dims: &t.dims,
+                pool: &t.pool,
+                model: &t.model,
+                est: t.est_usd,
+                priority: t.priority,
+            };
+            let c = budget::check(policy, ledger, &extra, routed, now_ms);
             if c.over.is_empty() {
                 for k in &c.cells {
                     *extra

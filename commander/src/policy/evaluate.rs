@@ -121,11 +121,13 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
             i.policy,
             i.ledger,
             &BTreeMap::new(),
-            i.dims,
-            &d.pool,
-            &d.model,
-            d.est_cost_usd.unwrap_or(0.0),
-            i.task.priority,
+            budget::Routed {
+                dims: i.dims,
+                pool: &d.pool,
+                model: &d.model,
+                est: d.est_cost_usd.unwrap_or(0.0),
+                priority: i.task.priority,
+            },
             i.now_ms,
         )
     };

@@ -66,21 +66,18 @@ fn describe(outcome: &str, pool: Option<&str>, model: Option<&str>) -> String {
     }
 }
 
-/// Replays `decisions` (oldest first) under `candidate`.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the replay's inputs, all borrowed"
-)]
+/// Replays `decisions` (oldest first) under `candidate`, with the routing table, rubric
+/// and registry of `live` and the fleet as it is now.
 pub fn replay(
     candidate: &Policy,
     decisions: &[DecisionRecord],
-    rubric: &Rubric,
-    registry: &Registry,
+    live: &super::Live,
     fleet: &RouteSnapshot,
-    table: &RoutingTable,
     since_ms: u64,
     until_ms: u64,
 ) -> ReplayReport {
+    let (rubric, registry, table): (&Rubric, &Registry, &RoutingTable) =
+        (&live.rubric, &live.registry, &live.routing);
     let mut r = ReplayReport {
         candidate_sha256: candidate.sha256.clone(),
         candidate_summary: candidate.summary(),
