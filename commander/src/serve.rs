@@ -83,38 +83,9 @@ async fn run(
     let data_dir_text = config.store.data_dir.display().to_string();
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
-    let streams = broker::ensure_streams(
-        &js,
-        &subjects,
-        config.pools.keys().map(String::as_str),
-        config.intake.ack_wait(),
-        config.intake.work_ack_wait(),
-        config.intake.batch_size,
-    )
-    .await?;
-    tracing::info!(
-        prefix = subjects.prefix(),
-        pools = config.pools.len(),
-        "streams and consumers ready"
-    );
-
+    let streams = set_up_streams(&config, &js, &subjects).await?;
     let instance = format!("commander-{}", std::process::id());
-    let (spans, spans_task) = SpanExporter::start(
-        client.clone(),
-        subjects.telemetry("_commander", &instance),
-        vec![
-            ("service.name".into(), AttrValue::from("fleet-commander")),
-            (
-                "service.instance.id".into(),
-                AttrValue::from(instance.clone()),
-            ),
-            (
-                "service.version".into(),
-                AttrValue::from(env!("CARGO_PKG_VERSION")),
-            ),
-        ],
-        ExportConfig::default(),
-    );
+    let (spans, spans_task) = own_spans(client, &subjects, &instance);
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -214,35 +185,7 @@ async fn run(
         compliance_token,
         supervisor: supervisor.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.http.listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.http.listen.to_string(),
-        source,
-    })?;
-    tracing::info!(%addr, "http api listening");
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(ServeError::Signals)?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = sigterm.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    let server = axum::serve(
-        listener,
-        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown);
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "http server failed");
-    }
+    serve_api_until_signal(config.http.listen, state).await?;
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -262,6 +205,90 @@ async fn run(
     )
     .await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The intake, work and results streams and their consumers, created or checked.
+async fn set_up_streams(
+    config: &Config,
+    js: &jetstream::Context,
+    subjects: &fleet_worker::Subjects,
+) -> Result<broker::Streams, ServeError> {
+    let streams = broker::ensure_streams(
+        js,
+        subjects,
+        config.pools.keys().map(String::as_str),
+        config.intake.ack_wait(),
+        config.intake.work_ack_wait(),
+        config.intake.batch_size,
+    )
+    .await?;
+    tracing::info!(
+        prefix = subjects.prefix(),
+        pools = config.pools.len(),
+        "streams and consumers ready"
+    );
+    Ok(streams)
+}
+
+/// The exporter of the commander's own spans (dispatch, classifier calls), on
+/// `<prefix>.telemetry._commander.<instance>`.
+fn own_spans(
+    client: &async_nats::Client,
+    subjects: &fleet_worker::Subjects,
+    instance: &str,
+) -> (SpanExporter, tokio::task::JoinHandle<()>) {
+    SpanExporter::start(
+        client.clone(),
+        subjects.telemetry("_commander", instance),
+        vec![
+            ("service.name".into(), AttrValue::from("fleet-commander")),
+            (
+                "service.instance.id".into(),
+                AttrValue::from(instance.to_string()),
+            ),
+            (
+                "service.version".into(),
+                AttrValue::from(env!("CARGO_PKG_VERSION")),
+            ),
+        ],
+        ExportConfig::default(),
+    )
+}
+
+/// Serves the API on `listen` until SIGTERM or Ctrl-C.
+async fn serve_api_until_signal(
+    listen: std::net::SocketAddr,
+    state: AppState,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: listen.to_string(),
+        source,
+    })?;
+    tracing::info!(%addr, "http api listening");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signals)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let server = axum::serve(
+        listener,
+        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "http server failed");
+    }
     Ok(())
 }
 

@@ -127,6 +127,22 @@ impl Reject {
         )
     }
 
+    /// A rejection the decision log explains.
+    pub(super) fn decided(
+        id: String,
+        seq: u64,
+        code: &str,
+        message: String,
+        reply_to: Option<String>,
+        decision: DecisionRecord,
+    ) -> Plan {
+        let mut plan = Self::plan(id, seq, code, message, reply_to);
+        if let Plan::Reject(r) = &mut plan {
+            r.decision = Some(decision);
+        }
+        plan
+    }
+
     pub(super) fn plan(
         id: String,
         seq: u64,
@@ -333,122 +349,57 @@ fn soft_alerts(
 /// Decides where a classified task goes (route, budgets, throttles) and builds its
 /// dispatch, deferral or rejection.
 pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -> Plan {
-    let Prepared {
-        started,
-        received_at,
-        id,
-        seq,
-        reply_to,
-        mut task,
-        parent,
-        dispatch,
-        invalid,
-        tracestate,
-        baggage,
-        release,
-    } = p;
-    let trace_id = dispatch.trace_id;
-    let View {
-        fleet,
-        live,
-        now_ms,
-        ..
-    } = view;
-    let version = live.policy.version.clone();
-    let generation = live.generation();
-    let dims = TaskDims::from_task(&task.attributes, baggage.iter());
-    let decision_id = derived_decision_id(&id, seq, FIRST_ATTEMPT);
+    let dims = TaskDims::from_task(&p.task.attributes, p.baggage.iter());
     let step = {
-        let _span = tracing::debug_span!("decide", task_id = %id).entered();
+        let _span = tracing::debug_span!("decide", task_id = %p.id).entered();
         decide_step(
             ctx,
             Deciding {
-                id: &id,
-                task: &task,
+                id: &p.id,
+                task: &p.task,
                 class: &class,
                 dims: &dims,
-                released: release.is_some(),
+                released: p.release.is_some(),
                 view,
             },
         )
     };
-    let inputs = DecisionInputs {
-        requested_pool: task.pool.clone(),
-        requested_model: task.model.clone(),
-        max_cost_usd: task.max_cost_usd,
-        dims: dims.clone(),
-    };
-    let record = |outcome: Outcome,
-                  d: Option<&Decision>,
-                  rule: &str,
-                  reason: String,
-                  candidates: Vec<route::Candidate>| {
-        DecisionRecord {
-            id: decision_id.clone(),
-            task_id: id.clone(),
-            at_ms: crate::fleet::now_ms(),
-            at: received_at.clone(),
-            outcome,
-            pool: d.map(|d| d.pool.clone()),
-            model: d.map(|d| d.model.clone()),
-            worker: d.and_then(|d| d.worker.clone()),
-            rule: rule.to_string(),
-            reason,
-            task_type: class.answer.task_type.clone(),
-            tier: d
-                .map(|d| d.tier.clone())
-                .unwrap_or_else(|| class.answer.tier.clone()),
-            est_cost_usd: d.and_then(|d| d.est_cost_usd),
-            priority: task.priority,
-            classification: class.clone(),
-            candidates,
-            rubric: live.rubric.name.clone(),
-            policy_version: Some(version.clone()),
-            generation: Some(generation.clone()),
-            inputs: inputs.clone(),
-            trace_id: Some(trace_id.to_hex()),
-        }
-    };
-    let (mut decision, reservation, alerts) = match step {
+    let draft = Draft::new(&p, &class, &dims, view);
+    match step {
         Step::Go {
             decision,
             reservation,
             alerts,
-        } => (decision, reservation, alerts),
+        } => {
+            view.fleet.note_routed(&decision.pool);
+            dispatch_plan(ctx, p, &draft, decision, reservation, alerts)
+        }
         Step::Throttled(t) => {
             ctx.core.policy.counters.throttled.inc();
-            tracing::debug!(task_id = %id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
-            return Plan::Throttle(t.wait);
+            tracing::debug!(task_id = %p.id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
+            Plan::Throttle(t.wait)
         }
         Step::NoRoute(no_route) => {
             let reason = no_route.to_string();
-            let logged = record(
+            let logged = draft.record(
                 Outcome::Rejected,
                 None,
                 no_route.code(),
                 reason.clone(),
                 no_route.candidates().to_vec(),
             );
-            let mut plan = Reject::plan(id, seq, no_route.code(), reason, reply_to);
-            if let Plan::Reject(r) = &mut plan {
-                r.decision = Some(logged);
-            }
-            return plan;
+            Reject::decided(p.id, p.seq, no_route.code(), reason, p.reply_to, logged)
         }
         Step::BudgetReject { decision, reason } => {
             ctx.core.policy.counters.budget_rejected.inc();
-            let logged = record(
+            let logged = draft.record(
                 Outcome::Rejected,
                 Some(&decision),
                 BUDGET_REJECT,
                 reason.clone(),
                 decision.candidates.clone(),
             );
-            let mut plan = Reject::plan(id, seq, "budget_exceeded", reason, reply_to);
-            if let Plan::Reject(r) = &mut plan {
-                r.decision = Some(logged);
-            }
-            return plan;
+            Reject::decided(p.id, p.seq, "budget_exceeded", reason, p.reply_to, logged)
         }
         Step::Defer {
             decision,
@@ -461,154 +412,201 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                     "{reason}; but the deferred queue is full ({} tasks), so it is rejected",
                     ctx.core.policy.deferrals.len()
                 );
-                return Reject::plan(id, seq, "deferred_queue_full", why, reply_to);
+                return Reject::plan(p.id, p.seq, "deferred_queue_full", why, p.reply_to);
             }
-            let (deferred_at_ms, releases) = release.unwrap_or((*now_ms, 0));
-            let logged = record(
+            let logged = draft.record(
                 Outcome::Deferred,
                 Some(&decision),
                 BUDGET_DEFER,
                 reason.clone(),
                 decision.candidates.clone(),
             );
-            let mut hdrs = Vec::new();
-            if let Some(p) = parent {
-                hdrs.push((headers::TRACEPARENT.to_string(), p.to_header()));
-                if let Some(ts) = &tracestate {
-                    hdrs.push((headers::TRACESTATE.to_string(), ts.clone()));
-                }
-            }
-            if !baggage.is_empty() {
-                hdrs.push((headers::BAGGAGE.to_string(), baggage.to_header()));
-            }
-            if let Some(r) = &reply_to {
-                hdrs.push((headers::REPLY_TO.to_string(), r.clone()));
-            }
-            let task_json = match serde_json::to_string(&task) {
-                Ok(j) => j,
-                Err(e) => return Reject::unserialisable(id, seq, &e, reply_to),
-            };
-            let until = until_ms.map(crate::policy::budget::rfc3339);
-            let entry = DeferredTask {
-                id: id.clone(),
-                priority: task.priority,
-                deferred_at_ms,
-                deferred_at: crate::policy::budget::rfc3339(deferred_at_ms),
-                reason: reason.clone(),
-                until_ms,
-                until: until.clone(),
-                queues,
-                pool: decision.pool.clone(),
-                model: decision.model.clone(),
-                est_usd: decision.est_cost_usd.unwrap_or(0.0),
-                dims,
-                policy_version: version.clone(),
-                task_json,
-                headers: hdrs,
-                releases,
-            };
-            let info = DeferInfo {
+            let held = Held {
+                decision,
                 reason,
-                until,
-                deferred_at: entry.deferred_at.clone(),
-                releases,
+                until_ms,
+                queues,
+                dims,
+                now_ms: view.now_ms,
             };
-            return Plan::Defer(Box::new(DeferPlan {
-                id,
-                seq,
-                entry,
-                info,
-                reply_to,
-                received_at,
-                decision: logged,
-            }));
+            defer_plan(p, &draft, held, logged)
         }
+    }
+}
+
+/// What every decision record of one task shares, whatever becomes of it.
+struct Draft {
+    decision_id: String,
+    task_id: String,
+    received_at: String,
+    class: Classification,
+    priority: u8,
+    rubric: String,
+    version: String,
+    generation: crate::domain::Generation,
+    inputs: DecisionInputs,
+    trace_id: String,
+}
+
+impl Draft {
+    fn new(p: &Prepared, class: &Classification, dims: &TaskDims, view: &View) -> Self {
+        Self {
+            decision_id: derived_decision_id(&p.id, p.seq, FIRST_ATTEMPT),
+            task_id: p.id.clone(),
+            received_at: p.received_at.clone(),
+            class: class.clone(),
+            priority: p.task.priority,
+            rubric: view.live.rubric.name.clone(),
+            version: view.live.policy.version.clone(),
+            generation: view.live.generation(),
+            inputs: DecisionInputs {
+                requested_pool: p.task.pool.clone(),
+                requested_model: p.task.model.clone(),
+                max_cost_usd: p.task.max_cost_usd,
+                dims: dims.clone(),
+            },
+            trace_id: p.dispatch.trace_id.to_hex(),
+        }
+    }
+
+    /// The decision-log record of `outcome` (made by `rule`, because `reason`).
+    fn record(
+        &self,
+        outcome: Outcome,
+        d: Option<&Decision>,
+        rule: &str,
+        reason: String,
+        candidates: Vec<route::Candidate>,
+    ) -> DecisionRecord {
+        DecisionRecord {
+            id: self.decision_id.clone(),
+            task_id: self.task_id.clone(),
+            at_ms: crate::fleet::now_ms(),
+            at: self.received_at.clone(),
+            outcome,
+            pool: d.map(|d| d.pool.clone()),
+            model: d.map(|d| d.model.clone()),
+            worker: d.and_then(|d| d.worker.clone()),
+            rule: rule.to_string(),
+            reason,
+            task_type: self.class.answer.task_type.clone(),
+            tier: d
+                .map(|d| d.tier.clone())
+                .unwrap_or_else(|| self.class.answer.tier.clone()),
+            est_cost_usd: d.and_then(|d| d.est_cost_usd),
+            priority: self.priority,
+            classification: self.class.clone(),
+            candidates,
+            rubric: self.rubric.clone(),
+            policy_version: Some(self.version.clone()),
+            generation: Some(self.generation.clone()),
+            inputs: self.inputs.clone(),
+            trace_id: Some(self.trace_id.clone()),
+        }
+    }
+}
+
+/// A task a budget holds back, and why.
+struct Held {
+    decision: Decision,
+    reason: String,
+    until_ms: Option<u64>,
+    queues: Vec<(String, String)>,
+    dims: TaskDims,
+    now_ms: u64,
+}
+
+/// The deferred-queue entry of a held task: the task as submitted and the headers it
+/// comes back to intake with.
+fn defer_plan(p: Prepared, draft: &Draft, held: Held, logged: DecisionRecord) -> Plan {
+    let Held {
+        decision,
+        reason,
+        until_ms,
+        queues,
+        dims,
+        now_ms,
+    } = held;
+    let (deferred_at_ms, releases) = p.release.unwrap_or((now_ms, 0));
+    let mut hdrs = Vec::new();
+    if let Some(parent) = p.parent {
+        hdrs.push((headers::TRACEPARENT.to_string(), parent.to_header()));
+        if let Some(ts) = &p.tracestate {
+            hdrs.push((headers::TRACESTATE.to_string(), ts.clone()));
+        }
+    }
+    if !p.baggage.is_empty() {
+        hdrs.push((headers::BAGGAGE.to_string(), p.baggage.to_header()));
+    }
+    if let Some(r) = &p.reply_to {
+        hdrs.push((headers::REPLY_TO.to_string(), r.clone()));
+    }
+    let task_json = match serde_json::to_string(&p.task) {
+        Ok(j) => j,
+        Err(e) => return Reject::unserialisable(p.id, p.seq, &e, p.reply_to),
     };
-    fleet.note_routed(&decision.pool);
-    task.pool = Some(decision.pool.clone());
-    task.model = Some(decision.model.clone());
+    let until = until_ms.map(crate::policy::budget::rfc3339);
+    let entry = DeferredTask {
+        id: p.id.clone(),
+        priority: p.task.priority,
+        deferred_at_ms,
+        deferred_at: crate::policy::budget::rfc3339(deferred_at_ms),
+        reason: reason.clone(),
+        until_ms,
+        until: until.clone(),
+        queues,
+        pool: decision.pool.clone(),
+        model: decision.model.clone(),
+        est_usd: decision.est_cost_usd.unwrap_or(0.0),
+        dims,
+        policy_version: draft.version.clone(),
+        task_json,
+        headers: hdrs,
+        releases,
+    };
+    let info = DeferInfo {
+        reason,
+        until,
+        deferred_at: entry.deferred_at.clone(),
+        releases,
+    };
+    Plan::Defer(Box::new(DeferPlan {
+        id: p.id,
+        seq: p.seq,
+        entry,
+        info,
+        reply_to: p.reply_to,
+        received_at: p.received_at,
+        decision: logged,
+    }))
+}
+
+/// The dispatch of a routed task: its subject, headers, payload, dispatch span, decision
+/// record and store record.
+fn dispatch_plan(
+    ctx: &Ctx,
+    p: Prepared,
+    draft: &Draft,
+    mut decision: Decision,
+    reservation: Option<Reservation>,
+    alerts: Vec<serde_json::Value>,
+) -> Plan {
+    let mut p = p;
+    p.task.pool = Some(decision.pool.clone());
+    p.task.model = Some(decision.model.clone());
     let subject = match &decision.worker {
         Some(w) => ctx.subjects.work_targeted(&decision.pool, w),
         None => ctx.subjects.work(&decision.pool),
     };
-
-    let trace_info = TraceInfo {
-        trace_id: trace_id.to_hex(),
-        dispatch_span_id: dispatch.span_id.to_hex(),
-        parent_span_id: parent.map(|p| p.span_id.to_hex()),
-        invalid_traceparent: invalid.clone(),
-        traceparent: dispatch.to_header(),
+    let payload = match serde_json::to_vec(&p.task) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => return Reject::unserialisable(p.id, p.seq, &e, p.reply_to),
     };
-    let mut h = HeaderMap::new();
-    let mut set = |k: &str, v: &str| {
-        if let Err(e) = protocol::set_header(&mut h, k, v) {
-            tracing::warn!(error = %e, "header left out");
-        }
-    };
-    set(headers::TRACEPARENT, &dispatch.to_header());
-    if let Some(ts) = &tracestate {
-        set(headers::TRACESTATE, ts);
-    }
-    if !baggage.is_empty() {
-        set(headers::BAGGAGE, &baggage.to_header());
-    }
-    set(headers::NATS_MSG_ID, &format!("{id}:{FIRST_ATTEMPT}"));
-    set(headers::TASK_ID, &id);
-    set(headers::ATTEMPT, &FIRST_ATTEMPT.to_string());
-    set(headers::MODEL, &decision.model);
-    set(headers::DECISION_ID, &decision_id);
-    if let Some(d) = &task.deadline {
-        set(headers::DEADLINE, d);
-    }
-    if let Some(r) = &reply_to {
-        set(headers::REPLY_TO, r);
-    }
-    let payload = match serde_json::to_vec(&task) {
-        Ok(p) => Bytes::from(p),
-        Err(e) => return Reject::unserialisable(id, seq, &e, reply_to),
-    };
-
-    let mut span = SpanRecord::new(
-        format!("send {subject}"),
-        SpanKind::Producer,
-        trace_id,
-        dispatch.span_id,
-    );
-    span.start = started;
-    span.parent_span_id = parent.map(|p| p.span_id);
-    span.attr("messaging.system", "nats")
-        .attr("messaging.operation.type", "send")
-        .attr("messaging.operation.name", "send")
-        .attr("messaging.destination.name", subject.clone())
-        .attr("fleet.task.id", id.clone())
-        .attr("fleet.attempt", FIRST_ATTEMPT)
-        .attr("fleet.pool", decision.pool.clone())
-        .attr("fleet.decision.id", decision_id.clone())
-        .attr("fleet.route.rule", decision.rule.as_str())
-        .attr("fleet.task.type", class.answer.task_type.clone())
-        .attr("fleet.task.tier", decision.tier.clone())
-        .attr("fleet.classification.source", class.source.as_str())
-        .attr(
-            "fleet.decision.candidates",
-            decision.candidates.len() as i64,
-        )
-        .attr("gen_ai.request.model", decision.model.clone())
-        .attr("fleet.intake.sequence", seq as i64);
-    if let Some(c) = decision.est_cost_usd {
-        span.attr("fleet.decision.est_cost_usd", c);
-    }
-    if let Some(w) = &decision.worker {
-        span.attr("fleet.worker.target", w.clone());
-    }
-    if let Some(bad) = &invalid {
-        span.attr("fleet.traceparent.invalid", bad.clone());
-    }
-    for (k, v) in baggage.iter() {
-        span.attr(k, v);
-    }
-    tracing::debug!(task_id = %id, pool = %decision.pool, model = %decision.model, rule = decision.rule.as_str(), trace_id = %trace_id, "dispatching");
+    let headers = dispatch_headers(&p, &decision, draft);
+    let span = dispatch_span(&subject, &p, draft, &decision);
+    tracing::debug!(task_id = %p.id, pool = %decision.pool, model = %decision.model, rule = decision.rule.as_str(), trace_id = %p.dispatch.trace_id, "dispatching");
     let candidates = std::mem::take(&mut decision.candidates);
-    let logged = record(
+    let logged = draft.record(
         Outcome::Dispatched,
         Some(&decision),
         decision.rule.as_str(),
@@ -616,33 +614,115 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         candidates,
     );
     let record = DispatchRecord {
-        seq,
+        seq: p.seq,
         route_reason: decision.reason.clone(),
         model: decision.model.clone(),
-        decision_id,
+        decision_id: draft.decision_id.clone(),
         decision_at_ms: logged.at_ms,
-        priority: task.priority,
-        reply_to,
-        trace: trace_info,
-        received_at,
+        priority: p.task.priority,
+        reply_to: p.reply_to,
+        trace: TraceInfo {
+            trace_id: p.dispatch.trace_id.to_hex(),
+            dispatch_span_id: p.dispatch.span_id.to_hex(),
+            parent_span_id: p.parent.map(|pt| pt.span_id.to_hex()),
+            invalid_traceparent: p.invalid,
+            traceparent: p.dispatch.to_header(),
+        },
+        received_at: p.received_at,
         reservation,
-        policy_version: version,
+        policy_version: draft.version.clone(),
         generation: logged.generation.clone(),
-        releases: release.map(|(_, n)| n),
+        releases: p.release.map(|(_, n)| n),
     };
     Plan::Dispatch(Box::new(Dispatch {
-        id,
+        id: p.id,
         pool: decision.pool,
         subject,
-        headers: h,
+        headers,
         payload,
         span,
-        expected_ms: task.expected_duration_s.map(|s| (s * 1000.0) as u64),
-        task_type: Some(class.answer.task_type),
+        expected_ms: p.task.expected_duration_s.map(|s| (s * 1000.0) as u64),
+        task_type: Some(draft.class.answer.task_type.clone()),
         record,
         decision: logged,
         alerts,
     }))
+}
+
+/// The work message's headers (docs/protocol.md §5): the dispatch span's traceparent, the
+/// producer's tracestate and baggage, the idempotency key of this attempt, and what the
+/// worker needs to know before it reads the body.
+fn dispatch_headers(p: &Prepared, decision: &Decision, draft: &Draft) -> HeaderMap {
+    let (id, task) = (p.id.as_str(), &p.task);
+    let mut h = HeaderMap::new();
+    let mut set = |k: &str, v: &str| {
+        if let Err(e) = protocol::set_header(&mut h, k, v) {
+            tracing::warn!(error = %e, "header left out");
+        }
+    };
+    set(headers::TRACEPARENT, &p.dispatch.to_header());
+    if let Some(ts) = &p.tracestate {
+        set(headers::TRACESTATE, ts);
+    }
+    if !p.baggage.is_empty() {
+        set(headers::BAGGAGE, &p.baggage.to_header());
+    }
+    set(headers::NATS_MSG_ID, &format!("{id}:{FIRST_ATTEMPT}"));
+    set(headers::TASK_ID, id);
+    set(headers::ATTEMPT, &FIRST_ATTEMPT.to_string());
+    set(headers::MODEL, &decision.model);
+    set(headers::DECISION_ID, &draft.decision_id);
+    if let Some(d) = &task.deadline {
+        set(headers::DEADLINE, d);
+    }
+    if let Some(r) = &p.reply_to {
+        set(headers::REPLY_TO, r);
+    }
+    h
+}
+
+/// The commander's dispatch span: a PRODUCER span, child of the producer's, that the
+/// worker's process span continues.
+fn dispatch_span(subject: &str, p: &Prepared, draft: &Draft, decision: &Decision) -> SpanRecord {
+    let mut span = SpanRecord::new(
+        format!("send {subject}"),
+        SpanKind::Producer,
+        p.dispatch.trace_id,
+        p.dispatch.span_id,
+    );
+    span.start = p.started;
+    span.parent_span_id = p.parent.map(|pt| pt.span_id);
+    span.attr("messaging.system", "nats")
+        .attr("messaging.operation.type", "send")
+        .attr("messaging.operation.name", "send")
+        .attr("messaging.destination.name", subject.to_string())
+        .attr("fleet.task.id", p.id.clone())
+        .attr("fleet.attempt", FIRST_ATTEMPT)
+        .attr("fleet.pool", decision.pool.clone())
+        .attr("fleet.decision.id", draft.decision_id.clone())
+        .attr("fleet.route.rule", decision.rule.as_str())
+        .attr("fleet.task.type", draft.class.answer.task_type.clone())
+        .attr("fleet.task.tier", decision.tier.clone())
+        .attr("fleet.classification.source", draft.class.source.as_str())
+        .attr(
+            "fleet.decision.candidates",
+            decision.candidates.len() as i64,
+        )
+        .attr("gen_ai.request.model", decision.model.clone())
+        .attr("fleet.intake.sequence", p.seq as i64);
+    if let Some(c) = decision.est_cost_usd {
+        span.attr("fleet.decision.est_cost_usd", c);
+    }
+    if let Some(w) = &decision.worker {
+        span.attr("fleet.worker.target", w.clone());
+    }
+    if let Some(bad) = &p.invalid {
+        span.attr("fleet.traceparent.invalid", bad.clone());
+    }
+    for (k, v) in p.baggage.iter() {
+        span.attr(k, v);
+    }
+    span
 }
 
 /// Same task, same submission, same attempt: same decision id (a redelivery replaces the

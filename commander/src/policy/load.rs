@@ -185,147 +185,15 @@ impl Policy {
             sampling: SamplingSpec::default(),
             tests: Vec::new(),
         };
-        let mut alerts_at: Option<String> = None;
-        let mut sampling_at: Option<String> = None;
+        let mut once = Once::default();
         for doc in &documents {
-            let file = doc.name.as_str();
-            let text = doc.text.as_str();
-            let parsed: PolicyFile = match toml::from_str(text) {
-                Ok(f) => f,
-                Err(e) => {
-                    problems.push(toml_error(text, file, &e));
-                    continue;
+            let (file, text) = (doc.name.as_str(), doc.text.as_str());
+            match toml::from_str::<PolicyFile>(text) {
+                Ok(parsed) => {
+                    let at = |span: std::ops::Range<usize>| Here::new(file, text, span);
+                    p.merge(parsed, at, &mut once, against, &mut problems);
                 }
-            };
-            let at = |span: std::ops::Range<usize>| Here::new(file, text, span);
-            for b in parsed.budget {
-                let here = at(b.span());
-                let spec = b.into_inner();
-                let window = check_budget(&spec, here, against, &mut problems);
-                p.budgets.push(Budget {
-                    spec,
-                    window: window.unwrap_or(Window::Day),
-                    at: here.loc(),
-                });
-            }
-            for t in parsed.throttle {
-                let here = at(t.span());
-                let spec = t.into_inner();
-                let quotas = check_throttle(&spec, here, against, &mut problems);
-                p.throttles.push(Throttle {
-                    spec,
-                    quotas,
-                    at: here.loc(),
-                });
-            }
-            for r in parsed.reroute {
-                let here = at(r.span());
-                let spec = r.into_inner();
-                check_reroute(&spec, here, against, &mut problems);
-                p.reroutes.push(Reroute {
-                    spec,
-                    at: here.loc(),
-                });
-            }
-            if let Some(a) = parsed.alerts {
-                let here = at(a.span());
-                if let Some(first) = &alerts_at {
-                    problems.push(
-                        here.problem(Duplicate, format!("[alerts] is already set at {first}")),
-                    );
-                }
-                let spec = a.into_inner();
-                check_alerts(&spec, here, &mut problems);
-                p.alerts = spec;
-                alerts_at = Some(here.to_string());
-            }
-            for e in parsed.escalation {
-                let here = at(e.span());
-                let spec = e.into_inner();
-                if !matches!(spec.severity.as_str(), "warning" | "critical") {
-                    problems.push(here.key("severity").problem(
-                        BadValue,
-                        format!(
-                            "escalation severity {:?} must be \"warning\" or \"critical\"",
-                            spec.severity
-                        ),
-                    ));
-                }
-                if let Some(s) = &spec.sink
-                    && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
-                {
-                    problems.push(here.key("sink").problem(
-                        BadValue,
-                        format!("escalation sink {s:?} must be nats, webhook or alertmanager"),
-                    ));
-                }
-                p.escalation.push(spec);
-            }
-            for r in parsed.redaction {
-                let here = at(r.span());
-                let spec = r.into_inner();
-                if spec.attributes.is_empty() || spec.attributes.iter().any(|a| a.is_empty()) {
-                    problems.push(here.key("attributes").problem(
-                        Missing,
-                        "redaction attributes must be a non-empty list of non-empty keys",
-                    ));
-                }
-                let regex = match &spec.pattern {
-                    Some(pat) => match regex::Regex::new(pat) {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            let first = e.to_string();
-                            let first = first.lines().last().unwrap_or("invalid");
-                            problems.push(here.key("pattern").problem(
-                                BadValue,
-                                format!("redaction pattern {pat:?} does not compile: {first}"),
-                            ));
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                p.redaction.push(Redaction { spec, regex });
-            }
-            if let Some(s) = parsed.sampling {
-                let here = at(s.span());
-                if let Some(first) = &sampling_at {
-                    problems.push(
-                        here.problem(Duplicate, format!("[sampling] is already set at {first}")),
-                    );
-                }
-                let spec = s.into_inner();
-                let mut rates = vec![(
-                    "default_rate".to_string(),
-                    here.key("default_rate"),
-                    spec.default_rate,
-                )];
-                rates.extend(spec.rule.iter().map(|r| {
-                    (
-                        format!("rule {}={}", r.attribute, r.value),
-                        here.key("rule"),
-                        r.rate,
-                    )
-                }));
-                for (what, at, v) in rates {
-                    if !(0.0..=1.0).contains(&v) {
-                        problems.push(at.problem(
-                            OutOfRange,
-                            format!("sampling {what}: {v} must be between 0 and 1"),
-                        ));
-                    }
-                }
-                p.sampling = spec;
-                sampling_at = Some(here.to_string());
-            }
-            for t in parsed.test {
-                let here = at(t.span());
-                let spec = t.into_inner();
-                check_test(&spec, here, against, &mut problems);
-                p.tests.push(TestCase {
-                    spec,
-                    at: here.loc(),
-                });
+                Err(e) => problems.push(toml_error(text, file, &e)),
             }
         }
         check_unique(
@@ -354,6 +222,81 @@ impl Policy {
             Ok(p)
         } else {
             Err(PolicyError::Invalid(problems))
+        }
+    }
+
+    /// Adds one document's sections, each checked, to the policy being built.
+    fn merge<'t>(
+        &mut self,
+        parsed: PolicyFile,
+        at: impl Fn(std::ops::Range<usize>) -> Here<'t>,
+        once: &mut Once,
+        against: CheckAgainst<'_>,
+        problems: &mut Vec<Problem>,
+    ) {
+        for b in parsed.budget {
+            let here = at(b.span());
+            let spec = b.into_inner();
+            let window = check_budget(&spec, here, against, problems);
+            self.budgets.push(Budget {
+                spec,
+                window: window.unwrap_or(Window::Day),
+                at: here.loc(),
+            });
+        }
+        for t in parsed.throttle {
+            let here = at(t.span());
+            let spec = t.into_inner();
+            let quotas = check_throttle(&spec, here, against, problems);
+            self.throttles.push(Throttle {
+                spec,
+                quotas,
+                at: here.loc(),
+            });
+        }
+        for r in parsed.reroute {
+            let here = at(r.span());
+            let spec = r.into_inner();
+            check_reroute(&spec, here, against, problems);
+            self.reroutes.push(Reroute {
+                spec,
+                at: here.loc(),
+            });
+        }
+        if let Some(a) = parsed.alerts {
+            let here = at(a.span());
+            once.alerts(here, problems);
+            let spec = a.into_inner();
+            check_alerts(&spec, here, problems);
+            self.alerts = spec;
+        }
+        for e in parsed.escalation {
+            let here = at(e.span());
+            let spec = e.into_inner();
+            check_escalation(&spec, here, problems);
+            self.escalation.push(spec);
+        }
+        for r in parsed.redaction {
+            let here = at(r.span());
+            let spec = r.into_inner();
+            let regex = check_redaction(&spec, here, problems);
+            self.redaction.push(Redaction { spec, regex });
+        }
+        if let Some(s) = parsed.sampling {
+            let here = at(s.span());
+            once.sampling(here, problems);
+            let spec = s.into_inner();
+            check_sampling(&spec, here, problems);
+            self.sampling = spec;
+        }
+        for t in parsed.test {
+            let here = at(t.span());
+            let spec = t.into_inner();
+            check_test(&spec, here, against, problems);
+            self.tests.push(TestCase {
+                spec,
+                at: here.loc(),
+            });
         }
     }
 
@@ -444,6 +387,102 @@ fn pool_known(against: CheckAgainst<'_>, pool: &str) -> bool {
     match against.pools {
         Some(p) if !p.is_empty() => p.contains_key(pool),
         _ => fleet_worker::protocol::is_subject_token(pool),
+    }
+}
+
+/// Sections a policy may set once across all its files: where each was first set.
+#[derive(Default)]
+struct Once {
+    alerts: Option<String>,
+    sampling: Option<String>,
+}
+
+impl Once {
+    fn alerts(&mut self, here: Here<'_>, problems: &mut Vec<Problem>) {
+        Self::first(&mut self.alerts, "[alerts]", here, problems);
+    }
+
+    fn sampling(&mut self, here: Here<'_>, problems: &mut Vec<Problem>) {
+        Self::first(&mut self.sampling, "[sampling]", here, problems);
+    }
+
+    fn first(seen: &mut Option<String>, what: &str, here: Here<'_>, problems: &mut Vec<Problem>) {
+        match seen {
+            Some(first) => problems.push(
+                here.problem(Duplicate, format!("{what} is already set at {first}")),
+            ),
+            None => *seen = Some(here.to_string()),
+        }
+    }
+}
+
+fn check_escalation(spec: &EscalationSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
+    if !matches!(spec.severity.as_str(), "warning" | "critical") {
+        problems.push(here.key("severity").problem(
+            BadValue,
+            format!(
+                "escalation severity {:?} must be \"warning\" or \"critical\"",
+                spec.severity
+            ),
+        ));
+    }
+    if let Some(s) = &spec.sink
+        && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
+    {
+        problems.push(here.key("sink").problem(
+            BadValue,
+            format!("escalation sink {s:?} must be nats, webhook or alertmanager"),
+        ));
+    }
+}
+
+/// The redaction's pattern, compiled (`None` when it has none, or it does not compile).
+fn check_redaction(
+    spec: &RedactionSpec,
+    here: Here<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<regex::Regex> {
+    if spec.attributes.is_empty() || spec.attributes.iter().any(|a| a.is_empty()) {
+        problems.push(here.key("attributes").problem(
+            Missing,
+            "redaction attributes must be a non-empty list of non-empty keys",
+        ));
+    }
+    let pat = spec.pattern.as_ref()?;
+    match regex::Regex::new(pat) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().last().unwrap_or("invalid");
+            problems.push(here.key("pattern").problem(
+                BadValue,
+                format!("redaction pattern {pat:?} does not compile: {first}"),
+            ));
+            None
+        }
+    }
+}
+
+fn check_sampling(spec: &SamplingSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
+    let mut rates = vec![(
+        "default_rate".to_string(),
+        here.key("default_rate"),
+        spec.default_rate,
+    )];
+    rates.extend(spec.rule.iter().map(|r| {
+        (
+            format!("rule {}={}", r.attribute, r.value),
+            here.key("rule"),
+            r.rate,
+        )
+    }));
+    for (what, at, v) in rates {
+        if !(0.0..=1.0).contains(&v) {
+            problems.push(at.problem(
+                OutOfRange,
+                format!("sampling {what}: {v} must be between 0 and 1"),
+            ));
+        }
     }
 }
 
