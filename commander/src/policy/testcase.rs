@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::budget::{CellKey, Ledger, TaskDims};
 use super::evaluate::{self, EvalInput, Verdict};
 use super::load::{Policy, TestCase};
-use super::schema::{Scope, ThrottleScope};
+use super::schema::{Scope, TestExpect, TestSpec, ThrottleScope};
 use crate::classify::rubric::Rubric;
 use crate::registry::Registry;
 use crate::route::snapshot::PoolState;
@@ -55,6 +55,49 @@ fn run_one(
     table: &RoutingTable,
 ) -> TestOutcome {
     let spec = &t.spec;
+    let task = test_task(spec);
+    let class = crate::classify::offline(rubric, &task);
+    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+    let fleet = test_fleet(spec, table);
+    let ledger = test_ledger(spec, policy, &dims, table, registry);
+    let hints = evaluate::hints(policy);
+    let queued = BTreeMap::new();
+    let verdict = evaluate::evaluate(EvalInput {
+        task: &task,
+        class: &class.answer,
+        dims: &dims,
+        rubric,
+        registry,
+        fleet: &fleet,
+        table,
+        policy,
+        hints: &hints,
+        ledger: &ledger,
+        queued: &queued,
+        released: false,
+        now_ms: TEST_NOW_MS,
+        seed: 1,
+    });
+    let mut got = Got::of(&verdict);
+    if let Some(th) = throttled(spec, policy, &got, &dims) {
+        got.action = "throttle";
+        got.reason = format!(
+            "throttle {} is out of permits; the task waits in the intake stream",
+            th.spec.name
+        );
+    }
+    let failures = got.failures(&spec.expect, registry);
+    TestOutcome {
+        name: spec.name.clone(),
+        at: t.at.to_string(),
+        passed: failures.is_empty(),
+        got: got.summary(),
+        failures,
+    }
+}
+
+/// The case's task.
+fn test_task(spec: &TestSpec) -> Task {
     let mut task = Task::new(spec.task.description.clone());
     task.priority = spec.task.priority;
     task.attributes = spec.task.attributes.clone();
@@ -62,10 +105,11 @@ fn run_one(
     task.model = spec.task.model.clone();
     task.capabilities = spec.task.capabilities.clone();
     task.id = Some("policy-test".into());
-    let class = crate::classify::offline(rubric, &task);
-    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+    task
+}
 
-    // The fleet: every configured pool healthy with one worker, unless the case says.
+/// The fleet: every configured pool healthy with one worker, unless the case says.
+fn test_fleet(spec: &TestSpec, table: &RoutingTable) -> RouteSnapshot {
     let mut names: Vec<String> = table.pools.keys().cloned().collect();
     names.extend(spec.fleet.pools.keys().cloned());
     names.sort();
@@ -87,8 +131,18 @@ fn run_one(
             }
         })
         .collect();
-    let fleet = RouteSnapshot::from_pools(TEST_NOW_MS, pools);
+    RouteSnapshot::from_pools(TEST_NOW_MS, pools)
+}
 
+/// The ledger with what the case says each budget has spent (every value the budget
+/// could count the task under).
+fn test_ledger(
+    spec: &TestSpec,
+    policy: &Policy,
+    dims: &TaskDims,
+    table: &RoutingTable,
+    registry: &Registry,
+) -> Ledger {
     let mut ledger = Ledger::default();
     for (name, usd) in &spec.fleet.spent {
         let Some(b) = policy.budget(name) else {
@@ -114,122 +168,125 @@ fn run_one(
             );
         }
     }
+    ledger
+}
 
-    let hints = evaluate::hints(policy);
-    let queued = BTreeMap::new();
-    let verdict = evaluate::evaluate(EvalInput {
-        task: &task,
-        class: &class.answer,
-        dims: &dims,
-        rubric,
-        registry,
-        fleet: &fleet,
-        table,
-        policy,
-        hints: &hints,
-        ledger: &ledger,
-        queued: &queued,
-        released: false,
-        now_ms: TEST_NOW_MS,
-        seed: 1,
-    });
-
-    let (mut action, pool, model, rule, reason) = match &verdict {
-        Verdict::Dispatch { decision: d, .. } => (
-            "dispatch",
-            Some(d.pool.clone()),
-            Some(d.model.clone()),
-            Some(d.rule.as_str().to_string()),
-            d.reason.clone(),
-        ),
-        Verdict::Defer {
-            decision: d,
-            reason,
-            ..
-        } => (
-            "defer",
-            Some(d.pool.clone()),
-            Some(d.model.clone()),
-            Some("budget_defer".into()),
-            reason.clone(),
-        ),
-        Verdict::Reject {
-            decision: d,
-            reason,
-        } => (
-            "reject",
-            Some(d.pool.clone()),
-            Some(d.model.clone()),
-            Some("budget_reject".into()),
-            reason.clone(),
-        ),
-        Verdict::NoRoute(n) => ("reject", None, None, Some(n.code().into()), n.to_string()),
-    };
-    let mut reason = reason;
-    if action == "dispatch"
-        && let Some(p) = &pool
-        && let Some(th) = policy.throttles.iter().find(|th| {
-            spec.fleet.throttled.contains(&th.spec.name) && {
-                let value = match th.spec.scope {
-                    ThrottleScope::Pool => Some(p.as_str()),
-                    ThrottleScope::Team => dims.team.as_deref(),
-                    ThrottleScope::Producer => dims.producer.as_deref(),
-                    ThrottleScope::Worker => None,
-                };
-                value.is_some_and(|v| th.spec.matches.as_deref().is_none_or(|m| m == v))
-            }
-        })
-    {
-        action = "throttle";
-        reason = format!(
-            "throttle {} is out of permits; the task waits in the intake stream",
-            th.spec.name
-        );
-    }
-
-    let e = &spec.expect;
-    let mut failures = Vec::new();
-    if e.action != action {
-        failures.push(format!("action: expected {}, got {action}", e.action));
-    }
-    for (what, want, got) in [
-        ("pool", &e.pool, &pool),
-        ("model", &e.model, &model),
-        ("rule", &e.rule, &rule),
-    ] {
-        if let Some(w) = want {
-            let same = match what {
-                "model" => got
-                    .as_deref()
-                    .and_then(|g| registry.lookup(g))
-                    .zip(registry.lookup(w))
-                    .is_some_and(|(a, b)| a.name == b.name),
-                _ => got.as_deref() == Some(w.as_str()),
+/// A throttle the case marks as out of permits that a dispatched task would meet.
+fn throttled<'p>(
+    spec: &TestSpec,
+    policy: &'p Policy,
+    got: &Got,
+    dims: &TaskDims,
+) -> Option<&'p super::load::Throttle> {
+    let pool = got.pool.as_deref().filter(|_| got.action == "dispatch")?;
+    policy.throttles.iter().find(|th| {
+        spec.fleet.throttled.contains(&th.spec.name) && {
+            let value = match th.spec.scope {
+                ThrottleScope::Pool => Some(pool),
+                ThrottleScope::Team => dims.team.as_deref(),
+                ThrottleScope::Producer => dims.producer.as_deref(),
+                ThrottleScope::Worker => None,
             };
-            if !same {
-                failures.push(format!(
-                    "{what}: expected {w}, got {}",
-                    got.as_deref().unwrap_or("none")
-                ));
-            }
+            value.is_some_and(|v| th.spec.matches.as_deref().is_none_or(|m| m == v))
+        }
+    })
+}
+
+/// What the policy did with the case's task.
+struct Got {
+    action: &'static str,
+    pool: Option<String>,
+    model: Option<String>,
+    rule: Option<String>,
+    reason: String,
+}
+
+impl Got {
+    fn of(verdict: &Verdict) -> Self {
+        let (action, pool, model, rule, reason) = match verdict {
+            Verdict::Dispatch { decision: d, .. } => (
+                "dispatch",
+                Some(d.pool.clone()),
+                Some(d.model.clone()),
+                Some(d.rule.as_str().to_string()),
+                d.reason.clone(),
+            ),
+            Verdict::Defer {
+                decision: d,
+                reason,
+                ..
+            } => (
+                "defer",
+                Some(d.pool.clone()),
+                Some(d.model.clone()),
+                Some("budget_defer".into()),
+                reason.clone(),
+            ),
+            Verdict::Reject {
+                decision: d,
+                reason,
+            } => (
+                "reject",
+                Some(d.pool.clone()),
+                Some(d.model.clone()),
+                Some("budget_reject".into()),
+                reason.clone(),
+            ),
+            Verdict::NoRoute(n) => ("reject", None, None, Some(n.code().into()), n.to_string()),
+        };
+        Self {
+            action,
+            pool,
+            model,
+            rule,
+            reason,
         }
     }
-    if let Some(sub) = &e.reason_contains
-        && !reason.contains(sub.as_str())
-    {
-        failures.push(format!("reason: expected it to contain {sub:?}"));
+
+    /// How this differs from what the case expects (a model matches by any of its names).
+    fn failures(&self, e: &TestExpect, registry: &Registry) -> Vec<String> {
+        let mut failures = Vec::new();
+        if e.action != self.action {
+            failures.push(format!("action: expected {}, got {}", e.action, self.action));
+        }
+        for (what, want, got) in [
+            ("pool", &e.pool, &self.pool),
+            ("model", &e.model, &self.model),
+            ("rule", &e.rule, &self.rule),
+        ] {
+            if let Some(w) = want {
+                let same = match what {
+                    "model" => got
+                        .as_deref()
+                        .and_then(|g| registry.lookup(g))
+                        .zip(registry.lookup(w))
+                        .is_some_and(|(a, b)| a.name == b.name),
+                    _ => got.as_deref() == Some(w.as_str()),
+                };
+                if !same {
+                    failures.push(format!(
+                        "{what}: expected {w}, got {}",
+                        got.as_deref().unwrap_or("none")
+                    ));
+                }
+            }
+        }
+        if let Some(sub) = &e.reason_contains
+            && !self.reason.contains(sub.as_str())
+        {
+            failures.push(format!("reason: expected it to contain {sub:?}"));
+        }
+        failures
     }
-    let got = format!(
-        "{action} pool={} model={} rule={}: {reason}",
-        pool.as_deref().unwrap_or("-"),
-        model.as_deref().unwrap_or("-"),
-        rule.as_deref().unwrap_or("-"),
-    );
-    TestOutcome {
-        name: spec.name.clone(),
-        at: t.at.to_string(),
-        passed: failures.is_empty(),
-        got,
-        failures,
+
+    fn summary(&self) -> String {
+        format!(
+            "{} pool={} model={} rule={}: {}",
+            self.action,
+            self.pool.as_deref().unwrap_or("-"),
+            self.model.as_deref().unwrap_or("-"),
+            self.rule.as_deref().unwrap_or("-"),
+            self.reason,
+        )
     }
 }
