@@ -179,6 +179,159 @@ pub struct CheckAgainst<'a> {
     pub pools: Option<&'a BTreeMap<String, crate::config::PoolConfig>>,
 }
 
+/// Checks each task type; adds the capabilities they declare. Returns the names seen.
+fn check_task_types<'a>(
+    task_types: &'a [TaskTypeSpec],
+    type_lines: &[usize],
+    file: &str,
+    tier_names: &BTreeSet<&str>,
+    capabilities: &mut BTreeSet<String>,
+    problems: &mut Vec<Problem>,
+) -> BTreeSet<&'a str> {
+    let mut seen = BTreeSet::new();
+    for (t, line) in task_types.iter().zip(type_lines) {
+        let at = Entry::new(file, *line, format!("task_type {:?}", t.name));
+        if !is_name(&t.name) {
+            problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
+        }
+        if !seen.insert(t.name.as_str()) {
+            problems.push(at.problem(Duplicate, "defined twice"));
+        }
+        if t.description.trim().is_empty() {
+            problems.push(at.problem(Missing, "description is empty"));
+        }
+        if !tier_names.contains(t.default_tier.as_str()) {
+            problems.push(at.problem(
+                UnknownName,
+                format!(
+                    "default_tier {:?} is not a tier (tiers: {})",
+                    t.default_tier,
+                    join(&tier_names)
+                ),
+            ));
+        }
+        if t.keywords.iter().any(|k| k.trim().is_empty()) {
+            problems.push(at.problem(Missing, "keywords must not be empty strings"));
+        }
+        for c in &t.capabilities {
+            if c.trim().is_empty() {
+                problems.push(at.problem(Missing, "capabilities must not be empty strings"));
+            }
+            capabilities.insert(c.clone());
+        }
+    }
+    seen
+}
+
+/// Checks `[classifier]` against the task types seen and the registry.
+fn check_classifier(
+    classifier: &ClassifierSpec,
+    at_c: &Entry,
+    seen: &BTreeSet<&str>,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    if !seen.contains(classifier.default_task_type.as_str()) {
+        problems.push(at_c.problem(
+            UnknownName,
+            format!(
+                "default_task_type {:?} is not a task type",
+                classifier.default_task_type
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&classifier.min_confidence) {
+        problems.push(at_c.problem(
+            OutOfRange,
+            format!(
+                "min_confidence {} must be between 0 and 1",
+                classifier.min_confidence
+            ),
+        ));
+    }
+    if classifier.max_task_chars == 0 {
+        problems.push(at_c.problem(OutOfRange, "max_task_chars must be at least 1"));
+    }
+    if let Some(reg) = against.registry
+        && reg.lookup(&classifier.model).is_none()
+    {
+        problems.push(at_c.problem(
+            UnknownName,
+            format!(
+                "model {:?} is not in the model registry ({}), so its cost is unknown",
+                classifier.model, reg.source
+            ),
+        ));
+    }
+    let template = classifier.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
+    if template.trim().is_empty() {
+        problems.push(at_c.problem(Missing, "prompt is empty"));
+    }
+}
+
+/// Checks each tier and its candidates against the registry and the configured pools.
+fn check_tiers(
+    tiers: &[TierSpec],
+    tier_lines: &[usize],
+    file: &str,
+    against: CheckAgainst<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    let mut seen = BTreeSet::new();
+    for (t, line) in tiers.iter().zip(tier_lines) {
+        let at = Entry::new(file, *line, format!("tier {:?}", t.name));
+        if !is_name(&t.name) {
+            problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
+        }
+        if !seen.insert(t.name.as_str()) {
+            problems.push(at.problem(Duplicate, "defined twice"));
+        }
+        if t.candidates.is_empty() {
+            problems.push(at.problem(Missing, "needs at least one [[tier.candidate]]"));
+        }
+        if !t.candidates.iter().any(|c| c.model == t.default_model) {
+            problems.push(at.problem(
+                UnknownName,
+                format!(
+                    "default_model {:?} is not one of its candidates",
+                    t.default_model
+                ),
+            ));
+        }
+        let mut models = BTreeSet::new();
+        for c in &t.candidates {
+            if !models.insert(c.model.as_str()) {
+                problems.push(at.problem(
+                    Duplicate,
+                    format!("candidate model {:?} listed twice", c.model),
+                ));
+            }
+            if c.pools.is_empty() {
+                problems
+                    .push(at.problem(Missing, format!("candidate {:?} names no pool", c.model)));
+            }
+            if let Some(reg) = against.registry
+                && reg.lookup(&c.model).is_none()
+            {
+                problems.push(at.problem(
+                    UnknownName,
+                    format!(
+                        "candidate model {:?} is not in the model registry ({})",
+                        c.model, reg.source
+                    ),
+                ));
+            }
+            if let Some(pools) = against.pools {
+                for p in &c.pools {
+                    if !pools.contains_key(p) {
+                        problems.push(at.problem(UnknownName, format!("candidate {:?} names pool {p:?}, which is not configured (pools: {})", c.model, join(&pools.keys().map(String::as_str).collect()))));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// An entry of the file (`[classifier]`, a task type, a tier): where it starts and its
 /// name, which each of its problems starts with.
 struct Entry {
@@ -237,129 +390,16 @@ impl Rubric {
 
         let mut capabilities: BTreeSet<String> = classifier.capabilities.iter().cloned().collect();
         capabilities.insert(LONG_CONTEXT.to_string());
-        let mut seen = BTreeSet::new();
-        for (t, line) in task_types.iter().zip(&type_lines) {
-            let at = Entry::new(file, *line, format!("task_type {:?}", t.name));
-            if !is_name(&t.name) {
-                problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
-            }
-            if !seen.insert(t.name.as_str()) {
-                problems.push(at.problem(Duplicate, "defined twice"));
-            }
-            if t.description.trim().is_empty() {
-                problems.push(at.problem(Missing, "description is empty"));
-            }
-            if !tier_names.contains(t.default_tier.as_str()) {
-                problems.push(at.problem(
-                    UnknownName,
-                    format!(
-                        "default_tier {:?} is not a tier (tiers: {})",
-                        t.default_tier,
-                        join(&tier_names)
-                    ),
-                ));
-            }
-            if t.keywords.iter().any(|k| k.trim().is_empty()) {
-                problems.push(at.problem(Missing, "keywords must not be empty strings"));
-            }
-            for c in &t.capabilities {
-                if c.trim().is_empty() {
-                    problems.push(at.problem(Missing, "capabilities must not be empty strings"));
-                }
-                capabilities.insert(c.clone());
-            }
-        }
-        if !seen.contains(classifier.default_task_type.as_str()) {
-            problems.push(at_c.problem(
-                UnknownName,
-                format!(
-                    "default_task_type {:?} is not a task type",
-                    classifier.default_task_type
-                ),
-            ));
-        }
-        if !(0.0..=1.0).contains(&classifier.min_confidence) {
-            problems.push(at_c.problem(
-                OutOfRange,
-                format!(
-                    "min_confidence {} must be between 0 and 1",
-                    classifier.min_confidence
-                ),
-            ));
-        }
-        if classifier.max_task_chars == 0 {
-            problems.push(at_c.problem(OutOfRange, "max_task_chars must be at least 1"));
-        }
-        if let Some(reg) = against.registry
-            && reg.lookup(&classifier.model).is_none()
-        {
-            problems.push(at_c.problem(
-                UnknownName,
-                format!(
-                    "model {:?} is not in the model registry ({}), so its cost is unknown",
-                    classifier.model, reg.source
-                ),
-            ));
-        }
-
-        let mut seen = BTreeSet::new();
-        for (t, line) in tiers.iter().zip(&tier_lines) {
-            let at = Entry::new(file, *line, format!("tier {:?}", t.name));
-            if !is_name(&t.name) {
-                problems.push(at.problem(BadValue, "name must be letters, digits, '-' or '_'"));
-            }
-            if !seen.insert(t.name.as_str()) {
-                problems.push(at.problem(Duplicate, "defined twice"));
-            }
-            if t.candidates.is_empty() {
-                problems.push(at.problem(Missing, "needs at least one [[tier.candidate]]"));
-            }
-            if !t.candidates.iter().any(|c| c.model == t.default_model) {
-                problems.push(at.problem(
-                    UnknownName,
-                    format!(
-                        "default_model {:?} is not one of its candidates",
-                        t.default_model
-                    ),
-                ));
-            }
-            let mut models = BTreeSet::new();
-            for c in &t.candidates {
-                if !models.insert(c.model.as_str()) {
-                    problems.push(at.problem(
-                        Duplicate,
-                        format!("candidate model {:?} listed twice", c.model),
-                    ));
-                }
-                if c.pools.is_empty() {
-                    problems.push(
-                        at.problem(Missing, format!("candidate {:?} names no pool", c.model)),
-                    );
-                }
-                if let Some(reg) = against.registry
-                    && reg.lookup(&c.model).is_none()
-                {
-                    problems.push(at.problem(
-                        UnknownName,
-                        format!(
-                            "candidate model {:?} is not in the model registry ({})",
-                            c.model, reg.source
-                        ),
-                    ));
-                }
-                if let Some(pools) = against.pools {
-                    for p in &c.pools {
-                        if !pools.contains_key(p) {
-                            problems.push(at.problem(UnknownName, format!("candidate {:?} names pool {p:?}, which is not configured (pools: {})", c.model, join(&pools.keys().map(String::as_str).collect()))));
-                        }
-                    }
-                }
-            }
-        }
-        let template = classifier.prompt.as_deref().unwrap_or(DEFAULT_PROMPT);
-        if template.trim().is_empty() {
-            problems.push(at_c.problem(Missing, "prompt is empty"));
-        }
+        let seen = check_task_types(
+            &task_types,
+            &type_lines,
+            file,
+            &tier_names,
+            &mut capabilities,
+            &mut problems,
+        );
+        check_classifier(&classifier, &at_c, &seen, against, &mut problems);
+        check_tiers(&tiers, &tier_lines, file, against, &mut problems);
         if !problems.is_empty() {
             return Err(RubricError::Invalid(problems));
         }

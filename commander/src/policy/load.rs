@@ -408,9 +408,9 @@ impl Once {
 
     fn first(seen: &mut Option<String>, what: &str, here: Here<'_>, problems: &mut Vec<Problem>) {
         match seen {
-            Some(first) => problems.push(
-                here.problem(Duplicate, format!("{what} is already set at {first}")),
-            ),
+            Some(first) => {
+                problems.push(here.problem(Duplicate, format!("{what} is already set at {first}")))
+            }
             None => *seen = Some(here.to_string()),
         }
     }

@@ -247,7 +247,10 @@ impl Got {
     fn failures(&self, e: &TestExpect, registry: &Registry) -> Vec<String> {
         let mut failures = Vec::new();
         if e.action != self.action {
-            failures.push(format!("action: expected {}, got {}", e.action, self.action));
+            failures.push(format!(
+                "action: expected {}, got {}",
+                e.action, self.action
+            ));
         }
         for (what, want, got) in [
             ("pool", &e.pool, &self.pool),
