@@ -104,34 +104,7 @@ fn severity(a: LimitAction) -> u8 {
 
 /// The verdict. See the module docs for the steps.
 pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
-    let decide = |hints: &PolicyHints| {
-        route::decide(DecideInput {
-            task: i.task,
-            class: i.class,
-            rubric: i.rubric,
-            registry: i.registry,
-            fleet: i.fleet,
-            table: i.table,
-            policy: hints,
-            seed: i.seed,
-        })
-    };
-    let check = |d: &Decision| {
-        budget::check(
-            i.policy,
-            i.ledger,
-            &BTreeMap::new(),
-            budget::Routed {
-                dims: i.dims,
-                pool: &d.pool,
-                model: &d.model,
-                est: d.est_cost_usd.unwrap_or(0.0),
-                priority: i.task.priority,
-            },
-            i.now_ms,
-        )
-    };
-    let decision = match decide(i.hints) {
+    let decision = match decide(&i, i.hints) {
         Ok(d) => d,
         Err(e) => return Verdict::NoRoute(e),
     };
@@ -141,63 +114,102 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
             check: Check::default(),
         };
     }
-    let c = check(&decision);
-    // The task routed again on a lower tier (one lower, or `to`), if that fits every budget.
-    let base_tier = decision.tier.clone();
-    let downgraded = |why: String, to: Option<usize>| -> Option<(Decision, Check<'_>)> {
-        if i.task.model.is_some() {
-            return None;
-        }
-        let mut h = i.hints.clone();
-        h.downgrade = Some(why);
-        h.downgrade_to = to;
-        let d2 = decide(&h).ok().filter(|d2| d2.tier != base_tier)?;
-        let c2 = check(&d2);
-        c2.over.is_empty().then_some((d2, c2))
-    };
-
-    // Tasks already deferred under one of these budgets go first.
-    if !i.released && !i.queued.is_empty() {
-        let ahead: Vec<(String, String, usize)> = c
-            .cells
-            .iter()
-            .map(|k| (k.budget.clone(), k.value.clone()))
-            .chain(
-                c.over
-                    .iter()
-                    .map(|o| (o.budget.spec.name.clone(), o.value.clone())),
-            )
-            .filter_map(|(b, v)| {
-                let n = i.queued.get(&(b.clone(), v.clone())).copied().unwrap_or(0);
-                (n > 0).then_some((b, v, n))
-            })
-            .collect();
-        if let Some((b, v, n)) = ahead.first()
-            && c.over.is_empty()
-        {
-            // It fits, but others wait for this budget first.
-            let reason = format!(
-                "{n} task(s) deferred under budget {b} ({v}) are ahead of it; released in priority order when the budget has room (policy {})",
-                i.policy.version
-            );
-            return Verdict::Defer {
-                decision,
-                reason,
-                until_ms: None,
-                queues: ahead.into_iter().map(|(b, v, _)| (b, v)).collect(),
-            };
-        }
+    let c = check(&i, &decision);
+    if !i.released
+        && c.over.is_empty()
+        && let Some((reason, queues)) = queued_ahead(&i, &c)
+    {
+        return Verdict::Defer {
+            decision,
+            reason,
+            until_ms: None,
+            queues,
+        };
     }
-
     if c.over.is_empty() {
         if let Some(why) = c.downgrade_reason()
-            && let Some((decision, check)) = downgraded(why, None)
+            && let Some((decision, check)) = downgraded(&i, &decision.tier, why, None)
         {
             return Verdict::Dispatch { decision, check };
         }
         return Verdict::Dispatch { decision, check: c };
     }
+    over_limit(&i, decision, c)
+}
 
+fn decide(i: &EvalInput<'_, '_>, hints: &PolicyHints) -> Result<Decision, NoRoute> {
+    route::decide(DecideInput {
+        task: i.task,
+        class: i.class,
+        rubric: i.rubric,
+        registry: i.registry,
+        fleet: i.fleet,
+        table: i.table,
+        policy: hints,
+        seed: i.seed,
+    })
+}
+
+fn check<'p>(i: &EvalInput<'_, 'p>, d: &Decision) -> Check<'p> {
+    budget::check(
+        i.policy,
+        i.ledger,
+        &BTreeMap::new(),
+        budget::Routed {
+            dims: i.dims,
+            pool: &d.pool,
+            model: &d.model,
+            est: d.est_cost_usd.unwrap_or(0.0),
+            priority: i.task.priority,
+        },
+        i.now_ms,
+    )
+}
+
+/// The task routed again on a lower tier than `base_tier` (one lower, or `to`), if that
+/// fits every budget. A task that named its model is never downgraded.
+fn downgraded<'p>(
+    i: &EvalInput<'_, 'p>,
+    base_tier: &str,
+    why: String,
+    to: Option<usize>,
+) -> Option<(Decision, Check<'p>)> {
+    if i.task.model.is_some() {
+        return None;
+    }
+    let mut h = i.hints.clone();
+    h.downgrade = Some(why);
+    h.downgrade_to = to;
+    let d2 = decide(i, &h).ok().filter(|d2| d2.tier != base_tier)?;
+    let c2 = check(i, &d2);
+    c2.over.is_empty().then_some((d2, c2))
+}
+
+/// Tasks already deferred under one of the budgets this task counts against go first:
+/// the reason it waits, and the (budget, value) queues it waits in.
+fn queued_ahead(i: &EvalInput<'_, '_>, c: &Check<'_>) -> Option<(String, Vec<(String, String)>)> {
+    if i.queued.is_empty() {
+        return None;
+    }
+    let ahead: Vec<(String, String, usize)> = c
+        .cells
+        .iter()
+        .map(|k| (k.budget.clone(), k.value.clone()))
+        .filter_map(|(b, v)| {
+            let n = i.queued.get(&(b.clone(), v.clone())).copied().unwrap_or(0);
+            (n > 0).then_some((b, v, n))
+        })
+        .collect();
+    let (b, v, n) = ahead.first()?;
+    let reason = format!(
+        "{n} task(s) deferred under budget {b} ({v}) are ahead of it; released in priority order when the budget has room (policy {})",
+        i.policy.version
+    );
+    Some((reason, ahead.into_iter().map(|(b, v, _)| (b, v)).collect()))
+}
+
+/// A budget at 100%: the most severe action of the budgets over wins.
+fn over_limit<'p>(i: &EvalInput<'_, 'p>, decision: Decision, c: Check<'p>) -> Verdict<'p> {
     let worst = c
         .over
         .iter()
@@ -210,17 +222,12 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ");
-    let until = c.over.iter().filter_map(|o| o.resets_at).max();
-    let queues: Vec<(String, String)> = c
-        .over
-        .iter()
-        .map(|o| (o.budget.spec.name.clone(), o.value.clone()))
-        .collect();
     let version = &i.policy.version;
     let fallback = match worst {
         LimitAction::Reject => Fallback::Reject,
         LimitAction::Defer => Fallback::Defer,
         LimitAction::Downgrade => {
+            // The lowest tier every budget over allows.
             let floor = c
                 .over
                 .iter()
@@ -234,10 +241,8 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
                 })
                 .max()
                 .unwrap_or(0);
-            if let Some((decision, check)) = downgraded(
-                format!("{over_text}; downgraded by policy {version}"),
-                Some(floor),
-            ) {
+            let why = format!("{over_text}; downgraded by policy {version}");
+            if let Some((decision, check)) = downgraded(i, &decision.tier, why, Some(floor)) {
                 return Verdict::Dispatch { decision, check };
             }
             c.over
@@ -254,6 +259,12 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
             reason: format!("{over_text}; rejected by policy {version}"),
         },
         Fallback::Defer => {
+            let until = c.over.iter().filter_map(|o| o.resets_at).max();
+            let queues = c
+                .over
+                .iter()
+                .map(|o| (o.budget.spec.name.clone(), o.value.clone()))
+                .collect();
             let when = until
                 .map(|t| format!("deferred until {}", budget::rfc3339(t)))
                 .unwrap_or_else(|| "deferred until the limit is raised".into());
