@@ -265,7 +265,7 @@ pub struct TokenUsage {
 }
 
 /// What a GenAI span was doing (`gen_ai.operation.name`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     /// chat, text_completion, generate_content: an LLM call.
@@ -277,6 +277,7 @@ pub enum Operation {
     /// Another GenAI operation (retrieval, memory, plan …).
     OtherGenAi,
     /// Not a GenAI span.
+    #[default]
     None,
 }
 

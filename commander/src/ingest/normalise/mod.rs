@@ -272,76 +272,139 @@ pub fn spans(req: ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
     (out, rejected)
 }
 
+/// What a span's own attributes say, read in one pass.
+#[derive(Default)]
+struct SpanAttrs {
+    parts: IdentityParts,
+    dims: Dims,
+    operation: Operation,
+    provider: Option<String>,
+    old_provider: Option<String>,
+    request_model: Option<String>,
+    response_model: Option<String>,
+    usage: TokenUsage,
+    any_usage: bool,
+    tool: Option<String>,
+    task_id: Option<String>,
+    expected: Option<f64>,
+    error_type: Option<String>,
+    root_flag: bool,
+}
+
+impl SpanAttrs {
+    /// Every GenAI name generation, the fleet's own keys, identity and attribution.
+    fn read(attributes: Vec<KeyValue>) -> Self {
+        let mut a = SpanAttrs::default();
+        for mut kv in attributes {
+            let key = kv.key.as_str();
+            match key {
+                "gen_ai.operation.name" => {
+                    if let Some(v) = take_string(&mut kv.value) {
+                        a.operation = Operation::parse(&v);
+                    }
+                }
+                "gen_ai.provider.name" => a.provider = take_string(&mut kv.value),
+                "gen_ai.system" => a.old_provider = take_string(&mut kv.value),
+                "gen_ai.request.model" => a.request_model = take_string(&mut kv.value),
+                "gen_ai.response.model" => a.response_model = take_string(&mut kv.value),
+                "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
+                    a.count(&kv.value, |u, n| u.input = n);
+                }
+                "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
+                    a.count(&kv.value, |u, n| u.output = n);
+                }
+                "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
+                    a.count(&kv.value, |u, n| u.cache_read = n);
+                }
+                "gen_ai.usage.cache_write.input_tokens"
+                | "gen_ai.usage.cache_creation.input_tokens"
+                | "gen_ai.usage.cache_creation_input_tokens" => {
+                    a.count(&kv.value, |u, n| u.cache_write = n);
+                }
+                "gen_ai.tool.name" => a.tool = take_string(&mut kv.value),
+                "fleet.task.id" => a.task_id = take_string(&mut kv.value),
+                "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
+                "fleet.task.root" => a.root_flag = bool_of(&kv.value),
+                "error.type" => a.error_type = take_string(&mut kv.value),
+                _ => {
+                    if !a.parts.take(key, &mut kv.value) {
+                        a.dims.take(key, &mut kv.value);
+                    }
+                }
+            }
+        }
+        a
+    }
+
+    fn count(&mut self, v: &Option<AnyValue>, set: impl FnOnce(&mut TokenUsage, u64)) {
+        if let Some(n) = int_of(v) {
+            set(&mut self.usage, n);
+            self.any_usage = true;
+        }
+    }
+}
+
+/// Who a span is about: the resource's identity, shared without allocating, unless the
+/// span names a worker of its own. A span's agent name changes who the worker is only when
+/// the resource names no worker, agent id or instance; otherwise it is just the agent's
+/// display name. Returns the identity, the span's agent name, and whether it names one.
+fn span_identity(
+    res: &ResourceInfo,
+    parts: IdentityParts,
+) -> (Arc<Identity>, Option<String>, bool) {
+    let r = &res.raw;
+    let names_worker = parts.fleet_worker.is_some()
+        || parts.agent_id.is_some()
+        || (parts.pool.is_some() && parts.pool != r.pool)
+        || (parts.agent_name.is_some()
+            && r.fleet_worker.is_none()
+            && r.agent_id.is_none()
+            && r.instance.is_none());
+    if !names_worker {
+        return (res.identity.clone(), parts.agent_name, false);
+    }
+    let span_agent_name = parts.agent_name.clone();
+    // The span says who it is: the span's own fields win, the resource fills gaps.
+    let merged = IdentityParts {
+        fleet_worker: parts.fleet_worker.or_else(|| r.fleet_worker.clone()),
+        agent_id: parts.agent_id.or_else(|| r.agent_id.clone()),
+        instance: r.instance.clone(),
+        agent_name: parts.agent_name.or_else(|| r.agent_name.clone()),
+        service: r.service.clone(),
+        pool: parts.pool.or_else(|| r.pool.clone()),
+        version: parts.version.or_else(|| r.version.clone()),
+    };
+    let id = merged.resolve();
+    let identity = if id == *res.identity {
+        res.identity.clone()
+    } else {
+        Arc::new(id)
+    };
+    (identity, span_agent_name, true)
+}
+
 fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
     span_id: [u8; 8],
     span: opentelemetry_proto::tonic::trace::v1::Span,
 ) -> SpanEvent {
-    let mut parts = IdentityParts::default();
-    let mut dims = Dims::default();
-    let mut operation = Operation::None;
-    let mut provider = None;
-    let mut old_provider = None;
-    let mut request_model = None;
-    let mut response_model = None;
-    let mut usage = TokenUsage::default();
-    let mut any_usage = false;
-    let mut tool = None;
-    let mut task_id = None;
-    let mut expected = None;
-    let mut error_type = None;
-    let mut root_flag = false;
-    for mut kv in span.attributes {
-        let key = kv.key.as_str();
-        match key {
-            "gen_ai.operation.name" => {
-                if let Some(v) = take_string(&mut kv.value) {
-                    operation = Operation::parse(&v);
-                }
-            }
-            "gen_ai.provider.name" => provider = take_string(&mut kv.value),
-            "gen_ai.system" => old_provider = take_string(&mut kv.value),
-            "gen_ai.request.model" => request_model = take_string(&mut kv.value),
-            "gen_ai.response.model" => response_model = take_string(&mut kv.value),
-            "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
-                if let Some(n) = int_of(&kv.value) {
-                    usage.input = n;
-                    any_usage = true;
-                }
-            }
-            "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
-                if let Some(n) = int_of(&kv.value) {
-                    usage.output = n;
-                    any_usage = true;
-                }
-            }
-            "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
-                if let Some(n) = int_of(&kv.value) {
-                    usage.cache_read = n;
-                    any_usage = true;
-                }
-            }
-            "gen_ai.usage.cache_write.input_tokens"
-            | "gen_ai.usage.cache_creation.input_tokens"
-            | "gen_ai.usage.cache_creation_input_tokens" => {
-                if let Some(n) = int_of(&kv.value) {
-                    usage.cache_write = n;
-                    any_usage = true;
-                }
-            }
-            "gen_ai.tool.name" => tool = take_string(&mut kv.value),
-            "fleet.task.id" => task_id = take_string(&mut kv.value),
-            "fleet.task.expected_duration_s" => expected = float_of(&kv.value),
-            "fleet.task.root" => root_flag = bool_of(&kv.value),
-            "error.type" => error_type = take_string(&mut kv.value),
-            _ => {
-                if !parts.take(key, &mut kv.value) {
-                    dims.take(key, &mut kv.value);
-                }
-            }
-        }
-    }
+    let SpanAttrs {
+        parts,
+        mut dims,
+        mut operation,
+        provider,
+        old_provider,
+        request_model,
+        response_model,
+        usage,
+        any_usage,
+        tool,
+        task_id,
+        expected,
+        error_type,
+        root_flag,
+    } = SpanAttrs::read(span.attributes);
     // A tool span that forgot its operation name is still a tool call.
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
@@ -369,42 +432,9 @@ fn one_span(
                 operation,
                 Operation::InvokeAgent | Operation::InvokeWorkflow
             ));
-
-    // Most spans name no identity of their own: share the resource's without allocating.
-    // A span's agent name changes who the worker is only when the resource names no
-    // worker, agent id or instance; otherwise it is just the agent's display name.
-    let r = &res.raw;
-    let names_worker = parts.fleet_worker.is_some()
-        || parts.agent_id.is_some()
-        || (parts.pool.is_some() && parts.pool != r.pool)
-        || (parts.agent_name.is_some()
-            && r.fleet_worker.is_none()
-            && r.agent_id.is_none()
-            && r.instance.is_none());
-    let (identity, span_agent_name) = if names_worker {
-        let span_agent_name = parts.agent_name.clone();
-        // The span says who it is: the span's own fields win, the resource fills gaps.
-        let merged = IdentityParts {
-            fleet_worker: parts.fleet_worker.or_else(|| r.fleet_worker.clone()),
-            agent_id: parts.agent_id.or_else(|| r.agent_id.clone()),
-            instance: r.instance.clone(),
-            agent_name: parts.agent_name.or_else(|| r.agent_name.clone()),
-            service: r.service.clone(),
-            pool: parts.pool.or_else(|| r.pool.clone()),
-            version: parts.version.or_else(|| r.version.clone()),
-        };
-        let id = merged.resolve();
-        let identity = if id == *res.identity {
-            res.identity.clone()
-        } else {
-            Arc::new(id)
-        };
-        (identity, span_agent_name)
-    } else {
-        (res.identity.clone(), parts.agent_name)
-    };
+    let (identity, span_agent_name, names_worker) = span_identity(res, parts);
     dims.fill_from(&res.dims);
-
+    let r = &res.raw;
     SpanEvent {
         identity,
         agent_name: span_agent_name,
