@@ -123,6 +123,50 @@ impl PoolAgg {
             finished: VecDeque::new(),
         }
     }
+
+    /// The pool's view before its workers are counted in ([`PoolView::count`]).
+    fn view(&self, name: &str, now_ms: u64) -> PoolView {
+        let (ok, failed) = self
+            .finished
+            .iter()
+            .filter(|(e, _, _)| *e + 6 > now_ms / 10_000)
+            .fold((0, 0), |(a, b), (_, o, f)| (a + o, b + f));
+        PoolView {
+            name: name.to_string(),
+            configured: self.configured,
+            queue: self.queue.clone(),
+            dispatch_latency_ms: self.dispatch_latency.percentiles(now_ms),
+            tasks_per_min: ok + failed,
+            failed_per_min: failed,
+            states: State::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+impl PoolView {
+    /// Counts one of the pool's workers in.
+    fn count(&mut self, w: &WorkerView) {
+        if w.lost {
+            self.lost += 1;
+            return;
+        }
+        self.workers += 1;
+        *self.states.entry(w.state.as_str()).or_default() += 1;
+        if w.state.is_busy() {
+            self.active += 1;
+        }
+        self.in_flight += w.running as u64;
+        self.capacity += u64::from(w.max_in_flight.unwrap_or(1));
+    }
+}
+
+/// The fleet's workers counted by state and by pool, for a snapshot.
+struct Counted {
+    states: BTreeMap<&'static str, u64>,
+    busy: u64,
+    lost_workers: Vec<String>,
+    pools: BTreeMap<String, PoolView>,
 }
 
 #[derive(Debug)]
@@ -896,36 +940,52 @@ impl FleetState {
             .map(|w| self.worker_view(w, now_ms))
             .collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let Counted {
+            states,
+            busy,
+            lost_workers,
+            pools,
+        } = self.count_by_state_and_pool(&workers, now_ms);
+        let hour = self.fleet.total(now_ms, 60 * MINUTE);
+        let five = self.fleet.total(now_ms, 5 * MINUTE);
+        let last_min = self.fleet.total(now_ms, MINUTE);
+        let burn = five.cost_usd * 12.0;
+        let ops = five.llm_calls + five.tool_calls + five.tasks;
+        FleetSnapshot {
+            fleet: FleetView {
+                at_ms: now_ms,
+                workers: workers.len() as u64,
+                lost: lost_workers.len() as u64,
+                states,
+                parallel_agents: busy,
+                input_tokens_per_s: last_min.input_tokens as f64 / 60.0,
+                output_tokens_per_s: last_min.output_tokens as f64 / 60.0,
+                tasks_per_min: last_min.tasks,
+                burn_rate_usd_per_h: burn,
+                projected_monthly_usd: burn * 24.0 * 30.0,
+                cost_last_hour_usd: hour.cost_usd,
+                error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
+                models: self.model_shares(now_ms),
+                task_types: self.task_type_views(now_ms),
+                lost_workers,
+            },
+            pools: pools.into_values().collect(),
+            workers,
+        }
+    }
 
+    /// Workers per state (lost ones apart), how many are busy, and each pool's view.
+    fn count_by_state_and_pool(&self, workers: &[WorkerView], now_ms: u64) -> Counted {
         let mut states: BTreeMap<&'static str, u64> =
             State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let mut lost_workers = Vec::new();
         let mut pools: BTreeMap<String, PoolView> = self
             .pools
             .iter()
-            .map(|(name, p)| {
-                let (ok, failed) = p
-                    .finished
-                    .iter()
-                    .filter(|(e, _, _)| *e + 6 > now_ms / 10_000)
-                    .fold((0, 0), |(a, b), (_, o, f)| (a + o, b + f));
-                (
-                    name.clone(),
-                    PoolView {
-                        name: name.clone(),
-                        configured: p.configured,
-                        queue: p.queue.clone(),
-                        dispatch_latency_ms: p.dispatch_latency.percentiles(now_ms),
-                        tasks_per_min: ok + failed,
-                        failed_per_min: failed,
-                        states: State::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
-                        ..Default::default()
-                    },
-                )
-            })
+            .map(|(name, p)| (name.clone(), p.view(name, now_ms)))
             .collect();
         let mut busy = 0;
-        for w in &workers {
+        for w in workers {
             if w.lost {
                 lost_workers.push(w.id.clone());
             } else {
@@ -937,38 +997,31 @@ impl FleetState {
             if let Some(pool) = w.pool.as_deref()
                 && let Some(p) = pools.get_mut(pool)
             {
-                if w.lost {
-                    p.lost += 1;
-                    continue;
-                }
-                p.workers += 1;
-                *p.states.entry(w.state.as_str()).or_default() += 1;
-                if w.state.is_busy() {
-                    p.active += 1;
-                }
-                p.in_flight += w.running as u64;
-                p.capacity += u64::from(w.max_in_flight.unwrap_or(1));
+                p.count(w);
             }
         }
         for p in pools.values_mut() {
             p.utilisation = (p.workers > 0).then(|| p.active as f64 / p.workers as f64);
         }
+        Counted {
+            states,
+            busy,
+            lost_workers,
+            pools,
+        }
+    }
 
+    /// Calls, tokens, cost and latency per model over the last hour.
+    fn model_shares(&self, now_ms: u64) -> Vec<ModelShare> {
         let reg = self.registry.in_force();
-        let hour = self.fleet.total(now_ms, 60 * MINUTE);
-        let five = self.fleet.total(now_ms, 5 * MINUTE);
-        let last_min = self.fleet.total(now_ms, MINUTE);
-        let burn = five.cost_usd * 12.0;
         let by_model = self.costs.query(now_ms, 60 * MINUTE, &[Dim::Model]);
         let total_calls: u64 = by_model.iter().map(|r| r.cell.calls).sum();
-        let models = by_model
+        by_model
             .into_iter()
             .filter_map(|r| {
                 let model = r.group.get("model").cloned().flatten()?;
-                let model_name = model.clone();
                 Some(ModelShare {
                     unknown: reg.lookup(&model).is_none(),
-                    model,
                     calls: r.cell.calls,
                     share: if total_calls == 0 {
                         0.0
@@ -980,12 +1033,17 @@ impl FleetState {
                     cost_usd: r.cell.cost_usd,
                     latency_ms: self
                         .model_latency
-                        .get(&model_name)
+                        .get(&model)
                         .map(|s| s.percentiles(now_ms))
                         .unwrap_or_default(),
+                    model,
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    /// Duration, cost and depth percentiles and baselines per task type, by name.
+    fn task_type_views(&self, now_ms: u64) -> Vec<TaskTypeView> {
         let mut task_types: Vec<TaskTypeView> = self
             .task_types
             .iter()
@@ -1003,28 +1061,7 @@ impl FleetState {
             })
             .collect();
         task_types.sort_by(|a, b| a.task_type.cmp(&b.task_type));
-        let ops = five.llm_calls + five.tool_calls + five.tasks;
-        FleetSnapshot {
-            fleet: FleetView {
-                at_ms: now_ms,
-                workers: workers.len() as u64,
-                lost: lost_workers.len() as u64,
-                states,
-                parallel_agents: busy,
-                input_tokens_per_s: last_min.input_tokens as f64 / 60.0,
-                output_tokens_per_s: last_min.output_tokens as f64 / 60.0,
-                tasks_per_min: last_min.tasks,
-                burn_rate_usd_per_h: burn,
-                projected_monthly_usd: burn * 24.0 * 30.0,
-                cost_last_hour_usd: hour.cost_usd,
-                error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
-                models,
-                task_types,
-                lost_workers,
-            },
-            pools: pools.into_values().collect(),
-            workers,
-        }
+        task_types
     }
 }
 
