@@ -73,6 +73,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     result
 }
 
+/// The start-up order, top to bottom: the broker and streams, the live snapshot, the fleet
+/// owner and classifier, telemetry, policies, the task path, the API; then the shutdown.
+/// Each step is a named function; what is left here is the wiring between them, kept in
+/// one place so the order stays visible.
 async fn run(
     config: Config,
     store: Store,
@@ -155,20 +159,12 @@ async fn run(
         policy: engine.clone(),
         route_cache: Default::default(),
     };
-    let ctx = Arc::new(Ctx {
-        core: core.clone(),
-        client: client.clone(),
-        js: js.clone(),
-        subjects: subjects.clone(),
-        spans: spans.clone(),
-        publish_decisions: config.decisions.publish,
-        reply_prefixes: config.intake.reply_prefixes.clone(),
-        intake_ack_wait: config.intake.ack_wait(),
-        targets: pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
+    let targets =
+        pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
             dir: data_dir_text.clone(),
             source,
-        })?,
-    });
+        })?;
+    let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone(), targets));
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -206,6 +202,26 @@ async fn run(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The task path's context: the shared core plus its side of NATS.
+fn task_path_ctx(
+    w: &Wiring<'_>,
+    core: pipeline::Core,
+    spans: SpanExporter,
+    targets: pipeline::retarget::Targets,
+) -> Ctx {
+    Ctx {
+        core,
+        client: w.client.clone(),
+        js: w.js.clone(),
+        subjects: w.subjects.clone(),
+        spans,
+        publish_decisions: w.config.decisions.publish,
+        reply_prefixes: w.config.intake.reply_prefixes.clone(),
+        intake_ack_wait: w.config.intake.ack_wait(),
+        targets,
+    }
 }
 
 /// The intake, work and results streams and their consumers, created or checked.

@@ -23,134 +23,151 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("intake_batch", size = batch.len());
     let replies: Vec<_> = batch.iter().filter_map(|m| m.reply.clone()).collect();
     let work = async {
-        // Read every message, classify the valid tasks concurrently (cache hits and the
-        // fallback answer at once; LLM calls are bounded by the classifier's timeouts),
-        // then decide and plan each in order.
-        let mut reads = Vec::with_capacity(batch.len());
-        for msg in &batch {
-            ctx.core.metrics.tasks_received.inc();
-            reads.push(match read(ctx, msg) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    // Store trouble: leave the message for redelivery rather than guess.
-                    tracing::error!(error = %e, "cannot record intake message; will retry");
-                    None
-                }
-            });
-        }
-        // The one live snapshot every classification and decision of the batch reads: the
-        // rubric, registry, policy and routing table in force were checked together.
-        let live = ctx.core.policy.live();
-        let grounds = crate::classify::Grounds {
-            rubric: &live.rubric,
-            rubric_generation: live.rubric_generation,
-            registry: &live.registry,
-        };
-        let classifications = futures::future::join_all(reads.iter().map(|r| async move {
-            match r {
-                Some(Read::Ready(p)) => Some(
-                    ctx.core.classifier
-                        .classify(
-                            grounds,
-                            &p.task,
-                            Some(TraceCtx {
-                                trace_id: p.dispatch.trace_id.0,
-                                parent_span_id: Some(p.dispatch.span_id.0),
-                            }),
-                        )
-                        .await,
-                ),
-                _ => None,
-            }
-        }))
-        .await;
-        // What every decision of the batch reads, taken once.
-        let mut view = View {
-            fleet: ctx.core.route_snapshot(&live.routing),
-            live: live.clone(),
-            queued: ctx.core.policy.deferrals.queued(),
-            now_ms: ctx.core.policy.now_ms(),
-        };
-        let mut plans = Vec::with_capacity(batch.len());
-        for (r, class) in reads.into_iter().zip(classifications) {
-            plans.push(match (r, class) {
-                (None, _) => None,
-                (Some(Read::Done(plan)), _) => Some(plan),
-                (Some(Read::Ready(p)), Some(c)) => {
-                    let planned = plan(ctx, *p, c, &view);
-                    // Later tasks of this batch queue behind a deferral made in it.
-                    if let Plan::Defer(d) = &planned {
-                        for q in &d.entry.queues {
-                            *view.queued.entry(q.clone()).or_insert(0) += 1;
-                        }
-                    }
-                    Some(planned)
-                }
-                (Some(Read::Ready(_)), None) => None,
-            });
-        }
-
-        // Publish everything first (pipelined), then wait for all the acks.
-        let mut pending = Vec::with_capacity(plans.len());
-        for plan in &plans {
-            let fut = match plan {
-                Some(Plan::Dispatch(d)) => Some(
-                    ctx.js.publish_with_headers(d.subject.clone(), d.headers.clone(), d.payload.clone()).await,
-                ),
-                Some(Plan::Reject(r)) => Some(publish_rejection(ctx, r).await),
-                _ => None,
-            };
-            pending.push(fut);
-        }
-        let mut published = Vec::with_capacity(pending.len());
-        for fut in pending {
-            published.push(match fut {
-                Some(Ok(ack)) => Some(ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
-                Some(Err(e)) => Some(Err(e.to_string())),
-                None => None,
-            });
-        }
-
+        let plans = plan_batch(ctx, &batch).await;
+        let published = publish_batch(ctx, &plans).await;
         let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
         }
-        let Settled {
-            acks,
-            decided,
-            notices,
-        } = settled;
-
-        // The batch's decisions in one write per tree (sled copies a leaf per write, and
-        // decisions are big), made durable by the same flush.
-        ctx.log_decisions(&decided).await;
-
-        if let Err(e) = ctx.core.policy.persist_ledger() {
-            tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
-            return;
-        }
-        // One flush for the batch, then the acks: what was acked is on disk.
-        if let Err(e) = ctx.core.store.flush().await {
-            tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
-            return;
-        }
-        for msg in acks {
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "intake ack failed; the redelivery will be recognised");
-            }
-        }
-        // Status notices (deferrals) and budget alerts: informational, core NATS.
-        for (task_id, body) in notices {
-            let subject = if task_id.is_empty() {
-                ctx.subjects.alerts("warning")
-            } else {
-                ctx.subjects.status(&task_id)
-            };
-            let _ = ctx.client.publish(subject, bytes::Bytes::from(body.to_string())).await;
-        }
+        finish_batch(ctx, settled).await;
     }
     .instrument(span);
     keep_in_hand(ctx, &replies, work).await
+}
+
+/// Reads every message, classifies the valid tasks concurrently (cache hits and the
+/// fallback answer at once; LLM calls are bounded by the classifier's timeouts), then
+/// decides and plans each in order, all under one load of the live snapshot. `None`: a
+/// message to hand back for redelivery.
+async fn plan_batch(ctx: &Ctx, batch: &[jetstream::Message]) -> Vec<Option<Plan>> {
+    let mut reads = Vec::with_capacity(batch.len());
+    for msg in batch {
+        ctx.core.metrics.tasks_received.inc();
+        reads.push(match read(ctx, msg) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // Store trouble: leave the message for redelivery rather than guess.
+                tracing::error!(error = %e, "cannot record intake message; will retry");
+                None
+            }
+        });
+    }
+    // The one live snapshot every classification and decision of the batch reads: the
+    // rubric, registry, policy and routing table in force were checked together.
+    let live = ctx.core.policy.live();
+    let grounds = crate::classify::Grounds {
+        rubric: &live.rubric,
+        rubric_generation: live.rubric_generation,
+        registry: &live.registry,
+    };
+    let classifications = futures::future::join_all(reads.iter().map(|r| async move {
+        let Some(Read::Ready(p)) = r else {
+            return None;
+        };
+        let trace = TraceCtx {
+            trace_id: p.dispatch.trace_id.0,
+            parent_span_id: Some(p.dispatch.span_id.0),
+        };
+        Some(
+            ctx.core
+                .classifier
+                .classify(grounds, &p.task, Some(trace))
+                .await,
+        )
+    }))
+    .await;
+    // What every decision of the batch reads, taken once.
+    let mut view = View {
+        fleet: ctx.core.route_snapshot(&live.routing),
+        live: live.clone(),
+        queued: ctx.core.policy.deferrals.queued(),
+        now_ms: ctx.core.policy.now_ms(),
+    };
+    let mut plans = Vec::with_capacity(batch.len());
+    for (r, class) in reads.into_iter().zip(classifications) {
+        plans.push(match (r, class) {
+            (None, _) => None,
+            (Some(Read::Done(plan)), _) => Some(plan),
+            (Some(Read::Ready(p)), Some(c)) => {
+                let planned = plan(ctx, *p, c, &view);
+                // Later tasks of this batch queue behind a deferral made in it.
+                if let Plan::Defer(d) = &planned {
+                    for q in &d.entry.queues {
+                        *view.queued.entry(q.clone()).or_insert(0) += 1;
+                    }
+                }
+                Some(planned)
+            }
+            (Some(Read::Ready(_)), None) => None,
+        });
+    }
+    plans
+}
+
+/// Publishes every dispatch and rejection first (pipelined), then waits for all the
+/// PubAcks: the work stream's sequence of each, or why it was not acknowledged.
+async fn publish_batch(ctx: &Ctx, plans: &[Option<Plan>]) -> Vec<Option<Result<u64, String>>> {
+    let mut pending = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let fut = match plan {
+            Some(Plan::Dispatch(d)) => Some(
+                ctx.js
+                    .publish_with_headers(d.subject.clone(), d.headers.clone(), d.payload.clone())
+                    .await,
+            ),
+            Some(Plan::Reject(r)) => Some(publish_rejection(ctx, r).await),
+            _ => None,
+        };
+        pending.push(fut);
+    }
+    let mut published = Vec::with_capacity(pending.len());
+    for fut in pending {
+        published.push(match fut {
+            Some(Ok(ack)) => Some(ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
+            Some(Err(e)) => Some(Err(e.to_string())),
+            None => None,
+        });
+    }
+    published
+}
+
+/// The batch's decisions, ledger and store made durable with one flush, then the acks,
+/// then the informational notices.
+async fn finish_batch(ctx: &Ctx, settled: Settled) {
+    let Settled {
+        acks,
+        decided,
+        notices,
+    } = settled;
+    // The batch's decisions in one write per tree (sled copies a leaf per write, and
+    // decisions are big), made durable by the same flush.
+    ctx.log_decisions(&decided).await;
+    if let Err(e) = ctx.core.policy.persist_ledger() {
+        tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
+        return;
+    }
+    // One flush for the batch, then the acks: what was acked is on disk.
+    if let Err(e) = ctx.core.store.flush().await {
+        tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
+        return;
+    }
+    for msg in acks {
+        if let Err(e) = msg.ack().await {
+            tracing::warn!(error = %e, "intake ack failed; the redelivery will be recognised");
+        }
+    }
+    // Status notices (deferrals) and budget alerts: informational, core NATS.
+    for (task_id, body) in notices {
+        let subject = if task_id.is_empty() {
+            ctx.subjects.alerts("warning")
+        } else {
+            ctx.subjects.status(&task_id)
+        };
+        let _ = ctx
+            .client
+            .publish(subject, bytes::Bytes::from(body.to_string()))
+            .await;
+    }
 }
 
 /// A message read and checked, waiting for its classification.
