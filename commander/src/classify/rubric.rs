@@ -206,7 +206,7 @@ fn check_task_types<'a>(
                 format!(
                     "default_tier {:?} is not a tier (tiers: {})",
                     t.default_tier,
-                    join(&tier_names)
+                    join(tier_names)
                 ),
             ));
         }
