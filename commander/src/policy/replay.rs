@@ -95,12 +95,7 @@ pub fn replay(
     let queued: BTreeMap<(String, String), usize> = BTreeMap::new();
     for d in decisions {
         r.decisions += 1;
-        let mut task = Task::new("replayed");
-        task.id = Some(d.task_id.clone());
-        task.priority = d.priority;
-        task.pool = d.inputs.requested_pool.clone();
-        task.model = d.inputs.requested_model.clone();
-        task.max_cost_usd = d.inputs.max_cost_usd;
+        let task = replayed_task(d);
         if d.outcome == Outcome::Dispatched {
             r.cost_before_usd += d.est_cost_usd.unwrap_or(0.0);
         }
@@ -120,20 +115,46 @@ pub fn replay(
             now_ms: d.at_ms,
             seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
         });
-        let before = describe(
-            match d.outcome {
-                Outcome::Dispatched => "dispatch",
-                Outcome::Rejected => "reject",
-                Outcome::Deferred => "defer",
-            },
-            d.pool.as_deref(),
-            d.model.as_deref(),
-        );
-        let (after, reason, changed_kind) = match verdict {
+        let after = After::of(d, verdict, &mut ledger, &mut r.cost_after_usd);
+        r.count(d, after);
+    }
+    r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
+    r
+}
+
+/// The task as the decision log recorded its inputs.
+fn replayed_task(d: &DecisionRecord) -> Task {
+    let mut task = Task::new("replayed");
+    task.id = Some(d.task_id.clone());
+    task.priority = d.priority;
+    task.pool = d.inputs.requested_pool.clone();
+    task.model = d.inputs.requested_model.clone();
+    task.max_cost_usd = d.inputs.max_cost_usd;
+    task
+}
+
+/// What the candidate policy does with one logged task, and how that differs.
+struct After {
+    text: String,
+    reason: String,
+    /// `None`: what happened before; else rerouted, model, dispatched, deferred, rejected.
+    changed: Option<&'static str>,
+}
+
+impl After {
+    /// A dispatch reserves its estimate in `ledger` (later tasks see it) and adds it to
+    /// `cost_after`.
+    fn of(
+        d: &DecisionRecord,
+        verdict: Verdict<'_>,
+        ledger: &mut Ledger,
+        cost_after: &mut f64,
+    ) -> Self {
+        let (text, reason, changed) = match verdict {
             Verdict::Dispatch { decision, check } => {
                 let est = decision.est_cost_usd.unwrap_or(0.0);
                 ledger.reserve(&check.cells, est);
-                r.cost_after_usd += est;
+                *cost_after += est;
                 let kind = match d.outcome {
                     Outcome::Dispatched if d.pool.as_deref() != Some(decision.pool.as_str()) => {
                         Some("rerouted")
@@ -168,28 +189,45 @@ pub fn replay(
                 (d.outcome != Outcome::Rejected).then_some("rejected"),
             ),
         };
-        match changed_kind {
-            None => r.unchanged += 1,
-            Some(kind) => {
-                match kind {
-                    "rerouted" => r.rerouted += 1,
-                    "model" => r.model_changed += 1,
-                    "deferred" => r.deferred += 1,
-                    "rejected" => r.rejected += 1,
-                    _ => r.newly_dispatched += 1,
-                }
-                if r.changes.len() < MAX_LISTED {
-                    r.changes.push(ReplayChange {
-                        task_id: d.task_id.clone(),
-                        at: d.at.clone(),
-                        before,
-                        after,
-                        reason,
-                    });
-                }
-            }
+        Self {
+            text,
+            reason,
+            changed,
         }
     }
-    r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
-    r
+}
+
+impl ReplayReport {
+    /// Counts one replayed decision, listing it (up to [`MAX_LISTED`]) when it changed.
+    fn count(&mut self, d: &DecisionRecord, after: After) {
+        let Some(kind) = after.changed else {
+            self.unchanged += 1;
+            return;
+        };
+        match kind {
+            "rerouted" => self.rerouted += 1,
+            "model" => self.model_changed += 1,
+            "deferred" => self.deferred += 1,
+            "rejected" => self.rejected += 1,
+            _ => self.newly_dispatched += 1,
+        }
+        if self.changes.len() < MAX_LISTED {
+            let before = describe(
+                match d.outcome {
+                    Outcome::Dispatched => "dispatch",
+                    Outcome::Rejected => "reject",
+                    Outcome::Deferred => "defer",
+                },
+                d.pool.as_deref(),
+                d.model.as_deref(),
+            );
+            self.changes.push(ReplayChange {
+                task_id: d.task_id.clone(),
+                at: d.at.clone(),
+                before,
+                after: after.text,
+                reason: after.reason,
+            });
+        }
+    }
 }
