@@ -380,6 +380,81 @@ async fn keep_in_hand<T>(
     }
 }
 
+/// Whether an intake message was handled before (by id), or is new; a new one may be the
+/// release of a deferred task.
+enum Handled {
+    Before,
+    /// Out of the deferred queue: (first deferral ms, releases so far).
+    No {
+        release: Option<(u64, u32)>,
+    },
+}
+
+fn already_handled(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    id: &str,
+    seq: u64,
+) -> Result<Handled, crate::store::StoreError> {
+    let hdrs = msg.headers.as_ref();
+    // A release of a deferred task carries the header; the commander is the only one
+    // that sets it, and it counts only for a task that is deferred right now.
+    let existing = ctx.core.store.get(id)?;
+    let release = header(hdrs, headers::RELEASE).and_then(|v| {
+        let (at, n) = v.split_once(':')?;
+        Some((at.parse::<u64>().ok()?, n.parse::<u32>().ok()?))
+    });
+    let release = release.filter(|_| {
+        existing
+            .as_ref()
+            .is_some_and(|r| r.state == TaskState::Deferred)
+    });
+    let Some(existing) = existing.filter(|e| e.state != TaskState::Received && release.is_none())
+    else {
+        return Ok(Handled::No { release });
+    };
+    ctx.core.metrics.intake_duplicates.inc();
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if delivered > 1 || existing.intake_sequence == seq || existing.intake_sequence == 0 {
+        // The same message again: a crash or a lost ack between handling and acking.
+        tracing::info!(task_id = %id, seq, delivered, "intake message redelivered after an interruption; it was already handled");
+    } else {
+        tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
+    }
+    Ok(Handled::Before)
+}
+
+/// The producer's span (when its traceparent is valid), the dispatch span's context, and
+/// why an invalid traceparent was refused. Ids are derived, not drawn, so a redelivered
+/// submission gets the same dispatch span as the (de-duplicated) first publication that
+/// the worker will see.
+fn trace_of(
+    ctx: &Ctx,
+    hdrs: Option<&async_nats::HeaderMap>,
+    id: &str,
+    seq: u64,
+) -> (Option<TraceParent>, TraceParent, Option<String>) {
+    let raw_tp = header(hdrs, headers::TRACEPARENT);
+    let (parent, invalid) = match raw_tp.map(TraceParent::parse) {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => {
+            ctx.core.metrics.traceparent_invalid.inc();
+            (None, raw_tp.map(|v| format!("{v:?}: {e}")))
+        }
+        None => (None, None),
+    };
+    let trace_id = parent
+        .map(|p| p.trace_id)
+        .unwrap_or_else(|| derived_trace_id(id, seq));
+    let flags = parent.map(|p| p.flags).unwrap_or(FLAG_SAMPLED);
+    let dispatch = TraceParent {
+        trace_id,
+        span_id: derived_span_id(&trace_id, id, FIRST_ATTEMPT),
+        flags,
+    };
+    (parent, dispatch, invalid)
+}
+
 /// Reads one message: the id, duplicates, the task JSON, the trace context.
 fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::StoreError> {
     let started = SystemTime::now();
@@ -409,33 +484,10 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         None => sequence_id(ctx, msg, seq)?,
     };
 
-    // A release of a deferred task carries the header; the commander is the only one
-    // that sets it, and it counts only for a task that is deferred right now.
-    let existing = ctx.core.store.get(&id)?;
-    let release = header(hdrs, headers::RELEASE).and_then(|v| {
-        let (at, n) = v.split_once(':')?;
-        Some((at.parse::<u64>().ok()?, n.parse::<u32>().ok()?))
-    });
-    let release = release.filter(|_| {
-        existing
-            .as_ref()
-            .is_some_and(|r| r.state == TaskState::Deferred)
-    });
-    if let Some(existing) = existing
-        && existing.state != TaskState::Received
-        && release.is_none()
-    {
-        ctx.core.metrics.intake_duplicates.inc();
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        if delivered > 1 || existing.intake_sequence == seq || existing.intake_sequence == 0 {
-            // The same message again: a crash or a lost ack between handling and acking.
-            tracing::info!(task_id = %id, seq, delivered, "intake message redelivered after an interruption; it was already handled");
-        } else {
-            tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
-        }
-        return Ok(Read::Done(Plan::Duplicate));
-    }
-
+    let release = match already_handled(ctx, msg, &id, seq)? {
+        Handled::Before => return Ok(Read::Done(Plan::Duplicate)),
+        Handled::No { release } => release,
+    };
     if let Some(why) = reply_problem {
         ctx.core.metrics.reply_to_refused.inc();
         tracing::warn!(task_id = %id, reason = %why, "task refused: Fleet-Reply-To is not an allowed reply subject");
@@ -455,27 +507,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
     };
     task.id = Some(id.clone());
 
-    // Continue the producer's trace, or start one and remember why.
-    let raw_tp = header(hdrs, headers::TRACEPARENT);
-    let (parent, invalid) = match raw_tp.map(TraceParent::parse) {
-        Some(Ok(p)) => (Some(p), None),
-        Some(Err(e)) => {
-            ctx.core.metrics.traceparent_invalid.inc();
-            (None, raw_tp.map(|v| format!("{v:?}: {e}")))
-        }
-        None => (None, None),
-    };
-    // Ids are derived, not drawn, so a redelivered submission gets the same dispatch span
-    // as the (de-duplicated) first publication that the worker will see.
-    let trace_id = parent
-        .map(|p| p.trace_id)
-        .unwrap_or_else(|| derived_trace_id(&id, seq));
-    let flags = parent.map(|p| p.flags).unwrap_or(FLAG_SAMPLED);
-    let dispatch = TraceParent {
-        trace_id,
-        span_id: derived_span_id(&trace_id, &id, FIRST_ATTEMPT),
-        flags,
-    };
+    let (parent, dispatch, invalid) = trace_of(ctx, hdrs, &id, seq);
     let tracestate = parent
         .and(header(hdrs, headers::TRACESTATE))
         .and_then(parse_tracestate);
