@@ -90,6 +90,35 @@ pub struct Lineage {
     pub counts: LineageCounts,
 }
 
+/// Children that waited in `trace` and whose ancestry is now known: to their agent, or,
+/// when the chain has reached a root that names none, to their resource.
+fn release_children(
+    trace: &mut Trace,
+    waiting_total: &mut usize,
+    counts: &mut LineageCounts,
+    out: &mut Vec<SpanEvent>,
+) {
+    let waiting = std::mem::take(&mut trace.waiting);
+    for (mut child, at) in waiting {
+        match resolve(&trace.nodes, child.parent_span_id) {
+            Resolved::Agent(a) => {
+                *waiting_total -= 1;
+                if let Some(n) = trace.nodes.get_mut(&child.span_id) {
+                    n.agent = Some(a.clone());
+                }
+                counts.inherited += 1;
+                child.identity = a;
+                out.push(child);
+            }
+            Resolved::Resource => {
+                *waiting_total -= 1;
+                out.push(child);
+            }
+            Resolved::Unknown => trace.waiting.push((child, at)),
+        }
+    }
+}
+
 impl Lineage {
     /// Takes one span; pushes onto `out` every span now ready to apply, with its identity
     /// settled: waiting children it resolved first, then the span itself (unless it waits).
@@ -175,29 +204,10 @@ impl Lineage {
         if trace.nodes.insert(ev.span_id, node).is_none() {
             self.nodes += 1;
         }
-        // Children that waited for this span (or an ancestor now known through it): to
-        // its agent, or, when the chain has reached a root that names none, to their
-        // resource. Either way before this span, so a run ends with its root.
+        // Children that waited for this span (or an ancestor now known through it) go
+        // before it, so a run ends with its root.
         if !trace.waiting.is_empty() {
-            let waiting = std::mem::take(&mut trace.waiting);
-            for (mut child, at) in waiting {
-                match resolve(&trace.nodes, child.parent_span_id) {
-                    Resolved::Agent(a) => {
-                        self.waiting -= 1;
-                        if let Some(n) = trace.nodes.get_mut(&child.span_id) {
-                            n.agent = Some(a.clone());
-                        }
-                        self.counts.inherited += 1;
-                        child.identity = a;
-                        out.push(child);
-                    }
-                    Resolved::Resource => {
-                        self.waiting -= 1;
-                        out.push(child);
-                    }
-                    Resolved::Unknown => trace.waiting.push((child, at)),
-                }
-            }
+            release_children(trace, &mut self.waiting, &mut self.counts, out);
         }
         if let Some(a) = agent
             && !ev.names_agent
