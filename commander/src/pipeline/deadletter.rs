@@ -133,25 +133,7 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
     let Ok(body) = serde_json::to_vec(&result) else {
         return;
     };
-    let mut h = HeaderMap::new();
-    for name in [
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::BAGGAGE,
-        headers::REPLY_TO,
-    ] {
-        if let Some(v) = header(hdrs, name) {
-            let _ = protocol::set_header(&mut h, name, v);
-        }
-    }
-    let _ = protocol::set_header(&mut h, headers::TASK_ID, &task_id);
-    let _ = protocol::set_header(&mut h, headers::ATTEMPT, &attempt.to_string());
-    // Once per attempt, whichever replica (or retry) publishes it.
-    let _ = protocol::set_header(
-        &mut h,
-        headers::NATS_MSG_ID,
-        &format!("{task_id}:{attempt}:dead"),
-    );
+    let h = result_headers(hdrs, &task_id, attempt);
     let stored = match ctx
         .js
         .publish_with_headers(ctx.subjects.result(&task_id), h, Bytes::from(body))
@@ -174,6 +156,31 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
     if let Err(e) = stream.delete_message(a.stream_seq).await {
         tracing::warn!(task_id, error = %e, "dead-lettered work message not deleted");
     }
+}
+
+/// The failed result's headers: the work message's trace context, baggage and reply
+/// subject carried over, and an idempotency key of its own per attempt.
+fn result_headers(hdrs: Option<&HeaderMap>, task_id: &str, attempt: u32) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for name in [
+        headers::TRACEPARENT,
+        headers::TRACESTATE,
+        headers::BAGGAGE,
+        headers::REPLY_TO,
+    ] {
+        if let Some(v) = header(hdrs, name) {
+            let _ = protocol::set_header(&mut h, name, v);
+        }
+    }
+    let _ = protocol::set_header(&mut h, headers::TASK_ID, task_id);
+    let _ = protocol::set_header(&mut h, headers::ATTEMPT, &attempt.to_string());
+    // Once per attempt, whichever replica (or retry) publishes it.
+    let _ = protocol::set_header(
+        &mut h,
+        headers::NATS_MSG_ID,
+        &format!("{task_id}:{attempt}:dead"),
+    );
+    h
 }
 
 #[cfg(test)]

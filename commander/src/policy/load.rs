@@ -486,6 +486,41 @@ fn check_sampling(spec: &SamplingSpec, here: Here<'_>, problems: &mut Vec<Proble
     }
 }
 
+/// The soft thresholds: each between 0 and 1, rising, with a priority in range.
+fn check_soft(b: &BudgetSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
+    let name = &b.name;
+    let mut last = 0.0;
+    for s in &b.soft {
+        if !(s.at > 0.0 && s.at < 1.0) {
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
+                    s.at
+                ),
+            ));
+        } else if s.at <= last {
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft thresholds must rise ({} after {last})",
+                    s.at
+                ),
+            ));
+        }
+        if s.max_priority > 9 {
+            problems.push(here.key("soft").problem(
+                OutOfRange,
+                format!(
+                    "budget {name}: soft max_priority {} is out of range 0-9",
+                    s.max_priority
+                ),
+            ));
+        }
+        last = s.at;
+    }
+}
+
 fn check_budget(
     b: &BudgetSpec,
     here: Here<'_>,
@@ -539,36 +574,7 @@ fn check_budget(
         ),
         _ => {}
     }
-    let mut last = 0.0;
-    for s in &b.soft {
-        if !(s.at > 0.0 && s.at < 1.0) {
-            problems.push(here.key("soft").problem(
-                OutOfRange,
-                format!(
-                    "budget {name}: soft threshold {} must be between 0 and 1 (100% is the action)",
-                    s.at
-                ),
-            ));
-        } else if s.at <= last {
-            problems.push(here.key("soft").problem(
-                OutOfRange,
-                format!(
-                    "budget {name}: soft thresholds must rise ({} after {last})",
-                    s.at
-                ),
-            ));
-        }
-        if s.max_priority > 9 {
-            problems.push(here.key("soft").problem(
-                OutOfRange,
-                format!(
-                    "budget {name}: soft max_priority {} is out of range 0-9",
-                    s.max_priority
-                ),
-            ));
-        }
-        last = s.at;
-    }
+    check_soft(b, here, problems);
     if let Some(t) = &b.min_tier {
         if b.action != LimitAction::Downgrade {
             problems.push(here.key("min_tier").problem(
