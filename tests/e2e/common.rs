@@ -300,3 +300,55 @@ pub async fn publish_raw(client: &async_nats::Client, headers: &[(&str, &str)], 
         .unwrap()
         .sequence
 }
+
+/// Waits until every telemetry item the commander accepted before this call has been
+/// applied to the live state: the receivers hand items to the fleet owner through one
+/// queue in order, so once a marker span sent now is on the fleet view, everything ahead
+/// of it is too. The marker is a worker named `telemetry-barrier-<n>`.
+#[allow(dead_code, reason = "used by some test modules only")]
+pub async fn telemetry_applied(stack: &Stack) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let worker = format!("telemetry-barrier-{n}");
+    let otlp = stack
+        .commander
+        .otlp_http()
+        .expect("the commander serves OTLP/HTTP");
+    let body = serde_json::json!({"resourceSpans": [{
+        "resource": {"attributes": [
+            {"key": "fleet.worker.id", "value": {"stringValue": worker}}]},
+        "scopeSpans": [{"spans": [{
+            "traceId": format!("{:032x}", 0xba_u128 + u128::from(n)),
+            "spanId": "00000000000000b1", "name": "barrier", "kind": 1,
+            "startTimeUnixNano": "1", "endTimeUnixNano": "2"}]}]}]});
+    let resp = reqwest::Client::new()
+        .post(format!("{otlp}/v1/traces"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "the barrier span is accepted");
+    eventually("telemetry sent before now is applied", WAIT, async || {
+        reqwest::get(stack.http(&format!("/v1/workers/{worker}")))
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    worker
+}
+
+/// [`eventually`] for tests without a runtime.
+#[allow(dead_code, reason = "used by some test modules only")]
+pub fn eventually_blocking(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

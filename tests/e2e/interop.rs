@@ -15,7 +15,7 @@ use fleet_testkit::fake_llm::{FakeLlm, Reply, USAGE_INPUT, USAGE_OUTPUT};
 
 use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
 
-use crate::common::{Stack, WAIT, eventually};
+use crate::common::{Stack, WAIT, eventually, telemetry_applied};
 
 /// The SDK, its OTLP exporters, the `openai` client and the official OpenAI
 /// instrumentation. The instrumentation comes as Odigos' build of
@@ -264,14 +264,15 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
         assert_eq!(w["agent_name"], "support-bot");
         assert_eq!(w["running"], 0);
     }
-    // Give any stray metric export time to land, then look for ghosts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every export the agents made (their metrics too) is applied; then look for ghosts.
+    let barrier = telemetry_applied(&stack).await;
     let all = get(&stack, "/v1/workers").await;
     let ids: Vec<&str> = all["workers"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|w| w["id"].as_str())
+        .filter(|id| *id != barrier)
         .collect();
     assert!(
         !ids.iter().any(|id| id.starts_with("openai-")),
@@ -342,6 +343,7 @@ async fn the_python_worker_of_protocol_md_runs_each_task_once_through_a_broker_c
         tick.tick().await;
         if i == N / 2 {
             stack.nats.kill9();
+            // The outage itself: the broker stays down this long.
             tokio::time::sleep(Duration::from_millis(500)).await;
             stack.nats.restart().expect("nats-server restarts");
         }

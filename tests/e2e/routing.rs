@@ -511,8 +511,35 @@ async fn a_classifier_slower_than_the_intake_ack_wait_does_not_get_the_task_hand
         .unwrap();
     let r = producer.await_result("slow-class", WAIT).await.unwrap();
     assert_eq!(r.status, ResultStatus::Ok);
-    // Past another ack wait or two: nothing comes back to be classified again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The intake message is acked and nothing of it is pending: JetStream will hand
+    // nothing back to be classified again.
+    let js = async_nats::jetstream::new(stack.client.clone());
+    let mut intake = js
+        .get_stream("FLEET_INTAKE")
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("commander-intake")
+        .await
+        .unwrap();
+    let mut info = None;
+    eventually("the intake message is acked", WAIT, async || {
+        let i = intake.info().await.unwrap().clone();
+        let done = i.num_ack_pending == 0 && i.num_pending == 0;
+        info = Some(i);
+        done
+    })
+    .await;
+    let info = info.unwrap();
+    assert_eq!(
+        info.ack_floor.stream_sequence, info.delivered.stream_sequence,
+        "{info:?}"
+    );
+    // The only intake message was delivered once: each delivery, a redelivery too, takes
+    // a consumer sequence.
+    assert_eq!(
+        info.delivered.consumer_sequence, info.delivered.stream_sequence,
+        "handed out once: {info:?}"
+    );
     assert_eq!(llm.requests(), 1, "classified once");
     // A copy handed out again would have been decided a second time, sharing the first
     // copy's answer while it was in flight.

@@ -2,9 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleet_testkit::{Commander, CommanderOptions, nats_server_bin};
+
+use crate::common::eventually_blocking;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -105,13 +107,10 @@ fn with_no_server_it_starts_nats_server_as_a_child_and_stops_it_on_exit() {
         Some(0),
         "clean exit on SIGTERM"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while port_open(port) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        !port_open(port),
-        "the child nats-server stopped with the commander"
+    eventually_blocking(
+        "the child nats-server stopped with the commander",
+        Duration::from_secs(10),
+        || !port_open(port),
     );
 }
 
