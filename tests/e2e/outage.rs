@@ -193,8 +193,34 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
                 };
                 let log = stack.commander.log_text();
                 let mentions: Vec<&str> = log.lines().filter(|l| l.contains(&id)).collect();
+                let stats: Vec<String> =
+                    workers.iter().map(|w| format!("{:?}", w.stats())).collect();
+                let js = async_nats::jetstream::new(stack.client.clone());
+                let mut consumers = Vec::new();
+                for (stream, consumer) in [
+                    ("FLEET_INTAKE", "commander-intake"),
+                    ("FLEET_WORK", "pool-alpha"),
+                    ("FLEET_WORK", "pool-beta"),
+                ] {
+                    let info = match js.get_stream(stream).await {
+                        Ok(s) => match s
+                            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
+                            .await
+                        {
+                            Ok(mut c) => c
+                                .info()
+                                .await
+                                .map(|i| format!("{i:?}"))
+                                .unwrap_or_else(|e| e.to_string()),
+                            Err(e) => e.to_string(),
+                        },
+                        Err(e) => e.to_string(),
+                    };
+                    consumers.push(format!("{consumer}: {info}"));
+                }
+                let dead = stack.metric("fleet_tasks_dead_lettered_total").await;
                 panic!(
-                    "no result for {id}: {e}\nrecord: {record:?}\nhandler runs: {runs:?}\ncommander log lines naming it: {mentions:#?}"
+                    "no result for {id}: {e}\nrecord: {record:?}\nhandler runs: {runs:?}\ndead-lettered: {dead}\nworkers: {stats:#?}\nconsumers: {consumers:#?}\ncommander log lines naming it: {mentions:#?}"
                 );
             }
         };
