@@ -331,6 +331,8 @@ async fn fleet_json(http: &str) -> Result<serde_json::Value, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The memory benchmark as one script (about 120 lines), kept whole so the order of load
+/// and measurement is visible in one place.
 #[expect(
     clippy::print_stdout,
     reason = "the figures are what the benchmark prints"
