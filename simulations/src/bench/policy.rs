@@ -35,7 +35,7 @@ fn policy_text(i: usize) -> String {
 /// The benchmark as one script, read top to bottom: start the broker and a commander on a
 /// policy directory, drive load, swap the policy file N times measuring each swap to the
 /// first decision under it, print. Kept whole (about 130 lines) so the measured sequence
-/// is visible in one place; each measurement is a named helper.
+/// is visible in one place.
 pub async fn run(args: PolicyArgs) -> Result<(), String> {
     let nats = NatsServer::start().map_err(|e| e.to_string())?;
     let client = async_nats::connect(nats.url())
