@@ -146,8 +146,10 @@ fn config_check_reports_every_problem_with_file_and_line() {
     let out = run(&semantic);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    // Each problem at the line of its key.
     assert!(
-        err.contains("intake.batch_size") && err.contains("routing.default_pool"),
+        err.contains("semantic.toml:2: intake.batch_size")
+            && err.contains("semantic.toml:4: routing.default_pool"),
         "{err}"
     );
 }
