@@ -40,6 +40,10 @@ pub struct Config {
     /// The decision log.
     #[serde(default)]
     pub decisions: DecisionLogConfig,
+    /// Detection: how often the rules run and how many alerts are kept (the thresholds
+    /// are the policy's `[alerts]`).
+    #[serde(default)]
+    pub detect: DetectConfig,
     /// Pools by name (`[pools.code]`). Empty means "any pool a task names is accepted".
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
@@ -628,6 +632,28 @@ impl Default for DecisionLogConfig {
     }
 }
 
+/// `[detect]`: the detector's pace and bounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectConfig {
+    /// How often the rules run over the fleet snapshot (it is rebuilt once a second).
+    pub interval_ms: u64,
+    /// Open (pending and firing) alerts at most; more are refused and counted.
+    pub max_open: usize,
+    /// Alerts kept in the alert log (oldest dropped first).
+    pub max_records: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            max_open: 10_000,
+            max_records: 100_000,
+        }
+    }
+}
+
 fn default_prefix() -> String {
     DEFAULT_PREFIX.to_string()
 }
@@ -958,6 +984,9 @@ impl Config {
             ("classifier.concurrency", c.concurrency as u64),
             ("decisions.retention_hours", self.decisions.retention_hours),
             ("decisions.max_records", self.decisions.max_records),
+            ("detect.interval_ms", self.detect.interval_ms),
+            ("detect.max_open", self.detect.max_open as u64),
+            ("detect.max_records", self.detect.max_records as u64),
         ] {
             if v == 0 {
                 p.push(Keyed::new(OutOfRange, format!("{key}: must be at least 1")));

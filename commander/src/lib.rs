@@ -9,6 +9,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod decisions;
+pub mod detect;
 pub mod domain;
 pub mod fleet;
 pub mod hot;

@@ -148,6 +148,14 @@ async fn run(
         &mut telemetry_tasks,
     )
     .await?;
+    let alerts = start_detection(
+        &wiring,
+        &store,
+        &fleet,
+        &engine,
+        &mut registry,
+        &mut telemetry_tasks,
+    )?;
     let registry = Arc::new(registry);
 
     let core = pipeline::Core {
@@ -175,6 +183,7 @@ async fn run(
             fleet_worker::Producer::new(client.clone(), subjects).with_retry_for(Duration::ZERO),
         ),
         policies: policy_sync.clone(),
+        alerts,
         registry,
         ready: ready.clone(),
         max_body_bytes: config.http.max_body_bytes,
@@ -202,6 +211,42 @@ async fn run(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The detector's loop (added to `tasks`): the fleet snapshot and the policy's `[alerts]`
+/// in, alerts out to the alert log, `<prefix>.alerts.<severity>` and the gauges.
+fn start_detection(
+    w: &Wiring<'_>,
+    store: &Store,
+    fleet: &FleetHandle,
+    engine: &Arc<policy::PolicyEngine>,
+    registry: &mut prometheus_client::registry::Registry,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<crate::detect::run::Alerts, ServeError> {
+    let d = &w.config.detect;
+    let log = crate::detect::AlertLog::open(store, d.max_records).map_err(|source| {
+        ServeError::Store {
+            dir: w.config.store.data_dir.display().to_string(),
+            source,
+        }
+    })?;
+    let alerts = crate::detect::run::Alerts::new(log);
+    alerts.counters.register(registry);
+    let wiring = Arc::new(crate::detect::run::Wiring {
+        alerts: alerts.clone(),
+        fleet: fleet.clone(),
+        engine: engine.clone(),
+        client: w.client.clone(),
+        subjects: w.subjects.clone(),
+        clock: engine.clock.clone(),
+        interval: Duration::from_millis(d.interval_ms),
+        max_open: d.max_open,
+    });
+    let stop = w.stop.clone();
+    tasks.push(w.supervisor.spawn("detect", w.stop.clone(), move || {
+        crate::detect::run::run(wiring.clone(), stop.clone())
+    }));
+    Ok(alerts)
 }
 
 /// The task path's context: the shared core plus its side of NATS.

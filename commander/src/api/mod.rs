@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::metrics::{StateLabel, TransportLabel};
 
+mod alerts;
 mod decisions;
 mod fleet;
 mod policy;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub intake: Arc<dyn Intake>,
     /// Takes authorised policy pushes.
     pub policies: Arc<dyn PolicyWriter>,
+    /// The open alerts and the alert log.
+    pub alerts: crate::detect::run::Alerts,
     /// The Prometheus registry `/metrics` renders.
     pub registry: Arc<Registry>,
     /// Set once NATS is connected and the streams exist; cleared on shutdown.
@@ -303,6 +306,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/decisions", get(decisions::list))
         .route("/v1/decisions/{task_id}", get(decisions::one))
         .route("/v1/classifier", get(decisions::classifier))
+        .route("/v1/alerts", get(alerts::list))
         .route("/v1/policy", get(policy::current).put(policy::put))
         .route("/v1/policy/check", post(policy::check))
         .route("/v1/policy/replay", post(policy::shadow_replay))

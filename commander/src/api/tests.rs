@@ -163,6 +163,9 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
         },
         intake: intake.clone(),
         policies: Arc::new(DirectPolicies(engine)),
+        alerts: crate::detect::run::Alerts::new(
+            crate::detect::AlertLog::open(&store, 100).unwrap(),
+        ),
         registry: Arc::new(metrics.registry()),
         ready: Arc::new(AtomicBool::new(true)),
         max_body_bytes,

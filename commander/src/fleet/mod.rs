@@ -965,6 +965,7 @@ impl FleetState {
                 projected_monthly_usd: burn * 24.0 * 30.0,
                 cost_last_hour_usd: hour.cost_usd,
                 error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
+                ops_5m: ops,
                 models: self.model_shares(now_ms),
                 task_types: self.task_type_views(now_ms),
                 lost_workers,

@@ -174,6 +174,8 @@ pub struct FleetView {
     pub projected_monthly_usd: f64,
     pub cost_last_hour_usd: f64,
     pub error_rate_5m: Option<f64>,
+    /// LLM calls, tool calls and runs of the last 5 minutes (what `error_rate_5m` is over).
+    pub ops_5m: u64,
     /// LLM calls by model, last hour.
     pub models: Vec<ModelShare>,
     pub task_types: Vec<TaskTypeView>,

@@ -690,6 +690,13 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
         ("queue_ratio", a.queue_ratio),
         ("tool_success_below", a.tool_success_below),
         ("token_rate_drop", a.token_rate_drop),
+        ("stuck_wave_rise", a.stuck_wave_rise),
+        ("cost_concentration_share", a.cost_concentration_share),
+        ("cost_concentration_tasks", a.cost_concentration_tasks),
+        (
+            "over_provisioned_utilisation",
+            a.over_provisioned_utilisation,
+        ),
     ] {
         if !(v > 0.0 && v <= 1.0) {
             problems.push(here.key(key).problem(
@@ -717,6 +724,29 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
                 here.key(key)
                     .problem(OutOfRange, format!("alerts.{key}: {v} must be above 1")),
             );
+        }
+    }
+    for (key, v) in [
+        ("renotify_s", a.renotify_s),
+        ("no_data_s", a.no_data_s),
+        ("min_samples", a.min_samples),
+    ] {
+        if v == 0 {
+            problems.push(
+                here.key(key)
+                    .problem(OutOfRange, format!("alerts.{key} must be at least 1")),
+            );
+        }
+    }
+    for (key, v) in [
+        ("min_cost_usd_per_h", a.min_cost_usd_per_h),
+        ("min_tokens_per_s", a.min_tokens_per_s),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            problems.push(here.key(key).problem(
+                OutOfRange,
+                format!("alerts.{key}: {v} must be a number >= 0"),
+            ));
         }
     }
     if a.fleet_error_window_s == 0 {

@@ -337,6 +337,37 @@ pub struct AlertSpec {
     pub tool_success_below: f64,
     /// Tokens/s drop versus the 5-minute baseline (0.30 = 30% lower).
     pub token_rate_drop: f64,
+    /// How long a condition must hold before its alert fires (the `for`), in seconds;
+    /// context critical, stuck agent and stuck wave fire at once.
+    pub pending_s: u64,
+    /// How long a firing alert's value must stay back below its resolve level before it
+    /// resolves, in seconds.
+    pub resolve_s: u64,
+    /// A firing alert is sent again this often while it fires, in seconds.
+    pub renotify_s: u64,
+    /// A firing alert whose scope stops reporting (the agent is lost or gone) resolves
+    /// after this many seconds without data.
+    pub no_data_s: u64,
+    /// Error-rate rules need at least this many calls and runs (fleet, 5 minutes) or
+    /// results (pool, 1 minute).
+    pub min_samples: u64,
+    /// Cost rules need an hourly average of at least this many USD.
+    pub min_cost_usd_per_h: f64,
+    /// The throughput rule needs a baseline of at least this many output tokens/s.
+    pub min_tokens_per_s: f64,
+    /// Stuck wave: stuck agents up by this share within 5 minutes …
+    pub stuck_wave_rise: f64,
+    /// … and by at least this many agents.
+    pub stuck_wave_min: u64,
+    /// Cost concentration: one agent with at least this share of the fleet's spend over
+    /// the last hour …
+    pub cost_concentration_share: f64,
+    /// … while doing at most this share of its tasks.
+    pub cost_concentration_tasks: f64,
+    /// Over-provisioned: a pool with an empty queue below this utilisation …
+    pub over_provisioned_utilisation: f64,
+    /// … for this many seconds.
+    pub over_provisioned_for_s: u64,
 }
 
 impl Default for AlertSpec {
@@ -352,6 +383,19 @@ impl Default for AlertSpec {
             queue_ratio: 0.90,
             tool_success_below: 0.70,
             token_rate_drop: 0.30,
+            pending_s: 60,
+            resolve_s: 60,
+            renotify_s: 3600,
+            no_data_s: 300,
+            min_samples: 20,
+            min_cost_usd_per_h: 0.10,
+            min_tokens_per_s: 1.0,
+            stuck_wave_rise: 0.40,
+            stuck_wave_min: 3,
+            cost_concentration_share: 0.40,
+            cost_concentration_tasks: 0.10,
+            over_provisioned_utilisation: 0.30,
+            over_provisioned_for_s: 900,
         }
     }
 }

@@ -1,0 +1,102 @@
+//! Detection: the commander watching its fleet. Once a second the detector reads the fleet
+//! snapshot the owner already builds (never the ingest path or the task path), runs every
+//! rule against the thresholds of the policy in force (`[alerts]`), and steps each alert's
+//! life (pending → firing → resolved). What fires or resolves is stored (`store.rs`,
+//! `GET /v1/alerts`), published on `<prefix>.alerts.<severity>` and counted
+//! (`fleet_alerts_firing`). docs/alerts.md lists the rules and their defaults.
+//!
+//! - `rules.rs`: the rules, as observations of a snapshot (pure);
+//! - `history.rs`: the detector's short memory (baselines, hourly averages);
+//! - `lifecycle.rs`: pending / firing / resolved with `for`, hysteresis, renotify, no data;
+//! - `store.rs`: the alert log in sled;
+//! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
+
+pub mod history;
+pub mod lifecycle;
+pub mod rules;
+pub mod run;
+pub mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use crate::config::PoolConfig;
+use crate::fleet::view::FleetSnapshot;
+use crate::policy::schema::AlertSpec;
+
+pub use lifecycle::{Alert, AlertState, Change};
+pub use rules::{Rule, Severity};
+pub use store::{AlertLog, Filter};
+
+/// The detector's state between ticks: its memory of the fleet and the open alerts.
+#[derive(Debug)]
+pub struct Detector {
+    history: history::History,
+    lifecycle: lifecycle::Lifecycle,
+    /// Open (pending and firing) alerts at most; more are refused and counted.
+    max_open: usize,
+}
+
+impl Detector {
+    pub fn new(max_open: usize) -> Self {
+        Self {
+            history: history::History::default(),
+            lifecycle: lifecycle::Lifecycle::default(),
+            max_open: max_open.max(1),
+        }
+    }
+
+    /// One evaluation: the snapshot made at `now_ms`, the thresholds in force and the
+    /// configured pools. Returns what changed.
+    pub fn tick(
+        &mut self,
+        snapshot: &FleetSnapshot,
+        spec: &AlertSpec,
+        pools: &BTreeMap<String, PoolConfig>,
+        now_ms: u64,
+    ) -> Vec<(Change, Alert)> {
+        self.history.record(snapshot, now_ms);
+        let observations = rules::observe(&rules::Inputs {
+            snapshot,
+            spec,
+            pools,
+            history: &self.history,
+        });
+        self.lifecycle.step(
+            observations,
+            |labels| present(snapshot, labels),
+            spec,
+            now_ms,
+            self.max_open,
+        )
+    }
+
+    /// Pending and firing alerts.
+    pub fn open(&self) -> Vec<Alert> {
+        let mut v: Vec<Alert> = self.lifecycle.open().cloned().collect();
+        v.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// New alerts refused because `max_open` were open.
+    pub fn refused(&self) -> u64 {
+        self.lifecycle.refused
+    }
+}
+
+/// Whether the scope an alert is about still reports: its worker is listed and not lost,
+/// its pool is listed; the fleet always is.
+fn present(s: &FleetSnapshot, labels: &BTreeMap<String, String>) -> bool {
+    if let Some(w) = labels.get("worker") {
+        return s
+            .workers
+            .binary_search_by(|x| x.id.as_str().cmp(w))
+            .is_ok_and(|i| !s.workers[i].lost);
+    }
+    if let Some(p) = labels.get("pool") {
+        return s.pools.iter().any(|x| &x.name == p);
+    }
+    true
+}

@@ -1,0 +1,506 @@
+//! The rules: what each one watches in the fleet snapshot (and the detector's own short
+//! history of it), as observations the lifecycle turns into alerts. Pure: a snapshot, the
+//! thresholds in force and the history in; observations out.
+//!
+//! Each observation says whether its condition holds now (`active`) and whether a firing
+//! alert should keep firing (`holding`: the value has not yet fallen back past the resolve
+//! level, which sits below the firing threshold so an alert does not flap around it).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::history::History;
+use crate::config::PoolConfig;
+use crate::fleet::view::{FleetSnapshot, WorkerView};
+use crate::fleet::worker::State;
+use crate::policy::schema::AlertSpec;
+
+/// Every rule the detector evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    ContextOverflowRisk,
+    ContextCritical,
+    CostRunaway,
+    TokenLoop,
+    StuckAgent,
+    ErrorRateSpike,
+    QueueSaturation,
+    ThroughputDrop,
+    StuckWave,
+    CostConcentration,
+    OverProvisioned,
+}
+
+/// How loud an alert is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+impl Rule {
+    pub const ALL: [Rule; 11] = [
+        Rule::ContextOverflowRisk,
+        Rule::ContextCritical,
+        Rule::CostRunaway,
+        Rule::TokenLoop,
+        Rule::StuckAgent,
+        Rule::ErrorRateSpike,
+        Rule::QueueSaturation,
+        Rule::ThroughputDrop,
+        Rule::StuckWave,
+        Rule::CostConcentration,
+        Rule::OverProvisioned,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::ContextOverflowRisk => "context_overflow_risk",
+            Rule::ContextCritical => "context_critical",
+            Rule::CostRunaway => "cost_runaway",
+            Rule::TokenLoop => "token_loop",
+            Rule::StuckAgent => "stuck_agent",
+            Rule::ErrorRateSpike => "error_rate_spike",
+            Rule::QueueSaturation => "queue_saturation",
+            Rule::ThroughputDrop => "throughput_drop",
+            Rule::StuckWave => "stuck_wave",
+            Rule::CostConcentration => "cost_concentration",
+            Rule::OverProvisioned => "over_provisioned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Rule> {
+        Rule::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    pub fn severity(self) -> Severity {
+        match self {
+            Rule::ContextCritical | Rule::CostRunaway | Rule::ErrorRateSpike | Rule::StuckWave => {
+                Severity::Critical
+            }
+            Rule::OverProvisioned => Severity::Info,
+            _ => Severity::Warning,
+        }
+    }
+
+    /// How long the condition must hold before the alert fires (its `for`).
+    pub fn for_ms(self, spec: &AlertSpec) -> u64 {
+        match self {
+            Rule::OverProvisioned => spec.over_provisioned_for_s * 1000,
+            Rule::ContextCritical | Rule::StuckAgent | Rule::StuckWave => 0,
+            _ => spec.pending_s * 1000,
+        }
+    }
+}
+
+/// Where an alert points: the worker, task, trace and decision it is about.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Links {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The decision of `task` (`GET /v1/decisions/{task}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// What one rule sees for one scope at one tick.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    pub rule: Rule,
+    /// The scope (`worker`, `pool`, or none for the fleet): with the rule, the alert's
+    /// identity.
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    pub threshold: f64,
+    /// The condition holds now.
+    pub active: bool,
+    /// A firing alert keeps firing: the value has not fallen back past the resolve level.
+    pub holding: bool,
+    pub message: String,
+    pub links: Links,
+}
+
+/// How far below its threshold a value must fall before a firing alert resolves, as a
+/// share of the threshold (rules with a count or a state use their own resolve level).
+const HYSTERESIS: f64 = 0.05;
+
+/// The thresholds, the pools' limits and the snapshot a tick reads.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub snapshot: &'a FleetSnapshot,
+    pub spec: &'a AlertSpec,
+    pub pools: &'a BTreeMap<String, PoolConfig>,
+    pub history: &'a History,
+}
+
+/// Every rule's observations for this tick.
+pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
+    let mut out = Vec::new();
+    for w in i.snapshot.workers.iter().filter(|w| !w.lost) {
+        worker_rules(i, w, &mut out);
+    }
+    fleet_rules(i, &mut out);
+    pool_rules(i, &mut out);
+    out
+}
+
+fn worker_labels(w: &WorkerView) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([("worker".to_string(), w.id.clone())]);
+    if let Some(p) = &w.pool {
+        l.insert("pool".into(), p.clone());
+    }
+    l
+}
+
+fn worker_links(w: &WorkerView) -> Links {
+    Links {
+        worker: Some(w.id.clone()),
+        task: w.current_task.clone(),
+        decision: w.current_task.clone(),
+        pool: w.pool.clone(),
+    }
+}
+
+/// `value > threshold` fires; it holds while above `threshold × (1 − HYSTERESIS)`.
+fn above(value: f64, threshold: f64) -> (bool, bool) {
+    (value > threshold, value > threshold * (1.0 - HYSTERESIS))
+}
+
+/// An observation is kept only when its condition holds or a firing alert would keep
+/// firing: a healthy scope costs a comparison, not an allocation. An open alert whose
+/// scope is present but not observed is recovering (see the lifecycle).
+fn keep((active, holding): (bool, bool)) -> bool {
+    active || holding
+}
+
+/// Builds the observations of one scope.
+struct Scope {
+    labels: BTreeMap<String, String>,
+    links: Links,
+}
+
+impl Scope {
+    fn worker(w: &WorkerView) -> Self {
+        Self {
+            labels: worker_labels(w),
+            links: worker_links(w),
+        }
+    }
+
+    fn fleet() -> Self {
+        Self {
+            labels: BTreeMap::new(),
+            links: Links::default(),
+        }
+    }
+
+    fn pool(name: &str) -> Self {
+        Self {
+            labels: BTreeMap::from([("pool".to_string(), name.to_string())]),
+            links: Links {
+                pool: Some(name.to_string()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn observe(
+        &self,
+        rule: Rule,
+        (value, threshold): (f64, f64),
+        (active, holding): (bool, bool),
+        message: String,
+    ) -> Observation {
+        Observation {
+            rule,
+            labels: self.labels.clone(),
+            value,
+            threshold,
+            active,
+            holding,
+            message,
+            links: self.links.clone(),
+        }
+    }
+}
+
+fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    // Built only when a rule has something to say about this worker.
+    let mut scope: Option<Scope> = None;
+    let mut emit =
+        |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
+            if keep(state) {
+                let s = scope.get_or_insert_with(|| Scope::worker(w));
+                out.push(s.observe(rule, vt, state, message()));
+            }
+        };
+    if let Some(u) = w.context_utilisation {
+        let critical = above(u, spec.context_critical);
+        emit(
+            Rule::ContextCritical,
+            (u, spec.context_critical),
+            critical,
+            &|| {
+                format!(
+                    "Context of agent {} at {:.0}% of its window (critical above {:.0}%)",
+                    w.id,
+                    u * 100.0,
+                    spec.context_critical * 100.0
+                )
+            },
+        );
+        // The warning stands aside while the critical alert covers the same agent.
+        let (warn, warn_holding) = above(u, spec.context_warning);
+        emit(
+            Rule::ContextOverflowRisk,
+            (u, spec.context_warning),
+            (warn && !critical.0, warn_holding && !critical.0),
+            &|| {
+                format!(
+                    "Context of agent {} at {:.0}% of its window (warning above {:.0}%)",
+                    w.id,
+                    u * 100.0,
+                    spec.context_warning * 100.0
+                )
+            },
+        );
+    }
+    if let Some(r) = w.token_rate_vs_baseline {
+        emit(
+            Rule::TokenLoop,
+            (r, spec.output_rate_multiple),
+            above(r, spec.output_rate_multiple),
+            &|| {
+                format!(
+                    "Agent {} is writing output tokens at {r:.1}x its task type's usual rate{}",
+                    w.id,
+                    w.current_task_type
+                        .as_deref()
+                        .map(|t| format!(" ({t})"))
+                        .unwrap_or_default()
+                )
+            },
+        );
+    }
+    let stuck = w.state == State::Stuck;
+    emit(
+        Rule::StuckAgent,
+        (f64::from(u8::from(stuck)), 1.0),
+        (stuck, stuck),
+        &|| {
+            format!(
+                "Agent {} is stuck: {}",
+                w.id,
+                w.stuck_reason.as_deref().unwrap_or("no progress")
+            )
+        },
+    );
+    if let Some(avg) = i.history.worker_hourly_cost(&w.id)
+        && avg >= spec.min_cost_usd_per_h
+    {
+        let threshold = spec.cost_rate_multiple * avg;
+        let burn = w.burn_rate_usd_per_h;
+        emit(
+            Rule::CostRunaway,
+            (burn, threshold),
+            above(burn, threshold),
+            &|| {
+                format!(
+                    "Agent {} is spending ${burn:.2}/h, {:.1}x its average of the last hour (${avg:.2}/h)",
+                    w.id,
+                    burn / avg
+                )
+            },
+        );
+    }
+}
+
+fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    let f = &i.snapshot.fleet;
+    let scope = Scope::fleet();
+    let mut emit = |rule: Rule, vt: (f64, f64), state: (bool, bool), message: String| {
+        if keep(state) {
+            out.push(scope.observe(rule, vt, state, message));
+        }
+    };
+    if let Some(rate) = f.error_rate_5m
+        && f.ops_5m >= spec.min_samples
+    {
+        emit(
+            Rule::ErrorRateSpike,
+            (rate, spec.fleet_error_rate),
+            above(rate, spec.fleet_error_rate),
+            format!(
+                "Fleet error rate {:.1}% over the last 5 minutes (threshold {:.1}%)",
+                rate * 100.0,
+                spec.fleet_error_rate * 100.0
+            ),
+        );
+    }
+    if let Some(avg) = i.history.fleet_hourly_cost(f.cost_last_hour_usd)
+        && avg >= spec.min_cost_usd_per_h
+    {
+        let threshold = spec.cost_rate_multiple * avg;
+        emit(
+            Rule::CostRunaway,
+            (f.burn_rate_usd_per_h, threshold),
+            above(f.burn_rate_usd_per_h, threshold),
+            format!(
+                "Fleet spending ${:.2}/h, {:.1}x its average of the last hour (${avg:.2}/h)",
+                f.burn_rate_usd_per_h,
+                f.burn_rate_usd_per_h / avg
+            ),
+        );
+    }
+    if let Some((now, baseline)) = i.history.throughput()
+        && baseline >= spec.min_tokens_per_s
+    {
+        let drop = 1.0 - now / baseline;
+        emit(
+            Rule::ThroughputDrop,
+            (drop, spec.token_rate_drop),
+            above(drop, spec.token_rate_drop),
+            format!(
+                "Fleet output {now:.0} tokens/s, down {:.0}% from its 5-minute baseline of {baseline:.0}",
+                drop * 100.0
+            ),
+        );
+    }
+    if let Some((now, before)) = i.history.stuck_change() {
+        // Up by the configured share and by at least `stuck_wave_min` agents; it holds
+        // while more are stuck than before the wave.
+        let threshold = (before as f64 * (1.0 + spec.stuck_wave_rise))
+            .max(before as f64 + spec.stuck_wave_min as f64);
+        let active = now as f64 >= threshold;
+        emit(
+            Rule::StuckWave,
+            (now as f64, threshold),
+            (active, active || now > before),
+            format!("{now} agents stuck, up from {before} five minutes ago"),
+        );
+    }
+    cost_concentration(i, out);
+}
+
+fn cost_concentration(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    let Some(shares) = i.history.hour_shares() else {
+        return;
+    };
+    if shares.total_cost < spec.min_cost_usd_per_h {
+        return;
+    }
+    for s in shares.workers {
+        let active = s.cost_share >= spec.cost_concentration_share
+            && s.task_share <= spec.cost_concentration_tasks;
+        let holding = s.cost_share >= spec.cost_concentration_share * (1.0 - HYSTERESIS);
+        if !keep((active, holding)) {
+            continue;
+        }
+        let mut labels = BTreeMap::from([("worker".to_string(), s.worker.clone())]);
+        if let Some(p) = &s.pool {
+            labels.insert("pool".into(), p.clone());
+        }
+        out.push(Observation {
+            rule: Rule::CostConcentration,
+            labels,
+            value: s.cost_share,
+            threshold: spec.cost_concentration_share,
+            active,
+            holding,
+            message: format!(
+                "Agent {} spent {:.0}% of the fleet's last hour while doing {:.0}% of its tasks",
+                s.worker,
+                s.cost_share * 100.0,
+                s.task_share * 100.0
+            ),
+            links: Links {
+                worker: Some(s.worker.clone()),
+                pool: s.pool.clone(),
+                ..Default::default()
+            },
+        });
+    }
+}
+
+fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    for p in &i.snapshot.pools {
+        let scope = Scope::pool(&p.name);
+        let mut emit = |rule: Rule, vt: (f64, f64), state: (bool, bool), message: String| {
+            if keep(state) {
+                out.push(scope.observe(rule, vt, state, message));
+            }
+        };
+        if p.tasks_per_min >= spec.min_samples {
+            let rate = p.failed_per_min as f64 / p.tasks_per_min as f64;
+            emit(
+                Rule::ErrorRateSpike,
+                (rate, spec.fleet_error_rate),
+                above(rate, spec.fleet_error_rate),
+                format!(
+                    "Pool {} failed {:.1}% of its tasks in the last minute ({} of {})",
+                    p.name,
+                    rate * 100.0,
+                    p.failed_per_min,
+                    p.tasks_per_min
+                ),
+            );
+        }
+        let depth = p.queue.as_ref().map(|q| q.depth);
+        let max = i
+            .pools
+            .get(&p.name)
+            .and_then(|c| c.max_queue_depth)
+            .filter(|m| *m > 0);
+        if let (Some(depth), Some(max)) = (depth, max) {
+            let ratio = depth as f64 / max as f64;
+            emit(
+                Rule::QueueSaturation,
+                (ratio, spec.queue_ratio),
+                above(ratio, spec.queue_ratio),
+                format!(
+                    "Pool {} queue at {depth} of its {max} maximum ({:.0}%)",
+                    p.name,
+                    ratio * 100.0
+                ),
+            );
+        }
+        if let (Some(0), Some(u)) = (depth, p.utilisation)
+            && p.workers > 0
+        {
+            let idle = u < spec.over_provisioned_utilisation;
+            emit(
+                Rule::OverProvisioned,
+                (u, spec.over_provisioned_utilisation),
+                (idle, idle),
+                format!(
+                    "Pool {} has an empty queue and {:.0}% of its {} workers busy",
+                    p.name,
+                    u * 100.0,
+                    p.workers
+                ),
+            );
+        }
+    }
+}

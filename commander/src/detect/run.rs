@@ -1,0 +1,192 @@
+//! The detector's loop: once every `detect.interval_ms`, the fleet snapshot and the policy
+//! in force in; what fired, renotified or resolved out to the alert log, to
+//! `<prefix>.alerts.<severity>` and to the gauges. A slow or failing publish never holds
+//! up the next tick beyond its own await; the detector never touches ingest or the task
+//! path, it only reads the snapshot the fleet owner publishes anyway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fleet_worker::protocol::Subjects;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{Alert, AlertLog, AlertState, Change, Detector, Rule};
+use crate::domain::Clock;
+use crate::fleet::FleetHandle;
+use crate::policy::PolicyEngine;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub rule: &'static str,
+    pub severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub rule: &'static str,
+    pub change: &'static str,
+}
+
+/// The detector's gauges and counters (on `/metrics` with the `fleet_` prefix).
+#[derive(Debug, Default)]
+pub struct DetectCounters {
+    /// Alerts firing now, by rule and severity.
+    pub firing: Family<AlertLabels, Gauge>,
+    /// Alert changes (pending, firing, renotify, resolved, dropped), by rule.
+    pub changes: Family<ChangeLabels, Counter>,
+    /// New alerts refused because `detect.max_open` were open.
+    pub refused: Counter,
+    /// Alert messages that could not be published on NATS.
+    pub publish_errors: Counter,
+    /// Detector ticks run.
+    pub ticks: Counter,
+}
+
+impl DetectCounters {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("alerts_firing", "Alerts firing now", self.firing.clone());
+        r.register(
+            "alert_changes",
+            "Alert changes (pending, firing, renotify, resolved, dropped)",
+            self.changes.clone(),
+        );
+        r.register(
+            "alerts_refused",
+            "New alerts refused because detect.max_open were open",
+            self.refused.clone(),
+        );
+        r.register(
+            "alert_publish_errors",
+            "Alert messages not published on NATS",
+            self.publish_errors.clone(),
+        );
+        r.register("detect_ticks", "Detector evaluations", self.ticks.clone());
+    }
+}
+
+/// What the API reads of detection: the open alerts (refreshed each tick) and the log.
+#[derive(Clone, Debug)]
+pub struct Alerts {
+    pub log: AlertLog,
+    pub open: Arc<ArcSwap<Vec<Alert>>>,
+    pub counters: Arc<DetectCounters>,
+}
+
+impl Alerts {
+    pub fn new(log: AlertLog) -> Self {
+        Self {
+            log,
+            open: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            counters: Arc::new(DetectCounters::default()),
+        }
+    }
+}
+
+/// The message on `<prefix>.alerts.<severity>`.
+#[derive(Debug, Serialize)]
+pub struct AlertMessage<'a> {
+    /// `firing`, `renotify` or `resolved`.
+    pub event: &'static str,
+    pub alert: &'a Alert,
+}
+
+/// What the loop reads and where it writes.
+#[derive(Debug)]
+pub struct Wiring {
+    pub alerts: Alerts,
+    pub fleet: FleetHandle,
+    pub engine: Arc<PolicyEngine>,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub clock: Arc<dyn Clock>,
+    pub interval: Duration,
+    pub max_open: usize,
+}
+
+/// Evaluates every `interval` until `stop`.
+pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
+    let mut detector = Detector::new(w.max_open);
+    let mut tick = tokio::time::interval(w.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let snapshot = w.fleet.snapshot();
+        let live = w.engine.live();
+        let now_ms = w.clock.now_ms();
+        let changes = detector.tick(&snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
+        w.alerts.counters.ticks.inc();
+        for (change, alert) in &changes {
+            settle(&w, *change, alert).await;
+        }
+        let open = detector.open();
+        set_gauges(&w.alerts.counters, &open);
+        let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());
+        if refused > counted {
+            w.alerts.counters.refused.inc_by(refused - counted);
+        }
+        w.alerts.open.store(Arc::new(open));
+    }
+}
+
+/// Counts, stores and publishes one change.
+async fn settle(w: &Wiring, change: Change, alert: &Alert) {
+    w.alerts
+        .counters
+        .changes
+        .get_or_create(&ChangeLabels {
+            rule: alert.rule.as_str(),
+            change: change.as_str(),
+        })
+        .inc();
+    if !change.is_sent() {
+        return;
+    }
+    match change {
+        Change::Firing => {
+            tracing::warn!(alert = %alert.id, rule = alert.rule.as_str(), severity = alert.severity.as_str(), value = alert.value, threshold = alert.threshold, "{}", alert.message)
+        }
+        Change::Resolved => {
+            tracing::info!(alert = %alert.id, rule = alert.rule.as_str(), reason = alert.ended_reason.as_deref().unwrap_or(""), "alert resolved")
+        }
+        _ => {}
+    }
+    if let Err(e) = w.alerts.log.record(alert) {
+        tracing::error!(alert = %alert.id, error = %e, "alert not stored");
+    }
+    let msg = AlertMessage {
+        event: change.as_str(),
+        alert,
+    };
+    let Ok(body) = serde_json::to_vec(&msg) else {
+        return;
+    };
+    let subject = w.subjects.alerts(alert.severity.as_str());
+    if let Err(e) = w.client.publish(subject, body.into()).await {
+        w.alerts.counters.publish_errors.inc();
+        tracing::warn!(alert = %alert.id, error = %e, "alert not published");
+    }
+}
+
+fn set_gauges(c: &DetectCounters, open: &[Alert]) {
+    for rule in Rule::ALL {
+        let n = open
+            .iter()
+            .filter(|a| a.rule == rule && a.state == AlertState::Firing)
+            .count();
+        c.firing
+            .get_or_create(&AlertLabels {
+                rule: rule.as_str(),
+                severity: rule.severity().as_str(),
+            })
+            .set(n as i64);
+    }
+}

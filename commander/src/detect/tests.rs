@@ -1,0 +1,540 @@
+//! Table tests per rule on a hand-moved clock: each fires on its fault, stays quiet on
+//! healthy data, and resolves with hysteresis (or for lack of data).
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::config::PoolConfig;
+use crate::fleet::view::{FleetView, PoolView, QueueView, WorkerView};
+use crate::fleet::worker::State;
+
+const T0: u64 = 1_800_000_000_000;
+const S: u64 = 1_000;
+const MIN: u64 = 60 * S;
+
+fn worker(id: &str) -> WorkerView {
+    WorkerView {
+        id: id.into(),
+        pool: Some("code".into()),
+        agent_name: None,
+        state: State::Active,
+        state_since_ms: T0,
+        lost: false,
+        stuck_reason: None,
+        model: None,
+        model_reported: None,
+        provider: None,
+        model_unknown: false,
+        version: None,
+        sdk_version: None,
+        current_task: Some(format!("{id}-task")),
+        current_task_type: Some("code_review".into()),
+        running: 1,
+        max_in_flight: Some(1),
+        draining: false,
+        capabilities: vec![],
+        context_tokens: None,
+        context_limit_tokens: None,
+        context_utilisation: Some(0.3),
+        output_tokens_per_s: 20.0,
+        last_call_output_tokens_per_s: None,
+        token_rate_vs_baseline: Some(1.0),
+        error_rate_5m: None,
+        tasks_completed: 0,
+        tasks_failed: 0,
+        cost_usd: 0.0,
+        cost_per_task_usd: None,
+        burn_rate_usd_per_h: 0.0,
+        unknown_cost_calls: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        uptime_s: 0,
+        first_seen_ms: T0,
+        last_seen_ms: T0,
+        last_heartbeat_ms: None,
+    }
+}
+
+fn pool(name: &str, depth: Option<u64>, workers: u64, active: u64) -> PoolView {
+    PoolView {
+        name: name.into(),
+        configured: true,
+        workers,
+        active,
+        utilisation: (workers > 0).then(|| active as f64 / workers as f64),
+        queue: depth.map(|d| QueueView {
+            depth: d,
+            pending: d,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn snapshot(workers: Vec<WorkerView>, pools: Vec<PoolView>, fleet: FleetView) -> FleetSnapshot {
+    let mut states = BTreeMap::new();
+    for w in &workers {
+        *states.entry(w.state.as_str()).or_insert(0) += 1;
+    }
+    let mut workers = workers;
+    workers.sort_by(|a, b| a.id.cmp(&b.id));
+    FleetSnapshot {
+        fleet: FleetView {
+            states,
+            workers: workers.len() as u64,
+            ..fleet
+        },
+        pools,
+        workers,
+    }
+}
+
+fn pools_config() -> BTreeMap<String, PoolConfig> {
+    BTreeMap::from([(
+        "code".to_string(),
+        PoolConfig {
+            max_queue_depth: Some(100),
+            ..Default::default()
+        },
+    )])
+}
+
+/// A detector driven tick by tick; `run` returns the changes of every tick, with when.
+struct Run {
+    d: Detector,
+    spec: AlertSpec,
+    pools: BTreeMap<String, PoolConfig>,
+    now: u64,
+}
+
+impl Run {
+    fn new() -> Self {
+        Self {
+            d: Detector::new(100),
+            spec: AlertSpec::default(),
+            pools: pools_config(),
+            now: T0,
+        }
+    }
+
+    /// Ticks once a second for `for_ms` on snapshots made by `make(now)`.
+    fn run(
+        &mut self,
+        for_ms: u64,
+        mut make: impl FnMut(u64) -> FleetSnapshot,
+    ) -> Vec<(u64, Change, Alert)> {
+        let mut out = Vec::new();
+        let end = self.now + for_ms;
+        while self.now < end {
+            self.now += S;
+            let snap = make(self.now);
+            for (c, a) in self.d.tick(&snap, &self.spec, &self.pools, self.now) {
+                out.push((self.now, c, a));
+            }
+        }
+        out
+    }
+
+    fn firing(&self) -> Vec<(Rule, BTreeMap<String, String>)> {
+        self.d
+            .open()
+            .into_iter()
+            .filter(|a| a.state == AlertState::Firing)
+            .map(|a| (a.rule, a.labels))
+            .collect()
+    }
+}
+
+fn sent(changes: &[(u64, Change, Alert)], rule: Rule) -> Vec<(u64, Change)> {
+    changes
+        .iter()
+        .filter(|(_, c, a)| a.rule == rule && c.is_sent())
+        .map(|(t, c, _)| (*t, *c))
+        .collect()
+}
+
+fn with_context(u: f64) -> impl FnMut(u64) -> FleetSnapshot {
+    move |_| {
+        let mut w = worker("w1");
+        w.context_utilisation = Some(u);
+        snapshot(vec![w, worker("w2")], vec![], FleetView::default())
+    }
+}
+
+#[test]
+fn context_warning_fires_after_its_for_and_resolves_only_below_the_resolve_level() {
+    let mut r = Run::new();
+    let start = r.now;
+    let c = r.run(2 * MIN, with_context(0.85));
+    let fired = sent(&c, Rule::ContextOverflowRisk);
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(
+        fired[0],
+        (start + S + 60 * S, Change::Firing),
+        "fires after pending_s"
+    );
+    let a = &c.iter().find(|(_, ch, _)| *ch == Change::Firing).unwrap().2;
+    assert_eq!(a.labels["worker"], "w1");
+    assert_eq!(a.severity, Severity::Warning);
+    assert!(a.message.contains("85%"), "{}", a.message);
+    assert_eq!(a.links.task.as_deref(), Some("w1-task"));
+
+    // Just under the threshold, above the resolve level (0.80 × 0.95): still firing.
+    let c = r.run(5 * MIN, with_context(0.78));
+    assert!(sent(&c, Rule::ContextOverflowRisk).is_empty(), "{c:?}");
+    // Below the resolve level: resolves after resolve_s.
+    let from = r.now;
+    let c = r.run(2 * MIN, with_context(0.5));
+    let resolved = sent(&c, Rule::ContextOverflowRisk);
+    assert_eq!(resolved, [(from + 60 * S, Change::Resolved)]);
+    assert!(r.firing().is_empty());
+}
+
+#[test]
+fn context_critical_fires_at_once_and_the_warning_stands_aside() {
+    let mut r = Run::new();
+    r.run(2 * MIN, with_context(0.85));
+    let c = r.run(10 * S, with_context(0.97));
+    assert_eq!(sent(&c, Rule::ContextCritical).len(), 1);
+    assert_eq!(sent(&c, Rule::ContextCritical)[0].0, r.now - 9 * S);
+    let c = r.run(2 * MIN, with_context(0.97));
+    let warning = sent(&c, Rule::ContextOverflowRisk);
+    assert_eq!(warning.len(), 1, "{warning:?}");
+    assert_eq!(
+        warning[0].1,
+        Change::Resolved,
+        "the warning resolves while the critical alert covers the agent"
+    );
+    let firing = r.firing();
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    assert_eq!(firing[0].0, Rule::ContextCritical);
+}
+
+#[test]
+fn a_stuck_agent_fires_at_once_and_resolves_when_it_moves_again() {
+    let mut r = Run::new();
+    let stuck = |_| {
+        let mut w = worker("w1");
+        w.state = State::Stuck;
+        w.stuck_reason = Some("no span for 95 s (3x expected 30 s)".into());
+        snapshot(vec![w], vec![], FleetView::default())
+    };
+    let c = r.run(5 * S, stuck);
+    let s = sent(&c, Rule::StuckAgent);
+    assert_eq!(s.len(), 1);
+    assert!(
+        c.iter()
+            .any(|(_, _, a)| a.message.contains("no span for 95 s")),
+        "{c:?}"
+    );
+    let c = r.run(2 * MIN, |_| {
+        snapshot(vec![worker("w1")], vec![], FleetView::default())
+    });
+    assert_eq!(sent(&c, Rule::StuckAgent).len(), 1);
+    assert_eq!(sent(&c, Rule::StuckAgent)[0].1, Change::Resolved);
+}
+
+#[test]
+fn a_token_loop_fires_on_five_times_the_baseline_rate_and_not_on_a_burst() {
+    let mut r = Run::new();
+    let rate = |x: f64| {
+        move |_| {
+            let mut w = worker("w1");
+            w.token_rate_vs_baseline = Some(x);
+            snapshot(vec![w], vec![], FleetView::default())
+        }
+    };
+    // A 30-second burst is dropped while pending.
+    let c = r.run(30 * S, rate(7.0));
+    assert!(sent(&c, Rule::TokenLoop).is_empty());
+    let c = r.run(5 * S, rate(1.0));
+    assert!(
+        c.iter()
+            .any(|(_, ch, a)| *ch == Change::Dropped && a.rule == Rule::TokenLoop)
+    );
+    let c = r.run(2 * MIN, rate(6.0));
+    assert_eq!(sent(&c, Rule::TokenLoop).len(), 1);
+}
+
+#[test]
+fn error_rate_spikes_need_enough_samples_fleet_and_pool() {
+    let mut r = Run::new();
+    let fleet = |rate: f64, ops: u64| {
+        move |_| {
+            snapshot(
+                vec![worker("w1")],
+                vec![PoolView {
+                    tasks_per_min: ops,
+                    failed_per_min: (ops as f64 * rate) as u64,
+                    ..pool("code", Some(0), 1, 1)
+                }],
+                FleetView {
+                    error_rate_5m: Some(rate),
+                    ops_5m: ops,
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    let c = r.run(3 * MIN, fleet(0.5, 5));
+    assert!(sent(&c, Rule::ErrorRateSpike).is_empty(), "too few samples");
+    let c = r.run(3 * MIN, fleet(0.02, 500));
+    assert!(sent(&c, Rule::ErrorRateSpike).is_empty(), "healthy");
+    let c = r.run(3 * MIN, fleet(0.10, 500));
+    let scopes: Vec<_> = c
+        .iter()
+        .filter(|(_, ch, a)| a.rule == Rule::ErrorRateSpike && *ch == Change::Firing)
+        .map(|(_, _, a)| a.labels.clone())
+        .collect();
+    assert_eq!(scopes.len(), 2, "the fleet and the pool: {scopes:?}");
+    assert!(scopes.iter().any(|l| l.is_empty()));
+    assert!(
+        scopes
+            .iter()
+            .any(|l| l.get("pool").map(String::as_str) == Some("code"))
+    );
+}
+
+#[test]
+fn queue_saturation_and_over_provisioning_follow_the_pool() {
+    let mut r = Run::new();
+    let c = r.run(3 * MIN, |_| {
+        snapshot(
+            vec![],
+            vec![pool("code", Some(95), 4, 4)],
+            FleetView::default(),
+        )
+    });
+    assert_eq!(sent(&c, Rule::QueueSaturation).len(), 1);
+    let c = r.run(14 * MIN, |_| {
+        snapshot(
+            vec![],
+            vec![pool("code", Some(0), 10, 1)],
+            FleetView::default(),
+        )
+    });
+    assert_eq!(
+        sent(&c, Rule::QueueSaturation),
+        [(r.now - 14 * MIN + 60 * S, Change::Resolved)]
+    );
+    assert!(
+        sent(&c, Rule::OverProvisioned).is_empty(),
+        "not yet 15 minutes"
+    );
+    let c = r.run(2 * MIN, |_| {
+        snapshot(
+            vec![],
+            vec![pool("code", Some(0), 10, 1)],
+            FleetView::default(),
+        )
+    });
+    let o = sent(&c, Rule::OverProvisioned);
+    assert_eq!(o.len(), 1);
+    let a = c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::OverProvisioned)
+        .unwrap();
+    assert_eq!(a.2.severity, Severity::Info);
+}
+
+#[test]
+fn a_stuck_wave_is_a_rise_across_the_fleet_within_five_minutes() {
+    let mut r = Run::new();
+    let fleet = |stuck: usize| {
+        move |_| {
+            let workers = (0..20)
+                .map(|i| {
+                    let mut w = worker(&format!("w{i:02}"));
+                    if i < stuck {
+                        w.state = State::Stuck;
+                    }
+                    w
+                })
+                .collect();
+            snapshot(workers, vec![], FleetView::default())
+        }
+    };
+    let c = r.run(6 * MIN, fleet(1));
+    assert!(
+        sent(&c, Rule::StuckWave).is_empty(),
+        "one stuck agent is not a wave"
+    );
+    let c = r.run(10 * S, fleet(6));
+    assert_eq!(
+        sent(&c, Rule::StuckWave).len(),
+        1,
+        "{:?}",
+        sent(&c, Rule::StuckWave)
+    );
+}
+
+#[test]
+fn throughput_drop_is_against_the_five_minute_baseline() {
+    let mut r = Run::new();
+    let fleet = |tps: f64| {
+        move |_| {
+            snapshot(
+                vec![worker("w1")],
+                vec![],
+                FleetView {
+                    output_tokens_per_s: tps,
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    let c = r.run(6 * MIN, fleet(100.0));
+    assert!(sent(&c, Rule::ThroughputDrop).is_empty());
+    let c = r.run(3 * MIN, fleet(60.0));
+    assert_eq!(sent(&c, Rule::ThroughputDrop).len(), 1);
+    // A 20% dip is not a 30% drop.
+    let mut r = Run::new();
+    r.run(6 * MIN, fleet(100.0));
+    let c = r.run(3 * MIN, fleet(82.0));
+    assert!(sent(&c, Rule::ThroughputDrop).is_empty());
+}
+
+#[test]
+fn cost_runaway_and_concentration_read_the_last_hour() {
+    let mut r = Run::new();
+    // Ten agents spend $1/h each and finish a task every 2 s; then w0 burns at $30/h and
+    // finishes none.
+    let costs = std::cell::RefCell::new(vec![0.0f64; 10]);
+    let tasks = std::cell::RefCell::new(vec![0u64; 10]);
+    let tick = |w0_rate: f64| {
+        let (costs, tasks) = (&costs, &tasks);
+        move |now: u64| {
+            let mut costs = costs.borrow_mut();
+            let mut tasks = tasks.borrow_mut();
+            let workers = (0..10)
+                .map(|i| {
+                    let rate = if i == 0 { w0_rate } else { 1.0 };
+                    costs[i] += rate / 3600.0;
+                    if (i > 0 || w0_rate <= 1.0) && now.is_multiple_of(2 * S) {
+                        tasks[i] += 1;
+                    }
+                    let mut w = worker(&format!("w{i}"));
+                    w.cost_usd = costs[i];
+                    w.burn_rate_usd_per_h = rate;
+                    w.tasks_completed = tasks[i];
+                    w
+                })
+                .collect();
+            snapshot(workers, vec![], FleetView::default())
+        }
+    };
+    let c = r.run(20 * MIN, tick(1.0));
+    assert!(sent(&c, Rule::CostRunaway).is_empty(), "steady spend");
+    assert!(sent(&c, Rule::CostConcentration).is_empty(), "even spend");
+    let c = r.run(30 * MIN, tick(30.0));
+    let fired = |rule: Rule| -> Vec<String> {
+        c.iter()
+            .filter(|(_, ch, a)| a.rule == rule && *ch == Change::Firing)
+            .map(|(_, _, a)| a.labels["worker"].clone())
+            .collect()
+    };
+    assert_eq!(fired(Rule::CostRunaway), ["w0"]);
+    assert_eq!(fired(Rule::CostConcentration), ["w0"]);
+    let runaway = c
+        .iter()
+        .find(|(_, ch, a)| a.rule == Rule::CostRunaway && *ch == Change::Firing)
+        .unwrap();
+    assert_eq!(runaway.2.severity, Severity::Critical);
+    assert!(
+        runaway.2.message.contains("$30.00/h"),
+        "{}",
+        runaway.2.message
+    );
+}
+
+#[test]
+fn a_healthy_fleet_raises_nothing_in_an_hour() {
+    let mut r = Run::new();
+    let c = r.run(60 * MIN, |now| {
+        let workers = (0..50)
+            .map(|i| {
+                let mut w = worker(&format!("w{i:02}"));
+                w.context_utilisation = Some(0.2 + (i as f64) / 100.0);
+                w.token_rate_vs_baseline = Some(0.8 + ((now / S + i) % 5) as f64 / 10.0);
+                w.cost_usd = (now - T0) as f64 / 3_600_000.0;
+                w.burn_rate_usd_per_h = 1.0;
+                w.tasks_completed = (now - T0) / (30 * S);
+                w
+            })
+            .collect();
+        snapshot(
+            workers,
+            vec![pool("code", Some(5), 50, 40)],
+            FleetView {
+                output_tokens_per_s: 1000.0 + ((now / S) % 7) as f64 * 10.0,
+                error_rate_5m: Some(0.01),
+                ops_5m: 5_000,
+                ..Default::default()
+            },
+        )
+    });
+    let sent_any: Vec<_> = c.iter().filter(|(_, ch, _)| ch.is_sent()).collect();
+    assert!(sent_any.is_empty(), "{sent_any:?}");
+}
+
+#[test]
+fn an_alert_whose_agent_is_lost_resolves_for_lack_of_data_and_firing_ones_renotify() {
+    let mut r = Run::new();
+    r.spec.renotify_s = 120;
+    let stuck = |lost: bool| {
+        move |_| {
+            let mut w = worker("w1");
+            w.state = State::Stuck;
+            w.lost = lost;
+            snapshot(vec![w], vec![], FleetView::default())
+        }
+    };
+    let c = r.run(5 * MIN, stuck(false));
+    let s = sent(&c, Rule::StuckAgent);
+    assert_eq!(
+        s.iter().filter(|(_, c)| *c == Change::Renotify).count(),
+        2,
+        "{s:?}"
+    );
+    let from = r.now;
+    let c = r.run(6 * MIN, stuck(true));
+    let s = sent(&c, Rule::StuckAgent);
+    assert_eq!(
+        s,
+        [(from + 300 * S, Change::Resolved)],
+        "no data for no_data_s"
+    );
+    let resolved = &c
+        .iter()
+        .find(|(_, ch, _)| *ch == Change::Resolved)
+        .unwrap()
+        .2;
+    assert_eq!(resolved.ended_reason.as_deref(), Some("no_data"));
+    let states: Vec<_> = resolved.history.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [
+            AlertState::Pending,
+            AlertState::Firing,
+            AlertState::Resolved
+        ]
+    );
+}
+
+#[test]
+fn open_alerts_are_bounded_and_the_excess_is_counted() {
+    let mut r = Run::new();
+    r.d = Detector::new(3);
+    r.run(5 * S, |_| {
+        let workers = (0..10)
+            .map(|i| {
+                let mut w = worker(&format!("w{i}"));
+                w.state = State::Stuck;
+                w
+            })
+            .collect();
+        snapshot(workers, vec![], FleetView::default())
+    });
+    assert_eq!(r.d.open().len(), 3);
+    assert!(r.d.refused() > 0);
+}
