@@ -50,6 +50,11 @@ pub enum Command {
         #[command(subcommand)]
         command: DecisionsCommand,
     },
+    /// Alerts as the detector raises them.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
     /// Policy tools: check, test, replay, push.
     Policy {
         #[command(subcommand)]
@@ -90,6 +95,28 @@ pub enum DecisionsCommand {
         #[arg(long)]
         json: bool,
         /// Exit after this many decisions.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Print alerts as they fire, renotify and resolve (from `<prefix>.alerts.>` on NATS).
+    Tail {
+        /// Config file, for the NATS URL and subject prefix.
+        #[arg(long, short, env = "FLEET_CONFIG")]
+        config: Option<PathBuf>,
+        /// NATS server URL (default: the config's, else nats://127.0.0.1:4222).
+        #[arg(long, env = "FLEET_NATS_URL")]
+        nats_url: Option<String>,
+        /// Only this severity (`info`, `warning`, `critical`).
+        #[arg(long)]
+        severity: Option<String>,
+        /// One JSON object per line instead of a readable line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many alerts.
         #[arg(long)]
         count: Option<u64>,
     },
@@ -222,6 +249,19 @@ pub fn run(cli: Cli) -> ExitCode {
             tokio::runtime::Builder::new_current_thread(),
             decisions_tail(config, nats_url, pool, json, count),
         ),
+        Command::Alerts {
+            command:
+                AlertsCommand::Tail {
+                    config,
+                    nats_url,
+                    severity,
+                    json,
+                    count,
+                },
+        } => run_async(
+            tokio::runtime::Builder::new_current_thread(),
+            alerts_tail(config, nats_url, severity, json, count),
+        ),
         Command::Policy { command } => policy::run(command),
         Command::Serve(args) => {
             let config = match args.resolve() {
@@ -336,15 +376,11 @@ enum TailError {
     Write(#[from] std::io::Error),
 }
 
-async fn decisions_tail(
+/// Where `tail` reads from: the config (NATS URL, prefix) and the URL given.
+async fn tail_connect(
     config: Option<PathBuf>,
     nats_url: Option<String>,
-    pool: Option<String>,
-    json: bool,
-    count: Option<u64>,
-) -> Result<(), TailError> {
-    use futures::StreamExt;
-    use std::io::Write;
+) -> Result<(async_nats::Client, fleet_worker::Subjects), TailError> {
     let config = match &config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -358,15 +394,26 @@ async fn decisions_tail(
             url: url.clone(),
             reason: e.to_string(),
         })?;
-    let subjects = config.subjects();
-    let subject = subjects.decisions(pool.as_deref().unwrap_or(">"));
+    Ok((client, config.subjects()))
+}
+
+/// Prints each message on `subject` (raw JSON, or the line `render` makes) until `count`.
+async fn tail(
+    client: async_nats::Client,
+    subject: String,
+    json: bool,
+    count: Option<u64>,
+    render: impl Fn(&[u8]) -> Result<String, serde_json::Error>,
+) -> Result<(), TailError> {
+    use futures::StreamExt;
+    use std::io::Write;
     let mut sub = client
         .subscribe(subject.clone())
         .await
         .map_err(|e| TailError::Subscribe(e.to_string()))?;
-    // Flushed so the subscription is registered before the first decision can be missed.
+    // Flushed so the subscription is registered before the first message can be missed.
     let _ = client.flush().await;
-    tracing::info!(%subject, "tailing decisions");
+    tracing::info!(%subject, "tailing");
     let mut seen = 0u64;
     let stdout = std::io::stdout();
     while let Some(msg) = sub.next().await {
@@ -375,25 +422,9 @@ async fn decisions_tail(
             out.write_all(&msg.payload)?;
             out.write_all(b"\n")?;
         } else {
-            match serde_json::from_slice::<crate::decisions::DecisionRecord>(&msg.payload) {
-                Ok(d) => writeln!(
-                    out,
-                    "{} {} {:?} {}/{} {} -> {} {} [{}{}] {}",
-                    d.at,
-                    d.task_id,
-                    d.outcome,
-                    d.task_type,
-                    d.tier,
-                    d.classification.source.as_str(),
-                    d.pool.as_deref().unwrap_or("-"),
-                    d.model.as_deref().unwrap_or("-"),
-                    d.rule,
-                    d.est_cost_usd
-                        .map(|c| format!(" ${c:.5}"))
-                        .unwrap_or_default(),
-                    d.reason
-                )?,
-                Err(e) => writeln!(out, "unreadable decision on {}: {e}", msg.subject)?,
+            match render(&msg.payload) {
+                Ok(line) => writeln!(out, "{line}")?,
+                Err(e) => writeln!(out, "unreadable message on {}: {e}", msg.subject)?,
             }
         }
         out.flush()?;
@@ -403,4 +434,70 @@ async fn decisions_tail(
         }
     }
     Ok(())
+}
+
+async fn decisions_tail(
+    config: Option<PathBuf>,
+    nats_url: Option<String>,
+    pool: Option<String>,
+    json: bool,
+    count: Option<u64>,
+) -> Result<(), TailError> {
+    let (client, subjects) = tail_connect(config, nats_url).await?;
+    let subject = subjects.decisions(pool.as_deref().unwrap_or(">"));
+    tail(client, subject, json, count, |payload| {
+        let d = serde_json::from_slice::<crate::decisions::DecisionRecord>(payload)?;
+        Ok(format!(
+            "{} {} {:?} {}/{} {} -> {} {} [{}{}] {}",
+            d.at,
+            d.task_id,
+            d.outcome,
+            d.task_type,
+            d.tier,
+            d.classification.source.as_str(),
+            d.pool.as_deref().unwrap_or("-"),
+            d.model.as_deref().unwrap_or("-"),
+            d.rule,
+            d.est_cost_usd
+                .map(|c| format!(" ${c:.5}"))
+                .unwrap_or_default(),
+            d.reason
+        ))
+    })
+    .await
+}
+
+async fn alerts_tail(
+    config: Option<PathBuf>,
+    nats_url: Option<String>,
+    severity: Option<String>,
+    json: bool,
+    count: Option<u64>,
+) -> Result<(), TailError> {
+    let (client, subjects) = tail_connect(config, nats_url).await?;
+    let subject = subjects.alerts(severity.as_deref().unwrap_or(">"));
+    tail(client, subject, json, count, |payload| {
+        let v: serde_json::Value = serde_json::from_slice(payload)?;
+        // Detector alerts carry `event`; budget notices name their `alert`.
+        Ok(match v.get("event").and_then(|e| e.as_str()) {
+            Some(event) => {
+                let a = &v["alert"];
+                format!(
+                    "{} {} {} {} {} — {}",
+                    crate::policy::budget::rfc3339(a["started_ms"].as_u64().unwrap_or(0)),
+                    event,
+                    a["severity"].as_str().unwrap_or("?"),
+                    a["rule"].as_str().unwrap_or("?"),
+                    a["labels"],
+                    a["message"].as_str().unwrap_or("")
+                )
+            }
+            None => format!(
+                "{} {}",
+                v["alert"].as_str().unwrap_or("notice"),
+                v
+            ),
+        })
+    })
+    .await
 }
