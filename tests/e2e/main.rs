@@ -9,6 +9,7 @@
     reason = "test code: a failed step is a failed test"
 )]
 
+mod alerts;
 mod bad_input;
 mod common;
 mod hostile;

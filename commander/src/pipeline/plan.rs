@@ -364,7 +364,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             },
         )
     };
-    let draft = Draft::new(&p, &class, &dims, view);
+    let draft = Draft::new(&p, class, &dims, view);
     match step {
         Step::Go {
             decision,
@@ -449,12 +449,13 @@ struct Draft {
 }
 
 impl Draft {
-    fn new(p: &Prepared, class: &Classification, dims: &TaskDims, view: &View) -> Self {
+    /// Takes the classification over (each record clones it once, as it always did).
+    fn new(p: &Prepared, class: Classification, dims: &TaskDims, view: &View) -> Self {
         Self {
             decision_id: derived_decision_id(&p.id, p.seq, FIRST_ATTEMPT),
             task_id: p.id.clone(),
             received_at: p.received_at.clone(),
-            class: class.clone(),
+            class,
             priority: p.task.priority,
             rubric: view.live.rubric.name.clone(),
             version: view.live.policy.version.clone(),

@@ -1,0 +1,117 @@
+//! Detection on the real binary: an agent whose context fills up raises `context_critical`
+//! on `<prefix>.alerts.critical`, in `GET /v1/alerts` and on `/metrics`, and the alert
+//! resolves, with its history, when the context empties again.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::common::*;
+
+/// Heartbeats for `worker` on model gpt-4o (a 128,000-token window) every 200 ms with the
+/// context at `tokens`, until the task is aborted.
+fn heartbeats(client: async_nats::Client, worker: &'static str, tokens: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Fleet-Kind", "heartbeat");
+            let now = fleet_worker::message::now_rfc3339();
+            let hb = serde_json::json!({"schema": 1, "worker_id": worker, "pool": "alpha",
+                "state": "active", "model": "gpt-4o", "context_tokens": tokens,
+                "max_in_flight": 1, "current_tasks": ["t-ctx"],
+                "started_at": now, "sent_at": now});
+            let _ = client
+                .publish_with_headers(format!("fleet.telemetry.alpha.{worker}"), h, hb.to_string().into())
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+async fn next_event(sub: &mut async_nats::Subscriber, event: &str) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("an alert message in time")
+            .expect("the subscription stays open");
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v["event"] == event && v["alert"]["rule"] == "context_critical" {
+            assert_eq!(msg.subject.as_str(), "fleet.alerts.critical");
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_it_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("alerts.policy.toml"),
+        "[alerts]\nresolve_s = 1\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[policy]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let stack = Stack::start(&toml).await;
+    let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
+    stack.client.flush().await.unwrap();
+
+    // 124,000 of 128,000 tokens: 97 %, above the critical 95 %.
+    let full = heartbeats(stack.client.clone(), "ctx-1", 124_000);
+    let fired = next_event(&mut sub, "firing").await;
+    let a = &fired["alert"];
+    assert_eq!(a["severity"], "critical", "{fired}");
+    assert_eq!(a["state"], "firing");
+    assert_eq!(a["labels"]["worker"], "ctx-1");
+    assert_eq!(a["links"]["task"], "t-ctx");
+    assert!(a["message"].as_str().unwrap().contains("97%"), "{fired}");
+    let id = a["id"].as_str().unwrap().to_string();
+
+    let open = get_json(&stack, "/v1/alerts").await;
+    let listed = open["alerts"].as_array().unwrap();
+    assert!(
+        listed.iter().any(|x| x["id"] == id.as_str() && x["state"] == "firing"),
+        "{open}"
+    );
+    assert_eq!(
+        stack
+            .metric("fleet_alerts_firing{rule=\"context_critical\",severity=\"critical\"}")
+            .await,
+        1.0
+    );
+
+    // The context empties: below the resolve level for resolve_s, then resolved.
+    full.abort();
+    let calm = heartbeats(stack.client.clone(), "ctx-1", 1_000);
+    let resolved = next_event(&mut sub, "resolved").await;
+    assert_eq!(resolved["alert"]["id"], id.as_str());
+    assert_eq!(resolved["alert"]["ended_reason"], "recovered");
+    let states: Vec<&str> = resolved["alert"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "firing", "resolved"]);
+    calm.abort();
+
+    let log = get_json(&stack, "/v1/alerts?state=resolved&rule=context_critical").await;
+    assert_eq!(log["alerts"][0]["id"], id.as_str(), "{log}");
+    eventually("the gauge drops", WAIT, async || {
+        stack
+            .metric("fleet_alerts_firing{rule=\"context_critical\",severity=\"critical\"}")
+            .await
+            == 0.0
+    })
+    .await;
+    // A bad filter is a 400 in the one error shape.
+    let r = reqwest::get(stack.http("/v1/alerts?state=loud")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}
+
+async fn get_json(stack: &Stack, path: &str) -> Value {
+    reqwest::get(stack.http(path)).await.unwrap().json().await.unwrap()
+}
