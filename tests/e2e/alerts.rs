@@ -11,7 +11,11 @@ use crate::common::*;
 
 /// Heartbeats for `worker` on model gpt-4o (a 128,000-token window) every 200 ms with the
 /// context at `tokens`, until the task is aborted.
-fn heartbeats(client: async_nats::Client, worker: &'static str, tokens: u64) -> tokio::task::JoinHandle<()> {
+fn heartbeats(
+    client: async_nats::Client,
+    worker: &'static str,
+    tokens: u64,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let mut h = async_nats::HeaderMap::new();
@@ -22,7 +26,11 @@ fn heartbeats(client: async_nats::Client, worker: &'static str, tokens: u64) -> 
                 "max_in_flight": 1, "current_tasks": ["t-ctx"],
                 "started_at": now, "sent_at": now});
             let _ = client
-                .publish_with_headers(format!("fleet.telemetry.alpha.{worker}"), h, hb.to_string().into())
+                .publish_with_headers(
+                    format!("fleet.telemetry.alpha.{worker}"),
+                    h,
+                    hb.to_string().into(),
+                )
                 .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -73,7 +81,9 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     let open = get_json(&stack, "/v1/alerts").await;
     let listed = open["alerts"].as_array().unwrap();
     assert!(
-        listed.iter().any(|x| x["id"] == id.as_str() && x["state"] == "firing"),
+        listed
+            .iter()
+            .any(|x| x["id"] == id.as_str() && x["state"] == "firing"),
         "{open}"
     );
     assert_eq!(
@@ -108,10 +118,17 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     })
     .await;
     // A bad filter is a 400 in the one error shape.
-    let r = reqwest::get(stack.http("/v1/alerts?state=loud")).await.unwrap();
+    let r = reqwest::get(stack.http("/v1/alerts?state=loud"))
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
 
 async fn get_json(stack: &Stack, path: &str) -> Value {
-    reqwest::get(stack.http(path)).await.unwrap().json().await.unwrap()
+    reqwest::get(stack.http(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

@@ -492,11 +492,7 @@ async fn alerts_tail(
                     a["message"].as_str().unwrap_or("")
                 )
             }
-            None => format!(
-                "{} {}",
-                v["alert"].as_str().unwrap_or("notice"),
-                v
-            ),
+            None => format!("{} {}", v["alert"].as_str().unwrap_or("notice"), v),
         })
     })
     .await
