@@ -151,15 +151,20 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         .spawn()
         .unwrap();
     let tail_err = BufReader::new(tail.stderr.take().unwrap());
-    let ready = std::thread::spawn(move || {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         for line in tail_err.lines() {
             if line.unwrap().contains("tailing decisions") {
-                return true;
+                let _ = ready_tx.send(());
+                return;
             }
         }
-        false
     });
-    assert!(ready.join().unwrap(), "decisions tail did not start");
+    // Bounded: a tail that never says it is ready fails the test instead of hanging it.
+    assert!(
+        ready.recv_timeout(WAIT).is_ok(),
+        "decisions tail did not start"
+    );
     let tail_out = tail.stdout.take().unwrap();
     let tailed = std::thread::spawn(move || {
         BufReader::new(tail_out)

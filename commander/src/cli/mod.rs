@@ -399,6 +399,7 @@ async fn tail_connect(
 
 /// Prints each message on `subject` (raw JSON, or the line `render` makes) until `count`.
 async fn tail(
+    what: &'static str,
     client: async_nats::Client,
     subject: String,
     json: bool,
@@ -413,7 +414,8 @@ async fn tail(
         .map_err(|e| TailError::Subscribe(e.to_string()))?;
     // Flushed so the subscription is registered before the first message can be missed.
     let _ = client.flush().await;
-    tracing::info!(%subject, "tailing");
+    // Scripts (and the e2e tests) wait for this line before they expect messages.
+    tracing::info!(%subject, "tailing {what}");
     let mut seen = 0u64;
     let stdout = std::io::stdout();
     while let Some(msg) = sub.next().await {
@@ -445,7 +447,7 @@ async fn decisions_tail(
 ) -> Result<(), TailError> {
     let (client, subjects) = tail_connect(config, nats_url).await?;
     let subject = subjects.decisions(pool.as_deref().unwrap_or(">"));
-    tail(client, subject, json, count, |payload| {
+    tail("decisions", client, subject, json, count, |payload| {
         let d = serde_json::from_slice::<crate::decisions::DecisionRecord>(payload)?;
         Ok(format!(
             "{} {} {:?} {}/{} {} -> {} {} [{}{}] {}",
@@ -476,7 +478,7 @@ async fn alerts_tail(
 ) -> Result<(), TailError> {
     let (client, subjects) = tail_connect(config, nats_url).await?;
     let subject = subjects.alerts(severity.as_deref().unwrap_or(">"));
-    tail(client, subject, json, count, |payload| {
+    tail("alerts", client, subject, json, count, |payload| {
         let v: serde_json::Value = serde_json::from_slice(payload)?;
         // Detector alerts carry `event`; budget notices name their `alert`.
         Ok(match v.get("event").and_then(|e| e.as_str()) {
