@@ -642,6 +642,8 @@ pub struct DetectConfig {
     pub max_open: usize,
     /// Alerts kept in the alert log (oldest dropped first).
     pub max_records: usize,
+    /// Where alerts are delivered besides NATS (docs/alerts.md).
+    pub sinks: Vec<SinkConfig>,
 }
 
 impl Default for DetectConfig {
@@ -650,8 +652,80 @@ impl Default for DetectConfig {
             interval_ms: 1_000,
             max_open: 10_000,
             max_records: 100_000,
+            sinks: Vec::new(),
         }
     }
+}
+
+/// Where alerts go (`[[detect.sinks]]` in the config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Unique; names the sink in logs, counters and the API.
+    pub name: String,
+    pub kind: SinkKind,
+    /// Alertmanager: its base URL (`http://alertmanager:9093`); the others: the endpoint.
+    pub url: String,
+    /// Webhook: the variable holding the signing secret(s) (`whsec_…`; several,
+    /// space-separated, sign with each: rotation). PagerDuty: the routing key.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Alerts below this severity are not sent here.
+    #[serde(default = "default_min_severity")]
+    pub min_severity: SinkSeverity,
+    /// Tries per delivery (the first included).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Deliveries failed in a row that disable the sink.
+    #[serde(default = "default_disable_after")]
+    pub disable_after: u32,
+    /// Waiting deliveries at most; more are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Per request.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Alertmanager: firing alerts are sent again this often (it resolves an alert that
+    /// is not re-sent within its `resolve_timeout`, 5 minutes by default).
+    #[serde(default = "default_resend_s")]
+    pub resend_s: u64,
+}
+
+fn default_min_severity() -> SinkSeverity {
+    SinkSeverity::Warning
+}
+fn default_attempts() -> u32 {
+    5
+}
+fn default_disable_after() -> u32 {
+    10
+}
+fn default_queue() -> usize {
+    1_024
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_resend_s() -> u64 {
+    60
+}
+
+/// The least severity a sink takes (the detector's severities, in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkSeverity {
+    Info,
+    Warning,
+    Critical,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Alertmanager,
+    Webhook,
+    Slack,
+    Pagerduty,
 }
 
 fn default_prefix() -> String {
@@ -807,7 +881,53 @@ impl Config {
         self.check_routing(&mut p);
         self.check_classifier(&mut p);
         self.check_fleet_and_policy(&mut p);
+        self.check_sinks(&mut p);
         p
+    }
+
+    /// `[[detect.sinks]]`: names, URLs, secrets and bounds.
+    fn check_sinks(&self, p: &mut Vec<Keyed>) {
+        let mut names = std::collections::BTreeSet::new();
+        for s in &self.detect.sinks {
+            let key = format!("detect.sinks.{}", s.name);
+            if s.name.trim().is_empty() || !names.insert(s.name.as_str()) {
+                p.push(Keyed::new(
+                    Duplicate,
+                    format!(
+                        "detect.sinks: sink name {:?} is empty or used twice",
+                        s.name
+                    ),
+                ));
+            }
+            let scheme_ok = reqwest::Url::parse(&s.url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !scheme_ok {
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("{key}: url must be an http:// or https:// URL"),
+                ));
+            }
+            if matches!(s.kind, SinkKind::Webhook | SinkKind::Pagerduty) && s.secret_env.is_none() {
+                p.push(Keyed::new(
+                    Missing,
+                    format!("{key}: secret_env must name the variable holding its secret"),
+                ));
+            }
+            for (what, v) in [
+                ("max_attempts", u64::from(s.max_attempts)),
+                ("disable_after", u64::from(s.disable_after)),
+                ("queue", s.queue as u64),
+                ("timeout_ms", s.timeout_ms),
+                ("resend_s", s.resend_s),
+            ] {
+                if v == 0 {
+                    p.push(Keyed::new(
+                        OutOfRange,
+                        format!("{key}: {what} must be at least 1"),
+                    ));
+                }
+            }
+        }
     }
 
     /// NATS, the store, intake and the OTLP decode bounds.

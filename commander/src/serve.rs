@@ -49,6 +49,8 @@ pub enum ServeError {
     Decisions(#[from] DecisionLogError),
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("alert sinks: {0}")]
+    Sinks(#[from] crate::detect::sinks::SinkError),
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -230,7 +232,15 @@ fn start_detection(
             source,
         }
     })?;
-    let alerts = crate::detect::run::Alerts::new(log);
+    let generator = format!("http://{}", w.config.http.listen);
+    let (sinks, sink_tasks) = crate::detect::sinks::Sinks::start(
+        &d.sinks,
+        &generator,
+        engine.clock.clone(),
+        w.stop.clone(),
+    )?;
+    tasks.extend(sink_tasks);
+    let alerts = crate::detect::run::Alerts::new(log, sinks);
     alerts.counters.register(registry);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),

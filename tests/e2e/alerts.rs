@@ -4,10 +4,62 @@
 
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
+use axum::http::HeaderMap;
+use base64::Engine as _;
 use futures::StreamExt;
+use hmac::{Hmac, Mac};
 use serde_json::Value;
+use sha2::Sha256;
 
 use crate::common::*;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A webhook receiver that keeps each request whose Standard Webhooks signature verifies
+/// against `SECRET` (and counts the ones that do not).
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>) {
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let bad: Arc<Mutex<u32>> = Arc::default();
+    let (g, b) = (got.clone(), bad.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let (g, b) = (g.clone(), b.clone());
+            async move {
+                let h = |k: &str| {
+                    headers
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(SECRET.trim_start_matches("whsec_"))
+                    .unwrap();
+                let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+                mac.update(
+                    format!("{}.{}.{body}", h("webhook-id"), h("webhook-timestamp")).as_bytes(),
+                );
+                let want = format!(
+                    "v1,{}",
+                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+                );
+                if h("webhook-signature").split(' ').any(|s| s == want) {
+                    g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                } else {
+                    *b.lock().unwrap() += 1;
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, got, bad)
+}
 
 /// Heartbeats for `worker` on model gpt-4o (a 128,000-token window) every 200 ms with the
 /// context at `tokens`, until the task is aborted.
@@ -59,11 +111,12 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
         "[alerts]\nresolve_s = 1\n",
     )
     .unwrap();
+    let (hook, received, bad_signatures) = webhook_receiver().await;
     let toml = format!(
-        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[policy]\ndir = {:?}\n",
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = {hook:?}\nsecret_env = \"FLEET_E2E_WEBHOOK_SECRET\"\n[policy]\ndir = {:?}\n",
         dir.path().display().to_string()
     );
-    let stack = Stack::start(&toml).await;
+    let stack = Stack::start_with_env(&toml, &[("FLEET_E2E_WEBHOOK_SECRET", SECRET)]).await;
     let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
     stack.client.flush().await.unwrap();
 
@@ -117,6 +170,26 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
             == 0.0
     })
     .await;
+    // The signed webhook got the firing and the resolved event, each verified.
+    eventually("both events reach the webhook", WAIT, async || {
+        received.lock().unwrap().len() >= 2
+    })
+    .await;
+    let types: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["alert.firing", "alert.resolved"]);
+    assert_eq!(*bad_signatures.lock().unwrap(), 0);
+    let sinks = get_json(&stack, "/v1/alerts/sinks").await;
+    assert_eq!(sinks["sinks"][0]["delivered"], 2, "{sinks}");
+    assert_eq!(sinks["sinks"][0]["enabled"], true);
+    assert!(
+        !sinks.to_string().contains("/hook"),
+        "the URL's path is not shown: {sinks}"
+    );
     // A bad filter is a 400 in the one error shape.
     let r = reqwest::get(stack.http("/v1/alerts?state=loud"))
         .await

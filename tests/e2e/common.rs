@@ -49,10 +49,19 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(toml: &str) -> Stack {
+        Self::start_with_env(toml, &[]).await
+    }
+
+    /// A stack whose commander also gets these environment variables (secrets).
+    pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Stack {
         let nats = NatsServer::start().expect("nats-server");
         let dir = tempfile::tempdir().unwrap();
-        let commander = Commander::start(&commander_options(&nats, dir.path().join("cmd"), toml))
-            .expect("commander");
+        let mut opts = commander_options(&nats, dir.path().join("cmd"), toml);
+        opts.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let commander = Commander::start(&opts).expect("commander");
         let client = async_nats::connect(nats.url()).await.unwrap();
         Stack {
             nats,

@@ -106,3 +106,8 @@ pub async fn list(
     }))
     .into_response())
 }
+
+/// `GET /v1/alerts/sinks`: each sink's delivery state and counters.
+pub async fn sinks(State(s): State<AppState>) -> Response {
+    Json(json!({ "sinks": s.alerts.sinks.states() })).into_response()
+}

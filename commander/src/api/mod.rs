@@ -307,6 +307,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/decisions/{task_id}", get(decisions::one))
         .route("/v1/classifier", get(decisions::classifier))
         .route("/v1/alerts", get(alerts::list))
+        .route("/v1/alerts/sinks", get(alerts::sinks))
         .route("/v1/policy", get(policy::current).put(policy::put))
         .route("/v1/policy/check", post(policy::check))
         .route("/v1/policy/replay", post(policy::shadow_replay))

@@ -165,6 +165,7 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
         policies: Arc::new(DirectPolicies(engine)),
         alerts: crate::detect::run::Alerts::new(
             crate::detect::AlertLog::open(&store, 100).unwrap(),
+            Default::default(),
         ),
         registry: Arc::new(metrics.registry()),
         ready: Arc::new(AtomicBool::new(true)),

@@ -9,12 +9,14 @@
 //! - `history.rs`: the detector's short memory (baselines, hourly averages);
 //! - `lifecycle.rs`: pending / firing / resolved with `for`, hysteresis, renotify, no data;
 //! - `store.rs`: the alert log in sled;
+//! - `sinks.rs`: delivery to Alertmanager, signed webhooks, Slack and PagerDuty;
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
 pub mod history;
 pub mod lifecycle;
 pub mod rules;
 pub mod run;
+pub mod sinks;
 pub mod store;
 
 #[cfg(test)]

@@ -70,20 +70,23 @@ impl DetectCounters {
     }
 }
 
-/// What the API reads of detection: the open alerts (refreshed each tick) and the log.
+/// What the API reads of detection: the open alerts (refreshed each tick), the log and
+/// the sinks' delivery state.
 #[derive(Clone, Debug)]
 pub struct Alerts {
     pub log: AlertLog,
     pub open: Arc<ArcSwap<Vec<Alert>>>,
     pub counters: Arc<DetectCounters>,
+    pub sinks: super::sinks::Sinks,
 }
 
 impl Alerts {
-    pub fn new(log: AlertLog) -> Self {
+    pub fn new(log: AlertLog, sinks: super::sinks::Sinks) -> Self {
         Self {
             log,
             open: Arc::new(ArcSwap::from_pointee(Vec::new())),
             counters: Arc::new(DetectCounters::default()),
+            sinks,
         }
     }
 }
@@ -169,6 +172,7 @@ async fn settle(w: &Wiring, change: Change, alert: &Alert) {
     let Ok(body) = serde_json::to_vec(&msg) else {
         return;
     };
+    w.alerts.sinks.offer(change, alert);
     let subject = w.subjects.alerts(alert.severity.as_str());
     if let Err(e) = w.client.publish(subject, body.into()).await {
         w.alerts.counters.publish_errors.inc();
