@@ -143,25 +143,34 @@ fn the_ground_floor_imports_nothing_of_ours() {
 /// import that closes a circle fails the test with its line.
 const KNOWN_BACK_EDGES: &[(&str, &str)] = &[];
 
+/// Whether `to` can be reached from `from` in `graph` (module -> module -> line) along
+/// the edges `edge` keeps.
+fn reaches(
+    graph: &BTreeMap<String, BTreeMap<String, String>>,
+    from: &str,
+    to: &str,
+    edge: impl Fn(&str, &str) -> bool,
+) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![from.to_string()];
+    while let Some(m) = stack.pop() {
+        if m == to {
+            return true;
+        }
+        if seen.insert(m.clone())
+            && let Some(next) = graph.get(&m)
+        {
+            stack.extend(next.keys().filter(|n| edge(&m, n)).cloned());
+        }
+    }
+    false
+}
+
 #[test]
 fn no_import_closes_a_circle_between_top_level_modules() {
     let imports = module_imports();
     let edge = |from: &str, to: &str| !KNOWN_BACK_EDGES.contains(&(from, to));
-    let reaches = |from: &str, to: &str| -> bool {
-        let mut seen = BTreeSet::new();
-        let mut stack = vec![from.to_string()];
-        while let Some(m) = stack.pop() {
-            if m == to {
-                return true;
-            }
-            if seen.insert(m.clone())
-                && let Some(next) = imports.get(&m)
-            {
-                stack.extend(next.keys().filter(|n| edge(&m, n)).cloned());
-            }
-        }
-        false
-    };
+    let reaches = |from: &str, to: &str| reaches(&imports, from, to, edge);
     let mut circles = Vec::new();
     for (from, uses) in &imports {
         for (to, line) in uses {
@@ -292,21 +301,7 @@ fn no_circle_between_the_files_of_a_module_folder() {
             }
             uses.insert(name.clone(), found);
         }
-        let reaches = |from: &str, to: &str| -> bool {
-            let mut seen = BTreeSet::new();
-            let mut stack = vec![from.to_string()];
-            while let Some(m) = stack.pop() {
-                if m == to {
-                    return true;
-                }
-                if seen.insert(m.clone())
-                    && let Some(next) = uses.get(&m)
-                {
-                    stack.extend(next.keys().cloned());
-                }
-            }
-            false
-        };
+        let reaches = |from: &str, to: &str| reaches(&uses, from, to, |_, _| true);
         for (from, to_lines) in &uses {
             // `mod.rs` re-exports its children; children reaching up to it is the usual shape.
             if from == "mod" {

@@ -119,6 +119,44 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     let stack = Stack::start_with_env(&toml, &[("FLEET_E2E_WEBHOOK_SECRET", SECRET)]).await;
     let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
     stack.client.flush().await.unwrap();
+    // `commander alerts tail` prints what the detector raises from now on.
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_commander"))
+        .args([
+            "alerts",
+            "tail",
+            "--json",
+            "--count",
+            "1",
+            "--severity",
+            "critical",
+        ])
+        .args(["--nats-url", stack.nats.url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tail_err = std::io::BufReader::new(tail.stderr.take().unwrap());
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in tail_err.lines().map_while(Result::ok) {
+            if line.contains("tailing alerts") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    assert!(
+        ready.recv_timeout(WAIT).is_ok(),
+        "alerts tail did not start"
+    );
+    let tail_out = tail.stdout.take().unwrap();
+    let tailed = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(tail_out)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
 
     // 124,000 of 128,000 tokens: 97 %, above the critical 95 %.
     let full = heartbeats(stack.client.clone(), "ctx-1", 124_000);
@@ -130,6 +168,13 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     assert_eq!(a["links"]["task"], "t-ctx");
     assert!(a["message"].as_str().unwrap().contains("97%"), "{fired}");
     let id = a["id"].as_str().unwrap().to_string();
+    // The tail printed the same alert and exited after its one message.
+    let lines = tailed.join().unwrap();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let printed: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(printed["event"], "firing");
+    assert_eq!(printed["alert"]["id"], id.as_str());
+    assert!(tail.wait().unwrap().success());
 
     let open = get_json(&stack, "/v1/alerts").await;
     let listed = open["alerts"].as_array().unwrap();

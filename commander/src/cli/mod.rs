@@ -78,25 +78,32 @@ pub enum RubricCommand {
     },
 }
 
+/// What every `tail` takes: where NATS is, and how to print.
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    /// Config file, for the NATS URL and subject prefix.
+    #[arg(long, short, env = "FLEET_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL (default: the config's, else nats://127.0.0.1:4222).
+    #[arg(long, env = "FLEET_NATS_URL")]
+    nats_url: Option<String>,
+    /// One JSON object per line instead of a readable line.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DecisionsCommand {
     /// Print decisions as the commander makes them (from `<prefix>.decisions.>` on NATS).
     Tail {
-        /// Config file, for the NATS URL and subject prefix.
-        #[arg(long, short, env = "FLEET_CONFIG")]
-        config: Option<PathBuf>,
-        /// NATS server URL (default: the config's, else nats://127.0.0.1:4222).
-        #[arg(long, env = "FLEET_NATS_URL")]
-        nats_url: Option<String>,
+        #[command(flatten)]
+        tail: TailArgs,
         /// Only this pool's decisions (`_rejected` for rejections).
         #[arg(long)]
         pool: Option<String>,
-        /// One JSON object per line instead of a readable line.
-        #[arg(long)]
-        json: bool,
-        /// Exit after this many decisions.
-        #[arg(long)]
-        count: Option<u64>,
     },
 }
 
@@ -104,21 +111,11 @@ pub enum DecisionsCommand {
 pub enum AlertsCommand {
     /// Print alerts as they fire, renotify and resolve (from `<prefix>.alerts.>` on NATS).
     Tail {
-        /// Config file, for the NATS URL and subject prefix.
-        #[arg(long, short, env = "FLEET_CONFIG")]
-        config: Option<PathBuf>,
-        /// NATS server URL (default: the config's, else nats://127.0.0.1:4222).
-        #[arg(long, env = "FLEET_NATS_URL")]
-        nats_url: Option<String>,
+        #[command(flatten)]
+        tail: TailArgs,
         /// Only this severity (`info`, `warning`, `critical`).
         #[arg(long)]
         severity: Option<String>,
-        /// One JSON object per line instead of a readable line.
-        #[arg(long)]
-        json: bool,
-        /// Exit after this many alerts.
-        #[arg(long)]
-        count: Option<u64>,
     },
 }
 
@@ -237,30 +234,16 @@ pub fn run(cli: Cli) -> ExitCode {
                 },
         } => rubric_check(&files, config.as_deref(), registry.as_deref()),
         Command::Decisions {
-            command:
-                DecisionsCommand::Tail {
-                    config,
-                    nats_url,
-                    pool,
-                    json,
-                    count,
-                },
+            command: DecisionsCommand::Tail { tail, pool },
         } => run_async(
             tokio::runtime::Builder::new_current_thread(),
-            decisions_tail(config, nats_url, pool, json, count),
+            decisions_tail(tail, pool),
         ),
         Command::Alerts {
-            command:
-                AlertsCommand::Tail {
-                    config,
-                    nats_url,
-                    severity,
-                    json,
-                    count,
-                },
+            command: AlertsCommand::Tail { tail, severity },
         } => run_async(
             tokio::runtime::Builder::new_current_thread(),
-            alerts_tail(config, nats_url, severity, json, count),
+            alerts_tail(tail, severity),
         ),
         Command::Policy { command } => policy::run(command),
         Command::Serve(args) => {
@@ -378,10 +361,10 @@ enum TailError {
 
 /// Where `tail` reads from: the config (NATS URL, prefix) and the URL given.
 async fn tail_connect(
-    config: Option<PathBuf>,
-    nats_url: Option<String>,
+    args: &TailArgs,
 ) -> Result<(async_nats::Client, fleet_worker::Subjects), TailError> {
-    let config = match &config {
+    let nats_url = args.nats_url.clone();
+    let config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
@@ -400,12 +383,12 @@ async fn tail_connect(
 /// Prints each message on `subject` (raw JSON, or the line `render` makes) until `count`.
 async fn tail(
     what: &'static str,
+    args: &TailArgs,
     client: async_nats::Client,
     subject: String,
-    json: bool,
-    count: Option<u64>,
     render: impl Fn(&[u8]) -> Result<String, serde_json::Error>,
 ) -> Result<(), TailError> {
+    let (json, count) = (args.json, args.count);
     use futures::StreamExt;
     use std::io::Write;
     let mut sub = client
@@ -438,16 +421,10 @@ async fn tail(
     Ok(())
 }
 
-async fn decisions_tail(
-    config: Option<PathBuf>,
-    nats_url: Option<String>,
-    pool: Option<String>,
-    json: bool,
-    count: Option<u64>,
-) -> Result<(), TailError> {
-    let (client, subjects) = tail_connect(config, nats_url).await?;
+async fn decisions_tail(args: TailArgs, pool: Option<String>) -> Result<(), TailError> {
+    let (client, subjects) = tail_connect(&args).await?;
     let subject = subjects.decisions(pool.as_deref().unwrap_or(">"));
-    tail("decisions", client, subject, json, count, |payload| {
+    tail("decisions", &args, client, subject, |payload| {
         let d = serde_json::from_slice::<crate::decisions::DecisionRecord>(payload)?;
         Ok(format!(
             "{} {} {:?} {}/{} {} -> {} {} [{}{}] {}",
@@ -469,16 +446,10 @@ async fn decisions_tail(
     .await
 }
 
-async fn alerts_tail(
-    config: Option<PathBuf>,
-    nats_url: Option<String>,
-    severity: Option<String>,
-    json: bool,
-    count: Option<u64>,
-) -> Result<(), TailError> {
-    let (client, subjects) = tail_connect(config, nats_url).await?;
+async fn alerts_tail(args: TailArgs, severity: Option<String>) -> Result<(), TailError> {
+    let (client, subjects) = tail_connect(&args).await?;
     let subject = subjects.alerts(severity.as_deref().unwrap_or(">"));
-    tail("alerts", client, subject, json, count, |payload| {
+    tail("alerts", &args, client, subject, |payload| {
         let v: serde_json::Value = serde_json::from_slice(payload)?;
         // Detector alerts carry `event`; budget notices name their `alert`.
         Ok(match v.get("event").and_then(|e| e.as_str()) {
