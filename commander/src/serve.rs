@@ -240,7 +240,12 @@ fn start_detection(
         w.stop.clone(),
     )?;
     tasks.extend(sink_tasks);
-    let alerts = crate::detect::run::Alerts::new(log, sinks);
+    let silences =
+        crate::detect::silence::Silences::open(store).map_err(|source| ServeError::Store {
+            dir: w.config.store.data_dir.display().to_string(),
+            source,
+        })?;
+    let alerts = crate::detect::run::Alerts::new(log, sinks, silences);
     alerts.counters.register(registry);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),

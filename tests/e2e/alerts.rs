@@ -250,3 +250,79 @@ async fn get_json(stack: &Stack, path: &str) -> Value {
         .await
         .unwrap()
 }
+
+/// An operator silences one agent: its alert still lives (in `/v1/alerts`, with
+/// `silenced_by`) but is not published; another agent's is. Silences need the compliance
+/// token and say who made and who ended them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silenced_agents_alert_is_kept_but_not_sent() {
+    let toml = format!("{TWO_POOLS}\n[detect]\ninterval_ms = 200\n");
+    let stack = Stack::start_with_env(&toml, &[("FLEET_COMPLIANCE_TOKEN", "ops-token")]).await;
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"matchers": {"worker": "ctx-2"}, "duration_s": 600,
+                                  "author": "alice", "comment": "resizing ctx-2"});
+    let r = http
+        .post(stack.http("/v1/silences"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "no token");
+    let r = http
+        .post(stack.http("/v1/silences"))
+        .bearer_auth("ops-token")
+        .json(&serde_json::json!({"matchers": {}, "duration_s": 600, "author": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        400,
+        "a silence of everything is refused"
+    );
+    let r = http
+        .post(stack.http("/v1/silences"))
+        .bearer_auth("ops-token")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let silence: Value = r.json().await.unwrap();
+    let sid = silence["id"].as_str().unwrap().to_string();
+
+    let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
+    stack.client.flush().await.unwrap();
+    let a = heartbeats(stack.client.clone(), "ctx-2", 124_000);
+    let b = heartbeats(stack.client.clone(), "ctx-3", 124_000);
+    // ctx-2 comes first in every tick; the first message must be ctx-3's.
+    let fired = next_event(&mut sub, "firing").await;
+    assert_eq!(fired["alert"]["labels"]["worker"], "ctx-3", "{fired}");
+    let open = get_json(&stack, "/v1/alerts?rule=context_critical").await;
+    let muted = open["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["labels"]["worker"] == "ctx-2")
+        .unwrap_or_else(|| panic!("{open}"))
+        .clone();
+    assert_eq!(muted["silenced_by"], sid.as_str());
+    assert_eq!(muted["state"], "firing");
+    assert!(stack.metric("fleet_alerts_silenced_total").await >= 1.0);
+
+    // Ended by hand: kept, with who ended it.
+    let r = http
+        .delete(stack.http(&format!("/v1/silences/{sid}")))
+        .bearer_auth("ops-token")
+        .header("fleet-identity", "bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let all = get_json(&stack, "/v1/silences").await;
+    assert_eq!(all["silences"][0]["expired_by"], "bob", "{all}");
+    assert_eq!(all["silences"][0]["active"], false);
+    assert_eq!(all["silences"][0]["author"], "alice");
+    a.abort();
+    b.abort();
+}

@@ -4,9 +4,10 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap as HttpHeaders;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 use crate::detect::{AlertState, Filter, Rule, Severity};
@@ -110,4 +111,130 @@ pub async fn list(
 /// `GET /v1/alerts/sinks`: each sink's delivery state and counters.
 pub async fn sinks(State(s): State<AppState>) -> Response {
     Json(json!({ "sinks": s.alerts.sinks.states() })).into_response()
+}
+
+/// `GET /v1/silences`: every silence (active and ended), newest first.
+pub async fn silences(State(s): State<AppState>) -> Response {
+    let now = s.core.policy.now_ms();
+    let all: Vec<Value> = s
+        .alerts
+        .silences
+        .list()
+        .into_iter()
+        .map(|x| {
+            let active = x.active(now);
+            let mut v = serde_json::to_value(x).unwrap_or(Value::Null);
+            v["active"] = json!(active);
+            v
+        })
+        .collect();
+    Json(json!({ "silences": all })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSilence {
+    /// `rule`, `severity`, `worker`, `pool` … to the value they must have (all must match).
+    pub matchers: std::collections::BTreeMap<String, String>,
+    /// How long it lasts, in seconds (at most 30 days).
+    pub duration_s: u64,
+    pub author: String,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// The compliance token guards silences until roles exist (docs/alerts.md).
+async fn authorised(
+    s: &AppState,
+    headers: &HttpHeaders,
+    remote: super::RemoteAddr,
+) -> Result<(), ApiError> {
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(why) = crate::policy::sync::check_token(s.compliance_token.as_deref(), auth) {
+        tracing::warn!(remote = ?remote.0, reason = %why, "silence change refused");
+        return Err(if s.compliance_token.is_none() {
+            ApiError::Forbidden(why)
+        } else {
+            ApiError::Unauthorized(why)
+        });
+    }
+    Ok(())
+}
+
+/// `POST /v1/silences`: mutes the alerts that match, for `duration_s`.
+pub async fn add_silence(
+    State(s): State<AppState>,
+    remote: super::RemoteAddr,
+    headers: HttpHeaders,
+    body: Result<Json<NewSilence>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorised(&s, &headers, remote).await?;
+    let Json(n) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let mut problems = Vec::new();
+    if n.matchers.is_empty() {
+        problems
+            .push("matchers: name at least one (a silence of everything is refused)".to_string());
+    }
+    if let Some(r) = n.matchers.get("rule")
+        && Rule::parse(r).is_none()
+    {
+        problems.push(format!("matchers.rule {r:?} is not a rule"));
+    }
+    if !(1..=30 * 24 * 3600).contains(&n.duration_s) {
+        problems.push(format!(
+            "duration_s {} must be 1 to 2592000 (30 days)",
+            n.duration_s
+        ));
+    }
+    if n.author.trim().is_empty() || n.author.len() > 200 {
+        problems.push("author must be 1-200 characters".to_string());
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::BadRequest(problems.join("; ")));
+    }
+    let now = s.core.policy.now_ms();
+    let silence = crate::detect::silence::Silence {
+        id: format!("silence-{now}-{:08x}", rand::random::<u32>()),
+        matchers: n.matchers,
+        author: n.author,
+        comment: n.comment,
+        created_ms: now,
+        ends_ms: now + n.duration_s * 1000,
+        expired_ms: None,
+        expired_by: None,
+    };
+    let silences = s.alerts.silences.clone();
+    let saved = tokio::task::spawn_blocking(move || silences.add(silence))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((axum::http::StatusCode::CREATED, Json(saved)).into_response())
+}
+
+/// `DELETE /v1/silences/{id}?by=`: ends a silence now.
+pub async fn expire_silence(
+    State(s): State<AppState>,
+    remote: super::RemoteAddr,
+    headers: HttpHeaders,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    authorised(&s, &headers, remote).await?;
+    let by = headers
+        .get("fleet-identity")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .unwrap_or("http")
+        .to_string();
+    let now = s.core.policy.now_ms();
+    let silences = s.alerts.silences.clone();
+    let ended = tokio::task::spawn_blocking(move || silences.expire(&id, &by, now))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match ended {
+        Some(x) => Ok(Json(x).into_response()),
+        None => Err(ApiError::NotFound("no such silence".into())),
+    }
 }

@@ -308,6 +308,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/classifier", get(decisions::classifier))
         .route("/v1/alerts", get(alerts::list))
         .route("/v1/alerts/sinks", get(alerts::sinks))
+        .route(
+            "/v1/silences",
+            get(alerts::silences).post(alerts::add_silence),
+        )
+        .route(
+            "/v1/silences/{id}",
+            axum::routing::delete(alerts::expire_silence),
+        )
         .route("/v1/policy", get(policy::current).put(policy::put))
         .route("/v1/policy/check", post(policy::check))
         .route("/v1/policy/replay", post(policy::shadow_replay))

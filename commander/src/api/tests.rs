@@ -166,6 +166,7 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
         alerts: crate::detect::run::Alerts::new(
             crate::detect::AlertLog::open(&store, 100).unwrap(),
             Default::default(),
+            crate::detect::silence::Silences::open(&store).unwrap(),
         ),
         registry: Arc::new(metrics.registry()),
         ready: Arc::new(AtomicBool::new(true)),

@@ -53,6 +53,9 @@ pub struct Alert {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_reason: Option<String>,
     pub links: Links,
+    /// The silence muting it (not published nor delivered while that silence lasts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silenced_by: Option<String>,
     /// Its transitions, oldest first (bounded).
     #[serde(default)]
     pub history: Vec<Transition>,
@@ -225,6 +228,7 @@ fn new_alert(o: &Observation, now_ms: u64) -> Alert {
         ended_ms: None,
         ended_reason: None,
         links: o.links.clone(),
+        silenced_by: None,
         history: vec![Transition {
             at_ms: now_ms,
             state: AlertState::Pending,

@@ -10,12 +10,14 @@
 //! - `lifecycle.rs`: pending / firing / resolved with `for`, hysteresis, renotify, no data;
 //! - `store.rs`: the alert log in sled;
 //! - `sinks.rs`: delivery to Alertmanager, signed webhooks, Slack and PagerDuty;
+//! - `silence.rs`: silences (what operators muted, until when, who and why);
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
 pub mod history;
 pub mod lifecycle;
 pub mod rules;
 pub mod run;
+pub mod silence;
 pub mod sinks;
 pub mod store;
 

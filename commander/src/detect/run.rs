@@ -46,6 +46,8 @@ pub struct DetectCounters {
     pub publish_errors: Counter,
     /// Detector ticks run.
     pub ticks: Counter,
+    /// Alert messages a silence kept from NATS and the sinks.
+    pub silenced: Counter,
 }
 
 impl DetectCounters {
@@ -67,6 +69,11 @@ impl DetectCounters {
             self.publish_errors.clone(),
         );
         r.register("detect_ticks", "Detector evaluations", self.ticks.clone());
+        r.register(
+            "alerts_silenced",
+            "Alert messages a silence kept from NATS and the sinks",
+            self.silenced.clone(),
+        );
     }
 }
 
@@ -78,15 +85,21 @@ pub struct Alerts {
     pub open: Arc<ArcSwap<Vec<Alert>>>,
     pub counters: Arc<DetectCounters>,
     pub sinks: super::sinks::Sinks,
+    pub silences: super::silence::Silences,
 }
 
 impl Alerts {
-    pub fn new(log: AlertLog, sinks: super::sinks::Sinks) -> Self {
+    pub fn new(
+        log: AlertLog,
+        sinks: super::sinks::Sinks,
+        silences: super::silence::Silences,
+    ) -> Self {
         Self {
             log,
             open: Arc::new(ArcSwap::from_pointee(Vec::new())),
             counters: Arc::new(DetectCounters::default()),
             sinks,
+            silences,
         }
     }
 }
@@ -128,9 +141,12 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
         let changes = detector.tick(&snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
         w.alerts.counters.ticks.inc();
         for (change, alert) in &changes {
-            settle(&w, *change, alert).await;
+            settle(&w, *change, alert, now_ms).await;
         }
-        let open = detector.open();
+        let mut open = detector.open();
+        for a in &mut open {
+            a.silenced_by = w.alerts.silences.muting(a, now_ms);
+        }
         set_gauges(&w.alerts.counters, &open);
         let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());
         if refused > counted {
@@ -140,8 +156,11 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Counts, stores and publishes one change.
-async fn settle(w: &Wiring, change: Change, alert: &Alert) {
+/// Counts, stores and publishes one change (a silenced one is stored, not sent).
+async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
+    let mut alert = alert.clone();
+    alert.silenced_by = w.alerts.silences.muting(&alert, now_ms);
+    let alert = &alert;
     w.alerts
         .counters
         .changes
@@ -164,6 +183,10 @@ async fn settle(w: &Wiring, change: Change, alert: &Alert) {
     }
     if let Err(e) = w.alerts.log.record(alert) {
         tracing::error!(alert = %alert.id, error = %e, "alert not stored");
+    }
+    if alert.silenced_by.is_some() {
+        w.alerts.counters.silenced.inc();
+        return;
     }
     let msg = AlertMessage {
         event: change.as_str(),
