@@ -53,13 +53,16 @@ pub enum ServeError {
     Sinks(#[from] crate::detect::sinks::SinkError),
 }
 
+/// A store error as the serve error that names the data directory.
+fn in_store(config: &Config) -> impl FnOnce(StoreError) -> ServeError + use<> {
+    let dir = config.store.data_dir.display().to_string();
+    move |source| ServeError::Store { dir, source }
+}
+
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let data_dir = config.store.data_dir.clone();
-    let store = Store::open(&data_dir.join("sled")).map_err(|source| ServeError::Store {
-        dir: data_dir.display().to_string(),
-        source,
-    })?;
+    let store = Store::open(&data_dir.join("sled")).map_err(in_store(&config))?;
     let conn = broker::connect(
         config.nats.url.as_deref(),
         config.nats.local_default,
@@ -86,7 +89,6 @@ async fn run(
     url: &str,
 ) -> Result<(), ServeError> {
     broker::check_server(client, url)?;
-    let data_dir_text = config.store.data_dir.display().to_string();
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
     let streams = set_up_streams(&config, &js, &subjects).await?;
@@ -100,26 +102,15 @@ async fn run(
     // rubric as loaded here (a bad file refuses to start) and the built-in policy; the
     // bucket or the policy directory replace the policy once they are read.
     let engine = open_engine(&config, &store)?;
-    let state = FleetState::new(
-        config.fleet.clone(),
-        engine.clone(),
-        config.pools.keys().map(String::as_str),
-    );
-    let (fleet, fleet_task) = fleet::spawn(
-        state,
-        config.telemetry.queue_batches,
-        stop_rx.clone(),
-        supervisor.clone(),
-    );
+    let mut registry = metrics.registry();
+    supervisor.register(&mut registry);
+    let (fleet, fleet_task) = start_fleet(&config, &engine, &supervisor, &stop_rx, &mut registry);
     let classifier = Arc::new(Classifier::new(
         config.classifier.clone(),
         &engine.live().rubric,
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
-    let mut registry = metrics.registry();
-    fleet.counters.register(&mut registry);
     classifier.counters.register(&mut registry);
-    supervisor.register(&mut registry);
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
@@ -169,11 +160,7 @@ async fn run(
         policy: engine.clone(),
         route_cache: Default::default(),
     };
-    let targets =
-        pipeline::retarget::Targets::open(&store).map_err(|source| ServeError::Store {
-            dir: data_dir_text.clone(),
-            source,
-        })?;
+    let targets = pipeline::retarget::Targets::open(&store).map_err(in_store(&config))?;
     let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone(), targets));
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
 
@@ -215,6 +202,30 @@ async fn run(
     Ok(())
 }
 
+/// The live fleet state's owner, reading prices from the live snapshot; its counters
+/// registered.
+fn start_fleet(
+    config: &Config,
+    engine: &Arc<policy::PolicyEngine>,
+    supervisor: &Supervisor,
+    stop: &watch::Receiver<bool>,
+    registry: &mut prometheus_client::registry::Registry,
+) -> (FleetHandle, tokio::task::JoinHandle<()>) {
+    let state = FleetState::new(
+        config.fleet.clone(),
+        engine.clone(),
+        config.pools.keys().map(String::as_str),
+    );
+    let (fleet, task) = fleet::spawn(
+        state,
+        config.telemetry.queue_batches,
+        stop.clone(),
+        supervisor.clone(),
+    );
+    fleet.counters.register(registry);
+    (fleet, task)
+}
+
 /// The detector's loop (added to `tasks`): the fleet snapshot and the policy's `[alerts]`
 /// in, alerts out to the alert log, `<prefix>.alerts.<severity>` and the gauges.
 fn start_detection(
@@ -226,12 +237,7 @@ fn start_detection(
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<crate::detect::run::Alerts, ServeError> {
     let d = &w.config.detect;
-    let log = crate::detect::AlertLog::open(store, d.max_records).map_err(|source| {
-        ServeError::Store {
-            dir: w.config.store.data_dir.display().to_string(),
-            source,
-        }
-    })?;
+    let log = crate::detect::AlertLog::open(store, d.max_records).map_err(in_store(w.config))?;
     let generator = format!("http://{}", w.config.http.listen);
     let (sinks, sink_tasks) = crate::detect::sinks::Sinks::start(
         &d.sinks,
@@ -240,11 +246,7 @@ fn start_detection(
         w.stop.clone(),
     )?;
     tasks.extend(sink_tasks);
-    let silences =
-        crate::detect::silence::Silences::open(store).map_err(|source| ServeError::Store {
-            dir: w.config.store.data_dir.display().to_string(),
-            source,
-        })?;
+    let silences = crate::detect::silence::Silences::open(store).map_err(in_store(w.config))?;
     let alerts = crate::detect::run::Alerts::new(log, sinks, silences);
     alerts.counters.register(registry);
     let wiring = Arc::new(crate::detect::run::Wiring {

@@ -91,7 +91,7 @@ impl Sources {
             live.rubric
                 .recheck(rubric::CheckAgainst {
                     registry: Some(&new),
-                    pools: pools(&live),
+                    pools: live.pools(),
                 })
                 .err()
                 .map(|e| rubric_problems(&e)),
@@ -119,7 +119,7 @@ impl Sources {
             file,
             rubric::CheckAgainst {
                 registry: Some(&live.registry),
-                pools: pools(&live),
+                pools: live.pools(),
             },
         )
         .map_err(|e| rubric_problems(&e))?;
@@ -200,17 +200,12 @@ impl Sources {
     }
 }
 
-/// The configured pools, when there are any (none: any pool name is accepted).
-fn pools(live: &Live) -> Option<&std::collections::BTreeMap<String, crate::config::PoolConfig>> {
-    (!live.routing.pools.is_empty()).then_some(&live.routing.pools)
-}
-
 /// The policy in force, checked again against `registry` and `rubric`.
 fn recheck_policy(live: &Live, registry: &Registry, rubric: &Rubric) -> Option<Vec<Problem>> {
     Policy::parse(
         live.policy.documents.clone(),
         crate::policy::CheckAgainst {
-            pools: pools(live),
+            pools: live.pools(),
             registry,
             rubric,
         },

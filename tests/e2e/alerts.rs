@@ -176,7 +176,7 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     assert_eq!(printed["alert"]["id"], id.as_str());
     assert!(tail.wait().unwrap().success());
 
-    let open = get_json(&stack, "/v1/alerts").await;
+    let open = stack.get_json("/v1/alerts").await;
     let listed = open["alerts"].as_array().unwrap();
     assert!(
         listed
@@ -206,7 +206,9 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     assert_eq!(states, ["pending", "firing", "resolved"]);
     calm.abort();
 
-    let log = get_json(&stack, "/v1/alerts?state=resolved&rule=context_critical").await;
+    let log = stack
+        .get_json("/v1/alerts?state=resolved&rule=context_critical")
+        .await;
     assert_eq!(log["alerts"][0]["id"], id.as_str(), "{log}");
     eventually("the gauge drops", WAIT, async || {
         stack
@@ -228,7 +230,7 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
         .collect();
     assert_eq!(types, ["alert.firing", "alert.resolved"]);
     assert_eq!(*bad_signatures.lock().unwrap(), 0);
-    let sinks = get_json(&stack, "/v1/alerts/sinks").await;
+    let sinks = stack.get_json("/v1/alerts/sinks").await;
     assert_eq!(sinks["sinks"][0]["delivered"], 2, "{sinks}");
     assert_eq!(sinks["sinks"][0]["enabled"], true);
     assert!(
@@ -240,15 +242,6 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-}
-
-async fn get_json(stack: &Stack, path: &str) -> Value {
-    reqwest::get(stack.http(path))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// An operator silences one agent: its alert still lives (in `/v1/alerts`, with
@@ -298,7 +291,7 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
     // ctx-2 comes first in every tick; the first message must be ctx-3's.
     let fired = next_event(&mut sub, "firing").await;
     assert_eq!(fired["alert"]["labels"]["worker"], "ctx-3", "{fired}");
-    let open = get_json(&stack, "/v1/alerts?rule=context_critical").await;
+    let open = stack.get_json("/v1/alerts?rule=context_critical").await;
     let muted = open["alerts"]
         .as_array()
         .unwrap()
@@ -319,7 +312,7 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let all = get_json(&stack, "/v1/silences").await;
+    let all = stack.get_json("/v1/silences").await;
     assert_eq!(all["silences"][0]["expired_by"], "bob", "{all}");
     assert_eq!(all["silences"][0]["active"], false);
     assert_eq!(all["silences"][0]["author"], "alice");

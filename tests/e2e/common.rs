@@ -75,6 +75,13 @@ impl Stack {
         format!("{}{path}", self.commander.http())
     }
 
+    /// GET `path` on the commander's API, as JSON (a non-2xx answer fails the test).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = reqwest::get(self.http(path)).await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
     /// Fetches /metrics and returns the value of one sample line (name with labels).
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = reqwest::get(self.http("/metrics"))

@@ -78,15 +78,6 @@ fn otel_python() -> &'static PathBuf {
     })
 }
 
-async fn get(stack: &Stack, path: &str) -> Value {
-    reqwest::get(stack.http(path))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// The worker whose id is `service` or starts with `service@`.
 fn find(workers: &[Value], service: &str) -> Option<Value> {
     workers
@@ -132,7 +123,7 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
 
     let mut workers = Vec::new();
     eventually("the three Python agents", WAIT, async || {
-        let v = get(&stack, "/v1/workers?pool=research").await;
+        let v = stack.get_json("/v1/workers?pool=research").await;
         workers = v["workers"].as_array().unwrap().clone();
         let by = |id: &str| find(&workers, id);
         by("py-grpc-agent").is_some_and(|w| w["tasks_completed"] == 3)
@@ -155,11 +146,9 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
         close(&g["cost_usd"], 3.0 * (1_200.0 * 2.5 + 300.0 * 10.0) / 1e6),
         "{g}"
     );
-    let detail = get(
-        &stack,
-        &format!("/v1/workers/{}", g["id"].as_str().unwrap()),
-    )
-    .await;
+    let detail = stack
+        .get_json(&format!("/v1/workers/{}", g["id"].as_str().unwrap()))
+        .await;
     assert_eq!(detail["tools"]["web_search"]["calls"], 3);
     assert_eq!(detail["recent_tasks"][0]["task_type"], "research");
 
@@ -178,7 +167,7 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
     // GenAI metrics only (gen_ai.client.token.usage over OTLP/gRPC MetricsService).
     let mut m = Value::Null;
     eventually("metric tokens booked", WAIT, async || {
-        let all = get(&stack, "/v1/workers").await;
+        let all = stack.get_json("/v1/workers").await;
         m = find(all["workers"].as_array().unwrap(), "py-metrics-agent").unwrap_or_default();
         m["input_tokens"] == 5_000
     })
@@ -190,7 +179,7 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
     );
 
     // Baggage → attribution.
-    let costs = get(&stack, "/v1/costs?by=team,task_type").await;
+    let costs = stack.get_json("/v1/costs?by=team,task_type").await;
     let row = costs["rows"]
         .as_array()
         .unwrap()
@@ -200,7 +189,7 @@ async fn python_otel_sdk_agents_show_up_with_tokens_costs_and_states() {
         .unwrap_or_else(|| panic!("{costs}"));
     assert_eq!(row["group"]["task_type"], "research");
     assert_eq!(row["calls"], 5);
-    let f = get(&stack, "/v1/fleet").await;
+    let f = stack.get_json("/v1/fleet").await;
     assert_eq!(f["states"]["ERROR"], 1);
     assert_eq!(f["task_types"][0]["task_type"], "research");
 }
@@ -253,7 +242,7 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
     for agent in ["support-grpc", "support-http"] {
         let mut w = Value::Null;
         eventually(&format!("{agent}'s runs complete"), WAIT, async || {
-            w = get(&stack, &format!("/v1/workers/{agent}")).await;
+            w = stack.get_json(&format!("/v1/workers/{agent}")).await;
             w["tasks_completed"] == RUNS
         })
         .await;
@@ -266,7 +255,7 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
     }
     // Every export the agents made (their metrics too) is applied; then look for ghosts.
     let barrier = telemetry_applied(&stack).await;
-    let all = get(&stack, "/v1/workers").await;
+    let all = stack.get_json("/v1/workers").await;
     let ids: Vec<&str> = all["workers"]
         .as_array()
         .unwrap()
@@ -279,7 +268,7 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
         "no service@instance ghost: {ids:?}"
     );
     for agent in ["support-grpc", "support-http"] {
-        let w = get(&stack, &format!("/v1/workers/{agent}")).await;
+        let w = stack.get_json(&format!("/v1/workers/{agent}")).await;
         assert_eq!(w["state"], "IDLE", "{w}");
         assert_eq!(
             w["input_tokens"],
@@ -287,7 +276,7 @@ async fn an_agent_instrumented_with_openai_v2_is_one_worker_over_grpc_and_http()
             "metrics not counted again: {w}"
         );
     }
-    let costs = get(&stack, "/v1/costs?by=model").await;
+    let costs = stack.get_json("/v1/costs?by=model").await;
     assert!(close(&costs["total_usd"], 2.0 * cost), "{costs}");
 }
 

@@ -50,12 +50,6 @@ capabilities = []
     )
 }
 
-async fn get(stack: &Stack, path: &str) -> Value {
-    let r = reqwest::get(stack.http(path)).await.unwrap();
-    assert!(r.status().is_success(), "GET {path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is_explained() {
     let llm = FakeLlm::start().unwrap();
@@ -312,7 +306,7 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         );
 
         // The decision log explains it: classification, choice, every candidate.
-        let d = get(&stack, &format!("/v1/decisions/{id}")).await;
+        let d = stack.get_json(&format!("/v1/decisions/{id}")).await;
         assert_eq!(d["pool"], ran_in.as_str(), "{id}: {d}");
         assert_eq!(d["model"], *model, "{id}");
         assert_eq!(d["classification"]["source"], *source, "{id}: {d}");
@@ -334,13 +328,13 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
             d["reason"]
         );
     }
-    let g = get(&stack, "/v1/decisions/gibberish").await;
+    let g = stack.get_json("/v1/decisions/gibberish").await;
     assert_eq!(g["classification"]["fallback_cause"], "garbage", "{g}");
     assert_eq!(
-        get(&stack, "/v1/decisions/flaky").await["classification"]["fallback_cause"],
+        stack.get_json("/v1/decisions/flaky").await["classification"]["fallback_cause"],
         "server_error"
     );
-    let review = get(&stack, "/v1/decisions/review").await;
+    let review = stack.get_json("/v1/decisions/review").await;
     let excluded: Vec<&Value> = review["candidates"]
         .as_array()
         .unwrap()
@@ -371,12 +365,12 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
     assert_eq!(r.task_id, "notes-again");
     assert_eq!(llm.requests(), before);
     assert_eq!(
-        get(&stack, "/v1/decisions/notes-again").await["classification"]["source"],
+        stack.get_json("/v1/decisions/notes-again").await["classification"]["source"],
         "cache"
     );
 
     // Filters and pagination.
-    let code = get(&stack, "/v1/decisions?pool=code").await;
+    let code = stack.get_json("/v1/decisions?pool=code").await;
     let listed: Vec<(&str, u64)> = code["decisions"]
         .as_array()
         .unwrap()
@@ -391,17 +385,19 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         listed.windows(2).all(|w| w[0].1 >= w[1].1),
         "newest first: {listed:?}"
     );
-    let page = get(&stack, "/v1/decisions?limit=4").await;
+    let page = stack.get_json("/v1/decisions?limit=4").await;
     assert_eq!(page["decisions"].as_array().unwrap().len(), 4);
     let next = page["next"].as_str().unwrap();
-    let rest = get(&stack, &format!("/v1/decisions?limit=100&cursor={next}")).await;
+    let rest = stack
+        .get_json(&format!("/v1/decisions?limit=100&cursor={next}"))
+        .await;
     assert_eq!(
         rest["decisions"].as_array().unwrap().len(),
         cases.len() + 2 - 4
     );
-    let fallbacks = get(&stack, "/v1/decisions?source=fallback").await;
+    let fallbacks = stack.get_json("/v1/decisions?source=fallback").await;
     assert_eq!(fallbacks["decisions"].as_array().unwrap().len(), 2);
-    let rejections = get(&stack, "/v1/decisions?outcome=rejected").await;
+    let rejections = stack.get_json("/v1/decisions?outcome=rejected").await;
     assert_eq!(rejections["decisions"][0]["task_id"], "gpu");
     let bad = reqwest::get(stack.http("/v1/decisions?colour=red"))
         .await
@@ -465,7 +461,7 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         "classifier cost on the commander's line",
         WAIT,
         async || {
-            let costs = get(&stack, "/v1/costs?by=pool,feature").await;
+            let costs = stack.get_json("/v1/costs?by=pool,feature").await;
             costs["rows"].as_array().unwrap().iter().any(|r| {
                 r["group"]["pool"] == "_commander"
                     && r["group"]["feature"] == "classification"
@@ -474,7 +470,7 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         },
     )
     .await;
-    let classifier = get(&stack, "/v1/classifier").await;
+    let classifier = stack.get_json("/v1/classifier").await;
     assert_eq!(classifier["breaker"], "closed");
     assert_eq!(classifier["rubric"]["name"], "default");
     assert!(
@@ -548,7 +544,7 @@ async fn a_classifier_slower_than_the_intake_ack_wait_does_not_get_the_task_hand
     assert_eq!(llm.requests(), 1, "classified once");
     // A copy handed out again would have been decided a second time, sharing the first
     // copy's answer while it was in flight.
-    let decision = get(&stack, "/v1/decisions/slow-class").await;
+    let decision = stack.get_json("/v1/decisions/slow-class").await;
     assert_eq!(
         decision["classification"]["source"], "llm",
         "decided once: {decision}"

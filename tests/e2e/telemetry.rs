@@ -27,12 +27,6 @@ const POOLS: &str = r#"
 capabilities = ["code"]
 "#;
 
-async fn get(stack: &Stack, path: &str) -> Value {
-    let r = reqwest::get(stack.http(path)).await.unwrap();
-    assert!(r.status().is_success(), "GET {path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
 /// GET as JSON, or `null` while the resource does not exist yet (for `eventually`).
 async fn get_or_null(stack: &Stack, path: &str) -> Value {
     let r = reqwest::get(stack.http(path)).await.unwrap();
@@ -107,7 +101,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
         "the worker's 20 runs are in the live state",
         WAIT,
         async || {
-            last = get(&stack, "/v1/workers?pool=code").await;
+            last = stack.get_json("/v1/workers?pool=code").await;
             last["workers"][0]["tasks_completed"] == TASKS
         },
     )
@@ -139,7 +133,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     assert_eq!(w["sdk_version"], env!("CARGO_PKG_VERSION"));
     assert!(w["burn_rate_usd_per_h"].as_f64().unwrap() > 0.0);
 
-    let detail = get(&stack, "/v1/workers/coder-1").await;
+    let detail = stack.get_json("/v1/workers/coder-1").await;
     assert_eq!(detail["tools"]["read_file"]["calls"], TASKS);
     assert_eq!(detail["tools"]["read_file"]["success_rate"], 1.0);
     assert_eq!(detail["recent_tasks"].as_array().unwrap().len(), TASKS);
@@ -152,7 +146,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     assert_eq!(r.status(), 404);
 
     // Costs by the baggage dimensions.
-    let costs = get(&stack, "/v1/costs?by=team,feature&window=1h").await;
+    let costs = stack.get_json("/v1/costs?by=team,feature&window=1h").await;
     let rows = costs["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{costs}");
     for row in rows {
@@ -176,7 +170,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     // Pools: the commander's own numbers (dispatch latency, results) and the queue.
     let mut pools = Value::Null;
     eventually("pool figures", WAIT, async || {
-        pools = get(&stack, "/v1/pools").await;
+        pools = stack.get_json("/v1/pools").await;
         pools["pools"][0]["queue"].is_object()
     })
     .await;
@@ -196,7 +190,7 @@ async fn sdk_worker_spans_and_heartbeats_drive_the_live_state() {
     assert_eq!(p["capacity"], 4);
 
     // Fleet overview.
-    let f = get(&stack, "/v1/fleet?series=5m").await;
+    let f = stack.get_json("/v1/fleet?series=5m").await;
     assert_eq!(f["workers"], 1);
     assert_eq!(f["states"]["IDLE"], 1);
     assert_eq!(f["models"][0]["model"], "claude-sonnet-4-5");
@@ -457,7 +451,7 @@ async fn otlp_receivers_answer_bad_input_with_otlp_codes_and_keep_the_rest() {
     // What was good is there, priced, and nothing else changed.
     let mut workers: HashMap<String, Value> = HashMap::new();
     eventually("three agents from three transports", WAIT, async || {
-        let v = get(&stack, "/v1/workers").await;
+        let v = stack.get_json("/v1/workers").await;
         workers = v["workers"]
             .as_array()
             .unwrap()
@@ -512,7 +506,7 @@ async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
     .unwrap();
     std::fs::write(&path, &shipped).unwrap();
     let stack = Stack::start(&format!("[telemetry]\nmodel_registry = {path:?}\n")).await;
-    let v = get(&stack, "/v1/models").await;
+    let v = stack.get_json("/v1/models").await;
     let n = v["models"].as_array().unwrap().len();
     assert_eq!(v["source"], path.display().to_string());
     assert!(v["last_reload_error"].is_null());
@@ -543,7 +537,7 @@ async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
     );
     std::fs::write(&path, &added).unwrap();
     eventually("the new model is live", WAIT, async || {
-        get(&stack, "/v1/models").await["models"]
+        stack.get_json("/v1/models").await["models"]
             .as_array()
             .unwrap()
             .len()
@@ -566,7 +560,7 @@ async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
     .unwrap();
     let mut v = Value::Null;
     eventually("the rejection is visible", WAIT, async || {
-        v = get(&stack, "/v1/models").await;
+        v = stack.get_json("/v1/models").await;
         v["last_reload_error"].is_string()
     })
     .await;

@@ -92,7 +92,11 @@ impl History {
             self.fleet.pop_front();
         }
         for w in &s.workers {
-            let a = self.agents.entry(w.id.clone()).or_default();
+            // The id is cloned only for an agent seen for the first time.
+            let a = match self.agents.get_mut(&w.id) {
+                Some(a) => a,
+                None => self.agents.entry(w.id.clone()).or_default(),
+            };
             a.pool.clone_from(&w.pool);
             let sample = AgentSample {
                 at_ms: now_ms,

@@ -338,11 +338,12 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     let f = &i.snapshot.fleet;
     let scope = Scope::fleet();
-    let mut emit = |rule: Rule, vt: (f64, f64), state: (bool, bool), message: String| {
-        if keep(state) {
-            out.push(scope.observe(rule, vt, state, message));
-        }
-    };
+    let mut emit =
+        |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
+            if keep(state) {
+                out.push(scope.observe(rule, vt, state, message()));
+            }
+        };
     if let Some(rate) = f.error_rate_5m
         && f.ops_5m >= spec.min_samples
     {
@@ -350,11 +351,13 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             Rule::ErrorRateSpike,
             (rate, spec.fleet_error_rate),
             above(rate, spec.fleet_error_rate),
-            format!(
-                "Fleet error rate {:.1}% over the last 5 minutes (threshold {:.1}%)",
-                rate * 100.0,
-                spec.fleet_error_rate * 100.0
-            ),
+            &|| {
+                format!(
+                    "Fleet error rate {:.1}% over the last 5 minutes (threshold {:.1}%)",
+                    rate * 100.0,
+                    spec.fleet_error_rate * 100.0
+                )
+            },
         );
     }
     if let Some(avg) = i.history.fleet_hourly_cost(f.cost_last_hour_usd)
@@ -365,11 +368,13 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             Rule::CostRunaway,
             (f.burn_rate_usd_per_h, threshold),
             above(f.burn_rate_usd_per_h, threshold),
-            format!(
-                "Fleet spending ${:.2}/h, {:.1}x its average of the last hour (${avg:.2}/h)",
-                f.burn_rate_usd_per_h,
-                f.burn_rate_usd_per_h / avg
-            ),
+            &|| {
+                format!(
+                    "Fleet spending ${:.2}/h, {:.1}x its average of the last hour (${avg:.2}/h)",
+                    f.burn_rate_usd_per_h,
+                    f.burn_rate_usd_per_h / avg
+                )
+            },
         );
     }
     if let Some((now, baseline)) = i.history.throughput()
@@ -380,10 +385,12 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             Rule::ThroughputDrop,
             (drop, spec.token_rate_drop),
             above(drop, spec.token_rate_drop),
-            format!(
-                "Fleet output {now:.0} tokens/s, down {:.0}% from its 5-minute baseline of {baseline:.0}",
-                drop * 100.0
-            ),
+            &|| {
+                format!(
+                    "Fleet output {now:.0} tokens/s, down {:.0}% from its 5-minute baseline of {baseline:.0}",
+                    drop * 100.0
+                )
+            },
         );
     }
     if let Some((now, before)) = i.history.stuck_change() {
@@ -396,7 +403,7 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             Rule::StuckWave,
             (now as f64, threshold),
             (active, active || now > before),
-            format!("{now} agents stuck, up from {before} five minutes ago"),
+            &|| format!("{now} agents stuck, up from {before} five minutes ago"),
         );
     }
     cost_concentration(i, out);
@@ -447,24 +454,27 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     for p in &i.snapshot.pools {
         let scope = Scope::pool(&p.name);
-        let mut emit = |rule: Rule, vt: (f64, f64), state: (bool, bool), message: String| {
-            if keep(state) {
-                out.push(scope.observe(rule, vt, state, message));
-            }
-        };
+        let mut emit =
+            |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
+                if keep(state) {
+                    out.push(scope.observe(rule, vt, state, message()));
+                }
+            };
         if p.tasks_per_min >= spec.min_samples {
             let rate = p.failed_per_min as f64 / p.tasks_per_min as f64;
             emit(
                 Rule::ErrorRateSpike,
                 (rate, spec.fleet_error_rate),
                 above(rate, spec.fleet_error_rate),
-                format!(
-                    "Pool {} failed {:.1}% of its tasks in the last minute ({} of {})",
-                    p.name,
-                    rate * 100.0,
-                    p.failed_per_min,
-                    p.tasks_per_min
-                ),
+                &|| {
+                    format!(
+                        "Pool {} failed {:.1}% of its tasks in the last minute ({} of {})",
+                        p.name,
+                        rate * 100.0,
+                        p.failed_per_min,
+                        p.tasks_per_min
+                    )
+                },
             );
         }
         let depth = p.queue.as_ref().map(|q| q.depth);
@@ -479,11 +489,13 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 Rule::QueueSaturation,
                 (ratio, spec.queue_ratio),
                 above(ratio, spec.queue_ratio),
-                format!(
-                    "Pool {} queue at {depth} of its {max} maximum ({:.0}%)",
-                    p.name,
-                    ratio * 100.0
-                ),
+                &|| {
+                    format!(
+                        "Pool {} queue at {depth} of its {max} maximum ({:.0}%)",
+                        p.name,
+                        ratio * 100.0
+                    )
+                },
             );
         }
         if let (Some(0), Some(u)) = (depth, p.utilisation)
@@ -494,12 +506,14 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 Rule::OverProvisioned,
                 (u, spec.over_provisioned_utilisation),
                 (idle, idle),
-                format!(
-                    "Pool {} has an empty queue and {:.0}% of its {} workers busy",
-                    p.name,
-                    u * 100.0,
-                    p.workers
-                ),
+                &|| {
+                    format!(
+                        "Pool {} has an empty queue and {:.0}% of its {} workers busy",
+                        p.name,
+                        u * 100.0,
+                        p.workers
+                    )
+                },
             );
         }
     }

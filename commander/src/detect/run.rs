@@ -203,17 +203,20 @@ async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
     }
 }
 
+/// Firing alerts per rule, counted in one pass; every rule is set (to 0 when quiet).
 fn set_gauges(c: &DetectCounters, open: &[Alert]) {
-    for rule in Rule::ALL {
-        let n = open
-            .iter()
-            .filter(|a| a.rule == rule && a.state == AlertState::Firing)
-            .count();
+    let mut firing = [0i64; Rule::ALL.len()];
+    for a in open.iter().filter(|a| a.state == AlertState::Firing) {
+        if let Some(i) = Rule::ALL.iter().position(|r| *r == a.rule) {
+            firing[i] += 1;
+        }
+    }
+    for (rule, n) in Rule::ALL.into_iter().zip(firing) {
         c.firing
             .get_or_create(&AlertLabels {
                 rule: rule.as_str(),
                 severity: rule.severity().as_str(),
             })
-            .set(n as i64);
+            .set(n);
     }
 }

@@ -162,8 +162,8 @@ pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
             return Some(c);
         }
         let model = u.model.as_deref().or(rec.model.as_deref())?;
-        let registry = ctx.core.policy.live().registry.clone();
-        let entry = registry.lookup(model)?;
+        let live = ctx.core.policy.live();
+        let entry = live.registry.lookup(model)?;
         Some(entry.cost(&crate::registry::TokenUsage {
             input: u.input_tokens,
             output: u.output_tokens,

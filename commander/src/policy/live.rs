@@ -7,10 +7,12 @@
 //! replaced, under the engine's gate, after every cross-check (`sources.rs` for the
 //! registry and the rubric, [`super::PolicyEngine::parse_and_swap`] for policies).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::classify::rubric::Rubric;
+use crate::config::PoolConfig;
 use crate::domain::Generation;
 use crate::hot::SourceFile;
 use crate::registry::Registry;
@@ -54,10 +56,15 @@ impl Live {
         }
     }
 
+    /// The configured pools, when there are any (none: any pool name is accepted).
+    pub fn pools(&self) -> Option<&BTreeMap<String, PoolConfig>> {
+        (!self.routing.pools.is_empty()).then_some(&self.routing.pools)
+    }
+
     /// What a policy is checked against: these pools, this registry and this rubric.
     pub fn check_against(&self) -> CheckAgainst<'_> {
         CheckAgainst {
-            pools: (!self.routing.pools.is_empty()).then_some(&self.routing.pools),
+            pools: self.pools(),
             registry: &self.registry,
             rubric: &self.rubric,
         }
@@ -82,7 +89,7 @@ impl Live {
     }
 
     /// A copy sharing every part (the parts are shared, not cloned deeply).
-    fn sources_kept(&self) -> Live {
+    pub(super) fn sources_kept(&self) -> Live {
         Live {
             policy: self.policy.clone(),
             hints: self.hints.clone(),

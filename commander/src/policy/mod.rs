@@ -372,11 +372,7 @@ impl PolicyEngine {
             source,
             identity: identity.to_string(),
             applied_at_ms: self.now_ms(),
-            routing: current.routing.clone(),
-            registry: current.registry.clone(),
-            registry_generation: current.registry_generation,
-            rubric: current.rubric.clone(),
-            rubric_generation: current.rubric_generation,
+            ..current.sources_kept()
         });
         // Compare-and-swap: of two callers applying the same revision, one wins.
         let prev = self.live.compare_and_swap(&current, live.clone());

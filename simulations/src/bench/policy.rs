@@ -32,10 +32,8 @@ fn policy_text(i: usize) -> String {
     )
 }
 
-/// The benchmark as one script, read top to bottom: start the broker and a commander on a
-/// policy directory, drive load, swap the policy file N times measuring each swap to the
-/// first decision under it, print. Kept whole (about 130 lines) so the measured sequence
-/// is visible in one place.
+/// Starts the broker and a commander on a policy directory, drives load, swaps the policy
+/// file N times measuring each swap to the first decision under it, and prints.
 pub async fn run(args: PolicyArgs) -> Result<(), String> {
     let nats = NatsServer::start().map_err(|e| e.to_string())?;
     let client = async_nats::connect(nats.url())
@@ -56,21 +54,7 @@ pub async fn run(args: PolicyArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let mut workers = Vec::new();
-    for w in 0..2 {
-        let mut cfg = WorkerConfig::new("bench0", format!("bench0-w{w}"));
-        cfg.max_in_flight = 64;
-        workers.push(
-            Worker::start(client.clone(), cfg, |_ctx| async {
-                Ok(TaskOutput {
-                    output: serde_json::Value::Null,
-                    usage: None,
-                })
-            })
-            .await
-            .map_err(|e| e.to_string())?,
-        );
-    }
+    let workers = start_workers(&client).await?;
 
     // Decisions as they are made: (arrival, policy version).
     let mut decisions = client
@@ -79,25 +63,7 @@ pub async fn run(args: PolicyArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let _ = client.flush().await;
 
-    // A steady producer.
-    let producer = Producer::new(client.clone(), Subjects::default());
-    let rate = args.rate.max(1);
-    let feeder = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-        let mut i = 0u64;
-        loop {
-            tick.tick().await;
-            let mut t = Task::new(format!("bench task {}", i % 64));
-            t.pool = Some("bench0".into());
-            if let Ok(ack) = producer
-                .submit_pipelined(&t, SubmitOptions::default())
-                .await
-            {
-                tokio::spawn(ack);
-            }
-            i += 1;
-        }
-    });
+    let feeder = steady_producer(&client, args.rate.max(1));
 
     let http = commander.http().to_string();
     let version = async || -> Result<String, String> {
@@ -121,23 +87,9 @@ pub async fn run(args: PolicyArgs) -> Result<(), String> {
         std::fs::write(&tmp, policy_text(i)).map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         std::fs::rename(&tmp, &file).map_err(|e| e.to_string())?;
-        let deadline = t0 + Duration::from_secs(10);
-        let mut got = None;
-        while Instant::now() < deadline {
-            let Ok(Some(msg)) =
-                tokio::time::timeout(Duration::from_secs(1), decisions.next()).await
-            else {
-                continue;
-            };
-            let d: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            let v = d["policy_version"].as_str().unwrap_or_default();
-            if !v.is_empty() && v != current {
-                got = Some((t0.elapsed(), v.to_string()));
-                break;
-            }
-        }
-        let (lat, v) =
-            got.ok_or_else(|| format!("swap {i}: no decision under a new version within 10 s"))?;
+        let (lat, v) = first_decision_after(&mut decisions, &current, t0)
+            .await
+            .ok_or_else(|| format!("swap {i}: no decision under a new version within 10 s"))?;
         println!(
             "swap {i:>3}: {current} -> {v}: first decision after {:>6.1} ms",
             lat.as_secs_f64() * 1000.0
@@ -167,4 +119,69 @@ pub async fn run(args: PolicyArgs) -> Result<(), String> {
     );
     println!("  (includes the watcher's 100 ms debounce and the 50 ms stable-read check)");
     Ok(())
+}
+
+/// Two workers on pool `bench0` that answer at once.
+async fn start_workers(
+    client: &async_nats::Client,
+) -> Result<Vec<fleet_worker::WorkerHandle>, String> {
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let mut cfg = WorkerConfig::new("bench0", format!("bench0-w{w}"));
+        cfg.max_in_flight = 64;
+        workers.push(
+            Worker::start(client.clone(), cfg, |_ctx| async {
+                Ok(TaskOutput {
+                    output: serde_json::Value::Null,
+                    usage: None,
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(workers)
+}
+
+/// Submits `rate` tasks a second to `bench0` until aborted.
+fn steady_producer(client: &async_nats::Client, rate: u64) -> tokio::task::JoinHandle<()> {
+    let producer = Producer::new(client.clone(), Subjects::default());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        let mut i = 0u64;
+        loop {
+            tick.tick().await;
+            let mut t = Task::new(format!("bench task {}", i % 64));
+            t.pool = Some("bench0".into());
+            if let Ok(ack) = producer
+                .submit_pipelined(&t, SubmitOptions::default())
+                .await
+            {
+                tokio::spawn(ack);
+            }
+            i += 1;
+        }
+    })
+}
+
+/// The time from `t0` to the first decision made under a version other than `current`,
+/// and that version; `None` after 10 s.
+async fn first_decision_after(
+    decisions: &mut async_nats::Subscriber,
+    current: &str,
+    t0: Instant,
+) -> Option<(Duration, String)> {
+    let deadline = t0 + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), decisions.next()).await
+        else {
+            continue;
+        };
+        let d: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+        let v = d["policy_version"].as_str().unwrap_or_default();
+        if !v.is_empty() && v != current {
+            return Some((t0.elapsed(), v.to_string()));
+        }
+    }
+    None
 }
