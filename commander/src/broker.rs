@@ -226,12 +226,43 @@ pub struct Streams {
     pub intake: consumer::Consumer<consumer::pull::Config>,
     pub results: consumer::Consumer<consumer::pull::Config>,
     pub results_stream: jetstream::stream::Stream,
+    pub dead_letters: consumer::Consumer<consumer::pull::Config>,
 }
 
 /// Name of the commander's durable intake consumer (shared by every replica).
 pub const INTAKE_CONSUMER: &str = "commander-intake";
 /// Name of the commander's durable results consumer.
 pub const RESULTS_CONSUMER: &str = "commander-results";
+/// Name of the commander's durable consumer of kept max-deliveries advisories.
+pub const DEAD_LETTER_CONSUMER: &str = "commander-deadletter";
+/// How long a kept advisory waits for a commander to handle it.
+const ADVISORIES_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `<stem>_ADVISORIES`: JetStream's max-deliveries advisories for the work stream, kept.
+/// The server publishes them on core NATS, so one sent while no commander was connected
+/// (a commander restart, a broker restart that the commander reconnects to after the
+/// server already gave up on a message) would be missed and its task would stay
+/// `dispatched`. Captured by a stream, each waits for a commander; work-queue retention
+/// hands each to one replica.
+pub fn advisories_stream_config(subjects: &Subjects) -> jetstream::stream::Config {
+    let work = subjects.work_stream();
+    jetstream::stream::Config {
+        name: format!("{}_ADVISORIES", work.trim_end_matches("_WORK")),
+        description: Some("fleet commander: work messages JetStream gave up on".into()),
+        subjects: vec![max_deliveries_subject(&work)],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        storage: jetstream::stream::StorageType::File,
+        max_age: ADVISORIES_MAX_AGE,
+        duplicate_window: fleet_worker::protocol::DEDUP_WINDOW,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// The max-deliveries advisory subject for every consumer of the work stream.
+pub fn max_deliveries_subject(work_stream: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{work_stream}.*")
+}
 
 /// Creates (idempotently) the streams, the commander's consumers and one pool consumer per
 /// configured pool.
@@ -274,11 +305,12 @@ pub async fn ensure_streams(
         name: name.to_string(),
         reason: e.to_string(),
     };
-    let mut streams = Vec::with_capacity(3);
+    let mut streams = Vec::with_capacity(4);
     for wanted in [
         subjects.intake_stream_config(),
         subjects.work_stream_config(),
         subjects.results_stream_config(),
+        advisories_stream_config(subjects),
     ] {
         let stream = js
             .get_or_create_stream(wanted.clone())
@@ -287,9 +319,10 @@ pub async fn ensure_streams(
         warn_if_differs(&wanted, &stream.cached_info().config);
         streams.push(stream);
     }
-    let [intake_stream, work_stream, results_stream]: [jetstream::stream::Stream; 3] = streams
-        .try_into()
-        .map_err(|_| setup("streams", &"three streams expected"))?;
+    let [intake_stream, work_stream, results_stream, advisories]: [jetstream::stream::Stream; 4] =
+        streams
+            .try_into()
+            .map_err(|_| setup("streams", &"four streams expected"))?;
     let intake = intake_stream
         .get_or_create_consumer(
             INTAKE_CONSUMER,
@@ -320,6 +353,19 @@ pub async fn ensure_streams(
         )
         .await
         .map_err(|e| setup(RESULTS_CONSUMER, &e))?;
+    let dead_letters = advisories
+        .get_or_create_consumer(
+            DEAD_LETTER_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(DEAD_LETTER_CONSUMER.into()),
+                description: Some("fleet commander: dead-lettering exhausted work".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: intake_ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| setup(DEAD_LETTER_CONSUMER, &e))?;
     for pool in pools {
         let name = fleet_worker::protocol::pool_consumer_name(pool);
         work_stream
@@ -331,6 +377,7 @@ pub async fn ensure_streams(
         intake,
         results,
         results_stream,
+        dead_letters,
     })
 }
 

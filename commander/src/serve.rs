@@ -594,13 +594,17 @@ fn start_task_path(
             pipeline::retarget::run(ctx.clone(), timeout, stop.clone())
         })
     };
+    let batch = config.intake.batch_size;
     let deadletter = {
-        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.dead_letters);
         supervisor.spawn("deadletter", stop_rx.clone(), move || {
-            pipeline::deadletter::run(ctx.clone(), stop.clone())
+            let ctx = ctx.clone();
+            pipeline::consume_batches("deadletter", consumer.clone(), 16, stop.clone(), move |b| {
+                let ctx = ctx.clone();
+                async move { pipeline::deadletter::handle_batch(&ctx, b).await }
+            })
         })
     };
-    let batch = config.intake.batch_size;
     let intake = {
         let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.intake);
         supervisor.spawn("intake", stop_rx.clone(), move || {

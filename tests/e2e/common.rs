@@ -368,3 +368,51 @@ pub fn eventually_blocking(what: &str, timeout: Duration, mut f: impl FnMut() ->
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A worker of `pool` that gives every delivery back and keeps pulling, counting the
+/// deliveries: after the tenth JetStream gives up on the message (it says so, with a
+/// max-deliveries advisory, when it would have delivered an eleventh).
+pub async fn nak_every_delivery(
+    client: &async_nats::Client,
+    pool: &str,
+) -> (
+    Arc<std::sync::atomic::AtomicU32>,
+    tokio::task::JoinHandle<()>,
+) {
+    use async_nats::jetstream::{AckKind, consumer};
+    let js = async_nats::jetstream::new(client.clone());
+    let work = js.get_stream("FLEET_WORK").await.unwrap();
+    let pool: consumer::PullConsumer = work
+        .get_consumer(&fleet_worker::protocol::pool_consumer_name(pool))
+        .await
+        .unwrap();
+    let deliveries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = deliveries.clone();
+    let naker = tokio::spawn(async move {
+        loop {
+            let Ok(mut batch) = pool
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+            else {
+                continue;
+            };
+            while let Some(Ok(msg)) = batch.next().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    });
+    (deliveries, naker)
+}
+
+/// Messages now in `stream`.
+pub async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}

@@ -133,9 +133,7 @@ async fn the_example_worker_reports_the_model_the_commander_chose() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_no_worker_can_finish_is_dead_lettered_not_stranded() {
-    use async_nats::jetstream::{AckKind, consumer};
     use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
-    use futures::StreamExt;
 
     let stack = Stack::start("[pools.gamma]\n").await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
@@ -153,30 +151,8 @@ async fn a_task_no_worker_can_finish_is_dead_lettered_not_stranded() {
         )
         .await
         .unwrap();
-    // A worker that gives every delivery back and keeps pulling: after the tenth
-    // delivery JetStream gives up (it says so when it would have delivered an eleventh).
     let js = async_nats::jetstream::new(stack.client.clone());
-    let work = js.get_stream("FLEET_WORK").await.unwrap();
-    let pool: consumer::PullConsumer = work.get_consumer("pool-gamma").await.unwrap();
-    let deliveries = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let seen = deliveries.clone();
-    let naker = tokio::spawn(async move {
-        loop {
-            let Ok(mut batch) = pool
-                .fetch()
-                .max_messages(1)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await
-            else {
-                continue;
-            };
-            while let Some(Ok(msg)) = batch.next().await {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-            }
-        }
-    });
+    let (deliveries, naker) = nak_every_delivery(&stack.client, "gamma").await;
     // The producer hears that it failed, on its reply subject and in the results stream.
     let r = tokio::time::timeout(WAIT, inbox.next())
         .await

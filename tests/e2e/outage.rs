@@ -326,3 +326,55 @@ async fn a_task_without_an_id_is_not_taken_for_an_old_one_when_sequences_start_a
     assert_eq!(seen.lock().unwrap().runs_per_task().len(), 2);
     worker.shutdown().await;
 }
+
+/// JetStream gives up on a work message while no commander is running: its advisory is
+/// kept, and the next commander to start turns it into the producer's failed result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_exhausted_while_no_commander_runs_is_dead_lettered_when_one_starts() {
+    const GAMMA: &str = "[pools.gamma]\n";
+    let mut stack = Stack::start(GAMMA).await;
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("nobody can do this");
+    task.id = Some("poison-offline".into());
+    task.pool = Some("gamma".into());
+    producer
+        .submit(&task, SubmitOptions::default())
+        .await
+        .unwrap();
+    eventually("the task is dispatched", WAIT, async || {
+        stream_messages(&stack.client, "FLEET_WORK").await == 1
+    })
+    .await;
+    stack.commander.kill9();
+
+    let (deliveries, naker) = nak_every_delivery(&stack.client, "gamma").await;
+    eventually("the advisory is kept for a commander", WAIT, async || {
+        stream_messages(&stack.client, "FLEET_ADVISORIES").await == 1
+    })
+    .await;
+    naker.abort();
+    assert_eq!(deliveries.load(Ordering::SeqCst), 10);
+    assert_eq!(stream_messages(&stack.client, "FLEET_WORK").await, 1);
+
+    let opts = commander_options(&stack.nats, stack.commander.data_dir().to_path_buf(), GAMMA);
+    stack.commander = fleet_testkit::Commander::start(&opts).expect("commander restarts");
+    let r = producer
+        .await_result("poison-offline", WAIT)
+        .await
+        .expect("the producer reads a failed result, not silence");
+    assert_eq!(r.status, ResultStatus::Failed);
+    assert_eq!(r.error.unwrap().code, "dead_lettered");
+    eventually(
+        "the advisory and the work message are settled",
+        WAIT,
+        async || {
+            stream_messages(&stack.client, "FLEET_ADVISORIES").await == 0
+                && stream_messages(&stack.client, "FLEET_WORK").await == 0
+        },
+    )
+    .await;
+    let rec = task_record(stack.commander.http(), "poison-offline")
+        .await
+        .unwrap();
+    assert_eq!(rec["state"], "failed", "{rec}");
+}

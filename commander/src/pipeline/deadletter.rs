@@ -7,18 +7,19 @@
 //! the budget reservation and tells the producer on its reply subject and on
 //! `<prefix>.results.<id>`. The work message is deleted after the result is stored.
 //!
-//! Advisories are core NATS: one published while no commander listens is missed, and its
-//! task stays `dispatched` (the window is documented in docs/protocol.md §7).
-
-use std::sync::Arc;
+//! JetStream publishes the advisory on core NATS; the commander keeps them in a stream
+//! (`broker::advisories_stream_config`), so one sent while no commander was connected waits
+//! for the next one instead of stranding its task. Each advisory is acked once its task's
+//! failed result is stored (or its work message turned out to be gone), and handed back
+//! when the broker cannot be reached, so it is handled again.
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Timings, now_rfc3339};
 use fleet_worker::protocol::{self, header, headers};
-use futures::StreamExt;
 use serde::Deserialize;
-use tokio::sync::watch;
+use std::time::Duration;
 
 use super::Ctx;
 
@@ -31,52 +32,59 @@ struct MaxDeliver {
     consumer: String,
 }
 
-/// The advisory subject for every consumer of the work stream.
-fn advisory_subject(work_stream: &str) -> String {
-    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{work_stream}.*")
-}
-
-/// Turns each exhausted work message into a failed result, until `stop`.
-pub async fn run(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
-    let subject = advisory_subject(&ctx.subjects.work_stream());
-    // One replica handles each advisory.
-    let mut sub = match ctx
-        .client
-        .queue_subscribe(subject.clone(), "commander".into())
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, subject, "cannot follow max-deliveries advisories");
-            return;
-        }
-    };
-    loop {
-        let msg = tokio::select! {
-            m = sub.next() => match m { Some(m) => m, None => return },
-            _ = stop.changed() => return,
+/// Handles one batch of kept advisories: each is acked when handled and handed back (with
+/// a delay) when the broker could not be reached. One that does not parse is not an
+/// advisory of ours and is dropped.
+pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
+    for msg in batch {
+        let done = match serde_json::from_slice::<MaxDeliver>(&msg.payload) {
+            Ok(a) => dead_letter(ctx, &a).await,
+            Err(e) => {
+                tracing::warn!(error = %e, subject = %msg.subject, "max-deliveries advisory does not parse; dropping it");
+                true
+            }
         };
-        match serde_json::from_slice::<MaxDeliver>(&msg.payload) {
-            Ok(a) => dead_letter(&ctx, &a).await,
-            Err(e) => tracing::warn!(error = %e, "max-deliveries advisory does not parse"),
+        let ack = if done {
+            msg.ack().await
+        } else {
+            msg.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await
+        };
+        if let Err(e) = ack {
+            // Not acked: the advisory comes back after the ack wait and is handled again,
+            // which is harmless (the result is stored once per attempt).
+            tracing::debug!(error = %e, "advisory ack not sent");
         }
     }
 }
 
-async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
+/// How long an advisory that could not be handled waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether the advisory is settled: its task has a stored failed result, or its work
+/// message is gone (acked after all).
+async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) -> bool {
     let stream = match ctx.js.get_stream(ctx.subjects.work_stream()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, seq = a.stream_seq, "dead letter: work stream not reachable");
-            return;
+            return false;
         }
     };
     let work = match stream.get_raw_message(a.stream_seq).await {
         Ok(m) => m,
-        Err(e) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::RawMessageErrorKind::NoMessageFound
+            ) =>
+        {
             // Acked (or deleted) after all: nothing is stranded.
-            tracing::debug!(error = %e, seq = a.stream_seq, "dead letter: work message already gone");
-            return;
+            tracing::debug!(seq = a.stream_seq, "dead letter: work message already gone");
+            return true;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, seq = a.stream_seq, "dead letter: work message not readable now");
+            return false;
         }
     };
     let hdrs = Some(&work.headers);
@@ -89,7 +97,7 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
             "dead letter without a task id; deleting it"
         );
         let _ = stream.delete_message(a.stream_seq).await;
-        return;
+        return true;
     };
     let attempt: u32 = header(hdrs, headers::ATTEMPT)
         .and_then(|v| v.parse().ok())
@@ -131,7 +139,8 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
         pool,
     };
     let Ok(body) = serde_json::to_vec(&result) else {
-        return;
+        // Not reachable: the result is plain data with string keys.
+        return true;
     };
     let h = result_headers(hdrs, &task_id, attempt);
     let stored = match ctx
@@ -143,8 +152,8 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = stored {
-        tracing::error!(task_id, error = %e, "dead-letter result not stored; the task stays dispatched");
-        return;
+        tracing::error!(task_id, error = %e, "dead-letter result not stored yet; the advisory is tried again");
+        return false;
     }
     ctx.core.metrics.tasks_dead_lettered.inc();
     tracing::warn!(
@@ -156,6 +165,7 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) {
     if let Err(e) = stream.delete_message(a.stream_seq).await {
         tracing::warn!(task_id, error = %e, "dead-lettered work message not deleted");
     }
+    true
 }
 
 /// The failed result's headers: the work message's trace context, baggage and reply
@@ -196,8 +206,14 @@ mod tests {
         .unwrap();
         assert_eq!((a.stream_seq, a.deliveries), (42, 10));
         assert_eq!(
-            advisory_subject("FLEET_WORK"),
+            crate::broker::max_deliveries_subject("FLEET_WORK"),
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.FLEET_WORK.*"
+        );
+        let kept = crate::broker::advisories_stream_config(&fleet_worker::Subjects::default());
+        assert_eq!(kept.name, "FLEET_ADVISORIES");
+        assert_eq!(
+            kept.subjects,
+            ["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.FLEET_WORK.*"]
         );
     }
 }
