@@ -6,11 +6,13 @@
 //!
 //! - [`protocol`]: subjects, streams, consumers and header names;
 //! - [`message`]: the JSON messages (task, result, heartbeat);
+//! - [`control`]: the commands a worker obeys (pause, resume, drain, throttle, cancel);
 //! - [`trace`]: W3C `traceparent` / `tracestate` / `baggage`;
 //! - [`span`]: spans as OTLP, batched over NATS;
 //! - [`telemetry`]: GenAI spans for the LLM and tool calls a handler makes;
 //! - [`worker`] and [`producer`].
 
+pub mod control;
 pub mod message;
 pub mod producer;
 pub mod protocol;

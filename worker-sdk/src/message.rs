@@ -457,6 +457,8 @@ pub enum WorkerState {
     Active,
     /// Finishing in-flight tasks, pulling nothing new.
     Draining,
+    /// Pulling nothing new until resumed (a `pause` control command); running tasks finish.
+    Paused,
 }
 
 /// Published every few seconds on `<prefix>.telemetry.<pool>.<worker>` with

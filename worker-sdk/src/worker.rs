@@ -20,6 +20,7 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::control::{Controls, Mode};
 use crate::message::{
     ErrorInfo, Heartbeat, ResultStatus, Task, TaskResult, Timings, Usage, WorkerState, now_rfc3339,
 };
@@ -156,7 +157,7 @@ pub struct WorkerStats {
     pub failed: AtomicU64,
     /// Redeliveries acked without running because the result already existed.
     pub skipped_duplicates: AtomicU64,
-    /// Messages naked back because the worker was draining.
+    /// Messages naked back because the worker was stopping, paused or draining.
     pub returned_on_drain: AtomicU64,
     /// Results not acknowledged within `result_retry_for` (the message is naked for
     /// redelivery; the kept result is published then).
@@ -277,6 +278,8 @@ struct Shared<H> {
     in_hand: Mutex<HashSet<Key>>,
     restarts: Restarts,
     started_at: String,
+    /// Pause, drain, throttle and cancel, as control commands set them.
+    controls: Arc<Controls>,
 }
 
 /// What the worker knows about its connection coming back, for [`WorkerConfig::reconnect_grace`].
@@ -402,6 +405,11 @@ impl Worker {
             resource,
             config.export.clone(),
         );
+        // Subscribed before start returns, so a command sent right after is obeyed.
+        let control = client
+            .subscribe(s.control(&config.worker_id))
+            .await
+            .map_err(|e| setup(&e))?;
         let stats = Arc::new(WorkerStats::default());
         let shared = Arc::new(Shared {
             js,
@@ -426,10 +434,18 @@ impl Worker {
                 }
             },
             started_at: now_rfc3339(),
+            controls: Arc::new(Controls::new()),
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(client, shared, pool, targeted, stop_rx, exporter_task));
+        let task = tokio::spawn(run(
+            client,
+            shared,
+            (pool, targeted),
+            control,
+            stop_rx,
+            exporter_task,
+        ));
         Ok(WorkerHandle { stop, task, stats })
     }
 }
@@ -437,8 +453,8 @@ impl Worker {
 async fn run<H, Fut>(
     client: async_nats::Client,
     shared: Arc<Shared<H>>,
-    pool: PullConsumer,
-    targeted: Option<PullConsumer>,
+    (pool, targeted): (PullConsumer, Option<PullConsumer>),
+    control: async_nats::Subscriber,
     stop: watch::Receiver<bool>,
     exporter_task: JoinHandle<()>,
 ) where
@@ -448,6 +464,13 @@ async fn run<H, Fut>(
     let max = shared.config.max_in_flight;
     let permits = Arc::new(Semaphore::new(max));
     let heartbeat = tokio::spawn(heartbeats(client.clone(), shared.clone(), stop.clone()));
+    let control = tokio::spawn(crate::control::listen(
+        client.clone(),
+        control,
+        shared.config.worker_id.clone(),
+        shared.controls.clone(),
+        stop.clone(),
+    ));
     pull(
         &client,
         shared.clone(),
@@ -460,6 +483,7 @@ async fn run<H, Fut>(
     // Drained: every permit back means nothing is in flight.
     let _ = permits.acquire_many(max as u32).await;
     let _ = heartbeat.await;
+    let _ = control.await;
     publish_heartbeat(&client, &shared, WorkerState::Draining).await;
     // The exporter stops when its last sender is gone; `shared` holds it.
     drop(shared);
@@ -485,17 +509,20 @@ async fn pull<H, Fut>(
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(100);
+    let mut mode = shared.controls.watch_mode();
     loop {
-        if *stop.borrow() {
+        if *stop.borrow() || !obeyed(&shared.controls, &mut mode, &mut stop).await {
             return;
         }
         let first = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
+            _ = mode.changed() => continue,
         };
         let mut held = vec![first];
         let extra = permits.available_permits();
-        if extra > 0
+        if shared.controls.tasks_per_s().is_none()
+            && extra > 0
             && let Ok(more) = permits.clone().try_acquire_many_owned(extra as u32)
         {
             held.extend(split_permits(more));
@@ -535,6 +562,37 @@ async fn pull<H, Fut>(
         drain(client, &shared, batch, &mut held, &stop, limit).await;
     }
 }
+
+/// Waits while the worker is paused or draining, and for the next start under a throttle.
+/// Returns false when the worker stops meanwhile.
+async fn obeyed(
+    controls: &Controls,
+    mode: &mut watch::Receiver<Mode>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        if *mode.borrow_and_update() != Mode::Running {
+            tokio::select! {
+                _ = mode.changed() => continue,
+                _ = stop.changed() => return false,
+            }
+        }
+        // Under a throttle, ask for one task when it may start, not before.
+        let Some(at) = controls.next_start() else {
+            return true;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => return true,
+            // A pause or a new rate while waiting: look again.
+            _ = mode.changed() => continue,
+            _ = stop.changed() => return false,
+        }
+    }
+}
+
+/// Under a throttle, the longest a delivered task is held for its start; one due later is
+/// handed back.
+const THROTTLE_HOLD: Duration = Duration::from_millis(250);
 
 /// The longest a pull request is waited on past its own expiry.
 const FETCH_LIMIT: Duration = Duration::from_secs(2);
@@ -597,8 +655,8 @@ async fn start_task<H, Fut>(
     H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    if *stop.borrow() {
-        // Draining: hand it straight back so another worker takes it now.
+    if *stop.borrow() || shared.controls.mode() != Mode::Running {
+        // Stopping, paused or draining: hand it straight back so another worker takes it now.
         let _ = msg.ack_with(AckKind::Nak(None)).await;
         shared
             .stats
@@ -611,6 +669,15 @@ async fn start_task<H, Fut>(
         let _ = msg.ack_with(AckKind::Nak(None)).await;
         return;
     };
+    match shared.controls.reserve_start(THROTTLE_HOLD) {
+        Ok(None) => {}
+        Ok(Some(at)) => tokio::time::sleep_until(at).await,
+        Err(()) => {
+            // Throttled since this pull was asked for: hand the rest back, not hold them.
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+    }
     let shared = shared.clone();
     tokio::spawn(async move {
         handle(&shared, msg).await;
@@ -921,7 +988,10 @@ where
             usage: None,
         })
     } else {
-        run_handler(shared, &msg, ctx).await
+        let abort = shared.controls.started(&task_id);
+        let outcome = run_handler(shared, &msg, ctx, abort).await;
+        shared.controls.finished(&task_id);
+        outcome
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     if let Ok(mut r) = shared.running.lock() {
@@ -1046,11 +1116,13 @@ fn report_unreported_usage(
 }
 
 /// Runs the handler in its own task (a panic becomes a failed result, not a dead worker)
-/// while telling JetStream we are still working on it.
+/// while telling JetStream we are still working on it. A `cancel` command aborts it: the
+/// result is `cancelled`, with the command's reason.
 async fn run_handler<H, Fut>(
     shared: &Arc<Shared<H>>,
     msg: &jetstream::Message,
     ctx: TaskContext,
+    mut abort: tokio::sync::oneshot::Receiver<String>,
 ) -> HandlerResult
 where
     H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
@@ -1060,8 +1132,21 @@ where
     let mut job = tokio::spawn(fut);
     let every = (shared.config.ack_wait / 3).max(Duration::from_millis(100));
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut abortable = true;
     loop {
         tokio::select! {
+            reason = &mut abort, if abortable => {
+                // Err: the sender was dropped without a cancel (nothing to obey).
+                abortable = false;
+                if let Ok(reason) = reason {
+                    job.abort();
+                    return Err(TaskFailure {
+                        status: ResultStatus::Cancelled,
+                        error: ErrorInfo { code: "cancelled".into(), message: reason },
+                        usage: None,
+                    });
+                }
+            }
             done = &mut job => {
                 return match done {
                     Ok(r) => r,
@@ -1275,13 +1360,17 @@ async fn heartbeats<H>(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    let mut mode = shared.controls.watch_mode();
     loop {
         tokio::select! {
+            // A pause, drain or resume is told at once, so routing stops (or starts) at once.
+            Ok(()) = mode.changed() => tick.reset_immediately(),
             _ = tick.tick() => {
-                let state = if shared.running.lock().map(|r| r.is_empty()).unwrap_or(true) {
-                    WorkerState::Idle
-                } else {
-                    WorkerState::Active
+                let state = match shared.controls.mode() {
+                    Mode::Paused => WorkerState::Paused,
+                    Mode::Draining => WorkerState::Draining,
+                    Mode::Running if shared.running.lock().map(|r| r.is_empty()).unwrap_or(true) => WorkerState::Idle,
+                    Mode::Running => WorkerState::Active,
                 };
                 publish_heartbeat(&client, &shared, state).await;
             }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use fleet_testkit::NatsServer;
+use fleet_worker::control::{ControlReply, Mode};
 use fleet_worker::message::Timings;
+use fleet_worker::message::{Heartbeat, WorkerState};
 use fleet_worker::protocol::pool_consumer_name;
 use fleet_worker::{
     Producer, ResultStatus, Subjects, Task, TaskOutput, TaskResult, Worker, WorkerConfig,
@@ -270,4 +272,237 @@ async fn a_submit_without_an_ack_is_retried_and_stored_once() {
         1,
         "stored once"
     );
+}
+
+/// Sends a control request and reads the worker's reply.
+async fn control(client: &async_nats::Client, body: serde_json::Value) -> ControlReply {
+    let reply = client
+        .request(
+            Subjects::default().control("w1"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// Heartbeats of worker w1, newest last.
+async fn heartbeat_states(client: &async_nats::Client) -> Arc<std::sync::Mutex<Vec<WorkerState>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut sub = client
+        .subscribe(Subjects::default().telemetry(POOL, "w1"))
+        .await
+        .unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&m.payload) {
+                s.lock().unwrap().push(hb.state);
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_drain_and_unknown_commands_over_the_control_subject() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let states = heartbeat_states(&client).await;
+    let started = Arc::new(AtomicU32::new(0));
+    let s = started.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 2), move |_ctx| {
+        s.fetch_add(1, Ordering::SeqCst);
+        async { Ok(TaskOutput::default()) }
+    })
+    .await
+    .unwrap();
+    dispatch(&js, "before").await;
+    wait_until("the first task ran", || started.load(Ordering::SeqCst) == 1).await;
+
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "pause", "id": "i-1", "reason": "test"}),
+    )
+    .await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!((r.mode, r.id.as_deref()), (Mode::Paused, Some("i-1")));
+    wait_until("the heartbeat says paused", || {
+        states.lock().unwrap().last() == Some(&WorkerState::Paused)
+    })
+    .await;
+    for i in 0..3 {
+        dispatch(&js, &format!("while-paused-{i}")).await;
+    }
+    // A paused worker leaves the tasks queued: a second worker of the pool takes them.
+    let mut other = config(ack_wait, 4);
+    other.worker_id = "w2".into();
+    let taken = Arc::new(AtomicU32::new(0));
+    let t = taken.clone();
+    let w2 = Worker::start(client.clone(), other, move |_ctx| {
+        t.fetch_add(1, Ordering::SeqCst);
+        async { Ok(TaskOutput::default()) }
+    })
+    .await
+    .unwrap();
+    wait_until("the other worker ran the three", || {
+        taken.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "the paused worker started nothing"
+    );
+    w2.shutdown().await;
+
+    // Unknown and malformed commands change nothing and say why.
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "self-destruct"}),
+    )
+    .await;
+    assert!(!r.ok);
+    assert_eq!(r.error.as_ref().unwrap().code, "unknown_command");
+    assert_eq!(r.mode, Mode::Paused);
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "throttle", "tasks_per_s": -1}),
+    )
+    .await;
+    assert_eq!(r.error.as_ref().unwrap().code, "bad_request");
+    assert_eq!(r.tasks_per_s, None);
+
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "resume"}),
+    )
+    .await;
+    assert_eq!(r.mode, Mode::Running);
+    dispatch(&js, "after-resume").await;
+    wait_until("the resumed worker runs again", || {
+        started.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "drain"}),
+    )
+    .await;
+    assert_eq!(r.mode, Mode::Draining);
+    wait_until("the heartbeat says draining", || {
+        states.lock().unwrap().last() == Some(&WorkerState::Draining)
+    })
+    .await;
+    dispatch(&js, "after-drain").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "a drained worker starts nothing"
+    );
+    control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "resume"}),
+    )
+    .await;
+    wait_until("resumed after the drain", || {
+        started.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_aborts_the_handler_and_the_result_says_cancelled() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let dropped = Arc::new(AtomicU32::new(0));
+    let d = dropped.clone();
+    struct OnDrop(Arc<AtomicU32>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let running = Arc::new(AtomicU32::new(0));
+    let r2 = running.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 2), move |_ctx| {
+        let guard = OnDrop(d.clone());
+        r2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let _guard = guard;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(TaskOutput::default())
+        }
+    })
+    .await
+    .unwrap();
+    dispatch(&js, "forever").await;
+    wait_until("the handler runs", || running.load(Ordering::SeqCst) == 1).await;
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "cancel", "task_id": "nope"}),
+    )
+    .await;
+    assert_eq!(r.error.unwrap().code, "not_running");
+    let r = control(&client, serde_json::json!({"schema": 1, "command": "cancel", "task_id": "forever", "reason": "stuck for 3 h"})).await;
+    assert!(r.ok, "{r:?}");
+    let producer = Producer::new(client, Subjects::default());
+    let result = producer
+        .await_result("forever", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(result.status, ResultStatus::Cancelled);
+    let err = result.error.unwrap();
+    assert_eq!(
+        (err.code.as_str(), err.message.as_str()),
+        ("cancelled", "stuck for 3 h")
+    );
+    wait_until("the handler's future was dropped", || {
+        dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_worker_spaces_its_starts() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = starts.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 8), move |_ctx| {
+        s.lock().unwrap().push(Instant::now());
+        async { Ok(TaskOutput::default()) }
+    })
+    .await
+    .unwrap();
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "throttle", "tasks_per_s": 5.0}),
+    )
+    .await;
+    assert_eq!(r.tasks_per_s, Some(5.0));
+    for i in 0..5 {
+        dispatch(&js, &format!("paced-{i}")).await;
+    }
+    wait_until("all five ran", || starts.lock().unwrap().len() == 5).await;
+    let starts = starts.lock().unwrap().clone();
+    for pair in starts.windows(2) {
+        // 200 ms apart at 5/s; a few ms of timer slack allowed, never a burst.
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(180),
+            "{:?}",
+            pair[1] - pair[0]
+        );
+    }
+    let r = control(
+        &client,
+        serde_json::json!({"schema": 1, "command": "unthrottle"}),
+    )
+    .await;
+    assert_eq!(r.tasks_per_s, None);
+    worker.shutdown().await;
 }

@@ -32,6 +32,7 @@ fn worker(id: &str) -> WorkerView {
         running: 1,
         max_in_flight: Some(1),
         draining: false,
+        paused: false,
         capabilities: vec![],
         context_tokens: None,
         context_limit_tokens: None,

@@ -850,6 +850,7 @@ impl FleetState {
             running: w.running(),
             max_in_flight: w.max_in_flight(),
             draining: w.draining(),
+            paused: w.paused(),
             capabilities: w.capabilities().to_vec(),
             context_tokens: w.context_tokens,
             context_limit_tokens: w.context_limit,

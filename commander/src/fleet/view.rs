@@ -39,6 +39,8 @@ pub struct WorkerView {
     pub running: usize,
     pub max_in_flight: Option<u32>,
     pub draining: bool,
+    /// Paused by a control command (it says so in its heartbeat).
+    pub paused: bool,
     pub capabilities: Vec<String>,
     pub context_tokens: Option<u64>,
     pub context_limit_tokens: Option<u64>,

@@ -199,6 +199,7 @@ struct HeartbeatInfo {
     completed: u64,
     failed: u64,
     draining: bool,
+    paused: bool,
 }
 
 const MAX_TOOLS_PER_RUN: usize = 64;
@@ -347,6 +348,10 @@ impl Worker {
     }
     pub fn draining(&self) -> bool {
         self.heartbeat.as_ref().is_some_and(|h| h.draining)
+    }
+    /// Paused by a control command: takes no work until resumed.
+    pub fn paused(&self) -> bool {
+        self.heartbeat.as_ref().is_some_and(|h| h.paused)
     }
     pub fn heartbeat_counts(&self) -> Option<(u64, u64)> {
         self.heartbeat.as_ref().map(|h| (h.completed, h.failed))
@@ -665,6 +670,7 @@ impl Worker {
             completed: hb.completed,
             failed: hb.failed,
             draining: hb.state == HbState::Draining,
+            paused: hb.state == HbState::Paused,
         });
         self.evaluate(now_ms, cfg, &|_| None, "heartbeat");
         started

@@ -27,11 +27,12 @@ pub struct Unavailable {
     pub error: u32,
     pub lost: u32,
     pub draining: u32,
+    pub paused: u32,
 }
 
 impl Unavailable {
     pub fn total(&self) -> u32 {
-        self.stuck + self.error + self.lost + self.draining
+        self.stuck + self.error + self.lost + self.draining + self.paused
     }
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
@@ -40,6 +41,7 @@ impl Unavailable {
             (self.error, "ERROR"),
             (self.lost, "lost"),
             (self.draining, "draining"),
+            (self.paused, "paused"),
         ] {
             if n > 0 {
                 parts.push(format!("{n} {what}"));
@@ -53,7 +55,7 @@ impl Unavailable {
 #[derive(Debug, Default)]
 pub struct PoolState {
     pub name: String,
-    /// Workers that can take work: not STUCK, ERROR, lost or draining.
+    /// Workers that can take work: not STUCK, ERROR, lost, draining or paused.
     pub healthy: u32,
     pub unavailable: Unavailable,
     /// Healthy workers above the context threshold.
@@ -136,6 +138,8 @@ impl RouteSnapshot {
                 s.unavailable.error += 1;
             } else if w.draining {
                 s.unavailable.draining += 1;
+            } else if w.paused {
+                s.unavailable.paused += 1;
             } else {
                 s.healthy += 1;
                 let ctx = w.context_utilisation.unwrap_or(0.0);

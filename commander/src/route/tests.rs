@@ -172,6 +172,7 @@ fn every_rule_and_its_reason() {
                 error: 1,
                 lost: 1,
                 draining: 0,
+                paused: 0,
             },
             ..Default::default()
         };
