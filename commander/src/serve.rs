@@ -247,7 +247,10 @@ fn start_detection(
     )?;
     tasks.extend(sink_tasks);
     let silences = crate::detect::silence::Silences::open(store).map_err(in_store(w.config))?;
-    let alerts = crate::detect::run::Alerts::new(log, sinks, silences);
+    let interventions = crate::detect::act::InterventionLog::open(store, d.max_records)
+        .map_err(in_store(w.config))?;
+    interventions.counters.register(registry);
+    let alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
     alerts.counters.register(registry);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),

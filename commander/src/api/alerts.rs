@@ -214,6 +214,16 @@ pub async fn add_silence(
 }
 
 /// `DELETE /v1/silences/{id}?by=`: ends a silence now.
+/// Who is asking, as `Fleet-Identity` says (else `http`).
+fn identity(headers: &HttpHeaders) -> String {
+    headers
+        .get("fleet-identity")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .unwrap_or("http")
+        .to_string()
+}
+
 pub async fn expire_silence(
     State(s): State<AppState>,
     remote: super::RemoteAddr,
@@ -221,12 +231,7 @@ pub async fn expire_silence(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     authorised(&s, &headers, remote)?;
-    let by = headers
-        .get("fleet-identity")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .unwrap_or("http")
-        .to_string();
+    let by = identity(&headers);
     let now = s.core.policy.now_ms();
     let silences = s.alerts.silences.clone();
     let ended = tokio::task::spawn_blocking(move || silences.expire(&id, &by, now))
@@ -236,5 +241,76 @@ pub async fn expire_silence(
     match ended {
         Some(x) => Ok(Json(x).into_response()),
         None => Err(ApiError::NotFound("no such silence".into())),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionsQuery {
+    /// `active` (in force now), `done`, `skipped`, `reverted` or `all` (default).
+    pub state: Option<String>,
+    /// Only those of this alert.
+    pub alert: Option<String>,
+    /// Only those reaching this worker (its own, or its pool's).
+    pub worker: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/interventions`: the escalation steps taken, newest first.
+pub async fn interventions(
+    State(s): State<AppState>,
+    q: Result<Query<InterventionsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use crate::detect::intervene::{InterventionState, Target};
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let state = match q.state.as_deref() {
+        None | Some("all") => None,
+        Some(x) => Some(InterventionState::parse(x).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "state {x:?}: use one of active, done, skipped, reverted, all"
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let log = s.alerts.interventions.clone();
+    let list = tokio::task::spawn_blocking(move || {
+        log.list(limit, |i| {
+            state.is_none_or(|st| st == i.state)
+                && q.alert.as_ref().is_none_or(|a| a == &i.alert_id)
+                && q.worker.as_ref().is_none_or(|w| {
+                    i.target == Target::Worker(w.clone())
+                        || i.workers.iter().any(|o| &o.worker == w)
+                })
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "interventions": list })).into_response())
+}
+
+/// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (the
+/// compliance token, like silences); its workers are told on the next tick. It is not
+/// applied again while the same alert fires.
+pub async fn revert_intervention(
+    State(s): State<AppState>,
+    remote: super::RemoteAddr,
+    headers: HttpHeaders,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::detect::act::InterventionError as E;
+    authorised(&s, &headers, remote)?;
+    let by = format!("operator {}", identity(&headers));
+    let now = s.core.policy.now_ms();
+    let log = s.alerts.interventions.clone();
+    let done = tokio::task::spawn_blocking(move || log.revert(&id, &by, now))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match done {
+        Ok(i) => Ok(Json(i).into_response()),
+        Err(e @ E::NotFound(_)) => Err(ApiError::NotFound(e.to_string())),
+        Err(e @ E::NotActive { .. }) => Err(ApiError::Conflict(e.to_string())),
+        Err(E::Store(e)) => Err(ApiError::Internal(e.to_string())),
     }
 }

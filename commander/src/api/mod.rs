@@ -118,6 +118,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request does not fit the resource's state ("intervention x is reverted").
+    #[error("{0}")]
+    Conflict(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
     #[error("internal error")]
@@ -138,6 +141,7 @@ impl IntoResponse for ApiError {
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid", Vec::new()),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", Vec::new()),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", Vec::new()),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", Vec::new()),
             ApiError::Unavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new())
             }
@@ -315,6 +319,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/silences/{id}",
             axum::routing::delete(alerts::expire_silence),
+        )
+        .route("/v1/interventions", get(alerts::interventions))
+        .route(
+            "/v1/interventions/{id}/revert",
+            axum::routing::post(alerts::revert_intervention),
         )
         .route("/v1/policy", get(policy::current).put(policy::put))
         .route("/v1/policy/check", post(policy::check))

@@ -167,6 +167,7 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
             crate::detect::AlertLog::open(&store, 100).unwrap(),
             Default::default(),
             crate::detect::silence::Silences::open(&store).unwrap(),
+            crate::detect::act::InterventionLog::open(&store, 100).unwrap(),
         ),
         registry: Arc::new(metrics.registry()),
         ready: Arc::new(AtomicBool::new(true)),

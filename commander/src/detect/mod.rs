@@ -11,9 +11,13 @@
 //! - `store.rs`: the alert log in sled;
 //! - `sinks.rs`: delivery to Alertmanager, signed webhooks, Slack and PagerDuty;
 //! - `silence.rs`: silences (what operators muted, until when, who and why);
+//! - `intervene.rs`: the escalation ladder, pure (which steps are due, what each worker
+//!   should be told); `act.rs` carries it out (control commands, interventions in sled);
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
+pub mod act;
 pub mod history;
+pub mod intervene;
 pub mod lifecycle;
 pub mod rules;
 pub mod run;

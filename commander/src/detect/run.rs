@@ -1,6 +1,6 @@
 //! The detector's loop: once every `detect.interval_ms`, the fleet snapshot and the policy
 //! in force in; what fired, renotified or resolved out to the alert log, to
-//! `<prefix>.alerts.<severity>` and to the gauges. A slow or failing publish never holds
+//! `<prefix>.alerts.<severity>` and to the gauges; then the escalation ladder (`act.rs`). A slow or failing publish never holds
 //! up the next tick beyond its own await; the detector never touches ingest or the task
 //! path, it only reads the snapshot the fleet owner publishes anyway.
 
@@ -86,6 +86,7 @@ pub struct Alerts {
     pub counters: Arc<DetectCounters>,
     pub sinks: super::sinks::Sinks,
     pub silences: super::silence::Silences,
+    pub interventions: super::act::InterventionLog,
 }
 
 impl Alerts {
@@ -93,6 +94,7 @@ impl Alerts {
         log: AlertLog,
         sinks: super::sinks::Sinks,
         silences: super::silence::Silences,
+        interventions: super::act::InterventionLog,
     ) -> Self {
         Self {
             log,
@@ -100,6 +102,7 @@ impl Alerts {
             counters: Arc::new(DetectCounters::default()),
             sinks,
             silences,
+            interventions,
         }
     }
 }
@@ -128,6 +131,7 @@ pub struct Wiring {
 /// Evaluates every `interval` until `stop`.
 pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     let mut detector = Detector::new(w.max_open);
+    let mut actor = super::act::Actor::default();
     let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -148,6 +152,18 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
             a.silenced_by = w.alerts.silences.muting(a, now_ms);
         }
         set_gauges(&w.alerts.counters, &open);
+        actor
+            .tick(&super::act::Tick {
+                log: &w.alerts.interventions,
+                sinks: &w.alerts.sinks,
+                client: &w.client,
+                subjects: &w.subjects,
+                steps: &live.policy.escalation,
+                open: &open,
+                snapshot: &snapshot,
+                now_ms,
+            })
+            .await;
         let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());
         if refused > counted {
             w.alerts.counters.refused.inc_by(refused - counted);

@@ -189,6 +189,21 @@ impl Sinks {
         }
     }
 
+    /// Offers the alert to the sink named `name` whatever its `min_severity` (an
+    /// escalation's notify step). False when there is no such sink, or it is disabled or
+    /// full.
+    pub fn offer_to(&self, name: &str, change: Change, alert: &Alert) -> bool {
+        let Some(s) = self.sinks.iter().find(|s| s.cfg.name == name) else {
+            return false;
+        };
+        let enabled = s.state.lock().map(|st| st.enabled).unwrap_or(false);
+        if !enabled || s.tx.try_send((change, alert.clone())).is_err() {
+            lock(&s.state).dropped += 1;
+            return false;
+        }
+        true
+    }
+
     pub fn states(&self) -> Vec<SinkState> {
         self.sinks
             .iter()

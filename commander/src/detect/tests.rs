@@ -539,3 +539,195 @@ fn open_alerts_are_bounded_and_the_excess_is_counted() {
     assert_eq!(r.d.open().len(), 3);
     assert!(r.d.refused() > 0);
 }
+
+mod ladder {
+    use super::*;
+    use crate::detect::intervene::{self, InterventionState, Target};
+    use crate::policy::schema::{ALERT_RULES, EscalationAction, EscalationSpec};
+    use fleet_worker::control::{Command, Mode};
+
+    fn step(name: &str, action: EscalationAction, after_s: u64) -> EscalationSpec {
+        EscalationSpec {
+            name: name.into(),
+            rules: vec![],
+            severity: "warning".into(),
+            after_s,
+            action,
+            tasks_per_s: (action == EscalationAction::Throttle).then_some(0.5),
+            sink: (action == EscalationAction::Notify).then(|| "oncall".into()),
+            sticky: false,
+        }
+    }
+
+    /// A context_critical alert firing on w1 from the first tick, and its snapshot.
+    fn critical_on_w1() -> (Run, FleetSnapshot) {
+        let mut r = Run::new();
+        r.run(2 * S, with_context(0.97));
+        let snap = with_context(0.97)(r.now);
+        (r, snap)
+    }
+
+    #[test]
+    fn the_policy_names_every_detector_rule() {
+        assert_eq!(ALERT_RULES.to_vec(), Rule::ALL.map(Rule::as_str).to_vec());
+    }
+
+    #[test]
+    fn steps_are_due_once_after_their_delay_and_only_for_matching_alerts() {
+        let (r, snap) = critical_on_w1();
+        let open = r.d.open();
+        let firing_ms = open[0].firing_ms.unwrap();
+        let mut only_loops = step("loops", EscalationAction::Pause, 0);
+        only_loops.rules = vec!["token_loop".into()];
+        let mut critical_only = step("crit", EscalationAction::Log, 0);
+        critical_only.severity = "critical".into();
+        let steps = [
+            step("brake", EscalationAction::Throttle, 0),
+            step("stop", EscalationAction::Pause, 60),
+            only_loops,
+            critical_only,
+        ];
+        let now = firing_ms + 30 * S;
+        let due = intervene::due(&open, &steps, &snap, |_| false, now);
+        let names: Vec<&str> = due.iter().map(|i| i.step.as_str()).collect();
+        assert_eq!(
+            names,
+            ["brake", "crit"],
+            "pause waits 60 s; loops is another rule"
+        );
+        let brake = &due[0];
+        assert_eq!(brake.id, format!("{}/brake", open[0].id));
+        assert_eq!(brake.target, Target::Worker("w1".into()));
+        assert_eq!((brake.state, brake.level), (InterventionState::Active, 4));
+        assert_eq!(due[1].state, InterventionState::Done);
+        // Once taken, a step is not due again for the same alert.
+        let taken: Vec<String> = due.iter().map(|i| i.id.clone()).collect();
+        let later = intervene::due(
+            &open,
+            &steps,
+            &snap,
+            |id| taken.iter().any(|t| t == id),
+            firing_ms + 61 * S,
+        );
+        let names: Vec<&str> = later.iter().map(|i| i.step.as_str()).collect();
+        assert_eq!(names, ["stop"]);
+    }
+
+    #[test]
+    fn a_fleet_alert_skips_worker_steps_and_cancel_names_the_running_task() {
+        let (r, snap) = critical_on_w1();
+        let mut open = r.d.open();
+        let now = open[0].firing_ms.unwrap();
+        let cancel = intervene::due(
+            &open,
+            &[step("c", EscalationAction::CancelTask, 0)],
+            &snap,
+            |_| false,
+            now,
+        );
+        assert_eq!(cancel[0].task_id.as_deref(), Some("w1-task"));
+        assert_eq!(cancel[0].state, InterventionState::Done);
+        open[0].labels.clear();
+        let skipped = intervene::due(
+            &open,
+            &[step("p", EscalationAction::Pause, 0)],
+            &snap,
+            |_| false,
+            now,
+        );
+        assert_eq!(skipped[0].state, InterventionState::Skipped);
+        assert!(
+            skipped[0].note.contains("fleet-wide"),
+            "{}",
+            skipped[0].note
+        );
+    }
+
+    #[test]
+    fn interventions_end_when_their_alert_resolves_unless_sticky() {
+        let (mut r, snap) = critical_on_w1();
+        let open = r.d.open();
+        let now = open[0].firing_ms.unwrap();
+        let mut sticky = step("keep", EscalationAction::Drain, 0);
+        sticky.sticky = true;
+        let taken = intervene::due(
+            &open,
+            &[step("brake", EscalationAction::Throttle, 0), sticky],
+            &snap,
+            |_| false,
+            now,
+        );
+        assert!(intervene::ended(&taken, &open).is_empty(), "still firing");
+        r.run(10 * MIN, with_context(0.2));
+        assert!(r.d.open().is_empty(), "resolved");
+        let ended = intervene::ended(&taken, &r.d.open());
+        assert_eq!(ended, [taken[0].id.clone()], "the sticky drain stays");
+    }
+
+    #[test]
+    fn workers_are_told_the_strongest_mode_and_the_lowest_throttle() {
+        let (r, _) = critical_on_w1();
+        let snap = snapshot(
+            vec![worker("w1"), worker("w2"), {
+                let mut w = worker("w3");
+                w.lost = true;
+                w
+            }],
+            vec![],
+            FleetView::default(),
+        );
+        let open = r.d.open();
+        let now = open[0].firing_ms.unwrap();
+        let mut all = intervene::due(
+            &open,
+            &[
+                step("brake", EscalationAction::Throttle, 0),
+                step("drain", EscalationAction::Drain, 0),
+            ],
+            &snap,
+            |_| false,
+            now,
+        );
+        // A pool-wide pause at 0.2/s from another alert.
+        let mut pool_pause = all[1].clone();
+        pool_pause.id = "other/pause".into();
+        pool_pause.action = EscalationAction::Pause;
+        pool_pause.target = Target::Pool("code".into());
+        let mut pool_throttle = all[0].clone();
+        pool_throttle.id = "other/brake".into();
+        pool_throttle.target = Target::Pool("code".into());
+        pool_throttle.tasks_per_s = Some(0.2);
+        all.extend([pool_pause, pool_throttle]);
+        let want = intervene::desired(&all, &snap);
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            ["w1", "w2"],
+            "not the lost one"
+        );
+        assert_eq!(
+            (want["w1"].mode, want["w1"].tasks_per_s),
+            (Mode::Paused, Some(0.2))
+        );
+        assert_eq!(want["w1"].because.len(), 4);
+        assert_eq!(
+            (want["w2"].mode, want["w2"].because.len()),
+            (Mode::Paused, 2)
+        );
+        let idle = intervene::WorkerControl::default();
+        assert_eq!(
+            intervene::commands(&idle, &want["w1"]),
+            [Command::Pause, Command::Throttle { tasks_per_s: 0.2 }]
+        );
+        assert_eq!(
+            intervene::commands(&want["w1"], &idle),
+            [Command::Resume, Command::Unthrottle]
+        );
+        assert!(
+            intervene::commands(&want["w1"], &want["w1"]).is_empty(),
+            "idempotent"
+        );
+        // Reverting the pool pause leaves w1 draining.
+        all.retain(|i| i.id != "other/pause");
+        assert_eq!(intervene::desired(&all, &snap)["w1"].mode, Mode::Draining);
+    }
+}

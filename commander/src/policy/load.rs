@@ -160,6 +160,9 @@ pub struct Policy {
     pub reroutes: Vec<Reroute>,
     pub alerts: AlertSpec,
     pub escalation: Vec<EscalationSpec>,
+    /// Where each escalation step is written (same order).
+    #[serde(skip)]
+    pub escalation_at: Vec<Location>,
     pub redaction: Vec<Redaction>,
     pub sampling: SamplingSpec,
     #[serde(skip)]
@@ -181,6 +184,7 @@ impl Policy {
             reroutes: Vec::new(),
             alerts: AlertSpec::default(),
             escalation: Vec::new(),
+            escalation_at: Vec::new(),
             redaction: Vec::new(),
             sampling: SamplingSpec::default(),
             tests: Vec::new(),
@@ -209,6 +213,14 @@ impl Policy {
         check_unique(
             p.reroutes.iter().map(|r| (r.spec.from.as_str(), &r.at)),
             "reroute from pool",
+            &mut problems,
+        );
+        check_unique(
+            p.escalation
+                .iter()
+                .zip(&p.escalation_at)
+                .map(|(e, at)| (e.name.as_str(), at)),
+            "escalation",
             &mut problems,
         );
         check_unique(
@@ -275,6 +287,7 @@ impl Policy {
             let spec = e.into_inner();
             check_escalation(&spec, here, problems);
             self.escalation.push(spec);
+            self.escalation_at.push(here.loc());
         }
         for r in parsed.redaction {
             let here = at(r.span());
@@ -417,22 +430,69 @@ impl Once {
 }
 
 fn check_escalation(spec: &EscalationSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
-    if !matches!(spec.severity.as_str(), "warning" | "critical") {
-        problems.push(here.key("severity").problem(
-            BadValue,
+    use crate::policy::schema::{ALERT_RULES, EscalationAction as A};
+    use fleet_worker::control::{MAX_TASKS_PER_S, MIN_TASKS_PER_S};
+    let mut bad =
+        |key: &str, message: String| problems.push(here.key(key).problem(BadValue, message));
+    if !fleet_worker::protocol::is_subject_token(&spec.name) {
+        bad(
+            "name",
             format!(
-                "escalation severity {:?} must be \"warning\" or \"critical\"",
+                "escalation name {:?} must be 1-128 letters, digits, '-' or '_'",
+                spec.name
+            ),
+        );
+    }
+    if !matches!(spec.severity.as_str(), "info" | "warning" | "critical") {
+        bad(
+            "severity",
+            format!(
+                "escalation severity {:?} must be \"info\", \"warning\" or \"critical\"",
                 spec.severity
             ),
-        ));
+        );
     }
-    if let Some(s) = &spec.sink
-        && !matches!(s.as_str(), "nats" | "webhook" | "alertmanager")
+    for r in spec
+        .rules
+        .iter()
+        .filter(|r| !ALERT_RULES.contains(&r.as_str()))
     {
-        problems.push(here.key("sink").problem(
-            BadValue,
-            format!("escalation sink {s:?} must be nats, webhook or alertmanager"),
-        ));
+        bad(
+            "rules",
+            format!(
+                "escalation rule {r:?} is not a detector rule ({})",
+                ALERT_RULES.join(", ")
+            ),
+        );
+    }
+    match (spec.action, spec.tasks_per_s) {
+        (A::Throttle, None) => bad("tasks_per_s", "a throttle step needs tasks_per_s".into()),
+        (A::Throttle, Some(r))
+            if !(r.is_finite() && (MIN_TASKS_PER_S..=MAX_TASKS_PER_S).contains(&r)) =>
+        {
+            bad(
+                "tasks_per_s",
+                format!(
+                    "tasks_per_s {r} is out of range ({MIN_TASKS_PER_S:.6} to {MAX_TASKS_PER_S})"
+                ),
+            )
+        }
+        (A::Throttle, Some(_)) | (_, None) => {}
+        (other, Some(_)) => bad(
+            "tasks_per_s",
+            format!("tasks_per_s is for throttle steps, not {}", other.as_str()),
+        ),
+    }
+    match (spec.action, &spec.sink) {
+        (A::Notify, None) => bad(
+            "sink",
+            "a notify step needs sink (a [[detect.sinks]] name)".into(),
+        ),
+        (A::Notify, Some(_)) | (_, None) => {}
+        (other, Some(_)) => bad(
+            "sink",
+            format!("sink is for notify steps, not {}", other.as_str()),
+        ),
     }
 }
 

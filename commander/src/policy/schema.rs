@@ -400,29 +400,97 @@ impl Default for AlertSpec {
     }
 }
 
-/// What an escalation does.
+/// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
+/// own list is checked against this one by a test).
+pub const ALERT_RULES: [&str; 11] = [
+    "context_overflow_risk",
+    "context_critical",
+    "cost_runaway",
+    "token_loop",
+    "stuck_agent",
+    "error_rate_spike",
+    "queue_saturation",
+    "throughput_drop",
+    "stuck_wave",
+    "cost_concentration",
+    "over_provisioned",
+];
+
+/// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,
+/// `pause`, `drain`, `cancel_task`. (Rung 2, the dashboard, is every alert: it is on
+/// `<prefix>.alerts.<severity>` and `GET /v1/alerts` whatever the steps.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EscalationAction {
+    /// Write the alert to the commander's log at `warn`, and record the step.
+    Log,
+    /// Deliver the alert to the sink named `sink` (`[[detect.sinks]]`), whatever its
+    /// `min_severity`.
     Notify,
-    Page,
-    PauseWorker,
-    DrainWorker,
-    CapPool,
+    /// Control command `throttle` (`tasks_per_s`) to the alert's worker, or to every
+    /// worker of its pool.
+    Throttle,
+    /// Control command `pause` to the alert's worker or pool.
+    Pause,
+    /// Control command `drain` to the alert's worker or pool.
+    Drain,
+    /// Control command `cancel` for the task the alert's worker is running.
+    CancelTask,
 }
 
-/// `[[escalation]]`.
+impl EscalationAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationAction::Log => "log",
+            EscalationAction::Notify => "notify",
+            EscalationAction::Throttle => "throttle",
+            EscalationAction::Pause => "pause",
+            EscalationAction::Drain => "drain",
+            EscalationAction::CancelTask => "cancel_task",
+        }
+    }
+
+    /// The rung of the escalation ladder.
+    pub fn level(self) -> u8 {
+        match self {
+            EscalationAction::Log => 1,
+            EscalationAction::Notify => 3,
+            _ => 4,
+        }
+    }
+}
+
+/// `[[escalation]]`: one step of the ladder. An alert that matches it and has been firing
+/// `after_s` gets the step once (an intervention, `GET /v1/interventions`); when the alert
+/// resolves, what the step changed is undone unless it is `sticky`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscalationSpec {
-    /// Alert severity it applies to: `warning` or `critical`.
+    /// The step's name (letters, digits, `-`, `_`), unique in the policy.
+    pub name: String,
+    /// Alert rules it applies to (`token_loop` …); empty: every rule.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// The least severity it applies to: `info`, `warning` or `critical`.
+    #[serde(default = "default_escalation_severity")]
     pub severity: String,
-    /// After the alert has been open this long, in seconds.
+    /// Once the alert has been firing this long, in seconds (0: as it fires).
+    #[serde(default)]
     pub after_s: u64,
     pub action: EscalationAction,
-    /// Where a notification goes (`nats`, `webhook`, `alertmanager`).
+    /// `throttle`: the most tasks per second each worker may start.
+    #[serde(default)]
+    pub tasks_per_s: Option<f64>,
+    /// `notify`: the name of a `[[detect.sinks]]` sink.
     #[serde(default)]
     pub sink: Option<String>,
+    /// Keep what the step changed after the alert resolves, until reverted by hand.
+    #[serde(default)]
+    pub sticky: bool,
+}
+
+fn default_escalation_severity() -> String {
+    "warning".into()
 }
 
 /// `[[redaction]]`: attribute values matching `pattern` are replaced.

@@ -595,3 +595,52 @@ expect = { action = "dispatch", model = "claude-sonnet-4-5", rule = "cost_tier" 
     }
     assert_eq!(results.len(), 3);
 }
+
+#[test]
+fn escalation_steps_are_checked_field_by_field() {
+    let text = r#"
+[[escalation]]
+name = "brake"
+rules = ["token_loop"]
+action = "throttle"
+tasks_per_s = 0.5
+
+[[escalation]]
+name = "bad name!"
+rules = ["telepathy"]
+severity = "urgent"
+action = "throttle"
+
+[[escalation]]
+name = "brake"
+action = "pause"
+tasks_per_s = 1.0
+sink = "oncall"
+
+[[escalation]]
+name = "tell"
+action = "notify"
+"#;
+    let p = problems(&[("e.policy.toml", text)]);
+    let f = "e.policy.toml";
+    use ProblemKind::*;
+    for (line, kind, what) in [
+        (9, BadValue, "the name"),
+        (10, BadValue, "an unknown rule"),
+        (11, BadValue, "an unknown severity"),
+        (8, BadValue, "a throttle without a rate"),
+        (14, Duplicate, "the name twice"),
+        (17, BadValue, "a rate on a pause"),
+        (18, BadValue, "a sink on a pause"),
+        (20, BadValue, "a notify without a sink"),
+    ] {
+        assert!(has(&p, f, line, kind), "{what} (line {line}): {p:?}");
+    }
+    assert_eq!(p.len(), 8, "{p:?}");
+    let good = parse(&[(
+        "e.policy.toml",
+        &text[..text.find("\n[[escalation]]\nname = \"bad").unwrap()],
+    )])
+    .unwrap();
+    assert_eq!(good.escalation[0].severity, "warning", "the default");
+}
