@@ -319,3 +319,191 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
     a.abort();
     b.abort();
 }
+
+/// The escalation ladder on the real binary with a real SDK worker: a task that fills the
+/// context raises `context_critical` on the worker that ran it; step 1 throttles that
+/// worker at once, step 2 pauses it two seconds later (the worker answers each command, and
+/// its heartbeat says paused). An operator reverts the pause by hand (it is not applied
+/// again); the worker takes work again, its context empties, the alert resolves and the
+/// throttle is lifted by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ladder_throttles_then_pauses_a_worker_and_undoes_it_when_the_alert_resolves() {
+    use fleet_worker::{
+        LlmCall, Producer, Subjects, SubmitOptions, Task, TaskOutput, Worker, WorkerConfig,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ladder.policy.toml"),
+        r#"
+[alerts]
+resolve_s = 1
+
+[[escalation]]
+name = "brake"
+rules = ["context_critical"]
+severity = "critical"
+action = "throttle"
+tasks_per_s = 2.0
+
+[[escalation]]
+name = "stop"
+rules = ["context_critical"]
+severity = "critical"
+after_s = 2
+action = "pause"
+"#,
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[policy]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let stack = Stack::start_with_env(&toml, &[("FLEET_COMPLIANCE_TOKEN", "ops-token")]).await;
+    let mut config = WorkerConfig::new("alpha", "ctl-1");
+    config.model = Some("gpt-4o".into());
+    config.provider = Some("openai".into());
+    config.heartbeat_interval = Duration::from_millis(300);
+    let worker = Worker::start(stack.client.clone(), config, |ctx| async move {
+        // "fill" reports 124,000 of gpt-4o's 128,000 tokens (97 %); anything else 1,000.
+        let input = if ctx.task.description == "fill" {
+            124_000
+        } else {
+            1_000
+        };
+        ctx.telemetry
+            .llm_call(&LlmCall::chat("openai", "gpt-4o").tokens(input, 10));
+        Ok(TaskOutput::default())
+    })
+    .await
+    .unwrap();
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let submit = async |id: &str, text: &str| {
+        let mut t = Task::new(text);
+        t.id = Some(id.into());
+        t.pool = Some("alpha".into());
+        producer.submit(&t, SubmitOptions::default()).await.unwrap();
+    };
+    submit("fill-1", "fill").await;
+
+    let active = async |step: &str| -> Option<Value> {
+        let v = stack.get_json("/v1/interventions?state=active").await;
+        v["interventions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["step"] == step)
+            .cloned()
+    };
+    eventually("the throttle is in force and obeyed", WAIT, async || {
+        active("brake")
+            .await
+            .is_some_and(|i| i["workers"][0]["ok"] == true)
+    })
+    .await;
+    let brake = active("brake").await.unwrap();
+    assert_eq!(brake["target"]["worker"], "ctl-1", "{brake}");
+    assert_eq!(brake["rule"], "context_critical");
+    assert_eq!(brake["level"], 4);
+    assert_eq!(brake["workers"][0]["commands"][0], "throttle", "{brake}");
+    eventually(
+        "the pause follows and the worker says paused",
+        WAIT,
+        async || {
+            let paused = stack.get_json("/v1/workers/ctl-1").await["paused"] == true;
+            paused
+                && active("stop")
+                    .await
+                    .is_some_and(|i| i["workers"][0]["ok"] == true)
+        },
+    )
+    .await;
+    let stop = active("stop").await.unwrap();
+    assert_eq!(stop["workers"][0]["commands"][0], "pause", "{stop}");
+    assert_eq!(
+        stack
+            .metric("fleet_control_commands_total{action=\"pause\",outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+
+    // Work waits while the worker is paused.
+    submit("small-1", "small").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        task_record(stack.commander.http(), "small-1")
+            .await
+            .unwrap()["state"]
+            != "completed"
+    );
+
+    // The operator lets it work again; the pause is not re-applied for this alert.
+    let http = reqwest::Client::new();
+    let id = stop["id"].as_str().unwrap();
+    let r = http
+        .post(stack.http(&format!("/v1/interventions/{id}/revert")))
+        .bearer_auth("ops-token")
+        .header("Fleet-Identity", "carol")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let reverted: Value = r.json().await.unwrap();
+    assert_eq!(reverted["state"], "reverted");
+    assert_eq!(reverted["reverted_by"], "operator carol");
+    let again = http
+        .post(stack.http(&format!("/v1/interventions/{id}/revert")))
+        .bearer_auth("ops-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status().as_u16(),
+        409,
+        "only an active one can be reverted"
+    );
+
+    let r = producer.await_result("small-1", WAIT).await.unwrap();
+    assert_eq!(r.worker_id.as_deref(), Some("ctl-1"));
+    eventually(
+        "the worker was told to resume for the reverted pause",
+        WAIT,
+        async || {
+            let all = stack.get_json("/v1/interventions?state=reverted").await;
+            all["interventions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["step"] == "stop" && i["workers"][0]["commands"][0] == "resume")
+        },
+    )
+    .await;
+    eventually(
+        "the alert resolves and the throttle is lifted",
+        WAIT,
+        async || {
+            let all = stack.get_json("/v1/interventions?state=reverted").await;
+            all["interventions"].as_array().unwrap().iter().any(|i| {
+                i["step"] == "brake"
+                    && i["reverted_by"] == "alert resolved"
+                    && i["workers"][0]["commands"][0] == "unthrottle"
+                    && i["workers"][0]["ok"] == true
+            })
+        },
+    )
+    .await;
+    assert!(active("stop").await.is_none(), "not applied again");
+    assert_eq!(
+        stack
+            .metric("fleet_interventions_active{action=\"throttle\"}")
+            .await,
+        0.0
+    );
+    let all = stack.get_json("/v1/interventions").await;
+    assert_eq!(all["interventions"].as_array().unwrap().len(), 2, "{all}");
+    let r = reqwest::get(stack.http("/v1/interventions?state=sideways"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    worker.shutdown().await;
+}

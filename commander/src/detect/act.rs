@@ -245,13 +245,20 @@ impl InterventionLog {
         Ok(i)
     }
 
-    /// Outcomes of commands sent for active interventions.
+    /// Records a worker's answer on the interventions it was sent for (in force or just
+    /// ended).
     fn note_outcome(&self, ids: &[String], o: &WorkerOutcome) {
-        let mut active = self.lock();
         for id in ids {
+            let mut active = self.lock();
             if let Some(i) = active.get_mut(id) {
                 i.outcome(o.clone());
                 let _ = self.write(i);
+                continue;
+            }
+            drop(active);
+            if let Ok(Some(mut i)) = self.get(id) {
+                i.outcome(o.clone());
+                let _ = self.write(&i);
             }
         }
     }
@@ -344,13 +351,14 @@ impl Actor {
             if cmds.is_empty() {
                 continue;
             }
+            let why = intervene::changed_by(&from, &to);
             sends.push(async move {
-                let outcome = send_all(t, &worker, &cmds, &to.because).await;
-                (worker, to, outcome)
+                let outcome = send_all(t, &worker, &cmds, &why).await;
+                (worker, to, why, outcome)
             });
         }
-        for (worker, to, outcome) in futures::future::join_all(sends).await {
-            t.log.note_outcome(&to.because, &outcome);
+        for (worker, to, why, outcome) in futures::future::join_all(sends).await {
+            t.log.note_outcome(&why, &outcome);
             if outcome.ok {
                 if to == idle {
                     self.told.remove(&worker);

@@ -3,7 +3,7 @@
 //! each worker should be told (its mode and throttle) given every intervention in force.
 //! `act.rs` does the I/O.
 //!
-//! An intervention is named `<alert id>/<step name>`: a step runs once per alert
+//! An intervention is named `<alert id>:<step name>`: a step runs once per alert
 //! occurrence, whichever replica or restart looks at it again (idempotent), and a step
 //! reverted by hand is not re-applied while the same alert fires.
 
@@ -77,7 +77,7 @@ pub struct WorkerOutcome {
 /// One step of the ladder applied to one alert.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Intervention {
-    /// `<alert id>/<step name>`.
+    /// `<alert id>:<step name>`.
     pub id: String,
     pub alert_id: String,
     pub rule: String,
@@ -182,7 +182,7 @@ pub fn due(
     for a in open.iter().filter(|a| a.state == AlertState::Firing) {
         let Some(firing) = a.firing_ms else { continue };
         for step in steps.iter().filter(|s| applies(s, a)) {
-            let id = format!("{}/{}", a.id, step.name);
+            let id = format!("{}:{}", a.id, step.name);
             if now_ms < firing.saturating_add(step.after_s.saturating_mul(1000)) || known(&id) {
                 continue;
             }
@@ -338,6 +338,22 @@ pub fn desired<'a>(
         }
     }
     out
+}
+
+/// The interventions a change of what a worker is told is for: those that started or ended
+/// since it was told last, or (a command sent again) those in force.
+pub fn changed_by(from: &WorkerControl, to: &WorkerControl) -> Vec<String> {
+    let was: BTreeSet<&String> = from.because.iter().collect();
+    let is: BTreeSet<&String> = to.because.iter().collect();
+    let diff: Vec<String> = was
+        .symmetric_difference(&is)
+        .map(|s| (*s).clone())
+        .collect();
+    if diff.is_empty() {
+        to.because.clone()
+    } else {
+        diff
+    }
 }
 
 /// The commands that take a worker from what it was told last to what it should be.

@@ -596,7 +596,7 @@ mod ladder {
             "pause waits 60 s; loops is another rule"
         );
         let brake = &due[0];
-        assert_eq!(brake.id, format!("{}/brake", open[0].id));
+        assert_eq!(brake.id, format!("{}:brake", open[0].id));
         assert_eq!(brake.target, Target::Worker("w1".into()));
         assert_eq!((brake.state, brake.level), (InterventionState::Active, 4));
         assert_eq!(due[1].state, InterventionState::Done);
