@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Command one: set up a fresh Debian machine and run an example fleet.
 #
-# Installs nats-server with apt when it is missing, builds the workspace in release mode,
+# Installs nats-server (and prometheus-alertmanager, which the tests run) with apt when
+# missing, builds the workspace in release mode,
 # starts the commander (which starts nats-server itself when none is running), two example
 # workers per pool and a producer that keeps submitting tasks. Ctrl-C stops everything.
 set -euo pipefail
@@ -19,6 +20,11 @@ if ! command -v nats-server >/dev/null 2>&1; then
   echo "installing nats-server with apt"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server
+fi
+if ! command -v prometheus-alertmanager >/dev/null 2>&1 && ! command -v alertmanager >/dev/null 2>&1; then
+  echo "installing prometheus-alertmanager with apt (the alert-delivery tests run a real one)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-alertmanager
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not installed: install Rust with https://rustup.rs (the toolchain is pinned in rust-toolchain.toml), then run this again" >&2

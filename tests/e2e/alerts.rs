@@ -507,3 +507,83 @@ action = "pause"
     assert_eq!(r.status().as_u16(), 400);
     worker.shutdown().await;
 }
+
+/// The alerts of a real Alertmanager's API (`GET /api/v2/alerts`) named `alertname`.
+async fn alertmanager_alerts(am: &fleet_testkit::Alertmanager, alertname: &str) -> Vec<Value> {
+    let url = format!(
+        "{}/api/v2/alerts?filter=alertname%3D%22{alertname}%22",
+        am.url()
+    );
+    let Ok(r) = reqwest::get(url).await else {
+        return Vec::new();
+    };
+    r.json::<Vec<Value>>().await.unwrap_or_default()
+}
+
+/// Delivery to a real Alertmanager (Debian's `prometheus-alertmanager`): the firing alert
+/// is in its API with the commander's labels and annotations, and the resolve ends it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_alertmanager_gets_the_alert_and_its_end() {
+    let am = fleet_testkit::Alertmanager::start()
+        .expect("alertmanager (apt-get install prometheus-alertmanager)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("alerts.policy.toml"),
+        "[alerts]\nresolve_s = 1\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"am\"\nkind = \"alertmanager\"\nurl = {:?}\n[policy]\ndir = {:?}\n",
+        am.url(),
+        dir.path().display().to_string()
+    );
+    let stack = Stack::start(&toml).await;
+    let full = heartbeats(stack.client.clone(), "ctx-am", 124_000);
+    eventually("Alertmanager holds the firing alert", WAIT, async || {
+        !alertmanager_alerts(&am, "context_critical")
+            .await
+            .is_empty()
+    })
+    .await;
+    let got = alertmanager_alerts(&am, "context_critical").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let a = &got[0];
+    assert_eq!(a["labels"]["worker"], "ctx-am", "{a}");
+    assert_eq!(a["labels"]["severity"], "critical");
+    assert_eq!(a["labels"]["source"], "fleet-commander");
+    assert_eq!(a["status"]["state"], "active", "{a}");
+    assert!(
+        a["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("ctx-am"),
+        "{a}"
+    );
+    let id = a["annotations"]["alert_id"].as_str().unwrap().to_string();
+    assert!(
+        a["generatorURL"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/alerts?rule=context_critical"),
+        "{a}"
+    );
+    let open = stack.get_json("/v1/alerts").await;
+    assert_eq!(open["alerts"][0]["id"], id.as_str(), "{open}");
+
+    full.abort();
+    let empty = heartbeats(stack.client.clone(), "ctx-am", 1_000);
+    eventually("the resolve ends it in Alertmanager", WAIT, async || {
+        alertmanager_alerts(&am, "context_critical")
+            .await
+            .is_empty()
+    })
+    .await;
+    let sinks = stack.get_json("/v1/alerts/sinks").await;
+    assert_eq!(sinks["sinks"][0]["name"], "am", "{sinks}");
+    assert!(
+        sinks["sinks"][0]["delivered"].as_u64().unwrap() >= 2,
+        "{sinks}"
+    );
+    assert_eq!(sinks["sinks"][0]["failed"], 0, "{sinks}");
+    empty.abort();
+}

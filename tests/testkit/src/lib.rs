@@ -2,12 +2,16 @@
 //!
 //! - [`NatsServer`]: a `nats-server` with JetStream, on a port the server picks (`-p -1`),
 //!   its store, log and pid in a temp dir; killed and cleaned up on drop.
+//! - [`Alertmanager`]: a real Alertmanager on loopback (alert delivery tests).
 //! - [`Commander`]: the real `commander` binary as a child process, with a temp config,
 //!   waited on until it logs that it is listening; killed on drop.
 //!
 //! Readiness is waited for by polling with a deadline, never by fixed sleeps.
 
+pub mod alertmanager;
 pub mod fake_llm;
+
+pub use alertmanager::Alertmanager;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,6 +26,11 @@ pub enum TestkitError {
          or point NATS_SERVER_BIN at a nats-server binary"
     )]
     NatsMissing(String),
+    #[error(
+        "`{0}` was not found. Install Alertmanager with `sudo apt-get install prometheus-alertmanager` \
+         (Debian/Ubuntu), or point ALERTMANAGER_BIN at an alertmanager binary"
+    )]
+    AlertmanagerMissing(String),
     #[error("could not start {what}: {source}")]
     Spawn {
         what: String,
