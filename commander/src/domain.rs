@@ -327,6 +327,8 @@ pub struct SpanEvent {
     pub usage: Option<TokenUsage>,
     /// `gen_ai.tool.name` on `execute_tool` spans.
     pub tool: Option<String>,
+    /// `gen_ai.tool.call.arguments`, hashed in canonical form (same call, same hash).
+    pub tool_args_hash: Option<u64>,
     /// The fleet task this span belongs to (`fleet.task.id`).
     pub task_id: Option<String>,
     /// `fleet.task.expected_duration_s`.

@@ -762,6 +762,7 @@ fn classifier_hook(spans: SpanExporter, fleet: FleetHandle, instance: &str) -> C
             model: Some(c.response_model.unwrap_or(c.request_model)),
             usage: c.usage,
             tool: None,
+            tool_args_hash: None,
             task_id: None,
             expected_duration_s: None,
             task_root: false,

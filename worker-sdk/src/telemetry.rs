@@ -73,6 +73,10 @@ pub struct ToolCall {
     pub name: String,
     /// `gen_ai.tool.call.id`, e.g. `call_…`.
     pub call_id: Option<String>,
+    /// `gen_ai.tool.call.arguments` (JSON, as the model wrote it). The commander hashes
+    /// it to see the same call made again and again in one run (a tool loop); it is
+    /// opt-in in the semantic conventions because it can hold user data.
+    pub arguments: Option<String>,
     pub started: SystemTime,
     pub finished: SystemTime,
     pub error: Option<String>,
@@ -84,6 +88,7 @@ impl ToolCall {
         Self {
             name: name.into(),
             call_id: None,
+            arguments: None,
             started: now,
             finished: now,
             error: None,
@@ -92,6 +97,11 @@ impl ToolCall {
 
     pub fn finish(mut self) -> Self {
         self.finished = SystemTime::now();
+        self
+    }
+
+    pub fn arguments(mut self, json: impl Into<String>) -> Self {
+        self.arguments = Some(json.into());
         self
     }
 }
@@ -211,6 +221,9 @@ impl TaskTelemetry {
             .attr("gen_ai.tool.type", "function");
         if let Some(id) = &call.call_id {
             s.attr("gen_ai.tool.call.id", id.clone());
+        }
+        if let Some(args) = &call.arguments {
+            s.attr("gen_ai.tool.call.arguments", args.clone());
         }
         if let Some(e) = &call.error {
             s.attr("error.type", e.clone());

@@ -24,6 +24,8 @@ pub enum Rule {
     ContextCritical,
     CostRunaway,
     TokenLoop,
+    ToolLoop,
+    ToolLoopRunaway,
     StuckAgent,
     ErrorRateSpike,
     QueueSaturation,
@@ -53,7 +55,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 13] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -65,6 +67,8 @@ impl Rule {
         Rule::StuckWave,
         Rule::CostConcentration,
         Rule::OverProvisioned,
+        Rule::ToolLoop,
+        Rule::ToolLoopRunaway,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +84,8 @@ impl Rule {
             Rule::StuckWave => "stuck_wave",
             Rule::CostConcentration => "cost_concentration",
             Rule::OverProvisioned => "over_provisioned",
+            Rule::ToolLoop => "tool_loop",
+            Rule::ToolLoopRunaway => "tool_loop_runaway",
         }
     }
 
@@ -89,9 +95,11 @@ impl Rule {
 
     pub fn severity(self) -> Severity {
         match self {
-            Rule::ContextCritical | Rule::CostRunaway | Rule::ErrorRateSpike | Rule::StuckWave => {
-                Severity::Critical
-            }
+            Rule::ContextCritical
+            | Rule::CostRunaway
+            | Rule::ErrorRateSpike
+            | Rule::StuckWave
+            | Rule::ToolLoopRunaway => Severity::Critical,
             Rule::OverProvisioned => Severity::Info,
             _ => Severity::Warning,
         }
@@ -101,7 +109,12 @@ impl Rule {
     pub fn for_ms(self, spec: &AlertSpec) -> u64 {
         match self {
             Rule::OverProvisioned => spec.over_provisioned_for_s * 1000,
-            Rule::ContextCritical | Rule::StuckAgent | Rule::StuckWave => 0,
+            // A count within one run does not flap: it fires as it is seen.
+            Rule::ContextCritical
+            | Rule::StuckAgent
+            | Rule::StuckWave
+            | Rule::ToolLoop
+            | Rule::ToolLoopRunaway => 0,
             _ => spec.pending_s * 1000,
         }
     }
@@ -299,6 +312,30 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
                         .unwrap_or_default()
                 )
             },
+        );
+    }
+    if let Some(rc) = &w.repeated_call {
+        let n = f64::from(rc.calls);
+        let (warn, critical) = (
+            f64::from(spec.tool_loop_calls),
+            f64::from(spec.tool_loop_critical_calls),
+        );
+        let message = |threshold: f64| {
+            format!(
+                "Agent {} called {} with the same arguments {} times in task {} (alert at {threshold})",
+                w.id, rc.tool, rc.calls, rc.task_id
+            )
+        };
+        let runaway = (n >= critical, n >= critical);
+        emit(Rule::ToolLoopRunaway, (n, critical), runaway, &|| {
+            message(critical)
+        });
+        // The warning stands aside while the critical alert covers the same agent.
+        emit(
+            Rule::ToolLoop,
+            (n, warn),
+            (n >= warn && !runaway.0, n >= warn && !runaway.0),
+            &|| message(warn),
         );
     }
     let stuck = w.state == State::Stuck;

@@ -33,6 +33,7 @@ fn worker(id: &str) -> WorkerView {
         max_in_flight: Some(1),
         draining: false,
         paused: false,
+        repeated_call: None,
         capabilities: vec![],
         context_tokens: None,
         context_limit_tokens: None,
@@ -538,6 +539,53 @@ fn open_alerts_are_bounded_and_the_excess_is_counted() {
     });
     assert_eq!(r.d.open().len(), 3);
     assert!(r.d.refused() > 0);
+}
+
+#[test]
+fn a_tool_loop_warns_at_three_same_calls_is_critical_at_ten_and_ends_with_the_run() {
+    use crate::fleet::view::RepeatedCall;
+    let mut r = Run::new();
+    r.spec.resolve_s = 5;
+    let looping = |calls: u32| {
+        move |_| {
+            let mut w = worker("w1");
+            w.repeated_call = (calls > 0).then(|| RepeatedCall {
+                task_id: "t1".into(),
+                tool: "web_search".into(),
+                calls,
+            });
+            snapshot(vec![w, worker("w2")], vec![], FleetView::default())
+        }
+    };
+    assert!(r.run(5 * S, looping(2)).is_empty(), "twice is not a loop");
+    let c = r.run(S, looping(3));
+    assert_eq!(sent(&c, Rule::ToolLoop), [(r.now, Change::Firing)]);
+    let msg = &c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::ToolLoop)
+        .unwrap()
+        .2
+        .message;
+    assert!(
+        msg.contains("web_search with the same arguments 3 times in task t1"),
+        "{msg}"
+    );
+    let c = r.run(S, looping(10));
+    assert_eq!(sent(&c, Rule::ToolLoopRunaway), [(r.now, Change::Firing)]);
+    // The warning stands aside: it resolves after `resolve_s` while the critical fires.
+    let c = r.run(6 * S, looping(10));
+    assert_eq!(sent(&c, Rule::ToolLoop).last().unwrap().1, Change::Resolved);
+    assert_eq!(
+        r.firing().iter().map(|(rule, _)| *rule).collect::<Vec<_>>(),
+        [Rule::ToolLoopRunaway],
+        "the warning stands aside"
+    );
+    let c = r.run(10 * S, looping(0));
+    assert_eq!(
+        sent(&c, Rule::ToolLoopRunaway).last().unwrap().1,
+        Change::Resolved
+    );
+    assert!(r.firing().is_empty());
 }
 
 mod ladder {

@@ -851,6 +851,7 @@ impl FleetState {
             max_in_flight: w.max_in_flight(),
             draining: w.draining(),
             paused: w.paused(),
+            repeated_call: w.repeated_call(),
             capabilities: w.capabilities().to_vec(),
             context_tokens: w.context_tokens,
             context_limit_tokens: w.context_limit,

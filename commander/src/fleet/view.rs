@@ -41,6 +41,10 @@ pub struct WorkerView {
     pub draining: bool,
     /// Paused by a control command (it says so in its heartbeat).
     pub paused: bool,
+    /// The most repeated identical tool call (same tool, same arguments) of a run in
+    /// progress, when a call was made twice or more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeated_call: Option<RepeatedCall>,
     pub capabilities: Vec<String>,
     pub context_tokens: Option<u64>,
     pub context_limit_tokens: Option<u64>,
@@ -70,6 +74,15 @@ pub struct WorkerView {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     pub last_heartbeat_ms: Option<u64>,
+}
+
+/// The same tool called with the same arguments, again and again, in one run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RepeatedCall {
+    pub task_id: String,
+    pub tool: String,
+    /// How many times that exact call was made.
+    pub calls: u32,
 }
 
 /// One worker in full: the summary plus tools, recent runs, transitions and the sparkline.

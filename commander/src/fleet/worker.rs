@@ -101,6 +101,10 @@ struct Run {
     tool_counts: FxHashMap<String, u32>,
     /// Set when one tool was called more than the limit.
     looping_tool: Option<(String, u32)>,
+    /// Calls per (tool, arguments) hash, for calls that said their arguments.
+    same_calls: FxHashMap<u64, u32>,
+    /// The most repeated (tool, arguments) call of the run and how often it was made.
+    repeated_call: Option<(String, u32)>,
     steps: u32,
     cost: f64,
     cost_unknown: bool,
@@ -160,7 +164,29 @@ impl Run {
                 if n > cfg.tool_repeat_limit && self.looping_tool.is_none() {
                     self.looping_tool = Some((tool.clone(), n));
                 }
+                if let Some(args) = ev.tool_args_hash {
+                    self.count_same_call(tool, args);
+                }
             }
+        }
+    }
+}
+
+impl Run {
+    /// Counts a call by its tool and arguments (bounded like the tool counts).
+    fn count_same_call(&mut self, tool: &str, args: u64) {
+        let key = crate::domain::fnv1a(&[tool.as_bytes(), &args.to_le_bytes()]);
+        let n = if let Some(n) = self.same_calls.get_mut(&key) {
+            *n += 1;
+            *n
+        } else if self.same_calls.len() < MAX_TOOLS_PER_RUN {
+            self.same_calls.insert(key, 1);
+            1
+        } else {
+            0
+        };
+        if self.repeated_call.as_ref().is_none_or(|(_, max)| n > *max) {
+            self.repeated_call = Some((tool.to_string(), n));
         }
     }
 }
@@ -337,6 +363,19 @@ impl Worker {
     pub fn running(&self) -> usize {
         self.runs.len()
     }
+    /// The most repeated identical tool call of the runs in progress (twice or more).
+    pub fn repeated_call(&self) -> Option<crate::fleet::view::RepeatedCall> {
+        self.runs
+            .iter()
+            .filter_map(|r| r.repeated_call.as_ref().map(|(t, n)| (r, t, *n)))
+            .filter(|(_, _, n)| *n >= 2)
+            .max_by_key(|(_, _, n)| *n)
+            .map(|(r, tool, calls)| crate::fleet::view::RepeatedCall {
+                task_id: r.task_id.clone(),
+                tool: tool.clone(),
+                calls,
+            })
+    }
     pub fn max_in_flight(&self) -> Option<u32> {
         self.heartbeat.as_ref().map(|h| h.max_in_flight)
     }
@@ -420,6 +459,8 @@ impl Worker {
             model: None,
             tool_counts: FxHashMap::default(),
             looping_tool: None,
+            same_calls: FxHashMap::default(),
+            repeated_call: None,
             steps: 0,
             cost: 0.0,
             cost_unknown: false,

@@ -809,6 +809,15 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             ));
         }
     }
+    if a.tool_loop_calls < 2 || a.tool_loop_critical_calls <= a.tool_loop_calls {
+        problems.push(here.key("tool_loop_calls").problem(
+            OutOfRange,
+            format!(
+                "alerts.tool_loop_calls {} must be at least 2 and below tool_loop_critical_calls {}",
+                a.tool_loop_calls, a.tool_loop_critical_calls
+            ),
+        ));
+    }
     if a.fleet_error_window_s == 0 {
         problems.push(
             here.key("fleet_error_window_s")

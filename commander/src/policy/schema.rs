@@ -368,6 +368,12 @@ pub struct AlertSpec {
     pub over_provisioned_utilisation: f64,
     /// … for this many seconds.
     pub over_provisioned_for_s: u64,
+    /// Tool loop: the same tool with the same arguments called this many times in one run
+    /// warns (`tool_loop`) …
+    pub tool_loop_calls: u32,
+    /// … and this many times is critical (`tool_loop_runaway`: the rung an escalation step
+    /// acts on).
+    pub tool_loop_critical_calls: u32,
 }
 
 impl Default for AlertSpec {
@@ -396,13 +402,15 @@ impl Default for AlertSpec {
             cost_concentration_tasks: 0.10,
             over_provisioned_utilisation: 0.30,
             over_provisioned_for_s: 900,
+            tool_loop_calls: 3,
+            tool_loop_critical_calls: 10,
         }
     }
 }
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 11] = [
+pub const ALERT_RULES: [&str; 13] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -414,6 +422,8 @@ pub const ALERT_RULES: [&str; 11] = [
     "stuck_wave",
     "cost_concentration",
     "over_provisioned",
+    "tool_loop",
+    "tool_loop_runaway",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,

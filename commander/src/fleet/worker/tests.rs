@@ -59,6 +59,7 @@ fn span(worker: &str, task: &str, op: Operation, at_ms: u64, dur_ms: u64) -> Spa
         model: None,
         usage: None,
         tool: None,
+        tool_args_hash: None,
         task_id: Some(task.into()),
         expected_duration_s: None,
         task_root: false,
@@ -177,6 +178,41 @@ fn the_same_tool_called_n_plus_one_times_is_stuck() {
     assert_eq!(state_of(&f, "w1"), State::Idle);
     f.apply_spans(vec![tool("w1", "t2", T0 + 6 * S, "grep")], T0 + 6 * S);
     assert_eq!(state_of(&f, "w1"), State::Active);
+}
+
+#[test]
+fn the_same_call_is_counted_by_tool_and_arguments() {
+    let mut f = fleet();
+    let call = |at: u64, name: &str, args: &str| {
+        let mut s = tool("w1", "t1", at, name);
+        s.tool_args_hash = Some(crate::ingest::normalise::arguments_hash(args));
+        s
+    };
+    let same = [r#"{"q":"rust","n":5}"#, r#"{ "n": 5, "q": "rust" }"#];
+    for i in 0..4u64 {
+        let at = T0 + i * 100;
+        f.apply_spans(vec![call(at, "search", same[(i % 2) as usize])], at);
+    }
+    // Another query, another tool with the same arguments, a call without arguments.
+    f.apply_spans(
+        vec![
+            call(T0 + 500, "search", r#"{"q":"go","n":5}"#),
+            call(T0 + 600, "fetch", same[0]),
+            tool("w1", "t1", T0 + 700, "search"),
+        ],
+        T0 + 700,
+    );
+    let rc = f.worker("w1").unwrap().repeated_call().unwrap();
+    assert_eq!(
+        (rc.task_id.as_str(), rc.tool.as_str(), rc.calls),
+        ("t1", "search", 4)
+    );
+    f.apply_spans(vec![root("w1", "t1", T0 + S, S, false)], T0 + S);
+    assert_eq!(
+        f.worker("w1").unwrap().repeated_call(),
+        None,
+        "the run ended"
+    );
 }
 
 fn heartbeat(worker: &str, tasks: &[&str]) -> Heartbeat {

@@ -285,6 +285,8 @@ struct SpanAttrs {
     usage: TokenUsage,
     any_usage: bool,
     tool: Option<String>,
+    /// `gen_ai.tool.call.arguments`, hashed in canonical form.
+    tool_args: Option<u64>,
     task_id: Option<String>,
     expected: Option<f64>,
     error_type: Option<String>,
@@ -322,6 +324,9 @@ impl SpanAttrs {
                     a.count(&kv.value, |u, n| u.cache_write = n);
                 }
                 "gen_ai.tool.name" => a.tool = take_string(&mut kv.value),
+                "gen_ai.tool.call.arguments" => {
+                    a.tool_args = take_string(&mut kv.value).map(|s| arguments_hash(&s));
+                }
                 "fleet.task.id" => a.task_id = take_string(&mut kv.value),
                 "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
                 "fleet.task.root" => a.root_flag = bool_of(&kv.value),
@@ -383,6 +388,17 @@ fn span_identity(
     (identity, span_agent_name, true)
 }
 
+/// A tool call's arguments, hashed so that the same call hashes the same however its JSON
+/// was written: JSON is re-serialised with sorted keys and no spaces; anything else is
+/// hashed as it is.
+pub fn arguments_hash(args: &str) -> u64 {
+    match serde_json::from_str::<serde_json::Value>(args) {
+        // serde_json's map is ordered by key (no `preserve_order`): canonical.
+        Ok(v) => crate::domain::fnv1a(&[v.to_string().as_bytes()]),
+        Err(_) => crate::domain::fnv1a(&[args.as_bytes()]),
+    }
+}
+
 fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
@@ -400,6 +416,7 @@ fn one_span(
         usage,
         any_usage,
         tool,
+        tool_args,
         task_id,
         expected,
         error_type,
@@ -450,6 +467,7 @@ fn one_span(
         model: response_model.or(request_model),
         usage: any_usage.then_some(usage),
         tool,
+        tool_args_hash: tool_args,
         task_id,
         expected_duration_s: expected.filter(|d| d.is_finite() && *d > 0.0),
         task_root,

@@ -280,6 +280,34 @@ fn tool_spans_with_and_without_operation_name() {
 }
 
 #[test]
+fn tool_arguments_are_hashed_in_canonical_form() {
+    let args = |a: &str| {
+        one(
+            svc(),
+            span(
+                "t",
+                vec![
+                    s("gen_ai.tool.name", "search"),
+                    s("gen_ai.tool.call.arguments", a),
+                ],
+            ),
+        )
+        .tool_args_hash
+    };
+    assert_eq!(
+        args(r#"{"q":"rust","n":5}"#),
+        args(r#"{ "n": 5,  "q": "rust" }"#)
+    );
+    assert_ne!(args(r#"{"q":"rust"}"#), args(r#"{"q":"go"}"#));
+    assert_eq!(args("not json"), args("not json"), "anything else as it is");
+    assert!(
+        one(svc(), span("t", vec![s("gen_ai.tool.name", "x")]))
+            .tool_args_hash
+            .is_none()
+    );
+}
+
+#[test]
 fn errors_from_status_or_error_type() {
     let mut sp = span("chat gpt-4o", vec![s("gen_ai.operation.name", "chat")]);
     sp.status = Some(Status {
