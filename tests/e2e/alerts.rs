@@ -587,3 +587,138 @@ async fn a_real_alertmanager_gets_the_alert_and_its_end() {
     assert_eq!(sinks["sinks"][0]["failed"], 0, "{sinks}");
     empty.abort();
 }
+
+/// An SDK worker stuck calling one tool with the same arguments: `tool_loop` warns on
+/// NATS, `tool_loop_runaway` goes critical (NATS and a real Alertmanager), the shipped
+/// policy's `end-tool-loops` step cancels the task (its result says cancelled, by which
+/// intervention), and with the run over both alerts resolve, in Alertmanager too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_loop_warns_goes_critical_and_the_shipped_policy_cancels_the_task() {
+    use fleet_worker::{
+        Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskOutput, ToolCall, Worker,
+        WorkerConfig,
+    };
+
+    let am = fleet_testkit::Alertmanager::start().expect("alertmanager");
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/default.policy.toml"
+    ))
+    .unwrap();
+    let start = shipped
+        .find("[[escalation]]\nname = \"end-tool-loops\"")
+        .expect("the shipped step");
+    let step = &shipped[start..];
+    let step = &step[..step[1..].find("\n[").map_or(step.len(), |i| i + 1)];
+    std::fs::write(
+        dir.path().join("loops.policy.toml"),
+        format!("[alerts]\nresolve_s = 1\n\n{step}\n"),
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"am\"\nkind = \"alertmanager\"\nurl = {:?}\n[policy]\ndir = {:?}\n",
+        am.url(),
+        dir.path().display().to_string()
+    );
+    let stack = Stack::start(&toml).await;
+    let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
+    stack.client.flush().await.unwrap();
+    let mut config = WorkerConfig::new("alpha", "loop-1");
+    config.export.flush_interval = Duration::from_millis(100);
+    let worker = Worker::start(stack.client.clone(), config, |ctx| async move {
+        // The agent asks the same question again and again; only a cancel ends it.
+        for _ in 0..150 {
+            ctx.telemetry
+                .tool_call(&ToolCall::new("web_search").arguments(r#"{"query": "same question"}"#));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(TaskOutput::default())
+    })
+    .await
+    .unwrap();
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("find it");
+    task.id = Some("looping".into());
+    task.pool = Some("alpha".into());
+    producer
+        .submit(&task, SubmitOptions::default())
+        .await
+        .unwrap();
+
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    let mut next = async |want: (&str, &str)| loop {
+        let msg = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("alert in time")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let (event, rule) = (
+            v["event"].as_str().unwrap_or(""),
+            v["alert"]["rule"].as_str().unwrap_or(""),
+        );
+        seen.push((msg.subject.to_string(), event.to_string(), rule.to_string()));
+        if (event, rule) == want {
+            return v;
+        }
+    };
+    let warn = next(("firing", "tool_loop")).await;
+    assert_eq!(warn["alert"]["labels"]["worker"], "loop-1", "{warn}");
+    let crit = next(("firing", "tool_loop_runaway")).await;
+    assert!(
+        crit["alert"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("web_search with the same arguments"),
+        "{crit}"
+    );
+    let r = producer.await_result("looping", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Cancelled, "{r:?}");
+    let err = r.error.unwrap();
+    assert_eq!(err.code, "cancelled");
+    assert!(err.message.contains("end-tool-loops"), "{}", err.message);
+    let ints = stack.get_json("/v1/interventions").await;
+    let i = &ints["interventions"][0];
+    assert_eq!(
+        (
+            &i["action"],
+            &i["state"],
+            &i["task_id"],
+            &i["workers"][0]["ok"]
+        ),
+        (
+            &Value::from("cancel_task"),
+            &Value::from("done"),
+            &Value::from("looping"),
+            &Value::from(true)
+        ),
+        "{ints}"
+    );
+    next(("resolved", "tool_loop_runaway")).await;
+    assert!(
+        seen.iter()
+            .any(|(s, e, r)| s == "fleet.alerts.warning" && e == "firing" && r == "tool_loop")
+            && seen
+                .iter()
+                .any(|(s, _, r)| s == "fleet.alerts.critical" && r == "tool_loop_runaway"),
+        "{seen:?}"
+    );
+    eventually(
+        "Alertmanager holds no open runaway after the resolve",
+        WAIT,
+        async || {
+            alertmanager_alerts(&am, "tool_loop_runaway")
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let delivered = stack.get_json("/v1/alerts/sinks").await["sinks"][0]["delivered"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        delivered >= 3,
+        "tool_loop, the runaway and its end: {delivered}"
+    );
+    worker.shutdown().await;
+}
