@@ -21,6 +21,7 @@ use fleet_worker::protocol::{self, headers};
 use fleet_worker::{Subjects, Task, TaskOutput, TraceParent, Worker, WorkerConfig, WorkerHandle};
 use futures::StreamExt;
 
+mod detect;
 mod policy;
 mod telemetry;
 
@@ -34,6 +35,8 @@ pub enum Which {
     Rss(telemetry::RssArgs),
     /// Policy file write -> first decision under the new version, under load.
     Policy(policy::PolicyArgs),
+    /// One detector evaluation (rules, lifecycle, ladder) over a large simulated fleet.
+    Detect(detect::DetectArgs),
 }
 
 #[derive(clap::Args)]
@@ -108,6 +111,7 @@ pub async fn run(which: Which) -> Result<(), String> {
         Which::Ingest(args) => telemetry::ingest(args),
         Which::Rss(args) => telemetry::rss(args).await,
         Which::Policy(args) => policy::run(args).await,
+        Which::Detect(args) => detect::run(args),
     }
 }
 
