@@ -497,3 +497,14 @@ impl std::fmt::Display for Problem {
 pub fn render(problems: &[Problem]) -> Vec<String> {
     problems.iter().map(ToString::to_string).collect()
 }
+
+/// A tool call's arguments, hashed so that the same call hashes the same however its JSON
+/// was written: JSON is re-serialised with sorted keys and no spaces; anything else is
+/// hashed as it is.
+pub fn arguments_hash(args: &str) -> u64 {
+    match serde_json::from_str::<serde_json::Value>(args) {
+        // serde_json's map is ordered by key (no `preserve_order`): canonical.
+        Ok(v) => fnv1a(&[v.to_string().as_bytes()]),
+        Err(_) => fnv1a(&[args.as_bytes()]),
+    }
+}

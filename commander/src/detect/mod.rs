@@ -6,6 +6,7 @@
 //! (`fleet_alerts_firing`). docs/alerts.md lists the rules and their defaults.
 //!
 //! - `rules.rs`: the rules, as observations of a snapshot (pure);
+//! - `slices.rs`: correlated failure slices (lift, a z-test, Benjamini–Hochberg), pure;
 //! - `history.rs`: the detector's short memory (baselines, hourly averages);
 //! - `lifecycle.rs`: pending / firing / resolved with `for`, hysteresis, renotify, no data;
 //! - `store.rs`: the alert log in sled;
@@ -23,6 +24,7 @@ pub mod rules;
 pub mod run;
 pub mod silence;
 pub mod sinks;
+pub mod slices;
 pub mod store;
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub enum Rule {
     StuckWave,
     CostConcentration,
     OverProvisioned,
+    FailureSlice,
 }
 
 /// How loud an alert is.
@@ -55,7 +56,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 13] = [
+    pub const ALL: [Rule; 14] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -69,6 +70,7 @@ impl Rule {
         Rule::OverProvisioned,
         Rule::ToolLoop,
         Rule::ToolLoopRunaway,
+        Rule::FailureSlice,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +88,7 @@ impl Rule {
             Rule::OverProvisioned => "over_provisioned",
             Rule::ToolLoop => "tool_loop",
             Rule::ToolLoopRunaway => "tool_loop_runaway",
+            Rule::FailureSlice => "failure_slice",
         }
     }
 
@@ -114,7 +117,9 @@ impl Rule {
             | Rule::StuckAgent
             | Rule::StuckWave
             | Rule::ToolLoop
-            | Rule::ToolLoopRunaway => 0,
+            | Rule::ToolLoopRunaway
+            // Already a test over 15 minutes of evidence.
+            | Rule::FailureSlice => 0,
             _ => spec.pending_s * 1000,
         }
     }
@@ -172,7 +177,36 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     }
     fleet_rules(i, &mut out);
     pool_rules(i, &mut out);
+    slice_rules(i, &mut out);
     out
+}
+
+/// One observation per failure slice found (`detect/slices.rs`), labelled by its dimensions.
+fn slice_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    if i.snapshot.slices.is_empty() {
+        return;
+    }
+    for f in super::slices::findings(
+        &i.snapshot.slices,
+        i.snapshot.slice_totals,
+        i.spec,
+        HYSTERESIS,
+    ) {
+        out.push(Observation {
+            rule: Rule::FailureSlice,
+            labels: f
+                .dims
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            value: f.lift,
+            threshold: i.spec.failure_slice_lift,
+            active: f.active,
+            holding: true,
+            message: f.message(),
+            links: Links::default(),
+        });
+    }
 }
 
 fn worker_labels(w: &WorkerView) -> BTreeMap<String, String> {

@@ -88,6 +88,7 @@ fn snapshot(workers: Vec<WorkerView>, pools: Vec<PoolView>, fleet: FleetView) ->
         },
         pools,
         workers,
+        ..Default::default()
     }
 }
 
@@ -543,7 +544,7 @@ fn open_alerts_are_bounded_and_the_excess_is_counted() {
 
 #[test]
 fn a_tool_loop_warns_at_three_same_calls_is_critical_at_ten_and_ends_with_the_run() {
-    use crate::fleet::view::RepeatedCall;
+    use crate::fleet::worker::RepeatedCall;
     let mut r = Run::new();
     r.spec.resolve_s = 5;
     let looping = |calls: u32| {
@@ -586,6 +587,56 @@ fn a_tool_loop_warns_at_three_same_calls_is_critical_at_ten_and_ends_with_the_ru
         Change::Resolved
     );
     assert!(r.firing().is_empty());
+}
+
+#[test]
+fn ten_agents_failing_their_web_search_at_once_fire_one_alert() {
+    use crate::fleet::slices::SliceView;
+    let mut r = Run::new();
+    let slice = |dims: &[(&'static str, &str)], recent: (u64, u64)| SliceView {
+        dims: dims.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        recent_ops: recent.0,
+        recent_failures: recent.1,
+        past_ops: 400,
+        past_failures: 2,
+    };
+    let failing = |_| {
+        let mut s = snapshot(vec![worker("w1")], vec![], FleetView::default());
+        s.slices = vec![
+            slice(&[("tool", "web_search")], (10, 10)),
+            slice(&[("tool", "web_search"), ("model", "gpt-4o")], (10, 10)),
+            slice(&[("tool", "web_search"), ("user_tier", "free")], (6, 6)),
+            slice(&[("tool", "web_search"), ("user_tier", "pro")], (4, 4)),
+        ];
+        s.slice_totals = (500, 10);
+        s
+    };
+    let c = r.run(30 * S, failing);
+    let fired: Vec<&Alert> = c
+        .iter()
+        .filter(|(_, ch, a)| *ch == Change::Firing && a.rule == Rule::FailureSlice)
+        .map(|(_, _, a)| a)
+        .collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(
+        fired[0].labels,
+        BTreeMap::from([("tool".to_string(), "web_search".to_string())])
+    );
+    assert!(
+        fired[0]
+            .message
+            .starts_with("Error rate on web_search tool: up"),
+        "{}",
+        fired[0].message
+    );
+    // Quiet again once the failures age out of the window.
+    let c = r.run(70 * S, |_| {
+        snapshot(vec![worker("w1")], vec![], FleetView::default())
+    });
+    assert_eq!(
+        sent(&c, Rule::FailureSlice).last().unwrap().1,
+        Change::Resolved
+    );
 }
 
 mod ladder {

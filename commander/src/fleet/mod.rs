@@ -8,6 +8,7 @@
 pub mod costs;
 pub mod lineage;
 pub mod mix;
+pub mod slices;
 pub mod view;
 pub mod window;
 pub mod worker;
@@ -318,6 +319,8 @@ pub struct FleetState {
     model_latency: FxHashMap<String, WindowedSketch>,
     /// Tokens of processes that report them both as spans and as metrics.
     mix: mix::UsageMix,
+    /// Operations and failures per slice (tool, model, prompt variant …), the last hour.
+    slices: slices::Slices,
 }
 
 impl FleetState {
@@ -343,6 +346,7 @@ impl FleetState {
             counters: Arc::new(StateCounters::default()),
             lineage: Default::default(),
             model_latency: FxHashMap::default(),
+            slices: slices::Slices::default(),
             mix: Default::default(),
         }
     }
@@ -458,6 +462,7 @@ impl FleetState {
             {
                 w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
             }
+            self.slices.count(&ev, model, at);
             let p = self.fleet.at(at);
             if billed {
                 p.llm_calls += 1;
@@ -761,6 +766,7 @@ impl FleetState {
 
     pub fn tick(&mut self, now_ms: u64) {
         self.book_metric_extras(now_ms);
+        self.slices.sweep(now_ms);
         let mut due = Vec::new();
         self.lineage
             .expire(now_ms, self.cfg.identity_wait_ms, &mut due);
@@ -953,6 +959,7 @@ impl FleetState {
         let last_min = self.fleet.total(now_ms, MINUTE);
         let burn = five.cost_usd * 12.0;
         let ops = five.llm_calls + five.tool_calls + five.tasks;
+        let (slices, slice_totals) = self.slices.view(now_ms);
         FleetSnapshot {
             fleet: FleetView {
                 at_ms: now_ms,
@@ -974,6 +981,8 @@ impl FleetState {
             },
             pools: pools.into_values().collect(),
             workers,
+            slices,
+            slice_totals,
         }
     }
 

@@ -44,7 +44,7 @@ pub struct WorkerView {
     /// The most repeated identical tool call (same tool, same arguments) of a run in
     /// progress, when a call was made twice or more.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub repeated_call: Option<RepeatedCall>,
+    pub repeated_call: Option<super::worker::RepeatedCall>,
     pub capabilities: Vec<String>,
     pub context_tokens: Option<u64>,
     pub context_limit_tokens: Option<u64>,
@@ -74,15 +74,6 @@ pub struct WorkerView {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     pub last_heartbeat_ms: Option<u64>,
-}
-
-/// The same tool called with the same arguments, again and again, in one run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct RepeatedCall {
-    pub task_id: String,
-    pub tool: String,
-    /// How many times that exact call was made.
-    pub calls: u32,
 }
 
 /// One worker in full: the summary plus tools, recent runs, transitions and the sparkline.
@@ -205,6 +196,11 @@ pub struct FleetSnapshot {
     pub pools: Vec<PoolView>,
     /// Sorted by id.
     pub workers: Vec<WorkerView>,
+    /// Slices (tool, model, prompt variant … and pairs) with a failure in the last
+    /// `slices::RECENT_MINUTES`, with their counts then and before.
+    pub slices: Vec<super::slices::SliceView>,
+    /// The fleet's operations and failures in that recent window.
+    pub slice_totals: (u64, u64),
 }
 
 /// `/v1/costs` answer.

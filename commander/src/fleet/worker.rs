@@ -191,6 +191,15 @@ impl Run {
     }
 }
 
+/// The same tool called with the same arguments, again and again, in one run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RepeatedCall {
+    pub task_id: String,
+    pub tool: String,
+    /// How many times that exact call was made.
+    pub calls: u32,
+}
+
 /// Calls, failures and latency of one tool.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ToolStats {
@@ -364,13 +373,13 @@ impl Worker {
         self.runs.len()
     }
     /// The most repeated identical tool call of the runs in progress (twice or more).
-    pub fn repeated_call(&self) -> Option<crate::fleet::view::RepeatedCall> {
+    pub fn repeated_call(&self) -> Option<RepeatedCall> {
         self.runs
             .iter()
             .filter_map(|r| r.repeated_call.as_ref().map(|(t, n)| (r, t, *n)))
             .filter(|(_, _, n)| *n >= 2)
             .max_by_key(|(_, _, n)| *n)
-            .map(|(r, tool, calls)| crate::fleet::view::RepeatedCall {
+            .map(|(r, tool, calls)| RepeatedCall {
                 task_id: r.task_id.clone(),
                 tool: tool.clone(),
                 calls,

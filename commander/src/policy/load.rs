@@ -757,6 +757,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             "over_provisioned_utilisation",
             a.over_provisioned_utilisation,
         ),
+        ("failure_slice_fdr", a.failure_slice_fdr),
     ] {
         if !(v > 0.0 && v <= 1.0) {
             problems.push(here.key(key).problem(
@@ -778,6 +779,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
         ("cost_rate_multiple", a.cost_rate_multiple),
         ("output_rate_multiple", a.output_rate_multiple),
         ("active_duration_multiple", a.active_duration_multiple),
+        ("failure_slice_lift", a.failure_slice_lift),
     ] {
         if !(v.is_finite() && v > 1.0) {
             problems.push(
@@ -808,6 +810,12 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
                 format!("alerts.{key}: {v} must be a number >= 0"),
             ));
         }
+    }
+    if a.failure_slice_min_ops == 0 || a.failure_slice_min_failures == 0 {
+        problems.push(here.key("failure_slice_min_ops").problem(
+            OutOfRange,
+            "alerts.failure_slice_min_ops and failure_slice_min_failures must be at least 1",
+        ));
     }
     if a.tool_loop_calls < 2 || a.tool_loop_critical_calls <= a.tool_loop_calls {
         problems.push(here.key("tool_loop_calls").problem(

@@ -374,6 +374,15 @@ pub struct AlertSpec {
     /// … and this many times is critical (`tool_loop_runaway`: the rung an escalation step
     /// acts on).
     pub tool_loop_critical_calls: u32,
+    /// Failure slices: a slice's recent failure rate at least this multiple of its
+    /// baseline's …
+    pub failure_slice_lift: f64,
+    /// … over at least this many recent operations (and as many in the baseline) …
+    pub failure_slice_min_ops: u32,
+    /// … with at least this many recent failures …
+    pub failure_slice_min_failures: u32,
+    /// … surviving a Benjamini–Hochberg correction at this false discovery rate.
+    pub failure_slice_fdr: f64,
 }
 
 impl Default for AlertSpec {
@@ -404,13 +413,17 @@ impl Default for AlertSpec {
             over_provisioned_for_s: 900,
             tool_loop_calls: 3,
             tool_loop_critical_calls: 10,
+            failure_slice_lift: 3.0,
+            failure_slice_min_ops: 10,
+            failure_slice_min_failures: 5,
+            failure_slice_fdr: 0.01,
         }
     }
 }
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 13] = [
+pub const ALERT_RULES: [&str; 14] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -424,6 +437,7 @@ pub const ALERT_RULES: [&str; 13] = [
     "over_provisioned",
     "tool_loop",
     "tool_loop_runaway",
+    "failure_slice",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,

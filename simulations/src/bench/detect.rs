@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use fleet_commander::config::PoolConfig;
 use fleet_commander::detect::{Detector, intervene};
-use fleet_commander::fleet::view::{
-    FleetSnapshot, FleetView, PoolView, QueueView, RepeatedCall, WorkerView,
-};
-use fleet_commander::fleet::worker::State;
+use fleet_commander::fleet::view::{FleetSnapshot, FleetView, PoolView, QueueView, WorkerView};
+use fleet_commander::fleet::worker::{RepeatedCall, State};
 use fleet_commander::policy::schema::{AlertSpec, EscalationAction, EscalationSpec};
 
 #[derive(clap::Args)]
@@ -153,6 +151,7 @@ fn snapshot(args: &DetectArgs, tick: u64, now_ms: u64) -> FleetSnapshot {
         },
         pools,
         workers,
+        ..Default::default()
     }
 }
 
@@ -168,8 +167,18 @@ fn steps() -> Vec<EscalationSpec> {
         sticky: false,
     };
     vec![
-        step("brake", &["tool_loop", "context_overflow_risk"], EscalationAction::Throttle, Some(0.5)),
-        step("stop", &["tool_loop_runaway", "context_critical"], EscalationAction::Pause, None),
+        step(
+            "brake",
+            &["tool_loop", "context_overflow_risk"],
+            EscalationAction::Throttle,
+            Some(0.5),
+        ),
+        step(
+            "stop",
+            &["tool_loop_runaway", "context_critical"],
+            EscalationAction::Pause,
+            None,
+        ),
         step("log", &[], EscalationAction::Log, None),
     ]
 }
@@ -207,7 +216,11 @@ pub fn run(args: DetectArgs) -> Result<(), String> {
         let changed = detector.tick(&snap, &spec, &pools, now_ms);
         let open = detector.open();
         let due = intervene::due(&open, &steps, &snap, |id| taken.contains(id), now_ms);
-        let active: Vec<_> = due.iter().filter(|i| i.controls_workers()).cloned().collect();
+        let active: Vec<_> = due
+            .iter()
+            .filter(|i| i.controls_workers())
+            .cloned()
+            .collect();
         let want = intervene::desired(&active, &snap);
         eval.push(start.elapsed());
         changes += changed.len();

@@ -185,7 +185,7 @@ fn the_same_call_is_counted_by_tool_and_arguments() {
     let mut f = fleet();
     let call = |at: u64, name: &str, args: &str| {
         let mut s = tool("w1", "t1", at, name);
-        s.tool_args_hash = Some(crate::ingest::normalise::arguments_hash(args));
+        s.tool_args_hash = Some(crate::domain::arguments_hash(args));
         s
     };
     let same = [r#"{"q":"rust","n":5}"#, r#"{ "n": 5, "q": "rust" }"#];
@@ -831,4 +831,57 @@ fn a_process_that_reports_some_calls_only_as_metrics_is_counted_in_full_once() {
     assert_eq!(f.worker("mix-1").unwrap().total_input_tokens, 500);
     let costs = f.costs(&[Dim::Model], 3_600_000, T0 + 100 * S);
     assert_eq!(costs.rows[0].cell.input_tokens, 500);
+}
+
+#[test]
+fn failures_are_counted_per_slice_and_pair_and_judged_on_the_last_fifteen_minutes() {
+    let mut f = fleet();
+    let call = |w: &str, at: u64, failed: bool, variant: &str| {
+        let mut s = tool(w, &format!("t-{w}-{at}"), at, "web_search");
+        s.error = failed;
+        s.dims.prompt_variant = Some(variant.into());
+        s
+    };
+    // Half an hour ago: web_search works for everyone.
+    let past = T0 - 30 * 60 * S;
+    let ok: Vec<SpanEvent> = (0..40)
+        .map(|i| call(&format!("w{i}"), past + i * S, false, "v6"))
+        .collect();
+    f.apply_spans(ok, past + 40 * S);
+    // Now ten agents fail it within thirty seconds.
+    let now = T0;
+    let bad: Vec<SpanEvent> = (0..10)
+        .map(|i| call(&format!("w{i}"), now + i * 3 * S, true, "v7"))
+        .collect();
+    f.apply_spans(bad, now + 30 * S);
+    let snap = f.snapshot(now + 30 * S);
+    let get = |dims: &[(&str, &str)]| {
+        snap.slices
+            .iter()
+            .find(|s| {
+                s.dims
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect::<Vec<_>>()
+                    == dims
+            })
+            .cloned()
+    };
+    let tool_slice = get(&[("tool", "web_search")]).expect("the tool's slice");
+    assert_eq!(
+        (
+            tool_slice.recent_ops,
+            tool_slice.recent_failures,
+            tool_slice.past_ops,
+            tool_slice.past_failures
+        ),
+        (10, 10, 40, 0)
+    );
+    let pair = get(&[("tool", "web_search"), ("prompt_variant", "v7")]).expect("the pair");
+    assert_eq!((pair.recent_failures, pair.past_ops), (10, 0));
+    assert!(
+        get(&[("tool", "web_search"), ("prompt_variant", "v6")]).is_none(),
+        "no recent failure"
+    );
+    assert_eq!(snap.slice_totals, (10, 10));
 }

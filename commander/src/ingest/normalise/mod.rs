@@ -325,7 +325,8 @@ impl SpanAttrs {
                 }
                 "gen_ai.tool.name" => a.tool = take_string(&mut kv.value),
                 "gen_ai.tool.call.arguments" => {
-                    a.tool_args = take_string(&mut kv.value).map(|s| arguments_hash(&s));
+                    a.tool_args =
+                        take_string(&mut kv.value).map(|s| crate::domain::arguments_hash(&s));
                 }
                 "fleet.task.id" => a.task_id = take_string(&mut kv.value),
                 "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
@@ -386,17 +387,6 @@ fn span_identity(
         Arc::new(id)
     };
     (identity, span_agent_name, true)
-}
-
-/// A tool call's arguments, hashed so that the same call hashes the same however its JSON
-/// was written: JSON is re-serialised with sorted keys and no spaces; anything else is
-/// hashed as it is.
-pub fn arguments_hash(args: &str) -> u64 {
-    match serde_json::from_str::<serde_json::Value>(args) {
-        // serde_json's map is ordered by key (no `preserve_order`): canonical.
-        Ok(v) => crate::domain::fnv1a(&[v.to_string().as_bytes()]),
-        Err(_) => crate::domain::fnv1a(&[args.as_bytes()]),
-    }
 }
 
 fn one_span(
