@@ -34,6 +34,7 @@ pub enum Rule {
     CostConcentration,
     OverProvisioned,
     FailureSlice,
+    ToolFailureRate,
 }
 
 /// How loud an alert is.
@@ -56,7 +57,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 14] = [
+    pub const ALL: [Rule; 15] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -71,6 +72,7 @@ impl Rule {
         Rule::ToolLoop,
         Rule::ToolLoopRunaway,
         Rule::FailureSlice,
+        Rule::ToolFailureRate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +91,7 @@ impl Rule {
             Rule::ToolLoop => "tool_loop",
             Rule::ToolLoopRunaway => "tool_loop_runaway",
             Rule::FailureSlice => "failure_slice",
+            Rule::ToolFailureRate => "tool_failure_rate",
         }
     }
 
@@ -178,7 +181,44 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     fleet_rules(i, &mut out);
     pool_rules(i, &mut out);
     slice_rules(i, &mut out);
+    tool_rules(i, &mut out);
     out
+}
+
+/// A tool whose calls across the fleet succeed less than `tool_success_below` of the time
+/// over the slices' recent window (at least `min_samples` calls).
+fn tool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    let limit = 1.0 - spec.tool_success_below;
+    for s in &i.snapshot.slices {
+        let [(dim, tool)] = s.dims.as_slice() else {
+            continue;
+        };
+        if *dim != "tool" || s.recent_ops < spec.min_samples {
+            continue;
+        }
+        let failing = s.recent_failures as f64 / s.recent_ops as f64;
+        let state = above(failing, limit);
+        if keep(state) {
+            let scope = Scope {
+                labels: BTreeMap::from([("tool".to_string(), tool.clone())]),
+                links: Links::default(),
+            };
+            let message = format!(
+                "Tool {tool} succeeded in {:.0}% of {} calls across the fleet in the last {} minutes (alert below {:.0}%)",
+                (1.0 - failing) * 100.0,
+                s.recent_ops,
+                crate::fleet::slices::RECENT_MINUTES,
+                spec.tool_success_below * 100.0
+            );
+            out.push(scope.observe(
+                Rule::ToolFailureRate,
+                (1.0 - failing, spec.tool_success_below),
+                state,
+                message,
+            ));
+        }
+    }
 }
 
 /// One observation per failure slice found (`detect/slices.rs`), labelled by its dimensions.

@@ -639,6 +639,57 @@ fn ten_agents_failing_their_web_search_at_once_fire_one_alert() {
     );
 }
 
+#[test]
+fn a_tool_failing_across_the_fleet_fires_below_seventy_percent_success() {
+    use crate::fleet::slices::SliceView;
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    r.spec.resolve_s = 2;
+    let with = |calls: u64, failures: u64| {
+        move |_| {
+            let mut s = snapshot(vec![worker("w1")], vec![], FleetView::default());
+            s.slices = vec![SliceView {
+                dims: vec![("tool", "pdf_reader".to_string())],
+                recent_ops: calls,
+                recent_failures: failures,
+                past_ops: calls,
+                past_failures: failures,
+            }];
+            s.slice_totals = (calls, failures);
+            s
+        }
+    };
+    assert!(
+        sent(&r.run(3 * S, with(100, 25)), Rule::ToolFailureRate).is_empty(),
+        "75% succeed"
+    );
+    assert!(
+        sent(&r.run(3 * S, with(10, 9)), Rule::ToolFailureRate).is_empty(),
+        "too few calls"
+    );
+    let c = r.run(2 * S, with(100, 40));
+    assert_eq!(
+        sent(&c, Rule::ToolFailureRate).first().unwrap().1,
+        Change::Firing
+    );
+    let a = c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::ToolFailureRate)
+        .unwrap();
+    assert!(
+        a.2.message
+            .starts_with("Tool pdf_reader succeeded in 60% of 100 calls"),
+        "{}",
+        a.2.message
+    );
+    assert_eq!(a.2.labels["tool"], "pdf_reader");
+    let c = r.run(5 * S, with(100, 10));
+    assert_eq!(
+        sent(&c, Rule::ToolFailureRate).last().unwrap().1,
+        Change::Resolved
+    );
+}
+
 mod ladder {
     use super::*;
     use crate::detect::intervene::{self, InterventionState, Target};

@@ -423,7 +423,7 @@ impl Default for AlertSpec {
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 14] = [
+pub const ALERT_RULES: [&str; 15] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -438,6 +438,7 @@ pub const ALERT_RULES: [&str; 14] = [
     "tool_loop",
     "tool_loop_runaway",
     "failure_slice",
+    "tool_failure_rate",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,
