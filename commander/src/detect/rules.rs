@@ -35,6 +35,9 @@ pub enum Rule {
     OverProvisioned,
     FailureSlice,
     ToolFailureRate,
+    CostJump,
+    DurationJump,
+    DepthTail,
 }
 
 /// How loud an alert is.
@@ -57,7 +60,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 15] = [
+    pub const ALL: [Rule; 18] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -73,6 +76,9 @@ impl Rule {
         Rule::ToolLoopRunaway,
         Rule::FailureSlice,
         Rule::ToolFailureRate,
+        Rule::CostJump,
+        Rule::DurationJump,
+        Rule::DepthTail,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +98,9 @@ impl Rule {
             Rule::ToolLoopRunaway => "tool_loop_runaway",
             Rule::FailureSlice => "failure_slice",
             Rule::ToolFailureRate => "tool_failure_rate",
+            Rule::CostJump => "cost_jump",
+            Rule::DurationJump => "duration_jump",
+            Rule::DepthTail => "depth_tail",
         }
     }
 
@@ -182,7 +191,85 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     pool_rules(i, &mut out);
     slice_rules(i, &mut out);
     tool_rules(i, &mut out);
+    task_type_rules(i, &mut out);
     out
+}
+
+/// Distribution jumps per task type, from the fleet's windowed sketches: P95 cost per run
+/// and P99 duration over the last 20 minutes against the 40 before, and the depth tail
+/// (P99 calls per run against the median) over the hour.
+fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let spec = i.spec;
+    let enough = |p: &crate::fleet::window::Percentiles| p.count >= spec.min_samples;
+    let jump = 1.0 + spec.distribution_jump;
+    for t in &i.snapshot.fleet.task_types {
+        let mut scope: Option<Scope> = None;
+        let mut emit =
+            |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
+                if keep(state) {
+                    let s = scope.get_or_insert_with(|| Scope {
+                        labels: BTreeMap::from([("task_type".to_string(), t.task_type.clone())]),
+                        links: Links::default(),
+                    });
+                    out.push(s.observe(rule, vt, state, message()));
+                }
+            };
+        if let (Some(now), Some(before)) = (t.cost_recent_usd.p95, t.cost_earlier_usd.p95)
+            && enough(&t.cost_recent_usd)
+            && enough(&t.cost_earlier_usd)
+            && before > 0.0
+        {
+            emit(
+                Rule::CostJump,
+                (now / before, jump),
+                above(now / before, jump),
+                &|| {
+                    format!(
+                        "P95 cost per run of {} tasks is ${now:.4}, up {:.0}% from ${before:.4} earlier in the hour",
+                        t.task_type,
+                        (now / before - 1.0) * 100.0
+                    )
+                },
+            );
+        }
+        if let (Some(now), Some(before)) = (t.duration_recent_ms.p99, t.duration_earlier_ms.p99)
+            && enough(&t.duration_recent_ms)
+            && enough(&t.duration_earlier_ms)
+            && before > 0.0
+        {
+            emit(
+                Rule::DurationJump,
+                (now / before, jump),
+                above(now / before, jump),
+                &|| {
+                    format!(
+                        "P99 duration of {} runs is {:.1} s, up {:.0}% from {:.1} s earlier in the hour",
+                        t.task_type,
+                        now / 1000.0,
+                        (now / before - 1.0) * 100.0,
+                        before / 1000.0
+                    )
+                },
+            );
+        }
+        if let (Some(p99), Some(p50)) = (t.depth.p99, t.depth.p50)
+            && enough(&t.depth)
+            && p50 > 0.0
+        {
+            let ratio = p99 / p50;
+            emit(
+                Rule::DepthTail,
+                (ratio, spec.depth_tail_multiple),
+                above(ratio, spec.depth_tail_multiple),
+                &|| {
+                    format!(
+                        "P99 depth of {} runs is {p99:.0} calls, {ratio:.1}x the median ({p50:.0}) over the last hour",
+                        t.task_type
+                    )
+                },
+            );
+        }
+    }
 }
 
 /// A tool whose calls across the fleet succeed less than `tool_success_below` of the time

@@ -690,6 +690,76 @@ fn a_tool_failing_across_the_fleet_fires_below_seventy_percent_success() {
     );
 }
 
+#[test]
+fn distribution_jumps_per_task_type_fire_on_the_jump_and_not_on_a_steady_hour() {
+    use crate::fleet::view::TaskTypeView;
+    use crate::fleet::window::Percentiles;
+    let p = |p50: f64, p95: f64, p99: f64| Percentiles {
+        count: 50,
+        p50: Some(p50),
+        p95: Some(p95),
+        p99: Some(p99),
+    };
+    let hour = |cost_now: f64, dur_now: f64, depth_p99: f64| {
+        move |_| {
+            let t = TaskTypeView {
+                task_type: "code_review".into(),
+                tasks: 100,
+                cost_recent_usd: p(0.1, cost_now, cost_now),
+                cost_earlier_usd: p(0.1, 0.29, 0.3),
+                duration_recent_ms: p(20_000.0, dur_now, dur_now),
+                duration_earlier_ms: p(20_000.0, 50_000.0, 52_000.0),
+                depth: p(7.0, 12.0, depth_p99),
+                ..Default::default()
+            };
+            snapshot(
+                vec![worker("w1")],
+                vec![],
+                FleetView {
+                    task_types: vec![t],
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    let quiet = r.run(10 * S, hour(0.31, 55_000.0, 14.0));
+    for rule in [Rule::CostJump, Rule::DurationJump, Rule::DepthTail] {
+        assert!(sent(&quiet, rule).is_empty(), "{rule:?} on a steady hour");
+    }
+    let c = r.run(2 * S, hour(0.42, 84_000.0, 31.0));
+    for rule in [Rule::CostJump, Rule::DurationJump, Rule::DepthTail] {
+        assert_eq!(
+            sent(&c, rule).first().map(|x| x.1),
+            Some(Change::Firing),
+            "{rule:?}"
+        );
+    }
+    let msg = |rule| {
+        c.iter()
+            .find(|(_, _, a)| a.rule == rule)
+            .map(|(_, _, a)| a.message.clone())
+            .unwrap()
+    };
+    assert!(
+        msg(Rule::CostJump)
+            .contains("P95 cost per run of code_review tasks is $0.4200, up 45% from $0.2900"),
+        "{}",
+        msg(Rule::CostJump)
+    );
+    assert!(
+        msg(Rule::DurationJump).contains("is 84.0 s, up 62% from 52.0 s"),
+        "{}",
+        msg(Rule::DurationJump)
+    );
+    assert!(
+        msg(Rule::DepthTail).contains("31 calls, 4.4x the median (7)"),
+        "{}",
+        msg(Rule::DepthTail)
+    );
+}
+
 mod ladder {
     use super::*;
     use crate::detect::intervene::{self, InterventionState, Target};

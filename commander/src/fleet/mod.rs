@@ -1061,7 +1061,13 @@ impl FleetState {
             .iter()
             .map(|(name, t)| {
                 let duration = t.duration.percentiles(now_ms);
+                let (cost_recent_usd, cost_earlier_usd) = t.cost.split(now_ms, 2);
+                let (duration_recent_ms, duration_earlier_ms) = t.duration.split(now_ms, 2);
                 TaskTypeView {
+                    cost_recent_usd,
+                    cost_earlier_usd,
+                    duration_recent_ms,
+                    duration_earlier_ms,
                     task_type: name.clone(),
                     tasks: duration.count,
                     cost_usd: t.cost.percentiles(now_ms),

@@ -156,6 +156,13 @@ pub struct TaskTypeView {
     /// LLM + tool calls per run.
     pub depth: Percentiles,
     pub duration_ms: Percentiles,
+    /// Cost per run over the last 20 minutes and the 40 before (the hour above, split), so
+    /// a jump within the hour shows.
+    pub cost_recent_usd: Percentiles,
+    pub cost_earlier_usd: Percentiles,
+    /// Run duration, split the same way.
+    pub duration_recent_ms: Percentiles,
+    pub duration_earlier_ms: Percentiles,
     /// Smoothed run duration used as the expected duration for STUCK.
     pub baseline_duration_ms: Option<u64>,
     /// Smoothed output tokens/s of runs of this type.

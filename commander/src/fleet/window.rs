@@ -293,10 +293,27 @@ impl WindowedSketch {
     }
 
     pub fn percentiles(&self, now_ms: u64) -> Percentiles {
-        let oldest = (now_ms / self.slice_ms).saturating_sub(self.max_slices as u64 - 1);
+        let now = now_ms / self.slice_ms;
+        self.between(now.saturating_sub(self.max_slices as u64 - 1), now)
+    }
+
+    /// The window split in two: its newest `recent` slices (the current one included) and
+    /// the slices before them, so a change within the window shows.
+    pub fn split(&self, now_ms: u64, recent: usize) -> (Percentiles, Percentiles) {
+        let now = now_ms / self.slice_ms;
+        let first_recent = now.saturating_sub(recent.max(1) as u64 - 1);
+        let oldest = now.saturating_sub(self.max_slices as u64 - 1);
+        (
+            self.between(first_recent, now),
+            self.between(oldest, first_recent.saturating_sub(1)),
+        )
+    }
+
+    /// Percentiles over the slices `from..=to` (empty when `to < from`).
+    fn between(&self, from: u64, to: u64) -> Percentiles {
         let mut merged = sketch();
         for (slice, s) in &self.slices {
-            if *slice >= oldest {
+            if (from..=to).contains(slice) {
                 // Same config on both sides, so merge cannot fail.
                 let _ = merged.merge(s);
             }
@@ -358,5 +375,30 @@ mod tests {
         let p = w.percentiles(10 * 60_000);
         assert_eq!(p.count, 1);
         assert!((p.p50.unwrap() - 1000.0).abs() < 20.0);
+    }
+
+    #[test]
+    fn a_split_window_shows_a_change_the_whole_hour_dilutes() {
+        const TEN_MIN: u64 = 600_000;
+        let mut w = WindowedSketch::new(TEN_MIN, 6);
+        for slice in 0..4u64 {
+            for _ in 0..100 {
+                w.add(slice * TEN_MIN, 1.0);
+            }
+        }
+        for slice in 4..6u64 {
+            for _ in 0..100 {
+                w.add(slice * TEN_MIN, 2.0);
+            }
+        }
+        let now = 5 * TEN_MIN + 1;
+        let (recent, earlier) = w.split(now, 2);
+        assert_eq!((recent.count, earlier.count), (200, 400));
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < b * 0.02);
+        assert!(
+            close(recent.p50, 2.0) && close(earlier.p50, 1.0),
+            "{recent:?} {earlier:?}"
+        );
+        assert_eq!(w.percentiles(now).count, 600);
     }
 }

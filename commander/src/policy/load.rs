@@ -758,6 +758,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             a.over_provisioned_utilisation,
         ),
         ("failure_slice_fdr", a.failure_slice_fdr),
+        ("distribution_jump", a.distribution_jump),
     ] {
         if !(v > 0.0 && v <= 1.0) {
             problems.push(here.key(key).problem(
@@ -780,6 +781,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
         ("output_rate_multiple", a.output_rate_multiple),
         ("active_duration_multiple", a.active_duration_multiple),
         ("failure_slice_lift", a.failure_slice_lift),
+        ("depth_tail_multiple", a.depth_tail_multiple),
     ] {
         if !(v.is_finite() && v > 1.0) {
             problems.push(

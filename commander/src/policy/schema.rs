@@ -383,6 +383,11 @@ pub struct AlertSpec {
     pub failure_slice_min_failures: u32,
     /// … surviving a Benjamini–Hochberg correction at this false discovery rate.
     pub failure_slice_fdr: f64,
+    /// Distribution jumps: a task type's P95 cost per run or P99 duration over the last
+    /// 20 minutes above the 40 minutes before by more than this share (0.30 = 30 %).
+    pub distribution_jump: f64,
+    /// Depth tail: a task type's P99 calls per run at least this multiple of its median.
+    pub depth_tail_multiple: f64,
 }
 
 impl Default for AlertSpec {
@@ -417,13 +422,15 @@ impl Default for AlertSpec {
             failure_slice_min_ops: 10,
             failure_slice_min_failures: 5,
             failure_slice_fdr: 0.01,
+            distribution_jump: 0.30,
+            depth_tail_multiple: 3.0,
         }
     }
 }
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 15] = [
+pub const ALERT_RULES: [&str; 18] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -439,6 +446,9 @@ pub const ALERT_RULES: [&str; 15] = [
     "tool_loop_runaway",
     "failure_slice",
     "tool_failure_rate",
+    "cost_jump",
+    "duration_jump",
+    "depth_tail",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,
