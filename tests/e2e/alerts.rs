@@ -352,6 +352,14 @@ rules = ["context_critical"]
 severity = "critical"
 after_s = 2
 action = "pause"
+
+[[escalation]]
+name = "guard"
+rules = ["context_critical"]
+severity = "critical"
+after_s = 2
+action = "block"
+block = "pool"
 "#,
     )
     .unwrap();
@@ -427,6 +435,40 @@ action = "pause"
         1.0
     );
 
+    // Rung 5: the pool is refused new work while the guard is in force, and says why.
+    let guard = active("guard").await.expect("the guard is in force");
+    assert_eq!(guard["level"], 5, "{guard}");
+    eventually("decisions refuse the pool", WAIT, async || {
+        stack.get_json("/v1/interventions").await["blocks"][0]["value"] == "alpha"
+    })
+    .await;
+    submit("blocked-1", "small").await;
+    let r = producer.await_result("blocked-1", WAIT).await.unwrap();
+    assert_eq!(r.status, fleet_worker::ResultStatus::Rejected, "{r:?}");
+    let err = r.error.unwrap();
+    assert_eq!(err.code, "blocked");
+    assert!(
+        err.message
+            .starts_with("pool alpha is blocked by intervention context_critical:"),
+        "{}",
+        err.message
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(stack.http(&format!(
+            "/v1/interventions/{}/revert",
+            guard["id"].as_str().unwrap()
+        )))
+        .bearer_auth("ops-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    eventually("decisions no longer refuse the pool", WAIT, async || {
+        stack.get_json("/v1/interventions").await["blocks"] == serde_json::json!([])
+    })
+    .await;
+
     // Work waits while the worker is paused.
     submit("small-1", "small").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -438,7 +480,6 @@ action = "pause"
     );
 
     // The operator lets it work again; the pause is not re-applied for this alert.
-    let http = reqwest::Client::new();
     let id = stop["id"].as_str().unwrap();
     let r = http
         .post(stack.http(&format!("/v1/interventions/{id}/revert")))
@@ -500,7 +541,7 @@ action = "pause"
         0.0
     );
     let all = stack.get_json("/v1/interventions").await;
-    assert_eq!(all["interventions"].as_array().unwrap().len(), 2, "{all}");
+    assert_eq!(all["interventions"].as_array().unwrap().len(), 3, "{all}");
     let r = reqwest::get(stack.http("/v1/interventions?state=sideways"))
         .await
         .unwrap();

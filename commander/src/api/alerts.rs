@@ -287,7 +287,9 @@ pub async fn interventions(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(json!({ "interventions": list })).into_response())
+    // What decisions refuse right now, as the live snapshot holds it.
+    let blocks = s.core.policy.live().blocks.clone();
+    Ok(Json(json!({ "interventions": list, "blocks": *blocks })).into_response())
 }
 
 /// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (the

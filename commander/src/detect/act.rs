@@ -281,6 +281,8 @@ pub struct Tick<'a> {
     pub open: &'a [Alert],
     pub snapshot: &'a FleetSnapshot,
     pub now_ms: u64,
+    /// Where `block` interventions take effect (the live snapshot decisions read).
+    pub engine: &'a crate::policy::PolicyEngine,
 }
 
 impl Actor {
@@ -319,6 +321,9 @@ impl Actor {
         }
         let active = t.log.active();
         self.tell_workers(t, &active).await;
+        if t.engine.set_blocks(intervene::blocks(&active)) {
+            tracing::warn!(blocks = ?intervene::blocks(&active).iter().map(|b| format!("{} {}", b.scope.as_str(), b.value)).collect::<Vec<_>>(), "dispatch blocks in force changed");
+        }
         set_active_gauges(&t.log.counters, &active);
     }
 
@@ -471,6 +476,7 @@ fn set_active_gauges(c: &InterventionCounters, active: &[Intervention]) {
         EscalationAction::Throttle,
         EscalationAction::Pause,
         EscalationAction::Drain,
+        EscalationAction::Block,
     ] {
         let n = active.iter().filter(|i| i.action == action).count();
         c.active

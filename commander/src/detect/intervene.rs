@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::lifecycle::{Alert, AlertState};
 use super::rules::Severity;
 use crate::fleet::view::FleetSnapshot;
-use crate::policy::schema::{EscalationAction, EscalationSpec};
+use crate::policy::live::Block;
+use crate::policy::schema::{BlockScope, EscalationAction, EscalationSpec};
 
 /// What an intervention acts on: the alert's worker, every worker of its pool, or nothing
 /// it can act on (a fleet-wide alert).
@@ -92,6 +93,9 @@ pub struct Intervention {
     pub tasks_per_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
+    /// `block`: the scope refused dispatch and its value (from the alert's labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<(BlockScope, String)>,
     pub sticky: bool,
     pub state: InterventionState,
     /// What was done, in words (or why nothing was).
@@ -203,12 +207,32 @@ fn plan_step(
     let task_id = (step.action == EscalationAction::CancelTask)
         .then(|| task_of(a, snapshot))
         .flatten();
+    let block = step
+        .block
+        .and_then(|scope| a.labels.get(scope.as_str()).map(|v| (scope, v.clone())));
     let (state, note) = match step.action {
         EscalationAction::Log => (InterventionState::Done, "logged".to_string()),
         EscalationAction::Notify => (
             InterventionState::Done,
             format!("sent to sink {}", step.sink.as_deref().unwrap_or("?")),
         ),
+        EscalationAction::Block => match (&block, step.block) {
+            (Some((scope, value)), _) => (
+                InterventionState::Active,
+                format!(
+                    "{} {value} blocked while this lasts: {}",
+                    scope.as_str(),
+                    a.message
+                ),
+            ),
+            (None, scope) => (
+                InterventionState::Skipped,
+                format!(
+                    "the alert has no {} label to block",
+                    scope.map_or("?", BlockScope::as_str)
+                ),
+            ),
+        },
         _ if target == Target::Fleet => (
             InterventionState::Skipped,
             "a fleet-wide alert names no worker or pool to act on".to_string(),
@@ -245,6 +269,7 @@ fn plan_step(
         task_id,
         tasks_per_s: step.tasks_per_s,
         sink: step.sink.clone(),
+        block,
         sticky: step.sticky,
         state,
         note,
@@ -271,6 +296,25 @@ pub fn ended<'a>(
         .filter(|i| !firing.contains(i.alert_id.as_str()))
         .map(|i| i.id.clone())
         .collect()
+}
+
+/// The dispatch blocks the active `block` interventions ask for, in a stable order.
+pub fn blocks<'a>(active: impl IntoIterator<Item = &'a Intervention>) -> Vec<Block> {
+    let mut out: Vec<Block> = active
+        .into_iter()
+        .filter(|i| i.state == InterventionState::Active)
+        .filter_map(|i| {
+            let (scope, value) = i.block.clone()?;
+            Some(Block {
+                scope,
+                value,
+                intervention: i.id.clone(),
+                reason: i.note.clone(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.intervention.cmp(&b.intervention));
+    out
 }
 
 /// How a worker should run, given every intervention in force on it.

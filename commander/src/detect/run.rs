@@ -162,6 +162,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
                 open: &open,
                 snapshot: &snapshot,
                 now_ms,
+                engine: &w.engine,
             })
             .await;
         let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());

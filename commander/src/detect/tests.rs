@@ -775,6 +775,7 @@ mod ladder {
             action,
             tasks_per_s: (action == EscalationAction::Throttle).then_some(0.5),
             sink: (action == EscalationAction::Notify).then(|| "oncall".into()),
+            block: None,
             sticky: false,
         }
     }
@@ -882,6 +883,33 @@ mod ladder {
         assert!(r.d.open().is_empty(), "resolved");
         let ended = intervene::ended(&taken, &r.d.open());
         assert_eq!(ended, [taken[0].id.clone()], "the sticky drain stays");
+    }
+
+    #[test]
+    fn a_block_step_blocks_the_labelled_scope_or_is_skipped_without_it() {
+        use crate::policy::schema::BlockScope;
+        let (r, snap) = critical_on_w1();
+        let open = r.d.open();
+        let now = open[0].firing_ms.unwrap();
+        let mut guard = step("guard", EscalationAction::Block, 0);
+        guard.block = Some(BlockScope::Pool);
+        let by_pool = intervene::due(&open, std::slice::from_ref(&guard), &snap, |_| false, now);
+        assert_eq!(by_pool[0].state, InterventionState::Active);
+        assert_eq!(by_pool[0].level, 5);
+        let blocks = intervene::blocks(&by_pool);
+        assert_eq!(
+            (blocks[0].scope, blocks[0].value.as_str()),
+            (BlockScope::Pool, "code")
+        );
+        assert!(
+            blocks[0].reason.contains("Context of agent w1"),
+            "{}",
+            blocks[0].reason
+        );
+        guard.block = Some(BlockScope::Team);
+        let no_team = intervene::due(&open, &[guard], &snap, |_| false, now);
+        assert_eq!(no_team[0].state, InterventionState::Skipped);
+        assert!(intervene::blocks(&no_team).is_empty());
     }
 
     #[test]

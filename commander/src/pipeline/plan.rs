@@ -27,6 +27,8 @@ pub(super) const FIRST_ATTEMPT: u32 = 1;
 /// Decision-log rules of the policy's own outcomes.
 pub(super) const BUDGET_DEFER: &str = "budget_defer";
 pub(super) const BUDGET_REJECT: &str = "budget_reject";
+/// The decision-log rule of a task refused by a `block` intervention.
+pub(super) const INTERVENTION_BLOCK: &str = "intervention_block";
 
 /// One intake message, worked out.
 pub(super) enum Plan {
@@ -215,9 +217,11 @@ pub(super) enum Step {
         until_ms: Option<u64>,
         queues: Vec<(String, String)>,
     },
-    BudgetReject {
+    /// Refused by the policy: a budget at its limit, or a `block` intervention.
+    PolicyReject {
         decision: Decision,
         reason: String,
+        code: &'static str,
     },
     NoRoute(route::NoRoute),
 }
@@ -262,6 +266,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
             released,
             now_ms: view.now_ms,
             seed: fnv1a(&[b"seed", id.as_bytes()]),
+            blocks: &live.blocks,
         });
         match verdict {
             Verdict::Dispatch { decision, check } => {
@@ -303,7 +308,15 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
                 until_ms,
                 queues,
             },
-            Verdict::Reject { decision, reason } => Step::BudgetReject { decision, reason },
+            Verdict::Reject {
+                decision,
+                reason,
+                code,
+            } => Step::PolicyReject {
+                decision,
+                reason,
+                code,
+            },
             Verdict::NoRoute(n) => Step::NoRoute(n),
         }
     })
@@ -390,16 +403,25 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             );
             Reject::decided(p.id, p.seq, no_route.code(), reason, p.reply_to, logged)
         }
-        Step::BudgetReject { decision, reason } => {
-            ctx.core.policy.counters.budget_rejected.inc();
+        Step::PolicyReject {
+            decision,
+            reason,
+            code,
+        } => {
+            let rule = if code == policy::evaluate::BLOCKED {
+                INTERVENTION_BLOCK
+            } else {
+                ctx.core.policy.counters.budget_rejected.inc();
+                BUDGET_REJECT
+            };
             let logged = draft.record(
                 Outcome::Rejected,
                 Some(&decision),
-                BUDGET_REJECT,
+                rule,
                 reason.clone(),
                 decision.candidates.clone(),
             );
-            Reject::decided(p.id, p.seq, "budget_exceeded", reason, p.reply_to, logged)
+            Reject::decided(p.id, p.seq, code, reason, p.reply_to, logged)
         }
         Step::Defer {
             decision,

@@ -42,6 +42,8 @@ pub struct EvalInput<'a, 'p> {
     pub released: bool,
     pub now_ms: u64,
     pub seed: u64,
+    /// Scopes refused dispatch by interventions in force.
+    pub blocks: &'a [super::live::Block],
 }
 
 /// What the policy says.
@@ -61,7 +63,12 @@ pub enum Verdict<'a> {
         queues: Vec<(String, String)>,
     },
     /// Answer the producer with `reason`.
-    Reject { decision: Decision, reason: String },
+    Reject {
+        decision: Decision,
+        reason: String,
+        /// `budget_exceeded` or `blocked`.
+        code: &'static str,
+    },
     /// Routing found no pool.
     NoRoute(NoRoute),
 }
@@ -75,6 +82,10 @@ impl Verdict<'_> {
         }
     }
 }
+
+/// The rejection codes a verdict carries.
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+pub const BLOCKED: &str = "blocked";
 
 /// Builds the routing hints of a policy.
 pub fn hints(policy: &Policy) -> PolicyHints {
@@ -108,6 +119,20 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
         Ok(d) => d,
         Err(e) => return Verdict::NoRoute(e),
     };
+    if let Some(b) = super::live::blocked(i.blocks, i.dims, &decision.pool, &decision.model) {
+        let reason = format!(
+            "{} {} is blocked by intervention {} ({})",
+            b.scope.as_str(),
+            b.value,
+            b.intervention,
+            b.reason
+        );
+        return Verdict::Reject {
+            decision,
+            reason,
+            code: BLOCKED,
+        };
+    }
     if i.policy.budgets.is_empty() {
         return Verdict::Dispatch {
             decision,
@@ -257,6 +282,7 @@ fn over_limit<'p>(i: &EvalInput<'_, 'p>, decision: Decision, c: Check<'p>) -> Ve
         Fallback::Reject => Verdict::Reject {
             decision,
             reason: format!("{over_text}; rejected by policy {version}"),
+            code: BUDGET_EXCEEDED,
         },
         Fallback::Defer => {
             let until = c.over.iter().filter_map(|o| o.resets_at).max();

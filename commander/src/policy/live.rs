@@ -22,6 +22,32 @@ use super::Source;
 use super::load::{CheckAgainst, Policy};
 use super::throttle::Throttles;
 
+/// Dispatch refused for one scope by a `block` intervention (docs/alerts.md).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Block {
+    pub scope: super::schema::BlockScope,
+    pub value: String,
+    /// The intervention that set it, and its alert's message.
+    pub intervention: String,
+    pub reason: String,
+}
+
+/// The first block a task routed to `pool` and `model` falls under.
+pub fn blocked<'b>(
+    blocks: &'b [Block],
+    dims: &crate::domain::TaskDims,
+    pool: &str,
+    model: &str,
+) -> Option<&'b Block> {
+    use super::schema::BlockScope as S;
+    blocks.iter().find(|b| match b.scope {
+        S::Pool => b.value == pool,
+        S::Model => b.value == model,
+        S::Team => dims.team.as_deref() == Some(b.value.as_str()),
+        S::Feature => dims.feature.as_deref() == Some(b.value.as_str()),
+    })
+}
+
 /// Everything a decision reads besides the task and the fleet, swapped as one.
 #[derive(Debug)]
 pub struct Live {
@@ -44,6 +70,8 @@ pub struct Live {
     /// 1 at start, +1 per accepted edit of the rubric file (the classifier's cache keys
     /// include it, so an edited rubric is never answered from stale entries).
     pub rubric_generation: u64,
+    /// Scopes refused dispatch by `block` interventions in force.
+    pub blocks: Arc<Vec<Block>>,
 }
 
 impl Live {
@@ -103,6 +131,7 @@ impl Live {
             registry_generation: self.registry_generation,
             rubric: self.rubric.clone(),
             rubric_generation: self.rubric_generation,
+            blocks: self.blocks.clone(),
         }
     }
 }

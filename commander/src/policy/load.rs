@@ -483,6 +483,17 @@ fn check_escalation(spec: &EscalationSpec, here: Here<'_>, problems: &mut Vec<Pr
             format!("tasks_per_s is for throttle steps, not {}", other.as_str()),
         ),
     }
+    match (spec.action, spec.block) {
+        (A::Block, None) => bad(
+            "block",
+            "a block step needs block (pool, model, team or feature)".into(),
+        ),
+        (A::Block, Some(_)) | (_, None) => {}
+        (other, Some(_)) => bad(
+            "block",
+            format!("block is for block steps, not {}", other.as_str()),
+        ),
+    }
     match (spec.action, &spec.sink) {
         (A::Notify, None) => bad(
             "sink",

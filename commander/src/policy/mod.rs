@@ -245,6 +245,7 @@ impl PolicyEngine {
             registry_generation: 1,
             rubric: Arc::new(rubric),
             rubric_generation: 1,
+            blocks: Arc::default(),
         };
         let files = SourceFiles {
             registry: SourceFile::new(registry_file),
@@ -297,6 +298,22 @@ impl PolicyEngine {
         let next = Arc::new(change(&self.live()));
         self.live.store(next.clone());
         next
+    }
+
+    /// Puts the `block` interventions in force into the live snapshot (under the gate, so
+    /// no source change in between loses them). Returns whether they changed.
+    pub fn set_blocks(&self, blocks: Vec<live::Block>) -> bool {
+        self.with_gate(|| {
+            let current = self.live();
+            if *current.blocks == blocks {
+                return false;
+            }
+            self.live.store(Arc::new(Live {
+                blocks: Arc::new(blocks),
+                ..current.sources_kept()
+            }));
+            true
+        })
     }
 
     pub fn now_ms(&self) -> u64 {

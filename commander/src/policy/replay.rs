@@ -114,6 +114,8 @@ pub fn replay(
             released: false,
             now_ms: d.at_ms,
             seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
+            // Shadow replay judges the candidate policy alone, not interventions.
+            blocks: &[],
         });
         let after = After::of(d, verdict, &mut ledger, &mut r.cost_after_usd);
         r.count(d, after);

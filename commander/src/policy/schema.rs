@@ -471,6 +471,30 @@ pub enum EscalationAction {
     Drain,
     /// Control command `cancel` for the task the alert's worker is running.
     CancelTask,
+    /// Rung 5, a guardrail: refuse dispatch for the alert's `block` scope (its pool, model,
+    /// team or feature label) with a reason the producer reads.
+    Block,
+}
+
+/// What a `block` step refuses dispatch for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockScope {
+    Pool,
+    Model,
+    Team,
+    Feature,
+}
+
+impl BlockScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockScope::Pool => "pool",
+            BlockScope::Model => "model",
+            BlockScope::Team => "team",
+            BlockScope::Feature => "feature",
+        }
+    }
 }
 
 impl EscalationAction {
@@ -482,6 +506,7 @@ impl EscalationAction {
             EscalationAction::Pause => "pause",
             EscalationAction::Drain => "drain",
             EscalationAction::CancelTask => "cancel_task",
+            EscalationAction::Block => "block",
         }
     }
 
@@ -490,6 +515,7 @@ impl EscalationAction {
         match self {
             EscalationAction::Log => 1,
             EscalationAction::Notify => 3,
+            EscalationAction::Block => 5,
             _ => 4,
         }
     }
@@ -519,6 +545,10 @@ pub struct EscalationSpec {
     /// `notify`: the name of a `[[detect.sinks]]` sink.
     #[serde(default)]
     pub sink: Option<String>,
+    /// `block`: which of the alert's labels is refused dispatch (`pool`, `model`, `team`,
+    /// `feature`).
+    #[serde(default)]
+    pub block: Option<BlockScope>,
     /// Keep what the step changed after the alert resolves, until reverted by hand.
     #[serde(default)]
     pub sticky: bool,

@@ -77,6 +77,8 @@ fn run_one(
         released: false,
         now_ms: TEST_NOW_MS,
         seed: 1,
+        // A test case judges the policy alone, without interventions in force.
+        blocks: &[],
     });
     let mut got = Got::of(&verdict);
     if let Some(th) = throttled(spec, policy, &got, &dims) {
@@ -225,11 +227,19 @@ impl Got {
             Verdict::Reject {
                 decision: d,
                 reason,
+                code,
             } => (
                 "reject",
                 Some(d.pool.clone()),
                 Some(d.model.clone()),
-                Some("budget_reject".into()),
+                Some(
+                    if *code == evaluate::BLOCKED {
+                        "intervention_block"
+                    } else {
+                        "budget_reject"
+                    }
+                    .into(),
+                ),
                 reason.clone(),
             ),
             Verdict::NoRoute(n) => ("reject", None, None, Some(n.code().into()), n.to_string()),

@@ -473,6 +473,7 @@ fn concurrent_admissions_never_pass_the_limit() {
                             released: false,
                             now_ms: now,
                             seed: i,
+                            blocks: &[],
                         });
                         match v {
                             evaluate::Verdict::Dispatch { decision, check } => {
@@ -643,4 +644,76 @@ action = "notify"
     )])
     .unwrap();
     assert_eq!(good.escalation[0].severity, "warning", "the default");
+}
+
+#[test]
+fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
+    use crate::policy::live::Block;
+    use crate::policy::schema::BlockScope;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let e = engine(
+        ManualClock::at(BEFORE_MIDNIGHT),
+        &store,
+        parse(&[]).unwrap(),
+    );
+    let (registry, rubric) = (Registry::builtin().unwrap(), Rubric::builtin().unwrap());
+    let table = RoutingTable {
+        pools: pools(),
+        routing: Default::default(),
+    };
+    let mut task = Task::new("Summarise this incident report");
+    task.attributes.insert("team".into(), "search".into());
+    let class = crate::classify::offline(&rubric, &task).answer;
+    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+    let verdict = |blocks: &[Block]| {
+        let live = e.live();
+        e.with_ledger(|l| {
+            match evaluate::evaluate(evaluate::EvalInput {
+                task: &task,
+                class: &class,
+                dims: &dims,
+                rubric: &rubric,
+                registry: &registry,
+                fleet: &RouteSnapshot::default(),
+                table: &table,
+                policy: &live.policy,
+                hints: &live.hints,
+                ledger: l,
+                queued: &BTreeMap::new(),
+                released: false,
+                now_ms: e.now_ms(),
+                seed: 1,
+                blocks,
+            }) {
+                evaluate::Verdict::Reject { reason, code, .. } => Some((code, reason)),
+                _ => None,
+            }
+        })
+    };
+    let block = |scope, value: &str| Block {
+        scope,
+        value: value.into(),
+        intervention: "failure_slice:team=search:1:guard".into(),
+        reason: "team search blocked while this lasts".into(),
+    };
+    assert_eq!(verdict(&[]), None);
+    assert_eq!(
+        verdict(&[block(BlockScope::Team, "ads")]),
+        None,
+        "another team"
+    );
+    let (code, reason) = verdict(&[block(BlockScope::Team, "search")]).unwrap();
+    assert_eq!(code, evaluate::BLOCKED);
+    assert!(
+        reason.starts_with(
+            "team search is blocked by intervention failure_slice:team=search:1:guard"
+        ),
+        "{reason}"
+    );
+    // Blocks ride in the live snapshot; setting the same ones again changes nothing.
+    assert!(e.set_blocks(vec![block(BlockScope::Team, "search")]));
+    assert!(!e.set_blocks(vec![block(BlockScope::Team, "search")]));
+    assert_eq!(e.live().blocks.len(), 1);
+    assert!(e.set_blocks(vec![]));
 }

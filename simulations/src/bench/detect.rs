@@ -164,6 +164,7 @@ fn steps() -> Vec<EscalationSpec> {
         action,
         tasks_per_s,
         sink: None,
+        block: None,
         sticky: false,
     };
     vec![
