@@ -453,16 +453,17 @@ block = "pool"
         "{}",
         err.message
     );
+    // An operator's revert (the compliance token; `who` in Fleet-Identity).
     let http = reqwest::Client::new();
-    let r = http
-        .post(stack.http(&format!(
-            "/v1/interventions/{}/revert",
-            guard["id"].as_str().unwrap()
-        )))
-        .bearer_auth("ops-token")
-        .send()
-        .await
-        .unwrap();
+    let revert = async |id: &str, who: &str| {
+        http.post(stack.http(&format!("/v1/interventions/{id}/revert")))
+            .bearer_auth("ops-token")
+            .header("Fleet-Identity", who)
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = revert(guard["id"].as_str().unwrap(), "dave").await;
     assert_eq!(r.status().as_u16(), 200);
     eventually("decisions no longer refuse the pool", WAIT, async || {
         stack.get_json("/v1/interventions").await["blocks"] == serde_json::json!([])
@@ -481,23 +482,12 @@ block = "pool"
 
     // The operator lets it work again; the pause is not re-applied for this alert.
     let id = stop["id"].as_str().unwrap();
-    let r = http
-        .post(stack.http(&format!("/v1/interventions/{id}/revert")))
-        .bearer_auth("ops-token")
-        .header("Fleet-Identity", "carol")
-        .send()
-        .await
-        .unwrap();
+    let r = revert(id, "carol").await;
     assert_eq!(r.status().as_u16(), 200);
     let reverted: Value = r.json().await.unwrap();
     assert_eq!(reverted["state"], "reverted");
     assert_eq!(reverted["reverted_by"], "operator carol");
-    let again = http
-        .post(stack.http(&format!("/v1/interventions/{id}/revert")))
-        .bearer_auth("ops-token")
-        .send()
-        .await
-        .unwrap();
+    let again = revert(id, "carol").await;
     assert_eq!(
         again.status().as_u16(),
         409,

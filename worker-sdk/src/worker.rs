@@ -384,27 +384,7 @@ impl Worker {
             None
         };
 
-        let resource = vec![
-            ("service.name".to_string(), AttrValue::from("fleet-worker")),
-            (
-                "service.instance.id".to_string(),
-                AttrValue::from(config.worker_id.clone()),
-            ),
-            (
-                "fleet.pool".to_string(),
-                AttrValue::from(config.pool.clone()),
-            ),
-            (
-                "fleet.worker.id".to_string(),
-                AttrValue::from(config.worker_id.clone()),
-            ),
-        ];
-        let (exporter, exporter_task) = SpanExporter::start(
-            client.clone(),
-            s.telemetry(&config.pool, &config.worker_id),
-            resource,
-            config.export.clone(),
-        );
+        let (exporter, exporter_task) = start_exporter(&client, &config);
         // Subscribed before start returns, so a command sent right after is obeyed.
         let control = client
             .subscribe(s.control(&config.worker_id))
@@ -448,6 +428,34 @@ impl Worker {
         ));
         Ok(WorkerHandle { stop, task, stats })
     }
+}
+
+/// The worker's span exporter, its resource naming the worker and its pool.
+fn start_exporter(
+    client: &async_nats::Client,
+    config: &WorkerConfig,
+) -> (SpanExporter, JoinHandle<()>) {
+    let resource = vec![
+        ("service.name".to_string(), AttrValue::from("fleet-worker")),
+        (
+            "service.instance.id".to_string(),
+            AttrValue::from(config.worker_id.clone()),
+        ),
+        (
+            "fleet.pool".to_string(),
+            AttrValue::from(config.pool.clone()),
+        ),
+        (
+            "fleet.worker.id".to_string(),
+            AttrValue::from(config.worker_id.clone()),
+        ),
+    ];
+    SpanExporter::start(
+        client.clone(),
+        config.subjects.telemetry(&config.pool, &config.worker_id),
+        resource,
+        config.export.clone(),
+    )
 }
 
 async fn run<H, Fut>(

@@ -272,6 +272,35 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     }
 }
 
+/// The same tool call made again and again in one run: a warning at `tool_loop_calls`, and
+/// at `tool_loop_critical_calls` a critical alert the warning stands aside for.
+fn tool_loop_rules(
+    spec: &AlertSpec,
+    worker: &str,
+    rc: &crate::fleet::worker::RepeatedCall,
+    emit: &mut impl FnMut(Rule, (f64, f64), (bool, bool), &dyn Fn() -> String),
+) {
+    let n = f64::from(rc.calls);
+    let (warn, critical) = (
+        f64::from(spec.tool_loop_calls),
+        f64::from(spec.tool_loop_critical_calls),
+    );
+    let message = |threshold: f64| {
+        format!(
+            "Agent {worker} called {} with the same arguments {} times in task {} (alert at {threshold})",
+            rc.tool, rc.calls, rc.task_id
+        )
+    };
+    let runaway = (n >= critical, n >= critical);
+    emit(Rule::ToolLoopRunaway, (n, critical), runaway, &|| {
+        message(critical)
+    });
+    let warning = n >= warn && !runaway.0;
+    emit(Rule::ToolLoop, (n, warn), (warning, warning), &|| {
+        message(warn)
+    });
+}
+
 /// A tool whose calls across the fleet succeed less than `tool_success_below` of the time
 /// over the slices' recent window (at least `min_samples` calls).
 fn tool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
@@ -476,28 +505,7 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
         );
     }
     if let Some(rc) = &w.repeated_call {
-        let n = f64::from(rc.calls);
-        let (warn, critical) = (
-            f64::from(spec.tool_loop_calls),
-            f64::from(spec.tool_loop_critical_calls),
-        );
-        let message = |threshold: f64| {
-            format!(
-                "Agent {} called {} with the same arguments {} times in task {} (alert at {threshold})",
-                w.id, rc.tool, rc.calls, rc.task_id
-            )
-        };
-        let runaway = (n >= critical, n >= critical);
-        emit(Rule::ToolLoopRunaway, (n, critical), runaway, &|| {
-            message(critical)
-        });
-        // The warning stands aside while the critical alert covers the same agent.
-        emit(
-            Rule::ToolLoop,
-            (n, warn),
-            (n >= warn && !runaway.0, n >= warn && !runaway.0),
-            &|| message(warn),
-        );
+        tool_loop_rules(spec, &w.id, rc, &mut emit);
     }
     let stuck = w.state == State::Stuck;
     emit(

@@ -183,22 +183,18 @@ pub fn findings(
 /// Whether another reported slice speaks for this one: a narrower one that fails clearly
 /// more and carries most of its failures, or a broader one nearly as bad.
 fn explained(s: &Finding, all: &[Finding]) -> bool {
-    let by_narrower = all.iter().any(|c| {
+    explained_by_narrower(s, all)
+        || all.iter().any(|p| {
+            broader(p, s) && p.lift * NARROWER_LIFT > s.lift && !explained_by_narrower(p, all)
+        })
+}
+
+/// A narrower reported slice fails clearly more and carries most of `s`'s failures.
+fn explained_by_narrower(s: &Finding, all: &[Finding]) -> bool {
+    all.iter().any(|c| {
         broader(s, c)
             && c.lift >= s.lift * NARROWER_LIFT
             && c.recent_failures as f64 >= s.recent_failures as f64 * NARROWER_SHARE
-    });
-    let by_broader = all.iter().any(|p| {
-        broader(p, s) && p.lift * NARROWER_LIFT > s.lift && !explained_by_narrower(p, all)
-    });
-    by_narrower || by_broader
-}
-
-fn explained_by_narrower(p: &Finding, all: &[Finding]) -> bool {
-    all.iter().any(|c| {
-        broader(p, c)
-            && c.lift >= p.lift * NARROWER_LIFT
-            && c.recent_failures as f64 >= p.recent_failures as f64 * NARROWER_SHARE
     })
 }
 

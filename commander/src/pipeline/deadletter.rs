@@ -114,30 +114,7 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) -> bool {
         .strip_prefix(&format!("{}.work.", ctx.subjects.prefix()))
         .and_then(|rest| rest.split('.').next())
         .map(str::to_string);
-    let message = format!(
-        "no worker finished the task: delivered {} times (the limit) on consumer {}; last seen on worker {}",
-        a.deliveries,
-        a.consumer,
-        last_worker.as_deref().unwrap_or("unknown")
-    );
-    let result = TaskResult {
-        schema: fleet_worker::protocol::SCHEMA_VERSION,
-        task_id: task_id.clone(),
-        attempt,
-        status: ResultStatus::Failed,
-        output: serde_json::Value::Null,
-        error: Some(ErrorInfo {
-            code: "dead_lettered".into(),
-            message,
-        }),
-        usage: None,
-        timings: Timings {
-            finished_at: Some(now_rfc3339()),
-            ..Default::default()
-        },
-        worker_id: last_worker,
-        pool,
-    };
+    let result = failed_result(a, (&task_id, attempt), last_worker, pool);
     let Ok(body) = serde_json::to_vec(&result) else {
         // Not reachable: the result is plain data with string keys.
         return true;
@@ -166,6 +143,40 @@ async fn dead_letter(ctx: &Ctx, a: &MaxDeliver) -> bool {
         tracing::warn!(task_id, error = %e, "dead-lettered work message not deleted");
     }
     true
+}
+
+/// The `failed` result of an exhausted work message: `dead_lettered`, naming the
+/// deliveries, the consumer and the last worker seen on it.
+fn failed_result(
+    a: &MaxDeliver,
+    (task_id, attempt): (&str, u32),
+    last_worker: Option<String>,
+    pool: Option<String>,
+) -> TaskResult {
+    let message = format!(
+        "no worker finished the task: delivered {} times (the limit) on consumer {}; last seen on worker {}",
+        a.deliveries,
+        a.consumer,
+        last_worker.as_deref().unwrap_or("unknown")
+    );
+    TaskResult {
+        schema: fleet_worker::protocol::SCHEMA_VERSION,
+        task_id: task_id.to_string(),
+        attempt,
+        status: ResultStatus::Failed,
+        output: serde_json::Value::Null,
+        error: Some(ErrorInfo {
+            code: "dead_lettered".into(),
+            message,
+        }),
+        usage: None,
+        timings: Timings {
+            finished_at: Some(now_rfc3339()),
+            ..Default::default()
+        },
+        worker_id: last_worker,
+        pool,
+    }
 }
 
 /// The failed result's headers: the work message's trace context, baggage and reply
