@@ -53,6 +53,90 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BucketLabel {
+    pub bucket: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Gauges for dashboards, set from the fleet snapshot when `/metrics` is read.
+#[derive(Debug, Default)]
+pub struct FleetGauges {
+    /// Spend rate of the last 5 minutes, per hour: the fleet, and per pool.
+    pub burn_rate: FloatGauge,
+    pub pool_burn_rate: Family<PoolLabel, FloatGauge>,
+    /// Output tokens per second over the last minute: the fleet, and per pool.
+    pub output_tokens_per_s: FloatGauge,
+    pub pool_output_tokens_per_s: Family<PoolLabel, FloatGauge>,
+    pub input_tokens_per_s: FloatGauge,
+    /// Failed share of LLM calls, tool calls and runs over 5 minutes (NaN-free: 0 with no
+    /// operations).
+    pub error_rate: FloatGauge,
+    /// Per pool: queue depth (pending + unacknowledged), runs in progress, and the sum of
+    /// its workers' slots.
+    pub pool_queue_depth: Family<PoolLabel, Gauge>,
+    pub pool_in_flight: Family<PoolLabel, Gauge>,
+    pub pool_capacity: Family<PoolLabel, Gauge>,
+    /// Workers by context utilisation bucket (a gauge histogram of the fleet now).
+    pub context_utilisation: Family<BucketLabel, Gauge>,
+}
+
+impl FleetGauges {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "burn_rate_usd_per_hour",
+            "Fleet spend of the last 5 minutes, per hour",
+            self.burn_rate.clone(),
+        );
+        r.register(
+            "pool_burn_rate_usd_per_hour",
+            "Spend of the last 5 minutes per hour, by pool",
+            self.pool_burn_rate.clone(),
+        );
+        r.register(
+            "output_tokens_per_second",
+            "Fleet output tokens per second, last minute",
+            self.output_tokens_per_s.clone(),
+        );
+        r.register(
+            "pool_output_tokens_per_second",
+            "Output tokens per second over the last minute, by pool",
+            self.pool_output_tokens_per_s.clone(),
+        );
+        r.register(
+            "input_tokens_per_second",
+            "Fleet input tokens per second, last minute",
+            self.input_tokens_per_s.clone(),
+        );
+        r.register(
+            "error_rate",
+            "Failed share of LLM calls, tool calls and runs over 5 minutes",
+            self.error_rate.clone(),
+        );
+        r.register(
+            "pool_queue_depth",
+            "Tasks queued for a pool (pending + unacknowledged)",
+            self.pool_queue_depth.clone(),
+        );
+        r.register(
+            "pool_in_flight",
+            "Runs in progress, by pool",
+            self.pool_in_flight.clone(),
+        );
+        r.register(
+            "pool_capacity",
+            "Sum of the pool's workers' max_in_flight",
+            self.pool_capacity.clone(),
+        );
+        r.register(
+            "workers_by_context_utilisation",
+            "Workers by context utilisation now (buckets 0-50, 50-80, 80-95, 95-100 %, unknown)",
+            self.context_utilisation.clone(),
+        );
+    }
+}
+
 /// Every counter the task path keeps.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -92,6 +176,7 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     /// Routing decisions by pool, model and rule (rejections: pool/model `none`).
     pub decisions: Family<DecisionLabels, Counter>,
+    pub fleet: FleetGauges,
 }
 
 impl Metrics {
@@ -180,6 +265,7 @@ impl Metrics {
             self.telemetry.clone(),
         );
         r.register("workers", "Workers tracked, by state", self.workers.clone());
+        self.fleet.register(&mut r);
         r.register(
             "nats_connected",
             "1 while the NATS connection is up, 0 while it is being re-established",

@@ -414,6 +414,15 @@ block = "pool"
     assert_eq!(brake["rule"], "context_critical");
     assert_eq!(brake["level"], 4);
     assert_eq!(brake["workers"][0]["commands"][0], "throttle", "{brake}");
+    // The dashboard gauges read the same snapshot.
+    assert_eq!(
+        stack
+            .metric("fleet_workers_by_context_utilisation{bucket=\"95-100\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(stack.metric("fleet_pool_capacity{pool=\"alpha\"}").await, 8.0);
+    assert!(stack.metric("fleet_burn_rate_usd_per_hour").await > 0.0);
     eventually(
         "the pause follows and the worker says paused",
         WAIT,

@@ -359,6 +359,61 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
+/// The dashboard gauges, from the snapshot the fleet owner published last.
+fn set_fleet_gauges(g: &crate::metrics::FleetGauges, snap: &crate::fleet::view::FleetSnapshot) {
+    use crate::metrics::{BucketLabel, PoolLabel};
+    let f = &snap.fleet;
+    g.burn_rate.set(f.burn_rate_usd_per_h);
+    g.output_tokens_per_s.set(f.output_tokens_per_s);
+    g.input_tokens_per_s.set(f.input_tokens_per_s);
+    g.error_rate.set(f.error_rate_5m.unwrap_or(0.0));
+    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    for p in &snap.pools {
+        let l = PoolLabel {
+            pool: p.name.clone(),
+        };
+        g.pool_queue_depth
+            .get_or_create(&l)
+            .set(to_i64(p.queue.as_ref().map_or(0, |q| q.depth)));
+        g.pool_in_flight.get_or_create(&l).set(to_i64(p.in_flight));
+        g.pool_capacity.get_or_create(&l).set(to_i64(p.capacity));
+        g.pool_burn_rate.get_or_create(&l).set(0.0);
+        g.pool_output_tokens_per_s.get_or_create(&l).set(0.0);
+    }
+    let mut by_pool: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+    let mut buckets = [0i64; 5];
+    for w in snap.workers.iter().filter(|w| !w.lost) {
+        if let Some(p) = &w.pool {
+            let e = by_pool.entry(p).or_default();
+            e.0 += w.burn_rate_usd_per_h;
+            e.1 += w.output_tokens_per_s;
+        }
+        let i = match w.context_utilisation {
+            Some(u) if u > 0.95 => 3,
+            Some(u) if u > 0.80 => 2,
+            Some(u) if u > 0.50 => 1,
+            Some(_) => 0,
+            None => 4,
+        };
+        buckets[i] += 1;
+    }
+    for (pool, (burn, tps)) in by_pool {
+        let l = PoolLabel {
+            pool: pool.to_string(),
+        };
+        g.pool_burn_rate.get_or_create(&l).set(burn);
+        g.pool_output_tokens_per_s.get_or_create(&l).set(tps);
+    }
+    for (bucket, n) in ["0-50", "50-80", "80-95", "95-100", "unknown"]
+        .into_iter()
+        .zip(buckets)
+    {
+        g.context_utilisation
+            .get_or_create(&BucketLabel { bucket })
+            .set(n);
+    }
+}
+
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let snap = s.core.fleet.snapshot();
     for (state, n) in &snap.fleet.states {
@@ -373,6 +428,7 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
         .workers
         .get_or_create(&StateLabel { state: "LOST" })
         .set(snap.fleet.lost as i64);
+    set_fleet_gauges(&s.core.metrics.fleet, &snap);
     let engine = &s.core.policy;
     engine
         .counters
