@@ -421,7 +421,10 @@ block = "pool"
             .await,
         1.0
     );
-    assert_eq!(stack.metric("fleet_pool_capacity{pool=\"alpha\"}").await, 8.0);
+    assert_eq!(
+        stack.metric("fleet_pool_capacity{pool=\"alpha\"}").await,
+        8.0
+    );
     assert!(stack.metric("fleet_burn_rate_usd_per_hour").await > 0.0);
     eventually(
         "the pause follows and the worker says paused",

@@ -288,8 +288,18 @@ pub async fn interventions(
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     // What decisions refuse right now, as the live snapshot holds it.
-    let blocks = s.core.policy.live().blocks.clone();
-    Ok(Json(json!({ "interventions": list, "blocks": *blocks })).into_response())
+    let live = s.core.policy.live();
+    let reroutes: Vec<Value> = live
+        .reroutes
+        .iter()
+        .map(|r| json!({"from": r.from, "to": r.to, "reason": r.forced}))
+        .collect();
+    Ok(Json(json!({
+        "interventions": list,
+        "blocks": *live.blocks,
+        "reroutes": reroutes,
+    }))
+    .into_response())
 }
 
 /// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (the

@@ -321,8 +321,14 @@ impl Actor {
         }
         let active = t.log.active();
         self.tell_workers(t, &active).await;
-        if t.engine.set_blocks(intervene::blocks(&active)) {
-            tracing::warn!(blocks = ?intervene::blocks(&active).iter().map(|b| format!("{} {}", b.scope.as_str(), b.value)).collect::<Vec<_>>(), "dispatch blocks in force changed");
+        let (blocks, reroutes) = (intervene::blocks(&active), intervene::reroutes(&active));
+        let summary = (blocks.len(), reroutes.len());
+        if t.engine.set_interventions(blocks, reroutes) {
+            tracing::warn!(
+                blocks = summary.0,
+                reroutes = summary.1,
+                "dispatch blocks and reroutes in force changed"
+            );
         }
         set_active_gauges(&t.log.counters, &active);
     }
@@ -381,6 +387,25 @@ async fn take_step(t: &Tick<'_>, i: &mut Intervention) {
         return;
     };
     match (i.action, i.state) {
+        (EscalationAction::Reroute, InterventionState::Active) => {
+            let live = t.engine.live();
+            let pool = alert.labels.get("pool").cloned().unwrap_or_default();
+            match live
+                .routing
+                .pools
+                .get(&pool)
+                .and_then(|p| p.fallback_pool.clone())
+            {
+                Some(to) => {
+                    i.note = format!("pool {pool}'s work goes to {to} ({})", alert.message);
+                    i.reroute = Some((pool, to));
+                }
+                None => {
+                    i.state = InterventionState::Skipped;
+                    i.note = format!("pool {pool} has no fallback_pool to reroute to");
+                }
+            }
+        }
         (EscalationAction::Log, _) => {
             tracing::warn!(alert = %alert.id, step = %i.step, rule = %i.rule, "escalation: {}", alert.message);
         }
@@ -477,6 +502,7 @@ fn set_active_gauges(c: &InterventionCounters, active: &[Intervention]) {
         EscalationAction::Pause,
         EscalationAction::Drain,
         EscalationAction::Block,
+        EscalationAction::Reroute,
     ] {
         let n = active.iter().filter(|i| i.action == action).count();
         c.active

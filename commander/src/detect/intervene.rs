@@ -96,6 +96,9 @@ pub struct Intervention {
     /// `block`: the scope refused dispatch and its value (from the alert's labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<(BlockScope, String)>,
+    /// `reroute`: the pool whose work moves, and where to (its `fallback_pool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reroute: Option<(String, String)>,
     pub sticky: bool,
     pub state: InterventionState,
     /// What was done, in words (or why nothing was).
@@ -248,6 +251,16 @@ fn plan_step(
                 "cancel_task needs an alert about one worker".to_string(),
             ),
         },
+        EscalationAction::Reroute => match &target {
+            Target::Pool(p) | Target::Worker(p) if a.labels.contains_key("pool") => (
+                InterventionState::Active,
+                format!("reroute pool {}", a.labels.get("pool").unwrap_or(p)),
+            ),
+            _ => (
+                InterventionState::Skipped,
+                "the alert names no pool to reroute".to_string(),
+            ),
+        },
         EscalationAction::Throttle => (
             InterventionState::Active,
             format!(
@@ -270,6 +283,7 @@ fn plan_step(
         tasks_per_s: step.tasks_per_s,
         sink: step.sink.clone(),
         block,
+        reroute: None,
         sticky: step.sticky,
         state,
         note,
@@ -314,6 +328,29 @@ pub fn blocks<'a>(active: impl IntoIterator<Item = &'a Intervention>) -> Vec<Blo
         })
         .collect();
     out.sort_by(|a, b| a.intervention.cmp(&b.intervention));
+    out
+}
+
+/// The forced reroutes the active `reroute` interventions ask for.
+pub fn reroutes<'a>(
+    active: impl IntoIterator<Item = &'a Intervention>,
+) -> Vec<crate::route::decide::PolicyReroute> {
+    let mut out: Vec<_> = active
+        .into_iter()
+        .filter(|i| i.state == InterventionState::Active)
+        .filter_map(|i| {
+            let (from, to) = i.reroute.clone()?;
+            Some(crate::route::decide::PolicyReroute {
+                forced: Some(format!("rerouted by intervention {}", i.id)),
+                from,
+                to,
+                error_rate_above: None,
+                p95_latency_ms_above: None,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.from.cmp(&b.from));
+    out.dedup_by(|a, b| a.from == b.from);
     out
 }
 

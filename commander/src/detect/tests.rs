@@ -913,6 +913,29 @@ mod ladder {
     }
 
     #[test]
+    fn a_reroute_step_moves_the_alerts_pool_once_its_fallback_is_known() {
+        let (r, snap) = critical_on_w1();
+        let open = r.d.open();
+        let now = open[0].firing_ms.unwrap();
+        let mut due = intervene::due(
+            &open,
+            &[step("move", EscalationAction::Reroute, 0)],
+            &snap,
+            |_| false,
+            now,
+        );
+        assert_eq!(due[0].state, InterventionState::Active);
+        assert!(
+            intervene::reroutes(&due).is_empty(),
+            "the fallback is filled in by act.rs"
+        );
+        due[0].reroute = Some(("code".into(), "code-b".into()));
+        let rr = intervene::reroutes(&due);
+        assert_eq!((rr[0].from.as_str(), rr[0].to.as_str()), ("code", "code-b"));
+        assert!(rr[0].forced.as_deref().unwrap().contains(&due[0].id));
+    }
+
+    #[test]
     fn workers_are_told_the_strongest_mode_and_the_lowest_throttle() {
         let (r, _) = critical_on_w1();
         let snap = snapshot(

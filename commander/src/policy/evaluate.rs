@@ -44,6 +44,9 @@ pub struct EvalInput<'a, 'p> {
     pub seed: u64,
     /// Scopes refused dispatch by interventions in force.
     pub blocks: &'a [super::live::Block],
+    /// Pools whose work goes to their fallback by an intervention in force (checked before
+    /// the policy's own reroutes).
+    pub reroutes: &'a [route::decide::PolicyReroute],
 }
 
 /// What the policy says.
@@ -100,6 +103,7 @@ pub fn hints(policy: &Policy) -> PolicyHints {
                 to: r.spec.to.clone(),
                 error_rate_above: r.spec.error_rate_above,
                 p95_latency_ms_above: r.spec.p95_latency_ms_above,
+                forced: None,
             })
             .collect(),
     }
@@ -163,6 +167,15 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
 }
 
 fn decide(i: &EvalInput<'_, '_>, hints: &PolicyHints) -> Result<Decision, NoRoute> {
+    let with_interventions;
+    let hints = if i.reroutes.is_empty() {
+        hints
+    } else {
+        let mut h = hints.clone();
+        h.reroutes.splice(0..0, i.reroutes.iter().cloned());
+        with_interventions = h;
+        &with_interventions
+    };
     route::decide(DecideInput {
         task: i.task,
         class: i.class,

@@ -72,6 +72,8 @@ pub struct Live {
     pub rubric_generation: u64,
     /// Scopes refused dispatch by `block` interventions in force.
     pub blocks: Arc<Vec<Block>>,
+    /// Pools sent to their fallback by `reroute` interventions in force.
+    pub reroutes: Arc<Vec<crate::route::decide::PolicyReroute>>,
 }
 
 impl Live {
@@ -132,6 +134,7 @@ impl Live {
             rubric: self.rubric.clone(),
             rubric_generation: self.rubric_generation,
             blocks: self.blocks.clone(),
+            reroutes: self.reroutes.clone(),
         }
     }
 }

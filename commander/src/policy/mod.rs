@@ -246,6 +246,7 @@ impl PolicyEngine {
             rubric: Arc::new(rubric),
             rubric_generation: 1,
             blocks: Arc::default(),
+            reroutes: Arc::default(),
         };
         let files = SourceFiles {
             registry: SourceFile::new(registry_file),
@@ -300,16 +301,21 @@ impl PolicyEngine {
         next
     }
 
-    /// Puts the `block` interventions in force into the live snapshot (under the gate, so
-    /// no source change in between loses them). Returns whether they changed.
-    pub fn set_blocks(&self, blocks: Vec<live::Block>) -> bool {
+    /// Puts the `block` and `reroute` interventions in force into the live snapshot (under
+    /// the gate, so no source change in between loses them). Returns whether they changed.
+    pub fn set_interventions(
+        &self,
+        blocks: Vec<live::Block>,
+        reroutes: Vec<crate::route::decide::PolicyReroute>,
+    ) -> bool {
         self.with_gate(|| {
             let current = self.live();
-            if *current.blocks == blocks {
+            if *current.blocks == blocks && *current.reroutes == reroutes {
                 return false;
             }
             self.live.store(Arc::new(Live {
                 blocks: Arc::new(blocks),
+                reroutes: Arc::new(reroutes),
                 ..current.sources_kept()
             }));
             true

@@ -471,6 +471,8 @@ pub enum EscalationAction {
     Drain,
     /// Control command `cancel` for the task the alert's worker is running.
     CancelTask,
+    /// The alert's pool's work goes to the pool's `fallback_pool` (config) while it lasts.
+    Reroute,
     /// Rung 5, a guardrail: refuse dispatch for the alert's `block` scope (its pool, model,
     /// team or feature label) with a reason the producer reads.
     Block,
@@ -507,6 +509,7 @@ impl EscalationAction {
             EscalationAction::Drain => "drain",
             EscalationAction::CancelTask => "cancel_task",
             EscalationAction::Block => "block",
+            EscalationAction::Reroute => "reroute",
         }
     }
 

@@ -474,6 +474,7 @@ fn concurrent_admissions_never_pass_the_limit() {
                             now_ms: now,
                             seed: i,
                             blocks: &[],
+                            reroutes: &[],
                         });
                         match v {
                             evaluate::Verdict::Dispatch { decision, check } => {
@@ -685,6 +686,7 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
                 now_ms: e.now_ms(),
                 seed: 1,
                 blocks,
+                reroutes: &[],
             }) {
                 evaluate::Verdict::Reject { reason, code, .. } => Some((code, reason)),
                 _ => None,
@@ -712,8 +714,8 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
         "{reason}"
     );
     // Blocks ride in the live snapshot; setting the same ones again changes nothing.
-    assert!(e.set_blocks(vec![block(BlockScope::Team, "search")]));
-    assert!(!e.set_blocks(vec![block(BlockScope::Team, "search")]));
+    assert!(e.set_interventions(vec![block(BlockScope::Team, "search")], vec![]));
+    assert!(!e.set_interventions(vec![block(BlockScope::Team, "search")], vec![]));
     assert_eq!(e.live().blocks.len(), 1);
-    assert!(e.set_blocks(vec![]));
+    assert!(e.set_interventions(vec![], vec![]));
 }

@@ -54,6 +54,8 @@ pub struct PolicyReroute {
     pub to: String,
     pub error_rate_above: Option<f64>,
     pub p95_latency_ms_above: Option<u64>,
+    /// Rerouted whatever the thresholds, for this reason (a `reroute` intervention).
+    pub forced: Option<String>,
 }
 
 /// Everything a decision depends on.
@@ -943,7 +945,7 @@ fn policy_reroute<'t>(
                 c.pool
             )
         });
-    let why = errors.or(latency)?;
+    let why = r.forced.clone().or(errors).or(latency)?;
     Some((
         ("policy_reroute", format!("{why}; rerouted to {}", r.to)),
         Some(r.to.as_str()),

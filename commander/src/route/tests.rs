@@ -312,6 +312,43 @@ fn every_rule_and_its_reason() {
             to: "code-b".into(),
             error_rate_above: Some(0.10),
             p95_latency_ms_above: None,
+            forced: None,
+        }],
+        ..Default::default()
+    };
+    c.want = Ok(("code-b", "claude-haiku-4-5", RouteRule::HealthReroute));
+    c.candidates = vec![
+        ("code", "claude-haiku-4-5", "policy_reroute"),
+        ("code-b", "claude-haiku-4-5", "chosen"),
+    ];
+    c.reason_has = "rerouted from an unhealthy pool";
+    cases.push(c);
+    let mut c = base(
+        "a reroute intervention moves a healthy pool's work to its fallback",
+        answer("code_review", "standard", &["code", "review"]),
+    );
+    c.table = Box::new(|t| {
+        t.pools.insert(
+            "code-b".into(),
+            PoolConfig {
+                capabilities: vec!["code".into(), "review".into()],
+                ..Default::default()
+            },
+        );
+    });
+    c.fleet = Box::new(|| {
+        let mut code = healthy("code", 4);
+        code.error_rate = Some(0.0);
+        code.finished_1m = 50;
+        vec![code, healthy("code-b", 2)]
+    });
+    c.policy = PolicyHints {
+        reroutes: vec![crate::route::decide::PolicyReroute {
+            from: "code".into(),
+            to: "code-b".into(),
+            error_rate_above: None,
+            p95_latency_ms_above: None,
+            forced: Some("rerouted by intervention x:reroute".into()),
         }],
         ..Default::default()
     };
