@@ -72,6 +72,49 @@ struct Case {
     reason_has: &'static str,
 }
 
+/// Tasks for `code` rerouted to `code-b` by a `[[reroute]]` (over `threshold`) or an
+/// intervention (`forced`).
+fn reroute_case(
+    name: &'static str,
+    error_rate: f64,
+    threshold: Option<f64>,
+    forced: Option<&str>,
+) -> Case {
+    let mut c = base(name, answer("code_review", "standard", &["code", "review"]));
+    c.table = Box::new(|t| {
+        t.pools.insert(
+            "code-b".into(),
+            PoolConfig {
+                capabilities: vec!["code".into(), "review".into()],
+                ..Default::default()
+            },
+        );
+    });
+    c.fleet = Box::new(move || {
+        let mut code = healthy("code", 4);
+        code.error_rate = Some(error_rate);
+        code.finished_1m = 50;
+        vec![code, healthy("code-b", 2)]
+    });
+    c.policy = PolicyHints {
+        reroutes: vec![crate::route::decide::PolicyReroute {
+            from: "code".into(),
+            to: "code-b".into(),
+            error_rate_above: threshold,
+            p95_latency_ms_above: None,
+            forced: forced.map(str::to_string),
+        }],
+        ..Default::default()
+    };
+    c.want = Ok(("code-b", "claude-haiku-4-5", RouteRule::HealthReroute));
+    c.candidates = vec![
+        ("code", "claude-haiku-4-5", "policy_reroute"),
+        ("code-b", "claude-haiku-4-5", "chosen"),
+    ];
+    c.reason_has = "rerouted from an unhealthy pool";
+    c
+}
+
 fn base(name: &'static str, class: Answer) -> Case {
     Case {
         name,
@@ -287,78 +330,23 @@ fn every_rule_and_its_reason() {
     c.reason_has = "rerouted from an unhealthy pool";
     cases.push(c);
 
-    let mut c = base(
-        "policy reroute: over the policy's error threshold, work goes where the policy says",
-        answer("code_review", "standard", &["code", "review"]),
-    );
-    c.table = Box::new(|t| {
-        t.pools.insert(
-            "code-b".into(),
-            PoolConfig {
-                capabilities: vec!["code".into(), "review".into()],
-                ..Default::default()
-            },
-        );
-    });
-    c.fleet = Box::new(|| {
-        let mut code = healthy("code", 4);
-        code.error_rate = Some(0.12);
-        code.finished_1m = 50;
-        vec![code, healthy("code-b", 2)]
-    });
-    c.policy = PolicyHints {
-        reroutes: vec![crate::route::decide::PolicyReroute {
-            from: "code".into(),
-            to: "code-b".into(),
-            error_rate_above: Some(0.10),
-            p95_latency_ms_above: None,
-            forced: None,
-        }],
-        ..Default::default()
-    };
-    c.want = Ok(("code-b", "claude-haiku-4-5", RouteRule::HealthReroute));
-    c.candidates = vec![
-        ("code", "claude-haiku-4-5", "policy_reroute"),
-        ("code-b", "claude-haiku-4-5", "chosen"),
-    ];
-    c.reason_has = "rerouted from an unhealthy pool";
-    cases.push(c);
-    let mut c = base(
-        "a reroute intervention moves a healthy pool's work to its fallback",
-        answer("code_review", "standard", &["code", "review"]),
-    );
-    c.table = Box::new(|t| {
-        t.pools.insert(
-            "code-b".into(),
-            PoolConfig {
-                capabilities: vec!["code".into(), "review".into()],
-                ..Default::default()
-            },
-        );
-    });
-    c.fleet = Box::new(|| {
-        let mut code = healthy("code", 4);
-        code.error_rate = Some(0.0);
-        code.finished_1m = 50;
-        vec![code, healthy("code-b", 2)]
-    });
-    c.policy = PolicyHints {
-        reroutes: vec![crate::route::decide::PolicyReroute {
-            from: "code".into(),
-            to: "code-b".into(),
-            error_rate_above: None,
-            p95_latency_ms_above: None,
-            forced: Some("rerouted by intervention x:reroute".into()),
-        }],
-        ..Default::default()
-    };
-    c.want = Ok(("code-b", "claude-haiku-4-5", RouteRule::HealthReroute));
-    c.candidates = vec![
-        ("code", "claude-haiku-4-5", "policy_reroute"),
-        ("code-b", "claude-haiku-4-5", "chosen"),
-    ];
-    c.reason_has = "rerouted from an unhealthy pool";
-    cases.push(c);
+    // A policy reroute over its threshold, and a reroute intervention on a healthy pool.
+    for (name, error_rate, threshold, forced) in [
+        (
+            "policy reroute: over the policy's error threshold, work goes where the policy says",
+            0.12,
+            Some(0.10),
+            None,
+        ),
+        (
+            "a reroute intervention moves a healthy pool's work to its fallback",
+            0.0,
+            None,
+            Some("rerouted by intervention x:reroute"),
+        ),
+    ] {
+        cases.push(reroute_case(name, error_rate, threshold, forced));
+    }
 
     let mut c = base(
         "error rate over threshold with no fallback: excluded",
