@@ -363,3 +363,82 @@ async fn the_python_worker_of_protocol_md_runs_each_task_once_through_a_broker_c
     })
     .await;
 }
+
+/// The worker of docs/protocol.md section 9, as written, obeys control commands (section
+/// 10): pause keeps work queued, resume runs it, status answers, and an unknown command is
+/// refused with nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_worker_of_protocol_md_obeys_pause_and_resume() {
+    let python = tokio::task::spawn_blocking(|| otel_python().clone())
+        .await
+        .unwrap();
+    let stack = Stack::start("[pools.docs]\n").await;
+    let script = stack.dir.path().join("worker.py");
+    std::fs::write(&script, protocol_md_python_worker()).unwrap();
+    let mut worker = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env("FLEET_NATS_URL", stack.nats.url())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = stack.client.clone();
+    let ask = async |body: serde_json::Value| -> Option<serde_json::Value> {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request("fleet.control.py-1", body.to_string().into()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        serde_json::from_slice(&reply.payload).ok()
+    };
+    eventually(
+        "the Python worker answers on its control subject",
+        WAIT,
+        async || {
+            ask(serde_json::json!({"schema": 1, "command": "status"}))
+                .await
+                .is_some_and(|r| r["ok"] == true && r["mode"] == "running")
+        },
+    )
+    .await;
+
+    let r = ask(serde_json::json!({"schema": 1, "command": "pause"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&r["ok"], &r["mode"], &r["worker_id"]),
+        (&true.into(), &"paused".into(), &"py-1".into()),
+        "{r}"
+    );
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("held while paused");
+    task.id = Some("py-paused".into());
+    task.pool = Some("docs".into());
+    producer
+        .submit(&task, SubmitOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        producer
+            .await_result("py-paused", Duration::from_millis(1500))
+            .await
+            .is_err(),
+        "a paused worker runs nothing"
+    );
+    let r = ask(serde_json::json!({"schema": 1, "command": "throttle", "tasks_per_s": 1.0}))
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "unknown_command");
+    assert_eq!(r["mode"], "paused", "nothing changed");
+
+    let r = ask(serde_json::json!({"schema": 1, "command": "resume"}))
+        .await
+        .unwrap();
+    assert_eq!(r["mode"], "running", "{r}");
+    let done = producer.await_result("py-paused", WAIT).await.unwrap();
+    assert_eq!(done.status, ResultStatus::Ok, "{:?}", done.error);
+    worker.kill().await.unwrap();
+}

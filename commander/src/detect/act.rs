@@ -2,7 +2,8 @@
 //! records the steps now due (logging, notifying a sink, cancelling a task), ends the
 //! interventions whose alert resolved, and brings every worker's mode and throttle to what
 //! the interventions in force ask for, with control commands on `<prefix>.control.<worker>`
-//! (docs/protocol.md §10). A command that gets no answer is sent again next tick.
+//! (docs/protocol.md §10). A command that gets no answer is sent again next tick; one the
+//! worker refuses (it cannot obey it) is recorded and not sent again for that change.
 //!
 //! Interventions are kept in sled (tree `interventions`, at most `detect.max_records`),
 //! so a restarted commander knows what is in force and tells the workers again.
@@ -370,7 +371,8 @@ impl Actor {
         }
         for (worker, to, why, outcome) in futures::future::join_all(sends).await {
             t.log.note_outcome(&why, &outcome);
-            if outcome.ok {
+            // A refusal is an answer: asking again would only be refused again.
+            if outcome.ok || outcome.refused {
                 if to == idle {
                     self.told.remove(&worker);
                 } else {
@@ -440,6 +442,7 @@ async fn send_all(
 ) -> WorkerOutcome {
     let mut names = Vec::new();
     let mut failure = None;
+    let mut refused = false;
     for cmd in cmds {
         names.push(cmd.name().to_string());
         let reason = format!("intervention {}", because.join(", "));
@@ -453,6 +456,7 @@ async fn send_all(
                     || "refused".to_string(),
                     |e| format!("{}: {}", e.code, e.message),
                 ));
+                refused = true;
                 "refused"
             }
             Err(e) => {
@@ -473,7 +477,11 @@ async fn send_all(
         }
     }
     if let Some(e) = &failure {
-        tracing::warn!(worker, commands = ?names, error = %e, "control command not obeyed; sent again next tick");
+        if refused {
+            tracing::warn!(worker, commands = ?names, error = %e, "control command refused by the worker; not sent again for this change");
+        } else {
+            tracing::warn!(worker, commands = ?names, error = %e, "control command not answered; sent again next tick");
+        }
     } else {
         tracing::info!(worker, commands = ?names, interventions = ?because, "worker obeyed");
     }
@@ -481,6 +489,7 @@ async fn send_all(
         worker: worker.to_string(),
         commands: names,
         ok: failure.is_none(),
+        refused,
         error: failure,
         at_ms: t.now_ms,
     }

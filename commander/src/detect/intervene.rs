@@ -70,6 +70,10 @@ pub struct WorkerOutcome {
     /// The commands sent, in order (`pause`, `throttle` …).
     pub commands: Vec<String>,
     pub ok: bool,
+    /// The worker answered and refused (it cannot obey that command): not asked again
+    /// for this change. Without an answer it is asked again on the next tick.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub at_ms: u64,
