@@ -6,7 +6,7 @@
 //! nothing. A command that does not parse, names an unknown command or lacks what it needs
 //! gets an error reply and changes nothing.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -226,8 +226,9 @@ pub struct ControlReply {
 pub(crate) struct Controls {
     mode: watch::Sender<Mode>,
     pace: Mutex<Option<Pace>>,
-    /// One per running handler (task id → how to abort it), so also the in-flight count.
-    running: Mutex<HashMap<String, oneshot::Sender<String>>>,
+    /// One per running task (task id → how to abort its handler): what heartbeats list and
+    /// the in-flight count.
+    running: Mutex<BTreeMap<String, oneshot::Sender<String>>>,
 }
 
 #[derive(Debug)]
@@ -242,7 +243,7 @@ impl Controls {
         Controls {
             mode: watch::channel(Mode::Running).0,
             pace: Mutex::new(None),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -299,6 +300,14 @@ impl Controls {
         if let Ok(mut r) = self.running.lock() {
             r.remove(task_id);
         }
+    }
+
+    /// The ids of the tasks running now, sorted.
+    pub(crate) fn running_tasks(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn in_flight(&self) -> u32 {

@@ -6,7 +6,7 @@
 //! on every delivery, is acked without running the handler again. When the lookup itself
 //! fails the message is handed back (nak with a delay) rather than run blind.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -272,13 +272,13 @@ struct Shared<H> {
     exporter: SpanExporter,
     stats: Arc<WorkerStats>,
     completed: Mutex<Completed>,
-    running: Mutex<BTreeSet<String>>,
     /// Executions between their checks and their ack, so a second delivery of one of
     /// them to this process waits instead of running alongside.
     in_hand: Mutex<HashSet<Key>>,
     restarts: Restarts,
     started_at: String,
-    /// Pause, drain, throttle and cancel, as control commands set them.
+    /// The tasks running now, and pause, drain, throttle and cancel as control commands
+    /// set them.
     controls: Arc<Controls>,
 }
 
@@ -398,7 +398,6 @@ impl Worker {
             exporter,
             stats: stats.clone(),
             completed: Mutex::new(Completed::new(100_000, KEPT_RESULT_BYTES)),
-            running: Mutex::new(BTreeSet::new()),
             in_hand: Mutex::new(HashSet::new()),
             restarts: {
                 let connection = client.statistics();
@@ -982,9 +981,7 @@ where
 
     let received_at = now_rfc3339();
     shared.stats.started.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut r) = shared.running.lock() {
-        r.insert(task_id.clone());
-    }
+    let abort = shared.controls.started(&task_id);
     let started = Instant::now();
     let outcome = if deadline.is_some_and(|d| d <= SystemTime::now()) {
         Err(TaskFailure {
@@ -996,15 +993,10 @@ where
             usage: None,
         })
     } else {
-        let abort = shared.controls.started(&task_id);
-        let outcome = run_handler(shared, &msg, ctx, abort).await;
-        shared.controls.finished(&task_id);
-        outcome
+        run_handler(shared, &msg, ctx, abort).await
     };
     let duration_ms = started.elapsed().as_millis() as u64;
-    if let Ok(mut r) = shared.running.lock() {
-        r.remove(&task_id);
-    }
+    shared.controls.finished(&task_id);
 
     let result = task_result(
         cfg,
@@ -1377,7 +1369,7 @@ async fn heartbeats<H>(
                 let state = match shared.controls.mode() {
                     Mode::Paused => WorkerState::Paused,
                     Mode::Draining => WorkerState::Draining,
-                    Mode::Running if shared.running.lock().map(|r| r.is_empty()).unwrap_or(true) => WorkerState::Idle,
+                    Mode::Running if shared.controls.running_tasks().is_empty() => WorkerState::Idle,
                     Mode::Running => WorkerState::Active,
                 };
                 publish_heartbeat(&client, &shared, state).await;
@@ -1398,11 +1390,7 @@ async fn publish_heartbeat<H>(client: &async_nats::Client, shared: &Shared<H>, s
         pool: cfg.pool.clone(),
         state,
         model: cfg.model.clone(),
-        current_tasks: shared
-            .running
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default(),
+        current_tasks: shared.controls.running_tasks(),
         max_in_flight: cfg.max_in_flight as u32,
         context_tokens: None,
         capabilities: cfg.capabilities.clone(),

@@ -213,17 +213,7 @@ pub async fn add_silence(
     Ok((axum::http::StatusCode::CREATED, Json(saved)).into_response())
 }
 
-/// `DELETE /v1/silences/{id}?by=`: ends a silence now.
-/// Who is asking, as `Fleet-Identity` says (else `http`).
-fn identity(headers: &HttpHeaders) -> String {
-    headers
-        .get("fleet-identity")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .unwrap_or("http")
-        .to_string()
-}
-
+/// `DELETE /v1/silences/{id}`: ends a silence now.
 pub async fn expire_silence(
     State(s): State<AppState>,
     remote: super::RemoteAddr,
@@ -231,7 +221,7 @@ pub async fn expire_silence(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     authorised(&s, &headers, remote)?;
-    let by = identity(&headers);
+    let by = super::policy::identity(&headers);
     let now = s.core.policy.now_ms();
     let silences = s.alerts.silences.clone();
     let ended = tokio::task::spawn_blocking(move || silences.expire(&id, &by, now))
@@ -313,7 +303,7 @@ pub async fn revert_intervention(
 ) -> Result<Response, ApiError> {
     use crate::detect::act::InterventionError as E;
     authorised(&s, &headers, remote)?;
-    let by = format!("operator {}", identity(&headers));
+    let by = format!("operator {}", super::policy::identity(&headers));
     let now = s.core.policy.now_ms();
     let log = s.alerts.interventions.clone();
     let done = tokio::task::spawn_blocking(move || log.revert(&id, &by, now))

@@ -97,7 +97,8 @@ fn documents(body: &Bytes, name: Option<String>) -> Result<Vec<Document>, ApiErr
     }])
 }
 
-fn identity(h: &HttpHeaders) -> String {
+/// Who is asking, as `Fleet-Identity` says (else `http`).
+pub(super) fn identity(h: &HttpHeaders) -> String {
     h.get("fleet-identity")
         .or_else(|| h.get("x-fleet-identity"))
         .and_then(|v| v.to_str().ok())

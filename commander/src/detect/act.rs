@@ -338,26 +338,20 @@ impl Actor {
     /// worker that is gone from the snapshot is forgotten.
     async fn tell_workers(&mut self, t: &Tick<'_>, active: &[Intervention]) {
         let want = intervene::desired(active, t.snapshot);
-        let gone: Vec<String> = self
-            .told
-            .keys()
-            .filter(|w| {
-                !want.contains_key(*w) && !t.snapshot.workers.iter().any(|x| &x.id == *w && !x.lost)
-            })
-            .cloned()
-            .collect();
-        for w in gone {
-            self.told.remove(&w);
-        }
+        // A worker gone from the fleet is forgotten: one that comes back starts untold.
+        let workers = &t.snapshot.workers;
+        let present = |w: &str| {
+            workers
+                .binary_search_by(|x| x.id.as_str().cmp(w))
+                .is_ok_and(|i| !workers[i].lost)
+        };
+        self.told.retain(|w, _| want.contains_key(w) || present(w));
         let idle = WorkerControl::default();
         let mut sends = Vec::new();
-        for (worker, to) in want.iter().map(|(w, c)| (w.clone(), c.clone())).chain(
-            self.told
-                .keys()
-                .filter(|w| !want.contains_key(*w))
-                .map(|w| (w.clone(), idle.clone()))
-                .collect::<Vec<_>>(),
-        ) {
+        let everyone: std::collections::BTreeSet<String> =
+            want.keys().chain(self.told.keys()).cloned().collect();
+        for worker in everyone {
+            let to = want.get(&worker).cloned().unwrap_or_default();
             let from = self.told.get(&worker).cloned().unwrap_or_default();
             let cmds = intervene::commands(&from, &to);
             if cmds.is_empty() {

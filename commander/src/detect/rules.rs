@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::history::History;
 use crate::config::PoolConfig;
 use crate::fleet::view::{FleetSnapshot, WorkerView};
+use crate::fleet::window::Percentiles;
 use crate::fleet::worker::State;
 use crate::policy::schema::AlertSpec;
 
@@ -200,26 +201,13 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
 /// (P99 calls per run against the median) over the hour.
 fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
-    let enough = |p: &crate::fleet::window::Percentiles| p.count >= spec.min_samples;
+    let min = spec.min_samples;
     let jump = 1.0 + spec.distribution_jump;
     for t in &i.snapshot.fleet.task_types {
-        let mut scope: Option<Scope> = None;
-        let mut emit =
-            |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
-                if keep(state) {
-                    let s = scope.get_or_insert_with(|| Scope {
-                        labels: BTreeMap::from([("task_type".to_string(), t.task_type.clone())]),
-                        links: Links::default(),
-                    });
-                    out.push(s.observe(rule, vt, state, message()));
-                }
-            };
-        if let (Some(now), Some(before)) = (t.cost_recent_usd.p95, t.cost_earlier_usd.p95)
-            && enough(&t.cost_recent_usd)
-            && enough(&t.cost_earlier_usd)
-            && before > 0.0
-        {
-            emit(
+        let mut e = Emitter::new(out, || Scope::labelled("task_type", &t.task_type));
+        let p95 = |p: &Percentiles| p.p95;
+        if let Some((now, before)) = compared(&t.cost_recent_usd, &t.cost_earlier_usd, p95, min) {
+            e.emit(
                 Rule::CostJump,
                 (now / before, jump),
                 above(now / before, jump),
@@ -232,12 +220,11 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 },
             );
         }
-        if let (Some(now), Some(before)) = (t.duration_recent_ms.p99, t.duration_earlier_ms.p99)
-            && enough(&t.duration_recent_ms)
-            && enough(&t.duration_earlier_ms)
-            && before > 0.0
+        let p99 = |p: &Percentiles| p.p99;
+        if let Some((now, before)) =
+            compared(&t.duration_recent_ms, &t.duration_earlier_ms, p99, min)
         {
-            emit(
+            e.emit(
                 Rule::DurationJump,
                 (now / before, jump),
                 above(now / before, jump),
@@ -253,11 +240,11 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             );
         }
         if let (Some(p99), Some(p50)) = (t.depth.p99, t.depth.p50)
-            && enough(&t.depth)
+            && t.depth.count >= min
             && p50 > 0.0
         {
             let ratio = p99 / p50;
-            emit(
+            e.emit(
                 Rule::DepthTail,
                 (ratio, spec.depth_tail_multiple),
                 above(ratio, spec.depth_tail_multiple),
@@ -272,13 +259,25 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     }
 }
 
+/// A quantile of the recent window and of the one before, when both hold `min` values and
+/// the earlier one is above 0 (so the ratio means something).
+fn compared(
+    recent: &Percentiles,
+    earlier: &Percentiles,
+    quantile: impl Fn(&Percentiles) -> Option<f64>,
+    min: u64,
+) -> Option<(f64, f64)> {
+    let (now, before) = (quantile(recent)?, quantile(earlier)?);
+    (recent.count >= min && earlier.count >= min && before > 0.0).then_some((now, before))
+}
+
 /// The same tool call made again and again in one run: a warning at `tool_loop_calls`, and
 /// at `tool_loop_critical_calls` a critical alert the warning stands aside for.
 fn tool_loop_rules(
     spec: &AlertSpec,
     worker: &str,
     rc: &crate::fleet::worker::RepeatedCall,
-    emit: &mut impl FnMut(Rule, (f64, f64), (bool, bool), &dyn Fn() -> String),
+    e: &mut Emitter<'_, impl Fn() -> Scope>,
 ) {
     let n = f64::from(rc.calls);
     let (warn, critical) = (
@@ -292,11 +291,11 @@ fn tool_loop_rules(
         )
     };
     let runaway = (n >= critical, n >= critical);
-    emit(Rule::ToolLoopRunaway, (n, critical), runaway, &|| {
+    e.emit(Rule::ToolLoopRunaway, (n, critical), runaway, &|| {
         message(critical)
     });
     let warning = n >= warn && !runaway.0;
-    emit(Rule::ToolLoop, (n, warn), (warning, warning), &|| {
+    e.emit(Rule::ToolLoop, (n, warn), (warning, warning), &|| {
         message(warn)
     });
 }
@@ -316,10 +315,7 @@ fn tool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
         let failing = s.recent_failures as f64 / s.recent_ops as f64;
         let state = above(failing, limit);
         if keep(state) {
-            let scope = Scope {
-                labels: BTreeMap::from([("tool".to_string(), tool.clone())]),
-                links: Links::default(),
-            };
+            let scope = Scope::labelled("tool", tool);
             let message = format!(
                 "Tool {tool} succeeded in {:.0}% of {} calls across the fleet in the last {} minutes (alert below {:.0}%)",
                 (1.0 - failing) * 100.0,
@@ -415,6 +411,14 @@ impl Scope {
         }
     }
 
+    /// A scope named by one label (`task_type`, `tool` …) with no links.
+    fn labelled(key: &str, value: &str) -> Self {
+        Self {
+            labels: BTreeMap::from([(key.to_string(), value.to_string())]),
+            links: Links::default(),
+        }
+    }
+
     fn pool(name: &str) -> Self {
         Self {
             labels: BTreeMap::from([("pool".to_string(), name.to_string())]),
@@ -445,20 +449,43 @@ impl Scope {
     }
 }
 
+/// Pushes the observations of one scope; the scope (labels and links) is built only when
+/// a rule has something to say about it, so a healthy scope costs a comparison.
+struct Emitter<'o, F: Fn() -> Scope> {
+    out: &'o mut Vec<Observation>,
+    scope: Option<Scope>,
+    make: F,
+}
+
+impl<'o, F: Fn() -> Scope> Emitter<'o, F> {
+    fn new(out: &'o mut Vec<Observation>, make: F) -> Self {
+        Self {
+            out,
+            scope: None,
+            make,
+        }
+    }
+
+    fn emit(
+        &mut self,
+        rule: Rule,
+        vt: (f64, f64),
+        state: (bool, bool),
+        message: &dyn Fn() -> String,
+    ) {
+        if keep(state) {
+            let scope = self.scope.get_or_insert_with(&self.make);
+            self.out.push(scope.observe(rule, vt, state, message()));
+        }
+    }
+}
+
 fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
     let spec = i.spec;
-    // Built only when a rule has something to say about this worker.
-    let mut scope: Option<Scope> = None;
-    let mut emit =
-        |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
-            if keep(state) {
-                let s = scope.get_or_insert_with(|| Scope::worker(w));
-                out.push(s.observe(rule, vt, state, message()));
-            }
-        };
+    let mut e = Emitter::new(out, || Scope::worker(w));
     if let Some(u) = w.context_utilisation {
         let critical = above(u, spec.context_critical);
-        emit(
+        e.emit(
             Rule::ContextCritical,
             (u, spec.context_critical),
             critical,
@@ -473,7 +500,7 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
         );
         // The warning stands aside while the critical alert covers the same agent.
         let (warn, warn_holding) = above(u, spec.context_warning);
-        emit(
+        e.emit(
             Rule::ContextOverflowRisk,
             (u, spec.context_warning),
             (warn && !critical.0, warn_holding && !critical.0),
@@ -488,7 +515,7 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
         );
     }
     if let Some(r) = w.token_rate_vs_baseline {
-        emit(
+        e.emit(
             Rule::TokenLoop,
             (r, spec.output_rate_multiple),
             above(r, spec.output_rate_multiple),
@@ -505,10 +532,10 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
         );
     }
     if let Some(rc) = &w.repeated_call {
-        tool_loop_rules(spec, &w.id, rc, &mut emit);
+        tool_loop_rules(spec, &w.id, rc, &mut e);
     }
     let stuck = w.state == State::Stuck;
-    emit(
+    e.emit(
         Rule::StuckAgent,
         (f64::from(u8::from(stuck)), 1.0),
         (stuck, stuck),
@@ -525,7 +552,7 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
     {
         let threshold = spec.cost_rate_multiple * avg;
         let burn = w.burn_rate_usd_per_h;
-        emit(
+        e.emit(
             Rule::CostRunaway,
             (burn, threshold),
             above(burn, threshold),
@@ -543,17 +570,11 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
 fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     let f = &i.snapshot.fleet;
-    let scope = Scope::fleet();
-    let mut emit =
-        |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
-            if keep(state) {
-                out.push(scope.observe(rule, vt, state, message()));
-            }
-        };
+    let mut e = Emitter::new(out, Scope::fleet);
     if let Some(rate) = f.error_rate_5m
         && f.ops_5m >= spec.min_samples
     {
-        emit(
+        e.emit(
             Rule::ErrorRateSpike,
             (rate, spec.fleet_error_rate),
             above(rate, spec.fleet_error_rate),
@@ -570,7 +591,7 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
         && avg >= spec.min_cost_usd_per_h
     {
         let threshold = spec.cost_rate_multiple * avg;
-        emit(
+        e.emit(
             Rule::CostRunaway,
             (f.burn_rate_usd_per_h, threshold),
             above(f.burn_rate_usd_per_h, threshold),
@@ -587,7 +608,7 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
         && baseline >= spec.min_tokens_per_s
     {
         let drop = 1.0 - now / baseline;
-        emit(
+        e.emit(
             Rule::ThroughputDrop,
             (drop, spec.token_rate_drop),
             above(drop, spec.token_rate_drop),
@@ -605,7 +626,7 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
         let threshold = (before as f64 * (1.0 + spec.stuck_wave_rise))
             .max(before as f64 + spec.stuck_wave_min as f64);
         let active = now as f64 >= threshold;
-        emit(
+        e.emit(
             Rule::StuckWave,
             (now as f64, threshold),
             (active, active || now > before),
@@ -659,16 +680,10 @@ fn cost_concentration(i: &Inputs<'_>, out: &mut Vec<Observation>) {
 fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     for p in &i.snapshot.pools {
-        let scope = Scope::pool(&p.name);
-        let mut emit =
-            |rule: Rule, vt: (f64, f64), state: (bool, bool), message: &dyn Fn() -> String| {
-                if keep(state) {
-                    out.push(scope.observe(rule, vt, state, message()));
-                }
-            };
+        let mut e = Emitter::new(&mut *out, || Scope::pool(&p.name));
         if p.tasks_per_min >= spec.min_samples {
             let rate = p.failed_per_min as f64 / p.tasks_per_min as f64;
-            emit(
+            e.emit(
                 Rule::ErrorRateSpike,
                 (rate, spec.fleet_error_rate),
                 above(rate, spec.fleet_error_rate),
@@ -691,7 +706,7 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             .filter(|m| *m > 0);
         if let (Some(depth), Some(max)) = (depth, max) {
             let ratio = depth as f64 / max as f64;
-            emit(
+            e.emit(
                 Rule::QueueSaturation,
                 (ratio, spec.queue_ratio),
                 above(ratio, spec.queue_ratio),
@@ -708,7 +723,7 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             && p.workers > 0
         {
             let idle = u < spec.over_provisioned_utilisation;
-            emit(
+            e.emit(
                 Rule::OverProvisioned,
                 (u, spec.over_provisioned_utilisation),
                 (idle, idle),

@@ -60,6 +60,19 @@ pub struct Sinks {
     sinks: Vec<Arc<Sink>>,
 }
 
+impl Sink {
+    /// Puts the alert in this sink's queue unless it is disabled or full (then counted as
+    /// dropped). Returns whether it was queued.
+    fn queue(&self, change: Change, alert: &Alert) -> bool {
+        let enabled = self.state.lock().map(|st| st.enabled).unwrap_or(false);
+        let queued = enabled && self.tx.try_send((change, alert.clone())).is_ok();
+        if !queued {
+            lock(&self.state).dropped += 1;
+        }
+        queued
+    }
+}
+
 impl std::fmt::Debug for Sinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
@@ -178,14 +191,8 @@ impl Sinks {
             Severity::Warning => SinkSeverity::Warning,
             Severity::Critical => SinkSeverity::Critical,
         };
-        for s in &self.sinks {
-            if severity < s.cfg.min_severity {
-                continue;
-            }
-            let enabled = s.state.lock().map(|st| st.enabled).unwrap_or(false);
-            if !enabled || s.tx.try_send((change, alert.clone())).is_err() {
-                lock(&s.state).dropped += 1;
-            }
+        for s in self.sinks.iter().filter(|s| severity >= s.cfg.min_severity) {
+            s.queue(change, alert);
         }
     }
 
@@ -193,15 +200,10 @@ impl Sinks {
     /// escalation's notify step). False when there is no such sink, or it is disabled or
     /// full.
     pub fn offer_to(&self, name: &str, change: Change, alert: &Alert) -> bool {
-        let Some(s) = self.sinks.iter().find(|s| s.cfg.name == name) else {
-            return false;
-        };
-        let enabled = s.state.lock().map(|st| st.enabled).unwrap_or(false);
-        if !enabled || s.tx.try_send((change, alert.clone())).is_err() {
-            lock(&s.state).dropped += 1;
-            return false;
-        }
-        true
+        self.sinks
+            .iter()
+            .find(|s| s.cfg.name == name)
+            .is_some_and(|s| s.queue(change, alert))
     }
 
     pub fn states(&self) -> Vec<SinkState> {
