@@ -7,6 +7,8 @@
 //!
 //! - `rules.rs`: the rules, as observations of a snapshot (pure);
 //! - `slices.rs`: correlated failure slices (lift, a z-test, Benjamini–Hochberg), pure;
+//! - `drift.rs`: behavioural drift (Jensen–Shannon divergence of tool mixes and step counts
+//!   against a permutation null), pure, run every few minutes off the tick;
 //! - `history.rs`: the detector's short memory (baselines, hourly averages);
 //! - `lifecycle.rs`: pending / firing / resolved with `for`, hysteresis, renotify, no data;
 //! - `store.rs`: the alert log in sled;
@@ -17,6 +19,7 @@
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
 pub mod act;
+pub mod drift;
 pub mod history;
 pub mod intervene;
 pub mod lifecycle;
@@ -47,6 +50,16 @@ pub struct Detector {
     lifecycle: lifecycle::Lifecycle,
     /// Open (pending and firing) alerts at most; more are refused and counted.
     max_open: usize,
+    drift: DriftState,
+}
+
+/// Drift is tested every `drift_interval_s`, off the tick (`drift::Job`); its last
+/// observations stand until the next verdict.
+#[derive(Debug, Default)]
+struct DriftState {
+    next_ms: u64,
+    in_flight: bool,
+    observations: Vec<rules::Observation>,
 }
 
 impl Detector {
@@ -55,7 +68,47 @@ impl Detector {
             history: history::History::default(),
             lifecycle: lifecycle::Lifecycle::default(),
             max_open: max_open.max(1),
+            drift: DriftState::default(),
         }
+    }
+
+    /// The drift evaluation due now, if one is (and none is running). Run it (off the
+    /// async runtime: it can take a while) and hand the result to `drift_done`.
+    pub fn drift_job(
+        &mut self,
+        snapshot: &FleetSnapshot,
+        spec: &AlertSpec,
+        now_ms: u64,
+    ) -> Option<drift::Job> {
+        if self.drift.in_flight || now_ms < self.drift.next_ms {
+            return None;
+        }
+        self.drift.in_flight = true;
+        self.drift.next_ms = now_ms.saturating_add(spec.drift_interval_s.saturating_mul(1000));
+        let firing = self
+            .drift
+            .observations
+            .iter()
+            .filter_map(|o| o.labels.iter().next())
+            .filter_map(|(k, v)| {
+                crate::fleet::prints::DIMENSIONS
+                    .into_iter()
+                    .find(|d| d == k)
+                    .map(|d| (d, v.clone()))
+            })
+            .collect();
+        Some(drift::Job::new(
+            std::sync::Arc::clone(&snapshot.prints),
+            spec,
+            firing,
+            now_ms,
+        ))
+    }
+
+    /// The verdicts of the drift evaluation: they stand until the next one.
+    pub fn drift_done(&mut self, observations: Vec<rules::Observation>) {
+        self.drift.in_flight = false;
+        self.drift.observations = observations;
     }
 
     /// One evaluation: the snapshot made at `now_ms`, the thresholds in force and the
@@ -68,12 +121,13 @@ impl Detector {
         now_ms: u64,
     ) -> Vec<(Change, Alert)> {
         self.history.record(snapshot, now_ms);
-        let observations = rules::observe(&rules::Inputs {
+        let mut observations = rules::observe(&rules::Inputs {
             snapshot,
             spec,
             pools,
             history: &self.history,
         });
+        observations.extend(self.drift.observations.iter().cloned());
         self.lifecycle.step(
             observations,
             |labels| present(snapshot, labels),

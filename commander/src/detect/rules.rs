@@ -39,6 +39,7 @@ pub enum Rule {
     CostJump,
     DurationJump,
     DepthTail,
+    BehaviourDrift,
 }
 
 /// How loud an alert is.
@@ -61,7 +62,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 18] = [
+    pub const ALL: [Rule; 19] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -80,6 +81,7 @@ impl Rule {
         Rule::CostJump,
         Rule::DurationJump,
         Rule::DepthTail,
+        Rule::BehaviourDrift,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +104,7 @@ impl Rule {
             Rule::CostJump => "cost_jump",
             Rule::DurationJump => "duration_jump",
             Rule::DepthTail => "depth_tail",
+            Rule::BehaviourDrift => "behaviour_drift",
         }
     }
 
@@ -131,8 +134,9 @@ impl Rule {
             | Rule::StuckWave
             | Rule::ToolLoop
             | Rule::ToolLoopRunaway
-            // Already a test over 15 minutes of evidence.
-            | Rule::FailureSlice => 0,
+            // Already tests over 15 minutes of evidence.
+            | Rule::FailureSlice
+            | Rule::BehaviourDrift => 0,
             _ => spec.pending_s * 1000,
         }
     }

@@ -134,6 +134,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     let mut actor = super::act::Actor::default();
     let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut drift: Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -142,6 +143,14 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
         let snapshot = w.fleet.snapshot();
         let live = w.engine.live();
         let now_ms = w.clock.now_ms();
+        step_drift(
+            &mut detector,
+            &mut drift,
+            &snapshot,
+            &live.policy.alerts,
+            now_ms,
+        )
+        .await;
         let changes = detector.tick(&snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
         w.alerts.counters.ticks.inc();
         for (change, alert) in &changes {
@@ -170,6 +179,34 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
             w.alerts.counters.refused.inc_by(refused - counted);
         }
         w.alerts.open.store(Arc::new(open));
+    }
+}
+
+/// Takes a finished drift evaluation's verdicts, and starts the next one when it is due
+/// (on a blocking thread: a drifting group can take tens of thousands of splits).
+async fn step_drift(
+    detector: &mut Detector,
+    running: &mut Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>>,
+    snapshot: &crate::fleet::view::FleetSnapshot,
+    spec: &crate::policy::schema::AlertSpec,
+    now_ms: u64,
+) {
+    if let Some(job) = running.take_if(|j| j.is_finished()) {
+        match job.await {
+            Ok(observations) => detector.drift_done(observations),
+            Err(e) => {
+                tracing::error!(error = %e, "drift evaluation failed");
+                detector.drift_done(Vec::new());
+            }
+        }
+    }
+    if running.is_none()
+        && let Some(job) = detector.drift_job(snapshot, spec, now_ms)
+    {
+        *running = Some(tokio::task::spawn_blocking(move || {
+            let _span = tracing::debug_span!("drift", groups = job.view.groups.len()).entered();
+            job.run()
+        }));
     }
 }
 

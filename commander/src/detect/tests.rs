@@ -131,6 +131,10 @@ impl Run {
         while self.now < end {
             self.now += S;
             let snap = make(self.now);
+            // As the loop does, off the tick (here at once rather than a tick later).
+            if let Some(job) = self.d.drift_job(&snap, &self.spec, self.now) {
+                self.d.drift_done(job.run());
+            }
             for (c, a) in self.d.tick(&snap, &self.spec, &self.pools, self.now) {
                 out.push((self.now, c, a));
             }
@@ -1001,4 +1005,113 @@ mod ladder {
         all.retain(|i| i.id != "other/pause");
         assert_eq!(intervene::desired(&all, &snap)["w1"].mode, Mode::Draining);
     }
+}
+
+/// A fleet whose runs call tools from a mix, 12 a minute per prompt variant; `v7`'s mix
+/// changes at `shift_at` while every run still completes.
+fn drifting(shift_at: u64) -> impl FnMut(u64) -> FleetSnapshot {
+    use crate::fleet::prints::Prints;
+    use crate::fleet::worker::{RunEnd, TaskSummary};
+    let mut prints = Prints::default();
+    let mut next = T0;
+    let mut n = 0u64;
+    move |now| {
+        while next <= now {
+            n += 1;
+            for variant in ["v6", "v7"] {
+                let shifted = variant == "v7" && next >= shift_at;
+                // Before: search, read, read, summarise (with some runs skipping a read).
+                // After: search, search, search, summarise: more searching, no reading.
+                let tools: Vec<&str> = match (shifted, n % 4) {
+                    (false, 0) => vec!["web_search", "read_page", "summarise"],
+                    (false, _) => vec!["web_search", "read_page", "read_page", "summarise"],
+                    (true, 0) => vec!["web_search", "web_search", "summarise"],
+                    (true, _) => vec!["web_search", "web_search", "web_search", "summarise"],
+                };
+                let run = TaskSummary {
+                    task_id: format!("t{n}"),
+                    status: RunEnd::Completed,
+                    task_type: None,
+                    model: None,
+                    started_ms: next,
+                    ended_ms: next,
+                    duration_ms: 1_000,
+                    cost_usd: Some(0.01),
+                    input_tokens: 100,
+                    output_tokens: 50,
+                    steps: 2 * tools.len() as u32,
+                    prompt_variant: Some(variant.into()),
+                    team: None,
+                    feature: None,
+                    tools: tools.into_iter().map(String::from).collect(),
+                };
+                prints.add(None, &run, next);
+            }
+            next += 5 * S;
+        }
+        prints.tick(now);
+        FleetSnapshot {
+            prints: prints.view(),
+            ..snapshot(vec![], vec![], FleetView::default())
+        }
+    }
+}
+
+#[test]
+fn behaviour_drift_fires_on_a_tool_mix_shift_and_settles_into_the_new_normal() {
+    // Healthy: two steady variants for two hours raise nothing.
+    let mut r = Run::new();
+    let quiet = r.run(120 * MIN, drifting(u64::MAX));
+    assert!(sent(&quiet, Rule::BehaviourDrift).is_empty(), "{quiet:?}");
+
+    // v7's runs search instead of reading from minute 60; every run still completes.
+    let mut r = Run::new();
+    let shift = T0 + 60 * MIN;
+    let mut make = drifting(shift);
+    let changes = r.run(200 * MIN, &mut make);
+    let drift: Vec<&Alert> = changes
+        .iter()
+        .filter(|(_, c, a)| a.rule == Rule::BehaviourDrift && *c == Change::Firing)
+        .map(|(_, _, a)| a)
+        .collect();
+    assert_eq!(drift.len(), 1, "one alert, for v7 only: {drift:?}");
+    let a = drift[0];
+    assert_eq!(
+        a.labels,
+        BTreeMap::from([("prompt_variant".into(), "v7".into())])
+    );
+    assert!(
+        a.message.contains("read_page") && a.message.contains("web_search"),
+        "{}",
+        a.message
+    );
+    assert!(a.value > a.threshold, "{a:?}");
+    let fired_at = changes
+        .iter()
+        .find(|(_, c, a)| a.rule == Rule::BehaviourDrift && *c == Change::Firing)
+        .map(|(t, _, _)| *t)
+        .unwrap();
+    // Within two evaluations (5 minutes each) of the shift …
+    assert!(
+        fired_at > shift && fired_at <= shift + 10 * MIN,
+        "fired {} s after",
+        (fired_at - shift) / S
+    );
+    // … and resolved once the new mix is the whole hour's (the new normal).
+    let resolved = sent(&changes, Rule::BehaviourDrift)
+        .into_iter()
+        .find(|(_, c)| *c == Change::Resolved)
+        .map(|(t, _)| t)
+        .expect("resolved");
+    eprintln!(
+        "fired {} s after the shift: {}; resolved {} min after",
+        (fired_at - shift) / S,
+        a.message,
+        (resolved - shift) / MIN
+    );
+    assert!(
+        resolved > shift + 45 * MIN && resolved < shift + 75 * MIN,
+        "resolved {} min after",
+        (resolved - shift) / MIN
+    );
 }

@@ -8,6 +8,7 @@
 pub mod costs;
 pub mod lineage;
 pub mod mix;
+pub mod prints;
 pub mod slices;
 pub mod view;
 pub mod window;
@@ -321,6 +322,9 @@ pub struct FleetState {
     mix: mix::UsageMix,
     /// Operations and failures per slice (tool, model, prompt variant …), the last hour.
     slices: slices::Slices,
+    /// What finished runs did (tools in order, steps), per pool, task type and prompt
+    /// variant, the last hour.
+    prints: prints::Prints,
 }
 
 impl FleetState {
@@ -347,6 +351,7 @@ impl FleetState {
             lineage: Default::default(),
             model_latency: FxHashMap::default(),
             slices: slices::Slices::default(),
+            prints: prints::Prints::default(),
             mix: Default::default(),
         }
     }
@@ -513,6 +518,7 @@ impl FleetState {
                 self.fleet.at(at).tasks += 1;
                 if let Some(done) = w.last_task() {
                     finish_run(&mut self.task_types, &mut self.dispatched, done, now_ms);
+                    self.prints.add(w.pool.as_deref(), done, now_ms);
                 }
             }
         }
@@ -767,6 +773,7 @@ impl FleetState {
     pub fn tick(&mut self, now_ms: u64) {
         self.book_metric_extras(now_ms);
         self.slices.sweep(now_ms);
+        self.prints.tick(now_ms);
         let mut due = Vec::new();
         self.lineage
             .expire(now_ms, self.cfg.identity_wait_ms, &mut due);
@@ -983,6 +990,7 @@ impl FleetState {
             workers,
             slices,
             slice_totals,
+            prints: self.prints.view(),
         }
     }
 

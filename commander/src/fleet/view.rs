@@ -208,6 +208,9 @@ pub struct FleetSnapshot {
     pub slices: Vec<super::slices::SliceView>,
     /// The fleet's operations and failures in that recent window.
     pub slice_totals: (u64, u64),
+    /// Finished runs' fingerprints per pool, task type and prompt variant (rebuilt every
+    /// 30 s, shared between snapshots).
+    pub prints: std::sync::Arc<super::prints::PrintsView>,
 }
 
 /// `/v1/costs` answer.

@@ -85,6 +85,13 @@ pub struct TaskSummary {
     pub output_tokens: u64,
     /// LLM calls + tool calls in the run (the execution depth).
     pub steps: u32,
+    /// The attribution the run's spans carried (the first value seen of each).
+    pub prompt_variant: Option<String>,
+    pub team: Option<String>,
+    pub feature: Option<String>,
+    /// The tools the run called, in the order the calls started (the first
+    /// `MAX_TOOL_SEQUENCE`): its behaviour's fingerprint (`fleet/prints.rs`).
+    pub tools: Vec<String>,
 }
 
 /// A run in progress.
@@ -112,6 +119,12 @@ struct Run {
     output_tokens: u64,
     /// Started from a heartbeat, no span seen yet.
     from_heartbeat: bool,
+    prompt_variant: Option<String>,
+    team: Option<String>,
+    feature: Option<String>,
+    /// (start ms, tool) of the first `MAX_TOOL_SEQUENCE` tool calls, in arrival order
+    /// (spans come in batches, not in order: sorted when the run ends).
+    tool_seq: Vec<(u64, String)>,
 }
 
 impl Run {
@@ -132,8 +145,15 @@ impl Run {
         if let Some(e) = ev.expected_duration_s {
             self.expected_ms = Some((e * 1000.0) as u64);
         }
-        if self.task_type.is_none() {
-            self.task_type.clone_from(&ev.dims.task_type);
+        for (mine, theirs) in [
+            (&mut self.task_type, &ev.dims.task_type),
+            (&mut self.prompt_variant, &ev.dims.prompt_variant),
+            (&mut self.team, &ev.dims.team),
+            (&mut self.feature, &ev.dims.feature),
+        ] {
+            if mine.is_none() {
+                mine.clone_from(theirs);
+            }
         }
         if billed {
             self.steps += 1;
@@ -152,6 +172,9 @@ impl Run {
         if ev.operation == Operation::ExecuteTool {
             self.steps += 1;
             if let Some(tool) = &ev.tool {
+                if self.tool_seq.len() < MAX_TOOL_SEQUENCE {
+                    self.tool_seq.push((start_ms, tool.clone()));
+                }
                 let n = if let Some(n) = self.tool_counts.get_mut(tool) {
                     *n += 1;
                     *n
@@ -238,6 +261,8 @@ struct HeartbeatInfo {
 }
 
 const MAX_TOOLS_PER_RUN: usize = 64;
+/// Tool calls of a run kept in order for its fingerprint.
+pub const MAX_TOOL_SEQUENCE: usize = 64;
 const MAX_LISTED: usize = 32;
 const TRANSITIONS_KEPT: usize = 16;
 const OTHER_TOOL: &str = "_other";
@@ -476,6 +501,10 @@ impl Worker {
             input_tokens: 0,
             output_tokens: 0,
             from_heartbeat: false,
+            prompt_variant: None,
+            team: None,
+            feature: None,
+            tool_seq: Vec::new(),
         });
         self.runs.len() - 1
     }
@@ -623,8 +652,10 @@ impl Worker {
         bucket_ms: u64,
         cfg: &FleetConfig,
     ) {
-        let run = self.runs.swap_remove(idx);
+        let mut run = self.runs.swap_remove(idx);
         let started_ms = run.started_ms.min(start_ms);
+        // Stable: calls that started in the same millisecond keep their arrival order.
+        run.tool_seq.sort_by_key(|(start, _)| *start);
         let summary = TaskSummary {
             task_id: run.task_id,
             status: if failed {
@@ -641,6 +672,10 @@ impl Worker {
             input_tokens: run.input_tokens,
             output_tokens: run.output_tokens,
             steps: run.steps,
+            prompt_variant: run.prompt_variant,
+            team: run.team,
+            feature: run.feature,
+            tools: run.tool_seq.into_iter().map(|(_, t)| t).collect(),
         };
         let b = self.ring.at(bucket_ms);
         if failed {

@@ -824,6 +824,31 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             ));
         }
     }
+    if a.drift_interval_s < 10 {
+        problems.push(here.key("drift_interval_s").problem(
+            OutOfRange,
+            format!(
+                "alerts.drift_interval_s {} must be at least 10",
+                a.drift_interval_s
+            ),
+        ));
+    }
+    if a.drift_min_runs < 5 {
+        problems.push(here.key("drift_min_runs").problem(
+            OutOfRange,
+            format!(
+                "alerts.drift_min_runs {} must be at least 5",
+                a.drift_min_runs
+            ),
+        ));
+    }
+    let budget = a.drift_false_alarms_per_hour;
+    if !(budget > 0.0 && budget <= 10.0) {
+        problems.push(here.key("drift_false_alarms_per_hour").problem(
+            OutOfRange,
+            format!("alerts.drift_false_alarms_per_hour {budget} must be above 0 and at most 10"),
+        ));
+    }
     if a.failure_slice_min_ops == 0 || a.failure_slice_min_failures == 0 {
         problems.push(here.key("failure_slice_min_ops").problem(
             OutOfRange,

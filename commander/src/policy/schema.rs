@@ -388,6 +388,14 @@ pub struct AlertSpec {
     pub distribution_jump: f64,
     /// Depth tail: a task type's P99 calls per run at least this multiple of its median.
     pub depth_tail_multiple: f64,
+    /// Behavioural drift: each pool's, task type's and prompt variant's runs of the last
+    /// 15 minutes are tested against the 45 minutes before every this many seconds …
+    pub drift_interval_s: u64,
+    /// … when both windows hold at least this many sampled runs …
+    pub drift_min_runs: u32,
+    /// … at a false-alarm rate spread from this budget of false alarms per fleet-hour over
+    /// every group tested and every evaluation in the hour.
+    pub drift_false_alarms_per_hour: f64,
 }
 
 impl Default for AlertSpec {
@@ -424,13 +432,16 @@ impl Default for AlertSpec {
             failure_slice_fdr: 0.01,
             distribution_jump: 0.30,
             depth_tail_multiple: 3.0,
+            drift_interval_s: 300,
+            drift_min_runs: 30,
+            drift_false_alarms_per_hour: 0.1,
         }
     }
 }
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 18] = [
+pub const ALERT_RULES: [&str; 19] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -449,6 +460,7 @@ pub const ALERT_RULES: [&str; 18] = [
     "cost_jump",
     "duration_jump",
     "depth_tail",
+    "behaviour_drift",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,
