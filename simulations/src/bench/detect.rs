@@ -257,5 +257,98 @@ pub fn run(args: DetectArgs) -> Result<(), String> {
         "  (the snapshot itself, built by the fleet owner each second whether or not anything detects: {:.2} ms here)",
         ms(build_mean)
     );
+    drift(&args, &spec);
     Ok(())
+}
+
+/// Behavioural drift: an hour of finished runs (each agent finishes one a minute) booked
+/// into the fingerprints, one prompt variant's tool mix shifted in the last 15 minutes,
+/// and one evaluation of every group timed (it runs every `drift_interval_s`, on a
+/// blocking thread).
+fn drift(args: &DetectArgs, spec: &AlertSpec) {
+    use fleet_commander::detect::drift::Job;
+    use fleet_commander::fleet::prints::Prints;
+    use fleet_commander::fleet::worker::{RunEnd, TaskSummary};
+    let t0 = 1_800_000_000_000u64;
+    let hour = 3_600_000u64;
+    let mut prints = Prints::default();
+    let tools = [
+        "web_search",
+        "read_page",
+        "summarise",
+        "run_code",
+        "ask_user",
+    ];
+    let mut booked = Duration::ZERO;
+    let mut runs = 0u64;
+    for minute in 0..60u64 {
+        for i in 0..args.agents {
+            let id = i as u64;
+            let variant = i % 5;
+            let shifted = variant == 3 && minute >= 45;
+            let len = 2 + (mix(id, minute) % 5) as usize;
+            let calls: Vec<String> = (0..len)
+                .map(|k| {
+                    let u = unit(id ^ (k as u64) << 32, minute);
+                    let t = if shifted && u < 0.5 {
+                        0
+                    } else {
+                        (u * tools.len() as f64) as usize % tools.len()
+                    };
+                    tools[t].to_string()
+                })
+                .collect();
+            let run = TaskSummary {
+                task_id: format!("t{i}-{minute}"),
+                status: RunEnd::Completed,
+                task_type: Some(["summarisation", "code_review", "search"][i % 3].into()),
+                model: None,
+                started_ms: 0,
+                ended_ms: 0,
+                duration_ms: 0,
+                cost_usd: None,
+                input_tokens: 0,
+                output_tokens: 0,
+                steps: 2 * len as u32,
+                prompt_variant: Some(format!("v{variant}")),
+                team: None,
+                feature: None,
+                tools: calls,
+            };
+            let pool = format!("pool-{}", i % args.pools);
+            let at = t0 + minute * 60_000 + (id * 60_000 / args.agents.max(1) as u64);
+            let start = Instant::now();
+            prints.add(Some(&pool), &run, at);
+            booked += start.elapsed();
+            runs += 1;
+        }
+    }
+    let start = Instant::now();
+    prints.tick(t0 + hour);
+    let view_built = start.elapsed();
+    let view = prints.view();
+    let job = Job::new(view, spec, Default::default(), 1);
+    let start = Instant::now();
+    let found = job.run();
+    let took = start.elapsed();
+    let share = took.as_secs_f64() * 100.0 / spec.drift_interval_s as f64;
+    println!(
+        "drift: {} groups, {} runs booked ({:.2} µs each, on the owner per finished run), readers' copy rebuilt in {:.2} ms (every 30 s)",
+        job.view.groups.len(),
+        runs,
+        booked.as_secs_f64() * 1e6 / runs.max(1) as f64,
+        ms(view_built),
+    );
+    println!(
+        "  one evaluation at level {:.1e}: {:.2} ms = {share:.3}% of one core at one per {} s; drifted: {}",
+        job.level(),
+        ms(took),
+        spec.drift_interval_s,
+        found
+            .iter()
+            .filter(|o| o.active)
+            .map(|o| format!("{:?}", o.labels))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
