@@ -1,6 +1,6 @@
-//! Detection on the real binary: an agent whose context fills up raises `context_critical`
-//! on `<prefix>.alerts.critical`, in `GET /v1/alerts` and on `/metrics`, and the alert
-//! resolves, with its history, when the context empties again.
+//! Detection on the real binary: alerts raised from real workers' telemetry reach NATS,
+//! the API, `/metrics`, a real Alertmanager and a signed webhook; silences mute them; the
+//! escalation ladder throttles, pauses, blocks and cancels, and lets go when they resolve.
 
 use std::time::Duration;
 
@@ -763,5 +763,353 @@ async fn a_tool_loop_warns_goes_critical_and_the_shipped_policy_cancels_the_task
         delivered >= 3,
         "tool_loop, the runaway and its end: {delivered}"
     );
+    worker.shutdown().await;
+}
+
+/// A Slack-shaped endpoint that misbehaves in turn: a 500, a hang past the sink's
+/// timeout, a 200 with garbage for a body, then 410 Gone for good.
+async fn misbehaving_receiver() -> (String, Arc<Mutex<u32>>) {
+    let calls: Arc<Mutex<u32>> = Arc::default();
+    let c = calls.clone();
+    let app = axum::Router::new().route(
+        "/slack",
+        axum::routing::post(move || {
+            let c = c.clone();
+            async move {
+                let n = {
+                    let mut n = c.lock().unwrap();
+                    *n += 1;
+                    *n
+                };
+                match n {
+                    1 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+                    2 => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        (axum::http::StatusCode::OK, "too late")
+                    }
+                    3 => (axum::http::StatusCode::OK, "\u{0}\u{1}{{not json"),
+                    _ => (axum::http::StatusCode::GONE, "gone"),
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slack", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, calls)
+}
+
+/// The whole path for one misbehaving agent: an SDK worker loops on one tool while its
+/// LLM calls write tokens at 40 × its task type's usual rate. `token_loop` and `tool_loop`
+/// reach NATS, a real Alertmanager and a signed webhook receiver that verifies every
+/// signature; the ladder throttles the worker, then pauses it; when the loop stops both
+/// alerts resolve (in Alertmanager too) and the throttle and pause are lifted by
+/// themselves. A sink that answers 500, hangs, sends garbage and then 410 is retried,
+/// counted and disabled while the others carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_agent_is_alerted_everywhere_throttled_paused_and_let_go_when_it_stops() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::SystemTime;
+
+    use fleet_worker::{
+        LlmCall, Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskOutput, ToolCall,
+        Worker, WorkerConfig,
+    };
+
+    let am = fleet_testkit::Alertmanager::start().expect("alertmanager");
+    let (hook, received, bad_signatures) = webhook_receiver().await;
+    let (flaky, flaky_calls) = misbehaving_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ladder.policy.toml"),
+        r#"
+[alerts]
+pending_s = 1
+resolve_s = 1
+# Only the warning: the runaway rung (and the shipped cancel) are another test's.
+tool_loop_critical_calls = 1000
+
+[[escalation]]
+name = "brake"
+rules = ["token_loop", "tool_loop"]
+action = "throttle"
+tasks_per_s = 1.0
+
+[[escalation]]
+name = "stop"
+rules = ["tool_loop"]
+after_s = 2
+action = "pause"
+"#,
+    )
+    .unwrap();
+    let toml = format!(
+        r#"{TWO_POOLS}
+[detect]
+interval_ms = 200
+
+[[detect.sinks]]
+name = "am"
+kind = "alertmanager"
+url = {am:?}
+
+[[detect.sinks]]
+name = "hook"
+kind = "webhook"
+url = {hook:?}
+secret_env = "FLEET_E2E_WEBHOOK_SECRET"
+
+[[detect.sinks]]
+name = "flaky"
+kind = "slack"
+url = {flaky:?}
+timeout_ms = 300
+
+[policy]
+dir = {dir:?}
+"#,
+        am = am.url(),
+        dir = dir.path().display().to_string()
+    );
+    let stack = Stack::start_with_env(&toml, &[("FLEET_E2E_WEBHOOK_SECRET", SECRET)]).await;
+    let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
+    stack.client.flush().await.unwrap();
+
+    let looping = Arc::new(AtomicBool::new(true));
+    let keep_going = looping.clone();
+    let mut config = WorkerConfig::new("alpha", "loop-2");
+    config.export.flush_interval = Duration::from_millis(100);
+    config.heartbeat_interval = Duration::from_millis(300);
+    let worker = Worker::start(stack.client.clone(), config, move |ctx| {
+        let keep_going = keep_going.clone();
+        async move {
+            // Each call took a second: 50 output tokens usually, 2,000 in the loop.
+            let call = |output: u64| {
+                let mut c = LlmCall::chat("openai", "gpt-4o").tokens(500, output);
+                c.started = SystemTime::now() - Duration::from_secs(1);
+                c
+            };
+            if ctx.task.description != "loop" {
+                ctx.telemetry.llm_call(&call(50));
+                return Ok(TaskOutput::default());
+            }
+            for _ in 0..600 {
+                if !keep_going.load(Ordering::SeqCst) {
+                    break;
+                }
+                ctx.telemetry.llm_call(&call(2_000));
+                ctx.telemetry
+                    .tool_call(&ToolCall::new("web_search").arguments(r#"{"query": "same"}"#));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            Ok(TaskOutput::default())
+        }
+    })
+    .await
+    .unwrap();
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let submit = async |id: &str, text: &str| {
+        let mut t = Task::new(text);
+        t.id = Some(id.into());
+        t.pool = Some("alpha".into());
+        t.attributes.insert("task_type".into(), "research".into());
+        producer.submit(&t, SubmitOptions::default()).await.unwrap();
+    };
+    // The task type's usual rate: three ordinary runs at about 50 tokens/s.
+    for i in 0..3 {
+        let id = format!("usual-{i}");
+        submit(&id, "look it up").await;
+        let r = producer.await_result(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
+    }
+    eventually("the task type has a baseline rate", WAIT, async || {
+        let f = stack.get_json("/v1/fleet").await;
+        f["task_types"].as_array().into_iter().flatten().any(|t| {
+            t["task_type"] == "research" && t["baseline_output_tokens_per_s"].as_f64().is_some()
+        })
+    })
+    .await;
+
+    submit("loop-task", "loop").await;
+    let mut firing: Vec<Value> = Vec::new();
+    while firing.len() < 2 {
+        let msg = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("both alerts in time")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v["event"] == "firing"
+            && ["token_loop", "tool_loop"].contains(&v["alert"]["rule"].as_str().unwrap_or(""))
+        {
+            assert_eq!(msg.subject.as_str(), "fleet.alerts.warning");
+            assert_eq!(v["alert"]["labels"]["worker"], "loop-2", "{v}");
+            if !firing
+                .iter()
+                .any(|f| f["alert"]["rule"] == v["alert"]["rule"])
+            {
+                firing.push(v);
+            }
+        }
+    }
+    let token = firing
+        .iter()
+        .find(|f| f["alert"]["rule"] == "token_loop")
+        .unwrap();
+    assert!(token["alert"]["value"].as_f64().unwrap() > 5.0, "{token}");
+    assert!(
+        token["alert"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("usual rate"),
+        "{token}"
+    );
+
+    // Level 4: the throttle at once, then the pause, each answered by the worker.
+    let active = async |step: &str, rule: &str| -> Option<Value> {
+        let v = stack.get_json("/v1/interventions?state=active").await;
+        v["interventions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["step"] == step && i["rule"] == rule)
+            .cloned()
+    };
+    eventually("both alerts throttle the worker", WAIT, async || {
+        for rule in ["token_loop", "tool_loop"] {
+            if !active("brake", rule)
+                .await
+                .is_some_and(|i| i["workers"][0]["ok"] == true)
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eventually(
+        "then the pause, and the worker says paused",
+        WAIT,
+        async || {
+            stack.get_json("/v1/workers/loop-2").await["paused"] == true
+                && active("stop", "tool_loop")
+                    .await
+                    .is_some_and(|i| i["workers"][0]["ok"] == true)
+        },
+    )
+    .await;
+
+    // Delivered: in Alertmanager, and at the webhook with a signature that verifies.
+    for rule in ["token_loop", "tool_loop"] {
+        eventually(&format!("Alertmanager holds {rule}"), WAIT, async || {
+            alertmanager_alerts(&am, rule)
+                .await
+                .iter()
+                .any(|a| a["labels"]["worker"] == "loop-2")
+        })
+        .await;
+        eventually(&format!("the webhook verified {rule}"), WAIT, async || {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|b| b["type"] == "alert.firing" && b["data"]["alert"]["rule"] == rule)
+        })
+        .await;
+    }
+
+    // The agent stops looping: its run ends, both alerts resolve and the ladder lets go.
+    looping.store(false, Ordering::SeqCst);
+    let r = producer.await_result("loop-task", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
+    eventually("both alerts resolve", WAIT, async || {
+        let open = stack.get_json("/v1/alerts").await;
+        !open["alerts"].as_array().unwrap().iter().any(|a| {
+            ["token_loop", "tool_loop"].contains(&a["rule"].as_str().unwrap_or(""))
+                && a["state"] != "resolved"
+        })
+    })
+    .await;
+    eventually(
+        "the throttles and the pause are reverted by the resolve",
+        WAIT,
+        async || {
+            let v = stack.get_json("/v1/interventions?state=reverted").await;
+            let done = |step: &str, command: &str| {
+                v["interventions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|i| {
+                        i["step"] == step
+                            && i["reverted_by"] == "alert resolved"
+                            && i["workers"][0]["commands"]
+                                .as_array()
+                                .is_some_and(|c| c.contains(&Value::from(command)))
+                            && i["workers"][0]["ok"] == true
+                    })
+                    .count()
+            };
+            done("brake", "unthrottle") == 2 && done("stop", "resume") == 1
+        },
+    )
+    .await;
+    eventually("the worker says it runs again", WAIT, async || {
+        stack.get_json("/v1/workers/loop-2").await["paused"] == false
+    })
+    .await;
+    submit("after", "look it up").await;
+    let r = producer.await_result("after", WAIT).await.unwrap();
+    assert_eq!(r.worker_id.as_deref(), Some("loop-2"));
+    for rule in ["token_loop", "tool_loop"] {
+        eventually(&format!("Alertmanager ends {rule}"), WAIT, async || {
+            alertmanager_alerts(&am, rule).await.is_empty()
+        })
+        .await;
+        eventually(&format!("the webhook got {rule}'s end"), WAIT, async || {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|b| b["type"] == "alert.resolved" && b["data"]["alert"]["rule"] == rule)
+        })
+        .await;
+    }
+    assert_eq!(*bad_signatures.lock().unwrap(), 0);
+
+    // The misbehaving sink was retried through the 500 and the hang, delivered on the
+    // garbage 200, and disabled by the 410; the others never waited for it.
+    let sinks = stack.get_json("/v1/alerts/sinks").await;
+    let flaky = sinks["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "flaky")
+        .unwrap()
+        .clone();
+    assert_eq!(flaky["enabled"], false, "{flaky}");
+    assert!(
+        flaky["disabled_reason"].as_str().unwrap().contains("410"),
+        "{flaky}"
+    );
+    assert!(flaky["errors"].as_u64().unwrap() >= 2, "{flaky}");
+    assert!(flaky["delivered"].as_u64().unwrap() >= 1, "{flaky}");
+    assert!(*flaky_calls.lock().unwrap() >= 4);
+    for name in ["am", "hook"] {
+        let s = sinks["sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap();
+        assert_eq!(
+            (s["enabled"].clone(), s["failed"].clone()),
+            (Value::from(true), Value::from(0)),
+            "{s}"
+        );
+        assert!(
+            s["delivered"].as_u64().unwrap() >= 4,
+            "two firings and two ends: {s}"
+        );
+    }
     worker.shutdown().await;
 }
