@@ -24,6 +24,10 @@ pub enum Outcome {
     Rejected,
     /// Held by a budget until it has room (see `policy::deferred`).
     Deferred,
+    /// Not a routing decision: an intervention acted on the task after it was dispatched
+    /// (`cancel_task`, `restart_task`); `rule` is `intervention_<action>` and `reason`
+    /// names the intervention and its alert. The routing decision stays the task's own.
+    Intervened,
 }
 
 /// One decision as logged, served and published.

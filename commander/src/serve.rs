@@ -144,6 +144,7 @@ async fn run(
     let alerts = start_detection(
         &wiring,
         &store,
+        &decisions,
         &fleet,
         &engine,
         &mut registry,
@@ -231,6 +232,7 @@ fn start_fleet(
 fn start_detection(
     w: &Wiring<'_>,
     store: &Store,
+    decisions: &DecisionLog,
     fleet: &FleetHandle,
     engine: &Arc<policy::PolicyEngine>,
     registry: &mut prometheus_client::registry::Registry,
@@ -256,6 +258,7 @@ fn start_detection(
         alerts: alerts.clone(),
         fleet: fleet.clone(),
         engine: engine.clone(),
+        decisions: decisions.clone(),
         client: w.client.clone(),
         subjects: w.subjects.clone(),
         clock: engine.clock.clone(),

@@ -1113,3 +1113,126 @@ dir = {dir:?}
     }
     worker.shutdown().await;
 }
+
+/// Rung 4's restart: an SDK worker goes silent in the middle of its first attempt (its
+/// heartbeats go on); `stuck_agent` fires and a `restart_task` step tells it to restart
+/// the task. The worker aborts the handler and hands the delivery back; JetStream
+/// delivers it again and the second attempt completes. The restart is in the decision log
+/// beside the task's routing decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_agents_task_is_restarted_and_completes_on_its_next_delivery() {
+    use fleet_worker::{
+        LlmCall, Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskOutput, Worker,
+        WorkerConfig,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("restart.policy.toml"),
+        r#"
+[alerts]
+resolve_s = 1
+
+[[escalation]]
+name = "unstick"
+rules = ["stuck_agent"]
+action = "restart_task"
+"#,
+    )
+    .unwrap();
+    // A run silent for 1 s past 3 × its expected duration is STUCK (30 s by default).
+    let toml = format!(
+        "{TWO_POOLS}\n[fleet]\nmin_stuck_after_ms = 1000\n[detect]\ninterval_ms = 200\n[policy]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let stack = Stack::start(&toml).await;
+    let mut config = WorkerConfig::new("alpha", "sticky-1");
+    config.export.flush_interval = Duration::from_millis(100);
+    config.heartbeat_interval = Duration::from_millis(300);
+    let worker = Worker::start(stack.client.clone(), config, |ctx| async move {
+        ctx.telemetry
+            .llm_call(&LlmCall::chat("openai", "gpt-4o").tokens(100, 10));
+        if ctx.delivered == 1 {
+            // The first attempt hangs: no span, no result.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        Ok(TaskOutput {
+            output: serde_json::json!({"delivered": ctx.delivered}),
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap();
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let mut task = Task::new("fetch the report");
+    task.id = Some("hangs-once".into());
+    task.pool = Some("alpha".into());
+    // Stuck after 3 × 0.5 s without a span.
+    task.expected_duration_s = Some(0.5);
+    producer
+        .submit(&task, SubmitOptions::default())
+        .await
+        .unwrap();
+
+    let r = producer.await_result("hangs-once", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
+    assert_eq!(
+        r.output["delivered"], 2,
+        "the second delivery completed: {r:?}"
+    );
+    assert_eq!(
+        worker
+            .stats()
+            .restarted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let ints = stack.get_json("/v1/interventions").await;
+    let i = ints["interventions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["step"] == "unstick")
+        .unwrap_or_else(|| panic!("{ints}"))
+        .clone();
+    assert_eq!(
+        (
+            &i["action"],
+            &i["rule"],
+            &i["task_id"],
+            &i["workers"][0]["commands"][0],
+            &i["workers"][0]["ok"]
+        ),
+        (
+            &Value::from("restart_task"),
+            &Value::from("stuck_agent"),
+            &Value::from("hangs-once"),
+            &Value::from("restart"),
+            &Value::from(true)
+        ),
+        "{i}"
+    );
+    let noted = stack
+        .get_json("/v1/decisions?outcome=intervened&rule=intervention_restart_task")
+        .await;
+    let d = &noted["decisions"][0];
+    assert_eq!(d["task_id"], "hangs-once", "{noted}");
+    assert_eq!(d["pool"], "alpha");
+    assert!(
+        d["reason"].as_str().unwrap().starts_with("restarted"),
+        "{d}"
+    );
+    // The routing decision is still the task's own.
+    let routed = stack.get_json("/v1/decisions/hangs-once").await;
+    assert_eq!(routed["outcome"], "dispatched", "{routed}");
+    eventually("the stuck alert resolves", WAIT, async || {
+        let open = stack.get_json("/v1/alerts?rule=stuck_agent").await;
+        let ended = stack
+            .get_json("/v1/alerts?rule=stuck_agent&state=resolved")
+            .await;
+        open["alerts"] == serde_json::json!([])
+            && ended["alerts"][0]["labels"]["worker"] == "sticky-1"
+    })
+    .await;
+    worker.shutdown().await;
+}

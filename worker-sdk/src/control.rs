@@ -30,7 +30,7 @@ pub struct ControlRequest {
     pub schema: u32,
     /// `pause`, `resume`, `drain`, `throttle`, `unthrottle`, `cancel` or `status`.
     pub command: String,
-    /// `cancel`: the task whose handler is aborted.
+    /// `cancel` and `restart`: the task whose handler is aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
     /// `throttle`: the most tasks the worker starts per second.
@@ -53,7 +53,7 @@ impl ControlRequest {
         };
         match command {
             Command::Throttle { tasks_per_s } => r.tasks_per_s = Some(tasks_per_s),
-            Command::Cancel { task_id } => r.task_id = Some(task_id),
+            Command::Cancel { task_id } | Command::Restart { task_id } => r.task_id = Some(task_id),
             _ => {}
         }
         r
@@ -85,6 +85,9 @@ pub enum Command {
     Unthrottle,
     /// Abort the handler of this task: its result is `cancelled`.
     Cancel { task_id: String },
+    /// Abort the handler of this task and hand its delivery back, without a result, so
+    /// the task runs again (on whichever worker of the pool pulls it first).
+    Restart { task_id: String },
     /// Change nothing; answer the state.
     Status,
 }
@@ -98,18 +101,20 @@ impl Command {
             Command::Throttle { .. } => "throttle",
             Command::Unthrottle => "unthrottle",
             Command::Cancel { .. } => "cancel",
+            Command::Restart { .. } => "restart",
             Command::Status => "status",
         }
     }
 
     /// Every command name, for error messages and docs.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "pause",
         "resume",
         "drain",
         "throttle",
         "unthrottle",
         "cancel",
+        "restart",
         "status",
     ];
 }
@@ -163,17 +168,22 @@ pub fn parse(body: &[u8]) -> Result<(ControlRequest, Command), Refusal> {
             }
             None => return Err(refuse("bad_request", "throttle needs tasks_per_s".into())),
         },
-        "cancel" => match &req.task_id {
-            Some(id) if is_subject_token(id) => Command::Cancel {
-                task_id: id.clone(),
-            },
+        name @ ("cancel" | "restart") => match &req.task_id {
+            Some(id) if is_subject_token(id) => {
+                let task_id = id.clone();
+                if name == "cancel" {
+                    Command::Cancel { task_id }
+                } else {
+                    Command::Restart { task_id }
+                }
+            }
             Some(id) => {
                 return Err(refuse(
                     "bad_request",
                     format!("task_id {id:?} is not a task id"),
                 ));
             }
-            None => return Err(refuse("bad_request", "cancel needs task_id".into())),
+            None => return Err(refuse("bad_request", format!("{name} needs task_id"))),
         },
         other => {
             return Err(refuse(
@@ -186,6 +196,15 @@ pub fn parse(body: &[u8]) -> Result<(ControlRequest, Command), Refusal> {
         }
     };
     Ok((req, command))
+}
+
+/// Why a running handler is aborted, with the command's reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Abort {
+    /// The result is `cancelled`.
+    Cancel(String),
+    /// No result: the delivery is handed back to run again.
+    Restart(String),
 }
 
 /// Whether a worker pulls work.
@@ -228,7 +247,7 @@ pub(crate) struct Controls {
     pace: Mutex<Option<Pace>>,
     /// One per running task (task id → how to abort its handler): what heartbeats list and
     /// the in-flight count.
-    running: Mutex<BTreeMap<String, oneshot::Sender<String>>>,
+    running: Mutex<BTreeMap<String, oneshot::Sender<Abort>>>,
 }
 
 #[derive(Debug)]
@@ -288,7 +307,7 @@ impl Controls {
     }
 
     /// Registers a handler about to run; the receiver yields the reason if it is cancelled.
-    pub(crate) fn started(&self, task_id: &str) -> oneshot::Receiver<String> {
+    pub(crate) fn started(&self, task_id: &str) -> oneshot::Receiver<Abort> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut r) = self.running.lock() {
             r.insert(task_id.to_string(), tx);
@@ -349,11 +368,16 @@ impl Controls {
                 }
                 self.mode.send_modify(|_| {});
             }
-            Command::Cancel { task_id } => {
+            Command::Cancel { task_id } | Command::Restart { task_id } => {
                 let abort = self.running.lock().ok().and_then(|mut r| r.remove(task_id));
                 match abort {
                     Some(tx) => {
-                        let _ = tx.send(reason.to_string());
+                        let reason = reason.to_string();
+                        let _ = tx.send(if matches!(command, Command::Restart { .. }) {
+                            Abort::Restart(reason)
+                        } else {
+                            Abort::Cancel(reason)
+                        });
                     }
                     None => {
                         return Err(refuse(
@@ -484,6 +508,7 @@ mod tests {
             assert_eq!(code(&body), "bad_request", "{r}");
         }
         assert_eq!(code(r#"{"schema":1,"command":"cancel"}"#), "bad_request");
+        assert_eq!(code(r#"{"schema":1,"command":"restart"}"#), "bad_request");
         assert_eq!(
             code(r#"{"schema":1,"command":"cancel","task_id":"a.b"}"#),
             "bad_request"
@@ -516,7 +541,15 @@ mod tests {
         assert_eq!(c.answer("w1", b"{}").in_flight, 1);
         let r = c.answer("w1", &serde_json::to_vec(&cancel.reason("stuck")).unwrap());
         assert!(r.ok, "{r:?}");
-        assert_eq!(abort.await.unwrap(), "stuck");
+        assert_eq!(abort.await.unwrap(), Abort::Cancel("stuck".into()));
+        let restart = ControlRequest::new(Command::Restart {
+            task_id: "t2".into(),
+        });
+        let abort = c.started("t2");
+        let r = c.answer("w1", &serde_json::to_vec(&restart.reason("again")).unwrap());
+        assert!(r.ok, "{r:?}");
+        assert_eq!(abort.await.unwrap(), Abort::Restart("again".into()));
+        assert_eq!(c.answer("w1", b"{}").in_flight, 0);
         let resume = serde_json::to_vec(&ControlRequest::new(Command::Resume)).unwrap();
         assert_eq!(c.answer("w1", &resume).mode, Mode::Running);
     }

@@ -164,6 +164,8 @@ pub struct WorkerStats {
     pub result_publish_errors: AtomicU64,
     /// Deliveries answered by publishing a kept result again instead of running.
     pub results_republished: AtomicU64,
+    /// Handler runs aborted by a `restart` command (their deliveries handed back).
+    pub restarted: AtomicU64,
 }
 
 /// A running worker. [`WorkerHandle::shutdown`] drains it.
@@ -993,7 +995,14 @@ where
             usage: None,
         })
     } else {
-        run_handler(shared, &msg, ctx, abort).await
+        match run_handler(shared, &msg, ctx, abort).await {
+            Ran::Done(outcome) => outcome,
+            Ran::Restart(reason) => {
+                shared.controls.finished(&task_id);
+                restart(shared, &msg, &task_id, &reason, span).await;
+                return;
+            }
+        }
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     shared.controls.finished(&task_id);
@@ -1041,6 +1050,32 @@ where
     span.finish();
     shared.exporter.record(span);
 }
+
+/// A `restart`: the aborted run publishes no result; its delivery is handed back after
+/// `RESTART_DELAY` (so another worker of the pool may pull it first), and JetStream
+/// delivers it again, counted against the pool's `max_deliver` like any redelivery.
+async fn restart<H>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    task_id: &str,
+    reason: &str,
+    mut span: SpanRecord,
+) {
+    tracing::warn!(
+        task_id,
+        reason,
+        "restart: handler aborted, the task goes back to its pool"
+    );
+    shared.stats.restarted.fetch_add(1, Ordering::Relaxed);
+    span.error = Some(format!("restarted: {reason}"));
+    span.attr("fleet.task.restarted", true);
+    let _ = msg.ack_with(AckKind::Nak(Some(RESTART_DELAY))).await;
+    span.finish();
+    shared.exporter.record(span);
+}
+
+/// How long a restarted task's delivery waits before JetStream offers it again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// The result of one execution; a failure is also marked on the process span.
 fn task_result(
@@ -1115,15 +1150,23 @@ fn report_unreported_usage(
     telemetry.llm_call(&call);
 }
 
+/// How a handler's run ended.
+enum Ran {
+    /// With a result to publish.
+    Done(HandlerResult),
+    /// Aborted by a `restart` command (the reason): the delivery goes back, no result.
+    Restart(String),
+}
+
 /// Runs the handler in its own task (a panic becomes a failed result, not a dead worker)
 /// while telling JetStream we are still working on it. A `cancel` command aborts it: the
-/// result is `cancelled`, with the command's reason.
+/// result is `cancelled`, with the command's reason; a `restart` aborts it with no result.
 async fn run_handler<H, Fut>(
     shared: &Arc<Shared<H>>,
     msg: &jetstream::Message,
     ctx: TaskContext,
-    mut abort: tokio::sync::oneshot::Receiver<String>,
-) -> HandlerResult
+    mut abort: tokio::sync::oneshot::Receiver<crate::control::Abort>,
+) -> Ran
 where
     H: Fn(TaskContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
@@ -1138,21 +1181,28 @@ where
             reason = &mut abort, if abortable => {
                 // Err: the sender was dropped without a cancel (nothing to obey).
                 abortable = false;
-                if let Ok(reason) = reason {
-                    job.abort();
-                    return Err(TaskFailure {
-                        status: ResultStatus::Cancelled,
-                        error: ErrorInfo { code: "cancelled".into(), message: reason },
-                        usage: None,
-                    });
+                match reason {
+                    Ok(crate::control::Abort::Cancel(reason)) => {
+                        job.abort();
+                        return Ran::Done(Err(TaskFailure {
+                            status: ResultStatus::Cancelled,
+                            error: ErrorInfo { code: "cancelled".into(), message: reason },
+                            usage: None,
+                        }));
+                    }
+                    Ok(crate::control::Abort::Restart(reason)) => {
+                        job.abort();
+                        return Ran::Restart(reason);
+                    }
+                    Err(_) => {}
                 }
             }
             done = &mut job => {
-                return match done {
+                return Ran::Done(match done {
                     Ok(r) => r,
                     Err(e) if e.is_panic() => Err(TaskFailure::failed("handler_panicked", "the handler panicked")),
                     Err(e) => Err(TaskFailure::failed("handler_aborted", e.to_string())),
-                };
+                });
             }
             _ = progress.tick() => {
                 let _ = msg.ack_with(AckKind::Progress).await;

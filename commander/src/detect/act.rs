@@ -284,6 +284,8 @@ pub struct Tick<'a> {
     pub now_ms: u64,
     /// Where `block` interventions take effect (the live snapshot decisions read).
     pub engine: &'a crate::policy::PolicyEngine,
+    /// Where a cancel or restart is noted beside the task's routing decision.
+    pub decisions: Option<&'a crate::decisions::DecisionLog>,
 }
 
 impl Actor {
@@ -411,19 +413,76 @@ async fn take_step(t: &Tick<'_>, i: &mut Intervention) {
                 i.note = format!("sink {sink} is not configured, disabled or full");
             }
         }
-        (EscalationAction::CancelTask, InterventionState::Done) => {
-            if let (intervene::Target::Worker(w), Some(task)) = (&i.target, &i.task_id) {
-                let cmd = Command::Cancel {
-                    task_id: task.clone(),
+        (
+            action @ (EscalationAction::CancelTask | EscalationAction::RestartTask),
+            InterventionState::Done,
+        ) => {
+            if let (intervene::Target::Worker(w), Some(task)) = (&i.target, i.task_id.clone()) {
+                let cmd = if action == EscalationAction::CancelTask {
+                    Command::Cancel {
+                        task_id: task.clone(),
+                    }
+                } else {
+                    Command::Restart {
+                        task_id: task.clone(),
+                    }
                 };
                 let o = send_all(t, w, &[cmd], std::slice::from_ref(&i.id)).await;
+                let obeyed = o.ok;
                 i.outcome(o);
+                if obeyed {
+                    note_on_task(t, i, &task, alert);
+                }
             }
         }
         (_, InterventionState::Active) => {
             tracing::warn!(alert = %alert.id, intervention = %i.id, "intervention: {} ({})", i.note, alert.message);
         }
         _ => {}
+    }
+}
+
+/// Notes a cancel or restart the worker obeyed in the decision log, beside the task's
+/// routing decision (whose pool, model and classification it repeats): `GET
+/// /v1/decisions?outcome=intervened` lists what interventions did to tasks.
+fn note_on_task(t: &Tick<'_>, i: &Intervention, task: &str, alert: &Alert) {
+    let Some(log) = t.decisions else { return };
+    let routed = match log.get(task) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            tracing::debug!(task, intervention = %i.id, "no decision on record to note the intervention beside");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(task, error = %e, "decision log unreadable; intervention not noted");
+            return;
+        }
+    };
+    let verb = if i.action == EscalationAction::CancelTask {
+        "cancelled"
+    } else {
+        "restarted (its delivery handed back to run again)"
+    };
+    let note = crate::decisions::DecisionRecord {
+        id: format!("{}/{}", routed.id, i.id),
+        at_ms: t.now_ms,
+        at: crate::policy::budget::rfc3339(t.now_ms),
+        outcome: crate::decisions::Outcome::Intervened,
+        worker: alert
+            .labels
+            .get("worker")
+            .cloned()
+            .or_else(|| routed.worker.clone()),
+        rule: format!("intervention_{}", i.action.as_str()),
+        reason: format!(
+            "{verb} by intervention {} (step {}): {}",
+            i.id, i.step, alert.message
+        ),
+        candidates: Vec::new(),
+        ..routed
+    };
+    if let Err(e) = log.record(&note) {
+        tracing::warn!(task, error = %e, "intervention not noted in the decision log");
     }
 }
 

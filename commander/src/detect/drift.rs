@@ -332,7 +332,7 @@ impl SplitMix {
 /// Permutations to draw so a p-value of `level` can be reached with one split to spare:
 /// `(1 + e) / (1 + B) <= level` needs `B + 1 >= (1 + e) / level`.
 pub fn permutations_for(level: f64, cap: usize) -> usize {
-    if !(level > 0.0) {
+    if level.is_nan() || level <= 0.0 {
         return cap;
     }
     ((2.0 / level).ceil() as usize)

@@ -166,7 +166,7 @@ fn target_of(a: &Alert) -> Target {
     }
 }
 
-/// The task the alert's worker is running, for `cancel_task`.
+/// The task the alert's worker is running, for `cancel_task` and `restart_task`.
 fn task_of(a: &Alert, snapshot: &FleetSnapshot) -> Option<String> {
     if let Some(t) = &a.links.task {
         return Some(t.clone());
@@ -211,9 +211,12 @@ fn plan_step(
     now_ms: u64,
 ) -> Intervention {
     let target = target_of(a);
-    let task_id = (step.action == EscalationAction::CancelTask)
-        .then(|| task_of(a, snapshot))
-        .flatten();
+    let task_id = matches!(
+        step.action,
+        EscalationAction::CancelTask | EscalationAction::RestartTask
+    )
+    .then(|| task_of(a, snapshot))
+    .flatten();
     let block = step
         .block
         .and_then(|scope| a.labels.get(scope.as_str()).map(|v| (scope, v.clone())));
@@ -244,17 +247,26 @@ fn plan_step(
             InterventionState::Skipped,
             "a fleet-wide alert names no worker or pool to act on".to_string(),
         ),
-        EscalationAction::CancelTask => match (&target, &task_id) {
-            (Target::Worker(_), Some(t)) => (InterventionState::Done, format!("cancel task {t}")),
-            (Target::Worker(w), None) => (
-                InterventionState::Skipped,
-                format!("worker {w} is running no task to cancel"),
-            ),
-            _ => (
-                InterventionState::Skipped,
-                "cancel_task needs an alert about one worker".to_string(),
-            ),
-        },
+        EscalationAction::CancelTask | EscalationAction::RestartTask => {
+            let verb = if step.action == EscalationAction::CancelTask {
+                "cancel"
+            } else {
+                "restart"
+            };
+            match (&target, &task_id) {
+                (Target::Worker(_), Some(t)) => {
+                    (InterventionState::Done, format!("{verb} task {t}"))
+                }
+                (Target::Worker(w), None) => (
+                    InterventionState::Skipped,
+                    format!("worker {w} is running no task to {verb}"),
+                ),
+                _ => (
+                    InterventionState::Skipped,
+                    format!("{} needs an alert about one worker", step.action.as_str()),
+                ),
+            }
+        }
         EscalationAction::Reroute => match &target {
             Target::Pool(p) | Target::Worker(p) if a.labels.contains_key("pool") => (
                 InterventionState::Active,

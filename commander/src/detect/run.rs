@@ -121,6 +121,8 @@ pub struct Wiring {
     pub alerts: Alerts,
     pub fleet: FleetHandle,
     pub engine: Arc<PolicyEngine>,
+    /// Where a cancel or restart of a task is noted beside its routing decision.
+    pub decisions: crate::decisions::DecisionLog,
     pub client: async_nats::Client,
     pub subjects: Subjects,
     pub clock: Arc<dyn Clock>,
@@ -172,6 +174,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
                 snapshot: &snapshot,
                 now_ms,
                 engine: &w.engine,
+                decisions: Some(&w.decisions),
             })
             .await;
         let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());

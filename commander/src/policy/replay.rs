@@ -93,7 +93,10 @@ pub fn replay(
     let hints = evaluate::hints(candidate);
     let mut ledger = Ledger::default();
     let queued: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for d in decisions {
+    for d in decisions
+        .iter()
+        .filter(|d| d.outcome != Outcome::Intervened)
+    {
         r.decisions += 1;
         let task = replayed_task(d);
         if d.outcome == Outcome::Dispatched {
@@ -220,6 +223,7 @@ impl ReplayReport {
                     Outcome::Dispatched => "dispatch",
                     Outcome::Rejected => "reject",
                     Outcome::Deferred => "defer",
+                    Outcome::Intervened => "intervene",
                 },
                 d.pool.as_deref(),
                 d.model.as_deref(),

@@ -464,7 +464,7 @@ pub const ALERT_RULES: [&str; 19] = [
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,
-/// `pause`, `drain`, `cancel_task`. (Rung 2, the dashboard, is every alert: it is on
+/// `pause`, `drain`, `cancel_task`, `restart_task`, `reroute`; 5 `block`. (Rung 2, the dashboard, is every alert: it is on
 /// `<prefix>.alerts.<severity>` and `GET /v1/alerts` whatever the steps.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -483,6 +483,9 @@ pub enum EscalationAction {
     Drain,
     /// Control command `cancel` for the task the alert's worker is running.
     CancelTask,
+    /// Control command `restart` for the task the alert's worker is running: the worker
+    /// aborts it and hands the delivery back, so it runs again (a stuck agent's task).
+    RestartTask,
     /// The alert's pool's work goes to the pool's `fallback_pool` (config) while it lasts.
     Reroute,
     /// Rung 5, a guardrail: refuse dispatch for the alert's `block` scope (its pool, model,
@@ -520,6 +523,7 @@ impl EscalationAction {
             EscalationAction::Pause => "pause",
             EscalationAction::Drain => "drain",
             EscalationAction::CancelTask => "cancel_task",
+            EscalationAction::RestartTask => "restart_task",
             EscalationAction::Block => "block",
             EscalationAction::Reroute => "reroute",
         }
