@@ -40,6 +40,7 @@ pub enum Rule {
     DurationJump,
     DepthTail,
     BehaviourDrift,
+    TokensJump,
 }
 
 /// How loud an alert is.
@@ -62,7 +63,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -82,6 +83,7 @@ impl Rule {
         Rule::DurationJump,
         Rule::DepthTail,
         Rule::BehaviourDrift,
+        Rule::TokensJump,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +107,7 @@ impl Rule {
             Rule::DurationJump => "duration_jump",
             Rule::DepthTail => "depth_tail",
             Rule::BehaviourDrift => "behaviour_drift",
+            Rule::TokensJump => "tokens_jump",
         }
     }
 
@@ -200,30 +203,23 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     out
 }
 
-/// Distribution jumps per task type, from the fleet's windowed sketches: P95 cost per run
-/// and P99 duration over the last 20 minutes against the 40 before, and the depth tail
-/// (P99 calls per run against the median) over the hour.
+/// Distribution jumps per task type, from the fleet's windowed sketches: P95 cost and
+/// tokens per run and P99 duration over the last 20 minutes against the 40 before, and the
+/// depth tail (P99 calls per run against the median) over the hour.
 fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     let min = spec.min_samples;
     let jump = 1.0 + spec.distribution_jump;
     for t in &i.snapshot.fleet.task_types {
         let mut e = Emitter::new(out, || Scope::labelled("task_type", &t.task_type));
-        let p95 = |p: &Percentiles| p.p95;
-        if let Some((now, before)) = compared(&t.cost_recent_usd, &t.cost_earlier_usd, p95, min) {
-            e.emit(
-                Rule::CostJump,
-                (now / before, jump),
-                above(now / before, jump),
-                &|| {
-                    format!(
-                        "P95 cost per run of {} tasks is ${now:.4}, up {:.0}% from ${before:.4} earlier in the hour",
-                        t.task_type,
-                        (now / before - 1.0) * 100.0
-                    )
-                },
-            );
-        }
+        let whose = format!("{} tasks", t.task_type);
+        p95_jumps(
+            &mut e,
+            &whose,
+            (&t.cost_recent_usd, &t.cost_earlier_usd),
+            (&t.tokens_recent, &t.tokens_earlier),
+            (min, jump),
+        );
         let p99 = |p: &Percentiles| p.p99;
         if let Some((now, before)) =
             compared(&t.duration_recent_ms, &t.duration_earlier_ms, p99, min)
@@ -261,6 +257,55 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             );
         }
     }
+    for a in &i.snapshot.fleet.attributions {
+        let mut e = Emitter::new(out, || Scope::labelled(a.dimension, &a.value));
+        let whose = format!("{} {}", a.dimension.replace('_', " "), a.value);
+        p95_jumps(
+            &mut e,
+            &whose,
+            (&a.cost_recent_usd, &a.cost_earlier_usd),
+            (&a.tokens_recent, &a.tokens_earlier),
+            (min, jump),
+        );
+    }
+}
+
+/// `cost_jump` and `tokens_jump`: the P95 per run of the last 20 minutes above `jump` ×
+/// that of the 40 minutes before (each side with at least `min` runs).
+fn p95_jumps(
+    e: &mut Emitter<'_, impl Fn() -> Scope>,
+    whose: &str,
+    cost: (&Percentiles, &Percentiles),
+    tokens: (&Percentiles, &Percentiles),
+    (min, jump): (u64, f64),
+) {
+    let p95 = |p: &Percentiles| p.p95;
+    if let Some((now, before)) = compared(cost.0, cost.1, p95, min) {
+        e.emit(
+            Rule::CostJump,
+            (now / before, jump),
+            above(now / before, jump),
+            &|| {
+                format!(
+                    "P95 cost per run of {whose} is ${now:.4}, up {:.0}% from ${before:.4} earlier in the hour",
+                    (now / before - 1.0) * 100.0
+                )
+            },
+        );
+    }
+    if let Some((now, before)) = compared(tokens.0, tokens.1, p95, min) {
+        e.emit(
+            Rule::TokensJump,
+            (now / before, jump),
+            above(now / before, jump),
+            &|| {
+                format!(
+                    "P95 tokens per run of {whose} is {now:.0}, up {:.0}% from {before:.0} earlier in the hour",
+                    (now / before - 1.0) * 100.0
+                )
+            },
+        );
+    }
 }
 
 /// A quantile of the recent window and of the one before, when both hold `min` values and
@@ -273,6 +318,46 @@ fn compared(
 ) -> Option<(f64, f64)> {
     let (now, before) = (quantile(recent)?, quantile(earlier)?);
     (recent.count >= min && earlier.count >= min && before > 0.0).then_some((now, before))
+}
+
+/// `stuck_agent`: the agent is STUCK (the fleet's state, config `fleet.stuck_factor`), or a
+/// run's silence is past the policy's `active_duration_multiple` × its expected duration
+/// (and the `fleet.min_stuck_after_ms` floor): the policy can make the alert earlier than
+/// the state, never later.
+fn stuck_rule(spec: &AlertSpec, w: &WorkerView, e: &mut Emitter<'_, impl Fn() -> Scope>) {
+    let silent = w.silent_run.as_ref().filter(|r| {
+        let limit = (r.expected_ms as f64 * spec.active_duration_multiple).max(r.floor_ms as f64);
+        r.quiet_ms as f64 > limit
+    });
+    let stuck = w.state == State::Stuck || silent.is_some();
+    let message = || match (w.state == State::Stuck, silent) {
+        (false, Some(r)) => format!(
+            "Agent {} is stuck: task {}: no span for {} s, over {} × its expected {} s",
+            w.id,
+            r.task_id,
+            r.quiet_ms / 1000,
+            spec.active_duration_multiple,
+            r.expected_ms as f64 / 1000.0
+        ),
+        _ => format!(
+            "Agent {} is stuck: {}",
+            w.id,
+            w.stuck_reason.as_deref().unwrap_or("no progress")
+        ),
+    };
+    e.emit(
+        Rule::StuckAgent,
+        (f64::from(u8::from(stuck)), 1.0),
+        (stuck, stuck),
+        &message,
+    );
+    // The alert is about the silent run's task, which may not be the worker's newest.
+    if let (Some(r), Some(o)) = (silent, e.out.last_mut())
+        && o.rule == Rule::StuckAgent
+    {
+        o.links.task = Some(r.task_id.clone());
+        o.links.decision = Some(r.task_id.clone());
+    }
 }
 
 /// The same tool call made again and again in one run: a warning at `tool_loop_calls`, and
@@ -538,19 +623,7 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
     if let Some(rc) = &w.repeated_call {
         tool_loop_rules(spec, &w.id, rc, &mut e);
     }
-    let stuck = w.state == State::Stuck;
-    e.emit(
-        Rule::StuckAgent,
-        (f64::from(u8::from(stuck)), 1.0),
-        (stuck, stuck),
-        &|| {
-            format!(
-                "Agent {} is stuck: {}",
-                w.id,
-                w.stuck_reason.as_deref().unwrap_or("no progress")
-            )
-        },
-    );
+    stuck_rule(spec, w, &mut e);
     if let Some(avg) = i.history.worker_hourly_cost(&w.id)
         && avg >= spec.min_cost_usd_per_h
     {
@@ -571,21 +644,49 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
     }
 }
 
+/// Operations and failures of the fleet over the last `window_s` (in 10 s buckets, at
+/// most the hour the snapshot holds; the 5-minute totals when it holds no buckets).
+fn window_errors(f: &crate::fleet::view::FleetView, window_s: u64) -> (u64, u64) {
+    if f.ops_errors_10s.is_empty() {
+        let errors = f
+            .error_rate_5m
+            .map_or(0, |r| (r * f.ops_5m as f64).round() as u64);
+        return (f.ops_5m, errors);
+    }
+    let n = window_s
+        .div_ceil(10)
+        .clamp(1, f.ops_errors_10s.len() as u64) as usize;
+    f.ops_errors_10s
+        .iter()
+        .rev()
+        .take(n)
+        .fold((0, 0), |(o, e), (po, pe)| (o + po, e + pe))
+}
+
+fn window_words(s: u64) -> String {
+    match s {
+        s if s % 60 == 0 && s >= 120 => format!("{} minutes", s / 60),
+        60 => "minute".to_string(),
+        s => format!("{s} s"),
+    }
+}
+
 fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     let spec = i.spec;
     let f = &i.snapshot.fleet;
     let mut e = Emitter::new(out, Scope::fleet);
-    if let Some(rate) = f.error_rate_5m
-        && f.ops_5m >= spec.min_samples
-    {
+    let (ops, errors) = window_errors(f, spec.fleet_error_window_s);
+    if ops >= spec.min_samples.max(1) {
+        let rate = errors as f64 / ops as f64;
         e.emit(
             Rule::ErrorRateSpike,
             (rate, spec.fleet_error_rate),
             above(rate, spec.fleet_error_rate),
             &|| {
                 format!(
-                    "Fleet error rate {:.1}% over the last 5 minutes (threshold {:.1}%)",
+                    "Fleet error rate {:.1}% over the last {} (threshold {:.1}%)",
                     rate * 100.0,
+                    window_words(spec.fleet_error_window_s),
                     spec.fleet_error_rate * 100.0
                 )
             },

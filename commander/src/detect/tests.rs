@@ -21,6 +21,7 @@ fn worker(id: &str) -> WorkerView {
         state_since_ms: T0,
         lost: false,
         stuck_reason: None,
+        silent_run: None,
         model: None,
         model_reported: None,
         provider: None,
@@ -239,6 +240,55 @@ fn a_stuck_agent_fires_at_once_and_resolves_when_it_moves_again() {
     });
     assert_eq!(sent(&c, Rule::StuckAgent).len(), 1);
     assert_eq!(sent(&c, Rule::StuckAgent)[0].1, Change::Resolved);
+}
+
+#[test]
+fn the_policys_active_duration_multiple_makes_the_stuck_alert_earlier_than_the_state() {
+    use crate::fleet::worker::SilentRun;
+    let silent = |quiet_s: u64| {
+        move |_| {
+            let mut w = worker("w1");
+            w.silent_run = Some(SilentRun {
+                task_id: "t-9".into(),
+                quiet_ms: quiet_s * S,
+                expected_ms: 30 * S,
+                floor_ms: 30 * S,
+            });
+            snapshot(vec![w], vec![], FleetView::default())
+        }
+    };
+    // 70 s of silence for a 30 s task: not past 3 × (the default), so quiet …
+    let mut r = Run::new();
+    assert!(sent(&r.run(5 * S, silent(70)), Rule::StuckAgent).is_empty());
+    // … past 2 × when the policy says so, though the fleet's STUCK state (3 ×) is not.
+    let mut r = Run::new();
+    r.spec.active_duration_multiple = 2.0;
+    let c = r.run(5 * S, silent(70));
+    assert_eq!(sent(&c, Rule::StuckAgent).len(), 1, "{c:?}");
+    let a = &c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::StuckAgent)
+        .unwrap()
+        .2;
+    assert_eq!(
+        a.message,
+        "Agent w1 is stuck: task t-9: no span for 70 s, over 2 × its expected 30 s"
+    );
+    assert_eq!(a.links.task.as_deref(), Some("t-9"));
+    // The floor holds: 50 s of silence for a 10 s task at 2 × is under the 60 s floor.
+    let mut r = Run::new();
+    r.spec.active_duration_multiple = 2.0;
+    let short = |_| {
+        let mut w = worker("w1");
+        w.silent_run = Some(SilentRun {
+            task_id: "t-1".into(),
+            quiet_ms: 50 * S,
+            expected_ms: 10 * S,
+            floor_ms: 60 * S,
+        });
+        snapshot(vec![w], vec![], FleetView::default())
+    };
+    assert!(sent(&r.run(5 * S, short), Rule::StuckAgent).is_empty());
 }
 
 #[test]
@@ -695,8 +745,8 @@ fn a_tool_failing_across_the_fleet_fires_below_seventy_percent_success() {
 }
 
 #[test]
-fn distribution_jumps_per_task_type_fire_on_the_jump_and_not_on_a_steady_hour() {
-    use crate::fleet::view::TaskTypeView;
+fn distribution_jumps_per_task_type_and_team_fire_on_the_jump_and_not_on_a_steady_hour() {
+    use crate::fleet::view::{AttributionView, TaskTypeView};
     use crate::fleet::window::Percentiles;
     let p = |p50: f64, p95: f64, p99: f64| Percentiles {
         count: 50,
@@ -704,7 +754,7 @@ fn distribution_jumps_per_task_type_fire_on_the_jump_and_not_on_a_steady_hour() 
         p95: Some(p95),
         p99: Some(p99),
     };
-    let hour = |cost_now: f64, dur_now: f64, depth_p99: f64| {
+    let hour = |cost_now: f64, dur_now: f64, depth_p99: f64, tokens_now: f64| {
         move |_| {
             let t = TaskTypeView {
                 task_type: "code_review".into(),
@@ -714,6 +764,19 @@ fn distribution_jumps_per_task_type_fire_on_the_jump_and_not_on_a_steady_hour() 
                 duration_recent_ms: p(20_000.0, dur_now, dur_now),
                 duration_earlier_ms: p(20_000.0, 50_000.0, 52_000.0),
                 depth: p(7.0, 12.0, depth_p99),
+                tokens_recent: p(3_000.0, tokens_now, tokens_now),
+                tokens_earlier: p(3_000.0, 8_000.0, 9_000.0),
+                ..Default::default()
+            };
+            // The search team's runs read more context; its spend per run is steady.
+            let team = AttributionView {
+                dimension: "team",
+                value: "search".into(),
+                runs: 100,
+                cost_recent_usd: p(0.1, 0.2, 0.2),
+                cost_earlier_usd: p(0.1, 0.2, 0.2),
+                tokens_recent: p(3_000.0, tokens_now, tokens_now),
+                tokens_earlier: p(3_000.0, 8_000.0, 9_000.0),
                 ..Default::default()
             };
             snapshot(
@@ -721,28 +784,50 @@ fn distribution_jumps_per_task_type_fire_on_the_jump_and_not_on_a_steady_hour() 
                 vec![],
                 FleetView {
                     task_types: vec![t],
+                    attributions: vec![team],
                     ..Default::default()
                 },
             )
         }
     };
+    let rules = [
+        Rule::CostJump,
+        Rule::DurationJump,
+        Rule::DepthTail,
+        Rule::TokensJump,
+    ];
     let mut r = Run::new();
     r.spec.pending_s = 0;
-    let quiet = r.run(10 * S, hour(0.31, 55_000.0, 14.0));
-    for rule in [Rule::CostJump, Rule::DurationJump, Rule::DepthTail] {
+    let quiet = r.run(10 * S, hour(0.31, 55_000.0, 14.0, 9_000.0));
+    for rule in rules {
         assert!(sent(&quiet, rule).is_empty(), "{rule:?} on a steady hour");
     }
-    let c = r.run(2 * S, hour(0.42, 84_000.0, 31.0));
-    for rule in [Rule::CostJump, Rule::DurationJump, Rule::DepthTail] {
+    let c = r.run(2 * S, hour(0.42, 84_000.0, 31.0, 10_900.0));
+    for rule in rules {
         assert_eq!(
             sent(&c, rule).first().map(|x| x.1),
             Some(Change::Firing),
             "{rule:?}"
         );
     }
+    let team_tokens: Vec<&Alert> = c
+        .iter()
+        .filter(|(_, _, a)| a.rule == Rule::TokensJump && a.labels.contains_key("team"))
+        .map(|(_, _, a)| a)
+        .collect();
+    assert_eq!(team_tokens.len(), 1, "{c:?}");
+    assert_eq!(
+        team_tokens[0].message,
+        "P95 tokens per run of team search is 10900, up 36% from 8000 earlier in the hour"
+    );
+    assert!(
+        !c.iter()
+            .any(|(_, _, a)| a.rule == Rule::CostJump && a.labels.contains_key("team")),
+        "the team's cost per run did not move"
+    );
     let msg = |rule| {
         c.iter()
-            .find(|(_, _, a)| a.rule == rule)
+            .find(|(_, _, a)| a.rule == rule && a.labels.contains_key("task_type"))
             .map(|(_, _, a)| a.message.clone())
             .unwrap()
     };
@@ -1113,5 +1198,43 @@ fn behaviour_drift_fires_on_a_tool_mix_shift_and_settles_into_the_new_normal() {
         resolved > shift + 45 * MIN && resolved < shift + 75 * MIN,
         "resolved {} min after",
         (resolved - shift) / MIN
+    );
+}
+
+#[test]
+fn the_fleet_error_window_is_the_policys() {
+    // An hour of 10 s buckets of 10 operations; the last minute fails 2 in 10.
+    let fleet = |_| {
+        let buckets = (0..360)
+            .map(|i| (10, if i >= 354 { 2 } else { 0 }))
+            .collect();
+        snapshot(
+            vec![],
+            vec![],
+            FleetView {
+                ops_errors_10s: buckets,
+                ..Default::default()
+            },
+        )
+    };
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    // Over 5 minutes that is 12 of 300: 4 %, under 5 %.
+    assert!(sent(&r.run(5 * S, fleet), Rule::ErrorRateSpike).is_empty());
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    r.spec.fleet_error_window_s = 60;
+    let c = r.run(5 * S, fleet);
+    assert_eq!(sent(&c, Rule::ErrorRateSpike).len(), 1, "{c:?}");
+    let a = &c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::ErrorRateSpike)
+        .unwrap()
+        .2;
+    assert_eq!(a.value, 0.2);
+    assert!(
+        a.message.contains("20.0% over the last minute"),
+        "{}",
+        a.message
     );
 }

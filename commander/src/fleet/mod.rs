@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::costs::{CostCell, CostKeyRef, CostLedger, Dim};
 use self::view::{
-    CostReport, FleetSnapshot, FleetView, ModelShare, PoolView, QueueView, TaskTypeView, ToolView,
-    WorkerDetail, WorkerView,
+    AttributionView, CostReport, FleetSnapshot, FleetView, ModelShare, PoolView, QueueView,
+    TaskTypeView, ToolView, WorkerDetail, WorkerView,
 };
 use self::window::{FleetRing, SeriesPoint, WindowedSketch};
 use self::worker::{RunEnd, State, TaskSummary, Worker};
@@ -174,6 +174,8 @@ struct Counted {
 #[derive(Debug)]
 struct TaskTypeAgg {
     cost: WindowedSketch,
+    /// Input + output tokens per run.
+    tokens: WindowedSketch,
     depth: WindowedSketch,
     duration: WindowedSketch,
     baseline_ms: Option<f64>,
@@ -184,10 +186,60 @@ impl TaskTypeAgg {
     fn new() -> Self {
         Self {
             cost: WindowedSketch::new(10 * MINUTE, 6),
+            tokens: WindowedSketch::new(10 * MINUTE, 6),
             depth: WindowedSketch::new(10 * MINUTE, 6),
             duration: WindowedSketch::new(10 * MINUTE, 6),
             baseline_ms: None,
             baseline_tps: None,
+        }
+    }
+}
+
+/// Cost and tokens per run of one attribution value (a team, a feature, a prompt
+/// variant), for the distribution jumps per attribution dimension.
+#[derive(Debug)]
+struct AttributionAgg {
+    cost: WindowedSketch,
+    tokens: WindowedSketch,
+    /// The last run booked: a value idle for an hour is forgotten (`FleetState::tick`).
+    last_ms: u64,
+}
+
+/// The attribution dimensions whose runs' cost and tokens are kept.
+const ATTRIBUTION_DIMENSIONS: [&str; 3] = ["team", "feature", "prompt_variant"];
+/// Attribution values kept at most (over the three dimensions).
+const MAX_ATTRIBUTIONS: usize = 512;
+
+/// Books a finished run's cost and tokens under each attribution value it carries.
+fn book_attributions(
+    aggs: &mut FxHashMap<(&'static str, String), AttributionAgg>,
+    run: &TaskSummary,
+    now_ms: u64,
+) {
+    let values = [&run.team, &run.feature, &run.prompt_variant];
+    for (dim, value) in ATTRIBUTION_DIMENSIONS.into_iter().zip(values) {
+        let Some(value) = value else { continue };
+        let key = (dim, value.clone());
+        if !aggs.contains_key(&key) {
+            if aggs.len() >= MAX_ATTRIBUTIONS {
+                continue;
+            }
+            aggs.insert(
+                key.clone(),
+                AttributionAgg {
+                    cost: WindowedSketch::new(10 * MINUTE, 6),
+                    tokens: WindowedSketch::new(10 * MINUTE, 6),
+                    last_ms: now_ms,
+                },
+            );
+        }
+        if let Some(agg) = aggs.get_mut(&key) {
+            agg.last_ms = now_ms;
+            if let Some(c) = run.cost_usd {
+                agg.cost.add(now_ms, c);
+            }
+            agg.tokens
+                .add(now_ms, (run.input_tokens + run.output_tokens) as f64);
         }
     }
 }
@@ -223,6 +275,8 @@ fn finish_run(
     if let Some(c) = run.cost_usd {
         agg.cost.add(now_ms, c);
     }
+    agg.tokens
+        .add(now_ms, (run.input_tokens + run.output_tokens) as f64);
     agg.depth.add(now_ms, f64::from(run.steps));
     agg.duration.add(now_ms, run.duration_ms as f64);
     if run.status == RunEnd::Completed {
@@ -309,6 +363,8 @@ pub struct FleetState {
     workers: FxHashMap<String, Worker>,
     pools: BTreeMap<String, PoolAgg>,
     task_types: FxHashMap<String, TaskTypeAgg>,
+    /// Cost and tokens per run by team, feature and prompt variant, the last hour.
+    attributions: FxHashMap<(&'static str, String), AttributionAgg>,
     fleet: FleetRing,
     costs: CostLedger,
     dispatched: FxHashMap<String, Dispatch>,
@@ -344,6 +400,7 @@ impl FleetState {
             workers: FxHashMap::default(),
             pools,
             task_types: FxHashMap::default(),
+            attributions: FxHashMap::default(),
             fleet: FleetRing::default(),
             dispatched: FxHashMap::default(),
             dispatch_order: VecDeque::new(),
@@ -518,6 +575,7 @@ impl FleetState {
                 self.fleet.at(at).tasks += 1;
                 if let Some(done) = w.last_task() {
                     finish_run(&mut self.task_types, &mut self.dispatched, done, now_ms);
+                    book_attributions(&mut self.attributions, done, now_ms);
                     self.prints.add(w.pool.as_deref(), done, now_ms);
                 }
             }
@@ -774,6 +832,8 @@ impl FleetState {
         self.book_metric_extras(now_ms);
         self.slices.sweep(now_ms);
         self.prints.tick(now_ms);
+        self.attributions
+            .retain(|_, a| now_ms.saturating_sub(a.last_ms) < 60 * MINUTE);
         let mut due = Vec::new();
         self.lineage
             .expire(now_ms, self.cfg.identity_wait_ms, &mut due);
@@ -848,6 +908,7 @@ impl FleetState {
             state_since_ms: w.state_since_ms(),
             lost: w.lost,
             stuck_reason: w.stuck_reason().map(str::to_string),
+            silent_run: w.silent_run(now_ms, |tt| self.baseline_ms(tt), &self.cfg),
             model_unknown: w.model.is_some() && entry.is_none(),
             // The registry's canonical name; the name as reported beside it when it differs.
             model: entry.map(|e| e.name.clone()).or_else(|| w.model.clone()),
@@ -982,8 +1043,15 @@ impl FleetState {
                 cost_last_hour_usd: hour.cost_usd,
                 error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
                 ops_5m: ops,
+                ops_errors_10s: self
+                    .fleet
+                    .series(now_ms, 60 * MINUTE)
+                    .iter()
+                    .map(|p| (p.llm_calls + p.tool_calls + p.tasks, p.errors))
+                    .collect(),
                 models: self.model_shares(now_ms),
                 task_types: self.task_type_views(now_ms),
+                attributions: self.attribution_views(now_ms),
                 lost_workers,
             },
             pools: pools.into_values().collect(),
@@ -1071,7 +1139,11 @@ impl FleetState {
                 let duration = t.duration.percentiles(now_ms);
                 let (cost_recent_usd, cost_earlier_usd) = t.cost.split(now_ms, 2);
                 let (duration_recent_ms, duration_earlier_ms) = t.duration.split(now_ms, 2);
+                let (tokens_recent, tokens_earlier) = t.tokens.split(now_ms, 2);
                 TaskTypeView {
+                    tokens: t.tokens.percentiles(now_ms),
+                    tokens_recent,
+                    tokens_earlier,
                     cost_recent_usd,
                     cost_earlier_usd,
                     duration_recent_ms,
@@ -1088,6 +1160,36 @@ impl FleetState {
             .collect();
         task_types.sort_by(|a, b| a.task_type.cmp(&b.task_type));
         task_types
+    }
+
+    /// Cost and tokens per run by attribution value; values with no run for an hour are
+    /// left out.
+    fn attribution_views(&self, now_ms: u64) -> Vec<AttributionView> {
+        let mut out: Vec<AttributionView> = self
+            .attributions
+            .iter()
+            .filter_map(|((dimension, value), a)| {
+                let tokens = a.tokens.percentiles(now_ms);
+                if tokens.count == 0 {
+                    return None;
+                }
+                let (cost_recent_usd, cost_earlier_usd) = a.cost.split(now_ms, 2);
+                let (tokens_recent, tokens_earlier) = a.tokens.split(now_ms, 2);
+                Some(AttributionView {
+                    dimension,
+                    value: value.clone(),
+                    runs: tokens.count,
+                    cost_usd: a.cost.percentiles(now_ms),
+                    tokens,
+                    cost_recent_usd,
+                    cost_earlier_usd,
+                    tokens_recent,
+                    tokens_earlier,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.dimension, &a.value).cmp(&(b.dimension, &b.value)));
+        out
     }
 }
 

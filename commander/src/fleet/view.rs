@@ -22,6 +22,10 @@ pub struct WorkerView {
     pub lost: bool,
     /// Why the worker is STUCK.
     pub stuck_reason: Option<String>,
+    /// The run with the longest silence for its expected duration (the `stuck_agent`
+    /// alert's measure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silent_run: Option<super::worker::SilentRun>,
     /// The model, by the model registry's canonical name (`gpt-4.1`).
     pub model: Option<String>,
     /// The model as the worker reported it (`gpt-4.1-2025-04-14`), when the registry
@@ -147,6 +151,23 @@ pub struct ModelShare {
     pub latency_ms: Percentiles,
 }
 
+/// Runs of one attribution value (`team`, `feature` or `prompt_variant`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AttributionView {
+    pub dimension: &'static str,
+    pub value: String,
+    /// Runs finished in the last hour.
+    pub runs: u64,
+    pub cost_usd: Percentiles,
+    /// Input + output tokens per run.
+    pub tokens: Percentiles,
+    /// Over the last 20 minutes and the 40 before, so a jump within the hour shows.
+    pub cost_recent_usd: Percentiles,
+    pub cost_earlier_usd: Percentiles,
+    pub tokens_recent: Percentiles,
+    pub tokens_earlier: Percentiles,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct TaskTypeView {
     pub task_type: String,
@@ -163,6 +184,10 @@ pub struct TaskTypeView {
     /// Run duration, split the same way.
     pub duration_recent_ms: Percentiles,
     pub duration_earlier_ms: Percentiles,
+    /// Input + output tokens per run, the hour and split the same way.
+    pub tokens: Percentiles,
+    pub tokens_recent: Percentiles,
+    pub tokens_earlier: Percentiles,
     /// Smoothed run duration used as the expected duration for STUCK.
     pub baseline_duration_ms: Option<u64>,
     /// Smoothed output tokens/s of runs of this type.
@@ -189,9 +214,15 @@ pub struct FleetView {
     pub error_rate_5m: Option<f64>,
     /// LLM calls, tool calls and runs of the last 5 minutes (what `error_rate_5m` is over).
     pub ops_5m: u64,
+    /// (operations, failures) per 10 s over the last hour, oldest first: the error-rate
+    /// rule sums the policy's `fleet_error_window_s` of it.
+    #[serde(skip)]
+    pub ops_errors_10s: Vec<(u64, u64)>,
     /// LLM calls by model, last hour.
     pub models: Vec<ModelShare>,
     pub task_types: Vec<TaskTypeView>,
+    /// Cost and tokens per run by team, feature and prompt variant, last hour.
+    pub attributions: Vec<AttributionView>,
     /// Workers whose last heartbeat or span is past the limit.
     pub lost_workers: Vec<String>,
 }

@@ -214,6 +214,19 @@ impl Run {
     }
 }
 
+/// The run that has gone longest without a span for what it is expected to take: what the
+/// `stuck_agent` alert weighs against the policy's `active_duration_multiple`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SilentRun {
+    pub task_id: String,
+    /// Since its last span (or its start).
+    pub quiet_ms: u64,
+    /// Its expected duration: the task's own, else its type's baseline, else the default.
+    pub expected_ms: u64,
+    /// `fleet.min_stuck_after_ms`: shorter silences never count.
+    pub floor_ms: u64,
+}
+
 /// The same tool called with the same arguments, again and again, in one run.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RepeatedCall {
@@ -367,6 +380,34 @@ impl Worker {
     pub fn state_since_ms(&self) -> u64 {
         self.state_since_ms
     }
+    /// The run with the longest silence for its expected duration.
+    pub fn silent_run(
+        &self,
+        now_ms: u64,
+        baseline_ms: impl Fn(&str) -> Option<u64>,
+        cfg: &FleetConfig,
+    ) -> Option<SilentRun> {
+        self.runs
+            .iter()
+            .map(|r| {
+                let expected = r
+                    .expected_ms
+                    .or_else(|| r.task_type.as_deref().and_then(&baseline_ms))
+                    .unwrap_or(cfg.default_expected_duration_ms())
+                    .max(1);
+                SilentRun {
+                    task_id: r.task_id.clone(),
+                    quiet_ms: now_ms.saturating_sub(r.last_span_ms),
+                    expected_ms: expected,
+                    floor_ms: cfg.min_stuck_after_ms,
+                }
+            })
+            .max_by(|a, b| {
+                (a.quiet_ms as f64 / a.expected_ms as f64)
+                    .total_cmp(&(b.quiet_ms as f64 / b.expected_ms as f64))
+            })
+    }
+
     pub fn stuck_reason(&self) -> Option<&str> {
         self.stuck_reason.as_deref()
     }

@@ -383,8 +383,9 @@ pub struct AlertSpec {
     pub failure_slice_min_failures: u32,
     /// … surviving a Benjamini–Hochberg correction at this false discovery rate.
     pub failure_slice_fdr: f64,
-    /// Distribution jumps: a task type's P95 cost per run or P99 duration over the last
-    /// 20 minutes above the 40 minutes before by more than this share (0.30 = 30 %).
+    /// Distribution jumps: a task type's (or a team's, feature's or prompt variant's) P95
+    /// cost or tokens per run, or a task type's P99 duration, over the last 20 minutes
+    /// above the 40 minutes before by more than this share (0.30 = 30 %).
     pub distribution_jump: f64,
     /// Depth tail: a task type's P99 calls per run at least this multiple of its median.
     pub depth_tail_multiple: f64,
@@ -441,7 +442,7 @@ impl Default for AlertSpec {
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 19] = [
+pub const ALERT_RULES: [&str; 20] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -461,6 +462,7 @@ pub const ALERT_RULES: [&str; 19] = [
     "duration_jump",
     "depth_tail",
     "behaviour_drift",
+    "tokens_jump",
 ];
 
 /// What an escalation step does, by rung of the ladder: 1 `log`; 3 `notify`; 4 `throttle`,

@@ -69,6 +69,16 @@ fn worker(i: usize, pools: usize, tick: u64, faulty: f64, now_ms: u64) -> Worker
         state_since_ms: now_ms.saturating_sub(30_000),
         lost: false,
         stuck_reason: (state == State::Stuck).then(|| "no span for 15 minutes".into()),
+        silent_run: Some(fleet_commander::fleet::worker::SilentRun {
+            task_id: format!("task-{i}-{}", tick / 20),
+            quiet_ms: if state == State::Stuck {
+                900_000
+            } else {
+                2_000
+            },
+            expected_ms: 60_000,
+            floor_ms: 30_000,
+        }),
         model: Some("gpt-4o".into()),
         model_reported: None,
         provider: Some("openai".into()),
