@@ -6,8 +6,13 @@
 //!   measured in the same run, with the ratio.
 //! - `fleet-sim bench ingest`: OTLP spans/s into the live state vs prost decode alone.
 //! - `fleet-sim bench rss`: commander memory with 10,000 simulated workers.
+//! - `fleet-sim bench detect`: what detection costs over 10,000 agents.
+//! - `fleet-sim scenario <name>|all|list`: a fault per detector injected into a simulated
+//!   fleet run through the commander's live state and detector on a simulated clock, and
+//!   a healthy run where nothing may fire.
 
 mod bench;
+mod lab;
 
 use std::time::Duration;
 
@@ -33,6 +38,8 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Fault scenarios for the detectors (and a healthy run) on a simulated clock.
+    Scenario(lab::ScenarioArgs),
 }
 
 #[derive(clap::Args)]
@@ -85,6 +92,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Worker(args) => run_worker(args).await,
             Command::Bench { which } => bench::run(which).await,
+            Command::Scenario(args) => lab::main(args),
         }
     });
     match result {

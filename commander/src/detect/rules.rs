@@ -192,8 +192,10 @@ pub struct Inputs<'a> {
 /// Every rule's observations for this tick.
 pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     let mut out = Vec::new();
+    let peers = peer_hourly_costs(i);
     for w in i.snapshot.workers.iter().filter(|w| !w.lost) {
-        worker_rules(i, w, &mut out);
+        let peer = w.pool.as_deref().and_then(|p| peers.get(p)).copied();
+        worker_rules(i, w, peer, &mut out);
     }
     fleet_rules(i, &mut out);
     pool_rules(i, &mut out);
@@ -429,7 +431,7 @@ fn slice_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
     }
     for f in super::slices::findings(
         &i.snapshot.slices,
-        i.snapshot.slice_totals,
+        &i.snapshot.slice_totals,
         i.spec,
         HYSTERESIS,
     ) {
@@ -569,7 +571,27 @@ impl<'o, F: Fn() -> Scope> Emitter<'o, F> {
     }
 }
 
-fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
+/// Each pool's mean hourly spend per agent (agents with an hour's history, not lost).
+fn peer_hourly_costs<'s>(i: &Inputs<'s>) -> BTreeMap<&'s str, f64> {
+    let mut sums: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
+    for w in i.snapshot.workers.iter().filter(|w| !w.lost) {
+        if let (Some(pool), Some(c)) = (w.pool.as_deref(), i.history.worker_hourly_cost(&w.id)) {
+            let e = sums.entry(pool).or_default();
+            e.0 += c;
+            e.1 += 1;
+        }
+    }
+    sums.into_iter()
+        .map(|(p, (sum, n))| (p, sum / f64::from(n.max(1))))
+        .collect()
+}
+
+fn worker_rules(
+    i: &Inputs<'_>,
+    w: &WorkerView,
+    peer_hourly: Option<f64>,
+    out: &mut Vec<Observation>,
+) {
     let spec = i.spec;
     let mut e = Emitter::new(out, || Scope::worker(w));
     if let Some(u) = w.context_utilisation {
@@ -627,17 +649,30 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
     if let Some(avg) = i.history.worker_hourly_cost(&w.id)
         && avg >= spec.min_cost_usd_per_h
     {
-        let threshold = spec.cost_rate_multiple * avg;
+        // An agent that was idle for most of the hour and then busy for five minutes
+        // spends several times its own average without anything being wrong; so its
+        // baseline is the larger of its own average and its pool's per-agent average (an
+        // agent busy all the time spends about that).
+        let peer = peer_hourly.unwrap_or(0.0);
+        let base = avg.max(peer);
+        let threshold = spec.cost_rate_multiple * base;
         let burn = w.burn_rate_usd_per_h;
         e.emit(
             Rule::CostRunaway,
             (burn, threshold),
             above(burn, threshold),
             &|| {
+                let basis = if peer > avg {
+                    format!(
+                        "its pool's per-agent average of the last hour (${peer:.2}/h; its own ${avg:.2}/h)"
+                    )
+                } else {
+                    format!("its average of the last hour (${avg:.2}/h)")
+                };
                 format!(
-                    "Agent {} is spending ${burn:.2}/h, {:.1}x its average of the last hour (${avg:.2}/h)",
+                    "Agent {} is spending ${burn:.2}/h, {:.1}x {basis}",
                     w.id,
-                    burn / avg
+                    burn / base
                 )
             },
         );
@@ -647,20 +682,44 @@ fn worker_rules(i: &Inputs<'_>, w: &WorkerView, out: &mut Vec<Observation>) {
 /// Operations and failures of the fleet over the last `window_s` (in 10 s buckets, at
 /// most the hour the snapshot holds; the 5-minute totals when it holds no buckets).
 fn window_errors(f: &crate::fleet::view::FleetView, window_s: u64) -> (u64, u64) {
-    if f.ops_errors_10s.is_empty() {
+    if f.series_10s.is_empty() {
         let errors = f
             .error_rate_5m
             .map_or(0, |r| (r * f.ops_5m as f64).round() as u64);
         return (f.ops_5m, errors);
     }
-    let n = window_s
-        .div_ceil(10)
-        .clamp(1, f.ops_errors_10s.len() as u64) as usize;
-    f.ops_errors_10s
+    let n = window_s.div_ceil(10).clamp(1, f.series_10s.len() as u64) as usize;
+    f.series_10s
         .iter()
         .rev()
         .take(n)
-        .fold((0, 0), |(o, e), (po, pe)| (o + po, e + pe))
+        .fold((0, 0), |(o, e), b| (o + b.ops, e + b.errors))
+}
+
+/// Output tokens/s over the last 30 s and over the 5 minutes before, from the snapshot's
+/// complete 10 s buckets (the one in progress would read as a drop); the detector's own
+/// samples when the snapshot carries no buckets.
+fn throughput(f: &crate::fleet::view::FleetView, history: &History) -> Option<(f64, f64)> {
+    const NOW: usize = 3;
+    const BEFORE: usize = 30;
+    if f.series_10s.is_empty() {
+        return history.throughput();
+    }
+    let done = f.series_10s.len() - 1;
+    if done < NOW + BEFORE {
+        return None;
+    }
+    let tokens = |from: usize, to: usize| -> f64 {
+        f.series_10s
+            .get(from..to)
+            .unwrap_or_default()
+            .iter()
+            .map(|b| b.output_tokens as f64)
+            .sum()
+    };
+    let now = tokens(done - NOW, done) / (NOW as f64 * 10.0);
+    let before = tokens(done - NOW - BEFORE, done - NOW) / (BEFORE as f64 * 10.0);
+    Some((now, before))
 }
 
 fn window_words(s: u64) -> String {
@@ -709,7 +768,7 @@ fn fleet_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             },
         );
     }
-    if let Some((now, baseline)) = i.history.throughput()
+    if let Some((now, baseline)) = throughput(f, i.history)
         && baseline >= spec.min_tokens_per_s
     {
         let drop = 1.0 - now / baseline;
@@ -824,7 +883,9 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 },
             );
         }
-        if let (Some(0), Some(u)) = (depth, p.utilisation)
+        // Nothing waiting (what runs is in the utilisation, not in the queue).
+        let waiting = p.queue.as_ref().map(|q| q.pending);
+        if let (Some(0), Some(u)) = (waiting, p.utilisation)
             && p.workers > 0
         {
             let idle = u < spec.over_provisioned_utilisation;

@@ -4,7 +4,7 @@
 //!
 //! Each slice with enough recent operations and failures is compared with its own past
 //! hour when it has one, else with the rest of the fleet over the same minutes, by a
-//! one-sided two-proportion z-test. A slice is reported when its lift (recent failure rate
+//! one-sided Fisher's exact test. A slice is reported when its lift (recent failure rate
 //! over the baseline's) is at least `failure_slice_lift` and its p-value survives the
 //! Benjamini–Hochberg correction across every slice tested at `failure_slice_fdr`: with
 //! hundreds of slices, a per-slice test at 5 % would cry wolf every hour.
@@ -13,7 +13,7 @@
 //! reported, the narrower one is kept only if it fails clearly more (1.5× the lift) and
 //! carries most of the broader one's failures; else the broader one speaks for both.
 
-use crate::fleet::slices::{RECENT_MINUTES, SliceView};
+use crate::fleet::slices::{RECENT_MINUTES, SliceTotals, SliceView};
 use crate::policy::schema::AlertSpec;
 
 /// How much more a narrower slice must fail to be reported instead of (not beside) its
@@ -69,17 +69,42 @@ impl Finding {
     }
 }
 
-/// One-sided p-value that the recent rate exceeds the baseline's, two-proportion z-test
-/// with the pooled rate. `None` when the test says nothing (no variance).
+/// One-sided p-value that the slice fails more than its baseline: Fisher's exact test
+/// (the hypergeometric upper tail: of all the failures in slice and baseline together,
+/// how likely is it that the slice drew at least as many as it did by chance). Exact at
+/// any count, where a z-test on a handful of failures claims far more than it knows.
+/// `None` when the test says nothing (no failures at all).
 fn p_value(f: u64, n: u64, bf: u64, bn: u64) -> Option<f64> {
-    let (f, n, bf, bn) = (f as f64, n as f64, bf as f64, bn as f64);
-    let pooled = (f + bf) / (n + bn);
-    let var = pooled * (1.0 - pooled) * (1.0 / n + 1.0 / bn);
-    if var.is_nan() || var <= 0.0 {
+    let total = n.checked_add(bn)?;
+    let failures = f.checked_add(bf)?;
+    if failures == 0 || n == 0 || bn == 0 {
         return None;
     }
-    let z = (f / n - bf / bn) / var.sqrt();
-    Some(0.5 * libm::erfc(z / std::f64::consts::SQRT_2))
+    let top = n.min(failures);
+    if f > top {
+        return None;
+    }
+    let ln_choose = |a: u64, b: u64| {
+        libm::lgamma(a as f64 + 1.0)
+            - libm::lgamma(b as f64 + 1.0)
+            - libm::lgamma((a - b) as f64 + 1.0)
+    };
+    // The first term, then each next one from the one before (a ratio of small factors).
+    let good = total - failures;
+    if n - f > good {
+        return None;
+    }
+    let mut term = (ln_choose(failures, f) + ln_choose(good, n - f) - ln_choose(total, n)).exp();
+    let mut sum = term;
+    for x in f..top {
+        let (x, k, n, g) = (x as f64, failures as f64, n as f64, good as f64);
+        term *= (k - x) * (n - x) / ((x + 1.0) * (g - n + x + 1.0));
+        sum += term;
+        if term < sum * 1e-16 {
+            break;
+        }
+    }
+    Some(sum.clamp(0.0, 1.0))
 }
 
 struct Tested {
@@ -87,11 +112,20 @@ struct Tested {
     lift_ok: bool,
 }
 
-fn test(s: &SliceView, totals: (u64, u64), spec: &AlertSpec) -> Option<Tested> {
+fn test(s: &SliceView, totals: &SliceTotals, spec: &AlertSpec) -> Option<Tested> {
     let min_ops = u64::from(spec.failure_slice_min_ops);
     if s.recent_ops < min_ops || s.recent_failures == 0 {
         return None;
     }
+    // The rest of the fleet doing the same kind of operation.
+    let has = |dim: &str| s.dims.iter().any(|(d, _)| *d == dim);
+    let totals = if has("tool") {
+        totals.tools
+    } else if has("model") {
+        totals.llm
+    } else {
+        totals.all
+    };
     let (bf, bn, own_past) = if s.past_ops >= min_ops {
         (s.past_failures, s.past_ops, true)
     } else {
@@ -145,7 +179,7 @@ fn broader(a: &Finding, b: &Finding) -> bool {
 /// keep an open alert firing (not `active`).
 pub fn findings(
     slices: &[SliceView],
-    totals: (u64, u64),
+    totals: &SliceTotals,
     spec: &AlertSpec,
     hysteresis: f64,
 ) -> Vec<Finding> {
@@ -153,10 +187,14 @@ pub fn findings(
         .iter()
         .filter_map(|s| test(s, totals, spec))
         .collect();
-    let cut = bh_cut(
-        tested.iter().map(|t| t.finding.p_value).collect(),
-        spec.failure_slice_fdr,
-    );
+    // Every slice with enough operations was tested, failures or not: a slice without a
+    // recent failure has p = 1, and counting it keeps the correction honest (testing only
+    // the slices that failed would shrink m and let noise through).
+    let min_ops = u64::from(spec.failure_slice_min_ops);
+    let quiet = totals.quiet_ops.iter().filter(|o| **o >= min_ops).count();
+    let mut ps: Vec<f64> = tested.iter().map(|t| t.finding.p_value).collect();
+    ps.extend(std::iter::repeat_n(1.0, quiet));
+    let cut = bh_cut(ps, spec.failure_slice_fdr);
     let significant: Vec<Finding> = tested
         .iter()
         .filter(|t| t.lift_ok && cut.is_some_and(|c| t.finding.p_value <= c))
@@ -212,6 +250,16 @@ mod tests {
         }
     }
 
+    /// Totals where tool calls, LLM calls and the whole fleet fail alike.
+    fn same(ops: u64, failures: u64) -> SliceTotals {
+        SliceTotals {
+            all: (ops, failures),
+            tools: (ops, failures),
+            llm: (ops, failures),
+            quiet_ops: Vec::new(),
+        }
+    }
+
     fn active(f: &[Finding]) -> Vec<String> {
         f.iter()
             .filter(|f| f.active)
@@ -250,7 +298,7 @@ mod tests {
             slice(&[("model", "gpt-4o")], (300, 12), (5_000, 60)),
             slice(&[("tool", "grep")], (50, 1), (900, 15)),
         ];
-        let f = findings(&slices, (2_000, 14), &spec, 0.05);
+        let f = findings(&slices, &same(2_000, 14), &spec, 0.05);
         assert_eq!(active(&f), ["tool=web_search"], "{f:?}");
         let msg = f[0].message();
         assert!(
@@ -280,7 +328,7 @@ mod tests {
             ),
             slice(&[("prompt_variant", "v7")], (40, 13), (500, 5)),
         ];
-        let f = findings(&slices, (2_000, 20), &spec, 0.05);
+        let f = findings(&slices, &same(2_000, 20), &spec, 0.05);
         let got = active(&f);
         assert!(
             got.contains(&"tool=web_search,prompt_variant=v7".to_string()),
@@ -309,7 +357,7 @@ mod tests {
                 slice(&[("tool", v)], (50, [0, 1, 1, 2, 3][i % 5]), (150, 3))
             })
             .collect();
-        assert!(active(&findings(&slices, (60_000, 1_200), &spec, 0.05)).is_empty());
+        assert!(active(&findings(&slices, &same(60_000, 1_200), &spec, 0.05)).is_empty());
     }
 
     #[test]
@@ -317,17 +365,17 @@ mod tests {
         let spec = AlertSpec::default();
         let few = [slice(&[("tool", "x")], (4, 4), (100, 0))];
         assert!(
-            active(&findings(&few, (1_000, 10), &spec, 0.05)).is_empty(),
+            active(&findings(&few, &same(1_000, 10), &spec, 0.05)).is_empty(),
             "under min ops"
         );
         let mild = [slice(&[("tool", "x")], (200, 10), (2_000, 40))];
         assert!(
-            active(&findings(&mild, (10_000, 100), &spec, 0.05)).is_empty(),
+            active(&findings(&mild, &same(10_000, 100), &spec, 0.05)).is_empty(),
             "2.5x is under 3x"
         );
         // No past of its own: the rest of the fleet is the baseline.
         let new_tool = [slice(&[("tool", "new")], (20, 15), (0, 0))];
-        let f = findings(&new_tool, (1_000, 20), &spec, 0.05);
+        let f = findings(&new_tool, &same(1_000, 20), &spec, 0.05);
         assert_eq!(active(&f), ["tool=new"]);
         assert!(
             f[0].message().contains("for the rest of the fleet"),
@@ -344,5 +392,51 @@ mod tests {
         );
         assert_eq!(bh_cut(vec![0.2, 0.3], 0.05), None);
         assert_eq!(bh_cut(vec![], 0.05), None);
+    }
+
+    #[test]
+    fn a_tool_is_compared_with_other_tool_calls_not_with_llm_calls() {
+        let spec = AlertSpec::default();
+        // summarise failed 5 of 91 times in its first 15 minutes. Tool calls fail 2 % of
+        // the time across the fleet and LLM calls never: against every operation (1 %)
+        // that is 5x; against the other tool calls it is noise.
+        let slices = vec![slice(&[("tool", "summarise")], (91, 5), (0, 0))];
+        let mut totals = SliceTotals {
+            all: (4_000, 45),
+            tools: (2_000, 45),
+            llm: (2_000, 0),
+            quiet_ops: Vec::new(),
+        };
+        assert!(active(&findings(&slices, &totals, &spec, 0.05)).is_empty());
+        // 8 of 200 where the other tool calls fail 0.7 % stands out (p ≈ 0.0004) …
+        let slices = vec![slice(&[("tool", "summarise")], (200, 8), (0, 0))];
+        totals.tools = (2_000, 20);
+        assert_eq!(
+            active(&findings(&slices, &totals, &spec, 0.05)),
+            ["tool=summarise"]
+        );
+        // … unless thousands of quiet slices were tested too (the correction counts them).
+        totals.quiet_ops = vec![100; 4_000];
+        let strict = findings(&slices, &totals, &spec, 0.05);
+        assert!(active(&strict).is_empty(), "{strict:?}");
+    }
+
+    #[test]
+    fn the_p_value_is_fishers_exact_upper_tail() {
+        // Checked against the hypergeometric sums in exact integer arithmetic.
+        let close = |a: f64, b: f64| (a - b).abs() <= b * 1e-9;
+        let p = |f, n, bf, bn| p_value(f, n, bf, bn).unwrap();
+        assert!(
+            close(p(5, 78, 3, 330), 0.007884574684120528),
+            "{}",
+            p(5, 78, 3, 330)
+        );
+        assert!(close(p(10, 12, 3, 400), 5.352853248680365e-16));
+        assert!(close(p(6, 200, 14, 1_800), 0.010842424362194713));
+        assert_eq!(p_value(0, 10, 0, 10), None);
+        assert!(close(p(0, 10, 5, 10), 1.0));
+        // Large counts stay finite and in range.
+        let big = p(5_000, 100_000, 20_000, 1_000_000);
+        assert!((0.0..=1.0).contains(&big), "{big}");
     }
 }

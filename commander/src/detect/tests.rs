@@ -452,6 +452,91 @@ fn throughput_drop_is_against_the_five_minute_baseline() {
 }
 
 #[test]
+fn throughput_is_the_last_thirty_seconds_of_complete_buckets() {
+    use crate::fleet::view::TenSeconds;
+    // 100 tokens/s for the hour; then `last` tokens in each of the newest three complete
+    // buckets; the bucket in progress has only just begun.
+    let fleet = |last: u64| {
+        move |_| {
+            let mut buckets: Vec<TenSeconds> = (0..360)
+                .map(|i| TenSeconds {
+                    ops: 10,
+                    errors: 0,
+                    output_tokens: if (357..360).contains(&i) { last } else { 1_000 },
+                })
+                .collect();
+            buckets.push(TenSeconds::default());
+            snapshot(
+                vec![],
+                vec![],
+                FleetView {
+                    series_10s: buckets,
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    assert!(
+        sent(&r.run(5 * S, fleet(1_000)), Rule::ThroughputDrop).is_empty(),
+        "an empty bucket in progress is not a drop"
+    );
+    assert!(sent(&r.run(5 * S, fleet(800)), Rule::ThroughputDrop).is_empty());
+    let c = r.run(5 * S, fleet(600));
+    let a = &c
+        .iter()
+        .find(|(_, ch, a)| a.rule == Rule::ThroughputDrop && *ch == Change::Firing)
+        .expect("a 40% drop")
+        .2;
+    assert_eq!(
+        a.message,
+        "Fleet output 60 tokens/s, down 40% from its 5-minute baseline of 100"
+    );
+}
+
+#[test]
+fn a_bursty_agent_is_measured_against_its_pools_agents_not_only_its_own_quiet_hour() {
+    // Ten agents at $1/h; w0 idled for 20 minutes ($0.10/h), then works like the others.
+    let mut r = Run::new();
+    let costs = std::cell::RefCell::new(vec![0.0f64; 10]);
+    let tick = |w0_rate: f64| {
+        let costs = &costs;
+        move |_now: u64| {
+            let mut costs = costs.borrow_mut();
+            let workers = (0..10)
+                .map(|i| {
+                    let rate = if i == 0 { w0_rate } else { 1.0 };
+                    costs[i] += rate / 3600.0;
+                    let mut w = worker(&format!("w{i}"));
+                    w.cost_usd = costs[i];
+                    w.burn_rate_usd_per_h = rate;
+                    w
+                })
+                .collect();
+            snapshot(workers, vec![], FleetView::default())
+        }
+    };
+    r.run(20 * MIN, tick(0.1));
+    // $1/h is 10x its own average but no more than its peers spend: no runaway.
+    let c = r.run(10 * MIN, tick(1.0));
+    assert!(sent(&c, Rule::CostRunaway).is_empty(), "{c:?}");
+    // $4/h is 4x what its peers spend: a runaway.
+    let c = r.run(5 * MIN, tick(4.0));
+    let a = &c
+        .iter()
+        .find(|(_, ch, a)| a.rule == Rule::CostRunaway && *ch == Change::Firing)
+        .expect("runaway")
+        .2;
+    assert!(
+        a.message
+            .contains("its pool's per-agent average of the last hour"),
+        "{}",
+        a.message
+    );
+}
+
+#[test]
 fn cost_runaway_and_concentration_read_the_last_hour() {
     let mut r = Run::new();
     // Ten agents spend $1/h each and finish a task every 2 s; then w0 burns at $30/h and
@@ -662,7 +747,8 @@ fn ten_agents_failing_their_web_search_at_once_fire_one_alert() {
             slice(&[("tool", "web_search"), ("user_tier", "free")], (6, 6)),
             slice(&[("tool", "web_search"), ("user_tier", "pro")], (4, 4)),
         ];
-        s.slice_totals = (500, 10);
+        s.slice_totals.all = (500, 10);
+        s.slice_totals.tools = (500, 10);
         s
     };
     let c = r.run(30 * S, failing);
@@ -709,7 +795,8 @@ fn a_tool_failing_across_the_fleet_fires_below_seventy_percent_success() {
                 past_ops: calls,
                 past_failures: failures,
             }];
-            s.slice_totals = (calls, failures);
+            s.slice_totals.all = (calls, failures);
+            s.slice_totals.tools = (calls, failures);
             s
         }
     };
@@ -1206,13 +1293,17 @@ fn the_fleet_error_window_is_the_policys() {
     // An hour of 10 s buckets of 10 operations; the last minute fails 2 in 10.
     let fleet = |_| {
         let buckets = (0..360)
-            .map(|i| (10, if i >= 354 { 2 } else { 0 }))
+            .map(|i| crate::fleet::view::TenSeconds {
+                ops: 10,
+                errors: if i >= 354 { 2 } else { 0 },
+                output_tokens: 0,
+            })
             .collect();
         snapshot(
             vec![],
             vec![],
             FleetView {
-                ops_errors_10s: buckets,
+                series_10s: buckets,
                 ..Default::default()
             },
         )

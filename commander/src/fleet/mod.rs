@@ -1043,11 +1043,15 @@ impl FleetState {
                 cost_last_hour_usd: hour.cost_usd,
                 error_rate_5m: (ops > 0).then(|| five.errors as f64 / ops as f64),
                 ops_5m: ops,
-                ops_errors_10s: self
+                series_10s: self
                     .fleet
                     .series(now_ms, 60 * MINUTE)
                     .iter()
-                    .map(|p| (p.llm_calls + p.tool_calls + p.tasks, p.errors))
+                    .map(|p| view::TenSeconds {
+                        ops: p.llm_calls + p.tool_calls + p.tasks,
+                        errors: p.errors,
+                        output_tokens: p.output_tokens,
+                    })
                     .collect(),
                 models: self.model_shares(now_ms),
                 task_types: self.task_type_views(now_ms),

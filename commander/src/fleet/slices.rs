@@ -56,14 +56,33 @@ pub struct SliceView {
     pub past_failures: u64,
 }
 
+/// The fleet's recent operations and failures, as the baselines of slices compared with
+/// "the rest of the fleet": a tool slice is compared with the other tool calls, a model
+/// slice with the other LLM calls (tool calls fail more often than LLM calls, so mixing
+/// them would make every tool look worse than the fleet), anything else with all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceTotals {
+    /// (operations, failures) in the last `RECENT_MINUTES`.
+    pub all: (u64, u64),
+    pub tools: (u64, u64),
+    pub llm: (u64, u64),
+    /// Recent operations of each slice that had no recent failure (not listed in the
+    /// snapshot's slices, but tested all the same: they count in the multiple-testing
+    /// correction).
+    pub quiet_ops: Vec<u64>,
+}
+
 /// Every slice's per-minute counts.
 #[derive(Debug)]
 pub struct Slices {
     slices: FxHashMap<u64, Slice>,
     /// New slices not tracked because `MAX_SLICES` were.
     pub refused: u64,
-    /// Operations and failures of the whole fleet per minute (the "rest of the fleet").
+    /// Operations and failures of the whole fleet per minute (the "rest of the fleet"),
+    /// of its tool calls, and of its LLM calls.
     total: [Minute; MINUTES],
+    tools: [Minute; MINUTES],
+    llm: [Minute; MINUTES],
 }
 
 impl Default for Slices {
@@ -72,6 +91,8 @@ impl Default for Slices {
             slices: FxHashMap::default(),
             refused: 0,
             total: [Minute::default(); MINUTES],
+            tools: [Minute::default(); MINUTES],
+            llm: [Minute::default(); MINUTES],
         }
     }
 }
@@ -119,6 +140,11 @@ impl Slices {
         }
         let minute = at_ms / MINUTE_MS;
         bump(&mut self.total, minute, ev.error);
+        if tool.is_some() {
+            bump(&mut self.tools, minute, ev.error);
+        } else {
+            bump(&mut self.llm, minute, ev.error);
+        }
         let dims: [(&'static str, Option<&str>); 5] = [
             ("tool", tool),
             ("model", model),
@@ -170,16 +196,22 @@ impl Slices {
             .retain(|_, s| now.saturating_sub(s.last_minute) < MINUTES as u64);
     }
 
-    /// The slices with a failure in the recent window, and the fleet's recent totals
-    /// (operations, failures).
-    pub fn view(&self, now_ms: u64) -> (Vec<SliceView>, (u64, u64)) {
+    /// The slices with a failure in the recent window, and the fleet's recent totals.
+    pub fn view(&self, now_ms: u64) -> (Vec<SliceView>, SliceTotals) {
         let now = now_ms / MINUTE_MS;
+        let mut quiet_ops = Vec::new();
         let mut out: Vec<SliceView> = self
             .slices
             .values()
             .filter_map(|s| {
                 let (ro, rf, po, pf) = sums(&s.minutes, now);
-                (rf > 0).then(|| SliceView {
+                if rf == 0 {
+                    if ro > 0 {
+                        quiet_ops.push(ro);
+                    }
+                    return None;
+                }
+                Some(SliceView {
                     dims: s.dims.clone(),
                     recent_ops: ro,
                     recent_failures: rf,
@@ -189,7 +221,16 @@ impl Slices {
             })
             .collect();
         out.sort_by(|a, b| a.dims.cmp(&b.dims));
-        let (ro, rf, _, _) = sums(&self.total, now);
-        (out, (ro, rf))
+        let recent = |m: &[Minute; MINUTES]| {
+            let (ro, rf, _, _) = sums(m, now);
+            (ro, rf)
+        };
+        let totals = SliceTotals {
+            all: recent(&self.total),
+            tools: recent(&self.tools),
+            llm: recent(&self.llm),
+            quiet_ops,
+        };
+        (out, totals)
     }
 }

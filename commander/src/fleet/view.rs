@@ -214,10 +214,11 @@ pub struct FleetView {
     pub error_rate_5m: Option<f64>,
     /// LLM calls, tool calls and runs of the last 5 minutes (what `error_rate_5m` is over).
     pub ops_5m: u64,
-    /// (operations, failures) per 10 s over the last hour, oldest first: the error-rate
-    /// rule sums the policy's `fleet_error_window_s` of it.
+    /// The last hour in 10 s buckets, oldest first (the newest is the one in progress):
+    /// the error-rate rule sums the policy's `fleet_error_window_s` of it, the throughput
+    /// rule compares its last 30 s with the 5 minutes before.
     #[serde(skip)]
-    pub ops_errors_10s: Vec<(u64, u64)>,
+    pub series_10s: Vec<TenSeconds>,
     /// LLM calls by model, last hour.
     pub models: Vec<ModelShare>,
     pub task_types: Vec<TaskTypeView>,
@@ -225,6 +226,15 @@ pub struct FleetView {
     pub attributions: Vec<AttributionView>,
     /// Workers whose last heartbeat or span is past the limit.
     pub lost_workers: Vec<String>,
+}
+
+/// One 10 s bucket of the fleet's work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenSeconds {
+    /// LLM calls, tool calls and runs.
+    pub ops: u64,
+    pub errors: u64,
+    pub output_tokens: u64,
 }
 
 /// Everything readers get each second.
@@ -237,8 +247,9 @@ pub struct FleetSnapshot {
     /// Slices (tool, model, prompt variant … and pairs) with a failure in the last
     /// `slices::RECENT_MINUTES`, with their counts then and before.
     pub slices: Vec<super::slices::SliceView>,
-    /// The fleet's operations and failures in that recent window.
-    pub slice_totals: (u64, u64),
+    /// The fleet's operations and failures in that recent window (all, tool calls, LLM
+    /// calls), and the recent operations of slices without a failure.
+    pub slice_totals: super::slices::SliceTotals,
     /// Finished runs' fingerprints per pool, task type and prompt variant (rebuilt every
     /// 30 s, shared between snapshots).
     pub prints: std::sync::Arc<super::prints::PrintsView>,

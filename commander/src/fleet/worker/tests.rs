@@ -883,5 +883,7 @@ fn failures_are_counted_per_slice_and_pair_and_judged_on_the_last_fifteen_minute
         get(&[("tool", "web_search"), ("prompt_variant", "v6")]).is_none(),
         "no recent failure"
     );
-    assert_eq!(snap.slice_totals, (10, 10));
+    assert_eq!(snap.slice_totals.all, (10, 10));
+    assert_eq!(snap.slice_totals.tools, (10, 10));
+    assert_eq!(snap.slice_totals.llm, (0, 0));
 }

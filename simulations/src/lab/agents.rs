@@ -1,0 +1,518 @@
+//! Simulated agents: what each does every simulated second, as the wire would carry it.
+//! Each pool has a queue fed by seeded Poisson arrivals; an idle agent takes the next task
+//! and runs it step by step (an LLM call whose context grows, then a tool call), and ends
+//! it with the run's process span. Spans leave in OTLP/protobuf batches every 2 s per
+//! agent, as an SDK exporter sends them; heartbeats every 5 s, as protocol.md JSON. A
+//! fault changes what some agents do from its onset.
+
+use bytes::Bytes;
+use fleet_worker::message::{Heartbeat, WorkerState};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, status};
+use prost::Message;
+
+use super::Fault;
+
+/// Pools of the simulated fleet: name, task type, model. Each has `max_queue_depth` 100.
+pub const POOLS: [(&str, &str, &str); 3] = [
+    ("research", "research", "gpt-4o"),
+    ("code", "code_review", "claude-sonnet-4-5"),
+    ("docs", "summarisation", "gpt-4o-mini"),
+];
+/// The healthy tool mix: (tool, share of calls).
+const TOOLS: [(&str, f64); 4] = [
+    ("web_search", 0.30),
+    ("read_page", 0.40),
+    ("run_code", 0.15),
+    ("summarise", 0.15),
+];
+/// A pool's arrivals per second, as a share of what its agents can serve.
+const LOAD: f64 = 0.7;
+/// Seconds per step (an LLM call of 2 s, then a tool call of 1 s).
+const STEP_S: u64 = 3;
+
+/// A seeded generator (SplitMix64): the same seed, the same fleet.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5851_f42d_4c95_7f2d)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    /// Poisson(λ) by inversion (λ is small here).
+    pub fn poisson(&mut self, lambda: f64) -> u64 {
+        let (l, mut k, mut p) = ((-lambda).exp(), 0u64, 1.0);
+        loop {
+            p *= self.unit();
+            if p <= l || k > 1_000 {
+                return k;
+            }
+            k += 1;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    task_id: String,
+    trace: [u8; 16],
+    /// The run's process span (sent last, when the run ends): every call's parent.
+    root: u64,
+    started_ms: u64,
+    steps: u32,
+    done: u32,
+    next_ms: u64,
+    context: u64,
+    failed: bool,
+}
+
+#[derive(Debug)]
+struct Agent {
+    id: String,
+    pool: usize,
+    variant: &'static str,
+    team: &'static str,
+    run: Option<Run>,
+    /// Spans waiting for the next export.
+    spans: Vec<Span>,
+    completed: u64,
+    failed: u64,
+    /// This agent is one the fault hits.
+    faulty: bool,
+    /// A stuck agent's run goes silent: no span, heartbeats go on.
+    silent: bool,
+}
+
+#[derive(Debug)]
+struct PoolSim {
+    queue: u64,
+    agents: usize,
+}
+
+/// What the fleet said in one simulated second.
+#[derive(Debug, Default)]
+pub struct Said {
+    /// OTLP `ExportTraceServiceRequest`s, protobuf-encoded.
+    pub traces: Vec<Bytes>,
+    /// Heartbeats, JSON as on the wire.
+    pub heartbeats: Vec<Vec<u8>>,
+    /// (pool, pending, ack pending) as the commander reads them from JetStream.
+    pub queues: Vec<(String, u64, u64)>,
+}
+
+/// The simulated fleet.
+#[derive(Debug)]
+pub struct SimFleet {
+    agents: Vec<Agent>,
+    pools: Vec<PoolSim>,
+    rng: Rng,
+    seq: u64,
+    tasks: u64,
+}
+
+impl SimFleet {
+    /// `n` agents spread over the pools; the fault (if any) hits `hit(n)` of them.
+    pub fn new(n: usize, seed: u64, fault: Option<Fault>) -> Self {
+        let mut rng = Rng::new(seed);
+        let hit = fault.map_or(0, |f| f.agents_hit(n));
+        let agents: Vec<Agent> = (0..n)
+            .map(|i| Agent {
+                id: format!("sim-{i:04}"),
+                pool: i % POOLS.len(),
+                variant: if i % 2 == 0 { "v6" } else { "v7" },
+                team: ["search", "ads", "support"][(i / 3) % 3],
+                run: None,
+                spans: Vec::new(),
+                completed: 0,
+                failed: 0,
+                faulty: i < hit,
+                silent: false,
+            })
+            .collect();
+        let pools = (0..POOLS.len())
+            .map(|p| PoolSim {
+                queue: 0,
+                agents: agents.iter().filter(|a| a.pool == p).count(),
+            })
+            .collect();
+        let seq = rng.next() % 1_000;
+        SimFleet {
+            agents,
+            pools,
+            rng,
+            seq,
+            tasks: 0,
+        }
+    }
+
+    /// One simulated second at `now_ms`; `fault` is the fault in force (past its onset).
+    pub fn step(&mut self, sec: u64, now_ms: u64, fault: Option<Fault>) -> Said {
+        let mut said = Said::default();
+        self.arrivals(fault);
+        for i in 0..self.agents.len() {
+            self.step_agent(i, now_ms, fault);
+            let a = &self.agents[i];
+            if (sec + i as u64).is_multiple_of(2) && !a.spans.is_empty() {
+                said.traces.push(self.export(i));
+            }
+            if (sec + i as u64).is_multiple_of(5) {
+                said.heartbeats.push(self.heartbeat(i, now_ms));
+            }
+        }
+        if sec.is_multiple_of(5) {
+            for (p, pool) in self.pools.iter().enumerate() {
+                let busy = self
+                    .agents
+                    .iter()
+                    .filter(|a| a.pool == p && a.run.is_some())
+                    .count() as u64;
+                said.queues.push((POOLS[p].0.to_string(), pool.queue, busy));
+            }
+        }
+        said
+    }
+
+    fn arrivals(&mut self, fault: Option<Fault>) {
+        for p in 0..self.pools.len() {
+            // An agent serves one task per (mean steps 4.5 × STEP_S) seconds.
+            let capacity = self.pools[p].agents as f64 / (4.5 * STEP_S as f64);
+            let load = match fault {
+                Some(Fault::QueueSaturation) if p == 0 => 3.0,
+                Some(Fault::OverProvisioned) if p == 0 => 0.05,
+                _ => LOAD,
+            };
+            let n = self.rng.poisson(capacity * load);
+            let q = &mut self.pools[p].queue;
+            *q = (*q + n).min(10_000);
+        }
+    }
+
+    fn step_agent(&mut self, i: usize, now_ms: u64, fault: Option<Fault>) {
+        let faulty = self.agents[i].faulty && fault.is_some();
+        if self.agents[i].run.is_none() {
+            let pool = self.agents[i].pool;
+            if self.pools[pool].queue == 0 {
+                return;
+            }
+            self.pools[pool].queue -= 1;
+            self.tasks += 1;
+            let mut steps = self.rng.between(3, 6) as u32;
+            if faulty && fault == Some(Fault::DeepRuns) && self.rng.unit() < 0.2 {
+                steps *= 6;
+            }
+            let mut trace = [0u8; 16];
+            trace[..8].copy_from_slice(&self.rng.next().to_be_bytes());
+            trace[8..].copy_from_slice(&self.tasks.to_be_bytes());
+            let failed = self.rng.unit() < 0.01
+                || (fault == Some(Fault::ErrorSpike) && self.rng.unit() < 0.15);
+            self.seq += 1;
+            self.agents[i].run = Some(Run {
+                task_id: format!("task-{}", self.tasks),
+                trace,
+                root: self.seq,
+                started_ms: now_ms,
+                steps,
+                done: 0,
+                next_ms: now_ms + STEP_S * 1000,
+                context: 2_000,
+                failed,
+            });
+            if faulty && matches!(fault, Some(Fault::StuckAgent | Fault::StuckWave)) {
+                self.agents[i].silent = true;
+            }
+            return;
+        }
+        if self.agents[i].silent {
+            return;
+        }
+        let due = self.agents[i]
+            .run
+            .as_ref()
+            .is_some_and(|r| now_ms >= r.next_ms);
+        if due {
+            self.one_step(i, now_ms, if faulty { fault } else { None }, fault);
+        }
+    }
+
+    /// One step of agent `i`'s run: an LLM call and a tool call; the last one ends the run.
+    fn one_step(&mut self, i: usize, now_ms: u64, mine: Option<Fault>, fleet: Option<Fault>) {
+        let pool = self.agents[i].pool;
+        let (_, task_type, pool_model) = POOLS[pool];
+        let model = match mine {
+            Some(Fault::CostConcentration) => "claude-opus-4-1",
+            _ => pool_model,
+        };
+        let variant = self.agents[i].variant;
+        let Some(mut run) = self.agents[i].run.take() else {
+            return;
+        };
+        run.done += 1;
+        let mut input = run.context + self.rng.between(0, 400);
+        let mut output = self.rng.between(150, 300);
+        let mut llm_ms = 2_000;
+        match mine {
+            Some(Fault::ContextFill) => input = 110_000 + self.rng.between(0, 2_000),
+            Some(Fault::ContextCritical) => input = 124_000 + self.rng.between(0, 1_500),
+            Some(Fault::CostRunaway) => {
+                input *= 8;
+                output *= 8;
+            }
+            Some(Fault::TokenLoop) => output = 4_000,
+            Some(Fault::CostConcentration) => {
+                input = 60_000;
+                output = 4_000;
+                llm_ms = 12_000;
+            }
+            _ => {}
+        }
+        // The OpenAI models slow down (research and docs: two thirds of the fleet).
+        if fleet == Some(Fault::ThroughputDrop) && model.starts_with("gpt-4o") {
+            output /= 3;
+        }
+        if fleet == Some(Fault::ContextInflation) && variant == "v7" {
+            input = input * 2 + 4_000;
+        }
+        run.context = (run.context + self.rng.between(1_000, 2_500)).min(60_000);
+        let step_start = now_ms.saturating_sub(STEP_S * 1000);
+        let llm_end = step_start + llm_ms.min(STEP_S * 1000 - 500);
+        let llm = self.span(
+            &run,
+            &format!("chat {model}"),
+            3,
+            (step_start, llm_end),
+            vec![
+                s("gen_ai.operation.name", "chat"),
+                s("gen_ai.provider.name", "openai"),
+                s("gen_ai.request.model", model),
+                s("gen_ai.response.model", model),
+                int("gen_ai.usage.input_tokens", input as i64),
+                int("gen_ai.usage.output_tokens", output as i64),
+            ],
+            false,
+        );
+        let tool = self.pick_tool(variant, mine, fleet);
+        let args = match mine {
+            Some(Fault::ToolLoop) => r#"{"query": "the same question"}"#.to_string(),
+            _ => format!(r#"{{"query": "q{}"}}"#, self.rng.next() % 1_000_000),
+        };
+        let tool_fails = self.rng.unit()
+            < match (fleet, tool, variant) {
+                (Some(Fault::FailureSlice), "web_search", "v7") => 0.6,
+                (Some(Fault::ToolDegradation), "run_code", _) => 0.5,
+                (Some(Fault::ErrorSpike), _, _) => 0.25,
+                _ => 0.02,
+            };
+        let tool_span = self.span(
+            &run,
+            &format!("execute_tool {tool}"),
+            1,
+            (llm_end, now_ms),
+            vec![
+                s("gen_ai.operation.name", "execute_tool"),
+                s("gen_ai.tool.name", tool),
+                s("gen_ai.tool.call.arguments", &args),
+            ],
+            tool_fails,
+        );
+        let agent = &mut self.agents[i];
+        agent.spans.push(llm);
+        agent.spans.push(tool_span);
+        // A looping agent does not finish its run.
+        let loops = matches!(mine, Some(Fault::ToolLoop | Fault::TokenLoop)) && run.done < 40;
+        if run.done >= run.steps && !loops {
+            let root = self.span(
+                &run,
+                &format!("process fleet.work.{}", POOLS[pool].0),
+                5,
+                (run.started_ms, now_ms),
+                vec![
+                    s("messaging.system", "nats"),
+                    s("messaging.operation.type", "process"),
+                    s("fleet.pool", POOLS[pool].0),
+                    s("fleet.task.type", task_type),
+                ],
+                run.failed,
+            );
+            let agent = &mut self.agents[i];
+            agent.spans.push(root);
+            if run.failed {
+                agent.failed += 1;
+            } else {
+                agent.completed += 1;
+            }
+            return;
+        }
+        let slow = mine == Some(Fault::SlowRuns) || mine == Some(Fault::CostConcentration);
+        run.next_ms = now_ms + STEP_S * 1000 * if slow { 4 } else { 1 };
+        self.agents[i].run = Some(run);
+    }
+
+    fn pick_tool(
+        &mut self,
+        variant: &str,
+        mine: Option<Fault>,
+        fleet: Option<Fault>,
+    ) -> &'static str {
+        if mine == Some(Fault::ToolLoop) {
+            return "web_search";
+        }
+        // A prompt regression: v7's agents search instead of reading, and every run
+        // still succeeds.
+        let shifted = fleet == Some(Fault::PromptRegression) && variant == "v7";
+        let mix: [(&str, f64); 4] = if shifted {
+            [
+                ("web_search", 0.55),
+                ("read_page", 0.15),
+                ("run_code", 0.15),
+                ("summarise", 0.15),
+            ]
+        } else {
+            TOOLS
+        };
+        let u = self.rng.unit();
+        let mut acc = 0.0;
+        for (t, w) in mix {
+            acc += w;
+            if u < acc {
+                return t;
+            }
+        }
+        "summarise"
+    }
+
+    fn span(
+        &mut self,
+        run: &Run,
+        name: &str,
+        kind: i32,
+        (start_ms, end_ms): (u64, u64),
+        mut attributes: Vec<KeyValue>,
+        error: bool,
+    ) -> Span {
+        attributes.push(s("fleet.task.id", &run.task_id));
+        // The process span is the run's root; the calls are its children.
+        let (span_id, parent) = if kind == 5 {
+            (run.root, Vec::new())
+        } else {
+            self.seq += 1;
+            (self.seq, run.root.to_be_bytes().to_vec())
+        };
+        Span {
+            trace_id: run.trace.to_vec(),
+            span_id: span_id.to_be_bytes().to_vec(),
+            parent_span_id: parent,
+            name: name.to_string(),
+            kind,
+            start_time_unix_nano: start_ms * 1_000_000,
+            end_time_unix_nano: end_ms * 1_000_000,
+            attributes,
+            status: error.then(|| Status {
+                code: status::StatusCode::Error as i32,
+                message: "failed".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Agent `i`'s waiting spans as one OTLP export (its resource says who it is).
+    fn export(&mut self, i: usize) -> Bytes {
+        let a = &mut self.agents[i];
+        let (_, task_type, _) = POOLS[a.pool];
+        let mut spans = std::mem::take(&mut a.spans);
+        for sp in &mut spans {
+            sp.attributes.push(s("prompt_variant", a.variant));
+            sp.attributes.push(s("team", a.team));
+            if !sp.attributes.iter().any(|kv| kv.key == "fleet.task.type") {
+                sp.attributes.push(s("fleet.task.type", task_type));
+            }
+        }
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![
+                        s("service.name", "sim-agent"),
+                        s("fleet.worker.id", &a.id),
+                        s("fleet.pool", POOLS[a.pool].0),
+                    ],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        Bytes::from(req.encode_to_vec())
+    }
+
+    fn heartbeat(&self, i: usize, now_ms: u64) -> Vec<u8> {
+        let a = &self.agents[i];
+        let at = humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms),
+        )
+        .to_string();
+        let hb = Heartbeat {
+            schema: 1,
+            worker_id: a.id.clone(),
+            pool: POOLS[a.pool].0.to_string(),
+            state: if a.run.is_some() {
+                WorkerState::Active
+            } else {
+                WorkerState::Idle
+            },
+            model: Some(POOLS[a.pool].2.to_string()),
+            current_tasks: a.run.iter().map(|r| r.task_id.clone()).collect(),
+            max_in_flight: 1,
+            context_tokens: None,
+            capabilities: Vec::new(),
+            completed: a.completed,
+            failed: a.failed,
+            sdk_version: Some("sim".into()),
+            started_at: at.clone(),
+            sent_at: at,
+        };
+        serde_json::to_vec(&hb).unwrap_or_default()
+    }
+}
+
+fn s(k: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn int(k: &str, v: i64) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(v)),
+        }),
+        ..Default::default()
+    }
+}
