@@ -222,17 +222,14 @@ fn task_type_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             (&t.tokens_recent, &t.tokens_earlier),
             (min, jump),
         );
-        let p99 = |p: &Percentiles| p.p99;
-        if let Some((now, before)) =
-            compared(&t.duration_recent_ms, &t.duration_earlier_ms, p99, min)
-        {
+        if let Some((name, now, before)) = duration_jump(t, min) {
             e.emit(
                 Rule::DurationJump,
                 (now / before, jump),
                 above(now / before, jump),
                 &|| {
                     format!(
-                        "P99 duration of {} runs is {:.1} s, up {:.0}% from {:.1} s earlier in the hour",
+                        "{name} duration of {} runs is {:.1} s, up {:.0}% from {:.1} s earlier in the hour",
                         t.task_type,
                         now / 1000.0,
                         (now / before - 1.0) * 100.0,
@@ -308,6 +305,24 @@ fn p95_jumps(
             },
         );
     }
+}
+
+/// Runs on each side needed before P99.9 says more than P99.
+const P999_MIN_RUNS: u64 = 1_000;
+
+/// The larger jump of P99 and (over enough runs) P99.9 run duration: (which, now, before).
+fn duration_jump(
+    t: &crate::fleet::view::TaskTypeView,
+    min: u64,
+) -> Option<(&'static str, f64, f64)> {
+    let (recent, earlier) = (&t.duration_recent_ms, &t.duration_earlier_ms);
+    let p99 = compared(recent, earlier, |p| p.p99, min).map(|(n, b)| ("P99", n, b));
+    let p999 =
+        compared(recent, earlier, |p| p.p999, min.max(P999_MIN_RUNS)).map(|(n, b)| ("P99.9", n, b));
+    [p99, p999]
+        .into_iter()
+        .flatten()
+        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))
 }
 
 /// A quantile of the recent window and of the one before, when both hold `min` values and

@@ -840,6 +840,7 @@ fn distribution_jumps_per_task_type_and_team_fire_on_the_jump_and_not_on_a_stead
         p50: Some(p50),
         p95: Some(p95),
         p99: Some(p99),
+        p999: Some(p99),
     };
     let hour = |cost_now: f64, dur_now: f64, depth_p99: f64, tokens_now: f64| {
         move |_| {
@@ -1327,5 +1328,53 @@ fn the_fleet_error_window_is_the_policys() {
         a.message.contains("20.0% over the last minute"),
         "{}",
         a.message
+    );
+}
+
+#[test]
+fn a_jump_in_the_slowest_tenth_of_a_percent_shows_over_enough_runs() {
+    use crate::fleet::view::TaskTypeView;
+    use crate::fleet::window::Percentiles;
+    let p = |count: u64, p99: f64, p999: f64| Percentiles {
+        count,
+        p50: Some(10_000.0),
+        p95: Some(20_000.0),
+        p99: Some(p99),
+        p999: Some(p999),
+    };
+    // P99 steady at 30 s; P99.9 from 40 s to 90 s.
+    let fleet = |count: u64| {
+        move |_| {
+            let t = TaskTypeView {
+                task_type: "research".into(),
+                duration_recent_ms: p(count, 30_000.0, 90_000.0),
+                duration_earlier_ms: p(count, 30_000.0, 40_000.0),
+                ..Default::default()
+            };
+            snapshot(
+                vec![],
+                vec![],
+                FleetView {
+                    task_types: vec![t],
+                    ..Default::default()
+                },
+            )
+        }
+    };
+    let mut r = Run::new();
+    r.spec.pending_s = 0;
+    assert!(
+        sent(&r.run(3 * S, fleet(500)), Rule::DurationJump).is_empty(),
+        "500 runs say nothing about P99.9"
+    );
+    let c = r.run(3 * S, fleet(2_000));
+    let a = &c
+        .iter()
+        .find(|(_, ch, a)| a.rule == Rule::DurationJump && *ch == Change::Firing)
+        .expect("P99.9 jumped")
+        .2;
+    assert_eq!(
+        a.message,
+        "P99.9 duration of research runs is 90.0 s, up 125% from 40.0 s earlier in the hour"
     );
 }

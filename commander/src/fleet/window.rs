@@ -264,6 +264,8 @@ pub struct Percentiles {
     pub p50: Option<f64>,
     pub p95: Option<f64>,
     pub p99: Option<f64>,
+    /// P99.9: meaningful over a thousand values or more.
+    pub p999: Option<f64>,
 }
 
 impl WindowedSketch {
@@ -324,6 +326,7 @@ impl WindowedSketch {
             p50: q(0.5),
             p95: q(0.95),
             p99: q(0.99),
+            p999: q(0.999),
         }
     }
 }

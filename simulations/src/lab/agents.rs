@@ -238,9 +238,6 @@ impl SimFleet {
                 context: 2_000,
                 failed,
             });
-            if faulty && matches!(fault, Some(Fault::StuckAgent | Fault::StuckWave)) {
-                self.agents[i].silent = true;
-            }
             return;
         }
         if self.agents[i].silent {
@@ -365,6 +362,10 @@ impl SimFleet {
         }
         let slow = mine == Some(Fault::SlowRuns) || mine == Some(Fault::CostConcentration);
         run.next_ms = now_ms + STEP_S * 1000 * if slow { 4 } else { 1 };
+        // A stuck agent's spans stop mid-run (its heartbeats go on).
+        if matches!(mine, Some(Fault::StuckAgent | Fault::StuckWave)) {
+            self.agents[i].silent = true;
+        }
         self.agents[i].run = Some(run);
     }
 
