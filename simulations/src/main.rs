@@ -13,6 +13,7 @@
 
 mod bench;
 mod lab;
+mod otlp;
 
 use std::time::Duration;
 

@@ -103,6 +103,18 @@ fn pools_config() -> BTreeMap<String, PoolConfig> {
     )])
 }
 
+/// A fleet view holding only the hour's 10 s buckets.
+fn with_series(buckets: Vec<crate::fleet::view::TenSeconds>) -> FleetSnapshot {
+    snapshot(
+        vec![],
+        vec![],
+        FleetView {
+            series_10s: buckets,
+            ..Default::default()
+        },
+    )
+}
+
 /// A detector driven tick by tick; `run` returns the changes of every tick, with when.
 struct Run {
     d: Detector,
@@ -466,14 +478,7 @@ fn throughput_is_the_last_thirty_seconds_of_complete_buckets() {
                 })
                 .collect();
             buckets.push(TenSeconds::default());
-            snapshot(
-                vec![],
-                vec![],
-                FleetView {
-                    series_10s: buckets,
-                    ..Default::default()
-                },
-            )
+            with_series(buckets)
         }
     };
     let mut r = Run::new();
@@ -1184,7 +1189,7 @@ mod ladder {
 /// changes at `shift_at` while every run still completes.
 fn drifting(shift_at: u64) -> impl FnMut(u64) -> FleetSnapshot {
     use crate::fleet::prints::Prints;
-    use crate::fleet::worker::{RunEnd, TaskSummary};
+    use crate::fleet::worker::TaskSummary;
     let mut prints = Prints::default();
     let mut next = T0;
     let mut n = 0u64;
@@ -1203,20 +1208,10 @@ fn drifting(shift_at: u64) -> impl FnMut(u64) -> FleetSnapshot {
                 };
                 let run = TaskSummary {
                     task_id: format!("t{n}"),
-                    status: RunEnd::Completed,
-                    task_type: None,
-                    model: None,
-                    started_ms: next,
-                    ended_ms: next,
-                    duration_ms: 1_000,
-                    cost_usd: Some(0.01),
-                    input_tokens: 100,
-                    output_tokens: 50,
                     steps: 2 * tools.len() as u32,
                     prompt_variant: Some(variant.into()),
-                    team: None,
-                    feature: None,
                     tools: tools.into_iter().map(String::from).collect(),
+                    ..Default::default()
                 };
                 prints.add(None, &run, next);
             }
@@ -1300,14 +1295,7 @@ fn the_fleet_error_window_is_the_policys() {
                 output_tokens: 0,
             })
             .collect();
-        snapshot(
-            vec![],
-            vec![],
-            FleetView {
-                series_10s: buckets,
-                ..Default::default()
-            },
-        )
+        with_series(buckets)
     };
     let mut r = Run::new();
     r.spec.pending_s = 0;

@@ -259,25 +259,14 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::worker::RunEnd;
 
     fn run(tools: &[&str], variant: &str) -> TaskSummary {
         TaskSummary {
-            task_id: "t".into(),
-            status: RunEnd::Completed,
             task_type: Some("research".into()),
-            model: None,
-            started_ms: 0,
-            ended_ms: 0,
-            duration_ms: 0,
-            cost_usd: None,
-            input_tokens: 0,
-            output_tokens: 0,
             steps: tools.len() as u32 * 2,
             prompt_variant: Some(variant.into()),
-            team: None,
-            feature: None,
             tools: tools.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
         }
     }
 

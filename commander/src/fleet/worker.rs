@@ -61,15 +61,16 @@ impl State {
 }
 
 /// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunEnd {
+    #[default]
     Completed,
     Failed,
 }
 
 /// A finished run, kept in the worker's recent list and handed to fleet aggregates.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct TaskSummary {
     pub task_id: String,
     pub status: RunEnd,

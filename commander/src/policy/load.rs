@@ -824,23 +824,16 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    if a.drift_interval_s < 10 {
-        problems.push(here.key("drift_interval_s").problem(
-            OutOfRange,
-            format!(
-                "alerts.drift_interval_s {} must be at least 10",
-                a.drift_interval_s
-            ),
-        ));
-    }
-    if a.drift_min_runs < 5 {
-        problems.push(here.key("drift_min_runs").problem(
-            OutOfRange,
-            format!(
-                "alerts.drift_min_runs {} must be at least 5",
-                a.drift_min_runs
-            ),
-        ));
+    for (key, v, min) in [
+        ("drift_interval_s", a.drift_interval_s, 10),
+        ("drift_min_runs", u64::from(a.drift_min_runs), 5),
+    ] {
+        if v < min {
+            problems.push(here.key(key).problem(
+                OutOfRange,
+                format!("alerts.{key} {v} must be at least {min}"),
+            ));
+        }
     }
     let budget = a.drift_false_alarms_per_hour;
     if !(budget > 0.0 && budget <= 10.0) {

@@ -257,6 +257,22 @@ pattern = "([a-z"
 }
 
 #[test]
+fn drift_keys_out_of_range_are_each_placed_at_their_line() {
+    let text =
+        "[alerts]\ndrift_interval_s = 5\ndrift_min_runs = 2\ndrift_false_alarms_per_hour = 0\n";
+    let p = problems(&[("d.policy.toml", text)]);
+    for line in [2, 3, 4] {
+        assert!(
+            has(&p, "d.policy.toml", line, ProblemKind::OutOfRange),
+            "line {line}: {p:?}"
+        );
+    }
+    let ok =
+        "[alerts]\ndrift_interval_s = 60\ndrift_min_runs = 20\ndrift_false_alarms_per_hour = 0.5\n";
+    assert!(parse(&[("d.policy.toml", ok)]).is_ok());
+}
+
+#[test]
 fn diff_summarises_what_changed() {
     let a = parse(&[("a.policy.toml", BUDGET)]).unwrap();
     let b = parse(&[(

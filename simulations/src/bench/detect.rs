@@ -278,7 +278,7 @@ pub fn run(args: DetectArgs) -> Result<(), String> {
 fn drift(args: &DetectArgs, spec: &AlertSpec) {
     use fleet_commander::detect::drift::Job;
     use fleet_commander::fleet::prints::Prints;
-    use fleet_commander::fleet::worker::{RunEnd, TaskSummary};
+    use fleet_commander::fleet::worker::TaskSummary;
     let t0 = 1_800_000_000_000u64;
     let hour = 3_600_000u64;
     let mut prints = Prints::default();
@@ -309,21 +309,11 @@ fn drift(args: &DetectArgs, spec: &AlertSpec) {
                 })
                 .collect();
             let run = TaskSummary {
-                task_id: format!("t{i}-{minute}"),
-                status: RunEnd::Completed,
                 task_type: Some(["summarisation", "code_review", "search"][i % 3].into()),
-                model: None,
-                started_ms: 0,
-                ended_ms: 0,
-                duration_ms: 0,
-                cost_usd: None,
-                input_tokens: 0,
-                output_tokens: 0,
                 steps: 2 * len as u32,
                 prompt_variant: Some(format!("v{variant}")),
-                team: None,
-                feature: None,
                 tools: calls,
+                ..Default::default()
             };
             let pool = format!("pool-{}", i % args.pools);
             let at = t0 + minute * 60_000 + (id * 60_000 / args.agents.max(1) as u64);

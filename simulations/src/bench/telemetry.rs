@@ -9,6 +9,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use crate::otlp::{i, s};
 use bytes::Bytes;
 use fleet_commander::config::FleetConfig;
 use fleet_commander::fleet::{FleetState, now_ms};
@@ -17,7 +18,6 @@ use fleet_commander::registry::Registry;
 use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
 use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
@@ -55,26 +55,6 @@ pub struct RssArgs {
     /// buckets full (the per-worker ceiling), driven by a simulated clock.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     full_hour: bool,
-}
-
-fn s(k: &str, v: impl Into<String>) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn i(k: &str, v: i64) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(v)),
-        }),
-        ..Default::default()
-    }
 }
 
 const MODELS: [&str; 4] = [

@@ -8,12 +8,13 @@
 use bytes::Bytes;
 use fleet_worker::message::{Heartbeat, WorkerState};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, status};
 use prost::Message;
 
 use super::Fault;
+use crate::otlp::{i as int, s};
 
 /// Pools of the simulated fleet: name, task type, model. Each has `max_queue_depth` 100.
 pub const POOLS: [(&str, &str, &str); 3] = [
@@ -495,25 +496,5 @@ impl SimFleet {
             sent_at: at,
         };
         serde_json::to_vec(&hb).unwrap_or_default()
-    }
-}
-
-fn s(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn int(k: &str, v: i64) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(v)),
-        }),
-        ..Default::default()
     }
 }
