@@ -203,6 +203,31 @@ pub fn due(
     out
 }
 
+/// A `cancel_task` or `restart_task` step: done once on the alert's worker's task, or
+/// skipped with why.
+fn task_step(
+    action: EscalationAction,
+    target: &Target,
+    task_id: Option<&str>,
+) -> (InterventionState, String) {
+    let verb = if action == EscalationAction::CancelTask {
+        "cancel"
+    } else {
+        "restart"
+    };
+    match (target, task_id) {
+        (Target::Worker(_), Some(t)) => (InterventionState::Done, format!("{verb} task {t}")),
+        (Target::Worker(w), None) => (
+            InterventionState::Skipped,
+            format!("worker {w} is running no task to {verb}"),
+        ),
+        _ => (
+            InterventionState::Skipped,
+            format!("{} needs an alert about one worker", action.as_str()),
+        ),
+    }
+}
+
 fn plan_step(
     a: &Alert,
     step: &EscalationSpec,
@@ -248,24 +273,7 @@ fn plan_step(
             "a fleet-wide alert names no worker or pool to act on".to_string(),
         ),
         EscalationAction::CancelTask | EscalationAction::RestartTask => {
-            let verb = if step.action == EscalationAction::CancelTask {
-                "cancel"
-            } else {
-                "restart"
-            };
-            match (&target, &task_id) {
-                (Target::Worker(_), Some(t)) => {
-                    (InterventionState::Done, format!("{verb} task {t}"))
-                }
-                (Target::Worker(w), None) => (
-                    InterventionState::Skipped,
-                    format!("worker {w} is running no task to {verb}"),
-                ),
-                _ => (
-                    InterventionState::Skipped,
-                    format!("{} needs an alert about one worker", step.action.as_str()),
-                ),
-            }
+            task_step(step.action, &target, task_id.as_deref())
         }
         EscalationAction::Reroute => match &target {
             Target::Pool(p) | Target::Worker(p) if a.labels.contains_key("pool") => (

@@ -824,24 +824,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    for (key, v, min) in [
-        ("drift_interval_s", a.drift_interval_s, 10),
-        ("drift_min_runs", u64::from(a.drift_min_runs), 5),
-    ] {
-        if v < min {
-            problems.push(here.key(key).problem(
-                OutOfRange,
-                format!("alerts.{key} {v} must be at least {min}"),
-            ));
-        }
-    }
-    let budget = a.drift_false_alarms_per_hour;
-    if !(budget > 0.0 && budget <= 10.0) {
-        problems.push(here.key("drift_false_alarms_per_hour").problem(
-            OutOfRange,
-            format!("alerts.drift_false_alarms_per_hour {budget} must be above 0 and at most 10"),
-        ));
-    }
+    check_drift(a, here, problems);
     if a.failure_slice_min_ops == 0 || a.failure_slice_min_failures == 0 {
         problems.push(here.key("failure_slice_min_ops").problem(
             OutOfRange,
@@ -862,6 +845,28 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             here.key("fleet_error_window_s")
                 .problem(OutOfRange, "alerts.fleet_error_window_s must be at least 1"),
         );
+    }
+}
+
+/// The behavioural-drift keys (`drift_*`).
+fn check_drift(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
+    for (key, v, min) in [
+        ("drift_interval_s", a.drift_interval_s, 10),
+        ("drift_min_runs", u64::from(a.drift_min_runs), 5),
+    ] {
+        if v < min {
+            problems.push(here.key(key).problem(
+                OutOfRange,
+                format!("alerts.{key} {v} must be at least {min}"),
+            ));
+        }
+    }
+    let budget = a.drift_false_alarms_per_hour;
+    if !(budget > 0.0 && budget <= 10.0) {
+        problems.push(here.key("drift_false_alarms_per_hour").problem(
+            OutOfRange,
+            format!("alerts.drift_false_alarms_per_hour {budget} must be above 0 and at most 10"),
+        ));
     }
 }
 

@@ -255,8 +255,7 @@ impl SimFleet {
 
     /// One step of agent `i`'s run: an LLM call and a tool call; the last one ends the run.
     fn one_step(&mut self, i: usize, now_ms: u64, mine: Option<Fault>, fleet: Option<Fault>) {
-        let pool = self.agents[i].pool;
-        let (_, task_type, pool_model) = POOLS[pool];
+        let pool_model = POOLS[self.agents[i].pool].2;
         let model = match mine {
             Some(Fault::CostConcentration) => "claude-opus-4-1",
             _ => pool_model,
@@ -266,49 +265,7 @@ impl SimFleet {
             return;
         };
         run.done += 1;
-        let mut input = run.context + self.rng.between(0, 400);
-        let mut output = self.rng.between(150, 300);
-        let mut llm_ms = 2_000;
-        match mine {
-            Some(Fault::ContextFill) => input = 110_000 + self.rng.between(0, 2_000),
-            Some(Fault::ContextCritical) => input = 124_000 + self.rng.between(0, 1_500),
-            Some(Fault::CostRunaway) => {
-                input *= 8;
-                output *= 8;
-            }
-            Some(Fault::TokenLoop) => output = 4_000,
-            Some(Fault::CostConcentration) => {
-                input = 60_000;
-                output = 4_000;
-                llm_ms = 12_000;
-            }
-            _ => {}
-        }
-        // The OpenAI models slow down (research and docs: two thirds of the fleet).
-        if fleet == Some(Fault::ThroughputDrop) && model.starts_with("gpt-4o") {
-            output /= 3;
-        }
-        if fleet == Some(Fault::ContextInflation) && variant == "v7" {
-            input = input * 2 + 4_000;
-        }
-        run.context = (run.context + self.rng.between(1_000, 2_500)).min(60_000);
-        let step_start = now_ms.saturating_sub(STEP_S * 1000);
-        let llm_end = step_start + llm_ms.min(STEP_S * 1000 - 500);
-        let llm = self.span(
-            &run,
-            &format!("chat {model}"),
-            3,
-            (step_start, llm_end),
-            vec![
-                s("gen_ai.operation.name", "chat"),
-                s("gen_ai.provider.name", "openai"),
-                s("gen_ai.request.model", model),
-                s("gen_ai.response.model", model),
-                int("gen_ai.usage.input_tokens", input as i64),
-                int("gen_ai.usage.output_tokens", output as i64),
-            ],
-            false,
-        );
+        let (llm, llm_end) = self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
         let tool = self.pick_tool(variant, mine, fleet);
         let args = match mine {
             Some(Fault::ToolLoop) => r#"{"query": "the same question"}"#.to_string(),
@@ -339,26 +296,7 @@ impl SimFleet {
         // A looping agent does not finish its run.
         let loops = matches!(mine, Some(Fault::ToolLoop | Fault::TokenLoop)) && run.done < 40;
         if run.done >= run.steps && !loops {
-            let root = self.span(
-                &run,
-                &format!("process fleet.work.{}", POOLS[pool].0),
-                5,
-                (run.started_ms, now_ms),
-                vec![
-                    s("messaging.system", "nats"),
-                    s("messaging.operation.type", "process"),
-                    s("fleet.pool", POOLS[pool].0),
-                    s("fleet.task.type", task_type),
-                ],
-                run.failed,
-            );
-            let agent = &mut self.agents[i];
-            agent.spans.push(root);
-            if run.failed {
-                agent.failed += 1;
-            } else {
-                agent.completed += 1;
-            }
+            self.end_run(i, &run, now_ms);
             return;
         }
         let slow = mine == Some(Fault::SlowRuns) || mine == Some(Fault::CostConcentration);
@@ -368,6 +306,87 @@ impl SimFleet {
             self.agents[i].silent = true;
         }
         self.agents[i].run = Some(run);
+    }
+
+    /// The step's LLM call (its tokens as the faults in force make them), and when it
+    /// ended.
+    fn llm_call(
+        &mut self,
+        run: &mut Run,
+        model: &str,
+        variant: &str,
+        now_ms: u64,
+        (mine, fleet): (Option<Fault>, Option<Fault>),
+    ) -> (Span, u64) {
+        let mut input = run.context + self.rng.between(0, 400);
+        let mut output = self.rng.between(150, 300);
+        let mut llm_ms = 2_000;
+        match mine {
+            Some(Fault::ContextFill) => input = 110_000 + self.rng.between(0, 2_000),
+            Some(Fault::ContextCritical) => input = 124_000 + self.rng.between(0, 1_500),
+            Some(Fault::CostRunaway) => {
+                input *= 8;
+                output *= 8;
+            }
+            Some(Fault::TokenLoop) => output = 4_000,
+            Some(Fault::CostConcentration) => {
+                input = 60_000;
+                output = 4_000;
+                llm_ms = 12_000;
+            }
+            _ => {}
+        }
+        // The OpenAI models slow down (research and docs: two thirds of the fleet).
+        if fleet == Some(Fault::ThroughputDrop) && model.starts_with("gpt-4o") {
+            output /= 3;
+        }
+        if fleet == Some(Fault::ContextInflation) && variant == "v7" {
+            input = input * 2 + 4_000;
+        }
+        run.context = (run.context + self.rng.between(1_000, 2_500)).min(60_000);
+        let step_start = now_ms.saturating_sub(STEP_S * 1000);
+        let llm_end = step_start + llm_ms.min(STEP_S * 1000 - 500);
+        let span = self.span(
+            run,
+            &format!("chat {model}"),
+            3,
+            (step_start, llm_end),
+            vec![
+                s("gen_ai.operation.name", "chat"),
+                s("gen_ai.provider.name", "openai"),
+                s("gen_ai.request.model", model),
+                s("gen_ai.response.model", model),
+                int("gen_ai.usage.input_tokens", input as i64),
+                int("gen_ai.usage.output_tokens", output as i64),
+            ],
+            false,
+        );
+        (span, llm_end)
+    }
+
+    /// Agent `i`'s run ends: its process span (the root) goes out with its status.
+    fn end_run(&mut self, i: usize, run: &Run, now_ms: u64) {
+        let pool = self.agents[i].pool;
+        let root = self.span(
+            run,
+            &format!("process fleet.work.{}", POOLS[pool].0),
+            5,
+            (run.started_ms, now_ms),
+            vec![
+                s("messaging.system", "nats"),
+                s("messaging.operation.type", "process"),
+                s("fleet.pool", POOLS[pool].0),
+                s("fleet.task.type", POOLS[pool].1),
+            ],
+            run.failed,
+        );
+        let agent = &mut self.agents[i];
+        agent.spans.push(root);
+        if run.failed {
+            agent.failed += 1;
+        } else {
+            agent.completed += 1;
+        }
     }
 
     fn pick_tool(
