@@ -210,37 +210,35 @@ const ATTRIBUTION_DIMENSIONS: [&str; 3] = ["team", "feature", "prompt_variant"];
 /// Attribution values kept at most (over the three dimensions).
 const MAX_ATTRIBUTIONS: usize = 512;
 
+/// Each dimension's values (one map per `ATTRIBUTION_DIMENSIONS` entry, so a lookup
+/// borrows the run's value instead of building a key).
+type Attributions = [FxHashMap<String, AttributionAgg>; 3];
+
 /// Books a finished run's cost and tokens under each attribution value it carries.
-fn book_attributions(
-    aggs: &mut FxHashMap<(&'static str, String), AttributionAgg>,
-    run: &TaskSummary,
-    now_ms: u64,
-) {
+fn book_attributions(aggs: &mut Attributions, run: &TaskSummary, now_ms: u64) {
+    let kept: usize = aggs.iter().map(FxHashMap::len).sum();
     let values = [&run.team, &run.feature, &run.prompt_variant];
-    for (dim, value) in ATTRIBUTION_DIMENSIONS.into_iter().zip(values) {
+    let mut room = MAX_ATTRIBUTIONS.saturating_sub(kept);
+    for (map, value) in aggs.iter_mut().zip(values) {
         let Some(value) = value else { continue };
-        let key = (dim, value.clone());
-        if !aggs.contains_key(&key) {
-            if aggs.len() >= MAX_ATTRIBUTIONS {
-                continue;
-            }
-            aggs.insert(
-                key.clone(),
-                AttributionAgg {
+        let agg = match map.get_mut(value.as_str()) {
+            Some(agg) => agg,
+            None if room > 0 => {
+                room -= 1;
+                map.entry(value.clone()).or_insert_with(|| AttributionAgg {
                     cost: WindowedSketch::new(10 * MINUTE, 6),
                     tokens: WindowedSketch::new(10 * MINUTE, 6),
                     last_ms: now_ms,
-                },
-            );
-        }
-        if let Some(agg) = aggs.get_mut(&key) {
-            agg.last_ms = now_ms;
-            if let Some(c) = run.cost_usd {
-                agg.cost.add(now_ms, c);
+                })
             }
-            agg.tokens
-                .add(now_ms, (run.input_tokens + run.output_tokens) as f64);
+            None => continue,
+        };
+        agg.last_ms = now_ms;
+        if let Some(c) = run.cost_usd {
+            agg.cost.add(now_ms, c);
         }
+        agg.tokens
+            .add(now_ms, (run.input_tokens + run.output_tokens) as f64);
     }
 }
 
@@ -364,7 +362,7 @@ pub struct FleetState {
     pools: BTreeMap<String, PoolAgg>,
     task_types: FxHashMap<String, TaskTypeAgg>,
     /// Cost and tokens per run by team, feature and prompt variant, the last hour.
-    attributions: FxHashMap<(&'static str, String), AttributionAgg>,
+    attributions: Attributions,
     fleet: FleetRing,
     costs: CostLedger,
     dispatched: FxHashMap<String, Dispatch>,
@@ -400,7 +398,7 @@ impl FleetState {
             workers: FxHashMap::default(),
             pools,
             task_types: FxHashMap::default(),
-            attributions: FxHashMap::default(),
+            attributions: Default::default(),
             fleet: FleetRing::default(),
             dispatched: FxHashMap::default(),
             dispatch_order: VecDeque::new(),
@@ -832,8 +830,9 @@ impl FleetState {
         self.book_metric_extras(now_ms);
         self.slices.sweep(now_ms);
         self.prints.tick(now_ms);
-        self.attributions
-            .retain(|_, a| now_ms.saturating_sub(a.last_ms) < 60 * MINUTE);
+        for map in &mut self.attributions {
+            map.retain(|_, a| now_ms.saturating_sub(a.last_ms) < 60 * MINUTE);
+        }
         let mut due = Vec::new();
         self.lineage
             .expire(now_ms, self.cfg.identity_wait_ms, &mut due);
@@ -1169,10 +1168,11 @@ impl FleetState {
     /// Cost and tokens per run by attribution value; values with no run for an hour are
     /// left out.
     fn attribution_views(&self, now_ms: u64) -> Vec<AttributionView> {
-        let mut out: Vec<AttributionView> = self
-            .attributions
-            .iter()
-            .filter_map(|((dimension, value), a)| {
+        let mut out: Vec<AttributionView> = ATTRIBUTION_DIMENSIONS
+            .into_iter()
+            .zip(&self.attributions)
+            .flat_map(|(dimension, map)| map.iter().map(move |(value, a)| (dimension, value, a)))
+            .filter_map(|(dimension, value, a)| {
                 let tokens = a.tokens.percentiles(now_ms);
                 if tokens.count == 0 {
                     return None;

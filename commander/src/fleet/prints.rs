@@ -94,7 +94,8 @@ impl PrintsView {
 pub struct Prints {
     names: Vec<String>,
     ids: FxHashMap<String, u16>,
-    groups: FxHashMap<(&'static str, String), Group>,
+    /// One map per `DIMENSIONS` entry (a lookup borrows the run's value).
+    groups: [FxHashMap<String, Group>; 3],
     /// New groups not kept because `MAX_GROUPS` were.
     pub refused: u64,
     /// xorshift64 state for the reservoirs (seeded: a replay samples the same runs).
@@ -107,7 +108,7 @@ impl Default for Prints {
         Prints {
             names: vec![OTHER_TOOL.to_string()],
             ids: FxHashMap::default(),
-            groups: FxHashMap::default(),
+            groups: Default::default(),
             refused: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
             view: Arc::new(PrintsView::default()),
@@ -131,20 +132,24 @@ impl Prints {
             steps: run.steps,
         });
         let bucket = now_ms / BUCKET_MS;
-        for (dimension, value) in DIMENSIONS.into_iter().zip(keys) {
+        for (d, value) in keys.into_iter().enumerate() {
             let Some(value) = value else { continue };
             let draw = self.next_random();
-            let key = (dimension, value.to_string());
-            if !self.groups.contains_key(&key) {
-                if self.groups.len() >= MAX_GROUPS {
+            let kept: usize = self.groups.iter().map(FxHashMap::len).sum();
+            let Some(map) = self.groups.get_mut(d) else {
+                continue;
+            };
+            let group = match map.get_mut(value) {
+                Some(g) => g,
+                None if kept < MAX_GROUPS => {
+                    map.entry(value.to_string()).or_insert_with(Group::new)
+                }
+                None => {
                     self.refused += 1;
                     continue;
                 }
-                self.groups.insert(key.clone(), Group::new());
-            }
-            if let Some(g) = self.groups.get_mut(&key) {
-                g.offer(bucket, &print, draw);
-            }
+            };
+            group.offer(bucket, &print, draw);
         }
     }
 
@@ -175,8 +180,9 @@ impl Prints {
     /// copy.
     pub fn tick(&mut self, now_ms: u64) {
         let bucket = now_ms / BUCKET_MS;
-        self.groups
-            .retain(|_, g| bucket.saturating_sub(g.last_bucket) < BUCKETS as u64);
+        for map in &mut self.groups {
+            map.retain(|_, g| bucket.saturating_sub(g.last_bucket) < BUCKETS as u64);
+        }
         if now_ms.saturating_sub(self.view.at_ms) >= VIEW_EVERY_MS {
             self.view = Arc::new(self.build_view(now_ms));
         }
@@ -188,10 +194,11 @@ impl Prints {
 
     fn build_view(&self, now_ms: u64) -> PrintsView {
         let now_bucket = now_ms / BUCKET_MS;
-        let mut groups: Vec<GroupPrints> = self
-            .groups
-            .iter()
-            .map(|((dimension, value), g)| {
+        let mut groups: Vec<GroupPrints> = DIMENSIONS
+            .into_iter()
+            .zip(&self.groups)
+            .flat_map(|(dimension, map)| map.iter().map(move |(value, g)| (dimension, value, g)))
+            .map(|(dimension, value, g)| {
                 let mut out = GroupPrints {
                     dimension,
                     value: value.clone(),
@@ -332,7 +339,10 @@ mod tests {
             p.add(None, &run(&["x"], &format!("v{i}")), 1_000);
         }
         // task_type "research" is one group; prompt variants fill the rest.
-        assert_eq!(p.groups.len(), MAX_GROUPS);
+        assert_eq!(
+            p.groups.iter().map(FxHashMap::len).sum::<usize>(),
+            MAX_GROUPS
+        );
         assert_eq!(p.refused, 11);
         let mut q = Prints::default();
         let names: Vec<String> = (0..(MAX_TOOL_NAMES + 5)).map(|i| format!("t{i}")).collect();
