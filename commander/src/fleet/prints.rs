@@ -127,53 +127,42 @@ impl Prints {
         if keys.iter().all(Option::is_none) {
             return;
         }
-        let print = Arc::new(RunPrint {
-            tools: run.tools.iter().map(|t| self.intern(t)).collect(),
-            steps: run.steps,
-        });
         let bucket = now_ms / BUCKET_MS;
-        for (d, value) in keys.into_iter().enumerate() {
+        let Prints {
+            names,
+            ids,
+            groups,
+            refused,
+            rng,
+            ..
+        } = self;
+        let kept: usize = groups.iter().map(FxHashMap::len).sum();
+        // Built only when some group keeps the run: a busy group's reservoir turns most
+        // runs away, and those cost a draw and a lookup.
+        let mut print: Option<Arc<RunPrint>> = None;
+        for (map, value) in groups.iter_mut().zip(keys) {
             let Some(value) = value else { continue };
-            let draw = self.next_random();
-            let kept: usize = self.groups.iter().map(FxHashMap::len).sum();
-            let Some(map) = self.groups.get_mut(d) else {
-                continue;
-            };
+            let draw = xorshift(rng);
             let group = match map.get_mut(value) {
                 Some(g) => g,
                 None if kept < MAX_GROUPS => {
                     map.entry(value.to_string()).or_insert_with(Group::new)
                 }
                 None => {
-                    self.refused += 1;
+                    *refused += 1;
                     continue;
                 }
             };
-            group.offer(bucket, &print, draw);
+            if let Some(slot) = group.reserve(bucket, draw) {
+                let p = print.get_or_insert_with(|| {
+                    Arc::new(RunPrint {
+                        tools: run.tools.iter().map(|t| intern(names, ids, t)).collect(),
+                        steps: run.steps,
+                    })
+                });
+                group.place(bucket, slot, Arc::clone(p));
+            }
         }
-    }
-
-    fn intern(&mut self, tool: &str) -> u16 {
-        if let Some(id) = self.ids.get(tool) {
-            return *id;
-        }
-        if self.names.len() >= MAX_TOOL_NAMES {
-            return 0;
-        }
-        // Below MAX_TOOL_NAMES (1,024), so it fits in u16.
-        let id = self.names.len() as u16;
-        self.names.push(tool.to_string());
-        self.ids.insert(tool.to_string(), id);
-        id
-    }
-
-    fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
     }
 
     /// Forgets groups silent for an hour and, every `VIEW_EVERY_MS`, rebuilds the readers'
@@ -232,6 +221,37 @@ impl Prints {
     }
 }
 
+/// The id of a tool name, interned (ids past `MAX_TOOL_NAMES` are `OTHER_TOOL`'s, 0).
+fn intern(names: &mut Vec<String>, ids: &mut FxHashMap<String, u16>, tool: &str) -> u16 {
+    if let Some(id) = ids.get(tool) {
+        return *id;
+    }
+    if names.len() >= MAX_TOOL_NAMES {
+        return 0;
+    }
+    // Below MAX_TOOL_NAMES (1,024), so it fits in u16.
+    let id = names.len() as u16;
+    names.push(tool.to_string());
+    ids.insert(tool.to_string(), id);
+    id
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
+}
+
+/// Where a run offered to a bucket goes.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Push,
+    At(usize),
+}
+
 impl Group {
     fn new() -> Self {
         Group {
@@ -241,12 +261,11 @@ impl Group {
     }
 
     /// Algorithm R: the n-th run of a bucket replaces a sampled one with probability
-    /// `PER_BUCKET / n`, so every run of the bucket is equally likely to be kept.
-    fn offer(&mut self, bucket: u64, print: &Arc<RunPrint>, draw: u64) {
+    /// `PER_BUCKET / n`, so every run of the bucket is equally likely to be kept. Counts
+    /// the run and says where it goes, if anywhere.
+    fn reserve(&mut self, bucket: u64, draw: u64) -> Option<Slot> {
         self.last_bucket = self.last_bucket.max(bucket);
-        let Some(b) = self.buckets.get_mut((bucket % BUCKETS as u64) as usize) else {
-            return;
-        };
+        let b = self.buckets.get_mut((bucket % BUCKETS as u64) as usize)?;
         if b.index != bucket || b.seen == 0 {
             *b = Bucket {
                 index: bucket,
@@ -256,9 +275,23 @@ impl Group {
         }
         b.seen += 1;
         if b.runs.len() < PER_BUCKET {
-            b.runs.push(Arc::clone(print));
-        } else if let Some(slot) = b.runs.get_mut((draw % b.seen) as usize) {
-            *slot = Arc::clone(print);
+            return Some(Slot::Push);
+        }
+        let at = (draw % b.seen) as usize;
+        (at < PER_BUCKET).then_some(Slot::At(at))
+    }
+
+    fn place(&mut self, bucket: u64, slot: Slot, print: Arc<RunPrint>) {
+        let Some(b) = self.buckets.get_mut((bucket % BUCKETS as u64) as usize) else {
+            return;
+        };
+        match slot {
+            Slot::Push => b.runs.push(print),
+            Slot::At(i) => {
+                if let Some(r) = b.runs.get_mut(i) {
+                    *r = print;
+                }
+            }
         }
     }
 }
@@ -347,9 +380,9 @@ mod tests {
         let mut q = Prints::default();
         let names: Vec<String> = (0..(MAX_TOOL_NAMES + 5)).map(|i| format!("t{i}")).collect();
         for n in &names {
-            q.intern(n);
+            intern(&mut q.names, &mut q.ids, n);
         }
         assert_eq!(q.names.len(), MAX_TOOL_NAMES);
-        assert_eq!(q.intern("t99999"), 0);
+        assert_eq!(intern(&mut q.names, &mut q.ids, "t99999"), 0);
     }
 }
