@@ -197,6 +197,14 @@ impl Run {
 }
 
 impl Run {
+    /// What the run is expected to take: the task's own figure, else its type's baseline,
+    /// else the configured default.
+    fn expected_ms(&self, baseline_ms: &dyn Fn(&str) -> Option<u64>, cfg: &FleetConfig) -> u64 {
+        self.expected_ms
+            .or_else(|| self.task_type.as_deref().and_then(baseline_ms))
+            .unwrap_or(cfg.default_expected_duration_ms())
+    }
+
     /// Counts a call by its tool and arguments (bounded like the tool counts).
     fn count_same_call(&mut self, tool: &str, args: u64) {
         let key = crate::domain::fnv1a(&[tool.as_bytes(), &args.to_le_bytes()]);
@@ -388,25 +396,20 @@ impl Worker {
         baseline_ms: impl Fn(&str) -> Option<u64>,
         cfg: &FleetConfig,
     ) -> Option<SilentRun> {
-        self.runs
+        let (r, quiet_ms, expected_ms) = self
+            .runs
             .iter()
             .map(|r| {
-                let expected = r
-                    .expected_ms
-                    .or_else(|| r.task_type.as_deref().and_then(&baseline_ms))
-                    .unwrap_or(cfg.default_expected_duration_ms())
-                    .max(1);
-                SilentRun {
-                    task_id: r.task_id.clone(),
-                    quiet_ms: now_ms.saturating_sub(r.last_span_ms),
-                    expected_ms: expected,
-                    floor_ms: cfg.min_stuck_after_ms,
-                }
+                let expected = r.expected_ms(&baseline_ms, cfg).max(1);
+                (r, now_ms.saturating_sub(r.last_span_ms), expected)
             })
-            .max_by(|a, b| {
-                (a.quiet_ms as f64 / a.expected_ms as f64)
-                    .total_cmp(&(b.quiet_ms as f64 / b.expected_ms as f64))
-            })
+            .max_by(|a, b| (a.1 as f64 / a.2 as f64).total_cmp(&(b.1 as f64 / b.2 as f64)))?;
+        Some(SilentRun {
+            task_id: r.task_id.clone(),
+            quiet_ms,
+            expected_ms,
+            floor_ms: cfg.min_stuck_after_ms,
+        })
     }
 
     pub fn stuck_reason(&self) -> Option<&str> {
@@ -928,10 +931,7 @@ impl Worker {
                     .into(),
                 );
             }
-            let expected = r
-                .expected_ms
-                .or_else(|| r.task_type.as_deref().and_then(baseline_ms))
-                .unwrap_or(cfg.default_expected_duration_ms());
+            let expected = r.expected_ms(baseline_ms, cfg);
             // A floor: a task type whose runs take milliseconds would otherwise make every
             // short scheduling hiccup look like a stuck agent.
             let limit = ((expected as f64 * cfg.stuck_factor) as u64).max(cfg.min_stuck_after_ms);
