@@ -267,7 +267,6 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
             now_ms: view.now_ms,
             seed: fnv1a(&[b"seed", id.as_bytes()]),
             blocks: &live.blocks,
-            reroutes: &live.reroutes,
         });
         match verdict {
             Verdict::Dispatch { decision, check } => {

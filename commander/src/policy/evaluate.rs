@@ -33,7 +33,8 @@ pub struct EvalInput<'a, 'p> {
     pub fleet: &'a RouteSnapshot,
     pub table: &'a RoutingTable,
     pub policy: &'p Policy,
-    /// The routing hints derived from `policy` (version, reroutes).
+    /// The routing hints derived from `policy` (version, reroutes), with the reroute
+    /// interventions in force first (`Live::hints`).
     pub hints: &'a PolicyHints,
     pub ledger: &'a Ledger,
     /// Deferred tasks waiting per (budget, value): new tasks queue behind them.
@@ -44,9 +45,6 @@ pub struct EvalInput<'a, 'p> {
     pub seed: u64,
     /// Scopes refused dispatch by interventions in force.
     pub blocks: &'a [super::live::Block],
-    /// Pools whose work goes to their fallback by an intervention in force (checked before
-    /// the policy's own reroutes).
-    pub reroutes: &'a [route::decide::PolicyReroute],
 }
 
 /// What the policy says.
@@ -167,15 +165,6 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
 }
 
 fn decide(i: &EvalInput<'_, '_>, hints: &PolicyHints) -> Result<Decision, NoRoute> {
-    let with_interventions;
-    let hints = if i.reroutes.is_empty() {
-        hints
-    } else {
-        let mut h = hints.clone();
-        h.reroutes.splice(0..0, i.reroutes.iter().cloned());
-        with_interventions = h;
-        &with_interventions
-    };
     route::decide(DecideInput {
         task: i.task,
         class: i.class,

@@ -48,11 +48,22 @@ pub fn blocked<'b>(
     })
 }
 
+/// The policy's routing hints with the reroute interventions in force put first (they
+/// win over the policy's own reroutes). Built when either changes, never per decision.
+pub fn with_reroutes(
+    mut hints: PolicyHints,
+    reroutes: &[crate::route::decide::PolicyReroute],
+) -> PolicyHints {
+    hints.reroutes.splice(0..0, reroutes.iter().cloned());
+    hints
+}
+
 /// Everything a decision reads besides the task and the fleet, swapped as one.
 #[derive(Debug)]
 pub struct Live {
     /// The policy in force.
     pub policy: Arc<Policy>,
+    /// Its routing hints, with the reroute interventions in force first (`with_reroutes`).
     pub hints: PolicyHints,
     pub throttles: Throttles,
     /// Revision in the policy bucket (0: not from the bucket).
@@ -72,7 +83,8 @@ pub struct Live {
     pub rubric_generation: u64,
     /// Scopes refused dispatch by `block` interventions in force.
     pub blocks: Arc<Vec<Block>>,
-    /// Pools sent to their fallback by `reroute` interventions in force.
+    /// Pools sent to their fallback by `reroute` interventions in force (also in `hints`,
+    /// first).
     pub reroutes: Arc<Vec<crate::route::decide::PolicyReroute>>,
 }
 

@@ -314,6 +314,7 @@ impl PolicyEngine {
                 return false;
             }
             self.live.store(Arc::new(Live {
+                hints: live::with_reroutes(evaluate::hints(&current.policy), &reroutes),
                 blocks: Arc::new(blocks),
                 reroutes: Arc::new(reroutes),
                 ..current.sources_kept()
@@ -388,7 +389,7 @@ impl PolicyEngine {
         }
         let version = policy.version.clone();
         let live = Arc::new(Live {
-            hints: evaluate::hints(&policy),
+            hints: live::with_reroutes(evaluate::hints(&policy), &current.reroutes),
             throttles: self.limiters.build(&policy),
             policy: Arc::new(policy),
             revision,

@@ -119,7 +119,6 @@ pub fn replay(
             seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
             // Shadow replay judges the candidate policy alone, not interventions.
             blocks: &[],
-            reroutes: &[],
         });
         let after = After::of(d, verdict, &mut ledger, &mut r.cost_after_usd);
         r.count(d, after);

@@ -79,7 +79,6 @@ fn run_one(
         seed: 1,
         // A test case judges the policy alone, without interventions in force.
         blocks: &[],
-        reroutes: &[],
     });
     let mut got = Got::of(&verdict);
     if let Some(th) = throttled(spec, policy, &got, &dims) {

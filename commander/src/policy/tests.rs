@@ -490,7 +490,6 @@ fn concurrent_admissions_never_pass_the_limit() {
                             now_ms: now,
                             seed: i,
                             blocks: &[],
-                            reroutes: &[],
                         });
                         match v {
                             evaluate::Verdict::Dispatch { decision, check } => {
@@ -702,7 +701,6 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
                 now_ms: e.now_ms(),
                 seed: 1,
                 blocks,
-                reroutes: &[],
             }) {
                 evaluate::Verdict::Reject { reason, code, .. } => Some((code, reason)),
                 _ => None,
@@ -734,4 +732,21 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
     assert!(!e.set_interventions(vec![block(BlockScope::Team, "search")], vec![]));
     assert_eq!(e.live().blocks.len(), 1);
     assert!(e.set_interventions(vec![], vec![]));
+
+    // A reroute intervention is in the live hints, ahead of the policy's own, and a policy
+    // swap keeps it there until the intervention ends.
+    let forced = crate::route::decide::PolicyReroute {
+        from: "alpha".into(),
+        to: "beta".into(),
+        error_rate_above: None,
+        p95_latency_ms_above: None,
+        forced: Some("intervention x".into()),
+    };
+    assert!(e.set_interventions(vec![], vec![forced.clone()]));
+    assert_eq!(e.live().hints.reroutes.first(), Some(&forced));
+    let next = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    assert!(e.swap(next, 99, super::Source::Http, "test"));
+    assert_eq!(e.live().hints.reroutes.first(), Some(&forced));
+    assert!(e.set_interventions(vec![], vec![]));
+    assert!(e.live().hints.reroutes.iter().all(|r| r.forced.is_none()));
 }
