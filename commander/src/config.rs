@@ -56,6 +56,108 @@ pub struct Config {
     /// Policies: where they are read from, who may push them, the deferred queue.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Kept traces: assembly bounds, the trace store, OTLP export (which traces are kept
+    /// and what they may contain is the policy's `[sampling]` and redaction).
+    #[serde(default)]
+    pub traces: TracesConfig,
+}
+
+/// `[traces]` (docs/traces.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracesConfig {
+    /// Assemble, sample and keep traces. Off: spans feed the live state only.
+    pub enabled: bool,
+    /// After a trace's root arrives, how long late children are waited for.
+    pub decision_wait_ms: u64,
+    /// A trace whose root never comes is decided this long after its first span.
+    pub max_trace_s: u64,
+    /// Spans held while their traces assemble, in bytes; past it the oldest traces are
+    /// decided early (`fleet_traces_decided_total{ending="evicted"}`).
+    pub buffer_bytes: usize,
+    /// Exports waiting for the keeper; past it their spans are shed from trace keeping
+    /// (the live state still gets them), counted.
+    pub queue_batches: usize,
+    /// Decided traces remembered, so late spans follow their trace's decision.
+    pub remember_traces: usize,
+    /// Kept traces on disk, in bytes (oldest removed first).
+    pub store_bytes: u64,
+    /// Kept traces older than this are removed.
+    pub retention_hours: u64,
+    /// Where kept (redacted) traces are sent, over OTLP.
+    pub export: Vec<ExportConfig>,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            decision_wait_ms: 2_000,
+            max_trace_s: 300,
+            buffer_bytes: 64 << 20,
+            queue_batches: 1_024,
+            remember_traces: 100_000,
+            store_bytes: 1 << 30,
+            retention_hours: 72,
+            export: Vec::new(),
+        }
+    }
+}
+
+/// `[[traces.export]]`: one OTLP endpoint (Phoenix, Langfuse, Tempo, Jaeger, a collector).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Unique; names the endpoint in logs and counters.
+    pub name: String,
+    pub protocol: ExportProtocol,
+    /// gRPC: `http://host:4317`. HTTP: the full traces URL (`http://host:4318/v1/traces`);
+    /// a URL with no path gets `/v1/traces`.
+    pub endpoint: String,
+    /// Headers sent with every export (not secrets: they are shown by `config check`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Headers whose value is read from an environment variable (`authorization =
+    /// "PHOENIX_API_KEY"`): for secrets. Never logged.
+    #[serde(default)]
+    pub headers_env: BTreeMap<String, String>,
+    /// Traces waiting to be sent at most; more are dropped and counted.
+    #[serde(default = "default_export_queue")]
+    pub queue_traces: usize,
+    /// Spans per export request at most.
+    #[serde(default = "default_batch_spans")]
+    pub batch_spans: usize,
+    /// A partial batch is sent after this long.
+    #[serde(default = "default_batch_delay_ms")]
+    pub batch_delay_ms: u64,
+    /// Tries per batch (the first included) on retryable answers.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Per request.
+    #[serde(default = "default_export_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_export_queue() -> usize {
+    4_096
+}
+fn default_batch_spans() -> usize {
+    512
+}
+fn default_batch_delay_ms() -> u64 {
+    1_000
+}
+fn default_export_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportProtocol {
+    /// OTLP/gRPC.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
 }
 
 /// `[policy]`.
@@ -882,7 +984,75 @@ impl Config {
         self.check_classifier(&mut p);
         self.check_fleet_and_policy(&mut p);
         self.check_sinks(&mut p);
+        self.check_traces(&mut p);
         p
+    }
+
+    /// `[traces]` and `[[traces.export]]`.
+    fn check_traces(&self, p: &mut Vec<Keyed>) {
+        let t = &self.traces;
+        for (what, v) in [
+            ("max_trace_s", t.max_trace_s),
+            ("buffer_bytes", t.buffer_bytes as u64),
+            ("queue_batches", t.queue_batches as u64),
+            ("store_bytes", t.store_bytes),
+            ("retention_hours", t.retention_hours),
+        ] {
+            if v == 0 {
+                p.push(Keyed::new(
+                    OutOfRange,
+                    format!("traces.{what} must be at least 1"),
+                ));
+            }
+        }
+        if t.decision_wait_ms / 1000 >= t.max_trace_s {
+            p.push(Keyed::new(
+                OutOfRange,
+                "traces.decision_wait_ms must be shorter than traces.max_trace_s".to_string(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for e in &t.export {
+            let key = format!("traces.export.{}", e.name);
+            if e.name.trim().is_empty() || !names.insert(e.name.as_str()) {
+                p.push(Keyed::new(
+                    Duplicate,
+                    format!("traces.export: name {:?} is empty or used twice", e.name),
+                ));
+            }
+            let url_ok = reqwest::Url::parse(&e.endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+            if !url_ok {
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("{key}: endpoint must be an http:// or https:// URL"),
+                ));
+            }
+            let bad_header = e.headers.keys().chain(e.headers_env.keys()).find(|h| {
+                reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err()
+                    || h.starts_with("grpc-")
+            });
+            if let Some(h) = bad_header {
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("{key}: {h:?} is not a header name one may set"),
+                ));
+            }
+            for (what, v) in [
+                ("queue_traces", e.queue_traces as u64),
+                ("batch_spans", e.batch_spans as u64),
+                ("batch_delay_ms", e.batch_delay_ms),
+                ("max_attempts", u64::from(e.max_attempts)),
+                ("timeout_ms", e.timeout_ms),
+            ] {
+                if v == 0 {
+                    p.push(Keyed::new(
+                        OutOfRange,
+                        format!("{key}: {what} must be at least 1"),
+                    ));
+                }
+            }
+        }
     }
 
     /// `[[detect.sinks]]`: names, URLs, secrets and bounds.

@@ -508,3 +508,46 @@ pub fn arguments_hash(args: &str) -> u64 {
         Err(_) => fnv1a(&[args.as_bytes()]),
     }
 }
+
+/// What the trace keeper needs to know of one span, taken from its `SpanEvent` while the
+/// live state gets the event itself: enough to tell a trace's end, its errors, its cost
+/// and whose it is, without reading the span's attributes a second time.
+#[derive(Clone, Debug)]
+pub struct SpanFacts {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub error: bool,
+    pub operation: Operation,
+    /// The root of a task run (see `SpanEvent::task_root`).
+    pub task_root: bool,
+    pub usage: Option<TokenUsage>,
+    /// Billed spans with usage only: what prices the call.
+    pub model: Option<String>,
+    pub task_id: Option<String>,
+    pub task_type: Option<String>,
+    pub identity: std::sync::Arc<Identity>,
+}
+
+impl SpanFacts {
+    pub fn of(e: &SpanEvent) -> Self {
+        let billed = e.operation.is_billed() && e.usage.is_some();
+        Self {
+            trace_id: e.trace_id,
+            span_id: e.span_id,
+            parent_span_id: e.parent_span_id,
+            start_ns: e.start_ns,
+            end_ns: e.end_ns,
+            error: e.error,
+            operation: e.operation,
+            task_root: e.task_root,
+            usage: e.usage,
+            model: if billed { e.model.clone() } else { None },
+            task_id: e.task_id.clone(),
+            task_type: e.dims.task_type.clone(),
+            identity: e.identity.clone(),
+        }
+    }
+}

@@ -23,3 +23,4 @@ pub mod serve;
 pub mod sources;
 pub mod store;
 pub mod supervise;
+pub mod traces;

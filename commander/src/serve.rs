@@ -51,6 +51,10 @@ pub enum ServeError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("alert sinks: {0}")]
     Sinks(#[from] crate::detect::sinks::SinkError),
+    #[error("trace store: {0}")]
+    TraceStore(#[from] crate::traces::store::TraceStoreError),
+    #[error("trace export: {0}")]
+    TraceExport(#[from] crate::traces::export::ExportError),
 }
 
 /// A store error as the serve error that names the data directory.
@@ -111,11 +115,14 @@ async fn run(
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
     classifier.counters.register(&mut registry);
+    let (traces, tap, keeper_task) =
+        start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
     let ingestor = Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
         limits: config.telemetry.decode_limits(),
         supervisor: supervisor.clone(),
+        traces: tap,
     };
     let wiring = Wiring {
         config: &config,
@@ -126,6 +133,7 @@ async fn run(
         stop: &stop_rx,
     };
     let mut telemetry_tasks = start_telemetry(&wiring, &ingestor, &metrics, &fleet).await?;
+    telemetry_tasks.extend(keeper_task);
 
     let decisions = DecisionLog::open(&store)?;
 
@@ -143,8 +151,7 @@ async fn run(
     .await?;
     let alerts = start_detection(
         &wiring,
-        &store,
-        &decisions,
+        (&store, &decisions, &traces.flags),
         &fleet,
         &engine,
         &mut registry,
@@ -160,6 +167,7 @@ async fn run(
         decisions: decisions.clone(),
         policy: engine.clone(),
         route_cache: Default::default(),
+        traces,
     };
     let targets = pipeline::retarget::Targets::open(&store).map_err(in_store(&config))?;
     let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone(), targets));
@@ -227,12 +235,65 @@ fn start_fleet(
     (fleet, task)
 }
 
+/// What `start_traces` gives the rest: the handle, the tap for ingest, the tasks.
+type StartedTraces = (
+    crate::traces::Traces,
+    Option<crate::ingest::TraceTap>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// The trace keeper (docs/traces.md): its store, its exporters, the tap ingest feeds it
+/// through, and its task. Off (`[traces] enabled = false`): no tap, no store.
+fn start_traces(
+    config: &Config,
+    store: &Store,
+    engine: &Arc<policy::PolicyEngine>,
+    fleet: &FleetHandle,
+    stop: &watch::Receiver<bool>,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<StartedTraces, ServeError> {
+    use crate::traces;
+    let t = &config.traces;
+    let flags = traces::flags::Flags::default();
+    if !t.enabled {
+        let off = traces::Traces { store: None, flags };
+        return Ok((off, None, Vec::new()));
+    }
+    let trace_store = traces::store::TraceStore::open(store)?;
+    let counters = Arc::new(traces::TraceCounters::default());
+    counters.register(registry);
+    let mut tasks = Vec::new();
+    let mut exporters = Vec::new();
+    for e in &t.export {
+        let (x, task) = traces::export::spawn(e, counters.export.clone(), stop.clone())?;
+        exporters.push(x);
+        tasks.push(task);
+    }
+    let (tap, rx) = crate::ingest::TraceTap::new(t.queue_batches);
+    let wiring = Arc::new(traces::Wiring {
+        config: t.clone(),
+        store: trace_store.clone(),
+        engine: engine.clone(),
+        fleet: fleet.clone(),
+        flags: flags.clone(),
+        exporters,
+        counters,
+        clock: engine.clock.clone(),
+        shed: tap.shed_spans.clone(),
+    });
+    tasks.push(tokio::spawn(traces::run(wiring, rx, stop.clone())));
+    let handle = traces::Traces {
+        store: Some(trace_store),
+        flags,
+    };
+    Ok((handle, Some(tap), tasks))
+}
+
 /// The detector's loop (added to `tasks`): the fleet snapshot and the policy's `[alerts]`
 /// in, alerts out to the alert log, `<prefix>.alerts.<severity>` and the gauges.
 fn start_detection(
     w: &Wiring<'_>,
-    store: &Store,
-    decisions: &DecisionLog,
+    (store, decisions, trace_flags): (&Store, &DecisionLog, &crate::traces::flags::Flags),
     fleet: &FleetHandle,
     engine: &Arc<policy::PolicyEngine>,
     registry: &mut prometheus_client::registry::Registry,
@@ -264,6 +325,7 @@ fn start_detection(
         clock: engine.clock.clone(),
         interval: Duration::from_millis(d.interval_ms),
         max_open: d.max_open,
+        trace_flags: trace_flags.clone(),
     });
     let stop = w.stop.clone();
     tasks.push(w.supervisor.spawn("detect", w.stop.clone(), move || {

@@ -36,7 +36,11 @@ pub async fn list(
 /// `GET /v1/decisions/{task_id}`
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match s.core.decisions.get(&id)? {
-        Some(d) => Ok(Json(d).into_response()),
+        Some(d) => {
+            let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
+            v["trace"] = super::traces::link_of_task(&s, &id);
+            Ok(Json(v).into_response())
+        }
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
     }
 }

@@ -29,6 +29,7 @@ mod fleet;
 mod policy;
 #[cfg(test)]
 mod tests;
+mod traces;
 use crate::store::TaskRecord;
 use crate::supervise::Supervisor;
 
@@ -310,6 +311,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/decisions", get(decisions::list))
         .route("/v1/decisions/{task_id}", get(decisions::one))
         .route("/v1/classifier", get(decisions::classifier))
+        .route("/v1/traces", get(traces::list))
+        .route("/v1/traces/{trace_id}", get(traces::one))
         .route("/v1/alerts", get(alerts::list))
         .route("/v1/alerts/sinks", get(alerts::sinks))
         .route(
@@ -460,7 +463,11 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         .get(&id)
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
-        Some(rec) => Ok(axum::Json(rec).into_response()),
+        Some(rec) => {
+            let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
+            v["trace"] = traces::link_of_task(&s, &id);
+            Ok(axum::Json(v).into_response())
+        }
         None => Err(ApiError::NotFound(format!("task {id} not found"))),
     }
 }

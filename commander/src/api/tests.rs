@@ -153,6 +153,7 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
     let intake = Arc::new(ScriptedIntake::default());
     let state = AppState {
         core: Core {
+            traces: Default::default(),
             store: store.clone(),
             metrics: metrics.clone(),
             fleet,

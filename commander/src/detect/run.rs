@@ -128,6 +128,8 @@ pub struct Wiring {
     pub clock: Arc<dyn Clock>,
     pub interval: Duration,
     pub max_open: usize,
+    /// Where open alerts flag their workers' and tasks' traces for keeping.
+    pub trace_flags: crate::traces::flags::Flags,
 }
 
 /// Evaluates every `interval` until `stop`.
@@ -163,6 +165,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
             a.silenced_by = w.alerts.silences.muting(a, now_ms);
         }
         set_gauges(&w.alerts.counters, &open);
+        flag_traces(&w.trace_flags, &open, now_ms, w.interval);
         actor
             .tick(&super::act::Tick {
                 log: &w.alerts.interventions,
@@ -182,6 +185,27 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
             w.alerts.counters.refused.inc_by(refused - counted);
         }
         w.alerts.open.store(Arc::new(open));
+    }
+}
+
+/// Every open alert (pending or firing) flags its worker's traces and its task's, so the
+/// trace keeper keeps them (docs/traces.md). A worker's flag lasts while the alert is
+/// open, refreshed each tick.
+fn flag_traces(
+    flags: &crate::traces::flags::Flags,
+    open: &[super::lifecycle::Alert],
+    now_ms: u64,
+    interval: Duration,
+) {
+    let until = now_ms.saturating_add(2 * interval.as_millis() as u64);
+    for a in open {
+        let rule = a.rule.as_str();
+        if let Some(w) = &a.links.worker {
+            flags.flag_worker(w, rule, a.started_ms, until);
+        }
+        if let Some(t) = &a.links.task {
+            flags.flag_task(t, rule, now_ms);
+        }
     }
 }
 

@@ -846,6 +846,7 @@ fn distribution_jumps_per_task_type_and_team_fire_on_the_jump_and_not_on_a_stead
         p95: Some(p95),
         p99: Some(p99),
         p999: Some(p99),
+        mean: Some(p50),
     };
     let hour = |cost_now: f64, dur_now: f64, depth_p99: f64, tokens_now: f64| {
         move |_| {
@@ -1329,6 +1330,7 @@ fn a_jump_in_the_slowest_tenth_of_a_percent_shows_over_enough_runs() {
         p95: Some(20_000.0),
         p99: Some(p99),
         p999: Some(p999),
+        mean: Some(12_000.0),
     };
     // P99 steady at 30 s; P99.9 from 40 s to 90 s.
     let fleet = |count: u64| {

@@ -1271,6 +1271,12 @@ impl FleetHandle {
         self.snapshot.load_full()
     }
 
+    /// Puts a made-up snapshot in place (tests of its readers).
+    #[cfg(test)]
+    pub(crate) fn set_snapshot(&self, s: FleetSnapshot) {
+        self.snapshot.store(Arc::new(s));
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Query,

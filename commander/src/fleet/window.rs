@@ -266,6 +266,8 @@ pub struct Percentiles {
     pub p99: Option<f64>,
     /// P99.9: meaningful over a thousand values or more.
     pub p999: Option<f64>,
+    /// The average.
+    pub mean: Option<f64>,
 }
 
 impl WindowedSketch {
@@ -327,6 +329,7 @@ impl WindowedSketch {
             p95: q(0.95),
             p99: q(0.99),
             p999: q(0.999),
+            mean: merged.sum().map(|s| s / merged.count().max(1) as f64),
         }
     }
 }

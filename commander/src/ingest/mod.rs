@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
+use crate::domain::SpanEvent;
 use crate::fleet::{FleetHandle, Ingest, OfferError};
 use crate::metrics::Metrics;
 
@@ -73,6 +74,56 @@ pub struct Ingestor {
     pub limits: limits::DecodeLimits,
     /// Catches and counts a panic while an export is read.
     pub supervisor: crate::supervise::Supervisor,
+    /// The trace keeper's queue (`crate::traces`), when traces are kept.
+    pub traces: Option<TraceTap>,
+}
+
+/// One trace export for the trace keeper: the decoded request, whole, and the facts of
+/// its spans the normaliser read (in the same order, rejected spans left out).
+#[derive(Debug)]
+pub struct TraceBatch {
+    pub request: ExportTraceServiceRequest,
+    pub facts: Vec<crate::domain::SpanFacts>,
+}
+
+/// The bounded queue into the trace keeper. Ingest never waits on it: when it is full the
+/// export still feeds the live state and only its spans' trace keeping is shed, counted
+/// in `shed_spans`.
+#[derive(Clone, Debug)]
+pub struct TraceTap {
+    pub tx: tokio::sync::mpsc::Sender<TraceBatch>,
+    pub shed_spans: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TraceTap {
+    /// A tap and the keeper's end of it, holding at most `batches` exports.
+    pub fn new(batches: usize) -> (Self, tokio::sync::mpsc::Receiver<TraceBatch>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(batches.max(1));
+        let tap = Self {
+            tx,
+            shed_spans: Arc::default(),
+        };
+        (tap, rx)
+    }
+
+    /// A place in the queue and the facts of `events`; `None` (counted) when it is full.
+    /// Facts are built only once there is room for them.
+    fn reserve(
+        &self,
+        events: &[SpanEvent],
+    ) -> Option<(
+        tokio::sync::mpsc::Permit<'_, TraceBatch>,
+        Vec<crate::domain::SpanFacts>,
+    )> {
+        match self.tx.try_reserve() {
+            Ok(p) => Some((p, events.iter().map(crate::domain::SpanFacts::of).collect())),
+            Err(_) => {
+                self.shed_spans
+                    .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        }
+    }
 }
 
 impl Ingestor {
@@ -124,7 +175,7 @@ impl Ingestor {
             .sum();
         self.metrics
             .telemetry(transport, "traces", "received", received);
-        let Some((events, rejected)) = self.guarded(|| normalise::spans(req)) else {
+        let Some((events, rejected)) = self.guarded(|| normalise::spans(&req)) else {
             self.metrics
                 .telemetry(transport, "traces", "rejected", received);
             return Err(IngestError::Internal);
@@ -133,7 +184,16 @@ impl Ingestor {
             .telemetry(transport, "traces", "rejected", rejected.count);
         if !events.is_empty() {
             let n = events.len() as u64;
+            let keep = self.traces.as_ref().and_then(|t| t.reserve(&events));
             self.offer(transport, "traces", n, Ingest::Spans(events))?;
+            // Only an export the live state took goes on to the keeper: a refused one is
+            // sent again by its client.
+            if let Some((permit, facts)) = keep {
+                permit.send(TraceBatch {
+                    request: req,
+                    facts,
+                });
+            }
         }
         Ok(Accepted {
             rejected: rejected.count,

@@ -633,6 +633,7 @@ mod tests {
             metrics: metrics.clone(),
             limits: DecodeLimits::default(),
             supervisor: Default::default(),
+            traces: None,
         };
         let app = http_router(ingestor.clone());
         let post = || {

@@ -44,6 +44,8 @@ pub struct Core {
     pub policy: Arc<crate::policy::PolicyEngine>,
     /// The routing view of the latest fleet snapshot, rebuilt when a new one appears.
     pub route_cache: Arc<std::sync::Mutex<Option<Arc<RouteSnapshot>>>>,
+    /// Kept traces (when `[traces] enabled`) and the marks that keep a trace.
+    pub traces: crate::traces::Traces,
 }
 
 impl Core {

@@ -110,6 +110,17 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
+        if matches!(
+            result.status,
+            ResultStatus::Failed | ResultStatus::Cancelled
+        ) {
+            // Failed, timed out (cancelled at its deadline) or dead-lettered: its trace
+            // is kept whatever the sample says.
+            ctx.core
+                .traces
+                .flags
+                .task_failed(id, ctx.core.policy.now_ms());
+        }
         ctx.core.fleet.task_event(TaskEvent::Finished {
             task_id: id.to_string(),
             pool: pool.clone(),

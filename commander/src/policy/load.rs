@@ -127,10 +127,14 @@ pub struct Reroute {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Redaction {
+    /// The spec's name, or the one given to it (`email`, `redaction3`).
+    pub rule: String,
     #[serde(flatten)]
     pub spec: RedactionSpec,
+    /// `pattern`, compiled; the shipped patterns are compiled by the trace keeper.
     #[serde(skip)]
     pub regex: Option<regex::Regex>,
+    pub at: Location,
 }
 
 impl PartialEq for Redaction {
@@ -164,6 +168,7 @@ pub struct Policy {
     #[serde(skip)]
     pub escalation_at: Vec<Location>,
     pub redaction: Vec<Redaction>,
+    pub privacy: PrivacySpec,
     pub sampling: SamplingSpec,
     #[serde(skip)]
     pub tests: Vec<TestCase>,
@@ -186,6 +191,7 @@ impl Policy {
             escalation: Vec::new(),
             escalation_at: Vec::new(),
             redaction: Vec::new(),
+            privacy: PrivacySpec::default(),
             sampling: SamplingSpec::default(),
             tests: Vec::new(),
         };
@@ -228,6 +234,12 @@ impl Policy {
             "test",
             &mut problems,
         );
+        check_unique(
+            p.redaction.iter().map(|r| (r.rule.as_str(), &r.at)),
+            "redaction rule",
+            &mut problems,
+        );
+        check_salt(&p, &mut problems);
         check_conflicts(&p.budgets, &mut problems);
         if problems.is_empty() {
             p.documents = documents;
@@ -293,7 +305,24 @@ impl Policy {
             let here = at(r.span());
             let spec = r.into_inner();
             let regex = check_redaction(&spec, here, problems);
-            self.redaction.push(Redaction { spec, regex });
+            let rule = spec.name.clone().unwrap_or_else(|| match spec.builtin {
+                Some(b) => b.as_str().to_string(),
+                None => format!("redaction{}", self.redaction.len() + 1),
+            });
+            self.redaction.push(Redaction {
+                rule,
+                spec,
+                regex,
+                at: here.loc(),
+            });
+        }
+        if let Some(s) = parsed.privacy {
+            let here = at(s.span());
+            once.privacy(here, problems);
+            let spec = s.into_inner();
+            check_keys(&spec.deny_attributes, "deny_attributes", here, problems);
+            check_keys(&spec.allow_attributes, "allow_attributes", here, problems);
+            self.privacy = spec;
         }
         if let Some(s) = parsed.sampling {
             let here = at(s.span());
@@ -403,11 +432,40 @@ fn pool_known(against: CheckAgainst<'_>, pool: &str) -> bool {
     }
 }
 
+/// A `hash` redaction needs `[privacy] hash_salt_env`, in whichever file sets it.
+fn check_salt(p: &Policy, problems: &mut Vec<Problem>) {
+    if p.privacy.hash_salt_env.is_some() {
+        return;
+    }
+    for r in &p.redaction {
+        if r.spec.action == RedactAction::Hash {
+            problems.push(r.at.problem(
+                Missing,
+                format!(
+                    "redaction {:?} hashes, but no [privacy] hash_salt_env names the salt",
+                    r.rule
+                ),
+            ));
+        }
+    }
+}
+
+/// Attribute key lists: non-empty keys.
+fn check_keys(keys: &[String], what: &str, here: Here<'_>, problems: &mut Vec<Problem>) {
+    if keys.iter().any(|k| k.is_empty() || k == "*") {
+        problems.push(here.key(what).problem(
+            BadValue,
+            format!("{what}: keys must be non-empty and not `*` alone (a prefix ends in `*`)"),
+        ));
+    }
+}
+
 /// Sections a policy may set once across all its files: where each was first set.
 #[derive(Default)]
 struct Once {
     alerts: Option<String>,
     sampling: Option<String>,
+    privacy: Option<String>,
 }
 
 impl Once {
@@ -417,6 +475,10 @@ impl Once {
 
     fn sampling(&mut self, here: Here<'_>, problems: &mut Vec<Problem>) {
         Self::first(&mut self.sampling, "[sampling]", here, problems);
+    }
+
+    fn privacy(&mut self, here: Here<'_>, problems: &mut Vec<Problem>) {
+        Self::first(&mut self.privacy, "[privacy]", here, problems);
     }
 
     fn first(seen: &mut Option<String>, what: &str, here: Here<'_>, problems: &mut Vec<Problem>) {
@@ -519,6 +581,26 @@ fn check_redaction(
             "redaction attributes must be a non-empty list of non-empty keys",
         ));
     }
+    if let Some(name) = &spec.name
+        && !fleet_worker::protocol::is_subject_token(name)
+    {
+        problems.push(here.key("name").problem(
+            BadValue,
+            format!("redaction name {name:?} must be one word (letters, digits, - or _)"),
+        ));
+    }
+    if spec.pattern.is_some() && spec.builtin.is_some() {
+        problems.push(here.key("builtin").problem(
+            BadValue,
+            "a redaction has either pattern or builtin, not both",
+        ));
+    }
+    if spec.action != RedactAction::Replace && spec.replacement.is_some() {
+        problems.push(here.key("replacement").problem(
+            BadValue,
+            "replacement is for replace rules; hash and drop put nothing of theirs in place",
+        ));
+    }
     let pat = spec.pattern.as_ref()?;
     match regex::Regex::new(pat) {
         Ok(r) => Some(r),
@@ -536,9 +618,9 @@ fn check_redaction(
 
 fn check_sampling(spec: &SamplingSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
     let mut rates = vec![(
-        "default_rate".to_string(),
-        here.key("default_rate"),
-        spec.default_rate,
+        "healthy_rate".to_string(),
+        here.key("healthy_rate"),
+        spec.healthy_rate,
     )];
     rates.extend(spec.rule.iter().map(|r| {
         (
@@ -554,6 +636,22 @@ fn check_sampling(spec: &SamplingSpec, here: Here<'_>, problems: &mut Vec<Proble
                 format!("sampling {what}: {v} must be between 0 and 1"),
             ));
         }
+    }
+    let m = spec.cost_multiple;
+    if !(m == 0.0 || (m.is_finite() && m >= 1.0)) {
+        problems.push(here.key("cost_multiple").problem(
+            OutOfRange,
+            format!("sampling cost_multiple: {m} must be 0 (off) or at least 1"),
+        ));
+    }
+    if spec.sentinels_per_pool_per_minute > 600 {
+        problems.push(here.key("sentinels_per_pool_per_minute").problem(
+            OutOfRange,
+            format!(
+                "sampling sentinels_per_pool_per_minute: {} is more than 600",
+                spec.sentinels_per_pool_per_minute
+            ),
+        ));
     }
 }
 
@@ -1020,11 +1118,14 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             new.redaction.len()
         ));
     }
+    if old.privacy != new.privacy {
+        out.push("privacy: shipped rules, attribute lists or salt changed".to_string());
+    }
     if old.sampling != new.sampling {
         out.push(format!(
-            "sampling: default rate {} → {}, {} → {} rule(s)",
-            old.sampling.default_rate,
-            new.sampling.default_rate,
+            "sampling: healthy rate {} → {}, {} → {} rule(s)",
+            old.sampling.healthy_rate,
+            new.sampling.healthy_rate,
             old.sampling.rule.len(),
             new.sampling.rule.len()
         ));

@@ -35,6 +35,9 @@ pub struct PolicyFile {
     /// Trace sampling; at most one file may set it.
     #[serde(default)]
     pub sampling: Option<Spanned<SamplingSpec>>,
+    /// The shipped redaction rules and the attribute lists; at most one file may set it.
+    #[serde(default)]
+    pub privacy: Option<Spanned<PrivacySpec>>,
     /// Embedded test cases, run by `commander policy test`.
     #[serde(default)]
     pub test: Vec<Spanned<TestSpec>>,
@@ -579,43 +582,159 @@ fn default_escalation_severity() -> String {
     "warning".into()
 }
 
-/// `[[redaction]]`: attribute values matching `pattern` are replaced.
+/// `[[redaction]]`: what a rule takes out of a kept trace's attributes (span, event, link
+/// and resource attributes, GenAI message content and tool call arguments and results)
+/// before it is stored or exported. Rules apply in file order, then the shipped ones.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedactionSpec {
-    /// Attribute keys it applies to (exact, or a prefix ending in `*`).
+    /// Names the rule in `fleet_trace_redactions_total{rule}`. Unset: the builtin's name,
+    /// else `redaction<N>` (N counts from 1 in file order).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Attribute keys it applies to: exact, or a prefix ending in `*`. `*` alone is every
+    /// key except the identifiers and figures the fleet reads (docs/traces.md), which a rule
+    /// reaches only by naming them.
+    #[serde(default = "every_attribute")]
     pub attributes: Vec<String>,
-    /// A regular expression (Rust `regex` syntax). Unset: the whole value.
+    /// A regular expression (Rust `regex` syntax); only what matches is replaced. Unset
+    /// (and no `builtin`): the whole value.
     #[serde(default)]
     pub pattern: Option<String>,
-    #[serde(default = "default_replacement")]
-    pub replacement: String,
+    /// One of the shipped patterns instead of `pattern`.
+    #[serde(default)]
+    pub builtin: Option<BuiltinPattern>,
+    /// What happens to a match.
+    #[serde(default)]
+    pub action: RedactAction,
+    /// `replace`: the text put in place of a match. Unset: the builtin's (`[EMAIL]` …),
+    /// else `[REDACTED]`.
+    #[serde(default)]
+    pub replacement: Option<String>,
 }
 
-fn default_replacement() -> String {
-    "[REDACTED]".into()
+fn every_attribute() -> Vec<String> {
+    vec!["*".into()]
 }
 
-/// `[sampling]`.
+/// The shipped patterns (docs/traces.md has each one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinPattern {
+    Email,
+    Phone,
+    /// 13–19 digits (spaces or dashes between) that pass the Luhn check.
+    PaymentCard,
+    /// Provider keys by their prefixes (`sk-`, `AKIA`, `ghp_`, `xox?-`, `AIza` …).
+    ApiKey,
+    /// `Bearer <token>` and JSON web tokens.
+    BearerToken,
+    /// IPv4 and IPv6 addresses.
+    IpAddress,
+}
+
+impl BuiltinPattern {
+    pub const ALL: [BuiltinPattern; 6] = [
+        Self::BearerToken,
+        Self::ApiKey,
+        Self::Email,
+        Self::PaymentCard,
+        Self::IpAddress,
+        Self::Phone,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Phone => "phone",
+            Self::PaymentCard => "payment_card",
+            Self::ApiKey => "api_key",
+            Self::BearerToken => "bearer_token",
+            Self::IpAddress => "ip_address",
+        }
+    }
+}
+
+/// What a redaction does with what it matched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedactAction {
+    /// Put `replacement` in its place.
+    #[default]
+    Replace,
+    /// Put `hash:<16 hex>` in its place: HMAC-SHA256 under the salt `[privacy]
+    /// hash_salt_env` names, so one user id gives one hash everywhere and stays joinable.
+    Hash,
+    /// Remove the attribute (when `pattern` is set: only if its value matches).
+    Drop,
+}
+
+/// `[privacy]`: the shipped rules and the attribute lists; at most one file may set it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacySpec {
+    /// Apply the shipped rules (every `BuiltinPattern`, on every attribute but the fleet's
+    /// identifiers and figures) after the policy's own.
+    pub default_rules: bool,
+    /// Attribute keys removed from kept traces (exact, or a prefix ending in `*`).
+    pub deny_attributes: Vec<String>,
+    /// When not empty, only these keys are kept (with the fleet's identifiers and figures).
+    pub allow_attributes: Vec<String>,
+    /// The environment variable holding the salt of `hash` rules. Unset while a rule
+    /// hashes: the policy is refused. Set but empty in the commander's environment: hashed
+    /// values are replaced by `[REDACTED]` instead (never hashed unsalted).
+    pub hash_salt_env: Option<String>,
+}
+
+impl Default for PrivacySpec {
+    fn default() -> Self {
+        Self {
+            default_rules: true,
+            deny_attributes: Vec::new(),
+            allow_attributes: Vec::new(),
+            hash_salt_env: None,
+        }
+    }
+}
+
+/// `[sampling]`: which finished traces are kept (docs/traces.md). A trace is kept when any
+/// reason holds, and records every reason that did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplingSpec {
-    /// Share of ordinary traces kept (0-1).
-    pub default_rate: f64,
-    /// Traces with an error are always kept.
+    /// Share of the other (healthy) traces kept, 0–1, chosen by trace id so every replica
+    /// keeps the same ones. `default_rate` is the older name.
+    #[serde(alias = "default_rate")]
+    pub healthy_rate: f64,
+    /// Keep every trace with an error: an error span, a failed, timed-out or
+    /// dead-lettered task.
     pub keep_errors: bool,
-    /// Traces slower than this are always kept, in ms.
+    /// Keep every run above its task type's P99 cost or P99 duration (the last hour's).
+    pub keep_p99: bool,
+    /// Keep every run costing more than this many times its task type's average (0: off).
+    pub cost_multiple: f64,
+    /// Keep every trace a detector or alert flagged.
+    pub keep_flagged: bool,
+    /// Keep every trace slower than this, in ms.
     pub keep_slower_than_ms: Option<u64>,
-    /// Per-attribute rates (`{ attribute = "fleet.team", value = "search", rate = 1.0 }`).
+    /// Full traces kept per pool per minute whatever else holds (0: off), so every pool
+    /// always has recent healthy examples.
+    pub sentinels_per_pool_per_minute: u32,
+    /// Healthy rates by attribute value (`{ attribute = "fleet.team", value = "search",
+    /// rate = 1.0 }`); the highest matching rate wins over `healthy_rate`.
     pub rule: Vec<SamplingRule>,
 }
 
 impl Default for SamplingSpec {
     fn default() -> Self {
         Self {
-            default_rate: 1.0,
+            healthy_rate: 0.1,
             keep_errors: true,
+            keep_p99: true,
+            cost_multiple: 3.0,
+            keep_flagged: true,
             keep_slower_than_ms: None,
+            sentinels_per_pool_per_minute: 0,
             rule: Vec::new(),
         }
     }

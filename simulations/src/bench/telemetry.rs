@@ -270,7 +270,7 @@ pub fn ingest(args: IngestArgs) -> Result<(), String> {
         let t = Instant::now();
         for b in &batches {
             let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
-            let (events, rejected) = normalise::spans(req);
+            let (events, rejected) = normalise::spans(&req);
             black_box(rejected);
             state.apply_spans(events, now_ms());
         }
@@ -462,7 +462,7 @@ fn full_hour(workers: usize) -> Result<(), String> {
         let now = t0 + bucket * 10_000;
         for chunk in (0..workers).collect::<Vec<_>>().chunks(64) {
             let resource_spans = one_task_each(chunk, bucket * workers as u64);
-            let (events, _) = normalise::spans(ExportTraceServiceRequest { resource_spans });
+            let (events, _) = normalise::spans(&ExportTraceServiceRequest { resource_spans });
             state.apply_spans(events, now);
         }
         if bucket % 60 == 59 {

@@ -53,7 +53,7 @@ impl Dims {
     }
 
     /// Sets a dimension from an attribute key, if the key names one.
-    fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
+    fn take(&mut self, key: &str, value: &Option<AnyValue>) -> bool {
         use crate::domain::{Attribution, attribution_of_key};
         let slot = match attribution_of_key(key) {
             Some(Attribution::Team) => &mut self.team,
@@ -65,7 +65,7 @@ impl Dims {
             Some(Attribution::Producer) | None => return false,
         };
         if slot.is_none() {
-            *slot = take_string(value);
+            *slot = string_of(value);
         }
         true
     }
@@ -95,12 +95,21 @@ impl Rejections {
     }
 }
 
-fn take_string(v: &mut Option<AnyValue>) -> Option<String> {
-    match v.take()?.value? {
-        any_value::Value::StringValue(s) => Some(s),
+/// A value as text, copied: the request stays whole for the trace keeper (`crate::ingest`).
+fn string_of(v: &Option<AnyValue>) -> Option<String> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
         any_value::Value::IntValue(i) => Some(i.to_string()),
         any_value::Value::DoubleValue(d) => Some(d.to_string()),
         any_value::Value::BoolValue(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A string value, borrowed (for values only parsed or hashed).
+fn str_of(v: &Option<AnyValue>) -> Option<&str> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
         _ => None,
     }
 }
@@ -156,7 +165,7 @@ struct IdentityParts {
 }
 
 impl IdentityParts {
-    fn take(&mut self, key: &str, value: &mut Option<AnyValue>) -> bool {
+    fn take(&mut self, key: &str, value: &Option<AnyValue>) -> bool {
         let slot = match key {
             "fleet.worker.id" => &mut self.fleet_worker,
             "gen_ai.agent.id" => &mut self.agent_id,
@@ -168,7 +177,7 @@ impl IdentityParts {
             _ => return false,
         };
         if slot.is_none() {
-            *slot = take_string(value);
+            *slot = string_of(value);
         }
         true
     }
@@ -206,12 +215,12 @@ struct ResourceInfo {
     raw: IdentityParts,
 }
 
-fn resource_info(attrs: Vec<KeyValue>) -> ResourceInfo {
+fn resource_info(attrs: &[KeyValue]) -> ResourceInfo {
     let mut parts = IdentityParts::default();
     let mut dims = Dims::default();
-    for mut kv in attrs {
-        if !parts.take(&kv.key, &mut kv.value) {
-            dims.take(&kv.key, &mut kv.value);
+    for kv in attrs {
+        if !parts.take(&kv.key, &kv.value) {
+            dims.take(&kv.key, &kv.value);
         }
     }
     let raw = parts.clone();
@@ -236,15 +245,16 @@ const SPAN_KIND_CONSUMER: i32 = 5;
 const STATUS_CODE_ERROR: i32 = 2;
 
 /// Normalises every span of a trace export. Spans without a valid trace or span id are
-/// rejected and counted; the rest are returned.
-pub fn spans(req: ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+/// rejected and counted; the rest are returned. The request is only read: the trace
+/// keeper takes it whole afterwards.
+pub fn spans(req: &ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
     let mut out = Vec::new();
     let mut rejected = Rejections::default();
-    for rs in req.resource_spans {
-        let res = resource_info(rs.resource.map(|r| r.attributes).unwrap_or_default());
-        for ss in rs.scope_spans {
+    for rs in &req.resource_spans {
+        let res = resource_info(rs.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+        for ss in &rs.scope_spans {
             out.reserve(ss.spans.len());
-            for span in ss.spans {
+            for span in &ss.spans {
                 let Some(trace_id) = id16(&span.trace_id) else {
                     rejected.add(|| {
                         format!(
@@ -295,20 +305,20 @@ struct SpanAttrs {
 
 impl SpanAttrs {
     /// Every GenAI name generation, the fleet's own keys, identity and attribution.
-    fn read(attributes: Vec<KeyValue>) -> Self {
+    fn read(attributes: &[KeyValue]) -> Self {
         let mut a = SpanAttrs::default();
-        for mut kv in attributes {
+        for kv in attributes {
             let key = kv.key.as_str();
             match key {
                 "gen_ai.operation.name" => {
-                    if let Some(v) = take_string(&mut kv.value) {
-                        a.operation = Operation::parse(&v);
+                    if let Some(v) = str_of(&kv.value) {
+                        a.operation = Operation::parse(v);
                     }
                 }
-                "gen_ai.provider.name" => a.provider = take_string(&mut kv.value),
-                "gen_ai.system" => a.old_provider = take_string(&mut kv.value),
-                "gen_ai.request.model" => a.request_model = take_string(&mut kv.value),
-                "gen_ai.response.model" => a.response_model = take_string(&mut kv.value),
+                "gen_ai.provider.name" => a.provider = string_of(&kv.value),
+                "gen_ai.system" => a.old_provider = string_of(&kv.value),
+                "gen_ai.request.model" => a.request_model = string_of(&kv.value),
+                "gen_ai.response.model" => a.response_model = string_of(&kv.value),
                 "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
                     a.count(&kv.value, |u, n| u.input = n);
                 }
@@ -323,18 +333,17 @@ impl SpanAttrs {
                 | "gen_ai.usage.cache_creation_input_tokens" => {
                     a.count(&kv.value, |u, n| u.cache_write = n);
                 }
-                "gen_ai.tool.name" => a.tool = take_string(&mut kv.value),
+                "gen_ai.tool.name" => a.tool = string_of(&kv.value),
                 "gen_ai.tool.call.arguments" => {
-                    a.tool_args =
-                        take_string(&mut kv.value).map(|s| crate::domain::arguments_hash(&s));
+                    a.tool_args = str_of(&kv.value).map(crate::domain::arguments_hash);
                 }
-                "fleet.task.id" => a.task_id = take_string(&mut kv.value),
+                "fleet.task.id" => a.task_id = string_of(&kv.value),
                 "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
                 "fleet.task.root" => a.root_flag = bool_of(&kv.value),
-                "error.type" => a.error_type = take_string(&mut kv.value),
+                "error.type" => a.error_type = string_of(&kv.value),
                 _ => {
-                    if !a.parts.take(key, &mut kv.value) {
-                        a.dims.take(key, &mut kv.value);
+                    if !a.parts.take(key, &kv.value) {
+                        a.dims.take(key, &kv.value);
                     }
                 }
             }
@@ -393,7 +402,7 @@ fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
     span_id: [u8; 8],
-    span: opentelemetry_proto::tonic::trace::v1::Span,
+    span: &opentelemetry_proto::tonic::trace::v1::Span,
 ) -> SpanEvent {
     let SpanAttrs {
         parts,
@@ -411,7 +420,7 @@ fn one_span(
         expected,
         error_type,
         root_flag,
-    } = SpanAttrs::read(span.attributes);
+    } = SpanAttrs::read(&span.attributes);
     // A tool span that forgot its operation name is still a tool call.
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
@@ -526,7 +535,7 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
     let mut out = Vec::new();
     let mut total_points = 0u64;
     for rm in req.resource_metrics {
-        let res = resource_info(rm.resource.map(|r| r.attributes).unwrap_or_default());
+        let res = resource_info(rm.resource.as_ref().map_or(&[][..], |r| &r.attributes));
         for sm in rm.scope_metrics {
             for m in sm.metrics {
                 let fixed_kind = match m.name.as_str() {

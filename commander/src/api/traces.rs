@@ -1,0 +1,83 @@
+//! Kept traces over HTTP: `/v1/traces` and `/v1/traces/{trace_id}`; the trace link of a
+//! task and of a decision. Shapes: docs/api.md, docs/traces.md.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::traces::store::{Filter, TraceStore, TraceStoreError, unhex};
+
+impl From<TraceStoreError> for ApiError {
+    fn from(e: TraceStoreError) -> Self {
+        match e {
+            TraceStoreError::BadCursor(_) => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+fn store(s: &AppState) -> Result<TraceStore, ApiError> {
+    s.core.traces.store.clone().ok_or_else(|| {
+        ApiError::NotFound("traces are not kept here ([traces] enabled = false)".into())
+    })
+}
+
+/// `GET /v1/traces?worker=&pool=&task_type=&task_id=&status=&why=&since_ms=&until_ms=&min_cost_usd=&min_duration_ms=&limit=&cursor=`
+pub async fn list(
+    State(s): State<AppState>,
+    q: Result<Query<Filter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if let Some(w) = &filter.why
+        && crate::traces::sample::Why::parse(w).is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "why={w:?} is not a reason a trace is kept for (docs/traces.md)"
+        )));
+    }
+    if let Some(st) = &filter.status
+        && st != "ok"
+        && st != "error"
+    {
+        return Err(ApiError::BadRequest(format!(
+            "status={st:?}: use ok or error"
+        )));
+    }
+    let store = store(&s)?;
+    // sled reads are blocking; a deep scan should not hold up the runtime.
+    let page = tokio::task::spawn_blocking(move || store.query(&filter))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(page).into_response())
+}
+
+/// `GET /v1/traces/{trace_id}`: the summary, the tasks it ran and its span tree.
+pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let bytes = unhex(&id.to_ascii_lowercase())
+        .filter(|b| b.len() == 16)
+        .ok_or_else(|| ApiError::BadRequest(format!("{id:?} is not a trace id (32 hex digits)")))?;
+    let store = store(&s)?;
+    let stored = tokio::task::spawn_blocking(move || store.get(&bytes))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
+        .ok_or_else(|| ApiError::NotFound(format!("trace {id} was not kept (or has expired)")))?;
+    let registry = s.core.policy.live().registry.clone();
+    Ok(Json(crate::traces::tree::view(stored, &registry)).into_response())
+}
+
+/// `{"trace_id", "href"}` of the kept trace of `task_id`, or null.
+pub fn link_of_task(s: &AppState, task_id: &str) -> serde_json::Value {
+    match s
+        .core
+        .traces
+        .store
+        .as_ref()
+        .and_then(|t| t.trace_of_task(task_id).ok().flatten())
+    {
+        Some(t) => json!({ "trace_id": t, "href": format!("/v1/traces/{t}") }),
+        None => serde_json::Value::Null,
+    }
+}

@@ -1,0 +1,317 @@
+//! Spans grouped by trace until the trace is complete, bounded in bytes.
+//!
+//! A trace is complete once its root has arrived (a span without a parent, or the root of
+//! a task run, whose parent lives in the producer or the commander) and `decision_wait`
+//! has passed for late children; or once it has been held `max_lifetime`, whatever came.
+//! Spans are exported when they end, so children usually come first and the root last.
+//! When the held bytes pass the budget the oldest traces are decided early, on what is
+//! known, and counted. Pure: the caller passes the time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+use crate::domain::SpanFacts;
+
+/// The resource and scope a span was sent under, shared by the spans of one export.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Origin {
+    pub resource: Option<Resource>,
+    pub resource_schema_url: String,
+    pub scope: Option<InstrumentationScope>,
+    pub scope_schema_url: String,
+}
+
+/// One span held, with where it came from and what the normaliser read of it.
+#[derive(Debug)]
+pub struct Held {
+    pub origin: Arc<Origin>,
+    pub span: Span,
+    pub facts: SpanFacts,
+}
+
+/// A trace being assembled.
+#[derive(Debug)]
+pub struct Pending {
+    pub trace_id: [u8; 16],
+    pub spans: Vec<Held>,
+    pub bytes: usize,
+    pub first_ms: u64,
+    /// When its root arrived.
+    pub root_ms: Option<u64>,
+}
+
+/// Why a trace left the assembler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Root arrived and the decision wait passed.
+    Complete,
+    /// Held for the maximum lifetime without its root.
+    Lifetime,
+    /// Pushed out by the byte budget (the oldest go first).
+    Evicted,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Lifetime => "lifetime",
+            Self::Evicted => "evicted",
+        }
+    }
+}
+
+/// Spans of a trace that was already decided, arriving late.
+#[derive(Debug)]
+pub struct Late {
+    pub trace_id: [u8; 16],
+    pub kept: bool,
+    pub spans: Vec<Held>,
+}
+
+/// The assembler's bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub decision_wait_ms: u64,
+    pub max_lifetime_ms: u64,
+    pub max_bytes: usize,
+    /// Decided traces remembered, so late spans follow their trace's decision.
+    pub remember: usize,
+}
+
+/// What `add` found.
+#[derive(Debug, Default)]
+pub struct Added {
+    pub late: Vec<Late>,
+    /// Spans whose trace was decided too long ago to remember: dropped.
+    pub orphans: u64,
+}
+
+#[derive(Debug)]
+pub struct Assembler {
+    bounds: Bounds,
+    pending: HashMap<[u8; 16], Pending>,
+    /// Arrival order, for the lifetime and the budget (an entry may be stale: checked
+    /// against `pending` when popped).
+    by_first: VecDeque<(u64, [u8; 16])>,
+    /// Root arrival order, for the decision wait.
+    by_root: VecDeque<(u64, [u8; 16])>,
+    bytes: usize,
+    decided: HashMap<[u8; 16], bool>,
+    decided_order: VecDeque<[u8; 16]>,
+}
+
+fn valid16(b: &[u8]) -> Option<[u8; 16]> {
+    let a: [u8; 16] = b.try_into().ok()?;
+    (a != [0; 16]).then_some(a)
+}
+
+fn valid8(b: &[u8]) -> bool {
+    b.len() == 8 && b.iter().any(|x| *x != 0)
+}
+
+impl Assembler {
+    pub fn new(bounds: Bounds) -> Self {
+        Self {
+            bounds,
+            pending: HashMap::new(),
+            by_first: VecDeque::new(),
+            by_root: VecDeque::new(),
+            bytes: 0,
+            decided: HashMap::new(),
+            decided_order: VecDeque::new(),
+        }
+    }
+
+    pub fn set_bounds(&mut self, bounds: Bounds) {
+        self.bounds = bounds;
+    }
+
+    /// Bytes held (an estimate: each span's encoded length plus a fixed overhead).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn traces(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes one export: its spans in order, and the facts the normaliser read of the
+    /// valid ones (same order; spans without a valid trace or span id have none).
+    pub fn add(
+        &mut self,
+        resource_spans: Vec<ResourceSpans>,
+        facts: Vec<SpanFacts>,
+        now_ms: u64,
+    ) -> Added {
+        let mut facts = facts.into_iter().peekable();
+        let mut added = Added::default();
+        let mut late: HashMap<[u8; 16], Late> = HashMap::new();
+        for rs in resource_spans {
+            let resource = rs.resource;
+            for ss in rs.scope_spans {
+                let ScopeSpans {
+                    scope,
+                    spans,
+                    schema_url,
+                } = ss;
+                let origin = Arc::new(Origin {
+                    resource: resource.clone(),
+                    resource_schema_url: rs.schema_url.clone(),
+                    scope,
+                    scope_schema_url: schema_url,
+                });
+                for span in spans {
+                    let Some(trace_id) = valid16(&span.trace_id) else {
+                        continue;
+                    };
+                    if !valid8(&span.span_id) {
+                        continue;
+                    }
+                    // The normaliser read exactly the valid spans, in this order.
+                    let Some(f) = facts.next_if(|f| f.span_id[..] == span.span_id[..]) else {
+                        continue;
+                    };
+                    let held = Held {
+                        origin: origin.clone(),
+                        span,
+                        facts: f,
+                    };
+                    if let Some(kept) = self.decided.get(&trace_id) {
+                        late.entry(trace_id)
+                            .or_insert_with(|| Late {
+                                trace_id,
+                                kept: *kept,
+                                spans: Vec::new(),
+                            })
+                            .spans
+                            .push(held);
+                        continue;
+                    }
+                    self.hold(trace_id, held, now_ms);
+                }
+            }
+        }
+        added.late = late.into_values().collect();
+        added
+    }
+
+    fn hold(&mut self, trace_id: [u8; 16], held: Held, now_ms: u64) {
+        // The struct and its place in the map, besides what it encodes to.
+        let size = held.span.encoded_len() + 160;
+        let is_root = held.facts.task_root || held.facts.parent_span_id.is_none();
+        let p = self.pending.entry(trace_id).or_insert_with(|| {
+            self.by_first.push_back((now_ms, trace_id));
+            Pending {
+                trace_id,
+                spans: Vec::new(),
+                bytes: 0,
+                first_ms: now_ms,
+                root_ms: None,
+            }
+        });
+        p.spans.push(held);
+        p.bytes += size;
+        self.bytes += size;
+        if is_root && p.root_ms.is_none() {
+            p.root_ms = Some(now_ms);
+            self.by_root.push_back((now_ms, trace_id));
+        }
+    }
+
+    /// Traces due at `now_ms`: complete ones past the decision wait, old ones past their
+    /// lifetime, then the oldest while the budget is passed.
+    pub fn due(&mut self, now_ms: u64) -> Vec<(Pending, Ending)> {
+        let mut out = Vec::new();
+        let wait = self.bounds.decision_wait_ms;
+        while let Some(&(at, id)) = self.by_root.front() {
+            if at.saturating_add(wait) > now_ms {
+                break;
+            }
+            self.by_root.pop_front();
+            if self.pending.get(&id).is_some_and(|p| p.root_ms == Some(at))
+                && let Some(p) = self.take(&id)
+            {
+                out.push((p, Ending::Complete));
+            }
+        }
+        let life = self.bounds.max_lifetime_ms;
+        while let Some(&(at, id)) = self.by_first.front() {
+            let over_budget = self.bytes > self.bounds.max_bytes;
+            if at.saturating_add(life) > now_ms && !over_budget {
+                break;
+            }
+            self.by_first.pop_front();
+            if self.pending.get(&id).is_some_and(|p| p.first_ms == at)
+                && let Some(p) = self.take(&id)
+            {
+                let why = if at.saturating_add(life) <= now_ms {
+                    Ending::Lifetime
+                } else {
+                    Ending::Evicted
+                };
+                out.push((p, why));
+            }
+        }
+        out
+    }
+
+    /// Everything held, for shutdown.
+    pub fn drain(&mut self) -> Vec<Pending> {
+        self.by_first.clear();
+        self.by_root.clear();
+        self.bytes = 0;
+        self.pending.drain().map(|(_, p)| p).collect()
+    }
+
+    fn take(&mut self, id: &[u8; 16]) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.bytes = self.bytes.saturating_sub(p.bytes);
+        Some(p)
+    }
+
+    /// Remembers a decision, so spans arriving later follow it.
+    pub fn decided(&mut self, trace_id: [u8; 16], kept: bool) {
+        if self.decided.insert(trace_id, kept).is_none() {
+            self.decided_order.push_back(trace_id);
+        }
+        while self.decided_order.len() > self.bounds.remember {
+            if let Some(old) = self.decided_order.pop_front() {
+                self.decided.remove(&old);
+            }
+        }
+    }
+}
+
+/// Spans back into OTLP's shape, grouped by the resource and scope they came with.
+pub fn to_resource_spans(spans: Vec<Held>) -> Vec<ResourceSpans> {
+    let mut out: Vec<(Arc<Origin>, Vec<Span>)> = Vec::new();
+    for h in spans {
+        match out
+            .iter_mut()
+            .find(|(o, _)| Arc::ptr_eq(o, &h.origin) || **o == *h.origin)
+        {
+            Some((_, v)) => v.push(h.span),
+            None => out.push((h.origin, vec![h.span])),
+        }
+    }
+    out.into_iter()
+        .map(|(o, spans)| {
+            let o = Arc::unwrap_or_clone(o);
+            ResourceSpans {
+                resource: o.resource,
+                scope_spans: vec![ScopeSpans {
+                    scope: o.scope,
+                    spans,
+                    schema_url: o.scope_schema_url,
+                }],
+                schema_url: o.resource_schema_url,
+            }
+        })
+        .collect()
+}

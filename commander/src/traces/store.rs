@@ -1,0 +1,384 @@
+//! Kept traces in sled, bounded by bytes and by age.
+//!
+//! Trees: `trace_spans` (trace id → format byte ++ OTLP `TracesData` protobuf, redacted),
+//! `trace_summaries` (trace id → JSON summary), `trace_times` ((kept ms, big-endian) ++
+//! trace id → stored bytes, big-endian u64: the time index that listing, retention and the
+//! byte budget walk without reading records) and `trace_tasks` (task id → trace id).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, TracesData};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::sample::Why;
+use crate::store::{Store, StoreError};
+
+/// The first byte of a `trace_spans` value.
+const FORMAT_V1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceStoreError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("trace store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("trace summary does not encode: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("stored trace {0} is not readable: {1}")]
+    Corrupt(String, String),
+    #[error("cursor {0:?} is not one this API returned")]
+    BadCursor(String),
+}
+
+/// What is known of a kept trace without reading its spans.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceSummary {
+    pub trace_id: String,
+    pub kept_at_ms: u64,
+    /// Every reason it was kept.
+    pub why: Vec<Why>,
+    /// The alert rules (or causes) that flagged it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flagged_by: Vec<String>,
+    /// `complete`, `lifetime` (decided without its root) or `evicted` (decided early by
+    /// the memory budget).
+    pub ending: String,
+    /// `error` when a span failed or its task did, else `ok`.
+    pub status: String,
+    pub start_unix_ms: u64,
+    pub duration_ms: f64,
+    pub spans: u64,
+    /// Stored size (protobuf, redacted).
+    pub bytes: u64,
+    pub cost_usd: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub root_name: Option<String>,
+    pub task_type: Option<String>,
+    /// At most 16 of each.
+    pub task_ids: Vec<String>,
+    pub workers: Vec<String>,
+    pub pools: Vec<String>,
+    pub models: Vec<String>,
+    /// Values the redaction rules changed or removed.
+    pub redactions: u64,
+}
+
+/// Filters for [`TraceStore::query`]; all optional, all must hold.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub worker: Option<String>,
+    pub pool: Option<String>,
+    pub task_type: Option<String>,
+    pub task_id: Option<String>,
+    /// `ok` or `error`.
+    pub status: Option<String>,
+    /// A reason it was kept (`error`, `p99_cost`, `flagged`, `healthy` …).
+    pub why: Option<String>,
+    /// When it was kept, Unix ms (inclusive since, exclusive until).
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    pub min_cost_usd: Option<f64>,
+    pub min_duration_ms: Option<f64>,
+    /// Page size (1-500, default 50).
+    pub limit: Option<usize>,
+    /// From a previous page's `next`.
+    pub cursor: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, t: &TraceSummary) -> bool {
+        let has = |want: &Option<String>, list: &[String]| {
+            want.as_ref().is_none_or(|w| list.iter().any(|x| x == w))
+        };
+        has(&self.worker, &t.workers)
+            && has(&self.pool, &t.pools)
+            && has(&self.task_id, &t.task_ids)
+            && self
+                .task_type
+                .as_ref()
+                .is_none_or(|w| t.task_type.as_ref() == Some(w))
+            && self.status.as_ref().is_none_or(|s| *s == t.status)
+            && self
+                .why
+                .as_deref()
+                .is_none_or(|w| t.why.iter().any(|x| x.as_str() == w))
+            && self.min_cost_usd.is_none_or(|c| t.cost_usd >= c)
+            && self.min_duration_ms.is_none_or(|d| t.duration_ms >= d)
+    }
+}
+
+/// A page of kept traces, newest first.
+#[derive(Clone, Debug, Serialize)]
+pub struct Page {
+    pub traces: Vec<TraceSummary>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    pub scanned: usize,
+}
+
+/// Most index entries one query examines.
+const MAX_SCAN: usize = 20_000;
+
+/// A stored trace: its summary and its spans.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub summary: TraceSummary,
+    pub resource_spans: Vec<ResourceSpans>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TraceStore {
+    spans: sled::Tree,
+    summaries: sled::Tree,
+    times: sled::Tree,
+    tasks: sled::Tree,
+    /// Bytes stored (spans and summaries), kept in step with `times`.
+    bytes: Arc<AtomicU64>,
+}
+
+pub fn hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn time_key(at_ms: u64, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + id.len());
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
+fn u64_of(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl TraceStore {
+    pub fn open(store: &Store) -> Result<Self, TraceStoreError> {
+        let times = store.tree("trace_times")?;
+        let mut total = 0u64;
+        for entry in times.iter() {
+            let (_, v) = entry?;
+            total += u64_of(&v);
+        }
+        Ok(Self {
+            spans: store.tree("trace_spans")?,
+            summaries: store.tree("trace_summaries")?,
+            times,
+            tasks: store.tree("trace_tasks")?,
+            bytes: Arc::new(AtomicU64::new(total)),
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.times.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.times.is_empty()
+    }
+
+    /// Stores a kept trace (or adds late spans to one stored before).
+    pub fn put(
+        &self,
+        trace_id: &[u8; 16],
+        summary: &mut TraceSummary,
+        resource_spans: Vec<ResourceSpans>,
+    ) -> Result<(), TraceStoreError> {
+        let mut resource_spans = resource_spans;
+        let mut old_key = None;
+        if let Some(old) = self.get(trace_id)? {
+            // Late spans: the stored ones first, the summary's figures added up.
+            let mut all = old.resource_spans;
+            all.append(&mut resource_spans);
+            resource_spans = all;
+            summary.spans += old.summary.spans;
+            summary.cost_usd += old.summary.cost_usd;
+            summary.input_tokens += old.summary.input_tokens;
+            summary.output_tokens += old.summary.output_tokens;
+            summary.redactions += old.summary.redactions;
+            summary.kept_at_ms = old.summary.kept_at_ms;
+            if old.summary.status == "error" {
+                summary.status = old.summary.status;
+            }
+            summary.ending = old.summary.ending;
+            summary.root_name = old.summary.root_name.or(summary.root_name.take());
+            summary.task_type = old.summary.task_type.or(summary.task_type.take());
+            summary.start_unix_ms = old.summary.start_unix_ms.min(summary.start_unix_ms);
+            summary.duration_ms = old.summary.duration_ms.max(summary.duration_ms);
+            for (mine, theirs) in [
+                (&mut summary.task_ids, old.summary.task_ids),
+                (&mut summary.workers, old.summary.workers),
+                (&mut summary.pools, old.summary.pools),
+                (&mut summary.models, old.summary.models),
+                (&mut summary.flagged_by, old.summary.flagged_by),
+            ] {
+                let new = std::mem::replace(mine, theirs);
+                for v in new {
+                    if mine.len() < 16 && !mine.contains(&v) {
+                        mine.push(v);
+                    }
+                }
+            }
+            for w in old.summary.why {
+                if !summary.why.contains(&w) {
+                    summary.why.push(w);
+                }
+            }
+            summary.why.sort();
+            old_key = Some((old.summary.kept_at_ms, old.summary.bytes));
+        }
+        let data = TracesData { resource_spans };
+        let mut value = Vec::with_capacity(1 + data.encoded_len());
+        value.push(FORMAT_V1);
+        data.encode(&mut value)
+            .map_err(|e| TraceStoreError::Corrupt(hex(trace_id), e.to_string()))?;
+        summary.bytes = value.len() as u64;
+        let json = serde_json::to_vec(&summary)?;
+        let stored = summary.bytes + json.len() as u64;
+        self.spans.insert(trace_id, value)?;
+        self.summaries.insert(trace_id, json)?;
+        if let Some((at, before)) = old_key {
+            self.times.remove(time_key(at, trace_id))?;
+            self.bytes.fetch_sub(before, Ordering::Relaxed);
+        }
+        self.times.insert(
+            time_key(summary.kept_at_ms, trace_id),
+            &stored.to_be_bytes(),
+        )?;
+        self.bytes.fetch_add(stored, Ordering::Relaxed);
+        for t in &summary.task_ids {
+            self.tasks.insert(t.as_bytes(), &trace_id[..])?;
+        }
+        Ok(())
+    }
+
+    pub fn summary(&self, trace_id: &[u8]) -> Result<Option<TraceSummary>, TraceStoreError> {
+        match self.summaries.get(trace_id)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn get(&self, trace_id: &[u8]) -> Result<Option<Stored>, TraceStoreError> {
+        let (Some(summary), Some(v)) = (self.summary(trace_id)?, self.spans.get(trace_id)?) else {
+            return Ok(None);
+        };
+        let corrupt = |why: String| TraceStoreError::Corrupt(hex(trace_id), why);
+        let Some((&FORMAT_V1, body)) = v.split_first() else {
+            return Err(corrupt(format!("unknown format {:?}", v.first())));
+        };
+        let data = TracesData::decode(body).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(Stored {
+            summary,
+            resource_spans: data.resource_spans,
+        }))
+    }
+
+    /// The kept trace of a task, if one was kept.
+    pub fn trace_of_task(&self, task_id: &str) -> Result<Option<String>, TraceStoreError> {
+        Ok(self.tasks.get(task_id.as_bytes())?.map(|v| hex(&v)))
+    }
+
+    /// Newest first, filtered, paginated.
+    pub fn query(&self, f: &Filter) -> Result<Page, TraceStoreError> {
+        let limit = f.limit.unwrap_or(50).clamp(1, 500);
+        let lower = time_key(f.since_ms.unwrap_or(0), &[]);
+        let mut upper = time_key(f.until_ms.unwrap_or(u64::MAX), &[]);
+        if let Some(c) = &f.cursor {
+            match unhex(c) {
+                Some(b) if b.len() == 24 => upper = b,
+                _ => return Err(TraceStoreError::BadCursor(c.clone())),
+            }
+        }
+        let mut out = Vec::with_capacity(limit);
+        let (mut scanned, mut next) = (0, None);
+        for entry in self.times.range(lower..upper).rev() {
+            let (k, _) = entry?;
+            scanned += 1;
+            if let Some(id) = k.get(8..)
+                && let Some(s) = self.summary(id)?
+                && f.matches(&s)
+            {
+                out.push(s);
+                if out.len() == limit {
+                    next = Some(hex(&k));
+                    break;
+                }
+            }
+            if scanned >= MAX_SCAN {
+                next = Some(hex(&k));
+                break;
+            }
+        }
+        Ok(Page {
+            traces: out,
+            next,
+            scanned,
+        })
+    }
+
+    /// Removes traces kept before `cutoff_ms`, then the oldest while over `max_bytes`; at
+    /// most `limit` per call. Returns how many went.
+    pub fn prune(
+        &self,
+        cutoff_ms: u64,
+        max_bytes: u64,
+        limit: usize,
+    ) -> Result<usize, TraceStoreError> {
+        let mut removed = 0;
+        while removed < limit {
+            let Some((k, v)) = self.times.first()? else {
+                break;
+            };
+            let at = k.get(..8).map_or(0, u64_of);
+            if at >= cutoff_ms && self.bytes() <= max_bytes {
+                break;
+            }
+            self.remove(&k, u64_of(&v))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn remove(&self, time_key: &[u8], stored: u64) -> Result<(), TraceStoreError> {
+        let Some(id) = time_key.get(8..) else {
+            return Ok(());
+        };
+        if let Some(s) = self.summary(id)? {
+            for t in &s.task_ids {
+                // Only if it still points here (a later trace of the task may own it).
+                let _ =
+                    self.tasks
+                        .compare_and_swap(t.as_bytes(), Some(id), None as Option<&[u8]>)?;
+            }
+        }
+        self.spans.remove(id)?;
+        self.summaries.remove(id)?;
+        self.times.remove(time_key)?;
+        self.bytes.fetch_sub(stored, Ordering::Relaxed);
+        Ok(())
+    }
+}
