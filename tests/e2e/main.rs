@@ -22,3 +22,4 @@ mod routing;
 mod spine;
 mod startup;
 mod telemetry;
+mod traces;
