@@ -274,14 +274,18 @@ fn start_traces(
         config: t.clone(),
         store: trace_store.clone(),
         engine: engine.clone(),
-        fleet: fleet.clone(),
         flags: flags.clone(),
         exporters,
         counters,
         clock: engine.clock.clone(),
         shed: tap.shed_spans.clone(),
     });
-    tasks.push(tokio::spawn(traces::run(wiring, rx, stop.clone())));
+    tasks.push(tokio::spawn(traces::run(
+        wiring,
+        fleet.clone(),
+        rx,
+        stop.clone(),
+    )));
     let handle = traces::Traces {
         store: Some(trace_store),
         flags,

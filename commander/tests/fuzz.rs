@@ -282,7 +282,7 @@ proptest! {
         let cost = limits::check_protobuf(Signal::Traces, &body, DecodeLimits::default()).unwrap();
         prop_assert!(cost.items >= 1);
         let decoded = ExportTraceServiceRequest::decode(&body[..]).unwrap();
-        let (events, _rejected) = normalise::spans(&decoded);
+        let (events, _rejected) = normalise::spans(decoded);
         let mut state = fleet();
         state.apply(Ingest::Spans(events), now_ms());
         exercise(&mut state, now_ms() + later);
@@ -318,7 +318,7 @@ proptest! {
             Err(e) => prop_assert!(false, "a small body broke a limit: {e}"),
         }
         if let Ok(decoded) = ExportTraceServiceRequest::decode(&body[..]) {
-            let (events, _) = normalise::spans(&decoded);
+            let (events, _) = normalise::spans(decoded);
             let mut state = fleet();
             state.apply(Ingest::Spans(events), now_ms());
             exercise(&mut state, now_ms());
@@ -504,7 +504,7 @@ fn seed_non_ascii_and_huge_model_names_reach_the_live_state() {
                 ..Default::default()
             }],
         };
-        let (events, _) = normalise::spans(&req);
+        let (events, _) = normalise::spans(req);
         let mut state = fleet();
         state.apply(Ingest::Spans(events), now_ms());
         exercise(&mut state, now_ms() + 1_000);

@@ -15,6 +15,11 @@ mod bench;
 mod lab;
 mod otlp;
 
+/// The commander's allocator (commander/src/main.rs), so the benchmarks measure its code
+/// as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};

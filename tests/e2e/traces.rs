@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use fleet_testkit::{Commander, NatsServer};
 use fleet_worker::telemetry::ToolCall;
 use fleet_worker::{
-    Producer, ResultStatus, SubmitOptions, Subjects, Task, TaskContext, TaskFailure, Worker,
+    Producer, ResultStatus, Subjects, SubmitOptions, Task, TaskContext, TaskFailure, Worker,
     WorkerConfig,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -87,7 +87,9 @@ fn agent_run(n: u64, pii: &str, error: bool) -> ExportTraceServiceRequest {
                 int("gen_ai.usage.output_tokens", 50),
                 kv(
                     "gen_ai.input.messages",
-                    &format!(r#"[{{"role":"user","parts":[{{"type":"text","content":"reach me at {pii}"}}]}}]"#),
+                    &format!(
+                        r#"[{{"role":"user","parts":[{{"type":"text","content":"reach me at {pii}"}}]}}]"#
+                    ),
                 ),
             ],
             status: error.then(|| Status {
@@ -145,7 +147,12 @@ async fn collector() -> (String, Arc<Mutex<Collected>>) {
         let mut s = seen.lock().unwrap();
         s.requests += 1;
         if s.requests == 1 {
-            return (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "busy").into_response();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                "busy",
+            )
+                .into_response();
         }
         if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-key") {
             s.bad_auth += 1;
@@ -158,9 +165,15 @@ async fn collector() -> (String, Arc<Mutex<Collected>>) {
                 }
             }
         }
-        s.bodies.push(serde_json::to_string(&req.resource_spans).unwrap());
+        s.bodies
+            .push(serde_json::to_string(&req.resource_spans).unwrap());
         let ok = ExportTraceServiceResponse::default().encode_to_vec();
-        (StatusCode::OK, [("content-type", "application/x-protobuf")], ok).into_response()
+        (
+            StatusCode::OK,
+            [("content-type", "application/x-protobuf")],
+            ok,
+        )
+            .into_response()
     }
     let app = axum::Router::new()
         .route("/v1/traces", axum::routing::post(take))
@@ -292,7 +305,11 @@ timeout_ms = 500
         )
         .await
         .unwrap();
-    let r = tokio::time::timeout(WAIT, inbox.next()).await.unwrap().unwrap().unwrap();
+    let r = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(r.status, ResultStatus::Failed);
 
     // Sixty agent runs over OTLP/HTTP, every tenth failing.
@@ -335,7 +352,13 @@ timeout_ms = 500
     let decision = stack.get_json(&format!("/v1/decisions/{task_id}")).await;
     assert_eq!(decision["trace"]["trace_id"], task_trace.as_str());
     let tree = stack.get_json(&format!("/v1/traces/{task_trace}")).await;
-    assert!(tree["why"].as_array().unwrap().contains(&"task_failed".into()), "{tree}");
+    assert!(
+        tree["why"]
+            .as_array()
+            .unwrap()
+            .contains(&"task_failed".into()),
+        "{tree}"
+    );
     assert_eq!(tree["tasks"][0]["task_id"], task_id.as_str());
     let names: Vec<&str> = tree["span_tree"]
         .as_array()
@@ -344,12 +367,17 @@ timeout_ms = 500
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert!(names.iter().any(|n| n.contains("send_mail")), "{names:?}");
-    assert!(!tree.to_string().contains("ops@example.org"), "redacted before storage");
+    assert!(
+        !tree.to_string().contains("ops@example.org"),
+        "redacted before storage"
+    );
 
     // The receivers get exactly those traces, redacted.
-    eventually("the second commander holds every kept trace", WAIT, async || {
-        kept(&receiver).await == want
-    })
+    eventually(
+        "the second commander holds every kept trace",
+        WAIT,
+        async || kept(&receiver).await == want,
+    )
     .await;
     eventually("the collector holds every kept trace", WAIT, async || {
         collected.lock().unwrap().traces == want
@@ -383,9 +411,11 @@ timeout_ms = 500
     let sample = |endpoint: &str, outcome: &str| {
         format!("fleet_trace_export_spans_total{{endpoint=\"{endpoint}\",outcome=\"{outcome}\"}}")
     };
-    eventually("the unreachable endpoint's spans are counted as dropped", WAIT, async || {
-        stack.metric(&sample("nowhere", "dropped_failed")).await > 0.0
-    })
+    eventually(
+        "the unreachable endpoint's spans are counted as dropped",
+        WAIT,
+        async || stack.metric(&sample("nowhere", "dropped_failed")).await > 0.0,
+    )
     .await;
     assert!(stack.metric(&sample("second", "sent")).await > 0.0);
     assert_eq!(stack.metric(&sample("second", "dropped_failed")).await, 0.0);
@@ -395,7 +425,12 @@ timeout_ms = 500
             .await
             >= 1.0
     );
-    assert!(stack.metric("fleet_trace_redactions_total{rule=\"email\"}").await > 0.0);
+    assert!(
+        stack
+            .metric("fleet_trace_redactions_total{rule=\"email\"}")
+            .await
+            > 0.0
+    );
     // The live state saw every run, kept or not.
     let fleet = stack.get_json("/v1/workers?pool=code").await;
     assert!(fleet["total"].as_u64().unwrap() >= 3, "{fleet}");

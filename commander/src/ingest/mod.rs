@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
-use crate::domain::SpanEvent;
 use crate::fleet::{FleetHandle, Ingest, OfferError};
 use crate::metrics::Metrics;
 
@@ -78,12 +77,12 @@ pub struct Ingestor {
     pub traces: Option<TraceTap>,
 }
 
-/// One trace export for the trace keeper: the decoded request, whole, and the facts of
-/// its spans the normaliser read (in the same order, rejected spans left out).
+/// One trace export for the trace keeper: its protobuf bytes, shared with the receiver
+/// (no copy), already through the decode limits. The keeper decodes and reads them again
+/// on its own task, so the ingest path pays a reference count and a queue slot.
 #[derive(Debug)]
 pub struct TraceBatch {
-    pub request: ExportTraceServiceRequest,
-    pub facts: Vec<crate::domain::SpanFacts>,
+    pub body: bytes::Bytes,
 }
 
 /// The bounded queue into the trace keeper. Ingest never waits on it: when it is full the
@@ -106,20 +105,13 @@ impl TraceTap {
         (tap, rx)
     }
 
-    /// A place in the queue and the facts of `events`; `None` (counted) when it is full.
-    /// Facts are built only once there is room for them.
-    fn reserve(
-        &self,
-        events: &[SpanEvent],
-    ) -> Option<(
-        tokio::sync::mpsc::Permit<'_, TraceBatch>,
-        Vec<crate::domain::SpanFacts>,
-    )> {
+    /// A place in the queue; `None` (its `spans` counted as shed) when it is full.
+    fn reserve(&self, spans: u64) -> Option<tokio::sync::mpsc::Permit<'_, TraceBatch>> {
         match self.tx.try_reserve() {
-            Ok(p) => Some((p, events.iter().map(crate::domain::SpanFacts::of).collect())),
+            Ok(p) => Some(p),
             Err(_) => {
                 self.shed_spans
-                    .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(spans, std::sync::atomic::Ordering::Relaxed);
                 None
             }
         }
@@ -162,10 +154,14 @@ impl Ingestor {
         }
     }
 
+    /// One trace export. `raw` is its protobuf body when the transport has it (gRPC, NATS,
+    /// OTLP/HTTP protobuf); for OTLP/JSON it is encoded here, only when the trace keeper
+    /// has room for it.
     pub fn traces(
         &self,
         transport: &'static str,
         req: ExportTraceServiceRequest,
+        raw: Option<bytes::Bytes>,
     ) -> Result<Accepted, IngestError> {
         let received: u64 = req
             .resource_spans
@@ -175,7 +171,18 @@ impl Ingestor {
             .sum();
         self.metrics
             .telemetry(transport, "traces", "received", received);
-        let Some((events, rejected)) = self.guarded(|| normalise::spans(&req)) else {
+        let keep = self
+            .traces
+            .as_ref()
+            .and_then(|t| t.reserve(received))
+            .map(|permit| {
+                let body = raw.unwrap_or_else(|| {
+                    use prost::Message;
+                    bytes::Bytes::from(req.encode_to_vec())
+                });
+                (permit, body)
+            });
+        let Some((events, rejected)) = self.guarded(|| normalise::spans(req)) else {
             self.metrics
                 .telemetry(transport, "traces", "rejected", received);
             return Err(IngestError::Internal);
@@ -184,15 +191,11 @@ impl Ingestor {
             .telemetry(transport, "traces", "rejected", rejected.count);
         if !events.is_empty() {
             let n = events.len() as u64;
-            let keep = self.traces.as_ref().and_then(|t| t.reserve(&events));
             self.offer(transport, "traces", n, Ingest::Spans(events))?;
             // Only an export the live state took goes on to the keeper: a refused one is
             // sent again by its client.
-            if let Some((permit, facts)) = keep {
-                permit.send(TraceBatch {
-                    request: req,
-                    facts,
-                });
+            if let Some((permit, body)) = keep {
+                permit.send(TraceBatch { body });
             }
         }
         Ok(Accepted {

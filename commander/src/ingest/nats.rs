@@ -84,7 +84,9 @@ pub fn handle(
             &payload,
             ingestor.limits,
         ) {
-            Ok(req) => ingestor.traces("nats", req).map(|_| ()),
+            Ok(req) => ingestor
+                .traces("nats", req, Some(payload.clone()))
+                .map(|_| ()),
             Err(e) => {
                 m.telemetry("nats", "traces", "rejected", 1);
                 Err(e)

@@ -85,10 +85,12 @@ trait OtlpSignal: Send + Sync + 'static {
     const LABEL: &'static str;
     type Request: Message + Default + DeserializeOwned;
     type Response: Message + Default + Serialize + Send + 'static;
+    /// `raw`: the request's protobuf bytes, when the transport has them.
     fn ingest(
         ing: &Ingestor,
         transport: &'static str,
         req: Self::Request,
+        raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError>;
     fn respond(a: Accepted) -> Self::Response;
 }
@@ -110,8 +112,9 @@ impl OtlpSignal for Traces {
         ing: &Ingestor,
         t: &'static str,
         req: Self::Request,
+        raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError> {
-        ing.traces(t, req)
+        ing.traces(t, req, raw)
     }
     fn respond(a: Accepted) -> Self::Response {
         ExportTraceServiceResponse {
@@ -133,6 +136,7 @@ impl OtlpSignal for Metrics {
         ing: &Ingestor,
         t: &'static str,
         req: Self::Request,
+        _raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError> {
         ing.metrics(t, req)
     }
@@ -156,6 +160,7 @@ impl OtlpSignal for Logs {
         ing: &Ingestor,
         t: &'static str,
         req: Self::Request,
+        _raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError> {
         ing.logs(t, &req)
     }
@@ -186,7 +191,7 @@ fn grpc_export<S: OtlpSignal>(ing: &Ingestor, body: Bytes) -> Result<S::Response
         ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
         e.grpc()
     })?;
-    S::ingest(ing, "grpc", req)
+    S::ingest(ing, "grpc", req, Some(body))
         .map(S::respond)
         .map_err(|e| e.grpc())
 }
@@ -493,16 +498,18 @@ fn error_response(enc: Encoding, e: &IngestError) -> Response {
 
 /// Reads, decompresses and decodes a request body. An error comes with the encoding its
 /// answer must use (JSON when the content type itself is the problem).
+/// Also returns the decompressed body when it is protobuf (the trace keeper reads it).
 fn read<T: Message + Default + DeserializeOwned>(
     limits: DecodeLimits,
     signal: Signal,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<(Encoding, T), (Encoding, IngestError)> {
+) -> Result<(Encoding, T, Option<Bytes>), (Encoding, IngestError)> {
     let enc = encoding_of(headers).map_err(|e| (Encoding::Json, e))?;
     let body = decompress(headers, body, limits.max_request_bytes).map_err(|e| (enc, e))?;
     let req = decode::<T>(enc, signal, &body, limits).map_err(|e| (enc, e))?;
-    Ok((enc, req))
+    let raw = (enc == Encoding::Protobuf).then_some(body);
+    Ok((enc, req, raw))
 }
 
 /// One OTLP/HTTP export of signal `S`, answered in the request's encoding.
@@ -511,14 +518,14 @@ async fn http_export<S: OtlpSignal>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (enc, req) = match read::<S::Request>(ing.limits, S::SIGNAL, &headers, body) {
+    let (enc, req, raw) = match read::<S::Request>(ing.limits, S::SIGNAL, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
             ing.metrics.telemetry("http", S::LABEL, "rejected", 1);
             return error_response(enc, &e);
         }
     };
-    match S::ingest(&ing, "http", req) {
+    match S::ingest(&ing, "http", req, raw) {
         Ok(a) => respond(enc, StatusCode::OK, &S::respond(a)),
         Err(e) => error_response(enc, &e),
     }

@@ -26,12 +26,35 @@ pub struct Origin {
     pub scope_schema_url: String,
 }
 
-/// One span held, with where it came from and what the normaliser read of it.
+/// One span held, with where it came from and what the normaliser read of it. The span
+/// is held encoded: its decoded strings go back to the allocator at once (and stay hot in
+/// its caches for the next export) instead of piling up for the decision wait, and the
+/// bytes held are exact. Only kept traces are decoded again.
 #[derive(Debug)]
 pub struct Held {
     pub origin: Arc<Origin>,
-    pub span: Span,
+    /// The span, OTLP protobuf.
+    pub span: Vec<u8>,
+    /// The span's name, for a trace's root.
+    pub root_name: Option<String>,
     pub facts: SpanFacts,
+}
+
+impl Held {
+    pub fn new(origin: Arc<Origin>, span: &Span, facts: SpanFacts) -> Self {
+        let is_root = facts.task_root || facts.parent_span_id.is_none();
+        Self {
+            origin,
+            span: span.encode_to_vec(),
+            root_name: is_root.then(|| span.name.clone()),
+            facts,
+        }
+    }
+
+    /// The span, decoded (`None` only if the bytes were not ours: never).
+    pub fn decode(&self) -> Option<Span> {
+        Span::decode(self.span.as_slice()).ok()
+    }
 }
 
 /// A trace being assembled.
@@ -132,7 +155,7 @@ impl Assembler {
         self.bounds = bounds;
     }
 
-    /// Bytes held (an estimate: each span's encoded length plus a fixed overhead).
+    /// Bytes held (each span's encoded length plus a fixed overhead).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -177,11 +200,7 @@ impl Assembler {
                     let Some(f) = facts.next_if(|f| f.span_id[..] == span.span_id[..]) else {
                         continue;
                     };
-                    let held = Held {
-                        origin: origin.clone(),
-                        span,
-                        facts: f,
-                    };
+                    let held = Held::new(origin.clone(), &span, f);
                     if let Some(kept) = self.decided.get(&trace_id) {
                         late.entry(trace_id)
                             .or_insert_with(|| Late {
@@ -203,7 +222,7 @@ impl Assembler {
 
     fn hold(&mut self, trace_id: [u8; 16], held: Held, now_ms: u64) {
         // The struct and its place in the map, besides what it encodes to.
-        let size = held.span.encoded_len() + 160;
+        let size = held.span.len() + 160;
         let is_root = held.facts.task_root || held.facts.parent_span_id.is_none();
         let p = self.pending.entry(trace_id).or_insert_with(|| {
             self.by_first.push_back((now_ms, trace_id));
@@ -292,12 +311,13 @@ impl Assembler {
 pub fn to_resource_spans(spans: Vec<Held>) -> Vec<ResourceSpans> {
     let mut out: Vec<(Arc<Origin>, Vec<Span>)> = Vec::new();
     for h in spans {
+        let Some(span) = h.decode() else { continue };
         match out
             .iter_mut()
             .find(|(o, _)| Arc::ptr_eq(o, &h.origin) || **o == *h.origin)
         {
-            Some((_, v)) => v.push(h.span),
-            None => out.push((h.origin, vec![h.span])),
+            Some((_, v)) => v.push(span),
+            None => out.push((h.origin, vec![span])),
         }
     }
     out.into_iter()

@@ -33,9 +33,12 @@ use self::sample::{Sentinels, Shape, TypeFigures, Why};
 use self::store::{TraceStore, TraceSummary};
 use crate::config::TracesConfig;
 use crate::domain::Clock;
+use crate::domain::SpanFacts;
 use crate::fleet::FleetHandle;
-use crate::ingest::TraceBatch;
+use crate::fleet::view::FleetSnapshot;
+use crate::ingest::{TraceBatch, normalise};
 use crate::policy::{Live, PolicyEngine};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndingLabels {
@@ -57,7 +60,7 @@ pub struct RuleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpanLabels {
     /// `held`, `late_kept`, `late_dropped`, `orphan` (its trace decided too long ago),
-    /// `shed` (the keeper's queue was full).
+    /// `shed` (the keeper's queue was full), `undecodable` (an export, never expected).
     pub outcome: &'static str,
 }
 
@@ -145,7 +148,6 @@ pub struct Wiring {
     pub config: TracesConfig,
     pub store: TraceStore,
     pub engine: Arc<PolicyEngine>,
-    pub fleet: FleetHandle,
     pub flags: Flags,
     pub exporters: Vec<Exporter>,
     pub counters: Arc<TraceCounters>,
@@ -185,13 +187,20 @@ impl Keeper {
         }
     }
 
-    /// Takes one export.
+    /// Takes one export: decodes it (it passed the decode limits in ingest) and reads it
+    /// as the live state did, keeping the spans whole.
     pub fn add(&mut self, batch: TraceBatch) {
+        use prost::Message;
         let now_ms = self.w.clock.now_ms();
-        let n = batch.facts.len() as u64;
-        let added = self
-            .assembler
-            .add(batch.request.resource_spans, batch.facts, now_ms);
+        let Ok(mut request) = ExportTraceServiceRequest::decode(batch.body) else {
+            self.w.counters.span("undecodable", 1);
+            return;
+        };
+        let (events, _) = normalise::spans_keeping(&mut request);
+        let facts: Vec<SpanFacts> = events.iter().map(SpanFacts::of).collect();
+        drop(events);
+        let n = facts.len() as u64;
+        let added = self.assembler.add(request.resource_spans, facts, now_ms);
         let late: u64 = added.late.iter().map(|l| l.spans.len() as u64).sum();
         self.w.counters.span("held", n.saturating_sub(late));
         if added.orphans > 0 {
@@ -220,8 +229,8 @@ impl Keeper {
         }
     }
 
-    /// Decides every trace that is due.
-    pub fn tick(&mut self) {
+    /// Decides every trace that is due; `snapshot` gives the task types' figures.
+    pub fn tick(&mut self, snapshot: &FleetSnapshot) {
         let now_ms = self.w.clock.now_ms();
         let shed = self.w.shed.load(std::sync::atomic::Ordering::Relaxed);
         if shed > self.shed_seen {
@@ -231,7 +240,6 @@ impl Keeper {
         let due = self.assembler.due(now_ms);
         if !due.is_empty() {
             let live = self.w.engine.live();
-            let snapshot = self.w.fleet.snapshot();
             let figures: Vec<(&str, TypeFigures)> = snapshot
                 .fleet
                 .task_types
@@ -468,7 +476,9 @@ fn rule_rate(spans: &[Held], rules: &[crate::policy::schema::SamplingRule]) -> O
         }
     };
     for h in spans {
-        consider(&h.span.attributes);
+        if let Some(span) = h.decode() {
+            consider(&span.attributes);
+        }
         if let Some(res) = &h.origin.resource {
             consider(&res.attributes);
         }
@@ -526,8 +536,8 @@ fn summarise(
         if let Some(m) = &f.model {
             add(&mut s.models, m);
         }
-        if (f.task_root || f.parent_span_id.is_none()) && s.root_name.is_none() {
-            s.root_name = Some(h.span.name.clone());
+        if s.root_name.is_none() {
+            s.root_name.clone_from(&h.root_name);
         }
     }
     s.start_unix_ms = if start == u64::MAX {
@@ -538,10 +548,12 @@ fn summarise(
     s
 }
 
-/// Runs the keeper until `stop`: exports in, decisions every 100 ms, retention every
+/// Runs the keeper until `stop`: exports in, decisions every 100 ms (reading the task
+/// types' figures from `fleet`'s snapshot), retention every
 /// minute; at shutdown everything assembling is decided.
 pub async fn run(
     w: Arc<Wiring>,
+    fleet: FleetHandle,
     mut rx: mpsc::Receiver<TraceBatch>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -556,7 +568,7 @@ pub async fn run(
                 Some(b) => keeper.add(b),
                 None => break,
             },
-            _ = tick.tick() => keeper.tick(),
+            _ = tick.tick() => keeper.tick(&fleet.snapshot()),
             _ = sweep.tick() => keeper.prune(),
             _ = stop.changed() => break,
         }

@@ -24,6 +24,9 @@ pub enum Why {
     CostMultiple,
     /// Slower than `keep_slower_than_ms`.
     Slow,
+    /// A run of a task type with under `MIN_RUNS` runs in the last hour: no P99 or average
+    /// to compare it with yet, so it is kept.
+    Unmeasured,
     /// A detector or an alert flagged its worker, task or trace.
     Flagged,
     /// A per-pool sentinel.
@@ -41,26 +44,28 @@ impl Why {
             Self::P99Duration => "p99_duration",
             Self::CostMultiple => "cost_multiple",
             Self::Slow => "slow",
+            Self::Unmeasured => "unmeasured",
             Self::Flagged => "flagged",
             Self::Sentinel => "sentinel",
             Self::Healthy => "healthy",
         }
     }
 
+    pub const ALL: [Why; 10] = [
+        Self::Error,
+        Self::TaskFailed,
+        Self::P99Cost,
+        Self::P99Duration,
+        Self::CostMultiple,
+        Self::Slow,
+        Self::Unmeasured,
+        Self::Flagged,
+        Self::Sentinel,
+        Self::Healthy,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Error,
-            Self::TaskFailed,
-            Self::P99Cost,
-            Self::P99Duration,
-            Self::CostMultiple,
-            Self::Slow,
-            Self::Flagged,
-            Self::Sentinel,
-            Self::Healthy,
-        ]
-        .into_iter()
-        .find(|w| w.as_str() == s)
+        Self::ALL.into_iter().find(|w| w.as_str() == s)
     }
 
     /// Reasons that keep 100 % of their traces, whatever the healthy rate.
@@ -97,8 +102,9 @@ pub struct TypeFigures {
     pub mean_cost_usd: Option<f64>,
 }
 
-/// Runs a type needs before its P99 and average mean anything.
-pub const MIN_RUNS: u64 = 20;
+/// Runs a type needs in the last hour before its P99 and average mean anything (a P99 of
+/// fewer values is little more than their maximum).
+pub const MIN_RUNS: u64 = 100;
 
 /// Sentinels kept per pool in the current minute.
 #[derive(Debug, Default)]
@@ -163,7 +169,12 @@ pub fn decide(
     if spec.keep_errors && t.task_failed {
         why.push(Why::TaskFailed);
     }
-    if let (true, Some(f)) = (t.has_run, figures.filter(|f| f.runs >= MIN_RUNS)) {
+    let measured = figures.filter(|f| f.runs >= MIN_RUNS);
+    let tail_checked = spec.keep_p99 || spec.cost_multiple > 0.0;
+    if tail_checked && t.has_run && t.task_type.is_some() && measured.is_none() {
+        why.push(Why::Unmeasured);
+    }
+    if let (true, Some(f)) = (t.has_run, measured) {
         if spec.keep_p99 {
             if f.p99_cost_usd.is_some_and(|p| t.cost_usd > p) {
                 why.push(Why::P99Cost);
@@ -228,6 +239,14 @@ mod tests {
         }
     }
 
+    /// A type with a baseline that an ordinary run stays well inside.
+    const MEASURED: TypeFigures = TypeFigures {
+        runs: 500,
+        p99_cost_usd: Some(1.0),
+        p99_duration_ms: Some(1e9),
+        mean_cost_usd: Some(1.0),
+    };
+
     fn healthy(n: u64) -> Shape {
         Shape {
             trace_id: id(n),
@@ -285,13 +304,21 @@ mod tests {
             decide(&t, Some(&f), &spec, &mut s, 0),
             vec![Why::CostMultiple]
         );
-        // Too few runs of the type: its P99 means nothing yet.
+        // Too few runs of the type: its P99 means nothing yet, so the run is kept as
+        // unmeasured, whatever it cost.
         let few = TypeFigures { runs: 5, ..f };
         let t = Shape {
             cost_usd: 1.0,
             ..healthy(4)
         };
-        assert!(decide(&t, Some(&few), &spec, &mut s, 0).is_empty());
+        assert_eq!(
+            decide(&t, Some(&few), &spec, &mut s, 0),
+            vec![Why::Unmeasured]
+        );
+        assert_eq!(
+            decide(&healthy(4), None, &spec, &mut s, 0),
+            vec![Why::Unmeasured]
+        );
         // Each switch off turns its reason off.
         let off = SamplingSpec {
             healthy_rate: 0.0,
@@ -323,7 +350,7 @@ mod tests {
                 pool: Some(pool.into()),
                 ..healthy(n)
             };
-            decide(&t, None, &spec, s, at) == vec![Why::Sentinel]
+            decide(&t, Some(&MEASURED), &spec, s, at) == vec![Why::Sentinel]
         };
         assert!(kept(&mut s, 1, "a", 0));
         assert!(kept(&mut s, 2, "a", 1_000));
@@ -338,6 +365,9 @@ mod tests {
             healthy_rate: 0.0,
             ..Default::default()
         };
-        assert_eq!(decide(&t, None, &spec, &mut s, 0), vec![Why::Healthy]);
+        assert_eq!(
+            decide(&t, Some(&MEASURED), &spec, &mut s, 0),
+            vec![Why::Healthy]
+        );
     }
 }

@@ -13,10 +13,9 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 
 use super::*;
 use crate::classify::rubric::Rubric;
-use crate::domain::{ManualClock, SpanFacts};
+use crate::domain::ManualClock;
 use crate::fleet::view::{FleetSnapshot, TaskTypeView};
 use crate::fleet::window::Percentiles;
-use crate::ingest::normalise;
 use crate::policy::audit::Source;
 use crate::policy::live::Start;
 use crate::policy::load::{CheckAgainst, Document};
@@ -136,7 +135,6 @@ fn fixture(policy_text: &str, config: TracesConfig) -> Fixture {
         config,
         store: trace_store.clone(),
         engine: engine.clone(),
-        fleet: fleet.clone(),
         flags: flags.clone(),
         exporters: Vec::new(),
         counters: Arc::default(),
@@ -270,12 +268,36 @@ fn export(worker: &str, pii: &str, spans: Vec<Span>) -> ExportTraceServiceReques
     }
 }
 
+impl Fixture {
+    fn tick(&mut self) {
+        let snap = self.fleet.snapshot();
+        self.keeper.tick(&snap);
+    }
+}
+
+/// A fleet whose `qa` runs cost $0.0004 on average, $0.002 at P99, and take a second.
+fn measured_qa() -> FleetSnapshot {
+    let mut snap = FleetSnapshot::default();
+    let p = |p99: f64, mean: f64| Percentiles {
+        count: 100,
+        p99: Some(p99),
+        mean: Some(mean),
+        ..Default::default()
+    };
+    snap.fleet.task_types.push(TaskTypeView {
+        task_type: "qa".into(),
+        tasks: 100,
+        cost_usd: p(0.002, 0.0004),
+        duration_ms: p(60_000.0, 1_000.0),
+        ..Default::default()
+    });
+    snap
+}
+
 fn feed(f: &mut Fixture, req: ExportTraceServiceRequest) {
-    let (events, _) = normalise::spans(&req);
-    let facts = events.iter().map(SpanFacts::of).collect();
+    use prost::Message;
     f.keeper.add(TraceBatch {
-        request: req,
-        facts,
+        body: req.encode_to_vec().into(),
     });
 }
 
@@ -316,7 +338,7 @@ fn a_pii_corpus_is_gone_from_stored_traces_while_tokens_models_and_ids_stay() {
         );
     }
     f.clock.set(T0 + 5_000);
-    f.keeper.tick();
+    f.tick();
     assert_eq!(f.store.len(), CORPUS.len() + NOT_PII.len());
     let mut hashes = std::collections::BTreeSet::new();
     for (n, pii) in CORPUS.iter().chain(NOT_PII).enumerate() {
@@ -383,20 +405,21 @@ fn a_pii_corpus_is_gone_from_stored_traces_while_tokens_models_and_ids_stay() {
 #[test]
 fn a_trace_waits_for_its_root_and_its_late_children_and_errors_tails_and_flags_are_kept() {
     let mut f = fixture("[sampling]\nhealthy_rate = 0.0\n", config());
+    f.fleet.set_snapshot(measured_qa());
     // Children first; the root later: nothing is decided before root + wait.
     let mut spans = run(1, "t-1", "w-1", 3, "x", true);
     let root = spans.pop().unwrap();
     feed(&mut f, export("w-1", "x", spans));
     f.clock.set(T0 + 10_000);
-    f.keeper.tick();
+    f.tick();
     assert_eq!(f.store.len(), 0);
     assert_eq!(f.keeper.assembler.traces(), 1);
     feed(&mut f, export("w-1", "x", vec![root]));
     f.clock.set(T0 + 10_500);
-    f.keeper.tick();
+    f.tick();
     assert_eq!(f.store.len(), 0, "within the decision wait");
     f.clock.set(T0 + 11_001);
-    f.keeper.tick();
+    f.tick();
     let s = f.store.summary(&id16(1)).unwrap().unwrap();
     assert_eq!(s.why, vec![Why::Error]);
     assert_eq!(
@@ -419,7 +442,7 @@ fn a_trace_waits_for_its_root_and_its_late_children_and_errors_tails_and_flags_a
         export("w-1", "x", run(2, "t-2", "w-1", 1, "x", false)),
     );
     f.clock.set(T0 + 13_000);
-    f.keeper.tick();
+    f.tick();
     assert!(f.store.summary(&id16(2)).unwrap().is_none());
     // A failed task, a flagged worker and an expensive run are kept, with their reasons.
     f.flags.task_failed("t-3", T0);
@@ -432,27 +455,12 @@ fn a_trace_waits_for_its_root_and_its_late_children_and_errors_tails_and_flags_a
         &mut f,
         export("w-9", "x", run(4, "t-4", "w-9", 1, "x", false)),
     );
-    let mut snap = FleetSnapshot::default();
-    let p = |p99: f64, mean: f64| Percentiles {
-        count: 100,
-        p99: Some(p99),
-        mean: Some(mean),
-        ..Default::default()
-    };
-    snap.fleet.task_types.push(TaskTypeView {
-        task_type: "qa".into(),
-        tasks: 100,
-        cost_usd: p(0.002, 0.0004),
-        duration_ms: p(60_000.0, 1_000.0),
-        ..Default::default()
-    });
-    f.fleet.set_snapshot(snap);
     feed(
         &mut f,
         export("w-1", "x", run(5, "t-5", "w-1", 8, "x", false)),
     );
     f.clock.set(T0 + 15_000);
-    f.keeper.tick();
+    f.tick();
     let why = |n| f.store.summary(&id16(n)).unwrap().unwrap().why;
     assert_eq!(why(3), vec![Why::TaskFailed]);
     assert_eq!(why(4), vec![Why::Flagged]);
@@ -466,7 +474,7 @@ fn a_trace_waits_for_its_root_and_its_late_children_and_errors_tails_and_flags_a
     });
     feed(&mut f, export("w-1", "x", orphan));
     f.clock.set(T0 + 15_000 + 30_000);
-    f.keeper.tick();
+    f.tick();
     assert_eq!(
         f.store.summary(&id16(6)).unwrap().unwrap().ending,
         "lifetime"
@@ -534,7 +542,7 @@ fn the_byte_budget_decides_the_oldest_early_and_the_store_keeps_to_its_budget_an
         spans.pop(); // no root: only the budget or the lifetime decides them
         f.clock.set(T0 + n);
         feed(&mut f, export("w-1", "x", spans));
-        f.keeper.tick();
+        f.tick();
         assert!(f.keeper.assembler.bytes() <= 20_000 + 5_000);
     }
     let evicted = f
@@ -564,7 +572,7 @@ fn a_new_redaction_rule_applies_to_the_next_kept_trace() {
         export("w-1", "x", run(1, "t-1", "w-1", 1, "ORDER-77", false)),
     );
     f.clock.set(T0 + 2_000);
-    f.keeper.tick();
+    f.tick();
     let text = every_string(&f.store.get(&id16(1)).unwrap().unwrap().resource_spans);
     assert!(text.contains("ORDER-77"));
     let p = policy(
@@ -577,7 +585,7 @@ fn a_new_redaction_rule_applies_to_the_next_kept_trace() {
         export("w-1", "x", run(2, "t-2", "w-1", 1, "ORDER-77", false)),
     );
     f.clock.set(T0 + 4_000);
-    f.keeper.tick();
+    f.tick();
     let text = every_string(&f.store.get(&id16(2)).unwrap().unwrap().resource_spans);
     assert!(
         !text.contains("ORDER-77") && text.contains("[ORDER]"),

@@ -24,6 +24,7 @@ use futures::StreamExt;
 mod detect;
 mod policy;
 mod telemetry;
+mod traces;
 
 #[derive(Subcommand)]
 pub enum Which {
@@ -37,6 +38,8 @@ pub enum Which {
     Policy(policy::PolicyArgs),
     /// One detector evaluation (rules, lifecycle, ladder) over a large simulated fleet.
     Detect(detect::DetectArgs),
+    /// Kept traces on a realistic mix: share of spans and bytes kept vs keeping everything.
+    Traces(traces::TracesArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +115,7 @@ pub async fn run(which: Which) -> Result<(), String> {
         Which::Rss(args) => telemetry::rss(args).await,
         Which::Policy(args) => policy::run(args).await,
         Which::Detect(args) => detect::run(args),
+        Which::Traces(args) => traces::storage(args),
     }
 }
 

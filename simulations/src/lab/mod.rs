@@ -308,7 +308,7 @@ pub fn run(scenario: Scenario, agents: usize, seed: u64) -> Result<Outcome, Stri
                 .map_err(|e| format!("a simulated export breaks the OTLP limits: {e}"))?;
             let req = ExportTraceServiceRequest::decode(body.as_ref())
                 .map_err(|e| format!("a simulated export does not decode: {e}"))?;
-            let (events, rejected) = normalise::spans(&req);
+            let (events, rejected) = normalise::spans(req);
             if rejected.count > 0 {
                 return Err(format!("spans rejected: {}", rejected.message()));
             }

@@ -53,7 +53,7 @@ impl Dims {
     }
 
     /// Sets a dimension from an attribute key, if the key names one.
-    fn take(&mut self, key: &str, value: &Option<AnyValue>) -> bool {
+    fn take(&mut self, key: &str, value: &mut Option<AnyValue>, out: Out) -> bool {
         use crate::domain::{Attribution, attribution_of_key};
         let slot = match attribution_of_key(key) {
             Some(Attribution::Team) => &mut self.team,
@@ -65,7 +65,7 @@ impl Dims {
             Some(Attribution::Producer) | None => return false,
         };
         if slot.is_none() {
-            *slot = string_of(value);
+            *slot = text(value, out);
         }
         true
     }
@@ -95,8 +95,25 @@ impl Rejections {
     }
 }
 
-/// A value as text, copied: the request stays whole for the trace keeper (`crate::ingest`).
-fn string_of(v: &Option<AnyValue>) -> Option<String> {
+/// Whether normalising may take strings out of the request (ingest: it is dropped
+/// afterwards) or must copy them (the trace keeper and the trace view keep the request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Out {
+    Take,
+    Copy,
+}
+
+/// A value as text, moved out or copied.
+fn text(v: &mut Option<AnyValue>, out: Out) -> Option<String> {
+    if let (
+        Out::Take,
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(s)),
+        }),
+    ) = (out, v.as_mut())
+    {
+        return Some(std::mem::take(s));
+    }
     match v.as_ref()?.value.as_ref()? {
         any_value::Value::StringValue(s) => Some(s.clone()),
         any_value::Value::IntValue(i) => Some(i.to_string()),
@@ -165,7 +182,7 @@ struct IdentityParts {
 }
 
 impl IdentityParts {
-    fn take(&mut self, key: &str, value: &Option<AnyValue>) -> bool {
+    fn take(&mut self, key: &str, value: &mut Option<AnyValue>, out: Out) -> bool {
         let slot = match key {
             "fleet.worker.id" => &mut self.fleet_worker,
             "gen_ai.agent.id" => &mut self.agent_id,
@@ -177,7 +194,7 @@ impl IdentityParts {
             _ => return false,
         };
         if slot.is_none() {
-            *slot = string_of(value);
+            *slot = text(value, out);
         }
         true
     }
@@ -215,12 +232,12 @@ struct ResourceInfo {
     raw: IdentityParts,
 }
 
-fn resource_info(attrs: &[KeyValue]) -> ResourceInfo {
+fn resource_info(attrs: &mut [KeyValue], out: Out) -> ResourceInfo {
     let mut parts = IdentityParts::default();
     let mut dims = Dims::default();
     for kv in attrs {
-        if !parts.take(&kv.key, &kv.value) {
-            dims.take(&kv.key, &kv.value);
+        if !parts.take(&kv.key, &mut kv.value, out) {
+            dims.take(&kv.key, &mut kv.value, out);
         }
     }
     let raw = parts.clone();
@@ -245,16 +262,31 @@ const SPAN_KIND_CONSUMER: i32 = 5;
 const STATUS_CODE_ERROR: i32 = 2;
 
 /// Normalises every span of a trace export. Spans without a valid trace or span id are
-/// rejected and counted; the rest are returned. The request is only read: the trace
-/// keeper takes it whole afterwards.
-pub fn spans(req: &ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+/// rejected and counted; the rest are returned. The strings the events keep are moved
+/// out of the request: this runs once per span on the hot path.
+pub fn spans(mut req: ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+    spans_of(&mut req, Out::Take)
+}
+
+/// `spans`, leaving the request whole (its strings are copied): for the trace keeper and
+/// the trace view, which keep the spans themselves.
+pub fn spans_keeping(req: &mut ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+    spans_of(req, Out::Copy)
+}
+
+fn spans_of(req: &mut ExportTraceServiceRequest, take: Out) -> (Vec<SpanEvent>, Rejections) {
     let mut out = Vec::new();
     let mut rejected = Rejections::default();
-    for rs in &req.resource_spans {
-        let res = resource_info(rs.resource.as_ref().map_or(&[][..], |r| &r.attributes));
-        for ss in &rs.scope_spans {
+    for rs in &mut req.resource_spans {
+        let res = resource_info(
+            rs.resource
+                .as_mut()
+                .map_or(&mut [][..], |r| &mut r.attributes),
+            take,
+        );
+        for ss in &mut rs.scope_spans {
             out.reserve(ss.spans.len());
-            for span in &ss.spans {
+            for span in &mut ss.spans {
                 let Some(trace_id) = id16(&span.trace_id) else {
                     rejected.add(|| {
                         format!(
@@ -275,7 +307,7 @@ pub fn spans(req: &ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
                     });
                     continue;
                 };
-                out.push(one_span(&res, trace_id, span_id, span));
+                out.push(one_span(&res, trace_id, span_id, span, take));
             }
         }
     }
@@ -305,7 +337,7 @@ struct SpanAttrs {
 
 impl SpanAttrs {
     /// Every GenAI name generation, the fleet's own keys, identity and attribution.
-    fn read(attributes: &[KeyValue]) -> Self {
+    fn read(attributes: &mut [KeyValue], out: Out) -> Self {
         let mut a = SpanAttrs::default();
         for kv in attributes {
             let key = kv.key.as_str();
@@ -315,10 +347,10 @@ impl SpanAttrs {
                         a.operation = Operation::parse(v);
                     }
                 }
-                "gen_ai.provider.name" => a.provider = string_of(&kv.value),
-                "gen_ai.system" => a.old_provider = string_of(&kv.value),
-                "gen_ai.request.model" => a.request_model = string_of(&kv.value),
-                "gen_ai.response.model" => a.response_model = string_of(&kv.value),
+                "gen_ai.provider.name" => a.provider = text(&mut kv.value, out),
+                "gen_ai.system" => a.old_provider = text(&mut kv.value, out),
+                "gen_ai.request.model" => a.request_model = text(&mut kv.value, out),
+                "gen_ai.response.model" => a.response_model = text(&mut kv.value, out),
                 "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
                     a.count(&kv.value, |u, n| u.input = n);
                 }
@@ -333,17 +365,17 @@ impl SpanAttrs {
                 | "gen_ai.usage.cache_creation_input_tokens" => {
                     a.count(&kv.value, |u, n| u.cache_write = n);
                 }
-                "gen_ai.tool.name" => a.tool = string_of(&kv.value),
+                "gen_ai.tool.name" => a.tool = text(&mut kv.value, out),
                 "gen_ai.tool.call.arguments" => {
                     a.tool_args = str_of(&kv.value).map(crate::domain::arguments_hash);
                 }
-                "fleet.task.id" => a.task_id = string_of(&kv.value),
+                "fleet.task.id" => a.task_id = text(&mut kv.value, out),
                 "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
                 "fleet.task.root" => a.root_flag = bool_of(&kv.value),
-                "error.type" => a.error_type = string_of(&kv.value),
+                "error.type" => a.error_type = text(&mut kv.value, out),
                 _ => {
-                    if !a.parts.take(key, &kv.value) {
-                        a.dims.take(key, &kv.value);
+                    if !a.parts.take(key, &mut kv.value, out) {
+                        a.dims.take(key, &mut kv.value, out);
                     }
                 }
             }
@@ -402,7 +434,8 @@ fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
     span_id: [u8; 8],
-    span: &opentelemetry_proto::tonic::trace::v1::Span,
+    span: &mut opentelemetry_proto::tonic::trace::v1::Span,
+    out: Out,
 ) -> SpanEvent {
     let SpanAttrs {
         parts,
@@ -420,7 +453,7 @@ fn one_span(
         expected,
         error_type,
         root_flag,
-    } = SpanAttrs::read(&span.attributes);
+    } = SpanAttrs::read(&mut span.attributes, out);
     // A tool span that forgot its operation name is still a tool call.
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
@@ -535,7 +568,13 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
     let mut out = Vec::new();
     let mut total_points = 0u64;
     for rm in req.resource_metrics {
-        let res = resource_info(rm.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+        let mut rm = rm;
+        let res = resource_info(
+            rm.resource
+                .as_mut()
+                .map_or(&mut [][..], |r| &mut r.attributes),
+            Out::Take,
+        );
         for sm in rm.scope_metrics {
             for m in sm.metrics {
                 let fixed_kind = match m.name.as_str() {

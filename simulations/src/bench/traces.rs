@@ -1,0 +1,513 @@
+//! Trace keeping benchmarks.
+//!
+//! - The trace keeper as `bench ingest` runs it: a real `traces::Keeper` (sled store in a
+//!   temporary directory, the built-in policy: 10 % healthy sample, the shipped redaction
+//!   rules) on the ingest thread, on a simulated clock.
+//! - `fleet-sim bench traces`: the storage cut on a realistic mix. Runs of LLM and tool
+//!   calls with a long cost tail, 5 % failing, two agents flagged for ten minutes, go
+//!   through the commander's decode path into a real `FleetState` (whose task-type figures
+//!   the sampler reads) and a real keeper; once with the built-in policy, once keeping
+//!   everything. Prints the share of spans kept, the bytes stored against keeping
+//!   everything, and whether every error, tail and flagged trace was kept.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::lab::agents::Rng;
+use crate::otlp::{i, s};
+use fleet_commander::classify::rubric::Rubric;
+use fleet_commander::config::{FleetConfig, TracesConfig};
+use fleet_commander::domain::ManualClock;
+use fleet_commander::fleet::FleetState;
+use fleet_commander::fleet::view::FleetSnapshot;
+use fleet_commander::ingest::{TraceBatch, normalise};
+use fleet_commander::policy::load::{CheckAgainst, Document, Policy};
+use fleet_commander::policy::{PolicyEngine, Start};
+use fleet_commander::registry::Registry;
+use fleet_commander::route::RoutingTable;
+use fleet_commander::store::Store;
+use fleet_commander::traces::flags::Flags;
+use fleet_commander::traces::store::TraceStore;
+use fleet_commander::traces::{Keeper, TraceCounters, Wiring};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+
+/// A keeper on its own store, under `policy_text` (`None`: the built-in policy).
+pub struct Rig {
+    pub keeper: Keeper,
+    pub clock: Arc<ManualClock>,
+    pub store: TraceStore,
+    pub flags: Flags,
+    pub counters: Arc<TraceCounters>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    pub fn new(policy_text: Option<&str>, start_ms: u64) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let store = Store::open(dir.path()).map_err(|e| e.to_string())?;
+        let registry = Registry::builtin().map_err(|e| e.to_string())?;
+        let rubric = Rubric::builtin().map_err(|e| e.to_string())?;
+        let against = CheckAgainst {
+            pools: None,
+            registry: &registry,
+            rubric: &rubric,
+        };
+        let policy = match policy_text {
+            None => Policy::builtin(against),
+            Some(text) => Policy::parse(
+                vec![Document {
+                    name: "bench.policy.toml".into(),
+                    text: text.into(),
+                }],
+                against,
+            ),
+        }
+        .map_err(|e| e.to_string())?;
+        let clock = ManualClock::at(start_ms);
+        let engine = PolicyEngine::open(
+            &store,
+            Start {
+                routing: RoutingTable {
+                    pools: BTreeMap::new(),
+                    routing: Default::default(),
+                },
+                registry,
+                registry_file: None,
+                rubric,
+                rubric_file: None,
+                policy,
+            },
+            clock.clone(),
+            100,
+            100,
+        )
+        .map_err(|e| e.to_string())?;
+        let trace_store = TraceStore::open(&store).map_err(|e| e.to_string())?;
+        let flags = Flags::default();
+        let counters = Arc::new(TraceCounters::default());
+        let w = Arc::new(Wiring {
+            config: TracesConfig::default(),
+            store: trace_store.clone(),
+            engine,
+            flags: flags.clone(),
+            exporters: Vec::new(),
+            counters: counters.clone(),
+            clock: clock.clone(),
+            shed: Arc::default(),
+        });
+        Ok(Self {
+            keeper: Keeper::new(w),
+            clock,
+            store: trace_store,
+            flags,
+            counters,
+            _dir: dir,
+        })
+    }
+
+    /// What the ingest path hands the keeper for one export: its bytes.
+    pub fn add(&mut self, body: bytes::Bytes) {
+        self.keeper.add(TraceBatch { body });
+    }
+}
+
+// --- the storage cut -------------------------------------------------------------------
+
+#[derive(clap::Args)]
+pub struct TracesArgs {
+    /// Task runs in the simulated hour.
+    #[arg(long, default_value_t = 20_000)]
+    runs: usize,
+    /// Agents the runs are spread over.
+    #[arg(long, default_value_t = 200)]
+    agents: usize,
+    /// Share of runs that fail.
+    #[arg(long, default_value_t = 0.05)]
+    failing: f64,
+    /// Spread of an ordinary run's tokens around its type's median (lognormal sigma).
+    #[arg(long, default_value_t = 0.5)]
+    sigma: f64,
+    /// Share of runaway runs (loops): 8-14 calls at 4-20 times the tokens.
+    #[arg(long, default_value_t = 0.03)]
+    runaway: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The healthy sample (`[sampling] healthy_rate`); unset: the built-in policy's 10 %.
+    #[arg(long)]
+    healthy_rate: Option<f64>,
+}
+
+const TYPES: [&str; 3] = ["qa", "code_review", "summarisation"];
+const START_MS: u64 = 1_796_169_600_000;
+
+/// One simulated run and what is true of it.
+struct Run {
+    trace: [u8; 16],
+    error: bool,
+    flagged: bool,
+    task_type: &'static str,
+    agent: usize,
+    at_ms: u64,
+    request: ExportTraceServiceRequest,
+}
+
+/// A run: a root consumer span, `calls` chat calls (tokens drawn with a long tail) and a
+/// tool call after each, with message content as real instrumentations record it.
+fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
+    let (agents, failing) = (a.agents, a.failing);
+    let mut trace = [0u8; 16];
+    trace[..8].copy_from_slice(&rng.next().to_be_bytes());
+    trace[8..].copy_from_slice(&rng.next().to_be_bytes());
+    let agent = rng.between(0, agents.max(1) as u64 - 1) as usize;
+    let task_type = TYPES[n % TYPES.len()];
+    let at_ms = START_MS + (n as u64 * hour_ms) / (a.runs.max(1) as u64);
+    let error = rng.unit() < failing;
+    // Lognormal tokens around the median; a runaway run loops with far bigger contexts.
+    let z: f64 = (0..12).map(|_| rng.unit()).sum::<f64>() - 6.0;
+    let runaway = rng.unit() < a.runaway;
+    let (calls, scale) = if runaway {
+        (
+            rng.between(8, 14),
+            (z * a.sigma).exp() * (4.0 + 16.0 * rng.unit()),
+        )
+    } else {
+        (rng.between(2, 6), (z * a.sigma).exp())
+    };
+    let start_ns = at_ms * 1_000_000;
+    let root_id = (n as u64 * 64 + 1).to_be_bytes().to_vec();
+    let task_id = format!("task-{n}");
+    let mut spans = Vec::new();
+    let mut t = start_ns + 1_000_000;
+    for c in 0..calls {
+        let input = (2_000.0 * scale * (1.0 + c as f64)) as i64;
+        let output = (300.0 * scale) as i64;
+        let dur = 400_000_000 + (output as u64) * 5_000_000;
+        let failed_here = error && c == calls - 1;
+        spans.push(Span {
+            trace_id: trace.to_vec(),
+            span_id: (n as u64 * 64 + 2 + c * 2).to_be_bytes().to_vec(),
+            parent_span_id: root_id.clone(),
+            name: "chat gpt-4o-mini".into(),
+            kind: 3,
+            start_time_unix_nano: t,
+            end_time_unix_nano: t + dur,
+            attributes: vec![
+                s("gen_ai.operation.name", "chat"),
+                s("gen_ai.provider.name", "openai"),
+                s("gen_ai.request.model", "gpt-4o-mini"),
+                i("gen_ai.usage.input_tokens", input),
+                i("gen_ai.usage.output_tokens", output),
+                s(
+                    "gen_ai.input.messages",
+                    format!(
+                        r#"[{{"role":"user","parts":[{{"type":"text","content":"Summarise the ticket from jane{n}@example.com about invoice {n} and the call from +1 415 555 {:04}"}}]}}]"#,
+                        n % 10_000
+                    ),
+                ),
+                s(
+                    "gen_ai.output.messages",
+                    r#"[{"role":"assistant","parts":[{"type":"text","content":"The customer asks for a refund of the duplicate charge; escalate to billing."}],"finish_reason":"stop"}]"#,
+                ),
+            ],
+            status: failed_here.then(|| Status {
+                code: 2,
+                message: "upstream 429".into(),
+            }),
+            ..Default::default()
+        });
+        t += dur;
+        spans.push(Span {
+            trace_id: trace.to_vec(),
+            span_id: (n as u64 * 64 + 3 + c * 2).to_be_bytes().to_vec(),
+            parent_span_id: root_id.clone(),
+            name: "execute_tool search_tickets".into(),
+            start_time_unix_nano: t,
+            end_time_unix_nano: t + 120_000_000,
+            attributes: vec![
+                s("gen_ai.operation.name", "execute_tool"),
+                s("gen_ai.tool.name", "search_tickets"),
+                s(
+                    "gen_ai.tool.call.arguments",
+                    format!(r#"{{"query":"invoice {n}"}}"#),
+                ),
+                s("gen_ai.tool.call.result", r#"{"hits":3}"#),
+            ],
+            ..Default::default()
+        });
+        t += 120_000_000;
+    }
+    spans.push(Span {
+        trace_id: trace.to_vec(),
+        span_id: root_id,
+        name: "process fleet.work.support".into(),
+        kind: 5,
+        start_time_unix_nano: start_ns,
+        end_time_unix_nano: t + 1_000_000,
+        attributes: vec![s("fleet.task.id", task_id), s("fleet.task.type", task_type)],
+        status: Some(Status {
+            code: if error { 2 } else { 1 },
+            message: String::new(),
+        }),
+        ..Default::default()
+    });
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    s("service.name", "support-agent"),
+                    s("fleet.worker.id", format!("agent-{agent}")),
+                    s("fleet.pool", format!("pool{}", agent % 4)),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    Run {
+        trace,
+        error,
+        flagged: false,
+        task_type,
+        agent,
+        at_ms,
+        request,
+    }
+}
+
+/// What one pass over the runs kept.
+struct Pass {
+    kept: HashSet<[u8; 16]>,
+    /// Kept traces per reason (a trace kept for several counts under each).
+    why: Vec<(&'static str, u64)>,
+    spans_kept: u64,
+    bytes: u64,
+    seconds: f64,
+}
+
+fn one_pass(runs: &[Run], policy: Option<&str>, flagged: &[usize]) -> Result<Pass, String> {
+    let registry = fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
+    let mut state = FleetState::new(FleetConfig::default(), registry, std::iter::empty::<&str>());
+    let mut rig = Rig::new(policy, START_MS)?;
+    let mut snap = FleetSnapshot::default();
+    let mut last_snap = 0;
+    let started = Instant::now();
+    for r in runs {
+        rig.clock.set(r.at_ms);
+        // Two agents misbehave for ten minutes from minute 20; the detector flags them.
+        let minute = (r.at_ms - START_MS) / 60_000;
+        if (20..30).contains(&minute) {
+            for a in flagged {
+                rig.flags.flag_worker(
+                    &format!("agent-{a}"),
+                    "tool_loop",
+                    START_MS + 20 * 60_000,
+                    r.at_ms + 2_000,
+                );
+            }
+        }
+        let body = bytes::Bytes::from(prost::Message::encode_to_vec(&r.request));
+        let (events, _) = normalise::spans(r.request.clone());
+        state.apply_spans(events, r.at_ms);
+        rig.add(body);
+        if r.at_ms >= last_snap + 1_000 {
+            snap = state.snapshot(r.at_ms);
+            last_snap = r.at_ms;
+        }
+        rig.keeper.tick(&snap);
+    }
+    rig.clock
+        .set(runs.last().map_or(START_MS, |r| r.at_ms) + 600_000);
+    rig.keeper.tick(&snap);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut kept = HashSet::new();
+    let mut spans_kept = 0;
+    let mut cursor = None;
+    loop {
+        let page = rig
+            .store
+            .query(&fleet_commander::traces::store::Filter {
+                limit: Some(500),
+                cursor: cursor.take(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        for t in &page.traces {
+            spans_kept += t.spans;
+            if let Some(id) = fleet_commander::traces::store::unhex(&t.trace_id)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            {
+                kept.insert(id);
+            }
+        }
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    let why = fleet_commander::traces::sample::Why::ALL
+        .iter()
+        .map(|w| {
+            let n = rig
+                .counters
+                .kept
+                .get_or_create(&fleet_commander::traces::WhyLabels { why: w.as_str() })
+                .get();
+            (w.as_str(), n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    Ok(Pass {
+        kept,
+        why,
+        spans_kept,
+        bytes: rig.store.bytes(),
+        seconds,
+    })
+}
+
+/// The P99 of `xs` (nearest rank).
+fn p99(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let k = ((xs.len() as f64) * 0.99).ceil() as usize;
+    xs.get(k.saturating_sub(1))
+        .copied()
+        .unwrap_or(f64::INFINITY)
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+pub fn storage(args: TracesArgs) -> Result<(), String> {
+    let mut rng = Rng::new(args.seed);
+    let hour_ms = 3_600_000u64;
+    let mut runs: Vec<Run> = (0..args.runs)
+        .map(|n| make_run(&mut rng, n, hour_ms, &args))
+        .collect();
+    let flagged = [3usize, 7];
+    for r in &mut runs {
+        let minute = (r.at_ms - START_MS) / 60_000;
+        // Runs that end while their agent's alert is open.
+        r.flagged = flagged.contains(&r.agent) && (20..30).contains(&minute);
+    }
+    let spans_total: u64 = runs
+        .iter()
+        .map(|r| r.request.resource_spans[0].scope_spans[0].spans.len() as u64)
+        .sum();
+    println!(
+        "trace storage bench: {} runs ({} spans) from {} agents over {} simulated minutes, {:.0} % failing, tokens lognormal sigma {} with {:.0} % runaway runs (8-14 calls, 4-20x tokens), 2 agents flagged for 10 minutes; seed {}",
+        runs.len(),
+        spans_total,
+        args.agents,
+        hour_ms / 60_000,
+        args.failing * 100.0,
+        args.sigma,
+        args.runaway * 100.0,
+        args.seed
+    );
+    let all = one_pass(&runs, Some("[sampling]\nhealthy_rate = 1.0\n"), &flagged)?;
+    let text = args
+        .healthy_rate
+        .map(|r| format!("[sampling]\nhealthy_rate = {r}\n"));
+    let sampled = one_pass(&runs, text.as_deref(), &flagged)?;
+    println!(
+        "keep everything: {} traces, {} spans, {:.1} MiB stored ({:.2} s)",
+        all.kept.len(),
+        all.spans_kept,
+        all.bytes as f64 / 1048576.0,
+        all.seconds
+    );
+    println!(
+        "sampled (healthy_rate {}): {} traces, {} spans ({:.1} % of spans), {:.1} MiB stored ({:.2} s)",
+        args.healthy_rate.unwrap_or(0.1),
+        sampled.kept.len(),
+        sampled.spans_kept,
+        100.0 * sampled.spans_kept as f64 / all.spans_kept.max(1) as f64,
+        sampled.bytes as f64 / 1048576.0,
+        sampled.seconds
+    );
+    let reasons: Vec<String> = sampled
+        .why
+        .iter()
+        .map(|(w, n)| format!("{w} {n}"))
+        .collect();
+    println!("kept for: {}", reasons.join(", "));
+    println!(
+        "storage cut: {:.1} % of the bytes (goal >= 80 %)",
+        100.0 * (1.0 - sampled.bytes as f64 / all.bytes.max(1) as f64)
+    );
+    // Ground truth: every error and flagged run, and every run above its type's P99 cost
+    // or duration over the hour.
+    let cost = |r: &Run| -> f64 {
+        r.request.resource_spans[0].scope_spans[0]
+            .spans
+            .iter()
+            .filter_map(|s| {
+                let get = |k: &str| {
+                    s.attributes.iter().find(|a| a.key == k).and_then(|a| {
+                        match a.value.as_ref()?.value.as_ref()? {
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(
+                                v,
+                            ) => Some(*v as f64),
+                            _ => None,
+                        }
+                    })
+                };
+                Some(
+                    get("gen_ai.usage.input_tokens")? * 0.15
+                        + get("gen_ai.usage.output_tokens")? * 0.6,
+                )
+            })
+            .sum()
+    };
+    let duration = |r: &Run| -> f64 {
+        let root = r.request.resource_spans[0].scope_spans[0].spans.last();
+        root.map_or(0.0, |s| {
+            (s.end_time_unix_nano - s.start_time_unix_nano) as f64
+        })
+    };
+    let mut by_type: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    for r in &runs {
+        let e = by_type.entry(r.task_type).or_default();
+        e.0.push(cost(r));
+        e.1.push(duration(r));
+    }
+    let limits: HashMap<&str, (f64, f64)> = by_type
+        .into_iter()
+        .map(|(t, (c, d))| (t, (p99(c), p99(d))))
+        .collect();
+    let share = |pick: &dyn Fn(&Run) -> bool| {
+        let want: Vec<&Run> = runs.iter().filter(|r| pick(r)).collect();
+        let got = want
+            .iter()
+            .filter(|r| sampled.kept.contains(&r.trace))
+            .count();
+        (got, want.len())
+    };
+    let (e_got, e_all) = share(&|r| r.error);
+    let (f_got, f_all) = share(&|r| r.flagged);
+    let (t_got, t_all) = share(&|r| {
+        let (c, d) = limits[r.task_type];
+        cost(r) > c || duration(r) > d
+    });
+    println!(
+        "kept: errors {e_got}/{e_all}, flagged {f_got}/{f_all}, above the hour's P99 cost or duration {t_got}/{t_all}"
+    );
+    let healthy = runs.iter().filter(|r| !r.error && !r.flagged).count();
+    let healthy_kept = runs
+        .iter()
+        .filter(|r| !r.error && !r.flagged && sampled.kept.contains(&r.trace))
+        .count();
+    println!(
+        "healthy runs kept: {healthy_kept}/{healthy} ({:.1} %: the 10 % sample, the tail, the cost multiple, and runs of types still unmeasured)",
+        100.0 * healthy_kept as f64 / healthy.max(1) as f64
+    );
+    Ok(())
+}
