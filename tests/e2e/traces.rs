@@ -341,16 +341,17 @@ timeout_ms = 500
         })
         .map(|n| hex(&trace_id(n)))
         .collect();
-    let task_trace = stack.get_json(&format!("/v1/tasks/{task_id}")).await["trace"]["trace_id"]
-        .as_str()
-        .expect("the failed task's record links its kept trace")
-        .to_string();
+    let task_trace =
+        stack.get_json(&format!("/v1/tasks/{task_id}")).await["kept_trace"]["trace_id"]
+            .as_str()
+            .expect("the failed task's record links its kept trace")
+            .to_string();
     assert!(expected.len() < RUNS as usize / 2, "{}", expected.len());
     let mut want = expected.clone();
     want.insert(task_trace.clone());
     assert_eq!(kept_a, want);
     let decision = stack.get_json(&format!("/v1/decisions/{task_id}")).await;
-    assert_eq!(decision["trace"]["trace_id"], task_trace.as_str());
+    assert_eq!(decision["kept_trace"]["trace_id"], task_trace.as_str());
     let tree = stack.get_json(&format!("/v1/traces/{task_trace}")).await;
     assert!(
         tree["why"]

@@ -38,7 +38,7 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
     match s.core.decisions.get(&id)? {
         Some(d) => {
             let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["trace"] = super::traces::link_of_task(&s, &id);
+            v["kept_trace"] = super::traces::link_of_task(&s, &id);
             Ok(Json(v).into_response())
         }
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),

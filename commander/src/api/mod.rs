@@ -465,7 +465,7 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
     {
         Some(rec) => {
             let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["trace"] = traces::link_of_task(&s, &id);
+            v["kept_trace"] = traces::link_of_task(&s, &id);
             Ok(axum::Json(v).into_response())
         }
         None => Err(ApiError::NotFound(format!("task {id} not found"))),
