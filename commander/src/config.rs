@@ -78,6 +78,8 @@ pub struct TracesConfig {
     /// Exports waiting for the keeper; past it their spans are shed from trace keeping
     /// (the live state still gets them), counted.
     pub queue_batches: usize,
+    /// Bytes of those exports at most; past it, the same.
+    pub queue_bytes: usize,
     /// Decided traces remembered, so late spans follow their trace's decision.
     pub remember_traces: usize,
     /// Kept traces on disk, in bytes (oldest removed first).
@@ -96,6 +98,7 @@ impl Default for TracesConfig {
             max_trace_s: 300,
             buffer_bytes: 64 << 20,
             queue_batches: 1_024,
+            queue_bytes: 256 << 20,
             remember_traces: 100_000,
             store_bytes: 1 << 30,
             retention_hours: 72,
@@ -995,6 +998,7 @@ impl Config {
             ("max_trace_s", t.max_trace_s),
             ("buffer_bytes", t.buffer_bytes as u64),
             ("queue_batches", t.queue_batches as u64),
+            ("queue_bytes", t.queue_bytes as u64),
             ("store_bytes", t.store_bytes),
             ("retention_hours", t.retention_hours),
         ] {

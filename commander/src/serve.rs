@@ -269,7 +269,7 @@ fn start_traces(
         exporters.push(x);
         tasks.push(task);
     }
-    let (tap, rx) = crate::ingest::TraceTap::new(t.queue_batches);
+    let (tap, rx) = crate::ingest::TraceTap::new(t.queue_batches, t.queue_bytes);
     let wiring = Arc::new(traces::Wiring {
         config: t.clone(),
         store: trace_store.clone(),

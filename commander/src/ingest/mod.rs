@@ -83,24 +83,57 @@ pub struct Ingestor {
 #[derive(Debug)]
 pub struct TraceBatch {
     pub body: bytes::Bytes,
+    /// Its share of the queue's byte budget, given back when the batch is dropped.
+    _queued: Option<QueuedBytes>,
 }
 
-/// The bounded queue into the trace keeper. Ingest never waits on it: when it is full the
-/// export still feeds the live state and only its spans' trace keeping is shed, counted
-/// in `shed_spans`.
+impl TraceBatch {
+    /// A batch outside any queue (tests, benchmarks).
+    pub fn new(body: bytes::Bytes) -> Self {
+        Self {
+            body,
+            _queued: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct QueuedBytes {
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.queued
+            .fetch_sub(self.n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The bounded queue into the trace keeper, in exports and in bytes. Ingest never waits
+/// on it: when it is full the export still feeds the live state and only its spans' trace
+/// keeping is shed, counted in `shed_spans`.
 #[derive(Clone, Debug)]
 pub struct TraceTap {
     pub tx: tokio::sync::mpsc::Sender<TraceBatch>,
     pub shed_spans: Arc<std::sync::atomic::AtomicU64>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    max_bytes: usize,
 }
 
 impl TraceTap {
-    /// A tap and the keeper's end of it, holding at most `batches` exports.
-    pub fn new(batches: usize) -> (Self, tokio::sync::mpsc::Receiver<TraceBatch>) {
+    /// A tap and the keeper's end of it, holding at most `batches` exports and
+    /// `max_bytes` of their bodies.
+    pub fn new(
+        batches: usize,
+        max_bytes: usize,
+    ) -> (Self, tokio::sync::mpsc::Receiver<TraceBatch>) {
         let (tx, rx) = tokio::sync::mpsc::channel(batches.max(1));
         let tap = Self {
             tx,
             shed_spans: Arc::default(),
+            queued: Arc::default(),
+            max_bytes,
         };
         (tap, rx)
     }
@@ -110,11 +143,35 @@ impl TraceTap {
         match self.tx.try_reserve() {
             Ok(p) => Some(p),
             Err(_) => {
-                self.shed_spans
-                    .fetch_add(spans, std::sync::atomic::Ordering::Relaxed);
+                self.shed(spans);
                 None
             }
         }
+    }
+
+    fn shed(&self, spans: u64) {
+        self.shed_spans
+            .fetch_add(spans, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `body` as a batch holding its bytes of the budget; `None` (shed, counted) past it.
+    fn batch(&self, body: bytes::Bytes, spans: u64) -> Option<TraceBatch> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = body.len();
+        let before = self.queued.fetch_add(n, Relaxed);
+        let queued = QueuedBytes {
+            queued: self.queued.clone(),
+            n,
+        };
+        if before.saturating_add(n) > self.max_bytes {
+            drop(queued);
+            self.shed(spans);
+            return None;
+        }
+        Some(TraceBatch {
+            body,
+            _queued: Some(queued),
+        })
     }
 }
 
@@ -194,8 +251,11 @@ impl Ingestor {
             self.offer(transport, "traces", n, Ingest::Spans(events))?;
             // Only an export the live state took goes on to the keeper: a refused one is
             // sent again by its client.
-            if let Some((permit, body)) = keep {
-                permit.send(TraceBatch { body });
+            if let Some((permit, body)) = keep
+                && let Some(tap) = &self.traces
+                && let Some(batch) = tap.batch(body, received)
+            {
+                permit.send(batch);
             }
         }
         Ok(Accepted {

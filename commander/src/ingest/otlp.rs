@@ -632,6 +632,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_trace_keeper_queue_sheds_only_trace_keeping_counted() {
+        let (fleet, mut rx) = FleetHandle::detached(16);
+        let body = one_span().encode_to_vec();
+        // Room for one export's bytes, and two places.
+        let (tap, mut kept) = crate::ingest::TraceTap::new(2, body.len());
+        let ingestor = Ingestor {
+            fleet,
+            metrics: Arc::new(Metrics::default()),
+            limits: DecodeLimits::default(),
+            supervisor: Default::default(),
+            traces: Some(tap.clone()),
+        };
+        let app = http_router(ingestor);
+        let post = || {
+            tonic::codegen::http::Request::post("/v1/traces")
+                .header("content-type", "application/x-protobuf")
+                .body(Body::from(body.clone()))
+                .unwrap()
+        };
+        for _ in 0..3 {
+            let r = app.clone().oneshot(post()).await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::OK,
+                "the live state takes every export"
+            );
+        }
+        // The first holds the byte budget: the other two are shed from trace keeping.
+        let first = kept
+            .try_recv()
+            .expect("the first export reached the keeper");
+        assert_eq!(first.body.len(), body.len());
+        assert!(kept.try_recv().is_err());
+        assert_eq!(tap.shed_spans.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let mut live = 0;
+        while rx.0.try_recv().is_ok() {
+            live += 1;
+        }
+        assert_eq!(live, 3);
+        // Its bytes go back when the keeper is done with it: the next export is taken.
+        drop(first);
+        let r = app.clone().oneshot(post()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(kept.try_recv().is_ok());
+    }
+
+    #[tokio::test]
     async fn a_full_queue_sheds_telemetry_with_retryable_answers_and_spares_the_task_path() {
         let (fleet, _rx) = FleetHandle::detached(1);
         let metrics = Arc::new(Metrics::default());

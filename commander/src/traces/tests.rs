@@ -296,9 +296,7 @@ fn measured_qa() -> FleetSnapshot {
 
 fn feed(f: &mut Fixture, req: ExportTraceServiceRequest) {
     use prost::Message;
-    f.keeper.add(TraceBatch {
-        body: req.encode_to_vec().into(),
-    });
+    f.keeper.add(TraceBatch::new(req.encode_to_vec().into()));
 }
 
 fn every_string(rs: &[ResourceSpans]) -> String {

@@ -381,7 +381,7 @@ fn with_keeper(
         black_box(rejected);
         state.apply_spans(events, at);
         rig.keeper
-            .add(fleet_commander::ingest::TraceBatch { body: b.clone() });
+            .add(fleet_commander::ingest::TraceBatch::new(b.clone()));
         // The owner rebuilds its snapshot once a second; here every 100 batches.
         if k % 100 == 0 {
             snap = state.snapshot(at);
@@ -434,7 +434,7 @@ fn keeper_beside(
             let n = events.len() as u64;
             state.apply_spans(events, at);
             if tx
-                .try_send(fleet_commander::ingest::TraceBatch { body: b.clone() })
+                .try_send(fleet_commander::ingest::TraceBatch::new(b.clone()))
                 .is_err()
             {
                 shed += n;

@@ -110,7 +110,7 @@ impl Rig {
 
     /// What the ingest path hands the keeper for one export: its bytes.
     pub fn add(&mut self, body: bytes::Bytes) {
-        self.keeper.add(TraceBatch { body });
+        self.keeper.add(TraceBatch::new(body));
     }
 }
 
