@@ -750,3 +750,66 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
     assert!(e.set_interventions(vec![], vec![]));
     assert!(e.live().hints.reroutes.iter().all(|r| r.forced.is_none()));
 }
+
+#[test]
+fn redaction_privacy_and_sampling_problems_are_each_placed_at_their_line() {
+    let a = r#"
+[[redaction]]
+name = "ids"
+attributes = ["user.id"]
+action = "hash"
+
+[[redaction]]
+pattern = "x+"
+builtin = "email"
+
+[[redaction]]
+name = "ids"
+builtin = "phone"
+action = "drop"
+replacement = "[gone]"
+
+[sampling]
+healthy_rate = 1.5
+cost_multiple = 0.5
+
+[privacy]
+deny_attributes = ["*"]
+"#;
+    let b = "[privacy]\ndefault_rules = false\n";
+    let p = problems(&[("a.policy.toml", a), ("b.policy.toml", b)]);
+    let f = "a.policy.toml";
+    assert!(
+        has(&p, f, 2, ProblemKind::Missing),
+        "hash without a salt: {p:?}"
+    );
+    assert!(
+        has(&p, f, 9, ProblemKind::BadValue),
+        "pattern and builtin: {p:?}"
+    );
+    assert!(
+        has(&p, f, 11, ProblemKind::Duplicate),
+        "name used twice: {p:?}"
+    );
+    assert!(
+        has(&p, f, 15, ProblemKind::BadValue),
+        "replacement on drop: {p:?}"
+    );
+    assert!(
+        has(&p, f, 18, ProblemKind::OutOfRange),
+        "healthy rate: {p:?}"
+    );
+    assert!(
+        has(&p, f, 19, ProblemKind::OutOfRange),
+        "cost multiple: {p:?}"
+    );
+    assert!(has(&p, f, 22, ProblemKind::BadValue), "deny `*`: {p:?}");
+    assert!(
+        p.iter()
+            .any(|x| x.kind == ProblemKind::Duplicate && x.message.contains("[privacy]")),
+        "[privacy] in two files: {p:?}"
+    );
+    // The older name of healthy_rate is still read.
+    let old = parse(&[("c.policy.toml", "[sampling]\ndefault_rate = 0.3\n")]).unwrap();
+    assert_eq!(old.sampling.healthy_rate, 0.3);
+}
