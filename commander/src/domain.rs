@@ -509,9 +509,9 @@ pub fn arguments_hash(args: &str) -> u64 {
     }
 }
 
-/// What the trace keeper needs to know of one span, taken from its `SpanEvent` while the
-/// live state gets the event itself: enough to tell a trace's end, its errors, its cost
-/// and whose it is, without reading the span's attributes a second time.
+/// What the trace keeper needs to know of one span, taken from the `SpanEvent` its own
+/// normalising pass made: enough to tell a trace's end, its errors, its cost and whose it
+/// is.
 #[derive(Clone, Debug)]
 pub struct SpanFacts {
     pub trace_id: [u8; 16],
@@ -531,8 +531,8 @@ pub struct SpanFacts {
     pub identity: std::sync::Arc<Identity>,
 }
 
-impl SpanFacts {
-    pub fn of(e: &SpanEvent) -> Self {
+impl From<SpanEvent> for SpanFacts {
+    fn from(e: SpanEvent) -> Self {
         let billed = e.operation.is_billed() && e.usage.is_some();
         Self {
             trace_id: e.trace_id,
@@ -544,10 +544,10 @@ impl SpanFacts {
             operation: e.operation,
             task_root: e.task_root,
             usage: e.usage,
-            model: if billed { e.model.clone() } else { None },
-            task_id: e.task_id.clone(),
-            task_type: e.dims.task_type.clone(),
-            identity: e.identity.clone(),
+            model: if billed { e.model } else { None },
+            task_id: e.task_id,
+            task_type: e.dims.task_type,
+            identity: e.identity,
         }
     }
 }

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -40,17 +41,53 @@ pub struct Held {
     pub facts: SpanFacts,
 }
 
-impl Held {
-    pub fn new(origin: Arc<Origin>, span: &Span, facts: SpanFacts) -> Self {
-        let is_root = facts.task_root || facts.parent_span_id.is_none();
-        Self {
-            origin,
-            span: span.encode_to_vec(),
-            root_name: is_root.then(|| span.name.clone()),
-            facts,
+/// One valid span of an export, encoded before the normaliser moves its strings out.
+#[derive(Debug)]
+pub struct Encoded {
+    pub origin: Arc<Origin>,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub bytes: Vec<u8>,
+    /// The name of a span that may be a root (no parent, or a CONSUMER span).
+    pub name: Option<String>,
+}
+
+const SPAN_KIND_CONSUMER: i32 = 5;
+
+/// The valid spans of `req` (a trace id of 16 bytes and a span id of 8, not all zero:
+/// exactly those the normaliser reads), encoded, with the resource and scope they came
+/// with.
+pub fn encode_spans(req: &ExportTraceServiceRequest) -> Vec<Encoded> {
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        for ss in &rs.scope_spans {
+            let origin = Arc::new(Origin {
+                resource: rs.resource.clone(),
+                resource_schema_url: rs.schema_url.clone(),
+                scope: ss.scope.clone(),
+                scope_schema_url: ss.schema_url.clone(),
+            });
+            for span in &ss.spans {
+                let (Some(trace_id), Some(span_id)) =
+                    (valid16(&span.trace_id), valid8(&span.span_id))
+                else {
+                    continue;
+                };
+                let maybe_root = span.parent_span_id.is_empty() || span.kind == SPAN_KIND_CONSUMER;
+                out.push(Encoded {
+                    origin: origin.clone(),
+                    trace_id,
+                    span_id,
+                    bytes: span.encode_to_vec(),
+                    name: maybe_root.then(|| span.name.clone()),
+                });
+            }
         }
     }
+    out
+}
 
+impl Held {
     /// The span, decoded (`None` only if the bytes were not ours: never).
     pub fn decode(&self) -> Option<Span> {
         Span::decode(self.span.as_slice()).ok()
@@ -134,8 +171,9 @@ fn valid16(b: &[u8]) -> Option<[u8; 16]> {
     (a != [0; 16]).then_some(a)
 }
 
-fn valid8(b: &[u8]) -> bool {
-    b.len() == 8 && b.iter().any(|x| *x != 0)
+fn valid8(b: &[u8]) -> Option<[u8; 8]> {
+    let a: [u8; 8] = b.try_into().ok()?;
+    (a != [0; 8]).then_some(a)
 }
 
 impl Assembler {
@@ -164,57 +202,35 @@ impl Assembler {
         self.pending.len()
     }
 
-    /// Takes one export: its spans in order, and the facts the normaliser read of the
-    /// valid ones (same order; spans without a valid trace or span id have none).
-    pub fn add(
-        &mut self,
-        resource_spans: Vec<ResourceSpans>,
-        facts: Vec<SpanFacts>,
-        now_ms: u64,
-    ) -> Added {
-        let mut facts = facts.into_iter().peekable();
+    /// Takes one export: its valid spans, encoded (`encode_spans`), and the facts the
+    /// normaliser read of them (same spans, same order).
+    pub fn add(&mut self, spans: Vec<Encoded>, facts: Vec<SpanFacts>, now_ms: u64) -> Added {
         let mut added = Added::default();
         let mut late: HashMap<[u8; 16], Late> = HashMap::new();
-        for rs in resource_spans {
-            let resource = rs.resource;
-            for ss in rs.scope_spans {
-                let ScopeSpans {
-                    scope,
-                    spans,
-                    schema_url,
-                } = ss;
-                let origin = Arc::new(Origin {
-                    resource: resource.clone(),
-                    resource_schema_url: rs.schema_url.clone(),
-                    scope,
-                    scope_schema_url: schema_url,
-                });
-                for span in spans {
-                    let Some(trace_id) = valid16(&span.trace_id) else {
-                        continue;
-                    };
-                    if !valid8(&span.span_id) {
-                        continue;
-                    }
-                    // The normaliser read exactly the valid spans, in this order.
-                    let Some(f) = facts.next_if(|f| f.span_id[..] == span.span_id[..]) else {
-                        continue;
-                    };
-                    let held = Held::new(origin.clone(), &span, f);
-                    if let Some(kept) = self.decided.get(&trace_id) {
-                        late.entry(trace_id)
-                            .or_insert_with(|| Late {
-                                trace_id,
-                                kept: *kept,
-                                spans: Vec::new(),
-                            })
-                            .spans
-                            .push(held);
-                        continue;
-                    }
-                    self.hold(trace_id, held, now_ms);
-                }
+        for (e, f) in spans.into_iter().zip(facts) {
+            // Both lists hold exactly the valid spans in order; a mismatch is not ours.
+            if e.span_id != f.span_id {
+                continue;
             }
+            let trace_id = e.trace_id;
+            let held = Held {
+                origin: e.origin,
+                span: e.bytes,
+                root_name: e.name,
+                facts: f,
+            };
+            if let Some(kept) = self.decided.get(&trace_id) {
+                late.entry(trace_id)
+                    .or_insert_with(|| Late {
+                        trace_id,
+                        kept: *kept,
+                        spans: Vec::new(),
+                    })
+                    .spans
+                    .push(held);
+                continue;
+            }
+            self.hold(trace_id, held, now_ms);
         }
         added.late = late.into_values().collect();
         added
