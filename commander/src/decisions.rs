@@ -220,12 +220,12 @@ impl DecisionLog {
             if f.matches(&d) {
                 out.push(d);
                 if out.len() == limit {
-                    next = Some(hex_encode(&k));
+                    next = Some(crate::domain::hex(&k));
                     break;
                 }
             }
             if scanned >= MAX_SCAN {
-                next = Some(hex_encode(&k));
+                next = Some(crate::domain::hex(&k));
                 break;
             }
         }
@@ -300,18 +300,12 @@ fn key(at_ms: u64, task_id: &str) -> Vec<u8> {
     k
 }
 
-fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
+/// A cursor's bytes: hex, and no longer than a key can be.
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 600 {
+    if s.len() > 600 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    crate::domain::unhex(s)
 }
 
 #[cfg(test)]

@@ -216,6 +216,35 @@ pub struct Reservation {
 }
 
 /// FNV-1a, 64-bit: a stable hash for ids that must come out the same after a restart.
+/// Lower-case hex of `b` (trace ids, hashes, cursors).
+pub fn hex(b: &[u8]) -> String {
+    use std::fmt::Write as _;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            // Writing to a String cannot fail.
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+/// The bytes of a hex string; `None` for odd lengths or anything but hex digits.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Half to all of `d`, drawn at random, so retries from many senders do not arrive
+/// together.
+pub fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
+}
+
 pub fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {

@@ -115,15 +115,6 @@ async fn run(
         Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
     )?);
     classifier.counters.register(&mut registry);
-    let (traces, tap, keeper_task) =
-        start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
-    let ingestor = Ingestor {
-        fleet: fleet.clone(),
-        metrics: metrics.clone(),
-        limits: config.telemetry.decode_limits(),
-        supervisor: supervisor.clone(),
-        traces: tap,
-    };
     let wiring = Wiring {
         config: &config,
         client,
@@ -132,8 +123,9 @@ async fn run(
         supervisor: &supervisor,
         stop: &stop_rx,
     };
-    let mut telemetry_tasks = start_telemetry(&wiring, &ingestor, &metrics, &fleet).await?;
-    telemetry_tasks.extend(keeper_task);
+    let (traces, tap, mut telemetry_tasks) =
+        start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
+    telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
 
     let decisions = DecisionLog::open(&store)?;
 
@@ -565,16 +557,24 @@ async fn start_policy(
     })
 }
 
-/// The telemetry receivers (OTLP gRPC and HTTP, NATS), the NATS connection watch and the
-/// queue-depth poll.
+/// The telemetry receivers (OTLP gRPC and HTTP, NATS) behind one ingestor (handing trace
+/// exports to the keeper through `traces`), the NATS connection watch and the queue-depth
+/// poll.
 async fn start_telemetry(
     w: &Wiring<'_>,
-    ingestor: &Ingestor,
+    traces: Option<crate::ingest::TraceTap>,
     metrics: &Arc<Metrics>,
     fleet: &fleet::FleetHandle,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let (config, client, js, subjects, supervisor, stop_rx) =
         (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
+    let ingestor = &Ingestor {
+        fleet: fleet.clone(),
+        metrics: metrics.clone(),
+        limits: config.telemetry.decode_limits(),
+        supervisor: supervisor.clone(),
+        traces,
+    };
     let mut telemetry_tasks = Vec::new();
     let t = &config.telemetry;
     if t.grpc {

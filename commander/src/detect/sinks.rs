@@ -527,7 +527,7 @@ async fn deliver_one(sink: &Sink, e: &Endpoint, change: Change, alert: &Alert) {
         };
         if attempt < cfg.max_attempts {
             let wait = retry_after
-                .unwrap_or_else(|| jitter(backoff))
+                .unwrap_or_else(|| crate::domain::jitter(backoff))
                 .min(Duration::from_secs(60));
             e.clock.sleep(wait).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -552,12 +552,6 @@ fn disable(st: &mut SinkState, why: &str) {
     st.enabled = false;
     st.disabled_reason = Some(why.to_string());
     tracing::error!(sink = %st.name, reason = why, "alert sink disabled");
-}
-
-/// Half to all of `d`, so retries from many sinks do not arrive together.
-fn jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
 }
 
 #[cfg(test)]

@@ -334,15 +334,6 @@ pub struct Worker {
     metric_series: HashMap<u64, (u64, f64)>,
 }
 
-fn hex_trace(t: &[u8; 16]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(32);
-    for b in t {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 impl Worker {
     pub fn new(id: String, now_ms: u64) -> Self {
         Self {
@@ -577,7 +568,7 @@ impl Worker {
                 let id = ev
                     .task_id
                     .clone()
-                    .unwrap_or_else(|| hex_trace(&ev.trace_id));
+                    .unwrap_or_else(|| crate::domain::hex(&ev.trace_id));
                 let started = start_ms.min(now_ms);
                 effect.started = Some((id.clone(), started));
                 self.start_run(id, Some(ev.trace_id), started, cfg)

@@ -100,38 +100,7 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
             Retry
         })?;
     if finished_now.get() {
-        settle_budget(ctx, &rec);
-        let pool = rec
-            .pool
-            .clone()
-            .or_else(|| result.pool.clone())
-            .unwrap_or_default();
-        let status = serde_json::to_value(result.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        if matches!(
-            result.status,
-            ResultStatus::Failed | ResultStatus::Cancelled
-        ) {
-            // Failed, timed out (cancelled at its deadline) or dead-lettered: its trace
-            // is kept whatever the sample says.
-            ctx.core
-                .traces
-                .flags
-                .task_failed(id, ctx.core.policy.now_ms());
-        }
-        ctx.core.fleet.task_event(TaskEvent::Finished {
-            task_id: id.to_string(),
-            pool: pool.clone(),
-            ok: result.status == ResultStatus::Ok,
-            dispatch_latency_ms: dispatch_latency_ms(&rec, &result),
-        });
-        ctx.core
-            .metrics
-            .tasks_finished
-            .get_or_create(&FinishLabels { pool, status })
-            .inc();
+        finished(ctx, id, &rec, &result);
     }
     // Forwarded every time a result message is handled: that is once, unless the message
     // is redelivered after a crash, and the producer's inbox drops the copy.
@@ -159,6 +128,42 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
         ctx.core.metrics.results_forwarded.inc();
     }
     Ok(())
+}
+
+/// What a task's first terminal result tells the rest: the budget is settled, the live
+/// state and the counters hear of it, and a failed, timed-out (cancelled at its deadline)
+/// or dead-lettered task's trace is marked to be kept whatever the sample says.
+fn finished(ctx: &Ctx, id: &str, rec: &TaskRecord, result: &TaskResult) {
+    settle_budget(ctx, rec);
+    let pool = rec
+        .pool
+        .clone()
+        .or_else(|| result.pool.clone())
+        .unwrap_or_default();
+    let status = serde_json::to_value(result.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    if matches!(
+        result.status,
+        ResultStatus::Failed | ResultStatus::Cancelled
+    ) {
+        ctx.core
+            .traces
+            .flags
+            .task_failed(id, ctx.core.policy.now_ms());
+    }
+    ctx.core.fleet.task_event(TaskEvent::Finished {
+        task_id: id.to_string(),
+        pool: pool.clone(),
+        ok: result.status == ResultStatus::Ok,
+        dispatch_latency_ms: dispatch_latency_ms(rec, result),
+    });
+    ctx.core
+        .metrics
+        .tasks_finished
+        .get_or_create(&FinishLabels { pool, status })
+        .inc();
 }
 
 /// Settles a finished task's budget reservation with what it cost: the worker's figure,

@@ -417,12 +417,7 @@ pub fn bundle_sha(docs: &[Document]) -> String {
         h.update(d.text.as_bytes());
         h.update([0u8]);
     }
-    let out = h.finalize();
-    let mut s = String::with_capacity(64);
-    for b in out {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    crate::domain::hex(&h.finalize())
 }
 
 fn pool_known(against: CheckAgainst<'_>, pool: &str) -> bool {

@@ -148,8 +148,6 @@ pub struct Bounds {
 #[derive(Debug, Default)]
 pub struct Added {
     pub late: Vec<Late>,
-    /// Spans whose trace was decided too long ago to remember: dropped.
-    pub orphans: u64,
 }
 
 #[derive(Debug)]
@@ -187,10 +185,6 @@ impl Assembler {
             decided: HashMap::new(),
             decided_order: VecDeque::new(),
         }
-    }
-
-    pub fn set_bounds(&mut self, bounds: Bounds) {
-        self.bounds = bounds;
     }
 
     /// Bytes held (each span's encoded length plus a fixed overhead).

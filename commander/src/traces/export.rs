@@ -81,10 +81,6 @@ impl Exporter {
             self.counters.add(&self.name, "dropped_queue_full", spans);
         }
     }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +269,7 @@ async fn send_with_retries(
                         })
                         .inc();
                     let wait = after
-                        .unwrap_or_else(|| jitter(backoff))
+                        .unwrap_or_else(|| crate::domain::jitter(backoff))
                         .min(Duration::from_secs(60));
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     tracing::debug!(endpoint = %cfg.name, error = %why, wait_ms = wait.as_millis() as u64, "trace export retried");
@@ -291,12 +287,6 @@ async fn send_with_retries(
         tracing::warn!(endpoint = %cfg.name, error = %why, spans, attempts = attempt, "trace export failed; batch dropped");
         counters.add(&cfg.name, "dropped_failed", spans);
     }
-}
-
-/// Half to all of `d`, so many commanders do not retry together.
-fn jitter(d: Duration) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
 }
 
 async fn send(client: &mut Client, request: &ExportTraceServiceRequest) -> Outcome {

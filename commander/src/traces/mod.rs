@@ -59,8 +59,8 @@ pub struct RuleLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SpanLabels {
-    /// `held`, `late_kept`, `late_dropped`, `orphan` (its trace decided too long ago),
-    /// `shed` (the keeper's queue was full), `undecodable` (an export, never expected).
+    /// `held`, `late_kept`, `late_dropped`, `shed` (the keeper's queue was full),
+    /// `undecodable` (an export, never expected).
     pub outcome: &'static str,
 }
 
@@ -205,9 +205,6 @@ impl Keeper {
         let added = self.assembler.add(spans, facts, now_ms);
         let late: u64 = added.late.iter().map(|l| l.spans.len() as u64).sum();
         self.w.counters.span("held", n.saturating_sub(late));
-        if added.orphans > 0 {
-            self.w.counters.span("orphan", added.orphans);
-        }
         if added.late.is_empty() {
             return;
         }

@@ -438,19 +438,13 @@ fn bump(counts: &mut Counts, rule: &str) {
 
 /// `hash:` and the first 16 hex digits of HMAC-SHA256(salt, value).
 pub fn hash(salt: &[u8], value: &str) -> String {
-    use std::fmt::Write as _;
     // HMAC takes a key of any length, so this cannot fail.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(salt) else {
         return "[REDACTED]".into();
     };
     mac.update(value.as_bytes());
     let out = mac.finalize().into_bytes();
-    let mut s = String::with_capacity(21);
-    s.push_str("hash:");
-    for b in &out[..8] {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    format!("hash:{}", crate::domain::hex(&out[..8]))
 }
 
 /// Every shipped pattern compiles.

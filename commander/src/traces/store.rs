@@ -13,6 +13,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::sample::Why;
+pub use crate::domain::{hex, unhex};
 use crate::store::{Store, StoreError};
 
 /// The first byte of a `trace_spans` value.
@@ -139,25 +140,6 @@ pub struct TraceStore {
     tasks: sled::Tree,
     /// Bytes stored (spans and summaries), kept in step with `times`.
     bytes: Arc<AtomicU64>,
-}
-
-pub fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn time_key(at_ms: u64, id: &[u8]) -> Vec<u8> {

@@ -69,6 +69,15 @@ const MODELS: [&str; 4] = [
 ];
 const TEAMS: [&str; 4] = ["search", "ads", "payments", "support"];
 
+/// Task `task`'s trace id: the task number, then bits that look random, as W3C trace ids
+/// are (the healthy sample reads them).
+fn trace_of(task: u64) -> Vec<u8> {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&task.to_be_bytes());
+    t[8..].copy_from_slice(&crate::lab::agents::Rng::new(task).next().to_be_bytes());
+    t.to_vec()
+}
+
 /// One span of a task run: an LLM call, a tool call or (every fourth) the task's root.
 /// LLM spans carry 15 attributes, tool and root spans 14-15.
 fn sim_span(n: u64, task: u64) -> Span {
@@ -80,16 +89,7 @@ fn sim_span(n: u64, task: u64) -> Span {
     let root_id = 4u64.to_be_bytes();
     let is_root = n % 4 == 3;
     let mut span = Span {
-        trace_id: {
-            // Random-looking, as W3C trace ids are (the healthy sample reads them).
-            let mut t = [0u8; 16];
-            t[..8].copy_from_slice(&task.to_be_bytes());
-            let mut z = task.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            t[8..].copy_from_slice(&(z ^ (z >> 31)).to_be_bytes());
-            t.to_vec()
-        },
+        trace_id: trace_of(task),
         span_id: (n % 4 + 1).to_be_bytes().to_vec(),
         parent_span_id: if is_root {
             vec![0xab; 8]
@@ -297,27 +297,8 @@ pub fn ingest(args: IngestArgs) -> Result<(), String> {
         std::iter::empty::<&str>(),
     );
     for round in 1..=args.rounds {
-        let t = Instant::now();
-        for b in &batches {
-            let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
-            black_box(req);
-        }
-        let decode = spans as f64 / t.elapsed().as_secs_f64();
-
-        let mut state = FleetState::new(
-            FleetConfig::default(),
-            registry.clone(),
-            std::iter::empty::<&str>(),
-        );
-        let t = Instant::now();
-        for b in &batches {
-            let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
-            let (events, rejected) = normalise::spans(req);
-            black_box(rejected);
-            state.apply_spans(events, now_ms());
-        }
-        let full = spans as f64 / t.elapsed().as_secs_f64();
-        black_box(state.worker_count());
+        let decode = decode_alone(&batches, spans)?;
+        let full = into_live_state(&batches, spans, &registry)?;
         let fresh: Vec<Bytes> = (0..args.batches)
             .map(|b| {
                 let r = batch_of_round(b, args.spans_per_batch, args.workers, round as u64);
@@ -357,6 +338,39 @@ pub fn ingest(args: IngestArgs) -> Result<(), String> {
         best_piped / best_decode
     );
     Ok(())
+}
+
+/// Prost decode alone of `batches`: spans/s.
+fn decode_alone(batches: &[Bytes], spans: usize) -> Result<f64, String> {
+    let t = Instant::now();
+    for b in batches {
+        let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
+        black_box(req);
+    }
+    Ok(spans as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Decode, normalise and apply `batches` to a fresh live state: spans/s.
+fn into_live_state(
+    batches: &[Bytes],
+    spans: usize,
+    registry: &std::sync::Arc<dyn fleet_commander::hot::InForce<Registry>>,
+) -> Result<f64, String> {
+    let mut state = FleetState::new(
+        FleetConfig::default(),
+        registry.clone(),
+        std::iter::empty::<&str>(),
+    );
+    let t = Instant::now();
+    for b in batches {
+        let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
+        let (events, rejected) = normalise::spans(req);
+        black_box(rejected);
+        state.apply_spans(events, now_ms());
+    }
+    let rate = spans as f64 / t.elapsed().as_secs_f64();
+    black_box(state.worker_count());
+    Ok(rate)
 }
 
 /// The same batches into the live state and `rig`'s trace keeper (the built-in policy:

@@ -154,6 +154,81 @@ struct Run {
     request: ExportTraceServiceRequest,
 }
 
+/// One step of run `n`: its `c`-th chat call and the tool call after it.
+struct Call<'a> {
+    trace: &'a [u8; 16],
+    n: usize,
+    c: u64,
+    root_id: &'a [u8],
+}
+
+impl Call<'_> {
+    fn span(&self, id: u64, name: &str, start: u64, end: u64) -> Span {
+        Span {
+            trace_id: self.trace.to_vec(),
+            span_id: (self.n as u64 * 64 + id).to_be_bytes().to_vec(),
+            parent_span_id: self.root_id.to_vec(),
+            name: name.into(),
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            ..Default::default()
+        }
+    }
+
+    /// The chat call from `t`, its tokens `scale` times the median, and its duration.
+    fn chat(&self, scale: f64, t: u64, failed: bool) -> (Span, u64) {
+        let (n, c) = (self.n, self.c);
+        let input = (2_000.0 * scale * (1.0 + c as f64)) as i64;
+        let output = (300.0 * scale) as i64;
+        let dur = 400_000_000 + (output as u64) * 5_000_000;
+        let mut span = self.span(2 + c * 2, "chat gpt-4o-mini", t, t + dur);
+        span.kind = 3;
+        span.attributes = vec![
+            s("gen_ai.operation.name", "chat"),
+            s("gen_ai.provider.name", "openai"),
+            s("gen_ai.request.model", "gpt-4o-mini"),
+            i("gen_ai.usage.input_tokens", input),
+            i("gen_ai.usage.output_tokens", output),
+            s(
+                "gen_ai.input.messages",
+                format!(
+                    r#"[{{"role":"user","parts":[{{"type":"text","content":"Summarise the ticket from jane{n}@example.com about invoice {n} and the call from +1 415 555 {:04}"}}]}}]"#,
+                    n % 10_000
+                ),
+            ),
+            s(
+                "gen_ai.output.messages",
+                r#"[{"role":"assistant","parts":[{"type":"text","content":"The customer asks for a refund of the duplicate charge; escalate to billing."}],"finish_reason":"stop"}]"#,
+            ),
+        ];
+        span.status = failed.then(|| Status {
+            code: 2,
+            message: "upstream 429".into(),
+        });
+        (span, dur)
+    }
+
+    /// The tool call from `t`, 120 ms long.
+    fn tool(&self, t: u64) -> Span {
+        let mut span = self.span(
+            3 + self.c * 2,
+            "execute_tool search_tickets",
+            t,
+            t + 120_000_000,
+        );
+        span.attributes = vec![
+            s("gen_ai.operation.name", "execute_tool"),
+            s("gen_ai.tool.name", "search_tickets"),
+            s(
+                "gen_ai.tool.call.arguments",
+                format!(r#"{{"query":"invoice {}"}}"#, self.n),
+            ),
+            s("gen_ai.tool.call.result", r#"{"hits":3}"#),
+        ];
+        span
+    }
+}
+
 /// A run: a root consumer span, `calls` chat calls (tokens drawn with a long tail) and a
 /// tool call after each, with message content as real instrumentations record it.
 fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
@@ -178,65 +253,19 @@ fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
     };
     let start_ns = at_ms * 1_000_000;
     let root_id = (n as u64 * 64 + 1).to_be_bytes().to_vec();
-    let task_id = format!("task-{n}");
     let mut spans = Vec::new();
     let mut t = start_ns + 1_000_000;
     for c in 0..calls {
-        let input = (2_000.0 * scale * (1.0 + c as f64)) as i64;
-        let output = (300.0 * scale) as i64;
-        let dur = 400_000_000 + (output as u64) * 5_000_000;
-        let failed_here = error && c == calls - 1;
-        spans.push(Span {
-            trace_id: trace.to_vec(),
-            span_id: (n as u64 * 64 + 2 + c * 2).to_be_bytes().to_vec(),
-            parent_span_id: root_id.clone(),
-            name: "chat gpt-4o-mini".into(),
-            kind: 3,
-            start_time_unix_nano: t,
-            end_time_unix_nano: t + dur,
-            attributes: vec![
-                s("gen_ai.operation.name", "chat"),
-                s("gen_ai.provider.name", "openai"),
-                s("gen_ai.request.model", "gpt-4o-mini"),
-                i("gen_ai.usage.input_tokens", input),
-                i("gen_ai.usage.output_tokens", output),
-                s(
-                    "gen_ai.input.messages",
-                    format!(
-                        r#"[{{"role":"user","parts":[{{"type":"text","content":"Summarise the ticket from jane{n}@example.com about invoice {n} and the call from +1 415 555 {:04}"}}]}}]"#,
-                        n % 10_000
-                    ),
-                ),
-                s(
-                    "gen_ai.output.messages",
-                    r#"[{"role":"assistant","parts":[{"type":"text","content":"The customer asks for a refund of the duplicate charge; escalate to billing."}],"finish_reason":"stop"}]"#,
-                ),
-            ],
-            status: failed_here.then(|| Status {
-                code: 2,
-                message: "upstream 429".into(),
-            }),
-            ..Default::default()
-        });
+        let call = Call {
+            trace: &trace,
+            n,
+            c,
+            root_id: &root_id,
+        };
+        let (chat, dur) = call.chat(scale, t, error && c == calls - 1);
+        spans.push(chat);
         t += dur;
-        spans.push(Span {
-            trace_id: trace.to_vec(),
-            span_id: (n as u64 * 64 + 3 + c * 2).to_be_bytes().to_vec(),
-            parent_span_id: root_id.clone(),
-            name: "execute_tool search_tickets".into(),
-            start_time_unix_nano: t,
-            end_time_unix_nano: t + 120_000_000,
-            attributes: vec![
-                s("gen_ai.operation.name", "execute_tool"),
-                s("gen_ai.tool.name", "search_tickets"),
-                s(
-                    "gen_ai.tool.call.arguments",
-                    format!(r#"{{"query":"invoice {n}"}}"#),
-                ),
-                s("gen_ai.tool.call.result", r#"{"hits":3}"#),
-            ],
-            ..Default::default()
-        });
+        spans.push(call.tool(t));
         t += 120_000_000;
     }
     spans.push(Span {
@@ -246,7 +275,10 @@ fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
         kind: 5,
         start_time_unix_nano: start_ns,
         end_time_unix_nano: t + 1_000_000,
-        attributes: vec![s("fleet.task.id", task_id), s("fleet.task.type", task_type)],
+        attributes: vec![
+            s("fleet.task.id", format!("task-{n}")),
+            s("fleet.task.type", task_type),
+        ],
         status: Some(Status {
             code: if error { 2 } else { 1 },
             message: String::new(),
@@ -443,41 +475,53 @@ pub fn storage(args: TracesArgs) -> Result<(), String> {
         "storage cut: {:.1} % of the bytes (goal >= 80 %)",
         100.0 * (1.0 - sampled.bytes as f64 / all.bytes.max(1) as f64)
     );
-    // Ground truth: every error and flagged run, and every run above its type's P99 cost
-    // or duration over the hour.
-    let cost = |r: &Run| -> f64 {
-        r.request.resource_spans[0].scope_spans[0]
-            .spans
-            .iter()
-            .filter_map(|s| {
-                let get = |k: &str| {
-                    s.attributes.iter().find(|a| a.key == k).and_then(|a| {
-                        match a.value.as_ref()?.value.as_ref()? {
-                            opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(
-                                v,
-                            ) => Some(*v as f64),
-                            _ => None,
-                        }
-                    })
-                };
-                Some(
-                    get("gen_ai.usage.input_tokens")? * 0.15
-                        + get("gen_ai.usage.output_tokens")? * 0.6,
-                )
-            })
-            .sum()
-    };
-    let duration = |r: &Run| -> f64 {
-        let root = r.request.resource_spans[0].scope_spans[0].spans.last();
-        root.map_or(0.0, |s| {
-            (s.end_time_unix_nano - s.start_time_unix_nano) as f64
+    print_ground_truth(&runs, &sampled.kept);
+    Ok(())
+}
+
+/// Tokens priced at gpt-4o-mini's list prices (every run here uses it): a run's cost up to
+/// a constant, which is all a P99 within one type needs.
+fn run_cost(r: &Run) -> f64 {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    r.request.resource_spans[0].scope_spans[0]
+        .spans
+        .iter()
+        .filter_map(|s| {
+            let get = |k: &str| {
+                s.attributes.iter().find(|a| a.key == k).and_then(|a| {
+                    match a.value.as_ref()?.value.as_ref()? {
+                        Value::IntValue(v) => Some(*v as f64),
+                        _ => None,
+                    }
+                })
+            };
+            Some(
+                get("gen_ai.usage.input_tokens")? * 0.15 + get("gen_ai.usage.output_tokens")? * 0.6,
+            )
         })
-    };
+        .sum()
+}
+
+/// The root span's duration, in ns.
+fn run_duration(r: &Run) -> f64 {
+    let root = r.request.resource_spans[0].scope_spans[0].spans.last();
+    root.map_or(0.0, |s| {
+        (s.end_time_unix_nano - s.start_time_unix_nano) as f64
+    })
+}
+
+/// Ground truth against what was `kept`: every error and flagged run, and every run above
+/// its type's P99 cost or duration over the hour.
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+fn print_ground_truth(runs: &[Run], kept: &HashSet<[u8; 16]>) {
     let mut by_type: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    for r in &runs {
+    for r in runs {
         let e = by_type.entry(r.task_type).or_default();
-        e.0.push(cost(r));
-        e.1.push(duration(r));
+        e.0.push(run_cost(r));
+        e.1.push(run_duration(r));
     }
     let limits: HashMap<&str, (f64, f64)> = by_type
         .into_iter()
@@ -485,17 +529,14 @@ pub fn storage(args: TracesArgs) -> Result<(), String> {
         .collect();
     let share = |pick: &dyn Fn(&Run) -> bool| {
         let want: Vec<&Run> = runs.iter().filter(|r| pick(r)).collect();
-        let got = want
-            .iter()
-            .filter(|r| sampled.kept.contains(&r.trace))
-            .count();
+        let got = want.iter().filter(|r| kept.contains(&r.trace)).count();
         (got, want.len())
     };
     let (e_got, e_all) = share(&|r| r.error);
     let (f_got, f_all) = share(&|r| r.flagged);
     let (t_got, t_all) = share(&|r| {
         let (c, d) = limits[r.task_type];
-        cost(r) > c || duration(r) > d
+        run_cost(r) > c || run_duration(r) > d
     });
     println!(
         "kept: errors {e_got}/{e_all}, flagged {f_got}/{f_all}, above the hour's P99 cost or duration {t_got}/{t_all}"
@@ -503,11 +544,10 @@ pub fn storage(args: TracesArgs) -> Result<(), String> {
     let healthy = runs.iter().filter(|r| !r.error && !r.flagged).count();
     let healthy_kept = runs
         .iter()
-        .filter(|r| !r.error && !r.flagged && sampled.kept.contains(&r.trace))
+        .filter(|r| !r.error && !r.flagged && kept.contains(&r.trace))
         .count();
     println!(
         "healthy runs kept: {healthy_kept}/{healthy} ({:.1} %: the 10 % sample, the tail, the cost multiple, and runs of types still unmeasured)",
         100.0 * healthy_kept as f64 / healthy.max(1) as f64
     );
-    Ok(())
 }
