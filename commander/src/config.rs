@@ -60,6 +60,101 @@ pub struct Config {
     /// and what they may contain is the policy's `[sampling]` and redaction).
     #[serde(default)]
     pub traces: TracesConfig,
+    /// Who may call what: bearer tokens with roles, the control plane's limits
+    /// (docs/api.md, "Roles").
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// A role a bearer token holds (docs/api.md has the matrix of what each may call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads everything: the dashboard, the API, `/metrics`, the live stream.
+    Viewer,
+    /// A viewer who may also act: pause, drain, resume, cancel, cap, silence, revert.
+    Operator,
+    /// A viewer who may also change policy.
+    Compliance,
+    /// Submits tasks and reads their records; nothing else.
+    Producer,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Viewer, Role::Operator, Role::Compliance, Role::Producer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Compliance => "compliance",
+            Role::Producer => "producer",
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens, each read from an environment variable and holding one role. None
+    /// (and no compliance token either): local mode, where every caller may do everything
+    /// and the API binds loopback only.
+    pub tokens: Vec<TokenConfig>,
+    /// Local mode binds a non-loopback `http.listen` only when this is true.
+    pub allow_remote_without_tokens: bool,
+    /// Origins (`https://ops.example.com`) whose pages may open `/v1/control`, besides
+    /// the commander's own.
+    pub allowed_origins: Vec<String>,
+    /// Control commands per caller per second (a token bucket).
+    pub control_per_s: u32,
+    /// Control commands a caller may send at once before the rate applies.
+    pub control_burst: u32,
+    /// Control commands kept in the audit log (newest).
+    pub audit_records: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            allow_remote_without_tokens: false,
+            allowed_origins: Vec::new(),
+            control_per_s: 5,
+            control_burst: 20,
+            audit_records: 10_000,
+        }
+    }
+}
+
+/// One `[[auth.tokens]]` entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: written in the audit of what it does (the token never is).
+    pub name: String,
+    pub role: Role,
+    /// Environment variable holding the token. Unset or empty at start-up: the entry is
+    /// skipped, with a warning.
+    pub token_env: String,
+}
+
+impl AuthConfig {
+    /// The configured tokens whose variables are set: (name, role, token).
+    pub fn resolve(&self) -> Vec<(String, Role, String)> {
+        self.tokens
+            .iter()
+            .filter_map(|t| {
+                let v = std::env::var(&t.token_env).ok()?;
+                let v = v.trim();
+                if v.is_empty() {
+                    tracing::warn!(token = %t.name, env = %t.token_env, "auth token variable unset or empty: entry skipped");
+                    return None;
+                }
+                Some((t.name.clone(), t.role, v.to_string()))
+            })
+            .collect()
+    }
 }
 
 /// `[traces]` (docs/traces.md).
@@ -988,7 +1083,42 @@ impl Config {
         self.check_fleet_and_policy(&mut p);
         self.check_sinks(&mut p);
         self.check_traces(&mut p);
+        self.check_auth(&mut p);
         p
+    }
+
+    /// `[auth]`.
+    fn check_auth(&self, p: &mut Vec<Keyed>) {
+        let a = &self.auth;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, t) in a.tokens.iter().enumerate() {
+            if t.name.trim().is_empty() || !names.insert(t.name.as_str()) {
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("auth.tokens: entry {i}: name {:?} must be set and unique", t.name),
+                ));
+            }
+            if t.token_env.trim().is_empty() {
+                p.push(Keyed::new(
+                    Missing,
+                    format!("auth.tokens: entry {i} ({}): token_env must name a variable", t.name),
+                ));
+            }
+        }
+        if a.control_per_s == 0 || a.control_burst == 0 {
+            p.push(Keyed::new(
+                OutOfRange,
+                "auth.control_per_s: control_per_s and control_burst must be at least 1".into(),
+            ));
+        }
+        for o in &a.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                p.push(Keyed::new(
+                    BadValue,
+                    format!("auth.allowed_origins: {o:?} must be scheme://host[:port], no path"),
+                ));
+            }
+        }
     }
 
     /// `[traces]` and `[[traces.export]]`.

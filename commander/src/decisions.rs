@@ -155,6 +155,27 @@ const MAX_SCAN: usize = 20_000;
 pub struct DecisionLog {
     by_time: sled::Tree,
     store: Store,
+    /// Where each decision is announced (`decision` events of `/v1/stream`).
+    events: Option<crate::events::Hub>,
+}
+
+/// What a `decision` event carries: enough for a live tail line; the whole record is
+/// `GET /v1/decisions/{task_id}`.
+#[derive(Debug, Serialize)]
+struct DecisionEvent<'a> {
+    id: &'a str,
+    task_id: &'a str,
+    at_ms: u64,
+    outcome: &'a Outcome,
+    pool: Option<&'a str>,
+    model: Option<&'a str>,
+    worker: Option<&'a str>,
+    rule: &'a str,
+    reason: &'a str,
+    task_type: &'a str,
+    tier: &'a str,
+    est_cost_usd: Option<f64>,
+    candidates: usize,
 }
 
 impl DecisionLog {
@@ -162,7 +183,14 @@ impl DecisionLog {
         Ok(Self {
             by_time: store.tree("decisions")?,
             store: store.clone(),
+            events: None,
         })
+    }
+
+    /// Announces every decision recorded from now on to `hub`.
+    pub fn with_events(mut self, hub: crate::events::Hub) -> Self {
+        self.events = Some(hub);
+        self
     }
 
     /// Writes one decision (made durable by the store's next flush).
@@ -182,6 +210,30 @@ impl DecisionLog {
             batch.insert(key(d.at_ms, &d.task_id), value.as_ref());
         }
         self.by_time.apply_batch(batch)?;
+        if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
+            for (d, _) in items {
+                hub.publish(
+                    crate::events::Kind::Decision,
+                    d.pool.as_deref(),
+                    d.worker.as_deref(),
+                    &DecisionEvent {
+                        id: &d.id,
+                        task_id: &d.task_id,
+                        at_ms: d.at_ms,
+                        outcome: &d.outcome,
+                        pool: d.pool.as_deref(),
+                        model: d.model.as_deref(),
+                        worker: d.worker.as_deref(),
+                        rule: &d.rule,
+                        reason: &d.reason,
+                        task_type: &d.task_type,
+                        tier: &d.tier,
+                        est_cost_usd: d.est_cost_usd,
+                        candidates: d.candidates.len(),
+                    },
+                );
+            }
+        }
         Ok(())
     }
 

@@ -580,3 +580,12 @@ impl From<SpanEvent> for SpanFacts {
         }
     }
 }
+
+/// Whether two secrets are equal, in time that depends only on their lengths (a token
+/// check must not tell an attacker how many leading bytes were right).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

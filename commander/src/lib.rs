@@ -11,6 +11,7 @@ pub mod config;
 pub mod decisions;
 pub mod detect;
 pub mod domain;
+pub mod events;
 pub mod fleet;
 pub mod hot;
 pub mod ingest;

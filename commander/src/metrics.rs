@@ -176,6 +176,9 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     /// Routing decisions by pool, model and rule (rejections: pool/model `none`).
     pub decisions: Family<DecisionLabels, Counter>,
+    /// API requests refused before their handler, by reason (missing_token,
+    /// unknown_token, wrong_role).
+    pub auth_refused: Family<ReasonLabel, Counter>,
     pub fleet: FleetGauges,
 }
 
@@ -265,6 +268,11 @@ impl Metrics {
             self.telemetry.clone(),
         );
         r.register("workers", "Workers tracked, by state", self.workers.clone());
+        r.register(
+            "api_auth_refused",
+            "API requests refused before their handler, by reason",
+            self.auth_refused.clone(),
+        );
         self.fleet.register(&mut r);
         r.register(
             "nats_connected",
@@ -291,6 +299,14 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    pub fn auth_refused(&self, reason: &str) {
+        self.auth_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn reject(&self, reason: &str) {

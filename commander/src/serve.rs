@@ -55,6 +55,22 @@ pub enum ServeError {
     TraceStore(#[from] crate::traces::store::TraceStoreError),
     #[error("trace export: {0}")]
     TraceExport(#[from] crate::traces::export::ExportError),
+    #[error(
+        "refusing to serve the API on {addr} in local mode: no [[auth.tokens]] are configured, so anyone who reaches it could read and control the fleet. Configure tokens (docs/api.md, \"Roles\"), bind a loopback address, or set auth.allow_remote_without_tokens = true"
+    )]
+    LocalModeRemote { addr: String },
+}
+
+/// Local mode (no tokens) serves loopback only, unless the config says otherwise.
+fn check_local_mode(config: &Config) -> Result<(), ServeError> {
+    let ip = config.http.listen.ip();
+    if config.auth.resolve().is_empty() && !ip.is_loopback() && !config.auth.allow_remote_without_tokens
+    {
+        return Err(ServeError::LocalModeRemote {
+            addr: config.http.listen.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// A store error as the serve error that names the data directory.
@@ -65,6 +81,7 @@ fn in_store(config: &Config) -> impl FnOnce(StoreError) -> ServeError + use<> {
 
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    check_local_mode(&config)?;
     let data_dir = config.store.data_dir.clone();
     let store = Store::open(&data_dir.join("sled")).map_err(in_store(&config))?;
     let conn = broker::connect(
@@ -127,7 +144,9 @@ async fn run(
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
 
-    let decisions = DecisionLog::open(&store)?;
+    let events = crate::events::Hub::default();
+    events.counters().register(&mut registry);
+    let decisions = DecisionLog::open(&store)?.with_events(events.clone());
 
     let Policies {
         sync: policy_sync,
@@ -143,9 +162,17 @@ async fn run(
     .await?;
     let alerts = start_detection(
         &wiring,
-        (&store, &decisions, &traces.flags),
+        (&store, &decisions, &traces.flags, &events),
         &fleet,
         &engine,
+        &mut registry,
+        &mut telemetry_tasks,
+    )?;
+    let (auth, control) = start_operator_surface(
+        &wiring,
+        &store,
+        (&engine, &fleet, &alerts, &events),
+        compliance_token.clone(),
         &mut registry,
         &mut telemetry_tasks,
     )?;
@@ -179,6 +206,9 @@ async fn run(
         max_body_bytes: config.http.max_body_bytes,
         compliance_token,
         supervisor: supervisor.clone(),
+        auth,
+        events,
+        control,
     };
     serve_api_until_signal(config.http.listen, state).await?;
 
@@ -289,7 +319,12 @@ fn start_traces(
 /// in, alerts out to the alert log, `<prefix>.alerts.<severity>` and the gauges.
 fn start_detection(
     w: &Wiring<'_>,
-    (store, decisions, trace_flags): (&Store, &DecisionLog, &crate::traces::flags::Flags),
+    (store, decisions, trace_flags, events): (
+        &Store,
+        &DecisionLog,
+        &crate::traces::flags::Flags,
+        &crate::events::Hub,
+    ),
     fleet: &FleetHandle,
     engine: &Arc<policy::PolicyEngine>,
     registry: &mut prometheus_client::registry::Registry,
@@ -307,7 +342,8 @@ fn start_detection(
     tasks.extend(sink_tasks);
     let silences = crate::detect::silence::Silences::open(store).map_err(in_store(w.config))?;
     let interventions = crate::detect::act::InterventionLog::open(store, d.max_records)
-        .map_err(in_store(w.config))?;
+        .map_err(in_store(w.config))?
+        .with_events(events.clone());
     interventions.counters.register(registry);
     let alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
     alerts.counters.register(registry);
@@ -328,6 +364,70 @@ fn start_detection(
         crate::detect::run::run(wiring.clone(), stop.clone())
     }));
     Ok(alerts)
+}
+
+/// The operator's surface: the tokens and roles, the control plane (its audit, its rate
+/// limit, and how it reaches workers over NATS) and the live stream's once-a-second feed.
+fn start_operator_surface(
+    w: &Wiring<'_>,
+    store: &Store,
+    (engine, fleet, alerts, events): (
+        &Arc<policy::PolicyEngine>,
+        &FleetHandle,
+        &crate::detect::run::Alerts,
+        &crate::events::Hub,
+    ),
+    compliance_token: Option<String>,
+    registry: &mut prometheus_client::registry::Registry,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(crate::api::auth::Keys, crate::api::control::Control), ServeError> {
+    let auth = crate::api::auth::Keys::new(w.config.auth.resolve(), compliance_token);
+    if auth.local_mode() {
+        tracing::warn!(
+            listen = %w.config.http.listen,
+            "LOCAL MODE: no [[auth.tokens]] configured; every caller of the API may read and control the fleet (docs/api.md, \"Roles\")"
+        );
+    } else {
+        tracing::info!(tokens = ?auth, "API roles in force");
+    }
+    let tell = Arc::new(NatsTell {
+        client: w.client.clone(),
+        subjects: w.subjects.clone(),
+    });
+    let control = crate::api::control::Control::open(store, &w.config.auth, tell)
+        .map_err(in_store(w.config))?;
+    control.counters.register(registry);
+    let (hub, fleet, alerts, engine) = (events.clone(), fleet.clone(), alerts.clone(), engine.clone());
+    let stop = w.stop.clone();
+    tasks.push(w.supervisor.spawn("stream feed", w.stop.clone(), move || {
+        crate::api::stream::feed(
+            hub.clone(),
+            fleet.clone(),
+            alerts.clone(),
+            engine.clone(),
+            stop.clone(),
+        )
+    }));
+    Ok((auth, control))
+}
+
+/// The control plane's way to a worker: a NATS request on `<prefix>.control.<worker>`.
+#[derive(Debug)]
+struct NatsTell {
+    client: async_nats::Client,
+    subjects: fleet_worker::Subjects,
+}
+
+impl crate::api::control::Tell for NatsTell {
+    fn tell<'a>(
+        &'a self,
+        worker: &'a str,
+        req: fleet_worker::control::ControlRequest,
+    ) -> futures::future::BoxFuture<'a, Result<fleet_worker::control::ControlReply, String>> {
+        Box::pin(async move {
+            crate::detect::act::request(&self.client, &self.subjects, worker, &req).await
+        })
+    }
 }
 
 /// The task path's context: the shared core plus its side of NATS.

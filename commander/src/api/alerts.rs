@@ -143,34 +143,11 @@ pub struct NewSilence {
     pub comment: String,
 }
 
-/// The compliance token guards silences until roles exist (docs/alerts.md).
-fn authorised(
-    s: &AppState,
-    headers: &HttpHeaders,
-    remote: super::RemoteAddr,
-) -> Result<(), ApiError> {
-    let auth = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(why) = crate::policy::sync::check_token(s.compliance_token.as_deref(), auth) {
-        tracing::warn!(remote = ?remote.0, reason = %why, "silence change refused");
-        return Err(if s.compliance_token.is_none() {
-            ApiError::Forbidden(why)
-        } else {
-            ApiError::Unauthorized(why)
-        });
-    }
-    Ok(())
-}
-
 /// `POST /v1/silences`: mutes the alerts that match, for `duration_s`.
 pub async fn add_silence(
     State(s): State<AppState>,
-    remote: super::RemoteAddr,
-    headers: HttpHeaders,
     body: Result<Json<NewSilence>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorised(&s, &headers, remote)?;
     let Json(n) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let mut problems = Vec::new();
     if n.matchers.is_empty() {
@@ -216,12 +193,11 @@ pub async fn add_silence(
 /// `DELETE /v1/silences/{id}`: ends a silence now.
 pub async fn expire_silence(
     State(s): State<AppState>,
-    remote: super::RemoteAddr,
     headers: HttpHeaders,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    authorised(&s, &headers, remote)?;
-    let by = super::policy::identity(&headers);
+    let by = super::auth::who(caller, &headers);
     let now = s.core.policy.now_ms();
     let silences = s.alerts.silences.clone();
     let ended = tokio::task::spawn_blocking(move || silences.expire(&id, &by, now))
@@ -292,23 +268,23 @@ pub async fn interventions(
     .into_response())
 }
 
-/// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (the
-/// compliance token, like silences); its workers are told on the next tick. It is not
+/// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (an
+/// operator); its workers are told at once. It is not
 /// applied again while the same alert fires.
 pub async fn revert_intervention(
     State(s): State<AppState>,
-    remote: super::RemoteAddr,
     headers: HttpHeaders,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     use crate::detect::act::InterventionError as E;
-    authorised(&s, &headers, remote)?;
-    let by = format!("operator {}", super::policy::identity(&headers));
+    let by = format!("operator {}", super::auth::who(caller, &headers));
     let now = s.core.policy.now_ms();
     let log = s.alerts.interventions.clone();
     let done = tokio::task::spawn_blocking(move || log.revert(&id, &by, now))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    s.alerts.kick.notify_one();
     match done {
         Ok(i) => Ok(Json(i).into_response()),
         Err(e @ E::NotFound(_)) => Err(ApiError::NotFound(e.to_string())),

@@ -24,9 +24,13 @@ use serde_json::json;
 use crate::metrics::{StateLabel, TransportLabel};
 
 mod alerts;
+pub mod auth;
+pub mod console;
+pub mod control;
 mod decisions;
 mod fleet;
 mod policy;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 mod traces;
@@ -100,6 +104,12 @@ pub struct AppState {
     pub compliance_token: Option<String>,
     /// Which long-lived tasks are down (for `/readyz`); counts panics.
     pub supervisor: Supervisor,
+    /// The bearer tokens and their roles (none: local mode).
+    pub auth: auth::Keys,
+    /// The live event hub `/v1/stream` serves.
+    pub events: crate::events::Hub,
+    /// The control plane: its audit, rate limit and how it reaches workers.
+    pub control: control::Control,
 }
 
 /// The one error type of the API; the only place errors become HTTP statuses.
@@ -122,31 +132,48 @@ pub enum ApiError {
     /// The request does not fit the resource's state ("intervention x is reverted").
     #[error("{0}")]
     Conflict(String),
+    /// Too many requests from this caller (the control plane's rate limit).
+    #[error("{0}")]
+    RateLimited(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
 }
 
+impl ApiError {
+    /// The HTTP status and the error code of the one error shape.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadTask(TaskError::Invalid(_)) => (StatusCode::BAD_REQUEST, "invalid_task"),
+            ApiError::BadTask(TaskError::Parse(_)) => (StatusCode::BAD_REQUEST, "bad_json"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, problems): (StatusCode, &str, Vec<FieldProblem>) = match &self {
-            ApiError::BadTask(TaskError::Invalid(p)) => {
-                (StatusCode::BAD_REQUEST, "invalid_task", p.clone())
-            }
-            ApiError::BadTask(TaskError::Parse(_)) => {
-                (StatusCode::BAD_REQUEST, "bad_json", Vec::new())
-            }
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", Vec::new()),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", Vec::new()),
-            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid", Vec::new()),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", Vec::new()),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", Vec::new()),
-            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", Vec::new()),
-            ApiError::Unavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Vec::new())
-            }
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", Vec::new()),
+        let (status, code) = self.status_and_code();
+        let problems: Vec<FieldProblem> = match &self {
+            ApiError::BadTask(TaskError::Invalid(p)) => p.clone(),
+            _ => Vec::new(),
         };
         match &self {
             ApiError::Unavailable(detail) => tracing::warn!(detail, "intake unavailable"),
@@ -163,9 +190,15 @@ impl IntoResponse for ApiError {
             body["problems"] = json!(problems);
         }
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"fleet-commander\""),
+            );
         }
         resp
     }
@@ -333,6 +366,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policy/replay", post(policy::shadow_replay))
         .route("/v1/policy/history", get(policy::history))
         .route("/v1/policy/history/{version}", get(policy::version))
+        .route("/v1/whoami", get(auth::whoami))
+        .route("/v1/stream", get(stream::stream))
+        .route("/v1/control", get(control::socket).post(control::post))
+        .route("/v1/control/audit", get(control::audit))
+        .route("/v1/control/state", get(control::state))
+        .route("/", get(console::index))
+        .route("/ui/{*file}", get(console::asset))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorise,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

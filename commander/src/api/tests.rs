@@ -102,7 +102,31 @@ struct Api {
 
 const TOKEN: &str = "s3cret-token";
 
+/// Workers are out of reach here: the control plane's cancel runs against real workers
+/// in the end-to-end tests.
+#[derive(Debug)]
+struct NoWorkers;
+
+impl super::control::Tell for NoWorkers {
+    fn tell<'a>(
+        &'a self,
+        worker: &'a str,
+        _req: fleet_worker::control::ControlRequest,
+    ) -> BoxFuture<'a, Result<fleet_worker::control::ControlReply, String>> {
+        Box::pin(async move { Err(format!("worker {worker} is out of reach in unit tests")) })
+    }
+}
+
 fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
+    api_with_roles(token, max_body_bytes, Vec::new(), crate::config::AuthConfig::default())
+}
+
+fn api_with_roles(
+    token: Option<&str>,
+    max_body_bytes: usize,
+    roles: Vec<(String, crate::config::Role, String)>,
+    auth: crate::config::AuthConfig,
+) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("sled")).unwrap();
     let pools: std::collections::BTreeMap<String, PoolConfig> =
@@ -175,6 +199,9 @@ fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
         max_body_bytes,
         compliance_token: token.map(str::to_string),
         supervisor: Default::default(),
+        auth: super::auth::Keys::new(roles, token.map(str::to_string)),
+        events: crate::events::Hub::new(64, 64),
+        control: super::control::Control::open(&store, &auth, Arc::new(NoWorkers)).unwrap(),
     };
     Api {
         state,
@@ -436,4 +463,315 @@ async fn policy_pushes_need_the_token_and_a_valid_policy() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(current["version"], "v1");
     assert_eq!(current["budgets"][0]["name"], "daily");
+}
+
+mod roles {
+    use super::*;
+    use crate::config::Role;
+
+    fn keyed() -> Api {
+        let roles = [
+            ("vera", Role::Viewer, "t-viewer"),
+            ("otto", Role::Operator, "t-operator"),
+            ("cora", Role::Compliance, "t-compliance"),
+            ("pete", Role::Producer, "t-producer"),
+        ]
+        .into_iter()
+        .map(|(n, r, t)| (n.to_string(), r, t.to_string()))
+        .collect();
+        let auth = crate::config::AuthConfig {
+            control_per_s: 1,
+            control_burst: 3,
+            ..Default::default()
+        };
+        api_with_roles(None, 1 << 20, roles, auth)
+    }
+
+    fn request(method: &str, path: &str, token: Option<&str>) -> Request<Body> {
+        // Path parameters get a plausible value; the body is whatever the route reads.
+        let uri = path
+            .replace("{*file}", "app.js")
+            .replace('{', "")
+            .replace('}', "");
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b.header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_route_answers_401_without_a_token_and_403_to_a_role_it_does_not_admit() {
+        let api = keyed();
+        let token = |r: Role| match r {
+            Role::Viewer => "t-viewer",
+            Role::Operator => "t-operator",
+            Role::Compliance => "t-compliance",
+            Role::Producer => "t-producer",
+        };
+        for (method, path, access) in super::super::auth::ROUTES {
+            if *path == "/v1/stream" || (*path == "/v1/control" && *method == "GET") {
+                continue; // long-lived: checked below
+            }
+            let (status, _, body) = api.call(request(method, path, None)).await;
+            match access {
+                super::super::auth::Access::Public => {
+                    assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}")
+                }
+                super::super::auth::Access::Roles(admitted) => {
+                    assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+                    let (status, _, _) = api.call(request(method, path, Some("nope"))).await;
+                    assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+                    for r in Role::ALL {
+                        let (status, _, body) =
+                            api.call(request(method, path, Some(token(r)))).await;
+                        if admitted.contains(&r) {
+                            assert!(
+                                status != StatusCode::UNAUTHORIZED
+                                    && status != StatusCode::FORBIDDEN,
+                                "{method} {path} as {r:?}: {status} {body}"
+                            );
+                        } else {
+                            assert_eq!(
+                                status,
+                                StatusCode::FORBIDDEN,
+                                "{method} {path} as {r:?}: {body}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for path in ["/v1/stream", "/v1/control"] {
+            let (status, _, _) = api.call(request("GET", path, None)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            let (status, _, _) = api.call(request("GET", path, Some("t-producer"))).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        }
+        let refused = api.state.core.metrics.auth_refused.get_or_create(
+            &crate::metrics::ReasonLabel {
+                reason: "wrong_role".into(),
+            },
+        );
+        assert!(refused.get() > 0);
+    }
+
+    #[test]
+    fn every_route_of_the_router_declares_its_roles_and_the_docs_print_the_matrix() {
+        let src = include_str!("mod.rs");
+        let mut routed = Vec::new();
+        for chunk in src.split(".route(").skip(1) {
+            let path = chunk.trim_start().trim_start_matches('"');
+            let path = &path[..path.find('"').unwrap()];
+            routed.push(path.to_string());
+        }
+        assert!(routed.len() > 30, "{routed:?}");
+        for path in &routed {
+            assert!(
+                super::super::auth::ROUTES.iter().any(|(_, p, _)| p == path),
+                "route {path} declares no roles in auth::ROUTES"
+            );
+        }
+        let docs = include_str!("../../../docs/api.md");
+        assert!(
+            docs.contains(&super::super::auth::matrix()),
+            "docs/api.md must carry auth::matrix() as printed:\n{}",
+            super::super::auth::matrix()
+        );
+    }
+
+    #[tokio::test]
+    async fn local_mode_lets_every_caller_do_everything_and_whoami_says_so() {
+        let api = api(None, 1 << 20);
+        let (status, body) = api.get("/v1/whoami").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["local_mode"], true);
+        assert_eq!(body["roles"].as_array().unwrap().len(), 4);
+        let keyed = keyed();
+        let (_, _, body) = keyed
+            .call(request("GET", "/v1/whoami", Some("t-operator")))
+            .await;
+        assert_eq!(body["name"], "otto");
+        assert_eq!(body["roles"], serde_json::json!(["operator"]));
+        assert_eq!(body["local_mode"], false);
+    }
+
+    fn command(token: &str, body: Value) -> Request<Body> {
+        Request::post("/v1/control")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("fleet-identity", "alice")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn control_commands_are_acked_audited_and_rate_limited() {
+        let api = keyed();
+        // A pool the config knows: pausing it is an operator intervention in force.
+        let (status, _, ack) = api
+            .call(command("t-operator", serde_json::json!({"id": "c1", "command": "pause", "pool": "code", "reason": "deploy"})))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["id"], "c1");
+        assert_eq!(ack["ok"], true);
+        let i = &ack["state"]["intervention"];
+        assert_eq!(i["action"], "pause");
+        assert_eq!(i["state"], "active");
+        assert_eq!(i["rule"], "operator");
+        let active = api.state.alerts.interventions.active();
+        assert_eq!(active.len(), 1);
+        // An unknown worker is refused, with why.
+        let (status, _, ack) = api
+            .call(command("t-operator", serde_json::json!({"command": "drain", "worker": "ghost"})))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{ack}");
+        assert_eq!(ack["ok"], false);
+        assert_eq!(ack["error"]["code"], "not_found");
+        // Resume ends the pause.
+        let (status, _, ack) = api
+            .call(command("t-operator", serde_json::json!({"command": "resume", "pool": "code"})))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["state"]["ended"].as_array().unwrap().len(), 1);
+        assert!(api.state.alerts.interventions.active().is_empty());
+        // The burst (3) is spent: the next is refused 429 and audited too.
+        let (status, _, ack) = api
+            .call(command("t-operator", serde_json::json!({"command": "resume", "pool": "code"})))
+            .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{ack}");
+        assert_eq!(ack["error"]["code"], "rate_limited");
+        let (_, _, log) = api
+            .call(request("GET", "/v1/control/audit", Some("t-viewer")))
+            .await;
+        let records = log["records"].as_array().unwrap();
+        assert_eq!(records.len(), 4, "{log}");
+        assert_eq!(records[3]["who"], "otto (alice)");
+        assert_eq!(records[3]["request"]["reason"], "deploy");
+        assert_eq!(records[3]["ok"], true);
+        assert_eq!(records[0]["result"]["code"], "rate_limited");
+        // A viewer may read but not act.
+        let (status, _, _) = api
+            .call(command("t-viewer", serde_json::json!({"command": "lift_cost_cap"})))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn routing_changes_and_the_cost_cap_take_effect_in_the_live_snapshot_at_once() {
+        let api = api(None, 1 << 20);
+        let (status, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "block_pool", "pool": "docs"})))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["state"]["blocked"], true);
+        let live = api.state.core.policy.live();
+        assert_eq!(live.blocks.len(), 1);
+        let (_, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "reroute_pool", "pool": "code", "to": "docs"})))
+            .await;
+        assert_eq!(ack["state"]["rerouted_to"], "docs", "{ack}");
+        let (_, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "restore_pool", "pool": "docs"})))
+            .await;
+        assert_eq!(ack["state"]["blocked"], false, "{ack}");
+        assert_eq!(api.state.core.policy.live().reroutes.len(), 1);
+
+        let (status, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "cost_cap", "usd": 2.5, "window": "1h"})))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        let budgets = &api.state.core.policy.live().policy.budgets;
+        let cap = budgets
+            .iter()
+            .find(|b| b.spec.name == crate::policy::COST_CAP_BUDGET)
+            .expect("the cap is a budget in force");
+        assert_eq!(cap.spec.limit_usd, 2.5);
+        // A policy swap keeps it.
+        let (status, _, _) = api
+            .call(put_policy(None, GOOD_POLICY))
+            .await;
+        assert_ne!(status, StatusCode::OK, "local mode still needs the compliance token to push");
+        let policy = api
+            .state
+            .core
+            .policy
+            .parse(vec![Document {
+                name: "ops.policy.toml".into(),
+                text: GOOD_POLICY.into(),
+            }])
+            .unwrap();
+        api.state.core.policy.swap(policy, 7, Source::Http, "test");
+        let names: Vec<String> = api
+            .state
+            .core
+            .policy
+            .live()
+            .policy
+            .budgets
+            .iter()
+            .map(|b| b.spec.name.clone())
+            .collect();
+        assert_eq!(names, vec!["daily".to_string(), crate::policy::COST_CAP_BUDGET.to_string()]);
+        let (_, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "cost_cap", "usd": 1.0, "window": "fortnight"})))
+            .await;
+        assert_eq!(ack["ok"], false, "{ack}");
+        let (_, _, ack) = api
+            .call(command("x", serde_json::json!({"command": "lift_cost_cap"})))
+            .await;
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(api.state.core.policy.live().policy.budgets.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_stream_sends_typed_events_with_ids_filters_them_and_resumes() {
+        use http_body_util::BodyExt;
+        let api = api(None, 1 << 20);
+        let open = |uri: &str, last: Option<&str>| {
+            let mut b = Request::get(uri);
+            if let Some(l) = last {
+                b = b.header("last-event-id", l);
+            }
+            router(api.state.clone()).oneshot(b.body(Body::empty()).unwrap())
+        };
+        let resp = open("/v1/stream?kinds=decision,alert&pool=code", None).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE].to_str().unwrap(),
+            "text/event-stream"
+        );
+        let hub = &api.state.events;
+        hub.publish(crate::events::Kind::Decision, Some("docs"), None, &"other pool");
+        hub.publish(crate::events::Kind::Policy, None, None, &"not asked for");
+        hub.publish(crate::events::Kind::Decision, Some("code"), None, &"mine");
+        let mut first = resp.into_body();
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), first.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+        assert_eq!(text, "id: 3\nevent: decision\ndata: \"mine\"\n\n");
+        // A client that saw event 1 gets 2 and 3 again (its filters apply).
+        let resp = open("/v1/stream", Some("1")).await.unwrap();
+        let mut second = resp.into_body();
+        let mut got = String::new();
+        while !got.contains("id: 3") {
+            let f = tokio::time::timeout(std::time::Duration::from_secs(5), second.frame())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got.push_str(std::str::from_utf8(&f.into_data().unwrap()).unwrap());
+        }
+        assert!(got.starts_with("id: 2\nevent: policy"), "{got}");
+        let (status, _) = api.get("/v1/stream?kinds=gossip").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(api.state.events.counters().clients.get(), 2);
+        drop((first, second));
+        assert_eq!(api.state.events.counters().clients.get(), 0);
+    }
 }

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
+mod ctl;
 mod policy;
+pub use ctl::CtlArgs;
 pub use policy::PolicyCommand;
 
 #[derive(Debug, Parser)]
@@ -60,6 +62,9 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The control plane: pause, drain, resume, cancel, block, reroute, cap (docs/api.md,
+    /// "Control").
+    Ctl(CtlArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,6 +251,7 @@ pub fn run(cli: Cli) -> ExitCode {
             alerts_tail(tail, severity),
         ),
         Command::Policy { command } => policy::run(command),
+        Command::Ctl(args) => ctl::run(args),
         Command::Serve(args) => {
             let config = match args.resolve() {
                 Ok(c) => c,

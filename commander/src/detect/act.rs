@@ -92,6 +92,8 @@ pub struct InterventionLog {
     max_records: usize,
     active: Arc<Mutex<BTreeMap<String, Intervention>>>,
     pub counters: Arc<InterventionCounters>,
+    /// Where each change is announced (`intervention` events of `/v1/stream`).
+    events: Option<crate::events::Hub>,
 }
 
 fn key(i: &Intervention) -> Vec<u8> {
@@ -128,7 +130,14 @@ impl InterventionLog {
             max_records: max_records.max(1),
             active: Arc::new(Mutex::new(active)),
             counters: Arc::new(InterventionCounters::default()),
+            events: None,
         })
+    }
+
+    /// Announces every intervention recorded from now on to `hub`.
+    pub fn with_events(mut self, hub: crate::events::Hub) -> Self {
+        self.events = Some(hub);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Intervention>> {
@@ -159,6 +168,14 @@ impl InterventionLog {
     /// Stores an intervention as it is now, and holds it while it is active.
     pub fn record(&self, i: &Intervention) -> Result<(), StoreError> {
         self.write(i)?;
+        if let Some(hub) = &self.events {
+            let (pool, worker) = match &i.target {
+                intervene::Target::Worker(w) => (None, Some(w.as_str())),
+                intervene::Target::Pool(p) => (Some(p.as_str()), None),
+                intervene::Target::Fleet => (None, None),
+            };
+            hub.publish(crate::events::Kind::Intervention, pool, worker, i);
+        }
         let mut active = self.lock();
         if i.state == InterventionState::Active {
             active.insert(i.id.clone(), i.clone());
@@ -549,9 +566,19 @@ async fn send_all(
 }
 
 async fn send(t: &Tick<'_>, worker: &str, req: &ControlRequest) -> Result<ControlReply, String> {
+    request(t.client, t.subjects, worker, req).await
+}
+
+/// Sends one control command to a worker over NATS and waits (2 s at most) for its answer.
+pub async fn request(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    worker: &str,
+    req: &ControlRequest,
+) -> Result<ControlReply, String> {
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    let subject = t.subjects.control(worker);
-    let reply = tokio::time::timeout(CONTROL_TIMEOUT, t.client.request(subject, body.into()))
+    let subject = subjects.control(worker);
+    let reply = tokio::time::timeout(CONTROL_TIMEOUT, client.request(subject, body.into()))
         .await
         .map_err(|_| format!("no answer within {} s", CONTROL_TIMEOUT.as_secs()))?
         .map_err(|e| e.to_string())?;

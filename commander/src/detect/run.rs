@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use super::{Alert, AlertLog, AlertState, Change, Detector, Rule};
 use crate::domain::Clock;
 use crate::fleet::FleetHandle;
+use crate::fleet::view::FleetSnapshot;
 use crate::policy::PolicyEngine;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +88,9 @@ pub struct Alerts {
     pub sinks: super::sinks::Sinks,
     pub silences: super::silence::Silences,
     pub interventions: super::act::InterventionLog,
+    /// Wakes the loop before its next tick (an operator's pause or resume is carried out
+    /// at once, not within the second).
+    pub kick: Arc<tokio::sync::Notify>,
 }
 
 impl Alerts {
@@ -103,6 +107,7 @@ impl Alerts {
             sinks,
             silences,
             interventions,
+            kick: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -140,32 +145,21 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut drift: Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // A kick (an operator's command) only brings the workers to the interventions in
+        // force: the rules run on the tick, once per snapshot, as their history expects.
+        let kicked = tokio::select! {
+            _ = tick.tick() => false,
+            _ = w.alerts.kick.notified() => true,
             _ = stop.changed() => return,
-        }
+        };
         let snapshot = w.fleet.snapshot();
         let live = w.engine.live();
         let now_ms = w.clock.now_ms();
-        step_drift(
-            &mut detector,
-            &mut drift,
-            &snapshot,
-            &live.policy.alerts,
-            now_ms,
-        )
-        .await;
-        let changes = detector.tick(&snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
-        w.alerts.counters.ticks.inc();
-        for (change, alert) in &changes {
-            settle(&w, *change, alert, now_ms).await;
-        }
-        let mut open = detector.open();
-        for a in &mut open {
-            a.silenced_by = w.alerts.silences.muting(a, now_ms);
-        }
-        set_gauges(&w.alerts.counters, &open);
-        flag_traces(&w.trace_flags, &open, now_ms, w.interval);
+        let open = if kicked {
+            w.alerts.open.load_full().as_ref().clone()
+        } else {
+            detect_once(&w, &mut detector, &mut drift, &snapshot, &live, now_ms).await
+        };
         actor
             .tick(&super::act::Tick {
                 log: &w.alerts.interventions,
@@ -180,12 +174,39 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
                 decisions: Some(&w.decisions),
             })
             .await;
-        let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());
-        if refused > counted {
-            w.alerts.counters.refused.inc_by(refused - counted);
+        if !kicked {
+            let (refused, counted) = (detector.refused(), w.alerts.counters.refused.get());
+            if refused > counted {
+                w.alerts.counters.refused.inc_by(refused - counted);
+            }
+            w.alerts.open.store(Arc::new(open));
         }
-        w.alerts.open.store(Arc::new(open));
     }
+}
+
+/// One evaluation of the rules: alerts settled (stored, published, delivered), and the
+/// open ones, with their silences, returned.
+async fn detect_once(
+    w: &Wiring,
+    detector: &mut Detector,
+    drift: &mut Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>>,
+    snapshot: &FleetSnapshot,
+    live: &crate::policy::live::Live,
+    now_ms: u64,
+) -> Vec<Alert> {
+    step_drift(detector, drift, snapshot, &live.policy.alerts, now_ms).await;
+    let changes = detector.tick(snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
+    w.alerts.counters.ticks.inc();
+    for (change, alert) in &changes {
+        settle(w, *change, alert, now_ms).await;
+    }
+    let mut open = detector.open();
+    for a in &mut open {
+        a.silenced_by = w.alerts.silences.muting(a, now_ms);
+    }
+    set_gauges(&w.alerts.counters, &open);
+    flag_traces(&w.trace_flags, &open, now_ms, w.interval);
+    open
 }
 
 /// Every open alert (pending or firing) flags its worker's traces and its task's, so the

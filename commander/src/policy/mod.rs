@@ -202,6 +202,43 @@ pub struct PolicyEngine {
     alerted: Mutex<std::collections::BTreeSet<(String, String, u64, u32)>>,
     /// When an unauthorised push from (source, peer) was last audited.
     unauthorised_seen: Mutex<std::collections::HashMap<String, u64>>,
+    /// The operators' emergency cost cap: a fleet budget added to every policy in force
+    /// until lifted (kept in sled across restarts).
+    cap: Mutex<Option<CostCap>>,
+    cap_tree: sled::Tree,
+}
+
+/// The budget name of the operators' emergency cost cap.
+pub const COST_CAP_BUDGET: &str = "operator_cost_cap";
+
+/// An emergency cost cap as set (`POST /v1/control` `cost_cap`).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct CostCap {
+    pub limit_usd: f64,
+    /// A rolling window (`1h`) or `hour`, `day`, `month`.
+    pub window: String,
+    pub set_by: String,
+    pub set_at_ms: u64,
+}
+
+impl CostCap {
+    fn budget(&self) -> Result<load::Budget, String> {
+        Ok(load::Budget {
+            window: window::Window::parse(&self.window)?,
+            spec: schema::BudgetSpec {
+                name: COST_CAP_BUDGET.into(),
+                scope: schema::Scope::Fleet,
+                matches: None,
+                window: self.window.clone(),
+                limit_usd: self.limit_usd,
+                soft: Vec::new(),
+                action: schema::LimitAction::Defer,
+                min_tier: None,
+                then: schema::Fallback::Defer,
+            },
+            at: crate::domain::Location::file("control plane (cost_cap)"),
+        })
+    }
 }
 
 impl PolicyEngine {
@@ -224,6 +261,11 @@ impl PolicyEngine {
         }
         let limiters = LimiterCache::default();
         let now = clock.now_ms();
+        let cap_tree = store.tree("cost_cap")?;
+        let cap: Option<CostCap> = cap_tree
+            .get(b"cap")
+            .map_err(StoreError::from)?
+            .and_then(|v| serde_json::from_slice(&v).ok());
         let Start {
             routing,
             registry,
@@ -232,6 +274,7 @@ impl PolicyEngine {
             rubric_file,
             policy,
         } = start;
+        let policy = with_cap(policy, cap.as_ref());
         let live = Live {
             hints: evaluate::hints(&policy),
             throttles: limiters.build(&policy),
@@ -267,7 +310,56 @@ impl PolicyEngine {
             changed: tokio::sync::Notify::new(),
             alerted: Mutex::new(Default::default()),
             unauthorised_seen: Mutex::new(Default::default()),
+            cap: Mutex::new(cap),
+            cap_tree,
         }))
+    }
+
+    /// The emergency cost cap in force, if any.
+    pub fn cost_cap(&self) -> Option<CostCap> {
+        self.cap.lock().map_or(None, |c| c.clone())
+    }
+
+    /// Sets (`Some((usd, window))`) or lifts the emergency cost cap: a fleet budget that
+    /// defers tasks past its limit, in force from the next decision and kept across
+    /// policy swaps and restarts. Spending counts from when it is first set.
+    pub fn set_cost_cap(
+        &self,
+        cap: Option<(f64, &str)>,
+        who: &str,
+    ) -> Result<Option<CostCap>, String> {
+        let cap = cap.map(|(usd, window)| CostCap {
+            limit_usd: usd,
+            window: window.to_string(),
+            set_by: who.to_string(),
+            set_at_ms: self.now_ms(),
+        });
+        if let Some(c) = &cap {
+            c.budget()?;
+        }
+        self.with_gate(|| {
+            match &cap {
+                Some(c) => {
+                    let body = serde_json::to_vec(c).map_err(|e| e.to_string())?;
+                    self.cap_tree.insert(b"cap", body).map_err(|e| e.to_string())?;
+                }
+                None => {
+                    self.cap_tree.remove(b"cap").map_err(|e| e.to_string())?;
+                }
+            }
+            // A poisoned lock only means a panic elsewhere mid-assignment.
+            *self.cap.lock().unwrap_or_else(|p| p.into_inner()) = cap.clone();
+            let current = self.live();
+            let policy = with_cap((*current.policy).clone(), cap.as_ref());
+            self.live.store(Arc::new(Live {
+                policy: Arc::new(policy),
+                ..current.sources_kept()
+            }));
+            Ok::<(), String>(())
+        })?;
+        self.changed.notify_one();
+        tracing::warn!(cap = ?cap, who, "emergency cost cap changed");
+        Ok(cap)
     }
 
     /// The one live snapshot: read it once per decision (or batch of decisions).
@@ -388,6 +480,7 @@ impl PolicyEngine {
             policy.version = format!("v{revision}");
         }
         let version = policy.version.clone();
+        let policy = with_cap(policy, self.cost_cap().as_ref());
         let live = Arc::new(Live {
             hints: live::with_reroutes(evaluate::hints(&policy), &current.reroutes),
             throttles: self.limiters.build(&policy),
@@ -685,4 +778,13 @@ impl InForce<Rubric> for PolicyEngine {
     fn in_force(&self) -> Arc<Rubric> {
         self.live.load().rubric.clone()
     }
+}
+
+/// `policy` with the emergency cost cap as its last budget (or without one).
+fn with_cap(mut policy: Policy, cap: Option<&CostCap>) -> Policy {
+    policy.budgets.retain(|b| b.spec.name != COST_CAP_BUDGET);
+    if let Some(b) = cap.and_then(|c| c.budget().ok()) {
+        policy.budgets.push(b);
+    }
+    policy
 }

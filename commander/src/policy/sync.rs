@@ -535,16 +535,9 @@ pub fn check_token(expected: Option<&str>, authorization: Option<&str>) -> Resul
         .map(str::trim);
     match given {
         None => Err("missing compliance token (Authorization: Bearer …)".into()),
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(t) if crate::domain::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err("wrong compliance token".into()),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn identity_of_dir(dir: &Path) -> String {

@@ -1,0 +1,922 @@
+//! The control plane: what an operator does to the fleet, over `POST /v1/control` (one
+//! command per request, for scripts and `commander ctl`) or the `GET /v1/control`
+//! WebSocket (one JSON command per message, one ack each, for the dashboard).
+//!
+//! Commands become operator interventions beside the escalation ladder's
+//! (`detect::intervene`): a pause, drain, block or reroute is a sticky intervention named
+//! `op-…` that stays in force until an operator ends it, and the detector's loop (woken at
+//! once) tells the workers; a resume ends the pauses and drains on its target, a
+//! `restore_pool` the blocks and reroutes on its pool. A cancel is a control command to
+//! the worker running the task. The cost cap is a fleet budget the policy engine adds to
+//! the policy in force (`PolicyEngine::set_cost_cap`).
+//!
+//! Every command is rate-limited per caller, answered with an ack (its id, ok or the
+//! error, and the resulting state), and audited (who, what, when, result) in sled.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use fleet_worker::control::{Command, ControlReply, ControlRequest};
+use futures::future::BoxFuture;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::{ApiError, AppState};
+use crate::detect::intervene::{self, Intervention, InterventionState, Target};
+use crate::policy::schema::{BlockScope, EscalationAction};
+use crate::store::{Store, StoreError};
+
+/// Sends one control command to a worker and returns its answer (in service: a NATS
+/// request on `<prefix>.control.<worker>`).
+pub trait Tell: Send + Sync + std::fmt::Debug {
+    fn tell<'a>(
+        &'a self,
+        worker: &'a str,
+        req: ControlRequest,
+    ) -> BoxFuture<'a, Result<ControlReply, String>>;
+}
+
+/// One command, as sent (JSON). Which fields a command takes: docs/api.md, "Control".
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Echoed in the ack; one is made up when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// `reroute_pool`: where the pool's tasks go instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `cost_cap`: the fleet's limit in USD per `window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd: Option<f64>,
+    /// `cost_cap`: a rolling window (`1h`, `30m`, `1d`) or `hour`/`day`/`month`; default `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// Why, in words: kept in the audit and on the intervention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A checked command.
+#[derive(Clone, Debug, PartialEq)]
+enum Op {
+    Mode(EscalationAction, Target),
+    Resume(Target),
+    Cancel(String),
+    Block(String),
+    Reroute { pool: String, to: String },
+    Restore(String),
+    Cap { usd: f64, window: String },
+    LiftCap,
+}
+
+/// Every command name, for the error that lists them.
+pub const COMMANDS: &[&str] = &[
+    "pause",
+    "resume",
+    "drain",
+    "cancel",
+    "block_pool",
+    "reroute_pool",
+    "restore_pool",
+    "cost_cap",
+    "lift_cost_cap",
+];
+
+fn need<'a>(v: &'a Option<String>, what: &str, cmd: &str) -> Result<&'a str, ApiError> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::BadRequest(format!("{cmd} needs {what}")))
+}
+
+fn target(r: &Request) -> Result<Target, ApiError> {
+    match (&r.worker, &r.pool) {
+        (Some(w), None) if !w.trim().is_empty() => Ok(Target::Worker(w.trim().to_string())),
+        (None, Some(p)) if !p.trim().is_empty() => Ok(Target::Pool(p.trim().to_string())),
+        _ => Err(ApiError::BadRequest(format!(
+            "{} needs exactly one of worker or pool",
+            r.command
+        ))),
+    }
+}
+
+impl Request {
+    fn op(&self) -> Result<Op, ApiError> {
+        let c = self.command.as_str();
+        let unused = |fields: &[(&str, bool)]| -> Result<(), ApiError> {
+            match fields.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(ApiError::BadRequest(format!("{c} does not take {name}"))),
+                None => Ok(()),
+            }
+        };
+        let (w, p, t, to, usd, win) = (
+            self.worker.is_some(),
+            self.pool.is_some(),
+            self.task_id.is_some(),
+            self.to.is_some(),
+            self.usd.is_some(),
+            self.window.is_some(),
+        );
+        let op = match c {
+            "pause" | "drain" | "resume" => {
+                unused(&[("task_id", t), ("to", to), ("usd", usd), ("window", win)])?;
+                let tg = target(self)?;
+                match c {
+                    "pause" => Op::Mode(EscalationAction::Pause, tg),
+                    "drain" => Op::Mode(EscalationAction::Drain, tg),
+                    _ => Op::Resume(tg),
+                }
+            }
+            "cancel" => {
+                unused(&[("worker", w), ("pool", p), ("to", to), ("usd", usd), ("window", win)])?;
+                Op::Cancel(need(&self.task_id, "task_id", c)?.to_string())
+            }
+            "block_pool" | "restore_pool" => {
+                unused(&[("worker", w), ("task_id", t), ("to", to), ("usd", usd), ("window", win)])?;
+                let pool = need(&self.pool, "pool", c)?.to_string();
+                if c == "block_pool" {
+                    Op::Block(pool)
+                } else {
+                    Op::Restore(pool)
+                }
+            }
+            "reroute_pool" => {
+                unused(&[("worker", w), ("task_id", t), ("usd", usd), ("window", win)])?;
+                let pool = need(&self.pool, "pool", c)?.to_string();
+                let to = need(&self.to, "to (the pool that takes its tasks)", c)?.to_string();
+                if pool == to {
+                    return Err(ApiError::BadRequest(format!(
+                        "reroute_pool: {pool} cannot take its own tasks"
+                    )));
+                }
+                Op::Reroute { pool, to }
+            }
+            "cost_cap" => {
+                unused(&[("worker", w), ("pool", p), ("task_id", t), ("to", to)])?;
+                let usd = self.usd.ok_or_else(|| {
+                    ApiError::BadRequest("cost_cap needs usd (the fleet's limit)".into())
+                })?;
+                if !(usd.is_finite() && usd >= 0.0) {
+                    return Err(ApiError::BadRequest(format!(
+                        "cost_cap: usd {usd} must be a number >= 0"
+                    )));
+                }
+                Op::Cap {
+                    usd,
+                    window: self.window.clone().unwrap_or_else(|| "1h".into()),
+                }
+            }
+            "lift_cost_cap" => {
+                unused(&[
+                    ("worker", w),
+                    ("pool", p),
+                    ("task_id", t),
+                    ("to", to),
+                    ("usd", usd),
+                    ("window", win),
+                ])?;
+                Op::LiftCap
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown command {other:?}: one of {}",
+                    COMMANDS.join(", ")
+                )));
+            }
+        };
+        Ok(op)
+    }
+}
+
+/// The answer to one command.
+#[derive(Debug, Serialize)]
+pub struct Ack {
+    pub id: String,
+    pub command: String,
+    pub ok: bool,
+    /// The id of the audit record.
+    pub audit_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+/// One audited command.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: String,
+    pub at_ms: u64,
+    /// The token's name (`local` in local mode), and the `fleet-identity` header if sent.
+    pub who: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// `http` or `websocket`.
+    pub via: String,
+    pub request: Request,
+    pub ok: bool,
+    /// The resulting state, or the error.
+    pub result: Value,
+}
+
+/// The control plane's state: the audit log, the rate limiter, counters.
+#[derive(Clone)]
+pub struct Control {
+    tree: sled::Tree,
+    count: Arc<AtomicUsize>,
+    max_records: usize,
+    seq: Arc<AtomicU64>,
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    pub allowed_origins: Arc<Vec<String>>,
+    pub tell: Arc<dyn Tell>,
+    pub counters: Arc<ControlCounters>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("records", &self.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CommandLabels {
+    pub command: String,
+    pub outcome: &'static str,
+}
+
+/// `fleet_control_requests_total{command, outcome}`.
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    pub requests: prometheus_client::metrics::family::Family<
+        CommandLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl ControlCounters {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "control_requests",
+            "Operator control commands, by command and outcome (ok, refused, rate_limited)",
+            self.requests.clone(),
+        );
+    }
+}
+
+impl Control {
+    pub fn open(
+        store: &Store,
+        cfg: &crate::config::AuthConfig,
+        tell: Arc<dyn Tell>,
+    ) -> Result<Self, StoreError> {
+        let tree = store.tree("control_audit")?;
+        let last = tree
+            .last()?
+            .and_then(|(k, _)| k.get(8..16).and_then(|b| b.try_into().ok()))
+            .map_or(0, u64::from_be_bytes);
+        let per_s = NonZeroU32::new(cfg.control_per_s).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cfg.control_burst).unwrap_or(NonZeroU32::MIN);
+        Ok(Control {
+            count: Arc::new(AtomicUsize::new(tree.len())),
+            tree,
+            max_records: cfg.audit_records.max(1),
+            seq: Arc::new(AtomicU64::new(last + 1)),
+            limiter: Arc::new(RateLimiter::keyed(
+                Quota::per_second(per_s).allow_burst(burst),
+            )),
+            allowed_origins: Arc::new(cfg.allowed_origins.clone()),
+            tell,
+            counters: Arc::new(ControlCounters::default()),
+        })
+    }
+
+    fn audit(&self, mut rec: AuditRecord) -> Result<String, StoreError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        rec.id = format!("ctl-{seq}");
+        let mut key = rec.at_ms.to_be_bytes().to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        let body = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt {
+            id: rec.id.clone(),
+            reason: e.to_string(),
+        })?;
+        self.tree.insert(key, body)?;
+        if self.count.fetch_add(1, Ordering::Relaxed) + 1 > self.max_records
+            && self.tree.pop_min()?.is_some()
+        {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(rec.id)
+    }
+
+    /// The newest audit records, at most `limit`.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().rev().take(limit) {
+            let (_, v) = item?;
+            if let Ok(r) = serde_json::from_slice(&v) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Who sent a command and over what, for the audit.
+struct Who<'a> {
+    caller: &'a Caller,
+    identity: Option<String>,
+    remote: Option<String>,
+    via: &'static str,
+}
+
+/// Checks, rate-limits, applies and audits one command; the ack is the answer whatever
+/// happened.
+async fn handle(s: &AppState, from: &Who<'_>, req: Request) -> (Ack, Option<ApiError>) {
+    let id = req
+        .id
+        .clone()
+        .filter(|i| !i.is_empty() && i.len() <= 128)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let now = s.core.policy.now_ms();
+    let result = if s.control.limiter.check_key(&from.caller.name).is_err() {
+        Err(ApiError::RateLimited(format!(
+            "{} sends control commands faster than auth.control_per_s allows; slow down",
+            from.caller.name
+        )))
+    } else {
+        match req.op() {
+            Ok(op) => apply(s, from, &op, req.reason.as_deref(), now).await,
+            Err(e) => Err(e),
+        }
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(ApiError::RateLimited(_)) => "rate_limited",
+        Err(_) => "refused",
+    };
+    s.control
+        .counters
+        .requests
+        .get_or_create(&CommandLabels {
+            command: if COMMANDS.contains(&req.command.as_str()) {
+                req.command.clone()
+            } else {
+                "unknown".into()
+            },
+            outcome,
+        })
+        .inc();
+    let (ok, state, error) = match &result {
+        Ok(v) => (true, Some(v.clone()), None),
+        Err(e) => (
+            false,
+            None,
+            Some(json!({"code": e.code(), "message": e.to_string()})),
+        ),
+    };
+    let who = match &from.identity {
+        Some(i) if *i != from.caller.name => format!("{} ({i})", from.caller.name),
+        _ => from.caller.name.clone(),
+    };
+    let rec = AuditRecord {
+        id: String::new(),
+        at_ms: now,
+        who: who.clone(),
+        remote: from.remote.clone(),
+        via: from.via.into(),
+        request: req.clone(),
+        ok,
+        result: state.clone().or_else(|| error.clone()).unwrap_or(Value::Null),
+    };
+    let audit_id = match s.control.audit(rec) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "control command not audited");
+            String::new()
+        }
+    };
+    tracing::info!(who, command = %req.command, ok, audit = %audit_id, via = from.via, "control command");
+    let ack = Ack {
+        id,
+        command: req.command,
+        ok,
+        audit_id,
+        state,
+        error,
+    };
+    (ack, result.err())
+}
+
+/// The active interventions an operator command may end on `target`.
+fn ending<'a>(
+    active: &'a [Intervention],
+    keep: impl Fn(&Intervention) -> bool + 'a,
+) -> impl Iterator<Item = &'a Intervention> + 'a {
+    active
+        .iter()
+        .filter(move |i| i.state == InterventionState::Active && keep(i))
+}
+
+async fn apply(
+    s: &AppState,
+    from: &Who<'_>,
+    op: &Op,
+    reason: Option<&str>,
+    now: u64,
+) -> Result<Value, ApiError> {
+    let log = &s.alerts.interventions;
+    let who = from.caller.name.as_str();
+    let why = reason.map_or(String::new(), |r| format!(": {r}"));
+    let snap = s.core.fleet.snapshot();
+    match op {
+        Op::Mode(action, t) => {
+            known_target(&snap, &s.core.policy.live().routing, t)?;
+            let verb = action.as_str();
+            let i = operator_intervention(
+                *action,
+                t.clone(),
+                format!("{verb} by {who}{why}"),
+                now,
+            );
+            log.record(&i).map_err(|e| ApiError::Internal(e.to_string()))?;
+            s.alerts.kick.notify_one();
+            Ok(state_of(s, t, Some(&i)))
+        }
+        Op::Resume(t) => {
+            let active = log.active();
+            let mut ended = Vec::new();
+            for i in ending(&active, |i| {
+                i.target == *t
+                    && matches!(i.action, EscalationAction::Pause | EscalationAction::Drain)
+            }) {
+                log.revert(&i.id, who, now).map_err(intervention_error)?;
+                ended.push(i.id.clone());
+            }
+            s.alerts.kick.notify_one();
+            let mut v = state_of(s, t, None);
+            v["ended"] = json!(ended);
+            if ended.is_empty() {
+                v["note"] = json!("nothing paused or drained this target");
+            }
+            Ok(v)
+        }
+        Op::Block(pool) | Op::Reroute { pool, .. } => {
+            let live = s.core.policy.live();
+            if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
+                return Err(ApiError::NotFound(format!("pool {pool} is not configured")));
+            }
+            let mut i = operator_intervention(
+                EscalationAction::Block,
+                Target::Pool(pool.clone()),
+                format!("pool {pool} blocked by {who}{why}"),
+                now,
+            );
+            if let Op::Reroute { to, .. } = op {
+                if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(to) {
+                    return Err(ApiError::NotFound(format!("pool {to} is not configured")));
+                }
+                i.action = EscalationAction::Reroute;
+                i.step = "reroute_pool".into();
+                i.level = EscalationAction::Reroute.level();
+                i.reroute = Some((pool.clone(), to.clone()));
+                i.note = format!("pool {pool}'s tasks go to {to}, by {who}{why}");
+            } else {
+                i.block = Some((BlockScope::Pool, pool.clone()));
+            }
+            log.record(&i).map_err(|e| ApiError::Internal(e.to_string()))?;
+            apply_routing(s);
+            Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
+        }
+        Op::Restore(pool) => {
+            let active = log.active();
+            let mut ended = Vec::new();
+            for i in ending(&active, |i| {
+                i.block
+                    .as_ref()
+                    .is_some_and(|(sc, v)| *sc == BlockScope::Pool && v == pool)
+                    || i.reroute.as_ref().is_some_and(|(from, _)| from == pool)
+            }) {
+                log.revert(&i.id, who, now).map_err(intervention_error)?;
+                ended.push(i.id.clone());
+            }
+            apply_routing(s);
+            let mut v = state_of(s, &Target::Pool(pool.clone()), None);
+            v["ended"] = json!(ended);
+            Ok(v)
+        }
+        Op::Cancel(task) => cancel(s, &snap, task, who, reason).await,
+        Op::Cap { usd, window } => {
+            let cap = s
+                .core
+                .policy
+                .set_cost_cap(Some((*usd, window.as_str())), who)
+                .map_err(ApiError::BadRequest)?;
+            Ok(json!({"cost_cap": cap}))
+        }
+        Op::LiftCap => {
+            s.core
+                .policy
+                .set_cost_cap(None, who)
+                .map_err(ApiError::BadRequest)?;
+            Ok(json!({"cost_cap": null}))
+        }
+    }
+}
+
+fn intervention_error(e: crate::detect::act::InterventionError) -> ApiError {
+    match e {
+        crate::detect::act::InterventionError::NotFound(m) => ApiError::NotFound(m),
+        e @ crate::detect::act::InterventionError::NotActive { .. } => {
+            ApiError::Conflict(e.to_string())
+        }
+        crate::detect::act::InterventionError::Store(e) => ApiError::Internal(e.to_string()),
+    }
+}
+
+/// Blocks and reroutes take effect in the live snapshot at once (the detector's next
+/// tick would do the same within a second).
+fn apply_routing(s: &AppState) {
+    let active = s.alerts.interventions.active();
+    s.core
+        .policy
+        .set_interventions(intervene::blocks(&active), intervene::reroutes(&active));
+}
+
+/// A worker the fleet has seen, or a pool it knows (configured, or with workers).
+fn known_target(
+    snap: &crate::fleet::view::FleetSnapshot,
+    table: &crate::route::RoutingTable,
+    t: &Target,
+) -> Result<(), ApiError> {
+    match t {
+        Target::Worker(w) if snap.workers.binary_search_by(|x| x.id.cmp(w)).is_err() => Err(
+            ApiError::NotFound(format!("worker {w} is not in the fleet")),
+        ),
+        Target::Pool(p)
+            if !table.pools.contains_key(p)
+                && !snap.workers.iter().any(|x| x.pool.as_deref() == Some(p)) =>
+        {
+            Err(ApiError::NotFound(format!(
+                "pool {p} is neither configured nor has workers"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn operator_intervention(
+    action: EscalationAction,
+    target: Target,
+    note: String,
+    now: u64,
+) -> Intervention {
+    Intervention {
+        id: format!("op-{}", uuid::Uuid::now_v7()),
+        alert_id: String::new(),
+        rule: "operator".into(),
+        step: action.as_str().into(),
+        action,
+        level: action.level(),
+        target,
+        task_id: None,
+        tasks_per_s: None,
+        sink: None,
+        block: None,
+        reroute: None,
+        // Ends when an operator ends it, not with an alert.
+        sticky: true,
+        state: InterventionState::Active,
+        note,
+        applied_ms: now,
+        reverted_ms: None,
+        reverted_by: None,
+        workers: Vec::new(),
+    }
+}
+
+/// What the target is told now: each worker's mode and throttle and the interventions
+/// that ask for it; for a pool, its blocks and reroutes too.
+fn state_of(s: &AppState, t: &Target, new: Option<&Intervention>) -> Value {
+    let snap = s.core.fleet.snapshot();
+    let active = s.alerts.interventions.active();
+    let want = intervene::desired(&active, &snap);
+    let workers: BTreeMap<&str, Value> = snap
+        .workers
+        .iter()
+        .filter(|w| match t {
+            Target::Worker(x) => &w.id == x,
+            Target::Pool(p) => w.pool.as_deref() == Some(p.as_str()) && !w.lost,
+            Target::Fleet => false,
+        })
+        .map(|w| {
+            let c = want.get(&w.id).cloned().unwrap_or_default();
+            (
+                w.id.as_str(),
+                json!({"mode": c.mode, "tasks_per_s": c.tasks_per_s, "because": c.because,
+                       "reported": {"paused": w.paused, "draining": w.draining}}),
+            )
+        })
+        .collect();
+    let mut v = json!({"target": t, "workers": workers});
+    if let Target::Pool(p) = t {
+        let live = s.core.policy.live();
+        v["blocked"] = json!(live.blocks.iter().any(|b| b.scope == BlockScope::Pool && &b.value == p));
+        v["rerouted_to"] = json!(live.reroutes.iter().find(|r| &r.from == p).map(|r| r.to.clone()));
+    }
+    if let Some(i) = new {
+        v["intervention"] = json!(i);
+    }
+    v
+}
+
+async fn cancel(
+    s: &AppState,
+    snap: &crate::fleet::view::FleetSnapshot,
+    task: &str,
+    who: &str,
+    reason: Option<&str>,
+) -> Result<Value, ApiError> {
+    let Some(worker) = snap
+        .workers
+        .iter()
+        .find(|w| !w.lost && w.current_task.as_deref() == Some(task))
+    else {
+        let state = s
+            .core
+            .store
+            .get(task)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map(|r| serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+        return Err(match state {
+            None => ApiError::NotFound(format!("task {task} not found")),
+            Some(st) => ApiError::Conflict(format!(
+                "task {task} is {st} and no worker reports running it; only a running task can be cancelled"
+            )),
+        });
+    };
+    let req = ControlRequest::new(Command::Cancel {
+        task_id: task.to_string(),
+    })
+    .reason(format!(
+        "cancelled by {who}{}",
+        reason.map_or(String::new(), |r| format!(": {r}"))
+    ));
+    match s.control.tell.tell(&worker.id, req).await {
+        Ok(r) if r.ok => Ok(json!({"task_id": task, "worker": worker.id, "answer": r})),
+        Ok(r) => Err(ApiError::Conflict(format!(
+            "worker {} refused: {}",
+            worker.id,
+            r.error
+                .map_or_else(|| "no reason given".into(), |e| format!("{}: {}", e.code, e.message))
+        ))),
+        Err(e) => Err(ApiError::Unavailable(format!(
+            "worker {} did not answer: {e}",
+            worker.id
+        ))),
+    }
+}
+
+fn caller_of(c: Option<axum::Extension<Caller>>) -> Caller {
+    c.map_or_else(Caller::local, |axum::Extension(c)| c)
+}
+
+/// `POST /v1/control`: one command; the ack is the body (its status says how it went).
+pub async fn post(
+    State(s): State<AppState>,
+    remote: super::RemoteAddr,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Caller>>,
+    body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::BadRequest(e.body_text()).into_response(),
+    };
+    let caller = caller_of(caller);
+    let from = Who {
+        caller: &caller,
+        identity: identity(&headers),
+        remote: remote.0.map(|a| a.ip().to_string()),
+        via: "http",
+    };
+    let (ack, err) = handle(&s, &from, req).await;
+    let status = err.map_or(axum::http::StatusCode::OK, |e| e.status());
+    (status, Json(ack)).into_response()
+}
+
+fn identity(h: &HeaderMap) -> Option<String> {
+    Some(super::policy::identity(h)).filter(|i| i != "http")
+}
+
+/// Whether a browser page from `origin` may open the control socket: the commander's
+/// own origin (the `Host` it was reached at) or one of `auth.allowed_origins`. A client
+/// that sends no `Origin` is not a browser page and passes (it authenticated).
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if allowed.iter().any(|a| a == origin) {
+        return true;
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| !host.is_empty() && o == host)
+}
+
+/// The subprotocol the dashboard speaks (it also offers `bearer.<token>`).
+pub const PROTOCOL: &str = "fleet.control.v1";
+
+/// `GET /v1/control`: the WebSocket. One JSON command per text message, one ack each.
+pub async fn socket(
+    State(s): State<AppState>,
+    remote: super::RemoteAddr,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Caller>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if !origin_allowed(&headers, &s.control.allowed_origins) {
+        s.core.metrics.auth_refused("bad_origin");
+        return ApiError::Forbidden(
+            "this Origin may not open the control socket (auth.allowed_origins)".into(),
+        )
+        .into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::BadRequest(format!(
+                "GET /v1/control is a WebSocket (or POST a command): {e}"
+            ))
+            .into_response();
+        }
+    };
+    let caller = caller_of(caller);
+    let identity = identity(&headers);
+    let remote = remote.0.map(|a| a.ip().to_string());
+    ws.protocols([PROTOCOL])
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| session(s, socket, caller, identity, remote))
+}
+
+async fn session(
+    s: AppState,
+    mut socket: WebSocket,
+    caller: Caller,
+    identity: Option<String>,
+    remote: Option<String>,
+) {
+    tracing::info!(who = %caller.name, "control socket opened");
+    while let Some(Ok(msg)) = socket.recv().await {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => break,
+            // Pings are answered by the library; binary frames are not commands.
+            _ => continue,
+        };
+        let from = Who {
+            caller: &caller,
+            identity: identity.clone(),
+            remote: remote.clone(),
+            via: "websocket",
+        };
+        let ack = match serde_json::from_str::<Request>(text.as_str()) {
+            Ok(req) => handle(&s, &from, req).await.0,
+            Err(e) => Ack {
+                id: String::new(),
+                command: String::new(),
+                ok: false,
+                audit_id: String::new(),
+                state: None,
+                error: Some(json!({"code": "bad_request", "message": format!("not a control command: {e}")})),
+            },
+        };
+        let body = serde_json::to_string(&ack).unwrap_or_default();
+        if socket.send(Message::Text(body.into())).await.is_err() {
+            break;
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Default 100, at most 1000.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/control/audit`.
+pub async fn audit(
+    State(s): State<AppState>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::BadRequest("limit must be 1-1000".into()));
+    }
+    let records = s
+        .control
+        .audit_log(limit)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "records": records })).into_response())
+}
+
+/// `GET /v1/control/state`: operator interventions in force, what every worker touched
+/// by any intervention is told, blocks, reroutes and the cost cap.
+pub async fn state(State(s): State<AppState>) -> Response {
+    let snap = s.core.fleet.snapshot();
+    let active = s.alerts.interventions.active();
+    let want = intervene::desired(&active, &snap);
+    let live = s.core.policy.live();
+    Json(json!({
+        "operator_interventions": active.iter().filter(|i| i.rule == "operator").collect::<Vec<_>>(),
+        "workers": want.iter().map(|(w, c)| (w.clone(), json!({"mode": c.mode, "tasks_per_s": c.tasks_per_s, "because": c.because}))).collect::<BTreeMap<_, _>>(),
+        "blocks": *live.blocks,
+        "reroutes": live.reroutes.iter().map(|r| json!({"from": r.from, "to": r.to})).collect::<Vec<_>>(),
+        "cost_cap": s.core.policy.cost_cap(),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> Result<Op, ApiError> {
+        serde_json::from_value::<Request>(v).unwrap().op()
+    }
+
+    #[test]
+    fn commands_take_exactly_their_fields() {
+        assert_eq!(
+            req(json!({"command": "pause", "worker": "w1"})).unwrap(),
+            Op::Mode(EscalationAction::Pause, Target::Worker("w1".into()))
+        );
+        assert_eq!(
+            req(json!({"command": "drain", "pool": "p"})).unwrap(),
+            Op::Mode(EscalationAction::Drain, Target::Pool("p".into()))
+        );
+        for bad in [
+            json!({"command": "pause"}),
+            json!({"command": "pause", "worker": "w", "pool": "p"}),
+            json!({"command": "pause", "worker": "w", "usd": 1.0}),
+            json!({"command": "cancel"}),
+            json!({"command": "cancel", "task_id": "t", "worker": "w"}),
+            json!({"command": "reroute_pool", "pool": "a"}),
+            json!({"command": "reroute_pool", "pool": "a", "to": "a"}),
+            json!({"command": "cost_cap"}),
+            json!({"command": "cost_cap", "usd": -1.0}),
+            json!({"command": "explode"}),
+        ] {
+            let e = req(bad.clone()).unwrap_err();
+            assert!(matches!(e, ApiError::BadRequest(_)), "{bad}: {e}");
+        }
+        assert!(serde_json::from_value::<Request>(json!({"command": "pause", "wrker": "w"})).is_err());
+        assert_eq!(
+            req(json!({"command": "cost_cap", "usd": 5.0})).unwrap(),
+            Op::Cap {
+                usd: 5.0,
+                window: "1h".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_page_from_elsewhere_may_not_open_the_socket() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "127.0.0.1:8080".parse().unwrap());
+        assert!(origin_allowed(&h, &[]), "no Origin: not a browser");
+        h.insert("origin", "http://127.0.0.1:8080".parse().unwrap());
+        assert!(origin_allowed(&h, &[]));
+        h.insert("origin", "https://evil.example".parse().unwrap());
+        assert!(!origin_allowed(&h, &[]));
+        assert!(origin_allowed(&h, &["https://evil.example".to_string()]));
+    }
+}

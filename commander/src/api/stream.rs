@@ -1,0 +1,326 @@
+//! `GET /v1/stream`: the live event stream (Server-Sent Events) the dashboard runs on, and
+//! the once-a-second feed that turns the fleet snapshot, the open alerts and the policy in
+//! force into `fleet_snapshot`, `agent_update`, `alert` and `policy` events. Decisions
+//! and interventions are published where they are recorded. The hub, its ring and its
+//! counters are `crate::events`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use super::{ApiError, AppState};
+use crate::events::{Event, Hub, Kind, StreamCounters};
+use crate::fleet::view::{FleetSnapshot, WorkerView};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Only events about this pool (and fleet-wide ones).
+    pool: Option<String>,
+    /// Only events about this worker (and fleet-wide ones).
+    worker: Option<String>,
+    /// Comma-separated kinds; default all.
+    kinds: Option<String>,
+    /// Like the `Last-Event-ID` header, for clients that cannot set it.
+    last_event_id: Option<u64>,
+}
+
+/// What a client asked to see.
+#[derive(Debug, Clone)]
+struct Wanted {
+    pool: Option<String>,
+    worker: Option<String>,
+    kinds: BTreeSet<Kind>,
+}
+
+impl Wanted {
+    fn admits(&self, e: &Event) -> bool {
+        self.kinds.contains(&e.kind)
+            && self
+                .pool
+                .as_deref()
+                .is_none_or(|p| e.pool.as_deref().is_none_or(|x| x == p))
+            && self
+                .worker
+                .as_deref()
+                .is_none_or(|w| e.worker.as_deref().is_none_or(|x| x == w))
+    }
+}
+
+fn frame(e: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(e.id.to_string())
+        .event(e.kind.as_str())
+        .data(&e.data)
+}
+
+/// Counts a connected client for as long as its stream lives.
+struct Connected(Arc<StreamCounters>);
+
+impl Connected {
+    fn new(c: Arc<StreamCounters>) -> Self {
+        c.clients.inc();
+        Connected(c)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.clients.dec();
+    }
+}
+
+struct Feed {
+    replay: std::vec::IntoIter<Arc<Event>>,
+    rx: broadcast::Receiver<Arc<Event>>,
+    wanted: Wanted,
+    first: Option<SseEvent>,
+    done: bool,
+    _connected: Connected,
+}
+
+fn events(f: Feed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures::stream::unfold(f, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        if let Some(first) = f.first.take() {
+            return Some((Ok(first), f));
+        }
+        for e in f.replay.by_ref() {
+            if f.wanted.admits(&e) {
+                let out = frame(&e);
+                return Some((Ok(out), f));
+            }
+        }
+        loop {
+            match f.rx.recv().await {
+                Ok(e) if f.wanted.admits(&e) => return Some((Ok(frame(&e)), f)),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Fell a whole channel behind: dropped, told why, and it may resume
+                    // from its last id.
+                    f._connected.0.dropped.inc();
+                    tracing::info!(missed = n, "slow stream client dropped");
+                    f.done = true;
+                    let bye = SseEvent::default()
+                        .event("dropped")
+                        .data(format!("{{\"reason\":\"fell behind by {n} events\"}}"));
+                    return Some((Ok(bye), f));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+/// `GET /v1/stream?pool=&worker=&kinds=`.
+pub async fn stream(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let kinds = match q.kinds.as_deref().filter(|k| !k.trim().is_empty()) {
+        None => Kind::ALL.into_iter().collect(),
+        Some(list) => list
+            .split(',')
+            .map(|k| {
+                Kind::parse(k.trim()).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "kind {k:?} is not one of {}",
+                        Kind::ALL.map(Kind::as_str).join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<BTreeSet<Kind>, ApiError>>()?,
+    };
+    let last_id = match headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!("Last-Event-ID {v:?} is not an event id"))
+        })?),
+        None => q.last_event_id,
+    };
+    let sub = s.events.subscribe(last_id);
+    let first = sub.gap.then(|| {
+        SseEvent::default()
+            .event("resync")
+            .data("{\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}")
+    });
+    let connected = Connected::new(s.events.counters());
+    let feed = Feed {
+        replay: sub.replay.into_iter(),
+        rx: sub.rx,
+        wanted: Wanted {
+            pool: q.pool,
+            worker: q.worker,
+            kinds,
+        },
+        first,
+        done: false,
+        _connected: connected,
+    };
+    Ok(Sse::new(events(feed))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// What changes in a worker make an `agent_update`.
+#[derive(PartialEq)]
+struct Seen {
+    state: &'static str,
+    since: u64,
+    task: Option<String>,
+    paused: bool,
+    draining: bool,
+    lost: bool,
+    done: u64,
+    failed: u64,
+}
+
+fn seen(w: &WorkerView) -> Seen {
+    Seen {
+        state: w.state.as_str(),
+        since: w.state_since_ms,
+        task: w.current_task.clone(),
+        paused: w.paused,
+        draining: w.draining,
+        lost: w.lost,
+        done: w.tasks_completed,
+        failed: w.tasks_failed,
+    }
+}
+
+/// Most `agent_update` events a tick sends; past it the rest of the changes wait for the
+/// next tick (the snapshot event carries the counts all the same).
+const MAX_UPDATES_PER_TICK: usize = 500;
+
+#[derive(Serialize)]
+struct SnapshotEvent<'a> {
+    fleet: &'a crate::fleet::view::FleetView,
+    pools: &'a [crate::fleet::view::PoolView],
+    alerts_firing: usize,
+    policy_version: &'a str,
+}
+
+/// The feed's memory between ticks.
+#[derive(Default)]
+struct FeedState {
+    workers: HashMap<String, Seen>,
+    alerts: HashMap<String, String>,
+    policy: String,
+}
+
+/// Publishes the once-a-second events until `stop`.
+pub async fn feed(
+    hub: Hub,
+    fleet: crate::fleet::FleetHandle,
+    alerts: crate::detect::run::Alerts,
+    engine: Arc<crate::policy::PolicyEngine>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut st = FeedState::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !hub.watched() {
+            // Nobody listens: start afresh when someone does.
+            st = FeedState::default();
+            continue;
+        }
+        let snap = fleet.snapshot();
+        let open = alerts.open.load_full();
+        let live = engine.live();
+        publish_tick(&hub, &mut st, &snap, &open, &live.policy);
+    }
+}
+
+fn publish_tick(
+    hub: &Hub,
+    st: &mut FeedState,
+    snap: &FleetSnapshot,
+    open: &[crate::detect::Alert],
+    policy: &crate::policy::Policy,
+) {
+    let firing = open
+        .iter()
+        .filter(|a| a.state == crate::detect::AlertState::Firing)
+        .count();
+    hub.publish(
+        Kind::FleetSnapshot,
+        None,
+        None,
+        &SnapshotEvent {
+            fleet: &snap.fleet,
+            pools: &snap.pools,
+            alerts_firing: firing,
+            policy_version: &policy.version,
+        },
+    );
+    let mut sent = 0;
+    for w in &snap.workers {
+        if sent >= MAX_UPDATES_PER_TICK {
+            break;
+        }
+        let now = seen(w);
+        if st.workers.get(&w.id) != Some(&now) {
+            hub.publish(Kind::AgentUpdate, w.pool.as_deref(), Some(&w.id), w);
+            st.workers.insert(w.id.clone(), now);
+            sent += 1;
+        }
+    }
+    if st.workers.len() > snap.workers.len() {
+        st.workers
+            .retain(|id, _| snap.workers.binary_search_by(|w| w.id.cmp(id)).is_ok());
+    }
+    let mut still = HashMap::with_capacity(open.len());
+    for a in open {
+        let state = format!("{:?}/{:?}", a.state, a.silenced_by);
+        if st.alerts.get(&a.id) != Some(&state) {
+            hub.publish(
+                Kind::Alert,
+                a.labels.get("pool").map(String::as_str),
+                a.labels.get("worker").map(String::as_str),
+                a,
+            );
+        }
+        still.insert(a.id.clone(), state);
+    }
+    for gone in st.alerts.keys().filter(|id| !still.contains_key(*id)) {
+        hub.publish(
+            Kind::Alert,
+            None,
+            None,
+            &serde_json::json!({"id": gone, "state": "resolved"}),
+        );
+    }
+    st.alerts = still;
+    let version = format!("{}:{}", policy.version, policy.sha256);
+    if st.policy != version {
+        hub.publish(
+            Kind::Policy,
+            None,
+            None,
+            &serde_json::json!({"version": policy.version, "sha256": policy.sha256,
+                "budgets": policy.budgets.len(), "throttles": policy.throttles.len()}),
+        );
+        st.policy = version;
+    }
+}

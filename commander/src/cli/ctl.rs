@@ -1,0 +1,177 @@
+//! `commander ctl …`: the control plane from a shell, over `POST /v1/control` (and the
+//! audit and state over GET). Prints the ack; exits non-zero when a command is refused.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    #[command(subcommand)]
+    pub command: CtlCommand,
+    /// The commander's API.
+    #[arg(long, global = true, env = "FLEET_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Environment variable holding an operator's token (a viewer's for `audit` and
+    /// `state`); unset in local mode.
+    #[arg(long, global = true, default_value = "FLEET_TOKEN")]
+    pub token_env: String,
+    /// Who is acting, for the audit (`Fleet-Identity`).
+    #[arg(long, global = true, env = "USER", default_value = "cli")]
+    pub identity: String,
+    /// Why, kept in the audit and on the intervention.
+    #[arg(long, global = true)]
+    pub reason: Option<String>,
+}
+
+/// A worker or a pool.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    #[arg(long)]
+    worker: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Pull nothing new (a worker, or every worker of a pool) until resumed.
+    Pause(Target),
+    /// Finish what runs, then pull nothing new until resumed.
+    Drain(Target),
+    /// End the pauses and drains on a worker or pool.
+    Resume(Target),
+    /// Cancel a running task (its result is `cancelled`).
+    Cancel {
+        #[arg(long)]
+        task: String,
+    },
+    /// Refuse dispatch to a pool.
+    BlockPool {
+        #[arg(long)]
+        pool: String,
+    },
+    /// Send a pool's tasks to another pool.
+    ReroutePool {
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// End the blocks and reroutes on a pool.
+    RestorePool {
+        #[arg(long)]
+        pool: String,
+    },
+    /// The emergency cost cap: the fleet's spend limit per window, from now.
+    CostCap {
+        #[arg(long)]
+        usd: f64,
+        /// A rolling duration (`1h`, `30m`) or `hour`, `day`, `month`.
+        #[arg(long, default_value = "1h")]
+        window: String,
+    },
+    /// Lift the emergency cost cap.
+    LiftCostCap,
+    /// The newest control commands: who, what, when, result.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// What operators have in force now.
+    State,
+}
+
+fn target(t: &Target) -> serde_json::Value {
+    match (&t.worker, &t.pool) {
+        (Some(w), _) => json!({"worker": w}),
+        (_, Some(p)) => json!({"pool": p}),
+        _ => json!({}),
+    }
+}
+
+/// The command's JSON body, or the GET path it reads.
+fn request(cmd: &CtlCommand) -> Result<serde_json::Value, String> {
+    let with_target = |command: &str, t: &Target| {
+        let mut b = target(t);
+        b["command"] = json!(command);
+        b
+    };
+    let body = match cmd {
+        CtlCommand::Pause(t) => with_target("pause", t),
+        CtlCommand::Drain(t) => with_target("drain", t),
+        CtlCommand::Resume(t) => with_target("resume", t),
+        CtlCommand::Cancel { task } => json!({"command": "cancel", "task_id": task}),
+        CtlCommand::BlockPool { pool } => json!({"command": "block_pool", "pool": pool}),
+        CtlCommand::ReroutePool { pool, to } => {
+            json!({"command": "reroute_pool", "pool": pool, "to": to})
+        }
+        CtlCommand::RestorePool { pool } => json!({"command": "restore_pool", "pool": pool}),
+        CtlCommand::CostCap { usd, window } => {
+            json!({"command": "cost_cap", "usd": usd, "window": window})
+        }
+        CtlCommand::LiftCostCap => json!({"command": "lift_cost_cap"}),
+        CtlCommand::Audit { limit } => return Err(format!("/v1/control/audit?limit={limit}")),
+        CtlCommand::State => return Err("/v1/control/state".into()),
+    };
+    Ok(body)
+}
+
+pub fn run(args: CtlArgs) -> ExitCode {
+    super::run_async(tokio::runtime::Builder::new_current_thread(), send(args))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the commander at {api}: {reason}")]
+    Http { api: String, reason: String },
+    #[error("refused ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("cannot write: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+async fn send(mut args: CtlArgs) -> Result<(), CtlError> {
+    let api = args.api.trim_end_matches('/').to_string();
+    let client = reqwest::Client::new();
+    let mut req = match request(&args.command) {
+        Ok(mut body) => {
+            if let (Some(r), Some(b)) = (args.reason.take(), body.as_object_mut()) {
+                b.insert("reason".into(), json!(r));
+            }
+            client
+                .post(format!("{api}/v1/control"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+        }
+        Err(path) => client.get(format!("{api}{path}")),
+    };
+    if let Ok(t) = std::env::var(&args.token_env)
+        && !t.trim().is_empty()
+    {
+        req = req.bearer_auth(t.trim());
+    }
+    let resp = req
+        .header("fleet-identity", &args.identity)
+        .send()
+        .await
+        .map_err(|e| CtlError::Http {
+            api: api.clone(),
+            reason: e.to_string(),
+        })?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let pretty = serde_json::from_str::<serde_json::Value>(&text)
+        .map_or(text.clone(), |v| format!("{v:#}"));
+    if !status.is_success() {
+        return Err(CtlError::Refused {
+            status: status.as_u16(),
+            body: pretty,
+        });
+    }
+    writeln!(std::io::stdout().lock(), "{pretty}")?;
+    Ok(())
+}
