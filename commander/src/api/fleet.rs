@@ -68,9 +68,57 @@ pub struct WorkersQuery {
     /// IDLE, ACTIVE, WAITING, STUCK, ERROR or LOST (case-insensitive).
     state: Option<String>,
     model: Option<String>,
+    /// Workers whose id contains this (case-insensitive).
+    q: Option<String>,
+    /// `id` (default), `state`, `pool`, `model`, `cost_usd`, `burn_rate`, `tasks`,
+    /// `errors`, `context`, `tokens_per_s` or `uptime`.
+    sort: Option<String>,
+    /// `asc` (default) or `desc`.
+    order: Option<String>,
     /// Default 100, at most 1000.
     limit: Option<usize>,
     offset: Option<usize>,
+}
+
+/// The key a worker list is sorted by (ties by id, so pages are stable).
+fn sort_workers(ws: &mut [&WorkerView], by: &str, desc: bool) -> Result<(), ApiError> {
+    use std::cmp::Ordering;
+    let cmp: fn(&WorkerView, &WorkerView) -> Ordering = match by {
+        "id" => |_, _| Ordering::Equal,
+        "state" => |a, b| (a.lost, a.state.as_str()).cmp(&(b.lost, b.state.as_str())),
+        "pool" => |a, b| a.pool.cmp(&b.pool),
+        "model" => |a, b| a.model.cmp(&b.model),
+        "cost_usd" => |a, b| a.cost_usd.partial_cmp(&b.cost_usd).unwrap_or(Ordering::Equal),
+        "burn_rate" => |a, b| {
+            a.burn_rate_usd_per_h
+                .partial_cmp(&b.burn_rate_usd_per_h)
+                .unwrap_or(Ordering::Equal)
+        },
+        "tasks" => |a, b| a.tasks_completed.cmp(&b.tasks_completed),
+        "errors" => |a, b| a.tasks_failed.cmp(&b.tasks_failed),
+        "context" => |a, b| {
+            a.context_utilisation
+                .unwrap_or(-1.0)
+                .partial_cmp(&b.context_utilisation.unwrap_or(-1.0))
+                .unwrap_or(Ordering::Equal)
+        },
+        "tokens_per_s" => |a, b| {
+            a.output_tokens_per_s
+                .partial_cmp(&b.output_tokens_per_s)
+                .unwrap_or(Ordering::Equal)
+        },
+        "uptime" => |a, b| a.uptime_s.cmp(&b.uptime_s),
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "sort {other:?} is not one of id, state, pool, model, cost_usd, burn_rate, tasks, errors, context, tokens_per_s, uptime"
+            )));
+        }
+    };
+    ws.sort_by(|a, b| {
+        let o = cmp(a, b).then_with(|| a.id.cmp(&b.id));
+        if desc { o.reverse() } else { o }
+    });
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +175,20 @@ pub async fn workers(
             Some(Some(st)) => !w.lost && w.state == st,
         })
         .collect();
+    let mut matching = matching;
+    if let Some(needle) = q.q.as_deref().map(str::to_lowercase).filter(|n| !n.is_empty()) {
+        matching.retain(|w| w.id.to_lowercase().contains(&needle));
+    }
+    let desc = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => {
+            return Err(ApiError::BadRequest(format!(
+                "order {o:?} is not asc or desc"
+            )));
+        }
+    };
+    sort_workers(&mut matching, q.sort.as_deref().unwrap_or("id"), desc)?;
     let total = matching.len();
     let page: Vec<&WorkerView> = matching.into_iter().skip(offset).take(limit).collect();
     let next_offset = (offset + page.len() < total).then_some(offset + page.len());

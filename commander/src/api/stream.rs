@@ -4,7 +4,7 @@
 //! and interventions are published where they are recorded. The hub, its ring and its
 //! counters are `crate::events`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +214,8 @@ struct SnapshotEvent<'a> {
     pools: &'a [crate::fleet::view::PoolView],
     alerts_firing: usize,
     policy_version: &'a str,
+    /// Each configured pool's `max_queue_depth` (what its queue gauge is drawn against).
+    max_queue_depth: BTreeMap<&'a str, u64>,
 }
 
 /// The feed's memory between ticks.
@@ -248,7 +250,7 @@ pub async fn feed(
         let snap = fleet.snapshot();
         let open = alerts.open.load_full();
         let live = engine.live();
-        publish_tick(&hub, &mut st, &snap, &open, &live.policy);
+        publish_tick(&hub, &mut st, &snap, &open, &live);
     }
 }
 
@@ -257,8 +259,9 @@ fn publish_tick(
     st: &mut FeedState,
     snap: &FleetSnapshot,
     open: &[crate::detect::Alert],
-    policy: &crate::policy::Policy,
+    live: &crate::policy::Live,
 ) {
+    let policy = &live.policy;
     let firing = open
         .iter()
         .filter(|a| a.state == crate::detect::AlertState::Firing)
@@ -272,6 +275,12 @@ fn publish_tick(
             pools: &snap.pools,
             alerts_firing: firing,
             policy_version: &policy.version,
+            max_queue_depth: live
+                .routing
+                .pools
+                .iter()
+                .filter_map(|(name, p)| Some((name.as_str(), p.max_queue_depth?)))
+                .collect(),
         },
     );
     let mut sent = 0;
