@@ -80,6 +80,14 @@ pub struct FleetGauges {
     pub pool_capacity: Family<PoolLabel, Gauge>,
     /// Workers by context utilisation bucket (a gauge histogram of the fleet now).
     pub context_utilisation: Family<BucketLabel, Gauge>,
+    /// Workers by pool and state (lost ones under `LOST`).
+    pub pool_workers: Family<PoolStateLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabels {
+    pub pool: String,
+    pub state: &'static str,
 }
 
 impl FleetGauges {
@@ -128,6 +136,11 @@ impl FleetGauges {
             "pool_capacity",
             "Sum of the pool's workers' max_in_flight",
             self.pool_capacity.clone(),
+        );
+        r.register(
+            "pool_workers",
+            "Workers by pool and state (lost workers under LOST)",
+            self.pool_workers.clone(),
         );
         r.register(
             "workers_by_context_utilisation",

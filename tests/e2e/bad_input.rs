@@ -332,12 +332,27 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
         let got = http.get(stack.http(path)).send().await.unwrap().status();
         assert_eq!(got, status, "GET {path}");
     }
-    let metrics = http.get(stack.http("/metrics")).send().await.unwrap();
+    // OpenMetrics to a scraper that asks for it (Prometheus does), the classic text
+    // format otherwise.
+    let metrics = http
+        .get(stack.http("/metrics"))
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         metrics.headers()["content-type"],
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     assert!(metrics.text().await.unwrap().ends_with("# EOF\n"));
+    let metrics = http.get(stack.http("/metrics")).send().await.unwrap();
+    assert_eq!(
+        metrics.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = metrics.text().await.unwrap();
+    assert!(!text.contains("# EOF"));
+    assert!(text.contains("# TYPE fleet_http_submissions_total counter"));
     assert_eq!(stack.metric("fleet_http_submissions_total").await, 2.0);
     worker.shutdown().await;
 }

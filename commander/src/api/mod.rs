@@ -424,6 +424,20 @@ fn set_fleet_gauges(g: &crate::metrics::FleetGauges, snap: &crate::fleet::view::
             .set(to_i64(p.queue.as_ref().map_or(0, |q| q.depth)));
         g.pool_in_flight.get_or_create(&l).set(to_i64(p.in_flight));
         g.pool_capacity.get_or_create(&l).set(to_i64(p.capacity));
+        for (state, n) in &p.states {
+            g.pool_workers
+                .get_or_create(&crate::metrics::PoolStateLabels {
+                    pool: p.name.clone(),
+                    state,
+                })
+                .set(to_i64(*n));
+        }
+        g.pool_workers
+            .get_or_create(&crate::metrics::PoolStateLabels {
+                pool: p.name.clone(),
+                state: "LOST",
+            })
+            .set(to_i64(p.lost));
         g.pool_burn_rate.get_or_create(&l).set(0.0);
         g.pool_output_tokens_per_s.get_or_create(&l).set(0.0);
     }
@@ -461,7 +475,10 @@ fn set_fleet_gauges(g: &crate::metrics::FleetGauges, snap: &crate::fleet::view::
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(
+    State(s): State<AppState>,
+    headers: HttpHeaders,
+) -> Result<Response, ApiError> {
     let snap = s.core.fleet.snapshot();
     for (state, n) in &snap.fleet.states {
         s.core
@@ -485,14 +502,55 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &s.registry)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        return Ok((
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response());
+    }
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        classic_text(&out),
     )
         .into_response())
+}
+
+/// OpenMetrics text as the classic Prometheus text format (0.0.4), for scrapers and
+/// tools that do not ask for OpenMetrics (`promtool check metrics`, older Prometheus):
+/// a counter's `# HELP`/`# TYPE` name its `_total` samples, and `# UNIT` and `# EOF` go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {

@@ -287,8 +287,14 @@ fn finish_run(
 }
 
 /// Counters the live state keeps about itself (exposed on `/metrics`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StateCounters {
+    /// From the commander reading a task to its worker receiving it, by pool (seconds).
+    pub dispatch_latency: prometheus_client::metrics::family::Family<
+        crate::metrics::PoolLabel,
+        prometheus_client::metrics::histogram::Histogram,
+        fn() -> prometheus_client::metrics::histogram::Histogram,
+    >,
     /// Signals from new workers refused because `max_workers` were tracked.
     pub workers_refused: Counter,
     /// Workers forgotten after the retention period.
@@ -307,9 +313,39 @@ pub struct StateCounters {
     pub spans_lineage_overflow: Counter,
 }
 
+fn dispatch_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 1 ms to ~16 s: dispatch takes milliseconds, a queue wait can take seconds.
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+    )
+}
+
+impl Default for StateCounters {
+    fn default() -> Self {
+        Self {
+            dispatch_latency: prometheus_client::metrics::family::Family::new_with_constructor(
+                dispatch_latency_histogram,
+            ),
+            workers_refused: Counter::default(),
+            workers_evicted: Counter::default(),
+            heartbeats_invalid: Counter::default(),
+            task_events_dropped: Counter::default(),
+            spans_inherited: Counter::default(),
+            spans_waited: Counter::default(),
+            spans_wait_timed_out: Counter::default(),
+            spans_lineage_overflow: Counter::default(),
+        }
+    }
+}
+
 impl StateCounters {
     /// Registers these counters (the registry carries the `fleet_` prefix).
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "dispatch_latency_seconds",
+            "From the commander reading a task to its worker receiving it, by pool",
+            self.dispatch_latency.clone(),
+        );
         r.register(
             "workers_refused",
             "Signals from new workers refused because self.max_workers were tracked",
@@ -741,6 +777,10 @@ impl FleetState {
                 };
                 if let Some(l) = dispatch_latency_ms {
                     p.dispatch_latency.add(now_ms, l as f64);
+                    self.counters
+                        .dispatch_latency
+                        .get_or_create(&crate::metrics::PoolLabel { pool: pool.clone() })
+                        .observe(l as f64 / 1000.0);
                 }
                 let b = now_ms / 10_000;
                 if p.finished.back().is_none_or(|(e, _, _)| *e < b) {
