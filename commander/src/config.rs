@@ -81,7 +81,12 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Viewer, Role::Operator, Role::Compliance, Role::Producer];
+    pub const ALL: [Role; 4] = [
+        Role::Viewer,
+        Role::Operator,
+        Role::Compliance,
+        Role::Producer,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -1095,13 +1100,19 @@ impl Config {
             if t.name.trim().is_empty() || !names.insert(t.name.as_str()) {
                 p.push(Keyed::new(
                     BadValue,
-                    format!("auth.tokens: entry {i}: name {:?} must be set and unique", t.name),
+                    format!(
+                        "auth.tokens: entry {i}: name {:?} must be set and unique",
+                        t.name
+                    ),
                 ));
             }
             if t.token_env.trim().is_empty() {
                 p.push(Keyed::new(
                     Missing,
-                    format!("auth.tokens: entry {i} ({}): token_env must name a variable", t.name),
+                    format!(
+                        "auth.tokens: entry {i} ({}): token_env must name a variable",
+                        t.name
+                    ),
                 ));
             }
         }

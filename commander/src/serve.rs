@@ -64,7 +64,9 @@ pub enum ServeError {
 /// Local mode (no tokens) serves loopback only, unless the config says otherwise.
 fn check_local_mode(config: &Config) -> Result<(), ServeError> {
     let ip = config.http.listen.ip();
-    if config.auth.resolve().is_empty() && !ip.is_loopback() && !config.auth.allow_remote_without_tokens
+    if config.auth.resolve().is_empty()
+        && !ip.is_loopback()
+        && !config.auth.allow_remote_without_tokens
     {
         return Err(ServeError::LocalModeRemote {
             addr: config.http.listen.to_string(),
@@ -397,7 +399,12 @@ fn start_operator_surface(
     let control = crate::api::control::Control::open(store, &w.config.auth, tell)
         .map_err(in_store(w.config))?;
     control.counters.register(registry);
-    let (hub, fleet, alerts, engine) = (events.clone(), fleet.clone(), alerts.clone(), engine.clone());
+    let (hub, fleet, alerts, engine) = (
+        events.clone(),
+        fleet.clone(),
+        alerts.clone(),
+        engine.clone(),
+    );
     let stop = w.stop.clone();
     tasks.push(w.supervisor.spawn("stream feed", w.stop.clone(), move || {
         crate::api::stream::feed(

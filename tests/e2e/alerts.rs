@@ -245,12 +245,16 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
 }
 
 /// An operator silences one agent: its alert still lives (in `/v1/alerts`, with
-/// `silenced_by`) but is not published; another agent's is. Silences need the compliance
-/// token and say who made and who ended them.
+/// `silenced_by`) but is not published; another agent's is. Silences need the operator
+/// role and say who made and who ended them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silenced_agents_alert_is_kept_but_not_sent() {
-    let toml = format!("{TWO_POOLS}\n[detect]\ninterval_ms = 200\n");
-    let stack = Stack::start_with_env(&toml, &[("FLEET_COMPLIANCE_TOKEN", "ops-token")]).await;
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[auth.tokens]]\nname = \"ops\"\nrole = \"operator\"\ntoken_env = \"FLEET_OPS_TOKEN\"\n"
+    );
+    let stack = Stack::start_with_env(&toml, &[("FLEET_OPS_TOKEN", "ops-token")])
+        .await
+        .with_token("ops-token");
     let http = reqwest::Client::new();
     let body = serde_json::json!({"matchers": {"worker": "ctx-2"}, "duration_s": 600,
                                   "author": "alice", "comment": "resizing ctx-2"});
@@ -313,7 +317,7 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let all = stack.get_json("/v1/silences").await;
-    assert_eq!(all["silences"][0]["expired_by"], "bob", "{all}");
+    assert_eq!(all["silences"][0]["expired_by"], "ops (bob)", "{all}");
     assert_eq!(all["silences"][0]["active"], false);
     assert_eq!(all["silences"][0]["author"], "alice");
     a.abort();

@@ -336,7 +336,10 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     // format otherwise.
     let metrics = http
         .get(stack.http("/metrics"))
-        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
         .send()
         .await
         .unwrap();

@@ -45,6 +45,8 @@ pub struct Stack {
     pub commander: Commander,
     pub client: async_nats::Client,
     pub dir: tempfile::TempDir,
+    /// Sent as the bearer token by `get_json` and `metric` (a stack with `[[auth.tokens]]`).
+    pub token: Option<String>,
 }
 
 impl Stack {
@@ -68,6 +70,21 @@ impl Stack {
             commander,
             client,
             dir,
+            token: None,
+        }
+    }
+
+    /// The same stack, reading its API with this bearer token.
+    pub fn with_token(mut self, token: &str) -> Stack {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        let r = reqwest::Client::new().get(self.http(path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
     }
 
@@ -77,14 +94,16 @@ impl Stack {
 
     /// GET `path` on the commander's API, as JSON (a non-2xx answer fails the test).
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let r = reqwest::get(self.http(path)).await.unwrap();
+        let r = self.get(path).send().await.unwrap();
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().await.unwrap()
     }
 
     /// Fetches /metrics and returns the value of one sample line (name with labels).
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(self.http("/metrics"))
+        let text = self
+            .get("/metrics")
+            .send()
             .await
             .unwrap()
             .text()

@@ -16,6 +16,7 @@ mod hostile;
 mod interop;
 mod kill;
 mod newuser;
+mod operator;
 mod outage;
 mod policy;
 mod routing;

@@ -237,7 +237,10 @@ pub async fn authorise(
         };
         let Some(caller) = s.auth.caller(token) else {
             s.core.metrics.auth_refused("unknown_token");
-            tracing::warn!(path = path.as_str(), "request with an unknown token refused");
+            tracing::warn!(
+                path = path.as_str(),
+                "request with an unknown token refused"
+            );
             return ApiError::Unauthorized("unknown token".into()).into_response();
         };
         if !caller.may(access) {

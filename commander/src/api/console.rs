@@ -28,7 +28,10 @@ fn serve(path: &str, headers: &HeaderMap) -> Response {
     let Some(file) = Assets::get(path) else {
         return ApiError::NotFound(format!("no dashboard file {path}")).into_response();
     };
-    let etag = format!("\"{}\"", crate::domain::hex(&file.metadata.sha256_hash()[..12]));
+    let etag = format!(
+        "\"{}\"",
+        crate::domain::hex(&file.metadata.sha256_hash()[..12])
+    );
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -53,7 +56,10 @@ fn serve(path: &str, headers: &HeaderMap) -> Response {
             "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
         ),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 

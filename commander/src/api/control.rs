@@ -145,11 +145,23 @@ impl Request {
                 }
             }
             "cancel" => {
-                unused(&[("worker", w), ("pool", p), ("to", to), ("usd", usd), ("window", win)])?;
+                unused(&[
+                    ("worker", w),
+                    ("pool", p),
+                    ("to", to),
+                    ("usd", usd),
+                    ("window", win),
+                ])?;
                 Op::Cancel(need(&self.task_id, "task_id", c)?.to_string())
             }
             "block_pool" | "restore_pool" => {
-                unused(&[("worker", w), ("task_id", t), ("to", to), ("usd", usd), ("window", win)])?;
+                unused(&[
+                    ("worker", w),
+                    ("task_id", t),
+                    ("to", to),
+                    ("usd", usd),
+                    ("window", win),
+                ])?;
                 let pool = need(&self.pool, "pool", c)?.to_string();
                 if c == "block_pool" {
                     Op::Block(pool)
@@ -405,7 +417,10 @@ async fn handle(s: &AppState, from: &Who<'_>, req: Request) -> (Ack, Option<ApiE
         via: from.via.into(),
         request: req.clone(),
         ok,
-        result: state.clone().or_else(|| error.clone()).unwrap_or(Value::Null),
+        result: state
+            .clone()
+            .or_else(|| error.clone())
+            .unwrap_or(Value::Null),
     };
     let audit_id = match s.control.audit(rec) {
         Ok(a) => a,
@@ -449,15 +464,11 @@ async fn apply(
     let snap = s.core.fleet.snapshot();
     match op {
         Op::Mode(action, t) => {
-            known_target(&snap, &s.core.policy.live().routing, t)?;
+            known_target(s, &snap, t).await?;
             let verb = action.as_str();
-            let i = operator_intervention(
-                *action,
-                t.clone(),
-                format!("{verb} by {who}{why}"),
-                now,
-            );
-            log.record(&i).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let i = operator_intervention(*action, t.clone(), format!("{verb} by {who}{why}"), now);
+            log.record(&i)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
             s.alerts.kick.notify_one();
             Ok(state_of(s, t, Some(&i)))
         }
@@ -502,7 +513,8 @@ async fn apply(
             } else {
                 i.block = Some((BlockScope::Pool, pool.clone()));
             }
-            log.record(&i).map_err(|e| ApiError::Internal(e.to_string()))?;
+            log.record(&i)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
             apply_routing(s);
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
@@ -523,7 +535,7 @@ async fn apply(
             v["ended"] = json!(ended);
             Ok(v)
         }
-        Op::Cancel(task) => cancel(s, &snap, task, who, reason).await,
+        Op::Cancel(task) => cancel(s, task, who, reason).await,
         Op::Cap { usd, window } => {
             let cap = s
                 .core
@@ -561,18 +573,24 @@ fn apply_routing(s: &AppState) {
         .set_interventions(intervene::blocks(&active), intervene::reroutes(&active));
 }
 
-/// A worker the fleet has seen, or a pool it knows (configured, or with workers).
-fn known_target(
+/// A worker the fleet has seen, or a pool it knows (configured, or with workers). The
+/// snapshot is a second old at most; a worker new since then is asked of the live state.
+async fn known_target(
+    s: &AppState,
     snap: &crate::fleet::view::FleetSnapshot,
-    table: &crate::route::RoutingTable,
     t: &Target,
 ) -> Result<(), ApiError> {
     match t {
-        Target::Worker(w) if snap.workers.binary_search_by(|x| x.id.cmp(w)).is_err() => Err(
-            ApiError::NotFound(format!("worker {w} is not in the fleet")),
-        ),
+        Target::Worker(w) if snap.workers.binary_search_by(|x| x.id.cmp(w)).is_err() => {
+            match s.core.fleet.worker(w.clone()).await? {
+                Some(_) => Ok(()),
+                None => Err(ApiError::NotFound(format!(
+                    "worker {w} is not in the fleet"
+                ))),
+            }
+        }
         Target::Pool(p)
-            if !table.pools.contains_key(p)
+            if !s.core.policy.live().routing.pools.contains_key(p)
                 && !snap.workers.iter().any(|x| x.pool.as_deref() == Some(p)) =>
         {
             Err(ApiError::NotFound(format!(
@@ -619,28 +637,47 @@ fn state_of(s: &AppState, t: &Target, new: Option<&Intervention>) -> Value {
     let snap = s.core.fleet.snapshot();
     let active = s.alerts.interventions.active();
     let want = intervene::desired(&active, &snap);
-    let workers: BTreeMap<&str, Value> = snap
-        .workers
-        .iter()
-        .filter(|w| match t {
-            Target::Worker(x) => &w.id == x,
-            Target::Pool(p) => w.pool.as_deref() == Some(p.as_str()) && !w.lost,
-            Target::Fleet => false,
-        })
-        .map(|w| {
-            let c = want.get(&w.id).cloned().unwrap_or_default();
+    let ids: Vec<&str> = match t {
+        // Named even when it joined after the snapshot was taken.
+        Target::Worker(x) => vec![x.as_str()],
+        Target::Pool(p) => snap
+            .workers
+            .iter()
+            .filter(|w| w.pool.as_deref() == Some(p.as_str()) && !w.lost)
+            .map(|w| w.id.as_str())
+            .collect(),
+        Target::Fleet => Vec::new(),
+    };
+    let workers: BTreeMap<&str, Value> = ids
+        .into_iter()
+        .map(|id| {
+            let c = want.get(id).cloned().unwrap_or_default();
+            let reported = snap
+                .workers
+                .binary_search_by(|x| x.id.as_str().cmp(id))
+                .ok()
+                .map(|i| json!({"paused": snap.workers[i].paused, "draining": snap.workers[i].draining}));
             (
-                w.id.as_str(),
+                id,
                 json!({"mode": c.mode, "tasks_per_s": c.tasks_per_s, "because": c.because,
-                       "reported": {"paused": w.paused, "draining": w.draining}}),
+                       "reported": reported}),
             )
         })
         .collect();
     let mut v = json!({"target": t, "workers": workers});
     if let Target::Pool(p) = t {
         let live = s.core.policy.live();
-        v["blocked"] = json!(live.blocks.iter().any(|b| b.scope == BlockScope::Pool && &b.value == p));
-        v["rerouted_to"] = json!(live.reroutes.iter().find(|r| &r.from == p).map(|r| r.to.clone()));
+        v["blocked"] = json!(
+            live.blocks
+                .iter()
+                .any(|b| b.scope == BlockScope::Pool && &b.value == p)
+        );
+        v["rerouted_to"] = json!(
+            live.reroutes
+                .iter()
+                .find(|r| &r.from == p)
+                .map(|r| r.to.clone())
+        );
     }
     if let Some(i) = new {
         v["intervention"] = json!(i);
@@ -650,29 +687,36 @@ fn state_of(s: &AppState, t: &Target, new: Option<&Intervention>) -> Value {
 
 async fn cancel(
     s: &AppState,
-    snap: &crate::fleet::view::FleetSnapshot,
     task: &str,
     who: &str,
     reason: Option<&str>,
 ) -> Result<Value, ApiError> {
-    let Some(worker) = snap
-        .workers
-        .iter()
-        .find(|w| !w.lost && w.current_task.as_deref() == Some(task))
-    else {
-        let state = s
-            .core
-            .store
-            .get(task)
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map(|r| serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
-        return Err(match state {
-            None => ApiError::NotFound(format!("task {task} not found")),
-            Some(st) => ApiError::Conflict(format!(
-                "task {task} is {st} and no worker reports running it; only a running task can be cancelled"
-            )),
-        });
-    };
+    let record = s
+        .core
+        .store
+        .get(task)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("task {task} not found")))?;
+    if record.state.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "task {task} has finished ({}); only a running task can be cancelled",
+            serde_json::to_value(record.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        )));
+    }
+    // The live state knows which worker's spans and heartbeats carry the task.
+    let worker = s
+        .core
+        .fleet
+        .task_worker(task.to_string())
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "no worker reports running task {task} yet; only a running task can be cancelled"
+            ))
+        })?;
     let req = ControlRequest::new(Command::Cancel {
         task_id: task.to_string(),
     })
@@ -680,17 +724,17 @@ async fn cancel(
         "cancelled by {who}{}",
         reason.map_or(String::new(), |r| format!(": {r}"))
     ));
-    match s.control.tell.tell(&worker.id, req).await {
-        Ok(r) if r.ok => Ok(json!({"task_id": task, "worker": worker.id, "answer": r})),
+    match s.control.tell.tell(&worker, req).await {
+        Ok(r) if r.ok => Ok(json!({"task_id": task, "worker": worker, "answer": r})),
         Ok(r) => Err(ApiError::Conflict(format!(
-            "worker {} refused: {}",
-            worker.id,
-            r.error
-                .map_or_else(|| "no reason given".into(), |e| format!("{}: {}", e.code, e.message))
+            "worker {worker} refused: {}",
+            r.error.map_or_else(
+                || "no reason given".into(),
+                |e| format!("{}: {}", e.code, e.message)
+            )
         ))),
         Err(e) => Err(ApiError::Unavailable(format!(
-            "worker {} did not answer: {e}",
-            worker.id
+            "worker {worker} did not answer: {e}"
         ))),
     }
 }
@@ -814,7 +858,9 @@ async fn session(
                 ok: false,
                 audit_id: String::new(),
                 state: None,
-                error: Some(json!({"code": "bad_request", "message": format!("not a control command: {e}")})),
+                error: Some(
+                    json!({"code": "bad_request", "message": format!("not a control command: {e}")}),
+                ),
             },
         };
         let body = serde_json::to_string(&ack).unwrap_or_default();
@@ -898,7 +944,9 @@ mod tests {
             let e = req(bad.clone()).unwrap_err();
             assert!(matches!(e, ApiError::BadRequest(_)), "{bad}: {e}");
         }
-        assert!(serde_json::from_value::<Request>(json!({"command": "pause", "wrker": "w"})).is_err());
+        assert!(
+            serde_json::from_value::<Request>(json!({"command": "pause", "wrker": "w"})).is_err()
+        );
         assert_eq!(
             req(json!({"command": "cost_cap", "usd": 5.0})).unwrap(),
             Op::Cap {

@@ -88,7 +88,11 @@ fn sort_workers(ws: &mut [&WorkerView], by: &str, desc: bool) -> Result<(), ApiE
         "state" => |a, b| (a.lost, a.state.as_str()).cmp(&(b.lost, b.state.as_str())),
         "pool" => |a, b| a.pool.cmp(&b.pool),
         "model" => |a, b| a.model.cmp(&b.model),
-        "cost_usd" => |a, b| a.cost_usd.partial_cmp(&b.cost_usd).unwrap_or(Ordering::Equal),
+        "cost_usd" => |a, b| {
+            a.cost_usd
+                .partial_cmp(&b.cost_usd)
+                .unwrap_or(Ordering::Equal)
+        },
         "burn_rate" => |a, b| {
             a.burn_rate_usd_per_h
                 .partial_cmp(&b.burn_rate_usd_per_h)
@@ -176,7 +180,11 @@ pub async fn workers(
         })
         .collect();
     let mut matching = matching;
-    if let Some(needle) = q.q.as_deref().map(str::to_lowercase).filter(|n| !n.is_empty()) {
+    if let Some(needle) =
+        q.q.as_deref()
+            .map(str::to_lowercase)
+            .filter(|n| !n.is_empty())
+    {
         matching.retain(|w| w.id.to_lowercase().contains(&needle));
     }
     let desc = match q.order.as_deref() {

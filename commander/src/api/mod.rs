@@ -475,10 +475,7 @@ fn set_fleet_gauges(g: &crate::metrics::FleetGauges, snap: &crate::fleet::view::
     }
 }
 
-async fn metrics(
-    State(s): State<AppState>,
-    headers: HttpHeaders,
-) -> Result<Response, ApiError> {
+async fn metrics(State(s): State<AppState>, headers: HttpHeaders) -> Result<Response, ApiError> {
     let snap = s.core.fleet.snapshot();
     for (state, n) in &snap.fleet.states {
         s.core
@@ -517,7 +514,10 @@ async fn metrics(
             .into_response());
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         classic_text(&out),
     )
         .into_response())

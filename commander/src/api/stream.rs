@@ -156,9 +156,9 @@ pub async fn stream(
     };
     let sub = s.events.subscribe(last_id);
     let first = sub.gap.then(|| {
-        SseEvent::default()
-            .event("resync")
-            .data("{\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}")
+        SseEvent::default().event("resync").data(
+            "{\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}",
+        )
     });
     let connected = Connected::new(s.events.counters());
     let feed = Feed {

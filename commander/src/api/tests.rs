@@ -118,7 +118,12 @@ impl super::control::Tell for NoWorkers {
 }
 
 fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
-    api_with_roles(token, max_body_bytes, Vec::new(), crate::config::AuthConfig::default())
+    api_with_roles(
+        token,
+        max_body_bytes,
+        Vec::new(),
+        crate::config::AuthConfig::default(),
+    )
 }
 
 fn api_with_roles(
@@ -550,11 +555,14 @@ mod roles {
             let (status, _, _) = api.call(request("GET", path, Some("t-producer"))).await;
             assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
         }
-        let refused = api.state.core.metrics.auth_refused.get_or_create(
-            &crate::metrics::ReasonLabel {
-                reason: "wrong_role".into(),
-            },
-        );
+        let refused =
+            api.state
+                .core
+                .metrics
+                .auth_refused
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "wrong_role".into(),
+                });
         assert!(refused.get() > 0);
     }
 
@@ -625,21 +633,30 @@ mod roles {
         assert_eq!(active.len(), 1);
         // An unknown worker is refused, with why.
         let (status, _, ack) = api
-            .call(command("t-operator", serde_json::json!({"command": "drain", "worker": "ghost"})))
+            .call(command(
+                "t-operator",
+                serde_json::json!({"command": "drain", "worker": "ghost"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{ack}");
         assert_eq!(ack["ok"], false);
         assert_eq!(ack["error"]["code"], "not_found");
         // Resume ends the pause.
         let (status, _, ack) = api
-            .call(command("t-operator", serde_json::json!({"command": "resume", "pool": "code"})))
+            .call(command(
+                "t-operator",
+                serde_json::json!({"command": "resume", "pool": "code"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::OK, "{ack}");
         assert_eq!(ack["state"]["ended"].as_array().unwrap().len(), 1);
         assert!(api.state.alerts.interventions.active().is_empty());
         // The burst (3) is spent: the next is refused 429 and audited too.
         let (status, _, ack) = api
-            .call(command("t-operator", serde_json::json!({"command": "resume", "pool": "code"})))
+            .call(command(
+                "t-operator",
+                serde_json::json!({"command": "resume", "pool": "code"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{ack}");
         assert_eq!(ack["error"]["code"], "rate_limited");
@@ -654,7 +671,10 @@ mod roles {
         assert_eq!(records[0]["result"]["code"], "rate_limited");
         // A viewer may read but not act.
         let (status, _, _) = api
-            .call(command("t-viewer", serde_json::json!({"command": "lift_cost_cap"})))
+            .call(command(
+                "t-viewer",
+                serde_json::json!({"command": "lift_cost_cap"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
     }
@@ -663,24 +683,36 @@ mod roles {
     async fn routing_changes_and_the_cost_cap_take_effect_in_the_live_snapshot_at_once() {
         let api = api(None, 1 << 20);
         let (status, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "block_pool", "pool": "docs"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "block_pool", "pool": "docs"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::OK, "{ack}");
         assert_eq!(ack["state"]["blocked"], true);
         let live = api.state.core.policy.live();
         assert_eq!(live.blocks.len(), 1);
         let (_, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "reroute_pool", "pool": "code", "to": "docs"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "reroute_pool", "pool": "code", "to": "docs"}),
+            ))
             .await;
         assert_eq!(ack["state"]["rerouted_to"], "docs", "{ack}");
         let (_, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "restore_pool", "pool": "docs"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "restore_pool", "pool": "docs"}),
+            ))
             .await;
         assert_eq!(ack["state"]["blocked"], false, "{ack}");
         assert_eq!(api.state.core.policy.live().reroutes.len(), 1);
 
         let (status, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "cost_cap", "usd": 2.5, "window": "1h"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "cost_cap", "usd": 2.5, "window": "1h"}),
+            ))
             .await;
         assert_eq!(status, StatusCode::OK, "{ack}");
         let budgets = &api.state.core.policy.live().policy.budgets;
@@ -690,10 +722,12 @@ mod roles {
             .expect("the cap is a budget in force");
         assert_eq!(cap.spec.limit_usd, 2.5);
         // A policy swap keeps it.
-        let (status, _, _) = api
-            .call(put_policy(None, GOOD_POLICY))
-            .await;
-        assert_ne!(status, StatusCode::OK, "local mode still needs the compliance token to push");
+        let (status, _, _) = api.call(put_policy(None, GOOD_POLICY)).await;
+        assert_ne!(
+            status,
+            StatusCode::OK,
+            "local mode still needs the compliance token to push"
+        );
         let policy = api
             .state
             .core
@@ -714,13 +748,25 @@ mod roles {
             .iter()
             .map(|b| b.spec.name.clone())
             .collect();
-        assert_eq!(names, vec!["daily".to_string(), crate::policy::COST_CAP_BUDGET.to_string()]);
+        assert_eq!(
+            names,
+            vec![
+                "daily".to_string(),
+                crate::policy::COST_CAP_BUDGET.to_string()
+            ]
+        );
         let (_, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "cost_cap", "usd": 1.0, "window": "fortnight"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "cost_cap", "usd": 1.0, "window": "fortnight"}),
+            ))
             .await;
         assert_eq!(ack["ok"], false, "{ack}");
         let (_, _, ack) = api
-            .call(command("x", serde_json::json!({"command": "lift_cost_cap"})))
+            .call(command(
+                "x",
+                serde_json::json!({"command": "lift_cost_cap"}),
+            ))
             .await;
         assert_eq!(ack["ok"], true, "{ack}");
         assert_eq!(api.state.core.policy.live().policy.budgets.len(), 1);
@@ -737,14 +783,21 @@ mod roles {
             }
             router(api.state.clone()).oneshot(b.body(Body::empty()).unwrap())
         };
-        let resp = open("/v1/stream?kinds=decision,alert&pool=code", None).await.unwrap();
+        let resp = open("/v1/stream?kinds=decision,alert&pool=code", None)
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(
             resp.headers()[header::CONTENT_TYPE].to_str().unwrap(),
             "text/event-stream"
         );
         let hub = &api.state.events;
-        hub.publish(crate::events::Kind::Decision, Some("docs"), None, &"other pool");
+        hub.publish(
+            crate::events::Kind::Decision,
+            Some("docs"),
+            None,
+            &"other pool",
+        );
         hub.publish(crate::events::Kind::Policy, None, None, &"not asked for");
         hub.publish(crate::events::Kind::Decision, Some("code"), None, &"mine");
         let mut first = resp.into_body();

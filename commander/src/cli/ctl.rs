@@ -12,7 +12,12 @@ pub struct CtlArgs {
     #[command(subcommand)]
     pub command: CtlCommand,
     /// The commander's API.
-    #[arg(long, global = true, env = "FLEET_API", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub api: String,
     /// Environment variable holding an operator's token (a viewer's for `audit` and
     /// `state`); unset in local mode.
@@ -164,8 +169,8 @@ async fn send(mut args: CtlArgs) -> Result<(), CtlError> {
         })?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&text)
-        .map_or(text.clone(), |v| format!("{v:#}"));
+    let pretty =
+        serde_json::from_str::<serde_json::Value>(&text).map_or(text.clone(), |v| format!("{v:#}"));
     if !status.is_success() {
         return Err(CtlError::Refused {
             status: status.as_u16(),

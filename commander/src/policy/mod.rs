@@ -341,7 +341,9 @@ impl PolicyEngine {
             match &cap {
                 Some(c) => {
                     let body = serde_json::to_vec(c).map_err(|e| e.to_string())?;
-                    self.cap_tree.insert(b"cap", body).map_err(|e| e.to_string())?;
+                    self.cap_tree
+                        .insert(b"cap", body)
+                        .map_err(|e| e.to_string())?;
                 }
                 None => {
                     self.cap_tree.remove(b"cap").map_err(|e| e.to_string())?;

@@ -1,0 +1,416 @@
+//! The operator's surface on the real binary: roles on a live API, the control plane over
+//! its WebSocket and `commander ctl` reaching real SDK workers, `/metrics` checked by the
+//! real `promtool`, and the shipped Grafana board checked against what `/metrics` has.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_worker::{Producer, Subjects, SubmitOptions, Task, TaskOutput, Worker, WorkerConfig};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+
+use crate::common::{Stack, TWO_POOLS, WAIT, eventually, task_record};
+
+pub const TOKENS: &str = r#"
+[[auth.tokens]]
+name = "ops"
+role = "operator"
+token_env = "FLEET_OPS_TOKEN"
+
+[[auth.tokens]]
+name = "watcher"
+role = "viewer"
+token_env = "FLEET_VIEW_TOKEN"
+"#;
+
+pub const ENV: &[(&str, &str)] = &[
+    ("FLEET_OPS_TOKEN", "ops-token"),
+    ("FLEET_VIEW_TOKEN", "view-token"),
+];
+
+pub fn promtool() -> String {
+    std::env::var("PROMTOOL_BIN").unwrap_or_else(|_| "promtool".into())
+}
+
+/// A worker whose handler runs for `work`, counting the tasks it started.
+pub async fn slow_worker(
+    client: &async_nats::Client,
+    pool: &str,
+    id: &str,
+    work: Duration,
+) -> (fleet_worker::WorkerHandle, Arc<Mutex<Vec<String>>>) {
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let seen = started.clone();
+    let mut cfg = WorkerConfig::new(pool, id);
+    cfg.heartbeat_interval = Duration::from_millis(300);
+    cfg.max_in_flight = 1;
+    let w = Worker::start(client.clone(), cfg, move |ctx| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(ctx.task_id.clone());
+            // A cancel aborts this future (the SDK answers `cancelled`).
+            tokio::time::sleep(work).await;
+            Ok(TaskOutput::default())
+        }
+    })
+    .await
+    .unwrap();
+    (w, started)
+}
+
+pub async fn submit(client: &async_nats::Client, id: &str, pool: &str) {
+    let producer = Producer::new(client.clone(), Subjects::default());
+    let mut t = Task::new("operator test task");
+    t.id = Some(id.into());
+    t.pool = Some(pool.into());
+    producer.submit(&t, SubmitOptions::default()).await.unwrap();
+}
+
+async fn ws_connect(
+    stack: &Stack,
+    token: Option<&str>,
+    origin: Option<&str>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    u16,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = stack.http("/v1/control").replace("http://", "ws://");
+    let mut req = url.into_client_request().unwrap();
+    let mut protocols = "fleet.control.v1".to_string();
+    if let Some(t) = token {
+        protocols.push_str(&format!(", bearer.{t}"));
+    }
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().unwrap());
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket: {e}"),
+    }
+}
+
+async fn command<S>(ws: &mut S, cmd: Value) -> Value
+where
+    S: futures::Sink<
+            tokio_tungstenite::tungstenite::Message,
+            Error = tokio_tungstenite::tungstenite::Error,
+        > + futures::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        cmd.to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("an ack in time")
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+/// An operator pauses a worker over the control socket: the worker is told at once, its
+/// heartbeat says paused, and a task for its pool waits; a resume lets it run. The
+/// socket checks the token, the role and the page's origin; every command is audited
+/// with who sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_over_the_control_socket_stops_the_worker_pulling_until_resumed() {
+    let toml = format!("{TWO_POOLS}\n{TOKENS}");
+    let stack = Stack::start_with_env(&toml, ENV)
+        .await
+        .with_token("view-token");
+    let (worker, started) =
+        slow_worker(&stack.client, "alpha", "a1", Duration::from_millis(10)).await;
+    eventually("the worker is known", WAIT, async || {
+        reqwest::Client::new()
+            .get(stack.http("/v1/workers/a1"))
+            .bearer_auth("view-token")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+
+    // The handshake: no token 401, a viewer 403, another site's page 403.
+    assert_eq!(ws_connect(&stack, None, None).await.err(), Some(401));
+    assert_eq!(
+        ws_connect(&stack, Some("view-token"), None).await.err(),
+        Some(403)
+    );
+    assert_eq!(
+        ws_connect(&stack, Some("ops-token"), Some("https://evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    let own_origin = stack.commander.http().to_string();
+    let mut ws = ws_connect(&stack, Some("ops-token"), Some(&own_origin))
+        .await
+        .unwrap();
+
+    let ack = command(
+        &mut ws,
+        json!({"id": "p1", "command": "pause", "worker": "a1", "reason": "maintenance"}),
+    )
+    .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["id"], "p1");
+    assert_eq!(ack["state"]["workers"]["a1"]["mode"], "paused", "{ack}");
+    eventually("the worker's heartbeat says paused", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["paused"] == true
+    })
+    .await;
+    submit(&stack.client, "while-paused", "alpha").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        started.lock().unwrap().is_empty(),
+        "a paused worker pulls nothing"
+    );
+
+    let ack = command(&mut ws, json!({"command": "resume", "worker": "a1"})).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["ended"].as_array().unwrap().len(), 1, "{ack}");
+    eventually(
+        "the task runs once the worker is resumed",
+        WAIT,
+        async || stack.get_json("/v1/tasks/while-paused").await["state"] == "completed",
+    )
+    .await;
+    // A refused command acks ok: false with why, over the same socket.
+    let ack = command(&mut ws, json!({"command": "pause", "worker": "nobody"})).await;
+    assert_eq!(ack["ok"], false);
+    assert_eq!(ack["error"]["code"], "not_found");
+
+    let audit = stack.get_json("/v1/control/audit").await;
+    let records = audit["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3, "{audit}");
+    let pause = &records[2];
+    assert_eq!(pause["who"], "ops");
+    assert_eq!(pause["via"], "websocket");
+    assert_eq!(pause["request"]["reason"], "maintenance");
+    assert!(
+        stack
+            .metric("fleet_control_requests_total{command=\"pause\",outcome=\"ok\"}")
+            .await
+            >= 1.0
+    );
+    worker.shutdown().await;
+}
+
+/// `commander ctl` from a shell: cancel a running task (its result is `cancelled`), and
+/// a viewer's token is refused with the API's 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commander_ctl_cancels_a_running_task() {
+    let toml = format!("{TWO_POOLS}\n{TOKENS}");
+    let stack = Stack::start_with_env(&toml, ENV)
+        .await
+        .with_token("view-token");
+    let (worker, started) = slow_worker(&stack.client, "alpha", "a1", WAIT).await;
+    submit(&stack.client, "long-one", "alpha").await;
+    eventually("the worker runs the task", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["current_task"] == "long-one"
+    })
+    .await;
+    assert_eq!(started.lock().unwrap().as_slice(), ["long-one"]);
+    let api = stack.commander.http().to_string();
+    let ctl = move |token: &'static str| {
+        let bin = env!("CARGO_BIN_EXE_commander");
+        std::process::Command::new(bin)
+            .args([
+                "ctl",
+                "--api",
+                &api,
+                "--identity",
+                "carol",
+                "cancel",
+                "--task",
+                "long-one",
+            ])
+            .env("FLEET_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let refused = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl("view-token")
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let done = tokio::task::spawn_blocking(move || ctl("ops-token"))
+        .await
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let ack: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["worker"], "a1");
+    eventually("the task ends cancelled", WAIT, async || {
+        stack.get_json("/v1/tasks/long-one").await["outcome"]["status"] == "cancelled"
+    })
+    .await;
+    let audit = stack.get_json("/v1/control/audit").await;
+    assert_eq!(audit["records"][0]["who"], "ops (carol)", "{audit}");
+    worker.shutdown().await;
+}
+
+/// `/metrics` passes the real `promtool check metrics`, and every metric the shipped
+/// Grafana board queries is on it; the board has the structure Grafana provisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_the_grafana_board_reads_only_metrics_that_exist() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let (worker, _) = slow_worker(&stack.client, "alpha", "a1", Duration::from_millis(5)).await;
+    submit(&stack.client, "m-1", "alpha").await;
+    eventually("the task completes", WAIT, async || {
+        task_record(stack.commander.http(), "m-1")
+            .await
+            .is_some_and(|r| r["state"] == "completed")
+    })
+    .await;
+    // The owner counts the finish a moment after the record says so.
+    eventually("the dispatch latency is observed", WAIT, async || {
+        stack
+            .metric("fleet_dispatch_latency_seconds_count{pool=\"alpha\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    let text = reqwest::get(stack.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    let mut child = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) on PATH, or PROMTOOL_BIN");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let board: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("dashboards/grafana/fleet-commander.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        board["schemaVersion"].as_u64().unwrap() >= 39,
+        "a current schema"
+    );
+    assert_eq!(board["uid"], "fleet-commander");
+    let vars = board["templating"]["list"].as_array().unwrap();
+    let ds = vars.iter().find(|v| v["type"] == "datasource").unwrap();
+    assert_eq!(ds["query"], "prometheus");
+    let typed: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let panels = board["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for want in [
+        "Agents by state",
+        "Tokens / s",
+        "Tasks / min",
+        "Burn rate",
+        "Error rate (5 min)",
+        "Queue depth by pool",
+        "Model distribution",
+        "Alerts firing",
+        "Dispatch latency",
+        "Decisions by rule",
+        "Context utilisation",
+    ] {
+        assert!(titles.contains(&want), "panel {want} missing: {titles:?}");
+    }
+    let name = regex::Regex::new(r"\bfleet_[a-z0-9_]+").unwrap();
+    let mut used = BTreeSet::new();
+    for p in panels {
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        for t in p["targets"].as_array().unwrap() {
+            for m in name.find_iter(t["expr"].as_str().unwrap()) {
+                used.insert(m.as_str().to_string());
+            }
+        }
+    }
+    for m in &used {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| m.strip_suffix(s).filter(|b| typed.contains(b)))
+            .unwrap_or(m);
+        assert!(
+            typed.contains(base),
+            "the board queries {m}, which /metrics does not have"
+        );
+    }
+    assert!(used.len() >= 12, "{used:?}");
+
+    // The scrape example is a valid Prometheus config (with a real credentials file).
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("viewer.token");
+    std::fs::write(&token, "view-token").unwrap();
+    let scrape = std::fs::read_to_string(root.join("dashboards/prometheus/scrape.yml"))
+        .unwrap()
+        .replace(
+            "/etc/prometheus/fleet-viewer.token",
+            &token.display().to_string(),
+        );
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(&cfg, scrape).unwrap();
+    let out = std::process::Command::new(promtool())
+        .args(["check", "config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    worker.shutdown().await;
+}
