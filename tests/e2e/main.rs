@@ -11,12 +11,13 @@
 
 mod alerts;
 mod bad_input;
+mod browser;
 mod common;
 mod hostile;
 mod interop;
 mod kill;
 mod newuser;
-mod operator;
+pub mod operator;
 mod outage;
 mod policy;
 mod routing;

@@ -1,0 +1,356 @@
+//! The dashboard in a real headless Chromium (Debian `chromium` and `chromium-driver`),
+//! driven over WebDriver against the real binary, real SDK workers and a simulated
+//! agent's heartbeats. Screenshots of each page land in `target/browser-artifacts/`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::common::{Stack, TWO_POOLS, WAIT, eventually};
+use crate::operator::{ENV, TOKENS, slow_worker, submit};
+
+/// chromedriver on a port of its own, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn driver() -> Driver {
+    let bin = std::env::var("CHROMEDRIVER_BIN").unwrap_or_else(|_| "chromedriver".into());
+    let port = free_port();
+    let child = Command::new(&bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin} (Debian package chromium-driver): {e}"));
+    let url = format!("http://127.0.0.1:{port}");
+    let d = Driver { child, url };
+    eventually("chromedriver listens", WAIT, async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    d
+}
+
+async fn browser(d: &Driver) -> Client {
+    let mut opts = json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+        "--disable-dev-shm-usage", "--window-size=1400,1000"]});
+    let chromium = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if std::path::Path::new(&chromium).exists() {
+        opts["binary"] = json!(chromium);
+    }
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), opts);
+    ClientBuilder::native()
+        .capabilities(caps)
+        .connect(&d.url)
+        .await
+        .expect("a Chromium session")
+}
+
+fn artifacts() -> PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/browser-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(artifacts().join(format!("{name}.png")), png).unwrap();
+}
+
+/// No uncaught error, rejected promise or console.error on the page so far.
+async fn no_console_errors(c: &Client, page: &str) {
+    let errors = c
+        .execute(
+            "return window.__fleetErrors || ['the app did not start']",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(errors, json!([]), "console errors on {page}");
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn api(stack: &Stack, path: &str) -> Value {
+    stack.get_json(path).await
+}
+
+/// Heartbeats of a simulated agent whose context is 97 % full: `context_critical` fires.
+fn full_context_agent(client: async_nats::Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Fleet-Kind", "heartbeat");
+            let now = fleet_worker::message::now_rfc3339();
+            let hb = json!({"schema": 1, "worker_id": "ctx-1", "pool": "beta",
+                "state": "active", "model": "gpt-4o", "context_tokens": 124_000,
+                "max_in_flight": 1, "current_tasks": ["t-ctx"],
+                "started_at": now, "sent_at": now});
+            let _ = client
+                .publish_with_headers("fleet.telemetry.beta.ctx-1", h, hb.to_string().into())
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The whole operator path in a browser: sign in, the overview shows what the API says,
+/// an alert reaches the strip within 2 s, a pause clicked on an agent reaches the worker
+/// and the audit, a decision shows every candidate, and a viewer sees no controls (the
+/// API refuses them too). No page logs an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
+    let toml = format!("{TWO_POOLS}\n[detect]\ninterval_ms = 200\n{TOKENS}");
+    let stack = Stack::start_with_env(&toml, ENV)
+        .await
+        .with_token("ops-token");
+    let (worker, started) =
+        slow_worker(&stack.client, "alpha", "a1", Duration::from_millis(20)).await;
+    submit(&stack.client, "before-1", "alpha").await;
+    eventually("a first task completes", WAIT, async || {
+        api(&stack, "/v1/tasks/before-1").await["state"] == "completed"
+    })
+    .await;
+    eventually("the snapshot has the worker", WAIT, async || {
+        api(&stack, "/v1/workers").await["total"] == 1
+    })
+    .await;
+
+    let d = driver().await;
+    let c = browser(&d).await;
+    let base = stack.commander.http().to_string();
+
+    // Sign in: the shell asks for a token.
+    c.goto(&format!("{base}/")).await.unwrap();
+    let input = c
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#login-token"))
+        .await
+        .unwrap();
+    shot(&c, "sign-in").await;
+    input.send_keys("ops-token").await.unwrap();
+    c.find(Locator::Css("#login-form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("signed in as the operator", WAIT, async || {
+        text(&c, "#who").await == "ops · operator"
+    })
+    .await;
+
+    // The overview shows the numbers the API reports.
+    eventually("the overview matches the API", WAIT, async || {
+        let fleet = api(&stack, "/v1/fleet").await;
+        let shown: Vec<u64> = {
+            let mut v = Vec::new();
+            for s in ["ACTIVE", "IDLE", "WAITING", "STUCK", "ERROR", "LOST"] {
+                let t = text(&c, &format!("#states [data-state={s}] b")).await;
+                v.push(t.parse().unwrap());
+            }
+            v
+        };
+        let api_states: Vec<u64> = ["ACTIVE", "IDLE", "WAITING", "STUCK", "ERROR"]
+            .iter()
+            .map(|s| fleet["states"][s].as_u64().unwrap_or(0))
+            .chain([fleet["lost"].as_u64().unwrap()])
+            .collect();
+        shown == api_states
+    })
+    .await;
+    let pools = api(&stack, "/v1/pools").await["pools"]
+        .as_array()
+        .unwrap()
+        .len();
+    let gauges = c
+        .find_all(Locator::Css("#queues [data-pool]"))
+        .await
+        .unwrap();
+    assert_eq!(gauges.len(), pools);
+    no_console_errors(&c, "overview").await;
+
+    // An alert reaches the strip within 2 s of firing.
+    let agent = full_context_agent(stack.client.clone());
+    let mut alert_id = String::new();
+    eventually("context_critical fires", WAIT, async || {
+        let open = api(&stack, "/v1/alerts?state=firing&rule=context_critical").await;
+        match open["alerts"].as_array().and_then(|a| a.first()) {
+            Some(a) => {
+                alert_id = a["id"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    let fired = Instant::now();
+    c.wait()
+        .at_most(Duration::from_secs(2))
+        .for_element(Locator::Css(&format!("#strip [data-alert=\"{alert_id}\"]")))
+        .await
+        .unwrap_or_else(|e| panic!("the alert was not in the strip within 2 s: {e}"));
+    eprintln!(
+        "alert in the strip {:?} after the API said firing",
+        fired.elapsed()
+    );
+    shot(&c, "overview").await;
+    no_console_errors(&c, "overview with an alert").await;
+
+    // A pause clicked in the drill-down reaches the worker: it stops pulling.
+    c.goto(&format!("{base}/#/worker/a1")).await.unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#pause"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the ack says done", WAIT, async || {
+        text(&c, "#ack").await.starts_with("done")
+    })
+    .await;
+    eventually("the worker reports paused", WAIT, async || {
+        api(&stack, "/v1/workers/a1").await["paused"] == true
+    })
+    .await;
+    shot(&c, "agent").await;
+    no_console_errors(&c, "agent").await;
+    submit(&stack.client, "while-paused", "alpha").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        started.lock().unwrap().as_slice(),
+        ["before-1"],
+        "a paused worker pulls nothing"
+    );
+    c.goto(&format!("{base}/#/audit")).await.unwrap();
+    let audit = text(&c, "#audit tbody").await;
+    assert!(audit.contains("pause a1"), "{audit}");
+    assert!(audit.contains("ops"), "{audit}");
+    shot(&c, "audit").await;
+    no_console_errors(&c, "audit").await;
+
+    // A decision's candidates render, every one of them.
+    let decision = api(&stack, "/v1/decisions/before-1").await;
+    let want = decision["candidates"].as_array().unwrap().len();
+    assert!(want > 0, "{decision}");
+    c.goto(&format!("{base}/#/decision/before-1"))
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#candidates tr.candidate"))
+        .await
+        .unwrap();
+    let rows = c
+        .find_all(Locator::Css("#candidates tr.candidate"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), want);
+    shot(&c, "decision").await;
+    no_console_errors(&c, "decision").await;
+
+    // The other pages render without errors.
+    for (page, css) in [
+        ("workers", "#t tbody tr"),
+        ("decisions", "#rows tr"),
+        ("traces", "#rows tr"),
+        ("costs", "#rows tr"),
+        ("alerts", "#open tr"),
+        ("policy", "h1"),
+    ] {
+        c.goto(&format!("{base}/#/{page}")).await.unwrap();
+        c.wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        shot(&c, page).await;
+        no_console_errors(&c, page).await;
+    }
+    let kept = api(&stack, "/v1/traces?limit=1").await;
+    if let Some(t) = kept["traces"].as_array().and_then(|t| t.first()) {
+        let id = t["trace_id"].as_str().unwrap();
+        c.goto(&format!("{base}/#/trace/{id}")).await.unwrap();
+        c.wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(".wf .row"))
+            .await
+            .unwrap();
+        shot(&c, "trace").await;
+        no_console_errors(&c, "trace").await;
+    }
+
+    // A viewer sees no control buttons, and the API answers 403 to its commands.
+    c.execute(
+        "sessionStorage.setItem('fleet.token', 'view-token'); location.hash = '#/worker/a1'; location.reload();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    eventually("signed in as the viewer", WAIT, async || {
+        text(&c, "#who").await == "watcher · viewer"
+    })
+    .await;
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#state"))
+        .await
+        .unwrap();
+    let controls = c
+        .find(Locator::Css("[data-role-needs=operator]"))
+        .await
+        .unwrap();
+    assert!(
+        !controls.is_displayed().await.unwrap(),
+        "a viewer sees no controls"
+    );
+    shot(&c, "agent-as-viewer").await;
+    no_console_errors(&c, "agent as viewer").await;
+    let r = reqwest::Client::new()
+        .post(stack.http("/v1/control"))
+        .bearer_auth("view-token")
+        .json(&json!({"command": "resume", "worker": "a1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    c.close().await.unwrap();
+    agent.abort();
+    worker.shutdown().await;
+}
