@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Command one: set up a fresh Debian machine and run an example fleet.
 #
-# Installs nats-server (and prometheus-alertmanager, which the tests run) with apt when
+# Installs nats-server (and prometheus-alertmanager, prometheus's promtool, chromium and
+# chromium-driver, which the tests run) with apt when
 # missing, builds the workspace in release mode,
 # starts the commander (which starts nats-server itself when none is running), two example
 # workers per pool and a producer that keeps submitting tasks. Ctrl-C stops everything.
@@ -25,6 +26,16 @@ if ! command -v prometheus-alertmanager >/dev/null 2>&1 && ! command -v alertman
   echo "installing prometheus-alertmanager with apt (the alert-delivery tests run a real one)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-alertmanager
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing prometheus with apt (the metrics test runs its promtool)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
+fi
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium and chromium-driver with apt (the dashboard's browser test drives them)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not installed: install Rust with https://rustup.rs (the toolchain is pinned in rust-toolchain.toml), then run this again" >&2
@@ -64,6 +75,7 @@ cat <<MSG
   A producer now submits a task every half second and prints each result.
 
     commander log   : data/example/commander.log
+    the dashboard   : http://127.0.0.1:8080/  (local mode: no token needed on loopback)
     a task's record : curl -s http://127.0.0.1:8080/v1/tasks/<task_id>
     metrics         : curl -s http://127.0.0.1:8080/metrics
     the live fleet  : curl -s http://127.0.0.1:8080/v1/fleet

@@ -66,8 +66,19 @@ pub struct Event {
     /// neither and passes both).
     pub pool: Option<String>,
     pub worker: Option<String>,
-    /// The JSON body.
-    pub data: String,
+    /// The whole SSE frame (`id: …\nevent: …\ndata: <json>\n\n`), encoded once here and
+    /// shared by every subscriber: fanning out costs a reference count per client.
+    pub frame: bytes::Bytes,
+}
+
+impl Event {
+    /// The JSON body (the frame's `data:` line).
+    pub fn data(&self) -> &str {
+        std::str::from_utf8(&self.frame)
+            .ok()
+            .and_then(|f| f.split_once("\ndata: "))
+            .map_or("", |(_, d)| d.trim_end_matches('\n'))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -205,12 +216,14 @@ impl Hub {
         let mut ring = self.ring();
         // The id is taken under the ring's lock so the ring stays in id order.
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Compact JSON has no newline, so the body is one `data:` line.
+        let frame = format!("id: {id}\nevent: {}\ndata: {data}\n\n", kind.as_str());
         let ev = Arc::new(Event {
             id,
             kind,
             pool: pool.map(str::to_string),
             worker: worker.map(str::to_string),
-            data,
+            frame: frame.into(),
         });
         if ring.len() >= self.inner.ring_size {
             ring.pop_front();
@@ -273,6 +286,9 @@ mod tests {
         let _s = hub.subscribe(None);
         hub.publish(Kind::Decision, None, None, &"y");
         assert_eq!(hub.ring().len(), 1);
+        let e = hub.ring()[0].clone();
+        assert_eq!(&e.frame[..], b"id: 1\nevent: decision\ndata: \"y\"\n\n");
+        assert_eq!(e.data(), "\"y\"");
     }
 
     #[test]

@@ -72,6 +72,9 @@ async function whoami() {
 
 let streamAbort = null;
 let lastEventId = null;
+// The kinds the page on screen listens to: the stream asks for these alone, so a page
+// that shows the fleet does not receive every agent's updates.
+let streamKinds = '';
 
 /** Calls `fn(data)` for each `kind` event while the current page is mounted. */
 export function on(kind, fn) {
@@ -93,7 +96,7 @@ async function stream() {
   for (let backoff = 500; !ctl.signal.aborted; backoff = Math.min(backoff * 2, 10000)) {
     try {
       const h = headers(lastEventId ? { 'Last-Event-ID': String(lastEventId) } : {});
-      const r = await fetch('/v1/stream', { headers: h, signal: ctl.signal });
+      const r = await fetch(`/v1/stream?kinds=${streamKinds}`, { headers: h, signal: ctl.signal });
       if (r.status === 401 || r.status === 403) { live.classList.remove('on'); return; }
       if (!r.ok || !r.body) throw new Error(`stream: ${r.status}`);
       live.classList.add('on');
@@ -195,6 +198,7 @@ export async function route() {
   const mine = ++mountSeq;
   try {
     await page(main, arg, () => mine === mountSeq);
+    if (mine === mountSeq) follow();
   } catch (e) {
     if (mine !== mountSeq) return;
     if (e.status === 401) return;
@@ -204,6 +208,16 @@ export async function route() {
     p.textContent = e.status === 403 ? `Your role may not see this: ${e.message}` : `Could not load this page: ${e.message}`;
     main.append(p);
   }
+}
+
+/** (Re)opens the stream when the page on screen listens to other kinds than before. */
+function follow() {
+  const kinds = [...app.handlers.keys()].sort().join(',') || 'policy';
+  if (kinds === streamKinds && streamAbort) return;
+  streamKinds = kinds;
+  // A new set of kinds starts from now: the page fetched the state it shows.
+  lastEventId = null;
+  stream();
 }
 
 async function start() {
@@ -221,14 +235,11 @@ async function start() {
     app.token = document.getElementById('login-token').value.trim();
     sessionStorage.setItem('fleet.token', app.token);
     if (sock) { sock.close(); sock = null; }
-    if (await whoami()) { document.getElementById('login-error').hidden = true; stream(); route(); }
+    if (await whoami()) { document.getElementById('login-error').hidden = true; streamAbort?.abort(); streamAbort = null; route(); }
     else askToken('That token was not accepted.');
   });
   window.addEventListener('hashchange', route);
-  if (await whoami()) {
-    stream();
-    await route();
-  }
+  if (await whoami()) await route();
 }
 
 start().catch(e => keepError(e.message));

@@ -371,8 +371,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/control", get(control::socket).post(control::post))
         .route("/v1/control/audit", get(control::audit))
         .route("/v1/control/state", get(control::state))
-        .route("/", get(console::index))
-        .route("/ui/{*file}", get(console::asset))
+        .merge(
+            // Only the dashboard's files are compressed: SSE and JSON answers are not
+            // held back by a compressor's buffer.
+            Router::new()
+                .route("/", get(console::index))
+                .route("/ui/{*file}", get(console::asset))
+                .layer(tower_http::compression::CompressionLayer::new()),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorise,

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -56,13 +57,6 @@ impl Wanted {
     }
 }
 
-fn frame(e: &Event) -> SseEvent {
-    SseEvent::default()
-        .id(e.id.to_string())
-        .event(e.kind.as_str())
-        .data(&e.data)
-}
-
 /// Counts a connected client for as long as its stream lives.
 struct Connected(Arc<StreamCounters>);
 
@@ -83,12 +77,19 @@ struct Feed {
     replay: std::vec::IntoIter<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     wanted: Wanted,
-    first: Option<SseEvent>,
+    first: Option<Bytes>,
     done: bool,
+    keep_alive: tokio::time::Interval,
     _connected: Connected,
 }
 
-fn events(f: Feed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+/// An SSE comment: keeps proxies and the client's idle timers from closing the stream.
+const KEEP_ALIVE: &[u8] = b":\n\n";
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// The client's frames: the resync notice, the replay, then live events; each event's
+/// frame was encoded once by the hub and is only reference-counted here.
+fn frames(f: Feed) -> impl Stream<Item = Result<Bytes, Infallible>> {
     futures::stream::unfold(f, |mut f| async move {
         if f.done {
             return None;
@@ -96,15 +97,16 @@ fn events(f: Feed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
         if let Some(first) = f.first.take() {
             return Some((Ok(first), f));
         }
-        for e in f.replay.by_ref() {
-            if f.wanted.admits(&e) {
-                let out = frame(&e);
-                return Some((Ok(out), f));
-            }
+        if let Some(e) = f.replay.by_ref().find(|e| f.wanted.admits(e)) {
+            return Some((Ok(e.frame.clone()), f));
         }
         loop {
-            match f.rx.recv().await {
-                Ok(e) if f.wanted.admits(&e) => return Some((Ok(frame(&e)), f)),
+            let got = tokio::select! {
+                got = f.rx.recv() => got,
+                _ = f.keep_alive.tick() => return Some((Ok(Bytes::from_static(KEEP_ALIVE)), f)),
+            };
+            match got {
+                Ok(e) if f.wanted.admits(&e) => return Some((Ok(e.frame.clone()), f)),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Fell a whole channel behind: dropped, told why, and it may resume
@@ -112,10 +114,10 @@ fn events(f: Feed) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                     f._connected.0.dropped.inc();
                     tracing::info!(missed = n, "slow stream client dropped");
                     f.done = true;
-                    let bye = SseEvent::default()
-                        .event("dropped")
-                        .data(format!("{{\"reason\":\"fell behind by {n} events\"}}"));
-                    return Some((Ok(bye), f));
+                    let bye = format!(
+                        "event: dropped\ndata: {{\"reason\":\"fell behind by {n} events\"}}\n\n"
+                    );
+                    return Some((Ok(Bytes::from(bye)), f));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
@@ -156,8 +158,8 @@ pub async fn stream(
     };
     let sub = s.events.subscribe(last_id);
     let first = sub.gap.then(|| {
-        SseEvent::default().event("resync").data(
-            "{\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}",
+        Bytes::from_static(
+            b"event: resync\ndata: {\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}\n\n",
         )
     });
     let connected = Connected::new(s.events.counters());
@@ -171,10 +173,24 @@ pub async fn stream(
         },
         first,
         done: false,
+        keep_alive: {
+            let mut i = tokio::time::interval_at(
+                tokio::time::Instant::now() + KEEP_ALIVE_EVERY,
+                KEEP_ALIVE_EVERY,
+            );
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        },
         _connected: connected,
     };
-    Ok(Sse::new(events(feed))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        axum::body::Body::from_stream(frames(feed)),
+    )
         .into_response())
 }
 

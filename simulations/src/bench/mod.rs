@@ -23,6 +23,7 @@ use futures::StreamExt;
 
 mod detect;
 mod policy;
+mod stream;
 mod telemetry;
 mod traces;
 
@@ -40,6 +41,8 @@ pub enum Which {
     Detect(detect::DetectArgs),
     /// Kept traces on a realistic mix: share of spans and bytes kept vs keeping everything.
     Traces(traces::TracesArgs),
+    /// The operator's surface on a large fleet: stream fan-out CPU, first paint, assets.
+    Dashboard(stream::DashboardArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +119,7 @@ pub async fn run(which: Which) -> Result<(), String> {
         Which::Policy(args) => policy::run(args).await,
         Which::Detect(args) => detect::run(args),
         Which::Traces(args) => traces::storage(args),
+        Which::Dashboard(args) => stream::run(args).await,
     }
 }
 
