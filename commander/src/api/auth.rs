@@ -265,14 +265,24 @@ pub async fn authorise(
     next.run(req).await
 }
 
+/// Who is asking, as `Fleet-Identity` says (else `http`).
+pub fn identity(h: &HeaderMap) -> String {
+    h.get("fleet-identity")
+        .or_else(|| h.get("x-fleet-identity"))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .unwrap_or("http")
+        .to_string()
+}
+
 /// Who did it, for an audit: the token's name, and the `fleet-identity` header when the
 /// caller sent one (`oncall (alice)`); in local mode the header alone, or `http`.
 pub fn who(caller: Option<axum::Extension<Caller>>, headers: &HeaderMap) -> String {
     let c = caller.map_or_else(Caller::local, |axum::Extension(c)| c);
-    let named = Some(super::policy::identity(headers)).filter(|i| i != "http");
+    let named = Some(identity(headers)).filter(|i| i != "http");
     match (c.role, named) {
         // Local mode: as before roles, the header or `http`.
-        (None, _) => super::policy::identity(headers),
+        (None, _) => identity(headers),
         (Some(_), Some(i)) if i != c.name => format!("{} ({i})", c.name),
         (Some(_), _) => c.name,
     }

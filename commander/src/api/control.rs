@@ -768,7 +768,7 @@ pub async fn post(
 }
 
 fn identity(h: &HeaderMap) -> Option<String> {
-    Some(super::policy::identity(h)).filter(|i| i != "http")
+    Some(super::auth::identity(h)).filter(|i| i != "http")
 }
 
 /// Whether a browser page from `origin` may open the control socket: the commander's

@@ -97,16 +97,6 @@ fn documents(body: &Bytes, name: Option<String>) -> Result<Vec<Document>, ApiErr
     }])
 }
 
-/// Who is asking, as `Fleet-Identity` says (else `http`).
-pub(super) fn identity(h: &HttpHeaders) -> String {
-    h.get("fleet-identity")
-        .or_else(|| h.get("x-fleet-identity"))
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .unwrap_or("http")
-        .to_string()
-}
-
 /// `PUT /v1/policy[?name=]`: validate, store in the policy bucket, swap in. Needs the
 /// compliance token.
 pub async fn put(
@@ -136,7 +126,7 @@ pub async fn put(
             .policy
             .refuse_unauthorised(
                 Source::Http,
-                &identity(&headers),
+                &super::auth::identity(&headers),
                 remote.0.map(|a| a.ip().to_string()),
                 why.clone(),
             )

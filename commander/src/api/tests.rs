@@ -494,10 +494,7 @@ mod roles {
 
     fn request(method: &str, path: &str, token: Option<&str>) -> Request<Body> {
         // Path parameters get a plausible value; the body is whatever the route reads.
-        let uri = path
-            .replace("{*file}", "app.js")
-            .replace('{', "")
-            .replace('}', "");
+        let uri = path.replace("{*file}", "app.js").replace(['{', '}'], "");
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
