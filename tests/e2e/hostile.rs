@@ -525,7 +525,8 @@ async fn every_error_body_is_the_documented_json() {
         (http.get(stack.http("/v1/tasks/a%20b")), 400, "bad_request"),
         (http.get(stack.http("/v1/tasks/nope")), 404, "not_found"),
         (http.get(stack.http("/v1/nothing-here")), 404, "not_found"),
-        (http.get(stack.http("/")), 404, "not_found"),
+        (http.get(stack.http("/nothing-here")), 404, "not_found"),
+        (http.get(stack.http("/ui/missing.js")), 404, "not_found"),
         (
             http.delete(stack.http("/v1/tasks")),
             405,
