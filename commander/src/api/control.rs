@@ -62,6 +62,10 @@ pub struct Request {
     /// `reroute_pool`: where the pool's tasks go instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// `weight_pool`: multiplies the pool's candidate scores (0.01 to 100; above 1 the
+    /// pool is chosen less, below 1 more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
     /// `cost_cap`: the fleet's limit in USD per `window`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usd: Option<f64>,
@@ -81,6 +85,7 @@ enum Op {
     Cancel(String),
     Block(String),
     Reroute { pool: String, to: String },
+    Weight { pool: String, weight: f64 },
     Restore(String),
     Cap { usd: f64, window: String },
     LiftCap,
@@ -94,6 +99,7 @@ pub const COMMANDS: &[&str] = &[
     "cancel",
     "block_pool",
     "reroute_pool",
+    "weight_pool",
     "restore_pool",
     "cost_cap",
     "lift_cost_cap",
@@ -134,6 +140,9 @@ impl Request {
             self.usd.is_some(),
             self.window.is_some(),
         );
+        if self.weight.is_some() && c != "weight_pool" {
+            return Err(ApiError::BadRequest(format!("{c} does not take weight")));
+        }
         let op = match c {
             "pause" | "drain" | "resume" => {
                 unused(&[("task_id", t), ("to", to), ("usd", usd), ("window", win)])?;
@@ -179,6 +188,25 @@ impl Request {
                     )));
                 }
                 Op::Reroute { pool, to }
+            }
+            "weight_pool" => {
+                unused(&[
+                    ("worker", w),
+                    ("task_id", t),
+                    ("to", to),
+                    ("usd", usd),
+                    ("window", win),
+                ])?;
+                let pool = need(&self.pool, "pool", c)?.to_string();
+                let weight = self
+                    .weight
+                    .ok_or_else(|| ApiError::BadRequest("weight_pool needs weight".into()))?;
+                if !(weight.is_finite() && (0.01..=100.0).contains(&weight)) {
+                    return Err(ApiError::BadRequest(format!(
+                        "weight_pool: weight {weight} must be 0.01 to 100"
+                    )));
+                }
+                Op::Weight { pool, weight }
             }
             "cost_cap" => {
                 unused(&[("worker", w), ("pool", p), ("task_id", t), ("to", to)])?;
@@ -490,6 +518,28 @@ async fn apply(
             }
             Ok(v)
         }
+        Op::Weight { pool, weight } => {
+            known_target(s, &snap, &Target::Pool(pool.clone())).await?;
+            let mut i = operator_intervention(
+                EscalationAction::Reroute,
+                Target::Pool(pool.clone()),
+                format!("pool {pool} weighs {weight} in routing, by {who}{why}"),
+                now,
+            );
+            i.step = "weight_pool".into();
+            i.weight = Some((pool.clone(), *weight));
+            // A new weight replaces the pool's previous one.
+            let active = log.active();
+            for old in ending(&active, |x| {
+                x.weight.as_ref().is_some_and(|(p, _)| p == pool)
+            }) {
+                log.revert(&old.id, who, now).map_err(intervention_error)?;
+            }
+            log.record(&i)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            apply_routing(s);
+            Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
+        }
         Op::Block(pool) | Op::Reroute { pool, .. } => {
             let live = s.core.policy.live();
             if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
@@ -526,6 +576,7 @@ async fn apply(
                     .as_ref()
                     .is_some_and(|(sc, v)| *sc == BlockScope::Pool && v == pool)
                     || i.reroute.as_ref().is_some_and(|(from, _)| from == pool)
+                    || i.weight.as_ref().is_some_and(|(p, _)| p == pool)
             }) {
                 log.revert(&i.id, who, now).map_err(intervention_error)?;
                 ended.push(i.id.clone());
@@ -571,6 +622,7 @@ fn apply_routing(s: &AppState) {
     s.core
         .policy
         .set_interventions(intervene::blocks(&active), intervene::reroutes(&active));
+    s.core.policy.set_pool_weights(intervene::weights(&active));
 }
 
 /// A worker the fleet has seen, or a pool it knows (configured, or with workers). The
@@ -620,6 +672,7 @@ fn operator_intervention(
         sink: None,
         block: None,
         reroute: None,
+        weight: None,
         // Ends when an operator ends it, not with an alert.
         sticky: true,
         state: InterventionState::Active,
@@ -677,6 +730,12 @@ fn state_of(s: &AppState, t: &Target, new: Option<&Intervention>) -> Value {
                 .iter()
                 .find(|r| &r.from == p)
                 .map(|r| r.to.clone())
+        );
+        v["weight"] = json!(
+            live.weights
+                .iter()
+                .find(|(x, _)| x == p)
+                .map_or(1.0, |(_, w)| *w)
         );
     }
     if let Some(i) = new {
@@ -906,6 +965,7 @@ pub async fn state(State(s): State<AppState>) -> Response {
         "workers": want.iter().map(|(w, c)| (w.clone(), json!({"mode": c.mode, "tasks_per_s": c.tasks_per_s, "because": c.because}))).collect::<BTreeMap<_, _>>(),
         "blocks": *live.blocks,
         "reroutes": live.reroutes.iter().map(|r| json!({"from": r.from, "to": r.to})).collect::<Vec<_>>(),
+        "weights": live.weights.iter().map(|(p, w)| json!({"pool": p, "weight": w})).collect::<Vec<_>>(),
         "cost_cap": s.core.policy.cost_cap(),
     }))
     .into_response()

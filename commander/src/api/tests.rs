@@ -699,10 +699,43 @@ mod roles {
         let (_, _, ack) = api
             .call(command(
                 "x",
+                serde_json::json!({"command": "weight_pool", "pool": "docs", "weight": 3.0}),
+            ))
+            .await;
+        assert_eq!(ack["state"]["weight"], 3.0, "{ack}");
+        let (_, _, ack) = api
+            .call(command(
+                "x",
+                serde_json::json!({"command": "weight_pool", "pool": "docs", "weight": 0.5}),
+            ))
+            .await;
+        assert_eq!(
+            ack["state"]["weight"], 0.5,
+            "a new weight replaces the old: {ack}"
+        );
+        assert_eq!(
+            api.state.core.policy.live().hints.pool_weights,
+            vec![("docs".to_string(), 0.5)]
+        );
+        let (status, _, _) = api
+            .call(command(
+                "x",
+                serde_json::json!({"command": "weight_pool", "pool": "docs", "weight": 0.0}),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (_, _, ack) = api
+            .call(command(
+                "x",
                 serde_json::json!({"command": "restore_pool", "pool": "docs"}),
             ))
             .await;
         assert_eq!(ack["state"]["blocked"], false, "{ack}");
+        assert_eq!(
+            ack["state"]["weight"], 1.0,
+            "restore ends the weight too: {ack}"
+        );
+        assert!(api.state.core.policy.live().hints.pool_weights.is_empty());
         assert_eq!(api.state.core.policy.live().reroutes.len(), 1);
 
         let (status, _, ack) = api

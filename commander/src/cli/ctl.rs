@@ -66,7 +66,15 @@ pub enum CtlCommand {
         #[arg(long)]
         to: String,
     },
-    /// End the blocks and reroutes on a pool.
+    /// Weigh a pool in routing: its candidate scores are multiplied by `weight` (above 1
+    /// it is chosen less, below 1 more).
+    WeightPool {
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        weight: f64,
+    },
+    /// End the blocks, reroutes and weight on a pool.
     RestorePool {
         #[arg(long)]
         pool: String,
@@ -113,6 +121,9 @@ fn request(cmd: &CtlCommand) -> Result<serde_json::Value, String> {
         CtlCommand::BlockPool { pool } => json!({"command": "block_pool", "pool": pool}),
         CtlCommand::ReroutePool { pool, to } => {
             json!({"command": "reroute_pool", "pool": pool, "to": to})
+        }
+        CtlCommand::WeightPool { pool, weight } => {
+            json!({"command": "weight_pool", "pool": pool, "weight": weight})
         }
         CtlCommand::RestorePool { pool } => json!({"command": "restore_pool", "pool": pool}),
         CtlCommand::CostCap { usd, window } => {

@@ -343,6 +343,9 @@ impl Actor {
         self.tell_workers(t, &active).await;
         let (blocks, reroutes) = (intervene::blocks(&active), intervene::reroutes(&active));
         let summary = (blocks.len(), reroutes.len());
+        if t.engine.set_pool_weights(intervene::weights(&active)) {
+            tracing::warn!("pool weights in force changed");
+        }
         if t.engine.set_interventions(blocks, reroutes) {
             tracing::warn!(
                 blocks = summary.0,

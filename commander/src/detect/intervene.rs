@@ -103,6 +103,9 @@ pub struct Intervention {
     /// `reroute`: the pool whose work moves, and where to (its `fallback_pool`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reroute: Option<(String, String)>,
+    /// An operator's pool weight: the pool's candidate scores are multiplied by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<(String, f64)>,
     pub sticky: bool,
     pub state: InterventionState,
     /// What was done, in words (or why nothing was).
@@ -308,6 +311,7 @@ fn plan_step(
         sink: step.sink.clone(),
         block,
         reroute: None,
+        weight: None,
         sticky: step.sticky,
         state,
         note,
@@ -376,6 +380,23 @@ pub fn reroutes<'a>(
     out.sort_by(|a, b| a.from.cmp(&b.from));
     out.dedup_by(|a, b| a.from == b.from);
     out
+}
+
+/// The pool weights the active operator interventions set (the newest per pool).
+pub fn weights<'a>(active: impl IntoIterator<Item = &'a Intervention>) -> Vec<(String, f64)> {
+    let mut newest: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for i in active
+        .into_iter()
+        .filter(|i| i.state == InterventionState::Active)
+    {
+        if let Some((pool, w)) = &i.weight {
+            let e = newest.entry(pool.clone()).or_insert((i.applied_ms, *w));
+            if i.applied_ms >= e.0 {
+                *e = (i.applied_ms, *w);
+            }
+        }
+    }
+    newest.into_iter().map(|(p, (_, w))| (p, w)).collect()
 }
 
 /// How a worker should run, given every intervention in force on it.

@@ -104,6 +104,7 @@ pub fn hints(policy: &Policy) -> PolicyHints {
                 forced: None,
             })
             .collect(),
+        pool_weights: Vec::new(),
     }
 }
 

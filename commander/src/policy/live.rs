@@ -58,6 +58,12 @@ pub fn with_reroutes(
     hints
 }
 
+/// `hints` with the operators' pool weights in force.
+pub fn with_weights(mut hints: PolicyHints, weights: &[(String, f64)]) -> PolicyHints {
+    hints.pool_weights = weights.to_vec();
+    hints
+}
+
 /// Everything a decision reads besides the task and the fleet, swapped as one.
 #[derive(Debug)]
 pub struct Live {
@@ -86,6 +92,8 @@ pub struct Live {
     /// Pools sent to their fallback by `reroute` interventions in force (also in `hints`,
     /// first).
     pub reroutes: Arc<Vec<crate::route::decide::PolicyReroute>>,
+    /// Pool weights operators set (`weight_pool`), also in `hints`.
+    pub weights: Arc<Vec<(String, f64)>>,
 }
 
 impl Live {
@@ -147,6 +155,7 @@ impl Live {
             rubric_generation: self.rubric_generation,
             blocks: self.blocks.clone(),
             reroutes: self.reroutes.clone(),
+            weights: self.weights.clone(),
         }
     }
 }

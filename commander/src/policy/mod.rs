@@ -290,6 +290,7 @@ impl PolicyEngine {
             rubric_generation: 1,
             blocks: Arc::default(),
             reroutes: Arc::default(),
+            weights: Arc::default(),
         };
         let files = SourceFiles {
             registry: SourceFile::new(registry_file),
@@ -408,9 +409,32 @@ impl PolicyEngine {
                 return false;
             }
             self.live.store(Arc::new(Live {
-                hints: live::with_reroutes(evaluate::hints(&current.policy), &reroutes),
+                hints: live::with_weights(
+                    live::with_reroutes(evaluate::hints(&current.policy), &reroutes),
+                    &current.weights,
+                ),
                 blocks: Arc::new(blocks),
                 reroutes: Arc::new(reroutes),
+                ..current.sources_kept()
+            }));
+            true
+        })
+    }
+
+    /// Puts the operators' pool weights in force in the live snapshot (under the gate).
+    /// Returns whether they changed.
+    pub fn set_pool_weights(&self, weights: Vec<(String, f64)>) -> bool {
+        self.with_gate(|| {
+            let current = self.live();
+            if *current.weights == weights {
+                return false;
+            }
+            self.live.store(Arc::new(Live {
+                hints: live::with_weights(
+                    live::with_reroutes(evaluate::hints(&current.policy), &current.reroutes),
+                    &weights,
+                ),
+                weights: Arc::new(weights),
                 ..current.sources_kept()
             }));
             true
@@ -484,7 +508,10 @@ impl PolicyEngine {
         let version = policy.version.clone();
         let policy = with_cap(policy, self.cost_cap().as_ref());
         let live = Arc::new(Live {
-            hints: live::with_reroutes(evaluate::hints(&policy), &current.reroutes),
+            hints: live::with_weights(
+                live::with_reroutes(evaluate::hints(&policy), &current.reroutes),
+                &current.weights,
+            ),
             throttles: self.limiters.build(&policy),
             policy: Arc::new(policy),
             revision,

@@ -45,6 +45,9 @@ pub struct PolicyHints {
     pub downgrade_to: Option<usize>,
     /// The policy's reroutes: while `from` is over a threshold its tasks go to `to`.
     pub reroutes: Vec<PolicyReroute>,
+    /// Operators' pool weights: a pool's candidate scores are multiplied by its weight
+    /// (above 1 it is chosen less, below 1 more; a pool not listed weighs 1).
+    pub pool_weights: Vec<(String, f64)>,
 }
 
 /// One `[[reroute]]` of the policy, as routing applies it.
@@ -521,7 +524,7 @@ fn score(
     let score = |c: &mut Cand<'_>| {
         // Unknown prices rank after every known one but still rank among themselves.
         let cost = c.est.unwrap_or(1e6);
-        c.score = Some(cost * (1.0 + weight * c.load.unwrap_or(0.0)));
+        c.score = Some(cost * (1.0 + weight * c.load.unwrap_or(0.0)) * pool_weight(look, c.pool));
     };
     cands
         .iter_mut()
@@ -670,6 +673,10 @@ fn reason(
         tier.tier.name,
         score_text(chosen.est, chosen.load, look.table.routing.load_weight)
     );
+    let w = pool_weight(look, chosen.pool);
+    if w != 1.0 {
+        let _ = write!(reason, " × pool weight {w} (set by an operator)");
+    }
     let eligible = cands.iter().filter(|c| c.score.is_some()).count();
     if eligible > 1 {
         let _ = write!(reason, ", lowest of {eligible} eligible");
@@ -950,6 +957,15 @@ fn policy_reroute<'t>(
         ("policy_reroute", format!("{why}; rerouted to {}", r.to)),
         Some(r.to.as_str()),
     ))
+}
+
+/// The operators' weight of a pool (1 when none is set).
+fn pool_weight(look: &Look<'_>, pool: &str) -> f64 {
+    look.policy
+        .pool_weights
+        .iter()
+        .find(|(p, _)| p == pool)
+        .map_or(1.0, |(_, w)| *w)
 }
 
 fn score_text(est: Option<f64>, load: Option<f64>, weight: f64) -> String {

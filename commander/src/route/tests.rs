@@ -175,6 +175,49 @@ fn every_rule_and_its_reason() {
     cases.push(c);
 
     let mut c = base(
+        "an operator's pool weights: pools weighed 10 lose to the one left at 1",
+        answer("classification", "simple", &[]),
+    );
+    c.policy = PolicyHints {
+        pool_weights: vec![("code".into(), 10.0), ("docs".into(), 10.0)],
+        ..Default::default()
+    };
+    c.fleet = Box::new(|| {
+        vec![
+            healthy("code", 2),
+            healthy("docs", 2),
+            healthy("general", 2),
+        ]
+    });
+    c.want = Ok(("general", "gemini-2.0-flash", RouteRule::CostTier));
+    c.candidates = vec![("docs", "gemini-2.0-flash", "outscored")];
+    c.reason_has = "lowest of";
+    cases.push(c);
+
+    let mut c = base(
+        "the chosen pool's weight is in the reason",
+        answer("classification", "simple", &[]),
+    );
+    c.policy = PolicyHints {
+        pool_weights: vec![
+            ("code".into(), 10.0),
+            ("docs".into(), 10.0),
+            ("general".into(), 0.5),
+        ],
+        ..Default::default()
+    };
+    c.fleet = Box::new(|| {
+        vec![
+            healthy("code", 2),
+            healthy("docs", 2),
+            healthy("general", 2),
+        ]
+    });
+    c.want = Ok(("general", "gemini-2.0-flash", RouteRule::CostTier));
+    c.reason_has = "× pool weight 0.5 (set by an operator)";
+    cases.push(c);
+
+    let mut c = base(
         "load balancing: the idle pool beats the busy one",
         answer("classification", "simple", &[]),
     );
