@@ -55,9 +55,21 @@ pub struct Encoded {
 const SPAN_KIND_CONSUMER: i32 = 5;
 
 /// The valid spans of `req` (a trace id of 16 bytes and a span id of 8, not all zero:
-/// exactly those the normaliser reads), encoded, with the resource and scope they came
-/// with.
-pub fn encode_spans(req: &ExportTraceServiceRequest) -> Vec<Encoded> {
+/// exactly those the normaliser reads), as protobuf, with the resource and scope they
+/// came with. `body` is the export `req` was decoded from: each span's bytes are copied
+/// from it as they came (found by one walk of the wire), not encoded again; without it,
+/// or if it does not hold `req`'s spans in order, they are encoded.
+pub fn encode_spans(req: &ExportTraceServiceRequest, body: Option<&[u8]>) -> Vec<Encoded> {
+    let ranges = body.and_then(|b| wire::span_ranges(b).map(|r| (b, r)));
+    let total: usize = req
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum();
+    // The walk must have found every span the decoder did, in the same order.
+    let ranges = ranges.filter(|(_, r)| r.len() == total);
+    let mut next = 0;
     let mut out = Vec::new();
     for rs in &req.resource_spans {
         for ss in &rs.scope_spans {
@@ -68,23 +80,105 @@ pub fn encode_spans(req: &ExportTraceServiceRequest) -> Vec<Encoded> {
                 scope_schema_url: ss.schema_url.clone(),
             });
             for span in &ss.spans {
+                let at = next;
+                next += 1;
                 let (Some(trace_id), Some(span_id)) =
                     (valid16(&span.trace_id), valid8(&span.span_id))
                 else {
                     continue;
                 };
+                let bytes = match &ranges {
+                    Some((b, r)) => b.get(r[at].clone()).map(<[u8]>::to_vec),
+                    None => None,
+                }
+                .unwrap_or_else(|| span.encode_to_vec());
                 let maybe_root = span.parent_span_id.is_empty() || span.kind == SPAN_KIND_CONSUMER;
                 out.push(Encoded {
                     origin: origin.clone(),
                     trace_id,
                     span_id,
-                    bytes: span.encode_to_vec(),
+                    bytes,
                     name: maybe_root.then(|| span.name.clone()),
                 });
             }
         }
     }
     out
+}
+
+/// Where each span of an OTLP `ExportTraceServiceRequest` lies in its bytes, found
+/// without decoding anything but tags and lengths.
+mod wire {
+    use std::ops::Range;
+
+    /// Reads a varint at `*at`, moving past it.
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// The fields of the message in `b[range]`: (field number, the value's range for a
+    /// length-delimited field, else `None`).
+    fn fields(b: &[u8], range: Range<usize>) -> Option<Vec<(u64, Option<Range<usize>>)>> {
+        let mut out = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let key = varint(b, &mut at)?;
+            let (field, wire_type) = (key >> 3, key & 7);
+            let value = match wire_type {
+                0 => {
+                    varint(b, &mut at)?;
+                    None
+                }
+                1 => {
+                    at = at.checked_add(8)?;
+                    None
+                }
+                2 => {
+                    let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                    let start = at;
+                    at = at.checked_add(len)?;
+                    Some(start..at)
+                }
+                5 => {
+                    at = at.checked_add(4)?;
+                    None
+                }
+                _ => return None,
+            };
+            if at > range.end {
+                return None;
+            }
+            out.push((field, value));
+        }
+        Some(out)
+    }
+
+    /// Each span's bytes, in the order a decoder meets them: resource_spans (1) →
+    /// scope_spans (2) → spans (2). `None` when the bytes are not such a message.
+    pub fn span_ranges(b: &[u8]) -> Option<Vec<Range<usize>>> {
+        let mut out = Vec::new();
+        for (f, rs) in fields(b, 0..b.len())? {
+            let (1, Some(rs)) = (f, rs) else { continue };
+            for (f, ss) in fields(b, rs)? {
+                let (2, Some(ss)) = (f, ss) else { continue };
+                for (f, span) in fields(b, ss)? {
+                    if let (2, Some(span)) = (f, span) {
+                        out.push(span);
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
 }
 
 impl Held {

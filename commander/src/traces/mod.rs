@@ -192,13 +192,14 @@ impl Keeper {
     pub fn add(&mut self, batch: TraceBatch) {
         use prost::Message;
         let now_ms = self.w.clock.now_ms();
-        let Ok(request) = ExportTraceServiceRequest::decode(batch.body) else {
+        let Ok(request) = ExportTraceServiceRequest::decode(batch.body.clone()) else {
             self.w.counters.span("undecodable", 1);
             return;
         };
-        // Encoded first, whole; then the normaliser may move the strings it keeps out of
-        // the request, and the facts take them from its events: nothing is copied twice.
-        let spans = assemble::encode_spans(&request);
+        // The spans' bytes first, copied from the export as they came; then the normaliser
+        // may move the strings it keeps out of the request, and the facts take them from
+        // its events: nothing is copied twice.
+        let spans = assemble::encode_spans(&request, Some(&batch.body));
         let (events, _) = normalise::spans(request);
         let facts: Vec<SpanFacts> = events.into_iter().map(SpanFacts::from).collect();
         let n = facts.len() as u64;
