@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
-use crate::common::{Stack, TWO_POOLS, WAIT, eventually};
+use crate::common::{Stack, TWO_POOLS, WAIT, eventually, free_port};
 use crate::operator::{ENV, TOKENS, slow_worker, submit};
 
 /// chromedriver on a port of its own, killed on drop.
@@ -23,14 +23,6 @@ impl Drop for Driver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn driver() -> Driver {

@@ -435,3 +435,12 @@ pub async fn stream_messages(client: &async_nats::Client, stream: &str) -> u64 {
         Err(_) => 0,
     }
 }
+
+/// A port nothing listens on now (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

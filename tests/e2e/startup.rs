@@ -6,15 +6,7 @@ use std::time::Duration;
 
 use fleet_testkit::{Commander, CommanderOptions, nats_server_bin};
 
-use crate::common::eventually_blocking;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::common::{eventually_blocking, free_port};
 
 /// The directory holding nats-server, to put on PATH.
 fn nats_dir() -> PathBuf {

@@ -123,81 +123,72 @@ fn target(r: &Request) -> Result<Target, ApiError> {
     }
 }
 
+/// The fields each command takes besides `command`, `id` and `reason`.
+fn fields_of(command: &str) -> Option<&'static [&'static str]> {
+    Some(match command {
+        "pause" | "drain" | "resume" => &["worker", "pool"],
+        "cancel" => &["task_id"],
+        "block_pool" | "restore_pool" => &["pool"],
+        "reroute_pool" => &["pool", "to"],
+        "weight_pool" => &["pool", "weight"],
+        "cost_cap" => &["usd", "window"],
+        "lift_cost_cap" => &[],
+        _ => return None,
+    })
+}
+
 impl Request {
+    /// The optional fields that were sent.
+    fn present(&self) -> Vec<&'static str> {
+        [
+            ("worker", self.worker.is_some()),
+            ("pool", self.pool.is_some()),
+            ("task_id", self.task_id.is_some()),
+            ("to", self.to.is_some()),
+            ("weight", self.weight.is_some()),
+            ("usd", self.usd.is_some()),
+            ("window", self.window.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
     fn op(&self) -> Result<Op, ApiError> {
         let c = self.command.as_str();
-        let unused = |fields: &[(&str, bool)]| -> Result<(), ApiError> {
-            match fields.iter().find(|(_, set)| *set) {
-                Some((name, _)) => Err(ApiError::BadRequest(format!("{c} does not take {name}"))),
-                None => Ok(()),
-            }
-        };
-        let (w, p, t, to, usd, win) = (
-            self.worker.is_some(),
-            self.pool.is_some(),
-            self.task_id.is_some(),
-            self.to.is_some(),
-            self.usd.is_some(),
-            self.window.is_some(),
-        );
-        if self.weight.is_some() && c != "weight_pool" {
-            return Err(ApiError::BadRequest(format!("{c} does not take weight")));
+        let takes = fields_of(c).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "unknown command {c:?}: one of {}",
+                COMMANDS.join(", ")
+            ))
+        })?;
+        if let Some(extra) = self.present().into_iter().find(|f| !takes.contains(f)) {
+            return Err(ApiError::BadRequest(format!("{c} does not take {extra}")));
         }
-        let op = match c {
-            "pause" | "drain" | "resume" => {
-                unused(&[("task_id", t), ("to", to), ("usd", usd), ("window", win)])?;
-                let tg = target(self)?;
-                match c {
-                    "pause" => Op::Mode(EscalationAction::Pause, tg),
-                    "drain" => Op::Mode(EscalationAction::Drain, tg),
-                    _ => Op::Resume(tg),
-                }
-            }
-            "cancel" => {
-                unused(&[
-                    ("worker", w),
-                    ("pool", p),
-                    ("to", to),
-                    ("usd", usd),
-                    ("window", win),
-                ])?;
-                Op::Cancel(need(&self.task_id, "task_id", c)?.to_string())
-            }
-            "block_pool" | "restore_pool" => {
-                unused(&[
-                    ("worker", w),
-                    ("task_id", t),
-                    ("to", to),
-                    ("usd", usd),
-                    ("window", win),
-                ])?;
-                let pool = need(&self.pool, "pool", c)?.to_string();
-                if c == "block_pool" {
-                    Op::Block(pool)
-                } else {
-                    Op::Restore(pool)
-                }
-            }
+        let pool = || need(&self.pool, "pool", c).map(str::to_string);
+        Ok(match c {
+            "pause" => Op::Mode(EscalationAction::Pause, target(self)?),
+            "drain" => Op::Mode(EscalationAction::Drain, target(self)?),
+            "resume" => Op::Resume(target(self)?),
+            "cancel" => Op::Cancel(need(&self.task_id, "task_id", c)?.to_string()),
+            "block_pool" => Op::Block(pool()?),
+            "restore_pool" => Op::Restore(pool()?),
             "reroute_pool" => {
-                unused(&[("worker", w), ("task_id", t), ("usd", usd), ("window", win)])?;
-                let pool = need(&self.pool, "pool", c)?.to_string();
-                let to = need(&self.to, "to (the pool that takes its tasks)", c)?.to_string();
+                let (pool, to) = (
+                    pool()?,
+                    need(&self.to, "to (the pool that takes its tasks)", c)?,
+                );
                 if pool == to {
                     return Err(ApiError::BadRequest(format!(
                         "reroute_pool: {pool} cannot take its own tasks"
                     )));
                 }
-                Op::Reroute { pool, to }
+                Op::Reroute {
+                    pool,
+                    to: to.to_string(),
+                }
             }
             "weight_pool" => {
-                unused(&[
-                    ("worker", w),
-                    ("task_id", t),
-                    ("to", to),
-                    ("usd", usd),
-                    ("window", win),
-                ])?;
-                let pool = need(&self.pool, "pool", c)?.to_string();
                 let weight = self
                     .weight
                     .ok_or_else(|| ApiError::BadRequest("weight_pool needs weight".into()))?;
@@ -206,10 +197,12 @@ impl Request {
                         "weight_pool: weight {weight} must be 0.01 to 100"
                     )));
                 }
-                Op::Weight { pool, weight }
+                Op::Weight {
+                    pool: pool()?,
+                    weight,
+                }
             }
             "cost_cap" => {
-                unused(&[("worker", w), ("pool", p), ("task_id", t), ("to", to)])?;
                 let usd = self.usd.ok_or_else(|| {
                     ApiError::BadRequest("cost_cap needs usd (the fleet's limit)".into())
                 })?;
@@ -223,25 +216,9 @@ impl Request {
                     window: self.window.clone().unwrap_or_else(|| "1h".into()),
                 }
             }
-            "lift_cost_cap" => {
-                unused(&[
-                    ("worker", w),
-                    ("pool", p),
-                    ("task_id", t),
-                    ("to", to),
-                    ("usd", usd),
-                    ("window", win),
-                ])?;
-                Op::LiftCap
-            }
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown command {other:?}: one of {}",
-                    COMMANDS.join(", ")
-                )));
-            }
-        };
-        Ok(op)
+            // `fields_of` knows no other command.
+            _ => Op::LiftCap,
+        })
     }
 }
 

@@ -111,6 +111,34 @@ pools = [{list}]
     )
 }
 
+/// A commander on `server` for `workers` simulated agents in eight pools (`pool0`…`pool7`,
+/// each with `pool_settings`), none of them taken for lost during a run.
+fn simulated_fleet_commander(
+    server: &NatsServer,
+    dir: &std::path::Path,
+    bin: Option<std::path::PathBuf>,
+    workers: usize,
+    pool_settings: &str,
+) -> Result<Commander, String> {
+    let mut toml = String::new();
+    for p in 0..8 {
+        toml.push_str(&format!("[pools.pool{p}]\n{pool_settings}"));
+    }
+    toml.push_str(&format!(
+        "[fleet]\nlost_after_ms = 600000\nmax_workers = {}\n",
+        workers.max(1) * 2
+    ));
+    Commander::start(&CommanderOptions {
+        bin: bin.unwrap_or_else(commander_bin),
+        nats_url: Some(server.url().to_string()),
+        config_toml: toml,
+        data_dir: dir.join("cmd"),
+        extra_env: vec![],
+        extra_args: vec![],
+    })
+    .map_err(|e| e.to_string())
+}
+
 pub async fn run(which: Which) -> Result<(), String> {
     match which {
         Which::Dispatch(args) => dispatch(args).await,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
+use fleet_testkit::NatsServer;
 
 #[derive(clap::Args)]
 pub struct DashboardArgs {
@@ -184,23 +184,13 @@ async fn first_paint(chromedriver: &str, url: &str) -> Result<(f64, f64), String
 pub async fn run(args: DashboardArgs) -> Result<(), String> {
     let server = NatsServer::start().map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut toml = String::new();
-    for p in 0..8 {
-        toml.push_str(&format!("[pools.pool{p}]\nmax_queue_depth = 100\n"));
-    }
-    toml.push_str(&format!(
-        "[fleet]\nlost_after_ms = 600000\nmax_workers = {}\n",
-        args.workers.max(1) * 2
-    ));
-    let cmd = Commander::start(&CommanderOptions {
-        bin: args.commander_bin.clone().unwrap_or_else(commander_bin),
-        nats_url: Some(server.url().to_string()),
-        config_toml: toml,
-        data_dir: dir.path().join("cmd"),
-        extra_env: vec![],
-        extra_args: vec![],
-    })
-    .map_err(|e| e.to_string())?;
+    let cmd = super::simulated_fleet_commander(
+        &server,
+        dir.path(),
+        args.commander_bin.clone(),
+        args.workers,
+        "max_queue_depth = 100\n",
+    )?;
     let pid = cmd.pid().ok_or("commander has no pid")?;
     let client = async_nats::connect(server.url())
         .await

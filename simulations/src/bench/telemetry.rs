@@ -19,7 +19,7 @@ use fleet_commander::config::FleetConfig;
 use fleet_commander::fleet::{FleetState, now_ms};
 use fleet_commander::ingest::normalise;
 use fleet_commander::registry::Registry;
-use fleet_testkit::{Commander, CommanderOptions, NatsServer, commander_bin};
+use fleet_testkit::NatsServer;
 use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -497,23 +497,13 @@ async fn fleet_json(http: &str) -> Result<serde_json::Value, String> {
 pub async fn rss(args: RssArgs) -> Result<(), String> {
     let server = NatsServer::start().map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut pools = String::new();
-    for p in 0..8 {
-        pools.push_str(&format!("[pools.pool{p}]\n"));
-    }
-    let toml = format!(
-        "{pools}[fleet]\nlost_after_ms = 600000\nmax_workers = {}\n",
-        args.workers.max(1) * 2
-    );
-    let cmd = Commander::start(&CommanderOptions {
-        bin: args.commander_bin.clone().unwrap_or_else(commander_bin),
-        nats_url: Some(server.url().to_string()),
-        config_toml: toml,
-        data_dir: dir.path().join("cmd"),
-        extra_env: vec![],
-        extra_args: vec![],
-    })
-    .map_err(|e| e.to_string())?;
+    let cmd = super::simulated_fleet_commander(
+        &server,
+        dir.path(),
+        args.commander_bin.clone(),
+        args.workers,
+        "",
+    )?;
     let pid = cmd.pid().ok_or("commander has no pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle, _) = rss_kib(pid).ok_or("cannot read /proc")?;
