@@ -204,8 +204,25 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         let raw = run_pipe(&client, &args, &pools, Pipe::Raw { prefix }).await?;
         println!("round {round}: raw JetStream relay  {raw:>9.0} tasks/s");
         raw_rates.push(raw);
-        let cmd = run_pipe(&client, &args, &pools, Pipe::Commander).await?;
-        println!("round {round}: through commander   {cmd:>9.0} tasks/s");
+        let cmd = match run_pipe(&client, &args, &pools, Pipe::Commander).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Why the commander fell behind is in its log: keep its last lines.
+                let log = commander.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                tracing::error!(
+                    round,
+                    "the commander's last log lines:\n{}",
+                    tail.join("\n")
+                );
+                return Err(e);
+            }
+        };
+        println!(
+            "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2})",
+            if raw > 0.0 { cmd / raw } else { 0.0 }
+        );
         cmd_rates.push(cmd);
     }
     drop(commander);
@@ -232,6 +249,23 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         "  ratio              : {:.2} (goal >= 0.50)",
         if raw > 0.0 { cmd / raw } else { 0.0 }
     );
+    let ratios: Vec<f64> = raw_rates
+        .iter()
+        .zip(&cmd_rates)
+        .map(|(r, c)| if *r > 0.0 { c / r } else { 0.0 })
+        .collect();
+    if let (Some(first), Some(last)) = (cmd_rates.first(), cmd_rates.last()) {
+        println!(
+            "  per round          : ratio best {:.2}, worst {:.2}; the commander's last round {:.0} % of its first",
+            ratios.iter().cloned().fold(0.0, f64::max),
+            ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+            if *first > 0.0 {
+                last / first * 100.0
+            } else {
+                0.0
+            }
+        );
+    }
     println!(
         "  routing            : {}; classifier requests {} for {} distinct texts (the rest cached)",
         if args.explicit_pool {
