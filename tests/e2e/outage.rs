@@ -300,11 +300,18 @@ async fn a_task_without_an_id_is_not_taken_for_an_old_one_when_sequences_start_a
         "the broker handed out the same sequence again"
     );
 
-    let r = tokio::time::timeout(WAIT, inbox.next())
-        .await
-        .expect("the second task is not dropped as a duplicate of the first")
-        .unwrap()
-        .unwrap();
+    // When it fails (it once did, under CI load), the commander's log says why.
+    let r = match tokio::time::timeout(WAIT, inbox.next()).await {
+        Ok(r) => r.unwrap().unwrap(),
+        Err(_) => {
+            let log = stack.commander.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            panic!(
+                "the second task was dropped as a duplicate of the first, or never ran; the commander's last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    };
     assert_eq!(r.status, ResultStatus::Ok, "{:?}", r.error);
     assert!(
         r.task_id.starts_with(&format!("seq-{second}-")),
