@@ -212,7 +212,7 @@ impl DecisionLog {
         self.by_time.apply_batch(batch)?;
         if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
             for (d, _) in items {
-                hub.publish(
+                hub.publish_watched(
                     crate::events::Kind::Decision,
                     d.pool.as_deref(),
                     d.worker.as_deref(),

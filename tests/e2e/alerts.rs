@@ -61,34 +61,6 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>)
     (url, got, bad)
 }
 
-/// Heartbeats for `worker` on model gpt-4o (a 128,000-token window) every 200 ms with the
-/// context at `tokens`, until the task is aborted.
-fn heartbeats(
-    client: async_nats::Client,
-    worker: &'static str,
-    tokens: u64,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Fleet-Kind", "heartbeat");
-            let now = fleet_worker::message::now_rfc3339();
-            let hb = serde_json::json!({"schema": 1, "worker_id": worker, "pool": "alpha",
-                "state": "active", "model": "gpt-4o", "context_tokens": tokens,
-                "max_in_flight": 1, "current_tasks": ["t-ctx"],
-                "started_at": now, "sent_at": now});
-            let _ = client
-                .publish_with_headers(
-                    format!("fleet.telemetry.alpha.{worker}"),
-                    h,
-                    hb.to_string().into(),
-                )
-                .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-}
-
 async fn next_event(sub: &mut async_nats::Subscriber, event: &str) -> Value {
     loop {
         let msg = tokio::time::timeout(WAIT, sub.next())
@@ -159,7 +131,7 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     });
 
     // 124,000 of 128,000 tokens: 97 %, above the critical 95 %.
-    let full = heartbeats(stack.client.clone(), "ctx-1", 124_000);
+    let full = heartbeats(stack.client.clone(), "ctx-1", "alpha", 124_000);
     let fired = next_event(&mut sub, "firing").await;
     let a = &fired["alert"];
     assert_eq!(a["severity"], "critical", "{fired}");
@@ -193,7 +165,7 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
 
     // The context empties: below the resolve level for resolve_s, then resolved.
     full.abort();
-    let calm = heartbeats(stack.client.clone(), "ctx-1", 1_000);
+    let calm = heartbeats(stack.client.clone(), "ctx-1", "alpha", 1_000);
     let resolved = next_event(&mut sub, "resolved").await;
     assert_eq!(resolved["alert"]["id"], id.as_str());
     assert_eq!(resolved["alert"]["ended_reason"], "recovered");
@@ -290,8 +262,8 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
 
     let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
     stack.client.flush().await.unwrap();
-    let a = heartbeats(stack.client.clone(), "ctx-2", 124_000);
-    let b = heartbeats(stack.client.clone(), "ctx-3", 124_000);
+    let a = heartbeats(stack.client.clone(), "ctx-2", "alpha", 124_000);
+    let b = heartbeats(stack.client.clone(), "ctx-3", "alpha", 124_000);
     // ctx-2 comes first in every tick; the first message must be ctx-3's.
     let fired = next_event(&mut sub, "firing").await;
     assert_eq!(fired["alert"]["labels"]["worker"], "ctx-3", "{fired}");
@@ -585,7 +557,7 @@ async fn a_real_alertmanager_gets_the_alert_and_its_end() {
         dir.path().display().to_string()
     );
     let stack = Stack::start(&toml).await;
-    let full = heartbeats(stack.client.clone(), "ctx-am", 124_000);
+    let full = heartbeats(stack.client.clone(), "ctx-am", "alpha", 124_000);
     eventually("Alertmanager holds the firing alert", WAIT, async || {
         !alertmanager_alerts(&am, "context_critical")
             .await
@@ -618,7 +590,7 @@ async fn a_real_alertmanager_gets_the_alert_and_its_end() {
     assert_eq!(open["alerts"][0]["id"], id.as_str(), "{open}");
 
     full.abort();
-    let empty = heartbeats(stack.client.clone(), "ctx-am", 1_000);
+    let empty = heartbeats(stack.client.clone(), "ctx-am", "alpha", 1_000);
     eventually("the resolve ends it in Alertmanager", WAIT, async || {
         alertmanager_alerts(&am, "context_critical")
             .await

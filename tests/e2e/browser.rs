@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::common::{Stack, TWO_POOLS, WAIT, eventually, free_port};
+use crate::common::{Stack, TWO_POOLS, WAIT, eventually, free_port, heartbeats};
 use crate::operator::{ENV, TOKENS, slow_worker, submit};
 
 /// chromedriver on a port of its own, killed on drop.
@@ -95,29 +95,6 @@ async fn text(c: &Client, css: &str) -> String {
         .unwrap()
 }
 
-async fn api(stack: &Stack, path: &str) -> Value {
-    stack.get_json(path).await
-}
-
-/// Heartbeats of a simulated agent whose context is 97 % full: `context_critical` fires.
-fn full_context_agent(client: async_nats::Client) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Fleet-Kind", "heartbeat");
-            let now = fleet_worker::message::now_rfc3339();
-            let hb = json!({"schema": 1, "worker_id": "ctx-1", "pool": "beta",
-                "state": "active", "model": "gpt-4o", "context_tokens": 124_000,
-                "max_in_flight": 1, "current_tasks": ["t-ctx"],
-                "started_at": now, "sent_at": now});
-            let _ = client
-                .publish_with_headers("fleet.telemetry.beta.ctx-1", h, hb.to_string().into())
-                .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-}
-
 /// The whole operator path in a browser: sign in, the overview shows what the API says,
 /// an alert reaches the strip within 2 s, a pause clicked on an agent reaches the worker
 /// and the audit, a decision shows every candidate, and a viewer sees no controls (the
@@ -132,11 +109,11 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         slow_worker(&stack.client, "alpha", "a1", Duration::from_millis(20)).await;
     submit(&stack.client, "before-1", "alpha").await;
     eventually("a first task completes", WAIT, async || {
-        api(&stack, "/v1/tasks/before-1").await["state"] == "completed"
+        stack.get_json("/v1/tasks/before-1").await["state"] == "completed"
     })
     .await;
     eventually("the snapshot has the worker", WAIT, async || {
-        api(&stack, "/v1/workers").await["total"] == 1
+        stack.get_json("/v1/workers").await["total"] == 1
     })
     .await;
 
@@ -167,7 +144,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
 
     // The overview shows the numbers the API reports.
     eventually("the overview matches the API", WAIT, async || {
-        let fleet = api(&stack, "/v1/fleet").await;
+        let fleet = stack.get_json("/v1/fleet").await;
         let shown: Vec<u64> = {
             let mut v = Vec::new();
             for s in ["ACTIVE", "IDLE", "WAITING", "STUCK", "ERROR", "LOST"] {
@@ -184,7 +161,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         shown == api_states
     })
     .await;
-    let pools = api(&stack, "/v1/pools").await["pools"]
+    let pools = stack.get_json("/v1/pools").await["pools"]
         .as_array()
         .unwrap()
         .len();
@@ -196,10 +173,13 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     no_console_errors(&c, "overview").await;
 
     // An alert reaches the strip within 2 s of firing.
-    let agent = full_context_agent(stack.client.clone());
+    // A simulated agent whose context is 97 % full: `context_critical` fires.
+    let agent = heartbeats(stack.client.clone(), "ctx-1", "beta", 124_000);
     let mut alert_id = String::new();
     eventually("context_critical fires", WAIT, async || {
-        let open = api(&stack, "/v1/alerts?state=firing&rule=context_critical").await;
+        let open = stack
+            .get_json("/v1/alerts?state=firing&rule=context_critical")
+            .await;
         match open["alerts"].as_array().and_then(|a| a.first()) {
             Some(a) => {
                 alert_id = a["id"].as_str().unwrap().to_string();
@@ -237,7 +217,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     })
     .await;
     eventually("the worker reports paused", WAIT, async || {
-        api(&stack, "/v1/workers/a1").await["paused"] == true
+        stack.get_json("/v1/workers/a1").await["paused"] == true
     })
     .await;
     shot(&c, "agent").await;
@@ -257,7 +237,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     no_console_errors(&c, "audit").await;
 
     // A decision's candidates render, every one of them.
-    let decision = api(&stack, "/v1/decisions/before-1").await;
+    let decision = stack.get_json("/v1/decisions/before-1").await;
     let want = decision["candidates"].as_array().unwrap().len();
     assert!(want > 0, "{decision}");
     c.goto(&format!("{base}/#/decision/before-1"))
@@ -294,7 +274,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         shot(&c, page).await;
         no_console_errors(&c, page).await;
     }
-    let kept = api(&stack, "/v1/traces?limit=1").await;
+    let kept = stack.get_json("/v1/traces?limit=1").await;
     if let Some(t) = kept["traces"].as_array().and_then(|t| t.first()) {
         let id = t["trace_id"].as_str().unwrap();
         c.goto(&format!("{base}/#/trace/{id}")).await.unwrap();

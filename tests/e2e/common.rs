@@ -444,3 +444,32 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Heartbeats for `worker` of `pool` on model gpt-4o (a 128,000-token window) every 200 ms with the
+/// context at `tokens`, until the task is aborted.
+pub fn heartbeats(
+    client: async_nats::Client,
+    worker: &'static str,
+    pool: &'static str,
+    tokens: u64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Fleet-Kind", "heartbeat");
+            let now = fleet_worker::message::now_rfc3339();
+            let hb = serde_json::json!({"schema": 1, "worker_id": worker, "pool": pool,
+                "state": "active", "model": "gpt-4o", "context_tokens": tokens,
+                "max_in_flight": 1, "current_tasks": ["t-ctx"],
+                "started_at": now, "sent_at": now});
+            let _ = client
+                .publish_with_headers(
+                    format!("fleet.telemetry.{pool}.{worker}"),
+                    h,
+                    hb.to_string().into(),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}

@@ -277,7 +277,6 @@ pub async fn revert_intervention(
     caller: Option<axum::Extension<super::auth::Caller>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    use crate::detect::act::InterventionError as E;
     let by = format!("operator {}", super::auth::who(caller, &headers));
     let now = s.core.policy.now_ms();
     let log = s.alerts.interventions.clone();
@@ -285,10 +284,16 @@ pub async fn revert_intervention(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     s.alerts.kick.notify_one();
-    match done {
-        Ok(i) => Ok(Json(i).into_response()),
-        Err(e @ E::NotFound(_)) => Err(ApiError::NotFound(e.to_string())),
-        Err(e @ E::NotActive { .. }) => Err(ApiError::Conflict(e.to_string())),
-        Err(E::Store(e)) => Err(ApiError::Internal(e.to_string())),
+    Ok(Json(done?).into_response())
+}
+
+impl From<crate::detect::act::InterventionError> for ApiError {
+    fn from(e: crate::detect::act::InterventionError) -> Self {
+        use crate::detect::act::InterventionError as E;
+        match e {
+            E::NotFound(_) => ApiError::NotFound(e.to_string()),
+            E::NotActive { .. } => ApiError::Conflict(e.to_string()),
+            E::Store(e) => ApiError::Internal(e.to_string()),
+        }
     }
 }

@@ -107,6 +107,11 @@ impl Caller {
         }
     }
 
+    /// The caller the middleware handed a handler (none: a router without it, local).
+    pub fn of(handed: Option<axum::Extension<Caller>>) -> Self {
+        handed.map_or_else(Caller::local, |axum::Extension(c)| c)
+    }
+
     /// Whether this caller may do what `access` admits.
     pub fn may(&self, access: Access) -> bool {
         match (access, self.role) {
@@ -278,7 +283,7 @@ pub fn identity(h: &HeaderMap) -> String {
 /// Who did it, for an audit: the token's name, and the `fleet-identity` header when the
 /// caller sent one (`oncall (alice)`); in local mode the header alone, or `http`.
 pub fn who(caller: Option<axum::Extension<Caller>>, headers: &HeaderMap) -> String {
-    let c = caller.map_or_else(Caller::local, |axum::Extension(c)| c);
+    let c = Caller::of(caller);
     let named = Some(identity(headers)).filter(|i| i != "http");
     match (c.role, named) {
         // Local mode: as before roles, the header or `http`.
@@ -294,7 +299,7 @@ pub async fn whoami(
     State(s): State<AppState>,
     caller: Option<axum::Extension<Caller>>,
 ) -> Response {
-    let c = caller.map_or_else(Caller::local, |axum::Extension(c)| c);
+    let c = Caller::of(caller);
     axum::Json(serde_json::json!({
         "name": c.name,
         "roles": c.roles(),

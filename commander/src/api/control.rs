@@ -446,14 +446,28 @@ async fn handle(s: &AppState, from: &Who<'_>, req: Request) -> (Ack, Option<ApiE
     (ack, result.err())
 }
 
-/// The active interventions an operator command may end on `target`.
-fn ending<'a>(
-    active: &'a [Intervention],
-    keep: impl Fn(&Intervention) -> bool + 'a,
-) -> impl Iterator<Item = &'a Intervention> + 'a {
-    active
+/// Ends (as `who`) every intervention in force that `matches`; returns their ids.
+fn end_matching(
+    log: &crate::detect::act::InterventionLog,
+    who: &str,
+    now: u64,
+    matches: impl Fn(&Intervention) -> bool,
+) -> Result<Vec<String>, ApiError> {
+    let mut ended = Vec::new();
+    for i in log
+        .active()
         .iter()
-        .filter(move |i| i.state == InterventionState::Active && keep(i))
+        .filter(|i| i.state == InterventionState::Active && matches(i))
+    {
+        log.revert(&i.id, who, now)?;
+        ended.push(i.id.clone());
+    }
+    Ok(ended)
+}
+
+/// Stores a new operator intervention (it is in force from now).
+fn start(log: &crate::detect::act::InterventionLog, i: &Intervention) -> Result<(), ApiError> {
+    log.record(i).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn apply(
@@ -472,21 +486,15 @@ async fn apply(
             known_target(s, &snap, t).await?;
             let verb = action.as_str();
             let i = operator_intervention(*action, t.clone(), format!("{verb} by {who}{why}"), now);
-            log.record(&i)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            start(log, &i)?;
             s.alerts.kick.notify_one();
             Ok(state_of(s, t, Some(&i)))
         }
         Op::Resume(t) => {
-            let active = log.active();
-            let mut ended = Vec::new();
-            for i in ending(&active, |i| {
+            let ended = end_matching(log, who, now, |i| {
                 i.target == *t
                     && matches!(i.action, EscalationAction::Pause | EscalationAction::Drain)
-            }) {
-                log.revert(&i.id, who, now).map_err(intervention_error)?;
-                ended.push(i.id.clone());
-            }
+            })?;
             s.alerts.kick.notify_one();
             let mut v = state_of(s, t, None);
             v["ended"] = json!(ended);
@@ -506,14 +514,10 @@ async fn apply(
             i.step = "weight_pool".into();
             i.weight = Some((pool.clone(), *weight));
             // A new weight replaces the pool's previous one.
-            let active = log.active();
-            for old in ending(&active, |x| {
+            end_matching(log, who, now, |x| {
                 x.weight.as_ref().is_some_and(|(p, _)| p == pool)
-            }) {
-                log.revert(&old.id, who, now).map_err(intervention_error)?;
-            }
-            log.record(&i)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            })?;
+            start(log, &i)?;
             apply_routing(s);
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
@@ -540,24 +544,18 @@ async fn apply(
             } else {
                 i.block = Some((BlockScope::Pool, pool.clone()));
             }
-            log.record(&i)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            start(log, &i)?;
             apply_routing(s);
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
         Op::Restore(pool) => {
-            let active = log.active();
-            let mut ended = Vec::new();
-            for i in ending(&active, |i| {
+            let ended = end_matching(log, who, now, |i| {
                 i.block
                     .as_ref()
                     .is_some_and(|(sc, v)| *sc == BlockScope::Pool && v == pool)
                     || i.reroute.as_ref().is_some_and(|(from, _)| from == pool)
                     || i.weight.as_ref().is_some_and(|(p, _)| p == pool)
-            }) {
-                log.revert(&i.id, who, now).map_err(intervention_error)?;
-                ended.push(i.id.clone());
-            }
+            })?;
             apply_routing(s);
             let mut v = state_of(s, &Target::Pool(pool.clone()), None);
             v["ended"] = json!(ended);
@@ -582,24 +580,10 @@ async fn apply(
     }
 }
 
-fn intervention_error(e: crate::detect::act::InterventionError) -> ApiError {
-    match e {
-        crate::detect::act::InterventionError::NotFound(m) => ApiError::NotFound(m),
-        e @ crate::detect::act::InterventionError::NotActive { .. } => {
-            ApiError::Conflict(e.to_string())
-        }
-        crate::detect::act::InterventionError::Store(e) => ApiError::Internal(e.to_string()),
-    }
-}
-
-/// Blocks and reroutes take effect in the live snapshot at once (the detector's next
-/// tick would do the same within a second).
+/// Blocks, reroutes and weights take effect in the live snapshot at once (the detector's
+/// next tick would do the same within a second).
 fn apply_routing(s: &AppState) {
-    let active = s.alerts.interventions.active();
-    s.core
-        .policy
-        .set_interventions(intervene::blocks(&active), intervene::reroutes(&active));
-    s.core.policy.set_pool_weights(intervene::weights(&active));
+    crate::detect::act::put_routing_in_force(&s.core.policy, &s.alerts.interventions.active());
 }
 
 /// A worker the fleet has seen, or a pool it knows (configured, or with workers). The
@@ -775,10 +759,6 @@ async fn cancel(
     }
 }
 
-fn caller_of(c: Option<axum::Extension<Caller>>) -> Caller {
-    c.map_or_else(Caller::local, |axum::Extension(c)| c)
-}
-
 /// `POST /v1/control`: one command; the ack is the body (its status says how it went).
 pub async fn post(
     State(s): State<AppState>,
@@ -791,7 +771,7 @@ pub async fn post(
         Ok(b) => b,
         Err(e) => return ApiError::BadRequest(e.body_text()).into_response(),
     };
-    let caller = caller_of(caller);
+    let caller = Caller::of(caller);
     let from = Who {
         caller: &caller,
         identity: identity(&headers),
@@ -857,7 +837,7 @@ pub async fn socket(
             .into_response();
         }
     };
-    let caller = caller_of(caller);
+    let caller = Caller::of(caller);
     let identity = identity(&headers);
     let remote = remote.0.map(|a| a.ip().to_string());
     ws.protocols([PROTOCOL])

@@ -270,6 +270,7 @@ pub async fn feed(
     }
 }
 
+/// One tick's events; the feed has checked that someone listens.
 fn publish_tick(
     hub: &Hub,
     st: &mut FeedState,
@@ -282,7 +283,7 @@ fn publish_tick(
         .iter()
         .filter(|a| a.state == crate::detect::AlertState::Firing)
         .count();
-    hub.publish(
+    hub.publish_watched(
         Kind::FleetSnapshot,
         None,
         None,
@@ -306,7 +307,7 @@ fn publish_tick(
         }
         let now = seen(w);
         if st.workers.get(&w.id) != Some(&now) {
-            hub.publish(Kind::AgentUpdate, w.pool.as_deref(), Some(&w.id), w);
+            hub.publish_watched(Kind::AgentUpdate, w.pool.as_deref(), Some(&w.id), w);
             st.workers.insert(w.id.clone(), now);
             sent += 1;
         }
@@ -319,7 +320,7 @@ fn publish_tick(
     for a in open {
         let state = format!("{:?}/{:?}", a.state, a.silenced_by);
         if st.alerts.get(&a.id) != Some(&state) {
-            hub.publish(
+            hub.publish_watched(
                 Kind::Alert,
                 a.labels.get("pool").map(String::as_str),
                 a.labels.get("worker").map(String::as_str),
@@ -329,7 +330,7 @@ fn publish_tick(
         still.insert(a.id.clone(), state);
     }
     for gone in st.alerts.keys().filter(|id| !still.contains_key(*id)) {
-        hub.publish(
+        hub.publish_watched(
             Kind::Alert,
             None,
             None,
@@ -339,7 +340,7 @@ fn publish_tick(
     st.alerts = still;
     let version = format!("{}:{}", policy.version, policy.sha256);
     if st.policy != version {
-        hub.publish(
+        hub.publish_watched(
             Kind::Policy,
             None,
             None,

@@ -341,18 +341,7 @@ impl Actor {
         }
         let active = t.log.active();
         self.tell_workers(t, &active).await;
-        let (blocks, reroutes) = (intervene::blocks(&active), intervene::reroutes(&active));
-        let summary = (blocks.len(), reroutes.len());
-        if t.engine.set_pool_weights(intervene::weights(&active)) {
-            tracing::warn!("pool weights in force changed");
-        }
-        if t.engine.set_interventions(blocks, reroutes) {
-            tracing::warn!(
-                blocks = summary.0,
-                reroutes = summary.1,
-                "dispatch blocks and reroutes in force changed"
-            );
-        }
+        put_routing_in_force(t.engine, &active);
         set_active_gauges(&t.log.counters, &active);
     }
 
@@ -570,6 +559,23 @@ async fn send_all(
 
 async fn send(t: &Tick<'_>, worker: &str, req: &ControlRequest) -> Result<ControlReply, String> {
     request(t.client, t.subjects, worker, req).await
+}
+
+/// Puts the blocks, reroutes and pool weights of the interventions in force into the live
+/// snapshot decisions read (the ladder's tick, and an operator's command at once).
+pub fn put_routing_in_force(engine: &crate::policy::PolicyEngine, active: &[Intervention]) {
+    let (blocks, reroutes) = (intervene::blocks(active), intervene::reroutes(active));
+    let summary = (blocks.len(), reroutes.len());
+    if engine.set_pool_weights(intervene::weights(active)) {
+        tracing::warn!("pool weights in force changed");
+    }
+    if engine.set_interventions(blocks, reroutes) {
+        tracing::warn!(
+            blocks = summary.0,
+            reroutes = summary.1,
+            "dispatch blocks and reroutes in force changed"
+        );
+    }
 }
 
 /// Sends one control command to a worker over NATS and waits (2 s at most) for its answer.

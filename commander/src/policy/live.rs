@@ -48,18 +48,15 @@ pub fn blocked<'b>(
     })
 }
 
-/// The policy's routing hints with the reroute interventions in force put first (they
-/// win over the policy's own reroutes). Built when either changes, never per decision.
-pub fn with_reroutes(
+/// The routing hints a decision reads: the policy's (`evaluate::hints`), with the reroute
+/// interventions in force first (they win over the policy's own) and the operators' pool
+/// weights. Built when one of them changes, never per decision.
+pub fn hints(
     mut hints: PolicyHints,
     reroutes: &[crate::route::decide::PolicyReroute],
+    weights: &[(String, f64)],
 ) -> PolicyHints {
     hints.reroutes.splice(0..0, reroutes.iter().cloned());
-    hints
-}
-
-/// `hints` with the operators' pool weights in force.
-pub fn with_weights(mut hints: PolicyHints, weights: &[(String, f64)]) -> PolicyHints {
     hints.pool_weights = weights.to_vec();
     hints
 }
@@ -69,7 +66,8 @@ pub fn with_weights(mut hints: PolicyHints, weights: &[(String, f64)]) -> Policy
 pub struct Live {
     /// The policy in force.
     pub policy: Arc<Policy>,
-    /// Its routing hints, with the reroute interventions in force first (`with_reroutes`).
+    /// Its routing hints, with the reroute interventions in force first and the pool
+    /// weights (`hints`).
     pub hints: PolicyHints,
     pub throttles: Throttles,
     /// Revision in the policy bucket (0: not from the bucket).

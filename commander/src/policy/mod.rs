@@ -409,8 +409,9 @@ impl PolicyEngine {
                 return false;
             }
             self.live.store(Arc::new(Live {
-                hints: live::with_weights(
-                    live::with_reroutes(evaluate::hints(&current.policy), &reroutes),
+                hints: live::hints(
+                    evaluate::hints(&current.policy),
+                    &reroutes,
                     &current.weights,
                 ),
                 blocks: Arc::new(blocks),
@@ -430,8 +431,9 @@ impl PolicyEngine {
                 return false;
             }
             self.live.store(Arc::new(Live {
-                hints: live::with_weights(
-                    live::with_reroutes(evaluate::hints(&current.policy), &current.reroutes),
+                hints: live::hints(
+                    evaluate::hints(&current.policy),
+                    &current.reroutes,
                     &weights,
                 ),
                 weights: Arc::new(weights),
@@ -508,8 +510,9 @@ impl PolicyEngine {
         let version = policy.version.clone();
         let policy = with_cap(policy, self.cost_cap().as_ref());
         let live = Arc::new(Live {
-            hints: live::with_weights(
-                live::with_reroutes(evaluate::hints(&policy), &current.reroutes),
+            hints: live::hints(
+                evaluate::hints(&policy),
+                &current.reroutes,
                 &current.weights,
             ),
             throttles: self.limiters.build(&policy),

@@ -111,15 +111,24 @@ pools = [{list}]
     )
 }
 
-/// A commander on `server` for `workers` simulated agents in eight pools (`pool0`…`pool7`,
-/// each with `pool_settings`), none of them taken for lost during a run.
-fn simulated_fleet_commander(
-    server: &NatsServer,
-    dir: &std::path::Path,
+/// A private nats-server and a commander on it for a simulated fleet, with its pid; the
+/// server and the temporary directory live as long as this does.
+struct SimulatedFleet {
+    server: NatsServer,
+    commander: Commander,
+    pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+/// A commander on a private nats-server for `workers` simulated agents in eight pools
+/// (`pool0`…`pool7`, each with `pool_settings`), none of them taken for lost during a run.
+fn simulated_fleet(
     bin: Option<std::path::PathBuf>,
     workers: usize,
     pool_settings: &str,
-) -> Result<Commander, String> {
+) -> Result<SimulatedFleet, String> {
+    let server = NatsServer::start().map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut toml = String::new();
     for p in 0..8 {
         toml.push_str(&format!("[pools.pool{p}]\n{pool_settings}"));
@@ -128,15 +137,22 @@ fn simulated_fleet_commander(
         "[fleet]\nlost_after_ms = 600000\nmax_workers = {}\n",
         workers.max(1) * 2
     ));
-    Commander::start(&CommanderOptions {
+    let commander = Commander::start(&CommanderOptions {
         bin: bin.unwrap_or_else(commander_bin),
         nats_url: Some(server.url().to_string()),
         config_toml: toml,
-        data_dir: dir.join("cmd"),
+        data_dir: dir.path().join("cmd"),
         extra_env: vec![],
         extra_args: vec![],
     })
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    let pid = commander.pid().ok_or("commander has no pid")?;
+    Ok(SimulatedFleet {
+        server,
+        commander,
+        pid,
+        _dir: dir,
+    })
 }
 
 pub async fn run(which: Which) -> Result<(), String> {
@@ -221,21 +237,41 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         };
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2})",
-            if raw > 0.0 { cmd / raw } else { 0.0 }
+            ratio(cmd, raw)
         );
         cmd_rates.push(cmd);
     }
     drop(commander);
+    print_summary(
+        &args,
+        &client.server_info().version,
+        llm.requests(),
+        &raw_rates,
+        &cmd_rates,
+    );
+    Ok(())
+}
+
+/// `cmd` as a share of `raw` (0 when raw is).
+fn ratio(cmd: f64, raw: f64) -> f64 {
+    if raw > 0.0 { cmd / raw } else { 0.0 }
+}
+
+/// The run's figures: the best of each pipe, their ratio, the best and worst round, and the
+/// commander's last round against its first.
+fn print_summary(
+    args: &DispatchArgs,
+    nats_version: &str,
+    classifier_requests: usize,
+    raw_rates: &[f64],
+    cmd_rates: &[f64],
+) {
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (raw, cmd) = (best(&raw_rates), best(&cmd_rates));
+    let (raw, cmd) = (best(raw_rates), best(cmd_rates));
     println!();
     println!(
-        "bench dispatch: {} tasks/run, {} pools, {} workers x {} in flight, nats-server {}",
-        args.tasks,
-        args.pools,
-        args.workers,
-        args.concurrency,
-        client.server_info().version
+        "bench dispatch: {} tasks/run, {} pools, {} workers x {} in flight, nats-server {nats_version}",
+        args.tasks, args.pools, args.workers, args.concurrency,
     );
     println!(
         "  raw JetStream pipe : {raw:>9.0} tasks/s (best of {})",
@@ -247,33 +283,28 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     );
     println!(
         "  ratio              : {:.2} (goal >= 0.50)",
-        if raw > 0.0 { cmd / raw } else { 0.0 }
+        ratio(cmd, raw)
     );
     let ratios: Vec<f64> = raw_rates
         .iter()
-        .zip(&cmd_rates)
-        .map(|(r, c)| if *r > 0.0 { c / r } else { 0.0 })
+        .zip(cmd_rates)
+        .map(|(r, c)| ratio(*c, *r))
         .collect();
     if let (Some(first), Some(last)) = (cmd_rates.first(), cmd_rates.last()) {
         println!(
             "  per round          : ratio best {:.2}, worst {:.2}; the commander's last round {:.0} % of its first",
-            ratios.iter().cloned().fold(0.0, f64::max),
+            best(&ratios),
             ratios.iter().cloned().fold(f64::INFINITY, f64::min),
-            if *first > 0.0 {
-                last / first * 100.0
-            } else {
-                0.0
-            }
+            ratio(*last, *first) * 100.0
         );
     }
     println!(
-        "  routing            : {}; classifier requests {} for {} distinct texts (the rest cached)",
+        "  routing            : {}; classifier requests {classifier_requests} for {} distinct texts (the rest cached)",
         if args.explicit_pool {
             "producer-named pools"
         } else {
             "classified + decided per task"
         },
-        llm.requests(),
         args.distinct_tasks
     );
     println!(
@@ -283,7 +314,6 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
             .map(|d| format!("the policies in {}", d.display()))
             .unwrap_or_else(|| "built in (no budgets or throttles)".into())
     );
-    Ok(())
 }
 
 enum Pipe {

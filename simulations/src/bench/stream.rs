@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_testkit::NatsServer;
-
 #[derive(clap::Args)]
 pub struct DashboardArgs {
     /// Simulated agents the commander tracks.
@@ -182,16 +180,12 @@ async fn first_paint(chromedriver: &str, url: &str) -> Result<(f64, f64), String
     reason = "the figures on stdout are what the benchmark is for"
 )]
 pub async fn run(args: DashboardArgs) -> Result<(), String> {
-    let server = NatsServer::start().map_err(|e| e.to_string())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let cmd = super::simulated_fleet_commander(
-        &server,
-        dir.path(),
+    let fleet = super::simulated_fleet(
         args.commander_bin.clone(),
         args.workers,
         "max_queue_depth = 100\n",
     )?;
-    let pid = cmd.pid().ok_or("commander has no pid")?;
+    let (server, cmd, pid) = (&fleet.server, &fleet.commander, fleet.pid);
     let client = async_nats::connect(server.url())
         .await
         .map_err(|e| e.to_string())?;

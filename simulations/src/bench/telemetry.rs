@@ -19,7 +19,6 @@ use fleet_commander::config::FleetConfig;
 use fleet_commander::fleet::{FleetState, now_ms};
 use fleet_commander::ingest::normalise;
 use fleet_commander::registry::Registry;
-use fleet_testkit::NatsServer;
 use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -495,16 +494,8 @@ async fn fleet_json(http: &str) -> Result<serde_json::Value, String> {
     reason = "the figures are what the benchmark prints"
 )]
 pub async fn rss(args: RssArgs) -> Result<(), String> {
-    let server = NatsServer::start().map_err(|e| e.to_string())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let cmd = super::simulated_fleet_commander(
-        &server,
-        dir.path(),
-        args.commander_bin.clone(),
-        args.workers,
-        "",
-    )?;
-    let pid = cmd.pid().ok_or("commander has no pid")?;
+    let fleet = super::simulated_fleet(args.commander_bin.clone(), args.workers, "")?;
+    let (server, cmd, pid) = (&fleet.server, &fleet.commander, fleet.pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle, _) = rss_kib(pid).ok_or("cannot read /proc")?;
     println!(
@@ -599,7 +590,7 @@ pub async fn rss(args: RssArgs) -> Result<(), String> {
         hwm as f64 / 1024.0,
         (rss.saturating_sub(idle)) as f64 / args.workers.max(1) as f64
     );
-    drop(cmd);
+    drop(fleet);
     if args.full_hour {
         full_hour(args.workers)?;
     }
