@@ -64,6 +64,45 @@ pub struct Config {
     /// (docs/api.md, "Roles").
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Fleet time: leave it alone in production. A simulation lab compresses it.
+    #[serde(default)]
+    pub clock: ClockConfig,
+}
+
+/// `[clock]`: compressed fleet time for simulation labs (`fleet-sim scenario --stack`).
+/// From the wall-clock instant `origin_ms`, fleet time runs `speed` times faster: every
+/// window, rate, state timer, alert, budget and trace decision follows it, and the fleet
+/// owner's and the detector's once-a-second loops run `speed` times a second.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    /// Fleet seconds per wall-clock second, 1 to 1000. 1 (the default) is the wall clock.
+    pub speed: f64,
+    /// The wall-clock instant (Unix milliseconds) fleet time starts running fast from;
+    /// unset: when the commander starts.
+    pub origin_ms: Option<u64>,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self {
+            speed: 1.0,
+            origin_ms: None,
+        }
+    }
+}
+
+impl ClockConfig {
+    /// The clock this section asks for.
+    pub fn build(&self) -> std::sync::Arc<dyn crate::domain::Clock> {
+        if self.speed == 1.0 {
+            return std::sync::Arc::new(crate::domain::SystemClock);
+        }
+        let origin = self
+            .origin_ms
+            .unwrap_or_else(|| crate::domain::Clock::now_ms(&crate::domain::SystemClock));
+        std::sync::Arc::new(crate::domain::ScaledClock::new(origin, self.speed))
+    }
 }
 
 /// A role a bearer token holds (docs/api.md has the matrix of what each may call).
@@ -1432,6 +1471,13 @@ impl Config {
     /// The live state's bounds, telemetry queues and the policy engine's.
     fn check_fleet_and_policy(&self, p: &mut Vec<Keyed>) {
         let f = &self.fleet;
+        let speed = self.clock.speed;
+        if !(speed.is_finite() && (1.0..=1000.0).contains(&speed)) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!("clock.speed: {speed} must be between 1 and 1000"),
+            ));
+        }
         if !(f.stuck_factor.is_finite() && f.stuck_factor >= 1.0) {
             p.push(Keyed::new(
                 OutOfRange,

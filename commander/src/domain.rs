@@ -19,10 +19,55 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(tokio::time::sleep(d))
     }
+
+    /// Clock seconds per wall-clock second: loops that run "once a second" of this clock
+    /// divide their period by it.
+    fn speed(&self) -> f64 {
+        1.0
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct SystemClock;
+
+/// Compressed time for simulation labs (`[clock]` in the config): from the wall-clock
+/// instant `origin_ms`, it runs `speed` times faster than the wall clock, so an hour of
+/// fleet time passes in minutes. Any process on the machine computes the same time from
+/// the same two numbers, which is how a lab's simulated agents stamp what they send.
+#[derive(Debug)]
+pub struct ScaledClock {
+    origin_ms: u64,
+    speed: f64,
+}
+
+impl ScaledClock {
+    /// `speed` must be finite and at least 1 (the config checks it); anything else runs
+    /// at 1.
+    pub fn new(origin_ms: u64, speed: f64) -> Self {
+        let speed = if speed.is_finite() && speed >= 1.0 {
+            speed
+        } else {
+            1.0
+        };
+        Self { origin_ms, speed }
+    }
+}
+
+impl Clock for ScaledClock {
+    fn now_ms(&self) -> u64 {
+        let wall = SystemClock.now_ms();
+        let ahead = wall.saturating_sub(self.origin_ms) as f64 * self.speed;
+        self.origin_ms.saturating_add(ahead as u64)
+    }
+
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(d.div_f64(self.speed)))
+    }
+
+    fn speed(&self) -> f64 {
+        self.speed
+    }
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {

@@ -252,6 +252,7 @@ fn start_fleet(
     let (fleet, task) = fleet::spawn(
         state,
         config.telemetry.queue_batches,
+        engine.clock.clone(),
         stop.clone(),
         supervisor.clone(),
     );
@@ -357,7 +358,8 @@ fn start_detection(
         client: w.client.clone(),
         subjects: w.subjects.clone(),
         clock: engine.clock.clone(),
-        interval: Duration::from_millis(d.interval_ms),
+        // Once per `interval_ms` of fleet time, which a lab's `[clock]` compresses.
+        interval: Duration::from_millis(d.interval_ms.max(1)).div_f64(engine.clock.speed()),
         max_open: d.max_open,
         trace_flags: trace_flags.clone(),
     });
@@ -562,6 +564,13 @@ struct Policies {
 /// the config's pools and the registry), the built-in policy checked against them, and
 /// the policy engine holding the one live snapshot built from them.
 fn open_engine(config: &Config, store: &Store) -> Result<Arc<policy::PolicyEngine>, ServeError> {
+    if config.clock.speed != 1.0 {
+        tracing::warn!(
+            speed = config.clock.speed,
+            origin_ms = config.clock.origin_ms,
+            "COMPRESSED TIME: fleet time runs faster than the wall clock ([clock], for simulation labs only)"
+        );
+    }
     let registry = match config.telemetry.model_registry.as_deref() {
         Some(path) => Registry::load(path)?,
         None => Registry::builtin()?,
@@ -605,7 +614,7 @@ fn open_engine(config: &Config, store: &Store) -> Result<Arc<policy::PolicyEngin
             rubric_file: config.classifier.rubric.clone(),
             policy,
         },
-        Arc::new(policy::SystemClock),
+        config.clock.build(),
         config.policy.max_deferred,
         config.policy.audit_records,
     )?)

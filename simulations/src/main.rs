@@ -9,7 +9,9 @@
 //! - `fleet-sim bench detect`: what detection costs over 10,000 agents.
 //! - `fleet-sim scenario <name>|all|list`: a fault per detector injected into a simulated
 //!   fleet run through the commander's live state and detector on a simulated clock, and
-//!   a healthy run where nothing may fire.
+//!   a healthy run where nothing may fire; `--stack` runs it against nats-server and the
+//!   commander binary with compressed time.
+//! - `fleet-sim report`: the lab's report with plots (`simulations/reports/<date>/`).
 
 mod bench;
 mod lab;
@@ -44,8 +46,12 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
-    /// Fault scenarios for the detectors (and a healthy run) on a simulated clock.
+    /// Fault scenarios for the detectors (and a healthy run) on a simulated clock, in
+    /// process or (`--stack`) against nats-server and the commander binary.
     Scenario(lab::ScenarioArgs),
+    /// The lab's report: detection quality with plots, the stack runs, routing economics,
+    /// the τ-bench replay and tail sampling (`simulations/reports/<date>/report.md`).
+    Report(lab::report::ReportArgs),
 }
 
 #[derive(clap::Args)]
@@ -98,7 +104,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Worker(args) => run_worker(args).await,
             Command::Bench { which } => bench::run(which).await,
-            Command::Scenario(args) => lab::main(args),
+            Command::Scenario(args) => lab::main(args).await,
+            Command::Report(args) => lab::report::main(args).await,
         }
     });
     match result {

@@ -84,15 +84,27 @@ async fn no_console_errors(c: &Client, page: &str) {
     assert_eq!(errors, json!([]), "console errors on {page}");
 }
 
+/// The text of the first element matching `css`, once there is one. The live pages
+/// re-render as the stream speaks, so an element found may be replaced before its text is
+/// read (a stale reference): then it is looked up again.
 async fn text(c: &Client, css: &str) -> String {
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let found = c
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match found.text().await {
+            Ok(t) => return t,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
 }
 
 /// The whole operator path in a browser: sign in, the overview shows what the API says,

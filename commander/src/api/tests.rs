@@ -178,7 +178,13 @@ fn api_with_roles(
         engine.clone(),
         pools.keys().map(String::as_str),
     );
-    let (fleet, _owner) = crate::fleet::spawn(state, 4, stop_rx, Default::default());
+    let (fleet, _owner) = crate::fleet::spawn(
+        state,
+        4,
+        Arc::new(crate::domain::SystemClock),
+        stop_rx,
+        Default::default(),
+    );
     let intake = Arc::new(ScriptedIntake::default());
     let state = AppState {
         core: Core {

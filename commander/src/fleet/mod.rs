@@ -1404,13 +1404,14 @@ fn book_metric_tokens(
 pub fn spawn(
     state: FleetState,
     queue_batches: usize,
+    clock: Arc<dyn crate::domain::Clock>,
     stop: watch::Receiver<bool>,
     supervisor: crate::supervise::Supervisor,
 ) -> (FleetHandle, tokio::task::JoinHandle<()>) {
     let (ingest_tx, ingest_rx) = mpsc::channel(queue_batches.max(1));
     let (task_tx, task_rx) = mpsc::channel(65_536);
     let (query_tx, query_rx) = mpsc::channel(64);
-    let snapshot = Arc::new(ArcSwap::from_pointee(state.snapshot(now_ms())));
+    let snapshot = Arc::new(ArcSwap::from_pointee(state.snapshot(clock.now_ms())));
     let handle = FleetHandle {
         ingest: ingest_tx,
         tasks: task_tx,
@@ -1418,9 +1419,11 @@ pub fn spawn(
         snapshot: snapshot.clone(),
         counters: state.counters.clone(),
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Once a second of fleet time (a lab's `[clock]` makes that more often).
+    let mut tick = tokio::time::interval(Duration::from_secs(1).div_f64(clock.speed()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let owner = Owner {
+        clock,
         state,
         ingest_rx,
         task_rx,
@@ -1440,6 +1443,8 @@ pub fn spawn(
 
 /// Everything the owner task holds; it outlives a panic inside [`Owner::run`].
 struct Owner {
+    /// Fleet time: what every window, rate and state timer is measured on.
+    clock: Arc<dyn crate::domain::Clock>,
     state: FleetState,
     ingest_rx: mpsc::Receiver<Ingest>,
     task_rx: mpsc::Receiver<TaskEvent>,
@@ -1460,12 +1465,12 @@ impl Owner {
                 biased;
                 _ = self.stop.changed() => break,
                 _ = self.tick.tick() => {
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     self.state.tick(now);
                     self.snapshot.store(Arc::new(self.state.snapshot(now)));
                 }
                 Some(q) = self.query_rx.recv() => {
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     let state = &mut self.state;
                     match q {
                         Query::Worker(id, tx) => { let _ = tx.send(state.worker_detail(&id, now)); }
@@ -1476,14 +1481,14 @@ impl Owner {
                 }
                 n = self.task_rx.recv_many(&mut tasks, 256), if self.tasks_open => {
                     if n == 0 { self.tasks_open = false; continue; }
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     for ev in tasks.drain(..) {
                         self.state.apply_task(ev, now);
                     }
                 }
                 n = self.ingest_rx.recv_many(&mut batch, 64) => {
                     if n == 0 { break; }
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     for ev in batch.drain(..) {
                         self.state.apply(ev, now);
                     }

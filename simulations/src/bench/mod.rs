@@ -25,7 +25,7 @@ mod detect;
 mod policy;
 mod stream;
 mod telemetry;
-mod traces;
+pub mod traces;
 
 #[derive(Subcommand)]
 pub enum Which {

@@ -140,6 +140,34 @@ pub struct TracesArgs {
     healthy_rate: Option<f64>,
 }
 
+impl Default for TracesArgs {
+    /// The command's defaults (the lab report measures with them).
+    fn default() -> Self {
+        Self {
+            runs: 20_000,
+            agents: 200,
+            failing: 0.05,
+            sigma: 0.5,
+            runaway: 0.03,
+            seed: 1,
+            healthy_rate: None,
+        }
+    }
+}
+
+/// What the storage bench measured.
+#[derive(Clone, Debug)]
+pub struct StorageFigures {
+    pub runs: usize,
+    pub spans_kept_pct: f64,
+    /// Bytes stored under the policy, as a cut against keeping everything (%).
+    pub cut_pct: f64,
+    /// (kept, all) of the error runs, the flagged runs, the runs above their type's P99.
+    pub errors: (usize, usize),
+    pub flagged: (usize, usize),
+    pub tail: (usize, usize),
+}
+
 const TYPES: [&str; 3] = ["qa", "code_review", "summarisation"];
 const START_MS: u64 = 1_796_169_600_000;
 
@@ -413,15 +441,33 @@ fn p99(mut xs: Vec<f64>) -> f64 {
         .unwrap_or(f64::INFINITY)
 }
 
-#[expect(
-    clippy::print_stdout,
-    reason = "the figures are what the benchmark prints"
-)]
 pub fn storage(args: TracesArgs) -> Result<(), String> {
+    let (runs, all, sampled) = passes(&args)?;
+    print_passes(&args, &runs, &all, &sampled);
+    print_ground_truth(&runs, &sampled.kept);
+    Ok(())
+}
+
+/// The storage bench's figures, without printing.
+pub fn measure(args: &TracesArgs) -> Result<StorageFigures, String> {
+    let (runs, all, sampled) = passes(args)?;
+    let truth = ground_truth(&runs, &sampled.kept);
+    Ok(StorageFigures {
+        runs: runs.len(),
+        spans_kept_pct: 100.0 * sampled.spans_kept as f64 / all.spans_kept.max(1) as f64,
+        cut_pct: 100.0 * (1.0 - sampled.bytes as f64 / all.bytes.max(1) as f64),
+        errors: truth.errors,
+        flagged: truth.flagged,
+        tail: truth.tail,
+    })
+}
+
+/// The mix, and the keeper's two passes over it: keeping everything, and the policy's.
+fn passes(args: &TracesArgs) -> Result<(Vec<Run>, Pass, Pass), String> {
     let mut rng = Rng::new(args.seed);
     let hour_ms = 3_600_000u64;
     let mut runs: Vec<Run> = (0..args.runs)
-        .map(|n| make_run(&mut rng, n, hour_ms, &args))
+        .map(|n| make_run(&mut rng, n, hour_ms, args))
         .collect();
     let flagged = [3usize, 7];
     for r in &mut runs {
@@ -429,26 +475,33 @@ pub fn storage(args: TracesArgs) -> Result<(), String> {
         // Runs that end while their agent's alert is open.
         r.flagged = flagged.contains(&r.agent) && (20..30).contains(&minute);
     }
-    let spans_total: u64 = runs
-        .iter()
-        .map(|r| r.request.resource_spans[0].scope_spans[0].spans.len() as u64)
-        .sum();
-    println!(
-        "trace storage bench: {} runs ({} spans) from {} agents over {} simulated minutes, {:.0} % failing, tokens lognormal sigma {} with {:.0} % runaway runs (8-14 calls, 4-20x tokens), 2 agents flagged for 10 minutes; seed {}",
-        runs.len(),
-        spans_total,
-        args.agents,
-        hour_ms / 60_000,
-        args.failing * 100.0,
-        args.sigma,
-        args.runaway * 100.0,
-        args.seed
-    );
     let all = one_pass(&runs, Some("[sampling]\nhealthy_rate = 1.0\n"), &flagged)?;
     let text = args
         .healthy_rate
         .map(|r| format!("[sampling]\nhealthy_rate = {r}\n"));
     let sampled = one_pass(&runs, text.as_deref(), &flagged)?;
+    Ok((runs, all, sampled))
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+fn print_passes(args: &TracesArgs, runs: &[Run], all: &Pass, sampled: &Pass) {
+    let spans_total: u64 = runs
+        .iter()
+        .map(|r| r.request.resource_spans[0].scope_spans[0].spans.len() as u64)
+        .sum();
+    println!(
+        "trace storage bench: {} runs ({} spans) from {} agents over 60 simulated minutes, {:.0} % failing, tokens lognormal sigma {} with {:.0} % runaway runs (8-14 calls, 4-20x tokens), 2 agents flagged for 10 minutes; seed {}",
+        runs.len(),
+        spans_total,
+        args.agents,
+        args.failing * 100.0,
+        args.sigma,
+        args.runaway * 100.0,
+        args.seed
+    );
     println!(
         "keep everything: {} traces, {} spans, {:.1} MiB stored ({:.2} s)",
         all.kept.len(),
@@ -475,8 +528,6 @@ pub fn storage(args: TracesArgs) -> Result<(), String> {
         "storage cut: {:.1} % of the bytes (goal >= 80 %)",
         100.0 * (1.0 - sampled.bytes as f64 / all.bytes.max(1) as f64)
     );
-    print_ground_truth(&runs, &sampled.kept);
-    Ok(())
 }
 
 /// Tokens priced at gpt-4o-mini's list prices (every run here uses it): a run's cost up to
@@ -510,13 +561,17 @@ fn run_duration(r: &Run) -> f64 {
     })
 }
 
+/// (kept, all) of the runs that must be kept, by why.
+struct Truth {
+    errors: (usize, usize),
+    flagged: (usize, usize),
+    tail: (usize, usize),
+    healthy: (usize, usize),
+}
+
 /// Ground truth against what was `kept`: every error and flagged run, and every run above
 /// its type's P99 cost or duration over the hour.
-#[expect(
-    clippy::print_stdout,
-    reason = "the figures are what the benchmark prints"
-)]
-fn print_ground_truth(runs: &[Run], kept: &HashSet<[u8; 16]>) {
+fn ground_truth(runs: &[Run], kept: &HashSet<[u8; 16]>) -> Truth {
     let mut by_type: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
     for r in runs {
         let e = by_type.entry(r.task_type).or_default();
@@ -532,22 +587,31 @@ fn print_ground_truth(runs: &[Run], kept: &HashSet<[u8; 16]>) {
         let got = want.iter().filter(|r| kept.contains(&r.trace)).count();
         (got, want.len())
     };
-    let (e_got, e_all) = share(&|r| r.error);
-    let (f_got, f_all) = share(&|r| r.flagged);
-    let (t_got, t_all) = share(&|r| {
-        let (c, d) = limits[r.task_type];
-        run_cost(r) > c || run_duration(r) > d
-    });
+    Truth {
+        errors: share(&|r| r.error),
+        flagged: share(&|r| r.flagged),
+        tail: share(&|r| {
+            let (c, d) = limits[r.task_type];
+            run_cost(r) > c || run_duration(r) > d
+        }),
+        healthy: share(&|r| !r.error && !r.flagged),
+    }
+}
+
+#[expect(
+    clippy::print_stdout,
+    reason = "the figures are what the benchmark prints"
+)]
+fn print_ground_truth(runs: &[Run], kept: &HashSet<[u8; 16]>) {
+    let t = ground_truth(runs, kept);
     println!(
-        "kept: errors {e_got}/{e_all}, flagged {f_got}/{f_all}, above the hour's P99 cost or duration {t_got}/{t_all}"
+        "kept: errors {}/{}, flagged {}/{}, above the hour's P99 cost or duration {}/{}",
+        t.errors.0, t.errors.1, t.flagged.0, t.flagged.1, t.tail.0, t.tail.1
     );
-    let healthy = runs.iter().filter(|r| !r.error && !r.flagged).count();
-    let healthy_kept = runs
-        .iter()
-        .filter(|r| !r.error && !r.flagged && kept.contains(&r.trace))
-        .count();
     println!(
-        "healthy runs kept: {healthy_kept}/{healthy} ({:.1} %: the 10 % sample, the tail, the cost multiple, and runs of types still unmeasured)",
-        100.0 * healthy_kept as f64 / healthy.max(1) as f64
+        "healthy runs kept: {}/{} ({:.1} %: the 10 % sample, the tail, the cost multiple, and runs of types still unmeasured)",
+        t.healthy.0,
+        t.healthy.1,
+        100.0 * t.healthy.0 as f64 / t.healthy.1.max(1) as f64
     );
 }

@@ -103,6 +103,66 @@ struct Agent {
     faulty: bool,
     /// A stuck agent's run goes silent: no span, heartbeats go on.
     silent: bool,
+    /// What the control commands it obeyed left it doing.
+    mode: Mode,
+    /// Tokens its LLM calls have used.
+    tokens: u64,
+}
+
+/// An agent's mode, as control commands set it (protocol.md §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Running,
+    Paused,
+    Draining,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Running => "running",
+            Mode::Paused => "paused",
+            Mode::Draining => "draining",
+        }
+    }
+}
+
+/// A control command a simulated agent obeys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Drain,
+    Resume,
+    /// Abort the run of this task; it ends failed.
+    Cancel(String),
+    /// Abort the run of this task and hand it back to the pool's queue.
+    Restart(String),
+    Status,
+}
+
+impl Command {
+    /// The command named `name` (with its task id where it takes one).
+    pub fn parse(name: &str, task_id: Option<&str>) -> Option<Self> {
+        Some(match (name, task_id) {
+            ("pause", _) => Command::Pause,
+            ("drain", _) => Command::Drain,
+            ("resume", _) => Command::Resume,
+            ("status", _) => Command::Status,
+            ("cancel", Some(t)) => Command::Cancel(t.to_string()),
+            ("restart", Some(t)) => Command::Restart(t.to_string()),
+            _ => return None,
+        })
+    }
+
+    /// The mode it leaves an agent in that was in `before`.
+    pub fn mode_after(&self, before: Mode) -> Mode {
+        match self {
+            Command::Pause => Mode::Paused,
+            Command::Drain => Mode::Draining,
+            Command::Resume => Mode::Running,
+            _ => before,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -114,10 +174,10 @@ struct PoolSim {
 /// What the fleet said in one simulated second.
 #[derive(Debug, Default)]
 pub struct Said {
-    /// OTLP `ExportTraceServiceRequest`s, protobuf-encoded.
-    pub traces: Vec<Bytes>,
-    /// Heartbeats, JSON as on the wire.
-    pub heartbeats: Vec<Vec<u8>>,
+    /// OTLP `ExportTraceServiceRequest`s, protobuf-encoded: (agent, export, spans in it).
+    pub traces: Vec<(usize, Bytes, u64)>,
+    /// Heartbeats, JSON as on the wire: (agent, heartbeat).
+    pub heartbeats: Vec<(usize, Vec<u8>)>,
     /// (pool, pending, ack pending) as the commander reads them from JetStream.
     pub queues: Vec<(String, u64, u64)>,
 }
@@ -130,6 +190,7 @@ pub struct SimFleet {
     rng: Rng,
     seq: u64,
     tasks: u64,
+    heartbeats: u64,
 }
 
 impl SimFleet {
@@ -149,6 +210,8 @@ impl SimFleet {
                 failed: 0,
                 faulty: i < hit,
                 silent: false,
+                mode: Mode::Running,
+                tokens: 0,
             })
             .collect();
         let pools = (0..POOLS.len())
@@ -164,7 +227,66 @@ impl SimFleet {
             rng,
             seq,
             tasks: 0,
+            heartbeats: 0,
         }
+    }
+
+    /// Agent `i`'s id and pool.
+    pub fn who(&self, i: usize) -> (&str, &'static str) {
+        let a = &self.agents[i];
+        (&a.id, POOLS[a.pool].0)
+    }
+
+    fn index_of(&self, id: &str) -> Option<usize> {
+        let i: usize = id.strip_prefix("sim-")?.parse().ok()?;
+        (i < self.agents.len()).then_some(i)
+    }
+
+    /// Whether `target` (a worker id, or text naming one) is an agent the fault hits.
+    pub fn is_hit(&self, target: &str) -> bool {
+        self.agents
+            .iter()
+            .filter(|a| a.faulty)
+            .any(|a| target.split(|c: char| !(c.is_alphanumeric() || c == '-')).any(|w| w == a.id))
+    }
+
+    /// Tokens used so far by the agents the fault hits.
+    pub fn hit_tokens(&self) -> u64 {
+        self.agents.iter().filter(|a| a.faulty).map(|a| a.tokens).sum()
+    }
+
+    pub fn heartbeats_sent(&self) -> u64 {
+        self.heartbeats
+    }
+
+    /// Agent `worker` obeys `cmd` (protocol.md §10): pause and drain stop it taking new
+    /// tasks, resume lets it again, cancel ends its run failed, restart hands its task back
+    /// to the pool's queue. False when there is no such agent or nothing to do.
+    pub fn obey(&mut self, worker: &str, cmd: &Command, now_ms: u64) -> bool {
+        let Some(i) = self.index_of(worker) else {
+            return false;
+        };
+        let running = |a: &Agent, t: &str| a.run.as_ref().is_some_and(|r| r.task_id == t);
+        match cmd {
+            Command::Cancel(t) if running(&self.agents[i], t) => {
+                if let Some(mut run) = self.agents[i].run.take() {
+                    run.failed = true;
+                    self.agents[i].silent = false;
+                    self.end_run(i, &run, now_ms);
+                }
+            }
+            Command::Restart(t) if running(&self.agents[i], t) => {
+                self.agents[i].run = None;
+                self.agents[i].silent = false;
+                self.pools[self.agents[i].pool].queue += 1;
+            }
+            Command::Cancel(_) | Command::Restart(_) | Command::Status => return false,
+            _ => {
+                let a = &mut self.agents[i];
+                a.mode = cmd.mode_after(a.mode);
+            }
+        }
+        true
     }
 
     /// One simulated second at `now_ms`; `fault` is the fault in force (past its onset).
@@ -175,10 +297,12 @@ impl SimFleet {
             self.step_agent(i, now_ms, fault);
             let a = &self.agents[i];
             if (sec + i as u64).is_multiple_of(2) && !a.spans.is_empty() {
-                said.traces.push(self.export(i));
+                let spans = a.spans.len() as u64;
+                said.traces.push((i, self.export(i), spans));
             }
             if (sec + i as u64).is_multiple_of(5) {
-                said.heartbeats.push(self.heartbeat(i, now_ms));
+                self.heartbeats += 1;
+                said.heartbeats.push((i, self.heartbeat(i, now_ms)));
             }
         }
         if sec.is_multiple_of(5) {
@@ -213,7 +337,8 @@ impl SimFleet {
         let faulty = self.agents[i].faulty && fault.is_some();
         if self.agents[i].run.is_none() {
             let pool = self.agents[i].pool;
-            if self.pools[pool].queue == 0 {
+            // Paused or draining: it takes nothing new.
+            if self.pools[pool].queue == 0 || self.agents[i].mode != Mode::Running {
                 return;
             }
             self.pools[pool].queue -= 1;
@@ -265,7 +390,9 @@ impl SimFleet {
             return;
         };
         run.done += 1;
-        let (llm, llm_end) = self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
+        let (llm, llm_end, tokens) =
+            self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
+        self.agents[i].tokens += tokens;
         let tool = self.pick_tool(variant, mine, fleet);
         let args = match mine {
             Some(Fault::ToolLoop) => r#"{"query": "the same question"}"#.to_string(),
@@ -317,7 +444,7 @@ impl SimFleet {
         variant: &str,
         now_ms: u64,
         (mine, fleet): (Option<Fault>, Option<Fault>),
-    ) -> (Span, u64) {
+    ) -> (Span, u64, u64) {
         let mut input = run.context + self.rng.between(0, 400);
         let mut output = self.rng.between(150, 300);
         let mut llm_ms = 2_000;
@@ -361,7 +488,7 @@ impl SimFleet {
             ],
             false,
         );
-        (span, llm_end)
+        (span, llm_end, input + output)
     }
 
     /// Agent `i`'s run ends: its process span (the root) goes out with its status.
@@ -498,10 +625,11 @@ impl SimFleet {
             schema: 1,
             worker_id: a.id.clone(),
             pool: POOLS[a.pool].0.to_string(),
-            state: if a.run.is_some() {
-                WorkerState::Active
-            } else {
-                WorkerState::Idle
+            state: match (a.mode, a.run.is_some()) {
+                (Mode::Paused, _) => WorkerState::Paused,
+                (Mode::Draining, _) => WorkerState::Draining,
+                (Mode::Running, true) => WorkerState::Active,
+                (Mode::Running, false) => WorkerState::Idle,
             },
             model: Some(POOLS[a.pool].2.to_string()),
             current_tasks: a.run.iter().map(|r| r.task_id.clone()).collect(),

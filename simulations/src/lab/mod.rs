@@ -11,6 +11,10 @@
 //! receivers and the sinks (the e2e tests cover those with the real binary).
 
 pub mod agents;
+pub mod economics;
+pub mod report;
+pub mod stack;
+pub mod tau;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -262,100 +266,166 @@ impl Outcome {
     }
 }
 
+impl Outcome {
+    fn new(scenario: Scenario, agents: usize, seed: u64) -> Self {
+        Outcome {
+            scenario,
+            agents,
+            seed,
+            fired: Vec::new(),
+            detection: None,
+            false_alarms: Vec::new(),
+            spans: 0,
+            heartbeats: 0,
+            took_s: 0.0,
+        }
+    }
+
+    /// Books an alert that fired: a false alarm before the onset (every alert of a healthy
+    /// run), the detection if it is the first expected one after it.
+    pub fn record(&mut self, f: Fired) {
+        let s = self.scenario;
+        let onset_s = s.onset_min * 60;
+        let after_onset = s.fault.is_some() && f.at_s >= onset_s;
+        if !after_onset {
+            self.false_alarms.push(f.clone());
+        } else if self.detection.is_none() && s.expect.contains(&f.rule) {
+            self.detection = Some((f.clone(), f.at_s - onset_s));
+        }
+        self.fired.push(f);
+    }
+}
+
+/// The commander's live state and detector, fed the bytes agents send, on the caller's
+/// clock: what `run` and the τ-bench replay drive.
+pub struct Harness {
+    fleet: FleetState,
+    detector: Detector,
+    spec: AlertSpec,
+    pools: BTreeMap<String, PoolConfig>,
+    pub spans: u64,
+    pub heartbeats: u64,
+}
+
+impl Harness {
+    /// A fleet of `pools` (each with `max_queue_depth` 100) under the default `[alerts]`.
+    pub fn new(pools: &[&str]) -> Result<Self, String> {
+        let registry =
+            fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
+        let pools: BTreeMap<String, PoolConfig> = pools
+            .iter()
+            .map(|name| {
+                (
+                    name.to_string(),
+                    PoolConfig {
+                        max_queue_depth: Some(100),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let fleet = FleetState::new(
+            FleetConfig::default(),
+            registry,
+            pools.keys().map(String::as_str),
+        );
+        Ok(Harness {
+            fleet,
+            detector: Detector::new(10_000),
+            spec: AlertSpec::default(),
+            pools,
+            spans: 0,
+            heartbeats: 0,
+        })
+    }
+
+    /// One OTLP/protobuf trace export, through the receivers' limits, prost and the
+    /// normaliser, into the live state.
+    pub fn feed_traces(&mut self, body: &[u8], now: u64) -> Result<(), String> {
+        check_protobuf(Signal::Traces, body, DecodeLimits::default())
+            .map_err(|e| format!("a simulated export breaks the OTLP limits: {e}"))?;
+        let req = ExportTraceServiceRequest::decode(body)
+            .map_err(|e| format!("a simulated export does not decode: {e}"))?;
+        let (events, rejected) = normalise::spans(req);
+        if rejected.count > 0 {
+            return Err(format!("spans rejected: {}", rejected.message()));
+        }
+        self.spans += events.len() as u64;
+        self.fleet.apply_spans(events, now);
+        Ok(())
+    }
+
+    /// One heartbeat, JSON as on the wire.
+    pub fn feed_heartbeat(&mut self, body: &[u8], now: u64) -> Result<(), String> {
+        let hb: Heartbeat = serde_json::from_slice(body)
+            .map_err(|e| format!("a simulated heartbeat does not parse: {e}"))?;
+        self.heartbeats += 1;
+        self.fleet.apply_heartbeat(&hb, now);
+        Ok(())
+    }
+
+    /// A pool's queue figures, as the commander reads them from JetStream.
+    pub fn feed_queue(&mut self, pool: String, pending: u64, ack_pending: u64, now: u64) {
+        self.fleet.apply_task(
+            TaskEvent::Queue {
+                pool,
+                pending,
+                ack_pending,
+            },
+            now,
+        );
+    }
+
+    /// The fleet's tick and one detector evaluation: the alerts that started firing.
+    pub fn tick(&mut self, now: u64) -> Vec<(Rule, BTreeMap<String, String>, String)> {
+        self.fleet.tick(now);
+        let snapshot = self.fleet.snapshot(now);
+        // As the detector's loop does, on a blocking thread there; here at once.
+        if let Some(job) = self.detector.drift_job(&snapshot, &self.spec, now) {
+            self.detector.drift_done(job.run());
+        }
+        self.detector
+            .tick(&snapshot, &self.spec, &self.pools, now)
+            .into_iter()
+            .filter(|(change, _)| *change == Change::Firing)
+            .map(|(_, alert)| (alert.rule, alert.labels.clone(), alert.message.clone()))
+            .collect()
+    }
+}
+
 /// Runs one scenario with `agents` agents and `seed`.
 pub fn run(scenario: Scenario, agents: usize, seed: u64) -> Result<Outcome, String> {
     let started = Instant::now();
-    let registry = fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
-    let pools: BTreeMap<String, PoolConfig> = agents::POOLS
-        .iter()
-        .map(|(name, _, _)| {
-            (
-                name.to_string(),
-                PoolConfig {
-                    max_queue_depth: Some(100),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    let mut fleet = FleetState::new(
-        FleetConfig::default(),
-        registry,
-        pools.keys().map(String::as_str),
-    );
-    let spec = AlertSpec::default();
-    let mut detector = Detector::new(10_000);
+    let names: Vec<&str> = agents::POOLS.iter().map(|(name, _, _)| *name).collect();
+    let mut h = Harness::new(&names)?;
     let mut sim = agents::SimFleet::new(agents, seed, scenario.fault);
     let t0 = 1_800_000_000_000u64;
     let onset_s = scenario.onset_min * 60;
-    let mut out = Outcome {
-        scenario,
-        agents,
-        seed,
-        fired: Vec::new(),
-        detection: None,
-        false_alarms: Vec::new(),
-        spans: 0,
-        heartbeats: 0,
-        took_s: 0.0,
-    };
+    let mut out = Outcome::new(scenario, agents, seed);
     for sec in 0..scenario.minutes * 60 {
         let now = t0 + sec * 1000;
         let fault = scenario.fault.filter(|_| sec >= onset_s);
         let said = sim.step(sec, now, fault);
-        for body in &said.traces {
-            check_protobuf(Signal::Traces, body, DecodeLimits::default())
-                .map_err(|e| format!("a simulated export breaks the OTLP limits: {e}"))?;
-            let req = ExportTraceServiceRequest::decode(body.as_ref())
-                .map_err(|e| format!("a simulated export does not decode: {e}"))?;
-            let (events, rejected) = normalise::spans(req);
-            if rejected.count > 0 {
-                return Err(format!("spans rejected: {}", rejected.message()));
-            }
-            out.spans += events.len() as u64;
-            fleet.apply_spans(events, now);
+        for (_, body, _) in &said.traces {
+            h.feed_traces(body, now)?;
         }
-        for body in &said.heartbeats {
-            let hb: Heartbeat = serde_json::from_slice(body)
-                .map_err(|e| format!("a simulated heartbeat does not parse: {e}"))?;
-            out.heartbeats += 1;
-            fleet.apply_heartbeat(&hb, now);
+        for (_, body) in &said.heartbeats {
+            h.feed_heartbeat(body, now)?;
         }
         for (pool, pending, ack_pending) in said.queues {
-            fleet.apply_task(
-                TaskEvent::Queue {
-                    pool,
-                    pending,
-                    ack_pending,
-                },
-                now,
-            );
+            h.feed_queue(pool, pending, ack_pending, now);
         }
-        fleet.tick(now);
-        let snapshot = fleet.snapshot(now);
-        // As the detector's loop does, on a blocking thread there; here at once.
-        if let Some(job) = detector.drift_job(&snapshot, &spec, now) {
-            detector.drift_done(job.run());
-        }
-        for (change, alert) in detector.tick(&snapshot, &spec, &pools, now) {
-            if change != Change::Firing {
-                continue;
-            }
-            let f = Fired {
-                rule: alert.rule,
-                labels: alert.labels.clone(),
-                message: alert.message.clone(),
+        for (rule, labels, message) in h.tick(now) {
+            out.record(Fired {
+                rule,
+                labels,
+                message,
                 at_s: sec,
-            };
-            let after_onset = scenario.fault.is_some() && sec >= onset_s;
-            if !after_onset {
-                out.false_alarms.push(f.clone());
-            } else if out.detection.is_none() && scenario.expect.contains(&f.rule) {
-                out.detection = Some((f.clone(), sec - onset_s));
-            }
-            out.fired.push(f);
+            });
         }
     }
+    out.spans = h.spans;
+    out.heartbeats = h.heartbeats;
     out.took_s = started.elapsed().as_secs_f64();
     Ok(out)
 }
@@ -375,12 +445,25 @@ pub struct ScenarioArgs {
     /// per fleet-hour instead of each run.
     #[arg(long, default_value_t = 1)]
     runs: u64,
+    /// Run on the real stack instead: a nats-server and the commander binary, fleet time
+    /// compressed `--speed` times (one run per scenario).
+    #[arg(long)]
+    stack: bool,
+    /// Fleet seconds per wall second on the stack.
+    #[arg(long, default_value_t = 10.0)]
+    speed: f64,
+    /// The commander binary for `--stack` (default: beside this one).
+    #[arg(long)]
+    commander: Option<std::path::PathBuf>,
+    /// The commander's policy directory for `--stack` (the lab's escalation ladder).
+    #[arg(long, default_value = "simulations/lab-policies")]
+    policy_dir: std::path::PathBuf,
 }
 
 /// Runs the named scenarios and prints what fired; fails when a fault went undetected or
 /// anything fired where it should not have.
 #[expect(clippy::print_stdout, reason = "the report is what the command prints")]
-pub fn main(args: ScenarioArgs) -> Result<(), String> {
+pub async fn main(args: ScenarioArgs) -> Result<(), String> {
     if args.name == "list" {
         for s in SCENARIOS {
             println!(
@@ -402,6 +485,30 @@ pub fn main(args: ScenarioArgs) -> Result<(), String> {
         ));
     }
     let mut failed = Vec::new();
+    if args.stack {
+        let opts = stack::StackOptions {
+            speed: args.speed,
+            bin: args.commander.clone(),
+            policy_dir: Some(args.policy_dir.clone()).filter(|p| p.is_dir()),
+        };
+        for s in chosen {
+            if let Some(why) = stack::unsupported(s.fault) {
+                println!("SKIP {} — in process only: {why}", s.name);
+                continue;
+            }
+            let (o, f) = stack::run(s, args.agents, args.seed, &opts).await?;
+            print_outcome(&o);
+            stack::print_figures(&f);
+            if !o.passed() {
+                failed.push(s.name);
+            }
+        }
+        return if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("failed: {}", failed.join(", ")))
+        };
+    }
     for s in chosen {
         let mut outcomes = Vec::new();
         for k in 0..args.runs.max(1) {
@@ -424,7 +531,7 @@ pub fn main(args: ScenarioArgs) -> Result<(), String> {
 }
 
 /// Wilson score interval (95 %) for `k` successes in `n` trials.
-fn wilson(k: u64, n: u64) -> (f64, f64) {
+pub(crate) fn wilson(k: u64, n: u64) -> (f64, f64) {
     if n == 0 {
         return (0.0, 1.0);
     }
