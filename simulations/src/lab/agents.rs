@@ -16,7 +16,14 @@ use prost::Message;
 use super::Fault;
 use crate::otlp::{i as int, s};
 
-/// Pools of the simulated fleet: name, task type, model. Each has `max_queue_depth` 100.
+/// A pool's `max_queue_depth` in a fleet of `agents`: 100, or twice the pool's agents when
+/// that is more (the commander counts tasks in flight against it, and a third of a large
+/// fleet is more than 100 busy agents).
+pub fn max_queue_depth(agents: usize) -> u64 {
+    (2 * agents.div_ceil(POOLS.len()) as u64).max(100)
+}
+
+/// Pools of the simulated fleet: name, task type, model; `max_queue_depth` as above.
 pub const POOLS: [(&str, &str, &str); 3] = [
     ("research", "research", "gpt-4o"),
     ("code", "code_review", "claude-sonnet-4-5"),
@@ -451,10 +458,9 @@ impl SimFleet {
         match mine {
             Some(Fault::ContextFill) => input = 110_000 + self.rng.between(0, 2_000),
             Some(Fault::ContextCritical) => input = 124_000 + self.rng.between(0, 1_500),
-            Some(Fault::CostRunaway) => {
-                input *= 8;
-                output *= 8;
-            }
+            // The context balloons: eight times the input, the output as before (so the
+            // cost runs away while the output rate does not look like a token loop).
+            Some(Fault::CostRunaway) => input *= 8,
             Some(Fault::TokenLoop) => output = 4_000,
             Some(Fault::CostConcentration) => {
                 input = 60_000;

@@ -38,7 +38,7 @@ pub enum Fault {
     ContextFill,
     /// One agent's context passes 95 %.
     ContextCritical,
-    /// One agent's tokens per call go up 8 ×.
+    /// One agent's input tokens per call go up 8 × (its context balloons).
     CostRunaway,
     /// One agent's LLM calls write 4,000 tokens in 2 s.
     TokenLoop,
@@ -239,6 +239,10 @@ pub struct Fired {
     pub message: String,
     /// Seconds after the start of the run.
     pub at_s: u64,
+    /// A `stuck_agent` alert: how long past its threshold (the policy's
+    /// `active_duration_multiple` × the run's expected duration) the run's silence was
+    /// when it fired, in ms. In process only.
+    pub past_threshold_ms: Option<u64>,
 }
 
 /// How a scenario went.
@@ -308,8 +312,8 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// A fleet of `pools` (each with `max_queue_depth` 100) under the default `[alerts]`.
-    pub fn new(pools: &[&str]) -> Result<Self, String> {
+    /// A fleet of `pools`, each with `max_queue_depth`, under the default `[alerts]`.
+    pub fn new(pools: &[&str], max_queue_depth: u64) -> Result<Self, String> {
         let registry =
             fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
         let pools: BTreeMap<String, PoolConfig> = pools
@@ -318,7 +322,7 @@ impl Harness {
                 (
                     name.to_string(),
                     PoolConfig {
-                        max_queue_depth: Some(100),
+                        max_queue_depth: Some(max_queue_depth),
                         ..Default::default()
                     },
                 )
@@ -376,19 +380,38 @@ impl Harness {
         );
     }
 
-    /// The fleet's tick and one detector evaluation: the alerts that started firing.
-    pub fn tick(&mut self, now: u64) -> Vec<(Rule, BTreeMap<String, String>, String)> {
+    /// The fleet's tick and one detector evaluation: the alerts that started firing,
+    /// stamped `at_s`.
+    pub fn tick(&mut self, now: u64, at_s: u64) -> Vec<Fired> {
         self.fleet.tick(now);
         let snapshot = self.fleet.snapshot(now);
         // As the detector's loop does, on a blocking thread there; here at once.
         if let Some(job) = self.detector.drift_job(&snapshot, &self.spec, now) {
             self.detector.drift_done(job.run());
         }
+        let multiple = self.spec.active_duration_multiple;
         self.detector
             .tick(&snapshot, &self.spec, &self.pools, now)
             .into_iter()
             .filter(|(change, _)| *change == Change::Firing)
-            .map(|(_, alert)| (alert.rule, alert.labels.clone(), alert.message.clone()))
+            .map(|(_, alert)| {
+                let past_threshold_ms = (alert.rule == Rule::StuckAgent)
+                    .then(|| {
+                        let id = alert.labels.get("worker")?;
+                        let w = snapshot.workers.iter().find(|w| &w.id == id)?;
+                        let r = w.silent_run.as_ref()?;
+                        let limit = (r.expected_ms as f64 * multiple).max(r.floor_ms as f64);
+                        Some((r.quiet_ms as f64 - limit).max(0.0) as u64)
+                    })
+                    .flatten();
+                Fired {
+                    rule: alert.rule,
+                    labels: alert.labels.clone(),
+                    message: alert.message.clone(),
+                    at_s,
+                    past_threshold_ms,
+                }
+            })
             .collect()
     }
 }
@@ -397,7 +420,7 @@ impl Harness {
 pub fn run(scenario: Scenario, agents: usize, seed: u64) -> Result<Outcome, String> {
     let started = Instant::now();
     let names: Vec<&str> = agents::POOLS.iter().map(|(name, _, _)| *name).collect();
-    let mut h = Harness::new(&names)?;
+    let mut h = Harness::new(&names, agents::max_queue_depth(agents))?;
     let mut sim = agents::SimFleet::new(agents, seed, scenario.fault);
     let t0 = 1_800_000_000_000u64;
     let onset_s = scenario.onset_min * 60;
@@ -415,13 +438,8 @@ pub fn run(scenario: Scenario, agents: usize, seed: u64) -> Result<Outcome, Stri
         for (pool, pending, ack_pending) in said.queues {
             h.feed_queue(pool, pending, ack_pending, now);
         }
-        for (rule, labels, message) in h.tick(now) {
-            out.record(Fired {
-                rule,
-                labels,
-                message,
-                at_s: sec,
-            });
+        for f in h.tick(now, sec) {
+            out.record(f);
         }
     }
     out.spans = h.spans;

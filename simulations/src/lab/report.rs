@@ -86,6 +86,8 @@ struct ClassFigures {
     runs_with_false_alarm: u64,
     /// One alert message that detected it.
     message: Option<String>,
+    /// Detections by `stuck_agent`: ms past the threshold when it fired, sorted.
+    past_threshold_ms: Vec<u64>,
     rules: BTreeMap<&'static str, u64>,
 }
 
@@ -128,6 +130,14 @@ fn figures_of(s: Scenario, outcomes: &[Outcome]) -> ClassFigures {
         message: outcomes
             .iter()
             .find_map(|o| o.detection.as_ref().map(|(a, _)| a.message.clone())),
+        past_threshold_ms: {
+            let mut v: Vec<u64> = outcomes
+                .iter()
+                .filter_map(|o| o.detection.as_ref()?.0.past_threshold_ms)
+                .collect();
+            v.sort_unstable();
+            v
+        },
         rules,
     }
 }
@@ -325,19 +335,22 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
         .filter(|c| c.detected * 100 < c.runs * 95)
         .map(|c| format!("{} ({}/{})", c.scenario.name, c.detected, c.runs))
         .collect();
-    let all_detected = faulty.iter().all(|c| c.detected == c.runs);
+    let least_runs = faulty.iter().map(|c| c.runs).min().unwrap_or(0);
+    // With no miss in n runs, the one-sided 95 % lower bound of the power is 0.05^(1/n).
+    let bound = 0.05f64.powf(1.0 / least_runs.max(1) as f64);
     let _ = writeln!(
         r,
         "- **Power ≥ 95 % for every fault class.** {}",
-        if missed.is_empty() && all_detected {
-            format!(
-                "Met: every run of every class detected its fault ({} runs per class; with no miss in {} runs, the power is above 95 % with 95 % confidence).",
-                i.args.runs, i.args.runs
-            )
-        } else if missed.is_empty() {
-            "Met on the point estimates; see the table for the classes with a miss and their intervals.".to_string()
-        } else {
+        if !missed.is_empty() {
             format!("Missed by {}.", missed.join(", "))
+        } else if faulty.iter().all(|c| c.detected == c.runs) {
+            format!(
+                "Met: every run of every class detected its fault. With no miss in {least_runs} runs the power is above {:.1} % with 95 % confidence{}.",
+                bound * 100.0,
+                if bound >= 0.95 { "" } else { " (59 runs per class are what it takes to say 95 %)" }
+            )
+        } else {
+            "Met on every class's point estimate; the table gives the classes with a miss and their intervals.".to_string()
         }
     );
     if let Some(h) = healthy_of(i.classes) {
@@ -347,10 +360,10 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
             h.runs_with_false_alarm,
             h.scenario.minutes,
             pct(h.runs_with_false_alarm, h.runs),
-            if h.runs_with_false_alarm * 100 <= h.runs {
-                "Met."
-            } else {
-                "Missed."
+            match (h.runs_with_false_alarm * 100 <= h.runs, h.runs_with_false_alarm == 0 && h.runs >= 299) {
+                (true, true) => "Met, and with none in 299 or more runs the rate is below 1 % with 95 % confidence.",
+                (true, false) => "Met on the point estimate.",
+                _ => "Missed.",
             }
         );
     }
@@ -359,12 +372,17 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
         .iter()
         .find(|c| c.scenario.name == "stuck_agent")
     {
-        let p95 = quantile(&c.ttd, 0.95);
+        let worst = c.past_threshold_ms.last().copied();
         let _ = writeln!(
             r,
-            "- **Stuck agents within one heartbeat past their threshold.** A stuck agent's run goes silent at the onset; the commander marks it STUCK after `stuck_factor` (3) × its task type's expected duration of silence, and heartbeats come every 5 s. Time from onset to the alert: median {} s, p95 {} s (the in-process table below; the threshold itself is measured from the runs the lab's agents finish, so it varies by seed).",
-            quantile(&c.ttd, 0.5).map_or("-".into(), |v| v.to_string()),
-            p95.map_or("-".into(), |v| v.to_string()),
+            "- **Stuck agents within one heartbeat (5 s) past their threshold.** A stuck agent's run goes silent at the onset; the alert is due once the silence passes `active_duration_multiple` (3) × the run's expected duration. When it fired, the silence was past that by median {} ms, at worst {} ms over {} detections. {}",
+            quantile(&c.past_threshold_ms, 0.5).map_or("-".into(), |v| v.to_string()),
+            worst.map_or("-".into(), |v| v.to_string()),
+            c.past_threshold_ms.len(),
+            match worst {
+                Some(w) if w <= 5_000 && c.detected == c.runs => "Met.",
+                _ => "Missed.",
+            }
         );
     }
     let ratio = i.economics.ratio();

@@ -142,8 +142,9 @@ fn config_toml(agents: usize, origin_ms: u64, opts: &StackOptions) -> String {
     if let Some(dir) = &opts.policy_dir {
         toml.push_str(&format!("[policy]\ndir = {dir:?}\n\n"));
     }
+    let depth = super::agents::max_queue_depth(agents);
     for (pool, _, _) in super::agents::POOLS {
-        toml.push_str(&format!("[pools.{pool}]\nmax_queue_depth = 100\n\n"));
+        toml.push_str(&format!("[pools.{pool}]\nmax_queue_depth = {depth}\n\n"));
     }
     toml
 }
@@ -446,6 +447,7 @@ pub async fn run(
             labels: a.labels,
             message: a.message,
             at_s,
+            past_threshold_ms: None,
         });
     }
     out.took_s = started.elapsed().as_secs_f64();
@@ -476,7 +478,11 @@ pub fn print_figures(f: &StackFigures) {
 
 /// The interventions the commander recorded, with the fleet second each started at.
 async fn interventions(http: &reqwest::Client, api: &str, t0: u64) -> Vec<Intervention> {
-    let Ok(r) = http.get(format!("{api}/v1/interventions")).send().await else {
+    let Ok(r) = http
+        .get(format!("{api}/v1/interventions?limit=1000"))
+        .send()
+        .await
+    else {
         return Vec::new();
     };
     let Ok(v) = r.json::<serde_json::Value>().await else {
@@ -487,9 +493,15 @@ async fn interventions(http: &reqwest::Client, api: &str, t0: u64) -> Vec<Interv
         .or_else(|| v.as_array())
         .cloned()
         .unwrap_or_default();
+    // A target is an object naming its scope (`{"worker": "sim-0000"}`): "worker sim-0000".
     let text = |x: &serde_json::Value| match x {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => String::new(),
+        serde_json::Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+            .collect::<Vec<_>>()
+            .join(", "),
         other => other.to_string(),
     };
     let mut out: Vec<Intervention> = list
@@ -498,8 +510,8 @@ async fn interventions(http: &reqwest::Client, api: &str, t0: u64) -> Vec<Interv
             action: text(&i["action"]),
             rule: text(&i["rule"]),
             target: text(&i["target"]),
-            outcome: text(&i["outcome"]),
-            at_s: i["started_ms"].as_u64().unwrap_or(t0).saturating_sub(t0) / 1000,
+            outcome: text(&i["state"]),
+            at_s: i["applied_ms"].as_u64().unwrap_or(t0).saturating_sub(t0) / 1000,
         })
         .collect();
     out.sort_by_key(|i| i.at_s);
@@ -532,6 +544,58 @@ fn effect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scenario(name: &str) -> Scenario {
+        super::super::SCENARIOS
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap()
+    }
+
+    fn options(speed: f64) -> StackOptions {
+        let bin = commander_bin();
+        assert!(
+            bin.exists(),
+            "no commander binary at {}: `cargo test --workspace` builds it (or `cargo build -p fleet-commander`)",
+            bin.display()
+        );
+        StackOptions {
+            speed,
+            bin: Some(bin),
+            policy_dir: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/lab-policies"
+            ))),
+        }
+    }
+
+    /// The smoke run on the real stack: a nats-server and the commander binary with fleet
+    /// time at 60× and 100×. A context fill is seen within seconds; a cost runaway is
+    /// detected, the lab's ladder pauses the agent (a control command the simulated agent
+    /// obeys) and its spending falls; nothing fires before either onset.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_the_stack_faults_are_detected_and_a_runaway_is_paused() {
+        let (o, f) = run(scenario("context_critical"), 36, 1, &options(60.0))
+            .await
+            .unwrap();
+        assert!(o.passed(), "{:?} {:?}", o.detection, o.false_alarms);
+        assert!(f.spans_nats > 0 && f.spans_http > 0 && f.http_refused == 0, "{f:?}");
+
+        let (o, f) = run(scenario("cost_runaway"), 36, 1, &options(100.0))
+            .await
+            .unwrap();
+        assert!(o.passed(), "{:?} {:?}", o.detection, o.false_alarms);
+        assert!(
+            f.interventions
+                .iter()
+                .any(|i| i.action == "pause" && i.target.contains("sim-0000")),
+            "{:?}",
+            f.interventions
+        );
+        assert!(f.commands > 0, "the agent was told");
+        let (before, after) = f.hit_tokens_per_min.unwrap();
+        assert!(after < before / 2.0, "{before} -> {after}");
+    }
 
     #[test]
     fn fleet_time_and_wall_time_agree_both_ways() {

@@ -350,7 +350,7 @@ impl Findings {
 /// Replays `first` spread over minutes 0–45 of an hour and `second` over minutes 45–60,
 /// then five quiet minutes.
 pub fn replay(first: &[&TauRun], second: &[&TauRun]) -> Result<Findings, String> {
-    let mut h = Harness::new(&[POOL])?;
+    let mut h = Harness::new(&[POOL], 100)?;
     let t0 = 1_800_000_000_000u64;
     let mut rp = Replay {
         busy_until: [t0; AGENTS],
@@ -387,14 +387,7 @@ pub fn replay(first: &[&TauRun], second: &[&TauRun]) -> Result<Findings, String>
                 h.feed_heartbeat(&rp.heartbeat(a, now), now)?;
             }
         }
-        for (rule, labels, message) in h.tick(now) {
-            fired.push(Fired {
-                rule,
-                labels,
-                message,
-                at_s: sec,
-            });
-        }
+        fired.extend(h.tick(now, sec));
     }
     Ok(Findings {
         fired,
