@@ -433,12 +433,17 @@ impl Default for AlertSpec {
             failure_slice_lift: 3.0,
             failure_slice_min_ops: 10,
             failure_slice_min_failures: 5,
-            failure_slice_fdr: 0.01,
+            // With hundreds of slices tested every second, 1 % let about one healthy
+            // fleet-hour in ten raise an alert (the lab's report); 0.01 % keeps it under
+            // one in a hundred and still finds a tool failing 3 × more within minutes.
+            failure_slice_fdr: 0.0001,
             distribution_jump: 0.30,
             depth_tail_multiple: 3.0,
             drift_interval_s: 300,
             drift_min_runs: 30,
-            drift_false_alarms_per_hour: 0.1,
+            // At most one false alarm per 200 fleet-hours (union bound): the lab's goal is
+            // at most one per 100 healthy hour-long runs, every rule together.
+            drift_false_alarms_per_hour: 0.005,
         }
     }
 }

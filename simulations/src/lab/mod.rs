@@ -312,8 +312,8 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// A fleet of `pools`, each with `max_queue_depth`, under the default `[alerts]`.
-    pub fn new(pools: &[&str], max_queue_depth: u64) -> Result<Self, String> {
+    /// A fleet of `pools`, each with `max_queue_depth`, under the `[alerts]` of `spec`.
+    pub fn new(pools: &[&str], max_queue_depth: u64, spec: &AlertSpec) -> Result<Self, String> {
         let registry =
             fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
         let pools: BTreeMap<String, PoolConfig> = pools
@@ -336,7 +336,7 @@ impl Harness {
         Ok(Harness {
             fleet,
             detector: Detector::new(10_000),
-            spec: AlertSpec::default(),
+            spec: spec.clone(),
             pools,
             spans: 0,
             heartbeats: 0,
@@ -416,11 +416,50 @@ impl Harness {
     }
 }
 
-/// Runs one scenario with `agents` agents and `seed`.
-pub fn run(scenario: Scenario, agents: usize, seed: u64) -> Result<Outcome, String> {
+/// The `[alerts]` of the policy in `dir` (every `*.policy.toml` there, as the commander
+/// reads a policy directory); none: the built-in policy's.
+pub fn alert_spec(dir: Option<&std::path::Path>) -> Result<AlertSpec, String> {
+    let Some(dir) = dir else {
+        return Ok(AlertSpec::default());
+    };
+    let mut documents = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.to_string_lossy().ends_with(".policy.toml") {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            documents.push(fleet_commander::policy::load::Document {
+                name: path.display().to_string(),
+                text,
+            });
+        }
+    }
+    let registry = Registry::builtin().map_err(|e| e.to_string())?;
+    let rubric =
+        fleet_commander::classify::rubric::Rubric::builtin().map_err(|e| e.to_string())?;
+    let policy = fleet_commander::policy::load::Policy::parse(
+        documents,
+        fleet_commander::policy::load::CheckAgainst {
+            pools: None,
+            registry: &registry,
+            rubric: &rubric,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(policy.alerts)
+}
+
+/// Runs one scenario with `agents` agents and `seed`, under the alert thresholds `spec`.
+pub fn run(
+    scenario: Scenario,
+    agents: usize,
+    seed: u64,
+    spec: &AlertSpec,
+) -> Result<Outcome, String> {
     let started = Instant::now();
     let names: Vec<&str> = agents::POOLS.iter().map(|(name, _, _)| *name).collect();
-    let mut h = Harness::new(&names, agents::max_queue_depth(agents))?;
+    let mut h = Harness::new(&names, agents::max_queue_depth(agents), spec)?;
     let mut sim = agents::SimFleet::new(agents, seed, scenario.fault);
     let t0 = 1_800_000_000_000u64;
     let onset_s = scenario.onset_min * 60;
@@ -473,7 +512,8 @@ pub struct ScenarioArgs {
     /// The commander binary for `--stack` (default: beside this one).
     #[arg(long)]
     commander: Option<std::path::PathBuf>,
-    /// The commander's policy directory for `--stack` (the lab's escalation ladder).
+    /// The policy directory: its `[alerts]` in process, the whole policy on the stack (the
+    /// lab's escalation ladder); a missing directory means the built-in policy.
     #[arg(long, default_value = "simulations/lab-policies")]
     policy_dir: std::path::PathBuf,
 }
@@ -503,6 +543,7 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
         ));
     }
     let mut failed = Vec::new();
+    let spec = alert_spec(Some(args.policy_dir.as_path()).filter(|p| p.is_dir()))?;
     if args.stack {
         let opts = stack::StackOptions {
             speed: args.speed,
@@ -530,7 +571,7 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
     for s in chosen {
         let mut outcomes = Vec::new();
         for k in 0..args.runs.max(1) {
-            outcomes.push(run(s, args.agents, args.seed + k)?);
+            outcomes.push(run(s, args.agents, args.seed + k, &spec)?);
         }
         if let [o] = outcomes.as_slice() {
             print_outcome(o);
@@ -683,7 +724,8 @@ mod tests {
     fn every_scenario_detects_its_fault_and_the_healthy_run_is_quiet() {
         let mut failed = Vec::new();
         for s in SCENARIOS {
-            let o = run(s, 36, 1).expect("the simulated fleet speaks the protocol");
+            let o = run(s, 36, 1, &AlertSpec::default())
+                .expect("the simulated fleet speaks the protocol");
             if !o.passed() {
                 failed.push(format!(
                     "{}: detection {:?}, false alarms {:?}",
@@ -705,7 +747,7 @@ mod tests {
         // The fault matters: the same seed without it raises none of its rules.
         let s = SCENARIOS[3];
         assert_eq!(s.name, "token_loop");
-        let o = run(Scenario { fault: None, ..s }, 36, 1).unwrap();
+        let o = run(Scenario { fault: None, ..s }, 36, 1, &AlertSpec::default()).unwrap();
         assert!(
             o.fired.iter().all(|a| !s.expect.contains(&a.rule)),
             "{:?}",

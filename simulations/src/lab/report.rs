@@ -143,7 +143,13 @@ fn figures_of(s: Scenario, outcomes: &[Outcome]) -> ClassFigures {
 }
 
 /// Runs `s` on seeds `seed..seed + n`, on every core.
-fn runs_of(s: Scenario, agents: usize, seed: u64, n: u64) -> Result<Vec<Outcome>, String> {
+fn runs_of(
+    s: Scenario,
+    agents: usize,
+    seed: u64,
+    n: u64,
+    spec: &fleet_commander::policy::schema::AlertSpec,
+) -> Result<Vec<Outcome>, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let results: Vec<Result<Vec<Outcome>, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -151,7 +157,7 @@ fn runs_of(s: Scenario, agents: usize, seed: u64, n: u64) -> Result<Vec<Outcome>
                 scope.spawn(move || {
                     (0..n)
                         .filter(|k| k % threads == t)
-                        .map(|k| super::run(s, agents, seed + k))
+                        .map(|k| super::run(s, agents, seed + k, spec))
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -181,6 +187,8 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
         .unwrap_or_else(|| PathBuf::from("simulations/reports").join(&day[..10]));
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
 
+    let policy_dir = Some(args.policy_dir.as_path()).filter(|p| p.is_dir());
+    let spec = super::alert_spec(policy_dir)?;
     let mut classes = Vec::new();
     for s in SCENARIOS {
         let n = if s.fault.is_some() {
@@ -189,7 +197,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             args.healthy_runs
         };
         let t = std::time::Instant::now();
-        let outcomes = runs_of(s, args.agents, args.seed, n)?;
+        let outcomes = runs_of(s, args.agents, args.seed, n, &spec)?;
         let f = figures_of(s, &outcomes);
         eprintln!(
             "{:<22} {}/{} detected, {} runs with a false alarm ({:.0} s)",
@@ -245,7 +253,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
         None
     };
     let economics = super::economics::run(args.mix_tasks, args.seed)?;
-    let tau = super::tau::run(&args.tau, args.tau_controls, args.seed);
+    let tau = super::tau::run(&args.tau, args.tau_controls, args.seed, &spec);
     let sampling = crate::bench::traces::measure(&crate::bench::traces::TracesArgs::default())?;
 
     plot_power(&out.join("power_vs_false_alarms.svg"), &classes)?;

@@ -31,6 +31,8 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use prost::Message;
 use serde::Deserialize;
 
+use fleet_commander::policy::schema::AlertSpec;
+
 use super::agents::Rng;
 use super::{Fired, Harness};
 use crate::otlp::{i as int, s};
@@ -349,8 +351,12 @@ impl Findings {
 
 /// Replays `first` spread over minutes 0–45 of an hour and `second` over minutes 45–60,
 /// then five quiet minutes.
-pub fn replay(first: &[&TauRun], second: &[&TauRun]) -> Result<Findings, String> {
-    let mut h = Harness::new(&[POOL], 100)?;
+pub fn replay(
+    first: &[&TauRun],
+    second: &[&TauRun],
+    spec: &AlertSpec,
+) -> Result<Findings, String> {
+    let mut h = Harness::new(&[POOL], 100, spec)?;
     let t0 = 1_800_000_000_000u64;
     let mut rp = Replay {
         busy_until: [t0; AGENTS],
@@ -405,11 +411,16 @@ pub struct TauReport {
     pub controls: Vec<(bool, bool)>,
 }
 
-pub fn run(path: &Path, controls: usize, seed: u64) -> Result<TauReport, String> {
+pub fn run(
+    path: &Path,
+    controls: usize,
+    seed: u64,
+    spec: &AlertSpec,
+) -> Result<TauReport, String> {
     let runs = load(path)?;
     let passing: Vec<&TauRun> = runs.iter().filter(|r| r.passed).collect();
     let failing: Vec<&TauRun> = runs.iter().filter(|r| !r.passed).collect();
-    let cohorts = replay(&passing, &failing)?;
+    let cohorts = replay(&passing, &failing, spec)?;
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
     for _ in 0..controls {
@@ -420,7 +431,7 @@ pub fn run(path: &Path, controls: usize, seed: u64) -> Result<TauReport, String>
             all.swap(i, j);
         }
         let (a, b) = all.split_at(passing.len());
-        let f = replay(a, b)?;
+        let f = replay(a, b, spec)?;
         out.push((
             f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift),
             f.fired_rule(fleet_commander::detect::Rule::FailureSlice),
@@ -490,10 +501,11 @@ mod tests {
         let b = run_of(&[("cancel", false), ("refund", false), ("cancel", false), ("cancel", false)], true);
         let before: Vec<&TauRun> = std::iter::repeat_n(&a, 150).collect();
         let after: Vec<&TauRun> = std::iter::repeat_n(&b, 60).collect();
-        let f = replay(&before, &after).unwrap();
+        let spec = AlertSpec::default();
+        let f = replay(&before, &after, &spec).unwrap();
         assert!(f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift), "{:?}", f.fired);
         let same: Vec<&TauRun> = std::iter::repeat_n(&a, 60).collect();
-        let f = replay(&before, &same).unwrap();
+        let f = replay(&before, &same, &spec).unwrap();
         assert!(!f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift), "{:?}", f.fired);
     }
 }
