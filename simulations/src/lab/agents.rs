@@ -10,7 +10,7 @@ use fleet_worker::message::{Heartbeat, WorkerState};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, status};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 use super::Fault;
@@ -251,15 +251,20 @@ impl SimFleet {
 
     /// Whether `target` (a worker id, or text naming one) is an agent the fault hits.
     pub fn is_hit(&self, target: &str) -> bool {
-        self.agents
-            .iter()
-            .filter(|a| a.faulty)
-            .any(|a| target.split(|c: char| !(c.is_alphanumeric() || c == '-')).any(|w| w == a.id))
+        self.agents.iter().filter(|a| a.faulty).any(|a| {
+            target
+                .split(|c: char| !(c.is_alphanumeric() || c == '-'))
+                .any(|w| w == a.id)
+        })
     }
 
     /// Tokens used so far by the agents the fault hits.
     pub fn hit_tokens(&self) -> u64 {
-        self.agents.iter().filter(|a| a.faulty).map(|a| a.tokens).sum()
+        self.agents
+            .iter()
+            .filter(|a| a.faulty)
+            .map(|a| a.tokens)
+            .sum()
     }
 
     pub fn heartbeats_sent(&self) -> u64 {
@@ -397,8 +402,7 @@ impl SimFleet {
             return;
         };
         run.done += 1;
-        let (llm, llm_end, tokens) =
-            self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
+        let (llm, llm_end, tokens) = self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
         self.agents[i].tokens += tokens;
         let tool = self.pick_tool(variant, mine, fleet);
         let args = match mine {
@@ -566,27 +570,24 @@ impl SimFleet {
     ) -> Span {
         attributes.push(s("fleet.task.id", &run.task_id));
         // The process span is the run's root; the calls are its children.
-        let (span_id, parent) = if kind == 5 {
-            (run.root, Vec::new())
+        let (id, parent) = if kind == 5 {
+            (run.root, None)
         } else {
             self.seq += 1;
-            (self.seq, run.root.to_be_bytes().to_vec())
+            (self.seq, Some(run.root))
         };
-        Span {
-            trace_id: run.trace.to_vec(),
-            span_id: span_id.to_be_bytes().to_vec(),
-            parent_span_id: parent,
-            name: name.to_string(),
+        crate::otlp::SpanOf {
+            trace: &run.trace,
+            id,
+            parent,
+            name,
             kind,
-            start_time_unix_nano: start_ms * 1_000_000,
-            end_time_unix_nano: end_ms * 1_000_000,
+            start_ms,
+            end_ms,
             attributes,
-            status: error.then(|| Status {
-                code: status::StatusCode::Error as i32,
-                message: "failed".into(),
-            }),
-            ..Default::default()
+            failed: error,
         }
+        .build()
     }
 
     /// Agent `i`'s waiting spans as one OTLP export (its resource says who it is).

@@ -271,7 +271,7 @@ impl Outcome {
 }
 
 impl Outcome {
-    fn new(scenario: Scenario, agents: usize, seed: u64) -> Self {
+    pub(crate) fn new(scenario: Scenario, agents: usize, seed: u64) -> Self {
         Outcome {
             scenario,
             agents,
@@ -314,8 +314,7 @@ pub struct Harness {
 impl Harness {
     /// A fleet of `pools`, each with `max_queue_depth`, under the `[alerts]` of `spec`.
     pub fn new(pools: &[&str], max_queue_depth: u64, spec: &AlertSpec) -> Result<Self, String> {
-        let registry =
-            fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
+        let registry = fleet_commander::hot::fixed(Registry::builtin().map_err(|e| e.to_string())?);
         let pools: BTreeMap<String, PoolConfig> = pools
             .iter()
             .map(|name| {
@@ -436,8 +435,7 @@ pub fn alert_spec(dir: Option<&std::path::Path>) -> Result<AlertSpec, String> {
         }
     }
     let registry = Registry::builtin().map_err(|e| e.to_string())?;
-    let rubric =
-        fleet_commander::classify::rubric::Rubric::builtin().map_err(|e| e.to_string())?;
+    let rubric = fleet_commander::classify::rubric::Rubric::builtin().map_err(|e| e.to_string())?;
     let policy = fleet_commander::policy::load::Policy::parse(
         documents,
         fleet_commander::policy::load::CheckAgainst {

@@ -247,7 +247,11 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             ..opts.clone()
         };
         let r = stack::run(s, args.big_agents, args.seed, &big_opts).await;
-        eprintln!("stack {} agents: {:?}", args.big_agents, r.as_ref().map(|(_, f)| (f.cpu_pct, f.rss_peak_mib)));
+        eprintln!(
+            "stack {} agents: {:?}",
+            args.big_agents,
+            r.as_ref().map(|(_, f)| (f.cpu_pct, f.rss_peak_mib))
+        );
         Some(r)
     } else {
         None
@@ -327,7 +331,7 @@ fn write_report(i: &Inputs<'_>) -> String {
     r
 }
 
-fn healthy_of<'a>(classes: &'a [ClassFigures]) -> Option<&'a ClassFigures> {
+fn healthy_of(classes: &[ClassFigures]) -> Option<&ClassFigures> {
     classes.iter().find(|c| c.scenario.fault.is_none())
 }
 
@@ -355,7 +359,11 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
             format!(
                 "Met: every run of every class detected its fault. With no miss in {least_runs} runs the power is above {:.1} % with 95 % confidence{}.",
                 bound * 100.0,
-                if bound >= 0.95 { "" } else { " (59 runs per class are what it takes to say 95 %)" }
+                if bound >= 0.95 {
+                    ""
+                } else {
+                    " (59 runs per class are what it takes to say 95 %)"
+                }
             )
         } else {
             "Met on every class's point estimate; the table gives the classes with a miss and their intervals.".to_string()
@@ -368,18 +376,18 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
             h.runs_with_false_alarm,
             h.scenario.minutes,
             pct(h.runs_with_false_alarm, h.runs),
-            match (h.runs_with_false_alarm * 100 <= h.runs, h.runs_with_false_alarm == 0 && h.runs >= 299) {
-                (true, true) => "Met, and with none in 299 or more runs the rate is below 1 % with 95 % confidence.",
+            match (
+                h.runs_with_false_alarm * 100 <= h.runs,
+                h.runs_with_false_alarm == 0 && h.runs >= 299
+            ) {
+                (true, true) =>
+                    "Met, and with none in 299 or more runs the rate is below 1 % with 95 % confidence.",
                 (true, false) => "Met on the point estimate.",
                 _ => "Missed.",
             }
         );
     }
-    if let Some(c) = i
-        .classes
-        .iter()
-        .find(|c| c.scenario.name == "stuck_agent")
-    {
+    if let Some(c) = i.classes.iter().find(|c| c.scenario.name == "stuck_agent") {
         let worst = c.past_threshold_ms.last().copied();
         let _ = writeln!(
             r,
@@ -569,8 +577,14 @@ fn write_economics(r: &mut String, e: &super::economics::Economics) {
     );
     for (name, s) in [
         ("the commander's routing".to_string(), &e.routed),
-        (format!("always {} (frontier)", e.frontier_model), &e.frontier),
-        (format!("always {} (cheapest)", e.cheapest_model), &e.cheapest),
+        (
+            format!("always {} (frontier)", e.frontier_model),
+            &e.frontier,
+        ),
+        (
+            format!("always {} (cheapest)", e.cheapest_model),
+            &e.cheapest,
+        ),
     ] {
         let _ = writeln!(
             r,
@@ -663,7 +677,10 @@ fn plot_power(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
         .fold(0.05, f64::max)
         * 1.2;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Detection power vs false alarms, per fault class", ("sans-serif", 20))
+        .caption(
+            "Detection power vs false alarms, per fault class",
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
@@ -723,7 +740,10 @@ fn plot_ttd(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
         * 1.1;
     let names: Vec<&str> = rows.iter().map(|c| c.scenario.name).collect();
     let mut chart = ChartBuilder::on(&root)
-        .caption("Time to detect from the onset (5th–95th percentile, median)", ("sans-serif", 20))
+        .caption(
+            "Time to detect from the onset (5th–95th percentile, median)",
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(170)
@@ -767,7 +787,10 @@ fn plot_cost(path: &Path, s: &Scenario, o: &Outcome, f: &StackFigures) -> Result
     let max_x = (s.minutes * 60) as f64 / 60.0;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Fleet burn rate, {} on the stack ({} agents)", s.name, o.agents),
+            format!(
+                "Fleet burn rate, {} on the stack ({} agents)",
+                s.name, o.agents
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
@@ -789,9 +812,14 @@ fn plot_cost(path: &Path, s: &Scenario, o: &Outcome, f: &StackFigures) -> Result
         .map_err(plot_err)?
         .label("burn rate")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    let marker = |x: f64, color: RGBColor| PathElement::new(vec![(x, 0.0), (x, max_y)], color.stroke_width(1));
+    let marker = |x: f64, color: RGBColor| {
+        PathElement::new(vec![(x, 0.0), (x, max_y)], color.stroke_width(1))
+    };
     chart
-        .draw_series(std::iter::once(marker(s.onset_min as f64, RGBColor(150, 150, 150))))
+        .draw_series(std::iter::once(marker(
+            s.onset_min as f64,
+            RGBColor(150, 150, 150),
+        )))
         .map_err(plot_err)?
         .label("onset")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(150, 150, 150)));
@@ -801,7 +829,11 @@ fn plot_cost(path: &Path, s: &Scenario, o: &Outcome, f: &StackFigures) -> Result
         .label("alert")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart
-        .draw_series(f.interventions.iter().map(|x| marker(x.at_s as f64 / 60.0, BLUE)))
+        .draw_series(
+            f.interventions
+                .iter()
+                .map(|x| marker(x.at_s as f64 / 60.0, BLUE)),
+        )
         .map_err(plot_err)?
         .label("intervention")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));

@@ -276,11 +276,7 @@ async fn send_spans(
             .post(format!("{otlp_http}/v1/traces"))
             .header("content-type", "application/x-protobuf")
             .body(body);
-        in_flight.spawn(async move {
-            req.send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        });
+        in_flight.spawn(async move { req.send().await.is_ok_and(|r| r.status().is_success()) });
     }
     Ok(())
 }
@@ -403,7 +399,10 @@ pub async fn run(
         .await?;
         hit_tokens.push(sim.hit_tokens());
         if sec % 10 == 0
-            && let Ok(r) = http.get(format!("{}/v1/fleet", commander.http())).send().await
+            && let Ok(r) = http
+                .get(format!("{}/v1/fleet", commander.http()))
+                .send()
+                .await
             && let Ok(v) = r.json::<serde_json::Value>().await
         {
             let burn = v["fleet"]["burn_rate_usd_per_h"].as_f64().unwrap_or(0.0);
@@ -429,17 +428,9 @@ pub async fn run(
     drop(client);
     drop(commander);
     drop(server);
-    let mut out = Outcome {
-        scenario,
-        agents,
-        seed,
-        fired: Vec::new(),
-        detection: None,
-        false_alarms: Vec::new(),
-        spans: figures.spans_nats + figures.spans_http,
-        heartbeats: sim.heartbeats_sent(),
-        took_s: 0.0,
-    };
+    let mut out = Outcome::new(scenario, agents, seed);
+    out.spans = figures.spans_nats + figures.spans_http;
+    out.heartbeats = sim.heartbeats_sent();
     for a in fired {
         let at_s = a.firing_ms.unwrap_or(t0).saturating_sub(t0) / 1000;
         out.record(Fired {
@@ -472,7 +463,9 @@ pub fn print_figures(f: &StackFigures) {
         );
     }
     if let Some((before, after)) = f.hit_tokens_per_min {
-        println!("  hit agents' tokens/min: {before:.0} before the first intervention, {after:.0} after");
+        println!(
+            "  hit agents' tokens/min: {before:.0} before the first intervention, {after:.0} after"
+        );
     }
 }
 
@@ -499,7 +492,12 @@ async fn interventions(http: &reqwest::Client, api: &str, t0: u64) -> Vec<Interv
         serde_json::Value::Null => String::new(),
         serde_json::Value::Object(m) => m
             .iter()
-            .map(|(k, v)| format!("{k} {}", v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+            .map(|(k, v)| {
+                format!(
+                    "{k} {}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", "),
         other => other.to_string(),
@@ -570,18 +568,23 @@ mod tests {
     }
 
     /// The smoke run on the real stack: a nats-server and the commander binary with fleet
-    /// time at 60× and 100×. A context fill is seen within seconds; a cost runaway is
-    /// detected, the lab's ladder pauses the agent (a control command the simulated agent
-    /// obeys) and its spending falls; nothing fires before either onset.
+    /// time at 30× and 40× (a debug build keeps up with that; at 100× on two busy cores
+    /// its ingest fell behind enough for runs to look silent). A context fill is seen
+    /// within seconds; a cost runaway is detected, the lab's ladder pauses the agent (a
+    /// control command the simulated agent obeys) and its spending falls; nothing fires
+    /// before either onset.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_the_stack_faults_are_detected_and_a_runaway_is_paused() {
-        let (o, f) = run(scenario("context_critical"), 36, 1, &options(60.0))
+        let (o, f) = run(scenario("context_critical"), 36, 1, &options(30.0))
             .await
             .unwrap();
         assert!(o.passed(), "{:?} {:?}", o.detection, o.false_alarms);
-        assert!(f.spans_nats > 0 && f.spans_http > 0 && f.http_refused == 0, "{f:?}");
+        assert!(
+            f.spans_nats > 0 && f.spans_http > 0 && f.http_refused == 0,
+            "{f:?}"
+        );
 
-        let (o, f) = run(scenario("cost_runaway"), 36, 1, &options(100.0))
+        let (o, f) = run(scenario("cost_runaway"), 36, 1, &options(40.0))
             .await
             .unwrap();
         assert!(o.passed(), "{:?} {:?}", o.detection, o.false_alarms);

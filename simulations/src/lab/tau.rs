@@ -27,7 +27,7 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, status};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use serde::Deserialize;
 
@@ -135,10 +135,7 @@ fn convert(r: RawRun) -> TauRun {
         .iter()
         .filter(|m| m.role == "tool")
         .filter_map(|m| {
-            let failed = m
-                .content
-                .as_deref()
-                .is_some_and(|c| c.starts_with("Error"));
+            let failed = m.content.as_deref().is_some_and(|c| c.starts_with("Error"));
             m.tool_call_id.as_deref().map(|id| (id, failed))
         })
         .collect();
@@ -210,7 +207,16 @@ impl Replay {
                 int("gen_ai.usage.input_tokens", turn.input_tokens as i64),
                 int("gen_ai.usage.output_tokens", turn.output_tokens as i64),
             ];
-            self.push(agent, &trace, root, &task, ("chat gpt-4o", 3), (t, t + CHAT_MS), chat, false);
+            self.push(
+                agent,
+                &trace,
+                root,
+                &task,
+                ("chat gpt-4o", 3),
+                (t, t + CHAT_MS),
+                chat,
+                false,
+            );
             t += CHAT_MS;
             for c in &turn.calls {
                 let attrs = vec![
@@ -219,7 +225,16 @@ impl Replay {
                     s("gen_ai.tool.call.arguments", c.arguments.as_str()),
                 ];
                 let name = format!("execute_tool {}", c.tool);
-                self.push(agent, &trace, root, &task, (&name, 1), (t, t + TOOL_MS), attrs, c.failed);
+                self.push(
+                    agent,
+                    &trace,
+                    root,
+                    &task,
+                    (&name, 1),
+                    (t, t + TOOL_MS),
+                    attrs,
+                    c.failed,
+                );
                 t += TOOL_MS;
             }
         }
@@ -230,7 +245,16 @@ impl Replay {
         ];
         self.pending[agent].push(Pending {
             end_ms: end,
-            span: span(&trace, root, None, &task, ("process fleet.work.airline", 5), (begin, end), root_attrs, !run.passed),
+            span: span(
+                &trace,
+                root,
+                None,
+                &task,
+                ("process fleet.work.airline", 5),
+                (begin, end),
+                root_attrs,
+                !run.passed,
+            ),
         });
         if run.passed {
             self.completed[agent] += 1;
@@ -239,7 +263,10 @@ impl Replay {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one span's fields, named at the call")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one span's fields, named at the call"
+    )]
     fn push(
         &mut self,
         agent: usize,
@@ -252,7 +279,16 @@ impl Replay {
         failed: bool,
     ) {
         self.seq += 1;
-        let sp = span(trace, self.seq, Some(root), task, name_kind, times, attrs, failed);
+        let sp = span(
+            trace,
+            self.seq,
+            Some(root),
+            task,
+            name_kind,
+            times,
+            attrs,
+            failed,
+        );
         self.pending[agent].push(Pending {
             end_ms: times.1,
             span: sp,
@@ -261,8 +297,9 @@ impl Replay {
 
     /// Agent `a`'s spans that have ended by `now_ms`, as one export.
     fn export(&mut self, a: usize, now_ms: u64) -> Option<Bytes> {
-        let (due, rest): (Vec<Pending>, Vec<Pending>) =
-            std::mem::take(&mut self.pending[a]).into_iter().partition(|p| p.end_ms <= now_ms);
+        let (due, rest): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending[a])
+            .into_iter()
+            .partition(|p| p.end_ms <= now_ms);
         self.pending[a] = rest;
         if due.is_empty() {
             return None;
@@ -305,7 +342,10 @@ impl Replay {
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one span's fields, named at the call")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one span's fields, named at the call"
+)]
 fn span(
     trace: &[u8; 16],
     id: u64,
@@ -318,21 +358,18 @@ fn span(
 ) -> Span {
     attributes.push(s("fleet.task.id", task));
     attributes.push(s("fleet.task.type", TASK_TYPE));
-    Span {
-        trace_id: trace.to_vec(),
-        span_id: id.to_be_bytes().to_vec(),
-        parent_span_id: parent.map(|p| p.to_be_bytes().to_vec()).unwrap_or_default(),
-        name: name.to_string(),
+    crate::otlp::SpanOf {
+        trace,
+        id,
+        parent,
+        name,
         kind,
-        start_time_unix_nano: start_ms * 1_000_000,
-        end_time_unix_nano: end_ms * 1_000_000,
+        start_ms,
+        end_ms,
         attributes,
-        status: failed.then(|| Status {
-            code: status::StatusCode::Error as i32,
-            message: "failed".into(),
-        }),
-        ..Default::default()
+        failed,
     }
+    .build()
 }
 
 /// What one replay raised.
@@ -351,11 +388,7 @@ impl Findings {
 
 /// Replays `first` spread over minutes 0–45 of an hour and `second` over minutes 45–60,
 /// then five quiet minutes.
-pub fn replay(
-    first: &[&TauRun],
-    second: &[&TauRun],
-    spec: &AlertSpec,
-) -> Result<Findings, String> {
+pub fn replay(first: &[&TauRun], second: &[&TauRun], spec: &AlertSpec) -> Result<Findings, String> {
     let mut h = Harness::new(&[POOL], 100, spec)?;
     let t0 = 1_800_000_000_000u64;
     let mut rp = Replay {
@@ -370,7 +403,11 @@ pub fn replay(
     for (cohort, from_s, span_s) in [(first, 0u64, 45 * 60u64), (second, 45 * 60, 15 * 60)] {
         let n = cohort.len().max(1) as u64;
         for (k, r) in cohort.iter().enumerate() {
-            starts.push((t0 + (from_s + span_s * k as u64 / n) * 1000, starts.len(), r));
+            starts.push((
+                t0 + (from_s + span_s * k as u64 / n) * 1000,
+                starts.len(),
+                r,
+            ));
         }
     }
     starts.sort_by_key(|(at, n, _)| (*at, *n));
@@ -411,12 +448,7 @@ pub struct TauReport {
     pub controls: Vec<(bool, bool)>,
 }
 
-pub fn run(
-    path: &Path,
-    controls: usize,
-    seed: u64,
-    spec: &AlertSpec,
-) -> Result<TauReport, String> {
+pub fn run(path: &Path, controls: usize, seed: u64, spec: &AlertSpec) -> Result<TauReport, String> {
     let runs = load(path)?;
     let passing: Vec<&TauRun> = runs.iter().filter(|r| r.passed).collect();
     let failing: Vec<&TauRun> = runs.iter().filter(|r| !r.passed).collect();
@@ -497,15 +529,34 @@ mod tests {
 
     #[test]
     fn a_changed_tool_mix_in_the_last_quarter_hour_is_seen_as_drift_and_the_same_mix_is_not() {
-        let a = run_of(&[("search", false), ("book", false), ("search", false)], true);
-        let b = run_of(&[("cancel", false), ("refund", false), ("cancel", false), ("cancel", false)], true);
+        let a = run_of(
+            &[("search", false), ("book", false), ("search", false)],
+            true,
+        );
+        let b = run_of(
+            &[
+                ("cancel", false),
+                ("refund", false),
+                ("cancel", false),
+                ("cancel", false),
+            ],
+            true,
+        );
         let before: Vec<&TauRun> = std::iter::repeat_n(&a, 150).collect();
         let after: Vec<&TauRun> = std::iter::repeat_n(&b, 60).collect();
         let spec = AlertSpec::default();
         let f = replay(&before, &after, &spec).unwrap();
-        assert!(f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift), "{:?}", f.fired);
+        assert!(
+            f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift),
+            "{:?}",
+            f.fired
+        );
         let same: Vec<&TauRun> = std::iter::repeat_n(&a, 60).collect();
         let f = replay(&before, &same, &spec).unwrap();
-        assert!(!f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift), "{:?}", f.fired);
+        assert!(
+            !f.fired_rule(fleet_commander::detect::Rule::BehaviourDrift),
+            "{:?}",
+            f.fired
+        );
     }
 }
