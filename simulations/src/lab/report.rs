@@ -42,6 +42,10 @@ pub struct ReportArgs {
     /// Fleet seconds per wall second on the stack.
     #[arg(long, default_value_t = 10.0)]
     speed: f64,
+    /// The scenarios run on the stack, by name, comma-separated (default: every one the
+    /// stack can run).
+    #[arg(long, value_delimiter = ',')]
+    stack_scenarios: Vec<String>,
     /// Agents of the stack run whose commander CPU and memory the report gives (0: none).
     #[arg(long, default_value_t = 10_000)]
     big_agents: usize,
@@ -218,7 +222,9 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
     let mut stack_runs: StackRuns = Vec::new();
     if args.stack_agents > 0 {
         for s in SCENARIOS {
-            if stack::unsupported(s.fault).is_some() {
+            let chosen =
+                args.stack_scenarios.is_empty() || args.stack_scenarios.iter().any(|n| n == s.name);
+            if stack::unsupported(s.fault).is_some() || !chosen {
                 continue;
             }
             let r = stack::run(s, args.stack_agents, args.seed, &opts).await;
@@ -663,52 +669,60 @@ fn plot_err(e: impl std::fmt::Display) -> String {
     format!("plot: {e}")
 }
 
-/// Power (with its Wilson interval) against false alarms per fleet-hour, per class.
+/// Per class: its power with the Wilson interval, and (in its label) its false alarms per
+/// fleet-hour before the onset.
 fn plot_power(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err)?;
-    let faulty: Vec<&ClassFigures> = classes
+    let rows: Vec<&ClassFigures> = classes
         .iter()
         .filter(|c| c.scenario.fault.is_some())
         .collect();
-    let max_x = faulty
+    let labels: Vec<String> = rows
         .iter()
-        .map(|c| c.false_alarms as f64 / c.clean_hours.max(1e-9))
-        .fold(0.05, f64::max)
-        * 1.2;
+        .map(|c| {
+            format!(
+                "{} ({:.2} FA/h)",
+                c.scenario.name,
+                c.false_alarms as f64 / c.clean_hours.max(1e-9)
+            )
+        })
+        .collect();
+    let height = 90 + 28 * rows.len() as u32;
+    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Detection power vs false alarms, per fault class",
-            ("sans-serif", 20),
+            "Detection power per fault class (95 % Wilson interval) and false alarms per fleet-hour",
+            ("sans-serif", 18),
         )
         .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0f64..max_x, 0f64..1.05f64)
+        .x_label_area_size(40)
+        .y_label_area_size(250)
+        .build_cartesian_2d(0f64..1.0f64, (0..rows.len()).into_segmented())
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .x_desc("false alarms per fleet-hour before the onset")
-        .y_desc("power (95 % Wilson interval)")
+        .x_desc("power")
+        .y_labels(rows.len())
+        .y_label_formatter(&|v| segment_label(v, &labels))
         .draw()
         .map_err(plot_err)?;
-    for c in &faulty {
-        let x = c.false_alarms as f64 / c.clean_hours.max(1e-9);
+    for (k, c) in rows.iter().enumerate() {
         let p = c.detected as f64 / c.runs.max(1) as f64;
         let (lo, hi) = wilson(c.detected, c.runs);
+        let y = || SegmentValue::CenterOf(k);
         chart
             .draw_series(std::iter::once(PathElement::new(
-                vec![(x, lo), (x, hi)],
-                BLUE.stroke_width(2),
+                vec![(lo, y()), (hi, y())],
+                BLUE.stroke_width(3),
             )))
             .map_err(plot_err)?;
         chart
-            .draw_series(std::iter::once(Circle::new((x, p), 4, BLUE.filled())))
+            .draw_series(std::iter::once(Circle::new((p, y()), 5, BLACK.filled())))
             .map_err(plot_err)?;
     }
     chart
         .draw_series(std::iter::once(PathElement::new(
-            vec![(0.0, 0.95), (max_x, 0.95)],
+            vec![(0.95, SegmentValue::Exact(0)), (0.95, SegmentValue::Last)],
             RED.stroke_width(1),
         )))
         .map_err(plot_err)?
@@ -717,10 +731,20 @@ fn plot_power(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
     chart
         .configure_series_labels()
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::MiddleLeft)
         .draw()
         .map_err(plot_err)?;
     root.present().map_err(plot_err)
+}
+
+/// The label of a row of a segmented axis.
+fn segment_label(v: &SegmentValue<usize>, labels: &[String]) -> String {
+    match v {
+        SegmentValue::CenterOf(k) | SegmentValue::Exact(k) => {
+            labels.get(*k).cloned().unwrap_or_default()
+        }
+        SegmentValue::Last => String::new(),
+    }
 }
 
 /// Time to detect per class: the 5th–95th percentile as a bar, the median as a dot.
@@ -729,7 +753,7 @@ fn plot_ttd(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
         .iter()
         .filter(|c| c.scenario.fault.is_some() && !c.ttd.is_empty())
         .collect();
-    let height = 80 + 28 * rows.len() as u32;
+    let height = 90 + 28 * rows.len() as u32;
     let root = SVGBackend::new(path, (900, height)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let max_x = rows
@@ -738,42 +762,37 @@ fn plot_ttd(path: &Path, classes: &[ClassFigures]) -> Result<(), String> {
         .max()
         .unwrap_or(60) as f64
         * 1.1;
-    let names: Vec<&str> = rows.iter().map(|c| c.scenario.name).collect();
+    let names: Vec<String> = rows.iter().map(|c| c.scenario.name.to_string()).collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "Time to detect from the onset (5th–95th percentile, median)",
-            ("sans-serif", 20),
+            ("sans-serif", 18),
         )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(170)
-        .build_cartesian_2d(0f64..max_x.max(1.0), 0f64..rows.len() as f64)
+        .build_cartesian_2d(0f64..max_x.max(1.0), (0..rows.len()).into_segmented())
         .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("seconds")
         .y_labels(rows.len())
-        .y_label_formatter(&|y| {
-            names
-                .get(y.floor() as usize)
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        })
+        .y_label_formatter(&|v| segment_label(v, &names))
         .draw()
         .map_err(plot_err)?;
     for (k, c) in rows.iter().enumerate() {
-        let y = k as f64 + 0.5;
+        let y = || SegmentValue::CenterOf(k);
         let lo = quantile(&c.ttd, 0.05).unwrap_or(0) as f64;
         let hi = quantile(&c.ttd, 0.95).unwrap_or(0) as f64;
         let mid = quantile(&c.ttd, 0.5).unwrap_or(0) as f64;
         chart
             .draw_series(std::iter::once(PathElement::new(
-                vec![(lo, y), (hi.max(lo + 0.5), y)],
+                vec![(lo, y()), (hi.max(lo + 0.5), y())],
                 BLUE.stroke_width(6),
             )))
             .map_err(plot_err)?;
         chart
-            .draw_series(std::iter::once(Circle::new((mid, y), 5, BLACK.filled())))
+            .draw_series(std::iter::once(Circle::new((mid, y()), 5, BLACK.filled())))
             .map_err(plot_err)?;
     }
     root.present().map_err(plot_err)

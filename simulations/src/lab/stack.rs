@@ -405,7 +405,7 @@ pub async fn run(
                 .await
             && let Ok(v) = r.json::<serde_json::Value>().await
         {
-            let burn = v["fleet"]["burn_rate_usd_per_h"].as_f64().unwrap_or(0.0);
+            let burn = v["burn_rate_usd_per_h"].as_f64().unwrap_or(0.0);
             figures.burn.push((sec, burn));
         }
         while let Ok(a) = listeners.alerts.try_recv() {
