@@ -396,7 +396,12 @@ mod tests {
 
     #[test]
     fn a_tool_is_compared_with_other_tool_calls_not_with_llm_calls() {
-        let spec = AlertSpec::default();
+        // At the level this test was written for (the default is stricter): what it
+        // checks is the baseline a tool is compared with and what the correction counts.
+        let spec = AlertSpec {
+            failure_slice_fdr: 0.01,
+            ..AlertSpec::default()
+        };
         // summarise failed 5 of 91 times in its first 15 minutes. Tool calls fail 2 % of
         // the time across the fleet and LLM calls never: against every operation (1 %)
         // that is 5x; against the other tool calls it is noise.
