@@ -23,8 +23,8 @@ use futures::StreamExt;
 
 mod detect;
 mod policy;
-mod stream;
-mod telemetry;
+pub mod stream;
+pub mod telemetry;
 pub mod traces;
 
 #[derive(Subcommand)]

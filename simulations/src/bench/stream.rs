@@ -36,7 +36,7 @@ pub struct DashboardArgs {
 }
 
 /// CPU seconds (user + system) the process has used.
-fn cpu_s(pid: u32) -> Option<f64> {
+pub fn cpu_s(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')')?.1;

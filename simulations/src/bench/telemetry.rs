@@ -466,7 +466,8 @@ fn keeper_beside(
     Ok((spans as f64 / ingest_s, spans as f64 / keeper_s, shed))
 }
 
-fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+/// Resident memory now and at its peak (VmRSS, VmHWM), in KiB.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status

@@ -305,21 +305,9 @@ async fn send_heartbeats(
 
 /// The commander's CPU seconds so far and its peak resident memory (KiB), from /proc.
 fn proc_figures(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    // USER_HZ is 100 on Linux for /proc/<pid>/stat.
-    Some((ticks / 100.0, hwm))
+    let cpu = crate::bench::stream::cpu_s(pid)?;
+    let (_, hwm) = crate::bench::telemetry::rss_kib(pid)?;
+    Some((cpu, hwm))
 }
 
 /// Runs `scenario` with `agents` agents and `seed` against a fresh nats-server and
