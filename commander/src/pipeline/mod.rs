@@ -103,21 +103,13 @@ impl Ctx {
         if decisions.is_empty() {
             return;
         }
-        let mut encoded = Vec::with_capacity(decisions.len());
-        for d in decisions {
-            match serde_json::to_vec(d) {
-                Ok(b) => encoded.push((d, bytes::Bytes::from(b))),
-                Err(e) => {
-                    tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode")
-                }
-            }
-        }
-        if let Err(e) = self.core.decisions.record_many(&encoded) {
-            tracing::error!(error = %e, count = encoded.len(), "decisions not logged");
+        let all: Vec<&DecisionRecord> = decisions.iter().collect();
+        if let Err(e) = self.core.decisions.record_many(&all) {
+            tracing::error!(error = %e, count = all.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
         let mut counts: rustc_hash::FxHashMap<(&str, &str, &str), u64> = Default::default();
-        for (d, _) in &encoded {
+        for d in decisions {
             let key = (
                 d.pool.as_deref().unwrap_or("none"),
                 d.model.as_deref().unwrap_or("none"),
@@ -136,8 +128,18 @@ impl Ctx {
                 })
                 .inc_by(n);
         }
-        for (d, body) in encoded {
-            if self.publish_decisions {
+        if !self.publish_decisions {
+            return;
+        }
+        for d in decisions {
+            let body = match serde_json::to_vec(d) {
+                Ok(b) => bytes::Bytes::from(b),
+                Err(e) => {
+                    tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode");
+                    continue;
+                }
+            };
+            {
                 let pool = d
                     .pool
                     .as_deref()

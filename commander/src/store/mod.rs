@@ -12,6 +12,8 @@ use std::time::SystemTime;
 use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3339};
 use serde::{Deserialize, Serialize};
 
+pub mod codec;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sled: {0}")]
@@ -265,7 +267,7 @@ impl Store {
         let became_terminal = std::cell::Cell::new(false);
         let written: std::cell::RefCell<Option<TaskRecord>> = std::cell::RefCell::new(None);
         self.tasks.update_and_fetch(id.as_bytes(), |old| {
-            let mut rec = match old.map(serde_json::from_slice::<TaskRecord>) {
+            let mut rec = match old.map(codec::decode) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
                     last_err = Some(e.to_string());
@@ -278,7 +280,7 @@ impl Store {
             became_terminal.set(!was_terminal && rec.state.is_terminal());
             // Returning None would delete the key: on an (impossible) encode failure keep the
             // old bytes rather than lose the record.
-            match serde_json::to_vec(&rec) {
+            match codec::encode(&rec) {
                 Ok(bytes) => {
                     *written.borrow_mut() = Some(rec);
                     Some(bytes)
@@ -351,7 +353,7 @@ fn unix_millis(t: SystemTime) -> u64 {
 }
 
 fn decode(id: &str, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    codec::decode(bytes).map_err(|e| StoreError::Corrupt {
         id: id.to_string(),
         reason: e.to_string(),
     })
@@ -447,5 +449,56 @@ mod tests {
         assert_eq!(rec.state, TaskState::Completed);
         assert_eq!(rec.intake_sequence, 7);
         assert!(store.get("nope").unwrap().is_none());
+    }
+
+    /// A store written by the previous format (format 1: every record JSON, as
+    /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19) opens, and every record
+    /// reads back whole; an update writes format 2; retention still finds them.
+    #[test]
+    fn a_store_written_in_the_json_format_is_read_and_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut written = Vec::new();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tasks = db.open_tree("tasks").unwrap();
+            for i in 0..500 {
+                let mut rec = if i % 2 == 0 {
+                    codec::tests::full_record(&format!("old-{i}"))
+                } else {
+                    TaskRecord::new(&format!("old-{i}"), i)
+                };
+                rec.attempt = i as u32;
+                tasks
+                    .insert(rec.id.as_bytes(), serde_json::to_vec(&rec).unwrap())
+                    .unwrap();
+                written.push(rec);
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.task_count(), 500);
+        for rec in &written {
+            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
+        }
+        let raw = |id: &str| store.tasks.get(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            codec::format_of(&raw("old-1")).unwrap(),
+            codec::Format::Json
+        );
+        let mut ok = TaskResult::rejected("old-1", "x", "x");
+        ok.status = ResultStatus::Ok;
+        let rec = store
+            .update("old-1", || unreachable!(), |r| r.finish(&ok))
+            .unwrap();
+        assert_eq!(rec.state, TaskState::Completed);
+        assert_eq!(
+            rec.intake_sequence, 1,
+            "the JSON record was updated, not replaced"
+        );
+        assert_eq!(codec::format_of(&raw("old-1")).unwrap(), codec::Format::V2);
+        assert_eq!(store.get("old-1").unwrap(), Some(rec));
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 100).unwrap(), 1);
+        assert_eq!(store.task_count(), 499);
     }
 }
