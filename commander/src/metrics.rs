@@ -192,7 +192,29 @@ pub struct Metrics {
     /// API requests refused before their handler, by reason (missing_token,
     /// unknown_token, wrong_role).
     pub auth_refused: Family<ReasonLabel, Counter>,
+    /// From an intake batch in hand to each of its dispatches' PubAck (seconds).
+    pub intake_dispatch: IntakeDispatch,
     pub fleet: FleetGauges,
+}
+
+/// `fleet_intake_dispatch_seconds`: the commander's own share of a task's way, from the
+/// intake batch it arrived in being read to the work stream's PubAck of its dispatch.
+/// Buckets are fine below 5 ms, where this lives when the commander keeps up.
+#[derive(Debug, Clone)]
+pub struct IntakeDispatch(pub prometheus_client::metrics::histogram::Histogram);
+
+/// Bucket bounds of [`IntakeDispatch`], seconds.
+pub const INTAKE_DISPATCH_BUCKETS: [f64; 25] = [
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003,
+    0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl Default for IntakeDispatch {
+    fn default() -> Self {
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            INTAKE_DISPATCH_BUCKETS,
+        ))
+    }
 }
 
 impl Metrics {
@@ -287,6 +309,11 @@ impl Metrics {
             self.auth_refused.clone(),
         );
         self.fleet.register(&mut r);
+        r.register(
+            "intake_dispatch_seconds",
+            "From an intake batch being read to the PubAck of each of its dispatches",
+            self.intake_dispatch.0.clone(),
+        );
         r.register(
             "nats_connected",
             "1 while the NATS connection is up, 0 while it is being re-established",

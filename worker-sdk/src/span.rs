@@ -120,7 +120,9 @@ impl SpanRecord {
         self.end = SystemTime::now();
     }
 
-    fn to_proto(&self) -> Span {
+    /// The span as OTLP, moving its strings rather than copying them: the exporter owns
+    /// each record once it is queued.
+    fn into_proto(self) -> Span {
         Span {
             trace_id: self.trace_id.0.to_vec(),
             span_id: self.span_id.0.to_vec(),
@@ -128,7 +130,6 @@ impl SpanRecord {
                 .parent_span_id
                 .map(|p| p.0.to_vec())
                 .unwrap_or_default(),
-            name: self.name.clone(),
             kind: match self.kind {
                 SpanKind::Internal => span::SpanKind::Internal,
                 SpanKind::Producer => span::SpanKind::Producer,
@@ -137,19 +138,20 @@ impl SpanRecord {
             } as i32,
             start_time_unix_nano: unix_nanos(self.start),
             end_time_unix_nano: unix_nanos(self.end),
+            name: self.name,
             attributes: self
                 .attributes
-                .iter()
-                .map(|(k, v)| kv(k, v.clone()))
+                .into_iter()
+                .map(|(k, v)| kv(k, v))
                 .collect(),
-            status: Some(match &self.error {
+            status: Some(match self.error {
                 None => Status {
                     code: status::StatusCode::Ok as i32,
                     message: String::new(),
                 },
                 Some(m) => Status {
                     code: status::StatusCode::Error as i32,
-                    message: m.clone(),
+                    message: m,
                 },
             }),
             ..Default::default()
@@ -163,7 +165,7 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn kv(key: &str, value: AttrValue) -> KeyValue {
+fn kv(key: String, value: AttrValue) -> KeyValue {
     let value = match value {
         AttrValue::Str(s) => any_value::Value::StringValue(s),
         AttrValue::Int(i) => any_value::Value::IntValue(i),
@@ -171,7 +173,7 @@ fn kv(key: &str, value: AttrValue) -> KeyValue {
         AttrValue::Bool(b) => any_value::Value::BoolValue(b),
     };
     KeyValue {
-        key: key.to_string(),
+        key,
         value: Some(AnyValue { value: Some(value) }),
         ..Default::default()
     }
@@ -179,10 +181,21 @@ fn kv(key: &str, value: AttrValue) -> KeyValue {
 
 /// Encodes spans as one OTLP `ExportTraceServiceRequest` under the given resource.
 pub fn encode_otlp(resource: &[(String, AttrValue)], spans: &[SpanRecord]) -> Vec<u8> {
+    encode_owned(resource, spans.iter().cloned())
+}
+
+/// [`encode_otlp`] of spans the caller gives up (the exporter's batch, drained).
+fn encode_owned(
+    resource: &[(String, AttrValue)],
+    spans: impl Iterator<Item = SpanRecord>,
+) -> Vec<u8> {
     let req = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
-                attributes: resource.iter().map(|(k, v)| kv(k, v.clone())).collect(),
+                attributes: resource
+                    .iter()
+                    .map(|(k, v)| kv(k.clone(), v.clone()))
+                    .collect(),
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {
@@ -191,7 +204,7 @@ pub fn encode_otlp(resource: &[(String, AttrValue)], spans: &[SpanRecord]) -> Ve
                     version: env!("CARGO_PKG_VERSION").into(),
                     ..Default::default()
                 }),
-                spans: spans.iter().map(SpanRecord::to_proto).collect(),
+                spans: spans.map(SpanRecord::into_proto).collect(),
                 schema_url: String::new(),
             }],
             schema_url: String::new(),
@@ -325,12 +338,11 @@ async fn publish_batch(
     batch: &mut Vec<SpanRecord>,
     stats: &ExportStats,
 ) {
-    let payload = Bytes::from(encode_otlp(resource, batch));
+    let n = batch.len() as u64;
+    let payload = Bytes::from(encode_owned(resource, batch.drain(..)));
     let mut headers = HeaderMap::new();
     headers.insert(headers::KIND, kinds::OTLP_TRACES);
     headers.insert(headers::CONTENT_TYPE, "application/x-protobuf");
-    let n = batch.len() as u64;
-    batch.clear();
     match client
         .publish_with_headers(subject.to_string(), headers, payload)
         .await

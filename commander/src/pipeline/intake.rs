@@ -20,11 +20,12 @@ use crate::store::{TaskRecord, TaskState};
 
 /// Handles one batch: plan each message, publish, make the store durable, ack.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
+    let read_at = std::time::Instant::now();
     let span = tracing::info_span!("intake_batch", size = batch.len());
     let replies: Vec<_> = batch.iter().filter_map(|m| m.reply.clone()).collect();
     let work = async {
         let plans = plan_batch(ctx, &batch).await;
-        let published = publish_batch(ctx, &plans).await;
+        let published = publish_batch(ctx, &plans, read_at).await;
         let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
@@ -106,16 +107,22 @@ async fn plan_batch(ctx: &Ctx, batch: &[jetstream::Message]) -> Vec<Option<Plan>
 
 /// Publishes every dispatch and rejection first (pipelined), then waits for all the
 /// PubAcks: the work stream's sequence of each, or why it was not acknowledged.
-async fn publish_batch(ctx: &Ctx, plans: &[Option<Plan>]) -> Vec<Option<Result<u64, String>>> {
+/// Each dispatch's time from `read_at` to its PubAck goes to `fleet_intake_dispatch_seconds`.
+async fn publish_batch(
+    ctx: &Ctx,
+    plans: &[Option<Plan>],
+    read_at: std::time::Instant,
+) -> Vec<Option<Result<u64, String>>> {
     let mut pending = Vec::with_capacity(plans.len());
     for plan in plans {
         let fut = match plan {
-            Some(Plan::Dispatch(d)) => Some(
+            Some(Plan::Dispatch(d)) => Some((
+                true,
                 ctx.js
                     .publish_with_headers(d.subject.clone(), d.headers.clone(), d.payload.clone())
                     .await,
-            ),
-            Some(Plan::Reject(r)) => Some(publish_rejection(ctx, r).await),
+            )),
+            Some(Plan::Reject(r)) => Some((false, publish_rejection(ctx, r).await)),
             _ => None,
         };
         pending.push(fut);
@@ -123,8 +130,18 @@ async fn publish_batch(ctx: &Ctx, plans: &[Option<Plan>]) -> Vec<Option<Result<u
     let mut published = Vec::with_capacity(pending.len());
     for fut in pending {
         published.push(match fut {
-            Some(Ok(ack)) => Some(ack.await.map(|a| a.sequence).map_err(|e| e.to_string())),
-            Some(Err(e)) => Some(Err(e.to_string())),
+            Some((dispatch, Ok(ack))) => {
+                let acked = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                if dispatch && acked.is_ok() {
+                    ctx.core
+                        .metrics
+                        .intake_dispatch
+                        .0
+                        .observe(read_at.elapsed().as_secs_f64());
+                }
+                Some(acked)
+            }
+            Some((_, Err(e))) => Some(Err(e.to_string())),
             None => None,
         });
     }

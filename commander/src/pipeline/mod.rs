@@ -166,7 +166,9 @@ pub enum PipelineError {
 
 /// Batches a loop works on at once. More than one lets the next batch be read and planned
 /// while the previous one waits for its PubAcks and its store flush; the order in which
-/// batches finish does not matter, because every step is idempotent.
+/// batches finish does not matter, because every step is idempotent. Each batch is a task
+/// of its own, so one batch's synchronous store writes never hold up another's PubAcks:
+/// they run on the runtime's other thread.
 const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Reads batches from a pull consumer and hands each to `work` until shutdown, with up to
@@ -181,7 +183,7 @@ pub async fn consume_batches<F, Fut>(
     mut work: F,
 ) where
     F: FnMut(Vec<jetstream::Message>) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = futures::stream::FuturesUnordered::new();
@@ -213,7 +215,13 @@ pub async fn consume_batches<F, Fut>(
         loop {
             let chunk = tokio::select! {
                 c = chunks.next(), if in_flight.len() < BATCHES_IN_FLIGHT => c,
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Err(e) = done {
+                        // Its messages were not acked: JetStream delivers them again.
+                        tracing::error!(loop_name = name, error = %e, "a batch panicked; its messages will be redelivered");
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => {
                     while in_flight.next().await.is_some() {}
                     return;
@@ -232,7 +240,7 @@ pub async fn consume_batches<F, Fut>(
             }
             if !batch.is_empty() {
                 backoff = Duration::from_millis(100);
-                in_flight.push(work(batch));
+                in_flight.push(tokio::spawn(work(batch)));
             }
         }
     }
