@@ -652,6 +652,10 @@ pub struct StoreConfig {
     /// Hours a finished task's record is kept (the results stream keeps results 7 days).
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
+    /// sled's page cache, MiB (the commander's RSS grows to about this plus its live
+    /// state). Once the store outgrows it, pages are read back from the file.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
 }
 
 impl Default for StoreConfig {
@@ -659,8 +663,14 @@ impl Default for StoreConfig {
         Self {
             data_dir: default_data_dir(),
             retention_hours: default_retention_hours(),
+            cache_mib: default_cache_mib(),
         }
     }
+}
+
+/// sled's own default (1 GiB).
+fn default_cache_mib() -> u64 {
+    1024
 }
 
 fn default_retention_hours() -> u64 {
@@ -1307,6 +1317,15 @@ impl Config {
             p.push(Keyed::new(
                 OutOfRange,
                 "store.retention_hours: must be at least 1".to_string(),
+            ));
+        }
+        if !(16..=1_048_576).contains(&self.store.cache_mib) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "store.cache_mib: {} is out of range (16 to 1048576)",
+                    self.store.cache_mib
+                ),
             ));
         }
         if self.intake.batch_size == 0 || self.intake.batch_size > 10_000 {

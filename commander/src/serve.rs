@@ -85,7 +85,11 @@ fn in_store(config: &Config) -> impl FnOnce(StoreError) -> ServeError + use<> {
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     check_local_mode(&config)?;
     let data_dir = config.store.data_dir.clone();
-    let store = Store::open(&data_dir.join("sled")).map_err(in_store(&config))?;
+    let store = Store::open_with_cache(
+        &data_dir.join("sled"),
+        config.store.cache_mib.saturating_mul(1 << 20),
+    )
+    .map_err(in_store(&config))?;
     let conn = broker::connect(
         config.nats.url.as_deref(),
         config.nats.local_default,

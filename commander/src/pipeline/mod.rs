@@ -186,7 +186,8 @@ pub async fn consume_batches<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(100);
-    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut in_flight: futures::stream::FuturesUnordered<tokio::task::JoinHandle<()>> =
+        futures::stream::FuturesUnordered::new();
     'outer: loop {
         if *shutdown.borrow() {
             while in_flight.next().await.is_some() {}
@@ -216,9 +217,13 @@ pub async fn consume_batches<F, Fut>(
             let chunk = tokio::select! {
                 c = chunks.next(), if in_flight.len() < BATCHES_IN_FLIGHT => c,
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(e) = done {
-                        // Its messages were not acked: JetStream delivers them again.
-                        tracing::error!(loop_name = name, error = %e, "a batch panicked; its messages will be redelivered");
+                    if let Err(e) = done
+                        && e.is_panic()
+                    {
+                        // The loop's supervisor counts it and restarts the loop, as when
+                        // batches ran inside it; the batch's messages were not acked, so
+                        // JetStream delivers them again.
+                        std::panic::resume_unwind(e.into_panic());
                     }
                     continue;
                 }

@@ -85,6 +85,9 @@ pub struct DispatchArgs {
     /// then 90 % of the commander's best round, and their latencies measured (0: skip).
     #[arg(long, default_value_t = 20_000)]
     latency_tasks: u64,
+    /// The commander's `store.cache_mib` (sled's page cache; default 1024).
+    #[arg(long)]
+    store_cache_mib: Option<u64>,
 }
 
 /// A rubric for the bench pools: one model on every pool, so load balancing (not price)
@@ -208,6 +211,11 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         llm.url(),
         rubric_path.display().to_string()
     );
+    if let Some(mib) = args.store_cache_mib {
+        // The test kit opens the config with the `[store]` table; keys before our first
+        // table header belong to it.
+        toml = format!("cache_mib = {mib}\n{toml}");
+    }
     let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
     let commander = Commander::start(&CommanderOptions {
         bin,
