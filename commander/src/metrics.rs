@@ -205,8 +205,8 @@ pub struct IntakeDispatch(pub prometheus_client::metrics::histogram::Histogram);
 
 /// Bucket bounds of [`IntakeDispatch`], seconds.
 pub const INTAKE_DISPATCH_BUCKETS: [f64; 25] = [
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003,
-    0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003, 0.004,
+    0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
 impl Default for IntakeDispatch {

@@ -139,11 +139,7 @@ impl SpanRecord {
             start_time_unix_nano: unix_nanos(self.start),
             end_time_unix_nano: unix_nanos(self.end),
             name: self.name,
-            attributes: self
-                .attributes
-                .into_iter()
-                .map(|(k, v)| kv(k, v))
-                .collect(),
+            attributes: self.attributes.into_iter().map(|(k, v)| kv(k, v)).collect(),
             status: Some(match self.error {
                 None => Status {
                     code: status::StatusCode::Ok as i32,

@@ -452,7 +452,11 @@ fn print_latency(phases: &[LatencyPhase]) {
         let goal = if p.load <= 0.5 {
             format!(
                 " (goal p99 <= 2 ms: {})",
-                if id(0.99).is_some_and(|v| v <= 2.0) { "met" } else { "missed" }
+                if id(0.99).is_some_and(|v| v <= 2.0) {
+                    "met"
+                } else {
+                    "missed"
+                }
             )
         } else {
             String::new()
@@ -513,7 +517,10 @@ fn print_summary(
         "  commander pipe     : {cmd:>9.0} tasks/s (best of {})",
         cmd_rates.len()
     );
-    println!("  ratio              : {:.2} (best vs best)", ratio(cmd, raw));
+    println!(
+        "  ratio              : {:.2} (best vs best)",
+        ratio(cmd, raw)
+    );
     let ratios: Vec<f64> = raw_rates
         .iter()
         .zip(cmd_rates)
@@ -701,7 +708,10 @@ async fn run_pipe(
     if let Some(r) = relay {
         r.abort();
     }
-    let receipt_us = receipts.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+    let receipt_us = receipts
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
     Ok(PipeRun {
         rate: tasks as f64 / elapsed.as_secs_f64(),
         receipt_us,
