@@ -622,10 +622,10 @@ async fn run_pipe(
             let at = index
                 .and_then(|i| sent.get(i))
                 .map(|s| s.load(Ordering::Relaxed));
-            if let (Some(r), Some(at)) = (&receipts, at.filter(|a| *a > 0)) {
-                if let Ok(mut r) = r.lock() {
-                    r.push(now_us().saturating_sub(at));
-                }
+            if let (Some(r), Some(at)) = (&receipts, at.filter(|a| *a > 0))
+                && let Ok(mut r) = r.lock()
+            {
+                r.push(now_us().saturating_sub(at));
             }
             async move {
                 done.fetch_add(1, Ordering::Relaxed);
