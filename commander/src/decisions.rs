@@ -209,13 +209,13 @@ impl DecisionLog {
 
     /// Writes one decision (made durable by the store's next flush).
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
-        self.record_many(&[d])
+        self.record_many(std::slice::from_ref(d))
     }
 
     /// Writes many decisions in one batch: sled copies a leaf for every write, so one
     /// batch per intake batch is much cheaper than one insert per decision. The caller
     /// records each decision's `at_ms` on its task record.
-    pub fn record_many(&self, items: &[&DecisionRecord]) -> Result<(), DecisionLogError> {
+    pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
         let mut batch = sled::Batch::default();
         for d in items {
             batch.insert(key(d.at_ms, &d.task_id), encode(d)?);

@@ -103,9 +103,8 @@ impl Ctx {
         if decisions.is_empty() {
             return;
         }
-        let all: Vec<&DecisionRecord> = decisions.iter().collect();
-        if let Err(e) = self.core.decisions.record_many(&all) {
-            tracing::error!(error = %e, count = all.len(), "decisions not logged");
+        if let Err(e) = self.core.decisions.record_many(decisions) {
+            tracing::error!(error = %e, count = decisions.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
         let mut counts: rustc_hash::FxHashMap<(&str, &str, &str), u64> = Default::default();
@@ -139,18 +138,16 @@ impl Ctx {
                     continue;
                 }
             };
+            let pool = d
+                .pool
+                .as_deref()
+                .unwrap_or(crate::decisions::REJECTED_TOKEN);
+            if let Err(e) = self
+                .client
+                .publish(self.subjects.decisions(pool), body)
+                .await
             {
-                let pool = d
-                    .pool
-                    .as_deref()
-                    .unwrap_or(crate::decisions::REJECTED_TOKEN);
-                if let Err(e) = self
-                    .client
-                    .publish(self.subjects.decisions(pool), body)
-                    .await
-                {
-                    tracing::debug!(error = %e, "decision not published");
-                }
+                tracing::debug!(error = %e, "decision not published");
             }
         }
     }

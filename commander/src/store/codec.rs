@@ -67,20 +67,11 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
     }
 }
 
-/// Encodes a record in format 2, into `out` (cleared first) so a caller that writes many
-/// reuses one buffer.
-pub fn encode_into(rec: &TaskRecord, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    out.clear();
-    out.push(FORMAT_V2);
-    let taken = std::mem::take(out);
-    *out = postcard::to_extend(&TaskV2::of(rec), taken)?;
-    Ok(())
-}
-
+/// Encodes a record in format 2.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(256);
-    encode_into(rec, &mut out)?;
-    Ok(out)
+    out.push(FORMAT_V2);
+    Ok(postcard::to_extend(&TaskV2::of(rec), out)?)
 }
 
 type Str<'a> = Cow<'a, str>;

@@ -587,48 +587,108 @@ async fn run_pipe(
     paced: Option<(f64, u64)>,
 ) -> Result<PipeRun, String> {
     let tasks = paced.map(|(_, n)| n).unwrap_or(args.tasks);
-    let receipts: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
-    // When each task was submitted (µs), by its index, which ends its id: the task itself
-    // stays as it is, so the classification cache still answers every repeat of a text.
-    let sent: Arc<Vec<AtomicU64>> = Arc::new(if paced.is_some() {
-        (0..tasks).map(|_| AtomicU64::new(0)).collect()
-    } else {
-        Vec::new()
-    });
-    let subjects = match &pipe {
-        Pipe::Raw { prefix } => Subjects::new(prefix).map_err(|e| e.to_string())?,
-        Pipe::Commander => Subjects::default(),
+    let tally = Arc::new(Tally::new(paced.map(|_| tasks)));
+    let (subjects, raw) = match &pipe {
+        Pipe::Raw { prefix } => (Subjects::new(prefix).map_err(|e| e.to_string())?, true),
+        Pipe::Commander => (Subjects::default(), false),
     };
     let js = jetstream::new(client.clone());
-    let done = Arc::new(AtomicU64::new(0));
-    let mut workers: Vec<WorkerHandle> = Vec::new();
+    let workers = start_workers(client, args, pools, &subjects, &tally).await?;
+    let relay = match raw {
+        true => Some(start_relay(&js, &subjects, pools).await?),
+        false => None,
+    };
+    let started = Instant::now();
+    submit(&js, args, pools, &subjects, raw, paced, tasks, &tally).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while tally.done.load(Ordering::Relaxed) < tasks {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {} tasks done after 10 minutes",
+                tally.done.load(Ordering::Relaxed),
+                tasks
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    for w in workers {
+        w.shutdown().await;
+    }
+    if let Some(r) = relay {
+        r.abort();
+    }
+    let receipt_us = tally
+        .receipts
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
+    Ok(PipeRun {
+        rate: tasks as f64 / elapsed.as_secs_f64(),
+        receipt_us,
+    })
+}
+
+/// What the producer and the workers of one run share.
+struct Tally {
+    /// Tasks the workers have handled.
+    done: AtomicU64,
+    /// When each task was submitted (µs), by its index, which ends its id: the task itself
+    /// stays as it is, so the classification cache still answers every repeat of a text.
+    /// Empty when latency is not measured.
+    sent: Vec<AtomicU64>,
+    /// Submit to receipt per task, µs.
+    receipts: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Tally {
+    fn new(timed_tasks: Option<u64>) -> Self {
+        Self {
+            done: AtomicU64::new(0),
+            sent: (0..timed_tasks.unwrap_or(0))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            receipts: Default::default(),
+        }
+    }
+
+    /// A worker received the task with this id.
+    fn received(&self, id: Option<&str>) {
+        let at = id
+            .and_then(|id| id.rsplit_once('-'))
+            .and_then(|(_, i)| i.parse::<usize>().ok())
+            .and_then(|i| self.sent.get(i))
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|at| *at > 0);
+        if let Some(at) = at
+            && let Ok(mut r) = self.receipts.lock()
+        {
+            r.push(now_us().saturating_sub(at));
+        }
+    }
+}
+
+/// `args.workers` SDK workers spread over `pools`, each counting what it handles.
+async fn start_workers(
+    client: &async_nats::Client,
+    args: &DispatchArgs,
+    pools: &[String],
+    subjects: &Subjects,
+    tally: &Arc<Tally>,
+) -> Result<Vec<WorkerHandle>, String> {
+    let mut workers = Vec::with_capacity(args.workers);
     for w in 0..args.workers {
         let pool = &pools[w % pools.len()];
         let mut cfg = WorkerConfig::new(pool, format!("{pool}-w{w}"));
         cfg.subjects = subjects.clone();
         cfg.max_in_flight = args.concurrency;
         cfg.targeted = false;
-        let done = done.clone();
-        let receipts = paced.map(|_| receipts.clone());
-        let sent = sent.clone();
+        let tally = tally.clone();
         let handle = Worker::start(client.clone(), cfg, move |ctx| {
-            let done = done.clone();
-            let index = ctx
-                .task
-                .id
-                .as_deref()
-                .and_then(|id| id.rsplit_once('-'))
-                .and_then(|(_, i)| i.parse::<usize>().ok());
-            let at = index
-                .and_then(|i| sent.get(i))
-                .map(|s| s.load(Ordering::Relaxed));
-            if let (Some(r), Some(at)) = (&receipts, at.filter(|a| *a > 0))
-                && let Ok(mut r) = r.lock()
-            {
-                r.push(now_us().saturating_sub(at));
-            }
+            tally.received(ctx.task.id.as_deref());
+            let tally = tally.clone();
             async move {
-                done.fetch_add(1, Ordering::Relaxed);
+                tally.done.fetch_add(1, Ordering::Relaxed);
                 Ok(TaskOutput::default())
             }
         })
@@ -636,14 +696,30 @@ async fn run_pipe(
         .map_err(|e| e.to_string())?;
         workers.push(handle);
     }
-    let relay = match &pipe {
-        Pipe::Raw { .. } => Some(start_relay(&js, &subjects, pools).await?),
-        Pipe::Commander => None,
-    };
+    Ok(workers)
+}
 
+/// Submits `tasks` to the intake subject, as fast as JetStream acks them or at `paced`'s
+/// rate; returns once every PubAck is in.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run's settings, each used once"
+)]
+async fn submit(
+    js: &jetstream::Context,
+    args: &DispatchArgs,
+    pools: &[String],
+    subjects: &Subjects,
+    raw: bool,
+    paced: Option<(f64, u64)>,
+    tasks: u64,
+    tally: &Tally,
+) -> Result<(), String> {
     let run_id = fleet_worker::producer::random_id();
     let started = Instant::now();
-    let mut pending = Vec::with_capacity(1024);
+    // Paced, PubAcks are collected as they come rather than held for a whole window.
+    let window = if paced.is_some() { 64 } else { 1024 };
+    let mut pending = Vec::with_capacity(window);
     for i in 0..tasks {
         if let Some((rate, _)) = paced {
             // Steady arrivals: task i leaves at i / rate seconds, not in bursts.
@@ -654,12 +730,12 @@ async fn run_pipe(
             "benchmark task {}",
             i as usize % args.distinct_tasks.max(1)
         ));
-        if let Some(at) = sent.get(i as usize) {
+        if let Some(at) = tally.sent.get(i as usize) {
             at.store(now_us(), Ordering::Relaxed);
         }
         let id = format!("{}-{i}", &run_id[..12]);
         task.id = Some(id.clone());
-        if args.explicit_pool || matches!(pipe, Pipe::Raw { .. }) {
+        if args.explicit_pool || raw {
             task.pool = Some(pools[(i as usize) % pools.len()].clone());
         }
         let mut h = async_nats::HeaderMap::new();
@@ -675,13 +751,7 @@ async fn run_pipe(
                 .await
                 .map_err(|e| e.to_string())?,
         );
-        if pending.len() >= 1024 {
-            for p in pending.drain(..) {
-                p.await.map_err(|e| e.to_string())?;
-            }
-        }
-        if paced.is_some() && pending.len() >= 64 {
-            // Paced: PubAcks are collected as they come, not held for a whole window.
+        if pending.len() >= window {
             for p in pending.drain(..) {
                 p.await.map_err(|e| e.to_string())?;
             }
@@ -690,32 +760,7 @@ async fn run_pipe(
     for p in pending.drain(..) {
         p.await.map_err(|e| e.to_string())?;
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while done.load(Ordering::Relaxed) < tasks {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {} tasks done after 10 minutes",
-                done.load(Ordering::Relaxed),
-                tasks
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let elapsed = started.elapsed();
-    for w in workers {
-        w.shutdown().await;
-    }
-    if let Some(r) = relay {
-        r.abort();
-    }
-    let receipt_us = receipts
-        .lock()
-        .map(|mut r| std::mem::take(&mut *r))
-        .unwrap_or_default();
-    Ok(PipeRun {
-        rate: tasks as f64 / elapsed.as_secs_f64(),
-        receipt_us,
-    })
+    Ok(())
 }
 
 /// The raw pipe: consume the intake stream, republish each message with its headers to a
