@@ -250,9 +250,13 @@ async fn kill_9_nats_server_twice_under_load_runs_every_handler_once() {
             "handlers ran more than once (per task and attempt: {detail:?})"
         );
         assert_eq!(resumed.len(), 2, "work was handed out after each return");
+        // Not a speed goal: a pull request left pending on the dead connection would hold
+        // the worker for its expiry plus the SDK's fetch limit (4 s; 7 s before the SDK
+        // abandoned them on reconnect). Under a second on an idle machine, up to 1.6 s
+        // on a loaded 2-core CI runner.
         assert!(
-            resumed.iter().all(|r| *r < Duration::from_secs(1)),
-            "work resumes within a second of the broker's return: {resumed:?}"
+            resumed.iter().all(|r| *r < Duration::from_secs(3)),
+            "work resumes before a pending pull request would have expired: {resumed:?}"
         );
     }
     for w in workers {
