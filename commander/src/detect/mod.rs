@@ -7,6 +7,8 @@
 //!
 //! - `rules.rs`: the rules, as observations of a snapshot (pure);
 //! - `slices.rs`: correlated failure slices (lift, a z-test, Benjamini–Hochberg), pure;
+//! - `bursts.rs`: tool failure bursts (many agents failing one tool within seconds,
+//!   against a Poisson tail at the tool's own rate), pure;
 //! - `drift.rs`: behavioural drift (Jensen–Shannon divergence of tool mixes and step counts
 //!   against a permutation null), pure, run every few minutes off the tick;
 //! - `history.rs`: the detector's short memory (baselines, hourly averages);
@@ -19,6 +21,7 @@
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
 pub mod act;
+pub mod bursts;
 pub mod drift;
 pub mod history;
 pub mod intervene;

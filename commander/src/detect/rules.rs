@@ -36,6 +36,7 @@ pub enum Rule {
     OverProvisioned,
     FailureSlice,
     ToolFailureRate,
+    ToolFailureBurst,
     CostJump,
     DurationJump,
     DepthTail,
@@ -63,7 +64,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -79,6 +80,7 @@ impl Rule {
         Rule::ToolLoopRunaway,
         Rule::FailureSlice,
         Rule::ToolFailureRate,
+        Rule::ToolFailureBurst,
         Rule::CostJump,
         Rule::DurationJump,
         Rule::DepthTail,
@@ -103,6 +105,7 @@ impl Rule {
             Rule::ToolLoopRunaway => "tool_loop_runaway",
             Rule::FailureSlice => "failure_slice",
             Rule::ToolFailureRate => "tool_failure_rate",
+            Rule::ToolFailureBurst => "tool_failure_burst",
             Rule::CostJump => "cost_jump",
             Rule::DurationJump => "duration_jump",
             Rule::DepthTail => "depth_tail",
@@ -139,6 +142,8 @@ impl Rule {
             | Rule::ToolLoopRunaway
             // Already tests over 15 minutes of evidence.
             | Rule::FailureSlice
+            // A burst is over within its window: the test is the evidence.
+            | Rule::ToolFailureBurst
             | Rule::BehaviourDrift => 0,
             _ => spec.pending_s * 1000,
         }
@@ -201,6 +206,7 @@ pub fn observe(i: &Inputs<'_>) -> Vec<Observation> {
     pool_rules(i, &mut out);
     slice_rules(i, &mut out);
     tool_rules(i, &mut out);
+    burst_rules(i, &mut out);
     task_type_rules(i, &mut out);
     out
 }
@@ -436,6 +442,21 @@ fn tool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 message,
             ));
         }
+    }
+}
+
+/// One observation per tool whose failures came in a burst (`detect/bursts.rs`).
+fn burst_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
+    let s = i.snapshot;
+    for b in super::bursts::findings(&s.tool_failures, s.tools_tracked, s.fleet.at_ms, i.spec) {
+        let message = b.message();
+        let scope = Scope::labelled("tool", b.tool);
+        out.push(scope.observe(
+            Rule::ToolFailureBurst,
+            (b.agents.len() as f64, f64::from(i.spec.tool_burst_agents)),
+            (b.active, b.holding),
+            message,
+        ));
     }
 }
 

@@ -5,6 +5,7 @@
 //! transports and the task path send it events over bounded channels, readers get an
 //! [`Arc<FleetSnapshot>`] rebuilt every second or ask the owner a [`Query`].
 
+pub mod bursts;
 pub mod costs;
 pub mod lineage;
 pub mod mix;
@@ -412,6 +413,8 @@ pub struct FleetState {
     mix: mix::UsageMix,
     /// Operations and failures per slice (tool, model, prompt variant …), the last hour.
     slices: slices::Slices,
+    /// Each tool's failures by time and agent, for the burst rule.
+    bursts: bursts::ToolBursts,
     /// What finished runs did (tools in order, steps), per pool, task type and prompt
     /// variant, the last hour.
     prints: prints::Prints,
@@ -442,6 +445,7 @@ impl FleetState {
             lineage: Default::default(),
             model_latency: FxHashMap::default(),
             slices: slices::Slices::default(),
+            bursts: bursts::ToolBursts::default(),
             prints: prints::Prints::default(),
             mix: Default::default(),
         }
@@ -559,6 +563,12 @@ impl FleetState {
                 w.note_dispatch(task_id, d.expected_ms, d.task_type.as_deref());
             }
             self.slices.count(&ev, model, at);
+            if ev.operation == crate::domain::Operation::ExecuteTool
+                && let Some(tool) = &ev.tool
+            {
+                self.bursts
+                    .count(tool, &ev.identity.worker_id, ev.error, at);
+            }
             let p = self.fleet.at(at);
             if billed {
                 p.llm_calls += 1;
@@ -869,6 +879,7 @@ impl FleetState {
     pub fn tick(&mut self, now_ms: u64) {
         self.book_metric_extras(now_ms);
         self.slices.sweep(now_ms);
+        self.bursts.sweep(now_ms);
         self.prints.tick(now_ms);
         for map in &mut self.attributions {
             map.retain(|_, a| now_ms.saturating_sub(a.last_ms) < 60 * MINUTE);
@@ -1067,6 +1078,7 @@ impl FleetState {
         let burn = five.cost_usd * 12.0;
         let ops = five.llm_calls + five.tool_calls + five.tasks;
         let (slices, slice_totals) = self.slices.view(now_ms);
+        let (tool_failures, tools_tracked) = self.bursts.view(now_ms);
         FleetSnapshot {
             fleet: FleetView {
                 at_ms: now_ms,
@@ -1101,6 +1113,8 @@ impl FleetState {
             workers,
             slices,
             slice_totals,
+            tool_failures,
+            tools_tracked,
             prints: self.prints.view(),
         }
     }

@@ -250,6 +250,12 @@ pub struct FleetSnapshot {
     /// The fleet's operations and failures in that recent window (all, tool calls, LLM
     /// calls), and the recent operations of slices without a failure.
     pub slice_totals: super::slices::SliceTotals,
+    /// Tools with a failure in the last `bursts::LISTED_MS`: each failure's time and
+    /// agent, and the tool's failures over the hour (the burst rule's baseline).
+    pub tool_failures: Vec<super::bursts::ToolFailuresView>,
+    /// Tools called in the last hour (the burst rule spreads its false-alarm budget
+    /// over them).
+    pub tools_tracked: usize,
     /// Finished runs' fingerprints per pool, task type and prompt variant (rebuilt every
     /// 30 s, shared between snapshots).
     pub prints: std::sync::Arc<super::prints::PrintsView>,

@@ -918,6 +918,7 @@ fn check_alerts(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
         }
     }
     check_drift(a, here, problems);
+    check_burst(a, here, problems);
     if a.failure_slice_min_ops == 0 || a.failure_slice_min_failures == 0 {
         problems.push(here.key("failure_slice_min_ops").problem(
             OutOfRange,
@@ -959,6 +960,36 @@ fn check_drift(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
         problems.push(here.key("drift_false_alarms_per_hour").problem(
             OutOfRange,
             format!("alerts.drift_false_alarms_per_hour {budget} must be above 0 and at most 10"),
+        ));
+    }
+}
+
+/// The tool-failure-burst keys (`tool_burst_*`).
+fn check_burst(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
+    if a.tool_burst_agents < 2 {
+        problems.push(here.key("tool_burst_agents").problem(
+            OutOfRange,
+            format!(
+                "alerts.tool_burst_agents {} must be at least 2",
+                a.tool_burst_agents
+            ),
+        ));
+    }
+    let window = a.tool_burst_window_s;
+    let longest = crate::fleet::bursts::LISTED_MS / 1000;
+    if !(5..=longest).contains(&window) {
+        problems.push(here.key("tool_burst_window_s").problem(
+            OutOfRange,
+            format!("alerts.tool_burst_window_s {window} must be from 5 to {longest}"),
+        ));
+    }
+    let budget = a.tool_burst_false_alarms_per_hour;
+    if !(budget > 0.0 && budget <= 10.0) {
+        problems.push(here.key("tool_burst_false_alarms_per_hour").problem(
+            OutOfRange,
+            format!(
+                "alerts.tool_burst_false_alarms_per_hour {budget} must be above 0 and at most 10"
+            ),
         ));
     }
 }

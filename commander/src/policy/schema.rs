@@ -377,6 +377,14 @@ pub struct AlertSpec {
     /// … and this many times is critical (`tool_loop_runaway`: the rung an escalation step
     /// acts on).
     pub tool_loop_critical_calls: u32,
+    /// Tool failure burst: at least this many agents whose calls of one tool failed …
+    pub tool_burst_agents: u32,
+    /// … within this many seconds (5-120) …
+    pub tool_burst_window_s: u64,
+    /// … when that many is improbable at the tool's failure rate over the hour before,
+    /// at a false-alarm rate spread from this budget of false alarms per fleet-hour over
+    /// every tool and every window in the hour.
+    pub tool_burst_false_alarms_per_hour: f64,
     /// Failure slices: a slice's recent failure rate at least this multiple of its
     /// baseline's …
     pub failure_slice_lift: f64,
@@ -430,6 +438,9 @@ impl Default for AlertSpec {
             over_provisioned_for_s: 900,
             tool_loop_calls: 3,
             tool_loop_critical_calls: 10,
+            tool_burst_agents: 10,
+            tool_burst_window_s: 30,
+            tool_burst_false_alarms_per_hour: 0.005,
             failure_slice_lift: 3.0,
             failure_slice_min_ops: 10,
             failure_slice_min_failures: 5,
@@ -450,7 +461,7 @@ impl Default for AlertSpec {
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 20] = [
+pub const ALERT_RULES: [&str; 21] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -466,6 +477,7 @@ pub const ALERT_RULES: [&str; 20] = [
     "tool_loop_runaway",
     "failure_slice",
     "tool_failure_rate",
+    "tool_failure_burst",
     "cost_jump",
     "duration_jump",
     "depth_tail",

@@ -411,6 +411,7 @@ impl SimFleet {
         };
         let tool_fails = self.rng.unit()
             < match (fleet, tool, variant) {
+                _ if mine == Some(Fault::ToolOutage) => 1.0,
                 (Some(Fault::FailureSlice), "web_search", "v7") => 0.6,
                 (Some(Fault::ToolDegradation), "run_code", _) => 0.5,
                 (Some(Fault::ErrorSpike), _, _) => 0.25,
@@ -534,6 +535,9 @@ impl SimFleet {
     ) -> &'static str {
         if mine == Some(Fault::ToolLoop) {
             return "web_search";
+        }
+        if mine == Some(Fault::ToolOutage) {
+            return "run_code";
         }
         // A prompt regression: v7's agents search instead of reading, and every run
         // still succeeds.

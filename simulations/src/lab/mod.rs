@@ -11,6 +11,7 @@
 //! receivers and the sinks (the e2e tests cover those with the real binary).
 
 pub mod agents;
+pub mod budget;
 pub mod economics;
 pub mod report;
 pub mod stack;
@@ -62,6 +63,9 @@ pub enum Fault {
     FailureSlice,
     /// run_code fails half the time, for everybody.
     ToolDegradation,
+    /// For 30 s, ten agents' tool calls go to run_code and fail: a short outage of one
+    /// tool, seen by ten agents at once.
+    ToolOutage,
     /// Prompt variant v7's prompts double (context inflation).
     ContextInflation,
     /// A third of the agents take 4 × as long per step.
@@ -78,6 +82,7 @@ impl Fault {
         match self {
             Fault::StuckWave | Fault::SlowRuns => n / 3,
             Fault::DeepRuns => n / 2,
+            Fault::ToolOutage => n.min(10),
             Fault::ErrorSpike
             | Fault::QueueSaturation
             | Fault::ThroughputDrop
@@ -87,6 +92,14 @@ impl Fault {
             | Fault::ContextInflation
             | Fault::PromptRegression => 0,
             _ => 1,
+        }
+    }
+
+    /// How long it lasts from its onset, in seconds (`None`: to the end of the run).
+    pub fn lasts_s(self) -> Option<u64> {
+        match self {
+            Fault::ToolOutage => Some(30),
+            _ => None,
         }
     }
 }
@@ -103,7 +116,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, and the healthy run last.
-pub const SCENARIOS: [Scenario; 19] = [
+pub const SCENARIOS: [Scenario; 20] = [
     sc(
         "context_overflow_risk",
         Fault::ContextFill,
@@ -185,6 +198,13 @@ pub const SCENARIOS: [Scenario; 19] = [
         &[Rule::ToolFailureRate, Rule::FailureSlice],
     ),
     sc(
+        "tool_failure_burst",
+        Fault::ToolOutage,
+        20,
+        25,
+        &[Rule::ToolFailureBurst],
+    ),
+    sc(
         "tokens_jump",
         Fault::ContextInflation,
         40,
@@ -228,6 +248,17 @@ const fn sc(
         onset_min,
         minutes,
         expect,
+    }
+}
+
+impl Scenario {
+    /// The fault in force at second `sec` of the run: from the onset, for as long as it
+    /// lasts.
+    pub fn fault_at(&self, sec: u64) -> Option<Fault> {
+        let onset_s = self.onset_min * 60;
+        self.fault.filter(|f| {
+            sec >= onset_s && f.lasts_s().is_none_or(|d| sec < onset_s.saturating_add(d))
+        })
     }
 }
 
@@ -460,11 +491,10 @@ pub fn run(
     let mut h = Harness::new(&names, agents::max_queue_depth(agents), spec)?;
     let mut sim = agents::SimFleet::new(agents, seed, scenario.fault);
     let t0 = 1_800_000_000_000u64;
-    let onset_s = scenario.onset_min * 60;
     let mut out = Outcome::new(scenario, agents, seed);
     for sec in 0..scenario.minutes * 60 {
         let now = t0 + sec * 1000;
-        let fault = scenario.fault.filter(|_| sec >= onset_s);
+        let fault = scenario.fault_at(sec);
         let said = sim.step(sec, now, fault);
         for (_, body, _) in &said.traces {
             h.feed_traces(body, now)?;
@@ -516,6 +546,9 @@ pub struct ScenarioArgs {
     policy_dir: std::path::PathBuf,
 }
 
+/// The scenario that runs on the stack only (`budget.rs`): budgets act on real tasks.
+pub const BUDGET_OVERRUN: &str = "budget_overrun";
+
 /// Runs the named scenarios and prints what fired; fails when a fault went undetected or
 /// anything fired where it should not have.
 #[expect(clippy::print_stdout, reason = "the report is what the command prints")]
@@ -528,7 +561,28 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
                 s.fault.map_or("no fault".to_string(), |f| format!("{f:?}"))
             );
         }
+        println!("{BUDGET_OVERRUN:<22} BudgetOverrun (on the stack only)");
         return Ok(());
+    }
+    if args.name == BUDGET_OVERRUN {
+        if !args.stack {
+            return Err(format!(
+                "{BUDGET_OVERRUN} runs on the stack only (--stack): budgets act on real tasks"
+            ));
+        }
+        let o = budget::run(&budget::BudgetOptions {
+            speed: args.speed,
+            bin: args.commander.clone(),
+            seed: args.seed,
+            ..Default::default()
+        })
+        .await?;
+        budget::print(&o);
+        return if o.passed() {
+            Ok(())
+        } else {
+            Err(format!("failed: {BUDGET_OVERRUN}"))
+        };
     }
     let chosen: Vec<Scenario> = SCENARIOS
         .into_iter()
@@ -558,6 +612,19 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
             stack::print_figures(&f);
             if !o.passed() {
                 failed.push(s.name);
+            }
+        }
+        if args.name == "all" {
+            let o = budget::run(&budget::BudgetOptions {
+                speed: args.speed,
+                bin: args.commander.clone(),
+                seed: args.seed,
+                ..Default::default()
+            })
+            .await?;
+            budget::print(&o);
+            if !o.passed() {
+                failed.push(BUDGET_OVERRUN);
             }
         }
         return if failed.is_empty() {

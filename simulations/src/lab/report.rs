@@ -242,6 +242,27 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             stack_runs.push((s, r));
         }
     }
+    let budget_chosen = args.stack_scenarios.is_empty()
+        || args
+            .stack_scenarios
+            .iter()
+            .any(|n| n == super::BUDGET_OVERRUN);
+    let budget = if args.stack_agents > 0 && budget_chosen {
+        let r = super::budget::run(&super::budget::BudgetOptions {
+            speed: args.speed,
+            bin: args.commander.clone(),
+            seed: args.seed,
+            ..Default::default()
+        })
+        .await;
+        eprintln!(
+            "stack budget_overrun: {:?}",
+            r.as_ref().map(|o| (o.passed(), &o.alert, o.lost))
+        );
+        Some(r)
+    } else {
+        None
+    };
     let big = if args.big_agents > 0 {
         let healthy = SCENARIOS[SCENARIOS.len() - 1];
         let s = Scenario {
@@ -280,6 +301,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
         classes: &classes,
         stack_runs: &stack_runs,
         big: big.as_ref(),
+        budget: budget.as_ref(),
         economics: &economics,
         tau: &tau,
         sampling: &sampling,
@@ -296,6 +318,7 @@ struct Inputs<'a> {
     classes: &'a [ClassFigures],
     stack_runs: &'a StackRuns,
     big: Option<&'a Result<(Outcome, StackFigures), String>>,
+    budget: Option<&'a Result<super::budget::BudgetOutcome, String>>,
     economics: &'a super::economics::Economics,
     tau: &'a Result<super::tau::TauReport, String>,
     sampling: &'a crate::bench::traces::StorageFigures,
@@ -375,6 +398,17 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
             "Met on every class's point estimate; the table gives the classes with a miss and their intervals.".to_string()
         }
     );
+    if let Some(Ok(b)) = i.budget {
+        let _ = writeln!(
+            r,
+            "  The budget overrun runs on the stack only, once (below): {}.",
+            if b.passed() {
+                "detected, the limit held and nothing was lost"
+            } else {
+                "**it did not pass** (see its section)"
+            }
+        );
+    }
     if let Some(h) = healthy_of(i.classes) {
         let _ = writeln!(
             r,
@@ -545,6 +579,7 @@ fn write_stack(r: &mut String, i: &Inputs<'_>) {
             "![fleet cost over time, cost runaway](fleet_cost.svg)\n\nThe fleet's burn rate as the commander reported it (`GET /v1/fleet`) through the cost-runaway run: the onset (grey), the alerts (red) and the interventions (blue).\n"
         );
     }
+    write_budget(r, i);
     match i.big {
         Some(Ok((o, f))) => {
             let _ = writeln!(
@@ -565,6 +600,54 @@ fn write_stack(r: &mut String, i: &Inputs<'_>) {
             let _ = writeln!(r, "The {}-agent run failed: {e}\n", a.big_agents);
         }
         None => {}
+    }
+}
+
+/// The budget overrun: on the stack only, with real tasks (`lab/budget.rs`).
+fn write_budget(r: &mut String, i: &Inputs<'_>) {
+    let Some(res) = i.budget else {
+        return;
+    };
+    let _ = writeln!(
+        r,
+        "**Budget overrun** (`budget_overrun`, on the stack only: budgets act on real tasks, so this run has a producer submitting tasks of team `search` and two SDK workers taking them; `lab/budget.rs`). A rolling-hour budget, soft alert at 80 %, defer at 100 %, with a limit of twice the healthy hour's spend; after 30 healthy fleet minutes the team's arrivals multiply by 8 (a runaway batch job). One run (seed {}): the notice is arithmetic on the ledger, so what a run shows is how soon after the crossing it comes, whether the limit holds and whether anything is lost.
+",
+        i.args.seed
+    );
+    match res {
+        Ok(o) => {
+            let _ = writeln!(
+                r,
+                "- Detected: {}. The submitted tasks' estimates passed 80 % of the limit {} s after the onset.
+- Before the onset: {} notices (false alarms).
+- Intervention: the first task was stored deferred {} s after the onset. Spending under the budget ended at ${:.2} of ${:.2}; without the budget the accepted tasks would have cost ${:.2}, so ${:.2} was held back.
+- Tasks: {} accepted before the onset and {} after; {} completed, {} stored deferred, **{} lost**. A deferred task's record says: \"{}\".
+- Commander peak RSS {:.0} MiB.
+",
+                o.alert.as_ref().map_or("**no**".to_string(), |(s, m)| format!("`budget_soft_threshold` +{s} s: \"{m}\"")),
+                o.crossed_s.map_or("-".into(), |s| s.to_string()),
+                o.alerts_before,
+                o.first_deferral_s.map_or("-".into(), |s| s.to_string()),
+                o.committed_usd,
+                o.limit_usd,
+                o.unchecked_usd,
+                (o.unchecked_usd - o.committed_usd).max(0.0),
+                o.accepted_before,
+                o.accepted_after,
+                o.completed,
+                o.deferred,
+                o.lost,
+                o.deferred_reason.as_deref().unwrap_or("-"),
+                o.rss_peak_mib
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                r,
+                "The budget run failed: {e}
+"
+            );
+        }
     }
 }
 

@@ -113,18 +113,18 @@ struct ControlRequest {
 }
 
 /// The fleet time the commander's clock shows at `wall_ms` (its `[clock]` formula).
-fn fleet_ms(origin_ms: u64, speed: f64, wall_ms: u64) -> u64 {
+pub(super) fn fleet_ms(origin_ms: u64, speed: f64, wall_ms: u64) -> u64 {
     let ahead = wall_ms.saturating_sub(origin_ms) as f64 * speed;
     origin_ms.saturating_add(ahead as u64)
 }
 
 /// The wall-clock instant at which fleet time shows `fleet`.
-fn wall_ms_of(origin_ms: u64, speed: f64, fleet: u64) -> u64 {
+pub(super) fn wall_ms_of(origin_ms: u64, speed: f64, fleet: u64) -> u64 {
     let ahead = fleet.saturating_sub(origin_ms) as f64 / speed;
     origin_ms.saturating_add(ahead as u64)
 }
 
-fn wall_now_ms() -> u64 {
+pub(super) fn wall_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -357,7 +357,6 @@ pub async fn run(
     let wall0 = Instant::now();
     // Fleet time starts on a whole second a little ahead, so the first step is on time.
     let t0 = (fleet_ms(origin_ms, opts.speed, wall_now_ms()) / 1000 + 2) * 1000;
-    let onset_s = scenario.onset_min * 60;
     for sec in 0..scenario.minutes * 60 {
         let now = t0 + sec * 1000;
         let due = wall_ms_of(origin_ms, opts.speed, now);
@@ -372,7 +371,7 @@ pub async fn run(
                 figures.commands += 1;
             }
         }
-        let fault = scenario.fault.filter(|_| sec >= onset_s);
+        let fault = scenario.fault_at(sec);
         let said = sim.step(sec, now, fault);
         send_heartbeats(&client, &sim, said.heartbeats).await?;
         send_spans(

@@ -1,0 +1,302 @@
+//! Tool failure bursts: many agents whose calls of one tool fail within a short window
+//! (`tool_burst_window_s`, 30 s), found from each failure's time and agent
+//! (`fleet/bursts.rs`). Pure.
+//!
+//! Ten failing agents is an outage on a tool that fails once an hour, and an ordinary
+//! half-minute on a tool a thousand agents call every few seconds at a 2 % failure rate.
+//! So a count alone is not the rule: the burst must also be improbable at the tool's own
+//! failure rate over the hour before the window. Failures in a window are taken as
+//! Poisson at that rate; the test is its upper tail at the number of distinct agents
+//! (failures are at least as many, so counting agents is conservative, and one agent
+//! retrying a broken tool in a loop is the tool-loop rules' case, not this one).
+//!
+//! An outage starts sharply: ten agents failing within three seconds is far stronger
+//! evidence than the same ten spread over thirty on top of the usual failures. So the
+//! test is a scan over the window and its last third and sixth (30, 10 and 5 s), and the
+//! tightest significant one speaks. The level is a false-alarm budget per fleet-hour
+//! spread over every tool, every length and every window of that length in the hour, as
+//! behavioural drift spreads its own.
+
+use crate::fleet::bursts::ToolFailuresView;
+use crate::policy::schema::AlertSpec;
+
+/// Windows of history a tool needs before its rate is a baseline: a commander that just
+/// started (or a tool just seen) knows too little to call anything a burst.
+pub const MIN_BASELINE_WINDOWS: u64 = 10;
+
+/// A tool with at least `tool_burst_agents` failing agents in the window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Burst<'a> {
+    pub tool: &'a str,
+    /// The scanned length the agents failed within, in ms.
+    pub within_ms: u64,
+    /// The agents whose calls failed in the window, sorted.
+    pub agents: Vec<&'a str>,
+    /// Failures in the window.
+    pub failures: u64,
+    /// Failures expected in one window at the tool's rate over the hour before.
+    pub expected: f64,
+    /// The chance of at least this many failing agents in one window at that rate.
+    pub p: f64,
+    /// The count is improbable: the alert's condition.
+    pub active: bool,
+    /// The count still stands (a firing alert keeps firing while it does).
+    pub holding: bool,
+}
+
+impl Burst<'_> {
+    pub fn message(&self) -> String {
+        let named: Vec<&str> = self.agents.iter().take(3).copied().collect();
+        let more = self.agents.len().saturating_sub(named.len());
+        let who = if more > 0 {
+            format!("{} and {more} more", named.join(", "))
+        } else {
+            named.join(", ")
+        };
+        let within = self.within_ms as f64 / 1000.0;
+        format!(
+            "Tool {} failed for {} agents within {within} s ({who}; {} failures, {:.2} expected per {within} s at its rate over the last hour; p = {:.1e})",
+            self.tool,
+            self.agents.len(),
+            self.failures,
+            self.expected,
+            self.p
+        )
+    }
+}
+
+/// The scanned lengths, as shares of the window: its last sixth, third and all of it.
+const SCAN: [u64; 3] = [6, 3, 1];
+
+/// The tools whose failures within the window (or its last third or sixth) came from at
+/// least `tool_burst_agents` agents, judged against their own past.
+pub fn findings<'a>(
+    views: &'a [ToolFailuresView],
+    tools_tracked: usize,
+    now_ms: u64,
+    spec: &AlertSpec,
+) -> Vec<Burst<'a>> {
+    // Validation keeps the window at 5-120 s; max(1) only guards the divisions.
+    let window_ms = spec.tool_burst_window_s.max(1) * 1000;
+    let need = spec.tool_burst_agents as usize;
+    let mut out = Vec::new();
+    for v in views {
+        if v.seen_ms < MIN_BASELINE_WINDOWS * window_ms {
+            continue;
+        }
+        let in_window = v
+            .failures
+            .iter()
+            .filter(|(at, _)| *at >= now_ms.saturating_sub(window_ms));
+        let before = v.hour_failures.saturating_sub(in_window.count() as u64);
+        let span_ms = v.seen_ms.saturating_sub(window_ms).max(window_ms);
+        // Half a failure of prior: a tool that never failed still has a finite rate.
+        let rate_per_ms = (before as f64 + 0.5) / span_ms as f64;
+        let mut best: Option<(f64, Burst<'a>)> = None;
+        for share in SCAN {
+            let len_ms = (window_ms / share).max(1000);
+            let (agents, failures) = agents_within(v, now_ms.saturating_sub(len_ms));
+            if agents.len() < need {
+                continue;
+            }
+            let expected = rate_per_ms * len_ms as f64;
+            let p = poisson_tail(agents.len() as u64, expected);
+            let windows_per_hour = (3_600_000 / len_ms).max(1) as f64;
+            let alpha = spec.tool_burst_false_alarms_per_hour
+                / (tools_tracked.max(1) as f64 * windows_per_hour * SCAN.len() as f64);
+            let strength = p / alpha;
+            if best.as_ref().is_none_or(|(s, _)| strength < *s) {
+                let burst = Burst {
+                    tool: &v.tool,
+                    within_ms: len_ms,
+                    agents,
+                    failures,
+                    expected,
+                    p,
+                    active: p <= alpha,
+                    holding: true,
+                };
+                best = Some((strength, burst));
+            }
+        }
+        out.extend(best.map(|(_, b)| b));
+    }
+    out
+}
+
+/// The distinct agents (sorted) whose calls failed from `from_ms`, and the failures.
+fn agents_within(v: &ToolFailuresView, from_ms: u64) -> (Vec<&str>, u64) {
+    let mut agents: Vec<&str> = v
+        .failures
+        .iter()
+        .filter(|(at, _)| *at >= from_ms)
+        .map(|(_, w)| w.as_str())
+        .collect();
+    let failures = agents.len() as u64;
+    agents.sort_unstable();
+    agents.dedup();
+    (agents, failures)
+}
+
+/// P(X ≥ k) for X ~ Poisson(λ), summed from k upward in log space, so it stays exact
+/// where it matters here: far in the tail.
+pub fn poisson_tail(k: u64, lambda: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if !(lambda.is_finite() && lambda > 0.0) {
+        return 0.0;
+    }
+    let ln_lambda = lambda.ln();
+    let term = |i: u64| (-lambda + i as f64 * ln_lambda - libm::lgamma(i as f64 + 1.0)).exp();
+    // Below the mean the tail is most of the mass: take the complement of the head.
+    if (k as f64) <= lambda {
+        let head: f64 = (0..k).map(term).sum();
+        return (1.0 - head).clamp(0.0, 1.0);
+    }
+    let mut sum = 0.0;
+    for i in k..k.saturating_add(10_000) {
+        let t = term(i);
+        sum += t;
+        if t <= sum * 1e-15 {
+            break;
+        }
+    }
+    sum.clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(tool: &str, failures: &[(u64, &str)], hour: u64, seen_ms: u64) -> ToolFailuresView {
+        ToolFailuresView {
+            tool: tool.into(),
+            failures: failures.iter().map(|(t, w)| (*t, w.to_string())).collect(),
+            hour_failures: hour,
+            seen_ms,
+        }
+    }
+
+    #[test]
+    fn the_poisson_tail_is_the_textbook_one() {
+        // P(X >= 1 | 1) = 1 - e^-1; P(X >= 3 | 2) = 1 - 5 e^-2.
+        assert!((poisson_tail(1, 1.0) - (1.0 - (-1.0f64).exp())).abs() < 1e-12);
+        assert!((poisson_tail(3, 2.0) - (1.0 - 5.0 * (-2.0f64).exp())).abs() < 1e-12);
+        assert_eq!(poisson_tail(0, 3.0), 1.0);
+        // Far in the tail: P(X >= 10 | 0.5) = 1.708e-10 (e^-0.5 0.5^10 / 10! is 1.632e-10,
+        // and the terms after it add 4.7 %).
+        let p = poisson_tail(10, 0.5);
+        assert!((1.70e-10..1.72e-10).contains(&p), "{p}");
+        assert!(poisson_tail(5, 0.0) == 0.0 && poisson_tail(5, f64::NAN) == 0.0);
+    }
+
+    #[test]
+    fn ten_agents_failing_a_quiet_tool_within_the_window_is_a_burst() {
+        let spec = AlertSpec::default();
+        let now = 10_000_000;
+        let ten: Vec<(u64, String)> = (0..10)
+            .map(|i| (now - 25_000 + i * 2_000, format!("a{i}")))
+            .collect();
+        let ten: Vec<(u64, &str)> = ten.iter().map(|(t, w)| (*t, w.as_str())).collect();
+        // Two failures in the 50 minutes before: 0.05 expected per 30 s.
+        let quiet = [view("send_mail", &ten, 12, 3_000_000)];
+        let found = findings(&quiet, 4, now, &spec);
+        assert_eq!(found.len(), 1);
+        let b = &found[0];
+        assert!(b.active, "{b:?}");
+        assert_eq!(b.agents.len(), 10);
+        assert_eq!(
+            b.within_ms, 30_000,
+            "spread over 18 s: only the whole window holds ten"
+        );
+        assert!(b.message().starts_with(
+            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures, 0.03 expected"
+        ), "{}", b.message());
+    }
+
+    #[test]
+    fn what_a_busy_tool_does_every_half_minute_is_not_a_burst() {
+        let spec = AlertSpec::default();
+        let now = 10_000_000;
+        // 12 agents failing in 30 s, on a tool that fails 20 times per 30 s all hour.
+        let twelve: Vec<(u64, String)> = (0..12)
+            .map(|i| (now - 20_000 + i, format!("a{i}")))
+            .collect();
+        let twelve: Vec<(u64, &str)> = twelve.iter().map(|(t, w)| (*t, w.as_str())).collect();
+        let busy = [view("web_search", &twelve, 2_400, 3_600_000)];
+        let found = findings(&busy, 4, now, &spec);
+        assert_eq!(found.len(), 1, "the count stands …");
+        assert!(
+            !found[0].active,
+            "… but it is what the tool always does: {:?}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn too_few_agents_old_failures_and_a_short_history_raise_nothing() {
+        let spec = AlertSpec::default();
+        let now = 10_000_000;
+        // One agent failing ten times is the tool-loop rules' case.
+        let one: Vec<(u64, &str)> = (0..10).map(|i| (now - 1_000 * i, "a1")).collect();
+        assert!(findings(&[view("t", &one, 10, 3_600_000)], 1, now, &spec).is_empty());
+        // Ten agents, but 40-60 s ago: outside the 30 s window.
+        let names: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+        let old: Vec<(u64, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (now - 40_000 - i as u64 * 2_000, w.as_str()))
+            .collect();
+        assert!(findings(&[view("t", &old, 10, 3_600_000)], 1, now, &spec).is_empty());
+        // Ten agents in the window, on a tool seen for less than ten windows.
+        let fresh: Vec<(u64, &str)> = names.iter().map(|w| (now - 1_000, w.as_str())).collect();
+        assert!(findings(&[view("t", &fresh, 10, 200_000)], 1, now, &spec).is_empty());
+        assert_eq!(
+            findings(&[view("t", &fresh, 10, 300_000)], 1, now, &spec).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_level_is_spread_over_tools_lengths_and_windows() {
+        let now = 10_000_000;
+        let names: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+        // Ten agents, one every 3 s: no shorter length holds ten.
+        let spread: Vec<(u64, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (now - 500 - 3_000 * i as u64, w.as_str()))
+            .collect();
+        // About 3 failures per 30 s before: P(X >= 10 | 3) is about 1.1e-3.
+        let v = [view("t", &spread, 370, 3_600_000)];
+        let mut spec = AlertSpec::default();
+        assert!(!findings(&v, 1, now, &spec)[0].active);
+        spec.tool_burst_false_alarms_per_hour = 10.0;
+        // 10 / (120 windows x 3 lengths) = 0.028 for one tool: active; over 100 tools, not.
+        assert!(findings(&v, 1, now, &spec)[0].active);
+        assert!(!findings(&v, 100, now, &spec)[0].active);
+    }
+
+    #[test]
+    fn ten_agents_within_seconds_stand_out_where_thirty_seconds_would_not() {
+        let now = 10_000_000;
+        let names: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+        let sharp: Vec<(u64, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (now - 500 - 300 * i as u64, w.as_str()))
+            .collect();
+        // The same tool as above (3 per 30 s), default budget: ten agents within 3 s is
+        // P(X >= 10 | 0.5) per 5 s, about 1.7e-10.
+        let v = [view("t", &sharp, 370, 3_600_000)];
+        let found = findings(&v, 1, now, &AlertSpec::default());
+        assert!(found[0].active, "{:?}", found[0]);
+        assert_eq!(found[0].within_ms, 5_000);
+        assert!(
+            found[0]
+                .message()
+                .contains("failed for 10 agents within 5 s")
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Tool failures by time and agent, for the burst rule (`detect/bursts.rs`). Ten agents
+//! whose calls of one tool fail within thirty seconds is an outage of that tool, yet it is
+//! too small a share of a slice's fifteen minutes for the failure-slice test to see: the
+//! burst rule needs each failure's time and agent, and the tool's own failure rate over
+//! the hour as its baseline.
+//!
+//! Bounded: at most `MAX_TOOLS` tools (a new one beyond that is not tracked, and counted),
+//! at most `MAX_LISTED` failures listed per tool (the oldest leave first); a tool not
+//! called for an hour is forgotten.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+/// Failures are listed for this long: the longest burst window the policy accepts.
+pub const LISTED_MS: u64 = 120_000;
+/// Tools tracked at most.
+pub const MAX_TOOLS: usize = 1_024;
+/// Failures listed per tool at most (a burst of more agents is found long before).
+const MAX_LISTED: usize = 4_096;
+const BUCKET_MS: u64 = 10_000;
+/// Ten-second buckets of failures: one hour.
+const BUCKETS: usize = 360;
+const HOUR_MS: u64 = BUCKET_MS * BUCKETS as u64;
+
+#[derive(Debug)]
+struct Tool {
+    /// Failures of the last `LISTED_MS` (event time, worker), in arrival order.
+    listed: VecDeque<(u64, String)>,
+    /// Failures per ten-second bucket: (bucket number, failures).
+    buckets: Box<[(u64, u32); BUCKETS]>,
+    first_ms: u64,
+    last_ms: u64,
+}
+
+/// One tool with a failure in the last `LISTED_MS`, as the detector reads it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ToolFailuresView {
+    pub tool: String,
+    /// Its failures of the last `LISTED_MS`: (event ms, worker id).
+    pub failures: Vec<(u64, String)>,
+    /// Its failures over the last hour, those listed included.
+    pub hour_failures: u64,
+    /// How long it has been called, in ms (at most an hour): how much baseline there is.
+    pub seen_ms: u64,
+}
+
+/// Every tool's recent failures.
+#[derive(Debug, Default)]
+pub struct ToolBursts {
+    tools: FxHashMap<String, Tool>,
+    /// New tools not tracked because `MAX_TOOLS` were.
+    pub refused: u64,
+}
+
+impl ToolBursts {
+    /// Counts one call of `tool` by `worker` at `at_ms` (event time), and its failure.
+    pub fn count(&mut self, tool: &str, worker: &str, failed: bool, at_ms: u64) {
+        let t = match self.tools.get_mut(tool) {
+            Some(t) => t,
+            None => {
+                if self.tools.len() >= MAX_TOOLS {
+                    self.refused += 1;
+                    return;
+                }
+                self.tools.entry(tool.to_string()).or_insert_with(|| Tool {
+                    listed: VecDeque::new(),
+                    buckets: Box::new([(0, 0); BUCKETS]),
+                    first_ms: at_ms,
+                    last_ms: at_ms,
+                })
+            }
+        };
+        t.first_ms = t.first_ms.min(at_ms);
+        t.last_ms = t.last_ms.max(at_ms);
+        if !failed {
+            return;
+        }
+        let bucket = at_ms / BUCKET_MS;
+        let cell = &mut t.buckets[(bucket % BUCKETS as u64) as usize];
+        if cell.0 != bucket {
+            *cell = (bucket, 0);
+        }
+        cell.1 = cell.1.saturating_add(1);
+        if t.listed.len() >= MAX_LISTED {
+            t.listed.pop_front();
+        }
+        t.listed.push_back((at_ms, worker.to_string()));
+    }
+
+    /// Drops listed failures older than `LISTED_MS` and forgets tools not called for an
+    /// hour.
+    pub fn sweep(&mut self, now_ms: u64) {
+        let cutoff = now_ms.saturating_sub(LISTED_MS);
+        self.tools
+            .retain(|_, t| now_ms.saturating_sub(t.last_ms) < HOUR_MS);
+        for t in self.tools.values_mut() {
+            t.listed.retain(|(at, _)| *at >= cutoff);
+        }
+    }
+
+    /// The tools with a failure in the last `LISTED_MS` (sorted by name), and how many
+    /// tools are tracked.
+    pub fn view(&self, now_ms: u64) -> (Vec<ToolFailuresView>, usize) {
+        let cutoff = now_ms.saturating_sub(LISTED_MS);
+        let oldest_bucket = now_ms.saturating_sub(HOUR_MS) / BUCKET_MS;
+        let mut out: Vec<ToolFailuresView> = self
+            .tools
+            .iter()
+            .filter(|(_, t)| t.listed.iter().any(|(at, _)| *at >= cutoff))
+            .map(|(name, t)| ToolFailuresView {
+                tool: name.clone(),
+                failures: t
+                    .listed
+                    .iter()
+                    .filter(|(at, _)| *at >= cutoff)
+                    .cloned()
+                    .collect(),
+                hour_failures: t
+                    .buckets
+                    .iter()
+                    .filter(|(b, n)| *n > 0 && *b > oldest_bucket)
+                    .map(|(_, n)| u64::from(*n))
+                    .sum(),
+                seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
+            })
+            .collect();
+        out.sort_by(|a, b| a.tool.cmp(&b.tool));
+        (out, self.tools.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_listed_for_two_minutes_and_counted_for_an_hour() {
+        let mut b = ToolBursts::default();
+        let t0 = 10_000_000;
+        b.count("web_search", "a1", false, t0);
+        b.count("web_search", "a1", true, t0 + 1_000);
+        b.count("web_search", "a2", true, t0 + 200_000);
+        b.count("read_page", "a3", false, t0 + 200_000);
+        let (v, tracked) = b.view(t0 + 200_000);
+        assert_eq!(tracked, 2);
+        assert_eq!(v.len(), 1, "only tools with a failure listed: {v:?}");
+        assert_eq!(v[0].failures, vec![(t0 + 200_000, "a2".to_string())]);
+        assert_eq!(v[0].hour_failures, 2);
+        assert_eq!(v[0].seen_ms, 200_000);
+        // An hour on, the first failure has left the hour.
+        b.count("web_search", "a4", true, t0 + 3_601_000);
+        let (v, _) = b.view(t0 + 3_601_000);
+        assert_eq!(v[0].hour_failures, 2);
+        assert_eq!(v[0].seen_ms, HOUR_MS);
+        b.sweep(t0 + 3_601_000);
+        assert_eq!(b.tools["web_search"].listed.len(), 1);
+        assert!(b.tools.contains_key("read_page"));
+        // Two minutes on, the failure is no longer listed; read_page was last called
+        // more than an hour before and is forgotten.
+        b.sweep(t0 + 3_801_000);
+        assert!(b.tools["web_search"].listed.is_empty());
+        assert!(!b.tools.contains_key("read_page"));
+    }
+
+    #[test]
+    fn tools_and_listed_failures_are_bounded() {
+        let mut b = ToolBursts::default();
+        for i in 0..MAX_TOOLS + 5 {
+            b.count(&format!("tool{i}"), "w", true, 1_000);
+        }
+        assert_eq!(b.tools.len(), MAX_TOOLS);
+        assert_eq!(b.refused, 5);
+        for i in 0..MAX_LISTED as u64 + 10 {
+            b.count("tool0", "w", true, 1_000 + i);
+        }
+        assert_eq!(b.tools["tool0"].listed.len(), MAX_LISTED);
+    }
+}
