@@ -179,9 +179,19 @@ struct TaskTypeAgg {
     tokens: WindowedSketch,
     depth: WindowedSketch,
     duration: WindowedSketch,
+    /// The smoothed duration of its last completed runs: the expected duration until
+    /// `median_ms` has enough runs.
     baseline_ms: Option<f64>,
+    /// The median duration of its runs over the last hour, refreshed every tick once at
+    /// least `MEDIAN_MIN_RUNS` finished: what a run is expected to take. A smoothed value
+    /// of the last few runs moves by seconds from one run to the next, and the stuck
+    /// threshold (3 × it) with it.
+    median_ms: Option<f64>,
     baseline_tps: Option<f64>,
 }
+
+/// Runs of a task type in the hour before its median duration is its expected duration.
+const MEDIAN_MIN_RUNS: u64 = 20;
 
 impl TaskTypeAgg {
     fn new() -> Self {
@@ -191,8 +201,14 @@ impl TaskTypeAgg {
             depth: WindowedSketch::new(10 * MINUTE, 6),
             duration: WindowedSketch::new(10 * MINUTE, 6),
             baseline_ms: None,
+            median_ms: None,
             baseline_tps: None,
         }
+    }
+
+    /// What a run of this type is expected to take, in ms.
+    fn expected_ms(&self) -> Option<u64> {
+        self.median_ms.or(self.baseline_ms).map(|v| v as u64)
     }
 }
 
@@ -827,8 +843,7 @@ impl FleetState {
     fn baseline_ms(&self, task_type: &str) -> Option<u64> {
         self.task_types
             .get(task_type)
-            .and_then(|t| t.baseline_ms)
-            .map(|v| v as u64)
+            .and_then(TaskTypeAgg::expected_ms)
     }
 
     /// Time-driven transitions (WAITING, STUCK, lost), eviction, and the parallel-agent
@@ -891,8 +906,12 @@ impl FleetState {
             self.sync_lineage_counts();
             self.apply_attributed(due, now_ms);
         }
+        for t in self.task_types.values_mut() {
+            let d = t.duration.percentiles(now_ms);
+            t.median_ms = d.p50.filter(|_| d.count >= MEDIAN_MIN_RUNS);
+        }
         let types = &self.task_types;
-        let baseline = |tt: &str| types.get(tt).and_then(|t| t.baseline_ms).map(|v| v as u64);
+        let baseline = |tt: &str| types.get(tt).and_then(TaskTypeAgg::expected_ms);
         let mut busy = 0u64;
         let retention = self.cfg.retention_ms;
         let mut evict = Vec::new();

@@ -446,6 +446,38 @@ fn a_millisecond_baseline_does_not_make_every_hiccup_stuck() {
 }
 
 #[test]
+fn the_expected_duration_is_the_task_types_median_not_its_last_few_runs() {
+    let mut f = fleet();
+    let typed = |mut s: SpanEvent| {
+        s.dims.task_type = Some("qa".into());
+        s
+    };
+    // 25 runs of 10 s, then 5 slow ones of 60 s: smoothing over the last few runs would
+    // expect about 44 s; the median of the hour is still 10 s.
+    let mut at = T0;
+    for i in 0..30u64 {
+        let dur = if i < 25 { 10 * S } else { 60 * S };
+        at += dur + S;
+        let task = format!("r{i}");
+        f.apply_spans(vec![typed(root("w0", &task, at, dur, false))], at);
+    }
+    f.tick(at);
+    let start = at + S;
+    f.apply_spans(
+        vec![typed(chat("w1", "new", start, "gpt-4o", 100, 10))],
+        start,
+    );
+    // 3 × 10 s without a span.
+    f.tick(start + 29 * S);
+    assert_ne!(state_of(&f, "w1"), State::Stuck);
+    f.tick(start + 31 * S);
+    assert_eq!(state_of(&f, "w1"), State::Stuck);
+    let reason = f.worker("w1").unwrap().stuck_reason().unwrap().to_string();
+    // The median from the duration sketch (1 % relative accuracy).
+    assert!(reason.contains("the expected 9.999 s"), "{reason}");
+}
+
+#[test]
 fn metric_exports_are_signs_of_life_and_new_tokens_are_progress() {
     let mut f = fleet();
     let mut first = chat("w1", "t1", T0, "gpt-4o", 1_000, 100);
