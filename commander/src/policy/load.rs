@@ -955,13 +955,12 @@ fn check_drift(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             ));
         }
     }
-    let budget = a.drift_false_alarms_per_hour;
-    if !(budget > 0.0 && budget <= 10.0) {
-        problems.push(here.key("drift_false_alarms_per_hour").problem(
-            OutOfRange,
-            format!("alerts.drift_false_alarms_per_hour {budget} must be above 0 and at most 10"),
-        ));
-    }
+    check_alarm_budget(
+        "drift_false_alarms_per_hour",
+        a.drift_false_alarms_per_hour,
+        here,
+        problems,
+    );
 }
 
 /// The tool-failure-burst keys (`tool_burst_*`).
@@ -983,13 +982,20 @@ fn check_burst(a: &AlertSpec, here: Here<'_>, problems: &mut Vec<Problem>) {
             format!("alerts.tool_burst_window_s {window} must be from 5 to {longest}"),
         ));
     }
-    let budget = a.tool_burst_false_alarms_per_hour;
+    check_alarm_budget(
+        "tool_burst_false_alarms_per_hour",
+        a.tool_burst_false_alarms_per_hour,
+        here,
+        problems,
+    );
+}
+
+/// A false-alarm budget per fleet-hour (`*_false_alarms_per_hour`): above 0, at most 10.
+fn check_alarm_budget(key: &str, budget: f64, here: Here<'_>, problems: &mut Vec<Problem>) {
     if !(budget > 0.0 && budget <= 10.0) {
-        problems.push(here.key("tool_burst_false_alarms_per_hour").problem(
+        problems.push(here.key(key).problem(
             OutOfRange,
-            format!(
-                "alerts.tool_burst_false_alarms_per_hour {budget} must be above 0 and at most 10"
-            ),
+            format!("alerts.{key} {budget} must be above 0 and at most 10"),
         ));
     }
 }

@@ -273,6 +273,20 @@ fn drift_keys_out_of_range_are_each_placed_at_their_line() {
 }
 
 #[test]
+fn burst_keys_out_of_range_are_each_placed_at_their_line() {
+    let text = "[alerts]\ntool_burst_agents = 1\ntool_burst_window_s = 600\ntool_burst_false_alarms_per_hour = -1\n";
+    let p = problems(&[("b.policy.toml", text)]);
+    for line in [2, 3, 4] {
+        assert!(
+            has(&p, "b.policy.toml", line, ProblemKind::OutOfRange),
+            "line {line}: {p:?}"
+        );
+    }
+    let ok = "[alerts]\ntool_burst_agents = 5\ntool_burst_window_s = 60\ntool_burst_false_alarms_per_hour = 0.01\n";
+    assert!(parse(&[("b.policy.toml", ok)]).is_ok());
+}
+
+#[test]
 fn diff_summarises_what_changed() {
     let a = parse(&[("a.policy.toml", BUDGET)]).unwrap();
     let b = parse(&[(

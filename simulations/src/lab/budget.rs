@@ -402,9 +402,8 @@ async fn settle(
 /// The notice in words, as an operator reads it.
 fn notice_words(v: &serde_json::Value) -> String {
     format!(
-        "budget {} ({} {}) at {:.0}% of ${:.2} per {} (soft threshold {:.0}%)",
+        "budget {} (team {}) at {:.0}% of ${:.2} per {} (soft threshold {:.0}%)",
         v["budget"].as_str().unwrap_or("?"),
-        "team",
         v["value"].as_str().unwrap_or("?"),
         v["used"].as_f64().unwrap_or(0.0) * 100.0,
         v["limit_usd"].as_f64().unwrap_or(0.0),

@@ -570,15 +570,7 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
                 "{BUDGET_OVERRUN} runs on the stack only (--stack): budgets act on real tasks"
             ));
         }
-        let o = budget::run(&budget::BudgetOptions {
-            speed: args.speed,
-            bin: args.commander.clone(),
-            seed: args.seed,
-            ..Default::default()
-        })
-        .await?;
-        budget::print(&o);
-        return if o.passed() {
+        return if run_budget(&args).await? {
             Ok(())
         } else {
             Err(format!("failed: {BUDGET_OVERRUN}"))
@@ -614,18 +606,8 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
                 failed.push(s.name);
             }
         }
-        if args.name == "all" {
-            let o = budget::run(&budget::BudgetOptions {
-                speed: args.speed,
-                bin: args.commander.clone(),
-                seed: args.seed,
-                ..Default::default()
-            })
-            .await?;
-            budget::print(&o);
-            if !o.passed() {
-                failed.push(BUDGET_OVERRUN);
-            }
+        if args.name == "all" && !run_budget(&args).await? {
+            failed.push(BUDGET_OVERRUN);
         }
         return if failed.is_empty() {
             Ok(())
@@ -652,6 +634,19 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
     } else {
         Err(format!("failed: {}", failed.join(", ")))
     }
+}
+
+/// The budget overrun on the stack, printed; whether it passed.
+async fn run_budget(args: &ScenarioArgs) -> Result<bool, String> {
+    let o = budget::run(&budget::BudgetOptions {
+        speed: args.speed,
+        bin: args.commander.clone(),
+        seed: args.seed,
+        ..Default::default()
+    })
+    .await?;
+    budget::print(&o);
+    Ok(o.passed())
 }
 
 /// Wilson score interval (95 %) for `k` successes in `n` trials.
