@@ -356,6 +356,10 @@ pub async fn run(opts: &BudgetOptions) -> Result<BudgetOutcome, String> {
     for w in workers {
         w.shutdown().await;
     }
+    // The lab's own connections go before the server does, or their reconnect attempts
+    // fill the log of whatever runs next.
+    drop(producer);
+    drop(client);
     drop(commander);
     drop(nats);
     out.took_s = started.elapsed().as_secs_f64();
