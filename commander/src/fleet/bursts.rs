@@ -107,22 +107,24 @@ impl ToolBursts {
         let mut out: Vec<ToolFailuresView> = self
             .tools
             .iter()
-            .filter(|(_, t)| t.listed.iter().any(|(at, _)| *at >= cutoff))
-            .map(|(name, t)| ToolFailuresView {
-                tool: name.clone(),
-                failures: t
+            .filter_map(|(name, t)| {
+                let failures: Vec<(u64, String)> = t
                     .listed
                     .iter()
                     .filter(|(at, _)| *at >= cutoff)
                     .cloned()
-                    .collect(),
-                hour_failures: t
-                    .buckets
-                    .iter()
-                    .filter(|(b, n)| *n > 0 && *b > oldest_bucket)
-                    .map(|(_, n)| u64::from(*n))
-                    .sum(),
-                seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
+                    .collect();
+                (!failures.is_empty()).then(|| ToolFailuresView {
+                    tool: name.clone(),
+                    failures,
+                    hour_failures: t
+                        .buckets
+                        .iter()
+                        .filter(|(b, n)| *n > 0 && *b > oldest_bucket)
+                        .map(|(_, n)| u64::from(*n))
+                        .sum(),
+                    seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
+                })
             })
             .collect();
         out.sort_by(|a, b| a.tool.cmp(&b.tool));

@@ -182,17 +182,12 @@ fn runs_of(
 /// What the stack runs gave, by scenario.
 type StackRuns = Vec<(Scenario, Result<(Outcome, StackFigures), String>)>;
 
+/// Every scenario in process: `--runs` of each fault, `--healthy-runs` of the healthy hour.
 #[expect(clippy::print_stderr, reason = "progress of a long command")]
-pub async fn main(args: ReportArgs) -> Result<(), String> {
-    let day = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("simulations/reports").join(&day[..10]));
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-
-    let policy_dir = Some(args.policy_dir.as_path()).filter(|p| p.is_dir());
-    let spec = super::alert_spec(policy_dir)?;
+fn in_process_classes(
+    args: &ReportArgs,
+    spec: &fleet_commander::policy::schema::AlertSpec,
+) -> Result<Vec<ClassFigures>, String> {
     let mut classes = Vec::new();
     for s in SCENARIOS {
         let n = if s.fault.is_some() {
@@ -201,7 +196,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             args.healthy_runs
         };
         let t = std::time::Instant::now();
-        let outcomes = runs_of(s, args.agents, args.seed, n, &spec)?;
+        let outcomes = runs_of(s, args.agents, args.seed, n, spec)?;
         let f = figures_of(s, &outcomes);
         eprintln!(
             "{:<22} {}/{} detected, {} runs with a false alarm ({:.0} s)",
@@ -214,11 +209,12 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
         classes.push(f);
     }
 
-    let opts = StackOptions {
-        speed: args.speed,
-        bin: args.commander.clone(),
-        policy_dir: Some(args.policy_dir.clone()).filter(|p| p.is_dir()),
-    };
+    Ok(classes)
+}
+
+/// One run of each chosen scenario the stack can run.
+#[expect(clippy::print_stderr, reason = "progress of a long command")]
+async fn stack_runs(args: &ReportArgs, opts: &StackOptions) -> StackRuns {
     let mut stack_runs: StackRuns = Vec::new();
     if args.stack_agents > 0 {
         for s in SCENARIOS {
@@ -227,7 +223,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             if stack::unsupported(s.fault).is_some() || !chosen {
                 continue;
             }
-            let r = stack::run(s, args.stack_agents, args.seed, &opts).await;
+            let r = stack::run(s, args.stack_agents, args.seed, opts).await;
             match &r {
                 Ok((o, f)) => eprintln!(
                     "stack {:<16} detected {:?}, {} false alarms, lag {} ms, CPU {:.0} %",
@@ -242,12 +238,18 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
             stack_runs.push((s, r));
         }
     }
+    stack_runs
+}
+
+/// The budget overrun on the stack, when stack runs are asked for and it is chosen.
+#[expect(clippy::print_stderr, reason = "progress of a long command")]
+async fn budget_run(args: &ReportArgs) -> Option<Result<super::budget::BudgetOutcome, String>> {
     let budget_chosen = args.stack_scenarios.is_empty()
         || args
             .stack_scenarios
             .iter()
             .any(|n| n == super::BUDGET_OVERRUN);
-    let budget = if args.stack_agents > 0 && budget_chosen {
+    if args.stack_agents > 0 && budget_chosen {
         let r = super::budget::run(&super::budget::BudgetOptions {
             speed: args.speed,
             bin: args.commander.clone(),
@@ -262,7 +264,28 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
         Some(r)
     } else {
         None
+    }
+}
+
+#[expect(clippy::print_stderr, reason = "progress of a long command")]
+pub async fn main(args: ReportArgs) -> Result<(), String> {
+    let day = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("simulations/reports").join(&day[..10]));
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+
+    let policy_dir = Some(args.policy_dir.as_path()).filter(|p| p.is_dir());
+    let spec = super::alert_spec(policy_dir)?;
+    let classes = in_process_classes(&args, &spec)?;
+    let opts = StackOptions {
+        speed: args.speed,
+        bin: args.commander.clone(),
+        policy_dir: Some(args.policy_dir.clone()).filter(|p| p.is_dir()),
     };
+    let stack_runs = stack_runs(&args, &opts).await;
+    let budget = budget_run(&args).await;
     let big = if args.big_agents > 0 {
         let healthy = SCENARIOS[SCENARIOS.len() - 1];
         let s = Scenario {
