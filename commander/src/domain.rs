@@ -605,8 +605,10 @@ pub struct SpanFacts {
     pub identity: std::sync::Arc<Identity>,
 }
 
-impl From<SpanEvent> for SpanFacts {
-    fn from(e: SpanEvent) -> Self {
+impl SpanFacts {
+    /// What the trace keeper needs of `e`, copied before the live state takes the event:
+    /// a few ids and times, and at most three short strings.
+    pub fn of(e: &SpanEvent) -> Self {
         let billed = e.operation.is_billed() && e.usage.is_some();
         Self {
             trace_id: e.trace_id,
@@ -618,10 +620,10 @@ impl From<SpanEvent> for SpanFacts {
             operation: e.operation,
             task_root: e.task_root,
             usage: e.usage,
-            model: if billed { e.model } else { None },
-            task_id: e.task_id,
-            task_type: e.dims.task_type,
-            identity: e.identity,
+            model: if billed { e.model.clone() } else { None },
+            task_id: e.task_id.clone(),
+            task_type: e.dims.task_type.clone(),
+            identity: e.identity.clone(),
         }
     }
 }

@@ -78,22 +78,43 @@ pub struct Ingestor {
 }
 
 /// One trace export for the trace keeper: its protobuf bytes, shared with the receiver
-/// (no copy), already through the decode limits. The keeper decodes and reads them again
-/// on its own task, so the ingest path pays a reference count and a queue slot.
+/// (no copy), already through the decode limits, and what the normaliser read of its
+/// valid spans. The keeper takes each span's bytes from the export without decoding it
+/// again, so the ingest path pays a copy of each span's ids and a few short strings, a
+/// reference count and a queue slot.
 #[derive(Debug)]
 pub struct TraceBatch {
     pub body: bytes::Bytes,
+    /// The export's valid spans as the live state read them, in order.
+    pub facts: Vec<crate::domain::SpanFacts>,
     /// Its share of the queue's byte budget, given back when the batch is dropped.
     _queued: Option<QueuedBytes>,
 }
 
 impl TraceBatch {
-    /// A batch outside any queue (tests, benchmarks).
-    pub fn new(body: bytes::Bytes) -> Self {
+    /// A batch outside any queue (tests, benchmarks): `facts` as
+    /// `crate::domain::SpanFacts::of` makes them from the export's events.
+    pub fn new(body: bytes::Bytes, facts: Vec<crate::domain::SpanFacts>) -> Self {
         Self {
             body,
+            facts,
             _queued: None,
         }
+    }
+
+    /// A batch of an export read here (tests, benchmarks, where the live state's reading
+    /// is not at hand). `None` when `body` is not an export.
+    pub fn read(body: bytes::Bytes) -> Option<Self> {
+        use prost::Message;
+        let req = ExportTraceServiceRequest::decode(body.clone()).ok()?;
+        let (events, _) = normalise::spans(req);
+        let facts = events.iter().map(crate::domain::SpanFacts::of).collect();
+        Some(Self::new(body, facts))
+    }
+
+    /// Bytes it holds against the queue's budget.
+    fn size(&self) -> usize {
+        self.body.len() + self.facts.len() * std::mem::size_of::<crate::domain::SpanFacts>()
     }
 }
 
@@ -154,10 +175,10 @@ impl TraceTap {
             .fetch_add(spans, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// `body` as a batch holding its bytes of the budget; `None` (shed, counted) past it.
-    fn batch(&self, body: bytes::Bytes, spans: u64) -> Option<TraceBatch> {
+    /// `batch` holding its bytes of the budget; `None` (shed, counted) past it.
+    fn admit(&self, mut batch: TraceBatch, spans: u64) -> Option<TraceBatch> {
         use std::sync::atomic::Ordering::Relaxed;
-        let n = body.len();
+        let n = batch.size();
         let before = self.queued.fetch_add(n, Relaxed);
         let queued = QueuedBytes {
             queued: self.queued.clone(),
@@ -168,10 +189,8 @@ impl TraceTap {
             self.shed(spans);
             return None;
         }
-        Some(TraceBatch {
-            body,
-            _queued: Some(queued),
-        })
+        batch._queued = Some(queued);
+        Some(batch)
     }
 }
 
@@ -248,12 +267,16 @@ impl Ingestor {
             .telemetry(transport, "traces", "rejected", rejected.count);
         if !events.is_empty() {
             let n = events.len() as u64;
+            let keep = keep.map(|(permit, body)| {
+                let facts = events.iter().map(crate::domain::SpanFacts::of).collect();
+                (permit, TraceBatch::new(body, facts))
+            });
             self.offer(transport, "traces", n, Ingest::Spans(events))?;
             // Only an export the live state took goes on to the keeper: a refused one is
             // sent again by its client.
-            if let Some((permit, body)) = keep
+            if let Some((permit, batch)) = keep
                 && let Some(tap) = &self.traces
-                && let Some(batch) = tap.batch(body, received)
+                && let Some(batch) = tap.admit(batch, received)
             {
                 permit.send(batch);
             }

@@ -635,8 +635,9 @@ mod tests {
     async fn a_full_trace_keeper_queue_sheds_only_trace_keeping_counted() {
         let (fleet, mut rx) = FleetHandle::detached(16);
         let body = one_span().encode_to_vec();
-        // Room for one export's bytes, and two places.
-        let (tap, mut kept) = crate::ingest::TraceTap::new(2, body.len());
+        // Room for one export (its bytes and its one span's facts), and two places.
+        let one = body.len() + std::mem::size_of::<crate::domain::SpanFacts>();
+        let (tap, mut kept) = crate::ingest::TraceTap::new(2, one);
         let ingestor = Ingestor {
             fleet,
             metrics: Arc::new(Metrics::default()),

@@ -10,7 +10,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -41,7 +40,7 @@ pub struct Held {
     pub facts: SpanFacts,
 }
 
-/// One valid span of an export, encoded before the normaliser moves its strings out.
+/// One valid span of an export, as its protobuf bytes.
 #[derive(Debug)]
 pub struct Encoded {
     pub origin: Arc<Origin>,
@@ -54,130 +53,92 @@ pub struct Encoded {
 
 const SPAN_KIND_CONSUMER: i32 = 5;
 
-/// The valid spans of `req` (a trace id of 16 bytes and a span id of 8, not all zero:
-/// exactly those the normaliser reads), as protobuf, with the resource and scope they
-/// came with. `body` is the export `req` was decoded from: each span's bytes are copied
-/// from it as they came (found by one walk of the wire), not encoded again; without it,
-/// or if it does not hold `req`'s spans in order, they are encoded.
-pub fn encode_spans(req: &ExportTraceServiceRequest, body: Option<&[u8]>) -> Vec<Encoded> {
-    let ranges = body.and_then(|b| wire::span_ranges(b).map(|r| (b, r)));
-    let total: usize = req
-        .resource_spans
-        .iter()
-        .flat_map(|rs| &rs.scope_spans)
-        .map(|ss| ss.spans.len())
-        .sum();
-    // The walk must have found every span the decoder did, in the same order.
-    let ranges = ranges.filter(|(_, r)| r.len() == total);
-    let mut next = 0;
+/// The valid spans of an export (a trace id of 16 bytes and a span id of 8, not all zero:
+/// exactly those the normaliser reads), in order, each as the protobuf bytes it came as,
+/// with the resource and scope it came with. The export is read shallowly: prost decodes
+/// the resources and scopes, takes each span as the bytes it is, and reads of a span only
+/// its ids, kind and name; attributes and events are skipped by length, never decoded.
+/// `None` when `body` is not an export (ingest decoded it already: never).
+pub fn spans_of(body: &bytes::Bytes) -> Option<Vec<Encoded>> {
+    let export = shallow::Export::decode(body.clone()).ok()?;
     let mut out = Vec::new();
-    for rs in &req.resource_spans {
-        for ss in &rs.scope_spans {
+    for rs in export.resource_spans {
+        for ss in rs.scope_spans {
             let origin = Arc::new(Origin {
                 resource: rs.resource.clone(),
                 resource_schema_url: rs.schema_url.clone(),
-                scope: ss.scope.clone(),
-                scope_schema_url: ss.schema_url.clone(),
+                scope: ss.scope,
+                scope_schema_url: ss.schema_url,
             });
-            for span in &ss.spans {
-                let at = next;
-                next += 1;
+            for bytes in ss.spans {
+                let head = shallow::SpanHead::decode(bytes.clone()).ok()?;
                 let (Some(trace_id), Some(span_id)) =
-                    (valid16(&span.trace_id), valid8(&span.span_id))
+                    (valid16(&head.trace_id), valid8(&head.span_id))
                 else {
                     continue;
                 };
-                let bytes = match &ranges {
-                    Some((b, r)) => b.get(r[at].clone()).map(<[u8]>::to_vec),
-                    None => None,
-                }
-                .unwrap_or_else(|| span.encode_to_vec());
-                let maybe_root = span.parent_span_id.is_empty() || span.kind == SPAN_KIND_CONSUMER;
+                let maybe_root = head.parent_span_id.is_empty() || head.kind == SPAN_KIND_CONSUMER;
                 out.push(Encoded {
                     origin: origin.clone(),
                     trace_id,
                     span_id,
-                    bytes,
-                    name: maybe_root.then(|| span.name.clone()),
+                    bytes: bytes.to_vec(),
+                    name: maybe_root.then(|| String::from_utf8_lossy(&head.name).into_owned()),
                 });
             }
         }
     }
-    out
+    Some(out)
 }
 
-/// Where each span of an OTLP `ExportTraceServiceRequest` lies in its bytes, found
-/// without decoding anything but tags and lengths.
-mod wire {
-    use std::ops::Range;
+/// The OTLP trace export's messages as far as the keeper reads them before a decision.
+/// Field numbers are OTLP's (`opentelemetry/proto/trace/v1/trace.proto`,
+/// `collector/trace/v1/trace_service.proto`); a span is a length-delimited field, so it
+/// reads as `bytes` without being decoded, and fields not named here are skipped.
+mod shallow {
+    use bytes::Bytes;
+    use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
 
-    /// Reads a varint at `*at`, moving past it.
-    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*at)?;
-            *at += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Export {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
     }
 
-    /// The fields of the message in `b[range]`: (field number, the value's range for a
-    /// length-delimited field, else `None`).
-    fn fields(b: &[u8], range: Range<usize>) -> Option<Vec<(u64, Option<Range<usize>>)>> {
-        let mut out = Vec::new();
-        let mut at = range.start;
-        while at < range.end {
-            let key = varint(b, &mut at)?;
-            let (field, wire_type) = (key >> 3, key & 7);
-            let value = match wire_type {
-                0 => {
-                    varint(b, &mut at)?;
-                    None
-                }
-                1 => {
-                    at = at.checked_add(8)?;
-                    None
-                }
-                2 => {
-                    let len = usize::try_from(varint(b, &mut at)?).ok()?;
-                    let start = at;
-                    at = at.checked_add(len)?;
-                    Some(start..at)
-                }
-                5 => {
-                    at = at.checked_add(4)?;
-                    None
-                }
-                _ => return None,
-            };
-            if at > range.end {
-                return None;
-            }
-            out.push((field, value));
-        }
-        Some(out)
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+        #[prost(string, tag = "3")]
+        pub schema_url: String,
     }
 
-    /// Each span's bytes, in the order a decoder meets them: resource_spans (1) →
-    /// scope_spans (2) → spans (2). `None` when the bytes are not such a message.
-    pub fn span_ranges(b: &[u8]) -> Option<Vec<Range<usize>>> {
-        let mut out = Vec::new();
-        for (f, rs) in fields(b, 0..b.len())? {
-            let (1, Some(rs)) = (f, rs) else { continue };
-            for (f, ss) in fields(b, rs)? {
-                let (2, Some(ss)) = (f, ss) else { continue };
-                for (f, span) in fields(b, ss)? {
-                    if let (2, Some(span)) = (f, span) {
-                        out.push(span);
-                    }
-                }
-            }
-        }
-        Some(out)
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, optional, tag = "1")]
+        pub scope: Option<InstrumentationScope>,
+        #[prost(bytes = "bytes", repeated, tag = "2")]
+        pub spans: Vec<Bytes>,
+        #[prost(string, tag = "3")]
+        pub schema_url: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SpanHead {
+        #[prost(bytes = "bytes", tag = "1")]
+        pub trace_id: Bytes,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub span_id: Bytes,
+        #[prost(bytes = "bytes", tag = "4")]
+        pub parent_span_id: Bytes,
+        /// A string on the wire; read as bytes so that only a root's is checked and copied.
+        #[prost(bytes = "bytes", tag = "5")]
+        pub name: Bytes,
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
     }
 }
 
@@ -290,7 +251,7 @@ impl Assembler {
         self.pending.len()
     }
 
-    /// Takes one export: its valid spans, encoded (`encode_spans`), and the facts the
+    /// Takes one export: its valid spans (`spans_of`), and the facts the
     /// normaliser read of them (same spans, same order).
     pub fn add(&mut self, spans: Vec<Encoded>, facts: Vec<SpanFacts>, now_ms: u64) -> Added {
         let mut added = Added::default();

@@ -3,7 +3,8 @@
 //! byte budget and a retention time, and exported over OTLP (docs/traces.md).
 //!
 //! Ingest hands every accepted trace export to the keeper over a bounded queue
-//! (`ingest::TraceTap`) after the live state got its events; the keeper is one task that
+//! (`ingest::TraceTap`), with what its normaliser read of the spans, when the live state
+//! took its events; the keeper is one task that
 //! owns the assembler and decides, redacts, stores and offers to the exporters. Nothing
 //! here is on the task path, and nothing waits on an exporter.
 
@@ -33,12 +34,10 @@ use self::sample::{Sentinels, Shape, TypeFigures, Why};
 use self::store::{TraceStore, TraceSummary};
 use crate::config::TracesConfig;
 use crate::domain::Clock;
-use crate::domain::SpanFacts;
 use crate::fleet::FleetHandle;
 use crate::fleet::view::FleetSnapshot;
-use crate::ingest::{TraceBatch, normalise};
+use crate::ingest::TraceBatch;
 use crate::policy::{Live, PolicyEngine};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndingLabels {
@@ -187,21 +186,15 @@ impl Keeper {
         }
     }
 
-    /// Takes one export: decodes it (it passed the decode limits in ingest) and reads it
-    /// as the live state did.
+    /// Takes one export: each valid span's bytes (read shallowly: it passed the decode
+    /// limits and the full decode in ingest) with the facts ingest's normaliser read of it.
     pub fn add(&mut self, batch: TraceBatch) {
-        use prost::Message;
         let now_ms = self.w.clock.now_ms();
-        let Ok(request) = ExportTraceServiceRequest::decode(batch.body.clone()) else {
+        let Some(spans) = assemble::spans_of(&batch.body) else {
             self.w.counters.span("undecodable", 1);
             return;
         };
-        // The spans' bytes first, copied from the export as they came; then the normaliser
-        // may move the strings it keeps out of the request, and the facts take them from
-        // its events: nothing is copied twice.
-        let spans = assemble::encode_spans(&request, Some(&batch.body));
-        let (events, _) = normalise::spans(request);
-        let facts: Vec<SpanFacts> = events.into_iter().map(SpanFacts::from).collect();
+        let facts = batch.facts;
         let n = facts.len() as u64;
         let added = self.assembler.add(spans, facts, now_ms);
         let late: u64 = added.late.iter().map(|l| l.spans.len() as u64).sum();

@@ -296,7 +296,8 @@ fn measured_qa() -> FleetSnapshot {
 
 fn feed(f: &mut Fixture, req: ExportTraceServiceRequest) {
     use prost::Message;
-    f.keeper.add(TraceBatch::new(req.encode_to_vec().into()));
+    f.keeper
+        .add(TraceBatch::read(req.encode_to_vec().into()).unwrap());
 }
 
 fn every_string(rs: &[ResourceSpans]) -> String {
@@ -599,9 +600,9 @@ fn shipped_patterns_compile_and_the_luhn_check_tells_cards_from_numbers() {
     assert!(!redact::luhn("1234"));
 }
 
-/// The span bytes the keeper holds are the export's own, found by a walk of the wire,
-/// and equal to what encoding the decoded span gives; bytes that are not an export fall
-/// back to encoding.
+/// The span bytes the keeper holds are the export's own, read shallowly, and equal to
+/// what encoding the decoded span gives; spans without valid ids are skipped in step, a
+/// root keeps its name, and bytes that are not an export are refused.
 #[test]
 fn held_spans_are_the_exports_own_bytes() {
     use prost::Message;
@@ -615,18 +616,25 @@ fn held_spans_are_the_exports_own_bytes() {
         spans: run(8, "t-8", "w-1", 1, "c@d.example", true),
         ..Default::default()
     });
-    // A span without a valid trace id is skipped, and the walk stays in step.
+    // A span without a valid trace id is skipped, and the reading stays in step.
     req.resource_spans[0].scope_spans[0].spans[1].trace_id = vec![0; 16];
-    let body = req.encode_to_vec();
-    let copied = super::assemble::encode_spans(&req, Some(&body));
-    let encoded = super::assemble::encode_spans(&req, None);
-    assert_eq!(copied.len(), encoded.len());
-    assert_eq!(copied.len(), 4 + 4 + 2 - 1);
-    for (a, b) in copied.iter().zip(&encoded) {
-        assert_eq!(a.span_id, b.span_id);
-        assert_eq!(a.bytes, b.bytes);
+    let body = bytes::Bytes::from(req.encode_to_vec());
+    let held = super::assemble::spans_of(&body).unwrap();
+    let valid: Vec<&Span> = req
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .filter(|s| s.trace_id != vec![0; 16])
+        .collect();
+    assert_eq!(held.len(), 4 + 4 + 2 - 1);
+    assert_eq!(held.len(), valid.len());
+    for (h, s) in held.iter().zip(&valid) {
+        assert_eq!(h.span_id.as_slice(), s.span_id.as_slice());
+        assert_eq!(h.bytes, s.encode_to_vec());
+        let root = s.parent_span_id.is_empty() || s.kind == span::SpanKind::Consumer as i32;
+        assert_eq!(h.name.as_deref(), root.then_some(s.name.as_str()));
+        assert_eq!(h.origin.resource, req.resource_spans[0].resource);
     }
-    // Not this export's bytes: every span is encoded.
-    let other = super::assemble::encode_spans(&req, Some(&body[..body.len() / 2]));
-    assert!(other.iter().zip(&encoded).all(|(a, b)| a.bytes == b.bytes));
+    assert!(super::assemble::spans_of(&body.slice(..body.len() / 2)).is_none());
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::otlp::{i, s};
 use bytes::Bytes;
 use fleet_commander::config::FleetConfig;
+use fleet_commander::domain::SpanFacts;
 use fleet_commander::fleet::{FleetState, now_ms};
 use fleet_commander::ingest::normalise;
 use fleet_commander::registry::Registry;
@@ -392,9 +393,10 @@ fn with_keeper(
         let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
         let (events, rejected) = normalise::spans(req);
         black_box(rejected);
+        let facts = events.iter().map(SpanFacts::of).collect();
         state.apply_spans(events, at);
         rig.keeper
-            .add(fleet_commander::ingest::TraceBatch::new(b.clone()));
+            .add(fleet_commander::ingest::TraceBatch::new(b.clone(), facts));
         // The owner rebuilds its snapshot once a second; here every 100 batches.
         if k % 100 == 0 {
             snap = state.snapshot(at);
@@ -445,9 +447,12 @@ fn keeper_beside(
             let (events, rejected) = normalise::spans(req);
             black_box(rejected);
             let n = events.len() as u64;
+            // As ingest does: the keeper's facts are read before the live state takes
+            // the events.
+            let facts = events.iter().map(SpanFacts::of).collect();
             state.apply_spans(events, at);
             if tx
-                .try_send(fleet_commander::ingest::TraceBatch::new(b.clone()))
+                .try_send(fleet_commander::ingest::TraceBatch::new(b.clone(), facts))
                 .is_err()
             {
                 shed += n;
