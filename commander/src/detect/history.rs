@@ -10,11 +10,17 @@ use crate::fleet::worker::State;
 
 const SECOND: u64 = 1_000;
 const MINUTE: u64 = 60 * SECOND;
-/// Fleet samples kept: the 5-minute baseline plus the window compared with it.
-const FLEET_KEEP_MS: u64 = 6 * MINUTE;
+/// Fleet samples kept: the 5-minute baseline, the gap after it and the window compared
+/// with it.
+const FLEET_KEEP_MS: u64 = 7 * MINUTE;
 /// The window "now" is measured over, and the resolution of the throughput rule.
 const NOW_WINDOW_MS: u64 = 30 * SECOND;
 const BASELINE_MS: u64 = 5 * MINUTE;
+/// Between the throughput baseline and the window compared with it: a drop that has begun
+/// must not become its own baseline while its alert is pending (`pending_s`, 60 s by
+/// default). Without the gap, the baseline took in a minute of the drop before it could
+/// fire, and a 44 % drop read as under 30 % by then.
+pub const THROUGHPUT_GAP_MS: u64 = MINUTE;
 /// One per-agent sample every this long, for an hour.
 const AGENT_STEP_MS: u64 = 5 * MINUTE;
 const AGENT_KEEP_MS: u64 = 60 * MINUTE;
@@ -134,14 +140,15 @@ impl History {
     }
 
     /// The fleet's output tokens/s over the last 30 s, and its mean over the 5 minutes
-    /// before: once 5½ minutes are known.
+    /// that ended a minute before those (`THROUGHPUT_GAP_MS`): once 6½ minutes are known.
     pub fn throughput(&self) -> Option<(f64, f64)> {
-        if self.span_ms() < BASELINE_MS + NOW_WINDOW_MS {
+        if self.span_ms() < BASELINE_MS + THROUGHPUT_GAP_MS + NOW_WINDOW_MS {
             return None;
         }
         let end = self.fleet.back()?.at_ms;
         let split = end.saturating_sub(NOW_WINDOW_MS);
-        let start = split.saturating_sub(BASELINE_MS);
+        let stop = split.saturating_sub(THROUGHPUT_GAP_MS);
+        let start = stop.saturating_sub(BASELINE_MS);
         let mean = |from: u64, to: u64| {
             let (sum, n) = self
                 .fleet
@@ -152,7 +159,7 @@ impl History {
                 });
             (n > 0).then(|| sum / f64::from(n))
         };
-        Some((mean(split, end)?, mean(start, split)?))
+        Some((mean(split, end)?, mean(start, stop)?))
     }
 
     /// Stuck agents now and five minutes ago, once five minutes are known.

@@ -732,17 +732,19 @@ fn window_errors(f: &crate::fleet::view::FleetView, window_s: u64) -> (u64, u64)
         .fold((0, 0), |(o, e), b| (o + b.ops, e + b.errors))
 }
 
-/// Output tokens/s over the last 30 s and over the 5 minutes before, from the snapshot's
-/// complete 10 s buckets (the one in progress would read as a drop); the detector's own
-/// samples when the snapshot carries no buckets.
+/// Output tokens/s over the last 30 s and over the 5 minutes that ended a minute before
+/// them (`history::THROUGHPUT_GAP_MS`), from the snapshot's complete 10 s buckets (the one
+/// in progress would read as a drop); the detector's own samples when the snapshot
+/// carries no buckets.
 fn throughput(f: &crate::fleet::view::FleetView, history: &History) -> Option<(f64, f64)> {
     const NOW: usize = 3;
+    const GAP: usize = (super::history::THROUGHPUT_GAP_MS / 10_000) as usize;
     const BEFORE: usize = 30;
     if f.series_10s.is_empty() {
         return history.throughput();
     }
     let done = f.series_10s.len() - 1;
-    if done < NOW + BEFORE {
+    if done < NOW + GAP + BEFORE {
         return None;
     }
     let tokens = |from: usize, to: usize| -> f64 {
@@ -754,7 +756,7 @@ fn throughput(f: &crate::fleet::view::FleetView, history: &History) -> Option<(f
             .sum()
     };
     let now = tokens(done - NOW, done) / (NOW as f64 * 10.0);
-    let before = tokens(done - NOW - BEFORE, done - NOW) / (BEFORE as f64 * 10.0);
+    let before = tokens(done - NOW - GAP - BEFORE, done - NOW - GAP) / (BEFORE as f64 * 10.0);
     Some((now, before))
 }
 

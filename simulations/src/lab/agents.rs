@@ -404,6 +404,18 @@ impl SimFleet {
         run.done += 1;
         let (llm, llm_end, tokens) = self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
         self.agents[i].tokens += tokens;
+        // The concentrating agent fans each step out to parallel calls, as a map-reduce
+        // agent does: enough of them that it spends about half the fleet's money at any
+        // fleet size (what `cost_concentration` looks for; one call per step reaches 40 %
+        // only below about 50 agents).
+        if mine == Some(Fault::CostConcentration) {
+            for _ in 1..concentration_fan_out(self.agents.len()) {
+                let (call, _, tokens) =
+                    self.llm_call(&mut run, model, variant, now_ms, (mine, fleet));
+                self.agents[i].tokens += tokens;
+                self.agents[i].spans.push(call);
+            }
+        }
         let tool = self.pick_tool(variant, mine, fleet);
         let args = match mine {
             Some(Fault::ToolLoop) => r#"{"query": "the same question"}"#.to_string(),
@@ -655,4 +667,11 @@ impl SimFleet {
         };
         serde_json::to_vec(&hb).unwrap_or_default()
     }
+}
+
+/// Parallel calls per step of the `CostConcentration` agent in a fleet of `n`: one such
+/// call costs about 27 times a healthy agent's step, so ⌈(n − 1) / 27⌉ of them make it
+/// spend as much as the other `n − 1` together (a share near 55 % over the fault's hour).
+fn concentration_fan_out(n: usize) -> usize {
+    n.saturating_sub(1).div_ceil(27).max(1)
 }
