@@ -303,7 +303,10 @@ pub async fn run(opts: &BudgetOptions) -> Result<BudgetOutcome, String> {
     let mut rng = Rng::new(opts.seed);
     let mut n = 0u64;
     let mut acks = tokio::task::JoinSet::new();
-    for sec in 0..(opts.healthy_min + opts.after_min) * 60 {
+    let seconds = (opts.healthy_min + opts.after_min) * 60;
+    let bar = super::progress(seconds, "budget_overrun", "fleet seconds");
+    for sec in 0..seconds {
+        bar.set_position(sec);
         let due = wall_ms_of(origin_ms, opts.speed, t0 + sec * 1000);
         let wall = wall_now_ms();
         if wall < due {
@@ -333,6 +336,7 @@ pub async fn run(opts: &BudgetOptions) -> Result<BudgetOutcome, String> {
             }
         }
     }
+    bar.finish_and_clear();
     while let Some(r) = acks.join_next().await {
         match r {
             Ok((true, false)) => out.accepted_before += 1,

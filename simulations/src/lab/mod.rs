@@ -617,9 +617,12 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
     }
     for s in chosen {
         let mut outcomes = Vec::new();
+        let bar = progress(args.runs.max(1), s.name, "runs");
         for k in 0..args.runs.max(1) {
             outcomes.push(run(s, args.agents, args.seed + k, &spec)?);
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         if let [o] = outcomes.as_slice() {
             print_outcome(o);
         } else {
@@ -634,6 +637,19 @@ pub async fn main(args: ScenarioArgs) -> Result<(), String> {
     } else {
         Err(format!("failed: {}", failed.join(", ")))
     }
+}
+
+/// A progress bar on stderr for a long run: `len` steps of `unit` (runs, fleet seconds),
+/// named `what`. indicatif draws it only on a terminal, so logs and CI output stay clean.
+pub fn progress(len: u64, what: &str, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template =
+        format!("{{msg:24}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{elapsed}}, {{eta}} left)");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 /// The budget overrun on the stack, printed; whether it passed.

@@ -155,13 +155,19 @@ fn runs_of(
     spec: &fleet_commander::policy::schema::AlertSpec,
 ) -> Result<Vec<Outcome>, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bar = super::progress(n, s.name, "runs");
     let results: Vec<Result<Vec<Outcome>, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
+                let bar = bar.clone();
                 scope.spawn(move || {
                     (0..n)
                         .filter(|k| k % threads == t)
-                        .map(|k| super::run(s, agents, seed + k, spec))
+                        .map(|k| {
+                            let o = super::run(s, agents, seed + k, spec);
+                            bar.inc(1);
+                            o
+                        })
                         .collect::<Result<Vec<_>, _>>()
                 })
             })
@@ -171,6 +177,7 @@ fn runs_of(
             .map(|h| h.join().unwrap_or_else(|_| Err("a run panicked".into())))
             .collect()
     });
+    bar.finish_and_clear();
     let mut all = Vec::new();
     for r in results {
         all.extend(r?);

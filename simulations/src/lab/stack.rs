@@ -357,7 +357,9 @@ pub async fn run(
     let wall0 = Instant::now();
     // Fleet time starts on a whole second a little ahead, so the first step is on time.
     let t0 = (fleet_ms(origin_ms, opts.speed, wall_now_ms()) / 1000 + 2) * 1000;
+    let bar = super::progress(scenario.minutes * 60, scenario.name, "fleet seconds");
     for sec in 0..scenario.minutes * 60 {
+        bar.set_position(sec);
         let now = t0 + sec * 1000;
         let due = wall_ms_of(origin_ms, opts.speed, now);
         let wall = wall_now_ms();
@@ -399,6 +401,7 @@ pub async fn run(
             fired.push(a);
         }
     }
+    bar.finish_and_clear();
     while in_flight.join_next().await.is_some() {}
     // What fired on the last second's evaluation is published by the next tick.
     tokio::time::sleep(Duration::from_secs_f64((2.0 / opts.speed).max(0.2))).await;
