@@ -112,7 +112,8 @@ impl TraceBatch {
         Some(Self::new(body, facts))
     }
 
-    /// Bytes it holds against the queue's budget.
+    /// Bytes it holds against the queue's budget: the export and the facts' structs (their
+    /// few short strings are left out: ids and names, small beside the export they came from).
     fn size(&self) -> usize {
         self.body.len() + self.facts.len() * std::mem::size_of::<crate::domain::SpanFacts>()
     }
