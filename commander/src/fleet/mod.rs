@@ -840,7 +840,8 @@ impl FleetState {
         }
     }
 
-    fn baseline_ms(&self, task_type: &str) -> Option<u64> {
+    /// What a run of `task_type` is expected to take (`TaskTypeAgg::expected_ms`).
+    fn expected_ms(&self, task_type: &str) -> Option<u64> {
         self.task_types
             .get(task_type)
             .and_then(TaskTypeAgg::expected_ms)
@@ -977,7 +978,7 @@ impl FleetState {
             state_since_ms: w.state_since_ms(),
             lost: w.lost,
             stuck_reason: w.stuck_reason().map(str::to_string),
-            silent_run: w.silent_run(now_ms, |tt| self.baseline_ms(tt), &self.cfg),
+            silent_run: w.silent_run(now_ms, |tt| self.expected_ms(tt), &self.cfg),
             model_unknown: w.model.is_some() && entry.is_none(),
             // The registry's canonical name; the name as reported beside it when it differs.
             model: entry.map(|e| e.name.clone()).or_else(|| w.model.clone()),
@@ -1229,7 +1230,7 @@ impl FleetState {
                     cost_usd: t.cost.percentiles(now_ms),
                     depth: t.depth.percentiles(now_ms),
                     duration_ms: duration,
-                    baseline_duration_ms: self.baseline_ms(name),
+                    baseline_duration_ms: t.expected_ms(),
                     baseline_output_tokens_per_s: t.baseline_tps,
                 }
             })
