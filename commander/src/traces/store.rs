@@ -140,6 +140,9 @@ pub struct TraceStore {
     tasks: sled::Tree,
     /// Bytes stored (spans and summaries), kept in step with `times`.
     bytes: Arc<AtomicU64>,
+    /// Traces stored, kept in step with `times`: sled's `len` walks the whole tree, and
+    /// retention reports the count every minute.
+    count: Arc<AtomicU64>,
 }
 
 fn time_key(at_ms: u64, id: &[u8]) -> Vec<u8> {
@@ -156,10 +159,11 @@ fn u64_of(v: &[u8]) -> u64 {
 impl TraceStore {
     pub fn open(store: &Store) -> Result<Self, TraceStoreError> {
         let times = store.tree("trace_times")?;
-        let mut total = 0u64;
+        let (mut total, mut count) = (0u64, 0u64);
         for entry in times.iter() {
             let (_, v) = entry?;
             total += u64_of(&v);
+            count += 1;
         }
         Ok(Self {
             spans: store.tree("trace_spans")?,
@@ -167,6 +171,7 @@ impl TraceStore {
             times,
             tasks: store.tree("trace_tasks")?,
             bytes: Arc::new(AtomicU64::new(total)),
+            count: Arc::new(AtomicU64::new(count)),
         })
     }
 
@@ -175,11 +180,11 @@ impl TraceStore {
     }
 
     pub fn len(&self) -> usize {
-        self.times.len()
+        usize::try_from(self.count.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.times.is_empty()
+        self.len() == 0
     }
 
     /// Stores a kept trace (or adds late spans to one stored before).
@@ -242,9 +247,14 @@ impl TraceStore {
         let stored = summary.bytes + json.len() as u64;
         self.spans.insert(trace_id, value)?;
         self.summaries.insert(trace_id, json)?;
-        if let Some((at, before)) = old_key {
-            self.times.remove(time_key(at, trace_id))?;
-            self.bytes.fetch_sub(before, Ordering::Relaxed);
+        match old_key {
+            Some((at, before)) => {
+                self.times.remove(time_key(at, trace_id))?;
+                self.bytes.fetch_sub(before, Ordering::Relaxed);
+            }
+            None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.times.insert(
             time_key(summary.kept_at_ms, trace_id),
@@ -359,8 +369,51 @@ impl TraceStore {
         }
         self.spans.remove(id)?;
         self.summaries.remove(id)?;
-        self.times.remove(time_key)?;
+        if self.times.remove(time_key)?.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
         self.bytes.fetch_sub(stored, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(kept_at_ms: u64) -> TraceSummary {
+        TraceSummary {
+            kept_at_ms,
+            ending: "complete".into(),
+            status: "ok".into(),
+            ..Default::default()
+        }
+    }
+
+    /// The count `len` answers (without walking the tree) follows puts, late spans,
+    /// retention and a reopen.
+    #[test]
+    fn the_trace_count_is_kept_without_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let traces = TraceStore::open(&store).unwrap();
+            assert!(traces.is_empty());
+            traces.put(&a, &mut summary(1_000), Vec::new()).unwrap();
+            traces.put(&b, &mut summary(2_000), Vec::new()).unwrap();
+            // Late spans for a stored trace: still two traces.
+            traces.put(&a, &mut summary(3_000), Vec::new()).unwrap();
+            assert_eq!(traces.len(), 2);
+            assert_eq!(traces.times.len(), 2);
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let traces = TraceStore::open(&store).unwrap();
+        assert_eq!(traces.len(), 2, "counted again on open");
+        assert_eq!(traces.prune(1_500, u64::MAX, 10).unwrap(), 1);
+        assert_eq!(traces.len(), 1);
+        assert_eq!(traces.prune(u64::MAX, u64::MAX, 10).unwrap(), 1);
+        assert!(traces.is_empty());
     }
 }

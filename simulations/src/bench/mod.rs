@@ -274,6 +274,7 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
                 intake_dispatch: bucket_delta(&before, &after),
                 receipt_us: paced.receipt_us,
                 raw_receipt_us: raw.receipt_us,
+                raw_dispatch_us: raw.relay_dispatch_us,
             });
         }
     }
@@ -307,6 +308,8 @@ struct LatencyPhase {
     receipt_us: Vec<u64>,
     /// The same through the raw pipe at the same rate.
     raw_receipt_us: Vec<u64>,
+    /// The raw relay's intake read to PubAck at the same rate.
+    raw_dispatch_us: Vec<u64>,
 }
 
 /// What one commander on one store looks like after the whole run.
@@ -449,6 +452,9 @@ fn print_latency(phases: &[LatencyPhase]) {
         let mut raw = p.raw_receipt_us.clone();
         raw.sort_unstable();
         let rr = |q| sample_quantile(&raw, q).map(|us| us as f64 / 1e3);
+        let mut relay = p.raw_dispatch_us.clone();
+        relay.sort_unstable();
+        let rd = |q| sample_quantile(&relay, q).map(|us| us as f64 / 1e3);
         let goal = if p.load <= 0.5 {
             format!(
                 " (goal p99 <= 2 ms: {})",
@@ -472,6 +478,12 @@ fn print_latency(phases: &[LatencyPhase]) {
             ms(id(0.5)),
             ms(id(0.99)),
             ms(id(0.999)),
+        );
+        println!(
+            "      raw relay, same rate    : p50 {} ms, p99 {} ms, p99.9 {} ms (its own read -> PubAck, every task)",
+            ms(rd(0.5)),
+            ms(rd(0.99)),
+            ms(rd(0.999)),
         );
         println!(
             "    submit -> worker receipt  : p50 {} ms, p99 {} ms, p99.9 {} ms (every task)",
@@ -566,6 +578,10 @@ struct PipeRun {
     rate: f64,
     /// Submit to worker receipt per task, microseconds (paced runs only).
     receipt_us: Vec<u64>,
+    /// The raw relay's own intake read to PubAck of its republish, microseconds, per
+    /// task (raw runs only): what the commander's `fleet_intake_dispatch_seconds`
+    /// measures, for a middle that does nothing but relay.
+    relay_dispatch_us: Vec<u64>,
 }
 
 /// Microseconds since the Unix epoch: the producer stamps it into the task and the worker
@@ -594,8 +610,9 @@ async fn run_pipe(
     };
     let js = jetstream::new(client.clone());
     let workers = start_workers(client, args, pools, &subjects, &tally).await?;
+    let relay_dispatch_us = Arc::new(std::sync::Mutex::new(Vec::new()));
     let relay = match raw {
-        true => Some(start_relay(&js, &subjects, pools).await?),
+        true => Some(start_relay(&js, &subjects, pools, relay_dispatch_us.clone()).await?),
         false => None,
     };
     let started = Instant::now();
@@ -623,9 +640,14 @@ async fn run_pipe(
         .lock()
         .map(|mut r| std::mem::take(&mut *r))
         .unwrap_or_default();
+    let relay_dispatch_us = relay_dispatch_us
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default();
     Ok(PipeRun {
         rate: tasks as f64 / elapsed.as_secs_f64(),
         receipt_us,
+        relay_dispatch_us,
     })
 }
 
@@ -766,10 +788,12 @@ async fn submit(
 /// The raw pipe: consume the intake stream, republish each message with its headers to a
 /// pool subject of the work stream, ack in batches — the commander's job minus everything
 /// the commander adds (validation, routing, trace continuation, store, spans, results).
+/// Each republish's time from its batch's read to its PubAck goes to `dispatch_us`.
 async fn start_relay(
     js: &jetstream::Context,
     subjects: &Subjects,
     pools: &[String],
+    dispatch_us: Arc<std::sync::Mutex<Vec<u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let intake = js
         .get_or_create_stream(subjects.intake_stream_config())
@@ -806,6 +830,7 @@ async fn start_relay(
         let mut chunks = messages.ready_chunks(256);
         let mut n = 0usize;
         while let Some(chunk) = chunks.next().await {
+            let read_at = Instant::now();
             let msgs: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
             let mut acks = Vec::with_capacity(msgs.len());
             for m in &msgs {
@@ -819,8 +844,14 @@ async fn start_relay(
                     acks.push(f);
                 }
             }
+            let mut took = Vec::with_capacity(acks.len());
             for a in acks {
-                let _ = a.await;
+                if a.await.is_ok() {
+                    took.push(read_at.elapsed().as_micros() as u64);
+                }
+            }
+            if let Ok(mut d) = dispatch_us.lock() {
+                d.extend(took);
             }
             for m in msgs {
                 let _ = m.ack().await;
