@@ -188,6 +188,7 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let pools: Vec<String> = (0..args.pools).map(|i| format!("bench{i}")).collect();
     let mut raw_rates = Vec::new();
     let mut cmd_rates = Vec::new();
+    let mut cmd_cpu_us = Vec::new();
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut toml = String::from("[intake]\nbatch_size = 256\n");
@@ -234,6 +235,7 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
             .rate;
         println!("round {round}: raw JetStream relay  {raw:>9.0} tasks/s");
         raw_rates.push(raw);
+        let cpu_before = commander.pid().and_then(stream::cpu_s);
         let cmd = match run_pipe(&client, &args, &pools, Pipe::Commander, None).await {
             Ok(c) => c.rate,
             Err(e) => {
@@ -249,11 +251,18 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
                 return Err(e);
             }
         };
+        // The commander's own CPU per task: what throughput on two shared cores hides
+        // in noise (it includes the results and the workers' telemetry of the round).
+        let cpu_us = cpu_before
+            .zip(commander.pid().and_then(stream::cpu_s))
+            .map(|(a, b)| (b - a) * 1e6 / args.tasks.max(1) as f64);
         println!(
-            "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far)",
+            "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; commander CPU {} us/task)",
             ratio(cmd, raw),
-            (round as u64 + 1) * args.tasks
+            (round as u64 + 1) * args.tasks,
+            cpu_us.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
         );
+        cmd_cpu_us.extend(cpu_us);
         cmd_rates.push(cmd);
     }
     let best_cmd = cmd_rates.iter().cloned().fold(0.0, f64::max);
@@ -292,6 +301,12 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         &raw_rates,
         &cmd_rates,
     );
+    if let (Some(first), Some(last)) = (cmd_cpu_us.first(), cmd_cpu_us.last()) {
+        let lo = cmd_cpu_us.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "  commander CPU      : {lo:.0} us/task at best, {first:.0} in the first round, {last:.0} in the last"
+        );
+    }
     print_latency(&phases);
     end.print();
     Ok(())
