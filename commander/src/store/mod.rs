@@ -383,6 +383,12 @@ impl Store {
         Ok(self.db.open_tree(name)?)
     }
 
+    /// Removes a tree and everything in it (a layout migrated away from); `false` when
+    /// there was none.
+    pub fn drop_tree(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.db.drop_tree(name)?)
+    }
+
     pub fn task_count(&self) -> usize {
         self.tasks.len()
     }

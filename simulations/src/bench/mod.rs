@@ -88,6 +88,10 @@ pub struct DispatchArgs {
     /// The commander's `store.cache_mib` (sled's page cache; default 1024).
     #[arg(long)]
     store_cache_mib: Option<u64>,
+    /// Run the commander with `[traces] enabled = false`, to see what keeping traces
+    /// costs the task path.
+    #[arg(long)]
+    no_traces: bool,
 }
 
 /// A rubric for the bench pools: one model on every pool, so load balancing (not price)
@@ -197,6 +201,9 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
             .canonicalize()
             .map_err(|e| format!("{}: {e}", d.display()))?;
         toml.push_str(&format!("[policy]\ndir = {:?}\n", d.display().to_string()));
+    }
+    if args.no_traces {
+        toml.push_str("[traces]\nenabled = false\n");
     }
     for p in &pools {
         toml.push_str(&format!("[pools.{p}]\n"));
