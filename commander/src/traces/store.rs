@@ -253,7 +253,8 @@ impl TraceStore {
         resource_spans: Vec<ResourceSpans>,
     ) -> Result<(), TraceStoreError> {
         let mut resource_spans = resource_spans;
-        let mut old_key = None;
+        // What the trace stored before took up (its time key stays: `kept_at_ms` is kept).
+        let mut old_bytes = None;
         if let Some(old) = self.get(trace_id)? {
             // Late spans: the stored ones first, the summary's figures added up.
             let mut all = old.resource_spans;
@@ -293,7 +294,7 @@ impl TraceStore {
                 }
             }
             summary.why.sort();
-            old_key = Some((old.summary.kept_at_ms, old.summary.bytes));
+            old_bytes = Some(old.summary.bytes);
         }
         let data = TracesData { resource_spans };
         let mut value = Vec::with_capacity(1 + data.encoded_len());
@@ -304,20 +305,10 @@ impl TraceStore {
         let json = serde_json::to_vec(&summary)?;
         let stored = summary.bytes + json.len() as u64;
         let key = time_key(summary.kept_at_ms, trace_id);
-        match old_key {
-            Some((at, before)) => {
-                let old = time_key(at, trace_id);
-                if old != key {
-                    self.spans.remove(&old)?;
-                    self.summaries.remove(&old)?;
-                }
-                self.times.remove(old)?;
-                self.bytes.fetch_sub(before, Ordering::Relaxed);
-            }
-            None => {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        match old_bytes {
+            Some(before) => self.bytes.fetch_sub(before, Ordering::Relaxed),
+            None => self.count.fetch_add(1, Ordering::Relaxed),
+        };
         self.spans.insert(&key, value)?;
         self.summaries.insert(&key, json)?;
         self.ids

@@ -190,12 +190,64 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         .unwrap_or_default();
     let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
     let pools: Vec<String> = (0..args.pools).map(|i| format!("bench{i}")).collect();
-    let mut raw_rates = Vec::new();
-    let mut cmd_rates = Vec::new();
-    let mut cmd_cpu_us = Vec::new();
-
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut toml = String::from("[intake]\nbatch_size = 256\n");
+    // The classifier: a local scripted LLM, so the run measures the commander, not a
+    // provider; after the first sight of each distinct text every answer is cached.
+    let llm = FakeLlm::start().map_err(|e| e.to_string())?;
+    llm.otherwise(Reply::classification("bench", "simple", &[], 0.9));
+    let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
+    let commander = Commander::start(&CommanderOptions {
+        bin,
+        nats_url: Some(url.clone()),
+        config_toml: commander_config(&args, &pools, dir.path(), &llm)?,
+        data_dir: dir.path().join("commander"),
+        extra_env: vec![("RUST_LOG".into(), "warn,fleet_commander::serve=info".into())],
+        extra_args: vec![],
+    })
+    .map_err(|e| e.to_string())?;
+
+    let rounds = throughput_rounds(&client, &args, &pools, &commander).await?;
+    let best_cmd = rounds.cmd_rates.iter().cloned().fold(0.0, f64::max);
+    let phases = latency_phases(&client, &args, &pools, &commander, best_cmd).await?;
+    let through = args.tasks * args.rounds as u64 + args.latency_tasks * phases.len() as u64;
+    let end = EndState {
+        tasks: through,
+        store_bytes: dir_bytes(&dir.path().join("commander")),
+        rss_kib: commander.pid().and_then(telemetry::rss_kib),
+    };
+    drop(commander);
+    print_summary(
+        &args,
+        &client.server_info().version,
+        llm.requests(),
+        &rounds,
+    );
+    print_latency(&phases);
+    end.print();
+    Ok(())
+}
+
+/// The bench commander's config: the bench pools, the local classifier and the bench
+/// rubric (written into `dir`), and what the arguments ask for.
+fn commander_config(
+    args: &DispatchArgs,
+    pools: &[String],
+    dir: &std::path::Path,
+    llm: &FakeLlm,
+) -> Result<String, String> {
+    let rubric_path = dir.join("bench-rubric.toml");
+    std::fs::write(&rubric_path, bench_rubric(pools)).map_err(|e| e.to_string())?;
+    let mut toml = String::new();
+    if let Some(mib) = args.store_cache_mib {
+        // The test kit opens the config with the `[store]` table; keys before our first
+        // table header belong to it.
+        toml.push_str(&format!("cache_mib = {mib}\n"));
+    }
+    toml.push_str(&format!(
+        "[classifier]\nendpoint = {:?}\nrubric = {:?}\n[intake]\nbatch_size = 256\n",
+        llm.url(),
+        rubric_path.display().to_string()
+    ));
     if let Some(d) = &args.policy_dir {
         let d = d
             .canonicalize()
@@ -205,45 +257,40 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     if args.no_traces {
         toml.push_str("[traces]\nenabled = false\n");
     }
-    for p in &pools {
+    for p in pools {
         toml.push_str(&format!("[pools.{p}]\n"));
     }
-    // The classifier: a local scripted LLM, so the run measures the commander, not a
-    // provider; after the first sight of each distinct text every answer is cached.
-    let llm = FakeLlm::start().map_err(|e| e.to_string())?;
-    llm.otherwise(Reply::classification("bench", "simple", &[], 0.9));
-    let rubric_path = dir.path().join("bench-rubric.toml");
-    std::fs::write(&rubric_path, bench_rubric(&pools)).map_err(|e| e.to_string())?;
-    toml = format!(
-        "[classifier]\nendpoint = {:?}\nrubric = {:?}\n{toml}",
-        llm.url(),
-        rubric_path.display().to_string()
-    );
-    if let Some(mib) = args.store_cache_mib {
-        // The test kit opens the config with the `[store]` table; keys before our first
-        // table header belong to it.
-        toml = format!("cache_mib = {mib}\n{toml}");
-    }
-    let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
-    let commander = Commander::start(&CommanderOptions {
-        bin,
-        nats_url: Some(url.clone()),
-        config_toml: toml,
-        data_dir: dir.path().join("commander"),
-        extra_env: vec![("RUST_LOG".into(), "warn,fleet_commander::serve=info".into())],
-        extra_args: vec![],
-    })
-    .map_err(|e| e.to_string())?;
+    Ok(toml)
+}
 
+/// Every round's figures: each pipe's rate and the commander's CPU per task.
+struct Rounds {
+    raw_rates: Vec<f64>,
+    cmd_rates: Vec<f64>,
+    cmd_cpu_us: Vec<f64>,
+}
+
+/// `args.rounds` rounds of the raw pipe, then the commander, at full speed; each printed.
+async fn throughput_rounds(
+    client: &async_nats::Client,
+    args: &DispatchArgs,
+    pools: &[String],
+    commander: &Commander,
+) -> Result<Rounds, String> {
+    let mut r = Rounds {
+        raw_rates: Vec::new(),
+        cmd_rates: Vec::new(),
+        cmd_cpu_us: Vec::new(),
+    };
     for round in 0..args.rounds {
         let prefix = format!("rawbench{round}");
-        let raw = run_pipe(&client, &args, &pools, Pipe::Raw { prefix }, None)
+        let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, None)
             .await?
             .rate;
         println!("round {round}: raw JetStream relay  {raw:>9.0} tasks/s");
-        raw_rates.push(raw);
+        r.raw_rates.push(raw);
         let cpu_before = commander.pid().and_then(stream::cpu_s);
-        let cmd = match run_pipe(&client, &args, &pools, Pipe::Commander, None).await {
+        let cmd = match run_pipe(client, args, pools, Pipe::Commander, None).await {
             Ok(c) => c.rate,
             Err(e) => {
                 // Why the commander fell behind is in its log: keep its last lines.
@@ -269,54 +316,44 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
             (round as u64 + 1) * args.tasks,
             cpu_us.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
         );
-        cmd_cpu_us.extend(cpu_us);
-        cmd_rates.push(cmd);
+        r.cmd_cpu_us.extend(cpu_us);
+        r.cmd_rates.push(cmd);
     }
-    let best_cmd = cmd_rates.iter().cloned().fold(0.0, f64::max);
+    Ok(r)
+}
+
+/// After the rounds, tasks submitted at a steady 50 % and then 90 % of the commander's
+/// best round (none when `latency_tasks` is 0), each rate through the raw pipe first.
+async fn latency_phases(
+    client: &async_nats::Client,
+    args: &DispatchArgs,
+    pools: &[String],
+    commander: &Commander,
+    best_cmd: f64,
+) -> Result<Vec<LatencyPhase>, String> {
     let mut phases = Vec::new();
-    if args.latency_tasks > 0 && best_cmd > 0.0 {
-        for (n, load) in [0.5, 0.9].into_iter().enumerate() {
-            let pace = Some((best_cmd * load, args.latency_tasks));
-            // The raw pipe at the same rate first: what JetStream and the workers alone
-            // take from submit to receipt on this machine.
-            let prefix = format!("rawlatency{n}");
-            let raw = run_pipe(&client, &args, &pools, Pipe::Raw { prefix }, pace).await?;
-            let before = intake_dispatch_buckets(commander.http()).await?;
-            let paced = run_pipe(&client, &args, &pools, Pipe::Commander, pace).await?;
-            let after = intake_dispatch_buckets(commander.http()).await?;
-            phases.push(LatencyPhase {
-                load,
-                rate: paced.rate,
-                intake_dispatch: bucket_delta(&before, &after),
-                receipt_us: paced.receipt_us,
-                raw_receipt_us: raw.receipt_us,
-                raw_dispatch_us: raw.relay_dispatch_us,
-            });
-        }
+    if args.latency_tasks == 0 || best_cmd <= 0.0 {
+        return Ok(phases);
     }
-    let through = args.tasks * args.rounds as u64 + args.latency_tasks * phases.len() as u64;
-    let end = EndState {
-        tasks: through,
-        store_bytes: dir_bytes(&dir.path().join("commander")),
-        rss_kib: commander.pid().and_then(telemetry::rss_kib),
-    };
-    drop(commander);
-    print_summary(
-        &args,
-        &client.server_info().version,
-        llm.requests(),
-        &raw_rates,
-        &cmd_rates,
-    );
-    if let (Some(first), Some(last)) = (cmd_cpu_us.first(), cmd_cpu_us.last()) {
-        let lo = cmd_cpu_us.iter().cloned().fold(f64::INFINITY, f64::min);
-        println!(
-            "  commander CPU      : {lo:.0} us/task at best, {first:.0} in the first round, {last:.0} in the last"
-        );
+    for (n, load) in [0.5, 0.9].into_iter().enumerate() {
+        let pace = Some((best_cmd * load, args.latency_tasks));
+        // The raw pipe at the same rate first: what JetStream and the workers alone
+        // take from submit to receipt on this machine.
+        let prefix = format!("rawlatency{n}");
+        let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, pace).await?;
+        let before = intake_dispatch_buckets(commander.http()).await?;
+        let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
+        let after = intake_dispatch_buckets(commander.http()).await?;
+        phases.push(LatencyPhase {
+            load,
+            rate: paced.rate,
+            intake_dispatch: bucket_delta(&before, &after),
+            receipt_us: paced.receipt_us,
+            raw_receipt_us: raw.receipt_us,
+            raw_dispatch_us: raw.relay_dispatch_us,
+        });
     }
-    print_latency(&phases);
-    end.print();
-    Ok(())
+    Ok(phases)
 }
 
 /// One steady-rate phase's figures.
@@ -533,9 +570,9 @@ fn print_summary(
     args: &DispatchArgs,
     nats_version: &str,
     classifier_requests: usize,
-    raw_rates: &[f64],
-    cmd_rates: &[f64],
+    rounds: &Rounds,
 ) {
+    let (raw_rates, cmd_rates) = (&rounds.raw_rates, &rounds.cmd_rates);
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let (raw, cmd) = (best(raw_rates), best(cmd_rates));
     println!();
@@ -557,7 +594,7 @@ fn print_summary(
     );
     let ratios: Vec<f64> = raw_rates
         .iter()
-        .zip(cmd_rates)
+        .zip(cmd_rates.iter())
         .map(|(r, c)| ratio(*c, *r))
         .collect();
     if let (Some(first), Some(last)) = (cmd_rates.first(), cmd_rates.last()) {
@@ -587,6 +624,13 @@ fn print_summary(
             .map(|d| format!("the policies in {}", d.display()))
             .unwrap_or_else(|| "built in (no budgets or throttles)".into())
     );
+    let cpu = &rounds.cmd_cpu_us;
+    if let (Some(first), Some(last)) = (cpu.first(), cpu.last()) {
+        let lo = cpu.iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "  commander CPU      : {lo:.0} us/task at best, {first:.0} in the first round, {last:.0} in the last"
+        );
+    }
 }
 
 enum Pipe {
