@@ -253,8 +253,6 @@ impl TraceStore {
         resource_spans: Vec<ResourceSpans>,
     ) -> Result<(), TraceStoreError> {
         let mut resource_spans = resource_spans;
-        // What the trace stored before took up (its time key stays: `kept_at_ms` is kept).
-        let mut old_bytes = None;
         if let Some(old) = self.get(trace_id)? {
             // Late spans: the stored ones first, the summary's figures added up.
             let mut all = old.resource_spans;
@@ -294,7 +292,6 @@ impl TraceStore {
                 }
             }
             summary.why.sort();
-            old_bytes = Some(old.summary.bytes);
         }
         let data = TracesData { resource_spans };
         let mut value = Vec::with_capacity(1 + data.encoded_len());
@@ -305,8 +302,10 @@ impl TraceStore {
         let json = serde_json::to_vec(&summary)?;
         let stored = summary.bytes + json.len() as u64;
         let key = time_key(summary.kept_at_ms, trace_id);
-        match old_bytes {
-            Some(before) => self.bytes.fetch_sub(before, Ordering::Relaxed),
+        // A trace stored before keeps its time key (`kept_at_ms` is kept), under which
+        // the index holds all it took up: spans and summary, not the spans alone.
+        match self.times.get(&key)? {
+            Some(before) => self.bytes.fetch_sub(u64_of(&before), Ordering::Relaxed),
             None => self.count.fetch_add(1, Ordering::Relaxed),
         };
         self.spans.insert(&key, value)?;
@@ -483,6 +482,22 @@ mod tests {
         assert_eq!(traces.len(), 1);
         assert_eq!(traces.prune(u64::MAX, u64::MAX, 10).unwrap(), 1);
         assert!(traces.is_empty());
+    }
+
+    /// Late spans replace what the trace took up (spans and summary) in the byte count,
+    /// which stays the sum the index holds, as a reopen counts it.
+    #[test]
+    fn late_spans_keep_the_byte_count_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let traces = TraceStore::open(&store).unwrap();
+        let a = [7u8; 16];
+        for n in 0..5 {
+            traces.put(&a, &mut summary(1_000 + n), Vec::new()).unwrap();
+        }
+        let indexed: u64 = traces.times.iter().map(|e| u64_of(&e.unwrap().1)).sum();
+        assert_eq!(traces.bytes(), indexed);
+        assert_eq!(TraceStore::open(&store).unwrap().bytes(), indexed);
     }
 
     /// A store in the layout before time keys (spans and summaries keyed by trace id, in
