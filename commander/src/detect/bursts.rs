@@ -10,6 +10,13 @@
 //! (failures are at least as many, so counting agents is conservative, and one agent
 //! retrying a broken tool in a loop is the tool-loop rules' case, not this one).
 //!
+//! In a fleet of a thousand agents a busy tool fails for twenty of them every half-minute,
+//! and ten more is no longer improbable by count. What still sets an outage apart is that
+//! it fails every call its agents make: the same agent failing the tool again within
+//! seconds is rare among background failures. So the scan also tests the agents that
+//! failed the tool at least twice within the length, against the rate of such repeats
+//! over the hour before (`fleet/bursts.rs` times each failure against the agent's last).
+//!
 //! An outage starts sharply: ten agents failing within three seconds is far stronger
 //! evidence than the same ten spread over thirty on top of the usual failures. So the
 //! test is a scan over the window and its last third and sixth (30, 10 and 5 s), and the
@@ -17,7 +24,7 @@
 //! spread over every tool, every length and every window of that length in the hour, as
 //! behavioural drift spreads its own.
 
-use crate::fleet::bursts::ToolFailuresView;
+use crate::fleet::bursts::{REPEAT_WITHIN_MS, ToolFailuresView};
 use crate::policy::schema::AlertSpec;
 
 /// Windows of history a tool needs before its rate is a baseline: a commander that just
@@ -30,11 +37,15 @@ pub struct Burst<'a> {
     pub tool: &'a str,
     /// The scanned length the agents failed within, in ms.
     pub within_ms: u64,
-    /// The agents whose calls failed in the window, sorted.
+    /// The agents whose calls failed in the window (with `repeated`: at least twice),
+    /// sorted.
     pub agents: Vec<&'a str>,
+    /// The test that spoke counted agents that failed the tool again within the length.
+    pub repeated: bool,
     /// Failures in the window.
     pub failures: u64,
-    /// Failures expected in one window at the tool's rate over the hour before.
+    /// Failures (with `repeated`: repeat failures) expected in one window at the tool's
+    /// rate over the hour before.
     pub expected: f64,
     /// The chance of at least this many failing agents in one window at that rate.
     pub p: f64,
@@ -54,8 +65,13 @@ impl Burst<'_> {
             named.join(", ")
         };
         let within = self.within_ms as f64 / 1000.0;
+        let (how, expected) = if self.repeated {
+            ("repeatedly ", "repeats")
+        } else {
+            ("", "failures")
+        };
         format!(
-            "Tool {} failed for {} agents within {within} s ({who}; {} failures, {:.2} expected per {within} s at its rate over the last hour; p = {:.1e})",
+            "Tool {} failed {how}for {} agents within {within} s ({who}; {} failures, {:.2} {expected} expected per {within} s at its rate over the last hour; p = {:.1e})",
             self.tool,
             self.agents.len(),
             self.failures,
@@ -68,8 +84,12 @@ impl Burst<'_> {
 /// The scanned lengths, as shares of the window: its last sixth, third and all of it.
 const SCAN: [u64; 3] = [6, 3, 1];
 
+/// The tests per scanned length: failing agents, and agents failing again.
+const TESTS: usize = 2;
+
 /// The tools whose failures within the window (or its last third or sixth) came from at
-/// least `tool_burst_agents` agents, judged against their own past.
+/// least `tool_burst_agents` agents (or as many failing again), judged against their own
+/// past.
 pub fn findings<'a>(
     views: &'a [ToolFailuresView],
     tools_tracked: usize,
@@ -84,39 +104,36 @@ pub fn findings<'a>(
         if v.seen_ms < MIN_BASELINE_WINDOWS * window_ms {
             continue;
         }
-        let in_window = v
-            .failures
-            .iter()
-            .filter(|(at, _)| *at >= now_ms.saturating_sub(window_ms));
-        let before = v.hour_failures.saturating_sub(in_window.count() as u64);
         let span_ms = v.seen_ms.saturating_sub(window_ms).max(window_ms);
-        // Half a failure of prior: a tool that never failed still has a finite rate.
-        let rate_per_ms = (before as f64 + 0.5) / span_ms as f64;
+        // The baselines are the hour before the window: what the window holds is taken out.
+        let whole = Within::of(v, now_ms.saturating_sub(window_ms));
+        let before = Before {
+            failures: v.hour_failures.saturating_sub(whole.failures),
+            whole: &whole,
+            span_ms,
+        };
         let mut best: Option<(f64, Burst<'a>)> = None;
         for share in SCAN {
             let len_ms = (window_ms / share).max(1000);
-            let (agents, failures) = agents_within(v, now_ms.saturating_sub(len_ms));
-            if agents.len() < need {
-                continue;
-            }
-            let expected = rate_per_ms * len_ms as f64;
-            let p = poisson_tail(agents.len() as u64, expected);
             let windows_per_hour = (3_600_000 / len_ms).max(1) as f64;
             let alpha = spec.tool_burst_false_alarms_per_hour
-                / (tools_tracked.max(1) as f64 * windows_per_hour * SCAN.len() as f64);
-            let strength = p / alpha;
-            if best.as_ref().is_none_or(|(s, _)| strength < *s) {
-                let burst = Burst {
-                    tool: &v.tool,
-                    within_ms: len_ms,
-                    agents,
-                    failures,
-                    expected,
-                    p,
-                    active: p <= alpha,
-                    holding: true,
-                };
-                best = Some((strength, burst));
+                / (tools_tracked.max(1) as f64 * windows_per_hour * (SCAN.len() * TESTS) as f64);
+            let within = Within::of(v, now_ms.saturating_sub(len_ms));
+            let agents = within.agents_test(v, &before, len_ms);
+            for burst in std::iter::once(agents).chain(within.repeats_test(v, &before, len_ms)) {
+                if burst.agents.len() < need {
+                    continue;
+                }
+                let strength = burst.p / alpha;
+                if best.as_ref().is_none_or(|(s, _)| strength < *s) {
+                    best = Some((
+                        strength,
+                        Burst {
+                            active: burst.p <= alpha,
+                            ..burst
+                        },
+                    ));
+                }
             }
         }
         out.extend(best.map(|(_, b)| b));
@@ -124,18 +141,110 @@ pub fn findings<'a>(
     out
 }
 
-/// The distinct agents (sorted) whose calls failed from `from_ms`, and the failures.
-fn agents_within(v: &ToolFailuresView, from_ms: u64) -> (Vec<&str>, u64) {
-    let mut agents: Vec<&str> = v
-        .failures
-        .iter()
-        .filter(|(at, _)| *at >= from_ms)
-        .map(|(_, w)| w.as_str())
-        .collect();
-    let failures = agents.len() as u64;
-    agents.sort_unstable();
-    agents.dedup();
-    (agents, failures)
+/// What the hour before the window held, as the baselines read it.
+struct Before<'w, 'a> {
+    failures: u64,
+    /// The whole window, whose repeats are taken out of each class's hour count.
+    whole: &'w Within<'a>,
+    /// The hour before the window, or as much of it as the tool was called.
+    span_ms: u64,
+}
+
+/// A tool's failures within one scanned length.
+struct Within<'a> {
+    /// The distinct agents (sorted), and those among them that failed more than once.
+    agents: Vec<&'a str>,
+    again: Vec<&'a str>,
+    /// The gaps between one agent's failures, sorted.
+    gaps: Vec<u64>,
+    failures: u64,
+}
+
+impl<'a> Within<'a> {
+    fn of(v: &'a ToolFailuresView, from_ms: u64) -> Self {
+        let mut all: Vec<(&str, u64)> = v
+            .failures
+            .iter()
+            .filter(|(at, _)| *at >= from_ms)
+            .map(|(at, w)| (w.as_str(), *at))
+            .collect();
+        let failures = all.len() as u64;
+        all.sort_unstable();
+        // Sorted by agent, then time: each pair of one agent's is a repeat and its gap.
+        let mut gaps: Vec<u64> = all
+            .windows(2)
+            .filter(|p| p[0].0 == p[1].0)
+            .map(|p| p[1].1 - p[0].1)
+            .collect();
+        gaps.sort_unstable();
+        let mut again: Vec<&str> = all
+            .windows(2)
+            .filter(|p| p[0].0 == p[1].0)
+            .map(|p| p[0].0)
+            .collect();
+        again.dedup();
+        let mut agents: Vec<&str> = all.iter().map(|(w, _)| *w).collect();
+        agents.dedup();
+        Within {
+            agents,
+            again,
+            gaps,
+            failures,
+        }
+    }
+
+    /// The repeats here that came within `bound_ms` of the agent's previous failure.
+    fn repeats_within(&self, bound_ms: u64) -> u64 {
+        self.gaps.partition_point(|g| *g <= bound_ms) as u64
+    }
+
+    /// Distinct failing agents against the tool's failures per length over the hour before
+    /// the window. Half a failure of prior: a tool that never failed still has a finite rate.
+    fn agents_test(
+        &self,
+        v: &'a ToolFailuresView,
+        before: &Before<'_, 'a>,
+        len_ms: u64,
+    ) -> Burst<'a> {
+        let expected = (before.failures as f64 + 0.5) / before.span_ms as f64 * len_ms as f64;
+        self.burst(v, self.agents.clone(), false, expected, len_ms)
+    }
+
+    /// Agents failing again within the length, against the hour's repeats as soon (the
+    /// tightest class that holds the length; a looser one only raises the baseline).
+    fn repeats_test(
+        &self,
+        v: &'a ToolFailuresView,
+        before: &Before<'_, 'a>,
+        len_ms: u64,
+    ) -> Option<Burst<'a>> {
+        let class = REPEAT_WITHIN_MS.iter().position(|b| *b >= len_ms)?;
+        let past = v.hour_repeats[class]
+            .saturating_sub(before.whole.repeats_within(REPEAT_WITHIN_MS[class]));
+        let expected = (past as f64 + 0.5) / before.span_ms as f64 * len_ms as f64;
+        Some(self.burst(v, self.again.clone(), true, expected, len_ms))
+    }
+
+    fn burst(
+        &self,
+        v: &'a ToolFailuresView,
+        agents: Vec<&'a str>,
+        repeated: bool,
+        expected: f64,
+        len_ms: u64,
+    ) -> Burst<'a> {
+        Burst {
+            tool: &v.tool,
+            within_ms: len_ms,
+            p: poisson_tail(agents.len() as u64, expected),
+            agents,
+            repeated,
+            failures: self.failures,
+            expected,
+            active: false,
+            holding: true,
+        }
+    }
 }
 
 /// P(X ≥ k) for X ~ Poisson(λ), summed from k upward in log space, so it stays exact
@@ -174,7 +283,36 @@ mod tests {
             tool: tool.into(),
             failures: failures.iter().map(|(t, w)| (*t, w.to_string())).collect(),
             hour_failures: hour,
+            hour_repeats: [0; REPEAT_WITHIN_MS.len()],
             seen_ms,
+        }
+    }
+
+    /// A tool a thousand agents call: 20 failures per 30 s all hour, of which `repeats`
+    /// per hour came within 30 s of the same agent's last (fewer within less). Now 12
+    /// agents failed it once in the last 20 s, and `outage` more failed every call, 3 s
+    /// apart, since 25 s ago.
+    fn busy_tool(now: u64, repeats: u64, outage: usize) -> ToolFailuresView {
+        let mut failures: Vec<(u64, String)> = (0..12)
+            .map(|i| (now - 20_000 + i * 1_000, format!("b{i:02}")))
+            .collect();
+        for a in 0..outage {
+            for k in 0..8u64 {
+                failures.push((
+                    now - 25_000 + a as u64 * 100 + k * 3_000,
+                    format!("o{a:02}"),
+                ));
+            }
+        }
+        failures.sort_unstable();
+        let in_window = failures.len() as u64;
+        ToolFailuresView {
+            tool: "run_code".into(),
+            failures,
+            hour_failures: 2_400 + in_window,
+            // Of the classes 1, 2, 5, 10, 20, 30, 60 and 120 s.
+            hour_repeats: [0, 0, 1, 2, 4, 6, 12, 24].map(|share| repeats * share / 6),
+            seen_ms: 3_600_000,
         }
     }
 
@@ -211,7 +349,7 @@ mod tests {
             "spread over 18 s: only the whole window holds ten"
         );
         assert!(b.message().starts_with(
-            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures, 0.03 expected"
+            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures, 0.03 failures expected"
         ), "{}", b.message());
     }
 
@@ -232,6 +370,37 @@ mod tests {
             "… but it is what the tool always does: {:?}",
             found[0]
         );
+    }
+
+    #[test]
+    fn ten_agents_failing_every_call_of_a_busy_tool_is_a_burst() {
+        let spec = AlertSpec::default();
+        let now = 10_000_000;
+        // 22 agents in 30 s against 20 expected: by count alone, nothing …
+        let quiet = busy_tool(now, 36, 0);
+        assert!(!findings(std::slice::from_ref(&quiet), 4, now, &spec)[0].active);
+        let outage = busy_tool(now, 36, 10);
+        let found = findings(std::slice::from_ref(&outage), 4, now, &spec);
+        let b = &found[0];
+        // … but ten of them failed again within seconds, where the whole fleet repeats
+        // a failure that soon a few times an hour.
+        assert!(b.active && b.repeated, "{b:?}");
+        assert_eq!(b.agents.len(), 10);
+        assert!(
+            b.agents.iter().all(|a| a.starts_with('o')),
+            "{:?}",
+            b.agents
+        );
+        assert!(
+            b.message()
+                .starts_with("Tool run_code failed repeatedly for 10 agents within"),
+            "{}",
+            b.message()
+        );
+        // On a tool whose failures come in retries all the time, it is nothing new.
+        let retried = busy_tool(now, 60 * 120 * 6, 10);
+        let found = findings(std::slice::from_ref(&retried), 4, now, &spec);
+        assert!(!found[0].active, "{:?}", found[0]);
     }
 
     #[test]

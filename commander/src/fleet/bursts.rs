@@ -4,9 +4,16 @@
 //! burst rule needs each failure's time and agent, and the tool's own failure rate over
 //! the hour as its baseline.
 //!
+//! In a large fleet a busy tool fails for ten agents every half-minute by chance, so the
+//! rule also asks how many agents failed the tool *again* within the window: background
+//! failures rarely hit one agent twice in seconds, an outage hits every call its agents
+//! make. For that baseline each failure is timed against the same agent's previous
+//! failure of the tool, and the hour counts repeats by how soon they came (`REPEAT_WITHIN_MS`).
+//!
 //! Bounded: at most `MAX_TOOLS` tools (a new one beyond that is not tracked, and counted),
-//! at most `MAX_LISTED` failures listed per tool (the oldest leave first); a tool not
-//! called for an hour is forgotten.
+//! at most `MAX_LISTED` failures listed per tool (the oldest leave first), and as many
+//! agents' last failures (a new agent beyond that is not timed: its failure counts, not as a
+//! repeat); a tool not called for an hour is forgotten.
 
 use std::collections::VecDeque;
 
@@ -22,6 +29,16 @@ const BUCKET_MS: u64 = 10_000;
 /// Ten-second buckets of failures: one hour.
 const BUCKETS: usize = 360;
 const HOUR_MS: u64 = BUCKET_MS * BUCKETS as u64;
+/// A repeat is counted in every class whose bound its gap is within: the burst rule reads
+/// the tightest class that holds its scanned length (1 s to the 120 s `LISTED_MS`).
+pub const REPEAT_WITHIN_MS: [u64; 8] =
+    [1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000];
+/// Repeats are counted per minute: the hour's baseline needs no finer grain.
+const REPEAT_BUCKET_MS: u64 = 60_000;
+const REPEAT_BUCKETS: usize = 60;
+
+/// Repeats of one minute: (minute number, repeats per class of `REPEAT_WITHIN_MS`).
+type RepeatBucket = (u64, [u32; REPEAT_WITHIN_MS.len()]);
 
 #[derive(Debug)]
 struct Tool {
@@ -29,6 +46,10 @@ struct Tool {
     listed: VecDeque<(u64, String)>,
     /// Failures per ten-second bucket: (bucket number, failures).
     buckets: Box<[(u64, u32); BUCKETS]>,
+    /// Each agent's latest failure of the tool (event ms), kept for `LISTED_MS`.
+    last_failure: FxHashMap<String, u64>,
+    /// Repeats per minute, by how soon after the agent's previous failure they came.
+    repeats: Box<[RepeatBucket; REPEAT_BUCKETS]>,
     first_ms: u64,
     last_ms: u64,
 }
@@ -41,6 +62,9 @@ pub struct ToolFailuresView {
     pub failures: Vec<(u64, String)>,
     /// Its failures over the last hour, those listed included.
     pub hour_failures: u64,
+    /// Its failures over the last hour that came within `REPEAT_WITHIN_MS[c]` of the same
+    /// agent's previous failure of it, for each class `c`.
+    pub hour_repeats: [u64; REPEAT_WITHIN_MS.len()],
     /// How long it has been called, in ms (at most an hour): how much baseline there is.
     pub seen_ms: u64,
 }
@@ -66,6 +90,8 @@ impl ToolBursts {
                 self.tools.entry(tool.to_string()).or_insert_with(|| Tool {
                     listed: VecDeque::new(),
                     buckets: Box::new([(0, 0); BUCKETS]),
+                    last_failure: FxHashMap::default(),
+                    repeats: Box::new([(0, [0; REPEAT_WITHIN_MS.len()]); REPEAT_BUCKETS]),
                     first_ms: at_ms,
                     last_ms: at_ms,
                 })
@@ -82,6 +108,7 @@ impl ToolBursts {
             *cell = (bucket, 0);
         }
         cell.1 = cell.1.saturating_add(1);
+        t.time_repeat(worker, at_ms);
         if t.listed.len() >= MAX_LISTED {
             t.listed.pop_front();
         }
@@ -96,6 +123,7 @@ impl ToolBursts {
             .retain(|_, t| now_ms.saturating_sub(t.last_ms) < HOUR_MS);
         for t in self.tools.values_mut() {
             t.listed.retain(|(at, _)| *at >= cutoff);
+            t.last_failure.retain(|_, at| *at >= cutoff);
         }
     }
 
@@ -123,12 +151,60 @@ impl ToolBursts {
                         .filter(|(b, n)| *n > 0 && *b > oldest_bucket)
                         .map(|(_, n)| u64::from(*n))
                         .sum(),
+                    hour_repeats: t.hour_repeats(now_ms),
                     seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
                 })
             })
             .collect();
         out.sort_by(|a, b| a.tool.cmp(&b.tool));
         (out, self.tools.len())
+    }
+}
+
+impl Tool {
+    /// Books `worker`'s failure at `at_ms` against its previous one: a repeat in every
+    /// class its gap is within. Spans arrive out of order, so the gap is either way.
+    fn time_repeat(&mut self, worker: &str, at_ms: u64) {
+        let previous = match self.last_failure.get_mut(worker) {
+            Some(last) => {
+                let before = *last;
+                *last = before.max(at_ms);
+                Some(before)
+            }
+            None => {
+                if self.last_failure.len() < MAX_LISTED {
+                    self.last_failure.insert(worker.to_string(), at_ms);
+                }
+                None
+            }
+        };
+        let Some(gap) = previous.map(|p| p.abs_diff(at_ms)) else {
+            return;
+        };
+        let minute = at_ms / REPEAT_BUCKET_MS;
+        let cell = &mut self.repeats[(minute % REPEAT_BUCKETS as u64) as usize];
+        if cell.0 != minute {
+            *cell = (minute, [0; REPEAT_WITHIN_MS.len()]);
+        }
+        for (n, bound) in cell.1.iter_mut().zip(REPEAT_WITHIN_MS) {
+            if gap <= bound {
+                *n = n.saturating_add(1);
+            }
+        }
+    }
+
+    /// The hour's repeats per class.
+    fn hour_repeats(&self, now_ms: u64) -> [u64; REPEAT_WITHIN_MS.len()] {
+        let oldest = now_ms.saturating_sub(HOUR_MS) / REPEAT_BUCKET_MS;
+        let mut sum = [0u64; REPEAT_WITHIN_MS.len()];
+        for (minute, counts) in self.repeats.iter() {
+            if *minute > oldest {
+                for (s, n) in sum.iter_mut().zip(counts) {
+                    *s += u64::from(*n);
+                }
+            }
+        }
+        sum
     }
 }
 
@@ -166,6 +242,32 @@ mod tests {
     }
 
     #[test]
+    fn repeats_are_counted_by_how_soon_the_agent_failed_again() {
+        let mut b = ToolBursts::default();
+        let t0 = 10_000_000;
+        b.count("run_code", "a1", true, t0);
+        b.count("run_code", "a2", true, t0 + 500);
+        // Out of order: 1.5 s before a1's first.
+        b.count("run_code", "a1", true, t0 - 1_500);
+        b.count("run_code", "a1", true, t0 + 40_000);
+        b.count("web_search", "a1", true, t0 + 40_500);
+        let (v, _) = b.view(t0 + 40_000);
+        assert_eq!(v[0].tool, "run_code");
+        // Gaps 1.5 s (a1 after its later failure) and 40 s.
+        assert_eq!(v[0].hour_repeats, [0, 1, 1, 1, 1, 1, 2, 2]);
+        assert_eq!(v[1].hour_repeats, [0; REPEAT_WITHIN_MS.len()]);
+        // Past LISTED_MS the agent's last failure is forgotten: no repeat to time.
+        b.sweep(t0 + 40_000 + LISTED_MS + 1);
+        b.count("run_code", "a1", true, t0 + 40_000 + LISTED_MS + 1);
+        let (v, _) = b.view(t0 + 40_000 + LISTED_MS + 1);
+        assert_eq!(v[0].hour_repeats, [0, 1, 1, 1, 1, 1, 2, 2]);
+        // An hour on, they have left the hour.
+        b.count("run_code", "a3", true, t0 + 3_700_000);
+        let (v, _) = b.view(t0 + 3_700_000);
+        assert_eq!(v[0].hour_repeats, [0; REPEAT_WITHIN_MS.len()]);
+    }
+
+    #[test]
     fn tools_and_listed_failures_are_bounded() {
         let mut b = ToolBursts::default();
         for i in 0..MAX_TOOLS + 5 {
@@ -177,5 +279,9 @@ mod tests {
             b.count("tool0", "w", true, 1_000 + i);
         }
         assert_eq!(b.tools["tool0"].listed.len(), MAX_LISTED);
+        for i in 0..MAX_LISTED as u64 + 10 {
+            b.count("tool0", &format!("w{i}"), true, 2_000);
+        }
+        assert_eq!(b.tools["tool0"].last_failure.len(), MAX_LISTED);
     }
 }

@@ -520,7 +520,7 @@ pub struct ScenarioArgs {
     /// A scenario's name (`fleet-sim scenario list` names them), or `all`.
     name: String,
     /// Simulated agents.
-    #[arg(long, default_value_t = 36)]
+    #[arg(long, default_value_t = 1_000)]
     agents: usize,
     /// The seed of the simulated fleet (of the first run).
     #[arg(long, default_value_t = 1)]
@@ -718,7 +718,7 @@ fn print_rates(s: &Scenario, outcomes: &[Outcome]) {
         );
     }
     println!(
-        "false alarms {false_alarms} in {runs_with_false_alarm} runs ({:.2} per fleet-hour before any fault)",
+        "false alarms {false_alarms}, in {runs_with_false_alarm} of {n} runs ({:.2} per fleet-hour before any fault)",
         false_alarms as f64 / hours.max(1e-9)
     );
     for o in outcomes
@@ -774,7 +774,9 @@ fn print_outcome(o: &Outcome) {
             a.message
         );
     }
-    let others: Vec<String> = o
+    // By rule, in the order they first fired: a stuck wave fires for hundreds of agents.
+    let mut others: Vec<(Rule, Vec<String>)> = Vec::new();
+    for a in o
         .fired
         .iter()
         .filter(|a| a.at_s >= s.onset_min * 60 && s.fault.is_some())
@@ -783,7 +785,28 @@ fn print_outcome(o: &Outcome) {
                 .as_ref()
                 .is_none_or(|(d, _)| d.at_s != a.at_s || d.rule != a.rule)
         })
-        .map(|a| format!("{} {:?}", a.rule.as_str(), a.labels))
+    {
+        let labels = format!("{:?}", a.labels);
+        match others.iter_mut().find(|(r, _)| *r == a.rule) {
+            Some((_, seen)) => seen.push(labels),
+            None => others.push((a.rule, vec![labels])),
+        }
+    }
+    let others: Vec<String> = others
+        .iter()
+        .map(|(rule, labels)| {
+            let shown = labels
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            match labels.len() {
+                n if n > 3 => format!("{} x{n} ({shown} ...)", rule.as_str()),
+                n if n > 1 => format!("{} x{n} ({shown})", rule.as_str()),
+                _ => format!("{} {shown}", rule.as_str()),
+            }
+        })
         .collect();
     if !others.is_empty() {
         println!("  also fired after the onset: {}", others.join("; "));
