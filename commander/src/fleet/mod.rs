@@ -1080,12 +1080,14 @@ impl FleetState {
     }
 
     pub fn snapshot(&self, now_ms: u64) -> FleetSnapshot {
-        let mut workers: Vec<WorkerView> = self
-            .workers
-            .values()
-            .map(|w| self.worker_view(w, now_ms))
+        // Sorted by id before the views are built: a view is hundreds of bytes, and a sort
+        // of 10,000 of them spent most of its time moving them (a fifth of a snapshot).
+        let mut sorted: Vec<(&String, &Worker)> = self.workers.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let workers: Vec<WorkerView> = sorted
+            .into_iter()
+            .map(|(_, w)| self.worker_view(w, now_ms))
             .collect();
-        workers.sort_by(|a, b| a.id.cmp(&b.id));
         let Counted {
             states,
             busy,
