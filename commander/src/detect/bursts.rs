@@ -118,7 +118,14 @@ pub fn findings<'a>(
             let windows_per_hour = (3_600_000 / len_ms).max(1) as f64;
             let alpha = spec.tool_burst_false_alarms_per_hour
                 / (tools_tracked.max(1) as f64 * windows_per_hour * (SCAN.len() * TESTS) as f64);
-            let within = Within::of(v, now_ms.saturating_sub(len_ms));
+            // The whole window is the last length scanned: it was read above.
+            let part;
+            let within = if len_ms == window_ms {
+                &whole
+            } else {
+                part = Within::of(v, now_ms.saturating_sub(len_ms));
+                &part
+            };
             let agents = within.agents_test(v, &before, len_ms);
             for burst in std::iter::once(agents).chain(within.repeats_test(v, &before, len_ms)) {
                 if burst.agents.len() < need {
@@ -170,19 +177,18 @@ impl<'a> Within<'a> {
             .collect();
         let failures = all.len() as u64;
         all.sort_unstable();
-        // Sorted by agent, then time: each pair of one agent's is a repeat and its gap.
-        let mut gaps: Vec<u64> = all
-            .windows(2)
-            .filter(|p| p[0].0 == p[1].0)
-            .map(|p| p[1].1 - p[0].1)
-            .collect();
+        // Sorted by agent, then time: each adjacent pair of one agent's is a repeat, and
+        // its gap is never negative.
+        let (mut gaps, mut again) = (Vec::new(), Vec::new());
+        for p in all.windows(2) {
+            if p[0].0 == p[1].0 {
+                gaps.push(p[1].1 - p[0].1);
+                if again.last() != Some(&p[0].0) {
+                    again.push(p[0].0);
+                }
+            }
+        }
         gaps.sort_unstable();
-        let mut again: Vec<&str> = all
-            .windows(2)
-            .filter(|p| p[0].0 == p[1].0)
-            .map(|p| p[0].0)
-            .collect();
-        again.dedup();
         let mut agents: Vec<&str> = all.iter().map(|(w, _)| *w).collect();
         agents.dedup();
         Within {
