@@ -5,10 +5,13 @@
 //! Ten failing agents is an outage on a tool that fails once an hour, and an ordinary
 //! half-minute on a tool a thousand agents call every few seconds at a 2 % failure rate.
 //! So a count alone is not the rule: the burst must also be improbable at the tool's own
-//! failure rate over the hour before the window. Failures in a window are taken as
-//! Poisson at that rate; the test is its upper tail at the number of distinct agents
-//! (failures are at least as many, so counting agents is conservative, and one agent
-//! retrying a broken tool in a loop is the tool-loop rules' case, not this one).
+//! failure rate over the hour before the window. That rate is a share of calls, not of
+//! time: agents do not call evenly (runs start together, steps come in lockstep), and a
+//! few seconds with three times the calls bring three times the failures. So the failures
+//! within a length are taken as Binomial over the calls made within it, at the share of
+//! the hour's calls that failed; the test is its upper tail at the number of distinct
+//! agents (failures are at least as many, so counting agents is conservative, and one
+//! agent retrying a broken tool in a loop is the tool-loop rules' case, not this one).
 //!
 //! In a fleet of a thousand agents a busy tool fails for twenty of them every half-minute,
 //! and ten more is no longer improbable by count. What still sets an outage apart is that
@@ -44,9 +47,14 @@ pub struct Burst<'a> {
     pub repeated: bool,
     /// Failures in the window.
     pub failures: u64,
-    /// Failures (with `repeated`: repeat failures) expected in one window at the tool's
-    /// rate over the hour before.
+    /// Calls of the tool in the window (by whole seconds).
+    pub calls: u64,
+    /// Failures expected of those calls at the share of calls that failed over the hour
+    /// before (with `repeated`: repeat failures expected in one window at their rate over
+    /// the hour before).
     pub expected: f64,
+    /// The share of calls that failed over the hour before.
+    pub failure_share: f64,
     /// The chance of at least this many failing agents in one window at that rate.
     pub p: f64,
     /// The count is improbable: the alert's condition.
@@ -65,17 +73,24 @@ impl Burst<'_> {
             named.join(", ")
         };
         let within = self.within_ms as f64 / 1000.0;
-        let (how, expected) = if self.repeated {
-            ("repeatedly ", "repeats")
-        } else {
-            ("", "failures")
-        };
+        if self.repeated {
+            return format!(
+                "Tool {} failed repeatedly for {} agents within {within} s ({who}; {} failures, {:.2} repeats expected per {within} s at their rate over the last hour; p = {:.1e})",
+                self.tool,
+                self.agents.len(),
+                self.failures,
+                self.expected,
+                self.p
+            );
+        }
         format!(
-            "Tool {} failed {how}for {} agents within {within} s ({who}; {} failures, {:.2} {expected} expected per {within} s at its rate over the last hour; p = {:.1e})",
+            "Tool {} failed for {} agents within {within} s ({who}; {} failures in {} calls, {:.2} expected at the {:.1} % of its calls that failed over the last hour; p = {:.1e})",
             self.tool,
             self.agents.len(),
             self.failures,
+            self.calls,
             self.expected,
+            self.failure_share * 100.0,
             self.p
         )
     }
@@ -109,6 +124,7 @@ pub fn findings<'a>(
         let whole = Within::of(v, now_ms.saturating_sub(window_ms));
         let before = Before {
             failures: v.hour_failures.saturating_sub(whole.failures),
+            calls: v.hour_calls.saturating_sub(whole.calls),
             whole: &whole,
             span_ms,
         };
@@ -151,6 +167,7 @@ pub fn findings<'a>(
 /// What the hour before the window held, as the baselines read it.
 struct Before<'w, 'a> {
     failures: u64,
+    calls: u64,
     /// The whole window, whose repeats are taken out of each class's hour count.
     whole: &'w Within<'a>,
     /// The hour before the window, or as much of it as the tool was called.
@@ -165,6 +182,8 @@ struct Within<'a> {
     /// The gaps between one agent's failures, sorted.
     gaps: Vec<u64>,
     failures: u64,
+    /// Calls in the seconds the length touches (never fewer than its failures).
+    calls: u64,
 }
 
 impl<'a> Within<'a> {
@@ -191,11 +210,19 @@ impl<'a> Within<'a> {
         gaps.sort_unstable();
         let mut agents: Vec<&str> = all.iter().map(|(w, _)| *w).collect();
         agents.dedup();
+        // A second partly inside the length counts whole: more calls, a weaker test.
+        let calls: u64 = v
+            .calls
+            .iter()
+            .filter(|(second_ms, _)| second_ms.saturating_add(1_000) > from_ms)
+            .map(|(_, n)| u64::from(*n))
+            .sum();
         Within {
             agents,
             again,
             gaps,
             failures,
+            calls: calls.max(failures),
         }
     }
 
@@ -204,16 +231,22 @@ impl<'a> Within<'a> {
         self.gaps.partition_point(|g| *g <= bound_ms) as u64
     }
 
-    /// Distinct failing agents against the tool's failures per length over the hour before
-    /// the window. Half a failure of prior: a tool that never failed still has a finite rate.
+    /// Distinct failing agents against the calls made within the length, each failing at
+    /// the share of the hour's calls before the window that failed. Half a failure of
+    /// prior: a tool that never failed still has a finite share.
     fn agents_test(
         &self,
         v: &'a ToolFailuresView,
         before: &Before<'_, 'a>,
         len_ms: u64,
     ) -> Burst<'a> {
-        let expected = (before.failures as f64 + 0.5) / before.span_ms as f64 * len_ms as f64;
-        self.burst(v, self.agents.clone(), false, expected, len_ms)
+        let share = ((before.failures as f64 + 0.5) / (before.calls as f64 + 1.0)).min(1.0);
+        Burst {
+            expected: self.calls as f64 * share,
+            failure_share: share,
+            p: binomial_tail(self.agents.len() as u64, self.calls, share),
+            ..self.burst(v, self.agents.clone(), false, len_ms)
+        }
     }
 
     /// Agents failing again within the length, against the hour's repeats as soon (the
@@ -228,29 +261,70 @@ impl<'a> Within<'a> {
         let past = v.hour_repeats[class]
             .saturating_sub(before.whole.repeats_within(REPEAT_WITHIN_MS[class]));
         let expected = (past as f64 + 0.5) / before.span_ms as f64 * len_ms as f64;
-        Some(self.burst(v, self.again.clone(), true, expected, len_ms))
+        Some(Burst {
+            expected,
+            p: poisson_tail(self.again.len() as u64, expected),
+            ..self.burst(v, self.again.clone(), true, len_ms)
+        })
     }
 
+    /// The burst of `agents`, its test not yet made (`p` 1).
     fn burst(
         &self,
         v: &'a ToolFailuresView,
         agents: Vec<&'a str>,
         repeated: bool,
-        expected: f64,
         len_ms: u64,
     ) -> Burst<'a> {
         Burst {
             tool: &v.tool,
             within_ms: len_ms,
-            p: poisson_tail(agents.len() as u64, expected),
             agents,
             repeated,
             failures: self.failures,
-            expected,
+            calls: self.calls,
+            expected: 0.0,
+            failure_share: 0.0,
+            p: 1.0,
             active: false,
             holding: true,
         }
     }
+}
+
+/// P(X ≥ k) for X ~ Binomial(n, q), summed in log space like `poisson_tail`.
+pub fn binomial_tail(k: u64, n: u64, q: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n || !(q.is_finite() && q > 0.0) {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (ln_q, ln_rest) = (q.ln(), (-q).ln_1p());
+    let ln_n_fact = libm::lgamma(n as f64 + 1.0);
+    let term = |i: u64| {
+        (ln_n_fact - libm::lgamma(i as f64 + 1.0) - libm::lgamma((n - i) as f64 + 1.0)
+            + i as f64 * ln_q
+            + (n - i) as f64 * ln_rest)
+            .exp()
+    };
+    // Below the mean the tail is most of the mass: take the complement of the head.
+    if (k as f64) <= n as f64 * q {
+        let head: f64 = (0..k).map(term).sum();
+        return (1.0 - head).clamp(0.0, 1.0);
+    }
+    let mut sum = 0.0;
+    for i in k..=n {
+        let t = term(i);
+        sum += t;
+        if t <= sum * 1e-15 {
+            break;
+        }
+    }
+    sum.clamp(0.0, 1.0)
 }
 
 /// P(X ≥ k) for X ~ Poisson(λ), summed from k upward in log space, so it stays exact
@@ -284,17 +358,33 @@ pub fn poisson_tail(k: u64, lambda: f64) -> f64 {
 mod tests {
     use super::*;
 
-    fn view(tool: &str, failures: &[(u64, &str)], hour: u64, seen_ms: u64) -> ToolFailuresView {
+    /// A tool called `per_s` times a second for `seen_ms` up to `now`, `hour` of its calls
+    /// failed, and `failures` the recent ones.
+    fn view(
+        tool: &str,
+        failures: &[(u64, &str)],
+        (hour, per_s): (u64, u32),
+        now: u64,
+        seen_ms: u64,
+    ) -> ToolFailuresView {
         ToolFailuresView {
             tool: tool.into(),
             failures: failures.iter().map(|(t, w)| (*t, w.to_string())).collect(),
             hour_failures: hour,
+            hour_calls: u64::from(per_s) * seen_ms / 1000,
+            calls: steady_calls(now, per_s),
             hour_repeats: [0; REPEAT_WITHIN_MS.len()],
             seen_ms,
         }
     }
 
-    /// A tool a thousand agents call: 20 failures per 30 s all hour, of which `repeats`
+    /// `per_s` calls in each second of the last two minutes up to `now`.
+    fn steady_calls(now: u64, per_s: u32) -> Vec<(u64, u32)> {
+        (0..120).rev().map(|s| (now - s * 1_000, per_s)).collect()
+    }
+
+    /// A tool a thousand agents call: 34 calls a second all hour, 20 of them failing per
+    /// 30 s (2 %), of which `repeats`
     /// per hour came within 30 s of the same agent's last (fewer within less). Now 12
     /// agents failed it once in the last 20 s, and `outage` more failed every call, 3 s
     /// apart, since 25 s ago.
@@ -316,6 +406,8 @@ mod tests {
             tool: "run_code".into(),
             failures,
             hour_failures: 2_400 + in_window,
+            hour_calls: 34 * 3_600,
+            calls: steady_calls(now, 34),
             // Of the classes 1, 2, 5, 10, 20, 30, 60 and 120 s.
             hour_repeats: [0, 0, 1, 2, 4, 6, 12, 24].map(|share| repeats * share / 6),
             seen_ms: 3_600_000,
@@ -336,6 +428,58 @@ mod tests {
     }
 
     #[test]
+    fn the_binomial_tail_is_the_textbook_one() {
+        // P(X >= 1 | 2, 1/2) = 3/4; P(X >= 2 | 3, 1/2) = 1/2; P(X >= 10 | 10, 0.1) = 1e-10.
+        assert!((binomial_tail(1, 2, 0.5) - 0.75).abs() < 1e-12);
+        assert!((binomial_tail(2, 3, 0.5) - 0.5).abs() < 1e-12);
+        let p = binomial_tail(10, 10, 0.1);
+        assert!((p - 1e-10).abs() < 1e-20, "{p}");
+        // P(X >= 3 | 100, 1 %) = 1 - (0.99^100 + 100 0.01 0.99^99 + 4950 0.01^2 0.99^98).
+        let head = 0.99f64.powi(100) + 0.99f64.powi(99) + 0.495 * 0.99f64.powi(98);
+        assert!((binomial_tail(3, 100, 0.01) - (1.0 - head)).abs() < 1e-12);
+        assert_eq!(binomial_tail(0, 5, 0.1), 1.0);
+        assert_eq!(binomial_tail(6, 5, 0.1), 0.0);
+        assert_eq!(binomial_tail(2, 5, 0.0), 0.0);
+        assert_eq!(binomial_tail(2, 5, f64::NAN), 0.0);
+        assert_eq!(binomial_tail(2, 5, 1.0), 1.0);
+    }
+
+    #[test]
+    fn failures_that_come_with_a_surge_of_calls_are_not_a_burst() {
+        let spec = AlertSpec::default();
+        let now = 10_000_000;
+        // 30 agents failing within 5 s, on a tool 5 calls a second all hour, 2 % of them
+        // failing: about 0.6 failures per 5 s, so 30 is an outage …
+        let names: Vec<String> = (0..30).map(|i| format!("a{i:02}")).collect();
+        let thirty: Vec<(u64, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (now - 4_000 + i as u64 * 100, w.as_str()))
+            .collect();
+        let steady = [view("read_page", &thirty, (360, 5), now, 3_600_000)];
+        let found = findings(&steady, 4, now, &spec);
+        assert!(found[0].active && !found[0].repeated, "{:?}", found[0]);
+        assert_eq!(found[0].within_ms, 5_000);
+        // … unless those seconds brought 300 calls each: 2 % of 1,800 is 36 failures.
+        let mut surge = steady.clone();
+        for (second, n) in surge[0].calls.iter_mut() {
+            if *second + 6_000 > now {
+                *n = 300;
+            }
+        }
+        surge[0].hour_calls += 6 * 295;
+        let found = findings(&surge, 4, now, &spec);
+        assert!(!found[0].active, "{:?}", found[0]);
+        // The least improbable length speaks: the whole window, 31 seconds of calls, six of
+        // them the surge's.
+        assert!(
+            found[0].message().contains("30 failures in 1925 calls"),
+            "{}",
+            found[0].message()
+        );
+    }
+
+    #[test]
     fn ten_agents_failing_a_quiet_tool_within_the_window_is_a_burst() {
         let spec = AlertSpec::default();
         let now = 10_000_000;
@@ -343,8 +487,9 @@ mod tests {
             .map(|i| (now - 25_000 + i * 2_000, format!("a{i}")))
             .collect();
         let ten: Vec<(u64, &str)> = ten.iter().map(|(t, w)| (*t, w.as_str())).collect();
-        // Two failures in the 50 minutes before: 0.05 expected per 30 s.
-        let quiet = [view("send_mail", &ten, 12, 3_000_000)];
+        // Two failures of 3,000 calls in the 50 minutes before: 0.03 expected of the 31
+        // calls in the seconds the window touches.
+        let quiet = [view("send_mail", &ten, (12, 1), now, 3_000_000)];
         let found = findings(&quiet, 4, now, &spec);
         assert_eq!(found.len(), 1);
         let b = &found[0];
@@ -355,7 +500,7 @@ mod tests {
             "spread over 18 s: only the whole window holds ten"
         );
         assert!(b.message().starts_with(
-            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures, 0.03 failures expected"
+            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures in 31 calls, 0.03 expected at the 0.1 % of its calls that failed over the last hour; p = "
         ), "{}", b.message());
     }
 
@@ -363,12 +508,13 @@ mod tests {
     fn what_a_busy_tool_does_every_half_minute_is_not_a_burst() {
         let spec = AlertSpec::default();
         let now = 10_000_000;
-        // 12 agents failing in 30 s, on a tool that fails 20 times per 30 s all hour.
+        // 12 agents failing in 30 s, on a tool that fails 20 times per 30 s all hour (2 %
+        // of 34 calls a second).
         let twelve: Vec<(u64, String)> = (0..12)
             .map(|i| (now - 20_000 + i, format!("a{i}")))
             .collect();
         let twelve: Vec<(u64, &str)> = twelve.iter().map(|(t, w)| (*t, w.as_str())).collect();
-        let busy = [view("web_search", &twelve, 2_400, 3_600_000)];
+        let busy = [view("web_search", &twelve, (2_400, 34), now, 3_600_000)];
         let found = findings(&busy, 4, now, &spec);
         assert_eq!(found.len(), 1, "the count stands …");
         assert!(
@@ -382,8 +528,8 @@ mod tests {
     fn ten_agents_failing_every_call_of_a_busy_tool_is_a_burst() {
         let spec = AlertSpec::default();
         let now = 10_000_000;
-        // 12 agents in 30 s against 20 failures expected: nothing. Ten more make 22, by
-        // count alone still nothing (P(X >= 22 | 20) is about 0.37) …
+        // 12 agents in 30 s against 21 failures expected: nothing. Ten more make 22, by
+        // count alone still nothing (P(X >= 22) of Binomial(1054, 2 %) is about 0.43) …
         let quiet = busy_tool(now, 36, 0);
         assert!(!findings(std::slice::from_ref(&quiet), 4, now, &spec)[0].active);
         let outage = busy_tool(now, 36, 10);
@@ -416,7 +562,7 @@ mod tests {
         let now = 10_000_000;
         // One agent failing ten times is the tool-loop rules' case.
         let one: Vec<(u64, &str)> = (0..10).map(|i| (now - 1_000 * i, "a1")).collect();
-        assert!(findings(&[view("t", &one, 10, 3_600_000)], 1, now, &spec).is_empty());
+        assert!(findings(&[view("t", &one, (10, 1), now, 3_600_000)], 1, now, &spec).is_empty());
         // Ten agents, but 40-60 s ago: outside the 30 s window.
         let names: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
         let old: Vec<(u64, &str)> = names
@@ -424,12 +570,12 @@ mod tests {
             .enumerate()
             .map(|(i, w)| (now - 40_000 - i as u64 * 2_000, w.as_str()))
             .collect();
-        assert!(findings(&[view("t", &old, 10, 3_600_000)], 1, now, &spec).is_empty());
+        assert!(findings(&[view("t", &old, (10, 1), now, 3_600_000)], 1, now, &spec).is_empty());
         // Ten agents in the window, on a tool seen for less than ten windows.
         let fresh: Vec<(u64, &str)> = names.iter().map(|w| (now - 1_000, w.as_str())).collect();
-        assert!(findings(&[view("t", &fresh, 10, 200_000)], 1, now, &spec).is_empty());
+        assert!(findings(&[view("t", &fresh, (10, 1), now, 200_000)], 1, now, &spec).is_empty());
         assert_eq!(
-            findings(&[view("t", &fresh, 10, 300_000)], 1, now, &spec).len(),
+            findings(&[view("t", &fresh, (10, 1), now, 300_000)], 1, now, &spec).len(),
             1
         );
     }
@@ -444,12 +590,14 @@ mod tests {
             .enumerate()
             .map(|(i, w)| (now - 500 - 3_000 * i as u64, w.as_str()))
             .collect();
-        // About 3 failures per 30 s before: P(X >= 10 | 3) is about 1.1e-3.
-        let v = [view("t", &spread, 370, 3_600_000)];
+        // 1 % of 10 calls a second failed before: of the 310 calls in the seconds the
+        // window touches, 3.1 expected, and P(X >= 10) is about 1.4e-3.
+        let v = [view("t", &spread, (370, 10), now, 3_600_000)];
         let mut spec = AlertSpec::default();
         assert!(!findings(&v, 1, now, &spec)[0].active);
         spec.tool_burst_false_alarms_per_hour = 10.0;
-        // 10 / (120 windows x 3 lengths) = 0.028 for one tool: active; over 100 tools, not.
+        // 10 / (120 windows x 3 lengths x 2 tests) = 0.014 for one tool: active; over 100
+        // tools, not.
         assert!(findings(&v, 1, now, &spec)[0].active);
         assert!(!findings(&v, 100, now, &spec)[0].active);
     }
@@ -463,9 +611,10 @@ mod tests {
             .enumerate()
             .map(|(i, w)| (now - 500 - 300 * i as u64, w.as_str()))
             .collect();
-        // The same tool as above (3 per 30 s), default budget: ten agents within 3 s is
-        // P(X >= 10 | 0.5) per 5 s, about 1.7e-10.
-        let v = [view("t", &sharp, 370, 3_600_000)];
+        // The same tool as above (1 % of 10 calls a second), default budget: ten agents
+        // within 3 s, of the 60 calls in the seconds the last 5 s touch, is P(X >= 10) of
+        // Binomial(60, 1 %), about 5.3e-10.
+        let v = [view("t", &sharp, (370, 10), now, 3_600_000)];
         let found = findings(&v, 1, now, &AlertSpec::default());
         assert!(found[0].active, "{:?}", found[0]);
         assert_eq!(found[0].within_ms, 5_000);

@@ -4,6 +4,12 @@
 //! burst rule needs each failure's time and agent, and the tool's own failure rate over
 //! the hour as its baseline.
 //!
+//! Failures are judged against the calls made: agents do not call evenly in time (runs
+//! start together, steps come in lockstep, a batch exporter delivers late), and a second
+//! with three times the calls has three times the failures without anything being wrong.
+//! So each tool's calls are counted too, per second for `LISTED_MS` and per ten seconds
+//! over the hour.
+//!
 //! In a large fleet a busy tool fails for ten agents every half-minute by chance, so the
 //! rule also asks how many agents failed the tool *again* within the window: background
 //! failures rarely hit one agent twice in seconds, an outage hits every call its agents
@@ -37,15 +43,30 @@ pub const REPEAT_WITHIN_MS: [u64; 8] =
 const REPEAT_BUCKET_MS: u64 = 60_000;
 const REPEAT_BUCKETS: usize = 60;
 
+/// Calls are counted per second for `LISTED_MS`: the burst rule's lengths are whole
+/// seconds.
+const CALL_SECOND_MS: u64 = 1_000;
+const CALL_SECONDS: usize = (LISTED_MS / CALL_SECOND_MS) as usize;
+
 /// Repeats of one minute: (minute number, repeats per class of `REPEAT_WITHIN_MS`).
 type RepeatBucket = (u64, [u32; REPEAT_WITHIN_MS.len()]);
+
+/// Ten seconds of the hour: its number, failures and calls.
+#[derive(Clone, Copy, Debug, Default)]
+struct HourBucket {
+    bucket: u64,
+    failures: u32,
+    calls: u32,
+}
 
 #[derive(Debug)]
 struct Tool {
     /// Failures of the last `LISTED_MS` (event time, worker), in arrival order.
     listed: VecDeque<(u64, String)>,
-    /// Failures per ten-second bucket: (bucket number, failures).
-    buckets: Box<[(u64, u32); BUCKETS]>,
+    /// Failures and calls per ten-second bucket, over the hour.
+    buckets: Box<[HourBucket; BUCKETS]>,
+    /// Calls per second of the last `LISTED_MS`: (second number, calls).
+    seconds: Box<[(u64, u32); CALL_SECONDS]>,
     /// Each agent's latest failure of the tool (event ms), kept for `LISTED_MS`.
     last_failure: FxHashMap<String, u64>,
     /// Repeats per minute, by how soon after the agent's previous failure they came.
@@ -62,6 +83,11 @@ pub struct ToolFailuresView {
     pub failures: Vec<(u64, String)>,
     /// Its failures over the last hour, those listed included.
     pub hour_failures: u64,
+    /// Its calls over the last hour, failed or not, those of `calls` included.
+    pub hour_calls: u64,
+    /// Its calls per second of the last `LISTED_MS`: (the second's start in ms, calls), the
+    /// seconds with a call only, oldest first.
+    pub calls: Vec<(u64, u32)>,
     /// Its failures over the last hour that came within `REPEAT_WITHIN_MS[c]` of the same
     /// agent's previous failure of it, for each class `c`.
     pub hour_repeats: [u64; REPEAT_WITHIN_MS.len()],
@@ -89,7 +115,8 @@ impl ToolBursts {
                 }
                 self.tools.entry(tool.to_string()).or_insert_with(|| Tool {
                     listed: VecDeque::new(),
-                    buckets: Box::new([(0, 0); BUCKETS]),
+                    buckets: Box::new([HourBucket::default(); BUCKETS]),
+                    seconds: Box::new([(0, 0); CALL_SECONDS]),
                     last_failure: FxHashMap::default(),
                     repeats: Box::new([(0, [0; REPEAT_WITHIN_MS.len()]); REPEAT_BUCKETS]),
                     first_ms: at_ms,
@@ -99,15 +126,10 @@ impl ToolBursts {
         };
         t.first_ms = t.first_ms.min(at_ms);
         t.last_ms = t.last_ms.max(at_ms);
+        t.count_call(at_ms, failed);
         if !failed {
             return;
         }
-        let bucket = at_ms / BUCKET_MS;
-        let cell = &mut t.buckets[(bucket % BUCKETS as u64) as usize];
-        if cell.0 != bucket {
-            *cell = (bucket, 0);
-        }
-        cell.1 = cell.1.saturating_add(1);
         t.time_repeat(worker, at_ms);
         if t.listed.len() >= MAX_LISTED {
             t.listed.pop_front();
@@ -148,9 +170,16 @@ impl ToolBursts {
                     hour_failures: t
                         .buckets
                         .iter()
-                        .filter(|(b, n)| *n > 0 && *b > oldest_bucket)
-                        .map(|(_, n)| u64::from(*n))
+                        .filter(|b| b.bucket > oldest_bucket)
+                        .map(|b| u64::from(b.failures))
                         .sum(),
+                    hour_calls: t
+                        .buckets
+                        .iter()
+                        .filter(|b| b.bucket > oldest_bucket)
+                        .map(|b| u64::from(b.calls))
+                        .sum(),
+                    calls: t.recent_calls(cutoff),
                     hour_repeats: t.hour_repeats(now_ms),
                     seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
                 })
@@ -162,6 +191,46 @@ impl ToolBursts {
 }
 
 impl Tool {
+    /// Counts a call at `at_ms` in its ten seconds of the hour and, unless a newer second
+    /// already holds its place (a call arriving later than `LISTED_MS`), in its second.
+    fn count_call(&mut self, at_ms: u64, failed: bool) {
+        let bucket = at_ms / BUCKET_MS;
+        let cell = &mut self.buckets[(bucket % BUCKETS as u64) as usize];
+        if cell.bucket < bucket {
+            *cell = HourBucket {
+                bucket,
+                ..HourBucket::default()
+            };
+        }
+        if cell.bucket == bucket {
+            cell.calls = cell.calls.saturating_add(1);
+            if failed {
+                cell.failures = cell.failures.saturating_add(1);
+            }
+        }
+        let second = at_ms / CALL_SECOND_MS;
+        let cell = &mut self.seconds[(second % CALL_SECONDS as u64) as usize];
+        if cell.0 < second {
+            *cell = (second, 0);
+        }
+        if cell.0 == second {
+            cell.1 = cell.1.saturating_add(1);
+        }
+    }
+
+    /// The calls of each second from `cutoff_ms` on (the second holding it included).
+    fn recent_calls(&self, cutoff_ms: u64) -> Vec<(u64, u32)> {
+        let from = cutoff_ms / CALL_SECOND_MS;
+        let mut out: Vec<(u64, u32)> = self
+            .seconds
+            .iter()
+            .filter(|(s, n)| *n > 0 && *s >= from)
+            .map(|(s, n)| (s * CALL_SECOND_MS, *n))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Books `worker`'s failure at `at_ms` against its previous one: a repeat in every
     /// class its gap is within. Spans arrive out of order, so the gap is either way.
     fn time_repeat(&mut self, worker: &str, at_ms: u64) {
@@ -239,6 +308,34 @@ mod tests {
         b.sweep(t0 + 3_801_000);
         assert!(b.tools["web_search"].listed.is_empty());
         assert!(!b.tools.contains_key("read_page"));
+    }
+
+    #[test]
+    fn calls_are_counted_per_second_for_two_minutes_and_for_the_hour() {
+        let mut b = ToolBursts::default();
+        let t0 = 10_000_000;
+        for i in 0..5 {
+            b.count("read_page", "a1", false, t0 + i * 300);
+        }
+        b.count("read_page", "a2", true, t0 + 1_500);
+        b.count("read_page", "a3", false, t0 + 130_000);
+        b.count("read_page", "a3", true, t0 + 130_200);
+        let (v, _) = b.view(t0 + 130_200);
+        // The first six calls are past the two minutes, still in the hour.
+        assert_eq!(v[0].calls, vec![(t0 + 130_000, 2)]);
+        assert_eq!((v[0].hour_calls, v[0].hour_failures), (8, 2));
+        // A call arriving later than two minutes does not take a newer second's place.
+        b.count("read_page", "a4", false, t0 + 10_000);
+        b.count("read_page", "a4", false, t0 + 130_500);
+        let (v, _) = b.view(t0 + 130_500);
+        assert_eq!(v[0].calls, vec![(t0 + 130_000, 3)]);
+        assert_eq!(v[0].hour_calls, 10);
+        let (v, _) = b.view(t0 + 3_640_000);
+        assert!(v.is_empty(), "no failure listed: {v:?}");
+        b.count("read_page", "a5", true, t0 + 3_640_000);
+        let (v, _) = b.view(t0 + 3_640_000);
+        assert_eq!((v[0].hour_calls, v[0].hour_failures), (4, 2), "{v:?}");
+        assert_eq!(v[0].calls, vec![(t0 + 3_640_000, 1)]);
     }
 
     #[test]

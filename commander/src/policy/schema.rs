@@ -382,11 +382,12 @@ pub struct AlertSpec {
     pub tool_burst_agents: u32,
     /// … within this many seconds (5-120) …
     pub tool_burst_window_s: u64,
-    /// … when that many is improbable at the tool's failure (or repeat) rate over the hour
-    /// before, at a false-alarm rate spread from this budget of false alarms per
-    /// fleet-hour over every tool, both tests and every window in the hour. The default (0.001) leaves the goal of at
-    /// most one false alarm per 100 healthy fleet-hours to the other rules: at 0.005 it
-    /// alone was expected to raise 1.5 in 299 healthy hours, and raised one.
+    /// … when that many is improbable at the share of the tool's calls that failed (or its
+    /// repeat rate) over the hour before, at a false-alarm rate spread from this budget of
+    /// false alarms per fleet-hour over every tool, both tests and every window in the
+    /// hour. The default (0.001) leaves the goal of at most one false alarm per 100 healthy
+    /// fleet-hours to the other rules: at 0.005 it alone was expected to raise 1.5 in 299
+    /// healthy hours, and raised one.
     pub tool_burst_false_alarms_per_hour: f64,
     /// Failure slices: a slice's recent failure rate at least this multiple of its
     /// baseline's …
