@@ -146,46 +146,6 @@ fn figures_of(s: Scenario, outcomes: &[Outcome]) -> ClassFigures {
     }
 }
 
-/// Runs `s` on seeds `seed..seed + n`, on every core.
-fn runs_of(
-    s: Scenario,
-    agents: usize,
-    seed: u64,
-    n: u64,
-    spec: &fleet_commander::policy::schema::AlertSpec,
-) -> Result<Vec<Outcome>, String> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let bar = super::progress(n, s.name, "runs");
-    let results: Vec<Result<Vec<Outcome>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let bar = bar.clone();
-                scope.spawn(move || {
-                    (0..n)
-                        .filter(|k| k % threads == t)
-                        .map(|k| {
-                            let o = super::run(s, agents, seed + k, spec);
-                            bar.inc(1);
-                            o
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a run panicked".into())))
-            .collect()
-    });
-    bar.finish_and_clear();
-    let mut all = Vec::new();
-    for r in results {
-        all.extend(r?);
-    }
-    all.sort_by_key(|o| o.seed);
-    Ok(all)
-}
-
 /// What the stack runs gave, by scenario.
 type StackRuns = Vec<(Scenario, Result<(Outcome, StackFigures), String>)>;
 
@@ -203,7 +163,7 @@ fn in_process_classes(
             args.healthy_runs
         };
         let t = std::time::Instant::now();
-        let outcomes = runs_of(s, args.agents, args.seed, n, spec)?;
+        let outcomes = super::runs_of(s, args.agents, args.seed, n, spec)?;
         let f = figures_of(s, &outcomes);
         eprintln!(
             "{:<22} {}/{} detected, {} runs with a false alarm ({:.0} s)",
