@@ -84,16 +84,29 @@ impl Burst<'_> {
             );
         }
         format!(
-            "Tool {} failed for {} agents within {within} s ({who}; {} failures in {} calls, {:.2} expected at the {:.1} % of its calls that failed over the last hour; p = {:.1e})",
+            "Tool {} failed for {} agents within {within} s ({who}; {} failures in {} calls, {:.2} expected at the {} % of its calls that failed over the last hour; p = {:.1e})",
             self.tool,
             self.agents.len(),
             self.failures,
             self.calls,
             self.expected,
-            self.failure_share * 100.0,
+            percent(self.failure_share),
             self.p
         )
     }
+}
+
+/// A share as a percentage with two significant digits below 10 % (a rare tool's 0.084 %
+/// would read 0.1 % or 0.0 % at a fixed precision).
+fn percent(share: f64) -> String {
+    let pct = share * 100.0;
+    let decimals = if pct >= 10.0 || pct <= 0.0 || !pct.is_finite() {
+        0
+    } else {
+        // 1 for 1-10 %, 2 for 0.1-1 %, 3 for 0.01-0.1 % …; at most 6.
+        ((1.0 - pct.log10().floor()).max(1.0) as usize).min(6)
+    };
+    format!("{pct:.decimals$}")
 }
 
 /// The scanned lengths, as shares of the window: its last sixth, third and all of it.
@@ -445,6 +458,15 @@ mod tests {
     }
 
     #[test]
+    fn shares_read_with_two_significant_digits() {
+        let read: Vec<String> = [0.25, 0.0198, 0.005, 0.00084, 0.0000123, 0.0, 1.0]
+            .into_iter()
+            .map(percent)
+            .collect();
+        assert_eq!(read, ["25", "2.0", "0.50", "0.084", "0.0012", "0", "100"]);
+    }
+
+    #[test]
     fn failures_that_come_with_a_surge_of_calls_are_not_a_burst() {
         let spec = AlertSpec::default();
         let now = 10_000_000;
@@ -500,7 +522,7 @@ mod tests {
             "spread over 18 s: only the whole window holds ten"
         );
         assert!(b.message().starts_with(
-            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures in 31 calls, 0.03 expected at the 0.1 % of its calls that failed over the last hour; p = "
+            "Tool send_mail failed for 10 agents within 30 s (a0, a1, a2 and 7 more; 10 failures in 31 calls, 0.03 expected at the 0.084 % of its calls that failed over the last hour; p = "
         ), "{}", b.message());
     }
 
