@@ -51,10 +51,9 @@ const CALL_SECONDS: usize = (LISTED_MS / CALL_SECOND_MS) as usize;
 /// Repeats of one minute: (minute number, repeats per class of `REPEAT_WITHIN_MS`).
 type RepeatBucket = (u64, [u32; REPEAT_WITHIN_MS.len()]);
 
-/// Ten seconds of the hour: its number, failures and calls.
+/// Ten seconds of the hour: its failures and calls (beside its bucket number).
 #[derive(Clone, Copy, Debug, Default)]
-struct HourBucket {
-    bucket: u64,
+struct HourCounts {
     failures: u32,
     calls: u32,
 }
@@ -64,7 +63,7 @@ struct Tool {
     /// Failures of the last `LISTED_MS` (event time, worker), in arrival order.
     listed: VecDeque<(u64, String)>,
     /// Failures and calls per ten-second bucket, over the hour.
-    buckets: Box<[HourBucket; BUCKETS]>,
+    buckets: Box<[(u64, HourCounts); BUCKETS]>,
     /// Calls per second of the last `LISTED_MS`: (second number, calls).
     seconds: Box<[(u64, u32); CALL_SECONDS]>,
     /// Each agent's latest failure of the tool (event ms), kept for `LISTED_MS`.
@@ -115,7 +114,7 @@ impl ToolBursts {
                 }
                 self.tools.entry(tool.to_string()).or_insert_with(|| Tool {
                     listed: VecDeque::new(),
-                    buckets: Box::new([HourBucket::default(); BUCKETS]),
+                    buckets: Box::new([(0, HourCounts::default()); BUCKETS]),
                     seconds: Box::new([(0, 0); CALL_SECONDS]),
                     last_failure: FxHashMap::default(),
                     repeats: Box::new([(0, [0; REPEAT_WITHIN_MS.len()]); REPEAT_BUCKETS]),
@@ -164,21 +163,21 @@ impl ToolBursts {
                     .filter(|(at, _)| *at >= cutoff)
                     .cloned()
                     .collect();
-                (!failures.is_empty()).then(|| ToolFailuresView {
+                if failures.is_empty() {
+                    return None;
+                }
+                let (hour_failures, hour_calls) = t
+                    .buckets
+                    .iter()
+                    .filter(|(b, _)| *b > oldest_bucket)
+                    .fold((0u64, 0u64), |(f, c), (_, n)| {
+                        (f + u64::from(n.failures), c + u64::from(n.calls))
+                    });
+                Some(ToolFailuresView {
                     tool: name.clone(),
                     failures,
-                    hour_failures: t
-                        .buckets
-                        .iter()
-                        .filter(|b| b.bucket > oldest_bucket)
-                        .map(|b| u64::from(b.failures))
-                        .sum(),
-                    hour_calls: t
-                        .buckets
-                        .iter()
-                        .filter(|b| b.bucket > oldest_bucket)
-                        .map(|b| u64::from(b.calls))
-                        .sum(),
+                    hour_failures,
+                    hour_calls,
                     calls: t.recent_calls(cutoff),
                     hour_repeats: t.hour_repeats(now_ms),
                     seen_ms: now_ms.saturating_sub(t.first_ms).min(HOUR_MS),
@@ -190,31 +189,29 @@ impl ToolBursts {
     }
 }
 
+/// Ring slot `number` (of seconds, buckets or minutes), emptied when it last held an older
+/// number; `None` when it holds a newer one (the event is older than the ring keeps).
+fn slot<T: Default>(ring: &mut [(u64, T)], number: u64) -> Option<&mut T> {
+    let len = ring.len().max(1) as u64;
+    let cell = ring.get_mut((number % len) as usize)?;
+    if cell.0 < number {
+        *cell = (number, T::default());
+    }
+    (cell.0 == number).then_some(&mut cell.1)
+}
+
 impl Tool {
     /// Counts a call at `at_ms` in its ten seconds of the hour and, unless a newer second
     /// already holds its place (a call arriving later than `LISTED_MS`), in its second.
     fn count_call(&mut self, at_ms: u64, failed: bool) {
-        let bucket = at_ms / BUCKET_MS;
-        let cell = &mut self.buckets[(bucket % BUCKETS as u64) as usize];
-        if cell.bucket < bucket {
-            *cell = HourBucket {
-                bucket,
-                ..HourBucket::default()
-            };
-        }
-        if cell.bucket == bucket {
+        if let Some(cell) = slot(&mut self.buckets[..], at_ms / BUCKET_MS) {
             cell.calls = cell.calls.saturating_add(1);
             if failed {
                 cell.failures = cell.failures.saturating_add(1);
             }
         }
-        let second = at_ms / CALL_SECOND_MS;
-        let cell = &mut self.seconds[(second % CALL_SECONDS as u64) as usize];
-        if cell.0 < second {
-            *cell = (second, 0);
-        }
-        if cell.0 == second {
-            cell.1 = cell.1.saturating_add(1);
+        if let Some(n) = slot(&mut self.seconds[..], at_ms / CALL_SECOND_MS) {
+            *n = n.saturating_add(1);
         }
     }
 
@@ -250,12 +247,10 @@ impl Tool {
         let Some(gap) = previous.map(|p| p.abs_diff(at_ms)) else {
             return;
         };
-        let minute = at_ms / REPEAT_BUCKET_MS;
-        let cell = &mut self.repeats[(minute % REPEAT_BUCKETS as u64) as usize];
-        if cell.0 != minute {
-            *cell = (minute, [0; REPEAT_WITHIN_MS.len()]);
-        }
-        for (n, bound) in cell.1.iter_mut().zip(REPEAT_WITHIN_MS) {
+        let Some(cell) = slot(&mut self.repeats[..], at_ms / REPEAT_BUCKET_MS) else {
+            return;
+        };
+        for (n, bound) in cell.iter_mut().zip(REPEAT_WITHIN_MS) {
             if gap <= bound {
                 *n = n.saturating_add(1);
             }
