@@ -23,6 +23,7 @@ use std::time::Instant;
 use fleet_commander::config::{FleetConfig, PoolConfig};
 use fleet_commander::detect::{Change, Detector, Rule};
 use fleet_commander::domain::DecodeLimits;
+use fleet_commander::fleet::worker::SilentRun;
 use fleet_commander::fleet::{FleetState, TaskEvent};
 use fleet_commander::ingest::limits::{Signal, check_protobuf};
 use fleet_commander::ingest::normalise;
@@ -270,9 +271,9 @@ pub struct Fired {
     pub message: String,
     /// Seconds after the start of the run.
     pub at_s: u64,
-    /// A `stuck_agent` alert: how long past its threshold (the policy's
-    /// `active_duration_multiple` × the run's expected duration) the run's silence was
-    /// when it fired, in ms. In process only.
+    /// A `stuck_agent` alert: how long the run's silence had been past its threshold (the
+    /// policy's `active_duration_multiple` × the run's expected duration, as that stood at
+    /// each tick) when it fired, in ms; 0 when it fired on something else. In process only.
     pub past_threshold_ms: Option<u64>,
 }
 
@@ -338,6 +339,11 @@ pub struct Harness {
     detector: Detector,
     spec: AlertSpec,
     pools: BTreeMap<String, PoolConfig>,
+    /// Workers whose silent run is past its stuck threshold: the run's task, and when the
+    /// silence crossed the threshold in force (`past_threshold_ms` counts from there).
+    over_threshold: BTreeMap<String, (String, u64)>,
+    /// The time of the last tick.
+    last_tick_ms: Option<u64>,
     pub spans: u64,
     pub heartbeats: u64,
 }
@@ -368,6 +374,8 @@ impl Harness {
             detector: Detector::new(10_000),
             spec: spec.clone(),
             pools,
+            over_threshold: BTreeMap::new(),
+            last_tick_ms: None,
             spans: 0,
             heartbeats: 0,
         })
@@ -419,21 +427,20 @@ impl Harness {
         if let Some(job) = self.detector.drift_job(&snapshot, &self.spec, now) {
             self.detector.drift_done(job.run());
         }
-        let multiple = self.spec.active_duration_multiple;
-        self.detector
+        self.note_silences(&snapshot, now);
+        let fired = self
+            .detector
             .tick(&snapshot, &self.spec, &self.pools, now)
             .into_iter()
             .filter(|(change, _)| *change == Change::Firing)
             .map(|(_, alert)| {
-                let past_threshold_ms = (alert.rule == Rule::StuckAgent)
-                    .then(|| {
-                        let id = alert.labels.get("worker")?;
-                        let w = snapshot.workers.iter().find(|w| &w.id == id)?;
-                        let r = w.silent_run.as_ref()?;
-                        let limit = (r.expected_ms as f64 * multiple).max(r.floor_ms as f64);
-                        Some((r.quiet_ms as f64 - limit).max(0.0) as u64)
-                    })
-                    .flatten();
+                let past_threshold_ms = (alert.rule == Rule::StuckAgent).then(|| {
+                    alert
+                        .labels
+                        .get("worker")
+                        .and_then(|id| self.over_threshold.get(id))
+                        .map_or(0, |(_, since)| now.saturating_sub(*since))
+                });
                 Fired {
                     rule: alert.rule,
                     labels: alert.labels.clone(),
@@ -442,7 +449,48 @@ impl Harness {
                     past_threshold_ms,
                 }
             })
-            .collect()
+            .collect();
+        self.last_tick_ms = Some(now);
+        fired
+    }
+
+    /// Notes when each worker's silent run passed its stuck threshold (the policy's
+    /// `active_duration_multiple` × the run's expected duration, at least the floor), as
+    /// the threshold stood at each tick. The expected duration is the task type's median,
+    /// which moves: measured against the threshold at the firing, a threshold that just
+    /// dropped would count seconds in which the run was not yet past it.
+    fn note_silences(&mut self, snapshot: &fleet_commander::fleet::view::FleetSnapshot, now: u64) {
+        for w in &snapshot.workers {
+            self.note_silence(&w.id, w.silent_run.as_ref(), now);
+        }
+    }
+
+    fn note_silence(&mut self, worker: &str, run: Option<&SilentRun>, now: u64) {
+        let multiple = self.spec.active_duration_multiple;
+        let over = run.and_then(|r| {
+            let limit = (r.expected_ms as f64 * multiple).max(r.floor_ms as f64) as u64;
+            (r.quiet_ms > limit).then(|| (r, r.quiet_ms - limit))
+        });
+        match over {
+            Some((r, excess)) => {
+                let known = self
+                    .over_threshold
+                    .get(worker)
+                    .is_some_and(|(task, _)| *task == r.task_id);
+                if !known {
+                    // Crossed since the last tick, when it was still under.
+                    let since = now
+                        .saturating_sub(excess)
+                        .max(self.last_tick_ms.unwrap_or(0));
+                    self.over_threshold
+                        .insert(worker.to_string(), (r.task_id.clone(), since));
+                }
+            }
+            None if !self.over_threshold.is_empty() => {
+                self.over_threshold.remove(worker);
+            }
+            None => {}
+        }
     }
 }
 
@@ -750,6 +798,17 @@ fn print_rates(s: &Scenario, outcomes: &[Outcome]) {
             q(0.5).map_or("-".into(), |v| v.to_string()),
             q(0.95).map_or("-".into(), |v| v.to_string()),
         );
+        let mut past: Vec<u64> = outcomes
+            .iter()
+            .filter_map(|o| o.detection.as_ref()?.0.past_threshold_ms)
+            .collect();
+        past.sort_unstable();
+        if let Some(worst) = past.last() {
+            print!(
+                "silence past the threshold when it fired median {} ms, worst {worst} ms; ",
+                past[(past.len() - 1) / 2]
+            );
+        }
     }
     println!(
         "false alarms {false_alarms}, in {runs_with_false_alarm} of {n} runs ({:.2} per fleet-hour before any fault)",
@@ -886,6 +945,43 @@ mod tests {
             "{:?}",
             o.fired
         );
+    }
+
+    #[test]
+    fn a_stuck_run_counts_from_when_it_passed_the_threshold_in_force() {
+        let mut h = Harness::new(&["research"], 10, &AlertSpec::default()).unwrap();
+        let run = |quiet_s: u64, expected_ms: u64| SilentRun {
+            task_id: "t1".into(),
+            quiet_ms: quiet_s * 1000,
+            expected_ms,
+            floor_ms: 0,
+        };
+        let t0 = 1_000_000;
+        // Under 3 × 14.9 s at 44 s; then the type's median drops to 12 s: over 3 × 12 s by
+        // 9 s, but only since the last tick, when it was under the threshold then.
+        h.note_silence("w", Some(&run(44, 14_900)), t0);
+        h.last_tick_ms = Some(t0);
+        h.note_silence("w", Some(&run(45, 12_000)), t0 + 1000);
+        h.last_tick_ms = Some(t0 + 1000);
+        assert_eq!(h.over_threshold.get("w"), Some(&("t1".to_string(), t0)));
+        // Still over a tick later: the crossing stays where it was.
+        h.note_silence("w", Some(&run(46, 12_000)), t0 + 2000);
+        assert_eq!(h.over_threshold.get("w"), Some(&("t1".to_string(), t0)));
+        // Over by 2.5 s, but the last tick (1 s before) saw it under.
+        h.note_silence("v", Some(&run(40, 12_500)), t0 + 2000);
+        assert_eq!(
+            h.over_threshold.get("v"),
+            Some(&("t1".to_string(), t0 + 1000))
+        );
+        // Over by 0.5 s: since then.
+        h.note_silence("u", Some(&run(38, 12_500)), t0 + 2000);
+        assert_eq!(
+            h.over_threshold.get("u"),
+            Some(&("t1".to_string(), t0 + 1500))
+        );
+        // A span ends the silence.
+        h.note_silence("w", Some(&run(0, 12_000)), t0 + 3000);
+        assert_eq!(h.over_threshold.get("w"), None);
     }
 
     #[test]

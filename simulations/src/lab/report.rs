@@ -421,7 +421,7 @@ fn write_goals(r: &mut String, i: &Inputs<'_>) {
         let worst = c.past_threshold_ms.last().copied();
         let _ = writeln!(
             r,
-            "- **Stuck agents within one heartbeat (5 s) past their threshold.** A stuck agent's run goes silent at the onset; the alert is due once the silence passes `active_duration_multiple` (3) × the run's expected duration. When it fired, the silence was past that by median {} ms, at worst {} ms over {} detections. {}",
+            "- **Stuck agents within one heartbeat (5 s) past their threshold.** A stuck agent's run goes silent at the onset; the alert is due once the silence passes `active_duration_multiple` (3) × the run's expected duration, its task type's median duration over the hour as the commander has it at that second (the threshold moves with that median). When it fired, the silence had been past the threshold in force for median {} ms, at worst {} ms over {} detections. {}",
             quantile(&c.past_threshold_ms, 0.5).map_or("-".into(), |v| v.to_string()),
             worst.map_or("-".into(), |v| v.to_string()),
             c.past_threshold_ms.len(),
