@@ -117,6 +117,7 @@ fn test(s: &SliceView, totals: &SliceTotals, spec: &AlertSpec) -> Option<Tested>
     if s.recent_ops < min_ops || s.recent_failures == 0 {
         return None;
     }
+    let warming_up = totals.warming_up;
     // The rest of the fleet doing the same kind of operation.
     let has = |dim: &str| s.dims.iter().any(|(d, _)| *d == dim);
     let totals = if has("tool") {
@@ -128,6 +129,8 @@ fn test(s: &SliceView, totals: &SliceTotals, spec: &AlertSpec) -> Option<Tested>
     };
     let (bf, bn, own_past) = if s.past_ops >= min_ops {
         (s.past_failures, s.past_ops, true)
+    } else if warming_up {
+        return None;
     } else {
         (
             totals.1.saturating_sub(s.recent_failures),
@@ -257,6 +260,7 @@ mod tests {
             tools: (ops, failures),
             llm: (ops, failures),
             quiet_ops: Vec::new(),
+            warming_up: false,
         }
     }
 
@@ -382,6 +386,15 @@ mod tests {
             "{}",
             f[0].message()
         );
+        // Not in the fleet's first minutes: the rest of the fleet is no baseline yet …
+        let warming = SliceTotals {
+            warming_up: true,
+            ..same(1_000, 20)
+        };
+        assert!(findings(&new_tool, &warming, &spec, 0.05).is_empty());
+        // … while a slice with a past of its own is still judged against it.
+        let known = [slice(&[("tool", "x")], (20, 15), (400, 2))];
+        assert_eq!(active(&findings(&known, &warming, &spec, 0.05)), ["tool=x"]);
     }
 
     #[test]
@@ -411,6 +424,7 @@ mod tests {
             tools: (2_000, 45),
             llm: (2_000, 0),
             quiet_ops: Vec::new(),
+            warming_up: false,
         };
         assert!(active(&findings(&slices, &totals, &spec, 0.05)).is_empty());
         // 8 of 200 where the other tool calls fail 0.7 % stands out (p ≈ 0.0004) …

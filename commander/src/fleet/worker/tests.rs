@@ -918,4 +918,11 @@ fn failures_are_counted_per_slice_and_pair_and_judged_on_the_last_fifteen_minute
     assert_eq!(snap.slice_totals.all, (10, 10));
     assert_eq!(snap.slice_totals.tools, (10, 10));
     assert_eq!(snap.slice_totals.llm, (0, 0));
+    assert!(!snap.slice_totals.warming_up, "counting for half an hour");
+    // A fleet owner that just started counting warms up for five minutes.
+    let mut g = fleet();
+    assert!(g.snapshot(T0).slice_totals.warming_up, "nothing counted");
+    g.apply_spans(vec![call("w1", T0, true, "v7")], T0);
+    assert!(g.snapshot(T0 + 4 * 60 * S).slice_totals.warming_up);
+    assert!(!g.snapshot(T0 + 5 * 60 * S).slice_totals.warming_up);
 }
