@@ -348,10 +348,10 @@ fn compared(
 /// (and the `fleet.min_stuck_after_ms` floor): the policy can make the alert earlier than
 /// the state, never later.
 fn stuck_rule(spec: &AlertSpec, w: &WorkerView, e: &mut Emitter<'_, impl Fn() -> Scope>) {
-    let silent = w.silent_run.as_ref().filter(|r| {
-        let limit = (r.expected_ms as f64 * spec.active_duration_multiple).max(r.floor_ms as f64);
-        r.quiet_ms as f64 > limit
-    });
+    let silent = w
+        .silent_run
+        .as_ref()
+        .filter(|r| r.quiet_ms as f64 > r.limit_ms(spec.active_duration_multiple));
     let stuck = w.state == State::Stuck || silent.is_some();
     let message = || match (w.state == State::Stuck, silent) {
         (false, Some(r)) => format!(

@@ -117,10 +117,9 @@ fn test(s: &SliceView, totals: &SliceTotals, spec: &AlertSpec) -> Option<Tested>
     if s.recent_ops < min_ops || s.recent_failures == 0 {
         return None;
     }
-    let warming_up = totals.warming_up;
     // The rest of the fleet doing the same kind of operation.
     let has = |dim: &str| s.dims.iter().any(|(d, _)| *d == dim);
-    let totals = if has("tool") {
+    let rest = if has("tool") {
         totals.tools
     } else if has("model") {
         totals.llm
@@ -129,12 +128,12 @@ fn test(s: &SliceView, totals: &SliceTotals, spec: &AlertSpec) -> Option<Tested>
     };
     let (bf, bn, own_past) = if s.past_ops >= min_ops {
         (s.past_failures, s.past_ops, true)
-    } else if warming_up {
+    } else if totals.warming_up {
         return None;
     } else {
         (
-            totals.1.saturating_sub(s.recent_failures),
-            totals.0.saturating_sub(s.recent_ops),
+            rest.1.saturating_sub(s.recent_failures),
+            rest.0.saturating_sub(s.recent_ops),
             false,
         )
     };

@@ -236,6 +236,14 @@ pub struct SilentRun {
     pub floor_ms: u64,
 }
 
+impl SilentRun {
+    /// The silence past which the run is stuck at `multiple` × its expected duration
+    /// (never under the floor), in ms.
+    pub fn limit_ms(&self, multiple: f64) -> f64 {
+        (self.expected_ms as f64 * multiple).max(self.floor_ms as f64)
+    }
+}
+
 /// The same tool called with the same arguments, again and again, in one run.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RepeatedCall {

@@ -468,8 +468,8 @@ impl Harness {
     fn note_silence(&mut self, worker: &str, run: Option<&SilentRun>, now: u64) {
         let multiple = self.spec.active_duration_multiple;
         let over = run.and_then(|r| {
-            let limit = (r.expected_ms as f64 * multiple).max(r.floor_ms as f64) as u64;
-            (r.quiet_ms > limit).then(|| (r, r.quiet_ms - limit))
+            let excess = r.quiet_ms as f64 - r.limit_ms(multiple);
+            (excess > 0.0).then_some((r, excess as u64))
         });
         match over {
             Some((r, excess)) => {
@@ -747,6 +747,15 @@ async fn run_budget(args: &ScenarioArgs) -> Result<bool, String> {
     Ok(o.passed())
 }
 
+/// The `p` quantile of sorted `xs` (the nearest rank); `None` when empty.
+pub(crate) fn quantile(xs: &[u64], p: f64) -> Option<u64> {
+    if xs.is_empty() {
+        return None;
+    }
+    let k = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs.get(k).copied()
+}
+
 /// Wilson score interval (95 %) for `k` successes in `n` trials.
 pub(crate) fn wilson(k: u64, n: u64) -> (f64, f64) {
     if n == 0 {
@@ -786,27 +795,22 @@ fn print_rates(s: &Scenario, outcomes: &[Outcome]) {
         ttd.sort_unstable();
         let k = ttd.len() as u64;
         let (lo, hi) = wilson(k, n);
-        let q = |p: f64| {
-            ttd.get(((ttd.len() as f64 - 1.0) * p).round() as usize)
-                .copied()
-        };
         print!(
             "detected {k}/{n} ({:.0}%, 95% CI {:.0}-{:.0}%), time to detect median {} s, p95 {} s; ",
             k as f64 * 100.0 / n as f64,
             lo * 100.0,
             hi * 100.0,
-            q(0.5).map_or("-".into(), |v| v.to_string()),
-            q(0.95).map_or("-".into(), |v| v.to_string()),
+            quantile(&ttd, 0.5).map_or("-".into(), |v| v.to_string()),
+            quantile(&ttd, 0.95).map_or("-".into(), |v| v.to_string()),
         );
         let mut past: Vec<u64> = outcomes
             .iter()
             .filter_map(|o| o.detection.as_ref()?.0.past_threshold_ms)
             .collect();
         past.sort_unstable();
-        if let Some(worst) = past.last() {
+        if let (Some(median), Some(worst)) = (quantile(&past, 0.5), past.last()) {
             print!(
-                "silence past the threshold when it fired median {} ms, worst {worst} ms; ",
-                past[(past.len() - 1) / 2]
+                "silence past the threshold when it fired median {median} ms, worst {worst} ms; "
             );
         }
     }

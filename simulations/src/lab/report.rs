@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use super::stack::{self, StackFigures, StackOptions};
-use super::{Outcome, SCENARIOS, Scenario, wilson};
+use super::{Outcome, SCENARIOS, Scenario, quantile, wilson};
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -93,14 +93,6 @@ struct ClassFigures {
     /// Detections by `stuck_agent`: ms past the threshold when it fired, sorted.
     past_threshold_ms: Vec<u64>,
     rules: BTreeMap<&'static str, u64>,
-}
-
-fn quantile(xs: &[u64], p: f64) -> Option<u64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let k = ((xs.len() as f64 - 1.0) * p).round() as usize;
-    xs.get(k).copied()
 }
 
 fn figures_of(s: Scenario, outcomes: &[Outcome]) -> ClassFigures {
