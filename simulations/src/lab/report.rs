@@ -226,6 +226,28 @@ async fn budget_run(args: &ReportArgs) -> Option<Result<super::budget::BudgetOut
     }
 }
 
+/// The stack runs come after the in-process hour and a half, so what they need is checked
+/// first: a missing nats-server or commander fails the command at once, not in the report.
+fn stack_ready(args: &ReportArgs) -> Result<(), String> {
+    if args.stack_agents == 0 && args.big_agents == 0 {
+        return Ok(());
+    }
+    let alone = "or pass --stack-agents 0 --big-agents 0 for the in-process part alone";
+    fleet_testkit::nats_server_present(&fleet_testkit::nats_server_bin())
+        .map_err(|e| format!("the stack runs need nats-server: {e}; {alone}"))?;
+    let bin = args
+        .commander
+        .clone()
+        .unwrap_or_else(fleet_testkit::commander_bin);
+    if !bin.is_file() {
+        return Err(format!(
+            "the stack runs need the commander binary, not found at {} (build it with `cargo build --release -p fleet-commander`, or pass --commander); {alone}",
+            bin.display()
+        ));
+    }
+    Ok(())
+}
+
 #[expect(clippy::print_stderr, reason = "progress of a long command")]
 pub async fn main(args: ReportArgs) -> Result<(), String> {
     let day = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
@@ -237,6 +259,7 @@ pub async fn main(args: ReportArgs) -> Result<(), String> {
 
     let policy_dir = Some(args.policy_dir.as_path()).filter(|p| p.is_dir());
     let spec = super::alert_spec(policy_dir)?;
+    stack_ready(&args)?;
     let classes = in_process_classes(&args, &spec)?;
     let opts = StackOptions {
         speed: args.speed,

@@ -51,6 +51,24 @@ pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
 }
 
+/// Checks that `bin` runs as a nats-server (`bin --version`) without starting one: its
+/// version line, or the error a start would give. For long commands that need a server
+/// only at their end.
+pub fn nats_server_present(bin: &str) -> Result<String, TestkitError> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => TestkitError::NatsMissing(bin.to_string()),
+            _ => TestkitError::Spawn {
+                what: bin.to_string(),
+                source: e,
+            },
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// A running nats-server with JetStream.
 #[derive(Debug)]
 pub struct NatsServer {
@@ -447,4 +465,24 @@ fn has_exited(child: &mut Option<Child>) -> bool {
         .as_mut()
         .and_then(|c| c.try_wait().ok().flatten())
         .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nats_server_is_named_with_how_to_install_it() {
+        let err = nats_server_present("/nonexistent/nats-server").unwrap_err();
+        assert!(matches!(err, TestkitError::NatsMissing(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/nats-server"), "{text}");
+        assert!(text.contains("apt-get install nats-server"), "{text}");
+    }
+
+    #[test]
+    fn the_nats_server_in_use_is_present() {
+        let version = nats_server_present(&nats_server_bin()).unwrap();
+        assert!(version.contains("nats-server"), "{version}");
+    }
 }
