@@ -74,13 +74,7 @@ impl Alertmanager {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => TestkitError::AlertmanagerMissing(bin.clone()),
-                _ => TestkitError::Spawn {
-                    what: bin.clone(),
-                    source: e,
-                },
-            })?;
+            .map_err(|e| TestkitError::of_spawn(&bin, e, TestkitError::AlertmanagerMissing))?;
         let mut am = Self {
             child: Some(child),
             url: format!("http://127.0.0.1:{port}"),

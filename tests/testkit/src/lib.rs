@@ -46,6 +46,24 @@ pub enum TestkitError {
     Io(#[from] std::io::Error),
 }
 
+impl TestkitError {
+    /// Why `bin` did not start: `missing` names it when there is no such file (with how to
+    /// install it), anything else is a spawn error.
+    pub(crate) fn of_spawn(
+        bin: &str,
+        e: std::io::Error,
+        missing: fn(String) -> TestkitError,
+    ) -> TestkitError {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => missing(bin.to_string()),
+            _ => TestkitError::Spawn {
+                what: bin.to_string(),
+                source: e,
+            },
+        }
+    }
+}
+
 /// The nats-server binary to use: `$NATS_SERVER_BIN`, else `nats-server` on PATH.
 pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
@@ -59,13 +77,7 @@ pub fn nats_server_present(bin: &str) -> Result<String, TestkitError> {
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => TestkitError::NatsMissing(bin.to_string()),
-            _ => TestkitError::Spawn {
-                what: bin.to_string(),
-                source: e,
-            },
-        })?;
+        .map_err(|e| TestkitError::of_spawn(bin, e, TestkitError::NatsMissing))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -108,13 +120,7 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => TestkitError::NatsMissing(bin.clone()),
-                _ => TestkitError::Spawn {
-                    what: bin.clone(),
-                    source: e,
-                },
-            })?;
+            .map_err(|e| TestkitError::of_spawn(&bin, e, TestkitError::NatsMissing))?;
         let mut server = Self {
             child: Some(child),
             dir,
