@@ -69,9 +69,9 @@ pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
 }
 
-/// Checks that `bin` runs as a nats-server (`bin --version`) without starting one: its
-/// version line, or the error a start would give. For long commands that need a server
-/// only at their end.
+/// Checks that `bin` can be run (`bin --version`) without starting a server: what it
+/// printed, or the error a start would give (a missing install names how to get one). For
+/// long commands that need a server only at their end.
 pub fn nats_server_present(bin: &str) -> Result<String, TestkitError> {
     let out = Command::new(bin)
         .arg("--version")
