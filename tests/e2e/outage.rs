@@ -304,7 +304,11 @@ async fn a_task_without_an_id_is_not_taken_for_an_old_one_when_sequences_start_a
         "the broker handed out the same sequence again"
     );
 
-    // When it fails (it once did, under CI load), the commander's log says why.
+    // When it fails, the commander's log says why. (It did twice under CI load: the first
+    // result reached the producer before the store's flush, the kill lost the first
+    // task's record, and the second task was dispatched as `seq-1`, which the work
+    // stream dropped as a duplicate. Results are forwarded after the flush since, and
+    // `kill::every_result_a_producer_received_…` tests that alone.)
     let r = match tokio::time::timeout(WAIT, inbox.next()).await {
         Ok(r) => r.unwrap().unwrap(),
         Err(_) => {

@@ -1,6 +1,6 @@
-//! Results: record how each task ended and forward the result to the producer's reply
-//! subject. Forwarding is at-least-once (a crash between forward and ack forwards again);
-//! the SDK's result inbox drops the copies by task id.
+//! Results: record how each task ended, make it durable, then forward the result to the
+//! producer's reply subject. Forwarding is at-least-once (a crash between forward and ack
+//! forwards again); the SDK's result inbox drops the copies by task id.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
@@ -13,19 +13,19 @@ use crate::fleet::TaskEvent;
 use crate::metrics::FinishLabels;
 use crate::store::{TaskRecord, TaskState};
 
-/// Handles one batch of result messages.
+/// Handles one batch of result messages: records every outcome, makes the batch durable
+/// with one flush, and only then forwards each result to its producer and acks it. A
+/// producer that holds a result can rely on the commander's record of it: a crash right
+/// after the forward (the producer kills the commander as soon as its result lands, say)
+/// loses nothing the producer saw.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("results_batch", size = batch.len());
     async {
-        let mut acks = Vec::with_capacity(batch.len());
+        let mut recorded = Vec::with_capacity(batch.len());
         for msg in batch {
-            match handle_one(ctx, &msg).await {
-                Ok(()) => acks.push(msg),
-                Err(Retry) => {
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
-                        .await;
-                }
+            match record_one(ctx, &msg) {
+                Ok(forward) => recorded.push((msg, forward)),
+                Err(Retry) => nak(&msg).await,
             }
         }
         if let Err(e) = ctx.core.policy.persist_ledger() {
@@ -36,7 +36,13 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
             tracing::error!(error = %e, "store flush failed; leaving the results for redelivery");
             return;
         }
-        for msg in acks {
+        for (msg, forward) in recorded {
+            if let Some(f) = forward
+                && forward_one(ctx, &msg, f).await.is_err()
+            {
+                nak(&msg).await;
+                continue;
+            }
             if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "result ack failed; the redelivery will be recognised");
             }
@@ -46,23 +52,39 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     .await
 }
 
+/// Hands a result back for redelivery in a second (recording it again is idempotent).
+async fn nak(msg: &jetstream::Message) {
+    let _ = msg
+        .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
+        .await;
+}
+
 /// The message should be retried later.
 struct Retry;
 
-async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
+/// Where a recorded result goes once the batch is durable: the producer's reply subject.
+struct Forward {
+    reply_to: String,
+    task_id: String,
+}
+
+/// Records one result in the task's record (and, the first time it ends the task, the
+/// budget, live state and counters); says where to forward it. A result that cannot be
+/// read is dropped (counted), not retried.
+fn record_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Forward>, Retry> {
     let hdrs = msg.headers.as_ref();
     let result: TaskResult = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
             ctx.core.metrics.results_invalid.inc();
             tracing::warn!(subject = %msg.subject, error = %e, "result does not parse; dropping it");
-            return Ok(());
+            return Ok(None);
         }
     };
     if !is_subject_token(&result.task_id) {
         ctx.core.metrics.results_invalid.inc();
         tracing::warn!(subject = %msg.subject, "result has an invalid task id; dropping it");
-        return Ok(());
+        return Ok(None);
     }
     let id = result.task_id.as_str();
     // Workers echo the producer's reply subject; it is checked again, since a result is
@@ -102,31 +124,39 @@ async fn handle_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<(), Retry> {
     if finished_now.get() {
         finished(ctx, id, &rec, &result);
     }
-    // Forwarded every time a result message is handled: that is once, unless the message
-    // is redelivered after a crash, and the producer's inbox drops the copy.
-    if let Some(reply_to) = rec.reply_to.clone() {
-        let mut h = HeaderMap::new();
-        for name in [
-            headers::TRACEPARENT,
-            headers::TRACESTATE,
-            headers::BAGGAGE,
-            headers::TASK_ID,
-            headers::ATTEMPT,
-        ] {
-            if let Some(v) = header(hdrs, name) {
-                let _ = protocol::set_header(&mut h, name, v);
-            }
+    Ok(rec.reply_to.map(|reply_to| Forward {
+        reply_to,
+        task_id: id.to_string(),
+    }))
+}
+
+/// Forwards a recorded result to its producer's reply subject, with the trace and task
+/// headers it came with. Forwarded every time a result message is handled: that is once,
+/// unless the message is redelivered after a crash, and the producer's inbox drops the
+/// copy.
+async fn forward_one(ctx: &Ctx, msg: &jetstream::Message, f: Forward) -> Result<(), Retry> {
+    let hdrs = msg.headers.as_ref();
+    let mut h = HeaderMap::new();
+    for name in [
+        headers::TRACEPARENT,
+        headers::TRACESTATE,
+        headers::BAGGAGE,
+        headers::TASK_ID,
+        headers::ATTEMPT,
+    ] {
+        if let Some(v) = header(hdrs, name) {
+            let _ = protocol::set_header(&mut h, name, v);
         }
-        if let Err(e) = ctx
-            .client
-            .publish_with_headers(reply_to, h, msg.payload.clone())
-            .await
-        {
-            tracing::warn!(task_id = id, error = %e, "forwarding the result failed; will retry");
-            return Err(Retry);
-        }
-        ctx.core.metrics.results_forwarded.inc();
     }
+    if let Err(e) = ctx
+        .client
+        .publish_with_headers(f.reply_to, h, msg.payload.clone())
+        .await
+    {
+        tracing::warn!(task_id = %f.task_id, error = %e, "forwarding the result failed; will retry");
+        return Err(Retry);
+    }
+    ctx.core.metrics.results_forwarded.inc();
     Ok(())
 }
 
