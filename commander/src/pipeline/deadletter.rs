@@ -182,17 +182,15 @@ fn failed_result(
 /// The failed result's headers: the work message's trace context, baggage and reply
 /// subject carried over, and an idempotency key of its own per attempt.
 fn result_headers(hdrs: Option<&HeaderMap>, task_id: &str, attempt: u32) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for name in [
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::BAGGAGE,
-        headers::REPLY_TO,
-    ] {
-        if let Some(v) = header(hdrs, name) {
-            let _ = protocol::set_header(&mut h, name, v);
-        }
-    }
+    let mut h = super::carried_headers(
+        hdrs,
+        &[
+            headers::TRACEPARENT,
+            headers::TRACESTATE,
+            headers::BAGGAGE,
+            headers::REPLY_TO,
+        ],
+    );
     let _ = protocol::set_header(&mut h, headers::TASK_ID, task_id);
     let _ = protocol::set_header(&mut h, headers::ATTEMPT, &attempt.to_string());
     // Once per attempt, whichever replica (or retry) publishes it.

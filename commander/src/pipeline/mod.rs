@@ -249,3 +249,19 @@ pub async fn consume_batches<F, Fut>(
 }
 
 pub(crate) use crate::domain::fnv1a;
+
+/// The headers named in `names` that `from` has, copied into a new map (a result carries
+/// its task's trace context, baggage and ids on). A value that cannot be set again is
+/// left out: it came from a parsed header, so that does not happen.
+pub(crate) fn carried_headers(
+    from: Option<&async_nats::HeaderMap>,
+    names: &[&str],
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for name in names {
+        if let Some(v) = fleet_worker::protocol::header(from, name) {
+            let _ = fleet_worker::protocol::set_header(&mut h, name, v);
+        }
+    }
+    h
+}

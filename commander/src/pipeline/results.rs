@@ -2,10 +2,9 @@
 //! producer's reply subject. Forwarding is at-least-once (a crash between forward and ack
 //! forwards again); the SDK's result inbox drops the copies by task id.
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use fleet_worker::message::{ResultStatus, TaskResult};
-use fleet_worker::protocol::{self, header, headers, is_subject_token};
+use fleet_worker::protocol::{header, headers, is_subject_token};
 use tracing::Instrument;
 
 use super::Ctx;
@@ -135,19 +134,16 @@ fn record_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Forward>, Re
 /// unless the message is redelivered after a crash, and the producer's inbox drops the
 /// copy.
 async fn forward_one(ctx: &Ctx, msg: &jetstream::Message, f: Forward) -> Result<(), Retry> {
-    let hdrs = msg.headers.as_ref();
-    let mut h = HeaderMap::new();
-    for name in [
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::BAGGAGE,
-        headers::TASK_ID,
-        headers::ATTEMPT,
-    ] {
-        if let Some(v) = header(hdrs, name) {
-            let _ = protocol::set_header(&mut h, name, v);
-        }
-    }
+    let h = super::carried_headers(
+        msg.headers.as_ref(),
+        &[
+            headers::TRACEPARENT,
+            headers::TRACESTATE,
+            headers::BAGGAGE,
+            headers::TASK_ID,
+            headers::ATTEMPT,
+        ],
+    );
     if let Err(e) = ctx
         .client
         .publish_with_headers(f.reply_to, h, msg.payload.clone())
