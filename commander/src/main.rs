@@ -21,7 +21,7 @@ fn main() -> ExitCode {
 /// back to the system what it has not used for a second, so on the task path a page taken
 /// again cost the kernel zeroing a whole 2 MiB huge page: `clear_page_erms` was 15 % of
 /// the commander's CPU in `fleet-sim bench dispatch`. With huge pages off, the same bench
-/// measured 5-9 % less CPU per task and 15-25 % less resident memory.
+/// measured 4-9 % less CPU per task and 10-20 % less resident memory.
 fn small_pages_only() {
     #[cfg(target_os = "linux")]
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
