@@ -9,7 +9,6 @@ use bytes::Bytes;
 use fleet_worker::message::{ErrorInfo, Task, TaskResult, now_rfc3339};
 use fleet_worker::protocol::{self, header, headers, is_subject_token};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
-use futures::StreamExt;
 use tracing::Instrument;
 
 use super::plan::{FIRST_ATTEMPT, Plan, Prepared, Reject, View, plan};
@@ -27,7 +26,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let work = async {
         let plans = plan_batch(ctx, &batch).await;
         let published = publish_batch(ctx, &plans, read_at).await;
-        let mut settled = Settled::with_capacity(batch.len());
+        let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
         }
@@ -62,31 +61,22 @@ async fn plan_batch(ctx: &Ctx, batch: &[jetstream::Message]) -> Vec<Option<Plan>
         rubric_generation: live.rubric_generation,
         registry: &live.registry,
     };
-    // Collected into a vector sized up front: `join_all` grows its own, and a batch's
-    // worth of classifications is big enough that each growth took fresh pages.
-    let mut pending: futures::stream::FuturesOrdered<_> = reads
-        .iter()
-        .map(|r| async move {
-            let Some(Read::Ready(p)) = r else {
-                return None;
-            };
-            let trace = TraceCtx {
-                trace_id: p.dispatch.trace_id.0,
-                parent_span_id: Some(p.dispatch.span_id.0),
-            };
-            Some(
-                ctx.core
-                    .classifier
-                    .classify(grounds, &p.task, Some(trace))
-                    .await,
-            )
-        })
-        .collect();
-    let mut classifications = Vec::with_capacity(reads.len());
-    while let Some(c) = pending.next().await {
-        classifications.push(c);
-    }
-    drop(pending);
+    let classifications = futures::future::join_all(reads.iter().map(|r| async move {
+        let Some(Read::Ready(p)) = r else {
+            return None;
+        };
+        let trace = TraceCtx {
+            trace_id: p.dispatch.trace_id.0,
+            parent_span_id: Some(p.dispatch.span_id.0),
+        };
+        Some(
+            ctx.core
+                .classifier
+                .classify(grounds, &p.task, Some(trace))
+                .await,
+        )
+    }))
+    .await;
     // What every decision of the batch reads, taken once.
     let mut view = View {
         fleet: ctx.core.route_snapshot(&live.routing),
@@ -205,23 +195,12 @@ enum Read {
 }
 
 /// What a batch learned, written and acked together once every message is settled.
+#[derive(Default)]
 struct Settled {
     acks: Vec<jetstream::Message>,
     decided: Vec<crate::decisions::DecisionRecord>,
     /// Status notices (deferrals, by task id) and budget alerts (empty id).
     notices: Vec<(String, serde_json::Value)>,
-}
-
-impl Settled {
-    /// Room for a whole batch: messages and decisions are big, and growing these one
-    /// doubling at a time took fresh (zeroed) pages from the allocator on every batch.
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            acks: Vec::with_capacity(n),
-            decided: Vec::with_capacity(n),
-            notices: Vec::new(),
-        }
-    }
 }
 
 /// Settles one message of a batch after the publishes: records what became of it, and

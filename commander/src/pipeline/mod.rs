@@ -209,10 +209,10 @@ pub async fn consume_batches<F, Fut>(
                 continue;
             }
         };
-        let mut messages = std::pin::pin!(messages);
+        let mut chunks = messages.ready_chunks(batch_size);
         loop {
             let chunk = tokio::select! {
-                c = next_ready(&mut messages, batch_size), if in_flight.len() < BATCHES_IN_FLIGHT => c,
+                c = chunks.next(), if in_flight.len() < BATCHES_IN_FLIGHT => c,
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     if let Err(e) = done
                         && e.is_panic()
@@ -233,9 +233,12 @@ pub async fn consume_batches<F, Fut>(
                 tracing::warn!(loop_name = name, "consumer stream ended; re-subscribing");
                 continue 'outer;
             };
-            let (batch, errors) = chunk;
-            for e in errors {
-                tracing::warn!(loop_name = name, error = %e, "consumer stream error");
+            let mut batch = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => batch.push(m),
+                    Err(e) => tracing::warn!(loop_name = name, error = %e, "consumer stream error"),
+                }
             }
             if !batch.is_empty() {
                 backoff = Duration::from_millis(100);
@@ -243,33 +246,6 @@ pub async fn consume_batches<F, Fut>(
             }
         }
     }
-}
-
-/// The next message and every one after it that is ready now, up to `max`, with the
-/// stream's errors apart; `None` when the stream ended. Unlike `ready_chunks`, whose
-/// every chunk reserves room for `max` messages (a quarter of a megabyte of fresh pages
-/// per batch at the default 256, however few arrived), the batch grows with what came.
-/// Cancel-safe: the only await is for the first message, which is taken only when it is
-/// returned.
-async fn next_ready<S, T, E>(messages: &mut S, max: usize) -> Option<(Vec<T>, Vec<E>)>
-where
-    S: futures::Stream<Item = Result<T, E>> + Unpin,
-{
-    let first = messages.next().await?;
-    let (mut batch, mut errors) = (Vec::new(), Vec::new());
-    let mut take = |m: Result<T, E>| match m {
-        Ok(m) => batch.push(m),
-        Err(e) => errors.push(e),
-    };
-    take(first);
-    for _ in 1..max {
-        match futures::FutureExt::now_or_never(messages.next()) {
-            Some(Some(m)) => take(m),
-            // Nothing ready now, or the stream ended (the next call says so).
-            _ => break,
-        }
-    }
-    Some((batch, errors))
 }
 
 pub(crate) use crate::domain::fnv1a;
@@ -288,33 +264,4 @@ pub(crate) fn carried_headers(
         }
     }
     h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::next_ready;
-
-    #[tokio::test]
-    async fn a_batch_is_what_is_ready_now_up_to_the_limit_with_errors_apart() {
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<u32, &str>>();
-        let mut rx = rx;
-        for m in [Ok(1), Err("lost heartbeat"), Ok(2), Ok(3), Ok(4)] {
-            tx.unbounded_send(m).unwrap();
-        }
-        assert_eq!(
-            next_ready(&mut rx, 3).await,
-            Some((vec![1, 2], vec!["lost heartbeat"]))
-        );
-        // The rest is ready; nothing more is waited for.
-        assert_eq!(next_ready(&mut rx, 10).await, Some((vec![3, 4], vec![])));
-        // Nothing ready: it waits for the first message, and takes only what came.
-        let late = tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            tx.unbounded_send(Ok(5)).unwrap();
-            tx
-        });
-        assert_eq!(next_ready(&mut rx, 10).await, Some((vec![5], vec![])));
-        drop(late.await.unwrap());
-        assert_eq!(next_ready(&mut rx, 10).await, None);
-    }
 }
