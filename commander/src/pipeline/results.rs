@@ -20,9 +20,31 @@ use crate::store::{TaskRecord, TaskState};
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("results_batch", size = batch.len());
     async {
-        let mut recorded = Vec::with_capacity(batch.len());
-        for msg in batch {
-            match record_one(ctx, &msg) {
+        let read: Vec<_> = batch
+            .into_iter()
+            .map(|msg| {
+                let result = read_result(ctx, &msg);
+                (msg, result)
+            })
+            .collect();
+        // Every result ends its task (or finds it ended): one retention entry for the
+        // batch, written before the records (see `Store::index_finishing`).
+        let ids: Vec<&str> = read
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().map(|r| r.task_id.as_str()))
+            .collect();
+        if let Err(e) = ctx.core.store.index_finishing(&ids) {
+            tracing::error!(error = %e, "retention index not written; leaving the results for redelivery");
+            return;
+        }
+        let mut recorded = Vec::with_capacity(read.len());
+        for (msg, result) in read {
+            let Some(result) = result else {
+                // Unreadable: dropped (counted), not retried.
+                recorded.push((msg, None));
+                continue;
+            };
+            match record_one(ctx, &msg, result) {
                 Ok(forward) => recorded.push((msg, forward)),
                 Err(Retry) => nak(&msg).await,
             }
@@ -67,24 +89,34 @@ struct Forward {
     task_id: String,
 }
 
-/// Records one result in the task's record (and, the first time it ends the task, the
-/// budget, live state and counters); says where to forward it. A result that cannot be
-/// read is dropped (counted), not retried.
-fn record_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Forward>, Retry> {
-    let hdrs = msg.headers.as_ref();
+/// The result a message carries, or `None` (counted, logged) when it cannot be read: such
+/// a result is dropped, not retried.
+fn read_result(ctx: &Ctx, msg: &jetstream::Message) -> Option<TaskResult> {
     let result: TaskResult = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
             ctx.core.metrics.results_invalid.inc();
             tracing::warn!(subject = %msg.subject, error = %e, "result does not parse; dropping it");
-            return Ok(None);
+            return None;
         }
     };
     if !is_subject_token(&result.task_id) {
         ctx.core.metrics.results_invalid.inc();
         tracing::warn!(subject = %msg.subject, "result has an invalid task id; dropping it");
-        return Ok(None);
+        return None;
     }
+    Some(result)
+}
+
+/// Records one result in the task's record (and, the first time it ends the task, the
+/// budget, live state and counters); says where to forward it. The batch has named the
+/// task in the retention index already.
+fn record_one(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    result: TaskResult,
+) -> Result<Option<Forward>, Retry> {
+    let hdrs = msg.headers.as_ref();
     let id = result.task_id.as_str();
     // Workers echo the producer's reply subject; it is checked again, since a result is
     // as untrusted as a task.
@@ -104,7 +136,7 @@ fn record_one(ctx: &Ctx, msg: &jetstream::Message) -> Result<Option<Forward>, Re
     let rec = ctx
         .core
         .store
-        .update(
+        .update_indexed(
             id,
             || TaskRecord::new(id, 0),
             |r| {

@@ -224,8 +224,10 @@ impl TaskRecord {
 pub struct Store {
     db: sled::Db,
     tasks: sled::Tree,
-    /// Retention index: (finish time in ms, big-endian) ++ task id → (). Lets the sweeper
-    /// find old finished tasks without reading every record.
+    /// Retention index, in time order: (finish time in ms, big-endian) ++ task id → ()
+    /// for a task indexed by its own update, or (time in ms) ++ `0x00` ++ a unique id →
+    /// a page naming every task of a results batch (see [`Store::index_finishing`]). Lets
+    /// the sweeper find old finished tasks without reading every record.
     finished: sled::Tree,
     flushes: std::sync::Arc<Flushes>,
 }
@@ -281,12 +283,62 @@ impl Store {
     }
 
     /// Atomically updates (or creates) a task record. `f` may run more than once under
-    /// contention, so it must be a pure function of the record it is given.
+    /// contention, so it must be a pure function of the record it is given. The update
+    /// that makes the task terminal also names it in the retention index.
     pub fn update(
         &self,
         id: &str,
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
+    ) -> Result<TaskRecord, StoreError> {
+        self.update_with(id, create, f, Index::OnFinish)
+    }
+
+    /// [`Store::update`] for a task already named in the retention index by
+    /// [`Store::index_finishing`]: the update does not index it again.
+    pub fn update_indexed(
+        &self,
+        id: &str,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+    ) -> Result<TaskRecord, StoreError> {
+        self.update_with(id, create, f, Index::Already)
+    }
+
+    /// Names every task in `ids` in the retention index under the time now, with one write
+    /// for all of them: a batch of results, each of which will make its task terminal
+    /// (through [`Store::update_indexed`]). One sled write costs about the same whatever
+    /// it holds, and an entry per task was a fifth of a result's store work.
+    ///
+    /// Written *before* those updates, so a record can never be terminal on disk without
+    /// an entry (sled flushes in the background too; an entry written after could be lost
+    /// in a crash, and the redelivered result would find the task terminal already and
+    /// index nothing). The sweep removes only the named records that are terminal.
+    pub fn index_finishing(&self, ids: &[&str]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut key = Vec::with_capacity(17);
+        key.extend_from_slice(&unix_millis(SystemTime::now()).to_be_bytes());
+        // 0x00 never starts a task id (ids are printable subject tokens), so a page's key
+        // is never a per-task key; `generate_id` is unique across restarts.
+        key.push(0);
+        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        let page =
+            postcard::to_extend(ids, vec![FINISHED_PAGE_V1]).map_err(|e| StoreError::Corrupt {
+                id: ids.first().copied().unwrap_or_default().to_string(),
+                reason: format!("retention page did not encode: {e}"),
+            })?;
+        self.finished.insert(key, page)?;
+        Ok(())
+    }
+
+    fn update_with(
+        &self,
+        id: &str,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+        index: Index,
     ) -> Result<TaskRecord, StoreError> {
         let mut last_err = None;
         // Set by the closure's last run (the one whose result was stored): whether this
@@ -322,7 +374,7 @@ impl Store {
         if let Some(reason) = last_err {
             tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
         }
-        if became_terminal.get() {
+        if became_terminal.get() && index == Index::OnFinish {
             self.finished
                 .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
         }
@@ -335,20 +387,40 @@ impl Store {
         }
     }
 
-    /// Deletes tasks that finished before `cutoff`, at most `limit` per call; returns how
-    /// many went. Tasks still in flight are never swept.
+    /// Deletes tasks that finished before `cutoff`; returns how many went. Stops once
+    /// `limit` have gone (a batch's page of the index is taken whole, so by up to one
+    /// page more). Tasks still in flight are never swept: a record a page names is removed
+    /// only when it is terminal (a crash between the page and the update leaves it in
+    /// flight; its redelivered result indexes it again).
     pub fn sweep(&self, cutoff: SystemTime, limit: usize) -> Result<usize, StoreError> {
         let end = unix_millis(cutoff).to_be_bytes();
         let mut removed = 0;
-        for entry in self.finished.range(..end.as_slice()).take(limit) {
-            let (key, _) = entry?;
-            if let Some(id) = key.get(8..) {
-                self.tasks.remove(id)?;
+        for entry in self.finished.range(..end.as_slice()) {
+            if removed >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            for id in indexed_ids(&key, &value) {
+                if self.remove_if_terminal(id)? {
+                    removed += 1;
+                }
             }
             self.finished.remove(key)?;
-            removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Removes a task's record if it is terminal; `true` when one went. A record that
+    /// does not decode is removed too: it was indexed as finished, and cannot be read.
+    fn remove_if_terminal(&self, id: &[u8]) -> Result<bool, StoreError> {
+        let Some(bytes) = self.tasks.get(id)? else {
+            return Ok(false);
+        };
+        let terminal = codec::decode(&bytes).map_or(true, |r| r.state.is_terminal());
+        if terminal {
+            self.tasks.remove(id)?;
+        }
+        Ok(terminal)
     }
 
     /// Makes everything written so far durable (see [`Flushes`]).
@@ -391,6 +463,40 @@ impl Store {
 
     pub fn task_count(&self) -> usize {
         self.tasks.len()
+    }
+}
+
+/// Whether an update names a task that became terminal in the retention index itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Index {
+    OnFinish,
+    /// The caller wrote a page naming it first ([`Store::index_finishing`]).
+    Already,
+}
+
+/// First byte of a retention page: format 1, then postcard of the task ids.
+const FINISHED_PAGE_V1: u8 = 1;
+
+/// The task ids a retention entry names: the one in its key (a per-task entry, empty
+/// value), or every id of its page. A page that does not decode names none (logged): its
+/// tasks stay until removed some other way, rather than guessing.
+fn indexed_ids<'a>(key: &'a [u8], value: &'a [u8]) -> Vec<&'a [u8]> {
+    if value.is_empty() {
+        return key.get(8..).into_iter().collect();
+    }
+    let page = match value.split_first() {
+        Some((&FINISHED_PAGE_V1, body)) => postcard::from_bytes::<Vec<&str>>(body).ok(),
+        _ => None,
+    };
+    match page {
+        Some(ids) => ids.into_iter().map(str::as_bytes).collect(),
+        None => {
+            tracing::warn!(
+                bytes = value.len(),
+                "a retention page does not decode; its tasks are not swept"
+            );
+            Vec::new()
+        }
     }
 }
 
@@ -477,6 +583,77 @@ mod tests {
             "tasks in flight are kept"
         );
         assert_eq!(store.task_count(), 1);
+    }
+
+    /// A results batch names its tasks in one page before recording them; the sweep
+    /// removes the terminal ones it names, keeps one whose update never happened (a crash
+    /// between page and update), and reads per-task entries beside pages.
+    #[test]
+    fn a_page_of_the_retention_index_sweeps_the_finished_tasks_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ok = TaskResult::rejected("x", "x", "x");
+        ok.status = ResultStatus::Ok;
+        let ids: Vec<String> = (0..300).map(|i| format!("paged-{i}")).collect();
+        for id in ids
+            .iter()
+            .chain(["crashed".to_string(), "alone".to_string()].iter())
+        {
+            store
+                .update(
+                    id,
+                    || TaskRecord::new(id, 1),
+                    |r| r.advance(TaskState::Dispatched),
+                )
+                .unwrap();
+        }
+        let mut named: Vec<&str> = ids.iter().map(String::as_str).collect();
+        named.push("crashed");
+        store.index_finishing(&named).unwrap();
+        for id in &ids {
+            store
+                .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
+                .unwrap();
+        }
+        // Indexed on its own, the way every other path finishes a task.
+        store
+            .update("alone", || TaskRecord::new("alone", 1), |r| r.finish(&ok))
+            .unwrap();
+        assert_eq!(store.finished.len(), 2, "one page and one per-task entry");
+
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(store.sweep(past, 1_000).unwrap(), 0);
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 1_000).unwrap(), 301);
+        assert_eq!(store.finished.len(), 0);
+        assert!(ids.iter().all(|id| store.get(id).unwrap().is_none()));
+        assert!(store.get("alone").unwrap().is_none());
+        let kept = store.get("crashed").unwrap().expect("in flight, so kept");
+        assert_eq!(kept.state, TaskState::Dispatched);
+        assert_eq!(store.task_count(), 1);
+    }
+
+    #[test]
+    fn an_empty_batch_writes_no_page_and_a_page_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.index_finishing(&[]).unwrap();
+            assert_eq!(store.finished.len(), 0);
+            let mut ok = TaskResult::rejected("x", "x", "x");
+            ok.status = ResultStatus::Ok;
+            store.index_finishing(&["a", "b"]).unwrap();
+            for id in ["a", "b"] {
+                store
+                    .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
+                    .unwrap();
+            }
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 1).unwrap(), 2, "a page goes whole");
+        assert_eq!(store.task_count(), 0);
     }
 
     #[test]
