@@ -1,15 +1,22 @@
 //! The decision log: every routing decision (and every rejection) with the classification
 //! and every candidate, in sled next to the task records, with bounded retention.
 //!
-//! Keys are `at_ms (8 bytes, big-endian) ++ task id`, so a range scan is a time range and
-//! the newest come last. A task's record in the store keeps its decision's `at_ms`, which
-//! finds the decision by task id without a second index to write for every task.
+//! Keys are in time order. A batch's decisions are written as pages: the decisions made
+//! in one millisecond, up to [`PAGE_MAX`] to a page, under `at_ms (8 bytes, big-endian) ++
+//! 0x00 ++ a unique id (8 bytes, increasing) ++ count (1 byte)`. One sled write costs about the same
+//! whatever it holds (measured: 9.4 µs of CPU per decision written one by one, 2.3 µs in
+//! pages of 32), and a decision a task writes per dispatch was the task path's largest
+//! store cost. A decision written on its own (a retarget, an intervention) keeps the
+//! per-decision key `at_ms ++ task id`. A task's record in the store keeps its decision's
+//! `at_ms`, which finds the decision by task id among that millisecond's keys, without a
+//! second index to write for every task.
 //!
-//! Values are format 2: a version byte (`2`), then the record as MessagePack with field
-//! names (`rmp_serde::to_vec_named`), about 60 % of the JSON and cheaper to write and read.
-//! The log keeps names, unlike the task record's positional format, because decisions
-//! gain fields more often and a self-describing record reads old and new alike. Format 1
-//! (JSON, starting with `{`) is still read; it leaves through retention.
+//! Values: a single decision is format 2, a version byte (`2`), then the record as
+//! MessagePack with field names (`rmp_serde::to_vec_named`), about 60 % of the JSON. A
+//! page is format 3: byte `3`, then a MessagePack array of such records. The log keeps
+//! names, unlike the task record's positional format, because decisions gain fields more
+//! often and a self-describing record reads old and new alike. Format 1 (JSON, starting
+//! with `{`) is still read; it leaves through retention.
 
 use std::time::SystemTime;
 
@@ -192,7 +199,13 @@ struct DecisionEvent<'a> {
 impl DecisionLog {
     pub fn open(store: &Store) -> Result<Self, DecisionLogError> {
         let by_time = store.tree("decisions")?;
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(by_time.len() as u64));
+        // Counted from the keys alone (a page's key holds its count), as sled's `len`
+        // would walk them: no value is read.
+        let mut records = 0;
+        for k in by_time.iter().keys() {
+            records += entry_count(&k?);
+        }
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(records));
         Ok(Self {
             by_time,
             count,
@@ -212,13 +225,24 @@ impl DecisionLog {
         self.record_many(std::slice::from_ref(d))
     }
 
-    /// Writes many decisions in one batch: sled copies a leaf for every write, so one
-    /// batch per intake batch is much cheaper than one insert per decision. The caller
-    /// records each decision's `at_ms` on its task record.
+    /// Writes many decisions in one sled batch, in pages of those made in the same
+    /// millisecond (see the module's doc). The caller records each decision's `at_ms` on
+    /// its task record.
     pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
+        let mut by_time: Vec<&DecisionRecord> = items.iter().collect();
+        by_time.sort_by_key(|d| d.at_ms);
         let mut batch = sled::Batch::default();
-        for d in items {
-            batch.insert(key(d.at_ms, &d.task_id), encode(d)?);
+        for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
+            for page in same_ms.chunks(PAGE_MAX) {
+                match page {
+                    [d] => batch.insert(key(d.at_ms, &d.task_id), encode(d)?),
+                    [first, ..] => batch.insert(
+                        page_key(first.at_ms, page.len(), self.store.generate_id()?),
+                        encode_page(page)?,
+                    ),
+                    [] => {}
+                }
+            }
         }
         self.by_time.apply_batch(batch)?;
         // A key is a decision's time and task: a task decided again (a redelivery, a
@@ -252,55 +276,74 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// The decision for a task, found through the task record's `decision_at_ms`.
+    /// The decision for a task, found through the task record's `decision_at_ms`: its own
+    /// key, else the pages of that millisecond.
     pub fn get(&self, task_id: &str) -> Result<Option<DecisionRecord>, DecisionLogError> {
         let Some(at_ms) = self.store.get(task_id)?.and_then(|r| r.decision_at_ms) else {
             return Ok(None);
         };
-        match self.by_time.get(key(at_ms, task_id))? {
-            Some(v) => decode(&v).map(Some),
-            None => Ok(None),
+        if let Some(v) = self.by_time.get(key(at_ms, task_id))? {
+            return decode(&v).map(Some);
         }
+        let mut found = None;
+        let that_ms = key(at_ms, "")..key(at_ms.saturating_add(1), "");
+        for entry in self.by_time.range(that_ms) {
+            let (k, v) = entry?;
+            // The last one: a task decided twice in one millisecond keeps the later. A
+            // page that does not decode is passed over, as a query passes it.
+            if is_page_key(&k)
+                && let Ok(page) = decode_page(&v)
+            {
+                found = page.into_iter().rfind(|d| d.task_id == task_id).or(found);
+            }
+        }
+        Ok(found)
     }
 
-    /// Newest first, filtered, paginated.
+    /// Newest first, filtered, paginated. A cursor is the key of the entry the last page
+    /// stopped at, with (for a page of decisions) how many of that page's decisions are
+    /// still to come.
     pub fn query(&self, f: &Filter) -> Result<Page, DecisionLogError> {
         let limit = f.limit.unwrap_or(100).clamp(1, 500);
         let lower = key(f.since_ms.unwrap_or(0), "");
         let mut upper = key(f.until_ms.unwrap_or(u64::MAX), "");
+        let mut resume = None;
         if let Some(c) = &f.cursor {
             let bytes = hex_decode(c).ok_or_else(|| DecisionLogError::BadCursor(c.clone()))?;
             if bytes.len() < 8 {
                 return Err(DecisionLogError::BadCursor(c.clone()));
             }
-            upper = bytes;
+            match split_page_cursor(&bytes) {
+                Some((page, before)) => {
+                    upper = page.to_vec();
+                    resume = Some((page.to_vec(), before));
+                }
+                None => upper = bytes,
+            }
         }
-        let mut out = Vec::with_capacity(limit);
-        let mut scanned = 0;
-        let mut next = None;
-        for entry in self.by_time.range(lower..upper).rev() {
-            let (k, v) = entry?;
-            scanned += 1;
-            let Ok(d) = decode(&v) else {
-                continue;
-            };
-            if f.matches(&d) {
-                out.push(d);
-                if out.len() == limit {
-                    next = Some(crate::domain::hex(&k));
+        let mut scan = Scan {
+            filter: f,
+            limit,
+            out: Vec::with_capacity(limit),
+            scanned: 0,
+            next: None,
+        };
+        if let Some((page, before)) = resume
+            && page >= lower
+            && let Some(v) = self.by_time.get(&page)?
+            && scan.entry(&page, &v, before)
+        {
+            return Ok(scan.into_page());
+        }
+        if lower < upper {
+            for entry in self.by_time.range(lower..upper).rev() {
+                let (k, v) = entry?;
+                if scan.entry(&k, &v, usize::MAX) {
                     break;
                 }
             }
-            if scanned >= MAX_SCAN {
-                next = Some(crate::domain::hex(&k));
-                break;
-            }
         }
-        Ok(Page {
-            decisions: out,
-            next,
-            scanned,
-        })
+        Ok(scan.into_page())
     }
 
     /// Decisions made in [`since_ms`, `until_ms`), oldest first, at most `max`.
@@ -311,21 +354,24 @@ impl DecisionLog {
         max: usize,
     ) -> Result<Vec<DecisionRecord>, DecisionLogError> {
         let mut out = Vec::new();
-        for entry in self
-            .by_time
-            .range(key(since_ms, "")..key(until_ms, ""))
-            .take(max)
-        {
-            let (_, v) = entry?;
-            if let Ok(d) = decode(&v) {
-                out.push(d);
+        let (lower, upper) = (key(since_ms, ""), key(until_ms, ""));
+        if lower >= upper {
+            return Ok(out);
+        }
+        for entry in self.by_time.range(lower..upper) {
+            let (k, v) = entry?;
+            out.extend(decode_entry(&k, &v).unwrap_or_default());
+            if out.len() >= max {
+                out.truncate(max);
+                break;
             }
         }
         Ok(out)
     }
 
-    /// Drops decisions older than `cutoff`, then the oldest beyond `max_records`; at most
-    /// `limit` per call. Returns how many went.
+    /// Drops decisions older than `cutoff`, then the oldest beyond `max_records`; stops
+    /// once `limit` went (a page goes whole, so by up to a page more). Returns how many
+    /// went.
     pub fn prune(
         &self,
         cutoff: SystemTime,
@@ -340,16 +386,20 @@ impl DecisionLog {
         let mut removed = 0;
         let over = self.len().saturating_sub(max_records) as usize;
         // Oldest first, through the time-ordered keys: nothing newer is ever read.
-        for entry in self.by_time.iter().keys().take(limit) {
+        for entry in self.by_time.iter().keys() {
+            if removed >= limit {
+                break;
+            }
             let k = entry?;
             if k.as_ref() >= end.as_slice() && removed >= over {
                 break;
             }
+            let n = entry_count(&k);
             if self.by_time.remove(&k)?.is_some() {
                 self.count
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
             }
-            removed += 1;
+            removed += n as usize;
         }
         Ok(removed)
     }
@@ -361,6 +411,135 @@ impl DecisionLog {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One newest-first walk of [`DecisionLog::query`]: what matched so far and where it
+/// stopped.
+struct Scan<'a> {
+    filter: &'a Filter,
+    limit: usize,
+    out: Vec<DecisionRecord>,
+    scanned: usize,
+    next: Option<String>,
+}
+
+impl Scan<'_> {
+    /// Looks at one entry's decisions, newest first (a page's first `before` only);
+    /// `true` when the page of answers is full or the scan bound is reached.
+    fn entry(&mut self, k: &[u8], v: &[u8], before: usize) -> bool {
+        let Ok(mut decisions) = decode_entry(k, v) else {
+            // Unreadable: counted against the bound, and skipped.
+            self.scanned += 1;
+            if self.scanned >= MAX_SCAN {
+                self.next = Some(crate::domain::hex(k));
+                return true;
+            }
+            return false;
+        };
+        decisions.truncate(before);
+        while let Some(d) = decisions.pop() {
+            self.scanned += 1;
+            if self.filter.matches(&d) {
+                self.out.push(d);
+            }
+            if self.out.len() == self.limit || self.scanned >= MAX_SCAN {
+                self.next = Some(cursor(k, decisions.len()));
+                return true;
+            }
+        }
+        false
+    }
+
+    fn into_page(self) -> Page {
+        Page {
+            decisions: self.out,
+            next: self.next,
+            scanned: self.scanned,
+        }
+    }
+}
+
+/// Decisions to a page at most: a page of 32 is ~25 KB, and a leaf of them stays far
+/// below the size at which sled writes a node to a file of its own.
+const PAGE_MAX: usize = 32;
+
+/// The version byte of a page of decisions.
+const FORMAT_PAGE: u8 = 3;
+
+/// Byte 8 of a page's key: a task id (a printable subject token) never starts with it.
+const PAGE_MARK: u8 = 0;
+
+/// `at_ms` 8, mark 1, unique id 8, count 1.
+const PAGE_KEY_LEN: usize = 18;
+
+fn page_key(at_ms: u64, count: usize, unique: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PAGE_KEY_LEN);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.push(PAGE_MARK);
+    // Pages of one millisecond in the order they were written.
+    k.extend_from_slice(&unique.to_be_bytes());
+    // PAGE_MAX fits a byte.
+    k.push(u8::try_from(count).unwrap_or(u8::MAX));
+    k
+}
+
+fn is_page_key(k: &[u8]) -> bool {
+    k.len() == PAGE_KEY_LEN && k.get(8) == Some(&PAGE_MARK)
+}
+
+/// Decisions an entry holds, read from its key alone.
+fn entry_count(k: &[u8]) -> u64 {
+    match k.get(PAGE_KEY_LEN - 1) {
+        Some(&n) if is_page_key(k) => u64::from(n),
+        _ => 1,
+    }
+}
+
+/// Where a query that stopped at entry `k`, with `before` of its decisions still to come,
+/// goes on: a page's key and that number, or (a single decision) the key, below which
+/// the next page starts.
+fn cursor(k: &[u8], before: usize) -> String {
+    if !is_page_key(k) {
+        return crate::domain::hex(k);
+    }
+    let mut c = k.to_vec();
+    c.extend_from_slice(&u16::try_from(before).unwrap_or(u16::MAX).to_be_bytes());
+    crate::domain::hex(&c)
+}
+
+/// A page cursor's key and how many of its decisions are still to come.
+fn split_page_cursor(c: &[u8]) -> Option<(&[u8], usize)> {
+    let (k, before) = c.split_at_checked(PAGE_KEY_LEN)?;
+    let before: [u8; 2] = before.try_into().ok()?;
+    is_page_key(k).then_some((k, usize::from(u16::from_be_bytes(before))))
+}
+
+fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
+    let mut out = Vec::with_capacity(page.len() * 1024);
+    out.push(FORMAT_PAGE);
+    let mut ser = rmp_serde::Serializer::new(&mut out).with_struct_map();
+    page.serialize(&mut ser)?;
+    Ok(out)
+}
+
+fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+    match bytes.split_first() {
+        Some((&FORMAT_PAGE, body)) => {
+            rmp_serde::from_slice(body).map_err(|e| DecisionLogError::Decode(e.to_string()))
+        }
+        _ => Err(DecisionLogError::Decode(
+            "a page of decisions does not start with format 3".into(),
+        )),
+    }
+}
+
+/// The decisions of one entry of the log, oldest first.
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+    if is_page_key(k) {
+        decode_page(v)
+    } else {
+        decode(v).map(|d| vec![d])
     }
 }
 
@@ -530,6 +709,169 @@ mod tests {
         assert_eq!(log.prune(cutoff, 10, 10_000).unwrap(), 6);
         assert_eq!(log.len(), 10);
         assert!(log.get("t0").unwrap().is_some(), "the newest survive");
+    }
+
+    /// A batch's decisions go in pages (per millisecond, at most `PAGE_MAX` each): every
+    /// one is found by its task, counted, listed newest first across page boundaries by a
+    /// cursor, filtered, kept over a reopen, ranged and pruned page by page.
+    #[test]
+    fn a_batch_is_written_in_pages_and_read_as_single_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut batch = Vec::new();
+        for i in 0..100u64 {
+            // 40 decisions at 1,000 ms, 50 at 1,001 (two pages), 10 at 1,002, out of order.
+            let at = match i % 10 {
+                0..=3 => 1_000,
+                4..=8 => 1_001,
+                _ => 1_002,
+            };
+            let pool = if i % 3 == 0 { "docs" } else { "code" };
+            batch.push(rec(&format!("p{i}"), at, pool, "cost_tier"));
+        }
+        let mut newest_first: Vec<&DecisionRecord> = batch.iter().collect();
+        newest_first.sort_by_key(|d| d.at_ms);
+        newest_first.reverse();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let log = DecisionLog::open(&store).unwrap();
+            log.record_many(&batch).unwrap();
+            for d in &batch {
+                store
+                    .update(
+                        &d.task_id,
+                        || crate::store::TaskRecord::new(&d.task_id, 1),
+                        |r| r.decision_at_ms = Some(d.at_ms),
+                    )
+                    .unwrap();
+            }
+            // One decision written alone keeps its own key.
+            log.record(&rec("single", 999, "docs", "retarget")).unwrap();
+            assert_eq!(log.len(), 101);
+            assert_eq!(
+                log.by_time.len(),
+                6,
+                "pages of 32 + 8, 32 + 18 and 10, and one single decision"
+            );
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let log = DecisionLog::open(&store).unwrap();
+        assert_eq!(log.len(), 101, "counted from the keys again");
+        for d in &batch {
+            assert_eq!(log.get(&d.task_id).unwrap().as_ref(), Some(d));
+        }
+
+        let walk = |mut f: Filter| {
+            let mut seen = Vec::new();
+            loop {
+                let page = log.query(&f).unwrap();
+                assert!(page.decisions.len() <= f.limit.unwrap_or(100));
+                seen.extend(page.decisions.into_iter().map(|d| d.task_id));
+                match page.next {
+                    Some(n) => f.cursor = Some(n),
+                    None => return seen,
+                }
+            }
+        };
+        let mut want: Vec<String> = newest_first.iter().map(|d| d.task_id.clone()).collect();
+        want.push("single".into());
+        let all = walk(Filter {
+            limit: Some(7),
+            ..Default::default()
+        });
+        assert_eq!(all, want, "every decision once, newest first");
+        let docs = walk(Filter {
+            pool: Some("docs".into()),
+            limit: Some(4),
+            ..Default::default()
+        });
+        let want_docs: Vec<String> = newest_first
+            .iter()
+            .filter(|d| d.pool.as_deref() == Some("docs"))
+            .map(|d| d.task_id.clone())
+            .chain(["single".to_string()])
+            .collect();
+        assert_eq!(docs, want_docs);
+        let one_ms = log
+            .query(&Filter {
+                since_ms: Some(1_001),
+                until_ms: Some(1_002),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(one_ms.decisions.len(), 50);
+        assert!(
+            log.query(&Filter {
+                since_ms: Some(1_002),
+                until_ms: Some(1_000),
+                ..Default::default()
+            })
+            .unwrap()
+            .decisions
+            .is_empty(),
+            "an empty range is an empty answer"
+        );
+        assert_eq!(log.range(1_000, 1_002, 1_000).unwrap().len(), 90);
+        assert_eq!(log.range(0, u64::MAX, 45).unwrap().len(), 45);
+
+        // Age: the single decision and the 40 at 1,000 ms; pages go whole.
+        let cutoff = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_001);
+        assert_eq!(log.prune(cutoff, 1_000, 10_000).unwrap(), 41);
+        assert_eq!(log.len(), 60);
+        assert!(log.get("p0").unwrap().is_none());
+        // Count: the oldest page of 1,001 ms (32) goes to get under 40.
+        assert_eq!(log.prune(cutoff, 40, 10_000).unwrap(), 32);
+        assert_eq!(log.len(), 28);
+        assert_eq!(log.range(0, u64::MAX, 1_000).unwrap().len(), 28);
+    }
+
+    #[test]
+    fn a_page_cursor_is_checked_and_survives_its_page_going() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = DecisionLog::open(&store).unwrap();
+        let batch: Vec<DecisionRecord> = (0..10u64)
+            .map(|i| rec(&format!("c{i}"), 2_000 + i / 5, "docs", "cost_tier"))
+            .collect();
+        log.record_many(&batch).unwrap();
+        let first = log
+            .query(&Filter {
+                limit: Some(3),
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = first.decisions.iter().map(|d| d.task_id.as_str()).collect();
+        assert_eq!(ids, ["c9", "c8", "c7"]);
+        let next = first.next.unwrap();
+        // The older page (2,000 ms) goes: the walk ends with the cursor's own page.
+        let cutoff = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(5_000);
+        assert_eq!(log.prune(cutoff, 1_000, 1).unwrap(), 5, "a page goes whole");
+        let rest = log
+            .query(&Filter {
+                cursor: Some(next.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = rest.decisions.iter().map(|d| d.task_id.as_str()).collect();
+        assert_eq!(ids, ["c6", "c5"]);
+        // Then the cursor's page goes too: an empty answer, not an error.
+        assert_eq!(log.prune(cutoff, 1_000, 1).unwrap(), 5);
+        let rest = log
+            .query(&Filter {
+                cursor: Some(next.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(rest.decisions.is_empty() && rest.next.is_none());
+        let garbage = format!("{}ff", &next[..next.len() - 2]);
+        assert!(
+            log.query(&Filter {
+                cursor: Some(garbage),
+                ..Default::default()
+            })
+            .is_ok(),
+            "a cursor's count past its page reads what the page has"
+        );
     }
 
     /// Format 2 keeps every field (the flattened answer, candidates with and without

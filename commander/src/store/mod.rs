@@ -323,7 +323,7 @@ impl Store {
         // 0x00 never starts a task id (ids are printable subject tokens), so a page's key
         // is never a per-task key; `generate_id` is unique across restarts.
         key.push(0);
-        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        key.extend_from_slice(&self.generate_id()?.to_be_bytes());
         let page =
             postcard::to_extend(ids, vec![FINISHED_PAGE_V1]).map_err(|e| StoreError::Corrupt {
                 id: ids.first().copied().unwrap_or_default().to_string(),
@@ -453,6 +453,12 @@ impl Store {
     /// Another tree in the same database (the decision log), flushed with the tasks.
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
+    }
+
+    /// A number never handed out before in this store, across restarts (sled's
+    /// `generate_id`): what keeps two pages written in the same millisecond apart.
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
     }
 
     /// Removes a tree and everything in it (a layout migrated away from); `false` when
