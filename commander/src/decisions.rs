@@ -237,7 +237,7 @@ impl DecisionLog {
                 match page {
                     [d] => batch.insert(key(d.at_ms, &d.task_id), encode(d)?),
                     [first, ..] => batch.insert(
-                        page_key(first.at_ms, page.len(), self.store.generate_id()?),
+                        page_key(&self.store, first.at_ms, page.len())?,
                         encode_page(page)?,
                     ),
                     [] => {}
@@ -467,25 +467,19 @@ const PAGE_MAX: usize = 32;
 /// The version byte of a page of decisions.
 const FORMAT_PAGE: u8 = 3;
 
-/// Byte 8 of a page's key: a task id (a printable subject token) never starts with it.
-const PAGE_MARK: u8 = 0;
+/// The store's page key ([`Store::page_key`]), then the page's count (1 byte), so the
+/// count is known from the key alone.
+const PAGE_KEY_LEN: usize = crate::store::PAGE_KEY_LEN + 1;
 
-/// `at_ms` 8, mark 1, unique id 8, count 1.
-const PAGE_KEY_LEN: usize = 18;
-
-fn page_key(at_ms: u64, count: usize, unique: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(PAGE_KEY_LEN);
-    k.extend_from_slice(&at_ms.to_be_bytes());
-    k.push(PAGE_MARK);
-    // Pages of one millisecond in the order they were written.
-    k.extend_from_slice(&unique.to_be_bytes());
+fn page_key(store: &Store, at_ms: u64, count: usize) -> Result<Vec<u8>, DecisionLogError> {
+    let mut k = store.page_key(at_ms)?;
     // PAGE_MAX fits a byte.
     k.push(u8::try_from(count).unwrap_or(u8::MAX));
-    k
+    Ok(k)
 }
 
 fn is_page_key(k: &[u8]) -> bool {
-    k.len() == PAGE_KEY_LEN && k.get(8) == Some(&PAGE_MARK)
+    k.len() == PAGE_KEY_LEN && k.get(8) == Some(&crate::store::PAGE_MARK)
 }
 
 /// Decisions an entry holds, read from its key alone.

@@ -318,12 +318,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut key = Vec::with_capacity(17);
-        key.extend_from_slice(&unix_millis(SystemTime::now()).to_be_bytes());
-        // 0x00 never starts a task id (ids are printable subject tokens), so a page's key
-        // is never a per-task key; `generate_id` is unique across restarts.
-        key.push(0);
-        key.extend_from_slice(&self.generate_id()?.to_be_bytes());
+        let key = self.page_key(unix_millis(SystemTime::now()))?;
         let page =
             postcard::to_extend(ids, vec![FINISHED_PAGE_V1]).map_err(|e| StoreError::Corrupt {
                 id: ids.first().copied().unwrap_or_default().to_string(),
@@ -455,10 +450,17 @@ impl Store {
         Ok(self.db.open_tree(name)?)
     }
 
-    /// A number never handed out before in this store, across restarts (sled's
-    /// `generate_id`): what keeps two pages written in the same millisecond apart.
-    pub fn generate_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+    /// The key of a page of entries written at `at_ms` in a time-ordered tree (the
+    /// retention index, the decision log): `at_ms` (big-endian) ++ [`PAGE_MARK`] ++ a
+    /// number sled never hands out twice, across restarts (`generate_id`, increasing, so
+    /// the pages of one millisecond keep the order they were written in). A per-entry key
+    /// in the same tree is `at_ms ++ task id`, and a task id never starts with the mark.
+    pub fn page_key(&self, at_ms: u64) -> Result<Vec<u8>, StoreError> {
+        let mut k = Vec::with_capacity(PAGE_KEY_LEN + 1);
+        k.extend_from_slice(&at_ms.to_be_bytes());
+        k.push(PAGE_MARK);
+        k.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        Ok(k)
     }
 
     /// Removes a tree and everything in it (a layout migrated away from); `false` when
@@ -479,6 +481,13 @@ enum Index {
     /// The caller wrote a page naming it first ([`Store::index_finishing`]).
     Already,
 }
+
+/// Byte 8 of a page's key ([`Store::page_key`]): a task id, a printable subject token,
+/// never starts with it.
+pub const PAGE_MARK: u8 = 0;
+
+/// Bytes of [`Store::page_key`]: `at_ms` 8, mark 1, unique id 8.
+pub const PAGE_KEY_LEN: usize = 17;
 
 /// First byte of a retention page: format 1, then postcard of the task ids.
 const FINISHED_PAGE_V1: u8 = 1;
