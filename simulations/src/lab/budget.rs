@@ -218,7 +218,15 @@ async fn probe(producer: &Producer, http: &reqwest::Client, api: &str) -> Result
         .await_result("budget-probe", Duration::from_secs(30))
         .await
         .map_err(|e| e.to_string())?;
-    let d = get_json(http, &format!("{api}/v1/decisions/budget-probe")).await?;
+    // The intake batch logs its decisions after the batch's PubAcks, and a fast worker's
+    // result can reach the producer before that: the decision may be a moment behind it.
+    let url = format!("{api}/v1/decisions/budget-probe");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut d = get_json(http, &url).await?;
+    while d["est_cost_usd"].is_null() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        d = get_json(http, &url).await?;
+    }
     d["est_cost_usd"]
         .as_f64()
         .filter(|e| *e > 0.0)
