@@ -13,7 +13,9 @@
 //!
 //! Values: a single decision is format 2, a version byte (`2`), then the record as
 //! MessagePack with field names (`rmp_serde::to_vec_named`), about 60 % of the JSON. A
-//! page is format 3: byte `3`, then a MessagePack array of such records. The log keeps
+//! page is format 4: byte `4`, the length of a MessagePack array of such records, then
+//! the array as an LZ4 block, at most [`PAGE_BYTES`] in all (see there why); format 3
+//! (byte `3`, then the array uncompressed) was written before and is still read. The log keeps
 //! names, unlike the task record's positional format, because decisions gain fields more
 //! often and a self-describing record reads old and new alike. Format 1 (JSON, starting
 //! with `{`) is still read; it leaves through retention.
@@ -156,6 +158,10 @@ pub enum DecisionLogError {
     Sled(#[from] sled::Error),
     #[error("decision record does not encode: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    #[error("a page of decisions is {0} bytes uncompressed, too large to store")]
+    PageTooLarge(usize),
+    #[error("a page of decisions does not compress: {0}")]
+    Compress(String),
     #[error("stored decision does not decode: {0}")]
     Decode(String),
     #[error("cursor {0:?} is not one this API returned")]
@@ -234,14 +240,7 @@ impl DecisionLog {
         let mut batch = sled::Batch::default();
         for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
             for page in same_ms.chunks(PAGE_MAX) {
-                match page {
-                    [d] => batch.insert(key(d.at_ms, &d.task_id), encode(d)?),
-                    [first, ..] => batch.insert(
-                        page_key(&self.store, first.at_ms, page.len())?,
-                        encode_page(page)?,
-                    ),
-                    [] => {}
-                }
+                self.add_pages(&mut batch, page)?;
             }
         }
         self.by_time.apply_batch(batch)?;
@@ -271,6 +270,30 @@ impl DecisionLog {
                         candidates: d.candidates.len(),
                     },
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `page` to `batch` as one page, or, when it compresses to more than
+    /// [`PAGE_BYTES`], as two halves (and so on): a decision alone keeps its own key.
+    fn add_pages(
+        &self,
+        batch: &mut sled::Batch,
+        page: &[&DecisionRecord],
+    ) -> Result<(), DecisionLogError> {
+        match page {
+            [] => {}
+            [d] => batch.insert(key(d.at_ms, &d.task_id), encode(d)?),
+            [first, ..] => {
+                let value = encode_page(page)?;
+                if value.len() > PAGE_BYTES {
+                    let (older, newer) = page.split_at(page.len() / 2);
+                    self.add_pages(batch, older)?;
+                    self.add_pages(batch, newer)?;
+                } else {
+                    batch.insert(page_key(&self.store, first.at_ms, page.len())?, value);
+                }
             }
         }
         Ok(())
@@ -460,12 +483,28 @@ impl Scan<'_> {
     }
 }
 
-/// Decisions to a page at most: a page of 32 is ~25 KB, and a leaf of them stays far
-/// below the size at which sled writes a node to a file of its own.
+/// Decisions to a page at most (the count must fit the key's last byte).
 const PAGE_MAX: usize = 32;
 
-/// The version byte of a page of decisions.
+/// Most bytes a stored page may take. sled splits a leaf at 17 entries and writes a node
+/// over 128 KiB (a quarter of its 512 KiB segment) to a file of its own, created,
+/// written and later deleted for every rewrite of that leaf: 17 pages of 7 KiB stay
+/// under it. Uncompressed pages of 32 (~25 KB) made every leaf of the log such a file,
+/// about 6 % of the commander's CPU in `bench dispatch`, most of it creating files.
+const PAGE_BYTES: usize = 7 * 1024;
+
+/// Most bytes a page may claim to hold uncompressed, checked before allocating them.
+const PAGE_RAW_MAX: usize = 64 << 20;
+
+/// The version byte of an uncompressed page of decisions (written before format 4).
 const FORMAT_PAGE: u8 = 3;
+
+/// The version byte of a compressed page: then the MessagePack array's length (u32,
+/// little-endian) and the array as an LZ4 block.
+const FORMAT_PAGE_LZ4: u8 = 4;
+
+/// Bytes before a compressed page's block.
+const LZ4_HEADER: usize = 5;
 
 /// The store's page key ([`Store::page_key`]), then the page's count (1 byte), so the
 /// count is known from the key alone.
@@ -510,20 +549,43 @@ fn split_page_cursor(c: &[u8]) -> Option<(&[u8], usize)> {
 }
 
 fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
-    let mut out = Vec::with_capacity(page.len() * 1024);
-    out.push(FORMAT_PAGE);
-    let mut ser = rmp_serde::Serializer::new(&mut out).with_struct_map();
-    page.serialize(&mut ser)?;
+    let raw = rmp_serde::to_vec_named(page)?;
+    let raw_len = u32::try_from(raw.len())
+        .ok()
+        .filter(|&n| n as usize <= PAGE_RAW_MAX)
+        .ok_or(DecisionLogError::PageTooLarge(raw.len()))?;
+    let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(raw.len())];
+    let (header, block) = out.split_at_mut(LZ4_HEADER);
+    header[0] = FORMAT_PAGE_LZ4;
+    header[1..].copy_from_slice(&raw_len.to_le_bytes());
+    let written = lz4_flex::block::compress_into(&raw, block)
+        .map_err(|e| DecisionLogError::Compress(e.to_string()))?;
+    out.truncate(LZ4_HEADER + written);
     Ok(out)
 }
 
 fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+    let corrupt = |why: String| DecisionLogError::Decode(why);
     match bytes.split_first() {
-        Some((&FORMAT_PAGE, body)) => {
-            rmp_serde::from_slice(body).map_err(|e| DecisionLogError::Decode(e.to_string()))
+        Some((&FORMAT_PAGE_LZ4, rest)) => {
+            let (len, block) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| corrupt("a compressed page ends in its header".into()))?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if len > PAGE_RAW_MAX {
+                return Err(corrupt(format!(
+                    "a compressed page claims {len} bytes, over the {PAGE_RAW_MAX} a page may hold"
+                )));
+            }
+            let raw = lz4_flex::block::decompress(block, len)
+                .map_err(|e| corrupt(format!("a compressed page does not decompress: {e}")))?;
+            rmp_serde::from_slice(&raw).map_err(|e| corrupt(e.to_string()))
         }
-        _ => Err(DecisionLogError::Decode(
-            "a page of decisions does not start with format 3".into(),
+        Some((&FORMAT_PAGE, body)) => {
+            rmp_serde::from_slice(body).map_err(|e| corrupt(e.to_string()))
+        }
+        _ => Err(corrupt(
+            "a page of decisions does not start with format 3 or 4".into(),
         )),
     }
 }
@@ -870,6 +932,90 @@ mod tests {
 
     /// Format 2 keeps every field (the flattened answer, candidates with and without
     /// scores); a log written in format 1 (JSON) reads back whole, and its count is known.
+    #[test]
+    fn pages_are_compressed_split_to_fit_a_leaf_and_format_3_pages_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = DecisionLog::open(&store).unwrap();
+        let tree = store.tree("decisions").unwrap();
+        let values = || -> Vec<(Vec<u8>, sled::IVec)> {
+            tree.iter()
+                .map(|e| e.unwrap())
+                .map(|(k, v)| (k.to_vec(), v))
+                .collect()
+        };
+
+        // Alike decisions compress: one page of 32, well under its raw size.
+        let alike: Vec<_> = (0..32)
+            .map(|i| rec(&format!("a-{i}"), 1_000, "docs", "cost_tier"))
+            .collect();
+        log.record_many(&alike).unwrap();
+        let stored = values();
+        assert_eq!(stored.len(), 1);
+        let raw = rmp_serde::to_vec_named(&alike.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(stored[0].1[0], FORMAT_PAGE_LZ4);
+        assert!(
+            stored[0].1.len() * 3 < raw.len(),
+            "{} bytes stored for {} raw",
+            stored[0].1.len(),
+            raw.len()
+        );
+
+        // Decisions that do not compress (2 KB of random reasons each) are split into
+        // pages that each fit PAGE_BYTES, so a leaf of them stays inline in sled.
+        let noisy: Vec<_> = (0..32)
+            .map(|i| {
+                let mut d = rec(&format!("n-{i:02}"), 2_000, "code", "cost_tier");
+                d.reason = (0..128)
+                    .map(|_| format!("{:016x}", rand::random::<u64>()))
+                    .collect();
+                d
+            })
+            .collect();
+        log.record_many(&noisy).unwrap();
+        let stored: Vec<_> = values().into_iter().skip(1).collect();
+        assert!(stored.len() > 4, "split into {} entries", stored.len());
+        assert!(
+            stored
+                .iter()
+                .all(|(k, v)| v.len() <= PAGE_BYTES || !is_page_key(k))
+        );
+        let counted: u64 = stored.iter().map(|(k, _)| entry_count(k)).sum();
+        assert_eq!(counted, 32);
+        assert_eq!(
+            log.range(2_000, 2_001, 100).unwrap(),
+            noisy,
+            "in order, each once"
+        );
+
+        // A page written before compression (format 3) reads as before.
+        let old: Vec<_> = (0..5)
+            .map(|i| rec(&format!("o-{i}"), 500, "docs", "requested"))
+            .collect();
+        let mut v3 = vec![FORMAT_PAGE];
+        v3.extend(rmp_serde::to_vec_named(&old.iter().collect::<Vec<_>>()).unwrap());
+        tree.insert(page_key(&store, 500, old.len()).unwrap(), v3)
+            .unwrap();
+        futures::executor::block_on(store.flush()).unwrap();
+        drop((log, tree, store));
+        let store = Store::reopen(dir.path());
+        let log = DecisionLog::open(&store).unwrap();
+        assert_eq!(log.len(), 69);
+        assert_eq!(log.range(0, 1_000, 100).unwrap(), old);
+        let all = log.range(0, u64::MAX, 1_000).unwrap();
+        assert_eq!(all.len(), 69);
+
+        // A damaged page is an error, never a huge allocation or a panic.
+        let mut huge = vec![FORMAT_PAGE_LZ4];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 16]);
+        assert!(decode_page(&huge).is_err());
+        assert!(decode_page(&[FORMAT_PAGE_LZ4, 1, 0]).is_err());
+        let mut cut = encode_page(&alike.iter().collect::<Vec<_>>()).unwrap();
+        cut.truncate(cut.len() / 2);
+        assert!(decode_page(&cut).is_err());
+    }
+
     #[test]
     fn format_2_round_trips_and_a_json_log_still_reads() {
         let mut d = rec("t-full", 5_000, "docs", "cost_tier");
