@@ -486,12 +486,8 @@ impl Scan<'_> {
 /// Decisions to a page at most (the count must fit the key's last byte).
 const PAGE_MAX: usize = 32;
 
-/// Most bytes a stored page may take. sled splits a leaf at 17 entries and writes a node
-/// over 128 KiB (a quarter of its 512 KiB segment) to a file of its own, created,
-/// written and later deleted for every rewrite of that leaf: 17 pages of 7 KiB stay
-/// under it. Uncompressed pages of 32 (~25 KB) made every leaf of the log such a file,
-/// about 6 % of the commander's CPU in `bench dispatch`, most of it creating files.
-const PAGE_BYTES: usize = 7 * 1024;
+/// Most bytes a stored page may take (see there why).
+const PAGE_BYTES: usize = crate::store::PAGE_BYTES;
 
 /// Most bytes a page may claim to hold uncompressed, checked before allocating them.
 const PAGE_RAW_MAX: usize = 64 << 20;

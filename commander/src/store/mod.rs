@@ -306,7 +306,7 @@ impl Store {
     }
 
     /// Names every task in `ids` in the retention index under the time now, with one write
-    /// for all of them: a batch of results, each of which will make its task terminal
+    /// for all of them (or a few, each at most [`PAGE_BYTES`]): a batch of results, each of which will make its task terminal
     /// (through [`Store::update_indexed`]). One sled write costs about the same whatever
     /// it holds, and an entry per task was a fifth of a result's store work.
     ///
@@ -315,16 +315,30 @@ impl Store {
     /// in a crash, and the redelivered result would find the task terminal already and
     /// index nothing). The sweep removes only the named records that are terminal.
     pub fn index_finishing(&self, ids: &[&str]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let key = self.page_key(unix_millis(SystemTime::now()))?;
-        let page =
-            postcard::to_extend(ids, vec![FINISHED_PAGE_V1]).map_err(|e| StoreError::Corrupt {
-                id: ids.first().copied().unwrap_or_default().to_string(),
-                reason: format!("retention page did not encode: {e}"),
+        let at_ms = unix_millis(SystemTime::now());
+        let mut rest = ids;
+        while !rest.is_empty() {
+            // As many ids as fit PAGE_BYTES (an id is at most 128 bytes, plus postcard's
+            // length prefix), at least one.
+            let mut bytes = 0;
+            let fit = rest
+                .iter()
+                .take_while(|id| {
+                    bytes += id.len() + 2;
+                    bytes <= PAGE_BYTES
+                })
+                .count()
+                .max(1);
+            let (page_ids, later) = rest.split_at(fit.min(rest.len()));
+            rest = later;
+            let page = postcard::to_extend(page_ids, vec![FINISHED_PAGE_V1]).map_err(|e| {
+                StoreError::Corrupt {
+                    id: page_ids.first().copied().unwrap_or_default().to_string(),
+                    reason: format!("retention page did not encode: {e}"),
+                }
             })?;
-        self.finished.insert(key, page)?;
+            self.finished.insert(self.page_key(at_ms)?, page)?;
+        }
         Ok(())
     }
 
@@ -489,6 +503,14 @@ pub const PAGE_MARK: u8 = 0;
 /// Bytes of [`Store::page_key`]: `at_ms` 8, mark 1, unique id 8.
 pub const PAGE_KEY_LEN: usize = 17;
 
+/// Most bytes a page of a time-ordered tree (the retention index, the decision log) may
+/// take. sled splits a leaf at 17 entries and writes a node over 128 KiB (a quarter of
+/// its 512 KiB segment) to a file of its own, created, written and later deleted on every
+/// rewrite of that leaf: 17 pages of 7 KiB stay under it. Uncompressed pages of 32
+/// decisions (~25 KB) made every leaf of the decision log such a file, about 6 % of the
+/// commander's CPU in `bench dispatch`, most of it creating files.
+pub const PAGE_BYTES: usize = 7 * 1024;
+
 /// First byte of a retention page: format 1, then postcard of the task ids.
 const FINISHED_PAGE_V1: u8 = 1;
 
@@ -646,6 +668,29 @@ mod tests {
         let kept = store.get("crashed").unwrap().expect("in flight, so kept");
         assert_eq!(kept.state, TaskState::Dispatched);
         assert_eq!(store.task_count(), 1);
+    }
+
+    #[test]
+    fn long_task_ids_are_indexed_in_several_pages_that_each_fit_a_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut ok = TaskResult::rejected("x", "x", "x");
+        ok.status = ResultStatus::Ok;
+        // The longest ids a task may have (128 bytes), a full results batch of them.
+        let ids: Vec<String> = (0..256).map(|i| format!("{i:0>128}")).collect();
+        let named: Vec<&str> = ids.iter().map(String::as_str).collect();
+        store.index_finishing(&named).unwrap();
+        for id in &ids {
+            store
+                .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
+                .unwrap();
+        }
+        let pages: Vec<_> = store.finished.iter().map(|e| e.unwrap().1).collect();
+        assert!(pages.len() > 1, "{} pages", pages.len());
+        assert!(pages.iter().all(|p| p.len() <= PAGE_BYTES));
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 1_000).unwrap(), 256);
+        assert_eq!(store.task_count(), 0);
     }
 
     #[test]
