@@ -14,7 +14,7 @@
 //! Values: a single decision is format 2, a version byte (`2`), then the record as
 //! MessagePack with field names (`rmp_serde::to_vec_named`), about 60 % of the JSON. A
 //! page is format 4: byte `4`, the length of a MessagePack array of such records, then
-//! the array as an LZ4 block, at most [`PAGE_BYTES`] in all (see there why); format 3
+//! the array as an LZ4 block, at most [`PAGE_BYTES`] in all (sled leaves, see there); format 3
 //! (byte `3`, then the array uncompressed) was written before and is still read. The log keeps
 //! names, unlike the task record's positional format, because decisions gain fields more
 //! often and a self-describing record reads old and new alike. Format 1 (JSON, starting
@@ -486,7 +486,7 @@ impl Scan<'_> {
 /// Decisions to a page at most (the count must fit the key's last byte).
 const PAGE_MAX: usize = 32;
 
-/// Most bytes a stored page may take (see there why).
+/// Most bytes a stored page may take; `store::PAGE_BYTES` says why.
 const PAGE_BYTES: usize = crate::store::PAGE_BYTES;
 
 /// Most bytes a page may claim to hold uncompressed, checked before allocating them.
