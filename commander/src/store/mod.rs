@@ -306,9 +306,10 @@ impl Store {
     }
 
     /// Names every task in `ids` in the retention index under the time now, with one write
-    /// for all of them (or a few, each at most [`PAGE_BYTES`]): a batch of results, each of which will make its task terminal
-    /// (through [`Store::update_indexed`]). One sled write costs about the same whatever
-    /// it holds, and an entry per task was a fifth of a result's store work.
+    /// for all of them (or a few, each at most [`PAGE_BYTES`]): a batch of results, each
+    /// of which will make its task terminal (through [`Store::update_indexed`]). One sled
+    /// write costs about the same whatever it holds, and an entry per task was a fifth of
+    /// a result's store work.
     ///
     /// Written *before* those updates, so a record can never be terminal on disk without
     /// an entry (sled flushes in the background too; an entry written after could be lost
@@ -329,7 +330,8 @@ impl Store {
                 })
                 .count()
                 .max(1);
-            let (page_ids, later) = rest.split_at(fit.min(rest.len()));
+            // `fit` is at most `rest.len()`: a count of its items, or 1 of a non-empty slice.
+            let (page_ids, later) = rest.split_at(fit);
             rest = later;
             let page = postcard::to_extend(page_ids, vec![FINISHED_PAGE_V1]).map_err(|e| {
                 StoreError::Corrupt {
@@ -581,12 +583,18 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A result that finishes its task successfully.
+    fn ok_result() -> TaskResult {
+        let mut ok = TaskResult::rejected("x", "x", "x");
+        ok.status = ResultStatus::Ok;
+        ok
+    }
+
     #[test]
     fn sweep_removes_only_tasks_finished_before_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut ok = TaskResult::rejected("x", "x", "x");
-        ok.status = ResultStatus::Ok;
+        let ok = ok_result();
         for id in ["done-1", "done-2", "running"] {
             store
                 .update(
@@ -629,8 +637,7 @@ mod tests {
     fn a_page_of_the_retention_index_sweeps_the_finished_tasks_it_names() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut ok = TaskResult::rejected("x", "x", "x");
-        ok.status = ResultStatus::Ok;
+        let ok = ok_result();
         let ids: Vec<String> = (0..300).map(|i| format!("paged-{i}")).collect();
         for id in ids
             .iter()
@@ -674,8 +681,7 @@ mod tests {
     fn long_task_ids_are_indexed_in_several_pages_that_each_fit_a_leaf() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut ok = TaskResult::rejected("x", "x", "x");
-        ok.status = ResultStatus::Ok;
+        let ok = ok_result();
         // The longest ids a task may have (128 bytes), a full results batch of them.
         let ids: Vec<String> = (0..256).map(|i| format!("{i:0>128}")).collect();
         let named: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -700,8 +706,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.index_finishing(&[]).unwrap();
             assert_eq!(store.finished.len(), 0);
-            let mut ok = TaskResult::rejected("x", "x", "x");
-            ok.status = ResultStatus::Ok;
+            let ok = ok_result();
             store.index_finishing(&["a", "b"]).unwrap();
             for id in ["a", "b"] {
                 store
