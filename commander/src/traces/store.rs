@@ -1,11 +1,12 @@
 //! Kept traces in sled, bounded by bytes and by age.
 //!
 //! Trees, keyed by a trace's time key, (kept ms, big-endian) ++ trace id:
-//! `trace_spans_by_time` (format byte ++ OTLP `TracesData` protobuf, redacted),
-//! `trace_summaries_by_time` (JSON summary) and `trace_times` (stored bytes, big-endian
-//! u64: the index that listing, retention and the byte budget walk without reading
-//! records). Then `trace_ids` (trace id → kept ms), which finds a trace by id, and
-//! `trace_tasks` (task id → trace id).
+//! `trace_spans_by_time` (the OTLP `TracesData` protobuf, redacted, LZ4-compressed and
+//! split into entries of at most [`store::PAGE_BYTES`](crate::store::PAGE_BYTES): see
+//! [`FORMAT_LZ4`]), `trace_summaries_by_time` (JSON summary) and `trace_times` (stored
+//! bytes, big-endian u64: the index that listing, retention and the byte budget walk
+//! without reading records). Then `trace_ids` (trace id → kept ms), which finds a trace by
+//! id, and `trace_tasks` (task id → trace id).
 //!
 //! The big values go in by time, so a store of a million tasks writes its newest pages
 //! and retention takes its oldest. Keyed by trace id (random), as until December 2026
@@ -25,8 +26,110 @@ use super::sample::Why;
 pub use crate::domain::{hex, unhex};
 use crate::store::{Store, StoreError};
 
-/// The first byte of a `trace_spans` value.
+/// The first byte of a spans value written before format 2: the `TracesData` protobuf
+/// follows, whole, in one entry. Still read.
 const FORMAT_V1: u8 = 1;
+
+/// Format 2: byte `2`, the protobuf's length (u32, little-endian), the LZ4 block's length
+/// (u32, little-endian), then the block (`lz4_flex`). The value is cut into pieces of at
+/// most [`PAGE_BYTES`]: the first under the trace's time key, the rest under the time key
+/// ++ the piece's number (u32, big-endian, from 1), so they sort right after it. Traces
+/// that carry message content run to tens or hundreds of KB; whole, a leaf of them went
+/// over the size at which sled writes a node to a file of its own on every rewrite
+/// (`store::PAGE_BYTES` says why), and one over 128 KiB was such a file by itself.
+const FORMAT_LZ4: u8 = 2;
+
+/// Bytes before a format-2 value's block.
+const LZ4_HEADER: usize = 9;
+
+/// LZ4 expands a block by at most about 255 times, so a stored trace claiming more than
+/// that over its block's length is damaged; checked before the claim is allocated.
+const LZ4_MAX_RATIO: usize = 255;
+
+use crate::store::PAGE_BYTES;
+
+/// A trace's spans as stored in format 2, whole (before it is cut into pieces).
+fn encode_spans(data: &TracesData) -> Result<Vec<u8>, String> {
+    let raw = data.encode_to_vec();
+    let raw_len = u32::try_from(raw.len()).map_err(|_| {
+        format!(
+            "{} bytes of spans, over the 4 GiB a trace may hold",
+            raw.len()
+        )
+    })?;
+    let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(raw.len())];
+    let (header, block) = out.split_at_mut(LZ4_HEADER);
+    let written = lz4_flex::block::compress_into(&raw, block).map_err(|e| e.to_string())?;
+    // The block is never longer than its input, plus a little: it fits a u32 as raw did.
+    let block_len = u32::try_from(written).map_err(|e| e.to_string())?;
+    header[0] = FORMAT_LZ4;
+    header[1..5].copy_from_slice(&raw_len.to_le_bytes());
+    header[5..9].copy_from_slice(&block_len.to_le_bytes());
+    out.truncate(LZ4_HEADER + written);
+    Ok(out)
+}
+
+/// The key of piece `n` (from 1) of the value under `time_key`.
+fn piece_key(time_key: &[u8], n: usize) -> Result<Vec<u8>, String> {
+    let n = u32::try_from(n).map_err(|_| format!("a trace in {n} pieces is too large"))?;
+    let mut k = Vec::with_capacity(time_key.len() + 4);
+    k.extend_from_slice(time_key);
+    k.extend_from_slice(&n.to_be_bytes());
+    Ok(k)
+}
+
+/// The `TracesData` protobuf from a stored value's pieces, in key order (the first under
+/// the time key itself).
+fn decode_spans(pieces: &[sled::IVec]) -> Result<TracesData, String> {
+    let Some(first) = pieces.first() else {
+        return Err("no spans stored".into());
+    };
+    let raw = match first.split_first() {
+        Some((&FORMAT_V1, body)) if pieces.len() == 1 => {
+            return TracesData::decode(body).map_err(|e| e.to_string());
+        }
+        Some((&FORMAT_LZ4, rest)) => {
+            let (raw_len, rest) = rest
+                .split_first_chunk::<4>()
+                .ok_or("the spans end in their header")?;
+            let (block_len, head) = rest
+                .split_first_chunk::<4>()
+                .ok_or("the spans end in their header")?;
+            let raw_len = u32::from_le_bytes(*raw_len) as usize;
+            let block_len = u32::from_le_bytes(*block_len) as usize;
+            let held: usize = head.len() + pieces[1..].iter().map(|p| p.len()).sum::<usize>();
+            if held != block_len {
+                return Err(format!(
+                    "the spans' block is {block_len} bytes, but {held} are stored"
+                ));
+            }
+            if raw_len > block_len.saturating_mul(LZ4_MAX_RATIO).max(64) {
+                return Err(format!(
+                    "the spans claim {raw_len} bytes from a block of {block_len}"
+                ));
+            }
+            let decompressed = if pieces.len() == 1 {
+                lz4_flex::block::decompress(head, raw_len)
+            } else {
+                let mut block = Vec::with_capacity(block_len);
+                block.extend_from_slice(head);
+                for p in &pieces[1..] {
+                    block.extend_from_slice(p);
+                }
+                lz4_flex::block::decompress(&block, raw_len)
+            };
+            decompressed.map_err(|e| format!("the spans do not decompress: {e}"))?
+        }
+        other => {
+            return Err(format!(
+                "unknown format {:?} in {} pieces",
+                other.map(|(b, _)| b),
+                pieces.len()
+            ));
+        }
+    };
+    TracesData::decode(raw.as_slice()).map_err(|e| e.to_string())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceStoreError {
@@ -60,7 +163,7 @@ pub struct TraceSummary {
     pub start_unix_ms: u64,
     pub duration_ms: f64,
     pub spans: u64,
-    /// Stored size (protobuf, redacted).
+    /// Stored size of the spans (redacted, compressed).
     pub bytes: u64,
     pub cost_usd: f64,
     pub input_tokens: u64,
@@ -294,21 +397,48 @@ impl TraceStore {
             summary.why.sort();
         }
         let data = TracesData { resource_spans };
-        let mut value = Vec::with_capacity(1 + data.encoded_len());
-        value.push(FORMAT_V1);
-        data.encode(&mut value)
-            .map_err(|e| TraceStoreError::Corrupt(hex(trace_id), e.to_string()))?;
+        let corrupt = |why: String| TraceStoreError::Corrupt(hex(trace_id), why);
+        let value = encode_spans(&data).map_err(corrupt)?;
         summary.bytes = value.len() as u64;
         let json = serde_json::to_vec(&summary)?;
         let stored = summary.bytes + json.len() as u64;
         let key = time_key(summary.kept_at_ms, trace_id);
         // A trace stored before keeps its time key (`kept_at_ms` is kept), under which
         // the index holds all it took up: spans and summary, not the spans alone.
+        let pieces: Vec<&[u8]> = value.chunks(PAGE_BYTES).collect();
         match self.times.get(&key)? {
-            Some(before) => self.bytes.fetch_sub(u64_of(&before), Ordering::Relaxed),
-            None => self.count.fetch_add(1, Ordering::Relaxed),
+            Some(before) => {
+                self.bytes.fetch_sub(u64_of(&before), Ordering::Relaxed);
+                // Late spans (rare): the old pieces go and the new ones come in one batch,
+                // so a reader never sees a mix of the two.
+                let mut batch = sled::Batch::default();
+                for k in self.spans.scan_prefix(&key).keys() {
+                    batch.remove(k?);
+                }
+                for (n, piece) in pieces.iter().enumerate() {
+                    let k = if n == 0 {
+                        key.clone()
+                    } else {
+                        piece_key(&key, n).map_err(corrupt)?
+                    };
+                    batch.insert(k, *piece);
+                }
+                self.spans.apply_batch(batch)?;
+            }
+            None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+                // A new trace, with plain inserts: a sled batch rolls the log's buffer
+                // over, several times the cost of an insert. Nothing finds the trace
+                // before `ids` names it, below; the head goes last all the same.
+                for (n, piece) in pieces.iter().enumerate().skip(1) {
+                    self.spans
+                        .insert(piece_key(&key, n).map_err(corrupt)?, *piece)?;
+                }
+                if let Some(head) = pieces.first() {
+                    self.spans.insert(&key, *head)?;
+                }
+            }
         };
-        self.spans.insert(&key, value)?;
         self.summaries.insert(&key, json)?;
         self.ids
             .insert(trace_id, &summary.kept_at_ms.to_be_bytes())?;
@@ -339,14 +469,23 @@ impl TraceStore {
         let Some(key) = self.key_of(trace_id)? else {
             return Ok(None);
         };
-        let (Some(summary), Some(v)) = (self.summary_at(&key)?, self.spans.get(&key)?) else {
+        let Some(summary) = self.summary_at(&key)? else {
             return Ok(None);
         };
-        let corrupt = |why: String| TraceStoreError::Corrupt(hex(trace_id), why);
-        let Some((&FORMAT_V1, body)) = v.split_first() else {
-            return Err(corrupt(format!("unknown format {:?}", v.first())));
-        };
-        let data = TracesData::decode(body).map_err(|e| corrupt(e.to_string()))?;
+        let mut pieces = Vec::new();
+        for entry in self.spans.scan_prefix(&key) {
+            let (k, v) = entry?;
+            if pieces.is_empty() && *k != *key {
+                // Pieces without their head: the trace is being removed (head first).
+                return Ok(None);
+            }
+            pieces.push(v);
+        }
+        if pieces.is_empty() {
+            return Ok(None);
+        }
+        let data =
+            decode_spans(&pieces).map_err(|why| TraceStoreError::Corrupt(hex(trace_id), why))?;
         Ok(Some(Stored {
             summary,
             resource_spans: data.resource_spans,
@@ -430,7 +569,12 @@ impl TraceStore {
                         .compare_and_swap(t.as_bytes(), Some(id), None as Option<&[u8]>)?;
             }
         }
+        // The head first, so a reader finds the trace whole or not at all; then its other
+        // pieces.
         self.spans.remove(time_key)?;
+        for k in self.spans.scan_prefix(time_key).keys() {
+            self.spans.remove(k?)?;
+        }
         self.summaries.remove(time_key)?;
         let at = time_key.get(..8).unwrap_or_default();
         let _ = self
@@ -498,6 +642,145 @@ mod tests {
         let indexed: u64 = traces.times.iter().map(|e| u64_of(&e.unwrap().1)).sum();
         assert_eq!(traces.bytes(), indexed);
         assert_eq!(TraceStore::open(&store).unwrap().bytes(), indexed);
+    }
+
+    /// A trace whose protobuf is `bytes` long or so: one span with that much text, in
+    /// words drawn from a small generator so that it compresses as prose does, not to
+    /// nothing.
+    fn big_trace(id: [u8; 16], bytes: usize, seed: u64) -> Vec<ResourceSpans> {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+        use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span};
+        const WORDS: [&str; 16] = [
+            "the", "customer", "asks", "for", "a", "refund", "of", "invoice", "charged", "twice",
+            "and", "billing", "says", "card", "was", "declined",
+        ];
+        let mut x = seed | 1;
+        let mut text = String::with_capacity(bytes + 16);
+        while text.len() < bytes {
+            // xorshift picks the words, and a number now and then.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(WORDS[(x % 16) as usize]);
+            if x.is_multiple_of(7) {
+                text.push_str(&(x % 100_000).to_string());
+            }
+            text.push(' ');
+        }
+        vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: id.to_vec(),
+                    span_id: seed.to_be_bytes().to_vec(),
+                    name: "chat".into(),
+                    attributes: vec![KeyValue {
+                        key: "gen_ai.input.messages".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(text)),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]
+    }
+
+    /// Format 2: a trace of 300 KB is stored compressed, in pieces that each fit
+    /// `PAGE_BYTES` (so a leaf of them stays in sled's log), and reads back whole; late
+    /// spans make it larger and it still reads whole; retention removes every piece.
+    #[test]
+    fn a_large_trace_is_stored_compressed_in_pieces_and_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let traces = TraceStore::open(&store).unwrap();
+        let id = [9u8; 16];
+        let first = big_trace(id, 300_000, 1);
+        let raw = TracesData {
+            resource_spans: first.clone(),
+        }
+        .encoded_len();
+        let mut s = summary(1_000);
+        traces.put(&id, &mut s, first.clone()).unwrap();
+        assert!(
+            s.bytes < raw as u64 * 3 / 4,
+            "compressed: {} of {raw}",
+            s.bytes
+        );
+        let pieces: Vec<_> = traces.spans.iter().map(|e| e.unwrap()).collect();
+        assert!(pieces.len() > 10, "{} pieces", pieces.len());
+        assert!(pieces.iter().all(|(_, v)| v.len() <= PAGE_BYTES));
+        assert_eq!(
+            pieces.iter().map(|(_, v)| v.len() as u64).sum::<u64>(),
+            s.bytes
+        );
+        assert_eq!(traces.get(&id).unwrap().unwrap().resource_spans, first);
+
+        // Late spans: stored with the first, more pieces under the same time key.
+        let late = big_trace(id, 100_000, 2);
+        traces.put(&id, &mut summary(2_000), late.clone()).unwrap();
+        let got = traces.get(&id).unwrap().unwrap();
+        assert_eq!(got.summary.kept_at_ms, 1_000);
+        assert_eq!(got.resource_spans, [first, late].concat());
+        assert!(traces.spans.len() > pieces.len());
+        // A small trace next to it is one entry.
+        let small = [3u8; 16];
+        traces
+            .put(&small, &mut summary(1_500), big_trace(small, 500, 3))
+            .unwrap();
+        assert_eq!(traces.spans.scan_prefix(time_key(1_500, &small)).count(), 1);
+
+        assert_eq!(traces.prune(1_200, u64::MAX, 10).unwrap(), 1);
+        assert!(traces.get(&id).unwrap().is_none());
+        assert_eq!(traces.spans.len(), 1, "every piece of the big trace went");
+        assert!(traces.get(&small).unwrap().is_some());
+    }
+
+    /// Spans stored in format 1 (a format byte and the protobuf, whole: the format
+    /// before compression) still read; damaged format-2 values are errors, never a
+    /// panic or an allocation of what they claim.
+    #[test]
+    fn format_1_spans_still_read_and_damaged_ones_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let traces = TraceStore::open(&store).unwrap();
+        let old = [1u8; 16];
+        let spans = big_trace(old, 2_000, 1);
+        traces
+            .put(&old, &mut summary(1_000), spans.clone())
+            .unwrap();
+        let key = time_key(1_000, &old);
+        let mut v1 = vec![FORMAT_V1];
+        TracesData {
+            resource_spans: spans.clone(),
+        }
+        .encode(&mut v1)
+        .unwrap();
+        traces.spans.insert(&key, v1).unwrap();
+        assert_eq!(traces.get(&old).unwrap().unwrap().resource_spans, spans);
+
+        let id = [2u8; 16];
+        traces
+            .put(&id, &mut summary(2_000), big_trace(id, 50_000, 2))
+            .unwrap();
+        let key = time_key(2_000, &id);
+        let head = traces.spans.get(&key).unwrap().unwrap().to_vec();
+        let is_corrupt = |t: &TraceStore| matches!(t.get(&id), Err(TraceStoreError::Corrupt(_, _)));
+        // A claim of 4 GiB from a small block.
+        let mut claim = head.clone();
+        claim[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        traces.spans.insert(&key, claim).unwrap();
+        assert!(is_corrupt(&traces));
+        // Cut inside the header.
+        traces.spans.insert(&key, &head[..6]).unwrap();
+        assert!(is_corrupt(&traces));
+        // A piece missing.
+        traces.spans.insert(&key, head).unwrap();
+        assert!(traces.get(&id).unwrap().is_some());
+        traces.spans.remove(piece_key(&key, 1).unwrap()).unwrap();
+        assert!(is_corrupt(&traces));
     }
 
     /// A store in the layout before time keys (spans and summaries keyed by trace id, in

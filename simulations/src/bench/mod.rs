@@ -400,7 +400,7 @@ impl EndState {
 }
 
 /// Bytes of every file under `dir`.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

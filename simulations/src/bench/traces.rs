@@ -41,7 +41,8 @@ pub struct Rig {
     pub store: TraceStore,
     pub flags: Flags,
     pub counters: Arc<TraceCounters>,
-    _dir: tempfile::TempDir,
+    db: Store,
+    dir: tempfile::TempDir,
 }
 
 impl Rig {
@@ -104,8 +105,17 @@ impl Rig {
             store: trace_store,
             flags,
             counters,
-            _dir: dir,
+            db: store,
+            dir,
         })
+    }
+
+    /// The store made durable, then its size on disk and the files sled wrote for nodes
+    /// too large for its log (`blobs/`), which it creates on every rewrite of such a node.
+    pub fn on_disk(&self) -> Result<(u64, usize), String> {
+        futures::executor::block_on(self.db.flush()).map_err(|e| e.to_string())?;
+        let blobs = std::fs::read_dir(self.dir.path().join("blobs")).map_or(0, Iterator::count);
+        Ok((super::dir_bytes(self.dir.path()), blobs))
     }
 
     /// What the ingest path hands the keeper for one export: its bytes and what the
@@ -142,6 +152,12 @@ pub struct TracesArgs {
     /// The healthy sample (`[sampling] healthy_rate`); unset: the built-in policy's 10 %.
     #[arg(long)]
     healthy_rate: Option<f64>,
+    /// Message content each chat call adds to its run's conversation (bytes of text), as
+    /// instrumentations that capture content record it: every call sends the whole
+    /// history so far, so a run of n calls carries about n²/2 times this. 0: one short
+    /// message per call.
+    #[arg(long, default_value_t = 0)]
+    content_bytes: usize,
 }
 
 impl Default for TracesArgs {
@@ -155,6 +171,7 @@ impl Default for TracesArgs {
             runaway: 0.03,
             seed: 1,
             healthy_rate: None,
+            content_bytes: 0,
         }
     }
 }
@@ -207,8 +224,9 @@ impl Call<'_> {
         }
     }
 
-    /// The chat call from `t`, its tokens `scale` times the median, and its duration.
-    fn chat(&self, scale: f64, t: u64, failed: bool) -> (Span, u64) {
+    /// The chat call from `t`, its tokens `scale` times the median, and its duration;
+    /// `history`: the conversation so far, sent along (empty: none).
+    fn chat(&self, scale: f64, t: u64, failed: bool, history: &str) -> (Span, u64) {
         let (n, c) = (self.n, self.c);
         let input = (2_000.0 * scale * (1.0 + c as f64)) as i64;
         let output = (300.0 * scale) as i64;
@@ -224,7 +242,7 @@ impl Call<'_> {
             s(
                 "gen_ai.input.messages",
                 format!(
-                    r#"[{{"role":"user","parts":[{{"type":"text","content":"Summarise the ticket from jane{n}@example.com about invoice {n} and the call from +1 415 555 {:04}"}}]}}]"#,
+                    r#"[{{"role":"user","parts":[{{"type":"text","content":"Summarise the ticket from jane{n}@example.com about invoice {n} and the call from +1 415 555 {:04}{history}"}}]}}]"#,
                     n % 10_000
                 ),
             ),
@@ -287,6 +305,7 @@ fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
     let root_id = (n as u64 * 64 + 1).to_be_bytes().to_vec();
     let mut spans = Vec::new();
     let mut t = start_ns + 1_000_000;
+    let mut history = String::new();
     for c in 0..calls {
         let call = Call {
             trace: &trace,
@@ -294,7 +313,8 @@ fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
             c,
             root_id: &root_id,
         };
-        let (chat, dur) = call.chat(scale, t, error && c == calls - 1);
+        add_words(rng, &mut history, a.content_bytes);
+        let (chat, dur) = call.chat(scale, t, error && c == calls - 1, &history);
         spans.push(chat);
         t += dur;
         spans.push(call.tool(t));
@@ -345,6 +365,67 @@ fn make_run(rng: &mut Rng, n: usize, hour_ms: u64, a: &TracesArgs) -> Run {
     }
 }
 
+/// Words of a ticketing conversation, for message content that compresses as prose does.
+const WORDS: [&str; 48] = [
+    "the",
+    "customer",
+    "invoice",
+    "refund",
+    "charge",
+    "billing",
+    "account",
+    "ticket",
+    "please",
+    "order",
+    "shipped",
+    "delayed",
+    "payment",
+    "card",
+    "declined",
+    "duplicate",
+    "support",
+    "agent",
+    "escalate",
+    "resolved",
+    "pending",
+    "review",
+    "policy",
+    "credit",
+    "and",
+    "to",
+    "for",
+    "was",
+    "is",
+    "on",
+    "with",
+    "we",
+    "they",
+    "our",
+    "a",
+    "of",
+    "subscription",
+    "renewal",
+    "cancel",
+    "plan",
+    "upgrade",
+    "error",
+    "message",
+    "tool",
+    "search",
+    "result",
+    "summary",
+    "thanks",
+];
+
+/// Appends about `bytes` of words (never splitting one) to `text`.
+fn add_words(rng: &mut Rng, text: &mut String, bytes: usize) {
+    let end = text.len() + bytes;
+    while text.len() < end {
+        text.push(' ');
+        text.push_str(WORDS[rng.between(0, WORDS.len() as u64 - 1) as usize]);
+    }
+}
+
 /// What one pass over the runs kept.
 struct Pass {
     kept: HashSet<[u8; 16]>,
@@ -353,6 +434,8 @@ struct Pass {
     spans_kept: u64,
     bytes: u64,
     seconds: f64,
+    /// The store's size on disk, and sled's blob files, at the end.
+    disk: (u64, usize),
 }
 
 fn one_pass(runs: &[Run], policy: Option<&str>, flagged: &[usize]) -> Result<Pass, String> {
@@ -433,6 +516,7 @@ fn one_pass(runs: &[Run], policy: Option<&str>, flagged: &[usize]) -> Result<Pas
         spans_kept,
         bytes: rig.store.bytes(),
         seconds,
+        disk: rig.on_disk()?,
     })
 }
 
@@ -497,30 +581,36 @@ fn print_passes(args: &TracesArgs, runs: &[Run], all: &Pass, sampled: &Pass) {
         .map(|r| r.request.resource_spans[0].scope_spans[0].spans.len() as u64)
         .sum();
     println!(
-        "trace storage bench: {} runs ({} spans) from {} agents over 60 simulated minutes, {:.0} % failing, tokens lognormal sigma {} with {:.0} % runaway runs (8-14 calls, 4-20x tokens), 2 agents flagged for 10 minutes; seed {}",
+        "trace storage bench: {} runs ({} spans) from {} agents over 60 simulated minutes, {:.0} % failing, tokens lognormal sigma {} with {:.0} % runaway runs (8-14 calls, 4-20x tokens), 2 agents flagged for 10 minutes; {} bytes of message content added per call; seed {}",
         runs.len(),
         spans_total,
         args.agents,
         args.failing * 100.0,
         args.sigma,
         args.runaway * 100.0,
+        args.content_bytes,
         args.seed
     );
+    let mib = |b: u64| b as f64 / 1048576.0;
     println!(
-        "keep everything: {} traces, {} spans, {:.1} MiB stored ({:.2} s)",
+        "keep everything: {} traces, {} spans, {:.1} MiB stored ({:.2} s); on disk {:.1} MiB, {} blob files",
         all.kept.len(),
         all.spans_kept,
-        all.bytes as f64 / 1048576.0,
-        all.seconds
+        mib(all.bytes),
+        all.seconds,
+        mib(all.disk.0),
+        all.disk.1
     );
     println!(
-        "sampled (healthy_rate {}): {} traces, {} spans ({:.1} % of spans), {:.1} MiB stored ({:.2} s)",
+        "sampled (healthy_rate {}): {} traces, {} spans ({:.1} % of spans), {:.1} MiB stored ({:.2} s); on disk {:.1} MiB, {} blob files",
         args.healthy_rate.unwrap_or(0.1),
         sampled.kept.len(),
         sampled.spans_kept,
         100.0 * sampled.spans_kept as f64 / all.spans_kept.max(1) as f64,
-        sampled.bytes as f64 / 1048576.0,
-        sampled.seconds
+        mib(sampled.bytes),
+        sampled.seconds,
+        mib(sampled.disk.0),
+        sampled.disk.1
     );
     let reasons: Vec<String> = sampled
         .why
