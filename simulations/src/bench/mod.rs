@@ -167,6 +167,12 @@ fn simulated_fleet(
 }
 
 pub async fn run(which: Which) -> Result<(), String> {
+    if matches!(which, Which::Ingest(_) | Which::Detect(_) | Which::Traces(_)) {
+        // These run the commander's code in this process: with the commander's page
+        // setting. Not for the others: a child inherits it, and nats-server runs as it
+        // would anywhere.
+        fleet_commander::cli::small_pages_only();
+    }
     match which {
         Which::Dispatch(args) => dispatch(args).await,
         Which::Ingest(args) => telemetry::ingest(args),
