@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sample::Why;
 pub use crate::domain::{hex, unhex};
-use crate::store::{Store, StoreError};
+use crate::store::{PAGE_BYTES, Store, StoreError};
 
 /// The first byte of a spans value written before format 2: the `TracesData` protobuf
 /// follows, whole, in one entry. Still read.
@@ -45,8 +45,6 @@ const LZ4_HEADER: usize = 9;
 /// LZ4 expands a block by at most about 255 times, so a stored trace claiming more than
 /// that over its block's length is damaged; checked before the claim is allocated.
 const LZ4_MAX_RATIO: usize = 255;
-
-use crate::store::PAGE_BYTES;
 
 /// A trace's spans as stored in format 2, whole (before it is cut into pieces).
 fn encode_spans(data: &TracesData) -> Result<Vec<u8>, String> {

@@ -167,7 +167,10 @@ fn simulated_fleet(
 }
 
 pub async fn run(which: Which) -> Result<(), String> {
-    if matches!(which, Which::Ingest(_) | Which::Detect(_) | Which::Traces(_)) {
+    if matches!(
+        which,
+        Which::Ingest(_) | Which::Detect(_) | Which::Traces(_)
+    ) {
         // These run the commander's code in this process: with the commander's page
         // setting. Not for the others: a child inherits it, and nats-server runs as it
         // would anywhere.
