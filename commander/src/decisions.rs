@@ -550,13 +550,10 @@ fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
         .ok()
         .filter(|&n| n as usize <= PAGE_RAW_MAX)
         .ok_or(DecisionLogError::PageTooLarge(raw.len()))?;
-    let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(raw.len())];
-    let (header, block) = out.split_at_mut(LZ4_HEADER);
-    header[0] = FORMAT_PAGE_LZ4;
-    header[1..].copy_from_slice(&raw_len.to_le_bytes());
-    let written = lz4_flex::block::compress_into(&raw, block)
-        .map_err(|e| DecisionLogError::Compress(e.to_string()))?;
-    out.truncate(LZ4_HEADER + written);
+    let mut out =
+        crate::store::lz4::compress(LZ4_HEADER, &raw).map_err(DecisionLogError::Compress)?;
+    out[0] = FORMAT_PAGE_LZ4;
+    out[1..LZ4_HEADER].copy_from_slice(&raw_len.to_le_bytes());
     Ok(out)
 }
 
@@ -573,8 +570,8 @@ fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
                     "a compressed page claims {len} bytes, over the {PAGE_RAW_MAX} a page may hold"
                 )));
             }
-            let raw = lz4_flex::block::decompress(block, len)
-                .map_err(|e| corrupt(format!("a compressed page does not decompress: {e}")))?;
+            let raw = crate::store::lz4::decompress(block, len)
+                .map_err(|e| corrupt(format!("a compressed page {e}")))?;
             rmp_serde::from_slice(&raw).map_err(|e| corrupt(e.to_string()))
         }
         Some((&FORMAT_PAGE, body)) => {

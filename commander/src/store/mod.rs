@@ -13,6 +13,7 @@ use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3
 use serde::{Deserialize, Serialize};
 
 pub mod codec;
+pub mod lz4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -42,10 +42,6 @@ const FORMAT_LZ4: u8 = 2;
 /// Bytes before a format-2 value's block.
 const LZ4_HEADER: usize = 9;
 
-/// LZ4 expands a block by at most about 255 times, so a stored trace claiming more than
-/// that over its block's length is damaged; checked before the claim is allocated.
-const LZ4_MAX_RATIO: usize = 255;
-
 /// A trace's spans as stored in format 2, whole (before it is cut into pieces).
 fn encode_spans(data: &TracesData) -> Result<Vec<u8>, String> {
     let raw = data.encode_to_vec();
@@ -55,20 +51,21 @@ fn encode_spans(data: &TracesData) -> Result<Vec<u8>, String> {
             raw.len()
         )
     })?;
-    let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(raw.len())];
-    let (header, block) = out.split_at_mut(LZ4_HEADER);
-    let written = lz4_flex::block::compress_into(&raw, block).map_err(|e| e.to_string())?;
+    let mut out = crate::store::lz4::compress(LZ4_HEADER, &raw)?;
     // The block is never longer than its input, plus a little: it fits a u32 as raw did.
-    let block_len = u32::try_from(written).map_err(|e| e.to_string())?;
-    header[0] = FORMAT_LZ4;
-    header[1..5].copy_from_slice(&raw_len.to_le_bytes());
-    header[5..9].copy_from_slice(&block_len.to_le_bytes());
-    out.truncate(LZ4_HEADER + written);
+    let block_len = u32::try_from(out.len() - LZ4_HEADER).map_err(|e| e.to_string())?;
+    out[0] = FORMAT_LZ4;
+    out[1..5].copy_from_slice(&raw_len.to_le_bytes());
+    out[5..9].copy_from_slice(&block_len.to_le_bytes());
     Ok(out)
 }
 
-/// The key of piece `n` (from 1) of the value under `time_key`.
+/// The key of piece `n` of the value under `time_key`: the time key itself for the first
+/// (`n` = 0), then the time key ++ `n`.
 fn piece_key(time_key: &[u8], n: usize) -> Result<Vec<u8>, String> {
+    if n == 0 {
+        return Ok(time_key.to_vec());
+    }
     let n = u32::try_from(n).map_err(|_| format!("a trace in {n} pieces is too large"))?;
     let mut k = Vec::with_capacity(time_key.len() + 4);
     k.extend_from_slice(time_key);
@@ -101,22 +98,17 @@ fn decode_spans(pieces: &[sled::IVec]) -> Result<TracesData, String> {
                     "the spans' block is {block_len} bytes, but {held} are stored"
                 ));
             }
-            if raw_len > block_len.saturating_mul(LZ4_MAX_RATIO).max(64) {
-                return Err(format!(
-                    "the spans claim {raw_len} bytes from a block of {block_len}"
-                ));
-            }
             let decompressed = if pieces.len() == 1 {
-                lz4_flex::block::decompress(head, raw_len)
+                crate::store::lz4::decompress(head, raw_len)
             } else {
                 let mut block = Vec::with_capacity(block_len);
                 block.extend_from_slice(head);
                 for p in &pieces[1..] {
                     block.extend_from_slice(p);
                 }
-                lz4_flex::block::decompress(&block, raw_len)
+                crate::store::lz4::decompress(&block, raw_len)
             };
-            decompressed.map_err(|e| format!("the spans do not decompress: {e}"))?
+            decompressed.map_err(|e| format!("the spans' block {e}"))?
         }
         other => {
             return Err(format!(
@@ -403,7 +395,12 @@ impl TraceStore {
         let key = time_key(summary.kept_at_ms, trace_id);
         // A trace stored before keeps its time key (`kept_at_ms` is kept), under which
         // the index holds all it took up: spans and summary, not the spans alone.
-        let pieces: Vec<&[u8]> = value.chunks(PAGE_BYTES).collect();
+        let pieces = value
+            .chunks(PAGE_BYTES)
+            .enumerate()
+            .map(|(n, piece)| piece_key(&key, n).map(|k| (k, piece)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(corrupt)?;
         match self.times.get(&key)? {
             Some(before) => {
                 self.bytes.fetch_sub(u64_of(&before), Ordering::Relaxed);
@@ -413,13 +410,8 @@ impl TraceStore {
                 for k in self.spans.scan_prefix(&key).keys() {
                     batch.remove(k?);
                 }
-                for (n, piece) in pieces.iter().enumerate() {
-                    let k = if n == 0 {
-                        key.clone()
-                    } else {
-                        piece_key(&key, n).map_err(corrupt)?
-                    };
-                    batch.insert(k, *piece);
+                for (k, piece) in pieces {
+                    batch.insert(k, piece);
                 }
                 self.spans.apply_batch(batch)?;
             }
@@ -427,13 +419,10 @@ impl TraceStore {
                 self.count.fetch_add(1, Ordering::Relaxed);
                 // A new trace, with plain inserts: a sled batch rolls the log's buffer
                 // over, several times the cost of an insert. Nothing finds the trace
-                // before `ids` names it, below; the head goes last all the same.
-                for (n, piece) in pieces.iter().enumerate().skip(1) {
-                    self.spans
-                        .insert(piece_key(&key, n).map_err(corrupt)?, *piece)?;
-                }
-                if let Some(head) = pieces.first() {
-                    self.spans.insert(&key, *head)?;
+                // before `ids` names it, below; the head (the first piece) goes last all
+                // the same.
+                for (k, piece) in pieces.into_iter().rev() {
+                    self.spans.insert(k, piece)?;
                 }
             }
         };
