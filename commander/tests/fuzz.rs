@@ -21,6 +21,7 @@ use fleet_commander::fleet::costs::Dim;
 use fleet_commander::fleet::{FleetState, Ingest};
 use fleet_commander::ingest::limits::{self, DecodeLimits, LimitError, Signal};
 use fleet_commander::ingest::normalise;
+use fleet_commander::ingest::normalise::wire::TraceRequest;
 use fleet_commander::policy::throttle::{LimiterCache, ThrottleKeys};
 use fleet_commander::policy::{self, Document, Policy, testcase};
 use fleet_commander::registry::Registry;
@@ -281,8 +282,11 @@ proptest! {
         let body = req.encode_to_vec();
         let cost = limits::check_protobuf(Signal::Traces, &body, DecodeLimits::default()).unwrap();
         prop_assert!(cost.items >= 1);
-        let decoded = ExportTraceServiceRequest::decode(&body[..]).unwrap();
-        let (events, _rejected) = normalise::spans(decoded);
+        // Ingest's own reading (strings as slices of the body) and the generated types'
+        // find the same spans.
+        let decoded = TraceRequest::parse(&body).unwrap();
+        let (events, _rejected) = normalise::span_events(&decoded);
+        prop_assert_eq!(events.len(), normalise::spans(&req).0.len());
         let mut state = fleet();
         state.apply(Ingest::Spans(events), now_ms());
         exercise(&mut state, now_ms() + later);
@@ -317,8 +321,18 @@ proptest! {
             Ok(_) | Err(LimitError::Malformed(_)) => {}
             Err(e) => prop_assert!(false, "a small body broke a limit: {e}"),
         }
-        if let Ok(decoded) = ExportTraceServiceRequest::decode(&body[..]) {
-            let (events, _) = normalise::spans(decoded);
+        // Ingest's own reading accepts exactly what prost accepts, with the same spans.
+        let generated = ExportTraceServiceRequest::decode(&body[..]);
+        let read = TraceRequest::parse(&body);
+        prop_assert_eq!(generated.is_ok(), read.is_ok(), "prost: {:?}, ingest: {:?}", generated.as_ref().err(), read.as_ref().err());
+        if let (Ok(g), Ok(r)) = (&generated, &read) {
+            let spans = g.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum::<usize>();
+            let read_spans = r.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum::<usize>();
+            prop_assert_eq!(spans, read_spans);
+            prop_assert_eq!(normalise::spans(g).0.len(), normalise::span_events(r).0.len());
+        }
+        if let Ok(decoded) = read {
+            let (events, _) = normalise::span_events(&decoded);
             let mut state = fleet();
             state.apply(Ingest::Spans(events), now_ms());
             exercise(&mut state, now_ms());
@@ -504,7 +518,7 @@ fn seed_non_ascii_and_huge_model_names_reach_the_live_state() {
                 ..Default::default()
             }],
         };
-        let (events, _) = normalise::spans(req);
+        let (events, _) = normalise::spans(&req);
         let mut state = fleet();
         state.apply(Ingest::Spans(events), now_ms());
         exercise(&mut state, now_ms() + 1_000);

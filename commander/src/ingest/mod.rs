@@ -15,7 +15,6 @@ use std::sync::Arc;
 use fleet_worker::message::Heartbeat;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use crate::fleet::{FleetHandle, Ingest, OfferError};
 use crate::metrics::Metrics;
@@ -105,9 +104,8 @@ impl TraceBatch {
     /// A batch of an export read here (tests, benchmarks, where the live state's reading
     /// is not at hand). `None` when `body` is not an export.
     pub fn read(body: bytes::Bytes) -> Option<Self> {
-        use prost::Message;
-        let req = ExportTraceServiceRequest::decode(body.clone()).ok()?;
-        let (events, _) = normalise::spans(req);
+        let req = normalise::wire::TraceRequest::parse(&body).ok()?;
+        let (events, _) = normalise::span_events(&req);
         let facts = events.iter().map(crate::domain::SpanFacts::of).collect();
         Some(Self::new(body, facts))
     }
@@ -231,15 +229,21 @@ impl Ingestor {
         }
     }
 
-    /// One trace export. `raw` is its protobuf body when the transport has it (gRPC, NATS,
-    /// OTLP/HTTP protobuf); for OTLP/JSON it is encoded here, only when the trace keeper
-    /// has room for it.
+    /// One trace export: its protobuf body (OTLP/JSON is encoded to protobuf first),
+    /// through the decode limits. It is read here, in the form that borrows its strings
+    /// (`normalise::wire`), and the body goes on to the trace keeper as it is.
     pub fn traces(
         &self,
         transport: &'static str,
-        req: ExportTraceServiceRequest,
-        raw: Option<bytes::Bytes>,
+        body: bytes::Bytes,
     ) -> Result<Accepted, IngestError> {
+        let req = match normalise::wire::TraceRequest::parse(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.telemetry(transport, "traces", "rejected", 1);
+                return Err(IngestError::Decode(e.to_string()));
+            }
+        };
         let received: u64 = req
             .resource_spans
             .iter()
@@ -252,14 +256,8 @@ impl Ingestor {
             .traces
             .as_ref()
             .and_then(|t| t.reserve(received))
-            .map(|permit| {
-                let body = raw.unwrap_or_else(|| {
-                    use prost::Message;
-                    bytes::Bytes::from(req.encode_to_vec())
-                });
-                (permit, body)
-            });
-        let Some((events, rejected)) = self.guarded(|| normalise::spans(req)) else {
+            .map(|permit| (permit, body.clone()));
+        let Some((events, rejected)) = self.guarded(|| normalise::span_events(&req)) else {
             self.metrics
                 .telemetry(transport, "traces", "rejected", received);
             return Err(IngestError::Internal);

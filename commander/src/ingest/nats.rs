@@ -13,10 +13,9 @@ use fleet_worker::protocol::{Subjects, header, headers, kinds};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::sync::watch;
 
-use super::limits::Signal;
+use super::limits::{self, Signal};
 use super::{IngestError, Ingestor};
 
 /// Subject token of the commander's own spans: they describe the commander, not a worker.
@@ -79,19 +78,16 @@ pub fn handle(
                 )))
             }
         },
-        kinds::OTLP_TRACES => match super::otlp::checked_decode::<ExportTraceServiceRequest>(
-            Signal::Traces,
-            &payload,
-            ingestor.limits,
-        ) {
-            Ok(req) => ingestor
-                .traces("nats", req, Some(payload.clone()))
-                .map(|_| ()),
-            Err(e) => {
-                m.telemetry("nats", "traces", "rejected", 1);
-                Err(e)
+        // Read by `Ingestor::traces` itself, which counts what it refuses.
+        kinds::OTLP_TRACES => {
+            match limits::check_protobuf(Signal::Traces, &payload, ingestor.limits) {
+                Ok(_) => ingestor.traces("nats", payload).map(|_| ()),
+                Err(e) => {
+                    m.telemetry("nats", "traces", "rejected", 1);
+                    Err(e.into())
+                }
             }
-        },
+        }
         kinds::OTLP_METRICS => match super::otlp::checked_decode::<ExportMetricsServiceRequest>(
             Signal::Metrics,
             &payload,

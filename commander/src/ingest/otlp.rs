@@ -83,14 +83,18 @@ trait OtlpSignal: Send + Sync + 'static {
     const SIGNAL: Signal;
     /// The `signal` label of the telemetry counters.
     const LABEL: &'static str;
-    type Request: Message + Default + DeserializeOwned;
+    /// An export as ingest takes it.
+    type Request;
+    /// An export as OTLP/JSON reads it.
+    type Json: DeserializeOwned;
     type Response: Message + Default + Serialize + Send + 'static;
-    /// `raw`: the request's protobuf bytes, when the transport has them.
+    /// Decodes a protobuf body that passed the decode limits.
+    fn decode(body: Bytes) -> Result<Self::Request, IngestError>;
+    fn from_json(json: Self::Json) -> Result<Self::Request, IngestError>;
     fn ingest(
         ing: &Ingestor,
         transport: &'static str,
         req: Self::Request,
-        raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError>;
     fn respond(a: Accepted) -> Self::Response;
 }
@@ -106,15 +110,20 @@ impl OtlpSignal for Traces {
     const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
     const SIGNAL: Signal = Signal::Traces;
     const LABEL: &'static str = "traces";
-    type Request = ExportTraceServiceRequest;
+    /// The body itself: `Ingestor::traces` reads it without copying its strings.
+    type Request = Bytes;
+    type Json = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
-    fn ingest(
-        ing: &Ingestor,
-        t: &'static str,
-        req: Self::Request,
-        raw: Option<Bytes>,
-    ) -> Result<Accepted, IngestError> {
-        ing.traces(t, req, raw)
+    fn decode(body: Bytes) -> Result<Bytes, IngestError> {
+        Ok(body)
+    }
+    /// Encoded to protobuf here: the trace keeper stores that, and ingest reads it as it
+    /// reads every other export.
+    fn from_json(json: ExportTraceServiceRequest) -> Result<Bytes, IngestError> {
+        Ok(Bytes::from(json.encode_to_vec()))
+    }
+    fn ingest(ing: &Ingestor, t: &'static str, body: Bytes) -> Result<Accepted, IngestError> {
+        ing.traces(t, body)
     }
     fn respond(a: Accepted) -> Self::Response {
         ExportTraceServiceResponse {
@@ -131,12 +140,18 @@ impl OtlpSignal for Metrics {
     const SIGNAL: Signal = Signal::Metrics;
     const LABEL: &'static str = "metrics";
     type Request = ExportMetricsServiceRequest;
+    type Json = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
+    fn decode(body: Bytes) -> Result<Self::Request, IngestError> {
+        prost_decode(&body)
+    }
+    fn from_json(json: Self::Json) -> Result<Self::Request, IngestError> {
+        Ok(json)
+    }
     fn ingest(
         ing: &Ingestor,
         t: &'static str,
         req: Self::Request,
-        _raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError> {
         ing.metrics(t, req)
     }
@@ -155,12 +170,18 @@ impl OtlpSignal for Logs {
     const SIGNAL: Signal = Signal::Logs;
     const LABEL: &'static str = "logs";
     type Request = ExportLogsServiceRequest;
+    type Json = ExportLogsServiceRequest;
     type Response = ExportLogsServiceResponse;
+    fn decode(body: Bytes) -> Result<Self::Request, IngestError> {
+        prost_decode(&body)
+    }
+    fn from_json(json: Self::Json) -> Result<Self::Request, IngestError> {
+        Ok(json)
+    }
     fn ingest(
         ing: &Ingestor,
         t: &'static str,
         req: Self::Request,
-        _raw: Option<Bytes>,
     ) -> Result<Accepted, IngestError> {
         ing.logs(t, &req)
     }
@@ -174,6 +195,10 @@ impl OtlpSignal for Logs {
     }
 }
 
+fn prost_decode<T: Message + Default>(body: &[u8]) -> Result<T, IngestError> {
+    T::decode(body).map_err(|e| IngestError::Decode(e.to_string()))
+}
+
 /// Checks the limits on the raw bytes, then decodes: a body that would expand past them
 /// is refused before a single message is allocated.
 pub(super) fn checked_decode<T: Message + Default>(
@@ -182,16 +207,19 @@ pub(super) fn checked_decode<T: Message + Default>(
     limits: DecodeLimits,
 ) -> Result<T, IngestError> {
     limits::check_protobuf(signal, body, limits).map_err(IngestError::from)?;
-    T::decode(body).map_err(|e| IngestError::Decode(e.to_string()))
+    prost_decode(body)
 }
 
 /// One gRPC export of signal `S`: limits, decode, ingest, answer.
 fn grpc_export<S: OtlpSignal>(ing: &Ingestor, body: Bytes) -> Result<S::Response, tonic::Status> {
-    let req = checked_decode::<S::Request>(S::SIGNAL, &body, ing.limits).map_err(|e| {
-        ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
-        e.grpc()
-    })?;
-    S::ingest(ing, "grpc", req, Some(body))
+    let req = limits::check_protobuf(S::SIGNAL, &body, ing.limits)
+        .map_err(IngestError::from)
+        .and_then(|_| S::decode(body))
+        .map_err(|e| {
+            ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
+            e.grpc()
+        })?;
+    S::ingest(ing, "grpc", req)
         .map(S::respond)
         .map_err(|e| e.grpc())
 }
@@ -438,18 +466,22 @@ fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, I
     }
 }
 
-/// Decodes a body that passed the decode limits (checked here, before decoding).
-fn decode<T: Message + Default + DeserializeOwned>(
+/// Decodes a body that passes the decode limits (checked here, before decoding).
+fn decode<S: OtlpSignal>(
     enc: Encoding,
-    signal: Signal,
-    body: &[u8],
+    body: Bytes,
     limits: DecodeLimits,
-) -> Result<T, IngestError> {
+) -> Result<S::Request, IngestError> {
     match enc {
-        Encoding::Protobuf => checked_decode(signal, body, limits),
+        Encoding::Protobuf => {
+            limits::check_protobuf(S::SIGNAL, &body, limits)?;
+            S::decode(body)
+        }
         Encoding::Json => {
-            limits::check_json(body, limits)?;
-            serde_json::from_slice(body).map_err(|e| IngestError::Decode(format!("JSON: {e}")))
+            limits::check_json(&body, limits)?;
+            let json = serde_json::from_slice(&body)
+                .map_err(|e| IngestError::Decode(format!("JSON: {e}")))?;
+            S::from_json(json)
         }
     }
 }
@@ -498,18 +530,15 @@ fn error_response(enc: Encoding, e: &IngestError) -> Response {
 
 /// Reads, decompresses and decodes a request body. An error comes with the encoding its
 /// answer must use (JSON when the content type itself is the problem).
-/// Also returns the decompressed body when it is protobuf (the trace keeper reads it).
-fn read<T: Message + Default + DeserializeOwned>(
+fn read<S: OtlpSignal>(
     limits: DecodeLimits,
-    signal: Signal,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<(Encoding, T, Option<Bytes>), (Encoding, IngestError)> {
+) -> Result<(Encoding, S::Request), (Encoding, IngestError)> {
     let enc = encoding_of(headers).map_err(|e| (Encoding::Json, e))?;
     let body = decompress(headers, body, limits.max_request_bytes).map_err(|e| (enc, e))?;
-    let req = decode::<T>(enc, signal, &body, limits).map_err(|e| (enc, e))?;
-    let raw = (enc == Encoding::Protobuf).then_some(body);
-    Ok((enc, req, raw))
+    let req = decode::<S>(enc, body, limits).map_err(|e| (enc, e))?;
+    Ok((enc, req))
 }
 
 /// One OTLP/HTTP export of signal `S`, answered in the request's encoding.
@@ -518,14 +547,14 @@ async fn http_export<S: OtlpSignal>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (enc, req, raw) = match read::<S::Request>(ing.limits, S::SIGNAL, &headers, body) {
+    let (enc, req) = match read::<S>(ing.limits, &headers, body) {
         Ok(r) => r,
         Err((enc, e)) => {
             ing.metrics.telemetry("http", S::LABEL, "rejected", 1);
             return error_response(enc, &e);
         }
     };
-    match S::ingest(&ing, "http", req, raw) {
+    match S::ingest(&ing, "http", req) {
         Ok(a) => respond(enc, StatusCode::OK, &S::respond(a)),
         Err(e) => error_response(enc, &e),
     }

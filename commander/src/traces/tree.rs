@@ -147,10 +147,10 @@ fn attrs(list: &[KeyValue]) -> BTreeMap<String, serde_json::Value> {
 
 /// Builds the view of a stored trace, pricing LLM calls with `registry`.
 pub fn view(stored: Stored, registry: &Registry) -> TraceView {
-    let mut request = ExportTraceServiceRequest {
+    let request = ExportTraceServiceRequest {
         resource_spans: stored.resource_spans,
     };
-    let (events, _) = normalise::spans_keeping(&mut request);
+    let (events, _) = normalise::spans(&request);
     let mut views: Vec<SpanView> = Vec::with_capacity(events.len());
     let mut ev = events.into_iter();
     for rs in &request.resource_spans {

@@ -19,6 +19,7 @@ use fleet_commander::config::FleetConfig;
 use fleet_commander::domain::SpanFacts;
 use fleet_commander::fleet::{FleetState, now_ms};
 use fleet_commander::ingest::normalise;
+use fleet_commander::ingest::normalise::wire::TraceRequest;
 use fleet_commander::registry::Registry;
 use fleet_worker::message::{Heartbeat, WorkerState, now_rfc3339};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -363,8 +364,8 @@ fn into_live_state(
     );
     let t = Instant::now();
     for b in batches {
-        let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
-        let (events, rejected) = normalise::spans(req);
+        let req = TraceRequest::parse(b).map_err(|e| e.to_string())?;
+        let (events, rejected) = normalise::span_events(&req);
         black_box(rejected);
         state.apply_spans(events, now_ms());
     }
@@ -390,8 +391,8 @@ fn with_keeper(
     for (k, b) in batches.iter().enumerate() {
         let at = start + k as u64 * 20;
         rig.clock.set(at);
-        let req = ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| e.to_string())?;
-        let (events, rejected) = normalise::spans(req);
+        let req = TraceRequest::parse(b).map_err(|e| e.to_string())?;
+        let (events, rejected) = normalise::span_events(&req);
         black_box(rejected);
         let facts = events.iter().map(SpanFacts::of).collect();
         state.apply_spans(events, at);
@@ -441,10 +442,10 @@ fn keeper_beside(
         for (k, b) in batches.iter().enumerate() {
             let at = start + k as u64 * 20;
             clock.set(at);
-            let Ok(req) = ExportTraceServiceRequest::decode(b.as_ref()) else {
+            let Ok(req) = TraceRequest::parse(b) else {
                 continue;
             };
-            let (events, rejected) = normalise::spans(req);
+            let (events, rejected) = normalise::span_events(&req);
             black_box(rejected);
             let n = events.len() as u64;
             // As ingest does: the keeper's facts are read before the live state takes
@@ -626,7 +627,7 @@ fn full_hour(workers: usize) -> Result<(), String> {
         let now = t0 + bucket * 10_000;
         for chunk in (0..workers).collect::<Vec<_>>().chunks(64) {
             let resource_spans = one_task_each(chunk, bucket * workers as u64);
-            let (events, _) = normalise::spans(ExportTraceServiceRequest { resource_spans });
+            let (events, _) = normalise::spans(&ExportTraceServiceRequest { resource_spans });
             state.apply_spans(events, now);
         }
         if bucket % 60 == 59 {

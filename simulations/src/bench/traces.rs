@@ -460,7 +460,7 @@ fn one_pass(runs: &[Run], policy: Option<&str>, flagged: &[usize]) -> Result<Pas
             }
         }
         let body = bytes::Bytes::from(prost::Message::encode_to_vec(&r.request));
-        let (events, _) = normalise::spans(r.request.clone());
+        let (events, _) = normalise::spans(&r.request);
         state.apply_spans(events, r.at_ms);
         rig.add(body);
         if r.at_ms >= last_snap + 1_000 {

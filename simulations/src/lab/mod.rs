@@ -27,11 +27,10 @@ use fleet_commander::fleet::worker::SilentRun;
 use fleet_commander::fleet::{FleetState, TaskEvent};
 use fleet_commander::ingest::limits::{Signal, check_protobuf};
 use fleet_commander::ingest::normalise;
+use fleet_commander::ingest::normalise::wire::TraceRequest;
 use fleet_commander::policy::schema::AlertSpec;
 use fleet_commander::registry::Registry;
 use fleet_worker::message::Heartbeat;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message;
 
 /// What goes wrong, from the scenario's onset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -386,9 +385,9 @@ impl Harness {
     pub fn feed_traces(&mut self, body: &[u8], now: u64) -> Result<(), String> {
         check_protobuf(Signal::Traces, body, DecodeLimits::default())
             .map_err(|e| format!("a simulated export breaks the OTLP limits: {e}"))?;
-        let req = ExportTraceServiceRequest::decode(body)
+        let req = TraceRequest::parse(body)
             .map_err(|e| format!("a simulated export does not decode: {e}"))?;
-        let (events, rejected) = normalise::spans(req);
+        let (events, rejected) = normalise::span_events(&req);
         if rejected.count > 0 {
             return Err(format!("spans rejected: {}", rejected.message()));
         }

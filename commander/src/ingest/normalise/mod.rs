@@ -2,16 +2,19 @@
 //!
 //! The GenAI conventions are experimental and senders emit several generations of names
 //! at once, so every current and older name in STANDARDS.md B.1.9 is accepted here and
-//! nothing downstream sees the difference. Strings are moved out of the decoded request,
-//! not copied: this runs once per span on the hot path.
+//! nothing downstream sees the difference. Spans are read from [`wire`]'s form of the
+//! export, whose strings are slices of the request body: this runs once per span on the
+//! hot path, and only the few strings an event keeps are copied.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric};
+
+pub mod wire;
 
 pub use crate::domain::{
     Dims, Identity, MetricKind, MetricPoint, Operation, SpanEvent, TokenUsage,
@@ -52,9 +55,12 @@ impl Dims {
         }
     }
 
-    /// Sets a dimension from an attribute key, if the key names one.
-    fn take(&mut self, key: &str, value: &mut Option<AnyValue>, out: Out) -> bool {
+    /// Sets a dimension from an attribute, if its key names one.
+    fn take(&mut self, kv: &mut impl Attribute) -> bool {
         use crate::domain::{Attribution, attribution_of_key};
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            return false;
+        };
         let slot = match attribution_of_key(key) {
             Some(Attribution::Team) => &mut self.team,
             Some(Attribution::Feature) => &mut self.feature,
@@ -65,7 +71,7 @@ impl Dims {
             Some(Attribution::Producer) | None => return false,
         };
         if slot.is_none() {
-            *slot = text(value, out);
+            *slot = kv.text();
         }
         true
     }
@@ -95,64 +101,82 @@ impl Rejections {
     }
 }
 
-/// Whether normalising may take strings out of the request (ingest: it is dropped
-/// afterwards) or must copy them (the trace keeper and the trace view keep the request).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Out {
-    Take,
-    Copy,
+/// An attribute in either form the normaliser reads: a span's ([`wire`], its strings
+/// slices of the body) or a metric resource's (the generated types, whose strings are
+/// moved out: the request is dropped afterwards).
+trait Attribute {
+    fn key(&self) -> &[u8];
+    /// The value as text (a string, or a number or bool written out).
+    fn text(&mut self) -> Option<String>;
 }
 
-/// A value as text, moved out or copied.
-fn text(v: &mut Option<AnyValue>, out: Out) -> Option<String> {
-    if let (
-        Out::Take,
-        Some(AnyValue {
-            value: Some(any_value::Value::StringValue(s)),
-        }),
-    ) = (out, v.as_mut())
-    {
-        return Some(std::mem::take(s));
+impl Attribute for &wire::KeyValue<'_> {
+    fn key(&self) -> &[u8] {
+        self.key.as_bytes()
     }
-    match v.as_ref()?.value.as_ref()? {
-        any_value::Value::StringValue(s) => Some(s.clone()),
-        any_value::Value::IntValue(i) => Some(i.to_string()),
-        any_value::Value::DoubleValue(d) => Some(d.to_string()),
-        any_value::Value::BoolValue(b) => Some(b.to_string()),
-        _ => None,
+
+    fn text(&mut self) -> Option<String> {
+        text(self.value)
+    }
+}
+
+impl Attribute for &mut KeyValue {
+    fn key(&self) -> &[u8] {
+        self.key.as_bytes()
+    }
+
+    fn text(&mut self) -> Option<String> {
+        match self.value.as_mut()?.value.as_mut()? {
+            any_value::Value::StringValue(s) => Some(std::mem::take(s)),
+            any_value::Value::IntValue(i) => Some(i.to_string()),
+            any_value::Value::DoubleValue(d) => Some(d.to_string()),
+            any_value::Value::BoolValue(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// A value as text, copied out of the body.
+fn text(v: Option<wire::Value<'_>>) -> Option<String> {
+    match v? {
+        wire::Value::Str(s) => Some(s.to_owned()),
+        wire::Value::Int(i) => Some(i.to_string()),
+        wire::Value::Double(d) => Some(d.to_string()),
+        wire::Value::Bool(b) => Some(b.to_string()),
+        wire::Value::Other => None,
     }
 }
 
 /// A string value, borrowed (for values only parsed or hashed).
-fn str_of(v: &Option<AnyValue>) -> Option<&str> {
-    match v.as_ref()?.value.as_ref()? {
-        any_value::Value::StringValue(s) => Some(s),
+fn str_of(v: Option<wire::Value<'_>>) -> Option<&str> {
+    match v? {
+        wire::Value::Str(s) => Some(s),
         _ => None,
     }
 }
 
-fn int_of(v: &Option<AnyValue>) -> Option<u64> {
-    match v.as_ref()?.value.as_ref()? {
-        any_value::Value::IntValue(i) => u64::try_from(*i).ok(),
-        any_value::Value::DoubleValue(d) if *d >= 0.0 && d.is_finite() => Some(*d as u64),
-        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+fn int_of(v: Option<wire::Value<'_>>) -> Option<u64> {
+    match v? {
+        wire::Value::Int(i) => u64::try_from(i).ok(),
+        wire::Value::Double(d) if d >= 0.0 && d.is_finite() => Some(d as u64),
+        wire::Value::Str(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
-fn float_of(v: &Option<AnyValue>) -> Option<f64> {
-    match v.as_ref()?.value.as_ref()? {
-        any_value::Value::IntValue(i) => Some(*i as f64),
-        any_value::Value::DoubleValue(d) => Some(*d),
-        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+fn float_of(v: Option<wire::Value<'_>>) -> Option<f64> {
+    match v? {
+        wire::Value::Int(i) => Some(i as f64),
+        wire::Value::Double(d) => Some(d),
+        wire::Value::Str(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
-fn bool_of(v: &Option<AnyValue>) -> bool {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::BoolValue(b)) => *b,
-        Some(any_value::Value::StringValue(s)) => s == "true",
+fn bool_of(v: Option<wire::Value<'_>>) -> bool {
+    match v {
+        Some(wire::Value::Bool(b)) => b,
+        Some(wire::Value::Str(s)) => s == "true",
         _ => false,
     }
 }
@@ -182,19 +206,19 @@ struct IdentityParts {
 }
 
 impl IdentityParts {
-    fn take(&mut self, key: &str, value: &mut Option<AnyValue>, out: Out) -> bool {
-        let slot = match key {
-            "fleet.worker.id" => &mut self.fleet_worker,
-            "gen_ai.agent.id" => &mut self.agent_id,
-            "service.instance.id" => &mut self.instance,
-            "gen_ai.agent.name" => &mut self.agent_name,
-            "service.name" => &mut self.service,
-            "fleet.pool" => &mut self.pool,
-            "gen_ai.agent.version" | "service.version" => &mut self.version,
+    fn take(&mut self, kv: &mut impl Attribute) -> bool {
+        let slot = match kv.key() {
+            b"fleet.worker.id" => &mut self.fleet_worker,
+            b"gen_ai.agent.id" => &mut self.agent_id,
+            b"service.instance.id" => &mut self.instance,
+            b"gen_ai.agent.name" => &mut self.agent_name,
+            b"service.name" => &mut self.service,
+            b"fleet.pool" => &mut self.pool,
+            b"gen_ai.agent.version" | b"service.version" => &mut self.version,
             _ => return false,
         };
         if slot.is_none() {
-            *slot = text(value, out);
+            *slot = kv.text();
         }
         true
     }
@@ -232,12 +256,12 @@ struct ResourceInfo {
     raw: IdentityParts,
 }
 
-fn resource_info(attrs: &mut [KeyValue], out: Out) -> ResourceInfo {
+fn resource_info(attrs: impl IntoIterator<Item = impl Attribute>) -> ResourceInfo {
     let mut parts = IdentityParts::default();
     let mut dims = Dims::default();
-    for kv in attrs {
-        if !parts.take(&kv.key, &mut kv.value, out) {
-            dims.take(&kv.key, &mut kv.value, out);
+    for mut kv in attrs {
+        if !parts.take(&mut kv) {
+            dims.take(&mut kv);
         }
     }
     let raw = parts.clone();
@@ -261,33 +285,18 @@ fn id8(b: &[u8]) -> Option<[u8; 8]> {
 const SPAN_KIND_CONSUMER: i32 = 5;
 const STATUS_CODE_ERROR: i32 = 2;
 
-/// Normalises every span of a trace export. Spans without a valid trace or span id are
-/// rejected and counted; the rest are returned. The strings the events keep are moved
-/// out of the request: this runs once per span on the hot path.
-pub fn spans(mut req: ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
-    spans_of(&mut req, Out::Take)
-}
-
-/// `spans`, leaving the request whole (its strings are copied): for the trace keeper and
-/// the trace view, which keep the spans themselves.
-pub fn spans_keeping(req: &mut ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
-    spans_of(req, Out::Copy)
-}
-
-fn spans_of(req: &mut ExportTraceServiceRequest, take: Out) -> (Vec<SpanEvent>, Rejections) {
+/// Normalises every span of a trace export (as [`wire::TraceRequest::parse`] reads it
+/// from the body). Spans without a valid trace or span id are rejected and counted; the
+/// rest are returned.
+pub fn span_events(req: &wire::TraceRequest<'_>) -> (Vec<SpanEvent>, Rejections) {
     let mut out = Vec::new();
     let mut rejected = Rejections::default();
-    for rs in &mut req.resource_spans {
-        let res = resource_info(
-            rs.resource
-                .as_mut()
-                .map_or(&mut [][..], |r| &mut r.attributes),
-            take,
-        );
-        for ss in &mut rs.scope_spans {
+    for rs in &req.resource_spans {
+        let res = resource_info(&rs.resource);
+        for ss in &rs.scope_spans {
             out.reserve(ss.spans.len());
-            for span in &mut ss.spans {
-                let Some(trace_id) = id16(&span.trace_id) else {
+            for span in &ss.spans {
+                let Some(trace_id) = id16(span.trace_id) else {
                     rejected.add(|| {
                         format!(
                             "span {:?}: trace_id must be 16 bytes and not all zero (got {})",
@@ -297,7 +306,7 @@ fn spans_of(req: &mut ExportTraceServiceRequest, take: Out) -> (Vec<SpanEvent>, 
                     });
                     continue;
                 };
-                let Some(span_id) = id8(&span.span_id) else {
+                let Some(span_id) = id8(span.span_id) else {
                     rejected.add(|| {
                         format!(
                             "span {:?}: span_id must be 8 bytes and not all zero (got {})",
@@ -307,11 +316,24 @@ fn spans_of(req: &mut ExportTraceServiceRequest, take: Out) -> (Vec<SpanEvent>, 
                     });
                     continue;
                 };
-                out.push(one_span(&res, trace_id, span_id, span, take));
+                out.push(one_span(&res, trace_id, span_id, span));
             }
         }
     }
     (out, rejected)
+}
+
+/// [`span_events`] of an export in the generated types (the trace view, tests), read
+/// through the same form.
+pub fn spans(req: &ExportTraceServiceRequest) -> (Vec<SpanEvent>, Rejections) {
+    use prost::Message;
+    let body = req.encode_to_vec();
+    // What prost encodes, prost reads, and so does `wire`: a generated message holds only
+    // valid UTF-8 and well-formed fields. Nothing is the answer all the same if not.
+    match wire::TraceRequest::parse(&body) {
+        Ok(r) => span_events(&r),
+        Err(_) => Default::default(),
+    }
 }
 
 /// What a span's own attributes say, read in one pass.
@@ -337,45 +359,47 @@ struct SpanAttrs {
 
 impl SpanAttrs {
     /// Every GenAI name generation, the fleet's own keys, identity and attribution.
-    fn read(attributes: &mut [KeyValue], out: Out) -> Self {
+    fn read(attributes: &[wire::KeyValue<'_>]) -> Self {
         let mut a = SpanAttrs::default();
         for kv in attributes {
-            let key = kv.key.as_str();
-            match key {
-                "gen_ai.operation.name" => {
-                    if let Some(v) = str_of(&kv.value) {
+            let v = kv.value;
+            match kv.key.as_bytes() {
+                b"gen_ai.operation.name" => {
+                    if let Some(v) = str_of(v) {
                         a.operation = Operation::parse(v);
                     }
                 }
-                "gen_ai.provider.name" => a.provider = text(&mut kv.value, out),
-                "gen_ai.system" => a.old_provider = text(&mut kv.value, out),
-                "gen_ai.request.model" => a.request_model = text(&mut kv.value, out),
-                "gen_ai.response.model" => a.response_model = text(&mut kv.value, out),
-                "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
-                    a.count(&kv.value, |u, n| u.input = n);
+                b"gen_ai.provider.name" => a.provider = text(v),
+                b"gen_ai.system" => a.old_provider = text(v),
+                b"gen_ai.request.model" => a.request_model = text(v),
+                b"gen_ai.response.model" => a.response_model = text(v),
+                b"gen_ai.usage.input_tokens" | b"gen_ai.usage.prompt_tokens" => {
+                    a.count(v, |u, n| u.input = n);
                 }
-                "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
-                    a.count(&kv.value, |u, n| u.output = n);
+                b"gen_ai.usage.output_tokens" | b"gen_ai.usage.completion_tokens" => {
+                    a.count(v, |u, n| u.output = n);
                 }
-                "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
-                    a.count(&kv.value, |u, n| u.cache_read = n);
+                b"gen_ai.usage.cache_read.input_tokens"
+                | b"gen_ai.usage.cache_read_input_tokens" => {
+                    a.count(v, |u, n| u.cache_read = n);
                 }
-                "gen_ai.usage.cache_write.input_tokens"
-                | "gen_ai.usage.cache_creation.input_tokens"
-                | "gen_ai.usage.cache_creation_input_tokens" => {
-                    a.count(&kv.value, |u, n| u.cache_write = n);
+                b"gen_ai.usage.cache_write.input_tokens"
+                | b"gen_ai.usage.cache_creation.input_tokens"
+                | b"gen_ai.usage.cache_creation_input_tokens" => {
+                    a.count(v, |u, n| u.cache_write = n);
                 }
-                "gen_ai.tool.name" => a.tool = text(&mut kv.value, out),
-                "gen_ai.tool.call.arguments" => {
-                    a.tool_args = str_of(&kv.value).map(crate::domain::arguments_hash);
+                b"gen_ai.tool.name" => a.tool = text(v),
+                b"gen_ai.tool.call.arguments" => {
+                    a.tool_args = str_of(v).map(crate::domain::arguments_hash);
                 }
-                "fleet.task.id" => a.task_id = text(&mut kv.value, out),
-                "fleet.task.expected_duration_s" => a.expected = float_of(&kv.value),
-                "fleet.task.root" => a.root_flag = bool_of(&kv.value),
-                "error.type" => a.error_type = text(&mut kv.value, out),
+                b"fleet.task.id" => a.task_id = text(v),
+                b"fleet.task.expected_duration_s" => a.expected = float_of(v),
+                b"fleet.task.root" => a.root_flag = bool_of(v),
+                b"error.type" => a.error_type = text(v),
                 _ => {
-                    if !a.parts.take(key, &mut kv.value, out) {
-                        a.dims.take(key, &mut kv.value, out);
+                    let mut kv = kv;
+                    if !a.parts.take(&mut kv) {
+                        a.dims.take(&mut kv);
                     }
                 }
             }
@@ -383,7 +407,7 @@ impl SpanAttrs {
         a
     }
 
-    fn count(&mut self, v: &Option<AnyValue>, set: impl FnOnce(&mut TokenUsage, u64)) {
+    fn count(&mut self, v: Option<wire::Value<'_>>, set: impl FnOnce(&mut TokenUsage, u64)) {
         if let Some(n) = int_of(v) {
             set(&mut self.usage, n);
             self.any_usage = true;
@@ -434,8 +458,7 @@ fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
     span_id: [u8; 8],
-    span: &mut opentelemetry_proto::tonic::trace::v1::Span,
-    out: Out,
+    span: &wire::Span<'_>,
 ) -> SpanEvent {
     let SpanAttrs {
         parts,
@@ -453,7 +476,7 @@ fn one_span(
         expected,
         error_type,
         root_flag,
-    } = SpanAttrs::read(&mut span.attributes, out);
+    } = SpanAttrs::read(&span.attributes);
     // A tool span that forgot its operation name is still a tool call.
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
@@ -469,11 +492,8 @@ fn one_span(
     {
         operation = Operation::Inference;
     }
-    let status_error = span
-        .status
-        .as_ref()
-        .is_some_and(|s| s.code == STATUS_CODE_ERROR);
-    let parent_span_id = id8(&span.parent_span_id);
+    let status_error = span.status_code == STATUS_CODE_ERROR;
+    let parent_span_id = id8(span.parent_span_id);
     let task_root = root_flag
         || consumer_task
         || (parent_span_id.is_none()
@@ -569,12 +589,7 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
     let mut total_points = 0u64;
     for rm in req.resource_metrics {
         let mut rm = rm;
-        let res = resource_info(
-            rm.resource
-                .as_mut()
-                .map_or(&mut [][..], |r| &mut r.attributes),
-            Out::Take,
-        );
+        let res = resource_info(rm.resource.iter_mut().flat_map(|r| &mut r.attributes));
         for sm in rm.scope_metrics {
             for m in sm.metrics {
                 let fixed_kind = match m.name.as_str() {

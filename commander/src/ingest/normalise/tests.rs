@@ -71,7 +71,7 @@ fn export(resource: Vec<KeyValue>, spans: Vec<Span>) -> ExportTraceServiceReques
 }
 
 fn one(resource: Vec<KeyValue>, span: Span) -> SpanEvent {
-    let (mut out, rej) = spans(export(resource, vec![span]));
+    let (mut out, rej) = spans(&export(resource, vec![span]));
     assert_eq!(rej.count, 0, "{rej:?}");
     assert_eq!(out.len(), 1);
     out.remove(0)
@@ -467,7 +467,7 @@ fn spans_missing_ids_are_rejected_and_counted_the_rest_kept() {
     zero_span.span_id = vec![0; 8];
     let mut short = span("short", vec![]);
     short.trace_id = vec![1; 8];
-    let (out, rej) = spans(export(svc(), vec![no_trace, good, zero_span, short]));
+    let (out, rej) = spans(&export(svc(), vec![no_trace, good, zero_span, short]));
     assert_eq!(out.len(), 1);
     assert_eq!(rej.count, 3);
     let msg = rej.message();
