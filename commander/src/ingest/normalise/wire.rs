@@ -643,7 +643,11 @@ mod tests {
         let resource = [&[0x12, scope.len() as u8][..], &scope].concat();
         let body = [&[0x0a, resource.len() as u8][..], &resource].concat();
         assert!(ExportTraceServiceRequest::decode(body.as_slice()).is_err());
-        assert!(TraceRequest::parse(&body).is_err());
+        // As docs/telemetry.md quotes it.
+        assert_eq!(
+            TraceRequest::parse(&body).unwrap_err().to_string(),
+            "failed to decode Protobuf message: Span: invalid wire type"
+        );
     }
 
     #[test]
