@@ -229,15 +229,16 @@ impl<'a> Reader<'a> {
 
     /// A field the schema does not have, skipped as prost skips it.
     fn skip(&mut self, wire: u8, field: u32) -> Result<(), WireError> {
+        // prost skips nothing, not even a varint, once the recursion limit is reached.
+        if self.depth == 0 {
+            return self.fail("recursion limit reached");
+        }
         match wire {
             VARINT => self.varint().map(drop),
             FIXED64 => self.take(8).map(drop),
             FIXED32 => self.take(4).map(drop),
             LEN => self.len_delimited().map(drop),
             START_GROUP => {
-                if self.depth == 0 {
-                    return self.fail("recursion limit reached");
-                }
                 self.depth -= 1;
                 loop {
                     let Some((inner, w)) = self.key()? else {
@@ -670,7 +671,7 @@ mod tests {
 
     #[test]
     fn nesting_stops_where_prost_stops() {
-        for (depth, ok) in [(40, true), (120, false)] {
+        let deep = |depth: usize| {
             let mut v = AnyValue {
                 value: Some(any_value::Value::IntValue(1)),
             };
@@ -679,7 +680,7 @@ mod tests {
                     value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![v] })),
                 };
             }
-            let body = export(trace::Span {
+            export(trace::Span {
                 attributes: vec![KeyValue {
                     key: "deep".into(),
                     value: Some(v),
@@ -687,12 +688,17 @@ mod tests {
                 }],
                 ..Default::default()
             })
-            .encode_to_vec();
-            assert_eq!(
-                ExportTraceServiceRequest::decode(body.as_slice()).is_ok(),
-                ok
-            );
-            assert_eq!(TraceRequest::parse(&body).is_ok(), ok, "depth {depth}");
+            .encode_to_vec()
+        };
+        let mut refused = 0;
+        let depths = [40, 44, 45, 46, 47, 48, 49, 50, 120];
+        for depth in depths {
+            let body = deep(depth);
+            let prost = ExportTraceServiceRequest::decode(body.as_slice()).is_ok();
+            assert_eq!(TraceRequest::parse(&body).is_ok(), prost, "depth {depth}");
+            refused += usize::from(!prost);
         }
+        // The limit (each array is two levels) is inside the range tried.
+        assert!(refused > 1 && refused < depths.len() - 1, "{refused} refused");
     }
 }
