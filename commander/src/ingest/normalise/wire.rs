@@ -699,6 +699,9 @@ mod tests {
             refused += usize::from(!prost);
         }
         // The limit (each array is two levels) is inside the range tried.
-        assert!(refused > 1 && refused < depths.len() - 1, "{refused} refused");
+        assert!(
+            refused > 1 && refused < depths.len() - 1,
+            "{refused} refused"
+        );
     }
 }
