@@ -212,13 +212,10 @@ pub(super) fn checked_decode<T: Message + Default>(
 
 /// One gRPC export of signal `S`: limits, decode, ingest, answer.
 fn grpc_export<S: OtlpSignal>(ing: &Ingestor, body: Bytes) -> Result<S::Response, tonic::Status> {
-    let req = limits::check_protobuf(S::SIGNAL, &body, ing.limits)
-        .map_err(IngestError::from)
-        .and_then(|_| S::decode(body))
-        .map_err(|e| {
-            ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
-            e.grpc()
-        })?;
+    let req = decode::<S>(Encoding::Protobuf, body, ing.limits).map_err(|e| {
+        ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
+        e.grpc()
+    })?;
     S::ingest(ing, "grpc", req)
         .map(S::respond)
         .map_err(|e| e.grpc())

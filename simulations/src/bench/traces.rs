@@ -460,7 +460,10 @@ fn one_pass(runs: &[Run], policy: Option<&str>, flagged: &[usize]) -> Result<Pas
             }
         }
         let body = bytes::Bytes::from(prost::Message::encode_to_vec(&r.request));
-        let (events, _) = normalise::spans(&r.request);
+        // The body as ingest reads it: encoded once, for the keeper and the live state.
+        let (events, _) = normalise::wire::TraceRequest::parse(&body)
+            .map(|req| normalise::span_events(&req))
+            .map_err(|e| e.to_string())?;
         state.apply_spans(events, r.at_ms);
         rig.add(body);
         if r.at_ms >= last_snap + 1_000 {

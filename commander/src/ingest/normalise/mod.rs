@@ -58,10 +58,7 @@ impl Dims {
     /// Sets a dimension from an attribute, if its key names one.
     fn take(&mut self, kv: &mut impl Attribute) -> bool {
         use crate::domain::{Attribution, attribution_of_key};
-        let Ok(key) = std::str::from_utf8(kv.key()) else {
-            return false;
-        };
-        let slot = match attribution_of_key(key) {
+        let slot = match attribution_of_key(kv.key()) {
             Some(Attribution::Team) => &mut self.team,
             Some(Attribution::Feature) => &mut self.feature,
             Some(Attribution::UserTier) => &mut self.user_tier,
@@ -105,14 +102,14 @@ impl Rejections {
 /// slices of the body) or a metric resource's (the generated types, whose strings are
 /// moved out: the request is dropped afterwards).
 trait Attribute {
-    fn key(&self) -> &[u8];
+    fn key(&self) -> &str;
     /// The value as text (a string, or a number or bool written out).
     fn text(&mut self) -> Option<String>;
 }
 
 impl Attribute for &wire::KeyValue<'_> {
-    fn key(&self) -> &[u8] {
-        self.key.as_bytes()
+    fn key(&self) -> &str {
+        self.key
     }
 
     fn text(&mut self) -> Option<String> {
@@ -121,8 +118,8 @@ impl Attribute for &wire::KeyValue<'_> {
 }
 
 impl Attribute for &mut KeyValue {
-    fn key(&self) -> &[u8] {
-        self.key.as_bytes()
+    fn key(&self) -> &str {
+        &self.key
     }
 
     fn text(&mut self) -> Option<String> {
@@ -208,13 +205,13 @@ struct IdentityParts {
 impl IdentityParts {
     fn take(&mut self, kv: &mut impl Attribute) -> bool {
         let slot = match kv.key() {
-            b"fleet.worker.id" => &mut self.fleet_worker,
-            b"gen_ai.agent.id" => &mut self.agent_id,
-            b"service.instance.id" => &mut self.instance,
-            b"gen_ai.agent.name" => &mut self.agent_name,
-            b"service.name" => &mut self.service,
-            b"fleet.pool" => &mut self.pool,
-            b"gen_ai.agent.version" | b"service.version" => &mut self.version,
+            "fleet.worker.id" => &mut self.fleet_worker,
+            "gen_ai.agent.id" => &mut self.agent_id,
+            "service.instance.id" => &mut self.instance,
+            "gen_ai.agent.name" => &mut self.agent_name,
+            "service.name" => &mut self.service,
+            "fleet.pool" => &mut self.pool,
+            "gen_ai.agent.version" | "service.version" => &mut self.version,
             _ => return false,
         };
         if slot.is_none() {
@@ -363,39 +360,38 @@ impl SpanAttrs {
         let mut a = SpanAttrs::default();
         for kv in attributes {
             let v = kv.value;
-            match kv.key.as_bytes() {
-                b"gen_ai.operation.name" => {
+            match kv.key {
+                "gen_ai.operation.name" => {
                     if let Some(v) = str_of(v) {
                         a.operation = Operation::parse(v);
                     }
                 }
-                b"gen_ai.provider.name" => a.provider = text(v),
-                b"gen_ai.system" => a.old_provider = text(v),
-                b"gen_ai.request.model" => a.request_model = text(v),
-                b"gen_ai.response.model" => a.response_model = text(v),
-                b"gen_ai.usage.input_tokens" | b"gen_ai.usage.prompt_tokens" => {
+                "gen_ai.provider.name" => a.provider = text(v),
+                "gen_ai.system" => a.old_provider = text(v),
+                "gen_ai.request.model" => a.request_model = text(v),
+                "gen_ai.response.model" => a.response_model = text(v),
+                "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
                     a.count(v, |u, n| u.input = n);
                 }
-                b"gen_ai.usage.output_tokens" | b"gen_ai.usage.completion_tokens" => {
+                "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
                     a.count(v, |u, n| u.output = n);
                 }
-                b"gen_ai.usage.cache_read.input_tokens"
-                | b"gen_ai.usage.cache_read_input_tokens" => {
+                "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
                     a.count(v, |u, n| u.cache_read = n);
                 }
-                b"gen_ai.usage.cache_write.input_tokens"
-                | b"gen_ai.usage.cache_creation.input_tokens"
-                | b"gen_ai.usage.cache_creation_input_tokens" => {
+                "gen_ai.usage.cache_write.input_tokens"
+                | "gen_ai.usage.cache_creation.input_tokens"
+                | "gen_ai.usage.cache_creation_input_tokens" => {
                     a.count(v, |u, n| u.cache_write = n);
                 }
-                b"gen_ai.tool.name" => a.tool = text(v),
-                b"gen_ai.tool.call.arguments" => {
+                "gen_ai.tool.name" => a.tool = text(v),
+                "gen_ai.tool.call.arguments" => {
                     a.tool_args = str_of(v).map(crate::domain::arguments_hash);
                 }
-                b"fleet.task.id" => a.task_id = text(v),
-                b"fleet.task.expected_duration_s" => a.expected = float_of(v),
-                b"fleet.task.root" => a.root_flag = bool_of(v),
-                b"error.type" => a.error_type = text(v),
+                "fleet.task.id" => a.task_id = text(v),
+                "fleet.task.expected_duration_s" => a.expected = float_of(v),
+                "fleet.task.root" => a.root_flag = bool_of(v),
+                "error.type" => a.error_type = text(v),
                 _ => {
                     let mut kv = kv;
                     if !a.parts.take(&mut kv) {
