@@ -92,6 +92,11 @@ pub struct DispatchArgs {
     /// costs the task path.
     #[arg(long)]
     no_traces: bool,
+    /// Producers give every task a random id, as the SDK's producer does when none is
+    /// set (32 hex digits), instead of one prefix per run and a counter: the store then
+    /// files each task at a random place in its id index, as it does in production.
+    #[arg(long)]
+    random_ids: bool,
 }
 
 /// A rubric for the bench pools: one model on every pool, so load balancing (not price)
@@ -627,6 +632,14 @@ fn print_summary(
         args.distinct_tasks
     );
     println!(
+        "  task ids           : {}",
+        if args.random_ids {
+            "random, as the SDK producer's (--random-ids)"
+        } else {
+            "one prefix per run and a counter (neighbours in the store's id index)"
+        }
+    );
+    println!(
         "  policy             : {}",
         args.policy_dir
             .as_ref()
@@ -830,7 +843,11 @@ async fn submit(
         if let Some(at) = tally.sent.get(i as usize) {
             at.store(now_us(), Ordering::Relaxed);
         }
-        let id = format!("{}-{i}", &run_id[..12]);
+        // The counter ends every id either way: the workers' tally reads it back.
+        let id = match args.random_ids {
+            true => format!("{}-{i}", fleet_worker::producer::random_id()),
+            false => format!("{}-{i}", &run_id[..12]),
+        };
         task.id = Some(id.clone());
         if args.explicit_pool || raw {
             task.pool = Some(pools[(i as usize) % pools.len()].clone());
