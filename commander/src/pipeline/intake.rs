@@ -335,7 +335,8 @@ fn keep_dispatch(
             tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
         }
     }
-    let recorded = ctx.core.store.update(
+    // Most dispatches are a task's first record.
+    let recorded = ctx.core.store.create_or_update(
         &d.id,
         || TaskRecord::new(&d.id, d.record.seq),
         |r| d.record.apply(r, &d.pool),
