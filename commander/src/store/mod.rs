@@ -379,10 +379,10 @@ impl Store {
     }
 
     /// [`Store::update`] for a record that is most likely not there yet (a task's first
-    /// dispatch): it is written only if the id is still absent, which saves
-    /// `update_and_fetch`'s read and decode of the old value (a quarter of the dispatch
-    /// write's store work). When a record is there after all (a result that overtook its
-    /// dispatch, a task released from the deferred queue), this is [`Store::update`].
+    /// dispatch): it is written only if the id is still absent, which saves the read and
+    /// decode of the old value that `update_and_fetch` starts with. When a record is there
+    /// after all (a result that overtook its dispatch, a task released from the deferred
+    /// queue), this is [`Store::update`].
     pub fn create_or_update(
         &self,
         id: &str,
