@@ -346,14 +346,16 @@ impl Store {
         self.index.get(id).map(|n| *n)
     }
 
-    /// The record number of a task id, a new one if it has none yet.
-    fn number_for(&self, id: &str) -> Result<u64, StoreError> {
+    /// The record number of a task id, a new one if it has none yet; `true` when this
+    /// call numbered it.
+    fn number_for(&self, id: &str) -> Result<(u64, bool), StoreError> {
         if let Some(n) = self.number_of(id) {
-            return Ok(n);
+            return Ok((n, false));
         }
         let fresh = self.db.generate_id()?;
         // Another writer may have numbered it since: theirs stands.
-        Ok(*self.index.entry(id.into()).or_insert(fresh))
+        let n = *self.index.entry(id.into()).or_insert(fresh);
+        Ok((n, n == fresh))
     }
 
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -375,7 +377,8 @@ impl Store {
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
-        self.update_with(id, create, f, Index::OnFinish)
+        let (n, _) = self.number_for(id)?;
+        self.update_with(id, n, create, f, Index::OnFinish)
     }
 
     /// [`Store::update`] for a record that is most likely not there yet (a task's first
@@ -389,8 +392,9 @@ impl Store {
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
-        if self.number_of(id).is_some() {
-            return self.update(id, create, f);
+        let (n, fresh) = self.number_for(id)?;
+        if !fresh {
+            return self.update_with(id, n, create, f, Index::OnFinish);
         }
         let mut rec = create();
         f(&mut rec);
@@ -398,20 +402,18 @@ impl Store {
             id: id.to_string(),
             reason: format!("record did not encode: {e}"),
         })?;
-        // The number may be another writer's, taken since: only an absent record is written.
-        let key = record_key(self.number_for(id)?, id);
+        // Another writer may have found the number since: only an absent record is written.
         match self
             .tasks
-            .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))?
+            .compare_and_swap(record_key(n, id), None as Option<&[u8]>, Some(bytes))?
         {
             Ok(()) => {
                 if rec.state.is_terminal() {
-                    self.finished
-                        .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
+                    self.index_finished(id)?;
                 }
                 Ok(rec)
             }
-            Err(_) => self.update(id, create, f),
+            Err(_) => self.update_with(id, n, create, f, Index::OnFinish),
         }
     }
 
@@ -423,7 +425,8 @@ impl Store {
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
-        self.update_with(id, create, f, Index::Already)
+        let (n, _) = self.number_for(id)?;
+        self.update_with(id, n, create, f, Index::Already)
     }
 
     /// Names every task in `ids` in the retention index under the time now, with one write
@@ -465,9 +468,11 @@ impl Store {
         Ok(())
     }
 
+    /// Updates (or creates) the record of `id`, numbered `n`.
     fn update_with(
         &self,
         id: &str,
+        n: u64,
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
         index: Index,
@@ -478,8 +483,7 @@ impl Store {
         // than decoded again from the stored bytes).
         let became_terminal = std::cell::Cell::new(false);
         let written: std::cell::RefCell<Option<TaskRecord>> = std::cell::RefCell::new(None);
-        let key = record_key(self.number_for(id)?, id);
-        self.tasks.update_and_fetch(key, |old| {
+        self.tasks.update_and_fetch(record_key(n, id), |old| {
             let mut rec = match old.map(codec::decode) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => {
@@ -508,8 +512,7 @@ impl Store {
             tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
         }
         if became_terminal.get() && index == Index::OnFinish {
-            self.finished
-                .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
+            self.index_finished(id)?;
         }
         match written.into_inner() {
             Some(rec) => Ok(rec),
@@ -518,6 +521,13 @@ impl Store {
                 reason: "record did not encode".into(),
             }),
         }
+    }
+
+    /// Names a task that just became terminal in the retention index, under the time now.
+    fn index_finished(&self, id: &str) -> Result<(), StoreError> {
+        self.finished
+            .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
+        Ok(())
     }
 
     /// Deletes tasks that finished before `cutoff`; returns how many went. Stops once
