@@ -306,20 +306,24 @@ pub fn reply_subject_problem<S: AsRef<str>>(
 }
 
 /// Case-insensitive header lookup (W3C names are case-insensitive; async-nats is not).
+/// A header spelled exactly `name` wins over one that differs only in case.
 ///
-/// `name` may be anything: async-nats' `get(&str)` panics on a name a header cannot have,
-/// so the name is parsed first, and one that cannot be a header name is simply absent.
+/// `name` may be anything. It is compared with the names present rather than parsed into
+/// a `HeaderName`: async-nats' `get(&str)` panics on a name a header cannot have, and
+/// parsing a name that is not one of NATS' own copies it (messages carry a handful of
+/// headers, so the scan costs less than that copy).
 pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    let headers = headers?;
-    let parsed: HeaderName = name.parse().ok()?;
-    if let Some(v) = headers.get(parsed) {
-        return Some(v.as_str());
+    let mut folded = None;
+    for (k, v) in headers?.iter() {
+        let k: &str = k.as_ref();
+        if k == name {
+            return v.first().map(HeaderValue::as_str);
+        }
+        if folded.is_none() && k.eq_ignore_ascii_case(name) {
+            folded = v.first();
+        }
     }
-    headers
-        .iter()
-        .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| v.first())
-        .map(HeaderValue::as_str)
+    folded.map(HeaderValue::as_str)
 }
 
 /// Inserts a header, refusing (instead of panicking, as async-nats' `From<&str>` does)
@@ -332,6 +336,23 @@ pub fn set_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()
         .parse()
         .map_err(|_| ProtocolError::BadHeader(name.to_string()))?;
     headers.insert(name, value);
+    Ok(())
+}
+
+/// [`set_header`] for one of the protocol's own names (the [`headers`] constants) and a
+/// value the caller already owns: neither is copied, where `set_header` copies both. For
+/// code that sets headers on every message.
+pub fn set_known_header(
+    headers: &mut HeaderMap,
+    name: &'static str,
+    value: String,
+) -> Result<(), ProtocolError> {
+    if name.contains(|c: char| !c.is_ascii_graphic() || c == ':') || value.contains(['\r', '\n']) {
+        return Err(ProtocolError::BadHeader(name.to_string()));
+    }
+    // Checked above: `from_static` takes any name, and `From<String>` panics on a value
+    // with a line break.
+    headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
     Ok(())
 }
 
@@ -372,6 +393,35 @@ mod tests {
         assert_eq!(header(Some(&h), "traceparent"), Some("x"));
         assert!(set_header(&mut h, "a", "line\nbreak").is_err());
         assert!(set_header(&mut h, "bad:name", "v").is_err());
+        // A name no header can have is simply absent (async-nats' own lookup panics).
+        assert_eq!(header(Some(&h), "bad name\r\n"), None);
+        assert_eq!(header(None, "traceparent"), None);
+    }
+
+    #[test]
+    fn the_exact_spelling_wins_over_a_case_folded_one() {
+        let mut h = HeaderMap::new();
+        set_header(&mut h, "TRACEPARENT", "folded").unwrap();
+        set_header(&mut h, "traceparent", "exact").unwrap();
+        set_header(&mut h, "Fleet-Other", "o").unwrap();
+        assert_eq!(header(Some(&h), "traceparent"), Some("exact"));
+        assert_eq!(header(Some(&h), "TRACEPARENT"), Some("folded"));
+        assert_eq!(header(Some(&h), "fleet-other"), Some("o"));
+    }
+
+    #[test]
+    fn set_known_header_moves_the_value_and_refuses_line_breaks() {
+        let mut h = HeaderMap::new();
+        set_known_header(&mut h, headers::TASK_ID, "t-1".to_string()).unwrap();
+        set_known_header(&mut h, headers::NATS_MSG_ID, "t-1:1".to_string()).unwrap();
+        assert_eq!(header(Some(&h), headers::TASK_ID), Some("t-1"));
+        assert_eq!(header(Some(&h), headers::NATS_MSG_ID), Some("t-1:1"));
+        assert_eq!(
+            set_known_header(&mut h, headers::TASK_ID, "a\r\nb".to_string()),
+            Err(ProtocolError::BadHeader(headers::TASK_ID.to_string()))
+        );
+        assert!(set_known_header(&mut h, "bad:name", "v".to_string()).is_err());
+        assert_eq!(header(Some(&h), headers::TASK_ID), Some("t-1"));
     }
 
     #[test]

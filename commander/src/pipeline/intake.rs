@@ -24,8 +24,8 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let span = tracing::info_span!("intake_batch", size = batch.len());
     let replies: Vec<_> = batch.iter().filter_map(|m| m.reply.clone()).collect();
     let work = async {
-        let plans = plan_batch(ctx, &batch).await;
-        let published = publish_batch(ctx, &plans, read_at).await;
+        let mut plans = plan_batch(ctx, &batch).await;
+        let published = publish_batch(ctx, &mut plans, read_at).await;
         let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
@@ -108,18 +108,24 @@ async fn plan_batch(ctx: &Ctx, batch: &[jetstream::Message]) -> Vec<Option<Plan>
 /// Publishes every dispatch and rejection first (pipelined), then waits for all the
 /// PubAcks: the work stream's sequence of each, or why it was not acknowledged.
 /// Each dispatch's time from `read_at` to its PubAck goes to `fleet_intake_dispatch_seconds`.
+/// A dispatch's subject, headers and body are only for its message: they are moved into
+/// it, not copied.
 async fn publish_batch(
     ctx: &Ctx,
-    plans: &[Option<Plan>],
+    plans: &mut [Option<Plan>],
     read_at: std::time::Instant,
 ) -> Vec<Option<Result<u64, String>>> {
     let mut pending = Vec::with_capacity(plans.len());
-    for plan in plans {
+    for plan in plans.iter_mut() {
         let fut = match plan {
             Some(Plan::Dispatch(d)) => Some((
                 true,
                 ctx.js
-                    .publish_with_headers(d.subject.clone(), d.headers.clone(), d.payload.clone())
+                    .publish_with_headers(
+                        std::mem::take(&mut d.subject),
+                        std::mem::take(&mut d.headers),
+                        std::mem::take(&mut d.payload),
+                    )
                     .await,
             )),
             Some(Plan::Reject(r)) => Some((false, publish_rejection(ctx, r).await)),
