@@ -197,24 +197,26 @@ impl Producer {
         let traceparent = opts.parent.unwrap_or_else(TraceParent::new_root);
         let mut h = HeaderMap::new();
         let bad = |e: protocol::ProtocolError| ProducerError::Nats(e.to_string());
-        protocol::set_header(
+        protocol::set_known_header(
             &mut h,
             headers::NATS_MSG_ID,
-            opts.idempotency_key.as_deref().unwrap_or(&task_id),
+            opts.idempotency_key
+                .clone()
+                .unwrap_or_else(|| task_id.clone()),
         )
         .map_err(bad)?;
-        protocol::set_header(&mut h, headers::TASK_ID, &task_id).map_err(bad)?;
-        protocol::set_header(&mut h, headers::TRACEPARENT, &traceparent.to_header())
+        protocol::set_known_header(&mut h, headers::TASK_ID, task_id.clone()).map_err(bad)?;
+        protocol::set_known_header(&mut h, headers::TRACEPARENT, traceparent.to_header())
             .map_err(bad)?;
         if let Some(ts) = &opts.tracestate {
-            protocol::set_header(&mut h, headers::TRACESTATE, ts).map_err(bad)?;
+            protocol::set_known_header(&mut h, headers::TRACESTATE, ts.clone()).map_err(bad)?;
         }
         if !opts.baggage.is_empty() {
-            protocol::set_header(&mut h, headers::BAGGAGE, &opts.baggage.to_header())
+            protocol::set_known_header(&mut h, headers::BAGGAGE, opts.baggage.to_header())
                 .map_err(bad)?;
         }
         if let Some(r) = &opts.reply_to {
-            protocol::set_header(&mut h, headers::REPLY_TO, r).map_err(bad)?;
+            protocol::set_known_header(&mut h, headers::REPLY_TO, r.clone()).map_err(bad)?;
         }
         let payload = serde_json::to_vec(&task).map_err(|e| ProducerError::Nats(e.to_string()))?;
         Ok(Prepared {

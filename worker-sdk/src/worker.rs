@@ -1322,25 +1322,25 @@ fn result_message(
     } = carry;
     let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
-    let set = |h: &mut HeaderMap, k: &str, v: &str| {
-        protocol::set_header(h, k, v).map_err(|e| e.to_string())
+    let set = |h: &mut HeaderMap, k: &'static str, v: String| {
+        protocol::set_known_header(h, k, v).map_err(|e| e.to_string())
     };
-    set(&mut h, headers::TRACEPARENT, &span.to_header())?;
+    set(&mut h, headers::TRACEPARENT, span.to_header())?;
     if let Some(ts) = tracestate {
-        set(&mut h, headers::TRACESTATE, ts)?;
+        set(&mut h, headers::TRACESTATE, ts.to_string())?;
     }
     if !baggage.is_empty() {
-        set(&mut h, headers::BAGGAGE, &baggage.to_header())?;
+        set(&mut h, headers::BAGGAGE, baggage.to_header())?;
     }
-    set(&mut h, headers::TASK_ID, &result.task_id)?;
-    set(&mut h, headers::ATTEMPT, &result.attempt.to_string())?;
+    set(&mut h, headers::TASK_ID, result.task_id.clone())?;
+    set(&mut h, headers::ATTEMPT, result.attempt.to_string())?;
     set(
         &mut h,
         headers::NATS_MSG_ID,
-        &format!("{}:{}:result", result.task_id, result.attempt),
+        format!("{}:{}:result", result.task_id, result.attempt),
     )?;
     if let Some(r) = reply_to {
-        set(&mut h, headers::REPLY_TO, r)?;
+        set(&mut h, headers::REPLY_TO, r.to_string())?;
     }
     Ok(ResultMessage {
         subject: subjects.result(&result.task_id),

@@ -255,12 +255,12 @@ pub(crate) use crate::domain::fnv1a;
 /// left out: it came from a parsed header, so that does not happen.
 pub(crate) fn carried_headers(
     from: Option<&async_nats::HeaderMap>,
-    names: &[&str],
+    names: &[&'static str],
 ) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
-    for name in names {
+    for &name in names {
         if let Some(v) = fleet_worker::protocol::header(from, name) {
-            let _ = fleet_worker::protocol::set_header(&mut h, name, v);
+            let _ = fleet_worker::protocol::set_known_header(&mut h, name, v.to_string());
         }
     }
     h

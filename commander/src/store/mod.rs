@@ -393,28 +393,38 @@ impl Store {
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
         let (n, fresh) = self.number_for(id)?;
-        if !fresh {
-            return self.update_with(id, n, create, f, Index::OnFinish);
+        if fresh && let Some(rec) = self.create_absent(id, n, &create, &f)? {
+            return Ok(rec);
         }
+        self.update_with(id, n, create, f, Index::OnFinish)
+    }
+
+    /// Writes the record `f` makes of `create()` under number `n` if no record is there;
+    /// `None` when one is (another writer found the number since).
+    fn create_absent(
+        &self,
+        id: &str,
+        n: u64,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+    ) -> Result<Option<TaskRecord>, StoreError> {
         let mut rec = create();
         f(&mut rec);
         let bytes = codec::encode(&rec).map_err(|e| StoreError::Corrupt {
             id: id.to_string(),
             reason: format!("record did not encode: {e}"),
         })?;
-        // Another writer may have found the number since: only an absent record is written.
-        match self
+        let absent = self
             .tasks
             .compare_and_swap(record_key(n, id), None as Option<&[u8]>, Some(bytes))?
-        {
-            Ok(()) => {
-                if rec.state.is_terminal() {
-                    self.index_finished(id)?;
-                }
-                Ok(rec)
-            }
-            Err(_) => self.update_with(id, n, create, f, Index::OnFinish),
+            .is_ok();
+        if !absent {
+            return Ok(None);
         }
+        if rec.state.is_terminal() {
+            self.index_finished(id)?;
+        }
+        Ok(Some(rec))
     }
 
     /// [`Store::update`] for a task already named in the retention index by
