@@ -93,8 +93,9 @@ pub struct DispatchArgs {
     #[arg(long)]
     no_traces: bool,
     /// Producers give every task a random id, as the SDK's producer does when none is
-    /// set (32 hex digits), instead of one prefix per run and a counter: the store then
-    /// files each task at a random place in its id index, as it does in production.
+    /// set (32 hex digits), instead of one prefix per run and a counter: whatever is
+    /// keyed by task id (the kept traces' task index) then takes each task at a random
+    /// place, as it does in production.
     #[arg(long)]
     random_ids: bool,
 }
@@ -636,7 +637,7 @@ fn print_summary(
         if args.random_ids {
             "random, as the SDK producer's (--random-ids)"
         } else {
-            "one prefix per run and a counter (neighbours in the store's id index)"
+            "one prefix per run and a counter (neighbouring ids)"
         }
     );
     println!(
