@@ -82,9 +82,16 @@ pub struct DispatchArgs {
     #[arg(long)]
     policy_dir: Option<std::path::PathBuf>,
     /// Tasks per latency phase: after the rounds, tasks are submitted at a steady 50 % and
-    /// then 90 % of the commander's best round, and their latencies measured (0: skip).
+    /// then 90 % of the commander's best round (or of `--latency-rate`), and their
+    /// latencies measured (0: skip).
     #[arg(long, default_value_t = 20_000)]
     latency_tasks: u64,
+    /// The rate (tasks/s) the latency phases take their 50 % and 90 % of, instead of the
+    /// commander's best round: the same offered load for every run, so that two builds
+    /// compare on equal terms (a steady rate's batches are small, and the commander's CPU
+    /// per task depends on how small).
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// The commander's `store.cache_mib` (sled's page cache; default 1024).
     #[arg(long)]
     store_cache_mib: Option<u64>,
@@ -194,6 +201,13 @@ pub async fn run(which: Which) -> Result<(), String> {
 }
 
 async fn dispatch(args: DispatchArgs) -> Result<(), String> {
+    if let Some(r) = args.latency_rate
+        && (!r.is_finite() || r <= 0.0)
+    {
+        return Err(format!(
+            "--latency-rate {r}: must be a positive number of tasks per second"
+        ));
+    }
     let own_server = match &args.nats_url {
         Some(_) => None,
         None => Some(NatsServer::start().map_err(|e| e.to_string())?),
@@ -223,7 +237,8 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
 
     let rounds = throughput_rounds(&client, &args, &pools, &commander).await?;
     let best_cmd = rounds.cmd_rates.iter().cloned().fold(0.0, f64::max);
-    let phases = latency_phases(&client, &args, &pools, &commander, best_cmd).await?;
+    let full_rate = args.latency_rate.unwrap_or(best_cmd);
+    let phases = latency_phases(&client, &args, &pools, &commander, full_rate).await?;
     let through = args.tasks * args.rounds as u64 + args.latency_tasks * phases.len() as u64;
     let end = EndState {
         tasks: through,
@@ -237,7 +252,7 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         llm.requests(),
         &rounds,
     );
-    print_latency(&phases);
+    print_latency(&phases, args.latency_rate);
     end.print();
     Ok(())
 }
@@ -337,27 +352,30 @@ async fn throughput_rounds(
     Ok(r)
 }
 
-/// After the rounds, tasks submitted at a steady 50 % and then 90 % of the commander's
-/// best round (none when `latency_tasks` is 0), each rate through the raw pipe first.
+/// After the rounds, tasks submitted at a steady 50 % and then 90 % of `full_rate` (the
+/// commander's best round, or `--latency-rate`; none when `latency_tasks` is 0), each
+/// rate through the raw pipe first.
 async fn latency_phases(
     client: &async_nats::Client,
     args: &DispatchArgs,
     pools: &[String],
     commander: &Commander,
-    best_cmd: f64,
+    full_rate: f64,
 ) -> Result<Vec<LatencyPhase>, String> {
     let mut phases = Vec::new();
-    if args.latency_tasks == 0 || best_cmd <= 0.0 {
+    if args.latency_tasks == 0 || full_rate.is_nan() || full_rate <= 0.0 {
         return Ok(phases);
     }
     for (n, load) in [0.5, 0.9].into_iter().enumerate() {
-        let pace = Some((best_cmd * load, args.latency_tasks));
+        let pace = Some((full_rate * load, args.latency_tasks));
         // The raw pipe at the same rate first: what JetStream and the workers alone
         // take from submit to receipt on this machine.
         let prefix = format!("rawlatency{n}");
         let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, pace).await?;
         let before = intake_dispatch_buckets(commander.http()).await?;
+        let cpu_before = commander.pid().and_then(stream::cpu_s);
         let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
+        let cpu_after = commander.pid().and_then(stream::cpu_s);
         let after = intake_dispatch_buckets(commander.http()).await?;
         phases.push(LatencyPhase {
             load,
@@ -366,6 +384,11 @@ async fn latency_phases(
             receipt_us: paced.receipt_us,
             raw_receipt_us: raw.receipt_us,
             raw_dispatch_us: raw.relay_dispatch_us,
+            cmd_cpu_us: cpu_before
+                .zip(cpu_after)
+                .map(|(b, a)| (a - b) * 1e6 / args.latency_tasks as f64),
+            machine_busy: paced.machine_busy,
+            raw_machine_busy: raw.machine_busy,
         });
     }
     Ok(phases)
@@ -384,6 +407,14 @@ struct LatencyPhase {
     raw_receipt_us: Vec<u64>,
     /// The raw relay's intake read to PubAck at the same rate.
     raw_dispatch_us: Vec<u64>,
+    /// The commander's CPU per task over the phase, microseconds: more than in the rounds
+    /// when a steady rate makes its batches small.
+    cmd_cpu_us: Option<f64>,
+    /// How busy the whole machine was over the phase (commander, nats-server, the bench's
+    /// producers and workers), percent of all its cores.
+    machine_busy: Option<f64>,
+    /// The same for the raw pipe at the same rate.
+    raw_machine_busy: Option<f64>,
 }
 
 /// What one commander on one store looks like after the whole run.
@@ -516,9 +547,15 @@ fn sample_quantile(sorted: &[u64], q: f64) -> Option<u64> {
     sorted.get(i).copied()
 }
 
-fn print_latency(phases: &[LatencyPhase]) {
+fn print_latency(phases: &[LatencyPhase], pinned: Option<f64>) {
+    if let (Some(r), false) = (pinned, phases.is_empty()) {
+        println!(
+            "  latency phases     : shares of {r:.0} tasks/s (--latency-rate), not of the best round"
+        );
+    }
     for p in phases {
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let whole = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0}"));
         let id = |q| bucket_quantile(&p.intake_dispatch, q).map(|s| s * 1e3);
         let mut r = p.receipt_us.clone();
         r.sort_unstable();
@@ -542,10 +579,12 @@ fn print_latency(phases: &[LatencyPhase]) {
             String::new()
         };
         println!(
-            "  latency at {:>3.0} %   : {:.0} tasks/s submitted steadily, {} tasks",
+            "  latency at {:>3.0} %   : {:.0} tasks/s submitted steadily, {} tasks; commander CPU {} us/task, machine {} % busy",
             p.load * 100.0,
             p.rate,
-            r.len()
+            r.len(),
+            whole(p.cmd_cpu_us),
+            whole(p.machine_busy),
         );
         println!(
             "    intake -> dispatch PubAck : p50 {} ms, p99 {} ms, p99.9 {} ms{goal} (commander histogram, interpolated in its buckets)",
@@ -566,10 +605,11 @@ fn print_latency(phases: &[LatencyPhase]) {
             ms(rc(0.999)),
         );
         println!(
-            "      raw pipe, same rate     : p50 {} ms, p99 {} ms, p99.9 {} ms",
+            "      raw pipe, same rate     : p50 {} ms, p99 {} ms, p99.9 {} ms; machine {} % busy",
             ms(rr(0.5)),
             ms(rr(0.99)),
             ms(rr(0.999)),
+            whole(p.raw_machine_busy),
         );
     }
 }
@@ -671,6 +711,9 @@ struct PipeRun {
     /// task (raw runs only): what the commander's `fleet_intake_dispatch_seconds`
     /// measures, for a middle that does nothing but relay.
     relay_dispatch_us: Vec<u64>,
+    /// How busy the whole machine was from the first submission to the last receipt,
+    /// percent of all its cores.
+    machine_busy: Option<f64>,
 }
 
 /// Microseconds since the Unix epoch: the producer stamps it into the task and the worker
@@ -705,6 +748,7 @@ async fn run_pipe(
         false => None,
     };
     let started = Instant::now();
+    let machine_before = stream::machine_ticks();
     submit(&js, args, pools, &subjects, raw, paced, tasks, &tally).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while tally.done.load(Ordering::Relaxed) < tasks {
@@ -718,6 +762,9 @@ async fn run_pipe(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
+    let machine_busy = machine_before
+        .zip(stream::machine_ticks())
+        .and_then(|(b, a)| stream::busy_percent(b, a));
     for w in workers {
         w.shutdown().await;
     }
@@ -737,6 +784,7 @@ async fn run_pipe(
         rate: tasks as f64 / elapsed.as_secs_f64(),
         receipt_us,
         relay_dispatch_us,
+        machine_busy,
     })
 }
 

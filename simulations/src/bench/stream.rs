@@ -46,6 +46,29 @@ pub fn cpu_s(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// The machine's CPU time so far as (busy, total) ticks, from `/proc/stat`: two readings
+/// give the share of the machine that was busy between them.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal; the guest fields after them are
+    // already counted in user and nice.
+    let total: u64 = f.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// The share of the machine busy between two [`machine_ticks`] readings, in percent.
+pub fn busy_percent(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1).filter(|t| *t > 0)?;
+    Some(after.0.saturating_sub(before.0) as f64 * 100.0 / total as f64)
+}
+
 async fn heartbeats(client: async_nats::Client, workers: usize, churn: f64) {
     let started = fleet_worker::message::now_rfc3339();
     let changing = ((workers as f64) * churn).ceil() as usize;
@@ -283,4 +306,26 @@ pub async fn run(args: DashboardArgs) -> Result<(), String> {
         "embedded assets: {raw} bytes, {gz} gzipped (served gzipped to browsers that accept it)"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_percent_is_the_busy_share_of_the_ticks_between_two_readings() {
+        assert_eq!(busy_percent((10, 100), (60, 200)), Some(50.0));
+        assert_eq!(busy_percent((10, 100), (110, 200)), Some(100.0));
+        // No time between the readings, or a counter that went back: no figure.
+        assert_eq!(busy_percent((10, 100), (10, 100)), None);
+        assert_eq!(busy_percent((10, 100), (5, 90)), None);
+    }
+
+    #[test]
+    fn machine_ticks_reads_this_machine() {
+        let (busy, total) = machine_ticks().expect("/proc/stat has a cpu line");
+        assert!(total > 0 && busy <= total, "busy {busy} of {total}");
+        let later = machine_ticks().expect("/proc/stat has a cpu line");
+        assert!(later.1 >= total);
+    }
 }
