@@ -337,9 +337,7 @@ async fn throughput_rounds(
         };
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
-        let cpu_us = cpu_before
-            .zip(commander.pid().and_then(stream::cpu_s))
-            .map(|(a, b)| (b - a) * 1e6 / args.tasks.max(1) as f64);
+        let cpu_us = cpu_us_per_task(commander, cpu_before, args.tasks);
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; commander CPU {} us/task)",
             ratio(cmd, raw),
@@ -350,6 +348,13 @@ async fn throughput_rounds(
         r.cmd_rates.push(cmd);
     }
     Ok(r)
+}
+
+/// The commander's CPU since `before` (a [`stream::cpu_s`] reading), in microseconds per
+/// task over `tasks` tasks.
+fn cpu_us_per_task(commander: &Commander, before: Option<f64>, tasks: u64) -> Option<f64> {
+    let after = commander.pid().and_then(stream::cpu_s)?;
+    Some((after - before?) * 1e6 / tasks.max(1) as f64)
 }
 
 /// After the rounds, tasks submitted at a steady 50 % and then 90 % of `full_rate` (the
@@ -375,7 +380,7 @@ async fn latency_phases(
         let before = intake_dispatch_buckets(commander.http()).await?;
         let cpu_before = commander.pid().and_then(stream::cpu_s);
         let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
-        let cpu_after = commander.pid().and_then(stream::cpu_s);
+        let cmd_cpu_us = cpu_us_per_task(commander, cpu_before, args.latency_tasks);
         let after = intake_dispatch_buckets(commander.http()).await?;
         phases.push(LatencyPhase {
             load,
@@ -384,9 +389,7 @@ async fn latency_phases(
             receipt_us: paced.receipt_us,
             raw_receipt_us: raw.receipt_us,
             raw_dispatch_us: raw.relay_dispatch_us,
-            cmd_cpu_us: cpu_before
-                .zip(cpu_after)
-                .map(|(b, a)| (a - b) * 1e6 / args.latency_tasks as f64),
+            cmd_cpu_us,
             machine_busy: paced.machine_busy,
             raw_machine_busy: raw.machine_busy,
         });
@@ -548,7 +551,9 @@ fn sample_quantile(sorted: &[u64], q: f64) -> Option<u64> {
 }
 
 fn print_latency(phases: &[LatencyPhase], pinned: Option<f64>) {
-    if let (Some(r), false) = (pinned, phases.is_empty()) {
+    if let Some(r) = pinned
+        && !phases.is_empty()
+    {
         println!(
             "  latency phases     : shares of {r:.0} tasks/s (--latency-rate), not of the best round"
         );
