@@ -58,12 +58,52 @@ impl ChildServer {
     }
 }
 
-/// Where NATS is, and the server we started, if any.
+/// Where NATS is, the commander's two connections to it, and the server we started, if any.
 #[derive(Debug)]
 pub struct Connection {
+    /// The task path, the API, policies and control.
     pub client: async_nats::Client,
+    /// Telemetry: the subscription to `<prefix>.telemetry.>` and the commander's own spans,
+    /// on a connection the server never echoes to, so the spans the commander publishes do
+    /// not come back to it through that subscription only to be dropped (in
+    /// `fleet-sim bench dispatch` they were about 690 of the 1,940 bytes per task the
+    /// server sent the commander). Its own connection also keeps telemetry's reads and
+    /// writes off the task path's.
+    pub telemetry: async_nats::Client,
     pub url: String,
     pub child: Option<ChildServer>,
+}
+
+/// Which of the commander's connections is being made.
+#[derive(Clone, Copy, Debug)]
+enum Link {
+    TaskPath,
+    Telemetry,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Link::TaskPath => "fleet-commander",
+            Link::Telemetry => "fleet-commander-telemetry",
+        }
+    }
+}
+
+/// Both connections to the server at `url`.
+async fn connect_both(
+    url: String,
+    timeout: Duration,
+    child: Option<ChildServer>,
+) -> Result<Connection, BrokerError> {
+    let client = connect_with_retry(&url, timeout, Link::TaskPath).await?;
+    let telemetry = connect_with_retry(&url, timeout, Link::Telemetry).await?;
+    Ok(Connection {
+        client,
+        telemetry,
+        url,
+        child,
+    })
 }
 
 /// Connects per the rules in the config docs: explicit URL, else local default, else start
@@ -76,12 +116,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Connection, BrokerError> {
     if let Some(url) = url {
-        let client = connect_with_retry(url, timeout).await?;
-        return Ok(Connection {
-            client,
-            url: url.to_string(),
-            child: None,
-        });
+        return connect_both(url.to_string(), timeout, None).await;
     }
     let local = format!("nats://{local_default}");
     let no_server = |reason: String| BrokerError::NoServer {
@@ -96,12 +131,7 @@ pub async fn connect(
     .is_ok_and(|r| r.is_ok())
     {
         tracing::info!(url = %local, "no NATS URL configured; using the server on the default port");
-        let client = connect_with_retry(&local, timeout).await?;
-        return Ok(Connection {
-            client,
-            url: local,
-            child: None,
-        });
+        return connect_both(local, timeout, None).await;
     }
     if !auto_start {
         return Err(no_server("auto_start is off".into()));
@@ -132,35 +162,37 @@ pub async fn connect(
             })
         })?;
     tracing::info!(store = %store.display(), pid = child.id(), "started nats-server as a child process (it stops when the commander does)");
-    let client = connect_with_retry(&local, timeout).await?;
-    Ok(Connection {
-        client,
-        url: local,
-        child: Some(ChildServer { child }),
-    })
+    connect_both(local, timeout, Some(ChildServer { child })).await
 }
 
 async fn connect_with_retry(
     url: &str,
     timeout: Duration,
+    link: Link,
 ) -> Result<async_nats::Client, BrokerError> {
     let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(50);
     loop {
-        let attempt = async_nats::ConnectOptions::new()
-            .name("fleet-commander")
+        let mut attempt = async_nats::ConnectOptions::new()
+            .name(link.name())
             .connection_timeout(Duration::from_secs(2))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .event_callback(|event| async move {
+            .event_callback(move |event| async move {
+                let connection = link.name();
                 match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting")
+                    async_nats::Event::Connected => {
+                        tracing::info!(connection, "connected to NATS")
                     }
-                    other => tracing::debug!(event = %other, "nats connection event"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(connection, "disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::debug!(connection, event = %other, "nats connection event"),
                 }
             });
+        if let Link::Telemetry = link {
+            attempt = attempt.no_echo();
+        }
         // retry_on_initial_connect makes connect() return at once; wait for the handshake.
         let result = async_nats::connect_with_options(url, attempt).await;
         match result {
@@ -383,6 +415,8 @@ pub async fn ensure_streams(
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
 
     #[test]
@@ -392,5 +426,46 @@ mod tests {
         assert!(parse_version("2.8.4").unwrap() < MIN_SERVER_VERSION);
         assert!(parse_version("2.15.1").unwrap() >= MIN_SERVER_VERSION);
         assert_eq!(parse_version("garbage"), None);
+    }
+
+    /// The commander's own spans go out on the telemetry connection, which also reads
+    /// `<prefix>.telemetry.>`: the server must not hand them back to it, while telemetry
+    /// from anyone else (here the task-path connection) still arrives.
+    #[tokio::test]
+    async fn the_telemetry_connection_hears_others_but_not_itself() {
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(
+            Some(nats.url()),
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            dir.path(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let mut sub = conn.telemetry.subscribe("fleet.telemetry.>").await.unwrap();
+        conn.telemetry
+            .publish("fleet.telemetry._commander.c1", "own".into())
+            .await
+            .unwrap();
+        // A round trip to the server on the same connection: its "no responders" answer
+        // comes after anything the server would have echoed for the publish before it (a
+        // flush only empties the client's buffer).
+        let round_trip = conn.telemetry.request("fleet.nobody", "".into()).await;
+        assert!(
+            matches!(&round_trip, Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders),
+            "{round_trip:?}"
+        );
+        conn.client
+            .publish("fleet.telemetry.pool.w1", "other".into())
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("the other connection's message arrives")
+            .unwrap();
+        assert_eq!(first.payload.as_ref(), b"other");
+        assert_eq!(first.subject.as_str(), "fleet.telemetry.pool.w1");
     }
 }

@@ -98,7 +98,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Duration::from_millis(config.nats.connect_timeout_ms),
     )
     .await?;
-    let result = run(config, store, &conn.client, &conn.url).await;
+    let result = run(config, store, &conn).await;
     if let Some(child) = conn.child {
         child.stop().await;
     }
@@ -109,18 +109,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 /// owner and classifier, telemetry, policies, the task path, the API; then the shutdown.
 /// Each step is a named function; what is left here is the wiring between them, kept in
 /// one place so the order stays visible.
-async fn run(
-    config: Config,
-    store: Store,
-    client: &async_nats::Client,
-    url: &str,
-) -> Result<(), ServeError> {
-    broker::check_server(client, url)?;
+async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<(), ServeError> {
+    let client = &conn.client;
+    broker::check_server(client, &conn.url)?;
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
     let streams = set_up_streams(&config, &js, &subjects).await?;
     let instance = format!("commander-{}", std::process::id());
-    let (spans, spans_task) = own_spans(client, &subjects, &instance);
+    let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -148,7 +144,7 @@ async fn run(
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
-    telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
+    telemetry_tasks.extend(start_telemetry(&wiring, &conn.telemetry, tap, &metrics, &fleet).await?);
 
     let events = crate::events::Hub::default();
     events.counters().register(&mut registry);
@@ -679,9 +675,10 @@ async fn start_policy(
 
 /// The telemetry receivers (OTLP gRPC and HTTP, NATS) behind one ingestor (handing trace
 /// exports to the keeper through `traces`), the NATS connection watch and the queue-depth
-/// poll.
+/// poll. `telemetry_client` is the connection the server does not echo to (`broker::Connection`).
 async fn start_telemetry(
     w: &Wiring<'_>,
+    telemetry_client: &async_nats::Client,
     traces: Option<crate::ingest::TraceTap>,
     metrics: &Arc<Metrics>,
     fleet: &fleet::FleetHandle,
@@ -729,7 +726,7 @@ async fn start_telemetry(
     }
     if t.nats {
         let (c, sub, ing, stop) = (
-            client.clone(),
+            telemetry_client.clone(),
             subjects.clone(),
             ingestor.clone(),
             stop_rx.clone(),
