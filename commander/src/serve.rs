@@ -128,15 +128,12 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let mut registry = metrics.registry();
     supervisor.register(&mut registry);
     let (fleet, fleet_task) = start_fleet(&config, &engine, &supervisor, &stop_rx, &mut registry);
-    let classifier = Arc::new(Classifier::new(
-        config.classifier.clone(),
-        &engine.live().rubric,
-        Some(classifier_hook(spans.clone(), fleet.clone(), &instance)),
-    )?);
-    classifier.counters.register(&mut registry);
+    let classifier =
+        start_classifier(&config, &engine, (&spans, &fleet, &instance), &mut registry)?;
     let wiring = Wiring {
         config: &config,
         client,
+        telemetry: &conn.telemetry,
         js: &js,
         subjects: &subjects,
         supervisor: &supervisor,
@@ -144,11 +141,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
-    telemetry_tasks.extend(start_telemetry(&wiring, &conn.telemetry, tap, &metrics, &fleet).await?);
+    telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
 
-    let events = crate::events::Hub::default();
-    events.counters().register(&mut registry);
-    let decisions = DecisionLog::open(&store)?.with_events(events.clone());
+    let (events, decisions) = open_decision_log(&store, &mut registry)?;
 
     let Policies {
         sync: policy_sync,
@@ -190,8 +185,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         route_cache: Default::default(),
         traces,
     };
-    let targets = pipeline::retarget::Targets::open(&store).map_err(in_store(&config))?;
-    let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone(), targets));
+    let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone())?);
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -233,6 +227,34 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The live event hub (its counters registered) and the decision log, which publishes to it.
+fn open_decision_log(
+    store: &Store,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<(crate::events::Hub, DecisionLog), ServeError> {
+    let events = crate::events::Hub::default();
+    events.counters().register(registry);
+    let decisions = DecisionLog::open(store)?.with_events(events.clone());
+    Ok((events, decisions))
+}
+
+/// The classifier against the live rubric, its calls reported as the commander's spans and
+/// in the fleet's cost ledger (`classifier_hook`); its counters registered.
+fn start_classifier(
+    config: &Config,
+    engine: &policy::PolicyEngine,
+    (spans, fleet, instance): (&SpanExporter, &FleetHandle, &str),
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<Arc<Classifier>, ServeError> {
+    let classifier = Arc::new(Classifier::new(
+        config.classifier.clone(),
+        &engine.live().rubric,
+        Some(classifier_hook(spans.clone(), fleet.clone(), instance)),
+    )?);
+    classifier.counters.register(registry);
+    Ok(classifier)
 }
 
 /// The live fleet state's owner, reading prices from the live snapshot; its counters
@@ -444,9 +466,9 @@ fn task_path_ctx(
     w: &Wiring<'_>,
     core: pipeline::Core,
     spans: SpanExporter,
-    targets: pipeline::retarget::Targets,
-) -> Ctx {
-    Ctx {
+) -> Result<Ctx, ServeError> {
+    let targets = pipeline::retarget::Targets::open(&core.store).map_err(in_store(w.config))?;
+    Ok(Ctx {
         core,
         client: w.client.clone(),
         js: w.js.clone(),
@@ -456,7 +478,7 @@ fn task_path_ctx(
         reply_prefixes: w.config.intake.reply_prefixes.clone(),
         intake_ack_wait: w.config.intake.ack_wait(),
         targets,
-    }
+    })
 }
 
 /// The intake, work and results streams and their consumers, created or checked.
@@ -547,6 +569,8 @@ async fn serve_api_until_signal(
 struct Wiring<'a> {
     config: &'a Config,
     client: &'a async_nats::Client,
+    /// The connection the server does not echo to (`broker::Connection::telemetry`).
+    telemetry: &'a async_nats::Client,
     js: &'a jetstream::Context,
     subjects: &'a fleet_worker::Subjects,
     supervisor: &'a Supervisor,
@@ -675,10 +699,9 @@ async fn start_policy(
 
 /// The telemetry receivers (OTLP gRPC and HTTP, NATS) behind one ingestor (handing trace
 /// exports to the keeper through `traces`), the NATS connection watch and the queue-depth
-/// poll. `telemetry_client` is the connection the server does not echo to (`broker::Connection`).
+/// poll.
 async fn start_telemetry(
     w: &Wiring<'_>,
-    telemetry_client: &async_nats::Client,
     traces: Option<crate::ingest::TraceTap>,
     metrics: &Arc<Metrics>,
     fleet: &fleet::FleetHandle,
@@ -726,7 +749,7 @@ async fn start_telemetry(
     }
     if t.nats {
         let (c, sub, ing, stop) = (
-            telemetry_client.clone(),
+            w.telemetry.clone(),
             subjects.clone(),
             ingestor.clone(),
             stop_rx.clone(),
