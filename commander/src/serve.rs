@@ -1007,11 +1007,18 @@ async fn sweep_store(
         }
         let cutoff = std::time::SystemTime::now() - retention;
         loop {
-            match store.sweep(cutoff, 10_000) {
-                Ok(0) => break,
-                Ok(n) => tracing::info!(removed = n, "swept finished tasks past retention"),
-                Err(e) => {
+            // Off the async workers: a sweep that empties the task log's oldest segment
+            // may read it whole and sync the log.
+            let sweeping = store.clone();
+            match tokio::task::spawn_blocking(move || sweeping.sweep(cutoff, 10_000)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => tracing::info!(removed = n, "swept finished tasks past retention"),
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "store sweep failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store sweep did not run");
                     break;
                 }
             }

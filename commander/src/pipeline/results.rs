@@ -27,16 +27,6 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 (msg, result)
             })
             .collect();
-        // Every result ends its task (or finds it ended): one retention entry for the
-        // batch, written before the records (see `Store::index_finishing`).
-        let ids: Vec<&str> = read
-            .iter()
-            .filter_map(|(_, r)| r.as_ref().map(|r| r.task_id.as_str()))
-            .collect();
-        if let Err(e) = ctx.core.store.index_finishing(&ids) {
-            tracing::error!(error = %e, "retention index not written; leaving the results for redelivery");
-            return;
-        }
         let mut recorded = Vec::with_capacity(read.len());
         for (msg, result) in read {
             let Some(result) = result else {
@@ -136,7 +126,7 @@ fn record_one(
     let rec = ctx
         .core
         .store
-        .update_indexed(
+        .update(
             id,
             || TaskRecord::new(id, 0),
             |r| {

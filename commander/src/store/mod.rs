@@ -13,6 +13,7 @@ use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3
 use serde::{Deserialize, Serialize};
 
 pub mod codec;
+pub mod log;
 pub mod lz4;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
     #[error("store flush did not run: {0}")]
     Flush(String),
+    #[error("task log: {0}")]
+    Io(String),
 }
 
 /// Where a task is.
@@ -220,26 +223,14 @@ impl TaskRecord {
     }
 }
 
-/// The sled database and its trees.
+/// The task log and the sled database beside it.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: sled::Db,
-    /// Task records in the order they were first written: [`record_key`] (a record number
-    /// from sled's `generate_id`, big-endian, then the task id) → the record. Producers'
-    /// ids are random, and a tree keyed by them takes every write at a random leaf, so
-    /// all of it stays hot and each write cost more as it grew (`bench dispatch
-    /// --random-ids`: 84 → 144 µs of commander CPU per task over a million tasks, keyed
-    /// by id). In creation order, the writes of a running commander land in the last few
-    /// leaves whatever the ids are.
-    tasks: sled::Tree,
-    /// Task id → record number, for every record in `tasks`: rebuilt from their keys when
-    /// the store opens (kept in memory, bounded by the records retention keeps).
-    index: std::sync::Arc<dashmap::DashMap<Box<str>, u64>>,
-    /// Retention index, in time order: (finish time in ms, big-endian) ++ task id → ()
-    /// for a task indexed by its own update, or (time in ms) ++ `0x00` ++ a unique id →
-    /// a page naming every task of a results batch (see [`Store::index_finishing`]). Lets
-    /// the sweeper find old finished tasks without reading every record.
-    finished: sled::Tree,
+    /// Task records ([`log`]): appended, never rewritten in place, with an index in
+    /// memory. They lived in sled trees until December 2026 and are moved out at open
+    /// ([`Store::move_records_out_of_sled`]).
+    tasks: std::sync::Arc<log::TaskLog>,
     flushes: std::sync::Arc<Flushes>,
 }
 
@@ -260,6 +251,9 @@ struct Flushes {
     done: std::sync::atomic::AtomicU64,
 }
 
+/// The task log's folder in the store's directory.
+pub const TASK_LOG_DIR: &str = "task_log";
+
 impl Store {
     /// Opens with sled's default cache (1 GiB).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -268,324 +262,150 @@ impl Store {
 
     /// Opens with a page cache of `cache_bytes` (`store.cache_mib`).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        // sled first: it locks its directory, so a second commander on the same store
+        // stops here, before it could touch the task log.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            // sled's default (LowSpace) rewrites pages eagerly to save disk; the task path
-            // is write-heavy and retention bounds the size, so write throughput wins.
+            // sled's default (LowSpace) rewrites pages eagerly to save disk; its trees
+            // (decisions, traces) are write-heavy and retention bounds the size, so write
+            // throughput wins.
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000))
             .open()?;
-        let tasks = db.open_tree(RECORDS_TREE)?;
-        let finished = db.open_tree("finished")?;
+        let (tasks, opened) = log::TaskLog::open(&dir.join(TASK_LOG_DIR))?;
+        tracing::info!(
+            segments = opened.segments,
+            records = opened.records,
+            truncated_bytes = opened.truncated,
+            damaged_segments = opened.damaged,
+            "task log opened"
+        );
         let store = Self {
             db,
-            tasks,
-            index: Default::default(),
-            finished,
+            tasks: std::sync::Arc::new(tasks),
             flushes: Default::default(),
         };
-        store.load_index()?;
-        store.migrate_by_id()?;
+        store.move_records_out_of_sled()?;
         Ok(store)
     }
 
-    /// Fills the id index from the records' keys (values are not read). Two records of
-    /// one id (a result racing the sweep that removed its task) keep the later one.
-    fn load_index(&self) -> Result<(), StoreError> {
-        for key in self.tasks.iter().keys() {
-            let key = key?;
-            let Some((n, id)) = split_record_key(&key) else {
-                tracing::warn!(key = %crate::domain::hex(&key), "a task record key that is not one; skipped");
-                continue;
-            };
-            if let Some(before) = self.index.insert(id.into(), n) {
-                // Keys come in record-number order: the earlier one goes.
-                tracing::warn!(task_id = id, "two records of one task; keeping the later");
-                self.tasks.remove(record_key(before, id))?;
-            }
+    /// Moves task records from the sled trees of older layouts into the task log, then
+    /// drops those trees: `task_records` (keyed by record number, until December 2026),
+    /// `tasks` (keyed by task id, before that) and `finished` (their retention index; the
+    /// log's comes from the records). Idempotent: a move cut short by a crash left the
+    /// trees in place, and a record already in the log is not moved again (nothing
+    /// updates records before this has run).
+    fn move_records_out_of_sled(&self) -> Result<(), StoreError> {
+        let names = self.db.tree_names();
+        let has = |name: &str| names.iter().any(|n| n.as_ref() == name.as_bytes());
+        if !has(RECORDS_TREE) && !has(OLD_RECORDS_TREE) && !has(OLD_FINISHED_TREE) {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// Moves records from the tree keyed by task id (the layout before December 2026) to
-    /// [`RECORDS_TREE`], then drops it. Idempotent: sled makes writes durable in the order
-    /// they were made, so after a crash a record is in the new tree (and maybe still in
-    /// the old one, which then just goes) or only in the old one.
-    fn migrate_by_id(&self) -> Result<(), StoreError> {
-        let old = self.db.open_tree(OLD_RECORDS_TREE)?;
+        let now_ms = unix_millis(SystemTime::now());
         let mut moved = 0u64;
-        for entry in old.iter() {
-            let (id, value) = entry?;
-            match std::str::from_utf8(&id) {
-                Ok(id) if !self.index.contains_key(id) => {
-                    let n = self.db.generate_id()?;
-                    self.tasks.insert(record_key(n, id), value)?;
-                    self.index.insert(id.into(), n);
-                    moved += 1;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    tracing::warn!(key = %crate::domain::hex(&id), "a task record whose id is not UTF-8; dropped")
+        // Newest first: of two records of one task (a result that raced the sweep), the
+        // later is the one kept; `task_records` was written after `tasks`.
+        if has(RECORDS_TREE) {
+            for entry in self.db.open_tree(RECORDS_TREE)?.iter().rev() {
+                let (key, value) = entry?;
+                let Some((_, id)) = split_record_key(&key) else {
+                    tracing::warn!(key = %crate::domain::hex(&key), "a task record key that is not one; dropped");
+                    continue;
+                };
+                moved += u64::from(self.move_record(id, &value, now_ms)?);
+            }
+        }
+        if has(OLD_RECORDS_TREE) {
+            for entry in self.db.open_tree(OLD_RECORDS_TREE)?.iter() {
+                let (id, value) = entry?;
+                match std::str::from_utf8(&id) {
+                    Ok(id) => moved += u64::from(self.move_record(id, &value, now_ms)?),
+                    Err(_) => {
+                        tracing::warn!(key = %crate::domain::hex(&id), "a task record whose id is not UTF-8; dropped")
+                    }
                 }
             }
-            old.remove(&id)?;
         }
-        self.db.drop_tree(OLD_RECORDS_TREE)?;
-        if moved > 0 {
-            tracing::info!(
-                moved,
-                "task records moved to creation-ordered keys (the store's layout before December 2026)"
-            );
+        self.tasks.sort_finished();
+        // Durable in the log before the trees go.
+        self.tasks.sync()?;
+        for name in [RECORDS_TREE, OLD_RECORDS_TREE, OLD_FINISHED_TREE] {
+            self.db.drop_tree(name)?;
         }
+        self.db.flush()?;
+        tracing::info!(
+            moved,
+            "task records moved from sled to the task log (the store's layout before December 2026)"
+        );
         Ok(())
     }
 
-    /// The record number of a task id that has a record.
-    fn number_of(&self, id: &str) -> Option<u64> {
-        self.index.get(id).map(|n| *n)
-    }
-
-    /// The record number of a task id, a new one if it has none yet; `true` when this
-    /// call numbered it.
-    fn number_for(&self, id: &str) -> Result<(u64, bool), StoreError> {
-        if let Some(n) = self.number_of(id) {
-            return Ok((n, false));
+    /// Moves one record from a sled tree into the log (in format 2 when it decodes, as
+    /// it was when it does not); `false` when the log has the task already.
+    fn move_record(&self, id: &str, value: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+        if self.tasks.contains(id) {
+            return Ok(false);
         }
-        let fresh = self.db.generate_id()?;
-        // Another writer may have numbered it since: theirs stands.
-        let n = *self.index.entry(id.into()).or_insert(fresh);
-        Ok((n, n == fresh))
+        let (bytes, finished_ms) = match codec::decode(value) {
+            Ok(rec) => {
+                let finished_ms = finished_ms_of(&rec, now_ms);
+                match codec::encode(&rec) {
+                    Ok(bytes) => (bytes, finished_ms),
+                    Err(_) => (value.to_vec(), finished_ms),
+                }
+            }
+            Err(e) => {
+                // Kept as it is, so an operator can still see what was there; `get`
+                // reports it as corrupt.
+                tracing::warn!(task_id = id, reason = %e, "moving a task record that does not decode");
+                (value.to_vec(), 0)
+            }
+        };
+        self.tasks.put_raw(id, finished_ms, &bytes)?;
+        Ok(true)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
-        let Some(n) = self.number_of(id) else {
-            return Ok(None);
-        };
-        match self.tasks.get(record_key(n, id))? {
+        match self.tasks.get_bytes(id)? {
             None => Ok(None),
             Some(bytes) => decode(id, &bytes).map(Some),
         }
     }
 
-    /// Atomically updates (or creates) a task record. `f` may run more than once under
-    /// contention, so it must be a pure function of the record it is given. The update
-    /// that makes the task terminal also names it in the retention index.
+    /// Atomically updates (or creates) a task record: `f` runs on the latest record (or on
+    /// `create()`, when there is none), and what it leaves is written. The update that
+    /// makes the task terminal starts its retention period.
     pub fn update(
         &self,
         id: &str,
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
-        let (n, _) = self.number_for(id)?;
-        self.update_with(id, n, create, f, Index::OnFinish)
+        let now_ms = unix_millis(SystemTime::now());
+        Ok(self.tasks.update(id, now_ms, create, f)?.0)
     }
 
     /// [`Store::update`] for a record that is most likely not there yet (a task's first
-    /// dispatch): it is written only if the id is still absent, which saves the read and
-    /// decode of the old value that `update_and_fetch` starts with. When a record is there
-    /// after all (a result that overtook its dispatch, a task released from the deferred
-    /// queue), this is [`Store::update`].
+    /// dispatch). The log reads nothing for an absent id either way, so this is
+    /// [`Store::update`]; the name says what the caller expects.
     pub fn create_or_update(
         &self,
         id: &str,
         create: impl Fn() -> TaskRecord,
         f: impl Fn(&mut TaskRecord),
     ) -> Result<TaskRecord, StoreError> {
-        let (n, fresh) = self.number_for(id)?;
-        if fresh && let Some(rec) = self.create_absent(id, n, &create, &f)? {
-            return Ok(rec);
-        }
-        self.update_with(id, n, create, f, Index::OnFinish)
+        self.update(id, create, f)
     }
 
-    /// Writes the record `f` makes of `create()` under number `n` if no record is there;
-    /// `None` when one is (another writer found the number since).
-    fn create_absent(
-        &self,
-        id: &str,
-        n: u64,
-        create: impl Fn() -> TaskRecord,
-        f: impl Fn(&mut TaskRecord),
-    ) -> Result<Option<TaskRecord>, StoreError> {
-        let mut rec = create();
-        f(&mut rec);
-        let bytes = codec::encode(&rec).map_err(|e| StoreError::Corrupt {
-            id: id.to_string(),
-            reason: format!("record did not encode: {e}"),
-        })?;
-        let absent = self
-            .tasks
-            .compare_and_swap(record_key(n, id), None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
-        if !absent {
-            return Ok(None);
-        }
-        if rec.state.is_terminal() {
-            self.index_finished(id)?;
-        }
-        Ok(Some(rec))
-    }
-
-    /// [`Store::update`] for a task already named in the retention index by
-    /// [`Store::index_finishing`]: the update does not index it again.
-    pub fn update_indexed(
-        &self,
-        id: &str,
-        create: impl Fn() -> TaskRecord,
-        f: impl Fn(&mut TaskRecord),
-    ) -> Result<TaskRecord, StoreError> {
-        let (n, _) = self.number_for(id)?;
-        self.update_with(id, n, create, f, Index::Already)
-    }
-
-    /// Names every task in `ids` in the retention index under the time now, with one write
-    /// for all of them (or a few, each at most [`PAGE_BYTES`]): a batch of results, each
-    /// of which will make its task terminal (through [`Store::update_indexed`]). One sled
-    /// write costs about the same whatever it holds, and an entry per task was a fifth of
-    /// a result's store work.
-    ///
-    /// Written *before* those updates, so a record can never be terminal on disk without
-    /// an entry (sled flushes in the background too; an entry written after could be lost
-    /// in a crash, and the redelivered result would find the task terminal already and
-    /// index nothing). The sweep removes only the named records that are terminal.
-    pub fn index_finishing(&self, ids: &[&str]) -> Result<(), StoreError> {
-        let at_ms = unix_millis(SystemTime::now());
-        let mut rest = ids;
-        while !rest.is_empty() {
-            // As many ids as fit PAGE_BYTES (an id is at most 128 bytes, plus postcard's
-            // length prefix), at least one.
-            let mut bytes = 0;
-            let fit = rest
-                .iter()
-                .take_while(|id| {
-                    bytes += id.len() + 2;
-                    bytes <= PAGE_BYTES
-                })
-                .count()
-                .max(1);
-            // `fit` is at most `rest.len()`: a count of its items, or 1 of a non-empty slice.
-            let (page_ids, later) = rest.split_at(fit);
-            rest = later;
-            let page = postcard::to_extend(page_ids, vec![FINISHED_PAGE_V1]).map_err(|e| {
-                StoreError::Corrupt {
-                    id: page_ids.first().copied().unwrap_or_default().to_string(),
-                    reason: format!("retention page did not encode: {e}"),
-                }
-            })?;
-            self.finished.insert(self.page_key(at_ms)?, page)?;
-        }
-        Ok(())
-    }
-
-    /// Updates (or creates) the record of `id`, numbered `n`.
-    fn update_with(
-        &self,
-        id: &str,
-        n: u64,
-        create: impl Fn() -> TaskRecord,
-        f: impl Fn(&mut TaskRecord),
-        index: Index,
-    ) -> Result<TaskRecord, StoreError> {
-        let mut last_err = None;
-        // Set by the closure's last run (the one whose result was stored): whether this
-        // update made the task terminal, and the record it wrote (returned as is rather
-        // than decoded again from the stored bytes).
-        let became_terminal = std::cell::Cell::new(false);
-        let written: std::cell::RefCell<Option<TaskRecord>> = std::cell::RefCell::new(None);
-        self.tasks.update_and_fetch(record_key(n, id), |old| {
-            let mut rec = match old.map(codec::decode) {
-                Some(Ok(r)) => r,
-                Some(Err(e)) => {
-                    last_err = Some(e.to_string());
-                    create()
-                }
-                None => create(),
-            };
-            let was_terminal = rec.state.is_terminal();
-            f(&mut rec);
-            became_terminal.set(!was_terminal && rec.state.is_terminal());
-            // Returning None would delete the key: on an (impossible) encode failure keep the
-            // old bytes rather than lose the record.
-            match codec::encode(&rec) {
-                Ok(bytes) => {
-                    *written.borrow_mut() = Some(rec);
-                    Some(bytes)
-                }
-                Err(_) => {
-                    *written.borrow_mut() = None;
-                    old.map(<[u8]>::to_vec)
-                }
-            }
-        })?;
-        if let Some(reason) = last_err {
-            tracing::warn!(task_id = id, reason, "replaced an undecodable task record");
-        }
-        if became_terminal.get() && index == Index::OnFinish {
-            self.index_finished(id)?;
-        }
-        match written.into_inner() {
-            Some(rec) => Ok(rec),
-            None => Err(StoreError::Corrupt {
-                id: id.to_string(),
-                reason: "record did not encode".into(),
-            }),
-        }
-    }
-
-    /// Names a task that just became terminal in the retention index, under the time now.
-    fn index_finished(&self, id: &str) -> Result<(), StoreError> {
-        self.finished
-            .insert(finished_key(unix_millis(SystemTime::now()), id), &[])?;
-        Ok(())
-    }
-
-    /// Deletes tasks that finished before `cutoff`; returns how many went. Stops once
-    /// `limit` have gone (a batch's page of the index is taken whole, so by up to one
-    /// page more). Tasks still in flight are never swept: a record a page names is removed
-    /// only when it is terminal (a crash between the page and the update leaves it in
-    /// flight; its redelivered result indexes it again).
+    /// Deletes tasks that finished before `cutoff`, at most `limit` of them; returns how
+    /// many went. Tasks still in flight are never swept.
     pub fn sweep(&self, cutoff: SystemTime, limit: usize) -> Result<usize, StoreError> {
-        let end = unix_millis(cutoff).to_be_bytes();
-        let mut removed = 0;
-        for entry in self.finished.range(..end.as_slice()) {
-            if removed >= limit {
-                break;
-            }
-            let (key, value) = entry?;
-            for id in indexed_ids(&key, &value) {
-                if self.remove_if_terminal(id)? {
-                    removed += 1;
-                }
-            }
-            self.finished.remove(key)?;
-        }
-        Ok(removed)
+        self.tasks.sweep(unix_millis(cutoff), limit)
     }
 
-    /// Removes a task's record if it is terminal; `true` when one went. A record that
-    /// does not decode is removed too: it was indexed as finished, and cannot be read.
-    fn remove_if_terminal(&self, id: &[u8]) -> Result<bool, StoreError> {
-        let Some((id, n)) = std::str::from_utf8(id)
-            .ok()
-            .and_then(|id| Some((id, self.number_of(id)?)))
-        else {
-            return Ok(false);
-        };
-        let key = record_key(n, id);
-        let Some(bytes) = self.tasks.get(&key)? else {
-            return Ok(false);
-        };
-        let terminal = codec::decode(&bytes).map_or(true, |r| r.state.is_terminal());
-        if terminal {
-            // The id first: a write that comes after numbers a new record.
-            self.index.remove_if(id, |_, v| *v == n);
-            self.tasks.remove(key)?;
-        }
-        Ok(terminal)
-    }
-
-    /// Makes everything written so far durable (see [`Flushes`]).
+    /// Makes everything written so far durable, the task log and sled's trees (see
+    /// [`Flushes`]).
     pub async fn flush(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         let f = &self.flushes;
@@ -596,15 +416,24 @@ impl Store {
             return Ok(());
         }
         let n = f.started.fetch_add(1, SeqCst) + 1;
-        let db = self.db.clone();
+        let (db, tasks) = (self.db.clone(), self.tasks.clone());
         match tokio::runtime::Handle::try_current() {
+            // Both at once, each on a thread of tokio's blocking pool: a batch waits for
+            // the slower of the two syncs, not their sum.
             Ok(rt) => {
-                rt.spawn_blocking(move || db.flush())
-                    .await
-                    .map_err(|e| StoreError::Flush(e.to_string()))??;
+                let (log, sled) = tokio::join!(
+                    rt.spawn_blocking(move || tasks.sync()),
+                    rt.spawn_blocking(move || db.flush().map_err(StoreError::from)),
+                );
+                let joined = |r: Result<Result<_, StoreError>, tokio::task::JoinError>| {
+                    r.map_err(|e| StoreError::Flush(e.to_string()))?
+                };
+                joined(log)?;
+                joined(sled.map(|r| r.map(drop)))?;
             }
             // Outside a runtime (tests driving the store by hand): flush right here.
             Err(_) => {
+                tasks.sync()?;
                 db.flush()?;
             }
         }
@@ -618,10 +447,10 @@ impl Store {
     }
 
     /// The key of a page of entries written at `at_ms` in a time-ordered tree (the
-    /// retention index, the decision log): `at_ms` (big-endian) ++ [`PAGE_MARK`] ++ a
-    /// number sled never hands out twice, across restarts (`generate_id`, increasing, so
-    /// the pages of one millisecond keep the order they were written in). A per-entry key
-    /// in the same tree is `at_ms ++ task id`, and a task id never starts with the mark.
+    /// decision log): `at_ms` (big-endian) ++ [`PAGE_MARK`] ++ a number sled never hands
+    /// out twice, across restarts (`generate_id`, increasing, so the pages of one
+    /// millisecond keep the order they were written in). A per-entry key in the same tree
+    /// is `at_ms ++ task id`, and a task id never starts with the mark.
     pub fn page_key(&self, at_ms: u64) -> Result<Vec<u8>, StoreError> {
         let mut k = Vec::with_capacity(PAGE_KEY_LEN + 1);
         k.extend_from_slice(&at_ms.to_be_bytes());
@@ -638,27 +467,22 @@ impl Store {
 
     /// Task records held (constant time: the index's size).
     pub fn task_count(&self) -> usize {
-        self.index.len()
+        self.tasks.records()
     }
 }
 
-/// Whether an update names a task that became terminal in the retention index itself.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Index {
-    OnFinish,
-    /// The caller wrote a page naming it first ([`Store::index_finishing`]).
-    Already,
-}
-
-/// The tree of task records, keyed by [`record_key`].
+/// The sled tree of task records keyed by [`record_key`] (December 2026, moved to the
+/// task log at open).
 const RECORDS_TREE: &str = "task_records";
 
-/// The tree that held task records keyed by their id until December 2026 (migrated at
-/// open by [`Store::migrate_by_id`]).
+/// The sled tree that held task records keyed by their id until December 2026.
 const OLD_RECORDS_TREE: &str = "tasks";
 
-/// A task record's key: its record number (big-endian, so records sort in the order
-/// they were first written) then its id.
+/// The sled tree that indexed those records for retention.
+const OLD_FINISHED_TREE: &str = "finished";
+
+/// A task record's key in [`RECORDS_TREE`]: its record number (big-endian) then its id.
+#[cfg(test)]
 fn record_key(n: u64, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + id.len());
     k.extend_from_slice(&n.to_be_bytes());
@@ -666,7 +490,7 @@ fn record_key(n: u64, id: &str) -> Vec<u8> {
     k
 }
 
-/// The record number and task id of a [`record_key`].
+/// The record number and task id of a key in [`RECORDS_TREE`].
 fn split_record_key(key: &[u8]) -> Option<(u64, &str)> {
     let (n, id) = key.split_first_chunk::<8>()?;
     Some((u64::from_be_bytes(*n), std::str::from_utf8(id).ok()?))
@@ -679,45 +503,28 @@ pub const PAGE_MARK: u8 = 0;
 /// Bytes of [`Store::page_key`]: `at_ms` 8, mark 1, unique id 8.
 pub const PAGE_KEY_LEN: usize = 17;
 
-/// Most bytes a page of a time-ordered tree (the retention index, the decision log) may
-/// take. sled splits a leaf at 17 entries and writes a node over 128 KiB (a quarter of
-/// its 512 KiB segment) to a file of its own, created, written and later deleted on every
-/// rewrite of that leaf: 17 pages of 7 KiB stay under it. Uncompressed pages of 32
-/// decisions (~25 KB) made every leaf of the decision log such a file, about 6 % of the
-/// commander's CPU in `bench dispatch`, most of it creating files.
+/// Most bytes a page of a time-ordered tree (the decision log) may take. sled splits a
+/// leaf at 17 entries and writes a node over 128 KiB (a quarter of its 512 KiB segment)
+/// to a file of its own, created, written and later deleted on every rewrite of that
+/// leaf: 17 pages of 7 KiB stay under it. Uncompressed pages of 32 decisions (~25 KB)
+/// made every leaf of the decision log such a file, about 6 % of the commander's CPU in
+/// `bench dispatch`, most of it creating files.
 pub const PAGE_BYTES: usize = 7 * 1024;
 
-/// First byte of a retention page: format 1, then postcard of the task ids.
-const FINISHED_PAGE_V1: u8 = 1;
-
-/// The task ids a retention entry names: the one in its key (a per-task entry, empty
-/// value), or every id of its page. A page that does not decode names none (logged): its
-/// tasks stay until removed some other way, rather than guessing.
-fn indexed_ids<'a>(key: &'a [u8], value: &'a [u8]) -> Vec<&'a [u8]> {
-    if value.is_empty() {
-        return key.get(8..).into_iter().collect();
+/// When a record moved in from sled finished: the time of its last change to a terminal
+/// state, `now_ms` when that does not parse (retention then counts from the move); 0 for
+/// a task not terminal.
+fn finished_ms_of(rec: &TaskRecord, now_ms: u64) -> u64 {
+    if !rec.state.is_terminal() {
+        return 0;
     }
-    let page = match value.split_first() {
-        Some((&FINISHED_PAGE_V1, body)) => postcard::from_bytes::<Vec<&str>>(body).ok(),
-        _ => None,
-    };
-    match page {
-        Some(ids) => ids.into_iter().map(str::as_bytes).collect(),
-        None => {
-            tracing::warn!(
-                bytes = value.len(),
-                "a retention page does not decode; its tasks are not swept"
-            );
-            Vec::new()
-        }
-    }
-}
-
-fn finished_key(at_ms: u64, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + id.len());
-    k.extend_from_slice(&at_ms.to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
+    rec.history
+        .iter()
+        .rev()
+        .find(|c| c.state.is_terminal())
+        .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())
+        .map_or(now_ms, unix_millis)
+        .max(1)
 }
 
 fn unix_millis(t: SystemTime) -> u64 {
@@ -804,97 +611,6 @@ mod tests {
         assert_eq!(store.task_count(), 1);
     }
 
-    /// A results batch names its tasks in one page before recording them; the sweep
-    /// removes the terminal ones it names, keeps one whose update never happened (a crash
-    /// between page and update), and reads per-task entries beside pages.
-    #[test]
-    fn a_page_of_the_retention_index_sweeps_the_finished_tasks_it_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let ok = ok_result();
-        let ids: Vec<String> = (0..300).map(|i| format!("paged-{i}")).collect();
-        for id in ids
-            .iter()
-            .chain(["crashed".to_string(), "alone".to_string()].iter())
-        {
-            store
-                .update(
-                    id,
-                    || TaskRecord::new(id, 1),
-                    |r| r.advance(TaskState::Dispatched),
-                )
-                .unwrap();
-        }
-        let mut named: Vec<&str> = ids.iter().map(String::as_str).collect();
-        named.push("crashed");
-        store.index_finishing(&named).unwrap();
-        for id in &ids {
-            store
-                .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
-                .unwrap();
-        }
-        // Indexed on its own, the way every other path finishes a task.
-        store
-            .update("alone", || TaskRecord::new("alone", 1), |r| r.finish(&ok))
-            .unwrap();
-        assert_eq!(store.finished.len(), 2, "one page and one per-task entry");
-
-        let past = SystemTime::now() - Duration::from_secs(3600);
-        assert_eq!(store.sweep(past, 1_000).unwrap(), 0);
-        let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 1_000).unwrap(), 301);
-        assert_eq!(store.finished.len(), 0);
-        assert!(ids.iter().all(|id| store.get(id).unwrap().is_none()));
-        assert!(store.get("alone").unwrap().is_none());
-        let kept = store.get("crashed").unwrap().expect("in flight, so kept");
-        assert_eq!(kept.state, TaskState::Dispatched);
-        assert_eq!(store.task_count(), 1);
-    }
-
-    #[test]
-    fn long_task_ids_are_indexed_in_several_pages_that_each_fit_a_leaf() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let ok = ok_result();
-        // The longest ids a task may have (128 bytes), a full results batch of them.
-        let ids: Vec<String> = (0..256).map(|i| format!("{i:0>128}")).collect();
-        let named: Vec<&str> = ids.iter().map(String::as_str).collect();
-        store.index_finishing(&named).unwrap();
-        for id in &ids {
-            store
-                .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
-                .unwrap();
-        }
-        let pages: Vec<_> = store.finished.iter().map(|e| e.unwrap().1).collect();
-        assert!(pages.len() > 1, "{} pages", pages.len());
-        assert!(pages.iter().all(|p| p.len() <= PAGE_BYTES));
-        let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 1_000).unwrap(), 256);
-        assert_eq!(store.task_count(), 0);
-    }
-
-    #[test]
-    fn an_empty_batch_writes_no_page_and_a_page_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store.index_finishing(&[]).unwrap();
-            assert_eq!(store.finished.len(), 0);
-            let ok = ok_result();
-            store.index_finishing(&["a", "b"]).unwrap();
-            for id in ["a", "b"] {
-                store
-                    .update_indexed(id, || TaskRecord::new(id, 1), |r| r.finish(&ok))
-                    .unwrap();
-            }
-            futures::executor::block_on(store.flush()).unwrap();
-        }
-        let store = Store::reopen(dir.path());
-        let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 1).unwrap(), 2, "a page goes whole");
-        assert_eq!(store.task_count(), 0);
-    }
-
     #[test]
     fn state_never_moves_backwards_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -974,12 +690,12 @@ mod tests {
         assert!(store.get("new").unwrap().is_some(), "in flight: kept");
     }
 
-    /// A store in the layout before December 2026 (records keyed by task id, in the tree
-    /// `tasks`) opens with every record moved to creation-ordered keys and the old tree
-    /// gone; a move cut short by a crash (a record already in both trees) is finished,
-    /// and reopening again changes nothing.
+    /// A store in the layouts before the task log (records in sled, keyed by task id in
+    /// `tasks` or by record number in `task_records`) opens with every record moved to
+    /// the log and the trees gone; a move cut short by a crash (records in the log and
+    /// the trees both) is finished, and reopening again changes nothing.
     #[test]
-    fn records_keyed_by_task_id_are_moved_to_record_numbers_at_open() {
+    fn records_in_sled_trees_are_moved_to_the_task_log_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let written: Vec<TaskRecord> = (0..300)
             .map(|i| {
@@ -988,92 +704,127 @@ mod tests {
                 rec
             })
             .collect();
+        let (by_id, numbered) = written.split_at(150);
         {
             let db = sled::open(dir.path()).unwrap();
             let old = db.open_tree(OLD_RECORDS_TREE).unwrap();
-            for rec in &written {
+            for rec in by_id {
                 old.insert(rec.id.as_bytes(), codec::encode(rec).unwrap())
                     .unwrap();
             }
-            // Moved already, then the crash: in both trees.
             let new = db.open_tree(RECORDS_TREE).unwrap();
-            let first = &written[0];
-            new.insert(record_key(7, &first.id), codec::encode(first).unwrap())
+            for (n, rec) in numbered.iter().enumerate() {
+                new.insert(record_key(n as u64, &rec.id), codec::encode(rec).unwrap())
+                    .unwrap();
+            }
+            // Two records of one task: the later (higher number) is the one kept.
+            let mut stale = numbered[0].clone();
+            stale.attempt = 999;
+            new.insert(record_key(0, &stale.id), codec::encode(&stale).unwrap())
+                .unwrap();
+            new.insert(
+                record_key(1_000, &numbered[0].id),
+                codec::encode(&numbered[0]).unwrap(),
+            )
+            .unwrap();
+            db.open_tree(OLD_FINISHED_TREE)
+                .unwrap()
+                .insert(b"x", &[])
                 .unwrap();
             db.flush().unwrap();
+            // Moved already, then the crash: in the log and in a tree.
+            let (log, _) = log::TaskLog::open(&dir.path().join(TASK_LOG_DIR)).unwrap();
+            log.put_raw(&by_id[0].id, 0, &codec::encode(&by_id[0]).unwrap())
+                .unwrap();
+            log.sync().unwrap();
         }
         for _ in 0..2 {
             let store = Store::reopen(dir.path());
             assert_eq!(store.task_count(), 300);
-            assert_eq!(store.tasks.len(), 300, "one record per task");
             for rec in &written {
                 assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
             }
-            assert_eq!(
-                store.number_of(&written[0].id),
-                Some(7),
-                "the moved one kept"
-            );
-            assert!(
-                !store
-                    .db
-                    .tree_names()
-                    .iter()
-                    .any(|n| n.as_ref() == OLD_RECORDS_TREE.as_bytes()),
-                "the old tree is dropped"
-            );
+            let trees = store.db.tree_names();
+            for gone in [OLD_RECORDS_TREE, RECORDS_TREE, OLD_FINISHED_TREE] {
+                assert!(
+                    !trees.iter().any(|n| n.as_ref() == gone.as_bytes()),
+                    "{gone} is dropped"
+                );
+            }
             futures::executor::block_on(store.flush()).unwrap();
         }
     }
 
-    /// New records are keyed in the order they are first written, whatever their ids,
-    /// and the index comes back from the keys alone at reopen.
+    /// A terminal record moved in from sled keeps its retention period from when it
+    /// finished (its history), not from the move.
     #[test]
-    fn records_are_keyed_in_creation_order_and_the_index_survives_reopen() {
+    fn a_record_moved_from_sled_is_swept_by_when_it_finished() {
         let dir = tempfile::tempdir().unwrap();
-        let ids: Vec<String> = (0..200u64)
-            .map(|i| format!("{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-            .collect();
+        let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree(RECORDS_TREE).unwrap();
+            for (n, id) in ["old-done", "old-running"].into_iter().enumerate() {
+                let mut rec = TaskRecord::new(id, 1);
+                let at = humantime::format_rfc3339_millis(day_ago).to_string();
+                rec.advance_at(TaskState::Dispatched, at.clone());
+                if id == "old-done" {
+                    rec.advance_at(TaskState::Completed, at);
+                }
+                tree.insert(record_key(n as u64, id), codec::encode(&rec).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(store.sweep(hour_ago, 100).unwrap(), 1);
+        assert!(store.get("old-done").unwrap().is_none());
+        assert!(store.get("old-running").unwrap().is_some());
+    }
+
+    /// Records and removals survive a reopen, and retention goes on from where it was.
+    #[test]
+    fn records_and_retention_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = ok_result();
         {
             let store = Store::open(dir.path()).unwrap();
-            for (i, id) in ids.iter().enumerate() {
+            for i in 0..200 {
+                let id = format!("t{i}");
                 store
                     .create_or_update(
-                        id,
-                        || TaskRecord::new(id, i as u64),
+                        &id,
+                        || TaskRecord::new(&id, i),
                         |r| r.advance(TaskState::Dispatched),
                     )
                     .unwrap();
+                if i % 2 == 0 {
+                    store
+                        .update(&id, || unreachable!(), |r| r.finish(&ok))
+                        .unwrap();
+                }
             }
-            let in_key_order: Vec<String> = store
-                .tasks
-                .iter()
-                .keys()
-                .map(|k| split_record_key(&k.unwrap()).unwrap().1.to_string())
-                .collect();
-            assert_eq!(in_key_order, ids, "creation order, not id order");
+            // Half the finished ones swept before the restart.
+            let future = SystemTime::now() + Duration::from_secs(1);
+            assert_eq!(store.sweep(future, 50).unwrap(), 50);
             futures::executor::block_on(store.flush()).unwrap();
         }
         let store = Store::reopen(dir.path());
-        assert_eq!(store.task_count(), 200);
-        for (i, id) in ids.iter().enumerate() {
-            let rec = store.get(id).unwrap().unwrap();
-            assert_eq!(
-                (rec.intake_sequence, rec.state),
-                (i as u64, TaskState::Dispatched)
-            );
+        assert_eq!(store.task_count(), 150, "the sweep's removals held");
+        for i in (1..200).step_by(2) {
+            let rec = store.get(&format!("t{i}")).unwrap().unwrap();
+            assert_eq!((rec.intake_sequence, rec.state), (i, TaskState::Dispatched));
         }
-        // A new task after the reopen is numbered after all of them.
-        store
-            .create_or_update("after", || TaskRecord::new("after", 0), |_| {})
-            .unwrap();
-        let last = store.tasks.iter().keys().next_back().unwrap().unwrap();
-        assert_eq!(split_record_key(&last).unwrap().1, "after");
+        let future = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(future, 1_000).unwrap(), 50);
+        assert_eq!(store.task_count(), 100);
     }
 
     /// A store written by the previous format (format 1: every record JSON, as
-    /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19) opens, and every record
-    /// reads back whole; an update writes format 2; retention still finds them.
+    /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19, in sled) opens with
+    /// every record moved to the task log in format 2 and reading back whole; updates
+    /// work on them, and retention finds every terminal one.
     #[test]
     fn a_store_written_in_the_json_format_is_read_and_migrated() {
         let dir = tempfile::tempdir().unwrap();
@@ -1100,13 +851,11 @@ mod tests {
         for rec in &written {
             assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
         }
-        let raw = |id: &str| {
-            let key = record_key(store.number_of(id).unwrap(), id);
-            store.tasks.get(key).unwrap().unwrap()
-        };
+        let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::Json
+            codec::Format::V2,
+            "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
         ok.status = ResultStatus::Ok;
@@ -1118,10 +867,13 @@ mod tests {
             rec.intake_sequence, 1,
             "the JSON record was updated, not replaced"
         );
-        assert_eq!(codec::format_of(&raw("old-1")).unwrap(), codec::Format::V2);
         assert_eq!(store.get("old-1").unwrap(), Some(rec));
         let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 100).unwrap(), 1);
-        assert_eq!(store.task_count(), 499);
+        assert_eq!(
+            store.sweep(future, 1_000).unwrap(),
+            251,
+            "the 250 moved in completed, and the one completed since"
+        );
+        assert_eq!(store.task_count(), 249);
     }
 }

@@ -1,0 +1,1028 @@
+//! The task records' own log: append-only segment files with an index in memory.
+//!
+//! Every write of a task record appends the whole new version (a few hundred bytes of
+//! [`super::codec`]) to the active segment, and the in-memory index points the task's id
+//! at it. Nothing is rewritten in place: the cost of a write does not depend on how many
+//! records came before, which sled's tree did (its log wrote each task's bytes about 5.6
+//! times, and a task's write cost rose by a quarter over a million tasks).
+//!
+//! ## On disk
+//!
+//! `<store dir>/tasks/NNNNNNNN.log`, numbered from 1. Each file starts with [`MAGIC`]
+//! (whose last byte is the log format, 1), then entries:
+//!
+//! ```text
+//! body length  u32 LE
+//! crc32 of the body  u32 LE
+//! body:  kind u8
+//!        kind 1 (record):  finished_ms u64 LE (0: not terminal), id length u16 LE, id,
+//!                          the record (codec format byte, then its body)
+//!        kind 2 (removed): id length u16 LE, id
+//! ```
+//!
+//! The last entry of a task id in segment order is its record; a `removed` entry (the
+//! retention sweep) ends it. A segment rolls over at [`SEGMENT_BYTES`].
+//!
+//! ## Durability
+//!
+//! Appends collect in a buffer (at most [`BUFFER_BYTES`]) and reach the file in order;
+//! [`TaskLog::sync`] writes the buffer out and `fdatasync`s. A crash can only cut the
+//! last entry of the last segment short: opening truncates the file at the first entry
+//! whose length or checksum is wrong there. A bad entry in an older segment (which a crash
+//! cannot make) is reported and the rest of that segment skipped.
+//!
+//! ## Space
+//!
+//! Retention ([`TaskLog::sweep`]) removes terminal records in the order they finished,
+//! from an in-memory queue rebuilt at open from the records' `finished_ms`: it never
+//! scans. Segments are deleted oldest first, once no task's latest version is in them
+//! (so a `removed` entry always outlives the record it removes). An oldest segment held
+//! only by a few long-lived tasks (deferred for days, say) has them copied forward first.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use super::{StoreError, TaskRecord, codec};
+
+/// First bytes of every segment file: a name, then the log format (1).
+pub const MAGIC: [u8; 8] = *b"FCTASKS\x01";
+
+/// A segment rolls over once it would pass this.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Appends wait in memory up to this much before they are written to the file.
+const BUFFER_BYTES: usize = 256 << 10;
+
+/// Bytes of an entry's length and checksum.
+const HEADER: usize = 8;
+
+/// Largest body an entry may have. Records are a few hundred bytes; the limit keeps a
+/// corrupt length from reading (or allocating) gigabytes, and offsets within u32.
+const MAX_BODY: usize = 4 << 20;
+
+const KIND_RECORD: u8 = 1;
+const KIND_REMOVED: u8 = 2;
+
+/// Where the latest version of a task's record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    segment: u32,
+    /// The record's bytes (codec format byte first), not the entry's start.
+    offset: u32,
+    len: u32,
+    /// When the task became terminal (unix ms); 0 while it is not.
+    finished_ms: u64,
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    /// Bytes in the file (the active segment's buffer not counted).
+    len: u64,
+    /// Entries in it, and how many are some task's latest version.
+    entries: u64,
+    live: u64,
+}
+
+#[derive(Debug)]
+struct Writer {
+    dir: PathBuf,
+    segments: BTreeMap<u32, Segment>,
+    active: u32,
+    /// Entries appended to the active segment and not yet written to its file.
+    buffer: Vec<u8>,
+    /// Bytes the next roll-over waits for: a segment is never smaller than one entry.
+    segment_bytes: u64,
+}
+
+/// The task log (see the module's docs).
+#[derive(Debug)]
+pub struct TaskLog {
+    index: DashMap<Arc<str>, Loc>,
+    writer: Mutex<Writer>,
+    /// Terminal tasks in the order they finished: (finished_ms, id). An entry whose task
+    /// has since been removed, or finished again under another time, is skipped.
+    finished: Mutex<VecDeque<(u64, Arc<str>)>>,
+}
+
+/// What [`TaskLog::open`] found, for its log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Opened {
+    pub segments: usize,
+    pub records: usize,
+    /// Bytes cut from the end of the last segment (an append a crash cut short).
+    pub truncated: u64,
+    /// Segments with a bad entry before their end, whose rest was skipped.
+    pub damaged: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves nothing half-done that matters here: the
+    // buffer and counters are updated after the fallible steps.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+fn segment_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("{n:08}.log"))
+}
+
+impl TaskLog {
+    /// Opens (or creates) the log in `dir`, reading every segment to rebuild the index.
+    pub fn open(dir: &Path) -> Result<(Self, Opened), StoreError> {
+        Self::open_with_segment_bytes(dir, SEGMENT_BYTES)
+    }
+
+    pub(crate) fn open_with_segment_bytes(
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> Result<(Self, Opened), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+        let numbers = segment_numbers(dir)?;
+        let index: DashMap<Arc<str>, Loc> = DashMap::new();
+        let mut segments = BTreeMap::new();
+        let mut opened = Opened::default();
+        let last = numbers.last().copied();
+        for &n in &numbers {
+            let (segment, found) = scan_segment(dir, n, Some(n) == last, &index, &mut segments)?;
+            opened.truncated += found.truncated;
+            opened.damaged += usize::from(found.damaged);
+            segments.insert(n, segment);
+        }
+        let active = match last {
+            Some(n) => n,
+            None => {
+                let segment = create_segment(dir, 1)?;
+                segments.insert(1, segment);
+                1
+            }
+        };
+        let mut finished: Vec<(u64, Arc<str>)> = index
+            .iter()
+            .filter(|e| e.finished_ms > 0)
+            .map(|e| (e.finished_ms, e.key().clone()))
+            .collect();
+        finished.sort_unstable();
+        opened.segments = segments.len();
+        opened.records = index.len();
+        let log = Self {
+            index,
+            writer: Mutex::new(Writer {
+                dir: dir.to_path_buf(),
+                segments,
+                active,
+                buffer: Vec::with_capacity(BUFFER_BYTES),
+                segment_bytes,
+            }),
+            finished: Mutex::new(finished.into()),
+        };
+        Ok((log, opened))
+    }
+
+    /// Records held.
+    pub fn records(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// The latest record of `id`, as stored (codec bytes).
+    pub fn get_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(loc) = self.index.get(id).map(|l| *l) else {
+            return Ok(None);
+        };
+        self.read(loc).map(Some)
+    }
+
+    /// Updates (or creates) the record of `id` atomically: `f` runs once, on the latest
+    /// record (or on `create()`), and its result is appended. `now_ms` is the time the
+    /// task finished if this update makes it terminal. Returns the record written and
+    /// whether this update made it terminal.
+    pub fn update(
+        &self,
+        id: &str,
+        now_ms: u64,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+    ) -> Result<(TaskRecord, bool), StoreError> {
+        // The shard lock of `id`'s index entry is held from the read to the append: two
+        // updates of one task (a result overtaking its dispatch) never interleave.
+        if let Some(mut loc) = self.index.get_mut(id) {
+            let (rec, became) = self.rewrite(id, &mut loc, now_ms, create, f)?;
+            if became {
+                lock(&self.finished).push_back((now_ms, loc.key().clone()));
+            }
+            return Ok((rec, became));
+        }
+        match self.index.entry(Arc::from(id)) {
+            Entry::Occupied(mut o) => {
+                let key = o.key().clone();
+                let (rec, became) = self.rewrite(id, o.get_mut(), now_ms, create, f)?;
+                if became {
+                    lock(&self.finished).push_back((now_ms, key));
+                }
+                Ok((rec, became))
+            }
+            Entry::Vacant(v) => {
+                let mut rec = create();
+                f(&mut rec);
+                let terminal = rec.state.is_terminal();
+                let finished_ms = if terminal { now_ms.max(1) } else { 0 };
+                let bytes = encode(id, &rec)?;
+                let loc = self.append_record(id, finished_ms, &bytes, None)?;
+                let key = v.key().clone();
+                v.insert(loc);
+                if terminal {
+                    lock(&self.finished).push_back((finished_ms, key));
+                }
+                Ok((rec, terminal))
+            }
+        }
+    }
+
+    /// Applies `f` to the record at `loc` and appends the result, moving `loc` to it.
+    fn rewrite(
+        &self,
+        id: &str,
+        loc: &mut Loc,
+        now_ms: u64,
+        create: impl Fn() -> TaskRecord,
+        f: impl Fn(&mut TaskRecord),
+    ) -> Result<(TaskRecord, bool), StoreError> {
+        let old = self.read(*loc)?;
+        let mut rec = codec::decode(&old).unwrap_or_else(|e| {
+            tracing::warn!(task_id = id, reason = %e, "replaced an undecodable task record");
+            create()
+        });
+        let was_terminal = rec.state.is_terminal();
+        f(&mut rec);
+        let became = !was_terminal && rec.state.is_terminal();
+        let finished_ms = match (loc.finished_ms, rec.state.is_terminal()) {
+            (0, true) => now_ms.max(1),
+            (_, true) => loc.finished_ms,
+            (_, false) => 0,
+        };
+        let bytes = encode(id, &rec)?;
+        *loc = self.append_record(id, finished_ms, &bytes, Some(*loc))?;
+        Ok((rec, became))
+    }
+
+    /// Writes `bytes` (an encoded record) as it is: a record moved in from elsewhere (the
+    /// sled tree of an older layout). Replaces whatever the log has for `id`.
+    pub fn put_raw(&self, id: &str, finished_ms: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        match self.index.entry(Arc::from(id)) {
+            Entry::Occupied(mut o) => {
+                let old = *o.get();
+                *o.get_mut() = self.append_record(id, finished_ms, bytes, Some(old))?;
+            }
+            Entry::Vacant(v) => {
+                let loc = self.append_record(id, finished_ms, bytes, None)?;
+                let key = v.key().clone();
+                v.insert(loc);
+                if finished_ms > 0 {
+                    // Moved-in records come in no particular finishing order: the caller
+                    // sorts once it has put them all (`sort_finished`).
+                    lock(&self.finished).push_back((finished_ms, key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the retention queue in finishing order (after [`TaskLog::put_raw`]).
+    pub fn sort_finished(&self) {
+        lock(&self.finished).make_contiguous().sort_unstable();
+    }
+
+    /// Removes terminal records that finished before `cutoff_ms`, at most `limit` of them,
+    /// then deletes the segments that leaves unused. Returns how many went.
+    pub fn sweep(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let due: Vec<(u64, Arc<str>)> = {
+            let mut q = lock(&self.finished);
+            let mut due = Vec::new();
+            while due.len() < limit && q.front().is_some_and(|(ms, _)| *ms < cutoff_ms) {
+                due.extend(q.pop_front());
+            }
+            due
+        };
+        let mut removed = 0;
+        for (ms, id) in due {
+            if let Entry::Occupied(o) = self.index.entry(id) {
+                // Finished again since (removed, then a late result made a new one): not
+                // this entry's to remove.
+                if o.get().finished_ms != ms {
+                    continue;
+                }
+                self.append_removed(o.key(), *o.get())?;
+                o.remove();
+                removed += 1;
+            }
+        }
+        self.reclaim()?;
+        Ok(removed)
+    }
+
+    /// Deletes segments from the oldest while no task's latest record is in them. An
+    /// oldest segment where at most a quarter of the entries are still live has those
+    /// copied forward first (made durable before the file goes).
+    fn reclaim(&self) -> Result<(), StoreError> {
+        loop {
+            let (n, file, len) = {
+                let mut w = lock(&self.writer);
+                let Some((&n, oldest)) = w.segments.first_key_value() else {
+                    return Ok(());
+                };
+                if n == w.active {
+                    return Ok(());
+                }
+                if oldest.live == 0 {
+                    let path = segment_path(&w.dir, n);
+                    w.segments.remove(&n);
+                    std::fs::remove_file(&path).map_err(|e| io("removing", &path, e))?;
+                    tracing::debug!(segment = n, "task log segment deleted");
+                    continue;
+                }
+                if oldest.live * 4 > oldest.entries {
+                    return Ok(());
+                }
+                (n, oldest.file.clone(), oldest.len)
+            };
+            let moved = self.copy_forward(n, &file, len)?;
+            self.sync()?;
+            tracing::info!(
+                segment = n,
+                moved,
+                "task log: live records copied out of the oldest segment"
+            );
+            let counted = lock(&self.writer).segments.get(&n).map_or(0, |s| s.live);
+            if counted > 0 {
+                // Nothing writes to a sealed segment, so every live record was found and
+                // the count is off. Count again, the slow way, before letting it go (not
+                // under the writer's lock: updates take an index shard, then it).
+                let really = self.index.iter().filter(|e| e.segment == n).count() as u64;
+                tracing::warn!(
+                    segment = n,
+                    counted,
+                    really,
+                    "task log: a segment's live count was off"
+                );
+                if let Some(s) = lock(&self.writer).segments.get_mut(&n) {
+                    s.live = really;
+                }
+                if really > 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Appends again every record of segment `n` that is its task's latest version.
+    fn copy_forward(&self, n: u32, file: &File, len: u64) -> Result<u64, StoreError> {
+        let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| StoreError::Io(format!("reading task log segment {n}: {e}")))?;
+        let mut moved = 0;
+        for entry in Entries::new(&bytes) {
+            let Ok(Parsed::Record {
+                id,
+                finished_ms,
+                record,
+                record_at,
+            }) = entry
+            else {
+                continue;
+            };
+            if let Some(mut loc) = self.index.get_mut(id)
+                && loc.segment == n
+                && loc.offset as usize == record_at
+            {
+                *loc = self.append_record(id, finished_ms, record, Some(*loc))?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Writes the buffered appends to the file and makes everything appended so far
+    /// durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let file = {
+            let mut w = lock(&self.writer);
+            w.write_out()?;
+            w.active_segment()?.file.clone()
+        };
+        // Older segments were made durable when they rolled over.
+        file.sync_data()
+            .map_err(|e| StoreError::Io(format!("syncing the task log: {e}")))
+    }
+
+    fn read(&self, loc: Loc) -> Result<Vec<u8>, StoreError> {
+        let start = u64::from(loc.offset);
+        let len = loc.len as usize;
+        let file = {
+            let w = lock(&self.writer);
+            let segment = w.segments.get(&loc.segment).ok_or_else(|| {
+                StoreError::Io(format!("task log segment {} is gone", loc.segment))
+            })?;
+            if loc.segment == w.active && start >= segment.len {
+                // Still in the buffer: `start - len` is within it, as appends only grow.
+                let from = usize::try_from(start - segment.len).unwrap_or(usize::MAX);
+                return w
+                    .buffer
+                    .get(from..from.saturating_add(len))
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| StoreError::Io("task log buffer shorter than an entry".into()));
+            }
+            segment.file.clone()
+        };
+        let mut bytes = vec![0; len];
+        file.read_exact_at(&mut bytes, start).map_err(|e| {
+            StoreError::Io(format!(
+                "reading task log segment {} at {start}: {e}",
+                loc.segment
+            ))
+        })?;
+        Ok(bytes)
+    }
+
+    fn append_record(
+        &self,
+        id: &str,
+        finished_ms: u64,
+        record: &[u8],
+        replaces: Option<Loc>,
+    ) -> Result<Loc, StoreError> {
+        let id_len = id_len(id)?;
+        let mut body = Vec::with_capacity(1 + 8 + 2 + id.len() + record.len());
+        body.push(KIND_RECORD);
+        body.extend_from_slice(&finished_ms.to_le_bytes());
+        body.extend_from_slice(&id_len.to_le_bytes());
+        body.extend_from_slice(id.as_bytes());
+        let record_in_body = body.len();
+        body.extend_from_slice(record);
+        let mut w = lock(&self.writer);
+        let (segment, entry_at) = w.append(&body, replaces, true)?;
+        let offset = entry_at + (HEADER + record_in_body) as u64;
+        Ok(Loc {
+            segment,
+            // Segments stay far below 4 GiB (SEGMENT_BYTES plus one entry of MAX_BODY).
+            offset: u32::try_from(offset)
+                .map_err(|_| StoreError::Io("task log segment past 4 GiB".into()))?,
+            len: u32::try_from(record.len()).unwrap_or(u32::MAX),
+            finished_ms,
+        })
+    }
+
+    fn append_removed(&self, id: &str, replaces: Loc) -> Result<(), StoreError> {
+        let id_len = id_len(id)?;
+        let mut body = Vec::with_capacity(3 + id.len());
+        body.push(KIND_REMOVED);
+        body.extend_from_slice(&id_len.to_le_bytes());
+        body.extend_from_slice(id.as_bytes());
+        lock(&self.writer).append(&body, Some(replaces), false)?;
+        Ok(())
+    }
+}
+
+impl Writer {
+    fn active_segment(&mut self) -> Result<&mut Segment, StoreError> {
+        let n = self.active;
+        self.segments
+            .get_mut(&n)
+            .ok_or_else(|| StoreError::Io(format!("active task log segment {n} missing")))
+    }
+
+    /// Appends one entry to the active segment (rolling over first when it is full);
+    /// returns the segment and the entry's offset. `live`: the entry is a task's latest
+    /// record. `replaces`: the record it supersedes, no longer live.
+    fn append(
+        &mut self,
+        body: &[u8],
+        replaces: Option<Loc>,
+        live: bool,
+    ) -> Result<(u32, u64), StoreError> {
+        if body.len() > MAX_BODY {
+            return Err(StoreError::Io(format!(
+                "a task log entry of {} bytes is over the {MAX_BODY} limit",
+                body.len()
+            )));
+        }
+        let buffered = self.buffer.len() as u64;
+        let (end, empty) = {
+            let active = self.active_segment()?;
+            (active.len + buffered, active.entries == 0)
+        };
+        if end + (HEADER + body.len()) as u64 > self.segment_bytes && !empty {
+            self.roll()?;
+        }
+        let buffered = self.buffer.len() as u64;
+        let active = self.active;
+        let segment = self.active_segment()?;
+        let entry_at = segment.len + buffered;
+        segment.entries += 1;
+        segment.live += u64::from(live);
+        // Body length fits u32: it is at most MAX_BODY.
+        self.buffer
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.buffer
+            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        self.buffer.extend_from_slice(body);
+        if let Some(old) = replaces
+            && let Some(s) = self.segments.get_mut(&old.segment)
+        {
+            s.live = s.live.saturating_sub(1);
+        }
+        if self.buffer.len() >= BUFFER_BYTES {
+            self.write_out()?;
+        }
+        Ok((active, entry_at))
+    }
+
+    /// Writes the buffer to the active segment's file (not synced).
+    fn write_out(&mut self) -> Result<(), StoreError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let n = self.active;
+        let segment = self
+            .segments
+            .get_mut(&n)
+            .ok_or_else(|| StoreError::Io(format!("active task log segment {n} missing")))?;
+        segment
+            .file
+            .write_all_at(&self.buffer, segment.len)
+            .map_err(|e| StoreError::Io(format!("writing task log segment {n}: {e}")))?;
+        segment.len += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Seals the active segment (written out and synced) and starts the next.
+    fn roll(&mut self) -> Result<(), StoreError> {
+        self.write_out()?;
+        let n = self.active;
+        self.active_segment()?
+            .file
+            .sync_data()
+            .map_err(|e| StoreError::Io(format!("syncing task log segment {n}: {e}")))?;
+        let next = n + 1;
+        let segment = create_segment(&self.dir, next)?;
+        self.segments.insert(next, segment);
+        self.active = next;
+        Ok(())
+    }
+}
+
+fn id_len(id: &str) -> Result<u16, StoreError> {
+    u16::try_from(id.len()).map_err(|_| StoreError::Corrupt {
+        id: id.chars().take(64).collect(),
+        reason: "task id longer than 65535 bytes".into(),
+    })
+}
+
+fn encode(id: &str, rec: &TaskRecord) -> Result<Vec<u8>, StoreError> {
+    codec::encode(rec).map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        reason: format!("record did not encode: {e}"),
+    })
+}
+
+/// The numbers of the segment files in `dir`, in order.
+fn segment_numbers(dir: &Path) -> Result<Vec<u32>, StoreError> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
+        let entry = entry.map_err(|e| io("listing", dir, e))?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_suffix(".log"))
+            .filter(|s| s.len() == 8)
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        numbers.push(n);
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Creates segment `n` with its header, and makes the file's name durable.
+fn create_segment(dir: &Path, n: u32) -> Result<Segment, StoreError> {
+    let path = segment_path(dir, n);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| io("creating", &path, e))?;
+    file.write_all(&MAGIC)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| io("writing", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing", dir, e))?;
+    Ok(Segment {
+        file: Arc::new(file),
+        len: MAGIC.len() as u64,
+        entries: 0,
+        live: 0,
+    })
+}
+
+/// What scanning one segment found.
+struct Scanned {
+    truncated: u64,
+    damaged: bool,
+}
+
+/// Reads segment `n` into the index. The last segment is cut at a torn entry (and its
+/// header rewritten if a crash left it shorter than that).
+fn scan_segment(
+    dir: &Path,
+    n: u32,
+    last: bool,
+    index: &DashMap<Arc<str>, Loc>,
+    segments: &mut BTreeMap<u32, Segment>,
+) -> Result<(Segment, Scanned), StoreError> {
+    let path = segment_path(dir, n);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io("opening", &path, e))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| io("reading", &path, e))?;
+    let mut found = Scanned {
+        truncated: 0,
+        damaged: false,
+    };
+    if bytes.len() < MAGIC.len() && last && MAGIC.starts_with(&bytes) {
+        // Created, then the crash before its header was durable.
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(&MAGIC, 0))
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io("repairing", &path, e))?;
+        found.truncated = bytes.len() as u64;
+        bytes = MAGIC.to_vec();
+    }
+    if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+        return Err(StoreError::Io(format!(
+            "{} is not a task log segment of a format this commander reads",
+            path.display()
+        )));
+    }
+    let mut segment = Segment {
+        file: Arc::new(file),
+        len: bytes.len() as u64,
+        entries: 0,
+        live: 0,
+    };
+    let mut entries = Entries::new(&bytes);
+    for entry in entries.by_ref() {
+        let Ok(parsed) = entry else {
+            break;
+        };
+        segment.entries += 1;
+        let replaced = match parsed {
+            Parsed::Record {
+                id,
+                finished_ms,
+                record,
+                record_at,
+            } => {
+                segment.live += 1;
+                let loc = Loc {
+                    segment: n,
+                    offset: u32::try_from(record_at).unwrap_or(u32::MAX),
+                    len: u32::try_from(record.len()).unwrap_or(u32::MAX),
+                    finished_ms,
+                };
+                match index.get_mut(id) {
+                    Some(mut old) => Some(std::mem::replace(&mut *old, loc)),
+                    None => index.insert(Arc::from(id), loc),
+                }
+            }
+            Parsed::Removed { id } => index.remove(id).map(|(_, old)| old),
+        };
+        if let Some(old) = replaced {
+            let s = if old.segment == n {
+                Some(&mut segment)
+            } else {
+                segments.get_mut(&old.segment)
+            };
+            if let Some(s) = s {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+    }
+    let good = entries.at as u64;
+    if good < bytes.len() as u64 {
+        if last {
+            segment
+                .file
+                .set_len(good)
+                .and_then(|()| segment.file.sync_data())
+                .map_err(|e| io("truncating", &path, e))?;
+            found.truncated += bytes.len() as u64 - good;
+            tracing::warn!(
+                segment = n,
+                cut = bytes.len() as u64 - good,
+                "task log: an append cut short by a crash was dropped"
+            );
+        } else {
+            found.damaged = true;
+            tracing::error!(
+                segment = n,
+                at = good,
+                "task log: a damaged entry; the rest of this segment is skipped"
+            );
+        }
+        segment.len = good;
+    }
+    Ok((segment, found))
+}
+
+/// One entry of a segment.
+enum Parsed<'a> {
+    Record {
+        id: &'a str,
+        finished_ms: u64,
+        record: &'a [u8],
+        /// Offset of `record` in the segment.
+        record_at: usize,
+    },
+    Removed {
+        id: &'a str,
+    },
+}
+
+/// The entries of a segment's bytes, in order, until the first that is not whole and
+/// sound (an `Err`, after which iteration stops); `at` is then where the good ones end.
+struct Entries<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    done: bool,
+}
+
+impl<'a> Entries<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self {
+            bytes,
+            at: MAGIC.len(),
+            done: false,
+        }
+    }
+
+    fn parse(&self) -> Option<(Parsed<'a>, usize)> {
+        let header = self.bytes.get(self.at..self.at.checked_add(HEADER)?)?;
+        let (len, crc) = header.split_at(4);
+        let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+        let crc = u32::from_le_bytes(crc.try_into().ok()?);
+        if len == 0 || len > MAX_BODY {
+            return None;
+        }
+        let body_at = self.at + HEADER;
+        let body = self.bytes.get(body_at..body_at.checked_add(len)?)?;
+        if crc32fast::hash(body) != crc {
+            return None;
+        }
+        let (&kind, rest) = body.split_first()?;
+        let parsed = match kind {
+            KIND_RECORD => {
+                let (ms, rest) = rest.split_first_chunk::<8>()?;
+                let (id, record) = split_id(rest)?;
+                let record_at = body_at + body.len() - record.len();
+                Parsed::Record {
+                    id,
+                    finished_ms: u64::from_le_bytes(*ms),
+                    record,
+                    record_at,
+                }
+            }
+            KIND_REMOVED => {
+                let (id, rest) = split_id(rest)?;
+                if !rest.is_empty() {
+                    return None;
+                }
+                Parsed::Removed { id }
+            }
+            _ => return None,
+        };
+        Some((parsed, body_at + len))
+    }
+}
+
+/// An id (u16 length, UTF-8) and what follows it.
+fn split_id(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<2>()?;
+    let len = usize::from(u16::from_le_bytes(*len));
+    let id = rest.get(..len)?;
+    Some((std::str::from_utf8(id).ok()?, rest.get(len..)?))
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<Parsed<'a>, ()>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.at >= self.bytes.len() {
+            return None;
+        }
+        match self.parse() {
+            Some((parsed, next)) => {
+                self.at = next;
+                Some(Ok(parsed))
+            }
+            None => {
+                self.done = true;
+                Some(Err(()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TaskState;
+
+    fn dispatch(log: &TaskLog, id: &str) {
+        log.update(
+            id,
+            1,
+            || TaskRecord::new(id, 7),
+            |r| r.advance(TaskState::Dispatched),
+        )
+        .unwrap();
+    }
+
+    fn finish(log: &TaskLog, id: &str, at_ms: u64) {
+        log.update(
+            id,
+            at_ms,
+            || unreachable!(),
+            |r| r.advance(TaskState::Completed),
+        )
+        .unwrap();
+    }
+
+    fn state(log: &TaskLog, id: &str) -> Option<TaskState> {
+        log.get_bytes(id)
+            .unwrap()
+            .map(|b| codec::decode(&b).unwrap().state)
+    }
+
+    fn segment_files(dir: &Path) -> Vec<u32> {
+        segment_numbers(dir).unwrap()
+    }
+
+    /// A crash can leave the last append half-written: the reopen cuts it off, keeps
+    /// everything before it, and appends after the cut.
+    #[test]
+    fn a_torn_last_entry_is_cut_off_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = TaskLog::open(dir.path()).unwrap();
+            for i in 0..10 {
+                dispatch(&log, &format!("t{i}"));
+            }
+            log.sync().unwrap();
+        }
+        let path = segment_path(dir.path(), 1);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // Half of one more entry, as a crash mid-write leaves it.
+        let file = OpenOptions::new().append(true).open(&path).unwrap();
+        (&file).write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 0]).unwrap();
+        drop(file);
+        let (log, opened) = TaskLog::open(dir.path()).unwrap();
+        assert_eq!(opened.truncated, 10);
+        assert_eq!(opened.records, 10);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        finish(&log, "t3", 5);
+        log.sync().unwrap();
+        drop(log);
+        let (log, opened) = TaskLog::open(dir.path()).unwrap();
+        assert_eq!(opened.truncated, 0);
+        assert_eq!(state(&log, "t3"), Some(TaskState::Completed));
+        assert_eq!(state(&log, "t4"), Some(TaskState::Dispatched));
+    }
+
+    /// A flipped byte in an older segment (which a crash cannot make) loses the rest of
+    /// that segment only, and is reported.
+    #[test]
+    fn a_damaged_older_segment_loses_only_its_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 1024).unwrap();
+            for i in 0..40 {
+                dispatch(&log, &format!("t{i:02}"));
+            }
+            log.sync().unwrap();
+        }
+        assert!(segment_files(dir.path()).len() >= 3);
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 1024).unwrap();
+        assert_eq!(opened.damaged, 1);
+        assert!(opened.records < 40 && opened.records > 20, "{opened:?}");
+        assert_eq!(state(&log, "t00"), Some(TaskState::Dispatched));
+        assert_eq!(state(&log, "t39"), Some(TaskState::Dispatched));
+    }
+
+    /// Segments roll over; the sweep deletes the oldest once nothing in them is live,
+    /// and copies the few records still live in an old segment forward first. Everything
+    /// reads the same after a reopen.
+    #[test]
+    fn swept_segments_are_deleted_and_long_lived_records_copied_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..200).map(|i| format!("task-{i:03}")).collect();
+        {
+            let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+            for id in &ids {
+                dispatch(&log, id);
+            }
+            // All but every 50th finish, at times in order.
+            for (i, id) in ids.iter().enumerate() {
+                if i % 50 != 0 {
+                    finish(&log, id, 1_000 + i as u64);
+                }
+            }
+            let before = segment_files(dir.path());
+            assert!(before.len() > 10, "{before:?}");
+            // Half of them past retention.
+            let removed = log.sweep(1_100, usize::MAX).unwrap();
+            assert_eq!(removed, 98, "task-001 .. task-099 but task-050");
+            let after = segment_files(dir.path());
+            assert!(after.len() < before.len(), "{before:?} -> {after:?}");
+            assert!(
+                after.first() > before.first(),
+                "the oldest went: {before:?} -> {after:?}"
+            );
+            // The long-lived ones were among the first written; still there.
+            assert_eq!(state(&log, "task-000"), Some(TaskState::Dispatched));
+            assert_eq!(state(&log, "task-050"), Some(TaskState::Dispatched));
+            assert_eq!(state(&log, "task-001"), None);
+            log.sync().unwrap();
+        }
+        let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+        assert_eq!(opened.records, 102);
+        assert_eq!(state(&log, "task-000"), Some(TaskState::Dispatched));
+        assert_eq!(state(&log, "task-050"), Some(TaskState::Dispatched));
+        assert_eq!(state(&log, "task-001"), None);
+        assert_eq!(state(&log, "task-199"), Some(TaskState::Completed));
+        // Retention resumes from the records themselves.
+        assert_eq!(log.sweep(u64::MAX, usize::MAX).unwrap(), 98);
+        assert_eq!(log.records(), 4, "every 50th, never finished");
+    }
+
+    /// Updates of one task from several threads at once are each applied once, on top of
+    /// one another.
+    #[test]
+    fn concurrent_updates_of_one_task_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = TaskLog::open(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..250 {
+                        log.update(
+                            "shared",
+                            1,
+                            || TaskRecord::new("shared", 0),
+                            |r| r.attempt += 1,
+                        )
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        let rec = codec::decode(&log.get_bytes("shared").unwrap().unwrap()).unwrap();
+        assert_eq!(rec.attempt, 1_000);
+    }
+
+    /// A file that is not a segment of this format is refused, not overwritten.
+    #[test]
+    fn a_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(segment_path(dir.path(), 1), b"not a task log at all").unwrap();
+        let err = TaskLog::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a task log segment"), "{err}");
+    }
+}
