@@ -148,6 +148,11 @@ impl TaskLog {
         dir: &Path,
         segment_bytes: u64,
     ) -> Result<(Self, Opened), StoreError> {
+        if segment_bytes > 1 << 30 {
+            return Err(StoreError::Io(format!(
+                "task log segments of {segment_bytes} bytes: at most 1 GiB"
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
         let numbers = segment_numbers(dir)?;
         let index: DashMap<Arc<str>, Loc> = DashMap::new();
@@ -478,9 +483,9 @@ impl TaskLog {
         let offset = entry_at + (HEADER + record_in_body) as u64;
         Ok(Loc {
             segment,
-            // Segments stay far below 4 GiB (SEGMENT_BYTES plus one entry of MAX_BODY).
-            offset: u32::try_from(offset)
-                .map_err(|_| StoreError::Io("task log segment past 4 GiB".into()))?,
+            // Segments end below `segment_bytes` (at most 1 GiB, checked at open) plus one
+            // entry of at most MAX_BODY, far within u32.
+            offset: offset as u32,
             len: u32::try_from(record.len()).unwrap_or(u32::MAX),
             finished_ms,
         })
@@ -520,6 +525,12 @@ impl Writer {
                 body.len()
             )));
         }
+        // Every fallible step first: once the entry is counted below, nothing may fail,
+        // or the counts and the index (which the caller updates only on success) would
+        // disagree about which record is live.
+        if self.buffer.len() >= BUFFER_BYTES {
+            self.write_out()?;
+        }
         let buffered = self.buffer.len() as u64;
         let (end, empty) = {
             let active = self.active_segment()?;
@@ -544,9 +555,6 @@ impl Writer {
             && let Some(s) = self.segments.get_mut(&old.segment)
         {
             s.live = s.live.saturating_sub(1);
-        }
-        if self.buffer.len() >= BUFFER_BYTES {
-            self.write_out()?;
         }
         Ok((active, entry_at))
     }
