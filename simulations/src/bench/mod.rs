@@ -660,8 +660,14 @@ fn print_summary(
     if let (Some(first), Some(last)) = (cmd_rates.first(), cmd_rates.last()) {
         let worst = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
         let kept = ratio(*last, *first);
+        // The raw relay's own fall over the same run, so that a reader can tell a
+        // commander that slows as its store grows from a machine (or broker) that does.
+        let raw_kept = match (raw_rates.first(), raw_rates.last()) {
+            (Some(f), Some(l)) => format!("; the raw relay's {:.0} %", ratio(*l, *f) * 100.0),
+            _ => String::new(),
+        };
         println!(
-            "  per round          : ratio best {:.2}, worst {worst:.2} (goal every round >= 0.80: {}); the commander's last round {:.0} % of its first (goal >= 90 %: {})",
+            "  per round          : ratio best {:.2}, worst {worst:.2} (goal every round >= 0.80: {}); the commander's last round {:.0} % of its first (goal >= 90 %: {}){raw_kept}",
             best(&ratios),
             if worst >= 0.8 { "met" } else { "missed" },
             kept * 100.0,
