@@ -1,5 +1,6 @@
 //! The decision log: every routing decision (and every rejection) with the classification
-//! and every candidate, in sled next to the task records, with bounded retention.
+//! and every candidate, in sled (in the store that also holds the task log), with bounded
+//! retention.
 //!
 //! Keys are in time order. A batch's decisions are written as pages: the decisions made
 //! in one millisecond, up to [`PAGE_MAX`] to a page, under `at_ms (8 bytes, big-endian) ++
