@@ -225,19 +225,20 @@ impl TaskLog {
     ) -> Result<(TaskRecord, bool), StoreError> {
         // The shard lock of `id`'s index entry is held from the read to the append: two
         // updates of one task (a result overtaking its dispatch) never interleave.
+        // A task that became terminal is queued for retention under the finish time its
+        // record carries.
         if let Some(mut loc) = self.index.get_mut(id) {
             let (rec, became) = self.rewrite(id, &mut loc, now_ms, create, f)?;
             if became {
-                lock(&self.finished).push_back((now_ms, loc.key().clone()));
+                lock(&self.finished).push_back((loc.finished_ms, loc.key().clone()));
             }
             return Ok((rec, became));
         }
         match self.index.entry(Arc::from(id)) {
             Entry::Occupied(mut o) => {
-                let key = o.key().clone();
                 let (rec, became) = self.rewrite(id, o.get_mut(), now_ms, create, f)?;
                 if became {
-                    lock(&self.finished).push_back((now_ms, key));
+                    lock(&self.finished).push_back((o.get().finished_ms, o.key().clone()));
                 }
                 Ok((rec, became))
             }
@@ -288,21 +289,24 @@ impl TaskLog {
     /// Writes `bytes` (an encoded record) as it is: a record moved in from elsewhere (the
     /// sled tree of an older layout). Replaces whatever the log has for `id`.
     pub fn put_raw(&self, id: &str, finished_ms: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let key;
         match self.index.entry(Arc::from(id)) {
             Entry::Occupied(mut o) => {
                 let old = *o.get();
                 *o.get_mut() = self.append_record(id, finished_ms, bytes, Some(old))?;
+                key = o.key().clone();
             }
             Entry::Vacant(v) => {
                 let loc = self.append_record(id, finished_ms, bytes, None)?;
-                let key = v.key().clone();
+                key = v.key().clone();
                 v.insert(loc);
-                if finished_ms > 0 {
-                    // Moved-in records come in no particular finishing order: the caller
-                    // sorts once it has put them all (`sort_finished`).
-                    lock(&self.finished).push_back((finished_ms, key));
-                }
             }
+        }
+        if finished_ms > 0 {
+            // Moved-in records come in no particular finishing order: the caller sorts
+            // once it has put them all (`sort_finished`). A replaced record's earlier
+            // entry, if any, no longer matches and is skipped by the sweep.
+            lock(&self.finished).push_back((finished_ms, key));
         }
         Ok(())
     }
@@ -443,7 +447,7 @@ impl TaskLog {
                 StoreError::Io(format!("task log segment {} is gone", loc.segment))
             })?;
             if loc.segment == w.active && start >= segment.len {
-                // Still in the buffer: `start - len` is within it, as appends only grow.
+                // Still in the buffer, which begins where the file ends.
                 let from = usize::try_from(start - segment.len).unwrap_or(usize::MAX);
                 return w
                     .buffer

@@ -1,4 +1,5 @@
-//! Durable local state in sled: one record per task, with its state history.
+//! Durable local state: one record per task, with its state history, in the task log
+//! ([`log`]), and sled's trees beside it for the rest (decisions, traces, alerts, ...).
 //!
 //! JetStream is the source of truth for tasks in flight; this store is what the commander
 //! knows about each task (where it went, under which trace, how it ended). Updates are
