@@ -709,38 +709,7 @@ fn scan_segment(
         let Ok(parsed) = entry else {
             break;
         };
-        segment.entries += 1;
-        let replaced = match parsed {
-            Parsed::Record {
-                id,
-                finished_ms,
-                record,
-                record_at,
-            } => {
-                segment.live += 1;
-                let loc = Loc {
-                    segment: n,
-                    offset: u32::try_from(record_at).unwrap_or(u32::MAX),
-                    len: u32::try_from(record.len()).unwrap_or(u32::MAX),
-                    finished_ms,
-                };
-                match index.get_mut(id) {
-                    Some(mut old) => Some(std::mem::replace(&mut *old, loc)),
-                    None => index.insert(Arc::from(id), loc),
-                }
-            }
-            Parsed::Removed { id } => index.remove(id).map(|(_, old)| old),
-        };
-        if let Some(old) = replaced {
-            let s = if old.segment == n {
-                Some(&mut segment)
-            } else {
-                segments.get_mut(&old.segment)
-            };
-            if let Some(s) = s {
-                s.live = s.live.saturating_sub(1);
-            }
-        }
+        index_entry(parsed, n, &mut segment, index, segments);
     }
     let good = entries.at as u64;
     if good < bytes.len() as u64 {
@@ -767,6 +736,49 @@ fn scan_segment(
         segment.len = good;
     }
     Ok((segment, found))
+}
+
+/// Counts one entry read from segment `n` and points the index at it (a record) or
+/// takes its task out (a removal); the version it replaces is no longer live.
+fn index_entry(
+    parsed: Parsed<'_>,
+    n: u32,
+    segment: &mut Segment,
+    index: &DashMap<Arc<str>, Loc>,
+    segments: &mut BTreeMap<u32, Segment>,
+) {
+    segment.entries += 1;
+    let replaced = match parsed {
+        Parsed::Record {
+            id,
+            finished_ms,
+            record,
+            record_at,
+        } => {
+            segment.live += 1;
+            let loc = Loc {
+                segment: n,
+                offset: u32::try_from(record_at).unwrap_or(u32::MAX),
+                len: u32::try_from(record.len()).unwrap_or(u32::MAX),
+                finished_ms,
+            };
+            match index.get_mut(id) {
+                Some(mut old) => Some(std::mem::replace(&mut *old, loc)),
+                None => index.insert(Arc::from(id), loc),
+            }
+        }
+        Parsed::Removed { id } => index.remove(id).map(|(_, old)| old),
+    };
+    if let Some(old) = replaced {
+        let s = if old.segment == n {
+            Some(segment)
+        } else {
+            segments.get_mut(&old.segment)
+        };
+        if let Some(s) = s {
+            s.live = s.live.saturating_sub(1);
+        }
+    }
 }
 
 /// One entry of a segment.
