@@ -230,7 +230,7 @@ impl TaskLog {
         if let Some(mut loc) = self.index.get_mut(id) {
             let (rec, became) = self.rewrite(id, &mut loc, now_ms, create, f)?;
             if became {
-                lock(&self.finished).push_back((loc.finished_ms, loc.key().clone()));
+                self.queue_finished(loc.finished_ms, loc.key());
             }
             return Ok((rec, became));
         }
@@ -238,7 +238,7 @@ impl TaskLog {
             Entry::Occupied(mut o) => {
                 let (rec, became) = self.rewrite(id, o.get_mut(), now_ms, create, f)?;
                 if became {
-                    lock(&self.finished).push_back((o.get().finished_ms, o.key().clone()));
+                    self.queue_finished(o.get().finished_ms, o.key());
                 }
                 Ok((rec, became))
             }
@@ -252,7 +252,7 @@ impl TaskLog {
                 let key = v.key().clone();
                 v.insert(loc);
                 if terminal {
-                    lock(&self.finished).push_back((finished_ms, key));
+                    self.queue_finished(finished_ms, &key);
                 }
                 Ok((rec, terminal))
             }
@@ -306,9 +306,14 @@ impl TaskLog {
             // Moved-in records come in no particular finishing order: the caller sorts
             // once it has put them all (`sort_finished`). A replaced record's earlier
             // entry, if any, no longer matches and is skipped by the sweep.
-            lock(&self.finished).push_back((finished_ms, key));
+            self.queue_finished(finished_ms, &key);
         }
         Ok(())
+    }
+
+    /// Queues a terminal task for retention under the finish time its record carries.
+    fn queue_finished(&self, finished_ms: u64, id: &Arc<str>) {
+        lock(&self.finished).push_back((finished_ms, id.clone()));
     }
 
     /// Puts the retention queue in finishing order (after [`TaskLog::put_raw`]).

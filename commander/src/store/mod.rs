@@ -424,13 +424,11 @@ impl Store {
             Ok(rt) => {
                 let (log, sled) = tokio::join!(
                     rt.spawn_blocking(move || tasks.sync()),
-                    rt.spawn_blocking(move || db.flush().map_err(StoreError::from)),
+                    rt.spawn_blocking(move || db.flush().map(drop).map_err(StoreError::from)),
                 );
-                let joined = |r: Result<Result<_, StoreError>, tokio::task::JoinError>| {
-                    r.map_err(|e| StoreError::Flush(e.to_string()))?
-                };
-                joined(log)?;
-                joined(sled.map(|r| r.map(drop)))?;
+                for synced in [log, sled] {
+                    synced.map_err(|e| StoreError::Flush(e.to_string()))??;
+                }
             }
             // Outside a runtime (tests driving the store by hand): flush right here.
             Err(_) => {
