@@ -232,23 +232,21 @@ impl DecisionLog {
         self.record_many(std::slice::from_ref(d))
     }
 
-    /// Writes many decisions in one sled batch, in pages of those made in the same
-    /// millisecond (see the module's doc). The caller records each decision's `at_ms` on
-    /// its task record.
+    /// Writes many decisions, in pages of those made in the same millisecond (see the
+    /// module's doc), each page with a plain insert. Not a `sled::Batch`: sled rolls its
+    /// log buffer over twice for every batch (a write and, on this path, a wakeup of its
+    /// I/O threads per intake batch), several times the cost of the inserts, and the
+    /// pages need no atomicity between them: they reach the disk with the store's next
+    /// flush, before the intake ack, and a batch cut short by a crash is delivered and
+    /// decided again. The caller records each decision's `at_ms` on its task record.
     pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
         let mut by_time: Vec<&DecisionRecord> = items.iter().collect();
         by_time.sort_by_key(|d| d.at_ms);
-        let mut batch = sled::Batch::default();
         for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
             for page in same_ms.chunks(PAGE_MAX) {
-                self.add_pages(&mut batch, page)?;
+                self.insert_pages(page)?;
             }
         }
-        self.by_time.apply_batch(batch)?;
-        // A key is a decision's time and task: a task decided again (a redelivery, a
-        // release) is decided at a new time, so every insert is a new record.
-        self.count
-            .fetch_add(items.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
             for d in items {
                 hub.publish_watched(
@@ -276,27 +274,28 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// Adds `page` to `batch` as one page, or, when it compresses to more than
-    /// [`PAGE_BYTES`], as two halves (and so on): a decision alone keeps its own key.
-    fn add_pages(
-        &self,
-        batch: &mut sled::Batch,
-        page: &[&DecisionRecord],
-    ) -> Result<(), DecisionLogError> {
-        match page {
-            [] => {}
-            [d] => batch.insert(key(d.at_ms, &d.task_id), encode(d)?),
+    /// Inserts `page` as one page, or, when it compresses to more than [`PAGE_BYTES`],
+    /// as two halves (and so on): a decision alone keeps its own key. Each entry is
+    /// counted once it is in.
+    fn insert_pages(&self, page: &[&DecisionRecord]) -> Result<(), DecisionLogError> {
+        let (key, value) = match page {
+            [] => return Ok(()),
+            [d] => (key(d.at_ms, &d.task_id), encode(d)?),
             [first, ..] => {
                 let value = encode_page(page)?;
                 if value.len() > PAGE_BYTES {
                     let (older, newer) = page.split_at(page.len() / 2);
-                    self.add_pages(batch, older)?;
-                    self.add_pages(batch, newer)?;
-                } else {
-                    batch.insert(page_key(&self.store, first.at_ms, page.len())?, value);
+                    self.insert_pages(older)?;
+                    return self.insert_pages(newer);
                 }
+                (page_key(&self.store, first.at_ms, page.len())?, value)
             }
-        }
+        };
+        self.by_time.insert(key, value)?;
+        // A key is a decision's time and task: a task decided again (a redelivery, a
+        // release) is decided at a new time, so every insert is a new record.
+        self.count
+            .fetch_add(page.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

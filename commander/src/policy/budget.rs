@@ -122,6 +122,11 @@ impl Ledger {
             .or_default()
     }
 
+    /// Marks cells as changed again (their write failed).
+    pub fn mark_dirty(&mut self, keys: impl IntoIterator<Item = CellKey>) {
+        self.dirty.extend(keys);
+    }
+
     /// Cells changed since the last call, with their values.
     pub fn take_dirty(&mut self) -> Vec<(CellKey, Cell)> {
         let dirty = std::mem::take(&mut self.dirty);

@@ -689,20 +689,25 @@ impl PolicyEngine {
     }
 
     /// Writes the ledger cells changed since the last call (durable with the caller's
-    /// next store flush).
+    /// next store flush), each with a plain sled insert: a `sled::Batch` rolls sled's log
+    /// buffer over, which cost more than the inserts, and cells need no atomicity between
+    /// them (each is a whole value; a batch cut short by a crash is delivered again).
+    /// The ledger stays locked while they are written (microseconds), so two batches
+    /// cannot write one cell's values out of order. A cell not written stays dirty.
     pub fn persist_ledger(&self) -> Result<(), StoreError> {
-        let dirty = self.with_ledger(|l| l.take_dirty());
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        for (k, c) in dirty {
-            if let Ok(v) = serde_json::to_vec(&c) {
-                batch.insert(k.encode(), v);
+        self.with_ledger(|l| {
+            let mut dirty = l.take_dirty().into_iter();
+            while let Some((k, c)) = dirty.next() {
+                let Ok(v) = serde_json::to_vec(&c) else {
+                    continue;
+                };
+                if let Err(e) = self.ledger_tree.insert(k.encode(), v) {
+                    l.mark_dirty(std::iter::once(k).chain(dirty.map(|(k, _)| k)));
+                    return Err(e.into());
+                }
             }
-        }
-        self.ledger_tree.apply_batch(batch)?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Releases a finished task's reservation and charges its actual cost.
