@@ -233,12 +233,8 @@ impl DecisionLog {
     }
 
     /// Writes many decisions, in pages of those made in the same millisecond (see the
-    /// module's doc), each page with a plain insert. Not a `sled::Batch`: sled rolls its
-    /// log buffer over twice for every batch (a write and, on this path, a wakeup of its
-    /// I/O threads per intake batch), several times the cost of the inserts, and the
-    /// pages need no atomicity between them: they reach the disk with the store's next
-    /// flush, before the intake ack, and a batch cut short by a crash is delivered and
-    /// decided again. The caller records each decision's `at_ms` on its task record.
+    /// module's doc), each page with a plain insert ([`Store::tree`] says why not a
+    /// `sled::Batch`). The caller records each decision's `at_ms` on its task record.
     pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
         let mut by_time: Vec<&DecisionRecord> = items.iter().collect();
         by_time.sort_by_key(|d| d.at_ms);

@@ -689,10 +689,8 @@ impl PolicyEngine {
     }
 
     /// Writes the ledger cells changed since the last call (durable with the caller's
-    /// next store flush), each with a plain sled insert: a `sled::Batch` rolls sled's log
-    /// buffer over, which cost more than the inserts, and cells need no atomicity between
-    /// them (each is a whole value; a batch cut short by a crash is delivered again).
-    /// The ledger stays locked while they are written (microseconds), so two batches
+    /// next store flush), each with a plain sled insert ([`crate::store::Store::tree`]
+    /// says why not a `sled::Batch`; each cell is a whole value). The ledger stays locked while they are written (microseconds), so two batches
     /// cannot write one cell's values out of order. A cell not written stays dirty.
     pub fn persist_ledger(&self) -> Result<(), StoreError> {
         self.with_ledger(|l| {

@@ -441,6 +441,13 @@ impl Store {
     }
 
     /// Another tree in the same database (the decision log), flushed with the tasks.
+    ///
+    /// On the task path, write it with plain inserts, not a `sled::Batch`: sled rolls its
+    /// log buffer over before and after every batch (`PageCache::pin_log`), which wakes
+    /// its I/O threads to write it, several times the cost of the inserts. What a batch
+    /// of the task path writes reaches the disk with this store's next flush, before the
+    /// ack; a batch cut short by a crash is delivered again, so its writes need no
+    /// atomicity between them.
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
     }
