@@ -1,25 +1,25 @@
 //! The decision log: every routing decision (and every rejection) with the classification
-//! and every candidate, in sled (in the store that also holds the task log), with bounded
+//! and every candidate, kept in the store's log beside the task records, with bounded
 //! retention.
 //!
-//! Keys are in time order. A batch's decisions are written as pages: the decisions made
-//! in one millisecond, up to [`PAGE_MAX`] to a page, under `at_ms (8 bytes, big-endian) ++
-//! 0x00 ++ a unique id (8 bytes, increasing) ++ count (1 byte)`. One sled write costs about the same
-//! whatever it holds (measured: 9.4 µs of CPU per decision written one by one, 2.3 µs in
-//! pages of 32), and a decision a task writes per dispatch was the task path's largest
-//! store cost. A decision written on its own (a retarget, an intervention) keeps the
-//! per-decision key `at_ms ++ task id`. A task's record in the store keeps its decision's
-//! `at_ms`, which finds the decision by task id among that millisecond's keys, without a
-//! second index to write for every task.
+//! A batch's decisions are written as pages of the store's log ([`crate::store::log`]):
+//! the decisions made in one millisecond, up to [`PAGE_MAX`] to a page, under the key
+//! (`at_ms`, a number the log never hands out twice). A page costs one append to the
+//! log's buffer, made durable by the same sync as the batch's task records; retention
+//! drops the oldest pages, and the log deletes a segment once nothing in it is kept. A
+//! task's record keeps its decision's `at_ms`, which finds the decision by task id among
+//! that millisecond's pages, without a second index to write for every task.
 //!
-//! Values: a single decision is format 2, a version byte (`2`), then the record as
-//! MessagePack with field names (`rmp_serde::to_vec_named`), about 60 % of the JSON. A
-//! page is format 4: byte `4`, the length of a MessagePack array of such records, then
-//! the array as an LZ4 block, at most [`PAGE_BYTES`] in all (sled leaves, see there); format 3
-//! (byte `3`, then the array uncompressed) was written before and is still read. The log keeps
-//! names, unlike the task record's positional format, because decisions gain fields more
-//! often and a self-describing record reads old and new alike. Format 1 (JSON, starting
-//! with `{`) is still read; it leaves through retention.
+//! A page's bytes are format 4: byte `4`, the length of a MessagePack array of records
+//! with field names (`rmp_serde::to_vec_named`), then the array as an LZ4 block. The log
+//! keeps names, unlike the task record's positional format, because decisions gain fields
+//! more often and a self-describing record reads old and new alike.
+//!
+//! Until December 2026 the log was the sled tree `decisions`; opening moves what it holds
+//! into the store's log as it is stored (see [`DecisionLog::open`]) and drops the tree.
+//! Its values are read as pages too: format 3 (byte `3`, then the array uncompressed), and
+//! single decisions in format 2 (byte `2`, then one record) or format 1 (JSON, starting
+//! with `{`).
 
 use std::time::SystemTime;
 
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::classify::Classification;
 use crate::route::Candidate;
+use crate::store::log::{PageKey, PageLoc};
 use crate::store::{Store, StoreError};
 
 /// The `<pool>` token of `<prefix>.decisions.<pool>` for rejections.
@@ -173,12 +174,11 @@ pub enum DecisionLogError {
 /// million records per request; the page's `next` continues from where it stopped.
 const MAX_SCAN: usize = 20_000;
 
+/// Pages a walk takes from the log's index at a time.
+const WALK_CHUNK: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct DecisionLog {
-    by_time: sled::Tree,
-    /// Records in `by_time`, counted once at open and kept as records come and go, so
-    /// retention by count never walks the tree (sled's `len` does).
-    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     store: Store,
     /// Where each decision is announced (`decision` events of `/v1/stream`).
     events: Option<crate::events::Hub>,
@@ -204,18 +204,11 @@ struct DecisionEvent<'a> {
 }
 
 impl DecisionLog {
+    /// Opens the log in `store`, moving in the sled tree of the layout before December
+    /// 2026 if there is one.
     pub fn open(store: &Store) -> Result<Self, DecisionLogError> {
-        let by_time = store.tree("decisions")?;
-        // Counted from the keys alone (a page's key holds its count), as sled's `len`
-        // would walk them: no value is read.
-        let mut records = 0;
-        for k in by_time.iter().keys() {
-            records += entry_count(&k?);
-        }
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(records));
+        move_out_of_sled(store)?;
         Ok(Self {
-            by_time,
-            count,
             store: store.clone(),
             events: None,
         })
@@ -233,14 +226,13 @@ impl DecisionLog {
     }
 
     /// Writes many decisions, in pages of those made in the same millisecond (see the
-    /// module's doc), each page with a plain insert ([`Store::tree`] says why not a
-    /// `sled::Batch`). The caller records each decision's `at_ms` on its task record.
+    /// module's doc). The caller records each decision's `at_ms` on its task record.
     pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
         let mut by_time: Vec<&DecisionRecord> = items.iter().collect();
         by_time.sort_by_key(|d| d.at_ms);
         for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
             for page in same_ms.chunks(PAGE_MAX) {
-                self.insert_pages(page)?;
+                self.append_pages(page)?;
             }
         }
         if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
@@ -270,48 +262,50 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// Inserts `page` as one page, or, when it compresses to more than [`PAGE_BYTES`],
-    /// as two halves (and so on): a decision alone keeps its own key. Each entry is
-    /// counted once it is in.
-    fn insert_pages(&self, page: &[&DecisionRecord]) -> Result<(), DecisionLogError> {
-        let (key, value) = match page {
-            [] => return Ok(()),
-            [d] => (key(d.at_ms, &d.task_id), encode(d)?),
-            [first, ..] => {
-                let value = encode_page(page)?;
-                if value.len() > PAGE_BYTES {
-                    let (older, newer) = page.split_at(page.len() / 2);
-                    self.insert_pages(older)?;
-                    return self.insert_pages(newer);
-                }
-                (page_key(&self.store, first.at_ms, page.len())?, value)
-            }
+    /// Appends `page` (decisions of one millisecond) as one page, or, when it compresses
+    /// to more than [`PAGE_BYTES`], as two halves (and so on).
+    fn append_pages(&self, page: &[&DecisionRecord]) -> Result<(), DecisionLogError> {
+        let Some(first) = page.first() else {
+            return Ok(());
         };
-        self.by_time.insert(key, value)?;
-        // A key is a decision's time and task: a task decided again (a redelivery, a
-        // release) is decided at a new time, so every insert is a new record.
-        self.count
-            .fetch_add(page.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let value = encode_page(page)?;
+        if value.len() > PAGE_BYTES && page.len() > 1 {
+            let (older, newer) = page.split_at(page.len() / 2);
+            self.append_pages(older)?;
+            return self.append_pages(newer);
+        }
+        // At most PAGE_MAX decisions: fits u16.
+        let count = u16::try_from(page.len()).unwrap_or(u16::MAX);
+        self.store
+            .log()
+            .append_page(first.at_ms, count, false, &value)?;
         Ok(())
     }
 
-    /// The decision for a task, found through the task record's `decision_at_ms`: its own
-    /// key, else the pages of that millisecond.
+    /// The decision for a task, found through the task record's `decision_at_ms` among
+    /// the pages of that millisecond.
     pub fn get(&self, task_id: &str) -> Result<Option<DecisionRecord>, DecisionLogError> {
         let Some(at_ms) = self.store.get(task_id)?.and_then(|r| r.decision_at_ms) else {
             return Ok(None);
         };
-        if let Some(v) = self.by_time.get(key(at_ms, task_id))? {
-            return decode(&v).map(Some);
-        }
+        let log = self.store.log();
+        let that_ms = log.pages_between(
+            PageKey::first_at(at_ms),
+            PageKey {
+                at_ms,
+                seq: u64::MAX,
+            },
+            false,
+            usize::MAX,
+        );
         let mut found = None;
-        let that_ms = key(at_ms, "")..key(at_ms.saturating_add(1), "");
-        for entry in self.by_time.range(that_ms) {
-            let (k, v) = entry?;
+        for (_, loc) in that_ms {
             // The last one: a task decided twice in one millisecond keeps the later. A
-            // page that does not decode is passed over, as a query passes it.
-            if is_page_key(&k)
-                && let Ok(page) = decode_page(&v)
+            // page that does not read or decode is passed over, as a query passes it.
+            if let Ok(page) = log
+                .read_page(loc)
+                .map_err(DecisionLogError::from)
+                .and_then(|b| decode_page(&b))
             {
                 found = page.into_iter().rfind(|d| d.task_id == task_id).or(found);
             }
@@ -319,48 +313,46 @@ impl DecisionLog {
         Ok(found)
     }
 
-    /// Newest first, filtered, paginated. A cursor is the key of the entry the last page
-    /// stopped at, with (for a page of decisions) how many of that page's decisions are
-    /// still to come.
+    /// Newest first, filtered, paginated. A cursor is the key of the page the last answer
+    /// stopped in, with how many of that page's decisions are still to come.
     pub fn query(&self, f: &Filter) -> Result<Page, DecisionLogError> {
         let limit = f.limit.unwrap_or(100).clamp(1, 500);
-        let lower = key(f.since_ms.unwrap_or(0), "");
-        let mut upper = key(f.until_ms.unwrap_or(u64::MAX), "");
+        let lower = PageKey::first_at(f.since_ms.unwrap_or(0));
+        let mut upper = PageKey::first_at(f.until_ms.unwrap_or(u64::MAX));
         let mut resume = None;
         if let Some(c) = &f.cursor {
-            let bytes = hex_decode(c).ok_or_else(|| DecisionLogError::BadCursor(c.clone()))?;
-            if bytes.len() < 8 {
-                return Err(DecisionLogError::BadCursor(c.clone()));
-            }
-            match split_page_cursor(&bytes) {
-                Some((page, before)) => {
-                    upper = page.to_vec();
-                    resume = Some((page.to_vec(), before));
-                }
-                None => upper = bytes,
-            }
+            let (key, before) =
+                parse_cursor(c).ok_or_else(|| DecisionLogError::BadCursor(c.clone()))?;
+            upper = key;
+            resume = Some((key, before));
         }
+        let log = self.store.log();
         let mut scan = Scan {
+            log,
             filter: f,
             limit,
             out: Vec::with_capacity(limit),
             scanned: 0,
             next: None,
         };
-        if let Some((page, before)) = resume
-            && page >= lower
-            && let Some(v) = self.by_time.get(&page)?
-            && scan.entry(&page, &v, before)
+        if let Some((key, before)) = resume
+            && key >= lower
+            && let Some(loc) = log.page(key)
+            && scan.page(key, loc, before)
         {
             return Ok(scan.into_page());
         }
-        if lower < upper {
-            for entry in self.by_time.range(lower..upper).rev() {
-                let (k, v) = entry?;
-                if scan.entry(&k, &v, usize::MAX) {
-                    break;
+        loop {
+            let chunk = log.pages_between(lower, upper, true, WALK_CHUNK);
+            let Some(&(oldest, _)) = chunk.last() else {
+                break;
+            };
+            for (key, loc) in chunk {
+                if scan.page(key, loc, usize::MAX) {
+                    return Ok(scan.into_page());
                 }
             }
+            upper = oldest;
         }
         Ok(scan.into_page())
     }
@@ -372,19 +364,26 @@ impl DecisionLog {
         until_ms: u64,
         max: usize,
     ) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+        let log = self.store.log();
         let mut out = Vec::new();
-        let (lower, upper) = (key(since_ms, ""), key(until_ms, ""));
-        if lower >= upper {
-            return Ok(out);
-        }
-        for entry in self.by_time.range(lower..upper) {
-            let (k, v) = entry?;
-            out.extend(decode_entry(&k, &v).unwrap_or_default());
-            if out.len() >= max {
-                out.truncate(max);
+        let mut lower = PageKey::first_at(since_ms);
+        let upper = PageKey::first_at(until_ms);
+        while out.len() < max {
+            let chunk = log.pages_between(lower, upper, false, WALK_CHUNK);
+            let Some(&(newest, _)) = chunk.last() else {
                 break;
+            };
+            for (_, loc) in chunk {
+                if let Ok(bytes) = log.read_page(loc) {
+                    out.extend(decode_page(&bytes).unwrap_or_default());
+                }
             }
+            lower = PageKey {
+                at_ms: newest.at_ms,
+                seq: newest.seq.saturating_add(1),
+            };
         }
+        out.truncate(max);
         Ok(out)
     }
 
@@ -401,31 +400,15 @@ impl DecisionLog {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let end = key(cutoff_ms, "");
-        let mut removed = 0;
-        let over = self.len().saturating_sub(max_records) as usize;
-        // Oldest first, through the time-ordered keys: nothing newer is ever read.
-        for entry in self.by_time.iter().keys() {
-            if removed >= limit {
-                break;
-            }
-            let k = entry?;
-            if k.as_ref() >= end.as_slice() && removed >= over {
-                break;
-            }
-            let n = entry_count(&k);
-            if self.by_time.remove(&k)?.is_some() {
-                self.count
-                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-            }
-            removed += n as usize;
-        }
-        Ok(removed)
+        // Oldest first, through the log's time index: nothing newer is ever read.
+        Ok(self.store.log().drop_pages(limit, |key, kept| {
+            key.at_ms < cutoff_ms || kept > max_records
+        })?)
     }
 
     /// Records in the log (kept, not counted: constant time).
     pub fn len(&self) -> u64 {
-        self.count.load(std::sync::atomic::Ordering::Relaxed)
+        self.store.log().page_entries()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -433,9 +416,42 @@ impl DecisionLog {
     }
 }
 
+/// Moves the sled tree of the layout before December 2026 into the store's log, each
+/// value as it is stored (a page, or a single decision as a page of one), then drops the
+/// tree. Idempotent: until the tree is gone, pages moved in by an earlier try (cut short
+/// by a crash) are dropped first and the whole tree is moved again.
+fn move_out_of_sled(store: &Store) -> Result<(), DecisionLogError> {
+    if !store.has_tree(SLED_TREE) {
+        return Ok(());
+    }
+    let log = store.log();
+    let stale = log.drop_moved_pages()?;
+    let mut moved = 0u64;
+    for entry in store.tree(SLED_TREE)?.iter() {
+        let (k, v) = entry?;
+        let Some(at_ms) = k.first_chunk::<8>().map(|b| u64::from_be_bytes(*b)) else {
+            tracing::warn!(key = %crate::domain::hex(&k), "a decision log key that is not one; dropped");
+            continue;
+        };
+        let count = sled_entry_count(&k);
+        log.append_page(at_ms, count, true, &v)?;
+        moved += u64::from(count);
+    }
+    // Durable in the log before the tree goes.
+    log.sync()?;
+    store.drop_tree(SLED_TREE)?;
+    tracing::info!(
+        moved,
+        stale_pages = stale,
+        "decisions moved from sled to the store's log (the layout before December 2026)"
+    );
+    Ok(())
+}
+
 /// One newest-first walk of [`DecisionLog::query`]: what matched so far and where it
 /// stopped.
 struct Scan<'a> {
+    log: &'a crate::store::log::TaskLog,
     filter: &'a Filter,
     limit: usize,
     out: Vec<DecisionRecord>,
@@ -444,14 +460,20 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    /// Looks at one entry's decisions, newest first (a page's first `before` only);
-    /// `true` when the page of answers is full or the scan bound is reached.
-    fn entry(&mut self, k: &[u8], v: &[u8], before: usize) -> bool {
-        let Ok(mut decisions) = decode_entry(k, v) else {
-            // Unreadable: counted against the bound, and skipped.
+    /// Looks at one page's decisions, newest first (its first `before` only); `true` when
+    /// the answer is full or the scan bound is reached.
+    fn page(&mut self, key: PageKey, loc: PageLoc, before: usize) -> bool {
+        let read = self
+            .log
+            .read_page(loc)
+            .map_err(DecisionLogError::from)
+            .and_then(|b| decode_page(&b));
+        let Ok(mut decisions) = read else {
+            // Unreadable (or gone since the index was read): counted against the bound,
+            // and skipped.
             self.scanned += 1;
             if self.scanned >= MAX_SCAN {
-                self.next = Some(crate::domain::hex(k));
+                self.next = Some(cursor(key, 0));
                 return true;
             }
             return false;
@@ -463,7 +485,7 @@ impl Scan<'_> {
                 self.out.push(d);
             }
             if self.out.len() == self.limit || self.scanned >= MAX_SCAN {
-                self.next = Some(cursor(k, decisions.len()));
+                self.next = Some(cursor(key, decisions.len()));
                 return true;
             }
         }
@@ -479,11 +501,12 @@ impl Scan<'_> {
     }
 }
 
-/// Decisions to a page at most (the count must fit the key's last byte).
+/// Decisions to a page at most.
 const PAGE_MAX: usize = 32;
 
-/// Most bytes a stored page may take; `store::PAGE_BYTES` says why.
-const PAGE_BYTES: usize = crate::store::PAGE_BYTES;
+/// Most bytes a page may take compressed (a larger one is split): reading one decision
+/// reads its whole page.
+const PAGE_BYTES: usize = 64 << 10;
 
 /// Most bytes a page may claim to hold uncompressed, checked before allocating them.
 const PAGE_RAW_MAX: usize = 64 << 20;
@@ -498,46 +521,35 @@ const FORMAT_PAGE_LZ4: u8 = 4;
 /// Bytes before a compressed page's block.
 const LZ4_HEADER: usize = 5;
 
-/// The store's page key ([`Store::page_key`]), then the page's count (1 byte), so the
-/// count is known from the key alone.
-const PAGE_KEY_LEN: usize = crate::store::PAGE_KEY_LEN + 1;
-
-fn page_key(store: &Store, at_ms: u64, count: usize) -> Result<Vec<u8>, DecisionLogError> {
-    let mut k = store.page_key(at_ms)?;
-    // PAGE_MAX fits a byte.
-    k.push(u8::try_from(count).unwrap_or(u8::MAX));
-    Ok(k)
-}
-
-fn is_page_key(k: &[u8]) -> bool {
-    k.len() == PAGE_KEY_LEN && k.get(8) == Some(&crate::store::PAGE_MARK)
-}
-
-/// Decisions an entry holds, read from its key alone.
-fn entry_count(k: &[u8]) -> u64 {
-    match k.get(PAGE_KEY_LEN - 1) {
-        Some(&n) if is_page_key(k) => u64::from(n),
-        _ => 1,
-    }
-}
-
-/// Where a query that stopped at entry `k`, with `before` of its decisions still to come,
-/// goes on: a page's key and that number, or (a single decision) the key, below which
-/// the next page starts.
-fn cursor(k: &[u8], before: usize) -> String {
-    if !is_page_key(k) {
-        return crate::domain::hex(k);
-    }
-    let mut c = k.to_vec();
+/// Where a query that stopped in the page at `key`, with `before` of its decisions still
+/// to come, goes on: `at_ms`, `seq` (big-endian) and `before` (u16), in hex.
+fn cursor(key: PageKey, before: usize) -> String {
+    let mut c = Vec::with_capacity(CURSOR_LEN);
+    c.extend_from_slice(&key.at_ms.to_be_bytes());
+    c.extend_from_slice(&key.seq.to_be_bytes());
     c.extend_from_slice(&u16::try_from(before).unwrap_or(u16::MAX).to_be_bytes());
     crate::domain::hex(&c)
 }
 
-/// A page cursor's key and how many of its decisions are still to come.
-fn split_page_cursor(c: &[u8]) -> Option<(&[u8], usize)> {
-    let (k, before) = c.split_at_checked(PAGE_KEY_LEN)?;
+/// Bytes of a cursor.
+const CURSOR_LEN: usize = 18;
+
+/// A cursor's page and how many of its decisions are still to come.
+fn parse_cursor(c: &str) -> Option<(PageKey, usize)> {
+    if c.len() != 2 * CURSOR_LEN {
+        return None;
+    }
+    let bytes = crate::domain::unhex(c)?;
+    let (at_ms, rest) = bytes.split_first_chunk::<8>()?;
+    let (seq, before) = rest.split_first_chunk::<8>()?;
     let before: [u8; 2] = before.try_into().ok()?;
-    is_page_key(k).then_some((k, usize::from(u16::from_be_bytes(before))))
+    Some((
+        PageKey {
+            at_ms: u64::from_be_bytes(*at_ms),
+            seq: u64::from_be_bytes(*seq),
+        },
+        usize::from(u16::from_be_bytes(before)),
+    ))
 }
 
 fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
@@ -553,6 +565,7 @@ fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
     Ok(out)
 }
 
+/// The decisions of a page, oldest first, in any format the log has held.
 fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
     let corrupt = |why: String| DecisionLogError::Decode(why);
     match bytes.split_first() {
@@ -573,61 +586,36 @@ fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
         Some((&FORMAT_PAGE, body)) => {
             rmp_serde::from_slice(body).map_err(|e| corrupt(e.to_string()))
         }
-        _ => Err(corrupt(
-            "a page of decisions does not start with format 3 or 4".into(),
-        )),
-    }
-}
-
-/// The decisions of one entry of the log, oldest first.
-fn decode_entry(k: &[u8], v: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
-    if is_page_key(k) {
-        decode_page(v)
-    } else {
-        decode(v).map(|d| vec![d])
-    }
-}
-
-/// The version byte of a format-2 value.
-const FORMAT_V2: u8 = 2;
-
-fn encode(d: &DecisionRecord) -> Result<Vec<u8>, DecisionLogError> {
-    let mut out = Vec::with_capacity(1024);
-    out.push(FORMAT_V2);
-    let mut ser = rmp_serde::Serializer::new(&mut out).with_struct_map();
-    d.serialize(&mut ser)?;
-    Ok(out)
-}
-
-/// A stored decision in either format.
-fn decode(bytes: &[u8]) -> Result<DecisionRecord, DecisionLogError> {
-    match bytes.split_first() {
-        Some((b'{', _)) => {
-            serde_json::from_slice(bytes).map_err(|e| DecisionLogError::Decode(e.to_string()))
-        }
-        Some((&FORMAT_V2, body)) => {
-            rmp_serde::from_slice(body).map_err(|e| DecisionLogError::Decode(e.to_string()))
-        }
-        Some((other, _)) => Err(DecisionLogError::Decode(format!(
+        Some((&FORMAT_V2, body)) => rmp_serde::from_slice(body)
+            .map(|d| vec![d])
+            .map_err(|e| corrupt(e.to_string())),
+        Some((b'{', _)) => serde_json::from_slice(bytes)
+            .map(|d| vec![d])
+            .map_err(|e| corrupt(e.to_string())),
+        Some((other, _)) => Err(corrupt(format!(
             "format {other} is not one this commander reads"
         ))),
-        None => Err(DecisionLogError::Decode("empty value".into())),
+        None => Err(corrupt("an empty page".into())),
     }
 }
 
-fn key(at_ms: u64, task_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + task_id.len());
-    k.extend_from_slice(&at_ms.to_be_bytes());
-    k.extend_from_slice(task_id.as_bytes());
-    k
-}
+/// The version byte of a single decision in the sled tree (before pages).
+const FORMAT_V2: u8 = 2;
 
-/// A cursor's bytes: hex, and no longer than a key can be.
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() > 600 {
-        return None;
+/// The sled tree the log was until December 2026.
+const SLED_TREE: &str = "decisions";
+
+/// Bytes of a page's key in [`SLED_TREE`]: `at_ms` (8, big-endian), a zero byte, a unique
+/// id (8), the page's count (1). A single decision's key was `at_ms ++ task id`, and a
+/// task id never starts with the zero byte.
+const SLED_PAGE_KEY_LEN: usize = 18;
+
+/// Decisions an entry of [`SLED_TREE`] holds, read from its key alone.
+fn sled_entry_count(k: &[u8]) -> u16 {
+    match (k.len(), k.get(8), k.last()) {
+        (SLED_PAGE_KEY_LEN, Some(0), Some(&n)) => u16::from(n),
+        _ => 1,
     }
-    crate::domain::unhex(s)
 }
 
 #[cfg(test)]
@@ -793,7 +781,7 @@ mod tests {
             log.record(&rec("single", 999, "docs", "retarget")).unwrap();
             assert_eq!(log.len(), 101);
             assert_eq!(
-                log.by_time.len(),
+                all_pages(&store).len(),
                 6,
                 "pages of 32 + 8, 32 + 18 and 10, and one single decision"
             );
@@ -919,82 +907,67 @@ mod tests {
         );
     }
 
-    /// Format 2 keeps every field (the flattened answer, candidates with and without
-    /// scores); a log written in format 1 (JSON) reads back whole, and its count is known.
+    fn all_pages(store: &Store) -> Vec<(PageKey, PageLoc)> {
+        store.log().pages_between(
+            PageKey::first_at(0),
+            PageKey::first_at(u64::MAX),
+            false,
+            usize::MAX,
+        )
+    }
+
+    /// Alike decisions compress well; decisions that do not are split into pages under
+    /// `PAGE_BYTES`, read back in order, each once; a damaged page is an error, never a
+    /// huge allocation or a panic.
     #[test]
-    fn pages_are_compressed_split_to_fit_a_leaf_and_format_3_pages_still_read() {
+    fn pages_are_compressed_and_split_to_a_bound() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = DecisionLog::open(&store).unwrap();
-        let tree = store.tree("decisions").unwrap();
-        let values = || -> Vec<(Vec<u8>, sled::IVec)> {
-            tree.iter()
-                .map(|e| e.unwrap())
-                .map(|(k, v)| (k.to_vec(), v))
-                .collect()
-        };
 
-        // Alike decisions compress: one page of 32, well under its raw size.
         let alike: Vec<_> = (0..32)
             .map(|i| rec(&format!("a-{i}"), 1_000, "docs", "cost_tier"))
             .collect();
         log.record_many(&alike).unwrap();
-        let stored = values();
-        assert_eq!(stored.len(), 1);
+        let pages = all_pages(&store);
+        assert_eq!(pages.len(), 1);
+        let stored = store.log().read_page(pages[0].1).unwrap();
         let raw = rmp_serde::to_vec_named(&alike.iter().collect::<Vec<_>>()).unwrap();
-        assert_eq!(stored[0].1[0], FORMAT_PAGE_LZ4);
+        assert_eq!(stored[0], FORMAT_PAGE_LZ4);
         assert!(
-            stored[0].1.len() * 3 < raw.len(),
+            stored.len() * 3 < raw.len(),
             "{} bytes stored for {} raw",
-            stored[0].1.len(),
+            stored.len(),
             raw.len()
         );
 
-        // Decisions that do not compress (2 KB of random reasons each) are split into
-        // pages that each fit PAGE_BYTES, so a leaf of them stays inline in sled.
+        // 8 KB of random reasons each: 256 KB that does not compress.
         let noisy: Vec<_> = (0..32)
             .map(|i| {
                 let mut d = rec(&format!("n-{i:02}"), 2_000, "code", "cost_tier");
-                d.reason = (0..128)
+                d.reason = (0..512)
                     .map(|_| format!("{:016x}", rand::random::<u64>()))
                     .collect();
                 d
             })
             .collect();
         log.record_many(&noisy).unwrap();
-        let stored: Vec<_> = values().into_iter().skip(1).collect();
-        assert!(stored.len() > 4, "split into {} entries", stored.len());
-        assert!(
-            stored
-                .iter()
-                .all(|(k, v)| v.len() <= PAGE_BYTES || !is_page_key(k))
+        let pages: Vec<_> = all_pages(&store).into_iter().skip(1).collect();
+        assert!(pages.len() >= 4, "split into {} pages", pages.len());
+        for (_, loc) in &pages {
+            assert!(store.log().read_page(*loc).unwrap().len() <= PAGE_BYTES);
+        }
+        assert_eq!(
+            pages.iter().map(|(_, l)| u64::from(l.count)).sum::<u64>(),
+            32
         );
-        let counted: u64 = stored.iter().map(|(k, _)| entry_count(k)).sum();
-        assert_eq!(counted, 32);
         assert_eq!(
             log.range(2_000, 2_001, 100).unwrap(),
             noisy,
             "in order, each once"
         );
+        assert_eq!(log.len(), 64);
 
-        // A page written before compression (format 3) reads as before.
-        let old: Vec<_> = (0..5)
-            .map(|i| rec(&format!("o-{i}"), 500, "docs", "requested"))
-            .collect();
-        let mut v3 = vec![FORMAT_PAGE];
-        v3.extend(rmp_serde::to_vec_named(&old.iter().collect::<Vec<_>>()).unwrap());
-        tree.insert(page_key(&store, 500, old.len()).unwrap(), v3)
-            .unwrap();
-        futures::executor::block_on(store.flush()).unwrap();
-        drop((log, tree, store));
-        let store = Store::reopen(dir.path());
-        let log = DecisionLog::open(&store).unwrap();
-        assert_eq!(log.len(), 69);
-        assert_eq!(log.range(0, 1_000, 100).unwrap(), old);
-        let all = log.range(0, u64::MAX, 1_000).unwrap();
-        assert_eq!(all.len(), 69);
-
-        // A damaged page is an error, never a huge allocation or a panic.
         let mut huge = vec![FORMAT_PAGE_LZ4];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&[0; 16]);
@@ -1003,16 +976,22 @@ mod tests {
         let mut cut = encode_page(&alike.iter().collect::<Vec<_>>()).unwrap();
         cut.truncate(cut.len() / 2);
         assert!(decode_page(&cut).is_err());
+        assert!(decode_page(&[7, 1]).is_err() && decode_page(&[]).is_err());
     }
 
+    /// A decision log in the sled tree of the layout before December 2026, with values in
+    /// every format it held (JSON and format-2 single decisions, format-3 and format-4
+    /// pages), is moved into the store's log at open: every record reads back whole, by
+    /// task, by query and by range, and the tree is gone. A move cut short by a crash is
+    /// done again without duplicates.
     #[test]
-    fn format_2_round_trips_and_a_json_log_still_reads() {
-        let mut d = rec("t-full", 5_000, "docs", "cost_tier");
-        d.classification.answer.capabilities = vec!["code".into(), "long_context".into()];
-        d.classification.model = Some("gpt-4o-mini".into());
-        d.policy_version = Some("v".repeat(64));
-        d.inputs.requested_pool = Some("docs".into());
-        d.candidates = vec![
+    fn a_sled_decision_log_of_every_format_moves_to_the_store_log() {
+        let mut full = rec("t-full", 5_000, "docs", "cost_tier");
+        full.classification.answer.capabilities = vec!["code".into(), "long_context".into()];
+        full.classification.model = Some("gpt-4o-mini".into());
+        full.policy_version = Some("v".repeat(64));
+        full.inputs.requested_pool = Some("docs".into());
+        full.candidates = vec![
             crate::route::Candidate {
                 pool: "docs".into(),
                 model: "gpt-4o-mini".into(),
@@ -1034,35 +1013,92 @@ mod tests {
                 reason: "not this tier".into(),
             },
         ];
-        let v2 = encode(&d).unwrap();
-        let json = serde_json::to_vec(&d).unwrap();
-        assert_eq!(decode(&v2).unwrap(), d);
-        assert_eq!(decode(&json).unwrap(), d);
-        assert!(v2.len() < json.len(), "{} vs {}", v2.len(), json.len());
-        assert!(decode(&[7, 1]).is_err() && decode(&[]).is_err());
-
+        let json = rec("t-json", 4_000, "code", "requested");
+        let v3: Vec<_> = (0..5)
+            .map(|i| rec(&format!("v3-{i}"), 6_000, "docs", "cost_tier"))
+            .collect();
+        let v4: Vec<_> = (0..7)
+            .map(|i| rec(&format!("v4-{i}"), 6_000, "code", "cost_tier"))
+            .collect();
+        let sled_page_key = |at_ms: u64, unique: u64, count: usize| {
+            let mut k = at_ms.to_be_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&unique.to_be_bytes());
+            k.push(count as u8);
+            k
+        };
+        let single_key = |d: &DecisionRecord| {
+            let mut k = d.at_ms.to_be_bytes().to_vec();
+            k.extend_from_slice(d.task_id.as_bytes());
+            k
+        };
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let tree = store.tree("decisions").unwrap();
-            tree.insert(key(d.at_ms, &d.task_id), json).unwrap();
+            let tree = store.tree(SLED_TREE).unwrap();
+            tree.insert(single_key(&json), serde_json::to_vec(&json).unwrap())
+                .unwrap();
+            let mut v2 = vec![FORMAT_V2];
+            v2.extend(rmp_serde::to_vec_named(&full).unwrap());
+            tree.insert(single_key(&full), v2).unwrap();
+            let mut page3 = vec![FORMAT_PAGE];
+            page3.extend(rmp_serde::to_vec_named(&v3.iter().collect::<Vec<_>>()).unwrap());
+            tree.insert(sled_page_key(6_000, 1, v3.len()), page3)
+                .unwrap();
+            tree.insert(
+                sled_page_key(6_000, 2, v4.len()),
+                encode_page(&v4.iter().collect::<Vec<_>>()).unwrap(),
+            )
+            .unwrap();
+            for d in [&json, &full].into_iter().chain(&v3).chain(&v4) {
+                store
+                    .update(
+                        &d.task_id,
+                        || crate::store::TaskRecord::new(&d.task_id, 1),
+                        |r| r.decision_at_ms = Some(d.at_ms),
+                    )
+                    .unwrap();
+            }
+            // A move cut short: part of the tree already in the log, the tree still there.
+            store
+                .log()
+                .append_page(
+                    6_000,
+                    v4.len() as u16,
+                    true,
+                    &encode_page(&v4.iter().collect::<Vec<_>>()).unwrap(),
+                )
+                .unwrap();
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let want: Vec<DecisionRecord> = [json.clone(), full.clone()]
+            .into_iter()
+            .chain(v3.iter().cloned())
+            .chain(v4.iter().cloned())
+            .collect();
+        let check = |log: &DecisionLog, want: &[DecisionRecord]| {
+            assert_eq!(log.len(), want.len() as u64, "each once");
+            assert_eq!(log.range(0, u64::MAX, 100).unwrap(), want);
+            for d in want {
+                assert_eq!(log.get(&d.task_id).unwrap().as_ref(), Some(d));
+            }
+            let page = log.query(&Filter::default()).unwrap();
+            let ids: Vec<&str> = page.decisions.iter().map(|d| d.task_id.as_str()).collect();
+            let newest_first: Vec<&str> = want.iter().rev().map(|d| d.task_id.as_str()).collect();
+            assert_eq!(ids, newest_first);
+        };
+        {
+            let store = Store::reopen(dir.path());
+            let log = DecisionLog::open(&store).unwrap();
+            assert!(!store.has_tree(SLED_TREE));
+            check(&log, &want);
+            // Retention drops the oldest (the JSON one) for the count bound.
+            assert_eq!(log.prune(SystemTime::UNIX_EPOCH, 13, 100).unwrap(), 1);
             futures::executor::block_on(store.flush()).unwrap();
         }
         let store = Store::reopen(dir.path());
         let log = DecisionLog::open(&store).unwrap();
-        assert_eq!(log.len(), 1);
-        assert_eq!(log.range(0, u64::MAX, 10).unwrap(), vec![d.clone()]);
-        log.record(&rec("t-new", 6_000, "code", "cost_tier"))
-            .unwrap();
-        assert_eq!(log.len(), 2);
-        let page = log.query(&Filter::default()).unwrap();
-        let ids: Vec<&str> = page.decisions.iter().map(|d| d.task_id.as_str()).collect();
-        assert_eq!(ids, ["t-new", "t-full"]);
-        assert_eq!(
-            log.prune(SystemTime::UNIX_EPOCH, 1, 100).unwrap(),
-            1,
-            "the count bound drops the oldest"
-        );
-        assert_eq!(log.len(), 1);
+        assert!(log.get("t-json").unwrap().is_none(), "the drop is durable");
+        check(&log, &want[1..]);
     }
 }

@@ -1,4 +1,6 @@
-//! The task records' own log: append-only segment files with an index in memory.
+//! The task records' own log: append-only segment files with an index in memory. It also
+//! keeps the decision log's pages (see "Pages" below), so one sync makes a batch's task
+//! records and decisions durable together.
 //!
 //! Every write of a task record appends the whole new version (a few hundred bytes of
 //! [`super::codec`]) to the active segment, and the in-memory index points the task's id
@@ -8,20 +10,35 @@
 //!
 //! ## On disk
 //!
-//! `<store dir>/tasks/NNNNNNNN.log`, numbered from 1. Each file starts with [`MAGIC`]
-//! (whose last byte is the log format, 1), then entries:
+//! `<store dir>/task_log/NNNNNNNN.log`, numbered from 1. Each file starts with [`MAGIC`]
+//! (whose last byte is the log format, 2), then entries:
 //!
 //! ```text
 //! body length  u32 LE
 //! crc32 of the body  u32 LE
 //! body:  kind u8
-//!        kind 1 (record):  finished_ms u64 LE (0: not terminal), id length u16 LE, id,
-//!                          the record (codec format byte, then its body)
-//!        kind 2 (removed): id length u16 LE, id
+//!        kind 1 (record):       finished_ms u64 LE (0: not terminal), id length u16 LE, id,
+//!                               the record (codec format byte, then its body)
+//!        kind 2 (removed):      id length u16 LE, id
+//!        kind 3 (page):         at_ms u64 LE, seq u64 LE, count u16 LE, flags u8 (bit 0:
+//!                               moved in from sled), the page (its owner's bytes)
+//!        kind 4 (pages dropped): (at_ms u64 LE, seq u64 LE) for each page dropped
 //! ```
 //!
 //! The last entry of a task id in segment order is its record; a `removed` entry (the
-//! retention sweep) ends it. A segment rolls over at [`SEGMENT_BYTES`].
+//! retention sweep) ends it. A segment rolls over at [`SEGMENT_BYTES`]. Format 1 (the same
+//! entries, kinds 1 and 2 only) is still read; a commander opening a format-1 segment
+//! last starts a new segment, so a commander that reads only format 1 refuses the
+//! directory instead of cutting pages off as torn entries.
+//!
+//! ## Pages
+//!
+//! A page is a group of entries of another log, kept in time order: the decision log
+//! writes a batch's decisions as pages (`decisions.rs`). Their index in memory maps
+//! (`at_ms`, `seq`) to where each page is; `seq` is never handed out twice, so pages of
+//! one millisecond keep the order they were written in. Retention drops the oldest pages
+//! ([`TaskLog::drop_pages`]) with a `pages dropped` entry, which (like `removed`) is
+//! always in the same segment as its pages or a later one, so it outlives them.
 //!
 //! ## Durability
 //!
@@ -35,9 +52,11 @@
 //!
 //! Retention ([`TaskLog::sweep`]) removes terminal records in the order they finished,
 //! from an in-memory queue rebuilt at open from the records' `finished_ms`: it never
-//! scans. Segments are deleted oldest first, once no task's latest version is in them
-//! (so a `removed` entry always outlives the record it removes). An oldest segment held
-//! only by a few long-lived tasks (deferred for days, say) has them copied forward first.
+//! scans. Segments are deleted oldest first, once no task's latest version and no page
+//! still kept is in them (so a `removed` entry always outlives the record it removes). An
+//! oldest segment held only by a few long-lived tasks (deferred for days, say) has them
+//! copied forward first; pages are never copied, so a segment waits for its pages'
+//! retention (the decision log's, 72 hours by default, like the tasks').
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -51,8 +70,11 @@ use dashmap::mapref::entry::Entry;
 
 use super::{StoreError, TaskRecord, codec};
 
-/// First bytes of every segment file: a name, then the log format (1).
-pub const MAGIC: [u8; 8] = *b"FCTASKS\x01";
+/// First bytes of every segment file written now: a name, then the log format (2).
+pub const MAGIC: [u8; 8] = *b"FCTASKS\x02";
+
+/// First bytes of a segment of format 1 (no pages), still read.
+const MAGIC_V1: [u8; 8] = *b"FCTASKS\x01";
 
 /// A segment rolls over once it would pass this.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -69,6 +91,69 @@ const MAX_BODY: usize = 4 << 20;
 
 const KIND_RECORD: u8 = 1;
 const KIND_REMOVED: u8 = 2;
+const KIND_PAGE: u8 = 3;
+const KIND_PAGES_DROPPED: u8 = 4;
+
+/// Bytes of a page entry's body before the page: kind, at_ms, seq, count, flags.
+const PAGE_HEAD: usize = 1 + 8 + 8 + 2 + 1;
+
+/// A page's flag: moved in from a sled tree at open (see [`TaskLog::drop_moved_pages`]).
+const PAGE_MOVED_IN: u8 = 1;
+
+/// A page's place in time order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageKey {
+    /// When its entries were made (unix ms).
+    pub at_ms: u64,
+    /// Never handed out twice: pages of one millisecond keep their order.
+    pub seq: u64,
+}
+
+impl PageKey {
+    /// The first key of millisecond `at_ms`.
+    pub fn first_at(at_ms: u64) -> Self {
+        Self { at_ms, seq: 0 }
+    }
+}
+
+/// Where a page is, and how many entries it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLoc {
+    segment: u32,
+    /// The page's bytes, past the entry's head.
+    offset: u32,
+    len: u32,
+    pub count: u16,
+    moved_in: bool,
+}
+
+/// The pages kept, in time order.
+#[derive(Debug, Default)]
+struct Pages {
+    index: BTreeMap<PageKey, PageLoc>,
+    /// Entries in all pages (the sum of their counts).
+    entries: u64,
+    /// The next page's `seq`.
+    next_seq: u64,
+}
+
+impl Pages {
+    fn insert(&mut self, key: PageKey, loc: PageLoc) {
+        self.next_seq = self.next_seq.max(key.seq.saturating_add(1));
+        self.entries += u64::from(loc.count);
+        if let Some(old) = self.index.insert(key, loc) {
+            // Keys are never handed out twice; if a damaged store repeats one, the later
+            // page stands and the count stays right.
+            self.entries = self.entries.saturating_sub(u64::from(old.count));
+        }
+    }
+
+    fn remove(&mut self, key: &PageKey) -> Option<PageLoc> {
+        let loc = self.index.remove(key)?;
+        self.entries = self.entries.saturating_sub(u64::from(loc.count));
+        Some(loc)
+    }
+}
 
 /// Where the latest version of a task's record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,9 +172,11 @@ struct Segment {
     file: Arc<File>,
     /// Bytes in the file (the active segment's buffer not counted).
     len: u64,
-    /// Entries in it, and how many are some task's latest version.
+    /// Entries in it, how many are some task's latest version, and how many are pages
+    /// still kept.
     entries: u64,
     live: u64,
+    pages: u64,
 }
 
 #[derive(Debug)]
@@ -111,6 +198,9 @@ pub struct TaskLog {
     /// Terminal tasks in the order they finished: (finished_ms, id). An entry whose task
     /// has since been removed, or finished again under another time, is skipped.
     finished: Mutex<VecDeque<(u64, Arc<str>)>>,
+    /// Pages kept (see the module's docs). When both are held, taken after the writer's
+    /// lock, never before it.
+    pages: Mutex<Pages>,
 }
 
 /// What [`TaskLog::open`] found, for its log line.
@@ -118,6 +208,8 @@ pub struct TaskLog {
 pub struct Opened {
     pub segments: usize,
     pub records: usize,
+    /// Pages kept.
+    pub pages: usize,
     /// Bytes cut from the end of the last segment (an append a crash cut short).
     pub truncated: u64,
     /// Segments with a bad entry before their end, whose rest was skipped.
@@ -156,13 +248,21 @@ impl TaskLog {
         std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
         let numbers = segment_numbers(dir)?;
         let index: DashMap<Arc<str>, Loc> = DashMap::new();
+        let mut pages = Pages::default();
         let mut segments = BTreeMap::new();
         let mut opened = Opened::default();
         let last = numbers.last().copied();
+        let mut last_is_v1 = false;
         for &n in &numbers {
-            let (segment, found) = scan_segment(dir, n, Some(n) == last, &index, &mut segments)?;
+            let mut scan = Scan {
+                index: &index,
+                pages: &mut pages,
+                segments: &mut segments,
+            };
+            let (segment, found) = scan.segment(dir, n, Some(n) == last)?;
             opened.truncated += found.truncated;
             opened.damaged += usize::from(found.damaged);
+            last_is_v1 = found.v1;
             segments.insert(n, segment);
         }
         let active = match last {
@@ -179,18 +279,25 @@ impl TaskLog {
             .map(|e| (e.finished_ms, e.key().clone()))
             .collect();
         finished.sort_unstable();
-        opened.segments = segments.len();
         opened.records = index.len();
+        opened.pages = pages.index.len();
+        let mut writer = Writer {
+            dir: dir.to_path_buf(),
+            segments,
+            active,
+            buffer: Vec::with_capacity(BUFFER_BYTES),
+            segment_bytes,
+        };
+        if last_is_v1 {
+            // Appends go to a segment of format 2 (see the module's docs).
+            writer.roll()?;
+        }
+        opened.segments = writer.segments.len();
         let log = Self {
             index,
-            writer: Mutex::new(Writer {
-                dir: dir.to_path_buf(),
-                segments,
-                active,
-                buffer: Vec::with_capacity(BUFFER_BYTES),
-                segment_bytes,
-            }),
+            writer: Mutex::new(writer),
             finished: Mutex::new(finished.into()),
+            pages: Mutex::new(pages),
         };
         Ok((log, opened))
     }
@@ -349,7 +456,8 @@ impl TaskLog {
         Ok(removed)
     }
 
-    /// Deletes segments from the oldest while no task's latest record is in them. An
+    /// Deletes segments from the oldest while no task's latest record and no page kept is
+    /// in them. An
     /// oldest segment where at most a quarter of the entries are still live has those
     /// copied forward first (made durable before the file goes).
     fn reclaim(&self) -> Result<(), StoreError> {
@@ -362,14 +470,15 @@ impl TaskLog {
                 if n == w.active {
                     return Ok(());
                 }
-                if oldest.live == 0 {
+                if oldest.live == 0 && oldest.pages == 0 {
                     let path = segment_path(&w.dir, n);
                     w.segments.remove(&n);
                     std::fs::remove_file(&path).map_err(|e| io("removing", &path, e))?;
                     tracing::debug!(segment = n, "task log segment deleted");
                     continue;
                 }
-                if oldest.live * 4 > oldest.entries {
+                // Pages are not copied: the segment waits for their retention.
+                if oldest.pages > 0 || oldest.live * 4 > oldest.entries {
                     return Ok(());
                 }
                 (n, oldest.file.clone(), oldest.len)
@@ -430,6 +539,160 @@ impl TaskLog {
         Ok(moved)
     }
 
+    /// Appends a page of `count` entries made at `at_ms` (`moved_in`: moved in from a sled
+    /// tree, see [`TaskLog::drop_moved_pages`]); returns its key. Durable with the next
+    /// [`TaskLog::sync`].
+    pub fn append_page(
+        &self,
+        at_ms: u64,
+        count: u16,
+        moved_in: bool,
+        page: &[u8],
+    ) -> Result<PageKey, StoreError> {
+        // Taken before the append and under the pages' lock: two pages never share a key.
+        let seq = {
+            let mut p = lock(&self.pages);
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            seq
+        };
+        let key = PageKey { at_ms, seq };
+        let mut body = Vec::with_capacity(PAGE_HEAD + page.len());
+        body.push(KIND_PAGE);
+        body.extend_from_slice(&at_ms.to_le_bytes());
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(&count.to_le_bytes());
+        body.push(if moved_in { PAGE_MOVED_IN } else { 0 });
+        body.extend_from_slice(page);
+        let (segment, entry_at) = lock(&self.writer).append(&body, None, Counted::Page)?;
+        let loc = PageLoc {
+            segment,
+            // Within u32, as a record's offset is (see `append_record`).
+            offset: (entry_at + (HEADER + PAGE_HEAD) as u64) as u32,
+            len: u32::try_from(page.len()).unwrap_or(u32::MAX),
+            count,
+            moved_in,
+        };
+        lock(&self.pages).insert(key, loc);
+        Ok(key)
+    }
+
+    /// Pages with keys in [`from`, `to`), oldest first or newest first, at most `max`.
+    pub fn pages_between(
+        &self,
+        from: PageKey,
+        to: PageKey,
+        newest_first: bool,
+        max: usize,
+    ) -> Vec<(PageKey, PageLoc)> {
+        if from >= to {
+            return Vec::new();
+        }
+        let p = lock(&self.pages);
+        let range = p.index.range(from..to).map(|(k, l)| (*k, *l));
+        if newest_first {
+            range.rev().take(max).collect()
+        } else {
+            range.take(max).collect()
+        }
+    }
+
+    /// The page at `key`, when it is still kept.
+    pub fn page(&self, key: PageKey) -> Option<PageLoc> {
+        lock(&self.pages).index.get(&key).copied()
+    }
+
+    /// A page's bytes.
+    pub fn read_page(&self, loc: PageLoc) -> Result<Vec<u8>, StoreError> {
+        self.read(Loc {
+            segment: loc.segment,
+            offset: loc.offset,
+            len: loc.len,
+            finished_ms: 0,
+        })
+    }
+
+    /// Entries in all pages kept (constant time).
+    pub fn page_entries(&self) -> u64 {
+        lock(&self.pages).entries
+    }
+
+    /// Drops the oldest pages while `drop(key, entries kept)` says so, at most `limit`
+    /// entries' worth (a page goes whole, so by up to a page more), then deletes the
+    /// segments that leaves unused. Returns how many entries went.
+    pub fn drop_pages(
+        &self,
+        limit: usize,
+        drop: impl Fn(PageKey, u64) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        while dropped < limit {
+            // A few hundred at a time, so the lock that decisions are written under is
+            // never held for long.
+            let chunk: Vec<(PageKey, PageLoc)> = {
+                let p = lock(&self.pages);
+                let mut kept = p.entries;
+                let mut chunk = Vec::new();
+                for (&key, &loc) in &p.index {
+                    if chunk.len() == 256 || dropped >= limit || !drop(key, kept) {
+                        break;
+                    }
+                    kept = kept.saturating_sub(u64::from(loc.count));
+                    dropped += usize::from(loc.count);
+                    chunk.push((key, loc));
+                }
+                chunk
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            let done = chunk.len() < 256;
+            self.forget_pages(&chunk)?;
+            if done {
+                break;
+            }
+        }
+        self.reclaim()?;
+        Ok(dropped)
+    }
+
+    /// Drops every page moved in from sled: what a move cut short by a crash left (the
+    /// tree it was moving is still there, and is moved again whole).
+    pub fn drop_moved_pages(&self) -> Result<usize, StoreError> {
+        let moved: Vec<(PageKey, PageLoc)> = lock(&self.pages)
+            .index
+            .iter()
+            .filter(|(_, l)| l.moved_in)
+            .map(|(k, l)| (*k, *l))
+            .collect();
+        for chunk in moved.chunks(256) {
+            self.forget_pages(chunk)?;
+        }
+        Ok(moved.len())
+    }
+
+    /// Writes one `pages dropped` entry for `pages`, then takes them out of the index and
+    /// of their segments' counts.
+    fn forget_pages(&self, pages: &[(PageKey, PageLoc)]) -> Result<(), StoreError> {
+        let mut body = Vec::with_capacity(1 + 16 * pages.len());
+        body.push(KIND_PAGES_DROPPED);
+        for (key, _) in pages {
+            body.extend_from_slice(&key.at_ms.to_le_bytes());
+            body.extend_from_slice(&key.seq.to_le_bytes());
+        }
+        let mut w = lock(&self.writer);
+        w.append(&body, None, Counted::Neither)?;
+        let mut p = lock(&self.pages);
+        for (key, _) in pages {
+            if let Some(loc) = p.remove(key)
+                && let Some(s) = w.segments.get_mut(&loc.segment)
+            {
+                s.pages = s.pages.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the buffered appends to the file and makes everything appended so far
     /// durable.
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -488,7 +751,7 @@ impl TaskLog {
         let record_in_body = body.len();
         body.extend_from_slice(record);
         let mut w = lock(&self.writer);
-        let (segment, entry_at) = w.append(&body, replaces, true)?;
+        let (segment, entry_at) = w.append(&body, replaces, Counted::Record)?;
         let offset = entry_at + (HEADER + record_in_body) as u64;
         Ok(Loc {
             segment,
@@ -506,9 +769,20 @@ impl TaskLog {
         body.push(KIND_REMOVED);
         body.extend_from_slice(&id_len.to_le_bytes());
         body.extend_from_slice(id.as_bytes());
-        lock(&self.writer).append(&body, Some(replaces), false)?;
+        lock(&self.writer).append(&body, Some(replaces), Counted::Neither)?;
         Ok(())
     }
+}
+
+/// What an appended entry is live as, in its segment's counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    /// A task's latest record.
+    Record,
+    /// A page kept.
+    Page,
+    /// A removal, dropped pages: never live.
+    Neither,
 }
 
 impl Writer {
@@ -520,13 +794,13 @@ impl Writer {
     }
 
     /// Appends one entry to the active segment (rolling over first when it is full);
-    /// returns the segment and the entry's offset. `live`: the entry is a task's latest
-    /// record. `replaces`: the record it supersedes, no longer live.
+    /// returns the segment and the entry's offset. `counted`: what the entry is live as.
+    /// `replaces`: the record it supersedes, no longer live.
     fn append(
         &mut self,
         body: &[u8],
         replaces: Option<Loc>,
-        live: bool,
+        counted: Counted,
     ) -> Result<(u32, u64), StoreError> {
         if body.len() > MAX_BODY {
             return Err(StoreError::Io(format!(
@@ -553,7 +827,11 @@ impl Writer {
         let segment = self.active_segment()?;
         let entry_at = segment.len + buffered;
         segment.entries += 1;
-        segment.live += u64::from(live);
+        match counted {
+            Counted::Record => segment.live += 1,
+            Counted::Page => segment.pages += 1,
+            Counted::Neither => {}
+        }
         // Body length fits u32: it is at most MAX_BODY.
         self.buffer
             .extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -657,6 +935,7 @@ fn create_segment(dir: &Path, n: u32) -> Result<Segment, StoreError> {
         len: MAGIC.len() as u64,
         entries: 0,
         live: 0,
+        pages: 0,
     })
 }
 
@@ -664,124 +943,164 @@ fn create_segment(dir: &Path, n: u32) -> Result<Segment, StoreError> {
 struct Scanned {
     truncated: u64,
     damaged: bool,
+    /// The segment is of format 1.
+    v1: bool,
 }
 
-/// Reads segment `n` into the index. The last segment is cut at a torn entry (and its
-/// header rewritten if a crash left it shorter than that).
-fn scan_segment(
-    dir: &Path,
-    n: u32,
-    last: bool,
-    index: &DashMap<Arc<str>, Loc>,
-    segments: &mut BTreeMap<u32, Segment>,
-) -> Result<(Segment, Scanned), StoreError> {
-    let path = segment_path(dir, n);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| io("opening", &path, e))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| io("reading", &path, e))?;
-    let mut found = Scanned {
-        truncated: 0,
-        damaged: false,
-    };
-    if bytes.len() < MAGIC.len() && last && MAGIC.starts_with(&bytes) {
-        // Created, then the crash before its header was durable.
-        file.set_len(0)
-            .and_then(|()| file.write_all_at(&MAGIC, 0))
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io("repairing", &path, e))?;
-        found.truncated = bytes.len() as u64;
-        bytes = MAGIC.to_vec();
-    }
-    if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
-        return Err(StoreError::Io(format!(
-            "{} is not a task log segment of a format this commander reads",
-            path.display()
-        )));
-    }
-    let mut segment = Segment {
-        file: Arc::new(file),
-        len: bytes.len() as u64,
-        entries: 0,
-        live: 0,
-    };
-    let mut entries = Entries::new(&bytes);
-    for entry in entries.by_ref() {
-        let Ok(parsed) = entry else {
-            break;
+/// What [`TaskLog::open`] builds from the segments, read one at a time in order.
+struct Scan<'a> {
+    index: &'a DashMap<Arc<str>, Loc>,
+    pages: &'a mut Pages,
+    /// The segments read before this one.
+    segments: &'a mut BTreeMap<u32, Segment>,
+}
+
+impl Scan<'_> {
+    /// Reads segment `n` into the indexes. The last segment is cut at a torn entry (and
+    /// its header rewritten if a crash left it shorter than that).
+    fn segment(
+        &mut self,
+        dir: &Path,
+        n: u32,
+        last: bool,
+    ) -> Result<(Segment, Scanned), StoreError> {
+        let path = segment_path(dir, n);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("opening", &path, e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| io("reading", &path, e))?;
+        let mut found = Scanned {
+            truncated: 0,
+            damaged: false,
+            v1: false,
         };
-        index_entry(parsed, n, &mut segment, index, segments);
-    }
-    let good = entries.at as u64;
-    if good < bytes.len() as u64 {
-        if last {
-            segment
-                .file
-                .set_len(good)
-                .and_then(|()| segment.file.sync_data())
-                .map_err(|e| io("truncating", &path, e))?;
-            found.truncated += bytes.len() as u64 - good;
-            tracing::warn!(
-                segment = n,
-                cut = bytes.len() as u64 - good,
-                "task log: an append cut short by a crash was dropped"
-            );
-        } else {
-            found.damaged = true;
-            tracing::error!(
-                segment = n,
-                at = good,
-                "task log: a damaged entry; the rest of this segment is skipped"
-            );
+        if bytes.len() < MAGIC.len() && last && MAGIC.starts_with(&bytes) {
+            // Created, then the crash before its header was durable.
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(&MAGIC, 0))
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io("repairing", &path, e))?;
+            found.truncated = bytes.len() as u64;
+            bytes = MAGIC.to_vec();
         }
-        segment.len = good;
-    }
-    Ok((segment, found))
-}
-
-/// Counts one entry read from segment `n` and points the index at it (a record) or
-/// takes its task out (a removal); the version it replaces is no longer live.
-fn index_entry(
-    parsed: Parsed<'_>,
-    n: u32,
-    segment: &mut Segment,
-    index: &DashMap<Arc<str>, Loc>,
-    segments: &mut BTreeMap<u32, Segment>,
-) {
-    segment.entries += 1;
-    let replaced = match parsed {
-        Parsed::Record {
-            id,
-            finished_ms,
-            record,
-            record_at,
-        } => {
-            segment.live += 1;
-            let loc = Loc {
-                segment: n,
-                offset: u32::try_from(record_at).unwrap_or(u32::MAX),
-                len: u32::try_from(record.len()).unwrap_or(u32::MAX),
-                finished_ms,
-            };
-            match index.get_mut(id) {
-                Some(mut old) => Some(std::mem::replace(&mut *old, loc)),
-                None => index.insert(Arc::from(id), loc),
+        match bytes.get(..MAGIC.len()) {
+            Some(m) if m == MAGIC => {}
+            Some(m) if m == MAGIC_V1 => found.v1 = true,
+            _ => {
+                return Err(StoreError::Io(format!(
+                    "{} is not a task log segment of a format this commander reads",
+                    path.display()
+                )));
             }
         }
-        Parsed::Removed { id } => index.remove(id).map(|(_, old)| old),
-    };
-    if let Some(old) = replaced {
-        let s = if old.segment == n {
-            Some(segment)
+        let mut segment = Segment {
+            file: Arc::new(file),
+            len: bytes.len() as u64,
+            entries: 0,
+            live: 0,
+            pages: 0,
+        };
+        let mut entries = Entries::new(&bytes);
+        for entry in entries.by_ref() {
+            let Ok(parsed) = entry else {
+                break;
+            };
+            self.entry(parsed, n, &mut segment);
+        }
+        let good = entries.at as u64;
+        if good < bytes.len() as u64 {
+            if last {
+                segment
+                    .file
+                    .set_len(good)
+                    .and_then(|()| segment.file.sync_data())
+                    .map_err(|e| io("truncating", &path, e))?;
+                found.truncated += bytes.len() as u64 - good;
+                tracing::warn!(
+                    segment = n,
+                    cut = bytes.len() as u64 - good,
+                    "task log: an append cut short by a crash was dropped"
+                );
+            } else {
+                found.damaged = true;
+                tracing::error!(
+                    segment = n,
+                    at = good,
+                    "task log: a damaged entry; the rest of this segment is skipped"
+                );
+            }
+            segment.len = good;
+        }
+        Ok((segment, found))
+    }
+
+    /// Counts one entry read from segment `n` (`segment`) and points an index at it (a
+    /// record, a page) or takes what it ends out (a removal, dropped pages); the entry
+    /// it replaces or ends is no longer live in its segment.
+    fn entry(&mut self, parsed: Parsed<'_>, n: u32, segment: &mut Segment) {
+        segment.entries += 1;
+        match parsed {
+            Parsed::Record {
+                id,
+                finished_ms,
+                record,
+                record_at,
+            } => {
+                segment.live += 1;
+                let loc = Loc {
+                    segment: n,
+                    offset: u32::try_from(record_at).unwrap_or(u32::MAX),
+                    len: u32::try_from(record.len()).unwrap_or(u32::MAX),
+                    finished_ms,
+                };
+                let replaced = match self.index.get_mut(id) {
+                    Some(mut old) => Some(std::mem::replace(&mut *old, loc)),
+                    None => self.index.insert(Arc::from(id), loc),
+                };
+                if let Some(old) = replaced {
+                    self.in_segment(old.segment, n, segment, |s| &mut s.live);
+                }
+            }
+            Parsed::Removed { id } => {
+                if let Some((_, old)) = self.index.remove(id) {
+                    self.in_segment(old.segment, n, segment, |s| &mut s.live);
+                }
+            }
+            Parsed::Page { key, loc } => {
+                segment.pages += 1;
+                let loc = PageLoc { segment: n, ..loc };
+                self.pages.insert(key, loc);
+            }
+            Parsed::PagesDropped { keys } => {
+                for key in keys {
+                    if let Some(old) = self.pages.remove(&key) {
+                        self.in_segment(old.segment, n, segment, |s| &mut s.pages);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one off the count `which` of segment `of` (`n`, being read, is `current`).
+    fn in_segment(
+        &mut self,
+        of: u32,
+        n: u32,
+        current: &mut Segment,
+        which: impl Fn(&mut Segment) -> &mut u64,
+    ) {
+        let s = if of == n {
+            Some(current)
         } else {
-            segments.get_mut(&old.segment)
+            self.segments.get_mut(&of)
         };
         if let Some(s) = s {
-            s.live = s.live.saturating_sub(1);
+            let count = which(s);
+            *count = count.saturating_sub(1);
         }
     }
 }
@@ -797,6 +1116,14 @@ enum Parsed<'a> {
     },
     Removed {
         id: &'a str,
+    },
+    /// `loc` without its segment, which the reader knows.
+    Page {
+        key: PageKey,
+        loc: PageLoc,
+    },
+    PagesDropped {
+        keys: Vec<PageKey>,
     },
 }
 
@@ -849,6 +1176,42 @@ impl<'a> Entries<'a> {
                     return None;
                 }
                 Parsed::Removed { id }
+            }
+            KIND_PAGE => {
+                let (at_ms, rest) = rest.split_first_chunk::<8>()?;
+                let (seq, rest) = rest.split_first_chunk::<8>()?;
+                let (count, rest) = rest.split_first_chunk::<2>()?;
+                let (&flags, page) = rest.split_first()?;
+                Parsed::Page {
+                    key: PageKey {
+                        at_ms: u64::from_le_bytes(*at_ms),
+                        seq: u64::from_le_bytes(*seq),
+                    },
+                    loc: PageLoc {
+                        segment: 0,
+                        // Within the segment, which is within u32 (see `append_page`).
+                        offset: u32::try_from(body_at + PAGE_HEAD).ok()?,
+                        len: u32::try_from(page.len()).ok()?,
+                        count: u16::from_le_bytes(*count),
+                        moved_in: flags & PAGE_MOVED_IN != 0,
+                    },
+                }
+            }
+            KIND_PAGES_DROPPED => {
+                if rest.len() % 16 != 0 {
+                    return None;
+                }
+                let keys = rest
+                    .chunks_exact(16)
+                    .map(|k| {
+                        let (at_ms, seq) = k.split_at(8);
+                        Some(PageKey {
+                            at_ms: u64::from_le_bytes(at_ms.try_into().ok()?),
+                            seq: u64::from_le_bytes(seq.try_into().ok()?),
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Parsed::PagesDropped { keys }
             }
             _ => return None,
         };
@@ -1053,5 +1416,111 @@ mod tests {
         std::fs::write(segment_path(dir.path(), 1), b"not a task log at all").unwrap();
         let err = TaskLog::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a task log segment"), "{err}");
+    }
+
+    fn page_keys(log: &TaskLog) -> Vec<PageKey> {
+        log.pages_between(
+            PageKey::first_at(0),
+            PageKey::first_at(u64::MAX),
+            false,
+            usize::MAX,
+        )
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+    }
+
+    /// Pages are kept in time order (a page of an earlier millisecond written later sorts
+    /// before), read back after a reopen; dropping the oldest is durable; a segment whose
+    /// tasks are all gone waits for its pages, and goes once they are dropped.
+    #[test]
+    fn pages_keep_time_order_drop_durably_and_hold_their_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = |i: u64| format!("page {i}").repeat(20).into_bytes();
+        {
+            let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+            for i in 0..30u64 {
+                // Task records finishing at once, and pages, interleaved.
+                dispatch(&log, &format!("t{i}"));
+                finish(&log, &format!("t{i}"), 100);
+                let at_ms = 1_000 + i - (i % 3 == 2) as u64 * 2;
+                log.append_page(at_ms, 2, false, &page(i)).unwrap();
+            }
+            assert_eq!(log.page_entries(), 60);
+            let keys = page_keys(&log);
+            assert!(keys.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(keys[0].at_ms, 1_000);
+            // The tasks go; their segments stay for the pages in them.
+            let before = segment_files(dir.path());
+            assert_eq!(log.sweep(u64::MAX, usize::MAX).unwrap(), 30);
+            let swept = segment_files(dir.path());
+            assert!(
+                swept.starts_with(&before),
+                "held by pages: {before:?} -> {swept:?}"
+            );
+            // Pages at 1,000 .. 1,014 go.
+            let dropped = log.drop_pages(usize::MAX, |k, _| k.at_ms < 1_015).unwrap();
+            assert_eq!(dropped, 30);
+            let after = segment_files(dir.path());
+            assert!(after.first() > before.first(), "{before:?} -> {after:?}");
+            log.sync().unwrap();
+        }
+        let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+        assert_eq!(opened.pages, 15);
+        assert_eq!(log.page_entries(), 30);
+        let kept = log.pages_between(
+            PageKey::first_at(0),
+            PageKey::first_at(u64::MAX),
+            true,
+            usize::MAX,
+        );
+        assert!(kept.iter().all(|(k, _)| k.at_ms >= 1_015));
+        assert_eq!(
+            log.read_page(kept[0].1).unwrap(),
+            page(28),
+            "1,028 ms, the newest"
+        );
+        // A new page never takes the key of one before the reopen.
+        let key = log.append_page(2_000, 1, false, b"x").unwrap();
+        assert!(kept.iter().all(|(k, _)| k.seq < key.seq));
+        // By count: keep at most 10 entries.
+        assert_eq!(log.drop_pages(usize::MAX, |_, kept| kept > 10).unwrap(), 22);
+        assert_eq!(log.page_entries(), 9);
+    }
+
+    /// A store written in format 1 (before pages) reads as it was, and appends go to a new
+    /// segment of format 2, which a commander that reads format 1 only would refuse rather
+    /// than cut as torn.
+    #[test]
+    fn a_format_1_segment_is_read_and_appends_go_to_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = TaskLog::open(dir.path()).unwrap();
+            for i in 0..5 {
+                dispatch(&log, &format!("t{i}"));
+            }
+            log.sync().unwrap();
+        }
+        // Segment 1 as format 1 wrote it: the same entries under the older magic.
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..MAGIC.len()].copy_from_slice(&MAGIC_V1);
+        std::fs::write(&path, &bytes).unwrap();
+        let (log, opened) = TaskLog::open(dir.path()).unwrap();
+        assert_eq!(opened.records, 5);
+        assert_eq!(segment_files(dir.path()), [1, 2]);
+        log.append_page(1, 1, false, b"p").unwrap();
+        finish(&log, "t0", 5);
+        log.sync().unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "format 1 left as it was"
+        );
+        drop(log);
+        let (log, _) = TaskLog::open(dir.path()).unwrap();
+        assert_eq!(state(&log, "t0"), Some(TaskState::Completed));
+        assert_eq!(state(&log, "t4"), Some(TaskState::Dispatched));
+        assert_eq!(log.page_entries(), 1);
     }
 }

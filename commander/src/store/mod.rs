@@ -1,5 +1,6 @@
-//! Durable local state: one record per task, with its state history, in the task log
-//! ([`log`]), and sled's trees beside it for the rest (decisions, traces, alerts, ...).
+//! Durable local state: one record per task, with its state history, and the decision
+//! log's pages in the task log ([`log`]), and sled's trees beside it for the rest (traces,
+//! alerts, the budget ledger, ...).
 //!
 //! JetStream is the source of truth for tasks in flight; this store is what the commander
 //! knows about each task (where it went, under which trace, how it ended). Updates are
@@ -269,7 +270,7 @@ impl Store {
             .path(dir)
             .cache_capacity(cache_bytes)
             // sled's default (LowSpace) rewrites pages eagerly to save disk; its trees
-            // (decisions, traces) are write-heavy and retention bounds the size, so write
+            // (traces, the budget ledger) are write-heavy and retention bounds the size, so write
             // throughput wins.
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000))
@@ -278,6 +279,7 @@ impl Store {
         tracing::info!(
             segments = opened.segments,
             records = opened.records,
+            pages = opened.pages,
             truncated_bytes = opened.truncated,
             damaged_segments = opened.damaged,
             "task log opened"
@@ -440,7 +442,8 @@ impl Store {
         Ok(())
     }
 
-    /// Another tree in the same database (the decision log), flushed with the tasks.
+    /// Another tree in the same database (traces, alerts, the budget ledger ...), flushed
+    /// with the tasks.
     ///
     /// On the task path, write it with plain inserts, not a `sled::Batch`: sled rolls its
     /// log buffer over before and after every batch (`PageCache::pin_log`), which wakes
@@ -452,23 +455,24 @@ impl Store {
         Ok(self.db.open_tree(name)?)
     }
 
-    /// The key of a page of entries written at `at_ms` in a time-ordered tree (the
-    /// decision log): `at_ms` (big-endian) ++ [`PAGE_MARK`] ++ a number sled never hands
-    /// out twice, across restarts (`generate_id`, increasing, so the pages of one
-    /// millisecond keep the order they were written in). A per-entry key in the same tree
-    /// is `at_ms ++ task id`, and a task id never starts with the mark.
-    pub fn page_key(&self, at_ms: u64) -> Result<Vec<u8>, StoreError> {
-        let mut k = Vec::with_capacity(PAGE_KEY_LEN + 1);
-        k.extend_from_slice(&at_ms.to_be_bytes());
-        k.push(PAGE_MARK);
-        k.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-        Ok(k)
+    /// Whether a tree exists, without creating it.
+    pub fn has_tree(&self, name: &str) -> bool {
+        self.db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
     }
 
     /// Removes a tree and everything in it (a layout migrated away from); `false` when
     /// there was none.
     pub fn drop_tree(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.db.drop_tree(name)?)
+    }
+
+    /// The log the task records are in, which also keeps the decision log's pages (one
+    /// sync for both).
+    pub fn log(&self) -> &log::TaskLog {
+        &self.tasks
     }
 
     /// Task records held (constant time: the index's size).
@@ -502,19 +506,12 @@ fn split_record_key(key: &[u8]) -> Option<(u64, &str)> {
     Some((u64::from_be_bytes(*n), std::str::from_utf8(id).ok()?))
 }
 
-/// Byte 8 of a page's key ([`Store::page_key`]): a task id, a printable subject token,
-/// never starts with it.
-pub const PAGE_MARK: u8 = 0;
-
-/// Bytes of [`Store::page_key`]: `at_ms` 8, mark 1, unique id 8.
-pub const PAGE_KEY_LEN: usize = 17;
-
-/// Most bytes a page of a time-ordered tree (the decision log) may take. sled splits a
-/// leaf at 17 entries and writes a node over 128 KiB (a quarter of its 512 KiB segment)
+/// Most bytes a piece of a time-ordered sled tree (the trace store) may take. sled splits
+/// a leaf at 17 entries and writes a node over 128 KiB (a quarter of its 512 KiB segment)
 /// to a file of its own, created, written and later deleted on every rewrite of that
-/// leaf: 17 pages of 7 KiB stay under it. Uncompressed pages of 32 decisions (~25 KB)
-/// made every leaf of the decision log such a file, about 6 % of the commander's CPU in
-/// `bench dispatch`, most of it creating files.
+/// leaf: 17 pieces of 7 KiB stay under it. Uncompressed pages of 32 decisions (~25 KB),
+/// when the decision log was a sled tree, made every leaf such a file, about 6 % of the
+/// commander's CPU in `bench dispatch`, most of it creating files.
 pub const PAGE_BYTES: usize = 7 * 1024;
 
 /// When a record moved in from sled finished: the time of its last change to a terminal
