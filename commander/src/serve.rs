@@ -1033,11 +1033,19 @@ async fn sweep_store(
         let cutoff =
             std::time::SystemTime::now() - Duration::from_secs(log_cfg.retention_hours * 3600);
         loop {
-            match decisions.prune(cutoff, log_cfg.max_records, 10_000) {
-                Ok(0) => break,
-                Ok(n) => tracing::info!(removed = n, "pruned decisions past retention"),
-                Err(e) => {
+            // Off the async workers too: dropping pages can free the task log's oldest
+            // segment, with the same reading and syncing as the sweep.
+            let pruning = decisions.clone();
+            let max = log_cfg.max_records;
+            match tokio::task::spawn_blocking(move || pruning.prune(cutoff, max, 10_000)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => tracing::info!(removed = n, "pruned decisions past retention"),
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "decision log prune failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "decision log prune did not run");
                     break;
                 }
             }
