@@ -508,6 +508,9 @@ const PAGE_MAX: usize = 32;
 /// reads its whole page.
 const PAGE_BYTES: usize = 64 << 10;
 
+/// About what one record takes in MessagePack with field names (a few candidates).
+const TYPICAL_RECORD_BYTES: usize = 1536;
+
 /// Most bytes a page may claim to hold uncompressed, checked before allocating them.
 const PAGE_RAW_MAX: usize = 64 << 20;
 
@@ -553,7 +556,10 @@ fn parse_cursor(c: &str) -> Option<(PageKey, usize)> {
 }
 
 fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
-    let raw = rmp_serde::to_vec_named(page)?;
+    // Sized for a typical record up front: growing by doubling copied the page over and
+    // over (a page of 32 is tens of KB).
+    let mut raw = Vec::with_capacity(page.len() * TYPICAL_RECORD_BYTES);
+    rmp_serde::encode::write_named(&mut raw, page)?;
     let raw_len = u32::try_from(raw.len())
         .ok()
         .filter(|&n| n as usize <= PAGE_RAW_MAX)
