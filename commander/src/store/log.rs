@@ -457,9 +457,8 @@ impl TaskLog {
     }
 
     /// Deletes segments from the oldest while no task's latest record and no page kept is
-    /// in them. An
-    /// oldest segment where at most a quarter of the entries are still live has those
-    /// copied forward first (made durable before the file goes).
+    /// in them. An oldest segment without pages where at most a quarter of the entries
+    /// are still live has those copied forward first (made durable before the file goes).
     fn reclaim(&self) -> Result<(), StoreError> {
         loop {
             let (n, file, len) = {
@@ -1077,6 +1076,9 @@ impl Scan<'_> {
             }
             Parsed::PagesDropped { keys } => {
                 for key in keys {
+                    // A key named here is never handed out again, even once its page's
+                    // segment is gone: this entry would drop the new page at a reopen.
+                    self.pages.next_seq = self.pages.next_seq.max(key.seq.saturating_add(1));
                     if let Some(old) = self.pages.remove(&key) {
                         self.in_segment(old.segment, n, segment, |s| &mut s.pages);
                     }
