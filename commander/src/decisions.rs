@@ -629,6 +629,17 @@ mod tests {
     use super::*;
     use crate::classify::{Answer, Source};
 
+    /// Gives `d`'s task a record that keeps its decision's time, as dispatch does.
+    fn point_task_at(store: &Store, d: &DecisionRecord) {
+        store
+            .update(
+                &d.task_id,
+                || crate::store::TaskRecord::new(&d.task_id, 1),
+                |r| r.decision_at_ms = Some(d.at_ms),
+            )
+            .unwrap();
+    }
+
     fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
         DecisionRecord {
             id: format!("d-{task}"),
@@ -678,13 +689,7 @@ mod tests {
         let log = DecisionLog::open(&store).unwrap();
         let record = |d: DecisionRecord| {
             log.record(&d).unwrap();
-            store
-                .update(
-                    &d.task_id,
-                    || crate::store::TaskRecord::new(&d.task_id, 1),
-                    |r| r.decision_at_ms = Some(d.at_ms),
-                )
-                .unwrap();
+            point_task_at(&store, &d);
         };
         for i in 1..25u64 {
             let pool = if i % 2 == 0 { "docs" } else { "code" };
@@ -775,13 +780,7 @@ mod tests {
             let log = DecisionLog::open(&store).unwrap();
             log.record_many(&batch).unwrap();
             for d in &batch {
-                store
-                    .update(
-                        &d.task_id,
-                        || crate::store::TaskRecord::new(&d.task_id, 1),
-                        |r| r.decision_at_ms = Some(d.at_ms),
-                    )
-                    .unwrap();
+                point_task_at(&store, d);
             }
             // One decision written alone keeps its own key.
             log.record(&rec("single", 999, "docs", "retarget")).unwrap();
@@ -1057,13 +1056,7 @@ mod tests {
             )
             .unwrap();
             for d in [&json, &full].into_iter().chain(&v3).chain(&v4) {
-                store
-                    .update(
-                        &d.task_id,
-                        || crate::store::TaskRecord::new(&d.task_id, 1),
-                        |r| r.decision_at_ms = Some(d.at_ms),
-                    )
-                    .unwrap();
+                point_task_at(&store, d);
             }
             // A move cut short: part of the tree already in the log, the tree still there.
             store
