@@ -26,7 +26,8 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let log = s.core.decisions.clone();
-    // sled reads are blocking; a deep scan should not hold up the runtime.
+    // Reading pages from the log's files blocks; a deep scan should not hold up the
+    // runtime.
     let page = tokio::task::spawn_blocking(move || log.query(&filter))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;

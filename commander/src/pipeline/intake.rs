@@ -162,8 +162,8 @@ async fn finish_batch(ctx: &Ctx, settled: Settled) {
         decided,
         notices,
     } = settled;
-    // The batch's decisions in pages, a sled write each (sled copies a leaf per write,
-    // and decisions are big), made durable by the same flush.
+    // The batch's decisions in pages appended to the task log, made durable by the same
+    // flush as the batch's task records.
     ctx.log_decisions(&decided).await;
     if let Err(e) = ctx.core.policy.persist_ledger() {
         tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
