@@ -16,8 +16,8 @@ const KILLS: usize = 10;
 const RATE: u64 = 250;
 
 /// The commander is `kill -9`ed ten times while 5,000 tasks arrive at a steady rate, and
-/// restarted on the same store each time: nothing is lost, no handler runs twice, and the
-/// longest wait a producer sees is printed.
+/// restarted on the same store each time: nothing is lost (tasks nor their decisions), no
+/// handler runs twice, and the longest wait a producer sees is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_commander_ten_times_during_5000_tasks_loses_and_repeats_nothing() {
     // A short intake ack wait keeps the test short: the tasks the dead commander had read
@@ -123,6 +123,14 @@ async fn kill_9_commander_ten_times_during_5000_tasks_loses_and_repeats_nothing(
         true
     })
     .await;
+    // And so does its decision log: each task's routing decision, made durable with its
+    // record before the intake ack, survived the kills.
+    for i in (0..TASKS).step_by(50) {
+        let id = format!("kill-{i}");
+        let d = stack.get_json(&format!("/v1/decisions/{id}")).await;
+        assert_eq!(d["task_id"], id.as_str());
+        assert_eq!(d["outcome"], "dispatched", "{d}");
+    }
     for w in workers {
         w.shutdown().await;
     }
