@@ -222,13 +222,18 @@ impl DecisionLog {
 
     /// Writes one decision (made durable by the store's next flush).
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
-        self.record_many(std::slice::from_ref(d))
+        self.record_many([d])
     }
 
     /// Writes many decisions, in pages of those made in the same millisecond (see the
-    /// module's doc). The caller records each decision's `at_ms` on its task record.
-    pub fn record_many(&self, items: &[DecisionRecord]) -> Result<(), DecisionLogError> {
-        let mut by_time: Vec<&DecisionRecord> = items.iter().collect();
+    /// module's doc). The caller records each decision's `at_ms` on its task record
+    /// afterwards: the log is written in order, so a task record that names a decision
+    /// is never durable without it.
+    pub fn record_many<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a DecisionRecord>,
+    ) -> Result<(), DecisionLogError> {
+        let mut by_time: Vec<&DecisionRecord> = items.into_iter().collect();
         by_time.sort_by_key(|d| d.at_ms);
         for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
             for page in same_ms.chunks(PAGE_MAX) {
@@ -236,7 +241,7 @@ impl DecisionLog {
             }
         }
         if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
-            for d in items {
+            for d in by_time {
                 hub.publish_watched(
                     crate::events::Kind::Decision,
                     d.pool.as_deref(),

@@ -26,6 +26,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let work = async {
         let mut plans = plan_batch(ctx, &batch).await;
         let published = publish_batch(ctx, &mut plans, read_at).await;
+        log_decisions(ctx, &plans, &published).await;
         let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
@@ -154,17 +155,36 @@ async fn publish_batch(
     published
 }
 
-/// The batch's decisions, ledger and store made durable with one flush, then the acks,
-/// then the informational notices.
-async fn finish_batch(ctx: &Ctx, settled: Settled) {
-    let Settled {
-        acks,
-        decided,
-        notices,
-    } = settled;
-    // The batch's decisions in pages appended to the task log, made durable by the same
-    // flush as the batch's task records.
+/// Logs the decisions of the batch's tasks that are about to be recorded (dispatched and
+/// rejected tasks whose publish JetStream acknowledged, deferred ones), in pages appended
+/// to the task log before any of their task records: the log is written in order, so a
+/// record that names its decision is never durable without it, even when another loop's
+/// flush writes the log out between the two. (A redelivered task whose record is on disk
+/// is not decided again.) A deferral whose store write then fails is handed back and
+/// decided again on redelivery, so its first decision stays in the log too.
+async fn log_decisions(
+    ctx: &Ctx,
+    plans: &[Option<Plan>],
+    published: &[Option<Result<u64, String>>],
+) {
+    let decided: Vec<&crate::decisions::DecisionRecord> = plans
+        .iter()
+        .zip(published)
+        .filter_map(|(plan, outcome)| match (plan.as_ref()?, outcome) {
+            (_, Some(Err(_))) => None,
+            (Plan::Dispatch(d), _) => Some(&d.decision),
+            (Plan::Reject(r), _) => r.decision.as_ref(),
+            (Plan::Defer(d), _) => Some(&d.decision),
+            _ => None,
+        })
+        .collect();
     ctx.log_decisions(&decided).await;
+}
+
+/// The batch's ledger and store (decisions included) made durable with one flush, then
+/// the acks, then the informational notices.
+async fn finish_batch(ctx: &Ctx, settled: Settled) {
+    let Settled { acks, notices } = settled;
     if let Err(e) = ctx.core.policy.persist_ledger() {
         tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
         return;
@@ -204,7 +224,6 @@ enum Read {
 #[derive(Default)]
 struct Settled {
     acks: Vec<jetstream::Message>,
-    decided: Vec<crate::decisions::DecisionRecord>,
     /// Status notices (deferrals, by task id) and budget alerts (empty id).
     notices: Vec<(String, serde_json::Value)>,
 }
@@ -254,9 +273,6 @@ async fn settle_one(
                 record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error, decided_at)
             {
                 tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
-            }
-            if let Some(d) = r.decision {
-                s.decided.push(d);
             }
             ctx.core.metrics.reject(&r.error.code);
             tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
@@ -313,7 +329,6 @@ async fn keep_deferral(
             "policy_version": d.entry.policy_version,
         }),
     ));
-    s.decided.push(d.decision);
     s.acks.push(msg);
 }
 
@@ -356,7 +371,6 @@ fn keep_dispatch(
         Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
         Ok(_) => {}
     }
-    s.decided.push(d.decision);
     for a in d.alerts.drain(..) {
         tracing::warn!(alert = %a, "budget soft threshold crossed");
         s.notices.push((String::new(), a));

@@ -99,11 +99,11 @@ impl Ctx {
 
     /// Logs a batch's decisions (durable with the batch's store flush) and publishes
     /// each on `<prefix>.decisions.<pool>`.
-    pub async fn log_decisions(&self, decisions: &[DecisionRecord]) {
+    pub async fn log_decisions(&self, decisions: &[&DecisionRecord]) {
         if decisions.is_empty() {
             return;
         }
-        if let Err(e) = self.core.decisions.record_many(decisions) {
+        if let Err(e) = self.core.decisions.record_many(decisions.iter().copied()) {
             tracing::error!(error = %e, count = decisions.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
