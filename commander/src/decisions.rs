@@ -220,16 +220,19 @@ impl DecisionLog {
         self
     }
 
-    /// Writes one decision (made durable by the store's next flush).
+    /// Writes one decision (made durable by the store's next flush) and announces it.
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
-        self.record_many([d])
+        self.write_many([d])?;
+        self.announce([d]);
+        Ok(())
     }
 
     /// Writes many decisions, in pages of those made in the same millisecond (see the
     /// module's doc). The caller records each decision's `at_ms` on its task record
     /// afterwards: the log is written in order, so a task record that names a decision
-    /// is never durable without it.
-    pub fn record_many<'a>(
+    /// is never durable without it. Announcing them ([`DecisionLog::announce`]) waits for
+    /// those records, so a reader of the event finds the decision by its task.
+    pub fn write_many<'a>(
         &self,
         items: impl IntoIterator<Item = &'a DecisionRecord>,
     ) -> Result<(), DecisionLogError> {
@@ -240,8 +243,13 @@ impl DecisionLog {
                 self.append_pages(page)?;
             }
         }
+        Ok(())
+    }
+
+    /// Announces decisions written to the log as `decision` events of `/v1/stream`.
+    pub fn announce<'a>(&self, items: impl IntoIterator<Item = &'a DecisionRecord>) {
         if let Some(hub) = self.events.as_ref().filter(|h| h.watched()) {
-            for d in by_time {
+            for d in items {
                 hub.publish_watched(
                     crate::events::Kind::Decision,
                     d.pool.as_deref(),
@@ -264,7 +272,6 @@ impl DecisionLog {
                 );
             }
         }
-        Ok(())
     }
 
     /// Appends `page` (decisions of one millisecond) as one page, or, when it compresses
@@ -783,7 +790,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let log = DecisionLog::open(&store).unwrap();
-            log.record_many(&batch).unwrap();
+            log.write_many(&batch).unwrap();
             for d in &batch {
                 point_task_at(&store, d);
             }
@@ -876,7 +883,7 @@ mod tests {
         let batch: Vec<DecisionRecord> = (0..10u64)
             .map(|i| rec(&format!("c{i}"), 2_000 + i / 5, "docs", "cost_tier"))
             .collect();
-        log.record_many(&batch).unwrap();
+        log.write_many(&batch).unwrap();
         let first = log
             .query(&Filter {
                 limit: Some(3),
@@ -938,7 +945,7 @@ mod tests {
         let alike: Vec<_> = (0..32)
             .map(|i| rec(&format!("a-{i}"), 1_000, "docs", "cost_tier"))
             .collect();
-        log.record_many(&alike).unwrap();
+        log.write_many(&alike).unwrap();
         let pages = all_pages(&store);
         assert_eq!(pages.len(), 1);
         let stored = store.log().read_page(pages[0].1).unwrap();
@@ -961,7 +968,7 @@ mod tests {
                 d
             })
             .collect();
-        log.record_many(&noisy).unwrap();
+        log.write_many(&noisy).unwrap();
         let pages: Vec<_> = all_pages(&store).into_iter().skip(1).collect();
         assert!(pages.len() >= 4, "split into {} pages", pages.len());
         for (_, loc) in &pages {

@@ -26,7 +26,7 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let work = async {
         let mut plans = plan_batch(ctx, &batch).await;
         let published = publish_batch(ctx, &mut plans, read_at).await;
-        log_decisions(ctx, &plans, &published).await;
+        log_decisions(ctx, &plans, &published);
         let mut settled = Settled::default();
         for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
             settle_one(ctx, msg, plan, outcome, &mut settled).await;
@@ -162,11 +162,7 @@ async fn publish_batch(
 /// flush writes the log out between the two. (A redelivered task whose record is on disk
 /// is not decided again.) A deferral whose store write then fails is handed back and
 /// decided again on redelivery, so its first decision stays in the log too.
-async fn log_decisions(
-    ctx: &Ctx,
-    plans: &[Option<Plan>],
-    published: &[Option<Result<u64, String>>],
-) {
+fn log_decisions(ctx: &Ctx, plans: &[Option<Plan>], published: &[Option<Result<u64, String>>]) {
     let decided: Vec<&crate::decisions::DecisionRecord> = plans
         .iter()
         .zip(published)
@@ -178,13 +174,19 @@ async fn log_decisions(
             _ => None,
         })
         .collect();
-    ctx.log_decisions(&decided).await;
+    ctx.log_decisions(&decided);
 }
 
-/// The batch's ledger and store (decisions included) made durable with one flush, then
-/// the acks, then the informational notices.
+/// The batch's decisions announced (their task records are written now), the ledger and
+/// store (decisions included) made durable with one flush, then the acks, then the
+/// informational notices.
 async fn finish_batch(ctx: &Ctx, settled: Settled) {
-    let Settled { acks, notices } = settled;
+    let Settled {
+        acks,
+        decided,
+        notices,
+    } = settled;
+    ctx.announce_decisions(&decided).await;
     if let Err(e) = ctx.core.policy.persist_ledger() {
         tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
         return;
@@ -224,6 +226,8 @@ enum Read {
 #[derive(Default)]
 struct Settled {
     acks: Vec<jetstream::Message>,
+    /// Decisions logged and recorded, to announce.
+    decided: Vec<crate::decisions::DecisionRecord>,
     /// Status notices (deferrals, by task id) and budget alerts (empty id).
     notices: Vec<(String, serde_json::Value)>,
 }
@@ -274,6 +278,7 @@ async fn settle_one(
             {
                 tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
             }
+            s.decided.extend(r.decision);
             ctx.core.metrics.reject(&r.error.code);
             tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
             s.acks.push(msg);
@@ -329,6 +334,7 @@ async fn keep_deferral(
             "policy_version": d.entry.policy_version,
         }),
     ));
+    s.decided.push(d.decision);
     s.acks.push(msg);
 }
 
@@ -371,6 +377,7 @@ fn keep_dispatch(
         Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
         Ok(_) => {}
     }
+    s.decided.push(d.decision);
     for a in d.alerts.drain(..) {
         tracing::warn!(alert = %a, "budget soft threshold crossed");
         s.notices.push((String::new(), a));

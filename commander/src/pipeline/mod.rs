@@ -97,13 +97,13 @@ impl Ctx {
         )
     }
 
-    /// Logs a batch's decisions (durable with the batch's store flush) and publishes
-    /// each on `<prefix>.decisions.<pool>`.
-    pub async fn log_decisions(&self, decisions: &[&DecisionRecord]) {
+    /// Writes a batch's decisions to the log (durable with the batch's store flush) and
+    /// counts them, before the task records that name them are written.
+    pub fn log_decisions(&self, decisions: &[&DecisionRecord]) {
         if decisions.is_empty() {
             return;
         }
-        if let Err(e) = self.core.decisions.record_many(decisions.iter().copied()) {
+        if let Err(e) = self.core.decisions.write_many(decisions.iter().copied()) {
             tracing::error!(error = %e, count = decisions.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
@@ -127,6 +127,12 @@ impl Ctx {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// Announces a batch's logged decisions once their task records are written: on
+    /// `/v1/stream` and on `<prefix>.decisions.<pool>`.
+    pub async fn announce_decisions(&self, decisions: &[DecisionRecord]) {
+        self.core.decisions.announce(decisions);
         if !self.publish_decisions {
             return;
         }
