@@ -314,11 +314,7 @@ impl DecisionLog {
         for (_, loc) in that_ms {
             // The last one: a task decided twice in one millisecond keeps the later. A
             // page that does not read or decode is passed over, as a query passes it.
-            if let Ok(page) = log
-                .read_page(loc)
-                .map_err(DecisionLogError::from)
-                .and_then(|b| decode_page(&b))
-            {
+            if let Ok(page) = read_page(log, loc) {
                 found = page.into_iter().rfind(|d| d.task_id == task_id).or(found);
             }
         }
@@ -386,9 +382,7 @@ impl DecisionLog {
                 break;
             };
             for (_, loc) in chunk {
-                if let Ok(bytes) = log.read_page(loc) {
-                    out.extend(decode_page(&bytes).unwrap_or_default());
-                }
+                out.extend(read_page(log, loc).unwrap_or_default());
             }
             lower = PageKey {
                 at_ms: newest.at_ms,
@@ -475,12 +469,7 @@ impl Scan<'_> {
     /// Looks at one page's decisions, newest first (its first `before` only); `true` when
     /// the answer is full or the scan bound is reached.
     fn page(&mut self, key: PageKey, loc: PageLoc, before: usize) -> bool {
-        let read = self
-            .log
-            .read_page(loc)
-            .map_err(DecisionLogError::from)
-            .and_then(|b| decode_page(&b));
-        let Ok(mut decisions) = read else {
+        let Ok(mut decisions) = read_page(self.log, loc) else {
             // Unreadable (or gone since the index was read): counted against the bound,
             // and skipped.
             self.scanned += 1;
@@ -581,6 +570,14 @@ fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
     out[0] = FORMAT_PAGE_LZ4;
     out[1..LZ4_HEADER].copy_from_slice(&raw_len.to_le_bytes());
     Ok(out)
+}
+
+/// The decisions of the page at `loc`, read from the log and decoded.
+fn read_page(
+    log: &crate::store::log::TaskLog,
+    loc: PageLoc,
+) -> Result<Vec<DecisionRecord>, DecisionLogError> {
+    decode_page(&log.read_page(loc)?)
 }
 
 /// The decisions of a page, oldest first, in any format the log has held.

@@ -1006,23 +1006,13 @@ async fn sweep_store(
             _ = stop.changed() => return,
         }
         let cutoff = std::time::SystemTime::now() - retention;
-        loop {
-            // Off the async workers: a sweep that empties the task log's oldest segment
-            // may read it whole and sync the log.
-            let sweeping = store.clone();
-            match tokio::task::spawn_blocking(move || sweeping.sweep(cutoff, 10_000)).await {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => tracing::info!(removed = n, "swept finished tasks past retention"),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "store sweep failed");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "store sweep did not run");
-                    break;
-                }
-            }
-        }
+        let sweeping = store.clone();
+        drain_off_workers(
+            move || sweeping.sweep(cutoff, 10_000),
+            "swept finished tasks past retention",
+            "store sweep",
+        )
+        .await;
         match policy.prune_ledger() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired budget ledger cells dropped"),
@@ -1032,22 +1022,35 @@ async fn sweep_store(
         tracing::debug!(keys, "throttle keys kept");
         let cutoff =
             std::time::SystemTime::now() - Duration::from_secs(log_cfg.retention_hours * 3600);
-        loop {
-            // Off the async workers too: dropping pages can free the task log's oldest
-            // segment, with the same reading and syncing as the sweep.
-            let pruning = decisions.clone();
-            let max = log_cfg.max_records;
-            match tokio::task::spawn_blocking(move || pruning.prune(cutoff, max, 10_000)).await {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => tracing::info!(removed = n, "pruned decisions past retention"),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "decision log prune failed");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "decision log prune did not run");
-                    break;
-                }
+        let (pruning, max) = (decisions.clone(), log_cfg.max_records);
+        drain_off_workers(
+            move || pruning.prune(cutoff, max, 10_000),
+            "pruned decisions past retention",
+            "decision log prune",
+        )
+        .await;
+    }
+}
+
+/// Runs a retention step on tokio's blocking pool until it removes nothing or fails: a
+/// step that empties the task log's oldest segment (a task sweep, dropped decision pages)
+/// may read it whole and sync the log.
+async fn drain_off_workers<E: std::fmt::Display + Send + 'static>(
+    step: impl Fn() -> Result<usize, E> + Clone + Send + 'static,
+    removed: &str,
+    what: &str,
+) {
+    loop {
+        match tokio::task::spawn_blocking(step.clone()).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => tracing::info!(removed = n, "{removed}"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "{what} failed");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what} did not run");
+                break;
             }
         }
     }

@@ -97,6 +97,10 @@ const KIND_PAGES_DROPPED: u8 = 4;
 /// Bytes of a page entry's body before the page: kind, at_ms, seq, count, flags.
 const PAGE_HEAD: usize = 1 + 8 + 8 + 2 + 1;
 
+/// Pages one `pages dropped` entry names at most: dropped a chunk at a time, so the lock
+/// that pages are appended under is never held for long.
+const DROP_CHUNK: usize = 256;
+
 /// A page's flag: moved in from a sled tree at open (see [`TaskLog::drop_moved_pages`]).
 const PAGE_MOVED_IN: u8 = 1;
 
@@ -626,14 +630,12 @@ impl TaskLog {
     ) -> Result<usize, StoreError> {
         let mut dropped = 0;
         while dropped < limit {
-            // A few hundred at a time, so the lock that decisions are written under is
-            // never held for long.
             let chunk: Vec<(PageKey, PageLoc)> = {
                 let p = lock(&self.pages);
                 let mut kept = p.entries;
                 let mut chunk = Vec::new();
                 for (&key, &loc) in &p.index {
-                    if chunk.len() == 256 || dropped >= limit || !drop(key, kept) {
+                    if chunk.len() == DROP_CHUNK || dropped >= limit || !drop(key, kept) {
                         break;
                     }
                     kept = kept.saturating_sub(u64::from(loc.count));
@@ -645,7 +647,7 @@ impl TaskLog {
             if chunk.is_empty() {
                 break;
             }
-            let done = chunk.len() < 256;
+            let done = chunk.len() < DROP_CHUNK;
             self.forget_pages(&chunk)?;
             if done {
                 break;
@@ -664,7 +666,7 @@ impl TaskLog {
             .filter(|(_, l)| l.moved_in)
             .map(|(k, l)| (*k, *l))
             .collect();
-        for chunk in moved.chunks(256) {
+        for chunk in moved.chunks(DROP_CHUNK) {
             self.forget_pages(chunk)?;
         }
         Ok(moved.len())
