@@ -85,6 +85,11 @@ pub struct DecisionRecord {
     pub inputs: DecisionInputs,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// Decided again after a restart, for the record only: the task had been dispatched
+    /// and had finished before its dispatch was recorded (docs/rubrics.md). The decision
+    /// that sent it was lost; this one is what the router decided when the task came back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 /// The task's own inputs to its decision, beyond the classification.
@@ -688,6 +693,7 @@ mod tests {
             generation: None,
             inputs: Default::default(),
             trace_id: None,
+            recovered: false,
         }
     }
 

@@ -163,6 +163,9 @@ pub struct Metrics {
     pub tasks_finished: Family<FinishLabels, Counter>,
     /// Redelivered intake messages for tasks already dispatched.
     pub intake_duplicates: Counter,
+    /// Redelivered intake messages of tasks that finished before their dispatch was
+    /// recorded (a restart in between): decided again for the record, not dispatched.
+    pub intake_recovered: Counter,
     /// Dispatches whose publish failed (the intake message is retried).
     pub dispatch_errors: Counter,
     /// Producer traceparent headers refused (a new trace was started).
@@ -251,6 +254,11 @@ impl Metrics {
             "intake_duplicates",
             "Redelivered intake messages already handled",
             self.intake_duplicates.clone(),
+        );
+        r.register(
+            "intake_recovered",
+            "Redelivered intake messages of tasks that finished before their dispatch was recorded: decided again for the record, not dispatched",
+            self.intake_recovered.clone(),
         );
         r.register(
             "dispatch_errors",

@@ -946,3 +946,112 @@ async fn a_registry_edit_removing_a_model_in_use_is_refused_naming_both_files() 
     assert_eq!(rec["accepted"], false, "{rec}");
     assert!(!rec["errors"].as_array().unwrap().is_empty(), "{rec}");
 }
+
+/// The commander stopped between a dispatch's PubAck and the batch's store flush, and after
+/// the restart the worker's result reached the store before the intake message came back.
+/// Played here without a crash (the result is published first): the redelivered submission
+/// is decided again for the record, marked `recovered`, its cost charged to the budget
+/// that covers it, and it is not dispatched a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision_and_cost() {
+    let policy = "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = 100.0\naction = \"defer\"\n";
+    let s = PolicyStack::start(policy, "").await;
+    let js = async_nats::jetstream::new(s.client.clone());
+    let result = serde_json::json!({
+        "schema": 1, "task_id": "ran-early", "attempt": 1, "status": "ok",
+        "worker_id": "w-early", "pool": "alpha",
+        "usage": {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.25},
+    });
+    js.publish("fleet.results.ran-early", result.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually("the result is recorded", WAIT, async || {
+        task_record(s.commander.http(), "ran-early")
+            .await
+            .is_some_and(|r| r["state"] == "completed")
+    })
+    .await;
+    let before = task_record(s.commander.http(), "ran-early").await.unwrap();
+    assert!(before["decision_id"].is_null(), "{before}");
+    let spent = async || s.get("/v1/policy").await["standing"][0]["spent_usd"].as_f64();
+    assert_eq!(spent().await, Some(0.0), "no reservation to settle yet");
+
+    let seq = publish_raw(
+        &s.client,
+        &[("Fleet-Task-Id", "ran-early")],
+        r#"{"schema":1,"description":"ran before its dispatch was recorded","pool":"alpha"}"#,
+    )
+    .await;
+    let recovered = async || {
+        let text = reqwest::get(s.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("fleet_intake_recovered_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eventually("the submission is recorded", WAIT, async || {
+        task_record(s.commander.http(), "ran-early")
+            .await
+            .is_some_and(|r| r["decision_id"].is_string())
+    })
+    .await;
+    assert_eq!(recovered().await, 1.0);
+
+    let rec = task_record(s.commander.http(), "ran-early").await.unwrap();
+    assert_eq!(rec["state"], "completed", "{rec}");
+    assert_eq!(rec["intake_sequence"], seq, "{rec}");
+    assert_eq!(rec["pool"], "alpha", "{rec}");
+    assert_eq!(rec["outcome"]["worker_id"], "w-early", "{rec}");
+    let states: Vec<&str> = rec["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["completed"],
+        "no dispatch at a made-up time: {rec}"
+    );
+
+    let d = s.get("/v1/decisions/ran-early").await;
+    assert_eq!(d["id"], rec["decision_id"], "{d}");
+    assert_eq!(d["outcome"], "dispatched", "{d}");
+    assert_eq!(d["recovered"], true, "{d}");
+    assert_eq!(d["pool"], "alpha", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("decided again after a restart"),
+        "{d}"
+    );
+    // The worker's figure is charged, and nothing is left reserved.
+    let st = &s.get("/v1/policy").await["standing"][0];
+    assert_eq!(st["spent_usd"].as_f64(), Some(0.25), "{st}");
+    assert!(st["reserved_usd"].as_f64().unwrap() < 1e-12, "{st}");
+    // Not sent to a worker again.
+    assert_eq!(stream_messages(&s.client, "FLEET_WORK").await, 0);
+
+    // A normal task still dispatches (and the decision of one is not marked).
+    publish_raw(
+        &s.client,
+        &[("Fleet-Task-Id", "ordinary")],
+        r#"{"schema":1,"description":"an ordinary task","pool":"alpha"}"#,
+    )
+    .await;
+    eventually("the ordinary task is dispatched", WAIT, async || {
+        stream_messages(&s.client, "FLEET_WORK").await == 1
+    })
+    .await;
+    let d = s.get("/v1/decisions/ordinary").await;
+    assert!(d.get("recovered").is_none(), "{d}");
+    assert_eq!(recovered().await, 1.0);
+}

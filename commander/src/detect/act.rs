@@ -488,6 +488,7 @@ fn note_on_task(t: &Tick<'_>, i: &Intervention, task: &str, alert: &Alert) {
             i.id, i.step, alert.message
         ),
         candidates: Vec::new(),
+        recovered: false,
         ..routed
     };
     if let Err(e) = log.record(&note) {

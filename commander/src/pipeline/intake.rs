@@ -119,6 +119,8 @@ async fn publish_batch(
     let mut pending = Vec::with_capacity(plans.len());
     for plan in plans.iter_mut() {
         let fut = match plan {
+            // It ran already: recorded, not sent again.
+            Some(Plan::Dispatch(d)) if d.recovered => None,
             Some(Plan::Dispatch(d)) => Some((
                 true,
                 ctx.js
@@ -382,6 +384,12 @@ fn keep_dispatch(
         tracing::warn!(alert = %a, "budget soft threshold crossed");
         s.notices.push((String::new(), a));
     }
+    s.acks.push(msg);
+    if d.recovered {
+        // Dispatched by the commander before the restart, and finished: nothing to
+        // count or watch now, and the dispatch span went with the first run's memory.
+        return;
+    }
     ctx.core
         .metrics
         .tasks_dispatched
@@ -397,7 +405,6 @@ fn keep_dispatch(
     });
     d.span.finish();
     ctx.spans.record(d.span);
-    s.acks.push(msg);
 }
 
 /// Runs the handling of a batch while telling JetStream, every third of the intake ack
@@ -433,6 +440,11 @@ enum Handled {
     No {
         release: Option<(u64, u32)>,
     },
+    /// Dispatched, run and finished, but its dispatch was never recorded: the commander
+    /// stopped between the dispatch's PubAck and the batch's store flush, and after the
+    /// restart the worker's result reached the store before this redelivery. It is
+    /// decided again and recorded, not published ([`super::plan::Prepared::recovering`]).
+    Unrecorded,
 }
 
 fn already_handled(
@@ -458,6 +470,11 @@ fn already_handled(
     else {
         return Ok(Handled::No { release });
     };
+    if dispatch_unrecorded(&existing, seq) {
+        ctx.core.metrics.intake_recovered.inc();
+        tracing::warn!(task_id = %id, seq, "task finished before its dispatch was recorded (the commander stopped in between); recording its decision again without dispatching it");
+        return Ok(Handled::Unrecorded);
+    }
     ctx.core.metrics.intake_duplicates.inc();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     if delivered > 1 || existing.intake_sequence == seq || existing.intake_sequence == 0 {
@@ -467,6 +484,18 @@ fn already_handled(
         tracing::warn!(task_id = %id, first = existing.intake_sequence, again = seq, "task id submitted again; keeping the first submission");
     }
     Ok(Handled::Before)
+}
+
+/// Whether `existing` is this submission's task finished by a result that came without any
+/// record of the task's dispatch, deferral or rejection: the results loop made the record
+/// (intake sequence 0) or found the HTTP intake's `received` one (the same sequence).
+fn dispatch_unrecorded(existing: &TaskRecord, seq: u64) -> bool {
+    existing.state.is_terminal()
+        && existing.decision_id.is_none()
+        && existing.decision_at_ms.is_none()
+        && existing.rejection.is_none()
+        && existing.deferred.is_none()
+        && (existing.intake_sequence == 0 || existing.intake_sequence == seq)
 }
 
 /// The producer's span (when its traceparent is valid), the dispatch span's context, and
@@ -529,10 +558,17 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         None => sequence_id(ctx, msg, seq)?,
     };
 
-    let release = match already_handled(ctx, msg, &id, seq)? {
+    let (release, recovering) = match already_handled(ctx, msg, &id, seq)? {
         Handled::Before => return Ok(Read::Done(Plan::Duplicate)),
-        Handled::No { release } => release,
+        Handled::No { release } => (release, false),
+        Handled::Unrecorded => (None, true),
     };
+    // A task that ran is never refused after the fact: only a dispatch is recorded for it.
+    let refused = reply_problem.is_some() || parsed.is_err();
+    if recovering && refused {
+        tracing::warn!(task_id = %id, "task that finished before its dispatch was recorded would now be refused; left without a decision");
+        return Ok(Read::Done(Plan::Duplicate));
+    }
     if let Some(why) = reply_problem {
         ctx.core.metrics.reply_to_refused.inc();
         tracing::warn!(task_id = %id, reason = %why, "task refused: Fleet-Reply-To is not an allowed reply subject");
@@ -572,6 +608,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         tracestate,
         baggage,
         release,
+        recovering,
     })))
 }
 

@@ -57,6 +57,8 @@ pub(super) struct Dispatch {
     pub(super) decision: DecisionRecord,
     /// Budget soft-threshold alerts this task raised, published after the batch.
     pub(super) alerts: Vec<serde_json::Value>,
+    /// Recorded, not published: the task ran already ([`Prepared::recovering`]).
+    pub(super) recovered: bool,
 }
 
 /// A task a budget holds: stored in the deferred queue, then acked.
@@ -87,6 +89,9 @@ pub(super) struct DispatchRecord {
     pub(super) generation: Option<crate::domain::Generation>,
     /// Times the task left the deferred queue, when this dispatch is a release.
     pub(super) releases: Option<u32>,
+    /// Recorded after the task finished ([`Prepared::recovering`]): its history keeps
+    /// what it has, since when it was received and dispatched is not known.
+    pub(super) recovered: bool,
 }
 
 impl DispatchRecord {
@@ -107,8 +112,10 @@ impl DispatchRecord {
         if let (Some(n), Some(d)) = (self.releases, r.deferred.as_mut()) {
             d.releases = n;
         }
-        r.advance_at(TaskState::Received, self.received_at.clone());
-        r.advance(TaskState::Dispatched);
+        if !self.recovered {
+            r.advance_at(TaskState::Received, self.received_at.clone());
+            r.advance(TaskState::Dispatched);
+        }
     }
 }
 
@@ -191,6 +198,12 @@ pub(super) struct Prepared {
     pub(super) baggage: Baggage,
     /// Out of the deferred queue: (first deferral ms, releases so far).
     pub(super) release: Option<(u64, u32)>,
+    /// The task ran already: dispatched before the commander stopped, its dispatch never
+    /// recorded, its result recorded since. It is decided again to record the decision and
+    /// the dispatch (and to charge its cost to its budgets), but not published; no
+    /// throttle holds it, since nothing is sent, and a verdict other than a dispatch
+    /// records nothing.
+    pub(super) recovering: bool,
 }
 
 /// The routing and policy inputs shared by a batch, read once.
@@ -234,6 +247,8 @@ struct Deciding<'a> {
     dims: &'a TaskDims,
     /// The task is coming back from the deferred queue.
     released: bool,
+    /// Decided again for the record only ([`Prepared::recovering`]): no throttle applies.
+    recovering: bool,
     view: &'a View,
 }
 
@@ -247,6 +262,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
         class,
         dims,
         released,
+        recovering,
         view,
     } = d;
     let live = &view.live;
@@ -270,7 +286,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
         });
         match verdict {
             Verdict::Dispatch { decision, check } => {
-                if !live.throttles.is_empty() {
+                if !live.throttles.is_empty() && !recovering {
                     let keys = ThrottleKeys {
                         pool: &decision.pool,
                         team: dims.team.as_deref(),
@@ -373,11 +389,15 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                 class: &class,
                 dims: &dims,
                 released: p.release.is_some(),
+                recovering: p.recovering,
                 view,
             },
         )
     };
     let draft = Draft::new(&p, class, &dims, view);
+    if p.recovering {
+        return recovered_plan(ctx, p, &draft, step);
+    }
     match step {
         Step::Go {
             decision,
@@ -456,6 +476,32 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
     }
 }
 
+/// The plan of a task that ran before its dispatch was recorded: its dispatch, decided
+/// again and marked `recovered`, to be recorded but not published. Any other verdict is
+/// moot for a task that ran: nothing is recorded, and the message is acked as before.
+fn recovered_plan(ctx: &Ctx, p: Prepared, draft: &Draft, step: Step) -> Plan {
+    let Step::Go {
+        mut decision,
+        reservation,
+        alerts,
+    } = step
+    else {
+        tracing::warn!(task_id = %p.id, "task that finished before its dispatch was recorded would not be dispatched now; left without a decision");
+        return Plan::Duplicate;
+    };
+    decision.reason = format!("{RECOVERED_PREFIX}{reason}", reason = decision.reason);
+    let mut planned = dispatch_plan(ctx, p, draft, decision, reservation, alerts);
+    if let Plan::Dispatch(d) = &mut planned {
+        d.recovered = true;
+        d.record.recovered = true;
+        d.decision.recovered = true;
+    }
+    planned
+}
+
+/// How the reason of a recovered decision begins (docs/rubrics.md quotes it).
+pub(super) const RECOVERED_PREFIX: &str = "decided again after a restart, for the record: the task had been dispatched and had finished, but the commander stopped before it recorded the dispatch; now: ";
+
 /// What every decision record of one task shares, whatever becomes of it.
 struct Draft {
     decision_id: String,
@@ -525,6 +571,7 @@ impl Draft {
             generation: Some(self.generation.clone()),
             inputs: self.inputs.clone(),
             trace_id: Some(self.trace_id.clone()),
+            recovered: false,
         }
     }
 }
@@ -656,6 +703,7 @@ fn dispatch_plan(
         policy_version: draft.version.clone(),
         generation: logged.generation.clone(),
         releases: p.release.map(|(_, n)| n),
+        recovered: false,
     };
     Plan::Dispatch(Box::new(Dispatch {
         id: p.id,
@@ -669,6 +717,7 @@ fn dispatch_plan(
         record,
         decision: logged,
         alerts,
+        recovered: false,
     }))
 }
 
