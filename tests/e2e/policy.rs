@@ -949,41 +949,43 @@ async fn a_registry_edit_removing_a_model_in_use_is_refused_naming_both_files() 
 
 /// The commander stopped between a dispatch's PubAck and the batch's store flush, and after
 /// the restart the worker's result reached the store before the intake message came back.
-/// Played here without a crash (the result is published first): the redelivered submission
-/// is decided again for the record, marked `recovered`, its cost charged to the budget
-/// that covers it, and it is not dispatched a second time.
+/// Played here without a crash (the results are published first): the redelivered
+/// submission is decided again for the record, marked `recovered`, its cost charged to the
+/// budget that covers it, and it is not dispatched a second time. A budget over its limit
+/// rejects a new task, but not the record of one that ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision_and_cost() {
-    let policy = "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = 100.0\naction = \"defer\"\n";
+    let policy = "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = 0.2\naction = \"reject\"\n";
     let s = PolicyStack::start(policy, "").await;
     let js = async_nats::jetstream::new(s.client.clone());
-    let result = serde_json::json!({
-        "schema": 1, "task_id": "ran-early", "attempt": 1, "status": "ok",
-        "worker_id": "w-early", "pool": "alpha",
-        "usage": {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.25},
-    });
-    js.publish("fleet.results.ran-early", result.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    eventually("the result is recorded", WAIT, async || {
-        task_record(s.commander.http(), "ran-early")
+    for id in ["ran-early", "ran-later"] {
+        let result = serde_json::json!({
+            "schema": 1, "task_id": id, "attempt": 1, "status": "ok",
+            "worker_id": "w-early", "pool": "alpha",
+            "usage": {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.25},
+        });
+        js.publish(format!("fleet.results.{id}"), result.to_string().into())
             .await
-            .is_some_and(|r| r["state"] == "completed")
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually("the results are recorded", WAIT, async || {
+        for id in ["ran-early", "ran-later"] {
+            let done = task_record(s.commander.http(), id)
+                .await
+                .is_some_and(|r| r["state"] == "completed");
+            if !done {
+                return false;
+            }
+        }
+        true
     })
     .await;
     let before = task_record(s.commander.http(), "ran-early").await.unwrap();
     assert!(before["decision_id"].is_null(), "{before}");
     let spent = async || s.get("/v1/policy").await["standing"][0]["spent_usd"].as_f64();
     assert_eq!(spent().await, Some(0.0), "no reservation to settle yet");
-
-    let seq = publish_raw(
-        &s.client,
-        &[("Fleet-Task-Id", "ran-early")],
-        r#"{"schema":1,"description":"ran before its dispatch was recorded","pool":"alpha"}"#,
-    )
-    .await;
     let recovered = async || {
         let text = reqwest::get(s.http("/metrics"))
             .await
@@ -996,14 +998,22 @@ async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    eventually("the submission is recorded", WAIT, async || {
-        task_record(s.commander.http(), "ran-early")
-            .await
-            .is_some_and(|r| r["decision_id"].is_string())
-    })
-    .await;
-    assert_eq!(recovered().await, 1.0);
+    let submit = async |id: &str| {
+        let body = format!(r#"{{"schema":1,"description":"task {id}","pool":"alpha"}}"#);
+        publish_raw(&s.client, &[("Fleet-Task-Id", id)], &body).await
+    };
+    let decided = async |id: &str| {
+        eventually("the submission is recorded", WAIT, async || {
+            task_record(s.commander.http(), id)
+                .await
+                .is_some_and(|r| r["decision_at_ms"].is_u64())
+        })
+        .await;
+    };
 
+    let seq = submit("ran-early").await;
+    decided("ran-early").await;
+    assert_eq!(recovered().await, 1.0);
     let rec = task_record(s.commander.http(), "ran-early").await.unwrap();
     assert_eq!(rec["state"], "completed", "{rec}");
     assert_eq!(rec["intake_sequence"], seq, "{rec}");
@@ -1020,7 +1030,6 @@ async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision
         ["completed"],
         "no dispatch at a made-up time: {rec}"
     );
-
     let d = s.get("/v1/decisions/ran-early").await;
     assert_eq!(d["id"], rec["decision_id"], "{d}");
     assert_eq!(d["outcome"], "dispatched", "{d}");
@@ -1033,25 +1042,25 @@ async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision
             .starts_with("decided again after a restart"),
         "{d}"
     );
-    // The worker's figure is charged, and nothing is left reserved.
+    // The worker's figure is charged, nothing is left reserved, nothing is sent again.
     let st = &s.get("/v1/policy").await["standing"][0];
     assert_eq!(st["spent_usd"].as_f64(), Some(0.25), "{st}");
     assert!(st["reserved_usd"].as_f64().unwrap() < 1e-12, "{st}");
-    // Not sent to a worker again.
     assert_eq!(stream_messages(&s.client, "FLEET_WORK").await, 0);
 
-    // A normal task still dispatches (and the decision of one is not marked).
-    publish_raw(
-        &s.client,
-        &[("Fleet-Task-Id", "ordinary")],
-        r#"{"schema":1,"description":"an ordinary task","pool":"alpha"}"#,
-    )
-    .await;
-    eventually("the ordinary task is dispatched", WAIT, async || {
-        stream_messages(&s.client, "FLEET_WORK").await == 1
-    })
-    .await;
+    // The budget is over its limit now: a new task is rejected …
+    submit("ordinary").await;
+    decided("ordinary").await;
     let d = s.get("/v1/decisions/ordinary").await;
+    assert_eq!(d["outcome"], "rejected", "{d}");
     assert!(d.get("recovered").is_none(), "{d}");
-    assert_eq!(recovered().await, 1.0);
+    // … but a task that ran is still recorded, and charged.
+    submit("ran-later").await;
+    decided("ran-later").await;
+    assert_eq!(recovered().await, 2.0);
+    let d = s.get("/v1/decisions/ran-later").await;
+    assert_eq!(d["outcome"], "dispatched", "{d}");
+    assert_eq!(d["recovered"], true, "{d}");
+    assert_eq!(spent().await, Some(0.5));
+    assert_eq!(stream_messages(&s.client, "FLEET_WORK").await, 0);
 }

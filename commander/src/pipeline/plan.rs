@@ -200,9 +200,9 @@ pub(super) struct Prepared {
     pub(super) release: Option<(u64, u32)>,
     /// The task ran already: dispatched before the commander stopped, its dispatch never
     /// recorded, its result recorded since. It is decided again to record the decision and
-    /// the dispatch (and to charge its cost to its budgets), but not published; no
-    /// throttle holds it, since nothing is sent, and a verdict other than a dispatch
-    /// records nothing.
+    /// the dispatch (and to charge its cost to its budgets), but not published. Nothing
+    /// holds it back (no throttle, and the policy lets it through: `EvalInput::ran`); when
+    /// no pool would take it now, nothing is recorded.
     pub(super) recovering: bool,
 }
 
@@ -247,7 +247,7 @@ struct Deciding<'a> {
     dims: &'a TaskDims,
     /// The task is coming back from the deferred queue.
     released: bool,
-    /// Decided again for the record only ([`Prepared::recovering`]): no throttle applies.
+    /// Decided again for the record only ([`Prepared::recovering`]): nothing holds it back.
     recovering: bool,
     view: &'a View,
 }
@@ -280,6 +280,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
             ledger,
             queued: &view.queued,
             released,
+            ran: recovering,
             now_ms: view.now_ms,
             seed: fnv1a(&[b"seed", id.as_bytes()]),
             blocks: &live.blocks,
@@ -477,8 +478,9 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
 }
 
 /// The plan of a task that ran before its dispatch was recorded: its dispatch, decided
-/// again and marked `recovered`, to be recorded but not published. Any other verdict is
-/// moot for a task that ran: nothing is recorded, and the message is acked as before.
+/// again and marked `recovered`, to be recorded but not published. The policy lets every
+/// task that ran through (`EvalInput::ran`); one that no pool would take now is left
+/// without a decision, and the message is acked as before.
 fn recovered_plan(ctx: &Ctx, p: Prepared, draft: &Draft, step: Step) -> Plan {
     let Step::Go {
         mut decision,
@@ -486,7 +488,7 @@ fn recovered_plan(ctx: &Ctx, p: Prepared, draft: &Draft, step: Step) -> Plan {
         alerts,
     } = step
     else {
-        tracing::warn!(task_id = %p.id, "task that finished before its dispatch was recorded would not be dispatched now; left without a decision");
+        tracing::warn!(task_id = %p.id, "task that finished before its dispatch was recorded has no route now; left without a decision");
         return Plan::Duplicate;
     };
     decision.reason = format!("{RECOVERED_PREFIX}{reason}", reason = decision.reason);

@@ -41,6 +41,11 @@ pub struct EvalInput<'a, 'p> {
     pub queued: &'a BTreeMap<(String, String), usize>,
     /// The task comes out of the deferred queue (it does not queue behind itself).
     pub released: bool,
+    /// The task ran already and is decided again for the record (a dispatch lost in a
+    /// restart, docs/rubrics.md): nothing can hold it back any more, so interventions,
+    /// deferred queues and limits do not bind, and the budgets it counts against are
+    /// still checked, so that its cost is charged to them.
+    pub ran: bool,
     pub now_ms: u64,
     pub seed: u64,
     /// Scopes refused dispatch by interventions in force.
@@ -122,6 +127,9 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
         Ok(d) => d,
         Err(e) => return Verdict::NoRoute(e),
     };
+    if i.ran {
+        return ran(&i, decision);
+    }
     if let Some(b) = super::live::blocked(i.blocks, i.dims, &decision.pool, &decision.model) {
         let reason = format!(
             "{} {} is blocked by intervention {} ({})",
@@ -163,6 +171,26 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
         return Verdict::Dispatch { decision, check: c };
     }
     over_limit(&i, decision, c)
+}
+
+/// The verdict on a task that ran already ([`EvalInput::ran`]): its dispatch, charged to
+/// every budget it counts against, over its limit or not.
+fn ran<'p>(i: &EvalInput<'_, 'p>, decision: Decision) -> Verdict<'p> {
+    if i.policy.budgets.is_empty() {
+        return Verdict::Dispatch {
+            decision,
+            check: Check::default(),
+        };
+    }
+    let mut c = check(i, &decision);
+    for o in std::mem::take(&mut c.over) {
+        c.cells.push(budget::CellKey {
+            budget: o.budget.spec.name.clone(),
+            value: o.value,
+            bucket: o.budget.window.bucket(i.now_ms),
+        });
+    }
+    Verdict::Dispatch { decision, check: c }
 }
 
 fn decide(i: &EvalInput<'_, '_>, hints: &PolicyHints) -> Result<Decision, NoRoute> {

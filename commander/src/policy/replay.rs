@@ -115,6 +115,7 @@ pub fn replay(
             ledger: &ledger,
             queued: &queued,
             released: false,
+            ran: false,
             now_ms: d.at_ms,
             seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
             // Shadow replay judges the candidate policy alone, not interventions.

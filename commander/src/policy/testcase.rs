@@ -75,6 +75,7 @@ fn run_one(
         ledger: &ledger,
         queued: &queued,
         released: false,
+        ran: false,
         now_ms: TEST_NOW_MS,
         seed: 1,
         // A test case judges the policy alone, without interventions in force.

@@ -501,6 +501,7 @@ fn concurrent_admissions_never_pass_the_limit() {
                             ledger: l,
                             queued: &queued,
                             released: false,
+                            ran: false,
                             now_ms: now,
                             seed: i,
                             blocks: &[],
@@ -532,6 +533,66 @@ fn concurrent_admissions_never_pass_the_limit() {
     let est = committed / admitted as f64;
     assert_eq!(admitted, (1.0 / est + 1e-9).floor() as usize, "est {est}");
     assert_eq!(admitted + refused.into_inner(), 400);
+}
+
+#[test]
+fn a_task_that_ran_is_charged_to_a_budget_over_its_limit_and_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let clock = ManualClock::at(BEFORE_MIDNIGHT - 60 * MIN);
+    let policy = parse(&[("a.policy.toml", &BUDGET.replace("\"defer\"", "\"reject\""))]).unwrap();
+    let e = engine(clock, &store, policy);
+    let (registry, rubric) = (Registry::builtin().unwrap(), Rubric::builtin().unwrap());
+    let table = RoutingTable {
+        pools: pools(),
+        routing: Default::default(),
+    };
+    let fleet = RouteSnapshot::default();
+    let mut task = Task::new("Summarise this incident report");
+    task.attributes.insert("team".into(), "search".into());
+    let class = crate::classify::offline(&rubric, &task).answer;
+    let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+    let (live, now, queued) = (e.live(), e.now_ms(), BTreeMap::new());
+    let today = CellKey {
+        budget: "team-daily".into(),
+        value: "search".into(),
+        bucket: Window::Day.bucket(now),
+    };
+    e.with_ledger(|l| l.set_spent(today.clone(), 1.0));
+    for ran in [false, true] {
+        let verdict = e.with_ledger(|l| {
+            let v = evaluate::evaluate(evaluate::EvalInput {
+                task: &task,
+                class: &class,
+                dims: &dims,
+                rubric: &rubric,
+                registry: &registry,
+                fleet: &fleet,
+                table: &table,
+                policy: &live.policy,
+                hints: &live.hints,
+                ledger: l,
+                queued: &queued,
+                released: false,
+                ran,
+                now_ms: now,
+                seed: 1,
+                blocks: &[],
+            });
+            match v {
+                evaluate::Verdict::Dispatch { check, .. } => Ok(check.cells),
+                other => Err(other.action()),
+            }
+        });
+        match ran {
+            false => assert_eq!(verdict, Err("reject"), "a new task is refused"),
+            true => assert_eq!(
+                verdict,
+                Ok(vec![today.clone()]),
+                "the task that ran is charged"
+            ),
+        }
+    }
 }
 
 #[test]
@@ -712,6 +773,7 @@ fn a_block_in_force_refuses_dispatch_to_its_scope_and_says_why() {
                 ledger: l,
                 queued: &BTreeMap::new(),
                 released: false,
+                ran: false,
                 now_ms: e.now_ms(),
                 seed: 1,
                 blocks,
