@@ -137,8 +137,10 @@ impl Ctx {
             return;
         }
         for d in decisions {
-            let body = match serde_json::to_vec(d) {
-                Ok(b) => bytes::Bytes::from(b),
+            // A decision's JSON is 1–3 KB: sized up front, not grown by doubling.
+            let mut body = Vec::with_capacity(DECISION_JSON_BYTES);
+            let body = match serde_json::to_writer(&mut body, d) {
+                Ok(()) => bytes::Bytes::from(body),
                 Err(e) => {
                     tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode");
                     continue;
@@ -158,6 +160,9 @@ impl Ctx {
         }
     }
 }
+
+/// Room for a typical decision's JSON on `<prefix>.decisions.<pool>`.
+const DECISION_JSON_BYTES: usize = 3072;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
