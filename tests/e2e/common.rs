@@ -109,13 +109,19 @@ impl Stack {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.trim().parse::<f64>().ok())
-            })
-            .unwrap_or(0.0)
+        sample_value(&text, sample)
     }
+}
+
+/// The value of one sample line (name with labels) of a `/metrics` answer; 0 when absent.
+pub fn sample_value(metrics: &str, sample: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// What handlers saw, shared with the test.

@@ -987,16 +987,8 @@ async fn a_task_that_finished_before_its_dispatch_was_recorded_gets_its_decision
     let spent = async || s.get("/v1/policy").await["standing"][0]["spent_usd"].as_f64();
     assert_eq!(spent().await, Some(0.0), "no reservation to settle yet");
     let recovered = async || {
-        let text = reqwest::get(s.http("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("fleet_intake_recovered_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+        let text = reqwest::get(s.http("/metrics")).await.unwrap().text();
+        sample_value(&text.await.unwrap(), "fleet_intake_recovered_total ")
     };
     let submit = async |id: &str| {
         let body = format!(r#"{{"schema":1,"description":"task {id}","pool":"alpha"}}"#);
