@@ -492,17 +492,29 @@ fn recovered_plan(ctx: &Ctx, p: Prepared, draft: &Draft, step: Step) -> Plan {
         return Plan::Duplicate;
     };
     decision.reason = format!("{RECOVERED_PREFIX}{reason}", reason = decision.reason);
-    let mut planned = dispatch_plan(ctx, p, draft, decision, reservation, alerts);
-    if let Plan::Dispatch(d) = &mut planned {
-        d.recovered = true;
-        d.record.recovered = true;
-        d.decision.recovered = true;
+    let id = p.id.clone();
+    let reserved = reservation.clone();
+    match dispatch_plan(ctx, p, draft, decision, reservation, alerts) {
+        Plan::Dispatch(mut d) => {
+            d.recovered = true;
+            d.record.recovered = true;
+            d.decision.recovered = true;
+            Plan::Dispatch(d)
+        }
+        // Only a task that does not serialise again gets another plan: never refuse a task
+        // that ran.
+        _ => {
+            if let Some(r) = &reserved {
+                ctx.core.policy.unreserve(r);
+            }
+            tracing::warn!(task_id = %id, "task that finished before its dispatch was recorded cannot be planned again; left without a decision");
+            Plan::Duplicate
+        }
     }
-    planned
 }
 
 /// How the reason of a recovered decision begins (docs/rubrics.md quotes it).
-pub(super) const RECOVERED_PREFIX: &str = "decided again after a restart, for the record: the task had been dispatched and had finished, but the commander stopped before it recorded the dispatch; now: ";
+const RECOVERED_PREFIX: &str = "decided again after a restart, for the record: the task had been dispatched and had finished, but the commander stopped before it recorded the dispatch; now: ";
 
 /// What every decision record of one task shares, whatever becomes of it.
 struct Draft {
