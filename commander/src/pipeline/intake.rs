@@ -120,7 +120,7 @@ async fn publish_batch(
     for plan in plans.iter_mut() {
         let fut = match plan {
             // It ran already: recorded, not sent again.
-            Some(Plan::Dispatch(d)) if d.recovered => None,
+            Some(Plan::Dispatch(d)) if d.recovered() => None,
             Some(Plan::Dispatch(d)) => Some((
                 true,
                 ctx.js
@@ -349,6 +349,7 @@ fn keep_dispatch(
     s: &mut Settled,
 ) {
     let mut d = *d;
+    let recovered = d.recovered();
     // A task sent to one worker is watched until it finishes, in case that
     // worker is gone (retarget.rs).
     if let (Some(worker), Some(Ok(seq))) = (&d.decision.worker, &outcome) {
@@ -364,11 +365,16 @@ fn keep_dispatch(
             tracing::warn!(task_id = %d.id, error = %e, "targeted dispatch not remembered");
         }
     }
+    if recovered {
+        // Counted as recorded, not as detected: one that is then refused or has no route
+        // records nothing.
+        ctx.core.metrics.intake_recovered.inc();
+    }
     // Most dispatches are a task's first record.
     let recorded = ctx.core.store.create_or_update(
         &d.id,
         || TaskRecord::new(&d.id, d.record.seq),
-        |r| d.record.apply(r, &d.pool),
+        |r| d.record.apply(r, &d.pool, recovered),
     );
     match recorded {
         Err(e) => {
@@ -385,7 +391,7 @@ fn keep_dispatch(
         s.notices.push((String::new(), a));
     }
     s.acks.push(msg);
-    if d.recovered {
+    if recovered {
         // Dispatched by the commander before the restart, and finished: nothing to
         // count or watch now, and the dispatch span went with the first run's memory.
         return;
@@ -471,7 +477,6 @@ fn already_handled(
         return Ok(Handled::No { release });
     };
     if dispatch_unrecorded(&existing, seq) {
-        ctx.core.metrics.intake_recovered.inc();
         tracing::warn!(task_id = %id, seq, "task finished before its dispatch was recorded (the commander stopped in between); recording its decision again without dispatching it");
         return Ok(Handled::Unrecorded);
     }

@@ -57,8 +57,14 @@ pub(super) struct Dispatch {
     pub(super) decision: DecisionRecord,
     /// Budget soft-threshold alerts this task raised, published after the batch.
     pub(super) alerts: Vec<serde_json::Value>,
-    /// Recorded, not published: the task ran already ([`Prepared::recovering`]).
-    pub(super) recovered: bool,
+}
+
+impl Dispatch {
+    /// Recorded, not published: the task ran already ([`Prepared::recovering`]); its
+    /// decision says so.
+    pub(super) fn recovered(&self) -> bool {
+        self.decision.recovered
+    }
 }
 
 /// A task a budget holds: stored in the deferred queue, then acked.
@@ -89,13 +95,12 @@ pub(super) struct DispatchRecord {
     pub(super) generation: Option<crate::domain::Generation>,
     /// Times the task left the deferred queue, when this dispatch is a release.
     pub(super) releases: Option<u32>,
-    /// Recorded after the task finished ([`Prepared::recovering`]): its history keeps
-    /// what it has, since when it was received and dispatched is not known.
-    pub(super) recovered: bool,
 }
 
 impl DispatchRecord {
-    pub(super) fn apply(&self, r: &mut TaskRecord, pool: &str) {
+    /// `recovered`: recorded after the task finished ([`Prepared::recovering`]); its
+    /// history keeps what it has, since when it was received and dispatched is not known.
+    pub(super) fn apply(&self, r: &mut TaskRecord, pool: &str, recovered: bool) {
         r.intake_sequence = self.seq;
         r.pool = Some(pool.to_string());
         r.route_reason = Some(self.route_reason.clone());
@@ -112,7 +117,7 @@ impl DispatchRecord {
         if let (Some(n), Some(d)) = (self.releases, r.deferred.as_mut()) {
             d.releases = n;
         }
-        if !self.recovered {
+        if !recovered {
             r.advance_at(TaskState::Received, self.received_at.clone());
             r.advance(TaskState::Dispatched);
         }
@@ -493,20 +498,14 @@ fn recovered_plan(ctx: &Ctx, p: Prepared, draft: &Draft, step: Step) -> Plan {
     };
     decision.reason = format!("{RECOVERED_PREFIX}{reason}", reason = decision.reason);
     let id = p.id.clone();
-    let reserved = reservation.clone();
     match dispatch_plan(ctx, p, draft, decision, reservation, alerts) {
         Plan::Dispatch(mut d) => {
-            d.recovered = true;
-            d.record.recovered = true;
             d.decision.recovered = true;
             Plan::Dispatch(d)
         }
-        // Only a task that does not serialise again gets another plan: never refuse a task
-        // that ran.
+        // Only a task that does not serialise again gets another plan (its reservation
+        // released): never refuse a task that ran.
         _ => {
-            if let Some(r) = &reserved {
-                ctx.core.policy.unreserve(r);
-            }
             tracing::warn!(task_id = %id, "task that finished before its dispatch was recorded cannot be planned again; left without a decision");
             Plan::Duplicate
         }
@@ -684,7 +683,13 @@ fn dispatch_plan(
     };
     let payload = match serde_json::to_vec(&p.task) {
         Ok(b) => Bytes::from(b),
-        Err(e) => return Reject::unserialisable(p.id, p.seq, &e, p.reply_to),
+        Err(e) => {
+            // Not dispatched: what the decision reserved goes back.
+            if let Some(r) = &reservation {
+                ctx.core.policy.unreserve(r);
+            }
+            return Reject::unserialisable(p.id, p.seq, &e, p.reply_to);
+        }
     };
     let headers = dispatch_headers(&p, &decision, draft);
     let span = dispatch_span(&subject, &p, draft, &decision);
@@ -717,7 +722,6 @@ fn dispatch_plan(
         policy_version: draft.version.clone(),
         generation: logged.generation.clone(),
         releases: p.release.map(|(_, n)| n),
-        recovered: false,
     };
     Plan::Dispatch(Box::new(Dispatch {
         id: p.id,
@@ -731,7 +735,6 @@ fn dispatch_plan(
         record,
         decision: logged,
         alerts,
-        recovered: false,
     }))
 }
 
