@@ -253,11 +253,53 @@ impl CellKey {
     }
 }
 
-/// A reservation made at dispatch, kept on the task's record until its result settles it.
+/// A reservation made at dispatch, kept on the task's record; its result settles it with
+/// what the task cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reservation {
     pub cells: Vec<CellKey>,
     pub est_usd: f64,
+    /// What the task's result charged to these cells in place of the estimate (absent
+    /// until it finished). The ledger's state on disk is the sum of what records say
+    /// ([`Reservation::share`]), so a charge is durable exactly when its record is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged_usd: Option<f64>,
+}
+
+impl Reservation {
+    /// What this reservation holds in each of its cells: its charge once settled, its
+    /// estimate while open. `terminal`: the task has finished; one that finished without
+    /// a charge was settled before charges were recorded (older records) and holds
+    /// nothing the ledger does not already count.
+    pub fn share(&self, terminal: bool) -> Option<Cell> {
+        match self.charged_usd {
+            Some(c) => Some(Cell {
+                spent: c,
+                reserved: 0.0,
+            }),
+            None if terminal => None,
+            None => Some(Cell {
+                spent: 0.0,
+                reserved: self.est_usd,
+            }),
+        }
+    }
+}
+
+/// Spent and reserved USD of one ledger cell (or a change to them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub spent: f64,
+    pub reserved: f64,
+}
+
+impl Cell {
+    /// Applies a change; a reservation never goes below zero (a settle rounding past it,
+    /// or a reservation the ledger lost to a restart before charges were recorded).
+    pub fn apply(&mut self, change: Cell) {
+        self.spent += change.spent;
+        self.reserved = (self.reserved + change.reserved).max(0.0);
+    }
 }
 
 /// FNV-1a, 64-bit: a stable hash for ids that must come out the same after a restart.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use fleet_testkit::Commander;
 use fleet_worker::{Producer, ResultStatus, Subjects, SubmitOptions, Task};
+use futures::StreamExt;
 
 use crate::common::*;
 
@@ -17,14 +18,28 @@ const RATE: u64 = 250;
 
 /// The commander is `kill -9`ed ten times while 5,000 tasks arrive at a steady rate, and
 /// restarted on the same store each time: nothing is lost (a recorded dispatch keeps its
-/// decision), no handler runs twice, and the longest wait a producer sees is printed.
+/// decision), no handler runs twice, the budget every task counts against holds exactly
+/// what the tasks' records say they were charged (nothing reserved or charged twice), and
+/// the longest wait a producer sees is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_commander_ten_times_during_5000_tasks_loses_and_repeats_nothing() {
     // A short intake ack wait keeps the test short: the tasks the dead commander had read
     // wait that long to be handed to the new one (`FLEET_KILL_TEST_ACK_WAIT` to measure
     // with another, such as the default 10 s).
     let ack_wait = std::env::var("FLEET_KILL_TEST_ACK_WAIT").unwrap_or_else(|_| "2".into());
-    let toml = format!("{TWO_POOLS}\n[intake]\nack_wait_secs = {ack_wait}\n");
+    // A fleet budget no task reaches: every dispatch reserves in it, every result charges.
+    // A calendar month, so the check at the end sees every task's bucket (a run that
+    // crosses the turn of a month would not).
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("fleet.policy.toml"),
+        "[[budget]]\nname = \"fleet-month\"\nscope = \"fleet\"\nwindow = \"month\"\nlimit_usd = 1000000.0\naction = \"defer\"\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[intake]\nack_wait_secs = {ack_wait}\n[policy]\ndir = {:?}\n",
+        policies.path()
+    );
     let mut stack = Stack::start(&toml).await;
     let seen = SeenLog::default();
     let workers = two_workers_per_pool(&stack.client, 8, Duration::from_millis(15), &seen).await;
@@ -147,6 +162,41 @@ async fn kill_9_commander_ten_times_during_5000_tasks_loses_and_repeats_nothing(
     eprintln!(
         "decisions after the kills: all {} sampled found; decided again for the record (dispatch never recorded): {recovered:?}",
         TASKS / 50
+    );
+    // The budget: nothing is left reserved, and what is spent is the sum of the charges
+    // the records hold. A reservation or charge made durable without its record (and so
+    // made again when the batch was redelivered) would show here.
+    // One client for all 5,000 reads (building one per request is most of a debug build's
+    // time for it).
+    let client = reqwest::Client::new();
+    let charges: Vec<f64> = futures::stream::iter(0..TASKS)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("{http}/v1/tasks/kill-{i}"));
+            async move {
+                let rec: serde_json::Value =
+                    client.get(url).send().await.unwrap().json().await.unwrap();
+                rec["budget"]["charged_usd"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("kill-{i} has no charge: {rec}"))
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let charged: f64 = charges.iter().sum();
+    let st = &stack.get_json("/v1/policy").await["standing"][0];
+    let (spent, reserved) = (
+        st["spent_usd"].as_f64().unwrap(),
+        st["reserved_usd"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "budget after the kills: spent ${spent:.9}, reserved ${reserved:.9}; the {TASKS} records' charges add up to ${charged:.9}"
+    );
+    assert!(charged > 0.0);
+    assert!(reserved.abs() < 1e-9, "left reserved: {st}");
+    assert!(
+        (spent - charged).abs() <= charged * 1e-9,
+        "spent ${spent} against ${charged} charged: {st}"
     );
     for w in workers {
         w.shutdown().await;

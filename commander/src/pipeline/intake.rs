@@ -179,9 +179,9 @@ fn log_decisions(ctx: &Ctx, plans: &[Option<Plan>], published: &[Option<Result<u
     ctx.log_decisions(&decided);
 }
 
-/// The batch's decisions announced (their task records are written now), the ledger and
-/// store (decisions included) made durable with one flush, then the acks, then the
-/// informational notices.
+/// The batch's decisions announced (their task records are written now), the store
+/// (decisions, and the ledger with the records) made durable with one flush, then the
+/// acks, then the informational notices.
 async fn finish_batch(ctx: &Ctx, settled: Settled) {
     let Settled {
         acks,
@@ -189,10 +189,6 @@ async fn finish_batch(ctx: &Ctx, settled: Settled) {
         notices,
     } = settled;
     ctx.announce_decisions(&decided).await;
-    if let Err(e) = ctx.core.policy.persist_ledger() {
-        tracing::error!(error = %e, "budget ledger not written; leaving the batch for redelivery");
-        return;
-    }
     // One flush for the batch, then the acks: what was acked is on disk.
     if let Err(e) = ctx.core.store.flush().await {
         tracing::error!(error = %e, "store flush failed; leaving the batch for redelivery");
@@ -374,14 +370,17 @@ fn keep_dispatch(
     let recorded = ctx.core.store.create_or_update(
         &d.id,
         || TaskRecord::new(&d.id, d.record.seq),
-        |r| d.record.apply(r, &d.pool, recovered),
+        |r| {
+            d.record.apply(r, &d.pool, recovered);
+            // The result was processed first and found no reservation to settle: the
+            // charge goes in with the reservation.
+            super::results::charge(ctx, r);
+        },
     );
     match recorded {
         Err(e) => {
             tracing::error!(task_id = %d.id, error = %e, "dispatched but not recorded")
         }
-        // The result was processed first and found no reservation to
-        // settle: settle it here.
         Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
         Ok(_) => {}
     }

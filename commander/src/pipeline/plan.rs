@@ -308,6 +308,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
                 let reservation = (!check.cells.is_empty()).then(|| Reservation {
                     cells: check.cells.clone(),
                     est_usd: est,
+                    charged_usd: None,
                 });
                 if let Some(r) = &reservation {
                     ledger.reserve(&r.cells, est);

@@ -39,10 +39,6 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
                 Err(Retry) => nak(&msg).await,
             }
         }
-        if let Err(e) = ctx.core.policy.persist_ledger() {
-            tracing::error!(error = %e, "budget ledger not written; leaving the results for redelivery");
-            return;
-        }
         if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush failed; leaving the results for redelivery");
             return;
@@ -133,6 +129,7 @@ fn record_one(
                 let was_terminal = r.state.is_terminal();
                 r.finish(&result);
                 finished_now.set(!was_terminal && r.state.is_terminal());
+                charge(ctx, r);
                 if r.reply_to.is_none() {
                     r.reply_to = reply_header.clone();
                 }
@@ -214,12 +211,27 @@ fn finished(ctx: &Ctx, id: &str, rec: &TaskRecord, result: &TaskResult) {
         .inc();
 }
 
-/// Settles a finished task's budget reservation with what it cost: the worker's figure,
-/// else its token usage at the registry's price of the model it used (or was routed to),
-/// else — neither known — the estimate (a cost is never invented as zero). Called by
-/// whichever of the result and the dispatch record reaches the store second.
-pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
-    let Some(r) = &rec.budget else { return };
+/// Records on a finished task's budget reservation what the task cost, once: the
+/// worker's figure, else its token usage at the registry's price of the model it used (or
+/// was routed to), else — neither known — the estimate (a cost is never invented as
+/// zero). Runs inside the record's update, so the charge is written (and the task log's
+/// ledger changed) with the record that finishes the task, or with the dispatch when the
+/// result came first.
+pub(crate) fn charge(ctx: &Ctx, rec: &mut TaskRecord) {
+    if !rec.state.is_terminal() {
+        return;
+    }
+    let cost = match &rec.budget {
+        Some(r) if r.charged_usd.is_none() => cost_of(ctx, rec, r.est_usd),
+        _ => return,
+    };
+    if let Some(r) = rec.budget.as_mut() {
+        r.charged_usd = Some(cost);
+    }
+}
+
+/// What a finished task cost (see [`charge`]); `est` when nothing says.
+fn cost_of(ctx: &Ctx, rec: &TaskRecord, est: f64) -> f64 {
     let usage = rec.outcome.as_ref().and_then(|o| o.usage.as_ref());
     let actual = usage.and_then(|u| {
         if let Some(c) = u.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
@@ -234,7 +246,18 @@ pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
             ..Default::default()
         }))
     });
-    ctx.core.policy.settle(r, actual.unwrap_or(r.est_usd));
+    actual.unwrap_or(est)
+}
+
+/// Settles a finished task's reservation in the ledger the task path decides on, with
+/// the charge its record holds ([`charge`]). Called by whichever of the result and the
+/// dispatch record reaches the store second.
+pub(crate) fn settle_budget(ctx: &Ctx, rec: &TaskRecord) {
+    if let Some(r) = &rec.budget
+        && let Some(cost) = r.charged_usd
+    {
+        ctx.core.policy.settle(r, cost);
+    }
 }
 
 /// Dispatch latency: from the commander taking the task off the intake stream (the last

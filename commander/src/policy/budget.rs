@@ -8,33 +8,25 @@
 //! limit can be passed only by tasks whose actual cost came out above their estimate:
 //! the overspend is bounded by the estimates of tasks in flight when the limit was
 //! reached. At the task's result the estimate is released and the actual cost charged to
-//! the bucket the reservation was made in. Cells are written to sled with the batch that
-//! touched them, so the ledger survives a restart.
+//! the bucket the reservation was made in. The reservation and the charge are written in
+//! the task's record, and the task log keeps the ledger from them, in the same entries
+//! (`store::log`): a restart finds the ledger exactly as the records it has left it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
-
-use serde::{Deserialize, Serialize};
 
 use super::load::{Budget, Policy};
 use super::schema::{Scope, SoftAction};
 
 pub use super::window::{Window, rfc3339, usd};
-pub use crate::domain::{CellKey, Reservation, TaskDims};
+pub use crate::domain::{Cell, CellKey, Reservation, TaskDims};
 
-/// Spent and reserved USD of one cell.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Cell {
-    pub spent: f64,
-    pub reserved: f64,
-}
-
-/// The ledger: every cell, in memory (the engine persists the dirty ones). Nested by
-/// budget, then value, so the task path looks cells up by `&str` without allocating.
+/// The ledger: every cell, in memory. Nested by budget, then value, so the task path looks
+/// cells up by `&str` without allocating. What is durable is kept by the task log, from
+/// the task records' reservations and charges (see `store::log`), not from this.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     cells: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Cell>>>,
-    dirty: BTreeSet<CellKey>,
 }
 
 impl Ledger {
@@ -91,19 +83,17 @@ impl Ledger {
 
     pub fn reserve(&mut self, keys: &[CellKey], est: f64) {
         for k in keys {
-            let c = self.entry(k);
-            c.reserved += est;
-            self.dirty.insert(k.clone());
+            self.entry(k).reserved += est;
         }
     }
 
     /// Releases a reservation and charges the actual cost in its place.
     pub fn settle(&mut self, r: &Reservation, actual: f64) {
         for k in &r.cells {
-            let c = self.entry(k);
-            c.reserved = (c.reserved - r.est_usd).max(0.0);
-            c.spent += actual;
-            self.dirty.insert(k.clone());
+            self.entry(k).apply(Cell {
+                spent: actual,
+                reserved: -r.est_usd,
+            });
         }
     }
 
@@ -120,23 +110,6 @@ impl Ledger {
             .or_default()
             .entry(k.bucket)
             .or_default()
-    }
-
-    /// Marks cells as changed again (their write failed).
-    pub fn mark_dirty(&mut self, keys: impl IntoIterator<Item = CellKey>) {
-        self.dirty.extend(keys);
-    }
-
-    /// Cells changed since the last call, with their values.
-    pub fn take_dirty(&mut self) -> Vec<(CellKey, Cell)> {
-        let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .map(|k| {
-                let c = self.cell(&k);
-                (k, c)
-            })
-            .collect()
     }
 
     /// Drops buckets that expired more than a window ago (kept one window for reports);

@@ -187,8 +187,11 @@ impl PolicyCounters {
 pub struct PolicyEngine {
     live: ArcSwap<Live>,
     limiters: LimiterCache,
+    /// What the task path decides on. What is durable is the task log's copy, kept
+    /// from the records (`store::log`): this one is loaded from it at open.
     ledger: Mutex<Ledger>,
-    ledger_tree: sled::Tree,
+    /// For the log's ledger (pruned with this one).
+    store: Store,
     pub deferrals: Deferrals,
     pub audit: AuditLog,
     /// Where the registry and the rubric are re-read from, and the gate of every change.
@@ -250,14 +253,9 @@ impl PolicyEngine {
         max_deferred: usize,
         audit_records: usize,
     ) -> Result<Arc<Self>, PolicyError> {
-        let ledger_tree = store.tree("budget_ledger")?;
         let mut ledger = Ledger::default();
-        for item in ledger_tree.iter() {
-            let (k, v) = item.map_err(StoreError::from)?;
-            if let (Some(key), Ok(cell)) = (budget::CellKey::decode(&k), serde_json::from_slice(&v))
-            {
-                ledger.insert(key, cell);
-            }
+        for (key, cell) in store.log().ledger() {
+            ledger.insert(key, cell);
         }
         let limiters = LimiterCache::default();
         let now = clock.now_ms();
@@ -301,7 +299,7 @@ impl PolicyEngine {
             live: ArcSwap::from_pointee(live),
             limiters,
             ledger: Mutex::new(ledger),
-            ledger_tree,
+            store: store.clone(),
             deferrals: Deferrals::open(store, max_deferred)?,
             audit: AuditLog::open(store, audit_records)?,
             files,
@@ -688,26 +686,6 @@ impl PolicyEngine {
         }
     }
 
-    /// Writes the ledger cells changed since the last call (durable with the caller's
-    /// next store flush), each with a plain sled insert ([`crate::store::Store::tree`]
-    /// says why not a `sled::Batch`; each cell is a whole value). The ledger stays locked while they are written (microseconds), so two batches
-    /// cannot write one cell's values out of order. A cell not written stays dirty.
-    pub fn persist_ledger(&self) -> Result<(), StoreError> {
-        self.with_ledger(|l| {
-            let mut dirty = l.take_dirty().into_iter();
-            while let Some((k, c)) = dirty.next() {
-                let Ok(v) = serde_json::to_vec(&c) else {
-                    continue;
-                };
-                if let Err(e) = self.ledger_tree.insert(k.encode(), v) {
-                    l.mark_dirty(std::iter::once(k).chain(dirty.map(|(k, _)| k)));
-                    return Err(e.into());
-                }
-            }
-            Ok(())
-        })
-    }
-
     /// Releases a finished task's reservation and charges its actual cost.
     pub fn settle(&self, r: &Reservation, actual: f64) {
         self.with_ledger(|l| l.settle(r, actual));
@@ -723,9 +701,7 @@ impl PolicyEngine {
         let policy = self.live().policy.clone();
         let now = self.now_ms();
         let gone = self.with_ledger(|l| l.prune(&policy, now));
-        for k in &gone {
-            self.ledger_tree.remove(k.encode())?;
-        }
+        self.store.log().forget_ledger_cells(&gone);
         if let Ok(mut a) = self.alerted.lock() {
             a.retain(|(b, v, bucket, _)| {
                 !gone

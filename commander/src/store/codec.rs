@@ -1,19 +1,25 @@
 //! The task record on disk.
 //!
-//! Format 2 (written since issue 19): one version byte (`2`), then the record as
-//! [postcard](https://docs.rs/postcard): fields in declaration order, integers as varints,
-//! strings length-prefixed, `Option` as a one-byte tag. It is about a third of the JSON it
-//! replaces and several times cheaper to encode and decode, which matters because every
-//! dispatch and every result rewrites the record.
+//! Format 3 (written since the ledger moved into the task log): one version byte (`3`),
+//! then the record as [postcard](https://docs.rs/postcard): format 2's body (below),
+//! followed by the fields added since, as one more postcard struct (today: the charge a
+//! result settled the budget reservation with, `budget.charged_usd`).
+//!
+//! Format 2 (issue 19): version byte `2`, then the record as postcard: fields in
+//! declaration order, integers as varints, strings length-prefixed, `Option` as a one-byte
+//! tag. It is about a third of the JSON it replaces and several times cheaper to encode and
+//! decode, which matters because every dispatch and every result rewrites the record. It is
+//! still read (with no charge).
 //!
 //! Format 1 (before): the record as JSON, which always starts with `{`. It is still read;
-//! the next update of such a record writes it in format 2, and records that are never
-//! updated again leave through retention as before (`Store::sweep`).
+//! the next update of a record in format 1 or 2 writes it in format 3, and records that
+//! are never updated again leave through retention as before (`Store::sweep`).
 //!
 //! postcard is not self-describing, so the serde attributes the JSON API needs
 //! (`skip_serializing_if`, which drops a field) cannot be on the types it encodes: the
 //! mirrors below have the record's fields in a fixed order and nothing else. Adding a field
-//! is a new format byte (3) with format 2 still decoded, as format 1 is here.
+//! is a new format byte with the older formats still decoded: format 3's body is format
+//! 2's plus [`Added`], so the next field goes at the end of `Added` under format 4.
 
 use std::borrow::Cow;
 
@@ -21,20 +27,25 @@ use fleet_worker::message::{ErrorInfo, ResultStatus, Usage};
 use serde::{Deserialize, Serialize};
 
 use super::{DeferInfo, Outcome, StateChange, TaskRecord, TaskState, TraceInfo};
-use crate::domain::{Generation, Reservation};
+use crate::domain::{CellKey, Generation, Reservation};
 
 /// The first byte of a format-2 record.
 pub const FORMAT_V2: u8 = 2;
+
+/// The first byte of a format-3 record (written now).
+pub const FORMAT_V3: u8 = 3;
 
 /// Why stored bytes are not a task record.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
     Empty,
-    #[error("format {0} is not one this commander reads (1 is JSON, 2 is postcard)")]
+    #[error("format {0} is not one this commander reads (1 is JSON, 2 and 3 are postcard)")]
     UnknownFormat(u8),
-    #[error("format 2 record does not decode: {0}")]
+    #[error("format 2 or 3 record does not decode: {0}")]
     Postcard(#[from] postcard::Error),
+    #[error("format 3 record has {0} bytes after its end")]
+    Trailing(usize),
     #[error("format 1 (JSON) record does not decode: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -44,6 +55,7 @@ pub enum CodecError {
 pub enum Format {
     Json,
     V2,
+    V3,
 }
 
 pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
@@ -51,27 +63,62 @@ pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
         None => Err(CodecError::Empty),
         Some(b'{') => Ok(Format::Json),
         Some(&FORMAT_V2) => Ok(Format::V2),
+        Some(&FORMAT_V3) => Ok(Format::V3),
         Some(&other) => Err(CodecError::UnknownFormat(other)),
     }
 }
 
-/// Decodes a record in either format.
+/// Decodes a record in any format this commander reads.
 pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
     match format_of(bytes)? {
         Format::Json => Ok(serde_json::from_slice(bytes)?),
         Format::V2 => {
             let body = bytes.get(1..).unwrap_or_default();
             let v: TaskV2<'_> = postcard::from_bytes(body)?;
-            Ok(v.into_record())
+            Ok(v.into_record(Added::default()))
+        }
+        Format::V3 => {
+            let body = bytes.get(1..).unwrap_or_default();
+            let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body)?;
+            let (added, rest): (Added, _) = postcard::take_from_bytes(rest)?;
+            if !rest.is_empty() {
+                return Err(CodecError::Trailing(rest.len()));
+            }
+            Ok(v.into_record(added))
         }
     }
 }
 
-/// Encodes a record in format 2.
+/// Encodes a record in format 3.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(FORMAT_V3);
+    let out = postcard::to_extend(&TaskV2::of(rec), out)?;
+    Ok(postcard::to_extend(&Added::of(rec), out)?)
+}
+
+/// Encodes a record in format 2 (what commanders before format 3 wrote; for tests that
+/// build a store of that layout).
+#[cfg(test)]
+pub fn encode_v2(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(256);
     out.push(FORMAT_V2);
     Ok(postcard::to_extend(&TaskV2::of(rec), out)?)
+}
+
+/// The fields format 3 added after format 2's body.
+#[derive(Default, Serialize, Deserialize)]
+struct Added {
+    /// `budget.charged_usd`.
+    charged_usd: Option<f64>,
+}
+
+impl Added {
+    fn of(r: &TaskRecord) -> Self {
+        Self {
+            charged_usd: r.budget.as_ref().and_then(|b| b.charged_usd),
+        }
+    }
 }
 
 type Str<'a> = Cow<'a, str>;
@@ -94,7 +141,7 @@ struct TaskV2<'a> {
     trace: Option<TraceV2<'a>>,
     rejection: Option<Cow<'a, ErrorInfo>>,
     outcome: Option<OutcomeV2<'a>>,
-    budget: Option<Cow<'a, Reservation>>,
+    budget: Option<ReservationV2<'a>>,
     deferred: Option<DeferV2<'a>>,
     policy_version: Option<Str<'a>>,
     generation: Option<Cow<'a, Generation>>,
@@ -118,6 +165,12 @@ struct OutcomeV2<'a> {
     error: Option<Cow<'a, ErrorInfo>>,
     usage: Option<UsageV2<'a>>,
     duration_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReservationV2<'a> {
+    cells: Cow<'a, [CellKey]>,
+    est_usd: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -188,7 +241,10 @@ impl<'a> TaskV2<'a> {
                 }),
                 duration_ms: o.duration_ms,
             }),
-            budget: r.budget.as_ref().map(Cow::Borrowed),
+            budget: r.budget.as_ref().map(|b| ReservationV2 {
+                cells: Cow::Borrowed(&b.cells),
+                est_usd: b.est_usd,
+            }),
             deferred: r.deferred.as_ref().map(|d| DeferV2 {
                 reason: b(&d.reason),
                 until: ob(&d.until),
@@ -201,7 +257,7 @@ impl<'a> TaskV2<'a> {
         }
     }
 
-    fn into_record(self) -> TaskRecord {
+    fn into_record(self, added: Added) -> TaskRecord {
         TaskRecord {
             id: owned(self.id),
             state: self.state,
@@ -236,7 +292,11 @@ impl<'a> TaskV2<'a> {
                 }),
                 duration_ms: o.duration_ms,
             }),
-            budget: self.budget.map(Cow::into_owned),
+            budget: self.budget.map(|b| Reservation {
+                cells: b.cells.into_owned(),
+                est_usd: b.est_usd,
+                charged_usd: added.charged_usd,
+            }),
             deferred: self.deferred.map(|d| DeferInfo {
                 reason: owned(d.reason),
                 until: oo(d.until),
@@ -302,6 +362,7 @@ pub(crate) mod tests {
                 bucket: 1_764_000_000_000,
             }],
             est_usd: 0.25,
+            charged_usd: Some(0.000_27),
         });
         r.deferred = Some(DeferInfo {
             reason: "budget daily".into(),
@@ -329,27 +390,42 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_2_round_trips_every_field_and_is_smaller_than_json() {
+    fn format_3_round_trips_every_field_and_is_smaller_than_json() {
         for rec in [full_record("t-1"), TaskRecord::new("bare", 0)] {
-            let v2 = encode(&rec).unwrap();
-            assert_eq!(v2[0], FORMAT_V2);
-            assert_eq!(decode(&v2).unwrap(), rec);
+            let v3 = encode(&rec).unwrap();
+            assert_eq!(v3[0], FORMAT_V3);
+            assert_eq!(decode(&v3).unwrap(), rec);
             let json = serde_json::to_vec(&rec).unwrap();
             assert_eq!(format_of(&json).unwrap(), Format::Json);
             assert_eq!(decode(&json).unwrap(), rec, "format 1 still reads");
             println!(
-                "{}: format 2 {} bytes, JSON {}",
+                "{}: format 3 {} bytes, JSON {}",
                 rec.id,
-                v2.len(),
+                v3.len(),
                 json.len()
             );
             assert!(
-                v2.len() * 10 < json.len() * 7,
-                "format 2 {} bytes vs JSON {}",
-                v2.len(),
+                v3.len() * 10 < json.len() * 7,
+                "format 3 {} bytes vs JSON {}",
+                v3.len(),
                 json.len()
             );
         }
+    }
+
+    #[test]
+    fn format_2_still_reads_without_the_charge() {
+        let rec = full_record("t-2");
+        let v2 = encode_v2(&rec).unwrap();
+        assert_eq!(v2[0], FORMAT_V2);
+        let mut expected = rec.clone();
+        if let Some(b) = expected.budget.as_mut() {
+            b.charged_usd = None;
+        }
+        assert_eq!(decode(&v2).unwrap(), expected);
+        // Format 3 is format 2's body and the added fields, nothing else.
+        let v3 = encode(&rec).unwrap();
+        assert_eq!(v3[1..v2.len()], v2[1..]);
     }
 
     #[test]
@@ -357,13 +433,16 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode(&[9, 1]), Err(CodecError::UnknownFormat(9))));
         assert!(decode(b"{not json").is_err());
-        let v2 = encode(&full_record("t")).unwrap();
-        for cut in 1..v2.len() {
-            assert!(decode(&v2[..cut]).is_err(), "truncated at {cut}");
+        let v3 = encode(&full_record("t")).unwrap();
+        for cut in 1..v3.len() {
+            assert!(decode(&v3[..cut]).is_err(), "truncated at {cut}");
         }
+        let mut long = v3.clone();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(CodecError::Trailing(1))));
         // Every one-byte change decodes to something or fails cleanly.
-        for i in 1..v2.len() {
-            let mut bad = v2.clone();
+        for i in 1..v3.len() {
+            let mut bad = v3.clone();
             bad[i] ^= 0xA5;
             let _ = decode(&bad);
         }

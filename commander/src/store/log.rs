@@ -11,7 +11,7 @@
 //! ## On disk
 //!
 //! `<store dir>/task_log/NNNNNNNN.log`, numbered from 1. Each file starts with [`MAGIC`]
-//! (whose last byte is the log format, 2), then entries:
+//! (whose last byte is the log format, 3), then entries:
 //!
 //! ```text
 //! body length  u32 LE
@@ -23,13 +23,34 @@
 //!        kind 3 (page):         at_ms u64 LE, seq u64 LE, count u16 LE, flags u8 (bit 0:
 //!                               moved in from sled), the page (its owner's bytes)
 //!        kind 4 (pages dropped): (at_ms u64 LE, seq u64 LE) for each page dropped
+//!        kind 5 (record and ledger change): finished_ms u64 LE, id length u16 LE, id,
+//!                               change length u32 LE, the change (cells), the record
+//!        kind 6 (ledger):       part u32 LE, parts u32 LE, cells
 //! ```
 //!
+//! where `cells` is a run of postcard-encoded `(CellKey, Cell)` pairs.
+//!
 //! The last entry of a task id in segment order is its record; a `removed` entry (the
-//! retention sweep) ends it. A segment rolls over at [`SEGMENT_BYTES`]. Format 1 (the same
-//! entries, kinds 1 and 2 only) is still read; a commander opening a format-1 segment
-//! last starts a new segment, so a commander that reads only format 1 refuses the
-//! directory instead of cutting pages off as torn entries.
+//! retention sweep) ends it. A segment rolls over at [`SEGMENT_BYTES`]. Formats 1 (kinds
+//! 1 and 2) and 2 (kinds 1 to 4) are still read; a commander opening a segment of an
+//! older format last starts a new segment, so a commander that reads only that format
+//! refuses the directory instead of cutting the newer kinds off as torn entries.
+//!
+//! ## The budget ledger
+//!
+//! The log also keeps the budget ledger's cells (spent and reserved USD per budget, scope
+//! value and bucket; see `policy::budget`), so that they are durable exactly when the
+//! task records they come from are. A record's reservation holds its estimate in its
+//! cells while the task runs and its charge once it has finished
+//! ([`crate::domain::Reservation::share`]); an update that changes what a record holds is
+//! written as kind 5, with the change. The log adds each change to its own copy of the
+//! ledger as it appends it, and writes that copy whole (kind 6, in parts of at most
+//! [`LEDGER_PART_BYTES`]) as the first entries of every segment it starts, and at open
+//! when the last segment has none. Opening takes the last whole copy and adds the changes
+//! written after it. There is never a moment at which a crash leaves a reservation or a
+//! charge durable without its record, or the reverse: a redelivered dispatch or result
+//! that finds its record missing reserves or charges again, and the lost one was never on
+//! disk. The active segment (never deleted) always holds the last copy.
 //!
 //! ## Pages
 //!
@@ -69,12 +90,14 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::{StoreError, TaskRecord, codec};
+use crate::domain::{Cell, CellKey};
 
-/// First bytes of every segment file written now: a name, then the log format (2).
-pub const MAGIC: [u8; 8] = *b"FCTASKS\x02";
+/// First bytes of every segment file written now: a name, then the log format (3).
+pub const MAGIC: [u8; 8] = *b"FCTASKS\x03";
 
-/// First bytes of a segment of format 1 (no pages), still read.
+/// First bytes of a segment of format 1 (no pages) or 2 (no ledger), still read.
 const MAGIC_V1: [u8; 8] = *b"FCTASKS\x01";
+const MAGIC_V2: [u8; 8] = *b"FCTASKS\x02";
 
 /// A segment rolls over once it would pass this.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -93,6 +116,11 @@ const KIND_RECORD: u8 = 1;
 const KIND_REMOVED: u8 = 2;
 const KIND_PAGE: u8 = 3;
 const KIND_PAGES_DROPPED: u8 = 4;
+const KIND_RECORD_CHANGE: u8 = 5;
+const KIND_LEDGER: u8 = 6;
+
+/// A copy of the ledger is written in parts of about this many bytes at most.
+pub const LEDGER_PART_BYTES: usize = 1 << 20;
 
 /// Bytes of a page entry's body before the page: kind, at_ms, seq, count, flags.
 const PAGE_HEAD: usize = 1 + 8 + 8 + 2 + 1;
@@ -192,6 +220,8 @@ struct Writer {
     buffer: Vec<u8>,
     /// Bytes the next roll-over waits for: a segment is never smaller than one entry.
     segment_bytes: u64,
+    /// The budget ledger as the entries appended so far leave it (see the module's docs).
+    ledger: BTreeMap<CellKey, Cell>,
 }
 
 /// The task log (see the module's docs).
@@ -218,6 +248,13 @@ pub struct Opened {
     pub truncated: u64,
     /// Segments with a bad entry before their end, whose rest was skipped.
     pub damaged: usize,
+    /// A copy of the budget ledger was found (absent in a store written before the ledger
+    /// moved into the log, whose cells are in sled: see [`TaskLog::adopt_ledger`]).
+    pub ledger_found: bool,
+    /// Cells taken in from the older place (see [`TaskLog::open_adopting`]).
+    pub ledger_adopted: usize,
+    /// Ledger cells held.
+    pub ledger_cells: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -237,12 +274,27 @@ fn segment_path(dir: &Path, n: u32) -> PathBuf {
 impl TaskLog {
     /// Opens (or creates) the log in `dir`, reading every segment to rebuild the index.
     pub fn open(dir: &Path) -> Result<(Self, Opened), StoreError> {
-        Self::open_with_segment_bytes(dir, SEGMENT_BYTES)
+        Self::open_adopting(dir, SEGMENT_BYTES, || Ok(Vec::new()))
     }
 
+    #[cfg(test)]
     pub(crate) fn open_with_segment_bytes(
         dir: &Path,
         segment_bytes: u64,
+    ) -> Result<(Self, Opened), StoreError> {
+        Self::open_adopting(dir, segment_bytes, || Ok(Vec::new()))
+    }
+
+    /// [`TaskLog::open`], taking in the ledger cells `older_ledger` returns when the log
+    /// holds no copy of the ledger yet (a store of the layout before the ledger moved into
+    /// the log, whose cells are in sled). Every copy of the ledger the log holds once this
+    /// returns (durably) includes them, so a log with a copy has taken them in: if the
+    /// caller's drop of the older place is cut short by a crash, what is left there is
+    /// stale, never to be taken in twice.
+    pub fn open_adopting(
+        dir: &Path,
+        segment_bytes: u64,
+        older_ledger: impl FnOnce() -> Result<Vec<(CellKey, Cell)>, StoreError>,
     ) -> Result<(Self, Opened), StoreError> {
         if segment_bytes > 1 << 30 {
             return Err(StoreError::Io(format!(
@@ -255,18 +307,22 @@ impl TaskLog {
         let mut pages = Pages::default();
         let mut segments = BTreeMap::new();
         let mut opened = Opened::default();
+        let mut ledger = LedgerScan::default();
         let last = numbers.last().copied();
-        let mut last_is_v1 = false;
+        let mut last_is_older = false;
+        let mut active_has_copy = false;
         for &n in &numbers {
             let mut scan = Scan {
                 index: &index,
                 pages: &mut pages,
                 segments: &mut segments,
+                ledger: &mut ledger,
             };
             let (segment, found) = scan.segment(dir, n, Some(n) == last)?;
             opened.truncated += found.truncated;
             opened.damaged += usize::from(found.damaged);
-            last_is_v1 = found.v1;
+            last_is_older = found.older;
+            active_has_copy = found.ledger_copy;
             segments.insert(n, segment);
         }
         let active = match last {
@@ -285,16 +341,31 @@ impl TaskLog {
         finished.sort_unstable();
         opened.records = index.len();
         opened.pages = pages.index.len();
+        opened.ledger_found = ledger.found;
+        if !ledger.found {
+            let older = older_ledger()?;
+            opened.ledger_adopted = older.len();
+            ledger.change(older);
+        }
+        opened.ledger_cells = ledger.cells.len();
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             segments,
             active,
             buffer: Vec::with_capacity(BUFFER_BYTES),
             segment_bytes,
+            ledger: ledger.cells,
         };
-        if last_is_v1 {
-            // Appends go to a segment of format 2 (see the module's docs).
+        if last_is_older {
+            // Appends go to a segment of this format (see the module's docs); it starts
+            // with a copy of the ledger.
             writer.roll()?;
+        } else if !active_has_copy {
+            // A new log, or a crash between starting a segment and writing its copy: the
+            // active segment, which is never deleted, must hold the last one.
+            writer.copy_ledger()?;
+            writer.write_out()?;
+            writer.sync_active()?;
         }
         opened.segments = writer.segments.len();
         let log = Self {
@@ -359,7 +430,8 @@ impl TaskLog {
                 let terminal = rec.state.is_terminal();
                 let finished_ms = if terminal { now_ms.max(1) } else { 0 };
                 let bytes = encode(id, &rec)?;
-                let loc = self.append_record(id, finished_ms, &bytes, None)?;
+                let change = super::ledger_change(None, &rec);
+                let loc = self.append_record(id, finished_ms, &bytes, &change, None)?;
                 let key = v.key().clone();
                 v.insert(loc);
                 if terminal {
@@ -380,10 +452,12 @@ impl TaskLog {
         f: impl Fn(&mut TaskRecord),
     ) -> Result<(TaskRecord, bool), StoreError> {
         let old = self.read(*loc)?;
-        let mut rec = codec::decode(&old).unwrap_or_else(|e| {
-            tracing::warn!(task_id = id, reason = %e, "replaced an undecodable task record");
-            create()
-        });
+        let old = codec::decode(&old)
+            .map_err(|e| {
+                tracing::warn!(task_id = id, reason = %e, "replaced an undecodable task record");
+            })
+            .ok();
+        let mut rec = old.clone().unwrap_or_else(create);
         let was_terminal = rec.state.is_terminal();
         f(&mut rec);
         let became = !was_terminal && rec.state.is_terminal();
@@ -393,7 +467,8 @@ impl TaskLog {
             (_, false) => 0,
         };
         let bytes = encode(id, &rec)?;
-        *loc = self.append_record(id, finished_ms, &bytes, Some(*loc))?;
+        let change = super::ledger_change(old.as_ref(), &rec);
+        *loc = self.append_record(id, finished_ms, &bytes, &change, Some(*loc))?;
         Ok((rec, became))
     }
 
@@ -404,11 +479,11 @@ impl TaskLog {
         match self.index.entry(Arc::from(id)) {
             Entry::Occupied(mut o) => {
                 let old = *o.get();
-                *o.get_mut() = self.append_record(id, finished_ms, bytes, Some(old))?;
+                *o.get_mut() = self.append_record(id, finished_ms, bytes, &[], Some(old))?;
                 key = o.key().clone();
             }
             Entry::Vacant(v) => {
-                let loc = self.append_record(id, finished_ms, bytes, None)?;
+                let loc = self.append_record(id, finished_ms, bytes, &[], None)?;
                 key = v.key().clone();
                 v.insert(loc);
             }
@@ -527,6 +602,7 @@ impl TaskLog {
                 finished_ms,
                 record,
                 record_at,
+                ..
             }) = entry
             else {
                 continue;
@@ -535,7 +611,9 @@ impl TaskLog {
                 && loc.segment == n
                 && loc.offset as usize == record_at
             {
-                *loc = self.append_record(id, finished_ms, record, Some(*loc))?;
+                // The same version again: its change to the ledger was counted when it
+                // was first written.
+                *loc = self.append_record(id, finished_ms, record, &[], Some(*loc))?;
                 moved += 1;
             }
         }
@@ -567,7 +645,7 @@ impl TaskLog {
         body.extend_from_slice(&count.to_le_bytes());
         body.push(if moved_in { PAGE_MOVED_IN } else { 0 });
         body.extend_from_slice(page);
-        let (segment, entry_at) = lock(&self.writer).append(&body, None, Counted::Page)?;
+        let (segment, entry_at) = lock(&self.writer).append(&body, None, Counted::Page, &[])?;
         let loc = PageLoc {
             segment,
             // Within u32, as a record's offset is (see `append_record`).
@@ -682,7 +760,7 @@ impl TaskLog {
             body.extend_from_slice(&key.seq.to_le_bytes());
         }
         let mut w = lock(&self.writer);
-        w.append(&body, None, Counted::Neither)?;
+        w.append(&body, None, Counted::Neither, &[])?;
         let mut p = lock(&self.pages);
         for (key, _) in pages {
             if let Some(loc) = p.remove(key)
@@ -736,23 +814,36 @@ impl TaskLog {
         Ok(bytes)
     }
 
+    /// Appends a record; `change`: what it changes in the ledger (kind 5 when any).
     fn append_record(
         &self,
         id: &str,
         finished_ms: u64,
         record: &[u8],
+        change: &[(CellKey, Cell)],
         replaces: Option<Loc>,
     ) -> Result<Loc, StoreError> {
         let id_len = id_len(id)?;
-        let mut body = Vec::with_capacity(1 + 8 + 2 + id.len() + record.len());
-        body.push(KIND_RECORD);
+        let mut body = Vec::with_capacity(1 + 8 + 2 + id.len() + 4 + record.len());
+        body.push(if change.is_empty() {
+            KIND_RECORD
+        } else {
+            KIND_RECORD_CHANGE
+        });
         body.extend_from_slice(&finished_ms.to_le_bytes());
         body.extend_from_slice(&id_len.to_le_bytes());
         body.extend_from_slice(id.as_bytes());
+        if !change.is_empty() {
+            let at = body.len();
+            body.extend_from_slice(&[0; 4]);
+            encode_cells(change.iter().map(|(k, c)| (k, c)), &mut body)?;
+            let len = u32::try_from(body.len() - at - 4).unwrap_or(u32::MAX);
+            body[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        }
         let record_in_body = body.len();
         body.extend_from_slice(record);
         let mut w = lock(&self.writer);
-        let (segment, entry_at) = w.append(&body, replaces, Counted::Record)?;
+        let (segment, entry_at) = w.append(&body, replaces, Counted::Record, change)?;
         let offset = entry_at + (HEADER + record_in_body) as u64;
         Ok(Loc {
             segment,
@@ -770,8 +861,27 @@ impl TaskLog {
         body.push(KIND_REMOVED);
         body.extend_from_slice(&id_len.to_le_bytes());
         body.extend_from_slice(id.as_bytes());
-        lock(&self.writer).append(&body, Some(replaces), Counted::Neither)?;
+        lock(&self.writer).append(&body, Some(replaces), Counted::Neither, &[])?;
         Ok(())
+    }
+
+    /// The budget ledger as the log holds it: what the records written so far leave it.
+    pub fn ledger(&self) -> Vec<(CellKey, Cell)> {
+        lock(&self.writer)
+            .ledger
+            .iter()
+            .map(|(k, c)| (k.clone(), *c))
+            .collect()
+    }
+
+    /// Drops cells from the log's ledger (expired: see `policy::budget::Ledger::prune`).
+    /// Not written: the next copy leaves them out, and a reopen before it brings back
+    /// cells that the next prune drops again.
+    pub fn forget_ledger_cells(&self, keys: &[CellKey]) {
+        let mut w = lock(&self.writer);
+        for k in keys {
+            w.ledger.remove(k);
+        }
     }
 }
 
@@ -796,19 +906,16 @@ impl Writer {
 
     /// Appends one entry to the active segment (rolling over first when it is full);
     /// returns the segment and the entry's offset. `counted`: what the entry is live as.
-    /// `replaces`: the record it supersedes, no longer live.
+    /// `replaces`: the record it supersedes, no longer live. `change`: what the entry
+    /// changes in the ledger.
     fn append(
         &mut self,
         body: &[u8],
         replaces: Option<Loc>,
         counted: Counted,
+        change: &[(CellKey, Cell)],
     ) -> Result<(u32, u64), StoreError> {
-        if body.len() > MAX_BODY {
-            return Err(StoreError::Io(format!(
-                "a task log entry of {} bytes is over the {MAX_BODY} limit",
-                body.len()
-            )));
-        }
+        check_body(body)?;
         // Every fallible step first: once the entry is counted below, nothing may fail,
         // or the counts and the index (which the caller updates only on success) would
         // disagree about which record is live.
@@ -821,8 +928,25 @@ impl Writer {
             (active.len + buffered, active.entries == 0)
         };
         if end + (HEADER + body.len()) as u64 > self.segment_bytes && !empty {
+            // The new segment's copy of the ledger is taken before this entry's change.
             self.roll()?;
         }
+        let placed = self.push(body, counted)?;
+        if let Some(old) = replaces
+            && let Some(s) = self.segments.get_mut(&old.segment)
+        {
+            s.live = s.live.saturating_sub(1);
+        }
+        for (k, c) in change {
+            self.ledger.entry(k.clone()).or_default().apply(*c);
+        }
+        Ok(placed)
+    }
+
+    /// Puts one entry (of at most [`MAX_BODY`]) in the buffer, counted in the active
+    /// segment, without rolling over; fails only when there is no active segment, before
+    /// anything changed.
+    fn push(&mut self, body: &[u8], counted: Counted) -> Result<(u32, u64), StoreError> {
         let buffered = self.buffer.len() as u64;
         let active = self.active;
         let segment = self.active_segment()?;
@@ -839,12 +963,43 @@ impl Writer {
         self.buffer
             .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
         self.buffer.extend_from_slice(body);
-        if let Some(old) = replaces
-            && let Some(s) = self.segments.get_mut(&old.segment)
-        {
-            s.live = s.live.saturating_sub(1);
-        }
         Ok((active, entry_at))
+    }
+
+    /// Appends a copy of the whole ledger (kind 6 entries, in parts) to the active
+    /// segment, without rolling over.
+    fn copy_ledger(&mut self) -> Result<(), StoreError> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut part = Vec::new();
+        for (k, c) in &self.ledger {
+            if part.len() >= LEDGER_PART_BYTES {
+                parts.push(std::mem::take(&mut part));
+            }
+            encode_cells(std::iter::once((k, c)), &mut part)?;
+        }
+        parts.push(part);
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        for (i, cells) in parts.iter().enumerate() {
+            let mut body = Vec::with_capacity(1 + 8 + cells.len());
+            body.push(KIND_LEDGER);
+            body.extend_from_slice(&u32::try_from(i).unwrap_or(u32::MAX).to_le_bytes());
+            body.extend_from_slice(&count.to_le_bytes());
+            body.extend_from_slice(cells);
+            check_body(&body)?;
+            if self.buffer.len() >= BUFFER_BYTES {
+                self.write_out()?;
+            }
+            self.push(&body, Counted::Neither)?;
+        }
+        Ok(())
+    }
+
+    fn sync_active(&mut self) -> Result<(), StoreError> {
+        let n = self.active;
+        self.active_segment()?
+            .file
+            .sync_data()
+            .map_err(|e| StoreError::Io(format!("syncing task log segment {n}: {e}")))
     }
 
     /// Writes the buffer to the active segment's file (not synced).
@@ -866,20 +1021,54 @@ impl Writer {
         Ok(())
     }
 
-    /// Seals the active segment (written out and synced) and starts the next.
+    /// Seals the active segment (written out and synced) and starts the next with a
+    /// copy of the ledger, made durable at once: older segments (and the copy in them)
+    /// may be deleted from now on.
     fn roll(&mut self) -> Result<(), StoreError> {
         self.write_out()?;
-        let n = self.active;
-        self.active_segment()?
-            .file
-            .sync_data()
-            .map_err(|e| StoreError::Io(format!("syncing task log segment {n}: {e}")))?;
-        let next = n + 1;
+        self.sync_active()?;
+        let next = self.active + 1;
         let segment = create_segment(&self.dir, next)?;
         self.segments.insert(next, segment);
         self.active = next;
-        Ok(())
+        self.copy_ledger()?;
+        self.write_out()?;
+        self.sync_active()
     }
+}
+
+fn check_body(body: &[u8]) -> Result<(), StoreError> {
+    if body.len() > MAX_BODY {
+        return Err(StoreError::Io(format!(
+            "a task log entry of {} bytes is over the {MAX_BODY} limit",
+            body.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Appends ledger cells (or changes) to `out`, one postcard-encoded pair after another.
+fn encode_cells<'a>(
+    cells: impl Iterator<Item = (&'a CellKey, &'a Cell)>,
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    for pair in cells {
+        let bytes = postcard::to_extend(&pair, std::mem::take(out))
+            .map_err(|e| StoreError::Io(format!("encoding a ledger cell: {e}")))?;
+        *out = bytes;
+    }
+    Ok(())
+}
+
+/// The pairs [`encode_cells`] wrote; `None` when the bytes are not such a run.
+fn decode_cells(mut bytes: &[u8]) -> Option<Vec<(CellKey, Cell)>> {
+    let mut cells = Vec::new();
+    while !bytes.is_empty() {
+        let (pair, rest) = postcard::take_from_bytes::<(CellKey, Cell)>(bytes).ok()?;
+        cells.push(pair);
+        bytes = rest;
+    }
+    Some(cells)
 }
 
 fn id_len(id: &str) -> Result<u16, StoreError> {
@@ -944,8 +1133,48 @@ fn create_segment(dir: &Path, n: u32) -> Result<Segment, StoreError> {
 struct Scanned {
     truncated: u64,
     damaged: bool,
-    /// The segment is of format 1.
-    v1: bool,
+    /// The segment is of an older format (1 or 2).
+    older: bool,
+    /// The segment holds a whole copy of the ledger.
+    ledger_copy: bool,
+}
+
+/// The ledger as the segments read so far leave it.
+#[derive(Default)]
+struct LedgerScan {
+    cells: BTreeMap<CellKey, Cell>,
+    /// A whole copy was read.
+    found: bool,
+    /// The parts of a copy being read: the next part expected, of how many, and the
+    /// cells so far.
+    reading: Option<(u32, u32, BTreeMap<CellKey, Cell>)>,
+}
+
+impl LedgerScan {
+    /// One part of a copy; returns whether it completed one. A part out of order (which
+    /// only a damaged segment could hold) drops the copy being read.
+    fn part(&mut self, part: u32, parts: u32, cells: Vec<(CellKey, Cell)>) -> bool {
+        let mut reading = match self.reading.take() {
+            _ if part == 0 => (0, parts, BTreeMap::new()),
+            Some(r) if r.0 == part && r.1 == parts => r,
+            _ => return false,
+        };
+        reading.2.extend(cells);
+        reading.0 += 1;
+        if reading.0 < reading.1 {
+            self.reading = Some(reading);
+            return false;
+        }
+        self.cells = reading.2;
+        self.found = true;
+        true
+    }
+
+    fn change(&mut self, change: Vec<(CellKey, Cell)>) {
+        for (k, c) in change {
+            self.cells.entry(k).or_default().apply(c);
+        }
+    }
 }
 
 /// What [`TaskLog::open`] builds from the segments, read one at a time in order.
@@ -954,6 +1183,7 @@ struct Scan<'a> {
     pages: &'a mut Pages,
     /// The segments read before this one.
     segments: &'a mut BTreeMap<u32, Segment>,
+    ledger: &'a mut LedgerScan,
 }
 
 impl Scan<'_> {
@@ -977,7 +1207,8 @@ impl Scan<'_> {
         let mut found = Scanned {
             truncated: 0,
             damaged: false,
-            v1: false,
+            older: false,
+            ledger_copy: false,
         };
         if bytes.len() < MAGIC.len() && last && MAGIC.starts_with(&bytes) {
             // Created, then the crash before its header was durable.
@@ -990,7 +1221,7 @@ impl Scan<'_> {
         }
         match bytes.get(..MAGIC.len()) {
             Some(m) if m == MAGIC => {}
-            Some(m) if m == MAGIC_V1 => found.v1 = true,
+            Some(m) if m == MAGIC_V1 || m == MAGIC_V2 => found.older = true,
             _ => {
                 return Err(StoreError::Io(format!(
                     "{} is not a task log segment of a format this commander reads",
@@ -1010,7 +1241,7 @@ impl Scan<'_> {
             let Ok(parsed) = entry else {
                 break;
             };
-            self.entry(parsed, n, &mut segment);
+            found.ledger_copy |= self.entry(parsed, n, &mut segment);
         }
         let good = entries.at as u64;
         if good < bytes.len() as u64 {
@@ -1041,8 +1272,9 @@ impl Scan<'_> {
 
     /// Counts one entry read from segment `n` (`segment`) and points an index at it (a
     /// record, a page) or takes what it ends out (a removal, dropped pages); the entry
-    /// it replaces or ends is no longer live in its segment.
-    fn entry(&mut self, parsed: Parsed<'_>, n: u32, segment: &mut Segment) {
+    /// it replaces or ends is no longer live in its segment. A change to the ledger is
+    /// added to it. Returns whether the entry completed a copy of the ledger.
+    fn entry(&mut self, parsed: Parsed<'_>, n: u32, segment: &mut Segment) -> bool {
         segment.entries += 1;
         match parsed {
             Parsed::Record {
@@ -1050,7 +1282,9 @@ impl Scan<'_> {
                 finished_ms,
                 record,
                 record_at,
+                change,
             } => {
+                self.ledger.change(change);
                 segment.live += 1;
                 let loc = Loc {
                     segment: n,
@@ -1086,7 +1320,11 @@ impl Scan<'_> {
                     }
                 }
             }
+            Parsed::Ledger { part, parts, cells } => {
+                return self.ledger.part(part, parts, cells);
+            }
         }
+        false
     }
 
     /// Takes one off the count `which` of segment `of` (`n`, being read, is `current`).
@@ -1117,6 +1355,8 @@ enum Parsed<'a> {
         record: &'a [u8],
         /// Offset of `record` in the segment.
         record_at: usize,
+        /// What it changes in the ledger (kind 5).
+        change: Vec<(CellKey, Cell)>,
     },
     Removed {
         id: &'a str,
@@ -1128,6 +1368,12 @@ enum Parsed<'a> {
     },
     PagesDropped {
         keys: Vec<PageKey>,
+    },
+    /// A part of a copy of the ledger.
+    Ledger {
+        part: u32,
+        parts: u32,
+        cells: Vec<(CellKey, Cell)>,
     },
 }
 
@@ -1163,15 +1409,24 @@ impl<'a> Entries<'a> {
         }
         let (&kind, rest) = body.split_first()?;
         let parsed = match kind {
-            KIND_RECORD => {
+            KIND_RECORD | KIND_RECORD_CHANGE => {
                 let (ms, rest) = rest.split_first_chunk::<8>()?;
-                let (id, record) = split_id(rest)?;
+                let (id, rest) = split_id(rest)?;
+                let (change, record) = if kind == KIND_RECORD_CHANGE {
+                    let (len, rest) = rest.split_first_chunk::<4>()?;
+                    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+                    let change = rest.get(..len)?;
+                    (decode_cells(change)?, rest.get(len..)?)
+                } else {
+                    (Vec::new(), rest)
+                };
                 let record_at = body_at + body.len() - record.len();
                 Parsed::Record {
                     id,
                     finished_ms: u64::from_le_bytes(*ms),
                     record,
                     record_at,
+                    change,
                 }
             }
             KIND_REMOVED => {
@@ -1216,6 +1471,15 @@ impl<'a> Entries<'a> {
                     })
                     .collect::<Option<Vec<_>>>()?;
                 Parsed::PagesDropped { keys }
+            }
+            KIND_LEDGER => {
+                let (part, rest) = rest.split_first_chunk::<4>()?;
+                let (parts, cells) = rest.split_first_chunk::<4>()?;
+                Parsed::Ledger {
+                    part: u32::from_le_bytes(*part),
+                    parts: u32::from_le_bytes(*parts),
+                    cells: decode_cells(cells)?,
+                }
             }
             _ => return None,
         };
@@ -1284,6 +1548,234 @@ mod tests {
 
     fn segment_files(dir: &Path) -> Vec<u32> {
         segment_numbers(dir).unwrap()
+    }
+
+    fn cell(bucket: u64) -> CellKey {
+        CellKey {
+            budget: "fleet-day".into(),
+            value: "*".into(),
+            bucket,
+        }
+    }
+
+    /// Dispatches `id` holding `est` in `cells`, as the intake does.
+    fn reserve(log: &TaskLog, id: &str, cells: &[CellKey], est: f64) {
+        log.update(
+            id,
+            1,
+            || TaskRecord::new(id, 7),
+            |r| {
+                r.budget = Some(crate::domain::Reservation {
+                    cells: cells.to_vec(),
+                    est_usd: est,
+                    charged_usd: None,
+                });
+                r.advance(TaskState::Dispatched);
+            },
+        )
+        .unwrap();
+    }
+
+    /// Finishes `id`, charging `cost`, as the results loop does.
+    fn charge(log: &TaskLog, id: &str, cost: f64) {
+        log.update(
+            id,
+            2,
+            || unreachable!(),
+            |r| {
+                r.advance(TaskState::Completed);
+                if let Some(b) = r.budget.as_mut() {
+                    b.charged_usd = Some(cost);
+                }
+            },
+        )
+        .unwrap();
+    }
+
+    fn ledger_of(log: &TaskLog) -> BTreeMap<CellKey, Cell> {
+        log.ledger().into_iter().collect()
+    }
+
+    fn close(a: &BTreeMap<CellKey, Cell>, b: &BTreeMap<CellKey, Cell>) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|((ka, ca), (kb, cb))| {
+                ka == kb
+                    && (ca.spent - cb.spent).abs() < 1e-9
+                    && (ca.reserved - cb.reserved).abs() < 1e-9
+            })
+    }
+
+    /// The ledger is what the records' reservations and charges add up to, and it comes
+    /// back so after a reopen: across segments rolled over (each starting with a copy),
+    /// after the oldest were deleted by the sweep, and with a part of the records swept.
+    #[test]
+    fn the_ledger_is_kept_from_the_records_across_rollovers_sweeps_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (cell(1_000), cell(2_000));
+        let mut expected: BTreeMap<CellKey, Cell> = BTreeMap::new();
+        {
+            let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+            assert!(!opened.ledger_found, "a new log has none to find");
+            for i in 0..120u32 {
+                let id = format!("t{i:03}");
+                let cells = if i % 3 == 0 {
+                    vec![a.clone(), b.clone()]
+                } else {
+                    vec![a.clone()]
+                };
+                let est = 0.01 * f64::from(i % 7 + 1);
+                reserve(&log, &id, &cells, est);
+                let done = i % 4 != 0;
+                let cost = 0.003 * f64::from(i % 5);
+                if done {
+                    charge(&log, &id, cost);
+                }
+                for k in &cells {
+                    let c = expected.entry(k.clone()).or_default();
+                    if done {
+                        c.spent += cost;
+                    } else {
+                        c.reserved += est;
+                    }
+                }
+                // Updates that change nothing the ledger holds.
+                log.update(&id, 3, || unreachable!(), |r| r.priority = 9)
+                    .unwrap();
+            }
+            assert!(close(&ledger_of(&log), &expected), "{:?}", ledger_of(&log));
+            let before = segment_files(dir.path());
+            assert!(before.len() > 10, "{before:?}");
+            assert!(log.sweep(u64::MAX, usize::MAX).unwrap() > 80);
+            let after = segment_files(dir.path());
+            assert!(after.first() > before.first(), "{before:?} -> {after:?}");
+            // Swept records leave what they were charged in the ledger.
+            assert!(close(&ledger_of(&log), &expected));
+            log.sync().unwrap();
+        }
+        let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+        assert!(opened.ledger_found);
+        assert_eq!(opened.ledger_cells, 2);
+        assert!(close(&ledger_of(&log), &expected), "{:?}", ledger_of(&log));
+        // The ones still running finish after the restart.
+        for i in (0..120u32).step_by(4) {
+            charge(&log, &format!("t{i:03}"), 0.5);
+        }
+        let spent_a: f64 = expected[&a].spent + 0.5 * 30.0;
+        let got = ledger_of(&log);
+        assert!((got[&a].spent - spent_a).abs() < 1e-9, "{got:?}");
+        assert!(got[&a].reserved.abs() < 1e-9 && got[&b].reserved.abs() < 1e-9);
+        log.sync().unwrap();
+        drop(log);
+        let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+        assert!(close(&ledger_of(&log), &got));
+    }
+
+    /// A crash that cuts a record's entry short cuts its change to the ledger with it: the
+    /// reservation (or charge) is on disk exactly when its record is. (Before the ledger
+    /// was in the log, the two were made durable by different syncs.)
+    #[test]
+    fn a_torn_record_takes_its_ledger_change_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = cell(1_000);
+        let path = segment_path(dir.path(), 1);
+        let after_first = {
+            let (log, _) = TaskLog::open(dir.path()).unwrap();
+            reserve(&log, "first", std::slice::from_ref(&a), 0.25);
+            log.sync().unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            reserve(&log, "second", std::slice::from_ref(&a), 0.5);
+            charge(&log, "first", 0.2);
+            log.sync().unwrap();
+            len
+        };
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // Cut inside the second record's entry, as a crash mid-write would.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(after_first + 20).unwrap();
+        drop(file);
+        let (log, opened) = TaskLog::open(dir.path()).unwrap();
+        assert_eq!(opened.truncated, 20);
+        assert!(!log.contains("second"));
+        assert_eq!(state(&log, "first"), Some(TaskState::Dispatched));
+        assert_eq!(
+            ledger_of(&log)[&a],
+            Cell {
+                spent: 0.0,
+                reserved: 0.25
+            },
+            "the second reservation and the first charge went with their records"
+        );
+        assert!(whole > after_first + 20);
+        // Done again, as the redelivered dispatch and result do: counted once.
+        reserve(&log, "second", std::slice::from_ref(&a), 0.5);
+        charge(&log, "first", 0.2);
+        let c = ledger_of(&log)[&a];
+        assert!(
+            (c.spent - 0.2).abs() < 1e-12 && (c.reserved - 0.5).abs() < 1e-12,
+            "{c:?}"
+        );
+    }
+
+    /// A log without a copy of the ledger (one of the layout before it moved here) takes
+    /// in the cells kept elsewhere, once: a reopen finds the copy and does not ask again.
+    /// A ledger larger than one part is written and read in parts.
+    #[test]
+    fn an_older_ledger_is_taken_in_once_and_a_large_one_is_copied_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let older: Vec<(CellKey, Cell)> = (0..60_000u64)
+            .map(|i| {
+                let k = CellKey {
+                    budget: format!("team-{}", i % 40),
+                    value: format!("value-{i}"),
+                    bucket: 1_700_000_000_000 + i,
+                };
+                let c = Cell {
+                    spent: i as f64 * 0.001,
+                    reserved: 0.5,
+                };
+                (k, c)
+            })
+            .collect();
+        {
+            let (log, opened) =
+                TaskLog::open_adopting(dir.path(), SEGMENT_BYTES, || Ok(older.clone())).unwrap();
+            assert_eq!(opened.ledger_adopted, 60_000);
+            assert_eq!(log.ledger().len(), 60_000);
+        }
+        let bytes = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        let parts = Entries::new(&bytes)
+            .filter(|e| matches!(e, Ok(Parsed::Ledger { .. })))
+            .count();
+        assert!(parts >= 2, "{parts} part(s) for {} bytes", bytes.len());
+        let (log, opened) =
+            TaskLog::open_adopting(dir.path(), SEGMENT_BYTES, || panic!("asked again")).unwrap();
+        assert!(opened.ledger_found);
+        assert_eq!(opened.ledger_adopted, 0);
+        let mut sorted = older;
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(log.ledger() == sorted, "read back as written");
+    }
+
+    /// Expired cells dropped from the log's ledger are left out of the next copy.
+    #[test]
+    fn forgotten_cells_leave_the_next_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (cell(1_000), cell(2_000));
+        {
+            let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 1024).unwrap();
+            reserve(&log, "old", std::slice::from_ref(&old), 0.1);
+            charge(&log, "old", 0.1);
+            log.forget_ledger_cells(std::slice::from_ref(&old));
+            for i in 0..20 {
+                reserve(&log, &format!("new-{i}"), std::slice::from_ref(&new), 0.1);
+            }
+            assert!(segment_files(dir.path()).len() > 2);
+            log.sync().unwrap();
+        }
+        let (log, _) = TaskLog::open_with_segment_bytes(dir.path(), 1024).unwrap();
+        let got = ledger_of(&log);
+        assert_eq!(got.keys().collect::<Vec<_>>(), [&new]);
+        assert!((got[&new].reserved - 2.0).abs() < 1e-9);
     }
 
     /// A crash can leave the last append half-written: the reopen cuts it off, keeps

@@ -1,6 +1,6 @@
-//! Durable local state: one record per task, with its state history, and the decision
-//! log's pages in the task log ([`log`]), and sled's trees beside it for the rest (traces,
-//! alerts, the budget ledger, ...).
+//! Durable local state: one record per task, with its state history, the decision log's
+//! pages and the budget ledger in the task log ([`log`]), and sled's trees beside it for
+//! the rest (traces, alerts, the deferred queue, ...).
 //!
 //! JetStream is the source of truth for tasks in flight; this store is what the commander
 //! knows about each task (where it went, under which trace, how it ended). Updates are
@@ -225,6 +225,51 @@ impl TaskRecord {
     }
 }
 
+/// What a record's budget reservation holds in the ledger: its cells, and the estimate
+/// (while the task runs) or the charge (once it finished) in each.
+fn ledger_share(rec: &TaskRecord) -> Option<(&[crate::domain::CellKey], crate::domain::Cell)> {
+    let r = rec.budget.as_ref()?;
+    Some((&r.cells, r.share(rec.state.is_terminal())?))
+}
+
+/// What writing `new` over `old` changes in the budget ledger, per cell (nothing, for
+/// almost every update: only a dispatch with a reservation and the result that charges it
+/// change what a record holds).
+pub(crate) fn ledger_change(
+    old: Option<&TaskRecord>,
+    new: &TaskRecord,
+) -> Vec<(crate::domain::CellKey, crate::domain::Cell)> {
+    let before = old.and_then(ledger_share);
+    let after = ledger_share(new);
+    if before == after {
+        return Vec::new();
+    }
+    let mut change: Vec<(crate::domain::CellKey, crate::domain::Cell)> = Vec::new();
+    let mut add = |cells: &[crate::domain::CellKey], sign: f64, c: crate::domain::Cell| {
+        for k in cells {
+            let d = crate::domain::Cell {
+                spent: sign * c.spent,
+                reserved: sign * c.reserved,
+            };
+            match change.iter_mut().find(|(key, _)| key == k) {
+                Some((_, sum)) => {
+                    sum.spent += d.spent;
+                    sum.reserved += d.reserved;
+                }
+                None => change.push((k.clone(), d)),
+            }
+        }
+    };
+    if let Some((cells, c)) = before {
+        add(cells, -1.0, c);
+    }
+    if let Some((cells, c)) = after {
+        add(cells, 1.0, c);
+    }
+    change.retain(|(_, c)| c.spent != 0.0 || c.reserved != 0.0);
+    change
+}
+
 /// The task log and the sled database beside it.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -270,16 +315,20 @@ impl Store {
             .path(dir)
             .cache_capacity(cache_bytes)
             // sled's default (LowSpace) rewrites pages eagerly to save disk; its trees
-            // (traces, the budget ledger) are write-heavy and retention bounds the size, so write
-            // throughput wins.
+            // (kept traces above all) are write-heavy and retention bounds the size, so
+            // write throughput wins.
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000))
             .open()?;
-        let (tasks, opened) = log::TaskLog::open(&dir.join(TASK_LOG_DIR))?;
+        let older_ledger = || Self::ledger_in_sled(&db);
+        let (tasks, opened) =
+            log::TaskLog::open_adopting(&dir.join(TASK_LOG_DIR), log::SEGMENT_BYTES, older_ledger)?;
         tracing::info!(
             segments = opened.segments,
             records = opened.records,
             pages = opened.pages,
+            ledger_cells = opened.ledger_cells,
+            ledger_cells_from_sled = opened.ledger_adopted,
             truncated_bytes = opened.truncated,
             damaged_segments = opened.damaged,
             "task log opened"
@@ -290,7 +339,46 @@ impl Store {
             flushes: Default::default(),
         };
         store.move_records_out_of_sled()?;
+        if store.has_tree(LEDGER_TREE) {
+            // Taken in by the open above (or by an earlier one, when the log had a copy
+            // of the ledger already): what is left is stale.
+            store.db.drop_tree(LEDGER_TREE)?;
+            store.db.flush()?;
+        }
         Ok(store)
+    }
+
+    /// The budget ledger's cells in sled's `budget_ledger` tree, where they were kept
+    /// until December 2026 (the task log takes them in at its first open; see
+    /// [`log::TaskLog::open_adopting`]).
+    fn ledger_in_sled(
+        db: &sled::Db,
+    ) -> Result<Vec<(crate::domain::CellKey, crate::domain::Cell)>, StoreError> {
+        if !db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == LEDGER_TREE.as_bytes())
+        {
+            return Ok(Vec::new());
+        }
+        let mut cells = Vec::new();
+        for item in db.open_tree(LEDGER_TREE)?.iter() {
+            let (k, v) = item?;
+            match (
+                crate::domain::CellKey::decode(&k),
+                serde_json::from_slice::<crate::domain::Cell>(&v),
+            ) {
+                (Some(key), Ok(cell)) => cells.push((key, cell)),
+                _ => {
+                    tracing::warn!(key = %crate::domain::hex(&k), "a budget ledger cell in sled that does not decode; dropped")
+                }
+            }
+        }
+        tracing::info!(
+            cells = cells.len(),
+            "budget ledger moved from sled to the task log (the store's layout before December 2026)"
+        );
+        Ok(cells)
     }
 
     /// Moves task records from the sled trees of older layouts into the task log, then
@@ -344,8 +432,8 @@ impl Store {
         Ok(())
     }
 
-    /// Moves one record from a sled tree into the log (in format 2 when it decodes, as
-    /// it was when it does not); `false` when the log has the task already.
+    /// Moves one record from a sled tree into the log (in the current format when it
+    /// decodes, as it was when it does not); `false` when the log has the task already.
     fn move_record(&self, id: &str, value: &[u8], now_ms: u64) -> Result<bool, StoreError> {
         if self.tasks.contains(id) {
             return Ok(false);
@@ -442,7 +530,7 @@ impl Store {
         Ok(())
     }
 
-    /// Another tree in the same database (traces, alerts, the budget ledger ...), flushed
+    /// Another tree in the same database (traces, alerts, the deferred queue ...), flushed
     /// with the tasks.
     ///
     /// On the task path, write it with plain inserts, not a `sled::Batch`: sled rolls its
@@ -484,6 +572,9 @@ impl Store {
 /// The sled tree of task records keyed by [`record_key`] (December 2026, moved to the
 /// task log at open).
 const RECORDS_TREE: &str = "task_records";
+
+/// The sled tree the budget ledger was kept in until December 2026.
+const LEDGER_TREE: &str = "budget_ledger";
 
 /// The sled tree that held task records keyed by their id until December 2026.
 const OLD_RECORDS_TREE: &str = "tasks";
@@ -826,7 +917,7 @@ mod tests {
 
     /// A store written by the previous format (format 1: every record JSON, as
     /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19, in sled) opens with
-    /// every record moved to the task log in format 2 and reading back whole; updates
+    /// every record moved to the task log in format 3 and reading back whole; updates
     /// work on them, and retention finds every terminal one.
     #[test]
     fn a_store_written_in_the_json_format_is_read_and_migrated() {
@@ -857,7 +948,7 @@ mod tests {
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::V2,
+            codec::Format::V3,
             "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
@@ -878,5 +969,163 @@ mod tests {
             "the 250 moved in completed, and the one completed since"
         );
         assert_eq!(store.task_count(), 249);
+    }
+
+    fn cell_key(budget: &str) -> crate::domain::CellKey {
+        crate::domain::CellKey {
+            budget: budget.into(),
+            value: "*".into(),
+            bucket: 1_764_000_000_000,
+        }
+    }
+
+    /// A store of the layout before the ledger moved into the task log: a log of format
+    /// 2 (records without charges) and the ledger's cells in sled's `budget_ledger` tree.
+    /// It opens with the cells in the log and the tree gone; a task that was running
+    /// finishes and is charged on top of them; a tree left behind by a crash after the
+    /// move is stale and not taken in again.
+    #[test]
+    fn a_ledger_in_sled_is_moved_into_the_task_log_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (day, team) = (cell_key("fleet-day"), cell_key("team-day"));
+        let cells = [
+            (
+                day.clone(),
+                crate::domain::Cell {
+                    spent: 1.2,
+                    reserved: 0.3,
+                },
+            ),
+            (
+                team.clone(),
+                crate::domain::Cell {
+                    spent: 0.4,
+                    reserved: 0.0,
+                },
+            ),
+        ];
+        let write_tree = |db: &sled::Db| {
+            let tree = db.open_tree(LEDGER_TREE).unwrap();
+            for (k, c) in &cells {
+                tree.insert(k.encode(), serde_json::to_vec(c).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        };
+        {
+            let db = sled::open(dir.path()).unwrap();
+            write_tree(&db);
+            // The running task that holds the $0.30, in a segment of format 2 as that
+            // layout wrote it: magic, then one record entry (kind 1).
+            let mut rec = TaskRecord::new("running", 9);
+            rec.budget = Some(crate::domain::Reservation {
+                cells: vec![day.clone()],
+                est_usd: 0.3,
+                charged_usd: None,
+            });
+            rec.advance(TaskState::Dispatched);
+            let mut body = vec![1u8];
+            body.extend_from_slice(&0u64.to_le_bytes());
+            body.extend_from_slice(&7u16.to_le_bytes());
+            body.extend_from_slice(b"running");
+            body.extend_from_slice(&codec::encode_v2(&rec).unwrap());
+            let mut segment = b"FCTASKS\x02".to_vec();
+            segment.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            segment.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            segment.extend_from_slice(&body);
+            let logs = dir.path().join(TASK_LOG_DIR);
+            std::fs::create_dir_all(&logs).unwrap();
+            std::fs::write(logs.join("00000001.log"), segment).unwrap();
+        }
+        let ledger = |store: &Store| -> Vec<(crate::domain::CellKey, crate::domain::Cell)> {
+            store.log().ledger()
+        };
+        {
+            let store = Store::reopen(dir.path());
+            assert_eq!(ledger(&store), cells);
+            assert!(!store.has_tree(LEDGER_TREE), "the tree is dropped");
+            assert_eq!(
+                store.get("running").unwrap().unwrap().state,
+                TaskState::Dispatched
+            );
+            store
+                .update(
+                    "running",
+                    || unreachable!(),
+                    |r| {
+                        r.advance(TaskState::Completed);
+                        if let Some(b) = r.budget.as_mut() {
+                            b.charged_usd = Some(0.25);
+                        }
+                    },
+                )
+                .unwrap();
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let settled = |store: &Store| {
+            let got = ledger(store);
+            assert_eq!(got.len(), 2);
+            assert_eq!(got[0].0, day);
+            assert!((got[0].1.spent - 1.45).abs() < 1e-12, "{got:?}");
+            assert!(got[0].1.reserved.abs() < 1e-12, "{got:?}");
+            assert_eq!(got[1], cells[1]);
+        };
+        {
+            let store = Store::reopen(dir.path());
+            settled(&store);
+            // A crash between the move and the drop leaves the tree: stale now.
+            write_tree(&store.db);
+        }
+        let store = Store::reopen(dir.path());
+        settled(&store);
+        assert!(!store.has_tree(LEDGER_TREE));
+    }
+
+    /// What a record holds in the ledger changes only at a dispatch with a reservation
+    /// (its estimate, reserved) and at the result that charges it (the estimate released,
+    /// the charge spent); a result that came first gets its charge with the dispatch.
+    #[test]
+    fn a_record_changes_the_ledger_by_its_reservation_and_its_charge() {
+        let (a, b) = (cell_key("a"), cell_key("b"));
+        let running = {
+            let mut r = TaskRecord::new("t", 1);
+            r.advance(TaskState::Dispatched);
+            r.budget = Some(crate::domain::Reservation {
+                cells: vec![a.clone(), b.clone()],
+                est_usd: 0.5,
+                charged_usd: None,
+            });
+            r
+        };
+        let cell = |spent, reserved| crate::domain::Cell { spent, reserved };
+        assert_eq!(
+            ledger_change(None, &running),
+            [(a.clone(), cell(0.0, 0.5)), (b.clone(), cell(0.0, 0.5))]
+        );
+        assert!(ledger_change(Some(&running), &running).is_empty());
+        let mut done = running.clone();
+        done.advance(TaskState::Completed);
+        if let Some(r) = done.budget.as_mut() {
+            r.charged_usd = Some(0.2);
+        }
+        assert_eq!(
+            ledger_change(Some(&running), &done),
+            [(a.clone(), cell(0.2, -0.5)), (b.clone(), cell(0.2, -0.5))]
+        );
+        // The result first (no reservation yet), then the dispatch with its charge.
+        let mut result_first = TaskRecord::new("t", 0);
+        result_first.advance(TaskState::Completed);
+        assert!(ledger_change(None, &result_first).is_empty());
+        assert_eq!(
+            ledger_change(Some(&result_first), &done),
+            [(a.clone(), cell(0.2, 0.0)), (b, cell(0.2, 0.0))]
+        );
+        // A finished record of before charges were recorded holds nothing more.
+        let mut settled_before = running;
+        settled_before.advance(TaskState::Completed);
+        let mut touched = settled_before.clone();
+        touched.priority = 1;
+        assert!(ledger_change(Some(&settled_before), &touched).is_empty());
+        assert!(ledger_change(None, &settled_before).is_empty());
     }
 }
