@@ -222,6 +222,10 @@ struct Writer {
     segment_bytes: u64,
     /// The budget ledger as the entries appended so far leave it (see the module's docs).
     ledger: BTreeMap<CellKey, Cell>,
+    /// Entries and bytes of the copy of the ledger the active segment starts with (none
+    /// when it was not started by a roll-over): not counted against `segment_bytes`, so a
+    /// large ledger does not make segments hold fewer records.
+    copy: (u64, u64),
 }
 
 /// The task log (see the module's docs).
@@ -249,7 +253,7 @@ pub struct Opened {
     /// Segments with a bad entry before their end, whose rest was skipped.
     pub damaged: usize,
     /// A copy of the budget ledger was found (absent in a store written before the ledger
-    /// moved into the log, whose cells are in sled: see [`TaskLog::adopt_ledger`]).
+    /// moved into the log, whose cells are in sled: see [`TaskLog::open_adopting`]).
     pub ledger_found: bool,
     /// Cells taken in from the older place (see [`TaskLog::open_adopting`]).
     pub ledger_adopted: usize,
@@ -355,6 +359,7 @@ impl TaskLog {
             buffer: Vec::with_capacity(BUFFER_BYTES),
             segment_bytes,
             ledger: ledger.cells,
+            copy: (0, 0),
         };
         if last_is_older {
             // Appends go to a segment of this format (see the module's docs); it starts
@@ -923,9 +928,13 @@ impl Writer {
             self.write_out()?;
         }
         let buffered = self.buffer.len() as u64;
+        let (copy_entries, copy_bytes) = self.copy;
         let (end, empty) = {
             let active = self.active_segment()?;
-            (active.len + buffered, active.entries == 0)
+            (
+                active.len + buffered - copy_bytes,
+                active.entries <= copy_entries,
+            )
         };
         if end + (HEADER + body.len()) as u64 > self.segment_bytes && !empty {
             // The new segment's copy of the ledger is taken before this entry's change.
@@ -1031,8 +1040,11 @@ impl Writer {
         let segment = create_segment(&self.dir, next)?;
         self.segments.insert(next, segment);
         self.active = next;
+        self.copy = (0, 0);
         self.copy_ledger()?;
         self.write_out()?;
+        let segment = self.active_segment()?;
+        self.copy = (segment.entries, segment.len - MAGIC.len() as u64);
         self.sync_active()
     }
 }
@@ -1754,6 +1766,42 @@ mod tests {
         let mut sorted = older;
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         assert!(log.ledger() == sorted, "read back as written");
+    }
+
+    /// A ledger larger than a segment does not make segments hold fewer records: its copy
+    /// is not counted against the segment's size.
+    #[test]
+    fn a_ledger_larger_than_a_segment_leaves_segments_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let older: Vec<(CellKey, Cell)> = (0..200u64).map(|i| (cell(i), Cell::default())).collect();
+        let (log, _) = TaskLog::open_adopting(dir.path(), 2048, || Ok(older)).unwrap();
+        for i in 0..200 {
+            dispatch(&log, &format!("t{i:03}"));
+        }
+        log.sync().unwrap();
+        let segments = segment_files(dir.path());
+        let total: u64 = segments
+            .iter()
+            .map(|n| {
+                std::fs::metadata(segment_path(dir.path(), *n))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        let copy = std::fs::metadata(segment_path(dir.path(), 1))
+            .unwrap()
+            .len();
+        assert!(copy > 2048, "the copy alone is {copy} bytes");
+        // About (total - copies) / 2048 segments, not one per record.
+        assert!(
+            segments.len() < 40,
+            "{} segments for {total} bytes",
+            segments.len()
+        );
+        drop(log);
+        let (log, opened) = TaskLog::open_with_segment_bytes(dir.path(), 2048).unwrap();
+        assert_eq!(opened.records, 200);
+        assert_eq!(log.ledger().len(), 200);
     }
 
     /// Expired cells dropped from the log's ledger are left out of the next copy.
