@@ -83,16 +83,18 @@ impl Ledger {
 
     pub fn reserve(&mut self, keys: &[CellKey], est: f64) {
         for k in keys {
-            self.entry(k).reserved += est;
+            self.with_cell(k, |c| c.reserved += est);
         }
     }
 
     /// Releases a reservation and charges the actual cost in its place.
     pub fn settle(&mut self, r: &Reservation, actual: f64) {
         for k in &r.cells {
-            self.entry(k).apply(Cell {
-                spent: actual,
-                reserved: -r.est_usd,
+            self.with_cell(k, |c| {
+                c.apply(Cell {
+                    spent: actual,
+                    reserved: -r.est_usd,
+                })
             });
         }
     }
@@ -100,6 +102,21 @@ impl Ledger {
     /// Sets what a cell has committed (test cases and replay start from a situation).
     pub fn set_spent(&mut self, key: CellKey, spent: f64) {
         self.entry(&key).spent = spent;
+    }
+
+    /// Runs `f` on the cell at `k` (made when absent); the task path's way in, which
+    /// allocates nothing for a cell that exists.
+    fn with_cell(&mut self, k: &CellKey, f: impl FnOnce(&mut Cell)) {
+        if let Some(c) = self
+            .cells
+            .get_mut(&k.budget)
+            .and_then(|v| v.get_mut(&k.value))
+            .and_then(|b| b.get_mut(&k.bucket))
+        {
+            f(c);
+            return;
+        }
+        f(self.entry(k));
     }
 
     fn entry(&mut self, k: &CellKey) -> &mut Cell {

@@ -435,7 +435,7 @@ impl TaskLog {
                 let terminal = rec.state.is_terminal();
                 let finished_ms = if terminal { now_ms.max(1) } else { 0 };
                 let bytes = encode(id, &rec)?;
-                let change = super::ledger_change(None, &rec);
+                let change = super::ledger_change(None, super::ledger_share(&rec));
                 let loc = self.append_record(id, finished_ms, &bytes, &change, None)?;
                 let key = v.key().clone();
                 v.insert(loc);
@@ -457,12 +457,17 @@ impl TaskLog {
         f: impl Fn(&mut TaskRecord),
     ) -> Result<(TaskRecord, bool), StoreError> {
         let old = self.read(*loc)?;
-        let old = codec::decode(&old)
-            .map_err(|e| {
+        let (mut rec, before) = match codec::decode(&old) {
+            Ok(rec) => {
+                // Owned only when there is a reservation (tasks under a budget).
+                let before = super::ledger_share(&rec).map(|(cells, c)| (cells.to_vec(), c));
+                (rec, before)
+            }
+            Err(e) => {
                 tracing::warn!(task_id = id, reason = %e, "replaced an undecodable task record");
-            })
-            .ok();
-        let mut rec = old.clone().unwrap_or_else(create);
+                (create(), None)
+            }
+        };
         let was_terminal = rec.state.is_terminal();
         f(&mut rec);
         let became = !was_terminal && rec.state.is_terminal();
@@ -472,7 +477,8 @@ impl TaskLog {
             (_, false) => 0,
         };
         let bytes = encode(id, &rec)?;
-        let change = super::ledger_change(old.as_ref(), &rec);
+        let before = before.as_ref().map(|(cells, c)| (cells.as_slice(), *c));
+        let change = super::ledger_change(before, super::ledger_share(&rec));
         *loc = self.append_record(id, finished_ms, &bytes, &change, Some(*loc))?;
         Ok((rec, became))
     }
@@ -947,7 +953,12 @@ impl Writer {
             s.live = s.live.saturating_sub(1);
         }
         for (k, c) in change {
-            self.ledger.entry(k.clone()).or_default().apply(*c);
+            match self.ledger.get_mut(k) {
+                Some(cell) => cell.apply(*c),
+                None => {
+                    self.ledger.entry(k.clone()).or_default().apply(*c);
+                }
+            }
         }
         Ok(placed)
     }

@@ -227,20 +227,20 @@ impl TaskRecord {
 
 /// What a record's budget reservation holds in the ledger: its cells, and the estimate
 /// (while the task runs) or the charge (once it finished) in each.
-fn ledger_share(rec: &TaskRecord) -> Option<(&[crate::domain::CellKey], crate::domain::Cell)> {
+pub(crate) fn ledger_share(
+    rec: &TaskRecord,
+) -> Option<(&[crate::domain::CellKey], crate::domain::Cell)> {
     let r = rec.budget.as_ref()?;
     Some((&r.cells, r.share(rec.state.is_terminal())?))
 }
 
-/// What writing `new` over `old` changes in the budget ledger, per cell (nothing, for
-/// almost every update: only a dispatch with a reservation and the result that charges it
-/// change what a record holds).
+/// What a record that held `before` and now holds `after` ([`ledger_share`]) changes in
+/// the budget ledger, per cell (nothing, for almost every update: only a dispatch with a
+/// reservation and the result that charges it change what a record holds).
 pub(crate) fn ledger_change(
-    old: Option<&TaskRecord>,
-    new: &TaskRecord,
+    before: Option<(&[crate::domain::CellKey], crate::domain::Cell)>,
+    after: Option<(&[crate::domain::CellKey], crate::domain::Cell)>,
 ) -> Vec<(crate::domain::CellKey, crate::domain::Cell)> {
-    let before = old.and_then(ledger_share);
-    let after = ledger_share(new);
     if before == after {
         return Vec::new();
     }
@@ -1099,25 +1099,25 @@ mod tests {
         };
         let cell = |spent, reserved| crate::domain::Cell { spent, reserved };
         assert_eq!(
-            ledger_change(None, &running),
+            ledger_change(None, ledger_share(&running)),
             [(a.clone(), cell(0.0, 0.5)), (b.clone(), cell(0.0, 0.5))]
         );
-        assert!(ledger_change(Some(&running), &running).is_empty());
+        assert!(ledger_change(ledger_share(&running), ledger_share(&running)).is_empty());
         let mut done = running.clone();
         done.advance(TaskState::Completed);
         if let Some(r) = done.budget.as_mut() {
             r.charged_usd = Some(0.2);
         }
         assert_eq!(
-            ledger_change(Some(&running), &done),
+            ledger_change(ledger_share(&running), ledger_share(&done)),
             [(a.clone(), cell(0.2, -0.5)), (b.clone(), cell(0.2, -0.5))]
         );
         // The result first (no reservation yet), then the dispatch with its charge.
         let mut result_first = TaskRecord::new("t", 0);
         result_first.advance(TaskState::Completed);
-        assert!(ledger_change(None, &result_first).is_empty());
+        assert!(ledger_change(None, ledger_share(&result_first)).is_empty());
         assert_eq!(
-            ledger_change(Some(&result_first), &done),
+            ledger_change(ledger_share(&result_first), ledger_share(&done)),
             [(a.clone(), cell(0.2, 0.0)), (b, cell(0.2, 0.0))]
         );
         // A finished record of before charges were recorded holds nothing more.
@@ -1125,7 +1125,7 @@ mod tests {
         settled_before.advance(TaskState::Completed);
         let mut touched = settled_before.clone();
         touched.priority = 1;
-        assert!(ledger_change(Some(&settled_before), &touched).is_empty());
-        assert!(ledger_change(None, &settled_before).is_empty());
+        assert!(ledger_change(ledger_share(&settled_before), ledger_share(&touched)).is_empty());
+        assert!(ledger_change(None, ledger_share(&settled_before)).is_empty());
     }
 }
