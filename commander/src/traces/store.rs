@@ -5,8 +5,11 @@
 //! split into entries of at most [`store::PAGE_BYTES`](crate::store::PAGE_BYTES): see
 //! [`FORMAT_LZ4`]), `trace_summaries_by_time` (JSON summary) and `trace_times` (stored
 //! bytes, big-endian u64: the index that listing, retention and the byte budget walk
-//! without reading records). Then `trace_ids` (trace id → kept ms), which finds a trace by
-//! id, and `trace_tasks` (task id → trace id).
+//! without reading records), and `trace_tasks` (task id → trace id). A trace is found by
+//! its id through an index in memory (trace id → kept ms), rebuilt from `trace_times`'s
+//! keys at open, which reads them all anyway: until December 2026 it was the sled tree
+//! `trace_ids`, whose random keys made every kept trace read and rewrite a page anywhere in
+//! a tree that grew with the store (dropped at open).
 //!
 //! The big values go in by time, so a store of a million tasks writes its newest pages
 //! and retention takes its oldest. Keyed by trace id (random), as until December 2026
@@ -17,6 +20,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
 
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, TracesData};
 use prost::Message;
@@ -241,8 +246,8 @@ pub struct TraceStore {
     /// Time key → summary.
     summaries: sled::Tree,
     times: sled::Tree,
-    /// Trace id → kept ms.
-    ids: sled::Tree,
+    /// Trace id → kept ms, for every trace `times` holds (see the module's docs).
+    ids: Arc<DashMap<[u8; 16], u64>>,
     tasks: sled::Tree,
     /// Bytes stored (spans and summaries), kept in step with `times`.
     bytes: Arc<AtomicU64>,
@@ -262,25 +267,40 @@ fn u64_of(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// A time key's kept ms and trace id; `None` for a key that is not one.
+fn split_time_key(k: &[u8]) -> Option<(u64, [u8; 16])> {
+    let (at, id) = k.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*at), id.try_into().ok()?))
+}
+
+/// The sled tree that was the id index until December 2026 (see the module's docs).
+const OLD_IDS_TREE: &str = "trace_ids";
+
 impl TraceStore {
     pub fn open(store: &Store) -> Result<Self, TraceStoreError> {
         let times = store.tree("trace_times")?;
         let (mut total, mut count) = (0u64, 0u64);
+        let ids = DashMap::new();
         for entry in times.iter() {
-            let (_, v) = entry?;
+            let (k, v) = entry?;
             total += u64_of(&v);
             count += 1;
+            if let Some((at, id)) = split_time_key(&k) {
+                ids.insert(id, at);
+            }
         }
         let this = Self {
             spans: store.tree("trace_spans_by_time")?,
             summaries: store.tree("trace_summaries_by_time")?,
             times,
-            ids: store.tree("trace_ids")?,
+            ids: Arc::new(ids),
             tasks: store.tree("trace_tasks")?,
             bytes: Arc::new(AtomicU64::new(total)),
             count: Arc::new(AtomicU64::new(count)),
         };
         this.migrate_by_id(store)?;
+        // The id index of the layouts before December 2026, rebuilt above from the keys.
+        store.drop_tree(OLD_IDS_TREE)?;
         Ok(this)
     }
 
@@ -304,7 +324,9 @@ impl TraceStore {
             };
             self.spans.insert(&key, spans)?;
             self.summaries.insert(&key, summary)?;
-            self.ids.insert(id, key.get(..8).unwrap_or_default())?;
+            if let Some((at, id)) = split_time_key(&key) {
+                self.ids.insert(id, at);
+            }
             old_spans.remove(id)?;
             old_summaries.remove(id)?;
             moved += 1;
@@ -332,10 +354,10 @@ impl TraceStore {
 
     /// The time key of a stored trace.
     fn key_of(&self, trace_id: &[u8]) -> Result<Option<Vec<u8>>, TraceStoreError> {
-        Ok(self
-            .ids
-            .get(trace_id)?
-            .map(|at| time_key(u64_of(&at), trace_id)))
+        let Ok(id) = <[u8; 16]>::try_from(trace_id) else {
+            return Ok(None);
+        };
+        Ok(self.ids.get(&id).map(|at| time_key(*at, trace_id)))
     }
 
     /// Stores a kept trace (or adds late spans to one stored before).
@@ -427,8 +449,7 @@ impl TraceStore {
             }
         };
         self.summaries.insert(&key, json)?;
-        self.ids
-            .insert(trace_id, &summary.kept_at_ms.to_be_bytes())?;
+        self.ids.insert(*trace_id, summary.kept_at_ms);
         self.times.insert(key, &stored.to_be_bytes())?;
         self.bytes.fetch_add(stored, Ordering::Relaxed);
         for t in &summary.task_ids {
@@ -563,10 +584,10 @@ impl TraceStore {
             self.spans.remove(k?)?;
         }
         self.summaries.remove(time_key)?;
-        let at = time_key.get(..8).unwrap_or_default();
-        let _ = self
-            .ids
-            .compare_and_swap(id, Some(at), None as Option<&[u8]>)?;
+        if let Some((at, id)) = split_time_key(time_key) {
+            // Only if it still points here.
+            self.ids.remove_if(&id, |_, kept| *kept == at);
+        }
         if self.times.remove(time_key)?.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -613,6 +634,38 @@ mod tests {
         assert_eq!(traces.len(), 1);
         assert_eq!(traces.prune(u64::MAX, u64::MAX, 10).unwrap(), 1);
         assert!(traces.is_empty());
+    }
+
+    /// A trace is found by its id after a reopen (the index in memory is rebuilt from the
+    /// time keys), and the sled tree that was the index before is dropped; a trace removed
+    /// by retention is found no more.
+    #[test]
+    fn traces_are_found_by_id_after_a_reopen_without_the_old_id_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ([3u8; 16], [4u8; 16]);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let traces = TraceStore::open(&store).unwrap();
+            traces.put(&a, &mut summary(1_000), Vec::new()).unwrap();
+            traces.put(&b, &mut summary(2_000), Vec::new()).unwrap();
+            // What a commander of the layout before left: the old index, stale.
+            let old = store.tree(OLD_IDS_TREE).unwrap();
+            old.insert(a, &9u64.to_be_bytes()).unwrap();
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let traces = TraceStore::open(&store).unwrap();
+        assert!(!store.has_tree(OLD_IDS_TREE));
+        assert_eq!(traces.summary(&a).unwrap().unwrap().kept_at_ms, 1_000);
+        assert_eq!(traces.summary(&b).unwrap().unwrap().kept_at_ms, 2_000);
+        assert!(traces.summary(&[5u8; 16]).unwrap().is_none());
+        assert!(traces.summary(b"short").unwrap().is_none());
+        // Late spans keep the trace's time key.
+        traces.put(&a, &mut summary(3_000), Vec::new()).unwrap();
+        assert_eq!(traces.summary(&a).unwrap().unwrap().kept_at_ms, 1_000);
+        assert_eq!(traces.prune(1_500, u64::MAX, 10).unwrap(), 1);
+        assert!(traces.get(&a).unwrap().is_none());
+        assert!(traces.get(&b).unwrap().is_some());
     }
 
     /// Late spans replace what the trace took up (spans and summary) in the byte count,
