@@ -14,6 +14,8 @@ use std::time::SystemTime;
 use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3339};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::{Cell, CellKey};
+
 pub mod codec;
 pub mod log;
 pub mod lz4;
@@ -227,9 +229,7 @@ impl TaskRecord {
 
 /// What a record's budget reservation holds in the ledger: its cells, and the estimate
 /// (while the task runs) or the charge (once it finished) in each.
-pub(crate) fn ledger_share(
-    rec: &TaskRecord,
-) -> Option<(&[crate::domain::CellKey], crate::domain::Cell)> {
+pub(crate) fn ledger_share(rec: &TaskRecord) -> Option<(&[CellKey], Cell)> {
     let r = rec.budget.as_ref()?;
     Some((&r.cells, r.share(rec.state.is_terminal())?))
 }
@@ -238,16 +238,16 @@ pub(crate) fn ledger_share(
 /// the budget ledger, per cell (nothing, for almost every update: only a dispatch with a
 /// reservation and the result that charges it change what a record holds).
 pub(crate) fn ledger_change(
-    before: Option<(&[crate::domain::CellKey], crate::domain::Cell)>,
-    after: Option<(&[crate::domain::CellKey], crate::domain::Cell)>,
-) -> Vec<(crate::domain::CellKey, crate::domain::Cell)> {
+    before: Option<(&[CellKey], Cell)>,
+    after: Option<(&[CellKey], Cell)>,
+) -> Vec<(CellKey, Cell)> {
     if before == after {
         return Vec::new();
     }
-    let mut change: Vec<(crate::domain::CellKey, crate::domain::Cell)> = Vec::new();
-    let mut add = |cells: &[crate::domain::CellKey], sign: f64, c: crate::domain::Cell| {
+    let mut change: Vec<(CellKey, Cell)> = Vec::new();
+    let mut add = |cells: &[CellKey], sign: f64, c: Cell| {
         for k in cells {
-            let d = crate::domain::Cell {
+            let d = Cell {
                 spent: sign * c.spent,
                 reserved: sign * c.reserved,
             };
@@ -351,9 +351,7 @@ impl Store {
     /// The budget ledger's cells in sled's `budget_ledger` tree, where they were kept
     /// until December 2026 (the task log takes them in at its first open; see
     /// [`log::TaskLog::open_adopting`]).
-    fn ledger_in_sled(
-        db: &sled::Db,
-    ) -> Result<Vec<(crate::domain::CellKey, crate::domain::Cell)>, StoreError> {
+    fn ledger_in_sled(db: &sled::Db) -> Result<Vec<(CellKey, Cell)>, StoreError> {
         if !db
             .tree_names()
             .iter()
@@ -364,10 +362,7 @@ impl Store {
         let mut cells = Vec::new();
         for item in db.open_tree(LEDGER_TREE)?.iter() {
             let (k, v) = item?;
-            match (
-                crate::domain::CellKey::decode(&k),
-                serde_json::from_slice::<crate::domain::Cell>(&v),
-            ) {
+            match (CellKey::decode(&k), serde_json::from_slice::<Cell>(&v)) {
                 (Some(key), Ok(cell)) => cells.push((key, cell)),
                 _ => {
                     tracing::warn!(key = %crate::domain::hex(&k), "a budget ledger cell in sled that does not decode; dropped")
@@ -971,8 +966,8 @@ mod tests {
         assert_eq!(store.task_count(), 249);
     }
 
-    fn cell_key(budget: &str) -> crate::domain::CellKey {
-        crate::domain::CellKey {
+    fn cell_key(budget: &str) -> CellKey {
+        CellKey {
             budget: budget.into(),
             value: "*".into(),
             bucket: 1_764_000_000_000,
@@ -991,14 +986,14 @@ mod tests {
         let cells = [
             (
                 day.clone(),
-                crate::domain::Cell {
+                Cell {
                     spent: 1.2,
                     reserved: 0.3,
                 },
             ),
             (
                 team.clone(),
-                crate::domain::Cell {
+                Cell {
                     spent: 0.4,
                     reserved: 0.0,
                 },
@@ -1037,9 +1032,7 @@ mod tests {
             std::fs::create_dir_all(&logs).unwrap();
             std::fs::write(logs.join("00000001.log"), segment).unwrap();
         }
-        let ledger = |store: &Store| -> Vec<(crate::domain::CellKey, crate::domain::Cell)> {
-            store.log().ledger()
-        };
+        let ledger = |store: &Store| -> Vec<(CellKey, Cell)> { store.log().ledger() };
         {
             let store = Store::reopen(dir.path());
             assert_eq!(ledger(&store), cells);
@@ -1097,7 +1090,7 @@ mod tests {
             });
             r
         };
-        let cell = |spent, reserved| crate::domain::Cell { spent, reserved };
+        let cell = |spent, reserved| Cell { spent, reserved };
         assert_eq!(
             ledger_change(None, ledger_share(&running)),
             [(a.clone(), cell(0.0, 0.5)), (b.clone(), cell(0.0, 0.5))]
