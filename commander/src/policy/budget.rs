@@ -51,6 +51,13 @@ impl Ledger {
         spent + reserved
     }
 
+    /// Whether a budget has cells for `value`, and for how many values it has any.
+    fn knows(&self, budget: &str, value: &str) -> (bool, usize) {
+        self.cells
+            .get(budget)
+            .map_or((false, 0), |v| (v.contains_key(value), v.len()))
+    }
+
     /// The values a budget has cells for.
     pub fn values(&self, budget: &str) -> Vec<String> {
         self.cells
@@ -161,6 +168,15 @@ impl Ledger {
         gone
     }
 }
+
+/// Scope values one budget keeps cells for at most; a task naming another value once a
+/// budget has this many is counted under [`OTHER_VALUE`]. Task attributes come from
+/// producers, and without a bound a producer naming a new team on every task would grow
+/// the ledger (and every copy of it the task log writes) without end.
+pub const MAX_VALUES_PER_BUDGET: usize = 10_000;
+
+/// The value tasks beyond [`MAX_VALUES_PER_BUDGET`] share.
+pub const OTHER_VALUE: &str = "(other)";
 
 /// Which value of a budget's scope a task falls under, if the budget applies to it.
 pub fn scope_value(b: &Budget, dims: &TaskDims, pool: &str, model: &str) -> Option<String> {
@@ -277,10 +293,15 @@ pub fn check<'a>(
     } = task;
     let mut out = Check::default();
     for b in &policy.budgets {
-        let Some(value) = scope_value(b, dims, pool, model) else {
+        let Some(mut value) = scope_value(b, dims, pool, model) else {
             continue;
         };
         let name = b.spec.name.as_str();
+        if let (false, held) = ledger.knows(name, &value)
+            && held >= MAX_VALUES_PER_BUDGET
+        {
+            value = OTHER_VALUE.to_string();
+        }
         let mut committed = ledger.committed(name, &value, b.window, now_ms);
         if !extra.is_empty() {
             committed += extra

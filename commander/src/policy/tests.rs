@@ -905,3 +905,64 @@ deny_attributes = ["*"]
     let old = parse(&[("c.policy.toml", "[sampling]\ndefault_rate = 0.3\n")]).unwrap();
     assert_eq!(old.sampling.healthy_rate, 0.3);
 }
+
+/// A budget keeps cells for at most `MAX_VALUES_PER_BUDGET` scope values: a task naming a
+/// new value past that is counted under `(other)`, which such tasks share (and which the
+/// limit applies to), while the values it knows keep their own cells.
+#[test]
+fn a_budget_past_its_value_limit_counts_new_values_together() {
+    use super::budget::{MAX_VALUES_PER_BUDGET, OTHER_VALUE, Routed, check};
+    let policy = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    let now = BEFORE_MIDNIGHT;
+    let bucket = Window::Day.bucket(now);
+    let mut ledger = Ledger::default();
+    let team_check = |ledger: &Ledger, team: &str, est: f64| {
+        let dims = TaskDims {
+            team: Some(team.into()),
+            ..Default::default()
+        };
+        let routed = Routed {
+            dims: &dims,
+            pool: "docs",
+            model: "gpt-4o-mini",
+            est,
+            priority: 5,
+        };
+        let c = check(&policy, ledger, &BTreeMap::new(), routed, now);
+        (
+            c.cells.iter().map(|k| k.value.clone()).collect::<Vec<_>>(),
+            c.over.iter().map(|o| o.value.clone()).collect::<Vec<_>>(),
+        )
+    };
+    for i in 0..MAX_VALUES_PER_BUDGET - 1 {
+        let key = CellKey {
+            budget: "team-daily".into(),
+            value: format!("team-{i}"),
+            bucket,
+        };
+        ledger.reserve(&[key], 0.01);
+    }
+    // One value left: a new team still gets its own.
+    assert_eq!(team_check(&ledger, "newcomer", 0.5).0, ["newcomer"]);
+    let newcomer = CellKey {
+        budget: "team-daily".into(),
+        value: "newcomer".into(),
+        bucket,
+    };
+    ledger.reserve(std::slice::from_ref(&newcomer), 0.5);
+    // Full: known values keep theirs, new ones share one.
+    assert_eq!(team_check(&ledger, "team-7", 0.5).0, ["team-7"]);
+    assert_eq!(team_check(&ledger, "newcomer", 0.4).0, ["newcomer"]);
+    assert_eq!(team_check(&ledger, "another", 0.5).0, [OTHER_VALUE]);
+    let other = CellKey {
+        budget: "team-daily".into(),
+        value: OTHER_VALUE.into(),
+        bucket,
+    };
+    ledger.reserve(std::slice::from_ref(&other), 0.8);
+    // The shared value is held to the limit like any other: $0.80 of $1.00 is committed.
+    let (cells, over) = team_check(&ledger, "yet-another", 0.5);
+    assert!(cells.is_empty(), "{cells:?}");
+    assert_eq!(over, [OTHER_VALUE]);
+    assert_eq!(ledger.values("team-daily").len(), MAX_VALUES_PER_BUDGET + 1);
+}
