@@ -176,12 +176,6 @@ pub fn evaluate<'p>(i: EvalInput<'_, 'p>) -> Verdict<'p> {
 /// The verdict on a task that ran already ([`EvalInput::ran`]): its dispatch, charged to
 /// every budget it counts against, over its limit or not.
 fn ran<'p>(i: &EvalInput<'_, 'p>, decision: Decision) -> Verdict<'p> {
-    if i.policy.budgets.is_empty() {
-        return Verdict::Dispatch {
-            decision,
-            check: Check::default(),
-        };
-    }
     let mut c = check(i, &decision);
     for o in std::mem::take(&mut c.over) {
         c.cells.push(budget::CellKey {

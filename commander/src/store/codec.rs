@@ -91,19 +91,22 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
 
 /// Encodes a record in format 3.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(256);
-    out.push(FORMAT_V3);
-    let out = postcard::to_extend(&TaskV2::of(rec), out)?;
+    let out = with_v2_body(FORMAT_V3, rec)?;
     Ok(postcard::to_extend(&Added::of(rec), out)?)
+}
+
+/// The format byte, then format 2's body: all of format 2, and the start of format 3.
+fn with_v2_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(format);
+    Ok(postcard::to_extend(&TaskV2::of(rec), out)?)
 }
 
 /// Encodes a record in format 2 (what commanders before format 3 wrote; for tests that
 /// build a store of that layout).
 #[cfg(test)]
 pub fn encode_v2(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(256);
-    out.push(FORMAT_V2);
-    Ok(postcard::to_extend(&TaskV2::of(rec), out)?)
+    with_v2_body(FORMAT_V2, rec)
 }
 
 /// The fields format 3 added after format 2's body.

@@ -953,12 +953,7 @@ impl Writer {
             s.live = s.live.saturating_sub(1);
         }
         for (k, c) in change {
-            match self.ledger.get_mut(k) {
-                Some(cell) => cell.apply(*c),
-                None => {
-                    self.ledger.entry(k.clone()).or_default().apply(*c);
-                }
-            }
+            apply_change(&mut self.ledger, k, *c);
         }
         Ok(placed)
     }
@@ -1057,6 +1052,15 @@ impl Writer {
         let segment = self.active_segment()?;
         self.copy = (segment.entries, segment.len - MAGIC.len() as u64);
         self.sync_active()
+    }
+}
+
+/// Adds a change to one cell of a ledger kept by key (the key is cloned only for a new
+/// cell: a change on the task path mostly meets one that exists).
+fn apply_change(ledger: &mut BTreeMap<CellKey, Cell>, k: &CellKey, c: Cell) {
+    match ledger.get_mut(k) {
+        Some(cell) => cell.apply(c),
+        None => ledger.entry(k.clone()).or_default().apply(c),
     }
 }
 
@@ -1194,8 +1198,8 @@ impl LedgerScan {
     }
 
     fn change(&mut self, change: Vec<(CellKey, Cell)>) {
-        for (k, c) in change {
-            self.cells.entry(k).or_default().apply(c);
+        for (k, c) in &change {
+            apply_change(&mut self.cells, k, *c);
         }
     }
 }

@@ -270,6 +270,13 @@ pub(crate) fn ledger_change(
     change
 }
 
+/// Whether `db` has a tree named `name`, without creating it.
+fn tree_exists(db: &sled::Db, name: &str) -> bool {
+    db.tree_names()
+        .iter()
+        .any(|n| n.as_ref() == name.as_bytes())
+}
+
 /// The task log and the sled database beside it.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -352,11 +359,7 @@ impl Store {
     /// until December 2026 (the task log takes them in at its first open; see
     /// [`log::TaskLog::open_adopting`]).
     fn ledger_in_sled(db: &sled::Db) -> Result<Vec<(CellKey, Cell)>, StoreError> {
-        if !db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == LEDGER_TREE.as_bytes())
-        {
+        if !tree_exists(db, LEDGER_TREE) {
             return Ok(Vec::new());
         }
         let mut cells = Vec::new();
@@ -540,10 +543,7 @@ impl Store {
 
     /// Whether a tree exists, without creating it.
     pub fn has_tree(&self, name: &str) -> bool {
-        self.db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == name.as_bytes())
+        tree_exists(&self.db, name)
     }
 
     /// Removes a tree and everything in it (a layout migrated away from); `false` when
