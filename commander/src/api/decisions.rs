@@ -38,8 +38,9 @@ pub async fn list(
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match s.core.decisions.get(&id)? {
         Some(d) => {
+            let link = super::traces::kept_link(&s, d.trace_id.as_deref());
             let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["kept_trace"] = super::traces::link_of_task(&s, &id);
+            v["kept_trace"] = link;
             Ok(Json(v).into_response())
         }
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),

@@ -572,8 +572,10 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
         Some(rec) => {
+            let trace_id = rec.trace.as_ref().map(|t| t.trace_id.as_str());
+            let link = traces::kept_link(&s, trace_id);
             let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["kept_trace"] = traces::link_of_task(&s, &id);
+            v["kept_trace"] = link;
             Ok(axum::Json(v).into_response())
         }
         None => Err(ApiError::NotFound(format!("task {id} not found"))),

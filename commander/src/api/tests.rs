@@ -294,6 +294,58 @@ async fn an_accepted_task_is_answered_202_continues_the_callers_trace_and_is_fou
     assert_eq!(rec["state"], "received");
 }
 
+/// A task links the trace kept under its own trace id, and nothing else: not a kept trace
+/// of another id, not when its trace was not kept, not when it has no trace yet.
+#[tokio::test]
+async fn a_task_links_the_trace_kept_under_its_own_trace_id() {
+    use crate::store::{TaskRecord, TraceInfo};
+    use crate::traces::store::{TraceStore, TraceSummary, hex};
+    let mut api = api(None, 1 << 20);
+    let traces = TraceStore::open(&api.state.core.store).unwrap();
+    api.state.core.traces.store = Some(traces.clone());
+    let (kept, not_kept) = ([7u8; 16], [8u8; 16]);
+    let mut summary = TraceSummary {
+        trace_id: hex(&kept),
+        kept_at_ms: 1_000,
+        // The trace names another task only: the link comes from the task's own id.
+        task_ids: vec!["t-elsewhere".into()],
+        ..Default::default()
+    };
+    traces.put(&kept, &mut summary, Vec::new()).unwrap();
+    for (task, trace) in [
+        ("t-kept", Some(kept)),
+        ("t-not-kept", Some(not_kept)),
+        ("t-none", None),
+    ] {
+        api.state
+            .core
+            .store
+            .update(
+                task,
+                || TaskRecord::new(task, 1),
+                |r| {
+                    r.trace = trace.map(|t| TraceInfo {
+                        trace_id: hex(&t),
+                        ..Default::default()
+                    });
+                },
+            )
+            .unwrap();
+    }
+    let (status, rec) = api.get("/v1/tasks/t-kept").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rec["kept_trace"]["trace_id"], hex(&kept).as_str());
+    assert_eq!(
+        rec["kept_trace"]["href"],
+        format!("/v1/traces/{}", hex(&kept)).as_str()
+    );
+    for task in ["t-not-kept", "t-none"] {
+        let (status, rec) = api.get(&format!("/v1/tasks/{task}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(rec["kept_trace"], Value::Null, "{task}");
+    }
+}
+
 #[tokio::test]
 async fn bad_submissions_get_400s_that_name_the_problem_and_reach_no_intake() {
     let api = api(None, 1 << 20);

@@ -68,16 +68,15 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
     Ok(Json(crate::traces::tree::view(stored, &registry)).into_response())
 }
 
-/// `{"trace_id", "href"}` of the kept trace of `task_id`, or null.
-pub fn link_of_task(s: &AppState, task_id: &str) -> serde_json::Value {
-    match s
-        .core
-        .traces
-        .store
-        .as_ref()
-        .and_then(|t| t.trace_of_task(task_id).ok().flatten())
-    {
-        Some(t) => json!({ "trace_id": t, "href": format!("/v1/traces/{t}") }),
-        None => serde_json::Value::Null,
+/// `{"trace_id", "href"}` of a task's kept trace, or null: the trace kept under the task's
+/// own trace id (`trace_id`, from its record or its decision), when one was kept.
+pub fn kept_link(s: &AppState, trace_id: Option<&str>) -> serde_json::Value {
+    let kept = match (&s.core.traces.store, trace_id.and_then(unhex)) {
+        (Some(store), Some(id)) => store.contains(&id),
+        _ => false,
+    };
+    match trace_id {
+        Some(t) if kept => json!({ "trace_id": t, "href": format!("/v1/traces/{t}") }),
+        _ => serde_json::Value::Null,
     }
 }

@@ -5,11 +5,15 @@
 //! split into entries of at most [`store::PAGE_BYTES`](crate::store::PAGE_BYTES): see
 //! [`FORMAT_LZ4`]), `trace_summaries_by_time` (JSON summary) and `trace_times` (stored
 //! bytes, big-endian u64: the index that listing, retention and the byte budget walk
-//! without reading records), and `trace_tasks` (task id → trace id). A trace is found by
-//! its id through an index in memory (trace id → kept ms), rebuilt from `trace_times`'s
-//! keys at open, which reads them all anyway: until December 2026 it was the sled tree
-//! `trace_ids`, whose random keys made every kept trace read and rewrite a page anywhere in
-//! a tree that grew with the store (dropped at open).
+//! without reading records). A trace is found by its id through an index in memory (trace
+//! id → kept ms), rebuilt from `trace_times`'s keys at open, which reads them all anyway.
+//!
+//! No tree is keyed by anything random. Until December 2026 two were, and each made every
+//! kept trace read and rewrite a page anywhere in a tree that grew with the store: the id
+//! index `trace_ids`, and `trace_tasks` (task id → trace id), which linked a task to its
+//! kept trace. A task's kept trace is the one under its own trace id (its record's
+//! `trace.trace_id`, its decision's `trace_id`), which the index in memory answers. Both
+//! trees are dropped at open.
 //!
 //! The big values go in by time, so a store of a million tasks writes its newest pages
 //! and retention takes its oldest. Keyed by trace id (random), as until December 2026
@@ -248,7 +252,6 @@ pub struct TraceStore {
     times: sled::Tree,
     /// Trace id → kept ms, for every trace `times` holds (see the module's docs).
     ids: Arc<DashMap<[u8; 16], u64>>,
-    tasks: sled::Tree,
     /// Bytes stored (spans and summaries), kept in step with `times`.
     bytes: Arc<AtomicU64>,
     /// Traces stored, kept in step with `times`: sled's `len` walks the whole tree, and
@@ -273,8 +276,10 @@ fn split_time_key(k: &[u8]) -> Option<(u64, [u8; 16])> {
     Some((u64::from_be_bytes(*at), id.try_into().ok()?))
 }
 
-/// The sled tree that was the id index until December 2026 (see the module's docs).
+/// The sled trees that were the id index and the task index until December 2026 (see
+/// the module's docs).
 const OLD_IDS_TREE: &str = "trace_ids";
+const OLD_TASKS_TREE: &str = "trace_tasks";
 
 impl TraceStore {
     pub fn open(store: &Store) -> Result<Self, TraceStoreError> {
@@ -294,13 +299,14 @@ impl TraceStore {
             summaries: store.tree("trace_summaries_by_time")?,
             times,
             ids: Arc::new(ids),
-            tasks: store.tree("trace_tasks")?,
             bytes: Arc::new(AtomicU64::new(total)),
             count: Arc::new(AtomicU64::new(count)),
         };
         this.migrate_by_id(store)?;
-        // The id index of the layouts before December 2026, rebuilt above from the keys.
+        // The id index of the layouts before December 2026, rebuilt above from the keys,
+        // and their task index, which a task's own trace id replaces.
         store.drop_tree(OLD_IDS_TREE)?;
+        store.drop_tree(OLD_TASKS_TREE)?;
         Ok(this)
     }
 
@@ -352,6 +358,11 @@ impl TraceStore {
         self.len() == 0
     }
 
+    /// Whether a trace is kept (constant time, in memory).
+    pub fn contains(&self, trace_id: &[u8]) -> bool {
+        <[u8; 16]>::try_from(trace_id).is_ok_and(|id| self.ids.contains_key(&id))
+    }
+
     /// The time key of a stored trace.
     fn key_of(&self, trace_id: &[u8]) -> Result<Option<Vec<u8>>, TraceStoreError> {
         let Ok(id) = <[u8; 16]>::try_from(trace_id) else {
@@ -368,6 +379,9 @@ impl TraceStore {
         resource_spans: Vec<ResourceSpans>,
     ) -> Result<(), TraceStoreError> {
         let mut resource_spans = resource_spans;
+        // Traces are kept by one task, so a trace the index does not name is new: its
+        // time key holds nothing, and is not read.
+        let stored_before = self.ids.contains_key(trace_id);
         if let Some(old) = self.get(trace_id)? {
             // Late spans: the stored ones first, the summary's figures added up.
             let mut all = old.resource_spans;
@@ -423,7 +437,12 @@ impl TraceStore {
             .map(|(n, piece)| piece_key(&key, n).map(|k| (k, piece)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(corrupt)?;
-        match self.times.get(&key)? {
+        let before = if stored_before {
+            self.times.get(&key)?
+        } else {
+            None
+        };
+        match before {
             Some(before) => {
                 self.bytes.fetch_sub(u64_of(&before), Ordering::Relaxed);
                 // Late spans (rare): the old pieces go and the new ones come in one batch,
@@ -452,9 +471,6 @@ impl TraceStore {
         self.ids.insert(*trace_id, summary.kept_at_ms);
         self.times.insert(key, &stored.to_be_bytes())?;
         self.bytes.fetch_add(stored, Ordering::Relaxed);
-        for t in &summary.task_ids {
-            self.tasks.insert(t.as_bytes(), &trace_id[..])?;
-        }
         Ok(())
     }
 
@@ -498,11 +514,6 @@ impl TraceStore {
             summary,
             resource_spans: data.resource_spans,
         }))
-    }
-
-    /// The kept trace of a task, if one was kept.
-    pub fn trace_of_task(&self, task_id: &str) -> Result<Option<String>, TraceStoreError> {
-        Ok(self.tasks.get(task_id.as_bytes())?.map(|v| hex(&v)))
     }
 
     /// Newest first, filtered, paginated.
@@ -566,17 +577,6 @@ impl TraceStore {
     }
 
     fn remove(&self, time_key: &[u8], stored: u64) -> Result<(), TraceStoreError> {
-        let Some(id) = time_key.get(8..) else {
-            return Ok(());
-        };
-        if let Some(s) = self.summary_at(time_key)? {
-            for t in &s.task_ids {
-                // Only if it still points here (a later trace of the task may own it).
-                let _ =
-                    self.tasks
-                        .compare_and_swap(t.as_bytes(), Some(id), None as Option<&[u8]>)?;
-            }
-        }
         // The head first, so a reader finds the trace whole or not at all; then its other
         // pieces.
         self.spans.remove(time_key)?;
@@ -637,8 +637,8 @@ mod tests {
     }
 
     /// A trace is found by its id after a reopen (the index in memory is rebuilt from the
-    /// time keys), and the sled tree that was the index before is dropped; a trace removed
-    /// by retention is found no more.
+    /// time keys), and the sled trees that were the id and task indexes before are dropped;
+    /// a trace removed by retention is found no more.
     #[test]
     fn traces_are_found_by_id_after_a_reopen_without_the_old_id_tree() {
         let dir = tempfile::tempdir().unwrap();
@@ -651,11 +651,14 @@ mod tests {
             // What a commander of the layout before left: the old index, stale.
             let old = store.tree(OLD_IDS_TREE).unwrap();
             old.insert(a, &9u64.to_be_bytes()).unwrap();
+            let old_tasks = store.tree(OLD_TASKS_TREE).unwrap();
+            old_tasks.insert(b"task-a", &a[..]).unwrap();
             futures::executor::block_on(store.flush()).unwrap();
         }
         let store = Store::reopen(dir.path());
         let traces = TraceStore::open(&store).unwrap();
-        assert!(!store.has_tree(OLD_IDS_TREE));
+        assert!(!store.has_tree(OLD_IDS_TREE) && !store.has_tree(OLD_TASKS_TREE));
+        assert!(traces.contains(&a) && traces.contains(&b) && !traces.contains(&[5u8; 16]));
         assert_eq!(traces.summary(&a).unwrap().unwrap().kept_at_ms, 1_000);
         assert_eq!(traces.summary(&b).unwrap().unwrap().kept_at_ms, 2_000);
         assert!(traces.summary(&[5u8; 16]).unwrap().is_none());
@@ -824,8 +827,8 @@ mod tests {
     }
 
     /// A store in the layout before time keys (spans and summaries keyed by trace id, in
-    /// `trace_spans` and `trace_summaries`) opens with every trace readable by id, listed,
-    /// linked to its task and pruned as before; the old trees are gone.
+    /// `trace_spans` and `trace_summaries`) opens with every trace readable by id, listed
+    /// and pruned as before; the old trees, the task index among them, are gone.
     #[test]
     fn a_store_keyed_by_trace_id_is_moved_to_time_keys() {
         use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span};
@@ -883,15 +886,13 @@ mod tests {
                 t.resource_spans[0].scope_spans[0].spans[0].name,
                 format!("run {n}")
             );
-            assert_eq!(
-                traces.trace_of_task(&format!("task-{n}")).unwrap(),
-                Some(hex(id))
-            );
+            assert!(traces.contains(id));
         }
         assert!(
             store.tree("trace_spans").unwrap().is_empty(),
             "the old tree was dropped (opening it again makes an empty one)"
         );
+        assert!(!store.has_tree(OLD_TASKS_TREE));
         let page = traces.query(&Filter::default()).unwrap();
         assert_eq!(page.traces.len(), 50);
         assert_eq!(page.traces[0].kept_at_ms, 1_049, "newest first");
@@ -901,7 +902,7 @@ mod tests {
         assert!(again.get(&ids[0]).unwrap().is_some());
         assert_eq!(again.prune(1_025, u64::MAX, 100).unwrap(), 25);
         assert!(again.get(&ids[0]).unwrap().is_none());
-        assert!(again.trace_of_task("task-0").unwrap().is_none());
+        assert!(!again.contains(&ids[0]));
         assert!(again.get(&ids[49]).unwrap().is_some());
     }
 }
