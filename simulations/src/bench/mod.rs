@@ -235,7 +235,8 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let rounds = throughput_rounds(&client, &args, &pools, &commander).await?;
+    let nats_pid = own_server.as_ref().and_then(NatsServer::pid);
+    let rounds = throughput_rounds(&client, &args, &pools, &commander, nats_pid).await?;
     let best_cmd = rounds.cmd_rates.iter().cloned().fold(0.0, f64::max);
     let full_rate = args.latency_rate.unwrap_or(best_cmd);
     let phases = latency_phases(&client, &args, &pools, &commander, full_rate).await?;
@@ -293,11 +294,96 @@ fn commander_config(
     Ok(toml)
 }
 
-/// Every round's figures: each pipe's rate and the commander's CPU per task.
+/// Every round's figures: each pipe's rate and where its CPU went.
 struct Rounds {
     raw_rates: Vec<f64>,
     cmd_rates: Vec<f64>,
     cmd_cpu_us: Vec<f64>,
+    raw_split: Vec<CpuSplit>,
+    cmd_split: Vec<CpuSplit>,
+}
+
+/// The processes whose CPU a run of a pipe is split between.
+#[derive(Clone, Copy)]
+struct Pids {
+    nats: Option<u32>,
+    commander: Option<u32>,
+}
+
+/// CPU per task of each process over one run of a pipe: when the pipes saturate the
+/// machine, the ratio of their rates is the inverse ratio of what a task costs the
+/// machine in each, and this says which process that cost is in. (How busy the machine
+/// was is not among them: a run includes setting up and draining its streams, idle time
+/// that would dilute it, but costs next to no CPU.)
+#[derive(Clone, Copy, Default)]
+struct CpuSplit {
+    /// nats-server (none when the bench was given `--nats-url`).
+    nats_us: Option<f64>,
+    /// This process: producers and workers, and in the raw pipe the relay too.
+    bench_us: Option<f64>,
+    commander_us: Option<f64>,
+}
+
+impl CpuSplit {
+    /// The processes' sum; `with_commander` false for the raw pipe, which has none.
+    fn total_us(&self, with_commander: bool) -> Option<f64> {
+        let commander = if with_commander {
+            self.commander_us?
+        } else {
+            0.0
+        };
+        Some(self.nats_us? + self.bench_us? + commander)
+    }
+
+    /// Each figure's mean over `splits`; `None` where a split lacks it.
+    fn mean(splits: &[CpuSplit]) -> CpuSplit {
+        let mean = |f: fn(&CpuSplit) -> Option<f64>| {
+            let v: Option<Vec<f64>> = splits.iter().map(f).collect();
+            v.filter(|v| !v.is_empty())
+                .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        CpuSplit {
+            nats_us: mean(|s| s.nats_us),
+            bench_us: mean(|s| s.bench_us),
+            commander_us: mean(|s| s.commander_us),
+        }
+    }
+}
+
+/// Readings taken before a run, turned into a [`CpuSplit`] after it.
+struct CpuMeter {
+    pids: Pids,
+    nats: Option<f64>,
+    bench: Option<f64>,
+    commander: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(pids: Pids) -> Self {
+        Self {
+            pids,
+            nats: pids.nats.and_then(stream::cpu_s),
+            bench: stream::cpu_s(std::process::id()),
+            commander: pids.commander.and_then(stream::cpu_s),
+        }
+    }
+
+    fn per_task(&self, tasks: u64) -> CpuSplit {
+        let us = |pid: Option<u32>, before: Option<f64>| {
+            let after = pid.and_then(stream::cpu_s)?;
+            Some((after - before?) * 1e6 / tasks.max(1) as f64)
+        };
+        CpuSplit {
+            nats_us: us(self.pids.nats, self.nats),
+            bench_us: us(Some(std::process::id()), self.bench),
+            commander_us: us(self.pids.commander, self.commander),
+        }
+    }
+}
+
+/// `12` or `-`.
+fn us_or_dash(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
 }
 
 /// `args.rounds` rounds of the raw pipe, then the commander, at full speed; each printed.
@@ -306,22 +392,36 @@ async fn throughput_rounds(
     args: &DispatchArgs,
     pools: &[String],
     commander: &Commander,
+    nats_pid: Option<u32>,
 ) -> Result<Rounds, String> {
     let mut r = Rounds {
         raw_rates: Vec::new(),
         cmd_rates: Vec::new(),
         cmd_cpu_us: Vec::new(),
+        raw_split: Vec::new(),
+        cmd_split: Vec::new(),
+    };
+    let pids = Pids {
+        nats: nats_pid,
+        commander: commander.pid(),
     };
     for round in 0..args.rounds {
         let prefix = format!("rawbench{round}");
-        let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, None)
-            .await?
-            .rate;
-        println!("round {round}: raw JetStream relay  {raw:>9.0} tasks/s");
+        let meter = CpuMeter::start(pids);
+        let run = run_pipe(client, args, pools, Pipe::Raw { prefix }, None).await?;
+        let (raw, split) = (run.rate, meter.per_task(args.tasks));
+        println!(
+            "round {round}: raw JetStream relay  {raw:>9.0} tasks/s (machine {} % busy; CPU per task: nats-server {} us, bench and relay {} us)",
+            us_or_dash(run.machine_busy),
+            us_or_dash(split.nats_us),
+            us_or_dash(split.bench_us),
+        );
         r.raw_rates.push(raw);
+        r.raw_split.push(split);
         let cpu_before = commander.pid().and_then(stream::cpu_s);
-        let cmd = match run_pipe(client, args, pools, Pipe::Commander, None).await {
-            Ok(c) => c.rate,
+        let meter = CpuMeter::start(pids);
+        let (cmd, busy) = match run_pipe(client, args, pools, Pipe::Commander, None).await {
+            Ok(c) => (c.rate, c.machine_busy),
             Err(e) => {
                 // Why the commander fell behind is in its log: keep its last lines.
                 let log = commander.log_text();
@@ -338,14 +438,19 @@ async fn throughput_rounds(
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
         let cpu_us = cpu_us_per_task(commander, cpu_before, args.tasks);
+        let split = meter.per_task(args.tasks);
         println!(
-            "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; commander CPU {} us/task)",
+            "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; machine {} % busy; commander CPU {} us/task; nats-server {} us, bench {} us)",
             ratio(cmd, raw),
             (round as u64 + 1) * args.tasks,
-            cpu_us.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
+            us_or_dash(busy),
+            us_or_dash(cpu_us),
+            us_or_dash(split.nats_us),
+            us_or_dash(split.bench_us),
         );
         r.cmd_cpu_us.extend(cpu_us);
         r.cmd_rates.push(cmd);
+        r.cmd_split.push(split);
     }
     Ok(r)
 }
@@ -705,6 +810,20 @@ fn print_summary(
             "  commander CPU      : {lo:.0} us/task at best, {first:.0} in the first round, {last:.0} in the last"
         );
     }
+    let (raw, cmd) = (
+        CpuSplit::mean(&rounds.raw_split),
+        CpuSplit::mean(&rounds.cmd_split),
+    );
+    println!(
+        "  CPU per task       : raw pipe {} us (nats-server {}, bench and relay {}); commander pipe {} us (nats-server {}, bench {}, commander {}); means of the rounds",
+        us_or_dash(raw.total_us(false)),
+        us_or_dash(raw.nats_us),
+        us_or_dash(raw.bench_us),
+        us_or_dash(cmd.total_us(true)),
+        us_or_dash(cmd.nats_us),
+        us_or_dash(cmd.bench_us),
+        us_or_dash(cmd.commander_us),
+    );
 }
 
 enum Pipe {
@@ -1010,4 +1129,51 @@ async fn start_relay(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(nats: Option<f64>, bench: f64, commander: Option<f64>) -> CpuSplit {
+        CpuSplit {
+            nats_us: nats,
+            bench_us: Some(bench),
+            commander_us: commander,
+        }
+    }
+
+    #[test]
+    fn a_pipes_cpu_per_task_is_its_processes_sum() {
+        let s = split(Some(60.0), 50.0, Some(70.0));
+        assert_eq!(
+            s.total_us(false),
+            Some(110.0),
+            "the raw pipe has no commander"
+        );
+        assert_eq!(s.total_us(true), Some(180.0));
+        // Without nats-server's figure (`--nats-url`) there is no sum to give.
+        assert_eq!(split(None, 50.0, Some(70.0)).total_us(true), None);
+        assert_eq!(split(Some(60.0), 50.0, None).total_us(true), None);
+    }
+
+    #[test]
+    fn the_mean_of_the_rounds_is_taken_per_process() {
+        let m = CpuSplit::mean(&[
+            split(Some(60.0), 50.0, Some(70.0)),
+            split(Some(80.0), 30.0, Some(50.0)),
+        ]);
+        assert_eq!(
+            (m.nats_us, m.bench_us, m.commander_us),
+            (Some(70.0), Some(40.0), Some(60.0))
+        );
+        // A round without a figure leaves that process's mean out rather than skew it.
+        let m = CpuSplit::mean(&[split(Some(60.0), 50.0, None), split(None, 30.0, None)]);
+        assert_eq!(
+            (m.nats_us, m.bench_us, m.commander_us),
+            (None, Some(40.0), None)
+        );
+        let none = CpuSplit::mean(&[]);
+        assert_eq!((none.nats_us, none.bench_us), (None, None));
+    }
 }

@@ -91,6 +91,11 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts a server on a port of its own choosing and waits until it accepts clients.
     pub fn start() -> Result<Self, TestkitError> {
         let dir = tempfile::Builder::new().prefix("fleet-nats-").tempdir()?;
