@@ -406,7 +406,7 @@ async fn throughput_rounds(
         commander: commander.pid(),
     };
     for round in 0..args.rounds {
-        let prefix = format!("rawbench{round}");
+        let prefix = RAW_PREFIX.to_string();
         let meter = CpuMeter::start(pids);
         let run = run_pipe(client, args, pools, Pipe::Raw { prefix }, None).await?;
         let (raw, split) = (run.rate, meter.per_task(args.tasks));
@@ -476,11 +476,11 @@ async fn latency_phases(
     if args.latency_tasks == 0 || full_rate.is_nan() || full_rate <= 0.0 {
         return Ok(phases);
     }
-    for (n, load) in [0.5, 0.9].into_iter().enumerate() {
+    for load in [0.5, 0.9] {
         let pace = Some((full_rate * load, args.latency_tasks));
         // The raw pipe at the same rate first: what JetStream and the workers alone
         // take from submit to receipt on this machine.
-        let prefix = format!("rawlatency{n}");
+        let prefix = RAW_PREFIX.to_string();
         let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, pace).await?;
         let before = intake_dispatch_buckets(commander.http()).await?;
         let cpu_before = commander.pid().and_then(stream::cpu_s);
@@ -831,6 +831,11 @@ enum Pipe {
     Commander,
 }
 
+/// The raw pipe's subject prefix, the same in every run of a bench: its streams, as the
+/// commander's, keep what earlier runs left in them (the results stream keeps every
+/// result), so that a later round of either pipe meets the same broker.
+const RAW_PREFIX: &str = "rawbench";
+
 /// What one run of a pipe measured.
 struct PipeRun {
     /// Tasks/s from the first submission to the last completion.
@@ -900,6 +905,20 @@ async fn run_pipe(
     }
     if let Some(r) = relay {
         r.abort();
+        // The relay's pull request outlives its task on the server: a next run's relay
+        // would share the consumer with it, and the messages handed to it would wait out
+        // the ack wait. Without the consumer the request is gone.
+        let deleted = match js.get_stream(subjects.intake_stream()).await {
+            Ok(intake) => intake
+                .delete_consumer(RELAY_CONSUMER)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = deleted {
+            return Err(format!("removing the relay's consumer after the run: {e}"));
+        }
     }
     let receipt_us = tally
         .receipts
@@ -1060,6 +1079,9 @@ async fn submit(
 /// pool subject of the work stream, ack in batches — the commander's job minus everything
 /// the commander adds (validation, routing, trace continuation, store, spans, results).
 /// Each republish's time from its batch's read to its PubAck goes to `dispatch_us`.
+/// The raw relay's durable consumer on the raw pipe's intake stream.
+const RELAY_CONSUMER: &str = "relay";
+
 async fn start_relay(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -1075,9 +1097,9 @@ async fn start_relay(
         .map_err(|e| e.to_string())?;
     let consumer = intake
         .get_or_create_consumer(
-            "relay",
+            RELAY_CONSUMER,
             consumer::pull::Config {
-                durable_name: Some("relay".into()),
+                durable_name: Some(RELAY_CONSUMER.into()),
                 filter_subject: subjects.submit(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 max_ack_pending: 2048,
