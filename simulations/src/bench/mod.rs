@@ -313,8 +313,9 @@ struct Pids {
 /// CPU per task of each process over one run of a pipe: when the pipes saturate the
 /// machine, the ratio of their rates is the inverse ratio of what a task costs the
 /// machine in each, and this says which process that cost is in. (How busy the machine
-/// was is not among them: a run includes setting up and draining its streams, idle time
-/// that would dilute it, but costs next to no CPU.)
+/// was comes from the run's timed window instead, `PipeRun::machine_busy`: the meter's
+/// window also holds setting up and draining the streams, idle time that would dilute
+/// it but costs next to no CPU.)
 #[derive(Clone, Copy, Default)]
 struct CpuSplit {
     /// nats-server (none when the bench was given `--nats-url`).
@@ -418,7 +419,6 @@ async fn throughput_rounds(
         );
         r.raw_rates.push(raw);
         r.raw_split.push(split);
-        let cpu_before = commander.pid().and_then(stream::cpu_s);
         let meter = CpuMeter::start(pids);
         let (cmd, busy) = match run_pipe(client, args, pools, Pipe::Commander, None).await {
             Ok(c) => (c.rate, c.machine_busy),
@@ -437,8 +437,8 @@ async fn throughput_rounds(
         };
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
-        let cpu_us = cpu_us_per_task(commander, cpu_before, args.tasks);
         let split = meter.per_task(args.tasks);
+        let cpu_us = split.commander_us;
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; machine {} % busy; commander CPU {} us/task; nats-server {} us, bench {} us)",
             ratio(cmd, raw),
