@@ -235,11 +235,14 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let nats_pid = own_server.as_ref().and_then(NatsServer::pid);
-    let rounds = throughput_rounds(&client, &args, &pools, &commander, nats_pid).await?;
+    let pids = Pids {
+        nats: own_server.as_ref().and_then(NatsServer::pid),
+        commander: commander.pid(),
+    };
+    let rounds = throughput_rounds(&client, &args, &pools, &commander, pids).await?;
     let best_cmd = rounds.cmd_rates.iter().cloned().fold(0.0, f64::max);
     let full_rate = args.latency_rate.unwrap_or(best_cmd);
-    let phases = latency_phases(&client, &args, &pools, &commander, full_rate).await?;
+    let phases = latency_phases(&client, &args, &pools, &commander, pids, full_rate).await?;
     let through = args.tasks * args.rounds as u64 + args.latency_tasks * phases.len() as u64;
     let end = EndState {
         tasks: through,
@@ -393,7 +396,7 @@ async fn throughput_rounds(
     args: &DispatchArgs,
     pools: &[String],
     commander: &Commander,
-    nats_pid: Option<u32>,
+    pids: Pids,
 ) -> Result<Rounds, String> {
     let mut r = Rounds {
         raw_rates: Vec::new(),
@@ -401,10 +404,6 @@ async fn throughput_rounds(
         cmd_cpu_us: Vec::new(),
         raw_split: Vec::new(),
         cmd_split: Vec::new(),
-    };
-    let pids = Pids {
-        nats: nats_pid,
-        commander: commander.pid(),
     };
     for round in 0..args.rounds {
         let prefix = RAW_PREFIX.to_string();
@@ -455,13 +454,6 @@ async fn throughput_rounds(
     Ok(r)
 }
 
-/// The commander's CPU since `before` (a [`stream::cpu_s`] reading), in microseconds per
-/// task over `tasks` tasks.
-fn cpu_us_per_task(commander: &Commander, before: Option<f64>, tasks: u64) -> Option<f64> {
-    let after = commander.pid().and_then(stream::cpu_s)?;
-    Some((after - before?) * 1e6 / tasks.max(1) as f64)
-}
-
 /// After the rounds, tasks submitted at a steady 50 % and then 90 % of `full_rate` (the
 /// commander's best round, or `--latency-rate`; none when `latency_tasks` is 0), each
 /// rate through the raw pipe first.
@@ -470,6 +462,7 @@ async fn latency_phases(
     args: &DispatchArgs,
     pools: &[String],
     commander: &Commander,
+    pids: Pids,
     full_rate: f64,
 ) -> Result<Vec<LatencyPhase>, String> {
     let mut phases = Vec::new();
@@ -483,9 +476,9 @@ async fn latency_phases(
         let prefix = RAW_PREFIX.to_string();
         let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, pace).await?;
         let before = intake_dispatch_buckets(commander.http()).await?;
-        let cpu_before = commander.pid().and_then(stream::cpu_s);
+        let meter = CpuMeter::start(pids);
         let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
-        let cmd_cpu_us = cpu_us_per_task(commander, cpu_before, args.latency_tasks);
+        let cmd_cpu_us = meter.per_task(args.latency_tasks).commander_us;
         let after = intake_dispatch_buckets(commander.http()).await?;
         phases.push(LatencyPhase {
             load,
