@@ -248,6 +248,8 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
         tasks: through,
         store_bytes: dir_bytes(&dir.path().join("commander")),
         rss_kib: commander.pid().and_then(telemetry::rss_kib),
+        nats_rss_kib: pids.nats.and_then(telemetry::rss_kib),
+        broker_tasks: 2 * through,
     };
     drop(commander);
     print_summary(
@@ -524,6 +526,12 @@ struct EndState {
     store_bytes: u64,
     /// (now, peak) KiB.
     rss_kib: Option<(u64, u64)>,
+    /// nats-server's, (now, peak) KiB; none when the bench was given `--nats-url`. It
+    /// holds both pipes' streams: what a broker needs for this many tasks, whose ids its
+    /// duplicate windows (20 min) and whose results (7 days) it keeps.
+    nats_rss_kib: Option<(u64, u64)>,
+    /// Tasks through the broker: both pipes' (the raw pipe runs as many as the commander's).
+    broker_tasks: u64,
 }
 
 impl EndState {
@@ -542,6 +550,14 @@ impl EndState {
                 peak as f64 / 1024.0
             ),
             None => println!("  commander RSS      : not readable"),
+        }
+        if let Some((now, peak)) = self.nats_rss_kib {
+            println!(
+                "  nats-server RSS    : {:.0} MiB at the end (peak {:.0} MiB), after {} tasks through both pipes",
+                now as f64 / 1024.0,
+                peak as f64 / 1024.0,
+                self.broker_tasks
+            );
         }
     }
 }
