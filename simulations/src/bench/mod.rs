@@ -247,9 +247,8 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let end = EndState {
         tasks: through,
         store_bytes: dir_bytes(&dir.path().join("commander")),
-        rss_kib: commander.pid().and_then(telemetry::rss_kib),
+        rss_kib: pids.commander.and_then(telemetry::rss_kib),
         nats_rss_kib: pids.nats.and_then(telemetry::rss_kib),
-        broker_tasks: 2 * through,
     };
     drop(commander);
     print_summary(
@@ -303,7 +302,6 @@ fn commander_config(
 struct Rounds {
     raw_rates: Vec<f64>,
     cmd_rates: Vec<f64>,
-    cmd_cpu_us: Vec<f64>,
     raw_split: Vec<CpuSplit>,
     cmd_split: Vec<CpuSplit>,
 }
@@ -403,14 +401,12 @@ async fn throughput_rounds(
     let mut r = Rounds {
         raw_rates: Vec::new(),
         cmd_rates: Vec::new(),
-        cmd_cpu_us: Vec::new(),
         raw_split: Vec::new(),
         cmd_split: Vec::new(),
     };
     for round in 0..args.rounds {
-        let prefix = RAW_PREFIX.to_string();
         let meter = CpuMeter::start(pids);
-        let run = run_pipe(client, args, pools, Pipe::Raw { prefix }, None).await?;
+        let run = run_pipe(client, args, pools, Pipe::Raw, None).await?;
         let (raw, split) = (run.rate, meter.per_task(args.tasks));
         println!(
             "round {round}: raw JetStream relay  {raw:>9.0} tasks/s (machine {} % busy; CPU per task: nats-server {} us, bench and relay {} us)",
@@ -439,17 +435,15 @@ async fn throughput_rounds(
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
         let split = meter.per_task(args.tasks);
-        let cpu_us = split.commander_us;
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; machine {} % busy; commander CPU {} us/task; nats-server {} us, bench {} us)",
             ratio(cmd, raw),
             (round as u64 + 1) * args.tasks,
             us_or_dash(busy),
-            us_or_dash(cpu_us),
+            us_or_dash(split.commander_us),
             us_or_dash(split.nats_us),
             us_or_dash(split.bench_us),
         );
-        r.cmd_cpu_us.extend(cpu_us);
         r.cmd_rates.push(cmd);
         r.cmd_split.push(split);
     }
@@ -475,8 +469,7 @@ async fn latency_phases(
         let pace = Some((full_rate * load, args.latency_tasks));
         // The raw pipe at the same rate first: what JetStream and the workers alone
         // take from submit to receipt on this machine.
-        let prefix = RAW_PREFIX.to_string();
-        let raw = run_pipe(client, args, pools, Pipe::Raw { prefix }, pace).await?;
+        let raw = run_pipe(client, args, pools, Pipe::Raw, pace).await?;
         let before = intake_dispatch_buckets(commander.http()).await?;
         let meter = CpuMeter::start(pids);
         let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
@@ -530,8 +523,6 @@ struct EndState {
     /// holds both pipes' streams: what a broker needs for this many tasks, whose ids its
     /// duplicate windows (20 min) and whose results (7 days) it keeps.
     nats_rss_kib: Option<(u64, u64)>,
-    /// Tasks through the broker: both pipes' (the raw pipe runs as many as the commander's).
-    broker_tasks: u64,
 }
 
 impl EndState {
@@ -556,7 +547,8 @@ impl EndState {
                 "  nats-server RSS    : {:.0} MiB at the end (peak {:.0} MiB), after {} tasks through both pipes",
                 now as f64 / 1024.0,
                 peak as f64 / 1024.0,
-                self.broker_tasks
+                // The raw pipe runs as many tasks as the commander's.
+                2 * self.tasks
             );
         }
     }
@@ -812,7 +804,11 @@ fn print_summary(
             .map(|d| format!("the policies in {}", d.display()))
             .unwrap_or_else(|| "built in (no budgets or throttles)".into())
     );
-    let cpu = &rounds.cmd_cpu_us;
+    let cpu: Vec<f64> = rounds
+        .cmd_split
+        .iter()
+        .filter_map(|s| s.commander_us)
+        .collect();
     if let (Some(first), Some(last)) = (cpu.first(), cpu.last()) {
         let lo = cpu.iter().cloned().fold(f64::INFINITY, f64::min);
         println!(
@@ -836,7 +832,7 @@ fn print_summary(
 }
 
 enum Pipe {
-    Raw { prefix: String },
+    Raw,
     Commander,
 }
 
@@ -881,7 +877,7 @@ async fn run_pipe(
     let tasks = paced.map(|(_, n)| n).unwrap_or(args.tasks);
     let tally = Arc::new(Tally::new(paced.map(|_| tasks)));
     let (subjects, raw) = match &pipe {
-        Pipe::Raw { prefix } => (Subjects::new(prefix).map_err(|e| e.to_string())?, true),
+        Pipe::Raw => (Subjects::new(RAW_PREFIX).map_err(|e| e.to_string())?, true),
         Pipe::Commander => (Subjects::default(), false),
     };
     let js = jetstream::new(client.clone());
@@ -917,17 +913,14 @@ async fn run_pipe(
         // The relay's pull request outlives its task on the server: a next run's relay
         // would share the consumer with it, and the messages handed to it would wait out
         // the ack wait. Without the consumer the request is gone.
-        let deleted = match js.get_stream(subjects.intake_stream()).await {
-            Ok(intake) => intake
-                .delete_consumer(RELAY_CONSUMER)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = deleted {
-            return Err(format!("removing the relay's consumer after the run: {e}"));
-        }
+        let removing =
+            |e: &dyn std::fmt::Display| format!("removing the relay's consumer after the run: {e}");
+        js.get_stream(subjects.intake_stream())
+            .await
+            .map_err(|e| removing(&e))?
+            .delete_consumer(RELAY_CONSUMER)
+            .await
+            .map_err(|e| removing(&e))?;
     }
     let receipt_us = tally
         .receipts
@@ -1084,13 +1077,13 @@ async fn submit(
     Ok(())
 }
 
+/// The raw relay's durable consumer on the raw pipe's intake stream.
+const RELAY_CONSUMER: &str = "relay";
+
 /// The raw pipe: consume the intake stream, republish each message with its headers to a
 /// pool subject of the work stream, ack in batches — the commander's job minus everything
 /// the commander adds (validation, routing, trace continuation, store, spans, results).
 /// Each republish's time from its batch's read to its PubAck goes to `dispatch_us`.
-/// The raw relay's durable consumer on the raw pipe's intake stream.
-const RELAY_CONSUMER: &str = "relay";
-
 async fn start_relay(
     js: &jetstream::Context,
     subjects: &Subjects,
