@@ -10,10 +10,12 @@
 //! task's record keeps its decision's `at_ms`, which finds the decision by task id among
 //! that millisecond's pages, without a second index to write for every task.
 //!
-//! A page's bytes are format 4: byte `4`, the length of a MessagePack array of records
-//! with field names (`rmp_serde::to_vec_named`), then the array as an LZ4 block. The log
-//! keeps names, unlike the task record's positional format, because decisions gain fields
-//! more often and a self-describing record reads old and new alike.
+//! A page's bytes are format 5: byte `5`, the length of a JSON array of records, then the
+//! array as an LZ4 block. Each record in it is the JSON that `<prefix>.decisions.<pool>`
+//! publishes, encoded once ([`to_json`]) for both. The log keeps names, unlike the task
+//! record's positional format, because decisions gain fields more often and a
+//! self-describing record reads old and new alike. Format 4 (the same, with a MessagePack
+//! array of named records) was written until December 2026 and is still read.
 //!
 //! Until December 2026 the log was the sled tree `decisions`; opening moves what it holds
 //! into the store's log as it is stored (see [`DecisionLog::open`]) and drops the tree.
@@ -164,7 +166,7 @@ pub enum DecisionLogError {
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
     #[error("decision record does not encode: {0}")]
-    Encode(#[from] rmp_serde::encode::Error),
+    Encode(#[from] serde_json::Error),
     #[error("a page of decisions is {0} bytes uncompressed, too large to store")]
     PageTooLarge(usize),
     #[error("a page of decisions does not compress: {0}")]
@@ -227,7 +229,8 @@ impl DecisionLog {
 
     /// Writes one decision (made durable by the store's next flush) and announces it.
     pub fn record(&self, d: &DecisionRecord) -> Result<(), DecisionLogError> {
-        self.write_many([d])?;
+        let json = to_json(d)?;
+        self.write_many([(d, &json[..])])?;
         self.announce([d]);
         Ok(())
     }
@@ -237,13 +240,15 @@ impl DecisionLog {
     /// afterwards: the log is written in order, so a task record that names a decision
     /// is never durable without it. Announcing them ([`DecisionLog::announce`]) waits for
     /// those records, so a reader of the event finds the decision by its task.
+    ///
+    /// Each item is a decision and its JSON ([`to_json`]), which the page holds as it is.
     pub fn write_many<'a>(
         &self,
-        items: impl IntoIterator<Item = &'a DecisionRecord>,
+        items: impl IntoIterator<Item = (&'a DecisionRecord, &'a [u8])>,
     ) -> Result<(), DecisionLogError> {
-        let mut by_time: Vec<&DecisionRecord> = items.into_iter().collect();
-        by_time.sort_by_key(|d| d.at_ms);
-        for same_ms in by_time.chunk_by(|a, b| a.at_ms == b.at_ms) {
+        let mut by_time: Vec<(&DecisionRecord, &[u8])> = items.into_iter().collect();
+        by_time.sort_by_key(|(d, _)| d.at_ms);
+        for same_ms in by_time.chunk_by(|(a, _), (b, _)| a.at_ms == b.at_ms) {
             for page in same_ms.chunks(PAGE_MAX) {
                 self.append_pages(page)?;
             }
@@ -281,8 +286,8 @@ impl DecisionLog {
 
     /// Appends `page` (decisions of one millisecond) as one page, or, when it compresses
     /// to more than [`PAGE_BYTES`], as two halves (and so on).
-    fn append_pages(&self, page: &[&DecisionRecord]) -> Result<(), DecisionLogError> {
-        let Some(first) = page.first() else {
+    fn append_pages(&self, page: &[(&DecisionRecord, &[u8])]) -> Result<(), DecisionLogError> {
+        let Some((first, _)) = page.first() else {
             return Ok(());
         };
         let value = encode_page(page)?;
@@ -514,18 +519,24 @@ const PAGE_MAX: usize = 32;
 /// reads its whole page.
 const PAGE_BYTES: usize = 64 << 10;
 
-/// About what one record takes in MessagePack with field names (a few candidates).
-const TYPICAL_RECORD_BYTES: usize = 1536;
-
 /// Most bytes a page may claim to hold uncompressed, checked before allocating them.
 const PAGE_RAW_MAX: usize = 64 << 20;
 
 /// The version byte of an uncompressed page of decisions (written before format 4).
 const FORMAT_PAGE: u8 = 3;
 
-/// The version byte of a compressed page: then the MessagePack array's length (u32,
-/// little-endian) and the array as an LZ4 block.
+/// The version byte of a compressed page written before December 2026: then the length
+/// of a MessagePack array of named records (u32, little-endian) and the array as an LZ4
+/// block.
 const FORMAT_PAGE_LZ4: u8 = 4;
+
+/// The version byte of a compressed page: then the length of a JSON array of records
+/// (u32, little-endian) and the array as an LZ4 block.
+const FORMAT_PAGE_JSON_LZ4: u8 = 5;
+
+/// Room for a typical decision's JSON (a few candidates, each with its reason), so
+/// encoding one does not grow its buffer by doubling.
+const TYPICAL_JSON_BYTES: usize = 3072;
 
 /// Bytes before a compressed page's block.
 const LZ4_HEADER: usize = 5;
@@ -561,18 +572,34 @@ fn parse_cursor(c: &str) -> Option<(PageKey, usize)> {
     ))
 }
 
-fn encode_page(page: &[&DecisionRecord]) -> Result<Vec<u8>, DecisionLogError> {
-    // Sized for a typical record up front: growing by doubling copied the page over and
-    // over (a page of 32 is tens of KB).
-    let mut raw = Vec::with_capacity(page.len() * TYPICAL_RECORD_BYTES);
-    rmp_serde::encode::write_named(&mut raw, page)?;
+/// A decision as JSON: what a page of the log holds and `<prefix>.decisions.<pool>`
+/// publishes (the shape of `GET /v1/decisions/{task_id}`).
+pub fn to_json(d: &DecisionRecord) -> Result<bytes::Bytes, DecisionLogError> {
+    let mut out = Vec::with_capacity(TYPICAL_JSON_BYTES);
+    serde_json::to_writer(&mut out, d)?;
+    Ok(bytes::Bytes::from(out))
+}
+
+/// A page in format 5 from its decisions' JSON: the array is written around them, so no
+/// record is encoded again.
+fn encode_page(page: &[(&DecisionRecord, &[u8])]) -> Result<Vec<u8>, DecisionLogError> {
+    let len = page.iter().map(|(_, j)| j.len() + 1).sum::<usize>() + 1;
+    let mut raw = Vec::with_capacity(len);
+    raw.push(b'[');
+    for (i, (_, json)) in page.iter().enumerate() {
+        if i > 0 {
+            raw.push(b',');
+        }
+        raw.extend_from_slice(json);
+    }
+    raw.push(b']');
     let raw_len = u32::try_from(raw.len())
         .ok()
         .filter(|&n| n as usize <= PAGE_RAW_MAX)
         .ok_or(DecisionLogError::PageTooLarge(raw.len()))?;
     let mut out =
         crate::store::lz4::compress(LZ4_HEADER, &raw).map_err(DecisionLogError::Compress)?;
-    out[0] = FORMAT_PAGE_LZ4;
+    out[0] = FORMAT_PAGE_JSON_LZ4;
     out[1..LZ4_HEADER].copy_from_slice(&raw_len.to_le_bytes());
     Ok(out)
 }
@@ -589,19 +616,11 @@ fn read_page(
 fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
     let corrupt = |why: String| DecisionLogError::Decode(why);
     match bytes.split_first() {
+        Some((&FORMAT_PAGE_JSON_LZ4, rest)) => {
+            serde_json::from_slice(&decompress_page(rest)?).map_err(|e| corrupt(e.to_string()))
+        }
         Some((&FORMAT_PAGE_LZ4, rest)) => {
-            let (len, block) = rest
-                .split_first_chunk::<4>()
-                .ok_or_else(|| corrupt("a compressed page ends in its header".into()))?;
-            let len = u32::from_le_bytes(*len) as usize;
-            if len > PAGE_RAW_MAX {
-                return Err(corrupt(format!(
-                    "a compressed page claims {len} bytes, over the {PAGE_RAW_MAX} a page may hold"
-                )));
-            }
-            let raw = crate::store::lz4::decompress(block, len)
-                .map_err(|e| corrupt(format!("a compressed page {e}")))?;
-            rmp_serde::from_slice(&raw).map_err(|e| corrupt(e.to_string()))
+            rmp_serde::from_slice(&decompress_page(rest)?).map_err(|e| corrupt(e.to_string()))
         }
         Some((&FORMAT_PAGE, body)) => {
             rmp_serde::from_slice(body).map_err(|e| corrupt(e.to_string()))
@@ -617,6 +636,22 @@ fn decode_page(bytes: &[u8]) -> Result<Vec<DecisionRecord>, DecisionLogError> {
         ))),
         None => Err(corrupt("an empty page".into())),
     }
+}
+
+/// The array a compressed page holds (formats 4 and 5), from what follows its format
+/// byte: the array's length, checked before it is allocated, then the LZ4 block.
+fn decompress_page(rest: &[u8]) -> Result<Vec<u8>, DecisionLogError> {
+    let corrupt = |why: String| DecisionLogError::Decode(why);
+    let (len, block) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| corrupt("a compressed page ends in its header".into()))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > PAGE_RAW_MAX {
+        return Err(corrupt(format!(
+            "a compressed page claims {len} bytes, over the {PAGE_RAW_MAX} a page may hold"
+        )));
+    }
+    crate::store::lz4::decompress(block, len).map_err(|e| corrupt(format!("a compressed page {e}")))
 }
 
 /// The version byte of a single decision in the sled tree (before pages).
@@ -652,6 +687,23 @@ mod tests {
                 |r| r.decision_at_ms = Some(d.at_ms),
             )
             .unwrap();
+    }
+
+    /// Writes `batch` as the task path does: each decision's JSON encoded once, then logged.
+    fn write(log: &DecisionLog, batch: &[DecisionRecord]) {
+        let json: Vec<_> = batch.iter().map(|d| to_json(d).unwrap()).collect();
+        log.write_many(batch.iter().zip(json.iter().map(|j| &j[..])))
+            .unwrap();
+    }
+
+    /// A page as format 4 wrote it (before December 2026): a MessagePack array of named
+    /// records, LZ4-compressed.
+    fn format_4_page(page: &[DecisionRecord]) -> Vec<u8> {
+        let raw = rmp_serde::to_vec_named(page).unwrap();
+        let mut out = crate::store::lz4::compress(LZ4_HEADER, &raw).unwrap();
+        out[0] = FORMAT_PAGE_LZ4;
+        out[1..LZ4_HEADER].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        out
     }
 
     fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
@@ -793,7 +845,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let log = DecisionLog::open(&store).unwrap();
-            log.write_many(&batch).unwrap();
+            write(&log, &batch);
             for d in &batch {
                 point_task_at(&store, d);
             }
@@ -886,7 +938,7 @@ mod tests {
         let batch: Vec<DecisionRecord> = (0..10u64)
             .map(|i| rec(&format!("c{i}"), 2_000 + i / 5, "docs", "cost_tier"))
             .collect();
-        log.write_many(&batch).unwrap();
+        write(&log, &batch);
         let first = log
             .query(&Filter {
                 limit: Some(3),
@@ -948,12 +1000,12 @@ mod tests {
         let alike: Vec<_> = (0..32)
             .map(|i| rec(&format!("a-{i}"), 1_000, "docs", "cost_tier"))
             .collect();
-        log.write_many(&alike).unwrap();
+        write(&log, &alike);
         let pages = all_pages(&store);
         assert_eq!(pages.len(), 1);
         let stored = store.log().read_page(pages[0].1).unwrap();
-        let raw = rmp_serde::to_vec_named(&alike.iter().collect::<Vec<_>>()).unwrap();
-        assert_eq!(stored[0], FORMAT_PAGE_LZ4);
+        let raw = serde_json::to_vec(&alike).unwrap();
+        assert_eq!(stored[0], FORMAT_PAGE_JSON_LZ4);
         assert!(
             stored.len() * 3 < raw.len(),
             "{} bytes stored for {} raw",
@@ -971,7 +1023,7 @@ mod tests {
                 d
             })
             .collect();
-        log.write_many(&noisy).unwrap();
+        write(&log, &noisy);
         let pages: Vec<_> = all_pages(&store).into_iter().skip(1).collect();
         assert!(pages.len() >= 4, "split into {} pages", pages.len());
         for (_, loc) in &pages {
@@ -988,15 +1040,67 @@ mod tests {
         );
         assert_eq!(log.len(), 64);
 
-        let mut huge = vec![FORMAT_PAGE_LZ4];
-        huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        huge.extend_from_slice(&[0; 16]);
-        assert!(decode_page(&huge).is_err());
-        assert!(decode_page(&[FORMAT_PAGE_LZ4, 1, 0]).is_err());
-        let mut cut = encode_page(&alike.iter().collect::<Vec<_>>()).unwrap();
-        cut.truncate(cut.len() / 2);
-        assert!(decode_page(&cut).is_err());
+        for format in [FORMAT_PAGE_JSON_LZ4, FORMAT_PAGE_LZ4] {
+            let mut huge = vec![format];
+            huge.extend_from_slice(&u32::MAX.to_le_bytes());
+            huge.extend_from_slice(&[0; 16]);
+            assert!(decode_page(&huge).is_err());
+            assert!(decode_page(&[format, 1, 0]).is_err());
+        }
+        let json: Vec<_> = alike.iter().map(|d| to_json(d).unwrap()).collect();
+        let page: Vec<_> = alike.iter().zip(json.iter().map(|j| &j[..])).collect();
+        for mut cut in [encode_page(&page).unwrap(), format_4_page(&alike)] {
+            cut.truncate(cut.len() / 2);
+            assert!(decode_page(&cut).is_err());
+        }
         assert!(decode_page(&[7, 1]).is_err() && decode_page(&[]).is_err());
+    }
+
+    /// A log written before December 2026 holds format-4 pages: each still reads, beside
+    /// the format-5 pages written after it, by task, by query and by range.
+    #[test]
+    fn format_4_pages_read_beside_format_5_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let old: Vec<_> = (0..6)
+            .map(|i| rec(&format!("old-{i}"), 3_000, "docs", "cost_tier"))
+            .collect();
+        let new: Vec<_> = (0..6)
+            .map(|i| rec(&format!("new-{i}"), 3_001, "code", "cost_tier"))
+            .collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .log()
+                .append_page(3_000, old.len() as u16, false, &format_4_page(&old))
+                .unwrap();
+            for d in &old {
+                point_task_at(&store, d);
+            }
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let log = DecisionLog::open(&store).unwrap();
+        write(&log, &new);
+        for d in &new {
+            point_task_at(&store, d);
+        }
+        let formats: Vec<u8> = all_pages(&store)
+            .iter()
+            .map(|(_, loc)| store.log().read_page(*loc).unwrap()[0])
+            .collect();
+        assert_eq!(formats, [FORMAT_PAGE_LZ4, FORMAT_PAGE_JSON_LZ4]);
+        for d in old.iter().chain(&new) {
+            assert_eq!(log.get(&d.task_id).unwrap().as_ref(), Some(d));
+        }
+        let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+        assert_eq!(log.range(0, u64::MAX, 100).unwrap(), all);
+        let docs = log
+            .query(&Filter {
+                pool: Some("docs".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(docs.decisions.len(), old.len());
     }
 
     /// A decision log in the sled tree of the layout before December 2026, with values in
@@ -1065,23 +1169,15 @@ mod tests {
             page3.extend(rmp_serde::to_vec_named(&v3.iter().collect::<Vec<_>>()).unwrap());
             tree.insert(sled_page_key(6_000, 1, v3.len()), page3)
                 .unwrap();
-            tree.insert(
-                sled_page_key(6_000, 2, v4.len()),
-                encode_page(&v4.iter().collect::<Vec<_>>()).unwrap(),
-            )
-            .unwrap();
+            tree.insert(sled_page_key(6_000, 2, v4.len()), format_4_page(&v4))
+                .unwrap();
             for d in [&json, &full].into_iter().chain(&v3).chain(&v4) {
                 point_task_at(&store, d);
             }
             // A move cut short: part of the tree already in the log, the tree still there.
             store
                 .log()
-                .append_page(
-                    6_000,
-                    v4.len() as u16,
-                    true,
-                    &encode_page(&v4.iter().collect::<Vec<_>>()).unwrap(),
-                )
+                .append_page(6_000, v4.len() as u16, true, &format_4_page(&v4))
                 .unwrap();
             futures::executor::block_on(store.flush()).unwrap();
         }

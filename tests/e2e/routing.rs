@@ -428,6 +428,20 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         tailed_ids.contains(&"gpu".to_string()) && tailed_ids.contains(&"review".to_string()),
         "{tailed_ids:?}"
     );
+    // What is published on NATS is the decision the log keeps, field for field: the API
+    // serves the same record with `kept_trace` added (docs/api.md).
+    for (line, id) in lines.iter().zip(&tailed_ids) {
+        let published: Value = serde_json::from_str(line).unwrap();
+        let mut served = stack.get_json(&format!("/v1/decisions/{id}")).await;
+        assert!(
+            served
+                .as_object_mut()
+                .unwrap()
+                .remove("kept_trace")
+                .is_some()
+        );
+        assert_eq!(published, served, "task {id}");
+    }
 
     // The dispatch span carries the decision; the classifier's call is a GenAI span in
     // the task's trace; its cost is on the commander's own line.

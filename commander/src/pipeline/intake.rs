@@ -26,10 +26,11 @@ pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
     let work = async {
         let mut plans = plan_batch(ctx, &batch).await;
         let published = publish_batch(ctx, &mut plans, read_at).await;
-        log_decisions(ctx, &plans, &published);
+        let json = log_decisions(ctx, &plans, &published);
         let mut settled = Settled::default();
-        for ((msg, plan), outcome) in batch.into_iter().zip(plans).zip(published) {
-            settle_one(ctx, msg, plan, outcome, &mut settled).await;
+        let each = batch.into_iter().zip(plans).zip(published).zip(json);
+        for (((msg, plan), outcome), json) in each {
+            settle_one(ctx, msg, plan, outcome, json, &mut settled).await;
         }
         finish_batch(ctx, settled).await;
     }
@@ -164,11 +165,17 @@ async fn publish_batch(
 /// flush writes the log out between the two. (A redelivered task whose record is on disk
 /// is not decided again.) A deferral whose store write then fails is handed back and
 /// decided again on redelivery, so its first decision stays in the log too.
-fn log_decisions(ctx: &Ctx, plans: &[Option<Plan>], published: &[Option<Result<u64, String>>]) {
-    let decided: Vec<&crate::decisions::DecisionRecord> = plans
+/// Logs the decisions of the plans that were published (or needed no publish), and gives
+/// back each plan's decision JSON (`None` for a plan with no decision logged), in order.
+fn log_decisions(
+    ctx: &Ctx,
+    plans: &[Option<Plan>],
+    published: &[Option<Result<u64, String>>],
+) -> Vec<Option<bytes::Bytes>> {
+    let logged: Vec<Option<&crate::decisions::DecisionRecord>> = plans
         .iter()
         .zip(published)
-        .filter_map(|(plan, outcome)| match (plan.as_ref()?, outcome) {
+        .map(|(plan, outcome)| match (plan.as_ref()?, outcome) {
             (_, Some(Err(_))) => None,
             (Plan::Dispatch(d), _) => Some(&d.decision),
             (Plan::Reject(r), _) => r.decision.as_ref(),
@@ -176,7 +183,12 @@ fn log_decisions(ctx: &Ctx, plans: &[Option<Plan>], published: &[Option<Result<u
             _ => None,
         })
         .collect();
-    ctx.log_decisions(&decided);
+    let decided: Vec<_> = logged.iter().flatten().copied().collect();
+    let mut json = ctx.log_decisions(&decided).into_iter();
+    logged
+        .iter()
+        .map(|d| d.and_then(|_| json.next().flatten()))
+        .collect()
 }
 
 /// The batch's decisions announced (their task records are written now), the store
@@ -225,7 +237,7 @@ enum Read {
 struct Settled {
     acks: Vec<jetstream::Message>,
     /// Decisions logged and recorded, to announce.
-    decided: Vec<crate::decisions::DecisionRecord>,
+    decided: Vec<super::Decided>,
     /// Status notices (deferrals, by task id) and budget alerts (empty id).
     notices: Vec<(String, serde_json::Value)>,
 }
@@ -237,6 +249,7 @@ async fn settle_one(
     msg: jetstream::Message,
     plan: Option<Plan>,
     outcome: Option<Result<u64, String>>,
+    json: Option<bytes::Bytes>,
     s: &mut Settled,
 ) {
     match (plan, outcome) {
@@ -265,8 +278,8 @@ async fn settle_one(
                 .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                 .await;
         }
-        (Some(Plan::Defer(d)), _) => keep_deferral(ctx, msg, d, s).await,
-        (Some(Plan::Dispatch(d)), outcome) => keep_dispatch(ctx, msg, d, outcome, s),
+        (Some(Plan::Defer(d)), _) => keep_deferral(ctx, msg, d, json, s).await,
+        (Some(Plan::Dispatch(d)), outcome) => keep_dispatch(ctx, msg, d, outcome, json, s),
         (Some(Plan::Reject(r)), _) => {
             // Recorded only now that the rejection is durably the task's result, so
             // a redelivery before this point publishes it again instead of skipping.
@@ -276,7 +289,8 @@ async fn settle_one(
             {
                 tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
             }
-            s.decided.extend(r.decision);
+            s.decided
+                .extend(r.decision.map(|record| super::Decided { record, json }));
             ctx.core.metrics.reject(&r.error.code);
             tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
             s.acks.push(msg);
@@ -289,6 +303,7 @@ async fn keep_deferral(
     ctx: &Ctx,
     msg: jetstream::Message,
     d: Box<super::plan::DeferPlan>,
+    json: Option<bytes::Bytes>,
     s: &mut Settled,
 ) {
     let d = *d;
@@ -332,7 +347,10 @@ async fn keep_deferral(
             "policy_version": d.entry.policy_version,
         }),
     ));
-    s.decided.push(d.decision);
+    s.decided.push(super::Decided {
+        record: d.decision,
+        json,
+    });
     s.acks.push(msg);
 }
 
@@ -342,6 +360,7 @@ fn keep_dispatch(
     msg: jetstream::Message,
     d: Box<super::plan::Dispatch>,
     outcome: Option<Result<u64, String>>,
+    json: Option<bytes::Bytes>,
     s: &mut Settled,
 ) {
     let mut d = *d;
@@ -384,7 +403,10 @@ fn keep_dispatch(
         Ok(rec) if rec.state.is_terminal() => super::results::settle_budget(ctx, &rec),
         Ok(_) => {}
     }
-    s.decided.push(d.decision);
+    s.decided.push(super::Decided {
+        record: d.decision,
+        json,
+    });
     for a in d.alerts.drain(..) {
         tracing::warn!(alert = %a, "budget soft threshold crossed");
         s.notices.push((String::new(), a));

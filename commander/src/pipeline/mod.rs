@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
 use fleet_worker::protocol::Subjects;
 use fleet_worker::span::SpanExporter;
 use futures::StreamExt;
@@ -98,12 +99,29 @@ impl Ctx {
     }
 
     /// Writes a batch's decisions to the log (durable with the batch's store flush) and
-    /// counts them, before the task records that name them are written.
-    pub fn log_decisions(&self, decisions: &[&DecisionRecord]) {
+    /// counts them, before the task records that name them are written. Gives back each
+    /// decision's JSON, in order, for [`Ctx::announce_decisions`] to publish: one encoding
+    /// serves both (`None` where a decision did not encode, so was neither logged nor
+    /// will be published).
+    pub fn log_decisions(&self, decisions: &[&DecisionRecord]) -> Vec<Option<Bytes>> {
         if decisions.is_empty() {
-            return;
+            return Vec::new();
         }
-        if let Err(e) = self.core.decisions.write_many(decisions.iter().copied()) {
+        let json: Vec<Option<Bytes>> = decisions
+            .iter()
+            .map(|d| match crate::decisions::to_json(d) {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode; not logged");
+                    None
+                }
+            })
+            .collect();
+        let encoded = decisions
+            .iter()
+            .zip(&json)
+            .filter_map(|(d, j)| Some((*d, &j.as_ref()?[..])));
+        if let Err(e) = self.core.decisions.write_many(encoded) {
             tracing::error!(error = %e, count = decisions.len(), "decisions not logged");
         }
         // Counted per distinct label set per batch: one label allocation each, not per task.
@@ -127,32 +145,31 @@ impl Ctx {
                 })
                 .inc_by(n);
         }
+        json
     }
 
     /// Announces a batch's logged decisions once their task records are written: on
-    /// `/v1/stream` and on `<prefix>.decisions.<pool>`.
-    pub async fn announce_decisions(&self, decisions: &[DecisionRecord]) {
-        self.core.decisions.announce(decisions);
+    /// `/v1/stream`, and on `<prefix>.decisions.<pool>` as the JSON the log holds.
+    pub async fn announce_decisions(&self, decided: &[Decided]) {
+        self.core
+            .decisions
+            .announce(decided.iter().map(|d| &d.record));
         if !self.publish_decisions {
             return;
         }
-        for d in decisions {
-            // A decision's JSON is 1–3 KB: sized up front, not grown by doubling.
-            let mut body = Vec::with_capacity(DECISION_JSON_BYTES);
-            let body = match serde_json::to_writer(&mut body, d) {
-                Ok(()) => bytes::Bytes::from(body),
-                Err(e) => {
-                    tracing::error!(task_id = %d.task_id, error = %e, "decision did not encode");
-                    continue;
-                }
+        for d in decided {
+            // One that did not encode was not logged either (said when it was).
+            let Some(body) = &d.json else {
+                continue;
             };
             let pool = d
+                .record
                 .pool
                 .as_deref()
                 .unwrap_or(crate::decisions::REJECTED_TOKEN);
             if let Err(e) = self
                 .client
-                .publish(self.subjects.decisions(pool), body)
+                .publish(self.subjects.decisions(pool), body.clone())
                 .await
             {
                 tracing::debug!(error = %e, "decision not published");
@@ -161,8 +178,13 @@ impl Ctx {
     }
 }
 
-/// Room for a typical decision's JSON on `<prefix>.decisions.<pool>`.
-const DECISION_JSON_BYTES: usize = 3072;
+/// A decision of a batch, logged, with the JSON the log's page holds ([`Ctx::log_decisions`]):
+/// what [`Ctx::announce_decisions`] announces.
+#[derive(Debug)]
+pub struct Decided {
+    pub record: DecisionRecord,
+    pub json: Option<Bytes>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
