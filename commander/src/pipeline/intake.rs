@@ -165,8 +165,9 @@ async fn publish_batch(
 /// flush writes the log out between the two. (A redelivered task whose record is on disk
 /// is not decided again.) A deferral whose store write then fails is handed back and
 /// decided again on redelivery, so its first decision stays in the log too.
-/// Logs the decisions of the plans that were published (or needed no publish), and gives
-/// back each plan's decision JSON (`None` for a plan with no decision logged), in order.
+///
+/// Gives back each plan's decision JSON, in the plans' order (`None` for a plan with no
+/// decision logged): what the batch publishes once its records are written.
 fn log_decisions(
     ctx: &Ctx,
     plans: &[Option<Plan>],
