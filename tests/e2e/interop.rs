@@ -41,6 +41,8 @@ fn has_sdk(python: &Path) -> bool {
                 "-c",
                 "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, openai, opentelemetry.instrumentation.openai_v2, nats",
             ])
+            // A Python without them is an answer, not an error: no traceback in the log.
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
 }
