@@ -593,13 +593,19 @@ fn encode_page(page: &[(&DecisionRecord, &[u8])]) -> Result<Vec<u8>, DecisionLog
         raw.extend_from_slice(json);
     }
     raw.push(b']');
+    compress_page(FORMAT_PAGE_JSON_LZ4, &raw)
+}
+
+/// A compressed page (formats 4 and 5) holding the array `raw`: its format byte, the
+/// array's length, then the array as an LZ4 block. [`decompress_page`] reads it back.
+fn compress_page(format: u8, raw: &[u8]) -> Result<Vec<u8>, DecisionLogError> {
     let raw_len = u32::try_from(raw.len())
         .ok()
         .filter(|&n| n as usize <= PAGE_RAW_MAX)
         .ok_or(DecisionLogError::PageTooLarge(raw.len()))?;
     let mut out =
-        crate::store::lz4::compress(LZ4_HEADER, &raw).map_err(DecisionLogError::Compress)?;
-    out[0] = FORMAT_PAGE_JSON_LZ4;
+        crate::store::lz4::compress(LZ4_HEADER, raw).map_err(DecisionLogError::Compress)?;
+    out[0] = format;
     out[1..LZ4_HEADER].copy_from_slice(&raw_len.to_le_bytes());
     Ok(out)
 }
@@ -699,11 +705,7 @@ mod tests {
     /// A page as format 4 wrote it (before December 2026): a MessagePack array of named
     /// records, LZ4-compressed.
     fn format_4_page(page: &[DecisionRecord]) -> Vec<u8> {
-        let raw = rmp_serde::to_vec_named(page).unwrap();
-        let mut out = crate::store::lz4::compress(LZ4_HEADER, &raw).unwrap();
-        out[0] = FORMAT_PAGE_LZ4;
-        out[1..LZ4_HEADER].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-        out
+        compress_page(FORMAT_PAGE_LZ4, &rmp_serde::to_vec_named(page).unwrap()).unwrap()
     }
 
     fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
