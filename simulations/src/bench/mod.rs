@@ -105,6 +105,12 @@ pub struct DispatchArgs {
     /// place, as it does in production.
     #[arg(long)]
     random_ids: bool,
+    /// The commander's data directory (its store), kept after the run instead of a
+    /// temporary one. Given a directory an earlier run filled, the commander starts on a
+    /// store that already holds those tasks, against a fresh broker: what the commander's
+    /// own cost per task owes to the tasks that came before, apart from the broker's.
+    #[arg(long)]
+    store_dir: Option<std::path::PathBuf>,
 }
 
 /// A rubric for the bench pools: one model on every pool, so load balancing (not price)
@@ -225,11 +231,16 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let llm = FakeLlm::start().map_err(|e| e.to_string())?;
     llm.otherwise(Reply::classification("bench", "simple", &[], 0.9));
     let bin = args.commander_bin.clone().unwrap_or_else(commander_bin);
+    let data_dir = args
+        .store_dir
+        .clone()
+        .unwrap_or_else(|| dir.path().join("commander"));
+    let store_bytes_before = dir_bytes(&data_dir);
     let commander = Commander::start(&CommanderOptions {
         bin,
         nats_url: Some(url.clone()),
         config_toml: commander_config(&args, &pools, dir.path(), &llm)?,
-        data_dir: dir.path().join("commander"),
+        data_dir: data_dir.clone(),
         extra_env: vec![("RUST_LOG".into(), "warn,fleet_commander::serve=info".into())],
         extra_args: vec![],
     })
@@ -246,7 +257,8 @@ async fn dispatch(args: DispatchArgs) -> Result<(), String> {
     let through = args.tasks * args.rounds as u64 + args.latency_tasks * phases.len() as u64;
     let end = EndState {
         tasks: through,
-        store_bytes: dir_bytes(&dir.path().join("commander")),
+        store_bytes_before,
+        store_bytes: dir_bytes(&data_dir),
         rss_kib: pids.commander.and_then(telemetry::rss_kib),
         nats_rss_kib: pids.nats.and_then(telemetry::rss_kib),
     };
@@ -516,6 +528,9 @@ struct LatencyPhase {
 /// What one commander on one store looks like after the whole run.
 struct EndState {
     tasks: u64,
+    /// What the store held when the commander started (0 unless `--store-dir` named a
+    /// store an earlier run filled).
+    store_bytes_before: u64,
     store_bytes: u64,
     /// (now, peak) KiB.
     rss_kib: Option<(u64, u64)>,
@@ -528,12 +543,25 @@ struct EndState {
 impl EndState {
     fn print(&self) {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        println!(
-            "  store              : {:.0} MiB on disk after {} tasks ({:.0} MiB per million)",
-            mib(self.store_bytes),
-            self.tasks,
-            mib(self.store_bytes) * 1e6 / self.tasks.max(1) as f64
-        );
+        if self.store_bytes_before == 0 {
+            println!(
+                "  store              : {:.0} MiB on disk after {} tasks ({:.0} MiB per million)",
+                mib(self.store_bytes),
+                self.tasks,
+                mib(self.store_bytes) * 1e6 / self.tasks.max(1) as f64
+            );
+        } else {
+            // Retention may have removed more than this run added: the growth can be
+            // negative.
+            let grown = self.store_bytes as f64 - self.store_bytes_before as f64;
+            println!(
+                "  store              : {:.0} MiB on disk after {} tasks, on a store that held {:.0} MiB before them ({:.0} MiB per million of this run's)",
+                mib(self.store_bytes),
+                self.tasks,
+                mib(self.store_bytes_before),
+                grown / (1024.0 * 1024.0) * 1e6 / self.tasks.max(1) as f64
+            );
+        }
         match self.rss_kib {
             Some((now, peak)) => println!(
                 "  commander RSS      : {:.0} MiB at the end (peak {:.0} MiB)",
