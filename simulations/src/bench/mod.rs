@@ -541,27 +541,34 @@ struct EndState {
 }
 
 impl EndState {
-    fn print(&self) {
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    /// The store's size, per million tasks of this run: on a store an earlier run filled
+    /// (`--store-dir`), per million of what this run added.
+    fn store_line(&self) -> String {
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        let per_million = |b: f64| mib(b) * 1e6 / self.tasks.max(1) as f64;
+        let (after, before) = (self.store_bytes as f64, self.store_bytes_before as f64);
         if self.store_bytes_before == 0 {
-            println!(
-                "  store              : {:.0} MiB on disk after {} tasks ({:.0} MiB per million)",
-                mib(self.store_bytes),
+            format!(
+                "{:.0} MiB on disk after {} tasks ({:.0} MiB per million)",
+                mib(after),
                 self.tasks,
-                mib(self.store_bytes) * 1e6 / self.tasks.max(1) as f64
-            );
+                per_million(after)
+            )
         } else {
             // Retention may have removed more than this run added: the growth can be
             // negative.
-            let grown = self.store_bytes as f64 - self.store_bytes_before as f64;
-            println!(
-                "  store              : {:.0} MiB on disk after {} tasks, on a store that held {:.0} MiB before them ({:.0} MiB per million of this run's)",
-                mib(self.store_bytes),
+            format!(
+                "{:.0} MiB on disk after {} tasks, on a store that held {:.0} MiB before them ({:.0} MiB per million of this run's)",
+                mib(after),
                 self.tasks,
-                mib(self.store_bytes_before),
-                grown / (1024.0 * 1024.0) * 1e6 / self.tasks.max(1) as f64
-            );
+                mib(before),
+                per_million(after - before)
+            )
         }
+    }
+
+    fn print(&self) {
+        println!("  store              : {}", self.store_line());
         match self.rss_kib {
             Some((now, peak)) => println!(
                 "  commander RSS      : {:.0} MiB at the end (peak {:.0} MiB)",
@@ -1207,6 +1214,33 @@ mod tests {
         // Without nats-server's figure (`--nats-url`) there is no sum to give.
         assert_eq!(split(None, 50.0, Some(70.0)).total_us(true), None);
         assert_eq!(split(Some(60.0), 50.0, None).total_us(true), None);
+    }
+
+    #[test]
+    fn the_store_is_measured_per_million_of_this_runs_tasks() {
+        const MIB: u64 = 1024 * 1024;
+        let end = |before: u64, after: u64| EndState {
+            tasks: 200_000,
+            store_bytes_before: before,
+            store_bytes: after,
+            rss_kib: None,
+            nats_rss_kib: None,
+        };
+        assert_eq!(
+            end(0, 230 * MIB).store_line(),
+            "230 MiB on disk after 200000 tasks (1150 MiB per million)"
+        );
+        // A store an earlier run filled: only what this run added counts per million.
+        assert_eq!(
+            end(1135 * MIB, 1365 * MIB).store_line(),
+            "1365 MiB on disk after 200000 tasks, on a store that held 1135 MiB before them (1150 MiB per million of this run's)"
+        );
+        // Retention took more than the run added.
+        assert!(
+            end(1000 * MIB, 990 * MIB)
+                .store_line()
+                .ends_with("(-50 MiB per million of this run's)")
+        );
     }
 
     #[test]
