@@ -1,6 +1,17 @@
 //! The task record on disk.
 //!
-//! Format 3 (written since the ledger moved into the task log): one version byte (`3`),
+//! Format 4 (written now): version byte `4`, then format 3's body (below), then
+//! [`Compact`]: the trace and the state history in fewer bytes. A trace whose ids are
+//! lowercase hex and whose traceparent is exactly `00-{trace_id}-{dispatch_span_id}-{flags}`
+//! (what the commander writes) is kept as the ids' bytes and the flags, not as 119
+//! characters of hex; a state change's time that is an RFC 3339 timestamp in milliseconds
+//! with `Z` (what the commander writes) as unix milliseconds, not as 24 characters. Anything
+//! else is kept as text, exactly: the trace in format 3's body, a time as its string. In
+//! format 4 that body's history is always empty. In `bench dispatch` a record the commander
+//! writes is about a third smaller than in format 3: 266 bytes for a dispatched task
+//! (387 in format 3), 291 for a completed one (430).
+//!
+//! Format 3 (written until format 4): one version byte (`3`),
 //! then the record as [postcard](https://docs.rs/postcard): format 2's body (below),
 //! followed by the fields added since, as one more postcard struct (today: the charge a
 //! result settled the budget reservation with, `budget.charged_usd`).
@@ -12,18 +23,21 @@
 //! still read (with no charge).
 //!
 //! Format 1 (before): the record as JSON, which always starts with `{`. It is still read;
-//! the next update of a record in format 1 or 2 writes it in format 3, and records that
+//! the next update of a record in format 1, 2 or 3 writes it in format 4, and records that
 //! are never updated again leave through retention as before (`Store::sweep`).
 //!
 //! postcard is not self-describing, so the serde attributes the JSON API needs
 //! (`skip_serializing_if`, which drops a field) cannot be on the types it encodes: the
 //! mirrors below have the record's fields in a fixed order and nothing else. Adding a field
 //! is a new format byte with the older formats still decoded: format 3's body is format
-//! 2's plus [`Added`], so the next field goes at the end of `Added` under format 4.
+//! 2's plus [`Added`], and format 4's is format 3's plus [`Compact`], so the next field
+//! goes at the end of `Compact` under format 5.
 
 use std::borrow::Cow;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fleet_worker::message::{ErrorInfo, ResultStatus, Usage};
+use fleet_worker::trace::{SpanId, TraceId, TraceParent};
 use serde::{Deserialize, Serialize};
 
 use super::{DeferInfo, Outcome, StateChange, TaskRecord, TaskState, TraceInfo};
@@ -32,20 +46,25 @@ use crate::domain::{CellKey, Generation, Reservation};
 /// The first byte of a format-2 record.
 pub const FORMAT_V2: u8 = 2;
 
-/// The first byte of a format-3 record (written now).
+/// The first byte of a format-3 record.
 pub const FORMAT_V3: u8 = 3;
+
+/// The first byte of a format-4 record (written now).
+pub const FORMAT_V4: u8 = 4;
 
 /// Why stored bytes are not a task record.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
     Empty,
-    #[error("format {0} is not one this commander reads (1 is JSON, 2 and 3 are postcard)")]
+    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 4 are postcard)")]
     UnknownFormat(u8),
-    #[error("format 2 or 3 record does not decode: {0}")]
-    Postcard(#[from] postcard::Error),
-    #[error("format 3 record has {0} bytes after its end")]
-    Trailing(usize),
+    #[error("format {0} record does not decode: {1}")]
+    Postcard(u8, postcard::Error),
+    #[error("format {0} record has {1} bytes after its end")]
+    Trailing(u8, usize),
+    #[error("format 4 record has a state change at {0} ms after 1970, past the year 9999")]
+    TimeOutOfRange(u64),
     #[error("format 1 (JSON) record does not decode: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -56,6 +75,7 @@ pub enum Format {
     Json,
     V2,
     V3,
+    V4,
 }
 
 pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
@@ -64,42 +84,78 @@ pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
         Some(b'{') => Ok(Format::Json),
         Some(&FORMAT_V2) => Ok(Format::V2),
         Some(&FORMAT_V3) => Ok(Format::V3),
+        Some(&FORMAT_V4) => Ok(Format::V4),
         Some(&other) => Err(CodecError::UnknownFormat(other)),
     }
 }
 
 /// Decodes a record in any format this commander reads.
 pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
+    let format = bytes.first().copied().unwrap_or_default();
+    let body = bytes.get(1..).unwrap_or_default();
+    let bad = |e| CodecError::Postcard(format, e);
     match format_of(bytes)? {
         Format::Json => Ok(serde_json::from_slice(bytes)?),
         Format::V2 => {
-            let body = bytes.get(1..).unwrap_or_default();
-            let v: TaskV2<'_> = postcard::from_bytes(body)?;
+            let v: TaskV2<'_> = postcard::from_bytes(body).map_err(bad)?;
             Ok(v.into_record(Added::default()))
         }
         Format::V3 => {
-            let body = bytes.get(1..).unwrap_or_default();
-            let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body)?;
-            let (added, rest): (Added, _) = postcard::take_from_bytes(rest)?;
-            if !rest.is_empty() {
-                return Err(CodecError::Trailing(rest.len()));
-            }
+            let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+            let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+            ended(format, rest)?;
             Ok(v.into_record(added))
+        }
+        Format::V4 => {
+            let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
+            let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+            let (compact, rest): (Compact<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+            ended(format, rest)?;
+            let mut rec = v.into_record(added);
+            compact.into_record(&mut rec)?;
+            Ok(rec)
         }
     }
 }
 
-/// Encodes a record in format 3.
+/// Nothing may follow a record's last part.
+fn ended(format: u8, rest: &[u8]) -> Result<(), CodecError> {
+    match rest.len() {
+        0 => Ok(()),
+        n => Err(CodecError::Trailing(format, n)),
+    }
+}
+
+/// Encodes a record in format 4.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let out = with_v2_body(FORMAT_V3, rec)?;
-    Ok(postcard::to_extend(&Added::of(rec), out)?)
+    let compact = Compact::of(rec);
+    let mut body = TaskV2::of(rec);
+    if compact.trace.is_some() {
+        body.trace = None;
+    }
+    body.history = Cow::Borrowed(&[]);
+    let mut out = Vec::with_capacity(256);
+    out.push(FORMAT_V4);
+    let bad = |e| CodecError::Postcard(FORMAT_V4, e);
+    let out = postcard::to_extend(&body, out).map_err(bad)?;
+    let out = postcard::to_extend(&Added::of(rec), out).map_err(bad)?;
+    postcard::to_extend(&compact, out).map_err(bad)
 }
 
 /// The format byte, then format 2's body: all of format 2, and the start of format 3.
+#[cfg(test)]
 fn with_v2_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(256);
     out.push(format);
-    Ok(postcard::to_extend(&TaskV2::of(rec), out)?)
+    postcard::to_extend(&TaskV2::of(rec), out).map_err(|e| CodecError::Postcard(format, e))
+}
+
+/// Encodes a record in format 3 (what commanders before format 4 wrote; for tests that
+/// build a store of that layout).
+#[cfg(test)]
+pub fn encode_v3(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let out = with_v2_body(FORMAT_V3, rec)?;
+    postcard::to_extend(&Added::of(rec), out).map_err(|e| CodecError::Postcard(FORMAT_V3, e))
 }
 
 /// Encodes a record in format 2 (what commanders before format 3 wrote; for tests that
@@ -121,6 +177,209 @@ impl Added {
         Self {
             charged_usd: r.budget.as_ref().and_then(|b| b.charged_usd),
         }
+    }
+}
+
+/// What format 4 stores compactly, after format 3's body.
+#[derive(Default, Serialize, Deserialize)]
+struct Compact<'a> {
+    /// The trace, when it has the shape the commander writes; otherwise it is in the
+    /// body, as text.
+    trace: Option<TraceV4<'a>>,
+    /// The state history (the body's is empty).
+    history: Vec<ChangeV4<'a>>,
+}
+
+/// A trace whose ids are lowercase hex and whose traceparent is exactly
+/// `00-{trace_id}-{dispatch_span_id}-{flags}`: the ids as bytes, the traceparent as its
+/// flags.
+#[derive(Serialize, Deserialize)]
+struct TraceV4<'a> {
+    trace_id: [u8; 16],
+    dispatch_span_id: [u8; 8],
+    flags: u8,
+    parent_span_id: Option<SpanV4<'a>>,
+    invalid_traceparent: Option<Str<'a>>,
+}
+
+/// A span id: its bytes when it is lowercase hex, else the text.
+#[derive(Serialize, Deserialize)]
+enum SpanV4<'a> {
+    Bytes([u8; 8]),
+    Text(Str<'a>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChangeV4<'a> {
+    state: TaskState,
+    at: AtV4<'a>,
+}
+
+/// When a state change happened: unix milliseconds when the text is what
+/// `humantime::format_rfc3339_millis` writes for them, else the text.
+#[derive(Serialize, Deserialize)]
+enum AtV4<'a> {
+    UnixMs(u64),
+    Text(Str<'a>),
+}
+
+impl<'a> Compact<'a> {
+    fn of(r: &'a TaskRecord) -> Self {
+        Self {
+            trace: r.trace.as_ref().and_then(TraceV4::of),
+            history: r
+                .history
+                .iter()
+                .map(|c| ChangeV4 {
+                    state: c.state,
+                    at: AtV4::of(&c.at),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts the compact fields back into `rec` (decoded from the body before them).
+    fn into_record(self, rec: &mut TaskRecord) -> Result<(), CodecError> {
+        if let Some(t) = self.trace {
+            rec.trace = Some(t.into_info());
+        }
+        rec.history = self
+            .history
+            .into_iter()
+            .map(|c| {
+                Ok(StateChange {
+                    state: c.state,
+                    at: c.at.into_text()?,
+                })
+            })
+            .collect::<Result<_, CodecError>>()?;
+        Ok(())
+    }
+}
+
+impl<'a> TraceV4<'a> {
+    /// `None` when `t` does not have the shape that [`TraceV4::into_info`] gives back
+    /// byte for byte.
+    fn of(t: &'a TraceInfo) -> Option<Self> {
+        let tp = t.traceparent.as_str();
+        // `parse` checks the ids (lowercase hex, not all zeros), the delimiters and the
+        // flags; the rest makes it the one string `into_info` writes back.
+        let parsed = TraceParent::parse(tp).ok()?;
+        let canonical = tp.len() == 55
+            && tp.starts_with("00-")
+            && tp.get(3..35) == Some(t.trace_id.as_str())
+            && tp.get(36..52) == Some(t.dispatch_span_id.as_str());
+        canonical.then(|| Self {
+            trace_id: parsed.trace_id.0,
+            dispatch_span_id: parsed.span_id.0,
+            flags: parsed.flags,
+            parent_span_id: t.parent_span_id.as_deref().map(SpanV4::of),
+            invalid_traceparent: ob(&t.invalid_traceparent),
+        })
+    }
+
+    fn into_info(self) -> TraceInfo {
+        let trace_id = TraceId(self.trace_id).to_hex();
+        let dispatch_span_id = SpanId(self.dispatch_span_id).to_hex();
+        // What `TraceParent::to_header` writes, from the hex already made.
+        let traceparent = format!("00-{trace_id}-{dispatch_span_id}-{:02x}", self.flags);
+        TraceInfo {
+            trace_id,
+            dispatch_span_id,
+            parent_span_id: self.parent_span_id.map(SpanV4::into_text),
+            invalid_traceparent: oo(self.invalid_traceparent),
+            traceparent,
+        }
+    }
+}
+
+impl<'a> SpanV4<'a> {
+    fn of(s: &'a str) -> Self {
+        match SpanId::from_hex(s) {
+            Ok(id) => Self::Bytes(id.0),
+            Err(_) => Self::Text(b(s)),
+        }
+    }
+
+    fn into_text(self) -> String {
+        match self {
+            Self::Bytes(id) => SpanId(id).to_hex(),
+            Self::Text(s) => owned(s),
+        }
+    }
+}
+
+/// The first unix second of the year 10000, which RFC 3339 cannot write.
+const YEAR_10000_S: u64 = 253_402_300_800;
+
+impl<'a> AtV4<'a> {
+    fn of(s: &'a str) -> Self {
+        match unix_ms_of(s) {
+            Some(ms) => Self::UnixMs(ms),
+            None => Self::Text(b(s)),
+        }
+    }
+
+    fn into_text(self) -> Result<String, CodecError> {
+        match self {
+            Self::UnixMs(ms) => rfc3339_ms(ms)
+                .map(|t| t.to_string())
+                .ok_or(CodecError::TimeOutOfRange(ms)),
+            Self::Text(s) => Ok(owned(s)),
+        }
+    }
+}
+
+/// The unix milliseconds `s` stands for, when it is exactly what [`rfc3339_ms`] writes
+/// for them (a leap second, other precisions or an offset are not).
+fn unix_ms_of(s: &str) -> Option<u64> {
+    // `2026-12-05T12:15:36.620Z`: the only length `format_rfc3339_millis` writes.
+    if s.len() != 24 {
+        return None;
+    }
+    let since = humantime::parse_rfc3339(s)
+        .ok()?
+        .duration_since(UNIX_EPOCH)
+        .ok()?;
+    let ms = u64::try_from(since.as_millis()).ok()?;
+    let mut again = TimeText::default();
+    std::fmt::Write::write_fmt(&mut again, format_args!("{}", rfc3339_ms(ms)?)).ok()?;
+    (again.as_bytes() == s.as_bytes()).then_some(ms)
+}
+
+/// `ms` after 1970 as RFC 3339 in milliseconds; `None` past the year 9999, which
+/// `humantime` refuses to write.
+fn rfc3339_ms(ms: u64) -> Option<humantime::Rfc3339Timestamp> {
+    if ms / 1000 >= YEAR_10000_S {
+        return None;
+    }
+    Some(humantime::format_rfc3339_millis(
+        UNIX_EPOCH.checked_add(Duration::from_millis(ms))?,
+    ))
+}
+
+/// A timestamp written on the stack, to compare without allocating.
+#[derive(Default)]
+struct TimeText {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl TimeText {
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for TimeText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len.checked_add(s.len()).ok_or(std::fmt::Error)?;
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -393,17 +652,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_3_round_trips_every_field_and_is_smaller_than_json() {
+    fn format_4_round_trips_every_field_and_is_smaller_than_json_and_format_3() {
         for rec in [full_record("t-1"), TaskRecord::new("bare", 0)] {
-            let v3 = encode(&rec).unwrap();
-            assert_eq!(v3[0], FORMAT_V3);
-            assert_eq!(decode(&v3).unwrap(), rec);
+            let v4 = encode(&rec).unwrap();
+            assert_eq!(v4[0], FORMAT_V4);
+            assert_eq!(decode(&v4).unwrap(), rec);
+            let v3 = encode_v3(&rec).unwrap();
+            assert_eq!(decode(&v3).unwrap(), rec, "format 3 still reads");
             let json = serde_json::to_vec(&rec).unwrap();
             assert_eq!(format_of(&json).unwrap(), Format::Json);
             assert_eq!(decode(&json).unwrap(), rec, "format 1 still reads");
             println!(
-                "{}: format 3 {} bytes, JSON {}",
+                "{}: format 4 {} bytes, format 3 {}, JSON {}",
                 rec.id,
+                v4.len(),
                 v3.len(),
                 json.len()
             );
@@ -413,6 +675,96 @@ pub(crate) mod tests {
                 v3.len(),
                 json.len()
             );
+        }
+        // The trace and the times the commander writes take their compact form.
+        let rec = full_record("t-1");
+        let (v4, v3) = (encode(&rec).unwrap(), encode_v3(&rec).unwrap());
+        assert!(
+            v4.len() + 100 < v3.len(),
+            "format 4 {} bytes vs format 3 {}",
+            v4.len(),
+            v3.len()
+        );
+    }
+
+    #[test]
+    fn a_trace_or_time_the_commander_does_not_write_is_kept_as_it_was() {
+        let canonical = full_record("t-3");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = |trace_id: &str, span: &str, parent: Option<&str>, traceparent: &str| {
+            Some(TraceInfo {
+                trace_id: trace_id.into(),
+                dispatch_span_id: span.into(),
+                parent_span_id: parent.map(Into::into),
+                invalid_traceparent: None,
+                traceparent: traceparent.into(),
+            })
+        };
+        let traces = [
+            // Upper-case ids, and a traceparent written with them.
+            trace(
+                "4BF92F3577B34DA6A3CE929D0E0E4736",
+                "00F067AA0BA902B7",
+                None,
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            ),
+            // A traceparent of another version, or with spaces, or naming other ids.
+            trace(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "00f067aa0ba902b7",
+                None,
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            trace(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "00f067aa0ba902b7",
+                None,
+                &format!(" {tp}"),
+            ),
+            trace(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "b7ad6b7169203331",
+                None,
+                tp,
+            ),
+            // Ids that are no ids, an all-zero one, and an odd parent span id.
+            trace("t", "s", Some("p"), "not a traceparent"),
+            trace(
+                "00000000000000000000000000000000",
+                "00f067aa0ba902b7",
+                None,
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            ),
+            trace(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "00f067aa0ba902b7",
+                Some("B7AD6B7169203331"),
+                tp,
+            ),
+            None,
+        ];
+        let times = [
+            "2026-12-02T10:00:00Z",
+            "2026-12-02T10:00:00.000000Z",
+            "2026-12-02T10:00:00.000+00:00",
+            "2026-12-02 10:00:00.000Z",
+            "2016-12-31T23:59:60.000Z",
+            "1969-12-31T23:59:59.999Z",
+            "9999-12-31T23:59:59.999Z",
+            "not a time at all, 24 c.",
+            "",
+        ];
+        for (i, t) in traces.into_iter().enumerate() {
+            let mut rec = canonical.clone();
+            rec.trace = t;
+            rec.history = times
+                .iter()
+                .map(|at| StateChange {
+                    state: TaskState::Dispatched,
+                    at: (*at).into(),
+                })
+                .collect();
+            assert_eq!(decode(&encode(&rec).unwrap()).unwrap(), rec, "case {i}");
         }
     }
 
@@ -427,7 +779,7 @@ pub(crate) mod tests {
         }
         assert_eq!(decode(&v2).unwrap(), expected);
         // Format 3 is format 2's body and the added fields, nothing else.
-        let v3 = encode(&rec).unwrap();
+        let v3 = encode_v3(&rec).unwrap();
         assert_eq!(v3[1..v2.len()], v2[1..]);
     }
 
@@ -436,16 +788,31 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode(&[9, 1]), Err(CodecError::UnknownFormat(9))));
         assert!(decode(b"{not json").is_err());
-        let v3 = encode(&full_record("t")).unwrap();
-        for cut in 1..v3.len() {
-            assert!(decode(&v3[..cut]).is_err(), "truncated at {cut}");
+        let v4 = encode(&full_record("t")).unwrap();
+        for cut in 1..v4.len() {
+            assert!(decode(&v4[..cut]).is_err(), "truncated at {cut}");
         }
-        let mut long = v3.clone();
+        let mut long = v4.clone();
         long.push(0);
-        assert!(matches!(decode(&long), Err(CodecError::Trailing(1))));
+        assert!(matches!(decode(&long), Err(CodecError::Trailing(4, 1))));
+        // A time past what RFC 3339 can write is an error, not a panic in the formatter.
+        let mut far = vec![FORMAT_V4];
+        far = postcard::to_extend(&TaskV2::of(&TaskRecord::new("far", 0)), far).unwrap();
+        far = postcard::to_extend(&Added::default(), far).unwrap();
+        for ms in [YEAR_10000_S * 1000, u64::MAX] {
+            let compact = Compact {
+                trace: None,
+                history: vec![ChangeV4 {
+                    state: TaskState::Received,
+                    at: AtV4::UnixMs(ms),
+                }],
+            };
+            let bytes = postcard::to_extend(&compact, far.clone()).unwrap();
+            assert!(matches!(decode(&bytes), Err(CodecError::TimeOutOfRange(m)) if m == ms));
+        }
         // Every one-byte change decodes to something or fails cleanly.
-        for i in 1..v3.len() {
-            let mut bad = v3.clone();
+        for i in 1..v4.len() {
+            let mut bad = v4.clone();
             bad[i] ^= 0xA5;
             let _ = decode(&bad);
         }

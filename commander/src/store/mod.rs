@@ -912,7 +912,7 @@ mod tests {
 
     /// A store written by the previous format (format 1: every record JSON, as
     /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19, in sled) opens with
-    /// every record moved to the task log in format 3 and reading back whole; updates
+    /// every record moved to the task log in format 4 and reading back whole; updates
     /// work on them, and retention finds every terminal one.
     #[test]
     fn a_store_written_in_the_json_format_is_read_and_migrated() {
@@ -943,7 +943,7 @@ mod tests {
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::V3,
+            codec::Format::V4,
             "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
@@ -964,6 +964,49 @@ mod tests {
             "the 250 moved in completed, and the one completed since"
         );
         assert_eq!(store.task_count(), 249);
+    }
+
+    /// A task log whose records are in format 3 (what the commander wrote before format 4)
+    /// opens with every record reading back whole. Records stay as they are until their
+    /// next update, which writes format 4.
+    #[test]
+    fn a_task_log_of_format_3_records_is_read_and_updated_in_format_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut written = Vec::new();
+        {
+            let store = Store::reopen(dir.path());
+            for i in 0..300u64 {
+                let mut rec = if i % 3 == 0 {
+                    codec::tests::full_record(&format!("v3-{i}"))
+                } else {
+                    TaskRecord::new(&format!("v3-{i}"), i)
+                };
+                rec.intake_sequence = i;
+                let bytes = codec::encode_v3(&rec).unwrap();
+                store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
+                written.push(rec);
+            }
+            store.tasks.sync().unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.task_count(), 300);
+        let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
+        for rec in &written {
+            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
+            assert_eq!(codec::format_of(&raw(&rec.id)).unwrap(), codec::Format::V3);
+        }
+        let mut ok = TaskResult::rejected("v3-1", "x", "x");
+        ok.status = ResultStatus::Ok;
+        let rec = store
+            .update("v3-1", || unreachable!(), |r| r.finish(&ok))
+            .unwrap();
+        assert_eq!((rec.state, rec.intake_sequence), (TaskState::Completed, 1));
+        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V4);
+        store.tasks.sync().unwrap();
+        drop(store);
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.get("v3-1").unwrap(), Some(rec));
+        assert_eq!(store.get("v3-0").unwrap().as_ref(), Some(&written[0]));
     }
 
     fn cell_key(budget: &str) -> CellKey {
