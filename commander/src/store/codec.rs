@@ -100,19 +100,23 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             let v: TaskV2<'_> = postcard::from_bytes(body).map_err(bad)?;
             Ok(v.into_record(Added::default()))
         }
-        Format::V3 => {
+        // Format 4 is format 3 with `Compact` after it.
+        f @ (Format::V3 | Format::V4) => {
             let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
             let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
-            ended(format, rest)?;
-            Ok(v.into_record(added))
-        }
-        Format::V4 => {
-            let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
-            let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
-            let (compact, rest): (Compact<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+            let (compact, rest) = match f {
+                Format::V4 => {
+                    let (c, rest): (Compact<'_>, _) =
+                        postcard::take_from_bytes(rest).map_err(bad)?;
+                    (Some(c), rest)
+                }
+                _ => (None, rest),
+            };
             ended(format, rest)?;
             let mut rec = v.into_record(added);
-            compact.into_record(&mut rec)?;
+            if let Some(c) = compact {
+                c.into_record(&mut rec)?;
+            }
             Ok(rec)
         }
     }
