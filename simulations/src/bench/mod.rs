@@ -808,9 +808,9 @@ fn print_summary(
             _ => String::new(),
         };
         println!(
-            "  per round          : ratio best {:.2}, worst {worst:.2} (goal every round >= 0.80: {}); the commander's last round {:.0} % of its first (goal >= 90 %: {}){raw_kept}",
+            "  per round          : ratio best {:.2}, worst {worst:.2} (goal every round >= {RATIO_GOAL:.2}: {}); the commander's last round {:.0} % of its first (goal >= 90 %: {}){raw_kept}",
             best(&ratios),
-            if worst >= 0.8 { "met" } else { "missed" },
+            if worst >= RATIO_GOAL { "met" } else { "missed" },
             kept * 100.0,
             if kept >= 0.9 { "met" } else { "missed" },
         );
@@ -864,6 +864,31 @@ fn print_summary(
         us_or_dash(cmd.bench_us),
         us_or_dash(cmd.commander_us),
     );
+    if let Some(budget) = commander_budget_us(&raw, &cmd, RATIO_GOAL) {
+        println!(
+            "  ratio goal in CPU  : {RATIO_GOAL:.2} needs the commander pipe at most {:.0} us per task, so after this run's nats-server and bench the commander may use {} us (it used {}); holds while both pipes keep the machine busy",
+            raw.total_us(false).unwrap_or(0.0) / RATIO_GOAL,
+            if budget > 0.0 {
+                format!("{budget:.0}")
+            } else {
+                format!("none: they alone are {:.0} over", -budget)
+            },
+            us_or_dash(cmd.commander_us),
+        );
+    }
+}
+
+/// The round ratio the bench checks every round against.
+const RATIO_GOAL: f64 = 0.8;
+
+/// The CPU per task the commander may use for the commander pipe to reach `goal` times
+/// the raw pipe's rate, given what the broker and the bench cost in each pipe; negative
+/// when they alone exceed it. When both pipes are CPU-bound (the machine busy in both),
+/// a pipe's rate is the machine's CPU over its CPU per task, so the ratio of the rates
+/// is the inverse ratio of the pipes' CPU per task. `None` without a figure for each.
+fn commander_budget_us(raw: &CpuSplit, cmd: &CpuSplit, goal: f64) -> Option<f64> {
+    let allowed = raw.total_us(false)? / goal;
+    Some(allowed - cmd.nats_us? - cmd.bench_us?)
 }
 
 enum Pipe {
@@ -1200,6 +1225,26 @@ mod tests {
             bench_us: Some(bench),
             commander_us: commander,
         }
+    }
+
+    #[test]
+    fn the_commanders_share_of_the_ratio_goal_is_what_the_broker_and_bench_leave() {
+        let raw = split(Some(70.0), 50.0, None);
+        // 120 us raw: 0.8 allows 150 for the commander pipe; 80 + 55 leaves 15.
+        let budget = commander_budget_us(&raw, &split(Some(80.0), 55.0, Some(75.0)), 0.8);
+        assert!((budget.unwrap() - 15.0).abs() < 1e-9, "{budget:?}");
+        // The broker and bench alone over it: a negative budget, not a clamp at 0.
+        let over = commander_budget_us(&raw, &split(Some(100.0), 60.0, Some(75.0)), 0.8);
+        assert!((over.unwrap() + 10.0).abs() < 1e-9, "{over:?}");
+        // Without the broker's figure (`--nats-url`), no budget.
+        assert_eq!(
+            commander_budget_us(
+                &split(None, 50.0, None),
+                &split(Some(80.0), 55.0, None),
+                0.8
+            ),
+            None
+        );
     }
 
     #[test]
