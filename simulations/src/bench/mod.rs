@@ -338,6 +338,8 @@ struct CpuSplit {
     /// This process: producers and workers, and in the raw pipe the relay too.
     bench_us: Option<f64>,
     commander_us: Option<f64>,
+    /// How busy the machine was while the pipe ran, per cent (`PipeRun::machine_busy`).
+    busy_pct: Option<f64>,
 }
 
 impl CpuSplit {
@@ -362,6 +364,7 @@ impl CpuSplit {
             nats_us: mean(|s| s.nats_us),
             bench_us: mean(|s| s.bench_us),
             commander_us: mean(|s| s.commander_us),
+            busy_pct: mean(|s| s.busy_pct),
         }
     }
 }
@@ -393,6 +396,7 @@ impl CpuMeter {
             nats_us: us(self.pids.nats, self.nats),
             bench_us: us(Some(std::process::id()), self.bench),
             commander_us: us(self.pids.commander, self.commander),
+            busy_pct: None,
         }
     }
 }
@@ -419,7 +423,13 @@ async fn throughput_rounds(
     for round in 0..args.rounds {
         let meter = CpuMeter::start(pids);
         let run = run_pipe(client, args, pools, Pipe::Raw, None).await?;
-        let (raw, split) = (run.rate, meter.per_task(args.tasks));
+        let (raw, split) = (
+            run.rate,
+            CpuSplit {
+                busy_pct: run.machine_busy,
+                ..meter.per_task(args.tasks)
+            },
+        );
         println!(
             "round {round}: raw JetStream relay  {raw:>9.0} tasks/s (machine {} % busy; CPU per task: nats-server {} us, bench and relay {} us)",
             us_or_dash(run.machine_busy),
@@ -446,7 +456,10 @@ async fn throughput_rounds(
         };
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
-        let split = meter.per_task(args.tasks);
+        let split = CpuSplit {
+            busy_pct: busy,
+            ..meter.per_task(args.tasks)
+        };
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; machine {} % busy; commander CPU {} us/task; nats-server {} us, bench {} us)",
             ratio(cmd, raw),
@@ -864,14 +877,16 @@ fn print_summary(
         us_or_dash(cmd.bench_us),
         us_or_dash(cmd.commander_us),
     );
-    if let Some(budget) = commander_budget_us(&raw, &cmd, RATIO_GOAL) {
+    if let Some(b) = commander_budget_us(&raw, &cmd, RATIO_GOAL) {
         println!(
-            "  ratio goal in CPU  : {RATIO_GOAL:.2} needs the commander pipe at most {:.0} us per task, so after this run's nats-server and bench the commander may use {} us (it used {}); holds while both pipes keep the machine busy",
-            raw.total_us(false).unwrap_or(0.0) / RATIO_GOAL,
-            if budget > 0.0 {
-                format!("{budget:.0}")
+            "  ratio goal in CPU  : {RATIO_GOAL:.2} allows the commander pipe {:.0} us per task (the machine {:.0} % busy in it, {:.0} % in the raw pipe); after this run's nats-server and bench, {} for the commander, which used {}",
+            b.pipe_us,
+            cmd.busy_pct.unwrap_or(0.0),
+            raw.busy_pct.unwrap_or(0.0),
+            if b.commander_us > 0.0 {
+                format!("{:.0} us", b.commander_us)
             } else {
-                format!("none: they alone are {:.0} over", -budget)
+                format!("nothing (they alone are {:.0} us over)", -b.commander_us)
             },
             us_or_dash(cmd.commander_us),
         );
@@ -881,14 +896,33 @@ fn print_summary(
 /// The round ratio the bench checks every round against.
 const RATIO_GOAL: f64 = 0.8;
 
-/// The CPU per task the commander may use for the commander pipe to reach `goal` times
-/// the raw pipe's rate, given what the broker and the bench cost in each pipe; negative
-/// when they alone exceed it. When both pipes are CPU-bound (the machine busy in both),
-/// a pipe's rate is the machine's CPU over its CPU per task, so the ratio of the rates
-/// is the inverse ratio of the pipes' CPU per task. `None` without a figure for each.
-fn commander_budget_us(raw: &CpuSplit, cmd: &CpuSplit, goal: f64) -> Option<f64> {
-    let allowed = raw.total_us(false)? / goal;
-    Some(allowed - cmd.nats_us? - cmd.bench_us?)
+/// What the ratio goal allows, in CPU per task ([`commander_budget_us`]).
+#[derive(Debug, PartialEq)]
+struct Budget {
+    /// The commander pipe as a whole.
+    pipe_us: f64,
+    /// The commander, once the pipe's nats-server and bench are paid; negative when they
+    /// alone exceed `pipe_us`.
+    commander_us: f64,
+}
+
+/// The CPU per task the commander pipe, and within it the commander, may use for the pipe
+/// to reach `goal` times the raw pipe's rate. A pipe's rate is the CPU it keeps busy over
+/// its CPU per task: the machine's cores times its busy share, over the sum of the
+/// processes' CPU per task. So the ratio of the rates is `(busy_cmd / cpu_cmd) /
+/// (busy_raw / cpu_raw)`, and `goal` needs `cpu_cmd <= cpu_raw * busy_cmd / (busy_raw *
+/// goal)`, if the commander pipe keeps the machine as busy as it did. `None` without a
+/// figure for each.
+fn commander_budget_us(raw: &CpuSplit, cmd: &CpuSplit, goal: f64) -> Option<Budget> {
+    let (busy_raw, busy_cmd) = (raw.busy_pct?, cmd.busy_pct?);
+    if busy_raw <= 0.0 || goal <= 0.0 {
+        return None;
+    }
+    let pipe_us = raw.total_us(false)? * busy_cmd / (busy_raw * goal);
+    Some(Budget {
+        pipe_us,
+        commander_us: pipe_us - cmd.nats_us? - cmd.bench_us?,
+    })
 }
 
 enum Pipe {
@@ -1224,27 +1258,58 @@ mod tests {
             nats_us: nats,
             bench_us: Some(bench),
             commander_us: commander,
+            busy_pct: None,
         }
     }
 
     #[test]
     fn the_commanders_share_of_the_ratio_goal_is_what_the_broker_and_bench_leave() {
-        let raw = split(Some(70.0), 50.0, None);
-        // 120 us raw: 0.8 allows 150 for the commander pipe; 80 + 55 leaves 15.
-        let budget = commander_budget_us(&raw, &split(Some(80.0), 55.0, Some(75.0)), 0.8);
-        assert!((budget.unwrap() - 15.0).abs() < 1e-9, "{budget:?}");
-        // The broker and bench alone over it: a negative budget, not a clamp at 0.
-        let over = commander_budget_us(&raw, &split(Some(100.0), 60.0, Some(75.0)), 0.8);
-        assert!((over.unwrap() + 10.0).abs() < 1e-9, "{over:?}");
-        // Without the broker's figure (`--nats-url`), no budget.
-        assert_eq!(
-            commander_budget_us(
-                &split(None, 50.0, None),
-                &split(Some(80.0), 55.0, None),
-                0.8
-            ),
-            None
+        let busy = |s: CpuSplit, pct: f64| CpuSplit {
+            busy_pct: Some(pct),
+            ..s
+        };
+        let raw = busy(split(Some(70.0), 50.0, None), 90.0);
+        let close = |b: Option<Budget>, pipe: f64, commander: f64| {
+            let b = b.expect("a budget");
+            assert!((b.pipe_us - pipe).abs() < 1e-9, "{b:?}");
+            assert!((b.commander_us - commander).abs() < 1e-9, "{b:?}");
+        };
+        // Equally busy: 120 us raw, so 0.8 allows the pipe 150; 80 + 55 leaves 15.
+        let cmd = split(Some(80.0), 55.0, Some(75.0));
+        close(
+            commander_budget_us(&raw, &busy(cmd, 90.0), 0.8),
+            150.0,
+            15.0,
         );
+        // A pipe that keeps the machine busier may cost more per task for the same
+        // rate: at 99 % against 90 %, 165.
+        close(
+            commander_budget_us(&raw, &busy(cmd, 99.0), 0.8),
+            165.0,
+            30.0,
+        );
+        // The broker and bench alone over it: a negative share, not a clamp at 0.
+        let heavy = busy(split(Some(100.0), 60.0, Some(75.0)), 90.0);
+        close(commander_budget_us(&raw, &heavy, 0.8), 150.0, -10.0);
+        // Without the broker's figure (`--nats-url`) or a busy share, none.
+        let no_nats = busy(split(None, 50.0, None), 90.0);
+        assert_eq!(commander_budget_us(&no_nats, &busy(cmd, 90.0), 0.8), None);
+        assert_eq!(commander_budget_us(&raw, &cmd, 0.8), None);
+    }
+
+    #[test]
+    fn the_busy_share_is_averaged_over_the_rounds_with_the_rest() {
+        let rounds = [
+            CpuSplit {
+                busy_pct: Some(80.0),
+                ..split(Some(70.0), 50.0, None)
+            },
+            CpuSplit {
+                busy_pct: Some(90.0),
+                ..split(Some(70.0), 50.0, None)
+            },
+        ];
+        assert_eq!(CpuSplit::mean(&rounds).busy_pct, Some(85.0));
     }
 
     #[test]
