@@ -886,7 +886,11 @@ fn print_summary(
             if b.commander_us > 0.0 {
                 format!("{:.0} us", b.commander_us)
             } else {
-                format!("nothing (they alone are {:.0} us over)", -b.commander_us)
+                // `abs`, not negation: a share of exactly 0 would print as "-0".
+                format!(
+                    "nothing (they alone are {:.0} us over)",
+                    b.commander_us.abs()
+                )
             },
             us_or_dash(cmd.commander_us),
         );
