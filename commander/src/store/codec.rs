@@ -138,27 +138,25 @@ pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
         body.trace = None;
     }
     body.history = Cow::Borrowed(&[]);
-    let mut out = Vec::with_capacity(256);
-    out.push(FORMAT_V4);
+    let out = with_body(FORMAT_V4, &body)?;
     let bad = |e| CodecError::Postcard(FORMAT_V4, e);
-    let out = postcard::to_extend(&body, out).map_err(bad)?;
     let out = postcard::to_extend(&Added::of(rec), out).map_err(bad)?;
     postcard::to_extend(&compact, out).map_err(bad)
 }
 
-/// The format byte, then format 2's body: all of format 2, and the start of format 3.
-#[cfg(test)]
-fn with_v2_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+/// The format byte, then format 2's body: all of format 2, and the start of formats 3
+/// and 4.
+fn with_body(format: u8, body: &TaskV2<'_>) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(256);
     out.push(format);
-    postcard::to_extend(&TaskV2::of(rec), out).map_err(|e| CodecError::Postcard(format, e))
+    postcard::to_extend(body, out).map_err(|e| CodecError::Postcard(format, e))
 }
 
 /// Encodes a record in format 3 (what commanders before format 4 wrote; for tests that
 /// build a store of that layout).
 #[cfg(test)]
 pub fn encode_v3(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let out = with_v2_body(FORMAT_V3, rec)?;
+    let out = with_body(FORMAT_V3, &TaskV2::of(rec))?;
     postcard::to_extend(&Added::of(rec), out).map_err(|e| CodecError::Postcard(FORMAT_V3, e))
 }
 
@@ -166,7 +164,7 @@ pub fn encode_v3(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
 /// build a store of that layout).
 #[cfg(test)]
 pub fn encode_v2(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    with_v2_body(FORMAT_V2, rec)
+    with_body(FORMAT_V2, &TaskV2::of(rec))
 }
 
 /// The fields format 3 added after format 2's body.

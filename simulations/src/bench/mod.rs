@@ -387,7 +387,9 @@ impl CpuMeter {
         }
     }
 
-    fn per_task(&self, tasks: u64) -> CpuSplit {
+    /// Each process's CPU per task since [`CpuMeter::start`], with how busy the run kept
+    /// the machine (`PipeRun::machine_busy`).
+    fn per_task(&self, tasks: u64, busy_pct: Option<f64>) -> CpuSplit {
         let us = |pid: Option<u32>, before: Option<f64>| {
             let after = pid.and_then(stream::cpu_s)?;
             Some((after - before?) * 1e6 / tasks.max(1) as f64)
@@ -396,7 +398,7 @@ impl CpuMeter {
             nats_us: us(self.pids.nats, self.nats),
             bench_us: us(Some(std::process::id()), self.bench),
             commander_us: us(self.pids.commander, self.commander),
-            busy_pct: None,
+            busy_pct,
         }
     }
 }
@@ -423,13 +425,7 @@ async fn throughput_rounds(
     for round in 0..args.rounds {
         let meter = CpuMeter::start(pids);
         let run = run_pipe(client, args, pools, Pipe::Raw, None).await?;
-        let (raw, split) = (
-            run.rate,
-            CpuSplit {
-                busy_pct: run.machine_busy,
-                ..meter.per_task(args.tasks)
-            },
-        );
+        let (raw, split) = (run.rate, meter.per_task(args.tasks, run.machine_busy));
         println!(
             "round {round}: raw JetStream relay  {raw:>9.0} tasks/s (machine {} % busy; CPU per task: nats-server {} us, bench and relay {} us)",
             us_or_dash(run.machine_busy),
@@ -456,10 +452,7 @@ async fn throughput_rounds(
         };
         // The commander's own CPU per task: what throughput on two shared cores hides
         // in noise (it includes the results and the workers' telemetry of the round).
-        let split = CpuSplit {
-            busy_pct: busy,
-            ..meter.per_task(args.tasks)
-        };
+        let split = meter.per_task(args.tasks, busy);
         println!(
             "round {round}: through commander   {cmd:>9.0} tasks/s (ratio {:.2}, {} tasks through it so far; machine {} % busy; commander CPU {} us/task; nats-server {} us, bench {} us)",
             ratio(cmd, raw),
@@ -498,7 +491,9 @@ async fn latency_phases(
         let before = intake_dispatch_buckets(commander.http()).await?;
         let meter = CpuMeter::start(pids);
         let paced = run_pipe(client, args, pools, Pipe::Commander, pace).await?;
-        let cmd_cpu_us = meter.per_task(args.latency_tasks).commander_us;
+        let cmd_cpu_us = meter
+            .per_task(args.latency_tasks, paced.machine_busy)
+            .commander_us;
         let after = intake_dispatch_buckets(commander.http()).await?;
         phases.push(LatencyPhase {
             load,
