@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use fleet_worker::message::{ErrorInfo, Task, TaskResult, now_rfc3339};
+use fleet_worker::message::{ErrorInfo, Task, TaskResult};
 use fleet_worker::protocol::{self, header, headers, is_subject_token};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
 use tracing::Instrument;
@@ -16,7 +16,7 @@ use super::{Ctx, fnv1a};
 use crate::classify::TraceCtx;
 use crate::fleet::TaskEvent;
 use crate::metrics::PoolLabel;
-use crate::store::{TaskRecord, TaskState};
+use crate::store::{Stamp, TaskRecord, TaskState};
 
 /// Handles one batch: plan each message, publish, make the store durable, ack.
 pub async fn handle_batch(ctx: &Ctx, batch: Vec<jetstream::Message>) {
@@ -559,7 +559,7 @@ fn trace_of(
 /// Reads one message: the id, duplicates, the task JSON, the trace context.
 fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::StoreError> {
     let started = SystemTime::now();
-    let received_at = now_rfc3339();
+    let received_at = Stamp::now();
     let hdrs = msg.headers.as_ref();
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     // A reply subject outside the allowed inboxes is never published to: the task is

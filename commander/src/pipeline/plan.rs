@@ -18,7 +18,7 @@ use crate::decisions::{DecisionInputs, DecisionRecord, Outcome};
 use crate::policy::throttle::{ThrottleKeys, Throttled};
 use crate::policy::{self, DeferredTask, EvalInput, Reservation, TaskDims, Verdict};
 use crate::route::{self, Decision};
-use crate::store::{DeferInfo, TaskRecord, TaskState, TraceInfo};
+use crate::store::{DeferInfo, Stamp, TaskRecord, TaskState, TraceInfo};
 
 /// The attempt number of a first dispatch. Re-dispatch after failure (a later issue)
 /// increments it; redelivery of the same dispatch does not.
@@ -74,7 +74,7 @@ pub(super) struct DeferPlan {
     pub(super) entry: DeferredTask,
     pub(super) info: DeferInfo,
     pub(super) reply_to: Option<String>,
-    pub(super) received_at: String,
+    pub(super) received_at: Stamp,
     pub(super) decision: DecisionRecord,
 }
 
@@ -88,7 +88,7 @@ pub(super) struct DispatchRecord {
     pub(super) priority: u8,
     pub(super) reply_to: Option<String>,
     pub(super) trace: TraceInfo,
-    pub(super) received_at: String,
+    pub(super) received_at: Stamp,
     /// The budget reservation, settled when the result comes.
     pub(super) reservation: Option<Reservation>,
     pub(super) policy_version: String,
@@ -190,7 +190,7 @@ pub(super) struct Reject {
 /// A valid task and everything known about it before routing.
 pub(super) struct Prepared {
     pub(super) started: SystemTime,
-    pub(super) received_at: String,
+    pub(super) received_at: Stamp,
     pub(super) id: String,
     pub(super) seq: u64,
     pub(super) reply_to: Option<String>,
@@ -520,7 +520,7 @@ const RECOVERED_PREFIX: &str = "decided again after a restart, for the record: t
 struct Draft {
     decision_id: String,
     task_id: String,
-    received_at: String,
+    received_at: Stamp,
     class: Classification,
     priority: u8,
     rubric: String,
@@ -565,7 +565,7 @@ impl Draft {
             id: self.decision_id.clone(),
             task_id: self.task_id.clone(),
             at_ms: crate::fleet::now_ms(),
-            at: self.received_at.clone(),
+            at: self.received_at.to_string(),
             outcome,
             pool: d.map(|d| d.pool.clone()),
             model: d.map(|d| d.model.clone()),

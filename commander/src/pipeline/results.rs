@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::Ctx;
 use crate::fleet::TaskEvent;
 use crate::metrics::FinishLabels;
-use crate::store::{TaskRecord, TaskState};
+use crate::store::{Stamp, TaskRecord, TaskState};
 
 /// Handles one batch of result messages: records every outcome, makes the batch durable
 /// with one flush, and only then forwards each result to its producer and acks it. A
@@ -270,13 +270,8 @@ fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
         .iter()
         .rev()
         .find(|c| c.state == TaskState::Received)
-        .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())?;
-    let received = humantime::parse_rfc3339_weak(result.timings.received_at.as_deref()?).ok()?;
+        .and_then(|c| c.at.unix_ms())?;
+    let received = Stamp::unix_ms_in(result.timings.received_at.as_deref()?)?;
     // Clocks of different machines: a receipt "before" dispatch counts as zero.
-    Some(
-        received
-            .duration_since(dispatched)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    )
+    Some(received.saturating_sub(dispatched))
 }

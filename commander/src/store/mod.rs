@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage, now_rfc3339};
+use fleet_worker::message::{ErrorInfo, ResultStatus, TaskResult, Usage};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Cell, CellKey};
@@ -19,6 +19,9 @@ use crate::domain::{Cell, CellKey};
 pub mod codec;
 pub mod log;
 pub mod lz4;
+mod stamp;
+
+pub use stamp::Stamp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,7 +70,7 @@ impl TaskState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateChange {
     pub state: TaskState,
-    pub at: String,
+    pub at: Stamp,
 }
 
 /// The trace a task travels under.
@@ -194,11 +197,11 @@ impl TaskRecord {
     /// Moves to `state` unless that would go backwards; the change is recorded either way
     /// (a dispatch recorded after the result still has its time), but the state stays.
     pub fn advance(&mut self, state: TaskState) {
-        self.advance_at(state, now_rfc3339());
+        self.advance_at(state, Stamp::now());
     }
 
     /// [`TaskRecord::advance`] with the time the change happened.
-    pub fn advance_at(&mut self, state: TaskState, at: String) {
+    pub fn advance_at(&mut self, state: TaskState, at: Stamp) {
         self.history.push(StateChange { state, at });
         if state.rank() >= self.state.rank() && !self.state.is_terminal() {
             self.state = state;
@@ -611,8 +614,8 @@ fn finished_ms_of(rec: &TaskRecord, now_ms: u64) -> u64 {
         .iter()
         .rev()
         .find(|c| c.state.is_terminal())
-        .and_then(|c| humantime::parse_rfc3339_weak(&c.at).ok())
-        .map_or(now_ms, unix_millis)
+        .and_then(|c| c.at.unix_ms())
+        .unwrap_or(now_ms)
         .max(1)
 }
 
@@ -855,7 +858,7 @@ mod tests {
             let tree = db.open_tree(RECORDS_TREE).unwrap();
             for (n, id) in ["old-done", "old-running"].into_iter().enumerate() {
                 let mut rec = TaskRecord::new(id, 1);
-                let at = humantime::format_rfc3339_millis(day_ago).to_string();
+                let at = Stamp::from_text(&humantime::format_rfc3339_millis(day_ago).to_string());
                 rec.advance_at(TaskState::Dispatched, at.clone());
                 if id == "old-done" {
                     rec.advance_at(TaskState::Completed, at);
