@@ -40,7 +40,8 @@ pub struct Task {
     /// 0 (lowest) to 9 (highest); default 5.
     #[serde(default = "default_priority")]
     pub priority: u8,
-    /// RFC 3339 instant after which the result is no longer wanted.
+    /// RFC 3339 instant after which the result is no longer wanted, in any UTC offset
+    /// ([`parse_rfc3339`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
     /// Most the producer will pay for this task, in USD.
@@ -168,7 +169,7 @@ impl Task {
             bad("priority", format!("{} is out of range 0-9", self.priority));
         }
         if let Some(d) = &self.deadline
-            && humantime::parse_rfc3339_weak(d).is_err()
+            && parse_rfc3339(d).is_none()
         {
             bad("deadline", format!("{d:?} is not an RFC 3339 timestamp"));
         }
@@ -204,9 +205,7 @@ impl Task {
 
     /// The deadline as a point in time, if set and valid.
     pub fn deadline_time(&self) -> Option<SystemTime> {
-        self.deadline
-            .as_deref()
-            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+        self.deadline.as_deref().and_then(parse_rfc3339)
     }
 }
 
@@ -496,9 +495,72 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// The instant an RFC 3339 timestamp names: any precision and any UTC offset (`Z`,
+/// `+01:00`, `-05:00`), `T` or a space between date and time. A timestamp with no offset
+/// at all is read as UTC, as it was before offsets were read; `None` for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    use time::format_description::well_known::Rfc3339;
+    let parse = |t: &str| {
+        time::OffsetDateTime::parse(t, &Rfc3339)
+            .ok()
+            .map(SystemTime::from)
+    };
+    if let Some(t) = parse(s) {
+        return Some(t);
+    }
+    // What `time` refuses: a space for the `T` (RFC 3339 section 5.6 allows it), and no
+    // offset at all.
+    let (date, sep, clock) = (s.get(..10)?, s.as_bytes().get(10)?, s.get(11..)?);
+    if !matches!(sep, b'T' | b't' | b' ') {
+        return None;
+    }
+    let zoned =
+        clock.ends_with(['Z', 'z']) || clock.get(8..).is_some_and(|r| r.contains(['+', '-']));
+    let utc = if zoned { "" } else { "Z" };
+    parse(&format!("{date}T{clock}{utc}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_are_read_with_their_offsets() {
+        let utc = parse_rfc3339("2026-11-23T18:00:00Z").unwrap();
+        for same in [
+            "2026-11-23T18:00:00Z",
+            "2026-11-23T18:00:00.000Z",
+            "2026-11-23t18:00:00z",
+            "2026-11-23T19:00:00+01:00",
+            "2026-11-23T19:00:00.000+01:00",
+            "2026-11-23T13:00:00-05:00",
+            "2026-11-23T18:00:00+00:00",
+            "2026-11-23 19:00:00+01:00",
+            // No offset: UTC, as humantime always read it.
+            "2026-11-23T18:00:00",
+            "2026-11-23 18:00:00",
+            "2026-11-23T18:00:00.0000000000Z",
+            "2026-11-23T18:00:00.0000000000+00:00",
+            "2026-11-23T19:00:00.0000000000+01:00",
+        ] {
+            assert_eq!(parse_rfc3339(same), Some(utc), "{same}");
+        }
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-11-23T18:00:00+0100",
+            "2026-11-23T18:00:00+01",
+            "2026-13-23T18:00:00Z",
+            "2026-11-23T18:00:00Zé",
+            "2026-11-23T18:0é:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        let mut task = Task::new("x");
+        task.deadline = Some("2026-11-23T13:00:00-05:00".into());
+        assert!(task.validate().is_ok());
+        assert_eq!(task.deadline_time(), Some(utc));
+    }
 
     #[test]
     fn minimal_task_parses_with_defaults() {

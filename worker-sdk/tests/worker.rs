@@ -48,7 +48,10 @@ async fn setup(ack_wait: Duration) -> (NatsServer, async_nats::Client, jetstream
 }
 
 async fn dispatch(js: &jetstream::Context, id: &str) {
-    let mut task = Task::new(format!("work {id}"));
+    dispatch_task(js, id, Task::new(format!("work {id}"))).await;
+}
+
+async fn dispatch_task(js: &jetstream::Context, id: &str, mut task: Task) {
     task.id = Some(id.to_string());
     let mut h = HeaderMap::new();
     h.insert("Fleet-Task-Id", id);
@@ -504,5 +507,72 @@ async fn a_throttled_worker_spaces_its_starts() {
     )
     .await;
     assert_eq!(r.tasks_per_s, None);
+    worker.shutdown().await;
+}
+
+/// A deadline is an instant whatever offset it is written in: one that passed half an hour
+/// ago, written at +01:00 (it reads "half an hour from now" if the offset is dropped) or at
+/// -05:00, gets a cancelled result without running; one an hour away, at +14:00, runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_with_utc_offsets_are_read_as_the_instants_they_name() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 4), move |_ctx| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok(TaskOutput::default()) }
+    })
+    .await
+    .unwrap();
+    // `at` written in the local time of `offset_s` east of UTC.
+    let local = |at: std::time::SystemTime, offset_s: i64, offset: &str| {
+        let shifted = if offset_s >= 0 {
+            at + Duration::from_secs(offset_s.unsigned_abs())
+        } else {
+            at - Duration::from_secs(offset_s.unsigned_abs())
+        };
+        let utc = humantime::format_rfc3339_millis(shifted).to_string();
+        format!("{}{offset}", utc.trim_end_matches('Z'))
+    };
+    let now = std::time::SystemTime::now();
+    let half_an_hour_ago = now - Duration::from_secs(1800);
+    let in_an_hour = now + Duration::from_secs(3600);
+    let cases = [
+        (
+            "past-east",
+            local(half_an_hour_ago, 3600, "+01:00"),
+            ResultStatus::Cancelled,
+        ),
+        (
+            "past-west",
+            local(half_an_hour_ago, -5 * 3600, "-05:00"),
+            ResultStatus::Cancelled,
+        ),
+        (
+            "future-east",
+            local(in_an_hour, 14 * 3600, "+14:00"),
+            ResultStatus::Ok,
+        ),
+    ];
+    for (id, deadline, _) in &cases {
+        let mut task = Task::new(format!("work {id}"));
+        task.deadline = Some(deadline.clone());
+        task.validate().unwrap();
+        dispatch_task(&js, id, task).await;
+    }
+    let producer = Producer::new(client, Subjects::default());
+    for (id, deadline, status) in &cases {
+        let result = producer
+            .await_result(id, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(result.status, *status, "{id}: deadline {deadline}");
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "only the future deadline ran"
+    );
     worker.shutdown().await;
 }

@@ -772,7 +772,7 @@ impl Worker {
         if hb.sdk_version.is_some() {
             self.sdk_version.clone_from(&hb.sdk_version);
         }
-        if let Ok(t) = humantime::parse_rfc3339_weak(&hb.started_at)
+        if let Some(t) = fleet_worker::message::parse_rfc3339(&hb.started_at)
             && let Ok(d) = t.duration_since(std::time::UNIX_EPOCH)
         {
             self.started_ms = d.as_millis() as u64;

@@ -66,8 +66,8 @@ impl Stamp {
         }
     }
 
-    /// Unix milliseconds, also for a time kept as text when it reads as an RFC 3339 time
-    /// in UTC ([`Stamp::unix_ms_in`]); `None` for text that does not.
+    /// Unix milliseconds, also for a time kept as text when it reads as an RFC 3339
+    /// timestamp ([`Stamp::unix_ms_in`]); `None` for text that does not.
     pub fn unix_ms(&self) -> Option<u64> {
         match &self.0 {
             Repr::UnixMs(ms) => Some(*ms),
@@ -75,12 +75,11 @@ impl Stamp {
         }
     }
 
-    /// The unix milliseconds an RFC 3339 time in UTC says (any precision; `humantime`'s
-    /// weak parse, as this text was always read), as a worker's `timings` carry them;
-    /// `None` for text that says no time after 1970.
+    /// The unix milliseconds an RFC 3339 timestamp says, as a worker's `timings` carry
+    /// them (any precision and offset: [`fleet_worker::message::parse_rfc3339`]); `None`
+    /// for text that says no time after 1970.
     pub fn unix_ms_in(text: &str) -> Option<u64> {
-        let since = humantime::parse_rfc3339_weak(text)
-            .ok()?
+        let since = fleet_worker::message::parse_rfc3339(text)?
             .duration_since(UNIX_EPOCH)
             .ok()?;
         u64::try_from(since.as_millis()).ok()
@@ -207,10 +206,16 @@ mod tests {
             assert_eq!(postcard::from_bytes::<Stamp>(&pc).unwrap(), s);
         }
         // A time kept as text still has a number when it reads as one.
-        assert_eq!(
-            Stamp::from_text("2026-12-05T12:15:36.620123Z").unix_ms(),
-            Some(1_796_472_936_620)
-        );
+        for t in [
+            "2026-12-05T12:15:36.620123Z",
+            "2026-12-05T13:15:36.620+01:00",
+        ] {
+            assert_eq!(
+                Stamp::from_text(t).unix_ms(),
+                Some(1_796_472_936_620),
+                "{t}"
+            );
+        }
         assert_eq!(Stamp::from_text("yesterday").unix_ms(), None);
     }
 
