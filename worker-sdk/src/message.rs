@@ -520,6 +520,14 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     parse(&format!("{date}T{clock}{utc}"))
 }
 
+/// [`parse_rfc3339`] in unix milliseconds; `None` also for an instant before 1970.
+pub fn rfc3339_unix_ms(s: &str) -> Option<u64> {
+    let since = parse_rfc3339(s)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(since.as_millis()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

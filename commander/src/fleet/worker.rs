@@ -772,10 +772,8 @@ impl Worker {
         if hb.sdk_version.is_some() {
             self.sdk_version.clone_from(&hb.sdk_version);
         }
-        if let Some(t) = fleet_worker::message::parse_rfc3339(&hb.started_at)
-            && let Ok(d) = t.duration_since(std::time::UNIX_EPOCH)
-        {
-            self.started_ms = d.as_millis() as u64;
+        if let Some(ms) = fleet_worker::message::rfc3339_unix_ms(&hb.started_at) {
+            self.started_ms = ms;
         }
         if let Some(c) = hb.context_tokens {
             self.context_tokens = Some(c);

@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::Ctx;
 use crate::fleet::TaskEvent;
 use crate::metrics::FinishLabels;
-use crate::store::{Stamp, TaskRecord, TaskState};
+use crate::store::{TaskRecord, TaskState};
 
 /// Handles one batch of result messages: records every outcome, makes the batch durable
 /// with one flush, and only then forwards each result to its producer and acks it. A
@@ -271,7 +271,7 @@ fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
         .rev()
         .find(|c| c.state == TaskState::Received)
         .and_then(|c| c.at.unix_ms())?;
-    let received = Stamp::unix_ms_in(result.timings.received_at.as_deref()?)?;
+    let received = fleet_worker::message::rfc3339_unix_ms(result.timings.received_at.as_deref()?)?;
     // Clocks of different machines: a receipt "before" dispatch counts as zero.
     Some(received.saturating_sub(dispatched))
 }

@@ -7,7 +7,7 @@
 //! in any other form (another precision, an offset, a leap second, not a time at all) is
 //! kept as its text, exactly.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -29,9 +29,7 @@ impl Stamp {
     /// Now, by the wall clock (a clock before 1970 reads as 1970, one past the year 9999
     /// as its last millisecond).
     pub fn now() -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let ms = crate::domain::Clock::now_ms(&crate::domain::SystemClock);
         Self(Repr::UnixMs(ms.min(YEAR_10000_S * 1000 - 1)))
     }
 
@@ -67,22 +65,13 @@ impl Stamp {
     }
 
     /// Unix milliseconds, also for a time kept as text when it reads as an RFC 3339
-    /// timestamp ([`Stamp::unix_ms_in`]); `None` for text that does not.
+    /// timestamp ([`fleet_worker::message::parse_rfc3339`]); `None` for text that does
+    /// not.
     pub fn unix_ms(&self) -> Option<u64> {
         match &self.0 {
             Repr::UnixMs(ms) => Some(*ms),
-            Repr::Text(t) => Self::unix_ms_in(t),
+            Repr::Text(t) => fleet_worker::message::rfc3339_unix_ms(t),
         }
-    }
-
-    /// The unix milliseconds an RFC 3339 timestamp says, as a worker's `timings` carry
-    /// them (any precision and offset: [`fleet_worker::message::parse_rfc3339`]); `None`
-    /// for text that says no time after 1970.
-    pub fn unix_ms_in(text: &str) -> Option<u64> {
-        let since = fleet_worker::message::parse_rfc3339(text)?
-            .duration_since(UNIX_EPOCH)
-            .ok()?;
-        u64::try_from(since.as_millis()).ok()
     }
 }
 
