@@ -131,6 +131,10 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// A page's size when `limit` is not given, and the most it may be.
+    pub const DEFAULT_LIMIT: usize = 100;
+    pub const MAX_LIMIT: usize = 500;
+
     fn matches(&self, d: &DecisionRecord) -> bool {
         let eq = |want: &Option<String>, have: Option<&str>| {
             want.as_deref().is_none_or(|w| Some(w) == have)
@@ -334,7 +338,10 @@ impl DecisionLog {
     /// Newest first, filtered, paginated. A cursor is the key of the page the last answer
     /// stopped in, with how many of that page's decisions are still to come.
     pub fn query(&self, f: &Filter) -> Result<Page, DecisionLogError> {
-        let limit = f.limit.unwrap_or(100).clamp(1, 500);
+        let limit = f
+            .limit
+            .unwrap_or(Filter::DEFAULT_LIMIT)
+            .clamp(1, Filter::MAX_LIMIT);
         let lower = PageKey::first_at(f.since_ms.unwrap_or(0));
         let mut upper = PageKey::first_at(f.until_ms.unwrap_or(u64::MAX));
         let mut resume = None;

@@ -75,7 +75,7 @@ pub async fn list(
         pool: q.pool,
         before_ms: q.before,
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = super::count_param("limit", q.limit, 100, 1000)?;
     // Open alerts live in the detector; fired ones are also in the log (their latest
     // state), so the log answers `resolved` and `all` and the open set answers the rest.
     let alerts = match which {
@@ -238,7 +238,7 @@ pub async fn interventions(
             ))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let log = s.alerts.interventions.clone();
     let list = tokio::task::spawn_blocking(move || {
         log.list(limit, |i| {

@@ -899,10 +899,7 @@ pub async fn audit(
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(ApiError::BadRequest("limit must be 1-1000".into()));
-    }
+    let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let records = s
         .control
         .audit_log(limit)

@@ -24,7 +24,13 @@ pub async fn list(
     State(s): State<AppState>,
     q: Result<Query<Filter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(mut filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    filter.limit = Some(super::count_param(
+        "limit",
+        filter.limit,
+        Filter::DEFAULT_LIMIT,
+        Filter::MAX_LIMIT,
+    )?);
     let log = s.core.decisions.clone();
     // Reading pages from the log's files blocks; a deep scan should not hold up the
     // runtime.

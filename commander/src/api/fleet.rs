@@ -154,10 +154,7 @@ pub async fn workers(
                 })?,
         )),
     };
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(ApiError::BadRequest("limit must be 1-1000".into()));
-    }
+    let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let offset = q.offset.unwrap_or(0);
     let snap = s.core.fleet.snapshot();
     let matching: Vec<&WorkerView> = snap

@@ -204,6 +204,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A count a route takes from its query (a list's `limit`, a replay's `max`): as asked,
+/// else `default`. Outside `1..=max` it is a 400 naming the range, so a caller who asks
+/// for 0, or for more than one answer may hold, learns why instead of getting a count it
+/// did not ask for.
+pub fn count_param(
+    name: &str,
+    value: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "{name}={n}: must be 1-{max} (default {default})"
+        ))),
+    }
+}
+
 /// The peer's address, when the server was started with connect info (`serve.rs` does;
 /// a router driven by `oneshot` in tests has none).
 #[derive(Clone, Copy, Debug)]

@@ -170,7 +170,7 @@ pub struct ReplayQuery {
     /// How far back (`1h`, `30m`, `2d`); default 1h.
     pub last: Option<String>,
     pub name: Option<String>,
-    /// Most decisions replayed (default 100000).
+    /// Most decisions replayed (1-1,000,000, default 100,000).
     pub max: Option<usize>,
 }
 
@@ -183,13 +183,13 @@ pub async fn shadow_replay(
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let last = humantime::parse_duration(q.last.as_deref().unwrap_or("1h"))
         .map_err(|e| ApiError::BadRequest(format!("last: {e}")))?;
+    let max = super::count_param("max", q.max, 100_000, 1_000_000)?;
     let docs = documents(&body, q.name)?;
     let live = s.core.policy.live();
     let mut candidate = crate::policy::Policy::parse(docs, live.check_against())?;
     candidate.version = "candidate".into();
     let until = crate::fleet::now_ms();
     let since = until.saturating_sub(last.as_millis() as u64);
-    let max = q.max.unwrap_or(100_000).clamp(1, 1_000_000);
     let log = s.core.decisions.clone();
     let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
         .await
@@ -213,7 +213,7 @@ pub async fn history(
     q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = super::count_param("limit", q.limit, 50, 500)?;
     let mut records = s
         .core
         .policy
@@ -267,7 +267,7 @@ pub async fn tasks(
             )));
         }
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let list = s
         .core
         .policy

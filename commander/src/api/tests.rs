@@ -470,6 +470,54 @@ async fn routes_methods_ids_queries_and_sizes_answer_in_the_one_error_shape() {
     }
 }
 
+/// Every list route takes `limit` within its documented range and refuses one outside it
+/// with a 400 that names the range, rather than answering a page of another size.
+#[tokio::test]
+async fn every_list_route_refuses_a_limit_outside_its_range() {
+    let mut api = api(None, 4096);
+    let traces = crate::traces::store::TraceStore::open(&api.state.core.store).unwrap();
+    api.state.core.traces.store = Some(traces);
+    let routes = [
+        ("/v1/workers", 1000),
+        ("/v1/decisions", 500),
+        ("/v1/traces", 500),
+        ("/v1/alerts", 1000),
+        ("/v1/alerts?state=all", 1000),
+        ("/v1/interventions", 1000),
+        ("/v1/policy/history", 500),
+        ("/v1/tasks?state=deferred", 1000),
+        ("/v1/control/audit", 1000),
+    ];
+    for (route, max) in routes {
+        let sep = if route.contains('?') { '&' } else { '?' };
+        for (limit, ok) in [(0, false), (1, true), (max, true), (max + 1, false)] {
+            let uri = format!("{route}{sep}limit={limit}");
+            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+            let (status, _, json) = api.call(req).await;
+            if ok {
+                assert_eq!(status, StatusCode::OK, "{uri}: {json}");
+            } else {
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+                let message = json["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains(&format!("1-{max}")), "{uri}: {json}");
+            }
+        }
+    }
+    for max in [0, 1_000_001] {
+        let uri = format!("/v1/policy/replay?last=1h&max={max}");
+        let req = Request::post(uri.as_str()).body(Body::empty()).unwrap();
+        let (status, _, json) = api.call(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("max="),
+            "{uri}: {json}"
+        );
+    }
+}
+
 fn put_policy(auth: Option<&str>, body: &str) -> Request<Body> {
     let mut b = Request::put("/v1/policy?name=ops.policy.toml");
     if let Some(a) = auth {

@@ -30,7 +30,14 @@ pub async fn list(
     State(s): State<AppState>,
     q: Result<Query<Filter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(mut filter) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let store = store(&s)?;
+    filter.limit = Some(super::count_param(
+        "limit",
+        filter.limit,
+        Filter::DEFAULT_LIMIT,
+        Filter::MAX_LIMIT,
+    )?);
     if let Some(w) = &filter.why
         && crate::traces::sample::Why::parse(w).is_none()
     {
@@ -46,7 +53,6 @@ pub async fn list(
             "status={st:?}: use ok or error"
         )));
     }
-    let store = store(&s)?;
     // sled reads are blocking; a deep scan should not hold up the runtime.
     let page = tokio::task::spawn_blocking(move || store.query(&filter))
         .await

@@ -202,6 +202,10 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// A page's size when `limit` is not given, and the most it may be.
+    pub const DEFAULT_LIMIT: usize = 50;
+    pub const MAX_LIMIT: usize = 500;
+
     fn matches(&self, t: &TraceSummary) -> bool {
         let has = |want: &Option<String>, list: &[String]| {
             want.as_ref().is_none_or(|w| list.iter().any(|x| x == w))
@@ -518,7 +522,10 @@ impl TraceStore {
 
     /// Newest first, filtered, paginated.
     pub fn query(&self, f: &Filter) -> Result<Page, TraceStoreError> {
-        let limit = f.limit.unwrap_or(50).clamp(1, 500);
+        let limit = f
+            .limit
+            .unwrap_or(Filter::DEFAULT_LIMIT)
+            .clamp(1, Filter::MAX_LIMIT);
         let lower = time_key(f.since_ms.unwrap_or(0), &[]);
         let mut upper = time_key(f.until_ms.unwrap_or(u64::MAX), &[]);
         if let Some(c) = &f.cursor {
