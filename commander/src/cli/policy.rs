@@ -259,13 +259,14 @@ async fn replay(
     )?;
     writeln!(
         out,
-        "unchanged {}, rerouted {}, model changed {}, deferred {}, rejected {}, newly dispatched {}",
+        "unchanged {}, rerouted {}, model changed {}, deferred {}, rejected {}, newly dispatched {}; drifted {} (the policy in force would also decide these differently now)",
         n("unchanged"),
         n("rerouted"),
         n("model_changed"),
         n("deferred"),
         n("rejected"),
-        n("newly_dispatched")
+        n("newly_dispatched"),
+        n("drifted")
     )?;
     writeln!(
         out,

@@ -4,8 +4,15 @@
 //! Each logged decision is decided again from what it recorded (classification, priority,
 //! the producer's pool / model / cost cap, attribution) by the same
 //! [`evaluate`](super::evaluate) as the intake loop. What replay cannot know exactly, it
-//! says: pool health is today's (the snapshot at replay time), and budgets count from the
-//! start of the replayed span, each admitted task charged at its estimate.
+//! says: pool health and load are today's (the snapshot at replay time), and budgets count
+//! from the start of the replayed span, each admitted task charged at its estimate.
+//!
+//! So that neither of those is blamed on the candidate, each decision is also decided
+//! again under the policy in force, against the same fleet and from the same empty
+//! ledger. Where the candidate differs from what was logged but the policy in force would
+//! decide the same as the candidate now, the difference is the fleet's or the span's, not
+//! the candidate's: it is counted as `drifted`, not as a change. Replaying the policy in
+//! force therefore reports no changes.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +22,9 @@ use serde::Serialize;
 use super::budget::Ledger;
 use super::evaluate::{self, EvalInput, Verdict};
 use super::load::Policy;
-use crate::classify::rubric::Rubric;
 use crate::decisions::{DecisionRecord, Outcome};
-use crate::registry::Registry;
-use crate::route::{RouteSnapshot, RoutingTable};
+use crate::route::RouteSnapshot;
+use crate::route::decide::PolicyHints;
 
 /// Changes listed one by one (the counts cover all).
 const MAX_LISTED: usize = 200;
@@ -41,6 +47,10 @@ pub struct ReplayReport {
     pub rejected: usize,
     /// Were deferred or rejected, would be dispatched now.
     pub newly_dispatched: usize,
+    /// Would be decided differently now, but the policy in force would decide them the
+    /// same way as the candidate: the fleet's health or load, or the budgets' start,
+    /// moved. Not counted among the changes above, nor listed.
+    pub drifted: usize,
     /// Sum of estimates of what was dispatched, and of what would be.
     pub cost_before_usd: f64,
     pub cost_after_usd: f64,
@@ -67,7 +77,8 @@ fn describe(outcome: &str, pool: Option<&str>, model: Option<&str>) -> String {
 }
 
 /// Replays `decisions` (oldest first) under `candidate`, with the routing table, rubric
-/// and registry of `live` and the fleet as it is now.
+/// and registry of `live` and the fleet as it is now, beside the policy in force under
+/// the same conditions (see the module's doc).
 pub fn replay(
     candidate: &Policy,
     decisions: &[DecisionRecord],
@@ -76,23 +87,22 @@ pub fn replay(
     since_ms: u64,
     until_ms: u64,
 ) -> ReplayReport {
-    let (rubric, registry, table): (&Rubric, &Registry, &RoutingTable) =
-        (&live.rubric, &live.registry, &live.routing);
     let mut r = ReplayReport {
         candidate_sha256: candidate.sha256.clone(),
         candidate_summary: candidate.summary(),
         since: super::budget::rfc3339(since_ms),
         until: super::budget::rfc3339(until_ms),
         caveats: vec![
-            "pool health is the fleet's state at replay time".into(),
+            "pool health and load are the fleet's state at replay time".into(),
             "budgets count from the start of the replayed span; admitted tasks are charged at their estimates".into(),
             "deferred tasks are not released within the replay".into(),
+            "a decision the policy in force would also make differently now is counted as drifted, not as the candidate's change".into(),
         ],
         ..Default::default()
     };
-    let hints = evaluate::hints(candidate);
-    let mut ledger = Ledger::default();
-    let queued: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut shadow = Shadow::new(candidate);
+    let mut in_force = Shadow::new(&live.policy);
+    let mut in_force_cost = 0.0;
     for d in decisions
         .iter()
         .filter(|d| d.outcome != Outcome::Intervened)
@@ -102,30 +112,66 @@ pub fn replay(
         if d.outcome == Outcome::Dispatched {
             r.cost_before_usd += d.est_cost_usd.unwrap_or(0.0);
         }
+        let after = shadow.decide(d, &task, live, fleet, &mut r.cost_after_usd);
+        let now = in_force.decide(d, &task, live, fleet, &mut in_force_cost);
+        if after.changed.is_some() && after.text == now.text {
+            r.drifted += 1;
+        } else {
+            r.count(d, after);
+        }
+    }
+    r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
+    r
+}
+
+/// One policy deciding the replayed span in order, with the ledger its own admissions
+/// fill.
+struct Shadow<'p> {
+    policy: &'p Policy,
+    hints: PolicyHints,
+    ledger: Ledger,
+}
+
+impl<'p> Shadow<'p> {
+    fn new(policy: &'p Policy) -> Self {
+        Self {
+            policy,
+            hints: evaluate::hints(policy),
+            ledger: Ledger::default(),
+        }
+    }
+
+    /// What this policy does with the logged task `d` now; a dispatch adds its estimate
+    /// to `cost`.
+    fn decide(
+        &mut self,
+        d: &DecisionRecord,
+        task: &Task,
+        live: &super::Live,
+        fleet: &RouteSnapshot,
+        cost: &mut f64,
+    ) -> After {
         let verdict = evaluate::evaluate(EvalInput {
-            task: &task,
+            task,
             class: &d.classification.answer,
             dims: &d.inputs.dims,
-            rubric,
-            registry,
+            rubric: &live.rubric,
+            registry: &live.registry,
             fleet,
-            table,
-            policy: candidate,
-            hints: &hints,
-            ledger: &ledger,
-            queued: &queued,
+            table: &live.routing,
+            policy: self.policy,
+            hints: &self.hints,
+            ledger: &self.ledger,
+            queued: &BTreeMap::new(),
             released: false,
             ran: false,
             now_ms: d.at_ms,
             seed: crate::domain::fnv1a(&[b"seed", d.task_id.as_bytes()]),
-            // Shadow replay judges the candidate policy alone, not interventions.
+            // Shadow replay judges a policy alone, not the interventions in force.
             blocks: &[],
         });
-        let after = After::of(d, verdict, &mut ledger, &mut r.cost_after_usd);
-        r.count(d, after);
+        After::of(d, verdict, &mut self.ledger, cost)
     }
-    r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
-    r
 }
 
 /// The task as the decision log recorded its inputs.

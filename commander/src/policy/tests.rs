@@ -966,3 +966,126 @@ fn a_budget_past_its_value_limit_counts_new_values_together() {
     assert_eq!(over, [OTHER_VALUE]);
     assert_eq!(ledger.values("team-daily").len(), MAX_VALUES_PER_BUDGET + 1);
 }
+
+/// Shadow replay blames the candidate only for what the policy in force would not also do
+/// now: a pool that was busy when the span was logged and is idle at replay time moves
+/// the tasks under any policy, the one in force included.
+#[test]
+fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_change() {
+    use crate::decisions::{DecisionInputs, DecisionRecord, Outcome};
+    use crate::route::snapshot::PoolState;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let e = engine(
+        ManualClock::at(BEFORE_MIDNIGHT),
+        &store,
+        parse(&[("a.policy.toml", BUDGET)]).unwrap(),
+    );
+    let live = e.live();
+    // Only the load differs between the two fleets: every pool has a healthy worker.
+    let fleet = |busy: &str| {
+        let pools = ["code", "code-standby", "docs", "general"].map(|name| PoolState {
+            name: name.into(),
+            healthy: 1,
+            capacity: 1,
+            queue_depth: if name == busy { 5 } else { 0 },
+            ..Default::default()
+        });
+        RouteSnapshot::from_pools(BEFORE_MIDNIGHT, pools.into())
+    };
+    let (then, now) = (fleet("general"), fleet("docs"));
+    // The span as the intake logged it, under the policy in force and the fleet of then.
+    let logged: Vec<DecisionRecord> = (0..6u64)
+        .map(|i| {
+            // Classified as a task no capability is needed for: docs and general both
+            // take it, at the same price, so their load decides.
+            let mut task = Task::new("x");
+            task.id = Some(format!("t-{i}"));
+            task.attributes.insert("team".into(), "search".into());
+            let classification = crate::classify::offline(&live.rubric, &task);
+            let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
+            let at_ms = BEFORE_MIDNIGHT - 10 * MIN + i;
+            let verdict = evaluate::evaluate(evaluate::EvalInput {
+                task: &task,
+                class: &classification.answer,
+                dims: &dims,
+                rubric: &live.rubric,
+                registry: &live.registry,
+                fleet: &then,
+                table: &live.routing,
+                policy: &live.policy,
+                hints: &evaluate::hints(&live.policy),
+                ledger: &Ledger::default(),
+                queued: &BTreeMap::new(),
+                released: false,
+                ran: false,
+                now_ms: at_ms,
+                seed: 1,
+                blocks: &[],
+            });
+            let evaluate::Verdict::Dispatch { decision, .. } = verdict else {
+                panic!("logged task {i} not dispatched");
+            };
+            DecisionRecord {
+                id: format!("d-{i}"),
+                task_id: format!("t-{i}"),
+                at_ms,
+                at: String::new(),
+                outcome: Outcome::Dispatched,
+                pool: Some(decision.pool),
+                model: Some(decision.model),
+                worker: None,
+                rule: decision.rule.as_str().into(),
+                reason: decision.reason,
+                task_type: classification.answer.task_type.clone(),
+                tier: decision.tier,
+                est_cost_usd: decision.est_cost_usd,
+                priority: task.priority,
+                classification,
+                candidates: decision.candidates,
+                rubric: live.rubric.name.clone(),
+                policy_version: None,
+                generation: None,
+                inputs: DecisionInputs {
+                    dims,
+                    ..Default::default()
+                },
+                trace_id: None,
+                recovered: false,
+            }
+        })
+        .collect();
+    assert!(
+        logged.iter().all(|d| d.pool.as_deref() == Some("docs")),
+        "general was busy then: {:?}",
+        logged.iter().map(|d| &d.pool).collect::<Vec<_>>()
+    );
+    let (since, until) = (BEFORE_MIDNIGHT - MIN * 60, BEFORE_MIDNIGHT);
+
+    // The policy in force against the fleet of then: nothing changes, nothing drifts.
+    let same = super::replay::replay(&live.policy, &logged, &live, &then, since, until);
+    assert_eq!((same.unchanged, same.drifted), (6, 0), "{same:?}");
+
+    // The policy in force against today's fleet: every task would go to general now, under
+    // it as under any candidate. That is drift, not a change the candidate makes.
+    let moved = super::replay::replay(&live.policy, &logged, &live, &now, since, until);
+    assert_eq!((moved.unchanged, moved.drifted), (0, 6), "{moved:?}");
+    assert_eq!(moved.rerouted, 0, "{moved:?}");
+    assert!(moved.changes.is_empty(), "{moved:?}");
+
+    // A candidate that rejects the team's work is blamed for every rejection: the policy
+    // in force would dispatch those tasks today.
+    let tight = parse(&[(
+        "tight.policy.toml",
+        &BUDGET
+            .replace("limit_usd = 1.0", "limit_usd = 0.000001")
+            .replace("\"defer\"", "\"reject\""),
+    )])
+    .unwrap();
+    let rejects = super::replay::replay(&tight, &logged, &live, &now, since, until);
+    assert_eq!(
+        (rejects.rejected, rejects.drifted, rejects.changes.len()),
+        (6, 0, 6),
+        "{rejects:?}"
+    );
+}
