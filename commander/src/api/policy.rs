@@ -191,11 +191,16 @@ pub async fn shadow_replay(
     let until = crate::fleet::now_ms();
     let since = until.saturating_sub(last.as_millis() as u64);
     let log = s.core.decisions.clone();
-    let decisions = tokio::task::spawn_blocking(move || log.range(since, until, max))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
     let fleet = s.core.route_snapshot(&live.routing);
-    let report = replay::replay(&candidate, &decisions, &live, &fleet, since, until);
+    // The log's pages are read from files (blocking), and decided one at a time as they
+    // come, so the span is never held whole.
+    let report = tokio::task::spawn_blocking(move || {
+        let mut replay = replay::Replay::new(&candidate, &live, &fleet, since, until);
+        log.walk_range(since, until, max, |d| replay.push(&d))?;
+        Ok::<_, crate::decisions::DecisionLogError>(replay.finish())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(report).into_response())
 }
 

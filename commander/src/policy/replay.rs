@@ -76,9 +76,7 @@ fn describe(outcome: &str, pool: Option<&str>, model: Option<&str>) -> String {
     }
 }
 
-/// Replays `decisions` (oldest first) under `candidate`, with the routing table, rubric
-/// and registry of `live` and the fleet as it is now, beside the policy in force under
-/// the same conditions (see the module's doc).
+/// Replays `decisions` (oldest first) under `candidate`: [`Replay`] over a slice.
 pub fn replay(
     candidate: &Policy,
     decisions: &[DecisionRecord],
@@ -87,45 +85,96 @@ pub fn replay(
     since_ms: u64,
     until_ms: u64,
 ) -> ReplayReport {
-    let mut r = ReplayReport {
-        candidate_sha256: candidate.sha256.clone(),
-        candidate_summary: candidate.summary(),
-        since: super::budget::rfc3339(since_ms),
-        until: super::budget::rfc3339(until_ms),
-        caveats: vec![
-            "pool health and load are the fleet's state at replay time".into(),
-            "budgets count from the start of the replayed span; admitted tasks are charged at their estimates".into(),
-            "deferred tasks are not released within the replay".into(),
-            "a decision the policy in force would also make differently now is counted as drifted, not as the candidate's change".into(),
-        ],
-        ..Default::default()
-    };
-    let mut shadow = Shadow::new(candidate);
-    let mut in_force = Shadow::new(&live.policy);
-    let mut in_force_cost = 0.0;
-    for d in decisions
-        .iter()
-        .filter(|d| d.outcome != Outcome::Intervened)
-    {
+    let mut r = Replay::new(candidate, live, fleet, since_ms, until_ms);
+    for d in decisions {
+        r.push(d);
+    }
+    r.finish()
+}
+
+/// A shadow replay fed one logged decision at a time, oldest first, so that it holds
+/// the report and the ledgers, never the span. Decides under `candidate`, with the
+/// routing table, rubric and registry of `live` and the fleet as it is now, beside the
+/// policy in force under the same conditions (see the module's doc).
+#[derive(Debug)]
+pub struct Replay<'a> {
+    live: &'a super::Live,
+    fleet: &'a RouteSnapshot,
+    candidate: Shadow<'a>,
+    in_force: Shadow<'a>,
+    /// What the policy in force would dispatch (not reported; its shadow needs somewhere
+    /// to add it).
+    in_force_cost: f64,
+    report: ReplayReport,
+}
+
+impl<'a> Replay<'a> {
+    pub fn new(
+        candidate: &'a Policy,
+        live: &'a super::Live,
+        fleet: &'a RouteSnapshot,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> Self {
+        let report = ReplayReport {
+            candidate_sha256: candidate.sha256.clone(),
+            candidate_summary: candidate.summary(),
+            since: super::budget::rfc3339(since_ms),
+            until: super::budget::rfc3339(until_ms),
+            caveats: vec![
+                "pool health and load are the fleet's state at replay time".into(),
+                "budgets count from the start of the replayed span; admitted tasks are charged at their estimates".into(),
+                "deferred tasks are not released within the replay".into(),
+                "a decision the policy in force would also make differently now is counted as drifted, not as the candidate's change".into(),
+            ],
+            ..Default::default()
+        };
+        Self {
+            live,
+            fleet,
+            candidate: Shadow::new(candidate),
+            in_force: Shadow::new(&live.policy),
+            in_force_cost: 0.0,
+            report,
+        }
+    }
+
+    /// Decides the logged decision `d` again under both policies and counts the outcome.
+    /// An intervention's record is not a routing decision and is passed over.
+    pub fn push(&mut self, d: &DecisionRecord) {
+        if d.outcome == Outcome::Intervened {
+            return;
+        }
+        let r = &mut self.report;
         r.decisions += 1;
         let task = replayed_task(d);
         if d.outcome == Outcome::Dispatched {
             r.cost_before_usd += d.est_cost_usd.unwrap_or(0.0);
         }
-        let after = shadow.decide(d, &task, live, fleet, &mut r.cost_after_usd);
-        let now = in_force.decide(d, &task, live, fleet, &mut in_force_cost);
+        let (live, fleet) = (self.live, self.fleet);
+        let after = self
+            .candidate
+            .decide(d, &task, live, fleet, &mut r.cost_after_usd);
+        let now = self
+            .in_force
+            .decide(d, &task, live, fleet, &mut self.in_force_cost);
         if after.changed.is_some() && after.text == now.text {
             r.drifted += 1;
         } else {
             r.count(d, after);
         }
     }
-    r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
-    r
+
+    pub fn finish(mut self) -> ReplayReport {
+        let r = &mut self.report;
+        r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
+        self.report
+    }
 }
 
 /// One policy deciding the replayed span in order, with the ledger its own admissions
 /// fill.
+#[derive(Debug)]
 struct Shadow<'p> {
     policy: &'p Policy,
     hints: PolicyHints,
