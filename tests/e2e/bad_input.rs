@@ -328,6 +328,21 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     assert_eq!(rec["pool"], "beta");
     assert_eq!(rec["trace"]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(rec["trace"]["parent_span_id"], "b7ad6b7169203331");
+    // A retry that does not send the trace context again (a client whose first POST timed
+    // out) is told the trace the task travels under: the first copy's, read from the
+    // task's record now that the commander has taken it off the intake stream.
+    let retry: serde_json::Value = http
+        .post(&url)
+        .header("Idempotency-Key", "http-1")
+        .body(task)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(retry["traceparent"], tp, "{retry}");
     for (path, status) in [("/v1/tasks/nope", 404), ("/healthz", 200), ("/readyz", 200)] {
         let got = http.get(stack.http(path)).send().await.unwrap().status();
         assert_eq!(got, status, "GET {path}");
@@ -356,6 +371,7 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     let text = metrics.text().await.unwrap();
     assert!(!text.contains("# EOF"));
     assert!(text.contains("# TYPE fleet_http_submissions_total counter"));
-    assert_eq!(stack.metric("fleet_http_submissions_total").await, 2.0);
+    // The task, its copy and the retry: each was accepted (two as copies).
+    assert_eq!(stack.metric("fleet_http_submissions_total").await, 3.0);
     worker.shutdown().await;
 }

@@ -54,8 +54,25 @@ pub struct SubmitReceipt {
     pub stream_sequence: u64,
     /// True when JetStream had already seen this idempotency key.
     pub duplicate: bool,
-    /// The trace context the task travels under.
+    /// The trace context the task travels under. For a copy (`duplicate`), that is the
+    /// first copy's, read back from the intake stream while the first copy is still
+    /// there; once a commander has taken it, this submission's (the commander's
+    /// `GET /v1/tasks/{id}` has the task's trace).
     pub traceparent: TraceParent,
+}
+
+/// The `traceparent` of the message JetStream kept at `sequence` of the intake stream: the
+/// first copy of a task submitted twice, which the task travels under. `None` once it has
+/// left the stream (a commander took it), or when it cannot be read.
+async fn first_copy_traceparent(
+    js: &jetstream::Context,
+    intake: &str,
+    sequence: u64,
+) -> Option<TraceParent> {
+    let stream = js.get_stream_no_info(intake).await.ok()?;
+    let first = stream.direct_get(sequence).await.ok()?;
+    let value = protocol::header(Some(&first.headers), headers::TRACEPARENT)?;
+    TraceParent::parse(value).ok()
 }
 
 /// Submits tasks and awaits results.
@@ -160,10 +177,17 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
         let (task_id, traceparent) = (p.task_id.clone(), p.traceparent);
+        let (js, intake) = (self.js.clone(), self.subjects.intake_stream());
         Ok(async move {
             let ack = pending
                 .await
                 .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
+            let traceparent = match ack.duplicate {
+                true => first_copy_traceparent(&js, &intake, ack.sequence)
+                    .await
+                    .unwrap_or(traceparent),
+                false => traceparent,
+            };
             Ok(SubmitReceipt {
                 task_id,
                 stream_sequence: ack.sequence,

@@ -277,6 +277,34 @@ async fn a_submit_without_an_ack_is_retried_and_stored_once() {
     );
 }
 
+/// A task submitted again under the same idempotency key is a copy JetStream drops; the
+/// receipt names the trace the task travels under, the first copy's, not the one this
+/// submission would have started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_s_receipt_names_the_first_copy_s_trace() {
+    let (_nats, client, js) = setup(Duration::from_secs(30)).await;
+    let s = Subjects::default();
+    js.get_or_create_stream(s.intake_stream_config())
+        .await
+        .unwrap();
+    let producer = Producer::new(client, Subjects::default());
+    let task = Task::new("submitted twice");
+    let opts = || fleet_worker::SubmitOptions {
+        idempotency_key: Some("twice-1".into()),
+        ..Default::default()
+    };
+    let first = producer.submit(&task, opts()).await.unwrap();
+    let copy = producer.submit(&task, opts()).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(copy.duplicate);
+    assert_eq!(copy.stream_sequence, first.stream_sequence);
+    assert_eq!(
+        copy.traceparent.to_header(),
+        first.traceparent.to_header(),
+        "the copy started no trace of its own"
+    );
+}
+
 /// Sends a control request and reads the worker's reply.
 async fn control(client: &async_nats::Client, body: serde_json::Value) -> ControlReply {
     let reply = client

@@ -612,6 +612,19 @@ struct Accepted {
     status_url: String,
 }
 
+/// The producer's trace context of a task the intake loop has taken, from its record:
+/// what a copy's answer names, since the task travels under the first copy's trace. The
+/// dispatch span is the producer span's child, so it carries the producer's flags.
+fn recorded_traceparent(s: &AppState, task_id: &str) -> Option<TraceParent> {
+    let trace = s.core.store.get(task_id).ok()??.trace?;
+    let dispatch = TraceParent::parse(&trace.traceparent).ok()?;
+    let span_id = fleet_worker::trace::SpanId::from_hex(trace.parent_span_id.as_deref()?).ok()?;
+    Some(TraceParent {
+        span_id,
+        ..dispatch
+    })
+}
+
 fn http_header<'a>(h: &'a HttpHeaders, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -683,10 +696,14 @@ async fn submit_task(
     {
         tracing::warn!(task_id = %id, error = %e, "accepted task not recorded as received yet");
     }
+    let traceparent = match receipt.duplicate {
+        true => recorded_traceparent(&s, &id).unwrap_or(receipt.traceparent),
+        false => receipt.traceparent,
+    };
     let accepted = Accepted {
         status_url: format!("/v1/tasks/{}", receipt.task_id),
         task_id: receipt.task_id,
-        traceparent: receipt.traceparent.to_header(),
+        traceparent: traceparent.to_header(),
         stream_sequence: receipt.stream_sequence,
         duplicate: receipt.duplicate,
     };
