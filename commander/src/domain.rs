@@ -214,6 +214,16 @@ impl TaskDims {
     }
 }
 
+/// The most tokens one span's count, or one metric point, may report: a billion, a
+/// hundred times the largest context window there is. More is a broken or hostile
+/// exporter; it is refused before it reaches any sum, where one such report would outweigh
+/// the fleet's real spend for as long as it is remembered (docs/telemetry.md, "Limits").
+pub const MAX_TOKENS_PER_REPORT: u64 = 1_000_000_000;
+
+/// The most a cumulative token counter may stand at: a million tokens a second for thirty
+/// years. Past it, or negative, or not a number, the point is refused.
+pub const MAX_CUMULATIVE_TOKENS: f64 = 1e15;
+
 /// A ledger cell's address.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CellKey {

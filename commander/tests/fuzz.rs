@@ -189,6 +189,8 @@ fn metrics_request() -> impl Strategy<Value = ExportMetricsServiceRequest> {
     let name = prop::sample::select(vec![
         "gen_ai.client.token.usage",
         "gen_ai.client.operation.duration",
+        "gen_ai.client.inference.usage.input_tokens",
+        "gen_ai.client.inference.usage.output_tokens",
         "gen_ai.client.cost",
         "other",
     ]);
@@ -225,10 +227,14 @@ fn metrics_request() -> impl Strategy<Value = ExportMetricsServiceRequest> {
                 metric::Data::Sum(Sum {
                     data_points: points
                         .into_iter()
-                        .map(|(attributes, t, n, _, _)| NumberDataPoint {
+                        .map(|(attributes, t, n, x, _)| NumberDataPoint {
                             attributes,
                             time_unix_nano: t,
-                            value: Some(number_data_point::Value::AsInt(n as i64)),
+                            // Counts up to u64::MAX as i64, and any double (NaN, infinities).
+                            value: Some(match n % 2 {
+                                0 => number_data_point::Value::AsInt(n as i64),
+                                _ => number_data_point::Value::AsDouble(x),
+                            }),
                             ..Default::default()
                         })
                         .collect(),
@@ -301,7 +307,7 @@ proptest! {
         let body = req.encode_to_vec();
         limits::check_protobuf(Signal::Metrics, &body, DecodeLimits::default()).unwrap();
         let decoded = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
-        let (points, _) = normalise::metrics(decoded);
+        let (points, _, _) = normalise::metrics(decoded);
         let mut state = fleet();
         state.apply(Ingest::Metrics(points), now_ms());
         exercise(&mut state, now_ms() + 1_000);

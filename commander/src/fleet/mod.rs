@@ -328,6 +328,9 @@ pub struct StateCounters {
     pub spans_wait_timed_out: Counter,
     /// Spans applied to their resource at once because the lineage was full.
     pub spans_lineage_overflow: Counter,
+    /// Cumulative token counters whose step since the last point was over
+    /// `domain::MAX_TOKENS_PER_REPORT`: the step is not booked.
+    pub metric_steps_out_of_range: Counter,
 }
 
 fn dispatch_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
@@ -351,6 +354,7 @@ impl Default for StateCounters {
             spans_waited: Counter::default(),
             spans_wait_timed_out: Counter::default(),
             spans_lineage_overflow: Counter::default(),
+            metric_steps_out_of_range: Counter::default(),
         }
     }
 }
@@ -397,6 +401,11 @@ impl StateCounters {
             "spans_wait_timed_out",
             "Waiting spans whose ancestor did not arrive within self.identity_wait_ms",
             self.spans_wait_timed_out.clone(),
+        );
+        r.register(
+            "metric_steps_out_of_range",
+            "Cumulative token counters whose step since their last point was over a billion tokens: not booked",
+            self.metric_steps_out_of_range.clone(),
         );
         r.register(
             "spans_lineage_overflow",
@@ -672,6 +681,12 @@ impl FleetState {
             } else {
                 p.value
             };
+            // A delta point was checked on the way in; a cumulative one only as a total,
+            // so a series that jumps (or starts) by more than one report may is not booked.
+            if value > crate::domain::MAX_TOKENS_PER_REPORT as f64 {
+                self.counters.metric_steps_out_of_range.inc();
+                continue;
+            }
             let tokens_moved =
                 matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
             w.note_export(now_ms, tokens_moved);

@@ -291,20 +291,29 @@ impl Ingestor {
         transport: &'static str,
         req: ExportMetricsServiceRequest,
     ) -> Result<Accepted, IngestError> {
-        let Some((points, total)) = self.guarded(|| normalise::metrics(req)) else {
+        let Some((points, total, rejected)) = self.guarded(|| normalise::metrics(req)) else {
             self.metrics.telemetry(transport, "metrics", "rejected", 1);
             return Err(IngestError::Internal);
         };
         self.metrics
             .telemetry(transport, "metrics", "received", total);
+        self.metrics
+            .telemetry(transport, "metrics", "rejected", rejected.count);
         let used = points.len() as u64;
         // Non-GenAI points are accepted and not kept: the commander is not a metrics store.
-        self.metrics
-            .telemetry(transport, "metrics", "accepted", total - used);
+        self.metrics.telemetry(
+            transport,
+            "metrics",
+            "accepted",
+            total.saturating_sub(used + rejected.count),
+        );
         if !points.is_empty() {
             self.offer(transport, "metrics", used, Ingest::Metrics(points))?;
         }
-        Ok(Accepted::default())
+        Ok(Accepted {
+            rejected: rejected.count,
+            message: rejected.message(),
+        })
     }
 
     /// Logs are counted and acknowledged; no signal the fleet state uses travels in them

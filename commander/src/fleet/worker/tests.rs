@@ -395,6 +395,19 @@ fn metric_tokens_are_booked_only_for_workers_without_span_usage() {
     f.apply_spans(vec![chat("s1", "t1", T0, "gpt-4o-mini", 300, 30)], T0);
     f.apply_metrics(vec![point("s1", MetricKind::InputTokens, 300.0)], T0 + S);
     assert_eq!(f.worker("s1").unwrap().total_input_tokens, 300);
+    // A counter that jumps by more than one report may hold moves on without booking the
+    // jump; its next step counts again.
+    let cost = f.worker("m1").unwrap().total_cost_usd;
+    f.apply_metrics(vec![point("m1", MetricKind::InputTokens, 2e9)], T0 + 2 * S);
+    let w = f.worker("m1").unwrap();
+    assert_eq!(w.total_input_tokens, 250);
+    assert_eq!(w.total_cost_usd, cost);
+    assert_eq!(f.counters.metric_steps_out_of_range.get(), 1);
+    f.apply_metrics(
+        vec![point("m1", MetricKind::InputTokens, 2e9 + 50.0)],
+        T0 + 3 * S,
+    );
+    assert_eq!(f.worker("m1").unwrap().total_input_tokens, 300);
 }
 
 #[test]

@@ -9,6 +9,8 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use crate::domain::{MAX_CUMULATIVE_TOKENS, MAX_TOKENS_PER_REPORT};
+
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
@@ -313,7 +315,10 @@ pub fn span_events(req: &wire::TraceRequest<'_>) -> (Vec<SpanEvent>, Rejections)
                     });
                     continue;
                 };
-                out.push(one_span(&res, trace_id, span_id, span));
+                match one_span(&res, trace_id, span_id, span) {
+                    Ok(ev) => out.push(ev),
+                    Err(why) => rejected.add(|| why),
+                }
             }
         }
     }
@@ -352,6 +357,9 @@ struct SpanAttrs {
     expected: Option<f64>,
     error_type: Option<String>,
     root_flag: bool,
+    /// The first token count over [`MAX_TOKENS_PER_REPORT`], as `key value`: the span is
+    /// refused.
+    out_of_range: Option<String>,
 }
 
 impl SpanAttrs {
@@ -371,18 +379,18 @@ impl SpanAttrs {
                 "gen_ai.request.model" => a.request_model = text(v),
                 "gen_ai.response.model" => a.response_model = text(v),
                 "gen_ai.usage.input_tokens" | "gen_ai.usage.prompt_tokens" => {
-                    a.count(v, |u, n| u.input = n);
+                    a.count(kv.key, v, |u, n| u.input = n);
                 }
                 "gen_ai.usage.output_tokens" | "gen_ai.usage.completion_tokens" => {
-                    a.count(v, |u, n| u.output = n);
+                    a.count(kv.key, v, |u, n| u.output = n);
                 }
                 "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
-                    a.count(v, |u, n| u.cache_read = n);
+                    a.count(kv.key, v, |u, n| u.cache_read = n);
                 }
                 "gen_ai.usage.cache_write.input_tokens"
                 | "gen_ai.usage.cache_creation.input_tokens"
                 | "gen_ai.usage.cache_creation_input_tokens" => {
-                    a.count(v, |u, n| u.cache_write = n);
+                    a.count(kv.key, v, |u, n| u.cache_write = n);
                 }
                 "gen_ai.tool.name" => a.tool = text(v),
                 "gen_ai.tool.call.arguments" => {
@@ -403,10 +411,22 @@ impl SpanAttrs {
         a
     }
 
-    fn count(&mut self, v: Option<wire::Value<'_>>, set: impl FnOnce(&mut TokenUsage, u64)) {
-        if let Some(n) = int_of(v) {
-            set(&mut self.usage, n);
-            self.any_usage = true;
+    fn count(
+        &mut self,
+        key: &str,
+        v: Option<wire::Value<'_>>,
+        set: impl FnOnce(&mut TokenUsage, u64),
+    ) {
+        match int_of(v) {
+            Some(n) if n > MAX_TOKENS_PER_REPORT => {
+                self.out_of_range
+                    .get_or_insert_with(|| format!("{key} {n}"));
+            }
+            Some(n) => {
+                set(&mut self.usage, n);
+                self.any_usage = true;
+            }
+            None => {}
         }
     }
 }
@@ -450,12 +470,13 @@ fn span_identity(
     (identity, span_agent_name, true)
 }
 
+/// A span as an event, or why it is refused.
 fn one_span(
     res: &ResourceInfo,
     trace_id: [u8; 16],
     span_id: [u8; 8],
     span: &wire::Span<'_>,
-) -> SpanEvent {
+) -> Result<SpanEvent, String> {
     let SpanAttrs {
         parts,
         mut dims,
@@ -472,7 +493,14 @@ fn one_span(
         expected,
         error_type,
         root_flag,
+        out_of_range,
     } = SpanAttrs::read(&span.attributes);
+    if let Some(what) = out_of_range {
+        return Err(format!(
+            "span {:?}: {what} is out of range (at most {MAX_TOKENS_PER_REPORT} tokens)",
+            span.name
+        ));
+    }
     // A tool span that forgot its operation name is still a tool call.
     if operation == Operation::None && tool.is_some() {
         operation = Operation::ExecuteTool;
@@ -500,7 +528,7 @@ fn one_span(
     let (identity, span_agent_name, names_worker) = span_identity(res, parts);
     dims.fill_from(&res.dims);
     let r = &res.raw;
-    SpanEvent {
+    Ok(SpanEvent {
         identity,
         agent_name: span_agent_name,
         trace_id,
@@ -523,7 +551,7 @@ fn one_span(
         names_agent: names_worker,
         resource: res.identity.clone(),
         resource_names_worker: r.fleet_worker.is_some() || r.agent_id.is_some(),
-    }
+    })
 }
 
 fn series_key(metric: &str, attrs: &[KeyValue]) -> u64 {
@@ -580,9 +608,14 @@ fn point_attrs(attrs: &[KeyValue]) -> PointAttrs {
 /// `gen_ai.client.operation.duration`, and the newer per-kind token counters and
 /// `gen_ai.client.inference.duration`. Other metrics are counted by the caller as accepted
 /// and otherwise ignored.
-pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
+///
+/// Returns the points, how many points the export held, and the points refused: a token
+/// count that is negative, not a number, or over [`MAX_TOKENS_PER_REPORT`] (a delta) or
+/// [`MAX_CUMULATIVE_TOKENS`] (a cumulative total).
+pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64, Rejections) {
     let mut out = Vec::new();
     let mut total_points = 0u64;
+    let mut rejected = Rejections::default();
     for rm in req.resource_metrics {
         let mut rm = rm;
         let res = resource_info(rm.resource.iter_mut().flat_map(|r| &mut r.attributes));
@@ -623,8 +656,13 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
                                 },
                             };
                             let at = (dp.start_time_unix_nano, dp.time_unix_nano);
+                            let sum = dp.sum.unwrap_or(0.0);
+                            if let Some(why) = tokens_out_of_range(&name, kind, cumulative, sum) {
+                                rejected.add(|| why);
+                                continue;
+                            }
                             let series = series_key(&name, &dp.attributes);
-                            let value = (dp.sum.unwrap_or(0.0), dp.count);
+                            let value = (sum, dp.count);
                             out.push(point(&res, kind, a, series, cumulative, at, value));
                         }
                     }
@@ -640,6 +678,10 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
                                 Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(d)) => d,
                                 None => continue,
                             };
+                            if let Some(why) = tokens_out_of_range(&name, kind, cumulative, value) {
+                                rejected.add(|| why);
+                                continue;
+                            }
                             let at = (dp.start_time_unix_nano, dp.time_unix_nano);
                             let series = series_key(&name, &dp.attributes);
                             out.push(point(&res, kind, a, series, cumulative, at, (value, 0)));
@@ -650,7 +692,36 @@ pub fn metrics(req: ExportMetricsServiceRequest) -> (Vec<MetricPoint>, u64) {
             }
         }
     }
-    (out, total_points)
+    (out, total_points, rejected)
+}
+
+/// Why a token point cannot be booked, when it cannot: a count is a number from 0 to
+/// [`MAX_TOKENS_PER_REPORT`] (a delta point) or [`MAX_CUMULATIVE_TOKENS`] (a cumulative
+/// total). Durations are not booked and not checked.
+fn tokens_out_of_range(
+    name: &str,
+    kind: MetricKind,
+    cumulative: bool,
+    value: f64,
+) -> Option<String> {
+    if kind == MetricKind::OperationDuration {
+        return None;
+    }
+    let max = match cumulative {
+        true => MAX_CUMULATIVE_TOKENS,
+        false => MAX_TOKENS_PER_REPORT as f64,
+    };
+    if value.is_finite() && (0.0..=max).contains(&value) {
+        return None;
+    }
+    // 1e308 written out is 309 digits.
+    let shown = match value.abs() < 1e16 {
+        true => format!("{value}"),
+        false => format!("{value:e}"),
+    };
+    Some(format!(
+        "{name}: {shown} tokens is out of range (0 to {max})"
+    ))
 }
 
 /// One metric point of `res`: `at` is (start, time) in ns, `value` is (sum, count).

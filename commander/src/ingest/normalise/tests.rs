@@ -565,7 +565,7 @@ fn genai_metrics_old_and_new() {
             ..Default::default()
         }],
     };
-    let (points, total) = metrics(req);
+    let (points, total, _) = metrics(req);
     assert_eq!(total, 5);
     assert_eq!(points.len(), 4);
     assert_eq!(points[0].kind, MetricKind::InputTokens);
@@ -579,4 +579,96 @@ fn genai_metrics_old_and_new() {
     assert_eq!(points[2].count, 2);
     assert_eq!(points[3].kind, MetricKind::CacheReadTokens);
     assert_eq!(points[3].value, 77.0);
+}
+
+/// A token count no call can have is refused before it reaches any sum: the span (with
+/// its reason), or the metric point. Counts at the limit are read.
+#[test]
+fn token_counts_out_of_range_are_refused_with_the_span_or_point() {
+    let max = MAX_TOKENS_PER_REPORT as i64;
+    let chat = |name: &str, key: &str, n: i64| {
+        span(
+            name,
+            vec![
+                s("gen_ai.operation.name", "chat"),
+                s("gen_ai.request.model", "gpt-4o"),
+                i(key, n),
+            ],
+        )
+    };
+    let (out, rej) = spans(&export(
+        svc(),
+        vec![
+            chat("at the limit", "gen_ai.usage.input_tokens", max),
+            chat("huge", "gen_ai.usage.input_tokens", i64::MAX),
+            chat("one over", "gen_ai.usage.output_tokens", max + 1),
+        ],
+    ));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].usage.map(|u| u.input), Some(MAX_TOKENS_PER_REPORT));
+    assert_eq!(rej.count, 2, "{rej:?}");
+    assert_eq!(
+        rej.first_reason.as_deref(),
+        Some(
+            "span \"huge\": gen_ai.usage.input_tokens 9223372036854775807 is out of range (at most 1000000000 tokens)"
+        )
+    );
+
+    let sum = |value: f64, temporality: i32| Metric {
+        name: "gen_ai.client.inference.usage.input_tokens".into(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points: vec![NumberDataPoint {
+                value: Some(number_data_point::Value::AsDouble(value)),
+                ..Default::default()
+            }],
+            aggregation_temporality: temporality,
+            is_monotonic: true,
+        })),
+        ..Default::default()
+    };
+    let (cumulative, delta) = (2, 1);
+    let metric_list = vec![
+        sum(1e308, cumulative),
+        sum(f64::NAN, cumulative),
+        sum(-5.0, delta),
+        sum(MAX_TOKENS_PER_REPORT as f64 + 1.0, delta),
+        sum(MAX_TOKENS_PER_REPORT as f64, delta),
+        sum(5e12, cumulative),
+        Metric {
+            name: "gen_ai.client.token.usage".into(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points: vec![hist_point(
+                    vec![s("gen_ai.token.type", "output")],
+                    f64::INFINITY,
+                    1,
+                )],
+                aggregation_temporality: cumulative,
+            })),
+            ..Default::default()
+        },
+    ];
+    let req = ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![s("fleet.worker.id", "w-9")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: metric_list,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let (points, total, rej) = metrics(req);
+    assert_eq!(total, 7);
+    let values: Vec<f64> = points.iter().map(|p| p.value).collect();
+    assert_eq!(values, [MAX_TOKENS_PER_REPORT as f64, 5e12], "{rej:?}");
+    assert_eq!(rej.count, 5, "{rej:?}");
+    assert!(
+        rej.first_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("1e308 tokens is out of range")),
+        "{rej:?}"
+    );
 }
