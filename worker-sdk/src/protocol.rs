@@ -58,6 +58,10 @@ pub mod kinds {
     pub const OTLP_LOGS: &str = "otlp-logs";
 }
 
+/// The most tasks one worker may run at once, as its config and its heartbeat say
+/// (section 5.3 of docs/protocol.md): a heartbeat over it is dropped by the commander.
+pub const MAX_IN_FLIGHT: u32 = 10_000;
+
 /// Stream names (a function of the prefix, so two fleets can share one server).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {

@@ -37,7 +37,8 @@ pub struct WorkerConfig {
     /// This worker's id, unique in the fleet (a subject token).
     pub worker_id: String,
     pub subjects: Subjects,
-    /// Tasks run at once; the worker never pulls more than it can start.
+    /// Tasks run at once (1 to [`protocol::MAX_IN_FLIGHT`]); the worker never pulls more
+    /// than it can start.
     pub max_in_flight: usize,
     pub heartbeat_interval: Duration,
     /// Redelivery timeout of the pool consumer; progress is signalled at a third of it.
@@ -142,7 +143,7 @@ pub type HandlerResult = Result<TaskOutput, TaskFailure>;
 pub enum WorkerError {
     #[error("pool and worker id must be 1-128 letters, digits, '-' or '_'")]
     BadIdentity,
-    #[error("max_in_flight must be at least 1")]
+    #[error("max_in_flight must be 1-10000")]
     BadConcurrency,
     #[error("could not set up JetStream stream or consumer: {0}")]
     Setup(String),
@@ -353,7 +354,7 @@ impl Worker {
         if !is_subject_token(&config.pool) || !is_subject_token(&config.worker_id) {
             return Err(WorkerError::BadIdentity);
         }
-        if config.max_in_flight == 0 {
+        if !(1..=protocol::MAX_IN_FLIGHT as usize).contains(&config.max_in_flight) {
             return Err(WorkerError::BadConcurrency);
         }
         let js = jetstream::new(client.clone());

@@ -747,8 +747,14 @@ impl FleetState {
     }
 
     pub fn apply_heartbeat(&mut self, hb: &Heartbeat, now_ms: u64) {
+        // Figures no worker can have would skew routing (a pool whose capacity is four
+        // billion always looks idle) and the context detector: the heartbeat is dropped.
         if !fleet_worker::protocol::is_subject_token(&hb.worker_id)
             || !fleet_worker::protocol::is_subject_token(&hb.pool)
+            || hb.max_in_flight > fleet_worker::protocol::MAX_IN_FLIGHT
+            || hb
+                .context_tokens
+                .is_some_and(|t| t > crate::domain::MAX_TOKENS_PER_REPORT)
         {
             self.counters.heartbeats_invalid.inc();
             return;

@@ -238,6 +238,30 @@ fn heartbeat(worker: &str, tasks: &[&str]) -> Heartbeat {
     }
 }
 
+/// A heartbeat with figures no worker has is dropped and counted, and changes nothing: a
+/// pool of four billion slots would look idle to routing for ever.
+#[test]
+fn heartbeats_out_of_range_are_dropped_and_counted() {
+    let mut f = fleet();
+    let mut wide = heartbeat("w-wide", &[]);
+    wide.max_in_flight = u32::MAX;
+    let mut full = heartbeat("w-full", &[]);
+    full.context_tokens = Some(u64::MAX);
+    f.apply_heartbeat(&wide, T0);
+    f.apply_heartbeat(&full, T0);
+    assert!(f.worker("w-wide").is_none() && f.worker("w-full").is_none());
+    assert_eq!(f.counters.heartbeats_invalid.get(), 2);
+    let mut edge = heartbeat("w-edge", &[]);
+    edge.max_in_flight = fleet_worker::protocol::MAX_IN_FLIGHT;
+    edge.context_tokens = Some(crate::domain::MAX_TOKENS_PER_REPORT);
+    f.apply_heartbeat(&edge, T0);
+    assert!(
+        f.worker("w-edge").is_some(),
+        "the limits themselves are read"
+    );
+    assert_eq!(f.counters.heartbeats_invalid.get(), 2);
+}
+
 #[test]
 fn lost_when_heartbeats_stop_and_forgotten_after_retention() {
     let mut f = fleet();
