@@ -230,23 +230,47 @@ pub(crate) fn charge(ctx: &Ctx, rec: &mut TaskRecord) {
     }
 }
 
-/// What a finished task cost (see [`charge`]); `est` when nothing says.
+/// The most one task's result may say it cost; over it, the figure is not believed (the
+/// tokens, else the estimate, are charged). One result claiming 1e300 would otherwise
+/// exhaust its budgets for the rest of their window.
+const MAX_TASK_COST_USD: f64 = 1_000_000.0;
+
+/// What a finished task cost (see [`charge`]); `est` when its result says nothing
+/// believable.
 fn cost_of(ctx: &Ctx, rec: &TaskRecord, est: f64) -> f64 {
-    let usage = rec.outcome.as_ref().and_then(|o| o.usage.as_ref());
-    let actual = usage.and_then(|u| {
-        if let Some(c) = u.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
-            return Some(c);
-        }
-        let model = u.model.as_deref().or(rec.model.as_deref())?;
-        let live = ctx.core.policy.live();
-        let entry = live.registry.lookup(model)?;
-        Some(entry.cost(&crate::registry::TokenUsage {
-            input: u.input_tokens,
-            output: u.output_tokens,
-            ..Default::default()
-        }))
-    });
-    actual.unwrap_or(est)
+    let live = ctx.core.policy.live();
+    rec.outcome
+        .as_ref()
+        .and_then(|o| o.usage.as_ref())
+        .and_then(|u| reported_cost(u, rec.model.as_deref(), &live.registry))
+        .unwrap_or(est)
+}
+
+/// What a result's usage says the task cost: the worker's `cost_usd`, else its tokens at
+/// the registry's price of the model it names (or the task was routed to). A figure out of
+/// range (a cost over [`MAX_TASK_COST_USD`], a token count over
+/// `domain::MAX_TOKENS_PER_REPORT`) says nothing.
+fn reported_cost(
+    u: &fleet_worker::message::Usage,
+    routed_model: Option<&str>,
+    registry: &crate::registry::Registry,
+) -> Option<f64> {
+    if let Some(c) = u
+        .cost_usd
+        .filter(|c| c.is_finite() && (0.0..=MAX_TASK_COST_USD).contains(c))
+    {
+        return Some(c);
+    }
+    let max = crate::domain::MAX_TOKENS_PER_REPORT;
+    if u.input_tokens > max || u.output_tokens > max {
+        return None;
+    }
+    let entry = registry.lookup(u.model.as_deref().or(routed_model)?)?;
+    Some(entry.cost(&crate::registry::TokenUsage {
+        input: u.input_tokens,
+        output: u.output_tokens,
+        ..Default::default()
+    }))
 }
 
 /// Settles a finished task's reservation in the ledger the task path decides on, with
@@ -274,4 +298,60 @@ fn dispatch_latency_ms(rec: &TaskRecord, result: &TaskResult) -> Option<u64> {
     let received = fleet_worker::message::rfc3339_unix_ms(result.timings.received_at.as_deref()?)?;
     // Clocks of different machines: a receipt "before" dispatch counts as zero.
     Some(received.saturating_sub(dispatched))
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_worker::message::Usage;
+
+    use super::*;
+    use crate::registry::Registry;
+
+    /// A result's own figures are charged while they are believable; a cost or a token
+    /// count no task can have says nothing, and the next source (or the estimate) is used.
+    #[test]
+    fn a_result_s_cost_is_believed_only_in_range() {
+        let registry = Registry::builtin().unwrap();
+        let usage = |cost_usd: Option<f64>, input_tokens: u64| Usage {
+            model: Some("gpt-4o".into()),
+            input_tokens,
+            output_tokens: 0,
+            cost_usd,
+        };
+        let priced = |n: u64| {
+            registry
+                .lookup("gpt-4o")
+                .unwrap()
+                .cost(&crate::registry::TokenUsage {
+                    input: n,
+                    ..Default::default()
+                })
+        };
+        assert_eq!(
+            reported_cost(&usage(Some(0.25), 10), None, &registry),
+            Some(0.25)
+        );
+        assert_eq!(
+            reported_cost(&usage(Some(MAX_TASK_COST_USD), 10), None, &registry),
+            Some(MAX_TASK_COST_USD)
+        );
+        // Not believed: the tokens are priced instead.
+        for absurd in [1e300, f64::INFINITY, -1.0, f64::NAN] {
+            assert_eq!(
+                reported_cost(&usage(Some(absurd), 1_000), None, &registry),
+                Some(priced(1_000)),
+                "{absurd}"
+            );
+        }
+        let max = crate::domain::MAX_TOKENS_PER_REPORT;
+        assert_eq!(
+            reported_cost(&usage(None, max), None, &registry),
+            Some(priced(max))
+        );
+        assert_eq!(reported_cost(&usage(None, u64::MAX), None, &registry), None);
+        assert_eq!(
+            reported_cost(&usage(Some(1e300), max + 1), None, &registry),
+            None
+        );
+    }
 }
