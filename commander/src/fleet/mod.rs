@@ -316,7 +316,7 @@ pub struct StateCounters {
     pub workers_refused: Counter,
     /// Workers forgotten after the retention period.
     pub workers_evicted: Counter,
-    /// Heartbeats with an unusable worker id or pool.
+    /// Heartbeats with an unusable worker id or pool, or figures out of range.
     pub heartbeats_invalid: Counter,
     /// Task-path events dropped because the owner was behind (the task path never waits).
     pub task_events_dropped: Counter,
@@ -379,7 +379,7 @@ impl StateCounters {
         );
         r.register(
             "heartbeats_invalid",
-            "Heartbeats with an unusable worker id or pool",
+            "Heartbeats with an unusable worker id or pool, or figures out of range",
             self.heartbeats_invalid.clone(),
         );
         r.register(
