@@ -477,6 +477,23 @@ fn spans_missing_ids_are_rejected_and_counted_the_rest_kept() {
     );
 }
 
+/// A metrics export of worker `w-9` holding `metric_list`.
+fn metrics_of_w9(metric_list: Vec<Metric>) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![s("fleet.worker.id", "w-9")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: metric_list,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
 fn hist_point(attrs: Vec<KeyValue>, sum: f64, count: u64) -> HistogramDataPoint {
     HistogramDataPoint {
         attributes: attrs,
@@ -552,19 +569,7 @@ fn genai_metrics_old_and_new() {
             ..Default::default()
         },
     ];
-    let req = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![s("fleet.worker.id", "w-9")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: metric_list,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let req = metrics_of_w9(metric_list);
     let (points, total, _) = metrics(req);
     assert_eq!(total, 5);
     assert_eq!(points.len(), 4);
@@ -647,19 +652,7 @@ fn token_counts_out_of_range_are_refused_with_the_span_or_point() {
             ..Default::default()
         },
     ];
-    let req = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![s("fleet.worker.id", "w-9")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: metric_list,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let req = metrics_of_w9(metric_list);
     let (points, total, rej) = metrics(req);
     assert_eq!(total, 7);
     let values: Vec<f64> = points.iter().map(|p| p.value).collect();
