@@ -249,6 +249,23 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
         400,
         "a silence of everything is refused"
     );
+    // A silence that could never match is refused too, not kept as a silence of nothing.
+    let r = http
+        .post(stack.http("/v1/silences"))
+        .bearer_auth("ops-token")
+        .json(
+            &serde_json::json!({"matchers": {"severity": "page"}, "duration_s": 600,
+                                  "author": "alice"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let refused: Value = r.json().await.unwrap();
+    assert_eq!(
+        refused["error"]["message"],
+        "matchers.severity \"page\" is not a severity (info, warning, critical)"
+    );
     let r = http
         .post(stack.http("/v1/silences"))
         .bearer_auth("ops-token")

@@ -64,11 +64,7 @@ pub async fn list(
         severity: parse(
             "severity",
             q.severity.as_deref(),
-            |s| {
-                [Severity::Info, Severity::Warning, Severity::Critical]
-                    .into_iter()
-                    .find(|v| v.as_str() == s)
-            },
+            Severity::parse,
             "info, warning, critical",
         )?,
         worker: q.worker,
@@ -158,6 +154,13 @@ pub async fn add_silence(
         && Rule::parse(r).is_none()
     {
         problems.push(format!("matchers.rule {r:?} is not a rule"));
+    }
+    if let Some(v) = n.matchers.get("severity")
+        && Severity::parse(v).is_none()
+    {
+        problems.push(format!(
+            "matchers.severity {v:?} is not a severity (info, warning, critical)"
+        ));
     }
     if !(1..=30 * 24 * 3600).contains(&n.duration_s) {
         problems.push(format!(
