@@ -253,7 +253,11 @@ impl Hub {
         if let Some(last) = last_id {
             let oldest = ring.front().map_or(u64::MAX, |e| e.id);
             let newest = ring.back().map_or(0, |e| e.id);
-            gap = last < newest && last.saturating_add(1) < oldest;
+            // Ids are taken under this lock, so this is every id this hub has handed out.
+            // A later one is another run's (the commander restarted, or another replica
+            // answered the reconnect): what followed it is unknowable here.
+            let unissued = last >= self.inner.next_id.load(Ordering::Relaxed);
+            gap = unissued || (last < newest && last.saturating_add(1) < oldest);
             replay = ring.iter().filter(|e| e.id > last).cloned().collect();
         }
         drop(ring);
@@ -311,6 +315,11 @@ mod tests {
         assert_eq!(hub.counters().resume_gaps.get(), 1);
         let s = hub.subscribe(Some(10));
         assert!(s.replay.is_empty() && !s.gap);
+        // An id this hub never handed out is another run's: the client missed what
+        // followed it, and is told so.
+        let s = hub.subscribe(Some(11));
+        assert!(s.replay.is_empty() && s.gap, "another run's id");
+        assert_eq!(hub.counters().resume_gaps.get(), 2);
     }
 
     #[tokio::test]

@@ -159,7 +159,7 @@ pub async fn stream(
     let sub = s.events.subscribe(last_id);
     let first = sub.gap.then(|| {
         Bytes::from_static(
-            b"event: resync\ndata: {\"reason\":\"events since Last-Event-ID left the ring; fetch the state again\"}\n\n",
+            b"event: resync\ndata: {\"reason\":\"events since Last-Event-ID left the ring, or it is not an id this commander sent; fetch the state again\"}\n\n",
         )
     });
     let connected = Connected::new(s.events.counters());
