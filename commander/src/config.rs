@@ -982,6 +982,9 @@ pub enum SinkKind {
     Pagerduty,
 }
 
+/// The largest `http.max_body_bytes` may be: 64 MiB, far above any task or policy.
+const MAX_BODY_BYTES_LIMIT: usize = 64 << 20;
+
 fn default_prefix() -> String {
     DEFAULT_PREFIX.to_string()
 }
@@ -1319,6 +1322,22 @@ impl Config {
                 "store.retention_hours: must be at least 1".to_string(),
             ));
         }
+        if self.store.data_dir.as_os_str().is_empty() {
+            p.push(Keyed::new(
+                Missing,
+                "store.data_dir: must not be empty (leave it out for \"data\")".to_string(),
+            ));
+        }
+        // Under a kilobyte no policy push fits, and at 0 every task is refused as too large.
+        if !(1024..=MAX_BODY_BYTES_LIMIT).contains(&self.http.max_body_bytes) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "http.max_body_bytes: {} is out of range (1024 to {MAX_BODY_BYTES_LIMIT})",
+                    self.http.max_body_bytes
+                ),
+            ));
+        }
         if !(16..=1_048_576).contains(&self.store.cache_mib) {
             p.push(Keyed::new(
                 OutOfRange,
@@ -1607,7 +1626,7 @@ mod tests {
 
     #[test]
     fn all_semantic_problems_are_reported_together() {
-        let text = "[nats]\nprefix = \"a.*\"\n[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\ncapabilities = [\"\"]\n";
+        let text = "[nats]\nprefix = \"a.*\"\n[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\ncapabilities = [\"\"]\n[http]\nmax_body_bytes = 0\n[store]\ndata_dir = \"\"\n";
         let ConfigError::Invalid { problems, .. } =
             Config::parse(text, Path::new("c.toml")).unwrap_err()
         else {
@@ -1618,6 +1637,8 @@ mod tests {
             got,
             [
                 (Some(2), ProblemKind::BadValue),
+                (Some(12), ProblemKind::Missing),
+                (Some(10), ProblemKind::OutOfRange),
                 (Some(4), ProblemKind::OutOfRange),
                 (Some(8), ProblemKind::Missing),
                 (Some(6), ProblemKind::UnknownName),
