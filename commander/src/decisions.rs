@@ -382,7 +382,10 @@ impl DecisionLog {
         Ok(scan.into_page())
     }
 
-    /// Decisions made in [`since_ms`, `until_ms`), oldest first, at most `max`.
+    /// Decisions made in [`since_ms`, `until_ms`), oldest first, at most `max`, collected:
+    /// for tests. The commander walks a span ([`DecisionLog::walk_range`]) instead of
+    /// holding it.
+    #[cfg(test)]
     pub fn range(
         &self,
         since_ms: u64,

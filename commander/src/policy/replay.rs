@@ -76,7 +76,9 @@ fn describe(outcome: &str, pool: Option<&str>, model: Option<&str>) -> String {
     }
 }
 
-/// Replays `decisions` (oldest first) under `candidate`: [`Replay`] over a slice.
+/// Replays `decisions` (oldest first) under `candidate`: [`Replay`] over a slice, for
+/// tests (the API feeds [`Replay`] from the log a page at a time).
+#[cfg(test)]
 pub fn replay(
     candidate: &Policy,
     decisions: &[DecisionRecord],
