@@ -681,15 +681,17 @@ impl FleetState {
             } else {
                 p.value
             };
-            // A delta point was checked on the way in; a cumulative one only as a total,
-            // so a series that jumps (or starts) by more than one report may is not booked.
-            if value > crate::domain::MAX_TOKENS_PER_REPORT as f64 {
-                self.counters.metric_steps_out_of_range.inc();
-                continue;
-            }
             let tokens_moved =
                 matches!(p.kind, MetricKind::InputTokens | MetricKind::OutputTokens) && value > 0.0;
             w.note_export(now_ms, tokens_moved);
+            // A delta point was checked on the way in; a cumulative one only as a total,
+            // so a series that jumps (or starts) by more than one report may is not booked.
+            if p.kind != MetricKind::OperationDuration
+                && value > crate::domain::MAX_TOKENS_PER_REPORT as f64
+            {
+                self.counters.metric_steps_out_of_range.inc();
+                continue;
+            }
             let entry = p.model.as_deref().and_then(|m| reg.lookup(m));
             let model = entry.map(|e| e.name.as_str()).or(p.model.as_deref());
             // Instrumentations that send spans usually send these metrics too: when a

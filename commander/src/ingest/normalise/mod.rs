@@ -9,12 +9,12 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::domain::{MAX_CUMULATIVE_TOKENS, MAX_TOKENS_PER_REPORT};
-
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{AggregationTemporality, metric};
+
+use crate::domain::{MAX_CUMULATIVE_TOKENS, MAX_TOKENS_PER_REPORT};
 
 pub mod wire;
 
