@@ -24,20 +24,27 @@ impl From<QueryError> for ApiError {
     }
 }
 
-fn window(raw: Option<&str>, default: Duration) -> Result<Duration, ApiError> {
+/// A query's window: `default` when absent, else `min` (the finest grain that window is
+/// kept at, so a shorter one could only be answered with more than it asked for) to 24 h.
+fn window(raw: Option<&str>, default: Duration, min: Duration) -> Result<Duration, ApiError> {
     let Some(raw) = raw else { return Ok(default) };
     let w = humantime::parse_duration(raw).map_err(|e| {
         ApiError::BadRequest(format!(
             "window {raw:?} is not a duration like 15m, 1h or 24h: {e}"
         ))
     })?;
-    if w.is_zero() || w > MAX_WINDOW {
+    if w < min || w > MAX_WINDOW {
         return Err(ApiError::BadRequest(format!(
-            "window {raw:?} must be above 0 and at most 24h"
+            "window {raw:?} must be {} to 24h",
+            humantime::format_duration(min)
         )));
     }
     Ok(w)
 }
+
+/// The fleet series' grain (10 s) and the cost ledger's (a minute).
+const SERIES_GRAIN: Duration = Duration::from_secs(10);
+const COSTS_GRAIN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +61,7 @@ pub async fn overview(
     let mut body =
         serde_json::to_value(&snap.fleet).map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Some(raw) = q.series.as_deref() {
-        let w = window(Some(raw), Duration::from_secs(3600))?;
+        let w = window(Some(raw), Duration::from_secs(3600), SERIES_GRAIN)?;
         let series = s.core.fleet.fleet_series(w.as_millis() as u64).await?;
         body["series"] = json!(series);
     }
@@ -255,7 +262,7 @@ pub async fn costs(
             Dim::NAMES
         )));
     }
-    let w = window(q.window.as_deref(), Duration::from_secs(3600))?;
+    let w = window(q.window.as_deref(), Duration::from_secs(3600), COSTS_GRAIN)?;
     let report = s.core.fleet.costs(by, w.as_millis() as u64).await?;
     Ok(Json(report).into_response())
 }

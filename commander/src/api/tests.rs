@@ -444,6 +444,21 @@ async fn routes_methods_ids_queries_and_sizes_answer_in_the_one_error_shape() {
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Finer than the ledger's minute: it could only be answered with a whole minute.
+        (
+            Request::get("/v1/costs?window=30s")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::get("/v1/fleet?series=5s")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             post_task()
                 .body(Body::from(format!(
