@@ -119,7 +119,7 @@ pub struct Filter {
     /// Case-insensitive substring of the reason.
     pub reason: Option<String>,
     /// Classification path: declared, cache, llm, fallback.
-    pub source: Option<String>,
+    pub source: Option<crate::classify::Source>,
     pub outcome: Option<Outcome>,
     /// Time range, Unix ms (inclusive since, exclusive until).
     pub since_ms: Option<u64>,
@@ -143,7 +143,7 @@ impl Filter {
             && eq(&self.model, d.model.as_deref())
             && eq(&self.task_type, Some(&d.task_type))
             && eq(&self.rule, Some(&d.rule))
-            && eq(&self.source, Some(d.classification.source.as_str()))
+            && self.source.is_none_or(|s| s == d.classification.source)
             && self.outcome.is_none_or(|o| o == d.outcome)
             && self
                 .reason

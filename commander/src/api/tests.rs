@@ -459,6 +459,14 @@ async fn routes_methods_ids_queries_and_sizes_answer_in_the_one_error_shape() {
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // Closed sets and numbers are checked, not matched against nothing.
+        (
+            Request::get("/v1/decisions?source=guess")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             post_task()
                 .body(Body::from(format!(
@@ -530,6 +538,13 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
                 .starts_with("max="),
             "{uri}: {json}"
         );
+    }
+    // A threshold that is not a number matches nothing; it is refused instead.
+    for q in ["min_cost_usd=NaN", "min_duration_ms=-1", "min_cost_usd=inf"] {
+        let uri = format!("/v1/traces?{q}");
+        let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+        let (status, _, json) = api.call(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
     }
 }
 

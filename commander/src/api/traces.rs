@@ -45,6 +45,16 @@ pub async fn list(
             "why={w:?} is not a reason a trace is kept for (docs/traces.md)"
         )));
     }
+    for (name, v) in [
+        ("min_cost_usd", filter.min_cost_usd),
+        ("min_duration_ms", filter.min_duration_ms),
+    ] {
+        if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(ApiError::BadRequest(format!(
+                "{name}={v} must be a finite number >= 0"
+            )));
+        }
+    }
     if let Some(st) = &filter.status
         && st != "ok"
         && st != "error"
