@@ -101,7 +101,7 @@ export function treemap(items, { width = 800, height = 360, label = '' } = {}) {
   }
   if (row.length) layout(row);
   const cells = rects.map(r => `<g><rect x="${r.x.toFixed(1)}" y="${r.y.toFixed(1)}" width="${Math.max(0, r.w - 1).toFixed(1)}" height="${Math.max(0, r.h - 1).toFixed(1)}" fill="${colour(r.i)}" opacity="0.85"><title>${esc(r.label)}: $${r.value.toFixed(4)}</title></rect>
-    ${r.w > 60 && r.h > 28 ? `<text x="${(r.x + 4).toFixed(1)}" y="${(r.y + 14).toFixed(1)}" style="fill:#fff">${esc(r.label).slice(0, Math.floor(r.w / 7))}</text><text x="${(r.x + 4).toFixed(1)}" y="${(r.y + 26).toFixed(1)}" style="fill:#fff">$${r.value.toFixed(4)}</text>` : ''}</g>`);
+    ${r.w > 60 && r.h > 28 ? `<text x="${(r.x + 4).toFixed(1)}" y="${(r.y + 14).toFixed(1)}" style="fill:#fff">${esc([...r.label].slice(0, Math.floor(r.w / 7)).join(''))}</text><text x="${(r.x + 4).toFixed(1)}" y="${(r.y + 26).toFixed(1)}" style="fill:#fff">$${r.value.toFixed(4)}</text>` : ''}</g>`);
   return `<svg viewBox="0 0 ${width} ${height}" role="img" aria-label="${esc(label)}" style="width:100%">${cells.join('')}</svg>`;
 }
 
