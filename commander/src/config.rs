@@ -631,6 +631,9 @@ pub struct HttpConfig {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Most `/v1/stream` clients connected at once; one more is answered 503.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
 }
 
 impl Default for HttpConfig {
@@ -638,8 +641,13 @@ impl Default for HttpConfig {
         Self {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
+            max_streams: crate::events::DEFAULT_MAX_STREAMS,
         }
     }
+}
+
+fn default_max_streams() -> usize {
+    crate::events::DEFAULT_MAX_STREAMS
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1326,6 +1334,15 @@ impl Config {
             p.push(Keyed::new(
                 Missing,
                 "store.data_dir: must not be empty (leave it out for \"data\")".to_string(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.http.max_streams) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "http.max_streams: {} is out of range (1 to 100000)",
+                    self.http.max_streams
+                ),
             ));
         }
         // Under a kilobyte no policy push fits, and at 0 every task is refused as too large.

@@ -86,6 +86,8 @@ pub struct StreamCounters {
     pub dropped: Counter,
     /// Events a resuming client asked for that had left the ring.
     pub resume_gaps: Counter,
+    /// Clients refused because `http.max_streams` were connected.
+    pub refused: Counter,
 }
 
 impl StreamCounters {
@@ -110,6 +112,11 @@ impl StreamCounters {
             "Resumes (Last-Event-ID) older than the ring: the client missed events",
             self.resume_gaps.clone(),
         );
+        r.register(
+            "stream_clients_refused",
+            "Clients refused because http.max_streams streams were open",
+            self.refused.clone(),
+        );
     }
 }
 
@@ -127,6 +134,8 @@ struct Inner {
     last_watched_ms: AtomicU64,
     started: std::time::Instant,
     counters: Arc<StreamCounters>,
+    /// One permit per stream that may be open at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Cheap to clone; every clone publishes to the same subscribers.
@@ -135,16 +144,20 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
+/// Streams open at once unless the config says otherwise (`http.max_streams`): a
+/// dashboard tab holds one.
+pub const DEFAULT_MAX_STREAMS: usize = 1_000;
+
 impl Default for Hub {
     fn default() -> Self {
-        Hub::new(4096, 1024)
+        Hub::new(4096, 1024, DEFAULT_MAX_STREAMS)
     }
 }
 
 impl Hub {
     /// `ring_size` events kept for resumes; a subscriber more than `lag` events behind
-    /// is dropped.
-    pub fn new(ring_size: usize, lag: usize) -> Self {
+    /// is dropped; at most `max_clients` streams at once ([`Hub::slot`]).
+    pub fn new(ring_size: usize, lag: usize, max_clients: usize) -> Self {
         let (tx, _) = broadcast::channel(lag.max(16));
         Hub {
             inner: Arc::new(Inner {
@@ -155,8 +168,19 @@ impl Hub {
                 last_watched_ms: AtomicU64::new(0),
                 started: std::time::Instant::now(),
                 counters: Arc::new(StreamCounters::default()),
+                slots: Arc::new(tokio::sync::Semaphore::new(max_clients)),
             }),
         }
+    }
+
+    /// A place for one more stream, held for as long as it is open; `None` (counted) when
+    /// every place is taken: each open stream holds a task, its buffers and a socket.
+    pub fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = self.inner.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.inner.counters.refused.inc();
+        }
+        slot
     }
 
     pub fn counters(&self) -> Arc<StreamCounters> {
@@ -285,7 +309,7 @@ mod tests {
 
     #[test]
     fn nothing_is_built_while_nobody_listens() {
-        let hub = Hub::new(8, 16);
+        let hub = Hub::new(8, 16, 4);
         hub.publish(Kind::Decision, None, None, &"x");
         assert!(hub.ring().is_empty());
         let _s = hub.subscribe(None);
@@ -297,7 +321,7 @@ mod tests {
 
     #[test]
     fn a_resume_replays_what_followed_and_says_when_the_ring_lost_some() {
-        let hub = Hub::new(4, 16);
+        let hub = Hub::new(4, 16, 4);
         let _keep = hub.subscribe(None);
         for i in 0..10 {
             hub.publish(Kind::Alert, Some("p"), None, &i);
@@ -324,7 +348,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_lags_and_publishing_never_waits() {
-        let hub = Hub::new(4, 16);
+        let hub = Hub::new(4, 16, 4);
         let mut s = hub.subscribe(None);
         for i in 0..1000 {
             hub.publish(Kind::Decision, None, None, &i);

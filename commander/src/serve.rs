@@ -148,7 +148,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
 
-    let (events, decisions) = open_decision_log(&store, &mut registry)?;
+    let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
 
     let Policies {
         sync: policy_sync,
@@ -238,8 +238,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
 fn open_decision_log(
     store: &Store,
     registry: &mut prometheus_client::registry::Registry,
+    max_streams: usize,
 ) -> Result<(crate::events::Hub, DecisionLog), ServeError> {
-    let events = crate::events::Hub::default();
+    let events = crate::events::Hub::new(4096, 1024, max_streams);
     events.counters().register(registry);
     let decisions = DecisionLog::open(store)?.with_events(events.clone());
     Ok((events, decisions))

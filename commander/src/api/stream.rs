@@ -74,6 +74,8 @@ impl Drop for Connected {
 }
 
 struct Feed {
+    /// This stream's place among `http.max_streams`, given back when it ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     replay: std::vec::IntoIter<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     wanted: Wanted,
@@ -156,6 +158,9 @@ pub async fn stream(
         })?),
         None => q.last_event_id,
     };
+    let slot = s.events.slot().ok_or_else(|| {
+        ApiError::Busy("every stream place (http.max_streams) is taken; retry later".into())
+    })?;
     let sub = s.events.subscribe(last_id);
     let first = sub.gap.then(|| {
         Bytes::from_static(
@@ -182,6 +187,7 @@ pub async fn stream(
             i
         },
         _connected: connected,
+        _slot: slot,
     };
     Ok((
         [

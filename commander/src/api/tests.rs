@@ -211,7 +211,7 @@ fn api_with_roles(
         compliance_token: token.map(str::to_string),
         supervisor: Default::default(),
         auth: super::auth::Keys::new(roles, token.map(str::to_string)),
-        events: crate::events::Hub::new(64, 64),
+        events: crate::events::Hub::new(64, 64, 2),
         control: super::control::Control::open(&store, &auth, Arc::new(NoWorkers)).unwrap(),
     };
     Api {
@@ -546,6 +546,34 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
         let (status, _, json) = api.call(req).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
     }
+}
+
+/// Streams are bounded: past `http.max_streams` (two here) one more is a 503 to retry, and
+/// a place comes back when a stream ends.
+#[tokio::test]
+async fn streams_past_the_limit_are_refused_until_one_ends() {
+    let api = api(None, 4096);
+    let open = || async {
+        router(api.state.clone())
+            .oneshot(Request::get("/v1/stream").body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    };
+    let (first, second) = (open().await, open().await);
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let (status, headers, json) = api
+        .call(Request::get("/v1/stream").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(code(&json), "unavailable");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(api.state.events.counters().refused.get(), 1);
+    drop(first);
+    assert_eq!(open().await.status(), StatusCode::OK, "the place came back");
+    drop(second);
 }
 
 fn put_policy(auth: Option<&str>, body: &str) -> Request<Body> {
