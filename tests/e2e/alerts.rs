@@ -266,6 +266,18 @@ async fn a_silenced_agents_alert_is_kept_but_not_sent() {
         refused["error"]["message"],
         "matchers.severity \"page\" is not a severity (info, warning, critical)"
     );
+    // Silences are kept 10,000 deep: each one's text is bounded, not just the body.
+    let r = http
+        .post(stack.http("/v1/silences"))
+        .bearer_auth("ops-token")
+        .json(
+            &serde_json::json!({"matchers": {"worker": "ctx-2"}, "duration_s": 600,
+                                  "author": "alice", "comment": "c".repeat(1_001)}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400, "a comment over 1,000 characters");
     let r = http
         .post(stack.http("/v1/silences"))
         .bearer_auth("ops-token")

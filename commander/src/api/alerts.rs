@@ -171,6 +171,20 @@ pub async fn add_silence(
     if n.author.trim().is_empty() || n.author.len() > 200 {
         problems.push("author must be 1-200 characters".to_string());
     }
+    // Kept in sled, 10,000 silences deep: each is bounded, not just the request body.
+    if n.comment.chars().count() > 1_000 {
+        problems.push("comment must be at most 1000 characters".to_string());
+    }
+    if n.matchers.len() > 8
+        || n.matchers
+            .iter()
+            .any(|(k, v)| k.chars().count() > 64 || v.chars().count() > 256)
+    {
+        problems.push(
+            "matchers: at most 8, each a name of at most 64 characters and a value of at most 256"
+                .to_string(),
+        );
+    }
     if !problems.is_empty() {
         return Err(ApiError::BadRequest(problems.join("; ")));
     }

@@ -137,7 +137,40 @@ fn fields_of(command: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// The longest `reason` a command may give, in characters.
+const MAX_REASON_CHARS: usize = 1_000;
+
+/// What the audit keeps of any one text field of a request (refused ones included): the
+/// audit holds `auth.audit_records` requests, and each could otherwise be as long as
+/// the body limit allows.
+const AUDIT_FIELD_CHARS: usize = 1_000;
+
+/// `text` cut to `max` characters (at a character boundary), marked with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 impl Request {
+    /// The request as the audit keeps it: every text field at most [`AUDIT_FIELD_CHARS`].
+    fn for_audit(&self) -> Request {
+        let c = |t: &Option<String>| t.as_deref().map(|t| cut(t, AUDIT_FIELD_CHARS));
+        Request {
+            id: c(&self.id),
+            command: cut(&self.command, AUDIT_FIELD_CHARS),
+            worker: c(&self.worker),
+            pool: c(&self.pool),
+            task_id: c(&self.task_id),
+            to: c(&self.to),
+            weight: self.weight,
+            usd: self.usd,
+            window: c(&self.window),
+            reason: c(&self.reason),
+        }
+    }
+
     /// The optional fields that were sent.
     fn present(&self) -> Vec<&'static str> {
         [
@@ -164,6 +197,16 @@ impl Request {
         })?;
         if let Some(extra) = self.present().into_iter().find(|f| !takes.contains(f)) {
             return Err(ApiError::BadRequest(format!("{c} does not take {extra}")));
+        }
+        if let Some(n) = self
+            .reason
+            .as_deref()
+            .map(|r| r.chars().count())
+            .filter(|n| *n > MAX_REASON_CHARS)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "reason is {n} characters; at most {MAX_REASON_CHARS}"
+            )));
         }
         let pool = || need(&self.pool, "pool", c).map(str::to_string);
         Ok(match c {
@@ -420,7 +463,7 @@ async fn handle(s: &AppState, from: &Who<'_>, req: Request) -> (Ack, Option<ApiE
         who: who.clone(),
         remote: from.remote.clone(),
         via: from.via.into(),
-        request: req.clone(),
+        request: req.for_audit(),
         ok,
         result: state
             .clone()

@@ -840,6 +840,37 @@ mod roles {
         assert_eq!(status, StatusCode::FORBIDDEN);
     }
 
+    /// A command's text is bounded: a `reason` over 1,000 characters is refused, and what
+    /// the audit keeps of any field, refused commands' included, is cut to 1,000.
+    #[tokio::test]
+    async fn a_command_s_text_is_bounded_in_what_it_asks_and_what_the_audit_keeps() {
+        let api = api(None, 1 << 20);
+        let lift = |reason: String| {
+            command(
+                "x",
+                serde_json::json!({"command": "lift_cost_cap", "reason": reason}),
+            )
+        };
+        let (status, _, ack) = api.call(lift("r".repeat(1_001))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{ack}");
+        assert_eq!(
+            ack["error"]["message"],
+            "reason is 1001 characters; at most 1000"
+        );
+        let (status, _, ack) = api.call(lift("é".repeat(1_000))).await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        let (status, _, ack) = api
+            .call(command(
+                "x",
+                serde_json::json!({"command": "drain", "worker": "w".repeat(5_000)}),
+            ))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{ack}");
+        let (_, _, log) = api.call(request("GET", "/v1/control/audit", None)).await;
+        let kept = log["records"][0]["request"]["worker"].as_str().unwrap();
+        assert_eq!(kept, format!("{}…", "w".repeat(1_000)));
+    }
+
     #[tokio::test]
     async fn routing_changes_and_the_cost_cap_take_effect_in_the_live_snapshot_at_once() {
         let api = api(None, 1 << 20);
