@@ -148,7 +148,7 @@ const AUDIT_FIELD_CHARS: usize = 1_000;
 /// `text` cut to `max` characters (at a character boundary), marked with `…` when cut.
 fn cut(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &text[..at]),
+        Some((at, _)) => format!("{}…", text.get(..at).unwrap_or_default()),
         None => text.to_string(),
     }
 }
