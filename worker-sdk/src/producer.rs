@@ -81,6 +81,9 @@ pub struct Producer {
     client: async_nats::Client,
     js: jetstream::Context,
     subjects: Subjects,
+    /// The intake stream's name, made once: each submission's ack future holds it, to
+    /// read a copy's first message back.
+    intake: std::sync::Arc<str>,
     retry_for: Duration,
 }
 
@@ -102,6 +105,7 @@ impl Producer {
         Self {
             client,
             js,
+            intake: subjects.intake_stream().into(),
             subjects,
             retry_for: DEFAULT_SUBMIT_RETRY,
         }
@@ -177,7 +181,7 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::NotAccepted(e.to_string()))?;
         let (task_id, traceparent) = (p.task_id.clone(), p.traceparent);
-        let (js, intake) = (self.js.clone(), self.subjects.intake_stream());
+        let (js, intake) = (self.js.clone(), self.intake.clone());
         Ok(async move {
             let ack = pending
                 .await

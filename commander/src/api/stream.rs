@@ -57,32 +57,37 @@ impl Wanted {
     }
 }
 
-/// Counts a connected client for as long as its stream lives.
-struct Connected(Arc<StreamCounters>);
+/// A connected client, for as long as its stream lives: counted, and holding its place
+/// among `http.max_streams` (given back when it ends).
+struct Connected {
+    counters: Arc<StreamCounters>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl Connected {
-    fn new(c: Arc<StreamCounters>) -> Self {
-        c.clients.inc();
-        Connected(c)
+    fn new(counters: Arc<StreamCounters>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        counters.clients.inc();
+        Connected {
+            counters,
+            _slot: slot,
+        }
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        self.0.clients.dec();
+        self.counters.clients.dec();
     }
 }
 
 struct Feed {
-    /// This stream's place among `http.max_streams`, given back when it ends.
-    _slot: tokio::sync::OwnedSemaphorePermit,
     replay: std::vec::IntoIter<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     wanted: Wanted,
     first: Option<Bytes>,
     done: bool,
     keep_alive: tokio::time::Interval,
-    _connected: Connected,
+    connected: Connected,
 }
 
 /// An SSE comment: keeps proxies and the client's idle timers from closing the stream.
@@ -113,7 +118,7 @@ fn frames(f: Feed) -> impl Stream<Item = Result<Bytes, Infallible>> {
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Fell a whole channel behind: dropped, told why, and it may resume
                     // from its last id.
-                    f._connected.0.dropped.inc();
+                    f.connected.counters.dropped.inc();
                     tracing::info!(missed = n, "slow stream client dropped");
                     f.done = true;
                     let bye = format!(
@@ -167,7 +172,7 @@ pub async fn stream(
             b"event: resync\ndata: {\"reason\":\"events since Last-Event-ID left the ring, or it is not an id this commander sent; fetch the state again\"}\n\n",
         )
     });
-    let connected = Connected::new(s.events.counters());
+    let connected = Connected::new(s.events.counters(), slot);
     let feed = Feed {
         replay: sub.replay.into_iter(),
         rx: sub.rx,
@@ -186,8 +191,7 @@ pub async fn stream(
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         },
-        _connected: connected,
-        _slot: slot,
+        connected,
     };
     Ok((
         [

@@ -104,9 +104,6 @@ pub struct Replay<'a> {
     fleet: &'a RouteSnapshot,
     candidate: Shadow<'a>,
     in_force: Shadow<'a>,
-    /// What the policy in force would dispatch (not reported; its shadow needs somewhere
-    /// to add it).
-    in_force_cost: f64,
     report: ReplayReport,
 }
 
@@ -136,7 +133,6 @@ impl<'a> Replay<'a> {
             fleet,
             candidate: Shadow::new(candidate),
             in_force: Shadow::new(&live.policy),
-            in_force_cost: 0.0,
             report,
         }
     }
@@ -154,12 +150,8 @@ impl<'a> Replay<'a> {
             r.cost_before_usd += d.est_cost_usd.unwrap_or(0.0);
         }
         let (live, fleet) = (self.live, self.fleet);
-        let after = self
-            .candidate
-            .decide(d, &task, live, fleet, &mut r.cost_after_usd);
-        let now = self
-            .in_force
-            .decide(d, &task, live, fleet, &mut self.in_force_cost);
+        let after = self.candidate.decide(d, &task, live, fleet);
+        let now = self.in_force.decide(d, &task, live, fleet);
         if after.changed.is_some() && after.text == now.text {
             r.drifted += 1;
         } else {
@@ -169,18 +161,20 @@ impl<'a> Replay<'a> {
 
     pub fn finish(mut self) -> ReplayReport {
         let r = &mut self.report;
+        r.cost_after_usd = self.candidate.dispatched_usd;
         r.cost_delta_usd = r.cost_after_usd - r.cost_before_usd;
         self.report
     }
 }
 
 /// One policy deciding the replayed span in order, with the ledger its own admissions
-/// fill.
+/// fill and the sum of the estimates it dispatched.
 #[derive(Debug)]
 struct Shadow<'p> {
     policy: &'p Policy,
     hints: PolicyHints,
     ledger: Ledger,
+    dispatched_usd: f64,
 }
 
 impl<'p> Shadow<'p> {
@@ -189,18 +183,18 @@ impl<'p> Shadow<'p> {
             policy,
             hints: evaluate::hints(policy),
             ledger: Ledger::default(),
+            dispatched_usd: 0.0,
         }
     }
 
     /// What this policy does with the logged task `d` now; a dispatch adds its estimate
-    /// to `cost`.
+    /// to `dispatched_usd`.
     fn decide(
         &mut self,
         d: &DecisionRecord,
         task: &Task,
         live: &super::Live,
         fleet: &RouteSnapshot,
-        cost: &mut f64,
     ) -> After {
         let verdict = evaluate::evaluate(EvalInput {
             task,
@@ -221,7 +215,7 @@ impl<'p> Shadow<'p> {
             // Shadow replay judges a policy alone, not the interventions in force.
             blocks: &[],
         });
-        After::of(d, verdict, &mut self.ledger, cost)
+        After::of(d, verdict, &mut self.ledger, &mut self.dispatched_usd)
     }
 }
 

@@ -34,10 +34,11 @@
 //! 2's plus [`Added`], and format 4's is format 3's plus [`Compact`], so the next field
 //! goes at the end of `Compact` under format 5.
 
+use std::borrow::Cow;
+
 use fleet_worker::message::{ErrorInfo, ResultStatus, Usage};
 use fleet_worker::trace::{SpanId, TraceId, TraceParent};
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 
 use super::{DeferInfo, Outcome, Stamp, StateChange, TaskRecord, TaskState, TraceInfo};
 use crate::domain::{CellKey, Generation, Reservation};
