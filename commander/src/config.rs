@@ -634,6 +634,9 @@ pub struct HttpConfig {
     /// Most `/v1/stream` clients connected at once; one more is answered 503.
     #[serde(default = "default_max_streams")]
     pub max_streams: usize,
+    /// Most control WebSockets (`GET /v1/control`) open at once; one more is answered 503.
+    #[serde(default = "default_max_control_sockets")]
+    pub max_control_sockets: usize,
 }
 
 impl Default for HttpConfig {
@@ -642,12 +645,18 @@ impl Default for HttpConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             max_streams: crate::events::DEFAULT_MAX_STREAMS,
+            max_control_sockets: default_max_control_sockets(),
         }
     }
 }
 
 fn default_max_streams() -> usize {
     crate::events::DEFAULT_MAX_STREAMS
+}
+
+/// One per dashboard tab an operator keeps open; a hundred is a large operations floor.
+fn default_max_control_sockets() -> usize {
+    100
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1345,6 +1354,15 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=10_000).contains(&self.http.max_control_sockets) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "http.max_control_sockets: {} is out of range (1 to 10000)",
+                    self.http.max_control_sockets
+                ),
+            ));
+        }
         // Under a kilobyte no policy push fits, and at 0 every task is refused as too large.
         if !(1024..=MAX_BODY_BYTES_LIMIT).contains(&self.http.max_body_bytes) {
             p.push(Keyed::new(
@@ -1643,7 +1661,7 @@ mod tests {
 
     #[test]
     fn all_semantic_problems_are_reported_together() {
-        let text = "[nats]\nprefix = \"a.*\"\n[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\ncapabilities = [\"\"]\n[http]\nmax_body_bytes = 0\n[store]\ndata_dir = \"\"\n";
+        let text = "[nats]\nprefix = \"a.*\"\n[intake]\nbatch_size = 0\n[routing]\ndefault_pool = \"nope\"\n[pools.code]\ncapabilities = [\"\"]\n[http]\nmax_body_bytes = 0\nmax_control_sockets = 0\n[store]\ndata_dir = \"\"\n";
         let ConfigError::Invalid { problems, .. } =
             Config::parse(text, Path::new("c.toml")).unwrap_err()
         else {
@@ -1654,7 +1672,8 @@ mod tests {
             got,
             [
                 (Some(2), ProblemKind::BadValue),
-                (Some(12), ProblemKind::Missing),
+                (Some(13), ProblemKind::Missing),
+                (Some(11), ProblemKind::OutOfRange),
                 (Some(10), ProblemKind::OutOfRange),
                 (Some(4), ProblemKind::OutOfRange),
                 (Some(8), ProblemKind::Missing),

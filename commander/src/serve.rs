@@ -453,8 +453,13 @@ fn start_operator_surface(
         client: w.client.clone(),
         subjects: w.subjects.clone(),
     });
-    let control = crate::api::control::Control::open(store, &w.config.auth, tell)
-        .map_err(in_store(w.config))?;
+    let control = crate::api::control::Control::open(
+        store,
+        &w.config.auth,
+        w.config.http.max_control_sockets,
+        tell,
+    )
+    .map_err(in_store(w.config))?;
     control.counters.register(registry);
     let (hub, fleet, alerts, engine) = (
         events.clone(),

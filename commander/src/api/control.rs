@@ -307,6 +307,8 @@ pub struct Control {
     pub allowed_origins: Arc<Vec<String>>,
     pub tell: Arc<dyn Tell>,
     pub counters: Arc<ControlCounters>,
+    /// One permit per open control socket (`http.max_control_sockets`).
+    sockets: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Control {
@@ -323,13 +325,16 @@ pub struct CommandLabels {
     pub outcome: &'static str,
 }
 
-/// `fleet_control_requests_total{command, outcome}`.
+/// `fleet_control_requests_total{command, outcome}`, `fleet_control_sockets` and
+/// `fleet_control_sockets_refused_total`.
 #[derive(Debug, Default)]
 pub struct ControlCounters {
     pub requests: prometheus_client::metrics::family::Family<
         CommandLabels,
         prometheus_client::metrics::counter::Counter,
     >,
+    pub sockets: prometheus_client::metrics::gauge::Gauge,
+    pub sockets_refused: prometheus_client::metrics::counter::Counter,
 }
 
 impl ControlCounters {
@@ -339,13 +344,25 @@ impl ControlCounters {
             "Operator control commands, by command and outcome (ok, refused, rate_limited)",
             self.requests.clone(),
         );
+        r.register(
+            "control_sockets",
+            "Control WebSockets open now",
+            self.sockets.clone(),
+        );
+        r.register(
+            "control_sockets_refused",
+            "Control WebSockets refused because http.max_control_sockets were open",
+            self.sockets_refused.clone(),
+        );
     }
 }
 
 impl Control {
+    /// `max_sockets` is `http.max_control_sockets`.
     pub fn open(
         store: &Store,
         cfg: &crate::config::AuthConfig,
+        max_sockets: usize,
         tell: Arc<dyn Tell>,
     ) -> Result<Self, StoreError> {
         let tree = store.tree("control_audit")?;
@@ -366,7 +383,26 @@ impl Control {
             allowed_origins: Arc::new(cfg.allowed_origins.clone()),
             tell,
             counters: Arc::new(ControlCounters::default()),
+            sockets: Arc::new(tokio::sync::Semaphore::new(max_sockets)),
         })
+    }
+
+    /// A place for one more control socket, held until the socket closes; `None` (and
+    /// counted) when `http.max_control_sockets` are open.
+    fn socket_place(&self) -> Option<SocketPlace> {
+        match self.sockets.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.counters.sockets.inc();
+                Some(SocketPlace {
+                    _permit: permit,
+                    counters: self.counters.clone(),
+                })
+            }
+            Err(_) => {
+                self.counters.sockets_refused.inc();
+                None
+            }
+        }
     }
 
     fn audit(&self, mut rec: AuditRecord) -> Result<String, StoreError> {
@@ -880,17 +916,37 @@ pub async fn socket(
             .into_response();
         }
     };
+    let Some(place) = s.control.socket_place() else {
+        return ApiError::Busy(
+            "every control socket place (http.max_control_sockets) is taken; retry later".into(),
+        )
+        .into_response();
+    };
     let caller = Caller::of(caller);
     let identity = identity(&headers);
     let remote = remote.0.map(|a| a.ip().to_string());
     ws.protocols([PROTOCOL])
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| session(s, socket, caller, identity, remote))
+        .on_upgrade(move |socket| session(s, socket, place, caller, identity, remote))
+}
+
+/// An open control socket's place among `http.max_control_sockets`; given back (and the
+/// gauge lowered) when the session ends, or when the upgrade never happens.
+struct SocketPlace {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    counters: Arc<ControlCounters>,
+}
+
+impl Drop for SocketPlace {
+    fn drop(&mut self) {
+        self.counters.sockets.dec();
+    }
 }
 
 async fn session(
     s: AppState,
     mut socket: WebSocket,
+    _place: SocketPlace,
     caller: Caller,
     identity: Option<String>,
     remote: Option<String>,

@@ -212,7 +212,7 @@ fn api_with_roles(
         supervisor: Default::default(),
         auth: super::auth::Keys::new(roles, token.map(str::to_string)),
         events: crate::events::Hub::new(64, 64, 2),
-        control: super::control::Control::open(&store, &auth, Arc::new(NoWorkers)).unwrap(),
+        control: super::control::Control::open(&store, &auth, 2, Arc::new(NoWorkers)).unwrap(),
     };
     Api {
         state,
@@ -574,6 +574,60 @@ async fn streams_past_the_limit_are_refused_until_one_ends() {
     drop(first);
     assert_eq!(open().await.status(), StatusCode::OK, "the place came back");
     drop(second);
+}
+
+/// Control sockets are bounded as streams are: past `http.max_control_sockets` (two here)
+/// the handshake is a 503 to retry, and a place comes back when a socket closes. Served
+/// over a real listener, since an upgrade needs a connection.
+#[tokio::test]
+async fn control_sockets_past_the_limit_are_refused_until_one_closes() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    let api = api(None, 4096);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app =
+        router(api.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let connect = || async move {
+        let mut req = format!("ws://{addr}/v1/control")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            super::control::PROTOCOL.parse().unwrap(),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::Error::Http(r)) => Err(r.status()),
+            Err(e) => panic!("websocket: {e}"),
+        }
+    };
+    let counters = api.state.control.counters.clone();
+    let first = connect().await.expect("the first socket opens");
+    let _second = connect().await.expect("the second socket opens");
+    assert_eq!(counters.sockets.get(), 2);
+    assert_eq!(
+        connect().await.err(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "the third is refused"
+    );
+    assert_eq!(counters.sockets_refused.get(), 1);
+
+    let mut first = first;
+    first.close(None).await.unwrap();
+    // The server ends the session on the close frame; wait for its end of the handshake.
+    while first.next().await.is_some() {}
+    let mut reopened = None;
+    for _ in 0..100 {
+        if counters.sockets.get() < 2 {
+            reopened = connect().await.ok();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(reopened.is_some(), "the place came back");
+    assert_eq!(counters.sockets.get(), 2);
 }
 
 fn put_policy(auth: Option<&str>, body: &str) -> Request<Body> {
