@@ -142,9 +142,9 @@ pub struct NewSilence {
 /// `POST /v1/silences`: mutes the alerts that match, for `duration_s`.
 pub async fn add_silence(
     State(s): State<AppState>,
-    body: Result<Json<NewSilence>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(n) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let n = super::json_body::<NewSilence>(&body)?;
     let mut problems = Vec::new();
     if n.matchers.is_empty() {
         problems
@@ -168,7 +168,7 @@ pub async fn add_silence(
             n.duration_s
         ));
     }
-    if n.author.trim().is_empty() || n.author.len() > 200 {
+    if n.author.trim().is_empty() || n.author.chars().count() > 200 {
         problems.push("author must be 1-200 characters".to_string());
     }
     // Kept in sled, 10,000 silences deep: each is bounded, not just the request body.

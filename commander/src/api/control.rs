@@ -844,11 +844,11 @@ pub async fn post(
     remote: super::RemoteAddr,
     headers: HeaderMap,
     caller: Option<axum::Extension<Caller>>,
-    body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::BadRequest(e.body_text()).into_response(),
+    let req = match super::json_body::<Request>(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
     };
     let caller = Caller::of(caller);
     let from = Who {

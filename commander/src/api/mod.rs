@@ -583,6 +583,14 @@ pub fn classic_text(openmetrics: &str) -> String {
     out
 }
 
+/// A request body read as JSON whatever its `Content-Type` says, as a task submission is:
+/// `curl -d` labels a body form-encoded unless told otherwise, and the body is what the
+/// caller meant.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not what this route takes: {e}")))
+}
+
 async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     if !is_subject_token(&id) {
         return Err(ApiError::BadRequest(format!(

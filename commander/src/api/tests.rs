@@ -821,10 +821,11 @@ mod roles {
         assert_eq!(body["local_mode"], false);
     }
 
+    /// Labelled as `curl -d` labels a body: a command is read as JSON whatever the label.
     fn command(token: &str, body: Value) -> Request<Body> {
         Request::post("/v1/control")
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header("fleet-identity", "alice")
             .body(Body::from(body.to_string()))
             .unwrap()
