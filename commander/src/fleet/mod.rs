@@ -31,7 +31,7 @@ use self::view::{
     TaskTypeView, ToolView, WorkerDetail, WorkerView,
 };
 use self::window::{FleetRing, SeriesPoint, WindowedSketch};
-use self::worker::{RunEnd, State, TaskSummary, Worker};
+use self::worker::{RunEnd, SeriesStep, State, TaskSummary, Worker};
 use crate::config::FleetConfig;
 use crate::domain::{Dims, MetricKind, MetricPoint, SpanEvent};
 use crate::registry::{RegistryInForce, TokenUsage};
@@ -331,6 +331,12 @@ pub struct StateCounters {
     /// Cumulative token counters whose step since the last point was over
     /// `domain::MAX_TOKENS_PER_REPORT`: the step is not booked.
     pub metric_steps_out_of_range: Counter,
+    /// Cumulative series first seen with a start before the commander was watching (or
+    /// none): their first point is the baseline, not booked.
+    pub metric_series_baselined: Counter,
+    /// Points of cumulative series beyond `worker::MAX_METRIC_SERIES` of one worker: not
+    /// booked.
+    pub metric_series_untracked: Counter,
 }
 
 fn dispatch_latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
@@ -355,6 +361,8 @@ impl Default for StateCounters {
             spans_wait_timed_out: Counter::default(),
             spans_lineage_overflow: Counter::default(),
             metric_steps_out_of_range: Counter::default(),
+            metric_series_baselined: Counter::default(),
+            metric_series_untracked: Counter::default(),
         }
     }
 }
@@ -408,6 +416,16 @@ impl StateCounters {
             self.metric_steps_out_of_range.clone(),
         );
         r.register(
+            "metric_series_baselined",
+            "Cumulative metric series first seen with a start before the commander was watching, or none: their first point is the baseline, not booked",
+            self.metric_series_baselined.clone(),
+        );
+        r.register(
+            "metric_series_untracked",
+            "Points of cumulative metric series beyond the 64 followed per worker: not booked",
+            self.metric_series_untracked.clone(),
+        );
+        r.register(
             "spans_lineage_overflow",
             "Spans applied to their resource at once because the lineage bounds were reached",
             self.spans_lineage_overflow.clone(),
@@ -443,6 +461,9 @@ pub struct FleetState {
     /// What finished runs did (tools in order, steps), per pool, task type and prompt
     /// variant, the last hour.
     prints: prints::Prints,
+    /// Fleet time the commander began watching (`spawn` sets it): a cumulative metric
+    /// series that started before it is taken from its first point on, not from zero.
+    watching_since_ms: u64,
 }
 
 impl FleetState {
@@ -473,7 +494,13 @@ impl FleetState {
             bursts: bursts::ToolBursts::default(),
             prints: prints::Prints::default(),
             mix: Default::default(),
+            watching_since_ms: 0,
         }
+    }
+
+    /// From when the commander watches the fleet (fleet time): see `watching_since_ms`.
+    pub fn watching_since(&mut self, ms: u64) {
+        self.watching_since_ms = ms;
     }
 
     pub fn worker(&self, id: &str) -> Option<&Worker> {
@@ -677,7 +704,19 @@ impl FleetState {
                 w.pool.clone_from(&p.identity.pool);
             }
             let value = if p.cumulative {
-                w.metric_delta(p.series, p.start_ns, p.value)
+                match w.metric_delta(p.series, p.start_ns, p.value, self.watching_since_ms) {
+                    SeriesStep::Grew(d) => d,
+                    SeriesStep::Baseline => {
+                        self.counters.metric_series_baselined.inc();
+                        w.note_export(now_ms, false);
+                        continue;
+                    }
+                    SeriesStep::Untracked => {
+                        self.counters.metric_series_untracked.inc();
+                        w.note_export(now_ms, false);
+                        continue;
+                    }
+                }
             } else {
                 p.value
             };
@@ -1470,6 +1509,8 @@ pub fn spawn(
     let (ingest_tx, ingest_rx) = mpsc::channel(queue_batches.max(1));
     let (task_tx, task_rx) = mpsc::channel(65_536);
     let (query_tx, query_rx) = mpsc::channel(64);
+    let mut state = state;
+    state.watching_since(clock.now_ms());
     let snapshot = Arc::new(ArcSwap::from_pointee(state.snapshot(clock.now_ms())));
     let handle = FleetHandle {
         ingest: ingest_tx,

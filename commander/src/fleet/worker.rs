@@ -294,6 +294,22 @@ const MAX_TOOLS_PER_RUN: usize = 64;
 /// Tool calls of a run kept in order for its fingerprint.
 pub const MAX_TOOL_SEQUENCE: usize = 64;
 const MAX_LISTED: usize = 32;
+/// What a cumulative metric point adds ([`Worker::metric_delta`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SeriesStep {
+    /// The series grew by this much since the point before (all of it: a new series
+    /// that started while the commander watched, or a reset).
+    Grew(f64),
+    /// The first point of a series that started before the commander watched: kept as
+    /// the baseline, nothing booked.
+    Baseline,
+    /// The worker has [`MAX_METRIC_SERIES`] series already: not followed, not booked.
+    Untracked,
+}
+
+/// Cumulative metric series followed per worker: token and duration counters by model and
+/// type are a handful; past this a series' points are not booked (and counted).
+pub const MAX_METRIC_SERIES: usize = 64;
 const TRANSITIONS_KEPT: usize = 16;
 const OTHER_TOOL: &str = "_other";
 
@@ -338,7 +354,8 @@ pub struct Worker {
     pub tasks_failed: u64,
     /// Spans of this worker carried token counts: its token metrics are not booked again.
     pub span_usage_seen: bool,
-    /// Cumulative metric series: last (start, value) per series, for deltas.
+    /// Cumulative metric series: last (start, value) per series, for deltas; at most
+    /// [`MAX_METRIC_SERIES`].
     metric_series: HashMap<u64, (u64, f64)>,
 }
 
@@ -803,24 +820,40 @@ impl Worker {
         started
     }
 
-    /// Cumulative-to-delta for a metric series (a reset or a new start time restarts it).
-    pub fn metric_delta(&mut self, series: u64, start_ns: u64, value: f64) -> f64 {
-        const MAX_SERIES: usize = 64;
+    /// Cumulative-to-delta for a metric series: what it grew by since its last point, as
+    /// the OpenTelemetry Collector's `cumulativetodelta` does with `initial_value: auto`.
+    /// A series' first point counts in full only when the series started (its start time)
+    /// while the commander was watching (`watching_since_ms`). One that started earlier (a
+    /// worker that ran before the commander, or a commander restarted under it) holds
+    /// totals that were booked already or never seen, so its first point is the baseline
+    /// only; so is one with no start time. A reset (a lower value or a new start time)
+    /// counts in full: the series was watched, and started again.
+    pub fn metric_delta(
+        &mut self,
+        series: u64,
+        start_ns: u64,
+        value: f64,
+        watching_since_ms: u64,
+    ) -> SeriesStep {
+        let followed = self.metric_series.len();
         match self.metric_series.get_mut(&series) {
             Some((start, last)) if *start == start_ns && value >= *last => {
                 let d = value - *last;
                 *last = value;
-                d
+                SeriesStep::Grew(d)
             }
             Some(slot) => {
                 *slot = (start_ns, value);
-                value
+                SeriesStep::Grew(value)
             }
+            None if followed >= MAX_METRIC_SERIES => SeriesStep::Untracked,
             None => {
-                if self.metric_series.len() < MAX_SERIES {
-                    self.metric_series.insert(series, (start_ns, value));
+                self.metric_series.insert(series, (start_ns, value));
+                if start_ns > 0 && start_ns / 1_000_000 >= watching_since_ms {
+                    SeriesStep::Grew(value)
+                } else {
+                    SeriesStep::Baseline
                 }
-                value
             }
         }
     }

@@ -514,6 +514,62 @@ fn the_expected_duration_is_the_task_types_median_not_its_last_few_runs() {
     assert!(reason.contains("the expected 9.999 s"), "{reason}");
 }
 
+/// A cumulative series counts from where the commander began watching: one that started
+/// before (a commander restarted under a long-running worker) is taken from its first
+/// point on, not booked whole; one that started after counts in full; a worker's series
+/// past the limit are not followed. All counted.
+#[test]
+fn cumulative_series_that_started_before_the_commander_watched_count_from_their_first_point() {
+    let mut f = fleet();
+    f.watching_since(T0);
+    let point = |worker: &str, series: u64, start_ms: u64, value: f64| MetricPoint {
+        identity: identity(worker),
+        kind: MetricKind::InputTokens,
+        model: Some("gpt-4o-mini".into()),
+        series,
+        cumulative: true,
+        start_ns: start_ms * 1_000_000,
+        time_ns: (T0 + S) * 1_000_000,
+        value,
+        count: 1,
+        error: false,
+    };
+    let input = |f: &FleetState, worker: &str| f.worker(worker).unwrap().total_input_tokens;
+    // Three days of a worker's spend, reported once the commander is back: the baseline.
+    f.apply_metrics(vec![point("old", 1, T0 - 3 * 86_400 * S, 5e7)], T0 + S);
+    assert_eq!(input(&f, "old"), 0);
+    f.apply_metrics(
+        vec![point("old", 1, T0 - 3 * 86_400 * S, 5e7 + 700.0)],
+        T0 + 2 * S,
+    );
+    assert_eq!(input(&f, "old"), 700, "what it grew by since");
+    // No start time: nothing says what the total covers.
+    f.apply_metrics(vec![point("old", 2, 0, 900.0)], T0 + 2 * S);
+    assert_eq!(input(&f, "old"), 700);
+    // A worker (or a meter) that started after the commander: all of it was seen.
+    f.apply_metrics(vec![point("new", 1, T0 + S, 400.0)], T0 + 2 * S);
+    assert_eq!(input(&f, "new"), 400);
+    // A reset of a watched series counts in full.
+    f.apply_metrics(vec![point("old", 1, T0 + 2 * S, 50.0)], T0 + 3 * S);
+    assert_eq!(input(&f, "old"), 750);
+    assert_eq!(f.counters.metric_series_baselined.get(), 2);
+    // Past the series a worker may have, a point is neither followed nor booked whole.
+    let many: Vec<_> = (0..crate::fleet::worker::MAX_METRIC_SERIES as u64 + 1)
+        .map(|i| point("wide", i, T0 + S, 10.0))
+        .collect();
+    f.apply_metrics(many, T0 + 3 * S);
+    assert_eq!(
+        input(&f, "wide"),
+        10 * crate::fleet::worker::MAX_METRIC_SERIES as u64
+    );
+    f.apply_metrics(vec![point("wide", 999, T0 + S, 10.0)], T0 + 4 * S);
+    assert_eq!(f.counters.metric_series_untracked.get(), 2);
+    assert_eq!(
+        input(&f, "wide"),
+        10 * crate::fleet::worker::MAX_METRIC_SERIES as u64
+    );
+}
+
 #[test]
 fn metric_exports_are_signs_of_life_and_new_tokens_are_progress() {
     let mut f = fleet();
