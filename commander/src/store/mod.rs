@@ -248,26 +248,31 @@ pub(crate) fn ledger_change(
         return Vec::new();
     }
     let mut change: Vec<(CellKey, Cell)> = Vec::new();
-    let mut add = |cells: &[CellKey], sign: f64, c: Cell| {
+    // Where each cell sits in `change`: a record holds a cell per budget that applied, and
+    // a policy may have thousands, so finding one by scanning made this quadratic.
+    let mut at: rustc_hash::FxHashMap<&CellKey, usize> = rustc_hash::FxHashMap::default();
+    let sides = [(before, -1.0), (after, 1.0)];
+    for (cells, c, sign) in sides
+        .iter()
+        .filter_map(|&(side, sign)| side.map(|(cells, c)| (cells, c, sign)))
+    {
         for k in cells {
             let d = Cell {
                 spent: sign * c.spent,
                 reserved: sign * c.reserved,
             };
-            match change.iter_mut().find(|(key, _)| key == k) {
-                Some((_, sum)) => {
+            match at.get(k) {
+                Some(&i) => {
+                    let sum = &mut change[i].1;
                     sum.spent += d.spent;
                     sum.reserved += d.reserved;
                 }
-                None => change.push((k.clone(), d)),
+                None => {
+                    at.insert(k, change.len());
+                    change.push((k.clone(), d));
+                }
             }
         }
-    };
-    if let Some((cells, c)) = before {
-        add(cells, -1.0, c);
-    }
-    if let Some((cells, c)) = after {
-        add(cells, 1.0, c);
     }
     change.retain(|(_, c)| c.spent != 0.0 || c.reserved != 0.0);
     change
