@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +29,9 @@ pub struct DeferredTask {
     pub until_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
-    /// The (budget, value) queues it waits in.
+    /// The (budget, value) queues it waits in; never empty (a task is deferred by a budget,
+    /// or behind tasks a budget deferred), which lets a release pass stop once every
+    /// queue is blocked.
     pub queues: Vec<(String, String)>,
     /// Where routing would have sent it, and its estimate: the release check uses them.
     pub pool: String,
@@ -59,6 +62,9 @@ pub struct Deferrals {
     tree: sled::Tree,
     /// Tasks waiting per (budget, value), so new tasks can queue behind them.
     queued: Mutex<BTreeMap<(String, String), usize>>,
+    /// Entries in `tree`, kept here because sled counts a tree by walking all of it, and
+    /// the queue is asked whether it is full at every deferral.
+    count: AtomicUsize,
     max: usize,
 }
 
@@ -66,8 +72,10 @@ impl Deferrals {
     pub fn open(store: &Store, max: usize) -> Result<Self, StoreError> {
         let tree = store.tree("deferred")?;
         let mut queued = BTreeMap::new();
+        let mut count = 0;
         for item in tree.iter() {
             let (_, v) = item?;
+            count += 1;
             if let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) {
                 for q in t.queues {
                     *queued.entry(q).or_insert(0) += 1;
@@ -77,12 +85,13 @@ impl Deferrals {
         Ok(Self {
             tree,
             queued: Mutex::new(queued),
+            count: AtomicUsize::new(count),
             max: max.max(1),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,7 +99,7 @@ impl Deferrals {
     }
 
     pub fn is_full(&self) -> bool {
-        self.tree.len() >= self.max
+        self.len() >= self.max
     }
 
     /// Tasks waiting per (budget, value).
@@ -104,11 +113,12 @@ impl Deferrals {
             id: t.id.clone(),
             reason: e.to_string(),
         })?;
-        if self.tree.insert(t.key(), bytes)?.is_none()
-            && let Ok(mut q) = self.queued.lock()
-        {
-            for k in &t.queues {
-                *q.entry(k.clone()).or_insert(0) += 1;
+        if self.tree.insert(t.key(), bytes)?.is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut q) = self.queued.lock() {
+                for k in &t.queues {
+                    *q.entry(k.clone()).or_insert(0) += 1;
+                }
             }
         }
         Ok(())
@@ -127,6 +137,9 @@ impl Deferrals {
                 .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
             Ok(())
         );
+        if removed {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
         if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {
                 if let Some(n) = q.get_mut(k) {
@@ -177,8 +190,13 @@ impl Deferrals {
         let mut out = Vec::new();
         // Once a queue is blocked, nothing behind it in that queue may pass it.
         let mut blocked: std::collections::BTreeSet<(String, String)> = Default::default();
+        // Every task waits in at least one queue, so once all of them are blocked nothing
+        // further can be released: the pass stops there instead of reading the whole queue
+        // (a million entries at most) every second while the budgets stay spent.
+        let queues = self.queued();
+        let mut queues_blocked = 0;
         for item in self.tree.iter() {
-            if out.len() >= limit {
+            if out.len() >= limit || (!queues.is_empty() && queues_blocked == queues.len()) {
                 break;
             }
             let (_, v) = item?;
@@ -204,12 +222,16 @@ impl Deferrals {
                 }
                 out.push(t);
             } else {
-                blocked.extend(t.queues.iter().cloned());
-                blocked.extend(
-                    c.over
-                        .iter()
-                        .map(|o| (o.budget.spec.name.clone(), o.value.clone())),
-                );
+                let over = c
+                    .over
+                    .iter()
+                    .map(|o| (o.budget.spec.name.clone(), o.value.clone()));
+                for q in t.queues.iter().cloned().chain(over) {
+                    if queues.contains_key(&q) && !blocked.contains(&q) {
+                        queues_blocked += 1;
+                    }
+                    blocked.insert(q);
+                }
             }
         }
         Ok(out)

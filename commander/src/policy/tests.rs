@@ -635,6 +635,58 @@ fn ledger_prune_keeps_open_reservations() {
     );
 }
 
+/// A spent team's queue does not hold back another team's: the release pass passes over
+/// every task behind a blocked queue and still reaches the one whose budget has room, and
+/// the queue's length is kept as entries come and go (sled would count them by walking).
+#[test]
+fn a_blocked_queue_holds_back_only_its_own_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(BEFORE_MIDNIGHT);
+    let store = Store::open(dir.path()).unwrap();
+    let e = engine(
+        clock.clone(),
+        &store,
+        parse(&[("a.policy.toml", BUDGET)]).unwrap(),
+    );
+    let spent = CellKey {
+        budget: "team-daily".into(),
+        value: "search".into(),
+        bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
+    };
+    e.with_ledger(|l| l.reserve(&[spent], 1.0));
+    for i in 0..50u64 {
+        let t = deferred(
+            &format!("search-{i}"),
+            5,
+            BEFORE_MIDNIGHT - 100 * MIN + i,
+            0.3,
+        );
+        e.deferrals.insert(&t).unwrap();
+    }
+    let mut payments = deferred("payments-1", 5, BEFORE_MIDNIGHT - MIN, 0.3);
+    payments.queues = vec![("team-daily".into(), "payments".into())];
+    payments.dims.team = Some("payments".into());
+    e.deferrals.insert(&payments).unwrap();
+    assert_eq!(e.deferrals.len(), 51);
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, BEFORE_MIDNIGHT, 100))
+        .unwrap();
+    let got: Vec<&str> = due.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(got, ["payments-1"]);
+    e.deferrals.remove(&payments).unwrap();
+    e.deferrals.remove(&payments).unwrap();
+    assert_eq!(e.deferrals.len(), 50, "removed once");
+    // With every queue blocked nothing is due, and the count survives a reopen.
+    let due = e
+        .with_ledger(|l| e.deferrals.due(&e.live().policy, l, BEFORE_MIDNIGHT, 100))
+        .unwrap();
+    assert!(due.is_empty());
+    futures::executor::block_on(store.flush()).unwrap();
+    drop((e, store));
+    let store = Store::reopen(dir.path());
+    assert_eq!(super::Deferrals::open(&store, 10).unwrap().len(), 50);
+}
+
 #[test]
 fn removing_a_released_task_keeps_its_re_deferral() {
     // The intake loop may defer the released copy again (same key, a later release
@@ -648,12 +700,14 @@ fn removing_a_released_task_keeps_its_re_deferral() {
     again.releases = 1;
     again.reason = "still over".into();
     q.insert(&again).unwrap();
+    assert_eq!(q.len(), 1, "one entry, written twice");
     q.remove(&first).unwrap();
+    assert_eq!(q.len(), 1, "the re-deferral stays");
     let left = q.list(10, None).unwrap();
     assert_eq!(left, vec![again.clone()]);
     assert_eq!(q.queued()[&("team-daily".into(), "search".into())], 1);
     q.remove(&again).unwrap();
-    assert!(q.is_empty() && q.queued().is_empty());
+    assert!(q.is_empty() && q.queued().is_empty() && q.len() == 0);
 }
 
 #[test]
