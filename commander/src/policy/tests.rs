@@ -707,7 +707,8 @@ fn removing_a_released_task_keeps_its_re_deferral() {
     assert_eq!(left, vec![again.clone()]);
     assert_eq!(q.queued()[&("team-daily".into(), "search".into())], 1);
     q.remove(&again).unwrap();
-    assert!(q.is_empty() && q.queued().is_empty() && q.len() == 0);
+    assert!(q.is_empty() && q.queued().is_empty());
+    assert_eq!(q.len(), 0, "the count agrees");
 }
 
 #[test]
