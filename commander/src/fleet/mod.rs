@@ -377,12 +377,12 @@ impl StateCounters {
         );
         r.register(
             "workers_refused",
-            "Signals from new workers refused because self.max_workers were tracked",
+            "Signals from new workers refused because fleet.max_workers were tracked",
             self.workers_refused.clone(),
         );
         r.register(
             "workers_evicted",
-            "Lost workers forgotten after self.retention_ms",
+            "Lost workers forgotten after fleet.retention_ms",
             self.workers_evicted.clone(),
         );
         r.register(
@@ -407,7 +407,7 @@ impl StateCounters {
         );
         r.register(
             "spans_wait_timed_out",
-            "Waiting spans whose ancestor did not arrive within self.identity_wait_ms",
+            "Waiting spans whose ancestor did not arrive within fleet.identity_wait_ms",
             self.spans_wait_timed_out.clone(),
         );
         r.register(
