@@ -637,6 +637,10 @@ pub struct HttpConfig {
     /// Most control WebSockets (`GET /v1/control`) open at once; one more is answered 503.
     #[serde(default = "default_max_control_sockets")]
     pub max_control_sockets: usize,
+    /// Most connections open at once on each HTTP server (the API, OTLP/HTTP); one more
+    /// is closed as soon as it is accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -646,12 +650,17 @@ impl Default for HttpConfig {
             max_body_bytes: default_max_body(),
             max_streams: crate::events::DEFAULT_MAX_STREAMS,
             max_control_sockets: default_max_control_sockets(),
+            max_connections: default_max_connections(),
         }
     }
 }
 
 fn default_max_streams() -> usize {
     crate::events::DEFAULT_MAX_STREAMS
+}
+
+fn default_max_connections() -> usize {
+    crate::httpd::DEFAULT_MAX_CONNECTIONS
 }
 
 /// One per dashboard tab an operator keeps open; a hundred is a large operations floor.
@@ -1351,6 +1360,15 @@ impl Config {
                 format!(
                     "http.max_streams: {} is out of range (1 to 100000)",
                     self.http.max_streams
+                ),
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.http.max_connections) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "http.max_connections: {} is out of range (16 to 1000000)",
+                    self.http.max_connections
                 ),
             ));
         }

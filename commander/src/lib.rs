@@ -14,6 +14,7 @@ pub mod domain;
 pub mod events;
 pub mod fleet;
 pub mod hot;
+pub mod httpd;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

@@ -8,6 +8,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Which HTTP server: `api` or `otlp_http`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    pub server: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
@@ -195,6 +201,11 @@ pub struct Metrics {
     /// API requests refused before their handler, by reason (missing_token,
     /// unknown_token, wrong_role).
     pub auth_refused: Family<ReasonLabel, Counter>,
+    /// HTTP connections open, by server (`httpd`).
+    pub http_connections: Family<ServerLabel, Gauge>,
+    /// HTTP connections closed as soon as accepted because `http.max_connections` were
+    /// open, by server.
+    pub http_connections_refused: Family<ServerLabel, Counter>,
     /// From an intake batch in hand to each of its dispatches' PubAck (seconds).
     pub intake_dispatch: IntakeDispatch,
     pub fleet: FleetGauges,
@@ -221,6 +232,17 @@ impl Default for IntakeDispatch {
 }
 
 impl Metrics {
+    /// The connection figures of one HTTP server (`api`, `otlp_http`): open, refused.
+    pub fn http_server(&self, server: &str) -> (Gauge, Counter) {
+        let label = ServerLabel {
+            server: server.to_string(),
+        };
+        (
+            self.http_connections.get_or_create(&label).clone(),
+            self.http_connections_refused.get_or_create(&label).clone(),
+        )
+    }
+
     /// Registers these counters with a fresh registry (`fleet_` prefix); the modules that
     /// own other counters register theirs with it (`StateCounters::register` …).
     pub fn registry(&self) -> Registry {
@@ -315,6 +337,16 @@ impl Metrics {
             "api_auth_refused",
             "API requests refused before their handler, by reason",
             self.auth_refused.clone(),
+        );
+        r.register(
+            "http_connections",
+            "HTTP connections open, by server (api, otlp_http)",
+            self.http_connections.clone(),
+        );
+        r.register(
+            "http_connections_refused",
+            "HTTP connections closed as soon as accepted because http.max_connections were open, by server",
+            self.http_connections_refused.clone(),
         );
         self.fleet.register(&mut r);
         r.register(

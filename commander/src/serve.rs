@@ -89,6 +89,18 @@ fn in_store(config: &Config) -> impl FnOnce(StoreError) -> ServeError + use<> {
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     check_local_mode(&config)?;
+    let open_files = crate::httpd::raise_open_files();
+    // Two HTTP servers may each hold max_connections; the store, NATS and the rest need
+    // a few hundred more.
+    let wanted = 2 * config.http.max_connections as u64 + 1024;
+    match open_files {
+        Some(n) if n < wanted => tracing::warn!(
+            open_files = n,
+            max_connections = config.http.max_connections,
+            "the open-file limit is below what http.max_connections lets clients hold on the two HTTP servers (plus about 1,000 for the store and NATS): raise the limit (ulimit -n, LimitNOFILE=) or lower http.max_connections"
+        ),
+        n => tracing::info!(open_files = ?n, "open-file limit"),
+    }
     let data_dir = config.store.data_dir.clone();
     let store = Store::open_with_cache(
         &data_dir.join("sled"),
@@ -211,7 +223,11 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    serve_api_until_signal(config.http.listen, state).await?;
+    let limits = crate::httpd::Limits {
+        max_connections: config.http.max_connections,
+        header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
+    };
+    serve_api_until_signal(config.http.listen, limits, state).await?;
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -570,6 +586,7 @@ fn own_spans(
 /// Serves the API on `listen` until SIGTERM or Ctrl-C.
 async fn serve_api_until_signal(
     listen: std::net::SocketAddr,
+    limits: crate::httpd::Limits,
     state: AppState,
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -592,14 +609,9 @@ async fn serve_api_until_signal(
         }
         tracing::info!("shutting down");
     };
-    let server = axum::serve(
-        listener,
-        api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown);
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "http server failed");
-    }
+    let (open, refused) = state.core.metrics.http_server("api");
+    let counters = crate::httpd::Counters { open, refused };
+    crate::httpd::serve(listener, api::router(state), limits, counters, shutdown).await;
     Ok(())
 }
 
@@ -779,11 +791,15 @@ async fn start_telemetry(
             })?;
         let app = otlp::http_router(ingestor.clone());
         let stop = stopped(stop_rx.clone());
-        telemetry_tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "otlp http server failed");
-            }
-        }));
+        let (open, refused) = metrics.http_server("otlp_http");
+        let counters = crate::httpd::Counters { open, refused };
+        let limits = crate::httpd::Limits {
+            max_connections: config.http.max_connections,
+            header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
+        };
+        telemetry_tasks.push(tokio::spawn(crate::httpd::serve(
+            l, app, limits, counters, stop,
+        )));
     }
     if t.nats {
         let (c, sub, ing, stop) = (

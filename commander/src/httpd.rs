@@ -1,0 +1,204 @@
+//! The HTTP servers' accept loop (the API and OTLP/HTTP): what `axum::serve` does, with
+//! the two limits it leaves out. A client must send a request's headers within
+//! [`Limits::header_read_timeout`], on a new connection and between requests on a kept-
+//! alive one, and at most [`Limits::max_connections`] connections are open at once; past
+//! that a new connection is closed as soon as it is accepted, and counted. Without them,
+//! a client that opens sockets and sends nothing holds a file descriptor each for as long
+//! as it likes, until the commander can open no more files: its store's included.
+//! A response that streams (`/v1/stream`, the control socket) is not bounded by either:
+//! its headers were read, and its connection counts among the open ones until it ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// How long a client may take to send a request's headers: hyper's own default, which it
+/// applies only when given a timer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections open at once unless the config says otherwise (`http.max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// What one server allows.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// The server's figures: connections open now, and those closed at once because
+/// `max_connections` were open.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub open: Gauge,
+    pub refused: Counter,
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets the open connections finish
+/// what they are doing (as `axum::serve`'s graceful shutdown does). Every request carries
+/// the peer's [`ConnectInfo`], as `into_make_service_with_connect_info` gives it.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    counters: Counters,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was taken:
+                    // a moment's pause, so a full descriptor table is not spun on.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            counters.refused.inc();
+            drop(stream);
+            continue;
+        };
+        let service = router
+            .clone()
+            .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.map(axum::body::Body::new)
+            })
+            .map_err(|e: Infallible| match e {});
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let open = counters.open.clone();
+        open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(peer = %peer, error = %e, "http connection ended");
+            }
+            open.dec();
+            drop(place);
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go programs and
+/// nats-server do: the default soft limit (1,024 on most Linux systems) is below what
+/// `http.max_connections` lets clients hold, beside the store's files and the NATS
+/// connections. Returns the limit in force (`None`: unlimited or unknown).
+pub fn raise_open_files() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return limit.maximum,
+            Err(e) => tracing::warn!(error = %e, "open-file limit not raised"),
+        }
+    }
+    limit.current
+}
+
+/// The peer address type every request carries.
+pub type Peer = ConnectInfo<SocketAddr>;
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// A client that sends no headers is let go of after the timeout; past the limit a
+    /// connection is closed at once and counted; a request is answered with its peer.
+    #[tokio::test]
+    async fn silent_clients_are_let_go_and_connections_are_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/peer",
+            axum::routing::get(|ConnectInfo(p): Peer| async move { p.ip().to_string() }),
+        );
+        let counters = Counters::default();
+        let limits = Limits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_millis(300),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, router, limits, counters.clone(), async {
+            let _ = stop_rx.await;
+        }));
+
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        silent.write_all(b"GET /peer HTTP/1.1\r\n").await.unwrap();
+        let mut talker = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut third).await, "past the limit: closed at once");
+        assert_eq!(counters.refused.get(), 1);
+
+        talker
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = talker.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("127.0.0.1"), "{answer}");
+
+        assert!(closed(&mut silent).await, "headers never finished");
+        assert!(
+            closed(&mut talker).await,
+            "idle after its request, it is let go too"
+        );
+        // Both places are free again.
+        let mut again = tokio::net::TcpStream::connect(addr).await.unwrap();
+        again
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        again.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let _ = stop_tx.send(());
+        server.await.unwrap();
+        assert_eq!(counters.open.get(), 0);
+    }
+}
