@@ -11,7 +11,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,8 +24,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 /// How long a client may take to send a request's headers: hyper's own default, which it
@@ -107,6 +110,110 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+/// A connection holding one of a server's places: given back, and the gauge lowered, when
+/// it is dropped.
+#[derive(Debug)]
+pub struct Held<IO> {
+    io: IO,
+    _place: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl<IO> Drop for Held<IO> {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Held<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The connections `listener` accepts, at most `limits.max_connections` open at once:
+/// past that one is closed as soon as it is accepted, and counted. For the OTLP/gRPC
+/// server, which takes its connections as a stream (tonic keeps its own HTTP/2 timeouts;
+/// `header_read_timeout` is not applied). Accept errors (out of file descriptors) are
+/// logged and waited out here: an error in the stream would end the server.
+pub fn limited_incoming(
+    listener: TcpListener,
+    limits: Limits,
+    counters: Counters,
+) -> impl futures::Stream<Item = std::io::Result<Held<tokio::net::TcpStream>>> {
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    futures::stream::unfold(
+        (listener, places, counters),
+        |(listener, places, counters)| async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(place) = places.clone().try_acquire_owned() else {
+                    counters.refused.inc();
+                    continue;
+                };
+                // gRPC calls are small and many: as tonic's own listener does.
+                let _ = stream.set_nodelay(true);
+                counters.open.inc();
+                let held = Held {
+                    io: stream,
+                    _place: place,
+                    open: counters.open.clone(),
+                };
+                return Some((Ok(held), (listener, places, counters)));
+            }
+        },
+    )
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as Go programs and
@@ -200,5 +307,38 @@ mod tests {
         let _ = stop_tx.send(());
         server.await.unwrap();
         assert_eq!(counters.open.get(), 0);
+    }
+
+    /// The gRPC server's connections are bounded the same way: past the limit one is
+    /// closed at once, and a place comes back when a held connection is dropped.
+    #[tokio::test]
+    async fn incoming_connections_past_the_limit_are_closed_and_counted() {
+        use futures::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Counters::default();
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        };
+        let mut incoming = Box::pin(limited_incoming(listener, limits, counters.clone()));
+        let _first_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = incoming.next().await.unwrap().unwrap();
+        assert_eq!(counters.open.get(), 1);
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The second is refused while the stream waits for one it may hand out.
+        let next = tokio::spawn(async move { incoming.next().await.map(|r| r.unwrap()) });
+        assert!(closed(&mut second).await, "past the limit: closed at once");
+        assert_eq!(counters.refused.get(), 1);
+        drop(first);
+        assert_eq!(counters.open.get(), 0);
+        let fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let held = tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .expect("a connection once a place is back")
+            .unwrap();
+        assert!(held.is_some());
+        assert_eq!(counters.open.get(), 1);
+        drop(fourth);
     }
 }

@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Which HTTP server: `api` or `otlp_http`.
+/// Which server: `api`, `otlp_http` or `otlp_grpc`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabel {
     pub server: String,
@@ -232,7 +232,7 @@ impl Default for IntakeDispatch {
 }
 
 impl Metrics {
-    /// The connection figures of one HTTP server (`api`, `otlp_http`): open, refused.
+    /// The connection figures of one server (`api`, `otlp_http`, `otlp_grpc`): open, refused.
     pub fn http_server(&self, server: &str) -> (Gauge, Counter) {
         let label = ServerLabel {
             server: server.to_string(),
@@ -340,7 +340,7 @@ impl Metrics {
         );
         r.register(
             "http_connections",
-            "HTTP connections open, by server (api, otlp_http)",
+            "HTTP connections open, by server (api, otlp_http, otlp_grpc)",
             self.http_connections.clone(),
         );
         r.register(

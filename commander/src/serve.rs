@@ -90,14 +90,14 @@ fn in_store(config: &Config) -> impl FnOnce(StoreError) -> ServeError + use<> {
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     check_local_mode(&config)?;
     let open_files = crate::httpd::raise_open_files();
-    // Two HTTP servers may each hold max_connections; the store, NATS and the rest need
-    // a few hundred more.
-    let wanted = 2 * config.http.max_connections as u64 + 1024;
+    // Three servers (the API, OTLP/HTTP, OTLP/gRPC) may each hold max_connections; the
+    // store, NATS and the rest need a few hundred more.
+    let wanted = 3 * config.http.max_connections as u64 + 1024;
     match open_files {
         Some(n) if n < wanted => tracing::warn!(
             open_files = n,
             max_connections = config.http.max_connections,
-            "the open-file limit is below what http.max_connections lets clients hold on the two HTTP servers (plus about 1,000 for the store and NATS): raise the limit (ulimit -n, LimitNOFILE=) or lower http.max_connections"
+            "the open-file limit is below what http.max_connections lets clients hold on the three servers (plus about 1,000 for the store and NATS): raise the limit (ulimit -n, LimitNOFILE=) or lower http.max_connections"
         ),
         n => tracing::info!(open_files = ?n, "open-file limit"),
     }
@@ -776,8 +776,13 @@ async fn start_telemetry(
             })?;
         let stop = stopped(stop_rx.clone());
         let ing = ingestor.clone();
+        let max_connections = config.http.max_connections;
         telemetry_tasks.push(tokio::spawn(async move {
-            if let Err(e) = otlp::serve_grpc(ing, l, stop).await {
+            let limits = crate::httpd::Limits {
+                max_connections,
+                header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
+            };
+            if let Err(e) = otlp::serve_grpc(ing, l, limits, stop).await {
                 tracing::error!(error = %e, "otlp grpc server failed");
             }
         }));

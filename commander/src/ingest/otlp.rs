@@ -381,17 +381,18 @@ fn otlp_status_codes<B>(
 pub async fn serve_grpc(
     ingestor: Ingestor,
     listener: tokio::net::TcpListener,
+    limits: crate::httpd::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let (open, refused) = ingestor.metrics.http_server("otlp_grpc");
+    let incoming =
+        crate::httpd::limited_incoming(listener, limits, crate::httpd::Counters { open, refused });
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
         .add_service(OtlpGrpc::<Traces>::new(ingestor.clone()))
         .add_service(OtlpGrpc::<Metrics>::new(ingestor.clone()))
         .add_service(OtlpGrpc::<Logs>::new(ingestor))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
