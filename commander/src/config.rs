@@ -659,6 +659,17 @@ fn default_max_streams() -> usize {
     crate::events::DEFAULT_MAX_STREAMS
 }
 
+impl HttpConfig {
+    /// What each server allows a client (`httpd`): these connections, and the headers'
+    /// timeout.
+    pub fn connection_limits(&self) -> crate::httpd::Limits {
+        crate::httpd::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
 fn default_max_connections() -> usize {
     crate::httpd::DEFAULT_MAX_CONNECTIONS
 }
@@ -1354,52 +1365,27 @@ impl Config {
                 "store.data_dir: must not be empty (leave it out for \"data\")".to_string(),
             ));
         }
-        if !(1..=100_000).contains(&self.http.max_streams) {
-            p.push(Keyed::new(
-                OutOfRange,
-                format!(
-                    "http.max_streams: {} is out of range (1 to 100000)",
-                    self.http.max_streams
-                ),
-            ));
-        }
-        if !(16..=1_000_000).contains(&self.http.max_connections) {
-            p.push(Keyed::new(
-                OutOfRange,
-                format!(
-                    "http.max_connections: {} is out of range (16 to 1000000)",
-                    self.http.max_connections
-                ),
-            ));
-        }
-        if !(1..=10_000).contains(&self.http.max_control_sockets) {
-            p.push(Keyed::new(
-                OutOfRange,
-                format!(
-                    "http.max_control_sockets: {} is out of range (1 to 10000)",
-                    self.http.max_control_sockets
-                ),
-            ));
-        }
+        range_check(p, "http.max_streams", self.http.max_streams, 1..=100_000);
+        range_check(
+            p,
+            "http.max_connections",
+            self.http.max_connections,
+            16..=1_000_000,
+        );
+        range_check(
+            p,
+            "http.max_control_sockets",
+            self.http.max_control_sockets,
+            1..=10_000,
+        );
         // Under a kilobyte no policy push fits, and at 0 every task is refused as too large.
-        if !(1024..=MAX_BODY_BYTES_LIMIT).contains(&self.http.max_body_bytes) {
-            p.push(Keyed::new(
-                OutOfRange,
-                format!(
-                    "http.max_body_bytes: {} is out of range (1024 to {MAX_BODY_BYTES_LIMIT})",
-                    self.http.max_body_bytes
-                ),
-            ));
-        }
-        if !(16..=1_048_576).contains(&self.store.cache_mib) {
-            p.push(Keyed::new(
-                OutOfRange,
-                format!(
-                    "store.cache_mib: {} is out of range (16 to 1048576)",
-                    self.store.cache_mib
-                ),
-            ));
-        }
+        range_check(
+            p,
+            "http.max_body_bytes",
+            self.http.max_body_bytes,
+            1024..=MAX_BODY_BYTES_LIMIT,
+        );
+        range_check(p, "store.cache_mib", self.store.cache_mib, 16..=1_048_576);
         if self.intake.batch_size == 0 || self.intake.batch_size > 10_000 {
             p.push(Keyed::new(
                 OutOfRange,
@@ -1648,6 +1634,25 @@ impl Config {
     pub fn subjects(&self) -> Subjects {
         // Validated in `validate`; a bad prefix falls back to the default rather than panic.
         Subjects::new(&self.nats.prefix).unwrap_or_default()
+    }
+}
+
+/// A setting outside its range, worded as every range check words it.
+fn range_check<T: PartialOrd + std::fmt::Display>(
+    p: &mut Vec<Keyed>,
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) {
+    if !range.contains(&value) {
+        p.push(Keyed::new(
+            ProblemKind::OutOfRange,
+            format!(
+                "{key}: {value} is out of range ({} to {})",
+                range.start(),
+                range.end()
+            ),
+        ));
     }
 }
 

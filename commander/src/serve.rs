@@ -223,11 +223,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    let limits = crate::httpd::Limits {
-        max_connections: config.http.max_connections,
-        header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
-    };
-    serve_api_until_signal(config.http.listen, limits, state).await?;
+    serve_api_until_signal(config.http.listen, config.http.connection_limits(), state).await?;
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -776,12 +772,8 @@ async fn start_telemetry(
             })?;
         let stop = stopped(stop_rx.clone());
         let ing = ingestor.clone();
-        let max_connections = config.http.max_connections;
+        let limits = config.http.connection_limits();
         telemetry_tasks.push(tokio::spawn(async move {
-            let limits = crate::httpd::Limits {
-                max_connections,
-                header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
-            };
             if let Err(e) = otlp::serve_grpc(ing, l, limits, stop).await {
                 tracing::error!(error = %e, "otlp grpc server failed");
             }
@@ -798,10 +790,7 @@ async fn start_telemetry(
         let stop = stopped(stop_rx.clone());
         let (open, refused) = metrics.http_server("otlp_http");
         let counters = crate::httpd::Counters { open, refused };
-        let limits = crate::httpd::Limits {
-            max_connections: config.http.max_connections,
-            header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
-        };
+        let limits = config.http.connection_limits();
         telemetry_tasks.push(tokio::spawn(crate::httpd::serve(
             l, app, limits, counters, stop,
         )));
