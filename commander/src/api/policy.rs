@@ -255,9 +255,12 @@ pub async fn version(
 pub struct TasksQuery {
     pub state: Option<String>,
     pub limit: Option<usize>,
+    pub cursor: Option<String>,
 }
 
-/// `GET /v1/tasks?state=deferred`: the deferred queue in release order.
+/// `GET /v1/tasks?state=deferred[&limit=&cursor=]`: the deferred queue in release order,
+/// a page at a time; `next` (the last listed task's queue key, in hex) continues after it,
+/// so a page stays right while tasks ahead of it are released.
 pub async fn tasks(
     State(s): State<AppState>,
     q: Result<Query<TasksQuery>, QueryRejection>,
@@ -273,12 +276,25 @@ pub async fn tasks(
         }
     }
     let limit = super::count_param("limit", q.limit, 100, 1000)?;
-    let list = s
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(crate::policy::deferred_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest(format!("cursor {c:?} is not one this API returned"))
+        })?),
+    };
+    // One more than asked tells whether there is a next page.
+    let mut list = s
         .core
         .policy
         .deferrals
-        .list(limit, None)
+        .list(limit + 1, after.as_deref())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let more = list.len() > limit;
+    list.truncate(limit);
+    let next = list
+        .last()
+        .filter(|_| more)
+        .map(|t| crate::domain::hex(&t.key()));
     let tasks: Vec<_> = list
         .into_iter()
         .map(|t| {
@@ -300,6 +316,7 @@ pub async fn tasks(
         "state": "deferred",
         "total": s.core.policy.deferrals.len(),
         "tasks": tasks,
+        "next": next,
     }))
     .into_response())
 }

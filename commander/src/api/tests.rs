@@ -548,6 +548,96 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
     }
 }
 
+/// The deferred queue is listed a page at a time in release order (priority, then age), and
+/// `next` goes on after the last listed task even when tasks ahead of it have left.
+#[tokio::test]
+async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
+    let api = api(None, 4096);
+    let deferrals = &api.state.core.policy.deferrals;
+    let task = |id: &str, priority: u8, at_ms: u64| crate::policy::DeferredTask {
+        id: id.into(),
+        priority,
+        deferred_at_ms: at_ms,
+        deferred_at: format!("{at_ms}"),
+        reason: "test".into(),
+        until_ms: None,
+        until: None,
+        queues: vec![("team-daily".into(), "search".into())],
+        pool: "docs".into(),
+        model: "gpt-4o-mini".into(),
+        est_usd: 0.01,
+        dims: Default::default(),
+        policy_version: "v1".into(),
+        task_json: "{}".into(),
+        headers: vec![],
+        releases: 0,
+    };
+    // Release order: p9 first, then oldest first among the p5s.
+    let tasks = [
+        task("p5-old", 5, 1_000),
+        task("p5-new", 5, 3_000),
+        task("p9", 9, 5_000),
+        task("p5-mid", 5, 2_000),
+        task("p0", 0, 500),
+    ];
+    for t in &tasks {
+        deferrals.insert(t).unwrap();
+    }
+    let page = |uri: String, total: u64| {
+        let api = &api;
+        async move {
+            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+            let (status, _, json) = api.call(req).await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {json}");
+            let ids: Vec<String> = json["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["task_id"].as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(json["total"], total, "{json}");
+            (ids, json["next"].as_str().map(str::to_string))
+        }
+    };
+    let (first, next) = page("/v1/tasks?state=deferred&limit=2".into(), 5).await;
+    assert_eq!(first, ["p9", "p5-old"]);
+    let next = next.expect("more to come");
+    // The first task is released meanwhile: the next page still starts after p5-old.
+    deferrals.remove(&tasks[2]).unwrap();
+    let (second, next) = page(format!("/v1/tasks?state=deferred&limit=2&cursor={next}"), 4).await;
+    assert_eq!(second, ["p5-mid", "p5-new"]);
+    let cursor = next.expect("one more");
+    let (last, end) = page(
+        format!("/v1/tasks?state=deferred&limit=2&cursor={cursor}"),
+        4,
+    )
+    .await;
+    assert_eq!((last, end), (vec!["p0".to_string()], None));
+    // A page that holds the rest exactly has no next.
+    let (all, end) = page("/v1/tasks?state=deferred&limit=4".into(), 4).await;
+    assert_eq!((all.len(), end), (4, None));
+    for bad in [
+        "zz",
+        "0a",
+        "",
+        "0500000000000003e8",       // no task id
+        "0a00000000000003e87039",   // rank 10
+        "0500000000000003e8703500", // a NUL in the id
+    ] {
+        let uri = format!("/v1/tasks?state=deferred&cursor={bad}");
+        let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+        let (status, _, json) = api.call(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cursor"),
+            "{json}"
+        );
+    }
+}
+
 /// Streams are bounded: past `http.max_streams` (two here) one more is a 503 to retry, and
 /// a place comes back when a stream ends.
 #[tokio::test]

@@ -56,6 +56,18 @@ impl DeferredTask {
     }
 }
 
+/// The queue key a listing cursor names (`DeferredTask::key` in hex), if it is one: a
+/// priority rank (0-9), eight bytes of time and a task id as the protocol allows it.
+pub fn deferred_cursor(cursor: &str) -> Option<Vec<u8>> {
+    if cursor.len() > 2 * (9 + 128) {
+        return None;
+    }
+    let key = crate::domain::unhex(cursor)?;
+    let (&rank, rest) = key.split_first()?;
+    let id = std::str::from_utf8(rest.get(8..)?).ok()?;
+    (rank <= 9 && fleet_worker::protocol::is_subject_token(id)).then_some(key)
+}
+
 /// The deferred queue.
 #[derive(Debug)]
 pub struct Deferrals {
