@@ -112,6 +112,9 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// Bytes of the HTTP/2 connection preface every client sends first (RFC 9113 §3.4).
+const HTTP2_PREFACE_LEN: usize = 24;
+
 /// A connection holding one of a server's places: given back, and the gauge lowered, when
 /// it is dropped.
 #[derive(Debug)]
@@ -119,6 +122,15 @@ pub struct Held<IO> {
     io: IO,
     _place: OwnedSemaphorePermit,
     open: Gauge,
+    /// Until the client's first bytes are in: reading fails once the time is up.
+    preface: Option<Preface>,
+}
+
+/// What a new connection has still to send, and by when.
+#[derive(Debug)]
+struct Preface {
+    left: usize,
+    by: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<IO> Drop for Held<IO> {
@@ -133,7 +145,30 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(preface) = &mut this.preface else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len().saturating_sub(before);
+                preface.left = preface.left.saturating_sub(got);
+                if preface.left == 0 || got == 0 {
+                    this.preface = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match preface.by.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 connection preface in time",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -177,18 +212,20 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
 
 /// The connections `listener` accepts, at most `limits.max_connections` open at once:
 /// past that one is closed as soon as it is accepted, and counted. For the OTLP/gRPC
-/// server, which takes its connections as a stream (tonic keeps its own HTTP/2 timeouts;
-/// `header_read_timeout` is not applied). Accept errors (out of file descriptors) are
-/// logged and waited out here: an error in the stream would end the server.
+/// server, which takes its connections as a stream: a client must send the HTTP/2
+/// connection preface within `limits.header_read_timeout` (after it, tonic's HTTP/2
+/// keep-alive pings find a peer that has gone). Accept errors (out of file descriptors)
+/// are logged and waited out here: an error in the stream would end the server.
 pub fn limited_incoming(
     listener: TcpListener,
     limits: Limits,
     counters: Counters,
 ) -> impl futures::Stream<Item = std::io::Result<Held<tokio::net::TcpStream>>> {
     let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let preface_within = limits.header_read_timeout;
     futures::stream::unfold(
         (listener, places, counters),
-        |(listener, places, counters)| async move {
+        move |(listener, places, counters)| async move {
             loop {
                 let stream = match listener.accept().await {
                     Ok((stream, _)) => stream,
@@ -209,6 +246,10 @@ pub fn limited_incoming(
                     io: stream,
                     _place: place,
                     open: counters.open.clone(),
+                    preface: Some(Preface {
+                        left: HTTP2_PREFACE_LEN,
+                        by: Box::pin(tokio::time::sleep(preface_within)),
+                    }),
                 };
                 return Some((Ok(held), (listener, places, counters)));
             }
@@ -251,6 +292,56 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await,
             Ok(Ok(0) | Err(_))
         )
+    }
+
+    /// A gRPC client has the header timeout to send the HTTP/2 preface, in as many parts
+    /// as it likes; after it the connection may idle (keep-alive pings watch it then).
+    #[tokio::test]
+    async fn a_grpc_client_must_send_its_preface_in_time() {
+        use futures::StreamExt;
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_millis(300),
+        };
+        let mut incoming = Box::pin(limited_incoming(listener, limits, Counters::default()));
+        let mut buf = [0u8; 64];
+        async fn within<F: Future>(f: F) -> F::Output {
+            tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .expect("an answer in time")
+        }
+
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut held = incoming.next().await.unwrap().unwrap();
+        let err = within(held.read(&mut buf)).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut held = incoming.next().await.unwrap().unwrap();
+        partial.write_all(&PREFACE[..10]).await.unwrap();
+        assert_eq!(within(held.read(&mut buf)).await.unwrap(), 10);
+        let err = within(held.read(&mut buf)).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "half a preface");
+
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut held = incoming.next().await.unwrap().unwrap();
+        let mut got = 0;
+        for part in [&PREFACE[..10], &PREFACE[10..]] {
+            client.write_all(part).await.unwrap();
+            got += within(held.read(&mut buf)).await.unwrap();
+        }
+        assert_eq!(got, PREFACE.len());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let idle = tokio::time::timeout(Duration::from_millis(300), held.read(&mut buf)).await;
+        assert!(
+            idle.is_err(),
+            "past the preface, idling is not an error: {idle:?}"
+        );
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(within(held.read(&mut buf)).await.unwrap(), 1);
     }
 
     /// A client that sends no headers is let go of after the timeout; past the limit a

@@ -377,6 +377,14 @@ fn otlp_status_codes<B>(
     res
 }
 
+/// How often an OTLP/gRPC connection is pinged (HTTP/2 PING), and how long its client has
+/// to answer before the connection is closed: an exporter whose host died or whose route
+/// was dropped never closes its connection, and would hold one of `http.max_connections`
+/// for good. gRPC servers ping every two hours by default; a minute finds a dead
+/// peer while costing an idle exporter one small frame a minute.
+pub const GRPC_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const GRPC_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves the three OTLP gRPC services until `shutdown` resolves.
 pub async fn serve_grpc(
     ingestor: Ingestor,
@@ -388,6 +396,8 @@ pub async fn serve_grpc(
     let incoming =
         crate::httpd::limited_incoming(listener, limits, crate::httpd::Counters { open, refused });
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapResponseLayer::new(otlp_status_codes))
         .add_service(OtlpGrpc::<Traces>::new(ingestor.clone()))
         .add_service(OtlpGrpc::<Metrics>::new(ingestor.clone()))
