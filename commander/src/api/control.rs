@@ -309,6 +309,27 @@ pub struct Control {
     pub counters: Arc<ControlCounters>,
     /// One permit per open control socket (`http.max_control_sockets`).
     sockets: Arc<tokio::sync::Semaphore>,
+    /// How open sockets are watched for clients that have gone.
+    pub socket_ping: SocketPing,
+}
+
+/// How often an open control socket is pinged, and how long it may stay without sending
+/// anything (a pong included) before it is closed: a client whose machine slept or whose
+/// network changed never closes its socket, and would hold one of
+/// `http.max_control_sockets` for good. Every WebSocket client answers pings by itself.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketPing {
+    pub every: std::time::Duration,
+    pub silent_for: std::time::Duration,
+}
+
+impl Default for SocketPing {
+    fn default() -> Self {
+        SocketPing {
+            every: std::time::Duration::from_secs(30),
+            silent_for: std::time::Duration::from_secs(75),
+        }
+    }
 }
 
 impl std::fmt::Debug for Control {
@@ -384,6 +405,7 @@ impl Control {
             tell,
             counters: Arc::new(ControlCounters::default()),
             sockets: Arc::new(tokio::sync::Semaphore::new(max_sockets)),
+            socket_ping: SocketPing::default(),
         })
     }
 
@@ -952,11 +974,30 @@ async fn session(
     remote: Option<String>,
 ) {
     tracing::info!(who = %caller.name, "control socket opened");
-    while let Some(Ok(msg)) = socket.recv().await {
+    let SocketPing { every, silent_for } = s.control.socket_ping;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    loop {
+        let msg = tokio::select! {
+            msg = socket.recv() => msg,
+            _ = ticks.tick() => {
+                if heard.elapsed() >= silent_for {
+                    tracing::info!(who = %caller.name, silent_s = heard.elapsed().as_secs(), "control socket closed: its client stopped answering pings");
+                    break;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(Ok(msg)) = msg else { break };
+        heard = tokio::time::Instant::now();
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => break,
-            // Pings are answered by the library; binary frames are not commands.
+            // Pings are answered by the library; pongs and binary frames are not commands.
             _ => continue,
         };
         let from = Who {

@@ -720,6 +720,68 @@ async fn control_sockets_past_the_limit_are_refused_until_one_closes() {
     assert_eq!(counters.sockets.get(), 2);
 }
 
+/// A control socket whose client stopped answering pings (its machine slept, its network
+/// changed) is closed and gives its place back; one whose client answers stays open.
+#[tokio::test]
+async fn a_control_socket_whose_client_is_gone_is_closed() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut api = api(None, 4096);
+    api.state.control.socket_ping = super::control::SocketPing {
+        every: std::time::Duration::from_millis(50),
+        silent_for: std::time::Duration::from_millis(300),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app =
+        router(api.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let connect = || async move {
+        let mut req = format!("ws://{addr}/v1/control")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            super::control::PROTOCOL.parse().unwrap(),
+        );
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    };
+    let counters = api.state.control.counters.clone();
+    // This client never reads, so it never answers a ping.
+    let _gone = connect().await;
+    let alive = connect().await;
+    let (pings_tx, mut pings) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut alive = alive;
+        // Reading answers pings (tungstenite queues the pong and sends it as it reads).
+        while let Some(Ok(m)) = alive.next().await {
+            if m.is_ping() {
+                let _ = pings_tx.send(());
+            }
+        }
+    });
+    assert_eq!(counters.sockets.get(), 2);
+    let mut left = None;
+    for _ in 0..500 {
+        if counters.sockets.get() == 1 {
+            left = Some(());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(left.is_some(), "the silent client's socket was closed");
+    // Well past silent_for, the answering client is still open and still pinged.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    while pings.try_recv().is_ok() {}
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(10), pings.recv())
+            .await
+            .is_ok()
+    );
+    assert_eq!(counters.sockets.get(), 1);
+    assert!(!reader.is_finished());
+}
+
 fn put_policy(auth: Option<&str>, body: &str) -> Request<Body> {
     let mut b = Request::put("/v1/policy?name=ops.policy.toml");
     if let Some(a) = auth {
