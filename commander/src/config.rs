@@ -689,6 +689,10 @@ pub struct StoreConfig {
     /// Hours a finished task's record is kept (the results stream keeps results 7 days).
     #[serde(default = "default_retention_hours")]
     pub retention_hours: u64,
+    /// Finished task records kept at most: past it the oldest finished go before their
+    /// retention. Each costs memory (the id index) and start-up time (the log is read).
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
     /// sled's page cache, MiB (the commander's RSS grows to about this plus its live
     /// state). Once the store outgrows it, pages are read back from the file.
     #[serde(default = "default_cache_mib")]
@@ -700,6 +704,7 @@ impl Default for StoreConfig {
         Self {
             data_dir: default_data_dir(),
             retention_hours: default_retention_hours(),
+            max_records: default_max_records(),
             cache_mib: default_cache_mib(),
         }
     }
@@ -712,6 +717,11 @@ fn default_cache_mib() -> u64 {
 
 fn default_retention_hours() -> u64 {
     7 * 24
+}
+
+/// About 850 MiB of id index and 10 s of start-up on a 2-core machine (docs/configuration.md).
+fn default_max_records() -> usize {
+    5_000_000
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1365,6 +1375,12 @@ impl Config {
                 "store.data_dir: must not be empty (leave it out for \"data\")".to_string(),
             ));
         }
+        range_check(
+            p,
+            "store.max_records",
+            self.store.max_records,
+            1_000..=1_000_000_000,
+        );
         range_check(p, "http.max_streams", self.http.max_streams, 1..=100_000);
         range_check(
             p,

@@ -188,6 +188,10 @@ pub struct Metrics {
     pub tasks_retargeted: Counter,
     /// Tasks accepted over HTTP.
     pub http_submissions: Counter,
+    /// Task records in the store (in flight and finished), as of the last sweep.
+    pub task_records: Gauge,
+    /// Finished task records the sweeper deleted.
+    pub task_records_swept: Counter,
     /// Requests refused at the HTTP edge before reaching the intake stream, by transport.
     pub http_rejected: Family<TransportLabel, Counter>,
     /// Telemetry items by transport, signal and outcome.
@@ -281,6 +285,16 @@ impl Metrics {
             "intake_recovered",
             "Redelivered intake messages of tasks that finished before their dispatch was recorded: decided again for the record, not dispatched",
             self.intake_recovered.clone(),
+        );
+        r.register(
+            "task_records",
+            "Task records in the store, in flight and finished, as of the last sweep (once a minute); store.max_records bounds the finished ones",
+            self.task_records.clone(),
+        );
+        r.register(
+            "task_records_swept",
+            "Finished task records deleted, past store.retention_hours or beyond store.max_records",
+            self.task_records_swept.clone(),
         );
         r.register(
             "dispatch_errors",

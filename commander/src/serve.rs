@@ -887,16 +887,19 @@ fn start_task_path(
     };
 
     let sweeper = {
-        let retention = Duration::from_secs(config.store.retention_hours * 3600);
+        let retention = (
+            Duration::from_secs(config.store.retention_hours * 3600),
+            config.store.max_records,
+        );
         let (store, decisions, log_cfg) = (
             ctx.core.store.clone(),
             ctx.core.decisions.clone(),
             config.decisions.clone(),
         );
-        let (engine, stop) = (engine.clone(), stop_rx.clone());
+        let (engine, stop, metrics) = (engine.clone(), stop_rx.clone(), ctx.core.metrics.clone());
         supervisor.spawn("sweeper", stop_rx.clone(), move || {
             sweep_store(
-                store.clone(),
+                (store.clone(), metrics.clone()),
                 retention,
                 decisions.clone(),
                 log_cfg.clone(),
@@ -1037,11 +1040,11 @@ fn classifier_hook(spans: SpanExporter, fleet: FleetHandle, instance: &str) -> C
     })
 }
 
-/// Deletes finished task records and old decisions past their retention periods, a
-/// bounded number at a time.
+/// Deletes finished task records and old decisions past their retention periods (and
+/// the oldest finished records beyond `store.max_records`), a bounded number at a time.
 async fn sweep_store(
-    store: Store,
-    retention: Duration,
+    (store, metrics): (Store, Arc<Metrics>),
+    (retention, max_records): (Duration, usize),
     decisions: DecisionLog,
     log_cfg: crate::config::DecisionLogConfig,
     policy: Arc<policy::PolicyEngine>,
@@ -1054,13 +1057,20 @@ async fn sweep_store(
             _ = stop.changed() => return,
         }
         let cutoff = std::time::SystemTime::now() - retention;
-        let sweeping = store.clone();
+        let (sweeping, swept) = (store.clone(), metrics.task_records_swept.clone());
         drain_off_workers(
-            move || sweeping.sweep(cutoff, 10_000),
-            "swept finished tasks past retention",
+            move || {
+                let n = sweeping.sweep(cutoff, max_records, 10_000)?;
+                swept.inc_by(n as u64);
+                Ok::<_, crate::store::StoreError>(n)
+            },
+            "swept finished tasks past retention or store.max_records",
             "store sweep",
         )
         .await;
+        metrics
+            .task_records
+            .set(i64::try_from(store.task_count()).unwrap_or(i64::MAX));
         match policy.prune_ledger() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired budget ledger cells dropped"),

@@ -518,13 +518,19 @@ impl TaskLog {
         lock(&self.finished).make_contiguous().sort_unstable();
     }
 
-    /// Removes terminal records that finished before `cutoff_ms`, at most `limit` of them,
-    /// then deletes the segments that leaves unused. Returns how many went.
-    pub fn sweep(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+    /// Removes terminal records that finished before `cutoff_ms`, and the oldest finished
+    /// beyond the newest `keep`, at most `limit` of them, then deletes the segments that
+    /// leaves unused. Returns how many went.
+    pub fn sweep(&self, cutoff_ms: u64, keep: usize, limit: usize) -> Result<usize, StoreError> {
         let due: Vec<(u64, Arc<str>)> = {
             let mut q = lock(&self.finished);
             let mut due = Vec::new();
-            while due.len() < limit && q.front().is_some_and(|(ms, _)| *ms < cutoff_ms) {
+            // The queue may also hold a few entries of records finished again since (they
+            // are skipped below), so `keep` is reached a little early at worst.
+            while due.len() < limit
+                && q.front()
+                    .is_some_and(|(ms, _)| *ms < cutoff_ms || q.len() > keep)
+            {
                 due.extend(q.pop_front());
             }
             due
@@ -1672,7 +1678,7 @@ mod tests {
             assert!(close(&ledger_of(&log), &expected), "{:?}", ledger_of(&log));
             let before = segment_files(dir.path());
             assert!(before.len() > 10, "{before:?}");
-            assert!(log.sweep(u64::MAX, usize::MAX).unwrap() > 80);
+            assert!(log.sweep(u64::MAX, usize::MAX, usize::MAX).unwrap() > 80);
             let after = segment_files(dir.path());
             assert!(after.first() > before.first(), "{before:?} -> {after:?}");
             // Swept records leave what they were charged in the ledger.
@@ -1918,7 +1924,7 @@ mod tests {
             let before = segment_files(dir.path());
             assert!(before.len() > 10, "{before:?}");
             // Half of them past retention.
-            let removed = log.sweep(1_100, usize::MAX).unwrap();
+            let removed = log.sweep(1_100, usize::MAX, usize::MAX).unwrap();
             assert_eq!(removed, 98, "task-001 .. task-099 but task-050");
             let after = segment_files(dir.path());
             assert!(after.len() < before.len(), "{before:?} -> {after:?}");
@@ -1939,7 +1945,7 @@ mod tests {
         assert_eq!(state(&log, "task-001"), None);
         assert_eq!(state(&log, "task-199"), Some(TaskState::Completed));
         // Retention resumes from the records themselves.
-        assert_eq!(log.sweep(u64::MAX, usize::MAX).unwrap(), 98);
+        assert_eq!(log.sweep(u64::MAX, usize::MAX, usize::MAX).unwrap(), 98);
         assert_eq!(log.records(), 4, "every 50th, never finished");
     }
 
@@ -2011,7 +2017,7 @@ mod tests {
             assert_eq!(keys[0].at_ms, 1_000);
             // The tasks go; their segments stay for the pages in them.
             let before = segment_files(dir.path());
-            assert_eq!(log.sweep(u64::MAX, usize::MAX).unwrap(), 30);
+            assert_eq!(log.sweep(u64::MAX, usize::MAX, usize::MAX).unwrap(), 30);
             let swept = segment_files(dir.path());
             assert!(
                 swept.starts_with(&before),

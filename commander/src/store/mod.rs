@@ -495,10 +495,16 @@ impl Store {
         self.update(id, create, f)
     }
 
-    /// Deletes tasks that finished before `cutoff`, at most `limit` of them; returns how
-    /// many went. Tasks still in flight are never swept.
-    pub fn sweep(&self, cutoff: SystemTime, limit: usize) -> Result<usize, StoreError> {
-        self.tasks.sweep(unix_millis(cutoff), limit)
+    /// Deletes tasks that finished before `cutoff`, and the oldest finished beyond the
+    /// newest `keep`, at most `limit` of them; returns how many went. Tasks still in
+    /// flight are never swept.
+    pub fn sweep(
+        &self,
+        cutoff: SystemTime,
+        keep: usize,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.tasks.sweep(unix_millis(cutoff), keep, limit)
     }
 
     /// Makes everything written so far durable, the task log and sled's trees (see
@@ -693,19 +699,72 @@ mod tests {
         }
         let past = SystemTime::now() - Duration::from_secs(3600);
         assert_eq!(
-            store.sweep(past, 100).unwrap(),
+            store.sweep(past, usize::MAX, 100).unwrap(),
             0,
             "nothing finished an hour ago"
         );
         let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 1).unwrap(), 1, "the limit holds");
-        assert_eq!(store.sweep(future, 100).unwrap(), 1);
+        assert_eq!(
+            store.sweep(future, usize::MAX, 1).unwrap(),
+            1,
+            "the limit holds"
+        );
+        assert_eq!(store.sweep(future, usize::MAX, 100).unwrap(), 1);
         assert!(store.get("done-1").unwrap().is_none() && store.get("done-2").unwrap().is_none());
         assert!(
             store.get("running").unwrap().is_some(),
             "tasks in flight are kept"
         );
         assert_eq!(store.task_count(), 1);
+    }
+
+    /// Past `keep` finished records the oldest finished go before their retention; tasks in
+    /// flight are never counted or swept, and a reopen goes on from the same order.
+    #[test]
+    fn sweep_keeps_at_most_the_newest_finished_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = ok_result();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for id in ["running-1", "running-2"] {
+                store
+                    .update(
+                        id,
+                        || TaskRecord::new(id, 1),
+                        |r| r.advance(TaskState::Dispatched),
+                    )
+                    .unwrap();
+            }
+            for i in 0..6 {
+                let id = format!("done-{i}");
+                store
+                    .update(&id, || TaskRecord::new(&id, 1), |r| r.finish(&ok))
+                    .unwrap();
+            }
+            let past = SystemTime::now() - Duration::from_secs(3600);
+            assert_eq!(store.sweep(past, 4, 1).unwrap(), 1, "the limit holds");
+            assert_eq!(store.sweep(past, 4, 100).unwrap(), 1);
+            assert_eq!(store.sweep(past, 4, 100).unwrap(), 0, "four kept");
+            assert!(
+                store.get("done-0").unwrap().is_none() && store.get("done-1").unwrap().is_none()
+            );
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(
+            store.sweep(past, 1, 100).unwrap(),
+            3,
+            "the oldest three of four"
+        );
+        assert!(
+            store.get("done-5").unwrap().is_some(),
+            "the newest finished is kept"
+        );
+        for id in ["running-1", "running-2"] {
+            assert!(store.get(id).unwrap().is_some(), "tasks in flight are kept");
+        }
+        assert_eq!(store.task_count(), 3);
     }
 
     #[test]
@@ -781,7 +840,7 @@ mod tests {
             )
             .unwrap();
         let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 100).unwrap(), 2);
+        assert_eq!(store.sweep(future, usize::MAX, 100).unwrap(), 2);
         assert!(store.get("born-done").unwrap().is_none());
         assert!(store.get("overtaken").unwrap().is_none());
         assert!(store.get("new").unwrap().is_some(), "in flight: kept");
@@ -875,7 +934,7 @@ mod tests {
         }
         let store = Store::reopen(dir.path());
         let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        assert_eq!(store.sweep(hour_ago, 100).unwrap(), 1);
+        assert_eq!(store.sweep(hour_ago, usize::MAX, 100).unwrap(), 1);
         assert!(store.get("old-done").unwrap().is_none());
         assert!(store.get("old-running").unwrap().is_some());
     }
@@ -904,7 +963,7 @@ mod tests {
             }
             // Half the finished ones swept before the restart.
             let future = SystemTime::now() + Duration::from_secs(1);
-            assert_eq!(store.sweep(future, 50).unwrap(), 50);
+            assert_eq!(store.sweep(future, usize::MAX, 50).unwrap(), 50);
             futures::executor::block_on(store.flush()).unwrap();
         }
         let store = Store::reopen(dir.path());
@@ -914,7 +973,7 @@ mod tests {
             assert_eq!((rec.intake_sequence, rec.state), (i, TaskState::Dispatched));
         }
         let future = SystemTime::now() + Duration::from_secs(1);
-        assert_eq!(store.sweep(future, 1_000).unwrap(), 50);
+        assert_eq!(store.sweep(future, usize::MAX, 1_000).unwrap(), 50);
         assert_eq!(store.task_count(), 100);
     }
 
@@ -967,7 +1026,7 @@ mod tests {
         assert_eq!(store.get("old-1").unwrap(), Some(rec));
         let future = SystemTime::now() + Duration::from_secs(1);
         assert_eq!(
-            store.sweep(future, 1_000).unwrap(),
+            store.sweep(future, usize::MAX, 1_000).unwrap(),
             251,
             "the 250 moved in completed, and the one completed since"
         );
