@@ -35,8 +35,10 @@ pub struct CtlArgs {
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
 pub struct Target {
+    /// One worker, by its id.
     #[arg(long)]
     worker: Option<String>,
+    /// Every worker of a pool, those that join later included.
     #[arg(long)]
     pool: Option<String>,
 }
@@ -51,36 +53,44 @@ pub enum CtlCommand {
     Resume(Target),
     /// Cancel a running task (its result is `cancelled`).
     Cancel {
+        /// The task's id.
         #[arg(long)]
         task: String,
     },
     /// Refuse dispatch to a pool.
     BlockPool {
+        /// A configured pool.
         #[arg(long)]
         pool: String,
     },
     /// Send a pool's tasks to another pool.
     ReroutePool {
+        /// The pool whose tasks go elsewhere.
         #[arg(long)]
         pool: String,
+        /// The pool they go to.
         #[arg(long)]
         to: String,
     },
     /// Weigh a pool in routing: its candidate scores are multiplied by `weight` (above 1
     /// it is chosen less, below 1 more).
     WeightPool {
+        /// A configured pool.
         #[arg(long)]
         pool: String,
+        /// 0.01-100; 1 is a pool's weight unless an operator set one.
         #[arg(long)]
         weight: f64,
     },
     /// End the blocks, reroutes and weight on a pool.
     RestorePool {
+        /// A configured pool.
         #[arg(long)]
         pool: String,
     },
     /// The emergency cost cap: the fleet's spend limit per window, from now.
     CostCap {
+        /// The fleet's limit in USD per window (0 defers every task with a cost).
         #[arg(long)]
         usd: f64,
         /// A rolling duration (`1h`, `30m`) or `hour`, `day`, `month`.
@@ -91,6 +101,7 @@ pub enum CtlCommand {
     LiftCostCap,
     /// The newest control commands: who, what, when, result.
     Audit {
+        /// How many, newest first (1-1000).
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },

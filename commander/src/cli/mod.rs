@@ -72,6 +72,7 @@ pub enum RubricCommand {
     /// Validate rubric files (against the model registry, and the pools of a config when
     /// given); exits non-zero on any error.
     Check {
+        /// Rubric files (TOML), each checked on its own.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Check candidate pools against this config's `[pools]` (and use its registry).

@@ -27,6 +27,7 @@ pub enum PolicyCommand {
     /// Re-run a running commander's recent decisions under these files and report what
     /// would change. Dispatches nothing.
     Replay {
+        /// `*.policy.toml` files or directories of them, together the candidate policy.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// How far back (`1h`, `30m`, `2d`).
@@ -41,6 +42,7 @@ pub enum PolicyCommand {
     },
     /// Make these files the policy in force (`PUT /v1/policy`, compliance token needed).
     Push {
+        /// `*.policy.toml` files or directories of them, together the new policy.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[arg(long, env = "FLEET_API", default_value = "http://127.0.0.1:8080")]
@@ -56,6 +58,7 @@ pub enum PolicyCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct Offline {
+    /// `*.policy.toml` files or directories of them, checked together as one policy.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Check pools against this config (and use its registry and rubric).
