@@ -56,14 +56,19 @@ enum Command {
 
 #[derive(clap::Args)]
 struct WorkerArgs {
+    /// NATS server.
     #[arg(long, env = "FLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The fleet's subject prefix (the commander's `nats.prefix`).
     #[arg(long, default_value = "fleet")]
     prefix: String,
+    /// Pool to join.
     #[arg(long)]
     pool: String,
+    /// Worker id (unique in the fleet).
     #[arg(long)]
     id: String,
+    /// Tasks at once.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// Time each task takes, in milliseconds.
