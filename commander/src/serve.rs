@@ -39,6 +39,8 @@ pub enum ServeError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("stopped because the store can write nothing more until it is reopened: {0}")]
+    StoreFailed(String),
     #[error("model registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("routing rubric: {0}")]
@@ -144,6 +146,11 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let engine = open_engine(&config, &store)?;
     let mut registry = metrics.registry();
     supervisor.register(&mut registry);
+    registry.register(
+        "store_flush_errors",
+        "Store flushes that failed (nothing in them was acknowledged; retried after a pause)",
+        store.flush_errors(),
+    );
     let (fleet, fleet_task) = start_fleet(&config, &engine, &supervisor, &stop_rx, &mut registry);
     let classifier =
         start_classifier(&config, &engine, (&spans, &fleet, &instance), &mut registry)?;
@@ -223,7 +230,23 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    serve_api_until_signal(config.http.listen, config.http.connection_limits(), state).await?;
+    let failing = store.clone();
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let stopped_by = failed.clone();
+    let store_failed = async move {
+        let reason = failing.failed().await;
+        tracing::error!(error = %reason, "the store can write nothing more until it is reopened: stopping. Fix the cause (disk space, permissions) and start the commander again: it reopens the store from what is on disk, and JetStream hands out again every task not yet acknowledged");
+        if let Ok(mut f) = stopped_by.lock() {
+            *f = Some(reason);
+        }
+    };
+    serve_api_until_signal(
+        config.http.listen,
+        config.http.connection_limits(),
+        state,
+        store_failed,
+    )
+    .await?;
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -243,7 +266,10 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     )
     .await;
     tracing::info!("stopped");
-    Ok(())
+    match failed.lock().ok().and_then(|mut f| f.take()) {
+        Some(reason) => Err(ServeError::StoreFailed(reason)),
+        None => Ok(()),
+    }
 }
 
 /// The live event hub (its counters registered) and the decision log, which publishes to it.
@@ -579,11 +605,12 @@ fn own_spans(
     )
 }
 
-/// Serves the API on `listen` until SIGTERM or Ctrl-C.
+/// Serves the API on `listen` until SIGTERM or Ctrl-C, or until `fatal` resolves.
 async fn serve_api_until_signal(
     listen: std::net::SocketAddr,
     limits: crate::httpd::Limits,
     state: AppState,
+    fatal: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -602,6 +629,7 @@ async fn serve_api_until_signal(
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = sigterm.recv() => {}
+            () = fatal => {}
         }
         tracing::info!("shutting down");
     };

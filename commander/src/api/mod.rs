@@ -424,7 +424,13 @@ async fn healthz() -> impl IntoResponse {
 /// 200 when the commander takes work; 503 while it starts or stops, or while a
 /// long-lived task is down (named, with why).
 async fn readyz(State(s): State<AppState>) -> Response {
-    let down = s.supervisor.health.down();
+    let mut down = s.supervisor.health.down();
+    if let Some(reason) = s.core.store.trouble() {
+        down.push(crate::supervise::Down {
+            component: "store",
+            reason: format!("store flushes are failing, so no task is acknowledged: {reason}"),
+        });
+    }
     if s.ready.load(Ordering::Relaxed) && down.is_empty() {
         axum::Json(json!({ "status": "ready" })).into_response()
     } else {

@@ -261,7 +261,7 @@ pub struct Opened {
     pub ledger_cells: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves nothing half-done that matters here: the
     // buffer and counters are updated after the fallible steps.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -787,6 +787,19 @@ impl TaskLog {
             }
         }
         Ok(())
+    }
+
+    /// Puts `file` in place of the active segment's file, and gives that back: a test
+    /// writes to `/dev/full` for a while (every write fails with ENOSPC, as on a full
+    /// disk), then puts the segment's file back.
+    #[cfg(test)]
+    pub(crate) fn swap_active_file(&self, file: Arc<File>) -> Arc<File> {
+        let mut w = lock(&self.writer);
+        let active = w.active;
+        match w.segments.get_mut(&active) {
+            Some(segment) => std::mem::replace(&mut segment.file, file),
+            None => file,
+        }
     }
 
     /// Writes the buffered appends to the file and makes everything appended so far

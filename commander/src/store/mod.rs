@@ -294,6 +294,42 @@ pub struct Store {
     /// ([`Store::move_records_out_of_sled`]).
     tasks: std::sync::Arc<log::TaskLog>,
     flushes: std::sync::Arc<Flushes>,
+    trouble: std::sync::Arc<Trouble>,
+}
+
+/// How the store's flushes are going. A task log write that fails (a full disk) is tried
+/// again by the next flush, and succeeds once there is room; sled, once a write of its
+/// own failed, refuses every later one until it is reopened (its log on disk is then what
+/// it recovers from), so a sled failure ends the commander (`Store::failed`).
+#[derive(Debug)]
+struct Trouble {
+    /// Flushes failed in a row.
+    in_a_row: std::sync::atomic::AtomicU32,
+    /// Why the last one failed, while they keep failing.
+    reason: std::sync::Mutex<Option<String>>,
+    /// Set once sled failed.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// `fleet_store_flush_errors_total`.
+    errors: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Trouble {
+    fn default() -> Self {
+        Trouble {
+            in_a_row: Default::default(),
+            reason: Default::default(),
+            fatal: tokio::sync::watch::Sender::new(None),
+            errors: Default::default(),
+        }
+    }
+}
+
+/// The pause after a failed flush: 1 s, doubling to 30 s while they keep failing. The
+/// loops that flush hand their batch back and read the next (or the same again) at once,
+/// so without it a full disk is retried, and logged, as fast as they can go.
+fn flush_backoff(in_a_row: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1u64 << in_a_row.saturating_sub(1).min(5))
+        .min(std::time::Duration::from_secs(30))
 }
 
 /// One flush at a time, shared by everyone who waits for it (group commit).
@@ -352,6 +388,7 @@ impl Store {
             db,
             tasks: std::sync::Arc::new(tasks),
             flushes: Default::default(),
+            trouble: Default::default(),
         };
         store.move_records_out_of_sled()?;
         if store.has_tree(LEDGER_TREE) {
@@ -520,7 +557,7 @@ impl Store {
         }
         let n = f.started.fetch_add(1, SeqCst) + 1;
         let (db, tasks) = (self.db.clone(), self.tasks.clone());
-        match tokio::runtime::Handle::try_current() {
+        let (log, sled) = match tokio::runtime::Handle::try_current() {
             // Both at once, each on a thread of tokio's blocking pool: a batch waits for
             // the slower of the two syncs, not their sum.
             Ok(rt) => {
@@ -528,18 +565,67 @@ impl Store {
                     rt.spawn_blocking(move || tasks.sync()),
                     rt.spawn_blocking(move || db.flush().map(drop).map_err(StoreError::from)),
                 );
-                for synced in [log, sled] {
-                    synced.map_err(|e| StoreError::Flush(e.to_string()))??;
-                }
+                let joined = |r: Result<Result<(), StoreError>, tokio::task::JoinError>| {
+                    r.map_err(|e| StoreError::Flush(e.to_string()))?
+                };
+                (joined(log), joined(sled))
             }
             // Outside a runtime (tests driving the store by hand): flush right here.
-            Err(_) => {
-                tasks.sync()?;
-                db.flush()?;
+            Err(_) => (tasks.sync(), db.flush().map(drop).map_err(StoreError::from)),
+        };
+        let sled_failed = matches!(sled, Err(StoreError::Sled(_)));
+        let flushed = sled.and(log);
+        let t = &self.trouble;
+        match flushed {
+            Ok(()) => {
+                if t.in_a_row.swap(0, SeqCst) > 0 {
+                    tracing::info!("store flushes succeed again");
+                    *log::lock(&t.reason) = None;
+                }
+                f.done.store(n, SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                t.errors.inc();
+                let in_a_row = t.in_a_row.fetch_add(1, SeqCst).saturating_add(1);
+                *log::lock(&t.reason) = Some(e.to_string());
+                if sled_failed {
+                    t.fatal.send_if_modified(|fatal| {
+                        let first = fatal.is_none();
+                        if first {
+                            *fatal = Some(e.to_string());
+                        }
+                        first
+                    });
+                } else if tokio::runtime::Handle::try_current().is_ok() {
+                    // Still holding the turn: every loop that flushes waits with this one.
+                    tokio::time::sleep(flush_backoff(in_a_row)).await;
+                }
+                Err(e)
             }
         }
-        f.done.store(n, SeqCst);
-        Ok(())
+    }
+
+    /// Why the store's flushes are failing, while they keep failing (the last error).
+    pub fn trouble(&self) -> Option<String> {
+        log::lock(&self.trouble.reason).clone()
+    }
+
+    /// Resolves, with the error, once the store can write nothing more until it is
+    /// reopened (a sled write failed); never while it can.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.trouble.fatal.subscribe();
+        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
+        match reason {
+            Ok(reason) => reason.unwrap_or_default(),
+            // The sender lives as long as this store.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// `fleet_store_flush_errors_total`.
+    pub fn flush_errors(&self) -> prometheus_client::metrics::counter::Counter {
+        self.trouble.errors.clone()
     }
 
     /// Another tree in the same database (traces, alerts, the deferred queue ...), flushed
@@ -716,6 +802,48 @@ mod tests {
             "tasks in flight are kept"
         );
         assert_eq!(store.task_count(), 1);
+    }
+
+    /// A flush the task log cannot write (a full disk: here its file is `/dev/full`) fails,
+    /// is reported by `trouble` and paces its callers; once there is room the next flush
+    /// writes what was held back, and the store was never failed for good (that is sled's
+    /// case alone).
+    #[tokio::test(start_paused = true)]
+    async fn a_full_disk_fails_flushes_until_there_is_room_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = ok_result();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let full = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap();
+            let segment = store.log().swap_active_file(std::sync::Arc::new(full));
+            store
+                .update("t-1", || TaskRecord::new("t-1", 1), |r| r.finish(&ok))
+                .unwrap();
+            let before = tokio::time::Instant::now();
+            for in_a_row in 1..=3u32 {
+                let e = store.flush().await.unwrap_err();
+                assert!(e.to_string().contains("No space left"), "{e}");
+                assert_eq!(before.elapsed().as_secs(), (1u64 << in_a_row) - 1, "paced");
+            }
+            assert!(store.trouble().unwrap().contains("No space left"));
+            assert_eq!(store.flush_errors().get(), 3);
+            let failed = store.failed();
+            assert!(
+                futures::FutureExt::now_or_never(failed).is_none(),
+                "not for good"
+            );
+            store.log().swap_active_file(segment);
+            store.flush().await.unwrap();
+            assert_eq!(store.trouble(), None);
+        }
+        let store = Store::reopen(dir.path());
+        assert_eq!(
+            store.get("t-1").unwrap().unwrap().state,
+            TaskState::Completed
+        );
     }
 
     /// Past `keep` finished records the oldest finished go before their retention; tasks in
