@@ -1144,3 +1144,61 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
         "{rejects:?}"
     );
 }
+
+/// Held-back tasks of one key get turns one permit apart, after the limiter's next permit,
+/// instead of all being told to come back together; a turn past `MAX_HOLD` holds no place.
+#[test]
+fn held_back_tasks_get_turns_one_permit_apart() {
+    use std::time::{Duration, Instant};
+
+    use super::throttle::{MAX_HOLD, ThrottleKeys, turn};
+    let policy = parse(&[(
+        "t.policy.toml",
+        "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 2\n",
+    )])
+    .unwrap();
+    let throttles = super::throttle::LimiterCache::default().build(&policy);
+    let keys = |producer| ThrottleKeys {
+        pool: "docs",
+        producer: Some(producer),
+        ..Default::default()
+    };
+    assert!(throttles.admit(keys("a"), 10).is_ok(), "the burst of one");
+    let waits: Vec<Duration> = (0..5)
+        .map(|_| throttles.admit(keys("a"), 10).unwrap_err().wait)
+        .collect();
+    for (i, w) in waits.iter().enumerate() {
+        // The next permit is 500 ms off; each later task's turn is 500 ms after the last.
+        let expected = Duration::from_millis(500 * (i as u64 + 1));
+        assert!(
+            w.abs_diff(expected) < Duration::from_millis(100),
+            "turn {i}: {w:?}, expected about {expected:?} ({waits:?})"
+        );
+    }
+    // Another key has its own line.
+    assert!(throttles.admit(keys("b"), 10).is_ok());
+    let w = throttles.admit(keys("b"), 10).unwrap_err().wait;
+    assert!(w <= Duration::from_millis(500), "{w:?}");
+
+    let now = Instant::now();
+    let second = Duration::from_secs(1);
+    assert_eq!(
+        turn(now, Duration::ZERO, None, second),
+        (Duration::ZERO, Some(now + second))
+    );
+    // A line that ended in the past does not delay; one ahead of the next permit does.
+    assert_eq!(
+        turn(now, second, Some(now), second),
+        (second, Some(now + 2 * second))
+    );
+    assert_eq!(
+        turn(now, second, Some(now + 5 * second), second),
+        (5 * second, Some(now + 6 * second))
+    );
+    // Past MAX_HOLD: come back then, and the line is left as it was.
+    assert_eq!(
+        turn(now, second, Some(now + MAX_HOLD + second), second),
+        (MAX_HOLD, None)
+    );
+    assert_eq!(turn(now, 100 * MAX_HOLD, None, second), (MAX_HOLD, None));
+}

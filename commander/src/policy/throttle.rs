@@ -4,13 +4,16 @@
 //! Limiters are keyed by the scope's value, so `scope = "team"` without `match` gives
 //! every team its own limit. A policy swap keeps the limiters of throttles whose spec did
 //! not change (their permits carry over); changed or new ones start full. A task that a
-//! throttle holds back is not lost: it stays in the intake stream and comes back after
-//! the wait the limiter names.
+//! throttle holds back is not lost: it stays in the intake stream and comes back at its
+//! turn: after the limiter's next permit and after the turns given to the tasks held
+//! back before it, one permit's interval apart (a line per key). Told only the next
+//! permit, a backlog of held-back tasks all came back together, one passed and the rest
+//! were read and handed back again, hundreds of times each.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
@@ -18,12 +21,21 @@ use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use super::load::{Policy, Throttle};
 use super::schema::{ThrottleScope, ThrottleSpec};
 
+/// The longest a held-back task is told to wait: one whose turn is further off comes
+/// back after this and is given a turn then, without holding a place in the line
+/// meanwhile.
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
+
 /// One throttle's limiters.
 #[derive(Debug)]
 pub struct Limiter {
     pub spec: ThrottleSpec,
-    tasks: Option<DefaultKeyedRateLimiter<String>>,
-    tokens: Option<(DefaultKeyedRateLimiter<String>, u32)>,
+    /// The task limiter and its interval between permits.
+    tasks: Option<(DefaultKeyedRateLimiter<String>, Duration)>,
+    /// The token limiter, its burst, and its interval between single-token permits.
+    tokens: Option<(DefaultKeyedRateLimiter<String>, u32, Duration)>,
+    /// Per key, when the turns given so far end.
+    line: Mutex<HashMap<String, Instant>>,
 }
 
 impl Limiter {
@@ -31,45 +43,93 @@ impl Limiter {
     fn new(t: &Throttle) -> Self {
         Self {
             spec: t.spec.clone(),
-            tasks: t.quotas.tasks.map(RateLimiter::keyed),
-            tokens: t.quotas.tokens.map(|(q, cap)| (RateLimiter::keyed(q), cap)),
+            tasks: t
+                .quotas
+                .tasks
+                .map(|q| (RateLimiter::keyed(q), q.replenish_interval())),
+            tokens: t
+                .quotas
+                .tokens
+                .map(|(q, cap)| (RateLimiter::keyed(q), cap, q.replenish_interval())),
+            line: Mutex::default(),
         }
     }
 
-    /// Takes permits for one task of `tokens` estimated tokens, or says how long to wait.
+    /// Takes permits for one task of `tokens` estimated tokens, or says how long to wait:
+    /// until its turn.
     fn take(&self, key: &String, tokens: u64) -> Result<(), Duration> {
         // The limiter's own clock: building a clock per call costs a calibration.
-        if let Some(l) = &self.tasks
+        if let Some((l, interval)) = &self.tasks
             && let Err(not_until) = l.check_key(key)
         {
-            return Err(not_until.wait_time_from(l.clock().now()));
+            return Err(self.hold(key, not_until.wait_time_from(l.clock().now()), *interval));
         }
-        if let Some((l, cap)) = &self.tokens {
+        if let Some((l, cap, interval)) = &self.tokens {
             // A task larger than the burst waits for a full bucket, then passes.
             let n = tokens.clamp(1, u64::from(*cap)) as u32;
             let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
             match l.check_key_n(key, n) {
                 Ok(Ok(())) => {}
-                Ok(Err(not_until)) => return Err(not_until.wait_time_from(l.clock().now())),
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(l.clock().now());
+                    return Err(self.hold(key, wait, interval.saturating_mul(n.get())));
+                }
                 Err(_) => return Err(Duration::from_secs(1)),
             }
         }
         Ok(())
     }
 
+    /// A held-back task's wait: its turn in `key`'s line.
+    fn hold(&self, key: &str, wait: Duration, interval: Duration) -> Duration {
+        let Ok(mut line) = self.line.lock() else {
+            return wait.min(MAX_HOLD);
+        };
+        let now = Instant::now();
+        let end = line.get(key).copied();
+        let (hold, end) = turn(now, wait, end, interval);
+        if let Some(end) = end {
+            line.insert(key.to_string(), end);
+        }
+        hold
+    }
+
     fn retain_recent(&self) {
-        if let Some(l) = &self.tasks {
+        if let Some((l, _)) = &self.tasks {
             l.retain_recent();
         }
-        if let Some((l, _)) = &self.tokens {
+        if let Some((l, _, _)) = &self.tokens {
             l.retain_recent();
+        }
+        let now = Instant::now();
+        if let Ok(mut line) = self.line.lock() {
+            line.retain(|_, end| *end > now);
         }
     }
 
     fn keys(&self) -> usize {
-        self.tasks.as_ref().map(|l| l.len()).unwrap_or(0)
-            + self.tokens.as_ref().map(|(l, _)| l.len()).unwrap_or(0)
+        self.tasks.as_ref().map(|(l, _)| l.len()).unwrap_or(0)
+            + self.tokens.as_ref().map(|(l, _, _)| l.len()).unwrap_or(0)
     }
+}
+
+/// A held-back task's turn: once the limiter has a permit (`wait` from `now`) and the
+/// turns already given end (`line_end`). Returns how long it waits, and where the line
+/// ends now (`None`: unchanged, for a turn past [`MAX_HOLD`], which holds no place: the
+/// task comes back after `MAX_HOLD` and asks again).
+pub fn turn(
+    now: Instant,
+    wait: Duration,
+    line_end: Option<Instant>,
+    interval: Duration,
+) -> (Duration, Option<Instant>) {
+    let first = now.checked_add(wait).unwrap_or(now);
+    let at = line_end.filter(|end| *end > first).unwrap_or(first);
+    let hold = at.saturating_duration_since(now);
+    if hold > MAX_HOLD {
+        return (MAX_HOLD, None);
+    }
+    (hold, at.checked_add(interval))
 }
 
 /// What a throttle can key a task by.
