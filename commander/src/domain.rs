@@ -335,6 +335,44 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Lets a repeated log line through at most once per period, and counts the ones held
+/// back, so a failure that repeats for hours (a broker refusing every write) leaves a
+/// line every period, not one per attempt.
+#[derive(Debug)]
+pub struct LogEvery {
+    period_ms: u64,
+    /// When a line last went through (Unix ms); 0: never.
+    last_ms: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl LogEvery {
+    pub const fn new(period: Duration) -> Self {
+        LogEvery {
+            period_ms: period.as_millis() as u64,
+            last_ms: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may go out now, `n` the lines held back since the last one;
+    /// `None` (counted) when it must not.
+    pub fn due(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= self.period_ms;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held_back.swap(0, Ordering::Relaxed));
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Half to all of `d`, drawn at random, so retries from many senders do not arrive
 /// together.
 pub fn jitter(d: Duration) -> Duration {
@@ -504,6 +542,18 @@ pub struct MetricPoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One line per period goes through, and it says how many were held back.
+    #[test]
+    fn log_every_lets_one_line_through_per_period() {
+        let every = LogEvery::new(Duration::from_secs(10));
+        assert_eq!(every.due(1_000), Some(0));
+        assert_eq!(every.due(1_001), None);
+        assert_eq!(every.due(10_999), None);
+        assert_eq!(every.due(11_000), Some(2));
+        assert_eq!(every.due(11_000), None);
+        assert_eq!(every.due(50_000), Some(1));
+    }
 
     #[test]
     fn budgets_and_telemetry_read_the_same_keys() {

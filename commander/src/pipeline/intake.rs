@@ -268,16 +268,22 @@ async fn settle_one(
         }
         (Some(plan), Some(Err(e))) => {
             ctx.core.metrics.dispatch_errors.inc();
-            tracing::warn!(error = %e, "publish failed; the task will be retried");
-            if let Plan::Dispatch(d) = plan {
-                tracing::warn!(task_id = %d.id, pool = %d.pool, "dispatch not acknowledged by JetStream");
-                if let Some(r) = &d.record.reservation {
-                    ctx.core.policy.unreserve(r);
-                }
+            let delivered = msg.info().map_or(1, |i| i.delivered);
+            let retry_in = publish_retry_delay(delivered);
+            let (task_id, pool) = match &plan {
+                Plan::Dispatch(d) => (d.id.as_str(), d.pool.as_str()),
+                Plan::Reject(r) => (r.id.as_str(), "none"),
+                _ => ("", ""),
+            };
+            if let Some(held_back) = PUBLISH_FAILURES_LOG.due(ctx.core.policy.now_ms()) {
+                tracing::warn!(%task_id, %pool, error = %e, delivered, retry_in_ms = retry_in.as_millis() as u64, similar_lines_held_back = held_back, "JetStream did not acknowledge a dispatch or rejection; the task stays in the intake stream and is retried (fleet_dispatch_errors_total counts them; one line per 10 s)");
             }
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                .await;
+            if let Plan::Dispatch(d) = plan
+                && let Some(r) = &d.record.reservation
+            {
+                ctx.core.policy.unreserve(r);
+            }
+            let _ = msg.ack_with(AckKind::Nak(Some(retry_in))).await;
         }
         (Some(Plan::Defer(d)), _) => keep_deferral(ctx, msg, d, json, s).await,
         (Some(Plan::Dispatch(d)), outcome) => keep_dispatch(ctx, msg, d, outcome, json, s),
@@ -297,6 +303,21 @@ async fn settle_one(
             s.acks.push(msg);
         }
     }
+}
+
+/// Failed dispatch and rejection publishes are logged once per 10 s: a broker that
+/// refuses writes (its storage full) refuses every task in hand, again at every retry.
+static PUBLISH_FAILURES_LOG: crate::domain::LogEvery =
+    crate::domain::LogEvery::new(Duration::from_secs(10));
+
+/// How long an intake message whose dispatch (or rejection) JetStream did not acknowledge
+/// waits before it is read again: 500 ms, doubling with each delivery up to 30 s, so a
+/// broker that stays full is asked a few times a minute per task, not twice a second.
+fn publish_retry_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1))
+        .unwrap_or(0)
+        .min(6);
+    (Duration::from_millis(500) * (1u32 << doublings)).min(Duration::from_secs(30))
 }
 
 /// A deferral: recorded and queued (then acked), or handed back when it cannot be stored.
@@ -741,4 +762,24 @@ fn derived_span_id(trace: &TraceId, id: &str, attempt: u32) -> SpanId {
         h = 1;
     }
     SpanId(h.to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_refused_publish_is_retried_later_with_each_delivery() {
+        let ms = |delivered| super::publish_retry_delay(delivered).as_millis();
+        assert_eq!(
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 1_000].map(ms),
+            [
+                500, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000
+            ]
+        );
+        assert_eq!(
+            super::publish_retry_delay(i64::MIN),
+            Duration::from_millis(500)
+        );
+    }
 }

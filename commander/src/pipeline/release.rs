@@ -15,6 +15,9 @@ use tokio::sync::watch;
 
 use super::Ctx;
 
+/// Refused releases are logged once per 10 s: a full intake stream refuses every pass.
+static REFUSED_LOG: crate::domain::LogEvery = crate::domain::LogEvery::new(Duration::from_secs(10));
+
 pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -67,7 +70,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                 .await;
             pending.push((t, fut));
         }
-        let mut released = 0u64;
+        let (mut released, mut refused, mut last_error) = (0u64, 0u64, None);
         for (t, fut) in pending {
             let acked = match fut {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -81,9 +84,15 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                     released += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(task_id = %t.id, error = %e, "release not acknowledged; will retry")
+                    refused += 1;
+                    last_error = Some((t.id, e));
                 }
             }
+        }
+        if let Some((task_id, error)) = last_error
+            && let Some(held_back) = REFUSED_LOG.due(now)
+        {
+            tracing::warn!(refused, %task_id, %error, similar_lines_held_back = held_back, "the intake stream did not acknowledge released tasks; they stay deferred and are released again (one line per 10 s)");
         }
         if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush after release failed");
