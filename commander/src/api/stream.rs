@@ -231,8 +231,21 @@ fn seen(w: &WorkerView) -> Seen {
 }
 
 /// Most `agent_update` events a tick sends; past it the rest of the changes wait for the
-/// next tick (the snapshot event carries the counts all the same).
+/// next tick, which starts after the last worker sent (the snapshot event carries the
+/// counts all the same). Starting from the first worker every tick, a fleet where more
+/// than this many workers change every second never updated the workers late in id order.
 const MAX_UPDATES_PER_TICK: usize = 500;
+
+/// `items` (in id order) from the first one after `after`, round to the one at `after`.
+fn from_after<'a, T>(
+    items: &'a [T],
+    id: impl Fn(&T) -> &String,
+    after: Option<&str>,
+) -> impl Iterator<Item = &'a T> {
+    let start = after.map_or(0, |a| items.partition_point(|t| id(t).as_str() <= a));
+    let (before, rest) = items.split_at(start);
+    rest.iter().chain(before)
+}
 
 #[derive(Serialize)]
 struct SnapshotEvent<'a> {
@@ -248,6 +261,8 @@ struct SnapshotEvent<'a> {
 #[derive(Default)]
 struct FeedState {
     workers: HashMap<String, Seen>,
+    /// Where the next tick's `agent_update`s start: after the last one a full tick sent.
+    resume_after: Option<String>,
     alerts: HashMap<String, String>,
     policy: String,
 }
@@ -311,7 +326,8 @@ fn publish_tick(
         },
     );
     let mut sent = 0;
-    for w in &snap.workers {
+    let resume_after = st.resume_after.take();
+    for w in from_after(&snap.workers, |w| &w.id, resume_after.as_deref()) {
         if sent >= MAX_UPDATES_PER_TICK {
             break;
         }
@@ -320,6 +336,9 @@ fn publish_tick(
             hub.publish_watched(Kind::AgentUpdate, w.pool.as_deref(), Some(&w.id), w);
             st.workers.insert(w.id.clone(), now);
             sent += 1;
+            if sent == MAX_UPDATES_PER_TICK {
+                st.resume_after = Some(w.id.clone());
+            }
         }
     }
     if st.workers.len() > snap.workers.len() {
@@ -358,5 +377,26 @@ fn publish_tick(
                 "budgets": policy.budgets.len(), "throttles": policy.throttles.len()}),
         );
         st.policy = version;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A tick that hits the cap ends where the next one starts, round the list, so every
+    /// worker's change goes out within a few ticks however many change every second.
+    #[test]
+    fn worker_updates_go_round_the_fleet() {
+        let ids: Vec<String> = (0..5).map(|i| format!("w{i}")).collect();
+        let order = |after: Option<&str>| -> Vec<&str> {
+            super::from_after(&ids, |s| s, after)
+                .map(String::as_str)
+                .collect()
+        };
+        assert_eq!(order(None), ["w0", "w1", "w2", "w3", "w4"]);
+        assert_eq!(order(Some("w1")), ["w2", "w3", "w4", "w0", "w1"]);
+        assert_eq!(order(Some("w4")), ["w0", "w1", "w2", "w3", "w4"]);
+        // The worker it stopped at has left the fleet: it starts after where it was.
+        assert_eq!(order(Some("w2x")), ["w3", "w4", "w0", "w1", "w2"]);
+        assert_eq!(order(Some("a")), ["w0", "w1", "w2", "w3", "w4"]);
     }
 }
