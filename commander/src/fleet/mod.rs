@@ -464,7 +464,17 @@ pub struct FleetState {
     /// Fleet time the commander began watching (`spawn` sets it): a cumulative metric
     /// series that started before it is taken from its first point on, not from zero.
     watching_since_ms: u64,
+    /// The cumulative series of workers forgotten after `fleet.retention_ms`, for when
+    /// they come back: their counters went on from totals booked already.
+    evicted_series: EvictedSeries,
 }
+
+/// Evicted workers' metric series (the most recently evicted [`EVICTED_SERIES_KEPT`]).
+type EvictedSeries = lru::LruCache<String, worker::MetricSeries>;
+
+/// Workers whose series are kept after eviction: each holds at most
+/// `worker::MAX_METRIC_SERIES` (64) series of 24 bytes, so this is at most about 20 MiB.
+const EVICTED_SERIES_KEPT: usize = 10_000;
 
 impl FleetState {
     pub fn new<'a>(
@@ -495,6 +505,10 @@ impl FleetState {
             prints: prints::Prints::default(),
             mix: Default::default(),
             watching_since_ms: 0,
+            evicted_series: lru::LruCache::new(
+                std::num::NonZeroUsize::new(EVICTED_SERIES_KEPT)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
         }
     }
 
@@ -527,6 +541,7 @@ impl FleetState {
 
     fn worker_entry<'a>(
         workers: &'a mut FxHashMap<String, Worker>,
+        evicted: &mut EvictedSeries,
         cfg: &FleetConfig,
         counters: &StateCounters,
         id: &str,
@@ -537,7 +552,11 @@ impl FleetState {
                 counters.workers_refused.inc();
                 return None;
             }
-            workers.insert(id.to_string(), Worker::new(id.to_string(), now_ms));
+            let mut w = Worker::new(id.to_string(), now_ms);
+            if let Some(series) = evicted.pop(id) {
+                w.restore_metric_series(series);
+            }
+            workers.insert(id.to_string(), w);
         }
         workers.get_mut(id)
     }
@@ -598,6 +617,7 @@ impl FleetState {
             };
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
+                &mut self.evicted_series,
                 &self.cfg,
                 &self.counters,
                 &ev.identity.worker_id,
@@ -693,6 +713,7 @@ impl FleetState {
                 .unwrap_or(p.identity.worker_id.as_str());
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
+                &mut self.evicted_series,
                 &self.cfg,
                 &self.counters,
                 worker_id,
@@ -803,6 +824,7 @@ impl FleetState {
         Self::pool_mut(&mut self.pools, &hb.pool);
         let Some(w) = Self::worker_entry(
             &mut self.workers,
+            &mut self.evicted_series,
             &self.cfg,
             &self.counters,
             &hb.worker_id,
@@ -922,6 +944,7 @@ impl FleetState {
                 .unwrap_or_else(|| e.resource.clone());
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
+                &mut self.evicted_series,
                 &self.cfg,
                 &self.counters,
                 &worker_id,
@@ -990,7 +1013,12 @@ impl FleetState {
             }
         }
         for id in evict {
-            self.workers.remove(&id);
+            if let Some(mut w) = self.workers.remove(&id) {
+                let series = w.take_metric_series();
+                if !series.is_empty() {
+                    self.evicted_series.put(id, series);
+                }
+            }
             self.counters.workers_evicted.inc();
         }
         let p = self.fleet.at(now_ms);

@@ -310,6 +310,9 @@ pub enum SeriesStep {
 /// Cumulative metric series followed per worker: token and duration counters by model and
 /// type are a handful; past this a series' points are not booked (and counted).
 pub const MAX_METRIC_SERIES: usize = 64;
+
+/// A worker's cumulative metric series: the last (start time, value) of each.
+pub type MetricSeries = HashMap<u64, (u64, f64)>;
 const TRANSITIONS_KEPT: usize = 16;
 const OTHER_TOOL: &str = "_other";
 
@@ -356,7 +359,7 @@ pub struct Worker {
     pub span_usage_seen: bool,
     /// Cumulative metric series: last (start, value) per series, for deltas; at most
     /// [`MAX_METRIC_SERIES`].
-    metric_series: HashMap<u64, (u64, f64)>,
+    metric_series: MetricSeries,
 }
 
 impl Worker {
@@ -818,6 +821,17 @@ impl Worker {
         });
         self.evaluate(now_ms, cfg, &|_| None, "heartbeat");
         started
+    }
+
+    /// The worker's cumulative series, taken out as it is forgotten (evicted).
+    pub fn take_metric_series(&mut self) -> MetricSeries {
+        std::mem::take(&mut self.metric_series)
+    }
+
+    /// The series it had when it was forgotten: a worker that comes back goes on from the
+    /// totals booked then, instead of booking them again.
+    pub fn restore_metric_series(&mut self, series: MetricSeries) {
+        self.metric_series = series;
     }
 
     /// Cumulative-to-delta for a metric series: what it grew by since its last point, as

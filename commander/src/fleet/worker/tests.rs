@@ -570,6 +570,38 @@ fn cumulative_series_that_started_before_the_commander_watched_count_from_their_
     );
 }
 
+/// A worker forgotten after `retention_ms` that comes back goes on from the totals booked
+/// before: its counters kept counting from them, so its next point is not booked whole.
+#[test]
+fn a_worker_forgotten_and_back_goes_on_from_its_booked_totals() {
+    let mut f = fleet();
+    f.watching_since(T0);
+    let point = |value: f64, at_ms: u64| MetricPoint {
+        identity: identity("w1"),
+        kind: MetricKind::InputTokens,
+        model: Some("gpt-4o-mini".into()),
+        series: 1,
+        cumulative: true,
+        start_ns: (T0 + S) * 1_000_000,
+        time_ns: at_ms * 1_000_000,
+        value,
+        count: 1,
+        error: false,
+    };
+    let input = |f: &FleetState| f.worker("w1").unwrap().total_input_tokens;
+    f.apply_metrics(vec![point(400.0, T0 + 2 * S)], T0 + 2 * S);
+    assert_eq!(input(&f), 400, "started after the commander: in full");
+    // Silent past silent_lost_after_ms and retention_ms.
+    f.tick(T0 + 10_000 * S);
+    assert!(f.worker("w1").is_none(), "forgotten");
+    f.apply_metrics(vec![point(500.0, T0 + 10_001 * S)], T0 + 10_001 * S);
+    assert_eq!(
+        input(&f),
+        100,
+        "what it grew by while away, not its whole total"
+    );
+}
+
 #[test]
 fn metric_exports_are_signs_of_life_and_new_tokens_are_progress() {
     let mut f = fleet();
