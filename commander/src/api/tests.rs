@@ -554,23 +554,8 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
 async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     let api = api(None, 4096);
     let deferrals = &api.state.core.policy.deferrals;
-    let task = |id: &str, priority: u8, at_ms: u64| crate::policy::DeferredTask {
-        id: id.into(),
-        priority,
-        deferred_at_ms: at_ms,
-        deferred_at: format!("{at_ms}"),
-        reason: "test".into(),
-        until_ms: None,
-        until: None,
-        queues: vec![("team-daily".into(), "search".into())],
-        pool: "docs".into(),
-        model: "gpt-4o-mini".into(),
-        est_usd: 0.01,
-        dims: Default::default(),
-        policy_version: "v1".into(),
-        task_json: "{}".into(),
-        headers: vec![],
-        releases: 0,
+    let task = |id: &str, priority: u8, at_ms: u64| {
+        crate::policy::tests::deferred(id, priority, at_ms, 0.01)
     };
     // Release order: p9 first, then oldest first among the p5s.
     let tasks = [
@@ -638,6 +623,30 @@ async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     }
 }
 
+/// Serves the API on a real listener (a WebSocket upgrade needs a connection): its address.
+async fn listening(state: &AppState) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The control socket's handshake, with its subprotocol.
+fn control_socket_request(
+    addr: std::net::SocketAddr,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/v1/control")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        super::control::PROTOCOL.parse().unwrap(),
+    );
+    req
+}
+
 /// Streams are bounded: past `http.max_streams` (two here) one more is a 503 to retry, and
 /// a place comes back when a stream ends.
 #[tokio::test]
@@ -672,22 +681,11 @@ async fn streams_past_the_limit_are_refused_until_one_ends() {
 #[tokio::test]
 async fn control_sockets_past_the_limit_are_refused_until_one_closes() {
     use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    use tokio_tungstenite::tungstenite;
     let api = api(None, 4096);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app =
-        router(api.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = listening(&api.state).await;
     let connect = || async move {
-        let mut req = format!("ws://{addr}/v1/control")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            super::control::PROTOCOL.parse().unwrap(),
-        );
-        match tokio_tungstenite::connect_async(req).await {
+        match tokio_tungstenite::connect_async(control_socket_request(addr)).await {
             Ok((ws, _)) => Ok(ws),
             Err(tungstenite::Error::Http(r)) => Err(r.status()),
             Err(e) => panic!("websocket: {e}"),
@@ -725,26 +723,17 @@ async fn control_sockets_past_the_limit_are_refused_until_one_closes() {
 #[tokio::test]
 async fn a_control_socket_whose_client_is_gone_is_closed() {
     use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut api = api(None, 4096);
     api.state.control.socket_ping = super::control::SocketPing {
         every: std::time::Duration::from_millis(50),
         silent_for: std::time::Duration::from_millis(300),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app =
-        router(api.state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = listening(&api.state).await;
     let connect = || async move {
-        let mut req = format!("ws://{addr}/v1/control")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            super::control::PROTOCOL.parse().unwrap(),
-        );
-        tokio_tungstenite::connect_async(req).await.unwrap().0
+        tokio_tungstenite::connect_async(control_socket_request(addr))
+            .await
+            .unwrap()
+            .0
     };
     let counters = api.state.control.counters.clone();
     // This client never reads, so it never answers a ping.

@@ -333,7 +333,8 @@ fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyE
     .unwrap()
 }
 
-fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> DeferredTask {
+/// A deferred task of team `search` waiting in `team-daily`, for tests here and in the API.
+pub(crate) fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> DeferredTask {
     DeferredTask {
         id: id.into(),
         priority,
