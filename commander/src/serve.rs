@@ -230,16 +230,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    let failing = store.clone();
-    let failed = Arc::new(std::sync::Mutex::new(None));
-    let stopped_by = failed.clone();
-    let store_failed = async move {
-        let reason = failing.failed().await;
-        tracing::error!(error = %reason, "the store can write nothing more until it is reopened: stopping. Fix the cause (disk space, permissions) and start the commander again: it reopens the store from what is on disk, and JetStream hands out again every task not yet acknowledged");
-        if let Ok(mut f) = stopped_by.lock() {
-            *f = Some(reason);
-        }
-    };
+    let (store_failed, failed) = store_failure(&store);
     serve_api_until_signal(
         config.http.listen,
         config.http.connection_limits(),
@@ -270,6 +261,26 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         Some(reason) => Err(ServeError::StoreFailed(reason)),
         None => Ok(()),
     }
+}
+
+/// A future that resolves once the store can write nothing more (logging what to do), and
+/// where it leaves the error: the commander then stops as on SIGTERM and exits 1.
+fn store_failure(
+    store: &Store,
+) -> (
+    impl std::future::Future<Output = ()> + Send + use<>,
+    Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let (failing, failed) = (store.clone(), Arc::new(std::sync::Mutex::new(None)));
+    let stopped_by = failed.clone();
+    let fut = async move {
+        let reason = failing.failed().await;
+        tracing::error!(error = %reason, "the store can write nothing more until it is reopened: stopping. Fix the cause (disk space, permissions) and start the commander again: it reopens the store from what is on disk, and JetStream hands out again every task not yet acknowledged");
+        if let Ok(mut f) = stopped_by.lock() {
+            *f = Some(reason);
+        }
+    };
+    (fut, failed)
 }
 
 /// The live event hub (its counters registered) and the decision log, which publishes to it.

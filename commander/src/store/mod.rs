@@ -324,6 +324,37 @@ impl Default for Trouble {
     }
 }
 
+impl Trouble {
+    fn cleared(&self) {
+        if self.in_a_row.swap(0, std::sync::atomic::Ordering::SeqCst) > 0 {
+            tracing::info!("store flushes succeed again");
+            *log::lock(&self.reason) = None;
+        }
+    }
+
+    /// Notes a failed flush; then, unless sled failed (for good: the commander stops),
+    /// pauses its caller ([`flush_backoff`]).
+    async fn failed(&self, e: &StoreError, sled_failed: bool) {
+        self.errors.inc();
+        let in_a_row = self
+            .in_a_row
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .saturating_add(1);
+        *log::lock(&self.reason) = Some(e.to_string());
+        if sled_failed {
+            self.fatal.send_if_modified(|fatal| {
+                let first = fatal.is_none();
+                if first {
+                    *fatal = Some(e.to_string());
+                }
+                first
+            });
+        } else if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::sleep(flush_backoff(in_a_row)).await;
+        }
+    }
+}
+
 /// The pause after a failed flush: 1 s, doubling to 30 s while they keep failing. The
 /// loops that flush hand their batch back and read the next (or the same again) at once,
 /// so without it a full disk is retried, and logged, as fast as they can go.
@@ -574,33 +605,15 @@ impl Store {
             Err(_) => (tasks.sync(), db.flush().map(drop).map_err(StoreError::from)),
         };
         let sled_failed = matches!(sled, Err(StoreError::Sled(_)));
-        let flushed = sled.and(log);
-        let t = &self.trouble;
-        match flushed {
+        match sled.and(log) {
             Ok(()) => {
-                if t.in_a_row.swap(0, SeqCst) > 0 {
-                    tracing::info!("store flushes succeed again");
-                    *log::lock(&t.reason) = None;
-                }
+                self.trouble.cleared();
                 f.done.store(n, SeqCst);
                 Ok(())
             }
             Err(e) => {
-                t.errors.inc();
-                let in_a_row = t.in_a_row.fetch_add(1, SeqCst).saturating_add(1);
-                *log::lock(&t.reason) = Some(e.to_string());
-                if sled_failed {
-                    t.fatal.send_if_modified(|fatal| {
-                        let first = fatal.is_none();
-                        if first {
-                            *fatal = Some(e.to_string());
-                        }
-                        first
-                    });
-                } else if tokio::runtime::Handle::try_current().is_ok() {
-                    // Still holding the turn: every loop that flushes waits with this one.
-                    tokio::time::sleep(flush_backoff(in_a_row)).await;
-                }
+                // Still holding the turn: every loop that flushes waits with this one.
+                self.trouble.failed(&e, sled_failed).await;
                 Err(e)
             }
         }
