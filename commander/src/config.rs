@@ -666,6 +666,7 @@ impl HttpConfig {
         crate::httpd::Limits {
             max_connections: self.max_connections,
             header_read_timeout: crate::httpd::HEADER_READ_TIMEOUT,
+            shutdown_grace: crate::httpd::SHUTDOWN_GRACE,
         }
     }
 }

@@ -136,6 +136,8 @@ struct Inner {
     counters: Arc<StreamCounters>,
     /// One permit per stream that may be open at once.
     slots: Arc<tokio::sync::Semaphore>,
+    /// True once the commander is shutting down: every stream ends.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// Cheap to clone; every clone publishes to the same subscribers.
@@ -169,6 +171,7 @@ impl Hub {
                 started: std::time::Instant::now(),
                 counters: Arc::new(StreamCounters::default()),
                 slots: Arc::new(tokio::sync::Semaphore::new(max_clients)),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -181,6 +184,18 @@ impl Hub {
             self.inner.counters.refused.inc();
         }
         slot
+    }
+
+    /// Ends every open stream (and every one opened after): the commander is shutting
+    /// down, and a stream that never ends would keep its connection, and the shutdown
+    /// that waits for connections to finish, open for as long as its client stays.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Changes to true when [`Hub::close`] is called.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 
     pub fn counters(&self) -> Arc<StreamCounters> {

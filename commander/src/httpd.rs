@@ -33,6 +33,11 @@ use tower::ServiceExt;
 /// applies only when given a timer.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a response may wait to write because its client reads nothing: a client that
+/// keeps its socket open with a full receive window (a stalled stream reader) would
+/// otherwise hold its connection, and its place among `http.max_streams`, for good.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Connections open at once unless the config says otherwise (`http.max_connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
@@ -41,6 +46,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// How long a server that was told to stop waits for its connections to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// The server's figures: connections open now, and those closed at once because
@@ -95,6 +102,7 @@ pub async fn serve(
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout);
+        let stream = WriteStall::new(stream, WRITE_STALL_TIMEOUT);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();
@@ -109,7 +117,108 @@ pub async fn serve(
             drop(place);
         });
     }
-    graceful.shutdown().await;
+    // Requests in progress may finish; a connection that still has not after this (a
+    // client reading a response it never ends) is left behind, not waited for.
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = limits.shutdown_grace.as_millis() as u64,
+            "http connections still open after the shutdown grace; not waiting for them"
+        );
+    }
+}
+
+/// [`Limits::shutdown_grace`] unless a test says otherwise.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A connection whose writes fail once one has waited [`WRITE_STALL_TIMEOUT`] for its
+/// client to read: hyper then ends the connection.
+#[derive(Debug)]
+pub struct WriteStall<IO> {
+    io: IO,
+    limit: Duration,
+    /// Set while a write waits.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> WriteStall<IO> {
+    pub fn new(io: IO, limit: Duration) -> Self {
+        WriteStall {
+            io,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// What a write that returned `polled` means: while it waits, the timer runs (and
+    /// ends it with `TimedOut`); once it gets through, the timer goes.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteStall<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteStall<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Bytes of the HTTP/2 connection preface every client sends first (RFC 9113 §3.4).
@@ -294,6 +403,101 @@ mod tests {
         )
     }
 
+    /// Told to stop, a server waits for its connections only for the grace: a response
+    /// that never ends (a client still reading it) does not keep it from stopping.
+    #[tokio::test]
+    async fn a_server_told_to_stop_waits_for_its_connections_only_for_the_grace() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/endless",
+            axum::routing::get(|| async {
+                axum::body::Body::from_stream(futures::stream::pending::<
+                    Result<bytes::Bytes, std::io::Error>,
+                >())
+            }),
+        );
+        let limits = Limits {
+            max_connections: 8,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            shutdown_grace: Duration::from_millis(300),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            limits,
+            Counters::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stopped after the grace")
+            .unwrap();
+    }
+
+    /// A write that waits longer than the limit for its client to read fails; one whose
+    /// client reads goes on however long the whole takes (32 MiB here, many times the
+    /// socket buffers).
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_fails_the_write_after_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+
+        let _stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = WriteStall::new(server, Duration::from_millis(300));
+        let mut written = 0usize;
+        let err = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match server.write(&chunk).await {
+                    Ok(n) => written += n,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("the write gave up");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(written > 0, "it wrote until the buffers were full");
+
+        let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut server = WriteStall::new(server, Duration::from_millis(300));
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0usize;
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        });
+        let total = 32 * 1024 * 1024;
+        let mut sent = 0;
+        while sent < total {
+            sent += server
+                .write(&chunk)
+                .await
+                .expect("a reading client is written to");
+        }
+        drop(server);
+        assert_eq!(drain.await.unwrap(), sent);
+    }
+
     /// A gRPC client has the header timeout to send the HTTP/2 preface, in as many parts
     /// as it likes; after it the connection may idle (keep-alive pings watch it then).
     #[tokio::test]
@@ -305,6 +509,7 @@ mod tests {
         let limits = Limits {
             max_connections: 8,
             header_read_timeout: Duration::from_millis(300),
+            shutdown_grace: SHUTDOWN_GRACE,
         };
         let mut incoming = Box::pin(limited_incoming(listener, limits, Counters::default()));
         let mut buf = [0u8; 64];
@@ -358,6 +563,7 @@ mod tests {
         let limits = Limits {
             max_connections: 2,
             header_read_timeout: Duration::from_millis(300),
+            shutdown_grace: SHUTDOWN_GRACE,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, router, limits, counters.clone(), async {
@@ -411,6 +617,7 @@ mod tests {
         let limits = Limits {
             max_connections: 1,
             header_read_timeout: HEADER_READ_TIMEOUT,
+            shutdown_grace: SHUTDOWN_GRACE,
         };
         let mut incoming = Box::pin(limited_incoming(listener, limits, counters.clone()));
         let _first_client = tokio::net::TcpStream::connect(addr).await.unwrap();

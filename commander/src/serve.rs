@@ -636,6 +636,7 @@ async fn serve_api_until_signal(
     tracing::info!(%addr, "http api listening");
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ServeError::Signals)?;
+    let events = state.events.clone();
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -643,6 +644,9 @@ async fn serve_api_until_signal(
             () = fatal => {}
         }
         tracing::info!("shutting down");
+        // Live streams never end by themselves: end them, or the server would wait for
+        // every open dashboard before it stops.
+        events.close();
     };
     let (open, refused) = state.core.metrics.http_server("api");
     let counters = crate::httpd::Counters { open, refused };

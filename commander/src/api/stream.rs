@@ -87,6 +87,8 @@ struct Feed {
     first: Option<Bytes>,
     done: bool,
     keep_alive: tokio::time::Interval,
+    /// The hub's shutdown flag: the stream ends when it turns true.
+    closing: watch::Receiver<bool>,
     connected: Connected,
 }
 
@@ -108,9 +110,15 @@ fn frames(f: Feed) -> impl Stream<Item = Result<Bytes, Infallible>> {
             return Some((Ok(e.frame.clone()), f));
         }
         loop {
+            if *f.closing.borrow() {
+                return None;
+            }
             let got = tokio::select! {
                 got = f.rx.recv() => got,
                 _ = f.keep_alive.tick() => return Some((Ok(Bytes::from_static(KEEP_ALIVE)), f)),
+                // The commander is shutting down: the client reconnects (to another
+                // replica, or to this one once it is back) with Last-Event-ID.
+                _ = f.closing.changed() => return None,
             };
             match got {
                 Ok(e) if f.wanted.admits(&e) => return Some((Ok(e.frame.clone()), f)),
@@ -183,6 +191,7 @@ pub async fn stream(
         },
         first,
         done: false,
+        closing: s.events.closing(),
         keep_alive: {
             let mut i = tokio::time::interval_at(
                 tokio::time::Instant::now() + KEEP_ALIVE_EVERY,

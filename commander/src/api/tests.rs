@@ -675,6 +675,39 @@ async fn streams_past_the_limit_are_refused_until_one_ends() {
     drop(second);
 }
 
+/// A live stream ends when the commander shuts down (the hub closes), and one opened
+/// after ends at once: a stream that never ends held the shutdown, which waits for every
+/// connection, for as long as a dashboard stayed open.
+#[tokio::test]
+async fn streams_end_when_the_commander_shuts_down() {
+    use http_body_util::BodyExt;
+    let api = api(None, 4096);
+    let open = || async {
+        router(api.state.clone())
+            .oneshot(Request::get("/v1/stream").body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    };
+    let stream = open().await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let body = tokio::spawn(stream.into_body().collect());
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!body.is_finished(), "a live stream stays open");
+    api.state.events.close();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), body).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(_)))),
+        "the stream ended: {ended:?}"
+    );
+    let late = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        open().await.into_body().collect(),
+    )
+    .await;
+    assert!(late.is_ok(), "a stream opened during shutdown ends at once");
+    assert_eq!(api.state.events.counters().clients.get(), 0);
+}
+
 /// Control sockets are bounded as streams are: past `http.max_control_sockets` (two here)
 /// the handshake is a 503 to retry, and a place comes back when a socket closes. Served
 /// over a real listener, since an upgrade needs a connection.
