@@ -335,6 +335,14 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The `n`-th wait (from 1) of a sequence that starts at `first` and doubles up to `cap`
+/// (0 counts as 1): what a retry waits after `n` failures in a row.
+pub fn doubling(first: Duration, n: u32, cap: Duration) -> Duration {
+    first
+        .saturating_mul(1u32 << n.saturating_sub(1).min(31))
+        .min(cap)
+}
+
 /// Lets a repeated log line through at most once per period, and counts the ones held
 /// back, so a failure that repeats for hours (a broker refusing every write) leaves a
 /// line every period, not one per attempt.

@@ -251,6 +251,13 @@ impl Metrics {
     /// own other counters register theirs with it (`StateCounters::register` …).
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("fleet");
+        self.register_task_path(&mut r);
+        self.register_edges(&mut r);
+        r
+    }
+
+    /// The task path's counters: decisions, intake, dispatch, results, the task records.
+    fn register_task_path(&self, r: &mut Registry) {
         r.register(
             "decisions",
             "Routing decisions, by pool, model and rule",
@@ -332,6 +339,15 @@ impl Metrics {
             self.tasks_retargeted.clone(),
         );
         r.register(
+            "intake_dispatch_seconds",
+            "From an intake batch being read to the PubAck of each of its dispatches",
+            self.intake_dispatch.0.clone(),
+        );
+    }
+
+    /// What reaches the commander from outside: HTTP, telemetry, workers, NATS.
+    fn register_edges(&self, r: &mut Registry) {
+        r.register(
             "http_submissions",
             "Tasks accepted over HTTP",
             self.http_submissions.clone(),
@@ -362,18 +378,12 @@ impl Metrics {
             "HTTP connections closed as soon as accepted because http.max_connections were open, by server",
             self.http_connections_refused.clone(),
         );
-        self.fleet.register(&mut r);
-        r.register(
-            "intake_dispatch_seconds",
-            "From an intake batch being read to the PubAck of each of its dispatches",
-            self.intake_dispatch.0.clone(),
-        );
+        self.fleet.register(r);
         r.register(
             "nats_connected",
             "1 while the NATS connection is up, 0 while it is being re-established",
             self.nats_connected.clone(),
         );
-        r
     }
 
     /// Adds `n` to a telemetry counter.

@@ -146,11 +146,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let engine = open_engine(&config, &store)?;
     let mut registry = metrics.registry();
     supervisor.register(&mut registry);
-    registry.register(
-        "store_flush_errors",
-        "Store flushes that failed (nothing in them was acknowledged; retried after a pause)",
-        store.flush_errors(),
-    );
+    store.register(&mut registry);
     let (fleet, fleet_task) = start_fleet(&config, &engine, &supervisor, &stop_rx, &mut registry);
     let classifier =
         start_classifier(&config, &engine, (&spans, &fleet, &instance), &mut registry)?;
@@ -230,14 +226,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    let (store_failed, failed) = store_failure(&store);
-    serve_api_until_signal(
-        config.http.listen,
-        config.http.connection_limits(),
-        state,
-        store_failed,
-    )
-    .await?;
+    let limits = config.http.connection_limits();
+    serve_api_until_signal(config.http.listen, limits, state, store_failure(&store)).await?;
+    let failure = store.failure();
 
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -257,30 +248,17 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     )
     .await;
     tracing::info!("stopped");
-    match failed.lock().ok().and_then(|mut f| f.take()) {
-        Some(reason) => Err(ServeError::StoreFailed(reason)),
-        None => Ok(()),
-    }
+    failure.map_or(Ok(()), |reason| Err(ServeError::StoreFailed(reason)))
 }
 
-/// A future that resolves once the store can write nothing more (logging what to do), and
-/// where it leaves the error: the commander then stops as on SIGTERM and exits 1.
-fn store_failure(
-    store: &Store,
-) -> (
-    impl std::future::Future<Output = ()> + Send + use<>,
-    Arc<std::sync::Mutex<Option<String>>>,
-) {
-    let (failing, failed) = (store.clone(), Arc::new(std::sync::Mutex::new(None)));
-    let stopped_by = failed.clone();
-    let fut = async move {
+/// Resolves once the store can write nothing more, logging what to do: the commander then
+/// stops as on SIGTERM and exits 1 (`Store::failure` says why).
+fn store_failure(store: &Store) -> impl std::future::Future<Output = ()> + Send + use<> {
+    let failing = store.clone();
+    async move {
         let reason = failing.failed().await;
         tracing::error!(error = %reason, "the store can write nothing more until it is reopened: stopping. Fix the cause (disk space, permissions) and start the commander again: it reopens the store from what is on disk, and JetStream hands out again every task not yet acknowledged");
-        if let Ok(mut f) = stopped_by.lock() {
-            *f = Some(reason);
-        }
-    };
-    (fut, failed)
+    }
 }
 
 /// The live event hub (its counters registered) and the decision log, which publishes to it.

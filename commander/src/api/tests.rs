@@ -234,6 +234,17 @@ impl Api {
         (status, headers, json)
     }
 
+    /// Asserts `req` is answered 400, and gives back the error's message.
+    async fn bad_request(&self, req: Request<Body>) -> String {
+        let uri = req.uri().to_string();
+        let (status, _, json) = self.call(req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
+        json["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
         let (s, _, b) = self
             .call(Request::get(uri).body(Body::empty()).unwrap())
@@ -516,28 +527,20 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
         for (limit, ok) in [(0, false), (1, true), (max, true), (max + 1, false)] {
             let uri = format!("{route}{sep}limit={limit}");
             let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
-            let (status, _, json) = api.call(req).await;
             if ok {
+                let (status, _, json) = api.call(req).await;
                 assert_eq!(status, StatusCode::OK, "{uri}: {json}");
             } else {
-                assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
-                let message = json["error"]["message"].as_str().unwrap_or_default();
-                assert!(message.contains(&format!("1-{max}")), "{uri}: {json}");
+                let message = api.bad_request(req).await;
+                assert!(message.contains(&format!("1-{max}")), "{uri}: {message}");
             }
         }
     }
     for max in [0, 1_000_001] {
         let uri = format!("/v1/policy/replay?last=1h&max={max}");
         let req = Request::post(uri.as_str()).body(Body::empty()).unwrap();
-        let (status, _, json) = api.call(req).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
-        assert!(
-            json["error"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("max="),
-            "{uri}: {json}"
-        );
+        let message = api.bad_request(req).await;
+        assert!(message.starts_with("max="), "{uri}: {message}");
     }
     // A threshold that is not a number matches nothing; it is refused instead.
     for q in ["min_cost_usd=NaN", "min_duration_ms=-1", "min_cost_usd=inf"] {
@@ -611,15 +614,8 @@ async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     ] {
         let uri = format!("/v1/tasks?state=deferred&cursor={bad}");
         let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
-        let (status, _, json) = api.call(req).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {json}");
-        assert!(
-            json["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("cursor"),
-            "{json}"
-        );
+        let message = api.bad_request(req).await;
+        assert!(message.contains("cursor"), "{uri}: {message}");
     }
 }
 
@@ -647,17 +643,20 @@ fn control_socket_request(
     req
 }
 
+/// `GET /v1/stream`, its response (the body streams until it ends).
+async fn open_stream(api: &Api) -> axum::response::Response {
+    router(api.state.clone())
+        .oneshot(Request::get("/v1/stream").body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
 /// Streams are bounded: past `http.max_streams` (two here) one more is a 503 to retry, and
 /// a place comes back when a stream ends.
 #[tokio::test]
 async fn streams_past_the_limit_are_refused_until_one_ends() {
     let api = api(None, 4096);
-    let open = || async {
-        router(api.state.clone())
-            .oneshot(Request::get("/v1/stream").body(Body::empty()).unwrap())
-            .await
-            .unwrap()
-    };
+    let open = || open_stream(&api);
     let (first, second) = (open().await, open().await);
     assert_eq!(
         (first.status(), second.status()),
@@ -682,12 +681,7 @@ async fn streams_past_the_limit_are_refused_until_one_ends() {
 async fn streams_end_when_the_commander_shuts_down() {
     use http_body_util::BodyExt;
     let api = api(None, 4096);
-    let open = || async {
-        router(api.state.clone())
-            .oneshot(Request::get("/v1/stream").body(Body::empty()).unwrap())
-            .await
-            .unwrap()
-    };
+    let open = || open_stream(&api);
     let stream = open().await;
     assert_eq!(stream.status(), StatusCode::OK);
     let body = tokio::spawn(stream.into_body().collect());

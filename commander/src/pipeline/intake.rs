@@ -314,10 +314,8 @@ static PUBLISH_FAILURES_LOG: crate::domain::LogEvery =
 /// waits before it is read again: 500 ms, doubling with each delivery up to 30 s, so a
 /// broker that stays full is asked a few times a minute per task, not twice a second.
 fn publish_retry_delay(delivered: i64) -> Duration {
-    let doublings = u32::try_from(delivered.saturating_sub(1))
-        .unwrap_or(0)
-        .min(6);
-    (Duration::from_millis(500) * (1u32 << doublings)).min(Duration::from_secs(30))
+    let n = u32::try_from(delivered).unwrap_or(0);
+    crate::domain::doubling(Duration::from_millis(500), n, Duration::from_secs(30))
 }
 
 /// A deferral: recorded and queued (then acked), or handed back when it cannot be stored.

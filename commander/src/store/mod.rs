@@ -359,8 +359,11 @@ impl Trouble {
 /// loops that flush hand their batch back and read the next (or the same again) at once,
 /// so without it a full disk is retried, and logged, as fast as they can go.
 fn flush_backoff(in_a_row: u32) -> std::time::Duration {
-    std::time::Duration::from_secs(1u64 << in_a_row.saturating_sub(1).min(5))
-        .min(std::time::Duration::from_secs(30))
+    crate::domain::doubling(
+        std::time::Duration::from_secs(1),
+        in_a_row,
+        std::time::Duration::from_secs(30),
+    )
 }
 
 /// One flush at a time, shared by everyone who waits for it (group commit).
@@ -636,9 +639,23 @@ impl Store {
         }
     }
 
-    /// `fleet_store_flush_errors_total`.
-    pub fn flush_errors(&self) -> prometheus_client::metrics::counter::Counter {
-        self.trouble.errors.clone()
+    /// Why the store can write nothing more, once it cannot ([`Store::failed`]).
+    pub fn failure(&self) -> Option<String> {
+        self.trouble.fatal.borrow().clone()
+    }
+
+    /// Registers `fleet_store_flush_errors_total`.
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "store_flush_errors",
+            "Store flushes that failed (nothing in them was acknowledged; retried after a pause)",
+            self.trouble.errors.clone(),
+        );
+    }
+
+    #[cfg(test)]
+    fn flush_errors(&self) -> u64 {
+        self.trouble.errors.get()
     }
 
     /// Another tree in the same database (traces, alerts, the deferred queue ...), flushed
@@ -773,19 +790,24 @@ mod tests {
         ok
     }
 
+    /// Records `id` as dispatched (in flight).
+    fn dispatched(store: &Store, id: &str) {
+        store
+            .update(
+                id,
+                || TaskRecord::new(id, 1),
+                |r| r.advance(TaskState::Dispatched),
+            )
+            .unwrap();
+    }
+
     #[test]
     fn sweep_removes_only_tasks_finished_before_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let ok = ok_result();
         for id in ["done-1", "done-2", "running"] {
-            store
-                .update(
-                    id,
-                    || TaskRecord::new(id, 1),
-                    |r| r.advance(TaskState::Dispatched),
-                )
-                .unwrap();
+            dispatched(&store, id);
         }
         for id in ["done-1", "done-2"] {
             store
@@ -842,7 +864,7 @@ mod tests {
                 assert_eq!(before.elapsed().as_secs(), (1u64 << in_a_row) - 1, "paced");
             }
             assert!(store.trouble().unwrap().contains("No space left"));
-            assert_eq!(store.flush_errors().get(), 3);
+            assert_eq!(store.flush_errors(), 3);
             let failed = store.failed();
             assert!(
                 futures::FutureExt::now_or_never(failed).is_none(),
@@ -868,13 +890,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             for id in ["running-1", "running-2"] {
-                store
-                    .update(
-                        id,
-                        || TaskRecord::new(id, 1),
-                        |r| r.advance(TaskState::Dispatched),
-                    )
-                    .unwrap();
+                dispatched(&store, id);
             }
             for i in 0..6 {
                 let id = format!("done-{i}");
