@@ -240,8 +240,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
             telemetry: telemetry_tasks,
             source_watches,
             store,
-            ctx,
-            classifier,
+            spans,
             spans_task,
         },
         client,
@@ -938,8 +937,7 @@ struct Running {
     telemetry: Vec<tokio::task::JoinHandle<()>>,
     source_watches: Vec<tokio::task::JoinHandle<()>>,
     store: Store,
-    ctx: Arc<Ctx>,
-    classifier: Arc<Classifier>,
+    spans: SpanExporter,
     spans_task: tokio::task::JoinHandle<()>,
 }
 
@@ -957,10 +955,10 @@ async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
         if let Err(e) = r.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
-        // The exporter flushes and stops once the last handle to it is gone.
-        drop(r.ctx);
-        drop(r.classifier);
-        let _ = tokio::time::timeout(Duration::from_secs(5), r.spans_task).await;
+        // Handles to the exporter outlive this (the classifier's hook, the API's state):
+        // tell it to publish what is queued and stop instead of waiting for the last drop.
+        r.spans.shutdown();
+        let _ = r.spans_task.await;
         let _ = c.flush().await;
     })
     .await;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use opentelemetry_proto::tonic::trace::v1::{span, status};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::protocol::{headers, kinds};
@@ -360,12 +360,16 @@ pub struct ExportStats {
     pub failed_batches: AtomicU64,
 }
 
-/// Batches spans and publishes them over core NATS. Cloneable; dropping every clone and
-/// calling [`SpanExporter::shutdown`] flushes what is queued.
+/// Batches spans and publishes them over core NATS. Cloneable. The exporter stops, after
+/// publishing what is queued, when [`SpanExporter::shutdown`] is called on any clone or
+/// when every clone is gone; spans recorded after that are dropped and counted.
 #[derive(Clone, Debug)]
 pub struct SpanExporter {
     tx: mpsc::Sender<SpanRecord>,
     stats: Arc<ExportStats>,
+    // A clone kept by a long-lived holder (a handler's background task, a hook) would keep
+    // the exporter running for good if only the last drop stopped it.
+    stop: Arc<Notify>,
 }
 
 /// Exporter limits.
@@ -399,15 +403,23 @@ impl SpanExporter {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(ExportStats::default());
+        let stop = Arc::new(Notify::new());
         let task = tokio::spawn(run_exporter(
             client,
             subject,
             resource,
             config,
-            rx,
+            (rx, stop.clone()),
             stats.clone(),
         ));
-        (Self { tx, stats }, task)
+        (Self { tx, stats, stop }, task)
+    }
+
+    /// Publishes what is queued, flushes the connection and stops the exporter (its task
+    /// handle then completes), whatever clones are still held.
+    pub fn shutdown(&self) {
+        // notify_one keeps the wake-up if the exporter is busy publishing right now.
+        self.stop.notify_one();
     }
 
     /// Queues a span; never waits. A full queue drops the span and counts it.
@@ -432,7 +444,7 @@ async fn run_exporter(
     subject: String,
     resource: Vec<(String, AttrValue)>,
     config: ExportConfig,
-    mut rx: mpsc::Receiver<SpanRecord>,
+    (mut rx, stop): (mpsc::Receiver<SpanRecord>, Arc<Notify>),
     stats: Arc<ExportStats>,
 ) {
     let mut batch = Vec::with_capacity(config.max_batch);
@@ -447,22 +459,31 @@ async fn run_exporter(
                         publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
                     }
                 }
-                None => {
-                    // Every sender is gone: flush what is left and stop.
-                    if !batch.is_empty() {
-                        publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
-                    }
-                    let _ = client.flush().await;
-                    return;
-                }
+                // Every sender is gone.
+                None => break,
             },
             _ = tick.tick() => {
                 if !batch.is_empty() {
                     publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
                 }
             }
+            () = stop.notified() => {
+                // Closed, the channel still hands out what was queued, then None.
+                rx.close();
+                break;
+            }
         }
     }
+    while let Some(span) = rx.recv().await {
+        batch.push(span);
+        if batch.len() >= config.max_batch {
+            publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+        }
+    }
+    if !batch.is_empty() {
+        publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+    }
+    let _ = client.flush().await;
 }
 
 async fn publish_batch(

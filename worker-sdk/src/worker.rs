@@ -495,7 +495,9 @@ async fn run<H, Fut>(
     let _ = heartbeat.await;
     let _ = control.await;
     publish_heartbeat(&client, &shared, WorkerState::Draining).await;
-    // The exporter stops when its last sender is gone; `shared` holds it.
+    // Told to stop rather than left to the last drop: a handler may keep a clone of its
+    // `TaskTelemetry` (and so of the exporter) in a task that outlives it.
+    shared.exporter.shutdown();
     drop(shared);
     let _ = exporter_task.await;
     let _ = client.flush().await;

@@ -214,6 +214,41 @@ async fn drain_finishes_what_is_in_flight_and_leaves_the_rest_queued() {
     assert_eq!(r.status, ResultStatus::Ok);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_while_a_handler_s_telemetry_outlives_it() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let mut spans = client
+        .subscribe(Subjects::default().telemetry(POOL, "w1"))
+        .await
+        .unwrap();
+    dispatch(&js, "keeps-telemetry").await;
+    let done = Arc::new(AtomicU32::new(0));
+    let d = done.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 1), move |ctx| {
+        // A background task that keeps the handler's recorder (and so the exporter) for
+        // good, as a handler that spawns a poller or a cache refresher would.
+        let kept = ctx.telemetry.clone();
+        tokio::spawn(async move {
+            let _kept = kept;
+            std::future::pending::<()>().await;
+        });
+        d.fetch_add(1, Ordering::SeqCst);
+        async { Ok(TaskOutput::default()) }
+    })
+    .await
+    .unwrap();
+    wait_until("the task ran", || done.load(Ordering::SeqCst) == 1).await;
+    let stats = tokio::time::timeout(Duration::from_secs(30), worker.shutdown())
+        .await
+        .expect("shutdown returns though a clone of the exporter is still held");
+    assert_eq!(stats.completed.load(Ordering::SeqCst), 1);
+    let first = tokio::time::timeout(Duration::from_secs(5), spans.next())
+        .await
+        .expect("the task's spans were published before shutdown returned");
+    assert!(first.is_some());
+}
+
 #[tokio::test]
 async fn a_panicking_handler_yields_a_failed_result_and_the_worker_carries_on() {
     let ack_wait = Duration::from_secs(30);
