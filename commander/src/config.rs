@@ -323,6 +323,11 @@ pub struct PolicyConfig {
     pub release_interval_ms: u64,
     /// Most tasks released per check.
     pub release_batch: usize,
+    /// How often, in seconds, the policy directory, the model registry and the routing
+    /// rubric are read again whatever their file events say: a change that raises no event
+    /// where the commander watches (a symlink swapped above the directory, a network
+    /// filesystem changed from another machine) applies within this.
+    pub rescan_secs: u64,
 }
 
 impl Default for PolicyConfig {
@@ -334,6 +339,7 @@ impl Default for PolicyConfig {
             max_deferred: 1_000_000,
             release_interval_ms: 1_000,
             release_batch: 1_000,
+            rescan_secs: 10,
         }
     }
 }
@@ -1627,10 +1633,20 @@ impl Config {
             ("policy.max_deferred", pc.max_deferred as u64),
             ("policy.release_interval_ms", pc.release_interval_ms),
             ("policy.release_batch", pc.release_batch as u64),
+            ("policy.rescan_secs", pc.rescan_secs),
         ] {
             if v == 0 {
                 p.push(Keyed::new(OutOfRange, format!("{key}: must be at least 1")));
             }
+        }
+        if pc.rescan_secs > 86_400 {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "policy.rescan_secs: {} must be at most 86400 (a day)",
+                    pc.rescan_secs
+                ),
+            ));
         }
         if let Some(d) = &pc.dir
             && d.as_os_str().is_empty()

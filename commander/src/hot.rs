@@ -1,5 +1,6 @@
 //! The files the commander re-reads while it runs (the model registry, the routing rubric):
-//! where each one is and why its last edit was refused. The values in force are not kept
+//! where each one is and why its last edit was refused, and the watch that says when to
+//! read them again ([`DirWatch`], for these and the policy directory). The values in force are not kept
 //! here: they live in the one live snapshot (`policy::Live`: routing table, registry,
 //! rubric and policy, behind one `ArcSwap`), which `sources.rs` and the policy engine
 //! rebuild and swap whole. Readers below the policy layer (the fleet owner's prices) reach
@@ -71,26 +72,103 @@ pub fn fixed<T: Debug + Send + Sync + 'static>(value: T) -> Arc<dyn InForce<T>> 
     Arc::new(Fixed(Arc::new(value)))
 }
 
-/// Watches `dir` (not recursively): a unit arrives on the channel whenever a file for
-/// which `wanted` holds changes. Access events are ignored — a reload's own read (or
-/// another process reading the file) opens it, and counting that would make every reload
-/// trigger the next. Keep the watcher alive as long as events are wanted.
-pub fn watch_dir(
-    dir: &Path,
-    wanted: impl Fn(&Path) -> bool + Send + 'static,
-) -> notify::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
-    use notify::Watcher;
-    let (tx, rx) = tokio::sync::mpsc::channel::<()>(16);
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| wanted(p))
-        {
-            let _ = tx.try_send(());
+/// Wakes its owner when the files of a directory may have changed: after any file event in
+/// it (reads aside), and every `rescan` whatever the events said. The owner reads what it
+/// wants and compares it with what it last judged; a wake-up is a hint, never a change.
+///
+/// Any event, not only one naming a wanted file: a Kubernetes ConfigMap (or a secret, or
+/// git-sync's layout) is updated by swapping a symlink (`..data`) the files point through,
+/// and the only events name the swapped link. The rescan covers what raises no event here at
+/// all: a symlink swapped above the directory (the watch holds the old one's inode), a
+/// network filesystem changed from another machine. At a rescan the watch is set up again
+/// when the directory now resolves elsewhere, or when it could not be set up before.
+#[derive(Debug)]
+pub struct DirWatch {
+    dir: PathBuf,
+    /// Where `dir` resolved when the watch was set up.
+    resolved: Option<PathBuf>,
+    watcher: Option<notify::RecommendedWatcher>,
+    tx: tokio::sync::mpsc::Sender<()>,
+    rx: tokio::sync::mpsc::Receiver<()>,
+    rescan: tokio::time::Interval,
+    /// A failure to watch is logged once, not at every rescan.
+    warned: bool,
+}
+
+impl DirWatch {
+    /// Watches `dir` (not recursively) and rescans it every `rescan` (at least 1 ms). A
+    /// directory that cannot be watched is still rescanned.
+    pub fn new(dir: &Path, rescan: std::time::Duration) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel::<()>(16);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + rescan,
+            rescan.max(std::time::Duration::from_millis(1)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            resolved: None,
+            watcher: None,
+            tx,
+            rx,
+            rescan: tick,
+            warned: false,
+        };
+        me.rewatch();
+        me
+    }
+
+    /// Resolves after a burst of file events has settled (`settle` after the first, the
+    /// rest dropped) or at the next rescan.
+    pub async fn changed(&mut self, settle: std::time::Duration) {
+        tokio::select! {
+            _ = self.rx.recv() => {
+                tokio::time::sleep(settle).await;
+                while self.rx.try_recv().is_ok() {}
+            }
+            _ = self.rescan.tick() => {
+                let now = std::fs::canonicalize(&self.dir).ok();
+                if self.watcher.is_none() || now != self.resolved {
+                    self.rewatch();
+                }
+            }
         }
-    })?;
-    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    Ok((watcher, rx))
+    }
+
+    fn rewatch(&mut self) {
+        use notify::Watcher;
+        self.watcher = None;
+        self.resolved = std::fs::canonicalize(&self.dir).ok();
+        let tx = self.tx.clone();
+        let watched = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Reads are left out: a reload's own read (or another process reading the
+            // files) would otherwise trigger the next one.
+            if let Ok(ev) = ev
+                && !ev.kind.is_access()
+            {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(&self.dir, notify::RecursiveMode::NonRecursive)
+                .map(|()| w)
+        });
+        match watched {
+            Ok(w) => {
+                self.watcher = Some(w);
+                self.warned = false;
+            }
+            Err(e) if !self.warned => {
+                self.warned = true;
+                tracing::warn!(
+                    error = %e,
+                    dir = %self.dir.display(),
+                    "cannot watch the directory; its files are re-read at every rescan only"
+                );
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// 1-based line of a byte offset, for `file:line` messages.
@@ -129,4 +207,87 @@ pub fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Problem {
         ProblemKind::Syntax
     };
     at.problem(kind, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::time::Duration;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// Points `link` at `target` in one step, as kubelet and git-sync do: a new link
+    /// renamed over the old one.
+    fn swap(link: &Path, target: &str) {
+        let mut name = link.file_name().unwrap().to_os_string();
+        name.push("_tmp");
+        let tmp = link.with_file_name(name);
+        symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, link).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_configmap_update_wakes_the_watch_though_no_watched_file_is_named() {
+        // kubelet's layout: the files are links through `..data` into a versioned directory.
+        let dir = tempfile::tempdir().unwrap();
+        let cm = dir.path();
+        for v in ["..v1", "..v2"] {
+            std::fs::create_dir(cm.join(v)).unwrap();
+            std::fs::write(cm.join(v).join("main.policy.toml"), v).unwrap();
+        }
+        symlink("..v1", cm.join("..data")).unwrap();
+        symlink("..data/main.policy.toml", cm.join("main.policy.toml")).unwrap();
+        let mut watch = DirWatch::new(cm, LONG);
+        swap(&cm.join("..data"), "..v2");
+        tokio::time::timeout(Duration::from_secs(10), watch.changed(Duration::ZERO))
+            .await
+            .expect("the swap of ..data wakes the watch, long before the rescan");
+        assert_eq!(
+            std::fs::read_to_string(cm.join("main.policy.toml")).unwrap(),
+            "..v2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_directory_swapped_above_the_watch_is_found_at_the_rescan_and_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, link) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("current"),
+        );
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        symlink("a", &link).unwrap();
+        let mut watch = DirWatch::new(&link, Duration::from_millis(200));
+        assert_eq!(
+            watch.resolved.as_deref(),
+            Some(a.canonicalize().unwrap().as_path())
+        );
+        // The swap happens in the parent: the watch on `a` hears nothing of it.
+        swap(&link, "b");
+        tokio::time::timeout(Duration::from_secs(10), watch.changed(Duration::ZERO))
+            .await
+            .expect("the rescan wakes the watch");
+        assert_eq!(
+            watch.resolved.as_deref(),
+            Some(b.canonicalize().unwrap().as_path()),
+            "watched again where the directory now resolves"
+        );
+        assert!(watch.watcher.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_cannot_be_watched_is_still_rescanned_and_watched_once_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = dir.path().join("later");
+        let mut watch = DirWatch::new(&later, Duration::from_millis(100));
+        assert!(watch.watcher.is_none());
+        std::fs::create_dir(&later).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), watch.changed(Duration::ZERO))
+            .await
+            .expect("the rescan wakes the watch");
+        assert!(watch.watcher.is_some(), "watched once it exists");
+    }
 }

@@ -726,7 +726,9 @@ async fn start_policy(
         policy::sync::open_bucket(js, &policy::sync::bucket_name(subjects.prefix())).await?;
     let policy_sync =
         policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
-    let source_watches = crate::sources::Sources::new(engine.clone(), instance).watch(supervisor);
+    let rescan = Duration::from_secs(config.policy.rescan_secs);
+    let source_watches =
+        crate::sources::Sources::new(engine.clone(), instance).watch(rescan, supervisor);
     let live = engine.live();
     tracing::info!(
         version = %live.policy.version,
@@ -746,7 +748,7 @@ async fn start_policy(
         if config.policy.dir.is_some() {
             let (ps, stop) = (policy_sync.clone(), stop_rx.clone());
             tasks.push(supervisor.spawn("policy_dir", stop_rx.clone(), move || {
-                ps.clone().watch_dir(stop.clone())
+                ps.clone().watch_dir(rescan, stop.clone())
             }));
         }
         let (ps, stop, c) = (policy_sync.clone(), stop_rx.clone(), client.clone());

@@ -137,26 +137,43 @@ impl Sources {
         Ok((now.rubric_generation, diff, size))
     }
 
-    /// Watches both files (when configured) until the returned tasks are dropped.
-    pub fn watch(self: &Arc<Self>, supervisor: &Supervisor) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Watches both files (when configured) until the returned tasks are dropped, and
+    /// looks at them every `rescan` whatever the file events say.
+    pub fn watch(
+        self: &Arc<Self>,
+        rescan: Duration,
+        supervisor: &Supervisor,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         if let Some(path) = self.engine.files.registry.path() {
             let me = self.clone();
-            tasks.extend(watch_file(path, supervisor, "registry_watch", move || {
-                let me = me.clone();
-                async move {
-                    let _ = me.reload_registry().await;
-                }
-            }));
+            tasks.push(watch_file(
+                path,
+                rescan,
+                supervisor,
+                "registry_watch",
+                move || {
+                    let me = me.clone();
+                    async move {
+                        let _ = me.reload_registry().await;
+                    }
+                },
+            ));
         }
         if let Some(path) = self.engine.files.rubric.path() {
             let me = self.clone();
-            tasks.extend(watch_file(path, supervisor, "rubric_watch", move || {
-                let me = me.clone();
-                async move {
-                    let _ = me.reload_rubric().await;
-                }
-            }));
+            tasks.push(watch_file(
+                path,
+                rescan,
+                supervisor,
+                "rubric_watch",
+                move || {
+                    let me = me.clone();
+                    async move {
+                        let _ = me.reload_rubric().await;
+                    }
+                },
+            ));
         }
         tasks
     }
@@ -290,14 +307,17 @@ fn rubric_diff(old: &Rubric, new: &Rubric) -> Vec<String> {
     diff
 }
 
-/// Calls `reload` after each burst of changes to `path` (editors write in several steps).
-/// A panic while reading an edit is caught and counted by `supervisor`; the watcher carries on.
+/// Calls `reload` whenever `path`'s content (or why it cannot be read) differs from what
+/// was last seen, looked at after each burst of file events in its directory and every
+/// `rescan` (`hot::DirWatch` says why both). A panic while reading an edit is caught and
+/// counted by `supervisor`; the watcher carries on.
 fn watch_file<F, Fut>(
     path: &Path,
+    rescan: Duration,
     supervisor: &Supervisor,
     task: &'static str,
     reload: F,
-) -> Option<tokio::task::JoinHandle<()>>
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -308,27 +328,26 @@ where
         .filter(|d| !d.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| std::path::PathBuf::from("."));
-    let file_name = path.file_name().map(|n| n.to_os_string());
-    let (watcher, mut rx) = match crate::hot::watch_dir(&dir, move |p| {
-        p.file_name().map(|n| n.to_os_string()) == file_name
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, dir = %dir.display(), task, "cannot watch the file; edits need a restart");
-            return None;
-        }
-    };
+    let path = path.to_path_buf();
+    let content = move || std::fs::read(&path).map_err(|e| e.kind());
     let supervisor = supervisor.clone();
-    Some(tokio::spawn(async move {
-        let _watcher = watcher;
-        while rx.recv().await.is_some() {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
+    let mut watch = crate::hot::DirWatch::new(&dir, rescan);
+    // Loaded at start a moment ago; only what differs from it is an edit.
+    let mut last = content();
+    tokio::spawn(async move {
+        loop {
+            // Editors write in several steps: wait for the burst to end.
+            watch.changed(Duration::from_millis(150)).await;
+            let now = content();
+            if now == last {
+                continue;
+            }
+            last = now;
             if let Err(payload) = std::panic::AssertUnwindSafe(reload()).catch_unwind().await {
                 supervisor.caught(task, payload.as_ref());
             }
         }
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -340,8 +359,15 @@ mod tests {
 
     /// An engine whose registry and rubric are re-read from files in `dir`.
     fn engine(dir: &Path) -> Arc<PolicyEngine> {
-        let (registry_file, rubric_file) = (dir.join("models.toml"), dir.join("rubric.toml"));
+        let registry_file = dir.join("models.toml");
         std::fs::write(&registry_file, crate::registry::BUILTIN).unwrap();
+        engine_reading(dir, registry_file)
+    }
+
+    /// An engine whose registry is re-read from `registry_file` (written already) and its
+    /// rubric from a file in `dir`.
+    fn engine_reading(dir: &Path, registry_file: std::path::PathBuf) -> Arc<PolicyEngine> {
+        let rubric_file = dir.join("rubric.toml");
         std::fs::write(&rubric_file, rubric::BUILTIN).unwrap();
         let registry = Registry::load(&registry_file).unwrap();
         let rubric = Rubric::load(
@@ -439,6 +465,61 @@ mod tests {
             3,
             "every attempt is audited"
         );
+    }
+
+    #[tokio::test]
+    async fn a_registry_mounted_from_a_configmap_follows_its_updates_and_nothing_else() {
+        // kubelet's layout: `models.toml` links through `..data` into a versioned directory,
+        // and an update swaps `..data`.
+        let dir = tempfile::tempdir().unwrap();
+        let cm = dir.path().join("cm");
+        let repriced =
+            crate::registry::BUILTIN.replacen("input_per_mtok = 3.0", "input_per_mtok = 3.5", 1);
+        for (v, text) in [
+            ("..v1", crate::registry::BUILTIN),
+            ("..v2", repriced.as_str()),
+        ] {
+            std::fs::create_dir_all(cm.join(v)).unwrap();
+            std::fs::write(cm.join(v).join("models.toml"), text).unwrap();
+        }
+        std::os::unix::fs::symlink("..v1", cm.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/models.toml", cm.join("models.toml")).unwrap();
+        let engine = engine_reading(dir.path(), cm.join("models.toml"));
+        let sources = Sources::new(engine.clone(), "test");
+        let _watches = sources.watch(Duration::from_millis(50), &Supervisor::default());
+        let registry_audits = || {
+            engine
+                .audit
+                .list(100, None)
+                .unwrap()
+                .iter()
+                .filter(|r| r.source == Source::Registry)
+                .count()
+        };
+
+        // Rescans and a rewrite with the same bytes are not edits.
+        std::fs::write(
+            cm.join("..v1").join("models.toml"),
+            crate::registry::BUILTIN,
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(engine.live().registry_generation, 1);
+        assert_eq!(registry_audits(), 0);
+
+        std::os::unix::fs::symlink("..v2", cm.join("..data_tmp")).unwrap();
+        std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while engine.live().registry_generation == 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the swap of ..data was never applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(engine.live().registry_generation, 2, "applied once");
+        assert_eq!(registry_audits(), 1);
     }
 
     #[tokio::test]

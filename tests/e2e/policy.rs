@@ -28,11 +28,19 @@ struct PolicyStack {
 
 impl PolicyStack {
     async fn start(policy: &str, extra_config: &str) -> Self {
+        Self::start_laid_out(extra_config, |policies| {
+            std::fs::write(policies.join("main.policy.toml"), policy).unwrap()
+        })
+        .await
+    }
+
+    /// `lay_out` writes the policy directory's files before the commander starts.
+    async fn start_laid_out(extra_config: &str, lay_out: impl FnOnce(&Path)) -> Self {
         let nats = NatsServer::start().expect("nats-server");
         let dir = tempfile::tempdir().unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir_all(&policies).unwrap();
-        std::fs::write(policies.join("main.policy.toml"), policy).unwrap();
+        lay_out(&policies);
         let config = format!(
             "{TWO_POOLS}\n[policy]\ndir = {:?}\nrelease_interval_ms = 200\n{extra_config}\n",
             policies
@@ -729,6 +737,111 @@ async fn ten_thousand_tasks_while_throttles_and_budgets_flip() {
         versions.len(),
         "each flip was a new version: {versions:?}"
     );
+}
+
+/// Publishes `text` as the ConfigMap version `version` of `cm`, as kubelet does: a new
+/// versioned directory, `..data` swapped to it in one rename, the file a link through it.
+fn publish_configmap(cm: &Path, version: &str, text: &str) {
+    std::fs::create_dir(cm.join(version)).unwrap();
+    std::fs::write(cm.join(version).join("main.policy.toml"), text).unwrap();
+    std::os::unix::fs::symlink(version, cm.join("..data_tmp")).unwrap();
+    std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+    let file = cm.join("main.policy.toml");
+    if std::fs::symlink_metadata(&file).is_err() {
+        std::os::unix::fs::symlink("..data/main.policy.toml", file).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_directory_mounted_from_a_configmap_follows_its_updates() {
+    let good = r#"
+[[budget]]
+name = "search-daily"
+scope = "team"
+match = "search"
+window = "day"
+limit_usd = 50.0
+action = "defer"
+"#;
+    let s =
+        PolicyStack::start_laid_out("rescan_secs = 1", |cm| publish_configmap(cm, "..v1", good))
+            .await;
+    let limit = async || s.get("/v1/policy").await["budgets"][0]["limit_usd"].as_f64();
+    assert_eq!(limit().await, Some(50.0));
+
+    // An update touches only `..data` and the versioned directories; no event names the
+    // policy file.
+    publish_configmap(&s.policies, "..v2", &good.replace("50.0", "60.0"));
+    eventually("the update is in force", WAIT, async || {
+        limit().await == Some(60.0)
+    })
+    .await;
+    let in_force = s.version().await;
+
+    // A broken update is refused once, however many rescans read it again.
+    publish_configmap(&s.policies, "..v3", "[[budget]\n");
+    let refusals = async || {
+        let h = s.get("/v1/policy/history?limit=500").await;
+        h["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["accepted"] == false && r["source"] == "file")
+            .count()
+    };
+    eventually("the broken update is refused", WAIT, async || {
+        refusals().await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        refusals().await,
+        1,
+        "three rescans later, still one refusal"
+    );
+    assert_eq!(s.version().await, in_force);
+
+    // A push replaces the directory's policy until the directory changes: the rescans
+    // that read the same files do not apply them again.
+    let (status, body) = s.put(&good.replace("50.0", "75.0"), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(limit().await, Some(75.0), "the push stays in force");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_edit_the_policy_bucket_refused_is_applied_at_a_later_rescan() {
+    let good = "[[budget]]\nname = \"b\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = 50.0\naction = \"defer\"\n";
+    let s = PolicyStack::start(good, "rescan_secs = 1").await;
+    let limit = async || s.get("/v1/policy").await["budgets"][0]["limit_usd"].as_f64();
+    assert_eq!(limit().await, Some(50.0));
+    // The bucket's stream takes nothing more for a while (as when JetStream's storage is
+    // full): the write fails at once, and nothing is left to go through later.
+    let js = async_nats::jetstream::new(s.client.clone());
+    let mut stream = js.get_stream("KV_fleet_policy").await.unwrap();
+    let open = stream.info().await.unwrap().config.clone();
+    let mut full = open.clone();
+    full.max_bytes = stream.info().await.unwrap().state.bytes as i64;
+    full.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(&full).await.unwrap();
+
+    let tmp = s.policies.join(".main.tmp");
+    std::fs::write(&tmp, good.replace("50.0", "80.0")).unwrap();
+    std::fs::rename(&tmp, s.policies.join("main.policy.toml")).unwrap();
+    assert!(
+        s.commander
+            .wait_for_log("policy directory change not applied", WAIT),
+        "the bucket refused the edit"
+    );
+    assert_eq!(limit().await, Some(50.0));
+    js.update_stream(&open).await.unwrap();
+    // No file event comes: a rescan tries the same files again.
+    eventually(
+        "the edit is in force once the bucket takes it",
+        WAIT,
+        async || limit().await == Some(80.0),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

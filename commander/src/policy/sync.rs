@@ -79,6 +79,11 @@ pub struct PolicySync {
     kv: kv::Store,
     dir: Option<PathBuf>,
     files_sha: Mutex<Option<String>>,
+    /// What of the directory was last judged (applied, found in force, or refused): its
+    /// bundle's sha, or why it could not be read; empty when it must be tried again. Kept
+    /// here, not in the watch loop, so a restarted loop does not judge the same files again
+    /// (and so replace a pushed policy with them).
+    judged: Mutex<String>,
     /// The newest bucket revision this replica has handled, applied or refused. A refused
     /// one is not in force, but it is the revision the next write must follow.
     seen: AtomicU64,
@@ -98,6 +103,7 @@ impl PolicySync {
             kv,
             dir,
             files_sha: Mutex::new(None),
+            judged: Mutex::default(),
             seen: AtomicU64::new(0),
         });
         if let Some(entry) = me
@@ -116,6 +122,7 @@ impl PolicySync {
             let docs = load::read_dir(&dir)?;
             let sha = load::bundle_sha(&docs);
             let seen = me.files_sha.lock().ok().and_then(|s| s.clone());
+            let mut judged = true;
             if seen.as_deref() != Some(sha.as_str()) {
                 let identity = identity_of_dir(&dir);
                 if me.engine.live().revision == 0 {
@@ -125,7 +132,11 @@ impl PolicySync {
                 } else if let Err(e) = me.propose(docs, Source::File, &identity).await {
                     // The bucket's policy stays in force; the refusal is logged and audited.
                     tracing::error!(error = %e, "policy directory not applied at start");
+                    judged = matches!(e, PolicyError::Invalid(_));
                 }
+            }
+            if judged {
+                me.set_judged(sha);
             }
         }
         Ok(me)
@@ -217,6 +228,12 @@ impl PolicySync {
         Err(PolicyError::Bucket(
             "the policy bucket kept changing under this write; try again".into(),
         ))
+    }
+
+    fn set_judged(&self, what: String) {
+        if let Ok(mut j) = self.judged.lock() {
+            *j = what;
+        }
     }
 
     fn set_files_sha(&self, sha: Option<String>) {
@@ -387,47 +404,41 @@ impl PolicySync {
         }
     }
 
-    /// Re-reads the policy directory on every change (debounced) until shutdown.
-    pub async fn watch_dir(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Re-reads the policy directory after every change (debounced) and every `rescan`,
+    /// until shutdown; proposes its files whenever they differ from those last judged.
+    pub async fn watch_dir(self: Arc<Self>, rescan: Duration, mut stop: watch::Receiver<bool>) {
         let Some(dir) = self.dir.clone() else { return };
-        let wanted = |p: &Path| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(load::SUFFIX))
-        };
-        let (_watcher, mut rx) = match crate::hot::watch_dir(&dir, wanted) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the policy directory; edits need a restart");
-                return;
-            }
-        };
-        // The bundle last looked at: one save often raises several events, and the same
-        // content is judged once.
-        let mut last_sha = String::new();
+        let mut watch = crate::hot::DirWatch::new(&dir, rescan);
+        // The same content is judged once, however many events or rescans see it.
+        let judged = |what: &str| self.judged.lock().is_ok_and(|j| *j == what);
         loop {
             tokio::select! {
-                got = rx.recv() => if got.is_none() { return },
+                // Editors write in several steps: wait for the burst to end.
+                () = watch.changed(Duration::from_millis(100)) => {}
                 _ = stop.changed() => return,
             }
-            // Editors write in several steps: wait for the burst to end.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while rx.try_recv().is_ok() {}
             let identity = identity_of_dir(&dir);
             match read_stable(&dir).await {
                 Ok(docs) => {
                     let sha = load::bundle_sha(&docs);
-                    if sha == last_sha {
+                    if judged(&sha) {
                         continue;
                     }
-                    last_sha = sha;
-                    if let Err(e) = self.propose(docs, Source::File, &identity).await
-                        && !matches!(e, PolicyError::Invalid(_))
-                    {
-                        tracing::error!(error = %e, "policy directory change not applied");
+                    match self.propose(docs, Source::File, &identity).await {
+                        // Refused (and audited) is judged too.
+                        Ok(_) | Err(PolicyError::Invalid(_)) => self.set_judged(sha),
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "policy directory change not applied; tried again at the next rescan"
+                        ),
                     }
                 }
                 Err(e) => {
+                    let why = e.to_string();
+                    if judged(&why) {
+                        continue;
+                    }
+                    self.set_judged(why);
                     self.engine
                         .refuse(Vec::new(), Source::File, &identity, e.problems())
                         .await
