@@ -312,8 +312,10 @@ pub struct StateCounters {
         prometheus_client::metrics::histogram::Histogram,
         fn() -> prometheus_client::metrics::histogram::Histogram,
     >,
-    /// Signals from new workers refused because `max_workers` were tracked.
+    /// Signals from new workers refused because `max_workers` were tracked, none lost.
     pub workers_refused: Counter,
+    /// Lost workers forgotten early to make room for new ones (`max_workers` tracked).
+    pub workers_displaced: Counter,
     /// Workers forgotten after the retention period.
     pub workers_evicted: Counter,
     /// Heartbeats with an unusable worker id or pool, or figures out of range.
@@ -353,6 +355,7 @@ impl Default for StateCounters {
                 dispatch_latency_histogram,
             ),
             workers_refused: Counter::default(),
+            workers_displaced: Counter::default(),
             workers_evicted: Counter::default(),
             heartbeats_invalid: Counter::default(),
             task_events_dropped: Counter::default(),
@@ -377,8 +380,13 @@ impl StateCounters {
         );
         r.register(
             "workers_refused",
-            "Signals from new workers refused because fleet.max_workers were tracked",
+            "Signals from new workers refused because fleet.max_workers were tracked, none of them lost",
             self.workers_refused.clone(),
+        );
+        r.register(
+            "workers_displaced",
+            "Lost workers forgotten before fleet.retention_ms to make room for new ones (fleet.max_workers tracked)",
+            self.workers_displaced.clone(),
         );
         r.register(
             "workers_evicted",
@@ -464,13 +472,82 @@ pub struct FleetState {
     /// Fleet time the commander began watching (`spawn` sets it): a cumulative metric
     /// series that started before it is taken from its first point on, not from zero.
     watching_since_ms: u64,
-    /// The cumulative series of workers forgotten after `fleet.retention_ms`, for when
-    /// they come back: their counters went on from totals booked already.
-    evicted_series: EvictedSeries,
+    /// Workers forgotten, and those that may be forgotten next to make room.
+    forgotten: Forgotten,
 }
 
 /// Evicted workers' metric series (the most recently evicted [`EVICTED_SERIES_KEPT`]).
 type EvictedSeries = lru::LruCache<String, worker::MetricSeries>;
+
+/// What the live state keeps about forgetting workers.
+#[derive(Debug)]
+struct Forgotten {
+    /// The cumulative series of workers forgotten, for when they come back: their
+    /// counters went on from totals booked already.
+    series: EvictedSeries,
+    /// Lost workers, the longest silent first, that a new worker may displace once
+    /// `fleet.max_workers` are tracked. Where workers are ephemeral (a pod name or a job
+    /// per run), lost ones filled the table within the retention period, and every new
+    /// worker after them went unseen, its spans unbooked, for up to an hour.
+    room: VecDeque<String>,
+    /// When `room` was last filled (fleet time): one walk of the table a second at most,
+    /// so a flood of new ids finds the table full of live workers at the cost of a lookup.
+    room_filled_ms: Option<u64>,
+}
+
+impl Forgotten {
+    fn new() -> Self {
+        Self {
+            series: lru::LruCache::new(
+                std::num::NonZeroUsize::new(EVICTED_SERIES_KEPT)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+            room: VecDeque::new(),
+            room_filled_ms: None,
+        }
+    }
+
+    /// Forgets `id`, keeping its cumulative series.
+    fn forget(&mut self, workers: &mut FxHashMap<String, Worker>, id: &str) {
+        if let Some(mut w) = workers.remove(id) {
+            let series = w.take_metric_series();
+            if !series.is_empty() {
+                self.series.put(id.to_string(), series);
+            }
+        }
+    }
+
+    /// Forgets the lost worker silent the longest to make room for a new one; false when
+    /// every tracked worker is live (or the table was walked less than a second ago).
+    fn make_room(&mut self, workers: &mut FxHashMap<String, Worker>, now_ms: u64) -> bool {
+        loop {
+            while let Some(id) = self.room.pop_front() {
+                // It may have come back since the walk.
+                if workers.get(&id).is_some_and(|w| w.lost) {
+                    self.forget(workers, &id);
+                    return true;
+                }
+            }
+            if self
+                .room_filled_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) < 1_000)
+            {
+                return false;
+            }
+            self.room_filled_ms = Some(now_ms);
+            let mut lost: Vec<(u64, &String)> = workers
+                .iter()
+                .filter(|(_, w)| w.lost)
+                .map(|(id, w)| (w.last_seen_ms, id))
+                .collect();
+            if lost.is_empty() {
+                return false;
+            }
+            lost.sort_unstable();
+            self.room = lost.into_iter().map(|(_, id)| id.clone()).collect();
+        }
+    }
+}
 
 /// Workers whose series are kept after eviction: each holds at most
 /// `worker::MAX_METRIC_SERIES` (64) series of 24 bytes, so this is at most about 20 MiB.
@@ -505,10 +582,7 @@ impl FleetState {
             prints: prints::Prints::default(),
             mix: Default::default(),
             watching_since_ms: 0,
-            evicted_series: lru::LruCache::new(
-                std::num::NonZeroUsize::new(EVICTED_SERIES_KEPT)
-                    .unwrap_or(std::num::NonZeroUsize::MIN),
-            ),
+            forgotten: Forgotten::new(),
         }
     }
 
@@ -541,7 +615,7 @@ impl FleetState {
 
     fn worker_entry<'a>(
         workers: &'a mut FxHashMap<String, Worker>,
-        evicted: &mut EvictedSeries,
+        forgotten: &mut Forgotten,
         cfg: &FleetConfig,
         counters: &StateCounters,
         id: &str,
@@ -549,11 +623,14 @@ impl FleetState {
     ) -> Option<&'a mut Worker> {
         if !workers.contains_key(id) {
             if workers.len() >= cfg.max_workers {
-                counters.workers_refused.inc();
-                return None;
+                if !forgotten.make_room(workers, now_ms) {
+                    counters.workers_refused.inc();
+                    return None;
+                }
+                counters.workers_displaced.inc();
             }
             let mut w = Worker::new(id.to_string(), now_ms);
-            if let Some(series) = evicted.pop(id) {
+            if let Some(series) = forgotten.series.pop(id) {
                 w.restore_metric_series(series);
             }
             workers.insert(id.to_string(), w);
@@ -617,7 +694,7 @@ impl FleetState {
             };
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
-                &mut self.evicted_series,
+                &mut self.forgotten,
                 &self.cfg,
                 &self.counters,
                 &ev.identity.worker_id,
@@ -713,7 +790,7 @@ impl FleetState {
                 .unwrap_or(p.identity.worker_id.as_str());
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
-                &mut self.evicted_series,
+                &mut self.forgotten,
                 &self.cfg,
                 &self.counters,
                 worker_id,
@@ -824,7 +901,7 @@ impl FleetState {
         Self::pool_mut(&mut self.pools, &hb.pool);
         let Some(w) = Self::worker_entry(
             &mut self.workers,
-            &mut self.evicted_series,
+            &mut self.forgotten,
             &self.cfg,
             &self.counters,
             &hb.worker_id,
@@ -944,7 +1021,7 @@ impl FleetState {
                 .unwrap_or_else(|| e.resource.clone());
             let Some(w) = Self::worker_entry(
                 &mut self.workers,
-                &mut self.evicted_series,
+                &mut self.forgotten,
                 &self.cfg,
                 &self.counters,
                 &worker_id,
@@ -1013,12 +1090,7 @@ impl FleetState {
             }
         }
         for id in evict {
-            if let Some(mut w) = self.workers.remove(&id) {
-                let series = w.take_metric_series();
-                if !series.is_empty() {
-                    self.evicted_series.put(id, series);
-                }
-            }
+            self.forgotten.forget(&mut self.workers, &id);
             self.counters.workers_evicted.inc();
         }
         let p = self.fleet.at(now_ms);

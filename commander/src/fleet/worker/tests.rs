@@ -285,6 +285,43 @@ fn lost_when_heartbeats_stop_and_forgotten_after_retention() {
 }
 
 #[test]
+fn a_full_table_makes_room_by_forgetting_the_longest_silent_lost_worker() {
+    let reg = crate::hot::fixed(Registry::builtin().unwrap());
+    let mut f = FleetState::new(
+        FleetConfig {
+            max_workers: 3,
+            ..cfg()
+        },
+        reg,
+        ["code"],
+    );
+    f.apply_heartbeat(&heartbeat("w1", &[]), T0);
+    f.apply_heartbeat(&heartbeat("w2", &[]), T0);
+    f.apply_heartbeat(&heartbeat("w3", &[]), T0 + S);
+    f.tick(T0 + 17 * S);
+    assert!(f.worker("w3").unwrap().lost, "all three lost");
+    // w1 is back before the new ones come: only lost workers make room.
+    f.apply_heartbeat(&heartbeat("w1", &[]), T0 + 18 * S);
+    f.apply_heartbeat(&heartbeat("n1", &[]), T0 + 19 * S);
+    assert!(f.worker("n1").is_some(), "a new worker is seen");
+    assert!(
+        f.worker("w2").is_none(),
+        "w2, silent the longest, made room"
+    );
+    f.apply_heartbeat(&heartbeat("n2", &[]), T0 + 19 * S);
+    assert!(f.worker("n2").is_some());
+    assert!(f.worker("w3").is_none());
+    assert_eq!(f.counters.workers_displaced.get(), 2);
+    // Every tracked worker is live now: a new one is refused, as before.
+    f.apply_heartbeat(&heartbeat("n3", &[]), T0 + 21 * S);
+    assert!(f.worker("n3").is_none());
+    assert_eq!(f.counters.workers_refused.get(), 1);
+    assert_eq!(f.worker_count(), 3);
+    // Displaced is not evicted after the retention period.
+    assert_eq!(f.counters.workers_evicted.get(), 0);
+}
+
+#[test]
 fn a_heartbeat_run_uses_the_dispatched_expected_duration() {
     let mut f = fleet();
     f.apply_task(
