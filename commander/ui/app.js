@@ -32,9 +32,17 @@ function headers(extra = {}) {
   return h;
 }
 
+/**
+ * An API path (`/v1/fleet`) as a URL beside the page, so the dashboard also works where a
+ * reverse proxy serves it under a prefix (`https://tools.example/fleet/`).
+ */
+function apiUrl(path) {
+  return new URL(path.replace(/^\//, ''), document.baseURI);
+}
+
 /** GET (or `opts`) an API path as JSON; a 401 asks for a token. */
 export async function api(path, opts = {}) {
-  const r = await fetch(path, { ...opts, headers: headers(opts.headers) });
+  const r = await fetch(apiUrl(path), { ...opts, headers: headers(opts.headers) });
   const text = await r.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch { body = { error: { code: 'bad_answer', message: text.slice(0, 200) } }; }
@@ -96,7 +104,7 @@ async function stream() {
   for (let backoff = 500; !ctl.signal.aborted; backoff = Math.min(backoff * 2, 10000)) {
     try {
       const h = headers(lastEventId ? { 'Last-Event-ID': String(lastEventId) } : {});
-      const r = await fetch(`/v1/stream?kinds=${streamKinds}`, { headers: h, signal: ctl.signal });
+      const r = await fetch(apiUrl(`/v1/stream?kinds=${streamKinds}`), { headers: h, signal: ctl.signal });
       if (r.status === 401 || r.status === 403) { live.classList.remove('on'); return; }
       if (!r.ok || !r.body) throw new Error(`stream: ${r.status}`);
       live.classList.add('on');
@@ -139,10 +147,11 @@ let seq = 0;
 
 function openSocket() {
   if (sock && sock.readyState <= 1) return sock;
-  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const url = apiUrl('/v1/control');
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
   const protocols = ['fleet.control.v1'];
   if (app.token) protocols.push(`bearer.${app.token}`);
-  sock = new WebSocket(`${proto}//${location.host}/v1/control`, protocols);
+  sock = new WebSocket(url, protocols);
   sock.onmessage = m => {
     const ack = JSON.parse(m.data);
     const p = pending.get(ack.id);

@@ -338,3 +338,136 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     agent.abort();
     worker.shutdown().await;
 }
+
+/// Behind a reverse proxy that serves it under a prefix (an ingress at `/fleet/`), the
+/// dashboard loads its files, calls the API, follows the live stream and sends a command
+/// over the control socket, all under the prefix. The proxy answers 404 to anything
+/// outside it, as a shared host would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_under_a_path_prefix_behind_a_proxy() {
+    let toml = format!("{TWO_POOLS}\n{TOKENS}");
+    let stack = Stack::start_with_env(&toml, ENV)
+        .await
+        .with_token("ops-token");
+    let (worker, _started) =
+        slow_worker(&stack.client, "alpha", "a1", Duration::from_millis(20)).await;
+    eventually("the snapshot has the worker", WAIT, async || {
+        stack.get_json("/v1/workers").await["total"] == 1
+    })
+    .await;
+    let upstream: std::net::SocketAddr = stack
+        .commander
+        .http()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let base = prefix_proxy(upstream).await;
+
+    let d = driver().await;
+    let c = browser(&d).await;
+    c.goto(&format!("{base}/")).await.unwrap();
+    c.execute(
+        "sessionStorage.setItem('fleet.token', 'ops-token'); location.reload();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    eventually("signed in through the prefix", WAIT, async || {
+        text(&c, "#who").await == "ops · operator"
+    })
+    .await;
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#states [data-state=IDLE] b"))
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#live.on"))
+        .await
+        .expect("the live stream is connected through the prefix");
+    c.goto(&format!("{base}/#/worker/a1")).await.unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#pause"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the ack says done", WAIT, async || {
+        text(&c, "#ack").await.starts_with("done")
+    })
+    .await;
+    eventually("the worker reports paused", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["paused"] == true
+    })
+    .await;
+    shot(&c, "agent-under-a-prefix").await;
+    no_console_errors(&c, "agent under a prefix").await;
+    c.close().await.unwrap();
+    worker.shutdown().await;
+}
+
+/// A reverse proxy serving the commander under `/fleet/`, as an ingress with a path prefix
+/// does: each connection's request line loses the prefix, and every connection but an
+/// upgrade or a stream carries one request (`Connection: close`), so each request's line
+/// is rewritten. Runs until the test ends.
+async fn prefix_proxy(upstream: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = head.split("\r\n");
+                let first = lines.next().unwrap_or_default();
+                let mut parts = first.splitn(3, ' ');
+                let (method, path, version) = (
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or_default(),
+                );
+                let Some(rest) = path.strip_prefix("/fleet") else {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                };
+                let upgrade = head.to_ascii_lowercase().contains("upgrade: websocket");
+                let mut out = format!(
+                    "{method} {} {version}\r\n",
+                    if rest.is_empty() { "/" } else { rest }
+                );
+                for l in lines.filter(|l| !l.is_empty()) {
+                    if !upgrade && l.to_ascii_lowercase().starts_with("connection:") {
+                        continue;
+                    }
+                    out.push_str(l);
+                    out.push_str("\r\n");
+                }
+                if !upgrade {
+                    out.push_str("Connection: close\r\n");
+                }
+                out.push_str("\r\n");
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                if server.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    format!("http://{addr}/fleet")
+}
