@@ -32,6 +32,11 @@ if ! command -v promtool >/dev/null 2>&1; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl with apt (the NATS TLS test makes its certificates with it)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+fi
 if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
   echo "installing chromium and chromium-driver with apt (the dashboard's browser test drives them)"
   as_root apt-get update -qq

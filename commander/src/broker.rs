@@ -22,6 +22,8 @@ pub enum BrokerError {
     NoServer { local: String, reason: String },
     #[error("could not connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("NATS sign-in ([nats] in the config): {0}")]
+    Auth(String),
     #[error("nats-server {version} is too old: the commander needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
     TooOld { version: String },
     #[error(
@@ -55,6 +57,131 @@ impl ChildServer {
             }
         }
         let _ = self.child.kill().await;
+    }
+}
+
+/// How the commander signs in to NATS, and the TLS it expects: read from `[nats]` once at
+/// start (files and environment variables), so a missing secret is a start-up error that
+/// names it rather than a reconnect loop.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    sign_in: SignIn,
+    /// PEM file of the CAs that sign the server's certificate.
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and key.
+    tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// One way to sign in. Debug prints the way, never the secret.
+#[derive(Clone, Default)]
+pub enum SignIn {
+    /// None configured: what the URL carries (`nats://user:password@host`,
+    /// `nats://token@host`), else anonymous.
+    #[default]
+    FromUrl,
+    /// A `.creds` file's contents: a user JWT and its NKey seed.
+    Credentials(String),
+    /// An NKey seed (`SU…`).
+    NKey(String),
+    UserPassword(String, String),
+    Token(String),
+}
+
+impl std::fmt::Debug for SignIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SignIn::FromUrl => "FromUrl",
+            SignIn::Credentials(_) => "Credentials(…)",
+            SignIn::NKey(_) => "NKey(…)",
+            SignIn::UserPassword(..) => "UserPassword(…)",
+            SignIn::Token(_) => "Token(…)",
+        })
+    }
+}
+
+impl Auth {
+    pub fn new(
+        sign_in: SignIn,
+        tls_ca_file: Option<std::path::PathBuf>,
+        tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Self {
+        Self {
+            sign_in,
+            tls_ca_file,
+            tls_client,
+        }
+    }
+
+    /// `options` signing in as configured to the server at `url` (whose user info is used
+    /// when nothing else is configured), with the configured TLS.
+    pub fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+        url: &str,
+    ) -> Result<async_nats::ConnectOptions, BrokerError> {
+        options = match &self.sign_in {
+            SignIn::FromUrl => match url_user_info(url) {
+                Some((user, Some(password))) => options.user_and_password(user, password),
+                Some((token, None)) => options.token(token),
+                None => options,
+            },
+            SignIn::Credentials(creds) => options.credentials(creds).map_err(|e| {
+                BrokerError::Auth(format!(
+                    "nats.credentials_file is not a credentials file: {e}"
+                ))
+            })?,
+            SignIn::NKey(seed) => options.nkey(seed.clone()),
+            SignIn::UserPassword(user, password) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            SignIn::Token(token) => options.token(token.clone()),
+        };
+        if let Some(ca) = &self.tls_ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.tls_client {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// A NATS URL as the client reads it: one without a scheme is `nats://`.
+fn parse_nats_url(url: &str) -> Option<url::Url> {
+    if url.contains("://") {
+        url::Url::parse(url).ok()
+    } else {
+        url::Url::parse(&format!("nats://{url}")).ok()
+    }
+}
+
+/// The user (or token) and password a NATS URL carries, percent-decoded. The Rust client
+/// ignores them (the Go and Python clients take them), so the commander hands them over.
+fn url_user_info(url: &str) -> Option<(String, Option<String>)> {
+    let parsed = parse_nats_url(url)?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = parsed.username();
+    if user.is_empty() {
+        return None;
+    }
+    Some((decode(user), parsed.password().map(decode)))
+}
+
+/// `url` without its user info, for logs and errors: a password in the URL must not reach
+/// either.
+pub fn redacted(url: &str) -> String {
+    match url.rsplit_once('@') {
+        None => url.to_string(),
+        Some((before, host)) => match before.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***@{host}"),
+            None => format!("***@{host}"),
+        },
     }
 }
 
@@ -93,15 +220,16 @@ impl Link {
 /// Both connections to the server at `url`.
 async fn connect_both(
     url: String,
+    auth: &Auth,
     timeout: Duration,
     child: Option<ChildServer>,
 ) -> Result<Connection, BrokerError> {
-    let client = connect_with_retry(&url, timeout, Link::TaskPath).await?;
-    let telemetry = connect_with_retry(&url, timeout, Link::Telemetry).await?;
+    let client = connect_with_retry(&url, auth, timeout, Link::TaskPath).await?;
+    let telemetry = connect_with_retry(&url, auth, timeout, Link::Telemetry).await?;
     Ok(Connection {
         client,
         telemetry,
-        url,
+        url: redacted(&url),
         child,
     })
 }
@@ -110,13 +238,14 @@ async fn connect_both(
 /// `nats-server` when allowed and installed, else a clear error.
 pub async fn connect(
     url: Option<&str>,
+    auth: &Auth,
     local_default: std::net::SocketAddr,
     auto_start: bool,
     data_dir: &Path,
     timeout: Duration,
 ) -> Result<Connection, BrokerError> {
     if let Some(url) = url {
-        return connect_both(url.to_string(), timeout, None).await;
+        return connect_both(url.to_string(), auth, timeout, None).await;
     }
     let local = format!("nats://{local_default}");
     let no_server = |reason: String| BrokerError::NoServer {
@@ -131,7 +260,7 @@ pub async fn connect(
     .is_ok_and(|r| r.is_ok())
     {
         tracing::info!(url = %local, "no NATS URL configured; using the server on the default port");
-        return connect_both(local, timeout, None).await;
+        return connect_both(local, auth, timeout, None).await;
     }
     if !auto_start {
         return Err(no_server("auto_start is off".into()));
@@ -162,37 +291,55 @@ pub async fn connect(
             })
         })?;
     tracing::info!(store = %store.display(), pid = child.id(), "started nats-server as a child process (it stops when the commander does)");
-    connect_both(local, timeout, Some(ChildServer { child })).await
+    connect_both(local, auth, timeout, Some(ChildServer { child })).await
 }
 
 async fn connect_with_retry(
     url: &str,
+    auth: &Auth,
     timeout: Duration,
     link: Link,
 ) -> Result<async_nats::Client, BrokerError> {
     let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(50);
+    // What the server last refused, so "not connected" can say why (a wrong password
+    // only ever shows as a retried connection otherwise).
+    let refused: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let shown = redacted(url);
     loop {
+        let said = refused.clone();
         let mut attempt = async_nats::ConnectOptions::new()
             .name(link.name())
             .connection_timeout(Duration::from_secs(2))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .event_callback(move |event| async move {
-                let connection = link.name();
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!(connection, "connected to NATS")
+            .event_callback(move |event| {
+                let said = said.clone();
+                async move {
+                    let connection = link.name();
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(connection, "connected to NATS")
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(connection, "disconnected from NATS; reconnecting")
+                        }
+                        async_nats::Event::ClientError(e) => {
+                            if let Ok(mut s) = said.lock() {
+                                *s = Some(e.to_string());
+                            }
+                            tracing::debug!(connection, error = %e, "nats client error")
+                        }
+                        other => {
+                            tracing::debug!(connection, event = %other, "nats connection event")
+                        }
                     }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!(connection, "disconnected from NATS; reconnecting")
-                    }
-                    other => tracing::debug!(connection, event = %other, "nats connection event"),
                 }
             });
         if let Link::Telemetry = link {
             attempt = attempt.no_echo();
         }
+        attempt = auth.apply(attempt, url)?;
         // retry_on_initial_connect makes connect() return at once; wait for the handshake.
         let result = async_nats::connect_with_options(url, attempt).await;
         match result {
@@ -201,9 +348,15 @@ async fn connect_with_retry(
                     return Ok(client);
                 }
                 if Instant::now() > deadline {
+                    let why = refused.lock().ok().and_then(|s| s.clone());
                     return Err(BrokerError::Connect {
-                        url: url.into(),
-                        reason: format!("not connected after {timeout:?}"),
+                        url: shown,
+                        reason: match why {
+                            Some(e) => {
+                                format!("not connected after {timeout:?}; the last attempt: {e}")
+                            }
+                            None => format!("not connected after {timeout:?}"),
+                        },
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -215,7 +368,7 @@ async fn connect_with_retry(
             }
             Err(e) => {
                 return Err(BrokerError::Connect {
-                    url: url.into(),
+                    url: shown,
                     reason: e.to_string(),
                 });
             }
@@ -437,6 +590,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = connect(
             Some(nats.url()),
+            &Auth::default(),
             "127.0.0.1:1".parse().unwrap(),
             false,
             dir.path(),
@@ -467,5 +621,220 @@ mod tests {
             .unwrap();
         assert_eq!(first.payload.as_ref(), b"other");
         assert_eq!(first.subject.as_str(), "fleet.telemetry.pool.w1");
+    }
+}
+
+/// Signing in and TLS against real servers that require them.
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use crate::config::NatsConfig;
+
+    async fn connect_to(
+        url: &str,
+        auth: &Auth,
+        timeout: Duration,
+    ) -> Result<Connection, BrokerError> {
+        let dir = tempfile::tempdir().unwrap();
+        connect(
+            Some(url),
+            auth,
+            "127.0.0.1:1".parse().unwrap(),
+            false,
+            dir.path(),
+            timeout,
+        )
+        .await
+    }
+
+    /// `nats://127.0.0.1:<port>` with user info put in.
+    fn with_user_info(url: &str, info: &str) -> String {
+        url.replacen("nats://", &format!("nats://{info}@"), 1)
+    }
+
+    #[tokio::test]
+    async fn a_user_and_password_from_the_config_or_the_url_and_a_wrong_one_said_why() {
+        let nats = fleet_testkit::NatsServer::start_with_config(
+            "authorization { user: alice, password: \"pw s3cret\" }",
+        )
+        .unwrap();
+        let auth = Auth::new(
+            SignIn::UserPassword("alice".into(), "pw s3cret".into()),
+            None,
+            None,
+        );
+        let conn = connect_to(nats.url(), &auth, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(conn.client.server_info().jetstream);
+
+        // In the URL, percent-encoded, as the Go and Python clients take it; never logged.
+        let url = with_user_info(nats.url(), "alice:pw%20s3cret");
+        let conn = connect_to(&url, &Auth::default(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!conn.url.contains("s3cret"), "{}", conn.url);
+        assert!(conn.url.contains("***@127.0.0.1"), "{}", conn.url);
+
+        let wrong = Auth::new(
+            SignIn::UserPassword("alice".into(), "guess".into()),
+            None,
+            None,
+        );
+        let err = connect_to(&url, &wrong, Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("authorization violation"), "says why: {err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = connect_to(nats.url(), &Auth::default(), Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("authorization violation"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_token_from_its_variable_and_an_nkey_seed_from_its_file() {
+        let nats =
+            fleet_testkit::NatsServer::start_with_config("authorization { token: t0ken-42 }")
+                .unwrap();
+        let env = |var: &str| (var == "FLEET_TEST_NATS_TOKEN").then(|| "t0ken-42".to_string());
+        let config = NatsConfig {
+            token_env: Some("FLEET_TEST_NATS_TOKEN".into()),
+            ..NatsConfig::default()
+        };
+        let auth = config.auth_from(env).unwrap();
+        assert!(
+            !format!("{auth:?}").contains("t0ken"),
+            "Debug shows no secret"
+        );
+        connect_to(nats.url(), &auth, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let unset = NatsConfig {
+            token_env: Some("FLEET_TEST_NATS_TOKEN_UNSET".into()),
+            ..NatsConfig::default()
+        };
+        let err = unset.auth_from(env).unwrap_err().to_string();
+        assert!(
+            err.contains("FLEET_TEST_NATS_TOKEN_UNSET is unset"),
+            "{err}"
+        );
+
+        let user = nkeys::KeyPair::new_user();
+        let nats = fleet_testkit::NatsServer::start_with_config(&format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}",
+            user.public_key()
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let seed_file = dir.path().join("user.nk");
+        std::fs::write(&seed_file, format!("{}\n", user.seed().unwrap())).unwrap();
+        let config = NatsConfig {
+            nkey_seed_file: Some(seed_file.clone()),
+            ..NatsConfig::default()
+        };
+        connect_to(nats.url(), &config.auth().unwrap(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        std::fs::write(&seed_file, "not a seed").unwrap();
+        let err = config.auth().unwrap_err().to_string();
+        assert!(err.contains("holds no NKey seed"), "{err}");
+    }
+
+    /// A private CA, and a server certificate it signed for 127.0.0.1, made with the
+    /// `openssl` command line tool into `dir`.
+    fn private_ca(dir: &Path) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (Debian package openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fleet test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_private_ca_is_verified_against_the_configured_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        private_ca(dir.path());
+        let p = |f: &str| dir.path().join(f);
+        let nats = fleet_testkit::NatsServer::start_with_config(&format!(
+            "tls {{ cert_file: {:?}, key_file: {:?} }}",
+            p("server.pem"),
+            p("server.key")
+        ))
+        .unwrap();
+        let config = NatsConfig {
+            tls_ca_file: Some(p("ca.pem")),
+            ..NatsConfig::default()
+        };
+        let conn = connect_to(nats.url(), &config.auth().unwrap(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(conn.client.server_info().tls_required);
+        // Without the CA the server's certificate is not trusted.
+        let err = connect_to(nats.url(), &Auth::default(), Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not connected"), "{err}");
+        let missing = NatsConfig {
+            tls_ca_file: Some(p("nowhere.pem")),
+            ..NatsConfig::default()
+        };
+        let err = missing.auth().unwrap_err().to_string();
+        assert!(err.contains("nats.tls_ca_file: cannot read"), "{err}");
     }
 }

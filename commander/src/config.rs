@@ -614,6 +614,32 @@ pub struct NatsConfig {
     /// Address probed when no URL is set, and where an auto-started server listens.
     #[serde(default = "default_local")]
     pub local_default: SocketAddr,
+    /// A NATS credentials file (`.creds`: a user JWT and its NKey seed, as `nsc` and
+    /// Synadia Cloud hand out).
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU…`), for a server that lists its users by NKey.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A user name, signed in with the password in `password_env`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The environment variable holding `user`'s password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// The environment variable holding a token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// PEM file of the CAs that sign the server's certificate (a private CA); with it the
+    /// connection must be TLS.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a server that verifies its clients; with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -624,7 +650,71 @@ impl Default for NatsConfig {
             auto_start: true,
             connect_timeout_ms: default_connect_timeout_ms(),
             local_default: default_local(),
+            credentials_file: None,
+            nkey_seed_file: None,
+            user: None,
+            password_env: None,
+            token_env: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
+    }
+}
+
+impl NatsConfig {
+    /// How to sign in, with the secrets read from their files and environment variables.
+    /// The settings' shape was checked with the rest of the config; what can only be
+    /// known now (a file that cannot be read, a variable unset) is an error naming it.
+    pub fn auth(&self) -> Result<crate::broker::Auth, crate::broker::BrokerError> {
+        self.auth_from(|var| std::env::var(var).ok())
+    }
+
+    /// [`Self::auth`], reading variables through `var`.
+    pub fn auth_from(
+        &self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::broker::Auth, crate::broker::BrokerError> {
+        use crate::broker::{Auth, BrokerError, SignIn};
+        let read = |key: &str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| {
+                BrokerError::Auth(format!("{key}: cannot read {}: {e}", path.display()))
+            })
+        };
+        let env = |key: &str, name: &str| {
+            var(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+                BrokerError::Auth(format!("{key}: the variable {name} is unset or empty"))
+            })
+        };
+        let sign_in = if let Some(path) = &self.credentials_file {
+            SignIn::Credentials(read("nats.credentials_file", path)?)
+        } else if let Some(path) = &self.nkey_seed_file {
+            let seed = read("nats.nkey_seed_file", path)?.trim().to_string();
+            if let Err(e) = nkeys::KeyPair::from_seed(&seed) {
+                return Err(BrokerError::Auth(format!(
+                    "nats.nkey_seed_file: {} holds no NKey seed: {e}",
+                    path.display()
+                )));
+            }
+            SignIn::NKey(seed)
+        } else if let (Some(user), Some(var)) = (&self.user, &self.password_env) {
+            SignIn::UserPassword(user.clone(), env("nats.password_env", var)?)
+        } else if let Some(var) = &self.token_env {
+            SignIn::Token(env("nats.token_env", var)?)
+        } else {
+            SignIn::FromUrl
+        };
+        for (key, path) in [
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(path) = path {
+                read(key, path)?;
+            }
+        }
+        let client = self.tls_cert_file.clone().zip(self.tls_key_file.clone());
+        Ok(Auth::new(sign_in, self.tls_ca_file.clone(), client))
     }
 }
 
@@ -1351,6 +1441,57 @@ impl Config {
         }
     }
 
+    /// At most one way to sign in to NATS, each with what it needs.
+    fn check_nats_auth(&self, p: &mut Vec<Keyed>) {
+        let n = &self.nats;
+        let ways: Vec<&str> = [
+            ("credentials_file", n.credentials_file.is_some()),
+            ("nkey_seed_file", n.nkey_seed_file.is_some()),
+            ("user", n.user.is_some()),
+            ("token_env", n.token_env.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        if ways.len() > 1 {
+            p.push(Keyed::new(
+                BadValue,
+                format!(
+                    "nats: {} are different ways to sign in; set one",
+                    ways.join(", ")
+                ),
+            ));
+        }
+        if n.user.is_some() != n.password_env.is_some() {
+            p.push(Keyed::new(
+                Missing,
+                "nats.user and nats.password_env go together (the variable holds the user's password)"
+                    .to_string(),
+            ));
+        }
+        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+            p.push(Keyed::new(
+                Missing,
+                "nats.tls_cert_file and nats.tls_key_file go together".to_string(),
+            ));
+        }
+        for (key, empty) in [
+            ("nats.user", n.user.as_deref().is_some_and(str::is_empty)),
+            (
+                "nats.password_env",
+                n.password_env.as_deref().is_some_and(str::is_empty),
+            ),
+            (
+                "nats.token_env",
+                n.token_env.as_deref().is_some_and(str::is_empty),
+            ),
+        ] {
+            if empty {
+                p.push(Keyed::new(Missing, format!("{key}: must not be empty")));
+            }
+        }
+    }
+
     /// NATS, the store, intake and the OTLP decode bounds.
     fn check_transport(&self, p: &mut Vec<Keyed>) {
         if Subjects::new(&self.nats.prefix).is_err() {
@@ -1370,6 +1511,7 @@ impl Config {
                 "nats.url: must not be empty (leave it out to auto-detect)".to_string(),
             ));
         }
+        self.check_nats_auth(p);
         if self.store.retention_hours == 0 {
             p.push(Keyed::new(
                 OutOfRange,
@@ -1713,6 +1855,30 @@ mod tests {
             msg.contains("c.toml") && msg.contains("line 3") && msg.contains("urll"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn nats_sign_in_is_one_way_with_what_it_needs() {
+        let text = "[nats]\nuser = \"alice\"\ntoken_env = \"T\"\ntls_cert_file = \"c.pem\"\n";
+        let ConfigError::Invalid { problems, .. } =
+            Config::parse(text, Path::new("c.toml")).unwrap_err()
+        else {
+            panic!("should be invalid")
+        };
+        let text = crate::domain::render(&problems).join("\n");
+        assert!(
+            text.contains("user, token_env are different ways to sign in"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nats.user and nats.password_env go together"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nats.tls_cert_file and nats.tls_key_file go together"),
+            "{text}"
+        );
+        assert_eq!(problems.len(), 3, "{text}");
     }
 
     #[test]

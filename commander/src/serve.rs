@@ -109,8 +109,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         config.store.cache_mib.saturating_mul(1 << 20),
     )
     .map_err(in_store(&config))?;
+    let auth = config.nats.auth()?;
     let conn = broker::connect(
         config.nats.url.as_deref(),
+        &auth,
         config.nats.local_default,
         config.nats.auto_start,
         &data_dir,

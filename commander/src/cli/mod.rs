@@ -393,12 +393,19 @@ async fn tail_connect(
     let url = nats_url
         .or(config.nats.url.clone())
         .unwrap_or_else(|| format!("nats://{}", config.nats.local_default));
-    let client = async_nats::connect(&url)
+    let failed = |reason: String| TailError::Connect {
+        url: crate::broker::redacted(&url),
+        reason,
+    };
+    // Signed in as the commander is ([nats] in the config).
+    let options = config
+        .nats
+        .auth()
+        .and_then(|auth| auth.apply(async_nats::ConnectOptions::new(), &url))
+        .map_err(|e| failed(e.to_string()))?;
+    let client = async_nats::connect_with_options(&url, options)
         .await
-        .map_err(|e| TailError::Connect {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| failed(e.to_string()))?;
     Ok((client, config.subjects()))
 }
 

@@ -65,6 +65,9 @@ impl TestkitError {
 }
 
 /// The nats-server binary to use: `$NATS_SERVER_BIN`, else `nats-server` on PATH.
+/// The extra config a server was started with, in its directory.
+const CONFIG_FILE: &str = "nats.conf";
+
 pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
 }
@@ -106,13 +109,27 @@ impl NatsServer {
         Self::start_on(dir, "-1")
     }
 
+    /// Starts a server that also reads `config` (nats-server's config format: an
+    /// `authorization` block, `tls`, …), kept for [`Self::restart`]. Paths in it are
+    /// taken from the server's working directory; give them whole.
+    pub fn start_with_config(config: &str) -> Result<Self, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("fleet-nats-").tempdir()?;
+        std::fs::write(dir.path().join(CONFIG_FILE), config)?;
+        Self::start_in(dir)
+    }
+
     /// Starts a server in `dir` (its JetStream store is there) on `port` (`-1`: any).
     fn start_on(dir: tempfile::TempDir, port: &str) -> Result<Self, TestkitError> {
         let bin = nats_server_bin();
         let log = dir.path().join("nats.log");
         // A fresh log, so readiness is read from this run's lines.
         let _ = std::fs::remove_file(&log);
-        let child = Command::new(&bin)
+        let config = dir.path().join(CONFIG_FILE);
+        let mut command = Command::new(&bin);
+        if config.exists() {
+            command.arg("-c").arg(&config);
+        }
+        let child = command
             .arg("-js")
             .args(["-a", "127.0.0.1", "-p", port])
             .arg("-sd")
