@@ -107,6 +107,28 @@ async fn text(c: &Client, css: &str) -> String {
     }
 }
 
+/// Clicks pause on worker a1's page (the control socket carries it) and waits until the
+/// ack says done and the worker reports paused.
+async fn pause_a1_from_its_page(c: &Client, base: &str, stack: &Stack) {
+    c.goto(&format!("{base}/#/worker/a1")).await.unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#pause"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("the ack says done", WAIT, async || {
+        text(c, "#ack").await.starts_with("done")
+    })
+    .await;
+    eventually("the worker reports paused", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["paused"] == true
+    })
+    .await;
+}
+
 /// The whole operator path in a browser: sign in, the overview shows what the API says,
 /// an alert reaches the strip within 2 s, a pause clicked on an agent reaches the worker
 /// and the audit, a decision shows every candidate, and a viewer sees no controls (the
@@ -215,23 +237,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     no_console_errors(&c, "overview with an alert").await;
 
     // A pause clicked in the drill-down reaches the worker: it stops pulling.
-    c.goto(&format!("{base}/#/worker/a1")).await.unwrap();
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#pause"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    eventually("the ack says done", WAIT, async || {
-        text(&c, "#ack").await.starts_with("done")
-    })
-    .await;
-    eventually("the worker reports paused", WAIT, async || {
-        stack.get_json("/v1/workers/a1").await["paused"] == true
-    })
-    .await;
+    pause_a1_from_its_page(&c, &base, &stack).await;
     shot(&c, "agent").await;
     no_console_errors(&c, "agent").await;
     submit(&stack.client, "while-paused", "alpha").await;
@@ -386,23 +392,7 @@ async fn the_dashboard_works_under_a_path_prefix_behind_a_proxy() {
         .for_element(Locator::Css("#live.on"))
         .await
         .expect("the live stream is connected through the prefix");
-    c.goto(&format!("{base}/#/worker/a1")).await.unwrap();
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#pause"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    eventually("the ack says done", WAIT, async || {
-        text(&c, "#ack").await.starts_with("done")
-    })
-    .await;
-    eventually("the worker reports paused", WAIT, async || {
-        stack.get_json("/v1/workers/a1").await["paused"] == true
-    })
-    .await;
+    pause_a1_from_its_page(&c, &base, &stack).await;
     shot(&c, "agent-under-a-prefix").await;
     no_console_errors(&c, "agent under a prefix").await;
     c.close().await.unwrap();

@@ -17,6 +17,17 @@ use crate::common::*;
 
 const TOKEN: &str = "compliance-secret";
 
+/// A $50 daily budget for team `search` that defers.
+const SEARCH_DAILY: &str = r#"
+[[budget]]
+name = "search-daily"
+scope = "team"
+match = "search"
+window = "day"
+limit_usd = 50.0
+action = "defer"
+"#;
+
 struct PolicyStack {
     nats: NatsServer,
     commander: Commander,
@@ -165,15 +176,7 @@ fn summary_task(id: &str, priority: u8) -> Task {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
-    let good = r#"
-[[budget]]
-name = "search-daily"
-scope = "team"
-match = "search"
-window = "day"
-limit_usd = 50.0
-action = "defer"
-"#;
+    let good = SEARCH_DAILY;
     let s = PolicyStack::start(good, "").await;
     let v1 = s.version().await;
     assert!(
@@ -754,15 +757,7 @@ fn publish_configmap(cm: &Path, version: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_directory_mounted_from_a_configmap_follows_its_updates() {
-    let good = r#"
-[[budget]]
-name = "search-daily"
-scope = "team"
-match = "search"
-window = "day"
-limit_usd = 50.0
-action = "defer"
-"#;
+    let good = SEARCH_DAILY;
     let s =
         PolicyStack::start_laid_out("rescan_secs = 1", |cm| publish_configmap(cm, "..v1", good))
             .await;
