@@ -825,7 +825,7 @@ async fn a_directory_edit_the_policy_bucket_refused_is_applied_at_a_later_rescan
     std::fs::rename(&tmp, s.policies.join("main.policy.toml")).unwrap();
     assert!(
         s.commander
-            .wait_for_log("policy directory change not applied", WAIT),
+            .wait_for_log("policy directory change not confirmed", WAIT),
         "the bucket refused the edit"
     );
     assert_eq!(limit().await, Some(50.0));

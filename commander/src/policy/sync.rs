@@ -429,7 +429,7 @@ impl PolicySync {
                         Ok(_) | Err(PolicyError::Invalid(_)) => self.set_judged(sha),
                         Err(e) => tracing::error!(
                             error = %e,
-                            "policy directory change not applied; tried again at the next rescan"
+                            "policy directory change not confirmed by the policy bucket; tried again at the next rescan (a write that timed out may still land when NATS is back)"
                         ),
                     }
                 }
