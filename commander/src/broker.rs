@@ -469,6 +469,7 @@ fn warn_if_differs(wanted: &jetstream::stream::Config, found: &jetstream::stream
         ),
         differs("max_age", &found.max_age, &wanted.max_age),
         differs("subjects", &found.subjects, &wanted.subjects),
+        differs("replicas", &found.num_replicas, &wanted.num_replicas),
     ]
     .into_iter()
     .flatten()
@@ -485,18 +486,20 @@ pub async fn ensure_streams(
     intake_ack_wait: Duration,
     work_ack_wait: Duration,
     batch: usize,
+    replicas: usize,
 ) -> Result<Streams, BrokerError> {
     let setup = |name: &str, e: &dyn std::fmt::Display| BrokerError::Setup {
         name: name.to_string(),
         reason: e.to_string(),
     };
     let mut streams = Vec::with_capacity(4);
-    for wanted in [
+    for mut wanted in [
         subjects.intake_stream_config(),
         subjects.work_stream_config(),
         subjects.results_stream_config(),
         advisories_stream_config(subjects),
     ] {
+        wanted.num_replicas = replicas;
         let stream = js
             .get_or_create_stream(wanted.clone())
             .await

@@ -640,6 +640,14 @@ pub struct NatsConfig {
     /// PEM private key of `tls_cert_file`.
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// Copies JetStream keeps of each stream and bucket the commander creates (1–5): 3 in
+    /// a three-node cluster, so accepted tasks survive the loss of a node.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 impl Default for NatsConfig {
@@ -658,6 +666,7 @@ impl Default for NatsConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            replicas: default_replicas(),
         }
     }
 }
@@ -1512,6 +1521,15 @@ impl Config {
             ));
         }
         self.check_nats_auth(p);
+        if !(1..=5).contains(&self.nats.replicas) {
+            p.push(Keyed::new(
+                OutOfRange,
+                format!(
+                    "nats.replicas: {} must be between 1 and 5 (JetStream's limit)",
+                    self.nats.replicas
+                ),
+            ));
+        }
         if self.store.retention_hours == 0 {
             p.push(Keyed::new(
                 OutOfRange,

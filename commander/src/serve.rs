@@ -560,6 +560,7 @@ async fn set_up_streams(
         config.intake.ack_wait(),
         config.intake.work_ack_wait(),
         config.intake.batch_size,
+        config.nats.replicas,
     )
     .await?;
     tracing::info!(
@@ -724,8 +725,12 @@ async fn start_policy(
 ) -> Result<Policies, ServeError> {
     let (config, client, js, subjects, supervisor, stop_rx) =
         (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
-    let bucket =
-        policy::sync::open_bucket(js, &policy::sync::bucket_name(subjects.prefix())).await?;
+    let bucket = policy::sync::open_bucket(
+        js,
+        &policy::sync::bucket_name(subjects.prefix()),
+        config.nats.replicas,
+    )
+    .await?;
     let policy_sync =
         policy::sync::PolicySync::start(engine.clone(), bucket, config.policy.dir.clone()).await?;
     let rescan = Duration::from_secs(config.policy.rescan_secs);

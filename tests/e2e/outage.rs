@@ -393,3 +393,67 @@ async fn a_task_exhausted_while_no_commander_runs_is_dead_lettered_when_one_star
         .unwrap();
     assert_eq!(rec["state"], "failed", "{rec}");
 }
+
+/// In a three-node cluster with `nats.replicas = 3`, every stream and bucket the commander
+/// creates has three copies, and tasks still flow after a node is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_in_a_cluster_keep_tasks_flowing_when_a_node_dies() {
+    let mut nodes = fleet_testkit::NatsServer::cluster(3).expect("a three-node cluster");
+    let client = async_nats::connect(nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // The cluster elects its JetStream leader a few seconds after the servers start.
+    // (A stream with three copies is the question that needs it.)
+    eventually("JetStream answers in the cluster", WAIT, async || {
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "READY".into(),
+            subjects: vec!["ready.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    })
+    .await;
+    js.delete_stream("READY").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("{TWO_POOLS}\n[nats]\nreplicas = 3\n");
+    let _commander = fleet_testkit::Commander::start(&commander_options(
+        &nodes[0],
+        dir.path().join("cmd"),
+        &toml,
+    ))
+    .expect("commander");
+    let s = Subjects::default();
+    for name in [
+        s.intake_stream(),
+        s.work_stream(),
+        s.results_stream(),
+        "KV_fleet_policy".to_string(),
+    ] {
+        let mut stream = js.get_stream(&name).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+        let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+        assert_eq!(peers, 2, "{name}: a leader and two copies");
+    }
+
+    let (_seen, worker) = watched_worker(&client, "alpha", "a1", 4).await;
+    let producer = Producer::new(client.clone(), Subjects::default());
+    let receipt = producer
+        .submit(&Task::new("with three nodes"), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+
+    // A node the commander and the clients are not connected to dies: every stream keeps
+    // a leader and a copy.
+    nodes[2].kill9();
+    let receipt = producer
+        .submit(&Task::new("with a node down"), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+    worker.shutdown().await;
+}

@@ -48,7 +48,11 @@ pub fn bucket_name(prefix: &str) -> String {
 
 /// Opens the policy bucket, creating its stream when missing (works on 2.9.10, where
 /// `create_key_value` fails client-side).
-pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, PolicyError> {
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, PolicyError> {
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
     }
@@ -62,6 +66,7 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
     js.get_or_create_stream(cfg)

@@ -109,6 +109,33 @@ impl NatsServer {
         Self::start_on(dir, "-1")
     }
 
+    /// `n` servers in one JetStream cluster, routed to each other on ports picked here,
+    /// each otherwise like [`Self::start`]. The cluster elects its JetStream leader a few
+    /// seconds after this returns: retry the first JetStream request.
+    pub fn cluster(n: usize) -> Result<Vec<Self>, TestkitError> {
+        let ports = (0..n)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        let routes = ports
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                Self::start_with_config(&format!(
+                    "server_name: n{i}\ncluster {{\n  name: fleet-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n"
+                ))
+            })
+            .collect()
+    }
+
     /// Starts a server that also reads `config` (nats-server's config format: an
     /// `authorization` block, `tls`, …), kept for [`Self::restart`]. Paths in it are
     /// taken from the server's working directory; give them whole.
