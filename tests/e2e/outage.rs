@@ -10,6 +10,16 @@ use serde_json::Value;
 
 use crate::common::*;
 
+/// Submits a task with `text` and waits until its worker says it is done.
+async fn submitted_and_done(producer: &Producer, text: &str) {
+    let receipt = producer
+        .submit(&Task::new(text), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{text}");
+}
+
 async fn readyz(stack: &Stack) -> (u16, Value) {
     let r = reqwest::get(stack.http("/readyz")).await.unwrap();
     let status = r.status().as_u16();
@@ -63,12 +73,7 @@ async fn readiness_tells_the_truth_through_a_nats_server_crash() {
     // And it takes work again.
     let (_seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
     let producer = Producer::new(stack.client.clone(), Subjects::default());
-    let receipt = producer
-        .submit(&Task::new("after the outage"), SubmitOptions::default())
-        .await
-        .unwrap();
-    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
-    assert_eq!(r.status, ResultStatus::Ok);
+    submitted_and_done(&producer, "after the outage").await;
     worker.shutdown().await;
 }
 
@@ -439,21 +444,11 @@ async fn three_replicas_in_a_cluster_keep_tasks_flowing_when_a_node_dies() {
 
     let (_seen, worker) = watched_worker(&client, "alpha", "a1", 4).await;
     let producer = Producer::new(client.clone(), Subjects::default());
-    let receipt = producer
-        .submit(&Task::new("with three nodes"), SubmitOptions::default())
-        .await
-        .unwrap();
-    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
-    assert_eq!(r.status, ResultStatus::Ok);
+    submitted_and_done(&producer, "with three nodes").await;
 
     // A node the commander and the clients are not connected to dies: every stream keeps
     // a leader and a copy.
     nodes[2].kill9();
-    let receipt = producer
-        .submit(&Task::new("with a node down"), SubmitOptions::default())
-        .await
-        .unwrap();
-    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
-    assert_eq!(r.status, ResultStatus::Ok);
+    submitted_and_done(&producer, "with a node down").await;
     worker.shutdown().await;
 }
