@@ -252,9 +252,13 @@ impl std::fmt::Debug for WindowedSketch {
     }
 }
 
+/// The sketches' relative accuracy: a percentile they give is within this fraction of
+/// the true one, on either side.
+pub const SKETCH_ACCURACY: f64 = 0.01;
+
 fn sketch() -> DDSketch {
-    // 1% relative accuracy; at most 1,024 bins per sketch (a few KiB).
-    DDSketch::new(SketchConfig::new(0.01, 1024, 1e-9))
+    // At most 1,024 bins per sketch (a few KiB).
+    DDSketch::new(SketchConfig::new(SKETCH_ACCURACY, 1024, 1e-9))
 }
 
 /// P50 / P95 / P99 of a window, plus how many values it holds.

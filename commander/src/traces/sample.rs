@@ -154,6 +154,15 @@ pub fn kept_at(trace_id: &[u8; 16], rate: f64) -> bool {
     randomness(trace_id) >= threshold
 }
 
+/// The least a value must exceed to be above a P99 the fleet's sketches gave: the sketch
+/// may give up to its accuracy less than the true P99. Runs that all cost the same (one
+/// model, a fixed prompt) would otherwise be "above their P99" half the time, every one of
+/// them: the example fleet kept 40 % of its traces as `p99_cost`.
+fn above_p99(p99: f64) -> f64 {
+    // The true value v is at most α·v from the estimate, so at most estimate / (1 − α).
+    p99 / (1.0 - crate::fleet::window::SKETCH_ACCURACY)
+}
+
 /// Why `t` is kept under `spec` (empty: dropped).
 pub fn decide(
     t: &Shape,
@@ -176,10 +185,12 @@ pub fn decide(
     }
     if let (true, Some(f)) = (t.has_run, measured) {
         if spec.keep_p99 {
-            if f.p99_cost_usd.is_some_and(|p| t.cost_usd > p) {
+            if f.p99_cost_usd.is_some_and(|p| t.cost_usd > above_p99(p)) {
                 why.push(Why::P99Cost);
             }
-            if f.p99_duration_ms.is_some_and(|p| t.duration_ms > p) {
+            if f.p99_duration_ms
+                .is_some_and(|p| t.duration_ms > above_p99(p))
+            {
                 why.push(Why::P99Duration);
             }
         }
@@ -257,6 +268,46 @@ mod tests {
             has_run: true,
             ..Default::default()
         }
+    }
+
+    /// Runs that all cost and last the same are not above their P99, whatever side of
+    /// the true value the fleet's sketch puts it; one a little over it still is.
+    #[test]
+    fn runs_tied_at_their_p99_are_not_its_tail() {
+        let spec = SamplingSpec {
+            healthy_rate: 0.0,
+            cost_multiple: 0.0,
+            ..Default::default()
+        };
+        let mut s = Sentinels::default();
+        let mut kept = 0;
+        for i in 1..200 {
+            let same = 0.000_137 * i as f64;
+            let mut sketch = crate::fleet::window::WindowedSketch::new(60_000, 60);
+            for _ in 0..1_000 {
+                sketch.add(1_000, same);
+            }
+            let p99 = sketch.percentiles(1_000).p99;
+            let f = TypeFigures {
+                runs: 1_000,
+                p99_cost_usd: p99,
+                p99_duration_ms: p99,
+                mean_cost_usd: p99,
+            };
+            let t = Shape {
+                cost_usd: same,
+                duration_ms: same,
+                ..healthy(i)
+            };
+            kept += decide(&t, Some(&f), &spec, &mut s, 0).len();
+            let over = Shape {
+                cost_usd: same * 1.03,
+                duration_ms: same,
+                ..healthy(i)
+            };
+            assert_eq!(decide(&over, Some(&f), &spec, &mut s, 0), [Why::P99Cost]);
+        }
+        assert_eq!(kept, 0, "tied runs kept as the tail");
     }
 
     #[test]
