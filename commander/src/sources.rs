@@ -144,38 +144,34 @@ impl Sources {
         rescan: Duration,
         supervisor: &Supervisor,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut tasks = Vec::new();
-        if let Some(path) = self.engine.files.registry.path() {
-            let me = self.clone();
-            tasks.push(watch_file(
-                path,
-                rescan,
-                supervisor,
+        let files = [
+            (
+                Source::Registry,
+                self.engine.files.registry.path(),
                 "registry_watch",
-                move || {
-                    let me = me.clone();
-                    async move {
-                        let _ = me.reload_registry().await;
-                    }
-                },
-            ));
-        }
-        if let Some(path) = self.engine.files.rubric.path() {
-            let me = self.clone();
-            tasks.push(watch_file(
-                path,
-                rescan,
-                supervisor,
+            ),
+            (
+                Source::Rubric,
+                self.engine.files.rubric.path(),
                 "rubric_watch",
-                move || {
+            ),
+        ];
+        files
+            .into_iter()
+            .filter_map(|(source, path, task)| {
+                let me = self.clone();
+                let reload = move || {
                     let me = me.clone();
                     async move {
-                        let _ = me.reload_rubric().await;
+                        let _ = match source {
+                            Source::Registry => me.reload_registry().await,
+                            _ => me.reload_rubric().await,
+                        };
                     }
-                },
-            ));
-        }
-        tasks
+                };
+                Some(watch_file(path?, rescan, supervisor, task, reload))
+            })
+            .collect()
     }
 
     /// Logs, records and audits the outcome of a checked reload.

@@ -520,32 +520,42 @@ impl Forgotten {
     /// Forgets the lost worker silent the longest to make room for a new one; false when
     /// every tracked worker is live (or the table was walked less than a second ago).
     fn make_room(&mut self, workers: &mut FxHashMap<String, Worker>, now_ms: u64) -> bool {
-        loop {
-            while let Some(id) = self.room.pop_front() {
-                // It may have come back since the walk.
-                if workers.get(&id).is_some_and(|w| w.lost) {
-                    self.forget(workers, &id);
-                    return true;
-                }
-            }
-            if self
-                .room_filled_ms
-                .is_some_and(|t| now_ms.saturating_sub(t) < 1_000)
-            {
-                return false;
-            }
-            self.room_filled_ms = Some(now_ms);
-            let mut lost: Vec<(u64, &String)> = workers
-                .iter()
-                .filter(|(_, w)| w.lost)
-                .map(|(id, w)| (w.last_seen_ms, id))
-                .collect();
-            if lost.is_empty() {
-                return false;
-            }
-            lost.sort_unstable();
-            self.room = lost.into_iter().map(|(_, id)| id.clone()).collect();
+        let next = match self.next_lost(workers) {
+            Some(id) => Some(id),
+            None if self.fill_room(workers, now_ms) => self.next_lost(workers),
+            None => None,
+        };
+        let Some(id) = next else {
+            return false;
+        };
+        self.forget(workers, &id);
+        true
+    }
+
+    /// The next worker in `room` that is still lost (it may have come back since the walk).
+    fn next_lost(&mut self, workers: &FxHashMap<String, Worker>) -> Option<String> {
+        std::iter::from_fn(|| self.room.pop_front())
+            .find(|id| workers.get(id).is_some_and(|w| w.lost))
+    }
+
+    /// Walks the table for its lost workers, the longest silent first, at most once a
+    /// second; false when it did not walk.
+    fn fill_room(&mut self, workers: &FxHashMap<String, Worker>, now_ms: u64) -> bool {
+        if self
+            .room_filled_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < 1_000)
+        {
+            return false;
         }
+        self.room_filled_ms = Some(now_ms);
+        let mut lost: Vec<(u64, &String)> = workers
+            .iter()
+            .filter(|(_, w)| w.lost)
+            .map(|(id, w)| (w.last_seen_ms, id))
+            .collect();
+        lost.sort_unstable();
+        self.room = lost.into_iter().map(|(_, id)| id.clone()).collect();
+        true
     }
 }
 
