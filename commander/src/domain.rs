@@ -263,6 +263,19 @@ impl CellKey {
     }
 }
 
+/// A turn a throttle gave a held-back task (`policy::throttle`), kept on its record while
+/// the task waits parked: which throttle, which key, when (unix milliseconds of the policy
+/// clock), and under which spec (a swap that changes the throttle voids it). The record is
+/// what the intake loop trusts when the task comes back, never a header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleTurn {
+    pub throttle: String,
+    pub key: String,
+    pub at_ms: u64,
+    /// The fingerprint of the throttle's spec that gave the turn.
+    pub spec: u64,
+}
+
 /// A reservation made at dispatch, kept on the task's record; its result settles it with
 /// what the task cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -543,6 +543,8 @@ fn task_path_ctx(
         publish_decisions: w.config.decisions.publish,
         reply_prefixes: w.config.intake.reply_prefixes.clone(),
         intake_ack_wait: w.config.intake.ack_wait(),
+        // The intake consumer's window is 8 × the batch (broker::ensure_streams).
+        throttle_inline_cap: w.config.intake.batch_size.saturating_mul(2),
         targets,
     })
 }
@@ -1104,7 +1106,7 @@ async fn sweep_store(
             Ok(n) => tracing::info!(removed = n, "expired budget ledger cells dropped"),
             Err(e) => tracing::error!(error = %e, "budget ledger prune failed"),
         }
-        let keys = policy.live().throttles.retain_recent();
+        let keys = policy.live().throttles.retain_recent(policy.now_ms());
         tracing::debug!(keys, "throttle keys kept");
         let cutoff =
             std::time::SystemTime::now() - Duration::from_secs(log_cfg.retention_hours * 3600);

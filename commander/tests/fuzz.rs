@@ -22,7 +22,7 @@ use fleet_commander::fleet::{FleetState, Ingest};
 use fleet_commander::ingest::limits::{self, DecodeLimits, LimitError, Signal};
 use fleet_commander::ingest::normalise;
 use fleet_commander::ingest::normalise::wire::TraceRequest;
-use fleet_commander::policy::throttle::{LimiterCache, ThrottleKeys};
+use fleet_commander::policy::throttle::{Asking, LimiterCache, ThrottleKeys};
 use fleet_commander::policy::{self, Document, Policy, testcase};
 use fleet_commander::registry::Registry;
 use fleet_commander::route::RoutingTable;
@@ -388,10 +388,12 @@ proptest! {
             // What validates builds exactly as the engine builds it, takes permits, and
             // decides its own test cases (budgets, downgrades, reroutes) without panicking.
             Ok(p) => {
-                let throttles = LimiterCache::default().build(&p);
+                let throttles = LimiterCache::default().build(&p, &Vec::new);
                 let keys = ThrottleKeys { pool: "code", team: Some("search"), producer: Some("p"), worker: None };
-                for _ in 0..3 {
-                    let _ = throttles.admit(keys, 1_000);
+                for i in 0..3u64 {
+                    let id = format!("t{i}");
+                    let ask = Asking { task_id: &id, now_ms: 1_000 * i, turn: None, inline_cap: 1 };
+                    let _ = throttles.admit(keys, 1_000, ask);
                 }
                 let table = RoutingTable { pools: config.pools.clone(), routing: config.routing.clone() };
                 let _ = testcase::run(&p, &rubric, &registry, &table);

@@ -108,6 +108,17 @@ impl PolicyStack {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `fleet_parked_tasks`: tasks a throttle parked until their turn.
+    async fn parked(&self) -> f64 {
+        let text = reqwest::get(self.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample_value(&text, "fleet_parked_tasks")
+    }
+
     /// Writes the policy file and waits until a new version is in force.
     async fn write_policy(&self, toml: &str) -> String {
         let before = self.version().await;
@@ -450,6 +461,105 @@ async fn a_throttled_pool_never_exceeds_its_rate() {
         .as_u64()
         .unwrap();
     assert!(throttled > 0, "the throttle held tasks back");
+}
+
+/// A throttle's backlog waits parked, out of the intake stream: another team's tasks
+/// pass it at once, instead of queueing behind the whole backlog (with the intake window
+/// of 16 here, behind 44 of the 60 throttled tasks, 11 s at 4 tasks/s). Parked tasks keep
+/// their turns across a kill -9, and every one runs once, at the throttle's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_team_s_backlog_does_not_hold_up_other_teams_or_get_lost() {
+    const NOISY: usize = 60;
+    const QUIET: usize = 5;
+    const RATE: f64 = 4.0;
+    let policy = format!(
+        "[[throttle]]\nname = \"noisy-team\"\nscope = \"team\"\nmatch = \"noisy\"\ntasks_per_s = {RATE}\n"
+    );
+    // A window of 16 (8 × the batch): the old throttle held the backlog inside it.
+    let mut s = PolicyStack::start(&policy, "[intake]\nbatch_size = 2\n").await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let task = |id: String, team: &str| {
+        let mut t = summary_task(&id, 5);
+        t.attributes.insert("team".into(), team.into());
+        t
+    };
+    let mut acks = Vec::new();
+    for (team, n) in [("noisy", NOISY), ("quiet", QUIET)] {
+        for i in 0..n {
+            let t = task(format!("{team}-{i}"), team);
+            acks.push(
+                producer
+                    .submit_pipelined(&t, SubmitOptions::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    for i in 0..QUIET {
+        let r = producer
+            .await_result(&format!("quiet-{i}"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok);
+    }
+    let noisy_run = |seen: &SeenLog| {
+        let seen = seen.lock().unwrap();
+        seen.runs
+            .keys()
+            .filter(|(id, _)| id.starts_with("noisy-"))
+            .count()
+    };
+    let ran = noisy_run(&seen);
+    assert!(
+        ran < 30,
+        "the quiet team's tasks waited for {ran} of the noisy team's {NOISY}"
+    );
+    // The backlog is parked, and says so to whoever looks the task up.
+    let last = task_record(s.commander.http(), &format!("noisy-{}", NOISY - 1))
+        .await
+        .unwrap();
+    assert_eq!(last["state"], "deferred", "{last}");
+    assert_eq!(last["deferred"]["turn"]["throttle"], "noisy-team", "{last}");
+    assert!(
+        last["deferred"]["reason"].as_str().unwrap().contains(
+            "throttle `noisy-team` (4 task(s)/s for `noisy`) holds it back: its turn is at"
+        ),
+        "{last}"
+    );
+    eventually("tasks parked", WAIT, async || s.parked().await > 10.0).await;
+
+    // kill -9 with most of the backlog parked: every task still runs, once.
+    s.commander.kill9();
+    s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
+    for i in 0..NOISY {
+        let r = producer
+            .await_result(&format!("noisy-{i}"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "nothing parked is lost");
+    }
+    let seen_now = seen.lock().unwrap().runs.clone();
+    assert_eq!(seen_now.len(), NOISY + QUIET);
+    assert!(seen_now.values().all(|n| *n == 1), "{seen_now:?}");
+    // At the throttle's rate: 60 tasks at 4/s take at least about 14.75 s.
+    let mut at = Vec::new();
+    for i in 0..NOISY {
+        let d = s.get(&format!("/v1/decisions/noisy-{i}")).await;
+        assert_eq!(d["outcome"], "dispatched", "{d}");
+        at.push(d["at_ms"].as_u64().unwrap());
+    }
+    at.sort_unstable();
+    let span_s = (at[NOISY - 1] - at[0]) as f64 / 1000.0;
+    assert!(
+        span_s >= (NOISY as f64 - 1.0) / RATE - 1.0,
+        "{NOISY} tasks passed in {span_s:.2}s at {RATE}/s"
+    );
+    assert_eq!(s.parked().await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -531,6 +531,10 @@ async fn metrics(State(s): State<AppState>, headers: HttpHeaders) -> Result<Resp
         .counters
         .deferred_now
         .set(engine.deferrals.len() as i64);
+    engine
+        .counters
+        .parked_now
+        .set(engine.deferrals.parked_len() as i64);
     engine.counters.revision.set(engine.live().revision as i64);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &s.registry)

@@ -355,8 +355,12 @@ async fn keep_deferral(
             .await;
         return;
     }
-    ctx.core.policy.counters.deferred.inc();
-    tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
+    if d.entry.turn.is_some() {
+        tracing::debug!(task_id = %d.id, reason = %d.info.reason, "task parked until its turn");
+    } else {
+        ctx.core.policy.counters.deferred.inc();
+        tracing::info!(task_id = %d.id, reason = %d.info.reason, "task deferred");
+    }
     s.notices.push((
         d.id.clone(),
         serde_json::json!({
@@ -483,9 +487,11 @@ async fn keep_in_hand<T>(
 /// release of a deferred task.
 enum Handled {
     Before,
-    /// Out of the deferred queue: (first deferral ms, releases so far).
+    /// Out of the deferred queue: (first deferral ms, releases so far), and the turn a
+    /// throttle parked it with.
     No {
         release: Option<(u64, u32)>,
+        turn: Option<crate::domain::ThrottleTurn>,
     },
     /// Dispatched, run and finished, but its dispatch was never recorded: the commander
     /// stopped between the dispatch's PubAck and the batch's store flush, and after the
@@ -513,9 +519,12 @@ fn already_handled(
             .as_ref()
             .is_some_and(|r| r.state == TaskState::Deferred)
     });
+    let turn = release
+        .and(existing.as_ref())
+        .and_then(|r| r.deferred.as_ref()?.turn.clone());
     let Some(existing) = existing.filter(|e| e.state != TaskState::Received && release.is_none())
     else {
-        return Ok(Handled::No { release });
+        return Ok(Handled::No { release, turn });
     };
     if dispatch_unrecorded(&existing, seq) {
         tracing::warn!(task_id = %id, seq, "task finished before its dispatch was recorded (the commander stopped in between); recording its decision again without dispatching it");
@@ -604,10 +613,10 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         None => sequence_id(ctx, msg, seq)?,
     };
 
-    let (release, recovering) = match already_handled(ctx, msg, &id, seq)? {
+    let (release, turn, recovering) = match already_handled(ctx, msg, &id, seq)? {
         Handled::Before => return Ok(Read::Done(Plan::Duplicate)),
-        Handled::No { release } => (release, false),
-        Handled::Unrecorded => (None, true),
+        Handled::No { release, turn } => (release, turn, false),
+        Handled::Unrecorded => (None, None, true),
     };
     // A task that ran is never refused after the fact: only a dispatch is recorded for it.
     let refused = reply_problem.is_some() || parsed.is_err();
@@ -654,6 +663,7 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         tracestate,
         baggage,
         release,
+        turn,
         recovering,
     })))
 }

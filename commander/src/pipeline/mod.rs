@@ -86,6 +86,9 @@ pub struct Ctx {
     pub targets: retarget::Targets,
     /// `intake.ack_wait_secs`: batches in hand send progress every third of it.
     pub intake_ack_wait: std::time::Duration,
+    /// Tasks each throttle may hold back in the intake stream at once (a quarter of the
+    /// intake consumer's window); past it, held-back tasks are parked.
+    pub throttle_inline_cap: usize,
 }
 
 impl Ctx {

@@ -15,7 +15,7 @@ use fleet_worker::trace::{Baggage, TraceParent};
 use super::{Ctx, fnv1a};
 use crate::classify::Classification;
 use crate::decisions::{DecisionInputs, DecisionRecord, Outcome};
-use crate::policy::throttle::{ThrottleKeys, Throttled};
+use crate::policy::throttle::{Asking, ThrottleKeys, Throttled, Wait};
 use crate::policy::{self, DeferredTask, EvalInput, Reservation, TaskDims, Verdict};
 use crate::route::{self, Decision};
 use crate::store::{DeferInfo, Stamp, TaskRecord, TaskState, TraceInfo};
@@ -27,6 +27,8 @@ pub(super) const FIRST_ATTEMPT: u32 = 1;
 /// Decision-log rules of the policy's own outcomes.
 pub(super) const BUDGET_DEFER: &str = "budget_defer";
 pub(super) const BUDGET_REJECT: &str = "budget_reject";
+/// The decision-log rule of a task a throttle parked until its turn.
+pub(super) const THROTTLE_DEFER: &str = "throttle_defer";
 /// The decision-log rule of a task refused by a `block` intervention.
 pub(super) const INTERVENTION_BLOCK: &str = "intervention_block";
 
@@ -37,7 +39,8 @@ pub(super) enum Plan {
     Dispatch(Box<Dispatch>),
     Reject(Box<Reject>),
     Defer(Box<DeferPlan>),
-    /// A throttle holds it back: left in the intake stream, redelivered after the wait.
+    /// A throttle holds it back for a turn close at hand: left in the intake stream,
+    /// redelivered after the wait.
     Throttle(Duration),
 }
 
@@ -203,6 +206,8 @@ pub(super) struct Prepared {
     pub(super) baggage: Baggage,
     /// Out of the deferred queue: (first deferral ms, releases so far).
     pub(super) release: Option<(u64, u32)>,
+    /// Out of the parked queue: the turn a throttle gave it, as its record kept it.
+    pub(super) turn: Option<crate::domain::ThrottleTurn>,
     /// The task ran already: dispatched before the commander stopped, its dispatch never
     /// recorded, its result recorded since. It is decided again to record the decision and
     /// the dispatch (and to charge its cost to its budgets), but not published. Nothing
@@ -228,7 +233,10 @@ pub(super) enum Step {
         reservation: Option<Reservation>,
         alerts: Vec<serde_json::Value>,
     },
-    Throttled(Throttled),
+    Throttled {
+        decision: Decision,
+        throttled: Throttled,
+    },
     Defer {
         decision: Decision,
         reason: String,
@@ -252,6 +260,8 @@ struct Deciding<'a> {
     dims: &'a TaskDims,
     /// The task is coming back from the deferred queue.
     released: bool,
+    /// The turn it was parked with, coming back from the parked queue.
+    turn: Option<&'a crate::domain::ThrottleTurn>,
     /// Decided again for the record only ([`Prepared::recovering`]): nothing holds it back.
     recovering: bool,
     view: &'a View,
@@ -267,6 +277,7 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
         class,
         dims,
         released,
+        turn,
         recovering,
         view,
     } = d;
@@ -300,8 +311,17 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
                         worker: decision.worker.as_deref(),
                     };
                     let tokens = class.answer.input_tokens + class.answer.output_tokens;
-                    if let Err(t) = live.throttles.admit(keys, tokens) {
-                        return Step::Throttled(t);
+                    let ask = Asking {
+                        task_id: id,
+                        now_ms: view.now_ms,
+                        turn,
+                        inline_cap: ctx.throttle_inline_cap,
+                    };
+                    if let Err(throttled) = live.throttles.admit(keys, tokens, ask) {
+                        return Step::Throttled {
+                            decision,
+                            throttled,
+                        };
                     }
                 }
                 let est = decision.est_cost_usd.unwrap_or(0.0);
@@ -396,6 +416,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                 class: &class,
                 dims: &dims,
                 released: p.release.is_some(),
+                turn: p.turn.as_ref(),
                 recovering: p.recovering,
                 view,
             },
@@ -414,10 +435,43 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             view.fleet.note_routed(&decision.pool);
             dispatch_plan(ctx, p, &draft, decision, reservation, alerts)
         }
-        Step::Throttled(t) => {
+        Step::Throttled {
+            decision,
+            throttled: t,
+        } => {
             ctx.core.policy.counters.throttled.inc();
-            tracing::debug!(task_id = %p.id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, "throttled");
-            Plan::Throttle(t.wait)
+            tracing::debug!(task_id = %p.id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, parked = t.wait_in == Wait::Park, "throttled");
+            if t.wait_in == Wait::Inline {
+                return Plan::Throttle(t.wait);
+            }
+            if ctx.core.policy.deferrals.is_full() {
+                // No room to park: it waits in the stream and asks again, as a newcomer.
+                return Plan::Throttle(t.wait.min(PARK_FULL_RETRY));
+            }
+            let reason = format!(
+                "throttle `{}` ({} for `{}`) holds it back: its turn is at {}",
+                t.name,
+                t.rate,
+                t.key,
+                crate::policy::budget::rfc3339(t.turn.at_ms)
+            );
+            let logged = draft.record(
+                Outcome::Deferred,
+                Some(&decision),
+                THROTTLE_DEFER,
+                reason.clone(),
+                decision.candidates.clone(),
+            );
+            let held = Held {
+                until_ms: Some(t.turn.at_ms),
+                turn: Some(t.turn),
+                decision,
+                reason,
+                queues: Vec::new(),
+                dims,
+                now_ms: view.now_ms,
+            };
+            defer_plan(p, &draft, held, logged)
         }
         Step::NoRoute(no_route) => {
             let reason = no_route.to_string();
@@ -474,6 +528,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                 decision,
                 reason,
                 until_ms,
+                turn: None,
                 queues,
                 dims,
                 now_ms: view.now_ms,
@@ -590,11 +645,17 @@ impl Draft {
     }
 }
 
-/// A task a budget holds back, and why.
+/// With the parked queue full, how long a task a throttle would park waits in the intake
+/// stream before it asks again.
+const PARK_FULL_RETRY: Duration = Duration::from_secs(30);
+
+/// A task a budget or a throttle holds back, and why.
 struct Held {
     decision: Decision,
     reason: String,
     until_ms: Option<u64>,
+    /// Parked by a throttle: its turn.
+    turn: Option<crate::domain::ThrottleTurn>,
     queues: Vec<(String, String)>,
     dims: TaskDims,
     now_ms: u64,
@@ -607,6 +668,7 @@ fn defer_plan(p: Prepared, draft: &Draft, held: Held, logged: DecisionRecord) ->
         decision,
         reason,
         until_ms,
+        turn,
         queues,
         dims,
         now_ms,
@@ -647,12 +709,14 @@ fn defer_plan(p: Prepared, draft: &Draft, held: Held, logged: DecisionRecord) ->
         task_json,
         headers: hdrs,
         releases,
+        turn: turn.clone(),
     };
     let info = DeferInfo {
         reason,
         until,
         deferred_at: entry.deferred_at.clone(),
         releases,
+        turn,
     };
     Plan::Defer(Box::new(DeferPlan {
         id: p.id,

@@ -4,6 +4,10 @@
 //! waiting for a window to reset). A task leaves the deferred queue only after JetStream
 //! acknowledged its republication, and the intake loop re-decides it like any task (it
 //! may be deferred again, in the same place in the queue).
+//!
+//! Tasks a throttle parked go back the same way once their turn has come: the loop wakes
+//! at the next turn when that is sooner than its interval. After a swap, parked tasks
+//! whose throttle changed or went go back at once, to be given a turn as it is now.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,29 +22,47 @@ use super::Ctx;
 /// Refused releases are logged once per 10 s: a full intake stream refuses every pass.
 static REFUSED_LOG: crate::domain::LogEvery = crate::domain::LogEvery::new(Duration::from_secs(10));
 
+/// The soonest the loop wakes again for a parked turn.
+const MIN_TURN_SLEEP: Duration = Duration::from_millis(5);
+
 pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::Receiver<bool>) {
+    // After a pass JetStream refused, the next waits the interval, not the next turn
+    // (which is then already due): no tight loop while the intake stream is unavailable.
+    let mut refused_last = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = ctx.core.policy.changed.notified() => {}
+        let sleep = match next_turn_in(&ctx) {
+            Some(t) if !refused_last => t.clamp(MIN_TURN_SLEEP, every),
+            _ => every,
+        };
+        let swapped = tokio::select! {
+            _ = tokio::time::sleep(sleep) => false,
+            _ = ctx.core.policy.changed.notified() => true,
             _ = stop.changed() => return,
-        }
-        if ctx.core.policy.deferrals.is_empty() {
-            continue;
-        }
+        };
         let live = ctx.core.policy.live();
         let now = ctx.core.policy.now_ms();
-        let due = ctx
-            .core
-            .policy
-            .with_ledger(|l| ctx.core.policy.deferrals.due(&live.policy, l, now, batch));
-        let due = match due {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "deferred queue unreadable");
-                continue;
+        let deferrals = &ctx.core.policy.deferrals;
+        let mut due = Vec::new();
+        if !deferrals.is_empty() {
+            match ctx
+                .core
+                .policy
+                .with_ledger(|l| deferrals.due(&live.policy, l, now, batch))
+            {
+                Ok(d) => due = d,
+                Err(e) => tracing::error!(error = %e, "deferred queue unreadable"),
             }
-        };
+        }
+        if deferrals.parked_len() > 0 {
+            let void = |t: &crate::domain::ThrottleTurn| !live.throttles.honours(t);
+            let void: Option<&dyn Fn(&crate::domain::ThrottleTurn) -> bool> =
+                swapped.then_some(&void);
+            match deferrals.parked_due(now, batch, void) {
+                Ok(d) => due.extend(d),
+                Err(e) => tracing::error!(error = %e, "parked queue unreadable"),
+            }
+        }
+        refused_last = false;
         if due.is_empty() {
             continue;
         }
@@ -70,7 +92,8 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                 .await;
             pending.push((t, fut));
         }
-        let (mut released, mut refused, mut last_error) = (0u64, 0u64, None);
+        let (mut released, mut unparked) = (0u64, 0u64);
+        let (mut refused, mut last_error) = (0u64, None);
         for (t, fut) in pending {
             let acked = match fut {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -81,7 +104,11 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                     if let Err(e) = ctx.core.policy.deferrals.remove(&t) {
                         tracing::error!(task_id = %t.id, error = %e, "released task not removed from the deferred queue");
                     }
-                    released += 1;
+                    if t.turn.is_some() {
+                        unparked += 1;
+                    } else {
+                        released += 1;
+                    }
                 }
                 Err(e) => {
                     refused += 1;
@@ -89,6 +116,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                 }
             }
         }
+        refused_last = refused > 0;
         if let Some((task_id, error)) = last_error
             && let Some(held_back) = REFUSED_LOG.due(now)
         {
@@ -98,6 +126,17 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
             tracing::error!(error = %e, "store flush after release failed");
         }
         ctx.core.policy.counters.released.inc_by(released);
-        tracing::info!(released, version = %live.policy.version, "deferred tasks released");
+        if released > 0 {
+            tracing::info!(released, version = %live.policy.version, "deferred tasks released");
+        }
+        tracing::debug!(unparked, "parked tasks back at their turn");
     }
+}
+
+/// How long until the next parked turn, if a task is parked.
+fn next_turn_in(ctx: &Ctx) -> Option<Duration> {
+    let at = ctx.core.policy.deferrals.next_turn_ms()?;
+    Some(Duration::from_millis(
+        at.saturating_sub(ctx.core.policy.now_ms()),
+    ))
 }

@@ -4,6 +4,11 @@
 //! into `<prefix>.work.*` stays the intake loop) and deletes the entry only after
 //! JetStream acknowledged the republication, so a crash in between releases it twice at
 //! worst, and the intake loop recognises the second copy as a duplicate.
+//!
+//! Tasks a throttle parked (`throttle.rs`) wait beside them in tree `throttle_parked`, in
+//! the order of their turns (key: turn time, id), and are released the same way once
+//! their turn has come, or at once when the throttle that gave the turn changed. The two
+//! share `policy.max_deferred`.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -44,10 +49,21 @@ pub struct DeferredTask {
     pub headers: Vec<(String, String)>,
     /// Times it has left the deferred queue before (and was deferred again).
     pub releases: u32,
+    /// Parked by a throttle, with this turn (absent: deferred by a budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<crate::domain::ThrottleTurn>,
 }
 
 impl DeferredTask {
+    /// Its key: in the parked tree its turn's time, then its id; in the deferred queue
+    /// its release order.
     pub fn key(&self) -> Vec<u8> {
+        if let Some(turn) = &self.turn {
+            let mut k = Vec::with_capacity(8 + self.id.len());
+            k.extend_from_slice(&turn.at_ms.to_be_bytes());
+            k.extend_from_slice(self.id.as_bytes());
+            return k;
+        }
         let mut k = Vec::with_capacity(9 + self.id.len());
         k.push(9u8.saturating_sub(self.priority.min(9)));
         k.extend_from_slice(&self.deferred_at_ms.to_be_bytes());
@@ -77,6 +93,9 @@ pub struct Deferrals {
     /// Entries in `tree`, kept here because sled counts a tree by walking all of it, and
     /// the queue is asked whether it is full at every deferral.
     count: AtomicUsize,
+    /// Tasks parked by throttles, by turn.
+    parked: sled::Tree,
+    parked_count: AtomicUsize,
     max: usize,
 }
 
@@ -94,24 +113,35 @@ impl Deferrals {
                 }
             }
         }
+        let parked = store.tree("throttle_parked")?;
+        let parked_count = parked.len();
         Ok(Self {
             tree,
             queued: Mutex::new(queued),
             count: AtomicUsize::new(count),
+            parked,
+            parked_count: AtomicUsize::new(parked_count),
             max: max.max(1),
         })
     }
 
+    /// Tasks deferred by budgets.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Tasks parked by throttles.
+    pub fn parked_len(&self) -> usize {
+        self.parked_count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }
 
+    /// Deferred and parked together fill `policy.max_deferred`.
     pub fn is_full(&self) -> bool {
-        self.len() >= self.max
+        self.len() + self.parked_len() >= self.max
     }
 
     /// Tasks waiting per (budget, value).
@@ -119,12 +149,18 @@ impl Deferrals {
         self.queued.lock().map(|q| q.clone()).unwrap_or_default()
     }
 
-    /// Stores a task (durable with the caller's next flush).
+    /// Stores a task (durable with the caller's next flush): parked when it has a turn.
     pub fn insert(&self, t: &DeferredTask) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt {
             id: t.id.clone(),
             reason: e.to_string(),
         })?;
+        if t.turn.is_some() {
+            if self.parked.insert(t.key(), bytes)?.is_none() {
+                self.parked_count.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
         if self.tree.insert(t.key(), bytes)?.is_none() {
             self.count.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut q) = self.queued.lock() {
@@ -144,6 +180,17 @@ impl Deferrals {
             id: t.id.clone(),
             reason: e.to_string(),
         })?;
+        if t.turn.is_some() {
+            let removed = matches!(
+                self.parked
+                    .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
+                Ok(())
+            );
+            if removed {
+                self.parked_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
         let removed = matches!(
             self.tree
                 .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
@@ -187,6 +234,57 @@ impl Deferrals {
             }
         }
         Ok(out)
+    }
+
+    /// Parked tasks whose turn has come (in turn order, at most `limit`), and, with
+    /// `void`, every parked task whose turn no policy throttle honours any more (after a
+    /// swap: released at once, to be given a turn by the throttle as it is now).
+    pub fn parked_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        void: Option<&dyn Fn(&crate::domain::ThrottleTurn) -> bool>,
+    ) -> Result<Vec<DeferredTask>, StoreError> {
+        let mut out = Vec::new();
+        let due_end = now_ms.saturating_add(1).to_be_bytes();
+        for item in self.parked.range(..due_end.as_slice()) {
+            if out.len() >= limit {
+                return Ok(out);
+            }
+            let (_, v) = item?;
+            match serde_json::from_slice::<DeferredTask>(&v) {
+                Ok(t) => out.push(t),
+                Err(e) => tracing::warn!(error = %e, "undecodable parked task skipped"),
+            }
+        }
+        let Some(void) = void else { return Ok(out) };
+        for item in self.parked.range(due_end.as_slice()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item?;
+            if let Ok(t) = serde_json::from_slice::<DeferredTask>(&v)
+                && t.turn.as_ref().is_some_and(void)
+            {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next parked turn comes, if any task is parked.
+    pub fn next_turn_ms(&self) -> Option<u64> {
+        let (k, _) = self.parked.first().ok()??;
+        Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
+    }
+
+    /// Every parked task's turn, in turn order (to resume the throttles' lines at start).
+    pub fn parked_turns(&self) -> Vec<crate::domain::ThrottleTurn> {
+        self.parked
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, v)| serde_json::from_slice::<DeferredTask>(&v).ok()?.turn)
+            .collect()
     }
 
     /// The tasks that fit now, in release order, at most `limit`: each is checked against

@@ -131,6 +131,8 @@ pub struct PolicyCounters {
     pub unauthorised: Counter,
     /// Tasks in the deferred queue now (set at each scrape).
     pub deferred_now: Gauge,
+    /// Tasks parked by throttles until their turn now (set at each scrape).
+    pub parked_now: Gauge,
     /// Revision of the policy in force (set at each scrape).
     pub revision: Gauge,
 }
@@ -162,6 +164,11 @@ impl PolicyCounters {
             "deferred_tasks",
             "Tasks in the deferred queue",
             self.deferred_now.clone(),
+        );
+        r.register(
+            "parked_tasks",
+            "Tasks a throttle parked until their turn",
+            self.parked_now.clone(),
         );
         r.register(
             "tasks_throttled",
@@ -273,9 +280,10 @@ impl PolicyEngine {
             policy,
         } = start;
         let policy = with_cap(policy, cap.as_ref());
+        let deferrals = Deferrals::open(store, max_deferred)?;
         let live = Live {
             hints: evaluate::hints(&policy),
-            throttles: limiters.build(&policy),
+            throttles: limiters.build(&policy, &|| deferrals.parked_turns()),
             policy: Arc::new(policy),
             revision: 0,
             source: Source::Builtin,
@@ -300,7 +308,7 @@ impl PolicyEngine {
             limiters,
             ledger: Mutex::new(ledger),
             store: store.clone(),
-            deferrals: Deferrals::open(store, max_deferred)?,
+            deferrals,
             audit: AuditLog::open(store, audit_records)?,
             files,
             last_rejection: ArcSwap::from_pointee(None),
@@ -513,7 +521,9 @@ impl PolicyEngine {
                 &current.reroutes,
                 &current.weights,
             ),
-            throttles: self.limiters.build(&policy),
+            throttles: self
+                .limiters
+                .build(&policy, &|| self.deferrals.parked_turns()),
             policy: Arc::new(policy),
             revision,
             source,

@@ -85,7 +85,7 @@ fn run_one(
     if let Some(th) = throttled(spec, policy, &got, &dims) {
         got.action = "throttle";
         got.reason = format!(
-            "throttle {} is out of permits; the task waits in the intake stream",
+            "throttle {} is out of permits; the task waits for its turn (in the intake stream, or parked)",
             th.spec.name
         );
     }

@@ -355,7 +355,58 @@ pub(crate) fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> Deferred
         task_json: "{}".into(),
         headers: vec![],
         releases: 0,
+        turn: None,
     }
+}
+
+/// Parked tasks come out in the order of their turns once each has come, apart from the
+/// budget-deferred queue but sharing its bound; a swap's check releases void turns early.
+#[test]
+fn parked_tasks_are_due_at_their_turns_and_void_ones_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let q = super::Deferrals::open(&store, 5).unwrap();
+    let parked = |id: &str, at_ms: u64, spec: u64| DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "t".into(),
+            key: "noisy".into(),
+            at_ms,
+            spec,
+        }),
+        ..deferred(id, 5, 1_000, 0.0)
+    };
+    // Inserted out of turn order.
+    for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000), ("d", 9_000)] {
+        q.insert(&parked(id, at, 7)).unwrap();
+    }
+    q.insert(&deferred("budget", 5, 1_000, 0.1)).unwrap();
+    assert_eq!((q.len(), q.parked_len()), (1, 4));
+    assert!(q.is_full(), "deferred and parked share policy.max_deferred");
+    assert_eq!(q.next_turn_ms(), Some(1_000));
+    let ids = |v: Vec<DeferredTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert!(q.parked_due(999, 10, None).unwrap().is_empty());
+    assert_eq!(ids(q.parked_due(2_000, 10, None).unwrap()), ["a", "b"]);
+    assert_eq!(
+        ids(q.parked_due(5_000, 2, None).unwrap()),
+        ["a", "b"],
+        "limit"
+    );
+    // After a swap: every turn the throttles no longer honour, due or not.
+    let void = |t: &crate::domain::ThrottleTurn| t.spec != 7 || t.at_ms == 9_000;
+    assert_eq!(
+        ids(q.parked_due(2_000, 10, Some(&void)).unwrap()),
+        ["a", "b", "d"]
+    );
+    assert_eq!(q.parked_turns().len(), 4);
+    q.remove(&parked("a", 1_000, 7)).unwrap();
+    q.remove(&parked("a", 1_000, 7)).unwrap();
+    assert_eq!((q.len(), q.parked_len()), (1, 3), "removed once");
+    assert_eq!(q.next_turn_ms(), Some(2_000));
+    // The count survives a reopen.
+    drop(q);
+    let q = super::Deferrals::open(&store, 5).unwrap();
+    assert_eq!((q.len(), q.parked_len()), (1, 3));
 }
 
 #[test]
@@ -1146,60 +1197,141 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
     );
 }
 
-/// Held-back tasks of one key get turns one permit apart, after the limiter's next permit,
-/// instead of all being told to come back together; a turn past `MAX_HOLD` holds no place.
+/// Held-back tasks of one key get turns one permit apart, after the limiter's next permit;
+/// a turn close at hand is waited out in the stream, one further off is parked; while a
+/// key has a line, newcomers join its end, and a task back at its turn passes.
 #[test]
-fn held_back_tasks_get_turns_one_permit_apart() {
-    use std::time::{Duration, Instant};
+fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
+    use std::time::Duration;
 
-    use super::throttle::{MAX_HOLD, ThrottleKeys, turn};
+    use super::throttle::{Asking, ThrottleKeys, Wait, spec_hash};
     let policy = parse(&[(
         "t.policy.toml",
         "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 2\n",
     )])
     .unwrap();
-    let throttles = super::throttle::LimiterCache::default().build(&policy);
+    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
     let keys = |producer| ThrottleKeys {
         pool: "docs",
         producer: Some(producer),
         ..Default::default()
     };
-    assert!(throttles.admit(keys("a"), 10).is_ok(), "the burst of one");
-    let waits: Vec<Duration> = (0..5)
-        .map(|_| throttles.admit(keys("a"), 10).unwrap_err().wait)
+    const NOW: u64 = 1_764_000_000_000;
+    let ask = |id: &'static str, now_ms: u64| Asking {
+        task_id: id,
+        now_ms,
+        turn: None,
+        inline_cap: 100,
+    };
+    assert!(
+        throttles.admit(keys("a"), 10, ask("t0", NOW)).is_ok(),
+        "the burst of one"
+    );
+    let held: Vec<_> = ["t1", "t2", "t3", "t4", "t5"]
+        .into_iter()
+        .map(|id| throttles.admit(keys("a"), 10, ask(id, NOW)).unwrap_err())
         .collect();
-    for (i, w) in waits.iter().enumerate() {
+    for (i, t) in held.iter().enumerate() {
         // The next permit is 500 ms off; each later task's turn is 500 ms after the last.
         let expected = Duration::from_millis(500 * (i as u64 + 1));
         assert!(
-            w.abs_diff(expected) < Duration::from_millis(100),
-            "turn {i}: {w:?}, expected about {expected:?} ({waits:?})"
+            t.wait.abs_diff(expected) < Duration::from_millis(100),
+            "turn {i}: {:?}, expected about {expected:?} ({held:?})",
+            t.wait
         );
+        let at = NOW + t.wait.as_millis() as u64;
+        assert!(t.turn.at_ms.abs_diff(at) <= 1, "{t:?}");
+        assert_eq!(
+            (t.turn.throttle.as_str(), t.turn.key.as_str()),
+            ("slow", "a")
+        );
+        assert_eq!(t.turn.spec, spec_hash(&policy.throttles[0].spec));
+        // Within a second: waited out in the stream; further: parked.
+        let expect = if t.wait <= Duration::from_secs(1) {
+            Wait::Inline
+        } else {
+            Wait::Park
+        };
+        assert_eq!(t.wait_in, expect, "{t:?}");
+        assert_eq!(t.rate, "2 task(s)/s");
     }
     // Another key has its own line.
-    assert!(throttles.admit(keys("b"), 10).is_ok());
-    let w = throttles.admit(keys("b"), 10).unwrap_err().wait;
+    assert!(throttles.admit(keys("b"), 10, ask("b0", NOW)).is_ok());
+    let w = throttles
+        .admit(keys("b"), 10, ask("b1", NOW))
+        .unwrap_err()
+        .wait;
     assert!(w <= Duration::from_millis(500), "{w:?}");
 
-    let now = Instant::now();
-    let second = Duration::from_secs(1);
-    assert_eq!(
-        turn(now, Duration::ZERO, None, second),
-        (Duration::ZERO, Some(now + second))
+    // When t1's turn comes, a newcomer does not take its permit: it joins the line's end.
+    // (The limiter runs on its own clock: its next permit is half a second off in real
+    // time, whatever the policy clock says.)
+    std::thread::sleep(Duration::from_millis(550));
+    let t1_at = held[0].turn.at_ms;
+    let late = throttles
+        .admit(keys("a"), 10, ask("new", t1_at))
+        .unwrap_err();
+    assert_eq!(late.turn.at_ms, held[4].turn.at_ms + 500, "{late:?}");
+    // t1, waiting in the stream, is remembered by its id and passes at its turn, with
+    // the permit the newcomer left.
+    assert!(throttles.admit(keys("a"), 10, ask("t1", t1_at + 5)).is_ok());
+    // t2 back at once, too early for the limiter: it keeps its place for the next
+    // permit instead of passing (the GCRA bound holds for tasks back late together).
+    let t2 = throttles
+        .admit(keys("a"), 10, ask("t2", held[1].turn.at_ms))
+        .unwrap_err();
+    assert_eq!(t2.wait_in, Wait::Inline, "{t2:?}");
+    assert!(t2.wait > Duration::from_millis(300), "{t2:?}");
+    // t3 was parked: it passes with the turn its record kept, not before it.
+    let t3 = &held[2];
+    let with_turn = |now_ms| Asking {
+        task_id: "t3",
+        now_ms,
+        turn: Some(&t3.turn),
+        inline_cap: 100,
+    };
+    let early = throttles
+        .admit(keys("a"), 10, with_turn(t3.turn.at_ms - 400))
+        .unwrap_err();
+    assert_eq!(early.turn, t3.turn, "back early, it keeps its turn");
+    std::thread::sleep(Duration::from_millis(550));
+    assert!(
+        throttles
+            .admit(keys("a"), 10, with_turn(t3.turn.at_ms))
+            .is_ok()
     );
-    // A line that ended in the past does not delay; one ahead of the next permit does.
+    // A turn from another spec (the throttle changed since) is not honoured.
+    let mut stale = t3.turn.clone();
+    stale.spec ^= 1;
+    assert!(!throttles.honours(&stale) && throttles.honours(&t3.turn));
+    let forged = Asking {
+        task_id: "t9",
+        now_ms: t3.turn.at_ms,
+        turn: Some(&stale),
+        inline_cap: 100,
+    };
+    assert!(throttles.admit(keys("a"), 10, forged).is_err());
+
+    // With no room for more in-stream turns, even a near turn is parked.
+    let fresh = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
+    let cap0 = Asking {
+        task_id: "x1",
+        now_ms: NOW,
+        turn: None,
+        inline_cap: 0,
+    };
+    assert!(fresh.admit(keys("c"), 10, cap0).is_ok());
     assert_eq!(
-        turn(now, second, Some(now), second),
-        (second, Some(now + 2 * second))
+        fresh.admit(keys("c"), 10, cap0).unwrap_err().wait_in,
+        Wait::Park
     );
-    assert_eq!(
-        turn(now, second, Some(now + 5 * second), second),
-        (5 * second, Some(now + 6 * second))
-    );
-    // Past MAX_HOLD: come back then, and the line is left as it was.
-    assert_eq!(
-        turn(now, second, Some(now + MAX_HOLD + second), second),
-        (MAX_HOLD, None)
-    );
-    assert_eq!(turn(now, 100 * MAX_HOLD, None, second), (MAX_HOLD, None));
+
+    // Limiters built while tasks are parked resume their lines behind the parked turns
+    // (a restart forgets lines, not parked tasks).
+    let last = held[4].turn.clone();
+    let restarted = super::throttle::LimiterCache::default().build(&policy, &|| vec![last.clone()]);
+    let t = restarted
+        .admit(keys("a"), 10, ask("after", NOW))
+        .unwrap_err();
+    assert_eq!(t.turn.at_ms, last.at_ms + 500, "{t:?}");
 }

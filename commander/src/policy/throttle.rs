@@ -3,17 +3,23 @@
 //!
 //! Limiters are keyed by the scope's value, so `scope = "team"` without `match` gives
 //! every team its own limit. A policy swap keeps the limiters of throttles whose spec did
-//! not change (their permits carry over); changed or new ones start full. A task that a
-//! throttle holds back is not lost: it stays in the intake stream and comes back at its
-//! turn: after the limiter's next permit and after the turns given to the tasks held
-//! back before it, one permit's interval apart (a line per key). Told only the next
-//! permit, a backlog of held-back tasks all came back together, one passed and the rest
-//! were read and handed back again, hundreds of times each.
+//! not change (their permits and lines carry over); changed or new ones start full.
+//!
+//! A task a throttle holds back is given a turn in its key's line: after the limiter's
+//! next permit and after the turns already given, one permit's interval apart. While a
+//! key has a line, a newcomer joins its end instead of taking a permit, and a task back at
+//! its turn takes the permit its turn was given for. The limiter still decides: tasks back
+//! late together pass no faster than it allows (one without a permit yet keeps its place,
+//! waiting for the next), so the GCRA bound holds whatever the lateness.
+//! A turn close at hand ([`INLINE_MAX`]) is waited out in the intake stream: the message is
+//! handed back with that delay, and the turn is remembered here by task id. A turn further
+//! off is parked: the caller stores the task with its [`Turn`] and acks it, so a long line
+//! never fills the intake consumer's window, where it held up every other key's tasks.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
@@ -21,21 +27,65 @@ use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use super::load::{Policy, Throttle};
 use super::schema::{ThrottleScope, ThrottleSpec};
 
-/// The longest a held-back task is told to wait: one whose turn is further off comes
-/// back after this and is given a turn then, without holding a place in the line
-/// meanwhile.
-pub const MAX_HOLD: Duration = Duration::from_secs(30);
+/// The furthest a turn may be for its task to wait in the intake stream; one further off
+/// is parked.
+pub const INLINE_MAX: Duration = Duration::from_secs(1);
+
+/// How late a task may come back and still find its turn: the hand-back adds a few
+/// milliseconds, and the release loop wakes after the turn, never before.
+const EARLY_MS: u64 = 20;
+
+/// Remembered in-stream turns older than this are forgotten (their task never came back:
+/// cancelled, or taken by another replica).
+const TURN_MEMORY_MS: u64 = 60_000;
+
+pub use crate::domain::ThrottleTurn as Turn;
+
+/// The fingerprint of a throttle's spec: the same spec, the same limiter.
+pub fn spec_hash(spec: &ThrottleSpec) -> u64 {
+    crate::domain::fnv1a(&[format!("{spec:?}").as_bytes()])
+}
+
+/// The task asking for permits.
+#[derive(Clone, Copy, Debug)]
+pub struct Asking<'a> {
+    pub task_id: &'a str,
+    pub now_ms: u64,
+    /// The turn it was parked with, coming back from the parked queue.
+    pub turn: Option<&'a Turn>,
+    /// In-stream turns each throttle may hold at once; past it a held task is parked
+    /// however near its turn (the intake window is shared by every key).
+    pub inline_cap: usize,
+}
+
+/// A key's line and the in-stream turns given, in microseconds of the policy clock.
+#[derive(Debug, Default)]
+struct Lines {
+    /// Per key, when the turns given so far end.
+    end_us: HashMap<String, u64>,
+    /// Per task id waiting in the stream: its key and turn.
+    turns: HashMap<String, (String, u64)>,
+}
 
 /// One throttle's limiters.
 #[derive(Debug)]
 pub struct Limiter {
     pub spec: ThrottleSpec,
+    hash: u64,
     /// The task limiter and its interval between permits.
     tasks: Option<(DefaultKeyedRateLimiter<String>, Duration)>,
     /// The token limiter, its burst, and its interval between single-token permits.
     tokens: Option<(DefaultKeyedRateLimiter<String>, u32, Duration)>,
-    /// Per key, when the turns given so far end.
-    line: Mutex<HashMap<String, Instant>>,
+    lines: Mutex<Lines>,
+}
+
+/// Where a held-back task waits for its turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// In the intake stream, handed back with the turn's delay.
+    Inline,
+    /// Stored in the parked queue and acked; released at its turn.
+    Park,
 }
 
 impl Limiter {
@@ -43,6 +93,7 @@ impl Limiter {
     fn new(t: &Throttle) -> Self {
         Self {
             spec: t.spec.clone(),
+            hash: spec_hash(&t.spec),
             tasks: t
                 .quotas
                 .tasks
@@ -51,59 +102,150 @@ impl Limiter {
                 .quotas
                 .tokens
                 .map(|(q, cap)| (RateLimiter::keyed(q), cap, q.replenish_interval())),
-            line: Mutex::default(),
+            lines: Mutex::default(),
         }
     }
 
-    /// Takes permits for one task of `tokens` estimated tokens, or says how long to wait:
-    /// until its turn.
-    fn take(&self, key: &String, tokens: u64) -> Result<(), Duration> {
+    /// A task of `tokens` estimated tokens: the tokens it counts for (at most the burst).
+    fn token_permits(&self, tokens: u64) -> NonZeroU32 {
+        let cap = self.tokens.as_ref().map_or(1, |(_, cap, _)| *cap);
+        let n = tokens.clamp(1, u64::from(cap)) as u32;
+        NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+    }
+
+    /// The interval a task takes in its key's line: the longer of its task permit's and
+    /// its tokens'.
+    fn interval(&self, tokens: u64) -> Duration {
+        let tasks = self.tasks.as_ref().map_or(Duration::ZERO, |(_, i)| *i);
+        let n = self.token_permits(tokens).get();
+        let tokens = self
+            .tokens
+            .as_ref()
+            .map_or(Duration::ZERO, |(_, _, i)| i.saturating_mul(n));
+        tasks.max(tokens)
+    }
+
+    /// Takes permits from the limiters now, or says how long until they have them.
+    fn check(&self, key: &String, tokens: u64) -> Result<(), Duration> {
         // The limiter's own clock: building a clock per call costs a calibration.
-        if let Some((l, interval)) = &self.tasks
+        if let Some((l, _)) = &self.tasks
             && let Err(not_until) = l.check_key(key)
         {
-            return Err(self.hold(key, not_until.wait_time_from(l.clock().now()), *interval));
+            return Err(not_until.wait_time_from(l.clock().now()));
         }
-        if let Some((l, cap, interval)) = &self.tokens {
+        if let Some((l, _, _)) = &self.tokens {
             // A task larger than the burst waits for a full bucket, then passes.
-            let n = tokens.clamp(1, u64::from(*cap)) as u32;
-            let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-            match l.check_key_n(key, n) {
+            match l.check_key_n(key, self.token_permits(tokens)) {
                 Ok(Ok(())) => {}
-                Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(l.clock().now());
-                    return Err(self.hold(key, wait, interval.saturating_mul(n.get())));
-                }
+                Ok(Err(not_until)) => return Err(not_until.wait_time_from(l.clock().now())),
                 Err(_) => return Err(Duration::from_secs(1)),
             }
         }
         Ok(())
     }
 
-    /// A held-back task's wait: its turn in `key`'s line.
-    fn hold(&self, key: &str, wait: Duration, interval: Duration) -> Duration {
-        let Ok(mut line) = self.line.lock() else {
-            return wait.min(MAX_HOLD);
-        };
-        let now = Instant::now();
-        let end = line.get(key).copied();
-        let (hold, end) = turn(now, wait, end, interval);
-        if let Some(end) = end {
-            line.insert(key.to_string(), end);
+    /// The turn `ask` holds here for `key`, if any: remembered for a task waiting in the
+    /// stream, or carried by a parked one (given by this very spec).
+    fn held_turn(&self, lines: &mut Lines, key: &str, ask: &Asking<'_>) -> Option<u64> {
+        if let Some((k, at)) = lines.turns.remove(ask.task_id)
+            && k == key
+        {
+            return Some(at);
         }
-        hold
+        ask.turn
+            .filter(|t| t.throttle == self.spec.name && t.spec == self.hash && t.key == key)
+            .map(|t| t.at_ms.saturating_mul(1_000))
     }
 
-    fn retain_recent(&self) {
+    /// Lets the task through, or gives it a turn and says where it waits.
+    fn take(&self, key: &String, tokens: u64, ask: &Asking<'_>) -> Result<(), (u64, Wait)> {
+        let now_us = ask.now_ms.saturating_mul(1_000);
+        let Ok(mut lines) = self.lines.lock() else {
+            // A poisoned lock: the limiter alone decides, as without lines.
+            return self.check(key, tokens).map_err(|w| {
+                let at = now_us.saturating_add(micros(w));
+                (at, Wait::Inline)
+            });
+        };
+        if let Some(at_us) = self.held_turn(&mut lines, key, ask) {
+            // Back before its turn (a clock step), it keeps the turn; at its turn, it
+            // takes the permit, or keeps its place for the next one (several back late
+            // together, or a newcomer took it after the line ran out).
+            let at_us = if at_us <= now_us.saturating_add(EARLY_MS * 1_000) {
+                match self.check(key, tokens) {
+                    Ok(()) => return Ok(()),
+                    Err(wait) => now_us.saturating_add(micros(wait)),
+                }
+            } else {
+                at_us
+            };
+            return Err((at_us, self.place(&mut lines, key, ask, at_us, now_us)));
+        }
+        let line_end = lines
+            .end_us
+            .get(key.as_str())
+            .copied()
+            .filter(|e| *e > now_us);
+        let first = match line_end {
+            Some(end) => end,
+            None => match self.check(key, tokens) {
+                Ok(()) => return Ok(()),
+                Err(wait) => now_us.saturating_add(micros(wait)),
+            },
+        };
+        let end = first.saturating_add(micros(self.interval(tokens)).max(1));
+        lines.end_us.insert(key.clone(), end);
+        Err((first, self.place(&mut lines, key, ask, first, now_us)))
+    }
+
+    /// Where a task with a turn at `at_us` waits, remembering an in-stream turn.
+    fn place(
+        &self,
+        lines: &mut Lines,
+        key: &str,
+        ask: &Asking<'_>,
+        at_us: u64,
+        now_us: u64,
+    ) -> Wait {
+        let near = at_us.saturating_sub(now_us) <= micros(INLINE_MAX);
+        if near && lines.turns.len() < ask.inline_cap {
+            lines
+                .turns
+                .insert(ask.task_id.to_string(), (key.to_string(), at_us));
+            Wait::Inline
+        } else {
+            Wait::Park
+        }
+    }
+
+    /// Whether nothing has asked it for a permit yet.
+    fn is_fresh(&self) -> bool {
+        self.keys() == 0 && self.lines.lock().is_ok_and(|l| l.end_us.is_empty())
+    }
+
+    /// Where `key`'s line ends at least: parked turns outlive a restart, the lines do not.
+    fn extend_line(&self, key: &str, at_ms: u64) {
+        if let Ok(mut lines) = self.lines.lock() {
+            let end = at_ms
+                .saturating_mul(1_000)
+                .saturating_add(micros(self.interval(1)).max(1));
+            let e = lines.end_us.entry(key.to_string()).or_insert(0);
+            *e = (*e).max(end);
+        }
+    }
+
+    fn retain_recent(&self, now_ms: u64) {
         if let Some((l, _)) = &self.tasks {
             l.retain_recent();
         }
         if let Some((l, _, _)) = &self.tokens {
             l.retain_recent();
         }
-        let now = Instant::now();
-        if let Ok(mut line) = self.line.lock() {
-            line.retain(|_, end| *end > now);
+        let now_us = now_ms.saturating_mul(1_000);
+        let forget_before = now_us.saturating_sub(TURN_MEMORY_MS * 1_000);
+        if let Ok(mut lines) = self.lines.lock() {
+            lines.end_us.retain(|_, end| *end > now_us);
+            lines.turns.retain(|_, (_, at)| *at > forget_before);
         }
     }
 
@@ -113,23 +255,8 @@ impl Limiter {
     }
 }
 
-/// A held-back task's turn: once the limiter has a permit (`wait` from `now`) and the
-/// turns already given end (`line_end`). Returns how long it waits, and where the line
-/// ends now (`None`: unchanged, for a turn past [`MAX_HOLD`], which holds no place: the
-/// task comes back after `MAX_HOLD` and asks again).
-pub fn turn(
-    now: Instant,
-    wait: Duration,
-    line_end: Option<Instant>,
-    interval: Duration,
-) -> (Duration, Option<Instant>) {
-    let first = now.checked_add(wait).unwrap_or(now);
-    let at = line_end.filter(|end| *end > first).unwrap_or(first);
-    let hold = at.saturating_duration_since(now);
-    if hold > MAX_HOLD {
-        return (MAX_HOLD, None);
-    }
-    (hold, at.checked_add(interval))
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// What a throttle can key a task by.
@@ -141,12 +268,17 @@ pub struct ThrottleKeys<'a> {
     pub worker: Option<&'a str>,
 }
 
-/// A task held back: by which throttle, for how long.
+/// A task held back: by which throttle, its turn, and where it waits for it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Throttled {
     pub name: String,
     pub key: String,
+    /// From now until its turn.
     pub wait: Duration,
+    pub turn: Turn,
+    pub wait_in: Wait,
+    /// The throttle's rate, for the reason a producer reads (`2 task(s)/s`).
+    pub rate: String,
 }
 
 /// The limiters of the policy in force.
@@ -162,8 +294,26 @@ pub struct LimiterCache {
 }
 
 impl LimiterCache {
-    /// The limiters for `policy`, reusing those whose spec is unchanged.
-    pub fn build(&self, policy: &Policy) -> Throttles {
+    /// The limiters for `policy`, reusing those whose spec is unchanged. Fresh ones (new,
+    /// or never asked) take up their lines behind the turns of the tasks `parked` (read
+    /// only when there is one): a restart forgets the lines, not the parked tasks.
+    pub fn build(&self, policy: &Policy, parked: &dyn Fn() -> Vec<Turn>) -> Throttles {
+        let throttles = self.limiters(policy);
+        let new: Vec<&Arc<Limiter>> = throttles.active.iter().filter(|l| l.is_fresh()).collect();
+        if !new.is_empty() {
+            for turn in parked() {
+                if let Some(l) = new
+                    .iter()
+                    .find(|l| l.spec.name == turn.throttle && l.hash == turn.spec)
+                {
+                    l.extend_line(&turn.key, turn.at_ms);
+                }
+            }
+        }
+        throttles
+    }
+
+    fn limiters(&self, policy: &Policy) -> Throttles {
         let Ok(mut cache) = self.by_spec.lock() else {
             return Throttles {
                 active: policy
@@ -188,11 +338,28 @@ impl LimiterCache {
     }
 }
 
+fn rate_of(spec: &ThrottleSpec) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = spec.tasks_per_s {
+        parts.push(format!("{r} task(s)/s"));
+    }
+    if let Some(r) = spec.tokens_per_min {
+        parts.push(format!("{r} token(s)/min"));
+    }
+    parts.join(" and ")
+}
+
 impl Throttles {
     /// Takes a permit from every throttle that applies, in policy order, or names the
-    /// first that holds the task back (permits already taken from earlier throttles are
-    /// spent: a held-back task can only make the fleet slower, never faster).
-    pub fn admit(&self, keys: ThrottleKeys<'_>, tokens: u64) -> Result<(), Throttled> {
+    /// first that holds the task back, with its turn (permits already taken from earlier
+    /// throttles are spent: a held-back task can only make the fleet slower, never
+    /// faster).
+    pub fn admit(
+        &self,
+        keys: ThrottleKeys<'_>,
+        tokens: u64,
+        ask: Asking<'_>,
+    ) -> Result<(), Throttled> {
         for l in &self.active {
             let value = match l.spec.scope {
                 ThrottleScope::Pool => Some(keys.pool),
@@ -205,20 +372,38 @@ impl Throttles {
                 continue;
             }
             let key = value.to_string();
-            if let Err(wait) = l.take(&key, tokens) {
+            if let Err((at_us, wait_in)) = l.take(&key, tokens, &ask) {
+                let now_us = ask.now_ms.saturating_mul(1_000);
                 return Err(Throttled {
                     name: l.spec.name.clone(),
+                    wait: Duration::from_micros(at_us.saturating_sub(now_us)),
+                    turn: Turn {
+                        throttle: l.spec.name.clone(),
+                        key: key.clone(),
+                        at_ms: at_us.div_ceil(1_000),
+                        spec: l.hash,
+                    },
                     key,
-                    wait,
+                    wait_in,
+                    rate: rate_of(&l.spec),
                 });
             }
         }
         Ok(())
     }
 
-    /// Forgets keys whose limiters are full again (bounds memory for per-value throttles).
-    pub fn retain_recent(&self) -> usize {
-        self.active.iter().for_each(|l| l.retain_recent());
+    /// Whether `turn` was given by a throttle in force with the same spec; a parked task
+    /// whose turn is void is released at once, to be given a turn by the new spec.
+    pub fn honours(&self, turn: &Turn) -> bool {
+        self.active
+            .iter()
+            .any(|l| l.spec.name == turn.throttle && l.hash == turn.spec)
+    }
+
+    /// Forgets keys whose limiters are full again, lines that ran out and in-stream turns
+    /// whose task never came back (bounds memory for per-value throttles).
+    pub fn retain_recent(&self, now_ms: u64) -> usize {
+        self.active.iter().for_each(|l| l.retain_recent(now_ms));
         self.active.iter().map(|l| l.keys()).sum()
     }
 

@@ -1,6 +1,9 @@
 //! The task record on disk.
 //!
-//! Format 4 (written now): version byte `4`, then format 3's body (below), then
+//! Format 5 (written now): version byte `5`, then format 4's body (below), then [`Later`]:
+//! the turn a throttle gave a task it parked (`deferred.turn`).
+//!
+//! Format 4 (written until format 5): version byte `4`, then format 3's body (below), then
 //! [`Compact`]: the trace and the state history in fewer bytes. A trace whose ids are
 //! lowercase hex and whose traceparent is exactly `00-{trace_id}-{dispatch_span_id}-{flags}`
 //! (what the commander writes) is kept as the ids' bytes and the flags, not as 119
@@ -31,8 +34,8 @@
 //! (`skip_serializing_if`, which drops a field) cannot be on the types it encodes: the
 //! mirrors below have the record's fields in a fixed order and nothing else. Adding a field
 //! is a new format byte with the older formats still decoded: format 3's body is format
-//! 2's plus [`Added`], and format 4's is format 3's plus [`Compact`], so the next field
-//! goes at the end of `Compact` under format 5.
+//! 2's plus [`Added`], format 4's is format 3's plus [`Compact`], and format 5's is format
+//! 4's plus [`Later`], so the next field goes at the end of `Later` under format 6.
 
 use std::borrow::Cow;
 
@@ -49,15 +52,18 @@ pub const FORMAT_V2: u8 = 2;
 /// The first byte of a format-3 record.
 pub const FORMAT_V3: u8 = 3;
 
-/// The first byte of a format-4 record (written now).
+/// The first byte of a format-4 record.
 pub const FORMAT_V4: u8 = 4;
+
+/// The first byte of a format-5 record (written now).
+pub const FORMAT_V5: u8 = 5;
 
 /// Why stored bytes are not a task record.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
     Empty,
-    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 4 are postcard)")]
+    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 5 are postcard)")]
     UnknownFormat(u8),
     #[error("format {0} record does not decode: {1}")]
     Postcard(u8, postcard::Error),
@@ -76,6 +82,7 @@ pub enum Format {
     V2,
     V3,
     V4,
+    V5,
 }
 
 pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
@@ -85,6 +92,7 @@ pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
         Some(&FORMAT_V2) => Ok(Format::V2),
         Some(&FORMAT_V3) => Ok(Format::V3),
         Some(&FORMAT_V4) => Ok(Format::V4),
+        Some(&FORMAT_V5) => Ok(Format::V5),
         Some(&other) => Err(CodecError::UnknownFormat(other)),
     }
 }
@@ -100,15 +108,22 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             let v: TaskV2<'_> = postcard::from_bytes(body).map_err(bad)?;
             Ok(v.into_record(Added::default()))
         }
-        // Format 4 is format 3 with `Compact` after it.
-        f @ (Format::V3 | Format::V4) => {
+        // Format 4 is format 3 with `Compact` after it, format 5 format 4 with `Later`.
+        f @ (Format::V3 | Format::V4 | Format::V5) => {
             let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
             let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
             let (compact, rest) = match f {
-                Format::V4 => {
+                Format::V4 | Format::V5 => {
                     let (c, rest): (Compact<'_>, _) =
                         postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(c), rest)
+                }
+                _ => (None, rest),
+            };
+            let (later, rest) = match f {
+                Format::V5 => {
+                    let (l, rest): (Later<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+                    (Some(l), rest)
                 }
                 _ => (None, rest),
             };
@@ -116,6 +131,9 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             let mut rec = v.into_record(added);
             if let Some(c) = compact {
                 c.into_record(&mut rec)?;
+            }
+            if let Some(l) = later {
+                l.into_record(&mut rec);
             }
             Ok(rec)
         }
@@ -130,18 +148,31 @@ fn ended(format: u8, rest: &[u8]) -> Result<(), CodecError> {
     }
 }
 
-/// Encodes a record in format 4.
+/// Encodes a record in format 5.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let out = encode_v4_body(FORMAT_V5, rec)?;
+    postcard::to_extend(&Later::of(rec), out).map_err(|e| CodecError::Postcard(FORMAT_V5, e))
+}
+
+/// The format byte, then format 4's body: all of format 4, and the start of format 5.
+fn encode_v4_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
     let compact = Compact::of(rec);
     let mut body = TaskV2::of(rec);
     if compact.trace.is_some() {
         body.trace = None;
     }
     body.history = Cow::Borrowed(&[]);
-    let out = with_body(FORMAT_V4, &body)?;
-    let bad = |e| CodecError::Postcard(FORMAT_V4, e);
+    let out = with_body(format, &body)?;
+    let bad = |e| CodecError::Postcard(format, e);
     let out = postcard::to_extend(&Added::of(rec), out).map_err(bad)?;
     postcard::to_extend(&compact, out).map_err(bad)
+}
+
+/// Encodes a record in format 4 (what commanders before format 5 wrote; for tests that
+/// build a store of that layout). A throttle's turn is not in it.
+#[cfg(test)]
+pub fn encode_v4(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    encode_v4_body(FORMAT_V4, rec)
 }
 
 /// The format byte, then format 2's body: all of format 2, and the start of formats 3
@@ -178,6 +209,50 @@ impl Added {
     fn of(r: &TaskRecord) -> Self {
         Self {
             charged_usd: r.budget.as_ref().and_then(|b| b.charged_usd),
+        }
+    }
+}
+
+/// The fields format 5 added after format 4's body.
+#[derive(Default, Serialize, Deserialize)]
+struct Later<'a> {
+    /// `deferred.turn`: the turn a throttle gave the task it parked.
+    turn: Option<TurnV5<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TurnV5<'a> {
+    throttle: Str<'a>,
+    key: Str<'a>,
+    at_ms: u64,
+    spec: u64,
+}
+
+impl<'a> Later<'a> {
+    fn of(r: &'a TaskRecord) -> Self {
+        Self {
+            turn: r
+                .deferred
+                .as_ref()
+                .and_then(|d| d.turn.as_ref())
+                .map(|t| TurnV5 {
+                    throttle: b(&t.throttle),
+                    key: b(&t.key),
+                    at_ms: t.at_ms,
+                    spec: t.spec,
+                }),
+        }
+    }
+
+    /// A turn without a deferral to hang on is dropped: format 5 never writes one.
+    fn into_record(self, rec: &mut TaskRecord) {
+        if let (Some(t), Some(d)) = (self.turn, rec.deferred.as_mut()) {
+            d.turn = Some(crate::domain::ThrottleTurn {
+                throttle: t.throttle.into_owned(),
+                key: t.key.into_owned(),
+                at_ms: t.at_ms,
+                spec: t.spec,
+            });
         }
     }
 }
@@ -508,6 +583,7 @@ impl<'a> TaskV2<'a> {
                 until: oo(d.until),
                 deferred_at: owned(d.deferred_at),
                 releases: d.releases,
+                turn: None,
             }),
             policy_version: oo(self.policy_version),
             generation: self.generation.map(Cow::into_owned),
@@ -575,6 +651,12 @@ pub(crate) mod tests {
             until: Some("2026-12-03T00:00:00.000Z".into()),
             deferred_at: "2026-12-02T10:00:00.000Z".into(),
             releases: 3,
+            turn: Some(crate::domain::ThrottleTurn {
+                throttle: "noisy-team".into(),
+                key: "noisy".into(),
+                at_ms: 1_764_670_000_000,
+                spec: 0x1234_5678_9abc_def0,
+            }),
         });
         r.policy_version = Some("a".repeat(64));
         r.generation = Some(Generation {
@@ -596,13 +678,22 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_4_round_trips_every_field_and_is_smaller_than_json_and_format_3() {
+    fn format_5_round_trips_every_field_and_older_formats_still_read() {
         for rec in [full_record("t-1"), TaskRecord::new("bare", 0)] {
-            let v4 = encode(&rec).unwrap();
+            let v5 = encode(&rec).unwrap();
+            assert_eq!(v5[0], FORMAT_V5);
+            assert_eq!(decode(&v5).unwrap(), rec);
+            // Formats 3 and 4 have every field but the throttle's turn.
+            let mut before_turns = rec.clone();
+            if let Some(d) = before_turns.deferred.as_mut() {
+                d.turn = None;
+            }
+            let v4 = encode_v4(&rec).unwrap();
             assert_eq!(v4[0], FORMAT_V4);
-            assert_eq!(decode(&v4).unwrap(), rec);
+            assert_eq!(decode(&v4).unwrap(), before_turns, "format 4 still reads");
+            assert!(v4.len() < v5.len());
             let v3 = encode_v3(&rec).unwrap();
-            assert_eq!(decode(&v3).unwrap(), rec, "format 3 still reads");
+            assert_eq!(decode(&v3).unwrap(), before_turns, "format 3 still reads");
             let json = serde_json::to_vec(&rec).unwrap();
             assert_eq!(format_of(&json).unwrap(), Format::Json);
             assert_eq!(decode(&json).unwrap(), rec, "format 1 still reads");
@@ -622,7 +713,7 @@ pub(crate) mod tests {
         }
         // The trace and the times the commander writes take their compact form.
         let rec = full_record("t-1");
-        let (v4, v3) = (encode(&rec).unwrap(), encode_v3(&rec).unwrap());
+        let (v4, v3) = (encode_v4(&rec).unwrap(), encode_v3(&rec).unwrap());
         assert!(
             v4.len() + 100 < v3.len(),
             "format 4 {} bytes vs format 3 {}",
@@ -738,7 +829,7 @@ pub(crate) mod tests {
         }
         let mut long = v4.clone();
         long.push(0);
-        assert!(matches!(decode(&long), Err(CodecError::Trailing(4, 1))));
+        assert!(matches!(decode(&long), Err(CodecError::Trailing(5, 1))));
         // A time past what RFC 3339 can write is an error, not a panic in the formatter.
         let mut far = vec![FORMAT_V4];
         far = postcard::to_extend(&TaskV2::of(&TaskRecord::new("far", 0)), far).unwrap();

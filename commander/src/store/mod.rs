@@ -166,6 +166,9 @@ pub struct DeferInfo {
     /// Times it left the deferred queue (released back to intake), whether it was then
     /// dispatched or deferred again.
     pub releases: u32,
+    /// Parked by a throttle: the turn it was given (absent: deferred by a budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<crate::domain::ThrottleTurn>,
 }
 
 impl TaskRecord {
@@ -1136,7 +1139,7 @@ mod tests {
 
     /// A store written by the previous format (format 1: every record JSON, as
     /// `serde_json::to_vec(&TaskRecord)` wrote it until issue 19, in sled) opens with
-    /// every record moved to the task log in format 4 and reading back whole; updates
+    /// every record moved to the task log in the current format and reading back whole; updates
     /// work on them, and retention finds every terminal one.
     #[test]
     fn a_store_written_in_the_json_format_is_read_and_migrated() {
@@ -1167,7 +1170,7 @@ mod tests {
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::V4,
+            codec::Format::V5,
             "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
@@ -1192,9 +1195,9 @@ mod tests {
 
     /// A task log whose records are in format 3 (what the commander wrote before format 4)
     /// opens with every record reading back whole. Records stay as they are until their
-    /// next update, which writes format 4.
+    /// next update, which writes the current format (5).
     #[test]
-    fn a_task_log_of_format_3_records_is_read_and_updated_in_format_4() {
+    fn a_task_log_of_format_3_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
         let mut written = Vec::new();
         {
@@ -1206,6 +1209,10 @@ mod tests {
                     TaskRecord::new(&format!("v3-{i}"), i)
                 };
                 rec.intake_sequence = i;
+                // Format 3 has no throttle turn.
+                if let Some(d) = rec.deferred.as_mut() {
+                    d.turn = None;
+                }
                 let bytes = codec::encode_v3(&rec).unwrap();
                 store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
                 written.push(rec);
@@ -1225,7 +1232,7 @@ mod tests {
             .update("v3-1", || unreachable!(), |r| r.finish(&ok))
             .unwrap();
         assert_eq!((rec.state, rec.intake_sequence), (TaskState::Completed, 1));
-        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V4);
+        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V5);
         store.tasks.sync().unwrap();
         drop(store);
         let store = Store::reopen(dir.path());
