@@ -562,6 +562,50 @@ async fn a_throttled_team_s_backlog_does_not_hold_up_other_teams_or_get_lost() {
     assert_eq!(s.parked().await, 0.0);
 }
 
+/// Raising a throttle frees its parked backlog at once: the turns the old rate gave
+/// (here up to 200 s off, longer than the test waits) are void under the new spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raising_a_throttle_releases_its_parked_tasks_at_once() {
+    const TASKS: usize = 20;
+    let throttle = |rate: f64| {
+        format!(
+            "[[throttle]]\nname = \"search-team\"\nscope = \"team\"\nmatch = \"search\"\ntasks_per_s = {rate}\n"
+        )
+    };
+    let s = PolicyStack::start(&throttle(0.1), "").await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    for i in 0..TASKS {
+        producer
+            .submit(
+                &summary_task(&format!("slow-{i}"), 5),
+                SubmitOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    eventually("the backlog parked", WAIT, async || {
+        s.parked().await >= (TASKS - 11) as f64
+    })
+    .await;
+    s.write_policy(&throttle(1000.0)).await;
+    // All of them within the wait, not one wait each: the last old turn is 190 s off.
+    eventually("the backlog ran", WAIT, async || {
+        seen.lock().unwrap().runs.len() == TASKS
+    })
+    .await;
+    for i in 0..TASKS {
+        let r = producer
+            .await_result(&format!("slow-{i}"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ResultStatus::Ok);
+    }
+    assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
+    assert_eq!(s.parked().await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
     let mut s = PolicyStack::start("", "").await;
