@@ -440,7 +440,7 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             throttled: t,
         } => {
             ctx.core.policy.counters.throttled.inc();
-            tracing::debug!(task_id = %p.id, throttle = %t.name, key = %t.key, wait_ms = t.wait.as_millis() as u64, parked = t.wait_in == Wait::Park, "throttled");
+            tracing::debug!(task_id = %p.id, throttle = %t.turn.throttle, key = %t.turn.key, wait_ms = t.wait.as_millis() as u64, parked = t.wait_in == Wait::Park, "throttled");
             if t.wait_in == Wait::Inline {
                 return Plan::Throttle(t.wait);
             }
@@ -450,9 +450,9 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             }
             let reason = format!(
                 "throttle `{}` ({} for `{}`) holds it back: its turn is at {}",
-                t.name,
+                t.turn.throttle,
                 t.rate,
-                t.key,
+                t.turn.key,
                 crate::policy::budget::rfc3339(t.turn.at_ms)
             );
             let logged = draft.record(

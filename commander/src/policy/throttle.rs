@@ -268,11 +268,9 @@ pub struct ThrottleKeys<'a> {
     pub worker: Option<&'a str>,
 }
 
-/// A task held back: by which throttle, its turn, and where it waits for it.
+/// A task held back: its turn (which throttle, which key, when), and where it waits for it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Throttled {
-    pub name: String,
-    pub key: String,
     /// From now until its turn.
     pub wait: Duration,
     pub turn: Turn,
@@ -375,15 +373,13 @@ impl Throttles {
             if let Err((at_us, wait_in)) = l.take(&key, tokens, &ask) {
                 let now_us = ask.now_ms.saturating_mul(1_000);
                 return Err(Throttled {
-                    name: l.spec.name.clone(),
                     wait: Duration::from_micros(at_us.saturating_sub(now_us)),
                     turn: Turn {
                         throttle: l.spec.name.clone(),
-                        key: key.clone(),
+                        key,
                         at_ms: at_us.div_ceil(1_000),
                         spec: l.hash,
                     },
-                    key,
                     wait_in,
                     rate: rate_of(&l.spec),
                 });
