@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,6 +78,9 @@ pub struct Limiter {
     /// The token limiter, its burst, and its interval between single-token permits.
     tokens: Option<(DefaultKeyedRateLimiter<String>, u32, Duration)>,
     lines: Mutex<Lines>,
+    /// Whether `lines` holds anything (set under its lock): while it does not, a task
+    /// with no turn asks the limiter alone, without the lock.
+    lined: AtomicBool,
 }
 
 /// Where a held-back task waits for its turn.
@@ -103,6 +107,7 @@ impl Limiter {
                 .tokens
                 .map(|(q, cap)| (RateLimiter::keyed(q), cap, q.replenish_interval())),
             lines: Mutex::default(),
+            lined: AtomicBool::new(false),
         }
     }
 
@@ -160,6 +165,14 @@ impl Limiter {
     /// Lets the task through, or gives it a turn and says where it waits.
     fn take(&self, key: &String, tokens: u64, ask: &Asking<'_>) -> Result<(), (u64, Wait)> {
         let now_us = ask.now_ms.saturating_mul(1_000);
+        // The common case, a throttle with no line and a task with no turn, costs the
+        // limiter's check alone.
+        if ask.turn.is_none()
+            && !self.lined.load(Ordering::Acquire)
+            && self.check(key, tokens).is_ok()
+        {
+            return Ok(());
+        }
         let Ok(mut lines) = self.lines.lock() else {
             // A poisoned lock: the limiter alone decides, as without lines.
             return self.check(key, tokens).map_err(|w| {
@@ -179,7 +192,9 @@ impl Limiter {
             } else {
                 at_us
             };
-            return Err((at_us, self.place(&mut lines, key, ask, at_us, now_us)));
+            let wait_in = self.place(&mut lines, key, ask, at_us, now_us);
+            self.note_lined(&lines);
+            return Err((at_us, wait_in));
         }
         let line_end = lines
             .end_us
@@ -195,7 +210,14 @@ impl Limiter {
         };
         let end = first.saturating_add(micros(self.interval(tokens)).max(1));
         lines.end_us.insert(key.clone(), end);
-        Err((first, self.place(&mut lines, key, ask, first, now_us)))
+        let wait_in = self.place(&mut lines, key, ask, first, now_us);
+        self.note_lined(&lines);
+        Err((first, wait_in))
+    }
+
+    fn note_lined(&self, lines: &Lines) {
+        let lined = !(lines.end_us.is_empty() && lines.turns.is_empty());
+        self.lined.store(lined, Ordering::Release);
     }
 
     /// Where a task with a turn at `at_us` waits, remembering an in-stream turn.
@@ -231,6 +253,7 @@ impl Limiter {
                 .saturating_add(micros(self.interval(1)).max(1));
             let e = lines.end_us.entry(key.to_string()).or_insert(0);
             *e = (*e).max(end);
+            self.note_lined(&lines);
         }
     }
 
@@ -246,6 +269,7 @@ impl Limiter {
         if let Ok(mut lines) = self.lines.lock() {
             lines.end_us.retain(|_, end| *end > now_us);
             lines.turns.retain(|_, (_, at)| *at > forget_before);
+            self.note_lined(&lines);
         }
     }
 
