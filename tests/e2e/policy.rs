@@ -185,6 +185,42 @@ fn summary_task(id: &str, priority: u8) -> Task {
     t
 }
 
+/// Submits every task at once (pipelined) and waits for their PubAcks.
+async fn submit_all(producer: &Producer, tasks: impl IntoIterator<Item = Task>) {
+    let mut acks = Vec::new();
+    for t in tasks {
+        acks.push(
+            producer
+                .submit_pipelined(&t, SubmitOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
+/// Waits for each task's result, one after another, and expects it ok.
+async fn await_ok(producer: &Producer, ids: impl IntoIterator<Item = String>, why: &str) {
+    for id in ids {
+        let r = producer.await_result(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{id}: {why}");
+    }
+}
+
+/// When each task was let through: its dispatch decision's time, sorted.
+async fn dispatch_times(s: &PolicyStack, ids: impl IntoIterator<Item = String>) -> Vec<u64> {
+    let mut at = Vec::new();
+    for id in ids {
+        let d = s.get(&format!("/v1/decisions/{id}")).await;
+        assert_eq!(d["outcome"], "dispatched", "{d}");
+        at.push(d["at_ms"].as_u64().unwrap());
+    }
+    at.sort_unstable();
+    at
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
     let good = SEARCH_DAILY;
@@ -403,38 +439,14 @@ async fn a_throttled_pool_never_exceeds_its_rate() {
     let seen = SeenLog::default();
     let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());
-    let mut acks = Vec::new();
-    for i in 0..TASKS {
-        acks.push(
-            producer
-                .submit_pipelined(
-                    &summary_task(&format!("thr-{i}"), 5),
-                    SubmitOptions::default(),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
-    for i in 0..TASKS {
-        let r = producer
-            .await_result(&format!("thr-{i}"), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(r.status, ResultStatus::Ok, "nothing throttled is lost");
-    }
+    let ids = || (0..TASKS).map(|i| format!("thr-{i}"));
+    submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
+    await_ok(&producer, ids(), "nothing throttled is lost").await;
     assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
     assert!(seen.lock().unwrap().runs.values().all(|n| *n == 1));
 
-    // When the throttle let each task through: its decision time.
-    let mut at: Vec<u64> = Vec::new();
-    for i in 0..TASKS {
-        let d = s.get(&format!("/v1/decisions/thr-{i}")).await;
-        at.push(d["at_ms"].as_u64().unwrap());
-    }
-    at.sort_unstable();
+    // When the throttle let each task through.
+    let at = dispatch_times(&s, ids()).await;
     // GCRA: over any span of T seconds at most burst + rate × T pass (+1 for the
     // millisecond clock the decisions are stamped with).
     for window_ms in [500u64, 1_000, 2_000] {
@@ -485,28 +497,13 @@ async fn a_throttled_team_s_backlog_does_not_hold_up_other_teams_or_get_lost() {
         t.attributes.insert("team".into(), team.into());
         t
     };
-    let mut acks = Vec::new();
-    for (team, n) in [("noisy", NOISY), ("quiet", QUIET)] {
-        for i in 0..n {
-            let t = task(format!("{team}-{i}"), team);
-            acks.push(
-                producer
-                    .submit_pipelined(&t, SubmitOptions::default())
-                    .await
-                    .unwrap(),
-            );
-        }
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
-    for i in 0..QUIET {
-        let r = producer
-            .await_result(&format!("quiet-{i}"), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(r.status, ResultStatus::Ok);
-    }
+    let noisy = || (0..NOISY).map(|i| format!("noisy-{i}"));
+    let quiet = || (0..QUIET).map(|i| format!("quiet-{i}"));
+    let tasks = noisy()
+        .map(|id| task(id, "noisy"))
+        .chain(quiet().map(|id| task(id, "quiet")));
+    submit_all(&producer, tasks).await;
+    await_ok(&producer, quiet(), "the quiet team's task ran").await;
     let noisy_run = |seen: &SeenLog| {
         let seen = seen.lock().unwrap();
         seen.runs
@@ -536,24 +533,12 @@ async fn a_throttled_team_s_backlog_does_not_hold_up_other_teams_or_get_lost() {
     // kill -9 with most of the backlog parked: every task still runs, once.
     s.commander.kill9();
     s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
-    for i in 0..NOISY {
-        let r = producer
-            .await_result(&format!("noisy-{i}"), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(r.status, ResultStatus::Ok, "nothing parked is lost");
-    }
+    await_ok(&producer, noisy(), "nothing parked is lost").await;
     let seen_now = seen.lock().unwrap().runs.clone();
     assert_eq!(seen_now.len(), NOISY + QUIET);
     assert!(seen_now.values().all(|n| *n == 1), "{seen_now:?}");
     // At the throttle's rate: 60 tasks at 4/s take at least about 14.75 s.
-    let mut at = Vec::new();
-    for i in 0..NOISY {
-        let d = s.get(&format!("/v1/decisions/noisy-{i}")).await;
-        assert_eq!(d["outcome"], "dispatched", "{d}");
-        at.push(d["at_ms"].as_u64().unwrap());
-    }
-    at.sort_unstable();
+    let at = dispatch_times(&s, noisy()).await;
     let span_s = (at[NOISY - 1] - at[0]) as f64 / 1000.0;
     assert!(
         span_s >= (NOISY as f64 - 1.0) / RATE - 1.0,
@@ -576,15 +561,8 @@ async fn raising_a_throttle_releases_its_parked_tasks_at_once() {
     let seen = SeenLog::default();
     let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());
-    for i in 0..TASKS {
-        producer
-            .submit(
-                &summary_task(&format!("slow-{i}"), 5),
-                SubmitOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
+    let ids = || (0..TASKS).map(|i| format!("slow-{i}"));
+    submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
     eventually("the backlog parked", WAIT, async || {
         s.parked().await >= (TASKS - 11) as f64
     })
@@ -595,13 +573,7 @@ async fn raising_a_throttle_releases_its_parked_tasks_at_once() {
         seen.lock().unwrap().runs.len() == TASKS
     })
     .await;
-    for i in 0..TASKS {
-        let r = producer
-            .await_result(&format!("slow-{i}"), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(r.status, ResultStatus::Ok);
-    }
+    await_ok(&producer, ids(), "released by the raise").await;
     assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
     assert_eq!(s.parked().await, 0.0);
 }
@@ -633,20 +605,9 @@ async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
         )
     };
     let v_tight = s.write_policy(&budget(limit)).await;
-    let mut acks = Vec::new();
-    for i in 0..30 {
-        // Priorities 0-9 three times over, submitted all at once.
-        let t = summary_task(&format!("edge-{i}"), (i % 10) as u8);
-        acks.push(
-            producer
-                .submit_pipelined(&t, SubmitOptions::default())
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    // Priorities 0-9 three times over, submitted all at once.
+    let edge = (0..30).map(|i| summary_task(&format!("edge-{i}"), (i % 10) as u8));
+    submit_all(&producer, edge).await;
     eventually("30 tasks decided", WAIT, async || {
         let p = s.get("/v1/policy").await;
         let deferred = s.get("/v1/tasks?state=deferred").await["total"]
