@@ -529,6 +529,15 @@ async fn a_throttled_team_s_backlog_does_not_hold_up_other_teams_or_get_lost() {
         "{last}"
     );
     eventually("tasks parked", WAIT, async || s.parked().await > 10.0).await;
+    // Listed in turn order, each with its turn.
+    let listed = s.get("/v1/tasks?state=parked&limit=1000").await;
+    let turns: Vec<u64> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["turn"]["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(turns.len() > 10 && turns.is_sorted(), "{listed}");
 
     // kill -9 with most of the backlog parked: every task still runs, once.
     s.commander.kill9();

@@ -258,37 +258,45 @@ pub struct TasksQuery {
     pub cursor: Option<String>,
 }
 
-/// `GET /v1/tasks?state=deferred[&limit=&cursor=]`: the deferred queue in release order,
-/// a page at a time; `next` (the last listed task's queue key, in hex) continues after it,
-/// so a page stays right while tasks ahead of it are released.
+/// `GET /v1/tasks?state=deferred|parked[&limit=&cursor=]`: the deferred queue in release
+/// order, or the tasks throttles parked in turn order, a page at a time; `next` (the last
+/// listed task's key, in hex) continues after it, so a page stays right while tasks ahead
+/// of it are released.
 pub async fn tasks(
     State(s): State<AppState>,
     q: Result<Query<TasksQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    match q.state.as_deref() {
-        Some("deferred") => {}
+    let parked = match q.state.as_deref() {
+        Some("deferred") => false,
+        Some("parked") => true,
         other => {
             return Err(ApiError::BadRequest(format!(
-                "state={} is not listable; use state=deferred (GET /v1/tasks/{{id}} for one task)",
+                "state={} is not listable; use state=deferred or state=parked (GET /v1/tasks/{{id}} for one task)",
                 other.unwrap_or("")
             )));
         }
-    }
+    };
     let limit = super::count_param("limit", q.limit, 100, 1000)?;
+    let cursor_key = if parked {
+        crate::policy::parked_cursor
+    } else {
+        crate::policy::deferred_cursor
+    };
     let after = match q.cursor.as_deref() {
         None => None,
-        Some(c) => Some(crate::policy::deferred_cursor(c).ok_or_else(|| {
+        Some(c) => Some(cursor_key(c).ok_or_else(|| {
             ApiError::BadRequest(format!("cursor {c:?} is not one this API returned"))
         })?),
     };
+    let deferrals = &s.core.policy.deferrals;
     // One more than asked tells whether there is a next page.
-    let mut list = s
-        .core
-        .policy
-        .deferrals
-        .list(limit + 1, after.as_deref())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut list = if parked {
+        deferrals.list_parked(limit + 1, after.as_deref())
+    } else {
+        deferrals.list(limit + 1, after.as_deref())
+    }
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
     let more = list.len() > limit;
     list.truncate(limit);
     let next = list
@@ -298,7 +306,7 @@ pub async fn tasks(
     let tasks: Vec<_> = list
         .into_iter()
         .map(|t| {
-            json!({
+            let mut v = json!({
                 "task_id": t.id,
                 "priority": t.priority,
                 "deferred_at": t.deferred_at,
@@ -309,12 +317,21 @@ pub async fn tasks(
                 "est_cost_usd": t.est_usd,
                 "releases": t.releases,
                 "policy_version": t.policy_version,
-            })
+            });
+            if let Some(turn) = t.turn {
+                v["turn"] = json!(turn);
+            }
+            v
         })
         .collect();
+    let (state, total) = if parked {
+        ("parked", deferrals.parked_len())
+    } else {
+        ("deferred", deferrals.len())
+    };
     Ok(Json(json!({
-        "state": "deferred",
-        "total": s.core.policy.deferrals.len(),
+        "state": state,
+        "total": total,
         "tasks": tasks,
         "next": next,
     }))

@@ -619,6 +619,81 @@ async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     }
 }
 
+/// `state=parked` lists the tasks throttles parked, in turn order, each with its turn,
+/// paged the same way; the budget queue's listing does not show them.
+#[tokio::test]
+async fn parked_tasks_are_listed_in_turn_order_with_their_turns() {
+    let api = api(None, 4096);
+    let deferrals = &api.state.core.policy.deferrals;
+    let parked = |id: &str, at_ms: u64| crate::policy::DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "noisy-team".into(),
+            key: "noisy".into(),
+            at_ms,
+            spec: 7,
+        }),
+        ..crate::policy::tests::deferred(id, 5, 1_000, 0.0)
+    };
+    for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000)] {
+        deferrals.insert(&parked(id, at)).unwrap();
+    }
+    deferrals
+        .insert(&crate::policy::tests::deferred("budget", 5, 1_000, 0.01))
+        .unwrap();
+    let get = |uri: String| {
+        let api = &api;
+        async move {
+            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+            let (status, _, json) = api.call(req).await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {json}");
+            json
+        }
+    };
+    let ids = |json: &serde_json::Value| -> Vec<String> {
+        json["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = get("/v1/tasks?state=parked&limit=2".into()).await;
+    assert_eq!(
+        (first["state"].as_str(), first["total"].as_u64()),
+        (Some("parked"), Some(3))
+    );
+    assert_eq!(ids(&first), ["a", "b"]);
+    assert_eq!(
+        first["tasks"][0]["turn"]["throttle"], "noisy-team",
+        "{first}"
+    );
+    assert_eq!(first["tasks"][0]["turn"]["at_ms"], 1_000, "{first}");
+    let next = first["next"].as_str().expect("more to come").to_string();
+    let rest = get(format!("/v1/tasks?state=parked&cursor={next}")).await;
+    assert_eq!(
+        (ids(&rest), rest.get("next").and_then(|n| n.as_str())),
+        (vec!["c".to_string()], None)
+    );
+    let budget = get("/v1/tasks?state=deferred".into()).await;
+    assert_eq!(ids(&budget), ["budget"]);
+    assert!(budget["tasks"][0].get("turn").is_none(), "{budget}");
+    for bad in ["zz", "00000000000003e8", "00000000000003e800"] {
+        let uri = format!("/v1/tasks?state=parked&cursor={bad}");
+        let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+        let message = api.bad_request(req).await;
+        assert!(message.contains("cursor"), "{uri}: {message}");
+    }
+    let req = Request::get("/v1/tasks?state=dispatched")
+        .body(Body::empty())
+        .unwrap();
+    let message = api.bad_request(req).await;
+    assert!(
+        message.contains("state=deferred or state=parked"),
+        "{message}"
+    );
+}
+
 /// Serves the API on a real listener (a WebSocket upgrade needs a connection): its address.
 async fn listening(state: &AppState) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

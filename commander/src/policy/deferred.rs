@@ -84,6 +84,17 @@ pub fn deferred_cursor(cursor: &str) -> Option<Vec<u8>> {
     (rank <= 9 && fleet_worker::protocol::is_subject_token(id)).then_some(key)
 }
 
+/// The parked-tree key a listing cursor names (`DeferredTask::key` of a parked task, in
+/// hex), if it is one: eight bytes of turn time and a task id as the protocol allows it.
+pub fn parked_cursor(cursor: &str) -> Option<Vec<u8>> {
+    if cursor.len() > 2 * (8 + 128) {
+        return None;
+    }
+    let key = crate::domain::unhex(cursor)?;
+    let id = std::str::from_utf8(key.get(8..)?).ok()?;
+    fleet_worker::protocol::is_subject_token(id).then_some(key)
+}
+
 /// The deferred queue.
 #[derive(Debug)]
 pub struct Deferrals {
@@ -218,22 +229,16 @@ impl Deferrals {
         limit: usize,
         after: Option<&[u8]>,
     ) -> Result<Vec<DeferredTask>, StoreError> {
-        let iter = match after {
-            Some(a) => self.tree.range((
-                std::ops::Bound::Excluded(a.to_vec()),
-                std::ops::Bound::Unbounded,
-            )),
-            None => self.tree.iter(),
-        };
-        let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (_, v) = item?;
-            match serde_json::from_slice::<DeferredTask>(&v) {
-                Ok(t) => out.push(t),
-                Err(e) => tracing::warn!(error = %e, "undecodable deferred task skipped"),
-            }
-        }
-        Ok(out)
+        list_tree(&self.tree, limit, after)
+    }
+
+    /// Parked tasks in turn order, at most `limit`, after `after` (a key) when given.
+    pub fn list_parked(
+        &self,
+        limit: usize,
+        after: Option<&[u8]>,
+    ) -> Result<Vec<DeferredTask>, StoreError> {
+        list_tree(&self.parked, limit, after)
     }
 
     /// Parked tasks whose turn has come (in turn order, at most `limit`), and, with
@@ -346,4 +351,28 @@ impl Deferrals {
         }
         Ok(out)
     }
+}
+
+/// A tree's tasks in key order, at most `limit`, after `after` (a key) when given.
+fn list_tree(
+    tree: &sled::Tree,
+    limit: usize,
+    after: Option<&[u8]>,
+) -> Result<Vec<DeferredTask>, StoreError> {
+    let iter = match after {
+        Some(a) => tree.range((
+            std::ops::Bound::Excluded(a.to_vec()),
+            std::ops::Bound::Unbounded,
+        )),
+        None => tree.iter(),
+    };
+    let mut out = Vec::new();
+    for item in iter.take(limit) {
+        let (_, v) = item?;
+        match serde_json::from_slice::<DeferredTask>(&v) {
+            Ok(t) => out.push(t),
+            Err(e) => tracing::warn!(error = %e, "undecodable deferred task skipped"),
+        }
+    }
+    Ok(out)
 }

@@ -39,7 +39,7 @@ use serde::Serialize;
 
 pub use audit::{AuditLog, AuditRecord, Source};
 pub use budget::{Ledger, Reservation, TaskDims};
-pub use deferred::{Deferrals, DeferredTask, deferred_cursor};
+pub use deferred::{Deferrals, DeferredTask, deferred_cursor, parked_cursor};
 pub use evaluate::{EvalInput, Verdict, evaluate};
 pub use live::{Live, SourceFiles, Start};
 pub use load::{CheckAgainst, Document, Policy};
