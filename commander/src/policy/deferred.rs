@@ -256,10 +256,17 @@ impl Deferrals {
             if out.len() >= limit {
                 return Ok(out);
             }
-            let (_, v) = item?;
+            let (k, v) = item?;
             match serde_json::from_slice::<DeferredTask>(&v) {
                 Ok(t) => out.push(t),
-                Err(e) => tracing::warn!(error = %e, "undecodable parked task skipped"),
+                Err(e) => {
+                    // It can never be released, and left first in turn order it would
+                    // wake the release loop at once, every time.
+                    tracing::error!(key = %crate::domain::hex(&k), error = %e, "undecodable parked task dropped");
+                    if self.parked.remove(&k)?.is_some() {
+                        self.parked_count.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
         let Some(void) = void else { return Ok(out) };
@@ -275,6 +282,14 @@ impl Deferrals {
             }
         }
         Ok(out)
+    }
+
+    /// Writes raw bytes under a parked key (tests: a corrupt entry).
+    #[cfg(test)]
+    pub(crate) fn insert_parked_raw(&self, key: &[u8], value: &[u8]) {
+        if self.parked.insert(key, value).ok().flatten().is_none() {
+            self.parked_count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// When the next parked turn comes, if any task is parked.

@@ -407,6 +407,12 @@ fn parked_tasks_are_due_at_their_turns_and_void_ones_at_once() {
     drop(q);
     let q = super::Deferrals::open(&store, 5).unwrap();
     assert_eq!((q.len(), q.parked_len()), (1, 3));
+    // A corrupt entry at the head of the line is dropped, not skipped for ever (the
+    // release loop wakes at the first turn).
+    q.insert_parked_raw(&500u64.to_be_bytes(), b"not json");
+    assert_eq!((q.next_turn_ms(), q.parked_len()), (Some(500), 4));
+    assert_eq!(ids(q.parked_due(2_000, 10, None).unwrap()), ["b"]);
+    assert_eq!((q.next_turn_ms(), q.parked_len()), (Some(2_000), 3));
 }
 
 #[test]
