@@ -437,42 +437,8 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         }
         Step::Throttled {
             decision,
-            throttled: t,
-        } => {
-            ctx.core.policy.counters.throttled.inc();
-            tracing::debug!(task_id = %p.id, throttle = %t.turn.throttle, key = %t.turn.key, wait_ms = t.wait.as_millis() as u64, parked = t.wait_in == Wait::Park, "throttled");
-            if t.wait_in == Wait::Inline {
-                return Plan::Throttle(t.wait);
-            }
-            if ctx.core.policy.deferrals.is_full() {
-                // No room to park: it waits in the stream and asks again, as a newcomer.
-                return Plan::Throttle(t.wait.min(PARK_FULL_RETRY));
-            }
-            let reason = format!(
-                "throttle `{}` ({} for `{}`) holds it back: its turn is at {}",
-                t.turn.throttle,
-                t.rate,
-                t.turn.key,
-                crate::policy::budget::rfc3339(t.turn.at_ms)
-            );
-            let logged = draft.record(
-                Outcome::Deferred,
-                Some(&decision),
-                THROTTLE_DEFER,
-                reason.clone(),
-                decision.candidates.clone(),
-            );
-            let held = Held {
-                until_ms: Some(t.turn.at_ms),
-                turn: Some(t.turn),
-                decision,
-                reason,
-                queues: Vec::new(),
-                dims,
-                now_ms: view.now_ms,
-            };
-            defer_plan(p, &draft, held, logged)
-        }
+            throttled,
+        } => throttled_plan(ctx, p, &draft, throttled, (decision, dims, view.now_ms)),
         Step::NoRoute(no_route) => {
             let reason = no_route.to_string();
             let logged = draft.record(
@@ -517,13 +483,6 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                 );
                 return Reject::plan(p.id, p.seq, "deferred_queue_full", why, p.reply_to);
             }
-            let logged = draft.record(
-                Outcome::Deferred,
-                Some(&decision),
-                BUDGET_DEFER,
-                reason.clone(),
-                decision.candidates.clone(),
-            );
             let held = Held {
                 decision,
                 reason,
@@ -533,9 +492,47 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
                 dims,
                 now_ms: view.now_ms,
             };
-            defer_plan(p, &draft, held, logged)
+            defer_plan(p, &draft, held, BUDGET_DEFER)
         }
     }
+}
+
+/// The plan of a task a throttle holds back: handed back to wait in the intake stream
+/// for a turn close at hand, else parked with its turn (`routed`: where it would have
+/// gone, its dimensions, and the batch's time).
+fn throttled_plan(
+    ctx: &Ctx,
+    p: Prepared,
+    draft: &Draft,
+    t: Throttled,
+    routed: (Decision, TaskDims, u64),
+) -> Plan {
+    ctx.core.policy.counters.throttled.inc();
+    tracing::debug!(task_id = %p.id, throttle = %t.turn.throttle, key = %t.turn.key, wait_ms = t.wait.as_millis() as u64, parked = t.wait_in == Wait::Park, "throttled");
+    if t.wait_in == Wait::Inline {
+        return Plan::Throttle(t.wait);
+    }
+    if ctx.core.policy.deferrals.is_full() {
+        // No room to park: it waits in the stream and asks again, as a newcomer.
+        return Plan::Throttle(t.wait.min(PARK_FULL_RETRY));
+    }
+    let (decision, dims, now_ms) = routed;
+    let held = Held {
+        decision,
+        reason: format!(
+            "throttle `{}` ({} for `{}`) holds it back: its turn is at {}",
+            t.turn.throttle,
+            t.rate,
+            t.turn.key,
+            crate::policy::budget::rfc3339(t.turn.at_ms)
+        ),
+        until_ms: Some(t.turn.at_ms),
+        turn: Some(t.turn),
+        queues: Vec::new(),
+        dims,
+        now_ms,
+    };
+    defer_plan(p, draft, held, THROTTLE_DEFER)
 }
 
 /// The plan of a task that ran before its dispatch was recorded: its dispatch, decided
@@ -661,9 +658,16 @@ struct Held {
     now_ms: u64,
 }
 
-/// The deferred-queue entry of a held task: the task as submitted and the headers it
-/// comes back to intake with.
-fn defer_plan(p: Prepared, draft: &Draft, held: Held, logged: DecisionRecord) -> Plan {
+/// The deferred-queue entry of a held task (the task as submitted and the headers it
+/// comes back to intake with), and its decision, logged under `rule`.
+fn defer_plan(p: Prepared, draft: &Draft, held: Held, rule: &str) -> Plan {
+    let logged = draft.record(
+        Outcome::Deferred,
+        Some(&held.decision),
+        rule,
+        held.reason.clone(),
+        held.decision.candidates.clone(),
+    );
     let Held {
         decision,
         reason,

@@ -160,20 +160,25 @@ impl Deferrals {
         self.queued.lock().map(|q| q.clone()).unwrap_or_default()
     }
 
+    /// Where `t` is kept, and that tree's count: parked when it has a turn.
+    fn tree_of(&self, t: &DeferredTask) -> (&sled::Tree, &AtomicUsize) {
+        if t.turn.is_some() {
+            (&self.parked, &self.parked_count)
+        } else {
+            (&self.tree, &self.count)
+        }
+    }
+
     /// Stores a task (durable with the caller's next flush): parked when it has a turn.
     pub fn insert(&self, t: &DeferredTask) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(t).map_err(|e| StoreError::Corrupt {
             id: t.id.clone(),
             reason: e.to_string(),
         })?;
-        if t.turn.is_some() {
-            if self.parked.insert(t.key(), bytes)?.is_none() {
-                self.parked_count.fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(());
-        }
-        if self.tree.insert(t.key(), bytes)?.is_none() {
-            self.count.fetch_add(1, Ordering::Relaxed);
+        let (tree, count) = self.tree_of(t);
+        if tree.insert(t.key(), bytes)?.is_none() {
+            count.fetch_add(1, Ordering::Relaxed);
+            // A parked task waits in no budget queue (`queues` is empty).
             if let Ok(mut q) = self.queued.lock() {
                 for k in &t.queues {
                     *q.entry(k.clone()).or_insert(0) += 1;
@@ -191,24 +196,13 @@ impl Deferrals {
             id: t.id.clone(),
             reason: e.to_string(),
         })?;
-        if t.turn.is_some() {
-            let removed = matches!(
-                self.parked
-                    .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
-                Ok(())
-            );
-            if removed {
-                self.parked_count.fetch_sub(1, Ordering::Relaxed);
-            }
-            return Ok(());
-        }
+        let (tree, count) = self.tree_of(t);
         let removed = matches!(
-            self.tree
-                .compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
+            tree.compare_and_swap(t.key(), Some(old), None as Option<&[u8]>)?,
             Ok(())
         );
         if removed {
-            self.count.fetch_sub(1, Ordering::Relaxed);
+            count.fetch_sub(1, Ordering::Relaxed);
         }
         if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {

@@ -158,8 +158,13 @@ impl Limiter {
             return Some(at);
         }
         ask.turn
-            .filter(|t| t.throttle == self.spec.name && t.spec == self.hash && t.key == key)
+            .filter(|t| self.gave(t) && t.key == key)
             .map(|t| t.at_ms.saturating_mul(1_000))
+    }
+
+    /// Whether `turn` came from this throttle, as its spec is now.
+    fn gave(&self, turn: &Turn) -> bool {
+        self.spec.name == turn.throttle && self.hash == turn.spec
     }
 
     /// Lets the task through, or gives it a turn and says where it waits.
@@ -324,10 +329,7 @@ impl LimiterCache {
         let new: Vec<&Arc<Limiter>> = throttles.active.iter().filter(|l| l.is_fresh()).collect();
         if !new.is_empty() {
             for turn in parked() {
-                if let Some(l) = new
-                    .iter()
-                    .find(|l| l.spec.name == turn.throttle && l.hash == turn.spec)
-                {
+                if let Some(l) = new.iter().find(|l| l.gave(&turn)) {
                     l.extend_line(&turn.key, turn.at_ms);
                 }
             }
@@ -415,9 +417,7 @@ impl Throttles {
     /// Whether `turn` was given by a throttle in force with the same spec; a parked task
     /// whose turn is void is released at once, to be given a turn by the new spec.
     pub fn honours(&self, turn: &Turn) -> bool {
-        self.active
-            .iter()
-            .any(|l| l.spec.name == turn.throttle && l.hash == turn.spec)
+        self.active.iter().any(|l| l.gave(turn))
     }
 
     /// Forgets keys whose limiters are full again, lines that ran out and in-stream turns
