@@ -163,6 +163,9 @@ pub struct Metrics {
     pub tasks_received: Counter,
     /// Tasks refused, by reason code (bad_json, invalid_task, unknown_pool …).
     pub tasks_rejected: Family<ReasonLabel, Counter>,
+    /// Tasks the commander ended as `cancelled` (`deadline_exceeded`) because their
+    /// deadline passed before it could dispatch them (at intake, deferred or parked).
+    pub tasks_expired: Counter,
     /// Tasks published to a pool subject.
     pub tasks_dispatched: Family<PoolLabel, Counter>,
     /// Tasks that reached a terminal state through a result.
@@ -272,6 +275,11 @@ impl Metrics {
             "tasks_rejected",
             "Tasks refused, by reason",
             self.tasks_rejected.clone(),
+        );
+        r.register(
+            "tasks_expired",
+            "Tasks ended as cancelled (deadline_exceeded) because their deadline passed before dispatch",
+            self.tasks_expired.clone(),
         );
         r.register(
             "tasks_dispatched",

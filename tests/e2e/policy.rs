@@ -740,6 +740,115 @@ async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
     assert_eq!(rec["deferred"]["releases"], 1, "left the queue once: {rec}");
 }
 
+/// A deadline `secs` from now (negative: past), as a producer writes one.
+fn deadline_in(secs: i64) -> String {
+    let now = std::time::SystemTime::now();
+    let at = if secs >= 0 {
+        now + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        now - Duration::from_secs(secs.unsigned_abs())
+    };
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A task's `deadline` ends it wherever it waits: one already past at intake is cancelled
+/// without a classification or a decision; one a budget deferred (here until the limit is
+/// raised, so for good) or a throttle parked (turns 100 s apart) is cancelled at its
+/// deadline, across a kill -9, with `deadline_exceeded`; none of them runs. A task without
+/// a deadline stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_past_its_deadline_is_cancelled_wherever_it_waits() {
+    // Every `search` task is larger than the whole limit: deferred until it is raised.
+    let policy = "[[budget]]\nname = \"search-tiny\"\nscope = \"team\"\nmatch = \"search\"\nwindow = \"day\"\nlimit_usd = 0.000000001\naction = \"defer\"\n\n[[throttle]]\nname = \"slow-team\"\nscope = \"team\"\nmatch = \"slow\"\ntasks_per_s = 0.01\n";
+    let mut s = PolicyStack::start(policy, "").await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let task = |id: &str, team: &str, deadline: Option<String>| {
+        let mut t = summary_task(id, 5);
+        t.attributes.insert("team".into(), team.into());
+        t.deadline = deadline;
+        t
+    };
+    // Already past: ended at intake.
+    submit_all(&producer, [task("late", "other", Some(deadline_in(-60)))]).await;
+    let r = producer.await_result("late", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Cancelled, "{r:?}");
+    assert_eq!(r.error.as_ref().unwrap().code, "deadline_exceeded", "{r:?}");
+    let resp = reqwest::get(s.http("/v1/decisions/late")).await.unwrap();
+    assert_eq!(resp.status(), 404, "no decision was spent on it");
+
+    // Waiting: deferred by the budget, parked by the throttle (the first passes at once).
+    let deadline = deadline_in(8);
+    let waiting = ["budget-0", "budget-1", "slow-0", "slow-1", "slow-2"];
+    submit_all(
+        &producer,
+        waiting.iter().map(|id| {
+            let team = if id.starts_with("budget") {
+                "search"
+            } else {
+                "slow"
+            };
+            task(id, team, Some(deadline.clone()))
+        }),
+    )
+    .await;
+    submit_all(&producer, [task("budget-forever", "search", None)]).await;
+    eventually(
+        "the budget deferred three, the throttle parked two",
+        WAIT,
+        async || {
+            let d = s.get("/v1/tasks?state=deferred").await["total"].as_u64();
+            d == Some(3) && s.parked().await == 2.0
+        },
+    )
+    .await;
+    let rec = task_record(s.commander.http(), "budget-0").await.unwrap();
+    assert_eq!(rec["state"], "deferred", "{rec}");
+    // A kill -9 while they wait: the deadlines are kept with them.
+    s.commander.kill9();
+    s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
+    for id in ["slow-0"] {
+        let r = producer.await_result(id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{id}: the throttle's burst");
+    }
+    for id in ["budget-0", "budget-1", "slow-1", "slow-2"] {
+        let r = producer.await_result(id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Cancelled, "{id}: {r:?}");
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.code, "deadline_exceeded", "{id}: {r:?}");
+        assert!(e.message.contains(&deadline), "{id}: {r:?}");
+        let finished = r.timings.finished_at.as_deref().unwrap();
+        assert!(
+            fleet_worker::message::rfc3339_unix_ms(finished)
+                >= fleet_worker::message::rfc3339_unix_ms(&deadline),
+            "{id} ended at {finished}, before its deadline {deadline}"
+        );
+        let rec = task_record(s.commander.http(), id).await.unwrap();
+        assert_eq!(rec["state"], "failed", "{rec}");
+        assert_eq!(rec["outcome"]["status"], "cancelled", "{rec}");
+    }
+    let runs = seen.lock().unwrap().runs.clone();
+    assert_eq!(
+        runs.keys().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["slow-0"],
+        "nothing past its deadline ran"
+    );
+    // The task without a deadline still waits; nothing is parked any more.
+    let listed = s.get("/v1/tasks?state=deferred").await;
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(listed["tasks"][0]["task_id"], "budget-forever", "{listed}");
+    assert_eq!(s.parked().await, 0.0);
+    let text = reqwest::get(s.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // `late` before the kill is not in the restarted commander's counter.
+    assert_eq!(sample_value(&text, "fleet_tasks_expired_total"), 4.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_tasks_while_throttles_and_budgets_flip() {
     const CHUNKS: usize = 5;

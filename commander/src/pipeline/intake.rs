@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use fleet_worker::message::{ErrorInfo, Task, TaskResult};
+use fleet_worker::message::Task;
 use fleet_worker::protocol::{self, header, headers, is_subject_token};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
 use tracing::Instrument;
@@ -290,16 +290,18 @@ async fn settle_one(
         (Some(Plan::Reject(r)), _) => {
             // Recorded only now that the rejection is durably the task's result, so
             // a redelivery before this point publishes it again instead of skipping.
-            let decided_at = r.decision.as_ref().map(|d| d.at_ms);
-            if let Err(e) =
-                record_rejection(ctx, &r.id, r.seq, r.reply_to.clone(), &r.error, decided_at)
-            {
+            if let Err(e) = record_rejection(ctx, &r) {
                 tracing::error!(task_id = %r.id, error = %e, "rejected but not recorded");
+            }
+            if r.expired {
+                ctx.core.metrics.tasks_expired.inc();
+                tracing::info!(task_id = %r.id, reason = %r.error.message, "task cancelled: its deadline passed before dispatch");
+            } else {
+                ctx.core.metrics.reject(&r.error.code);
+                tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
             }
             s.decided
                 .extend(r.decision.map(|record| super::Decided { record, json }));
-            ctx.core.metrics.reject(&r.error.code);
-            tracing::info!(task_id = %r.id, code = %r.error.code, reason = %r.error.message, "task rejected");
             s.acks.push(msg);
         }
     }
@@ -642,6 +644,15 @@ fn read(ctx: &Ctx, msg: &jetstream::Message) -> Result<Read, crate::store::Store
         }
     };
     task.id = Some(id.clone());
+    // Past its deadline nobody wants its result: ended before a classifier call is
+    // spent on it. (A task that ran already is only recorded, never ended after the fact.)
+    if !recovering
+        && let Some(at) = super::plan::deadline_ms(&task)
+        && at <= ctx.core.policy.now_ms()
+    {
+        let deadline = task.deadline.as_deref().unwrap_or_default();
+        return Ok(Read::Done(Reject::expired(id, seq, deadline, reply_to)));
+    }
 
     let (parent, dispatch, invalid) = trace_of(ctx, hdrs, &id, seq);
     let tracestate = parent
@@ -708,22 +719,23 @@ fn sequence_id(
     Ok(id)
 }
 
-fn record_rejection(
-    ctx: &Ctx,
-    id: &str,
-    seq: u64,
-    reply_to: Option<String>,
-    error: &ErrorInfo,
-    decision_at_ms: Option<u64>,
-) -> Result<(), crate::store::StoreError> {
+/// Records a rejection, or an expired task's end (`failed`, with the `cancelled`
+/// outcome a worker's result would have given it).
+fn record_rejection(ctx: &Ctx, rej: &Reject) -> Result<(), crate::store::StoreError> {
+    let result = rej.expired.then(|| rej.result());
     ctx.core.store.update(
-        id,
-        || TaskRecord::new(id, seq),
+        &rej.id,
+        || TaskRecord::new(&rej.id, rej.seq),
         |r| {
-            r.reply_to = reply_to.clone();
-            r.decision_at_ms = decision_at_ms;
-            r.rejection = Some(error.clone());
-            r.advance(TaskState::Rejected);
+            r.reply_to = rej.reply_to.clone();
+            match &result {
+                Some(result) => r.finish(result),
+                None => {
+                    r.decision_at_ms = rej.decision.as_ref().map(|d| d.at_ms);
+                    r.rejection = Some(rej.error.clone());
+                    r.advance(TaskState::Rejected);
+                }
+            }
         },
     )?;
     Ok(())
@@ -738,7 +750,7 @@ async fn publish_rejection(
     async_nats::jetstream::context::PublishAckFuture,
     async_nats::jetstream::context::PublishError,
 > {
-    let result = TaskResult::rejected(&r.id, &r.error.code, r.error.message.clone());
+    let result = r.result();
     let payload = serde_json::to_vec(&result).unwrap_or_default();
     let mut h = HeaderMap::new();
     let _ = protocol::set_header(&mut h, headers::TASK_ID, &r.id);

@@ -177,7 +177,38 @@ impl Reject {
             error,
             reply_to,
             decision: None,
+            expired: false,
         }))
+    }
+
+    /// A task whose deadline passed before it could be dispatched: ended as `cancelled`
+    /// with `deadline_exceeded`, as a worker ends one it receives too late, but before
+    /// any classifier call or decision is spent on it.
+    pub(super) fn expired(id: String, seq: u64, deadline: &str, reply_to: Option<String>) -> Plan {
+        let mut plan = Self::plan(
+            id,
+            seq,
+            "deadline_exceeded",
+            format!("the deadline {deadline} passed before the task could be dispatched"),
+            reply_to,
+        );
+        if let Plan::Reject(r) = &mut plan {
+            r.expired = true;
+        }
+        plan
+    }
+
+    /// The result it ends its task with.
+    pub(super) fn result(&self) -> fleet_worker::message::TaskResult {
+        let mut result = fleet_worker::message::TaskResult::rejected(
+            &self.id,
+            &self.error.code,
+            self.error.message.clone(),
+        );
+        if self.expired {
+            result.status = fleet_worker::message::ResultStatus::Cancelled;
+        }
+        result
     }
 }
 
@@ -188,6 +219,8 @@ pub(super) struct Reject {
     pub(super) reply_to: Option<String>,
     /// When routing refused the task: the decision that says why.
     pub(super) decision: Option<DecisionRecord>,
+    /// Not refused but ended: its deadline passed first (the result is `cancelled`).
+    pub(super) expired: bool,
 }
 
 /// A valid task and everything known about it before routing.
@@ -714,6 +747,7 @@ fn defer_plan(p: Prepared, draft: &Draft, held: Held, rule: &str) -> Plan {
         headers: hdrs,
         releases,
         turn: turn.clone(),
+        deadline_ms: deadline_ms(&p.task),
     };
     let info = DeferInfo {
         reason,
@@ -731,6 +765,15 @@ fn defer_plan(p: Prepared, draft: &Draft, held: Held, rule: &str) -> Plan {
         received_at: p.received_at,
         decision: logged,
     }))
+}
+
+/// A task's `deadline` in unix ms (one before 1970 is 0: long past).
+pub(super) fn deadline_ms(task: &fleet_worker::message::Task) -> Option<u64> {
+    let at = fleet_worker::message::parse_rfc3339(task.deadline.as_deref()?)?;
+    Some(
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 /// The dispatch of a routed task: its subject, headers, payload, dispatch span, decision

@@ -8,6 +8,10 @@
 //! Tasks a throttle parked go back the same way once their turn has come: the loop wakes
 //! at the next turn when that is sooner than its interval. After a swap, parked tasks
 //! whose throttle changed or went go back at once, to be given a turn as it is now.
+//!
+//! A deferred or parked task whose `deadline` passes goes back at its deadline, whatever
+//! holds it: the intake loop ends it as `cancelled` (`deadline_exceeded`) without
+//! classifying it, so its producer hears at the deadline, not at a release weeks later.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +34,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     // (which is then already due): no tight loop while the intake stream is unavailable.
     let mut refused_last = false;
     loop {
-        let sleep = match next_turn_in(&ctx) {
+        let sleep = match next_wake_in(&ctx) {
             Some(t) if !refused_last => t.clamp(MIN_TURN_SLEEP, every),
             _ => every,
         };
@@ -60,6 +64,16 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
             match deferrals.parked_due(now, batch, void) {
                 Ok(d) => due.extend(d),
                 Err(e) => tracing::error!(error = %e, "parked queue unreadable"),
+            }
+        }
+        if deferrals.next_deadline_ms().is_some_and(|at| at <= now) {
+            match deferrals.expired(now, batch) {
+                Ok(expired) => {
+                    let mut ids: std::collections::HashSet<String> =
+                        due.iter().map(|t| t.id.clone()).collect();
+                    due.extend(expired.into_iter().filter(|t| ids.insert(t.id.clone())));
+                }
+                Err(e) => tracing::error!(error = %e, "deadline index unreadable"),
             }
         }
         refused_last = false;
@@ -133,9 +147,13 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     }
 }
 
-/// How long until the next parked turn, if a task is parked.
-fn next_turn_in(ctx: &Ctx) -> Option<Duration> {
-    let at = ctx.core.policy.deferrals.next_turn_ms()?;
+/// How long until the next parked turn or deadline, if a waiting task has one.
+fn next_wake_in(ctx: &Ctx) -> Option<Duration> {
+    let d = &ctx.core.policy.deferrals;
+    let at = match (d.next_turn_ms(), d.next_deadline_ms()) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
     Some(Duration::from_millis(
         at.saturating_sub(ctx.core.policy.now_ms()),
     ))

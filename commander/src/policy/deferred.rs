@@ -52,6 +52,11 @@ pub struct DeferredTask {
     /// Parked by a throttle, with this turn (absent: deferred by a budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<crate::domain::ThrottleTurn>,
+    /// The task's `deadline` in unix ms: it is released then, whatever holds it, so the
+    /// intake loop ends it as `cancelled` (`deadline_exceeded`) at its deadline rather
+    /// than at its release, which may be weeks later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 impl DeferredTask {
@@ -70,7 +75,33 @@ impl DeferredTask {
         k.extend_from_slice(self.id.as_bytes());
         k
     }
+
+    /// Its key in the deadline index, if it has a deadline: the deadline's time, then
+    /// its id.
+    fn deadline_key(&self) -> Option<Vec<u8>> {
+        let at = self.deadline_ms?;
+        let mut k = Vec::with_capacity(8 + self.id.len());
+        k.extend_from_slice(&at.to_be_bytes());
+        k.extend_from_slice(self.id.as_bytes());
+        Some(k)
+    }
+
+    /// What the deadline index holds for it: which tree it is in (`PARKED` or
+    /// `DEFERRED`), then its key there.
+    fn deadline_value(&self) -> Vec<u8> {
+        let mut v = vec![if self.turn.is_some() {
+            PARKED
+        } else {
+            DEFERRED
+        }];
+        v.extend_from_slice(&self.key());
+        v
+    }
 }
+
+/// The deadline index's tags for the tree an entry is in.
+const DEFERRED: u8 = 0;
+const PARKED: u8 = 1;
 
 /// The queue key a listing cursor names (`DeferredTask::key` in hex), if it is one: a
 /// priority rank (0-9), eight bytes of time and a task id as the protocol allows it.
@@ -107,6 +138,10 @@ pub struct Deferrals {
     /// Tasks parked by throttles, by turn.
     parked: sled::Tree,
     parked_count: AtomicUsize,
+    /// Deferred and parked tasks that have a deadline, by deadline (key: deadline time,
+    /// id; value: the entry's tree tag and key), so the release loop finds the next one
+    /// without reading either queue.
+    deadlines: sled::Tree,
     max: usize,
 }
 
@@ -126,12 +161,14 @@ impl Deferrals {
         }
         let parked = store.tree("throttle_parked")?;
         let parked_count = parked.len();
+        let deadlines = store.tree("deferred_deadlines")?;
         Ok(Self {
             tree,
             queued: Mutex::new(queued),
             count: AtomicUsize::new(count),
             parked,
             parked_count: AtomicUsize::new(parked_count),
+            deadlines,
             max: max.max(1),
         })
     }
@@ -176,6 +213,11 @@ impl Deferrals {
             reason: e.to_string(),
         })?;
         let (tree, count) = self.tree_of(t);
+        // The index first: an entry is never stored without it (a crash in between
+        // leaves an index entry whose task is not there, which `expired` drops).
+        if let Some(k) = t.deadline_key() {
+            self.deadlines.insert(k, t.deadline_value())?;
+        }
         if tree.insert(t.key(), bytes)?.is_none() {
             count.fetch_add(1, Ordering::Relaxed);
             // A parked task waits in no budget queue (`queues` is empty).
@@ -203,6 +245,15 @@ impl Deferrals {
         );
         if removed {
             count.fetch_sub(1, Ordering::Relaxed);
+            // Only the index entry that points at this very entry: a copy deferred
+            // again since then has another key in its tree, and its own index entry.
+            if let Some(k) = t.deadline_key() {
+                let _ = self.deadlines.compare_and_swap(
+                    k,
+                    Some(t.deadline_value()),
+                    None as Option<&[u8]>,
+                )?;
+            }
         }
         if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {
@@ -283,6 +334,49 @@ impl Deferrals {
     pub(crate) fn insert_parked_raw(&self, key: &[u8], value: &[u8]) {
         if self.parked.insert(key, value).ok().flatten().is_none() {
             self.parked_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deferred and parked tasks whose deadline has passed (by deadline, at most
+    /// `limit`): released at once, so the intake loop ends each as `cancelled`.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<DeferredTask>, StoreError> {
+        let mut out = Vec::new();
+        let end = now_ms.saturating_add(1).to_be_bytes();
+        for item in self.deadlines.range(..end.as_slice()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let entry = match v.split_first() {
+                Some((&PARKED, key)) => self.parked.get(key)?,
+                Some((_, key)) => self.tree.get(key)?,
+                None => None,
+            };
+            match entry.map(|e| serde_json::from_slice::<DeferredTask>(&e)) {
+                Some(Ok(t)) => out.push(t),
+                // Its task left without its index entry (a crash between the two
+                // writes), or cannot be read (the release passes report that): it
+                // would come first for good.
+                _ => {
+                    self.deadlines.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next deadline of a deferred or parked task, if one has a deadline.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let (k, _) = self.deadlines.first().ok()??;
+        Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
+    }
+
+    /// Deletes a budget-deferred entry by key alone, leaving its index entries (tests:
+    /// a crash between the writes).
+    #[cfg(test)]
+    pub(crate) fn tree_remove_raw(&self, key: &[u8]) {
+        if self.tree.remove(key).ok().flatten().is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

@@ -356,6 +356,7 @@ pub(crate) fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> Deferred
         headers: vec![],
         releases: 0,
         turn: None,
+        deadline_ms: None,
     }
 }
 
@@ -413,6 +414,63 @@ fn parked_tasks_are_due_at_their_turns_and_void_ones_at_once() {
     assert_eq!((q.next_turn_ms(), q.parked_len()), (Some(500), 4));
     assert_eq!(ids(q.parked_due(2_000, 10, None).unwrap()), ["b"]);
     assert_eq!((q.next_turn_ms(), q.parked_len()), (Some(2_000), 3));
+}
+
+/// Deferred and parked tasks with a deadline are found by it, in deadline order, without
+/// reading either queue; the index follows removals (a re-deferred copy keeps its own
+/// entry) and reopens, and an entry whose task is gone is dropped.
+#[test]
+fn waiting_tasks_are_found_by_their_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    let with = |t: DeferredTask, deadline_ms: Option<u64>| DeferredTask { deadline_ms, ..t };
+    let parked = |id: &str, at_ms: u64| DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "t".into(),
+            key: "k".into(),
+            at_ms,
+            spec: 7,
+        }),
+        ..deferred(id, 5, 1_000, 0.0)
+    };
+    let ids = |v: Vec<DeferredTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(q.next_deadline_ms(), None);
+    q.insert(&with(deferred("none", 5, 1_000, 0.1), None))
+        .unwrap();
+    q.insert(&with(deferred("b3", 9, 1_000, 0.1), Some(3_000)))
+        .unwrap();
+    q.insert(&with(parked("p2", 50_000), Some(2_000))).unwrap();
+    q.insert(&with(deferred("b9", 0, 900, 0.1), Some(9_000)))
+        .unwrap();
+    assert_eq!(q.next_deadline_ms(), Some(2_000));
+    assert!(q.expired(1_999, 10).unwrap().is_empty());
+    assert_eq!(ids(q.expired(3_000, 10).unwrap()), ["p2", "b3"]);
+    assert_eq!(ids(q.expired(3_000, 1).unwrap()), ["p2"], "limit");
+    // Expired entries come back whole, from their own tree.
+    let p2 = q.expired(2_000, 10).unwrap().remove(0);
+    assert_eq!(p2.turn.as_ref().map(|t| t.at_ms), Some(50_000));
+    // Removing an entry removes its index entry; the index survives a reopen.
+    q.remove(&p2).unwrap();
+    assert_eq!(q.next_deadline_ms(), Some(3_000));
+    drop(q);
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    assert_eq!(ids(q.expired(u64::MAX, 10).unwrap()), ["b3", "b9"]);
+    // A released copy deferred again before its first entry was removed (a later release
+    // count, the same key): removing the first leaves the second and its index entry.
+    let first = with(deferred("b3", 9, 1_000, 0.1), Some(3_000));
+    q.insert(&DeferredTask {
+        releases: 1,
+        ..first.clone()
+    })
+    .unwrap();
+    q.remove(&first).unwrap();
+    assert_eq!(ids(q.expired(3_000, 10).unwrap()), ["b3"]);
+    // An index entry whose task is gone (a crash between the two writes) is dropped.
+    q.tree_remove_raw(&first.key());
+    assert!(q.expired(3_000, 10).unwrap().is_empty());
+    assert_eq!(q.next_deadline_ms(), Some(9_000));
 }
 
 #[test]
