@@ -166,6 +166,8 @@ pub struct Metrics {
     /// Tasks the commander ended as `cancelled` (`deadline_exceeded`) because their
     /// deadline passed before it could dispatch them (at intake, deferred or parked).
     pub tasks_expired: Counter,
+    /// Deferred or parked tasks an operator cancelled while they waited.
+    pub waiting_cancelled: Counter,
     /// Tasks published to a pool subject.
     pub tasks_dispatched: Family<PoolLabel, Counter>,
     /// Tasks that reached a terminal state through a result.
@@ -280,6 +282,11 @@ impl Metrics {
             "tasks_expired",
             "Tasks ended as cancelled (deadline_exceeded) because their deadline passed before dispatch",
             self.tasks_expired.clone(),
+        );
+        r.register(
+            "waiting_tasks_cancelled",
+            "Deferred or parked tasks an operator cancelled while they waited",
+            self.waiting_cancelled.clone(),
         );
         r.register(
             "tasks_dispatched",

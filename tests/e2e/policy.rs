@@ -754,10 +754,10 @@ fn deadline_in(secs: i64) -> String {
 /// A task's `deadline` ends it wherever it waits: one already past at intake is cancelled
 /// without a classification or a decision; one a budget deferred (here until the limit is
 /// raised, so for good) or a throttle parked (turns 100 s apart) is cancelled at its
-/// deadline, across a kill -9, with `deadline_exceeded`; none of them runs. A task without
-/// a deadline stays where it was.
+/// deadline, across a kill -9, with `deadline_exceeded`; none of them runs. Tasks without
+/// a deadline stay where they were, until an operator cancels them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_task_past_its_deadline_is_cancelled_wherever_it_waits() {
+async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
     // Every `search` task is larger than the whole limit: deferred until it is raised.
     let policy = "[[budget]]\nname = \"search-tiny\"\nscope = \"team\"\nmatch = \"search\"\nwindow = \"day\"\nlimit_usd = 0.000000001\naction = \"defer\"\n\n[[throttle]]\nname = \"slow-team\"\nscope = \"team\"\nmatch = \"slow\"\ntasks_per_s = 0.01\n";
     let mut s = PolicyStack::start(policy, "").await;
@@ -793,13 +793,20 @@ async fn a_task_past_its_deadline_is_cancelled_wherever_it_waits() {
         }),
     )
     .await;
-    submit_all(&producer, [task("budget-forever", "search", None)]).await;
+    submit_all(
+        &producer,
+        [
+            task("budget-forever", "search", None),
+            task("slow-3", "slow", None),
+        ],
+    )
+    .await;
     eventually(
-        "the budget deferred three, the throttle parked two",
+        "the budget deferred three, the throttle parked three",
         WAIT,
         async || {
             let d = s.get("/v1/tasks?state=deferred").await["total"].as_u64();
-            d == Some(3) && s.parked().await == 2.0
+            d == Some(3) && s.parked().await == 3.0
         },
     )
     .await;
@@ -834,11 +841,40 @@ async fn a_task_past_its_deadline_is_cancelled_wherever_it_waits() {
         ["slow-0"],
         "nothing past its deadline ran"
     );
-    // The task without a deadline still waits; nothing is parked any more.
+    // The tasks without a deadline still wait.
     let listed = s.get("/v1/tasks?state=deferred").await;
     assert_eq!(listed["total"], 1, "{listed}");
     assert_eq!(listed["tasks"][0]["task_id"], "budget-forever", "{listed}");
+    assert_eq!(s.parked().await, 1.0);
+
+    // An operator cancels them: each gets its `cancelled` result with the reason.
+    let cancel = async |id: &str| {
+        let resp = reqwest::Client::new()
+            .post(s.http("/v1/control"))
+            .json(&serde_json::json!({"command": "cancel", "task_id": id, "reason": "the customer left"}))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+    for (id, was) in [("budget-forever", "deferred"), ("slow-3", "parked")] {
+        let (status, ack) = cancel(id).await;
+        assert_eq!(status, 200, "{ack}");
+        assert_eq!(ack["state"]["was"], was, "{ack}");
+        let r = producer.await_result(id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Cancelled, "{id}: {r:?}");
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.code, "cancelled", "{r:?}");
+        assert!(e.message.contains("the customer left"), "{r:?}");
+        let rec = task_record(s.commander.http(), id).await.unwrap();
+        assert_eq!(rec["state"], "failed", "{rec}");
+        assert_eq!(rec["outcome"]["status"], "cancelled", "{rec}");
+        let (status, ack) = cancel(id).await;
+        assert_eq!(status, 409, "a finished task: {ack}");
+    }
+    assert_eq!(s.get("/v1/tasks?state=deferred").await["total"], 0);
     assert_eq!(s.parked().await, 0.0);
+    assert_eq!(seen.lock().unwrap().runs.len(), 1, "none of them ran");
     let text = reqwest::get(s.http("/metrics"))
         .await
         .unwrap()
@@ -847,6 +883,10 @@ async fn a_task_past_its_deadline_is_cancelled_wherever_it_waits() {
         .unwrap();
     // `late` before the kill is not in the restarted commander's counter.
     assert_eq!(sample_value(&text, "fleet_tasks_expired_total"), 4.0);
+    assert_eq!(
+        sample_value(&text, "fleet_waiting_tasks_cancelled_total"),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -820,12 +820,19 @@ async fn cancel(
         .ok_or_else(|| ApiError::NotFound(format!("task {task} not found")))?;
     if record.state.is_terminal() {
         return Err(ApiError::Conflict(format!(
-            "task {task} has finished ({}); only a running task can be cancelled",
+            "task {task} has finished ({}); only a running, deferred or parked task can be cancelled",
             serde_json::to_value(record.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default()
         )));
+    }
+    let reason = format!(
+        "cancelled by {who}{}",
+        reason.map_or(String::new(), |r| format!(": {r}"))
+    );
+    if record.state == crate::store::TaskState::Deferred {
+        return cancel_waiting(s, task, &reason).await;
     }
     // The live state knows which worker's spans and heartbeats carry the task.
     let worker = s
@@ -835,16 +842,13 @@ async fn cancel(
         .await?
         .ok_or_else(|| {
             ApiError::Conflict(format!(
-                "no worker reports running task {task} yet; only a running task can be cancelled"
+                "no worker reports running task {task} yet; only a running, deferred or parked task can be cancelled"
             ))
         })?;
     let req = ControlRequest::new(Command::Cancel {
         task_id: task.to_string(),
     })
-    .reason(format!(
-        "cancelled by {who}{}",
-        reason.map_or(String::new(), |r| format!(": {r}"))
-    ));
+    .reason(reason);
     match s.control.tell.tell(&worker, req).await {
         Ok(r) if r.ok => Ok(json!({"task_id": task, "worker": worker, "answer": r})),
         Ok(r) => Err(ApiError::Conflict(format!(
@@ -854,11 +858,53 @@ async fn cancel(
                 |e| format!("{}: {}", e.code, e.message)
             )
         ))),
-        Err(e) => Err(ApiError::Unavailable(format!(
+        Err(e) => Err(ApiError::Busy(format!(
             "worker {worker} did not answer: {e}"
         ))),
     }
 }
+
+/// Cancels a task a budget deferred or a throttle parked: marked in the queue (stored
+/// before the answer) and due at once, so the release loop publishes its `cancelled`
+/// result, records it and removes it, instead of ever releasing it. The mark is made
+/// between the loop's passes, so the task is never on its way to a worker meanwhile.
+async fn cancel_waiting(s: &AppState, task: &str, reason: &str) -> Result<Value, ApiError> {
+    let deferrals = &s.core.policy.deferrals;
+    let marked = {
+        let _pass = tokio::time::timeout(CANCEL_WAIT, deferrals.pass())
+            .await
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "the release loop did not let task {task} be cancelled within {} s",
+                    CANCEL_WAIT.as_secs()
+                ))
+            })?;
+        let marked = deferrals
+            .mark_cancelled(task, reason)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        s.core
+            .store
+            .flush()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        marked
+    };
+    let Some(t) = marked else {
+        return Err(ApiError::Conflict(format!(
+            "task {task} no longer waits: it was released to intake a moment ago and is on its way to a worker; cancel it once it runs"
+        )));
+    };
+    deferrals.wake.notify_one();
+    Ok(json!({
+        "task_id": task,
+        "was": if t.turn.is_some() { "parked" } else { "deferred" },
+        "result": "cancelled",
+        "reason": t.cancelled,
+    }))
+}
+
+/// How long a cancel of a waiting task waits for the release loop's pass to end.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `POST /v1/control`: one command; the ack is the body (its status says how it went).
 pub async fn post(

@@ -137,7 +137,8 @@ pub enum ApiError {
     RateLimited(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
-    /// A bounded resource is full (every `/v1/stream` place taken): retry later.
+    /// A bounded resource is full (every `/v1/stream` place taken), or a peer did not
+    /// answer in time (a worker told to cancel): retry later. The message says which.
     #[error("{0}")]
     Busy(String),
     #[error("internal error")]

@@ -748,6 +748,7 @@ fn defer_plan(p: Prepared, draft: &Draft, held: Held, rule: &str) -> Plan {
         releases,
         turn: turn.clone(),
         deadline_ms: deadline_ms(&p.task),
+        cancelled: None,
     };
     let info = DeferInfo {
         reason,

@@ -21,7 +21,10 @@ use bytes::Bytes;
 use fleet_worker::protocol::{self, headers};
 use tokio::sync::watch;
 
+use fleet_worker::message::{ResultStatus, TaskResult};
+
 use super::Ctx;
+use crate::policy::DeferredTask;
 
 /// Refused releases are logged once per 10 s: a full intake stream refuses every pass.
 static REFUSED_LOG: crate::domain::LogEvery = crate::domain::LogEvery::new(Duration::from_secs(10));
@@ -38,112 +41,178 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
             Some(t) if !refused_last => t.clamp(MIN_TURN_SLEEP, every),
             _ => every,
         };
+        let deferrals = &ctx.core.policy.deferrals;
         let swapped = tokio::select! {
             _ = tokio::time::sleep(sleep) => false,
             _ = ctx.core.policy.changed.notified() => true,
+            _ = deferrals.wake.notified() => false,
             _ = stop.changed() => return,
         };
-        let live = ctx.core.policy.live();
+        // No cancel marks a task while it is on its way back to intake.
+        let _pass = deferrals.pass().await;
         let now = ctx.core.policy.now_ms();
-        let deferrals = &ctx.core.policy.deferrals;
-        let mut due = Vec::new();
-        if !deferrals.is_empty() {
-            match ctx
-                .core
-                .policy
-                .with_ledger(|l| deferrals.due(&live.policy, l, now, batch))
-            {
-                Ok(d) => due = d,
-                Err(e) => tracing::error!(error = %e, "deferred queue unreadable"),
-            }
-        }
-        if deferrals.parked_len() > 0 {
-            let void = |t: &crate::domain::ThrottleTurn| !live.throttles.honours(t);
-            let void: Option<&dyn Fn(&crate::domain::ThrottleTurn) -> bool> =
-                swapped.then_some(&void);
-            match deferrals.parked_due(now, batch, void) {
-                Ok(d) => due.extend(d),
-                Err(e) => tracing::error!(error = %e, "parked queue unreadable"),
-            }
-        }
-        if deferrals.next_deadline_ms().is_some_and(|at| at <= now) {
-            match deferrals.expired(now, batch) {
-                Ok(expired) => {
-                    let mut ids: std::collections::HashSet<String> =
-                        due.iter().map(|t| t.id.clone()).collect();
-                    due.extend(expired.into_iter().filter(|t| ids.insert(t.id.clone())));
-                }
-                Err(e) => tracing::error!(error = %e, "deadline index unreadable"),
-            }
-        }
+        let due = due_now(&ctx, swapped, now, batch);
         refused_last = false;
         if due.is_empty() {
             continue;
         }
         let mut pending = Vec::with_capacity(due.len());
         for t in due {
-            let mut h = HeaderMap::new();
-            for (k, v) in &t.headers {
-                let _ = protocol::set_header(&mut h, k, v);
-            }
-            let n = t.releases + 1;
-            let _ = protocol::set_header(&mut h, headers::TASK_ID, &t.id);
-            let _ = protocol::set_header(
-                &mut h,
-                headers::RELEASE,
-                &format!("{}:{n}", t.deferred_at_ms),
-            );
-            // Unique per release, so a second release after a re-deferral is not dropped
-            // as a duplicate; the same release published twice (a crash) is.
-            let _ = protocol::set_header(
-                &mut h,
-                headers::NATS_MSG_ID,
-                &format!("{}:release:{}:{n}", t.id, t.deferred_at_ms),
-            );
-            let fut = ctx
-                .js
-                .publish_with_headers(ctx.subjects.submit(), h, Bytes::from(t.task_json.clone()))
-                .await;
+            let fut = publish(&ctx, &t).await;
             pending.push((t, fut));
         }
-        let (mut released, mut unparked) = (0u64, 0u64);
-        let (mut refused, mut last_error) = (0u64, None);
+        let mut tally = Tally::default();
         for (t, fut) in pending {
             let acked = match fut {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            match acked {
-                Ok(()) => {
-                    if let Err(e) = ctx.core.policy.deferrals.remove(&t) {
-                        tracing::error!(task_id = %t.id, error = %e, "released task not removed from the deferred queue");
-                    }
-                    if t.turn.is_some() {
-                        unparked += 1;
-                    } else {
-                        released += 1;
-                    }
-                }
-                Err(e) => {
-                    refused += 1;
-                    last_error = Some((t.id, e));
-                }
-            }
+            settle(&ctx, t, acked, &mut tally);
         }
-        refused_last = refused > 0;
-        if let Some((task_id, error)) = last_error
+        refused_last = tally.refused > 0;
+        if let Some((task_id, error)) = tally.last_error
             && let Some(held_back) = REFUSED_LOG.due(now)
         {
-            tracing::warn!(refused, %task_id, %error, similar_lines_held_back = held_back, "the intake stream did not acknowledge released tasks; they stay deferred and are released again (one line per 10 s)");
+            tracing::warn!(refused = tally.refused, %task_id, %error, similar_lines_held_back = held_back, "the intake stream did not acknowledge released tasks; they stay deferred and are released again (one line per 10 s)");
         }
         if let Err(e) = ctx.core.store.flush().await {
             tracing::error!(error = %e, "store flush after release failed");
         }
-        ctx.core.policy.counters.released.inc_by(released);
-        if released > 0 {
-            tracing::info!(released, version = %live.policy.version, "deferred tasks released");
+        ctx.core.policy.counters.released.inc_by(tally.released);
+        if tally.released > 0 {
+            let version = ctx.core.policy.live().policy.version.clone();
+            tracing::info!(released = tally.released, %version, "deferred tasks released");
         }
-        tracing::debug!(unparked, "parked tasks back at their turn");
+        tracing::debug!(unparked = tally.unparked, "parked tasks back at their turn");
+    }
+}
+
+/// What a pass did.
+#[derive(Default)]
+struct Tally {
+    released: u64,
+    unparked: u64,
+    refused: u64,
+    last_error: Option<(String, String)>,
+}
+
+/// The waiting tasks to let go now, each once: deferred ones their budgets have room
+/// for, parked ones at their turns (after a swap, also those whose turns went void), and
+/// those whose deadline passed or that were cancelled.
+fn due_now(ctx: &Ctx, swapped: bool, now: u64, batch: usize) -> Vec<DeferredTask> {
+    let live = ctx.core.policy.live();
+    let deferrals = &ctx.core.policy.deferrals;
+    let mut due = Vec::new();
+    if !deferrals.is_empty() {
+        match ctx
+            .core
+            .policy
+            .with_ledger(|l| deferrals.due(&live.policy, l, now, batch))
+        {
+            Ok(d) => due = d,
+            Err(e) => tracing::error!(error = %e, "deferred queue unreadable"),
+        }
+    }
+    if deferrals.parked_len() > 0 {
+        let void = |t: &crate::domain::ThrottleTurn| !live.throttles.honours(t);
+        let void: Option<&dyn Fn(&crate::domain::ThrottleTurn) -> bool> = swapped.then_some(&void);
+        match deferrals.parked_due(now, batch, void) {
+            Ok(d) => due.extend(d),
+            Err(e) => tracing::error!(error = %e, "parked queue unreadable"),
+        }
+    }
+    if deferrals.next_deadline_ms().is_some_and(|at| at <= now) {
+        match deferrals.expired(now, batch) {
+            Ok(expired) => {
+                let mut ids: std::collections::HashSet<String> =
+                    due.iter().map(|t| t.id.clone()).collect();
+                due.extend(expired.into_iter().filter(|t| ids.insert(t.id.clone())));
+            }
+            Err(e) => tracing::error!(error = %e, "deadline index unreadable"),
+        }
+    }
+    due
+}
+
+/// Puts a waiting task back on intake, or, when it was cancelled, publishes its
+/// `cancelled` result to the results stream (as a rejection is published) instead.
+async fn publish(
+    ctx: &Ctx,
+    t: &DeferredTask,
+) -> Result<
+    async_nats::jetstream::context::PublishAckFuture,
+    async_nats::jetstream::context::PublishError,
+> {
+    let mut h = HeaderMap::new();
+    let _ = protocol::set_header(&mut h, headers::TASK_ID, &t.id);
+    if let Some(reason) = &t.cancelled {
+        let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
+        let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{}:0:result", t.id));
+        if let Some((_, r)) = t.headers.iter().find(|(k, _)| k == headers::REPLY_TO) {
+            let _ = protocol::set_header(&mut h, headers::REPLY_TO, r);
+        }
+        let payload = serde_json::to_vec(&cancelled_result(t, reason)).unwrap_or_default();
+        return ctx
+            .js
+            .publish_with_headers(ctx.subjects.result(&t.id), h, Bytes::from(payload))
+            .await;
+    }
+    for (k, v) in &t.headers {
+        let _ = protocol::set_header(&mut h, k, v);
+    }
+    let n = t.releases + 1;
+    let _ = protocol::set_header(
+        &mut h,
+        headers::RELEASE,
+        &format!("{}:{n}", t.deferred_at_ms),
+    );
+    // Unique per release, so a second release after a re-deferral is not dropped
+    // as a duplicate; the same release published twice (a crash) is.
+    let _ = protocol::set_header(
+        &mut h,
+        headers::NATS_MSG_ID,
+        &format!("{}:release:{}:{n}", t.id, t.deferred_at_ms),
+    );
+    ctx.js
+        .publish_with_headers(ctx.subjects.submit(), h, Bytes::from(t.task_json.clone()))
+        .await
+}
+
+/// The result of a task cancelled while it waited: `cancelled`, never ran.
+fn cancelled_result(t: &DeferredTask, reason: &str) -> TaskResult {
+    let mut r = TaskResult::rejected(&t.id, "cancelled", reason);
+    r.status = ResultStatus::Cancelled;
+    r
+}
+
+/// After JetStream answered for one task: out of the queue once acknowledged (a
+/// cancelled one's end recorded first), else kept for the next pass.
+fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, tally: &mut Tally) {
+    if let Err(e) = acked {
+        tally.refused += 1;
+        tally.last_error = Some((t.id, e));
+        return;
+    }
+    if let Some(reason) = &t.cancelled {
+        let result = cancelled_result(&t, reason);
+        let recorded = ctx.core.store.update(
+            &t.id,
+            || crate::store::TaskRecord::new(&t.id, 0),
+            |r| r.finish(&result),
+        );
+        if let Err(e) = recorded {
+            // The result is in the results stream, which records it too.
+            tracing::error!(task_id = %t.id, error = %e, "cancelled task's end not recorded here");
+        }
+        ctx.core.metrics.waiting_cancelled.inc();
+        tracing::info!(task_id = %t.id, %reason, "waiting task cancelled");
+    } else if t.turn.is_some() {
+        tally.unparked += 1;
+    } else {
+        tally.released += 1;
+    }
+    if let Err(e) = ctx.core.policy.deferrals.remove(&t) {
+        tracing::error!(task_id = %t.id, error = %e, "released task not removed from the deferred queue");
     }
 }
 

@@ -57,6 +57,10 @@ pub struct DeferredTask {
     /// than at its release, which may be weeks later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Cancelled by an operator while it waited, with this reason: the release loop
+    /// publishes its `cancelled` result instead of releasing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<String>,
 }
 
 impl DeferredTask {
@@ -77,18 +81,22 @@ impl DeferredTask {
     }
 
     /// Its key in the deadline index, if it has a deadline: the deadline's time, then
-    /// its id.
+    /// its id. A cancelled task is due at once (time 0).
     fn deadline_key(&self) -> Option<Vec<u8>> {
-        let at = self.deadline_ms?;
+        let at = if self.cancelled.is_some() {
+            0
+        } else {
+            self.deadline_ms?
+        };
         let mut k = Vec::with_capacity(8 + self.id.len());
         k.extend_from_slice(&at.to_be_bytes());
         k.extend_from_slice(self.id.as_bytes());
         Some(k)
     }
 
-    /// What the deadline index holds for it: which tree it is in (`PARKED` or
-    /// `DEFERRED`), then its key there.
-    fn deadline_value(&self) -> Vec<u8> {
+    /// Where it is, as the indexes hold it: which tree (`PARKED` or `DEFERRED`), then its
+    /// key there.
+    fn location(&self) -> Vec<u8> {
         let mut v = vec![if self.turn.is_some() {
             PARKED
         } else {
@@ -142,6 +150,13 @@ pub struct Deferrals {
     /// id; value: the entry's tree tag and key), so the release loop finds the next one
     /// without reading either queue.
     deadlines: sled::Tree,
+    /// Every deferred and parked task by id (value: its location), to cancel one.
+    ids: sled::Tree,
+    /// Held by the release loop through each pass, and by a cancel while it marks its
+    /// task: a task is never released to intake while it is being cancelled.
+    pass: tokio::sync::Mutex<()>,
+    /// Wakes the release loop (a task was cancelled: its result is to be published).
+    pub wake: tokio::sync::Notify,
     max: usize,
 }
 
@@ -162,6 +177,16 @@ impl Deferrals {
         let parked = store.tree("throttle_parked")?;
         let parked_count = parked.len();
         let deadlines = store.tree("deferred_deadlines")?;
+        let ids = store.tree("deferred_ids")?;
+        if ids.is_empty() {
+            // Entries stored before the index existed (December 2026) are indexed once.
+            for item in tree.iter().chain(parked.iter()) {
+                let (_, v) = item?;
+                if let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) {
+                    ids.insert(t.id.as_bytes(), t.location())?;
+                }
+            }
+        }
         Ok(Self {
             tree,
             queued: Mutex::new(queued),
@@ -169,6 +194,9 @@ impl Deferrals {
             parked,
             parked_count: AtomicUsize::new(parked_count),
             deadlines,
+            ids,
+            pass: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
             max: max.max(1),
         })
     }
@@ -216,8 +244,9 @@ impl Deferrals {
         // The index first: an entry is never stored without it (a crash in between
         // leaves an index entry whose task is not there, which `expired` drops).
         if let Some(k) = t.deadline_key() {
-            self.deadlines.insert(k, t.deadline_value())?;
+            self.deadlines.insert(k, t.location())?;
         }
+        self.ids.insert(t.id.as_bytes(), t.location())?;
         if tree.insert(t.key(), bytes)?.is_none() {
             count.fetch_add(1, Ordering::Relaxed);
             // A parked task waits in no budget queue (`queues` is empty).
@@ -247,13 +276,15 @@ impl Deferrals {
             count.fetch_sub(1, Ordering::Relaxed);
             // Only the index entry that points at this very entry: a copy deferred
             // again since then has another key in its tree, and its own index entry.
+            let at = t.location();
             if let Some(k) = t.deadline_key() {
-                let _ = self.deadlines.compare_and_swap(
-                    k,
-                    Some(t.deadline_value()),
-                    None as Option<&[u8]>,
-                )?;
+                let _ = self
+                    .deadlines
+                    .compare_and_swap(k, Some(&at), None as Option<&[u8]>)?;
             }
+            let _ = self
+                .ids
+                .compare_and_swap(t.id.as_bytes(), Some(at), None as Option<&[u8]>)?;
         }
         if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {
@@ -337,6 +368,80 @@ impl Deferrals {
         }
     }
 
+    /// Held through a release pass, and while a task is marked cancelled.
+    pub async fn pass(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.pass.lock().await
+    }
+
+    /// The deferred or parked task `id`, if it waits.
+    pub fn find(&self, id: &str) -> Result<Option<DeferredTask>, StoreError> {
+        Ok(self.find_raw(id)?.map(|(t, _)| t))
+    }
+
+    fn find_raw(&self, id: &str) -> Result<Option<(DeferredTask, sled::IVec)>, StoreError> {
+        let Some(at) = self.ids.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let bytes = match at.split_first() {
+            Some((&PARKED, key)) => self.parked.get(key)?,
+            Some((_, key)) => self.tree.get(key)?,
+            None => None,
+        };
+        Ok(bytes.and_then(|b| {
+            let t = serde_json::from_slice::<DeferredTask>(&b).ok()?;
+            (t.id == id).then_some((t, b))
+        }))
+    }
+
+    /// Marks the waiting task `id` cancelled (durable with the caller's next flush) and
+    /// due at once, so the release loop publishes its `cancelled` result and removes it.
+    /// `None`: it does not wait (any more). Call it holding [`Deferrals::pass`].
+    pub fn mark_cancelled(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<DeferredTask>, StoreError> {
+        // The intake loop may store the entry again meanwhile (a copy released before
+        // this pass, deferred again): then the new one is marked.
+        for _ in 0..3 {
+            let Some((t, old)) = self.find_raw(id)? else {
+                return Ok(None);
+            };
+            if t.cancelled.is_some() {
+                return Ok(Some(t));
+            }
+            let marked = DeferredTask {
+                cancelled: Some(reason.to_string()),
+                ..t.clone()
+            };
+            let bytes = serde_json::to_vec(&marked).map_err(|e| StoreError::Corrupt {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+            let (tree, _) = self.tree_of(&t);
+            if let Some(k) = marked.deadline_key() {
+                self.deadlines.insert(k, marked.location())?;
+            }
+            if tree
+                .compare_and_swap(t.key(), Some(old), Some(bytes))?
+                .is_ok()
+            {
+                if let Some(k) = t.deadline_key() {
+                    let _ = self.deadlines.compare_and_swap(
+                        k,
+                        Some(t.location()),
+                        None as Option<&[u8]>,
+                    )?;
+                }
+                return Ok(Some(marked));
+            }
+        }
+        Err(StoreError::Corrupt {
+            id: id.to_string(),
+            reason: "its deferred entry kept changing while it was being cancelled".into(),
+        })
+    }
+
     /// Deferred and parked tasks whose deadline has passed (by deadline, at most
     /// `limit`): released at once, so the intake loop ends each as `cancelled`.
     pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<DeferredTask>, StoreError> {
@@ -353,9 +458,10 @@ impl Deferrals {
                 None => None,
             };
             match entry.map(|e| serde_json::from_slice::<DeferredTask>(&e)) {
-                Some(Ok(t)) => out.push(t),
+                Some(Ok(t)) if t.deadline_key().as_deref() == Some(&k[..]) => out.push(t),
                 // Its task left without its index entry (a crash between the two
-                // writes), or cannot be read (the release passes report that): it
+                // writes), is not the one it was written for (a cancel that did not
+                // complete), or cannot be read (the release passes report that): it
                 // would come first for good.
                 _ => {
                     self.deadlines.remove(&k)?;
@@ -378,6 +484,20 @@ impl Deferrals {
         if self.tree.remove(key).ok().flatten().is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Writes `t`'s deadline index entry alone (tests: a cancel cut short).
+    #[cfg(test)]
+    pub(crate) fn insert_deadline_raw(&self, t: &DeferredTask) {
+        if let Some(k) = t.deadline_key() {
+            let _ = self.deadlines.insert(k, t.location());
+        }
+    }
+
+    /// Empties the id index (tests: a store from before it existed).
+    #[cfg(test)]
+    pub(crate) fn clear_ids_raw(&self) {
+        let _ = self.ids.clear();
     }
 
     /// When the next parked turn comes, if any task is parked.
@@ -421,7 +541,8 @@ impl Deferrals {
             let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) else {
                 continue;
             };
-            if t.queues.iter().any(|q| blocked.contains(q)) {
+            // A cancelled one leaves through the deadline index, without its budget.
+            if t.cancelled.is_some() || t.queues.iter().any(|q| blocked.contains(q)) {
                 continue;
             }
             let routed = budget::Routed {

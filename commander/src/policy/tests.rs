@@ -357,6 +357,7 @@ pub(crate) fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> Deferred
         releases: 0,
         turn: None,
         deadline_ms: None,
+        cancelled: None,
     }
 }
 
@@ -471,6 +472,66 @@ fn waiting_tasks_are_found_by_their_deadlines() {
     q.tree_remove_raw(&first.key());
     assert!(q.expired(3_000, 10).unwrap().is_empty());
     assert_eq!(q.next_deadline_ms(), Some(9_000));
+}
+
+/// A waiting task is found by its id and marked cancelled in place: it is due at once
+/// through the deadline index, no budget pass releases it, its removal clears both
+/// indexes, and a mark that did not complete leaves nothing that releases a task early.
+#[test]
+fn a_cancelled_waiting_task_is_due_at_once_and_never_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let policy = parse(&[("a.policy.toml", BUDGET)]).unwrap();
+    let ledger = super::budget::Ledger::default();
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    let ids = |v: Vec<DeferredTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let waiting = DeferredTask {
+        deadline_ms: Some(50_000),
+        ..deferred("w", 5, 1_000, 0.1)
+    };
+    q.insert(&waiting).unwrap();
+    q.insert(&deferred("other", 5, 2_000, 0.1)).unwrap();
+    assert_eq!(q.find("w").unwrap().as_ref(), Some(&waiting));
+    assert_eq!(q.find("nobody").unwrap(), None);
+    assert_eq!(q.mark_cancelled("nobody", "r").unwrap(), None);
+    assert_eq!(ids(q.due(&policy, &ledger, 0, 10).unwrap()), ["w", "other"]);
+
+    let marked = q
+        .mark_cancelled("w", "cancelled by alice")
+        .unwrap()
+        .unwrap();
+    assert_eq!(marked.cancelled.as_deref(), Some("cancelled by alice"));
+    assert_eq!(q.len(), 1 + 1, "marked in place");
+    // Due at once through the index (its deadline's entry is gone), not by the budget.
+    assert_eq!(q.next_deadline_ms(), Some(0));
+    assert_eq!(ids(q.due(&policy, &ledger, 0, 10).unwrap()), ["other"]);
+    let due = q.expired(0, 10).unwrap();
+    assert_eq!(due, std::slice::from_ref(&marked));
+    // Marking again changes nothing.
+    assert_eq!(
+        q.mark_cancelled("w", "again").unwrap(),
+        Some(marked.clone())
+    );
+    // Once removed, neither index names it.
+    q.remove(&marked).unwrap();
+    assert_eq!(q.find("w").unwrap(), None);
+    assert_eq!(q.next_deadline_ms(), None);
+    assert_eq!(q.len(), 1);
+    // An index entry at time 0 for a task that is not marked (a cancel cut short) is
+    // dropped, not taken for a cancelled task.
+    let other = q.find("other").unwrap().unwrap();
+    let half = DeferredTask {
+        cancelled: Some("x".into()),
+        ..other.clone()
+    };
+    q.insert_deadline_raw(&half);
+    assert!(q.expired(0, 10).unwrap().is_empty());
+    assert_eq!(q.next_deadline_ms(), None);
+    // The id index is built for entries stored before it existed.
+    q.clear_ids_raw();
+    drop(q);
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    assert_eq!(q.find("other").unwrap(), Some(other));
 }
 
 #[test]
