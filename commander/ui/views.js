@@ -487,6 +487,7 @@ export async function policy(main, _arg, alive) {
       <section class="card full"><h2>Budgets and where they stand</h2><table><thead><tr><th>Budget</th><th>Value</th><th>Used</th><th class="n">Spent</th><th class="n">Limit</th><th>Action</th><th>Resets</th></tr></thead><tbody>
         ${(p.standing ?? []).map(s => `<tr><td>${esc(s.budget)}</td><td>${esc(s.value ?? '')}</td><td style="min-width:120px"><div class="bar"><span style="width:${Math.min(100, (s.used ?? 0) * 100)}%;background:${(s.used ?? 0) >= 1 ? 'var(--bad)' : (s.used ?? 0) >= 0.8 ? 'var(--warn)' : 'var(--ok)'}"></span></div></td><td class="n">${usd(s.spent_usd)}</td><td class="n">${usd(s.limit_usd)}</td><td>${esc(s.action)}</td><td class="muted">${esc(s.window_resets_at ?? '')}</td></tr>`).join('') || '<tr><td colspan="7" class="muted">No budgets.</td></tr>'}
       </tbody></table></section>
+      <section class="card full"><h2>Waiting tasks</h2><div id="waiting"></div><span id="waiting-out" aria-live="polite"></span></section>
       <section class="card full"><h2>History</h2>${(history.records ?? []).map(r => `<details><summary>${esc(r.version ?? r.source)} · ${r.accepted ? 'accepted' : '<span class="bad">refused</span>'} · ${esc(r.identity)} · ${esc(r.at)}</summary>${r.errors?.length ? `<pre class="error">${esc(r.errors.join('\n'))}</pre>` : ''}<pre>${diffHtml(r.diff)}</pre></details>`).join('') || '<p class="muted">No changes yet.</p>'}</section>
     </div>`;
   const out = q(main, '#cap-out');
@@ -497,7 +498,36 @@ export async function policy(main, _arg, alive) {
     if (ack.ok) policy(main, '', alive);
   };
   q(main, '#lift').onclick = async () => { const ack = await act({ command: 'lift_cost_cap' }, out); if (ack.ok) policy(main, '', alive); };
+  const box = q(main, '#waiting');
+  const mine = {};
+  box.onclick = async e => {
+    const b = e.target.closest('button[data-cancel]');
+    if (!b) return;
+    b.disabled = true;
+    const ack = await act({ command: 'cancel', task_id: b.dataset.cancel, reason: 'cancelled from the dashboard' }, q(main, '#waiting-out'));
+    if (ack.ok) b.closest('tr')?.remove(); else b.disabled = false;
+  };
+  const refresh = async () => {
+    if (!alive() || !box.isConnected) return;
+    await waiting(box);
+    clearTimeout(mine.timer);
+    mine.timer = setTimeout(refresh, 5000);
+  };
+  await refresh();
   on('policy', () => policy(main, '', alive));
+}
+
+/**
+ * The tasks budgets deferred and throttles parked, the first page of each, with what
+ * holds them and until when; operators may cancel one (its producer gets `cancelled`).
+ * Read again every 5 s while the page is on screen: deferrals come and go without events.
+ */
+async function waiting(box) {
+  const [d, p] = await Promise.all([api('/v1/tasks?state=deferred&limit=50'), api('/v1/tasks?state=parked&limit=50')]);
+  const row = (t, held) => `<tr data-task="${esc(t.task_id)}"><td style="white-space:nowrap"><a href="#/decision/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td><td>${held}</td><td class="n">${t.priority}</td><td class="muted">${esc(t.until ?? 'until the limit rises')}</td><td class="muted">${esc(t.deadline ?? '')}</td><td>${esc(t.cancelled ?? t.reason)}</td><td>${may('operator') && !t.cancelled ? `<button type="button" class="danger" data-cancel="${esc(t.task_id)}">Cancel</button>` : ''}</td></tr>`;
+  const rows = [...(d.tasks ?? []).map(t => row(t, 'budget')), ...(p.tasks ?? []).map(t => row(t, `throttle ${esc(t.turn?.throttle ?? '')}`))];
+  box.innerHTML = `<p class="muted" id="waiting-sum">${d.total} deferred by budgets · ${p.total} parked by throttles${d.total + p.total > rows.length ? ` (the first ${rows.length} shown; all of them: <code>GET /v1/tasks?state=deferred|parked</code>)` : ''}</p>
+    <table><thead><tr><th>Task</th><th>Held by</th><th class="n">Priority</th><th>Until</th><th>Deadline</th><th>Why</th><th></th></tr></thead><tbody>${rows.join('') || '<tr><td colspan="7" class="muted">No task waits.</td></tr>'}</tbody></table>`;
 }
 
 // ---- audit ----------------------------------------------------------------------

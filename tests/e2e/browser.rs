@@ -305,6 +305,48 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         no_console_errors(&c, "trace").await;
     }
 
+    // A task the emergency cost cap deferred is listed on the policy page, and an
+    // operator cancels it there: its producer gets `cancelled`, and it never runs.
+    let cap = reqwest::Client::new()
+        .post(stack.http("/v1/control"))
+        .bearer_auth("ops-token")
+        .json(&json!({"command": "cost_cap", "usd": 0.000001, "window": "1h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cap.status().as_u16(), 200);
+    submit(&stack.client, "capped-1", "alpha").await;
+    eventually("the cap defers the task", WAIT, async || {
+        stack.get_json("/v1/tasks/capped-1").await["state"] == "deferred"
+    })
+    .await;
+    c.goto(&format!("{base}/#/policy")).await.unwrap();
+    let cancel = c
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(
+            "#waiting tr[data-task=\"capped-1\"] button[data-cancel]",
+        ))
+        .await
+        .unwrap();
+    let row = text(&c, "#waiting tr[data-task=\"capped-1\"]").await;
+    assert!(row.contains("operator_cost_cap"), "{row}");
+    shot(&c, "policy-waiting").await;
+    cancel.click().await.unwrap();
+    eventually("the task is cancelled", WAIT, async || {
+        let rec = stack.get_json("/v1/tasks/capped-1").await;
+        rec["state"] == "failed" && rec["outcome"]["status"] == "cancelled"
+    })
+    .await;
+    eventually("the row is gone", WAIT, async || {
+        c.find(Locator::Css("#waiting tr[data-task=\"capped-1\"]"))
+            .await
+            .is_err()
+    })
+    .await;
+    no_console_errors(&c, "policy with a waiting task").await;
+    assert!(!started.lock().unwrap().iter().any(|t| t == "capped-1"));
+
     // A viewer sees no control buttons, and the API answers 403 to its commands.
     c.execute(
         "sessionStorage.setItem('fleet.token', 'view-token'); location.hash = '#/worker/a1'; location.reload();",

@@ -812,6 +812,21 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
     .await;
     let rec = task_record(s.commander.http(), "budget-0").await.unwrap();
     assert_eq!(rec["state"], "deferred", "{rec}");
+    let listed = s.get("/v1/tasks?state=deferred").await;
+    let deadlines: Vec<_> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_id"].as_str().unwrap(), t["deadline"].as_str()))
+        .collect();
+    let at = |t: Option<&str>| t.and_then(fleet_worker::message::rfc3339_unix_ms);
+    assert!(
+        deadlines.iter().all(|(id, d)| match *id {
+            "budget-forever" => d.is_none(),
+            _ => at(*d) == at(Some(&deadline)),
+        }),
+        "{listed}"
+    );
     // A kill -9 while they wait: the deadlines are kept with them.
     s.commander.kill9();
     s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);

@@ -321,6 +321,13 @@ pub async fn tasks(
             if let Some(turn) = t.turn {
                 v["turn"] = json!(turn);
             }
+            if let Some(ms) = t.deadline_ms {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                v["deadline"] = json!(humantime::format_rfc3339_millis(at).to_string());
+            }
+            if let Some(reason) = t.cancelled {
+                v["cancelled"] = json!(reason);
+            }
             v
         })
         .collect();
