@@ -86,6 +86,35 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
         assert_eq!(rec["state"], "rejected");
         assert_eq!(rec["rejection"]["code"], *code);
     }
+    // A task that fits the intake stream but not a work message (the commander adds its
+    // headers and fields): rejected with why, not retried for good.
+    let max = stack.client.server_info().max_payload;
+    let big = format!(
+        r#"{{"schema":1,"description":"x","input":"{}"}}"#,
+        "y".repeat(max - 300)
+    );
+    publish_raw(
+        &stack.client,
+        &[
+            ("Fleet-Task-Id", "too-big"),
+            ("Fleet-Reply-To", "_INBOX.bad"),
+        ],
+        &big,
+    )
+    .await;
+    let msg = tokio::time::timeout(WAIT, replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let r: TaskResult = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(r.task_id, "too-big");
+    let err = r.error.unwrap();
+    assert_eq!(err.code, "task_too_large", "{}", err.message);
+    assert!(err.message.contains(&max.to_string()), "{}", err.message);
+    let rec = task_record(stack.commander.http(), "too-big")
+        .await
+        .unwrap();
+    assert_eq!(rec["state"], "rejected");
     eventually(
         "the id-less task is recorded by sequence",
         WAIT,
@@ -134,6 +163,12 @@ async fn bad_task_json_is_rejected_with_a_reason_terminated_and_counted() {
     let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
     assert_eq!(r.status, ResultStatus::Ok);
     assert_eq!(stack.metric("fleet_dispatch_errors_total").await, 0.0);
+    assert_eq!(
+        stack
+            .metric("fleet_tasks_rejected_total{reason=\"task_too_large\"}")
+            .await,
+        1.0
+    );
     worker.shutdown().await;
 }
 
@@ -281,6 +316,20 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
         .map(|p| p["field"].as_str().unwrap())
         .collect();
     assert_eq!(fields, ["descripton", "description", "priority"]);
+
+    // Within the HTTP body limit, but not within what NATS takes in one message: 413,
+    // with why (a retry, which a 503 would ask for, can never succeed).
+    let max = stack.client.server_info().max_payload;
+    let big = format!(
+        r#"{{"schema":1,"description":"x","input":"{}"}}"#,
+        "y".repeat(max - 100)
+    );
+    let resp = http.post(&url).body(big).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_payload"), "{message}");
 
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let task = r#"{"schema":1,"description":"review this","capabilities":["code"]}"#;

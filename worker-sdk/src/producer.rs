@@ -23,6 +23,11 @@ pub enum ProducerError {
     BadReplyTo(String),
     #[error("task intake did not acknowledge the task: {0}")]
     NotAccepted(String),
+    /// Larger than the server takes in one message: sending it again cannot help.
+    #[error(
+        "the task is {size} bytes as published; the NATS server takes at most {max} bytes per message (max_payload): send less, and put large input in an object store with a reference to it in the task"
+    )]
+    TooLarge { size: usize, max: usize },
     #[error("NATS error: {0}")]
     Nats(String),
     #[error("no result for task {0} within the timeout")]
@@ -202,6 +207,23 @@ impl Producer {
     }
 
     fn prepare(&self, task: &Task, opts: &SubmitOptions) -> Result<Prepared, ProducerError> {
+        let prepared = self.prepare_message(task, opts)?;
+        let (size, max) = (
+            protocol::wire_len(&prepared.headers, prepared.payload.len()),
+            self.client.max_payload(),
+        );
+        // `max` is 0 only before the first `INFO`, when nothing can be known yet.
+        if max > 0 && size > max {
+            return Err(ProducerError::TooLarge { size, max });
+        }
+        Ok(prepared)
+    }
+
+    fn prepare_message(
+        &self,
+        task: &Task,
+        opts: &SubmitOptions,
+    ) -> Result<Prepared, ProducerError> {
         task.validate()?;
         if let Some(k) = &opts.idempotency_key
             && !is_subject_token(k)

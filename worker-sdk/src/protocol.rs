@@ -346,6 +346,23 @@ pub fn set_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()
 /// [`set_header`] for one of the protocol's own names (the [`headers`] constants) and a
 /// value the caller already owns: neither is copied, where `set_header` copies both. For
 /// code that sets headers on every message.
+/// What a message counts against the server's `max_payload` (the limit `INFO` announces,
+/// 1 MiB by default): its header block as sent (`NATS/1.0`, each `key: value` line, the
+/// blank line) and its payload. A message over it is refused by the client before it is
+/// sent, every time: it can never be stored.
+pub fn wire_len(headers: &HeaderMap, payload_len: usize) -> usize {
+    if headers.is_empty() {
+        return payload_len;
+    }
+    let mut len = b"NATS/1.0\r\n\r\n".len() + payload_len;
+    for (k, vs) in headers.iter() {
+        for v in vs {
+            len += AsRef::<str>::as_ref(k).len() + b": \r\n".len() + v.as_str().len();
+        }
+    }
+    len
+}
+
 pub fn set_known_header(
     headers: &mut HeaderMap,
     name: &'static str,

@@ -1026,8 +1026,26 @@ where
         baggage: &trace.baggage,
         reply_to: reply_to.as_deref(),
     };
-    match result_message(&cfg.subjects, &result, carry) {
-        Ok(message) => {
+    let max_payload = shared.js.client().max_payload();
+    let built = result_message(&cfg.subjects, &result, &carry).and_then(|message| {
+        let size = wire_len(&message);
+        if size <= max_payload {
+            return Ok((result, message));
+        }
+        // JetStream can never store it: every try would be refused until the task is
+        // dead-lettered, its work lost without a word on why.
+        tracing::warn!(
+            task_id,
+            size,
+            max_payload,
+            "result larger than the server's max_payload; publishing a failed result instead"
+        );
+        let result = too_large(result, size, max_payload);
+        span.error = result.error.as_ref().map(|e| e.message.clone());
+        result_message(&cfg.subjects, &result, &carry).map(|m| (result, m))
+    });
+    match built {
+        Ok((result, message)) => {
             if result.status == ResultStatus::Ok {
                 shared.stats.completed.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -1312,17 +1330,38 @@ struct Carry<'a> {
     reply_to: Option<&'a str>,
 }
 
+/// What a result message counts against the server's `max_payload`.
+fn wire_len(m: &ResultMessage) -> usize {
+    protocol::wire_len(&m.headers, m.payload.len())
+}
+
+/// The result that replaces one the server cannot take: `failed`, `result_too_large`,
+/// no output, and the usage the run cost (it was spent all the same).
+fn too_large(result: TaskResult, size: usize, max_payload: usize) -> TaskResult {
+    TaskResult {
+        status: ResultStatus::Failed,
+        output: serde_json::Value::Null,
+        error: Some(ErrorInfo {
+            code: "result_too_large".into(),
+            message: format!(
+                "the result is {size} bytes; the NATS server takes at most {max_payload} bytes per message (max_payload): return less, or store large output elsewhere and return a reference to it"
+            ),
+        }),
+        ..result
+    }
+}
+
 fn result_message(
     subjects: &Subjects,
     result: &TaskResult,
-    carry: Carry<'_>,
+    carry: &Carry<'_>,
 ) -> Result<ResultMessage, String> {
     let Carry {
         span,
         tracestate,
         baggage,
         reply_to,
-    } = carry;
+    } = *carry;
     let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
     let set = |h: &mut HeaderMap, k: &'static str, v: String| {
@@ -1485,6 +1524,18 @@ mod tests {
 
     fn key(i: u32) -> Key {
         (format!("t{i}"), 1)
+    }
+
+    /// The size checked against `max_payload` is the one the server counts for `HPUB`:
+    /// the header block as sent and the payload.
+    #[test]
+    fn a_message_s_wire_length_counts_its_header_block() {
+        let mut m = message(100);
+        assert_eq!(wire_len(&m), 100, "no headers: sent without a header block");
+        m.headers.insert("Fleet-Task-Id", "t-1");
+        m.headers.append("Fleet-Attempt", "2");
+        let block = "NATS/1.0\r\nFleet-Task-Id: t-1\r\nFleet-Attempt: 2\r\n\r\n";
+        assert_eq!(wire_len(&m), 100 + block.len());
     }
 
     #[test]

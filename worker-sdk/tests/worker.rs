@@ -281,6 +281,69 @@ async fn a_panicking_handler_yields_a_failed_result_and_the_worker_carries_on() 
     worker.shutdown().await;
 }
 
+/// An output larger than the server's `max_payload` can never be stored: the worker
+/// publishes a `failed` result that says so (keeping the usage the run cost), at once,
+/// instead of retrying a message the server refuses until the task is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_the_server_is_a_failed_result_that_says_so() {
+    let ack_wait = Duration::from_secs(30);
+    let (_nats, client, js) = setup(ack_wait).await;
+    let max = client.server_info().max_payload;
+    let runs = Arc::new(AtomicU32::new(0));
+    let seen = runs.clone();
+    let worker = Worker::start(client.clone(), config(ack_wait, 1), move |ctx| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let size = if ctx.task_id == "huge" { max + 1 } else { 10 };
+            Ok(TaskOutput {
+                output: serde_json::json!("x".repeat(size)),
+                usage: Some(fleet_worker::message::Usage {
+                    model: Some("gpt-4o".into()),
+                    input_tokens: 1000,
+                    output_tokens: 400_000,
+                    cost_usd: Some(4.2),
+                }),
+            })
+        }
+    })
+    .await
+    .unwrap();
+    dispatch(&js, "huge").await;
+    dispatch(&js, "small").await;
+    let producer = Producer::new(client, Subjects::default());
+    let r = producer
+        .await_result("huge", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, ResultStatus::Failed, "{r:?}");
+    let e = r.error.as_ref().unwrap();
+    assert_eq!(e.code, "result_too_large", "{r:?}");
+    assert!(e.message.contains(&max.to_string()), "{r:?}");
+    assert_eq!(r.output, serde_json::Value::Null);
+    assert_eq!(
+        r.usage.as_ref().and_then(|u| u.cost_usd),
+        Some(4.2),
+        "{r:?}"
+    );
+    let r = producer
+        .await_result("small", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each ran once");
+    // A producer is told at once, not after its retry period: no retry can help.
+    let mut task = Task::new("summarise this");
+    task.input = serde_json::json!("z".repeat(max));
+    match producer.submit(&task, Default::default()).await {
+        Err(fleet_worker::ProducerError::TooLarge { size, max: m }) => {
+            assert!(size > max && m == max, "{size} {m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    worker.shutdown().await;
+}
+
 /// A submit whose PubAck never comes (the broker died) is sent again, the same message,
 /// until the broker is back: the task is stored once, under its own id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

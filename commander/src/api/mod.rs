@@ -137,6 +137,9 @@ pub enum ApiError {
     RateLimited(String),
     #[error("task intake is unavailable; retry later")]
     Unavailable(String),
+    /// Larger than NATS takes in one message (`max_payload`): sending it again cannot help.
+    #[error("{0}")]
+    TooLarge(String),
     /// A bounded resource is full (every `/v1/stream` place taken), or a peer did not
     /// answer in time (a worker told to cancel): retry later. The message says which.
     #[error("{0}")]
@@ -158,6 +161,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable(_) | ApiError::Busy(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
@@ -706,6 +710,10 @@ async fn submit_task(
         }
         ProducerError::NotAccepted(_) | ProducerError::Nats(_) => {
             ApiError::Unavailable(e.to_string())
+        }
+        ProducerError::TooLarge { .. } => {
+            rejected(&s);
+            ApiError::TooLarge(e.to_string())
         }
         other => ApiError::Internal(other.to_string()),
     })?;

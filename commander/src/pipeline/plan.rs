@@ -805,6 +805,21 @@ fn dispatch_plan(
         }
     };
     let headers = dispatch_headers(&p, &decision, draft);
+    // The work message adds the commander's headers and fields to the task as submitted:
+    // one over the server's max_payload would be refused at every try, for good.
+    let (size, max) = (
+        protocol::wire_len(&headers, payload.len()),
+        ctx.client.max_payload(),
+    );
+    if max > 0 && size > max {
+        if let Some(r) = &reservation {
+            ctx.core.policy.unreserve(r);
+        }
+        let why = format!(
+            "the task is {size} bytes as dispatched (with the fields and headers the commander adds), and the NATS server takes at most {max} bytes per message (max_payload): send less, and put large input in an object store with a reference to it in the task"
+        );
+        return Reject::plan(p.id, p.seq, "task_too_large", why, p.reply_to);
+    }
     let span = dispatch_span(&subject, &p, draft, &decision);
     tracing::debug!(task_id = %p.id, pool = %decision.pool, model = %decision.model, rule = decision.rule.as_str(), trace_id = %p.dispatch.trace_id, "dispatching");
     let candidates = std::mem::take(&mut decision.candidates);
