@@ -890,6 +890,12 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
     assert_eq!(s.get("/v1/tasks?state=deferred").await["total"], 0);
     assert_eq!(s.parked().await, 0.0);
     assert_eq!(seen.lock().unwrap().runs.len(), 1, "none of them ran");
+    // Their places in the throttle's line are free again: a new task of the team waits
+    // for the limiter alone (fresh since the restart, so not at all), not behind the
+    // turns 100, 200 and 300 s off that nobody will come back for.
+    submit_all(&producer, [task("slow-4", "slow", None)]).await;
+    let r = producer.await_result("slow-4", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
     let text = reqwest::get(s.http("/metrics"))
         .await
         .unwrap()

@@ -67,7 +67,13 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            settle(&ctx, t, acked, &mut tally);
+            settle(&ctx, t, acked, now, &mut tally);
+        }
+        if !tally.left_early.is_empty() {
+            // Their places in their lines are free: newcomers need not queue behind them.
+            let parked = deferrals.parked_turns();
+            let live = ctx.core.policy.live();
+            live.throttles.shrink_lines(&tally.left_early, &parked);
         }
         refused_last = tally.refused > 0;
         if let Some((task_id, error)) = tally.last_error
@@ -94,6 +100,8 @@ struct Tally {
     unparked: u64,
     refused: u64,
     last_error: Option<(String, String)>,
+    /// Turns of parked tasks that left before them (cancelled, or past their deadline).
+    left_early: Vec<crate::domain::ThrottleTurn>,
 }
 
 /// The waiting tasks to let go now, each once: deferred ones their budgets have room
@@ -187,11 +195,16 @@ fn cancelled_result(t: &DeferredTask, reason: &str) -> TaskResult {
 
 /// After JetStream answered for one task: out of the queue once acknowledged (a
 /// cancelled one's end recorded first), else kept for the next pass.
-fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, tally: &mut Tally) {
+fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, now: u64, tally: &mut Tally) {
     if let Err(e) = acked {
         tally.refused += 1;
         tally.last_error = Some((t.id, e));
         return;
+    }
+    if let Some(turn) = &t.turn
+        && (t.cancelled.is_some() || turn.at_ms > now)
+    {
+        tally.left_early.push(turn.clone());
     }
     if let Some(reason) = &t.cancelled {
         let result = cancelled_result(&t, reason);

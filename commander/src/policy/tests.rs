@@ -1325,6 +1325,67 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
 /// Held-back tasks of one key get turns one permit apart, after the limiter's next permit;
 /// a turn close at hand is waited out in the stream, one further off is parked; while a
 /// key has a line, newcomers join its end, and a task back at its turn passes.
+/// Parked tasks that leave their line before their turns (cancelled, or past their
+/// deadline) give their places back: the line ends at the last turn still parked, and
+/// with none it is gone, so a newcomer waits for the limiter's next permit only.
+#[test]
+fn a_line_shrinks_to_the_turns_still_parked_in_it() {
+    use std::time::Duration;
+
+    use super::throttle::{Asking, ThrottleKeys};
+    let policy = parse(&[(
+        "t.policy.toml",
+        "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 0.1\n",
+    )])
+    .unwrap();
+    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
+    let keys = |producer| ThrottleKeys {
+        pool: "docs",
+        producer: Some(producer),
+        ..Default::default()
+    };
+    const NOW: u64 = 1_764_000_000_000;
+    let ask = |id: &'static str| Asking {
+        task_id: id,
+        now_ms: NOW,
+        turn: None,
+        inline_cap: 100,
+    };
+    let held = |id: &'static str| throttles.admit(keys("a"), 10, ask(id)).unwrap_err();
+    assert!(throttles.admit(keys("a"), 10, ask("t0")).is_ok());
+    // Turns 10, 20, 30 and 40 s off.
+    let turns: Vec<_> = ["t1", "t2", "t3", "t4"].map(|id| held(id).turn).into();
+    let near = |w: Duration, s: u64| w.abs_diff(Duration::from_secs(s)) < Duration::from_secs(1);
+    // t2 and t4 leave; t1 and t3 still wait: a newcomer comes after t3, not after t4.
+    throttles.shrink_lines(
+        &[turns[1].clone(), turns[3].clone()],
+        &[turns[0].clone(), turns[2].clone()],
+    );
+    let n1 = held("n1");
+    assert!(near(n1.wait, 40), "{n1:?}");
+    // A turn of another key, or another throttle, changes nothing here.
+    let other = super::throttle::Turn {
+        key: "b".into(),
+        ..turns[0].clone()
+    };
+    let foreign = super::throttle::Turn {
+        throttle: "gone".into(),
+        ..turns[0].clone()
+    };
+    throttles.shrink_lines(&[other, foreign], &[]);
+    assert!(near(held("n2").wait, 50));
+    // Every one of them leaves: the line is gone, and the next newcomer waits only for
+    // the limiter's next permit (t0 took the last one).
+    let all: Vec<_> = [&turns[0], &turns[2], &n1.turn]
+        .into_iter()
+        .cloned()
+        .chain([held("n3").turn])
+        .collect();
+    throttles.shrink_lines(&all, &[]);
+    let n4 = held("n4");
+    assert!(near(n4.wait, 10), "{n4:?}");
+}
+
 #[test]
 fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     use std::time::Duration;

@@ -262,6 +262,37 @@ impl Limiter {
         }
     }
 
+    /// Lowers `key`'s line end to what still waits in it, after parked tasks left it
+    /// before their turns (cancelled, or past their deadline): the last turn still parked
+    /// (`last_parked_ms`) or waited out in the stream. With none, the line is gone and
+    /// the next task asks the limiter alone. Turns still parked keep their times.
+    fn shrink_line(&self, key: &str, last_parked_ms: Option<u64>) {
+        let Ok(mut lines) = self.lines.lock() else {
+            return;
+        };
+        let step = micros(self.interval(1)).max(1);
+        let in_stream = lines
+            .turns
+            .values()
+            .filter(|(k, _)| k == key)
+            .map(|(_, at)| *at)
+            .max();
+        match last_parked_ms
+            .map(|ms| ms.saturating_mul(1_000))
+            .max(in_stream)
+        {
+            Some(last) => {
+                if let Some(end) = lines.end_us.get_mut(key) {
+                    *end = (*end).min(last.saturating_add(step));
+                }
+            }
+            None => {
+                lines.end_us.remove(key);
+            }
+        }
+        self.note_lined(&lines);
+    }
+
     fn retain_recent(&self, now_ms: u64) {
         if let Some((l, _)) = &self.tasks {
             l.retain_recent();
@@ -418,6 +449,30 @@ impl Throttles {
     /// whose turn is void is released at once, to be given a turn by the new spec.
     pub fn honours(&self, turn: &Turn) -> bool {
         self.active.iter().any(|l| l.gave(turn))
+    }
+
+    /// After parked tasks left their lines before their turns (`left`: their turns), ends
+    /// each of those lines at the last turn still parked in it (`parked`: every parked
+    /// task's turn), or removes it when none is: a newcomer then waits behind the tasks
+    /// that still wait, not behind places nobody will come back for.
+    pub fn shrink_lines(&self, left: &[Turn], parked: &[Turn]) {
+        for l in &self.active {
+            let mut keys: Vec<&str> = left
+                .iter()
+                .filter(|t| l.gave(t))
+                .map(|t| t.key.as_str())
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
+                let last = parked
+                    .iter()
+                    .filter(|t| l.gave(t) && t.key == key)
+                    .map(|t| t.at_ms)
+                    .max();
+                l.shrink_line(key, last);
+            }
+        }
     }
 
     /// Forgets keys whose limiters are full again, lines that ran out and in-stream turns
