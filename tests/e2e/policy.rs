@@ -108,15 +108,19 @@ impl PolicyStack {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// `fleet_parked_tasks`: tasks a throttle parked until their turn.
-    async fn parked(&self) -> f64 {
-        let text = reqwest::get(self.http("/metrics"))
+    /// `/metrics` as text.
+    async fn metrics(&self) -> String {
+        reqwest::get(self.http("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        sample_value(&text, "fleet_parked_tasks")
+            .unwrap()
+    }
+
+    /// `fleet_parked_tasks`: tasks a throttle parked until their turn.
+    async fn parked(&self) -> f64 {
+        sample_value(&self.metrics().await, "fleet_parked_tasks")
     }
 
     /// Writes the policy file and waits until a new version is in force.
@@ -896,12 +900,7 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
     submit_all(&producer, [task("slow-4", "slow", None)]).await;
     let r = producer.await_result("slow-4", WAIT).await.unwrap();
     assert_eq!(r.status, ResultStatus::Ok, "{r:?}");
-    let text = reqwest::get(s.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     // `late` before the kill is not in the restarted commander's counter.
     assert_eq!(sample_value(&text, "fleet_tasks_expired_total"), 4.0);
     assert_eq!(

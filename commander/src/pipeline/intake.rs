@@ -3,11 +3,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use fleet_worker::message::Task;
-use fleet_worker::protocol::{self, header, headers, is_subject_token};
+use fleet_worker::protocol::{header, headers, is_subject_token};
 use fleet_worker::trace::{Baggage, FLAG_SAMPLED, SpanId, TraceId, TraceParent, parse_tracestate};
 use tracing::Instrument;
 
@@ -750,18 +749,7 @@ async fn publish_rejection(
     async_nats::jetstream::context::PublishAckFuture,
     async_nats::jetstream::context::PublishError,
 > {
-    let result = r.result();
-    let payload = serde_json::to_vec(&result).unwrap_or_default();
-    let mut h = HeaderMap::new();
-    let _ = protocol::set_header(&mut h, headers::TASK_ID, &r.id);
-    let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
-    let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{}:0:result", r.id));
-    if let Some(rt) = &r.reply_to {
-        let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
-    }
-    ctx.js
-        .publish_with_headers(ctx.subjects.result(&r.id), h, Bytes::from(payload))
-        .await
+    super::publish_own_result(ctx, &r.result(), r.reply_to.as_deref()).await
 }
 
 fn derived_trace_id(id: &str, seq: u64) -> TraceId {

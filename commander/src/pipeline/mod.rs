@@ -286,6 +286,29 @@ pub async fn consume_batches<F, Fut>(
 
 pub(crate) use crate::domain::fnv1a;
 
+/// Publishes a result the commander gives a task itself (a rejection, a deadline that
+/// passed, an operator's cancel of a waiting task) to `<prefix>.results.<id>` as attempt
+/// 0, durably: the results loop forwards it to `reply_to` as it does a worker's.
+pub(crate) async fn publish_own_result(
+    ctx: &Ctx,
+    result: &fleet_worker::message::TaskResult,
+    reply_to: Option<&str>,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    use fleet_worker::protocol::{self, headers};
+    let id = &result.task_id;
+    let payload = serde_json::to_vec(result).unwrap_or_default();
+    let mut h = async_nats::HeaderMap::new();
+    let _ = protocol::set_header(&mut h, headers::TASK_ID, id);
+    let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
+    let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{id}:0:result"));
+    if let Some(rt) = reply_to {
+        let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
+    }
+    ctx.js
+        .publish_with_headers(ctx.subjects.result(id), h, Bytes::from(payload))
+        .await
+}
+
 /// The headers named in `names` that `from` has, copied into a new map (a result carries
 /// its task's trace context, baggage and ids on). A value that cannot be set again is
 /// left out: it came from a parsed header, so that does not happen.

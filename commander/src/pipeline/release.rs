@@ -71,9 +71,16 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
         }
         if !tally.left_early.is_empty() {
             // Their places in their lines are free: newcomers need not queue behind them.
-            let parked = deferrals.parked_turns();
+            let last_parked = |throttle: &str, key: &str| {
+                deferrals
+                    .last_parked_turn_ms(throttle, key)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "parked lines unreadable; the line is kept");
+                        Some(u64::MAX)
+                    })
+            };
             let live = ctx.core.policy.live();
-            live.throttles.shrink_lines(&tally.left_early, &parked);
+            live.throttles.shrink_lines(&tally.left_early, &last_parked);
         }
         refused_last = tally.refused > 0;
         if let Some((task_id, error)) = tally.last_error
@@ -151,20 +158,13 @@ async fn publish(
     async_nats::jetstream::context::PublishAckFuture,
     async_nats::jetstream::context::PublishError,
 > {
+    if let Some(reason) = &t.cancelled {
+        let reply_to = t.headers.iter().find(|(k, _)| k == headers::REPLY_TO);
+        let reply_to = reply_to.map(|(_, r)| r.as_str());
+        return super::publish_own_result(ctx, &cancelled_result(t, reason), reply_to).await;
+    }
     let mut h = HeaderMap::new();
     let _ = protocol::set_header(&mut h, headers::TASK_ID, &t.id);
-    if let Some(reason) = &t.cancelled {
-        let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
-        let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{}:0:result", t.id));
-        if let Some((_, r)) = t.headers.iter().find(|(k, _)| k == headers::REPLY_TO) {
-            let _ = protocol::set_header(&mut h, headers::REPLY_TO, r);
-        }
-        let payload = serde_json::to_vec(&cancelled_result(t, reason)).unwrap_or_default();
-        return ctx
-            .js
-            .publish_with_headers(ctx.subjects.result(&t.id), h, Bytes::from(payload))
-            .await;
-    }
     for (k, v) in &t.headers {
         let _ = protocol::set_header(&mut h, k, v);
     }

@@ -94,6 +94,17 @@ impl DeferredTask {
         Some(k)
     }
 
+    /// Its key in the index of parked tasks by line, if parked: the line (throttle and
+    /// key, each length-prefixed, as both may hold any byte), then its turn and id, so a
+    /// line's last turn is the last key under its prefix.
+    fn line_key(&self) -> Option<Vec<u8>> {
+        let turn = self.turn.as_ref()?;
+        let mut k = line_prefix(&turn.throttle, &turn.key);
+        k.extend_from_slice(&turn.at_ms.to_be_bytes());
+        k.extend_from_slice(self.id.as_bytes());
+        Some(k)
+    }
+
     /// Where it is, as the indexes hold it: which tree (`PARKED` or `DEFERRED`), then its
     /// key there.
     fn location(&self) -> Vec<u8> {
@@ -105,6 +116,17 @@ impl DeferredTask {
         v.extend_from_slice(&self.key());
         v
     }
+}
+
+/// The prefix of a throttle line's entries in the index of parked tasks by line.
+fn line_prefix(throttle: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + throttle.len() + key.len() + 8 + 16);
+    for part in [throttle, key] {
+        let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+        k.extend_from_slice(&len.to_be_bytes());
+        k.extend_from_slice(part.as_bytes().get(..usize::from(len)).unwrap_or_default());
+    }
+    k
 }
 
 /// The deadline index's tags for the tree an entry is in.
@@ -152,6 +174,9 @@ pub struct Deferrals {
     deadlines: sled::Tree,
     /// Every deferred and parked task by id (value: its location), to cancel one.
     ids: sled::Tree,
+    /// Parked tasks by line, then turn ([`DeferredTask::line_key`]), to find a line's
+    /// last turn without reading the parked tree.
+    lines: sled::Tree,
     /// Held by the release loop through each pass, and by a cancel while it marks its
     /// task: a task is never released to intake while it is being cancelled.
     pass: tokio::sync::Mutex<()>,
@@ -178,12 +203,16 @@ impl Deferrals {
         let parked_count = parked.len();
         let deadlines = store.tree("deferred_deadlines")?;
         let ids = store.tree("deferred_ids")?;
+        let lines = store.tree("parked_lines")?;
         if ids.is_empty() {
-            // Entries stored before the index existed (December 2026) are indexed once.
+            // Entries stored before the indexes existed (December 2026) are indexed once.
             for item in tree.iter().chain(parked.iter()) {
                 let (_, v) = item?;
                 if let Ok(t) = serde_json::from_slice::<DeferredTask>(&v) {
                     ids.insert(t.id.as_bytes(), t.location())?;
+                    if let Some(k) = t.line_key() {
+                        lines.insert(k, &[])?;
+                    }
                 }
             }
         }
@@ -195,6 +224,7 @@ impl Deferrals {
             parked_count: AtomicUsize::new(parked_count),
             deadlines,
             ids,
+            lines,
             pass: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             max: max.max(1),
@@ -247,6 +277,9 @@ impl Deferrals {
             self.deadlines.insert(k, t.location())?;
         }
         self.ids.insert(t.id.as_bytes(), t.location())?;
+        if let Some(k) = t.line_key() {
+            self.lines.insert(k, &[])?;
+        }
         if tree.insert(t.key(), bytes)?.is_none() {
             count.fetch_add(1, Ordering::Relaxed);
             // A parked task waits in no budget queue (`queues` is empty).
@@ -285,6 +318,9 @@ impl Deferrals {
             let _ = self
                 .ids
                 .compare_and_swap(t.id.as_bytes(), Some(at), None as Option<&[u8]>)?;
+            if let Some(k) = t.line_key() {
+                self.lines.remove(k)?;
+            }
         }
         if removed && let Ok(mut q) = self.queued.lock() {
             for k in &t.queues {
@@ -494,6 +530,15 @@ impl Deferrals {
         }
     }
 
+    /// Deletes a parked entry by key alone, leaving its index entries (tests: a crash
+    /// between the writes).
+    #[cfg(test)]
+    pub(crate) fn parked_remove_raw(&self, key: &[u8]) {
+        if self.parked.remove(key).ok().flatten().is_some() {
+            self.parked_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Empties the id index (tests: a store from before it existed).
     #[cfg(test)]
     pub(crate) fn clear_ids_raw(&self) {
@@ -504,6 +549,32 @@ impl Deferrals {
     pub fn next_turn_ms(&self) -> Option<u64> {
         let (k, _) = self.parked.first().ok()??;
         Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))
+    }
+
+    /// The last turn (unix ms) still parked in `throttle`'s line for `key`, if any. An
+    /// index entry whose task is not parked there (a crash between the two writes) is
+    /// dropped on the way.
+    pub fn last_parked_turn_ms(
+        &self,
+        throttle: &str,
+        key: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let prefix = line_prefix(throttle, key);
+        while let Some((k, _)) = self.lines.scan_prefix(&prefix).next_back().transpose()? {
+            let rest = k.get(prefix.len()..).unwrap_or_default();
+            let at = rest
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            // The parked tree's key is the same turn and id.
+            if let Some(at) = at
+                && self.parked.contains_key(rest)?
+            {
+                return Ok(Some(at));
+            }
+            self.lines.remove(&k)?;
+        }
+        Ok(None)
     }
 
     /// Every parked task's turn, in turn order (to resume the throttles' lines at start).

@@ -534,6 +534,51 @@ fn a_cancelled_waiting_task_is_due_at_once_and_never_released() {
     assert_eq!(q.find("other").unwrap(), Some(other));
 }
 
+/// A line's last parked turn is found under its prefix alone, follows removals, and an
+/// index entry whose task is not parked (a crash between the writes) is dropped.
+#[test]
+fn a_line_s_last_parked_turn_is_found_by_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    let parked = |id: &str, key: &str, at_ms: u64| DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "t".into(),
+            key: key.into(),
+            at_ms,
+            spec: 7,
+        }),
+        ..deferred(id, 5, 1_000, 0.0)
+    };
+    let (a1, a2, b1) = (
+        parked("a1", "a", 1_000),
+        parked("a2", "a", 5_000),
+        parked("b1", "b", 9_000),
+    );
+    for t in [&a2, &a1, &b1] {
+        q.insert(t).unwrap();
+    }
+    q.insert(&deferred("budget", 5, 1_000, 0.1)).unwrap();
+    let last = |key| q.last_parked_turn_ms("t", key).unwrap();
+    assert_eq!(
+        (last("a"), last("b"), last("c")),
+        (Some(5_000), Some(9_000), None)
+    );
+    // A key that is a prefix of another is its own line.
+    assert_eq!(q.last_parked_turn_ms("t", "").unwrap(), None);
+    q.remove(&a2).unwrap();
+    assert_eq!(last("a"), Some(1_000));
+    q.remove(&a1).unwrap();
+    assert_eq!(last("a"), None);
+    // The index entry of a task that is gone from the parked tree is passed over.
+    q.insert(&a2).unwrap();
+    q.parked_remove_raw(&a2.key());
+    assert_eq!(last("a"), None);
+    q.insert(&a1).unwrap();
+    assert_eq!(last("a"), Some(1_000));
+}
+
 #[test]
 fn deferred_tasks_are_released_after_the_window_resets_priority_first_then_oldest() {
     let dir = tempfile::tempdir().unwrap();
@@ -1322,9 +1367,37 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
     );
 }
 
-/// Held-back tasks of one key get turns one permit apart, after the limiter's next permit;
-/// a turn close at hand is waited out in the stream, one further off is parked; while a
-/// key has a line, newcomers join its end, and a task back at its turn passes.
+/// A throttle `slow` on every producer at `rate` tasks a second, and its limiters.
+fn producer_throttle(rate: &str) -> (Policy, super::throttle::Throttles) {
+    let toml =
+        format!("[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = {rate}\n");
+    let policy = parse(&[("t.policy.toml", &toml)]).unwrap();
+    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
+    (policy, throttles)
+}
+
+/// What a task of `producer` is throttled by.
+fn producer_keys(producer: &str) -> super::throttle::ThrottleKeys<'_> {
+    super::throttle::ThrottleKeys {
+        pool: "docs",
+        producer: Some(producer),
+        ..Default::default()
+    }
+}
+
+/// The policy clock's time in the throttle tests.
+const THROTTLE_NOW: u64 = 1_764_000_000_000;
+
+/// Task `id` asking at `now_ms`, with no turn yet.
+fn asking(id: &str, now_ms: u64) -> super::throttle::Asking<'_> {
+    super::throttle::Asking {
+        task_id: id,
+        now_ms,
+        turn: None,
+        inline_cap: 100,
+    }
+}
+
 /// Parked tasks that leave their line before their turns (cancelled, or past their
 /// deadline) give their places back: the line ends at the last turn still parked, and
 /// with none it is gone, so a newcomer waits for the limiter's next permit only.
@@ -1332,34 +1405,31 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
 fn a_line_shrinks_to_the_turns_still_parked_in_it() {
     use std::time::Duration;
 
-    use super::throttle::{Asking, ThrottleKeys};
-    let policy = parse(&[(
-        "t.policy.toml",
-        "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 0.1\n",
-    )])
-    .unwrap();
-    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
-    let keys = |producer| ThrottleKeys {
-        pool: "docs",
-        producer: Some(producer),
-        ..Default::default()
+    let (_, throttles) = producer_throttle("0.1");
+    let ask = |id| asking(id, THROTTLE_NOW);
+    let held = |id| {
+        throttles
+            .admit(producer_keys("a"), 10, ask(id))
+            .unwrap_err()
     };
-    const NOW: u64 = 1_764_000_000_000;
-    let ask = |id: &'static str| Asking {
-        task_id: id,
-        now_ms: NOW,
-        turn: None,
-        inline_cap: 100,
-    };
-    let held = |id: &'static str| throttles.admit(keys("a"), 10, ask(id)).unwrap_err();
-    assert!(throttles.admit(keys("a"), 10, ask("t0")).is_ok());
+    assert!(throttles.admit(producer_keys("a"), 10, ask("t0")).is_ok());
     // Turns 10, 20, 30 and 40 s off.
     let turns: Vec<_> = ["t1", "t2", "t3", "t4"].map(|id| held(id).turn).into();
     let near = |w: Duration, s: u64| w.abs_diff(Duration::from_secs(s)) < Duration::from_secs(1);
+    // What the parked queue would say: the last of these turns, per line.
+    let still = |parked: Vec<super::throttle::Turn>| {
+        move |throttle: &str, key: &str| {
+            parked
+                .iter()
+                .filter(|t| t.throttle == throttle && t.key == key)
+                .map(|t| t.at_ms)
+                .max()
+        }
+    };
     // t2 and t4 leave; t1 and t3 still wait: a newcomer comes after t3, not after t4.
     throttles.shrink_lines(
         &[turns[1].clone(), turns[3].clone()],
-        &[turns[0].clone(), turns[2].clone()],
+        &still(vec![turns[0].clone(), turns[2].clone()]),
     );
     let n1 = held("n1");
     assert!(near(n1.wait, 40), "{n1:?}");
@@ -1372,7 +1442,7 @@ fn a_line_shrinks_to_the_turns_still_parked_in_it() {
         throttle: "gone".into(),
         ..turns[0].clone()
     };
-    throttles.shrink_lines(&[other, foreign], &[]);
+    throttles.shrink_lines(&[other, foreign], &still(vec![]));
     assert!(near(held("n2").wait, 50));
     // Every one of them leaves: the line is gone, and the next newcomer waits only for
     // the limiter's next permit (t0 took the last one).
@@ -1381,34 +1451,23 @@ fn a_line_shrinks_to_the_turns_still_parked_in_it() {
         .cloned()
         .chain([held("n3").turn])
         .collect();
-    throttles.shrink_lines(&all, &[]);
+    throttles.shrink_lines(&all, &still(vec![]));
     let n4 = held("n4");
     assert!(near(n4.wait, 10), "{n4:?}");
 }
 
+/// Held-back tasks of one key get turns one permit apart, after the limiter's next permit;
+/// a turn close at hand is waited out in the stream, one further off is parked; while a
+/// key has a line, newcomers join its end, and a task back at its turn passes.
 #[test]
 fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     use std::time::Duration;
 
-    use super::throttle::{Asking, ThrottleKeys, Wait, spec_hash};
-    let policy = parse(&[(
-        "t.policy.toml",
-        "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 2\n",
-    )])
-    .unwrap();
-    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
-    let keys = |producer| ThrottleKeys {
-        pool: "docs",
-        producer: Some(producer),
-        ..Default::default()
-    };
-    const NOW: u64 = 1_764_000_000_000;
-    let ask = |id: &'static str, now_ms: u64| Asking {
-        task_id: id,
-        now_ms,
-        turn: None,
-        inline_cap: 100,
-    };
+    use super::throttle::{Asking, Wait, spec_hash};
+    let (policy, throttles) = producer_throttle("2");
+    let keys = producer_keys;
+    const NOW: u64 = THROTTLE_NOW;
+    let ask = asking;
     assert!(
         throttles.admit(keys("a"), 10, ask("t0", NOW)).is_ok(),
         "the burst of one"

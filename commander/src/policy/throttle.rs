@@ -452,10 +452,10 @@ impl Throttles {
     }
 
     /// After parked tasks left their lines before their turns (`left`: their turns), ends
-    /// each of those lines at the last turn still parked in it (`parked`: every parked
-    /// task's turn), or removes it when none is: a newcomer then waits behind the tasks
-    /// that still wait, not behind places nobody will come back for.
-    pub fn shrink_lines(&self, left: &[Turn], parked: &[Turn]) {
+    /// each of those lines at the last turn still parked in it (`last_parked`: for a
+    /// throttle and key, in unix ms), or removes it when none is: a newcomer then waits
+    /// behind the tasks that still wait, not behind places nobody will come back for.
+    pub fn shrink_lines(&self, left: &[Turn], last_parked: &dyn Fn(&str, &str) -> Option<u64>) {
         for l in &self.active {
             let mut keys: Vec<&str> = left
                 .iter()
@@ -465,12 +465,7 @@ impl Throttles {
             keys.sort_unstable();
             keys.dedup();
             for key in keys {
-                let last = parked
-                    .iter()
-                    .filter(|t| l.gave(t) && t.key == key)
-                    .map(|t| t.at_ms)
-                    .max();
-                l.shrink_line(key, last);
+                l.shrink_line(key, last_parked(&l.spec.name, key));
             }
         }
     }
