@@ -115,9 +115,16 @@ export function fmtNum(x, digits = 1) {
   return x.toFixed(a < 10 ? 2 : digits);
 }
 
+/**
+ * USD at the precision the amount needs: whole dollars from $100, cents from $1, four
+ * decimals below; an amount under $0.0001 (a cheap model's cost per task, a tiny cap)
+ * keeps two significant digits instead of showing as $0.0000.
+ */
 export function usd(x) {
   if (x == null || !Number.isFinite(x)) return '—';
-  return '$' + (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toFixed(4));
+  const a = Math.abs(x);
+  if (a > 0 && a < 0.0001) return '$' + String(Number(x.toPrecision(2)));
+  return '$' + (a >= 100 ? x.toFixed(0) : a >= 1 ? x.toFixed(2) : x.toFixed(4));
 }
 
 export function ago(ms) {

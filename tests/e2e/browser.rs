@@ -320,6 +320,8 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         stack.get_json("/v1/tasks/capped-1").await["state"] == "deferred"
     })
     .await;
+    // Away and back: the policy page is drawn anew, with the cap.
+    c.goto(&format!("{base}/#/audit")).await.unwrap();
     c.goto(&format!("{base}/#/policy")).await.unwrap();
     let cancel = c
         .wait()
@@ -331,6 +333,9 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         .unwrap();
     let row = text(&c, "#waiting tr[data-task=\"capped-1\"]").await;
     assert!(row.contains("operator_cost_cap"), "{row}");
+    // A cap under a hundredth of a cent is shown as set, not as $0.0000.
+    let cap = text(&c, "#cap").await;
+    assert!(cap.starts_with("$0.000001 per 1h"), "{cap}");
     shot(&c, "policy-waiting").await;
     cancel.click().await.unwrap();
     eventually("the task is cancelled", WAIT, async || {
