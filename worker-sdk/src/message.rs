@@ -425,6 +425,15 @@ pub struct TaskResult {
 }
 
 impl TaskResult {
+    /// A cancellation by the commander (a deadline that passed, an operator's cancel of
+    /// a waiting task): the task never ran.
+    pub fn cancelled(task_id: &str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: ResultStatus::Cancelled,
+            ..Self::rejected(task_id, code, message)
+        }
+    }
+
     /// A rejection by the commander: the task never ran.
     pub fn rejected(task_id: &str, code: &str, message: impl Into<String>) -> Self {
         Self {

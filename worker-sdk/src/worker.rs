@@ -269,6 +269,8 @@ impl Completed {
 
 struct Shared<H> {
     config: WorkerConfig,
+    /// The connection, for the server's `max_payload` (which a reconnect may change).
+    client: async_nats::Client,
     js: jetstream::Context,
     results: stream::Stream,
     handler: H,
@@ -395,6 +397,7 @@ impl Worker {
             .map_err(|e| setup(&e))?;
         let stats = Arc::new(WorkerStats::default());
         let shared = Arc::new(Shared {
+            client: client.clone(),
             js,
             results,
             handler,
@@ -1026,7 +1029,7 @@ where
         baggage: &trace.baggage,
         reply_to: reply_to.as_deref(),
     };
-    let max_payload = shared.js.client().max_payload();
+    let max_payload = shared.client.max_payload();
     let built = result_message(&cfg.subjects, &result, &carry).and_then(|message| {
         let size = wire_len(&message);
         if size <= max_payload {

@@ -200,15 +200,13 @@ impl Reject {
 
     /// The result it ends its task with.
     pub(super) fn result(&self) -> fleet_worker::message::TaskResult {
-        let mut result = fleet_worker::message::TaskResult::rejected(
-            &self.id,
-            &self.error.code,
-            self.error.message.clone(),
-        );
-        if self.expired {
-            result.status = fleet_worker::message::ResultStatus::Cancelled;
-        }
-        result
+        use fleet_worker::message::TaskResult;
+        let end = if self.expired {
+            TaskResult::cancelled
+        } else {
+            TaskResult::rejected
+        };
+        end(&self.id, &self.error.code, self.error.message.clone())
     }
 }
 

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use fleet_worker::protocol::{self, headers};
 use tokio::sync::watch;
 
-use fleet_worker::message::{ResultStatus, TaskResult};
+use fleet_worker::message::TaskResult;
 
 use super::Ctx;
 use crate::policy::DeferredTask;
@@ -161,7 +161,12 @@ async fn publish(
     if let Some(reason) = &t.cancelled {
         let reply_to = t.headers.iter().find(|(k, _)| k == headers::REPLY_TO);
         let reply_to = reply_to.map(|(_, r)| r.as_str());
-        return super::publish_own_result(ctx, &cancelled_result(t, reason), reply_to).await;
+        return super::publish_own_result(
+            ctx,
+            &TaskResult::cancelled(&t.id, "cancelled", reason),
+            reply_to,
+        )
+        .await;
     }
     let mut h = HeaderMap::new();
     let _ = protocol::set_header(&mut h, headers::TASK_ID, &t.id);
@@ -186,13 +191,6 @@ async fn publish(
         .await
 }
 
-/// The result of a task cancelled while it waited: `cancelled`, never ran.
-fn cancelled_result(t: &DeferredTask, reason: &str) -> TaskResult {
-    let mut r = TaskResult::rejected(&t.id, "cancelled", reason);
-    r.status = ResultStatus::Cancelled;
-    r
-}
-
 /// After JetStream answered for one task: out of the queue once acknowledged (a
 /// cancelled one's end recorded first), else kept for the next pass.
 fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, now: u64, tally: &mut Tally) {
@@ -207,7 +205,7 @@ fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, now: u64, tally
         tally.left_early.push(turn.clone());
     }
     if let Some(reason) = &t.cancelled {
-        let result = cancelled_result(&t, reason);
+        let result = TaskResult::cancelled(&t.id, "cancelled", reason);
         let recorded = ctx.core.store.update(
             &t.id,
             || crate::store::TaskRecord::new(&t.id, 0),

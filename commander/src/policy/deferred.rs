@@ -129,7 +129,7 @@ fn line_prefix(throttle: &str, key: &str) -> Vec<u8> {
     k
 }
 
-/// The deadline index's tags for the tree an entry is in.
+/// The tags of the tree an entry is in, in the deadline and id indexes' values.
 const DEFERRED: u8 = 0;
 const PARKED: u8 = 1;
 
@@ -409,6 +409,15 @@ impl Deferrals {
         self.pass.lock().await
     }
 
+    /// The stored entry at a location as the indexes hold it ([`DeferredTask::location`]).
+    fn entry_at(&self, location: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(match location.split_first() {
+            Some((&PARKED, key)) => self.parked.get(key)?,
+            Some((_, key)) => self.tree.get(key)?,
+            None => None,
+        })
+    }
+
     /// The deferred or parked task `id`, if it waits.
     pub fn find(&self, id: &str) -> Result<Option<DeferredTask>, StoreError> {
         Ok(self.find_raw(id)?.map(|(t, _)| t))
@@ -418,12 +427,7 @@ impl Deferrals {
         let Some(at) = self.ids.get(id.as_bytes())? else {
             return Ok(None);
         };
-        let bytes = match at.split_first() {
-            Some((&PARKED, key)) => self.parked.get(key)?,
-            Some((_, key)) => self.tree.get(key)?,
-            None => None,
-        };
-        Ok(bytes.and_then(|b| {
+        Ok(self.entry_at(&at)?.and_then(|b| {
             let t = serde_json::from_slice::<DeferredTask>(&b).ok()?;
             (t.id == id).then_some((t, b))
         }))
@@ -488,12 +492,10 @@ impl Deferrals {
                 break;
             }
             let (k, v) = item?;
-            let entry = match v.split_first() {
-                Some((&PARKED, key)) => self.parked.get(key)?,
-                Some((_, key)) => self.tree.get(key)?,
-                None => None,
-            };
-            match entry.map(|e| serde_json::from_slice::<DeferredTask>(&e)) {
+            match self
+                .entry_at(&v)?
+                .map(|e| serde_json::from_slice::<DeferredTask>(&e))
+            {
                 Some(Ok(t)) if t.deadline_key().as_deref() == Some(&k[..]) => out.push(t),
                 // Its task left without its index entry (a crash between the two
                 // writes), is not the one it was written for (a cancel that did not
