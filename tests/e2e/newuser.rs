@@ -43,6 +43,110 @@ async fn a_task_the_api_accepted_is_found_at_once() {
     assert_eq!(stack.metric("fleet_intake_duplicates_total").await, 0.0);
 }
 
+/// A producer that speaks HTTP only gets its result over HTTP: the JSON the worker (or
+/// the commander, for a task that never ran) published, waited for with `wait_s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_producer_reads_its_result_over_http() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let http = reqwest::Client::new();
+    let accepted: Value = http
+        .post(stack.http("/v1/tasks"))
+        .body(r#"{"schema":1,"id":"over-http","description":"summarise over http"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let result_url = accepted["result_url"].as_str().unwrap().to_string();
+    assert_eq!(result_url, "/v1/tasks/over-http/result");
+    // No worker yet: where the task is, and when to ask again.
+    let early = http.get(stack.http(&result_url)).send().await.unwrap();
+    assert_eq!(early.status().as_u16(), 202);
+    assert_eq!(early.headers()["retry-after"], "1");
+    let early: Value = early.json().await.unwrap();
+    assert!(
+        ["received", "dispatched"].contains(&early["state"].as_str().unwrap()),
+        "{early}"
+    );
+    // A long poll that a worker answers while it waits.
+    let waiting = tokio::spawn(
+        http.get(stack.http(&format!("{result_url}?wait_s=60")))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (seen, _worker) = watched_worker(&stack.client, "alpha", "http-w1", 1).await;
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let trace_id = accepted["traceparent"].as_str().unwrap()[3..35].to_string();
+    let result_tp = resp.headers()["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(
+        &result_tp[3..35],
+        trace_id,
+        "the result's trace is the task's"
+    );
+    let result: Value = resp.json().await.unwrap();
+    assert_eq!(result["task_id"], "over-http");
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["output"]["echo"], "summarise over http");
+    assert_eq!(result["worker_id"], "http-w1");
+    assert_eq!(seen.lock().unwrap().runs_per_task()["over-http"], 1);
+    // Asked again, at once: the same result.
+    let again: Value = http
+        .get(stack.http(&result_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, result);
+
+    // A task the commander refused: its rejection is its result.
+    http.post(stack.http("/v1/tasks"))
+        .body(r#"{"schema":1,"id":"nowhere","description":"x","pool":"omega"}"#)
+        .send()
+        .await
+        .unwrap();
+    let refused = http
+        .get(stack.http("/v1/tasks/nowhere/result?wait_s=60"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 200);
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["status"], "rejected", "{refused}");
+    assert_eq!(refused["error"]["code"], "unknown_pool", "{refused}");
+
+    // Unknown to the commander.
+    let unknown = http
+        .get(stack.http("/v1/tasks/never-sent/result"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+
+    // A finished task whose result left the results stream (kept 7 days): 410, pointing
+    // at the record, which keeps the outcome.
+    let js = async_nats::jetstream::new(stack.client.clone());
+    js.get_stream("FLEET_RESULTS")
+        .await
+        .unwrap()
+        .purge()
+        .filter("fleet.results.over-http")
+        .await
+        .unwrap();
+    let gone = http.get(stack.http(&result_url)).send().await.unwrap();
+    assert_eq!(gone.status().as_u16(), 410);
+    let gone: Value = gone.json().await.unwrap();
+    assert_eq!(gone["error"]["code"], "gone", "{gone}");
+    let rec = task_record(stack.commander.http(), "over-http")
+        .await
+        .unwrap();
+    assert_eq!(rec["outcome"]["status"], "ok", "{rec}");
+}
+
 /// Kills the child when dropped, so a failing assertion cannot leave it running.
 struct KillOnDrop(std::process::Child);
 

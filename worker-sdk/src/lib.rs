@@ -22,7 +22,9 @@ pub mod trace;
 pub mod worker;
 
 pub use message::{ErrorInfo, Heartbeat, ResultStatus, Task, TaskResult, Usage};
-pub use producer::{Producer, ProducerError, ResultInbox, SubmitOptions, SubmitReceipt};
+pub use producer::{
+    Producer, ProducerError, ResultInbox, StoredResult, SubmitOptions, SubmitReceipt,
+};
 pub use protocol::Subjects;
 pub use telemetry::{LlmCall, TaskTelemetry, ToolCall};
 pub use trace::{Baggage, SpanId, TraceId, TraceParent};

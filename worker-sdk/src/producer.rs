@@ -285,28 +285,53 @@ impl Producer {
         task_id: &str,
         timeout: Duration,
     ) -> Result<TaskResult, ProducerError> {
+        match self.stored_result(task_id, timeout).await? {
+            Some(stored) => parse_result(task_id, &stored.payload),
+            None => Err(ProducerError::Timeout(task_id.to_string())),
+        }
+    }
+
+    /// The latest result of one task as its publisher sent it (the JSON unparsed, and its
+    /// headers), from the results stream if it is already there, else as it arrives within
+    /// `wait` (zero: look once). `Ok(None)`: none in that time. An error: the results
+    /// stream could not be asked, so whether there is a result is not known.
+    pub async fn stored_result(
+        &self,
+        task_id: &str,
+        wait: Duration,
+    ) -> Result<Option<StoredResult>, ProducerError> {
         let subject = self.subjects.result(task_id);
+        let results = self.results_stream().await?;
+        if wait.is_zero() {
+            return look_up_result(&results, &subject).await;
+        }
         // Subscribe before looking, so a result published in between is not missed.
         let mut sub = self
             .client
             .subscribe(subject.clone())
             .await
             .map_err(|e| ProducerError::Nats(e.to_string()))?;
-        let results = self.results_stream().await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Not there yet, or the server was too slow to answer (a loaded server times
             // the request out): either way, wait a little on the subscription and look
             // again, so a result stored before the subscription took effect is not missed.
-            if let Ok(stored) = results.direct_get_last_for_subject(subject.clone()).await {
-                return parse_result(task_id, &stored.payload);
+            let looked = look_up_result(&results, &subject).await;
+            if let Ok(Some(stored)) = looked {
+                return Ok(Some(stored));
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                return Err(ProducerError::Timeout(task_id.to_string()));
+                // The last look says whether "none" is known or only not asked.
+                return looked;
             }
             match tokio::time::timeout(left.min(Duration::from_secs(1)), sub.next()).await {
-                Ok(Some(msg)) => return parse_result(task_id, &msg.payload),
+                Ok(Some(msg)) => {
+                    return Ok(Some(StoredResult {
+                        payload: msg.payload,
+                        headers: msg.headers.unwrap_or_default(),
+                    }));
+                }
                 Ok(None) => return Err(ProducerError::Nats("subscription closed".into())),
                 Err(_) => continue,
             }
@@ -336,6 +361,33 @@ impl Producer {
             order: VecDeque::new(),
             duplicates: 0,
         })
+    }
+}
+
+/// A result as its publisher sent it: a worker, or the commander for a task that never
+/// ran (docs/protocol.md §6).
+#[derive(Clone, Debug)]
+pub struct StoredResult {
+    /// The result JSON, unparsed.
+    pub payload: Bytes,
+    /// Its headers (`traceparent`, `Fleet-Task-Id`, `Fleet-Attempt`, …).
+    pub headers: HeaderMap,
+}
+
+/// The last message on a task's result subject: `Ok(None)` when the stream has none.
+async fn look_up_result(
+    results: &stream::Stream<()>,
+    subject: &str,
+) -> Result<Option<StoredResult>, ProducerError> {
+    match results.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(Some(StoredResult {
+            payload: m.payload,
+            headers: m.headers,
+        })),
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ProducerError::Nats(format!(
+            "the results stream did not answer: {e}"
+        ))),
     }
 }
 

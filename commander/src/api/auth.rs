@@ -45,6 +45,7 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/v1/tasks", SUBMIT),
     ("GET", "/v1/tasks", READ),
     ("GET", "/v1/tasks/{id}", TASK),
+    ("GET", "/v1/tasks/{id}/result", TASK),
     ("GET", "/v1/fleet", READ),
     ("GET", "/v1/workers", READ),
     ("GET", "/v1/workers/{id}", READ),

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -13,7 +14,7 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_worker::message::{FieldProblem, Task, TaskError};
-use fleet_worker::producer::{Producer, ProducerError, SubmitOptions, SubmitReceipt};
+use fleet_worker::producer::{Producer, ProducerError, StoredResult, SubmitOptions, SubmitReceipt};
 use fleet_worker::protocol::{headers, is_subject_token};
 use fleet_worker::trace::{Baggage, TraceParent, parse_tracestate};
 use futures::future::BoxFuture;
@@ -30,6 +31,7 @@ pub mod control;
 mod decisions;
 mod fleet;
 mod policy;
+mod result;
 pub mod stream;
 #[cfg(test)]
 mod tests;
@@ -37,14 +39,23 @@ mod traces;
 use crate::store::TaskRecord;
 use crate::supervise::Supervisor;
 
-/// Where `POST /v1/tasks` puts a task: in service the intake stream, through the same
-/// [`Producer`] a NATS producer uses; the answer is the stream's durable ack.
+/// Where `POST /v1/tasks` puts a task, and where `GET /v1/tasks/{id}/result` reads its
+/// result: in service the intake and results streams, through the same [`Producer`] a
+/// NATS producer uses; a submission's answer is the stream's durable ack.
 pub trait Intake: Send + Sync + std::fmt::Debug {
     fn submit<'a>(
         &'a self,
         task: &'a Task,
         opts: SubmitOptions,
     ) -> BoxFuture<'a, Result<SubmitReceipt, ProducerError>>;
+
+    /// The task's latest result as published, waiting up to `wait` for one (zero: look
+    /// once); `Ok(None)` when there is none in that time.
+    fn result<'a>(
+        &'a self,
+        task_id: &'a str,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<Option<StoredResult>, ProducerError>>;
 }
 
 impl Intake for Producer {
@@ -54,6 +65,14 @@ impl Intake for Producer {
         opts: SubmitOptions,
     ) -> BoxFuture<'a, Result<SubmitReceipt, ProducerError>> {
         Box::pin(Producer::submit(self, task, opts))
+    }
+
+    fn result<'a>(
+        &'a self,
+        task_id: &'a str,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<Option<StoredResult>, ProducerError>> {
+        Box::pin(Producer::stored_result(self, task_id, wait))
     }
 }
 
@@ -122,6 +141,9 @@ pub enum ApiError {
     /// What was not found, in words ("task t-1 not found").
     #[error("{0}")]
     NotFound(String),
+    /// What existed and is no longer kept (a result older than the results stream keeps).
+    #[error("{0}")]
+    Gone(String),
     /// A policy (or other document) with these problems.
     #[error("{} problem(s)", .0.len())]
     Invalid(Vec<crate::domain::Problem>),
@@ -156,6 +178,7 @@ impl ApiError {
             ApiError::BadTask(TaskError::Parse(_)) => (StatusCode::BAD_REQUEST, "bad_json"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -364,6 +387,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/tasks", post(submit_task).get(policy::tasks))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/result", get(result::result))
         .route("/v1/fleet", get(fleet::overview))
         .route("/v1/workers", get(fleet::workers))
         .route("/v1/workers/{id}", get(fleet::worker))
@@ -638,6 +662,8 @@ struct Accepted {
     stream_sequence: u64,
     duplicate: bool,
     status_url: String,
+    /// Where the result will be: `GET` it, with `?wait_s=` to wait for it.
+    result_url: String,
 }
 
 /// The producer's trace context of a task the intake loop has taken, from its record:
@@ -734,6 +760,7 @@ async fn submit_task(
     };
     let accepted = Accepted {
         status_url: format!("/v1/tasks/{}", receipt.task_id),
+        result_url: format!("/v1/tasks/{}/result", receipt.task_id),
         task_id: receipt.task_id,
         traceparent: traceparent.to_header(),
         stream_sequence: receipt.stream_sequence,

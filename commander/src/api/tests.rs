@@ -1,16 +1,18 @@
 //! The router on its own, driven with `oneshot`: every status the API documents for bad
 //! requests, auth, and an accepted submission. The store, the fleet owner, the decision
-//! log and the policy engine are the real ones (sled in a temp dir); the two writes that
-//! reach NATS in service (the intake stream, the policy bucket) are scripted here and run
+//! log and the policy engine are the real ones (sled in a temp dir); what reaches NATS in
+//! service (the intake and results streams, the policy bucket) is scripted here and run
 //! against a real broker in the end-to-end tests.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use fleet_worker::message::Task;
-use fleet_worker::producer::{ProducerError, SubmitOptions, SubmitReceipt};
+use fleet_worker::producer::{ProducerError, StoredResult, SubmitOptions, SubmitReceipt};
 use fleet_worker::trace::TraceParent;
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -43,6 +45,8 @@ struct ScriptedIntake {
     next: Mutex<Answer>,
     seq: AtomicU64,
     seen: Mutex<Vec<(Task, SubmitOptions)>>,
+    /// The results stream's answers by task id: a stored result, or a scripted error.
+    results: Mutex<HashMap<String, Result<StoredResult, fn() -> ProducerError>>>,
 }
 
 impl Intake for ScriptedIntake {
@@ -70,6 +74,20 @@ impl Intake for ScriptedIntake {
                     .map(|p| p.child())
                     .unwrap_or_else(TraceParent::new_root),
             })
+        })
+    }
+
+    fn result<'a>(
+        &'a self,
+        task_id: &'a str,
+        _wait: Duration,
+    ) -> BoxFuture<'a, Result<Option<StoredResult>, ProducerError>> {
+        Box::pin(async move {
+            match self.results.lock().unwrap().get(task_id) {
+                Some(Ok(stored)) => Ok(Some(stored.clone())),
+                Some(Err(e)) => Err(e()),
+                None => Ok(None),
+            }
         })
     }
 }
@@ -292,6 +310,7 @@ async fn an_accepted_task_is_answered_202_continues_the_callers_trace_and_is_fou
     assert_eq!(json["stream_sequence"], 1);
     assert_eq!(json["duplicate"], false);
     assert_eq!(json["status_url"], "/v1/tasks/t-1");
+    assert_eq!(json["result_url"], "/v1/tasks/t-1/result");
     let tp = TraceParent::parse(json["traceparent"].as_str().unwrap()).unwrap();
     assert_eq!(tp.trace_id.to_hex(), "0af7651916cd43dd8448eb211c80319c");
     {
@@ -411,6 +430,132 @@ async fn an_intake_that_cannot_take_the_task_is_a_503_to_retry() {
     assert_eq!(headers[header::RETRY_AFTER], "1");
     assert_eq!(code(&json), "unavailable");
     assert_eq!(api.get("/v1/tasks/t-2").await.0, StatusCode::NOT_FOUND);
+}
+
+/// `GET /v1/tasks/{id}/result`: the result as published (200), where the task is while it
+/// has none (202), nothing known (404), a finished task whose result aged out (410), and a
+/// results stream that did not answer (503). The real stream is read in the e2e tests.
+#[tokio::test]
+async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
+    use crate::store::{TaskRecord, TaskState};
+    let api = api(None, 1 << 20);
+    let published = br#"{"schema":1,"task_id":"t-done","attempt":1,"status":"ok","output":{"summary":"x"},"extra_field":"kept"}"#;
+    let mut stored_headers = async_nats::HeaderMap::new();
+    stored_headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
+    stored_headers.insert("Fleet-Attempt", "1");
+    api.intake.results.lock().unwrap().insert(
+        "t-done".into(),
+        Ok(StoredResult {
+            payload: bytes::Bytes::from_static(published),
+            headers: stored_headers,
+        }),
+    );
+    let resp = router(api.state.clone())
+        .oneshot(
+            Request::get("/v1/tasks/t-done/result")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    assert_eq!(
+        resp.headers()["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(resp.headers()["fleet-attempt"], "1");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], &published[..], "the JSON exactly as published");
+
+    // A record and no result: where the task is, and when to ask again.
+    let store = &api.state.core.store;
+    store
+        .update(
+            "t-running",
+            || TaskRecord::new("t-running", 7),
+            |r| r.advance(TaskState::Dispatched),
+        )
+        .unwrap();
+    let (status, headers, json) = api
+        .call(
+            Request::get("/v1/tasks/t-running/result?wait_s=1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert_eq!(json["task_id"], "t-running");
+    assert_eq!(json["state"], "dispatched");
+    assert_eq!(json["status_url"], "/v1/tasks/t-running");
+
+    // Nothing at all: 404 when asked at once; told "not known yet" after a wait, since a
+    // task submitted over NATS is recorded only when the intake loop takes it.
+    let (status, json) = api.get("/v1/tasks/t-nobody/result").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+    assert_eq!(code(&json), "not_found");
+    let (status, json) = api.get("/v1/tasks/t-nobody/result?wait_s=1").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    assert_eq!(json["state"], Value::Null);
+
+    // Finished, but its result is no longer in the stream.
+    store
+        .update(
+            "t-old",
+            || TaskRecord::new("t-old", 8),
+            |r| r.advance(TaskState::Completed),
+        )
+        .unwrap();
+    let (status, json) = api.get("/v1/tasks/t-old/result").await;
+    assert_eq!(status, StatusCode::GONE, "{json}");
+    assert_eq!(code(&json), "gone");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET /v1/tasks/t-old"),
+        "{json}"
+    );
+
+    // The stream did not answer: unknown, so retry.
+    api.intake.results.lock().unwrap().insert(
+        "t-old".into(),
+        Err(|| ProducerError::Nats("the results stream did not answer: timed out".into())),
+    );
+    let (status, headers, json) = api
+        .call(
+            Request::get("/v1/tasks/t-old/result")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{json}"
+    );
+
+    // What the route refuses.
+    for bad in [
+        "/v1/tasks/t-done/result?wait_s=61",
+        "/v1/tasks/t-done/result?wait_s=-1",
+        "/v1/tasks/t-done/result?wait=5",
+        "/v1/tasks/a.b/result",
+    ] {
+        let (status, json) = api.get(bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {json}");
+    }
 }
 
 #[tokio::test]
