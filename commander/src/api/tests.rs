@@ -45,9 +45,12 @@ struct ScriptedIntake {
     next: Mutex<Answer>,
     seq: AtomicU64,
     seen: Mutex<Vec<(Task, SubmitOptions)>>,
-    /// The results stream's answers by task id: a stored result, or a scripted error.
-    results: Mutex<HashMap<String, Result<StoredResult, fn() -> ProducerError>>>,
+    /// The results stream's answers by task id.
+    results: Mutex<HashMap<String, StreamAnswer>>,
 }
+
+/// A stored result, or a scripted error.
+type StreamAnswer = Result<StoredResult, fn() -> ProducerError>;
 
 impl Intake for ScriptedIntake {
     fn submit<'a>(
