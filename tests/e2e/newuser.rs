@@ -118,6 +118,23 @@ async fn an_http_producer_reads_its_result_over_http() {
     let refused: Value = refused.json().await.unwrap();
     assert_eq!(refused["status"], "rejected", "{refused}");
     assert_eq!(refused["error"]["code"], "unknown_pool", "{refused}");
+    // Recorded by the intake loop and by the results loop, which reads the published
+    // rejection: one change in its history, not two.
+    let mut rec = Value::Null;
+    eventually("the rejection recorded", WAIT, async || {
+        rec = task_record(stack.commander.http(), "nowhere")
+            .await
+            .unwrap_or_default();
+        rec["rejection"]["code"] == "unknown_pool" && rec["outcome"]["status"] == "rejected"
+    })
+    .await;
+    let changes: Vec<&str> = rec["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["state"].as_str())
+        .collect();
+    assert_eq!(changes, ["rejected"], "{rec}");
 
     // Unknown to the commander.
     let unknown = http

@@ -732,7 +732,11 @@ fn record_rejection(ctx: &Ctx, rej: &Reject) -> Result<(), crate::store::StoreEr
                 None => {
                     r.decision_at_ms = rej.decision.as_ref().map(|d| d.at_ms);
                     r.rejection = Some(rej.error.clone());
-                    r.advance(TaskState::Rejected);
+                    // The results loop usually records the published rejection first
+                    // (it reads it as soon as it is stored): the same change, once.
+                    if r.state != TaskState::Rejected {
+                        r.advance(TaskState::Rejected);
+                    }
                 }
             }
         },
