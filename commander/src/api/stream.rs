@@ -300,7 +300,8 @@ pub async fn feed(
         let snap = fleet.snapshot();
         let open = alerts.open.load_full();
         let live = engine.live();
-        publish_tick(&hub, &mut st, &snap, &open, &live);
+        let cap = engine.cost_cap();
+        publish_tick(&hub, &mut st, &snap, &open, (&live, cap.as_ref()));
     }
 }
 
@@ -310,7 +311,7 @@ fn publish_tick(
     st: &mut FeedState,
     snap: &FleetSnapshot,
     open: &[crate::detect::Alert],
-    live: &crate::policy::Live,
+    (live, cap): (&crate::policy::Live, Option<&crate::policy::CostCap>),
 ) {
     let policy = &live.policy;
     let firing = open
@@ -376,14 +377,17 @@ fn publish_tick(
         );
     }
     st.alerts = still;
-    let version = format!("{}:{}", policy.version, policy.sha256);
+    // The cost cap is set by operators, not by a policy push: a change of it alone is a
+    // change of what is in force too (another operator's Policy page shows it).
+    let version = format!("{}:{}:{:?}", policy.version, policy.sha256, cap);
     if st.policy != version {
         hub.publish_watched(
             Kind::Policy,
             None,
             None,
             &serde_json::json!({"version": policy.version, "sha256": policy.sha256,
-                "budgets": policy.budgets.len(), "throttles": policy.throttles.len()}),
+                "budgets": policy.budgets.len(), "throttles": policy.throttles.len(),
+                "cost_cap": cap}),
         );
         st.policy = version;
     }

@@ -1443,6 +1443,58 @@ mod roles {
         assert_eq!(api.state.core.policy.live().policy.budgets.len(), 1);
     }
 
+    /// Another operator's Policy page reloads on `policy` events: setting, changing or
+    /// lifting the cost cap is one, though the policy's version and hash stay the same.
+    #[tokio::test]
+    async fn the_feed_sends_a_policy_event_when_the_cost_cap_changes() {
+        let api = api(None, 1 << 20);
+        let s = &api.state;
+        let mut sub = s.events.subscribe(None);
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(crate::api::stream::feed(
+            s.events.clone(),
+            s.core.fleet.clone(),
+            s.alerts.clone(),
+            s.core.policy.clone(),
+            stop,
+        ));
+        // The feed sends a snapshot every second: the wait is for the next policy event.
+        let mut next_policy = async || -> Value {
+            let policy_event = async {
+                loop {
+                    let ev = sub.rx.recv().await.unwrap();
+                    if ev.kind == crate::events::Kind::Policy {
+                        break ev;
+                    }
+                }
+            };
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(10), policy_event)
+                .await
+                .expect("a policy event within 10 s");
+            let frame = std::str::from_utf8(&ev.frame).unwrap();
+            let data = frame.lines().find_map(|l| l.strip_prefix("data: "));
+            serde_json::from_str(data.unwrap()).unwrap()
+        };
+        let first = next_policy().await;
+        assert_eq!(first["cost_cap"], Value::Null, "{first}");
+        s.core
+            .policy
+            .set_cost_cap(Some((5.0, "1h")), "ops")
+            .unwrap();
+        let set = next_policy().await;
+        assert_eq!(set["version"], first["version"]);
+        assert_eq!(set["sha256"], first["sha256"]);
+        assert_eq!(set["cost_cap"]["limit_usd"], 5.0, "{set}");
+        assert_eq!(set["cost_cap"]["set_by"], "ops", "{set}");
+        s.core
+            .policy
+            .set_cost_cap(Some((2.5, "1h")), "oncall")
+            .unwrap();
+        assert_eq!(next_policy().await["cost_cap"]["limit_usd"], 2.5);
+        s.core.policy.set_cost_cap(None, "oncall").unwrap();
+        assert_eq!(next_policy().await["cost_cap"], Value::Null);
+    }
+
     #[tokio::test]
     async fn the_stream_sends_typed_events_with_ids_filters_them_and_resumes() {
         use http_body_util::BodyExt;
