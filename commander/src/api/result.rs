@@ -55,15 +55,26 @@ pub async fn result(
             "wait_s={wait_s}: must be 0-{MAX_WAIT_S} (default 0)"
         )));
     }
-    let stored = s
-        .intake
-        .result(&id, Duration::from_secs(wait_s))
-        .await
-        .map_err(|e| {
-            ApiError::Busy(format!(
-                "the result of task {id} cannot be read now: {e}; retry later"
-            ))
-        })?;
+    // A shutdown ends the wait at once, answered as a wait with no result yet is (202):
+    // the caller asks again, of this commander once it is back or of another replica.
+    // Waiting on would hold the shutdown for the rest of `wait_s`, then drop the
+    // connection with no answer.
+    let mut closing = s.events.closing();
+    let shutdown = async move {
+        // An error is a hub dropped: no shutdown to wait for.
+        if closing.wait_for(|closing| *closing).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let looked = tokio::select! {
+        looked = s.intake.result(&id, Duration::from_secs(wait_s)) => looked,
+        () = shutdown => s.intake.result(&id, Duration::ZERO).await,
+    };
+    let stored = looked.map_err(|e| {
+        ApiError::Busy(format!(
+            "the result of task {id} cannot be read now: {e}; retry later"
+        ))
+    })?;
     if let Some(stored) = stored {
         return Ok(published(stored));
     }

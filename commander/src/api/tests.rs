@@ -83,13 +83,18 @@ impl Intake for ScriptedIntake {
     fn result<'a>(
         &'a self,
         task_id: &'a str,
-        _wait: Duration,
+        wait: Duration,
     ) -> BoxFuture<'a, Result<Option<StoredResult>, ProducerError>> {
         Box::pin(async move {
-            match self.results.lock().unwrap().get(task_id) {
-                Some(Ok(stored)) => Ok(Some(stored.clone())),
+            let answer = self.results.lock().unwrap().get(task_id).cloned();
+            match answer {
+                Some(Ok(stored)) => Ok(Some(stored)),
                 Some(Err(e)) => Err(e()),
-                None => Ok(None),
+                // Nothing comes: the whole wait passes, as on the stream.
+                None => {
+                    tokio::time::sleep(wait).await;
+                    Ok(None)
+                }
             }
         })
     }
@@ -548,6 +553,25 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
             .contains("timed out"),
         "{json}"
     );
+
+    // A shutdown ends a long poll at once with where the task is: the caller asks again
+    // (waiting on would hold the shutdown, then drop the connection unanswered).
+    let polling = tokio::spawn(
+        router(api.state.clone()).oneshot(
+            Request::get("/v1/tasks/t-running/result?wait_s=60")
+                .body(Body::empty())
+                .unwrap(),
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!polling.is_finished(), "the poll waits for a result");
+    api.state.events.close();
+    let resp = tokio::time::timeout(Duration::from_secs(10), polling)
+        .await
+        .expect("the poll ends when the commander shuts down")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
 
     // What the route refuses.
     for bad in [
