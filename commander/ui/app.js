@@ -184,6 +184,7 @@ const PAGES = {
   worker: views.worker,
   decisions: views.decisions,
   decision: views.decision,
+  task: views.task,
   traces: views.traces,
   trace: views.trace,
   costs: views.costs,
@@ -246,6 +247,11 @@ async function start() {
     if (sock) { sock.close(); sock = null; }
     if (await whoami()) { document.getElementById('login-error').hidden = true; streamAbort?.abort(); streamAbort = null; route(); }
     else askToken('That token was not accepted.');
+  });
+  document.getElementById('find').addEventListener('submit', e => {
+    e.preventDefault();
+    const id = document.getElementById('find-id').value.trim();
+    if (id) location.hash = `#/task/${encodeURIComponent(id)}`;
   });
   window.addEventListener('hashchange', route);
   if (await whoami()) await route();

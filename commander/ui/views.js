@@ -321,12 +321,72 @@ export async function decision(main, taskId, alive) {
     <div class="grid">
       <section class="card wide"><h2>Outcome</h2><p><span class="pill ${esc(d.outcome)}">${esc(d.outcome)}</span> ${esc(d.pool ?? '')} ${esc(d.model ?? '')} · rule <b>${esc(d.rule)}</b></p><p>${esc(d.reason)}</p>
         <p class="muted">${esc(d.at)} · policy ${esc(d.policy_version ?? '—')} · rubric ${esc(d.rubric)} · est ${usd(d.est_cost_usd)}</p>
-        <p>${d.kept_trace ? `<a href="#/trace/${esc(d.kept_trace.trace_id)}">Kept trace ${esc(d.kept_trace.trace_id)}</a>` : '<span class="muted">No kept trace.</span>'} · <a href="#/decisions">All decisions</a></p></section>
+        <p>${d.kept_trace ? `<a href="#/trace/${esc(d.kept_trace.trace_id)}">Kept trace ${esc(d.kept_trace.trace_id)}</a>` : '<span class="muted">No kept trace.</span>'} · <a href="#/task/${encodeURIComponent(d.task_id)}">The task and its result</a> · <a href="#/decisions">All decisions</a></p></section>
       <section class="card wide"><h2>Classification</h2><dl class="kv"><dt>type / tier</dt><dd>${esc(c.task_type)} / ${esc(c.tier)}</dd><dt>source</dt><dd>${esc(c.source)} (confidence ${fmtNum(c.confidence)})</dd><dt>capabilities</dt><dd>${esc((c.capabilities ?? []).join(', '))}</dd><dt>why</dt><dd>${esc(c.reason)}</dd></dl></section>
       <section class="card full"><h2>Every candidate, and why it lost</h2><table id="candidates"><thead><tr><th>Pool</th><th>Model</th><th>Tier</th><th class="n">Est. cost</th><th class="n">Load</th><th class="n">Score</th><th>Verdict</th><th>Why</th></tr></thead><tbody>
       ${(d.candidates ?? []).map(x => `<tr class="candidate"><td>${esc(x.pool)}</td><td>${esc(x.model)}</td><td>${esc(x.tier)}</td><td class="n">${usd(x.est_cost_usd)}</td><td class="n">${fmtNum(x.load)}</td><td class="n">${x.score == null ? '—' : x.score.toFixed(6)}</td><td><span class="pill ${esc(x.code)}">${esc(x.code)}</span></td><td>${esc(x.reason)}</td></tr>`).join('') || '<tr><td colspan="8" class="muted">Nothing could be weighed.</td></tr>'}
       </tbody></table></section>
     </div>`;
+}
+
+// ---- task -----------------------------------------------------------------------
+
+/** The most of a result's output the page prints; the API has the whole of it. */
+const OUTPUT_SHOWN = 20000;
+
+/**
+ * One task: where it is and why (its record), its history, and its result as its worker
+ * published it (`/v1/tasks/{id}/result`). Read again every 2 s until the task finishes;
+ * operators may cancel it while it runs or waits.
+ */
+export async function task(main, id, alive) {
+  const path = `/v1/tasks/${encodeURIComponent(id)}`;
+  const [rec, res] = await Promise.all([api(path), api(`${path}/result`).catch(e => ({ unavailable: e }))]);
+  if (!alive()) return;
+  const done = ['completed', 'failed', 'rejected'].includes(rec.state);
+  const d = rec.deferred, b = rec.budget, o = rec.outcome;
+  const kv = (pairs) => pairs.filter(([, v]) => v != null && v !== '').map(([k, v]) => `<dt>${esc(k)}</dt><dd>${v}</dd>`).join('');
+  main.innerHTML = `
+    <h1>Task ${esc(rec.id)} <span class="pill ${esc(rec.state)}" id="task-state">${esc(rec.state)}</span></h1>
+    <div class="grid">
+      <section class="card wide"><h2>Where it went, and why</h2><dl class="kv" id="task-where">${kv([
+        ['pool / model', rec.pool ? `${esc(rec.pool)} / ${esc(rec.model ?? '—')}` : null],
+        ['why', esc(rec.route_reason ?? rec.rejection?.message ?? '')],
+        ['priority', rec.priority],
+        ['attempt', rec.attempt],
+        ['policy', esc(rec.policy_version ?? '')],
+        ['waits', d && !done ? `${esc(d.reason)}${d.turn ? ` (throttle ${esc(d.turn.throttle)}, turn at ${esc(new Date(d.turn.at_ms).toISOString())})` : ''}` : null],
+        ['budget', b ? `est ${usd(b.est_usd)}${b.charged_usd != null ? ` · charged ${usd(b.charged_usd)}` : ''}` : null],
+      ])}</dl>
+      <p>${rec.decision_id ? `<a href="#/decision/${encodeURIComponent(rec.id)}">Its routing decision</a>` : '<span class="muted">No decision.</span>'} · ${rec.kept_trace ? `<a href="#/trace/${esc(rec.kept_trace.trace_id)}">Kept trace</a>` : '<span class="muted">No kept trace.</span>'}</p>
+      ${may('operator') && !done ? '<p><button type="button" class="danger" id="task-cancel">Cancel</button> <span id="task-out" aria-live="polite"></span></p>' : ''}</section>
+      <section class="card wide"><h2>Result</h2><div id="task-result">${resultHtml(id, rec, res, o)}</div></section>
+      <section class="card full"><h2>History</h2><table id="task-history"><thead><tr><th>State</th><th>At</th></tr></thead><tbody>
+      ${(rec.history ?? []).map(h => `<tr><td><span class="pill ${esc(h.state)}">${esc(h.state)}</span></td><td class="muted">${esc(h.at)}</td></tr>`).join('') || '<tr><td colspan="2" class="muted">No change recorded yet.</td></tr>'}
+      </tbody></table></section>
+    </div>`;
+  const cancel = q(main, '#task-cancel');
+  if (cancel) cancel.onclick = async () => {
+    const ack = await act({ command: 'cancel', task_id: rec.id, reason: 'cancelled from the dashboard' }, q(main, '#task-out'));
+    if (ack.ok) setTimeout(() => { if (alive()) task(main, id, alive); }, 500);
+  };
+  if (!done) setTimeout(() => { if (alive()) task(main, id, alive); }, 2000);
+}
+
+function resultHtml(id, rec, res, outcome) {
+  if (res.unavailable) {
+    const e = res.unavailable;
+    if (e.status === 410) return `<p class="muted">No longer kept (results stay 7 days); the record's outcome: <b>${esc(outcome?.status ?? rec.state)}</b>${outcome?.error ? ` · ${esc(outcome.error.code)}: ${esc(outcome.error.message)}` : ''}</p>`;
+    return `<p class="error">Could not read the result: ${esc(e.message)}</p>`;
+  }
+  if (!res.status) return `<p class="muted">No result yet (${esc(res.state ?? rec.state)}).</p>`;
+  const out = res.output == null ? '' : JSON.stringify(res.output, null, 2);
+  const shown = out.length > OUTPUT_SHOWN ? `${out.slice(0, OUTPUT_SHOWN)}\n…` : out;
+  const u = res.usage;
+  return `<p><span class="pill ${esc(res.status)}">${esc(res.status)}</span> attempt ${esc(res.attempt)}${res.worker_id ? ` · worker <a href="#/worker/${encodeURIComponent(res.worker_id)}">${esc(res.worker_id)}</a>` : ''}${res.timings?.duration_ms != null ? ` · ${dur(res.timings.duration_ms)}` : ''}</p>
+    ${res.error ? `<p class="error">${esc(res.error.code)}: ${esc(res.error.message)}</p>` : ''}
+    ${u ? `<p class="muted">${esc(u.model ?? '')} · ${fmtNum(u.input_tokens)} in · ${fmtNum(u.output_tokens)} out${u.cost_usd != null ? ` · ${usd(u.cost_usd)}` : ''}</p>` : ''}
+    ${out ? `<pre id="task-output">${esc(shown)}</pre>${out.length > OUTPUT_SHOWN ? `<p class="muted">The first ${fmtNum(OUTPUT_SHOWN)} characters; all of it: <code>GET /v1/tasks/${esc(id)}/result</code></p>` : ''}` : ''}`;
 }
 
 // ---- traces ---------------------------------------------------------------------
@@ -524,7 +584,7 @@ export async function policy(main, _arg, alive) {
  */
 async function waiting(box) {
   const [d, p] = await Promise.all([api('/v1/tasks?state=deferred&limit=50'), api('/v1/tasks?state=parked&limit=50')]);
-  const row = (t, held) => `<tr data-task="${esc(t.task_id)}"><td style="white-space:nowrap"><a href="#/decision/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td><td>${held}</td><td class="n">${t.priority}</td><td class="muted">${esc(t.until ?? 'until the limit rises')}</td><td class="muted">${esc(t.deadline ?? '')}</td><td>${esc(t.cancelled ?? t.reason)}</td><td>${may('operator') && !t.cancelled ? `<button type="button" class="danger" data-cancel="${esc(t.task_id)}">Cancel</button>` : ''}</td></tr>`;
+  const row = (t, held) => `<tr data-task="${esc(t.task_id)}"><td style="white-space:nowrap"><a href="#/task/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td><td>${held}</td><td class="n">${t.priority}</td><td class="muted">${esc(t.until ?? 'until the limit rises')}</td><td class="muted">${esc(t.deadline ?? '')}</td><td>${esc(t.cancelled ?? t.reason)}</td><td>${may('operator') && !t.cancelled ? `<button type="button" class="danger" data-cancel="${esc(t.task_id)}">Cancel</button>` : ''}</td></tr>`;
   const rows = [...(d.tasks ?? []).map(t => row(t, 'budget')), ...(p.tasks ?? []).map(t => row(t, `throttle ${esc(t.turn?.throttle ?? '')}`))];
   box.innerHTML = `<p class="muted" id="waiting-sum">${d.total} deferred by budgets · ${p.total} parked by throttles${d.total + p.total > rows.length ? ` (the first ${rows.length} shown; all of them: <code>GET /v1/tasks?state=deferred|parked</code>)` : ''}</p>
     <table><thead><tr><th>Task</th><th>Held by</th><th class="n">Priority</th><th>Until</th><th>Deadline</th><th>Why</th><th></th></tr></thead><tbody>${rows.join('') || '<tr><td colspan="7" class="muted">No task waits.</td></tr>'}</tbody></table>`;

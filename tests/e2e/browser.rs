@@ -107,6 +107,28 @@ async fn text(c: &Client, css: &str) -> String {
     }
 }
 
+/// Clicks what `css` finds, finding it again when the page redrew it in between (the
+/// Policy page redraws on `policy` events, and its waiting list every 5 s).
+async fn click(c: &Client, css: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let found = c
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match found.click().await {
+            Ok(_) => return,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
+}
+
 /// Clicks pause on worker a1's page (the control socket carries it) and waits until the
 /// ack says done and the worker reports paused.
 async fn pause_a1_from_its_page(c: &Client, base: &str, stack: &Stack) {
@@ -274,6 +296,37 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     shot(&c, "decision").await;
     no_console_errors(&c, "decision").await;
 
+    // The task box opens a task's page: where it went, its history, and its result as
+    // its worker published it.
+    let find = c.find(Locator::Css("#find-id")).await.unwrap();
+    find.send_keys(&format!(
+        "before-1{}",
+        char::from(fantoccini::key::Key::Enter)
+    ))
+    .await
+    .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#task-output"))
+        .await
+        .unwrap();
+    assert_eq!(text(&c, "#task-state").await, "completed");
+    let output = text(&c, "#task-output").await;
+    assert!(output.contains("\"done\": \"before-1\""), "{output}");
+    let result = text(&c, "#task-result").await;
+    assert!(result.contains("ok") && result.contains("a1"), "{result}");
+    let history = text(&c, "#task-history").await;
+    assert!(
+        history.contains("dispatched") && history.contains("completed"),
+        "{history}"
+    );
+    assert!(
+        c.find(Locator::Css("#task-cancel")).await.is_err(),
+        "a finished task has no Cancel"
+    );
+    shot(&c, "task").await;
+    no_console_errors(&c, "task").await;
+
     // The other pages render without errors.
     for (page, css) in [
         ("workers", "#t tbody tr"),
@@ -323,12 +376,10 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     // Away and back: the policy page is drawn anew, with the cap.
     c.goto(&format!("{base}/#/audit")).await.unwrap();
     c.goto(&format!("{base}/#/policy")).await.unwrap();
-    let cancel = c
-        .wait()
+    let cancel = "#waiting tr[data-task=\"capped-1\"] button[data-cancel]";
+    c.wait()
         .at_most(WAIT)
-        .for_element(Locator::Css(
-            "#waiting tr[data-task=\"capped-1\"] button[data-cancel]",
-        ))
+        .for_element(Locator::Css(cancel))
         .await
         .unwrap();
     let row = text(&c, "#waiting tr[data-task=\"capped-1\"]").await;
@@ -337,7 +388,7 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     let cap = text(&c, "#cap").await;
     assert!(cap.starts_with("$0.000001 per 1h"), "{cap}");
     shot(&c, "policy-waiting").await;
-    cancel.click().await.unwrap();
+    click(&c, cancel).await;
     eventually("the task is cancelled", WAIT, async || {
         let rec = stack.get_json("/v1/tasks/capped-1").await;
         rec["state"] == "failed" && rec["outcome"]["status"] == "cancelled"
@@ -351,6 +402,15 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     .await;
     no_console_errors(&c, "policy with a waiting task").await;
     assert!(!started.lock().unwrap().iter().any(|t| t == "capped-1"));
+    // Its page says so: the commander's own result, with the operator's reason.
+    c.goto(&format!("{base}/#/task/capped-1")).await.unwrap();
+    eventually("the task page shows the cancel", WAIT, async || {
+        text(&c, "#task-result")
+            .await
+            .contains("cancelled by ops: cancelled from the dashboard")
+    })
+    .await;
+    no_console_errors(&c, "a cancelled task").await;
 
     // A viewer sees no control buttons, and the API answers 403 to its commands.
     c.execute(

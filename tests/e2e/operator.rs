@@ -51,7 +51,10 @@ pub async fn slow_worker(
             seen.lock().unwrap().push(ctx.task_id.clone());
             // A cancel aborts this future (the SDK answers `cancelled`).
             tokio::time::sleep(work).await;
-            Ok(TaskOutput::default())
+            Ok(TaskOutput {
+                output: serde_json::json!({ "done": ctx.task_id }),
+                usage: None,
+            })
         }
     })
     .await

@@ -718,27 +718,23 @@ fn sequence_id(
     Ok(id)
 }
 
-/// Records a rejection, or an expired task's end (`failed`, with the `cancelled`
+/// Records a rejection (why, and its outcome), or an expired task's end (`failed`, with the `cancelled`
 /// outcome a worker's result would have given it).
 fn record_rejection(ctx: &Ctx, rej: &Reject) -> Result<(), crate::store::StoreError> {
-    let result = rej.expired.then(|| rej.result());
+    let result = rej.result();
     ctx.core.store.update(
         &rej.id,
         || TaskRecord::new(&rej.id, rej.seq),
         |r| {
             r.reply_to = rej.reply_to.clone();
-            match &result {
-                Some(result) => r.finish(result),
-                None => {
-                    r.decision_at_ms = rej.decision.as_ref().map(|d| d.at_ms);
-                    r.rejection = Some(rej.error.clone());
-                    // The results loop usually records the published rejection first
-                    // (it reads it as soon as it is stored): the same change, once.
-                    if r.state != TaskState::Rejected {
-                        r.advance(TaskState::Rejected);
-                    }
-                }
+            if !rej.expired {
+                r.decision_at_ms = rej.decision.as_ref().map(|d| d.at_ms);
+                r.rejection = Some(rej.error.clone());
             }
+            // The results loop records the same result when it reads it back, usually
+            // first: whichever writes first sets the outcome and the change (once), and
+            // the other finds the record finished. Either way the record reads the same.
+            r.finish(&result);
         },
     )?;
     Ok(())
