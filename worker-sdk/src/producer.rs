@@ -312,10 +312,14 @@ impl Producer {
             .await
             .map_err(|e| ProducerError::Nats(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = FIRST_LOOK_PAUSE;
         loop {
             // Not there yet, or the server was too slow to answer (a loaded server times
             // the request out): either way, wait a little on the subscription and look
-            // again, so a result stored before the subscription took effect is not missed.
+            // again, so a result stored before the subscription took effect (in a
+            // cluster, before its interest reached the server that stored it) is not
+            // missed. The pauses double: a waiter costs the server a few looks, not one
+            // a second (a thousand HTTP long polls made a thousand requests a second).
             let looked = look_up_result(&results, &subject).await;
             if let Ok(Some(stored)) = looked {
                 return Ok(Some(stored));
@@ -325,7 +329,9 @@ impl Producer {
                 // The last look says whether "none" is known or only not asked.
                 return looked;
             }
-            match tokio::time::timeout(left.min(Duration::from_secs(1)), sub.next()).await {
+            let waited = left.min(pause);
+            pause = pause.saturating_mul(2).min(LAST_LOOK_PAUSE);
+            match tokio::time::timeout(waited, sub.next()).await {
                 Ok(Some(msg)) => {
                     return Ok(Some(StoredResult {
                         payload: msg.payload,
@@ -363,6 +369,11 @@ impl Producer {
         })
     }
 }
+
+/// How long [`Producer::stored_result`] waits on its subscription before it looks in the
+/// stream again, at first and at most (the pause doubles in between).
+const FIRST_LOOK_PAUSE: Duration = Duration::from_secs(1);
+const LAST_LOOK_PAUSE: Duration = Duration::from_secs(8);
 
 /// A result as its publisher sent it: a worker, or the commander for a task that never
 /// ran (docs/protocol.md §6).
