@@ -47,7 +47,7 @@ async fn a_task_the_api_accepted_is_found_at_once() {
 /// the commander, for a task that never ran) published, waited for with `wait_s`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_producer_reads_its_result_over_http() {
-    let stack = Stack::start(TWO_POOLS).await;
+    let mut stack = Stack::start(TWO_POOLS).await;
     let http = reqwest::Client::new();
     let accepted: Value = http
         .post(stack.http("/v1/tasks"))
@@ -162,6 +162,24 @@ async fn an_http_producer_reads_its_result_over_http() {
         .await
         .unwrap();
     assert_eq!(rec["outcome"]["status"], "ok", "{rec}");
+
+    // With the broker gone, whether there is a result is unknown: 503, saying why, at
+    // once and after a wait alike (not after the NATS client's request timeout).
+    stack.nats.kill9();
+    for url in [
+        "/v1/tasks/nowhere/result",
+        "/v1/tasks/nowhere/result?wait_s=1",
+    ] {
+        let mut body = Value::Null;
+        eventually("the commander sees the broker gone", WAIT, async || {
+            let r = http.get(stack.http(url)).send().await.unwrap();
+            body = r.json().await.unwrap_or_default();
+            body["error"]["code"] == "unavailable"
+        })
+        .await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("not connected"), "{url}: {message}");
+    }
 }
 
 /// Kills the child when dropped, so a failing assertion cannot leave it running.

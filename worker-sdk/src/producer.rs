@@ -303,7 +303,7 @@ impl Producer {
         let subject = self.subjects.result(task_id);
         let results = self.results_stream().await?;
         if wait.is_zero() {
-            return look_up_result(&results, &subject).await;
+            return look_up_result(&self.client, &results, &subject).await;
         }
         // Subscribe before looking, so a result published in between is not missed.
         let mut sub = self
@@ -320,7 +320,7 @@ impl Producer {
             // cluster, before its interest reached the server that stored it) is not
             // missed. The pauses double: a waiter costs the server a few looks, not one
             // a second (a thousand HTTP long polls made a thousand requests a second).
-            let looked = look_up_result(&results, &subject).await;
+            let looked = look_up_result(&self.client, &results, &subject).await;
             if let Ok(Some(stored)) = looked {
                 return Ok(Some(stored));
             }
@@ -375,6 +375,10 @@ impl Producer {
 const FIRST_LOOK_PAUSE: Duration = Duration::from_secs(1);
 const LAST_LOOK_PAUSE: Duration = Duration::from_secs(8);
 
+/// The longest one look in the results stream may take (a direct get answers in well
+/// under a millisecond on a server that is up).
+const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A result as its publisher sent it: a worker, or the commander for a task that never
 /// ran (docs/protocol.md §6).
 #[derive(Clone, Debug)]
@@ -386,18 +390,33 @@ pub struct StoredResult {
 }
 
 /// The last message on a task's result subject: `Ok(None)` when the stream has none.
+/// An error at once while the client is not connected, and after [`LOOK_TIMEOUT`] when
+/// the server does not answer: a caller waiting for a result keeps waiting on its
+/// subscription meanwhile, and one that asked once learns that the answer is unknown,
+/// instead of waiting out the client's request timeout, past what it asked to wait.
 async fn look_up_result(
+    client: &async_nats::Client,
     results: &stream::Stream<()>,
     subject: &str,
 ) -> Result<Option<StoredResult>, ProducerError> {
-    match results.direct_get_last_for_subject(subject).await {
-        Ok(m) => Ok(Some(StoredResult {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return Err(ProducerError::Nats(
+            "not connected to the NATS server".into(),
+        ));
+    }
+    let asked = tokio::time::timeout(LOOK_TIMEOUT, results.direct_get_last_for_subject(subject));
+    match asked.await {
+        Ok(Ok(m)) => Ok(Some(StoredResult {
             payload: m.payload,
             headers: m.headers,
         })),
-        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ProducerError::Nats(format!(
+        Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+        Ok(Err(e)) => Err(ProducerError::Nats(format!(
             "the results stream did not answer: {e}"
+        ))),
+        Err(_) => Err(ProducerError::Nats(format!(
+            "the results stream did not answer within {} s",
+            LOOK_TIMEOUT.as_secs()
         ))),
     }
 }
