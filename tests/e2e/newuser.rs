@@ -180,6 +180,42 @@ async fn an_http_producer_reads_its_result_over_http() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("not connected"), "{url}: {message}");
     }
+    // A submission meanwhile is refused without being sent: once the broker is back,
+    // it has not been stored (a publish made while disconnected waits in the client's
+    // buffer, and would have been stored on the reconnect after its 503).
+    let down = http
+        .post(stack.http("/v1/tasks"))
+        .body(r#"{"schema":1,"id":"while-down","description":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(down.status().as_u16(), 503);
+    stack.nats.restart().unwrap();
+    eventually("the commander is back", WAIT, async || {
+        http.post(stack.http("/v1/tasks"))
+            .body(r#"{"schema":1,"id":"after-restart","description":"x"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 202
+    })
+    .await;
+    let after = http
+        .get(stack.http("/v1/tasks/after-restart/result?wait_s=60"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status().as_u16(), 200);
+    assert_eq!(
+        http.get(stack.http("/v1/tasks/while-down"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
 }
 
 /// Kills the child when dropped, so a failing assertion cannot leave it running.

@@ -180,6 +180,14 @@ impl Producer {
         p: &Prepared,
     ) -> Result<impl Future<Output = Result<SubmitReceipt, ProducerError>> + use<>, ProducerError>
     {
+        // Published while the connection is down, the message would wait in the client's
+        // buffer and its PubAck time out (5 s) with the outcome unknown; not sent, it is
+        // known not to be stored, and said so at once (`submit` tries again meanwhile).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(ProducerError::NotAccepted(
+                "not connected to the NATS server: nothing was sent".into(),
+            ));
+        }
         let pending = self
             .js
             .publish_with_headers(p.subject.clone(), p.headers.clone(), p.payload.clone())
