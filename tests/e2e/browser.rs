@@ -84,10 +84,15 @@ async fn no_console_errors(c: &Client, page: &str) {
     assert_eq!(errors, json!([]), "console errors on {page}");
 }
 
-/// The text of the first element matching `css`, once there is one. The live pages
-/// re-render as the stream speaks, so an element found may be replaced before its text is
-/// read (a stale reference): then it is looked up again.
-async fn text(c: &Client, css: &str) -> String {
+/// What `act` makes of the first element matching `css`, once there is one. The live
+/// pages re-render as the stream speaks (the Policy page on `policy` events, its waiting
+/// list every 5 s), so an element found may be replaced before `act` reaches it (a stale
+/// reference): then it is looked up again.
+async fn on_element<T>(
+    c: &Client,
+    css: &str,
+    act: impl AsyncFn(fantoccini::elements::Element) -> Result<T, fantoccini::error::CmdError>,
+) -> T {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let found = c
@@ -96,7 +101,7 @@ async fn text(c: &Client, css: &str) -> String {
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("{css}: {e}"));
-        match found.text().await {
+        match act(found).await {
             Ok(t) => return t,
             Err(e) if std::time::Instant::now() < deadline => {
                 let _ = e;
@@ -107,26 +112,14 @@ async fn text(c: &Client, css: &str) -> String {
     }
 }
 
-/// Clicks what `css` finds, finding it again when the page redrew it in between (the
-/// Policy page redraws on `policy` events, and its waiting list every 5 s).
+/// The text of the first element matching `css`.
+async fn text(c: &Client, css: &str) -> String {
+    on_element(c, css, async |e| e.text().await).await
+}
+
+/// Clicks the first element matching `css`.
 async fn click(c: &Client, css: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let found = c
-            .wait()
-            .at_most(WAIT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"));
-        match found.click().await {
-            Ok(_) => return,
-            Err(e) if std::time::Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{css}: {e}"),
-        }
-    }
+    on_element(c, css, async |e| e.click().await).await
 }
 
 /// Clicks pause on worker a1's page (the control socket carries it) and waits until the

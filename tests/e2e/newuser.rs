@@ -93,15 +93,7 @@ async fn an_http_producer_reads_its_result_over_http() {
     assert_eq!(result["worker_id"], "http-w1");
     assert_eq!(seen.lock().unwrap().runs_per_task()["over-http"], 1);
     // Asked again, at once: the same result.
-    let again: Value = http
-        .get(stack.http(&result_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(again, result);
+    assert_eq!(stack.get_json(&result_url).await, result);
 
     // A task the commander refused: its rejection is its result.
     http.post(stack.http("/v1/tasks"))

@@ -388,7 +388,7 @@ const LAST_LOOK_PAUSE: Duration = Duration::from_secs(8);
 const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A result as its publisher sent it: a worker, or the commander for a task that never
-/// ran (docs/protocol.md §6).
+/// ran (docs/protocol.md §5.2).
 #[derive(Clone, Debug)]
 pub struct StoredResult {
     /// The result JSON, unparsed.

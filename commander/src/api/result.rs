@@ -99,8 +99,9 @@ pub async fn result(
     }
 }
 
-/// 200 with the result as published, and its trace context: the worker's process span
-/// (or the commander's dispatch span, for a result it published itself).
+/// 200 with the result as published, and the trace context it carries: a worker's
+/// process span, or for a dead letter the dispatch span (the commander's own rejections
+/// and cancels carry none).
 fn published(stored: fleet_worker::StoredResult) -> Response {
     let mut resp = (StatusCode::OK, stored.payload).into_response();
     let h = resp.headers_mut();
