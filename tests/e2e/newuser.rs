@@ -182,6 +182,9 @@ async fn an_http_producer_reads_its_result_over_http() {
         .await
         .unwrap();
     assert_eq!(down.status().as_u16(), 503);
+    let down: Value = down.json().await.unwrap();
+    let message = down["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nothing was sent"), "{message}");
     stack.nats.restart().unwrap();
     eventually("the commander is back", WAIT, async || {
         http.post(stack.http("/v1/tasks"))

@@ -20,7 +20,7 @@ const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 impl From<QueryError> for ApiError {
     fn from(e: QueryError) -> Self {
-        ApiError::Unavailable(e.to_string())
+        ApiError::Busy(format!("the live fleet state did not answer: {e}"))
     }
 }
 

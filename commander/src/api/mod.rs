@@ -157,7 +157,9 @@ pub enum ApiError {
     /// Too many requests from this caller (the control plane's rate limit).
     #[error("{0}")]
     RateLimited(String),
-    #[error("task intake is unavailable; retry later")]
+    /// The intake stream did not take a submission: the cause says whether anything was
+    /// sent ("not connected … nothing was sent") or the answer is unknown (no PubAck).
+    #[error("task intake is unavailable ({0}); retry later")]
     Unavailable(String),
     /// Larger than NATS takes in one message (`max_payload`): sending it again cannot help.
     #[error("{0}")]

@@ -437,6 +437,11 @@ async fn an_intake_that_cannot_take_the_task_is_a_503_to_retry() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
     assert_eq!(headers[header::RETRY_AFTER], "1");
     assert_eq!(code(&json), "unavailable");
+    // The cause is in the answer: whether anything was sent is the producer's to know.
+    assert_eq!(
+        json["error"]["message"],
+        "task intake is unavailable (task intake did not acknowledge the task: no responders); retry later"
+    );
     assert_eq!(api.get("/v1/tasks/t-2").await.0, StatusCode::NOT_FOUND);
 }
 
@@ -582,6 +587,26 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
     ] {
         let (status, json) = api.get(bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {json}");
+    }
+}
+
+/// A live-state query the fleet's owner cannot take is a 503 that says so, not one that
+/// blames the task intake (the answer these routes gave before).
+#[tokio::test]
+async fn a_fleet_query_its_owner_cannot_take_is_a_503_that_says_so() {
+    let mut api = api(None, 1 << 20);
+    let (fleet, receivers) = crate::fleet::FleetHandle::detached(1);
+    drop(receivers);
+    api.state.core.fleet = fleet;
+    for uri in ["/v1/costs", "/v1/workers/w1", "/v1/fleet?series=1h"] {
+        let (status, json) = api.get(uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {json}");
+        assert_eq!(code(&json), "unavailable");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the live fleet state did not answer"),
+            "{uri}: {message}"
+        );
     }
 }
 
