@@ -298,14 +298,10 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     ))
     .await
     .unwrap();
-    c.wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#task-output"))
-        .await
-        .unwrap();
-    assert_eq!(text(&c, "#task-state").await, "completed");
+    // `text` waits for the output, which is drawn with the rest of the page.
     let output = text(&c, "#task-output").await;
     assert!(output.contains("\"done\": \"before-1\""), "{output}");
+    assert_eq!(text(&c, "#task-state").await, "completed");
     let result = text(&c, "#task-result").await;
     assert!(result.contains("ok") && result.contains("a1"), "{result}");
     let history = text(&c, "#task-history").await;

@@ -80,8 +80,17 @@ impl Stack {
         self
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let r = reqwest::Client::new().get(self.http(path));
+    /// GET `path` on the commander's API, with the stack's token.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorised(reqwest::Client::new().get(self.http(path)))
+    }
+
+    /// POST to `path` on the commander's API, with the stack's token.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorised(reqwest::Client::new().post(self.http(path)))
+    }
+
+    fn authorised(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => r.bearer_auth(t),
             None => r,

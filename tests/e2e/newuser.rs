@@ -48,9 +48,8 @@ async fn a_task_the_api_accepted_is_found_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_producer_reads_its_result_over_http() {
     let mut stack = Stack::start(TWO_POOLS).await;
-    let http = reqwest::Client::new();
-    let accepted: Value = http
-        .post(stack.http("/v1/tasks"))
+    let accepted: Value = stack
+        .post("/v1/tasks")
         .body(r#"{"schema":1,"id":"over-http","description":"summarise over http"}"#)
         .send()
         .await
@@ -61,7 +60,7 @@ async fn an_http_producer_reads_its_result_over_http() {
     let result_url = accepted["result_url"].as_str().unwrap().to_string();
     assert_eq!(result_url, "/v1/tasks/over-http/result");
     // No worker yet: where the task is, and when to ask again.
-    let early = http.get(stack.http(&result_url)).send().await.unwrap();
+    let early = stack.get(&result_url).send().await.unwrap();
     assert_eq!(early.status().as_u16(), 202);
     assert_eq!(early.headers()["retry-after"], "1");
     let early: Value = early.json().await.unwrap();
@@ -70,10 +69,7 @@ async fn an_http_producer_reads_its_result_over_http() {
         "{early}"
     );
     // A long poll that a worker answers while it waits.
-    let waiting = tokio::spawn(
-        http.get(stack.http(&format!("{result_url}?wait_s=60")))
-            .send(),
-    );
+    let waiting = tokio::spawn(stack.get(&format!("{result_url}?wait_s=60")).send());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (seen, _worker) = watched_worker(&stack.client, "alpha", "http-w1", 1).await;
     let resp = waiting.await.unwrap().unwrap();
@@ -96,13 +92,14 @@ async fn an_http_producer_reads_its_result_over_http() {
     assert_eq!(stack.get_json(&result_url).await, result);
 
     // A task the commander refused: its rejection is its result.
-    http.post(stack.http("/v1/tasks"))
+    stack
+        .post("/v1/tasks")
         .body(r#"{"schema":1,"id":"nowhere","description":"x","pool":"omega"}"#)
         .send()
         .await
         .unwrap();
-    let refused = http
-        .get(stack.http("/v1/tasks/nowhere/result?wait_s=60"))
+    let refused = stack
+        .get("/v1/tasks/nowhere/result?wait_s=60")
         .send()
         .await
         .unwrap();
@@ -129,8 +126,8 @@ async fn an_http_producer_reads_its_result_over_http() {
     assert_eq!(changes, ["rejected"], "{rec}");
 
     // Unknown to the commander.
-    let unknown = http
-        .get(stack.http("/v1/tasks/never-sent/result"))
+    let unknown = stack
+        .get("/v1/tasks/never-sent/result")
         .send()
         .await
         .unwrap();
@@ -146,7 +143,7 @@ async fn an_http_producer_reads_its_result_over_http() {
         .filter("fleet.results.over-http")
         .await
         .unwrap();
-    let gone = http.get(stack.http(&result_url)).send().await.unwrap();
+    let gone = stack.get(&result_url).send().await.unwrap();
     assert_eq!(gone.status().as_u16(), 410);
     let gone: Value = gone.json().await.unwrap();
     assert_eq!(gone["error"]["code"], "gone", "{gone}");
@@ -164,7 +161,7 @@ async fn an_http_producer_reads_its_result_over_http() {
     ] {
         let mut body = Value::Null;
         eventually("the commander sees the broker gone", WAIT, async || {
-            let r = http.get(stack.http(url)).send().await.unwrap();
+            let r = stack.get(url).send().await.unwrap();
             body = r.json().await.unwrap_or_default();
             body["error"]["code"] == "unavailable"
         })
@@ -175,8 +172,8 @@ async fn an_http_producer_reads_its_result_over_http() {
     // A submission meanwhile is refused without being sent: once the broker is back,
     // it has not been stored (a publish made while disconnected waits in the client's
     // buffer, and would have been stored on the reconnect after its 503).
-    let down = http
-        .post(stack.http("/v1/tasks"))
+    let down = stack
+        .post("/v1/tasks")
         .body(r#"{"schema":1,"id":"while-down","description":"x"}"#)
         .send()
         .await
@@ -187,7 +184,8 @@ async fn an_http_producer_reads_its_result_over_http() {
     assert!(message.contains("nothing was sent"), "{message}");
     stack.nats.restart().unwrap();
     eventually("the commander is back", WAIT, async || {
-        http.post(stack.http("/v1/tasks"))
+        stack
+            .post("/v1/tasks")
             .body(r#"{"schema":1,"id":"after-restart","description":"x"}"#)
             .send()
             .await
@@ -196,14 +194,15 @@ async fn an_http_producer_reads_its_result_over_http() {
             == 202
     })
     .await;
-    let after = http
-        .get(stack.http("/v1/tasks/after-restart/result?wait_s=60"))
+    let after = stack
+        .get("/v1/tasks/after-restart/result?wait_s=60")
         .send()
         .await
         .unwrap();
     assert_eq!(after.status().as_u16(), 200);
     assert_eq!(
-        http.get(stack.http("/v1/tasks/while-down"))
+        stack
+            .get("/v1/tasks/while-down")
             .send()
             .await
             .unwrap()

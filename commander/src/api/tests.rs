@@ -272,10 +272,13 @@ impl Api {
     }
 
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        let (s, _, b) = self
-            .call(Request::get(uri).body(Body::empty()).unwrap())
-            .await;
+        let (s, _, b) = self.get_with_headers(uri).await;
         (s, b)
+    }
+
+    async fn get_with_headers(&self, uri: &str) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.call(Request::get(uri).body(Body::empty()).unwrap())
+            .await
     }
 }
 
@@ -488,20 +491,16 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
     assert_eq!(&body[..], &published[..], "the JSON exactly as published");
 
     // A record and no result: where the task is, and when to ask again.
-    let store = &api.state.core.store;
-    store
-        .update(
-            "t-running",
-            || TaskRecord::new("t-running", 7),
-            |r| r.advance(TaskState::Dispatched),
-        )
-        .unwrap();
+    let recorded = |id: &str, state: TaskState| {
+        api.state
+            .core
+            .store
+            .update(id, || TaskRecord::new(id, 7), |r| r.advance(state))
+            .unwrap();
+    };
+    recorded("t-running", TaskState::Dispatched);
     let (status, headers, json) = api
-        .call(
-            Request::get("/v1/tasks/t-running/result?wait_s=1")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_headers("/v1/tasks/t-running/result?wait_s=1")
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{json}");
     assert_eq!(headers[header::RETRY_AFTER], "1");
@@ -519,13 +518,7 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
     assert_eq!(json["state"], Value::Null);
 
     // Finished, but its result is no longer in the stream.
-    store
-        .update(
-            "t-old",
-            || TaskRecord::new("t-old", 8),
-            |r| r.advance(TaskState::Completed),
-        )
-        .unwrap();
+    recorded("t-old", TaskState::Completed);
     let (status, json) = api.get("/v1/tasks/t-old/result").await;
     assert_eq!(status, StatusCode::GONE, "{json}");
     assert_eq!(code(&json), "gone");
@@ -542,13 +535,7 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
         "t-old".into(),
         Err(|| ProducerError::Nats("the results stream did not answer: timed out".into())),
     );
-    let (status, headers, json) = api
-        .call(
-            Request::get("/v1/tasks/t-old/result")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let (status, headers, json) = api.get_with_headers("/v1/tasks/t-old/result").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
     assert_eq!(headers[header::RETRY_AFTER], "1");
     assert!(

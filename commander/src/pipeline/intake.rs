@@ -131,7 +131,12 @@ async fn publish_batch(
                     )
                     .await,
             )),
-            Some(Plan::Reject(r)) => Some((false, publish_rejection(ctx, r).await)),
+            // The rejection is the task's result, stored durably: the producer reads it on
+            // `<prefix>.results.<id>` (and on its reply subject, via the results loop).
+            Some(Plan::Reject(r)) => Some((
+                false,
+                super::publish_own_result(ctx, &r.result(), r.reply_to.as_deref()).await,
+            )),
             _ => None,
         };
         pending.push(fut);
@@ -718,8 +723,8 @@ fn sequence_id(
     Ok(id)
 }
 
-/// Records a rejection (why, and its outcome), or an expired task's end (`failed`, with the `cancelled`
-/// outcome a worker's result would have given it).
+/// Records a rejection (why, and its outcome), or an expired task's end (`failed`, with
+/// the `cancelled` outcome a worker's result would have given it).
 fn record_rejection(ctx: &Ctx, rej: &Reject) -> Result<(), crate::store::StoreError> {
     let result = rej.result();
     ctx.core.store.update(
@@ -738,18 +743,6 @@ fn record_rejection(ctx: &Ctx, rej: &Reject) -> Result<(), crate::store::StoreEr
         },
     )?;
     Ok(())
-}
-
-/// Publishes the rejection as the task's result, durably, so the producer can read it on
-/// `<prefix>.results.<id>` (and on its reply subject, via the results loop).
-async fn publish_rejection(
-    ctx: &Ctx,
-    r: &Reject,
-) -> Result<
-    async_nats::jetstream::context::PublishAckFuture,
-    async_nats::jetstream::context::PublishError,
-> {
-    super::publish_own_result(ctx, &r.result(), r.reply_to.as_deref()).await
 }
 
 fn derived_trace_id(id: &str, seq: u64) -> TraceId {
