@@ -168,6 +168,8 @@ pub struct Metrics {
     pub tasks_expired: Counter,
     /// Deferred or parked tasks an operator cancelled while they waited.
     pub waiting_cancelled: Counter,
+    /// Dispatched tasks an operator cancelled while they waited in their pool's queue.
+    pub queued_cancelled: Counter,
     /// Tasks published to a pool subject.
     pub tasks_dispatched: Family<PoolLabel, Counter>,
     /// Tasks that reached a terminal state through a result.
@@ -287,6 +289,11 @@ impl Metrics {
             "waiting_tasks_cancelled",
             "Deferred or parked tasks an operator cancelled while they waited",
             self.waiting_cancelled.clone(),
+        );
+        r.register(
+            "queued_tasks_cancelled",
+            "Dispatched tasks an operator cancelled while they waited in their pool's queue for a worker",
+            self.queued_cancelled.clone(),
         );
         r.register(
             "tasks_dispatched",

@@ -477,10 +477,11 @@ fn start_operator_surface(
     } else {
         tracing::info!(tokens = ?auth, "API roles in force");
     }
-    let tell = Arc::new(NatsTell {
+    let tell = Arc::new(NatsTell(pipeline::cancel::WorkQueue {
         client: w.client.clone(),
+        js: w.js.clone(),
         subjects: w.subjects.clone(),
-    });
+    }));
     let control = crate::api::control::Control::open(
         store,
         &w.config.auth,
@@ -508,12 +509,10 @@ fn start_operator_surface(
     Ok((auth, control))
 }
 
-/// The control plane's way to a worker: a NATS request on `<prefix>.control.<worker>`.
+/// The control plane's way to a worker (a NATS request on `<prefix>.control.<worker>`)
+/// and to a pool's queue (the work stream).
 #[derive(Debug)]
-struct NatsTell {
-    client: async_nats::Client,
-    subjects: fleet_worker::Subjects,
-}
+struct NatsTell(pipeline::cancel::WorkQueue);
 
 impl crate::api::control::Tell for NatsTell {
     fn tell<'a>(
@@ -522,8 +521,19 @@ impl crate::api::control::Tell for NatsTell {
         req: fleet_worker::control::ControlRequest,
     ) -> futures::future::BoxFuture<'a, Result<fleet_worker::control::ControlReply, String>> {
         Box::pin(async move {
-            crate::detect::act::request(&self.client, &self.subjects, worker, &req).await
+            crate::detect::act::request(&self.0.client, &self.0.subjects, worker, &req).await
         })
+    }
+
+    fn withdraw<'a>(
+        &'a self,
+        task: &'a pipeline::cancel::Queued,
+        reason: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<pipeline::cancel::Withdrawn, pipeline::cancel::WithdrawError>,
+    > {
+        Box::pin(self.0.withdraw(task, reason))
     }
 }
 

@@ -281,6 +281,120 @@ async fn commander_ctl_cancels_a_running_task() {
     worker.shutdown().await;
 }
 
+/// A task that waits in its pool's queue (the pool's one worker busy) is cancelled: it
+/// never runs, its producer reads `cancelled` at once, its record ends with that outcome
+/// and no charge, its message leaves the work stream, and the worker takes the next task
+/// when it is free. A task a worker has been handed but not yet reported running is
+/// refused with 409 and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cancels_a_task_that_waits_in_its_pool_s_queue() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let (worker, started) = slow_worker(&stack.client, "alpha", "a1", Duration::from_secs(3)).await;
+    submit(&stack.client, "busy-1", "alpha").await;
+    eventually("the worker runs the first task", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["current_task"] == "busy-1"
+    })
+    .await;
+    submit(&stack.client, "queued-1", "alpha").await;
+    submit(&stack.client, "queued-2", "alpha").await;
+    for id in ["queued-1", "queued-2"] {
+        eventually("the task waits in alpha's queue", WAIT, async || {
+            let r = stack.get_json(&format!("/v1/tasks/{id}")).await;
+            r["state"] == "dispatched" && r["work_sequence"].is_u64()
+        })
+        .await;
+    }
+    let cancel = async |id: &str| {
+        let r = stack
+            .post("/v1/control")
+            .json(&json!({"command": "cancel", "task_id": id, "reason": "sent by mistake"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (status, ack) = cancel("queued-1").await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["was"], "queued", "{ack}");
+    assert_eq!(ack["state"]["pool"], "alpha", "{ack}");
+    assert_eq!(ack["state"]["result"], "cancelled", "{ack}");
+    assert!(ack["state"].get("note").is_none(), "{ack}");
+
+    // The producer's answer is there at once, over HTTP as over NATS.
+    let r = stack.get("/v1/tasks/queued-1/result").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let result: Value = r.json().await.unwrap();
+    assert_eq!(result["status"], "cancelled", "{result}");
+    assert_eq!(result["error"]["code"], "cancelled", "{result}");
+    assert_eq!(result["attempt"], 1, "{result}");
+    assert!(
+        result["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("sent by mistake")),
+        "{result}"
+    );
+    eventually("the record ends cancelled", WAIT, async || {
+        let r = stack.get_json("/v1/tasks/queued-1").await;
+        r["state"] == "failed" && r["outcome"]["status"] == "cancelled"
+    })
+    .await;
+    let (status, again) = cancel("queued-1").await;
+    assert_eq!(status, 409, "{again}");
+
+    // The busy task ends, the worker takes the task after the cancelled one, and never
+    // the cancelled one.
+    let r = stack
+        .get("/v1/tasks/queued-2/result?wait_s=30")
+        .send()
+        .await
+        .unwrap();
+    let next: Value = r.json().await.unwrap();
+    assert_eq!(next["status"], "ok", "{next}");
+    assert_eq!(started.lock().unwrap().as_slice(), ["busy-1", "queued-2"]);
+    assert_eq!(
+        crate::common::stream_messages(&stack.client, "FLEET_WORK").await,
+        0,
+        "the cancelled task's message left the work stream"
+    );
+    assert_eq!(
+        stack.metric("fleet_queued_tasks_cancelled_total").await,
+        1.0
+    );
+    worker.shutdown().await;
+
+    // Beta has no worker: a consumer that takes its task and holds it, as a worker that
+    // has not yet said it runs the task would, makes the cancel a 409.
+    submit(&stack.client, "held-1", "beta").await;
+    eventually("the task waits in beta's queue", WAIT, async || {
+        stack.get_json("/v1/tasks/held-1").await["state"] == "dispatched"
+    })
+    .await;
+    let js = async_nats::jetstream::new(stack.client.clone());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("pool-beta", "FLEET_WORK")
+        .await
+        .unwrap();
+    let mut held = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let msg = held.next().await.unwrap().unwrap();
+    let (status, refused) = cancel("held-1").await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has been handed task held-1")),
+        "{refused}"
+    );
+    let r = stack.get("/v1/tasks/held-1/result").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "no result was published");
+    assert_eq!(
+        crate::common::stream_messages(&stack.client, "FLEET_WORK").await,
+        1,
+        "the held task's message stays"
+    );
+    drop(msg);
+}
+
 /// `/metrics` passes the real `promtool check metrics`, and every metric the shipped
 /// Grafana board queries is on it; the board has the structure Grafana provisions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,17 +32,27 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::detect::intervene::{self, Intervention, InterventionState, Target};
+use crate::pipeline::cancel::{Queued, WithdrawError, Withdrawn};
 use crate::policy::schema::{BlockScope, EscalationAction};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TaskRecord};
 
-/// Sends one control command to a worker and returns its answer (in service: a NATS
-/// request on `<prefix>.control.<worker>`).
+/// How the control plane reaches workers and their queues (in service: NATS).
 pub trait Tell: Send + Sync + std::fmt::Debug {
+    /// Sends one control command to a worker and returns its answer (a NATS request on
+    /// `<prefix>.control.<worker>`).
     fn tell<'a>(
         &'a self,
         worker: &'a str,
         req: ControlRequest,
     ) -> BoxFuture<'a, Result<ControlReply, String>>;
+
+    /// Takes a task that waits in its pool's queue out of it, ending it as `cancelled`
+    /// with `reason` ([`crate::pipeline::cancel`]).
+    fn withdraw<'a>(
+        &'a self,
+        task: &'a Queued,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<Withdrawn, WithdrawError>>;
 }
 
 /// One command, as sent (JSON). Which fields a command takes: docs/api.md, "Control".
@@ -835,16 +845,9 @@ async fn cancel(
         return cancel_waiting(s, task, &reason).await;
     }
     // The live state knows which worker's spans and heartbeats carry the task.
-    let worker = s
-        .core
-        .fleet
-        .task_worker(task.to_string())
-        .await?
-        .ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "no worker reports running task {task} yet; only a running, deferred or parked task can be cancelled"
-            ))
-        })?;
+    let Some(worker) = s.core.fleet.task_worker(task.to_string()).await? else {
+        return cancel_queued(s, &record, &reason).await;
+    };
     let req = ControlRequest::new(Command::Cancel {
         task_id: task.to_string(),
     })
@@ -860,6 +863,48 @@ async fn cancel(
         ))),
         Err(e) => Err(ApiError::Busy(format!(
             "worker {worker} did not answer: {e}"
+        ))),
+    }
+}
+
+/// Cancels a dispatched task no worker reports running: it waits in its pool's queue, or
+/// a worker has just been handed it.
+async fn cancel_queued(s: &AppState, record: &TaskRecord, reason: &str) -> Result<Value, ApiError> {
+    let task = &record.id;
+    let (Some(pool), Some(work_sequence), crate::store::TaskState::Dispatched) =
+        (&record.pool, record.work_sequence, record.state)
+    else {
+        return Err(ApiError::Conflict(format!(
+            "no worker reports running task {task} yet and it is not known to wait in a pool's queue; only a running, queued, deferred or parked task can be cancelled"
+        )));
+    };
+    let queued = Queued {
+        task_id: task.clone(),
+        pool: pool.clone(),
+        attempt: record.attempt,
+        work_sequence,
+        reply_to: record.reply_to.clone(),
+    };
+    match s.control.tell.withdraw(&queued, reason).await {
+        Ok(w) => {
+            s.core.metrics.queued_cancelled.inc();
+            let mut ack = json!({
+                "task_id": task,
+                "was": "queued",
+                "pool": pool,
+                "result": "cancelled",
+                "reason": reason,
+            });
+            if w.maybe_taken {
+                ack["note"] = json!(
+                    "a worker was handed the task as it was cancelled: if it runs it, its result is dropped as a copy of the cancel's"
+                );
+            }
+            Ok(ack)
+        }
+        Err(WithdrawError::NotQueued(m)) => Err(ApiError::Conflict(m)),
+        Err(WithdrawError::Broker(m)) => Err(ApiError::Busy(format!(
+            "task {task} was not cancelled: {m}; retry"
         ))),
     }
 }

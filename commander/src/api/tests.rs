@@ -141,6 +141,21 @@ impl super::control::Tell for NoWorkers {
     ) -> BoxFuture<'a, Result<fleet_worker::control::ControlReply, String>> {
         Box::pin(async move { Err(format!("worker {worker} is out of reach in unit tests")) })
     }
+
+    fn withdraw<'a>(
+        &'a self,
+        _task: &'a crate::pipeline::cancel::Queued,
+        _reason: &'a str,
+    ) -> BoxFuture<
+        'a,
+        Result<crate::pipeline::cancel::Withdrawn, crate::pipeline::cancel::WithdrawError>,
+    > {
+        Box::pin(async move {
+            Err(crate::pipeline::cancel::WithdrawError::Broker(
+                "the work stream is out of reach in unit tests".into(),
+            ))
+        })
+    }
 }
 
 fn api(token: Option<&str>, max_body_bytes: usize) -> Api {
@@ -1256,6 +1271,58 @@ mod roles {
             .header("fleet-identity", "alice")
             .body(Body::from(body.to_string()))
             .unwrap()
+    }
+
+    /// A dispatched task no worker reports running is cancelled in its pool's queue when
+    /// its record knows its work message; without one it is a 409 that says why, and a
+    /// queue that cannot be reached is a 503 that says the task was not cancelled.
+    #[tokio::test]
+    async fn a_dispatched_task_no_worker_runs_is_cancelled_in_its_queue_or_refused_with_why() {
+        let api = keyed();
+        let dispatched = |id: &str, seq: Option<u64>| {
+            api.state
+                .core
+                .store
+                .update(
+                    id,
+                    || crate::store::TaskRecord::new(id, 1),
+                    |r| {
+                        r.pool = Some("code".into());
+                        r.attempt = 1;
+                        r.work_sequence = seq;
+                        r.advance(crate::store::TaskState::Dispatched);
+                    },
+                )
+                .unwrap();
+        };
+        dispatched("old", None);
+        dispatched("queued", Some(12));
+        let cancel = |id: &str| {
+            command(
+                "t-operator",
+                serde_json::json!({"command": "cancel", "task_id": id}),
+            )
+        };
+        let (status, _, ack) = api.call(cancel("old")).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{ack}");
+        assert!(
+            ack["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not known to wait in a pool's queue")),
+            "{ack}"
+        );
+        let (status, _, ack) = api.call(cancel("queued")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ack}");
+        assert_eq!(
+            ack["error"]["message"],
+            "task queued was not cancelled: the work stream is out of reach in unit tests; retry"
+        );
+        let rec = api.state.core.store.get("queued").unwrap().unwrap();
+        assert_eq!(
+            rec.state,
+            crate::store::TaskState::Dispatched,
+            "nothing changed"
+        );
     }
 
     #[tokio::test]

@@ -421,6 +421,9 @@ fn keep_dispatch(
         || TaskRecord::new(&d.id, d.record.seq),
         |r| {
             d.record.apply(r, &d.pool, recovered);
+            if let Some(Ok(seq)) = &outcome {
+                r.work_sequence = Some(*seq);
+            }
             // The result was processed first and found no reservation to settle: the
             // charge goes in with the reservation.
             super::results::charge(ctx, r);

@@ -5,6 +5,7 @@
 //! JetStream redelivers, and every step is idempotent (store updates never go backwards;
 //! the work and results streams drop repeated `Nats-Msg-Id`s).
 
+pub mod cancel;
 pub mod deadletter;
 pub mod intake;
 mod plan;
@@ -294,19 +295,34 @@ pub(crate) async fn publish_own_result(
     result: &fleet_worker::message::TaskResult,
     reply_to: Option<&str>,
 ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    let (h, payload) = own_result_message(result, reply_to);
+    ctx.js
+        .publish_with_headers(ctx.subjects.result(&result.task_id), h, payload)
+        .await
+}
+
+/// The headers and body of a result the commander publishes itself, as its
+/// `result.attempt`, with the idempotency key a worker's result of that attempt has
+/// (`<id>:<attempt>:result`): one result per attempt is stored, whoever sends it first.
+pub(crate) fn own_result_message(
+    result: &fleet_worker::message::TaskResult,
+    reply_to: Option<&str>,
+) -> (async_nats::HeaderMap, Bytes) {
     use fleet_worker::protocol::{self, headers};
-    let id = &result.task_id;
+    let (id, attempt) = (&result.task_id, result.attempt);
     let payload = serde_json::to_vec(result).unwrap_or_default();
     let mut h = async_nats::HeaderMap::new();
     let _ = protocol::set_header(&mut h, headers::TASK_ID, id);
-    let _ = protocol::set_header(&mut h, headers::ATTEMPT, "0");
-    let _ = protocol::set_header(&mut h, headers::NATS_MSG_ID, &format!("{id}:0:result"));
+    let _ = protocol::set_header(&mut h, headers::ATTEMPT, &attempt.to_string());
+    let _ = protocol::set_header(
+        &mut h,
+        headers::NATS_MSG_ID,
+        &format!("{id}:{attempt}:result"),
+    );
     if let Some(rt) = reply_to {
         let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
     }
-    ctx.js
-        .publish_with_headers(ctx.subjects.result(id), h, Bytes::from(payload))
-        .await
+    (h, Bytes::from(payload))
 }
 
 /// The headers named in `names` that `from` has, copied into a new map (a result carries

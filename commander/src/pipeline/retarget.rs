@@ -183,7 +183,8 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
         &format!("{}:{attempt}", t.task_id),
     );
     // The new copy first: until JetStream has it, the targeted one stays.
-    ctx.js
+    let copy = ctx
+        .js
         .publish_with_headers(ctx.subjects.work(&t.pool), h, msg.payload.clone())
         .await
         .map_err(|e| e.to_string())?
@@ -221,6 +222,7 @@ async fn retarget(ctx: &Ctx, t: &Targeted, why: &str) -> Result<(), String> {
             || crate::store::TaskRecord::new(&t.task_id, 0),
             |r| {
                 r.attempt = r.attempt.max(attempt);
+                r.work_sequence = Some(copy.sequence);
                 r.route_reason = Some(reason.clone());
                 if let Some((id, at)) = &logged {
                     r.decision_id = Some(id.clone());

@@ -1,7 +1,11 @@
 //! The task record on disk.
 //!
-//! Format 5 (written now): version byte `5`, then format 4's body (below), then [`Later`]:
-//! the turn a throttle gave a task it parked (`deferred.turn`).
+//! Format 6 (written now): version byte `6`, then format 5's body (below), then
+//! [`Latest`]: the sequence of the task's dispatch in the work stream (`work_sequence`),
+//! which a cancel of a task still waiting for a worker deletes.
+//!
+//! Format 5 (written until format 6): version byte `5`, then format 4's body (below), then
+//! [`Later`]: the turn a throttle gave a task it parked (`deferred.turn`).
 //!
 //! Format 4 (written until format 5): version byte `4`, then format 3's body (below), then
 //! [`Compact`]: the trace and the state history in fewer bytes. A trace whose ids are
@@ -34,8 +38,9 @@
 //! (`skip_serializing_if`, which drops a field) cannot be on the types it encodes: the
 //! mirrors below have the record's fields in a fixed order and nothing else. Adding a field
 //! is a new format byte with the older formats still decoded: format 3's body is format
-//! 2's plus [`Added`], format 4's is format 3's plus [`Compact`], and format 5's is format
-//! 4's plus [`Later`], so the next field goes at the end of `Later` under format 6.
+//! 2's plus [`Added`], format 4's is format 3's plus [`Compact`], format 5's is format 4's
+//! plus [`Later`], and format 6's is format 5's plus [`Latest`], so the next field goes at
+//! the end of `Latest` under format 7.
 
 use std::borrow::Cow;
 
@@ -55,15 +60,18 @@ pub const FORMAT_V3: u8 = 3;
 /// The first byte of a format-4 record.
 pub const FORMAT_V4: u8 = 4;
 
-/// The first byte of a format-5 record (written now).
+/// The first byte of a format-5 record.
 pub const FORMAT_V5: u8 = 5;
+
+/// The first byte of a format-6 record (written now).
+pub const FORMAT_V6: u8 = 6;
 
 /// Why stored bytes are not a task record.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
     Empty,
-    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 5 are postcard)")]
+    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 6 are postcard)")]
     UnknownFormat(u8),
     #[error("format {0} record does not decode: {1}")]
     Postcard(u8, postcard::Error),
@@ -83,6 +91,7 @@ pub enum Format {
     V3,
     V4,
     V5,
+    V6,
 }
 
 pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
@@ -93,6 +102,7 @@ pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
         Some(&FORMAT_V3) => Ok(Format::V3),
         Some(&FORMAT_V4) => Ok(Format::V4),
         Some(&FORMAT_V5) => Ok(Format::V5),
+        Some(&FORMAT_V6) => Ok(Format::V6),
         Some(&other) => Err(CodecError::UnknownFormat(other)),
     }
 }
@@ -108,12 +118,13 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             let v: TaskV2<'_> = postcard::from_bytes(body).map_err(bad)?;
             Ok(v.into_record(Added::default()))
         }
-        // Format 4 is format 3 with `Compact` after it, format 5 format 4 with `Later`.
-        f @ (Format::V3 | Format::V4 | Format::V5) => {
+        // Format 4 is format 3 with `Compact` after it, format 5 format 4 with `Later`,
+        // format 6 format 5 with `Latest`.
+        f @ (Format::V3 | Format::V4 | Format::V5 | Format::V6) => {
             let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
             let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
             let (compact, rest) = match f {
-                Format::V4 | Format::V5 => {
+                Format::V4 | Format::V5 | Format::V6 => {
                     let (c, rest): (Compact<'_>, _) =
                         postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(c), rest)
@@ -121,8 +132,15 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
                 _ => (None, rest),
             };
             let (later, rest) = match f {
-                Format::V5 => {
+                Format::V5 | Format::V6 => {
                     let (l, rest): (Later<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+                    (Some(l), rest)
+                }
+                _ => (None, rest),
+            };
+            let (latest, rest) = match f {
+                Format::V6 => {
+                    let (l, rest): (Latest, _) = postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(l), rest)
                 }
                 _ => (None, rest),
@@ -134,6 +152,9 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             }
             if let Some(l) = later {
                 l.into_record(&mut rec);
+            }
+            if let Some(l) = latest {
+                rec.work_sequence = l.work_sequence;
             }
             Ok(rec)
         }
@@ -148,10 +169,26 @@ fn ended(format: u8, rest: &[u8]) -> Result<(), CodecError> {
     }
 }
 
-/// Encodes a record in format 5.
+/// Encodes a record in format 6.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let out = encode_v4_body(FORMAT_V5, rec)?;
-    postcard::to_extend(&Later::of(rec), out).map_err(|e| CodecError::Postcard(FORMAT_V5, e))
+    let out = encode_v5_body(FORMAT_V6, rec)?;
+    let latest = Latest {
+        work_sequence: rec.work_sequence,
+    };
+    postcard::to_extend(&latest, out).map_err(|e| CodecError::Postcard(FORMAT_V6, e))
+}
+
+/// The format byte, then format 5's body: all of format 5, and the start of format 6.
+fn encode_v5_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let out = encode_v4_body(format, rec)?;
+    postcard::to_extend(&Later::of(rec), out).map_err(|e| CodecError::Postcard(format, e))
+}
+
+/// Encodes a record in format 5 (what commanders before format 6 wrote; for tests that
+/// build a store of that layout). The work sequence is not in it.
+#[cfg(test)]
+pub fn encode_v5(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    encode_v5_body(FORMAT_V5, rec)
 }
 
 /// The format byte, then format 4's body: all of format 4, and the start of format 5.
@@ -211,6 +248,13 @@ impl Added {
             charged_usd: r.budget.as_ref().and_then(|b| b.charged_usd),
         }
     }
+}
+
+/// The fields format 6 added after format 5's body.
+#[derive(Default, Serialize, Deserialize)]
+struct Latest {
+    /// `work_sequence`: the task's dispatch in the work stream.
+    work_sequence: Option<u64>,
 }
 
 /// The fields format 5 added after format 4's body.
@@ -552,6 +596,7 @@ impl<'a> TaskV2<'a> {
             intake_sequence: self.intake_sequence,
             intake_stored_ms: self.intake_stored_ms,
             reply_to: oo(self.reply_to),
+            work_sequence: None,
             trace: self.trace.map(|t| TraceInfo {
                 trace_id: owned(t.trace_id),
                 dispatch_span_id: owned(t.dispatch_span_id),
@@ -610,6 +655,7 @@ pub(crate) mod tests {
         r.priority = 7;
         r.intake_stored_ms = Some(1_764_000_000_000);
         r.reply_to = Some("_INBOX.abc".into());
+        r.work_sequence = Some(1_000_000_007);
         r.trace = Some(TraceInfo {
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
             dispatch_span_id: "00f067aa0ba902b7".into(),
@@ -678,13 +724,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_5_round_trips_every_field_and_older_formats_still_read() {
+    fn format_6_round_trips_every_field_and_older_formats_still_read() {
         for rec in [full_record("t-1"), TaskRecord::new("bare", 0)] {
-            let v5 = encode(&rec).unwrap();
+            let v6 = encode(&rec).unwrap();
+            assert_eq!(v6[0], FORMAT_V6);
+            assert_eq!(decode(&v6).unwrap(), rec);
+            // Format 5 has every field but the work sequence.
+            let mut before_sequences = rec.clone();
+            before_sequences.work_sequence = None;
+            let v5 = encode_v5(&rec).unwrap();
             assert_eq!(v5[0], FORMAT_V5);
-            assert_eq!(decode(&v5).unwrap(), rec);
-            // Formats 3 and 4 have every field but the throttle's turn.
-            let mut before_turns = rec.clone();
+            assert_eq!(
+                decode(&v5).unwrap(),
+                before_sequences,
+                "format 5 still reads"
+            );
+            // Formats 3 and 4 have neither it nor the throttle's turn.
+            let mut before_turns = before_sequences.clone();
             if let Some(d) = before_turns.deferred.as_mut() {
                 d.turn = None;
             }
@@ -815,6 +871,7 @@ pub(crate) mod tests {
         if let Some(d) = expected.deferred.as_mut() {
             d.turn = None;
         }
+        expected.work_sequence = None;
         assert_eq!(decode(&v2).unwrap(), expected);
         // Format 3 is format 2's body and the added fields, nothing else.
         let v3 = encode_v3(&rec).unwrap();
@@ -826,13 +883,13 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode(&[9, 1]), Err(CodecError::UnknownFormat(9))));
         assert!(decode(b"{not json").is_err());
-        let v4 = encode(&full_record("t")).unwrap();
-        for cut in 1..v4.len() {
-            assert!(decode(&v4[..cut]).is_err(), "truncated at {cut}");
+        let v6 = encode(&full_record("t")).unwrap();
+        for cut in 1..v6.len() {
+            assert!(decode(&v6[..cut]).is_err(), "truncated at {cut}");
         }
-        let mut long = v4.clone();
+        let mut long = v6.clone();
         long.push(0);
-        assert!(matches!(decode(&long), Err(CodecError::Trailing(5, 1))));
+        assert!(matches!(decode(&long), Err(CodecError::Trailing(6, 1))));
         // A time past what RFC 3339 can write is an error, not a panic in the formatter.
         let mut far = vec![FORMAT_V4];
         far = postcard::to_extend(&TaskV2::of(&TaskRecord::new("far", 0)), far).unwrap();
@@ -849,8 +906,8 @@ pub(crate) mod tests {
             assert!(matches!(decode(&bytes), Err(CodecError::TimeOutOfRange(m)) if m == ms));
         }
         // Every one-byte change decodes to something or fails cleanly.
-        for i in 1..v4.len() {
-            let mut bad = v4.clone();
+        for i in 1..v6.len() {
+            let mut bad = v6.clone();
             bad[i] ^= 0xA5;
             let _ = decode(&bad);
         }

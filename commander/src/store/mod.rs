@@ -134,6 +134,10 @@ pub struct TaskRecord {
     pub intake_stored_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Sequence of its latest dispatch's message in the work stream (the PubAck's), so an
+    /// operator can cancel it while it waits there for a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_sequence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,6 +190,7 @@ impl TaskRecord {
             intake_sequence,
             intake_stored_ms: None,
             reply_to: None,
+            work_sequence: None,
             trace: None,
             rejection: None,
             outcome: None,
@@ -1170,7 +1175,7 @@ mod tests {
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::V5,
+            codec::Format::V6,
             "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
@@ -1195,7 +1200,7 @@ mod tests {
 
     /// A task log whose records are in format 3 (what the commander wrote before format 4)
     /// opens with every record reading back whole. Records stay as they are until their
-    /// next update, which writes the current format (5).
+    /// next update, which writes the current format (6).
     #[test]
     fn a_task_log_of_format_3_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
@@ -1209,10 +1214,11 @@ mod tests {
                     TaskRecord::new(&format!("v3-{i}"), i)
                 };
                 rec.intake_sequence = i;
-                // Format 3 has no throttle turn.
+                // Format 3 has no throttle turn and no work sequence.
                 if let Some(d) = rec.deferred.as_mut() {
                     d.turn = None;
                 }
+                rec.work_sequence = None;
                 let bytes = codec::encode_v3(&rec).unwrap();
                 store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
                 written.push(rec);
@@ -1232,12 +1238,53 @@ mod tests {
             .update("v3-1", || unreachable!(), |r| r.finish(&ok))
             .unwrap();
         assert_eq!((rec.state, rec.intake_sequence), (TaskState::Completed, 1));
-        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V5);
+        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V6);
         store.tasks.sync().unwrap();
         drop(store);
         let store = Store::reopen(dir.path());
         assert_eq!(store.get("v3-1").unwrap(), Some(rec));
         assert_eq!(store.get("v3-0").unwrap().as_ref(), Some(&written[0]));
+    }
+
+    /// A task log of format 5 (what the commander wrote before the work sequence) opens
+    /// with every record whole; a record's next update writes format 6 with its sequence.
+    #[test]
+    fn a_task_log_of_format_5_records_is_read_and_updated_in_the_current_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut written = Vec::new();
+        {
+            let store = Store::reopen(dir.path());
+            for i in 0..300u64 {
+                let mut rec = if i % 3 == 0 {
+                    codec::tests::full_record(&format!("v5-{i}"))
+                } else {
+                    TaskRecord::new(&format!("v5-{i}"), i)
+                };
+                rec.intake_sequence = i;
+                rec.work_sequence = None;
+                let bytes = codec::encode_v5(&rec).unwrap();
+                store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
+                written.push(rec);
+            }
+            store.tasks.sync().unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.task_count(), 300);
+        let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
+        for rec in &written {
+            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
+            assert_eq!(codec::format_of(&raw(&rec.id)).unwrap(), codec::Format::V5);
+        }
+        let rec = store
+            .update("v5-1", || unreachable!(), |r| r.work_sequence = Some(77))
+            .unwrap();
+        assert_eq!(codec::format_of(&raw("v5-1")).unwrap(), codec::Format::V6);
+        store.tasks.sync().unwrap();
+        drop(store);
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.get("v5-1").unwrap(), Some(rec));
+        assert_eq!(store.get("v5-1").unwrap().unwrap().work_sequence, Some(77));
+        assert_eq!(store.get("v5-0").unwrap().as_ref(), Some(&written[0]));
     }
 
     fn cell_key(budget: &str) -> CellKey {

@@ -1,0 +1,262 @@
+//! Cancelling a task that waits in its pool's queue: dispatched, and not yet handed to a
+//! worker (every worker of the pool busy, or none there).
+//!
+//! The task's message stays in the work stream until a worker acks it, at the sequence
+//! its dispatch's PubAck gave (`TaskRecord::work_sequence`). A cancel, in this order:
+//!
+//! 1. reads that message, to be sure it is still there and is this task's;
+//! 2. asks its consumer how far it has delivered: a message at or before that point has
+//!    been handed to a worker, which runs it (the cancel is refused, to be sent to that
+//!    worker once it reports the task running);
+//! 3. publishes the task's `cancelled` result as the attempt the message carries, on
+//!    condition that the task's results subject has had no new message since it looked
+//!    (`Nats-Expected-Last-Subject-Sequence`): a result that arrived meanwhile wins, and
+//!    the cancel is refused;
+//! 4. deletes the message.
+//!
+//! The result goes first because it is what makes the cancel hold whatever happens next.
+//! A worker looks up the results stream on every delivery and acks without running a
+//! message whose attempt already has a result (docs/protocol.md §7), so a message the
+//! delete missed (the broker went away between the two) is never run. A worker handed the
+//! message between steps 2 and 3 runs it, but its result carries the same idempotency key
+//! (`<id>:<attempt>:result`), so JetStream drops it as a copy: the task has one result,
+//! the cancel's. The consumer is asked again after the delete, and the answer says whether
+//! that may have happened.
+//!
+//! The results loop then records the result like any other: the record ends `failed`
+//! with the outcome `cancelled`, and the budget reservation is settled at zero cost (the
+//! result's usage says `cost_usd: 0`: the task never ran).
+
+use async_nats::jetstream;
+use fleet_worker::message::{TaskResult, Usage};
+use fleet_worker::protocol::{self, Subjects, headers};
+
+/// A task that waits in its pool's queue, as its record knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub task_id: String,
+    pub pool: String,
+    /// The attempt its latest dispatch carries.
+    pub attempt: u32,
+    /// Its message's sequence in the work stream.
+    pub work_sequence: u64,
+    /// The producer's reply subject, which the result is forwarded to.
+    pub reply_to: Option<String>,
+}
+
+/// A cancel that took the task out of the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// A worker was handed the message while it was cancelled: if it runs it, its result
+    /// is dropped as a copy of the cancel's.
+    pub maybe_taken: bool,
+}
+
+/// Why a task was not taken out of its queue.
+#[derive(Debug, thiserror::Error)]
+pub enum WithdrawError {
+    /// It is not (or no longer) waiting there: a worker has it, or it has finished. The
+    /// message says which, as far as the broker tells.
+    #[error("{0}")]
+    NotQueued(String),
+    /// The broker could not be asked, or did not answer: nothing is known to have changed.
+    #[error("{0}")]
+    Broker(String),
+}
+
+/// What a cancel needs of NATS.
+#[derive(Clone, Debug)]
+pub struct WorkQueue {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+}
+
+impl WorkQueue {
+    /// Takes `q` out of its pool's queue and publishes its `cancelled` result with
+    /// `reason` (see the module's comment for the order and why).
+    pub async fn withdraw(&self, q: &Queued, reason: &str) -> Result<Withdrawn, WithdrawError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(WithdrawError::Broker(
+                "not connected to the NATS server".into(),
+            ));
+        }
+        let broker =
+            |what: &str, e: &dyn std::fmt::Display| WithdrawError::Broker(format!("{what}: {e}"));
+        let work = self
+            .js
+            .get_stream(self.subjects.work_stream())
+            .await
+            .map_err(|e| broker("the work stream did not answer", &e))?;
+        let consumer = self.waiting_message(&work, q).await?;
+        let seq = q.work_sequence;
+        if delivered_up_to(&work, &consumer).await? >= seq {
+            return Err(WithdrawError::NotQueued(format!(
+                "a worker has been handed task {} and has not yet reported it running; cancel it again once it runs",
+                q.task_id
+            )));
+        }
+        let last = self.last_result(q).await?;
+        self.publish_cancel(q, reason, last).await?;
+        // Past this point the cancel holds: the message is only tidied away.
+        if let Err(e) = work.delete_message(seq).await {
+            tracing::warn!(task_id = %q.task_id, seq, error = %e, "cancelled task's work message not deleted; a worker that gets it finds the result and acks it unrun");
+        }
+        let maybe_taken = match delivered_up_to(&work, &consumer).await {
+            Ok(d) => d >= seq,
+            Err(e) => {
+                tracing::warn!(task_id = %q.task_id, error = %e, "whether a worker took the cancelled task is unknown");
+                true
+            }
+        };
+        Ok(Withdrawn { maybe_taken })
+    }
+
+    /// The consumer that hands out `q`'s message, once the message is found to be there
+    /// and to be `q`'s. A sequence a restarted broker handed out again names another
+    /// task's message, which is left alone.
+    async fn waiting_message(
+        &self,
+        work: &jetstream::stream::Stream,
+        q: &Queued,
+    ) -> Result<String, WithdrawError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+        let msg = match work.get_raw_message(q.work_sequence).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == Kind::NoMessageFound => {
+                return Err(WithdrawError::NotQueued(format!(
+                    "task {} is no longer in its pool's queue: a worker has taken it, or it has just finished",
+                    q.task_id
+                )));
+            }
+            Err(e) => {
+                return Err(WithdrawError::Broker(format!(
+                    "the work stream did not answer: {e}"
+                )));
+            }
+        };
+        if protocol::header(Some(&msg.headers), headers::TASK_ID) != Some(q.task_id.as_str()) {
+            return Err(WithdrawError::NotQueued(format!(
+                "task {} is no longer in its pool's queue (its work message is gone)",
+                q.task_id
+            )));
+        }
+        let pool_subject = self.subjects.work(&q.pool);
+        let subject = msg.subject.as_str();
+        match subject.strip_prefix(pool_subject.as_str()) {
+            Some("") => Ok(protocol::pool_consumer_name(&q.pool)),
+            Some(rest) => match rest.strip_prefix('.') {
+                Some(worker) if protocol::is_subject_token(worker) => {
+                    Ok(format!("worker-{}-{worker}", q.pool))
+                }
+                _ => Err(WithdrawError::NotQueued(format!(
+                    "task {}'s work message is on {subject}, which is not its pool's",
+                    q.task_id
+                ))),
+            },
+            None => Err(WithdrawError::NotQueued(format!(
+                "task {}'s work message is on {subject}, which is not its pool's",
+                q.task_id
+            ))),
+        }
+    }
+
+    /// The sequence of the last message on the task's results subject (0: none), so the
+    /// cancel is only stored if nothing came after it. A result of this attempt means the
+    /// task has finished.
+    async fn last_result(&self, q: &Queued) -> Result<u64, WithdrawError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let results = self
+            .js
+            .get_stream(self.subjects.results_stream())
+            .await
+            .map_err(|e| {
+                WithdrawError::Broker(format!("the results stream did not answer: {e}"))
+            })?;
+        match results
+            .direct_get_last_for_subject(self.subjects.result(&q.task_id))
+            .await
+        {
+            Ok(m) => {
+                let attempt = protocol::header(Some(&m.headers), headers::ATTEMPT)
+                    .and_then(|a| a.parse::<u32>().ok());
+                if attempt == Some(q.attempt) {
+                    return Err(finished(q));
+                }
+                Ok(m.sequence)
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(WithdrawError::Broker(format!(
+                "the results stream did not answer: {e}"
+            ))),
+        }
+    }
+
+    async fn publish_cancel(
+        &self,
+        q: &Queued,
+        reason: &str,
+        last: u64,
+    ) -> Result<(), WithdrawError> {
+        let result = cancelled_result(q, reason);
+        let (mut h, payload) = super::own_result_message(&result, q.reply_to.as_deref());
+        let _ = protocol::set_header(
+            &mut h,
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE.as_ref(),
+            &last.to_string(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(self.subjects.result(&q.task_id), h, payload)
+            .await
+            .map_err(|e| WithdrawError::Broker(format!("the cancel's result was not sent: {e}")))?
+            .await;
+        use async_nats::jetstream::context::PublishErrorKind;
+        match ack {
+            // A copy: this attempt's result was stored first (a worker's).
+            Ok(a) if a.duplicate => Err(finished(q)),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(finished(q)),
+            Err(e) => Err(WithdrawError::Broker(format!(
+                "the cancel's result was not acknowledged, so whether it is stored is unknown: {e}"
+            ))),
+        }
+    }
+}
+
+fn finished(q: &Queued) -> WithdrawError {
+    WithdrawError::NotQueued(format!(
+        "task {} has a result already: it finished a moment ago",
+        q.task_id
+    ))
+}
+
+/// The result a cancelled queued task ends with: `cancelled`, as the attempt it was
+/// dispatched as, with a usage that says it cost nothing (it never ran; a result without
+/// one would be charged its estimate).
+pub fn cancelled_result(q: &Queued, reason: &str) -> TaskResult {
+    let mut r = TaskResult::cancelled(&q.task_id, "cancelled", reason);
+    r.attempt = q.attempt;
+    r.pool = Some(q.pool.clone());
+    r.usage = Some(Usage {
+        cost_usd: Some(0.0),
+        ..Default::default()
+    });
+    r
+}
+
+/// The highest work-stream sequence `consumer` has handed to a worker: none when the
+/// consumer does not exist (no worker of the pool, or none targeted, ever bound it).
+async fn delivered_up_to(
+    work: &jetstream::stream::Stream,
+    consumer: &str,
+) -> Result<u64, WithdrawError> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    match work.consumer_info(consumer).await {
+        Ok(i) => Ok(i.delivered.stream_sequence),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(0),
+        Err(e) => Err(WithdrawError::Broker(format!(
+            "consumer {consumer} did not answer: {e}"
+        ))),
+    }
+}
