@@ -29,6 +29,7 @@ pub mod auth;
 pub mod console;
 pub mod control;
 mod decisions;
+mod finished;
 mod fleet;
 mod policy;
 mod result;

@@ -250,33 +250,41 @@ pub async fn version(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TasksQuery {
-    pub state: Option<String>,
-    pub limit: Option<usize>,
-    pub cursor: Option<String>,
-}
-
 /// `GET /v1/tasks?state=deferred|parked[&limit=&cursor=]`: the deferred queue in release
 /// order, or the tasks throttles parked in turn order, a page at a time; `next` (the last
 /// listed task's key, in hex) continues after it, so a page stays right while tasks ahead
-/// of it are released.
+/// of it are released. `state=finished|completed|failed|rejected` lists the tasks that
+/// have ended ([`super::finished`]).
 pub async fn tasks(
     State(s): State<AppState>,
-    q: Result<Query<TasksQuery>, QueryRejection>,
+    q: Result<Query<super::finished::TasksQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let parked = match q.state.as_deref() {
         Some("deferred") => false,
         Some("parked") => true,
+        Some(state) if super::finished::listable(state) => {
+            let state = state.to_string();
+            let store = s.core.store.clone();
+            // Up to `MAX_SCAN` records read from disk: off the async threads.
+            return tokio::task::spawn_blocking(move || super::finished::list(&store, &state, q))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
         other => {
             return Err(ApiError::BadRequest(format!(
-                "state={} is not listable; use state=deferred or state=parked (GET /v1/tasks/{{id}} for one task)",
+                "state={} is not listable; use state=deferred, parked, finished, completed, failed or rejected (GET /v1/tasks/{{id}} for one task)",
                 other.unwrap_or("")
             )));
         }
     };
+    let only_finished = q.finished_filters();
+    if !only_finished.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} filter(s) only a listing of finished tasks takes (state=finished, completed, failed or rejected)",
+            only_finished.join(", ")
+        )));
+    }
     let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let cursor_key = if parked {
         crate::policy::parked_cursor

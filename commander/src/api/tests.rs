@@ -719,6 +719,7 @@ async fn every_list_route_refuses_a_limit_outside_its_range() {
         ("/v1/interventions", 1000),
         ("/v1/policy/history", 500),
         ("/v1/tasks?state=deferred", 1000),
+        ("/v1/tasks?state=finished", 1000),
         ("/v1/control/audit", 1000),
     ];
     for (route, max) in routes {
@@ -818,6 +819,150 @@ async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     }
 }
 
+/// `state=finished` (and `completed`, `failed`, `rejected`) lists the tasks that ended,
+/// newest first, with their outcome: filtered by status, error code, pool and worker,
+/// paged with a cursor; a filter a listing does not take, or a bad value, is a 400.
+#[tokio::test]
+async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
+    use fleet_worker::message::{ResultStatus, TaskResult};
+    let api = api(None, 4096);
+    let store = &api.state.core.store;
+    let end = |id: &str, pool: &str, result: TaskResult| {
+        store
+            .update(
+                id,
+                || crate::store::TaskRecord::new(id, 1),
+                |r| {
+                    r.pool = Some(pool.into());
+                    r.finish(&result);
+                },
+            )
+            .unwrap();
+    };
+    let run = |status: ResultStatus, worker: &str, code: Option<&str>| {
+        let mut r = TaskResult::rejected("x", code.unwrap_or(""), "why");
+        r.status = status;
+        r.attempt = 1;
+        r.worker_id = Some(worker.into());
+        if code.is_none() {
+            r.error = None;
+        }
+        r
+    };
+    // Ended in this order: one millisecond apart at least, so the order is theirs.
+    let ends: [(&str, &str, TaskResult); 5] = [
+        ("t1", "code", run(ResultStatus::Ok, "w1", None)),
+        (
+            "t2",
+            "code",
+            run(ResultStatus::Failed, "w1", Some("tool_error")),
+        ),
+        (
+            "t3",
+            "docs",
+            run(ResultStatus::Cancelled, "w2", Some("deadline_exceeded")),
+        ),
+        (
+            "t4",
+            "docs",
+            TaskResult::rejected("t4", "unknown_pool", "no pool docs-x"),
+        ),
+        ("t5", "code", run(ResultStatus::Ok, "w2", None)),
+    ];
+    for (id, pool, result) in ends {
+        end(id, pool, result);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    store
+        .update(
+            "running",
+            || crate::store::TaskRecord::new("running", 1),
+            |r| r.advance(crate::store::TaskState::Dispatched),
+        )
+        .unwrap();
+    let list = |uri: &str| {
+        let api = &api;
+        let uri = uri.to_string();
+        async move {
+            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
+            let (status, _, json) = api.call(req).await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {json}");
+            let ids: Vec<String> = json["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["task_id"].as_str().unwrap().to_string())
+                .collect();
+            (ids, json)
+        }
+    };
+    let (ids, all) = list("/v1/tasks?state=finished").await;
+    assert_eq!(ids, ["t5", "t4", "t3", "t2", "t1"], "{all}");
+    assert_eq!(all["scanned"], 5);
+    assert_eq!(all["next"], Value::Null);
+    let t3 = &all["tasks"][2];
+    assert_eq!(t3["state"], "failed");
+    assert_eq!(t3["pool"], "docs");
+    assert_eq!(t3["outcome"]["status"], "cancelled");
+    assert_eq!(t3["outcome"]["error"]["code"], "deadline_exceeded");
+    assert!(t3["finished_ms"].as_u64().unwrap() > 0);
+    for (uri, want) in [
+        ("/v1/tasks?state=completed", vec!["t5", "t1"]),
+        ("/v1/tasks?state=failed", vec!["t3", "t2"]),
+        ("/v1/tasks?state=rejected", vec!["t4"]),
+        ("/v1/tasks?state=failed&status=cancelled", vec!["t3"]),
+        ("/v1/tasks?state=finished&code=unknown_pool", vec!["t4"]),
+        ("/v1/tasks?state=finished&code=tool_error", vec!["t2"]),
+        ("/v1/tasks?state=finished&pool=docs", vec!["t4", "t3"]),
+        ("/v1/tasks?state=finished&worker=w2", vec!["t5", "t3"]),
+    ] {
+        assert_eq!(list(uri).await.0, want, "{uri}");
+    }
+    // Since and until bound the finish times.
+    let t2_ms = all["tasks"][3]["finished_ms"].as_u64().unwrap();
+    assert_eq!(
+        list(&format!("/v1/tasks?state=finished&since_ms={t2_ms}"))
+            .await
+            .0,
+        ["t5", "t4", "t3", "t2"]
+    );
+    assert_eq!(
+        list(&format!("/v1/tasks?state=finished&until_ms={t2_ms}"))
+            .await
+            .0,
+        ["t2", "t1"]
+    );
+    // Pages of two.
+    let (first, page) = list("/v1/tasks?state=finished&limit=2").await;
+    assert_eq!(first, ["t5", "t4"]);
+    let next = page["next"].as_str().unwrap();
+    let (second, page) = list(&format!("/v1/tasks?state=finished&limit=2&cursor={next}")).await;
+    assert_eq!(second, ["t3", "t2"]);
+    let next = page["next"].as_str().unwrap();
+    let (third, page) = list(&format!("/v1/tasks?state=finished&limit=2&cursor={next}")).await;
+    assert_eq!(
+        (third, page["next"].clone()),
+        (vec!["t1".to_string()], Value::Null)
+    );
+    for (uri, says) in [
+        ("/v1/tasks?state=finished&status=done", "status=done"),
+        ("/v1/tasks?state=finished&cursor=zz", "cursor"),
+        ("/v1/tasks?state=finished&cursor=00", "cursor"),
+        ("/v1/tasks?state=deferred&pool=code", "pool"),
+        (
+            "/v1/tasks?state=parked&status=ok&since_ms=1",
+            "status, since_ms",
+        ),
+        ("/v1/tasks?state=finished&limit=0", "limit"),
+        ("/v1/tasks?state=running", "state=running"),
+        ("/v1/tasks?state=finished&colour=red", "colour"),
+    ] {
+        let req = Request::get(uri).body(Body::empty()).unwrap();
+        let message = api.bad_request(req).await;
+        assert!(message.contains(says), "{uri}: {message}");
+    }
+}
+
 /// `state=parked` lists the tasks throttles parked, in turn order, each with its turn,
 /// paged the same way; the budget queue's listing does not show them.
 #[tokio::test]
@@ -888,7 +1033,7 @@ async fn parked_tasks_are_listed_in_turn_order_with_their_turns() {
         .unwrap();
     let message = api.bad_request(req).await;
     assert!(
-        message.contains("state=deferred or state=parked"),
+        message.contains("use state=deferred, parked, finished"),
         "{message}"
     );
 }

@@ -72,8 +72,9 @@
 //! ## Space
 //!
 //! Retention ([`TaskLog::sweep`]) removes terminal records in the order they finished,
-//! from an in-memory queue rebuilt at open from the records' `finished_ms`: it never
-//! scans. Segments are deleted oldest first, once no task's latest version and no page
+//! from an in-memory queue rebuilt at open from the records' `finished_ms` and kept in
+//! that order: it never scans. The same queue, read from its end, lists the tasks that
+//! finished last ([`TaskLog::finished_before`]). Segments are deleted oldest first, once no task's latest version and no page
 //! still kept is in them (so a `removed` entry always outlives the record it removes). An
 //! oldest segment held only by a few long-lived tasks (deferred for days, say) has them
 //! copied forward first; pages are never copied, so a segment waits for its pages'
@@ -233,8 +234,9 @@ struct Writer {
 pub struct TaskLog {
     index: DashMap<Arc<str>, Loc>,
     writer: Mutex<Writer>,
-    /// Terminal tasks in the order they finished: (finished_ms, id). An entry whose task
-    /// has since been removed, or finished again under another time, is skipped.
+    /// Terminal tasks in the order they finished: (finished_ms, id), kept sorted. An entry
+    /// whose task has since been removed, or finished again under another time, is
+    /// skipped.
     finished: Mutex<VecDeque<(u64, Arc<str>)>>,
     /// Pages kept (see the module's docs). When both are held, taken after the writer's
     /// lock, never before it.
@@ -508,9 +510,50 @@ impl TaskLog {
         Ok(())
     }
 
-    /// Queues a terminal task for retention under the finish time its record carries.
+    /// Queues a terminal task for retention under the finish time its record carries,
+    /// keeping the queue in (finish time, id) order: updates on other threads can arrive
+    /// a little out of order, and the listing of finished tasks pages by that order.
     fn queue_finished(&self, finished_ms: u64, id: &Arc<str>) {
-        lock(&self.finished).push_back((finished_ms, id.clone()));
+        let e = (finished_ms, id.clone());
+        let mut q = lock(&self.finished);
+        if q.back().is_none_or(|b| *b <= e) {
+            q.push_back(e);
+        } else {
+            // Near the back: the insert moves the few entries after it.
+            let at = q.partition_point(|x| *x <= e);
+            q.insert(at, e);
+        }
+    }
+
+    /// Up to `n` finished tasks, newest first, that finished before `before` (finish
+    /// time, then id): the retention queue's entries, copied so that the lock is held for
+    /// no more than that. An entry whose task was since removed or finished again is
+    /// among them; [`TaskLog::finished_record`] skips it.
+    pub fn finished_before(&self, before: Option<(u64, &str)>, n: usize) -> Vec<(u64, Arc<str>)> {
+        let q = lock(&self.finished);
+        let end = match before {
+            None => q.len(),
+            Some((ms, id)) => q.partition_point(|(m, i)| (*m, &**i) < (ms, id)),
+        };
+        q.range(..end).rev().take(n).cloned().collect()
+    }
+
+    /// The record an entry of [`TaskLog::finished_before`] names, when it is still the
+    /// task's latest and finished then.
+    pub fn finished_record(
+        &self,
+        finished_ms: u64,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(loc) = self
+            .index
+            .get(id)
+            .map(|l| *l)
+            .filter(|l| l.finished_ms == finished_ms)
+        else {
+            return Ok(None);
+        };
+        self.read(loc).map(Some)
     }
 
     /// Puts the retention queue in finishing order (after [`TaskLog::put_raw`]).

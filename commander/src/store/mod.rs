@@ -786,6 +786,63 @@ impl Store {
     }
 }
 
+/// A page of finished tasks ([`Store::finished`]).
+#[derive(Debug, Default)]
+pub struct FinishedPage {
+    /// Each task's finish time (unix ms) and record, newest first.
+    pub tasks: Vec<(u64, TaskRecord)>,
+    /// Finished tasks examined.
+    pub scanned: usize,
+    /// Where the next page starts (the last task examined), when there may be more.
+    pub next: Option<(u64, String)>,
+}
+
+impl Store {
+    /// Finished tasks, newest first, that finished before `before` (finish time, then
+    /// id) and at or after `since_ms`: those `keep` accepts, up to `limit`, examining at
+    /// most `scan`. Read from the retention queue, which is in finishing order, so no
+    /// index is scanned; a record that does not decode is skipped (and logged).
+    pub fn finished(
+        &self,
+        before: Option<(u64, &str)>,
+        since_ms: u64,
+        scan: usize,
+        limit: usize,
+        keep: impl Fn(&TaskRecord) -> bool,
+    ) -> Result<FinishedPage, StoreError> {
+        let entries = self.tasks.finished_before(before, scan);
+        let mut page = FinishedPage::default();
+        let mut last = None;
+        let mut ended = entries.len() < scan;
+        for (ms, id) in &entries {
+            if *ms < since_ms {
+                ended = true;
+                break;
+            }
+            page.scanned += 1;
+            last = Some((*ms, id));
+            let Some(bytes) = self.tasks.finished_record(*ms, id)? else {
+                continue;
+            };
+            match decode(id, &bytes) {
+                Ok(rec) if keep(&rec) => page.tasks.push((*ms, rec)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(task_id = %id, error = %e, "finished task's record not listed")
+                }
+            }
+            if page.tasks.len() == limit {
+                ended = ended && page.scanned == entries.len();
+                break;
+            }
+        }
+        if !ended {
+            page.next = last.map(|(ms, id)| (ms, id.to_string()));
+        }
+        Ok(page)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1244,6 +1301,102 @@ mod tests {
         let store = Store::reopen(dir.path());
         assert_eq!(store.get("v3-1").unwrap(), Some(rec));
         assert_eq!(store.get("v3-0").unwrap().as_ref(), Some(&written[0]));
+    }
+
+    /// Finished tasks are listed newest first from the retention queue: in finishing order
+    /// (ties by id) whatever order the updates came in, tasks still running and tasks
+    /// retention removed left out; a page continues where the last one stopped, and stops
+    /// at `since_ms` and at the scan bound.
+    #[test]
+    fn finished_tasks_are_listed_newest_first_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::reopen(dir.path());
+        let mut ok = TaskResult::rejected("x", "x", "x");
+        ok.status = ResultStatus::Ok;
+        for (id, ms) in [
+            ("a", 1000),
+            ("b", 3000),
+            ("c", 2000),
+            ("d", 2000),
+            ("e", 4000),
+        ] {
+            let pool = if id == "c" { "x" } else { "y" };
+            store
+                .tasks
+                .update(
+                    id,
+                    ms,
+                    || TaskRecord::new(id, 0),
+                    |r| {
+                        r.pool = Some(pool.into());
+                        r.finish(&ok);
+                    },
+                )
+                .unwrap();
+        }
+        store
+            .tasks
+            .update(
+                "live",
+                5000,
+                || TaskRecord::new("live", 0),
+                |r| r.advance(TaskState::Dispatched),
+            )
+            .unwrap();
+        let ids = |p: &FinishedPage| {
+            p.tasks
+                .iter()
+                .map(|(ms, r)| (*ms, r.id.clone()))
+                .collect::<Vec<_>>()
+        };
+        let owned = |v: &[(u64, &str)]| {
+            v.iter()
+                .map(|(ms, id)| (*ms, id.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let all = store.finished(None, 0, 100, 100, |_| true).unwrap();
+        assert_eq!(
+            ids(&all),
+            owned(&[
+                (4000, "e"),
+                (3000, "b"),
+                (2000, "d"),
+                (2000, "c"),
+                (1000, "a")
+            ])
+        );
+        assert_eq!((all.scanned, all.next), (5, None));
+        // Pages of two.
+        let p1 = store.finished(None, 0, 100, 2, |_| true).unwrap();
+        assert_eq!(ids(&p1), owned(&[(4000, "e"), (3000, "b")]));
+        let next = p1.next.clone().unwrap();
+        let p2 = store
+            .finished(Some((next.0, &next.1)), 0, 100, 2, |_| true)
+            .unwrap();
+        assert_eq!(ids(&p2), owned(&[(2000, "d"), (2000, "c")]));
+        let next = p2.next.clone().unwrap();
+        let p3 = store
+            .finished(Some((next.0, &next.1)), 0, 100, 2, |_| true)
+            .unwrap();
+        assert_eq!(ids(&p3), owned(&[(1000, "a")]));
+        assert_eq!(p3.next, None);
+        // A filter that matches nothing past the scan bound says where to go on.
+        let bounded = store
+            .finished(None, 0, 2, 10, |r| r.pool.as_deref() == Some("x"))
+            .unwrap();
+        assert!(bounded.tasks.is_empty());
+        assert_eq!(bounded.scanned, 2);
+        assert_eq!(bounded.next, Some((3000, "b".to_string())));
+        // `since_ms` ends the listing.
+        let since = store.finished(None, 2000, 100, 100, |_| true).unwrap();
+        assert_eq!(ids(&since).len(), 4);
+        assert_eq!(since.next, None);
+        // Retention's removals are not listed.
+        let cutoff = std::time::UNIX_EPOCH + Duration::from_millis(1500);
+        assert_eq!(store.sweep(cutoff, usize::MAX, 100).unwrap(), 1);
+        let kept = store.finished(None, 0, 100, 100, |_| true).unwrap();
+        assert_eq!(kept.tasks.len(), 4);
+        assert!(kept.tasks.iter().all(|(_, r)| r.id != "a"));
     }
 
     /// A task log of format 5 (what the commander wrote before the work sequence) opens
