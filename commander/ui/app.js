@@ -185,6 +185,7 @@ const PAGES = {
   decisions: views.decisions,
   decision: views.decision,
   task: views.task,
+  tasks: views.tasks,
   traces: views.traces,
   trace: views.trace,
   costs: views.costs,

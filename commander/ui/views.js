@@ -329,6 +329,54 @@ export async function decision(main, taskId, alive) {
     </div>`;
 }
 
+// ---- tasks ----------------------------------------------------------------------
+
+const finishedRow = t => {
+  const o = t.outcome ?? {};
+  const err = o.error ?? t.rejection;
+  return `<tr class="clickable" tabindex="0" data-task="${esc(t.task_id)}"><td class="muted">${ago(t.finished_ms)}</td><td>${esc(t.task_id)}</td><td><span class="pill ${esc(t.state)}">${esc(t.state)}</span></td><td>${o.status ? `<span class="pill ${esc(o.status)}">${esc(o.status)}</span>` : '—'}</td><td>${esc(t.pool ?? '—')}</td><td>${esc(o.worker_id ?? '—')}</td><td class="n">${o.duration_ms == null ? '—' : dur(o.duration_ms)}</td><td>${err ? `<b>${esc(err.code)}</b> ${esc(err.message)}` : ''}</td></tr>`;
+};
+
+/**
+ * The tasks that have ended, newest first (`GET /v1/tasks?state=finished`), with their
+ * outcome: filtered by state, status, pool, worker and error code, older pages on demand.
+ * A page examines a bounded number of tasks, so a filter that matches few may need more.
+ */
+export async function tasks(main, _arg, alive) {
+  main.innerHTML = `
+    <h1>Finished tasks</h1>
+    <form class="filters" id="f" role="search">
+      <label>State <select name="state"><option>finished</option><option>completed</option><option>failed</option><option>rejected</option></select></label>
+      <label>Status <select name="status"><option value="">any</option><option>ok</option><option>failed</option><option>cancelled</option><option>rejected</option></select></label>
+      <label>Pool <input name="pool" size="10"></label><label>Worker <input name="worker" size="12"></label>
+      <label>Error code <input name="code" size="16"></label>
+      <button type="submit">Filter</button>
+    </form>
+    <p class="muted" id="scan"></p>
+    <div class="card"><table><thead><tr><th>Ended</th><th>Task</th><th>State</th><th>Status</th><th>Pool</th><th>Worker</th><th class="n">Duration</th><th>Error</th></tr></thead><tbody id="rows"></tbody></table>
+    <div class="pager"><button type="button" id="more">Older →</button></div></div>`;
+  let filters = { state: 'finished' }, next = null, shown = 0, scanned = 0;
+  const tbody = q(main, '#rows');
+  const open = e => { const tr = e.target.closest('tr[data-task]'); if (tr) location.hash = `#/task/${encodeURIComponent(tr.dataset.task)}`; };
+  tbody.onclick = open;
+  tbody.onkeydown = e => { if (e.key === 'Enter') open(e); };
+  const load = async (more) => {
+    const page = await api('/v1/tasks' + qs({ ...filters, limit: 50, cursor: more ? next : '' }));
+    if (!alive()) return;
+    next = page.next;
+    shown = (more ? shown : 0) + page.tasks.length;
+    scanned = (more ? scanned : 0) + page.scanned;
+    const html = page.tasks.map(finishedRow).join('');
+    if (more) tbody.insertAdjacentHTML('beforeend', html); else tbody.innerHTML = html;
+    if (!tbody.rows.length) tbody.innerHTML = '<tr><td colspan="8" class="muted">No finished tasks match.</td></tr>';
+    q(main, '#scan').textContent = `${shown} shown of the ${scanned} most recent finished tasks examined${next ? '; older ones: Older →' : ''}`;
+    q(main, '#more').disabled = !next;
+  };
+  q(main, '#f').onsubmit = e => { e.preventDefault(); filters = formValues(e.target); load(false); };
+  q(main, '#more').onclick = () => load(true);
+  await load(false);
+}
+
 // ---- task -----------------------------------------------------------------------
 
 /** The most of a result's output the page prints; the API has the whole of it. */

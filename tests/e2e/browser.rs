@@ -400,6 +400,32 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     })
     .await;
     no_console_errors(&c, "a cancelled task").await;
+    // The finished tasks, newest first: the cancel among them, found by its status.
+    c.goto(&format!("{base}/#/tasks")).await.unwrap();
+    eventually("the finished tasks list both", WAIT, async || {
+        let rows = text(&c, "#rows").await;
+        rows.contains("capped-1") && rows.contains("before-1")
+    })
+    .await;
+    c.execute(
+        "document.querySelector('#f select[name=status]').value = 'cancelled'; document.querySelector('#f button[type=submit]').click();",
+        vec![],
+    )
+    .await
+    .unwrap();
+    eventually("only the cancelled task is left", WAIT, async || {
+        let rows = text(&c, "#rows").await;
+        rows.contains("capped-1") && !rows.contains("before-1")
+    })
+    .await;
+    click(&c, "#rows tr[data-task=\"capped-1\"]").await;
+    eventually("a row opens its task page", WAIT, async || {
+        c.current_url()
+            .await
+            .is_ok_and(|u| u.fragment() == Some("/task/capped-1"))
+    })
+    .await;
+    no_console_errors(&c, "the finished tasks").await;
 
     // A viewer sees no control buttons, and the API answers 403 to its commands.
     c.execute(

@@ -341,6 +341,16 @@ async fn an_operator_cancels_a_task_that_waits_in_its_pool_s_queue() {
     .await;
     let (status, again) = cancel("queued-1").await;
     assert_eq!(status, 409, "{again}");
+    // The operator finds it among the cancelled tasks.
+    let listed = stack
+        .get_json("/v1/tasks?state=failed&status=cancelled&pool=alpha")
+        .await;
+    assert_eq!(listed["tasks"][0]["task_id"], "queued-1", "{listed}");
+    assert_eq!(
+        listed["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
 
     // The busy task ends, the worker takes the task after the cancelled one, and never
     // the cancelled one.
