@@ -402,6 +402,52 @@ async fn an_operator_cancels_a_task_that_waits_in_its_pool_s_queue() {
         1,
         "the held task's message stays"
     );
+    // A copy of a cancelled task's work message that reaches a worker anyway, as one
+    // would if the cancel's delete had not happened, is acked without running: its
+    // attempt has a result, the cancel's.
+    submit(&stack.client, "late-1", "beta").await;
+    let seq = {
+        let mut seq = None;
+        eventually("the task waits in beta's queue", WAIT, async || {
+            seq = stack.get_json("/v1/tasks/late-1").await["work_sequence"].as_u64();
+            seq.is_some()
+        })
+        .await;
+        seq.unwrap()
+    };
+    let work = js.get_stream("FLEET_WORK").await.unwrap();
+    let copy = work.get_raw_message(seq).await.unwrap();
+    let (status, ack) = cancel("late-1").await;
+    assert_eq!(status, 200, "{ack}");
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in copy.headers.iter() {
+        let name: &str = name.as_ref();
+        if name != "Nats-Msg-Id" {
+            headers.insert(name, values[0].as_str());
+        }
+    }
+    js.publish_with_headers("fleet.work.beta", headers, copy.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (late, late_started) =
+        slow_worker(&stack.client, "beta", "b1", Duration::from_secs(1)).await;
+    eventually(
+        "the worker took the copy and acked it unrun",
+        WAIT,
+        async || {
+            late.stats()
+                .skipped_duplicates
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+        },
+    )
+    .await;
+    assert!(late_started.lock().unwrap().is_empty(), "nothing ran");
+    let result = stack.get_json("/v1/tasks/late-1/result").await;
+    assert_eq!(result["status"], "cancelled", "{result}");
+    late.shutdown().await;
     drop(msg);
 }
 
