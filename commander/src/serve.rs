@@ -535,6 +535,18 @@ impl crate::api::control::Tell for NatsTell {
     > {
         Box::pin(self.0.withdraw(task, reason))
     }
+
+    fn withdraw_pool<'a>(
+        &'a self,
+        pool: &'a str,
+        reason: &'a str,
+        max: usize,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<pipeline::cancel::PoolWithdrawal, pipeline::cancel::WithdrawError>,
+    > {
+        Box::pin(self.0.withdraw_pool(pool, reason, max))
+    }
 }
 
 /// The task path's context: the shared core plus its side of NATS.

@@ -451,6 +451,139 @@ async fn an_operator_cancels_a_task_that_waits_in_its_pool_s_queue() {
     drop(msg);
 }
 
+/// `purge_pool` (through `commander ctl`) cancels every task that waits in the pool's
+/// queue, oldest first, and leaves the running one be: none of them runs, each producer
+/// reads `cancelled`, and the operator finds them among the cancelled tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_purges_a_pool_s_queue_and_the_running_task_goes_on() {
+    let stack = Stack::start(TWO_POOLS).await;
+    // Busy for longer than the test: it is cancelled at the end.
+    let (worker, started) = slow_worker(&stack.client, "alpha", "a1", WAIT).await;
+    submit(&stack.client, "busy-1", "alpha").await;
+    eventually("the worker runs the first task", WAIT, async || {
+        stack.get_json("/v1/workers/a1").await["current_task"] == "busy-1"
+    })
+    .await;
+    let queued: Vec<String> = (0..20).map(|i| format!("flood-{i:02}")).collect();
+    for id in &queued {
+        submit(&stack.client, id, "alpha").await;
+    }
+    eventually("the flood waits in alpha's queue", WAIT, async || {
+        let listed = stack.get_json("/v1/pools").await;
+        listed["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "alpha"))
+            .is_some_and(|p| p["queue"]["pending"] == 20)
+    })
+    .await;
+    let api = stack.commander.http().to_string();
+    let ctl = move |pool: &str| {
+        let bin = env!("CARGO_BIN_EXE_commander");
+        std::process::Command::new(bin)
+            .args([
+                "ctl",
+                "--api",
+                &api,
+                "--reason",
+                "flood",
+                "purge-pool",
+                "--pool",
+                pool,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl("alpha")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ack["ok"], true, "{ack}");
+    let state = &ack["state"];
+    assert_eq!(state["cancelled"], 20, "{ack}");
+    // Oldest first in the work stream: the order of dispatch, which concurrent
+    // classification can make differ a little from the order of submission.
+    let mut purged: Vec<String> = serde_json::from_value(state["task_ids"].clone()).unwrap();
+    purged.sort();
+    assert_eq!(purged, queued, "{ack}");
+    assert_eq!(state["more"], false, "{ack}");
+    assert_eq!(state["not_cancelled"], json!([]), "{ack}");
+    let result = stack.get_json("/v1/tasks/flood-07/result").await;
+    assert_eq!(result["status"], "cancelled", "{result}");
+    assert!(
+        result["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pool alpha's queue: flood")),
+        "{result}"
+    );
+    eventually(
+        "every purged task is recorded cancelled",
+        WAIT,
+        async || {
+            let listed = stack
+                .get_json("/v1/tasks?state=failed&status=cancelled&pool=alpha")
+                .await;
+            listed["tasks"].as_array().map(Vec::len) == Some(20)
+        },
+    )
+    .await;
+    // The running task went on; once it ends, nothing else reaches the worker.
+    assert_eq!(
+        stack.get_json("/v1/workers/a1").await["current_task"],
+        "busy-1"
+    );
+    let r = stack
+        .post("/v1/control")
+        .json(&json!({"command": "cancel", "task_id": "busy-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = stack
+        .get("/v1/tasks/busy-1/result?wait_s=30")
+        .send()
+        .await
+        .unwrap();
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["worker_id"], "a1", "{done}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(started.lock().unwrap().as_slice(), ["busy-1"]);
+    assert_eq!(
+        crate::common::stream_messages(&stack.client, "FLEET_WORK").await,
+        0
+    );
+    assert_eq!(
+        stack.metric("fleet_queued_tasks_cancelled_total").await,
+        20.0
+    );
+    // An empty queue purges nothing; a pool the config does not know is a 404.
+    let again = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl("alpha")
+    })
+    .await
+    .unwrap();
+    let ack: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(ack["state"]["cancelled"], 0, "{ack}");
+    let unknown = tokio::task::spawn_blocking(move || ctl("gamma"))
+        .await
+        .unwrap();
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        said.contains("404") && said.contains("pool gamma is not configured"),
+        "{said}"
+    );
+    worker.shutdown().await;
+}
+
 /// `/metrics` passes the real `promtool check metrics`, and every metric the shipped
 /// Grafana board queries is on it; the board has the structure Grafana provisions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::detect::intervene::{self, Intervention, InterventionState, Target};
-use crate::pipeline::cancel::{Queued, WithdrawError, Withdrawn};
+use crate::pipeline::cancel::{PoolWithdrawal, Queued, WithdrawError, Withdrawn};
 use crate::policy::schema::{BlockScope, EscalationAction};
 use crate::store::{Store, StoreError, TaskRecord};
 
@@ -53,6 +53,14 @@ pub trait Tell: Send + Sync + std::fmt::Debug {
         task: &'a Queued,
         reason: &'a str,
     ) -> BoxFuture<'a, Result<Withdrawn, WithdrawError>>;
+
+    /// Cancels up to `max` of the tasks that wait in `pool`'s queue, oldest first.
+    fn withdraw_pool<'a>(
+        &'a self,
+        pool: &'a str,
+        reason: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<PoolWithdrawal, WithdrawError>>;
 }
 
 /// One command, as sent (JSON). Which fields a command takes: docs/api.md, "Control".
@@ -93,6 +101,7 @@ enum Op {
     Mode(EscalationAction, Target),
     Resume(Target),
     Cancel(String),
+    Purge(String),
     Block(String),
     Reroute { pool: String, to: String },
     Weight { pool: String, weight: f64 },
@@ -107,6 +116,7 @@ pub const COMMANDS: &[&str] = &[
     "resume",
     "drain",
     "cancel",
+    "purge_pool",
     "block_pool",
     "reroute_pool",
     "weight_pool",
@@ -138,7 +148,7 @@ fn fields_of(command: &str) -> Option<&'static [&'static str]> {
     Some(match command {
         "pause" | "drain" | "resume" => &["worker", "pool"],
         "cancel" => &["task_id"],
-        "block_pool" | "restore_pool" => &["pool"],
+        "block_pool" | "restore_pool" | "purge_pool" => &["pool"],
         "reroute_pool" => &["pool", "to"],
         "weight_pool" => &["pool", "weight"],
         "cost_cap" => &["usd", "window"],
@@ -225,6 +235,7 @@ impl Request {
             "resume" => Op::Resume(target(self)?),
             "cancel" => Op::Cancel(need(&self.task_id, "task_id", c)?.to_string()),
             "block_pool" => Op::Block(pool()?),
+            "purge_pool" => Op::Purge(pool()?),
             "restore_pool" => Op::Restore(pool()?),
             "reroute_pool" => {
                 let (pool, to) = (
@@ -673,6 +684,7 @@ async fn apply(
             Ok(v)
         }
         Op::Cancel(task) => cancel(s, task, who, reason).await,
+        Op::Purge(pool) => purge(s, pool, who, reason).await,
         Op::Cap { usd, window } => {
             let cap = s
                 .core
@@ -907,6 +919,53 @@ async fn cancel_queued(s: &AppState, record: &TaskRecord, reason: &str) -> Resul
             "task {task} was not cancelled: {m}; retry"
         ))),
     }
+}
+
+/// Tasks one `purge_pool` cancels at most: each costs a few broker round trips, and the
+/// command answers when it is done. `more` in the ack says to send it again.
+pub const PURGE_MAX: usize = 1_000;
+
+/// Cancels the tasks that wait in a pool's queue for a worker (not those running, and
+/// not those a budget or a throttle holds back).
+async fn purge(
+    s: &AppState,
+    pool: &str,
+    who: &str,
+    reason: Option<&str>,
+) -> Result<Value, ApiError> {
+    let live = s.core.policy.live();
+    if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
+        return Err(ApiError::NotFound(format!("pool {pool} is not configured")));
+    }
+    let reason = format!(
+        "cancelled by {who} with pool {pool}'s queue{}",
+        reason.map_or(String::new(), |r| format!(": {r}"))
+    );
+    let done = s
+        .control
+        .tell
+        .withdraw_pool(pool, &reason, PURGE_MAX)
+        .await
+        .map_err(|e| ApiError::Busy(format!("pool {pool}'s queue was not purged: {e}; retry")))?;
+    s.core
+        .metrics
+        .queued_cancelled
+        .inc_by(done.cancelled.len() as u64);
+    let listed = 100;
+    Ok(json!({
+        "pool": pool,
+        "reason": reason,
+        "cancelled": done.cancelled.len(),
+        "task_ids": done.cancelled.iter().take(listed).collect::<Vec<_>>(),
+        "not_cancelled": done
+            .not_cancelled
+            .iter()
+            .take(listed)
+            .map(|(task_id, why)| json!({"task_id": task_id, "why": why}))
+            .collect::<Vec<_>>(),
+        "more": done.more,
+        "stopped": done.stopped,
+    }))
 }
 
 /// Cancels a task a budget deferred or a throttle parked: marked in the queue (stored

@@ -156,6 +156,21 @@ impl super::control::Tell for NoWorkers {
             ))
         })
     }
+    fn withdraw_pool<'a>(
+        &'a self,
+        _pool: &'a str,
+        _reason: &'a str,
+        _max: usize,
+    ) -> BoxFuture<
+        'a,
+        Result<crate::pipeline::cancel::PoolWithdrawal, crate::pipeline::cancel::WithdrawError>,
+    > {
+        Box::pin(async move {
+            Err(crate::pipeline::cancel::WithdrawError::Broker(
+                "the work stream is out of reach in unit tests".into(),
+            ))
+        })
+    }
 }
 
 fn api(token: Option<&str>, max_body_bytes: usize) -> Api {

@@ -51,11 +51,19 @@ pub enum CtlCommand {
     Drain(Target),
     /// End the pauses and drains on a worker or pool.
     Resume(Target),
-    /// Cancel a running task (its result is `cancelled`).
+    /// Cancel a task that runs, or waits in its pool's queue, a budget's or a throttle's
+    /// (its result is `cancelled`).
     Cancel {
         /// The task's id.
         #[arg(long)]
         task: String,
+    },
+    /// Cancel the tasks that wait in a pool's queue for a worker (up to 1,000 a time; the
+    /// ack's `more` says to run it again). Running tasks go on.
+    PurgePool {
+        /// A configured pool.
+        #[arg(long)]
+        pool: String,
     },
     /// Refuse dispatch to a pool.
     BlockPool {
@@ -129,6 +137,7 @@ fn request(cmd: &CtlCommand) -> Result<serde_json::Value, String> {
         CtlCommand::Drain(t) => with_target("drain", t),
         CtlCommand::Resume(t) => with_target("resume", t),
         CtlCommand::Cancel { task } => json!({"command": "cancel", "task_id": task}),
+        CtlCommand::PurgePool { pool } => json!({"command": "purge_pool", "pool": pool}),
         CtlCommand::BlockPool { pool } => json!({"command": "block_pool", "pool": pool}),
         CtlCommand::ReroutePool { pool, to } => {
             json!({"command": "reroute_pool", "pool": pool, "to": to})

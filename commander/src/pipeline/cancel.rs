@@ -28,6 +28,7 @@
 //! result's usage says `cost_usd: 0`: the task never ran).
 
 use async_nats::jetstream;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleet_worker::message::{TaskResult, Usage};
 use fleet_worker::protocol::{self, Subjects, headers};
 
@@ -50,6 +51,20 @@ pub struct Withdrawn {
     /// A worker was handed the message while it was cancelled: if it runs it, its result
     /// is dropped as a copy of the cancel's.
     pub maybe_taken: bool,
+}
+
+/// What cancelling a pool's queue did ([`WorkQueue::withdraw_pool`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolWithdrawal {
+    /// The tasks cancelled, oldest first.
+    pub cancelled: Vec<String>,
+    /// Tasks met in the queue and left there, with why (a worker was handed one, one
+    /// finished meanwhile).
+    pub not_cancelled: Vec<(String, String)>,
+    /// The bound was reached with tasks still waiting.
+    pub more: bool,
+    /// The broker stopped answering, and why: the queue may hold more.
+    pub stopped: Option<String>,
 }
 
 /// Why a task was not taken out of its queue.
@@ -76,21 +91,98 @@ impl WorkQueue {
     /// Takes `q` out of its pool's queue and publishes its `cancelled` result with
     /// `reason` (see the module's comment for the order and why).
     pub async fn withdraw(&self, q: &Queued, reason: &str) -> Result<Withdrawn, WithdrawError> {
+        let work = self.work_stream().await?;
+        let consumer = self.waiting_message(&work, q).await?;
+        self.take(&work, &consumer, q, reason).await
+    }
+
+    /// Cancels every task that waits in `pool`'s queue (`<prefix>.work.<pool>`, not yet
+    /// handed to a worker), as [`WorkQueue::withdraw`] cancels one, oldest first: at most
+    /// `max`, and none published after this began (so a producer still sending cannot
+    /// keep it going). Tasks targeted at one worker of the pool are left alone. A broker
+    /// that stops answering ends it early; what was cancelled until then stays cancelled.
+    pub async fn withdraw_pool(
+        &self,
+        pool: &str,
+        reason: &str,
+        max: usize,
+    ) -> Result<PoolWithdrawal, WithdrawError> {
+        let work = self.work_stream().await?;
+        let last = work.cached_info().state.last_sequence;
+        let consumer = protocol::pool_consumer_name(pool);
+        let subject = self.subjects.work(pool);
+        let mut out = PoolWithdrawal::default();
+        let mut from = delivered_up_to(&work, &consumer).await?.saturating_add(1);
+        while from <= last {
+            let msg = match work
+                .direct_get_next_for_subject(subject.as_str(), Some(from))
+                .await
+            {
+                Ok(m) if m.sequence <= last => m,
+                Ok(_) => break,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => {
+                    out.stopped = Some(format!("the work stream did not answer: {e}"));
+                    break;
+                }
+            };
+            if out.cancelled.len() + out.not_cancelled.len() == max {
+                out.more = true;
+                break;
+            }
+            from = msg.sequence.saturating_add(1);
+            let h = Some(&msg.headers);
+            let Some(task_id) = protocol::header(h, headers::TASK_ID) else {
+                out.not_cancelled.push((
+                    format!("seq {}", msg.sequence),
+                    "the message names no task (no Fleet-Task-Id)".into(),
+                ));
+                continue;
+            };
+            let q = Queued {
+                task_id: task_id.to_string(),
+                pool: pool.to_string(),
+                attempt: protocol::header(h, headers::ATTEMPT)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(1),
+                work_sequence: msg.sequence,
+                reply_to: protocol::header(h, headers::REPLY_TO).map(str::to_string),
+            };
+            match self.take(&work, &consumer, &q, reason).await {
+                Ok(_) => out.cancelled.push(q.task_id),
+                Err(WithdrawError::NotQueued(why)) => out.not_cancelled.push((q.task_id, why)),
+                Err(WithdrawError::Broker(why)) => {
+                    out.not_cancelled.push((q.task_id, why.clone()));
+                    out.stopped = Some(why);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn work_stream(&self) -> Result<jetstream::stream::Stream, WithdrawError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(WithdrawError::Broker(
                 "not connected to the NATS server".into(),
             ));
         }
-        let broker =
-            |what: &str, e: &dyn std::fmt::Display| WithdrawError::Broker(format!("{what}: {e}"));
-        let work = self
-            .js
+        self.js
             .get_stream(self.subjects.work_stream())
             .await
-            .map_err(|e| broker("the work stream did not answer", &e))?;
-        let consumer = self.waiting_message(&work, q).await?;
+            .map_err(|e| WithdrawError::Broker(format!("the work stream did not answer: {e}")))
+    }
+
+    /// Steps 2 to 4 for a message found to be `q`'s, handed out by `consumer`.
+    async fn take(
+        &self,
+        work: &jetstream::stream::Stream,
+        consumer: &str,
+        q: &Queued,
+        reason: &str,
+    ) -> Result<Withdrawn, WithdrawError> {
         let seq = q.work_sequence;
-        if delivered_up_to(&work, &consumer).await? >= seq {
+        if delivered_up_to(work, consumer).await? >= seq {
             return Err(WithdrawError::NotQueued(format!(
                 "a worker has been handed task {} and has not yet reported it running; cancel it again once it runs",
                 q.task_id
@@ -102,7 +194,7 @@ impl WorkQueue {
         if let Err(e) = work.delete_message(seq).await {
             tracing::warn!(task_id = %q.task_id, seq, error = %e, "cancelled task's work message not deleted; a worker that gets it finds the result and acks it unrun");
         }
-        let maybe_taken = match delivered_up_to(&work, &consumer).await {
+        let maybe_taken = match delivered_up_to(work, consumer).await {
             Ok(d) => d >= seq,
             Err(e) => {
                 tracing::warn!(task_id = %q.task_id, error = %e, "whether a worker took the cancelled task is unknown");
@@ -165,7 +257,6 @@ impl WorkQueue {
     /// cancel is only stored if nothing came after it. A result of this attempt means the
     /// task has finished.
     async fn last_result(&self, q: &Queued) -> Result<u64, WithdrawError> {
-        use async_nats::jetstream::stream::DirectGetErrorKind;
         let results = self
             .js
             .get_stream(self.subjects.results_stream())
@@ -258,5 +349,127 @@ async fn delivered_up_to(
         Err(e) => Err(WithdrawError::Broker(format!(
             "consumer {consumer} did not answer: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::HeaderMap;
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// A work stream and a results stream on a real nats-server, with pool `p`'s consumer.
+    async fn queue() -> (fleet_testkit::NatsServer, WorkQueue) {
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let subjects = Subjects::default();
+        let work = js
+            .create_stream(subjects.work_stream_config())
+            .await
+            .unwrap();
+        js.create_stream(subjects.results_stream_config())
+            .await
+            .unwrap();
+        work.create_consumer(subjects.pool_consumer_config("p", Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let q = WorkQueue {
+            client,
+            js,
+            subjects,
+        };
+        (nats, q)
+    }
+
+    async fn dispatch(q: &WorkQueue, subject: &str, id: &str, attempt: u32) -> u64 {
+        let mut h = HeaderMap::new();
+        h.insert(headers::TASK_ID, id);
+        h.insert(headers::ATTEMPT, attempt.to_string().as_str());
+        h.insert(headers::REPLY_TO, "_INBOX.producer");
+        q.js.publish_with_headers(subject.to_string(), h, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
+    }
+
+    async fn stored_attempt(q: &WorkQueue, id: &str) -> Option<String> {
+        let results = q.js.get_stream(q.subjects.results_stream()).await.unwrap();
+        let m = results
+            .direct_get_last_for_subject(q.subjects.result(id))
+            .await
+            .ok()?;
+        protocol::header(Some(&m.headers), headers::ATTEMPT).map(str::to_string)
+    }
+
+    /// A pool's queue is cancelled oldest first, a bounded number at a time: a task a
+    /// worker was handed is not visited, one that already has its result is left with
+    /// why, a task targeted at one worker is left alone, and each cancelled task's
+    /// result is stored as the attempt it was dispatched as.
+    #[tokio::test]
+    async fn a_pool_s_queue_is_cancelled_oldest_first_a_bounded_number_at_a_time() {
+        let (_nats, q) = queue().await;
+        let pool = q.subjects.work("p");
+        dispatch(&q, &pool, "handed", 1).await;
+        for i in 0..5 {
+            dispatch(&q, &pool, &format!("t{i}"), 1).await;
+        }
+        dispatch(&q, &pool, "done", 2).await;
+        dispatch(&q, &q.subjects.work_targeted("p", "w1"), "targeted", 1).await;
+        // A worker holds the oldest.
+        let work = q.js.get_stream(q.subjects.work_stream()).await.unwrap();
+        let consumer: jetstream::consumer::PullConsumer =
+            work.get_consumer("pool-p").await.unwrap();
+        let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+        let held = batch.next().await.unwrap().unwrap();
+        assert_eq!(
+            protocol::header(held.headers.as_ref(), headers::TASK_ID),
+            Some("handed")
+        );
+        // `done` has its result for this attempt already.
+        let mut h = HeaderMap::new();
+        h.insert(headers::ATTEMPT, "2");
+        q.js.publish_with_headers(q.subjects.result("done"), h, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+
+        let first = q.withdraw_pool("p", "purged", 3).await.unwrap();
+        assert_eq!(first.cancelled, ["t0", "t1", "t2"]);
+        assert!(first.not_cancelled.is_empty());
+        assert!(first.more);
+        assert_eq!(first.stopped, None);
+        let rest = q.withdraw_pool("p", "purged", 100).await.unwrap();
+        assert_eq!(rest.cancelled, ["t3", "t4"]);
+        assert_eq!(rest.not_cancelled.len(), 1, "{rest:?}");
+        assert_eq!(rest.not_cancelled[0].0, "done");
+        assert!(
+            rest.not_cancelled[0].1.contains("has a result already"),
+            "{rest:?}"
+        );
+        assert!(!rest.more);
+        for i in 0..5 {
+            assert_eq!(
+                stored_attempt(&q, &format!("t{i}")).await.as_deref(),
+                Some("1")
+            );
+        }
+        assert_eq!(
+            stored_attempt(&q, "handed").await,
+            None,
+            "a handed task is the worker's"
+        );
+        assert_eq!(stored_attempt(&q, "targeted").await, None);
+        // Left in the stream: the handed task, `done` and the targeted one.
+        let info = q.js.get_stream(q.subjects.work_stream()).await.unwrap();
+        assert_eq!(info.cached_info().state.messages, 3);
+        let again = q.withdraw_pool("p", "purged", 100).await.unwrap();
+        assert!(again.cancelled.is_empty());
     }
 }
