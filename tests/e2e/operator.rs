@@ -62,6 +62,19 @@ pub async fn slow_worker(
     (w, started)
 }
 
+/// Runs `commander ctl --api <api> <args>` (with `FLEET_TOKEN` set to `token`, if any)
+/// off the async threads, as an operator's shell would.
+async fn ctl(api: &str, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_commander"));
+    cmd.args(["ctl", "--api", api]).args(args);
+    if let Some(t) = token {
+        cmd.env("FLEET_TOKEN", t);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
 pub async fn submit(client: &async_nats::Client, id: &str, pool: &str) {
     let producer = Producer::new(client.clone(), Subjects::default());
     let mut t = Task::new("operator test task");
@@ -232,38 +245,15 @@ async fn commander_ctl_cancels_a_running_task() {
     .await;
     assert_eq!(started.lock().unwrap().as_slice(), ["long-one"]);
     let api = stack.commander.http().to_string();
-    let ctl = move |token: &'static str| {
-        let bin = env!("CARGO_BIN_EXE_commander");
-        std::process::Command::new(bin)
-            .args([
-                "ctl",
-                "--api",
-                &api,
-                "--identity",
-                "carol",
-                "cancel",
-                "--task",
-                "long-one",
-            ])
-            .env("FLEET_TOKEN", token)
-            .output()
-            .unwrap()
-    };
-    let refused = tokio::task::spawn_blocking({
-        let ctl = ctl.clone();
-        move || ctl("view-token")
-    })
-    .await
-    .unwrap();
+    let cancel = ["--identity", "carol", "cancel", "--task", "long-one"];
+    let refused = ctl(&api, Some("view-token"), &cancel).await;
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("403"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let done = tokio::task::spawn_blocking(move || ctl("ops-token"))
-        .await
-        .unwrap();
+    let done = ctl(&api, Some("ops-token"), &cancel).await;
     assert!(
         done.status.success(),
         "{}",
@@ -477,28 +467,8 @@ async fn an_operator_purges_a_pool_s_queue_and_the_running_task_goes_on() {
     })
     .await;
     let api = stack.commander.http().to_string();
-    let ctl = move |pool: &str| {
-        let bin = env!("CARGO_BIN_EXE_commander");
-        std::process::Command::new(bin)
-            .args([
-                "ctl",
-                "--api",
-                &api,
-                "--reason",
-                "flood",
-                "purge-pool",
-                "--pool",
-                pool,
-            ])
-            .output()
-            .unwrap()
-    };
-    let out = tokio::task::spawn_blocking({
-        let ctl = ctl.clone();
-        move || ctl("alpha")
-    })
-    .await
-    .unwrap();
+    let purge = |pool| ["--reason", "flood", "purge-pool", "--pool", pool];
+    let out = ctl(&api, None, &purge("alpha")).await;
     assert!(
         out.status.success(),
         "{}",
@@ -564,17 +534,10 @@ async fn an_operator_purges_a_pool_s_queue_and_the_running_task_goes_on() {
         20.0
     );
     // An empty queue purges nothing; a pool the config does not know is a 404.
-    let again = tokio::task::spawn_blocking({
-        let ctl = ctl.clone();
-        move || ctl("alpha")
-    })
-    .await
-    .unwrap();
+    let again = ctl(&api, None, &purge("alpha")).await;
     let ack: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(ack["state"]["cancelled"], 0, "{ack}");
-    let unknown = tokio::task::spawn_blocking(move || ctl("gamma"))
-        .await
-        .unwrap();
+    let unknown = ctl(&api, None, &purge("gamma")).await;
     assert!(!unknown.status.success());
     let said = String::from_utf8_lossy(&unknown.stderr);
     assert!(

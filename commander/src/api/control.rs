@@ -644,10 +644,7 @@ async fn apply(
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
         Op::Block(pool) | Op::Reroute { pool, .. } => {
-            let live = s.core.policy.live();
-            if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
-                return Err(ApiError::NotFound(format!("pool {pool} is not configured")));
-            }
+            configured_pool(s, pool)?;
             let mut i = operator_intervention(
                 EscalationAction::Block,
                 Target::Pool(pool.clone()),
@@ -655,9 +652,7 @@ async fn apply(
                 now,
             );
             if let Op::Reroute { to, .. } = op {
-                if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(to) {
-                    return Err(ApiError::NotFound(format!("pool {to} is not configured")));
-                }
+                configured_pool(s, to)?;
                 i.action = EscalationAction::Reroute;
                 i.step = "reroute_pool".into();
                 i.level = EscalationAction::Reroute.level();
@@ -701,6 +696,16 @@ async fn apply(
             Ok(json!({"cost_cap": null}))
         }
     }
+}
+
+/// A 404 for a pool the routing table does not name (one with no pools configured takes
+/// any).
+fn configured_pool(s: &AppState, pool: &str) -> Result<(), ApiError> {
+    let live = s.core.policy.live();
+    if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
+        return Err(ApiError::NotFound(format!("pool {pool} is not configured")));
+    }
+    Ok(())
 }
 
 /// Blocks, reroutes and weights take effect in the live snapshot at once (the detector's
@@ -933,10 +938,7 @@ async fn purge(
     who: &str,
     reason: Option<&str>,
 ) -> Result<Value, ApiError> {
-    let live = s.core.policy.live();
-    if !live.routing.pools.is_empty() && !live.routing.pools.contains_key(pool) {
-        return Err(ApiError::NotFound(format!("pool {pool} is not configured")));
-    }
+    configured_pool(s, pool)?;
     let reason = format!(
         "cancelled by {who} with pool {pool}'s queue{}",
         reason.map_or(String::new(), |r| format!(": {r}"))

@@ -301,6 +301,21 @@ impl Api {
             .to_string()
     }
 
+    /// A listing of tasks (`GET /v1/tasks?…`, which must answer 200): the ids it lists,
+    /// in order, and the whole answer.
+    async fn listed(&self, uri: &str) -> (Vec<String>, Value) {
+        let req = Request::get(uri).body(Body::empty()).unwrap();
+        let (status, _, json) = self.call(req).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {json}");
+        let ids = json["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_string())
+            .collect();
+        (ids, json)
+    }
+
     async fn get(&self, uri: &str) -> (StatusCode, Value) {
         let (s, _, b) = self.get_with_headers(uri).await;
         (s, b)
@@ -789,15 +804,7 @@ async fn the_deferred_queue_is_paged_with_a_cursor_in_release_order() {
     let page = |uri: String, total: u64| {
         let api = &api;
         async move {
-            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
-            let (status, _, json) = api.call(req).await;
-            assert_eq!(status, StatusCode::OK, "{uri}: {json}");
-            let ids: Vec<String> = json["tasks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["task_id"].as_str().unwrap().to_string())
-                .collect();
+            let (ids, json) = api.listed(&uri).await;
             assert_eq!(json["total"], total, "{json}");
             (ids, json["next"].as_str().map(str::to_string))
         }
@@ -895,23 +902,7 @@ async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
             |r| r.advance(crate::store::TaskState::Dispatched),
         )
         .unwrap();
-    let list = |uri: &str| {
-        let api = &api;
-        let uri = uri.to_string();
-        async move {
-            let req = Request::get(uri.as_str()).body(Body::empty()).unwrap();
-            let (status, _, json) = api.call(req).await;
-            assert_eq!(status, StatusCode::OK, "{uri}: {json}");
-            let ids: Vec<String> = json["tasks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["task_id"].as_str().unwrap().to_string())
-                .collect();
-            (ids, json)
-        }
-    };
-    let (ids, all) = list("/v1/tasks?state=finished").await;
+    let (ids, all) = api.listed("/v1/tasks?state=finished").await;
     assert_eq!(ids, ["t5", "t4", "t3", "t2", "t1"], "{all}");
     assert_eq!(all["scanned"], 5);
     assert_eq!(all["next"], Value::Null);
@@ -931,30 +922,34 @@ async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
         ("/v1/tasks?state=finished&pool=docs", vec!["t4", "t3"]),
         ("/v1/tasks?state=finished&worker=w2", vec!["t5", "t3"]),
     ] {
-        assert_eq!(list(uri).await.0, want, "{uri}");
+        assert_eq!(api.listed(uri).await.0, want, "{uri}");
     }
     // Since and until bound the finish times.
     let t2_ms = all["tasks"][3]["finished_ms"].as_u64().unwrap();
     assert_eq!(
-        list(&format!("/v1/tasks?state=finished&since_ms={t2_ms}"))
+        api.listed(&format!("/v1/tasks?state=finished&since_ms={t2_ms}"))
             .await
             .0,
         ["t5", "t4", "t3", "t2"]
     );
     assert_eq!(
-        list(&format!("/v1/tasks?state=finished&until_ms={t2_ms}"))
+        api.listed(&format!("/v1/tasks?state=finished&until_ms={t2_ms}"))
             .await
             .0,
         ["t2", "t1"]
     );
     // Pages of two.
-    let (first, page) = list("/v1/tasks?state=finished&limit=2").await;
+    let (first, page) = api.listed("/v1/tasks?state=finished&limit=2").await;
     assert_eq!(first, ["t5", "t4"]);
     let next = page["next"].as_str().unwrap();
-    let (second, page) = list(&format!("/v1/tasks?state=finished&limit=2&cursor={next}")).await;
+    let (second, page) = api
+        .listed(&format!("/v1/tasks?state=finished&limit=2&cursor={next}"))
+        .await;
     assert_eq!(second, ["t3", "t2"]);
     let next = page["next"].as_str().unwrap();
-    let (third, page) = list(&format!("/v1/tasks?state=finished&limit=2&cursor={next}")).await;
+    let (third, page) = api
+        .listed(&format!("/v1/tasks?state=finished&limit=2&cursor={next}"))
+        .await;
     assert_eq!(
         (third, page["next"].clone()),
         (vec!["t1".to_string()], Value::Null)

@@ -23,6 +23,10 @@
 //! the cancel's. The consumer is asked again after the delete, and the answer says whether
 //! that may have happened.
 //!
+//! `purge_pool` ([`WorkQueue::withdraw_pool`]) does steps 2 to 4 for each message on the
+//! pool's subject past what its consumer has handed out, oldest first and a bounded
+//! number at a time; the message itself is step 1's check.
+//!
 //! The results loop then records the result like any other: the record ends `failed`
 //! with the outcome `cancelled`, and the budget reservation is settled at zero cost (the
 //! result's usage says `cost_usd: 0`: the task never ran).

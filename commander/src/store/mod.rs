@@ -1255,40 +1255,58 @@ mod tests {
         assert_eq!(store.task_count(), 249);
     }
 
+    /// A task log of 300 records `<prefix>-<i>` (every third with every field set) written
+    /// by `encode` in an older format (which first drops from the record what that format
+    /// does not keep), opened again: every record reads back whole and is still in
+    /// `format`. Returns the store and the records as written.
+    fn log_of_older_records(
+        dir: &Path,
+        prefix: &str,
+        format: codec::Format,
+        encode: impl Fn(&mut TaskRecord) -> Vec<u8>,
+    ) -> (Store, Vec<TaskRecord>) {
+        let mut written = Vec::new();
+        {
+            let store = Store::reopen(dir);
+            for i in 0..300u64 {
+                let id = format!("{prefix}-{i}");
+                let mut rec = if i % 3 == 0 {
+                    codec::tests::full_record(&id)
+                } else {
+                    TaskRecord::new(&id, i)
+                };
+                rec.intake_sequence = i;
+                let bytes = encode(&mut rec);
+                store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
+                written.push(rec);
+            }
+            store.tasks.sync().unwrap();
+        }
+        let store = Store::reopen(dir);
+        assert_eq!(store.task_count(), 300);
+        for rec in &written {
+            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
+            let raw = store.tasks.get_bytes(&rec.id).unwrap().unwrap();
+            assert_eq!(codec::format_of(&raw).unwrap(), format);
+        }
+        (store, written)
+    }
+
     /// A task log whose records are in format 3 (what the commander wrote before format 4)
     /// opens with every record reading back whole. Records stay as they are until their
     /// next update, which writes the current format (6).
     #[test]
     fn a_task_log_of_format_3_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
-        let mut written = Vec::new();
-        {
-            let store = Store::reopen(dir.path());
-            for i in 0..300u64 {
-                let mut rec = if i % 3 == 0 {
-                    codec::tests::full_record(&format!("v3-{i}"))
-                } else {
-                    TaskRecord::new(&format!("v3-{i}"), i)
-                };
-                rec.intake_sequence = i;
-                // Format 3 has no throttle turn and no work sequence.
-                if let Some(d) = rec.deferred.as_mut() {
-                    d.turn = None;
-                }
-                rec.work_sequence = None;
-                let bytes = codec::encode_v3(&rec).unwrap();
-                store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
-                written.push(rec);
+        // Format 3 has no throttle turn and no work sequence.
+        let (store, written) = log_of_older_records(dir.path(), "v3", codec::Format::V3, |rec| {
+            if let Some(d) = rec.deferred.as_mut() {
+                d.turn = None;
             }
-            store.tasks.sync().unwrap();
-        }
-        let store = Store::reopen(dir.path());
-        assert_eq!(store.task_count(), 300);
+            rec.work_sequence = None;
+            codec::encode_v3(rec).unwrap()
+        });
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
-        for rec in &written {
-            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
-            assert_eq!(codec::format_of(&raw(&rec.id)).unwrap(), codec::Format::V3);
-        }
         let mut ok = TaskResult::rejected("v3-1", "x", "x");
         ok.status = ResultStatus::Ok;
         let rec = store
@@ -1404,30 +1422,11 @@ mod tests {
     #[test]
     fn a_task_log_of_format_5_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
-        let mut written = Vec::new();
-        {
-            let store = Store::reopen(dir.path());
-            for i in 0..300u64 {
-                let mut rec = if i % 3 == 0 {
-                    codec::tests::full_record(&format!("v5-{i}"))
-                } else {
-                    TaskRecord::new(&format!("v5-{i}"), i)
-                };
-                rec.intake_sequence = i;
-                rec.work_sequence = None;
-                let bytes = codec::encode_v5(&rec).unwrap();
-                store.tasks.put_raw(&rec.id, 0, &bytes).unwrap();
-                written.push(rec);
-            }
-            store.tasks.sync().unwrap();
-        }
-        let store = Store::reopen(dir.path());
-        assert_eq!(store.task_count(), 300);
+        let (store, written) = log_of_older_records(dir.path(), "v5", codec::Format::V5, |rec| {
+            rec.work_sequence = None;
+            codec::encode_v5(rec).unwrap()
+        });
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
-        for rec in &written {
-            assert_eq!(store.get(&rec.id).unwrap().as_ref(), Some(rec));
-            assert_eq!(codec::format_of(&raw(&rec.id)).unwrap(), codec::Format::V5);
-        }
         let rec = store
             .update("v5-1", || unreachable!(), |r| r.work_sequence = Some(77))
             .unwrap();
