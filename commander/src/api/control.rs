@@ -847,7 +847,7 @@ async fn cancel(
         .ok_or_else(|| ApiError::NotFound(format!("task {task} not found")))?;
     if record.state.is_terminal() {
         return Err(ApiError::Conflict(format!(
-            "task {task} has finished ({}); only a running, deferred or parked task can be cancelled",
+            "task {task} has finished ({}); only a running, queued, deferred or parked task can be cancelled",
             serde_json::to_value(record.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
@@ -888,11 +888,16 @@ async fn cancel(
 /// a worker has just been handed it.
 async fn cancel_queued(s: &AppState, record: &TaskRecord, reason: &str) -> Result<Value, ApiError> {
     let task = &record.id;
+    if record.state == crate::store::TaskState::Received {
+        return Err(ApiError::Conflict(format!(
+            "task {task} has not been routed yet (the intake has it); cancel it again in a moment"
+        )));
+    }
     let (Some(pool), Some(work_sequence), crate::store::TaskState::Dispatched) =
         (&record.pool, record.work_sequence, record.state)
     else {
         return Err(ApiError::Conflict(format!(
-            "no worker reports running task {task} yet and it is not known to wait in a pool's queue; only a running, queued, deferred or parked task can be cancelled"
+            "no worker reports running task {task} yet and it is not known to wait in a pool's queue (it was dispatched before the commander kept work sequences); only a running, queued, deferred or parked task can be cancelled"
         )));
     };
     let queued = Queued {

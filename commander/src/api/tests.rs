@@ -1452,6 +1452,11 @@ mod roles {
         };
         dispatched("old", None);
         dispatched("queued", Some(12));
+        api.state
+            .core
+            .store
+            .update("new", || crate::store::TaskRecord::new("new", 1), |_| {})
+            .unwrap();
         let cancel = |id: &str| {
             command(
                 "t-operator",
@@ -1464,6 +1469,14 @@ mod roles {
             ack["error"]["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("not known to wait in a pool's queue")),
+            "{ack}"
+        );
+        let (status, _, ack) = api.call(cancel("new")).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{ack}");
+        assert!(
+            ack["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("has not been routed yet")),
             "{ack}"
         );
         let (status, _, ack) = api.call(cancel("queued")).await;
