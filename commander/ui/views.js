@@ -23,6 +23,13 @@ function qs(obj) {
   return s ? `?${s}` : '';
 }
 
+/** A click on a row of `tbody` (or Enter on it) opens `#/<page>/<its data-<key>>`. */
+function rowsOpen(tbody, key, page) {
+  const open = e => { const tr = e.target.closest(`tr[data-${key}]`); if (tr) location.hash = `#/${page}/${encodeURIComponent(tr.dataset[key])}`; };
+  tbody.onclick = open;
+  tbody.onkeydown = e => { if (e.key === 'Enter') open(e); };
+}
+
 function formValues(form) {
   return Object.fromEntries(new FormData(form).entries());
 }
@@ -290,9 +297,7 @@ export async function decisions(main, _arg, alive) {
     <div class="pager"><button type="button" id="more">Older →</button></div></div>`;
   let filters = {}, next = null;
   const tbody = q(main, '#rows');
-  const open = e => { const tr = e.target.closest('tr[data-task]'); if (tr) location.hash = `#/decision/${encodeURIComponent(tr.dataset.task)}`; };
-  tbody.onclick = open;
-  tbody.onkeydown = e => { if (e.key === 'Enter') open(e); };
+  rowsOpen(tbody, 'task', 'decision');
   const load = async (more) => {
     const page = await api('/v1/decisions' + qs({ ...filters, limit: 50, cursor: more ? next : '' }));
     if (!alive()) return;
@@ -357,9 +362,7 @@ export async function tasks(main, _arg, alive) {
     <div class="pager"><button type="button" id="more">Older →</button></div></div>`;
   let filters = { state: 'finished' }, next = null, shown = 0, scanned = 0;
   const tbody = q(main, '#rows');
-  const open = e => { const tr = e.target.closest('tr[data-task]'); if (tr) location.hash = `#/task/${encodeURIComponent(tr.dataset.task)}`; };
-  tbody.onclick = open;
-  tbody.onkeydown = e => { if (e.key === 'Enter') open(e); };
+  rowsOpen(tbody, 'task', 'task');
   const load = async (more) => {
     const page = await api('/v1/tasks' + qs({ ...filters, limit: 50, cursor: more ? next : '' }));
     if (!alive()) return;
@@ -453,8 +456,7 @@ export async function traces(main, _arg, alive) {
     <div class="pager"><button type="button" id="more">Older →</button></div></div>`;
   let filters = {}, next = null;
   const tbody = q(main, '#rows');
-  tbody.onclick = e => { const tr = e.target.closest('tr[data-trace]'); if (tr) location.hash = `#/trace/${tr.dataset.trace}`; };
-  tbody.onkeydown = e => { if (e.key === 'Enter') tbody.onclick(e); };
+  rowsOpen(tbody, 'trace', 'trace');
   const load = async (more) => {
     const page = await api('/v1/traces' + qs({ ...filters, limit: 50, cursor: more ? next : '' }));
     if (!alive()) return;

@@ -344,12 +344,7 @@ async fn an_operator_cancels_a_task_that_waits_in_its_pool_s_queue() {
 
     // The busy task ends, the worker takes the task after the cancelled one, and never
     // the cancelled one.
-    let r = stack
-        .get("/v1/tasks/queued-2/result?wait_s=30")
-        .send()
-        .await
-        .unwrap();
-    let next: Value = r.json().await.unwrap();
+    let next = stack.get_json("/v1/tasks/queued-2/result?wait_s=30").await;
     assert_eq!(next["status"], "ok", "{next}");
     assert_eq!(started.lock().unwrap().as_slice(), ["busy-1", "queued-2"]);
     assert_eq!(
@@ -516,12 +511,7 @@ async fn an_operator_purges_a_pool_s_queue_and_the_running_task_goes_on() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let r = stack
-        .get("/v1/tasks/busy-1/result?wait_s=30")
-        .send()
-        .await
-        .unwrap();
-    let done: Value = r.json().await.unwrap();
+    let done = stack.get_json("/v1/tasks/busy-1/result?wait_s=30").await;
     assert_eq!(done["worker_id"], "a1", "{done}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(started.lock().unwrap().as_slice(), ["busy-1"]);

@@ -219,7 +219,7 @@ impl Subjects {
         ack_wait: Duration,
     ) -> consumer::pull::Config {
         consumer::pull::Config {
-            durable_name: Some(format!("worker-{pool}-{worker}")),
+            durable_name: Some(targeted_consumer_name(pool, worker)),
             description: Some(format!("tasks targeted at worker {worker} of pool {pool}")),
             filter_subject: self.work_targeted(pool, worker),
             ack_policy: consumer::AckPolicy::Explicit,
@@ -243,6 +243,11 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Name of the durable consumer shared by a pool's workers.
 pub fn pool_consumer_name(pool: &str) -> String {
     format!("pool-{pool}")
+}
+
+/// Name of the durable consumer of the tasks targeted at one worker of a pool.
+pub fn targeted_consumer_name(pool: &str, worker: &str) -> String {
+    format!("worker-{pool}-{worker}")
 }
 
 /// Ids that become subject tokens (task ids, pool names, worker ids): letters, digits,

@@ -72,7 +72,6 @@ struct Filter {
     code: Option<String>,
     pool: Option<String>,
     worker: Option<String>,
-    since_ms: u64,
 }
 
 impl Filter {
@@ -105,7 +104,6 @@ pub fn list(store: &crate::store::Store, state: &str, q: TasksQuery) -> Result<R
         code: q.code,
         pool: q.pool,
         worker: q.worker,
-        since_ms: q.since_ms.unwrap_or(0),
     };
     let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let cursor = match q.cursor.as_deref() {
@@ -123,7 +121,7 @@ pub fn list(store: &crate::store::Store, state: &str, q: TasksQuery) -> Result<R
     let page = store
         .finished(
             before.as_ref().map(|(ms, id)| (*ms, id.as_str())),
-            filter.since_ms,
+            q.since_ms.unwrap_or(0),
             MAX_SCAN,
             limit,
             |rec| filter.keeps(rec),

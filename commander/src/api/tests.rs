@@ -1463,22 +1463,19 @@ mod roles {
                 serde_json::json!({"command": "cancel", "task_id": id}),
             )
         };
-        let (status, _, ack) = api.call(cancel("old")).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{ack}");
-        assert!(
-            ack["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("not known to wait in a pool's queue")),
-            "{ack}"
-        );
-        let (status, _, ack) = api.call(cancel("new")).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{ack}");
-        assert!(
-            ack["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("has not been routed yet")),
-            "{ack}"
-        );
+        for (id, says) in [
+            ("old", "not known to wait in a pool's queue"),
+            ("new", "has not been routed yet"),
+        ] {
+            let (status, _, ack) = api.call(cancel(id)).await;
+            assert_eq!(status, StatusCode::CONFLICT, "{ack}");
+            assert!(
+                ack["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(says)),
+                "{ack}"
+            );
+        }
         let (status, _, ack) = api.call(cancel("queued")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ack}");
         assert_eq!(

@@ -36,6 +36,9 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleet_worker::message::{TaskResult, Usage};
 use fleet_worker::protocol::{self, Subjects, headers};
 
+/// A stream handle fetched without its info (`get_stream_no_info`).
+type Stream = jetstream::stream::Stream<()>;
+
 /// A task that waits in its pool's queue, as its record knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Queued {
@@ -112,7 +115,12 @@ impl WorkQueue {
         max: usize,
     ) -> Result<PoolWithdrawal, WithdrawError> {
         let work = self.work_stream().await?;
-        let last = work.cached_info().state.last_sequence;
+        let last = work
+            .get_info()
+            .await
+            .map_err(|e| WithdrawError::Broker(format!("the work stream did not answer: {e}")))?
+            .state
+            .last_sequence;
         let consumer = protocol::pool_consumer_name(pool);
         let subject = self.subjects.work(pool);
         let mut out = PoolWithdrawal::default();
@@ -165,14 +173,16 @@ impl WorkQueue {
         Ok(out)
     }
 
-    async fn work_stream(&self) -> Result<jetstream::stream::Stream, WithdrawError> {
+    /// The work stream, without asking for its info: the steps need none (one request
+    /// less per cancel).
+    async fn work_stream(&self) -> Result<Stream, WithdrawError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(WithdrawError::Broker(
                 "not connected to the NATS server".into(),
             ));
         }
         self.js
-            .get_stream(self.subjects.work_stream())
+            .get_stream_no_info(self.subjects.work_stream())
             .await
             .map_err(|e| WithdrawError::Broker(format!("the work stream did not answer: {e}")))
     }
@@ -180,7 +190,7 @@ impl WorkQueue {
     /// Steps 2 to 4 for a message found to be `q`'s, handed out by `consumer`.
     async fn take(
         &self,
-        work: &jetstream::stream::Stream,
+        work: &Stream,
         consumer: &str,
         q: &Queued,
         reason: &str,
@@ -211,11 +221,7 @@ impl WorkQueue {
     /// The consumer that hands out `q`'s message, once the message is found to be there
     /// and to be `q`'s. A sequence a restarted broker handed out again names another
     /// task's message, which is left alone.
-    async fn waiting_message(
-        &self,
-        work: &jetstream::stream::Stream,
-        q: &Queued,
-    ) -> Result<String, WithdrawError> {
+    async fn waiting_message(&self, work: &Stream, q: &Queued) -> Result<String, WithdrawError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
         let msg = match work.get_raw_message(q.work_sequence).await {
             Ok(m) => m,
@@ -237,20 +243,16 @@ impl WorkQueue {
                 q.task_id
             )));
         }
-        let pool_subject = self.subjects.work(&q.pool);
         let subject = msg.subject.as_str();
-        match subject.strip_prefix(pool_subject.as_str()) {
-            Some("") => Ok(protocol::pool_consumer_name(&q.pool)),
-            Some(rest) => match rest.strip_prefix('.') {
-                Some(worker) if protocol::is_subject_token(worker) => {
-                    Ok(format!("worker-{}-{worker}", q.pool))
-                }
-                _ => Err(WithdrawError::NotQueued(format!(
-                    "task {}'s work message is on {subject}, which is not its pool's",
-                    q.task_id
-                ))),
-            },
-            None => Err(WithdrawError::NotQueued(format!(
+        let rest = subject.strip_prefix(self.subjects.work(&q.pool).as_str());
+        if rest == Some("") {
+            return Ok(protocol::pool_consumer_name(&q.pool));
+        }
+        match rest.and_then(|r| r.strip_prefix('.')) {
+            Some(worker) if protocol::is_subject_token(worker) => {
+                Ok(protocol::targeted_consumer_name(&q.pool, worker))
+            }
+            _ => Err(WithdrawError::NotQueued(format!(
                 "task {}'s work message is on {subject}, which is not its pool's",
                 q.task_id
             ))),
@@ -263,7 +265,7 @@ impl WorkQueue {
     async fn last_result(&self, q: &Queued) -> Result<u64, WithdrawError> {
         let results = self
             .js
-            .get_stream(self.subjects.results_stream())
+            .get_stream_no_info(self.subjects.results_stream())
             .await
             .map_err(|e| {
                 WithdrawError::Broker(format!("the results stream did not answer: {e}"))
@@ -342,10 +344,7 @@ pub fn cancelled_result(q: &Queued, reason: &str) -> TaskResult {
 
 /// The highest work-stream sequence `consumer` has handed to a worker: none when the
 /// consumer does not exist (no worker of the pool, or none targeted, ever bound it).
-async fn delivered_up_to(
-    work: &jetstream::stream::Stream,
-    consumer: &str,
-) -> Result<u64, WithdrawError> {
+async fn delivered_up_to(work: &Stream, consumer: &str) -> Result<u64, WithdrawError> {
     use async_nats::jetstream::context::ConsumerInfoErrorKind;
     match work.consumer_info(consumer).await {
         Ok(i) => Ok(i.delivered.stream_sequence),

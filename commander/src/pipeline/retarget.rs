@@ -148,7 +148,7 @@ async fn bound(ctx: &Ctx, t: &Targeted) -> bool {
     let Ok(stream) = ctx.js.get_stream(ctx.subjects.work_stream()).await else {
         return true;
     };
-    let name = format!("worker-{}-{}", t.pool, t.worker);
+    let name = protocol::targeted_consumer_name(&t.pool, &t.worker);
     stream.consumer_info(&name).await.is_ok()
 }
 

@@ -74,11 +74,12 @@
 //! Retention ([`TaskLog::sweep`]) removes terminal records in the order they finished,
 //! from an in-memory queue rebuilt at open from the records' `finished_ms` and kept in
 //! that order: it never scans. The same queue, read from its end, lists the tasks that
-//! finished last ([`TaskLog::finished_before`]). Segments are deleted oldest first, once no task's latest version and no page
-//! still kept is in them (so a `removed` entry always outlives the record it removes). An
-//! oldest segment held only by a few long-lived tasks (deferred for days, say) has them
-//! copied forward first; pages are never copied, so a segment waits for its pages'
-//! retention (the decision log's, 72 hours by default, like the tasks').
+//! finished last ([`TaskLog::finished_before`]). Segments are deleted oldest first, once
+//! no task's latest version and no page still kept is in them (so a `removed` entry
+//! always outlives the record it removes). An oldest segment held only by a few
+//! long-lived tasks (deferred for days, say) has them copied forward first; pages are
+//! never copied, so a segment waits for its pages' retention (the decision log's, 72
+//! hours by default, like the tasks').
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -502,10 +503,11 @@ impl TaskLog {
             }
         }
         if finished_ms > 0 {
-            // Moved-in records come in no particular finishing order: the caller sorts
-            // once it has put them all (`sort_finished`). A replaced record's earlier
-            // entry, if any, no longer matches and is skipped by the sweep.
-            self.queue_finished(finished_ms, &key);
+            // Moved-in records come in no particular finishing order: they are pushed,
+            // and the caller sorts once it has put them all (`sort_finished`); inserting
+            // each in place would move half the queue per record. A replaced record's
+            // earlier entry, if any, no longer matches and is skipped by the sweep.
+            lock(&self.finished).push_back((finished_ms, key));
         }
         Ok(())
     }
