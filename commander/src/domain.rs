@@ -25,6 +25,26 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn speed(&self) -> f64 {
         1.0
     }
+
+    /// A reading of this clock that never goes back, for measuring intervals (the
+    /// throttles' rate limiters): the wall clock can be stepped back, which would stall a
+    /// limiter for the length of the step. Only differences between readings mean
+    /// anything.
+    fn monotonic(&self) -> Duration {
+        process_start().elapsed()
+    }
+
+    /// How long `d` of this clock's time takes on the wall clock: what a delay handed to
+    /// something outside the commander (a JetStream redelivery, a tokio timer) must be.
+    fn wall(&self, d: Duration) -> Duration {
+        Duration::try_from_secs_f64(d.as_secs_f64() / self.speed()).unwrap_or(d)
+    }
+}
+
+/// The instant the process first asked for a monotonic reading.
+fn process_start() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +87,13 @@ impl Clock for ScaledClock {
     fn speed(&self) -> f64 {
         self.speed
     }
+
+    fn monotonic(&self) -> Duration {
+        let wall = process_start().elapsed().as_secs_f64();
+        // `speed` is finite and at most 1000 (the config checks it), so this fits; a
+        // reading that did not would be the largest one, never a panic.
+        Duration::try_from_secs_f64(wall * self.speed).unwrap_or(Duration::MAX)
+    }
 }
 
 impl Clock for SystemClock {
@@ -105,6 +132,11 @@ impl Clock for ManualClock {
     fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         self.advance(d);
         Box::pin(std::future::ready(()))
+    }
+
+    /// The hand-moved time itself, so a test moves the throttles' limiters with it.
+    fn monotonic(&self) -> Duration {
+        Duration::from_millis(self.now_ms())
     }
 }
 
@@ -574,6 +606,37 @@ mod tests {
         assert_eq!(every.due(11_000), Some(2));
         assert_eq!(every.due(11_000), None);
         assert_eq!(every.due(50_000), Some(1));
+    }
+
+    /// A lab's clock hands delays to the wall clock `speed` times shorter, and its
+    /// monotonic reading runs `speed` times faster; a manual clock's is its own time.
+    #[test]
+    fn clocks_convert_delays_and_read_monotonic_time_at_their_speed() {
+        let lab = ScaledClock::new(SystemClock.now_ms(), 60.0);
+        assert_eq!(lab.wall(Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(
+            SystemClock.wall(Duration::from_millis(7)),
+            Duration::from_millis(7)
+        );
+        let started = std::time::Instant::now();
+        let lab0 = lab.monotonic();
+        std::thread::sleep(Duration::from_millis(50));
+        let lab_d = lab.monotonic() - lab0;
+        let wall_d = started.elapsed();
+        // At least 60 × the sleep, at most 60 × all the wall time around it.
+        let ms = Duration::from_millis(1);
+        assert!(
+            lab_d + ms >= Duration::from_millis(50) * 60 && lab_d <= wall_d * 60 + ms,
+            "{lab_d:?} of lab time in {wall_d:?}"
+        );
+        let manual = ManualClock::at(5_000);
+        manual.advance(Duration::from_millis(250));
+        assert_eq!(manual.monotonic(), Duration::from_millis(5_250));
+        // Out of range is the largest reading or the delay as it was, never a panic.
+        assert_eq!(
+            ScaledClock::new(0, f64::NAN).wall(Duration::MAX),
+            Duration::MAX
+        );
     }
 
     #[test]

@@ -388,10 +388,12 @@ proptest! {
             // What validates builds exactly as the engine builds it, takes permits, and
             // decides its own test cases (budgets, downgrades, reroutes) without panicking.
             Ok(p) => {
-                let throttles = LimiterCache::default().build(&p, &Vec::new);
+                let clock = fleet_commander::domain::ManualClock::at(0);
+                let throttles = LimiterCache::new(clock.clone()).build(&p, &Vec::new);
                 let keys = ThrottleKeys { pool: "code", team: Some("search"), producer: Some("p"), worker: None };
                 for i in 0..3u64 {
                     let id = format!("t{i}");
+                    clock.set(1_000 * i);
                     let ask = Asking { task_id: &id, now_ms: 1_000 * i, turn: None, inline_cap: 1 };
                     let _ = throttles.admit(keys, 1_000, ask);
                 }

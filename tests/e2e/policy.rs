@@ -591,6 +591,48 @@ async fn raising_a_throttle_releases_its_parked_tasks_at_once() {
     assert_eq!(s.parked().await, 0.0);
 }
 
+/// In a simulation lab (`[clock] speed`), a throttle's rate is in fleet time, as every
+/// other window and rate is: at 50× one task per 50 s of fleet time passes once a second.
+/// Before, its limiter ran on the wall clock while its turns were in fleet time: 50 times
+/// too slow (this test's backlog would take 200 s), and each parked task came back at its
+/// turn only to be held back again, some 50 times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttle_in_a_lab_runs_at_its_rate_in_fleet_time() {
+    const SPEED: f64 = 50.0;
+    const RATE: f64 = 0.02;
+    const BURST: usize = 2;
+    const TASKS: usize = 6;
+    let policy = format!(
+        "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = {RATE}\nburst = {BURST}\n"
+    );
+    let s = PolicyStack::start(&policy, &format!("[clock]\nspeed = {SPEED}\n")).await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let ids = || (0..TASKS).map(|i| format!("lab-{i}"));
+    submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
+    await_ok(&producer, ids(), "the backlog runs at the fleet-time rate").await;
+    assert!(seen.lock().unwrap().runs.values().all(|n| *n == 1));
+    // Not faster than the rate either: one task per 50 s of fleet time after the burst
+    // is 1 s of wall time each (the decisions are stamped on the wall clock).
+    let at = dispatch_times(&s, ids()).await;
+    let span_s = (at[TASKS - 1] - at[0]) as f64 / 1000.0;
+    let allowed_s = (TASKS - BURST) as f64 / RATE / SPEED;
+    assert!(
+        span_s >= allowed_s - 0.5,
+        "{TASKS} tasks passed in {span_s:.2} s of wall time; {RATE}/s of fleet time allows {allowed_s} s"
+    );
+    // Each held-back task was held back about once: at its turn it found its permit.
+    let throttled = s.get("/v1/policy").await["counters"]["throttled"]
+        .as_u64()
+        .unwrap();
+    let held = (TASKS - BURST) as u64;
+    assert!(
+        (held..=2 * held).contains(&throttled),
+        "{held} tasks waited for their turns, and were held back {throttled} times"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
     let mut s = PolicyStack::start("", "").await;

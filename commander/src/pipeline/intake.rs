@@ -267,7 +267,9 @@ async fn settle_one(
         (Some(Plan::Throttle(wait)), _) => {
             // Back at its turn (the throttle gave each held-back task its own, one
             // permit apart); a few milliseconds late at most, so it finds the permit.
-            let delay = wait + Duration::from_millis(rand::random_range(1..=10));
+            // The turn is in policy time: the redelivery waits it out on the wall clock.
+            let late = Duration::from_millis(rand::random_range(1..=10));
+            let delay = ctx.core.policy.clock.wall(wait + late);
             let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
         }
         (Some(plan), Some(Err(e))) => {

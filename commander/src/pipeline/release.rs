@@ -38,7 +38,7 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     let mut refused_last = false;
     loop {
         let sleep = match next_wake_in(&ctx) {
-            Some(t) if !refused_last => t.clamp(MIN_TURN_SLEEP, every),
+            Some(t) if !refused_last => ctx.core.policy.clock.wall(t).clamp(MIN_TURN_SLEEP, every),
             _ => every,
         };
         let deferrals = &ctx.core.policy.deferrals;

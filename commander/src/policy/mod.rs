@@ -264,7 +264,7 @@ impl PolicyEngine {
         for (key, cell) in store.log().ledger() {
             ledger.insert(key, cell);
         }
-        let limiters = LimiterCache::default();
+        let limiters = LimiterCache::new(clock.clone());
         let now = clock.now_ms();
         let cap_tree = store.tree("cost_cap")?;
         let cap: Option<CostCap> = cap_tree

@@ -1367,13 +1367,20 @@ fn shadow_replay_counts_what_the_fleet_moved_as_drift_not_as_the_candidates_chan
     );
 }
 
-/// A throttle `slow` on every producer at `rate` tasks a second, and its limiters.
-fn producer_throttle(rate: &str) -> (Policy, super::throttle::Throttles) {
+/// A throttle `slow` on every producer at `rate` tasks a second, and its limiters, on a
+/// policy clock at [`THROTTLE_NOW`] that the test moves.
+fn producer_throttle(rate: &str) -> (Policy, super::throttle::Throttles, Arc<ManualClock>) {
     let toml =
         format!("[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = {rate}\n");
     let policy = parse(&[("t.policy.toml", &toml)]).unwrap();
-    let throttles = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
-    (policy, throttles)
+    let clock = ManualClock::at(THROTTLE_NOW);
+    let throttles = limiters(&clock).build(&policy, &Vec::new);
+    (policy, throttles, clock)
+}
+
+/// A limiter cache on `clock`.
+fn limiters(clock: &Arc<ManualClock>) -> super::throttle::LimiterCache {
+    super::throttle::LimiterCache::new(clock.clone())
 }
 
 /// What a task of `producer` is throttled by.
@@ -1405,7 +1412,7 @@ fn asking(id: &str, now_ms: u64) -> super::throttle::Asking<'_> {
 fn a_line_shrinks_to_the_turns_still_parked_in_it() {
     use std::time::Duration;
 
-    let (_, throttles) = producer_throttle("0.1");
+    let (_, throttles, _) = producer_throttle("0.1");
     let ask = |id| asking(id, THROTTLE_NOW);
     let held = |id| {
         throttles
@@ -1456,6 +1463,62 @@ fn a_line_shrinks_to_the_turns_still_parked_in_it() {
     assert!(near(n4.wait, 10), "{n4:?}");
 }
 
+/// Tasks back at their turns late together (a release pass, a slow redelivery) find one
+/// permit between them: the one that takes it passes, and each of the others gets its own
+/// later permit, one interval apart, instead of all coming back for the next one again
+/// (at 20 tasks/s with a burst of 1, a backlog of 100 was held back 806 times before).
+/// They all pass at those turns, on the policy clock.
+#[test]
+fn tasks_back_late_together_get_the_next_permits_one_apart() {
+    use super::throttle::Asking;
+    const NOW: u64 = THROTTLE_NOW;
+    let (_, throttles, clock) = producer_throttle("2");
+    let keys = producer_keys;
+    assert!(throttles.admit(keys("a"), 10, asking("t0", NOW)).is_ok());
+    let held: Vec<_> = ["t1", "t2", "t3", "t4"]
+        .into_iter()
+        .map(|id| throttles.admit(keys("a"), 10, asking(id, NOW)).unwrap_err())
+        .collect();
+    let turns: Vec<u64> = held.iter().map(|t| t.turn.at_ms).collect();
+    assert_eq!(turns, [NOW + 500, NOW + 1000, NOW + 1500, NOW + 2000]);
+    let back = |id, turn, now_ms| {
+        throttles.admit(
+            keys("a"),
+            10,
+            Asking {
+                task_id: id,
+                now_ms,
+                turn,
+                inline_cap: 100,
+            },
+        )
+    };
+    // All four back at t4's turn: t1 takes the one permit there is.
+    let late = NOW + 2000;
+    clock.set(late);
+    assert!(back("t1", None, late).is_ok());
+    let again: Vec<u64> = [
+        ("t2", None),
+        ("t3", Some(&held[2].turn)),
+        ("t4", Some(&held[3].turn)),
+    ]
+    .into_iter()
+    .map(|(id, turn)| back(id, turn, late).unwrap_err().turn.at_ms)
+    .collect();
+    assert_eq!(
+        again,
+        [late + 500, late + 1000, late + 1500],
+        "one permit apart"
+    );
+    // Each passes at its new turn, remembered by its id while it waits in the stream
+    // (t3 and t4 still carry the turn they were parked with).
+    for (i, id) in ["t2", "t3", "t4"].into_iter().enumerate() {
+        clock.set(again[i]);
+        let carried = (i > 0).then_some(&held[i + 1].turn);
+        assert!(back(id, carried, again[i]).is_ok(), "{id} at its new turn");
+    }
+}
+
 /// Held-back tasks of one key get turns one permit apart, after the limiter's next permit;
 /// a turn close at hand is waited out in the stream, one further off is parked; while a
 /// key has a line, newcomers join its end, and a task back at its turn passes.
@@ -1464,7 +1527,7 @@ fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     use std::time::Duration;
 
     use super::throttle::{Asking, Wait, spec_hash};
-    let (policy, throttles) = producer_throttle("2");
+    let (policy, throttles, clock) = producer_throttle("2");
     let keys = producer_keys;
     const NOW: u64 = THROTTLE_NOW;
     let ask = asking;
@@ -1509,41 +1572,49 @@ fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     assert!(w <= Duration::from_millis(500), "{w:?}");
 
     // When t1's turn comes, a newcomer does not take its permit: it joins the line's end.
-    // (The limiter runs on its own clock: its next permit is half a second off in real
-    // time, whatever the policy clock says.)
-    std::thread::sleep(Duration::from_millis(550));
+    // (The limiters run on the policy clock, as the turns do.)
     let t1_at = held[0].turn.at_ms;
+    clock.set(t1_at);
     let late = throttles
         .admit(keys("a"), 10, ask("new", t1_at))
         .unwrap_err();
     assert_eq!(late.turn.at_ms, held[4].turn.at_ms + 500, "{late:?}");
     // t1, waiting in the stream, is remembered by its id and passes at its turn, with
     // the permit the newcomer left.
+    clock.set(t1_at + 5);
     assert!(throttles.admit(keys("a"), 10, ask("t1", t1_at + 5)).is_ok());
-    // t2 back at once, too early for the limiter: it keeps its place for the next
-    // permit instead of passing (the GCRA bound holds for tasks back late together).
-    let t2 = throttles
-        .admit(keys("a"), 10, ask("t2", held[1].turn.at_ms))
-        .unwrap_err();
-    assert_eq!(t2.wait_in, Wait::Inline, "{t2:?}");
-    assert!(t2.wait > Duration::from_millis(300), "{t2:?}");
     // t3 was parked: it passes with the turn its record kept, not before it.
     let t3 = &held[2];
-    let with_turn = |now_ms| Asking {
-        task_id: "t3",
+    let parked = |task_id, turn, now_ms| Asking {
+        task_id,
         now_ms,
-        turn: Some(&t3.turn),
+        turn: Some(turn),
         inline_cap: 100,
     };
+    clock.set(t3.turn.at_ms - 400);
     let early = throttles
-        .admit(keys("a"), 10, with_turn(t3.turn.at_ms - 400))
+        .admit(keys("a"), 10, parked("t3", &t3.turn, t3.turn.at_ms - 400))
         .unwrap_err();
     assert_eq!(early.turn, t3.turn, "back early, it keeps its turn");
-    std::thread::sleep(Duration::from_millis(550));
+    clock.set(t3.turn.at_ms);
     assert!(
         throttles
-            .admit(keys("a"), 10, with_turn(t3.turn.at_ms))
+            .admit(keys("a"), 10, parked("t3", &t3.turn, t3.turn.at_ms))
             .is_ok()
+    );
+    // t2 (in the stream) and t4 (parked) come back late together, at t4's turn: t2 takes
+    // the permit, and t4 keeps its place for the next one instead of passing too (the
+    // GCRA bound holds for tasks back late together).
+    let t4_at = held[3].turn.at_ms;
+    clock.set(t4_at);
+    assert!(throttles.admit(keys("a"), 10, ask("t2", t4_at)).is_ok());
+    let t4 = throttles
+        .admit(keys("a"), 10, parked("t4", &held[3].turn, t4_at))
+        .unwrap_err();
+    assert_eq!(t4.wait_in, Wait::Inline, "{t4:?}");
+    assert!(
+        t4.wait.abs_diff(Duration::from_millis(500)) <= Duration::from_millis(1),
+        "{t4:?}"
     );
     // A turn from another spec (the throttle changed since) is not honoured.
     let mut stale = t3.turn.clone();
@@ -1551,14 +1622,15 @@ fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     assert!(!throttles.honours(&stale) && throttles.honours(&t3.turn));
     let forged = Asking {
         task_id: "t9",
-        now_ms: t3.turn.at_ms,
+        now_ms: t4_at,
         turn: Some(&stale),
         inline_cap: 100,
     };
     assert!(throttles.admit(keys("a"), 10, forged).is_err());
 
     // With no room for more in-stream turns, even a near turn is parked.
-    let fresh = super::throttle::LimiterCache::default().build(&policy, &Vec::new);
+    let at_now = ManualClock::at(NOW);
+    let fresh = limiters(&at_now).build(&policy, &Vec::new);
     let cap0 = Asking {
         task_id: "x1",
         now_ms: NOW,
@@ -1574,7 +1646,7 @@ fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
     // Limiters built while tasks are parked resume their lines behind the parked turns
     // (a restart forgets lines, not parked tasks).
     let last = held[4].turn.clone();
-    let restarted = super::throttle::LimiterCache::default().build(&policy, &|| vec![last.clone()]);
+    let restarted = limiters(&at_now).build(&policy, &|| vec![last.clone()]);
     let t = restarted
         .admit(keys("a"), 10, ask("after", NOW))
         .unwrap_err();

@@ -22,11 +22,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, RateLimiter};
+use governor::RateLimiter;
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::DefaultKeyedStateStore;
 
 use super::load::{Policy, Throttle};
 use super::schema::{ThrottleScope, ThrottleSpec};
+use crate::domain::Clock;
 
 /// The furthest a turn may be for its task to wait in the intake stream; one further off
 /// is parked.
@@ -59,6 +63,24 @@ pub struct Asking<'a> {
     pub inline_cap: usize,
 }
 
+/// The policy clock as the limiters read it, so throttles run on the same time as the
+/// lines and turns they give: fleet time in a `clock.speed` lab (a task a second of fleet
+/// time, not of the wall clock), a hand-moved clock in tests. Its reading never goes back
+/// ([`Clock::monotonic`]).
+#[derive(Clone, Debug)]
+struct PolicyTime(Arc<dyn Clock>);
+
+impl governor::clock::Clock for PolicyTime {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(u64::try_from(self.0.monotonic().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+type KeyedLimiter =
+    RateLimiter<String, DefaultKeyedStateStore<String>, PolicyTime, NoOpMiddleware<Nanos>>;
+
 /// A key's line and the in-stream turns given, in microseconds of the policy clock.
 #[derive(Debug, Default)]
 struct Lines {
@@ -66,6 +88,10 @@ struct Lines {
     end_us: HashMap<String, u64>,
     /// Per task id waiting in the stream: its key and turn.
     turns: HashMap<String, (String, u64)>,
+    /// Per key, when the turns given to tasks back at theirs that found no permit end:
+    /// each such task gets the next permit no other has been promised, so tasks back late
+    /// together come back one permit apart, not all at the next permit again.
+    missed_end_us: HashMap<String, u64>,
 }
 
 /// One throttle's limiters.
@@ -74,9 +100,9 @@ pub struct Limiter {
     pub spec: ThrottleSpec,
     hash: u64,
     /// The task limiter and its interval between permits.
-    tasks: Option<(DefaultKeyedRateLimiter<String>, Duration)>,
+    tasks: Option<(KeyedLimiter, Duration)>,
     /// The token limiter, its burst, and its interval between single-token permits.
-    tokens: Option<(DefaultKeyedRateLimiter<String>, u32, Duration)>,
+    tokens: Option<(KeyedLimiter, u32, Duration)>,
     lines: Mutex<Lines>,
     /// Whether `lines` holds anything (set under its lock): while it does not, a task
     /// with no turn asks the limiter alone, without the lock.
@@ -94,18 +120,22 @@ pub enum Wait {
 
 impl Limiter {
     /// The quotas were built (and their ranges checked) when the policy was validated.
-    fn new(t: &Throttle) -> Self {
+    fn new(t: &Throttle, clock: &Arc<dyn Clock>) -> Self {
+        let keyed = |q| {
+            RateLimiter::new(
+                q,
+                DefaultKeyedStateStore::default(),
+                PolicyTime(clock.clone()),
+            )
+        };
         Self {
             spec: t.spec.clone(),
             hash: spec_hash(&t.spec),
-            tasks: t
-                .quotas
-                .tasks
-                .map(|q| (RateLimiter::keyed(q), q.replenish_interval())),
+            tasks: t.quotas.tasks.map(|q| (keyed(q), q.replenish_interval())),
             tokens: t
                 .quotas
                 .tokens
-                .map(|(q, cap)| (RateLimiter::keyed(q), cap, q.replenish_interval())),
+                .map(|(q, cap)| (keyed(q), cap, q.replenish_interval())),
             lines: Mutex::default(),
             lined: AtomicBool::new(false),
         }
@@ -132,7 +162,6 @@ impl Limiter {
 
     /// Takes permits from the limiters now, or says how long until they have them.
     fn check(&self, key: &String, tokens: u64) -> Result<(), Duration> {
-        // The limiter's own clock: building a clock per call costs a calibration.
         if let Some((l, _)) = &self.tasks
             && let Err(not_until) = l.check_key(key)
         {
@@ -192,7 +221,14 @@ impl Limiter {
             let at_us = if at_us <= now_us.saturating_add(EARLY_MS * 1_000) {
                 match self.check(key, tokens) {
                     Ok(()) => return Ok(()),
-                    Err(wait) => now_us.saturating_add(micros(wait)),
+                    Err(wait) => {
+                        let next = now_us.saturating_add(micros(wait));
+                        let free = lines.missed_end_us.get(key).copied().unwrap_or(0);
+                        let at = next.max(free);
+                        let end = at.saturating_add(micros(self.interval(tokens)).max(1));
+                        lines.missed_end_us.insert(key.clone(), end);
+                        at
+                    }
                 }
             } else {
                 at_us
@@ -221,7 +257,8 @@ impl Limiter {
     }
 
     fn note_lined(&self, lines: &Lines) {
-        let lined = !(lines.end_us.is_empty() && lines.turns.is_empty());
+        let lined =
+            !(lines.end_us.is_empty() && lines.turns.is_empty() && lines.missed_end_us.is_empty());
         self.lined.store(lined, Ordering::Release);
     }
 
@@ -304,6 +341,7 @@ impl Limiter {
         let forget_before = now_us.saturating_sub(TURN_MEMORY_MS * 1_000);
         if let Ok(mut lines) = self.lines.lock() {
             lines.end_us.retain(|_, end| *end > now_us);
+            lines.missed_end_us.retain(|_, end| *end > now_us);
             lines.turns.retain(|_, (_, at)| *at > forget_before);
             self.note_lined(&lines);
         }
@@ -346,12 +384,21 @@ pub struct Throttles {
 }
 
 /// Limiters by spec, so a swap that keeps a throttle keeps its state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LimiterCache {
     by_spec: Mutex<HashMap<String, Arc<Limiter>>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl LimiterCache {
+    /// Limiters that run on `clock`, the policy clock.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            by_spec: Mutex::default(),
+            clock,
+        }
+    }
+
     /// The limiters for `policy`, reusing those whose spec is unchanged. Fresh ones (new,
     /// or never asked) take up their lines behind the turns of the tasks `parked` (read
     /// only when there is one): a restart forgets the lines, not the parked tasks.
@@ -374,7 +421,7 @@ impl LimiterCache {
                 active: policy
                     .throttles
                     .iter()
-                    .map(|t| Arc::new(Limiter::new(t)))
+                    .map(|t| Arc::new(Limiter::new(t, &self.clock)))
                     .collect(),
             };
         };
@@ -384,7 +431,7 @@ impl LimiterCache {
             let fp = format!("{:?}", t.spec);
             let l = cache
                 .remove(&fp)
-                .unwrap_or_else(|| Arc::new(Limiter::new(t)));
+                .unwrap_or_else(|| Arc::new(Limiter::new(t, &self.clock)));
             next.insert(fp, l.clone());
             active.push(l);
         }
