@@ -182,6 +182,7 @@ const PAGES = {
   overview: views.overview,
   workers: views.workers,
   worker: views.worker,
+  pools: views.pools,
   decisions: views.decisions,
   decision: views.decision,
   task: views.task,

@@ -278,6 +278,89 @@ export async function worker(main, id, alive) {
   });
 }
 
+// ---- pools ----------------------------------------------------------------------
+
+/** What operators have done to pool `name`, from `GET /v1/control/state`. */
+function poolControls(name, st) {
+  const marks = [];
+  const modes = { pause: 'paused', drain: 'draining' };
+  for (const i of st.operator_interventions ?? []) if (i.target?.pool === name && modes[i.action]) marks.push(modes[i.action]);
+  if ((st.blocks ?? []).some(b => b.scope === 'pool' && b.value === name)) marks.push('blocked');
+  for (const r of st.reroutes ?? []) if (r.from === name) marks.push(`rerouted to ${r.to}`);
+  for (const w of st.weights ?? []) if (w.pool === name) marks.push(`weight ${w.weight}`);
+  return marks.map(m => `<span class="pill">${esc(m)}</span>`).join(' ') || '<span class="muted">—</span>';
+}
+
+const poolRow = (p, st) => {
+  const q95 = p.dispatch_latency_ms?.p95;
+  const depth = p.queue?.depth;
+  return `<tr data-pool="${esc(p.name)}"><td>${esc(p.name)}${p.configured ? '' : ' <span class="muted">(not configured)</span>'}</td><td class="n">${p.workers}</td><td class="n ${p.lost ? 'warn' : ''}">${p.lost}</td><td class="n">${p.active} (${pct(p.utilisation, 0)})</td><td class="n">${p.in_flight} / ${p.capacity}</td><td class="n">${depth == null ? '—' : fmtNum(depth)}</td><td class="n">${q95 == null ? '—' : dur(q95)}</td><td class="n">${fmtNum(p.tasks_per_min)}</td><td class="n ${p.failed_per_min ? 'bad' : ''}">${fmtNum(p.failed_per_min)}</td><td>${poolControls(p.name, st)}</td></tr>`;
+};
+
+/** The pool commands the Control form sends, by button. */
+const POOL_COMMANDS = {
+  pause: v => ({ command: 'pause', pool: v.pool }),
+  drain: v => ({ command: 'drain', pool: v.pool }),
+  resume: v => ({ command: 'resume', pool: v.pool }),
+  block: v => ({ command: 'block_pool', pool: v.pool }),
+  reroute: v => ({ command: 'reroute_pool', pool: v.pool, to: v.to }),
+  weight: v => ({ command: 'weight_pool', pool: v.pool, weight: Number(v.weight) }),
+  restore: v => ({ command: 'restore_pool', pool: v.pool }),
+  purge: v => ({ command: 'purge_pool', pool: v.pool, reason: v.reason || 'purged from the dashboard' }),
+};
+
+/**
+ * Every pool: its workers, load, queue and dispatch latency, live from `fleet_snapshot`,
+ * and what operators have done to it; for operators, the pool commands (pause, drain,
+ * resume, block, reroute, weight, restore, and purging its queue after a second click).
+ */
+export async function pools(main, _arg, alive) {
+  const [first, state] = await Promise.all([api('/v1/pools'), api('/v1/control/state')]);
+  if (!alive()) return;
+  let list = first.pools ?? [], st = state;
+  const names = list.filter(p => p.configured).map(p => `<option>${esc(p.name)}</option>`).join('');
+  main.innerHTML = `
+    <h1>Pools</h1>
+    <div class="grid"><section class="card full"><table id="pools"><thead><tr><th>Pool</th><th class="n">Workers</th><th class="n">Lost</th><th class="n">Busy</th><th class="n">In flight / capacity</th><th class="n">Queued</th><th class="n">p95 dispatch</th><th class="n">Tasks/min</th><th class="n">Failed/min</th><th>Operators</th></tr></thead><tbody></tbody></table></section>
+    <section class="card full" data-role-needs="operator" ${may('operator') ? '' : 'hidden'}><h2>Control</h2>
+      <form class="filters" id="pf">
+        <label>Pool <select name="pool">${names}</select></label>
+        <button type="button" data-c="pause" class="danger">Pause</button><button type="button" data-c="drain">Drain</button><button type="button" data-c="resume" class="primary">Resume</button>
+        <button type="button" data-c="block" class="danger">Block</button><button type="button" data-c="restore">Restore</button>
+        <label>to <select name="to">${names}</select></label><button type="button" data-c="reroute">Reroute</button>
+        <label>Weight <input name="weight" size="4" value="1" inputmode="decimal"></label><button type="button" data-c="weight">Set weight</button>
+        <label>Reason <input name="reason" size="20"></label><button type="button" data-c="purge" class="danger">Purge queue</button>
+      </form>
+      <p class="muted">Pause and drain reach every worker of the pool; block refuses dispatch to it; reroute sends its tasks to another pool; restore ends the block, reroute and weight. Purge cancels up to 1,000 tasks waiting in its queue (each producer gets <code>cancelled</code>); it asks for a second click.</p>
+      <p id="pool-out" aria-live="polite"></p></section></div>`;
+  const tbody = q(main, '#pools tbody');
+  const draw = () => { tbody.innerHTML = list.map(p => poolRow(p, st)).join('') || '<tr><td colspan="10" class="muted">No pools.</td></tr>'; };
+  draw();
+  const form = q(main, '#pf'), out = q(main, '#pool-out');
+  let armed = null;
+  form.onclick = async e => {
+    const b = e.target.closest('button[data-c]');
+    if (!b) return;
+    const v = formValues(form), c = b.dataset.c;
+    if (c === 'purge' && armed !== v.pool) {
+      armed = v.pool;
+      b.textContent = `Purge ${v.pool}'s queue: click again`;
+      setTimeout(() => { if (armed === v.pool) { armed = null; b.textContent = 'Purge queue'; } }, 5000);
+      return;
+    }
+    armed = null;
+    q(form, 'button[data-c="purge"]').textContent = 'Purge queue';
+    const ack = await act(POOL_COMMANDS[c](v), out);
+    if (ack.ok && c === 'purge') {
+      const r = ack.state ?? {};
+      out.textContent = `cancelled ${r.cancelled ?? 0} queued task(s) of ${v.pool}${r.more ? '; more wait: purge again' : ''}${r.not_cancelled?.length ? `; ${r.not_cancelled.length} left (${r.not_cancelled[0].why})` : ''} (${ack.audit_id})`;
+    }
+    if (ack.ok) { st = await api('/v1/control/state'); if (alive()) draw(); }
+  };
+  on('fleet_snapshot', snap => { if (Array.isArray(snap.pools)) { list = snap.pools; draw(); } });
+  on('intervention', async () => { st = await api('/v1/control/state'); if (alive()) draw(); });
+}
+
 // ---- decisions ------------------------------------------------------------------
 
 const decisionRow = d => `<tr class="clickable" tabindex="0" data-task="${esc(d.task_id)}"><td class="muted">${ago(d.at_ms)}</td><td>${esc(d.task_id)}</td><td><span class="pill ${esc(d.outcome)}">${esc(d.outcome)}</span></td><td>${esc(d.pool ?? '—')}</td><td>${esc(d.model ?? '—')}</td><td>${esc(d.rule)}</td><td>${esc(d.reason)}</td></tr>`;
