@@ -427,7 +427,8 @@ const finishedRow = t => {
 
 /**
  * The tasks that have ended, newest first (`GET /v1/tasks?state=finished`), with their
- * outcome: filtered by state, status, pool, worker and error code, older pages on demand.
+ * outcome: filtered by state, status, pool, worker, model and error code, older pages on
+ * demand.
  * A page examines a bounded number of tasks, so a filter that matches few may need more.
  */
 export async function tasks(main, _arg, alive) {
@@ -437,7 +438,7 @@ export async function tasks(main, _arg, alive) {
       <label>State <select name="state"><option>finished</option><option>completed</option><option>failed</option><option>rejected</option></select></label>
       <label>Status <select name="status"><option value="">any</option><option>ok</option><option>failed</option><option>cancelled</option><option>rejected</option></select></label>
       <label>Pool <input name="pool" size="10"></label><label>Worker <input name="worker" size="12"></label>
-      <label>Error code <input name="code" size="16"></label>
+      <label>Model <input name="model" size="14"></label><label>Error code <input name="code" size="16"></label>
       <button type="submit">Filter</button>
     </form>
     <p class="muted" id="scan"></p>

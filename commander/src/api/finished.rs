@@ -25,6 +25,8 @@ pub struct TasksQuery {
     pub code: Option<String>,
     pub pool: Option<String>,
     pub worker: Option<String>,
+    /// The model routing chose for the task (the record's `model`).
+    pub model: Option<String>,
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
 }
@@ -37,6 +39,7 @@ impl TasksQuery {
             ("code", self.code.is_some()),
             ("pool", self.pool.is_some()),
             ("worker", self.worker.is_some()),
+            ("model", self.model.is_some()),
             ("since_ms", self.since_ms.is_some()),
             ("until_ms", self.until_ms.is_some()),
         ]
@@ -72,6 +75,7 @@ struct Filter {
     code: Option<String>,
     pool: Option<String>,
     worker: Option<String>,
+    model: Option<String>,
 }
 
 impl Filter {
@@ -94,6 +98,10 @@ impl Filter {
                 .worker
                 .as_deref()
                 .is_none_or(|w| outcome.and_then(|o| o.worker_id.as_deref()) == Some(w))
+            && self
+                .model
+                .as_deref()
+                .is_none_or(|m| rec.model.as_deref() == Some(m))
     }
 }
 
@@ -104,6 +112,7 @@ pub fn list(store: &crate::store::Store, state: &str, q: TasksQuery) -> Result<R
         code: q.code,
         pool: q.pool,
         worker: q.worker,
+        model: q.model,
     };
     let limit = super::count_param("limit", q.limit, 100, 1000)?;
     let cursor = match q.cursor.as_deref() {

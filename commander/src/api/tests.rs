@@ -856,6 +856,14 @@ async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
                 || crate::store::TaskRecord::new(id, 1),
                 |r| {
                     r.pool = Some(pool.into());
+                    r.model = Some(
+                        if pool == "code" {
+                            "gpt-4o"
+                        } else {
+                            "claude-haiku-4-5"
+                        }
+                        .into(),
+                    );
                     r.finish(&result);
                 },
             )
@@ -921,6 +929,11 @@ async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
         ("/v1/tasks?state=finished&code=tool_error", vec!["t2"]),
         ("/v1/tasks?state=finished&pool=docs", vec!["t4", "t3"]),
         ("/v1/tasks?state=finished&worker=w2", vec!["t5", "t3"]),
+        (
+            "/v1/tasks?state=finished&model=gpt-4o",
+            vec!["t5", "t2", "t1"],
+        ),
+        ("/v1/tasks?state=failed&model=claude-haiku-4-5", vec!["t3"]),
     ] {
         assert_eq!(api.listed(uri).await.0, want, "{uri}");
     }
@@ -959,6 +972,7 @@ async fn finished_tasks_are_listed_newest_first_with_filters_and_pages() {
         ("/v1/tasks?state=finished&cursor=zz", "cursor"),
         ("/v1/tasks?state=finished&cursor=00", "cursor"),
         ("/v1/tasks?state=deferred&pool=code", "pool"),
+        ("/v1/tasks?state=deferred&model=gpt-4o", "model"),
         (
             "/v1/tasks?state=parked&status=ok&since_ms=1",
             "status, since_ms",
