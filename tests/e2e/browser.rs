@@ -144,6 +144,92 @@ async fn pause_a1_from_its_page(c: &Client, base: &str, stack: &Stack) {
     .await;
 }
 
+/// The pools page: each pool with its workers, and the pool commands. Block, reroute
+/// and weight `beta`, and restore it; then purge its queue, where a task waits for a
+/// worker (beta has none): a second click purges, and the task ends cancelled without
+/// running.
+async fn operate_beta_from_the_pools_page(c: &Client, base: &str, stack: &Stack) {
+    c.goto(&format!("{base}/#/pools")).await.unwrap();
+    eventually("both pools are listed", WAIT, async || {
+        let rows = text(c, "#pools tbody").await;
+        rows.contains("alpha") && rows.contains("beta")
+    })
+    .await;
+    c.execute(
+        "document.querySelector('#pf select[name=pool]').value = 'beta';",
+        vec![],
+    )
+    .await
+    .unwrap();
+    click(c, "#pf button[data-c=block]").await;
+    eventually("beta is blocked", WAIT, async || {
+        let blocks = stack.get_json("/v1/control/state").await["blocks"].clone();
+        blocks[0]["value"] == "beta" && blocks[0]["scope"] == "pool"
+    })
+    .await;
+    // Rerouted to alpha and weighted too: the row shows all three.
+    c.execute(
+        "document.querySelector('#pf select[name=to]').value = 'alpha'; document.querySelector('#pf input[name=weight]').value = '2.5';",
+        vec![],
+    )
+    .await
+    .unwrap();
+    click(c, "#pf button[data-c=reroute]").await;
+    eventually("the reroute is in force", WAIT, async || {
+        stack.get_json("/v1/control/state").await["reroutes"]
+            == json!([{"from": "beta", "to": "alpha"}])
+    })
+    .await;
+    click(c, "#pf button[data-c=weight]").await;
+    eventually("the row says so", WAIT, async || {
+        let row = text(c, "#pools tr[data-pool=beta]").await;
+        row.contains("blocked") && row.contains("rerouted to alpha") && row.contains("weight 2.5")
+    })
+    .await;
+    shot(c, "pools").await;
+    click(c, "#pf button[data-c=restore]").await;
+    eventually("beta is restored", WAIT, async || {
+        let st = stack.get_json("/v1/control/state").await;
+        st["blocks"] == json!([])
+            && st["reroutes"] == json!([])
+            && st["weights"] == json!([])
+            && text(c, "#pools tr[data-pool=beta]").await.ends_with('—')
+    })
+    .await;
+    // The cap set above would defer it: lifted first.
+    let lift = reqwest::Client::new()
+        .post(stack.http("/v1/control"))
+        .bearer_auth("ops-token")
+        .json(&json!({"command": "lift_cost_cap"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lift.status().as_u16(), 200);
+    submit(&stack.client, "queued-beta", "beta").await;
+    eventually("the task waits in beta's queue", WAIT, async || {
+        stack.get_json("/v1/tasks/queued-beta").await["state"] == "dispatched"
+    })
+    .await;
+    click(c, "#pf button[data-c=purge]").await;
+    let armed = text(c, "#pf button[data-c=purge]").await;
+    assert!(armed.contains("click again"), "{armed}");
+    assert_eq!(
+        stack.get_json("/v1/tasks/queued-beta").await["state"],
+        "dispatched",
+        "one click purges nothing"
+    );
+    click(c, "#pf button[data-c=purge]").await;
+    eventually("the purge is acknowledged", WAIT, async || {
+        text(c, "#pool-out")
+            .await
+            .starts_with("cancelled 1 queued task(s) of beta")
+    })
+    .await;
+    let rec = stack.get_json("/v1/tasks/queued-beta").await;
+    assert_eq!(rec["outcome"]["status"], "cancelled", "{rec}");
+    no_console_errors(c, "pools").await;
+}
+
 /// The whole operator path in a browser: sign in, the overview shows what the API says,
 /// an alert reaches the strip within 2 s, a pause clicked on an agent reaches the worker
 /// and the audit, a decision shows every candidate, and a viewer sees no controls (the
@@ -427,88 +513,8 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     .await;
     no_console_errors(&c, "the finished tasks").await;
 
-    // The pools page: each pool with its workers, and the pool commands. Block `beta`
-    // and restore it; then purge its queue, where a task waits for a worker (beta has
-    // none): a second click purges, and the task ends cancelled without running.
-    c.goto(&format!("{base}/#/pools")).await.unwrap();
-    eventually("both pools are listed", WAIT, async || {
-        let rows = text(&c, "#pools tbody").await;
-        rows.contains("alpha") && rows.contains("beta")
-    })
-    .await;
-    c.execute(
-        "document.querySelector('#pf select[name=pool]').value = 'beta';",
-        vec![],
-    )
-    .await
-    .unwrap();
-    click(&c, "#pf button[data-c=block]").await;
-    eventually("beta is blocked", WAIT, async || {
-        let blocks = stack.get_json("/v1/control/state").await["blocks"].clone();
-        blocks[0]["value"] == "beta" && blocks[0]["scope"] == "pool"
-    })
-    .await;
-    // Rerouted to alpha and weighted too: the row shows all three.
-    c.execute(
-        "document.querySelector('#pf select[name=to]').value = 'alpha'; document.querySelector('#pf input[name=weight]').value = '2.5';",
-        vec![],
-    )
-    .await
-    .unwrap();
-    click(&c, "#pf button[data-c=reroute]").await;
-    eventually("the reroute is in force", WAIT, async || {
-        stack.get_json("/v1/control/state").await["reroutes"]
-            == json!([{"from": "beta", "to": "alpha"}])
-    })
-    .await;
-    click(&c, "#pf button[data-c=weight]").await;
-    eventually("the row says so", WAIT, async || {
-        let row = text(&c, "#pools tr[data-pool=beta]").await;
-        row.contains("blocked") && row.contains("rerouted to alpha") && row.contains("weight 2.5")
-    })
-    .await;
-    shot(&c, "pools").await;
-    click(&c, "#pf button[data-c=restore]").await;
-    eventually("beta is restored", WAIT, async || {
-        let st = stack.get_json("/v1/control/state").await;
-        st["blocks"] == json!([])
-            && st["reroutes"] == json!([])
-            && st["weights"] == json!([])
-            && text(&c, "#pools tr[data-pool=beta]").await.ends_with('—')
-    })
-    .await;
-    // The cap set above would defer it: lifted first.
-    let lift = reqwest::Client::new()
-        .post(stack.http("/v1/control"))
-        .bearer_auth("ops-token")
-        .json(&json!({"command": "lift_cost_cap"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(lift.status().as_u16(), 200);
-    submit(&stack.client, "queued-beta", "beta").await;
-    eventually("the task waits in beta's queue", WAIT, async || {
-        stack.get_json("/v1/tasks/queued-beta").await["state"] == "dispatched"
-    })
-    .await;
-    click(&c, "#pf button[data-c=purge]").await;
-    let armed = text(&c, "#pf button[data-c=purge]").await;
-    assert!(armed.contains("click again"), "{armed}");
-    assert_eq!(
-        stack.get_json("/v1/tasks/queued-beta").await["state"],
-        "dispatched",
-        "one click purges nothing"
-    );
-    click(&c, "#pf button[data-c=purge]").await;
-    eventually("the purge is acknowledged", WAIT, async || {
-        text(&c, "#pool-out")
-            .await
-            .starts_with("cancelled 1 queued task(s) of beta")
-    })
-    .await;
-    let rec = stack.get_json("/v1/tasks/queued-beta").await;
-    assert_eq!(rec["outcome"]["status"], "cancelled", "{rec}");
-    no_console_errors(&c, "pools").await;
+    // The pools page and its commands.
+    operate_beta_from_the_pools_page(&c, &base, &stack).await;
 
     // A viewer sees no control buttons, and the API answers 403 to its commands.
     c.execute(
