@@ -37,10 +37,8 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     // (which is then already due): no tight loop while the intake stream is unavailable.
     let mut refused_last = false;
     loop {
-        let sleep = match next_wake_in(&ctx) {
-            Some(t) if !refused_last => ctx.core.policy.clock.wall(t).clamp(MIN_TURN_SLEEP, every),
-            _ => every,
-        };
+        let next = next_wake_in(&ctx).filter(|_| !refused_last);
+        let sleep = sleep_for(next, every, ctx.core.policy.clock.as_ref());
         let deferrals = &ctx.core.policy.deferrals;
         let swapped = tokio::select! {
             _ = tokio::time::sleep(sleep) => false,
@@ -227,6 +225,20 @@ fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, now: u64, tally
     }
 }
 
+/// How long the loop sleeps: until the next turn or deadline (`next`, in policy time),
+/// on the wall clock, at least [`MIN_TURN_SLEEP`] and at most `every`; `every` alone
+/// without one. `every` (`policy.release_interval_ms`) may be under the minimum: it wins.
+fn sleep_for(
+    next: Option<Duration>,
+    every: Duration,
+    clock: &dyn crate::domain::Clock,
+) -> Duration {
+    match next {
+        Some(t) => clock.wall(t).max(MIN_TURN_SLEEP).min(every),
+        None => every,
+    }
+}
+
 /// How long until the next parked turn or deadline, if a waiting task has one.
 fn next_wake_in(ctx: &Ctx) -> Option<Duration> {
     let d = &ctx.core.policy.deferrals;
@@ -237,4 +249,33 @@ fn next_wake_in(ctx: &Ctx) -> Option<Duration> {
     Some(Duration::from_millis(
         at.saturating_sub(ctx.core.policy.now_ms()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::domain::{ScaledClock, SystemClock};
+
+    /// The sleep to the next turn is that turn's wall time, kept between the minimum and
+    /// the interval; an interval under the minimum (`release_interval_ms = 2`) is the
+    /// sleep, where the clamp it replaces panicked (min > max) and left every parked task
+    /// where it was.
+    #[test]
+    fn the_sleep_to_the_next_turn_is_its_wall_time_within_the_interval() {
+        let ms = Duration::from_millis;
+        let sleep = |next, every| super::sleep_for(next, every, &SystemClock);
+        assert_eq!(sleep(Some(ms(300)), ms(1_000)), ms(300));
+        assert_eq!(sleep(Some(ms(0)), ms(1_000)), super::MIN_TURN_SLEEP);
+        assert_eq!(sleep(Some(ms(5_000)), ms(1_000)), ms(1_000));
+        assert_eq!(sleep(None, ms(1_000)), ms(1_000));
+        assert_eq!(sleep(Some(ms(300)), ms(2)), ms(2));
+        assert_eq!(sleep(Some(ms(0)), ms(1)), ms(1));
+        // Fleet time at 60×: a turn a minute off is a second of wall time.
+        let lab = ScaledClock::new(0, 60.0);
+        assert_eq!(
+            super::sleep_for(Some(ms(60_000)), ms(5_000), &lab),
+            ms(1_000)
+        );
+    }
 }
