@@ -633,6 +633,55 @@ async fn a_throttle_in_a_lab_runs_at_its_rate_in_fleet_time() {
     );
 }
 
+/// Parked tasks go back at their turns however long `policy.release_interval_ms` is (it
+/// paces the budget checks, not the turns). Before, the release loop slept that long
+/// once nothing was parked, and a task parked meanwhile waited for it: here ten minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parked_tasks_go_at_their_turns_whatever_the_release_interval() {
+    const TASKS: usize = 15;
+    let nats = NatsServer::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("main.policy.toml"),
+        "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = 5\n",
+    )
+    .unwrap();
+    let config =
+        format!("{TWO_POOLS}\n[policy]\ndir = {policies:?}\nrelease_interval_ms = 600000\n");
+    let commander = PolicyStack::spawn(&nats, dir.path(), &config);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let s = PolicyStack {
+        nats,
+        commander,
+        client,
+        dir,
+        policies,
+        config,
+    };
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let ids = || (0..TASKS).map(|i| format!("turn-{i}"));
+    submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
+    await_ok(&producer, ids(), "back at its turn, not at the interval").await;
+    assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
+    // The last ones were parked (their turns were over a second off), not waited out in
+    // the stream.
+    let last = task_record(s.commander.http(), &format!("turn-{}", TASKS - 1))
+        .await
+        .unwrap();
+    let states: Vec<&str> = last["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"deferred"), "{last}");
+    assert_eq!(s.parked().await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_defer_at_the_limit_survive_a_kill_and_release_when_raised() {
     let mut s = PolicyStack::start("", "").await;

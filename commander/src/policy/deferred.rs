@@ -180,7 +180,9 @@ pub struct Deferrals {
     /// Held by the release loop through each pass, and by a cancel while it marks its
     /// task: a task is never released to intake while it is being cancelled.
     pass: tokio::sync::Mutex<()>,
-    /// Wakes the release loop (a task was cancelled: its result is to be published).
+    /// Wakes the release loop: a task was cancelled (its result is to be published), or
+    /// one was stored with a turn or deadline sooner than any the loop knew of when it
+    /// went to sleep.
     pub wake: tokio::sync::Notify,
     max: usize,
 }
@@ -271,6 +273,13 @@ impl Deferrals {
             reason: e.to_string(),
         })?;
         let (tree, count) = self.tree_of(t);
+        // The release loop sleeps until the soonest turn or deadline it saw (at most
+        // `policy.release_interval_ms`): a sooner one wakes it, or its task would wait
+        // past its turn for as long as that interval.
+        let sooner =
+            |at: Option<u64>, first: Option<u64>| at.is_some_and(|a| first.is_none_or(|f| a < f));
+        let wake = sooner(t.turn.as_ref().map(|u| u.at_ms), self.next_turn_ms())
+            || sooner(t.deadline_ms, self.next_deadline_ms());
         // The index first: an entry is never stored without it (a crash in between
         // leaves an index entry whose task is not there, which `expired` drops).
         if let Some(k) = t.deadline_key() {
@@ -288,6 +297,9 @@ impl Deferrals {
                     *q.entry(k.clone()).or_insert(0) += 1;
                 }
             }
+        }
+        if wake {
+            self.wake.notify_one();
         }
         Ok(())
     }

@@ -417,6 +417,48 @@ fn parked_tasks_are_due_at_their_turns_and_void_ones_at_once() {
     assert_eq!((q.next_turn_ms(), q.parked_len()), (Some(2_000), 3));
 }
 
+/// The release loop sleeps until the soonest turn or deadline it saw, for as long as
+/// `policy.release_interval_ms`: a task stored with a sooner one wakes it, a later one
+/// does not. Before, only a cancel woke it, so with `release_interval_ms = 600000` a
+/// parked task waited up to ten minutes past its turn.
+#[test]
+fn a_sooner_turn_or_deadline_wakes_the_release_loop() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let q = super::Deferrals::open(&store, 100).unwrap();
+    let woken = |q: &super::Deferrals| q.wake.notified().now_or_never().is_some();
+    let parked = |id: &str, at_ms: u64| DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "t".into(),
+            key: "k".into(),
+            at_ms,
+            spec: 1,
+        }),
+        ..deferred(id, 5, 1_000, 0.0)
+    };
+    let with_deadline = |id: &str, deadline_ms: u64| DeferredTask {
+        deadline_ms: Some(deadline_ms),
+        ..deferred(id, 5, 1_000, 0.0)
+    };
+    assert!(!woken(&q));
+    q.insert(&parked("first", 5_000)).unwrap();
+    assert!(woken(&q), "the first turn");
+    q.insert(&parked("later", 6_000)).unwrap();
+    assert!(!woken(&q), "a turn after one the loop knows");
+    q.insert(&parked("sooner", 4_000)).unwrap();
+    assert!(woken(&q), "a sooner turn");
+    q.insert(&deferred("budget", 5, 1_000, 0.1)).unwrap();
+    assert!(!woken(&q), "a budget's task has neither");
+    q.insert(&with_deadline("due", 9_000)).unwrap();
+    assert!(woken(&q), "the first deadline");
+    q.insert(&with_deadline("due-later", 9_500)).unwrap();
+    assert!(!woken(&q));
+    q.insert(&with_deadline("due-sooner", 3_000)).unwrap();
+    assert!(woken(&q), "a sooner deadline");
+}
+
 /// Deferred and parked tasks with a deadline are found by it, in deadline order, without
 /// reading either queue; the index follows removals (a re-deferred copy keeps its own
 /// entry) and reopens, and an entry whose task is gone is dropped.
