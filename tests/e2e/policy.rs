@@ -898,12 +898,18 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
         ],
     )
     .await;
+    // Counted as soon as stored, they are durable once flushed, and then their intake
+    // messages are acked: the kill -9 below comes after that. (Before the flush, a kill
+    // is a redelivery to a restarted commander that has no line for the team: its burst
+    // lets the first task without a deadline through, as it should.)
     eventually(
-        "the budget deferred three, the throttle parked three",
+        "the budget deferred three, the throttle parked three, all acked",
         WAIT,
         async || {
             let d = s.get("/v1/tasks?state=deferred").await["total"].as_u64();
-            d == Some(3) && s.parked().await == 3.0
+            d == Some(3)
+                && s.parked().await == 3.0
+                && stream_messages(&s.client, "FLEET_INTAKE").await == 0
         },
     )
     .await;
