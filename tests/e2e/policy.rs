@@ -47,13 +47,22 @@ impl PolicyStack {
 
     /// `lay_out` writes the policy directory's files before the commander starts.
     async fn start_laid_out(extra_config: &str, lay_out: impl FnOnce(&Path)) -> Self {
+        Self::start_released_every(200, extra_config, lay_out).await
+    }
+
+    /// With `policy.release_interval_ms = release_ms`.
+    async fn start_released_every(
+        release_ms: u64,
+        extra_config: &str,
+        lay_out: impl FnOnce(&Path),
+    ) -> Self {
         let nats = NatsServer::start().expect("nats-server");
         let dir = tempfile::tempdir().unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir_all(&policies).unwrap();
         lay_out(&policies);
         let config = format!(
-            "{TWO_POOLS}\n[policy]\ndir = {:?}\nrelease_interval_ms = 200\n{extra_config}\n",
+            "{TWO_POOLS}\n[policy]\ndir = {:?}\nrelease_interval_ms = {release_ms}\n{extra_config}\n",
             policies
         );
         let commander = Self::spawn(&nats, dir.path(), &config);
@@ -639,27 +648,11 @@ async fn a_throttle_in_a_lab_runs_at_its_rate_in_fleet_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parked_tasks_go_at_their_turns_whatever_the_release_interval() {
     const TASKS: usize = 15;
-    let nats = NatsServer::start().expect("nats-server");
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("main.policy.toml"),
-        "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = 5\n",
-    )
-    .unwrap();
-    let config =
-        format!("{TWO_POOLS}\n[policy]\ndir = {policies:?}\nrelease_interval_ms = 600000\n");
-    let commander = PolicyStack::spawn(&nats, dir.path(), &config);
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let s = PolicyStack {
-        nats,
-        commander,
-        client,
-        dir,
-        policies,
-        config,
-    };
+    let throttle = "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = 5\n";
+    let s = PolicyStack::start_released_every(600_000, "", |policies| {
+        std::fs::write(policies.join("main.policy.toml"), throttle).unwrap()
+    })
+    .await;
     let seen = SeenLog::default();
     let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());

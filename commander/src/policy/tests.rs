@@ -333,6 +333,21 @@ fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyE
     .unwrap()
 }
 
+/// A task throttle `t` parked in `key`'s line, with its turn at `at_ms`, given by the
+/// spec whose fingerprint is `spec`.
+fn parked_task(id: &str, key: &str, at_ms: u64, spec: u64) -> DeferredTask {
+    DeferredTask {
+        queues: vec![],
+        turn: Some(crate::domain::ThrottleTurn {
+            throttle: "t".into(),
+            key: key.into(),
+            at_ms,
+            spec,
+        }),
+        ..deferred(id, 5, 1_000, 0.0)
+    }
+}
+
 /// A deferred task of team `search` waiting in `team-daily`, for tests here and in the API.
 pub(crate) fn deferred(id: &str, priority: u8, at_ms: u64, est: f64) -> DeferredTask {
     DeferredTask {
@@ -368,16 +383,7 @@ fn parked_tasks_are_due_at_their_turns_and_void_ones_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let q = super::Deferrals::open(&store, 5).unwrap();
-    let parked = |id: &str, at_ms: u64, spec: u64| DeferredTask {
-        queues: vec![],
-        turn: Some(crate::domain::ThrottleTurn {
-            throttle: "t".into(),
-            key: "noisy".into(),
-            at_ms,
-            spec,
-        }),
-        ..deferred(id, 5, 1_000, 0.0)
-    };
+    let parked = |id: &str, at_ms, spec| parked_task(id, "noisy", at_ms, spec);
     // Inserted out of turn order.
     for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000), ("d", 9_000)] {
         q.insert(&parked(id, at, 7)).unwrap();
@@ -428,16 +434,7 @@ fn a_sooner_turn_or_deadline_wakes_the_release_loop() {
     let store = Store::open(dir.path()).unwrap();
     let q = super::Deferrals::open(&store, 100).unwrap();
     let woken = |q: &super::Deferrals| q.wake.notified().now_or_never().is_some();
-    let parked = |id: &str, at_ms: u64| DeferredTask {
-        queues: vec![],
-        turn: Some(crate::domain::ThrottleTurn {
-            throttle: "t".into(),
-            key: "k".into(),
-            at_ms,
-            spec: 1,
-        }),
-        ..deferred(id, 5, 1_000, 0.0)
-    };
+    let parked = |id: &str, at_ms| parked_task(id, "k", at_ms, 1);
     let with_deadline = |id: &str, deadline_ms: u64| DeferredTask {
         deadline_ms: Some(deadline_ms),
         ..deferred(id, 5, 1_000, 0.0)
@@ -468,16 +465,7 @@ fn waiting_tasks_are_found_by_their_deadlines() {
     let store = Store::open(dir.path()).unwrap();
     let q = super::Deferrals::open(&store, 100).unwrap();
     let with = |t: DeferredTask, deadline_ms: Option<u64>| DeferredTask { deadline_ms, ..t };
-    let parked = |id: &str, at_ms: u64| DeferredTask {
-        queues: vec![],
-        turn: Some(crate::domain::ThrottleTurn {
-            throttle: "t".into(),
-            key: "k".into(),
-            at_ms,
-            spec: 7,
-        }),
-        ..deferred(id, 5, 1_000, 0.0)
-    };
+    let parked = |id: &str, at_ms| parked_task(id, "k", at_ms, 7);
     let ids = |v: Vec<DeferredTask>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
     assert_eq!(q.next_deadline_ms(), None);
     q.insert(&with(deferred("none", 5, 1_000, 0.1), None))
@@ -583,16 +571,7 @@ fn a_line_s_last_parked_turn_is_found_by_its_index() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let q = super::Deferrals::open(&store, 100).unwrap();
-    let parked = |id: &str, key: &str, at_ms: u64| DeferredTask {
-        queues: vec![],
-        turn: Some(crate::domain::ThrottleTurn {
-            throttle: "t".into(),
-            key: key.into(),
-            at_ms,
-            spec: 7,
-        }),
-        ..deferred(id, 5, 1_000, 0.0)
-    };
+    let parked = |id: &str, key: &str, at_ms| parked_task(id, key, at_ms, 7);
     let (a1, a2, b1) = (
         parked("a1", "a", 1_000),
         parked("a2", "a", 5_000),
