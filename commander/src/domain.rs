@@ -28,10 +28,17 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 
     /// A reading of this clock that never goes back, for measuring intervals (the
     /// throttles' rate limiters): the wall clock can be stepped back, which would stall a
-    /// limiter for the length of the step. Only differences between readings mean
-    /// anything.
+    /// limiter for the length of the step. It runs at [`Clock::speed`]. Only differences
+    /// between readings mean anything.
     fn monotonic(&self) -> Duration {
-        process_start().elapsed()
+        let elapsed = process_start().elapsed();
+        let speed = self.speed();
+        if speed == 1.0 {
+            return elapsed;
+        }
+        // A lab's `speed` is finite and at most 1000 (the config checks it), so this
+        // fits; a reading that did not would be the largest one, never a panic.
+        Duration::try_from_secs_f64(elapsed.as_secs_f64() * speed).unwrap_or(Duration::MAX)
     }
 
     /// How long `d` of this clock's time takes on the wall clock: what a delay handed to
@@ -86,13 +93,6 @@ impl Clock for ScaledClock {
 
     fn speed(&self) -> f64 {
         self.speed
-    }
-
-    fn monotonic(&self) -> Duration {
-        let wall = process_start().elapsed().as_secs_f64();
-        // `speed` is finite and at most 1000 (the config checks it), so this fits; a
-        // reading that did not would be the largest one, never a panic.
-        Duration::try_from_secs_f64(wall * self.speed).unwrap_or(Duration::MAX)
     }
 }
 

@@ -335,6 +335,7 @@ export async function pools(main, _arg, alive) {
       <p id="pool-out" aria-live="polite"></p></section></div>`;
   const tbody = q(main, '#pools tbody');
   const draw = () => { tbody.innerHTML = list.map(p => poolRow(p, st)).join('') || '<tr><td colspan="10" class="muted">No pools.</td></tr>'; };
+  const reload = async () => { st = await api('/v1/control/state'); if (alive()) draw(); };
   draw();
   const form = q(main, '#pf'), out = q(main, '#pool-out');
   let armed = null;
@@ -355,10 +356,10 @@ export async function pools(main, _arg, alive) {
       const r = ack.state ?? {};
       out.textContent = `cancelled ${r.cancelled ?? 0} queued task(s) of ${v.pool}${r.more ? '; more wait: purge again' : ''}${r.not_cancelled?.length ? `; ${r.not_cancelled.length} left (${r.not_cancelled[0].why})` : ''} (${ack.audit_id})`;
     }
-    if (ack.ok) { st = await api('/v1/control/state'); if (alive()) draw(); }
+    if (ack.ok) await reload();
   };
   on('fleet_snapshot', snap => { if (Array.isArray(snap.pools)) { list = snap.pools; draw(); } });
-  on('intervention', async () => { st = await api('/v1/control/state'); if (alive()) draw(); });
+  on('intervention', reload);
 }
 
 // ---- decisions ------------------------------------------------------------------

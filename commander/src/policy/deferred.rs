@@ -276,10 +276,13 @@ impl Deferrals {
         // The release loop sleeps until the soonest turn or deadline it saw (at most
         // `policy.release_interval_ms`): a sooner one wakes it, or its task would wait
         // past its turn for as long as that interval.
-        let sooner =
-            |at: Option<u64>, first: Option<u64>| at.is_some_and(|a| first.is_none_or(|f| a < f));
-        let wake = sooner(t.turn.as_ref().map(|u| u.at_ms), self.next_turn_ms())
-            || sooner(t.deadline_ms, self.next_deadline_ms());
+        // (Each queue's first entry is read only for a task that has a time of its kind.)
+        let wake = t
+            .turn
+            .as_ref()
+            .is_some_and(|u| self.next_turn_ms().is_none_or(|f| u.at_ms < f))
+            || t.deadline_ms
+                .is_some_and(|d| self.next_deadline_ms().is_none_or(|f| d < f));
         // The index first: an entry is never stored without it (a crash in between
         // leaves an index entry whose task is not there, which `expired` drops).
         if let Some(k) = t.deadline_key() {

@@ -104,8 +104,10 @@ pub struct Limiter {
     /// The token limiter, its burst, and its interval between single-token permits.
     tokens: Option<(KeyedLimiter, u32, Duration)>,
     lines: Mutex<Lines>,
-    /// Whether `lines` holds anything (set under its lock): while it does not, a task
-    /// with no turn asks the limiter alone, without the lock.
+    /// Whether `lines` holds a line or an in-stream turn (set under its lock): while it
+    /// does not, a task with no turn asks the limiter alone, without the lock. (The
+    /// turns given to tasks that missed their permits do not count: a task with no turn
+    /// asks the limiter all the same once no line is left.)
     lined: AtomicBool,
 }
 
@@ -257,8 +259,7 @@ impl Limiter {
     }
 
     fn note_lined(&self, lines: &Lines) {
-        let lined =
-            !(lines.end_us.is_empty() && lines.turns.is_empty() && lines.missed_end_us.is_empty());
+        let lined = !(lines.end_us.is_empty() && lines.turns.is_empty());
         self.lined.store(lined, Ordering::Release);
     }
 
