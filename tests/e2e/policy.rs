@@ -866,11 +866,15 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
     let resp = reqwest::get(s.http("/v1/decisions/late")).await.unwrap();
     assert_eq!(resp.status(), 404, "no decision was spent on it");
 
-    // Waiting: deferred by the budget, parked by the throttle (the first passes at once,
-    // the throttle's burst: without a deadline, so a loaded machine that runs it late
-    // does not make it a cancel).
+    // Waiting: deferred by the budget, parked by the throttle. Its burst goes to whichever
+    // slow task the intake reads first, and concurrent intake batches need not read them
+    // in submission order: slow-0 (without a deadline, so a loaded machine that runs it
+    // late does not make it a cancel) is read, and run, before the others are sent.
     let deadline = deadline_in(8);
-    let waiting = ["budget-0", "budget-1", "slow-0", "slow-1", "slow-2"];
+    submit_all(&producer, [task("slow-0", "slow", None)]).await;
+    let r = producer.await_result("slow-0", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "slow-0: the throttle's burst");
+    let waiting = ["budget-0", "budget-1", "slow-1", "slow-2"];
     submit_all(
         &producer,
         waiting.iter().map(|id| {
@@ -879,7 +883,7 @@ async fn a_waiting_task_ends_at_its_deadline_or_when_an_operator_cancels_it() {
             } else {
                 "slow"
             };
-            task(id, team, (*id != "slow-0").then(|| deadline.clone()))
+            task(id, team, Some(deadline.clone()))
         }),
     )
     .await;
