@@ -416,8 +416,67 @@ pub struct Streams {
 
 /// Name of the commander's durable intake consumer (shared by every replica).
 pub const INTAKE_CONSUMER: &str = "commander-intake";
-/// Name of the commander's durable results consumer.
-pub const RESULTS_CONSUMER: &str = "commander-results";
+/// Name of the results consumer that every replica shared until December 2026: each
+/// replica now has its own ([`results_consumer_name`]).
+pub const SHARED_RESULTS_CONSUMER: &str = "commander-results";
+
+/// The durable results consumer of one commander replica (`commander-results-<replica>`).
+/// Every replica reads every result: the one that keeps the task's record applies it,
+/// whichever replica that is (docs/protocol.md, "Several replicas").
+pub fn results_consumer_name(replica: &str) -> String {
+    format!("{SHARED_RESULTS_CONSUMER}-{replica}")
+}
+
+/// This replica's results consumer, made on its first start. It begins after what the
+/// consumer of an older release, shared by every replica, had acknowledged, so that no
+/// result is missed across the upgrade; without one, at the next result. It goes away once
+/// unused for as long as the results stream keeps a result.
+async fn results_consumer(
+    stream: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    replica: &str,
+    ack_wait: Duration,
+    batch: usize,
+) -> Result<consumer::Consumer<consumer::pull::Config>, BrokerError> {
+    let name = results_consumer_name(replica);
+    let nats = |e: &dyn std::fmt::Display| BrokerError::Setup {
+        name: name.clone(),
+        reason: e.to_string(),
+    };
+    if let Ok(c) = stream.get_consumer::<consumer::pull::Config>(&name).await {
+        return Ok(c);
+    }
+    let deliver_policy = match stream.consumer_info(SHARED_RESULTS_CONSUMER).await {
+        Ok(shared) => {
+            let from = shared.ack_floor.stream_sequence.saturating_add(1);
+            tracing::warn!(
+                consumer = SHARED_RESULTS_CONSUMER,
+                from_sequence = from,
+                "the results consumer of an older release, shared by every replica, is still there: this replica reads on from where it had got. Once every replica runs this release, remove it: nats consumer rm {} {}",
+                stream.cached_info().config.name,
+                SHARED_RESULTS_CONSUMER
+            );
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            }
+        }
+        Err(_) => consumer::DeliverPolicy::New,
+    };
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("fleet commander replica {replica}: task results")),
+            filter_subject: subjects.results_all(),
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: (batch * 8) as i64,
+            inactive_threshold: fleet_worker::protocol::RESULTS_MAX_AGE,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats(&e))
+}
 /// Name of the commander's durable consumer of kept max-deliveries advisories.
 pub const DEAD_LETTER_CONSUMER: &str = "commander-deadletter";
 /// How long a kept advisory waits for a commander to handle it.
@@ -479,15 +538,34 @@ fn warn_if_differs(wanted: &jetstream::stream::Config, found: &jetstream::stream
     }
 }
 
+/// How `ensure_streams` sets up the streams and consumers.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamSettings<'a> {
+    /// `intake.ack_wait_secs`: the intake, results and dead-letter consumers' ack wait.
+    pub intake_ack_wait: Duration,
+    /// `intake.work_ack_wait_secs`: the pool consumers' ack wait.
+    pub work_ack_wait: Duration,
+    /// `intake.batch_size`: the intake and results consumers let 8 batches be pending.
+    pub batch: usize,
+    /// `nats.replicas`: JetStream copies of each stream created.
+    pub replicas: usize,
+    /// This commander replica ([`crate::store::Store::replica_id`]).
+    pub replica: &'a str,
+}
+
 pub async fn ensure_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
     pools: impl Iterator<Item = &str>,
-    intake_ack_wait: Duration,
-    work_ack_wait: Duration,
-    batch: usize,
-    replicas: usize,
+    settings: StreamSettings<'_>,
 ) -> Result<Streams, BrokerError> {
+    let StreamSettings {
+        intake_ack_wait,
+        work_ack_wait,
+        batch,
+        replicas,
+        replica,
+    } = settings;
     let setup = |name: &str, e: &dyn std::fmt::Display| BrokerError::Setup {
         name: name.to_string(),
         reason: e.to_string(),
@@ -526,21 +604,9 @@ pub async fn ensure_streams(
         )
         .await
         .map_err(|e| setup(INTAKE_CONSUMER, &e))?;
-    let results = results_stream
-        .get_or_create_consumer(
-            RESULTS_CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(RESULTS_CONSUMER.into()),
-                description: Some("fleet commander: task results".into()),
-                filter_subject: subjects.results_all(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: intake_ack_wait,
-                max_ack_pending: (batch * 8) as i64,
-                ..Default::default()
-            },
-        )
+    let results = results_consumer(&results_stream, subjects, replica, intake_ack_wait, batch)
         .await
-        .map_err(|e| setup(RESULTS_CONSUMER, &e))?;
+        .map_err(|e| setup(&results_consumer_name(replica), &e))?;
     let dead_letters = advisories
         .get_or_create_consumer(
             DEAD_LETTER_CONSUMER,
@@ -624,6 +690,91 @@ mod tests {
             .unwrap();
         assert_eq!(first.payload.as_ref(), b"other");
         assert_eq!(first.subject.as_str(), "fleet.telemetry.pool.w1");
+    }
+
+    /// Each replica reads every result through a consumer of its own. The first start of
+    /// this release goes on from where the consumer every replica shared had got, so no
+    /// result is missed across the upgrade; a restart keeps its place.
+    #[tokio::test]
+    async fn each_replica_has_a_results_consumer_that_goes_on_from_the_shared_one() {
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let subjects = Subjects::default();
+        let stream = js
+            .create_stream(subjects.results_stream_config())
+            .await
+            .unwrap();
+        let publish = async |id: &str| {
+            js.publish(subjects.result(id), "{}".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        };
+        let first_seq = |c: consumer::Consumer<consumer::pull::Config>| async move {
+            let mut batch = c.fetch().max_messages(1).messages().await.unwrap();
+            let m = batch.next().await.unwrap().unwrap();
+            m.ack().await.unwrap();
+            m.info().unwrap().stream_sequence
+        };
+        let wait = Duration::from_secs(10);
+
+        // No shared consumer: a new replica starts at the next result.
+        publish("before").await;
+        let a = results_consumer(&stream, &subjects, "aaaaaaaaaaaaaaaa", wait, 8)
+            .await
+            .unwrap();
+        let next = publish("after").await;
+        assert_eq!(first_seq(a).await, next);
+
+        // The older release's shared consumer acked the first two of three results.
+        let shared = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(SHARED_RESULTS_CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let third = publish("third").await;
+        let mut batch = shared.fetch().max_messages(3).messages().await.unwrap();
+        for _ in 0..2 {
+            batch.next().await.unwrap().unwrap().ack().await.unwrap();
+        }
+        // Two of the three, acked: wait until the server has both acks.
+        let floor_at = async || {
+            let info = stream.consumer_info(SHARED_RESULTS_CONSUMER).await.unwrap();
+            info.ack_floor.stream_sequence
+        };
+        let deadline = std::time::Instant::now() + wait;
+        while floor_at().await < third - 1 {
+            assert!(std::time::Instant::now() < deadline, "acks not seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let b = results_consumer(&stream, &subjects, "bbbbbbbbbbbbbbbb", wait, 8)
+            .await
+            .unwrap();
+        assert_eq!(
+            first_seq(b).await,
+            third,
+            "on from the shared consumer's ack floor"
+        );
+        // A restart finds its consumer where it left it.
+        let b = results_consumer(&stream, &subjects, "bbbbbbbbbbbbbbbb", wait, 8)
+            .await
+            .unwrap();
+        let after = publish("later").await;
+        assert_eq!(first_seq(b).await, after);
+        let info = stream
+            .consumer_info(results_consumer_name("bbbbbbbbbbbbbbbb"))
+            .await
+            .unwrap();
+        assert_eq!(
+            info.config.inactive_threshold,
+            fleet_worker::protocol::RESULTS_MAX_AGE
+        );
     }
 }
 

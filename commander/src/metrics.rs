@@ -187,6 +187,9 @@ pub struct Metrics {
     pub results_forwarded: Counter,
     /// Result messages that did not parse.
     pub results_invalid: Counter,
+    /// Tasks accepted over HTTP here and taken by another replica, whose record here was
+    /// finished from the results stream.
+    pub tasks_finished_elsewhere: Counter,
     /// `Fleet-Reply-To` subjects refused (system, fleet or not allowed subjects).
     pub reply_to_refused: Counter,
     /// Tasks that failed because no delivery of them was acked (max deliveries).
@@ -339,6 +342,11 @@ impl Metrics {
             "results_forwarded",
             "Results forwarded to a reply subject",
             self.results_forwarded.clone(),
+        );
+        r.register(
+            "tasks_finished_elsewhere",
+            "Tasks accepted over HTTP here, run by another replica, finished here from the results stream",
+            self.tasks_finished_elsewhere.clone(),
         );
         r.register(
             "results_invalid",

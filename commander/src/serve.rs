@@ -135,7 +135,8 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     broker::check_server(client, &conn.url)?;
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
-    let streams = set_up_streams(&config, &js, &subjects).await?;
+    let replica = store.replica_id().map_err(in_store(&config))?;
+    let streams = set_up_streams(&config, &js, &subjects, &replica).await?;
     let instance = format!("commander-{}", std::process::id());
     let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);
     let metrics = Arc::new(Metrics::default());
@@ -160,6 +161,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         subjects: &subjects,
         supervisor: &supervisor,
         stop: &stop_rx,
+        replica: &replica,
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
@@ -206,6 +208,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         policy: engine.clone(),
         route_cache: Default::default(),
         traces,
+        replica: Arc::from(replica.as_str()),
     };
     let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone())?);
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
@@ -481,6 +484,7 @@ fn start_operator_surface(
         client: w.client.clone(),
         js: w.js.clone(),
         subjects: w.subjects.clone(),
+        replica: w.replica.to_string(),
     }));
     let control = crate::api::control::Control::open(
         store,
@@ -576,18 +580,23 @@ async fn set_up_streams(
     config: &Config,
     js: &jetstream::Context,
     subjects: &fleet_worker::Subjects,
+    replica: &str,
 ) -> Result<broker::Streams, ServeError> {
     let streams = broker::ensure_streams(
         js,
         subjects,
         config.pools.keys().map(String::as_str),
-        config.intake.ack_wait(),
-        config.intake.work_ack_wait(),
-        config.intake.batch_size,
-        config.nats.replicas,
+        broker::StreamSettings {
+            intake_ack_wait: config.intake.ack_wait(),
+            work_ack_wait: config.intake.work_ack_wait(),
+            batch: config.intake.batch_size,
+            replicas: config.nats.replicas,
+            replica,
+        },
     )
     .await?;
     tracing::info!(
+        replica,
         prefix = subjects.prefix(),
         pools = config.pools.len(),
         "streams and consumers ready"
@@ -668,6 +677,8 @@ struct Wiring<'a> {
     subjects: &'a fleet_worker::Subjects,
     supervisor: &'a Supervisor,
     stop: &'a watch::Receiver<bool>,
+    /// This commander replica's id ([`Store::replica_id`]).
+    replica: &'a str,
 }
 
 /// The policy sync, and the watches of the sources checked with the policy.
@@ -907,6 +918,12 @@ fn start_task_path(
             pipeline::retarget::run(ctx.clone(), timeout, stop.clone())
         })
     };
+    let stubs = {
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        supervisor.spawn("stubs", stop_rx.clone(), move || {
+            pipeline::stubs::run(ctx.clone(), stop.clone())
+        })
+    };
     let batch = config.intake.batch_size;
     let deadletter = {
         let (ctx, stop, consumer) = (ctx.clone(), stop_rx.clone(), streams.dead_letters);
@@ -961,7 +978,9 @@ fn start_task_path(
             )
         })
     };
-    vec![intake, results, release, deadletter, retarget, sweeper]
+    vec![
+        intake, results, release, deadletter, retarget, stubs, sweeper,
+    ]
 }
 
 /// What runs until shutdown.

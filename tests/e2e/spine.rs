@@ -213,3 +213,101 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
         w.shutdown().await;
     }
 }
+
+/// Two commanders share one intake stream (docs/api.md, "Several replicas"), so a task
+/// submitted over HTTP to one may be run by the other, which keeps its record. The one it
+/// was submitted to still tells how it ended: unasked, it finishes its own record of the
+/// task from the results stream (and so can sweep it, as any finished record). Before, that
+/// record said `received` for ever, and was never swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
+    const N: usize = 40;
+    let a = Stack::start(TWO_POOLS).await;
+    let b_opts = commander_options(&a.nats, a.dir.path().join("replica-b"), TWO_POOLS);
+    let b = fleet_testkit::Commander::start(&b_opts).expect("replica b");
+    let (seen, _worker) = watched_worker(&a.client, "alpha", "w1", 16).await;
+    let http = reqwest::Client::new();
+    for i in 0..N {
+        let r = http
+            .post(a.http("/v1/tasks"))
+            .body(format!(
+                r#"{{"schema":1,"id":"rep-{i}","description":"summarise {i}"}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    }
+    eventually("every task runs", WAIT, async || {
+        seen.lock().unwrap().runs_per_task().len() == N
+    })
+    .await;
+    assert!(
+        seen.lock()
+            .unwrap()
+            .runs_per_task()
+            .values()
+            .all(|n| *n == 1)
+    );
+
+    // The tasks replica b took from the intake stream: it has their records (the others
+    // were never submitted to it, nor taken by it).
+    let mut on_b = Vec::new();
+    for i in 0..N {
+        let id = format!("rep-{i}");
+        if task_record(b.http(), &id).await.is_some() {
+            eventually(&format!("b records how {id} ended"), WAIT, async || {
+                task_record(b.http(), &id).await.unwrap()["state"] == "completed"
+            })
+            .await;
+            on_b.push(id);
+        }
+    }
+    assert!(
+        !on_b.is_empty(),
+        "replica b took none of {N} tasks: is the intake shared?"
+    );
+
+    // Replica a finishes its records of those from the results stream (each replica
+    // reads every result; `Fleet-Replica` says which dispatched the run) without being
+    // asked: nothing has read them on a yet.
+    let expected = on_b.len() as f64;
+    eventually(
+        "a finishes the records of the tasks b ran",
+        WAIT,
+        async || a.metric("fleet_tasks_finished_elsewhere_total").await == expected,
+    )
+    .await;
+    for i in 0..N {
+        let id = format!("rep-{i}");
+        let rec = task_record(a.commander.http(), &id)
+            .await
+            .unwrap_or_else(|| panic!("{id} is on the replica it was submitted to"));
+        assert_eq!(rec["state"], "completed", "{rec}");
+        assert_eq!(rec["outcome"]["worker_id"], "w1", "{rec}");
+        assert_eq!(rec["outcome"]["status"], "ok", "{rec}");
+    }
+    // Each run is counted once, by the replica that dispatched it, and b made up no
+    // record of a task it did not take.
+    let b_metrics = reqwest::get(format!("{}/metrics", b.http()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ok = r#"fleet_tasks_finished_total{pool="alpha",status="ok"}"#;
+    assert_eq!(sample_value(&b_metrics, ok), expected);
+    assert_eq!(a.metric(ok).await, N as f64 - expected);
+    assert_eq!(
+        sample_value(&b_metrics, "fleet_tasks_finished_elsewhere_total"),
+        0.0
+    );
+    let finished = a
+        .get_json(&format!("/v1/tasks?state=finished&limit={N}"))
+        .await;
+    assert_eq!(
+        finished["tasks"].as_array().map(Vec::len),
+        Some(N),
+        "a lists them all as finished: {finished}"
+    );
+}

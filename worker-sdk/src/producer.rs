@@ -344,6 +344,8 @@ impl Producer {
                     return Ok(Some(StoredResult {
                         payload: msg.payload,
                         headers: msg.headers.unwrap_or_default(),
+                        // Published just now, as it was stored.
+                        stored_ms: None,
                     }));
                 }
                 Ok(None) => return Err(ProducerError::Nats("subscription closed".into())),
@@ -395,6 +397,9 @@ pub struct StoredResult {
     pub payload: Bytes,
     /// Its headers (`traceparent`, `Fleet-Task-Id`, `Fleet-Attempt`, …).
     pub headers: HeaderMap,
+    /// When the results stream stored it (unix ms, the NATS server's clock); `None` for a
+    /// result seen as it was published.
+    pub stored_ms: Option<u64>,
 }
 
 /// The last message on a task's result subject: `Ok(None)` when the stream has none.
@@ -415,6 +420,7 @@ async fn look_up_result(
     let asked = tokio::time::timeout(LOOK_TIMEOUT, results.direct_get_last_for_subject(subject));
     match asked.await {
         Ok(Ok(m)) => Ok(Some(StoredResult {
+            stored_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok(),
             payload: m.payload,
             headers: m.headers,
         })),

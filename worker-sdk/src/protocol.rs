@@ -36,6 +36,10 @@ pub mod headers {
     /// `<prefix>.results.<task_id>`. A header, so that a task whose body does not parse
     /// can still be answered.
     pub const REPLY_TO: &str = "Fleet-Reply-To";
+    /// On work: the commander replica that dispatched the task. A worker copies it onto
+    /// the task's result, so that the replica that keeps the task's record knows the result
+    /// for its own when several replicas share the intake stream.
+    pub const REPLICA: &str = "Fleet-Replica";
     /// On telemetry subjects: what the payload is (`heartbeat`, `otlp-traces`,
     /// `otlp-metrics` or `otlp-logs`).
     pub const KIND: &str = "Fleet-Kind";

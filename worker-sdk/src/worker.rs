@@ -969,6 +969,9 @@ where
     let reply_to = header(hdrs, headers::REPLY_TO)
         .filter(|r| protocol::is_publish_subject(r))
         .map(str::to_string);
+    let replica = header(hdrs, headers::REPLICA)
+        .filter(|r| protocol::is_subject_token(r))
+        .map(str::to_string);
     let deadline = work.task.deadline_time();
     let (mut span, telemetry) = process_span(shared, &msg, &work, &trace);
     let key = work.key();
@@ -1028,6 +1031,7 @@ where
         tracestate: trace.tracestate.as_deref(),
         baggage: &trace.baggage,
         reply_to: reply_to.as_deref(),
+        replica: replica.as_deref(),
     };
     let max_payload = shared.client.max_payload();
     let built = result_message(&cfg.subjects, &result, &carry).and_then(|message| {
@@ -1331,6 +1335,8 @@ struct Carry<'a> {
     tracestate: Option<&'a str>,
     baggage: &'a Baggage,
     reply_to: Option<&'a str>,
+    /// The dispatching commander replica (`Fleet-Replica`).
+    replica: Option<&'a str>,
 }
 
 /// What a result message counts against the server's `max_payload`.
@@ -1364,6 +1370,7 @@ fn result_message(
         tracestate,
         baggage,
         reply_to,
+        replica,
     } = *carry;
     let payload = serde_json::to_vec(result).map_err(|e| e.to_string())?;
     let mut h = HeaderMap::new();
@@ -1386,6 +1393,9 @@ fn result_message(
     )?;
     if let Some(r) = reply_to {
         set(&mut h, headers::REPLY_TO, r.to_string())?;
+    }
+    if let Some(r) = replica {
+        set(&mut h, headers::REPLICA, r.to_string())?;
     }
     Ok(ResultMessage {
         subject: subjects.result(&result.task_id),
@@ -1527,6 +1537,39 @@ mod tests {
 
     fn key(i: u32) -> Key {
         (format!("t{i}"), 1)
+    }
+
+    /// A result carries on what the commander needs of its work message: where the
+    /// producer wants it, and which commander replica dispatched the run.
+    #[test]
+    fn a_result_carries_the_reply_subject_and_the_dispatching_replica() {
+        let span = TraceParent::new_root();
+        let baggage = Baggage::new();
+        let result = TaskResult::rejected("t-1", "x", "x");
+        let carry = Carry {
+            span: &span,
+            tracestate: None,
+            baggage: &baggage,
+            reply_to: Some("_INBOX.p"),
+            replica: Some("0123456789abcdef"),
+        };
+        let m = result_message(&Subjects::default(), &result, &carry).unwrap();
+        assert_eq!(m.subject, "fleet.results.t-1");
+        assert_eq!(
+            header(Some(&m.headers), headers::REPLY_TO),
+            Some("_INBOX.p")
+        );
+        assert_eq!(
+            header(Some(&m.headers), headers::REPLICA),
+            Some("0123456789abcdef")
+        );
+        let carry = Carry {
+            reply_to: None,
+            replica: None,
+            ..carry
+        };
+        let m = result_message(&Subjects::default(), &result, &carry).unwrap();
+        assert_eq!(header(Some(&m.headers), headers::REPLICA), None);
     }
 
     /// The size checked against `max_payload` is the one the server counts for `HPUB`:

@@ -646,6 +646,10 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
         Some(rec) => {
+            let rec = match rec.is_stub() {
+                true => finished_elsewhere(&s, &id).await.unwrap_or(rec),
+                false => rec,
+            };
             let trace_id = rec.trace.as_ref().map(|t| t.trace_id.as_str());
             let link = traces::kept_link(&s, trace_id);
             let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -654,6 +658,19 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         }
         None => Err(ApiError::NotFound(format!("task {id} not found"))),
     }
+}
+
+/// The record of a task accepted here that another replica took (its stub here still
+/// says `received`), finished with its result if the results stream has one.
+async fn finished_elsewhere(s: &AppState, id: &str) -> Option<TaskRecord> {
+    let stored = s.intake.result(id, Duration::ZERO).await.ok()??;
+    let accepted_ms = s.core.store.stubs().accepted_ms(id);
+    let stored = crate::pipeline::stubs::Stored {
+        payload: &stored.payload,
+        headers: Some(&stored.headers),
+        stored_ms: stored.stored_ms,
+    };
+    crate::pipeline::stubs::finish(&s.core, id, stored, accepted_ms)
 }
 
 /// The answer to an accepted submission.
@@ -750,11 +767,7 @@ async fn submit_task(
     // Found from the moment it is accepted: `received` until the intake loop, which
     // treats a `received` record as its own, takes it (an existing record is kept).
     let (id, seq) = (receipt.task_id.clone(), receipt.stream_sequence);
-    if let Err(e) = s
-        .core
-        .store
-        .update(&id, || TaskRecord::new(&id, seq), |_| {})
-    {
+    if let Err(e) = s.core.store.accepted(&id, seq) {
         tracing::warn!(task_id = %id, error = %e, "accepted task not recorded as received yet");
     }
     let traceparent = match receipt.duplicate {

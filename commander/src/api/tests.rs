@@ -31,6 +31,9 @@ use crate::registry::Registry;
 use crate::route::RoutingTable;
 use crate::store::Store;
 
+/// The replica id of the commander under test.
+const HERE: &str = "00000000000000aa";
+
 /// What the scripted intake answers next.
 #[derive(Debug, Default)]
 enum Answer {
@@ -252,6 +255,7 @@ fn api_with_roles(
             decisions: DecisionLog::open(&store).unwrap(),
             policy: engine.clone(),
             route_cache: Default::default(),
+            replica: Arc::from(HERE),
         },
         intake: intake.clone(),
         policies: Arc::new(DirectPolicies(engine)),
@@ -512,6 +516,7 @@ async fn a_task_s_result_is_answered_as_published_or_says_where_the_task_is() {
         Ok(StoredResult {
             payload: bytes::Bytes::from_static(published),
             headers: stored_headers,
+            stored_ms: None,
         }),
     );
     let resp = router(api.state.clone())
@@ -1832,4 +1837,122 @@ mod roles {
         drop((first, second));
         assert_eq!(api.state.events.counters().clients.get(), 0);
     }
+}
+
+/// With several replicas sharing the intake stream, a task accepted here may be run by
+/// another: its record here is the stub `POST /v1/tasks` wrote, which no intake loop here
+/// replaces. `GET /v1/tasks/{id}` finishes it from the results stream, once the task has
+/// a result there that is this task's, from a run another replica dispatched.
+#[tokio::test]
+async fn a_task_accepted_here_and_run_elsewhere_is_told_from_its_result() {
+    let api = api(None, 1 << 20);
+    let from = |replica: Option<&str>, payload: &'static [u8], stored_ms: u64| {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(r) = replica {
+            headers.insert("Fleet-Replica", r);
+        }
+        Ok(StoredResult {
+            payload: bytes::Bytes::from_static(payload),
+            headers,
+            stored_ms: Some(stored_ms),
+        })
+    };
+    let stored =
+        |payload: &'static [u8], stored_ms: u64| from(Some("00000000000000bb"), payload, stored_ms);
+    let now_ms = crate::domain::Clock::now_ms(&crate::domain::SystemClock);
+    for id in ["t-far", "t-old-result", "t-other"] {
+        let body = format!(r#"{{"schema":1,"id":"{id}","description":"x"}}"#);
+        let (status, _, json) = api.call(post_task().body(Body::from(body)).unwrap()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    }
+    assert_eq!(
+        api.state.core.store.stubs().len(),
+        3,
+        "every stub is watched"
+    );
+
+    // No result yet: `received`, as before. Nor when the result names no replica, or
+    // this one: the results loop applies those (this replica dispatched the run, and its
+    // record of the dispatch may not be written yet).
+    let (status, json) = api.get("/v1/tasks/t-far").await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["state"], "received");
+    let far = br#"{"schema":1,"task_id":"t-far","attempt":1,"status":"ok"}"#;
+    for replica in [None, Some(HERE)] {
+        api.intake
+            .results
+            .lock()
+            .unwrap()
+            .insert("t-far".into(), from(replica, far, now_ms + 1_000));
+        let (_, json) = api.get("/v1/tasks/t-far").await;
+        assert_eq!(json["state"], "received", "{replica:?}: {json}");
+    }
+
+    // Its result is in the stream: the record tells how it ended, and stays so.
+    api.intake.results.lock().unwrap().insert(
+        "t-far".into(),
+        stored(
+            br#"{"schema":1,"task_id":"t-far","attempt":1,"status":"failed","pool":"code","worker_id":"w9","error":{"code":"tool_error","message":"boom"}}"#,
+            now_ms + 1_000,
+        ),
+    );
+    let (status, json) = api.get("/v1/tasks/t-far").await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["state"], "failed", "{json}");
+    assert_eq!(json["pool"], "code");
+    assert_eq!(json["outcome"]["worker_id"], "w9");
+    assert_eq!(json["outcome"]["error"]["code"], "tool_error");
+    assert_eq!(json["history"][0]["state"], "failed");
+    api.intake.results.lock().unwrap().clear();
+    let rec = api.state.core.store.get("t-far").unwrap().unwrap();
+    assert_eq!(
+        rec.state,
+        crate::store::TaskState::Failed,
+        "written, not only shown"
+    );
+    assert_eq!(api.state.core.metrics.tasks_finished_elsewhere.get(), 1);
+    assert_eq!(api.state.core.store.stubs().len(), 2, "no longer watched");
+
+    // A result stored long before this commander accepted the task is an earlier task's
+    // under the same id; a result naming another task is not this one's.
+    api.intake.results.lock().unwrap().insert(
+        "t-old-result".into(),
+        stored(
+            br#"{"schema":1,"task_id":"t-old-result","attempt":1,"status":"ok"}"#,
+            now_ms - 3_600_000,
+        ),
+    );
+    api.intake.results.lock().unwrap().insert(
+        "t-other".into(),
+        stored(
+            br#"{"schema":1,"task_id":"t-far","attempt":1,"status":"ok"}"#,
+            now_ms + 1_000,
+        ),
+    );
+    for id in ["t-old-result", "t-other"] {
+        let (status, json) = api.get(&format!("/v1/tasks/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json["state"], "received", "{id}: {json}");
+    }
+
+    // A record the intake loop wrote here is never touched by the results stream.
+    api.state
+        .core
+        .store
+        .update(
+            "t-other",
+            || unreachable!("the stub is there"),
+            |r| r.advance(crate::store::TaskState::Dispatched),
+        )
+        .unwrap();
+    api.intake.results.lock().unwrap().insert(
+        "t-other".into(),
+        stored(
+            br#"{"schema":1,"task_id":"t-other","attempt":1,"status":"ok"}"#,
+            now_ms + 1_000,
+        ),
+    );
+    let (_, json) = api.get("/v1/tasks/t-other").await;
+    assert_eq!(json["state"], "dispatched", "{json}");
+    assert_eq!(api.state.core.metrics.tasks_finished_elsewhere.get(), 1);
 }

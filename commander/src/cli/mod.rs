@@ -62,8 +62,8 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// The control plane: pause, drain, resume, cancel, block, reroute, cap (docs/api.md,
-    /// "Control").
+    /// The control plane: pause, drain, resume, cancel, purge, block, reroute, weigh and
+    /// restore pools, cap spend; the audit and what is in force (docs/api.md, "Control").
     Ctl(CtlArgs),
 }
 

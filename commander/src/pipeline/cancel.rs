@@ -92,6 +92,8 @@ pub struct WorkQueue {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub subjects: Subjects,
+    /// This commander replica, named on the `cancelled` results it publishes.
+    pub replica: String,
 }
 
 impl WorkQueue {
@@ -296,7 +298,8 @@ impl WorkQueue {
         last: u64,
     ) -> Result<(), WithdrawError> {
         let result = cancelled_result(q, reason);
-        let (mut h, payload) = super::own_result_message(&result, q.reply_to.as_deref());
+        let (mut h, payload) =
+            super::own_result_message(&result, q.reply_to.as_deref(), &self.replica);
         let _ = protocol::set_header(
             &mut h,
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE.as_ref(),
@@ -384,6 +387,7 @@ mod tests {
             client,
             js,
             subjects,
+            replica: "0123456789abcdef".into(),
         };
         (nats, q)
     }

@@ -189,6 +189,7 @@ fn result_headers(hdrs: Option<&HeaderMap>, task_id: &str, attempt: u32) -> Head
             headers::TRACESTATE,
             headers::BAGGAGE,
             headers::REPLY_TO,
+            headers::REPLICA,
         ],
     );
     let _ = protocol::set_header(&mut h, headers::TASK_ID, task_id);

@@ -121,16 +121,24 @@ async fn publish_batch(
         let fut = match plan {
             // It ran already: recorded, not sent again.
             Some(Plan::Dispatch(d)) if d.recovered() => None,
-            Some(Plan::Dispatch(d)) => Some((
-                true,
-                ctx.js
-                    .publish_with_headers(
-                        std::mem::take(&mut d.subject),
-                        std::mem::take(&mut d.headers),
-                        std::mem::take(&mut d.payload),
-                    )
-                    .await,
-            )),
+            Some(Plan::Dispatch(d)) => {
+                let mut h = std::mem::take(&mut d.headers);
+                let _ = fleet_worker::protocol::set_known_header(
+                    &mut h,
+                    headers::REPLICA,
+                    ctx.core.replica.to_string(),
+                );
+                Some((
+                    true,
+                    ctx.js
+                        .publish_with_headers(
+                            std::mem::take(&mut d.subject),
+                            h,
+                            std::mem::take(&mut d.payload),
+                        )
+                        .await,
+                ))
+            }
             // The rejection is the task's result, stored durably: the producer reads it on
             // `<prefix>.results.<id>` (and on its reply subject, via the results loop).
             Some(Plan::Reject(r)) => Some((

@@ -12,6 +12,7 @@ mod plan;
 pub mod release;
 pub mod results;
 pub mod retarget;
+pub mod stubs;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,10 @@ pub struct Core {
     pub route_cache: Arc<std::sync::Mutex<Option<Arc<RouteSnapshot>>>>,
     /// Kept traces (when `[traces] enabled`) and the marks that keep a trace.
     pub traces: crate::traces::Traces,
+    /// This commander replica ([`crate::store::Store::replica_id`]): named on every work
+    /// message and result it publishes (`Fleet-Replica`), so that with several replicas the
+    /// one that dispatched a run knows its result for its own.
+    pub replica: Arc<str>,
 }
 
 impl Core {
@@ -295,7 +300,7 @@ pub(crate) async fn publish_own_result(
     result: &fleet_worker::message::TaskResult,
     reply_to: Option<&str>,
 ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
-    let (h, payload) = own_result_message(result, reply_to);
+    let (h, payload) = own_result_message(result, reply_to, &ctx.core.replica);
     ctx.js
         .publish_with_headers(ctx.subjects.result(&result.task_id), h, payload)
         .await
@@ -307,6 +312,7 @@ pub(crate) async fn publish_own_result(
 pub(crate) fn own_result_message(
     result: &fleet_worker::message::TaskResult,
     reply_to: Option<&str>,
+    replica: &str,
 ) -> (async_nats::HeaderMap, Bytes) {
     use fleet_worker::protocol::{self, headers};
     let (id, attempt) = (&result.task_id, result.attempt);
@@ -322,6 +328,7 @@ pub(crate) fn own_result_message(
     if let Some(rt) = reply_to {
         let _ = protocol::set_header(&mut h, headers::REPLY_TO, rt);
     }
+    let _ = protocol::set_header(&mut h, headers::REPLICA, replica);
     (h, Bytes::from(payload))
 }
 

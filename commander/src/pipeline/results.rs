@@ -116,6 +116,9 @@ fn record_one(
             }
         }
     });
+    if header(hdrs, headers::REPLICA).is_some_and(|r| r != &*ctx.core.replica) {
+        return finish_elsewhere(ctx, id, &result);
+    }
     // Whether this message moved the task to a terminal state (the closure may run more
     // than once under contention; the last run is the one that stuck).
     let finished_now = std::cell::Cell::new(false);
@@ -146,6 +149,23 @@ fn record_one(
         reply_to,
         task_id: id.to_string(),
     }))
+}
+
+/// A run another replica dispatched (its `Fleet-Replica`): that replica charges its
+/// budgets, counts it and forwards its result. Here there is at most a record to finish:
+/// the stub of a task submitted here over HTTP, or a task this replica deferred and
+/// released to the intake stream, where the other took it. Nothing is made up for a task
+/// this replica does not know.
+fn finish_elsewhere(ctx: &Ctx, id: &str, result: &TaskResult) -> Result<Option<Forward>, Retry> {
+    match ctx.core.store.finish_elsewhere(id, result) {
+        Ok(Some(rec)) => super::stubs::finished_elsewhere(&ctx.core, &rec),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(task_id = id, error = %e, "store update failed");
+            return Err(Retry);
+        }
+    }
+    Ok(None)
 }
 
 /// Forwards a recorded result to its producer's reply subject, with the trace and task

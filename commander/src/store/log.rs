@@ -394,6 +394,15 @@ impl TaskLog {
         self.index.contains_key(id)
     }
 
+    /// The tasks whose records are not terminal.
+    pub fn unfinished(&self) -> Vec<Arc<str>> {
+        self.index
+            .iter()
+            .filter(|e| e.finished_ms == 0)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
     /// The latest record of `id`, as stored (codec bytes).
     pub fn get_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(loc) = self.index.get(id).map(|l| *l) else {

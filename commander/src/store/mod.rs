@@ -20,6 +20,7 @@ pub mod codec;
 pub mod log;
 pub mod lz4;
 mod stamp;
+pub mod stubs;
 
 pub use stamp::Stamp;
 
@@ -202,6 +203,12 @@ impl TaskRecord {
         }
     }
 
+    /// Written by an HTTP submission (`POST /v1/tasks`) and taken by no intake loop here:
+    /// the intake loop's record always has a history ([`stubs`]).
+    pub fn is_stub(&self) -> bool {
+        self.state == TaskState::Received && self.history.is_empty()
+    }
+
     /// Moves to `state` unless that would go backwards; the change is recorded either way
     /// (a dispatch recorded after the result still has its time), but the state stays.
     pub fn advance(&mut self, state: TaskState) {
@@ -303,6 +310,8 @@ pub struct Store {
     tasks: std::sync::Arc<log::TaskLog>,
     flushes: std::sync::Arc<Flushes>,
     trouble: std::sync::Arc<Trouble>,
+    /// The records HTTP submissions wrote that no intake loop here has taken ([`stubs`]).
+    stubs: std::sync::Arc<stubs::Stubs>,
 }
 
 /// How the store's flushes are going. A task log write that fails (a full disk) is tried
@@ -431,8 +440,10 @@ impl Store {
             tasks: std::sync::Arc::new(tasks),
             flushes: Default::default(),
             trouble: Default::default(),
+            stubs: Default::default(),
         };
         store.move_records_out_of_sled()?;
+        store.watch_stubs_found();
         if store.has_tree(LEDGER_TREE) {
             // Taken in by the open above (or by an earlier one, when the log had a copy
             // of the ledger already): what is left is stale.
@@ -574,6 +585,99 @@ impl Store {
         self.update(id, create, f)
     }
 
+    /// Records a task `POST /v1/tasks` has just had accepted by the intake stream (at
+    /// `seq`): a stub, found at once, until an intake loop takes the task. A record that
+    /// is already there is kept (the intake loop was quicker, or this is a copy).
+    pub fn accepted(&self, id: &str, seq: u64) -> Result<(), StoreError> {
+        let rec = self.update(id, || TaskRecord::new(id, seq), |_| {})?;
+        if rec.is_stub() {
+            let now_ms = unix_millis(SystemTime::now());
+            if !self.stubs.watch(id, Some(now_ms), now_ms) {
+                tracing::warn!(
+                    task_id = id,
+                    max = stubs::MAX_WATCHED,
+                    "too many stubs watched; this one is watched again after a restart"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the record of `id` with `result`, a run another commander replica
+    /// dispatched: a stub ([`TaskRecord::is_stub`]) of a task submitted here, or a task
+    /// this replica deferred and released to the intake stream, where another took it.
+    /// Only the record changes: the dispatching replica charges the run's budgets,
+    /// counts it and forwards its result (a reservation made here is released). `None`
+    /// when there is no record, or it has ended: nothing is written then.
+    pub fn finish_elsewhere(
+        &self,
+        id: &str,
+        result: &TaskResult,
+    ) -> Result<Option<TaskRecord>, StoreError> {
+        if self.get(id)?.is_none_or(|r| r.state.is_terminal()) {
+            self.stubs.forget(id);
+            return Ok(None);
+        }
+        let finished = std::cell::Cell::new(false);
+        let rec = self.update(
+            id,
+            || TaskRecord::new(id, 0),
+            |r| {
+                finished.set(!r.state.is_terminal());
+                if r.pool.is_none() {
+                    r.pool = result.pool.clone();
+                }
+                r.finish(result);
+            },
+        )?;
+        self.stubs.forget(id);
+        Ok(finished.get().then_some(rec))
+    }
+
+    /// The id of the commander replica this store belongs to: 16 hex digits, made at the
+    /// store's first open and kept with it, so a restart is the same replica (and reads
+    /// on from its own results consumer) and a new store is a new one.
+    pub fn replica_id(&self) -> Result<String, StoreError> {
+        let meta = self.db.open_tree(META_TREE)?;
+        if let Some(v) = meta.get(REPLICA_KEY)?
+            && let Ok(id) = std::str::from_utf8(&v)
+            && id.len() == 16
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Ok(id.to_string());
+        }
+        let id = crate::domain::hex(&rand::random::<[u8; 8]>());
+        meta.insert(REPLICA_KEY, id.as_bytes())?;
+        meta.flush()?;
+        Ok(id)
+    }
+
+    /// The stubs watched ([`stubs`]).
+    pub fn stubs(&self) -> &stubs::Stubs {
+        &self.stubs
+    }
+
+    /// Watches the stubs the store holds at open: written before a restart, or by a
+    /// commander that had no watch.
+    fn watch_stubs_found(&self) {
+        let now_ms = unix_millis(SystemTime::now());
+        let mut found = 0usize;
+        for id in self.tasks.unfinished() {
+            if let Ok(Some(r)) = self.get(&id)
+                && r.is_stub()
+                && self.stubs.watch(&id, None, now_ms)
+            {
+                found += 1;
+            }
+        }
+        if found > 0 {
+            tracing::info!(
+                stubs = found,
+                "watching tasks accepted over HTTP that no intake loop here has taken"
+            );
+        }
+    }
+
     /// Deletes tasks that finished before `cutoff`, and the oldest finished beyond the
     /// newest `keep`, at most `limit` of them; returns how many went. Tasks still in
     /// flight are never swept.
@@ -708,6 +812,9 @@ const RECORDS_TREE: &str = "task_records";
 
 /// The sled tree the budget ledger was kept in until December 2026.
 const LEDGER_TREE: &str = "budget_ledger";
+/// What the store says of itself: its replica id.
+const META_TREE: &str = "meta";
+const REPLICA_KEY: &[u8] = b"replica";
 
 /// The sled tree that held task records keyed by their id until December 2026.
 const OLD_RECORDS_TREE: &str = "tasks";
@@ -853,6 +960,76 @@ mod tests {
         let mut ok = TaskResult::rejected("x", "x", "x");
         ok.status = ResultStatus::Ok;
         ok
+    }
+
+    #[test]
+    fn a_store_keeps_its_replica_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap().replica_id().unwrap();
+        assert_eq!(first.len(), 16);
+        let store = Store::reopen(dir.path());
+        assert_eq!(
+            store.replica_id().unwrap(),
+            first,
+            "the same replica after a restart"
+        );
+        let other = tempfile::tempdir().unwrap();
+        let second = Store::open(other.path()).unwrap().replica_id().unwrap();
+        assert_ne!(second, first, "a new store is a new replica");
+    }
+
+    #[test]
+    fn stubs_are_watched_until_finished_and_found_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.accepted("stub", 1).unwrap();
+            store.accepted("done", 2).unwrap();
+            // Taken by the intake loop here: a record with a history, not a stub.
+            store.accepted("taken", 3).unwrap();
+            store
+                .update(
+                    "taken",
+                    || unreachable!(),
+                    |r| r.advance(TaskState::Dispatched),
+                )
+                .unwrap();
+            let mut result = ok_result();
+            result.task_id = "done".into();
+            let rec = store.finish_elsewhere("done", &result).unwrap().unwrap();
+            assert_eq!(rec.state, TaskState::Completed);
+            assert!(
+                store.finish_elsewhere("done", &result).unwrap().is_none(),
+                "once"
+            );
+            assert!(store.finish_elsewhere("absent", &result).unwrap().is_none());
+            assert!(!store.tasks.contains("absent"), "nothing made up");
+            assert!(store.stubs().accepted_ms("stub").is_some());
+            assert_eq!(
+                store.stubs().len(),
+                2,
+                "the stub, and taken until looked at"
+            );
+            // Any record still open is finished: a task deferred here and taken elsewhere.
+            result.task_id = "taken".into();
+            let rec = store.finish_elsewhere("taken", &result).unwrap().unwrap();
+            assert_eq!(rec.state, TaskState::Completed);
+            assert_eq!(store.stubs().len(), 1, "only the stub is watched");
+            futures::executor::block_on(store.flush()).unwrap();
+        }
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.stubs().len(), 1, "only the stub");
+        assert_eq!(
+            store.stubs().accepted_ms("stub"),
+            None,
+            "found, not accepted"
+        );
+        let due = store.stubs().due(u64::MAX, 10);
+        assert_eq!(&*due[0].0, "stub");
+        // A finished stub is swept as any finished record is.
+        let cutoff = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.sweep(cutoff, usize::MAX, 100).unwrap(), 2);
+        assert!(store.get("done").unwrap().is_none());
     }
 
     /// Records `id` as dispatched (in flight).
