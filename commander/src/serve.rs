@@ -218,9 +218,15 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         core,
         // The API answers 503 at once and lets its caller retry (docs/api.md).
         intake: Arc::new(
-            fleet_worker::Producer::new(client.clone(), subjects).with_retry_for(Duration::ZERO),
+            fleet_worker::Producer::new(client.clone(), subjects.clone())
+                .with_retry_for(Duration::ZERO),
         ),
         policies: policy_sync.clone(),
+        peers: Arc::new(crate::api::peers::NatsPeers::new(
+            client.clone(),
+            subjects.clone(),
+            &replica,
+        )),
         alerts,
         registry,
         ready: ready.clone(),
@@ -231,6 +237,13 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
+    telemetry_tasks.push({
+        let (st, c, stop) = (state.clone(), client.clone(), stop_rx.clone());
+        let subject = subjects.record_lookups();
+        supervisor.spawn("record_lookups", stop_rx.clone(), move || {
+            crate::api::peers::answer_lookups(st.clone(), c.clone(), subject.clone(), stop.clone())
+        })
+    });
     let limits = config.http.connection_limits();
     serve_api_until_signal(config.http.listen, limits, state, store_failure(&store)).await?;
     let failure = store.failure();

@@ -214,7 +214,16 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     }
 }
 
-/// Two commanders share one intake stream (docs/api.md, "Several replicas"), so a task
+/// The replica id a commander logged at start.
+fn replica_of(log: &str) -> String {
+    let (_, rest) = log
+        .split_once("replica=\"")
+        .expect("the commander logs its replica id");
+    rest.chars().take(16).collect()
+}
+
+/// Two commanders share one intake stream (docs/protocol.md §3, "Several commander
+/// replicas"), so a task
 /// submitted over HTTP to one may be run by the other, which keeps its record. The one it
 /// was submitted to still tells how it ended: unasked, it finishes its own record of the
 /// task from the results stream (and so can sweep it, as any finished record). Before, that
@@ -250,16 +259,23 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
             .all(|n| *n == 1)
     );
 
-    // The tasks replica b took from the intake stream: it has their records (the others
-    // were never submitted to it, nor taken by it).
+    // The tasks replica b took from the intake stream: it keeps their records (b answers
+    // for the others with a's records, which name a).
+    let b_id = replica_of(&b.log_text());
     let mut on_b = Vec::new();
     for i in 0..N {
         let id = format!("rep-{i}");
-        if task_record(b.http(), &id).await.is_some() {
-            eventually(&format!("b records how {id} ended"), WAIT, async || {
-                task_record(b.http(), &id).await.unwrap()["state"] == "completed"
-            })
-            .await;
+        let mut kept_by = String::new();
+        eventually(&format!("b tells how {id} ended"), WAIT, async || {
+            let rec = task_record(b.http(), &id).await;
+            let done = rec.as_ref().is_some_and(|r| r["state"] == "completed");
+            if let Some(r) = rec.filter(|_| done) {
+                kept_by = r["replica"].as_str().unwrap_or_default().to_string();
+            }
+            done
+        })
+        .await;
+        if kept_by == b_id {
             on_b.push(id);
         }
     }
@@ -309,5 +325,50 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         finished["tasks"].as_array().map(Vec::len),
         Some(N),
         "a lists them all as finished: {finished}"
+    );
+
+    // Submitted over NATS, a task has its record on the replica that took it alone; the
+    // other answers `GET /v1/tasks/{id}` with that record, asked over NATS.
+    const M: usize = 10;
+    let producer = Producer::new(a.client.clone(), Subjects::default());
+    for i in 0..M {
+        let opts = SubmitOptions {
+            idempotency_key: Some(format!("nats-{i}")),
+            ..Default::default()
+        };
+        producer
+            .submit(&Task::new(format!("summarise over NATS {i}")), opts)
+            .await
+            .unwrap();
+    }
+    eventually("the NATS tasks run", WAIT, async || {
+        seen.lock().unwrap().runs_per_task().len() == N + M
+    })
+    .await;
+    let mut keepers = HashSet::new();
+    for i in 0..M {
+        let id = format!("nats-{i}");
+        eventually(
+            &format!("both replicas tell how {id} ended"),
+            WAIT,
+            async || {
+                let on_a = task_record(a.commander.http(), &id).await;
+                let on_b = task_record(b.http(), &id).await;
+                match (on_a, on_b) {
+                    (Some(x), Some(y)) => {
+                        x["state"] == "completed" && x == y && {
+                            keepers.insert(x["replica"].to_string());
+                            true
+                        }
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+    }
+    assert!(
+        keepers.iter().all(|k| k.len() == 18),
+        "each record names the replica that keeps it: {keepers:?}"
     );
 }

@@ -141,6 +141,14 @@ impl Subjects {
     pub fn policy_push(&self) -> String {
         format!("{}.policy.push", self.prefix)
     }
+    /// One commander replica asking the others for a task's record (request/reply; the
+    /// replica that keeps it answers).
+    pub fn record_lookup(&self, task_id: &str) -> String {
+        format!("{}.records.{task_id}", self.prefix)
+    }
+    pub fn record_lookups(&self) -> String {
+        format!("{}.records.*", self.prefix)
+    }
 
     pub fn intake_stream(&self) -> String {
         format!("{}_INTAKE", self.stem())

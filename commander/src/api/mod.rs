@@ -31,6 +31,7 @@ pub mod control;
 mod decisions;
 mod finished;
 mod fleet;
+pub mod peers;
 mod policy;
 mod result;
 pub mod stream;
@@ -113,6 +114,8 @@ pub struct AppState {
     pub intake: Arc<dyn Intake>,
     /// Takes authorised policy pushes.
     pub policies: Arc<dyn PolicyWriter>,
+    /// The other commander replicas, asked for the records this one does not keep.
+    pub peers: Arc<dyn peers::Peers>,
     /// The open alerts and the alert log.
     pub alerts: crate::detect::run::Alerts,
     /// The Prometheus registry `/metrics` renders.
@@ -639,25 +642,40 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
             "{id:?} is not a valid task id"
         )));
     }
-    match s
+    let local = s
         .core
         .store
         .get(&id)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-    {
-        Some(rec) => {
-            let rec = match rec.is_stub() {
-                true => finished_elsewhere(&s, &id).await.unwrap_or(rec),
-                false => rec,
-            };
-            let trace_id = rec.trace.as_ref().map(|t| t.trace_id.as_str());
-            let link = traces::kept_link(&s, trace_id);
-            let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["kept_trace"] = link;
-            Ok(axum::Json(v).into_response())
-        }
-        None => Err(ApiError::NotFound(format!("task {id} not found"))),
-    }
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let view = match local {
+        Some(rec) if !rec.is_stub() => record_view(&s, rec)?,
+        // Accepted here over HTTP, taken by another replica: how it ended, else that
+        // replica's record, else `received`.
+        Some(stub) => match finished_elsewhere(&s, &id).await {
+            Some(rec) => record_view(&s, rec)?,
+            None => match s.peers.record(&id).await {
+                Some(theirs) => theirs,
+                None => record_view(&s, stub)?,
+            },
+        },
+        None => s
+            .peers
+            .record(&id)
+            .await
+            .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?,
+    };
+    Ok(axum::Json(view).into_response())
+}
+
+/// A task record as `GET /v1/tasks/{id}` shows it: with its kept trace's link, and the
+/// replica that keeps it.
+pub(crate) fn record_view(s: &AppState, rec: TaskRecord) -> Result<serde_json::Value, ApiError> {
+    let trace_id = rec.trace.as_ref().map(|t| t.trace_id.clone());
+    let link = traces::kept_link(s, trace_id.as_deref());
+    let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["kept_trace"] = link;
+    v["replica"] = json!(&*s.core.replica);
+    Ok(v)
 }
 
 /// The record of a task accepted here that another replica took (its stub here still

@@ -103,6 +103,18 @@ impl Intake for ScriptedIntake {
     }
 }
 
+/// The other replicas' records by task id, as they would answer a lookup.
+#[derive(Debug, Default)]
+struct ScriptedPeers {
+    records: Mutex<HashMap<String, Value>>,
+}
+
+impl super::peers::Peers for ScriptedPeers {
+    fn record<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Value>> {
+        Box::pin(async move { self.records.lock().unwrap().get(task_id).cloned() })
+    }
+}
+
 /// Applies a pushed policy to the engine as the bucket's watch would, after the same check.
 #[derive(Debug)]
 struct DirectPolicies(Arc<PolicyEngine>);
@@ -125,6 +137,7 @@ impl PolicyWriter for DirectPolicies {
 struct Api {
     state: AppState,
     intake: Arc<ScriptedIntake>,
+    peers: Arc<ScriptedPeers>,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::watch::Sender<bool>,
 }
@@ -245,6 +258,7 @@ fn api_with_roles(
         Default::default(),
     );
     let intake = Arc::new(ScriptedIntake::default());
+    let peers = Arc::new(ScriptedPeers::default());
     let state = AppState {
         core: Core {
             traces: Default::default(),
@@ -259,6 +273,7 @@ fn api_with_roles(
         },
         intake: intake.clone(),
         policies: Arc::new(DirectPolicies(engine)),
+        peers: peers.clone(),
         alerts: crate::detect::run::Alerts::new(
             crate::detect::AlertLog::open(&store, 100).unwrap(),
             Default::default(),
@@ -277,6 +292,7 @@ fn api_with_roles(
     Api {
         state,
         intake,
+        peers,
         _dir: dir,
         _stop: stop,
     }
@@ -1954,5 +1970,44 @@ async fn a_task_accepted_here_and_run_elsewhere_is_told_from_its_result() {
     );
     let (_, json) = api.get("/v1/tasks/t-other").await;
     assert_eq!(json["state"], "dispatched", "{json}");
+    assert_eq!(json["replica"], HERE, "the replica that keeps the record");
     assert_eq!(api.state.core.metrics.tasks_finished_elsewhere.get(), 1);
+}
+
+/// A replica without a record of a task, or with only the record of its HTTP submission,
+/// answers with the record of the replica that keeps it; a task no replica knows is 404.
+#[tokio::test]
+async fn a_task_another_replica_keeps_is_answered_with_its_record() {
+    let api = api(None, 1 << 20);
+    let theirs = |id: &str, state: &str| serde_json::json!({"id": id, "state": state, "replica": "00000000000000bb", "history": []});
+    api.peers
+        .records
+        .lock()
+        .unwrap()
+        .insert("t-there".into(), theirs("t-there", "dispatched"));
+    let (status, json) = api.get("/v1/tasks/t-there").await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json, theirs("t-there", "dispatched"));
+
+    let body = r#"{"schema":1,"id":"t-sent-here","description":"x"}"#;
+    let (status, _, json) = api.call(post_task().body(Body::from(body)).unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+    let (_, json) = api.get("/v1/tasks/t-sent-here").await;
+    assert_eq!(json["state"], "received", "no replica has more: {json}");
+    assert_eq!(json["replica"], HERE);
+    api.peers
+        .records
+        .lock()
+        .unwrap()
+        .insert("t-sent-here".into(), theirs("t-sent-here", "deferred"));
+    let (_, json) = api.get("/v1/tasks/t-sent-here").await;
+    assert_eq!(
+        json,
+        theirs("t-sent-here", "deferred"),
+        "the replica that took it"
+    );
+
+    let (status, json) = api.get("/v1/tasks/t-nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+    assert_eq!(code(&json), "not_found");
 }
