@@ -2,6 +2,14 @@
 //!
 //! See ARCHITECTURE.md for the map. The binary (`main.rs`, `cli.rs`) is thin; `serve`
 //! wires the stages together.
+//!
+//! The library is the commander's insides, not an API for others: its docs are read with
+//! `cargo doc --document-private-items -p fleet-commander`, where links to private items
+//! resolve.
+#![allow(
+    rustdoc::private_intra_doc_links,
+    reason = "the docs are built with --document-private-items (see above)"
+)]
 
 pub mod api;
 pub mod broker;

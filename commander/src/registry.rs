@@ -1,8 +1,9 @@
 //! The model registry: provider, context window, tier and prices per model.
 //!
 //! One TOML file (`policies/models.toml` is built in as the default). Readers take the
-//! current [`Registry`] from an [`ArcSwap`]; a watcher re-reads the file when it changes
-//! and swaps in the new one only if the whole file is valid. A bad edit leaves the last
+//! [`Registry`] in force from the one live snapshot (`policy::Live`); `sources.rs`
+//! re-reads the file when its watch ([`crate::hot::DirWatch`]) says it changed, and
+//! swaps in a new snapshot only if the whole file is valid. A bad edit leaves the last
 //! good registry in place and says why, with file and line.
 
 use std::path::Path;

@@ -2,7 +2,8 @@
 //! classifies, and which models (on which pools) may serve each tier.
 //!
 //! One TOML file (`routing-rubrics/default.toml` is built in). Validated as a whole, every
-//! problem reported with file and line; hot-reloaded through [`crate::hot::Hot`].
+//! problem reported with file and line; re-read while the commander runs by `sources.rs`
+//! (the file's watch and last refusal: [`crate::hot::SourceFile`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

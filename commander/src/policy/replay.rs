@@ -3,7 +3,7 @@
 //!
 //! Each logged decision is decided again from what it recorded (classification, priority,
 //! the producer's pool / model / cost cap, attribution) by the same
-//! [`evaluate`](super::evaluate) as the intake loop. What replay cannot know exactly, it
+//! [`evaluate`] as the intake loop. What replay cannot know exactly, it
 //! says: pool health and load are today's (the snapshot at replay time), and budgets count
 //! from the start of the replayed span, each admitted task charged at its estimate.
 //!

@@ -1,7 +1,7 @@
 //! The embedded `[[test]]` cases: each builds its fleet situation (ledger, pool health,
 //! exhausted throttles), classifies its task the way the commander would without an LLM
 //! (declared type, else the rubric's deterministic fallback), runs the same
-//! [`evaluate`](super::evaluate) as the intake loop, and compares the outcome.
+//! [`evaluate`] as the intake loop, and compares the outcome.
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! Routing: which pool, model and (for long-context work) worker gets a task, and why.
 //!
-//! [`decide`] is pure; [`snapshot::RouteSnapshot`] is what it knows of the live fleet,
+//! [`decide()`] is pure; [`snapshot::RouteSnapshot`] is what it knows of the live fleet,
 //! rebuilt from the fleet snapshot once a second.
 
 pub mod decide;

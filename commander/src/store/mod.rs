@@ -806,8 +806,8 @@ impl Store {
     }
 }
 
-/// The sled tree of task records keyed by [`record_key`] (December 2026, moved to the
-/// task log at open).
+/// The sled tree of task records keyed by record number and task id (read with
+/// [`split_record_key`]; December 2026, moved to the task log at open).
 const RECORDS_TREE: &str = "task_records";
 
 /// The sled tree the budget ledger was kept in until December 2026.
