@@ -239,9 +239,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     };
     telemetry_tasks.push({
         let (st, c, stop) = (state.clone(), client.clone(), stop_rx.clone());
-        let subject = subjects.record_lookups();
+        let subjects = subjects.clone();
         supervisor.spawn("record_lookups", stop_rx.clone(), move || {
-            crate::api::peers::answer_lookups(st.clone(), c.clone(), subject.clone(), stop.clone())
+            crate::api::peers::answer_lookups(st.clone(), c.clone(), subjects.clone(), stop.clone())
         })
     });
     let limits = config.http.connection_limits();

@@ -371,4 +371,56 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         keepers.iter().all(|k| k.len() == 18),
         "each record names the replica that keeps it: {keepers:?}"
     );
+
+    // An operator's cancel sent to the replica that does not keep the task is carried
+    // out by the one that does: here a task queued for pool beta, which has no worker.
+    let mut task = Task::new("review PR 7");
+    task.capabilities = vec!["code".into()];
+    let opts = SubmitOptions {
+        idempotency_key: Some("queued-beta".into()),
+        ..Default::default()
+    };
+    producer.submit(&task, opts).await.unwrap();
+    let mut keeper = String::new();
+    eventually(
+        "a replica dispatches the beta task",
+        WAIT,
+        async || match task_record(b.http(), "queued-beta").await {
+            Some(r) if r["state"] == "dispatched" => {
+                keeper = r["replica"].as_str().unwrap_or_default().to_string();
+                true
+            }
+            _ => false,
+        },
+    )
+    .await;
+    let other = if keeper == b_id {
+        a.commander.http()
+    } else {
+        b.http()
+    };
+    let ack: serde_json::Value = http
+        .post(format!("{other}/v1/control"))
+        .header("fleet-identity", "alice")
+        .body(r#"{"command":"cancel","task_id":"queued-beta","reason":"not wanted"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["replica"], keeper.as_str(), "{ack}");
+    for replica in [a.commander.http(), b.http()] {
+        eventually(
+            "both replicas tell the task was cancelled",
+            WAIT,
+            async || {
+                task_record(replica, "queued-beta")
+                    .await
+                    .is_some_and(|r| r["outcome"]["status"] == "cancelled")
+            },
+        )
+        .await;
+    }
 }

@@ -146,8 +146,14 @@ impl Subjects {
     pub fn record_lookup(&self, task_id: &str) -> String {
         format!("{}.records.{task_id}", self.prefix)
     }
-    pub fn record_lookups(&self) -> String {
-        format!("{}.records.*", self.prefix)
+    /// An operator's cancel of a task, sent on to the replica that keeps its record
+    /// (request/reply).
+    pub fn record_cancel(&self, task_id: &str) -> String {
+        format!("{}.records.{task_id}.cancel", self.prefix)
+    }
+    /// Every record lookup and forwarded cancel.
+    pub fn record_requests(&self) -> String {
+        format!("{}.records.>", self.prefix)
     }
 
     pub fn intake_stream(&self) -> String {

@@ -833,18 +833,28 @@ fn state_of(s: &AppState, t: &Target, new: Option<&Intervention>) -> Value {
     v
 }
 
-async fn cancel(
+/// Cancels `task`: on this replica when it keeps the task's record, else on the replica
+/// that does (`peers`), and 404 when none does.
+pub(crate) async fn cancel(
     s: &AppState,
     task: &str,
     who: &str,
     reason: Option<&str>,
 ) -> Result<Value, ApiError> {
-    let record = s
+    let local = s
         .core
         .store
         .get(task)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("task {task} not found")))?;
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let record = match local {
+        Some(r) if !r.is_stub() => r,
+        other => {
+            if let Some(answer) = s.peers.cancel(task, who, reason).await {
+                return answer;
+            }
+            other.ok_or_else(|| ApiError::NotFound(format!("task {task} not found")))?
+        }
+    };
     if record.state.is_terminal() {
         return Err(ApiError::Conflict(format!(
             "task {task} has finished ({}); only a running, queued, deferred or parked task can be cancelled",

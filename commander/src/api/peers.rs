@@ -4,6 +4,11 @@
 //! asks the others over NATS (`<prefix>.records.<task_id>`, request/reply), and the
 //! replica that keeps the record answers with it, as its own `GET /v1/tasks/{id}` would.
 //!
+//! An operator's cancel of such a task goes the same way: once a replica has answered
+//! that it keeps the record, the cancel is sent on to it (`<prefix>.records.<task_id>.cancel`),
+//! it cancels as its own API would, and the answer comes back. The replica the operator
+//! used audits the command; the one that keeps the record logs it.
+//!
 //! A replica asks only while another is running: one whose results consumer
 //! (`commander-results-<replica>`) has a pull request waiting, looked up at most every
 //! [`RUNNING_FOR`]. A lone commander answers an unknown id at once.
@@ -16,11 +21,16 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::AppState;
+use super::{ApiError, AppState};
 use crate::broker::results_consumer_name;
 
 /// The longest a lookup waits for another replica's answer.
 const PEER_WAIT: Duration = Duration::from_millis(500);
+/// The longest a cancel sent on waits: the replica that keeps the record may ask a worker
+/// first (a control request).
+const CANCEL_WAIT: Duration = Duration::from_secs(15);
+/// Cancels from other replicas handled at once; past it, one is answered as busy.
+const CANCELS_AT_ONCE: usize = 16;
 /// How long a look at which replicas run holds.
 const RUNNING_FOR: Duration = Duration::from_secs(10);
 
@@ -29,6 +39,15 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Another replica's record of `task_id` (its `GET /v1/tasks/{id}` answer), if one
     /// answers in time.
     fn record<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<serde_json::Value>>;
+
+    /// Cancels `task_id` on the replica that keeps its record, as `who`: its answer, or
+    /// `None` when no other replica keeps it.
+    fn cancel<'a>(
+        &'a self,
+        task_id: &'a str,
+        who: &'a str,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Result<serde_json::Value, ApiError>>>;
 }
 
 /// The other replicas, over NATS.
@@ -110,6 +129,65 @@ impl Peers for NatsPeers {
                 .filter(|v| v["id"] == task_id)
         })
     }
+
+    fn cancel<'a>(
+        &'a self,
+        task_id: &'a str,
+        who: &'a str,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Result<serde_json::Value, ApiError>>> {
+        Box::pin(async move {
+            // Only once a replica says it keeps the record: a cancel nobody answers would
+            // wait the whole of CANCEL_WAIT.
+            let keeper = self.record(task_id).await?;
+            let body = serde_json::json!({ "who": who, "reason": reason }).to_string();
+            let ask = self
+                .client
+                .request(self.subjects.record_cancel(task_id), body.into());
+            let answer = match tokio::time::timeout(CANCEL_WAIT, ask).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    return Some(Err(ApiError::Busy(format!(
+                        "replica {} keeps task {task_id} and did not answer: {e}",
+                        keeper["replica"]
+                    ))));
+                }
+                Err(_) => {
+                    return Some(Err(ApiError::Busy(format!(
+                        "replica {} keeps task {task_id} and did not answer within {} s",
+                        keeper["replica"],
+                        CANCEL_WAIT.as_secs()
+                    ))));
+                }
+            };
+            Some(read_cancel_answer(&answer.payload))
+        })
+    }
+}
+
+/// A forwarded cancel's answer: `{"ok":true,"result":…}` or
+/// `{"ok":false,"code":…,"message":…}` (the codes of the API's errors).
+fn read_cancel_answer(payload: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| ApiError::Internal(format!("a replica's answer does not parse: {e}")))?;
+    if v["ok"] == true {
+        return Ok(v["result"].clone());
+    }
+    let message = v["message"].as_str().unwrap_or_default().to_string();
+    Err(match v["code"].as_str().unwrap_or_default() {
+        "not_found" => ApiError::NotFound(message),
+        "conflict" => ApiError::Conflict(message),
+        "bad_request" => ApiError::BadRequest(message),
+        "unavailable" => ApiError::Busy(message),
+        _ => ApiError::Internal(message),
+    })
+}
+
+fn cancel_answer(result: Result<serde_json::Value, ApiError>) -> serde_json::Value {
+    match result {
+        Ok(v) => serde_json::json!({ "ok": true, "result": v }),
+        Err(e) => serde_json::json!({ "ok": false, "code": e.code(), "message": e.to_string() }),
+    }
 }
 
 /// No other replica: the API's tests.
@@ -120,17 +198,28 @@ impl Peers for NoPeers {
     fn record<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<serde_json::Value>> {
         Box::pin(async { None })
     }
+
+    fn cancel<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Result<serde_json::Value, ApiError>>> {
+        Box::pin(async { None })
+    }
 }
 
-/// Answers the other replicas' lookups with this replica's records: a record of a task it
-/// took from the intake stream, never the record of an HTTP submission another replica
-/// took (that one asks too). No record, no answer: the replica that has it answers.
+/// Answers the other replicas' lookups with this replica's records, and carries out the
+/// cancels they send on: only for a task it took from the intake stream, never for one
+/// whose record here is an HTTP submission another replica took (that one asks too). No
+/// record, no answer: the replica that has it answers.
 pub async fn answer_lookups(
     state: AppState,
     client: async_nats::Client,
-    subject: String,
+    subjects: fleet_worker::Subjects,
     mut stop: watch::Receiver<bool>,
 ) {
+    let subject = subjects.record_requests();
     let mut sub = match client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -138,18 +227,54 @@ pub async fn answer_lookups(
             return;
         }
     };
+    let stem = format!("{}.records.", subjects.prefix());
+    let cancels = std::sync::Arc::new(tokio::sync::Semaphore::new(CANCELS_AT_ONCE));
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => return },
             _ = stop.changed() => return,
         };
-        let (Some(reply), Some(id)) = (msg.reply.clone(), msg.subject.rsplit('.').next()) else {
+        let Some(reply) = msg.reply.clone() else {
             continue;
+        };
+        let Some(rest) = msg.subject.strip_prefix(stem.as_str()) else {
+            continue;
+        };
+        let (id, cancel) = match rest.split_once('.') {
+            None => (rest, false),
+            Some((id, "cancel")) => (id, true),
+            Some(_) => continue,
         };
         let Ok(Some(rec)) = state.core.store.get(id) else {
             continue;
         };
         if rec.is_stub() {
+            continue;
+        }
+        if cancel {
+            let Ok(permit) = cancels.clone().try_acquire_owned() else {
+                let busy = ApiError::Busy("too many cancels from other replicas at once".into());
+                let _ = client
+                    .publish(reply, cancel_answer(Err(busy)).to_string().into())
+                    .await;
+                continue;
+            };
+            let (st, c, id) = (state.clone(), client.clone(), id.to_string());
+            let asked: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            tokio::spawn(async move {
+                let who = asked["who"].as_str().unwrap_or("another replica");
+                let reason = asked["reason"].as_str();
+                tracing::info!(task_id = %id, who, "cancel sent on by another replica");
+                let answer =
+                    cancel_answer(super::control::cancel(&st, &id, who, reason).await.map(
+                        |mut v| {
+                            v["replica"] = serde_json::json!(&*st.core.replica);
+                            v
+                        },
+                    ));
+                let _ = c.publish(reply, answer.to_string().into()).await;
+                drop(permit);
+            });
             continue;
         }
         let Ok(view) = super::record_view(&state, rec) else {

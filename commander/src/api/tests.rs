@@ -113,6 +113,22 @@ impl super::peers::Peers for ScriptedPeers {
     fn record<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Value>> {
         Box::pin(async move { self.records.lock().unwrap().get(task_id).cloned() })
     }
+
+    /// The replica that keeps the record answers as a cancel there would: here, with
+    /// what it was asked.
+    fn cancel<'a>(
+        &'a self,
+        task_id: &'a str,
+        who: &'a str,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<Result<Value, super::ApiError>>> {
+        Box::pin(async move {
+            let rec = self.records.lock().unwrap().get(task_id).cloned()?;
+            Some(Ok(serde_json::json!({
+                "task_id": task_id, "replica": rec["replica"], "who": who, "reason": reason
+            })))
+        })
+    }
 }
 
 /// Applies a pushed policy to the engine as the bucket's watch would, after the same check.
@@ -2010,4 +2026,22 @@ async fn a_task_another_replica_keeps_is_answered_with_its_record() {
     let (status, json) = api.get("/v1/tasks/t-nowhere").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
     assert_eq!(code(&json), "not_found");
+
+    // An operator's cancel goes to the replica that keeps the record, and its answer back.
+    let cancel = |id: &str| {
+        Request::post("/v1/control")
+            .header("fleet-identity", "alice")
+            .body(Body::from(
+                serde_json::json!({"command": "cancel", "task_id": id, "reason": "loop"})
+                    .to_string(),
+            ))
+            .unwrap()
+    };
+    let (status, _, ack) = api.call(cancel("t-there")).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["replica"], "00000000000000bb", "{ack}");
+    assert_eq!(ack["state"]["reason"], "loop", "{ack}");
+    let (status, _, ack) = api.call(cancel("t-nowhere")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{ack}");
 }
