@@ -423,4 +423,59 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         )
         .await;
     }
+
+    // A purge of beta's queue through one replica cancels the tasks either dispatched,
+    // and each cancel is recorded by the replica that dispatched the task: the purging
+    // one makes up no record of the other's.
+    const Q: usize = 6;
+    for i in 0..Q {
+        let opts = SubmitOptions {
+            idempotency_key: Some(format!("purged-{i}")),
+            ..Default::default()
+        };
+        producer.submit(&task, opts).await.unwrap();
+    }
+    let mut dispatched_by = HashMap::new();
+    for i in 0..Q {
+        let id = format!("purged-{i}");
+        eventually(
+            &format!("{id} waits in beta's queue"),
+            WAIT,
+            async || match task_record(a.commander.http(), &id).await {
+                Some(r) if r["state"] == "dispatched" => {
+                    dispatched_by.insert(id.clone(), r["replica"].clone());
+                    true
+                }
+                _ => false,
+            },
+        )
+        .await;
+    }
+    let ack: serde_json::Value = http
+        .post(a.http("/v1/control"))
+        .body(r#"{"command":"purge_pool","pool":"beta","reason":"not wanted"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["state"]["cancelled"], Q, "{ack}");
+    let kept_by: HashSet<String> = dispatched_by.values().map(|v| v.to_string()).collect();
+    for (id, by) in &dispatched_by {
+        for replica in [a.commander.http(), b.http()] {
+            eventually(
+                &format!("{id} is told cancelled by its dispatcher"),
+                WAIT,
+                async || {
+                    task_record(replica, id).await.is_some_and(|r| {
+                        r["outcome"]["status"] == "cancelled" && r["replica"] == *by
+                    })
+                },
+            )
+            .await;
+        }
+    }
+    eprintln!("purged tasks dispatched by {} replica(s)", kept_by.len());
 }

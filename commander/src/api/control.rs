@@ -916,6 +916,7 @@ async fn cancel_queued(s: &AppState, record: &TaskRecord, reason: &str) -> Resul
         attempt: record.attempt,
         work_sequence,
         reply_to: record.reply_to.clone(),
+        replica: None,
     };
     match s.control.tell.withdraw(&queued, reason).await {
         Ok(w) => {

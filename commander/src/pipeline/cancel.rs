@@ -50,6 +50,10 @@ pub struct Queued {
     pub work_sequence: u64,
     /// The producer's reply subject, which the result is forwarded to.
     pub reply_to: Option<String>,
+    /// The commander replica that dispatched it (its work message's `Fleet-Replica`),
+    /// named on the `cancelled` result, so that replica records it as its run's result;
+    /// `None`: this one.
+    pub replica: Option<String>,
 }
 
 /// A cancel that took the task out of the queue.
@@ -161,6 +165,9 @@ impl WorkQueue {
                     .unwrap_or(1),
                 work_sequence: msg.sequence,
                 reply_to: protocol::header(h, headers::REPLY_TO).map(str::to_string),
+                replica: protocol::header(h, headers::REPLICA)
+                    .filter(|r| protocol::is_subject_token(r))
+                    .map(str::to_string),
             };
             match self.take(&work, &consumer, &q, reason).await {
                 Ok(_) => out.cancelled.push(q.task_id),
@@ -298,8 +305,8 @@ impl WorkQueue {
         last: u64,
     ) -> Result<(), WithdrawError> {
         let result = cancelled_result(q, reason);
-        let (mut h, payload) =
-            super::own_result_message(&result, q.reply_to.as_deref(), &self.replica);
+        let replica = q.replica.as_deref().unwrap_or(&self.replica);
+        let (mut h, payload) = super::own_result_message(&result, q.reply_to.as_deref(), replica);
         let _ = protocol::set_header(
             &mut h,
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE.as_ref(),
