@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use fleet_worker::span::{AttrValue, ExportConfig, SpanExporter};
 use tokio::sync::watch;
 
+use crate::api::peers::NatsPeers;
 use crate::api::{self, AppState};
 use crate::broker::{self, BrokerError};
 use crate::classify::rubric::{CheckAgainst, Rubric, RubricError};
@@ -135,8 +136,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     broker::check_server(client, &conn.url)?;
     let subjects = config.subjects();
     let js = jetstream::new(client.clone());
-    let replica = store.replica_id().map_err(in_store(&config))?;
-    let streams = set_up_streams(&config, &js, &subjects, &replica).await?;
+    let (streams, replica) = set_up_streams(&config, &js, &subjects, &store).await?;
     let instance = format!("commander-{}", std::process::id());
     let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);
     let metrics = Arc::new(Metrics::default());
@@ -168,7 +168,6 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
 
     let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
-
     let Policies {
         sync: policy_sync,
         source_watches,
@@ -222,11 +221,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
                 .with_retry_for(Duration::ZERO),
         ),
         policies: policy_sync.clone(),
-        peers: Arc::new(crate::api::peers::NatsPeers::new(
-            client.clone(),
-            subjects.clone(),
-            &replica,
-        )),
+        peers: Arc::new(NatsPeers::new(client.clone(), subjects.clone(), &replica)),
         alerts,
         registry,
         ready: ready.clone(),
@@ -237,33 +232,23 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         events,
         control,
     };
-    telemetry_tasks.push({
-        let (st, c, stop) = (state.clone(), client.clone(), stop_rx.clone());
-        let subjects = subjects.clone();
-        supervisor.spawn("record_lookups", stop_rx.clone(), move || {
-            crate::api::peers::answer_lookups(st.clone(), c.clone(), subjects.clone(), stop.clone())
-        })
-    });
+    telemetry_tasks.push(answer_other_replicas(&wiring, &state));
     let limits = config.http.connection_limits();
     serve_api_until_signal(config.http.listen, limits, state, store_failure(&store)).await?;
     let failure = store.failure();
-
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     telemetry_tasks.push(fleet_task);
-    shut_down(
-        Duration::from_secs(config.intake.shutdown_grace_secs),
-        Running {
-            task_path,
-            telemetry: telemetry_tasks,
-            source_watches,
-            store,
-            spans,
-            spans_task,
-        },
-        client,
-    )
-    .await;
+    let running = Running {
+        task_path,
+        telemetry: telemetry_tasks,
+        source_watches,
+        store,
+        spans,
+        spans_task,
+    };
+    let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
+    shut_down(grace, running, client).await;
     tracing::info!("stopped");
     failure.map_or(Ok(()), |reason| Err(ServeError::StoreFailed(reason)))
 }
@@ -566,6 +551,17 @@ impl crate::api::control::Tell for NatsTell {
     }
 }
 
+/// Answers the other replicas' record lookups and carries out the cancels they send on
+/// (`api::peers::answer_lookups`).
+fn answer_other_replicas(w: &Wiring<'_>, state: &AppState) -> tokio::task::JoinHandle<()> {
+    let (st, c, stop) = (state.clone(), w.client.clone(), w.stop.clone());
+    let subjects = w.subjects.clone();
+    w.supervisor
+        .spawn("record_lookups", w.stop.clone(), move || {
+            crate::api::peers::answer_lookups(st.clone(), c.clone(), subjects.clone(), stop.clone())
+        })
+}
+
 /// The task path's context: the shared core plus its side of NATS.
 fn task_path_ctx(
     w: &Wiring<'_>,
@@ -588,13 +584,15 @@ fn task_path_ctx(
     })
 }
 
-/// The intake, work and results streams and their consumers, created or checked.
+/// The intake, work and results streams and their consumers, created or checked, and this
+/// replica's id (the store's), which names its results consumer.
 async fn set_up_streams(
     config: &Config,
     js: &jetstream::Context,
     subjects: &fleet_worker::Subjects,
-    replica: &str,
-) -> Result<broker::Streams, ServeError> {
+    store: &Store,
+) -> Result<(broker::Streams, String), ServeError> {
+    let replica = store.replica_id().map_err(in_store(config))?;
     let streams = broker::ensure_streams(
         js,
         subjects,
@@ -604,7 +602,7 @@ async fn set_up_streams(
             work_ack_wait: config.intake.work_ack_wait(),
             batch: config.intake.batch_size,
             replicas: config.nats.replicas,
-            replica,
+            replica: &replica,
         },
     )
     .await?;
@@ -614,7 +612,7 @@ async fn set_up_streams(
         pools = config.pools.len(),
         "streams and consumers ready"
     );
-    Ok(streams)
+    Ok((streams, replica))
 }
 
 /// The exporter of the commander's own spans (dispatch, classifier calls), on

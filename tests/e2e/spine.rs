@@ -214,6 +214,20 @@ async fn ten_thousand_tasks_complete_exactly_once_traced_with_baggage() {
     }
 }
 
+/// A control command (`POST /v1/control`, local mode) to the commander at `base`: its ack.
+async fn control(base: &str, body: &'static str) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/control"))
+        .header("fleet-identity", "alice")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The replica id a commander logged at start.
 fn replica_of(log: &str) -> String {
     let (_, rest) = log
@@ -399,16 +413,11 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
     } else {
         b.http()
     };
-    let ack: serde_json::Value = http
-        .post(format!("{other}/v1/control"))
-        .header("fleet-identity", "alice")
-        .body(r#"{"command":"cancel","task_id":"queued-beta","reason":"not wanted"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ack = control(
+        other,
+        r#"{"command":"cancel","task_id":"queued-beta","reason":"not wanted"}"#,
+    )
+    .await;
     assert_eq!(ack["ok"], true, "{ack}");
     assert_eq!(ack["state"]["replica"], keeper.as_str(), "{ack}");
     for replica in [a.commander.http(), b.http()] {
@@ -451,15 +460,11 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         )
         .await;
     }
-    let ack: serde_json::Value = http
-        .post(a.http("/v1/control"))
-        .body(r#"{"command":"purge_pool","pool":"beta","reason":"not wanted"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ack = control(
+        a.commander.http(),
+        r#"{"command":"purge_pool","pool":"beta","reason":"not wanted"}"#,
+    )
+    .await;
     assert_eq!(ack["ok"], true, "{ack}");
     assert_eq!(ack["state"]["cancelled"], Q, "{ack}");
     let kept_by: HashSet<String> = dispatched_by.values().map(|v| v.to_string()).collect();

@@ -529,6 +529,12 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     parse(&format!("{date}T{clock}{utc}"))
 }
 
+/// A timestamp NATS gives (a stored message's time) in unix milliseconds; `None` for an
+/// instant before 1970.
+pub fn unix_ms(t: time::OffsetDateTime) -> Option<u64> {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// [`parse_rfc3339`] in unix milliseconds; `None` also for an instant before 1970.
 pub fn rfc3339_unix_ms(s: &str) -> Option<u64> {
     let since = parse_rfc3339(s)?

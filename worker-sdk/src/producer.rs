@@ -420,7 +420,7 @@ async fn look_up_result(
     let asked = tokio::time::timeout(LOOK_TIMEOUT, results.direct_get_last_for_subject(subject));
     match asked.await {
         Ok(Ok(m)) => Ok(Some(StoredResult {
-            stored_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok(),
+            stored_ms: crate::message::unix_ms(m.time),
             payload: m.payload,
             headers: m.headers,
         })),

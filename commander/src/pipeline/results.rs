@@ -104,6 +104,10 @@ fn record_one(
 ) -> Result<Option<Forward>, Retry> {
     let hdrs = msg.headers.as_ref();
     let id = result.task_id.as_str();
+    // Another replica's run: its reply subject is that replica's to check and use.
+    if header(hdrs, headers::REPLICA).is_some_and(|r| r != &*ctx.core.replica) {
+        return finish_elsewhere(ctx, id, &result);
+    }
     // Workers echo the producer's reply subject; it is checked again, since a result is
     // as untrusted as a task.
     let reply_header = header(hdrs, headers::REPLY_TO).and_then(|r| {
@@ -116,9 +120,6 @@ fn record_one(
             }
         }
     });
-    if header(hdrs, headers::REPLICA).is_some_and(|r| r != &*ctx.core.replica) {
-        return finish_elsewhere(ctx, id, &result);
-    }
     // Whether this message moved the task to a terminal state (the closure may run more
     // than once under contention; the last run is the one that stuck).
     let finished_now = std::cell::Cell::new(false);

@@ -75,11 +75,10 @@ async fn pass(ctx: &Ctx) {
             .await
         {
             Ok(m) => {
-                let stored_ms = u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).ok();
                 let stored = Stored {
                     payload: &m.payload,
                     headers: Some(&m.headers),
-                    stored_ms,
+                    stored_ms: fleet_worker::message::unix_ms(m.time),
                 };
                 finish(&ctx.core, &id, stored, w.accepted_ms).is_some()
             }
