@@ -660,18 +660,23 @@ async fn parked_tasks_go_at_their_turns_whatever_the_release_interval() {
     submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
     await_ok(&producer, ids(), "back at its turn, not at the interval").await;
     assert_eq!(seen.lock().unwrap().runs.len(), TASKS);
-    // The last ones were parked (their turns were over a second off), not waited out in
-    // the stream.
-    let last = task_record(s.commander.http(), &format!("turn-{}", TASKS - 1))
-        .await
-        .unwrap();
-    let states: Vec<&str> = last["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["state"].as_str().unwrap())
-        .collect();
-    assert!(states.contains(&"deferred"), "{last}");
+    // Some were parked (their turns were over a second off), not waited out in the
+    // stream. Which ones depends on the order concurrent intake batches read them, not
+    // on the order they were sent.
+    let mut parked = Vec::new();
+    for id in ids() {
+        let rec = task_record(s.commander.http(), &id).await.unwrap();
+        let states: Vec<String> = rec["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["state"].as_str().unwrap().to_string())
+            .collect();
+        if states.iter().any(|st| st == "deferred") {
+            parked.push(id);
+        }
+    }
+    assert!(!parked.is_empty(), "no task was parked");
     assert_eq!(s.parked().await, 0.0);
 }
 
