@@ -992,3 +992,42 @@ mod auth_tests {
         assert!(err.contains("nats.tls_ca_file: cannot read"), "{err}");
     }
 }
+
+/// A JetStream key-value bucket the commander keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct KvBucket<'a> {
+    pub name: &'a str,
+    pub description: &'a str,
+    /// Revisions kept per key.
+    pub history: i64,
+    /// Stream replicas (`nats.replicas`).
+    pub replicas: usize,
+}
+
+/// Opens a key-value bucket, creating its stream when missing. The stream is made by hand
+/// because `create_key_value` fails client-side on 2.9.10 (STANDARDS B.3).
+pub async fn open_kv(
+    js: &jetstream::Context,
+    b: KvBucket<'_>,
+) -> Result<jetstream::kv::Store, String> {
+    if let Ok(kv) = js.get_key_value(b.name).await {
+        return Ok(kv);
+    }
+    let cfg = jetstream::stream::Config {
+        name: format!("KV_{}", b.name),
+        description: Some(b.description.into()),
+        subjects: vec![format!("$KV.{}.>", b.name)],
+        max_messages_per_subject: b.history,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: b.replicas,
+        ..Default::default()
+    };
+    js.get_or_create_stream(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    js.get_key_value(b.name).await.map_err(|e| e.to_string())
+}

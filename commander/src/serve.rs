@@ -187,7 +187,8 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         &engine,
         &mut registry,
         &mut telemetry_tasks,
-    )?;
+    )
+    .await?;
     let (auth, control) = start_operator_surface(
         &wiring,
         &store,
@@ -404,7 +405,7 @@ fn spawn_on_own_thread(
 
 /// The detector's loop (added to `tasks`): the fleet snapshot and the policy's `[alerts]`
 /// in, alerts out to the alert log, `<prefix>.alerts.<severity>` and the gauges.
-fn start_detection(
+async fn start_detection(
     w: &Wiring<'_>,
     (store, decisions, trace_flags, events): (
         &Store,
@@ -432,8 +433,24 @@ fn start_detection(
         .map_err(in_store(w.config))?
         .with_events(events.clone());
     interventions.counters.register(registry);
-    let alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
+    let mut alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
     alerts.counters.register(registry);
+    let share = share_operator_state(w, store, engine, &alerts).await?;
+    registry.register(
+        "operator_changes_unshared",
+        "Operator changes not handed to the other replicas because too many were waiting",
+        share.dropped.clone(),
+    );
+    {
+        let (share, stop) = (share.clone(), w.stop.clone());
+        tasks.push(
+            w.supervisor
+                .spawn("operator_share", w.stop.clone(), move || {
+                    share.clone().run(stop.clone())
+                }),
+        );
+    }
+    alerts.shared = Some(share);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),
         fleet: fleet.clone(),
@@ -452,6 +469,41 @@ fn start_detection(
         crate::detect::run::run(wiring.clone(), stop.clone())
     }));
     Ok(alerts)
+}
+
+/// The operator's interventions and cost cap, shared with the other replicas through the
+/// `<prefix>_control` bucket (`detect::shared`).
+async fn share_operator_state(
+    w: &Wiring<'_>,
+    store: &Store,
+    engine: &Arc<policy::PolicyEngine>,
+    alerts: &crate::detect::run::Alerts,
+) -> Result<Arc<crate::detect::shared::Share>, ServeError> {
+    use crate::detect::shared;
+    let name = shared::bucket_name(w.subjects.prefix());
+    let bucket = broker::KvBucket {
+        name: &name,
+        description: "fleet commander: the operator's interventions and cost cap in force",
+        history: shared::HISTORY,
+        replicas: w.config.nats.replicas,
+    };
+    let in_nats = |reason: String| {
+        ServeError::Broker(BrokerError::Setup {
+            name: format!("key-value bucket {name}"),
+            reason,
+        })
+    };
+    let kv = broker::open_kv(w.js, bucket).await.map_err(in_nats)?;
+    shared::Share::start(shared::Parts {
+        kv,
+        log: alerts.interventions.clone(),
+        engine: engine.clone(),
+        kick: alerts.kick.clone(),
+        replica: w.replica.to_string(),
+        seen: store.tree("operator_shared").map_err(in_store(w.config))?,
+    })
+    .await
+    .map_err(in_nats)
 }
 
 /// The operator's surface: the tokens and roles, the control plane (its audit, its rate

@@ -236,6 +236,144 @@ fn replica_of(log: &str) -> String {
     rest.chars().take(16).collect()
 }
 
+async fn get(base: &str, path: &str) -> serde_json::Value {
+    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    assert!(r.status().is_success(), "GET {base}{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// Submits a task over HTTP to `base` and waits for its result there.
+async fn submitted_result(base: &str, id: &str) -> serde_json::Value {
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/tasks"))
+        .body(format!(
+            r#"{{"schema":1,"id":"{id}","description":"summarise {id}"}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    get(base, &format!("/v1/tasks/{id}/result?wait_s=30")).await
+}
+
+/// An operator's command sent to one replica holds on every replica (docs/protocol.md §3,
+/// "Several commander replicas"): with a shared intake, a pool blocked through one replica
+/// was still dispatched to by the other, a pause set through one could not be resumed
+/// through the other (which knew nothing of it), and a cost cap held on one replica only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operators_command_on_one_replica_holds_on_every_replica() {
+    let a = Stack::start(TWO_POOLS).await;
+    let a_http = a.commander.http().to_string();
+    let b_opts = commander_options(&a.nats, a.dir.path().join("replica-b"), TWO_POOLS);
+    let mut b = fleet_testkit::Commander::start(&b_opts).expect("replica b");
+    let (seen, _worker) = watched_worker(&a.client, "alpha", "w1", 16).await;
+    let state = async |base: &str| get(base, "/v1/control/state").await;
+
+    // Blocked through a: whichever replica takes a task for alpha refuses it.
+    let ack = control(
+        &a_http,
+        r#"{"command":"block_pool","pool":"alpha","reason":"incident 7"}"#,
+    )
+    .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let b_http = b.http().to_string();
+    eventually("b takes on the block", WAIT, async || {
+        state(&b_http).await["blocks"]
+            .as_array()
+            .is_some_and(|x| x.iter().any(|b| b["value"] == "alpha"))
+    })
+    .await;
+    for i in 0..10 {
+        let id = format!("blocked-{i}");
+        let r = submitted_result(&b_http, &id).await;
+        assert_eq!(r["status"], "rejected", "{id}: {r}");
+        assert_eq!(r["error"]["code"], "blocked", "{id}: {r}");
+    }
+    assert!(seen.lock().unwrap().runs_per_task().is_empty());
+
+    // Restored through b: ended on a too, by whoever ended it on b.
+    let ack = control(&b_http, r#"{"command":"restore_pool","pool":"alpha"}"#).await;
+    assert_eq!(
+        ack["state"]["ended"].as_array().map(Vec::len),
+        Some(1),
+        "{ack}"
+    );
+    eventually("a ends the block", WAIT, async || {
+        let s = state(&a_http).await;
+        s["blocks"] == serde_json::json!([]) && s["operator_interventions"] == serde_json::json!([])
+    })
+    .await;
+    let on_a = get(&a_http, "/v1/interventions?state=reverted").await;
+    let on_b = get(&b_http, "/v1/interventions?state=reverted").await;
+    let by = &on_a["interventions"][0]["reverted_by"];
+    assert_eq!(
+        *by, on_b["interventions"][0]["reverted_by"],
+        "{on_a} {on_b}"
+    );
+    assert_eq!(on_a["interventions"][0]["state"], "reverted", "{on_a}");
+    assert!(by.as_str().is_some_and(|w| !w.is_empty()), "{on_a}");
+    for i in 0..4 {
+        let id = format!("open-{i}");
+        let r = submitted_result(&a_http, &id).await;
+        assert_eq!(r["status"], "ok", "{id}: {r}");
+    }
+
+    // Paused through b, resumed through a.
+    let ack = control(&b_http, r#"{"command":"pause","pool":"alpha"}"#).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    eventually("a tells the worker it is paused", WAIT, async || {
+        state(&a_http).await["workers"]["w1"]["mode"] == "paused"
+    })
+    .await;
+    let ack = control(&a_http, r#"{"command":"resume","pool":"alpha"}"#).await;
+    assert_eq!(
+        ack["state"]["ended"].as_array().map(Vec::len),
+        Some(1),
+        "{ack}"
+    );
+    eventually("b ends the pause", WAIT, async || {
+        let s = state(&b_http).await;
+        s["operator_interventions"] == serde_json::json!([])
+            && s["workers"] == serde_json::json!({})
+    })
+    .await;
+
+    // The cost cap: set through a, lifted through b.
+    let ack = control(&a_http, r#"{"command":"cost_cap","usd":5,"window":"1h"}"#).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    eventually("b caps the fleet's spend", WAIT, async || {
+        let cap = &state(&b_http).await["cost_cap"];
+        cap["limit_usd"] == 5.0 && cap["set_at_ms"] == ack["state"]["cost_cap"]["set_at_ms"]
+    })
+    .await;
+    let policy = get(&b_http, "/v1/policy").await;
+    assert!(policy.to_string().contains("operator_cost_cap"), "{policy}");
+    let ack = control(&b_http, r#"{"command":"lift_cost_cap"}"#).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    eventually("a lifts the cap", WAIT, async || {
+        state(&a_http).await["cost_cap"].is_null()
+    })
+    .await;
+
+    // A replica that was down takes on, as it starts, what changed meanwhile.
+    assert_eq!(b.terminate(Duration::from_secs(20)), Some(0));
+    let ack = control(
+        &a_http,
+        r#"{"command":"reroute_pool","pool":"beta","to":"alpha"}"#,
+    )
+    .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let b = fleet_testkit::Commander::start(&b_opts).expect("replica b again");
+    let s = state(b.http()).await;
+    assert_eq!(s["reroutes"][0]["from"], "beta", "{s}");
+    assert_eq!(
+        s["operator_interventions"].as_array().map(Vec::len),
+        Some(1),
+        "{s}"
+    );
+}
+
 /// Two commanders share one intake stream (docs/protocol.md §3, "Several commander
 /// replicas"), so a task
 /// submitted over HTTP to one may be run by the other, which keeps its record. The one it

@@ -287,7 +287,8 @@ pub async fn interventions(
 
 /// `POST /v1/interventions/{id}/revert`: ends an intervention in force by hand (an
 /// operator); its workers are told at once. It is not
-/// applied again while the same alert fires.
+/// applied again while the same alert fires. An operator's intervention ends on every
+/// replica.
 pub async fn revert_intervention(
     State(s): State<AppState>,
     headers: HttpHeaders,
@@ -299,9 +300,13 @@ pub async fn revert_intervention(
     let log = s.alerts.interventions.clone();
     let done = tokio::task::spawn_blocking(move || log.revert(&id, &by, now))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if crate::detect::shared::is_operators(&done) {
+        s.alerts
+            .share(crate::detect::shared::Edit::End(done.clone()));
+    }
     s.alerts.kick.notify_one();
-    Ok(Json(done?).into_response())
+    Ok(Json(done).into_response())
 }
 
 impl From<crate::detect::act::InterventionError> for ApiError {

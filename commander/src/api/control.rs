@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::{ApiError, AppState};
 use crate::detect::intervene::{self, Intervention, InterventionState, Target};
+use crate::detect::shared;
 use crate::pipeline::cancel::{PoolWithdrawal, Queued, WithdrawError, Withdrawn};
 use crate::policy::schema::{BlockScope, EscalationAction};
 use crate::store::{Store, StoreError, TaskRecord};
@@ -568,28 +569,49 @@ async fn handle(s: &AppState, from: &Who<'_>, req: Request) -> (Ack, Option<ApiE
     (ack, result.err())
 }
 
-/// Ends (as `who`) every intervention in force that `matches`; returns their ids.
+/// Ends (as `who`) every intervention in force that `matches`, on every replica for an
+/// operator's; returns their ids.
 fn end_matching(
-    log: &crate::detect::act::InterventionLog,
+    alerts: &crate::detect::run::Alerts,
     who: &str,
     now: u64,
     matches: impl Fn(&Intervention) -> bool,
 ) -> Result<Vec<String>, ApiError> {
+    let log = &alerts.interventions;
     let mut ended = Vec::new();
     for i in log
         .active()
         .iter()
         .filter(|i| i.state == InterventionState::Active && matches(i))
     {
-        log.revert(&i.id, who, now)?;
+        let done = log.revert(&i.id, who, now)?;
+        if shared::is_operators(&done) {
+            alerts.share(shared::Edit::End(done));
+        }
         ended.push(i.id.clone());
     }
     Ok(ended)
 }
 
-/// Stores a new operator intervention (it is in force from now).
-fn start(log: &crate::detect::act::InterventionLog, i: &Intervention) -> Result<(), ApiError> {
-    log.record(i).map_err(|e| ApiError::Internal(e.to_string()))
+/// Stores a new operator intervention (it is in force from now, here at once and on the
+/// other replicas once they follow the control bucket). 409 when `shared::MAX_ACTIVE` are
+/// in force.
+fn start(alerts: &crate::detect::run::Alerts, i: &Intervention) -> Result<(), ApiError> {
+    let log = &alerts.interventions;
+    let in_force = log
+        .active()
+        .iter()
+        .filter(|x| shared::is_operators(x))
+        .count();
+    if in_force >= shared::MAX_ACTIVE {
+        return Err(ApiError::Conflict(format!(
+            "{in_force} operator interventions are in force, the most there may be: end some first (resume, restore_pool)"
+        )));
+    }
+    log.record(i)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    alerts.share(shared::Edit::Start(i.clone()));
+    Ok(())
 }
 
 async fn apply(
@@ -599,7 +621,7 @@ async fn apply(
     reason: Option<&str>,
     now: u64,
 ) -> Result<Value, ApiError> {
-    let log = &s.alerts.interventions;
+    let alerts = &s.alerts;
     let who = from.caller.name.as_str();
     let why = reason.map_or(String::new(), |r| format!(": {r}"));
     let snap = s.core.fleet.snapshot();
@@ -608,12 +630,12 @@ async fn apply(
             known_target(s, &snap, t).await?;
             let verb = action.as_str();
             let i = operator_intervention(*action, t.clone(), format!("{verb} by {who}{why}"), now);
-            start(log, &i)?;
+            start(alerts, &i)?;
             s.alerts.kick.notify_one();
             Ok(state_of(s, t, Some(&i)))
         }
         Op::Resume(t) => {
-            let ended = end_matching(log, who, now, |i| {
+            let ended = end_matching(alerts, who, now, |i| {
                 i.target == *t
                     && matches!(i.action, EscalationAction::Pause | EscalationAction::Drain)
             })?;
@@ -636,10 +658,10 @@ async fn apply(
             i.step = "weight_pool".into();
             i.weight = Some((pool.clone(), *weight));
             // A new weight replaces the pool's previous one.
-            end_matching(log, who, now, |x| {
+            end_matching(alerts, who, now, |x| {
                 x.weight.as_ref().is_some_and(|(p, _)| p == pool)
             })?;
-            start(log, &i)?;
+            start(alerts, &i)?;
             apply_routing(s);
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
@@ -661,12 +683,12 @@ async fn apply(
             } else {
                 i.block = Some((BlockScope::Pool, pool.clone()));
             }
-            start(log, &i)?;
+            start(alerts, &i)?;
             apply_routing(s);
             Ok(state_of(s, &Target::Pool(pool.clone()), Some(&i)))
         }
         Op::Restore(pool) => {
-            let ended = end_matching(log, who, now, |i| {
+            let ended = end_matching(alerts, who, now, |i| {
                 i.block
                     .as_ref()
                     .is_some_and(|(sc, v)| *sc == BlockScope::Pool && v == pool)
@@ -686,6 +708,7 @@ async fn apply(
                 .policy
                 .set_cost_cap(Some((*usd, window.as_str())), who)
                 .map_err(ApiError::BadRequest)?;
+            alerts.share(shared::Edit::Cap(cap.clone()));
             Ok(json!({"cost_cap": cap}))
         }
         Op::LiftCap => {
@@ -693,6 +716,7 @@ async fn apply(
                 .policy
                 .set_cost_cap(None, who)
                 .map_err(ApiError::BadRequest)?;
+            alerts.share(shared::Edit::Cap(None));
             Ok(json!({"cost_cap": null}))
         }
     }

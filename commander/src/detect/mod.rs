@@ -18,6 +18,8 @@
 //! - `silence.rs`: silences (what operators muted, until when, who and why);
 //! - `intervene.rs`: the escalation ladder, pure (which steps are due, what each worker
 //!   should be told); `act.rs` carries it out (control commands, interventions in sled);
+//! - `shared.rs`: the operator's interventions and cost cap, shared by every replica
+//!   through a key-value bucket;
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
 
 pub mod act;
@@ -28,6 +30,7 @@ pub mod intervene;
 pub mod lifecycle;
 pub mod rules;
 pub mod run;
+pub mod shared;
 pub mod silence;
 pub mod sinks;
 pub mod slices;

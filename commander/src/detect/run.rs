@@ -91,6 +91,17 @@ pub struct Alerts {
     /// Wakes the loop before its next tick (an operator's pause or resume is carried out
     /// at once, not within the second).
     pub kick: Arc<tokio::sync::Notify>,
+    /// Where the operator's changes go for the other replicas (none in unit tests).
+    pub shared: Option<Arc<super::shared::Share>>,
+}
+
+impl Alerts {
+    /// Hands an operator's change to the other replicas (`detect::shared`).
+    pub fn share(&self, edit: super::shared::Edit) {
+        if let Some(s) = &self.shared {
+            s.offer(edit);
+        }
+    }
 }
 
 impl Alerts {
@@ -108,6 +119,7 @@ impl Alerts {
             silences,
             interventions,
             kick: Arc::new(tokio::sync::Notify::new()),
+            shared: None,
         }
     }
 }

@@ -341,6 +341,16 @@ impl PolicyEngine {
             set_by: who.to_string(),
             set_at_ms: self.now_ms(),
         });
+        self.put_cost_cap(cap, who)
+    }
+
+    /// Puts in force the cost cap another replica set or lifted (`detect::shared`), as
+    /// it was set there (its limit, window, who and when).
+    pub fn adopt_cost_cap(&self, cap: Option<CostCap>) -> Result<Option<CostCap>, String> {
+        self.put_cost_cap(cap, "another replica")
+    }
+
+    fn put_cost_cap(&self, cap: Option<CostCap>, who: &str) -> Result<Option<CostCap>, String> {
         if let Some(c) = &cap {
             c.budget()?;
         }

@@ -53,28 +53,17 @@ pub async fn open_bucket(
     bucket: &str,
     replicas: usize,
 ) -> Result<kv::Store, PolicyError> {
-    if let Ok(kv) = js.get_key_value(bucket).await {
-        return Ok(kv);
-    }
-    let cfg = jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("fleet commander: the policy in force".into()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: HISTORY,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    js.get_or_create_stream(cfg)
-        .await
-        .map_err(|e| PolicyError::Bucket(e.to_string()))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| PolicyError::Bucket(e.to_string()))
+    crate::broker::open_kv(
+        js,
+        crate::broker::KvBucket {
+            name: bucket,
+            description: "fleet commander: the policy in force",
+            history: HISTORY,
+            replicas,
+        },
+    )
+    .await
+    .map_err(PolicyError::Bucket)
 }
 
 /// The policy sources of one replica.
