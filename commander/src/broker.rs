@@ -1031,3 +1031,25 @@ pub async fn open_kv(
         .map_err(|e| e.to_string())?;
     js.get_key_value(b.name).await.map_err(|e| e.to_string())
 }
+
+/// Whether another commander replica runs: its results consumer
+/// (`commander-results-<replica>`) has a pull request waiting. A replica that stopped
+/// leaves its consumer behind, idle, so that is not enough.
+pub async fn other_replicas_run(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replica: &str,
+) -> bool {
+    use futures::StreamExt;
+    let Ok(stream) = js.get_stream_no_info(subjects.results_stream()).await else {
+        return false;
+    };
+    let (prefix, own) = (results_consumer_name(""), results_consumer_name(replica));
+    let mut consumers = stream.consumers();
+    while let Some(Ok(info)) = consumers.next().await {
+        if info.name.starts_with(&prefix) && info.name != own && info.num_waiting > 0 {
+            return true;
+        }
+    }
+    false
+}

@@ -165,7 +165,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
-    telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet).await?);
+    telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet, &mut registry).await?);
 
     let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
     let Policies {
@@ -435,21 +435,7 @@ async fn start_detection(
     interventions.counters.register(registry);
     let mut alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
     alerts.counters.register(registry);
-    let share = share_operator_state(w, store, engine, &alerts).await?;
-    registry.register(
-        "operator_changes_unshared",
-        "Operator changes not handed to the other replicas because too many were waiting",
-        share.dropped.clone(),
-    );
-    {
-        let (share, stop) = (share.clone(), w.stop.clone());
-        tasks.push(
-            w.supervisor
-                .spawn("operator_share", w.stop.clone(), move || {
-                    share.clone().run(stop.clone())
-                }),
-        );
-    }
+    let (share, leading) = share_with_replicas(w, store, engine, &alerts, registry, tasks).await?;
     alerts.shared = Some(share);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),
@@ -463,6 +449,7 @@ async fn start_detection(
         interval: Duration::from_millis(d.interval_ms.max(1)).div_f64(engine.clock.speed()),
         max_open: d.max_open,
         trace_flags: trace_flags.clone(),
+        leading,
     });
     let stop = w.stop.clone();
     tasks.push(w.supervisor.spawn("detect", w.stop.clone(), move || {
@@ -471,19 +458,28 @@ async fn start_detection(
     Ok(alerts)
 }
 
-/// The operator's interventions and cost cap, shared with the other replicas through the
-/// `<prefix>_control` bucket (`detect::shared`).
-async fn share_operator_state(
+/// What replicas share through the `<prefix>_control` bucket: the operator's interventions
+/// and cost cap (`detect::shared`), and the lease that makes one replica the one that
+/// notifies alerts (`detect::lead`). Both run until `w.stop`, in `tasks`.
+async fn share_with_replicas(
     w: &Wiring<'_>,
     store: &Store,
     engine: &Arc<policy::PolicyEngine>,
     alerts: &crate::detect::run::Alerts,
-) -> Result<Arc<crate::detect::shared::Share>, ServeError> {
-    use crate::detect::shared;
+    registry: &mut prometheus_client::registry::Registry,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<
+    (
+        Arc<crate::detect::shared::Share>,
+        crate::detect::lead::Leading,
+    ),
+    ServeError,
+> {
+    use crate::detect::{lead, shared};
     let name = shared::bucket_name(w.subjects.prefix());
     let bucket = broker::KvBucket {
         name: &name,
-        description: "fleet commander: the operator's interventions and cost cap in force",
+        description: "fleet commander: the operator's interventions and cost cap in force, and who notifies alerts",
         history: shared::HISTORY,
         replicas: w.config.nats.replicas,
     };
@@ -494,8 +490,8 @@ async fn share_operator_state(
         })
     };
     let kv = broker::open_kv(w.js, bucket).await.map_err(in_nats)?;
-    shared::Share::start(shared::Parts {
-        kv,
+    let share = shared::Share::start(shared::Parts {
+        kv: kv.clone(),
         log: alerts.interventions.clone(),
         engine: engine.clone(),
         kick: alerts.kick.clone(),
@@ -503,7 +499,23 @@ async fn share_operator_state(
         seen: store.tree("operator_shared").map_err(in_store(w.config))?,
     })
     .await
-    .map_err(in_nats)
+    .map_err(in_nats)?;
+    registry.register(
+        "operator_changes_unshared",
+        "Operator changes not handed to the other replicas because too many were waiting",
+        share.dropped.clone(),
+    );
+    let lease = Arc::new(lead::Lease::new(kv, w.replica));
+    let leading = lease.leading.clone();
+    let (s, l, stop) = (share.clone(), lease, w.stop.clone());
+    tasks.push(w.supervisor.spawn("operator_share", w.stop.clone(), {
+        let stop = stop.clone();
+        move || s.clone().run(stop.clone())
+    }));
+    tasks.push(w.supervisor.spawn("alert_lead", w.stop.clone(), move || {
+        l.clone().run(stop.clone())
+    }));
+    Ok((share, leading))
 }
 
 /// The operator's surface: the tokens and roles, the control plane (its audit, its rate
@@ -871,24 +883,37 @@ async fn start_policy(
 }
 
 /// The telemetry receivers (OTLP gRPC and HTTP, NATS) behind one ingestor (handing trace
-/// exports to the keeper through `traces`), the NATS connection watch and the queue-depth
-/// poll.
+/// exports to the keeper through `traces`, and OTLP exports on to the other replicas), the
+/// NATS connection watch and the queue-depth poll.
 async fn start_telemetry(
     w: &Wiring<'_>,
     traces: Option<crate::ingest::TraceTap>,
     metrics: &Arc<Metrics>,
     fleet: &fleet::FleetHandle,
+    registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let (config, client, js, subjects, supervisor, stop_rx) =
         (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
+    let (relay, mut telemetry_tasks) = ingest::relay::Relay::start(
+        w.telemetry.clone(),
+        js.clone(),
+        subjects,
+        w.replica,
+        stop_rx.clone(),
+    );
+    registry.register(
+        "telemetry_relayed",
+        "OTLP exports passed on to the other replicas over NATS, by signal and outcome",
+        relay.counts.clone(),
+    );
     let ingestor = &Ingestor {
         fleet: fleet.clone(),
         metrics: metrics.clone(),
         limits: config.telemetry.decode_limits(),
         supervisor: supervisor.clone(),
         traces,
+        relay: Some(relay),
     };
-    let mut telemetry_tasks = Vec::new();
     let t = &config.telemetry;
     if t.grpc {
         let l = otlp::bind(t.grpc_listen, "otlp grpc")

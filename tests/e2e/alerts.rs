@@ -216,6 +216,122 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     assert_eq!(r.status().as_u16(), 400);
 }
 
+async fn metric_of(api: &str, sample: &str) -> f64 {
+    let text = reqwest::get(format!("{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    sample_value(&text, sample)
+}
+
+/// The context_critical messages on `fleet.alerts.>` within `window`.
+async fn alert_events(sub: &mut async_nats::Subscriber, window: Duration) -> Vec<Value> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, sub.next()).await {
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v["alert"]["rule"] == "context_critical" {
+            got.push(v);
+        }
+    }
+    got
+}
+
+/// Two replicas on one NATS read the same telemetry and raise the same alert; one of them,
+/// the one holding the lead, notifies it (docs/alerts.md, "Several replicas"): one message
+/// and one webhook call, not one per replica. When it dies, the other takes the lead, sends
+/// the alert as it sees it, and then its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("alerts.policy.toml"),
+        "[alerts]\nresolve_s = 1\n",
+    )
+    .unwrap();
+    let (hook, received, bad_signatures) = webhook_receiver().await;
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = {hook:?}\nsecret_env = \"FLEET_E2E_WEBHOOK_SECRET\"\n[policy]\ndir = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+    let start = |name: &str| {
+        let mut o = commander_options(&nats, dir.path().join(name), &toml);
+        o.extra_env = vec![("FLEET_E2E_WEBHOOK_SECRET".into(), SECRET.into())];
+        fleet_testkit::Commander::start(&o).expect("commander")
+    };
+    let mut replicas = [start("a"), start("b")];
+    let apis: Vec<String> = replicas.iter().map(|c| c.http().to_string()).collect();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut sub = client.subscribe("fleet.alerts.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut leader = 0;
+    eventually("one replica leads", WAIT, async || {
+        let a = metric_of(&apis[0], "fleet_alerts_leader").await;
+        let b = metric_of(&apis[1], "fleet_alerts_leader").await;
+        leader = if a == 1.0 { 0 } else { 1 };
+        a + b == 1.0
+    })
+    .await;
+
+    // 124,000 of 128,000 tokens: context_critical on both replicas, sent by one.
+    let full = heartbeats(client.clone(), "ctx-1", "alpha", 124_000);
+    let fired = next_event(&mut sub, "firing").await;
+    let firing_on = async |api: &str| {
+        reqwest::get(format!("{api}/v1/alerts?rule=context_critical"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["alerts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["state"] == "firing").cloned())
+    };
+    eventually("both replicas raise it", WAIT, async || {
+        firing_on(&apis[0]).await.is_some() && firing_on(&apis[1]).await.is_some()
+    })
+    .await;
+    let leaders_alert = firing_on(&apis[leader]).await.unwrap();
+    assert_eq!(fired["alert"]["id"], leaders_alert["id"], "{fired}");
+    let more = alert_events(&mut sub, Duration::from_secs(2)).await;
+    assert!(more.is_empty(), "sent once, not once per replica: {more:?}");
+    eventually("the webhook hears it once", WAIT, async || {
+        received.lock().unwrap().len() == 1
+    })
+    .await;
+
+    // The leader dies: the other takes the lead and sends the alert as it sees it.
+    replicas[leader].kill9();
+    let survivor = &apis[1 - leader];
+    let taken = next_event(&mut sub, "firing").await;
+    let its_alert = firing_on(survivor).await.unwrap();
+    assert_eq!(taken["alert"]["id"], its_alert["id"], "{taken}");
+    assert_eq!(metric_of(survivor, "fleet_alerts_leader").await, 1.0);
+
+    // It ends: the survivor sends the end of the alert it sent.
+    full.abort();
+    let calm = heartbeats(client.clone(), "ctx-1", "alpha", 1_000);
+    let resolved = next_event(&mut sub, "resolved").await;
+    assert_eq!(resolved["alert"]["id"], its_alert["id"]);
+    calm.abort();
+    eventually(
+        "the webhook hears the take-over and the end",
+        WAIT,
+        async || received.lock().unwrap().len() == 3,
+    )
+    .await;
+    let types: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["alert.firing", "alert.firing", "alert.resolved"]);
+    assert_eq!(*bad_signatures.lock().unwrap(), 0);
+}
+
 /// An operator silences one agent: its alert still lives (in `/v1/alerts`, with
 /// `silenced_by`) but is not published; another agent's is. Silences need the operator
 /// role and say who made and who ended them.

@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use serde_json::Value;
 
-use crate::common::{Stack, WAIT, eventually};
+use crate::common::{Stack, WAIT, commander_options, eventually, sample_value};
 
 const POOLS: &str = r#"
 [pools.code]
@@ -570,4 +570,93 @@ async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
         "{err}"
     );
     assert_eq!(v["models"].as_array().unwrap().len(), n + 1);
+}
+
+/// OTLP sent to one commander replica reaches every replica (docs/protocol.md §3, "Several
+/// commander replicas"): each passes the exports its live state took on over NATS while
+/// another replica runs, so every replica's workers, costs and alerts cover the whole
+/// fleet. Before, OTLP sent to one replica was seen by that replica alone. A lone
+/// commander passes nothing on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn otlp_sent_to_one_replica_is_seen_by_every_replica() {
+    // Its spans name a parent that is never sent: they wait for it (to learn their agent)
+    // only briefly here.
+    let config = format!("{POOLS}\n[fleet]\nidentity_wait_ms = 500\n");
+    let a = Stack::start(&config).await;
+    let a_api = a.commander.http().to_string();
+    let a_otlp = a.commander.otlp_http().unwrap().to_string();
+    let send = async |otlp: &str, worker: &str, trace: u8| {
+        let body = export(worker, vec![chat_span(trace, 1, "gpt-4o")]).encode_to_vec();
+        let r = reqwest::Client::new()
+            .post(format!("{otlp}/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    let known = async |api: &str, worker: &str| {
+        let r = reqwest::get(format!("{api}/v1/workers/{worker}"))
+            .await
+            .unwrap();
+        r.status().is_success()
+            && r.json::<Value>().await.unwrap()["cost_usd"]
+                .as_f64()
+                .is_some_and(|c| c > 0.0)
+    };
+    let relayed = async |api: &str| {
+        let text = reqwest::get(format!("{api}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample_value(
+            &text,
+            r#"fleet_telemetry_relayed_total{signal="traces",outcome="relayed"}"#,
+        )
+    };
+    send(&a_otlp, "lone-agent", 1).await;
+    eventually("a lone commander takes its OTLP", WAIT, async || {
+        known(&a_api, "lone-agent").await
+    })
+    .await;
+    assert_eq!(
+        relayed(&a_api).await,
+        0.0,
+        "a lone commander passes nothing on"
+    );
+
+    let b = fleet_testkit::Commander::start(&commander_options(
+        &a.nats,
+        a.dir.path().join("replica-b"),
+        &config,
+    ))
+    .expect("replica b");
+    let (b_api, b_otlp) = (b.http().to_string(), b.otlp_http().unwrap().to_string());
+    // Each replica looks for the other every 10 s: exports sent before it found it stay
+    // where they were sent (each send is a new trace).
+    let mut trace: u8 = 10;
+    eventually("OTLP sent to b reaches a", WAIT, async || {
+        trace = trace.wrapping_add(1);
+        send(&b_otlp, "b-agent", trace).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        known(&a_api, "b-agent").await
+    })
+    .await;
+    eventually("OTLP sent to a reaches b", WAIT, async || {
+        trace = trace.wrapping_add(1);
+        send(&a_otlp, "a-agent", trace).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        known(&b_api, "a-agent").await
+    })
+    .await;
+    assert!(known(&b_api, "b-agent").await);
+    assert!(relayed(&b_api).await >= 1.0);
+    assert!(relayed(&a_api).await >= 1.0);
+    // What a replica read from NATS is not passed on again: nothing goes round.
+    let before = (relayed(&a_api).await, relayed(&b_api).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!((relayed(&a_api).await, relayed(&b_api).await), before);
 }

@@ -22,7 +22,6 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{ApiError, AppState};
-use crate::broker::results_consumer_name;
 
 /// The longest a lookup waits for another replica's answer.
 const PEER_WAIT: Duration = Duration::from_millis(500);
@@ -56,8 +55,8 @@ pub struct NatsPeers {
     client: async_nats::Client,
     subjects: fleet_worker::Subjects,
     js: jetstream::Context,
-    /// This replica's results consumer, which is not another replica's.
-    own_consumer: String,
+    /// This replica's id.
+    replica: String,
     /// Whether another replica ran at the last look, and when that was.
     running: Mutex<Option<(Instant, bool)>>,
 }
@@ -72,7 +71,7 @@ impl NatsPeers {
             js: jetstream::new(client.clone()),
             client,
             subjects,
-            own_consumer: results_consumer_name(replica),
+            replica: replica.to_string(),
             running: Mutex::new(None),
         }
     }
@@ -93,24 +92,7 @@ impl NatsPeers {
     }
 
     async fn look_for_others(&self) -> bool {
-        let Ok(stream) = self
-            .js
-            .get_stream_no_info(self.subjects.results_stream())
-            .await
-        else {
-            return false;
-        };
-        let prefix = results_consumer_name("");
-        let mut consumers = stream.consumers();
-        while let Some(Ok(info)) = consumers.next().await {
-            if info.name.starts_with(&prefix)
-                && info.name != self.own_consumer
-                && info.num_waiting > 0
-            {
-                return true;
-            }
-        }
-        false
+        crate::broker::other_replicas_run(&self.js, &self.subjects, &self.replica).await
     }
 }
 

@@ -303,6 +303,9 @@ pub struct Tick<'a> {
     pub engine: &'a crate::policy::PolicyEngine,
     /// Where a cancel or restart is noted beside the task's routing decision.
     pub decisions: Option<&'a crate::decisions::DecisionLog>,
+    /// Whether this replica takes the one-shot steps that reach outside it (notify, cancel
+    /// or restart a task): one replica does (`lead.rs`).
+    pub leading: bool,
 }
 
 impl Actor {
@@ -321,6 +324,17 @@ impl Actor {
             |id| t.log.known(id),
             t.now_ms,
         ) {
+            // Left due, unrecorded: taken by this replica if it comes to lead while the
+            // alert still fires.
+            let outward = matches!(
+                i.action,
+                EscalationAction::Notify
+                    | EscalationAction::CancelTask
+                    | EscalationAction::RestartTask
+            );
+            if outward && !t.leading {
+                continue;
+            }
             take_step(t, &mut i).await;
             if let Err(e) = t.log.record(&i) {
                 tracing::error!(intervention = %i.id, error = %e, "intervention not stored");

@@ -18,6 +18,7 @@
 //! - `silence.rs`: silences (what operators muted, until when, who and why);
 //! - `intervene.rs`: the escalation ladder, pure (which steps are due, what each worker
 //!   should be told); `act.rs` carries it out (control commands, interventions in sled);
+//! - `lead.rs`: the lease that makes one replica the one that notifies alerts;
 //! - `shared.rs`: the operator's interventions and cost cap, shared by every replica
 //!   through a key-value bucket;
 //! - `run.rs`: the once-a-second loop (the I/O: snapshot in, store, NATS, gauges out).
@@ -27,6 +28,7 @@ pub mod bursts;
 pub mod drift;
 pub mod history;
 pub mod intervene;
+pub mod lead;
 pub mod lifecycle;
 pub mod rules;
 pub mod run;

@@ -49,6 +49,8 @@ pub struct DetectCounters {
     pub ticks: Counter,
     /// Alert messages a silence kept from NATS and the sinks.
     pub silenced: Counter,
+    /// 1 while this replica notifies the fleet's alerts (`lead.rs`).
+    pub leader: Gauge,
 }
 
 impl DetectCounters {
@@ -70,6 +72,11 @@ impl DetectCounters {
             self.publish_errors.clone(),
         );
         r.register("detect_ticks", "Detector evaluations", self.ticks.clone());
+        r.register(
+            "alerts_leader",
+            "1 while this replica notifies the fleet's alerts (one replica does)",
+            self.leader.clone(),
+        );
         r.register(
             "alerts_silenced",
             "Alert messages a silence kept from NATS and the sinks",
@@ -147,6 +154,8 @@ pub struct Wiring {
     pub max_open: usize,
     /// Where open alerts flag their workers' and tasks' traces for keeping.
     pub trace_flags: crate::traces::flags::Flags,
+    /// Whether this replica notifies alerts and takes the ladder's one-shot steps now.
+    pub leading: super::lead::Leading,
 }
 
 /// Evaluates every `interval` until `stop`.
@@ -156,6 +165,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(w.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut drift: Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>> = None;
+    let mut was_leading = false;
     loop {
         // A kick (an operator's command) only brings the workers to the interventions in
         // force: the rules run on the tick, once per snapshot, as their history expects.
@@ -167,11 +177,17 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
         let snapshot = w.fleet.snapshot();
         let live = w.engine.live();
         let now_ms = w.clock.now_ms();
+        let leading = w.leading.now();
+        w.alerts.counters.leader.set(i64::from(leading));
         let open = if kicked {
             w.alerts.open.load_full().as_ref().clone()
         } else {
             detect_once(&w, &mut detector, &mut drift, &snapshot, &live, now_ms).await
         };
+        if leading && !was_leading {
+            take_over(&w, &open).await;
+        }
+        was_leading = leading;
         actor
             .tick(&super::act::Tick {
                 log: &w.alerts.interventions,
@@ -184,6 +200,7 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
                 now_ms,
                 engine: &w.engine,
                 decisions: Some(&w.decisions),
+                leading,
             })
             .await;
         if !kicked {
@@ -270,7 +287,20 @@ async fn step_drift(
     }
 }
 
-/// Counts, stores and publishes one change (a silenced one is stored, not sent).
+/// On becoming the replica that notifies: the alerts firing here are sent, as this
+/// replica sees them, so their receivers hear from it when they resolve (the replica that
+/// led before may be gone).
+async fn take_over(w: &Wiring, open: &[Alert]) {
+    let firing = open
+        .iter()
+        .filter(|a| a.state == AlertState::Firing && a.silenced_by.is_none());
+    for alert in firing {
+        send(w, Change::Firing, alert).await;
+    }
+}
+
+/// Counts, stores and publishes one change (a silenced one is stored, not sent; nor is
+/// any while another replica notifies).
 async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
     let mut alert = alert.clone();
     alert.silenced_by = w.alerts.silences.muting(&alert, now_ms);
@@ -302,6 +332,13 @@ async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
         w.alerts.counters.silenced.inc();
         return;
     }
+    if w.leading.now() {
+        send(w, change, alert).await;
+    }
+}
+
+/// Hands one change to the sinks and publishes it on `<prefix>.alerts.<severity>`.
+async fn send(w: &Wiring, change: Change, alert: &Alert) {
     let msg = AlertMessage {
         event: change.as_str(),
         alert,

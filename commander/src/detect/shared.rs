@@ -34,10 +34,12 @@ pub const KEY: &str = "operator";
 /// Revisions of the key the bucket keeps.
 pub const HISTORY: i64 = 16;
 /// Ended interventions the key keeps, newest last.
-const MAX_ENDED: usize = 100;
-/// Operator interventions in force at once, on one replica and so in the bucket (whose
-/// value must fit in one NATS message): one more is refused.
-pub const MAX_ACTIVE: usize = 1_000;
+const MAX_ENDED: usize = 50;
+/// Operator interventions in force at once, on one replica and so in the bucket: one more
+/// is refused. The key's value must fit in one NATS message (`max_payload`, 1 MiB by
+/// default): an intervention whose reason is as long as it may be (1,000 characters) is
+/// about 1.5 KB of JSON, so these and the ended ones stay under 1 MB.
+pub const MAX_ACTIVE: usize = 500;
 /// Changes waiting to be written; past it a change is dropped, logged and counted.
 const MAX_PENDING: usize = 10_000;
 /// How often a write NATS refused is tried again.

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod nats;
 pub mod normalise;
 pub mod otlp;
+pub mod relay;
 
 use std::sync::Arc;
 
@@ -74,6 +75,9 @@ pub struct Ingestor {
     pub supervisor: crate::supervise::Supervisor,
     /// The trace keeper's queue (`crate::traces`), when traces are kept.
     pub traces: Option<TraceTap>,
+    /// Where OTLP exports go on to the other replicas (`relay.rs`; none in tests and
+    /// benchmarks).
+    pub relay: Option<relay::Relay>,
 }
 
 /// One trace export for the trace keeper: its protobuf bytes, shared with the receiver

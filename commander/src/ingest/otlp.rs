@@ -97,6 +97,9 @@ trait OtlpSignal: Send + Sync + 'static {
         req: Self::Request,
     ) -> Result<Accepted, IngestError>;
     fn respond(a: Accepted) -> Self::Response;
+    /// The export as the other replicas read it from NATS (its `Fleet-Kind` and protobuf
+    /// body), when it carries anything their live state uses.
+    fn relayed(req: &Self::Request) -> Option<(&'static str, Bytes)>;
 }
 
 #[derive(Debug)]
@@ -124,6 +127,9 @@ impl OtlpSignal for Traces {
     }
     fn ingest(ing: &Ingestor, t: &'static str, body: Bytes) -> Result<Accepted, IngestError> {
         ing.traces(t, body)
+    }
+    fn relayed(body: &Bytes) -> Option<(&'static str, Bytes)> {
+        Some((fleet_worker::protocol::kinds::OTLP_TRACES, body.clone()))
     }
     fn respond(a: Accepted) -> Self::Response {
         ExportTraceServiceResponse {
@@ -155,6 +161,12 @@ impl OtlpSignal for Metrics {
     ) -> Result<Accepted, IngestError> {
         ing.metrics(t, req)
     }
+    fn relayed(req: &Self::Request) -> Option<(&'static str, Bytes)> {
+        Some((
+            fleet_worker::protocol::kinds::OTLP_METRICS,
+            Bytes::from(req.encode_to_vec()),
+        ))
+    }
     fn respond(a: Accepted) -> Self::Response {
         ExportMetricsServiceResponse {
             partial_success: (a.rejected > 0).then_some(ExportMetricsPartialSuccess {
@@ -184,6 +196,10 @@ impl OtlpSignal for Logs {
         req: Self::Request,
     ) -> Result<Accepted, IngestError> {
         ing.logs(t, &req)
+    }
+    /// Logs carry nothing the live state uses (`Ingestor::logs`).
+    fn relayed(_: &Self::Request) -> Option<(&'static str, Bytes)> {
+        None
     }
     fn respond(a: Accepted) -> Self::Response {
         ExportLogsServiceResponse {
@@ -216,9 +232,28 @@ fn grpc_export<S: OtlpSignal>(ing: &Ingestor, body: Bytes) -> Result<S::Response
         ing.metrics.telemetry("grpc", S::LABEL, "rejected", 1);
         e.grpc()
     })?;
-    S::ingest(ing, "grpc", req)
+    ingest_and_relay::<S>(ing, "grpc", req)
         .map(S::respond)
         .map_err(|e| e.grpc())
+}
+
+/// Ingests one export, and passes it on to the other replicas once the live state took
+/// it (`relay.rs`).
+fn ingest_and_relay<S: OtlpSignal>(
+    ing: &Ingestor,
+    transport: &'static str,
+    req: S::Request,
+) -> Result<Accepted, IngestError> {
+    let relayed = ing
+        .relay
+        .as_ref()
+        .filter(|r| r.wanted())
+        .and_then(|r| Some((r, S::relayed(&req)?)));
+    let accepted = S::ingest(ing, transport, req)?;
+    if let Some((relay, (kind, body))) = relayed {
+        relay.pass(kind, S::LABEL, body);
+    }
+    Ok(accepted)
 }
 
 /// A codec that hands the handler the message's bytes (decoded there, after the limits)
@@ -562,7 +597,7 @@ async fn http_export<S: OtlpSignal>(
             return error_response(enc, &e);
         }
     };
-    match S::ingest(&ing, "http", req) {
+    match ingest_and_relay::<S>(&ing, "http", req) {
         Ok(a) => respond(enc, StatusCode::OK, &S::respond(a)),
         Err(e) => error_response(enc, &e),
     }
@@ -681,6 +716,7 @@ mod tests {
             limits: DecodeLimits::default(),
             supervisor: Default::default(),
             traces: Some(tap.clone()),
+            relay: None,
         };
         let app = http_router(ingestor);
         let post = || {
@@ -726,6 +762,7 @@ mod tests {
             limits: DecodeLimits::default(),
             supervisor: Default::default(),
             traces: None,
+            relay: None,
         };
         let app = http_router(ingestor.clone());
         let post = || {
