@@ -497,6 +497,8 @@ async fn share_with_replicas(
         kick: alerts.kick.clone(),
         replica: w.replica.to_string(),
         seen: store.tree("operator_shared").map_err(in_store(w.config))?,
+        silences: alerts.silences.clone(),
+        seen_silences: store.tree("silences_shared").map_err(in_store(w.config))?,
     })
     .await
     .map_err(in_nats)?;

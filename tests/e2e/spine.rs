@@ -356,6 +356,43 @@ async fn an_operators_command_on_one_replica_holds_on_every_replica() {
     })
     .await;
 
+    // A silence made through b mutes on a (the replica that notifies may be either);
+    // ended through a, it ends on b.
+    let made: serde_json::Value = reqwest::Client::new()
+        .post(format!("{b_http}/v1/silences"))
+        .body(r#"{"matchers":{"pool":"alpha"},"duration_s":3600,"author":"alice","comment":"deploy"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = made["id"].as_str().expect("a silence id").to_string();
+    let silence_on = async |base: &str| {
+        get(base, "/v1/silences").await["silences"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["id"] == sid.as_str()).cloned())
+    };
+    eventually("a keeps b's silence", WAIT, async || {
+        silence_on(&a_http)
+            .await
+            .is_some_and(|x| x["active"] == true)
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .delete(format!("{a_http}/v1/silences/{sid}"))
+        .header("fleet-identity", "bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually("b ends it", WAIT, async || {
+        silence_on(&b_http)
+            .await
+            .is_some_and(|x| x["active"] == false && x["expired_ms"].is_u64())
+    })
+    .await;
+
     // A replica that was down takes on, as it starts, what changed meanwhile.
     assert_eq!(b.terminate(Duration::from_secs(20)), Some(0));
     let ack = control(

@@ -199,11 +199,16 @@ pub async fn add_silence(
         expired_ms: None,
         expired_by: None,
     };
+    let edit = crate::detect::shared::Edit::Silence(silence.clone());
+    if let Some(shared) = &s.alerts.shared {
+        shared.room_for(&edit).map_err(ApiError::Conflict)?;
+    }
     let silences = s.alerts.silences.clone();
     let saved = tokio::task::spawn_blocking(move || silences.add(silence))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    s.alerts.share(edit);
     Ok((axum::http::StatusCode::CREATED, Json(saved)).into_response())
 }
 
@@ -222,7 +227,11 @@ pub async fn expire_silence(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     match ended {
-        Some(x) => Ok(Json(x).into_response()),
+        Some(x) => {
+            s.alerts
+                .share(crate::detect::shared::Edit::Silence(x.clone()));
+            Ok(Json(x).into_response())
+        }
         None => Err(ApiError::NotFound("no such silence".into())),
     }
 }

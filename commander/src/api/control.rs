@@ -608,9 +608,13 @@ fn start(alerts: &crate::detect::run::Alerts, i: &Intervention) -> Result<(), Ap
             "{in_force} operator interventions are in force, the most there may be: end some first (resume, restore_pool)"
         )));
     }
+    let edit = shared::Edit::Start(i.clone());
+    if let Some(share) = &alerts.shared {
+        share.room_for(&edit).map_err(ApiError::Conflict)?;
+    }
     log.record(i)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    alerts.share(shared::Edit::Start(i.clone()));
+    alerts.share(edit);
     Ok(())
 }
 

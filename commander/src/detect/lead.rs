@@ -7,8 +7,9 @@
 //! The lead is a lease on the key `leader` of the `<prefix>_control` bucket, renewed with
 //! compare-and-set every [`RENEW`]. A replica that has seen the key unchanged for
 //! [`EXPIRES`] takes it, with compare-and-set on the revision it saw, so one replica wins;
-//! one whose renewal fails (another took the key) or has not succeeded for [`EXPIRES`]
-//! (NATS is away) stops leading. A replica that stops cleanly hands the lease back at once.
+//! one whose renewal fails on its revision (another took the key) stops leading. One cut
+//! off from NATS goes on leading until it learns that: during a partition both sides may
+//! notify, which beats neither. A replica that stops cleanly hands the lease back at once.
 //! The times are the machine's monotonic clock: the lease is about this process being
 //! alive, not about fleet time.
 
@@ -136,15 +137,17 @@ impl Lease {
                     seen.held = None;
                     self.leading.set(false, &self.replica);
                 }
+                // NATS is away: go on leading until NATS says another replica took the
+                // lead (the renewal then fails on its revision). Cut off, this replica
+                // may still reach its sinks; a notice twice beats none.
                 Err(e) => {
-                    tracing::warn!(error = %e, "alert lead not renewed");
                     if seen
                         .renewed
-                        .is_none_or(|r| now.duration_since(r) >= EXPIRES)
+                        .is_some_and(|r| now.duration_since(r) >= EXPIRES)
                     {
-                        // Another replica may have taken it by now.
-                        seen.held = None;
-                        self.leading.set(false, &self.replica);
+                        tracing::debug!(error = %e, "alert lead not renewed");
+                    } else {
+                        tracing::warn!(error = %e, "alert lead not renewed; still leading until another replica is known to lead");
                     }
                 }
             }

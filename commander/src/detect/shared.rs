@@ -1,13 +1,13 @@
 //! The operator's control state, shared by every commander replica on one NATS: the
-//! operator interventions in force (pauses, drains, blocks, reroutes, pool weights) and the
-//! emergency cost cap.
+//! operator interventions in force (pauses, drains, blocks, reroutes, pool weights), the
+//! emergency cost cap and the silences.
 //!
 //! A command is carried out by the replica it was sent to, at once, as a lone commander
 //! does; the change is then written to the JetStream key-value bucket `<prefix>_control`
 //! (key `operator`) with compare-and-set, so changes are linear. Every replica follows the
 //! key's watch and takes on what the others did: it records their interventions in its own
-//! log (and tells the workers, and routes by them), ends those that ended elsewhere, and
-//! puts their cost cap in force. The key holds what is in force (and the last ended
+//! log (and tells the workers, and routes by them), ends those that ended elsewhere, puts
+//! their cost cap in force, and keeps their silences. The key holds what is in force (and the last ended
 //! interventions, so a follower knows who ended them), not the history: each replica's
 //! log keeps that.
 //!
@@ -27,6 +27,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::act::InterventionLog;
 use super::intervene::{Intervention, InterventionState};
+use super::silence::{Silence, Silences};
 use crate::policy::{CostCap, PolicyEngine};
 
 /// The key in the bucket that holds the operator's state.
@@ -36,10 +37,16 @@ pub const HISTORY: i64 = 16;
 /// Ended interventions the key keeps, newest last.
 const MAX_ENDED: usize = 50;
 /// Operator interventions in force at once, on one replica and so in the bucket: one more
-/// is refused. The key's value must fit in one NATS message (`max_payload`, 1 MiB by
-/// default): an intervention whose reason is as long as it may be (1,000 characters) is
-/// about 1.5 KB of JSON, so these and the ended ones stay under 1 MB.
+/// is refused.
 pub const MAX_ACTIVE: usize = 500;
+/// The most the key's value may hold when an operator adds to it: it must fit in one NATS
+/// message (`max_payload`, 1 MiB by default) with the ended interventions it keeps on top
+/// (at most `MAX_ENDED`, each a few KB at most). An intervention or silence that would
+/// take it past this is refused.
+pub const MAX_BYTES: usize = 640 * 1024;
+/// How long a silence ended by hand stays in the key after it ended (so every replica
+/// hears of its end); one that ran its course leaves it at its end.
+const ENDED_SILENCE_KEPT_MS: u64 = 24 * 3_600_000;
 /// Changes waiting to be written; past it a change is dropped, logged and counted.
 const MAX_PENDING: usize = 10_000;
 /// How often a write NATS refused is tried again.
@@ -63,6 +70,9 @@ pub struct State {
     /// The emergency cost cap in force.
     #[serde(default)]
     pub cost_cap: Option<CostCap>,
+    /// The silences not yet at their end: in force, or ended by hand in the last day.
+    #[serde(default)]
+    pub silences: Vec<Silence>,
     /// The replica that wrote this revision.
     #[serde(default)]
     pub replica: String,
@@ -77,6 +87,8 @@ pub enum Edit {
     End(Intervention),
     /// The cost cap was set or lifted.
     Cap(Option<CostCap>),
+    /// A silence was made or ended by hand (as stored).
+    Silence(Silence),
 }
 
 impl State {
@@ -101,8 +113,25 @@ impl State {
                 self.ended.drain(..extra);
             }
             Edit::Cap(c) => self.cost_cap = c.clone(),
+            Edit::Silence(x) => {
+                let at = x.expired_ms.unwrap_or(x.created_ms);
+                self.silences.retain(|s| {
+                    s.id != x.id
+                        && s.ends_ms > at
+                        && s.expired_ms
+                            .is_none_or(|e| e.saturating_add(ENDED_SILENCE_KEPT_MS) > at)
+                });
+                if x.ends_ms > at {
+                    self.silences.push(x.clone());
+                }
+            }
         }
         self
+    }
+
+    /// Its size as written to the bucket.
+    pub fn bytes(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |b| b.len())
     }
 }
 
@@ -125,6 +154,12 @@ pub struct Share {
     /// them gone from a later revision ended elsewhere. One not yet there is still to be
     /// written from here.
     seen: sled::Tree,
+    silences: Silences,
+    /// Silences in force here that a revision of the bucket has held (as `seen`).
+    seen_silences: sled::Tree,
+    /// The bucket's state as last read or written here: what an operator's addition is
+    /// measured against.
+    last: std::sync::Mutex<State>,
     outbox: mpsc::Sender<Edit>,
     /// The writer's end of `outbox` (one writer: [`Share::run`]).
     inbox: tokio::sync::Mutex<mpsc::Receiver<Edit>>,
@@ -141,6 +176,8 @@ pub struct Parts {
     pub kick: Arc<Notify>,
     pub replica: String,
     pub seen: sled::Tree,
+    pub silences: Silences,
+    pub seen_silences: sled::Tree,
 }
 
 /// The writer's state: changes not yet written, and the last revision it wrote.
@@ -163,6 +200,9 @@ impl Share {
             kick: p.kick,
             replica: p.replica,
             seen: p.seen,
+            silences: p.silences,
+            seen_silences: p.seen_silences,
+            last: Default::default(),
             outbox,
             inbox: tokio::sync::Mutex::new(inbox),
             dropped: Default::default(),
@@ -171,7 +211,7 @@ impl Share {
         let held = match me.kv.entry(KEY).await.map_err(|e| e.to_string())? {
             Some(entry) => {
                 me.follow(&entry, &writer);
-                decode(&entry.value).unwrap_or_default().active
+                decode(&entry.value).unwrap_or_default()
             }
             None => {
                 let mut first = State {
@@ -181,16 +221,45 @@ impl Share {
                 for i in me.own_active() {
                     first = first.with(&Edit::Start(i));
                 }
-                writer.written = me.write_edits(&[], Some(first.clone())).await?;
-                first.active
+                for x in me.own_silences() {
+                    first = first.with(&Edit::Silence(x));
+                }
+                // Another replica may have made the key first: what was written is on
+                // top of its state.
+                let (revision, written) = me.write_edits(&[], Some(first)).await?;
+                writer.written = revision;
+                me.remember(&written);
+                written
             }
         };
         for i in me.own_active() {
-            if !me.was_seen(&i.id) && !held.iter().any(|h| h.id == i.id) {
+            if !me.was_seen(&i.id) && !held.active.iter().any(|h| h.id == i.id) {
                 me.offer(Edit::Start(i));
             }
         }
+        for x in me.own_silences() {
+            if !was_seen(&me.seen_silences, &x.id) && !held.silences.iter().any(|h| h.id == x.id) {
+                me.offer(Edit::Silence(x));
+            }
+        }
         Ok(me)
+    }
+
+    /// Whether `edit` leaves the bucket's value small enough to be written (`MAX_BYTES`).
+    pub fn room_for(&self, edit: &Edit) -> Result<(), String> {
+        // A poisoned lock only means a panic elsewhere mid-assignment of plain data.
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let bytes = last.with(edit).bytes();
+        if bytes > MAX_BYTES {
+            return Err(format!(
+                "the operator state every replica shares would take {bytes} bytes, more than the {MAX_BYTES} it may: end some interventions or silences first"
+            ));
+        }
+        Ok(())
+    }
+
+    fn remember(&self, state: &State) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
     }
 
     /// Queues `edit` for the bucket (never waits: an operator's ack does not wait for
@@ -252,7 +321,8 @@ impl Share {
     async fn flush(&self, writer: &mut Writer) {
         let edits: Vec<Edit> = writer.pending.iter().cloned().collect();
         match self.write_edits(&edits, None).await {
-            Ok(revision) => {
+            Ok((revision, state)) => {
+                self.remember(&state);
                 writer.written = writer.written.max(revision);
                 writer.pending.clear();
             }
@@ -266,8 +336,12 @@ impl Share {
 
     /// Writes `edits` on top of the bucket's state (or `fresh` when the bucket has none),
     /// with compare-and-set, again on top of a newer revision as long as another replica
-    /// keeps writing first. Returns the revision written.
-    async fn write_edits(&self, edits: &[Edit], fresh: Option<State>) -> Result<u64, String> {
+    /// keeps writing first. Returns the revision and the state written.
+    async fn write_edits(
+        &self,
+        edits: &[Edit],
+        fresh: Option<State>,
+    ) -> Result<(u64, State), String> {
         for _ in 0..16 {
             let entry = self.kv.entry(KEY).await.map_err(|e| e.to_string())?;
             let (base, revision) = match &entry {
@@ -294,7 +368,7 @@ impl Share {
                 })
             };
             match written {
-                Ok(revision) => return Ok(revision),
+                Ok(revision) => return Ok((revision, next)),
                 // Another replica wrote first: write again on top of it.
                 Err(Ok(())) => continue,
                 Err(Err(e)) => return Err(e),
@@ -307,14 +381,22 @@ impl Share {
         self.log.active().into_iter().filter(is_operators).collect()
     }
 
+    /// This replica's silences in force.
+    fn own_silences(&self) -> Vec<Silence> {
+        let now = self.engine.now_ms();
+        self.silences
+            .list()
+            .into_iter()
+            .filter(|x| x.active(now))
+            .collect()
+    }
+
     fn mark_seen(&self, id: &str) {
-        if let Err(e) = self.seen.insert(id.as_bytes(), &[]) {
-            tracing::warn!(intervention = %id, error = %e, "cannot note a shared intervention");
-        }
+        mark_seen(&self.seen, id);
     }
 
     fn was_seen(&self, id: &str) -> bool {
-        self.seen.contains_key(id.as_bytes()).unwrap_or(false)
+        was_seen(&self.seen, id)
     }
 
     /// Takes on one revision of the bucket. One older than this replica's last write is
@@ -330,8 +412,18 @@ impl Share {
             );
             return;
         };
+        self.remember(&state);
         let now = self.engine.now_ms();
         let (changed, to_end) = self.reconcile(&state, now);
+        for x in self.reconcile_silences(&state, now) {
+            let waiting = writer
+                .pending
+                .iter()
+                .any(|e| matches!(e, Edit::Silence(s) if s.id == x.id));
+            if !waiting {
+                self.offer(Edit::Silence(x));
+            }
+        }
         // Ended here but in force there, and not waiting to be written: the end's write
         // was lost (a crash, or NATS was down until a restart). Write it again.
         for i in to_end {
@@ -418,10 +510,61 @@ impl Share {
     /// Drops from `seen` what is no longer in force here (ended here or elsewhere).
     fn forget_ended(&self) {
         let active: BTreeSet<String> = self.own_active().into_iter().map(|i| i.id).collect();
-        for key in self.seen.iter().keys().flatten() {
-            if !active.contains(String::from_utf8_lossy(&key).as_ref()) {
-                let _ = self.seen.remove(key);
+        forget_others(&self.seen, &active);
+    }
+
+    /// Makes this replica's silences those in `state`: keeps the others' new ones and
+    /// their ends, ends those the bucket once held and no longer does; returns those ended
+    /// here that `state` holds in force (to be written again).
+    fn reconcile_silences(&self, state: &State, now: u64) -> Vec<Silence> {
+        let mine = self.silences.list();
+        let mut again = Vec::new();
+        for x in &state.silences {
+            match mine.iter().find(|m| m.id == x.id) {
+                None => self.silences.take_on(x.clone()),
+                Some(m) if m.expired_ms.is_none() && x.expired_ms.is_some() => {
+                    self.silences.take_on(x.clone())
+                }
+                Some(m) if m.expired_ms.is_some() && x.expired_ms.is_none() => {
+                    again.push(m.clone())
+                }
+                Some(_) => {}
             }
+            if x.active(now) {
+                mark_seen(&self.seen_silences, &x.id);
+            }
+        }
+        for m in mine.iter().filter(|m| m.active(now)) {
+            if !state.silences.iter().any(|x| x.id == m.id) && was_seen(&self.seen_silences, &m.id)
+            {
+                // Ended elsewhere longer ago than the bucket remembers.
+                if let Err(e) = self.silences.expire(&m.id, "another replica", now) {
+                    tracing::warn!(silence = %m.id, error = %e, "silence not ended");
+                }
+            }
+        }
+        let active: BTreeSet<String> = self.own_silences().into_iter().map(|x| x.id).collect();
+        forget_others(&self.seen_silences, &active);
+        again
+    }
+}
+
+/// Notes that the bucket held `id` (an intervention or silence in force here).
+fn mark_seen(tree: &sled::Tree, id: &str) {
+    if let Err(e) = tree.insert(id.as_bytes(), &[]) {
+        tracing::warn!(id, error = %e, "cannot note what the control bucket held");
+    }
+}
+
+fn was_seen(tree: &sled::Tree, id: &str) -> bool {
+    tree.contains_key(id.as_bytes()).unwrap_or(false)
+}
+
+/// Drops from `tree` the ids `keep` does not name.
+fn forget_others(tree: &sled::Tree, keep: &BTreeSet<String>) {
+    for key in tree.iter().keys().flatten() {
+        if !keep.contains(String::from_utf8_lossy(&key).as_ref()) {
+            let _ = tree.remove(key);
         }
     }
 }
@@ -475,6 +618,7 @@ mod tests {
         store: crate::store::Store,
         log: InterventionLog,
         engine: Arc<PolicyEngine>,
+        silences: Silences,
     }
 
     fn replica() -> Replica {
@@ -508,11 +652,13 @@ mod tests {
         )
         .unwrap();
         let log = InterventionLog::open(&store, 100).unwrap();
+        let silences = Silences::open(&store).unwrap();
         Replica {
             _dir: dir,
             store,
             log,
             engine,
+            silences,
         }
     }
 
@@ -524,6 +670,8 @@ mod tests {
             kick: Arc::default(),
             replica: name.into(),
             seen: r.store.tree("operator_shared").unwrap(),
+            silences: r.silences.clone(),
+            seen_silences: r.store.tree("silences_shared").unwrap(),
         })
         .await
         .unwrap()
@@ -630,12 +778,72 @@ mod tests {
                 && x.engine.cost_cap() == cap
         })
         .await;
+        // A silence made on x reaches y; its end on y reaches x.
+        let now = x.engine.now_ms();
+        let made = x
+            .silences
+            .add(silence("s-1", now, now + 3_600_000))
+            .unwrap();
+        again.offer(Edit::Silence(made));
+        until("y keeps x's silence", async || {
+            y.silences
+                .list()
+                .iter()
+                .any(|s| s.id == "s-1" && s.active(now))
+        })
+        .await;
+        let ended = y.silences.expire("s-1", "carol", now + 1).unwrap().unwrap();
+        second.offer(Edit::Silence(ended));
+        until("x ends it", async || {
+            x.silences
+                .list()
+                .iter()
+                .any(|s| s.id == "s-1" && s.expired_by.as_deref() == Some("carol"))
+        })
+        .await;
         assert_eq!(
             x.log.get("op-new").unwrap().unwrap().reverted_by.as_deref(),
             Some("bob")
         );
         let _ = stop_tx.send(true);
         running.await.unwrap();
+    }
+
+    fn silence(id: &str, created_ms: u64, ends_ms: u64) -> Silence {
+        Silence {
+            id: id.into(),
+            matchers: [("worker".to_string(), "w1".to_string())].into(),
+            author: "alice".into(),
+            comment: "deploy".into(),
+            created_ms,
+            ends_ms,
+            expired_ms: None,
+            expired_by: None,
+        }
+    }
+
+    /// The key holds the silences not yet at their end: one ended by hand stays a day, so
+    /// every replica hears of its end; one past its end leaves at the next change.
+    #[test]
+    fn silences_stay_in_the_state_until_their_end() {
+        const H: u64 = 3_600_000;
+        let s = State::default()
+            .with(&Edit::Silence(silence("s1", 0, 2 * H)))
+            .with(&Edit::Silence(silence("s2", 0, 48 * H)));
+        assert_eq!(s.silences.len(), 2);
+        let mut ended = silence("s2", 0, 48 * H);
+        ended.expired_ms = Some(H);
+        ended.expired_by = Some("bob".into());
+        let s = s.with(&Edit::Silence(ended.clone()));
+        assert_eq!(s.silences.len(), 2, "an end replaces the silence");
+        assert_eq!(s.silences[1], ended);
+        // Three hours on: s1 ran its course; s2's end is kept for a day.
+        let s = s.with(&Edit::Silence(silence("s3", 3 * H, 4 * H)));
+        let ids: Vec<&str> = s.silences.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, ["s2", "s3"]);
+        let s = s.with(&Edit::Silence(silence("s4", 26 * H, 30 * H)));
+        let ids: Vec<&str> = s.silences.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, ["s4"]);
     }
 
     #[test]

@@ -124,6 +124,16 @@ impl Silences {
         Ok(s)
     }
 
+    /// Keeps a silence as another replica made or ended it (`detect::shared`).
+    pub fn take_on(&self, s: Silence) {
+        if let Err(e) = self.write(&s) {
+            tracing::error!(silence = %s.id, error = %e, "silence from another replica not stored");
+            return;
+        }
+        tracing::info!(silence = %s.id, author = %s.author, ended_by = s.expired_by.as_deref().unwrap_or(""), "silence taken on from another replica");
+        self.replace(s);
+    }
+
     /// Ends a silence now; `None` when there is no such silence.
     pub fn expire(&self, id: &str, by: &str, now_ms: u64) -> Result<Option<Silence>, StoreError> {
         let Some(mut s) = self.all.load().iter().find(|s| s.id == id).cloned() else {
