@@ -1053,3 +1053,16 @@ pub async fn other_replicas_run(
     }
     false
 }
+
+/// The control bucket on a nats-server of a test (`detect::shared`, `detect::lead`).
+#[cfg(test)]
+pub async fn control_bucket_for_tests(url: &str) -> jetstream::kv::Store {
+    let js = jetstream::new(async_nats::connect(url).await.expect("nats"));
+    let bucket = KvBucket {
+        name: "fleet_control",
+        description: "test",
+        history: crate::detect::shared::HISTORY,
+        replicas: 1,
+    };
+    open_kv(&js, bucket).await.expect("control bucket")
+}

@@ -183,8 +183,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let alerts = start_detection(
         &wiring,
         (&store, &decisions, &traces.flags, &events),
-        &fleet,
-        &engine,
+        (&fleet, &engine),
         &mut registry,
         &mut telemetry_tasks,
     )
@@ -413,8 +412,7 @@ async fn start_detection(
         &crate::traces::flags::Flags,
         &crate::events::Hub,
     ),
-    fleet: &FleetHandle,
-    engine: &Arc<policy::PolicyEngine>,
+    (fleet, engine): (&FleetHandle, &Arc<policy::PolicyEngine>),
     registry: &mut prometheus_client::registry::Registry,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<crate::detect::run::Alerts, ServeError> {

@@ -61,6 +61,16 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>)
     (url, got, bad)
 }
 
+/// Two pools, the detector every 200 ms, alerts resolved after 1 s (a policy file in
+/// `dir`), and the signed webhook sink `hook`.
+fn quick_alerts_with_webhook(dir: &std::path::Path, hook: &str) -> String {
+    std::fs::write(dir.join("alerts.policy.toml"), "[alerts]\nresolve_s = 1\n").unwrap();
+    format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = {hook:?}\nsecret_env = \"FLEET_E2E_WEBHOOK_SECRET\"\n[policy]\ndir = {:?}\n",
+        dir.display().to_string()
+    )
+}
+
 async fn next_event(sub: &mut async_nats::Subscriber, event: &str) -> Value {
     loop {
         let msg = tokio::time::timeout(WAIT, sub.next())
@@ -78,16 +88,8 @@ async fn next_event(sub: &mut async_nats::Subscriber, event: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_it_empties() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("alerts.policy.toml"),
-        "[alerts]\nresolve_s = 1\n",
-    )
-    .unwrap();
     let (hook, received, bad_signatures) = webhook_receiver().await;
-    let toml = format!(
-        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = {hook:?}\nsecret_env = \"FLEET_E2E_WEBHOOK_SECRET\"\n[policy]\ndir = {:?}\n",
-        dir.path().display().to_string()
-    );
+    let toml = quick_alerts_with_webhook(dir.path(), &hook);
     let stack = Stack::start_with_env(&toml, &[("FLEET_E2E_WEBHOOK_SECRET", SECRET)]).await;
     let mut sub = stack.client.subscribe("fleet.alerts.>").await.unwrap();
     stack.client.flush().await.unwrap();
@@ -216,16 +218,6 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
     assert_eq!(r.status().as_u16(), 400);
 }
 
-async fn metric_of(api: &str, sample: &str) -> f64 {
-    let text = reqwest::get(format!("{api}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    sample_value(&text, sample)
-}
-
 /// The context_critical messages on `fleet.alerts.>` within `window`.
 async fn alert_events(sub: &mut async_nats::Subscriber, window: Duration) -> Vec<Value> {
     let mut got = Vec::new();
@@ -246,16 +238,8 @@ async fn alert_events(sub: &mut async_nats::Subscriber, window: Duration) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("alerts.policy.toml"),
-        "[alerts]\nresolve_s = 1\n",
-    )
-    .unwrap();
     let (hook, received, bad_signatures) = webhook_receiver().await;
-    let toml = format!(
-        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[[detect.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = {hook:?}\nsecret_env = \"FLEET_E2E_WEBHOOK_SECRET\"\n[policy]\ndir = {:?}\n",
-        dir.path().display().to_string()
-    );
+    let toml = quick_alerts_with_webhook(dir.path(), &hook);
     let nats = fleet_testkit::NatsServer::start().expect("nats-server");
     let start = |name: &str| {
         let mut o = commander_options(&nats, dir.path().join(name), &toml);
@@ -269,8 +253,8 @@ async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
     client.flush().await.unwrap();
     let mut leader = 0;
     eventually("one replica leads", WAIT, async || {
-        let a = metric_of(&apis[0], "fleet_alerts_leader").await;
-        let b = metric_of(&apis[1], "fleet_alerts_leader").await;
+        let a = metric_at(&apis[0], "fleet_alerts_leader").await;
+        let b = metric_at(&apis[1], "fleet_alerts_leader").await;
         leader = if a == 1.0 { 0 } else { 1 };
         a + b == 1.0
     })
@@ -308,7 +292,7 @@ async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
     let taken = next_event(&mut sub, "firing").await;
     let its_alert = firing_on(survivor).await.unwrap();
     assert_eq!(taken["alert"]["id"], its_alert["id"], "{taken}");
-    assert_eq!(metric_of(survivor, "fleet_alerts_leader").await, 1.0);
+    assert_eq!(metric_at(survivor, "fleet_alerts_leader").await, 1.0);
 
     // It ends: the survivor sends the end of the alert it sent.
     full.abort();

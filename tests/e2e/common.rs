@@ -122,6 +122,24 @@ impl Stack {
     }
 }
 
+/// The value of one sample line (name with labels) of the `/metrics` of the API at `base`.
+pub async fn metric_at(base: &str, sample: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    sample_value(&text, sample)
+}
+
+/// GET `path` on the API at `base`, as JSON (a non-2xx answer fails the test).
+pub async fn get_json_at(base: &str, path: &str) -> serde_json::Value {
+    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    assert!(r.status().is_success(), "GET {base}{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
 /// The value of one sample line (name with labels) of a `/metrics` answer; 0 when absent.
 pub fn sample_value(metrics: &str, sample: &str) -> f64 {
     metrics

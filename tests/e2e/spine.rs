@@ -236,12 +236,6 @@ fn replica_of(log: &str) -> String {
     rest.chars().take(16).collect()
 }
 
-async fn get(base: &str, path: &str) -> serde_json::Value {
-    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
-    assert!(r.status().is_success(), "GET {base}{path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
 /// Submits a task over HTTP to `base` and waits for its result there.
 async fn submitted_result(base: &str, id: &str) -> serde_json::Value {
     let http = reqwest::Client::new();
@@ -254,7 +248,7 @@ async fn submitted_result(base: &str, id: &str) -> serde_json::Value {
         .await
         .unwrap();
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    get(base, &format!("/v1/tasks/{id}/result?wait_s=30")).await
+    get_json_at(base, &format!("/v1/tasks/{id}/result?wait_s=30")).await
 }
 
 /// An operator's command sent to one replica holds on every replica (docs/protocol.md §3,
@@ -268,7 +262,7 @@ async fn an_operators_command_on_one_replica_holds_on_every_replica() {
     let b_opts = commander_options(&a.nats, a.dir.path().join("replica-b"), TWO_POOLS);
     let mut b = fleet_testkit::Commander::start(&b_opts).expect("replica b");
     let (seen, _worker) = watched_worker(&a.client, "alpha", "w1", 16).await;
-    let state = async |base: &str| get(base, "/v1/control/state").await;
+    let state = async |base: &str| get_json_at(base, "/v1/control/state").await;
 
     // Blocked through a: whichever replica takes a task for alpha refuses it.
     let ack = control(
@@ -304,8 +298,8 @@ async fn an_operators_command_on_one_replica_holds_on_every_replica() {
         s["blocks"] == serde_json::json!([]) && s["operator_interventions"] == serde_json::json!([])
     })
     .await;
-    let on_a = get(&a_http, "/v1/interventions?state=reverted").await;
-    let on_b = get(&b_http, "/v1/interventions?state=reverted").await;
+    let on_a = get_json_at(&a_http, "/v1/interventions?state=reverted").await;
+    let on_b = get_json_at(&b_http, "/v1/interventions?state=reverted").await;
     let by = &on_a["interventions"][0]["reverted_by"];
     assert_eq!(
         *by, on_b["interventions"][0]["reverted_by"],
@@ -347,7 +341,7 @@ async fn an_operators_command_on_one_replica_holds_on_every_replica() {
         cap["limit_usd"] == 5.0 && cap["set_at_ms"] == ack["state"]["cost_cap"]["set_at_ms"]
     })
     .await;
-    let policy = get(&b_http, "/v1/policy").await;
+    let policy = get_json_at(&b_http, "/v1/policy").await;
     assert!(policy.to_string().contains("operator_cost_cap"), "{policy}");
     let ack = control(&b_http, r#"{"command":"lift_cost_cap"}"#).await;
     assert_eq!(ack["ok"], true, "{ack}");
@@ -369,7 +363,7 @@ async fn an_operators_command_on_one_replica_holds_on_every_replica() {
         .unwrap();
     let sid = made["id"].as_str().expect("a silence id").to_string();
     let silence_on = async |base: &str| {
-        get(base, "/v1/silences").await["silences"]
+        get_json_at(base, "/v1/silences").await["silences"]
             .as_array()
             .and_then(|l| l.iter().find(|x| x["id"] == sid.as_str()).cloned())
     };

@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use serde_json::Value;
 
-use crate::common::{Stack, WAIT, commander_options, eventually, sample_value};
+use crate::common::{Stack, WAIT, commander_options, eventually, metric_at};
 
 const POOLS: &str = r#"
 [pools.code]
@@ -606,16 +606,11 @@ async fn otlp_sent_to_one_replica_is_seen_by_every_replica() {
                 .is_some_and(|c| c > 0.0)
     };
     let relayed = async |api: &str| {
-        let text = reqwest::get(format!("{api}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sample_value(
-            &text,
+        metric_at(
+            api,
             r#"fleet_telemetry_relayed_total{signal="traces",outcome="relayed"}"#,
         )
+        .await
     };
     send(&a_otlp, "lone-agent", 1).await;
     eventually("a lone commander takes its OTLP", WAIT, async || {

@@ -706,24 +706,21 @@ async fn apply(
         }
         Op::Cancel(task) => cancel(s, task, who, reason).await,
         Op::Purge(pool) => purge(s, pool, who, reason).await,
-        Op::Cap { usd, window } => {
-            let cap = s
-                .core
-                .policy
-                .set_cost_cap(Some((*usd, window.as_str())), who)
-                .map_err(ApiError::BadRequest)?;
-            alerts.share(shared::Edit::Cap(cap.clone()));
-            Ok(json!({"cost_cap": cap}))
-        }
-        Op::LiftCap => {
-            s.core
-                .policy
-                .set_cost_cap(None, who)
-                .map_err(ApiError::BadRequest)?;
-            alerts.share(shared::Edit::Cap(None));
-            Ok(json!({"cost_cap": null}))
-        }
+        Op::Cap { usd, window } => set_cap(s, Some((*usd, window.as_str())), who),
+        Op::LiftCap => set_cap(s, None, who),
     }
+}
+
+/// Sets or lifts the emergency cost cap, here at once and on the other replicas once they
+/// follow the control bucket.
+fn set_cap(s: &AppState, cap: Option<(f64, &str)>, who: &str) -> Result<Value, ApiError> {
+    let cap = s
+        .core
+        .policy
+        .set_cost_cap(cap, who)
+        .map_err(ApiError::BadRequest)?;
+    s.alerts.share(shared::Edit::Cap(cap.clone()));
+    Ok(json!({ "cost_cap": cap }))
 }
 
 /// A 404 for a pool the routing table does not name (one with no pools configured takes

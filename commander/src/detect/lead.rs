@@ -211,18 +211,7 @@ mod tests {
     #[tokio::test]
     async fn one_replica_leads_and_hands_the_lead_back_when_it_stops() {
         let nats = fleet_testkit::NatsServer::start().expect("nats-server");
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        let kv = crate::broker::open_kv(
-            &js,
-            crate::broker::KvBucket {
-                name: "fleet_control",
-                description: "test",
-                history: 16,
-                replicas: 1,
-            },
-        )
-        .await
-        .unwrap();
+        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
         let a = Arc::new(Lease::new(kv.clone(), "a"));
         let b = Arc::new(Lease::new(kv.clone(), "b"));
         let (stop_a, rx) = watch::channel(false);

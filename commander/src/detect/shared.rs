@@ -697,18 +697,7 @@ mod tests {
     #[tokio::test]
     async fn a_replica_mends_at_start_what_a_crash_or_an_absence_left_behind() {
         let nats = fleet_testkit::NatsServer::start().expect("nats-server");
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        let kv = crate::broker::open_kv(
-            &js,
-            crate::broker::KvBucket {
-                name: "fleet_control",
-                description: "test",
-                history: HISTORY,
-                replicas: 1,
-            },
-        )
-        .await
-        .unwrap();
+        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
         let x = replica();
         for id in ["op-lost-end", "op-ended-long-ago", "op-made-offline"] {
             x.log.record(&op(id)).unwrap();
