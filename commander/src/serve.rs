@@ -497,6 +497,9 @@ async fn share_with_replicas(
         seen: store.tree("operator_shared").map_err(in_store(w.config))?,
         silences: alerts.silences.clone(),
         seen_silences: store.tree("silences_shared").map_err(in_store(w.config))?,
+        cap_unshared: store
+            .tree("cost_cap_unshared")
+            .map_err(in_store(w.config))?,
     })
     .await
     .map_err(in_nats)?;

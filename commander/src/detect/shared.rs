@@ -157,6 +157,9 @@ pub struct Share {
     silences: Silences,
     /// Silences in force here that a revision of the bucket has held (as `seen`).
     seen_silences: sled::Tree,
+    /// Holds [`CAP_UNSHARED`] while a cost cap change made here is not yet written: until
+    /// then, here and across a restart, the bucket's cap is older than this replica's.
+    cap_unshared: sled::Tree,
     /// The bucket's state as last read or written here: what an operator's addition is
     /// measured against.
     last: std::sync::Mutex<State>,
@@ -178,7 +181,11 @@ pub struct Parts {
     pub seen: sled::Tree,
     pub silences: Silences,
     pub seen_silences: sled::Tree,
+    pub cap_unshared: sled::Tree,
 }
+
+/// The key of `Share::cap_unshared`.
+const CAP_UNSHARED: &[u8] = b"cap";
 
 /// The writer's state: changes not yet written, and the last revision it wrote.
 #[derive(Debug, Default)]
@@ -202,6 +209,7 @@ impl Share {
             seen: p.seen,
             silences: p.silences,
             seen_silences: p.seen_silences,
+            cap_unshared: p.cap_unshared,
             last: Default::default(),
             outbox,
             inbox: tokio::sync::Mutex::new(inbox),
@@ -242,6 +250,10 @@ impl Share {
                 me.offer(Edit::Silence(x));
             }
         }
+        if me.cap_is_unshared() {
+            // Set or lifted here before a stop, never written: this replica's is newer.
+            me.offer(Edit::Cap(me.engine.cost_cap()));
+        }
         Ok(me)
     }
 
@@ -258,6 +270,12 @@ impl Share {
         Ok(())
     }
 
+    fn cap_is_unshared(&self) -> bool {
+        self.cap_unshared
+            .contains_key(CAP_UNSHARED)
+            .unwrap_or(false)
+    }
+
     fn remember(&self, state: &State) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
     }
@@ -265,6 +283,11 @@ impl Share {
     /// Queues `edit` for the bucket (never waits: an operator's ack does not wait for
     /// NATS).
     pub fn offer(&self, edit: Edit) {
+        if matches!(edit, Edit::Cap(_))
+            && let Err(e) = self.cap_unshared.insert(CAP_UNSHARED, &[])
+        {
+            tracing::warn!(error = %e, "cannot note an unshared cost cap change");
+        }
         if let Err(e) = self.outbox.try_send(edit) {
             self.dropped.inc();
             tracing::error!(error = %e, "operator change not shared with the other replicas: too many waiting");
@@ -325,6 +348,9 @@ impl Share {
                 self.remember(&state);
                 writer.written = writer.written.max(revision);
                 writer.pending.clear();
+                if edits.iter().any(|e| matches!(e, Edit::Cap(_))) {
+                    let _ = self.cap_unshared.remove(CAP_UNSHARED);
+                }
             }
             Err(e) => tracing::warn!(
                 error = %e,
@@ -435,7 +461,8 @@ impl Share {
                 self.offer(Edit::End(i));
             }
         }
-        let cap_waiting = writer.pending.iter().any(|e| matches!(e, Edit::Cap(_)));
+        let cap_waiting =
+            self.cap_is_unshared() || writer.pending.iter().any(|e| matches!(e, Edit::Cap(_)));
         if !cap_waiting && state.cost_cap != self.engine.cost_cap() {
             match self.engine.adopt_cost_cap(state.cost_cap.clone()) {
                 Ok(cap) => {
@@ -672,6 +699,7 @@ mod tests {
             seen: r.store.tree("operator_shared").unwrap(),
             silences: r.silences.clone(),
             seen_silences: r.store.tree("silences_shared").unwrap(),
+            cap_unshared: r.store.tree("cost_cap_unshared").unwrap(),
         })
         .await
         .unwrap()
@@ -833,6 +861,48 @@ mod tests {
         let s = s.with(&Edit::Silence(silence("s4", 26 * H, 30 * H)));
         let ids: Vec<&str> = s.silences.iter().map(|x| x.id.as_str()).collect();
         assert_eq!(ids, ["s4"]);
+    }
+
+    /// An emergency cost cap set while NATS was away, and not yet written when the
+    /// replica stopped, is this replica's newest word: at the next start it stays in force
+    /// and is written, rather than replaced by the bucket's older cap.
+    #[tokio::test]
+    async fn a_cost_cap_not_yet_written_survives_a_restart_and_is_written() {
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
+        let x = replica();
+        let first = share(&kv, &x, "x").await;
+        // Set here; the writer never runs (NATS away), then the replica stops.
+        let cap = x.engine.set_cost_cap(Some((7.0, "1d")), "oncall").unwrap();
+        first.offer(Edit::Cap(cap.clone()));
+        drop(first);
+        assert_eq!(bucket_state(&kv).await.cost_cap, None);
+
+        let again = share(&kv, &x, "x").await;
+        assert_eq!(
+            x.engine.cost_cap(),
+            cap,
+            "the bucket's older cap does not win"
+        );
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(again.clone().run(rx));
+        until("x writes its cap", async || {
+            bucket_state(&kv).await.cost_cap == cap
+        })
+        .await;
+        until("the cap is no longer unshared", async || {
+            !again.cap_is_unshared()
+        })
+        .await;
+        // Another replica's later change is then taken on as usual.
+        let y = replica();
+        let other = share(&kv, &y, "y").await;
+        assert_eq!(y.engine.cost_cap(), cap);
+        let (_stop_y, rx) = watch::channel(false);
+        tokio::spawn(other.clone().run(rx));
+        y.engine.set_cost_cap(None, "bob").unwrap();
+        other.offer(Edit::Cap(None));
+        until("x lifts it", async || x.engine.cost_cap().is_none()).await;
     }
 
     #[test]
