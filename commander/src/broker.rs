@@ -1032,26 +1032,80 @@ pub async fn open_kv(
     js.get_key_value(b.name).await.map_err(|e| e.to_string())
 }
 
+/// How often the other replicas are looked for, at most.
+pub const OTHERS_LOOK_EVERY: Duration = Duration::from_secs(10);
+
 /// Whether another commander replica runs: its results consumer
 /// (`commander-results-<replica>`) has a pull request waiting. A replica that stopped
-/// leaves its consumer behind, idle, so that is not enough.
-pub async fn other_replicas_run(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    replica: &str,
-) -> bool {
-    use futures::StreamExt;
-    let Ok(stream) = js.get_stream_no_info(subjects.results_stream()).await else {
-        return false;
-    };
-    let (prefix, own) = (results_consumer_name(""), results_consumer_name(replica));
-    let mut consumers = stream.consumers();
-    while let Some(Ok(info)) = consumers.next().await {
-        if info.name.starts_with(&prefix) && info.name != own && info.num_waiting > 0 {
-            return true;
+/// leaves its consumer behind, idle, so that is not enough. One look serves everything
+/// that asks (record lookups, the OTLP relay) for [`OTHERS_LOOK_EVERY`].
+#[derive(Debug)]
+pub struct OtherReplicas {
+    js: jetstream::Context,
+    subjects: Subjects,
+    replica: String,
+    running: std::sync::atomic::AtomicBool,
+    /// When the last look was made.
+    looked: std::sync::Mutex<Option<Instant>>,
+}
+
+impl OtherReplicas {
+    pub fn new(js: &jetstream::Context, subjects: &Subjects, replica: &str) -> Self {
+        Self {
+            js: js.clone(),
+            subjects: subjects.clone(),
+            replica: replica.to_string(),
+            running: Default::default(),
+            looked: Default::default(),
         }
     }
-    false
+
+    /// What the last look found (no I/O; false before the first).
+    pub fn last_known(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the last look found, looking again when it is older than
+    /// [`OTHERS_LOOK_EVERY`].
+    pub async fn run(&self) -> bool {
+        let fresh = self
+            .looked
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|at| at.elapsed() < OTHERS_LOOK_EVERY);
+        if fresh {
+            return self.last_known();
+        }
+        self.look_now().await
+    }
+
+    /// Looks now.
+    pub async fn look_now(&self) -> bool {
+        use futures::StreamExt;
+        let mut running = false;
+        if let Ok(stream) = self
+            .js
+            .get_stream_no_info(self.subjects.results_stream())
+            .await
+        {
+            let prefix = results_consumer_name("");
+            let own = results_consumer_name(&self.replica);
+            let mut consumers = stream.consumers();
+            while let Some(Ok(info)) = consumers.next().await {
+                if info.name.starts_with(&prefix) && info.name != own && info.num_waiting > 0 {
+                    running = true;
+                    break;
+                }
+            }
+        }
+        self.running
+            .store(running, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut l) = self.looked.lock() {
+            *l = Some(Instant::now());
+        }
+        running
+    }
 }
 
 /// The control bucket on a nats-server of a test (`detect::shared`, `detect::lead`).

@@ -10,7 +10,6 @@ use async_nats::jetstream;
 use fleet_worker::span::{AttrValue, ExportConfig, SpanExporter};
 use tokio::sync::watch;
 
-use crate::api::peers::NatsPeers;
 use crate::api::{self, AppState};
 use crate::broker::{self, BrokerError};
 use crate::classify::rubric::{CheckAgainst, Rubric, RubricError};
@@ -142,7 +141,6 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
-
     // The one live snapshot starts from the config's routing table, the registry and the
     // rubric as loaded here (a bad file refuses to start) and the built-in policy; the
     // bucket or the policy directory replace the policy once they are read.
@@ -162,6 +160,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         supervisor: &supervisor,
         stop: &stop_rx,
         replica: &replica,
+        others: Arc::new(broker::OtherReplicas::new(&js, &subjects, &replica)),
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
@@ -221,7 +220,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
                 .with_retry_for(Duration::ZERO),
         ),
         policies: policy_sync.clone(),
-        peers: Arc::new(NatsPeers::new(client.clone(), subjects.clone(), &replica)),
+        peers: Arc::new(nats_peers(&wiring)),
         alerts,
         registry,
         ready: ready.clone(),
@@ -618,6 +617,11 @@ impl crate::api::control::Tell for NatsTell {
     }
 }
 
+/// The other replicas, as the API asks them for records and sends cancels on.
+fn nats_peers(w: &Wiring<'_>) -> crate::api::peers::NatsPeers {
+    crate::api::peers::NatsPeers::new(w.client.clone(), w.subjects.clone(), w.others.clone())
+}
+
 /// Answers the other replicas' record lookups and carries out the cancels they send on
 /// (`api::peers::answer_lookups`).
 fn answer_other_replicas(w: &Wiring<'_>, state: &AppState) -> tokio::task::JoinHandle<()> {
@@ -757,6 +761,8 @@ struct Wiring<'a> {
     stop: &'a watch::Receiver<bool>,
     /// This commander replica's id ([`Store::replica_id`]).
     replica: &'a str,
+    /// Whether other replicas run (record lookups and the OTLP relay share its looks).
+    others: Arc<broker::OtherReplicas>,
 }
 
 /// The policy sync, and the watches of the sources checked with the policy.
@@ -899,7 +905,7 @@ async fn start_telemetry(
         (w.config, w.client, w.js, w.subjects, w.supervisor, w.stop);
     let (relay, mut telemetry_tasks) = ingest::relay::Relay::start(
         w.telemetry.clone(),
-        js.clone(),
+        w.others.clone(),
         subjects,
         w.replica,
         stop_rx.clone(),

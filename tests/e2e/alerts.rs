@@ -61,6 +61,16 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>)
     (url, got, bad)
 }
 
+/// The `type` of each webhook call received, in order.
+fn webhook_types(received: &Mutex<Vec<Value>>) -> Vec<String> {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Two pools, the detector every 200 ms, alerts resolved after 1 s (a policy file in
 /// `dir`), and the signed webhook sink `hook`.
 fn quick_alerts_with_webhook(dir: &std::path::Path, hook: &str) -> String {
@@ -196,12 +206,7 @@ async fn a_filling_context_fires_context_critical_everywhere_and_resolves_when_i
         received.lock().unwrap().len() >= 2
     })
     .await;
-    let types: Vec<String> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|v| v["type"].as_str().unwrap().to_string())
-        .collect();
+    let types = webhook_types(&received);
     assert_eq!(types, ["alert.firing", "alert.resolved"]);
     assert_eq!(*bad_signatures.lock().unwrap(), 0);
     let sinks = stack.get_json("/v1/alerts/sinks").await;
@@ -306,12 +311,7 @@ async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
         async || received.lock().unwrap().len() == 3,
     )
     .await;
-    let types: Vec<String> = received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|v| v["type"].as_str().unwrap().to_string())
-        .collect();
+    let types = webhook_types(&received);
     assert_eq!(types, ["alert.firing", "alert.firing", "alert.resolved"]);
     assert_eq!(*bad_signatures.lock().unwrap(), 0);
 }

@@ -11,12 +11,11 @@
 //!
 //! A replica asks only while another is running: one whose results consumer
 //! (`commander-results-<replica>`) has a pull request waiting, looked up at most every
-//! [`RUNNING_FOR`]. A lone commander answers an unknown id at once.
+//! 10 s (`broker::OtherReplicas`). A lone commander answers an unknown id at once.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::jetstream;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -30,8 +29,6 @@ const PEER_WAIT: Duration = Duration::from_millis(500);
 const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// Cancels from other replicas handled at once; past it, one is answered as busy.
 const CANCELS_AT_ONCE: usize = 16;
-/// How long a look at which replicas run holds.
-const RUNNING_FOR: Duration = Duration::from_secs(10);
 
 /// Where the API finds a task's record that another replica keeps.
 pub trait Peers: Send + Sync + std::fmt::Debug {
@@ -54,45 +51,26 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
 pub struct NatsPeers {
     client: async_nats::Client,
     subjects: fleet_worker::Subjects,
-    js: jetstream::Context,
-    /// This replica's id.
-    replica: String,
-    /// Whether another replica ran at the last look, and when that was.
-    running: Mutex<Option<(Instant, bool)>>,
+    /// Whether another replica runs.
+    others: Arc<crate::broker::OtherReplicas>,
 }
 
 impl NatsPeers {
     pub fn new(
         client: async_nats::Client,
         subjects: fleet_worker::Subjects,
-        replica: &str,
+        others: Arc<crate::broker::OtherReplicas>,
     ) -> Self {
         NatsPeers {
-            js: jetstream::new(client.clone()),
             client,
             subjects,
-            replica: replica.to_string(),
-            running: Mutex::new(None),
+            others,
         }
     }
 
     /// Whether another replica runs: its results consumer has a pull request waiting.
     async fn others_run(&self) -> bool {
-        if let Ok(guard) = self.running.lock()
-            && let Some((at, running)) = *guard
-            && at.elapsed() < RUNNING_FOR
-        {
-            return running;
-        }
-        let running = self.look_for_others().await;
-        if let Ok(mut guard) = self.running.lock() {
-            *guard = Some((Instant::now(), running));
-        }
-        running
-    }
-
-    async fn look_for_others(&self) -> bool {
-        crate::broker::other_replicas_run(&self.js, &self.subjects, &self.replica).await
+        self.others.run().await
     }
 }
 

@@ -57,11 +57,6 @@ impl Leading {
             }
         }
     }
-
-    /// Always leading (a commander without NATS in tests).
-    pub fn always() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
-    }
 }
 
 /// One replica's side of the lease.

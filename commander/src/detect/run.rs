@@ -109,9 +109,7 @@ impl Alerts {
             s.offer(edit);
         }
     }
-}
 
-impl Alerts {
     pub fn new(
         log: AlertLog,
         sinks: super::sinks::Sinks,
@@ -182,7 +180,15 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
         let open = if kicked {
             w.alerts.open.load_full().as_ref().clone()
         } else {
-            detect_once(&w, &mut detector, &mut drift, &snapshot, &live, now_ms).await
+            detect_once(
+                &w,
+                &mut detector,
+                &mut drift,
+                (&snapshot, &live),
+                now_ms,
+                leading,
+            )
+            .await
         };
         if leading && !was_leading {
             take_over(&w, &open).await;
@@ -213,21 +219,21 @@ pub async fn run(w: Arc<Wiring>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One evaluation of the rules: alerts settled (stored, published, delivered), and the
-/// open ones, with their silences, returned.
+/// One evaluation of the rules: alerts settled (stored, and published and delivered when
+/// `leading`), and the open ones, with their silences, returned.
 async fn detect_once(
     w: &Wiring,
     detector: &mut Detector,
     drift: &mut Option<tokio::task::JoinHandle<Vec<super::rules::Observation>>>,
-    snapshot: &FleetSnapshot,
-    live: &crate::policy::live::Live,
+    (snapshot, live): (&FleetSnapshot, &crate::policy::live::Live),
     now_ms: u64,
+    leading: bool,
 ) -> Vec<Alert> {
     step_drift(detector, drift, snapshot, &live.policy.alerts, now_ms).await;
     let changes = detector.tick(snapshot, &live.policy.alerts, &live.routing.pools, now_ms);
     w.alerts.counters.ticks.inc();
     for (change, alert) in &changes {
-        settle(w, *change, alert, now_ms).await;
+        settle(w, *change, alert, now_ms, leading).await;
     }
     let mut open = detector.open();
     for a in &mut open {
@@ -301,7 +307,7 @@ async fn take_over(w: &Wiring, open: &[Alert]) {
 
 /// Counts, stores and publishes one change (a silenced one is stored, not sent; nor is
 /// any while another replica notifies).
-async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
+async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64, leading: bool) {
     let mut alert = alert.clone();
     alert.silenced_by = w.alerts.silences.muting(&alert, now_ms);
     let alert = &alert;
@@ -332,7 +338,7 @@ async fn settle(w: &Wiring, change: Change, alert: &Alert, now_ms: u64) {
         w.alerts.counters.silenced.inc();
         return;
     }
-    if w.leading.now() {
+    if leading {
         send(w, change, alert).await;
     }
 }

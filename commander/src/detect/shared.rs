@@ -194,6 +194,19 @@ pub struct Writer {
     written: u64,
 }
 
+impl Writer {
+    /// Whether a change to the same thing as `edit` (the same intervention's end, the same
+    /// silence, the cap) waits to be written.
+    fn waits_with(&self, edit: &Edit) -> bool {
+        self.pending.iter().any(|e| match (e, edit) {
+            (Edit::End(a), Edit::End(b)) => a.id == b.id,
+            (Edit::Silence(a), Edit::Silence(b)) => a.id == b.id,
+            (Edit::Cap(_), Edit::Cap(_)) => true,
+            _ => false,
+        })
+    }
+}
+
 impl Share {
     /// Takes on the bucket's state (writing this replica's own when the bucket has none,
     /// as on the first start of this release) and queues what this replica has in force
@@ -217,10 +230,7 @@ impl Share {
         });
         let mut writer = Writer::default();
         let held = match me.kv.entry(KEY).await.map_err(|e| e.to_string())? {
-            Some(entry) => {
-                me.follow(&entry, &writer);
-                decode(&entry.value).unwrap_or_default()
-            }
+            Some(entry) => me.follow(&entry, &writer).unwrap_or_default(),
             None => {
                 let mut first = State {
                     cost_cap: me.engine.cost_cap(),
@@ -241,7 +251,7 @@ impl Share {
             }
         };
         for i in me.own_active() {
-            if !me.was_seen(&i.id) && !held.active.iter().any(|h| h.id == i.id) {
+            if !was_seen(&me.seen, &i.id) && !held.active.iter().any(|h| h.id == i.id) {
                 me.offer(Edit::Start(i));
             }
         }
@@ -417,52 +427,33 @@ impl Share {
             .collect()
     }
 
-    fn mark_seen(&self, id: &str) {
-        mark_seen(&self.seen, id);
-    }
-
-    fn was_seen(&self, id: &str) -> bool {
-        was_seen(&self.seen, id)
-    }
-
-    /// Takes on one revision of the bucket. One older than this replica's last write is
-    /// passed over: the watch brings that write's revision, or a later one, next.
-    fn follow(&self, entry: &kv::Entry, writer: &Writer) {
+    /// Takes on one revision of the bucket, and returns it. One older than this replica's
+    /// last write is passed over: the watch brings that write's revision, or a later one,
+    /// next.
+    fn follow(&self, entry: &kv::Entry, writer: &Writer) -> Option<State> {
         if !matches!(entry.operation, kv::Operation::Put) || entry.revision < writer.written {
-            return;
+            return None;
         }
         let Some(state) = decode(&entry.value) else {
             tracing::warn!(
                 revision = entry.revision,
                 "control bucket entry unreadable; ignored"
             );
-            return;
+            return None;
         };
         self.remember(&state);
         let now = self.engine.now_ms();
         let (changed, to_end) = self.reconcile(&state, now);
-        for x in self.reconcile_silences(&state, now) {
-            let waiting = writer
-                .pending
-                .iter()
-                .any(|e| matches!(e, Edit::Silence(s) if s.id == x.id));
-            if !waiting {
-                self.offer(Edit::Silence(x));
-            }
-        }
+        let silences = self.reconcile_silences(&state, now);
         // Ended here but in force there, and not waiting to be written: the end's write
         // was lost (a crash, or NATS was down until a restart). Write it again.
-        for i in to_end {
-            let waiting = writer
-                .pending
-                .iter()
-                .any(|e| matches!(e, Edit::End(x) if x.id == i.id));
-            if !waiting {
-                self.offer(Edit::End(i));
+        let again = to_end.into_iter().map(Edit::End);
+        for edit in again.chain(silences.into_iter().map(Edit::Silence)) {
+            if !writer.waits_with(&edit) {
+                self.offer(edit);
             }
         }
-        let cap_waiting =
-            self.cap_is_unshared() || writer.pending.iter().any(|e| matches!(e, Edit::Cap(_)));
+        let cap_waiting = self.cap_is_unshared() || writer.waits_with(&Edit::Cap(None));
         if !cap_waiting && state.cost_cap != self.engine.cost_cap() {
             match self.engine.adopt_cost_cap(state.cost_cap.clone()) {
                 Ok(cap) => {
@@ -475,6 +466,7 @@ impl Share {
             super::act::put_routing_in_force(&self.engine, &self.log.active());
             self.kick.notify_one();
         }
+        Some(state)
     }
 
     /// Makes this replica's operator interventions those in `state`; returns whether any
@@ -503,7 +495,7 @@ impl Share {
                     continue;
                 }
             }
-            self.mark_seen(&i.id);
+            mark_seen(&self.seen, &i.id);
         }
         let in_force: BTreeSet<&str> = state.active.iter().map(|i| i.id.as_str()).collect();
         for mine in self.own_active() {
@@ -518,7 +510,7 @@ impl Share {
                     continue;
                 }
                 tracing::info!(intervention = %ended.id, by = ended.reverted_by.as_deref().unwrap_or(""), "operator intervention ended on another replica");
-            } else if self.was_seen(&mine.id) {
+            } else if was_seen(&self.seen, &mine.id) {
                 // Ended elsewhere longer ago than the bucket remembers who ended it.
                 if let Err(e) = self.log.revert(&mine.id, "another replica", now) {
                     tracing::warn!(intervention = %mine.id, error = %e, "intervention not ended");

@@ -3,8 +3,8 @@
 //! fleet, as they already do for telemetry sent over NATS (docs/protocol.md §3, "Several
 //! commander replicas").
 //!
-//! Only while another replica runs (`broker::other_replicas_run`, looked at every
-//! [`LOOK_EVERY`]): a lone commander pays one atomic load per export. An export goes on
+//! Only while another replica runs (`broker::OtherReplicas`, looked at every
+//! [`OTHERS_LOOK_EVERY`]): a lone commander pays one atomic load per export. An export goes on
 //! once the live state here took it (one refused is sent again by its client), as its
 //! protobuf body with its `Fleet-Kind`, on `<prefix>.telemetry._relay.<replica>`, through
 //! the telemetry connection, which does not hear its own messages; replicas do not pass on
@@ -12,8 +12,6 @@
 //! bounded: past it an export is not passed on, and counted, rather than slow a receiver.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use fleet_worker::protocol::{Subjects, headers};
@@ -22,12 +20,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
 
+use crate::broker::{OTHERS_LOOK_EVERY, OtherReplicas};
+
 /// Subject token of relayed exports (`<prefix>.telemetry._relay.<replica>`).
 pub const RELAY_TOKEN: &str = "_relay";
 /// Exports waiting to be published.
 const QUEUE: usize = 1_024;
-/// How often the other replicas are looked for.
-pub const LOOK_EVERY: Duration = Duration::from_secs(10);
 /// Room kept for the headers under the server's `max_payload`.
 const HEADER_ROOM: usize = 1_024;
 
@@ -51,7 +49,7 @@ struct Export {
 #[derive(Clone, Debug)]
 pub struct Relay {
     tx: mpsc::Sender<Export>,
-    others: Arc<AtomicBool>,
+    others: Arc<OtherReplicas>,
     max_body: usize,
     pub counts: Family<RelayLabels, Counter>,
 }
@@ -59,7 +57,7 @@ pub struct Relay {
 impl Relay {
     /// Whether exports are passed on now (another replica runs).
     pub fn wanted(&self) -> bool {
-        self.others.load(Ordering::Relaxed)
+        self.others.last_known()
     }
 
     /// Passes on one export the live state took (`kind` its `Fleet-Kind`); never waits.
@@ -83,10 +81,10 @@ impl Relay {
     }
 
     /// The relay and its two tasks (publishing; looking for other replicas), until `stop`.
-    /// `client` is the telemetry connection (no echo); `js` asks which replicas run.
+    /// `client` is the telemetry connection (no echo).
     pub fn start(
         client: async_nats::Client,
-        js: async_nats::jetstream::Context,
+        others: Arc<OtherReplicas>,
         subjects: &Subjects,
         replica: &str,
         stop: watch::Receiver<bool>,
@@ -95,19 +93,13 @@ impl Relay {
         let max_payload = client.server_info().max_payload;
         let relay = Relay {
             tx,
-            others: Arc::default(),
+            others: others.clone(),
             max_body: max_payload.saturating_sub(HEADER_ROOM),
             counts: Family::default(),
         };
         let subject = format!("{}.telemetry.{RELAY_TOKEN}.{replica}", subjects.prefix());
         let publish = tokio::spawn(publish(relay.clone(), client, subject, rx, stop.clone()));
-        let look = tokio::spawn(look_for_others(
-            relay.others.clone(),
-            js,
-            subjects.clone(),
-            replica.to_string(),
-            stop,
-        ));
+        let look = tokio::spawn(look_for_others(others, stop));
         (relay, vec![publish, look])
     }
 }
@@ -140,21 +132,18 @@ async fn publish(
     }
 }
 
-async fn look_for_others(
-    others: Arc<AtomicBool>,
-    js: async_nats::jetstream::Context,
-    subjects: Subjects,
-    replica: String,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut every = tokio::time::interval(LOOK_EVERY);
+/// Looks every [`OTHERS_LOOK_EVERY`], so exports go on within that of a second replica's
+/// start (the record lookups share these looks).
+async fn look_for_others(others: Arc<OtherReplicas>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(OTHERS_LOOK_EVERY);
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
-        let run = crate::broker::other_replicas_run(&js, &subjects, &replica).await;
-        if others.swap(run, Ordering::Relaxed) != run {
+        let before = others.last_known();
+        let run = others.look_now().await;
+        if before != run {
             tracing::info!(
                 relay = run,
                 "OTLP telemetry {} passed on to the other replicas",
