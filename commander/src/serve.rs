@@ -456,8 +456,9 @@ async fn start_detection(
 }
 
 /// What replicas share through the `<prefix>_control` bucket: the operator's interventions
-/// and cost cap (`detect::shared`), and the lease that makes one replica the one that
-/// notifies alerts (`detect::lead`). Both run until `w.stop`, in `tasks`.
+/// and cost cap (`detect::shared`), what each has committed of the budgets
+/// (`policy::ledger_share`), and the lease that makes one replica the one that notifies
+/// alerts (`detect::lead`). All run until `w.stop`, in `tasks`.
 async fn share_with_replicas(
     w: &Wiring<'_>,
     store: &Store,
@@ -476,7 +477,7 @@ async fn share_with_replicas(
     let name = shared::bucket_name(w.subjects.prefix());
     let bucket = broker::KvBucket {
         name: &name,
-        description: "fleet commander: the operator's interventions and cost cap in force, and who notifies alerts",
+        description: "fleet commander: the operator's interventions and cost cap in force, each replica's budget spending, and who notifies alerts",
         history: shared::HISTORY,
         replicas: w.config.nats.replicas,
     };
@@ -507,6 +508,18 @@ async fn share_with_replicas(
         "Operator changes not handed to the other replicas because too many were waiting",
         share.dropped.clone(),
     );
+    let ledger = policy::ledger_share::LedgerShare::start(kv.clone(), engine.clone(), w.replica)
+        .await
+        .map_err(in_nats)?;
+    registry.register(
+        "budget_cells_unshared",
+        "Budget cells the last write to the other replicas left out (more than a key holds)",
+        ledger.unshared.clone(),
+    );
+    tasks.push(w.supervisor.spawn("ledger_share", w.stop.clone(), {
+        let stop = w.stop.clone();
+        move || ledger.clone().run(stop.clone())
+    }));
     let lease = Arc::new(lead::Lease::new(kv, w.replica));
     let leading = lease.leading.clone();
     let (s, l, stop) = (share.clone(), lease, w.stop.clone());

@@ -251,6 +251,81 @@ async fn submitted_result(base: &str, id: &str) -> serde_json::Value {
     get_json_at(base, &format!("/v1/tasks/{id}/result?wait_s=30")).await
 }
 
+/// A budget holds for the fleet, not per replica (docs/policy.md, "Replicas"): each replica
+/// counts what the others committed. Before, each checked tasks against its own ledger
+/// only, and N replicas sharing intake could spend N times a limit; a replica that
+/// started knew nothing of what the others had spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_holds_across_replicas() {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("main.policy.toml"),
+        "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"reject\"\n",
+    )
+    .unwrap();
+    let config = format!("{TWO_POOLS}\n[policy]\ndir = {:?}\n", policies.path());
+    let a = Stack::start(&config).await;
+    let a_http = a.commander.http().to_string();
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Every run costs $0.25: four fill the day's dollar.
+    let _worker = fleet_worker::Worker::start(
+        a.client.clone(),
+        fleet_worker::WorkerConfig::new("alpha", "w1"),
+        {
+            let runs = runs.clone();
+            move |_ctx: fleet_worker::TaskContext| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    Ok(fleet_worker::TaskOutput {
+                        output: serde_json::json!({ "done": true }),
+                        usage: Some(fleet_worker::Usage {
+                            model: Some("gpt-4o-mini".into()),
+                            input_tokens: 10,
+                            output_tokens: 5,
+                            cost_usd: Some(0.25),
+                        }),
+                    })
+                }
+            }
+        },
+    )
+    .await
+    .expect("worker starts");
+    let standing = async |base: &str| get_json_at(base, "/v1/policy").await["standing"][0].clone();
+
+    // a alone spends half.
+    for i in 0..2 {
+        let r = submitted_result(&a_http, &format!("early-{i}")).await;
+        assert_eq!(r["status"], "ok", "{r}");
+    }
+    // b starts and counts what a spent.
+    let b_opts = commander_options(&a.nats, a.dir.path().join("replica-b"), &config);
+    let b = fleet_testkit::Commander::start(&b_opts).expect("replica b");
+    let b_http = b.http().to_string();
+    eventually("b counts a's spending", WAIT, async || {
+        let s = standing(&b_http).await;
+        s["spent_usd"] == 0.5 && s["other_replicas_usd"] == 0.5
+    })
+    .await;
+    // Two more, decided by either replica, fill the budget.
+    for i in 0..2 {
+        let r = submitted_result(&b_http, &format!("late-{i}")).await;
+        assert_eq!(r["status"], "ok", "{r}");
+    }
+    eventually("both count the fleet's whole dollar", WAIT, async || {
+        standing(&a_http).await["spent_usd"] == 1.0 && standing(&b_http).await["spent_usd"] == 1.0
+    })
+    .await;
+    // Whichever replica decides, nothing more runs.
+    for i in 0..8 {
+        let base = if i % 2 == 0 { &a_http } else { &b_http };
+        let r = submitted_result(base, &format!("over-{i}")).await;
+        assert_eq!(r["status"], "rejected", "over-{i}: {r}");
+        assert_eq!(r["error"]["code"], "budget_exceeded", "over-{i}: {r}");
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
 /// An operator's command sent to one replica holds on every replica (docs/protocol.md §3,
 /// "Several commander replicas"): with a shared intake, a pool blocked through one replica
 /// was still dispatched to by the other, a pause set through one could not be resumed

@@ -12,7 +12,7 @@
 //! the task's record, and the task log keeps the ledger from them, in the same entries
 //! (`store::log`): a restart finds the ledger exactly as the records it has left it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::load::{Budget, Policy};
@@ -21,12 +21,38 @@ use super::schema::{Scope, SoftAction};
 pub use super::window::{Window, rfc3339, usd};
 pub use crate::domain::{Cell, CellKey, Reservation, TaskDims};
 
-/// The ledger: every cell, in memory. Nested by budget, then value, so the task path looks
-/// cells up by `&str` without allocating. What is durable is kept by the task log, from
-/// the task records' reservations and charges (see `store::log`), not from this.
+/// Cells nested by budget, then value, then bucket start, so the task path looks cells up
+/// by `&str` without allocating.
+pub type Cells = BTreeMap<String, BTreeMap<String, BTreeMap<u64, Cell>>>;
+
+/// The ledger: every cell, in memory. What is durable is kept by the task log, from the
+/// task records' reservations and charges (see `store::log`), not from this.
+///
+/// With several replicas each keeps its own cells (its own records') and adds, wherever
+/// a task is checked, what the other replicas last shared (`policy::ledger_share`): a
+/// budget holds for the fleet, not per replica.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    cells: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Cell>>>,
+    cells: Cells,
+    /// The other replicas' cells as they last shared them, summed. Never stored: each
+    /// replica's own cells are durable in its own store.
+    others: Cells,
+    /// Bumped by every change to this replica's cells: the share writes only when it moved.
+    changes: u64,
+}
+
+fn buckets_of<'a>(cells: &'a Cells, budget: &str, value: &str) -> Option<&'a BTreeMap<u64, Cell>> {
+    cells.get(budget)?.get(value)
+}
+
+/// Spent and reserved of `buckets` from `from` on.
+fn sums_from(buckets: Option<&BTreeMap<u64, Cell>>, from: u64) -> (f64, f64) {
+    buckets
+        .map(|b| {
+            b.range(from..)
+                .fold((0.0, 0.0), |(s, r), (_, c)| (s + c.spent, r + c.reserved))
+        })
+        .unwrap_or((0.0, 0.0))
 }
 
 impl Ledger {
@@ -35,7 +61,42 @@ impl Ledger {
     }
 
     fn buckets(&self, budget: &str, value: &str) -> Option<&BTreeMap<u64, Cell>> {
-        self.cells.get(budget)?.get(value)
+        buckets_of(&self.cells, budget, value)
+    }
+
+    /// Puts what the other replicas shared in place of what they shared before.
+    pub fn set_others(&mut self, others: Cells) {
+        self.others = others;
+    }
+
+    /// How many times this replica's cells changed (never goes back).
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// This replica's cells that count now under `policy`, with something in them:
+    /// what it shares with the other replicas.
+    pub fn own_counting(&self, policy: &Policy, now_ms: u64) -> Vec<(CellKey, Cell)> {
+        let mut out = Vec::new();
+        for (budget, values) in &self.cells {
+            let Some(b) = policy.budget(budget) else {
+                continue;
+            };
+            let from = b.window.counting_from(now_ms);
+            for (value, buckets) in values {
+                for (bucket, c) in buckets.range(from..) {
+                    if c.spent.abs() > 1e-12 || c.reserved.abs() > 1e-12 {
+                        let key = CellKey {
+                            budget: budget.clone(),
+                            value: value.clone(),
+                            bucket: *bucket,
+                        };
+                        out.push((key, *c));
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn cell(&self, key: &CellKey) -> Cell {
@@ -45,10 +106,13 @@ impl Ledger {
             .unwrap_or_default()
     }
 
-    /// Spent + reserved in the window of `budget` for `value` at `now_ms`.
+    /// Spent + reserved in the window of `budget` for `value` at `now_ms`, by every
+    /// replica.
     pub fn committed(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> f64 {
-        let (spent, reserved) = self.sums(budget, value, window.counting_from(now_ms));
-        spent + reserved
+        let from = window.counting_from(now_ms);
+        let (spent, reserved) = self.sums(budget, value, from);
+        let (o_spent, o_reserved) = self.others_sums(budget, value, from);
+        spent + reserved + o_spent + o_reserved
     }
 
     /// Whether a budget has cells for `value`, and for how many values it has any.
@@ -58,34 +122,41 @@ impl Ledger {
             .map_or((false, 0), |v| (v.contains_key(value), v.len()))
     }
 
-    /// The values a budget has cells for.
+    /// The values a budget has cells for, here or on another replica.
     pub fn values(&self, budget: &str) -> Vec<String> {
-        self.cells
-            .get(budget)
-            .map(|v| v.keys().cloned().collect())
-            .unwrap_or_default()
+        let mut values = BTreeSet::new();
+        for cells in [&self.cells, &self.others] {
+            if let Some(v) = cells.get(budget) {
+                values.extend(v.keys().cloned());
+            }
+        }
+        values.into_iter().collect()
     }
 
-    /// Spent and reserved of a budget value in buckets from `from`.
+    /// Spent and reserved of a budget value in this replica's buckets from `from`.
     pub fn sums(&self, budget: &str, value: &str, from: u64) -> (f64, f64) {
-        self.buckets(budget, value)
-            .map(|b| {
-                b.range(from..)
-                    .fold((0.0, 0.0), |(s, r), (_, c)| (s + c.spent, r + c.reserved))
-            })
-            .unwrap_or((0.0, 0.0))
+        sums_from(self.buckets(budget, value), from)
     }
 
-    /// The buckets of a budget value that count at `now_ms`, oldest first.
+    /// Spent and reserved of a budget value in the other replicas' buckets from `from`.
+    pub fn others_sums(&self, budget: &str, value: &str, from: u64) -> (f64, f64) {
+        sums_from(buckets_of(&self.others, budget, value), from)
+    }
+
+    /// The buckets of a budget value that count at `now_ms`, every replica's together,
+    /// oldest first.
     fn counting(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> Vec<(u64, f64)> {
         let from = window.counting_from(now_ms);
-        self.buckets(budget, value)
-            .map(|b| {
-                b.range(from..)
-                    .map(|(k, c)| (*k, c.spent + c.reserved))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut out: BTreeMap<u64, f64> = BTreeMap::new();
+        for cells in [&self.cells, &self.others] {
+            for (k, c) in buckets_of(cells, budget, value)
+                .into_iter()
+                .flat_map(|b| b.range(from..))
+            {
+                *out.entry(*k).or_default() += c.spent + c.reserved;
+            }
+        }
+        out.into_iter().collect()
     }
 
     pub fn reserve(&mut self, keys: &[CellKey], est: f64) {
@@ -114,6 +185,7 @@ impl Ledger {
     /// Runs `f` on the cell at `k` (made when absent); the task path's way in, which
     /// allocates nothing for a cell that exists.
     fn with_cell(&mut self, k: &CellKey, f: impl FnOnce(&mut Cell)) {
+        self.changes += 1;
         if let Some(c) = self
             .cells
             .get_mut(&k.budget)
@@ -127,6 +199,7 @@ impl Ledger {
     }
 
     fn entry(&mut self, k: &CellKey) -> &mut Cell {
+        self.changes += 1;
         self.cells
             .entry(k.budget.clone())
             .or_default()
@@ -420,6 +493,69 @@ mod tests {
             "the first left"
         );
         assert_eq!(l.committed("b", "*", w, t0 + 2 * HOUR_MS), 0.0);
+    }
+
+    /// What the other replicas shared counts in every check (and in when there is room
+    /// again) beside this replica's own cells, and is never this replica's to share.
+    #[test]
+    fn what_other_replicas_shared_counts_toward_every_check() {
+        let policy =
+            crate::policy::tests::parse(&[("a.policy.toml", crate::policy::tests::BUDGET)])
+                .unwrap();
+        let now = crate::policy::tests::BEFORE_MIDNIGHT;
+        let day = Window::Day.bucket(now);
+        let key = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: day,
+        };
+        let mut l = Ledger::default();
+        l.reserve(std::slice::from_ref(&key), 0.25);
+        let mut others = Cells::new();
+        others
+            .entry("team-daily".into())
+            .or_default()
+            .entry("search".into())
+            .or_default()
+            .insert(
+                day,
+                Cell {
+                    spent: 0.5,
+                    reserved: 0.125,
+                },
+            );
+        let changes = l.changes();
+        l.set_others(others);
+        assert_eq!(l.changes(), changes, "not a change of this replica's own");
+        assert_eq!(l.committed("team-daily", "search", Window::Day, now), 0.875);
+        assert_eq!(l.sums("team-daily", "search", day), (0.0, 0.25));
+        assert_eq!(l.others_sums("team-daily", "search", day), (0.5, 0.125));
+        assert_eq!(
+            l.own_counting(&policy, now),
+            vec![(
+                key,
+                Cell {
+                    spent: 0.0,
+                    reserved: 0.25
+                }
+            )]
+        );
+        let dims = TaskDims {
+            team: Some("search".into()),
+            ..Default::default()
+        };
+        let task = |est| Routed {
+            dims: &dims,
+            pool: "docs",
+            model: "gpt-4o-mini",
+            est,
+            priority: 5,
+        };
+        let fits = check(&policy, &l, &BTreeMap::new(), task(0.125), now);
+        assert!(fits.over.is_empty(), "{fits:?}");
+        let over = check(&policy, &l, &BTreeMap::new(), task(0.25), now);
+        assert_eq!(over.over[0].committed, 0.875, "{over:?}");
+        assert_eq!(over.over[0].resets_at, Some(day + DAY_MS));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - `evaluate.rs`: the pure verdict on one task (route, budgets, downgrade, defer, reject).
 //! - `budget.rs`: windows and the ledger; `throttle.rs`: governor limiters;
 //!   `deferred.rs`: the deferred queue in sled; `audit.rs`: the audit trail in sled.
+//! - `ledger_share.rs`: the ledger's cells shared with the other replicas, so a budget
+//!   holds for the fleet.
 //! - `sync.rs`: where policies come from — the watched directory, `fleet.policy.push`,
 //!   `PUT /v1/policy` — and the JetStream key-value bucket every replica follows.
 //! - `testcase.rs`: the embedded `[[test]]` runner; `replay.rs`: shadow replay.
@@ -18,6 +20,7 @@ pub mod audit;
 pub mod budget;
 pub mod deferred;
 pub mod evaluate;
+pub mod ledger_share;
 pub mod live;
 pub mod load;
 pub mod replay;
@@ -757,6 +760,8 @@ impl PolicyEngine {
                 for v in values {
                     let from = b.window.counting_from(now);
                     let (spent, reserved) = l.sums(&b.spec.name, &v, from);
+                    let (o_spent, o_reserved) = l.others_sums(&b.spec.name, &v, from);
+                    let (spent, reserved) = (spent + o_spent, reserved + o_reserved);
                     out.push(BudgetStanding {
                         budget: b.spec.name.clone(),
                         scope: b.spec.scope.as_str(),
@@ -766,6 +771,7 @@ impl PolicyEngine {
                         spent_usd: spent,
                         reserved_usd: reserved,
                         used: (spent + reserved) / b.spec.limit_usd,
+                        other_replicas_usd: o_spent + o_reserved,
                         window_resets_at: match b.window {
                             budget::Window::Rolling(_) => None,
                             w => Some(budget::rfc3339(w.bucket_expires(w.bucket(now)))),
@@ -788,10 +794,13 @@ pub struct BudgetStanding {
     pub value: String,
     pub window: String,
     pub limit_usd: f64,
+    /// Spent and reserved by every replica (this one's and what the others last shared).
     pub spent_usd: f64,
     pub reserved_usd: f64,
     /// (spent + reserved) / limit.
     pub used: f64,
+    /// Of spent + reserved, what the other replicas committed (0 for a lone commander).
+    pub other_replicas_usd: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_resets_at: Option<String>,
     pub deferred: usize,

@@ -35,7 +35,7 @@ fn pools() -> BTreeMap<String, PoolConfig> {
     .collect()
 }
 
-fn parse(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
+pub(crate) fn parse(files: &[(&str, &str)]) -> Result<Policy, PolicyError> {
     let registry = Registry::builtin().unwrap();
     let rubric = Rubric::builtin().unwrap();
     let pools = pools();
@@ -68,7 +68,7 @@ fn has(p: &[Problem], file: &str, line: usize, kind: ProblemKind) -> bool {
         .any(|x| x.at.file == file && x.at.line == Some(line) && x.kind == kind)
 }
 
-const BUDGET: &str = r#"
+pub(crate) const BUDGET: &str = r#"
 [[budget]]
 name = "team-daily"
 scope = "team"
@@ -309,10 +309,10 @@ fn diff_summarises_what_changed() {
 }
 
 /// 2026-12-01T23:59:00Z.
-const BEFORE_MIDNIGHT: u64 = 1_796_169_540_000;
+pub(crate) const BEFORE_MIDNIGHT: u64 = 1_796_169_540_000;
 const MIN: u64 = 60_000;
 
-fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyEngine> {
+pub(crate) fn engine(clock: Arc<ManualClock>, store: &Store, policy: Policy) -> Arc<PolicyEngine> {
     PolicyEngine::open(
         store,
         Start {

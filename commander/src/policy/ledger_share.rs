@@ -1,0 +1,441 @@
+//! Budgets that hold for the fleet when several replicas share intake.
+//!
+//! Each replica keeps its own ledger, from its own task records (exact across its own
+//! crashes, `store::log`), and shares what it has committed that still counts: the key
+//! `ledger.<replica>` of the `<prefix>_control` bucket holds its cells (budget, value,
+//! bucket, spent, reserved), written at most every [`EVERY`] and only when they changed.
+//! Every replica follows the other replicas' keys and checks each task against its own
+//! cells plus theirs (`budget::Ledger::set_others`), so N replicas together commit one
+//! limit, not N.
+//!
+//! Each key has one writer, so a write needs no compare-and-set, and the task path never
+//! waits for NATS: a task is admitted against what the others shared at most about
+//! [`EVERY`] plus a watch's delivery ago. The limit can therefore be passed by what the
+//! other replicas admitted in that interval, besides (as for one replica) estimates that
+//! came out low. A compare-and-set on a shared cell per task would close that gap, at one
+//! NATS round trip per task and budget, serialised on the hottest cell.
+//!
+//! A key stays when its replica stops: its cells are real spending, and they leave the
+//! window by their bucket times, which every reader applies itself. While NATS is away a
+//! replica goes on with what it last read, and writes again when NATS is back.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::PolicyEngine;
+use super::budget::Cells;
+use crate::domain::{Cell, CellKey};
+
+/// Keys of the control bucket that hold a replica's cells start with this.
+pub const KEY_PREFIX: &str = "ledger.";
+/// How often a replica looks whether its cells changed, and writes them when they did.
+pub const EVERY: Duration = Duration::from_millis(250);
+/// Cells one replica shares at most (the largest first); more are counted in
+/// `fleet_budget_cells_unshared`. A budget keeps up to 10,000 values, a rolling window
+/// 60 buckets of each: the bound keeps the key within NATS's 1 MiB `max_payload`.
+pub const MAX_CELLS: usize = 4_096;
+/// The largest key a replica writes; cells beyond it are left out as above.
+pub const MAX_BYTES: usize = 512 * 1024;
+/// Other replicas whose cells are kept at most (a key per replica id ever started).
+pub const MAX_REPLICAS: usize = 256;
+
+/// What a replica's key holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shared {
+    pub replica: String,
+    /// When it was written (the writer's clock; shown, not used).
+    pub at_ms: u64,
+    /// (budget, value, bucket start in unix ms, spent USD, reserved USD).
+    pub cells: Vec<(String, String, u64, f64, f64)>,
+}
+
+/// The key of a replica's cells.
+pub fn key(replica: &str) -> String {
+    format!("{KEY_PREFIX}{replica}")
+}
+
+/// What one replica shares of `own` cells: the largest first, as many as fit in
+/// [`MAX_CELLS`] and [`MAX_BYTES`]. Returns the body and how many cells it left out.
+pub fn encode(replica: &str, at_ms: u64, mut own: Vec<(CellKey, Cell)>) -> (Vec<u8>, usize) {
+    own.sort_by(|a, b| {
+        let size = |c: &Cell| c.spent + c.reserved;
+        size(&b.1).total_cmp(&size(&a.1))
+    });
+    let all = own.len();
+    let mut keep = all.min(MAX_CELLS);
+    loop {
+        let shared = Shared {
+            replica: replica.to_string(),
+            at_ms,
+            cells: own[..keep]
+                .iter()
+                .map(|(k, c)| {
+                    (
+                        k.budget.clone(),
+                        k.value.clone(),
+                        k.bucket,
+                        c.spent,
+                        c.reserved,
+                    )
+                })
+                .collect(),
+        };
+        // Serialising plain strings and numbers cannot fail; an empty body is a key
+        // with nothing in it, which readers treat as such.
+        let body = serde_json::to_vec(&shared).unwrap_or_default();
+        if body.len() <= MAX_BYTES || keep == 0 {
+            return (body, all - keep);
+        }
+        keep /= 2;
+    }
+}
+
+/// Reads another replica's key; `None` when it is not one (it is then passed over).
+/// Amounts that are not finite, or below zero, count as zero; at most [`MAX_CELLS`] cells
+/// are read.
+pub fn decode(body: &[u8]) -> Option<Shared> {
+    let mut s: Shared = serde_json::from_slice(body).ok()?;
+    s.cells.truncate(MAX_CELLS);
+    for c in &mut s.cells {
+        for x in [&mut c.3, &mut c.4] {
+            if !x.is_finite() || *x < 0.0 {
+                *x = 0.0;
+            }
+        }
+    }
+    Some(s)
+}
+
+/// The other replicas' cells, summed.
+pub fn merge<'a>(others: impl IntoIterator<Item = &'a Shared>) -> Cells {
+    let mut out = Cells::new();
+    for s in others {
+        for (budget, value, bucket, spent, reserved) in &s.cells {
+            let c = out
+                .entry(budget.clone())
+                .or_default()
+                .entry(value.clone())
+                .or_default()
+                .entry(*bucket)
+                .or_default();
+            c.spent += spent;
+            c.reserved += reserved;
+        }
+    }
+    out
+}
+
+/// One replica's side of the shared ledger.
+#[derive(Debug)]
+pub struct LedgerShare {
+    kv: kv::Store,
+    engine: Arc<PolicyEngine>,
+    replica: String,
+    /// The other replicas' keys as last read, by replica.
+    others: Mutex<BTreeMap<String, Shared>>,
+    /// Cells the last write left out (`fleet_budget_cells_unshared`).
+    pub unshared: Gauge,
+}
+
+impl LedgerShare {
+    /// Reads the other replicas' keys before this replica decides anything, so a replica
+    /// that starts does not admit against its own ledger alone.
+    pub async fn start(
+        kv: kv::Store,
+        engine: Arc<PolicyEngine>,
+        replica: &str,
+    ) -> Result<Arc<Self>, String> {
+        let share = Arc::new(Self {
+            kv,
+            engine,
+            replica: replica.to_string(),
+            others: Mutex::default(),
+            unshared: Gauge::default(),
+        });
+        let mut keys = share.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut found = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| e.to_string())?;
+            if k.starts_with(KEY_PREFIX) && k != key(replica) && found.len() < MAX_REPLICAS {
+                found.push(k);
+            }
+        }
+        for k in found {
+            if let Some(entry) = share.kv.entry(k).await.map_err(|e| e.to_string())? {
+                share.take(&entry);
+            }
+        }
+        Ok(share)
+    }
+
+    /// Writes this replica's cells when they change, and follows the others', until `stop`.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The ledger's change count last written; none yet, so the first tick writes.
+        let mut written: Option<u64> = None;
+        loop {
+            let mut w = match self.kv.watch_with_history(format!("{KEY_PREFIX}*")).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the other replicas' budgets; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    e = w.next() => match e {
+                        Some(Ok(entry)) => self.take(&entry),
+                        Some(Err(e)) => tracing::warn!(error = %e, "shared ledger watch error"),
+                        None => break,
+                    },
+                    _ = tick.tick() => self.write_if_changed(&mut written).await,
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+
+    /// Writes this replica's cells when they changed since the last write that NATS took.
+    async fn write_if_changed(&self, written: &mut Option<u64>) {
+        let policy = self.engine.live().policy.clone();
+        let now = self.engine.now_ms();
+        let (changes, own) = self
+            .engine
+            .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
+        if *written == Some(changes) {
+            return;
+        }
+        let (body, left_out) = encode(&self.replica, now, own);
+        self.unshared
+            .set(i64::try_from(left_out).unwrap_or(i64::MAX));
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                "budget cells not shared with the other replicas: too many (the largest are)"
+            );
+        }
+        match self.kv.put(key(&self.replica), Bytes::from(body)).await {
+            Ok(_) => *written = Some(changes),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "budget spending not yet shared with the other replicas; trying again"
+            ),
+        }
+    }
+
+    /// Takes on another replica's key.
+    fn take(&self, entry: &kv::Entry) {
+        let Some(replica) = entry.key.strip_prefix(KEY_PREFIX) else {
+            return;
+        };
+        if replica == self.replica || !matches!(entry.operation, kv::Operation::Put) {
+            return;
+        }
+        let Some(shared) = decode(&entry.value) else {
+            tracing::warn!(key = %entry.key, "another replica's budget cells unreadable; passed over");
+            return;
+        };
+        let merged = {
+            let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+            if others.len() >= MAX_REPLICAS && !others.contains_key(replica) {
+                tracing::warn!(
+                    replica,
+                    "too many replicas' budget cells; this one's passed over"
+                );
+                return;
+            }
+            others.insert(replica.to_string(), shared);
+            merge(others.values())
+        };
+        self.engine.with_ledger(|l| l.set_others(merged));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(budget: &str, value: &str, bucket: u64, spent: f64, reserved: f64) -> (CellKey, Cell) {
+        (
+            CellKey {
+                budget: budget.into(),
+                value: value.into(),
+                bucket,
+            },
+            Cell { spent, reserved },
+        )
+    }
+
+    #[test]
+    fn a_replicas_cells_travel_and_the_others_are_summed() {
+        let (body, left_out) = encode(
+            "aaaa",
+            7,
+            vec![
+                cell("day", "*", 100, 0.5, 0.25),
+                cell("team", "search", 100, 1.0, 0.0),
+            ],
+        );
+        assert_eq!(left_out, 0);
+        let a = decode(&body).unwrap();
+        assert_eq!(a.replica, "aaaa");
+        assert_eq!(a.cells[0].0, "team", "the largest first");
+        let b = Shared {
+            replica: "bbbb".into(),
+            at_ms: 9,
+            cells: vec![("day".into(), "*".into(), 100, 2.0, 0.0)],
+        };
+        let m = merge([&a, &b]);
+        assert_eq!(
+            m["day"]["*"][&100],
+            Cell {
+                spent: 2.5,
+                reserved: 0.25
+            }
+        );
+        assert_eq!(m["team"]["search"][&100].spent, 1.0);
+    }
+
+    #[test]
+    fn what_another_replica_wrote_is_read_with_care() {
+        assert_eq!(decode(b"not json"), None);
+        assert_eq!(
+            decode(br#"{"replica":"x","at_ms":1}"#),
+            None,
+            "cells missing"
+        );
+        let s = decode(
+            br#"{"replica":"x","at_ms":1,"cells":[["b","*",1,-5.0,1e400],["b","*",2,1.5,0.5]]}"#,
+        );
+        // 1e400 is not a number serde_json reads: the whole key is passed over.
+        assert_eq!(s, None);
+        let s = decode(br#"{"replica":"x","at_ms":1,"cells":[["b","*",1,-5.0,0.5]]}"#).unwrap();
+        assert_eq!(s.cells[0].3, 0.0, "nothing below zero");
+        let many: Vec<_> = (0..MAX_CELLS as u64 + 10)
+            .map(|i| ("b".to_string(), "*".to_string(), i, 1.0, 0.0))
+            .collect();
+        let body = serde_json::to_vec(&Shared {
+            replica: "x".into(),
+            at_ms: 1,
+            cells: many,
+        })
+        .unwrap();
+        assert_eq!(decode(&body).unwrap().cells.len(), MAX_CELLS);
+    }
+
+    #[test]
+    fn a_replica_shares_at_most_its_bounds_the_largest_first() {
+        let own: Vec<_> = (0..MAX_CELLS as u64 + 100)
+            .map(|i| cell("b", &format!("v{i}"), 1, i as f64, 0.0))
+            .collect();
+        let (body, left_out) = encode("r", 1, own);
+        assert_eq!(left_out, 100);
+        let s = decode(&body).unwrap();
+        assert_eq!(s.cells.len(), MAX_CELLS);
+        assert!(
+            s.cells.iter().all(|c| c.3 >= 100.0),
+            "the smallest left out"
+        );
+        // Long values: the byte bound halves what is shared until it fits.
+        let long = "x".repeat(1_000);
+        let own: Vec<_> = (0..1_000u64)
+            .map(|i| cell("b", &format!("{long}{i}"), 1, 1.0, 0.0))
+            .collect();
+        let (body, left_out) = encode("r", 1, own);
+        assert!(body.len() <= MAX_BYTES, "{}", body.len());
+        assert!(left_out > 0 && left_out < 1_000, "{left_out}");
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    /// Two replicas with a budget of $1 a day for team search: what one commits, the
+    /// other counts, both ways, and a replica that starts reads the others' before it
+    /// decides. Without the share each would admit up to the whole limit.
+    #[tokio::test]
+    async fn a_budget_holds_across_replicas() {
+        use crate::domain::Reservation;
+        use crate::policy::tests::{BEFORE_MIDNIGHT, BUDGET, engine, parse};
+        use crate::policy::window::Window;
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
+        let clock = crate::policy::ManualClock::at(BEFORE_MIDNIGHT);
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store_a = crate::store::Store::open(dir_a.path()).unwrap();
+        let store_b = crate::store::Store::open(dir_b.path()).unwrap();
+        let policy = || parse(&[("a.policy.toml", BUDGET)]).unwrap();
+        let a = engine(clock.clone(), &store_a, policy());
+        let b = engine(clock.clone(), &store_b, policy());
+        let cell = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
+        };
+        let committed = |e: &PolicyEngine| {
+            let now = e.now_ms();
+            e.with_ledger(|l| l.committed("team-daily", "search", Window::Day, now))
+        };
+        // a commits 0.75 before b's share starts: b reads it before deciding anything.
+        a.with_ledger(|l| l.reserve(std::slice::from_ref(&cell), 0.75));
+        let (stop_tx, stop) = watch::channel(false);
+        let share_a = LedgerShare::start(kv.clone(), a.clone(), "aaaa")
+            .await
+            .unwrap();
+        tokio::spawn(share_a.clone().run(stop.clone()));
+        for _ in 0..500 {
+            if kv.entry(key("aaaa")).await.unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let share_b = LedgerShare::start(kv.clone(), b.clone(), "bbbb")
+            .await
+            .unwrap();
+        assert_eq!(committed(&b), 0.75, "b counts a's spending from its start");
+        let standing = &b.standing()[0];
+        assert_eq!(
+            (standing.reserved_usd, standing.other_replicas_usd),
+            (0.75, 0.75)
+        );
+        tokio::spawn(share_b.clone().run(stop.clone()));
+
+        // b commits 0.2: a counts both; a task of 0.1 is over the limit on either.
+        b.with_ledger(|l| l.reserve(std::slice::from_ref(&cell), 0.2));
+        until("a counts b's reservation", || {
+            (committed(&a) - 0.95).abs() < 1e-9
+        })
+        .await;
+        // a's task finished for 0.05 less than its estimate: b counts the charge.
+        let r = Reservation {
+            est_usd: 0.75,
+            cells: vec![cell.clone()],
+            charged_usd: None,
+        };
+        a.settle(&r, 0.7);
+        until("b counts a's charge", || (committed(&b) - 0.9).abs() < 1e-9).await;
+        assert_eq!(committed(&a), committed(&b));
+        // A window later the day's cells no longer count anywhere.
+        clock.advance(Duration::from_secs(120));
+        assert_eq!(committed(&b), 0.0);
+        let _ = stop_tx.send(true);
+    }
+}
