@@ -516,6 +516,11 @@ async fn share_with_replicas(
         "Budget cells the last write to the other replicas left out (more than a key holds)",
         ledger.unshared.clone(),
     );
+    registry.register(
+        "replicas",
+        "Commander replicas sharing the intake as this one counts them, itself included (each throttle's rate is divided among them)",
+        ledger.replicas.clone(),
+    );
     tasks.push(w.supervisor.spawn("ledger_share", w.stop.clone(), {
         let stop = w.stop.clone();
         move || ledger.clone().run(stop.clone())

@@ -440,6 +440,19 @@ async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
     assert_eq!(d["policy_version"], v3.as_str(), "{d}");
 }
 
+/// The most of the sorted times `at` within any span of `window_ms`.
+fn most_within(at: &[u64], window_ms: u64) -> usize {
+    let mut worst = 0;
+    let mut lo = 0;
+    for hi in 0..at.len() {
+        while at[hi] - at[lo] > window_ms {
+            lo += 1;
+        }
+        worst = worst.max(hi - lo + 1);
+    }
+    worst
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_throttled_pool_never_exceeds_its_rate() {
     const RATE: f64 = 20.0;
@@ -464,14 +477,7 @@ async fn a_throttled_pool_never_exceeds_its_rate() {
     // millisecond clock the decisions are stamped with).
     for window_ms in [500u64, 1_000, 2_000] {
         let bound = BURST + RATE * window_ms as f64 / 1000.0 + 1.0;
-        let mut worst = 0;
-        let mut lo = 0;
-        for hi in 0..at.len() {
-            while at[hi] - at[lo] > window_ms {
-                lo += 1;
-            }
-            worst = worst.max(hi - lo + 1);
-        }
+        let worst = most_within(&at, window_ms);
         assert!(
             worst as f64 <= bound,
             "{worst} tasks passed within {window_ms} ms; the throttle allows {bound}"
@@ -486,6 +492,79 @@ async fn a_throttled_pool_never_exceeds_its_rate() {
         .as_u64()
         .unwrap();
     assert!(throttled > 0, "the throttle held tasks back");
+}
+
+/// A throttle holds for the fleet (docs/policy.md, "Throttles"): with two replicas sharing
+/// the intake, each lets through its half of the rate. Before, each let through the whole
+/// rate, and the fleet passed twice the throttle's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttle_holds_across_replicas() {
+    const RATE: f64 = 10.0;
+    const BURST: f64 = 2.0;
+    const TASKS: usize = 60;
+    let policy = format!(
+        "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = {RATE}\nburst = {BURST}\n"
+    );
+    let s = PolicyStack::start(&policy, "").await;
+    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    let bases = [s.commander.http().to_string(), b.http().to_string()];
+    eventually("each replica counts two", WAIT, async || {
+        for base in &bases {
+            if get_json_at(base, "/v1/policy").await["replicas"] != 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let ids = || (0..TASKS).map(|i| format!("fleet-thr-{i}"));
+    submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
+    await_ok(&producer, ids(), "nothing throttled is lost").await;
+
+    // When each task was let through, by whichever replica decided it.
+    let mut at = Vec::new();
+    let mut by_replica = [0usize; 2];
+    for id in ids() {
+        let mut found = None;
+        for (i, base) in bases.iter().enumerate() {
+            let r = reqwest::get(format!("{base}/v1/decisions/{id}"))
+                .await
+                .unwrap();
+            if r.status() != 200 {
+                continue;
+            }
+            let d: Value = r.json().await.unwrap();
+            if d["outcome"] == "dispatched" {
+                found = Some((i, d["at_ms"].as_u64().unwrap()));
+            }
+        }
+        let (i, t) = found.unwrap_or_else(|| panic!("{id}: no replica dispatched it"));
+        by_replica[i] += 1;
+        at.push(t);
+    }
+    at.sort_unstable();
+    assert!(
+        by_replica.iter().all(|n| *n > 0),
+        "both decided: {by_replica:?}"
+    );
+    // Together at most burst + rate × T over any span of T (+1 per replica for the
+    // millisecond stamps).
+    for window_ms in [1_000u64, 2_000, 4_000] {
+        let bound = BURST + RATE * window_ms as f64 / 1000.0 + 2.0;
+        let worst = most_within(&at, window_ms);
+        assert!(
+            worst as f64 <= bound,
+            "{worst} tasks passed within {window_ms} ms on two replicas; the throttle allows {bound}"
+        );
+    }
+    let span_s = (at[TASKS - 1] - at[0]) as f64 / 1000.0;
+    assert!(
+        span_s >= (TASKS as f64 - BURST) / RATE - 0.5,
+        "{TASKS} tasks took only {span_s:.2}s on two replicas at {RATE}/s"
+    );
 }
 
 /// A throttle's backlog waits parked, out of the intake stream: another team's tasks

@@ -49,6 +49,9 @@ pub async fn current(State(s): State<AppState>) -> Result<Response, ApiError> {
         "sampling": p.sampling,
         "tests": p.tests.len(),
         "standing": engine.standing(),
+        // Replicas sharing the intake, this one included: each throttle's rate is
+        // divided among them (docs/policy.md, "Throttles").
+        "replicas": engine.replicas(),
         "deferred": engine.deferrals.len(),
         "last_rejection": engine.last_rejection(),
         "counters": {

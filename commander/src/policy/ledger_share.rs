@@ -16,8 +16,12 @@
 //! NATS round trip per task and budget, serialised on the hottest cell.
 //!
 //! A key stays when its replica stops: its cells are real spending, and they leave the
-//! window by their bucket times, which every reader applies itself. While NATS is away a
-//! replica goes on with what it last read, and writes again when NATS is back.
+//! window by their bucket times, which every reader applies itself. A replica writes its
+//! key at least every [`ALIVE_EVERY`]; one not heard from for [`GONE_AFTER`] is taken to
+//! be gone, and its reservations stop counting (nobody would ever settle them: a replica
+//! killed for good would otherwise hold its tasks' estimates until the window ends), while
+//! its spending still counts. While NATS is away a replica goes on with what it last
+//! read, and writes again when NATS is back.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,7 @@ use futures::StreamExt;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::PolicyEngine;
 use super::budget::Cells;
@@ -46,6 +51,10 @@ pub const MAX_CELLS: usize = 4_096;
 pub const MAX_BYTES: usize = 512 * 1024;
 /// Other replicas whose cells are kept at most (a key per replica id ever started).
 pub const MAX_REPLICAS: usize = 256;
+/// A replica writes its key at least this often, changed or not.
+pub const ALIVE_EVERY: Duration = Duration::from_secs(10);
+/// A replica whose key has not been written for this long is taken to be gone.
+pub const GONE_AFTER: Duration = Duration::from_secs(30);
 
 /// What a replica's key holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -114,10 +123,11 @@ pub fn decode(body: &[u8]) -> Option<Shared> {
     Some(s)
 }
 
-/// The other replicas' cells, summed.
-pub fn merge<'a>(others: impl IntoIterator<Item = &'a Shared>) -> Cells {
+/// The other replicas' cells, summed: `(cells, alive)`; a replica that is gone counts its
+/// spending, not its reservations.
+pub fn merge<'a>(others: impl IntoIterator<Item = (&'a Shared, bool)>) -> Cells {
     let mut out = Cells::new();
-    for s in others {
+    for (s, alive) in others {
         for (budget, value, bucket, spent, reserved) in &s.cells {
             let c = out
                 .entry(budget.clone())
@@ -127,10 +137,39 @@ pub fn merge<'a>(others: impl IntoIterator<Item = &'a Shared>) -> Cells {
                 .entry(*bucket)
                 .or_default();
             c.spent += spent;
-            c.reserved += reserved;
+            if alive {
+                c.reserved += reserved;
+            }
         }
     }
     out
+}
+
+/// How often a replica writes its key unchanged, and when one that has not is gone.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    alive_every: Duration,
+    gone_after: Duration,
+}
+
+/// Another replica's key as last read.
+#[derive(Debug)]
+struct Other {
+    shared: Shared,
+    /// Its revision in the bucket: a watch that starts again brings the same one back,
+    /// which says nothing new about whether its replica is alive.
+    revision: u64,
+    /// When it was last written, as this process knows it (its own clock from the watch;
+    /// at start, from the entry's age).
+    heard: Instant,
+    /// Whether it counted as alive at the last merge.
+    alive: bool,
+}
+
+/// The others' cells summed, and how many of them are alive.
+fn merged(others: &BTreeMap<String, Other>) -> (Cells, usize) {
+    let alive = others.values().filter(|o| o.alive).count();
+    (merge(others.values().map(|o| (&o.shared, o.alive))), alive)
 }
 
 /// One replica's side of the shared ledger.
@@ -140,9 +179,13 @@ pub struct LedgerShare {
     engine: Arc<PolicyEngine>,
     replica: String,
     /// The other replicas' keys as last read, by replica.
-    others: Mutex<BTreeMap<String, Shared>>,
+    others: Mutex<BTreeMap<String, Other>>,
+    /// [`ALIVE_EVERY`] and [`GONE_AFTER`] (shorter in tests).
+    timing: Timing,
     /// Cells the last write left out (`fleet_budget_cells_unshared`).
     pub unshared: Gauge,
+    /// Replicas sharing the intake as counted here, this one included (`fleet_replicas`).
+    pub replicas: Gauge,
 }
 
 impl LedgerShare {
@@ -153,13 +196,29 @@ impl LedgerShare {
         engine: Arc<PolicyEngine>,
         replica: &str,
     ) -> Result<Arc<Self>, String> {
+        let timing = Timing {
+            alive_every: ALIVE_EVERY,
+            gone_after: GONE_AFTER,
+        };
+        Self::start_timed(kv, engine, replica, timing).await
+    }
+
+    async fn start_timed(
+        kv: kv::Store,
+        engine: Arc<PolicyEngine>,
+        replica: &str,
+        timing: Timing,
+    ) -> Result<Arc<Self>, String> {
         let share = Arc::new(Self {
             kv,
             engine,
             replica: replica.to_string(),
             others: Mutex::default(),
+            timing,
             unshared: Gauge::default(),
+            replicas: Gauge::default(),
         });
+        share.replicas.set(1);
         let mut keys = share.kv.keys().await.map_err(|e| e.to_string())?;
         let mut found = Vec::new();
         while let Some(k) = keys.next().await {
@@ -170,9 +229,21 @@ impl LedgerShare {
         }
         for k in found {
             if let Some(entry) = share.kv.entry(k).await.map_err(|e| e.to_string())? {
-                share.take(&entry);
+                // A key written long ago is a replica gone long ago: its age tells, so a
+                // replica that starts does not wait 30 s to stop counting it. (Clocks
+                // between machines are near enough for that: the watch, later, goes by
+                // this process's clock alone.)
+                let written_ns = entry.created.unix_timestamp_nanos();
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as i128);
+                let age = u64::try_from(now_ns.saturating_sub(written_ns)).unwrap_or(0);
+                let age = Duration::from_nanos(age).min(share.timing.gone_after);
+                let heard = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                share.take(&entry, heard);
             }
         }
+        share.forget_the_gone();
         Ok(share)
     }
 
@@ -180,8 +251,9 @@ impl LedgerShare {
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The ledger's change count last written; none yet, so the first tick writes.
-        let mut written: Option<u64> = None;
+        // The ledger's change count last written, and when; none yet, so the first tick
+        // writes.
+        let mut written: Option<(u64, Instant)> = None;
         loop {
             let mut w = match self.kv.watch_with_history(format!("{KEY_PREFIX}*")).await {
                 Ok(w) => w,
@@ -196,25 +268,29 @@ impl LedgerShare {
             loop {
                 tokio::select! {
                     e = w.next() => match e {
-                        Some(Ok(entry)) => self.take(&entry),
+                        Some(Ok(entry)) => self.take(&entry, Instant::now()),
                         Some(Err(e)) => tracing::warn!(error = %e, "shared ledger watch error"),
                         None => break,
                     },
-                    _ = tick.tick() => self.write_if_changed(&mut written).await,
+                    _ = tick.tick() => {
+                        self.write_if_changed(&mut written).await;
+                        self.forget_the_gone();
+                    }
                     _ = stop.changed() => return,
                 }
             }
         }
     }
 
-    /// Writes this replica's cells when they changed since the last write that NATS took.
-    async fn write_if_changed(&self, written: &mut Option<u64>) {
+    /// Writes this replica's cells when they changed since the last write that NATS took,
+    /// or that write is [`ALIVE_EVERY`] old.
+    async fn write_if_changed(&self, written: &mut Option<(u64, Instant)>) {
         let policy = self.engine.live().policy.clone();
         let now = self.engine.now_ms();
         let (changes, own) = self
             .engine
             .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
-        if *written == Some(changes) {
+        if written.is_some_and(|(c, at)| c == changes && at.elapsed() < self.timing.alive_every) {
             return;
         }
         let (body, left_out) = encode(&self.replica, now, own);
@@ -227,7 +303,7 @@ impl LedgerShare {
             );
         }
         match self.kv.put(key(&self.replica), Bytes::from(body)).await {
-            Ok(_) => *written = Some(changes),
+            Ok(_) => *written = Some((changes, Instant::now())),
             Err(e) => tracing::warn!(
                 error = %e,
                 "budget spending not yet shared with the other replicas; trying again"
@@ -235,8 +311,8 @@ impl LedgerShare {
         }
     }
 
-    /// Takes on another replica's key.
-    fn take(&self, entry: &kv::Entry) {
+    /// Takes on another replica's key, written at `heard` as far as this process knows.
+    fn take(&self, entry: &kv::Entry, heard: Instant) {
         let Some(replica) = entry.key.strip_prefix(KEY_PREFIX) else {
             return;
         };
@@ -247,8 +323,14 @@ impl LedgerShare {
             tracing::warn!(key = %entry.key, "another replica's budget cells unreadable; passed over");
             return;
         };
-        let merged = {
+        let (merged, alive) = {
             let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+            if others
+                .get(replica)
+                .is_some_and(|o| o.revision >= entry.revision)
+            {
+                return;
+            }
             if others.len() >= MAX_REPLICAS && !others.contains_key(replica) {
                 tracing::warn!(
                     replica,
@@ -256,10 +338,49 @@ impl LedgerShare {
                 );
                 return;
             }
-            others.insert(replica.to_string(), shared);
-            merge(others.values())
+            let other = Other {
+                shared,
+                revision: entry.revision,
+                heard,
+                alive: heard.elapsed() < self.timing.gone_after,
+            };
+            others.insert(replica.to_string(), other);
+            merged(&others)
         };
         self.engine.with_ledger(|l| l.set_others(merged));
+        self.count_replicas(alive);
+    }
+
+    /// Counts the replicas sharing the intake (the throttles are divided among them).
+    fn count_replicas(&self, alive_others: usize) {
+        let n = alive_others.saturating_add(1);
+        self.replicas.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.engine.set_replicas(n);
+    }
+
+    /// Stops counting the reservations of replicas not heard from for [`GONE_AFTER`].
+    fn forget_the_gone(&self) {
+        let (merged, alive) = {
+            let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+            let mut changed = false;
+            for (replica, o) in others.iter_mut() {
+                if o.alive && o.heard.elapsed() >= self.timing.gone_after {
+                    o.alive = false;
+                    changed = true;
+                    tracing::warn!(
+                        replica = %replica,
+                        silent_s = o.heard.elapsed().as_secs(),
+                        "another replica has not written its budget cells: taken to be gone; its reservations no longer count, its spending does"
+                    );
+                }
+            }
+            if !changed {
+                return;
+            }
+            merged(&others)
+        };
+        self.engine.with_ledger(|l| l.set_others(merged));
+        self.count_replicas(alive);
     }
 }
 
@@ -297,7 +418,7 @@ mod tests {
             at_ms: 9,
             cells: vec![("day".into(), "*".into(), 100, 2.0, 0.0)],
         };
-        let m = merge([&a, &b]);
+        let m = merge([(&a, true), (&b, true)]);
         assert_eq!(
             m["day"]["*"][&100],
             Cell {
@@ -306,6 +427,15 @@ mod tests {
             }
         );
         assert_eq!(m["team"]["search"][&100].spent, 1.0);
+        let gone = merge([(&a, false)]);
+        assert_eq!(
+            gone["day"]["*"][&100],
+            Cell {
+                spent: 0.5,
+                reserved: 0.0
+            },
+            "a replica that is gone: its spending counts, its reservations do not"
+        );
     }
 
     #[test]
@@ -437,5 +567,78 @@ mod tests {
         clock.advance(Duration::from_secs(120));
         assert_eq!(committed(&b), 0.0);
         let _ = stop_tx.send(true);
+    }
+
+    /// A replica killed for good would hold its tasks' estimates until the window ends:
+    /// once its key has gone unwritten long enough, its reservations stop counting
+    /// elsewhere and its spending still counts. One that is alive writes its key unchanged
+    /// often enough to stay counted.
+    #[tokio::test]
+    async fn a_replica_not_heard_from_stops_holding_its_reservations() {
+        use crate::domain::Reservation;
+        use crate::policy::tests::{BEFORE_MIDNIGHT, BUDGET, engine, parse};
+        use crate::policy::window::Window;
+        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
+        let clock = crate::policy::ManualClock::at(BEFORE_MIDNIGHT);
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let policy = || parse(&[("a.policy.toml", BUDGET)]).unwrap();
+        let a = engine(
+            clock.clone(),
+            &crate::store::Store::open(dir_a.path()).unwrap(),
+            policy(),
+        );
+        let b = engine(
+            clock.clone(),
+            &crate::store::Store::open(dir_b.path()).unwrap(),
+            policy(),
+        );
+        let cell = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
+        };
+        // a: 0.25 spent, 0.5 reserved for a task in flight.
+        a.with_ledger(|l| {
+            l.reserve(std::slice::from_ref(&cell), 0.5);
+            l.reserve(std::slice::from_ref(&cell), 0.25);
+        });
+        let ran = Reservation {
+            est_usd: 0.25,
+            cells: vec![cell.clone()],
+            charged_usd: None,
+        };
+        a.settle(&ran, 0.25);
+        let timing = Timing {
+            alive_every: Duration::from_millis(200),
+            gone_after: Duration::from_secs(1),
+        };
+        let (stop_a_tx, stop_a) = watch::channel(false);
+        let share_a = LedgerShare::start_timed(kv.clone(), a.clone(), "aaaa", timing)
+            .await
+            .unwrap();
+        tokio::spawn(share_a.clone().run(stop_a));
+        let (stop_b_tx, stop_b) = watch::channel(false);
+        let share_b = LedgerShare::start_timed(kv.clone(), b.clone(), "bbbb", timing)
+            .await
+            .unwrap();
+        tokio::spawn(share_b.clone().run(stop_b));
+        let committed =
+            || b.with_ledger(|l| l.committed("team-daily", "search", Window::Day, BEFORE_MIDNIGHT));
+        until("b counts a's spending and reservation", || {
+            (committed() - 0.75).abs() < 1e-9
+        })
+        .await;
+        // Twice the time a silent replica is given: a writes unchanged and stays counted.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!((committed() - 0.75).abs() < 1e-9, "{}", committed());
+        // a stops for good.
+        let _ = stop_a_tx.send(true);
+        until(
+            "a's reservation no longer counts; its spending does",
+            || (committed() - 0.25).abs() < 1e-9,
+        )
+        .await;
+        let _ = stop_b_tx.send(true);
     }
 }

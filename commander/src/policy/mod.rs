@@ -466,6 +466,34 @@ impl PolicyEngine {
         self.clock.now_ms()
     }
 
+    /// The replicas sharing the intake, this one included (`ledger_share` counts them).
+    pub fn replicas(&self) -> usize {
+        self.limiters.replicas()
+    }
+
+    /// Divides every throttle among `n` replicas sharing the intake (each lets through
+    /// its part, so together they hold the throttle's rate): the limiters are made afresh
+    /// at their new part, under the gate. Returns whether the count changed.
+    pub fn set_replicas(&self, n: usize) -> bool {
+        self.with_gate(|| {
+            if !self.limiters.set_replicas(n) {
+                return false;
+            }
+            let current = self.live();
+            self.live.store(Arc::new(Live {
+                throttles: self
+                    .limiters
+                    .build(&current.policy, &|| self.deferrals.parked_turns()),
+                ..current.sources_kept()
+            }));
+            tracing::info!(
+                replicas = n,
+                "replicas sharing the intake changed: each throttle's rate is divided among them"
+            );
+            true
+        })
+    }
+
     pub fn last_rejection(&self) -> Option<Rejection> {
         self.last_rejection.load().as_ref().clone()
     }

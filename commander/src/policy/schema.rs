@@ -238,6 +238,25 @@ pub struct Quotas {
 }
 
 impl ThrottleSpec {
+    /// One replica's part of this throttle when `replicas` share the intake: the rates
+    /// and the burst divided among them (rounded so no part is below the smallest rate or
+    /// one task), so together they let through the throttle's rate. One replica: the same.
+    pub fn divided(&self, replicas: usize) -> ThrottleSpec {
+        let n = replicas.max(1);
+        if n == 1 {
+            return self.clone();
+        }
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        ThrottleSpec {
+            tasks_per_s: self
+                .tasks_per_s
+                .map(|r| (r / n as f64).max(MIN_TASKS_PER_S)),
+            tokens_per_min: self.tokens_per_min.map(|t| t.div_ceil(n as u64).max(1)),
+            burst: self.burst.map(|b| b.div_ceil(n32).max(1)),
+            ..self.clone()
+        }
+    }
+
     /// The quotas this spec builds, or which key is wrong and why. Validation calls this
     /// and the live limiters use what it returned, so a throttle that validates is a
     /// throttle that runs: no rate reaches a conversion that could fail later.

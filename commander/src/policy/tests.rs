@@ -1673,3 +1673,56 @@ fn held_back_tasks_get_turns_in_a_line_newcomers_join_it() {
         .unwrap_err();
     assert_eq!(t.turn.at_ms, last.at_ms + 500, "{t:?}");
 }
+
+/// With several replicas sharing the intake each lets through its part of a throttle:
+/// two replicas at a throttle of 1 task/s and a burst of 4 take 2 at once each, and
+/// then one every 2 s each, so together the throttle's rate.
+#[test]
+fn a_throttle_is_divided_among_the_replicas_sharing_the_intake() {
+    use std::time::Duration;
+
+    let toml = "[[throttle]]\nname = \"slow\"\nscope = \"producer\"\ntasks_per_s = 1\nburst = 4\n";
+    let policy = parse(&[("t.policy.toml", toml)]).unwrap();
+    let clock = ManualClock::at(THROTTLE_NOW);
+    let cache = limiters(&clock);
+    // How many pass at once, and how long the first held back waits for its turn.
+    let burst = |throttles: &super::throttle::Throttles, prefix: &str| {
+        let mut passed = 0;
+        loop {
+            let id = format!("{prefix}{passed}");
+            match throttles.admit(producer_keys("a"), 10, asking(&id, THROTTLE_NOW)) {
+                Ok(()) => passed += 1,
+                Err(held) => return (passed, held.wait),
+            }
+        }
+    };
+    let near = |w: Duration, s: u64| w.abs_diff(Duration::from_secs(s)) < Duration::from_millis(50);
+    let (alone, wait) = burst(&cache.build(&policy, &Vec::new), "one-");
+    assert!(
+        alone == 4 && near(wait, 1),
+        "alone: the burst, then the rate ({alone}, {wait:?})"
+    );
+    assert!(cache.set_replicas(2));
+    assert!(!cache.set_replicas(2), "no change");
+    let (half, wait) = burst(&cache.build(&policy, &Vec::new), "two-");
+    assert!(
+        half == 2 && near(wait, 2),
+        "one of two: half the burst and the rate ({half}, {wait:?})"
+    );
+    // The spec's own division: never below the smallest rate or one task.
+    let spec = &policy.throttles[0].spec;
+    let third = spec.divided(3);
+    assert_eq!((third.tasks_per_s, third.burst), (Some(1.0 / 3.0), Some(2)));
+    let tiny = super::schema::ThrottleSpec {
+        tasks_per_s: Some(super::schema::MIN_TASKS_PER_S),
+        tokens_per_min: Some(1),
+        burst: Some(1),
+        ..spec.clone()
+    }
+    .divided(5);
+    assert_eq!(
+        (tiny.tasks_per_s, tiny.tokens_per_min, tiny.burst),
+        (Some(super::schema::MIN_TASKS_PER_S), Some(1), Some(1))
+    );
+    assert_eq!(spec.divided(1), *spec);
+}

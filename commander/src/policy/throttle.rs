@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -121,8 +121,13 @@ pub enum Wait {
 }
 
 impl Limiter {
-    /// The quotas were built (and their ranges checked) when the policy was validated.
-    fn new(t: &Throttle, clock: &Arc<dyn Clock>) -> Self {
+    /// The quotas were built (and their ranges checked) when the policy was validated;
+    /// with several replicas, this one's part of them (`ThrottleSpec::divided`).
+    fn new(t: &Throttle, clock: &Arc<dyn Clock>, replicas: usize) -> Self {
+        let quotas = match replicas {
+            0 | 1 => t.quotas,
+            n => t.spec.divided(n).quotas().unwrap_or(t.quotas),
+        };
         let keyed = |q| {
             RateLimiter::new(
                 q,
@@ -133,9 +138,8 @@ impl Limiter {
         Self {
             spec: t.spec.clone(),
             hash: spec_hash(&t.spec),
-            tasks: t.quotas.tasks.map(|q| (keyed(q), q.replenish_interval())),
-            tokens: t
-                .quotas
+            tasks: quotas.tasks.map(|q| (keyed(q), q.replenish_interval())),
+            tokens: quotas
                 .tokens
                 .map(|(q, cap)| (keyed(q), cap, q.replenish_interval())),
             lines: Mutex::default(),
@@ -389,6 +393,8 @@ pub struct Throttles {
 pub struct LimiterCache {
     by_spec: Mutex<HashMap<String, Arc<Limiter>>>,
     clock: Arc<dyn Clock>,
+    /// The replicas sharing the intake, this one included: each limits to its part.
+    replicas: AtomicUsize,
 }
 
 impl LimiterCache {
@@ -397,7 +403,19 @@ impl LimiterCache {
         Self {
             by_spec: Mutex::default(),
             clock,
+            replicas: AtomicUsize::new(1),
         }
+    }
+
+    /// The replicas sharing the intake, this one included.
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// Sets how many replicas share the intake; returns whether that changed (the next
+    /// [`Self::build`] then makes every limiter afresh, at its new part).
+    pub fn set_replicas(&self, n: usize) -> bool {
+        self.replicas.swap(n.max(1), Ordering::Relaxed) != n.max(1)
     }
 
     /// The limiters for `policy`, reusing those whose spec is unchanged. Fresh ones (new,
@@ -417,22 +435,23 @@ impl LimiterCache {
     }
 
     fn limiters(&self, policy: &Policy) -> Throttles {
+        let replicas = self.replicas();
         let Ok(mut cache) = self.by_spec.lock() else {
             return Throttles {
                 active: policy
                     .throttles
                     .iter()
-                    .map(|t| Arc::new(Limiter::new(t, &self.clock)))
+                    .map(|t| Arc::new(Limiter::new(t, &self.clock, replicas)))
                     .collect(),
             };
         };
         let mut next = HashMap::new();
         let mut active = Vec::with_capacity(policy.throttles.len());
         for t in &policy.throttles {
-            let fp = format!("{:?}", t.spec);
+            let fp = format!("{replicas}|{:?}", t.spec);
             let l = cache
                 .remove(&fp)
-                .unwrap_or_else(|| Arc::new(Limiter::new(t, &self.clock)));
+                .unwrap_or_else(|| Arc::new(Limiter::new(t, &self.clock, replicas)));
             next.insert(fp, l.clone());
             active.push(l);
         }
