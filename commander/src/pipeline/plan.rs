@@ -268,6 +268,11 @@ pub(super) enum Step {
         decision: Decision,
         throttled: Throttled,
     },
+    /// A budget has room, but this replica has taken its part of it until the other
+    /// replicas' spending is seen again: handed back for a moment (`budget::Check::wait`).
+    WaitForReplicas {
+        budget: String,
+    },
     Defer {
         decision: Decision,
         reason: String,
@@ -334,6 +339,13 @@ fn decide_step(ctx: &Ctx, d: Deciding<'_>) -> Step {
         });
         match verdict {
             Verdict::Dispatch { decision, check } => {
+                if let Some(b) = check.wait.first()
+                    && !recovering
+                {
+                    return Step::WaitForReplicas {
+                        budget: b.spec.name.clone(),
+                    };
+                }
                 if !live.throttles.is_empty() && !recovering {
                     let keys = ThrottleKeys {
                         pool: &decision.pool,
@@ -470,6 +482,11 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
             decision,
             throttled,
         } => throttled_plan(ctx, p, &draft, throttled, (decision, dims, view.now_ms)),
+        Step::WaitForReplicas { budget } => {
+            ctx.core.policy.counters.budget_waits.inc();
+            tracing::debug!(task_id = %p.id, budget, "waits for the other replicas' spending");
+            Plan::Throttle(REPLICAS_WAIT)
+        }
         Step::NoRoute(no_route) => {
             let reason = no_route.to_string();
             let logged = draft.record(
@@ -527,6 +544,10 @@ pub(super) fn plan(ctx: &Ctx, p: Prepared, class: Classification, view: &View) -
         }
     }
 }
+
+/// How long a task waits in the intake stream for the other replicas' spending: a few of
+/// their shares (`policy::ledger_share::EVERY`).
+const REPLICAS_WAIT: Duration = Duration::from_millis(50);
 
 /// The plan of a task a throttle holds back: handed back to wait in the intake stream
 /// for a turn close at hand, else parked with its turn (`routed`: where it would have

@@ -39,6 +39,13 @@ pub struct Ledger {
     others: Cells,
     /// Bumped by every change to this replica's cells: the share writes only when it moved.
     changes: u64,
+    /// The replicas spending the budgets, this one included (1: a lone commander).
+    replicas: usize,
+    /// What this replica had committed per budget and value when it shared its cells,
+    /// the last time and the time before. What it commits beyond the time before, the
+    /// others may not have seen yet: the last share may not have reached them when they
+    /// decide.
+    shared: [BTreeMap<String, BTreeMap<String, f64>>; 2],
 }
 
 fn buckets_of<'a>(cells: &'a Cells, budget: &str, value: &str) -> Option<&'a BTreeMap<u64, Cell>> {
@@ -67,6 +74,62 @@ impl Ledger {
     /// Puts what the other replicas shared in place of what they shared before.
     pub fn set_others(&mut self, others: Cells) {
         self.others = others;
+    }
+
+    /// How many replicas spend the budgets, this one included.
+    pub fn set_replicas(&mut self, n: usize) {
+        self.replicas = n.max(1);
+    }
+
+    /// Notes what this replica shared (its cells as [`Self::own_counting`] gave them):
+    /// what it commits beyond that is its own until the next share.
+    pub fn mark_shared(&mut self, cells: &[(CellKey, Cell)]) {
+        self.shared.swap(0, 1);
+        let last = &mut self.shared[1];
+        last.clear();
+        for (k, c) in cells {
+            *last
+                .entry(k.budget.clone())
+                .or_default()
+                .entry(k.value.clone())
+                .or_default() += c.spent + c.reserved;
+        }
+    }
+
+    /// The last share has had time to reach the others and nothing was committed since:
+    /// it is what they have seen.
+    pub fn shared_seen(&mut self) {
+        if self.shared[0] != self.shared[1] {
+            self.shared[0] = self.shared[1].clone();
+        }
+    }
+
+    /// With several replicas, whether this replica may take `est` more of a budget value
+    /// now. Between two shares each replica takes at most its part (1/N) of the room left
+    /// as it last saw the others' spending, or one task when it has taken none since:
+    /// replicas that admit at once cannot together pass the limit by more than about one
+    /// task each. Always true for a lone replica (the limit check alone decides).
+    fn my_part_fits(&self, budget: &Budget, value: &str, est: f64, now_ms: u64) -> bool {
+        if self.replicas <= 1 {
+            return true;
+        }
+        let name = budget.spec.name.as_str();
+        let from = budget.window.counting_from(now_ms);
+        let (spent, reserved) = self.sums(name, value, from);
+        let own = spent + reserved;
+        let (o_spent, o_reserved) = self.others_sums(name, value, from);
+        let base = self.shared[0]
+            .get(name)
+            .and_then(|v| v.get(value))
+            .copied()
+            .unwrap_or(0.0)
+            .min(own);
+        let since = own - base;
+        if since <= 1e-12 {
+            return true;
+        }
+        let room = budget.spec.limit_usd - base - o_spent - o_reserved;
+        (self.replicas as f64) * (since + est) <= room * (1.0 + 1e-9)
     }
 
     /// How many times this replica's cells changed (never goes back).
@@ -320,6 +383,10 @@ pub struct Check<'a> {
     pub cells: Vec<CellKey>,
     pub over: Vec<Over<'a>>,
     pub soft: Vec<SoftHit<'a>>,
+    /// Budgets with room for the task, where this replica has taken its part of the
+    /// room until the others' spending is seen again (several replicas): the task waits
+    /// a moment and is decided again.
+    pub wait: Vec<&'a Budget>,
 }
 
 impl Check<'_> {
@@ -393,6 +460,9 @@ pub fn check<'a>(
                 resets_at,
             });
             continue;
+        }
+        if !ledger.my_part_fits(b, &value, est, now_ms) {
+            out.wait.push(b);
         }
         let fraction = (committed + est) / limit;
         if let Some(s) = b.spec.soft.iter().rev().find(|s| fraction >= s.at) {
@@ -556,6 +626,89 @@ mod tests {
         let over = check(&policy, &l, &BTreeMap::new(), task(0.25), now);
         assert_eq!(over.over[0].committed, 0.875, "{over:?}");
         assert_eq!(over.over[0].resets_at, Some(day + DAY_MS));
+    }
+
+    /// With two replicas each takes at most half the room it sees between two shares
+    /// that the other has seen, or one task: replicas that admit at once cannot together
+    /// pass the limit. Alone, the limit alone decides.
+    #[test]
+    fn between_shares_a_replica_takes_its_part_of_the_room() {
+        let policy =
+            crate::policy::tests::parse(&[("a.policy.toml", crate::policy::tests::BUDGET)])
+                .unwrap();
+        let now = crate::policy::tests::BEFORE_MIDNIGHT;
+        let day = Window::Day.bucket(now);
+        let key = CellKey {
+            budget: "team-daily".into(),
+            value: "search".into(),
+            bucket: day,
+        };
+        let dims = TaskDims {
+            team: Some("search".into()),
+            ..Default::default()
+        };
+        let task = Routed {
+            dims: &dims,
+            pool: "docs",
+            model: "gpt-4o-mini",
+            est: 0.1,
+            priority: 5,
+        };
+        let mut others = Cells::new();
+        others
+            .entry("team-daily".into())
+            .or_default()
+            .entry("search".into())
+            .or_default()
+            .insert(
+                day,
+                Cell {
+                    spent: 0.2,
+                    reserved: 0.0,
+                },
+            );
+        let mut l = Ledger::default();
+        l.set_others(others);
+        // How many tasks of 0.1 this replica takes before it waits, or the limit stops it.
+        let take = |l: &mut Ledger| {
+            let mut n = 0;
+            loop {
+                let c = check(&policy, l, &BTreeMap::new(), task, now);
+                if !c.over.is_empty() || !c.wait.is_empty() {
+                    return (n, c.over.is_empty());
+                }
+                l.reserve(std::slice::from_ref(&key), 0.1);
+                n += 1;
+            }
+        };
+        let mut alone = l.clone();
+        assert_eq!(take(&mut alone), (8, false), "alone: up to the limit");
+        l.set_replicas(2);
+        // Room 0.8 as seen: half of it, then it waits with room left.
+        assert_eq!(take(&mut l), (4, true));
+        // Shared, but the other may not have seen it yet: still waiting.
+        let shared = l.own_counting(&policy, now);
+        l.mark_shared(&shared);
+        assert_eq!(take(&mut l), (0, true));
+        // Seen: half the room left (0.4), then one task when that is less than one.
+        l.shared_seen();
+        assert_eq!(take(&mut l), (2, true));
+        for _ in 0..2 {
+            let shared = l.own_counting(&policy, now);
+            l.mark_shared(&shared);
+            l.shared_seen();
+        }
+        assert_eq!(take(&mut l), (1, true));
+        for _ in 0..2 {
+            let shared = l.own_counting(&policy, now);
+            l.mark_shared(&shared);
+            l.shared_seen();
+        }
+        assert_eq!(
+            take(&mut l),
+            (1, false),
+            "the last task that fits, then the limit"
+        );
     }
 
     #[test]

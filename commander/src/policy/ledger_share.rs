@@ -3,17 +3,20 @@
 //! Each replica keeps its own ledger, from its own task records (exact across its own
 //! crashes, `store::log`), and shares what it has committed that still counts: the key
 //! `ledger.<replica>` of the `<prefix>_control` bucket holds its cells (budget, value,
-//! bucket, spent, reserved), written at most every [`EVERY`] and only when they changed.
+//! bucket, spent, reserved), written when they changed: at most every [`EVERY`] while other
+//! replicas run, every [`EVERY_ALONE`] while none does.
 //! Every replica follows the other replicas' keys and checks each task against its own
 //! cells plus theirs (`budget::Ledger::set_others`), so N replicas together commit one
 //! limit, not N.
 //!
 //! Each key has one writer, so a write needs no compare-and-set, and the task path never
 //! waits for NATS: a task is admitted against what the others shared at most about
-//! [`EVERY`] plus a watch's delivery ago. The limit can therefore be passed by what the
-//! other replicas admitted in that interval, besides (as for one replica) estimates that
-//! came out low. A compare-and-set on a shared cell per task would close that gap, at one
-//! NATS round trip per task and budget, serialised on the hottest cell.
+//! [`EVERY`] plus a watch's delivery ago. So that replicas admitting at the same moment do
+//! not together pass a limit, between two shares the others have seen a replica takes at
+//! most 1/N of the room it sees (`budget::Ledger::my_part_fits`; a task past its part
+//! waits a moment in the intake stream): together they pass a limit by about one task per
+//! other replica at most. A compare-and-set on a shared cell per task would close even
+//! that, at one NATS round trip per task and budget, serialised on the hottest cell.
 //!
 //! A key stays when its replica stops: its cells are real spending, and they leave the
 //! window by their bucket times, which every reader applies itself. A replica writes its
@@ -42,7 +45,10 @@ use crate::domain::{Cell, CellKey};
 /// Keys of the control bucket that hold a replica's cells start with this.
 pub const KEY_PREFIX: &str = "ledger.";
 /// How often a replica looks whether its cells changed, and writes them when they did.
-pub const EVERY: Duration = Duration::from_millis(250);
+pub const EVERY: Duration = Duration::from_millis(20);
+/// How often a lone replica writes its cells when they changed: nobody reads them until
+/// another starts (which reads them then, at most this old).
+pub const EVERY_ALONE: Duration = Duration::from_secs(1);
 /// Cells one replica shares at most (the largest first); more are counted in
 /// `fleet_budget_cells_unshared`. A budget keeps up to 10,000 values, a rolling window
 /// 60 buckets of each: the bound keeps the key within NATS's 1 MiB `max_payload`.
@@ -282,18 +288,31 @@ impl LedgerShare {
         }
     }
 
-    /// Writes this replica's cells when they changed since the last write that NATS took,
-    /// or that write is [`ALIVE_EVERY`] old.
+    /// Writes this replica's cells when they changed since the last write that NATS took
+    /// ([`EVERY`] apart while other replicas run, [`EVERY_ALONE`] while none does), or
+    /// that write is [`ALIVE_EVERY`] old.
     async fn write_if_changed(&self, written: &mut Option<(u64, Instant)>) {
+        if let Some((c, at)) = *written {
+            let gap = if self.replicas.get() > 1 {
+                EVERY
+            } else {
+                EVERY_ALONE
+            };
+            let changed = c != self.engine.with_ledger(|l| l.changes());
+            let since = at.elapsed();
+            if !changed && since >= EVERY {
+                self.engine.with_ledger(|l| l.shared_seen());
+            }
+            if !(changed && since >= gap || since >= self.timing.alive_every) {
+                return;
+            }
+        }
         let policy = self.engine.live().policy.clone();
         let now = self.engine.now_ms();
         let (changes, own) = self
             .engine
             .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
-        if written.is_some_and(|(c, at)| c == changes && at.elapsed() < self.timing.alive_every) {
-            return;
-        }
-        let (body, left_out) = encode(&self.replica, now, own);
+        let (body, left_out) = encode(&self.replica, now, own.clone());
         self.unshared
             .set(i64::try_from(left_out).unwrap_or(i64::MAX));
         if left_out > 0 {
@@ -303,7 +322,10 @@ impl LedgerShare {
             );
         }
         match self.kv.put(key(&self.replica), Bytes::from(body)).await {
-            Ok(_) => *written = Some((changes, Instant::now())),
+            Ok(_) => {
+                *written = Some((changes, Instant::now()));
+                self.engine.with_ledger(|l| l.mark_shared(&own));
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 "budget spending not yet shared with the other replicas; trying again"

@@ -130,6 +130,9 @@ pub struct PolicyCounters {
     pub throttled: Counter,
     /// Tasks a budget rejected.
     pub budget_rejected: Counter,
+    /// Intake deliveries handed back for a moment: this replica had taken its part of a
+    /// budget's room until the other replicas' spending is seen again.
+    pub budget_waits: Counter,
     /// Policy pushes without a valid token (HTTP and NATS).
     pub unauthorised: Counter,
     /// Tasks in the deferred queue now (set at each scrape).
@@ -182,6 +185,11 @@ impl PolicyCounters {
             "budget_rejections",
             "Tasks a budget rejected",
             self.budget_rejected.clone(),
+        );
+        r.register(
+            "budget_waits",
+            "Intake deliveries handed back for a moment: this replica had taken its part of a budget's room until the other replicas' spending is seen again",
+            self.budget_waits.clone(),
         );
         r.register(
             "policy_unauthorised",
@@ -473,8 +481,11 @@ impl PolicyEngine {
 
     /// Divides every throttle among `n` replicas sharing the intake (each lets through
     /// its part, so together they hold the throttle's rate): the limiters are made afresh
-    /// at their new part, under the gate. Returns whether the count changed.
+    /// at their new part, under the gate; and tells the ledger, which then keeps each
+    /// replica to its part of a budget's room between shares. Returns whether the count
+    /// changed.
     pub fn set_replicas(&self, n: usize) -> bool {
+        self.with_ledger(|l| l.set_replicas(n));
         self.with_gate(|| {
             if !self.limiters.set_replicas(n) {
                 return false;
