@@ -440,6 +440,30 @@ async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
     assert_eq!(d["policy_version"], v3.as_str(), "{d}");
 }
 
+/// GCRA's bound on the sorted pass times `at` of a throttle at `rate` with `burst`: over
+/// any span of T at most `burst + rate × T` (+ `slack`), and no faster than the rate in all.
+fn assert_within_rate(
+    at: &[u64],
+    (rate, burst, slack): (f64, f64, f64),
+    windows: &[u64],
+    what: &str,
+) {
+    for &window_ms in windows {
+        let bound = burst + rate * window_ms as f64 / 1000.0 + slack;
+        let worst = most_within(at, window_ms);
+        assert!(
+            worst as f64 <= bound,
+            "{worst} tasks passed within {window_ms} ms{what}; the throttle allows {bound}"
+        );
+    }
+    let n = at.len();
+    let span_s = (at[n - 1] - at[0]) as f64 / 1000.0;
+    assert!(
+        span_s >= (n as f64 - burst) / rate - 0.5,
+        "{n} tasks took only {span_s:.2}s{what} at {rate}/s"
+    );
+}
+
 /// The most of the sorted times `at` within any span of `window_ms`.
 fn most_within(at: &[u64], window_ms: u64) -> usize {
     let mut worst = 0;
@@ -473,21 +497,8 @@ async fn a_throttled_pool_never_exceeds_its_rate() {
 
     // When the throttle let each task through.
     let at = dispatch_times(&s, ids()).await;
-    // GCRA: over any span of T seconds at most burst + rate × T pass (+1 for the
-    // millisecond clock the decisions are stamped with).
-    for window_ms in [500u64, 1_000, 2_000] {
-        let bound = BURST + RATE * window_ms as f64 / 1000.0 + 1.0;
-        let worst = most_within(&at, window_ms);
-        assert!(
-            worst as f64 <= bound,
-            "{worst} tasks passed within {window_ms} ms; the throttle allows {bound}"
-        );
-    }
-    let span_s = (at[TASKS - 1] - at[0]) as f64 / 1000.0;
-    assert!(
-        span_s >= (TASKS as f64 - BURST) / RATE - 0.5,
-        "{TASKS} tasks took only {span_s:.2}s at {RATE}/s"
-    );
+    // +1 for the millisecond clock the decisions are stamped with.
+    assert_within_rate(&at, (RATE, BURST, 1.0), &[500, 1_000, 2_000], "");
     let throttled = s.get("/v1/policy").await["counters"]["throttled"]
         .as_u64()
         .unwrap();
@@ -550,20 +561,12 @@ async fn a_throttle_holds_across_replicas() {
         by_replica.iter().all(|n| *n > 0),
         "both decided: {by_replica:?}"
     );
-    // Together at most burst + rate × T over any span of T (+1 per replica for the
-    // millisecond stamps).
-    for window_ms in [1_000u64, 2_000, 4_000] {
-        let bound = BURST + RATE * window_ms as f64 / 1000.0 + 2.0;
-        let worst = most_within(&at, window_ms);
-        assert!(
-            worst as f64 <= bound,
-            "{worst} tasks passed within {window_ms} ms on two replicas; the throttle allows {bound}"
-        );
-    }
-    let span_s = (at[TASKS - 1] - at[0]) as f64 / 1000.0;
-    assert!(
-        span_s >= (TASKS as f64 - BURST) / RATE - 0.5,
-        "{TASKS} tasks took only {span_s:.2}s on two replicas at {RATE}/s"
+    // Together (+1 per replica for the millisecond stamps).
+    assert_within_rate(
+        &at,
+        (RATE, BURST, 2.0),
+        &[1_000, 2_000, 4_000],
+        " on two replicas",
     );
 }
 
@@ -597,13 +600,18 @@ async fn a_burst_across_replicas_stays_within_a_budget() {
         "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"reject\"\n"
     ))
     .await;
-    let b_http = b.http().to_string();
+    let bases = [s.commander.http().to_string(), b.http().to_string()];
     eventually(
-        "b has the budget and counts two replicas",
+        "each has the budget and counts two replicas",
         WAIT,
         async || {
-            let p = get_json_at(&b_http, "/v1/policy").await;
-            p["budgets"].as_array().is_some_and(|x| !x.is_empty()) && p["replicas"] == 2
+            for base in &bases {
+                let p = get_json_at(base, "/v1/policy").await;
+                if !(p["budgets"].as_array().is_some_and(|x| !x.is_empty()) && p["replicas"] == 2) {
+                    return false;
+                }
+            }
+            true
         },
     )
     .await;

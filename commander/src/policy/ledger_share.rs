@@ -520,49 +520,103 @@ mod tests {
         panic!("timed out waiting for: {what}");
     }
 
+    /// Two replicas' policy engines (a budget of $1 a day for team search, on one manual
+    /// clock) and the control bucket on a real nats-server.
+    struct Two {
+        _nats: fleet_testkit::NatsServer,
+        _dirs: [tempfile::TempDir; 2],
+        kv: kv::Store,
+        clock: Arc<crate::policy::ManualClock>,
+        a: Arc<PolicyEngine>,
+        b: Arc<PolicyEngine>,
+        /// Today's cell of the budget for team search.
+        cell: CellKey,
+    }
+
+    impl Two {
+        async fn start() -> Self {
+            use crate::policy::tests::{BEFORE_MIDNIGHT, BUDGET, engine, parse};
+            let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+            let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
+            let clock = crate::policy::ManualClock::at(BEFORE_MIDNIGHT);
+            let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+            let open = |i: usize| {
+                let store = crate::store::Store::open(dirs[i].path()).unwrap();
+                engine(
+                    clock.clone(),
+                    &store,
+                    parse(&[("a.policy.toml", BUDGET)]).unwrap(),
+                )
+            };
+            let (a, b) = (open(0), open(1));
+            let cell = CellKey {
+                budget: "team-daily".into(),
+                value: "search".into(),
+                bucket: crate::policy::window::Window::Day.bucket(BEFORE_MIDNIGHT),
+            };
+            Self {
+                _nats: nats,
+                _dirs: dirs,
+                kv,
+                clock,
+                a,
+                b,
+                cell,
+            }
+        }
+
+        /// What `e` counts committed in the cell now, every replica's together.
+        fn committed(&self, e: &PolicyEngine) -> f64 {
+            let now = e.now_ms();
+            e.with_ledger(|l| {
+                l.committed(
+                    "team-daily",
+                    "search",
+                    crate::policy::window::Window::Day,
+                    now,
+                )
+            })
+        }
+
+        fn reserve(&self, e: &PolicyEngine, est: f64) {
+            e.with_ledger(|l| l.reserve(std::slice::from_ref(&self.cell), est));
+        }
+
+        /// A task reserved at `est` finished for `actual`.
+        fn settle(&self, e: &PolicyEngine, est: f64, actual: f64) {
+            let r = crate::domain::Reservation {
+                est_usd: est,
+                cells: vec![self.cell.clone()],
+                charged_usd: None,
+            };
+            e.settle(&r, actual);
+        }
+    }
+
     /// Two replicas with a budget of $1 a day for team search: what one commits, the
     /// other counts, both ways, and a replica that starts reads the others' before it
     /// decides. Without the share each would admit up to the whole limit.
     #[tokio::test]
     async fn a_budget_holds_across_replicas() {
-        use crate::domain::Reservation;
-        use crate::policy::tests::{BEFORE_MIDNIGHT, BUDGET, engine, parse};
-        use crate::policy::window::Window;
-        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
-        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
-        let clock = crate::policy::ManualClock::at(BEFORE_MIDNIGHT);
-        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let store_a = crate::store::Store::open(dir_a.path()).unwrap();
-        let store_b = crate::store::Store::open(dir_b.path()).unwrap();
-        let policy = || parse(&[("a.policy.toml", BUDGET)]).unwrap();
-        let a = engine(clock.clone(), &store_a, policy());
-        let b = engine(clock.clone(), &store_b, policy());
-        let cell = CellKey {
-            budget: "team-daily".into(),
-            value: "search".into(),
-            bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
-        };
-        let committed = |e: &PolicyEngine| {
-            let now = e.now_ms();
-            e.with_ledger(|l| l.committed("team-daily", "search", Window::Day, now))
-        };
+        let t = Two::start().await;
+        let (a, b) = (&t.a, &t.b);
         // a commits 0.75 before b's share starts: b reads it before deciding anything.
-        a.with_ledger(|l| l.reserve(std::slice::from_ref(&cell), 0.75));
+        t.reserve(a, 0.75);
         let (stop_tx, stop) = watch::channel(false);
-        let share_a = LedgerShare::start(kv.clone(), a.clone(), "aaaa")
+        let share_a = LedgerShare::start(t.kv.clone(), a.clone(), "aaaa")
             .await
             .unwrap();
         tokio::spawn(share_a.clone().run(stop.clone()));
         for _ in 0..500 {
-            if kv.entry(key("aaaa")).await.unwrap().is_some() {
+            if t.kv.entry(key("aaaa")).await.unwrap().is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let share_b = LedgerShare::start(kv.clone(), b.clone(), "bbbb")
+        let share_b = LedgerShare::start(t.kv.clone(), b.clone(), "bbbb")
             .await
             .unwrap();
-        assert_eq!(committed(&b), 0.75, "b counts a's spending from its start");
+        assert_eq!(t.committed(b), 0.75, "b counts a's spending from its start");
         let standing = &b.standing()[0];
         assert_eq!(
             (standing.reserved_usd, standing.other_replicas_usd),
@@ -571,23 +625,21 @@ mod tests {
         tokio::spawn(share_b.clone().run(stop.clone()));
 
         // b commits 0.2: a counts both; a task of 0.1 is over the limit on either.
-        b.with_ledger(|l| l.reserve(std::slice::from_ref(&cell), 0.2));
+        t.reserve(b, 0.2);
         until("a counts b's reservation", || {
-            (committed(&a) - 0.95).abs() < 1e-9
+            (t.committed(a) - 0.95).abs() < 1e-9
         })
         .await;
         // a's task finished for 0.05 less than its estimate: b counts the charge.
-        let r = Reservation {
-            est_usd: 0.75,
-            cells: vec![cell.clone()],
-            charged_usd: None,
-        };
-        a.settle(&r, 0.7);
-        until("b counts a's charge", || (committed(&b) - 0.9).abs() < 1e-9).await;
-        assert_eq!(committed(&a), committed(&b));
+        t.settle(a, 0.75, 0.7);
+        until("b counts a's charge", || {
+            (t.committed(b) - 0.9).abs() < 1e-9
+        })
+        .await;
+        assert_eq!(t.committed(a), t.committed(b));
         // A window later the day's cells no longer count anywhere.
-        clock.advance(Duration::from_secs(120));
-        assert_eq!(committed(&b), 0.0);
+        t.clock.advance(Duration::from_secs(120));
+        assert_eq!(t.committed(b), 0.0);
         let _ = stop_tx.send(true);
     }
 
@@ -597,40 +649,12 @@ mod tests {
     /// often enough to stay counted.
     #[tokio::test]
     async fn a_replica_not_heard_from_stops_holding_its_reservations() {
-        use crate::domain::Reservation;
-        use crate::policy::tests::{BEFORE_MIDNIGHT, BUDGET, engine, parse};
-        use crate::policy::window::Window;
-        let nats = fleet_testkit::NatsServer::start().expect("nats-server");
-        let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
-        let clock = crate::policy::ManualClock::at(BEFORE_MIDNIGHT);
-        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let policy = || parse(&[("a.policy.toml", BUDGET)]).unwrap();
-        let a = engine(
-            clock.clone(),
-            &crate::store::Store::open(dir_a.path()).unwrap(),
-            policy(),
-        );
-        let b = engine(
-            clock.clone(),
-            &crate::store::Store::open(dir_b.path()).unwrap(),
-            policy(),
-        );
-        let cell = CellKey {
-            budget: "team-daily".into(),
-            value: "search".into(),
-            bucket: Window::Day.bucket(BEFORE_MIDNIGHT),
-        };
+        let t = Two::start().await;
+        let (a, b, kv) = (&t.a, &t.b, &t.kv);
         // a: 0.25 spent, 0.5 reserved for a task in flight.
-        a.with_ledger(|l| {
-            l.reserve(std::slice::from_ref(&cell), 0.5);
-            l.reserve(std::slice::from_ref(&cell), 0.25);
-        });
-        let ran = Reservation {
-            est_usd: 0.25,
-            cells: vec![cell.clone()],
-            charged_usd: None,
-        };
-        a.settle(&ran, 0.25);
+        t.reserve(a, 0.5);
+        t.reserve(a, 0.25);
+        t.settle(a, 0.25, 0.25);
         let timing = Timing {
             alive_every: Duration::from_millis(200),
             gone_after: Duration::from_secs(1),
@@ -645,8 +669,7 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(share_b.clone().run(stop_b));
-        let committed =
-            || b.with_ledger(|l| l.committed("team-daily", "search", Window::Day, BEFORE_MIDNIGHT));
+        let committed = || t.committed(b);
         until("b counts a's spending and reservation", || {
             (committed() - 0.75).abs() < 1e-9
         })
