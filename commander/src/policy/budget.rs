@@ -565,65 +565,100 @@ mod tests {
         assert_eq!(l.committed("b", "*", w, t0 + 2 * HOUR_MS), 0.0);
     }
 
+    /// Team search's budget of $1 a day (`policy::tests::BUDGET`) just before midnight:
+    /// the replica tests' situation.
+    struct TeamSearch {
+        policy: Policy,
+        now: u64,
+        day: u64,
+        /// Today's cell.
+        key: CellKey,
+        dims: TaskDims,
+    }
+
+    impl TeamSearch {
+        fn new() -> Self {
+            let policy =
+                crate::policy::tests::parse(&[("a.policy.toml", crate::policy::tests::BUDGET)])
+                    .unwrap();
+            let now = crate::policy::tests::BEFORE_MIDNIGHT;
+            let day = Window::Day.bucket(now);
+            let key = CellKey {
+                budget: "team-daily".into(),
+                value: "search".into(),
+                bucket: day,
+            };
+            let dims = TaskDims {
+                team: Some("search".into()),
+                ..Default::default()
+            };
+            Self {
+                policy,
+                now,
+                day,
+                key,
+                dims,
+            }
+        }
+
+        /// A task of team search estimated at `est`.
+        fn task(&self, est: f64) -> Routed<'_> {
+            Routed {
+                dims: &self.dims,
+                pool: "docs",
+                model: "gpt-4o-mini",
+                est,
+                priority: 5,
+            }
+        }
+
+        /// The other replicas' cells: `cell` in today's.
+        fn others(&self, cell: Cell) -> Cells {
+            let mut others = Cells::new();
+            others
+                .entry("team-daily".into())
+                .or_default()
+                .entry("search".into())
+                .or_default()
+                .insert(self.day, cell);
+            others
+        }
+
+        fn check(&self, l: &Ledger, est: f64) -> Check<'_> {
+            check(&self.policy, l, &BTreeMap::new(), self.task(est), self.now)
+        }
+    }
+
     /// What the other replicas shared counts in every check (and in when there is room
     /// again) beside this replica's own cells, and is never this replica's to share.
     #[test]
     fn what_other_replicas_shared_counts_toward_every_check() {
-        let policy =
-            crate::policy::tests::parse(&[("a.policy.toml", crate::policy::tests::BUDGET)])
-                .unwrap();
-        let now = crate::policy::tests::BEFORE_MIDNIGHT;
-        let day = Window::Day.bucket(now);
-        let key = CellKey {
-            budget: "team-daily".into(),
-            value: "search".into(),
-            bucket: day,
-        };
+        let t = TeamSearch::new();
+        let (now, day) = (t.now, t.day);
         let mut l = Ledger::default();
-        l.reserve(std::slice::from_ref(&key), 0.25);
-        let mut others = Cells::new();
-        others
-            .entry("team-daily".into())
-            .or_default()
-            .entry("search".into())
-            .or_default()
-            .insert(
-                day,
-                Cell {
-                    spent: 0.5,
-                    reserved: 0.125,
-                },
-            );
+        l.reserve(std::slice::from_ref(&t.key), 0.25);
         let changes = l.changes();
-        l.set_others(others);
+        l.set_others(t.others(Cell {
+            spent: 0.5,
+            reserved: 0.125,
+        }));
         assert_eq!(l.changes(), changes, "not a change of this replica's own");
         assert_eq!(l.committed("team-daily", "search", Window::Day, now), 0.875);
         assert_eq!(l.sums("team-daily", "search", day), (0.0, 0.25));
         assert_eq!(l.others_sums("team-daily", "search", day), (0.5, 0.125));
         assert_eq!(
-            l.own_counting(&policy, now),
+            l.own_counting(&t.policy, now),
             vec![(
-                key,
+                t.key.clone(),
                 Cell {
                     spent: 0.0,
                     reserved: 0.25
                 }
             )]
         );
-        let dims = TaskDims {
-            team: Some("search".into()),
-            ..Default::default()
-        };
-        let task = |est| Routed {
-            dims: &dims,
-            pool: "docs",
-            model: "gpt-4o-mini",
-            est,
-            priority: 5,
-        };
-        let fits = check(&policy, &l, &BTreeMap::new(), task(0.125), now);
+        let fits = t.check(&l, 0.125);
         assert!(fits.over.is_empty(), "{fits:?}");
-        let over = check(&policy, &l, &BTreeMap::new(), task(0.25), now);
+        let over = t.check(&l, 0.25);
         assert_eq!(over.over[0].committed, 0.875, "{over:?}");
         assert_eq!(over.over[0].resets_at, Some(day + DAY_MS));
     }
@@ -633,53 +668,28 @@ mod tests {
     /// pass the limit. Alone, the limit alone decides.
     #[test]
     fn between_shares_a_replica_takes_its_part_of_the_room() {
-        let policy =
-            crate::policy::tests::parse(&[("a.policy.toml", crate::policy::tests::BUDGET)])
-                .unwrap();
-        let now = crate::policy::tests::BEFORE_MIDNIGHT;
-        let day = Window::Day.bucket(now);
-        let key = CellKey {
-            budget: "team-daily".into(),
-            value: "search".into(),
-            bucket: day,
-        };
-        let dims = TaskDims {
-            team: Some("search".into()),
-            ..Default::default()
-        };
-        let task = Routed {
-            dims: &dims,
-            pool: "docs",
-            model: "gpt-4o-mini",
-            est: 0.1,
-            priority: 5,
-        };
-        let mut others = Cells::new();
-        others
-            .entry("team-daily".into())
-            .or_default()
-            .entry("search".into())
-            .or_default()
-            .insert(
-                day,
-                Cell {
-                    spent: 0.2,
-                    reserved: 0.0,
-                },
-            );
+        let t = TeamSearch::new();
         let mut l = Ledger::default();
-        l.set_others(others);
+        l.set_others(t.others(Cell {
+            spent: 0.2,
+            reserved: 0.0,
+        }));
         // How many tasks of 0.1 this replica takes before it waits, or the limit stops it.
         let take = |l: &mut Ledger| {
             let mut n = 0;
             loop {
-                let c = check(&policy, l, &BTreeMap::new(), task, now);
+                let c = t.check(l, 0.1);
                 if !c.over.is_empty() || !c.wait.is_empty() {
                     return (n, c.over.is_empty());
                 }
-                l.reserve(std::slice::from_ref(&key), 0.1);
+                l.reserve(std::slice::from_ref(&t.key), 0.1);
                 n += 1;
             }
+        };
+        // Shared, and seen by the others.
+        let share = |l: &mut Ledger| {
+            let shared = l.own_counting(&t.policy, t.now);
+            l.mark_shared(&shared);
         };
         let mut alone = l.clone();
         assert_eq!(take(&mut alone), (8, false), "alone: up to the limit");
@@ -687,21 +697,18 @@ mod tests {
         // Room 0.8 as seen: half of it, then it waits with room left.
         assert_eq!(take(&mut l), (4, true));
         // Shared, but the other may not have seen it yet: still waiting.
-        let shared = l.own_counting(&policy, now);
-        l.mark_shared(&shared);
+        share(&mut l);
         assert_eq!(take(&mut l), (0, true));
         // Seen: half the room left (0.4), then one task when that is less than one.
         l.shared_seen();
         assert_eq!(take(&mut l), (2, true));
         for _ in 0..2 {
-            let shared = l.own_counting(&policy, now);
-            l.mark_shared(&shared);
+            share(&mut l);
             l.shared_seen();
         }
         assert_eq!(take(&mut l), (1, true));
         for _ in 0..2 {
-            let shared = l.own_counting(&policy, now);
-            l.mark_shared(&shared);
+            share(&mut l);
             l.shared_seen();
         }
         assert_eq!(
