@@ -72,6 +72,13 @@ pub struct Shared {
     pub cells: Vec<(String, String, u64, f64, f64)>,
 }
 
+/// Whether `id` is a replica's id as `Store::replica_id` makes them (16 hex digits). A key
+/// under `ledger.` that names anything else was not written by a commander, and is passed
+/// over: it would otherwise count as a replica, and divide every throttle and budget part.
+fn is_replica_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The key of a replica's cells.
 pub fn key(replica: &str) -> String {
     format!("{KEY_PREFIX}{replica}")
@@ -341,8 +348,10 @@ impl LedgerShare {
         if replica == self.replica || !matches!(entry.operation, kv::Operation::Put) {
             return;
         }
-        let Some(shared) = decode(&entry.value) else {
-            tracing::warn!(key = %entry.key, "another replica's budget cells unreadable; passed over");
+        let Some(shared) =
+            decode(&entry.value).filter(|s| is_replica_id(replica) && s.replica == replica)
+        else {
+            tracing::warn!(key = %entry.key, "another replica's budget cells unreadable, or not a replica's; passed over");
             return;
         };
         let (merged, alive) = {
@@ -424,7 +433,7 @@ mod tests {
     #[test]
     fn a_replicas_cells_travel_and_the_others_are_summed() {
         let (body, left_out) = encode(
-            "aaaa",
+            "aaaaaaaaaaaaaaaa",
             7,
             vec![
                 cell("day", "*", 100, 0.5, 0.25),
@@ -433,10 +442,10 @@ mod tests {
         );
         assert_eq!(left_out, 0);
         let a = decode(&body).unwrap();
-        assert_eq!(a.replica, "aaaa");
+        assert_eq!(a.replica, "aaaaaaaaaaaaaaaa");
         assert_eq!(a.cells[0].0, "team", "the largest first");
         let b = Shared {
-            replica: "bbbb".into(),
+            replica: "bbbbbbbbbbbbbbbb".into(),
             at_ms: 9,
             cells: vec![("day".into(), "*".into(), 100, 2.0, 0.0)],
         };
@@ -603,20 +612,40 @@ mod tests {
         // a commits 0.75 before b's share starts: b reads it before deciding anything.
         t.reserve(a, 0.75);
         let (stop_tx, stop) = watch::channel(false);
-        let share_a = LedgerShare::start(t.kv.clone(), a.clone(), "aaaa")
+        let share_a = LedgerShare::start(t.kv.clone(), a.clone(), "aaaaaaaaaaaaaaaa")
             .await
             .unwrap();
         tokio::spawn(share_a.clone().run(stop.clone()));
         for _ in 0..500 {
-            if t.kv.entry(key("aaaa")).await.unwrap().is_some() {
+            if t.kv.entry(key("aaaaaaaaaaaaaaaa")).await.unwrap().is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let share_b = LedgerShare::start(t.kv.clone(), b.clone(), "bbbb")
+        // Keys that are not a replica's: passed over, not counted as replicas.
+        let junk = |replica: &str| {
+            let shared = Shared {
+                replica: replica.into(),
+                at_ms: 1,
+                cells: vec![(
+                    "team-daily".into(),
+                    "search".into(),
+                    t.cell.bucket,
+                    5.0,
+                    0.0,
+                )],
+            };
+            Bytes::from(serde_json::to_vec(&shared).unwrap())
+        };
+        t.kv.put("ledger.junk", junk("junk")).await.unwrap();
+        t.kv.put(key("cccccccccccccccc"), junk("dddddddddddddddd"))
+            .await
+            .unwrap();
+        let share_b = LedgerShare::start(t.kv.clone(), b.clone(), "bbbbbbbbbbbbbbbb")
             .await
             .unwrap();
         assert_eq!(t.committed(b), 0.75, "b counts a's spending from its start");
+        assert_eq!(b.replicas(), 2, "a and b, not the keys of no replica");
         let standing = &b.standing()[0];
         assert_eq!(
             (standing.reserved_usd, standing.other_replicas_usd),
@@ -660,12 +689,12 @@ mod tests {
             gone_after: Duration::from_secs(1),
         };
         let (stop_a_tx, stop_a) = watch::channel(false);
-        let share_a = LedgerShare::start_timed(kv.clone(), a.clone(), "aaaa", timing)
+        let share_a = LedgerShare::start_timed(kv.clone(), a.clone(), "aaaaaaaaaaaaaaaa", timing)
             .await
             .unwrap();
         tokio::spawn(share_a.clone().run(stop_a));
         let (stop_b_tx, stop_b) = watch::channel(false);
-        let share_b = LedgerShare::start_timed(kv.clone(), b.clone(), "bbbb", timing)
+        let share_b = LedgerShare::start_timed(kv.clone(), b.clone(), "bbbbbbbbbbbbbbbb", timing)
             .await
             .unwrap();
         tokio::spawn(share_b.clone().run(stop_b));
