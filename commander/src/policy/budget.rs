@@ -109,15 +109,18 @@ impl Ledger {
     /// as it last saw the others' spending, or one task when it has taken none since:
     /// replicas that admit at once cannot together pass the limit by more than about one
     /// task each. Always true for a lone replica (the limit check alone decides).
-    fn my_part_fits(&self, budget: &Budget, value: &str, est: f64, now_ms: u64) -> bool {
+    /// `(own, others)` are what [`Self::committed_parts`] gave the check.
+    fn my_part_fits(
+        &self,
+        budget: &Budget,
+        value: &str,
+        est: f64,
+        (own, others): (f64, f64),
+    ) -> bool {
         if self.replicas <= 1 {
             return true;
         }
         let name = budget.spec.name.as_str();
-        let from = budget.window.counting_from(now_ms);
-        let (spent, reserved) = self.sums(name, value, from);
-        let own = spent + reserved;
-        let (o_spent, o_reserved) = self.others_sums(name, value, from);
         let base = self.shared[0]
             .get(name)
             .and_then(|v| v.get(value))
@@ -128,7 +131,7 @@ impl Ledger {
         if since <= 1e-12 {
             return true;
         }
-        let room = budget.spec.limit_usd - base - o_spent - o_reserved;
+        let room = budget.spec.limit_usd - base - others;
         (self.replicas as f64) * (since + est) <= room * (1.0 + 1e-9)
     }
 
@@ -172,10 +175,22 @@ impl Ledger {
     /// Spent + reserved in the window of `budget` for `value` at `now_ms`, by every
     /// replica.
     pub fn committed(&self, budget: &str, value: &str, window: Window, now_ms: u64) -> f64 {
+        let (own, others) = self.committed_parts(budget, value, window, now_ms);
+        own + others
+    }
+
+    /// Spent + reserved in the window at `now_ms`: this replica's, and the others'.
+    fn committed_parts(
+        &self,
+        budget: &str,
+        value: &str,
+        window: Window,
+        now_ms: u64,
+    ) -> (f64, f64) {
         let from = window.counting_from(now_ms);
         let (spent, reserved) = self.sums(budget, value, from);
         let (o_spent, o_reserved) = self.others_sums(budget, value, from);
-        spent + reserved + o_spent + o_reserved
+        (spent + reserved, o_spent + o_reserved)
     }
 
     /// Whether a budget has cells for `value`, and for how many values it has any.
@@ -442,7 +457,8 @@ pub fn check<'a>(
         {
             value = OTHER_VALUE.to_string();
         }
-        let mut committed = ledger.committed(name, &value, b.window, now_ms);
+        let parts = ledger.committed_parts(name, &value, b.window, now_ms);
+        let mut committed = parts.0 + parts.1;
         if !extra.is_empty() {
             committed += extra
                 .get(&(name.to_string(), value.clone()))
@@ -461,7 +477,7 @@ pub fn check<'a>(
             });
             continue;
         }
-        if !ledger.my_part_fits(b, &value, est, now_ms) {
+        if !ledger.my_part_fits(b, &value, est, parts) {
             out.wait.push(b);
         }
         let fraction = (committed + est) / limit;

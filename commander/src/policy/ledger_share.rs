@@ -85,8 +85,9 @@ pub fn key(replica: &str) -> String {
 }
 
 /// What one replica shares of `own` cells: the largest first, as many as fit in
-/// [`MAX_CELLS`] and [`MAX_BYTES`]. Returns the body and how many cells it left out.
-pub fn encode(replica: &str, at_ms: u64, mut own: Vec<(CellKey, Cell)>) -> (Vec<u8>, usize) {
+/// [`MAX_CELLS`] and [`MAX_BYTES`]. Sorts `own` so (largest first) and returns the body
+/// and how many cells it left out (the last ones).
+pub fn encode(replica: &str, at_ms: u64, own: &mut [(CellKey, Cell)]) -> (Vec<u8>, usize) {
     own.sort_by(|a, b| {
         let size = |c: &Cell| c.spent + c.reserved;
         size(&b.1).total_cmp(&size(&a.1))
@@ -305,21 +306,26 @@ impl LedgerShare {
             } else {
                 EVERY_ALONE
             };
-            let changed = c != self.engine.with_ledger(|l| l.changes());
             let since = at.elapsed();
-            if !changed && since >= EVERY {
-                self.engine.with_ledger(|l| l.shared_seen());
-            }
+            let changed = self.engine.with_ledger(|l| {
+                let changed = c != l.changes();
+                if !changed && since >= EVERY {
+                    l.shared_seen();
+                }
+                changed
+            });
             if !(changed && since >= gap || since >= self.timing.alive_every) {
                 return;
             }
         }
         let policy = self.engine.live().policy.clone();
         let now = self.engine.now_ms();
-        let (changes, own) = self
+        let (changes, mut own) = self
             .engine
             .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
-        let (body, left_out) = encode(&self.replica, now, own.clone());
+        let (body, left_out) = encode(&self.replica, now, &mut own);
+        // What the others will see: the cells written, not those left out.
+        own.truncate(own.len() - left_out);
         self.unshared
             .set(i64::try_from(left_out).unwrap_or(i64::MAX));
         if left_out > 0 {
@@ -378,15 +384,19 @@ impl LedgerShare {
             others.insert(replica.to_string(), other);
             merged(&others)
         };
-        self.engine.with_ledger(|l| l.set_others(merged));
-        self.count_replicas(alive);
+        self.take_on(merged, alive);
     }
 
-    /// Counts the replicas sharing the intake (the throttles are divided among them).
-    fn count_replicas(&self, alive_others: usize) {
+    /// Puts the others' cells, summed, in the ledger, and counts the replicas sharing the
+    /// intake (the throttles and budget parts are divided among them) when that changed.
+    fn take_on(&self, merged: Cells, alive_others: usize) {
+        self.engine.with_ledger(|l| l.set_others(merged));
         let n = alive_others.saturating_add(1);
-        self.replicas.set(i64::try_from(n).unwrap_or(i64::MAX));
-        self.engine.set_replicas(n);
+        let n_gauge = i64::try_from(n).unwrap_or(i64::MAX);
+        if self.replicas.get() != n_gauge {
+            self.replicas.set(n_gauge);
+            self.engine.set_replicas(n);
+        }
     }
 
     /// Stops counting the reservations of replicas not heard from for [`GONE_AFTER`].
@@ -410,8 +420,7 @@ impl LedgerShare {
             }
             merged(&others)
         };
-        self.engine.with_ledger(|l| l.set_others(merged));
-        self.count_replicas(alive);
+        self.take_on(merged, alive);
     }
 }
 
@@ -435,7 +444,7 @@ mod tests {
         let (body, left_out) = encode(
             "aaaaaaaaaaaaaaaa",
             7,
-            vec![
+            &mut [
                 cell("day", "*", 100, 0.5, 0.25),
                 cell("team", "search", 100, 1.0, 0.0),
             ],
@@ -498,10 +507,10 @@ mod tests {
 
     #[test]
     fn a_replica_shares_at_most_its_bounds_the_largest_first() {
-        let own: Vec<_> = (0..MAX_CELLS as u64 + 100)
+        let mut own: Vec<_> = (0..MAX_CELLS as u64 + 100)
             .map(|i| cell("b", &format!("v{i}"), 1, i as f64, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, own);
+        let (body, left_out) = encode("r", 1, &mut own);
         assert_eq!(left_out, 100);
         let s = decode(&body).unwrap();
         assert_eq!(s.cells.len(), MAX_CELLS);
@@ -511,10 +520,10 @@ mod tests {
         );
         // Long values: the byte bound halves what is shared until it fits.
         let long = "x".repeat(1_000);
-        let own: Vec<_> = (0..1_000u64)
+        let mut own: Vec<_> = (0..1_000u64)
             .map(|i| cell("b", &format!("{long}{i}"), 1, 1.0, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, own);
+        let (body, left_out) = encode("r", 1, &mut own);
         assert!(body.len() <= MAX_BYTES, "{}", body.len());
         assert!(left_out > 0 && left_out < 1_000, "{left_out}");
     }
