@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -423,6 +423,43 @@ impl LogEvery {
         }
         self.held_back.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+/// Whether this replica leads the others (`detect::lead` holds the lease and sets it):
+/// the one that leads notifies the fleet's alerts and exports kept traces. A lone
+/// commander leads as soon as it has taken the lease.
+#[derive(Clone, Debug, Default)]
+pub struct Leading(Arc<LeadState>);
+
+#[derive(Debug, Default)]
+struct LeadState {
+    on: AtomicBool,
+    /// When this replica last saw another renew the lease (the machine's monotonic clock).
+    other_heard: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Leading {
+    pub fn now(&self) -> bool {
+        self.0.on.load(Ordering::Relaxed)
+    }
+
+    /// Sets it; true when that changed it.
+    pub fn set(&self, on: bool) -> bool {
+        self.0.on.swap(on, Ordering::Relaxed) != on
+    }
+
+    /// Another replica renewed the lease (was alive) at `at`.
+    pub fn heard_other(&self, at: std::time::Instant) {
+        if let Ok(mut h) = self.0.other_heard.lock() {
+            *h = Some(at);
+        }
+    }
+
+    /// When another replica was last seen renewing the lease; `None`: never, since this
+    /// process started.
+    pub fn other_last_heard(&self) -> Option<std::time::Instant> {
+        self.0.other_heard.lock().ok().and_then(|h| *h)
     }
 }
 

@@ -161,9 +161,15 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         stop: &stop_rx,
         replica: &replica,
         others: Arc::new(broker::OtherReplicas::new(&js, &subjects, &replica)),
+        leading: Default::default(),
     };
-    let (traces, tap, mut telemetry_tasks) =
-        start_traces(&config, &store, &engine, &fleet, &stop_rx, &mut registry)?;
+    let (traces, tap, mut telemetry_tasks) = start_traces(
+        &config,
+        &store,
+        (&engine, &fleet, &wiring.leading),
+        &stop_rx,
+        &mut registry,
+    )?;
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet, &mut registry).await?);
 
     let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
@@ -316,6 +322,13 @@ fn start_fleet(
     (fleet, task)
 }
 
+// A replica that takes the lead exports the traces it kept in the last `STANDBY_FOR`: that
+// must cover the time the lease takes to change hands after its holder died.
+const _: () = assert!(
+    crate::traces::export::STANDBY_FOR.as_millis()
+        >= 2 * (crate::detect::lead::EXPIRES.as_millis() + crate::detect::lead::RENEW.as_millis())
+);
+
 /// What `start_traces` gives the rest: the handle, the tap for ingest, the tasks.
 type StartedTraces = (
     crate::traces::Traces,
@@ -328,8 +341,11 @@ type StartedTraces = (
 fn start_traces(
     config: &Config,
     store: &Store,
-    engine: &Arc<policy::PolicyEngine>,
-    fleet: &FleetHandle,
+    (engine, fleet, leading): (
+        &Arc<policy::PolicyEngine>,
+        &FleetHandle,
+        &crate::domain::Leading,
+    ),
     stop: &watch::Receiver<bool>,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<StartedTraces, ServeError> {
@@ -360,6 +376,7 @@ fn start_traces(
         counters,
         clock: engine.clock.clone(),
         shed: tap.shed_spans.clone(),
+        leading: leading.clone(),
     });
     // The keeper's work is synchronous (assembling, sampling, sled writes) and comes in
     // bursts: at 5,000 tasks/s one tick in ten took over 3 ms, the longest 28 ms. On a
@@ -525,7 +542,7 @@ async fn share_with_replicas(
         let stop = w.stop.clone();
         move || ledger.clone().run(stop.clone())
     }));
-    let lease = Arc::new(lead::Lease::new(kv, w.replica));
+    let lease = Arc::new(lead::Lease::new(kv, w.replica, w.leading.clone()));
     let leading = lease.leading.clone();
     let (s, l, stop) = (share.clone(), lease, w.stop.clone());
     tasks.push(w.supervisor.spawn("operator_share", w.stop.clone(), {
@@ -781,6 +798,9 @@ struct Wiring<'a> {
     replica: &'a str,
     /// Whether other replicas run (record lookups and the OTLP relay share its looks).
     others: Arc<broker::OtherReplicas>,
+    /// Whether this replica leads (`detect::lead` sets it): it notifies alerts and exports
+    /// kept traces.
+    leading: crate::domain::Leading,
 }
 
 /// The policy sync, and the watches of the sources checked with the policy.

@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use prost::Message;
 use serde_json::Value;
 
-use crate::common::{Stack, WAIT, commander_options, eventually, hex};
+use crate::common::{Stack, WAIT, commander_options, eventually, hex, metric_at};
 
 /// Personal data the shipped rules remove, one kind per trace (by trace number).
 const PII: &[&str] = &[
@@ -132,6 +132,8 @@ fn agent_run(n: u64, pii: &str, error: bool) -> ExportTraceServiceRequest {
 struct Collected {
     requests: u32,
     traces: BTreeSet<String>,
+    /// Spans received per trace.
+    spans: std::collections::BTreeMap<String, u32>,
     bodies: Vec<String>,
     bad_auth: u32,
 }
@@ -162,6 +164,7 @@ async fn collector() -> (String, Arc<Mutex<Collected>>) {
             for ss in &rs.scope_spans {
                 for sp in &ss.spans {
                     s.traces.insert(hex(&sp.trace_id));
+                    *s.spans.entry(hex(&sp.trace_id)).or_default() += 1;
                 }
             }
         }
@@ -435,4 +438,121 @@ timeout_ms = 500
     // The live state saw every run, kept or not.
     let fleet = stack.get_json("/v1/workers?pool=code").await;
     assert!(fleet["total"].as_u64().unwrap() >= 3, "{fleet}");
+}
+
+/// Two replicas on one NATS read the same telemetry and keep the same traces; the one that
+/// leads exports them (docs/traces.md, "Several replicas"): each kept trace reaches the
+/// collector once, not once per replica. When the leader dies, the other takes the lead
+/// and exports what it kept before it led, so the traces of the lease's last seconds are
+/// not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_export_each_kept_trace_once_and_the_survivor_takes_over() {
+    let nats = NatsServer::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("keep.policy.toml"),
+        "[sampling]\nhealthy_rate = 1.0\n",
+    )
+    .unwrap();
+    let (collector_url, collected) = collector().await;
+    let config = format!(
+        r#"
+[routing]
+default_pool = "code"
+[pools.code]
+capabilities = ["code"]
+[policy]
+dir = {policies:?}
+[traces]
+decision_wait_ms = 300
+[[traces.export]]
+name = "collector"
+protocol = "http"
+endpoint = "{collector_url}"
+headers_env = {{ authorization = "COLLECTOR_AUTH" }}
+batch_delay_ms = 100
+"#
+    );
+    let start = |name: &str| {
+        let mut o = commander_options(&nats, dir.path().join(name), &config);
+        o.extra_env = vec![("COLLECTOR_AUTH".into(), "Bearer test-key".into())];
+        Commander::start(&o).expect("commander")
+    };
+    let mut replicas = [start("a"), start("b")];
+    let apis: Vec<String> = replicas.iter().map(|c| c.http().to_string()).collect();
+    let mut leader = 0;
+    eventually("one replica leads", WAIT, async || {
+        let a = metric_at(&apis[0], "fleet_alerts_leader").await;
+        let b = metric_at(&apis[1], "fleet_alerts_leader").await;
+        leader = if a == 1.0 { 0 } else { 1 };
+        a + b == 1.0
+    })
+    .await;
+    // Agents' runs on NATS, which every replica reads.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let send = async |runs: std::ops::Range<u64>| {
+        for n in runs {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Fleet-Kind", "otlp-traces");
+            let body = agent_run(n, "nothing personal", false).encode_to_vec();
+            client
+                .publish_with_headers("fleet.telemetry.code.helper-1", headers, body.into())
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+    };
+    let spans_sent = async || {
+        let sent = "fleet_trace_export_spans_total{endpoint=\"collector\",outcome=\"sent\"}";
+        metric_at(&apis[0], sent).await + metric_at(&apis[1], sent).await
+    };
+
+    send(0..20).await;
+    eventually("both replicas keep the 20 traces", WAIT, async || {
+        kept(&replicas[0]).await.len() == 20 && kept(&replicas[1]).await.len() == 20
+    })
+    .await;
+    eventually("the collector has them", WAIT, async || {
+        collected.lock().unwrap().traces.len() == 20
+    })
+    .await;
+    // A second copy would come as soon (batched every 100 ms, and a 503 retried after 1 s).
+    // The wait also puts these traces well before the leader's last renewal, which the
+    // survivor will have heard: it exports only what the leader may not have sent.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    {
+        let c = collected.lock().unwrap();
+        assert!(
+            c.spans.values().all(|&n| n == 2),
+            "each trace's two spans once, not once per replica: {:?}",
+            c.spans
+        );
+    }
+    assert_eq!(spans_sent().await, 40.0, "sent by one replica");
+
+    // The leader dies; runs go on. The survivor keeps them while the lease runs out, then
+    // leads and exports them.
+    replicas[leader].kill9();
+    let survivor = 1 - leader;
+    send(100..120).await;
+    eventually(
+        "the survivor exports the traces it kept before it led",
+        WAIT,
+        async || collected.lock().unwrap().traces.len() == 40,
+    )
+    .await;
+    eventually("the survivor leads", WAIT, async || {
+        metric_at(&apis[survivor], "fleet_alerts_leader").await == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = collected.lock().unwrap();
+    assert!(
+        c.spans.values().all(|&n| n == 2),
+        "each trace once: {:?}",
+        c.spans
+    );
+    assert_eq!(c.bad_auth, 0);
 }

@@ -1,8 +1,9 @@
-//! Which replica speaks for the fleet's alerts. Every replica runs its own detector over
-//! the same telemetry, so each raises the same alerts; one, the leader, notifies them
+//! Which replica speaks for the fleet. Every replica runs its own detector over the same
+//! telemetry, so each raises the same alerts; one, the leader, notifies them
 //! (`<prefix>.alerts.<severity>` and the sinks) and takes the ladder's one-shot steps
 //! (notify, cancel or restart a task). The others keep their alerts, in force
-//! interventions and routing as before, quietly.
+//! interventions and routing as before, quietly. Every replica keeps the same traces too,
+//! and the leader exports them (`traces`, which reads the same [`Leading`]).
 //!
 //! The lead is a lease on the key `leader` of the `<prefix>_control` bucket, renewed with
 //! compare-and-set every [`RENEW`]. A replica that has seen the key unchanged for
@@ -14,7 +15,6 @@
 //! alive, not about fleet time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -36,25 +36,21 @@ pub struct Holder {
     pub replica: String,
 }
 
-/// Whether this replica leads now (read by the detector's loop and `/metrics`).
-#[derive(Clone, Debug, Default)]
-pub struct Leading(Arc<AtomicBool>);
+pub use crate::domain::Leading;
 
-impl Leading {
-    pub fn now(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, on: bool, replica: &str) {
-        if self.0.swap(on, Ordering::Relaxed) != on {
-            if on {
-                tracing::info!(replica, "this replica now notifies the fleet's alerts");
-            } else {
-                tracing::info!(
-                    replica,
-                    "this replica no longer notifies alerts: another leads"
-                );
-            }
+/// Sets whether this replica leads, logging the change.
+fn set(leading: &Leading, on: bool, replica: &str) {
+    if leading.set(on) {
+        if on {
+            tracing::info!(
+                replica,
+                "this replica now leads: it notifies the fleet's alerts and exports kept traces"
+            );
+        } else {
+            tracing::info!(
+                replica,
+                "this replica no longer leads (notifies alerts, exports kept traces): another does"
+            );
         }
     }
 }
@@ -79,11 +75,12 @@ struct Seen {
 }
 
 impl Lease {
-    pub fn new(kv: kv::Store, replica: &str) -> Self {
+    /// `leading` is set while this replica holds the lease.
+    pub fn new(kv: kv::Store, replica: &str, leading: Leading) -> Self {
         Lease {
             kv,
             replica: replica.to_string(),
-            leading: Leading::default(),
+            leading,
         }
     }
 
@@ -100,7 +97,7 @@ impl Lease {
             self.step(&mut seen, Instant::now()).await;
         }
         if let Some(revision) = seen.held {
-            self.leading.set(false, &self.replica);
+            set(&self.leading, false, &self.replica);
             // Only while still the holder: another may have taken it meanwhile.
             let handed = self
                 .kv
@@ -130,7 +127,7 @@ impl Lease {
                 }
                 Err(e) if matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision) => {
                     seen.held = None;
-                    self.leading.set(false, &self.replica);
+                    set(&self.leading, false, &self.replica);
                 }
                 // NATS is away: go on leading until NATS says another replica took the
                 // lead (the renewal then fails on its revision). Cut off, this replica
@@ -160,7 +157,12 @@ impl Lease {
                     Some(h) if h.replica == self.replica => true,
                     Some(_) => match seen.other {
                         Some((r, since)) if r == e.revision => now.duration_since(since) >= EXPIRES,
-                        _ => {
+                        other => {
+                            // A revision changed since the last look: the holder is alive
+                            // (the first look says nothing: the key may be long stale).
+                            if other.is_some() {
+                                self.leading.heard_other(now.into_std());
+                            }
                             seen.other = Some((e.revision, now));
                             false
                         }
@@ -181,7 +183,7 @@ impl Lease {
             seen.held = Some(r);
             seen.renewed = Some(now);
             seen.other = None;
-            self.leading.set(true, &self.replica);
+            set(&self.leading, true, &self.replica);
         }
     }
 }
@@ -200,15 +202,15 @@ mod tests {
         panic!("timed out waiting for: {what}");
     }
 
-    /// One of two replicas leads; one that stops cleanly hands the lead back and the other
-    /// takes it at its next look; a restart of the holder (the same replica id) leads again
+    /// One of two replicas leads, and the other hears it renew; one that stops cleanly
+    /// hands the lead back and the other takes it at its next look; a restart of the holder (the same replica id) leads again
     /// at once.
     #[tokio::test]
     async fn one_replica_leads_and_hands_the_lead_back_when_it_stops() {
         let nats = fleet_testkit::NatsServer::start().expect("nats-server");
         let kv = crate::broker::control_bucket_for_tests(nats.url()).await;
-        let a = Arc::new(Lease::new(kv.clone(), "a"));
-        let b = Arc::new(Lease::new(kv.clone(), "b"));
+        let a = Arc::new(Lease::new(kv.clone(), "a", Leading::default()));
+        let b = Arc::new(Lease::new(kv.clone(), "b", Leading::default()));
         let (stop_a, rx) = watch::channel(false);
         let run_a = tokio::spawn(a.clone().run(rx));
         until("a leads", || a.leading.now()).await;
@@ -216,6 +218,9 @@ mod tests {
         let run_b = tokio::spawn(b.clone().run(rx));
         tokio::time::sleep(RENEW * 3).await;
         assert!(a.leading.now() && !b.leading.now(), "one leads");
+        // b saw a renew (a trace b kept before then, a exported: `traces`).
+        let heard = b.leading.other_last_heard().expect("b heard a renew");
+        assert!(heard.elapsed() < RENEW * 2, "{:?} ago", heard.elapsed());
 
         let _ = stop_a.send(true);
         run_a.await.unwrap();
@@ -225,17 +230,18 @@ mod tests {
         // b's holder key names b: b again (a restart) leads at its first look.
         let _ = stop_b.send(true);
         run_b.await.unwrap();
-        kv.put(KEY, Lease::new(kv.clone(), "b").body())
+        kv.put(KEY, Lease::new(kv.clone(), "b", Leading::default()).body())
             .await
             .unwrap();
-        let again = Arc::new(Lease::new(kv.clone(), "b"));
+        let again = Arc::new(Lease::new(kv.clone(), "b", Leading::default()));
         let (_stop, rx) = watch::channel(false);
         tokio::spawn(again.clone().run(rx));
         until("b leads again after a restart", || again.leading.now()).await;
-        let a2 = Arc::new(Lease::new(kv.clone(), "a"));
+        let a2 = Arc::new(Lease::new(kv.clone(), "a", Leading::default()));
         let (_stop_a2, rx) = watch::channel(false);
         tokio::spawn(a2.clone().run(rx));
         tokio::time::sleep(RENEW * 3).await;
         assert!(!a2.leading.now(), "a does not take a lead that is renewed");
+        assert!(a2.leading.other_last_heard().is_some());
     }
 }

@@ -74,7 +74,7 @@ impl DetectCounters {
         r.register("detect_ticks", "Detector evaluations", self.ticks.clone());
         r.register(
             "alerts_leader",
-            "1 while this replica notifies the fleet's alerts (one replica does)",
+            "1 while this replica leads: it notifies the fleet's alerts and exports kept traces (one replica does)",
             self.leader.clone(),
         );
         r.register(

@@ -8,8 +8,9 @@
 //! CANCELLED, OUT_OF_RANGE and DATA_LOSS, and RESOURCE_EXHAUSTED only when it carries
 //! RetryInfo (whose delay it waits). Anything else drops the batch, counted.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -72,6 +73,8 @@ pub struct Exporter {
     name: String,
     tx: mpsc::Sender<(Batch, u64)>,
     counters: Arc<ExportCounters>,
+    /// How long it waits to fill a batch (`batch_delay_ms`).
+    batch_delay: Duration,
 }
 
 impl Exporter {
@@ -80,6 +83,94 @@ impl Exporter {
         if self.tx.try_send((trace, spans)).is_err() {
             self.counters.add(&self.name, "dropped_queue_full", spans);
         }
+    }
+
+    /// Traces its queue holds at most (`queue_traces`).
+    pub fn capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+
+    /// How long it waits to fill a batch (`batch_delay_ms`).
+    pub fn batch_delay(&self) -> Duration {
+        self.batch_delay
+    }
+}
+
+#[cfg(test)]
+impl Exporter {
+    /// An endpoint whose queue the test reads.
+    pub fn channel(name: &str, capacity: usize) -> (Self, mpsc::Receiver<(Batch, u64)>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let exporter = Exporter {
+            name: name.into(),
+            tx,
+            counters: Arc::default(),
+            batch_delay: Duration::from_millis(100),
+        };
+        (exporter, rx)
+    }
+}
+
+/// How long a replica that does not lead holds a kept trace back. The replica that leads
+/// exports the same traces; when it dies, the lease runs out (`detect::lead::EXPIRES`,
+/// then a look every `RENEW`) before another takes the lead, and what that one kept
+/// meanwhile, and what the dead one had not yet sent, would reach no endpoint. So the one
+/// that takes the lead exports what it held back first: at most this long (longer than
+/// the lease takes to change hands, `serve` checks), and only from a little before it last
+/// heard the old leader ([`LEADER_LAG`]): what was kept before then, the old leader sent.
+pub const STANDBY_FOR: Duration = Duration::from_secs(15);
+
+/// How long before the old leader was last heard (it renewed the lease) a trace may have
+/// been kept and still not sent by it: the lease's look every second, both replicas'
+/// decisions a tick apart, and the send itself; an endpoint's `batch_delay_ms` comes on
+/// top.
+pub const LEADER_LAG: Duration = Duration::from_secs(3);
+
+/// The kept traces a replica that does not lead holds back (see [`STANDBY_FOR`]), oldest
+/// first, at most as many as an endpoint's queue holds.
+#[derive(Debug, Default)]
+pub struct Standby {
+    held: VecDeque<(Instant, Batch, u64)>,
+}
+
+impl Standby {
+    /// Holds a trace of `spans` spans kept at `now`; the oldest goes past `max`.
+    pub fn hold(&mut self, now: Instant, trace: Batch, spans: u64, max: usize) {
+        self.expire(now);
+        if max == 0 {
+            return;
+        }
+        while self.held.len() >= max {
+            self.held.pop_front();
+        }
+        self.held.push_back((now, trace, spans));
+    }
+
+    /// Lets go of what was held back for longer than [`STANDBY_FOR`]: the leader exported it.
+    pub fn expire(&mut self, now: Instant) {
+        while self
+            .held
+            .front()
+            .is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > STANDBY_FOR)
+        {
+            self.held.pop_front();
+        }
+    }
+
+    /// What to export on taking the lead, oldest first: what was held back for at most
+    /// [`STANDBY_FOR`] and kept `from` on (`None`: all of it). Empties the standby.
+    pub fn take(&mut self, now: Instant, from: Option<Instant>) -> Vec<(Batch, u64)> {
+        self.expire(now);
+        self.held
+            .drain(..)
+            .filter(|(at, _, _)| from.is_none_or(|f| *at >= f))
+            .map(|(_, t, n)| (t, n))
+            .collect()
+    }
+
+    /// How many traces are held back.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 }
 
@@ -125,6 +216,7 @@ pub fn spawn(
         name: cfg.name.clone(),
         tx,
         counters: counters.clone(),
+        batch_delay: Duration::from_millis(cfg.batch_delay_ms),
     };
     let task = tokio::spawn(run(cfg.clone(), client, rx, counters, stop));
     Ok((exporter, task))
@@ -376,6 +468,43 @@ fn retry_info(s: &tonic::Status) -> Option<Duration> {
 mod tests {
     use super::*;
     use tonic_types::ErrorDetails;
+
+    /// What a replica that does not lead holds back: at most `max`, the oldest going first,
+    /// and nothing older than `STANDBY_FOR` when it takes the lead.
+    #[test]
+    fn a_standby_holds_the_last_seconds_of_kept_traces_within_its_bound() {
+        let t0 = Instant::now();
+        let trace = |n: u64| -> Batch {
+            Arc::new(vec![ResourceSpans {
+                schema_url: n.to_string(),
+                ..Default::default()
+            }])
+        };
+        let names = |held: Vec<(Batch, u64)>| -> Vec<String> {
+            held.iter().map(|(t, _)| t[0].schema_url.clone()).collect()
+        };
+        let mut s = Standby::default();
+        for n in 0..4 {
+            s.hold(t0 + Duration::from_secs(n * 5), trace(n), 2, 3);
+        }
+        assert_eq!(s.held(), 3, "the oldest went past the bound");
+        // At 21 s, what was kept at 5 s is 16 s old: the leader exported it long ago.
+        let held = s.take(t0 + Duration::from_secs(21), None);
+        assert_eq!(names(held), ["2", "3"]);
+        // The old leader was heard at 12 s: from 9 s on it may not have sent what it kept.
+        for n in 0..4 {
+            s.hold(t0 + Duration::from_secs(n * 5), trace(n), 2, 10);
+        }
+        let from = t0 + Duration::from_secs(12) - LEADER_LAG;
+        let held = s.take(t0 + Duration::from_secs(16), Some(from));
+        assert_eq!(names(held), ["2", "3"]);
+        assert_eq!(s.held(), 0);
+        s.hold(t0, trace(9), 1, 0);
+        assert_eq!(s.held(), 0, "no endpoint queue, nothing held");
+        s.hold(t0, trace(7), 1, 5);
+        s.expire(t0 + STANDBY_FOR + Duration::from_millis(1));
+        assert_eq!(s.held(), 0);
+    }
 
     #[test]
     fn grpc_codes_follow_the_otlp_retry_rules() {

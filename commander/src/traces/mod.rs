@@ -153,6 +153,9 @@ pub struct Wiring {
     pub clock: Arc<dyn Clock>,
     /// Spans ingest could not queue (`ingest::TraceTap::shed_spans`).
     pub shed: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether this replica leads, and so exports what it keeps (`detect::lead`): every
+    /// replica keeps the same traces, and each endpoint should get them once.
+    pub leading: crate::domain::Leading,
 }
 
 fn bounds(c: &TracesConfig) -> Bounds {
@@ -173,16 +176,22 @@ pub struct Keeper {
     /// The redactor of the policy (by its sha256) and salt it was built from.
     redactor: Option<(String, Option<Vec<u8>>, Redactor)>,
     shed_seen: u64,
+    /// Whether this replica led at the last tick: kept traces are exported then, and held
+    /// back in `standby` otherwise.
+    exporting: bool,
+    standby: export::Standby,
 }
 
 impl Keeper {
     pub fn new(w: Arc<Wiring>) -> Self {
         Self {
             assembler: Assembler::new(bounds(&w.config)),
-            w,
             sentinels: Sentinels::default(),
             redactor: None,
             shed_seen: 0,
+            exporting: w.leading.now(),
+            standby: export::Standby::default(),
+            w,
         }
     }
 
@@ -224,6 +233,7 @@ impl Keeper {
 
     /// Decides every trace that is due; `snapshot` gives the task types' figures.
     pub fn tick(&mut self, snapshot: &FleetSnapshot) {
+        self.follow_the_lead(std::time::Instant::now());
         let now_ms = self.w.clock.now_ms();
         let shed = self.w.shed.load(std::sync::atomic::Ordering::Relaxed);
         if shed > self.shed_seen {
@@ -380,9 +390,55 @@ impl Keeper {
             self.w.counters.store_errors.inc();
             tracing::warn!(error = %e, trace_id = %summary.trace_id, "kept trace not stored");
         }
-        for x in &self.w.exporters {
-            x.offer(rs.clone(), spans);
+        self.export(rs, spans);
+    }
+
+    /// Offers a kept trace to every endpoint while this replica leads; holds it back
+    /// otherwise (the leader exports it; `follow_the_lead`).
+    fn export(&mut self, trace: export::Batch, spans: u64) {
+        if self.w.exporters.is_empty() {
+            return;
         }
+        if !self.exporting {
+            let max = self.w.exporters.iter().map(|x| x.capacity()).max();
+            let now = std::time::Instant::now();
+            self.standby.hold(now, trace, spans, max.unwrap_or(0));
+            return;
+        }
+        for x in &self.w.exporters {
+            x.offer(trace.clone(), spans);
+        }
+    }
+
+    /// Reads whether this replica leads: one that has just taken the lead exports what it
+    /// held back first, from a little before it last heard the old leader on (what the old
+    /// leader may not have sent); one that does not lets go of what it held back longer
+    /// than [`export::STANDBY_FOR`].
+    fn follow_the_lead(&mut self, now: std::time::Instant) {
+        let leading = self.w.leading.now();
+        if leading && !self.exporting {
+            let lag = export::LEADER_LAG
+                + (self.w.exporters.iter())
+                    .map(|x| x.batch_delay())
+                    .max()
+                    .unwrap_or_default();
+            let from = (self.w.leading.other_last_heard()).and_then(|h| h.checked_sub(lag));
+            let held = self.standby.take(now, from);
+            if !held.is_empty() {
+                tracing::info!(
+                    traces = held.len(),
+                    "exporting the traces kept while another replica led"
+                );
+            }
+            for (trace, spans) in held {
+                for x in &self.w.exporters {
+                    x.offer(trace.clone(), spans);
+                }
+            }
+        } else if !leading {
+            self.standby.expire(now);
+        }
+        self.exporting = leading;
     }
 
     fn redactor(&mut self, live: &Live) -> &Redactor {

@@ -93,6 +93,16 @@ fn policy(engine: &PolicyEngine, text: &str) -> crate::policy::Policy {
 }
 
 fn fixture(policy_text: &str, config: TracesConfig) -> Fixture {
+    fixture_exporting(policy_text, config, Vec::new(), Default::default())
+}
+
+/// A keeper that offers to `exporters` while `leading` says this replica leads.
+fn fixture_exporting(
+    policy_text: &str,
+    config: TracesConfig,
+    exporters: Vec<export::Exporter>,
+    leading: crate::domain::Leading,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let clock = ManualClock::at(T0);
@@ -136,10 +146,11 @@ fn fixture(policy_text: &str, config: TracesConfig) -> Fixture {
         store: trace_store.clone(),
         engine: engine.clone(),
         flags: flags.clone(),
-        exporters: Vec::new(),
+        exporters,
         counters: Arc::default(),
         clock: clock.clone(),
         shed: Arc::default(),
+        leading,
     });
     Fixture {
         keeper: Keeper::new(w),
@@ -318,6 +329,59 @@ name = "user_ids"
 attributes = ["user.id"]
 action = "hash"
 "#;
+
+/// Every replica keeps the same traces, and the one that leads exports them: one that does
+/// not holds what it keeps back, and exports it when it takes the lead (the old leader may
+/// have died before sending it); once leading, it exports as it keeps.
+#[test]
+fn a_replica_exports_what_it_keeps_only_while_it_leads() {
+    let (exporter, mut queue) = export::Exporter::channel("collector", 16);
+    let leading = crate::domain::Leading::default();
+    let mut f = fixture_exporting(KEEP_ALL, config(), vec![exporter], leading.clone());
+    let queued = |q: &mut tokio::sync::mpsc::Receiver<(export::Batch, u64)>| {
+        let mut traces = Vec::new();
+        while let Ok((t, spans)) = q.try_recv() {
+            traces.push((t[0].scope_spans[0].spans[0].trace_id.clone(), spans));
+        }
+        traces
+    };
+    feed(
+        &mut f,
+        export("w-1", "x", run(1, "task-1", "w-1", 2, "x", false)),
+    );
+    f.clock.set(T0 + 5_000);
+    f.tick();
+    assert_eq!(f.store.len(), 1, "kept and stored by every replica");
+    assert!(
+        queued(&mut queue).is_empty(),
+        "not exported: another replica leads"
+    );
+    assert_eq!(f.keeper.standby.held(), 1);
+
+    leading.set(true);
+    feed(
+        &mut f,
+        export("w-1", "x", run(2, "task-2", "w-1", 1, "x", false)),
+    );
+    f.clock.set(T0 + 10_000);
+    f.tick();
+    assert_eq!(
+        queued(&mut queue),
+        [(id16(1), 3), (id16(2), 2)],
+        "what it held back first, then what it keeps"
+    );
+    assert_eq!(f.keeper.standby.held(), 0);
+
+    leading.set(false);
+    feed(
+        &mut f,
+        export("w-1", "x", run(3, "task-3", "w-1", 1, "x", false)),
+    );
+    f.clock.set(T0 + 15_000);
+    f.tick();
+    assert!(queued(&mut queue).is_empty(), "another leads again");
+    assert_eq!(f.store.len(), 3);
+}
 
 #[test]
 fn a_pii_corpus_is_gone_from_stored_traces_while_tokens_models_and_ids_stay() {

@@ -98,6 +98,7 @@ impl Rig {
             counters: counters.clone(),
             clock: clock.clone(),
             shed: Arc::default(),
+            leading: Default::default(),
         });
         Ok(Self {
             keeper: Keeper::new(w),
