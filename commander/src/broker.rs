@@ -1002,6 +1002,8 @@ pub struct KvBucket<'a> {
     pub history: i64,
     /// Stream replicas (`nats.replicas`).
     pub replicas: usize,
+    /// How long a key is kept after its last write; zero: for good.
+    pub max_age: Duration,
 }
 
 /// Opens a key-value bucket, creating its stream when missing. The stream is made by hand
@@ -1024,6 +1026,7 @@ pub async fn open_kv(
         discard: jetstream::stream::DiscardPolicy::New,
         storage: jetstream::stream::StorageType::File,
         num_replicas: b.replicas,
+        max_age: b.max_age,
         ..Default::default()
     };
     js.get_or_create_stream(cfg)
@@ -1117,6 +1120,7 @@ pub async fn control_bucket_for_tests(url: &str) -> jetstream::kv::Store {
         description: "test",
         history: crate::detect::shared::HISTORY,
         replicas: 1,
+        max_age: Duration::ZERO,
     };
     open_kv(&js, bucket).await.expect("control bucket")
 }

@@ -214,7 +214,13 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         traces,
         replica: Arc::from(replica.as_str()),
     };
-    let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone())?);
+    let notices = open_notices(&wiring).await?;
+    let ctx = Arc::new(task_path_ctx(
+        &wiring,
+        core.clone(),
+        spans.clone(),
+        notices,
+    )?);
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -497,6 +503,7 @@ async fn share_with_replicas(
         description: "fleet commander: the operator's interventions and cost cap in force, each replica's budget spending, and who notifies alerts",
         history: shared::HISTORY,
         replicas: w.config.nats.replicas,
+        max_age: Duration::ZERO,
     };
     let in_nats = |reason: String| {
         ServeError::Broker(BrokerError::Setup {
@@ -673,6 +680,7 @@ fn task_path_ctx(
     w: &Wiring<'_>,
     core: pipeline::Core,
     spans: SpanExporter,
+    notices: async_nats::jetstream::kv::Store,
 ) -> Result<Ctx, ServeError> {
     let targets = pipeline::retarget::Targets::open(&core.store).map_err(in_store(w.config))?;
     Ok(Ctx {
@@ -687,6 +695,26 @@ fn task_path_ctx(
         // The intake consumer's window is 8 × the batch (broker::ensure_streams).
         throttle_inline_cap: w.config.intake.batch_size.saturating_mul(2),
         targets,
+        notices,
+    })
+}
+
+/// The `<prefix>_notices` bucket: which budget notices some replica has sent
+/// (`pipeline::notices`).
+async fn open_notices(w: &Wiring<'_>) -> Result<async_nats::jetstream::kv::Store, ServeError> {
+    let name = pipeline::notices::bucket_name(w.subjects.prefix());
+    let bucket = broker::KvBucket {
+        name: &name,
+        description: "fleet commander: the budget notices sent, each once for the fleet",
+        history: 1,
+        replicas: w.config.nats.replicas,
+        max_age: pipeline::notices::MAX_AGE,
+    };
+    broker::open_kv(w.js, bucket).await.map_err(|reason| {
+        ServeError::Broker(BrokerError::Setup {
+            name: format!("key-value bucket {name}"),
+            reason,
+        })
     })
 }
 

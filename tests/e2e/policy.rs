@@ -636,6 +636,120 @@ async fn a_burst_across_replicas_stays_within_a_budget() {
     );
 }
 
+/// A budget's soft-threshold notice goes out once for the fleet (docs/policy.md, "In order,
+/// for each routed task"): each replica decides its own tasks, and each used to send the
+/// notice when it first decided one past the threshold; and once more after a restart,
+/// which forgot what it had sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_restart() {
+    let mut s = PolicyStack::start("", "").await;
+    let seen = SeenLog::default();
+    let _w1 = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    producer
+        .submit(&summary_task("probe", 5), SubmitOptions::default())
+        .await
+        .unwrap();
+    producer.await_result("probe", WAIT).await.unwrap();
+    let est = s.get("/v1/decisions/probe").await["est_cost_usd"]
+        .as_f64()
+        .unwrap();
+    let mut b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    // Room for 40 such tasks; a notice at half of it.
+    let limit = est * 40.5;
+    s.write_policy(&format!(
+        "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"reject\"\nsoft = [{{ at = 0.5, action = \"alert\" }}]\n"
+    ))
+    .await;
+    let bases = [s.commander.http().to_string(), b.http().to_string()];
+    eventually(
+        "each has the budget and counts two replicas",
+        WAIT,
+        async || {
+            for base in &bases {
+                let p = get_json_at(base, "/v1/policy").await;
+                if !(p["budgets"].as_array().is_some_and(|x| !x.is_empty()) && p["replicas"] == 2) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let mut warnings = s.client.subscribe("fleet.alerts.warning").await.unwrap();
+    s.client.flush().await.unwrap();
+    let notices = async |sub: &mut async_nats::Subscriber| {
+        let mut got = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, futures::StreamExt::next(sub)).await
+        {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["alert"] == "budget_soft_threshold" {
+                got.push(v);
+            }
+        }
+        got
+    };
+
+    // One at a time until both replicas have decided tasks past half the room: each may
+    // be the one to see the threshold crossed.
+    let decided_by = async |id: &str| {
+        for base in &bases {
+            let r = reqwest::get(format!("{base}/v1/decisions/{id}"))
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                return base.clone();
+            }
+        }
+        panic!("no replica decided {id}")
+    };
+    let mut deciders = HashSet::new();
+    let mut spent = 0;
+    while deciders.len() < 2 {
+        assert!(
+            spent < 32,
+            "both replicas decide some of the tasks: {deciders:?}"
+        );
+        let id = format!("spend-{spent}");
+        producer
+            .submit(&summary_task(&id, 5), SubmitOptions::default())
+            .await
+            .unwrap();
+        let r = producer.await_result(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{id}");
+        // From the 22nd task on, the fleet is past half of the room.
+        if spent >= 21 {
+            deciders.insert(decided_by(&id).await);
+        }
+        spent += 1;
+    }
+    let sent = notices(&mut warnings).await;
+    assert_eq!(sent.len(), 1, "one notice for the fleet: {sent:?}");
+    assert_eq!(sent[0]["budget"], "fleet-day");
+    assert_eq!(sent[0]["threshold"], 0.5);
+    let id = sent[0]["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("soft."), "{id}");
+
+    // Both restart: what was sent is not sent again in the same window.
+    s.commander.kill9();
+    b.kill9();
+    s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
+    b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    for i in 0..2 {
+        let id = format!("after-restart-{i}");
+        producer
+            .submit(&summary_task(&id, 5), SubmitOptions::default())
+            .await
+            .unwrap();
+        let r = producer.await_result(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, ResultStatus::Ok, "{id}");
+    }
+    let again = notices(&mut warnings).await;
+    assert!(again.is_empty(), "not again after a restart: {again:?}");
+    drop(b);
+}
+
 /// A throttle's backlog waits parked, out of the intake stream: another team's tasks
 /// pass it at once, instead of queueing behind the whole backlog (with the intake window
 /// of 16 here, behind 44 of the 60 throttled tasks, 11 s at 4 tasks/s). Parked tasks keep

@@ -226,14 +226,16 @@ async fn finish_batch(ctx: &Ctx, settled: Settled) {
     }
     // Status notices (deferrals) and budget alerts: informational, core NATS.
     for (task_id, body) in notices {
-        let subject = if task_id.is_empty() {
-            ctx.subjects.alerts("warning")
-        } else {
-            ctx.subjects.status(&task_id)
-        };
+        if task_id.is_empty() {
+            super::notices::send_once(ctx, body);
+            continue;
+        }
         let _ = ctx
             .client
-            .publish(subject, bytes::Bytes::from(body.to_string()))
+            .publish(
+                ctx.subjects.status(&task_id),
+                bytes::Bytes::from(body.to_string()),
+            )
             .await;
     }
 }

@@ -8,6 +8,7 @@
 pub mod cancel;
 pub mod deadletter;
 pub mod intake;
+pub mod notices;
 mod plan;
 pub mod release;
 pub mod results;
@@ -95,6 +96,8 @@ pub struct Ctx {
     /// Tasks each throttle may hold back in the intake stream at once (a quarter of the
     /// intake consumer's window); past it, held-back tasks are parked.
     pub throttle_inline_cap: usize,
+    /// The `<prefix>_notices` bucket: budget notices sent once for the fleet (`notices`).
+    pub notices: async_nats::jetstream::kv::Store,
 }
 
 impl Ctx {

@@ -429,8 +429,10 @@ fn soft_alerts(
                 )
         })
         .map(|h| {
+            let bucket = h.budget.window.bucket(now_ms);
             serde_json::json!({
                 "alert": "budget_soft_threshold",
+                "id": super::notices::id(&h.budget.spec.name, &h.value, bucket, h.at),
                 "severity": "warning",
                 "budget": h.budget.spec.name,
                 "value": h.value,

@@ -60,6 +60,7 @@ pub async fn open_bucket(
             description: "fleet commander: the policy in force",
             history: HISTORY,
             replicas,
+            max_age: std::time::Duration::ZERO,
         },
     )
     .await
