@@ -140,7 +140,16 @@ struct Collected {
 
 /// An OTLP/HTTP collector: the first request is answered 503 with `Retry-After: 1`.
 async fn collector() -> (String, Arc<Mutex<Collected>>) {
-    let seen = Arc::new(Mutex::new(Collected::default()));
+    collector_busy_first(true).await
+}
+
+/// An OTLP/HTTP collector; `busy_first`: its first request is answered 503 with
+/// `Retry-After: 1`.
+async fn collector_busy_first(busy_first: bool) -> (String, Arc<Mutex<Collected>>) {
+    let seen = Arc::new(Mutex::new(Collected {
+        requests: u32::from(!busy_first),
+        ..Default::default()
+    }));
     async fn take(
         State(seen): State<Arc<Mutex<Collected>>>,
         headers: HeaderMap,
@@ -554,5 +563,72 @@ batch_delay_ms = 100
         "each trace once: {:?}",
         c.spans
     );
+    assert_eq!(c.bad_auth, 0);
+}
+
+/// A commander that stops cleanly decides the traces still assembling and sends them, and
+/// what its export queues hold, before it exits (docs/traces.md, "Export downstream").
+/// Before, each endpoint's task stopped at the signal: the keeper's last decisions found
+/// its queue closed and were counted `dropped_queue_full`, and none was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traces_still_assembling_at_shutdown_are_kept_and_exported() {
+    let nats = NatsServer::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("keep.policy.toml"),
+        "[sampling]\nhealthy_rate = 1.0\n",
+    )
+    .unwrap();
+    let (collector_url, collected) = collector_busy_first(false).await;
+    // A minute's wait for late children: every trace is still assembling at the stop.
+    let config = format!(
+        r#"
+[routing]
+default_pool = "code"
+[pools.code]
+capabilities = ["code"]
+[policy]
+dir = {policies:?}
+[traces]
+decision_wait_ms = 60000
+[[traces.export]]
+name = "collector"
+protocol = "http"
+endpoint = "{collector_url}"
+headers_env = {{ authorization = "COLLECTOR_AUTH" }}
+"#
+    );
+    let mut o = commander_options(&nats, dir.path().join("cmd"), &config);
+    o.extra_env = vec![("COLLECTOR_AUTH".into(), "Bearer test-key".into())];
+    let mut commander = Commander::start(&o).expect("commander");
+    let api = commander.http().to_string();
+    eventually("the commander leads (it exports)", WAIT, async || {
+        metric_at(&api, "fleet_alerts_leader").await == 1.0
+    })
+    .await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    for n in 0..10 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Fleet-Kind", "otlp-traces");
+        let body = agent_run(n, "nothing personal", false).encode_to_vec();
+        client
+            .publish_with_headers("fleet.telemetry.code.helper-1", headers, body.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    eventually("the keeper holds their 20 spans", WAIT, async || {
+        metric_at(&api, "fleet_trace_spans_total{outcome=\"held\"}").await >= 20.0
+    })
+    .await;
+    assert!(kept(&commander).await.is_empty(), "none decided yet");
+    assert!(collected.lock().unwrap().traces.is_empty());
+
+    assert_eq!(commander.terminate(WAIT), Some(0));
+    let c = collected.lock().unwrap();
+    assert_eq!(c.traces.len(), 10, "every trace sent before the exit");
+    assert!(c.spans.values().all(|&n| n == 2), "{:?}", c.spans);
     assert_eq!(c.bad_auth, 0);
 }

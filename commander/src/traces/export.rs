@@ -301,12 +301,11 @@ async fn run(
 ) {
     let delay = Duration::from_millis(cfg.batch_delay_ms);
     loop {
-        // Wait for the first trace of a batch, then fill it until full or late.
-        let first = tokio::select! {
-            t = rx.recv() => t,
-            _ = stop.changed() => None,
-        };
-        let Some(first) = first else { return };
+        // Wait for the first trace of a batch, then fill it until full or late. Not until
+        // `stop`: at shutdown the keeper decides the traces still assembling and offers
+        // them, then lets go of its side of the queue; what the queue holds goes out
+        // until then (within the shutdown grace; a retry's wait ends at `stop`).
+        let Some(first) = rx.recv().await else { return };
         let mut batch = vec![first];
         let mut spans = batch[0].1;
         let deadline = tokio::time::Instant::now() + delay;
