@@ -185,7 +185,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         &mut telemetry_tasks,
     )
     .await?;
-    let alerts = start_detection(
+    let (alerts, ledger) = start_detection(
         &wiring,
         (&store, &decisions, &traces.flags, &events),
         (&fleet, &engine),
@@ -257,6 +257,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         store,
         spans,
         spans_task,
+        ledger,
     };
     let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
     shut_down(grace, running, client).await;
@@ -437,7 +438,13 @@ async fn start_detection(
     (fleet, engine): (&FleetHandle, &Arc<policy::PolicyEngine>),
     registry: &mut prometheus_client::registry::Registry,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<crate::detect::run::Alerts, ServeError> {
+) -> Result<
+    (
+        crate::detect::run::Alerts,
+        Arc<policy::ledger_share::LedgerShare>,
+    ),
+    ServeError,
+> {
     let d = &w.config.detect;
     let log = crate::detect::AlertLog::open(store, d.max_records).map_err(in_store(w.config))?;
     let generator = format!("http://{}", w.config.http.listen);
@@ -455,7 +462,8 @@ async fn start_detection(
     interventions.counters.register(registry);
     let mut alerts = crate::detect::run::Alerts::new(log, sinks, silences, interventions);
     alerts.counters.register(registry);
-    let (share, leading) = share_with_replicas(w, store, engine, &alerts, registry, tasks).await?;
+    let (share, leading, ledger) =
+        share_with_replicas(w, store, engine, &alerts, registry, tasks).await?;
     alerts.shared = Some(share);
     let wiring = Arc::new(crate::detect::run::Wiring {
         alerts: alerts.clone(),
@@ -475,7 +483,7 @@ async fn start_detection(
     tasks.push(w.supervisor.spawn("detect", w.stop.clone(), move || {
         crate::detect::run::run(wiring.clone(), stop.clone())
     }));
-    Ok(alerts)
+    Ok((alerts, ledger))
 }
 
 /// What replicas share through the `<prefix>_control` bucket: the operator's interventions
@@ -493,6 +501,7 @@ async fn share_with_replicas(
     (
         Arc<crate::detect::shared::Share>,
         crate::detect::lead::Leading,
+        Arc<policy::ledger_share::LedgerShare>,
     ),
     ServeError,
 > {
@@ -546,7 +555,7 @@ async fn share_with_replicas(
         ledger.replicas.clone(),
     );
     tasks.push(w.supervisor.spawn("ledger_share", w.stop.clone(), {
-        let stop = w.stop.clone();
+        let (stop, ledger) = (w.stop.clone(), ledger.clone());
         move || ledger.clone().run(stop.clone())
     }));
     let lease = Arc::new(lead::Lease::new(kv, w.replica, w.leading.clone()));
@@ -559,7 +568,7 @@ async fn share_with_replicas(
     tasks.push(w.supervisor.spawn("alert_lead", w.stop.clone(), move || {
         l.clone().run(stop.clone())
     }));
-    Ok((share, leading))
+    Ok((share, leading, ledger))
 }
 
 /// The operator's surface: the tokens and roles, the control plane (its audit, its rate
@@ -1154,6 +1163,8 @@ struct Running {
     store: Store,
     spans: SpanExporter,
     spans_task: tokio::task::JoinHandle<()>,
+    /// Told last that this replica stopped, once the task path settled what it will.
+    ledger: Arc<policy::ledger_share::LedgerShare>,
 }
 
 /// Waits up to `grace` for the loops to finish what they hold and the store to flush;
@@ -1170,6 +1181,7 @@ async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
         if let Err(e) = r.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
+        r.ledger.write_stopped(Duration::from_secs(2)).await;
         // Handles to the exporter outlive this (the classifier's hook, the API's state):
         // tell it to publish what is queued and stop instead of waiting for the last drop.
         r.spans.shutdown();

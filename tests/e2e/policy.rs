@@ -750,6 +750,35 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
     drop(b);
 }
 
+/// A replica that stops cleanly is counted out by the others at once (docs/policy.md,
+/// "Replicas"): each throttle's part and the budget parts go back to them, and its
+/// reservations stop counting. Before, they counted it for 30 s more, the time given to a
+/// replica that went silent, and let through half of each throttle's rate meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_stops_cleanly_is_counted_out_at_once() {
+    let s = PolicyStack::start("", "").await;
+    let mut b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    let a = s.commander.http().to_string();
+    let replicas = async || get_json_at(&a, "/v1/policy").await["replicas"].clone();
+    eventually("a counts two replicas", WAIT, async || {
+        replicas().await == 2
+    })
+    .await;
+    assert_eq!(
+        b.terminate(Duration::from_secs(30)),
+        Some(0),
+        "b stops cleanly"
+    );
+    // Well within the 30 s a silent replica is given.
+    eventually(
+        "a counts itself alone",
+        Duration::from_secs(10),
+        async || replicas().await == 1,
+    )
+    .await;
+    assert_eq!(metric_at(&a, "fleet_replicas").await, 1.0);
+}
+
 /// A throttle's backlog waits parked, out of the intake stream: another team's tasks
 /// pass it at once, instead of queueing behind the whole backlog (with the intake window
 /// of 16 here, behind 44 of the 60 throttled tasks, 11 s at 4 tasks/s). Parked tasks keep

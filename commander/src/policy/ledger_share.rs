@@ -70,6 +70,10 @@ pub struct Shared {
     pub at_ms: u64,
     /// (budget, value, bucket start in unix ms, spent USD, reserved USD).
     pub cells: Vec<(String, String, u64, f64, f64)>,
+    /// Written as the replica stopped cleanly, with nothing left to settle: it no longer
+    /// shares the intake, and its reservations no longer count (its spending does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// Whether `id` is a replica's id as `Store::replica_id` makes them (16 hex digits). A key
@@ -86,8 +90,13 @@ pub fn key(replica: &str) -> String {
 
 /// What one replica shares of `own` cells: the largest first, as many as fit in
 /// [`MAX_CELLS`] and [`MAX_BYTES`]. Sorts `own` so (largest first) and returns the body
-/// and how many cells it left out (the last ones).
-pub fn encode(replica: &str, at_ms: u64, own: &mut [(CellKey, Cell)]) -> (Vec<u8>, usize) {
+/// and how many cells it left out (the last ones). `stopped`: its last write, as it stops.
+pub fn encode(
+    replica: &str,
+    at_ms: u64,
+    own: &mut [(CellKey, Cell)],
+    stopped: bool,
+) -> (Vec<u8>, usize) {
     own.sort_by(|a, b| {
         let size = |c: &Cell| c.spent + c.reserved;
         size(&b.1).total_cmp(&size(&a.1))
@@ -98,6 +107,7 @@ pub fn encode(replica: &str, at_ms: u64, own: &mut [(CellKey, Cell)]) -> (Vec<u8
         let shared = Shared {
             replica: replica.to_string(),
             at_ms,
+            stopped,
             cells: own[..keep]
                 .iter()
                 .map(|(k, c)| {
@@ -318,12 +328,20 @@ impl LedgerShare {
                 return;
             }
         }
+        if let Some(changes) = self.write(false).await {
+            *written = Some((changes, Instant::now()));
+        }
+    }
+
+    /// Writes this replica's cells; the ledger's change count they stand for once NATS
+    /// took them.
+    async fn write(&self, stopped: bool) -> Option<u64> {
         let policy = self.engine.live().policy.clone();
         let now = self.engine.now_ms();
         let (changes, mut own) = self
             .engine
             .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
-        let (body, left_out) = encode(&self.replica, now, &mut own);
+        let (body, left_out) = encode(&self.replica, now, &mut own, stopped);
         // What the others will see: the cells written, not those left out.
         own.truncate(own.len() - left_out);
         self.unshared
@@ -336,12 +354,28 @@ impl LedgerShare {
         }
         match self.kv.put(key(&self.replica), Bytes::from(body)).await {
             Ok(_) => {
-                *written = Some((changes, Instant::now()));
                 self.engine.with_ledger(|l| l.mark_shared(&own));
+                Some(changes)
             }
-            Err(e) => tracing::warn!(
-                error = %e,
-                "budget spending not yet shared with the other replicas; trying again"
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "budget spending not yet shared with the other replicas; trying again"
+                );
+                None
+            }
+        }
+    }
+
+    /// The last write, once the task path has settled all it will as this replica stops
+    /// cleanly: its spending as it stands, marked stopped, so the others count it out at
+    /// once (its throttle part and its reservations), not [`GONE_AFTER`] later. Waits at
+    /// most `within` for NATS; a replica that cannot write it is counted out then.
+    pub async fn write_stopped(&self, within: Duration) {
+        match tokio::time::timeout(within, self.write(true)).await {
+            Ok(Some(_)) => tracing::info!("told the other replicas this one stopped"),
+            Ok(None) | Err(_) => tracing::warn!(
+                "could not tell the other replicas this one stopped: they count it out 30 s after its last write"
             ),
         }
     }
@@ -375,11 +409,17 @@ impl LedgerShare {
                 );
                 return;
             }
+            if shared.stopped && others.get(replica).is_none_or(|o| o.alive) {
+                tracing::info!(
+                    replica,
+                    "another replica stopped: its reservations no longer count, its spending does"
+                );
+            }
             let other = Other {
+                alive: !shared.stopped && heard.elapsed() < self.timing.gone_after,
                 shared,
                 revision: entry.revision,
                 heard,
-                alive: heard.elapsed() < self.timing.gone_after,
             };
             others.insert(replica.to_string(), other);
             merged(&others)
@@ -448,6 +488,7 @@ mod tests {
                 cell("day", "*", 100, 0.5, 0.25),
                 cell("team", "search", 100, 1.0, 0.0),
             ],
+            false,
         );
         assert_eq!(left_out, 0);
         let a = decode(&body).unwrap();
@@ -457,6 +498,7 @@ mod tests {
             replica: "bbbbbbbbbbbbbbbb".into(),
             at_ms: 9,
             cells: vec![("day".into(), "*".into(), 100, 2.0, 0.0)],
+            ..Default::default()
         };
         let m = merge([(&a, true), (&b, true)]);
         assert_eq!(
@@ -500,6 +542,7 @@ mod tests {
             replica: "x".into(),
             at_ms: 1,
             cells: many,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(decode(&body).unwrap().cells.len(), MAX_CELLS);
@@ -510,7 +553,7 @@ mod tests {
         let mut own: Vec<_> = (0..MAX_CELLS as u64 + 100)
             .map(|i| cell("b", &format!("v{i}"), 1, i as f64, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, &mut own);
+        let (body, left_out) = encode("r", 1, &mut own, false);
         assert_eq!(left_out, 100);
         let s = decode(&body).unwrap();
         assert_eq!(s.cells.len(), MAX_CELLS);
@@ -523,7 +566,7 @@ mod tests {
         let mut own: Vec<_> = (0..1_000u64)
             .map(|i| cell("b", &format!("{long}{i}"), 1, 1.0, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, &mut own);
+        let (body, left_out) = encode("r", 1, &mut own, false);
         assert!(body.len() <= MAX_BYTES, "{}", body.len());
         assert!(left_out > 0 && left_out < 1_000, "{left_out}");
     }
@@ -643,6 +686,7 @@ mod tests {
                     5.0,
                     0.0,
                 )],
+                ..Default::default()
             };
             Bytes::from(serde_json::to_vec(&shared).unwrap())
         };
@@ -723,5 +767,51 @@ mod tests {
         )
         .await;
         let _ = stop_b_tx.send(true);
+    }
+
+    /// A replica that stops cleanly says so with its last write: the others count it out
+    /// at once (one replica fewer dividing the throttles and budget parts; its
+    /// reservations no longer count, its spending does), not 30 s later. When it starts
+    /// again it counts again.
+    #[tokio::test]
+    async fn a_replica_that_stops_cleanly_is_counted_out_at_once() {
+        let t = Two::start().await;
+        let (a, b, kv) = (&t.a, &t.b, &t.kv);
+        t.reserve(a, 0.5);
+        t.reserve(a, 0.25);
+        t.settle(a, 0.25, 0.25);
+        let run = |engine: &Arc<PolicyEngine>, replica: &'static str| {
+            let (kv, engine) = (kv.clone(), engine.clone());
+            async move {
+                let share = LedgerShare::start(kv, engine, replica).await.unwrap();
+                let (stop_tx, stop) = watch::channel(false);
+                let task = tokio::spawn(share.clone().run(stop));
+                (share, stop_tx, task)
+            }
+        };
+        let (share_a, stop_a, task_a) = run(a, "aaaaaaaaaaaaaaaa").await;
+        let (_share_b, stop_b, _task_b) = run(b, "bbbbbbbbbbbbbbbb").await;
+        until("b counts a, its spending and its reservation", || {
+            b.replicas() == 2 && (t.committed(b) - 0.75).abs() < 1e-9
+        })
+        .await;
+
+        let _ = stop_a.send(true);
+        task_a.await.unwrap();
+        share_a.write_stopped(Duration::from_secs(2)).await;
+        let stopped = decode(&kv.get(key("aaaaaaaaaaaaaaaa")).await.unwrap().unwrap()).unwrap();
+        assert!(stopped.stopped, "{stopped:?}");
+        // Well within the 30 s a silent replica is given.
+        until("b counts a out: one replica, a's spending alone", || {
+            b.replicas() == 1 && (t.committed(b) - 0.25).abs() < 1e-9
+        })
+        .await;
+
+        let (_share_a, _stop_a, _task_a) = run(a, "aaaaaaaaaaaaaaaa").await;
+        until("a counts again once it writes", || {
+            b.replicas() == 2 && (t.committed(b) - 0.75).abs() < 1e-9
+        })
+        .await;
+        let _ = stop_b.send(true);
     }
 }
