@@ -41,12 +41,25 @@ pub struct Ledger {
     changes: u64,
     /// The replicas spending the budgets, this one included (1: a lone commander).
     replicas: usize,
-    /// What this replica had committed per budget and value when it shared its cells,
-    /// the last time and the time before. What it commits beyond the time before, the
-    /// others may not have seen yet: the last share may not have reached them when they
-    /// decide.
-    shared: [BTreeMap<String, BTreeMap<String, f64>>; 2],
+    /// This replica's shares not yet known to be seen by every other, oldest first: the
+    /// revision of its key each was written at, and what it had committed per budget and
+    /// value then. At most [`SHARES_KEPT`].
+    shares: std::collections::VecDeque<(u64, Committed)>,
+    /// The newest revision of this replica's key that every other replica sharing the
+    /// intake has taken on (each says so in its own key); `None`: one has not yet.
+    acked: Option<u64>,
+    /// What this replica had committed as of `acked`: what every other counts in its
+    /// checks. What it commits beyond it, the others may not count yet.
+    seen: Committed,
 }
+
+/// Committed (spent and reserved) per budget, then value.
+type Committed = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// This replica's shares kept while the others have not taken them on (more than a second
+/// of shares every 20 ms; the others take one on within moments). An acknowledgement
+/// older than all of them counts as none, which only makes this replica wait.
+pub const SHARES_KEPT: usize = 64;
 
 fn buckets_of<'a>(cells: &'a Cells, budget: &str, value: &str) -> Option<&'a BTreeMap<u64, Cell>> {
     cells.get(budget)?.get(value)
@@ -81,34 +94,57 @@ impl Ledger {
         self.replicas = n.max(1);
     }
 
-    /// Notes what this replica shared (its cells as [`Self::own_counting`] gave them):
-    /// what it commits beyond that is its own until the next share.
-    pub fn mark_shared(&mut self, cells: &[(CellKey, Cell)]) {
-        self.shared.swap(0, 1);
-        let last = &mut self.shared[1];
-        last.clear();
+    /// Notes what this replica shared (its cells as [`Self::own_counting`] gave them) at
+    /// `revision` of its key: what it commits beyond that is its own until every other
+    /// replica has taken it on ([`Self::set_acked`]).
+    pub fn mark_shared(&mut self, revision: u64, cells: &[(CellKey, Cell)]) {
+        let mut committed = Committed::new();
         for (k, c) in cells {
-            *last
+            *committed
                 .entry(k.budget.clone())
                 .or_default()
                 .entry(k.value.clone())
                 .or_default() += c.spent + c.reserved;
         }
+        if self.shares.len() >= SHARES_KEPT {
+            self.shares.pop_front();
+        }
+        self.shares.push_back((revision, committed));
+        self.settle_seen();
     }
 
-    /// The last share has had time to reach the others and nothing was committed since:
-    /// it is what they have seen.
-    pub fn shared_seen(&mut self) {
-        if self.shared[0] != self.shared[1] {
-            self.shared[0] = self.shared[1].clone();
+    /// The newest revision of this replica's key that every other replica sharing the
+    /// intake has taken on, as their keys say; `None` when one has not said yet.
+    pub fn set_acked(&mut self, acked: Option<u64>) {
+        if self.acked != acked {
+            self.acked = acked;
+            self.settle_seen();
+        }
+    }
+
+    /// What the others have seen: the newest share at or before `acked`, or nothing.
+    fn settle_seen(&mut self) {
+        let Some(acked) = self.acked else {
+            self.seen.clear();
+            return;
+        };
+        // Older shares are no longer needed: the acknowledgement only moves on, unless a
+        // replica joins (its own is then `None`, above).
+        while self.shares.get(1).is_some_and(|(r, _)| *r <= acked) {
+            self.shares.pop_front();
+        }
+        match self.shares.front() {
+            Some((r, c)) if *r <= acked => self.seen.clone_from(c),
+            _ => self.seen.clear(),
         }
     }
 
     /// With several replicas, whether this replica may take `est` more of a budget value
-    /// now. Between two shares each replica takes at most its part (1/N) of the room left
-    /// as it last saw the others' spending, or one task when it has taken none since:
-    /// replicas that admit at once cannot together pass the limit by more than about one
-    /// task each. Always true for a lone replica (the limit check alone decides).
+    /// now. Beyond what every other replica has taken on of its shares, each replica takes
+    /// at most its part (1/N) of the room left as it last saw the others' spending, or one
+    /// task when it has taken none beyond: replicas that admit at once cannot together
+    /// pass the limit by more than about one task each. Always true for a lone replica
+    /// (the limit check alone decides).
     /// `(own, others)` are what [`Self::committed_parts`] gave the check.
     fn my_part_fits(
         &self,
@@ -121,7 +157,8 @@ impl Ledger {
             return true;
         }
         let name = budget.spec.name.as_str();
-        let base = self.shared[0]
+        let base = self
+            .seen
             .get(name)
             .and_then(|v| v.get(value))
             .copied()
@@ -679,11 +716,12 @@ mod tests {
         assert_eq!(over.over[0].resets_at, Some(day + DAY_MS));
     }
 
-    /// With two replicas each takes at most half the room it sees between two shares
-    /// that the other has seen, or one task: replicas that admit at once cannot together
-    /// pass the limit. Alone, the limit alone decides.
+    /// With two replicas each takes at most half the room it sees beyond what the other
+    /// has taken on of its shares, or one task: replicas that admit at once cannot together
+    /// pass the limit. A share the other has not acknowledged changes nothing, however
+    /// long ago it was written. Alone, the limit alone decides.
     #[test]
-    fn between_shares_a_replica_takes_its_part_of_the_room() {
+    fn beyond_what_the_others_took_on_a_replica_takes_its_part_of_the_room() {
         let t = TeamSearch::new();
         let mut l = Ledger::default();
         l.set_others(t.others(Cell {
@@ -702,31 +740,43 @@ mod tests {
                 n += 1;
             }
         };
-        // Shared, and seen by the others.
-        let share = |l: &mut Ledger| {
+        let mut revision = 0;
+        // Shared at the next revision; `ack`: and the other took it on.
+        let share = |l: &mut Ledger, revision: &mut u64, ack: bool| {
+            *revision += 1;
             let shared = l.own_counting(&t.policy, t.now);
-            l.mark_shared(&shared);
+            l.mark_shared(*revision, &shared);
+            if ack {
+                l.set_acked(Some(*revision));
+            }
         };
         let mut alone = l.clone();
         assert_eq!(take(&mut alone), (8, false), "alone: up to the limit");
         l.set_replicas(2);
         // Room 0.8 as seen: half of it, then it waits with room left.
         assert_eq!(take(&mut l), (4, true));
-        // Shared, but the other may not have seen it yet: still waiting.
-        share(&mut l);
+        // Shared, but the other has not taken it on: still waiting.
+        share(&mut l, &mut revision, false);
         assert_eq!(take(&mut l), (0, true));
-        // Seen: half the room left (0.4), then one task when that is less than one.
-        l.shared_seen();
+        // It took it on: half the room left (0.4).
+        l.set_acked(Some(revision));
         assert_eq!(take(&mut l), (2, true));
-        for _ in 0..2 {
-            share(&mut l);
-            l.shared_seen();
+        // Shared again and again: however long ago, not taken on, nothing changes; nor
+        // when the other says again that it took on the first.
+        for _ in 0..3 {
+            share(&mut l, &mut revision, false);
+            assert_eq!(take(&mut l), (0, true));
         }
+        l.set_acked(Some(1));
+        assert_eq!(take(&mut l), (0, true));
+        // It took on the second (it may lag behind the shares): one task, as half the room
+        // left (0.1 of 0.2) is less than one.
+        l.set_acked(Some(2));
         assert_eq!(take(&mut l), (1, true));
-        for _ in 0..2 {
-            share(&mut l);
-            l.shared_seen();
-        }
+        // A replica joins: it has taken on nothing yet, so nothing counts as seen.
+        l.set_acked(None);
+        assert_eq!(take(&mut l), (0, true));
+        share(&mut l, &mut revision, true);
         assert_eq!(
             take(&mut l),
             (1, false),

@@ -12,10 +12,14 @@
 //! Each key has one writer, so a write needs no compare-and-set, and the task path never
 //! waits for NATS: a task is admitted against what the others shared at most about
 //! [`EVERY`] plus a watch's delivery ago. So that replicas admitting at the same moment do
-//! not together pass a limit, between two shares the others have seen a replica takes at
+//! not together pass a limit, each key also says which revision of every other replica's
+//! key its replica counts (`seen`; a replica writes within [`EVERY`] when another's
+//! spending changed), and beyond what every other counts of its own a replica takes at
 //! most 1/N of the room it sees (`budget::Ledger::my_part_fits`; a task past its part
 //! waits a moment in the intake stream): together they pass a limit by about one task per
-//! other replica at most. A compare-and-set on a shared cell per task would close even
+//! other replica at most, however late the others read. A write that only says what its
+//! replica counts is not itself acknowledged, so two replicas do not answer each other
+//! for ever. A compare-and-set on a shared cell per task would close even
 //! that, at one NATS round trip per task and budget, serialised on the hottest cell.
 //!
 //! A key stays when its replica stops: its cells are real spending, and they leave the
@@ -27,6 +31,7 @@
 //! read, and writes again when NATS is back.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,6 +79,11 @@ pub struct Shared {
     /// shares the intake, and its reservations no longer count (its spending does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// The revision of each other replica's key this one has taken on (counts in its
+    /// checks): what each of them commits beyond it, this one may not count yet. Absent
+    /// from keys written before December 2026, which acknowledge nothing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seen: BTreeMap<String, u64>,
 }
 
 /// Whether `id` is a replica's id as `Store::replica_id` makes them (16 hex digits). A key
@@ -96,6 +106,7 @@ pub fn encode(
     at_ms: u64,
     own: &mut [(CellKey, Cell)],
     stopped: bool,
+    seen: &BTreeMap<String, u64>,
 ) -> (Vec<u8>, usize) {
     own.sort_by(|a, b| {
         let size = |c: &Cell| c.spent + c.reserved;
@@ -108,6 +119,7 @@ pub fn encode(
             replica: replica.to_string(),
             at_ms,
             stopped,
+            seen: seen.clone(),
             cells: own[..keep]
                 .iter()
                 .map(|(k, c)| {
@@ -190,10 +202,29 @@ struct Other {
     alive: bool,
 }
 
-/// The others' cells summed, and how many of them are alive.
-fn merged(others: &BTreeMap<String, Other>) -> (Cells, usize) {
-    let alive = others.values().filter(|o| o.alive).count();
-    (merge(others.values().map(|o| (&o.shared, o.alive))), alive)
+/// What the others shared, taken on together.
+struct Merged {
+    /// Their cells summed.
+    cells: Cells,
+    /// How many of them are alive.
+    alive: usize,
+    /// The newest revision of `me`'s key every one alive has taken on; `None` when one
+    /// has not said.
+    acked: Option<u64>,
+}
+
+fn merged(others: &BTreeMap<String, Other>, me: &str) -> Merged {
+    let alive: Vec<&Other> = others.values().filter(|o| o.alive).collect();
+    let acked = alive
+        .iter()
+        .map(|o| o.shared.seen.get(me).copied())
+        .min()
+        .flatten();
+    Merged {
+        cells: merge(others.values().map(|o| (&o.shared, o.alive))),
+        alive: alive.len(),
+        acked,
+    }
 }
 
 /// One replica's side of the shared ledger.
@@ -204,6 +235,8 @@ pub struct LedgerShare {
     replica: String,
     /// The other replicas' keys as last read, by replica.
     others: Mutex<BTreeMap<String, Other>>,
+    /// Another replica shared spending this one has not yet said it counts.
+    ack_due: AtomicBool,
     /// [`ALIVE_EVERY`] and [`GONE_AFTER`] (shorter in tests).
     timing: Timing,
     /// Cells the last write left out (`fleet_budget_cells_unshared`).
@@ -238,6 +271,7 @@ impl LedgerShare {
             engine,
             replica: replica.to_string(),
             others: Mutex::default(),
+            ack_due: AtomicBool::new(false),
             timing,
             unshared: Gauge::default(),
             replicas: Gauge::default(),
@@ -268,7 +302,44 @@ impl LedgerShare {
             }
         }
         share.forget_the_gone();
+        share.take_own_last_share().await?;
         Ok(share)
+    }
+
+    /// What this replica wrote last before it stopped is what the others took on of it
+    /// (their keys name that revision): it counts as shared, so a restart does not have to
+    /// wait for them to take on a new write before it may take its part of the room.
+    async fn take_own_last_share(&self) -> Result<(), String> {
+        let Some(entry) = self
+            .kv
+            .entry(key(&self.replica))
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let Some(last) =
+            decode(&entry.value).filter(|_| matches!(entry.operation, kv::Operation::Put))
+        else {
+            return Ok(());
+        };
+        let cells: Vec<(CellKey, Cell)> = last
+            .cells
+            .into_iter()
+            .map(|(budget, value, bucket, spent, reserved)| {
+                (
+                    CellKey {
+                        budget,
+                        value,
+                        bucket,
+                    },
+                    Cell { spent, reserved },
+                )
+            })
+            .collect();
+        self.engine
+            .with_ledger(|l| l.mark_shared(entry.revision, &cells));
+        Ok(())
     }
 
     /// Writes this replica's cells when they change, and follows the others', until `stop`.
@@ -307,8 +378,9 @@ impl LedgerShare {
     }
 
     /// Writes this replica's cells when they changed since the last write that NATS took
-    /// ([`EVERY`] apart while other replicas run, [`EVERY_ALONE`] while none does), or
-    /// that write is [`ALIVE_EVERY`] old.
+    /// ([`EVERY`] apart while other replicas run, [`EVERY_ALONE`] while none does), when
+    /// another shared spending this one has not yet said it counts ([`EVERY`] apart), or
+    /// when that write is [`ALIVE_EVERY`] old.
     async fn write_if_changed(&self, written: &mut Option<(u64, Instant)>) {
         if let Some((c, at)) = *written {
             let gap = if self.replicas.get() > 1 {
@@ -317,14 +389,12 @@ impl LedgerShare {
                 EVERY_ALONE
             };
             let since = at.elapsed();
-            let changed = self.engine.with_ledger(|l| {
-                let changed = c != l.changes();
-                if !changed && since >= EVERY {
-                    l.shared_seen();
-                }
-                changed
-            });
-            if !(changed && since >= gap || since >= self.timing.alive_every) {
+            let changed = self.engine.with_ledger(|l| c != l.changes());
+            let ack = self.ack_due.load(Ordering::Relaxed);
+            if !(changed && since >= gap
+                || ack && since >= EVERY
+                || since >= self.timing.alive_every)
+            {
                 return;
             }
         }
@@ -341,7 +411,16 @@ impl LedgerShare {
         let (changes, mut own) = self
             .engine
             .with_ledger(|l| (l.changes(), l.own_counting(&policy, now)));
-        let (body, left_out) = encode(&self.replica, now, &mut own, stopped);
+        // Cleared before the others' revisions are read: one taken on after is said next.
+        self.ack_due.store(false, Ordering::Relaxed);
+        let seen: BTreeMap<String, u64> = {
+            let others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+            others
+                .iter()
+                .map(|(r, o)| (r.clone(), o.revision))
+                .collect()
+        };
+        let (body, left_out) = encode(&self.replica, now, &mut own, stopped, &seen);
         // What the others will see: the cells written, not those left out.
         own.truncate(own.len() - left_out);
         self.unshared
@@ -353,11 +432,12 @@ impl LedgerShare {
             );
         }
         match self.kv.put(key(&self.replica), Bytes::from(body)).await {
-            Ok(_) => {
-                self.engine.with_ledger(|l| l.mark_shared(&own));
+            Ok(revision) => {
+                self.engine.with_ledger(|l| l.mark_shared(revision, &own));
                 Some(changes)
             }
             Err(e) => {
+                self.ack_due.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     error = %e,
                     "budget spending not yet shared with the other replicas; trying again"
@@ -394,7 +474,7 @@ impl LedgerShare {
             tracing::warn!(key = %entry.key, "another replica's budget cells unreadable, or not a replica's; passed over");
             return;
         };
-        let (merged, alive) = {
+        let merged = {
             let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
             if others
                 .get(replica)
@@ -415,6 +495,14 @@ impl LedgerShare {
                     "another replica stopped: its reservations no longer count, its spending does"
                 );
             }
+            // New spending to count (or a replica new here): say so in this replica's
+            // key, so that one knows what this one counts. Not for a write that only
+            // acknowledges: two replicas would go on acknowledging each other.
+            if others.get(replica).is_none_or(|o| {
+                o.shared.cells != shared.cells || o.shared.stopped != shared.stopped
+            }) {
+                self.ack_due.store(true, Ordering::Relaxed);
+            }
             let other = Other {
                 alive: !shared.stopped && heard.elapsed() < self.timing.gone_after,
                 shared,
@@ -422,16 +510,20 @@ impl LedgerShare {
                 heard,
             };
             others.insert(replica.to_string(), other);
-            merged(&others)
+            merged(&others, &self.replica)
         };
-        self.take_on(merged, alive);
+        self.take_on(merged);
     }
 
-    /// Puts the others' cells, summed, in the ledger, and counts the replicas sharing the
-    /// intake (the throttles and budget parts are divided among them) when that changed.
-    fn take_on(&self, merged: Cells, alive_others: usize) {
-        self.engine.with_ledger(|l| l.set_others(merged));
-        let n = alive_others.saturating_add(1);
+    /// Puts the others' cells, summed, in the ledger with what they have taken on of this
+    /// replica's, and counts the replicas sharing the intake (the throttles and budget
+    /// parts are divided among them) when that changed.
+    fn take_on(&self, merged: Merged) {
+        self.engine.with_ledger(|l| {
+            l.set_others(merged.cells);
+            l.set_acked(merged.acked);
+        });
+        let n = merged.alive.saturating_add(1);
         let n_gauge = i64::try_from(n).unwrap_or(i64::MAX);
         if self.replicas.get() != n_gauge {
             self.replicas.set(n_gauge);
@@ -441,7 +533,7 @@ impl LedgerShare {
 
     /// Stops counting the reservations of replicas not heard from for [`GONE_AFTER`].
     fn forget_the_gone(&self) {
-        let (merged, alive) = {
+        let merged = {
             let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
             let mut changed = false;
             for (replica, o) in others.iter_mut() {
@@ -458,9 +550,9 @@ impl LedgerShare {
             if !changed {
                 return;
             }
-            merged(&others)
+            merged(&others, &self.replica)
         };
-        self.take_on(merged, alive);
+        self.take_on(merged);
     }
 }
 
@@ -489,10 +581,12 @@ mod tests {
                 cell("team", "search", 100, 1.0, 0.0),
             ],
             false,
+            &BTreeMap::from([("bbbbbbbbbbbbbbbb".to_string(), 4)]),
         );
         assert_eq!(left_out, 0);
         let a = decode(&body).unwrap();
         assert_eq!(a.replica, "aaaaaaaaaaaaaaaa");
+        assert_eq!(a.seen["bbbbbbbbbbbbbbbb"], 4, "what it took on of b");
         assert_eq!(a.cells[0].0, "team", "the largest first");
         let b = Shared {
             replica: "bbbbbbbbbbbbbbbb".into(),
@@ -553,7 +647,7 @@ mod tests {
         let mut own: Vec<_> = (0..MAX_CELLS as u64 + 100)
             .map(|i| cell("b", &format!("v{i}"), 1, i as f64, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, &mut own, false);
+        let (body, left_out) = encode("r", 1, &mut own, false, &BTreeMap::new());
         assert_eq!(left_out, 100);
         let s = decode(&body).unwrap();
         assert_eq!(s.cells.len(), MAX_CELLS);
@@ -566,7 +660,7 @@ mod tests {
         let mut own: Vec<_> = (0..1_000u64)
             .map(|i| cell("b", &format!("{long}{i}"), 1, 1.0, 0.0))
             .collect();
-        let (body, left_out) = encode("r", 1, &mut own, false);
+        let (body, left_out) = encode("r", 1, &mut own, false, &BTreeMap::new());
         assert!(body.len() <= MAX_BYTES, "{}", body.len());
         assert!(left_out > 0 && left_out < 1_000, "{left_out}");
     }
@@ -712,6 +806,22 @@ mod tests {
             (t.committed(a) - 0.95).abs() < 1e-9
         })
         .await;
+        // a says it took that on, in its own key: the revision of b's key it counts.
+        for _ in 0..500 {
+            let b_key = t.kv.entry(key("bbbbbbbbbbbbbbbb")).await.unwrap().unwrap();
+            let a_key = t.kv.get(key("aaaaaaaaaaaaaaaa")).await.unwrap().unwrap();
+            if decode(&a_key).unwrap().seen.get("bbbbbbbbbbbbbbbb") == Some(&b_key.revision) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let b_key = t.kv.entry(key("bbbbbbbbbbbbbbbb")).await.unwrap().unwrap();
+        let a_key = t.kv.get(key("aaaaaaaaaaaaaaaa")).await.unwrap().unwrap();
+        assert_eq!(
+            decode(&a_key).unwrap().seen.get("bbbbbbbbbbbbbbbb"),
+            Some(&b_key.revision),
+            "a acknowledges b's last share"
+        );
         // a's task finished for 0.05 less than its estimate: b counts the charge.
         t.settle(a, 0.75, 0.7);
         until("b counts a's charge", || {
