@@ -256,14 +256,7 @@ async fn two_replicas_notify_an_alert_once_and_the_survivor_takes_over() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let mut sub = client.subscribe("fleet.alerts.>").await.unwrap();
     client.flush().await.unwrap();
-    let mut leader = 0;
-    eventually("one replica leads", WAIT, async || {
-        let a = metric_at(&apis[0], "fleet_alerts_leader").await;
-        let b = metric_at(&apis[1], "fleet_alerts_leader").await;
-        leader = if a == 1.0 { 0 } else { 1 };
-        a + b == 1.0
-    })
-    .await;
+    let leader = leader_of(&apis).await;
 
     // 124,000 of 128,000 tokens: context_critical on both replicas, sent by one.
     let full = heartbeats(client.clone(), "ctx-1", "alpha", 124_000);

@@ -506,3 +506,17 @@ pub fn heartbeats(
         }
     })
 }
+
+/// Which of two replicas (their API bases) leads: notifies alerts and exports traces
+/// (`fleet_alerts_leader`), once one does.
+pub async fn leader_of(apis: &[String]) -> usize {
+    let mut leader = 0;
+    eventually("one replica leads", WAIT, async || {
+        let a = metric_at(&apis[0], "fleet_alerts_leader").await;
+        let b = metric_at(&apis[1], "fleet_alerts_leader").await;
+        leader = if a == 1.0 { 0 } else { 1 };
+        a + b == 1.0
+    })
+    .await;
+    leader
+}

@@ -585,36 +585,7 @@ async fn a_burst_across_replicas_stays_within_a_budget() {
     let _w1 = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let _w2 = quiet_worker(&s.client, "alpha", "a2", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());
-    // One probe tells what such a task is estimated at (it runs before the budget).
-    producer
-        .submit(&summary_task("probe", 5), SubmitOptions::default())
-        .await
-        .unwrap();
-    producer.await_result("probe", WAIT).await.unwrap();
-    let est = s.get("/v1/decisions/probe").await["est_cost_usd"]
-        .as_f64()
-        .unwrap();
-    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
-    let limit = est * (FIT as f64 + 0.5);
-    s.write_policy(&format!(
-        "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"reject\"\n"
-    ))
-    .await;
-    let bases = [s.commander.http().to_string(), b.http().to_string()];
-    eventually(
-        "each has the budget and counts two replicas",
-        WAIT,
-        async || {
-            for base in &bases {
-                let p = get_json_at(base, "/v1/policy").await;
-                if !(p["budgets"].as_array().is_some_and(|x| !x.is_empty()) && p["replicas"] == 2) {
-                    return false;
-                }
-            }
-            true
-        },
-    )
-    .await;
+    let (_b, _) = two_replicas_with_room(&s, &producer, FIT as f64 + 0.5, "").await;
 
     let ids = || (0..TASKS).map(|i| format!("burst-{i}"));
     submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
@@ -636,16 +607,25 @@ async fn a_burst_across_replicas_stays_within_a_budget() {
     );
 }
 
-/// A budget's soft-threshold notice goes out once for the fleet (docs/policy.md, "In order,
-/// for each routed task"): each replica decides its own tasks, and each used to send the
-/// notice when it first decided one past the threshold; and once more after a restart,
-/// which forgot what it had sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_restart() {
-    let mut s = PolicyStack::start("", "").await;
-    let seen = SeenLog::default();
-    let _w1 = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
-    let producer = Producer::new(s.client.clone(), Subjects::default());
+/// Submits a summary task and waits for it to run.
+async fn run_one(producer: &Producer, id: &str) {
+    producer
+        .submit(&summary_task(id, 5), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result(id, WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok, "{id}");
+}
+
+/// A second replica b beside `s`'s, and a fleet budget (`more`: its further lines) with
+/// room for `room` summary tasks, as replica a estimates one from a probe run before any
+/// budget: in force on both, each counting two replicas. Gives b and both API bases.
+async fn two_replicas_with_room(
+    s: &PolicyStack,
+    producer: &Producer,
+    room: f64,
+    more: &str,
+) -> (Commander, [String; 2]) {
     producer
         .submit(&summary_task("probe", 5), SubmitOptions::default())
         .await
@@ -654,11 +634,10 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
     let est = s.get("/v1/decisions/probe").await["est_cost_usd"]
         .as_f64()
         .unwrap();
-    let mut b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
-    // Room for 40 such tasks; a notice at half of it.
-    let limit = est * 40.5;
+    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    let limit = est * room;
     s.write_policy(&format!(
-        "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"reject\"\nsoft = [{{ at = 0.5, action = \"alert\" }}]\n"
+        "[[budget]]\nname = \"fleet-day\"\nscope = \"fleet\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"reject\"\n{more}"
     ))
     .await;
     let bases = [s.commander.http().to_string(), b.http().to_string()];
@@ -676,6 +655,22 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
         },
     )
     .await;
+    (b, bases)
+}
+
+/// A budget's soft-threshold notice goes out once for the fleet (docs/policy.md, "In order,
+/// for each routed task"): each replica decides its own tasks, and each used to send the
+/// notice when it first decided one past the threshold; and once more after a restart,
+/// which forgot what it had sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_restart() {
+    let mut s = PolicyStack::start("", "").await;
+    let seen = SeenLog::default();
+    let _w1 = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    // Room for 40 such tasks; a notice at half of it.
+    let soft = "soft = [{ at = 0.5, action = \"alert\" }]\n";
+    let (mut b, bases) = two_replicas_with_room(&s, &producer, 40.5, soft).await;
     let mut warnings = s.client.subscribe("fleet.alerts.warning").await.unwrap();
     s.client.flush().await.unwrap();
     let notices = async |sub: &mut async_nats::Subscriber| {
@@ -712,12 +707,7 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
             "both replicas decide some of the tasks: {deciders:?}"
         );
         let id = format!("spend-{spent}");
-        producer
-            .submit(&summary_task(&id, 5), SubmitOptions::default())
-            .await
-            .unwrap();
-        let r = producer.await_result(&id, WAIT).await.unwrap();
-        assert_eq!(r.status, ResultStatus::Ok, "{id}");
+        run_one(&producer, &id).await;
         // From the 22nd task on, the fleet is past half of the room.
         if spent >= 21 {
             deciders.insert(decided_by(&id).await);
@@ -737,13 +727,7 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
     s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
     b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
     for i in 0..2 {
-        let id = format!("after-restart-{i}");
-        producer
-            .submit(&summary_task(&id, 5), SubmitOptions::default())
-            .await
-            .unwrap();
-        let r = producer.await_result(&id, WAIT).await.unwrap();
-        assert_eq!(r.status, ResultStatus::Ok, "{id}");
+        run_one(&producer, &format!("after-restart-{i}")).await;
     }
     let again = notices(&mut warnings).await;
     assert!(again.is_empty(), "not again after a restart: {again:?}");

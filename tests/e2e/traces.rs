@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Sta
 use prost::Message;
 use serde_json::Value;
 
-use crate::common::{Stack, WAIT, commander_options, eventually, hex, metric_at};
+use crate::common::{Stack, WAIT, commander_options, eventually, hex, leader_of, metric_at};
 
 /// Personal data the shipped rules remove, one kind per trace (by trace number).
 const PII: &[&str] = &[
@@ -449,25 +449,27 @@ timeout_ms = 500
     assert!(fleet["total"].as_u64().unwrap() >= 3, "{fleet}");
 }
 
-/// Two replicas on one NATS read the same telemetry and keep the same traces; the one that
-/// leads exports them (docs/traces.md, "Several replicas"): each kept trace reaches the
-/// collector once, not once per replica. When the leader dies, the other takes the lead
-/// and exports what it kept before it led, so the traces of the lease's last seconds are
-/// not lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_replicas_export_each_kept_trace_once_and_the_survivor_takes_over() {
-    let nats = NatsServer::start().expect("nats-server");
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("keep.policy.toml"),
-        "[sampling]\nhealthy_rate = 1.0\n",
-    )
-    .unwrap();
-    let (collector_url, collected) = collector().await;
-    let config = format!(
-        r#"
+/// A NATS server and commanders that keep every trace and export to one collector.
+struct KeepAll {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    config: String,
+}
+
+impl KeepAll {
+    /// `traces`: the `[traces]` settings; `export`: the endpoint's further settings.
+    fn new(collector_url: &str, traces: &str, export: &str) -> Self {
+        let nats = NatsServer::start().expect("nats-server");
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("keep.policy.toml"),
+            "[sampling]\nhealthy_rate = 1.0\n",
+        )
+        .unwrap();
+        let config = format!(
+            r#"
 [routing]
 default_pool = "code"
 [pools.code]
@@ -475,50 +477,68 @@ capabilities = ["code"]
 [policy]
 dir = {policies:?}
 [traces]
-decision_wait_ms = 300
+{traces}
 [[traces.export]]
 name = "collector"
 protocol = "http"
 endpoint = "{collector_url}"
 headers_env = {{ authorization = "COLLECTOR_AUTH" }}
-batch_delay_ms = 100
+{export}
 "#
-    );
-    let start = |name: &str| {
-        let mut o = commander_options(&nats, dir.path().join(name), &config);
+        );
+        KeepAll { nats, dir, config }
+    }
+
+    fn start(&self, name: &str) -> Commander {
+        let mut o = commander_options(&self.nats, self.dir.path().join(name), &self.config);
         o.extra_env = vec![("COLLECTOR_AUTH".into(), "Bearer test-key".into())];
         Commander::start(&o).expect("commander")
-    };
-    let mut replicas = [start("a"), start("b")];
+    }
+}
+
+/// Each trace the collector has came with its two spans once, not once per replica.
+fn each_trace_once(collected: &Mutex<Collected>) {
+    let c = collected.lock().unwrap();
+    assert!(c.spans.values().all(|&n| n == 2), "{:?}", c.spans);
+}
+
+/// Agents' runs `runs` on NATS, which every replica reads.
+async fn send_runs(client: &async_nats::Client, runs: std::ops::Range<u64>) {
+    for n in runs {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Fleet-Kind", "otlp-traces");
+        let body = agent_run(n, "nothing personal", false).encode_to_vec();
+        client
+            .publish_with_headers("fleet.telemetry.code.helper-1", headers, body.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+}
+
+/// Two replicas on one NATS read the same telemetry and keep the same traces; the one that
+/// leads exports them (docs/traces.md, "Several replicas"): each kept trace reaches the
+/// collector once, not once per replica. When the leader dies, the other takes the lead
+/// and exports what it kept before it led, so the traces of the lease's last seconds are
+/// not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_export_each_kept_trace_once_and_the_survivor_takes_over() {
+    let (collector_url, collected) = collector().await;
+    let fleet = KeepAll::new(
+        &collector_url,
+        "decision_wait_ms = 300",
+        "batch_delay_ms = 100",
+    );
+    let mut replicas = [fleet.start("a"), fleet.start("b")];
     let apis: Vec<String> = replicas.iter().map(|c| c.http().to_string()).collect();
-    let mut leader = 0;
-    eventually("one replica leads", WAIT, async || {
-        let a = metric_at(&apis[0], "fleet_alerts_leader").await;
-        let b = metric_at(&apis[1], "fleet_alerts_leader").await;
-        leader = if a == 1.0 { 0 } else { 1 };
-        a + b == 1.0
-    })
-    .await;
-    // Agents' runs on NATS, which every replica reads.
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let send = async |runs: std::ops::Range<u64>| {
-        for n in runs {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Fleet-Kind", "otlp-traces");
-            let body = agent_run(n, "nothing personal", false).encode_to_vec();
-            client
-                .publish_with_headers("fleet.telemetry.code.helper-1", headers, body.into())
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
-    };
+    let leader = leader_of(&apis).await;
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
     let spans_sent = async || {
         let sent = "fleet_trace_export_spans_total{endpoint=\"collector\",outcome=\"sent\"}";
         metric_at(&apis[0], sent).await + metric_at(&apis[1], sent).await
     };
 
-    send(0..20).await;
+    send_runs(&client, 0..20).await;
     eventually("both replicas keep the 20 traces", WAIT, async || {
         kept(&replicas[0]).await.len() == 20 && kept(&replicas[1]).await.len() == 20
     })
@@ -531,21 +551,14 @@ batch_delay_ms = 100
     // The wait also puts these traces well before the leader's last renewal, which the
     // survivor will have heard: it exports only what the leader may not have sent.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    {
-        let c = collected.lock().unwrap();
-        assert!(
-            c.spans.values().all(|&n| n == 2),
-            "each trace's two spans once, not once per replica: {:?}",
-            c.spans
-        );
-    }
+    each_trace_once(&collected);
     assert_eq!(spans_sent().await, 40.0, "sent by one replica");
 
     // The leader dies; runs go on. The survivor keeps them while the lease runs out, then
     // leads and exports them.
     replicas[leader].kill9();
     let survivor = 1 - leader;
-    send(100..120).await;
+    send_runs(&client, 100..120).await;
     eventually(
         "the survivor exports the traces it kept before it led",
         WAIT,
@@ -557,13 +570,8 @@ batch_delay_ms = 100
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c = collected.lock().unwrap();
-    assert!(
-        c.spans.values().all(|&n| n == 2),
-        "each trace once: {:?}",
-        c.spans
-    );
-    assert_eq!(c.bad_auth, 0);
+    each_trace_once(&collected);
+    assert_eq!(collected.lock().unwrap().bad_auth, 0);
 }
 
 /// A commander that stops cleanly decides the traces still assembling and sends them, and
@@ -572,53 +580,17 @@ batch_delay_ms = 100
 /// its queue closed and were counted `dropped_queue_full`, and none was sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traces_still_assembling_at_shutdown_are_kept_and_exported() {
-    let nats = NatsServer::start().expect("nats-server");
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("keep.policy.toml"),
-        "[sampling]\nhealthy_rate = 1.0\n",
-    )
-    .unwrap();
     let (collector_url, collected) = collector_busy_first(false).await;
     // A minute's wait for late children: every trace is still assembling at the stop.
-    let config = format!(
-        r#"
-[routing]
-default_pool = "code"
-[pools.code]
-capabilities = ["code"]
-[policy]
-dir = {policies:?}
-[traces]
-decision_wait_ms = 60000
-[[traces.export]]
-name = "collector"
-protocol = "http"
-endpoint = "{collector_url}"
-headers_env = {{ authorization = "COLLECTOR_AUTH" }}
-"#
-    );
-    let mut o = commander_options(&nats, dir.path().join("cmd"), &config);
-    o.extra_env = vec![("COLLECTOR_AUTH".into(), "Bearer test-key".into())];
-    let mut commander = Commander::start(&o).expect("commander");
+    let fleet = KeepAll::new(&collector_url, "decision_wait_ms = 60000", "");
+    let mut commander = fleet.start("cmd");
     let api = commander.http().to_string();
     eventually("the commander leads (it exports)", WAIT, async || {
         metric_at(&api, "fleet_alerts_leader").await == 1.0
     })
     .await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    for n in 0..10 {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Fleet-Kind", "otlp-traces");
-        let body = agent_run(n, "nothing personal", false).encode_to_vec();
-        client
-            .publish_with_headers("fleet.telemetry.code.helper-1", headers, body.into())
-            .await
-            .unwrap();
-    }
-    client.flush().await.unwrap();
+    let client = async_nats::connect(fleet.nats.url()).await.unwrap();
+    send_runs(&client, 0..10).await;
     eventually("the keeper holds their 20 spans", WAIT, async || {
         metric_at(&api, "fleet_trace_spans_total{outcome=\"held\"}").await >= 20.0
     })
