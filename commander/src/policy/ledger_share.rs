@@ -67,6 +67,10 @@ pub const ALIVE_EVERY: Duration = Duration::from_secs(10);
 /// A replica whose key has not been written for this long is taken to be gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(30);
 
+/// A failed write is logged once per 10 s: while NATS is away it fails at every try.
+static WRITE_FAILURES_LOG: crate::domain::LogEvery =
+    crate::domain::LogEvery::new(Duration::from_secs(10));
+
 /// What a replica's key holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Shared {
@@ -437,11 +441,15 @@ impl LedgerShare {
                 Some(changes)
             }
             Err(e) => {
+                // Said again at the next tick (an acknowledgement too).
                 self.ack_due.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    error = %e,
-                    "budget spending not yet shared with the other replicas; trying again"
-                );
+                if let Some(held_back) = WRITE_FAILURES_LOG.due(self.engine.now_ms()) {
+                    tracing::warn!(
+                        error = %e,
+                        similar_lines_held_back = held_back,
+                        "budget spending not yet shared with the other replicas; trying again (one line per 10 s)"
+                    );
+                }
                 None
             }
         }
