@@ -163,21 +163,12 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         others: Arc::new(broker::OtherReplicas::new(&js, &subjects, &replica)),
         leading: Default::default(),
     };
-    let (traces, tap, mut telemetry_tasks) = start_traces(
-        &config,
-        &store,
-        (&engine, &fleet, &wiring.leading),
-        &stop_rx,
-        &mut registry,
-    )?;
+    let (traces, tap, mut telemetry_tasks) =
+        start_traces(&wiring, &store, (&engine, &fleet), &mut registry)?;
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet, &mut registry).await?);
 
     let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
-    let Policies {
-        sync: policy_sync,
-        source_watches,
-        compliance_token,
-    } = start_policy(
+    let policies = start_policy(
         &wiring,
         &engine,
         &instance,
@@ -197,7 +188,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         &wiring,
         &store,
         (&engine, &fleet, &alerts, &events),
-        compliance_token.clone(),
+        policies.compliance_token.clone(),
         &mut registry,
         &mut telemetry_tasks,
     )?;
@@ -214,13 +205,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         traces,
         replica: Arc::from(replica.as_str()),
     };
-    let notices = open_notices(&wiring).await?;
-    let ctx = Arc::new(task_path_ctx(
-        &wiring,
-        core.clone(),
-        spans.clone(),
-        notices,
-    )?);
+    let ctx = Arc::new(task_path_ctx(&wiring, core.clone(), spans.clone()).await?);
     let task_path = start_task_path(&wiring, &ctx, streams, &engine);
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -231,13 +216,13 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
             fleet_worker::Producer::new(client.clone(), subjects.clone())
                 .with_retry_for(Duration::ZERO),
         ),
-        policies: policy_sync.clone(),
+        policies: policies.sync.clone(),
         peers: Arc::new(nats_peers(&wiring)),
         alerts,
         registry,
         ready: ready.clone(),
         max_body_bytes: config.http.max_body_bytes,
-        compliance_token,
+        compliance_token: policies.compliance_token,
         supervisor: supervisor.clone(),
         auth,
         events,
@@ -253,7 +238,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let running = Running {
         task_path,
         telemetry: telemetry_tasks,
-        source_watches,
+        source_watches: policies.source_watches,
         store,
         spans,
         spans_task,
@@ -346,18 +331,13 @@ type StartedTraces = (
 /// The trace keeper (docs/traces.md): its store, its exporters, the tap ingest feeds it
 /// through, and its task. Off (`[traces] enabled = false`): no tap, no store.
 fn start_traces(
-    config: &Config,
+    w: &Wiring<'_>,
     store: &Store,
-    (engine, fleet, leading): (
-        &Arc<policy::PolicyEngine>,
-        &FleetHandle,
-        &crate::domain::Leading,
-    ),
-    stop: &watch::Receiver<bool>,
+    (engine, fleet): (&Arc<policy::PolicyEngine>, &FleetHandle),
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<StartedTraces, ServeError> {
     use crate::traces;
-    let t = &config.traces;
+    let (t, stop) = (&w.config.traces, w.stop);
     let flags = traces::flags::Flags::default();
     if !t.enabled {
         let off = traces::Traces { store: None, flags };
@@ -383,7 +363,7 @@ fn start_traces(
         counters,
         clock: engine.clock.clone(),
         shed: tap.shed_spans.clone(),
-        leading: leading.clone(),
+        leading: w.leading.clone(),
     });
     // The keeper's work is synchronous (assembling, sampling, sled writes) and comes in
     // bursts: at 5,000 tasks/s one tick in ten took over 3 ms, the longest 28 ms. On a
@@ -514,13 +494,8 @@ async fn share_with_replicas(
         replicas: w.config.nats.replicas,
         max_age: Duration::ZERO,
     };
-    let in_nats = |reason: String| {
-        ServeError::Broker(BrokerError::Setup {
-            name: format!("key-value bucket {name}"),
-            reason,
-        })
-    };
-    let kv = broker::open_kv(w.js, bucket).await.map_err(in_nats)?;
+    let in_nats = kv_refused(&name);
+    let kv = open_bucket(w, bucket).await?;
     let share = shared::Share::start(shared::Parts {
         kv: kv.clone(),
         log: alerts.interventions.clone(),
@@ -535,7 +510,7 @@ async fn share_with_replicas(
             .map_err(in_store(w.config))?,
     })
     .await
-    .map_err(in_nats)?;
+    .map_err(&in_nats)?;
     registry.register(
         "operator_changes_unshared",
         "Operator changes not handed to the other replicas because too many were waiting",
@@ -684,14 +659,26 @@ fn answer_other_replicas(w: &Wiring<'_>, state: &AppState) -> tokio::task::JoinH
         })
 }
 
-/// The task path's context: the shared core plus its side of NATS.
-fn task_path_ctx(
+/// The task path's context: the shared core plus its side of NATS, the budget notices'
+/// bucket (`pipeline::notices`) among it.
+async fn task_path_ctx(
     w: &Wiring<'_>,
     core: pipeline::Core,
     spans: SpanExporter,
-    notices: async_nats::jetstream::kv::Store,
 ) -> Result<Ctx, ServeError> {
     let targets = pipeline::retarget::Targets::open(&core.store).map_err(in_store(w.config))?;
+    let name = pipeline::notices::bucket_name(w.subjects.prefix());
+    let notices = open_bucket(
+        w,
+        broker::KvBucket {
+            name: &name,
+            description: "fleet commander: the budget notices sent, each once for the fleet",
+            history: 1,
+            replicas: w.config.nats.replicas,
+            max_age: pipeline::notices::MAX_AGE,
+        },
+    )
+    .await?;
     Ok(Ctx {
         core,
         client: w.client.clone(),
@@ -708,23 +695,26 @@ fn task_path_ctx(
     })
 }
 
-/// The `<prefix>_notices` bucket: which budget notices some replica has sent
-/// (`pipeline::notices`).
-async fn open_notices(w: &Wiring<'_>) -> Result<async_nats::jetstream::kv::Store, ServeError> {
-    let name = pipeline::notices::bucket_name(w.subjects.prefix());
-    let bucket = broker::KvBucket {
-        name: &name,
-        description: "fleet commander: the budget notices sent, each once for the fleet",
-        history: 1,
-        replicas: w.config.nats.replicas,
-        max_age: pipeline::notices::MAX_AGE,
-    };
-    broker::open_kv(w.js, bucket).await.map_err(|reason| {
+/// Opens (or creates) a key-value bucket; NATS's refusal names it.
+async fn open_bucket(
+    w: &Wiring<'_>,
+    bucket: broker::KvBucket<'_>,
+) -> Result<async_nats::jetstream::kv::Store, ServeError> {
+    let name = bucket.name.to_string();
+    broker::open_kv(w.js, bucket)
+        .await
+        .map_err(kv_refused(&name))
+}
+
+/// A key-value bucket's setup error, as the serve error that names it.
+fn kv_refused(name: &str) -> impl Fn(String) -> ServeError + use<> {
+    let name = format!("key-value bucket {name}");
+    move |reason| {
         ServeError::Broker(BrokerError::Setup {
-            name: format!("key-value bucket {name}"),
+            name: name.clone(),
             reason,
         })
-    })
+    }
 }
 
 /// The intake, work and results streams and their consumers, created or checked, and this

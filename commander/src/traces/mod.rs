@@ -180,6 +180,11 @@ pub struct Keeper {
     /// back in `standby` otherwise.
     exporting: bool,
     standby: export::Standby,
+    /// Traces the standby holds at most: as many as the largest endpoint queue.
+    standby_max: usize,
+    /// How long before the old leader was last heard a trace it kept may be unsent
+    /// ([`export::LEADER_LAG`] and the slowest endpoint's `batch_delay_ms`).
+    leader_lag: std::time::Duration,
 }
 
 impl Keeper {
@@ -191,6 +196,9 @@ impl Keeper {
             shed_seen: 0,
             exporting: w.leading.now(),
             standby: export::Standby::default(),
+            standby_max: w.exporters.iter().map(|x| x.capacity()).max().unwrap_or(0),
+            leader_lag: export::LEADER_LAG
+                + (w.exporters.iter().map(|x| x.batch_delay()).max()).unwrap_or_default(),
             w,
         }
     }
@@ -399,12 +407,15 @@ impl Keeper {
         if self.w.exporters.is_empty() {
             return;
         }
-        if !self.exporting {
-            let max = self.w.exporters.iter().map(|x| x.capacity()).max();
+        if self.exporting {
+            self.offer(trace, spans);
+        } else {
             let now = std::time::Instant::now();
-            self.standby.hold(now, trace, spans, max.unwrap_or(0));
-            return;
+            self.standby.hold(now, trace, spans, self.standby_max);
         }
+    }
+
+    fn offer(&self, trace: export::Batch, spans: u64) {
         for x in &self.w.exporters {
             x.offer(trace.clone(), spans);
         }
@@ -417,12 +428,8 @@ impl Keeper {
     fn follow_the_lead(&mut self, now: std::time::Instant) {
         let leading = self.w.leading.now();
         if leading && !self.exporting {
-            let lag = export::LEADER_LAG
-                + (self.w.exporters.iter())
-                    .map(|x| x.batch_delay())
-                    .max()
-                    .unwrap_or_default();
-            let from = (self.w.leading.other_last_heard()).and_then(|h| h.checked_sub(lag));
+            let from =
+                (self.w.leading.other_last_heard()).and_then(|h| h.checked_sub(self.leader_lag));
             let held = self.standby.take(now, from);
             if !held.is_empty() {
                 tracing::info!(
@@ -431,9 +438,7 @@ impl Keeper {
                 );
             }
             for (trace, spans) in held {
-                for x in &self.w.exporters {
-                    x.offer(trace.clone(), spans);
-                }
+                self.offer(trace, spans);
             }
         } else if !leading {
             self.standby.expire(now);
