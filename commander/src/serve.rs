@@ -243,6 +243,8 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         spans,
         spans_task,
         ledger,
+        ctx,
+        release_batch: config.policy.release_batch,
     };
     let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
     shut_down(grace, running, client).await;
@@ -1155,6 +1157,9 @@ struct Running {
     spans_task: tokio::task::JoinHandle<()>,
     /// Told last that this replica stopped, once the task path settled what it will.
     ledger: Arc<policy::ledger_share::LedgerShare>,
+    /// The task path's context, to hand the waiting tasks to the other replicas.
+    ctx: Arc<Ctx>,
+    release_batch: usize,
 }
 
 /// Waits up to `grace` for the loops to finish what they hold and the store to flush;
@@ -1168,6 +1173,7 @@ async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
         for w in r.source_watches {
             w.abort();
         }
+        hand_over_waiting(&r.ctx, &r.ledger, r.release_batch, grace / 2).await;
         if let Err(e) = r.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
@@ -1186,6 +1192,28 @@ async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
             "shutdown grace passed with work unfinished; exiting: what was not acked stays in JetStream and is delivered again, spans not yet exported are dropped"
         );
     }
+}
+
+/// While other replicas run, the tasks waiting here (deferred, parked) go to them through
+/// the intake stream, now that this replica's intake no longer takes any
+/// ([`pipeline::release::hand_over`]); a lone commander keeps them for its restart.
+async fn hand_over_waiting(
+    ctx: &Ctx,
+    ledger: &policy::ledger_share::LedgerShare,
+    batch: usize,
+    within: Duration,
+) {
+    let deferrals = &ctx.core.policy.deferrals;
+    let waiting = deferrals.len() + deferrals.parked_len();
+    if waiting == 0 || ledger.replicas.get() < 2 {
+        return;
+    }
+    let done = pipeline::release::hand_over(ctx, batch, within).await;
+    tracing::info!(
+        handed = done.handed,
+        left = done.left,
+        "handed the tasks waiting here to the other replicas"
+    );
 }
 
 /// The classifier's calls become the commander's own GenAI spans (exported like every

@@ -763,6 +763,136 @@ async fn a_replica_that_stops_cleanly_is_counted_out_at_once() {
     assert_eq!(metric_at(&a, "fleet_replicas").await, 1.0);
 }
 
+/// A replica that stops cleanly while others run hands the tasks waiting in its store
+/// (deferred by a budget, parked by a throttle) to them through the intake stream
+/// (docs/policy.md, "Replicas"). A replica scaled down for good, or replaced by one with a
+/// fresh store, used to keep them where nobody would ever release them. The budget's
+/// queue keeps their places; the replica, back, answers for them with the record of the
+/// one that keeps them now and carries an operator's cancel there (it used to say
+/// `deferred` from its own record and refuse the cancel, 409, for as long as they ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_stops_hands_its_waiting_tasks_to_the_others() {
+    // Every `search` task is over the limit; the `slow` team gets a turn per 100 s.
+    let policy = |limit: &str, rate: &str| {
+        format!(
+            "[[budget]]\nname = \"search-tiny\"\nscope = \"team\"\nmatch = \"search\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"defer\"\n\n[[throttle]]\nname = \"slow-team\"\nscope = \"team\"\nmatch = \"slow\"\ntasks_per_s = {rate}\n"
+        )
+    };
+    let mut s = PolicyStack::start(&policy("0.000000001", "0.01"), "").await;
+    let seen = SeenLog::default();
+    let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    let task = |id: &str, team: &str| {
+        let mut t = summary_task(id, 5);
+        t.attributes.insert("team".into(), team.into());
+        t
+    };
+    // slow-0 takes the throttle's burst; the others wait on replica a, alone so far.
+    submit_all(&producer, [task("slow-0", "slow")]).await;
+    await_ok(&producer, ["slow-0".to_string()], "the throttle's burst").await;
+    let search = || (0..4).map(|i| format!("search-{i}"));
+    let slow = || (1..3).map(|i| format!("slow-{i}"));
+    let waiting = search()
+        .map(|id| task(&id, "search"))
+        .chain(slow().map(|id| task(&id, "slow")));
+    submit_all(&producer, waiting).await;
+    eventually("a holds four deferred and two parked", WAIT, async || {
+        s.get("/v1/tasks?state=deferred").await["total"] == 4
+            && s.parked().await == 2.0
+            && stream_messages(&s.client, "FLEET_INTAKE").await == 0
+    })
+    .await;
+    let places = |listed: &Value| -> Vec<(String, u64)> {
+        listed["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let at = t["deferred_at"].as_str().unwrap();
+                let at = fleet_worker::message::rfc3339_unix_ms(at).unwrap();
+                (t["task_id"].as_str().unwrap().to_string(), at)
+            })
+            .collect()
+    };
+    let on_a = places(&s.get("/v1/tasks?state=deferred").await);
+    // The listing shows deferral times to the second: a deferral made afresh on b, and
+    // not at the place the task had, would show a later one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    let bases = [s.commander.http().to_string(), b.http().to_string()];
+    eventually("both count two replicas", WAIT, async || {
+        for base in &bases {
+            if get_json_at(base, "/v1/policy").await["replicas"] != 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(
+        s.commander.terminate(Duration::from_secs(30)),
+        Some(0),
+        "a stops cleanly"
+    );
+    let b_base = &bases[1];
+    // b's limiters are new since it counts itself alone: one of the two parked tasks
+    // takes the burst there.
+    let slow_ran = || {
+        let runs = seen.lock().unwrap();
+        slow()
+            .filter(|id| runs.runs.keys().any(|(ran, _)| ran == id))
+            .count()
+    };
+    eventually("b holds what a held", WAIT, async || {
+        get_json_at(b_base, "/v1/tasks?state=deferred").await["total"] == 4
+            && metric_at(b_base, "fleet_parked_tasks").await + slow_ran() as f64 == 2.0
+    })
+    .await;
+    let on_b = places(&get_json_at(b_base, "/v1/tasks?state=deferred").await);
+    assert_eq!(on_b, on_a, "the budget's queue keeps their places");
+
+    // a is back: it answers for them with b's record, and cancels through b.
+    s.commander = PolicyStack::spawn(&s.nats, s.dir.path(), &s.config);
+    let a_base = s.commander.http().to_string();
+    let b_replica = task_record(b_base, "search-3").await.unwrap()["replica"].clone();
+    let rec = task_record(&a_base, "search-3").await.unwrap();
+    assert_eq!(rec["replica"], b_replica, "{rec}");
+    assert_eq!(rec["state"], "deferred", "{rec}");
+    let resp = reqwest::Client::new()
+        .post(format!("{a_base}/v1/control"))
+        .json(&serde_json::json!({"command": "cancel", "task_id": "search-3", "reason": "the customer left"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ack: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{ack}");
+    let r = producer.await_result("search-3", WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Cancelled, "{r:?}");
+
+    // Room again: the rest run, each once.
+    s.write_policy(&policy("1000", "100")).await;
+    let rest: Vec<String> = search().take(3).chain(slow()).collect();
+    await_ok(
+        &producer,
+        rest.clone(),
+        "handed to b, run once there is room",
+    )
+    .await;
+    let runs = seen.lock().unwrap().runs.clone();
+    assert_eq!(runs.len(), 6, "{runs:?}");
+    assert!(runs.values().all(|n| *n == 1), "{runs:?}");
+    // Each record on a, where they were deferred, tells how they ended.
+    for id in &rest {
+        eventually("a's record ends", WAIT, async || {
+            task_record(&a_base, id).await.unwrap()["state"] == "completed"
+        })
+        .await;
+    }
+    drop(b);
+}
+
 /// A throttle's backlog waits parked, out of the intake stream: another team's tasks
 /// pass it at once, instead of queueing behind the whole backlog (with the intake window
 /// of 16 here, behind 44 of the 60 throttled tasks, 11 s at 4 tasks/s). Parked tasks keep

@@ -872,7 +872,7 @@ pub(crate) async fn cancel(
         .get(task)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let record = match local {
-        Some(r) if !r.is_stub() => r,
+        Some(r) if super::answers_for(s, &r) => r,
         other => {
             if let Some(answer) = s.peers.cancel(task, who, reason).await {
                 return answer;

@@ -648,9 +648,10 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         .get(&id)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let view = match local {
-        Some(rec) if !rec.is_stub() => record_view(&s, rec)?,
-        // Accepted here over HTTP, taken by another replica: how it ended, else that
-        // replica's record, else `received`.
+        Some(rec) if answers_for(&s, &rec) => record_view(&s, rec)?,
+        // Accepted here over HTTP, or deferred here and let go to the intake stream, and
+        // maybe taken by another replica: how it ended, else that replica's record, else
+        // this one's (`received`, `deferred`).
         Some(stub) => match finished_elsewhere(&s, &id).await {
             Some(rec) => record_view(&s, rec)?,
             None => match s.peers.record(&id).await {
@@ -665,6 +666,17 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
             .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?,
     };
     Ok(axum::Json(view).into_response())
+}
+
+/// Whether this replica answers for a task with its own record of it. Not when the
+/// record is a stub of an HTTP submission (another replica may have taken the task), nor
+/// when it says `deferred` but the task no longer waits here: released to the intake
+/// stream, or handed to the other replicas at a clean stop, so another replica may keep
+/// it now. The record here then says `deferred` until the task's result comes.
+pub(crate) fn answers_for(s: &AppState, rec: &TaskRecord) -> bool {
+    !rec.is_stub()
+        && (rec.state != crate::store::TaskState::Deferred
+            || s.core.policy.deferrals.waits(&rec.id))
 }
 
 /// A task record as `GET /v1/tasks/{id}` shows it: with its kept trace's link, and the

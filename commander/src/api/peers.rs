@@ -208,7 +208,7 @@ pub async fn answer_lookups(
         let Ok(Some(rec)) = state.core.store.get(id) else {
             continue;
         };
-        if rec.is_stub() {
+        if !super::answers_for(&state, &rec) {
             continue;
         }
         if cancel {

@@ -2045,3 +2045,54 @@ async fn a_task_another_replica_keeps_is_answered_with_its_record() {
     let (status, _, ack) = api.call(cancel("t-nowhere")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{ack}");
 }
+
+/// A record here that says `deferred` answers for the task while the task waits here. Once
+/// it no longer does (released to the intake stream, or handed to the other replicas as
+/// this one stopped), the replica that keeps the task now answers, and takes the cancel;
+/// this one used to answer with its own `deferred` record, and refuse the cancel (409, "it
+/// was released a moment ago") for as long as the task ran elsewhere.
+#[tokio::test]
+async fn a_task_deferred_here_and_let_go_is_answered_by_the_replica_that_keeps_it() {
+    let api = api(None, 1 << 20);
+    let id = "t-let-go";
+    api.state
+        .core
+        .store
+        .update(
+            id,
+            || crate::store::TaskRecord::new(id, 3),
+            |r| r.advance(crate::store::TaskState::Deferred),
+        )
+        .unwrap();
+    let waiting = crate::policy::tests::deferred(id, 5, 1_000, 0.01);
+    let deferrals = &api.state.core.policy.deferrals;
+    deferrals.insert(&waiting).unwrap();
+    let theirs = serde_json::json!({"id": id, "state": "dispatched", "replica": "00000000000000bb", "history": []});
+    api.peers
+        .records
+        .lock()
+        .unwrap()
+        .insert(id.into(), theirs.clone());
+    let (_, json) = api.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(json["state"], "deferred", "it waits here: {json}");
+    assert_eq!(json["replica"], HERE, "{json}");
+
+    deferrals.remove(&waiting).unwrap();
+    let (_, json) = api.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(json, theirs, "the replica that took it");
+    let cancel = Request::post("/v1/control")
+        .header("fleet-identity", "alice")
+        .body(Body::from(
+            serde_json::json!({"command": "cancel", "task_id": id}).to_string(),
+        ))
+        .unwrap();
+    let (status, _, ack) = api.call(cancel).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["state"]["replica"], "00000000000000bb", "{ack}");
+
+    // No other replica keeps it (on its way through the intake stream): this record.
+    api.peers.records.lock().unwrap().clear();
+    let (_, json) = api.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(json["state"], "deferred", "{json}");
+    assert_eq!(json["replica"], HERE, "{json}");
+}

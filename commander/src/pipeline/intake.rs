@@ -529,7 +529,10 @@ fn already_handled(
 ) -> Result<Handled, crate::store::StoreError> {
     let hdrs = msg.headers.as_ref();
     // A release of a deferred task carries the header; the commander is the only one
-    // that sets it, and it counts only for a task that is deferred right now.
+    // that sets it, and it counts only for a task that is deferred right now, here or,
+    // when this replica keeps no record of it but its HTTP submission's stub, on the
+    // replica that released it or handed it over as it stopped (so the budget's queue
+    // keeps the task's place wherever it waits next).
     let existing = ctx.core.store.get(id)?;
     let release = header(hdrs, headers::RELEASE).and_then(|v| {
         let (at, n) = v.split_once(':')?;
@@ -538,7 +541,7 @@ fn already_handled(
     let release = release.filter(|_| {
         existing
             .as_ref()
-            .is_some_and(|r| r.state == TaskState::Deferred)
+            .is_none_or(|r| r.state == TaskState::Deferred || r.is_stub())
     });
     let turn = release
         .and(existing.as_ref())

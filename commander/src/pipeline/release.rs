@@ -54,19 +54,8 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
         if due.is_empty() {
             continue;
         }
-        let mut pending = Vec::with_capacity(due.len());
-        for t in due {
-            let fut = publish(&ctx, &t).await;
-            pending.push((t, fut));
-        }
         let mut tally = Tally::default();
-        for (t, fut) in pending {
-            let acked = match fut {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            settle(&ctx, t, acked, now, &mut tally);
-        }
+        send(&ctx, due, now, &mut tally).await;
         if !tally.left_early.is_empty() {
             // Their places in their lines are free: newcomers need not queue behind them.
             let last_parked = |throttle: &str, key: &str| {
@@ -98,11 +87,98 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
     }
 }
 
+/// Publishes `due` to the intake stream (cancelled ones' results to the results stream)
+/// and settles each as JetStream answers: out of the queue once acknowledged.
+async fn send(ctx: &Ctx, due: Vec<DeferredTask>, now: u64, tally: &mut Tally) {
+    let mut pending = Vec::with_capacity(due.len());
+    for t in due {
+        let fut = publish(ctx, &t).await;
+        pending.push((t, fut));
+    }
+    for (t, fut) in pending {
+        let acked = match fut {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        settle(ctx, t, acked, now, tally);
+    }
+}
+
+/// What [`hand_over`] did: tasks handed to the intake stream, and those still waiting
+/// here.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HandedOver {
+    pub handed: u64,
+    pub left: usize,
+}
+
+/// As this replica stops cleanly while others run: every task waiting here, deferred
+/// or parked, goes back to the intake stream, for the other replicas to decide again (a
+/// replica scaled down for good, or replaced by one with a fresh store, would otherwise
+/// keep them where nobody releases them). Each goes as a release does: a budget's
+/// deferral keeps its place in the queue wherever it is deferred next (its first
+/// deferral time travels in `Fleet-Release`); a parked task gets a turn from the
+/// throttle where it lands; a cancelled one's result is published instead. Call it once
+/// this replica's intake and release loops have stopped, so that it does not take them
+/// back itself. It stops at the first refusal (NATS away, the intake stream full) or
+/// after `within`: what is left waits here for this replica's restart.
+pub async fn hand_over(ctx: &Ctx, batch: usize, within: Duration) -> HandedOver {
+    let deferrals = &ctx.core.policy.deferrals;
+    let mut tally = Tally::default();
+    let until = tokio::time::Instant::now() + within;
+    // A batch, once sent, is settled whatever the time: cut in between, its tasks would
+    // be both in the intake stream and here.
+    if let Ok(_pass) = tokio::time::timeout_at(until, deferrals.pass()).await {
+        // Cursors, not the queue's head: an entry that cannot be removed is passed over.
+        let (mut after_deferred, mut after_parked) = (None::<Vec<u8>>, None::<Vec<u8>>);
+        while tokio::time::Instant::now() < until {
+            let listed = deferrals
+                .list(batch, after_deferred.as_deref())
+                .and_then(|mut d| {
+                    d.extend(deferrals.list_parked(batch, after_parked.as_deref())?);
+                    Ok(d)
+                });
+            let due = match listed {
+                Ok(d) if !d.is_empty() => d,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting tasks unreadable; the rest wait here");
+                    break;
+                }
+            };
+            for t in &due {
+                let after = if t.turn.is_some() {
+                    &mut after_parked
+                } else {
+                    &mut after_deferred
+                };
+                *after = Some(t.key());
+            }
+            send(ctx, due, ctx.core.policy.now_ms(), &mut tally).await;
+            if let Err(e) = ctx.core.store.flush().await {
+                tracing::error!(error = %e, "store flush while handing over failed");
+            }
+            if tally.refused > 0 {
+                break;
+            }
+        }
+    }
+    let left = deferrals.len() + deferrals.parked_len();
+    if let Some((task_id, error)) = &tally.last_error {
+        tracing::warn!(refused = tally.refused, %task_id, %error, left, "the intake stream did not take every waiting task; the rest wait here for this replica's restart");
+    }
+    HandedOver {
+        handed: tally.released + tally.unparked + tally.cancelled,
+        left,
+    }
+}
+
 /// What a pass did.
 #[derive(Default)]
 struct Tally {
     released: u64,
     unparked: u64,
+    cancelled: u64,
     refused: u64,
     last_error: Option<(String, String)>,
     /// Turns of parked tasks that left before them (cancelled, or past their deadline).
@@ -214,6 +290,7 @@ fn settle(ctx: &Ctx, t: DeferredTask, acked: Result<(), String>, now: u64, tally
             tracing::error!(task_id = %t.id, error = %e, "cancelled task's end not recorded here");
         }
         ctx.core.metrics.waiting_cancelled.inc();
+        tally.cancelled += 1;
         tracing::info!(task_id = %t.id, %reason, "waiting task cancelled");
     } else if t.turn.is_some() {
         tally.unparked += 1;

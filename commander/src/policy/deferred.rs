@@ -433,6 +433,12 @@ impl Deferrals {
         })
     }
 
+    /// Whether the task `id` waits here (deferred or parked). An index the store cannot
+    /// read counts as waiting: the record then answers as it says.
+    pub fn waits(&self, id: &str) -> bool {
+        self.ids.contains_key(id.as_bytes()).unwrap_or(true)
+    }
+
     /// The deferred or parked task `id`, if it waits.
     pub fn find(&self, id: &str) -> Result<Option<DeferredTask>, StoreError> {
         Ok(self.find_raw(id)?.map(|(t, _)| t))
