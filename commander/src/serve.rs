@@ -134,7 +134,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let client = &conn.client;
     broker::check_server(client, &conn.url)?;
     let subjects = config.subjects();
-    let js = jetstream::new(client.clone());
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(pipeline::max_pending_acks(config.intake.batch_size))
+        .build(client.clone());
     let (streams, replica) = set_up_streams(&config, &js, &subjects, &store).await?;
     let instance = format!("commander-{}", std::process::id());
     let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);

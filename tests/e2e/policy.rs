@@ -658,6 +658,44 @@ async fn two_replicas_with_room(
     (b, bases)
 }
 
+/// A release pass and intake batches of more than 5,000 tasks go through. Every publish
+/// awaiting its PubAck holds one of its JetStream context's permits until it is awaited;
+/// the release loop published a whole pass, and each intake batch all its dispatches,
+/// before awaiting any, on a context with async-nats' default of 5,000. With
+/// `policy.release_batch = 6000` the pass waited for ever for a 5,001st permit, and every
+/// intake batch with it: the whole task path stopped, 3,459 of the 6,000 released tasks
+/// dispatched and the rest never (so could `intake.batch_size` past 1,250, the four
+/// batches in flight together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_passes_and_intake_batches_past_five_thousand_tasks_go_through() {
+    const TASKS: usize = 6_000;
+    let policy = |limit: &str| {
+        format!(
+            "[[budget]]\nname = \"search-all\"\nscope = \"team\"\nmatch = \"search\"\nwindow = \"day\"\nlimit_usd = {limit}\naction = \"defer\"\n"
+        )
+    };
+    let big = "release_batch = 6000\n[intake]\nbatch_size = 10000\n";
+    let s = PolicyStack::start(&policy("0.000000001"), big).await;
+    let producer = Producer::new(s.client.clone(), Subjects::default());
+    // In chunks: a producer's submissions awaiting their acks have the same bound.
+    let ids: Vec<String> = (0..TASKS).map(|i| format!("big-{i}")).collect();
+    for chunk in ids.chunks(2_000) {
+        submit_all(&producer, chunk.iter().map(|id| summary_task(id, 5))).await;
+    }
+    eventually("every task deferred", WAIT, async || {
+        s.get("/v1/tasks?state=deferred&limit=1").await["total"] == TASKS as u64
+            && stream_messages(&s.client, "FLEET_INTAKE").await == 0
+    })
+    .await;
+    // One pass releases them all; no worker runs, so the work stream keeps each dispatch.
+    s.write_policy(&policy("1000")).await;
+    eventually("every task released and dispatched", WAIT, async || {
+        s.get("/v1/tasks?state=deferred&limit=1").await["total"] == 0
+            && stream_messages(&s.client, "FLEET_WORK").await == TASKS as u64
+    })
+    .await;
+}
+
 /// A budget's soft-threshold notice goes out once for the fleet (docs/policy.md, "In order,
 /// for each routed task"): each replica decides its own tasks, and each used to send the
 /// notice when it first decided one past the threshold; and once more after a restart,

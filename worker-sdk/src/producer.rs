@@ -105,8 +105,14 @@ struct Prepared {
 }
 
 impl Producer {
+    /// Submissions from [`Producer::submit_pipelined`] that may await their acks at once
+    /// (async-nats' bound on a JetStream context).
+    pub const MAX_PIPELINED: usize = 5_000;
+
     pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
-        let js = jetstream::new(client.clone());
+        let js = jetstream::ContextBuilder::new()
+            .max_ack_inflight(Self::MAX_PIPELINED)
+            .build(client.clone());
         Self {
             client,
             js,
@@ -165,6 +171,11 @@ impl Producer {
 
     /// Like [`Producer::submit`] but does not wait for the ack (and does not retry); await
     /// the returned future for it. Lets a producer pipeline many submissions.
+    ///
+    /// At most [`Producer::MAX_PIPELINED`] of one producer's submissions await their acks
+    /// at once: past that, this waits until one of those futures is awaited or dropped.
+    /// Await them as you go (in chunks, or from another task): a loop that submits more
+    /// than that before it awaits any waits for ever.
     pub async fn submit_pipelined(
         &self,
         task: &Task,

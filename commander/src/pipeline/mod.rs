@@ -213,6 +213,29 @@ pub enum PipelineError {
 /// they run on the runtime's other thread.
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// PubAcks the release loop (and the hand-over at shutdown) awaits at once at most: it
+/// publishes a pass this many at a time.
+pub(crate) const RELEASE_WINDOW: usize = 1_000;
+
+/// Publishes awaiting their PubAck at once, at most, beyond the intake's batches: the
+/// release loop's window, and the publishers that await each PubAck before the next
+/// (cancels, retargets, dead letters, budget notices), with room to spare.
+const OTHER_PENDING_ACKS: usize = RELEASE_WINDOW + 1_024;
+
+/// The bound to give the task path's JetStream context (`max_ack_inflight`). Every
+/// publish awaiting its PubAck holds one of the context's permits until it is awaited or
+/// dropped, and a publish past the bound waits for one: a publisher that holds more
+/// than the bound waits for ever, and every other publisher of the context with it. Each
+/// intake batch publishes all its dispatches and rejections before it awaits any (up to
+/// `intake.batch_size` each, [`BATCHES_IN_FLIGHT`] batches at once), so the bound is
+/// worked out from the batch size. (async-nats' default, 5,000, stalled the whole task
+/// path once intake batches or a release pass held more.)
+pub fn max_pending_acks(batch_size: usize) -> usize {
+    BATCHES_IN_FLIGHT
+        .saturating_mul(batch_size)
+        .saturating_add(OTHER_PENDING_ACKS)
+}
+
 /// Reads batches from a pull consumer and hands each to `work` until shutdown, with up to
 /// [`BATCHES_IN_FLIGHT`] running at once; on shutdown, the batches in hand are finished
 /// (and acked) first. Survives stream errors (server restarts, missed heartbeats) by

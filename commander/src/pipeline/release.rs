@@ -88,19 +88,24 @@ pub async fn run(ctx: Arc<Ctx>, every: Duration, batch: usize, mut stop: watch::
 }
 
 /// Publishes `due` to the intake stream (cancelled ones' results to the results stream)
-/// and settles each as JetStream answers: out of the queue once acknowledged.
+/// and settles each as JetStream answers: out of the queue once acknowledged. At most
+/// [`super::RELEASE_WINDOW`] PubAcks are awaited at once, whatever `policy.release_batch`
+/// (a pass holding more than the JetStream context's bound waited for ever).
 async fn send(ctx: &Ctx, due: Vec<DeferredTask>, now: u64, tally: &mut Tally) {
-    let mut pending = Vec::with_capacity(due.len());
-    for t in due {
-        let fut = publish(ctx, &t).await;
-        pending.push((t, fut));
-    }
-    for (t, fut) in pending {
-        let acked = match fut {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        settle(ctx, t, acked, now, tally);
+    let mut due = due.into_iter().peekable();
+    while due.peek().is_some() {
+        let mut pending = Vec::with_capacity(super::RELEASE_WINDOW);
+        for t in due.by_ref().take(super::RELEASE_WINDOW) {
+            let fut = publish(ctx, &t).await;
+            pending.push((t, fut));
+        }
+        for (t, fut) in pending {
+            let acked = match fut {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            settle(ctx, t, acked, now, tally);
+        }
     }
 }
 
