@@ -1038,16 +1038,16 @@ pub async fn open_kv(
 /// How often the other replicas are looked for, at most.
 pub const OTHERS_LOOK_EVERY: Duration = Duration::from_secs(10);
 
-/// Whether another commander replica runs: its results consumer
-/// (`commander-results-<replica>`) has a pull request waiting. A replica that stopped
+/// Whether other commander replicas run, and how many: their results consumers
+/// (`commander-results-<replica>`) have a pull request waiting. A replica that stopped
 /// leaves its consumer behind, idle, so that is not enough. One look serves everything
-/// that asks (record lookups, the OTLP relay) for [`OTHERS_LOOK_EVERY`].
+/// that asks (record lookups, listings, the OTLP relay) for [`OTHERS_LOOK_EVERY`].
 #[derive(Debug)]
 pub struct OtherReplicas {
     js: jetstream::Context,
     subjects: Subjects,
     replica: String,
-    running: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicUsize,
     /// When the last look was made.
     looked: std::sync::Mutex<Option<Instant>>,
 }
@@ -1065,12 +1065,17 @@ impl OtherReplicas {
 
     /// What the last look found (no I/O; false before the first).
     pub fn last_known(&self) -> bool {
-        self.running.load(std::sync::atomic::Ordering::Relaxed)
+        self.running.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// What the last look found, looking again when it is older than
     /// [`OTHERS_LOOK_EVERY`].
     pub async fn run(&self) -> bool {
+        self.count().await > 0
+    }
+
+    /// How many other replicas run, as [`OtherReplicas::run`] looks.
+    pub async fn count(&self) -> usize {
         let fresh = self
             .looked
             .lock()
@@ -1078,15 +1083,16 @@ impl OtherReplicas {
             .and_then(|l| *l)
             .is_some_and(|at| at.elapsed() < OTHERS_LOOK_EVERY);
         if fresh {
-            return self.last_known();
+            return self.running.load(std::sync::atomic::Ordering::Relaxed);
         }
-        self.look_now().await
+        self.look_now().await;
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Looks now.
+    /// Looks now: whether another replica runs.
     pub async fn look_now(&self) -> bool {
         use futures::StreamExt;
-        let mut running = false;
+        let mut running = 0;
         if let Ok(stream) = self
             .js
             .get_stream_no_info(self.subjects.results_stream())
@@ -1097,8 +1103,7 @@ impl OtherReplicas {
             let mut consumers = stream.consumers();
             while let Some(Ok(info)) = consumers.next().await {
                 if info.name.starts_with(&prefix) && info.name != own && info.num_waiting > 0 {
-                    running = true;
-                    break;
+                    running += 1;
                 }
             }
         }
@@ -1107,7 +1112,7 @@ impl OtherReplicas {
         if let Ok(mut l) = self.looked.lock() {
             *l = Some(Instant::now());
         }
-        running
+        running > 0
     }
 }
 

@@ -721,7 +721,8 @@ async function waiting(box) {
   const [d, p] = await Promise.all([api('/v1/tasks?state=deferred&limit=50'), api('/v1/tasks?state=parked&limit=50')]);
   const row = (t, held) => `<tr data-task="${esc(t.task_id)}"><td style="white-space:nowrap"><a href="#/task/${encodeURIComponent(t.task_id)}">${esc(t.task_id)}</a></td><td>${held}</td><td class="n">${t.priority}</td><td class="muted">${esc(t.until ?? 'until the limit rises')}</td><td class="muted">${esc(t.deadline ?? '')}</td><td>${esc(t.cancelled ?? t.reason)}</td><td>${may('operator') && !t.cancelled ? `<button type="button" class="danger" data-cancel="${esc(t.task_id)}">Cancel</button>` : ''}</td></tr>`;
   const rows = [...(d.tasks ?? []).map(t => row(t, 'budget')), ...(p.tasks ?? []).map(t => row(t, `throttle ${esc(t.turn?.throttle ?? '')}`))];
-  box.innerHTML = `<p class="muted" id="waiting-sum">${d.total} deferred by budgets · ${p.total} parked by throttles${d.total + p.total > rows.length ? ` (the first ${rows.length} shown; all of them: <code>GET /v1/tasks?state=deferred|parked</code>)` : ''}</p>
+  const across = Math.max(d.replicas ?? 1, p.replicas ?? 1) > 1 ? ` across ${Math.max(d.replicas, p.replicas)} commander replicas` : '';
+  box.innerHTML = `<p class="muted" id="waiting-sum">${d.total} deferred by budgets · ${p.total} parked by throttles${across}${d.total + p.total > rows.length ? ` (the first ${rows.length} shown; all of them: <code>GET /v1/tasks?state=deferred|parked</code>)` : ''}</p>
     <table><thead><tr><th>Task</th><th>Held by</th><th class="n">Priority</th><th>Until</th><th>Deadline</th><th>Why</th><th></th></tr></thead><tbody>${rows.join('') || '<tr><td colspan="7" class="muted">No task waits.</td></tr>'}</tbody></table>`;
 }
 

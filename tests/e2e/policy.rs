@@ -868,12 +868,18 @@ async fn a_replica_that_stops_hands_its_waiting_tasks_to_the_others() {
         true
     })
     .await;
+    // Either replica lists the fleet's queue: b shows what waits on a.
+    let b_base = &bases[1];
+    eventually("b lists a's queue", WAIT, async || {
+        let listed = get_json_at(b_base, "/v1/tasks?state=deferred").await;
+        listed["replicas"] == 2 && places(&listed) == on_a
+    })
+    .await;
     assert_eq!(
         s.commander.terminate(Duration::from_secs(30)),
         Some(0),
         "a stops cleanly"
     );
-    let b_base = &bases[1];
     // b's limiters are new since it counts itself alone: one of the two parked tasks
     // takes the burst there.
     let slow_ran = || {

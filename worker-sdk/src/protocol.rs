@@ -155,6 +155,11 @@ impl Subjects {
     pub fn record_requests(&self) -> String {
         format!("{}.records.>", self.prefix)
     }
+    /// A replica's request for the other replicas' pages of waiting (deferred or parked)
+    /// tasks; each that runs answers with its own (scatter/gather).
+    pub fn waiting_listings(&self) -> String {
+        format!("{}.listings.waiting", self.prefix)
+    }
 
     pub fn intake_stream(&self) -> String {
         format!("{}_INTAKE", self.stem())

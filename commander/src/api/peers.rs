@@ -30,6 +30,38 @@ const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// Cancels from other replicas handled at once; past it, one is answered as busy.
 const CANCELS_AT_ONCE: usize = 16;
 
+/// One replica's page of its waiting tasks (`GET /v1/tasks?state=deferred|parked`),
+/// answered to another replica that lists the fleet's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Page {
+    /// Tasks waiting on that replica in all.
+    pub total: usize,
+    pub tasks: Vec<PageEntry>,
+    /// More wait there beyond the last of `tasks` (a page cut to fit a NATS message, or
+    /// as long as asked).
+    pub more: bool,
+}
+
+/// The most a page answered to another replica takes in a NATS message (the server's
+/// default `max_payload` is 1 MiB): past it, it is cut and says `more`.
+const MAX_PAGE_BYTES: usize = 512 * 1024;
+
+/// A waiting task as a listing shows it, with its key (hex): its place in the order of
+/// the fleet's queues, which every replica's keys share.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PageEntry {
+    pub key: String,
+    pub task: serde_json::Value,
+}
+
+/// What a replica asks the others for a listing.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PageRequest {
+    state: String,
+    cursor: Option<String>,
+    limit: usize,
+}
+
 /// Where the API finds a task's record that another replica keeps.
 pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Another replica's record of `task_id` (its `GET /v1/tasks/{id}` answer), if one
@@ -44,6 +76,15 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         who: &'a str,
         reason: Option<&'a str>,
     ) -> BoxFuture<'a, Option<Result<serde_json::Value, ApiError>>>;
+
+    /// The other replicas' pages of their waiting tasks (`state`: `deferred` or
+    /// `parked`), `limit` each after `cursor`: from each that answers in time.
+    fn waiting<'a>(
+        &'a self,
+        state: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Vec<Page>>;
 }
 
 /// The other replicas, over NATS.
@@ -123,6 +164,53 @@ impl Peers for NatsPeers {
             Some(read_cancel_answer(&answer.payload))
         })
     }
+
+    fn waiting<'a>(
+        &'a self,
+        state: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Vec<Page>> {
+        Box::pin(async move {
+            let others = self.others.count().await;
+            if others == 0 {
+                return Vec::new();
+            }
+            let inbox = self.client.new_inbox();
+            let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
+                return Vec::new();
+            };
+            let ask = PageRequest {
+                state: state.to_string(),
+                cursor: cursor.map(str::to_string),
+                limit,
+            };
+            let Ok(body) = serde_json::to_vec(&ask) else {
+                return Vec::new();
+            };
+            let asked = self
+                .client
+                .publish_with_reply(self.subjects.waiting_listings(), inbox, body.into())
+                .await;
+            if asked.is_err() {
+                return Vec::new();
+            }
+            // Scatter, then gather: every replica that runs answers, each once.
+            let until = tokio::time::Instant::now() + PEER_WAIT;
+            let mut pages = Vec::with_capacity(others);
+            while pages.len() < others {
+                match tokio::time::timeout_at(until, answers.next()).await {
+                    Ok(Some(m)) => {
+                        if let Ok(page) = serde_json::from_slice::<Page>(&m.payload) {
+                            pages.push(page);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            pages
+        })
+    }
 }
 
 /// A forwarded cancel's answer: `{"ok":true,"result":…}` or
@@ -167,6 +255,10 @@ impl Peers for NoPeers {
     ) -> BoxFuture<'a, Option<Result<serde_json::Value, ApiError>>> {
         Box::pin(async { None })
     }
+
+    fn waiting<'a>(&'a self, _: &'a str, _: Option<&'a str>, _: usize) -> BoxFuture<'a, Vec<Page>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// Answers the other replicas' lookups with this replica's records, and carries out the
@@ -187,11 +279,26 @@ pub async fn answer_lookups(
             return;
         }
     };
+    let listings_subject = subjects.waiting_listings();
+    let mut listings = match client.subscribe(listings_subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, subject = listings_subject, "cannot answer other replicas' listings");
+            return;
+        }
+    };
     let stem = format!("{}.records.", subjects.prefix());
     let cancels = std::sync::Arc::new(tokio::sync::Semaphore::new(CANCELS_AT_ONCE));
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => return },
+            m = listings.next() => match m {
+                Some(m) => {
+                    answer_listing(&state, &client, m).await;
+                    continue;
+                }
+                None => return,
+            },
             _ = stop.changed() => return,
         };
         let Some(reply) = msg.reply.clone() else {
@@ -243,5 +350,58 @@ pub async fn answer_lookups(
         if let Err(e) = client.publish(reply, view.to_string().into()).await {
             tracing::debug!(task_id = id, error = %e, "record lookup not answered");
         }
+    }
+}
+
+/// Answers another replica's listing of the fleet's waiting tasks with this replica's
+/// page: as asked, cut to fit a NATS message ([`MAX_PAGE_BYTES`]). A request this
+/// replica cannot read gets no answer (the asker lists without this replica).
+async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else {
+        return;
+    };
+    let Ok(ask) = serde_json::from_slice::<PageRequest>(&msg.payload) else {
+        return;
+    };
+    let parked = match ask.state.as_str() {
+        "deferred" => false,
+        "parked" => true,
+        _ => return,
+    };
+    let after = match ask.cursor.as_deref() {
+        None => None,
+        Some(c) => match super::policy::waiting_key(parked, c) {
+            Some(k) => Some(k),
+            None => return,
+        },
+    };
+    let limit = ask.limit.clamp(1, super::policy::MAX_LISTED + 1);
+    let Ok((entries, total)) = super::policy::waiting_page(state, parked, after.as_deref(), limit)
+    else {
+        return;
+    };
+    let mut page = Page {
+        total,
+        more: entries.len() >= limit,
+        tasks: entries
+            .into_iter()
+            .map(|(key, task)| PageEntry {
+                key: crate::domain::hex(&key),
+                task,
+            })
+            .collect(),
+    };
+    let body = loop {
+        let Ok(body) = serde_json::to_vec(&page) else {
+            return;
+        };
+        if body.len() <= MAX_PAGE_BYTES || page.tasks.len() <= 1 {
+            break body;
+        }
+        page.tasks.truncate(page.tasks.len() / 2);
+        page.more = true;
+    };
+    if let Err(e) = client.publish(reply, body.into()).await {
+        tracing::debug!(error = %e, "listing not answered");
     }
 }

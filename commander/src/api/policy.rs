@@ -288,35 +288,107 @@ pub async fn tasks(
             only_finished.join(", ")
         )));
     }
-    let limit = super::count_param("limit", q.limit, 100, 1000)?;
-    let cursor_key = if parked {
-        crate::policy::parked_cursor
-    } else {
-        crate::policy::deferred_cursor
-    };
+    let limit = super::count_param("limit", q.limit, 100, MAX_LISTED)?;
     let after = match q.cursor.as_deref() {
         None => None,
-        Some(c) => Some(cursor_key(c).ok_or_else(|| {
+        Some(c) => Some(waiting_key(parked, c).ok_or_else(|| {
             ApiError::BadRequest(format!("cursor {c:?} is not one this API returned"))
         })?),
     };
-    let deferrals = &s.core.policy.deferrals;
-    // One more than asked tells whether there is a next page.
-    let mut list = if parked {
-        deferrals.list_parked(limit + 1, after.as_deref())
-    } else {
-        deferrals.list(limit + 1, after.as_deref())
+    // One more than asked, from this replica and each other that runs: the keys order
+    // the fleet's queues as one.
+    let (local, mut total) = waiting_page(&s, parked, after.as_deref(), limit + 1)?;
+    let state = if parked { "parked" } else { "deferred" };
+    let pages = s.peers.waiting(state, q.cursor.as_deref(), limit + 1).await;
+    let replicas = 1 + pages.len();
+    let local_more = local.len() > limit;
+    let mut sources = vec![(local, local_more)];
+    for page in pages {
+        total = total.saturating_add(page.total);
+        let entries = page
+            .tasks
+            .into_iter()
+            .filter_map(|e| Some((waiting_key(parked, &e.key)?, e.task)))
+            .collect();
+        sources.push((entries, page.more));
     }
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let more = list.len() > limit;
-    list.truncate(limit);
-    let next = list
+    let (tasks, next) = merge_pages(sources, limit);
+    Ok(Json(json!({
+        "state": state,
+        "total": total,
+        "replicas": replicas,
+        "tasks": tasks,
+        "next": next,
+    }))
+    .into_response())
+}
+
+/// Waiting tasks by key (their place in the queue's order), as a listing shows them.
+pub(crate) type Keyed = Vec<(Vec<u8>, serde_json::Value)>;
+
+/// The most tasks one page of a listing of waiting tasks shows.
+pub(crate) const MAX_LISTED: usize = 1000;
+
+/// One page of the fleet's waiting tasks from each replica's page (its entries by key,
+/// and whether more wait there beyond them): the first `limit` in key order, and the
+/// next page's cursor. Nothing past the first key some replica may have more before is
+/// shown, so the next page misses none of that replica's. A task on its way between two
+/// replicas (handed over as one stopped) may be on both for a moment: listed once.
+fn merge_pages(
+    sources: Vec<(Keyed, bool)>,
+    limit: usize,
+) -> (Vec<serde_json::Value>, Option<String>) {
+    let horizon = sources
+        .iter()
+        .filter(|(entries, more)| *more && !entries.is_empty())
+        .filter_map(|(entries, _)| entries.last().map(|(k, _)| k.clone()))
+        .min();
+    let mut entries: Vec<_> = sources
+        .into_iter()
+        .flat_map(|(entries, _)| entries)
+        .filter(|(k, _)| horizon.as_ref().is_none_or(|h| k <= h))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut seen = std::collections::HashSet::new();
+    entries.retain(|(_, t)| seen.insert(t["task_id"].as_str().unwrap_or_default().to_string()));
+    let more = entries.len() > limit || horizon.is_some();
+    entries.truncate(limit);
+    let next = entries
         .last()
         .filter(|_| more)
-        .map(|t| crate::domain::hex(&t.key()));
-    let tasks: Vec<_> = list
+        .map(|(k, _)| crate::domain::hex(k));
+    (entries.into_iter().map(|(_, t)| t).collect(), next)
+}
+
+/// A waiting task's key (its place in the queue's order) from a listing's cursor.
+pub(crate) fn waiting_key(parked: bool, cursor: &str) -> Option<Vec<u8>> {
+    if parked {
+        crate::policy::parked_cursor(cursor)
+    } else {
+        crate::policy::deferred_cursor(cursor)
+    }
+}
+
+/// This replica's deferred queue in release order, or its parked tasks in turn order: at
+/// most `limit` after the key `after`, each with its key and as the listing shows it
+/// (`replica` says this one), and how many wait here in all.
+pub(crate) fn waiting_page(
+    s: &AppState,
+    parked: bool,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<(Keyed, usize), ApiError> {
+    let deferrals = &s.core.policy.deferrals;
+    let list = if parked {
+        deferrals.list_parked(limit, after)
+    } else {
+        deferrals.list(limit, after)
+    }
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let entries = list
         .into_iter()
         .map(|t| {
+            let key = t.key();
             let mut v = json!({
                 "task_id": t.id,
                 "priority": t.priority,
@@ -328,6 +400,7 @@ pub async fn tasks(
                 "est_cost_usd": t.est_usd,
                 "releases": t.releases,
                 "policy_version": t.policy_version,
+                "replica": &*s.core.replica,
             });
             if let Some(turn) = t.turn {
                 v["turn"] = json!(turn);
@@ -339,19 +412,13 @@ pub async fn tasks(
             if let Some(reason) = t.cancelled {
                 v["cancelled"] = json!(reason);
             }
-            v
+            (key, v)
         })
         .collect();
-    let (state, total) = if parked {
-        ("parked", deferrals.parked_len())
+    let total = if parked {
+        deferrals.parked_len()
     } else {
-        ("deferred", deferrals.len())
+        deferrals.len()
     };
-    Ok(Json(json!({
-        "state": state,
-        "total": total,
-        "tasks": tasks,
-        "next": next,
-    }))
-    .into_response())
+    Ok((entries, total))
 }

@@ -107,6 +107,8 @@ impl Intake for ScriptedIntake {
 #[derive(Debug, Default)]
 struct ScriptedPeers {
     records: Mutex<HashMap<String, Value>>,
+    /// Each other replica's waiting tasks (deferred ones), in key order.
+    waiting: Mutex<Vec<Vec<crate::policy::DeferredTask>>>,
 }
 
 impl super::peers::Peers for ScriptedPeers {
@@ -127,6 +129,41 @@ impl super::peers::Peers for ScriptedPeers {
             Some(Ok(serde_json::json!({
                 "task_id": task_id, "replica": rec["replica"], "who": who, "reason": reason
             })))
+        })
+    }
+
+    /// Each replica answers with its deferred tasks after the cursor, as many as asked.
+    fn waiting<'a>(
+        &'a self,
+        _: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Vec<super::peers::Page>> {
+        Box::pin(async move {
+            let after = cursor.and_then(crate::policy::deferred_cursor);
+            let replicas = self.waiting.lock().unwrap().clone();
+            replicas
+                .into_iter()
+                .enumerate()
+                .map(|(i, tasks)| {
+                    let after_cursor: Vec<_> = tasks
+                        .iter()
+                        .filter(|t| after.as_ref().is_none_or(|a| t.key() > *a))
+                        .collect();
+                    super::peers::Page {
+                        total: tasks.len(),
+                        more: after_cursor.len() > limit,
+                        tasks: after_cursor
+                            .into_iter()
+                            .take(limit)
+                            .map(|t| super::peers::PageEntry {
+                                key: crate::domain::hex(&t.key()),
+                                task: serde_json::json!({"task_id": t.id, "replica": format!("peer-{i}")}),
+                            })
+                            .collect(),
+                    }
+                })
+                .collect()
         })
     }
 }
@@ -2095,4 +2132,64 @@ async fn a_task_deferred_here_and_let_go_is_answered_by_the_replica_that_keeps_i
     let (_, json) = api.get(&format!("/v1/tasks/{id}")).await;
     assert_eq!(json["state"], "deferred", "{json}");
     assert_eq!(json["replica"], HERE, "{json}");
+}
+
+/// With other replicas running, the deferred listing is the fleet's: each replica's queue
+/// merged in release order (priority, then age), paged with one cursor, every task once,
+/// the total summed, each task saying which replica holds it. Each replica used to list
+/// its own queue only: an operator behind a load balancer saw a part of what waited,
+/// another part at each refresh.
+#[tokio::test]
+async fn the_deferred_listing_merges_every_replica_s_queue_in_release_order() {
+    let api = api(None, 4096);
+    let task = |id: &str, priority: u8, at_ms: u64| {
+        crate::policy::tests::deferred(id, priority, at_ms, 0.01)
+    };
+    for t in [
+        task("here-p9", 9, 3_000),
+        task("here-old", 5, 1_000),
+        task("here-new", 5, 6_000),
+    ] {
+        api.state.core.policy.deferrals.insert(&t).unwrap();
+    }
+    let peer = |mut tasks: Vec<crate::policy::DeferredTask>| {
+        tasks.sort_by_key(|t| t.key());
+        tasks
+    };
+    *api.peers.waiting.lock().unwrap() = vec![
+        peer(vec![
+            task("b-p9", 9, 4_000),
+            task("b-mid", 5, 2_000),
+            task("b-low", 1, 500),
+        ]),
+        peer(vec![task("c-mid", 5, 5_000), task("here-new", 5, 6_000)]),
+    ];
+    let mut listed = Vec::new();
+    let mut uri = "/v1/tasks?state=deferred&limit=2".to_string();
+    loop {
+        let (ids, json) = api.listed(&uri).await;
+        assert_eq!(json["total"], 8, "{json}");
+        assert_eq!(json["replicas"], 3, "{json}");
+        listed.extend(ids);
+        match json["next"].as_str() {
+            Some(next) => uri = format!("/v1/tasks?state=deferred&limit=2&cursor={next}"),
+            None => break,
+        }
+        assert!(listed.len() < 20, "pages do not end: {listed:?}");
+    }
+    // A task handed over between two replicas is listed once.
+    assert_eq!(
+        listed,
+        [
+            "here-p9", "b-p9", "here-old", "b-mid", "c-mid", "here-new", "b-low"
+        ]
+    );
+    let (_, json) = api.listed("/v1/tasks?state=deferred&limit=3").await;
+    let replicas: Vec<_> = json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["replica"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(replicas, [HERE, "peer-0", HERE], "{json}");
 }
