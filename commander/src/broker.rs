@@ -1063,6 +1063,11 @@ impl OtherReplicas {
         }
     }
 
+    /// This replica's id: the one the looks leave out.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     /// What the last look found (no I/O; false before the first).
     pub fn last_known(&self) -> bool {
         self.running.load(std::sync::atomic::Ordering::Relaxed) > 0

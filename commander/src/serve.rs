@@ -1207,7 +1207,9 @@ async fn hand_over_waiting(
 ) {
     let deferrals = &ctx.core.policy.deferrals;
     let waiting = deferrals.len() + deferrals.parked_len();
-    if waiting == 0 || ledger.replicas.get() < 2 {
+    // A store that can write nothing more could not take a handed task out of its queue:
+    // it would be released again at the restart, a copy of one another replica holds.
+    if waiting == 0 || ledger.replicas.get() < 2 || ctx.core.store.failure().is_some() {
         return;
     }
     let done = pipeline::release::hand_over(ctx, batch, within).await;

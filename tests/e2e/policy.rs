@@ -517,17 +517,7 @@ async fn a_throttle_holds_across_replicas() {
         "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = {RATE}\nburst = {BURST}\n"
     );
     let s = PolicyStack::start(&policy, "").await;
-    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
-    let bases = [s.commander.http().to_string(), b.http().to_string()];
-    eventually("each replica counts two", WAIT, async || {
-        for base in &bases {
-            if get_json_at(base, "/v1/policy").await["replicas"] != 2 {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    let (_b, bases) = replica_b(&s).await;
     let seen = SeenLog::default();
     let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());
@@ -605,6 +595,22 @@ async fn a_burst_across_replicas_stays_within_a_budget() {
         (FIT..=FIT + 1).contains(&ran),
         "{ran} of {TASKS} ran with room for {FIT} on two replicas"
     );
+}
+
+/// A second replica b beside `s`'s, once each counts two replicas; b and both API bases.
+async fn replica_b(s: &PolicyStack) -> (Commander, [String; 2]) {
+    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
+    let bases = [s.commander.http().to_string(), b.http().to_string()];
+    eventually("each replica counts two", WAIT, async || {
+        for base in &bases {
+            if get_json_at(base, "/v1/policy").await["replicas"] != 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    (b, bases)
 }
 
 /// Submits a summary task and waits for it to run.
@@ -857,17 +863,7 @@ async fn a_replica_that_stops_hands_its_waiting_tasks_to_the_others() {
     // not at the place the task had, would show a later one.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
-    let b = PolicyStack::spawn(&s.nats, &s.dir.path().join("replica-b"), &s.config);
-    let bases = [s.commander.http().to_string(), b.http().to_string()];
-    eventually("both count two replicas", WAIT, async || {
-        for base in &bases {
-            if get_json_at(base, "/v1/policy").await["replicas"] != 2 {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    let (b, bases) = replica_b(&s).await;
     // Either replica lists the fleet's queue: b shows what waits on a.
     let b_base = &bases[1];
     eventually("b lists a's queue", WAIT, async || {

@@ -57,6 +57,8 @@ pub struct PageEntry {
 /// What a replica asks the others for a listing.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PageRequest {
+    /// The replica that asks: it hears its own request too, and does not answer it.
+    from: String,
     state: String,
     cursor: Option<String>,
     limit: usize,
@@ -181,6 +183,7 @@ impl Peers for NatsPeers {
                 return Vec::new();
             };
             let ask = PageRequest {
+                from: self.others.replica().to_string(),
                 state: state.to_string(),
                 cursor: cursor.map(str::to_string),
                 limit,
@@ -363,6 +366,9 @@ async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: asyn
     let Ok(ask) = serde_json::from_slice::<PageRequest>(&msg.payload) else {
         return;
     };
+    if ask.from == *state.core.replica {
+        return;
+    }
     let parked = match ask.state.as_str() {
         "deferred" => false,
         "parked" => true,
