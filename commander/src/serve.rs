@@ -134,9 +134,7 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let client = &conn.client;
     broker::check_server(client, &conn.url)?;
     let subjects = config.subjects();
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(pipeline::max_pending_acks(config.intake.batch_size))
-        .build(client.clone());
+    let js = jetstream_context(client, &config);
     let (streams, replica) = set_up_streams(&config, &js, &subjects, &store).await?;
     let instance = format!("commander-{}", std::process::id());
     let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);
@@ -246,12 +244,19 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
         spans_task,
         ledger,
         ctx,
-        release_batch: config.policy.release_batch,
     };
-    let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
-    shut_down(grace, running, client).await;
+    shut_down(&config, running, client).await;
     tracing::info!("stopped");
     failure.map_or(Ok(()), |reason| Err(ServeError::StoreFailed(reason)))
+}
+
+/// The JetStream context of the task path (and of the streams' and buckets' setup),
+/// bounded by the PubAcks the task path may await at once
+/// ([`pipeline::max_pending_acks`]) instead of async-nats' 5,000.
+fn jetstream_context(client: &async_nats::Client, config: &Config) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(pipeline::max_pending_acks(config.intake.batch_size))
+        .build(client.clone())
 }
 
 /// Resolves once the store can write nothing more, logging what to do: the commander then
@@ -1161,12 +1166,14 @@ struct Running {
     ledger: Arc<policy::ledger_share::LedgerShare>,
     /// The task path's context, to hand the waiting tasks to the other replicas.
     ctx: Arc<Ctx>,
-    release_batch: usize,
 }
 
-/// Waits up to `grace` for the loops to finish what they hold and the store to flush;
-/// past it, says what was left (nothing acked is lost: JetStream redelivers the rest).
-async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
+/// Waits up to `intake.shutdown_grace_secs` for the loops to finish what they hold and the
+/// store to flush; past it, says what was left (nothing acked is lost: JetStream redelivers
+/// the rest).
+async fn shut_down(config: &Config, r: Running, client: &async_nats::Client) {
+    let grace = Duration::from_secs(config.intake.shutdown_grace_secs);
+    let batch = config.policy.release_batch;
     let c = client.clone();
     let drained = tokio::time::timeout(grace, async move {
         for t in r.task_path.into_iter().chain(r.telemetry) {
@@ -1175,7 +1182,7 @@ async fn shut_down(grace: Duration, r: Running, client: &async_nats::Client) {
         for w in r.source_watches {
             w.abort();
         }
-        hand_over_waiting(&r.ctx, &r.ledger, r.release_batch, grace / 2).await;
+        hand_over_waiting(&r.ctx, &r.ledger, batch, grace / 2).await;
         if let Err(e) = r.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
