@@ -576,14 +576,60 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         sample_value(&b_metrics, "fleet_tasks_finished_elsewhere_total"),
         0.0
     );
-    let finished = a
-        .get_json(&format!("/v1/tasks?state=finished&limit={N}"))
+    // The listing of finished tasks is the fleet's, on either replica: each task once,
+    // listed by the replica that ran it (a's copies of how b's runs ended are not listed
+    // while b answers). Before, b listed only the tasks it ran.
+    for (name, http) in [("a", a.commander.http()), ("b", b.http())] {
+        let uri = format!("/v1/tasks?state=finished&limit={}", 2 * N);
+        // A replica looks for the others at most every 10 s.
+        let mut finished = serde_json::Value::Null;
+        eventually(&format!("{name} counts both replicas"), WAIT, async || {
+            finished = get_json_at(http, &uri).await;
+            finished["replicas"] == 2
+        })
         .await;
-    assert_eq!(
-        finished["tasks"].as_array().map(Vec::len),
-        Some(N),
-        "a lists them all as finished: {finished}"
-    );
+        let tasks = finished["tasks"].as_array().unwrap();
+        let mut listed: Vec<_> = tasks
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap())
+            .collect();
+        listed.sort_unstable();
+        listed.dedup();
+        assert_eq!(
+            (tasks.len(), listed.len()),
+            (N, N),
+            "{name} lists each task once: {finished}"
+        );
+        for t in tasks {
+            let ran_on_b = on_b.iter().any(|id| t["task_id"] == id.as_str());
+            assert_eq!(t["replica"] == b_id.as_str(), ran_on_b, "{name}: {t}");
+            // The record of the replica that ran it (a copy knows no attempt or model).
+            assert_eq!(
+                (&t["attempt"], &t["model"]),
+                (&serde_json::json!(1), &serde_json::json!("gpt-4o-mini")),
+                "{name}: {t}"
+            );
+        }
+        // A page at a time: still each once.
+        let mut paged = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page =
+                get_json_at(http, &format!("/v1/tasks?state=finished&limit=7{cursor}")).await;
+            for t in page["tasks"].as_array().unwrap() {
+                paged.push(t["task_id"].as_str().unwrap().to_string());
+            }
+            match page["next"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => break,
+            }
+            assert!(paged.len() <= 2 * N, "{name}: pages do not end: {paged:?}");
+        }
+        let mut unique = paged.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!((paged.len(), unique.len()), (N, N), "{name}: {paged:?}");
+    }
 
     // Submitted over NATS, a task has its record on the replica that took it alone; the
     // other answers `GET /v1/tasks/{id}` with that record, asked over NATS.

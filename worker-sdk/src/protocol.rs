@@ -160,6 +160,11 @@ impl Subjects {
     pub fn waiting_listings(&self) -> String {
         format!("{}.listings.waiting", self.prefix)
     }
+    /// A replica's request for the other replicas' pages of finished tasks; each that runs
+    /// answers with its own (scatter/gather).
+    pub fn finished_listings(&self) -> String {
+        format!("{}.listings.finished", self.prefix)
+    }
 
     pub fn intake_stream(&self) -> String {
         format!("{}_INTAKE", self.stem())

@@ -651,14 +651,20 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
         Some(rec) if answers_for(&s, &rec) => record_view(&s, rec)?,
         // Accepted here over HTTP, or deferred here and let go to the intake stream, and
         // maybe taken by another replica: how it ended, else that replica's record, else
-        // this one's (`received`, `deferred`).
-        Some(stub) => match finished_elsewhere(&s, &id).await {
-            Some(rec) => record_view(&s, rec)?,
-            None => match s.peers.record(&id).await {
-                Some(theirs) => theirs,
-                None => record_view(&s, stub)?,
-            },
-        },
+        // this one's (`received`, `deferred`, or a copy of how it ended).
+        Some(mine) => {
+            let ended = match mine.kept_by {
+                Some(_) => None,
+                None => finished_elsewhere(&s, &id).await,
+            };
+            match ended {
+                Some(rec) => record_view(&s, rec)?,
+                None => match s.peers.record(&id).await {
+                    Some(theirs) => theirs,
+                    None => record_view(&s, mine)?,
+                },
+            }
+        }
         None => s
             .peers
             .record(&id)
@@ -672,9 +678,12 @@ async fn get_task(State(s): State<AppState>, Path(id): Path<String>) -> Result<R
 /// record is a stub of an HTTP submission (another replica may have taken the task), nor
 /// when it says `deferred` but the task no longer waits here: released to the intake
 /// stream, or handed to the other replicas at a clean stop, so another replica may keep
-/// it now. The record here then says `deferred` until the task's result comes.
+/// it now. The record here then says `deferred` until the task's result comes. Nor when
+/// it is a copy of how a task another replica ran ended (`kept_by`): that one keeps the
+/// whole record.
 pub(crate) fn answers_for(s: &AppState, rec: &TaskRecord) -> bool {
     !rec.is_stub()
+        && rec.kept_by.is_none()
         && (rec.state != crate::store::TaskState::Deferred
             || s.core.policy.deferrals.waits(&rec.id))
 }

@@ -54,6 +54,33 @@ pub struct PageEntry {
     pub task: serde_json::Value,
 }
 
+/// One replica's page of its finished tasks (`GET /v1/tasks?state=finished|…`), answered
+/// to another replica that lists the fleet's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FinishedPage {
+    /// The replica that answers.
+    pub replica: String,
+    /// Newest first, each with its key (finish time, then id) in hex.
+    pub tasks: Vec<PageEntry>,
+    /// The last key it examined, when it may have more past it.
+    pub next: Option<String>,
+    /// Finished tasks it examined.
+    pub scanned: usize,
+}
+
+/// What a replica asks the others for a listing of finished tasks: its own query.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FinishedRequest {
+    /// The replica that asks (it does not answer itself).
+    from: String,
+    query: super::finished::TasksQuery,
+}
+
+/// Listings of finished tasks answered for other replicas at once (each reads up to
+/// `finished::MAX_SCAN` records); past it, a request goes unanswered and the asker lists
+/// without this replica.
+const FINISHED_AT_ONCE: usize = 4;
+
 /// What a replica asks the others for a listing.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PageRequest {
@@ -87,6 +114,13 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         cursor: Option<&'a str>,
         limit: usize,
     ) -> BoxFuture<'a, Vec<Page>>;
+
+    /// The other replicas' pages of their finished tasks, as `query` asks (its `state`,
+    /// filters, cursor and limit): from each that answers in time.
+    fn finished<'a>(
+        &'a self,
+        query: &'a super::finished::TasksQuery,
+    ) -> BoxFuture<'a, Vec<FinishedPage>>;
 }
 
 /// The other replicas, over NATS.
@@ -174,45 +208,71 @@ impl Peers for NatsPeers {
         limit: usize,
     ) -> BoxFuture<'a, Vec<Page>> {
         Box::pin(async move {
-            let others = self.others.count().await;
-            if others == 0 {
-                return Vec::new();
-            }
-            let inbox = self.client.new_inbox();
-            let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
-                return Vec::new();
-            };
             let ask = PageRequest {
                 from: self.others.replica().to_string(),
                 state: state.to_string(),
                 cursor: cursor.map(str::to_string),
                 limit,
             };
-            let Ok(body) = serde_json::to_vec(&ask) else {
-                return Vec::new();
-            };
-            let asked = self
-                .client
-                .publish_with_reply(self.subjects.waiting_listings(), inbox, body.into())
-                .await;
-            if asked.is_err() {
-                return Vec::new();
-            }
-            // Scatter, then gather: every replica that runs answers, each once.
-            let until = tokio::time::Instant::now() + PEER_WAIT;
-            let mut pages = Vec::with_capacity(others);
-            while pages.len() < others {
-                match tokio::time::timeout_at(until, answers.next()).await {
-                    Ok(Some(m)) => {
-                        if let Ok(page) = serde_json::from_slice::<Page>(&m.payload) {
-                            pages.push(page);
-                        }
-                    }
-                    _ => break,
-                }
-            }
-            pages
+            self.gather(self.subjects.waiting_listings(), &ask).await
         })
+    }
+
+    fn finished<'a>(
+        &'a self,
+        query: &'a super::finished::TasksQuery,
+    ) -> BoxFuture<'a, Vec<FinishedPage>> {
+        Box::pin(async move {
+            let ask = FinishedRequest {
+                from: self.others.replica().to_string(),
+                query: query.clone(),
+            };
+            self.gather(self.subjects.finished_listings(), &ask).await
+        })
+    }
+}
+
+impl NatsPeers {
+    /// Scatter, then gather: asks every other replica that runs on `subject`, and takes
+    /// one answer from each, for at most [`PEER_WAIT`]. An answer that does not parse is
+    /// left out.
+    async fn gather<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        ask: &impl serde::Serialize,
+    ) -> Vec<T> {
+        let others = self.others.count().await;
+        if others == 0 {
+            return Vec::new();
+        }
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
+            return Vec::new();
+        };
+        let Ok(body) = serde_json::to_vec(ask) else {
+            return Vec::new();
+        };
+        if self
+            .client
+            .publish_with_reply(subject, inbox, body.into())
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let until = tokio::time::Instant::now() + PEER_WAIT;
+        let mut pages = Vec::with_capacity(others);
+        while pages.len() < others {
+            match tokio::time::timeout_at(until, answers.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(page) = serde_json::from_slice::<T>(&m.payload) {
+                        pages.push(page);
+                    }
+                }
+                _ => break,
+            }
+        }
+        pages
     }
 }
 
@@ -262,6 +322,13 @@ impl Peers for NoPeers {
     fn waiting<'a>(&'a self, _: &'a str, _: Option<&'a str>, _: usize) -> BoxFuture<'a, Vec<Page>> {
         Box::pin(async { Vec::new() })
     }
+
+    fn finished<'a>(
+        &'a self,
+        _: &'a super::finished::TasksQuery,
+    ) -> BoxFuture<'a, Vec<FinishedPage>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// Answers the other replicas' lookups with this replica's records, and carries out the
@@ -290,14 +357,36 @@ pub async fn answer_lookups(
             return;
         }
     };
+    let finished_subject = subjects.finished_listings();
+    let mut finished = match client.subscribe(finished_subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, subject = finished_subject, "cannot answer other replicas' listings");
+            return;
+        }
+    };
     let stem = format!("{}.records.", subjects.prefix());
     let cancels = std::sync::Arc::new(tokio::sync::Semaphore::new(CANCELS_AT_ONCE));
+    let finished_listings = std::sync::Arc::new(tokio::sync::Semaphore::new(FINISHED_AT_ONCE));
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => return },
             m = listings.next() => match m {
                 Some(m) => {
                     answer_listing(&state, &client, m).await;
+                    continue;
+                }
+                None => return,
+            },
+            m = finished.next() => match m {
+                Some(m) => {
+                    if let Ok(permit) = finished_listings.clone().try_acquire_owned() {
+                        let (st, c) = (state.clone(), client.clone());
+                        tokio::spawn(async move {
+                            answer_finished(&st, &c, m).await;
+                            drop(permit);
+                        });
+                    }
                     continue;
                 }
                 None => return,
@@ -406,6 +495,67 @@ async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: asyn
         }
         page.tasks.truncate(page.tasks.len() / 2);
         page.more = true;
+    };
+    if let Err(e) = client.publish(reply, body.into()).await {
+        tracing::debug!(error = %e, "listing not answered");
+    }
+}
+
+/// Answers another replica's listing of the fleet's finished tasks with this replica's
+/// page, as asked, cut to fit a NATS message ([`MAX_PAGE_BYTES`]; `next` is then the
+/// last task kept). A request this replica cannot read, or a query its own API would
+/// refuse, gets no answer.
+async fn answer_finished(state: &AppState, client: &async_nats::Client, msg: async_nats::Message) {
+    let Some(reply) = msg.reply else {
+        return;
+    };
+    let Ok(ask) = serde_json::from_slice::<FinishedRequest>(&msg.payload) else {
+        return;
+    };
+    if ask.from == *state.core.replica {
+        return;
+    }
+    let Some(listed) = ask
+        .query
+        .state
+        .as_deref()
+        .filter(|s| super::finished::listable(s))
+    else {
+        return;
+    };
+    let Ok(checked) = super::finished::check(listed, &ask.query) else {
+        return;
+    };
+    let store = state.core.store.clone();
+    let replica = state.core.replica.clone();
+    let local = tokio::task::spawn_blocking(move || {
+        super::finished::local_page(&store, &replica, &checked)
+    });
+    let Ok(Ok(local)) = local.await else {
+        return;
+    };
+    let mut page = FinishedPage {
+        replica: local.replica,
+        tasks: local
+            .entries
+            .into_iter()
+            .map(|(key, task)| PageEntry {
+                key: crate::domain::hex(&key),
+                task,
+            })
+            .collect(),
+        next: local.next.map(|k| crate::domain::hex(&k)),
+        scanned: local.scanned,
+    };
+    let body = loop {
+        let Ok(body) = serde_json::to_vec(&page) else {
+            return;
+        };
+        if body.len() <= MAX_PAGE_BYTES || page.tasks.len() <= 1 {
+            break body;
+        }
+        page.tasks.truncate(page.tasks.len() / 2);
+        page.next = page.tasks.last().map(|e| e.key.clone());
     };
     if let Err(e) = client.publish(reply, body.into()).await {
         tracing::debug!(error = %e, "listing not answered");

@@ -268,11 +268,7 @@ pub async fn tasks(
         Some("parked") => true,
         Some(state) if super::finished::listable(state) => {
             let state = state.to_string();
-            let store = s.core.store.clone();
-            // Up to `MAX_SCAN` records read from disk: off the async threads.
-            return tokio::task::spawn_blocking(move || super::finished::list(&store, &state, q))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            return super::finished::list(&s, &state, q).await;
         }
         other => {
             return Err(ApiError::BadRequest(format!(

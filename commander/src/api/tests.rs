@@ -109,6 +109,8 @@ struct ScriptedPeers {
     records: Mutex<HashMap<String, Value>>,
     /// Each other replica's waiting tasks (deferred ones), in key order.
     waiting: Mutex<Vec<Vec<crate::policy::DeferredTask>>>,
+    /// Each other replica's id and store, whose finished tasks it lists.
+    finished: Mutex<Vec<(String, Arc<Store>)>>,
 }
 
 impl super::peers::Peers for ScriptedPeers {
@@ -161,6 +163,37 @@ impl super::peers::Peers for ScriptedPeers {
                                 task: serde_json::json!({"task_id": t.id, "replica": format!("peer-{i}")}),
                             })
                             .collect(),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Each replica answers from its store as it would over NATS.
+    fn finished<'a>(
+        &'a self,
+        query: &'a super::finished::TasksQuery,
+    ) -> BoxFuture<'a, Vec<super::peers::FinishedPage>> {
+        Box::pin(async move {
+            let peers = self.finished.lock().unwrap().clone();
+            let state = query.state.clone().unwrap_or_default();
+            peers
+                .iter()
+                .map(|(replica, store)| {
+                    let checked = super::finished::check(&state, query).unwrap();
+                    let page = super::finished::local_page(store, replica, &checked).unwrap();
+                    super::peers::FinishedPage {
+                        replica: page.replica,
+                        tasks: page
+                            .entries
+                            .into_iter()
+                            .map(|(key, task)| super::peers::PageEntry {
+                                key: crate::domain::hex(&key),
+                                task,
+                            })
+                            .collect(),
+                        next: page.next.map(|k| crate::domain::hex(&k)),
+                        scanned: page.scanned,
                     }
                 })
                 .collect()
@@ -2192,4 +2225,110 @@ async fn the_deferred_listing_merges_every_replica_s_queue_in_release_order() {
         .map(|t| t["replica"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(replicas, [HERE, "peer-0", HERE], "{json}");
+}
+
+/// `state=finished` is the fleet's: every replica's tasks, newest first, paged by the keys
+/// they share; a task that another replica ran is listed once, by that replica, while it
+/// answers, and by the one keeping a copy of how it ended when it does not.
+#[tokio::test]
+async fn the_finished_listing_merges_every_replica_s_tasks_newest_first_each_once() {
+    use fleet_worker::message::{ResultStatus, TaskResult};
+    const B: &str = "00000000000000bb";
+    const C: &str = "00000000000000cc";
+    const GONE: &str = "00000000000000dd";
+    let api = api(None, 4096);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let b = Arc::new(Store::open(dirs[0].path()).unwrap());
+    let c = Arc::new(Store::open(dirs[1].path()).unwrap());
+    *api.peers.finished.lock().unwrap() = vec![(B.into(), b.clone()), (C.into(), c.clone())];
+    let ok = |id: &str| {
+        let mut r = TaskResult::rejected(id, "x", "x");
+        r.status = ResultStatus::Ok;
+        r.error = None;
+        r
+    };
+    let end = |store: &Store, id: &str| {
+        store
+            .update(
+                id,
+                || crate::store::TaskRecord::new(id, 1),
+                |r| r.finish(&ok(id)),
+            )
+            .unwrap();
+    };
+    // A copy: submitted (or deferred) on `store`, run by `keeper`.
+    let copy = |store: &Store, id: &str, keeper: &str| {
+        store.accepted(id, 1).unwrap();
+        store
+            .finish_elsewhere(id, &ok(id), keeper)
+            .unwrap()
+            .unwrap();
+    };
+    let here = &api.state.core.store;
+    for step in 0..8 {
+        match step {
+            0 => end(here, "h1"),
+            1 => end(&b, "b2"),
+            2 => end(here, "h3"),
+            3 => end(&c, "c4"),
+            4 => end(&b, "sub"),
+            5 => copy(here, "sub", B),
+            6 => end(&b, "b7"),
+            _ => copy(&c, "orphan", GONE),
+        }
+        // One millisecond apart at least, so the order is theirs.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let want = ["orphan", "b7", "sub", "c4", "h3", "b2", "h1"];
+    for limit in [1, 2, 3, 100] {
+        let mut listed = Vec::new();
+        let mut uri = format!("/v1/tasks?state=finished&limit={limit}");
+        loop {
+            let (ids, json) = api.listed(&uri).await;
+            assert_eq!(json["replicas"], 3, "{json}");
+            assert!(ids.len() <= limit, "{json}");
+            listed.extend(ids);
+            match json["next"].as_str() {
+                Some(next) => uri = format!("/v1/tasks?state=finished&limit={limit}&cursor={next}"),
+                None => break,
+            }
+            assert!(listed.len() < 20, "pages do not end: {listed:?}");
+        }
+        assert_eq!(listed, want, "limit {limit}");
+    }
+    let (_, json) = api.listed("/v1/tasks?state=finished").await;
+    let keepers: Vec<_> = json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["replica"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keepers, [GONE, B, B, C, HERE, B, HERE], "{json}");
+    // Examined: 3 here (with the copy), 3 on b and 2 on c.
+    assert_eq!(json["scanned"], 8, "{json}");
+    // The copy here, with the replica that ran it named. `GET /v1/tasks/sub` here answers
+    // with that replica's record, and with the copy while that one does not answer.
+    let rec = here.get("sub").unwrap().unwrap();
+    assert_eq!(rec.kept_by.as_deref(), Some(B));
+    let theirs =
+        serde_json::json!({"id": "sub", "state": "completed", "replica": B, "history": []});
+    api.peers
+        .records
+        .lock()
+        .unwrap()
+        .insert("sub".into(), theirs.clone());
+    assert_eq!(api.get("/v1/tasks/sub").await.1, theirs);
+    api.peers.records.lock().unwrap().clear();
+    let (_, copy) = api.get("/v1/tasks/sub").await;
+    assert_eq!(
+        (&copy["replica"], &copy["kept_by"]),
+        (&serde_json::json!(HERE), &serde_json::json!(B)),
+        "{copy}"
+    );
+    // With b gone, its tasks are not listed, and the copy here stands in for it.
+    api.peers.finished.lock().unwrap().remove(0);
+    let (ids, json) = api.listed("/v1/tasks?state=finished").await;
+    assert_eq!(ids, ["orphan", "sub", "c4", "h3", "h1"], "{json}");
+    assert_eq!(json["replicas"], 2);
+    assert_eq!(json["tasks"][1]["replica"], B);
 }

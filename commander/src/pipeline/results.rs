@@ -105,8 +105,8 @@ fn record_one(
     let hdrs = msg.headers.as_ref();
     let id = result.task_id.as_str();
     // Another replica's run: its reply subject is that replica's to check and use.
-    if header(hdrs, headers::REPLICA).is_some_and(|r| r != &*ctx.core.replica) {
-        return finish_elsewhere(ctx, id, &result);
+    if let Some(keeper) = header(hdrs, headers::REPLICA).filter(|r| *r != &*ctx.core.replica) {
+        return finish_elsewhere(ctx, id, &result, keeper);
     }
     // Workers echo the producer's reply subject; it is checked again, since a result is
     // as untrusted as a task.
@@ -157,8 +157,13 @@ fn record_one(
 /// the stub of a task submitted here over HTTP, or a task this replica deferred and
 /// released to the intake stream, where the other took it. Nothing is made up for a task
 /// this replica does not know.
-fn finish_elsewhere(ctx: &Ctx, id: &str, result: &TaskResult) -> Result<Option<Forward>, Retry> {
-    match ctx.core.store.finish_elsewhere(id, result) {
+fn finish_elsewhere(
+    ctx: &Ctx,
+    id: &str,
+    result: &TaskResult,
+    keeper: &str,
+) -> Result<Option<Forward>, Retry> {
+    match ctx.core.store.finish_elsewhere(id, result, keeper) {
         Ok(Some(rec)) => super::stubs::finished_elsewhere(&ctx.core, &rec),
         Ok(None) => {}
         Err(e) => {

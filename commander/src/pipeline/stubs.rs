@@ -127,7 +127,7 @@ pub fn finish(
     if result.task_id != id {
         return None;
     }
-    match core.store.finish_elsewhere(id, &result) {
+    match core.store.finish_elsewhere(id, &result, replica) {
         Ok(Some(rec)) => {
             finished_elsewhere(core, &rec);
             tracing::debug!(task_id = id, state = ?rec.state, replica, "task accepted here and run by another replica: its record here is finished from the results stream");

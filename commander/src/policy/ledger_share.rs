@@ -90,13 +90,6 @@ pub struct Shared {
     pub seen: BTreeMap<String, u64>,
 }
 
-/// Whether `id` is a replica's id as `Store::replica_id` makes them (16 hex digits). A key
-/// under `ledger.` that names anything else was not written by a commander, and is passed
-/// over: it would otherwise count as a replica, and divide every throttle and budget part.
-fn is_replica_id(id: &str) -> bool {
-    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// The key of a replica's cells.
 pub fn key(replica: &str) -> String {
     format!("{KEY_PREFIX}{replica}")
@@ -477,7 +470,11 @@ impl LedgerShare {
             return;
         }
         let Some(shared) =
-            decode(&entry.value).filter(|s| is_replica_id(replica) && s.replica == replica)
+            // A key under `ledger.` that names anything but a replica's id was not written
+            // by a commander: it would count as a replica, and divide every throttle and
+            // budget part.
+            decode(&entry.value)
+                .filter(|s| crate::store::is_replica_id(replica) && s.replica == replica)
         else {
             tracing::warn!(key = %entry.key, "another replica's budget cells unreadable, or not a replica's; passed over");
             return;

@@ -1,6 +1,10 @@
 //! The task record on disk.
 //!
-//! Format 6 (written now): version byte `6`, then format 5's body (below), then
+//! Format 7 (written now): version byte `7`, then format 6's body (below), then
+//! [`Kept`]: the replica that keeps the task's full record (`kept_by`), on the copy a
+//! replica keeps of a task another replica ran.
+//!
+//! Format 6 (written until format 7): version byte `6`, then format 5's body (below), then
 //! [`Latest`]: the sequence of the task's dispatch in the work stream (`work_sequence`),
 //! which a cancel of a task still waiting for a worker deletes.
 //!
@@ -39,8 +43,8 @@
 //! mirrors below have the record's fields in a fixed order and nothing else. Adding a field
 //! is a new format byte with the older formats still decoded: format 3's body is format
 //! 2's plus [`Added`], format 4's is format 3's plus [`Compact`], format 5's is format 4's
-//! plus [`Later`], and format 6's is format 5's plus [`Latest`], so the next field goes at
-//! the end of `Latest` under format 7.
+//! plus [`Later`], format 6's is format 5's plus [`Latest`], and format 7's is format 6's
+//! plus [`Kept`], so the next field goes at the end of `Kept` under format 8.
 
 use std::borrow::Cow;
 
@@ -63,15 +67,18 @@ pub const FORMAT_V4: u8 = 4;
 /// The first byte of a format-5 record.
 pub const FORMAT_V5: u8 = 5;
 
-/// The first byte of a format-6 record (written now).
+/// The first byte of a format-6 record.
 pub const FORMAT_V6: u8 = 6;
+
+/// The first byte of a format-7 record (written now).
+pub const FORMAT_V7: u8 = 7;
 
 /// Why stored bytes are not a task record.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
     Empty,
-    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 6 are postcard)")]
+    #[error("format {0} is not one this commander reads (1 is JSON, 2 to 7 are postcard)")]
     UnknownFormat(u8),
     #[error("format {0} record does not decode: {1}")]
     Postcard(u8, postcard::Error),
@@ -92,6 +99,7 @@ pub enum Format {
     V4,
     V5,
     V6,
+    V7,
 }
 
 pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
@@ -103,6 +111,7 @@ pub fn format_of(bytes: &[u8]) -> Result<Format, CodecError> {
         Some(&FORMAT_V4) => Ok(Format::V4),
         Some(&FORMAT_V5) => Ok(Format::V5),
         Some(&FORMAT_V6) => Ok(Format::V6),
+        Some(&FORMAT_V7) => Ok(Format::V7),
         Some(&other) => Err(CodecError::UnknownFormat(other)),
     }
 }
@@ -119,12 +128,12 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             Ok(v.into_record(Added::default()))
         }
         // Format 4 is format 3 with `Compact` after it, format 5 format 4 with `Later`,
-        // format 6 format 5 with `Latest`.
-        f @ (Format::V3 | Format::V4 | Format::V5 | Format::V6) => {
+        // format 6 format 5 with `Latest`, format 7 format 6 with `Kept`.
+        f @ (Format::V3 | Format::V4 | Format::V5 | Format::V6 | Format::V7) => {
             let (v, rest): (TaskV2<'_>, _) = postcard::take_from_bytes(body).map_err(bad)?;
             let (added, rest): (Added, _) = postcard::take_from_bytes(rest).map_err(bad)?;
             let (compact, rest) = match f {
-                Format::V4 | Format::V5 | Format::V6 => {
+                Format::V4 | Format::V5 | Format::V6 | Format::V7 => {
                     let (c, rest): (Compact<'_>, _) =
                         postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(c), rest)
@@ -132,16 +141,23 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
                 _ => (None, rest),
             };
             let (later, rest) = match f {
-                Format::V5 | Format::V6 => {
+                Format::V5 | Format::V6 | Format::V7 => {
                     let (l, rest): (Later<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(l), rest)
                 }
                 _ => (None, rest),
             };
             let (latest, rest) = match f {
-                Format::V6 => {
+                Format::V6 | Format::V7 => {
                     let (l, rest): (Latest, _) = postcard::take_from_bytes(rest).map_err(bad)?;
                     (Some(l), rest)
+                }
+                _ => (None, rest),
+            };
+            let (kept, rest) = match f {
+                Format::V7 => {
+                    let (k, rest): (Kept<'_>, _) = postcard::take_from_bytes(rest).map_err(bad)?;
+                    (Some(k), rest)
                 }
                 _ => (None, rest),
             };
@@ -156,6 +172,9 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, CodecError> {
             if let Some(l) = latest {
                 rec.work_sequence = l.work_sequence;
             }
+            if let Some(k) = kept {
+                rec.kept_by = oo(k.kept_by);
+            }
             Ok(rec)
         }
     }
@@ -169,13 +188,29 @@ fn ended(format: u8, rest: &[u8]) -> Result<(), CodecError> {
     }
 }
 
-/// Encodes a record in format 6.
+/// Encodes a record in format 7.
 pub fn encode(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
-    let out = encode_v5_body(FORMAT_V6, rec)?;
+    let out = encode_v6_body(FORMAT_V7, rec)?;
+    let kept = Kept {
+        kept_by: ob(&rec.kept_by),
+    };
+    postcard::to_extend(&kept, out).map_err(|e| CodecError::Postcard(FORMAT_V7, e))
+}
+
+/// The format byte, then format 6's body: all of format 6, and the start of format 7.
+fn encode_v6_body(format: u8, rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    let out = encode_v5_body(format, rec)?;
     let latest = Latest {
         work_sequence: rec.work_sequence,
     };
-    postcard::to_extend(&latest, out).map_err(|e| CodecError::Postcard(FORMAT_V6, e))
+    postcard::to_extend(&latest, out).map_err(|e| CodecError::Postcard(format, e))
+}
+
+/// Encodes a record in format 6 (what commanders before format 7 wrote; for tests that
+/// build a store of that layout). Who keeps the record is not in it.
+#[cfg(test)]
+pub fn encode_v6(rec: &TaskRecord) -> Result<Vec<u8>, CodecError> {
+    encode_v6_body(FORMAT_V6, rec)
 }
 
 /// The format byte, then format 5's body: all of format 5, and the start of format 6.
@@ -248,6 +283,14 @@ impl Added {
             charged_usd: r.budget.as_ref().and_then(|b| b.charged_usd),
         }
     }
+}
+
+/// The fields format 7 added after format 6's body.
+#[derive(Default, Serialize, Deserialize)]
+struct Kept<'a> {
+    /// `kept_by`: the replica that keeps the task's full record.
+    #[serde(borrow)]
+    kept_by: Option<Str<'a>>,
 }
 
 /// The fields format 6 added after format 5's body.
@@ -632,6 +675,7 @@ impl<'a> TaskV2<'a> {
             }),
             policy_version: oo(self.policy_version),
             generation: self.generation.map(Cow::into_owned),
+            kept_by: None,
             history: self.history.into_owned(),
         }
     }
@@ -705,6 +749,7 @@ pub(crate) mod tests {
             }),
         });
         r.policy_version = Some("a".repeat(64));
+        r.kept_by = Some("00000000000000bb".into());
         r.generation = Some(Generation {
             policy: "a".repeat(12),
             rubric: 3,
@@ -724,13 +769,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_6_round_trips_every_field_and_older_formats_still_read() {
+    fn format_7_round_trips_every_field_and_older_formats_still_read() {
         for rec in [full_record("t-1"), TaskRecord::new("bare", 0)] {
-            let v6 = encode(&rec).unwrap();
+            let v7 = encode(&rec).unwrap();
+            assert_eq!(v7[0], FORMAT_V7);
+            assert_eq!(decode(&v7).unwrap(), rec);
+            // Format 6 has every field but who keeps the record.
+            let mut before_keepers = rec.clone();
+            before_keepers.kept_by = None;
+            let v6 = encode_v6(&rec).unwrap();
             assert_eq!(v6[0], FORMAT_V6);
-            assert_eq!(decode(&v6).unwrap(), rec);
-            // Format 5 has every field but the work sequence.
-            let mut before_sequences = rec.clone();
+            assert_eq!(decode(&v6).unwrap(), before_keepers, "format 6 still reads");
+            assert_eq!(
+                v6.len() + 1 + usize::from(rec.kept_by.is_some()) * 17,
+                v7.len()
+            );
+            // Format 5 has neither it nor the work sequence.
+            let mut before_sequences = before_keepers.clone();
             before_sequences.work_sequence = None;
             let v5 = encode_v5(&rec).unwrap();
             assert_eq!(v5[0], FORMAT_V5);
@@ -872,6 +927,7 @@ pub(crate) mod tests {
             d.turn = None;
         }
         expected.work_sequence = None;
+        expected.kept_by = None;
         assert_eq!(decode(&v2).unwrap(), expected);
         // Format 3 is format 2's body and the added fields, nothing else.
         let v3 = encode_v3(&rec).unwrap();
@@ -883,13 +939,13 @@ pub(crate) mod tests {
         assert!(matches!(decode(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode(&[9, 1]), Err(CodecError::UnknownFormat(9))));
         assert!(decode(b"{not json").is_err());
-        let v6 = encode(&full_record("t")).unwrap();
-        for cut in 1..v6.len() {
-            assert!(decode(&v6[..cut]).is_err(), "truncated at {cut}");
+        let v7 = encode(&full_record("t")).unwrap();
+        for cut in 1..v7.len() {
+            assert!(decode(&v7[..cut]).is_err(), "truncated at {cut}");
         }
-        let mut long = v6.clone();
+        let mut long = v7.clone();
         long.push(0);
-        assert!(matches!(decode(&long), Err(CodecError::Trailing(6, 1))));
+        assert!(matches!(decode(&long), Err(CodecError::Trailing(7, 1))));
         // A time past what RFC 3339 can write is an error, not a panic in the formatter.
         let mut far = vec![FORMAT_V4];
         far = postcard::to_extend(&TaskV2::of(&TaskRecord::new("far", 0)), far).unwrap();
@@ -906,8 +962,8 @@ pub(crate) mod tests {
             assert!(matches!(decode(&bytes), Err(CodecError::TimeOutOfRange(m)) if m == ms));
         }
         // Every one-byte change decodes to something or fails cleanly.
-        for i in 1..v6.len() {
-            let mut bad = v6.clone();
+        for i in 1..v7.len() {
+            let mut bad = v7.clone();
             bad[i] ^= 0xA5;
             let _ = decode(&bad);
         }

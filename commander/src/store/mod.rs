@@ -157,6 +157,11 @@ pub struct TaskRecord {
     /// The sources' generations of that decision (see `decisions::Generation`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<crate::domain::Generation>,
+    /// The replica that keeps this task's full record, when another replica ran it: this
+    /// record is then a copy that only says how the task ended (an HTTP submission here, or
+    /// a task deferred here and released). Set from the result's `Fleet-Replica`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_by: Option<String>,
     pub history: Vec<StateChange>,
 }
 
@@ -199,6 +204,7 @@ impl TaskRecord {
             deferred: None,
             policy_version: None,
             generation: None,
+            kept_by: None,
             history: Vec::new(),
         }
     }
@@ -609,10 +615,13 @@ impl Store {
     /// Only the record changes: the dispatching replica charges the run's budgets,
     /// counts it and forwards its result (a reservation made here is released). `None`
     /// when there is no record, or it has ended: nothing is written then.
+    /// `keeper` is the replica that ran it (the result's `Fleet-Replica`), named in the
+    /// record's `kept_by` when it is a replica's id.
     pub fn finish_elsewhere(
         &self,
         id: &str,
         result: &TaskResult,
+        keeper: &str,
     ) -> Result<Option<TaskRecord>, StoreError> {
         if self.get(id)?.is_none_or(|r| r.state.is_terminal()) {
             self.stubs.forget(id);
@@ -626,6 +635,9 @@ impl Store {
                 finished.set(!r.state.is_terminal());
                 if r.pool.is_none() {
                     r.pool = result.pool.clone();
+                }
+                if is_replica_id(keeper) {
+                    r.kept_by = Some(keeper.to_string());
                 }
                 r.finish(result);
             },
@@ -641,8 +653,7 @@ impl Store {
         let meta = self.db.open_tree(META_TREE)?;
         if let Some(v) = meta.get(REPLICA_KEY)?
             && let Ok(id) = std::str::from_utf8(&v)
-            && id.len() == 16
-            && id.bytes().all(|b| b.is_ascii_hexdigit())
+            && is_replica_id(id)
         {
             return Ok(id.to_string());
         }
@@ -893,6 +904,11 @@ impl Store {
     }
 }
 
+/// Whether `id` is a replica's id as [`Store::replica_id`] makes them: 16 hex digits.
+pub fn is_replica_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// A page of finished tasks ([`Store::finished`]).
 #[derive(Debug, Default)]
 pub struct FinishedPage {
@@ -996,13 +1012,24 @@ mod tests {
                 .unwrap();
             let mut result = ok_result();
             result.task_id = "done".into();
-            let rec = store.finish_elsewhere("done", &result).unwrap().unwrap();
+            let rec = store
+                .finish_elsewhere("done", &result, "00000000000000bb")
+                .unwrap()
+                .unwrap();
             assert_eq!(rec.state, TaskState::Completed);
             assert!(
-                store.finish_elsewhere("done", &result).unwrap().is_none(),
+                store
+                    .finish_elsewhere("done", &result, "00000000000000bb")
+                    .unwrap()
+                    .is_none(),
                 "once"
             );
-            assert!(store.finish_elsewhere("absent", &result).unwrap().is_none());
+            assert!(
+                store
+                    .finish_elsewhere("absent", &result, "00000000000000bb")
+                    .unwrap()
+                    .is_none()
+            );
             assert!(!store.tasks.contains("absent"), "nothing made up");
             assert!(store.stubs().accepted_ms("stub").is_some());
             assert_eq!(
@@ -1012,7 +1039,10 @@ mod tests {
             );
             // Any record still open is finished: a task deferred here and taken elsewhere.
             result.task_id = "taken".into();
-            let rec = store.finish_elsewhere("taken", &result).unwrap().unwrap();
+            let rec = store
+                .finish_elsewhere("taken", &result, "00000000000000bb")
+                .unwrap()
+                .unwrap();
             assert_eq!(rec.state, TaskState::Completed);
             assert_eq!(store.stubs().len(), 1, "only the stub is watched");
             futures::executor::block_on(store.flush()).unwrap();
@@ -1409,7 +1439,7 @@ mod tests {
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         assert_eq!(
             codec::format_of(&raw("old-1")).unwrap(),
-            codec::Format::V6,
+            codec::Format::V7,
             "moved to the log in the current format"
         );
         let mut ok = TaskResult::rejected("old-1", "x", "x");
@@ -1471,16 +1501,17 @@ mod tests {
 
     /// A task log whose records are in format 3 (what the commander wrote before format 4)
     /// opens with every record reading back whole. Records stay as they are until their
-    /// next update, which writes the current format (6).
+    /// next update, which writes the current format (7).
     #[test]
     fn a_task_log_of_format_3_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
-        // Format 3 has no throttle turn and no work sequence.
+        // Format 3 has no throttle turn, work sequence or keeper.
         let (store, written) = log_of_older_records(dir.path(), "v3", codec::Format::V3, |rec| {
             if let Some(d) = rec.deferred.as_mut() {
                 d.turn = None;
             }
             rec.work_sequence = None;
+            rec.kept_by = None;
             codec::encode_v3(rec).unwrap()
         });
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
@@ -1490,7 +1521,7 @@ mod tests {
             .update("v3-1", || unreachable!(), |r| r.finish(&ok))
             .unwrap();
         assert_eq!((rec.state, rec.intake_sequence), (TaskState::Completed, 1));
-        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V6);
+        assert_eq!(codec::format_of(&raw("v3-1")).unwrap(), codec::Format::V7);
         store.tasks.sync().unwrap();
         drop(store);
         let store = Store::reopen(dir.path());
@@ -1595,25 +1626,54 @@ mod tests {
     }
 
     /// A task log of format 5 (what the commander wrote before the work sequence) opens
-    /// with every record whole; a record's next update writes format 6 with its sequence.
+    /// with every record whole; a record's next update writes format 7 with its sequence.
     #[test]
     fn a_task_log_of_format_5_records_is_read_and_updated_in_the_current_format() {
         let dir = tempfile::tempdir().unwrap();
         let (store, written) = log_of_older_records(dir.path(), "v5", codec::Format::V5, |rec| {
             rec.work_sequence = None;
+            rec.kept_by = None;
             codec::encode_v5(rec).unwrap()
         });
         let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
         let rec = store
             .update("v5-1", || unreachable!(), |r| r.work_sequence = Some(77))
             .unwrap();
-        assert_eq!(codec::format_of(&raw("v5-1")).unwrap(), codec::Format::V6);
+        assert_eq!(codec::format_of(&raw("v5-1")).unwrap(), codec::Format::V7);
         store.tasks.sync().unwrap();
         drop(store);
         let store = Store::reopen(dir.path());
         assert_eq!(store.get("v5-1").unwrap(), Some(rec));
         assert_eq!(store.get("v5-1").unwrap().unwrap().work_sequence, Some(77));
         assert_eq!(store.get("v5-0").unwrap().as_ref(), Some(&written[0]));
+    }
+
+    /// A task log of format 6 (what the commander wrote before `kept_by`) opens with every
+    /// record whole; a record another replica's result finishes is written in format 7,
+    /// naming that replica.
+    #[test]
+    fn a_task_log_of_format_6_records_is_read_and_a_copy_names_its_keeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, written) = log_of_older_records(dir.path(), "v6", codec::Format::V6, |rec| {
+            rec.kept_by = None;
+            rec.state = TaskState::Deferred;
+            codec::encode_v6(rec).unwrap()
+        });
+        let raw = |id: &str| store.tasks.get_bytes(id).unwrap().unwrap();
+        let mut ok = TaskResult::rejected("v6-1", "x", "x");
+        ok.status = ResultStatus::Ok;
+        let rec = store
+            .finish_elsewhere("v6-1", &ok, "00000000000000bb")
+            .unwrap()
+            .expect("an open record is finished");
+        assert_eq!(rec.state, TaskState::Completed);
+        assert_eq!(rec.kept_by.as_deref(), Some("00000000000000bb"));
+        assert_eq!(codec::format_of(&raw("v6-1")).unwrap(), codec::Format::V7);
+        store.tasks.sync().unwrap();
+        drop(store);
+        let store = Store::reopen(dir.path());
+        assert_eq!(store.get("v6-1").unwrap(), Some(rec));
+        assert_eq!(store.get("v6-0").unwrap().as_ref(), Some(&written[0]));
     }
 
     fn cell_key(budget: &str) -> CellKey {
