@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use fleet_worker::message::ResultStatus;
 
-use super::policy::Keyed;
 use super::{ApiError, AppState};
 use crate::store::{TaskRecord, TaskState};
 
@@ -159,7 +158,7 @@ pub(super) struct Source {
     /// The replica whose store the page is from.
     pub replica: String,
     /// Its tasks by key (finish time, then id), newest first, as the listing shows them.
-    pub entries: Keyed,
+    pub entries: Vec<(Vec<u8>, Value)>,
     /// The last key it examined, when it may have more past it.
     pub next: Option<Vec<u8>>,
     pub scanned: usize,
