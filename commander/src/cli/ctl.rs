@@ -87,7 +87,7 @@ pub enum CtlCommand {
         #[arg(long)]
         pool: String,
         /// 0.01-100; 1 is a pool's weight unless an operator set one.
-        #[arg(long)]
+        #[arg(long, value_parser = finite, allow_hyphen_values = true)]
         weight: f64,
     },
     /// End the blocks, reroutes and weight on a pool.
@@ -99,7 +99,7 @@ pub enum CtlCommand {
     /// The emergency cost cap: the fleet's spend limit per window, from now.
     CostCap {
         /// The fleet's limit in USD per window (0 defers every task with a cost).
-        #[arg(long)]
+        #[arg(long, value_parser = finite, allow_hyphen_values = true)]
         usd: f64,
         /// A rolling duration (`1h`, `30m`) or `hour`, `day`, `month`.
         #[arg(long, default_value = "1h")]
@@ -115,6 +115,20 @@ pub enum CtlCommand {
     },
     /// What operators have in force now.
     State,
+}
+
+/// A number the API can be sent: JSON has no NaN or infinity (serde_json writes them as
+/// `null`, which the API would take for a missing value). Its range is the API's to check.
+fn finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} is not a finite number"))
+    }
 }
 
 fn target(t: &Target) -> serde_json::Value {
@@ -210,4 +224,52 @@ async fn send(mut args: CtlArgs) -> Result<(), CtlError> {
     }
     writeln!(std::io::stdout().lock(), "{pretty}")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::CtlCommand;
+
+    fn parse(args: &[&str]) -> Result<CtlCommand, String> {
+        let argv = ["commander", "ctl"].iter().chain(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Ctl(c) => Ok(c.command),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// A weight or a cap JSON cannot carry is refused here, saying why; before, it went
+    /// out as `null` and the API answered that the value was missing. A negative one
+    /// reaches the API, which says what the range is.
+    #[test]
+    fn numbers_json_cannot_carry_are_refused_before_they_are_sent() {
+        for bad in ["NaN", "inf", "-inf", "1e400"] {
+            for args in [
+                ["weight-pool", "--pool", "code", "--weight", bad],
+                ["cost-cap", "--usd", bad, "--window", "1h"],
+            ] {
+                let e = parse(&args).unwrap_err();
+                assert!(e.contains("finite"), "{args:?}: {e}");
+            }
+        }
+        assert!(matches!(
+            parse(&["weight-pool", "--pool", "code", "--weight", "-1"]),
+            Ok(CtlCommand::WeightPool { weight, .. }) if (weight + 1.0).abs() < 1e-9
+        ));
+        assert!(matches!(
+            parse(&["cost-cap", "--usd", "12.5"]),
+            Ok(CtlCommand::CostCap { usd, .. }) if (usd - 12.5).abs() < 1e-9
+        ));
+        assert!(
+            parse(&["cost-cap", "--usd", "lots"])
+                .unwrap_err()
+                .contains("not a number")
+        );
+    }
 }
