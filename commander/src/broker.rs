@@ -776,6 +776,29 @@ mod tests {
             fleet_worker::protocol::RESULTS_MAX_AGE
         );
     }
+
+    /// A look serves 10 s while the budget ledger counts what it found; while the ledger
+    /// counts a replica more (one that just started) or fewer (one that just stopped), it
+    /// is made again after half a second. Before, a replica that started was not asked
+    /// for records or listings for up to 10 s.
+    #[test]
+    fn a_look_the_ledger_disagrees_with_is_made_again_soon() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert!(!look_is_fresh(None, 0, None), "no look yet");
+        assert!(!look_is_fresh(None, 0, Some(1)));
+        // Agreeing (or with no ledger to follow): 10 s.
+        for counted in [None, Some(2)] {
+            assert!(look_is_fresh(Some(s(9)), 1, counted));
+            assert!(!look_is_fresh(Some(s(10)), 1, counted));
+        }
+        // Disagreeing: half a second, either way.
+        for (running, counted) in [(0, 2), (1, 1), (2, 2)] {
+            assert!(look_is_fresh(Some(ms(499)), running, Some(counted)));
+            assert!(!look_is_fresh(Some(ms(500)), running, Some(counted)));
+        }
+        assert!(!look_is_fresh(Some(s(1)), usize::MAX, Some(i64::MAX)));
+    }
 }
 
 /// Signing in and TLS against real servers that require them.
@@ -1035,13 +1058,20 @@ pub async fn open_kv(
     js.get_key_value(b.name).await.map_err(|e| e.to_string())
 }
 
-/// How often the other replicas are looked for, at most.
+/// How often the other replicas are looked for, at most, while the budget ledger's count
+/// agrees with the last look.
 pub const OTHERS_LOOK_EVERY: Duration = Duration::from_secs(10);
+
+/// How often they are looked for, at most, while it does not.
+pub const OTHERS_RELOOK_EVERY: Duration = Duration::from_millis(500);
 
 /// Whether other commander replicas run, and how many: their results consumers
 /// (`commander-results-<replica>`) have a pull request waiting. A replica that stopped
 /// leaves its consumer behind, idle, so that is not enough. One look serves everything
-/// that asks (record lookups, listings, the OTLP relay) for [`OTHERS_LOOK_EVERY`].
+/// that asks (record lookups, listings, the OTLP relay) for [`OTHERS_LOOK_EVERY`], or
+/// for [`OTHERS_RELOOK_EVERY`] while the replicas the budget ledger counts are not this
+/// look's: the ledger hears of a replica within moments of its start or clean stop
+/// (`policy::ledger_share`), so a replica that joins is asked at once, not 10 s later.
 #[derive(Debug)]
 pub struct OtherReplicas {
     js: jetstream::Context,
@@ -1050,6 +1080,9 @@ pub struct OtherReplicas {
     running: std::sync::atomic::AtomicUsize,
     /// When the last look was made.
     looked: std::sync::Mutex<Option<Instant>>,
+    /// The replicas the budget ledger counts, this one included (`fleet_replicas`), once
+    /// [`OtherReplicas::follow`] gave it.
+    counted: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl OtherReplicas {
@@ -1060,7 +1093,13 @@ impl OtherReplicas {
             replica: replica.to_string(),
             running: Default::default(),
             looked: Default::default(),
+            counted: Default::default(),
         }
+    }
+
+    /// Follows `counted`, the replicas the budget ledger counts (itself included).
+    pub fn follow(&self, counted: prometheus_client::metrics::gauge::Gauge) {
+        let _ = self.counted.set(counted);
     }
 
     /// This replica's id: the one the looks leave out.
@@ -1081,14 +1120,15 @@ impl OtherReplicas {
 
     /// How many other replicas run, as [`OtherReplicas::run`] looks.
     pub async fn count(&self) -> usize {
-        let fresh = self
+        let running = self.running.load(std::sync::atomic::Ordering::Relaxed);
+        let age = self
             .looked
             .lock()
             .ok()
             .and_then(|l| *l)
-            .is_some_and(|at| at.elapsed() < OTHERS_LOOK_EVERY);
-        if fresh {
-            return self.running.load(std::sync::atomic::Ordering::Relaxed);
+            .map(|at| at.elapsed());
+        if look_is_fresh(age, running, self.counted.get().map(|g| g.get())) {
+            return running;
         }
         self.look_now().await;
         self.running.load(std::sync::atomic::Ordering::Relaxed)
@@ -1119,6 +1159,16 @@ impl OtherReplicas {
         }
         running > 0
     }
+}
+
+/// Whether a look at the other replicas made `age` ago (none yet: `None`), which found
+/// `running`, still serves: for [`OTHERS_LOOK_EVERY`] while the replicas the budget
+/// ledger counts (`counted`, this one included) are those it found, else for
+/// [`OTHERS_RELOOK_EVERY`].
+fn look_is_fresh(age: Option<Duration>, running: usize, counted: Option<i64>) -> bool {
+    let agrees =
+        counted.is_none_or(|c| i64::try_from(running).is_ok_and(|n| c == n.saturating_add(1)));
+    age.is_some_and(|a| a < OTHERS_LOOK_EVERY && (agrees || a < OTHERS_RELOOK_EVERY))
 }
 
 /// The control bucket on a nats-server of a test (`detect::shared`, `detect::lead`).

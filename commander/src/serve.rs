@@ -538,6 +538,9 @@ async fn share_with_replicas(
         "Commander replicas sharing the intake as this one counts them, itself included (each throttle's rate is divided among them)",
         ledger.replicas.clone(),
     );
+    // The ledger hears of a replica that starts or stops cleanly within moments: the
+    // looks for the other replicas follow it.
+    w.others.follow(ledger.replicas.clone());
     tasks.push(w.supervisor.spawn("ledger_share", w.stop.clone(), {
         let (stop, ledger) = (w.stop.clone(), ledger.clone());
         move || ledger.clone().run(stop.clone())

@@ -11,7 +11,8 @@
 //!
 //! A replica asks only while another is running: one whose results consumer
 //! (`commander-results-<replica>`) has a pull request waiting, looked up at most every
-//! 10 s (`broker::OtherReplicas`). A lone commander answers an unknown id at once.
+//! 10 s, or every half second while the budget ledger counts other replicas than the last
+//! look found (`broker::OtherReplicas`). A lone commander answers an unknown id at once.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,8 @@
 //! commander replicas").
 //!
 //! Only while another replica runs (`broker::OtherReplicas`, looked at every
-//! [`OTHERS_LOOK_EVERY`]): a lone commander pays one atomic load per export. An export goes on
+//! [`OTHERS_LOOK_EVERY`](crate::broker::OTHERS_LOOK_EVERY), and within moments of a replica's start or clean stop, which
+//! the budget ledger hears of): a lone commander pays one atomic load per export. An export goes on
 //! once the live state here took it (one refused is sent again by its client), as its
 //! protobuf body with its `Fleet-Kind`, on `<prefix>.telemetry._relay.<replica>`, through
 //! the telemetry connection, which does not hear its own messages; replicas do not pass on
@@ -20,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::{OTHERS_LOOK_EVERY, OtherReplicas};
+use crate::broker::{OTHERS_RELOOK_EVERY, OtherReplicas};
 
 /// Subject token of relayed exports (`<prefix>.telemetry._relay.<replica>`).
 pub const RELAY_TOKEN: &str = "_relay";
@@ -132,17 +133,19 @@ async fn publish(
     }
 }
 
-/// Looks every [`OTHERS_LOOK_EVERY`], so exports go on within that of a second replica's
-/// start (the record lookups share these looks).
+/// Keeps the looks fresh ([`OtherReplicas::count`]: every [`OTHERS_LOOK_EVERY`](crate::broker::OTHERS_LOOK_EVERY), or
+/// every [`OTHERS_RELOOK_EVERY`] while the budget ledger counts other replicas than the
+/// last look found), so exports go on within moments of a second replica's start (the
+/// record lookups and listings share these looks).
 async fn look_for_others(others: Arc<OtherReplicas>, mut stop: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(OTHERS_LOOK_EVERY);
+    let mut every = tokio::time::interval(OTHERS_RELOOK_EVERY);
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
         let before = others.last_known();
-        let run = others.look_now().await;
+        let run = others.count().await > 0;
         if before != run {
             tracing::info!(
                 relay = run,
