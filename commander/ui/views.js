@@ -457,7 +457,8 @@ export async function tasks(main, _arg, alive) {
     const html = page.tasks.map(finishedRow).join('');
     if (more) tbody.insertAdjacentHTML('beforeend', html); else tbody.innerHTML = html;
     if (!tbody.rows.length) tbody.innerHTML = '<tr><td colspan="8" class="muted">No finished tasks match.</td></tr>';
-    q(main, '#scan').textContent = `${shown} shown of the ${scanned} most recent finished tasks examined${next ? '; older ones: Older →' : ''}`;
+    const across = page.replicas > 1 ? ` across ${page.replicas} commander replicas` : '';
+    q(main, '#scan').textContent = `${shown} shown of the ${scanned} most recent finished tasks examined${across}${next ? '; older ones: Older →' : ''}`;
     q(main, '#more').disabled = !next;
   };
   q(main, '#f').onsubmit = e => { e.preventDefault(); filters = formValues(e.target); load(false); };
