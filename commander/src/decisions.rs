@@ -711,7 +711,7 @@ fn sled_entry_count(k: &[u8]) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::classify::{Answer, Source};
 
@@ -739,7 +739,7 @@ mod tests {
         compress_page(FORMAT_PAGE_LZ4, &rmp_serde::to_vec_named(page).unwrap()).unwrap()
     }
 
-    fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
+    pub(crate) fn rec(task: &str, at_ms: u64, pool: &str, rule: &str) -> DecisionRecord {
         DecisionRecord {
             id: format!("d-{task}"),
             task_id: task.into(),

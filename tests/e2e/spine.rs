@@ -630,6 +630,17 @@ async fn a_task_submitted_to_one_replica_and_run_by_another_is_told_on_both() {
         unique.dedup();
         assert_eq!((paged.len(), unique.len()), (N, N), "{name}: {paged:?}");
     }
+    // The decisions too: a keeps no decision for the tasks b took (its records of them are
+    // HTTP submissions), and shows b's. Before, a answered 404.
+    for id in &on_b {
+        let d = get_json_at(a.commander.http(), &format!("/v1/decisions/{id}")).await;
+        assert_eq!(
+            (&d["task_id"], &d["pool"]),
+            (&serde_json::json!(id), &serde_json::json!("alpha")),
+            "{d}"
+        );
+        assert_eq!(d["outcome"], "dispatched", "{d}");
+    }
 
     // Submitted over NATS, a task has its record on the replica that took it alone; the
     // other answers `GET /v1/tasks/{id}` with that record, asked over NATS.

@@ -151,7 +151,12 @@ impl Subjects {
     pub fn record_cancel(&self, task_id: &str) -> String {
         format!("{}.records.{task_id}.cancel", self.prefix)
     }
-    /// Every record lookup and forwarded cancel.
+    /// One commander replica asking the others for a task's routing decision (scatter/gather:
+    /// each replica that logged one answers with its latest).
+    pub fn decision_lookup(&self, task_id: &str) -> String {
+        format!("{}.records.{task_id}.decision", self.prefix)
+    }
+    /// Every record lookup, decision lookup and forwarded cancel.
     pub fn record_requests(&self) -> String {
         format!("{}.records.>", self.prefix)
     }

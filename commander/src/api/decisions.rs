@@ -40,17 +40,44 @@ pub async fn list(
     Ok(Json(page).into_response())
 }
 
-/// `GET /v1/decisions/{task_id}`
+/// `GET /v1/decisions/{task_id}`: the task's latest decision. With other replicas
+/// running, one that does not keep the task's record here (another took it, or it was
+/// released or handed over from here) asks them too, and shows the latest of theirs and
+/// its own.
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match s.core.decisions.get(&id)? {
-        Some(d) => {
-            let link = super::traces::kept_link(&s, d.trace_id.as_deref());
-            let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
-            v["kept_trace"] = link;
-            Ok(Json(v).into_response())
+    let local = view(&s, &id)?;
+    let keeps = s
+        .core
+        .store
+        .get(&id)
+        .ok()
+        .flatten()
+        .is_some_and(|rec| super::answers_for(&s, &rec));
+    let view = match local {
+        Some(mine) if keeps => Some(mine),
+        // An id that is no NATS subject token is no task's (the API refuses it at submission).
+        mine if !fleet_worker::protocol::is_subject_token(&id) => mine,
+        mine => {
+            let theirs = s.peers.decision(&id).await;
+            super::peers::latest_decision(&id, mine.into_iter().chain(theirs))
         }
+    };
+    match view {
+        Some(v) => Ok(Json(v).into_response()),
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
     }
+}
+
+/// This replica's latest decision for `task_id` as the API shows it: with its kept
+/// trace's link.
+pub(crate) fn view(s: &AppState, task_id: &str) -> Result<Option<serde_json::Value>, ApiError> {
+    let Some(d) = s.core.decisions.get(task_id)? else {
+        return Ok(None);
+    };
+    let link = super::traces::kept_link(s, d.trace_id.as_deref());
+    let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
+    v["kept_trace"] = link;
+    Ok(Some(v))
 }
 
 /// `GET /v1/classifier`: the rubric in force, the endpoint, the breaker.

@@ -98,6 +98,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// answers in time.
     fn record<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<serde_json::Value>>;
 
+    /// The latest routing decision the other replicas logged for `task_id` (as their
+    /// `GET /v1/decisions/{task_id}` would show it), from those that answer in time.
+    fn decision<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<serde_json::Value>>;
+
     /// Cancels `task_id` on the replica that keeps its record, as `who`: its answer, or
     /// `None` when no other replica keeps it.
     fn cancel<'a>(
@@ -165,6 +169,18 @@ impl Peers for NatsPeers {
             serde_json::from_slice::<serde_json::Value>(&answer.payload)
                 .ok()
                 .filter(|v| v["id"] == task_id)
+        })
+    }
+
+    fn decision<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<serde_json::Value>> {
+        Box::pin(async move {
+            let answers: Vec<serde_json::Value> = self
+                .gather(
+                    self.subjects.decision_lookup(task_id),
+                    &serde_json::json!({ "from": self.others.replica() }),
+                )
+                .await;
+            latest_decision(task_id, answers)
         })
     }
 
@@ -277,6 +293,18 @@ impl NatsPeers {
     }
 }
 
+/// Of the decisions other replicas logged for `task_id`, the latest (a task deferred on one
+/// replica and released may be decided again on another).
+pub(super) fn latest_decision(
+    task_id: &str,
+    answers: impl IntoIterator<Item = serde_json::Value>,
+) -> Option<serde_json::Value> {
+    answers
+        .into_iter()
+        .filter(|d| d["task_id"] == task_id)
+        .max_by_key(|d| d["at_ms"].as_u64().unwrap_or(0))
+}
+
 /// A forwarded cancel's answer: `{"ok":true,"result":…}` or
 /// `{"ok":false,"code":…,"message":…}` (the codes of the API's errors).
 fn read_cancel_answer(payload: &[u8]) -> Result<serde_json::Value, ApiError> {
@@ -308,6 +336,10 @@ pub struct NoPeers;
 
 impl Peers for NoPeers {
     fn record<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<serde_json::Value>> {
+        Box::pin(async { None })
+    }
+
+    fn decision<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<serde_json::Value>> {
         Box::pin(async { None })
     }
 
@@ -403,6 +435,10 @@ pub async fn answer_lookups(
         let (id, cancel) = match rest.split_once('.') {
             None => (rest, false),
             Some((id, "cancel")) => (id, true),
+            Some((id, "decision")) => {
+                answer_decision(&state, &client, id, &msg.payload, reply).await;
+                continue;
+            }
             Some(_) => continue,
         };
         let Ok(Some(rec)) = state.core.store.get(id) else {
@@ -560,5 +596,28 @@ async fn answer_finished(state: &AppState, client: &async_nats::Client, msg: asy
     };
     if let Err(e) = client.publish(reply, body.into()).await {
         tracing::debug!(error = %e, "listing not answered");
+    }
+}
+
+/// Answers another replica's lookup of a task's decision (`{from}`: the replica that
+/// asks, which hears its own request and does not answer it) with the latest this
+/// replica logged, whether or not it keeps the task's record (the asker takes the latest
+/// of the answers). No decision here, no answer.
+async fn answer_decision(
+    state: &AppState,
+    client: &async_nats::Client,
+    id: &str,
+    asked: &[u8],
+    reply: async_nats::Subject,
+) {
+    let asked: serde_json::Value = serde_json::from_slice(asked).unwrap_or_default();
+    if asked["from"] == *state.core.replica {
+        return;
+    }
+    let Ok(Some(view)) = super::decisions::view(state, id) else {
+        return;
+    };
+    if let Err(e) = client.publish(reply, view.to_string().into()).await {
+        tracing::debug!(task_id = id, error = %e, "decision lookup not answered");
     }
 }

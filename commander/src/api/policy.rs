@@ -204,6 +204,13 @@ pub async fn shadow_replay(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let mut report = report;
+    let replicas = s.core.policy.replicas();
+    if replicas > 1 {
+        report.caveats.push(format!(
+            "only this replica's decisions: {replicas} commander replicas share the intake and each logs its own (replay on each for the whole fleet)"
+        ));
+    }
     Ok(Json(report).into_response())
 }
 

@@ -111,11 +111,20 @@ struct ScriptedPeers {
     waiting: Mutex<Vec<Vec<crate::policy::DeferredTask>>>,
     /// Each other replica's id and store, whose finished tasks it lists.
     finished: Mutex<Vec<(String, Arc<Store>)>>,
+    /// The decisions the other replicas logged, as they would answer a lookup.
+    decisions: Mutex<Vec<Value>>,
 }
 
 impl super::peers::Peers for ScriptedPeers {
     fn record<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Value>> {
         Box::pin(async move { self.records.lock().unwrap().get(task_id).cloned() })
+    }
+
+    fn decision<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Value>> {
+        Box::pin(async move {
+            let answers = self.decisions.lock().unwrap().clone();
+            super::peers::latest_decision(task_id, answers)
+        })
     }
 
     /// The replica that keeps the record answers as a cancel there would: here, with
@@ -2331,4 +2340,105 @@ async fn the_finished_listing_merges_every_replica_s_tasks_newest_first_each_onc
     assert_eq!(ids, ["orphan", "sub", "c4", "h3", "h1"], "{json}");
     assert_eq!(json["replicas"], 2);
     assert_eq!(json["tasks"][1]["replica"], B);
+}
+
+/// `GET /v1/decisions/{task_id}` answers on any replica: a replica that does not keep the
+/// task's record shows the latest decision the replicas logged for it (a task deferred
+/// here and released may have been decided again elsewhere); one that keeps it shows its
+/// own. Before, a replica showed its own log only: 404 for a task another replica
+/// decided, and the old deferral for one released from here.
+#[tokio::test]
+async fn a_decision_is_found_on_the_replica_that_made_it_from_any_replica() {
+    use crate::store::TaskState;
+    let api = api(None, 4096);
+    let store = &api.state.core.store;
+    let log = &api.state.core.decisions;
+    let decide = |id: &str, at_ms: u64, outcome: crate::decisions::Outcome, state: TaskState| {
+        let mut d = crate::decisions::tests::rec(id, at_ms, "alpha", "cost_tier");
+        d.outcome = outcome;
+        log.record(&d).unwrap();
+        store
+            .update(
+                id,
+                || crate::store::TaskRecord::new(id, 1),
+                |r| {
+                    r.decision_at_ms = Some(at_ms);
+                    r.advance(state);
+                },
+            )
+            .unwrap();
+    };
+    let theirs = |id: &str, at_ms: u64| serde_json::json!({"task_id": id, "at_ms": at_ms, "outcome": "dispatched", "pool": "alpha"});
+    // Deferred here, released (it waits here no more), and dispatched elsewhere.
+    decide(
+        "let-go",
+        1_000,
+        crate::decisions::Outcome::Deferred,
+        TaskState::Deferred,
+    );
+    // Kept here: its own decision, whatever another replica says.
+    decide(
+        "mine",
+        3_000,
+        crate::decisions::Outcome::Dispatched,
+        TaskState::Dispatched,
+    );
+    *api.peers.decisions.lock().unwrap() = vec![
+        theirs("let-go", 2_000),
+        theirs("mine", 9_000),
+        theirs("elsewhere", 5),
+        theirs("elsewhere", 7),
+    ];
+    let (status, d) = api.get("/v1/decisions/let-go").await;
+    assert_eq!((status, &d), (StatusCode::OK, &theirs("let-go", 2_000)));
+    let (_, d) = api.get("/v1/decisions/mine").await;
+    assert_eq!(
+        (&d["at_ms"], &d["outcome"]),
+        (&serde_json::json!(3_000), &serde_json::json!("dispatched")),
+        "{d}"
+    );
+    let (_, d) = api.get("/v1/decisions/elsewhere").await;
+    assert_eq!(d, theirs("elsewhere", 7), "the latest of the answers");
+    let (status, _) = api.get("/v1/decisions/nobody").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // With no other replica answering, the deferral logged here.
+    api.peers.decisions.lock().unwrap().clear();
+    let (_, d) = api.get("/v1/decisions/let-go").await;
+    assert_eq!(
+        (&d["at_ms"], &d["outcome"]),
+        (&serde_json::json!(1_000), &serde_json::json!("deferred")),
+        "{d}"
+    );
+}
+
+/// A shadow replay re-decides this replica's decisions; with other replicas sharing the
+/// intake it says so among its caveats, since it covers about 1/N of the fleet's.
+#[tokio::test]
+async fn a_replay_says_it_covers_this_replica_s_decisions_only() {
+    let api = api(None, 4096);
+    let candidate = "[[throttle]]\nname = \"slow\"\nscope = \"pool\"\ntasks_per_s = 1\n";
+    let replay = async || {
+        let req = Request::post("/v1/policy/replay?last=1h")
+            .body(Body::from(candidate))
+            .unwrap();
+        let (status, _, json) = api.call(req).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        json["caveats"].as_array().unwrap().clone()
+    };
+    let says_replicas = |caveats: &[Value]| {
+        caveats.iter().any(|c| {
+            c.as_str()
+                .unwrap()
+                .contains("commander replicas share the intake")
+        })
+    };
+    assert!(!says_replicas(&replay().await), "alone: the whole fleet's");
+    api.state.core.policy.set_replicas(3);
+    let caveats = replay().await;
+    assert!(says_replicas(&caveats), "{caveats:?}");
+    assert!(caveats.iter().any(|c| {
+        c.as_str()
+            .unwrap()
+            .starts_with("only this replica's decisions: 3")
+    }));
 }
