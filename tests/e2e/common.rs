@@ -520,3 +520,11 @@ pub async fn leader_of(apis: &[String]) -> usize {
     .await;
     leader
 }
+
+/// The replica id a commander logged at start.
+pub fn replica_of(log: &str) -> String {
+    let (_, rest) = log
+        .split_once("replica=\"")
+        .expect("the commander logs its replica id");
+    rest.chars().take(16).collect()
+}

@@ -517,7 +517,11 @@ async fn a_throttle_holds_across_replicas() {
         "[[throttle]]\nname = \"alpha-rate\"\nscope = \"pool\"\nmatch = \"alpha\"\ntasks_per_s = {RATE}\nburst = {BURST}\n"
     );
     let s = PolicyStack::start(&policy, "").await;
-    let (_b, bases) = replica_b(&s).await;
+    let (b, bases) = replica_b(&s).await;
+    let replicas = [
+        replica_of(&s.commander.log_text()),
+        replica_of(&b.log_text()),
+    ];
     let seen = SeenLog::default();
     let _w = quiet_worker(&s.client, "alpha", "a1", seen.clone()).await;
     let producer = Producer::new(s.client.clone(), Subjects::default());
@@ -525,26 +529,19 @@ async fn a_throttle_holds_across_replicas() {
     submit_all(&producer, ids().map(|id| summary_task(&id, 5))).await;
     await_ok(&producer, ids(), "nothing throttled is lost").await;
 
-    // When each task was let through, by whichever replica decided it.
+    // When each task was let through, by whichever replica decided it (any replica shows
+    // a task's latest decision, and which replica made it).
     let mut at = Vec::new();
     let mut by_replica = [0usize; 2];
     for id in ids() {
-        let mut found = None;
-        for (i, base) in bases.iter().enumerate() {
-            let r = reqwest::get(format!("{base}/v1/decisions/{id}"))
-                .await
-                .unwrap();
-            if r.status() != 200 {
-                continue;
-            }
-            let d: Value = r.json().await.unwrap();
-            if d["outcome"] == "dispatched" {
-                found = Some((i, d["at_ms"].as_u64().unwrap()));
-            }
-        }
-        let (i, t) = found.unwrap_or_else(|| panic!("{id}: no replica dispatched it"));
+        let d = get_json_at(&bases[0], &format!("/v1/decisions/{id}")).await;
+        assert_eq!(d["outcome"], "dispatched", "{id}: {d}");
+        let i = replicas
+            .iter()
+            .position(|r| d["replica"] == r.as_str())
+            .unwrap_or_else(|| panic!("{id}: decided by neither replica: {d}"));
         by_replica[i] += 1;
-        at.push(t);
+        at.push(d["at_ms"].as_u64().unwrap());
     }
     at.sort_unstable();
     assert!(
@@ -732,16 +729,13 @@ async fn a_budget_notice_goes_out_once_for_the_fleet_and_not_again_after_a_resta
 
     // One at a time until both replicas have decided tasks past half the room: each may
     // be the one to see the threshold crossed.
+    // Any replica shows a task's decision, and which replica made it.
     let decided_by = async |id: &str| {
-        for base in &bases {
-            let r = reqwest::get(format!("{base}/v1/decisions/{id}"))
-                .await
-                .unwrap();
-            if r.status() == 200 {
-                return base.clone();
-            }
-        }
-        panic!("no replica decided {id}")
+        let d = get_json_at(&bases[0], &format!("/v1/decisions/{id}")).await;
+        d["replica"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no replica decided {id}: {d}"))
+            .to_string()
     };
     let mut deciders = HashSet::new();
     let mut spent = 0;

@@ -429,17 +429,14 @@ async fn mixed_tasks_land_on_the_expected_pools_and_models_and_every_decision_is
         "{tailed_ids:?}"
     );
     // What is published on NATS is the decision the log keeps, field for field: the API
-    // serves the same record with `kept_trace` added (docs/api.md).
+    // serves the same record with `kept_trace` and `replica` added (docs/api.md).
     for (line, id) in lines.iter().zip(&tailed_ids) {
         let published: Value = serde_json::from_str(line).unwrap();
         let mut served = stack.get_json(&format!("/v1/decisions/{id}")).await;
-        assert!(
-            served
-                .as_object_mut()
-                .unwrap()
-                .remove("kept_trace")
-                .is_some()
-        );
+        let added = served.as_object_mut().unwrap();
+        assert!(added.remove("kept_trace").is_some());
+        let replica = added.remove("replica").unwrap_or_default();
+        assert_eq!(replica.as_str().map(str::len), Some(16), "{replica}");
         assert_eq!(published, served, "task {id}");
     }
 

@@ -228,14 +228,6 @@ async fn control(base: &str, body: &'static str) -> serde_json::Value {
         .unwrap()
 }
 
-/// The replica id a commander logged at start.
-fn replica_of(log: &str) -> String {
-    let (_, rest) = log
-        .split_once("replica=\"")
-        .expect("the commander logs its replica id");
-    rest.chars().take(16).collect()
-}
-
 /// Submits a task over HTTP to `base` and waits for its result there.
 async fn submitted_result(base: &str, id: &str) -> serde_json::Value {
     let http = reqwest::Client::new();

@@ -69,7 +69,7 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 }
 
 /// This replica's latest decision for `task_id` as the API shows it: with its kept
-/// trace's link.
+/// trace's link, and this replica, which made it.
 pub(crate) fn view(s: &AppState, task_id: &str) -> Result<Option<serde_json::Value>, ApiError> {
     let Some(d) = s.core.decisions.get(task_id)? else {
         return Ok(None);
@@ -77,6 +77,7 @@ pub(crate) fn view(s: &AppState, task_id: &str) -> Result<Option<serde_json::Val
     let link = super::traces::kept_link(s, d.trace_id.as_deref());
     let mut v = serde_json::to_value(d).map_err(|e| ApiError::Internal(e.to_string()))?;
     v["kept_trace"] = link;
+    v["replica"] = json!(&*s.core.replica);
     Ok(Some(v))
 }
 

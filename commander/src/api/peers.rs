@@ -69,6 +69,26 @@ pub struct FinishedPage {
     pub scanned: usize,
 }
 
+impl From<(Vec<u8>, serde_json::Value)> for PageEntry {
+    fn from((key, task): (Vec<u8>, serde_json::Value)) -> Self {
+        PageEntry {
+            key: crate::domain::hex(&key),
+            task,
+        }
+    }
+}
+
+impl From<super::finished::Source> for FinishedPage {
+    fn from(local: super::finished::Source) -> Self {
+        FinishedPage {
+            replica: local.replica,
+            tasks: local.entries.into_iter().map(PageEntry::from).collect(),
+            next: local.next.map(|k| crate::domain::hex(&k)),
+            scanned: local.scanned,
+        }
+    }
+}
+
 /// What a replica asks the others for a listing of finished tasks: its own query.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct FinishedRequest {
@@ -486,15 +506,9 @@ pub async fn answer_lookups(
 /// page: as asked, cut to fit a NATS message ([`MAX_PAGE_BYTES`]). A request this
 /// replica cannot read gets no answer (the asker lists without this replica).
 async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: async_nats::Message) {
-    let Some(reply) = msg.reply else {
+    let Some((reply, ask)) = from_another::<PageRequest>(state, &msg, |a| &a.from) else {
         return;
     };
-    let Ok(ask) = serde_json::from_slice::<PageRequest>(&msg.payload) else {
-        return;
-    };
-    if ask.from == *state.core.replica {
-        return;
-    }
     let parked = match ask.state.as_str() {
         "deferred" => false,
         "parked" => true,
@@ -515,27 +529,17 @@ async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: asyn
     let mut page = Page {
         total,
         more: entries.len() >= limit,
-        tasks: entries
-            .into_iter()
-            .map(|(key, task)| PageEntry {
-                key: crate::domain::hex(&key),
-                task,
-            })
-            .collect(),
+        tasks: entries.into_iter().map(PageEntry::from).collect(),
     };
-    let body = loop {
-        let Ok(body) = serde_json::to_vec(&page) else {
-            return;
-        };
-        if body.len() <= MAX_PAGE_BYTES || page.tasks.len() <= 1 {
-            break body;
-        }
-        page.tasks.truncate(page.tasks.len() / 2);
-        page.more = true;
-    };
-    if let Err(e) = client.publish(reply, body.into()).await {
-        tracing::debug!(error = %e, "listing not answered");
-    }
+    let fitted = fit(
+        &mut page,
+        |p| p.tasks.len(),
+        |p| {
+            p.tasks.truncate(p.tasks.len() / 2);
+            p.more = true;
+        },
+    );
+    answer(client, reply, fitted).await;
 }
 
 /// Answers another replica's listing of the fleet's finished tasks with this replica's
@@ -543,15 +547,9 @@ async fn answer_listing(state: &AppState, client: &async_nats::Client, msg: asyn
 /// last task kept). A request this replica cannot read, or a query its own API would
 /// refuse, gets no answer.
 async fn answer_finished(state: &AppState, client: &async_nats::Client, msg: async_nats::Message) {
-    let Some(reply) = msg.reply else {
+    let Some((reply, ask)) = from_another::<FinishedRequest>(state, &msg, |a| &a.from) else {
         return;
     };
-    let Ok(ask) = serde_json::from_slice::<FinishedRequest>(&msg.payload) else {
-        return;
-    };
-    if ask.from == *state.core.replica {
-        return;
-    }
     let Some(listed) = ask
         .query
         .state
@@ -571,28 +569,51 @@ async fn answer_finished(state: &AppState, client: &async_nats::Client, msg: asy
     let Ok(Ok(local)) = local.await else {
         return;
     };
-    let mut page = FinishedPage {
-        replica: local.replica,
-        tasks: local
-            .entries
-            .into_iter()
-            .map(|(key, task)| PageEntry {
-                key: crate::domain::hex(&key),
-                task,
-            })
-            .collect(),
-        next: local.next.map(|k| crate::domain::hex(&k)),
-        scanned: local.scanned,
-    };
-    let body = loop {
-        let Ok(body) = serde_json::to_vec(&page) else {
-            return;
-        };
-        if body.len() <= MAX_PAGE_BYTES || page.tasks.len() <= 1 {
-            break body;
+    let mut page = FinishedPage::from(local);
+    let fitted = fit(
+        &mut page,
+        |p| p.tasks.len(),
+        |p| {
+            p.tasks.truncate(p.tasks.len() / 2);
+            p.next = p.tasks.last().map(|e| e.key.clone());
+        },
+    );
+    answer(client, reply, fitted).await;
+}
+
+/// A request another replica sent for this one to answer (`from` names who sent it):
+/// its reply subject and body. `None` for one without a reply subject, one that does
+/// not parse, and this replica's own, which it hears too.
+fn from_another<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    msg: &async_nats::Message,
+    from: impl Fn(&T) -> &str,
+) -> Option<(async_nats::Subject, T)> {
+    let reply = msg.reply.clone()?;
+    let ask: T = serde_json::from_slice(&msg.payload).ok()?;
+    (from(&ask) != &*state.core.replica).then_some((reply, ask))
+}
+
+/// A page encoded to fit a NATS message ([`MAX_PAGE_BYTES`]): `halve` cuts it (and says
+/// that more is left) until it fits or holds one task (`len`).
+fn fit<T: serde::Serialize>(
+    page: &mut T,
+    len: impl Fn(&T) -> usize,
+    halve: impl Fn(&mut T),
+) -> Option<Vec<u8>> {
+    loop {
+        let body = serde_json::to_vec(page).ok()?;
+        if body.len() <= MAX_PAGE_BYTES || len(page) <= 1 {
+            return Some(body);
         }
-        page.tasks.truncate(page.tasks.len() / 2);
-        page.next = page.tasks.last().map(|e| e.key.clone());
+        halve(page);
+    }
+}
+
+/// Publishes an answer to another replica's listing (none when it could not be made).
+async fn answer(client: &async_nats::Client, reply: async_nats::Subject, body: Option<Vec<u8>>) {
+    let Some(body) = body else {
+        return;
     };
     if let Err(e) = client.publish(reply, body.into()).await {
         tracing::debug!(error = %e, "listing not answered");

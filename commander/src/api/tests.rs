@@ -191,19 +191,7 @@ impl super::peers::Peers for ScriptedPeers {
                 .map(|(replica, store)| {
                     let checked = super::finished::check(&state, query).unwrap();
                     let page = super::finished::local_page(store, replica, &checked).unwrap();
-                    super::peers::FinishedPage {
-                        replica: page.replica,
-                        tasks: page
-                            .entries
-                            .into_iter()
-                            .map(|(key, task)| super::peers::PageEntry {
-                                key: crate::domain::hex(&key),
-                                task,
-                            })
-                            .collect(),
-                        next: page.next.map(|k| crate::domain::hex(&k)),
-                        scanned: page.scanned,
-                    }
+                    super::peers::FinishedPage::from(page)
                 })
                 .collect()
         })
