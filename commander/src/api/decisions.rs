@@ -59,13 +59,25 @@ pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
         mine if !fleet_worker::protocol::is_subject_token(&id) => mine,
         mine => {
             let theirs = s.peers.decision(&id).await;
-            super::peers::latest_decision(&id, mine.into_iter().chain(theirs))
+            latest(&id, mine.into_iter().chain(theirs))
         }
     };
     match view {
         Some(v) => Ok(Json(v).into_response()),
         None => Err(ApiError::NotFound(format!("no decision for task {id}"))),
     }
+}
+
+/// Of the decisions logged for `task_id` (here and on other replicas), the latest: a task
+/// deferred on one replica and released may be decided again on another.
+pub(super) fn latest(
+    task_id: &str,
+    answers: impl IntoIterator<Item = serde_json::Value>,
+) -> Option<serde_json::Value> {
+    answers
+        .into_iter()
+        .filter(|d| d["task_id"] == task_id)
+        .max_by_key(|d| d["at_ms"].as_u64().unwrap_or(0))
 }
 
 /// This replica's latest decision for `task_id` as the API shows it: with its kept

@@ -200,7 +200,7 @@ impl Peers for NatsPeers {
                     &serde_json::json!({ "from": self.others.replica() }),
                 )
                 .await;
-            latest_decision(task_id, answers)
+            super::decisions::latest(task_id, answers)
         })
     }
 
@@ -311,18 +311,6 @@ impl NatsPeers {
         }
         pages
     }
-}
-
-/// Of the decisions other replicas logged for `task_id`, the latest (a task deferred on one
-/// replica and released may be decided again on another).
-pub(super) fn latest_decision(
-    task_id: &str,
-    answers: impl IntoIterator<Item = serde_json::Value>,
-) -> Option<serde_json::Value> {
-    answers
-        .into_iter()
-        .filter(|d| d["task_id"] == task_id)
-        .max_by_key(|d| d["at_ms"].as_u64().unwrap_or(0))
 }
 
 /// A forwarded cancel's answer: `{"ok":true,"result":…}` or

@@ -123,7 +123,7 @@ impl super::peers::Peers for ScriptedPeers {
     fn decision<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, Option<Value>> {
         Box::pin(async move {
             let answers = self.decisions.lock().unwrap().clone();
-            super::peers::latest_decision(task_id, answers)
+            super::decisions::latest(task_id, answers)
         })
     }
 
