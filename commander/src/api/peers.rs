@@ -382,29 +382,12 @@ pub async fn answer_lookups(
     subjects: fleet_worker::Subjects,
     mut stop: watch::Receiver<bool>,
 ) {
-    let subject = subjects.record_requests();
-    let mut sub = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, subject, "cannot answer other replicas' record lookups");
-            return;
-        }
-    };
-    let listings_subject = subjects.waiting_listings();
-    let mut listings = match client.subscribe(listings_subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, subject = listings_subject, "cannot answer other replicas' listings");
-            return;
-        }
-    };
-    let finished_subject = subjects.finished_listings();
-    let mut finished = match client.subscribe(finished_subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, subject = finished_subject, "cannot answer other replicas' listings");
-            return;
-        }
+    let (Some(mut sub), Some(mut listings), Some(mut finished)) = (
+        subscribe(&client, subjects.record_requests()).await,
+        subscribe(&client, subjects.waiting_listings()).await,
+        subscribe(&client, subjects.finished_listings()).await,
+    ) else {
+        return;
     };
     let stem = format!("{}.records.", subjects.prefix());
     let cancels = std::sync::Arc::new(tokio::sync::Semaphore::new(CANCELS_AT_ONCE));
@@ -486,6 +469,18 @@ pub async fn answer_lookups(
         };
         if let Err(e) = client.publish(reply, view.to_string().into()).await {
             tracing::debug!(task_id = id, error = %e, "record lookup not answered");
+        }
+    }
+}
+
+/// Subscribes to what other replicas ask on `subject`; `None`, logged, when the server
+/// refuses (this replica then answers none of it, and the others go on without it).
+async fn subscribe(client: &async_nats::Client, subject: String) -> Option<async_nats::Subscriber> {
+    match client.subscribe(subject.clone()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, subject, "cannot answer other replicas' lookups and listings");
+            None
         }
     }
 }
