@@ -218,14 +218,17 @@ pub async fn list(s: &AppState, state: &str, q: TasksQuery) -> Result<Response, 
         }
     }));
     let (tasks, next, scanned) = merge(sources, limit);
-    Ok(Json(json!({
+    let mut page = json!({
         "state": state,
         "replicas": replicas,
         "tasks": tasks,
-        "next": next.map(|k| crate::domain::hex(&k)),
         "scanned": scanned,
-    }))
-    .into_response())
+    });
+    // Absent on the last page (docs/api.md), as the decision log's `next` is.
+    if let Some(k) = next {
+        page["next"] = json!(crate::domain::hex(&k));
+    }
+    Ok(Json(page).into_response())
 }
 
 /// One page of the fleet's finished tasks from each replica's page: newest first, at

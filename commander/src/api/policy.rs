@@ -316,14 +316,17 @@ pub async fn tasks(
         sources.push((entries, page.more));
     }
     let (tasks, next) = merge_pages(sources, limit);
-    Ok(Json(json!({
+    let mut page = json!({
         "state": state,
         "total": total,
         "replicas": replicas,
         "tasks": tasks,
-        "next": next,
-    }))
-    .into_response())
+    });
+    // Absent on the last page (docs/api.md).
+    if let Some(next) = next {
+        page["next"] = json!(next);
+    }
+    Ok(Json(page).into_response())
 }
 
 /// Waiting tasks by key (their place in the queue's order), as a listing shows them.
