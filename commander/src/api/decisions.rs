@@ -45,16 +45,17 @@ pub async fn list(
 /// released or handed over from here) asks them too, and shows the latest of theirs and
 /// its own.
 pub async fn one(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let local = view(&s, &id)?;
-    let keeps = s
-        .core
-        .store
-        .get(&id)
-        .ok()
-        .flatten()
-        .is_some_and(|rec| super::answers_for(&s, &rec));
-    let view = match local {
-        Some(mine) if keeps => Some(mine),
+    // This replica keeps the record: its own decision is the latest.
+    let keeps = || {
+        s.core
+            .store
+            .get(&id)
+            .ok()
+            .flatten()
+            .is_some_and(|rec| super::answers_for(&s, &rec))
+    };
+    let view = match view(&s, &id)? {
+        Some(mine) if keeps() => Some(mine),
         // An id that is no NATS subject token is no task's (the API refuses it at submission).
         mine if !fleet_worker::protocol::is_subject_token(&id) => mine,
         mine => {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use fleet_worker::message::ResultStatus;
 
+use super::listing::{Keyed, Order};
 use super::{ApiError, AppState};
 use crate::store::{TaskRecord, TaskState};
 
@@ -158,7 +159,7 @@ pub(super) struct Source {
     /// The replica whose store the page is from.
     pub replica: String,
     /// Its tasks by key (finish time, then id), newest first, as the listing shows them.
-    pub entries: Vec<(Vec<u8>, Value)>,
+    pub entries: Keyed,
     /// The last key it examined, when it may have more past it.
     pub next: Option<Vec<u8>>,
     pub scanned: usize,
@@ -232,37 +233,31 @@ pub async fn list(s: &AppState, state: &str, q: TasksQuery) -> Result<Response, 
 }
 
 /// One page of the fleet's finished tasks from each replica's page: newest first, at
-/// most `limit`, with the next page's key and the records examined in all. Nothing older
-/// than the newest key some replica stopped at is shown (the next page starts there, so
-/// it misses none of that replica's). A task listed by a replica that keeps only a copy of
-/// how it ended is left out when the replica that ran it answered: that one lists it.
+/// most `limit`, with the next page's key and the records examined in all
+/// ([`super::listing::merge`]: nothing older than the newest key some replica stopped at).
+/// A task listed by a replica that keeps only a copy of how it ended is left out when the
+/// replica that ran it answered: that one lists it.
 pub(super) fn merge(sources: Vec<Source>, limit: usize) -> (Vec<Value>, Option<Vec<u8>>, usize) {
-    let horizon = sources.iter().filter_map(|s| s.next.clone()).max();
     let answered: std::collections::HashSet<String> =
         sources.iter().map(|s| s.replica.clone()).collect();
     let scanned = sources.iter().map(|s| s.scanned).sum();
-    let answered = &answered;
-    let mut entries: Vec<_> = sources
+    let pages = sources
         .into_iter()
-        .flat_map(|s| {
+        .map(|s| {
             let from = s.replica;
-            s.entries.into_iter().filter(move |(_, t)| {
-                let keeper = t["replica"].as_str().unwrap_or(&from);
-                keeper == from || !answered.contains(keeper)
-            })
+            let entries = s
+                .entries
+                .into_iter()
+                .filter(|(_, t)| {
+                    let keeper = t["replica"].as_str().unwrap_or(&from);
+                    keeper == from || !answered.contains(keeper)
+                })
+                .collect();
+            (entries, s.next)
         })
-        .filter(|(k, _)| horizon.as_ref().is_none_or(|h| k >= h))
         .collect();
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
-    let mut seen = std::collections::HashSet::new();
-    entries.retain(|(_, t)| seen.insert(t["task_id"].as_str().unwrap_or_default().to_string()));
-    let next = if entries.len() > limit {
-        entries.truncate(limit);
-        entries.last().map(|(k, _)| k.clone())
-    } else {
-        horizon
-    };
-    (entries.into_iter().map(|(_, t)| t).collect(), next, scanned)
+    let (tasks, next) = super::listing::merge(pages, limit, Order::Descending);
+    (tasks, next, scanned)
 }
 
 fn status(s: &str) -> Result<ResultStatus, ApiError> {

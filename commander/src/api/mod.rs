@@ -31,6 +31,7 @@ pub mod control;
 mod decisions;
 mod finished;
 mod fleet;
+mod listing;
 pub mod peers;
 mod policy;
 mod result;

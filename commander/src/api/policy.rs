@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::listing::{Keyed, Order};
 use super::{ApiError, AppState};
 use crate::policy::{Document, PolicyError, Source, replay, sync, testcase};
 
@@ -304,18 +305,23 @@ pub async fn tasks(
     let state = if parked { "parked" } else { "deferred" };
     let pages = s.peers.waiting(state, q.cursor.as_deref(), limit + 1).await;
     let replicas = 1 + pages.len();
-    let local_more = local.len() > limit;
-    let mut sources = vec![(local, local_more)];
+    // A replica with more than its page has examined up to the page's last task.
+    let reached =
+        |entries: &Keyed, more: bool| entries.last().filter(|_| more).map(|(k, _)| k.clone());
+    let local_reached = reached(&local, local.len() > limit);
+    let mut sources = vec![(local, local_reached)];
     for page in pages {
         total = total.saturating_add(page.total);
-        let entries = page
+        let entries: Keyed = page
             .tasks
             .into_iter()
             .filter_map(|e| Some((waiting_key(parked, &e.key)?, e.task)))
             .collect();
-        sources.push((entries, page.more));
+        let page_reached = reached(&entries, page.more);
+        sources.push((entries, page_reached));
     }
-    let (tasks, next) = merge_pages(sources, limit);
+    let (tasks, next) = super::listing::merge(sources, limit, Order::Ascending);
+    let next = next.map(|k| crate::domain::hex(&k));
     let mut page = json!({
         "state": state,
         "total": total,
@@ -329,42 +335,8 @@ pub async fn tasks(
     Ok(Json(page).into_response())
 }
 
-/// Waiting tasks by key (their place in the queue's order), as a listing shows them.
-pub(crate) type Keyed = Vec<(Vec<u8>, serde_json::Value)>;
-
 /// The most tasks one page of a listing of waiting tasks shows.
 pub(crate) const MAX_LISTED: usize = 1000;
-
-/// One page of the fleet's waiting tasks from each replica's page (its entries by key,
-/// and whether more wait there beyond them): the first `limit` in key order, and the
-/// next page's cursor. Nothing past the first key some replica may have more before is
-/// shown, so the next page misses none of that replica's. A task on its way between two
-/// replicas (handed over as one stopped) may be on both for a moment: listed once.
-fn merge_pages(
-    sources: Vec<(Keyed, bool)>,
-    limit: usize,
-) -> (Vec<serde_json::Value>, Option<String>) {
-    let horizon = sources
-        .iter()
-        .filter(|(entries, more)| *more && !entries.is_empty())
-        .filter_map(|(entries, _)| entries.last().map(|(k, _)| k.clone()))
-        .min();
-    let mut entries: Vec<_> = sources
-        .into_iter()
-        .flat_map(|(entries, _)| entries)
-        .filter(|(k, _)| horizon.as_ref().is_none_or(|h| k <= h))
-        .collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut seen = std::collections::HashSet::new();
-    entries.retain(|(_, t)| seen.insert(t["task_id"].as_str().unwrap_or_default().to_string()));
-    let more = entries.len() > limit || horizon.is_some();
-    entries.truncate(limit);
-    let next = entries
-        .last()
-        .filter(|_| more)
-        .map(|(k, _)| crate::domain::hex(k));
-    (entries.into_iter().map(|(_, t)| t).collect(), next)
-}
 
 /// A waiting task's key (its place in the queue's order) from a listing's cursor.
 pub(crate) fn waiting_key(parked: bool, cursor: &str) -> Option<Vec<u8>> {
