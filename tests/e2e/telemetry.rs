@@ -505,7 +505,12 @@ async fn model_registry_edits_apply_live_and_bad_edits_are_refused() {
     ))
     .unwrap();
     std::fs::write(&path, &shipped).unwrap();
-    let stack = Stack::start(&format!("[telemetry]\nmodel_registry = {path:?}\n")).await;
+    // Its spans name a parent that is never sent: they wait for it (to learn their agent)
+    // only briefly here, not the default minute.
+    let stack = Stack::start(&format!(
+        "[telemetry]\nmodel_registry = {path:?}\n[fleet]\nidentity_wait_ms = 500\n"
+    ))
+    .await;
     let v = stack.get_json("/v1/models").await;
     let n = v["models"].as_array().unwrap().len();
     assert_eq!(v["source"], path.display().to_string());
