@@ -1438,7 +1438,11 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 /// Reads each pool's queue depth (pending + ack-pending on its JetStream consumer) for the
-/// live state. Pools are the ones the fleet state knows (configured or seen).
+/// live state. Pools are the ones the fleet state knows (configured or seen), and, looked
+/// for every [`OTHER_QUEUES_EVERY`] polls, any other pool whose queue holds tasks: a pool
+/// taken out of the config (or never in it) keeps its consumer and what waits there, and
+/// the operator must see it (`GET /v1/pools`, the `queue_unserved` alert) to serve or
+/// purge it.
 async fn poll_queues(
     js: jetstream::Context,
     subjects: fleet_worker::protocol::Subjects,
@@ -1448,6 +1452,8 @@ async fn poll_queues(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polls: u64 = 0;
+    let mut warned = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1456,22 +1462,79 @@ async fn poll_queues(
         let Ok(stream) = js.get_stream(subjects.work_stream()).await else {
             continue;
         };
-        let pools: Vec<String> = fleet
-            .snapshot()
-            .pools
-            .iter()
-            .map(|p| p.name.clone())
-            .collect();
-        for pool in pools {
-            let name = fleet_worker::protocol::pool_consumer_name(&pool);
+        let snapshot = fleet.snapshot();
+        let pools: Vec<String> = snapshot.pools.iter().map(|p| p.name.clone()).collect();
+        // With no pools configured every pool a task names is a pool of the fleet.
+        let configured = snapshot.pools.iter().any(|p| p.configured);
+        for pool in &pools {
+            let name = fleet_worker::protocol::pool_consumer_name(pool);
             match stream.consumer_info(&name).await {
                 Ok(info) => fleet.task_event(TaskEvent::Queue {
-                    pool,
+                    pool: pool.clone(),
                     pending: info.num_pending,
                     ack_pending: info.num_ack_pending as u64,
                 }),
                 Err(e) => tracing::debug!(pool, error = %e, "queue depth not read"),
             }
         }
+        polls += 1;
+        if polls % OTHER_QUEUES_EVERY != 1 {
+            continue;
+        }
+        for (pool, pending, ack_pending) in other_queues(&stream, &pools).await {
+            if configured && warned.len() < 1_024 && warned.insert(pool.clone()) {
+                tracing::warn!(
+                    pool,
+                    waiting = pending + ack_pending,
+                    "tasks wait in the queue of a pool that is not configured: a worker of the pool takes them, or `commander ctl purge-pool --pool {pool}` cancels them (docs/configuration.md, \"Taking a pool out\")"
+                );
+            }
+            fleet.task_event(TaskEvent::Queue {
+                pool,
+                pending,
+                ack_pending,
+            });
+        }
     }
+}
+
+/// Polls between two looks for the queues of pools the fleet state does not know (about
+/// 30 s at the default `telemetry.queue_poll_ms`): a look lists every consumer of the work
+/// stream, targeted ones included.
+const OTHER_QUEUES_EVERY: u64 = 15;
+
+/// The pools, other than `known`, whose queue in the work stream holds tasks: (pool,
+/// pending, ack-pending), from the pools' consumers (`pool-<pool>`).
+async fn other_queues(
+    stream: &jetstream::stream::Stream,
+    known: &[String],
+) -> Vec<(String, u64, u64)> {
+    use futures::StreamExt;
+    let prefix = fleet_worker::protocol::pool_consumer_name("");
+    let mut found = Vec::new();
+    let mut consumers = stream.consumers();
+    while let Some(info) = consumers.next().await {
+        let info = match info {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "the work stream's consumers were not listed");
+                break;
+            }
+        };
+        let Some(pool) = info.name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let waiting = info.num_pending + info.num_ack_pending as u64;
+        if waiting > 0
+            && fleet_worker::protocol::is_subject_token(pool)
+            && !known.iter().any(|k| k == pool)
+        {
+            found.push((
+                pool.to_string(),
+                info.num_pending,
+                info.num_ack_pending as u64,
+            ));
+        }
+    }
+    found
 }

@@ -673,3 +673,114 @@ async fn metrics_pass_promtool_and_the_grafana_board_reads_only_metrics_that_exi
     );
     worker.shutdown().await;
 }
+
+/// A pool taken out of the config keeps its queue in the work stream, and the tasks that
+/// wait there with it. After the restart they are shown (`GET /v1/pools`: the pool, not
+/// configured, with its queue), alerted (`queue_unserved`: no worker is there to take
+/// them) and purged by an operator, each with a `cancelled` result its producer reads;
+/// then the alert resolves. Before, the commander no longer looked at that queue: the
+/// tasks waited there unseen, with no alert, and `purge-pool` answered 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_taken_out_of_the_config_leaves_its_waiting_tasks_in_sight() {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("alerts.policy.toml"),
+        "[alerts]\npending_s = 1\nresolve_s = 1\n",
+    )
+    .unwrap();
+    let fast = format!(
+        "[detect]\ninterval_ms = 200\n[telemetry]\nqueue_poll_ms = 200\n[policy]\ndir = {:?}\n",
+        policies.path().display().to_string()
+    );
+    let mut stack = Stack::start(&format!("{TWO_POOLS}{fast}")).await;
+    let waiting: Vec<String> = (0..3).map(|i| format!("left-{i}")).collect();
+    for id in &waiting {
+        submit(&stack.client, id, "beta").await;
+    }
+    for id in &waiting {
+        eventually("dispatched to beta", WAIT, async || {
+            task_record(stack.commander.http(), id)
+                .await
+                .is_some_and(|r| r["state"] == "dispatched")
+        })
+        .await;
+    }
+    // No worker of beta has run: with beta configured the alert already tells.
+    eventually("beta's waiting tasks are alerted", WAIT, async || {
+        unserved_alert(&stack, "beta").await.is_some()
+    })
+    .await;
+
+    // beta leaves the config.
+    assert_eq!(stack.commander.terminate(WAIT), Some(0));
+    let alpha_only = TWO_POOLS.split("[pools.beta]").next().unwrap().to_string();
+    stack.commander = fleet_testkit::Commander::start(&crate::common::commander_options(
+        &stack.nats,
+        stack.dir.path().join("cmd"),
+        &format!("{alpha_only}{fast}"),
+    ))
+    .expect("the commander, restarted without beta");
+    let mut beta = Value::Null;
+    eventually("beta's queue is listed", WAIT, async || {
+        beta = stack.get_json("/v1/pools").await["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "beta").cloned())
+            .unwrap_or(Value::Null);
+        beta["queue"]["pending"] == 3
+    })
+    .await;
+    assert_eq!(beta["configured"], false, "{beta}");
+    let mut alert = None;
+    eventually("the alert names the pool", WAIT, async || {
+        alert = unserved_alert(&stack, "beta").await;
+        alert.is_some()
+    })
+    .await;
+    let alert = alert.unwrap();
+    assert_eq!(alert["severity"], "warning", "{alert}");
+    let message = alert["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not configured") && message.contains("3 tasks"),
+        "{alert}"
+    );
+    assert!(
+        stack
+            .commander
+            .log_text()
+            .contains("tasks wait in the queue of a pool that is not configured"),
+        "the commander warns in its log"
+    );
+
+    let api = stack.commander.http().to_string();
+    let out = ctl(&api, None, &["purge-pool", "--pool", "beta"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ack["state"]["cancelled"], 3, "{ack}");
+    for id in &waiting {
+        let result = stack.get_json(&format!("/v1/tasks/{id}/result")).await;
+        assert_eq!(result["status"], "cancelled", "{result}");
+    }
+    eventually("the alert resolves", WAIT, async || {
+        unserved_alert(&stack, "beta").await.is_none()
+    })
+    .await;
+    // A pool with neither a config entry nor a queue is still unknown.
+    let out = ctl(&api, None, &["purge-pool", "--pool", "gamma"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not configured"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The open `queue_unserved` alert on `pool`, if any.
+async fn unserved_alert(stack: &Stack, pool: &str) -> Option<Value> {
+    stack.get_json("/v1/alerts?rule=queue_unserved").await["alerts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["labels"]["pool"] == pool).cloned())
+}

@@ -733,6 +733,26 @@ fn configured_pool(s: &AppState, pool: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A pool whose queue a purge may empty: a configured one, or one the live state found a
+/// queue for (a pool taken out of the config, whose tasks still wait there:
+/// docs/configuration.md, "Taking a pool out").
+fn purgeable_pool(s: &AppState, pool: &str) -> Result<(), ApiError> {
+    if configured_pool(s, pool).is_ok() {
+        return Ok(());
+    }
+    let snap = s.core.fleet.snapshot();
+    if snap
+        .pools
+        .iter()
+        .any(|p| p.name == pool && p.queue.is_some())
+    {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(format!(
+        "pool {pool} is not configured and has no queue the commander has read"
+    )))
+}
+
 /// Blocks, reroutes and weights take effect in the live snapshot at once (the detector's
 /// next tick would do the same within a second).
 fn apply_routing(s: &AppState) {
@@ -979,7 +999,7 @@ async fn purge(
     who: &str,
     reason: Option<&str>,
 ) -> Result<Value, ApiError> {
-    configured_pool(s, pool)?;
+    purgeable_pool(s, pool)?;
     let reason = format!(
         "cancelled by {who} with pool {pool}'s queue{}",
         reason.map_or(String::new(), |r| format!(": {r}"))

@@ -30,6 +30,7 @@ pub enum Rule {
     StuckAgent,
     ErrorRateSpike,
     QueueSaturation,
+    QueueUnserved,
     ThroughputDrop,
     StuckWave,
     CostConcentration,
@@ -70,7 +71,7 @@ impl Severity {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 21] = [
+    pub const ALL: [Rule; 22] = [
         Rule::ContextOverflowRisk,
         Rule::ContextCritical,
         Rule::CostRunaway,
@@ -78,6 +79,7 @@ impl Rule {
         Rule::StuckAgent,
         Rule::ErrorRateSpike,
         Rule::QueueSaturation,
+        Rule::QueueUnserved,
         Rule::ThroughputDrop,
         Rule::StuckWave,
         Rule::CostConcentration,
@@ -103,6 +105,7 @@ impl Rule {
             Rule::StuckAgent => "stuck_agent",
             Rule::ErrorRateSpike => "error_rate_spike",
             Rule::QueueSaturation => "queue_saturation",
+            Rule::QueueUnserved => "queue_unserved",
             Rule::ThroughputDrop => "throughput_drop",
             Rule::StuckWave => "stuck_wave",
             Rule::CostConcentration => "cost_concentration",
@@ -927,6 +930,20 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 },
             );
         }
+        if let Some(waiting) = unserved(p, i.snapshot.fleet.at_ms) {
+            e.emit(Rule::QueueUnserved, (waiting as f64, 0.0), (true, true), &|| {
+                let whose = if p.configured {
+                    format!("Pool {}", p.name)
+                } else {
+                    format!("Pool {}, which is not configured,", p.name)
+                };
+                let workers = match p.lost {
+                    0 => "no worker of it is connected".to_string(),
+                    n => format!("its {n} workers are lost"),
+                };
+                format!("{whose} has {waiting} tasks waiting in its queue, and {workers} to take them")
+            });
+        }
         // Nothing waiting (what runs is in the utilisation, not in the queue).
         let waiting = p.queue.as_ref().map(|q| q.pending);
         if let (Some(0), Some(u)) = (waiting, p.utilisation)
@@ -948,4 +965,20 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
             );
         }
     }
+}
+
+/// How long a queue reading stays evidence: the poll reads every 2 s by default
+/// (`telemetry.queue_poll_ms`); a reading older than this (NATS unreachable) says nothing.
+const QUEUE_READING_MS: u64 = 30_000;
+
+/// The tasks waiting in a pool's queue that nobody is there to take, if so: tasks wait
+/// (`num_pending` > 0), none of the queue's is out with a worker (`num_ack_pending` 0),
+/// and the pool has no worker that is not lost (none connected, or every one silent). A
+/// pool whose workers are paused or draining has workers: an operator chose that. A
+/// worker that pulls without heartbeats would hold tasks unacknowledged, so it is not
+/// missed.
+fn unserved(p: &crate::fleet::view::PoolView, now_ms: u64) -> Option<u64> {
+    let q = p.queue.as_ref()?;
+    let fresh = now_ms.saturating_sub(q.read_at_ms) <= QUEUE_READING_MS;
+    (fresh && q.pending > 0 && q.ack_pending == 0 && p.workers == 0).then_some(q.pending)
 }

@@ -406,6 +406,61 @@ fn queue_saturation_and_over_provisioning_follow_the_pool() {
     assert_eq!(a.2.severity, Severity::Info);
 }
 
+/// `queue_unserved`: tasks wait in a pool's queue, none is out with a worker, and the pool
+/// has no worker that is not lost. Workers (paused ones too: an operator's choice), tasks
+/// being run, or a reading too old to tell keep it quiet.
+#[test]
+fn a_queue_no_worker_is_there_to_take_is_alerted_until_it_is_served() {
+    let at = |now: u64, workers: u64, ack_pending: u64, read_at: u64| {
+        let mut p = pool("gone", Some(3 + ack_pending), workers, 0);
+        p.configured = false;
+        if let Some(q) = p.queue.as_mut() {
+            q.pending = 3;
+            q.ack_pending = ack_pending;
+            q.read_at_ms = read_at;
+        }
+        snapshot(
+            vec![],
+            vec![p],
+            FleetView {
+                at_ms: now,
+                ..Default::default()
+            },
+        )
+    };
+    let mut r = Run::new();
+    let c = r.run(30 * S, |now| at(now, 0, 0, now));
+    assert!(sent(&c, Rule::QueueUnserved).is_empty(), "not yet its for");
+    let c = r.run(40 * S, |now| at(now, 0, 0, now));
+    assert_eq!(sent(&c, Rule::QueueUnserved).len(), 1);
+    let (_, _, a) = c
+        .iter()
+        .find(|(_, _, a)| a.rule == Rule::QueueUnserved)
+        .unwrap();
+    assert_eq!(a.severity, Severity::Warning);
+    assert_eq!(a.labels.get("pool").map(String::as_str), Some("gone"));
+    assert!(
+        a.message.contains("not configured") && a.message.contains("3 tasks waiting"),
+        "{}",
+        a.message
+    );
+    // A worker connects (paused or not, it is the pool's): the alert resolves.
+    let c = r.run(3 * MIN, |now| at(now, 1, 0, now));
+    assert_eq!(
+        sent(&c, Rule::QueueUnserved)
+            .iter()
+            .map(|(_, ch)| *ch)
+            .collect::<Vec<_>>(),
+        [Change::Resolved]
+    );
+    // Tasks out with a worker that sends no heartbeats: served.
+    let c = r.run(3 * MIN, |now| at(now, 0, 2, now));
+    assert!(sent(&c, Rule::QueueUnserved).is_empty());
+    // The queue was last read 31 s ago (NATS out of reach): nothing to tell.
+    let c = r.run(3 * MIN, |now| at(now, 0, 0, now - 31 * S));
+    assert!(sent(&c, Rule::QueueUnserved).is_empty());
+}
+
 #[test]
 fn a_stuck_wave_is_a_rise_across_the_fleet_within_five_minutes() {
     let mut r = Run::new();

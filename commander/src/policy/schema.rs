@@ -485,7 +485,7 @@ impl Default for AlertSpec {
 
 /// The detector's rule names, as `[[escalation]] rules` may name them (the detector's
 /// own list is checked against this one by a test).
-pub const ALERT_RULES: [&str; 21] = [
+pub const ALERT_RULES: [&str; 22] = [
     "context_overflow_risk",
     "context_critical",
     "cost_runaway",
@@ -493,6 +493,7 @@ pub const ALERT_RULES: [&str; 21] = [
     "stuck_agent",
     "error_rate_spike",
     "queue_saturation",
+    "queue_unserved",
     "throughput_drop",
     "stuck_wave",
     "cost_concentration",
