@@ -99,7 +99,11 @@ export async function overview(main, _arg, alive) {
   let recent = alerts.alerts ?? [];
   const drawAlerts = (firing) => {
     q(main, '#firing').textContent = `${firing ?? recent.filter(a => a.state === 'firing').length} firing`;
-    q(main, '#strip').innerHTML = recent.slice(0, 5).map(a => `<a href="#/alerts" class="alert-item" data-alert="${esc(a.id)}"><span class="pill ${esc(a.severity)}">${esc(a.severity)}</span> ${esc(a.rule)} <span class="muted">${esc(a.labels?.worker ?? a.labels?.pool ?? 'fleet')}</span> <span class="muted">${ago(a.firing_ms ?? a.started_ms)}</span></a>`).join('') || '<span class="muted">No alerts.</span>';
+    // The strip holds the latest alerts whatever their state: one not firing says so, or a
+    // pending (not yet due) or resolved one reads like a live one.
+    const when = a => a.state === 'resolved' ? `resolved ${ago(a.ended_ms ?? a.started_ms)}`
+      : a.state === 'pending' ? `pending ${ago(a.started_ms)}` : ago(a.firing_ms ?? a.started_ms);
+    q(main, '#strip').innerHTML = recent.slice(0, 5).map(a => `<a href="#/alerts" class="alert-item ${esc(a.state)}" data-alert="${esc(a.id)}" data-state="${esc(a.state)}"><span class="pill ${esc(a.severity)}">${esc(a.severity)}</span> ${esc(a.rule)} <span class="muted">${esc(a.labels?.worker ?? a.labels?.pool ?? 'fleet')}</span> <span class="muted">${when(a)}</span></a>`).join('') || '<span class="muted">No alerts.</span>';
   };
   drawFleet(fleet);
   drawPools(pools.pools ?? []);
