@@ -336,7 +336,11 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
     );
     // Every alert in the strip shows its state unless it fires: the strip also holds
     // pending and resolved ones, which read like live ones without it.
-    for item in c.find_all(Locator::Css("#strip [data-alert]")).await.unwrap() {
+    for item in c
+        .find_all(Locator::Css("#strip [data-alert]"))
+        .await
+        .unwrap()
+    {
         let state = item.attr("data-state").await.unwrap().unwrap_or_default();
         let text = item.text().await.unwrap();
         let id = item.attr("data-alert").await.unwrap().unwrap_or_default();

@@ -937,11 +937,12 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 } else {
                     format!("Pool {}, which is not configured,", p.name)
                 };
-                let workers = match p.lost {
-                    0 => "no worker of it is connected".to_string(),
+                let why = match p.lost {
+                    0 => "none is connected".to_string(),
+                    1 => "its one worker is lost".to_string(),
                     n => format!("its {n} workers are lost"),
                 };
-                format!("{whose} has {waiting} tasks waiting in its queue, and {workers} to take them")
+                format!("{whose} has {waiting} tasks waiting in its queue and no worker to take them: {why}")
             });
         }
         // Nothing waiting (what runs is in the utilisation, not in the queue).

@@ -306,6 +306,10 @@ impl SimFleet {
         let mut said = Said::default();
         self.arrivals(fault);
         for i in 0..self.agents.len() {
+            if fault == Some(Fault::PoolOutage) && self.agents[i].pool == 0 {
+                self.crash(i);
+                continue;
+            }
             self.step_agent(i, now_ms, fault);
             let a = &self.agents[i];
             if (sec + i as u64).is_multiple_of(2) && !a.spans.is_empty() {
@@ -328,6 +332,16 @@ impl SimFleet {
             }
         }
         said
+    }
+
+    /// A crashed agent says nothing more; its run (if any) is handed out again.
+    fn crash(&mut self, i: usize) {
+        let agent = &mut self.agents[i];
+        agent.spans.clear();
+        agent.silent = false;
+        if agent.run.take().is_some() {
+            self.pools[agent.pool].queue += 1;
+        }
     }
 
     fn arrivals(&mut self, fault: Option<Fault>) {

@@ -59,6 +59,10 @@ pub enum Fault {
     CostConcentration,
     /// The research pool's arrivals fall to 5 % of its capacity.
     OverProvisioned,
+    /// The research pool's agents all crash at once: no heartbeat, span or pull from
+    /// then on, while its tasks keep arriving (a run in progress goes back to the queue,
+    /// as JetStream hands an unacknowledged task out again).
+    PoolOutage,
     /// web_search fails 60 % of the time for agents on prompt variant v7.
     FailureSlice,
     /// run_code fails half the time, for everybody.
@@ -87,6 +91,7 @@ impl Fault {
             | Fault::QueueSaturation
             | Fault::ThroughputDrop
             | Fault::OverProvisioned
+            | Fault::PoolOutage
             | Fault::FailureSlice
             | Fault::ToolDegradation
             | Fault::ContextInflation
@@ -116,7 +121,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, and the healthy run last.
-pub const SCENARIOS: [Scenario; 20] = [
+pub const SCENARIOS: [Scenario; 21] = [
     sc(
         "context_overflow_risk",
         Fault::ContextFill,
@@ -182,6 +187,13 @@ pub const SCENARIOS: [Scenario; 20] = [
         5,
         35,
         &[Rule::OverProvisioned],
+    ),
+    sc(
+        "queue_unserved",
+        Fault::PoolOutage,
+        5,
+        12,
+        &[Rule::QueueUnserved],
     ),
     sc(
         "failure_slice",

@@ -44,7 +44,7 @@ pub struct StackOptions {
 /// Why a scenario cannot run on the stack, if it cannot.
 pub fn unsupported(fault: Option<Fault>) -> Option<&'static str> {
     match fault {
-        Some(Fault::QueueSaturation | Fault::OverProvisioned) => Some(
+        Some(Fault::QueueSaturation | Fault::OverProvisioned | Fault::PoolOutage) => Some(
             "the commander reads queue depths from JetStream, and the lab's agents take no real tasks",
         ),
         _ => None,
