@@ -322,13 +322,18 @@ export async function pools(main, _arg, alive) {
   const [first, state] = await Promise.all([api('/v1/pools'), api('/v1/control/state')]);
   if (!alive()) return;
   let list = first.pools ?? [], st = state;
+  // Reroutes go to configured pools only; the other commands also reach a pool that is
+  // not configured: one with workers (pause, drain), or whose queue still holds tasks
+  // after it left the config (purge: docs/configuration.md, "Taking a pool out").
   const names = list.filter(p => p.configured).map(p => `<option>${esc(p.name)}</option>`).join('');
+  const targets = names + list.filter(p => !p.configured)
+    .map(p => `<option value="${esc(p.name)}">${esc(p.name)} (not configured)</option>`).join('');
   main.innerHTML = `
     <h1>Pools</h1>
     <div class="grid"><section class="card full"><table id="pools"><thead><tr><th>Pool</th><th class="n">Workers</th><th class="n">Lost</th><th class="n">Busy</th><th class="n">In flight / capacity</th><th class="n">Queued</th><th class="n">p95 dispatch</th><th class="n">Tasks/min</th><th class="n">Failed/min</th><th>Operators</th></tr></thead><tbody></tbody></table></section>
     <section class="card full" data-role-needs="operator" ${may('operator') ? '' : 'hidden'}><h2>Control</h2>
       <form class="filters" id="pf">
-        <label>Pool <select name="pool">${names}</select></label>
+        <label>Pool <select name="pool">${targets}</select></label>
         <button type="button" data-c="pause" class="danger">Pause</button><button type="button" data-c="drain">Drain</button><button type="button" data-c="resume" class="primary">Resume</button>
         <button type="button" data-c="block" class="danger">Block</button><button type="button" data-c="restore">Restore</button>
         <label>to <select name="to">${names}</select></label><button type="button" data-c="reroute">Reroute</button>
