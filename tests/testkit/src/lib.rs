@@ -113,27 +113,61 @@ impl NatsServer {
     /// each otherwise like [`Self::start`]. The cluster elects its JetStream leader a few
     /// seconds after this returns: retry the first JetStream request.
     pub fn cluster(n: usize) -> Result<Vec<Self>, TestkitError> {
-        let ports = (0..n)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-            })
+        // Every route port is held here until its node starts, so no two nodes draw the
+        // same one and no other process takes one meanwhile. One can still be taken in
+        // the moment between its release and the server's bind: nats-server then says it
+        // is ready and exits, so each node is started until its route port listens.
+        let held = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<Result<Vec<u16>, _>>()?;
         let routes = ports
             .iter()
             .map(|p| format!("\"nats://127.0.0.1:{p}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        ports
-            .iter()
-            .enumerate()
-            .map(|(i, port)| {
-                Self::start_with_config(&format!(
-                    "server_name: n{i}\ncluster {{\n  name: fleet-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n"
-                ))
-            })
-            .collect()
+        let mut nodes = Vec::with_capacity(n);
+        for (i, (listener, port)) in held.into_iter().zip(ports).enumerate() {
+            drop(listener);
+            nodes.push(Self::cluster_node(i, port, &routes)?);
+        }
+        Ok(nodes)
+    }
+
+    /// Node `i` of [`Self::cluster`], listening for routes on `port` (another one, which
+    /// the others learn of from it, when `port` was taken before it could bind).
+    fn cluster_node(i: usize, port: u16, routes: &str) -> Result<Self, TestkitError> {
+        let mut port = port;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut node = Self::start_with_config(&format!(
+                "server_name: n{i}\ncluster {{\n  name: fleet-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{routes}]\n}}\n"
+            ))?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let log =
+                    std::fs::read_to_string(node.dir.path().join("nats.log")).unwrap_or_default();
+                if log.contains("Listening for route connections on") {
+                    return Ok(node);
+                }
+                if has_exited(&mut node.child) || Instant::now() > deadline {
+                    last = log;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+        }
+        Err(TestkitError::NotReady {
+            what: format!("cluster node n{i} (its route port)"),
+            timeout: Duration::from_secs(15),
+            log: last,
+        })
     }
 
     /// Starts a server that also reads `config` (nats-server's config format: an
@@ -533,6 +567,28 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("/nonexistent/nats-server"), "{text}");
         assert!(text.contains("apt-get install nats-server"), "{text}");
+    }
+
+    /// A route port taken before the node could bind it (in CI, once, by another test's
+    /// server in the moment between its release and the bind): nats-server said it was
+    /// ready and exited, and the cluster never elected its JetStream leader. The node is
+    /// started again on another port.
+    #[test]
+    fn a_cluster_node_whose_route_port_is_taken_listens_on_another() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let node =
+            NatsServer::cluster_node(0, port, &format!("\"nats://127.0.0.1:{port}\"")).unwrap();
+        let log = std::fs::read_to_string(node.dir().join("nats.log")).unwrap();
+        let listening = log
+            .lines()
+            .find_map(|l| {
+                l.split("Listening for route connections on 127.0.0.1:")
+                    .nth(1)
+            })
+            .unwrap();
+        assert_ne!(listening.trim(), port.to_string(), "{log}");
+        assert!(node.pid().is_some());
     }
 
     #[test]
