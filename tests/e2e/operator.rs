@@ -784,3 +784,57 @@ async fn unserved_alert(stack: &Stack, pool: &str) -> Option<Value> {
         .as_array()
         .and_then(|a| a.iter().find(|a| a["labels"]["pool"] == pool).cloned())
 }
+
+/// A worker started with a pool the config does not name (a misspelt `--pool`) gets no
+/// routed task: the commander says so in its log when it first hears the worker, and the
+/// pool's `over_provisioned` alert says it is not configured. Before, the worker idled with
+/// nothing but an info alert, 15 minutes later, calling the pool over-provisioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_a_pool_that_is_not_configured_is_named() {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("alerts.policy.toml"),
+        "[alerts]\npending_s = 1\nover_provisioned_for_s = 1\n",
+    )
+    .unwrap();
+    let stack = Stack::start(&format!(
+        "{TWO_POOLS}[detect]\ninterval_ms = 200\n[telemetry]\nqueue_poll_ms = 200\n[policy]\ndir = {:?}\n",
+        policies.path().display().to_string()
+    ))
+    .await;
+    let (_seen, worker) = crate::common::watched_worker(&stack.client, "alpah", "typo-1", 1).await;
+    eventually("the commander names the pool", WAIT, async || {
+        stack.commander.log_text().contains(
+            "a worker heartbeats for a pool that is not configured: the commander routes it no task",
+        )
+    })
+    .await;
+    let log = stack.commander.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("a worker heartbeats for a pool that is not configured"))
+        .unwrap();
+    assert!(
+        line.contains("pool=\"alpah\"")
+            && line.contains("worker=\"typo-1\"")
+            && line.contains("alpha, beta"),
+        "{line}"
+    );
+    let mut message = String::new();
+    eventually("over_provisioned says it", WAIT, async || {
+        let open = stack.get_json("/v1/alerts?rule=over_provisioned").await;
+        message = open["alerts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["labels"]["pool"] == "alpah"))
+            .and_then(|a| a["message"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        !message.is_empty()
+    })
+    .await;
+    assert!(
+        message.contains("(not configured: the commander routes it no task)"),
+        "{message}"
+    );
+    worker.shutdown().await;
+}

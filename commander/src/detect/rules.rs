@@ -957,8 +957,14 @@ fn pool_rules(i: &Inputs<'_>, out: &mut Vec<Observation>) {
                 (idle, idle),
                 &|| {
                     format!(
-                        "Pool {} has an empty queue and {:.0}% of its {} workers busy",
+                        "Pool {}{} has an empty queue and {:.0}% of its {} workers busy",
                         p.name,
+                        // With no pools configured, every pool a task names is taken.
+                        if p.configured || i.pools.is_empty() {
+                            ""
+                        } else {
+                            " (not configured: the commander routes it no task)"
+                        },
                         u * 100.0,
                         p.workers
                     )

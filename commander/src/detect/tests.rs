@@ -461,6 +461,33 @@ fn a_queue_no_worker_is_there_to_take_is_alerted_until_it_is_served() {
     assert!(sent(&c, Rule::QueueUnserved).is_empty());
 }
 
+/// An idle pool the config does not name gets no routed task at all, and its
+/// `over_provisioned` alert says so; where no pool is configured every pool a task names
+/// is taken, and it does not.
+#[test]
+fn an_idle_pool_that_is_not_configured_is_said_to_get_no_task() {
+    let message = |pools: BTreeMap<String, PoolConfig>| {
+        let mut r = Run::new();
+        r.pools = pools;
+        let c = r.run(16 * MIN, |_| {
+            let mut p = pool("alpah", Some(0), 2, 0);
+            p.configured = false;
+            snapshot(vec![], vec![p], FleetView::default())
+        });
+        c.iter()
+            .find(|(_, _, a)| a.rule == Rule::OverProvisioned)
+            .map(|(_, _, a)| a.message.clone())
+            .unwrap()
+    };
+    let said = message(pools_config());
+    assert!(
+        said.contains("alpah (not configured: the commander routes it no task)"),
+        "{said}"
+    );
+    let said = message(BTreeMap::new());
+    assert!(!said.contains("not configured"), "{said}");
+}
+
 #[test]
 fn a_stuck_wave_is_a_rise_across_the_fleet_within_five_minutes() {
     let mut r = Run::new();

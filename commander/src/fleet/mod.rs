@@ -609,6 +609,26 @@ impl FleetState {
         self.workers.len()
     }
 
+    /// A worker of a pool the config does not name, where pools are configured, gets no
+    /// routed task: said once per pool, when its first worker is heard (a misspelt
+    /// `--pool` otherwise idles unnoticed).
+    fn warn_unconfigured(&self, pool: &str, worker: &str) {
+        let configured: Vec<&str> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.configured)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !configured.is_empty() {
+            tracing::warn!(
+                pool,
+                worker,
+                configured = configured.join(", "),
+                "a worker heartbeats for a pool that is not configured: the commander routes it no task (its --pool misspelt, or the pool taken out of the config?)"
+            );
+        }
+    }
+
     fn pool_mut<'a>(
         pools: &'a mut BTreeMap<String, PoolAgg>,
         name: &str,
@@ -907,6 +927,9 @@ impl FleetState {
         {
             self.counters.heartbeats_invalid.inc();
             return;
+        }
+        if !self.pools.contains_key(&hb.pool) {
+            self.warn_unconfigured(&hb.pool, &hb.worker_id);
         }
         Self::pool_mut(&mut self.pools, &hb.pool);
         let Some(w) = Self::worker_entry(
