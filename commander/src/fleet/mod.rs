@@ -616,7 +616,7 @@ impl FleetState {
         let configured: Vec<&str> = self
             .pools
             .iter()
-            .filter(|(_, p)| p.configured)
+            .filter(|(n, p)| p.configured && n.as_str() != pool)
             .map(|(n, _)| n.as_str())
             .collect();
         if !configured.is_empty() {
@@ -928,10 +928,12 @@ impl FleetState {
             self.counters.heartbeats_invalid.inc();
             return;
         }
-        if !self.pools.contains_key(&hb.pool) {
+        let known = self.pools.contains_key(&hb.pool);
+        Self::pool_mut(&mut self.pools, &hb.pool);
+        // Once per pool taken in (past MAX_POOLS none is, and none is said).
+        if !known && self.pools.contains_key(&hb.pool) {
             self.warn_unconfigured(&hb.pool, &hb.worker_id);
         }
-        Self::pool_mut(&mut self.pools, &hb.pool);
         let Some(w) = Self::worker_entry(
             &mut self.workers,
             &mut self.forgotten,
