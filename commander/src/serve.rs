@@ -1453,7 +1453,6 @@ async fn poll_queues(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut polls: u64 = 0;
-    let mut warned = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1462,10 +1461,12 @@ async fn poll_queues(
         let Ok(stream) = js.get_stream(subjects.work_stream()).await else {
             continue;
         };
-        let snapshot = fleet.snapshot();
-        let pools: Vec<String> = snapshot.pools.iter().map(|p| p.name.clone()).collect();
-        // With no pools configured every pool a task names is a pool of the fleet.
-        let configured = snapshot.pools.iter().any(|p| p.configured);
+        let pools: Vec<String> = fleet
+            .snapshot()
+            .pools
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
         for pool in &pools {
             let name = fleet_worker::protocol::pool_consumer_name(pool);
             match stream.consumer_info(&name).await {
@@ -1481,14 +1482,8 @@ async fn poll_queues(
         if polls % OTHER_QUEUES_EVERY != 1 {
             continue;
         }
+        // The live state takes each in, and says so (`FleetState::take_in_pool`).
         for (pool, pending, ack_pending) in other_queues(&stream, &pools).await {
-            if configured && warned.len() < 1_024 && warned.insert(pool.clone()) {
-                tracing::warn!(
-                    pool,
-                    waiting = pending + ack_pending,
-                    "tasks wait in the queue of a pool that is not configured: a worker of the pool takes them, or `commander ctl purge-pool --pool {pool}` cancels them (docs/configuration.md, \"Taking a pool out\")"
-                );
-            }
             fleet.task_event(TaskEvent::Queue {
                 pool,
                 pending,

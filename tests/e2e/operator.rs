@@ -682,16 +682,7 @@ async fn metrics_pass_promtool_and_the_grafana_board_reads_only_metrics_that_exi
 /// tasks waited there unseen, with no alert, and `purge-pool` answered 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_taken_out_of_the_config_leaves_its_waiting_tasks_in_sight() {
-    let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("alerts.policy.toml"),
-        "[alerts]\npending_s = 1\nresolve_s = 1\n",
-    )
-    .unwrap();
-    let fast = format!(
-        "[detect]\ninterval_ms = 200\n[telemetry]\nqueue_poll_ms = 200\n[policy]\ndir = {:?}\n",
-        policies.path().display().to_string()
-    );
+    let (_policies, fast) = fast_alerts("[alerts]\npending_s = 1\nresolve_s = 1\n");
     let mut stack = Stack::start(&format!("{TWO_POOLS}{fast}")).await;
     let waiting: Vec<String> = (0..3).map(|i| format!("left-{i}")).collect();
     for id in &waiting {
@@ -778,6 +769,18 @@ async fn a_pool_taken_out_of_the_config_leaves_its_waiting_tasks_in_sight() {
     );
 }
 
+/// A policy directory holding `alerts` (kept while the returned directory lives), and the
+/// config that reads it with the detector and the queue poll five times a second.
+fn fast_alerts(alerts: &str) -> (tempfile::TempDir, String) {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("alerts.policy.toml"), alerts).unwrap();
+    let config = format!(
+        "[detect]\ninterval_ms = 200\n[telemetry]\nqueue_poll_ms = 200\n[policy]\ndir = {:?}\n",
+        policies.path().display().to_string()
+    );
+    (policies, config)
+}
+
 /// The open `queue_unserved` alert on `pool`, if any.
 async fn unserved_alert(stack: &Stack, pool: &str) -> Option<Value> {
     stack.get_json("/v1/alerts?rule=queue_unserved").await["alerts"]
@@ -791,17 +794,8 @@ async fn unserved_alert(stack: &Stack, pool: &str) -> Option<Value> {
 /// nothing but an info alert, 15 minutes later, calling the pool over-provisioned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_of_a_pool_that_is_not_configured_is_named() {
-    let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("alerts.policy.toml"),
-        "[alerts]\npending_s = 1\nover_provisioned_for_s = 1\n",
-    )
-    .unwrap();
-    let stack = Stack::start(&format!(
-        "{TWO_POOLS}[detect]\ninterval_ms = 200\n[telemetry]\nqueue_poll_ms = 200\n[policy]\ndir = {:?}\n",
-        policies.path().display().to_string()
-    ))
-    .await;
+    let (_policies, fast) = fast_alerts("[alerts]\npending_s = 1\nover_provisioned_for_s = 1\n");
+    let stack = Stack::start(&format!("{TWO_POOLS}{fast}")).await;
     let (_seen, worker) = crate::common::watched_worker(&stack.client, "alpah", "typo-1", 1).await;
     eventually("the commander names the pool", WAIT, async || {
         stack.commander.log_text().contains(

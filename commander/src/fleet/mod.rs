@@ -108,6 +108,14 @@ const MIX_GRACE_MS: u64 = 30_000;
 const MAX_MODELS: usize = 256;
 const MINUTE: u64 = 60_000;
 
+/// What the live state first heard of a pool by ([`FleetState::take_in_pool`]).
+enum Heard<'a> {
+    /// A heartbeat of this worker.
+    Worker(&'a str),
+    /// Its queue's reading, with this many tasks in it.
+    Queue(u64),
+}
+
 #[derive(Debug)]
 struct PoolAgg {
     configured: bool,
@@ -609,24 +617,39 @@ impl FleetState {
         self.workers.len()
     }
 
-    /// A worker of a pool the config does not name, where pools are configured, gets no
-    /// routed task: said once per pool, when its first worker is heard (a misspelt
-    /// `--pool` otherwise idles unnoticed).
-    fn warn_unconfigured(&self, pool: &str, worker: &str) {
-        let configured: Vec<&str> = self
+    /// Takes in a pool the live state does not know yet, on what it first heard of it, and
+    /// says so when the config names other pools but not this one: it gets no routed task
+    /// (a misspelt `--pool` would otherwise idle unnoticed, and the tasks left in the queue
+    /// of a pool taken out of the config wait unseen). Once per pool, as a pool taken in
+    /// stays; past [`MAX_POOLS`] none is taken in, and nothing is said.
+    fn take_in_pool(&mut self, pool: &str, heard: Heard<'_>) -> Option<&mut PoolAgg> {
+        if self.pools.contains_key(pool) {
+            return Self::pool_mut(&mut self.pools, pool);
+        }
+        let configured = self
             .pools
             .iter()
-            .filter(|(n, p)| p.configured && n.as_str() != pool)
+            .filter(|(_, p)| p.configured)
             .map(|(n, _)| n.as_str())
-            .collect();
+            .collect::<Vec<_>>()
+            .join(", ");
+        let agg = Self::pool_mut(&mut self.pools, pool)?;
         if !configured.is_empty() {
-            tracing::warn!(
-                pool,
-                worker,
-                configured = configured.join(", "),
-                "a worker heartbeats for a pool that is not configured: the commander routes it no task (its --pool misspelt, or the pool taken out of the config?)"
-            );
+            match heard {
+                Heard::Worker(worker) => tracing::warn!(
+                    pool,
+                    worker,
+                    configured,
+                    "a worker heartbeats for a pool that is not configured: the commander routes it no task (its --pool misspelt, or the pool taken out of the config?)"
+                ),
+                Heard::Queue(waiting) => tracing::warn!(
+                    pool,
+                    waiting,
+                    "tasks wait in the queue of a pool that is not configured: a worker of the pool takes them, or `commander ctl purge-pool --pool {pool}` cancels them (docs/configuration.md, \"Taking a pool out\")"
+                ),
+            }
         }
+        Some(agg)
     }
 
     fn pool_mut<'a>(
@@ -928,12 +951,7 @@ impl FleetState {
             self.counters.heartbeats_invalid.inc();
             return;
         }
-        let known = self.pools.contains_key(&hb.pool);
-        Self::pool_mut(&mut self.pools, &hb.pool);
-        // Once per pool taken in (past MAX_POOLS none is, and none is said).
-        if !known && self.pools.contains_key(&hb.pool) {
-            self.warn_unconfigured(&hb.pool, &hb.worker_id);
-        }
+        self.take_in_pool(&hb.pool, Heard::Worker(&hb.worker_id));
         let Some(w) = Self::worker_entry(
             &mut self.workers,
             &mut self.forgotten,
@@ -1024,7 +1042,7 @@ impl FleetState {
                 pending,
                 ack_pending,
             } => {
-                if let Some(p) = Self::pool_mut(&mut self.pools, &pool) {
+                if let Some(p) = self.take_in_pool(&pool, Heard::Queue(pending + ack_pending)) {
                     p.queue = Some(QueueView {
                         pending,
                         ack_pending,
