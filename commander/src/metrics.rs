@@ -88,6 +88,9 @@ pub struct FleetGauges {
     pub context_utilisation: Family<BucketLabel, Gauge>,
     /// Workers by pool and state (lost ones under `LOST`).
     pub pool_workers: Family<PoolStateLabels, Gauge>,
+    /// The pools whose series the last scrape set: a pool the live state has since
+    /// forgotten has its series dropped, not left at their last values.
+    pub exported_pools: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +100,39 @@ pub struct PoolStateLabels {
 }
 
 impl FleetGauges {
+    /// Drops the series of every pool an earlier call exported that is not in `pools`
+    /// (`states`: the state labels its `pool_workers` series may carry), and remembers
+    /// `pools` as exported.
+    pub fn keep_only_pools(
+        &self,
+        pools: std::collections::BTreeSet<String>,
+        states: &[&'static str],
+    ) {
+        let mut exported = match self.exported_pools.lock() {
+            Ok(e) => e,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for gone in exported.difference(&pools) {
+            let l = PoolLabel { pool: gone.clone() };
+            for family in [
+                &self.pool_queue_depth,
+                &self.pool_in_flight,
+                &self.pool_capacity,
+            ] {
+                family.remove(&l);
+            }
+            self.pool_burn_rate.remove(&l);
+            self.pool_output_tokens_per_s.remove(&l);
+            for &state in states {
+                self.pool_workers.remove(&PoolStateLabels {
+                    pool: gone.clone(),
+                    state,
+                });
+            }
+        }
+        *exported = pools;
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "burn_rate_usd_per_hour",

@@ -795,7 +795,9 @@ async fn unserved_alert(stack: &Stack, pool: &str) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_of_a_pool_that_is_not_configured_is_named() {
     let (_policies, fast) = fast_alerts("[alerts]\npending_s = 1\nover_provisioned_for_s = 1\n");
-    let stack = Stack::start(&format!("{TWO_POOLS}{fast}")).await;
+    // Lost 3 s after its last heartbeat (it sends one a second), forgotten 2 s later.
+    let forget = "[fleet]\nlost_after_ms = 3000\nretention_ms = 2000\n";
+    let stack = Stack::start(&format!("{TWO_POOLS}{fast}{forget}")).await;
     let (_seen, worker) = crate::common::watched_worker(&stack.client, "alpah", "typo-1", 1).await;
     eventually("the commander names the pool", WAIT, async || {
         stack.commander.log_text().contains(
@@ -830,5 +832,40 @@ async fn a_worker_of_a_pool_that_is_not_configured_is_named() {
         message.contains("(not configured: the commander routes it no task)"),
         "{message}"
     );
+    let listed = async || {
+        let pools = stack.get_json("/v1/pools").await;
+        let metrics = reqwest::get(stack.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let in_pools = pools["pools"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "alpah"));
+        (in_pools, metrics.contains("pool=\"alpah\""))
+    };
+    assert_eq!(listed().await, (true, true));
+    // The worker stopped (the typo found), the pool goes as its worker does: from the
+    // list and from /metrics, while the configured pools stay.
     worker.shutdown().await;
+    eventually("the pool is forgotten", WAIT, async || {
+        listed().await == (false, false)
+    })
+    .await;
+    let pools = stack.get_json("/v1/pools").await;
+    let names: Vec<&str> = pools["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert!(
+        stack
+            .commander
+            .log_text()
+            .contains("pool that is not configured forgotten"),
+        "the log says so"
+    );
 }

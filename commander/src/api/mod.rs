@@ -530,13 +530,24 @@ fn set_fleet_gauges(g: &crate::metrics::FleetGauges, snap: &crate::fleet::view::
         };
         buckets[i] += 1;
     }
+    let mut exported: std::collections::BTreeSet<String> =
+        snap.pools.iter().map(|p| p.name.clone()).collect();
     for (pool, (burn, tps)) in by_pool {
         let l = PoolLabel {
             pool: pool.to_string(),
         };
         g.pool_burn_rate.get_or_create(&l).set(burn);
         g.pool_output_tokens_per_s.get_or_create(&l).set(tps);
+        exported.insert(l.pool);
     }
+    // A pool the live state forgot (crate::fleet::FleetState::forget_idle_pools) leaves
+    // /metrics with it.
+    let mut states: Vec<&'static str> = crate::fleet::worker::State::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    states.push("LOST");
+    g.keep_only_pools(exported, &states);
     for (bucket, n) in ["0-50", "50-80", "80-95", "95-100", "unknown"]
         .into_iter()
         .zip(buckets)

@@ -438,6 +438,43 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")
 }
 
+/// A pool's gauges follow the live state: a pool it forgot leaves `/metrics`, every series
+/// of it, and the pools still there keep theirs.
+#[test]
+fn a_pool_the_live_state_forgot_leaves_the_metrics() {
+    use crate::fleet::view::{FleetSnapshot, PoolView};
+    let metrics = Metrics::default();
+    let registry = metrics.registry();
+    let pool = |name: &str| PoolView {
+        name: name.into(),
+        states: [("IDLE", 1)].into_iter().collect(),
+        ..Default::default()
+    };
+    let text = || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    };
+    let series_of = |text: &str, pool: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("pool=\"{pool}\"")))
+            .count()
+    };
+    let mut snap = FleetSnapshot {
+        pools: vec![pool("code"), pool("cdoe")],
+        ..Default::default()
+    };
+    super::set_fleet_gauges(&metrics.fleet, &snap);
+    let before = text();
+    assert!(series_of(&before, "cdoe") >= 5, "{before}");
+    let code = series_of(&before, "code");
+    snap.pools.retain(|p| p.name == "code");
+    super::set_fleet_gauges(&metrics.fleet, &snap);
+    let after = text();
+    assert_eq!(series_of(&after, "cdoe"), 0, "{after}");
+    assert_eq!(series_of(&after, "code"), code, "{after}");
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let api = api(None, 1 << 20);

@@ -119,6 +119,11 @@ enum Heard<'a> {
 #[derive(Debug)]
 struct PoolAgg {
     configured: bool,
+    /// When the pool was last heard of (fleet time): a heartbeat of one of its workers, a
+    /// task dispatched to it or finished in it, a reading of its queue with tasks in it.
+    /// One that is not configured is forgotten `fleet.retention_ms` after
+    /// ([`FleetState::forget_idle_pools`]).
+    heard_ms: u64,
     queue: Option<QueueView>,
     dispatch_latency: WindowedSketch,
     /// (10 s bucket, ok, failed), last minute.
@@ -129,6 +134,7 @@ impl PoolAgg {
     fn new(configured: bool) -> Self {
         Self {
             configured,
+            heard_ms: 0,
             queue: None,
             dispatch_latency: WindowedSketch::new(MINUTE, 5),
             finished: VecDeque::new(),
@@ -620,8 +626,9 @@ impl FleetState {
     /// Takes in a pool the live state does not know yet, on what it first heard of it, and
     /// says so when the config names other pools but not this one: it gets no routed task
     /// (a misspelt `--pool` would otherwise idle unnoticed, and the tasks left in the queue
-    /// of a pool taken out of the config wait unseen). Once per pool, as a pool taken in
-    /// stays; past [`MAX_POOLS`] none is taken in, and nothing is said.
+    /// of a pool taken out of the config wait unseen). Once each time the pool is taken in
+    /// (it stays until [`Self::forget_idle_pools`] lets it go); past [`MAX_POOLS`] none is
+    /// taken in, and nothing is said.
     fn take_in_pool(&mut self, pool: &str, heard: Heard<'_>) -> Option<&mut PoolAgg> {
         if self.pools.contains_key(pool) {
             return Self::pool_mut(&mut self.pools, pool);
@@ -951,7 +958,9 @@ impl FleetState {
             self.counters.heartbeats_invalid.inc();
             return;
         }
-        self.take_in_pool(&hb.pool, Heard::Worker(&hb.worker_id));
+        if let Some(p) = self.take_in_pool(&hb.pool, Heard::Worker(&hb.worker_id)) {
+            p.heard_ms = now_ms;
+        }
         let Some(w) = Self::worker_entry(
             &mut self.workers,
             &mut self.forgotten,
@@ -986,7 +995,9 @@ impl FleetState {
                 expected_ms,
                 task_type,
             } => {
-                Self::pool_mut(&mut self.pools, &pool);
+                if let Some(p) = Self::pool_mut(&mut self.pools, &pool) {
+                    p.heard_ms = now_ms;
+                }
                 while self.dispatched.len() >= MAX_DISPATCHES {
                     match self.dispatch_order.pop_front() {
                         Some(old) => {
@@ -1015,6 +1026,7 @@ impl FleetState {
                 let Some(p) = Self::pool_mut(&mut self.pools, &pool) else {
                     return;
                 };
+                p.heard_ms = now_ms;
                 if let Some(l) = dispatch_latency_ms {
                     p.dispatch_latency.add(now_ms, l as f64);
                     self.counters
@@ -1043,6 +1055,11 @@ impl FleetState {
                 ack_pending,
             } => {
                 if let Some(p) = self.take_in_pool(&pool, Heard::Queue(pending + ack_pending)) {
+                    // A known pool's queue is read every poll: only tasks in it say the
+                    // pool is in use.
+                    if pending + ack_pending > 0 {
+                        p.heard_ms = now_ms;
+                    }
                     p.queue = Some(QueueView {
                         pending,
                         ack_pending,
@@ -1146,6 +1163,7 @@ impl FleetState {
             self.forgotten.forget(&mut self.workers, &id);
             self.counters.workers_evicted.inc();
         }
+        self.forget_idle_pools(now_ms);
         let p = self.fleet.at(now_ms);
         p.parallel_agents = p.parallel_agents.max(busy);
         // Dispatches nobody picked up within an hour are not worth remembering (the order
@@ -1161,6 +1179,47 @@ impl FleetState {
             if let Some(id) = self.dispatch_order.pop_front() {
                 self.dispatched.remove(&id);
             }
+        }
+    }
+
+    /// Forgets each pool that is not configured once nothing was heard of it for
+    /// `fleet.retention_ms`, its queue is empty (or was never read) and no worker of it is
+    /// tracked, as lost workers are forgotten: a pool that came and went (a misspelt
+    /// `--pool`, a queue purged after the pool left the config) does not stay listed,
+    /// polled and counted against [`MAX_POOLS`] for good. Should it come back, it is taken
+    /// in again, and said so again.
+    fn forget_idle_pools(&mut self, now_ms: u64) {
+        let retention = self.cfg.retention_ms;
+        let idle: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| {
+                !p.configured
+                    && now_ms.saturating_sub(p.heard_ms) > retention
+                    && p.queue.as_ref().is_none_or(|q| q.depth == 0)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        // Its workers' heartbeats were heard with it, so they are lost past the retention
+        // and gone by now; one still tracked (heard of since by its spans alone) keeps it,
+        // until a retention later.
+        let manned: rustc_hash::FxHashSet<&str> = self
+            .workers
+            .values()
+            .filter_map(|w| w.pool.as_deref())
+            .collect();
+        for name in idle {
+            if manned.contains(name.as_str()) {
+                if let Some(p) = self.pools.get_mut(&name) {
+                    p.heard_ms = now_ms;
+                }
+                continue;
+            }
+            self.pools.remove(&name);
+            tracing::info!(pool = %name, retention_ms = retention, "pool that is not configured forgotten: no worker, no task in its queue and nothing heard of it for fleet.retention_ms");
         }
     }
 
@@ -1750,6 +1809,3 @@ impl Owner {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -284,6 +284,73 @@ fn lost_when_heartbeats_stop_and_forgotten_after_retention() {
     assert_eq!(f.counters.workers_evicted.get(), 1);
 }
 
+/// A pool that is not configured leaves the live state as its lost workers do: once no
+/// worker of it is tracked, its queue is empty and nothing was heard of it for the
+/// retention. A configured pool stays, as does one with tasks in its queue, and one whose
+/// worker is still heard of (here by its spans alone); a pool forgotten is taken in again
+/// when it is heard of again.
+#[test]
+fn a_pool_that_is_not_configured_is_forgotten_a_retention_after_it_was_last_heard_of() {
+    let mut f = fleet();
+    let of_pool = |worker: &str, pool: &str| Heartbeat {
+        pool: pool.into(),
+        ..heartbeat(worker, &[])
+    };
+    let queue = |pool: &str, pending| TaskEvent::Queue {
+        pool: pool.into(),
+        pending,
+        ack_pending: 0,
+    };
+    let names = |f: &FleetState, at| {
+        f.snapshot(at)
+            .pools
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>()
+    };
+    f.apply_heartbeat(&of_pool("w-typo", "cdoe"), T0);
+    f.apply_heartbeat(&of_pool("w-spans", "delta"), T0);
+    f.apply_task(queue("beta", 3), T0);
+    f.apply_task(
+        TaskEvent::Dispatched {
+            task_id: "t1".into(),
+            pool: "gamma".into(),
+            expected_ms: None,
+            task_type: None,
+        },
+        T0,
+    );
+    assert_eq!(names(&f, T0), ["beta", "cdoe", "code", "delta", "gamma"]);
+    // Every queue is read every 2 s; an empty one (gamma's) keeps nothing.
+    for s in (2..=80).step_by(2) {
+        let at = T0 + s * S;
+        f.apply_task(queue("beta", 3), at);
+        f.apply_task(queue("gamma", 0), at);
+        f.apply_task(queue("code", 0), at);
+        f.apply_spans(vec![tool("w-spans", "t9", at, "grep")], at);
+        f.tick(at);
+        if s == 60 {
+            assert_eq!(
+                names(&f, at),
+                ["beta", "cdoe", "code", "delta", "gamma"],
+                "within the retention"
+            );
+        }
+    }
+    let at = T0 + 80 * S;
+    assert!(f.worker("w-typo").is_none(), "its worker forgotten first");
+    assert_eq!(names(&f, at), ["beta", "code", "delta"]);
+    // Its queue purged, beta goes a retention later.
+    f.apply_task(queue("beta", 0), at);
+    f.tick(at + 60 * S);
+    assert_eq!(names(&f, at + 60 * S), ["beta", "code", "delta"]);
+    f.tick(at + 61 * S);
+    assert_eq!(names(&f, at + 61 * S), ["code", "delta"]);
+    // The typo'd worker starts again: its pool is back.
+    f.apply_heartbeat(&of_pool("w-typo", "cdoe"), at + 62 * S);
+    assert_eq!(names(&f, at + 62 * S), ["cdoe", "code", "delta"]);
+}
+
 #[test]
 fn a_full_table_makes_room_by_forgetting_the_longest_silent_lost_worker() {
     let reg = crate::hot::fixed(Registry::builtin().unwrap());
