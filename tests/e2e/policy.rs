@@ -380,6 +380,62 @@ async fn bad_policies_are_refused_with_file_and_line_and_change_nothing() {
             .contains("75.0")
     );
 
+    // The CLI, as a compliance team runs it: a refusal says why in words, a refused
+    // policy's problems one per line with file and line, exit 1; the version on stdout.
+    let cli_dir = s.dir.path().join("cli");
+    std::fs::create_dir_all(&cli_dir).unwrap();
+    let bad = cli_dir.join("bad.policy.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n[[budget]]\nname = \"p\"\nscope = \"pool\"\nmatch = \"gamma\"\nwindow = \"day\"\nlimit_usd = 1.0\naction = \"defer\"\n",
+            good.replace("50.0", "-1.0")
+        ),
+    )
+    .unwrap();
+    let fine = cli_dir.join("fine.policy.toml");
+    std::fs::write(&fine, good.replace("50.0", "80.0")).unwrap();
+    let cli = |file: &Path, token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_commander"));
+        cmd.args(["policy", "push", "--api", s.commander.http()])
+            .args(["--identity", "carol@compliance"])
+            .arg(file)
+            .env_remove("FLEET_COMPLIANCE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("FLEET_COMPLIANCE_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, _, err) = cli(&fine, None);
+    assert!(
+        !ok && err.contains("refused (401): unauthorized: missing compliance token"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&bad, Some(TOKEN));
+    assert!(!ok, "{err}");
+    // Each file is named as it was given.
+    let at = |line: u32| format!("\n  - {}:{line}: budget ", bad.display());
+    assert!(
+        err.contains("refused (422): policy rejected: 2 problem(s):")
+            && err.contains(&format!("{}search-daily: limit_usd -1", at(7)))
+            && err.contains(&format!("{}p: unknown pool \"gamma\"", at(13))),
+        "{err}"
+    );
+    assert_eq!(s.version().await, v2, "a refused push changes nothing");
+    let (ok, out, err) = cli(&fine, Some(TOKEN));
+    assert!(ok, "{err}");
+    let by_cli = out
+        .trim()
+        .strip_prefix("accepted as ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert_eq!(s.version().await, by_cli);
+    let rec = s.get(&format!("/v1/policy/history/{by_cli}")).await;
+    assert_eq!(rec["identity"], "carol@compliance", "{rec}");
+    assert_eq!(rec["previous"], v2.as_str(), "{rec}");
+
     // NATS: request/reply on fleet.policy.push.
     let push = async |text: &str, token: &str| -> Value {
         let mut h = async_nats::HeaderMap::new();

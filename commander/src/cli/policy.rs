@@ -196,10 +196,36 @@ enum RemoteError {
     Policy(#[from] PolicyError),
     #[error("{api}: {reason}")]
     Http { api: String, reason: String },
-    #[error("refused ({status}): {body}")]
+    #[error("refused ({status}): {}", refusal(.body))]
     Refused { status: u16, body: String },
     #[error("cannot write: {0}")]
     Write(#[from] std::io::Error),
+}
+
+/// What a refusal's body says, for a person: a refused policy's problems one per line, as
+/// `policy check` prints them; else the error's message; else the body as it came.
+fn refusal(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return body.to_string();
+    };
+    let problems: Vec<&str> = v["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str())
+        .collect();
+    if !problems.is_empty() {
+        let mut text = format!("policy rejected: {} problem(s):", problems.len());
+        for p in problems {
+            text.push_str("\n  - ");
+            text.push_str(p);
+        }
+        return text;
+    }
+    match (v["error"]["code"].as_str(), v["error"]["message"].as_str()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        _ => body.to_string(),
+    }
 }
 
 async fn send(req: reqwest::RequestBuilder, api: &str) -> Result<serde_json::Value, RemoteError> {
