@@ -1176,8 +1176,6 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
     #[error("{path}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid {
         path: PathBuf,
@@ -1249,10 +1247,11 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: origin.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: Config = crate::tomlread::from_toml(text, &origin.display().to_string())
+            .map_err(|problems| ConfigError::Invalid {
+                path: origin.to_path_buf(),
+                problems,
+            })?;
         config.validate_at(origin, Some(text))?;
         Ok(config)
     }
@@ -1861,16 +1860,19 @@ mod tests {
     }
 
     #[test]
-    fn unknown_field_is_a_syntax_error_with_line() {
+    fn unknown_fields_are_each_an_error_at_their_line_and_column() {
         let err = Config::parse(
-            "[nats]\nprefix = \"fleet\"\nurll = \"x\"\n",
+            "[nats]\nprefix = \"fleet\"\nurll = \"x\"\n[pools.a]\ncolour = 1\n[pools.b]\nsize = 2\n",
             Path::new("c.toml"),
         )
         .unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, ConfigError::Syntax { .. }));
+        assert!(matches!(err, ConfigError::Invalid { .. }));
         assert!(
-            msg.contains("c.toml") && msg.contains("line 3") && msg.contains("urll"),
+            msg.contains("3 problem(s)")
+                && msg.contains("c.toml:3:1: unknown field `urll`")
+                && msg.contains("c.toml:5:1: unknown field `colour`")
+                && msg.contains("c.toml:7:1: unknown field `size`"),
             "{msg}"
         );
     }

@@ -12,8 +12,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::domain::{Location, Problem, ProblemKind};
-
 /// A file re-read while the commander runs, and the outcome of its last edit.
 #[derive(Debug)]
 pub struct SourceFile {
@@ -169,44 +167,6 @@ impl DirWatch {
             Err(_) => {}
         }
     }
-}
-
-/// 1-based line of a byte offset, for `file:line` messages.
-pub fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// A TOML syntax or shape error as a [`Problem`] at its line and column.
-pub fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> Problem {
-    let at = match e.span() {
-        Some(s) => {
-            let start = s.start.min(text.len());
-            let line_start = text
-                .get(..start)
-                .and_then(|t| t.rfind('\n'))
-                .map_or(0, |i| i + 1);
-            let column = text
-                .get(line_start..start)
-                .map_or(1, |t| t.chars().count() + 1);
-            Location {
-                file: file.to_string(),
-                line: Some(line_of(text, start)),
-                column: Some(column),
-            }
-        }
-        None => Location::file(file),
-    };
-    let message = e.message().to_string();
-    let kind = if message.starts_with("unknown field") {
-        ProblemKind::UnknownField
-    } else {
-        ProblemKind::Syntax
-    };
-    at.problem(kind, message)
 }
 
 #[cfg(test)]

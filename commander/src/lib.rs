@@ -33,4 +33,5 @@ pub mod serve;
 pub mod sources;
 pub mod store;
 pub mod supervise;
+pub mod tomlread;
 pub mod traces;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::ProblemKind::{Duplicate, Missing, OutOfRange};
 use crate::domain::{Location, Problem};
-use crate::hot::{line_of, toml_error};
+use crate::tomlread::{from_toml, line_of};
 
 /// The registry shipped with the commander, used when no file is configured.
 pub const BUILTIN: &str = include_str!("../../policies/models.toml");
@@ -100,8 +100,7 @@ pub struct Registry {
 impl Registry {
     /// Parses and validates `text`; every problem is reported, each as `file:line: message`.
     pub fn parse(text: &str, file: &str) -> Result<Self, RegistryError> {
-        let parsed: File = toml::from_str(text)
-            .map_err(|e| RegistryError::Invalid(vec![toml_error(text, file, &e)]))?;
+        let parsed: File = from_toml(text, file).map_err(RegistryError::Invalid)?;
         let mut problems = Vec::new();
         let mut models = Vec::new();
         let mut by_key: FxHashMap<String, usize> = FxHashMap::default();

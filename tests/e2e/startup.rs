@@ -112,7 +112,11 @@ fn config_check_reports_every_problem_with_file_and_line() {
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[pools.code]\ncapabilities = [\"code\"]\n").unwrap();
     let syntax = dir.path().join("syntax.toml");
-    std::fs::write(&syntax, "[nats]\nprefix = \"fleet\"\nurll = \"nats://x\"\n").unwrap();
+    std::fs::write(
+        &syntax,
+        "[nats]\nprefix = \"fleet\"\nurll = \"nats://x\"\n[intake]\nbatch_sise = 5\n[pools.code]\ncolour = 1\n",
+    )
+    .unwrap();
     let semantic = dir.path().join("semantic.toml");
     std::fs::write(
         &semantic,
@@ -131,8 +135,11 @@ fn config_check_reports_every_problem_with_file_and_line() {
     let out = run(&syntax);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    // Every unknown key, each at its line and column, not only the first.
     assert!(
-        err.contains("syntax.toml") && err.contains("line 3") && err.contains("urll"),
+        err.contains("syntax.toml:3:1: unknown field `urll`")
+            && err.contains("syntax.toml:5:1: unknown field `batch_sise`")
+            && err.contains("syntax.toml:7:1: unknown field `colour`"),
         "{err}"
     );
     let out = run(&semantic);

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::ProblemKind::*;
 use crate::domain::{Location, Problem};
-use crate::hot::{line_of, toml_error};
 use crate::registry::Registry;
+use crate::tomlread::{from_toml, line_of};
 
 /// The rubric shipped with the commander.
 pub const BUILTIN: &str = include_str!("../../../routing-rubrics/default.toml");
@@ -360,8 +360,7 @@ impl Entry {
 impl Rubric {
     /// Parses and validates `text`; every problem is reported as `file:line: message`.
     pub fn parse(text: &str, file: &str, against: CheckAgainst<'_>) -> Result<Self, RubricError> {
-        let parsed: File = toml::from_str(text)
-            .map_err(|e| RubricError::Invalid(vec![toml_error(text, file, &e)]))?;
+        let parsed: File = from_toml(text, file).map_err(RubricError::Invalid)?;
         let mut problems = Vec::new();
         let cline = line_of(text, parsed.classifier.span().start);
         let classifier = parsed.classifier.into_inner();

@@ -16,8 +16,8 @@ use crate::classify::rubric::Rubric;
 use crate::config::PoolConfig;
 use crate::domain::ProblemKind::{self, *};
 use crate::domain::{Location, Problem};
-use crate::hot::{line_of, toml_error};
 use crate::registry::Registry;
+use crate::tomlread::{from_toml, line_of};
 
 /// The policy shipped with the commander: no budgets or throttles, the default alert
 /// thresholds.
@@ -198,12 +198,14 @@ impl Policy {
         let mut once = Once::default();
         for doc in &documents {
             let (file, text) = (doc.name.as_str(), doc.text.as_str());
-            match toml::from_str::<PolicyFile>(text) {
+            // A file that does not read is judged on its shape alone: its entries' values
+            // are checked once it reads.
+            match from_toml::<PolicyFile>(text, file) {
                 Ok(parsed) => {
                     let at = |span: std::ops::Range<usize>| Here::new(file, text, span);
                     p.merge(parsed, at, &mut once, against, &mut problems);
                 }
-                Err(e) => problems.push(toml_error(text, file, &e)),
+                Err(shape) => problems.extend(shape),
             }
         }
         check_unique(
