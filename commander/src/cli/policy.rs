@@ -177,7 +177,11 @@ fn report_tests(
     let failed = results.iter().filter(|r| !r.passed).count();
     for r in &results {
         let mark = if r.passed { "PASS" } else { "FAIL" };
-        let _ = writeln!(out, "{mark} {} ({})\n     {}", r.name, r.at, r.got);
+        let _ = writeln!(
+            out,
+            "{mark} {} ({}, at {})\n     {}",
+            r.name, r.at, r.now, r.got
+        );
         for f in &r.failures {
             let _ = writeln!(out, "     - {f}");
         }

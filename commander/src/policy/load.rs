@@ -1051,6 +1051,16 @@ fn check_test(
             format!("test {name:?}: task.priority must be 0-9"),
         ));
     }
+    if let Some(now) = &t.now
+        && t.now_ms().is_none()
+    {
+        problems.push(here.key("now").problem(
+            BadValue,
+            format!(
+                "test {name:?}: now {now:?} is not an RFC 3339 instant from 1970 to 9997 (2026-06-30T23:59:00Z)"
+            ),
+        ));
+    }
 }
 
 fn check_unique<'a>(

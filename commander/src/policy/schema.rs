@@ -795,6 +795,11 @@ pub struct SamplingRule {
 #[serde(deny_unknown_fields)]
 pub struct TestSpec {
     pub name: String,
+    /// The instant the case runs at (RFC 3339, 1970 to 9997): what calendar and rolling
+    /// windows, and the reset times in reasons, are judged against. Unset:
+    /// 2026-06-15T12:00:00Z ([`TEST_NOW_MS`]), the middle of every calendar window.
+    #[serde(default)]
+    pub now: Option<String>,
     pub task: TestTask,
     #[serde(default)]
     pub fleet: TestFleet,
@@ -861,4 +866,26 @@ pub struct TestExpect {
     /// A substring of the reason.
     #[serde(default)]
     pub reason_contains: Option<String>,
+}
+
+/// The time test cases run at unless they say: 2026-06-15T12:00:00Z (mid-window for every
+/// calendar window).
+pub const TEST_NOW_MS: u64 = 1_781_524_800_000;
+
+/// The latest `now` a test case may set, excluded: 9998-01-01T00:00:00Z, so that every
+/// time a reason names (a window's next reset, at most 366 days on) is one RFC 3339 can
+/// write (up to year 9999).
+const LAST_TEST_NOW_MS: u64 = 253_339_228_800_000;
+
+impl TestSpec {
+    /// The instant the case runs at, in Unix milliseconds; `None` for a `now` that is not
+    /// an RFC 3339 instant from 1970 to 9997.
+    pub fn now_ms(&self) -> Option<u64> {
+        match &self.now {
+            None => Some(TEST_NOW_MS),
+            Some(s) => {
+                fleet_worker::message::rfc3339_unix_ms(s).filter(|&ms| ms < LAST_TEST_NOW_MS)
+            }
+        }
+    }
 }

@@ -17,14 +17,15 @@ use crate::registry::Registry;
 use crate::route::snapshot::PoolState;
 use crate::route::{RouteSnapshot, RoutingTable};
 
-/// The time test cases run at: 2026-06-15T12:00:00Z (mid-window for every calendar window).
-pub const TEST_NOW_MS: u64 = 1_781_524_800_000;
+pub use super::schema::TEST_NOW_MS;
 
 /// One case's outcome.
 #[derive(Clone, Debug, Serialize)]
 pub struct TestOutcome {
     pub name: String,
     pub at: String,
+    /// The instant it ran at (RFC 3339).
+    pub now: String,
     pub passed: bool,
     /// What happened: action, pool, model, rule, reason.
     pub got: String,
@@ -55,11 +56,13 @@ fn run_one(
     table: &RoutingTable,
 ) -> TestOutcome {
     let spec = &t.spec;
+    // Checked when the policy was read.
+    let now_ms = spec.now_ms().unwrap_or(TEST_NOW_MS);
     let task = test_task(spec);
     let class = crate::classify::offline(rubric, &task);
     let dims = TaskDims::from_task(&task.attributes, std::iter::empty());
-    let fleet = test_fleet(spec, table);
-    let ledger = test_ledger(spec, policy, &dims, table, registry);
+    let fleet = test_fleet(spec, table, now_ms);
+    let ledger = test_ledger(spec, policy, &dims, table, registry, now_ms);
     let hints = evaluate::hints(policy);
     let queued = BTreeMap::new();
     let verdict = evaluate::evaluate(EvalInput {
@@ -76,7 +79,7 @@ fn run_one(
         queued: &queued,
         released: false,
         ran: false,
-        now_ms: TEST_NOW_MS,
+        now_ms,
         seed: 1,
         // A test case judges the policy alone, without interventions in force.
         blocks: &[],
@@ -93,6 +96,7 @@ fn run_one(
     TestOutcome {
         name: spec.name.clone(),
         at: t.at.to_string(),
+        now: super::budget::rfc3339(now_ms),
         passed: failures.is_empty(),
         got: got.summary(),
         failures,
@@ -112,7 +116,7 @@ fn test_task(spec: &TestSpec) -> Task {
 }
 
 /// The fleet: every configured pool healthy with one worker, unless the case says.
-fn test_fleet(spec: &TestSpec, table: &RoutingTable) -> RouteSnapshot {
+fn test_fleet(spec: &TestSpec, table: &RoutingTable, now_ms: u64) -> RouteSnapshot {
     let mut names: Vec<String> = table.pools.keys().cloned().collect();
     names.extend(spec.fleet.pools.keys().cloned());
     names.sort();
@@ -134,7 +138,7 @@ fn test_fleet(spec: &TestSpec, table: &RoutingTable) -> RouteSnapshot {
             }
         })
         .collect();
-    RouteSnapshot::from_pools(TEST_NOW_MS, pools)
+    RouteSnapshot::from_pools(now_ms, pools)
 }
 
 /// The ledger with what the case says each budget has spent (every value the budget
@@ -145,6 +149,7 @@ fn test_ledger(
     dims: &TaskDims,
     table: &RoutingTable,
     registry: &Registry,
+    now_ms: u64,
 ) -> Ledger {
     let mut ledger = Ledger::default();
     for (name, usd) in &spec.fleet.spent {
@@ -165,7 +170,7 @@ fn test_ledger(
                 CellKey {
                     budget: name.clone(),
                     value,
-                    bucket: b.window.bucket(TEST_NOW_MS),
+                    bucket: b.window.bucket(now_ms),
                 },
                 *usd,
             );

@@ -1002,6 +1002,91 @@ expect = { action = "dispatch", model = "claude-sonnet-4-5", rule = "cost_tier" 
     assert_eq!(results.len(), 3);
 }
 
+/// A case runs at its `now`: calendar windows and the reset times in reasons follow it,
+/// the outcome says it, and a `now` that is no instant is a problem at its line.
+#[test]
+fn a_test_case_runs_at_its_own_instant() {
+    let text = r#"
+[[budget]]
+name = "fleet-monthly"
+scope = "fleet"
+window = "month"
+limit_usd = 100.0
+action = "reject"
+
+[[test]]
+name = "mid-june: room again on the first of July"
+task = { description = "Summarise this incident report", attributes = { task_type = "summarisation" } }
+fleet = { spent = { fleet-monthly = 100.0 } }
+expect = { action = "reject", reason_contains = "room again at 2026-07-01T00:00:00Z" }
+
+[[test]]
+name = "new year's eve: room again at the new year"
+now = "2026-12-31T23:00:00+00:00"
+task = { description = "Summarise this incident report", attributes = { task_type = "summarisation" } }
+fleet = { spent = { fleet-monthly = 100.0 } }
+expect = { action = "reject", reason_contains = "room again at 2027-01-01T00:00:00Z" }
+"#;
+    let policy = parse(&[("n.policy.toml", text)]).unwrap();
+    let results = super::testcase::run(
+        &policy,
+        &Rubric::builtin().unwrap(),
+        &Registry::builtin().unwrap(),
+        &RoutingTable {
+            pools: pools(),
+            routing: Default::default(),
+        },
+    );
+    for r in &results {
+        assert!(r.passed, "{}: {} {:?}", r.name, r.got, r.failures);
+    }
+    let nows: Vec<&str> = results.iter().map(|r| r.now.as_str()).collect();
+    assert_eq!(nows, ["2026-06-15T12:00:00Z", "2026-12-31T23:00:00Z"]);
+    // The last instant allowed, with the longest rolling window: its reset is still a time
+    // RFC 3339 writes.
+    let edge = r#"
+[[budget]]
+name = "long"
+scope = "fleet"
+window = "366d"
+limit_usd = 1.0
+action = "reject"
+
+[[test]]
+name = "the last year"
+now = "9997-12-31T23:59:59Z"
+task = { description = "Summarise this incident report", attributes = { task_type = "summarisation" } }
+fleet = { spent = { long = 1.0 } }
+expect = { action = "reject", reason_contains = "room again at 9999-01-01" }
+"#;
+    let policy = parse(&[("e.policy.toml", edge)]).unwrap();
+    let results = super::testcase::run(
+        &policy,
+        &Rubric::builtin().unwrap(),
+        &Registry::builtin().unwrap(),
+        &RoutingTable {
+            pools: pools(),
+            routing: Default::default(),
+        },
+    );
+    assert!(
+        results[0].passed,
+        "{} {:?}",
+        results[0].got, results[0].failures
+    );
+    for bad in ["yesterday", "1969-12-31T23:59:59Z", "9998-01-01T00:00:00Z"] {
+        let text = format!(
+            "[[test]]\nname = \"t\"\nnow = {bad:?}\ntask = {{ description = \"x\" }}\nexpect = {{ action = \"dispatch\" }}\n"
+        );
+        let p = problems(&[("b.policy.toml", &text)]);
+        assert!(
+            has(&p, "b.policy.toml", 3, ProblemKind::BadValue),
+            "{bad}: {p:?}"
+        );
+        assert!(p[0].message.contains("not an RFC 3339 instant"), "{p:?}");
+    }
+}
+
 #[test]
 fn escalation_steps_are_checked_field_by_field() {
     let text = r#"
