@@ -254,3 +254,47 @@ fn policy_check_and_test_run_offline_against_the_example_fleet() {
         "{err}"
     );
 }
+
+/// A second commander pointed at a store another one runs on stops at once and says why
+/// in words (sled's lock), leaving the first running.
+#[test]
+fn a_second_commander_on_the_same_store_says_another_one_holds_it() {
+    let nats = fleet_testkit::NatsServer::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cmd");
+    let first = Commander::start(&crate::common::commander_options(&nats, data.clone(), ""))
+        .expect("the first commander");
+    let mut second = Command::new(env!("CARGO_BIN_EXE_commander"))
+        .arg("serve")
+        .arg("--config")
+        .arg(data.join("commander.toml"))
+        .env("FLEET_NATS_URL", nats.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    eventually_blocking(
+        "the second commander exits",
+        Duration::from_secs(60),
+        || {
+            status = second.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(!status.unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("cannot open the store in")
+            && err.contains("another process holds its lock (a commander already running on this store.data_dir?)"),
+        "{err}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ready = rt.block_on(async {
+        reqwest::get(format!("{}/readyz", first.http()))
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    assert_eq!(ready.ok(), Some(200), "the first one runs on");
+}

@@ -34,6 +34,12 @@ pub enum StoreError {
     Flush(String),
     #[error("task log: {0}")]
     Io(String),
+    /// sled's lock on its directory is held: by another commander on the same
+    /// `store.data_dir`, most likely.
+    #[error(
+        "another process holds its lock (a commander already running on this store.data_dir?): stop that one, or give each commander replica a store of its own"
+    )]
+    InUse,
 }
 
 /// Where a task is.
@@ -427,7 +433,18 @@ impl Store {
             // write throughput wins.
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(Some(1000))
-            .open()?;
+            .open()
+            .map_err(|e| match e {
+                // sled (vendor/sled, config.rs) says so in an `Other` error of its own
+                // words, the lock's error inside: the words are all there is to tell it by.
+                sled::Error::Io(io)
+                    if io.to_string().starts_with("could not acquire lock")
+                        && io.to_string().contains("WouldBlock") =>
+                {
+                    StoreError::InUse
+                }
+                e => StoreError::Sled(e),
+            })?;
         let older_ledger = || Self::ledger_in_sled(&db);
         let (tasks, opened) =
             log::TaskLog::open_adopting(&dir.join(TASK_LOG_DIR), log::SEGMENT_BYTES, older_ledger)?;
