@@ -328,6 +328,8 @@ pub struct StateCounters {
     >,
     /// Signals from new workers refused because `max_workers` were tracked, none lost.
     pub workers_refused: Counter,
+    /// Signals naming a new pool while [`MAX_POOLS`] are tracked: not taken in.
+    pub pools_refused: Counter,
     /// Lost workers forgotten early to make room for new ones (`max_workers` tracked).
     pub workers_displaced: Counter,
     /// Workers forgotten after the retention period.
@@ -369,6 +371,7 @@ impl Default for StateCounters {
                 dispatch_latency_histogram,
             ),
             workers_refused: Counter::default(),
+            pools_refused: Counter::default(),
             workers_displaced: Counter::default(),
             workers_evicted: Counter::default(),
             heartbeats_invalid: Counter::default(),
@@ -396,6 +399,11 @@ impl StateCounters {
             "workers_refused",
             "Signals from new workers refused because fleet.max_workers were tracked, none of them lost",
             self.workers_refused.clone(),
+        );
+        r.register(
+            "pools_refused",
+            "Signals naming a new pool while the live state tracked its 1,024 pools: the pool is not listed, polled or routed to by load (a pool that is not configured leaves after fleet.retention_ms idle)",
+            self.pools_refused.clone(),
         );
         r.register(
             "workers_displaced",
@@ -628,10 +636,11 @@ impl FleetState {
     /// (a misspelt `--pool` would otherwise idle unnoticed, and the tasks left in the queue
     /// of a pool taken out of the config wait unseen). Once each time the pool is taken in
     /// (it stays until [`Self::forget_idle_pools`] lets it go); past [`MAX_POOLS`] none is
-    /// taken in, and nothing is said.
+    /// taken in, and nothing is said (a log line per heartbeat would flood), but each
+    /// refusal is counted (`fleet_pools_refused_total`).
     fn take_in_pool(&mut self, pool: &str, heard: Heard<'_>) -> Option<&mut PoolAgg> {
         if self.pools.contains_key(pool) {
-            return Self::pool_mut(&mut self.pools, pool);
+            return Self::pool_mut(&mut self.pools, &self.counters, pool);
         }
         let configured = self
             .pools
@@ -640,7 +649,7 @@ impl FleetState {
             .map(|(n, _)| n.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        let agg = Self::pool_mut(&mut self.pools, pool)?;
+        let agg = Self::pool_mut(&mut self.pools, &self.counters, pool)?;
         if !configured.is_empty() {
             match heard {
                 Heard::Worker(worker) => tracing::warn!(
@@ -661,9 +670,11 @@ impl FleetState {
 
     fn pool_mut<'a>(
         pools: &'a mut BTreeMap<String, PoolAgg>,
+        counters: &StateCounters,
         name: &str,
     ) -> Option<&'a mut PoolAgg> {
         if !pools.contains_key(name) && pools.len() >= MAX_POOLS {
+            counters.pools_refused.inc();
             return None;
         }
         Some(
@@ -995,7 +1006,7 @@ impl FleetState {
                 expected_ms,
                 task_type,
             } => {
-                if let Some(p) = Self::pool_mut(&mut self.pools, &pool) {
+                if let Some(p) = Self::pool_mut(&mut self.pools, &self.counters, &pool) {
                     p.heard_ms = now_ms;
                 }
                 while self.dispatched.len() >= MAX_DISPATCHES {
@@ -1023,7 +1034,7 @@ impl FleetState {
                 dispatch_latency_ms,
             } => {
                 self.forget_dispatch(&task_id);
-                let Some(p) = Self::pool_mut(&mut self.pools, &pool) else {
+                let Some(p) = Self::pool_mut(&mut self.pools, &self.counters, &pool) else {
                     return;
                 };
                 p.heard_ms = now_ms;

@@ -351,6 +351,40 @@ fn a_pool_that_is_not_configured_is_forgotten_a_retention_after_it_was_last_hear
     assert_eq!(names(&f, at + 62 * S), ["cdoe", "code", "delta"]);
 }
 
+/// The live state tracks at most `MAX_POOLS` pools: a new one past them is counted, not
+/// taken in, until pools that are not configured are forgotten and make room.
+#[test]
+fn pools_past_the_bound_are_counted_and_room_comes_back_as_idle_ones_leave() {
+    let mut f = fleet();
+    let max = crate::fleet::MAX_POOLS;
+    // `code` is configured: max - 1 more fit, and three do not.
+    for i in 0..max + 2 {
+        let hb = Heartbeat {
+            pool: format!("p{i}"),
+            ..heartbeat(&format!("w{i}"), &[])
+        };
+        f.apply_heartbeat(&hb, T0);
+    }
+    assert_eq!(f.snapshot(T0).pools.len(), max);
+    assert_eq!(f.counters.pools_refused.get(), 3);
+    // Every worker stops: lost, then forgotten with its pool a retention later.
+    f.tick(T0 + 80 * S);
+    let left: Vec<String> = f
+        .snapshot(T0 + 80 * S)
+        .pools
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(left, ["code"]);
+    let late = Heartbeat {
+        pool: "late".into(),
+        ..heartbeat("w-late", &[])
+    };
+    f.apply_heartbeat(&late, T0 + 81 * S);
+    assert_eq!(f.snapshot(T0 + 81 * S).pools.len(), 2, "room again");
+    assert_eq!(f.counters.pools_refused.get(), 3);
+}
+
 #[test]
 fn a_full_table_makes_room_by_forgetting_the_longest_silent_lost_worker() {
     let reg = crate::hot::fixed(Registry::builtin().unwrap());
