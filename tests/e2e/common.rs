@@ -110,15 +110,18 @@ impl Stack {
 
     /// Fetches /metrics and returns the value of one sample line (name with labels).
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self
-            .get("/metrics")
+        sample_value(&self.metrics_text().await, sample)
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        self.get("/metrics")
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        sample_value(&text, sample)
+            .unwrap()
     }
 }
 

@@ -558,12 +558,7 @@ async fn metrics_pass_promtool_and_the_grafana_board_reads_only_metrics_that_exi
             >= 1.0
     })
     .await;
-    let text = reqwest::get(stack.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.metrics_text().await;
 
     let mut child = std::process::Command::new(promtool())
         .args(["check", "metrics"])
@@ -834,12 +829,7 @@ async fn a_worker_of_a_pool_that_is_not_configured_is_named() {
     );
     let listed = async || {
         let pools = stack.get_json("/v1/pools").await;
-        let metrics = reqwest::get(stack.http("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = stack.metrics_text().await;
         let in_pools = pools["pools"]
             .as_array()
             .is_some_and(|p| p.iter().any(|p| p["name"] == "alpah"));

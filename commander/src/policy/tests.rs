@@ -17,6 +17,19 @@ use crate::registry::Registry;
 use crate::route::{RouteSnapshot, RoutingTable};
 use crate::store::Store;
 
+/// Runs `policy`'s test cases against the built-in rubric and registry and [`pools`].
+fn run_cases(policy: &Policy) -> Vec<super::testcase::TestOutcome> {
+    super::testcase::run(
+        policy,
+        &Rubric::builtin().unwrap(),
+        &Registry::builtin().unwrap(),
+        &RoutingTable {
+            pools: pools(),
+            routing: Default::default(),
+        },
+    )
+}
+
 fn pools() -> BTreeMap<String, PoolConfig> {
     [
         ("code", &["code", "review"][..]),
@@ -987,15 +1000,7 @@ task = { description = "Write a rate limiter in Go", priority = 8, attributes = 
 expect = { action = "dispatch", model = "claude-sonnet-4-5", rule = "cost_tier" }
 "#;
     let policy = parse(&[("d.policy.toml", text)]).unwrap();
-    let results = super::testcase::run(
-        &policy,
-        &Rubric::builtin().unwrap(),
-        &Registry::builtin().unwrap(),
-        &RoutingTable {
-            pools: pools(),
-            routing: Default::default(),
-        },
-    );
+    let results = run_cases(&policy);
     for r in &results {
         assert!(r.passed, "{}: {} {:?}", r.name, r.got, r.failures);
     }
@@ -1028,15 +1033,7 @@ fleet = { spent = { fleet-monthly = 100.0 } }
 expect = { action = "reject", reason_contains = "room again at 2027-01-01T00:00:00Z" }
 "#;
     let policy = parse(&[("n.policy.toml", text)]).unwrap();
-    let results = super::testcase::run(
-        &policy,
-        &Rubric::builtin().unwrap(),
-        &Registry::builtin().unwrap(),
-        &RoutingTable {
-            pools: pools(),
-            routing: Default::default(),
-        },
-    );
+    let results = run_cases(&policy);
     for r in &results {
         assert!(r.passed, "{}: {} {:?}", r.name, r.got, r.failures);
     }
@@ -1060,15 +1057,7 @@ fleet = { spent = { long = 1.0 } }
 expect = { action = "reject", reason_contains = "room again at 9999-01-01" }
 "#;
     let policy = parse(&[("e.policy.toml", edge)]).unwrap();
-    let results = super::testcase::run(
-        &policy,
-        &Rubric::builtin().unwrap(),
-        &Registry::builtin().unwrap(),
-        &RoutingTable {
-            pools: pools(),
-            routing: Default::default(),
-        },
-    );
+    let results = run_cases(&policy);
     assert!(
         results[0].passed,
         "{} {:?}",
