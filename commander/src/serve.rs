@@ -137,7 +137,6 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     let js = jetstream_context(client, &config);
     let (streams, replica) = set_up_streams(&config, &js, &subjects, &store).await?;
     let instance = format!("commander-{}", std::process::id());
-    let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance);
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -149,8 +148,6 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     supervisor.register(&mut registry);
     store.register(&mut registry);
     let (fleet, fleet_task) = start_fleet(&config, &engine, &supervisor, &stop_rx, &mut registry);
-    let classifier =
-        start_classifier(&config, &engine, (&spans, &fleet, &instance), &mut registry)?;
     let wiring = Wiring {
         config: &config,
         client,
@@ -165,6 +162,9 @@ async fn run(config: Config, store: Store, conn: &broker::Connection) -> Result<
     };
     let (traces, tap, mut telemetry_tasks) =
         start_traces(&wiring, &store, (&engine, &fleet), &mut registry)?;
+    let (spans, spans_task) = own_spans(&conn.telemetry, &subjects, &instance, tap.clone());
+    let classifier =
+        start_classifier(&config, &engine, (&spans, &fleet, &instance), &mut registry)?;
     telemetry_tasks.extend(start_telemetry(&wiring, tap, &metrics, &fleet, &mut registry).await?);
 
     let (events, decisions) = open_decision_log(&store, &mut registry, config.http.max_streams)?;
@@ -761,13 +761,18 @@ async fn set_up_streams(
 }
 
 /// The exporter of the commander's own spans (dispatch, classifier calls), on
-/// `<prefix>.telemetry._commander.<instance>`.
+/// `<prefix>.telemetry._commander.<instance>`; each batch also goes to this replica's
+/// trace keeper, which keeps the spans with the traces they belong to.
 fn own_spans(
     client: &async_nats::Client,
     subjects: &fleet_worker::Subjects,
     instance: &str,
+    keeper: Option<crate::ingest::TraceTap>,
 ) -> (SpanExporter, tokio::task::JoinHandle<()>) {
-    SpanExporter::start(
+    let tap = keeper.map(|k| -> fleet_worker::span::ExportTap {
+        Box::new(move |body: &bytes::Bytes, spans| k.offer_commander(body.clone(), spans))
+    });
+    SpanExporter::start_tapped(
         client.clone(),
         subjects.telemetry("_commander", instance),
         vec![
@@ -782,6 +787,7 @@ fn own_spans(
             ),
         ],
         ExportConfig::default(),
+        tap,
     )
 }
 

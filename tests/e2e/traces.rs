@@ -64,13 +64,17 @@ fn trace_id(n: u64) -> Vec<u8> {
     t
 }
 
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
 /// An agent's run: a root `invoke_agent` span and one chat call carrying `pii` in its
 /// messages; the call failed when `error`.
 fn agent_run(n: u64, pii: &str, error: bool) -> ExportTraceServiceRequest {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let now = now_ns();
     let root = (n << 8 | 1).to_be_bytes().to_vec();
     let spans = vec![
         Span {
@@ -324,6 +328,54 @@ timeout_ms = 500
         .unwrap();
     assert_eq!(r.status, ResultStatus::Failed);
 
+    // Another replica's own spans, on its subject: garbage is refused; the dispatch span
+    // of run 0 (kept: its call fails) waits for its trace and is kept with it.
+    let other = "fleet.telemetry._commander.commander-4242";
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        fleet_worker::protocol::headers::KIND,
+        fleet_worker::protocol::kinds::OTLP_TRACES,
+    );
+    stack
+        .client
+        .publish_with_headers(other, h.clone(), "not an export".into())
+        .await
+        .unwrap();
+    let dispatch = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "fleet-commander")],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: trace_id(0),
+                    span_id: vec![0xD1; 8],
+                    name: "send fleet.work.code".into(),
+                    kind: 4,
+                    start_time_unix_nano: now_ns() - 100_000_000,
+                    end_time_unix_nano: now_ns() - 99_000_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    stack
+        .client
+        .publish_with_headers(other, h, dispatch.encode_to_vec().into())
+        .await
+        .unwrap();
+    stack.client.flush().await.unwrap();
+    eventually("the other replica's span is taken in", WAIT, async || {
+        stack
+            .metric("fleet_trace_spans_total{outcome=\"commander\"}")
+            .await
+            >= 2.0
+    })
+    .await;
+
     // Sixty agent runs over OTLP/HTTP, every tenth failing.
     let http = reqwest::Client::new();
     let otlp = format!("{}/v1/traces", stack.commander.otlp_http().unwrap());
@@ -380,9 +432,35 @@ timeout_ms = 500
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert!(names.iter().any(|n| n.contains("send_mail")), "{names:?}");
+    // The trace starts at the commander: its dispatch span, the worker's run under it.
+    let spans = tree["span_tree"].as_array().unwrap();
+    let send = spans
+        .iter()
+        .find(|s| s["name"] == "send fleet.work.code")
+        .unwrap_or_else(|| panic!("the commander's dispatch span is kept: {names:?}"));
+    assert_eq!(send["attributes"]["fleet.task.id"], task_id.as_str());
+    assert_eq!(send["attributes"]["fleet.pool"], "code");
+    let process = spans
+        .iter()
+        .find(|s| s["kind"] == "consumer")
+        .expect("the worker's run");
+    assert_eq!(process["parent_span_id"], send["span_id"]);
+    assert_eq!(
+        process["depth"].as_u64().unwrap(),
+        send["depth"].as_u64().unwrap() + 1
+    );
+    assert_eq!(tree["spans"].as_u64().unwrap() as usize, spans.len());
     assert!(
         !tree.to_string().contains("ops@example.org"),
         "redacted before storage"
+    );
+    let run0 = stack
+        .get_json(&format!("/v1/traces/{}", hex(&trace_id(0))))
+        .await;
+    assert_eq!(run0["spans"], 3, "{run0}");
+    assert_eq!(
+        run0["span_tree"][0]["name"], "send fleet.work.code",
+        "{run0}"
     );
 
     // The receivers get exactly those traces, redacted.
@@ -447,6 +525,9 @@ timeout_ms = 500
     // The live state saw every run, kept or not.
     let fleet = stack.get_json("/v1/workers?pool=code").await;
     assert!(fleet["total"].as_u64().unwrap() >= 3, "{fleet}");
+    // ... and no commander among the workers.
+    let all = stack.get_json("/v1/workers").await;
+    assert!(!all.to_string().contains("fleet-commander"), "{all}");
 }
 
 /// A NATS server and commanders that keep every trace and export to one collector.

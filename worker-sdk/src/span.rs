@@ -393,6 +393,19 @@ impl Default for ExportConfig {
     }
 }
 
+/// Sees every batch an exporter publishes, as the OTLP protobuf export it publishes and
+/// the number of spans in it, just before it is published (whether or not the publish
+/// then succeeds). Called on the exporter's task: it must not block.
+pub type ExportTap = Box<dyn Fn(&Bytes, u64) + Send + Sync>;
+
+/// Where the exporter's batches go.
+struct Sink {
+    client: async_nats::Client,
+    subject: String,
+    resource: Vec<(String, AttrValue)>,
+    tap: Option<ExportTap>,
+}
+
 impl SpanExporter {
     /// Starts the exporter task publishing to `subject` with the given resource attributes.
     pub fn start(
@@ -401,13 +414,30 @@ impl SpanExporter {
         resource: Vec<(String, AttrValue)>,
         config: ExportConfig,
     ) -> (Self, JoinHandle<()>) {
+        Self::start_tapped(client, subject, resource, config, None)
+    }
+
+    /// [`SpanExporter::start`], with every batch also handed to `tap` (the commander keeps
+    /// its own spans beside the traces they belong to this way, without reading them back
+    /// from NATS).
+    pub fn start_tapped(
+        client: async_nats::Client,
+        subject: String,
+        resource: Vec<(String, AttrValue)>,
+        config: ExportConfig,
+        tap: Option<ExportTap>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(ExportStats::default());
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(run_exporter(
+        let sink = Sink {
             client,
             subject,
             resource,
+            tap,
+        };
+        let task = tokio::spawn(run_exporter(
+            sink,
             config,
             (rx, stop.clone()),
             stats.clone(),
@@ -440,9 +470,7 @@ impl SpanExporter {
 }
 
 async fn run_exporter(
-    client: async_nats::Client,
-    subject: String,
-    resource: Vec<(String, AttrValue)>,
+    sink: Sink,
     config: ExportConfig,
     (mut rx, stop): (mpsc::Receiver<SpanRecord>, Arc<Notify>),
     stats: Arc<ExportStats>,
@@ -456,7 +484,7 @@ async fn run_exporter(
                 Some(span) => {
                     batch.push(span);
                     if batch.len() >= config.max_batch {
-                        publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+                        publish_batch(&sink, &mut batch, &stats).await;
                     }
                 }
                 // Every sender is gone.
@@ -464,7 +492,7 @@ async fn run_exporter(
             },
             _ = tick.tick() => {
                 if !batch.is_empty() {
-                    publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+                    publish_batch(&sink, &mut batch, &stats).await;
                 }
             }
             () = stop.notified() => {
@@ -477,30 +505,28 @@ async fn run_exporter(
     while let Some(span) = rx.recv().await {
         batch.push(span);
         if batch.len() >= config.max_batch {
-            publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+            publish_batch(&sink, &mut batch, &stats).await;
         }
     }
     if !batch.is_empty() {
-        publish_batch(&client, &subject, &resource, &mut batch, &stats).await;
+        publish_batch(&sink, &mut batch, &stats).await;
     }
-    let _ = client.flush().await;
+    let _ = sink.client.flush().await;
 }
 
-async fn publish_batch(
-    client: &async_nats::Client,
-    subject: &str,
-    resource: &[(String, AttrValue)],
-    batch: &mut Vec<SpanRecord>,
-    stats: &ExportStats,
-) {
+async fn publish_batch(sink: &Sink, batch: &mut Vec<SpanRecord>, stats: &ExportStats) {
     let n = batch.len() as u64;
-    let payload = Bytes::from(encode_otlp(resource, batch));
+    let payload = Bytes::from(encode_otlp(&sink.resource, batch));
     batch.clear();
+    if let Some(tap) = &sink.tap {
+        tap(&payload, n);
+    }
     let mut headers = HeaderMap::new();
     headers.insert(headers::KIND, kinds::OTLP_TRACES);
     headers.insert(headers::CONTENT_TYPE, "application/x-protobuf");
-    match client
-        .publish_with_headers(subject.to_string(), headers, payload)
+    match sink
+        .client
+        .publish_with_headers(sink.subject.clone(), headers, payload)
         .await
     {
         Ok(()) => {

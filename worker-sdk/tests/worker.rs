@@ -702,3 +702,57 @@ async fn deadlines_with_utc_offsets_are_read_as_the_instants_they_name() {
     );
     worker.shutdown().await;
 }
+
+/// An exporter's tap sees every batch it publishes, the same bytes in the same order, with
+/// the number of spans in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_s_tap_sees_every_batch_it_publishes() {
+    use fleet_worker::span::{ExportConfig, SpanExporter, SpanKind, SpanRecord};
+    use fleet_worker::trace::{SpanId, TraceId};
+    let nats = NatsServer::start().expect("nats-server");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut sub = client.subscribe("spans.test").await.unwrap();
+    client.flush().await.unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<(bytes::Bytes, u64)>>> = Arc::default();
+    let tap = {
+        let seen = seen.clone();
+        Box::new(move |b: &bytes::Bytes, n: u64| seen.lock().unwrap().push((b.clone(), n)))
+    };
+    let (exporter, task) = SpanExporter::start_tapped(
+        client.clone(),
+        "spans.test".into(),
+        vec![("service.name".into(), "tapped".into())],
+        ExportConfig {
+            max_batch: 2,
+            flush_interval: Duration::from_secs(60),
+            ..Default::default()
+        },
+        Some(tap),
+    );
+    for n in 0..5u8 {
+        let mut s = SpanRecord::new(
+            "op",
+            SpanKind::Internal,
+            TraceId([n + 1; 16]),
+            SpanId([9; 8]),
+        );
+        s.end = std::time::SystemTime::now();
+        exporter.record(s);
+    }
+    exporter.shutdown();
+    task.await.unwrap();
+    let mut published = Vec::new();
+    while published.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("three batches published")
+            .unwrap();
+        published.push(m.payload);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [2, 2, 1]);
+    assert_eq!(
+        seen.into_iter().map(|(b, _)| b).collect::<Vec<_>>(),
+        published
+    );
+}

@@ -90,6 +90,10 @@ pub struct TraceBatch {
     pub body: bytes::Bytes,
     /// The export's valid spans as the live state read them, in order.
     pub facts: Vec<crate::domain::SpanFacts>,
+    /// A commander replica's own spans (dispatch, classifier calls): they join the trace
+    /// they belong to when the keeper keeps it, but never make or decide one, and the live
+    /// state never reads them (`facts` is empty).
+    pub commander: bool,
     /// Its share of the queue's byte budget, given back when the batch is dropped.
     _queued: Option<QueuedBytes>,
 }
@@ -101,7 +105,16 @@ impl TraceBatch {
         Self {
             body,
             facts,
+            commander: false,
             _queued: None,
+        }
+    }
+
+    /// A commander's own export (`commander`).
+    pub fn commander(body: bytes::Bytes) -> Self {
+        Self {
+            commander: true,
+            ..Self::new(body, Vec::new())
         }
     }
 
@@ -176,6 +189,17 @@ impl TraceTap {
     fn shed(&self, spans: u64) {
         self.shed_spans
             .fetch_add(spans, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A commander's own export, for the keeper to keep beside its trace; shed (counted)
+    /// when the queue is full, as any other export's keeping is. Never waits.
+    pub fn offer_commander(&self, body: bytes::Bytes, spans: u64) {
+        let Some(permit) = self.reserve(spans) else {
+            return;
+        };
+        if let Some(batch) = self.admit(TraceBatch::commander(body), spans) {
+            permit.send(batch);
+        }
     }
 
     /// `batch` holding its bytes of the budget; `None` (shed, counted) past it.
@@ -288,6 +312,27 @@ impl Ingestor {
             rejected: rejected.count,
             message: rejected.message(),
         })
+    }
+
+    /// Another commander replica's own spans (its export on
+    /// `<prefix>.telemetry._commander.<instance>`): through the decode limits, then to the
+    /// trace keeper only (`TraceBatch::commander`); the live state never reads them. Off
+    /// when trace keeping is.
+    pub fn commander_spans(&self, body: bytes::Bytes) -> Result<(), IngestError> {
+        let Some(tap) = &self.traces else {
+            return Ok(());
+        };
+        limits::check_protobuf(limits::Signal::Traces, &body, self.limits)?;
+        let req = normalise::wire::TraceRequest::parse(&body)
+            .map_err(|e| IngestError::Decode(e.to_string()))?;
+        let spans: u64 = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len() as u64)
+            .sum();
+        tap.offer_commander(body, spans);
+        Ok(())
     }
 
     pub fn metrics(

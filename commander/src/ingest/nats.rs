@@ -43,10 +43,16 @@ pub async fn run(
             m = sub.next() => match m { Some(m) => m, None => break },
             _ = stop.changed() => break,
         };
+        let kind = header(msg.headers.as_ref(), headers::KIND).unwrap_or("");
         if msg.subject.starts_with(own.as_str()) {
+            // Another replica's own spans (this connection never hears its own: no echo).
+            if kind == kinds::OTLP_TRACES
+                && let Err(e) = ingestor.commander_spans(msg.payload)
+            {
+                tracing::debug!(subject = %msg.subject, error = %e, "commander spans refused");
+            }
             continue;
         }
-        let kind = header(msg.headers.as_ref(), headers::KIND).unwrap_or("");
         if let Err(e) = handle(&ingestor, kind, &msg.subject, msg.payload) {
             match e {
                 IngestError::Overloaded(_) | IngestError::Stopped => {}

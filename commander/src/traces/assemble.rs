@@ -6,6 +6,10 @@
 //! Spans are exported when they end, so children usually come first and the root last.
 //! When the held bytes pass the budget the oldest traces are decided early, on what is
 //! known, and counted. Pure: the caller passes the time.
+//!
+//! A commander's own spans (its dispatch span, its classifier calls) ride along: each
+//! joins its trace's held spans, or waits, bounded, for the trace's first span to come;
+//! it never makes a trace complete or counts in its decision (`Held::commander`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -38,6 +42,8 @@ pub struct Held {
     /// The span's name, for a trace's root.
     pub root_name: Option<String>,
     pub facts: SpanFacts,
+    /// A commander's own span: kept with its trace, never read to decide it.
+    pub commander: bool,
 }
 
 /// One valid span of an export, as its protobuf bytes.
@@ -49,6 +55,37 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
     /// The name of a span that may be a root (no parent, or a CONSUMER span).
     pub name: Option<String>,
+    pub parent_span_id: Option<[u8; 8]>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+impl Encoded {
+    /// A commander's own span, held with only its ids and times as facts.
+    fn into_commander(self) -> Held {
+        let facts = SpanFacts {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent_span_id: self.parent_span_id,
+            start_ns: self.start_ns,
+            end_ns: self.end_ns,
+            error: false,
+            operation: crate::domain::Operation::None,
+            task_root: false,
+            usage: None,
+            model: None,
+            task_id: None,
+            task_type: None,
+            identity: Arc::default(),
+        };
+        Held {
+            origin: self.origin,
+            span: self.bytes,
+            root_name: None,
+            facts,
+            commander: true,
+        }
+    }
 }
 
 const SPAN_KIND_CONSUMER: i32 = 5;
@@ -84,6 +121,9 @@ pub fn spans_of(body: &bytes::Bytes) -> Option<Vec<Encoded>> {
                     span_id,
                     bytes: bytes.to_vec(),
                     name: maybe_root.then(|| String::from_utf8_lossy(&head.name).into_owned()),
+                    parent_span_id: valid8(&head.parent_span_id),
+                    start_ns: head.start_time_unix_nano,
+                    end_ns: head.end_time_unix_nano,
                 });
             }
         }
@@ -139,6 +179,10 @@ mod shallow {
         pub name: Bytes,
         #[prost(int32, tag = "6")]
         pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
     }
 }
 
@@ -197,6 +241,8 @@ pub struct Bounds {
     pub max_bytes: usize,
     /// Decided traces remembered, so late spans follow their trace's decision.
     pub remember: usize,
+    /// Bytes of commander spans waiting for their trace's first span, at most.
+    pub commander_bytes: usize,
 }
 
 /// What `add` found.
@@ -217,6 +263,27 @@ pub struct Assembler {
     bytes: usize,
     decided: HashMap<[u8; 16], bool>,
     decided_order: VecDeque<[u8; 16]>,
+    /// Commander spans whose trace has no span held yet, by trace.
+    waiting: HashMap<[u8; 16], Waiting>,
+    /// Arrival order of `waiting` (an entry may be stale, as in `by_first`).
+    waiting_order: VecDeque<(u64, [u8; 16])>,
+    waiting_bytes: usize,
+    /// Commander spans that left without meeting their trace, since the last `unmatched`.
+    unmatched: u64,
+}
+
+/// Commander spans of one trace waiting for its first other span.
+#[derive(Debug)]
+struct Waiting {
+    first_ms: u64,
+    spans: Vec<Held>,
+    bytes: usize,
+}
+
+/// What one span holds of the budget: the struct and its place in the map, besides what
+/// it encodes to.
+fn held_size(h: &Held) -> usize {
+    h.span.len() + 160
 }
 
 fn valid16(b: &[u8]) -> Option<[u8; 16]> {
@@ -239,6 +306,78 @@ impl Assembler {
             bytes: 0,
             decided: HashMap::new(),
             decided_order: VecDeque::new(),
+            waiting: HashMap::new(),
+            waiting_order: VecDeque::new(),
+            waiting_bytes: 0,
+            unmatched: 0,
+        }
+    }
+
+    /// Commander spans that left without meeting their trace since the last call: their
+    /// trace's spans never came within the lifetime, or the budget pushed them out.
+    pub fn unmatched(&mut self) -> u64 {
+        std::mem::take(&mut self.unmatched)
+    }
+
+    /// Takes a commander's own spans: each joins its trace if that is held, follows its
+    /// decision if it was decided (`Added::late`), else waits for the trace's first span
+    /// (the oldest waiting leave, unmatched, past `Bounds::commander_bytes`).
+    pub fn add_commander(&mut self, spans: Vec<Encoded>, now_ms: u64) -> Added {
+        let mut late: HashMap<[u8; 16], Late> = HashMap::new();
+        for e in spans {
+            let trace_id = e.trace_id;
+            let held = e.into_commander();
+            if let Some(kept) = self.decided.get(&trace_id) {
+                late.entry(trace_id)
+                    .or_insert_with(|| Late {
+                        trace_id,
+                        kept: *kept,
+                        spans: Vec::new(),
+                    })
+                    .spans
+                    .push(held);
+            } else if let Some(p) = self.pending.get_mut(&trace_id) {
+                let size = held_size(&held);
+                p.spans.push(held);
+                p.bytes += size;
+                self.bytes += size;
+            } else {
+                let size = held_size(&held);
+                let w = self.waiting.entry(trace_id).or_insert_with(|| {
+                    self.waiting_order.push_back((now_ms, trace_id));
+                    Waiting {
+                        first_ms: now_ms,
+                        spans: Vec::new(),
+                        bytes: 0,
+                    }
+                });
+                w.spans.push(held);
+                w.bytes += size;
+                self.waiting_bytes += size;
+            }
+        }
+        self.expire_waiting(now_ms);
+        Added {
+            late: late.into_values().collect(),
+        }
+    }
+
+    /// Waiting commander spans older than the lifetime leave, then the oldest while they
+    /// hold more than their budget.
+    fn expire_waiting(&mut self, now_ms: u64) {
+        let life = self.bounds.max_lifetime_ms;
+        while let Some(&(at, id)) = self.waiting_order.front() {
+            if at.saturating_add(life) > now_ms && self.waiting_bytes <= self.bounds.commander_bytes
+            {
+                break;
+            }
+            self.waiting_order.pop_front();
+            if self.waiting.get(&id).is_some_and(|w| w.first_ms == at)
+                && let Some(w) = self.waiting.remove(&id)
+            {
+                self.waiting_bytes = self.waiting_bytes.saturating_sub(w.bytes);
+                self.unmatched += w.spans.len() as u64;
+            }
         }
     }
 
@@ -267,6 +406,7 @@ impl Assembler {
                 span: e.bytes,
                 root_name: e.name,
                 facts: f,
+                commander: false,
             };
             if let Some(kept) = self.decided.get(&trace_id) {
                 late.entry(trace_id)
@@ -286,9 +426,12 @@ impl Assembler {
     }
 
     fn hold(&mut self, trace_id: [u8; 16], held: Held, now_ms: u64) {
-        // The struct and its place in the map, besides what it encodes to.
-        let size = held.span.len() + 160;
+        let size = held_size(&held);
         let is_root = held.facts.task_root || held.facts.parent_span_id.is_none();
+        let waited = match self.pending.contains_key(&trace_id) {
+            true => None,
+            false => self.waiting.remove(&trace_id),
+        };
         let p = self.pending.entry(trace_id).or_insert_with(|| {
             self.by_first.push_back((now_ms, trace_id));
             Pending {
@@ -299,6 +442,12 @@ impl Assembler {
                 root_ms: None,
             }
         });
+        if let Some(w) = waited {
+            self.waiting_bytes = self.waiting_bytes.saturating_sub(w.bytes);
+            p.spans.extend(w.spans);
+            p.bytes += w.bytes;
+            self.bytes += w.bytes;
+        }
         p.spans.push(held);
         p.bytes += size;
         self.bytes += size;
@@ -311,6 +460,7 @@ impl Assembler {
     /// Traces due at `now_ms`: complete ones past the decision wait, old ones past their
     /// lifetime, then the oldest while the budget is passed.
     pub fn due(&mut self, now_ms: u64) -> Vec<(Pending, Ending)> {
+        self.expire_waiting(now_ms);
         let mut out = Vec::new();
         let wait = self.bounds.decision_wait_ms;
         while let Some(&(at, id)) = self.by_root.front() {
@@ -349,6 +499,10 @@ impl Assembler {
     pub fn drain(&mut self) -> Vec<Pending> {
         self.by_first.clear();
         self.by_root.clear();
+        self.waiting_order.clear();
+        self.waiting_bytes = 0;
+        let waited: usize = self.waiting.drain().map(|(_, w)| w.spans.len()).sum();
+        self.unmatched += waited as u64;
         self.bytes = 0;
         self.pending.drain().map(|(_, p)| p).collect()
     }

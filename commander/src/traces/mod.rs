@@ -164,6 +164,9 @@ fn bounds(c: &TracesConfig) -> Bounds {
         max_lifetime_ms: c.max_trace_s.saturating_mul(1000),
         max_bytes: c.buffer_bytes,
         remember: c.remember_traces,
+        // A commander's spans wait for their trace's first worker span: a queue wait and
+        // the run's first LLM call or tool, a small share of what assembling holds.
+        commander_bytes: c.buffer_bytes / 4,
     }
 }
 
@@ -211,16 +214,25 @@ impl Keeper {
             self.w.counters.span("undecodable", 1);
             return;
         };
-        let facts = batch.facts;
-        let n = facts.len() as u64;
-        let added = self.assembler.add(spans, facts, now_ms);
+        let (n, added, outcome) = if batch.commander {
+            let n = spans.len() as u64;
+            (n, self.assembler.add_commander(spans, now_ms), "commander")
+        } else {
+            let n = batch.facts.len() as u64;
+            (n, self.assembler.add(spans, batch.facts, now_ms), "held")
+        };
         let late: u64 = added.late.iter().map(|l| l.spans.len() as u64).sum();
-        self.w.counters.span("held", n.saturating_sub(late));
-        if added.late.is_empty() {
+        self.w.counters.span(outcome, n.saturating_sub(late));
+        self.late(added.late, now_ms);
+    }
+
+    /// Spans of traces already decided follow the decision.
+    fn late(&mut self, late: Vec<assemble::Late>, now_ms: u64) {
+        if late.is_empty() {
             return;
         }
         let live = self.w.engine.live();
-        for l in added.late {
+        for l in late {
             if !l.kept {
                 self.w.counters.span("late_dropped", l.spans.len() as u64);
                 continue;
@@ -249,6 +261,7 @@ impl Keeper {
             self.shed_seen = shed;
         }
         let due = self.assembler.due(now_ms);
+        self.count_unmatched();
         if !due.is_empty() {
             let live = self.w.engine.live();
             let figures: Vec<(&str, TypeFigures)> = snapshot
@@ -328,7 +341,8 @@ impl Keeper {
         let mut run: Option<(u64, u64)> = None;
         let mut workers = BTreeSet::new();
         let mut tasks = BTreeSet::new();
-        for h in &p.spans {
+        // A commander's spans ride along: the sampler judges the run.
+        for h in p.spans.iter().filter(|h| !h.commander) {
             let f = &h.facts;
             s.error |= f.error;
             start = start.min(f.start_ns);
@@ -468,6 +482,13 @@ impl Keeper {
         r
     }
 
+    fn count_unmatched(&mut self) {
+        let unmatched = self.assembler.unmatched();
+        if unmatched > 0 {
+            self.w.counters.span("commander_unmatched", unmatched);
+        }
+    }
+
     /// Everything still assembling is decided (at shutdown).
     pub fn flush(&mut self) {
         let now_ms = self.w.clock.now_ms();
@@ -475,6 +496,7 @@ impl Keeper {
         for p in self.assembler.drain() {
             self.decide(p, Ending::Lifetime, &live, &[], now_ms);
         }
+        self.count_unmatched();
     }
 
     /// Old traces out, then the oldest while over the byte budget.
@@ -529,7 +551,7 @@ fn rule_rate(spans: &[Held], rules: &[crate::policy::schema::SamplingRule]) -> O
             }
         }
     };
-    for h in spans {
+    for h in spans.iter().filter(|h| !h.commander) {
         if let Some(span) = h.decode() {
             consider(&span.attributes);
         }
@@ -574,6 +596,11 @@ fn summarise(
     for h in &p.spans {
         let f = &h.facts;
         start = start.min(f.start_ns);
+        // A commander's span (its dispatch, its classifier calls) starts the trace; the
+        // rest of the summary is the run's, as the sampler read it.
+        if h.commander {
+            continue;
+        }
         if let Some(u) = &f.usage
             && f.operation.is_billed()
         {

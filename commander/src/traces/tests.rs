@@ -703,3 +703,201 @@ fn held_spans_are_the_exports_own_bytes() {
     }
     assert!(super::assemble::spans_of(&body.slice(..body.len() / 2)).is_none());
 }
+
+/// A commander's own export for trace `n`: its dispatch span (no parent: the producer sent
+/// no trace context), which failed to please nobody in particular (error status: it must
+/// not decide the trace), and a classifier call with tokens (they must not price the run).
+fn commander_export(n: u64, attempt: i64) -> TraceBatch {
+    use prost::Message;
+    let start = T0 * 1_000_000 - 5_000_000;
+    let spans = vec![
+        Span {
+            trace_id: id16(n),
+            span_id: id8(n, 50 + attempt as u64),
+            name: "send fleet.work.docs".into(),
+            kind: span::SpanKind::Producer as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + 1_000_000,
+            attributes: vec![
+                kv("fleet.task.id", s(&format!("t-{n}"))),
+                kv("fleet.attempt", i(attempt)),
+                kv("team", s("payments")),
+            ],
+            status: Some(Status {
+                code: 2,
+                message: "not the run's".into(),
+            }),
+            ..Default::default()
+        },
+        Span {
+            trace_id: id16(n),
+            span_id: id8(n, 60 + attempt as u64),
+            name: "chat gpt-4o-mini".into(),
+            kind: span::SpanKind::Client as i32,
+            start_time_unix_nano: start - 2_000_000,
+            end_time_unix_nano: start - 1_000_000,
+            attributes: vec![
+                kv("gen_ai.operation.name", s("chat")),
+                kv("gen_ai.request.model", s("gpt-4o-mini")),
+                kv("gen_ai.usage.input_tokens", i(1_000_000)),
+                kv("gen_ai.usage.output_tokens", i(1_000_000)),
+            ],
+            ..Default::default()
+        },
+    ];
+    let req = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", s("fleet-commander"))],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    TraceBatch::commander(req.encode_to_vec().into())
+}
+
+/// A run of trace `n` whose root is a child of the commander's dispatch span.
+fn dispatched_run(n: u64, error: bool) -> Vec<Span> {
+    let mut spans = run(n, &format!("t-{n}"), "w-1", 2, "x", error);
+    if let Some(root) = spans.last_mut() {
+        root.parent_span_id = id8(n, 51);
+    }
+    spans
+}
+
+fn span_count(f: &Fixture, outcome: &'static str) -> u64 {
+    f.keeper
+        .w
+        .counters
+        .spans
+        .get_or_create(&SpanLabels { outcome })
+        .get()
+}
+
+fn stored_names(f: &Fixture, n: u64) -> Vec<String> {
+    let stored = f.store.get(&id16(n)).unwrap().unwrap();
+    let mut names: Vec<String> = stored
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .map(|s| s.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The commander's own spans (its dispatch span, its classifier calls) are kept with the
+/// trace they belong to, whichever comes first, and follow the decision when they come
+/// after it; they never make a trace complete, keep it, or add to its cost; and those
+/// whose trace never comes leave after the lifetime, counted.
+#[test]
+fn a_commanders_own_spans_join_their_trace_without_deciding_it() {
+    // The dispatch span carries the producer's baggage (`team`): a rule on it does not
+    // read the commander's spans either.
+    const POLICY: &str = r#"
+[sampling]
+healthy_rate = 0.0
+rule = [{ attribute = "team", value = "payments", rate = 1.0 }]
+"#;
+    let mut f = fixture(POLICY, config());
+    f.fleet.set_snapshot(measured_qa());
+    let worker_only = {
+        let mut g = fixture(POLICY, config());
+        g.fleet.set_snapshot(measured_qa());
+        feed(&mut g, export("w-1", "x", dispatched_run(1, true)));
+        g.clock.set(T0 + 2_000);
+        g.tick();
+        g.store.summary(&id16(1)).unwrap().unwrap()
+    };
+    // Trace 1: the commander's spans come first and wait; then the failed run.
+    f.keeper.add(commander_export(1, 1));
+    assert_eq!(f.keeper.assembler.traces(), 0, "they do not start a trace");
+    f.clock.set(T0 + 500);
+    f.tick();
+    feed(&mut f, export("w-1", "x", dispatched_run(1, true)));
+    // Trace 2: the run's children, then the commander's spans, then the run's root.
+    let mut two = dispatched_run(2, true);
+    let root = two.pop().unwrap();
+    feed(&mut f, export("w-1", "x", two));
+    f.keeper.add(commander_export(2, 1));
+    feed(&mut f, export("w-1", "x", vec![root]));
+    // Trace 3: a healthy run; the commander's failed dispatch span does not keep it.
+    f.keeper.add(commander_export(3, 1));
+    feed(&mut f, export("w-1", "x", dispatched_run(3, false)));
+    f.clock.set(T0 + 2_000);
+    f.tick();
+    let want = [
+        "chat gpt-4o-mini",
+        "chat gpt-4o-mini",
+        "chat gpt-4o-mini",
+        "process task",
+        "send fleet.work.docs",
+    ];
+    for n in [1, 2] {
+        assert_eq!(stored_names(&f, n), want, "trace {n}");
+        let s = f.store.summary(&id16(n)).unwrap().unwrap();
+        assert_eq!(s.spans, 5);
+        assert_eq!(s.why, worker_only.why, "decided on the run alone");
+        assert_eq!(s.cost_usd, worker_only.cost_usd);
+        assert_eq!(s.input_tokens, worker_only.input_tokens);
+        assert_eq!(s.workers, vec!["w-1".to_string()]);
+        assert_eq!(s.root_name.as_deref(), Some("process task"));
+        assert_eq!(
+            s.start_unix_ms,
+            T0 - 7,
+            "the trace starts at the classifier call"
+        );
+        assert_eq!(s.duration_ms, worker_only.duration_ms);
+    }
+    assert!(f.store.summary(&id16(3)).unwrap().is_none());
+    assert_eq!(span_count(&f, "commander"), 6);
+    // After the decision: a kept trace takes a second attempt's spans, a dropped one not.
+    f.keeper.add(commander_export(1, 2));
+    f.keeper.add(commander_export(3, 2));
+    assert_eq!(f.store.summary(&id16(1)).unwrap().unwrap().spans, 7);
+    assert_eq!(
+        (span_count(&f, "late_kept"), span_count(&f, "late_dropped")),
+        (2, 2)
+    );
+    // Trace 4's run never comes: its spans leave, unmatched, after the lifetime.
+    f.keeper.add(commander_export(4, 1));
+    f.clock.set(T0 + 2_000 + 29_000);
+    f.tick();
+    assert_eq!(span_count(&f, "commander_unmatched"), 0);
+    f.clock.set(T0 + 2_000 + 30_000);
+    f.tick();
+    assert_eq!(span_count(&f, "commander_unmatched"), 2);
+    assert!(f.store.summary(&id16(4)).unwrap().is_none());
+    assert_eq!(f.keeper.assembler.traces(), 0);
+}
+
+/// Commander spans waiting for their trace hold a quarter of the assembling budget at
+/// most: past it the oldest leave, counted, and their run is kept without them.
+#[test]
+fn commander_spans_waiting_for_their_trace_keep_to_their_budget() {
+    let cfg = TracesConfig {
+        buffer_bytes: 8_000,
+        ..config()
+    };
+    let mut f = fixture("[sampling]\nhealthy_rate = 1.0\n", cfg);
+    for n in 1..=10 {
+        f.keeper.add(commander_export(n, 1));
+    }
+    let unmatched = span_count(&f, "commander_unmatched");
+    f.tick();
+    let unmatched = unmatched + span_count(&f, "commander_unmatched");
+    assert!((10..20).contains(&unmatched), "{unmatched}");
+    for n in [1, 10] {
+        feed(&mut f, export("w-1", "x", dispatched_run(n, false)));
+    }
+    f.clock.set(T0 + 2_000);
+    f.tick();
+    assert_eq!(f.store.summary(&id16(1)).unwrap().unwrap().spans, 3);
+    assert_eq!(f.store.summary(&id16(10)).unwrap().unwrap().spans, 5);
+}
