@@ -572,7 +572,9 @@ export async function trace(main, id, alive) {
   const t = await api(`/v1/traces/${encodeURIComponent(id)}`);
   if (!alive()) return;
   const spans = t.span_tree ?? [];
-  const total = Math.max(1, t.duration_ms ?? Math.max(...spans.map(s => s.offset_ms + s.duration_ms)));
+  // The run's duration (the summary's) may be shorter than the spans' extent: the
+  // commander's dispatch span comes before the run, so the scale is the longer of the two.
+  const total = Math.max(1, t.duration_ms ?? 0, ...spans.map(s => s.offset_ms + s.duration_ms));
   const collapsed = new Set();
   main.innerHTML = `
     <h1>Trace ${esc(t.trace_id)}</h1>

@@ -236,7 +236,17 @@ async fn operate_beta_from_the_pools_page(c: &Client, base: &str, stack: &Stack)
 /// API refuses them too). No page logs an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
-    let toml = format!("{TWO_POOLS}\n[detect]\ninterval_ms = 200\n{TOKENS}");
+    // Every trace kept, so the first task's is there to draw.
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("keep.policy.toml"),
+        "[sampling]\nhealthy_rate = 1.0\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "{TWO_POOLS}\n[detect]\ninterval_ms = 200\n[policy]\ndir = {:?}\n{TOKENS}",
+        policies.path()
+    );
     let stack = Stack::start_with_env(&toml, ENV)
         .await
         .with_token("ops-token");
@@ -439,15 +449,38 @@ async fn the_dashboard_shows_the_fleet_and_an_operator_acts_from_it() {
         shot(&c, page).await;
         no_console_errors(&c, page).await;
     }
-    let kept = stack.get_json("/v1/traces?limit=1").await;
-    if let Some(t) = kept["traces"].as_array().and_then(|t| t.first()) {
-        let id = t["trace_id"].as_str().unwrap();
+    // The first task's kept trace: the commander's dispatch span, the run under it.
+    let mut kept = serde_json::Value::Null;
+    eventually("the first task's trace is kept", WAIT, async || {
+        kept = stack.get_json("/v1/tasks/before-1").await["kept_trace"].clone();
+        !kept.is_null()
+    })
+    .await;
+    {
+        let id = kept["trace_id"].as_str().unwrap();
+        let t = stack.get_json(&format!("/v1/traces/{id}")).await;
+        assert_eq!(t["span_tree"][0]["name"], "send fleet.work.alpha", "{t}");
         c.goto(&format!("{base}/#/trace/{id}")).await.unwrap();
         c.wait()
             .at_most(WAIT)
             .for_element(Locator::Css(".wf .row"))
             .await
             .unwrap();
+        // Every bar inside the lane: the scale is the spans' extent, which the commander's
+        // dispatch span (before the run) makes longer than the run's duration.
+        let ends = c
+            .execute(
+                "return [...document.querySelectorAll('.wf .span')].map(e => parseFloat(e.style.left) + parseFloat(e.style.width));",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let ends: Vec<f64> = serde_json::from_value(ends).unwrap();
+        assert!(!ends.is_empty());
+        assert!(
+            ends.iter().all(|e| *e <= 100.01),
+            "bars past the lane: {ends:?} in {t}"
+        );
         shot(&c, "trace").await;
         no_console_errors(&c, "trace").await;
     }

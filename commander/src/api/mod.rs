@@ -311,7 +311,7 @@ fn code_of(status: StatusCode) -> &'static str {
 /// extractor rejections (a bad query string, a bad path parameter, a body over the limit)
 /// answer plain text, and some have no body at all. Their text becomes the message; a
 /// 5xx says nothing of its cause.
-async fn json_errors(resp: Response) -> Response {
+async fn json_errors(resp: Response, body_limit: usize) -> Response {
     let mut resp = resp;
     let status = resp.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -337,6 +337,10 @@ async fn json_errors(resp: Response) -> Response {
     let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
     let message = if status.is_server_error() {
         "internal error".to_string()
+    } else if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // axum's words ("Failed to buffer the request body: length limit exceeded") say
+        // neither the limit nor what sets it; the API's own 413s are JSON already.
+        format!("the request body is over the limit of {body_limit} bytes (http.max_body_bytes)")
     } else {
         let t = String::from_utf8_lossy(&text).trim().to_string();
         if t.is_empty() {
@@ -446,7 +450,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response(move |r| {
+            json_errors(r, limit)
+        }))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response(supervisor),
         ))

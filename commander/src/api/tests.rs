@@ -864,6 +864,12 @@ async fn routes_methods_ids_queries_and_sizes_answer_in_the_one_error_shape() {
         let (status, headers, json) = api.call(req).await;
         assert_eq!(status, want_status, "{what}: {json}");
         assert_eq!(code(&json), want_code, "{what}: {json}");
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            assert_eq!(
+                json["error"]["message"],
+                "the request body is over the limit of 512 bytes (http.max_body_bytes)"
+            );
+        }
         assert_eq!(headers[header::CONTENT_TYPE], "application/json", "{what}");
         assert!(
             json["error"]["message"]
