@@ -440,6 +440,25 @@ timeout_ms = 500
         .unwrap_or_else(|| panic!("the commander's dispatch span is kept: {names:?}"));
     assert_eq!(send["attributes"]["fleet.task.id"], task_id.as_str());
     assert_eq!(send["attributes"]["fleet.pool"], "code");
+    // Every attribute docs/rubrics.md lists for it.
+    for key in [
+        "fleet.attempt",
+        "fleet.decision.id",
+        "fleet.route.rule",
+        "fleet.task.type",
+        "fleet.task.tier",
+        "fleet.classification.source",
+        "fleet.decision.candidates",
+        "gen_ai.request.model",
+        "fleet.intake.sequence",
+        "messaging.destination.name",
+    ] {
+        assert!(!send["attributes"][key].is_null(), "{key} on {send}");
+    }
+    assert_eq!(
+        send["attributes"]["fleet.decision.id"], decision["id"],
+        "{decision}"
+    );
     let process = spans
         .iter()
         .find(|s| s["kind"] == "consumer")

@@ -272,12 +272,7 @@ impl Ingestor {
                 return Err(IngestError::Decode(e.to_string()));
             }
         };
-        let received: u64 = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len() as u64)
-            .sum();
+        let received = req.span_count();
         self.metrics
             .telemetry(transport, "traces", "received", received);
         let keep = self
@@ -325,12 +320,7 @@ impl Ingestor {
         limits::check_protobuf(limits::Signal::Traces, &body, self.limits)?;
         let req = normalise::wire::TraceRequest::parse(&body)
             .map_err(|e| IngestError::Decode(e.to_string()))?;
-        let spans: u64 = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len() as u64)
-            .sum();
+        let spans = req.span_count();
         tap.offer_commander(body, spans);
         Ok(())
     }

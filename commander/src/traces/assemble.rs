@@ -326,17 +326,10 @@ impl Assembler {
         let mut late: HashMap<[u8; 16], Late> = HashMap::new();
         for e in spans {
             let trace_id = e.trace_id;
-            let held = e.into_commander();
-            if let Some(kept) = self.decided.get(&trace_id) {
-                late.entry(trace_id)
-                    .or_insert_with(|| Late {
-                        trace_id,
-                        kept: *kept,
-                        spans: Vec::new(),
-                    })
-                    .spans
-                    .push(held);
-            } else if let Some(p) = self.pending.get_mut(&trace_id) {
+            let Some(held) = self.follow_decision(&mut late, trace_id, e.into_commander()) else {
+                continue;
+            };
+            if let Some(p) = self.pending.get_mut(&trace_id) {
                 let size = held_size(&held);
                 p.spans.push(held);
                 p.bytes += size;
@@ -408,21 +401,34 @@ impl Assembler {
                 facts: f,
                 commander: false,
             };
-            if let Some(kept) = self.decided.get(&trace_id) {
-                late.entry(trace_id)
-                    .or_insert_with(|| Late {
-                        trace_id,
-                        kept: *kept,
-                        spans: Vec::new(),
-                    })
-                    .spans
-                    .push(held);
-                continue;
+            if let Some(held) = self.follow_decision(&mut late, trace_id, held) {
+                self.hold(trace_id, held, now_ms);
             }
-            self.hold(trace_id, held, now_ms);
         }
         added.late = late.into_values().collect();
         added
+    }
+
+    /// A span of a trace already decided goes to `late`, to follow the decision; `held`
+    /// comes back when its trace is not decided.
+    fn follow_decision(
+        &self,
+        late: &mut HashMap<[u8; 16], Late>,
+        trace_id: [u8; 16],
+        held: Held,
+    ) -> Option<Held> {
+        let Some(kept) = self.decided.get(&trace_id) else {
+            return Some(held);
+        };
+        late.entry(trace_id)
+            .or_insert_with(|| Late {
+                trace_id,
+                kept: *kept,
+                spans: Vec::new(),
+            })
+            .spans
+            .push(held);
+        None
     }
 
     fn hold(&mut self, trace_id: [u8; 16], held: Held, now_ms: u64) {

@@ -95,6 +95,15 @@ impl<'a> TraceRequest<'a> {
         }
         Ok(req)
     }
+
+    /// Spans in the export, valid or not.
+    pub fn span_count(&self) -> u64 {
+        self.resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len() as u64)
+            .sum()
+    }
 }
 
 /// A message's bytes, read field by field; `depth` is the recursion budget left.
