@@ -1850,7 +1850,66 @@ fn range_check<T: PartialOrd + std::fmt::Display>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    /// The keys the first cell of each table row of a doc names: `section.key`, a bare
+    /// `key` after one (`classifier.backoff_ms` / `max_backoff_ms`), `[[section.key]]`;
+    /// keys without a section (docs/traces.md's `[traces]` table) under `bare`.
+    fn documented_keys(doc: &str, bare: &str) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let first = line.split(" | ").next().unwrap_or("");
+            let mut section = bare.to_string();
+            for (i, token) in first.split('`').enumerate() {
+                if i % 2 == 0 {
+                    continue;
+                }
+                let token = token.trim_start_matches("[[").trim_end_matches("]]");
+                match token.rsplit_once('.') {
+                    Some((s, _)) => {
+                        section = s.to_string();
+                        keys.insert(token.to_string());
+                    }
+                    None => {
+                        keys.insert(format!("{section}.{token}"));
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// Every key a config may set is in the docs a user reads: a row of
+    /// docs/configuration.md's tables (a pool's as `pools.<name>.key`), or of docs/traces.md's
+    /// `[traces]` table. (The entries of arrays of tables, `[[traces.export]]`,
+    /// `[[detect.sinks]]`, `[[auth.tokens]]`, have no default to read their keys from.)
+    #[test]
+    fn every_config_key_is_documented() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+        let mut documented = documented_keys(&read("docs/configuration.md"), "");
+        documented.extend(documented_keys(&read("docs/traces.md"), "traces"));
+        let mut c = Config::default();
+        c.pools.insert("p".into(), PoolConfig::default());
+        let v = serde_json::to_value(&c).unwrap();
+        let mut keys = Vec::new();
+        for (section, entries) in v.as_object().unwrap() {
+            for (key, value) in entries.as_object().into_iter().flatten() {
+                match section.as_str() {
+                    "pools" => keys.extend(
+                        (value.as_object().into_iter().flatten())
+                            .map(|(k, _)| format!("pools.<name>.{k}")),
+                    ),
+                    _ => keys.push(format!("{section}.{key}")),
+                }
+            }
+        }
+        assert!(keys.len() > 100, "{} keys read", keys.len());
+        let missing: Vec<&String> = keys.iter().filter(|k| !documented.contains(*k)).collect();
+        assert!(missing.is_empty(), "keys no doc names: {missing:?}");
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

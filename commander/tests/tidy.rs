@@ -318,3 +318,47 @@ fn no_circle_between_the_files_of_a_module_folder() {
     }
     assert!(circles.is_empty(), "{}", circles.join("\n"));
 }
+
+/// Every metric the commander registers is named in the docs a user reads (`fleet_` and
+/// its registered name; a counter's `_total` and a unit's suffix may follow), so a new
+/// metric cannot ship unexplained.
+#[test]
+fn every_metric_is_named_in_the_docs() {
+    let mut docs = String::new();
+    for e in std::fs::read_dir(root().join("docs")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            docs.push_str(&std::fs::read_to_string(e.path()).unwrap());
+        }
+    }
+    let mut files = BTreeSet::new();
+    tree(&root().join("commander/src"), "", &mut files);
+    let mut missing = BTreeSet::new();
+    let mut seen = 0;
+    for f in files.iter().filter(|f| f.ends_with(".rs")) {
+        let text = std::fs::read_to_string(root().join("commander/src").join(f)).unwrap();
+        for call in ["register(", "register_with_unit("] {
+            for (at, _) in text.match_indices(call) {
+                // The metric's name is the call's first argument, a string literal; other
+                // `register` calls take a registry.
+                let rest = text[at + call.len()..].trim_start();
+                let Some(literal) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                let Some(end) = literal.find('"') else {
+                    continue;
+                };
+                seen += 1;
+                let name = format!("fleet_{}", &literal[..end]);
+                if !docs.contains(&name) {
+                    missing.insert(format!("{name} (commander/src/{f})"));
+                }
+            }
+        }
+    }
+    assert!(seen > 80, "the metrics' registrations were found: {seen}");
+    assert!(
+        missing.is_empty(),
+        "metrics no doc names:\n{}",
+        missing.into_iter().collect::<Vec<_>>().join("\n")
+    );
+}
