@@ -42,6 +42,11 @@ pub enum StoreError {
     InUse,
 }
 
+/// Whether sled's open error says its directory lock is held by another process.
+fn is_lock_held(message: &str) -> bool {
+    message.starts_with("could not acquire lock") && message.contains("WouldBlock")
+}
+
 /// Where a task is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -437,12 +442,7 @@ impl Store {
             .map_err(|e| match e {
                 // sled (vendor/sled, config.rs) says so in an `Other` error of its own
                 // words, the lock's error inside: the words are all there is to tell it by.
-                sled::Error::Io(io)
-                    if io.to_string().starts_with("could not acquire lock")
-                        && io.to_string().contains("WouldBlock") =>
-                {
-                    StoreError::InUse
-                }
+                sled::Error::Io(io) if is_lock_held(&io.to_string()) => StoreError::InUse,
                 e => StoreError::Sled(e),
             })?;
         let older_ledger = || Self::ledger_in_sled(&db);

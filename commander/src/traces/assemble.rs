@@ -9,7 +9,8 @@
 //!
 //! A commander's own spans (its dispatch span, its classifier calls) ride along: each
 //! joins its trace's held spans, or waits, bounded, for the trace's first span to come;
-//! it never makes a trace complete or counts in its decision (`Held::commander`).
+//! it never makes a trace complete or counts in its decision (held apart, in
+//! `Pending::commander`, from the spans the decision reads).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -42,8 +43,6 @@ pub struct Held {
     /// The span's name, for a trace's root.
     pub root_name: Option<String>,
     pub facts: SpanFacts,
-    /// A commander's own span: kept with its trace, never read to decide it.
-    pub commander: bool,
 }
 
 /// One valid span of an export, as its protobuf bytes.
@@ -83,7 +82,6 @@ impl Encoded {
             span: self.bytes,
             root_name: None,
             facts,
-            commander: true,
         }
     }
 }
@@ -197,7 +195,10 @@ impl Held {
 #[derive(Debug)]
 pub struct Pending {
     pub trace_id: [u8; 16],
+    /// The run's spans: what the decision reads.
     pub spans: Vec<Held>,
+    /// The commander's own spans of the trace: kept with it, never read to decide it.
+    pub commander: Vec<Held>,
     pub bytes: usize,
     pub first_ms: u64,
     /// When its root arrived.
@@ -231,6 +232,15 @@ pub struct Late {
     pub trace_id: [u8; 16],
     pub kept: bool,
     pub spans: Vec<Held>,
+    /// The commander's own, as in [`Pending::commander`].
+    pub commander: Vec<Held>,
+}
+
+impl Late {
+    /// Spans in all.
+    pub fn spans_in_all(&self) -> usize {
+        self.spans.len() + self.commander.len()
+    }
 }
 
 /// The assembler's bounds.
@@ -326,12 +336,13 @@ impl Assembler {
         let mut late: HashMap<[u8; 16], Late> = HashMap::new();
         for e in spans {
             let trace_id = e.trace_id;
-            let Some(held) = self.follow_decision(&mut late, trace_id, e.into_commander()) else {
+            let Some(held) = self.follow_decision(&mut late, trace_id, e.into_commander(), true)
+            else {
                 continue;
             };
             if let Some(p) = self.pending.get_mut(&trace_id) {
                 let size = held_size(&held);
-                p.spans.push(held);
+                p.commander.push(held);
                 p.bytes += size;
                 self.bytes += size;
             } else {
@@ -399,9 +410,8 @@ impl Assembler {
                 span: e.bytes,
                 root_name: e.name,
                 facts: f,
-                commander: false,
             };
-            if let Some(held) = self.follow_decision(&mut late, trace_id, held) {
+            if let Some(held) = self.follow_decision(&mut late, trace_id, held, false) {
                 self.hold(trace_id, held, now_ms);
             }
         }
@@ -409,25 +419,29 @@ impl Assembler {
         added
     }
 
-    /// A span of a trace already decided goes to `late`, to follow the decision; `held`
-    /// comes back when its trace is not decided.
+    /// A span of a trace already decided goes to `late` (with the commander's own when
+    /// `commander`), to follow the decision; `held` comes back when its trace is not
+    /// decided.
     fn follow_decision(
         &self,
         late: &mut HashMap<[u8; 16], Late>,
         trace_id: [u8; 16],
         held: Held,
+        commander: bool,
     ) -> Option<Held> {
         let Some(kept) = self.decided.get(&trace_id) else {
             return Some(held);
         };
-        late.entry(trace_id)
-            .or_insert_with(|| Late {
-                trace_id,
-                kept: *kept,
-                spans: Vec::new(),
-            })
-            .spans
-            .push(held);
+        let l = late.entry(trace_id).or_insert_with(|| Late {
+            trace_id,
+            kept: *kept,
+            spans: Vec::new(),
+            commander: Vec::new(),
+        });
+        match commander {
+            true => l.commander.push(held),
+            false => l.spans.push(held),
+        }
         None
     }
 
@@ -443,6 +457,7 @@ impl Assembler {
             Pending {
                 trace_id,
                 spans: Vec::new(),
+                commander: Vec::new(),
                 bytes: 0,
                 first_ms: now_ms,
                 root_ms: None,
@@ -450,7 +465,7 @@ impl Assembler {
         });
         if let Some(w) = waited {
             self.waiting_bytes = self.waiting_bytes.saturating_sub(w.bytes);
-            p.spans.extend(w.spans);
+            p.commander.extend(w.spans);
             p.bytes += w.bytes;
             self.bytes += w.bytes;
         }

@@ -221,7 +221,7 @@ impl Keeper {
             let n = batch.facts.len() as u64;
             (n, self.assembler.add(spans, batch.facts, now_ms), "held")
         };
-        let late: u64 = added.late.iter().map(|l| l.spans.len() as u64).sum();
+        let late: u64 = added.late.iter().map(|l| l.spans_in_all() as u64).sum();
         self.w.counters.span(outcome, n.saturating_sub(late));
         self.late(added.late, now_ms);
     }
@@ -234,16 +234,19 @@ impl Keeper {
         let live = self.w.engine.live();
         for l in late {
             if !l.kept {
-                self.w.counters.span("late_dropped", l.spans.len() as u64);
+                self.w
+                    .counters
+                    .span("late_dropped", l.spans_in_all() as u64);
                 continue;
             }
-            self.w.counters.span("late_kept", l.spans.len() as u64);
+            self.w.counters.span("late_kept", l.spans_in_all() as u64);
             let pending = Pending {
                 trace_id: l.trace_id,
                 bytes: 0,
                 first_ms: now_ms,
                 root_ms: None,
                 spans: l.spans,
+                commander: l.commander,
             };
             let shape = self.shape(&pending, &live);
             // Late spans keep the reasons their trace was kept for (the store merges them).
@@ -341,8 +344,7 @@ impl Keeper {
         let mut run: Option<(u64, u64)> = None;
         let mut workers = BTreeSet::new();
         let mut tasks = BTreeSet::new();
-        // A commander's spans ride along: the sampler judges the run.
-        for h in p.spans.iter().filter(|h| !h.commander) {
+        for h in &p.spans {
             let f = &h.facts;
             s.error |= f.error;
             start = start.min(f.start_ns);
@@ -391,7 +393,9 @@ impl Keeper {
         now_ms: u64,
     ) {
         let mut summary = summarise(&p, &shape, why, ending, now_ms);
-        let mut rs = assemble::to_resource_spans(p.spans);
+        let mut spans = p.spans;
+        spans.extend(p.commander);
+        let mut rs = assemble::to_resource_spans(spans);
         let mut counts = redact::Counts::new();
         self.redactor(live).apply(&mut rs, &mut counts);
         for (rule, n) in counts {
@@ -551,7 +555,7 @@ fn rule_rate(spans: &[Held], rules: &[crate::policy::schema::SamplingRule]) -> O
             }
         }
     };
-    for h in spans.iter().filter(|h| !h.commander) {
+    for h in spans {
         if let Some(span) = h.decode() {
             consider(&span.attributes);
         }
@@ -582,12 +586,17 @@ fn summarise(
             "ok".into()
         },
         duration_ms: shape.duration_ms,
-        spans: p.spans.len() as u64,
+        spans: (p.spans.len() + p.commander.len()) as u64,
         cost_usd: shape.cost_usd,
         task_type: shape.task_type.clone(),
         ..Default::default()
     };
-    let mut start = u64::MAX;
+    // A commander's span (its dispatch, its classifier calls) starts the trace; the rest
+    // of the summary is the run's, as the sampler read it.
+    let mut start = (p.commander.iter())
+        .map(|h| h.facts.start_ns)
+        .min()
+        .unwrap_or(u64::MAX);
     let add = |list: &mut Vec<String>, v: &str| {
         if list.len() < MAX && !list.iter().any(|x| x == v) {
             list.push(v.to_string());
@@ -596,11 +605,6 @@ fn summarise(
     for h in &p.spans {
         let f = &h.facts;
         start = start.min(f.start_ns);
-        // A commander's span (its dispatch, its classifier calls) starts the trace; the
-        // rest of the summary is the run's, as the sampler read it.
-        if h.commander {
-            continue;
-        }
         if let Some(u) = &f.usage
             && f.operation.is_billed()
         {
