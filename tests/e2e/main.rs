@@ -13,6 +13,7 @@ mod alerts;
 mod bad_input;
 mod browser;
 mod common;
+mod fields;
 mod hostile;
 mod interop;
 mod kill;
