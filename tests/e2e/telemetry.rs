@@ -488,6 +488,56 @@ async fn otlp_receivers_answer_bad_input_with_otlp_codes_and_keep_the_rest() {
                 == 1.0
     })
     .await;
+    // Core NATS has no answer to give: the log says why, once for the burst (the other
+    // two came within 10 s, so they are at debug).
+    let refused: Vec<String> = stack
+        .commander
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("telemetry message refused"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("WARN")
+            && refused[0].contains("fleet.telemetry.code.junk")
+            && refused[0].contains("heartbeat JSON"),
+        "{}",
+        refused[0]
+    );
+    // A heartbeat with only the four fields docs/protocol.md §5.3 requires is a worker;
+    // one whose max_in_flight no worker can have is dropped and counted.
+    for (id, extra) in [("py-min", ""), ("py-huge", r#", "max_in_flight": 20000"#)] {
+        let mut hm = async_nats::HeaderMap::new();
+        hm.insert("Fleet-Kind", "heartbeat");
+        let body = format!(
+            r#"{{"schema": 1, "worker_id": "{id}", "pool": "code", "state": "idle"{extra}}}"#
+        );
+        stack
+            .client
+            .publish_with_headers(format!("fleet.telemetry.code.{id}"), hm, body.into())
+            .await
+            .unwrap();
+    }
+    eventually(
+        "the minimal heartbeat's worker is there",
+        WAIT,
+        async || {
+            get_or_null(&stack, "/v1/workers/py-min").await["state"] == "IDLE"
+                && stack.metric("fleet_heartbeats_invalid_total").await == 1.0
+        },
+    )
+    .await;
+    assert_eq!(
+        stack
+            .get("/v1/workers/py-huge")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
     // The task path is untouched.
     let producer = Producer::new(stack.client.clone(), Subjects::default());
     let mut t = Task::new("still works");

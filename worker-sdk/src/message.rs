@@ -495,7 +495,12 @@ pub struct Heartbeat {
     pub failed: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sdk_version: Option<String>,
+    /// When the worker started (RFC 3339): its uptime. Optional on the wire (empty when
+    /// left out): the commander then counts uptime from the first signal it heard.
+    #[serde(default)]
     pub started_at: String,
+    /// Optional on the wire, as `started_at`; the commander does not read it.
+    #[serde(default)]
     pub sent_at: String,
 }
 
@@ -546,6 +551,37 @@ pub fn rfc3339_unix_ms(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/protocol.md §5.3: a worker in another language needs only the four fields
+    /// that say who it is and what it does.
+    #[test]
+    fn a_heartbeat_needs_only_schema_worker_pool_and_state() {
+        let hb: Heartbeat = serde_json::from_str(
+            r#"{"schema": 1, "worker_id": "py-1", "pool": "code", "state": "idle"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (hb.worker_id.as_str(), hb.state),
+            ("py-1", WorkerState::Idle)
+        );
+        assert_eq!((hb.started_at.as_str(), hb.sent_at.as_str()), ("", ""));
+        assert!(hb.current_tasks.is_empty() && hb.model.is_none());
+        for (json, missing) in [
+            (
+                r#"{"schema": 1, "worker_id": "py-1", "pool": "code"}"#,
+                "state",
+            ),
+            (
+                r#"{"schema": 1, "worker_id": "py-1", "state": "idle"}"#,
+                "pool",
+            ),
+        ] {
+            let e = serde_json::from_str::<Heartbeat>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("missing field `{missing}`")), "{e}");
+        }
+    }
 
     #[test]
     fn rfc3339_timestamps_are_read_with_their_offsets() {

@@ -957,15 +957,8 @@ impl FleetState {
     }
 
     pub fn apply_heartbeat(&mut self, hb: &Heartbeat, now_ms: u64) {
-        // Figures no worker can have would skew routing (a pool whose capacity is four
-        // billion always looks idle) and the context detector: the heartbeat is dropped.
-        if !fleet_worker::protocol::is_subject_token(&hb.worker_id)
-            || !fleet_worker::protocol::is_subject_token(&hb.pool)
-            || hb.max_in_flight > fleet_worker::protocol::MAX_IN_FLIGHT
-            || hb
-                .context_tokens
-                .is_some_and(|t| t > crate::domain::MAX_TOKENS_PER_REPORT)
-        {
+        // Ingest refuses these first, saying why; this holds for every other caller.
+        if heartbeat_problem(hb).is_some() {
             self.counters.heartbeats_invalid.inc();
             return;
         }
@@ -1574,6 +1567,36 @@ pub struct FleetHandle {
     queries: mpsc::Sender<Query>,
     snapshot: Arc<ArcSwap<FleetSnapshot>>,
     pub counters: Arc<StateCounters>,
+}
+
+/// Why a heartbeat is dropped, if it is: figures no worker can have would skew routing
+/// (a pool whose capacity is four billion always looks idle) and the context detector,
+/// and an id that is not a subject token could not be addressed (docs/protocol.md §5.3).
+pub fn heartbeat_problem(hb: &Heartbeat) -> Option<String> {
+    use fleet_worker::protocol::{MAX_IN_FLIGHT, is_subject_token};
+    // Shown clipped: the id came from outside and may be as long as the message.
+    let shown = |s: &str| s.chars().take(64).collect::<String>();
+    if !is_subject_token(&hb.worker_id) {
+        let id = shown(&hb.worker_id);
+        return Some(format!("worker_id {id:?} is not a subject token"));
+    }
+    if !is_subject_token(&hb.pool) {
+        let pool = shown(&hb.pool);
+        return Some(format!("pool {pool:?} is not a subject token"));
+    }
+    if hb.max_in_flight > MAX_IN_FLIGHT {
+        return Some(format!(
+            "max_in_flight {} is over {MAX_IN_FLIGHT}",
+            hb.max_in_flight
+        ));
+    }
+    match hb.context_tokens {
+        Some(t) if t > crate::domain::MAX_TOKENS_PER_REPORT => Some(format!(
+            "context_tokens {t} is over {}",
+            crate::domain::MAX_TOKENS_PER_REPORT
+        )),
+        _ => None,
+    }
 }
 
 /// Why telemetry was not taken.

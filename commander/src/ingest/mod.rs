@@ -29,6 +29,10 @@ pub enum IngestError {
     Stopped,
     #[error("cannot decode the request: {0}")]
     Decode(String),
+    /// Decoded, but says what no worker can (a heartbeat's `max_in_flight` past the
+    /// protocol's limit): dropped, as it would skew routing.
+    #[error("{0}")]
+    Invalid(String),
     #[error("request is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
     /// Over a decode limit (items, nesting, decoded bytes): refused before decoding.
@@ -376,6 +380,14 @@ impl Ingestor {
     pub fn heartbeat(&self, transport: &'static str, hb: Heartbeat) -> Result<(), IngestError> {
         self.metrics
             .telemetry(transport, "heartbeats", "received", 1);
+        if let Some(problem) = crate::fleet::heartbeat_problem(&hb) {
+            self.fleet.counters.heartbeats_invalid.inc();
+            self.metrics
+                .telemetry(transport, "heartbeats", "rejected", 1);
+            return Err(IngestError::Invalid(format!(
+                "heartbeat dropped: {problem}"
+            )));
+        }
         self.offer(transport, "heartbeats", 1, Ingest::Heartbeat(Box::new(hb)))
     }
 }

@@ -38,6 +38,7 @@ pub async fn run(
     };
     tracing::info!(subject, "reading telemetry from NATS");
     let own = format!("{}.telemetry.{COMMANDER_TOKEN}.", subjects.prefix());
+    let mut refusals = Refusals::default();
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => break },
@@ -56,13 +57,48 @@ pub async fn run(
         if let Err(e) = handle(&ingestor, kind, &msg.subject, msg.payload) {
             match e {
                 IngestError::Overloaded(_) | IngestError::Stopped => {}
-                other => {
-                    tracing::debug!(subject = %msg.subject, kind, error = %other, "telemetry message refused")
-                }
+                other => refusals.refused(&msg.subject, kind, &other),
             }
         }
     }
     let _ = sub.unsubscribe().await;
+}
+
+/// How often a refused telemetry message is logged as a warning at most.
+const REFUSAL_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Says why telemetry was refused where its sender's developer looks: core NATS has no
+/// answer to give a worker whose heartbeat does not parse, so the log is the only place
+/// the reason can reach them. A warning at most every [`REFUSAL_WARN_EVERY`], saying how
+/// many went unlogged since, so a flood of bad messages cannot flood the log; the rest
+/// at debug.
+#[derive(Debug, Default)]
+struct Refusals {
+    last_warned: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, subject: &Subject, kind: &str, error: &IngestError) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_warned
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARN_EVERY)
+        {
+            self.unlogged += 1;
+            tracing::debug!(%subject, kind, %error, "telemetry message refused");
+            return;
+        }
+        tracing::warn!(
+            %subject,
+            kind,
+            %error,
+            refused_unlogged = self.unlogged,
+            "telemetry message refused (a warning at most every 10 s; every one is counted)"
+        );
+        self.last_warned = Some(now);
+        self.unlogged = 0;
+    }
 }
 
 /// Handles one message; counted in every outcome.
@@ -123,5 +159,71 @@ pub fn handle(
                 headers::KIND
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::fleet::FleetHandle;
+    use crate::ingest::Metrics;
+    use crate::ingest::limits::DecodeLimits;
+
+    fn ingestor(fleet: FleetHandle) -> Ingestor {
+        Ingestor {
+            fleet,
+            metrics: Arc::new(Metrics::default()),
+            limits: DecodeLimits::default(),
+            supervisor: Default::default(),
+            traces: None,
+            relay: None,
+        }
+    }
+
+    /// A worker in another language learns why its heartbeat was dropped: the error the
+    /// log line carries names the field, and nothing reaches the live state.
+    #[test]
+    fn a_heartbeat_is_refused_saying_why_and_a_minimal_one_is_taken() {
+        let (fleet, mut rx) = FleetHandle::detached(16);
+        let counters = fleet.counters.clone();
+        let ing = ingestor(fleet);
+        let subject = Subject::from("fleet.telemetry.code.py-1");
+        let send = |body: &str| {
+            handle(
+                &ing,
+                kinds::HEARTBEAT,
+                &subject,
+                Bytes::from(body.to_string()),
+            )
+        };
+        let base = r#""schema": 1, "worker_id": "py-1", "pool": "code""#;
+        for (body, says) in [
+            (format!("{{{base}}}"), "missing field `state`"),
+            (
+                format!(r#"{{{base}, "state": "busy"}}"#),
+                "unknown variant `busy`",
+            ),
+            (
+                format!(r#"{{{base}, "state": "idle", "max_in_flight": 20000}}"#),
+                "heartbeat dropped: max_in_flight 20000 is over 10000",
+            ),
+            (
+                format!(r#"{{{base}, "state": "idle", "context_tokens": 2000000000}}"#),
+                "context_tokens 2000000000 is over 1000000000",
+            ),
+            (
+                r#"{"schema": 1, "worker_id": "py 1", "pool": "code", "state": "idle"}"#.into(),
+                r#"worker_id "py 1" is not a subject token"#,
+            ),
+        ] {
+            let e = send(&body).unwrap_err().to_string();
+            assert!(e.contains(says), "{body}: {e}");
+        }
+        assert_eq!(counters.heartbeats_invalid.get(), 3);
+        assert!(rx.0.try_recv().is_err(), "nothing reached the live state");
+        send(&format!(r#"{{{base}, "state": "idle"}}"#)).unwrap();
+        assert!(rx.0.try_recv().is_ok());
     }
 }

@@ -48,6 +48,7 @@ impl IngestError {
                 tonic::Status::resource_exhausted(self.to_string())
             }
             IngestError::Decode(_)
+            | IngestError::Invalid(_)
             | IngestError::UnsupportedMediaType(_)
             | IngestError::UnsupportedEncoding(_) => {
                 tonic::Status::invalid_argument(self.to_string())
@@ -61,7 +62,7 @@ impl IngestError {
             IngestError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             IngestError::TooLarge { .. } | IngestError::Limit(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::Decode(_) => StatusCode::BAD_REQUEST,
+            IngestError::Decode(_) | IngestError::Invalid(_) => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
