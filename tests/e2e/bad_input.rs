@@ -424,3 +424,75 @@ async fn http_submission_validates_takes_the_durable_path_and_continues_the_trac
     assert_eq!(stack.metric("fleet_http_submissions_total").await, 3.0);
     worker.shutdown().await;
 }
+
+/// A result the commander cannot read (a worker in another language that gets the shape
+/// wrong, or garbage) is dropped and acked, counted, and the log says why, once for a
+/// burst: JetStream would redeliver it forever otherwise, and a worker publishing garbage
+/// as fast as it can must not fill the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_the_commander_cannot_read_are_dropped_counted_and_said_once() {
+    let stack = Stack::start(TWO_POOLS).await;
+    let (_seen, worker) = watched_worker(&stack.client, "alpha", "a1", 4).await;
+    let js = async_nats::jetstream::new(stack.client.clone());
+    for (subject, body) in [
+        ("fleet.results.r1", r#"{"schema": 1, "task_id": "r1"}"#),
+        ("fleet.results.r2", "not json"),
+        (
+            "fleet.results.r3",
+            r#"{"schema": 1, "task_id": "a b", "status": "ok"}"#,
+        ),
+    ] {
+        js.publish(subject, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually("the three are counted", WAIT, async || {
+        stack.metric("fleet_results_invalid_total").await == 3.0
+    })
+    .await;
+    let lines: Vec<String> = stack
+        .commander
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("result dropped"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the burst: {lines:?}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("fleet.results.r1")
+            && lines[0].contains("missing field `status`"),
+        "{}",
+        lines[0]
+    );
+    // Acked, not left for redelivery: the commander's results consumer has nothing
+    // pending, and a real task still ends.
+    let results = js.get_stream("FLEET_RESULTS").await.unwrap();
+    let consumers: Vec<_> = results
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let producer = Producer::new(stack.client.clone(), Subjects::default());
+    let receipt = producer
+        .submit(&Task::new("still flows"), SubmitOptions::default())
+        .await
+        .unwrap();
+    let r = producer.await_result(&receipt.task_id, WAIT).await.unwrap();
+    assert_eq!(r.status, ResultStatus::Ok);
+    for name in consumers {
+        eventually("every result acked", WAIT, async || {
+            let mut c: async_nats::jetstream::consumer::PullConsumer =
+                results.get_consumer(&name).await.unwrap();
+            let info = c.info().await.unwrap();
+            info.num_ack_pending == 0 && info.num_pending == 0
+        })
+        .await;
+    }
+    assert_eq!(stack.metric("fleet_results_invalid_total").await, 3.0);
+    worker.shutdown().await;
+}

@@ -47,8 +47,6 @@ pub mod headers {
     /// On a task the commander republishes to intake out of its deferred queue:
     /// `<first deferral, unix ms>:<releases so far>`. Producers never set it.
     pub const RELEASE: &str = "Fleet-Release";
-    /// Policy version a decision was made under (on decisions and status notices).
-    pub const POLICY_VERSION: &str = "Fleet-Policy-Version";
 }
 
 /// Values of the [`headers::KIND`] header.

@@ -38,7 +38,6 @@ pub async fn run(
     };
     tracing::info!(subject, "reading telemetry from NATS");
     let own = format!("{}.telemetry.{COMMANDER_TOKEN}.", subjects.prefix());
-    let mut refusals = Refusals::default();
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => break },
@@ -57,47 +56,33 @@ pub async fn run(
         if let Err(e) = handle(&ingestor, kind, &msg.subject, msg.payload) {
             match e {
                 IngestError::Overloaded(_) | IngestError::Stopped => {}
-                other => refusals.refused(&msg.subject, kind, &other),
+                other => refused(&msg.subject, kind, &other),
             }
         }
     }
     let _ = sub.unsubscribe().await;
 }
 
-/// How often a refused telemetry message is logged as a warning at most.
-const REFUSAL_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Says why telemetry was refused where its sender's developer looks: core NATS has no
 /// answer to give a worker whose heartbeat does not parse, so the log is the only place
-/// the reason can reach them. A warning at most every [`REFUSAL_WARN_EVERY`], saying how
-/// many went unlogged since, so a flood of bad messages cannot flood the log; the rest
-/// at debug.
-#[derive(Debug, Default)]
-struct Refusals {
-    last_warned: Option<tokio::time::Instant>,
-    unlogged: u64,
-}
+/// the reason can reach them. One warning every 10 s at most, so a flood of bad messages
+/// cannot flood the log; the rest at debug.
+static REFUSED_LOG: crate::domain::LogEvery =
+    crate::domain::LogEvery::new(std::time::Duration::from_secs(10));
 
-impl Refusals {
-    fn refused(&mut self, subject: &Subject, kind: &str, error: &IngestError) {
-        let now = tokio::time::Instant::now();
-        if self
-            .last_warned
-            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARN_EVERY)
-        {
-            self.unlogged += 1;
-            tracing::debug!(%subject, kind, %error, "telemetry message refused");
-            return;
-        }
-        tracing::warn!(
+fn refused(subject: &Subject, kind: &str, error: &IngestError) {
+    use crate::domain::Clock;
+    // The header came from outside: shown clipped.
+    let kind: String = kind.chars().take(64).collect();
+    match REFUSED_LOG.due(crate::domain::SystemClock.now_ms()) {
+        Some(held_back) => tracing::warn!(
             %subject,
             kind,
             %error,
-            refused_unlogged = self.unlogged,
-            "telemetry message refused (a warning at most every 10 s; every one is counted)"
-        );
-        self.last_warned = Some(now);
-        self.unlogged = 0;
+            similar_lines_held_back = held_back,
+            "telemetry message refused (one line per 10 s; every one is counted)"
+        ),
+        None => tracing::debug!(%subject, kind, %error, "telemetry message refused"),
     }
 }
 
@@ -154,6 +139,8 @@ pub fn handle(
         },
         other => {
             m.telemetry("nats", "unknown", "rejected", 1);
+            // The header came from outside: shown clipped.
+            let other: String = other.chars().take(64).collect();
             Err(IngestError::Decode(format!(
                 "unknown {} {other:?} (expected heartbeat, otlp-traces, otlp-metrics or otlp-logs)",
                 headers::KIND

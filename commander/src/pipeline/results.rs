@@ -78,21 +78,21 @@ struct Forward {
 /// The result a message carries, or `None` (counted, logged) when it cannot be read: such
 /// a result is dropped, not retried.
 fn read_result(ctx: &Ctx, msg: &jetstream::Message) -> Option<TaskResult> {
-    let result: TaskResult = match serde_json::from_slice(&msg.payload) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.core.metrics.results_invalid.inc();
-            tracing::warn!(subject = %msg.subject, error = %e, "result does not parse; dropping it");
-            return None;
-        }
+    let problem = match serde_json::from_slice::<TaskResult>(&msg.payload) {
+        Ok(r) if is_subject_token(&r.task_id) => return Some(r),
+        Ok(_) => "its task_id is not a subject token".to_string(),
+        Err(e) => format!("it does not parse: {e}"),
     };
-    if !is_subject_token(&result.task_id) {
-        ctx.core.metrics.results_invalid.inc();
-        tracing::warn!(subject = %msg.subject, "result has an invalid task id; dropping it");
-        return None;
+    ctx.core.metrics.results_invalid.inc();
+    // A worker that publishes garbage as fast as it can must not fill the log with it.
+    if let Some(held_back) = INVALID_RESULTS_LOG.due(ctx.core.policy.now_ms()) {
+        tracing::warn!(subject = %msg.subject, %problem, similar_lines_held_back = held_back, "result dropped (fleet_results_invalid_total counts them; one line per 10 s)");
     }
-    Some(result)
+    None
 }
+
+static INVALID_RESULTS_LOG: crate::domain::LogEvery =
+    crate::domain::LogEvery::new(std::time::Duration::from_secs(10));
 
 /// Records one result in the task's record (and, the first time it ends the task, the
 /// budget, live state and counters); says where to forward it. The batch has named the
