@@ -289,35 +289,23 @@ async fn every_field_the_api_answers_is_named_in_the_docs() {
     })
     .await;
     let mut answers: Vec<(String, Value)> = vec![("POST /v1/tasks".into(), accepted)];
-    let mut post = async |path: &str, body: Value| {
-        let v: Value = stack
-            .post(path)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answers.push((format!("POST {path}"), v));
-    };
-    post(
-        "/v1/control",
-        json!({"command": "pause", "pool": "beta", "id": "fields-c1"}),
-    )
-    .await;
-    post(
-        "/v1/silences",
-        json!({"matchers": {"pool": "beta"}, "duration_s": 60, "author": "fields", "comment": "test"}),
-    )
-    .await;
-    for (path, text) in [
-        ("/v1/policy/check", POLICY),
-        ("/v1/policy/replay?last=1h", POLICY),
+    // The control plane and silences read JSON, the policy routes TOML: bodies as text.
+    for (path, body) in [
+        (
+            "/v1/control",
+            json!({"command": "pause", "pool": "beta", "id": "fields-c1"}).to_string(),
+        ),
+        (
+            "/v1/silences",
+            json!({"matchers": {"pool": "beta"}, "duration_s": 60, "author": "fields", "comment": "test"})
+                .to_string(),
+        ),
+        ("/v1/policy/check", POLICY.to_string()),
+        ("/v1/policy/replay?last=1h", POLICY.to_string()),
     ] {
         let v: Value = stack
             .post(path)
-            .body(text)
+            .body(body)
             .send()
             .await
             .unwrap()
